@@ -14,6 +14,7 @@
  *   model_config_preset()        named model sizes (-e d12 and friends)
  *   param_is_decayed()           which tensors get AdamW weight decay (matrices only)
  *   param_init_std()             the initialisation of SPEC.md §2 (one rule for CPU and GPU)
+ *   model_init_params()          draws all parameters on the host from a seed, in layout order
  */
 #ifndef OMNIMOE_CONFIG_H
 #define OMNIMOE_CONFIG_H
@@ -23,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#include "rand.h"
 
 // ----------------------------------------------------------------------------
 // the options
@@ -277,6 +279,36 @@ static inline float param_init_std(const ModelConfig* c, int tensor) {
         case PARAM_QKVB: case PARAM_ATTPROJB: case PARAM_FCB: case PARAM_FCPROJB:
         case PARAM_LN1B: case PARAM_LN2B: case PARAM_LNFB: return -2.0f;
         default: return 0.02f;
+    }
+}
+
+// Fills the flat fp32 parameter buffer (layout order) from the seed. Both trainers call this,
+// so the same seed gives the same initial weights on the CPU and on the GPU.
+static inline void model_init_params(const ModelConfig* c, float* params, uint64_t seed) {
+    size_t sizes[NUM_PARAMETER_TENSORS];
+    model_config_param_sizes(c, sizes);
+    Rng rng;
+    rng_init(&rng, seed);
+    float* p = params;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        float std = param_init_std(c, i);
+        if (std > 0.0f) {
+            rng_normal(&rng, p, sizes[i], 0.0f, std);
+        } else {
+            float fill = std == -1.0f ? 1.0f : 0.0f;
+            for (size_t j = 0; j < sizes[i]; j++) p[j] = fill;
+        }
+        p += sizes[i];
+    }
+}
+
+// Router batch-norm running statistics start at mean 0, variance 1 (layout: per layer
+// running_mean[2n] then running_var[2n]).
+static inline void model_init_bn_stats(const ModelConfig* c, float* bn_stats) {
+    size_t two_n = 2 * (size_t)c->router_n;
+    for (int l = 0; l < c->num_layers && c->ffn_kind == FFN_OMNI; l++) {
+        float* mean = bn_stats + (size_t)l * 2 * two_n;
+        for (size_t i = 0; i < two_n; i++) { mean[i] = 0.0f; mean[two_n + i] = 1.0f; }
     }
 }
 
