@@ -3,7 +3,7 @@ make_fixtures.py - writes dev/fixtures/<name>.bin: tiny omnimoe models with rand
 EVERY tensor (biases, LayerNorm and BN running statistics too), random tokens, and the float64
 PyTorch reference (dev/omnimoe_torch.py) of one training step: logits, mean loss, the
 gradient of every parameter and the BN running statistics after the step. Stored as fp32 in
-the fixture format of docs/formats (magic 20261103). test_fixtures.c checks the C trainer
+the fixture format (magic 20261103; see write_fixture in omnimoe_torch.py). test_fixtures.c checks the C trainer
 against them; the GPU test can do the same.
 
 Before a fixture is written it must pass three checks (else the next seed is tried):
@@ -34,7 +34,7 @@ FD_COORDS = 4          # coordinates checked per parameter tensor
 BASE = dict(max_seq_len=16, vocab_size=101, padded_vocab_size=128, num_layers=2, num_heads=4,
             channels=32)
 
-# name -> (config fields, B, T)
+# name -> (config fields, B, T[, training flag: default 1])
 FIXTURES = {
     "gelu": (dict(ffn_kind=om.FFN_GELU, ffn_hidden=128), 2, 16),
     "swiglu": (dict(ffn_kind=om.FFN_SWIGLU, ffn_hidden=48), 2, 12),
@@ -49,6 +49,10 @@ FIXTURES = {
     # k = N: every expert selected (no margin needed), odd sizes
     "omni_bn_softmax_kN": (dict(ffn_kind=om.FFN_OMNI, ffn_hidden=48, router_n=2, num_experts=4,
                                 top_k=4, router_norm=om.ROUTER_NORM_BN, gate=om.GATE_SOFTMAX), 3, 7),
+    # evaluation mode (training flag 0): BN normalises with the running statistics, which
+    # stay unchanged; loss and gradients are still recorded
+    "omni_bn_eval": (dict(ffn_kind=om.FFN_OMNI, ffn_hidden=48, router_n=4, num_experts=16,
+                          top_k=3, router_norm=om.ROUTER_NORM_BN, gate=om.GATE_SOFTMAX), 2, 9, 0),
 }
 
 
@@ -89,11 +93,12 @@ def topk_margin(c, record):
     return worst
 
 
-def same_selection_fp32(c, params, bn, inputs, targets, record64):
+def same_selection_fp32(c, params, bn, inputs, targets, training, record64):
     if c.ffn_kind != om.FFN_OMNI:
         return True
     record32 = []
-    om.run_step(c, params, bn, inputs, targets, training=True, dtype=torch.float32, record=record32)
+    om.run_step(c, params, bn, inputs, targets, training=training, dtype=torch.float32,
+                record=record32)
     for r64, r32 in zip(record64, record32):
         a = np.sort(r64["E"].numpy(), axis=1)
         b = np.sort(r32["E"].numpy(), axis=1)
@@ -102,7 +107,7 @@ def same_selection_fp32(c, params, bn, inputs, targets, record64):
     return True
 
 
-def finite_difference_check(c, params, bn, inputs, targets, grads, rng):
+def finite_difference_check(c, params, bn, inputs, targets, training, grads, rng):
     """Worst relative error of central differences vs autograd over FD_COORDS coordinates of
     each tensor (coordinates with a sizeable gradient preferred, zeros allowed too)."""
     p64 = params.astype(np.float64)
@@ -112,7 +117,7 @@ def finite_difference_check(c, params, bn, inputs, targets, grads, rng):
         ps = [t.double() for t in om.unflatten_params(c, p)]
         with torch.no_grad():
             out = om.forward(c, ps, torch.as_tensor(bn).double(), torch.as_tensor(inputs).long(),
-                             torch.as_tensor(targets).long(), training=True)
+                             torch.as_tensor(targets).long(), training=training)
         return out["loss"].item()
 
     worst, off = 0.0, 0
@@ -137,7 +142,8 @@ def finite_difference_check(c, params, bn, inputs, targets, grads, rng):
 
 
 def make_one(name, out_dir, max_tries=50):
-    fields, B, T = FIXTURES[name]
+    fields, B, T = FIXTURES[name][:3]
+    training = FIXTURES[name][3] if len(FIXTURES[name]) > 3 else 1
     c = om.Config(**BASE, **fields)
     for attempt in range(max_tries):
         seed = 1000 * (list(FIXTURES).index(name) + 1) + attempt
@@ -147,21 +153,21 @@ def make_one(name, out_dir, max_tries=50):
         inputs = rng.integers(0, c.vocab_size, size=(B, T)).astype(np.int32)
         targets = rng.integers(0, c.vocab_size, size=(B, T)).astype(np.int32)
         record = []
-        r = om.run_step(c, params, bn, inputs, targets, training=True, dtype=torch.float64,
+        r = om.run_step(c, params, bn, inputs, targets, training=training, dtype=torch.float64,
                         record=record)
         margin = topk_margin(c, record)
         if margin <= MARGIN:
             print(f"  {name}: seed {seed}: top-k margin {margin:.2e} too thin, next seed")
             continue
-        if not same_selection_fp32(c, params, bn, inputs, targets, record):
+        if not same_selection_fp32(c, params, bn, inputs, targets, training, record):
             print(f"  {name}: seed {seed}: float32 selects other experts, next seed")
             continue
-        fd_err = finite_difference_check(c, params, bn, inputs, targets, r["grads"], rng)
+        fd_err = finite_difference_check(c, params, bn, inputs, targets, training, r["grads"], rng)
         if fd_err > 1e-5:
             raise SystemExit(f"Error: {name}: finite differences disagree with autograd "
                              f"(worst relative error {fd_err:.2e})")
         path = os.path.join(out_dir, name + ".bin")
-        om.write_fixture(path, c, B, T, 1, params, bn, inputs, targets, r["logits"], r["loss"],
+        om.write_fixture(path, c, B, T, training, params, bn, inputs, targets, r["logits"], r["loss"],
                          r["grads"], r["bn_after"])
         # read back: the file must round-trip
         d = om.read_fixture(path)
@@ -171,7 +177,7 @@ def make_one(name, out_dir, max_tries=50):
         if c.ffn_kind == om.FFN_OMNI:
             used = [len(np.unique(rec["E"].numpy())) for rec in record]
             experts_used = f" experts used/layer {used}/{c.num_experts}"
-        print(f"{name:22s} seed {seed}  B={B} T={T}  {c.describe()}")
+        print(f"{name:22s} seed {seed}  B={B} T={T} training={training}  {c.describe()}")
         print(f"{'':22s} loss {r['loss']:.6f}  |grad| {np.linalg.norm(r['grads']):.4f}  "
               f"top-k margin {margin:.2e}  fd rel err {fd_err:.1e}{experts_used}  "
               f"{os.path.getsize(path)} bytes")

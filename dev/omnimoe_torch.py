@@ -1,6 +1,6 @@
 """
 omnimoe_torch.py - an independent PyTorch reference of the omnimoe model (SPEC.md §1-2) and
-the binary files of docs/formats (model file, fixture file).
+the binary files it shares with the C and CUDA trainers (model file, fixture file).
 
 It is written to be read, not to be fast: every step of the math is spelled out, the top-k is
 a brute-force sort of the FULL n x n score grid (ties broken by the smaller expert id), and all
@@ -260,7 +260,13 @@ def forward(c, params, bn_stats, inputs, targets=None, training=True, record=Non
 
 
 # ----------------------------------------------------------------------------
-# files (little-endian; layouts in docs/formats: header of 256 int32)
+# files, little-endian. Header: 256 int32 = [0] magic [1] version [2] max_seq_len [3] vocab_size
+# [4] padded_vocab_size [5] num_layers [6] num_heads [7] channels [8] ffn_kind [9] ffn_hidden
+# [10] router_n [11] num_experts [12] top_k [13] router_norm [14] gate, other slots 0 except:
+# Model file (magic 20261101, v1): header, fp32 params[num_params], fp32 bn_stats[num_bn].
+# Fixture file (magic 20261103, v1): header with [16] B [17] T [18] training, then fp32 params,
+#   fp32 bn_stats_before, int32 inputs[B*T], int32 targets[B*T], fp32 logits[B*T*Vp],
+#   fp32 loss, fp32 grads[num_params], fp32 bn_stats_after.
 
 def make_header(magic, version, c, extra=None):
     h = np.zeros(HEADER_INTS, dtype="<i4")
