@@ -1,0 +1,138 @@
+/*
+ * llmc/utils.h: small checked wrappers around stdio and malloc.
+ * Each wrapper prints the call site (file:line), the path or size involved and the reason,
+ * then exits with EXIT_FAILURE, so callers need no error handling of their own.
+ * Plain C (gcc -std=c11 and nvcc). File offsets are 64-bit (fseeko/ftello; see LLMC_FSEEK).
+ */
+#ifndef LLMC_UTILS_H
+#define LLMC_UTILS_H
+
+#if !defined(__cplusplus) && !defined(_GNU_SOURCE) && !defined(_POSIX_C_SOURCE)
+#define _POSIX_C_SOURCE 200809L
+#endif
+
+#include <errno.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+
+// 64-bit file offsets: POSIX fseeko/ftello when <stdio.h> declared them; otherwise (strict
+// -std=c11 with <stdio.h> included before this header) plain fseek/ftell, which are 64-bit where
+// long is (LP64 Linux/macOS); anywhere else that is a compile error rather than a silent 2 GiB limit.
+#if defined(__GLIBC__) && !defined(__USE_XOPEN2K) && !defined(__USE_LARGEFILE)
+_Static_assert(sizeof(long) >= 8, "llmc/utils.h: 64-bit file offsets need fseeko here: "
+               "compile with -D_POSIX_C_SOURCE=200809L");
+#define LLMC_FSEEK(fp, offset, whence) fseek(fp, (long)(offset), whence)
+#define LLMC_FTELL(fp) ((int64_t)ftell(fp))
+#else
+#define LLMC_FSEEK(fp, offset, whence) fseeko(fp, (off_t)(offset), whence)
+#define LLMC_FTELL(fp) ((int64_t)ftello(fp))
+#endif
+
+// ----------------------------------------------------------------------------
+// files
+
+static inline FILE* fopen_check_(const char* path, const char* mode, const char* file, int line) {
+    FILE* fp = fopen(path, mode);
+    if (fp == NULL) {
+        fprintf(stderr, "Error: could not open '%s' (mode \"%s\"): %s\n", path, mode, strerror(errno));
+        fprintf(stderr, "  at %s:%d\n", file, line);
+        exit(EXIT_FAILURE);
+    }
+    return fp;
+}
+#define fopen_check(path, mode) fopen_check_(path, mode, __FILE__, __LINE__)
+
+// reads exactly count items or exits; `what` names the file for the message
+static inline void fread_check_(void* ptr, size_t size, size_t count, FILE* fp, const char* what,
+                                const char* file, int line) {
+    size_t got = fread(ptr, size, count, fp);
+    if (got != count) {
+        fprintf(stderr, "Error: short read from '%s': wanted %zu items of %zu bytes, got %zu (%s)\n",
+                what, count, size, got,
+                feof(fp) ? "unexpected end of file" : (ferror(fp) ? strerror(errno) : "unknown"));
+        fprintf(stderr, "  at %s:%d\n", file, line);
+        exit(EXIT_FAILURE);
+    }
+}
+#define fread_check(ptr, size, count, fp, what) fread_check_(ptr, size, count, fp, what, __FILE__, __LINE__)
+
+static inline void fwrite_check_(const void* ptr, size_t size, size_t count, FILE* fp, const char* what,
+                                 const char* file, int line) {
+    size_t put = fwrite(ptr, size, count, fp);
+    if (put != count) {
+        fprintf(stderr, "Error: short write to '%s': wanted %zu items of %zu bytes, wrote %zu (%s)\n",
+                what, count, size, put, strerror(errno));
+        fprintf(stderr, "  at %s:%d\n", file, line);
+        exit(EXIT_FAILURE);
+    }
+}
+#define fwrite_check(ptr, size, count, fp, what) fwrite_check_(ptr, size, count, fp, what, __FILE__, __LINE__)
+
+// 64-bit seek (offsets beyond 2 GiB work on every platform with a 64-bit off_t)
+static inline void fseek_check_(FILE* fp, int64_t offset, int whence, const char* what,
+                                const char* file, int line) {
+    if (LLMC_FSEEK(fp, offset, whence) != 0) {
+        fprintf(stderr, "Error: seek to offset %lld (whence %d) failed in '%s': %s\n",
+                (long long)offset, whence, what, strerror(errno));
+        fprintf(stderr, "  at %s:%d\n", file, line);
+        exit(EXIT_FAILURE);
+    }
+}
+#define fseek_check(fp, offset, whence, what) fseek_check_(fp, offset, whence, what, __FILE__, __LINE__)
+
+static inline int64_t ftell_check_(FILE* fp, const char* what, const char* file, int line) {
+    int64_t pos = LLMC_FTELL(fp);
+    if (pos < 0) {
+        fprintf(stderr, "Error: ftello failed on '%s': %s\n", what, strerror(errno));
+        fprintf(stderr, "  at %s:%d\n", file, line);
+        exit(EXIT_FAILURE);
+    }
+    return pos;
+}
+#define ftell_check(fp, what) ftell_check_(fp, what, __FILE__, __LINE__)
+
+static inline void fclose_check_(FILE* fp, const char* what, const char* file, int line) {
+    if (fclose(fp) != 0) {
+        fprintf(stderr, "Error: closing '%s' failed: %s\n", what, strerror(errno));
+        fprintf(stderr, "  at %s:%d\n", file, line);
+        exit(EXIT_FAILURE);
+    }
+}
+#define fclose_check(fp, what) fclose_check_(fp, what, __FILE__, __LINE__)
+
+// size in bytes of an open file; leaves the position at the start of the file
+static inline int64_t file_size_check_(FILE* fp, const char* what, const char* file, int line) {
+    fseek_check_(fp, 0, SEEK_END, what, file, line);
+    int64_t size = ftell_check_(fp, what, file, line);
+    fseek_check_(fp, 0, SEEK_SET, what, file, line);
+    return size;
+}
+#define file_size_check(fp, what) file_size_check_(fp, what, __FILE__, __LINE__)
+
+// ----------------------------------------------------------------------------
+// memory
+
+static inline void* malloc_check_(size_t size, const char* file, int line) {
+    void* ptr = malloc(size);
+    if (ptr == NULL && size > 0) {
+        fprintf(stderr, "Error: malloc of %zu bytes failed\n  at %s:%d\n", size, file, line);
+        exit(EXIT_FAILURE);
+    }
+    return ptr;
+}
+#define malloc_check(size) malloc_check_(size, __FILE__, __LINE__)
+
+static inline void* calloc_check_(size_t count, size_t size, const char* file, int line) {
+    void* ptr = calloc(count, size);
+    if (ptr == NULL && count > 0 && size > 0) {
+        fprintf(stderr, "Error: calloc of %zu x %zu bytes failed\n  at %s:%d\n", count, size, file, line);
+        exit(EXIT_FAILURE);
+    }
+    return ptr;
+}
+#define calloc_check(count, size) calloc_check_(count, size, __FILE__, __LINE__)
+
+#endif // LLMC_UTILS_H

@@ -1,0 +1,758 @@
+/*
+ * test_dataloader.c: CPU tests of llmc/dataloader.h and llmc/tokenizer.h.
+ * Writes small synthetic shards of random tokens to a temporary folder and checks every batch
+ * token by token against their known content: headers, streaming across shards and epochs,
+ * rank splits, shuffling, position save/restore, reset/eval, a >4 GiB sparse shard (64-bit
+ * offsets), bad input (each in a forked child that must exit non-zero with the expected
+ * message), and the committed tinyshakespeare shards + tokenizer.
+ * Prints one PASS/FAIL line per test; exits non-zero if any test fails. Run from the repo root.
+ *   gcc -O2 -Wall -Wextra -std=c11 test_dataloader.c -o test_dataloader -lm && ./test_dataloader
+ */
+#define _POSIX_C_SOURCE 200809L
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include "llmc/dataloader.h"
+#include "llmc/tokenizer.h"
+
+#define VOCAB 50257
+#define MAX_SHARDS 8
+
+static char tmp_dir[256];
+static int failures = 0;
+
+static void report(const char* name, int ok, const char* detail) {
+    printf("%s: %s%s%s\n", ok ? "PASS" : "FAIL", name, detail[0] ? " -- " : "", detail);
+    fflush(stdout);
+    if (!ok) { failures++; }
+}
+
+// ----------------------------------------------------------------------------
+// synthetic shards
+
+static uint64_t test_rng = 0x2545F4914F6CDD1DULL;
+static uint32_t random_u32(void) { // xorshift64*
+    test_rng ^= test_rng >> 12; test_rng ^= test_rng << 25; test_rng ^= test_rng >> 27;
+    return (uint32_t)((test_rng * 0x2545F4914F6CDD1DULL) >> 32);
+}
+
+typedef struct {
+    int num_shards;
+    char paths[MAX_SHARDS][300];
+    uint16_t* tokens[MAX_SHARDS];
+    int64_t num_tokens[MAX_SHARDS];
+    char pattern[300];
+} ShardSet;
+
+// writes a shard with a possibly wrong header: header_tokens is what the header claims
+static void write_raw_shard(const char* path, const uint16_t* tokens, int64_t n, int32_t magic, int32_t version,
+                            int64_t header_tokens) {
+    int32_t header[SHARD_HEADER_INTS] = {0};
+    header[0] = magic;
+    header[1] = version;
+    header[2] = (int32_t)header_tokens;
+    FILE* fp = fopen_check(path, "wb");
+    fwrite_check(header, sizeof(int32_t), SHARD_HEADER_INTS, fp, path);
+    if (n > 0) { fwrite_check(tokens, sizeof(uint16_t), (size_t)n, fp, path); }
+    fclose_check(fp, path);
+}
+
+static void make_shard_set(ShardSet* set, const char* prefix, const int64_t* sizes, int num_shards) {
+    set->num_shards = num_shards;
+    snprintf(set->pattern, sizeof(set->pattern), "%s/%s_*.bin", tmp_dir, prefix);
+    for (int s = 0; s < num_shards; s++) {
+        snprintf(set->paths[s], sizeof(set->paths[s]), "%s/%s_%06d.bin", tmp_dir, prefix, s);
+        set->num_tokens[s] = sizes[s];
+        set->tokens[s] = (uint16_t*)malloc_check((size_t)sizes[s] * sizeof(uint16_t));
+        for (int64_t i = 0; i < sizes[s]; i++) { set->tokens[s][i] = (uint16_t)(random_u32() % VOCAB); }
+        write_raw_shard(set->paths[s], set->tokens[s], sizes[s], SHARD_MAGIC, SHARD_VERSION, sizes[s]);
+    }
+}
+
+static void free_shard_set(ShardSet* set) {
+    for (int s = 0; s < set->num_shards; s++) { free(set->tokens[s]); remove(set->paths[s]); }
+}
+
+static void poison_batch(DataLoader* loader) {
+    size_t BT = loader->B * loader->T;
+    for (size_t i = 0; i < BT; i++) { loader->inputs[i] = -12345; loader->targets[i] = -12345; }
+    loader->last_shard = -1;
+    loader->last_window = -1;
+}
+
+// the batch must be window last_window of shard last_shard, token by token
+static int batch_matches(const DataLoader* loader, const ShardSet* set, char* why, size_t why_len) {
+    int s = loader->last_shard;
+    int64_t w = loader->last_window;
+    int64_t BT = (int64_t)(loader->B * loader->T);
+    if (s < 0 || s >= set->num_shards || strcmp(loader->shard_paths[s], set->paths[s]) != 0) {
+        snprintf(why, why_len, "batch reports shard %d", s);
+        return 0;
+    }
+    if (w < 0 || (w + 1) * BT + 1 > set->num_tokens[s]) {
+        snprintf(why, why_len, "batch reports window %lld of shard %d (%lld tokens)", (long long)w, s,
+                 (long long)set->num_tokens[s]);
+        return 0;
+    }
+    const uint16_t* expect = set->tokens[s] + w * BT;
+    for (int64_t i = 0; i < BT; i++) {
+        if (loader->inputs[i] != (int)expect[i] || loader->targets[i] != (int)expect[i + 1]) {
+            snprintf(why, why_len, "shard %d window %lld position %lld: input %d target %d, expected %d %d", s,
+                     (long long)w, (long long)i, loader->inputs[i], loader->targets[i], expect[i], expect[i + 1]);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+// reads n batches, verifying each; records (shard, window) pairs; returns 0 with a reason on mismatch
+static int read_batches(DataLoader* loader, const ShardSet* set, int64_t n, int* shards, int64_t* windows,
+                        char* why, size_t why_len) {
+    for (int64_t k = 0; k < n; k++) {
+        poison_batch(loader);
+        dataloader_next_batch(loader);
+        if (!batch_matches(loader, set, why, why_len)) { return 0; }
+        if (shards) { shards[k] = loader->last_shard; }
+        if (windows) { windows[k] = loader->last_window; }
+    }
+    return 1;
+}
+
+// ----------------------------------------------------------------------------
+// tests on good data
+
+// B=3, T=5 (B*T = 15): shard sizes give W = 20, 30, 15 windows, with unused tails
+static const size_t TB = 3, TT = 5;
+static const int64_t MAIN_SIZES[3] = {15 * 20 + 1 + 7, 15 * 30 + 1, 15 * 15 + 1 + 14};
+static const int64_t MAIN_WINDOWS[3] = {20, 30, 15};
+
+static void test_headers(const ShardSet* set) {
+    DataLoader loader;
+    dataloader_init(&loader, set->pattern, TB, TT, 0, 1, 0, 0, VOCAB);
+    int ok = loader.num_shards == set->num_shards;
+    int64_t total = 0, batches = 0;
+    for (int s = 0; ok && s < set->num_shards; s++) {
+        ok = ok && strcmp(loader.shard_paths[s], set->paths[s]) == 0;
+        ok = ok && loader.shard_tokens[s] == set->num_tokens[s];
+        ok = ok && loader.shard_windows[s] == MAIN_WINDOWS[s];
+        total += set->num_tokens[s];
+        batches += MAIN_WINDOWS[s];
+    }
+    ok = ok && loader.total_tokens == total && dataloader_num_batches(&loader) == batches;
+    char detail[200];
+    snprintf(detail, sizeof(detail), "%d shards, %lld tokens, %lld batches per epoch", loader.num_shards,
+             (long long)loader.total_tokens, (long long)dataloader_num_batches(&loader));
+    report("headers parsed (shard count, token counts, windows)", ok, detail);
+    dataloader_free(&loader);
+}
+
+// one rank, no shuffle: shard 0 windows 0..W0-1, shard 1 ..., for three epochs, token by token
+static void test_sequential_stream(const ShardSet* set) {
+    DataLoader loader;
+    dataloader_init(&loader, set->pattern, TB, TT, 0, 1, 0, 0, VOCAB);
+    int ok = 1;
+    char why[300] = "";
+    for (int epoch = 0; ok && epoch < 3; epoch++) {
+        for (int s = 0; ok && s < set->num_shards; s++) {
+            for (int64_t w = 0; ok && w < MAIN_WINDOWS[s]; w++) {
+                poison_batch(&loader);
+                dataloader_next_batch(&loader);
+                if (!batch_matches(&loader, set, why, sizeof(why))) { ok = 0; break; }
+                if (loader.last_shard != s || loader.last_window != w) {
+                    snprintf(why, sizeof(why), "epoch %d: got shard %d window %lld, expected shard %d window %lld",
+                             epoch, loader.last_shard, (long long)loader.last_window, s, (long long)w);
+                    ok = 0;
+                }
+            }
+        }
+    }
+    report("sequential streaming across shard boundaries and 3 epochs, token by token", ok, why);
+    dataloader_free(&loader);
+}
+
+// P ranks together read disjoint windows; on shards whose window count is a multiple of P their
+// union is every window (what one rank reads); elsewhere the last W mod P windows are skipped
+static void test_rank_split(const ShardSet* set, int P, int shuffle, const char* name) {
+    int64_t max_w = 0;
+    for (int s = 0; s < set->num_shards; s++) {
+        int64_t w = (set->num_tokens[s] - 1) / (int64_t)(TB * TT);
+        if (w > max_w) { max_w = w; }
+    }
+    int* seen = (int*)calloc_check((size_t)(set->num_shards * max_w), sizeof(int));
+    int ok = 1;
+    char why[300] = "";
+    int64_t batches_rank0 = -1;
+    for (int r = 0; ok && r < P; r++) {
+        DataLoader loader;
+        dataloader_init(&loader, set->pattern, TB, TT, r, P, shuffle, 7, VOCAB);
+        int64_t n = dataloader_num_batches(&loader);
+        if (r == 0) { batches_rank0 = n; }
+        if (n != batches_rank0) {
+            snprintf(why, sizeof(why), "rank %d has %lld batches per epoch, rank 0 has %lld", r, (long long)n,
+                     (long long)batches_rank0);
+            ok = 0;
+        }
+        int* shards = (int*)malloc_check((size_t)n * sizeof(int));
+        int64_t* windows = (int64_t*)malloc_check((size_t)n * sizeof(int64_t));
+        if (ok && !read_batches(&loader, set, n, shards, windows, why, sizeof(why))) { ok = 0; }
+        for (int64_t k = 0; ok && k < n; k++) { seen[shards[k] * max_w + windows[k]]++; }
+        free(shards);
+        free(windows);
+        dataloader_free(&loader);
+    }
+    for (int s = 0; ok && s < set->num_shards; s++) {
+        int64_t W = (set->num_tokens[s] - 1) / (int64_t)(TB * TT);
+        int64_t used = W / P * P;
+        for (int64_t w = 0; ok && w < W; w++) {
+            int count = seen[s * max_w + w];
+            int expect_one = shuffle ? -1 : (w < used); // shuffled: which W mod P are skipped is random
+            if (count > 1) {
+                snprintf(why, sizeof(why), "shard %d window %lld read by %d ranks", s, (long long)w, count);
+                ok = 0;
+            } else if (expect_one >= 0 && count != expect_one) {
+                snprintf(why, sizeof(why), "shard %d window %lld read %d times, expected %d", s, (long long)w,
+                         count, expect_one);
+                ok = 0;
+            }
+        }
+        int64_t total = 0;
+        for (int64_t w = 0; w < W; w++) { total += seen[s * max_w + w]; }
+        if (ok && total != used) {
+            snprintf(why, sizeof(why), "shard %d: %lld windows read, expected %lld", s, (long long)total,
+                     (long long)used);
+            ok = 0;
+        }
+    }
+    report(name, ok, why);
+    free(seen);
+}
+
+// sequence of (shard, window) over `epochs` epochs of a loader
+static int record_sequence(const ShardSet* set, int P, int rank, int shuffle, uint64_t seed, int64_t n, int* shards,
+                           int64_t* windows, char* why, size_t why_len) {
+    DataLoader loader;
+    dataloader_init(&loader, set->pattern, TB, TT, rank, P, shuffle, seed, VOCAB);
+    int ok = read_batches(&loader, set, n, shards, windows, why, why_len);
+    dataloader_free(&loader);
+    return ok;
+}
+
+static void test_shuffle(const ShardSet* set) {
+    const int64_t per_epoch = MAIN_WINDOWS[0] + MAIN_WINDOWS[1] + MAIN_WINDOWS[2];
+    const int64_t n = 3 * per_epoch;
+    int *sa = malloc_check(n * sizeof(int)), *sb = malloc_check(n * sizeof(int)), *sc = malloc_check(n * sizeof(int));
+    int64_t *wa = malloc_check(n * sizeof(int64_t)), *wb = malloc_check(n * sizeof(int64_t)),
+            *wc = malloc_check(n * sizeof(int64_t));
+    char why[300] = "";
+    int ok = record_sequence(set, 1, 0, 1, 42, n, sa, wa, why, sizeof(why)) &&
+             record_sequence(set, 1, 0, 1, 42, n, sb, wb, why, sizeof(why)) &&
+             record_sequence(set, 1, 0, 1, 43, n, sc, wc, why, sizeof(why));
+    if (ok) {
+        for (int64_t k = 0; k < n; k++) {
+            if (sa[k] != sb[k] || wa[k] != wb[k]) {
+                snprintf(why, sizeof(why), "seed 42 twice differs at batch %lld", (long long)k);
+                ok = 0;
+                break;
+            }
+        }
+    }
+    if (ok) {
+        int64_t same_c = 0, same_next_epoch = 0, sequential = 0;
+        for (int64_t k = 0; k < per_epoch; k++) {
+            same_c += (sa[k] == sc[k] && wa[k] == wc[k]);
+            same_next_epoch += (sa[k] == sa[k + per_epoch] && wa[k] == wa[k + per_epoch]);
+        }
+        int64_t k = 0; // where the unshuffled order would be
+        for (int s = 0; s < 3; s++) {
+            for (int64_t w = 0; w < MAIN_WINDOWS[s]; w++, k++) { sequential += (sa[k] == s && wa[k] == w); }
+        }
+        // 65 windows: a random permutation matches another in ~1 position on average
+        if (same_c > per_epoch / 4 || same_next_epoch > per_epoch / 4 || sequential > per_epoch / 4) {
+            snprintf(why, sizeof(why), "orders too similar: seed 43 %lld/%lld, next epoch %lld, unshuffled %lld",
+                     (long long)same_c, (long long)per_epoch, (long long)same_next_epoch, (long long)sequential);
+            ok = 0;
+        }
+        // every epoch is a permutation of all windows
+        for (int e = 0; ok && e < 3; e++) {
+            int seen[3][30] = {{0}};
+            for (int64_t j = e * per_epoch; j < (e + 1) * per_epoch; j++) { seen[sa[j]][wa[j]]++; }
+            for (int s = 0; ok && s < 3; s++) {
+                for (int64_t w = 0; ok && w < MAIN_WINDOWS[s]; w++) {
+                    if (seen[s][w] != 1) {
+                        snprintf(why, sizeof(why), "epoch %d: shard %d window %lld read %d times", e, s, (long long)w,
+                                 seen[s][w]);
+                        ok = 0;
+                    }
+                }
+            }
+        }
+        // shard order differs between some epochs (3 shards: 6 orders); windows of a shard stay together
+        int shard_order_changed = 0;
+        for (int e = 1; e < 3; e++) { shard_order_changed |= sa[e * per_epoch] != sa[0]; }
+        if (ok && !shard_order_changed) {
+            int64_t extra = 10 * per_epoch; // look further: with 3 shards, 3 epochs may share the first shard
+            int* sx = malloc_check(extra * sizeof(int));
+            int64_t* wx = malloc_check(extra * sizeof(int64_t));
+            ok = record_sequence(set, 1, 0, 1, 42, extra, sx, wx, why, sizeof(why));
+            for (int e = 1; e < 10; e++) { shard_order_changed |= sx[e * per_epoch] != sx[0]; }
+            free(sx);
+            free(wx);
+            if (ok && !shard_order_changed) {
+                snprintf(why, sizeof(why), "shard order identical in 10 epochs");
+                ok = 0;
+            }
+        }
+    }
+    report("shuffle: same seed same order, other seed/epoch different, each epoch a permutation", ok, why);
+    free(sa); free(sb); free(sc); free(wa); free(wb); free(wc);
+}
+
+// state saved after k batches, restored in a fresh loader, continues with the identical batches
+static void test_state_restore(const ShardSet* set, int shuffle, const char* name) {
+    const int P = 2, rank = 1;
+    const int64_t total = 120; // > one epoch per rank (32 batches): crosses shards and epochs
+    int* shards = malloc_check(total * sizeof(int));
+    int64_t* windows = malloc_check(total * sizeof(int64_t));
+    char why[300] = "";
+    int ok = 1;
+    const int64_t save_points[] = {0, 1, 9, 10, 31, 32, 33, 77};
+    for (size_t i = 0; ok && i < sizeof(save_points) / sizeof(save_points[0]); i++) {
+        int64_t k = save_points[i];
+        DataLoader a;
+        dataloader_init(&a, set->pattern, TB, TT, rank, P, shuffle, 1234, VOCAB);
+        ok = read_batches(&a, set, k, NULL, NULL, why, sizeof(why));
+        DataLoaderState state = dataloader_get_state(&a);
+        ok = ok && read_batches(&a, set, total - k, shards, windows, why, sizeof(why));
+        // fresh loader, built with a different seed and no shuffle: the state must bring both back
+        DataLoader b;
+        dataloader_init(&b, set->pattern, TB, TT, rank, P, 0, 999, VOCAB);
+        dataloader_set_state(&b, &state);
+        for (int64_t j = 0; ok && j < total - k; j++) {
+            poison_batch(&b);
+            dataloader_next_batch(&b);
+            if (!batch_matches(&b, set, why, sizeof(why))) { ok = 0; break; }
+            if (b.last_shard != shards[j] || b.last_window != windows[j]) {
+                snprintf(why, sizeof(why), "saved after %lld batches: batch %lld after restore is shard %d window %lld, "
+                         "expected shard %d window %lld", (long long)k, (long long)j, b.last_shard,
+                         (long long)b.last_window, shards[j], (long long)windows[j]);
+                ok = 0;
+            }
+        }
+        // restoring on the loader that saved it rewinds it too
+        dataloader_set_state(&a, &state);
+        poison_batch(&a);
+        dataloader_next_batch(&a);
+        if (ok && (a.last_shard != shards[0] || a.last_window != windows[0])) {
+            snprintf(why, sizeof(why), "rewinding the same loader to batch %lld gave another batch", (long long)k);
+            ok = 0;
+        }
+        dataloader_free(&a);
+        dataloader_free(&b);
+    }
+    report(name, ok, why);
+    free(shards);
+    free(windows);
+}
+
+// saved with P=2 after some rounds, restored with P=3: the three ranks continue with the next
+// whole round of 3 in the global window order, never repeating a window consumed before
+static void test_state_restore_other_process_count(const ShardSet* set) {
+    // global order of one shard = what a single rank reads from it (P=1, same seed)
+    const int64_t per_epoch = MAIN_WINDOWS[0] + MAIN_WINDOWS[1] + MAIN_WINDOWS[2];
+    int ref_s[65];
+    int64_t ref_w[65];
+    char why[300] = "";
+    int ok = record_sequence(set, 1, 0, 1, 5, per_epoch, ref_s, ref_w, why, sizeof(why));
+    const int64_t rounds = 4; // P=2 ranks read 4 rounds = 8 windows of the first shard in the order
+    DataLoaderState state;
+    if (ok) {
+        DataLoader a;
+        dataloader_init(&a, set->pattern, TB, TT, 0, 2, 1, 5, VOCAB);
+        ok = read_batches(&a, set, rounds, NULL, NULL, why, sizeof(why));
+        state = dataloader_get_state(&a);
+        dataloader_free(&a);
+    }
+    int64_t consumed = 2 * rounds;                    // 8
+    int64_t resume = (consumed + 3 - 1) / 3 * 3;      // 9: next whole round of 3
+    for (int r = 0; ok && r < 3; r++) {
+        DataLoader b;
+        dataloader_init(&b, set->pattern, TB, TT, r, 3, 1, 5, VOCAB);
+        dataloader_set_state(&b, &state);
+        poison_batch(&b);
+        dataloader_next_batch(&b);
+        ok = batch_matches(&b, set, why, sizeof(why));
+        int64_t j = resume + r;
+        if (ok && (b.last_shard != ref_s[j] || b.last_window != ref_w[j])) {
+            snprintf(why, sizeof(why), "rank %d of 3 resumed at shard %d window %lld, expected shard %d window %lld",
+                     r, b.last_shard, (long long)b.last_window, ref_s[j], (long long)ref_w[j]);
+            ok = 0;
+        }
+        dataloader_free(&b);
+    }
+    report("state restore with another process count (2 -> 3 ranks) resumes at the next whole round", ok, why);
+}
+
+// eval: after reset, num_batches batches cover the same windows every time, then it wraps
+static void test_reset_eval(const ShardSet* set) {
+    DataLoader loader;
+    dataloader_init(&loader, set->pattern, TB, TT, 1, 2, 0, 0, VOCAB);
+    int64_t n = dataloader_num_batches(&loader);
+    int* s1 = malloc_check((n + 1) * sizeof(int));
+    int* s2 = malloc_check((n + 1) * sizeof(int));
+    int64_t* w1 = malloc_check((n + 1) * sizeof(int64_t));
+    int64_t* w2 = malloc_check((n + 1) * sizeof(int64_t));
+    char why[300] = "";
+    int ok = n == MAIN_WINDOWS[0] / 2 + MAIN_WINDOWS[1] / 2 + MAIN_WINDOWS[2] / 2;
+    if (!ok) { snprintf(why, sizeof(why), "num_batches %lld for 2 ranks", (long long)n); }
+    ok = ok && read_batches(&loader, set, n + 1, s1, w1, why, sizeof(why)); // one epoch and one more
+    ok = ok && read_batches(&loader, set, 5, NULL, NULL, why, sizeof(why));
+    dataloader_reset(&loader);
+    ok = ok && read_batches(&loader, set, n + 1, s2, w2, why, sizeof(why));
+    for (int64_t k = 0; ok && k <= n; k++) {
+        if (s1[k] != s2[k] || w1[k] != w2[k]) {
+            snprintf(why, sizeof(why), "after reset batch %lld differs", (long long)k);
+            ok = 0;
+        }
+    }
+    if (ok && (s1[n] != s1[0] || w1[n] != w1[0])) {
+        snprintf(why, sizeof(why), "batch num_batches is not the first batch again (epoch did not wrap)");
+        ok = 0;
+    }
+    // the epoch holds every window of this rank exactly once
+    for (int64_t k = 0; ok && k < n; k++) {
+        for (int64_t j = k + 1; j < n; j++) {
+            if (s1[k] == s1[j] && w1[k] == w1[j]) {
+                snprintf(why, sizeof(why), "window repeated within one eval pass");
+                ok = 0;
+                break;
+            }
+        }
+    }
+    report("reset + num_batches: eval pass repeats the same batches, then wraps", ok, why);
+    free(s1); free(s2); free(w1); free(w2);
+    dataloader_free(&loader);
+}
+
+// a sparse shard of 2^31-1 tokens (4 GiB): known tokens at its very end must come back, which
+// needs 64-bit offsets all the way through
+static void test_large_sparse_shard(void) {
+    char path[300];
+    snprintf(path, sizeof(path), "%s/large_000000.bin", tmp_dir);
+    const int64_t n = INT32_MAX; // largest count the int32 header can hold
+    const int64_t BT = 1024;
+    const int64_t windows = (n - 1) / BT;
+    const int64_t last = windows - 1;
+    uint16_t tail[1025];
+    for (int i = 0; i < 1025; i++) { tail[i] = (uint16_t)(random_u32() % VOCAB); }
+    int32_t header[SHARD_HEADER_INTS] = {SHARD_MAGIC, SHARD_VERSION, (int32_t)n};
+    FILE* fp = fopen_check(path, "wb");
+    fwrite_check(header, sizeof(int32_t), SHARD_HEADER_INTS, fp, path);
+    // everything between header and the last window stays a hole (reads as token 0)
+    fseek_check(fp, SHARD_HEADER_BYTES + last * BT * 2, SEEK_SET, path);
+    fwrite_check(tail, sizeof(uint16_t), 1025, fp, path);
+    fseek_check(fp, SHARD_HEADER_BYTES + n * 2 - 2, SEEK_SET, path); // file length = header + 2n
+    uint16_t final_token = tail[0];
+    fwrite_check(&final_token, sizeof(uint16_t), 1, fp, path);
+    fclose_check(fp, path);
+
+    DataLoader loader;
+    dataloader_init(&loader, path, 1, (size_t)BT, 0, 1, 0, 0, VOCAB);
+    int ok = loader.shard_tokens[0] == n && loader.shard_windows[0] == windows;
+    DataLoaderState state = dataloader_get_state(&loader);
+    state.window_pos = last; // jump to the last window: byte offset ~4 GiB
+    dataloader_set_state(&loader, &state);
+    poison_batch(&loader);
+    dataloader_next_batch(&loader);
+    ok = ok && loader.last_window == last;
+    for (int i = 0; ok && i < BT; i++) { ok = loader.inputs[i] == tail[i] && loader.targets[i] == tail[i + 1]; }
+    // and the first window (all holes) is token 0
+    dataloader_reset(&loader);
+    poison_batch(&loader);
+    dataloader_next_batch(&loader);
+    for (int i = 0; ok && i < BT; i++) { ok = loader.inputs[i] == 0 && loader.targets[i] == 0; }
+    report("64-bit offsets: last window of a 2^31-1 token (4 GiB sparse) shard reads back", ok, "");
+    dataloader_free(&loader);
+    remove(path);
+}
+
+// ----------------------------------------------------------------------------
+// bad input: each case runs in a child that must exit non-zero and print the expected text
+
+typedef struct {
+    const char* pattern;
+    size_t B, T;
+    int P;
+    int batches;       // batches to read after init
+    const char* tokenizer_path; // when set: load this tokenizer instead of a data loader
+} BadCase;
+
+static void run_bad_case(const BadCase* c) {
+    if (c->tokenizer_path) {
+        Tokenizer tok;
+        tokenizer_init(&tok, c->tokenizer_path);
+        tokenizer_free(&tok);
+        return;
+    }
+    DataLoader loader;
+    dataloader_init(&loader, c->pattern, c->B, c->T, 0, c->P, 0, 0, VOCAB);
+    for (int i = 0; i < c->batches; i++) { dataloader_next_batch(&loader); }
+    dataloader_free(&loader);
+}
+
+// runs the case in a child process; returns its wait status and its stderr (first line) in message
+static int run_in_child(const BadCase* c, char* message, size_t message_len) {
+    int pipe_fd[2];
+    if (pipe(pipe_fd) != 0) { perror("pipe"); exit(EXIT_FAILURE); }
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid < 0) { perror("fork"); exit(EXIT_FAILURE); }
+    if (pid == 0) {
+        close(pipe_fd[0]);
+        dup2(pipe_fd[1], STDERR_FILENO);
+        FILE* devnull = freopen("/dev/null", "w", stdout);
+        (void)devnull;
+        alarm(20); // a loader that hangs on bad input fails the test instead of hanging it
+        run_bad_case(c);
+        _exit(0); // reaching here means the bad input went unnoticed
+    }
+    close(pipe_fd[1]);
+    size_t len = 0;
+    ssize_t got;
+    while (len + 1 < message_len && (got = read(pipe_fd[0], message + len, message_len - 1 - len)) > 0) {
+        len += (size_t)got;
+    }
+    message[len] = '\0';
+    close(pipe_fd[0]);
+    int status = 0;
+    waitpid(pid, &status, 0);
+    return status;
+}
+
+static void expect_failure(const char* name, const BadCase* c, const char* expect1, const char* expect2) {
+    char message[4096];
+    int status = run_in_child(c, message, sizeof(message));
+    int exited_nonzero = WIFEXITED(status) && WEXITSTATUS(status) != 0;
+    int ok = exited_nonzero && strstr(message, expect1) != NULL && (expect2 == NULL || strstr(message, expect2) != NULL);
+    char detail[600];
+    char* newline = strchr(message, '\n');
+    if (newline) { *newline = '\0'; }
+    if (ok) {
+        snprintf(detail, sizeof(detail), "\"%.300s\"", message);
+    } else {
+        snprintf(detail, sizeof(detail), "%s; expected \"%s\"%s%s; got \"%.300s\"",
+                 WIFEXITED(status) ? (WEXITSTATUS(status) ? "exited non-zero" : "exited 0 (not detected)")
+                                   : "killed by a signal",
+                 expect1, expect2 ? " and " : "", expect2 ? expect2 : "", message);
+    }
+    report(name, ok, detail);
+}
+
+// the control for the cases above: the same machinery on good input must exit 0 silently
+static void expect_success(const char* name, const BadCase* c) {
+    char message[4096];
+    int status = run_in_child(c, message, sizeof(message));
+    int ok = WIFEXITED(status) && WEXITSTATUS(status) == 0 && message[0] == '\0';
+    char detail[400];
+    snprintf(detail, sizeof(detail), "%.300s", ok ? "" : message);
+    report(name, ok, detail);
+}
+
+static void test_bad_inputs(void) {
+    uint16_t tokens[200];
+    for (int i = 0; i < 200; i++) { tokens[i] = (uint16_t)(random_u32() % VOCAB); }
+    char path[300], pattern[300];
+
+    // good shard + bad one in the same glob: the bad one must be named
+    snprintf(path, sizeof(path), "%s/badmagic_000000.bin", tmp_dir);
+    write_raw_shard(path, tokens, 200, SHARD_MAGIC, SHARD_VERSION, 200);
+    snprintf(path, sizeof(path), "%s/badmagic_000001.bin", tmp_dir);
+    write_raw_shard(path, tokens, 200, 20240521, SHARD_VERSION, 200);
+    snprintf(pattern, sizeof(pattern), "%s/badmagic_*.bin", tmp_dir);
+    BadCase c = {pattern, 2, 8, 1, 0, NULL};
+    expect_failure("bad input: wrong magic number", &c, "bad magic number 20240521, expected 20240520", path);
+
+    snprintf(path, sizeof(path), "%s/badversion_000000.bin", tmp_dir);
+    write_raw_shard(path, tokens, 200, SHARD_MAGIC, 2, 200);
+    c.pattern = path;
+    expect_failure("bad input: wrong version", &c, "unsupported version 2, expected 1", path);
+
+    snprintf(path, sizeof(path), "%s/truncated_000000.bin", tmp_dir);
+    write_raw_shard(path, tokens, 150, SHARD_MAGIC, SHARD_VERSION, 200); // header claims 200, file has 150
+    c.pattern = path;
+    expect_failure("bad input: truncated shard", &c, "header says 200 tokens", "truncated");
+
+    snprintf(path, sizeof(path), "%s/oversize_000000.bin", tmp_dir);
+    write_raw_shard(path, tokens, 200, SHARD_MAGIC, SHARD_VERSION, 150); // file longer than the header says
+    c.pattern = path;
+    expect_failure("bad input: file longer than its header says", &c, "header says 150 tokens", "size mismatch");
+
+    snprintf(path, sizeof(path), "%s/headeronly_000000.bin", tmp_dir);
+    FILE* fp = fopen_check(path, "wb");
+    fwrite_check(tokens, 1, 100, fp, path);
+    fclose_check(fp, path);
+    c.pattern = path;
+    expect_failure("bad input: file shorter than the header", &c, "smaller than the 1024-byte header", path);
+
+    snprintf(path, sizeof(path), "%s/small_000000.bin", tmp_dir);
+    write_raw_shard(path, tokens, 48, SHARD_MAGIC, SHARD_VERSION, 48); // 2 ranks * 3*8 + 1 = 49 needed
+    c.pattern = path;
+    c.B = 3; c.T = 8; c.P = 2;
+    expect_failure("bad input: shard too small for one window per rank", &c, "holds 48 tokens", "= 49 tokens");
+    c.P = 1; // with one rank 48 tokens are enough: must load and read fine
+    c.batches = 3;
+    expect_success("control: the same 48-token shard with one rank loads and reads 3 batches", &c);
+
+    // out-of-vocabulary token in the middle: found when its batch is read, with its offset
+    uint16_t oov[200];
+    memcpy(oov, tokens, sizeof(oov));
+    oov[37] = VOCAB; // 50257
+    snprintf(path, sizeof(path), "%s/oov_000000.bin", tmp_dir);
+    write_raw_shard(path, oov, 200, SHARD_MAGIC, SHARD_VERSION, 200);
+    c.pattern = path; c.B = 2; c.T = 8; c.P = 1; c.batches = 12;
+    expect_failure("bad input: out-of-vocab token (middle)", &c, "token 37 (byte offset 1098) is 50257", path);
+
+    // out-of-vocab as the very last target of the only window: the target must be checked too
+    oov[37] = tokens[37];
+    oov[16] = 65535;
+    snprintf(path, sizeof(path), "%s/oovlast_000000.bin", tmp_dir);
+    write_raw_shard(path, oov, 17, SHARD_MAGIC, SHARD_VERSION, 17);
+    c.pattern = path; c.batches = 1;
+    expect_failure("bad input: out-of-vocab token as the last target", &c, "token 16 (byte offset 1056) is 65535",
+                   "expected < vocab_size 50257");
+
+    snprintf(pattern, sizeof(pattern), "%s/does_not_exist_*.bin", tmp_dir);
+    c.pattern = pattern; c.batches = 0;
+    expect_failure("bad input: empty glob", &c, "no shard files match", pattern);
+
+    snprintf(pattern, sizeof(pattern), "%s/missing.bin", tmp_dir);
+    c.pattern = pattern;
+    expect_failure("bad input: missing file", &c, "no shard files match", pattern);
+
+    c.pattern = "data/gpt2_tokenizer.bin"; // a tokenizer file given as a shard
+    expect_failure("bad input: tokenizer file given as a shard", &c, "this looks like a tokenizer file",
+                   "data/gpt2_tokenizer.bin");
+
+    // a shard given as the tokenizer: malformed tokenizer files are an error
+    snprintf(path, sizeof(path), "%s/badmagic_000000.bin", tmp_dir);
+    BadCase t = {NULL, 0, 0, 0, 0, path};
+    expect_failure("bad input: tokenizer file with wrong magic", &t, "bad magic number 20240520, expected 20240328",
+                   path);
+
+    const char* names[] = {"badmagic_000000", "badmagic_000001", "badversion_000000", "truncated_000000",
+                           "oversize_000000", "headeronly_000000", "small_000000", "oov_000000", "oovlast_000000"};
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+        snprintf(path, sizeof(path), "%s/%s.bin", tmp_dir, names[i]);
+        remove(path);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// committed data
+
+static void test_tokenizer(void) {
+    Tokenizer tok;
+    tokenizer_init(&tok, "data/gpt2_tokenizer.bin");
+    int ok = tok.init_ok && tok.vocab_size == 50257 && tok.eot_token == 50256;
+    const char* hello = tokenizer_decode(&tok, 31373);
+    const char* world = tokenizer_decode(&tok, 995);
+    ok = ok && hello && world && strcmp(hello, "hello") == 0 && strcmp(world, " world") == 0;
+    ok = ok && tokenizer_decode(&tok, 50256) && strcmp(tokenizer_decode(&tok, 50256), "<|endoftext|>") == 0;
+    ok = ok && tokenizer_decode(&tok, 50257) == NULL;
+    report("tokenizer: data/gpt2_tokenizer.bin loads, decodes 31373 'hello', 995 ' world', 50256 <|endoftext|>", ok,
+           "");
+    tokenizer_free(&tok);
+
+    // missing file: a note, no exit, token ids printed instead
+    char path[300];
+    snprintf(path, sizeof(path), "%s/no_tokenizer.bin", tmp_dir);
+    fflush(stderr);
+    int saved_stderr = dup(STDERR_FILENO); // silence the expected note
+    int devnull = open("/dev/null", O_WRONLY);
+    dup2(devnull, STDERR_FILENO);
+    tokenizer_init(&tok, path);
+    fflush(stderr);
+    dup2(saved_stderr, STDERR_FILENO);
+    close(saved_stderr);
+    close(devnull);
+    ok = !tok.init_ok && tokenizer_decode(&tok, 31373) == NULL;
+    report("tokenizer: a missing file is not fatal (init_ok 0, decode gives NULL)", ok, "");
+    tokenizer_free(&tok);
+}
+
+static void test_tinyshakespeare(void) {
+    const char* val = "data/tinyshakespeare/tiny_shakespeare_val.bin";
+    const char* train = "data/tinyshakespeare/tiny_shakespeare_train.bin";
+    char why[300] = "";
+    int ok = 1;
+    FILE* fp = fopen(val, "rb");
+    if (fp == NULL) {
+        snprintf(why, sizeof(why), "%s missing (python dev/data/prepro.py tinyshakespeare)", val);
+        ok = 0;
+    } else {
+        fclose(fp);
+    }
+    if (ok) {
+        DataLoader loader;
+        dataloader_init(&loader, val, 4, 64, 0, 1, 0, 0, VOCAB);
+        Tokenizer tok;
+        tokenizer_init(&tok, "data/gpt2_tokenizer.bin");
+        dataloader_next_batch(&loader);
+        char text[2048] = "";
+        for (int i = 1; i < 40 && tok.init_ok; i++) {
+            const char* piece = tokenizer_decode(&tok, (uint32_t)loader.inputs[i]);
+            if (piece) { strncat(text, piece, sizeof(text) - strlen(text) - 1); }
+        }
+        const char* expect = "First Citizen:\nBefore we proceed any further, hear me speak.";
+        ok = loader.shard_tokens[0] == 32768 && loader.inputs[0] == 50256 && tok.init_ok &&
+             strncmp(text, expect, strlen(expect)) == 0;
+        if (!ok) { snprintf(why, sizeof(why), "val starts with token %d, text \"%.60s\"", loader.inputs[0], text); }
+        tokenizer_free(&tok);
+        dataloader_free(&loader);
+        if (ok) {
+            dataloader_init(&loader, train, 8, 1024, 0, 1, 1, 1, VOCAB); // every token checked < vocab
+            int64_t n = dataloader_num_batches(&loader);
+            for (int64_t k = 0; k < n; k++) { dataloader_next_batch(&loader); }
+            ok = loader.shard_tokens[0] == 305260 && n == 305259 / 8192;
+            if (!ok) { snprintf(why, sizeof(why), "train shard has %lld tokens", (long long)loader.shard_tokens[0]); }
+            dataloader_free(&loader);
+        }
+    }
+    report("committed tinyshakespeare shards load; val decodes to \"First Citizen:...\"", ok, why);
+}
+
+// ----------------------------------------------------------------------------
+
+int main(void) {
+    snprintf(tmp_dir, sizeof(tmp_dir), "/tmp/test_dataloader_XXXXXX");
+    if (mkdtemp(tmp_dir) == NULL) { perror("mkdtemp"); return EXIT_FAILURE; }
+
+    ShardSet main_set;
+    make_shard_set(&main_set, "main", MAIN_SIZES, 3);
+    // window counts 15, 9, 24: all multiples of 3, so 3 ranks cover exactly what 1 rank reads
+    const int64_t even_sizes[3] = {15 * 15 + 1 + 3, 15 * 9 + 1, 15 * 24 + 1 + 14};
+    ShardSet even_set;
+    make_shard_set(&even_set, "even", even_sizes, 3);
+
+    test_headers(&main_set);
+    test_sequential_stream(&main_set);
+    test_rank_split(&even_set, 3, 0, "rank split: 3 ranks disjoint, together exactly the windows of 1 rank");
+    test_rank_split(&main_set, 2, 0, "rank split: 2 ranks disjoint, W mod 2 tail windows skipped");
+    test_rank_split(&main_set, 3, 1, "rank split with shuffle: 3 ranks disjoint, W mod 3 per shard skipped");
+    test_shuffle(&main_set);
+    test_state_restore(&main_set, 0, "state save/restore (2 ranks, no shuffle): identical continuation");
+    test_state_restore(&main_set, 1, "state save/restore (2 ranks, shuffle): identical continuation");
+    test_state_restore_other_process_count(&main_set);
+    test_reset_eval(&main_set);
+    test_large_sparse_shard();
+    test_bad_inputs();
+    test_tokenizer();
+    test_tinyshakespeare();
+
+    free_shard_set(&main_set);
+    free_shard_set(&even_set);
+    rmdir(tmp_dir);
+    printf("%s: test_dataloader, %d failure(s)\n", failures ? "FAILED" : "ALL PASSED", failures);
+    return failures ? EXIT_FAILURE : EXIT_SUCCESS;
+}
