@@ -1,0 +1,61 @@
+#!/bin/bash
+# run_attention.sh - builds and runs every test and benchmark of llmc/attention.cuh on the GPU
+# machine, then prints a summary table last.
+#   1. build test_attention (bf16, tensor-core kernels) and test_attention_fp32 (-DENABLE_FP32)
+#   2. --bad-shape must fail with a clear message
+#   3. compute-sanitizer memcheck on --quick, racecheck + synccheck on --tiny (if the tool exists)
+#   4. fp32 build: --quick checks
+#   5. bf16 build: all checks + GPT-2-shape benchmark
+#   6. PyTorch SDPA (flash / cudnn / efficient / math) at the same shape
+# Logs go to $OUT (if set) or /tmp. Exit status is non-zero if any step failed.
+set -u
+cd "$(dirname "$0")/../.."
+LOG_DIR=${OUT:-/tmp}
+BUILD_DIR=${BUILD_DIR:-/tmp/attention_build}
+mkdir -p "$BUILD_DIR" "$LOG_DIR"
+LOG="$LOG_DIR/attention_log.txt"
+: > "$LOG"
+STATUS=()
+fail=0
+step() {  # step NAME COMMAND... : runs, logs, records PASS/FAIL
+    local name=$1; shift
+    echo "=== $name: $*" | tee -a "$LOG"
+    if "$@" 2>&1 | tee -a "$LOG"; then STATUS+=("PASS  $name"); else STATUS+=("FAIL  $name"); fail=1; fi
+}
+set -o pipefail
+
+NVCC="nvcc -O3 -std=c++17 -arch=sm_90"
+$NVCC -o "$BUILD_DIR/test_attention" dev/cuda/test_attention.cu > "$BUILD_DIR/build_bf16.txt" 2>&1 &
+pid_bf16=$!
+$NVCC -DENABLE_FP32 -o "$BUILD_DIR/test_attention_fp32" dev/cuda/test_attention.cu > "$BUILD_DIR/build_fp32.txt" 2>&1 &
+pid_fp32=$!
+if wait $pid_bf16; then STATUS+=("PASS  build bf16"); else STATUS+=("FAIL  build bf16"); fail=1; fi
+if wait $pid_fp32; then STATUS+=("PASS  build fp32"); else STATUS+=("FAIL  build fp32"); fail=1; fi
+cat "$BUILD_DIR/build_bf16.txt" "$BUILD_DIR/build_fp32.txt" | tee -a "$LOG"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv 2>&1 | tee -a "$LOG"
+
+if [ -x "$BUILD_DIR/test_attention" ]; then
+    echo "=== bad shape (must exit non-zero with a message)" | tee -a "$LOG"
+    "$BUILD_DIR/test_attention" --bad-shape > "$BUILD_DIR/bad.txt" 2>&1
+    rc=$?
+    cat "$BUILD_DIR/bad.txt" | tee -a "$LOG"
+    if [ $rc -ne 0 ] && grep -q "head size" "$BUILD_DIR/bad.txt"; then STATUS+=("PASS  bad shape rejected (rc=$rc)")
+    else STATUS+=("FAIL  bad shape not rejected (rc=$rc)"); fail=1; fi
+
+    if command -v compute-sanitizer > /dev/null; then
+        step "memcheck --quick" timeout 120 compute-sanitizer --tool memcheck --error-exitcode 9 "$BUILD_DIR/test_attention" --quick
+        step "racecheck --tiny" timeout 90 compute-sanitizer --tool racecheck --error-exitcode 9 "$BUILD_DIR/test_attention" --tiny
+        step "synccheck --tiny" timeout 60 compute-sanitizer --tool synccheck --error-exitcode 9 "$BUILD_DIR/test_attention" --tiny
+    else
+        STATUS+=("SKIP  compute-sanitizer not found")
+    fi
+fi
+[ -x "$BUILD_DIR/test_attention_fp32" ] && step "fp32 checks (--quick)" "$BUILD_DIR/test_attention_fp32" --quick
+[ -x "$BUILD_DIR/test_attention" ] && step "bf16 checks + benchmark" "$BUILD_DIR/test_attention"
+step "pytorch sdpa" env PYTHONUNBUFFERED=1 python3 dev/cuda/bench_attention_torch.py
+
+echo
+echo "==================== attention summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)) ===================="
+for s in "${STATUS[@]}"; do echo "$s"; done
+grep -h "^SUMMARY" "$LOG" | sed 's/^SUMMARY //'
+exit $fail

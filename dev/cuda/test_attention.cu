@@ -1,0 +1,450 @@
+/*
+test_attention.cu - tests and microbenchmark for llmc/attention.cuh (causal multi-head attention).
+
+Checks, on random data (never zeros), against a CPU float64 reference of naive attention (forward
+and backward written out loop by loop in this file):
+  - out, lse, dq, dk, dv: relative L2 error ||gpu - ref|| / ||ref|| and the worst element
+    max|gpu - ref| / rms(ref), for head sizes 32, 64, 128, several T (multiples of the tiles and
+    tails), peaky softmax inputs, every tile configuration that is benchmarked, and a sample of heads
+    at the GPT-2 124M shape (B=32, T=1024, C=768, NH=12);
+  - every output element written: outputs are filled with NaN before each run, any non-finite value
+    left over fails;
+  - determinism: a second run (outputs re-poisoned) must be bitwise identical;
+then times forward and backward at the GPT-2 shape (median of cudaEvent-timed runs after warm-up).
+
+Tolerances. bf16 (default): out, dq, dk, dv relative L2 < 1e-2 and worst element < 0.1 * rms(ref):
+the kernels round P and dS to bf16 before the second matrix product and round every output to bf16
+(2^-9 relative each), which gives a few 1e-3; a wrong mask, scale, tile or index gives > 1e-1.
+lse is computed in fp32 from exact bf16 products: relative L2 < 1e-4.
+-DENABLE_FP32 (simple fp32 kernels): 1e-4 / 1e-3 / 1e-5.
+
+Usage: test_attention            all checks + benchmark
+       test_attention --quick    small checks only (no GPT-2 shape, no benchmark)
+       test_attention --tiny     three tiny checks (for the slow compute-sanitizer tools)
+       test_attention --bad-shape  must print an error about the head size and exit non-zero
+Build: nvcc -O3 -std=c++17 -arch=sm_90 -o dev/cuda/test_attention dev/cuda/test_attention.cu
+*/
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <stdint.h>
+#include <vector>
+#include <algorithm>
+#include "../../llmc/attention.cuh"
+
+// ------------------------------------------------------------------------------------------------
+// host helpers
+
+static uint64_t g_rng = 0;
+static uint64_t rng_next(void) {  // splitmix64
+    uint64_t z = (g_rng += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+static double rng_uniform(void) { return ((rng_next() >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
+static float rng_normal(void) {
+    const double u1 = rng_uniform(), u2 = rng_uniform();
+    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
+}
+
+static floatX to_x(float v) {
+#ifdef ENABLE_FP32
+    return v;
+#else
+    return __float2bfloat16(v);
+#endif
+}
+static float from_x(floatX v) {
+#ifdef ENABLE_FP32
+    return v;
+#else
+    return __bfloat162float(v);
+#endif
+}
+
+#ifdef ENABLE_FP32
+static const double TOL_REL = 1e-4, TOL_WORST = 1e-3, TOL_LSE = 1e-5;
+#else
+static const double TOL_REL = 1e-2, TOL_WORST = 0.1, TOL_LSE = 1e-4;
+#endif
+
+// ------------------------------------------------------------------------------------------------
+// CPU reference: naive causal attention for one (b, h), float64, materialising P (T x T).
+
+struct RefHead {
+    std::vector<double> out, lse, dq, dk, dv;  // (T, hs) except lse (T)
+};
+
+static void ref_head(const std::vector<float>& qkv, const std::vector<float>& dout,
+                     int T, int C, int NH, int b, int h, RefHead& r) {
+    const int hs = C / NH, C3 = 3 * C;
+    const double scale = 1.0 / sqrt((double)hs);
+    auto q = [&](int t, int d) { return (double)qkv[((size_t)b * T + t) * C3 + h * hs + d]; };
+    auto k = [&](int t, int d) { return (double)qkv[((size_t)b * T + t) * C3 + C + h * hs + d]; };
+    auto v = [&](int t, int d) { return (double)qkv[((size_t)b * T + t) * C3 + 2 * C + h * hs + d]; };
+    auto dO = [&](int t, int d) { return (double)dout[((size_t)b * T + t) * C + h * hs + d]; };
+    r.out.assign((size_t)T * hs, 0.0); r.lse.assign(T, 0.0);
+    r.dq.assign((size_t)T * hs, 0.0); r.dk.assign((size_t)T * hs, 0.0); r.dv.assign((size_t)T * hs, 0.0);
+    std::vector<double> P((size_t)T * T, 0.0);
+    for (int i = 0; i < T; i++) {
+        double mx = -INFINITY;
+        for (int j = 0; j <= i; j++) {
+            double s = 0.0;
+            for (int d = 0; d < hs; d++) { s += q(i, d) * k(j, d); }
+            s *= scale;
+            P[(size_t)i * T + j] = s;
+            mx = std::max(mx, s);
+        }
+        double sum = 0.0;
+        for (int j = 0; j <= i; j++) { sum += exp(P[(size_t)i * T + j] - mx); }
+        r.lse[i] = mx + log(sum);
+        for (int j = 0; j <= i; j++) { P[(size_t)i * T + j] = exp(P[(size_t)i * T + j] - r.lse[i]); }
+        for (int j = 0; j <= i; j++) {
+            const double p = P[(size_t)i * T + j];
+            for (int d = 0; d < hs; d++) { r.out[(size_t)i * hs + d] += p * v(j, d); }
+        }
+    }
+    for (int i = 0; i < T; i++) {
+        double Di = 0.0;
+        for (int d = 0; d < hs; d++) { Di += dO(i, d) * r.out[(size_t)i * hs + d]; }
+        for (int j = 0; j <= i; j++) {
+            const double p = P[(size_t)i * T + j];
+            double dp = 0.0;
+            for (int d = 0; d < hs; d++) { dp += dO(i, d) * v(j, d); }
+            const double ds = p * (dp - Di) * scale;
+            for (int d = 0; d < hs; d++) {
+                r.dq[(size_t)i * hs + d] += ds * k(j, d);
+                r.dk[(size_t)j * hs + d] += ds * q(i, d);
+                r.dv[(size_t)j * hs + d] += p * dO(i, d);
+            }
+        }
+    }
+}
+
+struct ErrStat {
+    double diff2 = 0, ref2 = 0, maxdiff = 0;
+    size_t n = 0;
+    void add(double gpu, double ref) {
+        const double d = gpu - ref;
+        diff2 += d * d; ref2 += ref * ref; n++;
+        if (!(fabs(d) <= maxdiff)) { maxdiff = fabs(d); }  // NaN sticks
+    }
+    double rel() const { return sqrt(diff2 / std::max(ref2, 1e-300)); }
+    double worst() const { return maxdiff / std::max(sqrt(ref2 / std::max<size_t>(n, 1)), 1e-300); }
+};
+
+// ------------------------------------------------------------------------------------------------
+// functions under test
+
+typedef void (*FwdFn)(floatX*, float*, const floatX*, int, int, int, int, cudaStream_t);
+typedef void (*BwdFn)(floatX*, const floatX*, const floatX*, const floatX*, const float*, int, int, int, int, float*, cudaStream_t);
+
+#ifndef ENABLE_FP32
+// head-size-64 tile configurations of the tensor-core kernels, wrapped to the public signature
+template<int MT, int NW>
+static void fwd_hs64(floatX* out, float* lse, const floatX* qkv, int B, int T, int C, int NH, cudaStream_t s) {
+    if (C / NH != 64) { fprintf(stderr, "fwd_hs64: needs head size 64\n"); exit(EXIT_FAILURE); }
+    attention_forward_tc<64, MT, NW>(out, lse, qkv, B, T, NH, s);
+}
+template<int DQW, int KVW, int BRQ>
+static void bwd_hs64(floatX* dqkv, const floatX* dout, const floatX* qkv, const floatX* out, const float* lse,
+                     int B, int T, int C, int NH, float* scratch, cudaStream_t s) {
+    if (C / NH != 64) { fprintf(stderr, "bwd_hs64: needs head size 64\n"); exit(EXIT_FAILURE); }
+    attention_backward_tc<64, DQW, KVW, BRQ>(dqkv, dout, qkv, out, lse, B, T, NH, scratch, s);
+}
+struct FwdVariant { const char* name; FwdFn fn; };
+struct BwdVariant { const char* name; BwdFn fn; };
+static const FwdVariant FWD_VARIANTS[] = {
+    {"fwd MT=2 warps=4 (BR=128) [default]", fwd_hs64<2, 4>},
+    {"fwd MT=1 warps=4 (BR=64)", fwd_hs64<1, 4>},
+    {"fwd MT=1 warps=8 (BR=128)", fwd_hs64<1, 8>},
+    {"fwd MT=2 warps=8 (BR=256)", fwd_hs64<2, 8>},
+};
+static const BwdVariant BWD_VARIANTS[] = {
+    {"bwd dq4 kv4 brq64 [default]", bwd_hs64<4, 4, 64>},
+    {"bwd dq8 kv4 brq64", bwd_hs64<8, 4, 64>},
+    {"bwd dq4 kv8 brq64", bwd_hs64<4, 8, 64>},
+    {"bwd dq8 kv8 brq64", bwd_hs64<8, 8, 64>},
+    {"bwd dq4 kv4 brq32", bwd_hs64<4, 4, 32>},
+};
+#endif
+
+// ------------------------------------------------------------------------------------------------
+// one problem: inputs on host and device, outputs, run + check
+
+struct Problem {
+    int B, T, C, NH;
+    std::vector<floatX> h_qkv, h_dout;
+    std::vector<float> f_qkv, f_dout;  // exact float values of the floatX inputs
+    floatX *d_qkv = nullptr, *d_dout = nullptr, *d_out = nullptr, *d_dqkv = nullptr;
+    float *d_lse = nullptr, *d_scratch = nullptr;
+    size_t n_qkv, n_out, n_lse, scratch_bytes;
+
+    Problem(int B_, int T_, int C_, int NH_, float qk_std, uint64_t seed) : B(B_), T(T_), C(C_), NH(NH_) {
+        n_qkv = (size_t)B * T * 3 * C; n_out = (size_t)B * T * C; n_lse = (size_t)B * NH * T;
+        g_rng = seed;
+        h_qkv.resize(n_qkv); f_qkv.resize(n_qkv); h_dout.resize(n_out); f_dout.resize(n_out);
+        for (size_t i = 0; i < n_qkv; i++) {
+            const int ch = (int)(i % (3 * C));
+            const float sd = ch < 2 * C ? qk_std : 1.0f;  // q and k get qk_std, v gets 1
+            h_qkv[i] = to_x(sd * rng_normal()); f_qkv[i] = from_x(h_qkv[i]);
+        }
+        for (size_t i = 0; i < n_out; i++) { h_dout[i] = to_x(rng_normal()); f_dout[i] = from_x(h_dout[i]); }
+        scratch_bytes = attention_backward_scratch_bytes(B, T, C, NH);
+        cudaCheck(cudaMalloc(&d_qkv, n_qkv * sizeof(floatX)));
+        cudaCheck(cudaMalloc(&d_dout, n_out * sizeof(floatX)));
+        cudaCheck(cudaMalloc(&d_out, n_out * sizeof(floatX)));
+        cudaCheck(cudaMalloc(&d_dqkv, n_qkv * sizeof(floatX)));
+        cudaCheck(cudaMalloc(&d_lse, n_lse * sizeof(float)));
+        cudaCheck(cudaMalloc(&d_scratch, scratch_bytes));
+        cudaCheck(cudaMemcpy(d_qkv, h_qkv.data(), n_qkv * sizeof(floatX), cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemcpy(d_dout, h_dout.data(), n_out * sizeof(floatX), cudaMemcpyHostToDevice));
+    }
+    ~Problem() {
+        cudaCheck(cudaFree(d_qkv)); cudaCheck(cudaFree(d_dout)); cudaCheck(cudaFree(d_out));
+        cudaCheck(cudaFree(d_dqkv)); cudaCheck(cudaFree(d_lse)); cudaCheck(cudaFree(d_scratch));
+    }
+    // poison every output and the scratch with NaN (all-ones bytes are NaN in bf16 and fp32)
+    void poison() {
+        cudaCheck(cudaMemset(d_out, 0xFF, n_out * sizeof(floatX)));
+        cudaCheck(cudaMemset(d_dqkv, 0xFF, n_qkv * sizeof(floatX)));
+        cudaCheck(cudaMemset(d_lse, 0xFF, n_lse * sizeof(float)));
+        cudaCheck(cudaMemset(d_scratch, 0xFF, scratch_bytes));
+    }
+    void run(FwdFn fwd, BwdFn bwd) {
+        fwd(d_out, d_lse, d_qkv, B, T, C, NH, 0);
+        bwd(d_dqkv, d_dout, d_qkv, d_out, d_lse, B, T, C, NH, d_scratch, 0);
+        cudaCheck(cudaDeviceSynchronize());
+    }
+    void fetch(std::vector<floatX>& out, std::vector<float>& lse, std::vector<floatX>& dqkv) {
+        out.resize(n_out); lse.resize(n_lse); dqkv.resize(n_qkv);
+        cudaCheck(cudaMemcpy(out.data(), d_out, n_out * sizeof(floatX), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(lse.data(), d_lse, n_lse * sizeof(float), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(dqkv.data(), d_dqkv, n_qkv * sizeof(floatX), cudaMemcpyDeviceToHost));
+    }
+};
+
+static int g_failures = 0;
+static int g_checks = 0;
+
+// Runs fwd+bwd twice on the problem, checks NaN-poisoning, bitwise determinism and the heads in
+// `heads` (pairs b, h; empty = all) against the CPU reference.
+static void check(const char* name, Problem& pr, FwdFn fwd, BwdFn bwd, std::vector<std::pair<int, int>> heads) {
+    const int B = pr.B, T = pr.T, C = pr.C, NH = pr.NH, hs = C / NH, C3 = 3 * C;
+    std::vector<floatX> out1, dqkv1, out2, dqkv2;
+    std::vector<float> lse1, lse2;
+    pr.poison(); pr.run(fwd, bwd); pr.fetch(out1, lse1, dqkv1);
+    pr.poison(); pr.run(fwd, bwd); pr.fetch(out2, lse2, dqkv2);
+
+    size_t nonfinite = 0;
+    for (floatX x : out1) { nonfinite += !isfinite(from_x(x)); }
+    for (floatX x : dqkv1) { nonfinite += !isfinite(from_x(x)); }
+    for (float x : lse1) { nonfinite += !isfinite(x); }
+    const bool same = memcmp(out1.data(), out2.data(), out1.size() * sizeof(floatX)) == 0 &&
+                      memcmp(dqkv1.data(), dqkv2.data(), dqkv1.size() * sizeof(floatX)) == 0 &&
+                      memcmp(lse1.data(), lse2.data(), lse1.size() * sizeof(float)) == 0;
+
+    if (heads.empty()) {
+        for (int b = 0; b < B; b++) { for (int h = 0; h < NH; h++) { heads.push_back({b, h}); } }
+    }
+    ErrStat e_out, e_lse, e_dq, e_dk, e_dv;
+    RefHead r;
+    for (auto bh : heads) {
+        const int b = bh.first, h = bh.second;
+        ref_head(pr.f_qkv, pr.f_dout, T, C, NH, b, h, r);
+        for (int t = 0; t < T; t++) {
+            e_lse.add(lse1[((size_t)b * NH + h) * T + t], r.lse[t]);
+            for (int d = 0; d < hs; d++) {
+                const size_t row3 = ((size_t)b * T + t) * C3 + h * hs + d;
+                e_out.add(from_x(out1[((size_t)b * T + t) * C + h * hs + d]), r.out[(size_t)t * hs + d]);
+                e_dq.add(from_x(dqkv1[row3]), r.dq[(size_t)t * hs + d]);
+                e_dk.add(from_x(dqkv1[row3 + C]), r.dk[(size_t)t * hs + d]);
+                e_dv.add(from_x(dqkv1[row3 + 2 * C]), r.dv[(size_t)t * hs + d]);
+            }
+        }
+    }
+    const ErrStat* es[4] = {&e_out, &e_dq, &e_dk, &e_dv};
+    bool ok = nonfinite == 0 && same && e_lse.rel() < TOL_LSE;
+    double worst_rel = 0, worst_el = 0;
+    for (const ErrStat* e : es) {
+        ok = ok && e->rel() < TOL_REL && e->worst() < TOL_WORST;
+        worst_rel = std::max(worst_rel, e->rel());
+        worst_el = std::max(worst_el, e->worst());
+    }
+    g_checks++;
+    if (!ok) { g_failures++; }
+    printf("%-4s %-44s B=%-2d T=%-4d C=%-3d NH=%-2d hs=%-3d heads=%-3zu | rel: out %.2e lse %.2e dq %.2e dk %.2e dv %.2e | "
+           "worst/rms %.3f | nonfinite %zu | rerun %s\n",
+           ok ? "OK" : "FAIL", name, B, T, C, NH, hs, heads.size(), e_out.rel(), e_lse.rel(), e_dq.rel(), e_dk.rel(),
+           e_dv.rel(), worst_el, nonfinite, same ? "bitwise-same" : "DIFFERENT");
+    (void)worst_rel;
+}
+
+// ------------------------------------------------------------------------------------------------
+// timing
+
+template<typename F>
+static float median_ms(F fn, int warmup, int iters) {
+    for (int i = 0; i < warmup; i++) { fn(); }
+    std::vector<cudaEvent_t> ev(2 * iters);
+    for (auto& e : ev) { cudaCheck(cudaEventCreate(&e)); }
+    for (int i = 0; i < iters; i++) {
+        cudaCheck(cudaEventRecord(ev[2 * i]));
+        fn();
+        cudaCheck(cudaEventRecord(ev[2 * i + 1]));
+    }
+    cudaCheck(cudaEventSynchronize(ev.back()));
+    std::vector<float> ms(iters);
+    for (int i = 0; i < iters; i++) { cudaCheck(cudaEventElapsedTime(&ms[i], ev[2 * i], ev[2 * i + 1])); }
+    for (auto& e : ev) { cudaCheck(cudaEventDestroy(e)); }
+    std::sort(ms.begin(), ms.end());
+    return ms[iters / 2];
+}
+
+static const double PEAK_TFLOPS = 755.0;  // H100 SXM dense bf16, as measured on these machines
+
+static double fwd_flops(int B, int T, int NH, int hs) { return 2.0 * 2.0 * B * NH * (double)T * T * hs / 2.0; }
+
+static void bench_line(const char* what, double flops, float ms) {
+    const double tf = flops / (ms * 1e-3) / 1e12;
+    printf("SUMMARY %-44s %8.3f ms %7.1f TFLOP/s  %5.1f%% of %g\n", what, ms, tf, 100.0 * tf / PEAK_TFLOPS, PEAK_TFLOPS);
+}
+
+// ------------------------------------------------------------------------------------------------
+
+int main(int argc, char** argv) {
+    bool quick = false, tiny = false;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--quick") == 0) { quick = true; }
+        else if (strcmp(argv[i], "--tiny") == 0) { quick = tiny = true; }
+        else if (strcmp(argv[i], "--bad-shape") == 0) {
+            // head size 50 is unsupported: attention_forward must refuse with a clear message
+            floatX *qkv, *out; float* lse;
+            cudaCheck(cudaMalloc(&qkv, 3 * 250 * 64 * sizeof(floatX)));
+            cudaCheck(cudaMalloc(&out, 250 * 64 * sizeof(floatX)));
+            cudaCheck(cudaMalloc(&lse, 5 * 64 * sizeof(float)));
+            attention_forward(out, lse, qkv, 1, 64, 250, 5, 0);
+            printf("--bad-shape: attention_forward accepted head size 50 (it should have exited)\n");
+            return 0;
+        } else {
+            fprintf(stderr, "test_attention: unknown argument '%s' (expected --quick, --tiny or --bad-shape)\n", argv[i]);
+            return EXIT_FAILURE;
+        }
+    }
+    cudaDeviceProp prop;
+    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    printf("device: %s, %d SMs, floatX = %s\n", prop.name, prop.multiProcessorCount,
+           sizeof(floatX) == 2 ? "bf16 (tensor-core kernels)" : "fp32 (simple kernels)");
+    printf("tolerances: rel L2 < %.0e, worst element < %.3g * rms(ref), lse rel < %.0e\n", TOL_REL, TOL_WORST, TOL_LSE);
+
+    const FwdFn F = attention_forward;
+    const BwdFn Bw = attention_backward;
+    if (tiny) {  // one small tail case per head size (for the slow sanitizer tools)
+        { Problem p(1, 130, 128, 2, 1.0f, 21); check("hs64 tail T=130", p, F, Bw, {}); }
+        { Problem p(1, 70, 128, 4, 1.0f, 22);  check("hs32 tail T=70", p, F, Bw, {}); }
+        { Problem p(1, 70, 128, 1, 1.0f, 23);  check("hs128 tail T=70", p, F, Bw, {}); }
+        printf("SUMMARY tiny checks: %d/%d passed\n", g_checks - g_failures, g_checks);
+        return g_failures == 0 ? 0 : EXIT_FAILURE;
+    }
+    // small shapes, every head checked
+    {
+        Problem p(2, 256, 256, 4, 1.0f, 1);    check("hs64 T=256", p, F, Bw, {});
+    }
+    {
+        Problem p(2, 200, 256, 4, 1.0f, 2);    check("hs64 tail T=200", p, F, Bw, {});
+    }
+    {
+        Problem p(3, 77, 256, 4, 1.0f, 3);     check("hs64 tail T=77", p, F, Bw, {});
+    }
+    {
+        Problem p(2, 1, 256, 4, 1.0f, 4);      check("hs64 T=1", p, F, Bw, {});
+    }
+    {
+        Problem p(2, 256, 256, 4, 3.0f, 5);    check("hs64 peaky (q,k std 3)", p, F, Bw, {});
+    }
+    {
+        Problem p(2, 256, 256, 8, 1.0f, 6);    check("hs32 T=256", p, F, Bw, {});
+    }
+    {
+        Problem p(2, 131, 256, 8, 1.0f, 7);    check("hs32 tail T=131", p, F, Bw, {});
+    }
+    {
+        Problem p(2, 256, 256, 2, 1.0f, 8);    check("hs128 T=256", p, F, Bw, {});
+    }
+    {
+        Problem p(2, 130, 256, 2, 1.0f, 9);    check("hs128 tail T=130", p, F, Bw, {});
+    }
+    {
+        Problem p(1, 1024, 128, 2, 1.5f, 10);  check("hs64 T=1024", p, F, Bw, {});
+    }
+#ifndef ENABLE_FP32
+    // every benchmarked tile configuration, on a multiple of the tiles and on a tail
+    for (const FwdVariant& fv : FWD_VARIANTS) {
+        Problem p(2, 256, 256, 4, 1.0f, 11); check(fv.name, p, fv.fn, Bw, {});
+        Problem q(2, 333, 256, 4, 1.0f, 12); check(fv.name, q, fv.fn, Bw, {});
+    }
+    for (const BwdVariant& bv : BWD_VARIANTS) {
+        Problem p(2, 256, 256, 4, 1.0f, 13); check(bv.name, p, F, bv.fn, {});
+        Problem q(2, 333, 256, 4, 1.0f, 14); check(bv.name, q, F, bv.fn, {});
+    }
+#endif
+    if (quick) {
+        printf("SUMMARY quick checks: %d/%d passed\n", g_checks - g_failures, g_checks);
+        return g_failures == 0 ? 0 : EXIT_FAILURE;
+    }
+
+    // GPT-2 124M shape: sample of heads vs the CPU reference, all elements NaN-checked and rerun
+    const int B = 32, T = 1024, C = 768, NH = 12, hs = C / NH;
+    Problem big(B, T, C, NH, 1.0f, 42);
+    check("GPT-2 shape (3 sampled heads)", big, F, Bw, {{0, 0}, {17, 5}, {31, 11}});
+    printf("SUMMARY correctness: %d/%d checks passed\n", g_checks - g_failures, g_checks);
+
+    const double ff = fwd_flops(B, T, NH, hs), fb = 2.5 * ff;
+    printf("benchmark at B=%d T=%d C=%d NH=%d: causal FLOPs fwd %.2f GFLOP, bwd (2.5x) %.2f GFLOP\n", B, T, C, NH, ff * 1e-9, fb * 1e-9);
+    const int WARM = 5, ITERS = 30;
+    float ms_fwd = median_ms([&] { attention_forward(big.d_out, big.d_lse, big.d_qkv, B, T, C, NH, 0); }, WARM, ITERS);
+    float ms_bwd = median_ms([&] { attention_backward(big.d_dqkv, big.d_dout, big.d_qkv, big.d_out, big.d_lse, B, T, C, NH, big.d_scratch, 0); }, WARM, ITERS);
+    cudaCheck(cudaDeviceSynchronize());
+#ifndef ENABLE_FP32
+    for (const FwdVariant& fv : FWD_VARIANTS) {
+        float ms = median_ms([&] { fv.fn(big.d_out, big.d_lse, big.d_qkv, B, T, C, NH, 0); }, WARM, ITERS);
+        bench_line(fv.name, ff, ms);
+    }
+    for (const BwdVariant& bv : BWD_VARIANTS) {
+        float ms = median_ms([&] { bv.fn(big.d_dqkv, big.d_dout, big.d_qkv, big.d_out, big.d_lse, B, T, C, NH, big.d_scratch, 0); }, WARM, ITERS);
+        bench_line(bv.name, fb, ms);
+    }
+    // backward parts of the default configuration (fractions of the bwd FLOPs are not meaningful
+    // per part, so print time only)
+    {
+        float ms_pre = median_ms([&] { attention_backward_preprocess<64, floatX>(big.d_scratch, big.d_dout, big.d_out, big.d_lse, B, T, NH, 0); }, WARM, ITERS);
+        float ms_kv = median_ms([&] { attention_backward_dkdv_tc<64, 4, 64>(big.d_dqkv, big.d_dout, big.d_qkv, B, T, NH, big.d_scratch, 0); }, WARM, ITERS);
+        float ms_dq = median_ms([&] { attention_backward_dq_tc<64, 4>(big.d_dqkv, big.d_dout, big.d_qkv, B, T, NH, big.d_scratch, 0); }, WARM, ITERS);
+        const double bytes_pre = 2.0 * B * T * C * sizeof(floatX) + 3.0 * B * NH * T * sizeof(float);
+        printf("SUMMARY bwd parts (default): preprocess %.3f ms (%.0f GB/s), dK/dV %.3f ms, dQ %.3f ms\n",
+               ms_pre, bytes_pre / (ms_pre * 1e-3) / 1e9, ms_kv, ms_dq);
+    }
+    // other head sizes at the same B, T, C
+    {
+        Problem p32(B, T, C, 24, 1.0f, 43);
+        float f = median_ms([&] { attention_forward(p32.d_out, p32.d_lse, p32.d_qkv, B, T, C, 24, 0); }, WARM, ITERS);
+        float bw = median_ms([&] { attention_backward(p32.d_dqkv, p32.d_dout, p32.d_qkv, p32.d_out, p32.d_lse, B, T, C, 24, p32.d_scratch, 0); }, WARM, ITERS);
+        bench_line("hs32 (NH=24) fwd", fwd_flops(B, T, 24, 32), f);
+        bench_line("hs32 (NH=24) bwd", 2.5 * fwd_flops(B, T, 24, 32), bw);
+    }
+    {
+        Problem p128(B, T, C, 6, 1.0f, 44);
+        float f = median_ms([&] { attention_forward(p128.d_out, p128.d_lse, p128.d_qkv, B, T, C, 6, 0); }, WARM, ITERS);
+        float bw = median_ms([&] { attention_backward(p128.d_dqkv, p128.d_dout, p128.d_qkv, p128.d_out, p128.d_lse, B, T, C, 6, p128.d_scratch, 0); }, WARM, ITERS);
+        bench_line("hs128 (NH=6) fwd", fwd_flops(B, T, 6, 128), f);
+        bench_line("hs128 (NH=6) bwd", 2.5 * fwd_flops(B, T, 6, 128), bw);
+    }
+#endif
+    bench_line("attention_forward (GPT-2 124M shape)", ff, ms_fwd);
+    bench_line("attention_backward (GPT-2 124M shape)", fb, ms_bwd);
+    bench_line("attention fwd+bwd (GPT-2 124M shape)", ff + fb, ms_fwd + ms_bwd);
+    printf("SUMMARY correctness: %d/%d checks passed\n", g_checks - g_failures, g_checks);
+    return g_failures == 0 ? 0 : EXIT_FAILURE;
+}
