@@ -315,6 +315,7 @@ static void bench_line(const char* what, double flops, float ms) {
 // ------------------------------------------------------------------------------------------------
 
 int main(int argc, char** argv) {
+    setvbuf(stdout, NULL, _IOLBF, 0);  // line-buffered even through a pipe
     bool quick = false, tiny = false;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--quick") == 0) { quick = true; }
