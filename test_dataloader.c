@@ -9,6 +9,7 @@
  *   gcc -O2 -Wall -Wextra -std=c11 test_dataloader.c -o test_dataloader -lm && ./test_dataloader
  */
 #define _POSIX_C_SOURCE 200809L
+#include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -306,6 +307,38 @@ static void test_shuffle(const ShardSet* set) {
     }
     report("shuffle: same seed same order, other seed/epoch different, each epoch a permutation", ok, why);
     free(sa); free(sb); free(sc); free(wa); free(wb); free(wc);
+}
+
+// one shard: every epoch boundary stays in the same shard, whose window order must be redrawn
+static void test_shuffle_single_shard(const ShardSet* one) {
+    const int64_t W = (one->num_tokens[0] - 1) / (int64_t)(TB * TT);
+    const int epochs = 4;
+    int* s = malloc_check(epochs * W * sizeof(int));
+    int64_t* w = malloc_check(epochs * W * sizeof(int64_t));
+    char why[300] = "";
+    int ok = record_sequence(one, 1, 0, 1, 42, epochs * W, s, w, why, sizeof(why));
+    for (int e = 0; ok && e < epochs; e++) {
+        int seen[64] = {0};
+        int64_t same_as_previous = 0;
+        for (int64_t k = 0; k < W; k++) {
+            seen[w[e * W + k]]++;
+            if (e > 0) { same_as_previous += w[e * W + k] == w[(e - 1) * W + k]; }
+        }
+        for (int64_t k = 0; ok && k < W; k++) {
+            if (seen[k] != 1) {
+                snprintf(why, sizeof(why), "epoch %d: window %lld read %d times", e, (long long)k, seen[k]);
+                ok = 0;
+            }
+        }
+        if (ok && same_as_previous > W / 4) {
+            snprintf(why, sizeof(why), "epoch %d repeats %lld of %lld positions of epoch %d's window order", e,
+                     (long long)same_as_previous, (long long)W, e - 1);
+            ok = 0;
+        }
+    }
+    report("shuffle, one shard: window order redrawn every epoch, each a permutation", ok, why);
+    free(s);
+    free(w);
 }
 
 // state saved after k batches, restored in a fresh loader, continues with the identical batches
@@ -724,6 +757,31 @@ static void test_tinyshakespeare(void) {
 
 // ----------------------------------------------------------------------------
 
+// Runs one test in a child process, so a loader that exits or crashes on a bug gives a FAIL line
+// and the remaining tests still run. The child's exit code is 100 + its number of failures.
+#define RUN_ISOLATED(name, call) do {                                                             \
+        fflush(stdout); fflush(stderr);                                                           \
+        pid_t pid_ = fork();                                                                      \
+        if (pid_ < 0) { perror("fork"); exit(EXIT_FAILURE); }                                     \
+        if (pid_ == 0) {                                                                          \
+            failures = 0;                                                                         \
+            alarm(120);                                                                           \
+            call;                                                                                 \
+            fflush(stdout);                                                                       \
+            _exit(100 + (failures < 50 ? failures : 50));                                         \
+        }                                                                                         \
+        int status_ = 0;                                                                          \
+        waitpid(pid_, &status_, 0);                                                               \
+        if (WIFEXITED(status_) && WEXITSTATUS(status_) >= 100 && WEXITSTATUS(status_) <= 150) {   \
+            failures += WEXITSTATUS(status_) - 100;                                               \
+        } else {                                                                                  \
+            char why_[100];                                                                       \
+            if (WIFEXITED(status_)) { snprintf(why_, sizeof(why_), "test process exited with %d", WEXITSTATUS(status_)); } \
+            else { snprintf(why_, sizeof(why_), "test process killed by signal %d", WTERMSIG(status_)); } \
+            report(name, 0, why_);                                                                \
+        }                                                                                         \
+    } while (0)
+
 int main(void) {
     snprintf(tmp_dir, sizeof(tmp_dir), "/tmp/test_dataloader_XXXXXX");
     if (mkdtemp(tmp_dir) == NULL) { perror("mkdtemp"); return EXIT_FAILURE; }
@@ -734,24 +792,46 @@ int main(void) {
     const int64_t even_sizes[3] = {15 * 15 + 1 + 3, 15 * 9 + 1, 15 * 24 + 1 + 14};
     ShardSet even_set;
     make_shard_set(&even_set, "even", even_sizes, 3);
+    const int64_t one_size[1] = {15 * 40 + 1 + 5}; // 40 windows
+    ShardSet one_set;
+    make_shard_set(&one_set, "one", one_size, 1);
 
-    test_headers(&main_set);
-    test_sequential_stream(&main_set);
-    test_rank_split(&even_set, 3, 0, "rank split: 3 ranks disjoint, together exactly the windows of 1 rank");
-    test_rank_split(&main_set, 2, 0, "rank split: 2 ranks disjoint, W mod 2 tail windows skipped");
-    test_rank_split(&main_set, 3, 1, "rank split with shuffle: 3 ranks disjoint, W mod 3 per shard skipped");
-    test_shuffle(&main_set);
-    test_state_restore(&main_set, 0, "state save/restore (2 ranks, no shuffle): identical continuation");
-    test_state_restore(&main_set, 1, "state save/restore (2 ranks, shuffle): identical continuation");
-    test_state_restore_other_process_count(&main_set);
-    test_reset_eval(&main_set);
-    test_large_sparse_shard();
-    test_bad_inputs();
-    test_tokenizer();
-    test_tinyshakespeare();
+    RUN_ISOLATED("headers parsed", test_headers(&main_set));
+    RUN_ISOLATED("sequential streaming", test_sequential_stream(&main_set));
+    RUN_ISOLATED("rank split 3 ranks", test_rank_split(&even_set, 3, 0,
+                 "rank split: 3 ranks disjoint, together exactly the windows of 1 rank"));
+    RUN_ISOLATED("rank split 2 ranks", test_rank_split(&main_set, 2, 0,
+                 "rank split: 2 ranks disjoint, W mod 2 tail windows skipped"));
+    RUN_ISOLATED("rank split with shuffle", test_rank_split(&main_set, 3, 1,
+                 "rank split with shuffle: 3 ranks disjoint, W mod 3 per shard skipped"));
+    RUN_ISOLATED("shuffle", test_shuffle(&main_set));
+    RUN_ISOLATED("shuffle, one shard", test_shuffle_single_shard(&one_set));
+    RUN_ISOLATED("state save/restore, no shuffle", test_state_restore(&main_set, 0,
+                 "state save/restore (2 ranks, no shuffle): identical continuation"));
+    RUN_ISOLATED("state save/restore, shuffle", test_state_restore(&main_set, 1,
+                 "state save/restore (2 ranks, shuffle): identical continuation"));
+    RUN_ISOLATED("state restore 2 -> 3 ranks", test_state_restore_other_process_count(&main_set));
+    RUN_ISOLATED("reset + num_batches", test_reset_eval(&main_set));
+    RUN_ISOLATED("64-bit offsets", test_large_sparse_shard());
+    RUN_ISOLATED("bad inputs", test_bad_inputs());
+    RUN_ISOLATED("tokenizer", test_tokenizer());
+    RUN_ISOLATED("committed tinyshakespeare", test_tinyshakespeare());
 
     free_shard_set(&main_set);
     free_shard_set(&even_set);
+    free_shard_set(&one_set);
+    // whatever a failed test left behind (e.g. the 4 GiB sparse shard) goes too
+    DIR* dir = opendir(tmp_dir);
+    if (dir != NULL) {
+        struct dirent* entry;
+        char path[600];
+        while ((entry = readdir(dir)) != NULL) {
+            if (strcmp(entry->d_name, ".") == 0 || strcmp(entry->d_name, "..") == 0) { continue; }
+            snprintf(path, sizeof(path), "%s/%s", tmp_dir, entry->d_name);
+            remove(path);
+        }
+        closedir(dir);
+    }
     rmdir(tmp_dir);
     printf("%s: test_dataloader, %d failure(s)\n", failures ? "FAILED" : "ALL PASSED", failures);
     return failures ? EXIT_FAILURE : EXIT_SUCCESS;

@@ -101,6 +101,10 @@ def write_shard(path, tokens):
     with open(tmp, "wb") as f:
         f.write(header.tobytes())
         f.write(tokens.astype(np.uint16).tobytes())
+    # read it back: header and every token as intended
+    check_header = np.fromfile(tmp, dtype=np.int32, count=HEADER_INTS)
+    check_tokens = np.fromfile(tmp, dtype=np.uint16, offset=HEADER_INTS * 4)
+    assert np.array_equal(check_header, header) and np.array_equal(check_tokens, tokens), f"{tmp}: read-back differs"
     os.replace(tmp, path)
     print(f"wrote {path} ({len(tokens):,} tokens)")
 
@@ -270,6 +274,8 @@ def prepro_files(args, enc):
         # shuffle whole documents so the validation split and every training shard mix all sources
         random.Random(args.doc_seed).shuffle(docs)
     tokenized = tokenize_documents(enc, docs, args.threads)
+    decoded = enc.decode_batch([d[1:] for d in tokenized], num_threads=args.threads)
+    assert decoded == docs, "tokenization does not round-trip"
     total = sum(len(d) for d in tokenized)
     val_tokens = args.val_tokens or max(1, int(total * args.val_fraction))
     out_dir = args.out_dir or os.path.join(REPO_ROOT, "data_local", args.name)
