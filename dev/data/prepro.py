@@ -306,7 +306,7 @@ def prepro_huggingface(args, enc):
         from datasets import load_dataset
     except ImportError:
         die("the datasets package is missing: pip install datasets")
-    out_dir = args.out_dir or os.path.join(REPO_ROOT, "data_local", args.source.replace("-", ""))
+    out_dir = args.out_dir or os.path.join(REPO_ROOT, "data_local", args.source)
     procs = max(1, args.threads)
     if args.source == "fineweb-edu":
         name = f"edufineweb_{args.hf_name}"
