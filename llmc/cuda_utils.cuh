@@ -1,0 +1,272 @@
+/*
+cuda_utils.cuh - shared CUDA utilities for omnimoe.
+
+Defines:
+- cudaCheck / cudaCheckLast / cublasCheck: abort with file:line on any CUDA or cuBLAS error
+- floatX: the activation/weight type on the GPU (bf16; float with -DENABLE_FP32)
+- Packed128<T>: 16-byte vector of T for 128-bit loads/stores, with load128/store128 helpers
+- deterministic warp and block reductions (sum, max): fixed order, bitwise reproducible
+- ceil_div, cuda_num_sms()
+- host-side bf16 <-> float conversion (round-to-nearest-even) and floatX upload/download
+  helpers for tests and for the trainer's host code
+- cuda_malloc_or_die(): device allocation that names what it was for and how much is free
+  when it fails, then exits
+
+Conventions (shared by all omnimoe CUDA headers): launchers take a cudaStream_t, never sync
+the host and never allocate; scratch buffers come from the caller (see *_scratch_bytes()).
+No floating-point atomics anywhere: every sum has a fixed order.
+*/
+#ifndef OMNIMOE_CUDA_UTILS_CUH
+#define OMNIMOE_CUDA_UTILS_CUH
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <string.h>
+#include <float.h>
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <cublasLt.h>
+
+// ----------------------------------------------------------------------------
+// error checking
+
+static inline void cuda_check_impl(cudaError_t err, const char* file, int line) {
+    if (err != cudaSuccess) {
+        fprintf(stderr, "[CUDA ERROR] at %s:%d: %s (%s)\n", file, line,
+                cudaGetErrorString(err), cudaGetErrorName(err));
+        exit(EXIT_FAILURE);
+    }
+}
+#define cudaCheck(err) (cuda_check_impl((err), __FILE__, __LINE__))
+// call right after a kernel launch: catches bad launch configurations immediately
+#define cudaCheckLast() (cuda_check_impl(cudaGetLastError(), __FILE__, __LINE__))
+
+static inline void cublas_check_impl(cublasStatus_t status, const char* file, int line) {
+    if (status != CUBLAS_STATUS_SUCCESS) {
+        fprintf(stderr, "[cuBLAS ERROR] at %s:%d: status %d (%s)\n", file, line, (int)status,
+                cublasLtGetStatusString(status));
+        exit(EXIT_FAILURE);
+    }
+}
+#define cublasCheck(status) (cublas_check_impl((status), __FILE__, __LINE__))
+
+// ----------------------------------------------------------------------------
+// the GPU storage type of weights and activations
+
+#if defined(ENABLE_FP32)
+typedef float floatX;
+#define FLOATX_NAME "fp32"
+#else
+typedef __nv_bfloat16 floatX;
+#define FLOATX_NAME "bf16"
+#endif
+
+// ----------------------------------------------------------------------------
+// small helpers
+
+static inline __host__ __device__ int ceil_div(int a, int b) { return (a + b - 1) / b; }
+static inline __host__ __device__ size_t ceil_div_sz(size_t a, size_t b) { return (a + b - 1) / b; }
+
+// number of SMs of the current device, queried once (the first call must happen outside
+// graph capture; querying device attributes is allowed during capture anyway)
+static inline int cuda_num_sms(void) {
+    static int num_sms = 0;
+    if (num_sms == 0) {
+        int dev = 0;
+        cudaCheck(cudaGetDevice(&dev));
+        cudaCheck(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, dev));
+    }
+    return num_sms;
+}
+
+static inline int is_aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
+
+// ----------------------------------------------------------------------------
+// Packed128: 16 bytes of T that the compiler turns into one 128-bit load/store.
+// The pointer given to load128/store128 must be 16-byte aligned.
+
+template <class T>
+struct alignas(16) Packed128 {
+    static constexpr int size = (int)(sizeof(int4) / sizeof(T));
+    T payload[size];
+
+    __device__ Packed128() {}
+    __device__ explicit Packed128(int4 bits) { memcpy(payload, &bits, sizeof(bits)); }
+    __device__ static Packed128 constant(T value) {
+        Packed128 result;
+        for (int k = 0; k < size; k++) { result.payload[k] = value; }
+        return result;
+    }
+    __device__ T& operator[](int index) { return payload[index]; }
+    __device__ const T& operator[](int index) const { return payload[index]; }
+    __device__ int4 get_bits() const {
+        int4 bits;
+        memcpy(&bits, payload, sizeof(bits));
+        return bits;
+    }
+};
+
+typedef Packed128<float> f128;
+typedef Packed128<floatX> x128;
+
+// plain 128-bit load
+template <class T>
+__device__ inline Packed128<T> load128(const T* address) {
+    return Packed128<T>{*reinterpret_cast<const int4*>(address)};
+}
+// 128-bit load that bypasses L1 ("cache streaming"): for data read exactly once
+template <class T>
+__device__ inline Packed128<T> load128cs(const T* address) {
+    return Packed128<T>{__ldcs(reinterpret_cast<const int4*>(address))};
+}
+template <class T>
+__device__ inline void store128(T* target, Packed128<T> value) {
+    *reinterpret_cast<int4*>(target) = value.get_bits();
+}
+// streaming store: for outputs not re-read soon
+template <class T>
+__device__ inline void store128cs(T* target, Packed128<T> value) {
+    __stcs(reinterpret_cast<int4*>(target), value.get_bits());
+}
+
+// ----------------------------------------------------------------------------
+// deterministic reductions.
+// The xor-butterfly gives every lane the same bits: at each step lane i and lane i^offset
+// add the same two numbers (a+b == b+a exactly in IEEE arithmetic), so by induction all
+// lanes hold identical partial sums. The order is fixed by the lane layout, never by timing.
+
+__device__ inline float warp_reduce_sum(float val) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        val += __shfl_xor_sync(0xffffffff, val, offset);
+    }
+    return val;
+}
+
+__device__ inline float warp_reduce_max(float val) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        val = fmaxf(val, __shfl_xor_sync(0xffffffff, val, offset));
+    }
+    return val;
+}
+
+// Block-wide sum; every thread of the block gets the result. blockDim.x must be a multiple
+// of 32 and at most 1024. Contains __syncthreads(): all threads of the block must call it.
+// Safe to call several times in a row (it synchronises before reusing its shared memory).
+__device__ inline float block_reduce_sum(float val) {
+    __shared__ float warp_partials[32];
+    const int lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32;
+    const int num_warps = blockDim.x / 32;
+    val = warp_reduce_sum(val);
+    __syncthreads();  // previous use of warp_partials is finished
+    if (lane == 0) { warp_partials[warp] = val; }
+    __syncthreads();
+    float total = (lane < num_warps) ? warp_partials[lane] : 0.0f;
+    total = warp_reduce_sum(total);
+    return total;
+}
+
+__device__ inline float block_reduce_max(float val) {
+    __shared__ float warp_partials[32];
+    const int lane = threadIdx.x % 32;
+    const int warp = threadIdx.x / 32;
+    const int num_warps = blockDim.x / 32;
+    val = warp_reduce_max(val);
+    __syncthreads();
+    if (lane == 0) { warp_partials[warp] = val; }
+    __syncthreads();
+    float total = (lane < num_warps) ? warp_partials[lane] : -FLT_MAX;
+    total = warp_reduce_max(total);
+    return total;
+}
+
+// ----------------------------------------------------------------------------
+// host-side bf16 conversion (bit-exact, independent of the CUDA headers' host paths)
+
+static inline uint16_t host_float_to_bf16_bits(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof(bits));
+    if ((bits & 0x7fffffffu) > 0x7f800000u) { return (uint16_t)((bits >> 16) | 0x0040u); }  // quiet NaN
+    uint32_t rounding_bias = 0x7fffu + ((bits >> 16) & 1u);  // round to nearest, ties to even
+    return (uint16_t)((bits + rounding_bias) >> 16);
+}
+
+static inline float host_bf16_bits_to_float(uint16_t h) {
+    uint32_t bits = ((uint32_t)h) << 16;
+    float f;
+    memcpy(&f, &bits, sizeof(f));
+    return f;
+}
+
+// round a float to the nearest floatX value, returned as float (what the GPU will see)
+static inline float host_round_to_floatX(float f) {
+#if defined(ENABLE_FP32)
+    return f;
+#else
+    return host_bf16_bits_to_float(host_float_to_bf16_bits(f));
+#endif
+}
+
+static inline void host_float_to_floatX(floatX* dst, const float* src, size_t n) {
+#if defined(ENABLE_FP32)
+    memcpy(dst, src, n * sizeof(float));
+#else
+    for (size_t i = 0; i < n; i++) {
+        __nv_bfloat16_raw raw;
+        raw.x = host_float_to_bf16_bits(src[i]);
+        dst[i] = __nv_bfloat16(raw);
+    }
+#endif
+}
+
+static inline void host_floatX_to_float(float* dst, const floatX* src, size_t n) {
+#if defined(ENABLE_FP32)
+    memcpy(dst, src, n * sizeof(float));
+#else
+    for (size_t i = 0; i < n; i++) {
+        __nv_bfloat16_raw raw = __nv_bfloat16_raw(src[i]);
+        dst[i] = host_bf16_bits_to_float(raw.x);
+    }
+#endif
+}
+
+// upload n floats to a device floatX buffer (rounded to nearest even). Synchronous.
+static inline void upload_floatX(floatX* device_dst, const float* host_src, size_t n) {
+    floatX* staging = (floatX*)malloc(n * sizeof(floatX));
+    if (staging == NULL) { fprintf(stderr, "upload_floatX: out of host memory (%zu elements)\n", n); exit(EXIT_FAILURE); }
+    host_float_to_floatX(staging, host_src, n);
+    cudaCheck(cudaMemcpy(device_dst, staging, n * sizeof(floatX), cudaMemcpyHostToDevice));
+    free(staging);
+}
+
+// download n floatX values from the device as floats. Synchronous.
+static inline void download_floatX(float* host_dst, const floatX* device_src, size_t n) {
+    floatX* staging = (floatX*)malloc(n * sizeof(floatX));
+    if (staging == NULL) { fprintf(stderr, "download_floatX: out of host memory (%zu elements)\n", n); exit(EXIT_FAILURE); }
+    cudaCheck(cudaMemcpy(staging, device_src, n * sizeof(floatX), cudaMemcpyDeviceToHost));
+    host_floatX_to_float(host_dst, staging, n);
+    free(staging);
+}
+
+// ----------------------------------------------------------------------------
+// device allocation with a useful message on failure
+
+static inline void* cuda_malloc_or_die_impl(size_t bytes, const char* what, const char* file, int line) {
+    void* ptr = NULL;
+    cudaError_t err = cudaMalloc(&ptr, bytes);
+    if (err != cudaSuccess) {
+        (void)cudaGetLastError();  // clear the (non-sticky) allocation error
+        size_t free_bytes = 0, total_bytes = 0;
+        cudaMemGetInfo(&free_bytes, &total_bytes);
+        fprintf(stderr,
+                "out of GPU memory: asked for %.1f MiB for %s, free %.1f MiB of %.1f MiB (%s:%d, %s)\n",
+                bytes / 1048576.0, what, free_bytes / 1048576.0, total_bytes / 1048576.0, file, line,
+                cudaGetErrorString(err));
+        exit(EXIT_FAILURE);
+    }
+    return ptr;
+}
+#define cuda_malloc_or_die(bytes, what) cuda_malloc_or_die_impl((bytes), (what), __FILE__, __LINE__)
+
+#endif  // OMNIMOE_CUDA_UTILS_CUH

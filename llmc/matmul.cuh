@@ -1,0 +1,309 @@
+/*
+matmul.cuh - linear layers on cuBLASLt (floatX in/out, fp32 compute and accumulation).
+
+Defines:
+- matmul_init() / matmul_free(): the one cuBLASLt handle and its 32 MiB workspace
+- matmul_forward(out, inp, weight, bias_or_NULL, BT, C_in, C_out, stream)
+      out (BT, C_out) = inp (BT, C_in) @ weight^T + bias,  weight is (C_out, C_in) row-major
+- matmul_forward_gelu(out_gelu, pre_gelu, inp, weight, bias_or_NULL, BT, C_in, C_out, stream)
+      pre_gelu = inp @ weight^T + bias, out_gelu = GELU_tanh(pre_gelu)
+      (cuBLASLt GELU_AUX_BIAS epilogue, or the matmul + gelu_forward when matmul_gelu_fused = 0)
+- matmul_backward(dinp, dweight, dbias_or_NULL, dout, inp, weight, BT, C_in, C_out,
+                  accumulate_dinp, stream, scratch)
+      dinp  = dout @ weight           (overwrite, or += when accumulate_dinp; skipped if NULL)
+      dweight += dout^T @ inp         (always accumulates: gradient accumulation)
+      dbias   += column sums of dout  (deterministic two-kernel reduction, fp32)
+- matmul_backward_scratch_bytes(BT, C_out): scratch bytes for the dbias partial sums
+
+Row-major to cuBLAS column-major: a row-major (R, C) matrix is a column-major (C, R) one, so
+out^T (C_out x BT) = weight_cm^T (C_out x C_in) * inp_cm (C_in x BT): "TN" with A = weight.
+
+Determinism: for each distinct problem (transposes, sizes, epilogue, pointer alignment) the
+algorithm is chosen once by the heuristic and cached, so every later call runs the same
+kernel. cuBLASLt's split-K reduction schemes are all fixed-order (no atomics), so the same
+algorithm on the same GPU gives bitwise identical results (checked by dev/cuda/test_matmul.cu).
+*/
+#ifndef OMNIMOE_MATMUL_CUH
+#define OMNIMOE_MATMUL_CUH
+
+#include "cuda_utils.cuh"
+#include "activations.cuh"
+
+#define MATMUL_WORKSPACE_BYTES (32u * 1024u * 1024u)
+#define MATMUL_ALGO_CACHE_CAPACITY 256
+#define MATMUL_DBIAS_ROWS_PER_BLOCK 64
+
+static cublasLtHandle_t matmul_cublaslt_handle = NULL;
+static void* matmul_workspace = NULL;
+// 1: GELU through the cuBLASLt epilogue (one pass); 0: plain GEMM then gelu_forward.
+// dev/cuda/test_matmul.cu checks that the epilogue matches the tanh GELU of activations.cuh.
+static int matmul_gelu_fused = 1;
+// set by every matmul_forward_gelu(): 1 if the cuBLASLt epilogue did the GELU, 0 if the fallback ran
+static int matmul_gelu_last_was_fused = 0;
+
+#if defined(ENABLE_FP32)
+#define MATMUL_CUDA_DATA_TYPE CUDA_R_32F
+#else
+#define MATMUL_CUDA_DATA_TYPE CUDA_R_16BF
+#endif
+
+typedef struct {
+    int transa, transb;
+    int m, n, k;
+    int lda, ldb, ldd;
+    int epilogue;
+    int alignment;  // smallest alignment (bytes, power of two <= 256) among all pointers
+    int found;      // 1: algo holds a usable algorithm; 0: the heuristic found none
+    cublasLtMatmulAlgo_t algo;
+} MatmulAlgoCacheEntry;
+
+static MatmulAlgoCacheEntry matmul_algo_cache[MATMUL_ALGO_CACHE_CAPACITY];
+static int matmul_algo_cache_count = 0;
+
+static inline void matmul_init(void) {
+    if (matmul_cublaslt_handle != NULL) { return; }
+    cublasCheck(cublasLtCreate(&matmul_cublaslt_handle));
+    matmul_workspace = cuda_malloc_or_die(MATMUL_WORKSPACE_BYTES, "cuBLASLt workspace");
+    matmul_algo_cache_count = 0;
+}
+
+static inline void matmul_free(void) {
+    if (matmul_cublaslt_handle == NULL) { return; }
+    cudaCheck(cudaFree(matmul_workspace));
+    cublasCheck(cublasLtDestroy(matmul_cublaslt_handle));
+    matmul_workspace = NULL;
+    matmul_cublaslt_handle = NULL;
+    matmul_algo_cache_count = 0;
+}
+
+// largest power of two (<= 256) dividing the address; NULL pointers don't constrain it
+static inline int matmul_pointer_alignment(const void* p) {
+    if (p == NULL) { return 256; }
+    uintptr_t address = (uintptr_t)p;
+    int alignment = 1;
+    while (alignment < 256 && (address & (uintptr_t)(alignment * 2 - 1)) == 0) { alignment *= 2; }
+    return alignment;
+}
+
+static inline void matmul_set_layout(cublasLtMatrixLayout_t* layout, int rows, int cols, int ld) {
+    cublasCheck(cublasLtMatrixLayoutCreate(layout, MATMUL_CUDA_DATA_TYPE, (uint64_t)rows, (uint64_t)cols, (int64_t)ld));
+}
+
+// D (m x n, col-major, ld ldd) = op(A) (m x k) * op(B) (k x n) [+ D if accumulate] with epilogue.
+// Returns 0 when no algorithm exists for this epilogue (caller may fall back), 1 on success.
+static int matmul_cublaslt_run(floatX* d, const floatX* a, const floatX* b, const floatX* bias, floatX* aux,
+                               int m, int n, int k, int transa, int transb, int lda, int ldb, int ldd,
+                               int accumulate, cublasLtEpilogue_t epilogue, cudaStream_t stream) {
+    if (matmul_cublaslt_handle == NULL) {
+        fprintf(stderr, "matmul: call matmul_init() before any matmul\n");
+        exit(EXIT_FAILURE);
+    }
+    if (m == 0 || n == 0) { return 1; }
+
+    cublasLtMatmulDesc_t op_desc;
+    cublasCheck(cublasLtMatmulDescCreate(&op_desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    cublasOperation_t op_a = transa ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasOperation_t op_b = transb ? CUBLAS_OP_T : CUBLAS_OP_N;
+    cublasCheck(cublasLtMatmulDescSetAttribute(op_desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof(op_a)));
+    cublasCheck(cublasLtMatmulDescSetAttribute(op_desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof(op_b)));
+    cublasCheck(cublasLtMatmulDescSetAttribute(op_desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
+    if (bias != NULL) {
+        cublasCheck(cublasLtMatmulDescSetAttribute(op_desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+    }
+    if (aux != NULL) {
+        int64_t aux_ld = ldd;
+        cublasCheck(cublasLtMatmulDescSetAttribute(op_desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux)));
+        cublasCheck(cublasLtMatmulDescSetAttribute(op_desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, &aux_ld, sizeof(aux_ld)));
+    }
+
+    // stored shapes: op(A) is m x k, so A is stored k x m when transposed
+    cublasLtMatrixLayout_t layout_a, layout_b, layout_d;
+    matmul_set_layout(&layout_a, transa ? k : m, transa ? m : k, lda);
+    matmul_set_layout(&layout_b, transb ? n : k, transb ? k : n, ldb);
+    matmul_set_layout(&layout_d, m, n, ldd);
+
+    int alignment = matmul_pointer_alignment(a);
+    int align_b = matmul_pointer_alignment(b), align_d = matmul_pointer_alignment(d);
+    int align_bias = matmul_pointer_alignment(bias), align_aux = matmul_pointer_alignment(aux);
+    if (align_b < alignment) { alignment = align_b; }
+    if (align_d < alignment) { alignment = align_d; }
+    if (align_bias < alignment) { alignment = align_bias; }
+    if (align_aux < alignment) { alignment = align_aux; }
+
+    // look up (or choose once) the algorithm for this problem
+    MatmulAlgoCacheEntry* entry = NULL;
+    for (int i = 0; i < matmul_algo_cache_count; i++) {
+        MatmulAlgoCacheEntry* e = &matmul_algo_cache[i];
+        if (e->transa == transa && e->transb == transb && e->m == m && e->n == n && e->k == k &&
+            e->lda == lda && e->ldb == ldb && e->ldd == ldd && e->epilogue == (int)epilogue &&
+            e->alignment == alignment) {
+            entry = e;
+            break;
+        }
+    }
+    if (entry == NULL) {
+        if (matmul_algo_cache_count == MATMUL_ALGO_CACHE_CAPACITY) {
+            fprintf(stderr, "matmul: more than %d distinct GEMM problems; raise MATMUL_ALGO_CACHE_CAPACITY\n",
+                    MATMUL_ALGO_CACHE_CAPACITY);
+            exit(EXIT_FAILURE);
+        }
+        entry = &matmul_algo_cache[matmul_algo_cache_count++];
+        entry->transa = transa; entry->transb = transb;
+        entry->m = m; entry->n = n; entry->k = k;
+        entry->lda = lda; entry->ldb = ldb; entry->ldd = ldd;
+        entry->epilogue = (int)epilogue;
+        entry->alignment = alignment;
+
+        cublasLtMatmulPreference_t preference;
+        cublasCheck(cublasLtMatmulPreferenceCreate(&preference));
+        size_t workspace_bytes = MATMUL_WORKSPACE_BYTES;
+        uint32_t align_u32 = (uint32_t)alignment;
+        cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                                                         &workspace_bytes, sizeof(workspace_bytes)));
+        cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &align_u32, sizeof(align_u32)));
+        cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_u32, sizeof(align_u32)));
+        cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_u32, sizeof(align_u32)));
+        cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_u32, sizeof(align_u32)));
+        cublasLtMatmulHeuristicResult_t heuristic;
+        memset(&heuristic, 0, sizeof(heuristic));
+        int returned = 0;
+        cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(matmul_cublaslt_handle, op_desc, layout_a, layout_b,
+                                                               layout_d, layout_d, preference, 1, &heuristic, &returned);
+        cublasCheck(cublasLtMatmulPreferenceDestroy(preference));
+        if (status == CUBLAS_STATUS_SUCCESS && returned > 0 && heuristic.state == CUBLAS_STATUS_SUCCESS) {
+            entry->found = 1;
+            entry->algo = heuristic.algo;
+        } else {
+            entry->found = 0;
+        }
+    }
+
+    int ran = 0;
+    if (entry->found) {
+        const float alpha = 1.0f;
+        const float beta = accumulate ? 1.0f : 0.0f;
+        cublasCheck(cublasLtMatmul(matmul_cublaslt_handle, op_desc, &alpha, a, layout_a, b, layout_b, &beta,
+                                   d, layout_d, d, layout_d, &entry->algo, matmul_workspace,
+                                   MATMUL_WORKSPACE_BYTES, stream));
+        ran = 1;
+    }
+    cublasCheck(cublasLtMatrixLayoutDestroy(layout_a));
+    cublasCheck(cublasLtMatrixLayoutDestroy(layout_b));
+    cublasCheck(cublasLtMatrixLayoutDestroy(layout_d));
+    cublasCheck(cublasLtMatmulDescDestroy(op_desc));
+    return ran;
+}
+
+static inline void matmul_no_algorithm(const char* who, int m, int n, int k) {
+    fprintf(stderr, "%s: cuBLASLt has no algorithm for m=%d n=%d k=%d (%s); check sizes and pointer alignment\n",
+            who, m, n, k, FLOATX_NAME);
+    exit(EXIT_FAILURE);
+}
+
+// out (BT, C_out) = inp (BT, C_in) @ weight^T (+ bias). bias may be NULL.
+static inline void matmul_forward(floatX* out, const floatX* inp, const floatX* weight, const floatX* bias,
+                                  int BT, int C_in, int C_out, cudaStream_t stream) {
+    cublasLtEpilogue_t epilogue = bias != NULL ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+    if (!matmul_cublaslt_run(out, weight, inp, bias, NULL, C_out, BT, C_in, 1, 0, C_in, C_in, C_out, 0, epilogue, stream)) {
+        matmul_no_algorithm("matmul_forward", C_out, BT, C_in);
+    }
+}
+
+// pre_gelu = inp @ weight^T (+ bias); out_gelu = GELU_tanh(pre_gelu). bias may be NULL.
+static inline void matmul_forward_gelu(floatX* out_gelu, floatX* pre_gelu, const floatX* inp, const floatX* weight,
+                                       const floatX* bias, int BT, int C_in, int C_out, cudaStream_t stream) {
+    if (matmul_gelu_fused && C_out % 8 == 0) {  // the epilogue's aux leading dimension must be a multiple of 8
+        cublasLtEpilogue_t epilogue = bias != NULL ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+        if (matmul_cublaslt_run(out_gelu, weight, inp, bias, pre_gelu, C_out, BT, C_in, 1, 0, C_in, C_in, C_out, 0,
+                                epilogue, stream)) {
+            matmul_gelu_last_was_fused = 1;
+            return;
+        }
+    }
+    matmul_gelu_last_was_fused = 0;
+    matmul_forward(pre_gelu, inp, weight, bias, BT, C_in, C_out, stream);
+    gelu_forward(out_gelu, pre_gelu, (size_t)BT * C_out, stream);
+}
+
+// ----------------------------------------------------------------------------
+// deterministic bias gradient: per-block partial column sums over 64 rows, then a fixed-order
+// sum of the partials. Block (32, 8): x picks a 16-byte column chunk, y the row phase.
+
+__global__ void matmul_dbias_partial_kernel(float* partials, const floatX* dout, int BT, int OC) {
+    __shared__ float row_phase_sums[8][32 * x128::size];
+    const int col_base = blockIdx.x * 32 * x128::size;
+    const int col = col_base + threadIdx.x * x128::size;
+    const int row_start = blockIdx.y * MATMUL_DBIAS_ROWS_PER_BLOCK;
+    const int row_end = min(row_start + MATMUL_DBIAS_ROWS_PER_BLOCK, BT);
+    float acc[x128::size];
+    for (int k = 0; k < x128::size; k++) { acc[k] = 0.0f; }
+    if (col < OC) {
+        for (int row = row_start + threadIdx.y; row < row_end; row += 8) {
+            x128 packed = load128cs(dout + (size_t)row * OC + col);
+            for (int k = 0; k < x128::size; k++) { acc[k] += (float)packed[k]; }
+        }
+    }
+    // stored as [k][lane] so the 32 lanes write consecutive words (no bank conflicts)
+    for (int k = 0; k < x128::size; k++) { row_phase_sums[threadIdx.y][k * 32 + threadIdx.x] = acc[k]; }
+    __syncthreads();
+    const int t = threadIdx.y * 32 + threadIdx.x;  // column col_base + t = lane t / size, element t % size
+    if (t < 32 * x128::size && col_base + t < OC) {
+        const int index = (t % x128::size) * 32 + t / x128::size;
+        float sum = 0.0f;
+        for (int y = 0; y < 8; y++) { sum += row_phase_sums[y][index]; }
+        partials[(size_t)blockIdx.y * OC + col_base + t] = sum;
+    }
+}
+
+__global__ void matmul_dbias_final_kernel(floatX* dbias, const float* partials, int num_row_blocks, int OC) {
+    int col = blockIdx.x * blockDim.x + threadIdx.x;
+    if (col >= OC) { return; }
+    float sum = 0.0f;
+    for (int j = 0; j < num_row_blocks; j++) { sum += partials[(size_t)j * OC + col]; }
+    dbias[col] = (floatX)((float)dbias[col] + sum);
+}
+
+static inline size_t matmul_backward_scratch_bytes(int BT, int C_out) {
+    return (size_t)ceil_div(BT, MATMUL_DBIAS_ROWS_PER_BLOCK) * C_out * sizeof(float);
+}
+
+// dinp (BT, C_in) = dout @ weight (or += when accumulate_dinp; skipped when dinp is NULL)
+// dweight (C_out, C_in) += dout^T @ inp
+// dbias (C_out) += sum over rows of dout (skipped when dbias is NULL; needs scratch of
+//   matmul_backward_scratch_bytes(BT, C_out) bytes, C_out a multiple of 8 (bf16) / 4 (fp32))
+static inline void matmul_backward(floatX* dinp, floatX* dweight, floatX* dbias, const floatX* dout,
+                                   const floatX* inp, const floatX* weight, int BT, int C_in, int C_out,
+                                   int accumulate_dinp, cudaStream_t stream, float* scratch) {
+    if (dbias != NULL) {
+        if (C_out % x128::size != 0 || !is_aligned16(dout)) {
+            fprintf(stderr, "matmul_backward: bias gradient needs C_out (%d) a multiple of %d and dout 16-byte aligned\n",
+                    C_out, x128::size);
+            exit(EXIT_FAILURE);
+        }
+        if (scratch == NULL) {
+            fprintf(stderr, "matmul_backward: dbias needs scratch of matmul_backward_scratch_bytes() bytes\n");
+            exit(EXIT_FAILURE);
+        }
+        int num_row_blocks = ceil_div(BT, MATMUL_DBIAS_ROWS_PER_BLOCK);
+        dim3 grid(ceil_div(C_out, 32 * x128::size), num_row_blocks);
+        dim3 block(32, 8);
+        matmul_dbias_partial_kernel<<<grid, block, 0, stream>>>(scratch, dout, BT, C_out);
+        cudaCheckLast();
+        matmul_dbias_final_kernel<<<ceil_div(C_out, 256), 256, 0, stream>>>(dbias, scratch, num_row_blocks, C_out);
+        cudaCheckLast();
+    }
+    if (dinp != NULL) {
+        // dinp^T (C_in x BT) = weight_cm (C_in x C_out) * dout_cm (C_out x BT): "NN"
+        if (!matmul_cublaslt_run(dinp, weight, dout, NULL, NULL, C_in, BT, C_out, 0, 0, C_in, C_out, C_in,
+                                 accumulate_dinp, CUBLASLT_EPILOGUE_DEFAULT, stream)) {
+            matmul_no_algorithm("matmul_backward (dinp)", C_in, BT, C_out);
+        }
+    }
+    // dweight_cm (C_in x C_out) += inp_cm (C_in x BT) * dout_cm^T (BT x C_out): "NT"
+    if (!matmul_cublaslt_run(dweight, inp, dout, NULL, NULL, C_in, C_out, BT, 0, 1, C_in, C_out, C_in,
+                             1, CUBLASLT_EPILOGUE_DEFAULT, stream)) {
+        matmul_no_algorithm("matmul_backward (dweight)", C_in, C_out, BT);
+    }
+}
+
+#endif  // OMNIMOE_MATMUL_CUH
