@@ -45,7 +45,7 @@ for t in $TESTS; do
             continue
         fi
         start=$(date +%s.%N)
-        out=$("$bin" 2>&1)
+        out=$(timeout "${TEST_TIMEOUT:-150}" "$bin" 2>&1)
         rc=$?
         end=$(date +%s.%N)
         echo "$out"
