@@ -1,0 +1,812 @@
+/*
+ * test_omnimoe_cpu.c - tests of the CPU reference model (train_omnimoe.c), no GPU needed.
+ *
+ *   gradcheck_*    finite differences against backward for EVERY parameter tensor of every FFN
+ *                  kind (gelu, swiglu, omni with BN on/off, both gates, k < n and k > n, BN in
+ *                  eval mode), with random weights in every tensor and random tokens
+ *   topk_*         omni_topk against a brute-force sort of all N pairs (exact sums, ties, fp32)
+ *   bn_*           router BatchNorm: running-statistics update and eval-mode forward
+ *   padded_vocab   padded logit columns carry no probability mass and no gradient
+ *   adamw          gpt_update against an independent double-precision AdamW with clipping
+ *   overfit_*      a tiny model memorises one batch
+ *   grad_accum_*   two micro-batches (loss_scale 0.5) give the bits of one batch of both
+ *   determinism    two training runs, and runs with different thread counts, are bitwise equal
+ *
+ * Prints one PASS/FAIL line per test with the measured error and the tolerance; exits non-zero
+ * when any test fails. Build: gcc -O2 -Wall -Wextra -std=c11 -fopenmp test_omnimoe_cpu.c -lm
+ */
+#define TESTING
+#include "train_omnimoe.c"
+#include <stdarg.h>
+
+static int num_failures = 0;
+static int verbose = 0;
+
+static void report(int pass, const char* name, const char* fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    printf("%s %-34s ", pass ? "PASS" : "FAIL", name);
+    vprintf(fmt, args);
+    printf("\n");
+    va_end(args);
+    fflush(stdout);
+    if (!pass) num_failures++;
+}
+
+// ----------------------------------------------------------------------------
+// helpers
+
+// a tiny configuration: small vocab (V < Vp so padding is exercised), L=2, C=8, NH=2
+static ModelConfig tiny_config(int ffn_kind, int n, int k, int router_norm, int gate) {
+    ModelConfig c;
+    memset(&c, 0, sizeof(c));
+    c.max_seq_len = 8;
+    c.vocab_size = 23;
+    c.padded_vocab_size = 32;
+    c.num_layers = 2;
+    c.num_heads = 2;
+    c.channels = 8;
+    c.ffn_kind = ffn_kind;
+    c.ffn_hidden = ffn_kind == FFN_GELU ? 32 : 12;
+    if (ffn_kind == FFN_OMNI) {
+        c.router_n = n;
+        c.num_experts = n * n;
+        c.top_k = k;
+        c.router_norm = router_norm;
+        c.gate = gate;
+    }
+    return c;
+}
+
+// random values in EVERY tensor (biases, LayerNorm weights too) and random BN running stats
+static void randomize_model(GPT* model, uint64_t seed, float std) {
+    Rng rng;
+    rng_init(&rng, seed);
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        size_t size = model->param_sizes[i];
+        if (size == 0) continue;
+        int is_ln_weight = i == PARAM_LN1W || i == PARAM_LN2W || i == PARAM_LNFW;
+        rng_normal(&rng, model->param_tensors[i], size, is_ln_weight ? 1.0f : 0.0f, std);
+    }
+    int R = 2 * model->config.router_n;
+    for (int l = 0; l < (model->num_bn_stats ? model->config.num_layers : 0); l++) {
+        for (int c = 0; c < R; c++) {
+            model->bn_stats[(size_t)l * 2 * R + c] = 0.5f * (rng_f32(&rng) - 0.5f);
+            model->bn_stats[(size_t)l * 2 * R + R + c] = 0.5f + 1.5f * rng_f32(&rng);
+        }
+    }
+}
+
+static void random_tokens(int* out, size_t count, int V, uint64_t seed) {
+    Rng rng;
+    rng_init(&rng, seed);
+    for (size_t i = 0; i < count; i++) out[i] = (int)(rng_u32(&rng) % (uint32_t)V);
+}
+
+static const char* config_label(const ModelConfig* c, char* buf, size_t size) {
+    if (c->ffn_kind == FFN_OMNI) {
+        snprintf(buf, size, "omni n=%d k=%d %s %s", c->router_n, c->top_k, router_norm_name(c->router_norm),
+                 gate_name(c->gate));
+    } else {
+        snprintf(buf, size, "%s", ffn_kind_name(c->ffn_kind));
+    }
+    return buf;
+}
+
+// ----------------------------------------------------------------------------
+// finite-difference gradient checks
+//
+// Noise budget: the loss is a fp32 computation, so each evaluation carries a rounding error of
+// about 1e-7 relative (~2e-7 absolute for a loss ~3; the loss used here is the mean of the
+// per-token losses taken in double, so the final fp32 rounding of mean_loss adds nothing).
+// A central difference with step h divides that by 2h. Each derivative is first estimated by
+// Richardson extrapolation of central differences with steps 1e-2 and 5e-3 (truncation error
+// O(h^4), noise ~3e-5 with weights ~0.3). Where that perturbation changes the experts some token
+// selects (a top-k flip: the loss is not smooth there), it falls back to one central difference
+// with step 1e-3 (noise ~1e-4, truncation h^2/6 |f'''| < 1e-5), and if that still flips, the
+// entry is skipped; skips are counted and must stay below 10% of the estimates. Pass rule:
+//     |analytic - fd| <= ATOL + RTOL * max(|analytic|, |fd|)
+// with ATOL = 5e-4 (~5x the worst noise) and RTOL = 1e-2 for single entries; the derivative
+// along a random direction of unit length (every entry of the tensor at once, so no entry goes
+// unchecked) uses RTOL = 2e-3. The report line gives the worst err/tol (must be <= 1).
+
+static const double FD_STEP = 1e-2;           // Richardson: steps FD_STEP and FD_STEP/2
+static const double FD_FALLBACK_STEP = 1e-3;  // plain central difference after a top-k flip
+static const double FD_ATOL = 5e-4;
+static const double FD_RTOL = 1e-2;
+static const double FD_DIR_RTOL = 2e-3;
+static const int FD_ENTRIES_PER_TENSOR = 20;
+
+typedef struct {
+    GPT* model;
+    const int* inputs;
+    const int* targets;
+    int B, T, training;
+    int* base_sets;      // selected experts of the unperturbed model, sorted per (layer, token)
+    size_t num_idx;      // L * BT * k
+    int k;
+    float* bn_backup;    // running stats to restore after every forward (training mode moves them)
+    int flipped;         // the last evaluation selected different experts
+    int fallbacks;       // derivatives that needed the small step
+} FDContext;
+
+static int cmp_int(const void* a, const void* b) {
+    int x = *(const int*)a, y = *(const int*)b;
+    return (x > y) - (x < y);
+}
+
+// the selected expert ids with each group of k sorted ascending
+static int* expert_sets(const int* idx, size_t count, int k) {
+    int* sets = alloc_ints(count);
+    memcpy(sets, idx, count * sizeof(int));
+    for (size_t g = 0; g < count; g += k) qsort(sets + g, k, sizeof(int), cmp_int);
+    return sets;
+}
+
+static double fd_loss(FDContext* ctx) {
+    GPT* model = ctx->model;
+    gpt_forward(model, ctx->inputs, ctx->targets, ctx->B, ctx->T, ctx->training);
+    memcpy(model->bn_stats, ctx->bn_backup, model->num_bn_stats * sizeof(float));
+    ctx->flipped = 0;
+    if (ctx->num_idx > 0) {
+        // a different SET of experts makes the loss jump; a new order of the same set does not
+        int* sets = expert_sets(model->acts.topk_idx, ctx->num_idx, ctx->k);
+        ctx->flipped = memcmp(sets, ctx->base_sets, ctx->num_idx * sizeof(int)) != 0;
+        free(sets);
+    }
+    size_t BT = (size_t)ctx->B * ctx->T;
+    double sum = 0.0;
+    for (size_t r = 0; r < BT; r++) sum += model->acts.losses[r];
+    return sum / BT;
+}
+
+// central difference of the loss along dir (or along params[index] when dir is NULL) with
+// step h; *flipped is set when either side changed a top-k selection
+static double central_difference(FDContext* ctx, float* tensor, const float* backup, size_t size, size_t index,
+                                 const float* dir, double h, int* flipped) {
+    double f[2];
+    for (int side = 0; side < 2; side++) {
+        double sgn = side == 0 ? 1.0 : -1.0;
+        if (dir == NULL) tensor[index] = (float)(backup[index] + sgn * h);
+        else for (size_t j = 0; j < size; j++) tensor[j] = (float)(backup[j] + sgn * h * dir[j]);
+        f[side] = fd_loss(ctx);
+        if (ctx->flipped) *flipped = 1;
+    }
+    memcpy(tensor, backup, size * sizeof(float));
+    // divide by the step actually taken (a single weight moves by fp32-rounded amounts)
+    double taken = dir == NULL ? (double)(float)(backup[index] + h) - (double)(float)(backup[index] - h) : 2.0 * h;
+    return (f[0] - f[1]) / taken;
+}
+
+// derivative of the loss along dir (or d/d params[index]); returns 0 with *skipped on a flip
+static double fd_derivative(FDContext* ctx, float* tensor, size_t size, size_t index, const float* dir,
+                            int* skipped) {
+    float* backup = (float*)malloc_check(size * sizeof(float));
+    memcpy(backup, tensor, size * sizeof(float));
+    int flipped = 0;
+    double d1 = central_difference(ctx, tensor, backup, size, index, dir, FD_STEP, &flipped);
+    double d2 = central_difference(ctx, tensor, backup, size, index, dir, FD_STEP / 2, &flipped);
+    double result = (4.0 * d2 - d1) / 3.0;
+    if (flipped) {
+        ctx->fallbacks++;
+        flipped = 0;
+        result = central_difference(ctx, tensor, backup, size, index, dir, FD_FALLBACK_STEP, &flipped);
+    }
+    free(backup);
+    *skipped = flipped;
+    return flipped ? 0.0 : result;
+}
+
+// checks every parameter tensor of one configuration; one report line
+static void gradcheck(const char* name, ModelConfig config, int B, int T, int training, uint64_t seed) {
+    GPT model;
+    gpt_build(&model, &config);
+    randomize_model(&model, seed, 0.3f);
+    int BT = B * T;
+    int* inputs = (int*)malloc_check(BT * sizeof(int));
+    int* targets = (int*)malloc_check(BT * sizeof(int));
+    random_tokens(inputs, BT, config.vocab_size, seed + 1);
+    random_tokens(targets, BT, config.vocab_size, seed + 2);
+
+    FDContext ctx = {&model, inputs, targets, B, T, training, NULL, 0, config.top_k, NULL, 0, 0};
+    ctx.bn_backup = alloc_floats(model.num_bn_stats);
+    memcpy(ctx.bn_backup, model.bn_stats, model.num_bn_stats * sizeof(float));
+
+    // analytic gradient
+    gpt_forward(&model, inputs, targets, B, T, training);
+    memcpy(model.bn_stats, ctx.bn_backup, model.num_bn_stats * sizeof(float));
+    gpt_zero_grad(&model);
+    gpt_backward(&model, 1.0f);
+    float* analytic = alloc_floats(model.num_params);
+    memcpy(analytic, model.grads, model.num_params * sizeof(float));
+    if (config.ffn_kind == FFN_OMNI) {
+        ctx.num_idx = (size_t)config.num_layers * BT * config.top_k;
+        ctx.base_sets = expert_sets(model.acts.topk_idx, ctx.num_idx, config.top_k);
+    }
+
+    Rng rng;
+    rng_init(&rng, seed + 3);
+    double worst_entry = 0.0, worst_dir = 0.0;  // error / tolerance, and directional rel error
+    const char* worst_entry_tensor = "-";
+    const char* worst_dir_tensor = "-";
+    int checked = 0, skipped_total = 0, tensors = 0;
+    size_t offset = 0;
+    for (int t = 0; t < NUM_PARAMETER_TENSORS; t++) {
+        size_t size = model.param_sizes[t];
+        if (size == 0) continue;
+        tensors++;
+        float* tensor = model.param_tensors[t];
+        const float* g = analytic + offset;
+        offset += size;
+        // entries: random ones (and all of them for small tensors)
+        int count = size <= (size_t)FD_ENTRIES_PER_TENSOR ? (int)size : FD_ENTRIES_PER_TENSOR;
+        for (int e = 0; e < count; e++) {
+            size_t index = size <= (size_t)FD_ENTRIES_PER_TENSOR ? (size_t)e : rng_u32(&rng) % size;
+            int skipped;
+            double fd = fd_derivative(&ctx, tensor, size, index, NULL, &skipped);
+            checked++;
+            if (skipped) { skipped_total++; continue; }
+            double err = fabs(g[index] - fd);
+            double tol = FD_ATOL + FD_RTOL * fmax(fabs(g[index]), fabs(fd));
+            if (verbose || err > tol) {
+                printf("    %s[%zu]: analytic %.6e  fd %.6e  err %.2e  tol %.2e%s\n", param_tensor_name(t), index,
+                       g[index], fd, err, tol, err > tol ? "  <-- FAIL" : "");
+            }
+            if (err / tol > worst_entry) { worst_entry = err / tol; worst_entry_tensor = param_tensor_name(t); }
+        }
+        // directional derivative along a random direction (retry on a flip)
+        float* dir = alloc_floats(size);
+        double rel = -1.0;
+        for (int attempt = 0; attempt < 4 && rel < 0; attempt++) {
+            // N(0, 1/size) entries: a direction of about unit length, so the whole tensor moves
+            // about as far as one entry does in the entry checks (same top-k flip risk)
+            rng_normal(&rng, dir, size, 0.0f, 1.0f / sqrtf((float)size));
+            double analytic_dir = 0.0;
+            for (size_t j = 0; j < size; j++) analytic_dir += (double)g[j] * dir[j];
+            int skipped;
+            double fd = fd_derivative(&ctx, tensor, size, 0, dir, &skipped);
+            checked++;
+            if (skipped) { skipped_total++; continue; }
+            double tol = FD_ATOL + FD_DIR_RTOL * fmax(fabs(analytic_dir), fabs(fd));
+            rel = fabs(analytic_dir - fd) / tol;
+            if (verbose || rel > 1.0) {
+                printf("    %s along a random direction: analytic %.6e  fd %.6e  err %.2e  tol %.2e%s\n",
+                       param_tensor_name(t), analytic_dir, fd, fabs(analytic_dir - fd), tol, rel > 1.0 ? "  <-- FAIL" : "");
+            }
+        }
+        if (rel < 0) rel = 1e9;  // every attempt flipped: counts as a failure
+        if (rel > worst_dir) { worst_dir = rel; worst_dir_tensor = param_tensor_name(t); }
+        free(dir);
+    }
+    int pass = worst_entry <= 1.0 && worst_dir <= 1.0 && skipped_total * 10 <= checked;
+    char label[96];
+    report(pass, name, "[%s, %d tensors] entries: worst err/tol %.3f (%s; tol %.0e + %.0e*|g|); "
+           "random direction: worst err/tol %.3f (%s; tol %.0e + %.0e*|g.d|); small-step fallbacks %d, "
+           "skips %d of %d (max 10%%)", config_label(&config, label, sizeof(label)), tensors, worst_entry,
+           worst_entry_tensor, FD_ATOL, FD_RTOL, worst_dir, worst_dir_tensor, FD_ATOL, FD_DIR_RTOL, ctx.fallbacks,
+           skipped_total, checked);
+    free(analytic);
+    free(ctx.base_sets);
+    free(ctx.bn_backup);
+    free(inputs);
+    free(targets);
+    gpt_free(&model);
+}
+
+// ----------------------------------------------------------------------------
+// top-k against brute force
+
+// the reference order, written independently of the model's ranks_before: score descending,
+// then expert id ascending
+static int cmp_scored(const void* a, const void* b) {
+    const ScoredId* x = (const ScoredId*)a;
+    const ScoredId* y = (const ScoredId*)b;
+    if (x->score != y->score) return x->score > y->score ? -1 : 1;
+    return (x->id > y->id) - (x->id < y->id);
+}
+
+// mode 0: multiples of 2^-12 in [-16, 0] (every sum exact, few ties); mode 1: coarse levels
+// (many equal sums); mode 2: log_softmax of normal logits (full fp32); mode 3: all values equal
+static void fill_router_values(float* out, int n, int mode, Rng* rng) {
+    if (mode == 0) {
+        for (int i = 0; i < n; i++) out[i] = -(float)(rng_u32(rng) % 65536) / 4096.0f;
+    } else if (mode == 1) {
+        for (int i = 0; i < n; i++) out[i] = -0.5f * (float)(rng_u32(rng) % 4);
+    } else if (mode == 2) {
+        // log_softmax of N(0, 2^2) logits, as the router produces them
+        rng_normal(rng, out, n, 0.0f, 2.0f);
+        float maxval = -INFINITY, sum = 0.0f;
+        for (int i = 0; i < n; i++) maxval = fmaxf(maxval, out[i]);
+        for (int i = 0; i < n; i++) sum += expf(out[i] - maxval);
+        float lse = maxval + logf(sum);
+        for (int i = 0; i < n; i++) out[i] -= lse;
+    } else {
+        for (int i = 0; i < n; i++) out[i] = -1.25f;
+    }
+}
+
+static void test_topk(void) {
+    static const int ns[] = {1, 2, 3, 4, 5, 7, 8, 13, 16, 32, 64};
+    static const char* mode_names[] = {"exact", "ties", "fp32", "all-equal"};
+    Rng rng;
+    rng_init(&rng, 1234);
+    for (int mode = 0; mode < 4; mode++) {
+        int cases = 0, mismatches = 0;
+        for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++) {
+            int n = ns[ni], N = n * n;
+            int ks[] = {1, 2, 3, n - 1, n, n + 1, 2 * n, 4 * n + 3, N - 1, N};
+            for (size_t ki = 0; ki < sizeof(ks) / sizeof(ks[0]); ki++) {
+                int k = ks[ki];
+                if (k < 1 || k > N) continue;
+                for (int rep = 0; rep < 20; rep++) {
+                    float pr[n], pc[n];
+                    fill_router_values(pr, n, mode, &rng);
+                    fill_router_values(pc, n, mode, &rng);
+                    int idx[k];
+                    float score[k];
+                    for (int m = 0; m < k; m++) { idx[m] = -1; score[m] = NAN; }  // poison
+                    omni_topk(pr, pc, n, k, idx, score);
+                    ScoredId* all = (ScoredId*)malloc_check((size_t)N * sizeof(ScoredId));
+                    for (int i = 0; i < n; i++) {
+                        for (int j = 0; j < n; j++) {
+                            all[i * n + j].score = pr[i] + pc[j];
+                            all[i * n + j].id = i * n + j;
+                        }
+                    }
+                    qsort(all, N, sizeof(ScoredId), cmp_scored);
+                    int bad = 0;
+                    for (int m = 0; m < k; m++) {
+                        if (idx[m] != all[m].id || memcmp(&score[m], &all[m].score, sizeof(float)) != 0) bad = 1;
+                    }
+                    if (bad && mismatches < 3) {
+                        printf("    mismatch: mode %s n=%d k=%d, first ids got/want:", mode_names[mode], n, k);
+                        for (int m = 0; m < k && m < 8; m++) printf(" %d/%d", idx[m], all[m].id);
+                        printf("\n");
+                    }
+                    mismatches += bad;
+                    cases++;
+                    free(all);
+                }
+            }
+        }
+        char name[64];
+        snprintf(name, sizeof(name), "topk_vs_bruteforce_%s", mode_names[mode]);
+        report(mismatches == 0, name, "%d cases (n 1..64, k 1..N incl. k > n and k = N): %d with ids/scores "
+               "not identical to the sorted scan of all N pairs (tol 0)", cases, mismatches);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// router BatchNorm: running statistics and eval mode
+
+static void test_batchnorm(void) {
+    ModelConfig config = tiny_config(FFN_OMNI, 4, 3, ROUTER_NORM_BN, GATE_SOFTMAX);
+    GPT model;
+    gpt_build(&model, &config);
+    randomize_model(&model, 77, 0.3f);
+    int B = 2, T = 5, BT = B * T, R = 2 * config.router_n, L = config.num_layers, C = config.channels;
+    int inputs[10], targets[10];
+    random_tokens(inputs, BT, config.vocab_size, 78);
+    random_tokens(targets, BT, config.vocab_size, 79);
+
+    // training mode, twice: running stats move with momentum 0.1 towards batch mean / unbiased var
+    double worst_stat = 0.0, worst_norm = 0.0;
+    for (int step = 0; step < 2; step++) {
+        float* before = alloc_floats(model.num_bn_stats);
+        memcpy(before, model.bn_stats, model.num_bn_stats * sizeof(float));
+        gpt_forward(&model, inputs, targets, B, T, 1);
+        for (int l = 0; l < L; l++) {
+            const float* x = model.acts.ln2 + (size_t)l * BT * C;
+            const float* w = model.param_tensors[PARAM_ROUTERW] + (size_t)l * R * C;
+            for (int c = 0; c < R; c++) {
+                double logit[10], mean = 0.0, sq = 0.0;
+                for (int r = 0; r < BT; r++) {
+                    logit[r] = 0.0;
+                    for (int i = 0; i < C; i++) logit[r] += (double)x[r * C + i] * w[c * C + i];
+                    mean += logit[r];
+                }
+                mean /= BT;
+                for (int r = 0; r < BT; r++) sq += (logit[r] - mean) * (logit[r] - mean);
+                double want_mean = 0.9 * before[l * 2 * R + c] + 0.1 * mean;
+                double want_var = 0.9 * before[l * 2 * R + R + c] + 0.1 * sq / (BT - 1);
+                double e1 = fabs(model.bn_stats[l * 2 * R + c] - want_mean) / fmax(fabs(want_mean), 1e-2);
+                double e2 = fabs(model.bn_stats[l * 2 * R + R + c] - want_var) / want_var;
+                worst_stat = fmax(worst_stat, fmax(e1, e2));
+                for (int r = 0; r < BT; r++) {
+                    double want = (logit[r] - mean) / sqrt(sq / BT + 1e-5);  // biased variance normalises
+                    double got = model.acts.router_normed[(size_t)l * BT * R + r * R + c];
+                    worst_norm = fmax(worst_norm, fabs(got - want));
+                }
+            }
+        }
+        free(before);
+    }
+    report(worst_stat < 1e-5 && worst_norm < 1e-4, "bn_running_stats_update",
+           "2 training steps: running mean/var vs 0.9*old + 0.1*(batch mean, unbiased var): max rel err %.1e "
+           "(tol 1e-5); batch-normalised router logits max abs err %.1e (tol 1e-4)", worst_stat, worst_norm);
+
+    // eval mode: running stats used and unchanged; each sequence independent of the rest
+    float* frozen = alloc_floats(model.num_bn_stats);
+    memcpy(frozen, model.bn_stats, model.num_bn_stats * sizeof(float));
+    gpt_forward(&model, inputs, targets, B, T, 0);
+    int unchanged = memcmp(frozen, model.bn_stats, model.num_bn_stats * sizeof(float)) == 0;
+    double worst_eval = 0.0;
+    for (int l = 0; l < L; l++) {
+        const float* x = model.acts.ln2 + (size_t)l * BT * C;
+        const float* w = model.param_tensors[PARAM_ROUTERW] + (size_t)l * R * C;
+        for (int r = 0; r < BT; r++) {
+            for (int c = 0; c < R; c++) {
+                double logit = 0.0;
+                for (int i = 0; i < C; i++) logit += (double)x[r * C + i] * w[c * C + i];
+                double want = (logit - frozen[l * 2 * R + c]) / sqrt(frozen[l * 2 * R + R + c] + 1e-5);
+                worst_eval = fmax(worst_eval, fabs(model.acts.router_normed[(size_t)l * BT * R + r * R + c] - want));
+            }
+        }
+    }
+    size_t Vp = config.padded_vocab_size;
+    float* logits_b2 = alloc_floats(BT * Vp);
+    memcpy(logits_b2, model.logits, BT * Vp * sizeof(float));
+    gpt_forward(&model, inputs, targets, 1, T, 0);  // the first sequence alone
+    int independent = memcmp(logits_b2, model.logits, (size_t)T * Vp * sizeof(float)) == 0;
+    // in training mode the same comparison must differ: batch statistics couple the sequences
+    gpt_forward(&model, inputs, targets, B, T, 1);
+    memcpy(logits_b2, model.logits, BT * Vp * sizeof(float));
+    gpt_forward(&model, inputs, targets, 1, T, 1);
+    double coupled = 0.0;
+    for (size_t i = 0; i < (size_t)T * Vp; i++) coupled = fmax(coupled, fabs(logits_b2[i] - model.logits[i]));
+    report(unchanged && worst_eval < 1e-4 && independent && coupled > 1e-4, "bn_eval_mode",
+           "running stats unchanged: %s; (x-running_mean)/sqrt(running_var+eps) max abs err %.1e (tol 1e-4); "
+           "sequence 0 logits with/without sequence 1: eval bitwise equal: %s, training max diff %.1e (must be > 1e-4)",
+           unchanged ? "yes" : "NO", worst_eval, independent ? "yes" : "NO", coupled);
+    free(frozen);
+    free(logits_b2);
+    gpt_free(&model);
+}
+
+// ----------------------------------------------------------------------------
+// padded vocabulary columns: no probability mass, no gradient
+
+static void test_padded_vocab(void) {
+    ModelConfig config = tiny_config(FFN_OMNI, 3, 4, ROUTER_NORM_BN, GATE_SOFTMAX);
+    GPT model;
+    gpt_build(&model, &config);
+    randomize_model(&model, 91, 0.3f);
+    int B = 2, T = 6, BT = B * T, V = config.vocab_size, Vp = config.padded_vocab_size, C = config.channels;
+    int inputs[12], targets[12];
+    random_tokens(inputs, BT, V, 92);
+    random_tokens(targets, BT, V, 93);
+    gpt_forward(&model, inputs, targets, B, T, 1);
+    float loss1 = model.mean_loss;
+    gpt_zero_grad(&model);
+    gpt_backward(&model, 1.0f);
+    double padded_grad = 0.0;
+    for (size_t i = (size_t)V * C; i < (size_t)Vp * C; i++) padded_grad = fmax(padded_grad, fabs(model.grad_tensors[PARAM_WTE][i]));
+    // scale the padded wte rows (so the padded logits change a lot); the loss must not move
+    for (size_t i = (size_t)V * C; i < (size_t)Vp * C; i++) model.param_tensors[PARAM_WTE][i] *= 50.0f;
+    gpt_forward(&model, inputs, targets, B, T, 1);
+    float loss2 = model.mean_loss;
+    // the logits exist for every padded column and are the wte dot products
+    double col_err = 0.0;
+    for (int r = 0; r < BT; r++) {
+        for (int v = V; v < Vp; v++) {
+            double dot = 0.0;
+            for (int i = 0; i < C; i++) dot += (double)model.acts.lnf[r * C + i] * model.param_tensors[PARAM_WTE][v * C + i];
+            col_err = fmax(col_err, fabs(model.logits[(size_t)r * Vp + v] - dot) / fmax(1.0, fabs(dot)));
+        }
+    }
+    report(padded_grad == 0.0 && loss1 == loss2 && col_err < 1e-5, "padded_vocab",
+           "padded wte rows: max |grad| %.1e (tol 0); loss with padded rows x50: %.7f vs %.7f (must be bitwise equal); "
+           "padded logit columns vs lnf.wte max rel err %.1e (tol 1e-5)", padded_grad, loss1, loss2, col_err);
+    gpt_free(&model);
+}
+
+// ----------------------------------------------------------------------------
+// AdamW against an independent double-precision implementation
+
+static void test_adamw(void) {
+    ModelConfig config = tiny_config(FFN_OMNI, 3, 2, ROUTER_NORM_BN, GATE_SOFTMAX);
+    GPT model;
+    gpt_build(&model, &config);
+    randomize_model(&model, 101, 0.3f);
+    size_t P = model.num_params;
+    double* p = (double*)malloc_check(P * sizeof(double));
+    double* m = (double*)calloc_check(P, sizeof(double));
+    double* v = (double*)calloc_check(P, sizeof(double));
+    for (size_t i = 0; i < P; i++) p[i] = model.params[i];
+    Rng rng;
+    rng_init(&rng, 102);
+    const double lr = 1e-2, b1 = 0.9, b2 = 0.95, eps = 1e-8, wd = 0.1, clip = 1.0;
+    double worst = 0.0, worst_norm = 0.0;
+    for (int t = 1; t <= 3; t++) {
+        // step 1 and 3 have a norm above the clip (clipped), step 2 below it
+        float scale = t == 2 ? 0.001f : 0.05f;
+        rng_normal(&rng, model.grads, P, 0.0f, scale);
+        double norm = 0.0;
+        for (size_t i = 0; i < P; i++) norm += (double)model.grads[i] * model.grads[i];
+        norm = sqrt(norm);
+        double gscale = norm > clip ? clip / norm : 1.0;
+        float got_norm = gpt_update(&model, (float)lr, (float)b1, (float)b2, (float)eps, (float)wd, (float)clip, t);
+        worst_norm = fmax(worst_norm, fabs(got_norm - norm) / norm);
+        size_t offset = 0;
+        for (int tensor = 0; tensor < NUM_PARAMETER_TENSORS; tensor++) {
+            double decay = param_is_decayed(tensor) ? wd : 0.0;
+            for (size_t j = offset; j < offset + model.param_sizes[tensor]; j++) {
+                double g = model.grads[j] * gscale;
+                m[j] = b1 * m[j] + (1 - b1) * g;
+                v[j] = b2 * v[j] + (1 - b2) * g * g;
+                double mh = m[j] / (1 - pow(b1, t)), vh = v[j] / (1 - pow(b2, t));
+                p[j] -= lr * (mh / (sqrt(vh) + eps) + decay * p[j]);
+                worst = fmax(worst, fabs(model.params[j] - p[j]) / fmax(fabs(p[j]), 1e-2));
+            }
+            offset += model.param_sizes[tensor];
+        }
+    }
+    report(worst < 1e-5 && worst_norm < 1e-6, "adamw_update",
+           "3 AdamW steps (clipped, unclipped, clipped; wd on matrices only) vs double reference: params max rel err "
+           "%.1e (tol 1e-5), grad norm rel err %.1e (tol 1e-6)", worst, worst_norm);
+    free(p);
+    free(m);
+    free(v);
+    gpt_free(&model);
+}
+
+// ----------------------------------------------------------------------------
+// a tiny model memorises one batch
+
+static ModelConfig overfit_config(int ffn_kind) {
+    ModelConfig c;
+    memset(&c, 0, sizeof(c));
+    c.max_seq_len = 32;
+    c.vocab_size = 64;
+    c.padded_vocab_size = 128;
+    c.num_layers = 2;
+    c.num_heads = 4;
+    c.channels = 32;
+    c.ffn_kind = ffn_kind;
+    c.ffn_hidden = ffn_kind == FFN_GELU ? 128 : 64;
+    if (ffn_kind == FFN_OMNI) {
+        c.router_n = 4;
+        c.num_experts = 16;
+        c.top_k = 4;
+        c.router_norm = ROUTER_NORM_BN;
+        c.gate = GATE_SOFTMAX;
+    }
+    return c;
+}
+
+static const float OVERFIT_MAX_LOSS = 0.05f;
+static const int OVERFIT_STEPS = 100;
+
+static void test_overfit(int ffn_kind) {
+    ModelConfig config = overfit_config(ffn_kind);
+    GPT model;
+    gpt_build(&model, &config);
+    gpt_init_random(&model, 42);
+    int B = 4, T = 16, BT = B * T;
+    int inputs[64], targets[64];
+    random_tokens(inputs, BT, config.vocab_size, 43);
+    random_tokens(targets, BT, config.vocab_size, 44);
+    float first = 0.0f, last = 0.0f;
+    for (int step = 1; step <= OVERFIT_STEPS; step++) {
+        gpt_forward(&model, inputs, targets, B, T, 1);
+        if (step == 1) first = model.mean_loss;
+        gpt_zero_grad(&model);
+        gpt_backward(&model, 1.0f);
+        gpt_update(&model, 1e-2f, 0.9f, 0.95f, 1e-8f, 0.0f, 1.0f, step);
+    }
+    gpt_forward(&model, inputs, targets, B, T, 0);  // eval mode: running statistics
+    last = model.mean_loss;
+    gpt_forward(&model, inputs, targets, B, T, 1);
+    float last_train = model.mean_loss;
+    char name[64];
+    snprintf(name, sizeof(name), "overfit_one_batch_%s", ffn_kind_name(ffn_kind));
+    report(last_train < OVERFIT_MAX_LOSS && first > 3.5f, name,
+           "%d AdamW steps (lr 1e-2) on B=4 T=16 random tokens, V=64: loss %.3f -> %.4f (batch stats), %.4f (eval "
+           "mode); must end below %.2f", OVERFIT_STEPS, first, last_train, last, OVERFIT_MAX_LOSS);
+    gpt_free(&model);
+}
+
+// ----------------------------------------------------------------------------
+// gradient accumulation: 2 micro-batches x loss_scale 0.5 == one batch of both sequences
+
+static void test_grad_accum(ModelConfig config, int expect_equal) {
+    int T = 8, B = 2, BT = B * T;
+    int inputs[16], targets[16];
+    random_tokens(inputs, BT, config.vocab_size, 201);
+    random_tokens(targets, BT, config.vocab_size, 202);
+    GPT one, two;
+    gpt_build(&one, &config);
+    gpt_build(&two, &config);
+    randomize_model(&one, 200, 0.3f);
+    randomize_model(&two, 200, 0.3f);
+    gpt_zero_grad(&one);
+    gpt_forward(&one, inputs, targets, B, T, 1);
+    gpt_backward(&one, 1.0f);
+    gpt_zero_grad(&two);
+    for (int micro = 0; micro < 2; micro++) {
+        gpt_forward(&two, inputs + micro * T, targets + micro * T, 1, T, 1);
+        gpt_backward(&two, 0.5f);
+    }
+    // Every weight gradient is added row by row in token order, so micro-batching gives the same
+    // bits - except the tied wte, which gets the LM-head sum and the embedding sum: one batch
+    // adds (head s0, head s1, emb s0, emb s1), two micro-batches (head s0, emb s0, head s1, emb s1)
+    double max_diff = 0.0, max_grad = 0.0, wte_diff = 0.0, wte_max = 0.0;
+    size_t wte_size = one.param_sizes[PARAM_WTE];  // wte is the first tensor of the layout
+    for (size_t i = 0; i < one.num_params; i++) {
+        double d = fabs(one.grads[i] - two.grads[i]);
+        if (i < wte_size) { wte_diff = fmax(wte_diff, d); wte_max = fmax(wte_max, fabs(one.grads[i])); }
+        max_diff = fmax(max_diff, d);
+        max_grad = fmax(max_grad, fabs(one.grads[i]));
+    }
+    int bitwise = memcmp(one.grads + wte_size, two.grads + wte_size, (one.num_params - wte_size) * sizeof(float)) == 0;
+    double wte_rel = wte_diff / wte_max;
+    // and the update that follows is identical too
+    gpt_update(&one, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, 1);
+    gpt_update(&two, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, 1);
+    int params_bitwise = memcmp(one.params, two.params, one.num_params * sizeof(float)) == 0;
+    char name[64], label[96];
+    config_label(&config, label, sizeof(label));
+    snprintf(name, sizeof(name), "grad_accum_%s", expect_equal ? ffn_kind_name(config.ffn_kind) : "omni_bn");
+    if (expect_equal) {
+        report(bitwise && wte_rel <= 1e-6 && params_bitwise, name, "[%s] 2 micro-batches (B=1, loss_scale 0.5) vs "
+               "1 batch (B=2): grads of all tensors but wte bitwise equal: %s; tied wte max diff %.1e of max |grad| "
+               "(tol 1e-6, summation order); params after one AdamW step bitwise equal: %s", label,
+               bitwise ? "yes" : "NO", wte_rel, params_bitwise ? "yes" : "NO");
+    } else {
+        // with BN each micro-batch normalises with its own statistics: different by design
+        report(max_diff > 1e-5 * max_grad, name, "[%s] differs by design (per-micro-batch BN statistics): max abs "
+               "diff %.1e vs max |grad| %.1e (must be > 1e-5 relative)", label, max_diff, max_grad);
+    }
+    gpt_free(&one);
+    gpt_free(&two);
+}
+
+// ----------------------------------------------------------------------------
+// determinism: bitwise identical runs, also with different thread counts
+
+static void train_a_few_steps(GPT* model, int steps) {
+    ModelConfig config = overfit_config(FFN_OMNI);
+    gpt_build(model, &config);
+    gpt_init_random(model, 7);
+    int B = 4, T = 32, BT = B * T;
+    int tokens[2 * 128 + 1];
+    for (int step = 1; step <= steps; step++) {
+        random_tokens(tokens, 2 * BT + 1, config.vocab_size, 300 + step);
+        for (int micro = 0; micro < 2; micro++) {
+            gpt_forward(model, tokens + micro * BT, tokens + micro * BT + 1, B, T, 1);
+            if (micro == 0) gpt_zero_grad(model);
+            gpt_backward(model, 0.5f);
+        }
+        gpt_update(model, 3e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, step);
+    }
+    gpt_forward(model, tokens, tokens + 1, B, T, 0);
+}
+
+static int same_model_bits(const GPT* a, const GPT* b) {
+    return memcmp(a->params, b->params, a->num_params * sizeof(float)) == 0 &&
+           memcmp(a->grads, b->grads, a->num_params * sizeof(float)) == 0 &&
+           memcmp(a->m, b->m, a->num_params * sizeof(float)) == 0 &&
+           memcmp(a->v, b->v, a->num_params * sizeof(float)) == 0 &&
+           memcmp(a->bn_stats, b->bn_stats, a->num_bn_stats * sizeof(float)) == 0 &&
+           memcmp(a->logits, b->logits, (size_t)a->B * a->T * a->config.padded_vocab_size * sizeof(float)) == 0;
+}
+
+static void test_determinism(void) {
+    GPT a, b;
+    int threads_a = 1, threads_b = 1;
+#ifdef _OPENMP
+    int default_threads = omp_get_max_threads();
+    threads_a = default_threads;
+#endif
+    train_a_few_steps(&a, 3);
+    train_a_few_steps(&b, 3);
+    int same_run = same_model_bits(&a, &b);
+    gpt_free(&b);
+#ifdef _OPENMP
+    // an odd thread count splits every loop differently from the default
+    threads_b = default_threads == 3 ? 5 : 3;
+    omp_set_num_threads(threads_b);
+    train_a_few_steps(&b, 3);
+    omp_set_num_threads(1);
+    GPT c;
+    train_a_few_steps(&c, 3);
+    omp_set_num_threads(default_threads);
+    int same_threads = same_model_bits(&a, &b) && same_model_bits(&a, &c);
+    gpt_free(&c);
+    report(same_run && same_threads, "determinism", "3 omni training steps (2 micro-batches each): two runs bitwise "
+           "equal: %s; with %d, %d and 1 OpenMP threads bitwise equal (params, grads, m, v, BN stats, logits): %s",
+           same_run ? "yes" : "NO", threads_a, threads_b, same_threads ? "yes" : "NO");
+#else
+    (void)threads_b;
+    report(same_run, "determinism", "3 omni training steps: two runs bitwise equal: %s (built without OpenMP)",
+           same_run ? "yes" : "NO");
+#endif
+    gpt_free(&a);
+    gpt_free(&b);
+}
+
+// ----------------------------------------------------------------------------
+// initialisation follows param_init_std
+
+static void test_init(void) {
+    ModelConfig config = overfit_config(FFN_OMNI);
+    GPT model;
+    gpt_build(&model, &config);
+    gpt_init_random(&model, 5);
+    double worst = 0.0;
+    int exact_ok = 1;
+    for (int t = 0; t < NUM_PARAMETER_TENSORS; t++) {
+        size_t size = model.param_sizes[t];
+        if (size == 0) continue;
+        float want = param_init_std(&config, t);
+        const float* p = model.param_tensors[t];
+        if (want > 0.0f) {
+            double sq = 0.0, mean = 0.0;
+            for (size_t j = 0; j < size; j++) { sq += (double)p[j] * p[j]; mean += p[j]; }
+            double std = sqrt(sq / size);
+            // a sample std of `size` normals is off by about 1/sqrt(2 size) relative
+            double tol = 5.0 / sqrt(2.0 * size);
+            worst = fmax(worst, fabs(std - want) / want / tol);
+        } else {
+            for (size_t j = 0; j < size; j++) if (p[j] != (want == -1.0f ? 1.0f : 0.0f)) exact_ok = 0;
+        }
+    }
+    report(worst <= 1.0 && exact_ok, "init_param_std", "sample std vs param_init_std: worst |err| / (5/sqrt(2 size)) = "
+           "%.2f (tol 1); LayerNorm weights 1 and biases 0 exactly: %s", worst, exact_ok ? "yes" : "NO");
+    gpt_free(&model);
+}
+
+// ----------------------------------------------------------------------------
+
+int main(int argc, char** argv) {
+    for (int i = 1; i < argc; i++) if (strcmp(argv[i], "-v") == 0) verbose = 1;
+    struct timespec start, end;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    setvbuf(stdout, NULL, _IOLBF, 0);
+
+#ifdef _OPENMP
+    // The finite-difference and top-k tests run thousands of forwards of a model with 8 channels:
+    // thread start-up would dominate them, so they run on one thread. The other tests run on
+    // the default thread count, and test_determinism compares 1, 3 and the default.
+    int default_threads = omp_get_max_threads();
+    omp_set_num_threads(1);
+#endif
+    // finite differences: every tensor of every kind, both BN modes, both gates, k < n and k > n
+    gradcheck("gradcheck_gelu", tiny_config(FFN_GELU, 0, 0, 0, 0), 2, 4, 1, 11);
+    gradcheck("gradcheck_swiglu", tiny_config(FFN_SWIGLU, 0, 0, 0, 0), 2, 4, 1, 12);
+    gradcheck("gradcheck_omni_bn_softmax_k>n", tiny_config(FFN_OMNI, 3, 4, ROUTER_NORM_BN, GATE_SOFTMAX), 2, 4, 1, 13);
+    gradcheck("gradcheck_omni_bn_softmax_k<n", tiny_config(FFN_OMNI, 4, 3, ROUTER_NORM_BN, GATE_SOFTMAX), 2, 4, 1, 14);
+    gradcheck("gradcheck_omni_bn_prob_k<n", tiny_config(FFN_OMNI, 4, 2, ROUTER_NORM_BN, GATE_PROB), 2, 4, 1, 15);
+    gradcheck("gradcheck_omni_bn_prob_k>n", tiny_config(FFN_OMNI, 3, 5, ROUTER_NORM_BN, GATE_PROB), 2, 4, 1, 16);
+    gradcheck("gradcheck_omni_none_softmax_k<n", tiny_config(FFN_OMNI, 4, 3, ROUTER_NORM_NONE, GATE_SOFTMAX), 2, 4, 1, 17);
+    gradcheck("gradcheck_omni_none_prob_k>n", tiny_config(FFN_OMNI, 3, 5, ROUTER_NORM_NONE, GATE_PROB), 2, 4, 1, 18);
+    gradcheck("gradcheck_omni_bn_k=N", tiny_config(FFN_OMNI, 3, 9, ROUTER_NORM_BN, GATE_SOFTMAX), 2, 4, 1, 19);
+    gradcheck("gradcheck_omni_bn_k=1", tiny_config(FFN_OMNI, 3, 1, ROUTER_NORM_BN, GATE_PROB), 2, 4, 1, 20);
+    gradcheck("gradcheck_omni_bn_evalmode", tiny_config(FFN_OMNI, 4, 3, ROUTER_NORM_BN, GATE_SOFTMAX), 2, 4, 0, 21);
+
+    test_topk();
+#ifdef _OPENMP
+    omp_set_num_threads(default_threads);
+#endif
+    test_batchnorm();
+    test_padded_vocab();
+    test_adamw();
+    test_init();
+
+    test_grad_accum(tiny_config(FFN_GELU, 0, 0, 0, 0), 1);
+    test_grad_accum(tiny_config(FFN_SWIGLU, 0, 0, 0, 0), 1);
+    test_grad_accum(tiny_config(FFN_OMNI, 4, 3, ROUTER_NORM_NONE, GATE_SOFTMAX), 1);
+    test_grad_accum(tiny_config(FFN_OMNI, 4, 3, ROUTER_NORM_BN, GATE_SOFTMAX), 0);
+
+    test_overfit(FFN_GELU);
+    test_overfit(FFN_SWIGLU);
+    test_overfit(FFN_OMNI);
+
+    test_determinism();
+
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    double seconds = (end.tv_sec - start.tv_sec) + 1e-9 * (end.tv_nsec - start.tv_nsec);
+    if (num_failures == 0) printf("ALL PASSED (test_omnimoe_cpu, %.1f s)\n", seconds);
+    else printf("FAILED: %d test(s) (test_omnimoe_cpu, %.1f s)\n", num_failures, seconds);
+    return num_failures == 0 ? 0 : 1;
+}

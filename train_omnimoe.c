@@ -1,0 +1,1173 @@
+/*
+ * train_omnimoe.c - the CPU reference model and trainer of omnimoe, in plain C and fp32.
+ *
+ * A GPT-2 style decoder (SPEC.md §1) whose feed-forward block is one of
+ *   gelu    W2 GELU(W1 x + b1) + b2                      (GPT-2)
+ *   swiglu  Wd (SiLU(Wg x) * (Wu x))                      (dense baseline, no biases)
+ *   omni    SwiGLU_I(x) + AtomicExperts(x)                (OmniMoE, SPEC.md §2)
+ * with its backward pass and AdamW. This file is the oracle the CUDA code is tested against, so
+ * it favours clarity: one function per layer forward and backward, every sum in a fixed order.
+ *
+ * Determinism: OpenMP only splits work whose outputs are independent (rows, channels, experts,
+ * (batch, head) pairs); every floating-point sum is done by one thread in a fixed order, so the
+ * results are bitwise identical for any OMP_NUM_THREADS. Weight gradients are added into the
+ * gradient buffer row by row in token order, so two micro-batches of one sequence each give the
+ * same bits as one batch of both sequences (for the kinds without batch norm).
+ *
+ * Padded vocabulary: the LM head (tied to wte) produces logits for all Vp columns, but the
+ * cross-entropy softmax runs over the first V (real) columns only. Padded columns therefore get
+ * no probability mass and a zero gradient, and the padded rows of wte never receive gradient
+ * (inputs and targets must be real tokens < V, checked at every forward).
+ *
+ * Compiled with -DTESTING the file has no main(), so tests can #include it.
+ */
+#include "llmc/utils.h"   // first: it asks for the POSIX feature macro before any system header
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <time.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#include "llmc/config.h"
+#include "llmc/rand.h"
+
+// ----------------------------------------------------------------------------
+// small numeric helpers
+
+static const float LAYERNORM_EPS = 1e-5f;
+static const float BATCHNORM_EPS = 1e-5f;
+static const float BATCHNORM_MOMENTUM = 0.1f;   // running = (1 - m) * running + m * batch
+
+static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+static inline float siluf(float x) { return x * sigmoidf(x); }
+// d/dx x*sig(x) = sig(x) * (1 + x * (1 - sig(x)))
+static inline float silu_gradf(float x) {
+    float s = sigmoidf(x);
+    return s * (1.0f + x * (1.0f - s));
+}
+
+// ----------------------------------------------------------------------------
+// the layers: forward and backward. Shapes: B batch, T time, C channels, BT = B*T token rows.
+// Every backward ADDS into its parameter gradients (so micro-batches accumulate) and, unless
+// said otherwise, adds into its input gradient too (callers zero scratch buffers first).
+
+void encoder_forward(float* out, const int* inp, const float* wte, const float* wpe, int B, int T, int C) {
+    #pragma omp parallel for collapse(2)
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            float* out_bt = out + ((size_t)b * T + t) * C;
+            const float* wte_row = wte + (size_t)inp[b * T + t] * C;
+            const float* wpe_row = wpe + (size_t)t * C;
+            for (int i = 0; i < C; i++) out_bt[i] = wte_row[i] + wpe_row[i];
+        }
+    }
+}
+
+void encoder_backward(float* dwte, float* dwpe, const float* dout, const int* inp, int B, int T, int C) {
+    // serial in token order: a token id may repeat, and one fixed order keeps each row's sum deterministic
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            const float* dout_bt = dout + ((size_t)b * T + t) * C;
+            float* dwte_row = dwte + (size_t)inp[b * T + t] * C;
+            float* dwpe_row = dwpe + (size_t)t * C;
+            for (int i = 0; i < C; i++) {
+                dwte_row[i] += dout_bt[i];
+                dwpe_row[i] += dout_bt[i];
+            }
+        }
+    }
+}
+
+void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
+                       const float* bias, int BT, int C) {
+    #pragma omp parallel for
+    for (int r = 0; r < BT; r++) {
+        const float* x = inp + (size_t)r * C;
+        float m = 0.0f;
+        for (int i = 0; i < C; i++) m += x[i];
+        m = m / C;
+        float v = 0.0f;  // two passes: variance from centred values, no cancellation
+        for (int i = 0; i < C; i++) {
+            float d = x[i] - m;
+            v += d * d;
+        }
+        v = v / C;
+        float s = 1.0f / sqrtf(v + LAYERNORM_EPS);
+        float* o = out + (size_t)r * C;
+        for (int i = 0; i < C; i++) o[i] = (x[i] - m) * s * weight[i] + bias[i];
+        mean[r] = m;
+        rstd[r] = s;
+    }
+}
+
+void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                        const float* weight, const float* mean, const float* rstd, int BT, int C) {
+    #pragma omp parallel for
+    for (int r = 0; r < BT; r++) {
+        const float* x = inp + (size_t)r * C;
+        const float* dy = dout + (size_t)r * C;
+        float m = mean[r], s = rstd[r];
+        // the two means the normalisation couples every channel through
+        float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
+        for (int i = 0; i < C; i++) {
+            float norm = (x[i] - m) * s;
+            float dnorm = weight[i] * dy[i];
+            dnorm_mean += dnorm;
+            dnorm_norm_mean += dnorm * norm;
+        }
+        dnorm_mean /= C;
+        dnorm_norm_mean /= C;
+        float* dx = dinp + (size_t)r * C;
+        for (int i = 0; i < C; i++) {
+            float norm = (x[i] - m) * s;
+            float dnorm = weight[i] * dy[i];
+            dx[i] += s * (dnorm - dnorm_mean - norm * dnorm_norm_mean);
+        }
+    }
+    // weight and bias gradients: one channel per thread, rows in order
+    #pragma omp parallel for
+    for (int i = 0; i < C; i++) {
+        for (int r = 0; r < BT; r++) {
+            float norm = (inp[(size_t)r * C + i] - mean[r]) * rstd[r];
+            float dy = dout[(size_t)r * C + i];
+            dweight[i] += norm * dy;
+            dbias[i] += dy;
+        }
+    }
+}
+
+// out (BT, OC) = inp (BT, IC) @ weight (OC, IC)^T + bias (OC); bias may be NULL
+void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int BT, int IC, int OC) {
+    #pragma omp parallel for
+    for (int r = 0; r < BT; r++) {
+        const float* x = inp + (size_t)r * IC;
+        float* o = out + (size_t)r * OC;
+        for (int j = 0; j < OC; j++) {
+            const float* w = weight + (size_t)j * IC;
+            float acc = bias != NULL ? bias[j] : 0.0f;
+            for (int i = 0; i < IC; i++) acc += x[i] * w[i];
+            o[j] = acc;
+        }
+    }
+}
+
+// dinp += dout @ weight; dweight += dout^T @ inp; dbias += column sums of dout (dbias may be NULL)
+void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                     const float* weight, int BT, int IC, int OC) {
+    #pragma omp parallel for
+    for (int r = 0; r < BT; r++) {
+        const float* dy = dout + (size_t)r * OC;
+        float* dx = dinp + (size_t)r * IC;
+        for (int j = 0; j < OC; j++) {
+            const float* w = weight + (size_t)j * IC;
+            float d = dy[j];
+            for (int i = 0; i < IC; i++) dx[i] += d * w[i];
+        }
+    }
+    // one weight row per thread, added row by row in token order (same bits when micro-batched)
+    #pragma omp parallel for
+    for (int j = 0; j < OC; j++) {
+        float* dw = dweight + (size_t)j * IC;
+        for (int r = 0; r < BT; r++) {
+            const float* x = inp + (size_t)r * IC;
+            float d = dout[(size_t)r * OC + j];
+            for (int i = 0; i < IC; i++) dw[i] += d * x[i];
+            if (dbias != NULL) dbias[j] += d;
+        }
+    }
+}
+
+// causal multi-head self-attention. qkv (BT, 3C) rows [q | k | v]; att (B, NH, T, T) keeps the
+// softmax probabilities for backward (entries above the diagonal are 0); out (BT, C)
+void attention_forward(float* out, float* att, const float* qkv, int B, int T, int C, int NH) {
+    int hs = C / NH;
+    float scale = 1.0f / sqrtf((float)hs);
+    #pragma omp parallel for collapse(3)
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < NH; h++) {
+            for (int t = 0; t < T; t++) {
+                const float* q = qkv + ((size_t)b * T + t) * 3 * C + h * hs;
+                float* att_row = att + (((size_t)b * NH + h) * T + t) * T;
+                float maxval = -INFINITY;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float* k = qkv + ((size_t)b * T + t2) * 3 * C + C + h * hs;
+                    float dot = 0.0f;
+                    for (int i = 0; i < hs; i++) dot += q[i] * k[i];
+                    dot *= scale;
+                    att_row[t2] = dot;
+                    if (dot > maxval) maxval = dot;
+                }
+                float sum = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    float e = expf(att_row[t2] - maxval);
+                    att_row[t2] = e;
+                    sum += e;
+                }
+                float inv = 1.0f / sum;
+                for (int t2 = 0; t2 < T; t2++) att_row[t2] = t2 <= t ? att_row[t2] * inv : 0.0f;
+                float* o = out + ((size_t)b * T + t) * C + h * hs;
+                for (int i = 0; i < hs; i++) o[i] = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * hs;
+                    float a = att_row[t2];
+                    for (int i = 0; i < hs; i++) o[i] += a * v[i];
+                }
+            }
+        }
+    }
+}
+
+// dqkv must be zeroed by the caller; datt_scratch holds B*NH*T floats (one row per (b, h))
+void attention_backward(float* dqkv, float* datt_scratch, const float* dout, const float* qkv,
+                        const float* att, int B, int T, int C, int NH) {
+    int hs = C / NH;
+    float scale = 1.0f / sqrtf((float)hs);
+    // one (b, h) per thread: dk and dv of a key gather from every later query in a fixed order
+    #pragma omp parallel for collapse(2)
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < NH; h++) {
+            float* datt = datt_scratch + ((size_t)b * NH + h) * T;
+            for (int t = 0; t < T; t++) {
+                const float* att_row = att + (((size_t)b * NH + h) * T + t) * T;
+                const float* dy = dout + ((size_t)b * T + t) * C + h * hs;
+                const float* q = qkv + ((size_t)b * T + t) * 3 * C + h * hs;
+                float* dq = dqkv + ((size_t)b * T + t) * 3 * C + h * hs;
+                // through out = att @ v
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float* v = qkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * hs;
+                    float* dv = dqkv + ((size_t)b * T + t2) * 3 * C + 2 * C + h * hs;
+                    float d = 0.0f;
+                    for (int i = 0; i < hs; i++) {
+                        d += dy[i] * v[i];
+                        dv[i] += att_row[t2] * dy[i];
+                    }
+                    datt[t2] = d;
+                }
+                // through the softmax: dpre = att * (datt - <att, datt>)
+                float dot = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) dot += att_row[t2] * datt[t2];
+                // through pre = scale * q.k
+                for (int t2 = 0; t2 <= t; t2++) {
+                    float dpre = att_row[t2] * (datt[t2] - dot) * scale;
+                    const float* k = qkv + ((size_t)b * T + t2) * 3 * C + C + h * hs;
+                    float* dk = dqkv + ((size_t)b * T + t2) * 3 * C + C + h * hs;
+                    for (int i = 0; i < hs; i++) {
+                        dq[i] += dpre * k[i];
+                        dk[i] += dpre * q[i];
+                    }
+                }
+            }
+        }
+    }
+}
+
+// GELU, tanh approximation (GPT-2)
+static const float GELU_SQRT_2_OVER_PI = 0.7978845608028654f;
+
+void gelu_forward(float* out, const float* inp, size_t count) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < count; i++) {
+        float x = inp[i];
+        float cube = 0.044715f * x * x * x;
+        out[i] = 0.5f * x * (1.0f + tanhf(GELU_SQRT_2_OVER_PI * (x + cube)));
+    }
+}
+
+// dinp = dout * GELU'(inp) (overwrites)
+void gelu_backward(float* dinp, const float* inp, const float* dout, size_t count) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < count; i++) {
+        float x = inp[i];
+        float cube = 0.044715f * x * x * x;
+        float arg = GELU_SQRT_2_OVER_PI * (x + cube);
+        float th = tanhf(arg);
+        float sech2 = 1.0f - th * th;
+        float grad = 0.5f * (1.0f + th) + 0.5f * x * sech2 * GELU_SQRT_2_OVER_PI * (1.0f + 3.0f * 0.044715f * x * x);
+        dinp[i] = grad * dout[i];
+    }
+}
+
+// h (BT, I) = SiLU(g) * u where fch (BT, 2I) rows are [g | u]
+void swiglu_forward(float* h, const float* fch, int BT, int I) {
+    #pragma omp parallel for
+    for (int r = 0; r < BT; r++) {
+        const float* g = fch + (size_t)r * 2 * I;
+        const float* u = g + I;
+        float* hr = h + (size_t)r * I;
+        for (int i = 0; i < I; i++) hr[i] = siluf(g[i]) * u[i];
+    }
+}
+
+// dfch (BT, 2I) = [dh * u * SiLU'(g) | dh * SiLU(g)] (overwrites)
+void swiglu_backward(float* dfch, const float* dh, const float* fch, int BT, int I) {
+    #pragma omp parallel for
+    for (int r = 0; r < BT; r++) {
+        const float* g = fch + (size_t)r * 2 * I;
+        const float* u = g + I;
+        const float* dhr = dh + (size_t)r * I;
+        float* dg = dfch + (size_t)r * 2 * I;
+        float* du = dg + I;
+        for (int i = 0; i < I; i++) {
+            dg[i] = dhr[i] * u[i] * silu_gradf(g[i]);
+            du[i] = dhr[i] * siluf(g[i]);
+        }
+    }
+}
+
+void residual_forward(float* out, const float* a, const float* b, size_t count) {
+    #pragma omp parallel for
+    for (size_t i = 0; i < count; i++) out[i] = a[i] + b[i];
+}
+
+// ----------------------------------------------------------------------------
+// OmniMoE layer pieces (SPEC.md §2). Router logits (BT, R) with R = 2n: channels [0, n) are
+// the row router, [n, 2n) the column router.
+
+// Affine-free BatchNorm over the BT tokens, per channel. use_batch_stats=1: normalise with the
+// batch mean and biased variance, and (update_running=1) move the running statistics towards
+// the batch mean and the unbiased variance with momentum 0.1, as torch's BatchNorm1d does.
+// use_batch_stats=0: normalise with the running statistics. Writes the mean and 1/sqrt(var+eps)
+// that were used (R each) for backward.
+void batchnorm_forward(float* out, float* used_mean, float* used_rstd, const float* inp,
+                       float* running_mean, float* running_var, int BT, int R, int use_batch_stats,
+                       int update_running) {
+    #pragma omp parallel for
+    for (int c = 0; c < R; c++) {
+        float m, s;
+        if (use_batch_stats) {
+            float sum = 0.0f;
+            for (int r = 0; r < BT; r++) sum += inp[(size_t)r * R + c];
+            m = sum / BT;
+            float sq = 0.0f;
+            for (int r = 0; r < BT; r++) {
+                float d = inp[(size_t)r * R + c] - m;
+                sq += d * d;
+            }
+            s = 1.0f / sqrtf(sq / BT + BATCHNORM_EPS);
+            if (update_running) {
+                float unbiased_var = sq / (BT - 1);
+                running_mean[c] = (1.0f - BATCHNORM_MOMENTUM) * running_mean[c] + BATCHNORM_MOMENTUM * m;
+                running_var[c] = (1.0f - BATCHNORM_MOMENTUM) * running_var[c] + BATCHNORM_MOMENTUM * unbiased_var;
+            }
+        } else {
+            m = running_mean[c];
+            s = 1.0f / sqrtf(running_var[c] + BATCHNORM_EPS);
+        }
+        for (int r = 0; r < BT; r++) out[(size_t)r * R + c] = (inp[(size_t)r * R + c] - m) * s;
+        used_mean[c] = m;
+        used_rstd[c] = s;
+    }
+}
+
+// dinp = BN backward of dout (overwrites). With batch statistics every token of the batch is
+// coupled through the mean and variance; with running statistics BN is a fixed affine map.
+void batchnorm_backward(float* dinp, const float* dout, const float* out, const float* used_rstd,
+                        int BT, int R, int used_batch_stats) {
+    #pragma omp parallel for
+    for (int c = 0; c < R; c++) {
+        float s = used_rstd[c];
+        if (!used_batch_stats) {
+            for (int r = 0; r < BT; r++) dinp[(size_t)r * R + c] = dout[(size_t)r * R + c] * s;
+            continue;
+        }
+        float dmean = 0.0f, dnorm_mean = 0.0f;
+        for (int r = 0; r < BT; r++) {
+            float dy = dout[(size_t)r * R + c];
+            dmean += dy;
+            dnorm_mean += dy * out[(size_t)r * R + c];
+        }
+        dmean /= BT;
+        dnorm_mean /= BT;
+        for (int r = 0; r < BT; r++) {
+            size_t at = (size_t)r * R + c;
+            dinp[at] = s * (dout[at] - dmean - out[at] * dnorm_mean);
+        }
+    }
+}
+
+// log_softmax over each n-half of every row of x (BT, 2n)
+void router_logsoftmax_forward(float* logp, const float* x, int BT, int n) {
+    #pragma omp parallel for
+    for (int r = 0; r < BT; r++) {
+        for (int half = 0; half < 2; half++) {
+            const float* xr = x + (size_t)r * 2 * n + half * n;
+            float* lr = logp + (size_t)r * 2 * n + half * n;
+            float maxval = -INFINITY;
+            for (int i = 0; i < n; i++) if (xr[i] > maxval) maxval = xr[i];
+            float sum = 0.0f;
+            for (int i = 0; i < n; i++) sum += expf(xr[i] - maxval);
+            float lse = maxval + logf(sum);
+            for (int i = 0; i < n; i++) lr[i] = xr[i] - lse;
+        }
+    }
+}
+
+// dx = dlogp - softmax(x) * sum(dlogp), per half (overwrites); softmax(x) = exp(logp)
+void router_logsoftmax_backward(float* dx, const float* dlogp, const float* logp, int BT, int n) {
+    #pragma omp parallel for
+    for (int r = 0; r < BT; r++) {
+        for (int half = 0; half < 2; half++) {
+            size_t off = (size_t)r * 2 * n + half * n;
+            float sum = 0.0f;
+            for (int i = 0; i < n; i++) sum += dlogp[off + i];
+            for (int i = 0; i < n; i++) dx[off + i] = dlogp[off + i] - expf(logp[off + i]) * sum;
+        }
+    }
+}
+
+// --- exact top-k over the n x n grid of S(i,j) = pr[i] + pc[j] -------------------------------
+// One total order everywhere: a higher score ranks first, equal scores rank the smaller id first.
+
+typedef struct {
+    float score;
+    int id;
+} ScoredId;
+
+static inline int ranks_before(ScoredId a, ScoredId b) {
+    return a.score > b.score || (a.score == b.score && a.id < b.id);
+}
+
+// Partial quickselect: afterwards items[0..k) are the k best of items[0..count) in any order.
+// Expected O(count); the chosen SET is unique because the order is total (ids are distinct).
+static void select_best(ScoredId* items, int count, int k) {
+    int lo = 0, hi = count - 1;
+    while (lo < hi) {
+        // median of three as pivot keeps sorted inputs linear
+        int mid = lo + (hi - lo) / 2;
+        ScoredId a = items[lo], b = items[mid], c = items[hi], pivot;
+        if (ranks_before(a, b)) pivot = ranks_before(b, c) ? b : (ranks_before(a, c) ? c : a);
+        else pivot = ranks_before(a, c) ? a : (ranks_before(b, c) ? c : b);
+        int i = lo, j = hi;
+        while (i <= j) {  // Hoare partition: better-than-pivot to the left
+            while (ranks_before(items[i], pivot)) i++;
+            while (ranks_before(pivot, items[j])) j--;
+            if (i <= j) {
+                ScoredId tmp = items[i];
+                items[i] = items[j];
+                items[j] = tmp;
+                i++;
+                j--;
+            }
+        }
+        // now [lo, j] rank before-or-at pivot, [i, hi] at-or-after it
+        if (k - 1 <= j) hi = j;
+        else if (k - 1 >= i) lo = i;
+        else break;
+    }
+}
+
+static void sort_best_first(ScoredId* items, int count) {
+    for (int a = 1; a < count; a++) {  // insertion sort: count <= k
+        ScoredId x = items[a];
+        int b = a - 1;
+        while (b >= 0 && ranks_before(x, items[b])) {
+            items[b + 1] = items[b];
+            b--;
+        }
+        items[b + 1] = x;
+    }
+}
+
+// Exact top-k of S(i,j) = pr[i] + pc[j] (fp32 sum) over all N = n*n pairs in O(n + k^2):
+// with k' = min(n, k), the k best pairs lie in the grid of the k' best rows (by pr, ties to the
+// smaller index) times the k' best columns, because each pair outside it is beaten by k' pairs
+// in its own column (or row). Writes ids e = i*n + j and scores, best first, ties by smaller id.
+void omni_topk(const float* pr, const float* pc, int n, int k, int* out_idx, float* out_score) {
+    int kk = k < n ? k : n;
+    ScoredId rows[n], cols[n], grid[kk * kk];
+    for (int i = 0; i < n; i++) {
+        rows[i].score = pr[i]; rows[i].id = i;
+        cols[i].score = pc[i]; cols[i].id = i;
+    }
+    if (kk < n) {
+        select_best(rows, n, kk);
+        select_best(cols, n, kk);
+    }
+    for (int a = 0; a < kk; a++) {
+        for (int b = 0; b < kk; b++) {
+            ScoredId* g = &grid[a * kk + b];
+            g->score = rows[a].score + cols[b].score;
+            g->id = rows[a].id * n + cols[b].id;
+        }
+    }
+    if (k < kk * kk) select_best(grid, kk * kk, k);
+    sort_best_first(grid, k);
+    for (int m = 0; m < k; m++) {
+        out_idx[m] = grid[m].id;
+        out_score[m] = grid[m].score;
+    }
+}
+
+// per token: top-k experts from the log-probabilities logp (BT, 2n), then the gates
+//   softmax: g = softmax over the k selected scores (paper)     prob: g = exp(S) (released code)
+void omni_route_forward(int* idx, float* score, float* gate, const float* logp, int BT, int n, int k,
+                        int gate_kind) {
+    #pragma omp parallel for
+    for (int r = 0; r < BT; r++) {
+        const float* lp = logp + (size_t)r * 2 * n;
+        int* id = idx + (size_t)r * k;
+        float* sc = score + (size_t)r * k;
+        float* g = gate + (size_t)r * k;
+        omni_topk(lp, lp + n, n, k, id, sc);
+        if (gate_kind == GATE_SOFTMAX) {
+            float sum = 0.0f;  // sc[0] is the largest score: exponents <= 0
+            for (int m = 0; m < k; m++) {
+                g[m] = expf(sc[m] - sc[0]);
+                sum += g[m];
+            }
+            for (int m = 0; m < k; m++) g[m] /= sum;
+        } else {
+            for (int m = 0; m < k; m++) g[m] = expf(sc[m]);
+        }
+    }
+}
+
+// out (BT, C) += sum_m a_m v_{e_m}, a_m = g_m SiLU(s_m), s_m = <u_{e_m}, x>; keeps s and a (BT, k)
+void omni_experts_forward(float* out, float* s, float* a, const float* x, const int* idx, const float* gate,
+                          const float* U, const float* V, int BT, int C, int k) {
+    #pragma omp parallel for
+    for (int r = 0; r < BT; r++) {
+        const float* xr = x + (size_t)r * C;
+        float* o = out + (size_t)r * C;
+        for (int m = 0; m < k; m++) {  // m in order: the token's sum has one fixed order
+            size_t p = (size_t)r * k + m;
+            const float* u = U + (size_t)idx[p] * C;
+            const float* v = V + (size_t)idx[p] * C;
+            float dot = 0.0f;
+            for (int i = 0; i < C; i++) dot += u[i] * xr[i];
+            float am = gate[p] * siluf(dot);
+            s[p] = dot;
+            a[p] = am;
+            for (int i = 0; i < C; i++) o[i] += am * v[i];
+        }
+    }
+}
+
+// Expert branch backward. dout (BT, C) is d loss / d (layer output). Adds into dx (BT, C), dU and
+// dV (N, C); writes dgate (BT, k) = h_m SiLU(s_m) with h_m = <dout, v_{e_m}>.
+// dU and dV are summed per expert over its (token, m) pairs in token order: the pairs are
+// grouped by expert with a stable counting sort (pair_offsets (N+1), pair_list (BT*k)), so each
+// expert row has one thread and one fixed order, whatever the number of threads.
+void omni_experts_backward(float* dx, float* dU, float* dV, float* dgate, float* ds,
+                           int* pair_offsets, int* pair_list, const float* dout, const float* x,
+                           const int* idx, const float* gate, const float* s, const float* a,
+                           const float* U, const float* V, int BT, int C, int k, int N) {
+    #pragma omp parallel for
+    for (int r = 0; r < BT; r++) {
+        const float* dy = dout + (size_t)r * C;
+        float* dxr = dx + (size_t)r * C;
+        for (int m = 0; m < k; m++) {
+            size_t p = (size_t)r * k + m;
+            const float* u = U + (size_t)idx[p] * C;
+            const float* v = V + (size_t)idx[p] * C;
+            float h = 0.0f;
+            for (int i = 0; i < C; i++) h += dy[i] * v[i];
+            dgate[p] = h * siluf(s[p]);
+            ds[p] = h * gate[p] * silu_gradf(s[p]);
+            for (int i = 0; i < C; i++) dxr[i] += ds[p] * u[i];
+        }
+    }
+    // stable counting sort of the pairs by expert id
+    int P = BT * k;
+    for (int e = 0; e <= N; e++) pair_offsets[e] = 0;
+    for (int p = 0; p < P; p++) pair_offsets[idx[p] + 1]++;
+    for (int e = 0; e < N; e++) pair_offsets[e + 1] += pair_offsets[e];
+    for (int p = 0; p < P; p++) pair_list[pair_offsets[idx[p]]++] = p;
+    for (int e = N; e > 0; e--) pair_offsets[e] = pair_offsets[e - 1];  // undo the shift of the fill
+    pair_offsets[0] = 0;
+    #pragma omp parallel for schedule(dynamic, 16)
+    for (int e = 0; e < N; e++) {
+        float* du = dU + (size_t)e * C;
+        float* dv = dV + (size_t)e * C;
+        for (int q = pair_offsets[e]; q < pair_offsets[e + 1]; q++) {
+            int p = pair_list[q];
+            int r = p / k;
+            const float* xr = x + (size_t)r * C;
+            const float* dy = dout + (size_t)r * C;
+            for (int i = 0; i < C; i++) {
+                du[i] += ds[p] * xr[i];
+                dv[i] += a[p] * dy[i];
+            }
+        }
+    }
+}
+
+// gates -> scores: softmax: dS_m = g_m (dg_m - sum_l g_l dg_l); prob: dS_m = g_m dg_m
+void omni_gate_backward(float* dscore, const float* dgate, const float* gate, int BT, int k, int gate_kind) {
+    #pragma omp parallel for
+    for (int r = 0; r < BT; r++) {
+        const float* g = gate + (size_t)r * k;
+        const float* dg = dgate + (size_t)r * k;
+        float* dS = dscore + (size_t)r * k;
+        if (gate_kind == GATE_SOFTMAX) {
+            float dot = 0.0f;
+            for (int m = 0; m < k; m++) dot += g[m] * dg[m];
+            for (int m = 0; m < k; m++) dS[m] = g[m] * (dg[m] - dot);
+        } else {
+            for (int m = 0; m < k; m++) dS[m] = g[m] * dg[m];
+        }
+    }
+}
+
+// S_m = pr[i] + pc[j] with e = i*n + j: scatter dS into dlogp (BT, 2n) (overwrites; the
+// indices carry no gradient, so unselected rows and columns get 0)
+void omni_route_backward(float* dlogp, const float* dscore, const int* idx, int BT, int n, int k) {
+    #pragma omp parallel for
+    for (int r = 0; r < BT; r++) {
+        float* dpr = dlogp + (size_t)r * 2 * n;
+        float* dpc = dpr + n;
+        for (int i = 0; i < 2 * n; i++) dpr[i] = 0.0f;
+        for (int m = 0; m < k; m++) {
+            size_t p = (size_t)r * k + m;
+            dpr[idx[p] / n] += dscore[p];
+            dpc[idx[p] % n] += dscore[p];
+        }
+    }
+}
+
+// --- loss ----------------------------------------------------------------------------------
+
+// per token: lse = log sum_{v < V} exp(logits[v]) over the REAL vocabulary, loss = lse - logit[target]
+void crossentropy_forward(float* losses, float* lse, const float* logits, const int* targets, int BT, int V, int Vp) {
+    #pragma omp parallel for
+    for (int r = 0; r < BT; r++) {
+        const float* lr = logits + (size_t)r * Vp;
+        float maxval = -INFINITY;
+        for (int v = 0; v < V; v++) if (lr[v] > maxval) maxval = lr[v];
+        float sum = 0.0f;
+        for (int v = 0; v < V; v++) sum += expf(lr[v] - maxval);
+        lse[r] = maxval + logf(sum);
+        losses[r] = lse[r] - lr[targets[r]];
+    }
+}
+
+// dlogits = dloss * (softmax - onehot) on the first V columns, 0 on the padded ones (overwrites)
+void crossentropy_backward(float* dlogits, const float* logits, const float* lse, const int* targets,
+                           float dloss, int BT, int V, int Vp) {
+    #pragma omp parallel for
+    for (int r = 0; r < BT; r++) {
+        const float* lr = logits + (size_t)r * Vp;
+        float* dl = dlogits + (size_t)r * Vp;
+        for (int v = 0; v < V; v++) {
+            float p = expf(lr[v] - lse[r]);
+            dl[v] = (p - (v == targets[r] ? 1.0f : 0.0f)) * dloss;
+        }
+        for (int v = V; v < Vp; v++) dl[v] = 0.0f;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// the model
+
+// forward activations, per layer where marked (L, ...); allocated for one (B, T)
+typedef struct {
+    float* encoded;      // (BT, C)
+    float* ln1;          // (L, BT, C)
+    float* ln1_mean;     // (L, BT)
+    float* ln1_rstd;     // (L, BT)
+    float* qkv;          // (L, BT, 3C)
+    float* atty;         // (L, BT, C)
+    float* att;          // (L, B, NH, T, T)
+    float* attproj;      // (L, BT, C)
+    float* residual2;    // (L, BT, C)
+    float* ln2;          // (L, BT, C)
+    float* ln2_mean;     // (L, BT)
+    float* ln2_rstd;     // (L, BT)
+    float* fch;          // (L, BT, FR)  FR = 4C (gelu pre-activation) or 2I ([g | u])
+    float* fch_act;      // (L, BT, H)   GELU(fch) or SiLU(g) * u
+    float* ffn_out;      // (L, BT, C)   the FFN output (omni: SwiGLU + experts)
+    float* residual3;    // (L, BT, C)
+    // omni only
+    float* router_logits;  // (L, BT, 2n) Wrc x
+    float* router_normed;  // (L, BT, 2n) after BN (a copy when router_norm is none)
+    float* bn_mean;        // (L, 2n) statistics BN used (batch or running)
+    float* bn_rstd;        // (L, 2n)
+    float* router_logp;    // (L, BT, 2n) log_softmax per half: [pr | pc]
+    int* topk_idx;         // (L, BT, k) expert ids e = i*n + j, best first
+    float* topk_score;     // (L, BT, k) S = pr[i] + pc[j]
+    float* gate;           // (L, BT, k)
+    float* expert_s;       // (L, BT, k) <u_e, x>
+    float* expert_a;       // (L, BT, k) g SiLU(s)
+    // head
+    float* lnf;          // (BT, C)
+    float* lnf_mean;     // (BT)
+    float* lnf_rstd;     // (BT)
+    float* losses;       // (BT)
+    float* lse;          // (BT) log-sum-exp over the real vocabulary
+} Activations;
+
+// backward scratch: one layer at a time, reused down the stack
+typedef struct {
+    float* dresidual;    // (BT, C) d loss / d residual stream at the current depth
+    float* dln;          // (BT, C) d loss / d layernorm output
+    float* dqkv;         // (BT, 3C)
+    float* datt_row;     // (B, NH, T)
+    float* datty;        // (BT, C)
+    float* dfch;         // (BT, FR)
+    float* dfch_act;     // (BT, H)
+    float* dlogits;      // (BT, Vp)
+    // omni only
+    float* drouter_a;    // (BT, 2n) ping-pong buffers through log_softmax and BN
+    float* drouter_b;    // (BT, 2n)
+    float* dgate;        // (BT, k)
+    float* dscore;       // (BT, k)
+    float* ds;           // (BT, k)
+    int* pair_offsets;   // (N + 1)
+    int* pair_list;      // (BT, k)
+} BackwardScratch;
+
+typedef struct {
+    ModelConfig config;
+    size_t param_sizes[NUM_PARAMETER_TENSORS];
+    size_t num_params;
+    float* params;                                  // flat, layout order of config.h
+    float* param_tensors[NUM_PARAMETER_TENSORS];    // point into params (NULL where size 0)
+    float* grads;                                   // same layout, accumulated by backward
+    float* grad_tensors[NUM_PARAMETER_TENSORS];
+    float* m;                                       // AdamW first moment (allocated at first update)
+    float* v;                                       // AdamW second moment
+    float* bn_stats;       // router BN running stats, per layer: mean[2n] then var[2n]
+    size_t num_bn_stats;
+    // activations, for the (B, T) of the last forward
+    Activations acts;
+    BackwardScratch scratch;
+    float* logits;         // (B, T, Vp)
+    int* inputs;           // (B, T) copy of the last forward's inputs
+    int* targets;          // (B, T) copy of the last forward's targets
+    int B, T;              // of the last forward
+    int alloc_B, alloc_T;  // activations are allocated for this shape (0: none yet)
+    int have_targets;      // the last forward computed a loss (backward needs it)
+    int bn_used_batch_stats;  // the last forward normalised the router with batch statistics
+    float mean_loss;       // of the last forward with targets; -1 without
+} GPT;
+
+static float* alloc_floats(size_t count) { return (float*)calloc_check(count > 0 ? count : 1, sizeof(float)); }
+static int* alloc_ints(size_t count) { return (int*)calloc_check(count > 0 ? count : 1, sizeof(int)); }
+
+void gpt_build(GPT* model, const ModelConfig* config) {
+    if (!model_config_validate(config)) exit(EXIT_FAILURE);
+    memset(model, 0, sizeof(*model));
+    model->config = *config;
+    model_config_param_sizes(config, model->param_sizes);
+    model->num_params = model_config_num_params(config);
+    model->params = alloc_floats(model->num_params);
+    model->grads = alloc_floats(model->num_params);
+    size_t offset = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        model->param_tensors[i] = model->param_sizes[i] ? model->params + offset : NULL;
+        model->grad_tensors[i] = model->param_sizes[i] ? model->grads + offset : NULL;
+        offset += model->param_sizes[i];
+    }
+    model->num_bn_stats = model_config_num_bn_stats(config);
+    model->bn_stats = alloc_floats(model->num_bn_stats);
+    int R = 2 * config->router_n;
+    for (int l = 0; l < (model->num_bn_stats ? config->num_layers : 0); l++) {
+        for (int c = 0; c < R; c++) {
+            model->bn_stats[(size_t)l * 2 * R + c] = 0.0f;      // running mean
+            model->bn_stats[(size_t)l * 2 * R + R + c] = 1.0f;  // running var
+        }
+    }
+    model->mean_loss = -1.0f;
+}
+
+// SPEC.md §2 initialisation: one Rng seeded with `seed`, then the tensors in layout order; a
+// tensor with param_init_std > 0 draws rng_normal(std) over all its elements (including padded
+// wte rows), LayerNorm weights are 1 and biases 0 without drawing. BN running stats reset.
+void gpt_init_random(GPT* model, uint64_t seed) {
+    Rng rng;
+    rng_init(&rng, seed);
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        size_t size = model->param_sizes[i];
+        if (size == 0) continue;
+        float std = param_init_std(&model->config, i);
+        float* p = model->param_tensors[i];
+        if (std > 0.0f) rng_normal(&rng, p, size, 0.0f, std);
+        else for (size_t j = 0; j < size; j++) p[j] = std == -1.0f ? 1.0f : 0.0f;
+    }
+    int R = 2 * model->config.router_n;
+    for (size_t l = 0; l < (model->num_bn_stats ? (size_t)model->config.num_layers : 0); l++) {
+        for (int c = 0; c < R; c++) {
+            model->bn_stats[l * 2 * R + c] = 0.0f;
+            model->bn_stats[l * 2 * R + R + c] = 1.0f;
+        }
+    }
+}
+
+static void free_activations(GPT* model) {
+    Activations* a = &model->acts;
+    float* fl[] = {a->encoded, a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->att, a->attproj,
+                   a->residual2, a->ln2, a->ln2_mean, a->ln2_rstd, a->fch, a->fch_act, a->ffn_out,
+                   a->residual3, a->router_logits, a->router_normed, a->bn_mean, a->bn_rstd,
+                   a->router_logp, a->topk_score, a->gate, a->expert_s, a->expert_a, a->lnf,
+                   a->lnf_mean, a->lnf_rstd, a->losses, a->lse};
+    for (size_t i = 0; i < sizeof(fl) / sizeof(fl[0]); i++) free(fl[i]);
+    free(a->topk_idx);
+    BackwardScratch* s = &model->scratch;
+    float* fs[] = {s->dresidual, s->dln, s->dqkv, s->datt_row, s->datty, s->dfch, s->dfch_act,
+                   s->dlogits, s->drouter_a, s->drouter_b, s->dgate, s->dscore, s->ds};
+    for (size_t i = 0; i < sizeof(fs) / sizeof(fs[0]); i++) free(fs[i]);
+    free(s->pair_offsets);
+    free(s->pair_list);
+    free(model->logits);
+    free(model->inputs);
+    free(model->targets);
+    memset(a, 0, sizeof(*a));
+    memset(s, 0, sizeof(*s));
+    model->logits = NULL;
+    model->inputs = model->targets = NULL;
+    model->alloc_B = model->alloc_T = 0;
+}
+
+// (re)allocates activations and backward scratch for (B, T)
+static void ensure_activations(GPT* model, int B, int T) {
+    if (model->alloc_B == B && model->alloc_T == T) return;
+    free_activations(model);
+    const ModelConfig* c = &model->config;
+    size_t L = c->num_layers, C = c->channels, NH = c->num_heads, Vp = c->padded_vocab_size;
+    size_t BT = (size_t)B * T, H = c->ffn_hidden;
+    size_t FR = c->ffn_kind == FFN_GELU ? H : 2 * H;
+    int omni = c->ffn_kind == FFN_OMNI;
+    size_t R = omni ? 2 * (size_t)c->router_n : 0, K = omni ? (size_t)c->top_k : 0;
+    size_t N = omni ? (size_t)c->num_experts : 0;
+    Activations* a = &model->acts;
+    a->encoded = alloc_floats(BT * C);
+    a->ln1 = alloc_floats(L * BT * C);
+    a->ln1_mean = alloc_floats(L * BT);
+    a->ln1_rstd = alloc_floats(L * BT);
+    a->qkv = alloc_floats(L * BT * 3 * C);
+    a->atty = alloc_floats(L * BT * C);
+    a->att = alloc_floats(L * B * NH * T * T);
+    a->attproj = alloc_floats(L * BT * C);
+    a->residual2 = alloc_floats(L * BT * C);
+    a->ln2 = alloc_floats(L * BT * C);
+    a->ln2_mean = alloc_floats(L * BT);
+    a->ln2_rstd = alloc_floats(L * BT);
+    a->fch = alloc_floats(L * BT * FR);
+    a->fch_act = alloc_floats(L * BT * H);
+    a->ffn_out = alloc_floats(L * BT * C);
+    a->residual3 = alloc_floats(L * BT * C);
+    a->router_logits = alloc_floats(L * BT * R);
+    a->router_normed = alloc_floats(L * BT * R);
+    a->bn_mean = alloc_floats(L * R);
+    a->bn_rstd = alloc_floats(L * R);
+    a->router_logp = alloc_floats(L * BT * R);
+    a->topk_idx = alloc_ints(L * BT * K);
+    a->topk_score = alloc_floats(L * BT * K);
+    a->gate = alloc_floats(L * BT * K);
+    a->expert_s = alloc_floats(L * BT * K);
+    a->expert_a = alloc_floats(L * BT * K);
+    a->lnf = alloc_floats(BT * C);
+    a->lnf_mean = alloc_floats(BT);
+    a->lnf_rstd = alloc_floats(BT);
+    a->losses = alloc_floats(BT);
+    a->lse = alloc_floats(BT);
+    BackwardScratch* s = &model->scratch;
+    s->dresidual = alloc_floats(BT * C);
+    s->dln = alloc_floats(BT * C);
+    s->dqkv = alloc_floats(BT * 3 * C);
+    s->datt_row = alloc_floats((size_t)B * NH * T);
+    s->datty = alloc_floats(BT * C);
+    s->dfch = alloc_floats(BT * FR);
+    s->dfch_act = alloc_floats(BT * H);
+    s->dlogits = alloc_floats(BT * Vp);
+    s->drouter_a = alloc_floats(BT * R);
+    s->drouter_b = alloc_floats(BT * R);
+    s->dgate = alloc_floats(BT * K);
+    s->dscore = alloc_floats(BT * K);
+    s->ds = alloc_floats(BT * K);
+    s->pair_offsets = alloc_ints(N + 1);
+    s->pair_list = alloc_ints(BT * K);
+    model->logits = alloc_floats(BT * Vp);
+    model->inputs = alloc_ints(BT);
+    model->targets = alloc_ints(BT);
+    model->alloc_B = B;
+    model->alloc_T = T;
+}
+
+static void check_tokens(const int* tokens, size_t count, int V, const char* what) {
+    for (size_t i = 0; i < count; i++) {
+        if (tokens[i] < 0 || tokens[i] >= V) {
+            fprintf(stderr, "Error: gpt_forward: %s[%zu] = %d is not a token id in [0, %d)\n", what, i, tokens[i], V);
+            exit(EXIT_FAILURE);
+        }
+    }
+}
+
+// Forward pass. Logits (B, T, Vp) land in model->logits; with targets, model->mean_loss is the
+// mean cross-entropy over the B*T tokens (else -1). training=1: router BN normalises with the
+// batch statistics and updates the running statistics; training=0: it uses the running ones.
+void gpt_forward(GPT* model, const int* inputs, const int* targets, int B, int T, int training) {
+    const ModelConfig* c = &model->config;
+    if (B < 1 || T < 1 || T > c->max_seq_len) {
+        fprintf(stderr, "Error: gpt_forward: need B >= 1 and 1 <= T <= max_seq_len=%d, got B=%d T=%d\n",
+                c->max_seq_len, B, T);
+        exit(EXIT_FAILURE);
+    }
+    int omni = c->ffn_kind == FFN_OMNI;
+    int use_bn = omni && c->router_norm == ROUTER_NORM_BN;
+    if (use_bn && training && B * T < 2) {
+        fprintf(stderr, "Error: gpt_forward: router batch norm in training mode needs B*T >= 2 tokens (got 1)\n");
+        exit(EXIT_FAILURE);
+    }
+    size_t BT = (size_t)B * T;
+    check_tokens(inputs, BT, c->vocab_size, "inputs");
+    if (targets != NULL) check_tokens(targets, BT, c->vocab_size, "targets");
+    ensure_activations(model, B, T);
+    model->B = B;
+    model->T = T;
+    memcpy(model->inputs, inputs, BT * sizeof(int));
+    if (targets != NULL) memcpy(model->targets, targets, BT * sizeof(int));
+
+    int L = c->num_layers, C = c->channels, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size;
+    int H = c->ffn_hidden, FR = c->ffn_kind == FFN_GELU ? H : 2 * H;
+    int n = omni ? c->router_n : 0, R = 2 * n, k = omni ? c->top_k : 0;
+    Activations* a = &model->acts;
+    float** p = model->param_tensors;
+
+    encoder_forward(a->encoded, inputs, p[PARAM_WTE], p[PARAM_WPE], B, T, C);
+    for (int l = 0; l < L; l++) {
+        const float* residual = l == 0 ? a->encoded : a->residual3 + (size_t)(l - 1) * BT * C;
+        float* l_ln1 = a->ln1 + (size_t)l * BT * C;
+        float* l_qkv = a->qkv + (size_t)l * BT * 3 * C;
+        float* l_atty = a->atty + (size_t)l * BT * C;
+        float* l_att = a->att + (size_t)l * B * NH * T * T;
+        float* l_attproj = a->attproj + (size_t)l * BT * C;
+        float* l_residual2 = a->residual2 + (size_t)l * BT * C;
+        float* l_ln2 = a->ln2 + (size_t)l * BT * C;
+        float* l_fch = a->fch + (size_t)l * BT * FR;
+        float* l_fch_act = a->fch_act + (size_t)l * BT * H;
+        float* l_ffn_out = a->ffn_out + (size_t)l * BT * C;
+        float* l_residual3 = a->residual3 + (size_t)l * BT * C;
+
+        // attention block
+        layernorm_forward(l_ln1, a->ln1_mean + (size_t)l * BT, a->ln1_rstd + (size_t)l * BT, residual,
+                          p[PARAM_LN1W] + (size_t)l * C, p[PARAM_LN1B] + (size_t)l * C, BT, C);
+        matmul_forward(l_qkv, l_ln1, p[PARAM_QKVW] + (size_t)l * 3 * C * C, p[PARAM_QKVB] + (size_t)l * 3 * C, BT, C, 3 * C);
+        attention_forward(l_atty, l_att, l_qkv, B, T, C, NH);
+        matmul_forward(l_attproj, l_atty, p[PARAM_ATTPROJW] + (size_t)l * C * C, p[PARAM_ATTPROJB] + (size_t)l * C, BT, C, C);
+        residual_forward(l_residual2, residual, l_attproj, BT * C);
+
+        // feed-forward block
+        layernorm_forward(l_ln2, a->ln2_mean + (size_t)l * BT, a->ln2_rstd + (size_t)l * BT, l_residual2,
+                          p[PARAM_LN2W] + (size_t)l * C, p[PARAM_LN2B] + (size_t)l * C, BT, C);
+        const float* fcw = p[PARAM_FCW] + (size_t)l * FR * C;
+        const float* fcprojw = p[PARAM_FCPROJW] + (size_t)l * C * H;
+        if (c->ffn_kind == FFN_GELU) {
+            matmul_forward(l_fch, l_ln2, fcw, p[PARAM_FCB] + (size_t)l * H, BT, C, H);
+            gelu_forward(l_fch_act, l_fch, BT * H);
+            matmul_forward(l_ffn_out, l_fch_act, fcprojw, p[PARAM_FCPROJB] + (size_t)l * C, BT, H, C);
+        } else {
+            // shared SwiGLU (the whole FFN for swiglu)
+            matmul_forward(l_fch, l_ln2, fcw, NULL, BT, C, 2 * H);
+            swiglu_forward(l_fch_act, l_fch, BT, H);
+            matmul_forward(l_ffn_out, l_fch_act, fcprojw, NULL, BT, H, C);
+        }
+        if (omni) {
+            // router -> BN -> log_softmax per half -> top-k + gates -> atomic experts
+            float* l_rlog = a->router_logits + (size_t)l * BT * R;
+            float* l_rnorm = a->router_normed + (size_t)l * BT * R;
+            float* l_logp = a->router_logp + (size_t)l * BT * R;
+            size_t pk = (size_t)l * BT * k;
+            matmul_forward(l_rlog, l_ln2, p[PARAM_ROUTERW] + (size_t)l * R * C, NULL, BT, C, R);
+            if (use_bn) {
+                float* running_mean = model->bn_stats + (size_t)l * 2 * R;
+                batchnorm_forward(l_rnorm, a->bn_mean + (size_t)l * R, a->bn_rstd + (size_t)l * R, l_rlog,
+                                  running_mean, running_mean + R, (int)BT, R, training, training);
+            } else {
+                memcpy(l_rnorm, l_rlog, BT * R * sizeof(float));
+            }
+            router_logsoftmax_forward(l_logp, l_rnorm, (int)BT, n);
+            omni_route_forward(a->topk_idx + pk, a->topk_score + pk, a->gate + pk, l_logp, (int)BT, n, k, c->gate);
+            omni_experts_forward(l_ffn_out, a->expert_s + pk, a->expert_a + pk, l_ln2, a->topk_idx + pk,
+                                 a->gate + pk, p[PARAM_EXPERTU] + (size_t)l * c->num_experts * C,
+                                 p[PARAM_EXPERTV] + (size_t)l * c->num_experts * C, (int)BT, C, k);
+        }
+        residual_forward(l_residual3, l_residual2, l_ffn_out, BT * C);
+    }
+    const float* residual = a->residual3 + (size_t)(L - 1) * BT * C;
+    layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, residual, p[PARAM_LNFW], p[PARAM_LNFB], BT, C);
+    matmul_forward(model->logits, a->lnf, p[PARAM_WTE], NULL, BT, C, Vp);  // tied LM head, all Vp columns
+    model->bn_used_batch_stats = use_bn && training;
+    if (targets != NULL) {
+        crossentropy_forward(a->losses, a->lse, model->logits, targets, BT, V, Vp);
+        double sum = 0.0;  // the batch mean in double, in token order
+        for (size_t r = 0; r < BT; r++) sum += a->losses[r];
+        model->mean_loss = (float)(sum / BT);
+        model->have_targets = 1;
+    } else {
+        model->mean_loss = -1.0f;
+        model->have_targets = 0;
+    }
+}
+
+void gpt_zero_grad(GPT* model) {
+    memset(model->grads, 0, model->num_params * sizeof(float));
+}
+
+// Backward pass of the last forward (which must have had targets): grads += loss_scale *
+// d(mean_loss)/d(params). Gradient accumulation: loss_scale = 1/accum_steps on each micro-batch.
+void gpt_backward(GPT* model, float loss_scale) {
+    if (!model->have_targets) {
+        fprintf(stderr, "Error: gpt_backward needs a preceding gpt_forward with targets\n");
+        exit(EXIT_FAILURE);
+    }
+    const ModelConfig* c = &model->config;
+    int B = model->B, T = model->T;
+    size_t BT = (size_t)B * T;
+    int L = c->num_layers, C = c->channels, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size;
+    int H = c->ffn_hidden, FR = c->ffn_kind == FFN_GELU ? H : 2 * H;
+    int omni = c->ffn_kind == FFN_OMNI;
+    int n = omni ? c->router_n : 0, R = 2 * n, k = omni ? c->top_k : 0, N = omni ? c->num_experts : 0;
+    Activations* a = &model->acts;
+    BackwardScratch* s = &model->scratch;
+    float** p = model->param_tensors;
+    float** g = model->grad_tensors;
+
+    // head: the mean over BT tokens gives each token's loss the weight loss_scale / BT
+    crossentropy_backward(s->dlogits, model->logits, a->lse, model->targets, loss_scale / (float)BT, (int)BT, V, Vp);
+    memset(s->dln, 0, BT * C * sizeof(float));
+    matmul_backward(s->dln, g[PARAM_WTE], NULL, s->dlogits, a->lnf, p[PARAM_WTE], (int)BT, C, Vp);
+    memset(s->dresidual, 0, BT * C * sizeof(float));
+    const float* last_residual = a->residual3 + (size_t)(L - 1) * BT * C;
+    layernorm_backward(s->dresidual, g[PARAM_LNFW], g[PARAM_LNFB], s->dln, last_residual, p[PARAM_LNFW],
+                       a->lnf_mean, a->lnf_rstd, (int)BT, C);
+
+    for (int l = L - 1; l >= 0; l--) {
+        // s->dresidual holds d loss / d residual3[l]
+        const float* residual = l == 0 ? a->encoded : a->residual3 + (size_t)(l - 1) * BT * C;
+        const float* l_ln1 = a->ln1 + (size_t)l * BT * C;
+        const float* l_qkv = a->qkv + (size_t)l * BT * 3 * C;
+        const float* l_atty = a->atty + (size_t)l * BT * C;
+        const float* l_att = a->att + (size_t)l * B * NH * T * T;
+        const float* l_residual2 = a->residual2 + (size_t)l * BT * C;
+        const float* l_ln2 = a->ln2 + (size_t)l * BT * C;
+        const float* l_fch = a->fch + (size_t)l * BT * FR;
+        const float* l_fch_act = a->fch_act + (size_t)l * BT * H;
+        const float* fcw = p[PARAM_FCW] + (size_t)l * FR * C;
+        const float* fcprojw = p[PARAM_FCPROJW] + (size_t)l * C * H;
+        float* dfcw = g[PARAM_FCW] + (size_t)l * FR * C;
+        float* dfcprojw = g[PARAM_FCPROJW] + (size_t)l * C * H;
+
+        // feed-forward block: dffn_out = dresidual; everything lands in dln = d loss / d ln2
+        memset(s->dfch_act, 0, BT * H * sizeof(float));
+        memset(s->dln, 0, BT * C * sizeof(float));
+        if (c->ffn_kind == FFN_GELU) {
+            matmul_backward(s->dfch_act, dfcprojw, g[PARAM_FCPROJB] + (size_t)l * C, s->dresidual, l_fch_act,
+                            fcprojw, (int)BT, H, C);
+            gelu_backward(s->dfch, l_fch, s->dfch_act, BT * H);
+            matmul_backward(s->dln, dfcw, g[PARAM_FCB] + (size_t)l * H, s->dfch, l_ln2, fcw, (int)BT, C, H);
+        } else {
+            matmul_backward(s->dfch_act, dfcprojw, NULL, s->dresidual, l_fch_act, fcprojw, (int)BT, H, C);
+            swiglu_backward(s->dfch, s->dfch_act, l_fch, (int)BT, H);
+            matmul_backward(s->dln, dfcw, NULL, s->dfch, l_ln2, fcw, (int)BT, C, 2 * H);
+        }
+        if (omni) {
+            size_t pk = (size_t)l * BT * k;
+            const float* U = p[PARAM_EXPERTU] + (size_t)l * N * C;
+            const float* Vx = p[PARAM_EXPERTV] + (size_t)l * N * C;
+            // experts: dX, dU, dV and the gate gradients
+            omni_experts_backward(s->dln, g[PARAM_EXPERTU] + (size_t)l * N * C, g[PARAM_EXPERTV] + (size_t)l * N * C,
+                                  s->dgate, s->ds, s->pair_offsets, s->pair_list, s->dresidual, l_ln2,
+                                  a->topk_idx + pk, a->gate + pk, a->expert_s + pk, a->expert_a + pk, U, Vx,
+                                  (int)BT, C, k, N);
+            // gates -> scores -> (pr, pc) -> BN output -> router logits
+            omni_gate_backward(s->dscore, s->dgate, a->gate + pk, (int)BT, k, c->gate);
+            omni_route_backward(s->drouter_a, s->dscore, a->topk_idx + pk, (int)BT, n, k);
+            router_logsoftmax_backward(s->drouter_b, s->drouter_a, a->router_logp + (size_t)l * BT * R, (int)BT, n);
+            const float* drouter_logits = s->drouter_b;
+            if (c->router_norm == ROUTER_NORM_BN) {
+                batchnorm_backward(s->drouter_a, s->drouter_b, a->router_normed + (size_t)l * BT * R,
+                                   a->bn_rstd + (size_t)l * R, (int)BT, R, model->bn_used_batch_stats);
+                drouter_logits = s->drouter_a;
+            }
+            matmul_backward(s->dln, g[PARAM_ROUTERW] + (size_t)l * R * C, NULL, drouter_logits, l_ln2,
+                            p[PARAM_ROUTERW] + (size_t)l * R * C, (int)BT, C, R);
+        }
+        // dresidual becomes d loss / d residual2[l]
+        layernorm_backward(s->dresidual, g[PARAM_LN2W] + (size_t)l * C, g[PARAM_LN2B] + (size_t)l * C, s->dln,
+                           l_residual2, p[PARAM_LN2W] + (size_t)l * C, a->ln2_mean + (size_t)l * BT,
+                           a->ln2_rstd + (size_t)l * BT, (int)BT, C);
+
+        // attention block: dattproj = dresidual
+        memset(s->datty, 0, BT * C * sizeof(float));
+        matmul_backward(s->datty, g[PARAM_ATTPROJW] + (size_t)l * C * C, g[PARAM_ATTPROJB] + (size_t)l * C,
+                        s->dresidual, l_atty, p[PARAM_ATTPROJW] + (size_t)l * C * C, (int)BT, C, C);
+        memset(s->dqkv, 0, BT * 3 * C * sizeof(float));
+        attention_backward(s->dqkv, s->datt_row, s->datty, l_qkv, l_att, B, T, C, NH);
+        memset(s->dln, 0, BT * C * sizeof(float));
+        matmul_backward(s->dln, g[PARAM_QKVW] + (size_t)l * 3 * C * C, g[PARAM_QKVB] + (size_t)l * 3 * C, s->dqkv,
+                        l_ln1, p[PARAM_QKVW] + (size_t)l * 3 * C * C, (int)BT, C, 3 * C);
+        // dresidual becomes d loss / d residual3[l-1] (or d encoded)
+        layernorm_backward(s->dresidual, g[PARAM_LN1W] + (size_t)l * C, g[PARAM_LN1B] + (size_t)l * C, s->dln,
+                           residual, p[PARAM_LN1W] + (size_t)l * C, a->ln1_mean + (size_t)l * BT,
+                           a->ln1_rstd + (size_t)l * BT, (int)BT, C);
+    }
+    encoder_backward(g[PARAM_WTE], g[PARAM_WPE], s->dresidual, model->inputs, B, T, C);
+}
+
+// L2 norm of all gradients, in double, summed in a fixed order
+static float gpt_grad_norm(const GPT* model) {
+    double sum = 0.0;
+    for (size_t i = 0; i < model->num_params; i++) sum += (double)model->grads[i] * model->grads[i];
+    return (float)sqrt(sum);
+}
+
+// AdamW with bias correction (t = 1, 2, ... counts updates), decoupled weight decay on the
+// tensors param_is_decayed() names, and global gradient-norm clipping: when grad_clip > 0 and
+// the norm exceeds it, the gradients enter the moments scaled by grad_clip / norm. The stored
+// gradients are left as they were. Returns the gradient norm before clipping.
+float gpt_update(GPT* model, float lr, float beta1, float beta2, float eps, float weight_decay,
+                 float grad_clip, int t) {
+    if (t < 1) {
+        fprintf(stderr, "Error: gpt_update: the step count t must be >= 1 (bias correction), got %d\n", t);
+        exit(EXIT_FAILURE);
+    }
+    if (model->m == NULL) {
+        model->m = alloc_floats(model->num_params);
+        model->v = alloc_floats(model->num_params);
+    }
+    float norm = gpt_grad_norm(model);
+    float grad_scale = (grad_clip > 0.0f && norm > grad_clip) ? grad_clip / norm : 1.0f;
+    float beta1_correction = 1.0f - powf(beta1, (float)t);
+    float beta2_correction = 1.0f - powf(beta2, (float)t);
+    size_t offset = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        size_t size = model->param_sizes[i];
+        float wd = param_is_decayed(i) ? weight_decay : 0.0f;
+        float* param = model->params + offset;
+        const float* grad = model->grads + offset;
+        float* m = model->m + offset;
+        float* v = model->v + offset;
+        #pragma omp parallel for
+        for (size_t j = 0; j < size; j++) {
+            float gj = grad[j] * grad_scale;
+            m[j] = beta1 * m[j] + (1.0f - beta1) * gj;
+            v[j] = beta2 * v[j] + (1.0f - beta2) * gj * gj;
+            float m_hat = m[j] / beta1_correction;
+            float v_hat = v[j] / beta2_correction;
+            param[j] -= lr * (m_hat / (sqrtf(v_hat) + eps) + wd * param[j]);
+        }
+        offset += size;
+    }
+    return norm;
+}
+
+void gpt_free(GPT* model) {
+    free_activations(model);
+    free(model->params);
+    free(model->grads);
+    free(model->m);
+    free(model->v);
+    free(model->bn_stats);
+    memset(model, 0, sizeof(*model));
+}
+
+#ifndef TESTING
+int main(void) {
+    fprintf(stderr, "train_omnimoe_cpu: trainer not written yet\n");
+    return 1;
+}
+#endif
