@@ -1,0 +1,590 @@
+/*
+ * args.h - the command line shared by the CPU reference trainer (train_omnimoe.c) and the CUDA
+ * trainer (train_omnimoe.cu). Plain C: compiles with gcc -std=c11 and nvcc (C++).
+ *
+ * Defines:
+ *   TrainConfig                    every run setting (data, batch, optimiser, eval, model knobs)
+ *   train_config_defaults()        the documented defaults
+ *   train_config_parse()           argv -> TrainConfig; every bad flag or value: one message, exit
+ *   train_config_print_help()      the flag table with defaults (also what --help prints)
+ *   train_config_print()           the settings of this run, one per line
+ *   train_config_model()           -e preset + overrides -> ModelConfig (0 when -e is a file)
+ *   train_config_check_file_model() overrides given with -e <file> must agree with the file
+ *   train_config_validate()        checks that need the model (T <= max_seq_len, batch division)
+ *   train_config_total_batch_tokens(), train_config_grad_accum_steps()
+ *
+ * Flags come in pairs, llm.c style: a short form (-b 4) and/or a long one (--batch-size 4 or
+ * --batch-size=4). The flag table train_flags[] below is the single source of truth: parsing,
+ * range checks, error messages and the help text all come from it.
+ *
+ * num_processes and process_rank are not flags: the trainer sets them (MPI / NCCL setup) before
+ * train_config_validate(), which derives grad accumulation = d / (B * T * num_processes).
+ */
+#ifndef OMNIMOE_ARGS_H
+#define OMNIMOE_ARGS_H
+
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <math.h>
+#include <float.h>
+#include "config.h"
+
+// learning-rate schedules (schedule.h computes them)
+enum { LR_SCHEDULE_COSINE = 0, LR_SCHEDULE_WSD = 1, LR_SCHEDULE_CONSTANT = 2 };
+// the two executions of the expert branch (SPEC §3)
+enum { EXPERT_EXEC_TOKEN = 0, EXPERT_EXEC_EXPERT = 1 };
+
+static inline const char* lr_schedule_name(int s) {
+    return s == LR_SCHEDULE_WSD ? "wsd" : (s == LR_SCHEDULE_CONSTANT ? "constant" : "cosine");
+}
+static inline const char* expert_exec_name(int e) { return e == EXPERT_EXEC_TOKEN ? "token" : "expert"; }
+
+#define TRAIN_PATH_MAX 1024
+
+typedef struct {
+    // data and output
+    char train_data_pattern[TRAIN_PATH_MAX];  // -i  glob of training shards
+    char val_data_pattern[TRAIN_PATH_MAX];    // -j  glob of validation shards ("" = no validation)
+    char output_dir[TRAIN_PATH_MAX];          // -o  logs + checkpoints ("" = neither)
+    char log_file[TRAIN_PATH_MAX];            // --log-file  ("" = <output_dir>/log.jsonl, none without -o)
+    char model[TRAIN_PATH_MAX];               // -e  preset name (config.h) or path of a model .bin
+    // batch
+    int B;                                    // -b  micro-batch size per process
+    int T;                                    // -t  sequence length
+    long long total_batch_size;               // -d  tokens per optimiser step; -1 = B*T*num_processes
+    int num_processes;                        // not a flag: set by the trainer (default 1)
+    int process_rank;                         // not a flag: set by the trainer (default 0)
+    // optimisation
+    int num_steps;                            // -x  optimiser steps
+    float learning_rate;                      // -l  peak learning rate
+    int warmup_steps;                         // -u  linear warm-up steps
+    float final_lr_frac;                      // -q  final lr = final_lr_frac * lr
+    int lr_schedule;                          // --schedule  LR_SCHEDULE_*
+    float decay_frac;                         // --decay-frac  WSD: share of steps in the final decay
+    float weight_decay;                       // -c  AdamW weight decay (matrices only)
+    float grad_clip;                          // --grad-clip  global-norm clip (0 = off)
+    float beta1, beta2, eps;                  // --beta1 --beta2 --eps  AdamW
+    // evaluation, sampling, checkpoints
+    int val_every;                            // -v  evaluate every this many steps (0 = never)
+    int val_max_batches;                      // -m  batches per evaluation (-1 = the whole val set)
+    int sample_every;                         // -s  sample every this many steps (0 = never)
+    int gen_tokens;                           // -g  tokens generated per sample
+    int checkpoint_every;                     // -n  checkpoint every this many steps (0 = never)
+    int resume;                               // -y  1 = resume from the latest complete checkpoint in -o
+    unsigned long long seed;                  // --seed  init, shuffling and sampling seed
+    int shuffle;                              // --shuffle  1 = shuffle training windows per epoch
+    // model knobs (-1 / 0 = take the preset's value)
+    int ffn_kind;                             // -f  FFN_* ; -1 = omni for a preset, the file's kind for a file
+    int ffn_hidden;                           // --hidden  I (gelu: the 4C width); 0 = preset
+    int num_experts;                          // --experts  N = n*n; 0 = preset
+    int top_k;                                // --topk  k; 0 = preset
+    int router_norm;                          // --router-norm  ROUTER_NORM_*; -1 = preset (bn)
+    int gate;                                 // --gate  GATE_*; -1 = preset (softmax)
+    int expert_exec;                          // --expert-exec  EXPERT_EXEC_* (run-time choice, not saved in the model)
+} TrainConfig;
+
+// ----------------------------------------------------------------------------
+// the flag table
+
+enum { TRAIN_ARG_INT, TRAIN_ARG_LONG, TRAIN_ARG_U64, TRAIN_ARG_FLOAT, TRAIN_ARG_STRING, TRAIN_ARG_CHOICE };
+
+typedef struct {
+    const char* short_name;   // "-b", or NULL
+    const char* long_name;    // "--batch-size"
+    int kind;                 // TRAIN_ARG_*
+    size_t offset;            // of the field in TrainConfig
+    double min, max;          // numbers: allowed range (inclusive); strings: min 1 = must not be empty
+    int minus_one_ok;         // numbers: -1 is allowed besides [min, max] (a special meaning)
+    const char* choices;      // TRAIN_ARG_CHOICE: words separated by '|', word i is stored as value i
+    const char* help;         // one line
+} TrainFlag;
+
+#define TRAIN_NO_MAX 1e300
+#define TRAIN_INT_MAX 2147483647.0
+
+// Order = order of --help. The CHOICE word lists follow the enum values of config.h and above.
+static const TrainFlag train_flags[] = {
+    {"-i", "--train-data", TRAIN_ARG_STRING, offsetof(TrainConfig, train_data_pattern), 1, 0, 0, NULL, "training shards (glob pattern)"},
+    {"-j", "--val-data", TRAIN_ARG_STRING, offsetof(TrainConfig, val_data_pattern), 0, 0, 0, NULL, "validation shards (glob pattern; \"\" = no validation)"},
+    {"-o", "--output-dir", TRAIN_ARG_STRING, offsetof(TrainConfig, output_dir), 0, 0, 0, NULL, "directory for the log and checkpoints (\"\" = none)"},
+    {"-e", "--model", TRAIN_ARG_STRING, offsetof(TrainConfig, model), 1, 0, 0, NULL, "preset (tiny small d6 d12 d24 d36 d48) or a model .bin file to start from"},
+    {"-b", "--batch-size", TRAIN_ARG_INT, offsetof(TrainConfig, B), 1, TRAIN_INT_MAX, 0, NULL, "micro-batch size B (sequences per process per micro-step)"},
+    {"-t", "--seq-len", TRAIN_ARG_INT, offsetof(TrainConfig, T), 1, TRAIN_INT_MAX, 0, NULL, "sequence length T (<= the model's max_seq_len)"},
+    {"-d", "--total-batch-size", TRAIN_ARG_LONG, offsetof(TrainConfig, total_batch_size), 1, 9.0e18, 1, NULL, "tokens per optimiser step, a multiple of B*T*processes (-1 = B*T*processes)"},
+    {"-x", "--steps", TRAIN_ARG_INT, offsetof(TrainConfig, num_steps), 0, TRAIN_INT_MAX, 0, NULL, "number of optimiser steps"},
+    {"-l", "--lr", TRAIN_ARG_FLOAT, offsetof(TrainConfig, learning_rate), 0, TRAIN_NO_MAX, 0, NULL, "peak learning rate"},
+    {"-u", "--warmup", TRAIN_ARG_INT, offsetof(TrainConfig, warmup_steps), 0, TRAIN_INT_MAX, 0, NULL, "linear warm-up steps"},
+    {"-q", "--final-lr-frac", TRAIN_ARG_FLOAT, offsetof(TrainConfig, final_lr_frac), 0, 1, 0, NULL, "final learning rate as a fraction of the peak (cosine, wsd)"},
+    {NULL, "--schedule", TRAIN_ARG_CHOICE, offsetof(TrainConfig, lr_schedule), 0, 0, 0, "cosine|wsd|constant", "learning-rate schedule after warm-up"},
+    {NULL, "--decay-frac", TRAIN_ARG_FLOAT, offsetof(TrainConfig, decay_frac), 0, 1, 0, NULL, "wsd: fraction of all steps spent in the final linear decay"},
+    {"-c", "--weight-decay", TRAIN_ARG_FLOAT, offsetof(TrainConfig, weight_decay), 0, TRAIN_NO_MAX, 0, NULL, "AdamW weight decay (matrices and embeddings only)"},
+    {NULL, "--grad-clip", TRAIN_ARG_FLOAT, offsetof(TrainConfig, grad_clip), 0, TRAIN_NO_MAX, 0, NULL, "clip the global gradient norm to this (0 = off)"},
+    {NULL, "--beta1", TRAIN_ARG_FLOAT, offsetof(TrainConfig, beta1), 0, 0.999999, 0, NULL, "AdamW beta1, in [0, 1)"},
+    {NULL, "--beta2", TRAIN_ARG_FLOAT, offsetof(TrainConfig, beta2), 0, 0.999999, 0, NULL, "AdamW beta2, in [0, 1)"},
+    {NULL, "--eps", TRAIN_ARG_FLOAT, offsetof(TrainConfig, eps), 1e-30, 1, 0, NULL, "AdamW epsilon (> 0)"},
+    {"-v", "--val-every", TRAIN_ARG_INT, offsetof(TrainConfig, val_every), 0, TRAIN_INT_MAX, 0, NULL, "evaluate the validation loss every this many steps (0 = never)"},
+    {"-m", "--val-max-batches", TRAIN_ARG_INT, offsetof(TrainConfig, val_max_batches), 1, TRAIN_INT_MAX, 1, NULL, "batches per evaluation (-1 = the whole validation set)"},
+    {"-s", "--sample-every", TRAIN_ARG_INT, offsetof(TrainConfig, sample_every), 0, TRAIN_INT_MAX, 0, NULL, "print a generated sample every this many steps (0 = never)"},
+    {"-g", "--gen-tokens", TRAIN_ARG_INT, offsetof(TrainConfig, gen_tokens), 1, TRAIN_INT_MAX, 0, NULL, "tokens per generated sample (<= max_seq_len)"},
+    {"-n", "--checkpoint-every", TRAIN_ARG_INT, offsetof(TrainConfig, checkpoint_every), 0, TRAIN_INT_MAX, 0, NULL, "write a checkpoint to -o every this many steps (0 = never)"},
+    {"-y", "--resume", TRAIN_ARG_INT, offsetof(TrainConfig, resume), 0, 1, 0, NULL, "1 = resume from the latest complete checkpoint in -o"},
+    {NULL, "--seed", TRAIN_ARG_U64, offsetof(TrainConfig, seed), 0, 0, 0, NULL, "seed of initialisation, data shuffling and sampling"},
+    {NULL, "--shuffle", TRAIN_ARG_INT, offsetof(TrainConfig, shuffle), 0, 1, 0, NULL, "1 = shuffle the training windows each epoch, 0 = read in order"},
+    {"-f", "--ffn", TRAIN_ARG_CHOICE, offsetof(TrainConfig, ffn_kind), 0, 0, 0, "gelu|swiglu|omni", "feed-forward kind (unset = omni for a preset, the file's for a file)"},
+    {NULL, "--hidden", TRAIN_ARG_INT, offsetof(TrainConfig, ffn_hidden), 0, TRAIN_INT_MAX, 0, NULL, "FFN width: I for swiglu/omni, 4C for gelu (0 = the preset's)"},
+    {NULL, "--experts", TRAIN_ARG_INT, offsetof(TrainConfig, num_experts), 0, TRAIN_INT_MAX, 0, NULL, "omni: number of experts N, a perfect square n*n (0 = the preset's)"},
+    {NULL, "--topk", TRAIN_ARG_INT, offsetof(TrainConfig, top_k), 0, TRAIN_INT_MAX, 0, NULL, "omni: experts per token k <= N (0 = the preset's)"},
+    {NULL, "--router-norm", TRAIN_ARG_CHOICE, offsetof(TrainConfig, router_norm), 0, 0, 0, "none|bn", "omni: router normalisation (unset = bn)"},
+    {NULL, "--gate", TRAIN_ARG_CHOICE, offsetof(TrainConfig, gate), 0, 0, 0, "softmax|prob", "omni: gate over the k selected scores (unset = softmax)"},
+    {NULL, "--expert-exec", TRAIN_ARG_CHOICE, offsetof(TrainConfig, expert_exec), 0, 0, 0, "token|expert", "omni: expert-branch execution (token-centric or expert-centric)"},
+    {NULL, "--log-file", TRAIN_ARG_STRING, offsetof(TrainConfig, log_file), 0, 0, 0, NULL, "JSONL log path (\"\" = <output dir>/log.jsonl when -o is set)"},
+};
+#define TRAIN_NUM_FLAGS ((int)(sizeof(train_flags) / sizeof(train_flags[0])))
+
+static inline void train_config_defaults(TrainConfig* cfg) {
+    memset(cfg, 0, sizeof(*cfg));
+    strcpy(cfg->train_data_pattern, "data/tinyshakespeare/tiny_shakespeare_train.bin");
+    strcpy(cfg->val_data_pattern, "data/tinyshakespeare/tiny_shakespeare_val.bin");
+    cfg->output_dir[0] = '\0';
+    cfg->log_file[0] = '\0';
+    strcpy(cfg->model, "d12");
+    cfg->B = 4;
+    cfg->T = 1024;
+    cfg->total_batch_size = -1;
+    cfg->num_processes = 1;
+    cfg->process_rank = 0;
+    cfg->num_steps = 1000;
+    cfg->learning_rate = 6e-4f;
+    cfg->warmup_steps = 100;
+    cfg->final_lr_frac = 0.1f;
+    cfg->lr_schedule = LR_SCHEDULE_COSINE;
+    cfg->decay_frac = 0.2f;
+    cfg->weight_decay = 0.1f;
+    cfg->grad_clip = 1.0f;
+    cfg->beta1 = 0.9f;
+    cfg->beta2 = 0.95f;
+    cfg->eps = 1e-8f;
+    cfg->val_every = 100;
+    cfg->val_max_batches = 20;
+    cfg->sample_every = 200;
+    cfg->gen_tokens = 64;
+    cfg->checkpoint_every = 0;
+    cfg->resume = 0;
+    cfg->seed = 42;
+    cfg->shuffle = 1;
+    cfg->ffn_kind = -1;
+    cfg->ffn_hidden = 0;
+    cfg->num_experts = 0;
+    cfg->top_k = 0;
+    cfg->router_norm = -1;
+    cfg->gate = -1;
+    cfg->expert_exec = EXPERT_EXEC_EXPERT;
+}
+
+// ----------------------------------------------------------------------------
+// helpers of the table
+
+static inline void* train_flag_field_(TrainConfig* cfg, const TrainFlag* f) { return (char*)cfg + f->offset; }
+static inline const void* train_flag_cfield_(const TrainConfig* cfg, const TrainFlag* f) {
+    return (const char*)cfg + f->offset;
+}
+
+// "-b/--batch-size" or "--schedule"
+static inline void train_flag_names_(const TrainFlag* f, char* out, size_t size) {
+    if (f->short_name) snprintf(out, size, "%s/%s", f->short_name, f->long_name);
+    else snprintf(out, size, "%s", f->long_name);
+}
+
+// the word of choice `value` in "a|b|c"; returns 0 if out of range
+static inline int train_choice_word_(const char* choices, int value, char* out, size_t size) {
+    const char* p = choices;
+    for (int i = 0; ; i++) {
+        const char* bar = strchr(p, '|');
+        size_t len = bar ? (size_t)(bar - p) : strlen(p);
+        if (i == value) {
+            if (len >= size) len = size - 1;
+            memcpy(out, p, len);
+            out[len] = '\0';
+            return 1;
+        }
+        if (!bar) return 0;
+        p = bar + 1;
+    }
+}
+
+// index of `word` in "a|b|c", -1 if absent
+static inline int train_choice_index_(const char* choices, const char* word) {
+    const char* p = choices;
+    size_t wlen = strlen(word);
+    for (int i = 0; ; i++) {
+        const char* bar = strchr(p, '|');
+        size_t len = bar ? (size_t)(bar - p) : strlen(p);
+        if (len == wlen && strncmp(p, word, len) == 0) return i;
+        if (!bar) return -1;
+        p = bar + 1;
+    }
+}
+
+// what a value of this flag must look like, for messages and --help
+static inline void train_flag_expected_(const TrainFlag* f, char* out, size_t size) {
+    const char* minus = f->minus_one_ok ? "-1 or " : "";
+    switch (f->kind) {
+        case TRAIN_ARG_STRING:
+            snprintf(out, size, "%s", f->min >= 1 ? "a non-empty string" : "a string");
+            break;
+        case TRAIN_ARG_CHOICE:
+            snprintf(out, size, "one of %s", f->choices);
+            break;
+        case TRAIN_ARG_U64:
+            snprintf(out, size, "an unsigned integer");
+            break;
+        case TRAIN_ARG_INT:
+        case TRAIN_ARG_LONG:
+            if (f->max == 1 && f->min == 0) snprintf(out, size, "%s0 or 1", minus);
+            else if (f->max >= TRAIN_INT_MAX) snprintf(out, size, "%san integer >= %.0f", minus, f->min);
+            else snprintf(out, size, "%san integer in [%.0f, %.0f]", minus, f->min, f->max);
+            break;
+        default:  // TRAIN_ARG_FLOAT
+            if (f->max >= TRAIN_NO_MAX) snprintf(out, size, "%sa number >= %g", minus, f->min);
+            else if (f->min > 0 && f->min < 1e-20) snprintf(out, size, "%sa number > 0 and <= %g", minus, f->max);
+            else if (f->max < 1 && f->max > 0.99) snprintf(out, size, "%sa number in [%g, 1)", minus, f->min);
+            else snprintf(out, size, "%sa number in [%g, %g]", minus, f->min, f->max);
+            break;
+    }
+}
+
+// the current value of a flag as text (for --help defaults and train_config_print)
+static inline void train_flag_value_text_(const TrainConfig* cfg, const TrainFlag* f, char* out, size_t size) {
+    const void* p = train_flag_cfield_(cfg, f);
+    switch (f->kind) {
+        case TRAIN_ARG_STRING: snprintf(out, size, "\"%s\"", (const char*)p); break;
+        case TRAIN_ARG_INT: snprintf(out, size, "%d", *(const int*)p); break;
+        case TRAIN_ARG_LONG: snprintf(out, size, "%lld", *(const long long*)p); break;
+        case TRAIN_ARG_U64: snprintf(out, size, "%llu", *(const unsigned long long*)p); break;
+        case TRAIN_ARG_FLOAT: snprintf(out, size, "%g", (double)*(const float*)p); break;
+        default: {
+            int v = *(const int*)p;
+            if (!train_choice_word_(f->choices, v, out, size)) snprintf(out, size, "unset");
+            break;
+        }
+    }
+}
+
+static inline void train_flag_fail_(const TrainFlag* f, const char* value, const char* why) {
+    char names[64], expected[128];
+    train_flag_names_(f, names, sizeof(names));
+    train_flag_expected_(f, expected, sizeof(expected));
+    fprintf(stderr, "Error: bad value \"%s\" for flag %s (%s): %s; expected %s\n", value, names, f->help, why,
+            expected);
+    exit(EXIT_FAILURE);
+}
+
+// parses `value` into the field of flag f or exits with a message naming the flag
+static inline void train_flag_set_(TrainConfig* cfg, const TrainFlag* f, const char* value) {
+    void* p = train_flag_field_(cfg, f);
+    if (f->kind == TRAIN_ARG_STRING) {
+        size_t len = strlen(value);
+        if (f->min >= 1 && len == 0) train_flag_fail_(f, value, "empty");
+        if (len >= TRAIN_PATH_MAX) train_flag_fail_(f, value, "longer than 1023 characters");
+        memcpy(p, value, len + 1);
+        return;
+    }
+    if (f->kind == TRAIN_ARG_CHOICE) {
+        int index = train_choice_index_(f->choices, value);
+        if (index < 0) train_flag_fail_(f, value, "not a known word");
+        *(int*)p = index;
+        return;
+    }
+    if (value[0] == '\0') train_flag_fail_(f, value, "empty");
+    char* end = NULL;
+    errno = 0;
+    if (f->kind == TRAIN_ARG_U64) {
+        const char* s = value;
+        while (*s == ' ' || *s == '\t') s++;
+        if (*s == '-') train_flag_fail_(f, value, "negative");
+        unsigned long long u = strtoull(value, &end, 10);
+        if (*end != '\0') train_flag_fail_(f, value, "not an integer");
+        if (errno == ERANGE) train_flag_fail_(f, value, "out of range");
+        *(unsigned long long*)p = u;
+        return;
+    }
+    double x;
+    if (f->kind == TRAIN_ARG_FLOAT) {
+        x = strtod(value, &end);
+        if (*end != '\0' || end == value) train_flag_fail_(f, value, "not a number");
+        if (!isfinite(x) || errno == ERANGE) train_flag_fail_(f, value, "not a finite number in float range");
+        if (fabs(x) > FLT_MAX) train_flag_fail_(f, value, "too large for a float");
+    } else {
+        long long v = strtoll(value, &end, 10);
+        if (*end != '\0' || end == value) train_flag_fail_(f, value, "not an integer");
+        if (errno == ERANGE) train_flag_fail_(f, value, "out of range");
+        x = (double)v;
+        if (f->kind == TRAIN_ARG_INT && (v > 2147483647LL || v < -2147483647LL)) {
+            train_flag_fail_(f, value, "out of the int range");
+        }
+    }
+    int ok = (x >= f->min && x <= f->max) || (f->minus_one_ok && x == -1.0);
+    if (!ok) {
+        const char* why = x < 0 && f->min >= 0 ? "negative" : "out of range";
+        train_flag_fail_(f, value, why);
+    }
+    if (f->kind == TRAIN_ARG_FLOAT) *(float*)p = (float)x;
+    else if (f->kind == TRAIN_ARG_LONG) *(long long*)p = (long long)x;
+    else *(int*)p = (int)x;
+}
+
+static inline const TrainFlag* train_flag_find_(const char* name) {
+    for (int i = 0; i < TRAIN_NUM_FLAGS; i++) {
+        const TrainFlag* f = &train_flags[i];
+        if ((f->short_name && strcmp(name, f->short_name) == 0) || strcmp(name, f->long_name) == 0) return f;
+    }
+    return NULL;
+}
+
+// ----------------------------------------------------------------------------
+// help and printing
+
+// the flag table with the values of `defaults` (what the trainer set before parsing)
+static inline void train_config_print_help_with(const char* prog, const TrainConfig* defaults) {
+    printf("Usage: %s [flags]   (each flag takes one value: -b 4, --batch-size 4 or --batch-size=4)\n", prog);
+    printf("Trains a GPT-2-style model with gelu, SwiGLU or OmniMoE feed-forward layers.\n\n");
+    for (int i = 0; i < TRAIN_NUM_FLAGS; i++) {
+        const TrainFlag* f = &train_flags[i];
+        char names[64], def[TRAIN_PATH_MAX + 8], expected[128];
+        train_flag_names_(f, names, sizeof(names));
+        train_flag_value_text_(defaults, f, def, sizeof(def));
+        train_flag_expected_(f, expected, sizeof(expected));
+        printf("  %-24s %s\n  %-24s   value: %s; default: %s\n", names, f->help, "", expected, def);
+    }
+    printf("  %-24s %s\n", "-h/--help", "print this help and exit");
+    printf("\nThe JSONL log gets one line per step and per evaluation; checkpoints are <output dir>/ckpt_<step>.bin.\n");
+}
+
+// the flag table with the library defaults
+static inline void train_config_print_help(const char* prog) {
+    TrainConfig defaults;
+    train_config_defaults(&defaults);
+    train_config_print_help_with(prog, &defaults);
+}
+
+static inline void train_config_print(const TrainConfig* cfg) {
+    printf("+-----------------------+----------------------------------------------------+\n");
+    for (int i = 0; i < TRAIN_NUM_FLAGS; i++) {
+        const TrainFlag* f = &train_flags[i];
+        char value[TRAIN_PATH_MAX + 8];
+        train_flag_value_text_(cfg, f, value, sizeof(value));
+        printf("| %-21s | %-50s |\n", f->long_name + 2, value);
+    }
+    printf("| %-21s | %-50d |\n", "num_processes", cfg->num_processes);
+    printf("+-----------------------+----------------------------------------------------+\n");
+}
+
+// ----------------------------------------------------------------------------
+// parsing
+
+// Applies argv over the values already in cfg (normally train_config_defaults, possibly changed
+// by the trainer). -h/--help prints the help with the values cfg held on entry and exits 0.
+// Any unknown flag, missing or bad value prints one message naming the flag and exits 1.
+static inline void train_config_parse(TrainConfig* cfg, int argc, char** argv) {
+    TrainConfig on_entry = *cfg;
+    const char* prog = argc > 0 ? argv[0] : "train_omnimoe";
+    for (int i = 1; i < argc; i++) {
+        const char* arg = argv[i];
+        if (strcmp(arg, "-h") == 0 || strcmp(arg, "--help") == 0) {
+            train_config_print_help_with(prog, &on_entry);
+            exit(EXIT_SUCCESS);
+        }
+        if (arg[0] != '-' || arg[1] == '\0') {
+            fprintf(stderr, "Error: unexpected argument \"%s\": flags come in pairs (-flag value); see --help\n", arg);
+            exit(EXIT_FAILURE);
+        }
+        char name[128];
+        const char* value = NULL;
+        const char* eq = strncmp(arg, "--", 2) == 0 ? strchr(arg, '=') : NULL;
+        size_t name_len = eq ? (size_t)(eq - arg) : strlen(arg);
+        if (name_len >= sizeof(name)) name_len = sizeof(name) - 1;
+        memcpy(name, arg, name_len);
+        name[name_len] = '\0';
+        const TrainFlag* f = train_flag_find_(name);
+        if (f == NULL) {
+            fprintf(stderr, "Error: unknown flag \"%s\"; run %s --help for the list of flags\n", name, prog);
+            exit(EXIT_FAILURE);
+        }
+        if (eq) {
+            value = eq + 1;
+        } else {
+            if (i + 1 >= argc) {
+                char names[64], expected[128];
+                train_flag_names_(f, names, sizeof(names));
+                train_flag_expected_(f, expected, sizeof(expected));
+                fprintf(stderr, "Error: flag %s (%s) is missing its value; expected %s\n", names, f->help, expected);
+                exit(EXIT_FAILURE);
+            }
+            value = argv[++i];
+        }
+        train_flag_set_(cfg, f, value);
+    }
+    // checks between flags that need no model
+    if (cfg->num_experts > 0) {
+        int n = (int)floor(sqrt((double)cfg->num_experts) + 0.5);
+        if (n * n != cfg->num_experts) {
+            fprintf(stderr, "Error: bad value \"%d\" for flag --experts: the number of experts N must be a perfect "
+                    "square n*n (e.g. 1024, 4096, 16384)\n", cfg->num_experts);
+            exit(EXIT_FAILURE);
+        }
+    }
+    if (cfg->num_experts > 0 && cfg->top_k > cfg->num_experts) {
+        fprintf(stderr, "Error: bad value \"%d\" for flag --topk: k must be <= the number of experts N=%d (--experts)\n",
+                cfg->top_k, cfg->num_experts);
+        exit(EXIT_FAILURE);
+    }
+}
+
+// ----------------------------------------------------------------------------
+// the model
+
+static inline void train_config_omni_only_(const ModelConfig* c, const char* flag, int given) {
+    if (given && c->ffn_kind != FFN_OMNI) {
+        fprintf(stderr, "Error: flag %s is an OmniMoE option, but the model's FFN is %s (-f omni to use it)\n", flag,
+                ffn_kind_name(c->ffn_kind));
+        exit(EXIT_FAILURE);
+    }
+}
+
+// Fills *out from -e and the model flags. Returns 1 for a preset (out is complete and valid).
+// Returns 0 when -e names an existing file: out is untouched; read the file's config
+// (checkpoint.h: model_file_read_config) and pass it to train_config_check_file_model().
+// Exits with a message when -e is neither a preset nor a readable file, or an override is invalid.
+static inline int train_config_model(const TrainConfig* cfg, ModelConfig* out) {
+    ModelConfig c;
+    int ffn = cfg->ffn_kind >= 0 ? cfg->ffn_kind : FFN_OMNI;
+    if (!model_config_preset(&c, cfg->model, ffn)) {
+        FILE* fp = fopen(cfg->model, "rb");
+        if (fp != NULL) {
+            fclose(fp);
+            return 0;
+        }
+        fprintf(stderr, "Error: bad value \"%s\" for flag -e (--model): not a preset (tiny, small, d6, d12, d24, d36, "
+                "d48) and not a readable model file (%s)\n", cfg->model, strerror(errno));
+        exit(EXIT_FAILURE);
+    }
+    train_config_omni_only_(&c, "--experts", cfg->num_experts > 0);
+    train_config_omni_only_(&c, "--topk", cfg->top_k > 0);
+    train_config_omni_only_(&c, "--router-norm", cfg->router_norm >= 0);
+    train_config_omni_only_(&c, "--gate", cfg->gate >= 0);
+    if (cfg->ffn_hidden > 0) c.ffn_hidden = cfg->ffn_hidden;
+    if (cfg->num_experts > 0) {
+        c.num_experts = cfg->num_experts;
+        c.router_n = (int)floor(sqrt((double)cfg->num_experts) + 0.5);
+    }
+    if (cfg->top_k > 0) c.top_k = cfg->top_k;
+    if (cfg->router_norm >= 0) c.router_norm = cfg->router_norm;
+    if (cfg->gate >= 0) c.gate = cfg->gate;
+    if (c.ffn_kind == FFN_OMNI && c.top_k > c.num_experts) {
+        fprintf(stderr, "Error: bad value \"%d\" for flag --topk: k must be <= the number of experts N=%d of model %s "
+                "(--experts)\n", c.top_k, c.num_experts, cfg->model);
+        exit(EXIT_FAILURE);
+    }
+    if (!model_config_validate(&c)) {
+        fprintf(stderr, "  (model -e %s with the flags given)\n", cfg->model);
+        exit(EXIT_FAILURE);
+    }
+    *out = c;
+    return 1;
+}
+
+static inline void train_config_file_conflict_(const char* path, const char* flag, long long given, long long in_file) {
+    fprintf(stderr, "Error: flag %s %lld conflicts with the model file \"%s\", which has %lld (drop the flag to use "
+            "the file's value)\n", flag, given, path, in_file);
+    exit(EXIT_FAILURE);
+}
+
+// With -e <file>: every model flag that was given must equal the file's value (a model file fixes
+// the shapes of its weights). Exits naming the first conflicting flag.
+static inline void train_config_check_file_model(const TrainConfig* cfg, const ModelConfig* file_config) {
+    const char* path = cfg->model;
+    if (cfg->ffn_kind >= 0 && cfg->ffn_kind != file_config->ffn_kind) {
+        fprintf(stderr, "Error: flag -f %s conflicts with the model file \"%s\", which has ffn %s\n",
+                ffn_kind_name(cfg->ffn_kind), path, ffn_kind_name(file_config->ffn_kind));
+        exit(EXIT_FAILURE);
+    }
+    train_config_omni_only_(file_config, "--experts", cfg->num_experts > 0);
+    train_config_omni_only_(file_config, "--topk", cfg->top_k > 0);
+    train_config_omni_only_(file_config, "--router-norm", cfg->router_norm >= 0);
+    train_config_omni_only_(file_config, "--gate", cfg->gate >= 0);
+    if (cfg->ffn_hidden > 0 && cfg->ffn_hidden != file_config->ffn_hidden)
+        train_config_file_conflict_(path, "--hidden", cfg->ffn_hidden, file_config->ffn_hidden);
+    if (cfg->num_experts > 0 && cfg->num_experts != file_config->num_experts)
+        train_config_file_conflict_(path, "--experts", cfg->num_experts, file_config->num_experts);
+    if (cfg->top_k > 0 && cfg->top_k != file_config->top_k)
+        train_config_file_conflict_(path, "--topk", cfg->top_k, file_config->top_k);
+    if (cfg->router_norm >= 0 && cfg->router_norm != file_config->router_norm) {
+        fprintf(stderr, "Error: flag --router-norm %s conflicts with the model file \"%s\", which has %s\n",
+                router_norm_name(cfg->router_norm), path, router_norm_name(file_config->router_norm));
+        exit(EXIT_FAILURE);
+    }
+    if (cfg->gate >= 0 && cfg->gate != file_config->gate) {
+        fprintf(stderr, "Error: flag --gate %s conflicts with the model file \"%s\", which has %s\n",
+                gate_name(cfg->gate), path, gate_name(file_config->gate));
+        exit(EXIT_FAILURE);
+    }
+}
+
+// tokens per optimiser step (resolves -d -1)
+static inline long long train_config_total_batch_tokens(const TrainConfig* cfg) {
+    long long per_micro_step = (long long)cfg->B * cfg->T * cfg->num_processes;
+    return cfg->total_batch_size == -1 ? per_micro_step : cfg->total_batch_size;
+}
+
+// micro-steps per optimiser step = d / (B * T * num_processes); exits when that is not whole
+static inline int train_config_grad_accum_steps(const TrainConfig* cfg) {
+    long long per_micro_step = (long long)cfg->B * cfg->T * cfg->num_processes;
+    long long total = train_config_total_batch_tokens(cfg);
+    if (per_micro_step <= 0 || total % per_micro_step != 0) {
+        fprintf(stderr, "Error: bad value \"%lld\" for flag -d (--total-batch-size): it must be a multiple of "
+                "B*T*processes = %d*%d*%d = %lld tokens\n", total, cfg->B, cfg->T, cfg->num_processes, per_micro_step);
+        exit(EXIT_FAILURE);
+    }
+    return (int)(total / per_micro_step);
+}
+
+// The checks that need the model (and num_processes/process_rank, set by the trainer by now).
+static inline void train_config_validate(const TrainConfig* cfg, const ModelConfig* model) {
+    if (!model_config_validate(model)) exit(EXIT_FAILURE);
+    if (cfg->num_processes < 1 || cfg->process_rank < 0 || cfg->process_rank >= cfg->num_processes) {
+        fprintf(stderr, "Error: process rank %d of %d processes is impossible\n", cfg->process_rank, cfg->num_processes);
+        exit(EXIT_FAILURE);
+    }
+    if (cfg->T > model->max_seq_len) {
+        fprintf(stderr, "Error: bad value \"%d\" for flag -t (--seq-len): T must be <= the model's max_seq_len %d\n",
+                cfg->T, model->max_seq_len);
+        exit(EXIT_FAILURE);
+    }
+    if (cfg->sample_every > 0 && cfg->gen_tokens > model->max_seq_len) {
+        fprintf(stderr, "Error: bad value \"%d\" for flag -g (--gen-tokens): must be <= the model's max_seq_len %d\n",
+                cfg->gen_tokens, model->max_seq_len);
+        exit(EXIT_FAILURE);
+    }
+    (void)train_config_grad_accum_steps(cfg);  // exits unless d is a whole number of micro-steps
+    if (cfg->checkpoint_every > 0 && cfg->output_dir[0] == '\0') {
+        fprintf(stderr, "Error: flag -n %d asks for checkpoints, which need an output directory (-o)\n",
+                cfg->checkpoint_every);
+        exit(EXIT_FAILURE);
+    }
+    if (cfg->resume && cfg->output_dir[0] == '\0') {
+        fprintf(stderr, "Error: flag -y 1 resumes from the checkpoints in the output directory, but -o is not set\n");
+        exit(EXIT_FAILURE);
+    }
+}
+
+// the JSONL log path of this run ("" when there is none)
+static inline void train_config_log_path(const TrainConfig* cfg, char* out, size_t size) {
+    if (cfg->log_file[0] != '\0') snprintf(out, size, "%s", cfg->log_file);
+    else if (cfg->output_dir[0] != '\0') snprintf(out, size, "%s/log.jsonl", cfg->output_dir);
+    else if (size > 0) out[0] = '\0';
+}
+
+#endif // OMNIMOE_ARGS_H

@@ -1,0 +1,1066 @@
+/*
+ * checkpoint.h - model files (weights only) and training checkpoints (everything a run needs to
+ * continue bitwise). Plain C (gcc -std=c11 and nvcc). All files little-endian; this code runs on
+ * little-endian hosts only (checked at run time).
+ *
+ * ---------------------------------------------------------------------------------------------
+ * Config header (formats.md), shared by model files, checkpoints and fixtures: 256 int32.
+ *   [0] magic [1] version [2] max_seq_len [3] vocab_size [4] padded_vocab_size [5] num_layers
+ *   [6] num_heads [7] channels [8] ffn_kind [9] ffn_hidden [10] router_n [11] num_experts
+ *   [12] top_k [13] router_norm [14] gate; other slots 0 unless a format below names them.
+ *
+ * Model file (.bin): magic 20261101, version 1. Header, then fp32 params (model_config_num_params,
+ * layout of config.h), then fp32 BN running stats (model_config_num_bn_stats: per layer mean[2n]
+ * then var[2n]). The file size must be exactly 1024 + 4 * (params + bn stats).
+ *
+ * Training checkpoint <dir>/ckpt_<step:08d>.bin: magic 20261102, version 1.
+ *   header, 256 int32 (1024 bytes). Slots [2..14] = the model config as above, then:
+ *     [16] B          [17] T                 [18] grad_accum_steps   [19] num_processes
+ *     [20] step       [21] adam_t            [22] num_steps          [23] warmup_steps
+ *     [24] lr_schedule [25] shuffle          [26] expert_exec        [27] num_bn_sets
+ *     [28..29] tokens_seen   [30..31] total_batch_size   [32..33] seed          (int64 / uint64)
+ *     [34] learning_rate [35] final_lr_frac [36] decay_frac [37] weight_decay [38] grad_clip
+ *     [39] beta1 [40] beta2 [41] eps                                             (fp32 bit patterns)
+ *     [48..49] num_params P        [50..51] num_bn_stats NB (floats of one BN set)
+ *     [52..53] loader_bytes LB     [54..55] rng_bytes RB      [56..57] file_bytes (whole file)
+ *     (an int64 in slots [a..a+1] is the 8 little-endian bytes at byte offset 4a)
+ *     all other slots 0.
+ *   sections, packed in this order right after the header:
+ *     fp32 params[P]              master weights (layout of config.h)
+ *     fp32 m[P]                   AdamW first moment
+ *     fp32 v[P]                   AdamW second moment
+ *     fp32 bn_stats[num_bn_sets * NB]   BN running stats, one set per saved process, each laid out
+ *                                 as in the model file (BN statistics are per rank, SPEC §2)
+ *     u8   loader[LB]             data-loader state, opaque (e.g. DataLoaderState of dataloader.h,
+ *                                 one per process, as the trainer chooses)
+ *     u8   rng[RB]                RNG states, opaque
+ *   trailer, 16 bytes:
+ *     u64  checksum of every byte before the trailer (header + sections), see below
+ *     u8   end_magic[8] = "OMNI-END"
+ *   file_bytes = 1024 + 12P + 4*num_bn_sets*NB + LB + RB + 16.
+ *
+ *   Checksum ("FNV-1a over words"): read the bytes as little-endian uint64 words, the last one
+ *   zero-padded; h = 0xcbf29ce484222325; for each word w: h = (h ^ w) * 0x100000001b3 (mod 2^64);
+ *   finally h = (h ^ byte_count) * 0x100000001b3. Each step is a bijection of h, so any change
+ *   confined to one word (a flipped byte, for one) always changes the checksum.
+ *
+ * Writing is crash-safe: the file is written to ckpt_<step>.bin.tmp, flushed, fsync'ed, renamed
+ * to ckpt_<step>.bin and the directory fsync'ed; an older checkpoint is never touched. Resume
+ * looks only at complete names and verifies size, end magic and checksum before use.
+ * ---------------------------------------------------------------------------------------------
+ *
+ * API (every function that reads or writes exits with one clear message on error, except the
+ * checkers checkpoint_verify / checkpoint_find_latest, which return a status):
+ *   model_file_write / model_file_read / model_file_read_config
+ *   CheckpointInfo, checkpoint_info_from_config, checkpoint_path, checkpoint_make_dir
+ *   checkpoint_write                     one call, host buffers
+ *   checkpoint_writer_open/put/close     the same file streamed in pieces (e.g. from GPU chunks)
+ *   checkpoint_read_info                 header only: config, run fields, section sizes
+ *   checkpoint_read                      one call into host buffers, fully verified
+ *   checkpoint_reader_open/get/close     the same streamed in pieces
+ *   checkpoint_verify, checkpoint_find_latest, checkpoint_compare_run
+ */
+#ifndef OMNIMOE_CHECKPOINT_H
+#define OMNIMOE_CHECKPOINT_H
+
+#include "utils.h"  // first: it selects POSIX declarations when it is the first include
+#include <stdint.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <errno.h>
+#include <sys/types.h>
+#include <sys/stat.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <dirent.h>
+#include "config.h"
+#include "args.h"
+
+#define OMNI_HEADER_INTS 256
+#define OMNI_HEADER_BYTES 1024
+#define MODEL_FILE_MAGIC 20261101
+#define MODEL_FILE_VERSION 1
+#define CHECKPOINT_MAGIC 20261102
+#define CHECKPOINT_VERSION 1
+#define FIXTURE_FILE_MAGIC 20261103
+#define CHECKPOINT_TRAILER_BYTES 16
+#define CHECKPOINT_END_MAGIC "OMNI-END"
+#define CHECKPOINT_PATH_MAX (TRAIN_PATH_MAX + 64)
+
+// ----------------------------------------------------------------------------
+// small shared pieces
+
+static inline void ckpt_require_little_endian_(void) {
+    uint32_t one = 1;
+    unsigned char first;
+    memcpy(&first, &one, 1);
+    if (first != 1) {
+        fprintf(stderr, "Error: omnimoe model and checkpoint files are little-endian; this host is not\n");
+        exit(EXIT_FAILURE);
+    }
+}
+
+static inline int64_t ckpt_file_size_(const char* path) {
+    struct stat st;
+    if (stat(path, &st) != 0) return -1;
+    return (int64_t)st.st_size;
+}
+
+static inline void ckpt_put_i64_(int32_t* header, int slot, int64_t v) { memcpy(&header[slot], &v, 8); }
+static inline int64_t ckpt_get_i64_(const int32_t* header, int slot) {
+    int64_t v;
+    memcpy(&v, &header[slot], 8);
+    return v;
+}
+static inline void ckpt_put_f32_(int32_t* header, int slot, float v) { memcpy(&header[slot], &v, 4); }
+static inline float ckpt_get_f32_(const int32_t* header, int slot) {
+    float v;
+    memcpy(&v, &header[slot], 4);
+    return v;
+}
+
+// the config slots [2..14] of formats.md
+static inline void model_config_to_header(const ModelConfig* c, int32_t* header) {
+    header[2] = c->max_seq_len;
+    header[3] = c->vocab_size;
+    header[4] = c->padded_vocab_size;
+    header[5] = c->num_layers;
+    header[6] = c->num_heads;
+    header[7] = c->channels;
+    header[8] = c->ffn_kind;
+    header[9] = c->ffn_hidden;
+    header[10] = c->router_n;
+    header[11] = c->num_experts;
+    header[12] = c->top_k;
+    header[13] = c->router_norm;
+    header[14] = c->gate;
+}
+
+static inline void model_config_from_header(const int32_t* header, ModelConfig* c) {
+    memset(c, 0, sizeof(*c));
+    c->max_seq_len = header[2];
+    c->vocab_size = header[3];
+    c->padded_vocab_size = header[4];
+    c->num_layers = header[5];
+    c->num_heads = header[6];
+    c->channels = header[7];
+    c->ffn_kind = header[8];
+    c->ffn_hidden = header[9];
+    c->router_n = header[10];
+    c->num_experts = header[11];
+    c->top_k = header[12];
+    c->router_norm = header[13];
+    c->gate = header[14];
+}
+
+// index (0..12) of the first config field where a and b differ, -1 when equal; the names of the
+// fields are model_config_field_name(i) in header-slot order
+static inline int model_config_first_difference(const ModelConfig* a, const ModelConfig* b) {
+    int32_t ha[OMNI_HEADER_INTS], hb[OMNI_HEADER_INTS];
+    model_config_to_header(a, ha);
+    model_config_to_header(b, hb);
+    for (int slot = 2; slot <= 14; slot++) {
+        if (ha[slot] != hb[slot]) return slot - 2;
+    }
+    return -1;
+}
+static inline const char* model_config_field_name(int i) {
+    static const char* names[13] = {"max_seq_len", "vocab_size", "padded_vocab_size", "num_layers", "num_heads",
+                                    "channels", "ffn_kind (-f)", "ffn_hidden (--hidden)", "router_n",
+                                    "num_experts (--experts)", "top_k (--topk)", "router_norm (--router-norm)",
+                                    "gate (--gate)"};
+    return (i >= 0 && i < 13) ? names[i] : "?";
+}
+static inline int model_config_field_value(const ModelConfig* c, int i) {
+    int32_t h[OMNI_HEADER_INTS];
+    model_config_to_header(c, h);
+    return (i >= 0 && i < 13) ? h[2 + i] : 0;
+}
+// the value of field i as text: a number, or the option's word for ffn_kind, router_norm, gate
+static inline void model_config_field_text(const ModelConfig* c, int i, char* out, size_t size) {
+    int v = model_config_field_value(c, i);
+    if (i == 6) snprintf(out, size, "%s", ffn_kind_name(v));
+    else if (i == 11) snprintf(out, size, "%s", v == ROUTER_NORM_BN ? "bn" : (v == ROUTER_NORM_NONE ? "none" : "?"));
+    else if (i == 12) snprintf(out, size, "%s", v == GATE_SOFTMAX ? "softmax" : (v == GATE_PROB ? "prob" : "?"));
+    else snprintf(out, size, "%d", v);
+}
+
+// a readable guess of what a file with this magic number is (for error messages)
+static inline const char* ckpt_magic_hint_(int32_t magic) {
+    switch (magic) {
+        case MODEL_FILE_MAGIC: return " (it is an omnimoe model file: pass it with -e)";
+        case CHECKPOINT_MAGIC: return " (it is an omnimoe training checkpoint: resume with -o <dir> -y 1)";
+        case FIXTURE_FILE_MAGIC: return " (it is an omnimoe test fixture)";
+        case 20240520: return " (it is a token shard: pass it with -i / -j)";
+        case 20240326: return " (it is an llm.c GPT-2 checkpoint, which omnimoe does not read)";
+        case 20240328: return " (it is a GPT-2 tokenizer file)";
+        default: return "";
+    }
+}
+
+// Checksum: FNV-1a over little-endian 64-bit words (see the top of the file).
+typedef struct {
+    uint64_t h;
+    uint64_t byte_count;
+    unsigned char tail[8];
+    int tail_len;
+} CheckpointHash;
+
+#define CKPT_FNV_OFFSET 0xcbf29ce484222325ull
+#define CKPT_FNV_PRIME 0x100000001b3ull
+
+static inline void checkpoint_hash_init(CheckpointHash* s) {
+    s->h = CKPT_FNV_OFFSET;
+    s->byte_count = 0;
+    s->tail_len = 0;
+}
+
+static inline void checkpoint_hash_update(CheckpointHash* s, const void* data, size_t bytes) {
+    const unsigned char* p = (const unsigned char*)data;
+    s->byte_count += bytes;
+    uint64_t h = s->h;
+    if (s->tail_len > 0) {  // complete the word left over by the previous call
+        while (s->tail_len < 8 && bytes > 0) {
+            s->tail[s->tail_len++] = *p++;
+            bytes--;
+        }
+        if (s->tail_len < 8) return;
+        uint64_t w;
+        memcpy(&w, s->tail, 8);
+        h = (h ^ w) * CKPT_FNV_PRIME;
+        s->tail_len = 0;
+    }
+    while (bytes >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        h = (h ^ w) * CKPT_FNV_PRIME;
+        p += 8;
+        bytes -= 8;
+    }
+    memcpy(s->tail, p, bytes);  // < 8 bytes left, and the tail is empty here
+    s->tail_len = (int)bytes;
+    s->h = h;
+}
+
+static inline uint64_t checkpoint_hash_final(const CheckpointHash* s) {
+    uint64_t h = s->h;
+    if (s->tail_len > 0) {
+        unsigned char last[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        memcpy(last, s->tail, (size_t)s->tail_len);
+        uint64_t w;
+        memcpy(&w, last, 8);
+        h = (h ^ w) * CKPT_FNV_PRIME;
+    }
+    return (h ^ s->byte_count) * CKPT_FNV_PRIME;
+}
+
+// ----------------------------------------------------------------------------
+// crash-safe writing: <path>.tmp, fsync, rename, fsync of the directory
+
+typedef struct {
+    FILE* fp;
+    char path[CHECKPOINT_PATH_MAX];
+    char tmp_path[CHECKPOINT_PATH_MAX + 8];
+    CheckpointHash hash;
+    int64_t bytes_written;
+} CkptSafeFile;
+
+static inline void ckpt_safe_fail_(CkptSafeFile* f, const char* what) {
+    int err = errno;
+    fprintf(stderr, "Error: %s \"%s\" failed: %s\n", what, f->tmp_path, strerror(err));
+    if (f->fp != NULL) fclose(f->fp);
+    f->fp = NULL;
+    remove(f->tmp_path);  // never leave a partial file behind
+    exit(EXIT_FAILURE);
+}
+
+static inline void ckpt_safe_open_(CkptSafeFile* f, const char* path) {
+    ckpt_require_little_endian_();
+    memset(f, 0, sizeof(*f));
+    if (strlen(path) >= sizeof(f->path)) {
+        fprintf(stderr, "Error: output path \"%s\" is too long\n", path);
+        exit(EXIT_FAILURE);
+    }
+    strcpy(f->path, path);
+    snprintf(f->tmp_path, sizeof(f->tmp_path), "%s.tmp", path);
+    f->fp = fopen(f->tmp_path, "wb");
+    if (f->fp == NULL) ckpt_safe_fail_(f, "creating");
+    checkpoint_hash_init(&f->hash);
+}
+
+static inline void ckpt_safe_write_(CkptSafeFile* f, const void* data, size_t bytes) {
+    if (bytes == 0) return;
+    checkpoint_hash_update(&f->hash, data, bytes);
+    if (fwrite(data, 1, bytes, f->fp) != bytes) ckpt_safe_fail_(f, "writing");
+    f->bytes_written += (int64_t)bytes;
+}
+
+// writes `count` zero floats (an optimiser state that does not exist yet)
+static inline void ckpt_safe_write_zeros_(CkptSafeFile* f, size_t count) {
+    float zeros[1024];
+    memset(zeros, 0, sizeof(zeros));
+    while (count > 0) {
+        size_t n = count < 1024 ? count : 1024;
+        ckpt_safe_write_(f, zeros, n * sizeof(float));
+        count -= n;
+    }
+}
+
+static inline void ckpt_fsync_path_(const char* path, int must_succeed) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0 || fsync(fd) != 0) {
+        if (must_succeed) {
+            fprintf(stderr, "Error: fsync of \"%s\" failed: %s\n", path, strerror(errno));
+            if (fd >= 0) close(fd);
+            remove(path);
+            exit(EXIT_FAILURE);
+        }
+    }
+    if (fd >= 0) close(fd);
+}
+
+static inline void ckpt_safe_commit_(CkptSafeFile* f) {
+    if (fflush(f->fp) != 0) ckpt_safe_fail_(f, "flushing");
+    if (fclose(f->fp) != 0) {
+        f->fp = NULL;
+        ckpt_safe_fail_(f, "closing");
+    }
+    f->fp = NULL;
+    ckpt_fsync_path_(f->tmp_path, 1);  // the data is on disk before the name appears
+    if (rename(f->tmp_path, f->path) != 0) ckpt_safe_fail_(f, "renaming to the final name");
+    // make the rename itself durable (some file systems refuse to fsync a directory: ignored)
+    char dir[CHECKPOINT_PATH_MAX];
+    strcpy(dir, f->path);
+    char* slash = strrchr(dir, '/');
+    if (slash == NULL) strcpy(dir, ".");
+    else if (slash == dir) dir[1] = '\0';
+    else *slash = '\0';
+    ckpt_fsync_path_(dir, 0);
+}
+
+// mkdir -p; exits when a component exists but is not a directory or cannot be created
+static inline void checkpoint_make_dir(const char* dir) {
+    char path[CHECKPOINT_PATH_MAX];
+    if (strlen(dir) >= sizeof(path)) {
+        fprintf(stderr, "Error: output directory \"%s\" is too long\n", dir);
+        exit(EXIT_FAILURE);
+    }
+    strcpy(path, dir);
+    size_t len = strlen(path);
+    for (size_t i = 1; i <= len; i++) {
+        if (path[i] != '/' && path[i] != '\0') continue;
+        char saved = path[i];
+        path[i] = '\0';
+        struct stat st;
+        if (stat(path, &st) != 0) {
+            if (mkdir(path, 0755) != 0 && errno != EEXIST) {
+                fprintf(stderr, "Error: cannot create the output directory \"%s\": %s\n", path, strerror(errno));
+                exit(EXIT_FAILURE);
+            }
+        } else if (!S_ISDIR(st.st_mode)) {
+            fprintf(stderr, "Error: output directory \"%s\": \"%s\" exists and is not a directory\n", dir, path);
+            exit(EXIT_FAILURE);
+        }
+        path[i] = saved;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// model files
+
+static inline void model_file_write(const char* path, const ModelConfig* config, const float* params,
+                                    const float* bn_stats) {
+    if (!model_config_validate(config)) {
+        fprintf(stderr, "  (refusing to write model file \"%s\")\n", path);
+        exit(EXIT_FAILURE);
+    }
+    int32_t header[OMNI_HEADER_INTS];
+    memset(header, 0, sizeof(header));
+    header[0] = MODEL_FILE_MAGIC;
+    header[1] = MODEL_FILE_VERSION;
+    model_config_to_header(config, header);
+    size_t num_params = model_config_num_params(config);
+    size_t num_bn = model_config_num_bn_stats(config);
+    CkptSafeFile f;
+    ckpt_safe_open_(&f, path);
+    ckpt_safe_write_(&f, header, sizeof(header));
+    ckpt_safe_write_(&f, params, num_params * sizeof(float));
+    if (num_bn > 0 && bn_stats != NULL) {
+        ckpt_safe_write_(&f, bn_stats, num_bn * sizeof(float));
+    } else if (num_bn > 0) {  // NULL = the initial statistics: mean 0, var 1
+        size_t n2 = (size_t)2 * config->router_n;
+        float* init = (float*)malloc_check(num_bn * sizeof(float));
+        for (size_t i = 0; i < num_bn; i++) init[i] = ((i / n2) % 2 == 0) ? 0.0f : 1.0f;
+        ckpt_safe_write_(&f, init, num_bn * sizeof(float));
+        free(init);
+    }
+    ckpt_safe_commit_(&f);
+}
+
+static inline void model_file_fail_(FILE* fp, const char* path, const char* fmt, ...) {
+    fprintf(stderr, "Error: model file \"%s\": ", path);
+    va_list args;
+    va_start(args, fmt);
+    vfprintf(stderr, fmt, args);
+    va_end(args);
+    fprintf(stderr, "\n");
+    if (fp != NULL) fclose(fp);
+    exit(EXIT_FAILURE);
+}
+
+// opens a model file and checks its header and size; returns the stream positioned after the header
+static inline FILE* model_file_open_(const char* path, ModelConfig* out_config) {
+    ckpt_require_little_endian_();
+    FILE* fp = fopen(path, "rb");
+    if (fp == NULL) model_file_fail_(NULL, path, "cannot open: %s", strerror(errno));
+    int64_t size = ckpt_file_size_(path);
+    int32_t header[OMNI_HEADER_INTS];
+    if (size < OMNI_HEADER_BYTES || fread(header, sizeof(header), 1, fp) != 1) {
+        model_file_fail_(fp, path, "truncated: %lld bytes, shorter than the %d-byte header", (long long)size,
+                         OMNI_HEADER_BYTES);
+    }
+    if (header[0] != MODEL_FILE_MAGIC) {
+        model_file_fail_(fp, path, "bad magic number %d, expected %d%s", header[0], MODEL_FILE_MAGIC,
+                         ckpt_magic_hint_(header[0]));
+    }
+    if (header[1] != MODEL_FILE_VERSION) {
+        model_file_fail_(fp, path, "version %d, this program reads version %d", header[1], MODEL_FILE_VERSION);
+    }
+    for (int slot = 15; slot < OMNI_HEADER_INTS; slot++) {
+        if (header[slot] != 0) {
+            model_file_fail_(fp, path, "header slot %d is %d, expected 0 (corrupt, or written by another version)",
+                             slot, header[slot]);
+        }
+    }
+    ModelConfig c;
+    model_config_from_header(header, &c);
+    if (!model_config_validate(&c)) model_file_fail_(fp, path, "the configuration in its header is impossible");
+    int64_t expected = OMNI_HEADER_BYTES +
+                       (int64_t)sizeof(float) * (int64_t)(model_config_num_params(&c) + model_config_num_bn_stats(&c));
+    if (size < expected) {
+        model_file_fail_(fp, path, "truncated: %lld bytes, expected %lld for the configuration in its header",
+                         (long long)size, (long long)expected);
+    }
+    if (size > expected) {
+        model_file_fail_(fp, path, "%lld bytes, expected %lld for the configuration in its header (%lld extra bytes)",
+                         (long long)size, (long long)expected, (long long)(size - expected));
+    }
+    *out_config = c;
+    return fp;
+}
+
+// reads the configuration only (so a caller can build the model before reading the weights)
+static inline void model_file_read_config(const char* path, ModelConfig* out_config) {
+    FILE* fp = model_file_open_(path, out_config);
+    fclose(fp);
+}
+
+// Reads a model file into new buffers (free() them): *params gets model_config_num_params floats,
+// *bn_stats model_config_num_bn_stats floats (NULL when the model has none).
+static inline void model_file_read(const char* path, ModelConfig* out_config, float** params, float** bn_stats) {
+    ModelConfig c;
+    FILE* fp = model_file_open_(path, &c);
+    size_t num_params = model_config_num_params(&c);
+    size_t num_bn = model_config_num_bn_stats(&c);
+    float* p = (float*)malloc_check(num_params * sizeof(float));
+    float* bn = num_bn > 0 ? (float*)malloc_check(num_bn * sizeof(float)) : NULL;
+    if (fread(p, sizeof(float), num_params, fp) != num_params ||
+        (num_bn > 0 && fread(bn, sizeof(float), num_bn, fp) != num_bn)) {
+        free(p);
+        free(bn);
+        model_file_fail_(fp, path, "read error: %s", ferror(fp) ? strerror(errno) : "unexpected end of file");
+    }
+    fclose(fp);
+    *out_config = c;
+    *params = p;
+    *bn_stats = bn;
+}
+
+// ----------------------------------------------------------------------------
+// training checkpoints: the run record
+
+typedef struct {
+    // where the run stands
+    int step;                    // optimiser updates completed; the file is ckpt_<step>.bin
+    int adam_t;                  // AdamW bias-correction counter (normally == step)
+    long long tokens_seen;       // training tokens consumed by all processes together
+    // the run configuration when written (checkpoint_compare_run reports changes on resume)
+    int B, T, grad_accum_steps, num_processes;
+    long long total_batch_size;  // tokens per optimiser step (resolved, never -1)
+    int num_steps, warmup_steps, lr_schedule, shuffle, expert_exec;
+    float learning_rate, final_lr_frac, decay_frac, weight_decay, grad_clip, beta1, beta2, eps;
+    unsigned long long seed;
+    // section sizes: filled by the writers from their arguments and by the readers from the file
+    long long num_params;        // floats in each of params, m, v
+    long long num_bn_stats;      // floats in one set of BN running statistics
+    int num_bn_sets;             // sets stored
+    long long loader_bytes;      // data-loader blob
+    long long rng_bytes;         // RNG blob
+} CheckpointInfo;
+
+// the run fields of a checkpoint from the run's settings (sizes are left 0 for the writers)
+static inline void checkpoint_info_from_config(CheckpointInfo* info, const TrainConfig* cfg, int step, int adam_t,
+                                               long long tokens_seen) {
+    memset(info, 0, sizeof(*info));
+    info->step = step;
+    info->adam_t = adam_t;
+    info->tokens_seen = tokens_seen;
+    info->B = cfg->B;
+    info->T = cfg->T;
+    info->grad_accum_steps = train_config_grad_accum_steps(cfg);
+    info->num_processes = cfg->num_processes;
+    info->total_batch_size = train_config_total_batch_tokens(cfg);
+    info->num_steps = cfg->num_steps;
+    info->warmup_steps = cfg->warmup_steps;
+    info->lr_schedule = cfg->lr_schedule;
+    info->shuffle = cfg->shuffle;
+    info->expert_exec = cfg->expert_exec;
+    info->learning_rate = cfg->learning_rate;
+    info->final_lr_frac = cfg->final_lr_frac;
+    info->decay_frac = cfg->decay_frac;
+    info->weight_decay = cfg->weight_decay;
+    info->grad_clip = cfg->grad_clip;
+    info->beta1 = cfg->beta1;
+    info->beta2 = cfg->beta2;
+    info->eps = cfg->eps;
+    info->seed = cfg->seed;
+}
+
+// <dir>/ckpt_<step:08d>.bin
+static inline void checkpoint_path(char* out, size_t size, const char* dir, int step) {
+    snprintf(out, size, "%s/ckpt_%08d.bin", dir, step);
+}
+
+static inline int64_t checkpoint_file_bytes_(const CheckpointInfo* info) {
+    return OMNI_HEADER_BYTES + 3 * 4 * (int64_t)info->num_params + 4 * (int64_t)info->num_bn_sets * info->num_bn_stats +
+           info->loader_bytes + info->rng_bytes + CHECKPOINT_TRAILER_BYTES;
+}
+
+static inline void checkpoint_header_from_(const ModelConfig* config, const CheckpointInfo* info, int32_t* h) {
+    memset(h, 0, OMNI_HEADER_BYTES);
+    h[0] = CHECKPOINT_MAGIC;
+    h[1] = CHECKPOINT_VERSION;
+    model_config_to_header(config, h);
+    h[16] = info->B;
+    h[17] = info->T;
+    h[18] = info->grad_accum_steps;
+    h[19] = info->num_processes;
+    h[20] = info->step;
+    h[21] = info->adam_t;
+    h[22] = info->num_steps;
+    h[23] = info->warmup_steps;
+    h[24] = info->lr_schedule;
+    h[25] = info->shuffle;
+    h[26] = info->expert_exec;
+    h[27] = info->num_bn_sets;
+    ckpt_put_i64_(h, 28, info->tokens_seen);
+    ckpt_put_i64_(h, 30, info->total_batch_size);
+    ckpt_put_i64_(h, 32, (int64_t)info->seed);
+    ckpt_put_f32_(h, 34, info->learning_rate);
+    ckpt_put_f32_(h, 35, info->final_lr_frac);
+    ckpt_put_f32_(h, 36, info->decay_frac);
+    ckpt_put_f32_(h, 37, info->weight_decay);
+    ckpt_put_f32_(h, 38, info->grad_clip);
+    ckpt_put_f32_(h, 39, info->beta1);
+    ckpt_put_f32_(h, 40, info->beta2);
+    ckpt_put_f32_(h, 41, info->eps);
+    ckpt_put_i64_(h, 48, info->num_params);
+    ckpt_put_i64_(h, 50, info->num_bn_stats);
+    ckpt_put_i64_(h, 52, info->loader_bytes);
+    ckpt_put_i64_(h, 54, info->rng_bytes);
+    ckpt_put_i64_(h, 56, checkpoint_file_bytes_(info));
+}
+
+static inline void checkpoint_header_to_(const int32_t* h, ModelConfig* config, CheckpointInfo* info) {
+    model_config_from_header(h, config);
+    memset(info, 0, sizeof(*info));
+    info->B = h[16];
+    info->T = h[17];
+    info->grad_accum_steps = h[18];
+    info->num_processes = h[19];
+    info->step = h[20];
+    info->adam_t = h[21];
+    info->num_steps = h[22];
+    info->warmup_steps = h[23];
+    info->lr_schedule = h[24];
+    info->shuffle = h[25];
+    info->expert_exec = h[26];
+    info->num_bn_sets = h[27];
+    info->tokens_seen = ckpt_get_i64_(h, 28);
+    info->total_batch_size = ckpt_get_i64_(h, 30);
+    info->seed = (unsigned long long)ckpt_get_i64_(h, 32);
+    info->learning_rate = ckpt_get_f32_(h, 34);
+    info->final_lr_frac = ckpt_get_f32_(h, 35);
+    info->decay_frac = ckpt_get_f32_(h, 36);
+    info->weight_decay = ckpt_get_f32_(h, 37);
+    info->grad_clip = ckpt_get_f32_(h, 38);
+    info->beta1 = ckpt_get_f32_(h, 39);
+    info->beta2 = ckpt_get_f32_(h, 40);
+    info->eps = ckpt_get_f32_(h, 41);
+    info->num_params = ckpt_get_i64_(h, 48);
+    info->num_bn_stats = ckpt_get_i64_(h, 50);
+    info->loader_bytes = ckpt_get_i64_(h, 52);
+    info->rng_bytes = ckpt_get_i64_(h, 54);
+}
+
+// Checks of a checkpoint header, without printing; each returns 1 when sound, else 0 with the
+// reason in why. basic: magic, version and the stated file size; sizes: the section sizes agree
+// with the model configuration and the stated size (run after the checksum where possible, so
+// a corrupt header is reported as corrupt).
+static inline int checkpoint_check_header_basic_(const int32_t* h, int64_t file_size, char* why, size_t why_size) {
+    if (h[0] != CHECKPOINT_MAGIC) {
+        snprintf(why, why_size, "bad magic number %d, expected %d%s", h[0], CHECKPOINT_MAGIC, ckpt_magic_hint_(h[0]));
+        return 0;
+    }
+    if (h[1] != CHECKPOINT_VERSION) {
+        snprintf(why, why_size, "version %d, this program reads version %d", h[1], CHECKPOINT_VERSION);
+        return 0;
+    }
+    int64_t stated = ckpt_get_i64_(h, 56);
+    if (stated != file_size) {
+        snprintf(why, why_size, "%s: the file has %lld bytes, its header says %lld",
+                 file_size < stated ? "truncated" : "wrong size", (long long)file_size, (long long)stated);
+        return 0;
+    }
+    return 1;
+}
+
+static inline int checkpoint_check_header_sizes_(const int32_t* h, ModelConfig* config, CheckpointInfo* info,
+                                                 char* why, size_t why_size) {
+    checkpoint_header_to_(h, config, info);
+    int64_t stated = ckpt_get_i64_(h, 56);
+    const long long limit = 1LL << 44;  // keeps the size sum below overflow for any header content
+    if (info->num_params < 0 || info->num_params > limit || info->num_bn_stats < 0 || info->num_bn_stats > limit ||
+        info->num_bn_sets < 0 || info->num_bn_sets > (1 << 16) || info->loader_bytes < 0 ||
+        info->loader_bytes > limit || info->rng_bytes < 0 || info->rng_bytes > limit ||
+        checkpoint_file_bytes_(info) != stated ||
+        (uint64_t)info->num_params != (uint64_t)model_config_num_params(config) ||
+        (uint64_t)info->num_bn_stats != (uint64_t)model_config_num_bn_stats(config)) {
+        snprintf(why, why_size, "inconsistent header (section sizes do not match the model configuration or the size)");
+        return 0;
+    }
+    return 1;
+}
+
+// ----------------------------------------------------------------------------
+// writing a checkpoint
+
+typedef struct {
+    CkptSafeFile file;
+    int64_t payload_bytes;   // header + sections: what put() must deliver in total
+} CheckpointWriter;
+
+// Starts <dir>/ckpt_<info->step>.bin(.tmp) and writes the header. The section sizes in *info
+// (num_params, num_bn_stats, num_bn_sets, loader_bytes, rng_bytes) must be set; num_params and
+// num_bn_stats must equal the model's. Then put() the sections in order, then close().
+static inline void checkpoint_writer_open(CheckpointWriter* w, const char* dir, const ModelConfig* config,
+                                          const CheckpointInfo* info) {
+    if (!model_config_validate(config)) exit(EXIT_FAILURE);
+    if ((uint64_t)info->num_params != (uint64_t)model_config_num_params(config) ||
+        (uint64_t)info->num_bn_stats != (uint64_t)model_config_num_bn_stats(config) || info->num_bn_sets < 1 ||
+        info->loader_bytes < 0 || info->rng_bytes < 0 || info->step < 0) {
+        fprintf(stderr, "Error: checkpoint_writer_open: bad sizes (params %lld, model has %zu; bn %lld x %d sets, model has "
+                "%zu; loader %lld; rng %lld; step %d)\n", info->num_params, model_config_num_params(config),
+                info->num_bn_stats, info->num_bn_sets, model_config_num_bn_stats(config), info->loader_bytes,
+                info->rng_bytes, info->step);
+        exit(EXIT_FAILURE);
+    }
+    char path[CHECKPOINT_PATH_MAX];
+    checkpoint_path(path, sizeof(path), dir, info->step);
+    int32_t header[OMNI_HEADER_INTS];
+    checkpoint_header_from_(config, info, header);
+    w->payload_bytes = checkpoint_file_bytes_(info) - CHECKPOINT_TRAILER_BYTES;
+    ckpt_safe_open_(&w->file, path);
+    ckpt_safe_write_(&w->file, header, sizeof(header));
+}
+
+// the next `bytes` of the sections (any split: a section may come in many pieces)
+static inline void checkpoint_writer_put(CheckpointWriter* w, const void* data, size_t bytes) {
+    if (w->file.bytes_written + (int64_t)bytes > w->payload_bytes) {
+        fprintf(stderr, "Error: checkpoint \"%s\": more section bytes than the header announced (%lld)\n",
+                w->file.path, (long long)w->payload_bytes);
+        remove(w->file.tmp_path);
+        exit(EXIT_FAILURE);
+    }
+    ckpt_safe_write_(&w->file, data, bytes);
+}
+
+// Writes the trailer and makes the file visible under its final name. out_path (may be NULL,
+// else CHECKPOINT_PATH_MAX chars) receives the name.
+static inline void checkpoint_writer_close(CheckpointWriter* w, char* out_path) {
+    if (w->file.bytes_written != w->payload_bytes) {
+        fprintf(stderr, "Error: checkpoint \"%s\": %lld section bytes written, the header announced %lld\n",
+                w->file.path, (long long)w->file.bytes_written, (long long)w->payload_bytes);
+        fclose(w->file.fp);
+        remove(w->file.tmp_path);
+        exit(EXIT_FAILURE);
+    }
+    uint64_t checksum = checkpoint_hash_final(&w->file.hash);
+    unsigned char trailer[CHECKPOINT_TRAILER_BYTES];
+    memcpy(trailer, &checksum, 8);
+    memcpy(trailer + 8, CHECKPOINT_END_MAGIC, 8);
+    if (fwrite(trailer, 1, sizeof(trailer), w->file.fp) != sizeof(trailer)) ckpt_safe_fail_(&w->file, "writing");
+    ckpt_safe_commit_(&w->file);
+    if (out_path != NULL) strcpy(out_path, w->file.path);
+}
+
+// One call: writes <dir>/ckpt_<info->step>.bin from host buffers. The section sizes of *info are
+// ignored and taken from the model and the arguments. m, v NULL = zeros (optimiser not started).
+// bn_stats: num_bn_sets * model_config_num_bn_stats floats (NULL allowed when that is 0).
+static inline void checkpoint_write(const char* dir, const ModelConfig* config, const CheckpointInfo* info,
+                                    const float* params, const float* m, const float* v, const float* bn_stats,
+                                    int num_bn_sets, const void* loader_state, size_t loader_bytes,
+                                    const void* rng_state, size_t rng_bytes, char* out_path) {
+    CheckpointInfo full = *info;
+    full.num_params = (long long)model_config_num_params(config);
+    full.num_bn_stats = (long long)model_config_num_bn_stats(config);
+    full.num_bn_sets = num_bn_sets;
+    full.loader_bytes = (long long)loader_bytes;
+    full.rng_bytes = (long long)rng_bytes;
+    size_t P = (size_t)full.num_params, bn_floats = (size_t)full.num_bn_stats * (size_t)(num_bn_sets > 0 ? num_bn_sets : 0);
+    if (params == NULL || (bn_floats > 0 && bn_stats == NULL) || (loader_bytes > 0 && loader_state == NULL) ||
+        (rng_bytes > 0 && rng_state == NULL)) {
+        fprintf(stderr, "Error: checkpoint_write: a NULL buffer for a non-empty section\n");
+        exit(EXIT_FAILURE);
+    }
+    CheckpointWriter w;
+    checkpoint_writer_open(&w, dir, config, &full);
+    checkpoint_writer_put(&w, params, P * sizeof(float));
+    if (m != NULL) checkpoint_writer_put(&w, m, P * sizeof(float));
+    else ckpt_safe_write_zeros_(&w.file, P);
+    if (v != NULL) checkpoint_writer_put(&w, v, P * sizeof(float));
+    else ckpt_safe_write_zeros_(&w.file, P);
+    checkpoint_writer_put(&w, bn_stats, bn_floats * sizeof(float));
+    checkpoint_writer_put(&w, loader_state, loader_bytes);
+    checkpoint_writer_put(&w, rng_state, rng_bytes);
+    checkpoint_writer_close(&w, out_path);
+}
+
+// ----------------------------------------------------------------------------
+// checking a checkpoint without trusting it
+
+// Returns 1 when the file is a complete, uncorrupted checkpoint (header sound, size as stated,
+// end magic and checksum right); else 0 and the reason in why. Prints nothing.
+static inline int checkpoint_verify(const char* path, char* why, size_t why_size) {
+    ckpt_require_little_endian_();
+    FILE* fp = fopen(path, "rb");
+    if (fp == NULL) {
+        snprintf(why, why_size, "cannot open: %s", strerror(errno));
+        return 0;
+    }
+    int64_t size = ckpt_file_size_(path);
+    int32_t header[OMNI_HEADER_INTS];
+    if (size < OMNI_HEADER_BYTES + CHECKPOINT_TRAILER_BYTES || fread(header, sizeof(header), 1, fp) != 1) {
+        snprintf(why, why_size, "truncated: %lld bytes, too short for a checkpoint", (long long)size);
+        fclose(fp);
+        return 0;
+    }
+    if (!checkpoint_check_header_basic_(header, size, why, why_size)) {
+        fclose(fp);
+        return 0;
+    }
+    CheckpointHash hash;
+    checkpoint_hash_init(&hash);
+    checkpoint_hash_update(&hash, header, sizeof(header));
+    int64_t left = size - OMNI_HEADER_BYTES - CHECKPOINT_TRAILER_BYTES;
+    size_t chunk_size = 1 << 20;
+    unsigned char* chunk = (unsigned char*)malloc_check(chunk_size);
+    while (left > 0) {
+        size_t n = left < (int64_t)chunk_size ? (size_t)left : chunk_size;
+        if (fread(chunk, 1, n, fp) != n) {
+            snprintf(why, why_size, "read error: %s", ferror(fp) ? strerror(errno) : "unexpected end of file");
+            free(chunk);
+            fclose(fp);
+            return 0;
+        }
+        checkpoint_hash_update(&hash, chunk, n);
+        left -= (int64_t)n;
+    }
+    free(chunk);
+    unsigned char trailer[CHECKPOINT_TRAILER_BYTES];
+    int ok = fread(trailer, 1, sizeof(trailer), fp) == sizeof(trailer);
+    fclose(fp);
+    if (!ok) {
+        snprintf(why, why_size, "truncated trailer");
+        return 0;
+    }
+    if (memcmp(trailer + 8, CHECKPOINT_END_MAGIC, 8) != 0) {
+        snprintf(why, why_size, "end magic missing (incomplete or corrupt file)");
+        return 0;
+    }
+    uint64_t stored, computed = checkpoint_hash_final(&hash);
+    memcpy(&stored, trailer, 8);
+    if (stored != computed) {
+        snprintf(why, why_size, "checksum mismatch (stored %016llx, computed %016llx): the file is corrupt",
+                 (unsigned long long)stored, (unsigned long long)computed);
+        return 0;
+    }
+    ModelConfig config;
+    CheckpointInfo info;
+    return checkpoint_check_header_sizes_(header, &config, &info, why, why_size);
+}
+
+// step of a name "ckpt_<digits>.bin", else -1; *is_tmp = 1 for "ckpt_<digits>.bin.tmp"
+static inline int checkpoint_name_step_(const char* name, int* is_tmp) {
+    *is_tmp = 0;
+    if (strncmp(name, "ckpt_", 5) != 0) return -1;
+    const char* p = name + 5;
+    long long step = 0;
+    int digits = 0;
+    while (*p >= '0' && *p <= '9') {
+        step = step * 10 + (*p - '0');
+        if (step > 2147483647LL) return -1;
+        p++;
+        digits++;
+    }
+    if (digits == 0) return -1;
+    if (strcmp(p, ".bin") == 0) return (int)step;
+    if (strcmp(p, ".bin.tmp") == 0) {
+        *is_tmp = 1;
+        return (int)step;
+    }
+    return -1;
+}
+
+// The complete, verified checkpoint with the highest step in dir: its path goes to out_path
+// (CHECKPOINT_PATH_MAX chars) and its step is returned; -1 when there is none (or no dir).
+// Unfinished (.tmp) and corrupt checkpoints are skipped with a warning on stderr.
+static inline int checkpoint_find_latest(const char* dir, char* out_path) {
+    DIR* d = opendir(dir);
+    if (d == NULL) return -1;
+    int* steps = NULL;
+    int count = 0, capacity = 0;
+    struct dirent* entry;
+    while ((entry = readdir(d)) != NULL) {
+        int is_tmp;
+        int step = checkpoint_name_step_(entry->d_name, &is_tmp);
+        if (step < 0) continue;
+        if (is_tmp) {
+            fprintf(stderr, "Warning: ignoring unfinished checkpoint %s/%s (its write was interrupted)\n", dir,
+                    entry->d_name);
+            continue;
+        }
+        if (count == capacity) {
+            capacity = capacity ? 2 * capacity : 16;
+            int* bigger = (int*)realloc(steps, (size_t)capacity * sizeof(int));
+            if (bigger == NULL) {
+                fprintf(stderr, "Error: out of memory listing %s\n", dir);
+                exit(EXIT_FAILURE);
+            }
+            steps = bigger;
+        }
+        steps[count++] = step;
+    }
+    closedir(d);
+    int found = -1;
+    while (count > 0 && found < 0) {
+        int best = 0;  // newest remaining
+        for (int i = 1; i < count; i++) if (steps[i] > steps[best]) best = i;
+        char path[CHECKPOINT_PATH_MAX], why[256];
+        checkpoint_path(path, sizeof(path), dir, steps[best]);
+        if (checkpoint_verify(path, why, sizeof(why))) {
+            found = steps[best];
+            strcpy(out_path, path);
+        } else {
+            fprintf(stderr, "Warning: skipping checkpoint %s: %s\n", path, why);
+            steps[best] = steps[--count];
+        }
+    }
+    free(steps);
+    return found;
+}
+
+// ----------------------------------------------------------------------------
+// reading a checkpoint
+
+typedef struct {
+    FILE* fp;
+    char path[CHECKPOINT_PATH_MAX];
+    CheckpointHash hash;
+    int64_t payload_bytes;   // header + sections
+    int64_t bytes_read;
+} CheckpointReader;
+
+static inline void checkpoint_fail_(FILE* fp, const char* path, const char* fmt, ...) {
+    fprintf(stderr, "Error: checkpoint \"%s\": ", path);
+    va_list args;
+    va_start(args, fmt);
+    vfprintf(stderr, fmt, args);
+    va_end(args);
+    fprintf(stderr, "\n");
+    if (fp != NULL) fclose(fp);
+    exit(EXIT_FAILURE);
+}
+
+// Opens a checkpoint and checks its header; with expected_config != NULL, the model in the file
+// must equal it (else the message names the first differing field; a corrupt file is reported
+// as corrupt instead). Fills out_config / out_info when not NULL. Then get() the sections in
+// order and close(), which verifies the checksum.
+static inline void checkpoint_reader_open(CheckpointReader* r, const char* path, const ModelConfig* expected_config,
+                                          ModelConfig* out_config, CheckpointInfo* out_info) {
+    ckpt_require_little_endian_();
+    memset(r, 0, sizeof(*r));
+    if (strlen(path) >= sizeof(r->path)) checkpoint_fail_(NULL, path, "path too long");
+    strcpy(r->path, path);
+    FILE* fp = fopen(path, "rb");
+    if (fp == NULL) checkpoint_fail_(NULL, path, "cannot open: %s", strerror(errno));
+    int64_t size = ckpt_file_size_(path);
+    int32_t header[OMNI_HEADER_INTS];
+    if (size < OMNI_HEADER_BYTES + CHECKPOINT_TRAILER_BYTES || fread(header, sizeof(header), 1, fp) != 1) {
+        checkpoint_fail_(fp, path, "truncated: %lld bytes, too short for a checkpoint", (long long)size);
+    }
+    ModelConfig config;
+    CheckpointInfo info;
+    char why[256], why_verify[256];
+    if (!checkpoint_check_header_basic_(header, size, why, sizeof(why))) checkpoint_fail_(fp, path, "%s", why);
+    if (!checkpoint_check_header_sizes_(header, &config, &info, why, sizeof(why))) {
+        // an inconsistent header: say "corrupt" when the checksum says so
+        if (!checkpoint_verify(path, why_verify, sizeof(why_verify))) checkpoint_fail_(fp, path, "%s", why_verify);
+        checkpoint_fail_(fp, path, "%s", why);
+    }
+    if (expected_config != NULL) {
+        int field = model_config_first_difference(&config, expected_config);
+        if (field >= 0) {
+            if (!checkpoint_verify(path, why_verify, sizeof(why_verify))) checkpoint_fail_(fp, path, "%s", why_verify);
+            char in_file[32], in_run[32];
+            model_config_field_text(&config, field, in_file, sizeof(in_file));
+            model_config_field_text(expected_config, field, in_run, sizeof(in_run));
+            checkpoint_fail_(fp, path, "it was written for a different model: %s is %s in the checkpoint but %s in this "
+                             "run (use the same -e and model flags as the run that wrote it)",
+                             model_config_field_name(field), in_file, in_run);
+        }
+    }
+    if (!model_config_validate(&config)) checkpoint_fail_(fp, path, "the model configuration in its header is impossible");
+    r->fp = fp;
+    r->payload_bytes = size - CHECKPOINT_TRAILER_BYTES;
+    r->bytes_read = OMNI_HEADER_BYTES;
+    checkpoint_hash_init(&r->hash);
+    checkpoint_hash_update(&r->hash, header, sizeof(header));
+    if (out_config != NULL) *out_config = config;
+    if (out_info != NULL) *out_info = info;
+}
+
+// the next `bytes` of the sections into dst (dst NULL = skip them; they are still checksummed)
+static inline void checkpoint_reader_get(CheckpointReader* r, void* dst, size_t bytes) {
+    if (r->bytes_read + (int64_t)bytes > r->payload_bytes) {
+        checkpoint_fail_(r->fp, r->path, "a read past the end of the sections (internal error)");
+    }
+    if (dst != NULL) {
+        if (fread(dst, 1, bytes, r->fp) != bytes) {
+            checkpoint_fail_(r->fp, r->path, "read error: %s", ferror(r->fp) ? strerror(errno) : "unexpected end of file");
+        }
+        checkpoint_hash_update(&r->hash, dst, bytes);
+    } else {
+        unsigned char chunk[1 << 14];
+        size_t left = bytes;
+        while (left > 0) {
+            size_t n = left < sizeof(chunk) ? left : sizeof(chunk);
+            if (fread(chunk, 1, n, r->fp) != n) {
+                checkpoint_fail_(r->fp, r->path, "read error: %s", ferror(r->fp) ? strerror(errno) : "unexpected end of file");
+            }
+            checkpoint_hash_update(&r->hash, chunk, n);
+            left -= n;
+        }
+    }
+    r->bytes_read += (int64_t)bytes;
+}
+
+// reads (and checksums) what was not read, then checks the end magic and the checksum
+static inline void checkpoint_reader_close(CheckpointReader* r) {
+    if (r->bytes_read < r->payload_bytes) checkpoint_reader_get(r, NULL, (size_t)(r->payload_bytes - r->bytes_read));
+    unsigned char trailer[CHECKPOINT_TRAILER_BYTES];
+    if (fread(trailer, 1, sizeof(trailer), r->fp) != sizeof(trailer)) checkpoint_fail_(r->fp, r->path, "truncated trailer");
+    if (memcmp(trailer + 8, CHECKPOINT_END_MAGIC, 8) != 0) {
+        checkpoint_fail_(r->fp, r->path, "end magic missing (incomplete or corrupt file)");
+    }
+    uint64_t stored, computed = checkpoint_hash_final(&r->hash);
+    memcpy(&stored, trailer, 8);
+    if (stored != computed) {
+        checkpoint_fail_(r->fp, r->path, "checksum mismatch (stored %016llx, computed %016llx): the file is corrupt",
+                         (unsigned long long)stored, (unsigned long long)computed);
+    }
+    fclose(r->fp);
+    r->fp = NULL;
+}
+
+// The header only (checked for consistency, not checksummed): the model and the run record with
+// the section sizes, so a caller can size its buffers before checkpoint_read.
+static inline void checkpoint_read_info(const char* path, ModelConfig* out_config, CheckpointInfo* out_info) {
+    CheckpointReader r;
+    checkpoint_reader_open(&r, path, NULL, out_config, out_info);
+    fclose(r.fp);
+}
+
+// One call: reads a whole checkpoint into host buffers and verifies it; exits with a message on
+// any problem. The model must equal expected_config. num_bn_sets, loader_bytes and rng_bytes must
+// equal the file's (see checkpoint_read_info). Any destination may be NULL to skip its section.
+static inline void checkpoint_read(const char* path, const ModelConfig* expected_config, CheckpointInfo* out_info,
+                                   float* params, float* m, float* v, float* bn_stats, int num_bn_sets,
+                                   void* loader_state, size_t loader_bytes, void* rng_state, size_t rng_bytes) {
+    CheckpointReader r;
+    CheckpointInfo info;
+    checkpoint_reader_open(&r, path, expected_config, NULL, &info);
+    if (info.num_bn_sets != num_bn_sets && info.num_bn_stats > 0) {
+        checkpoint_fail_(r.fp, path, "it holds %d sets of BN statistics, the caller expects %d", info.num_bn_sets,
+                         num_bn_sets);
+    }
+    if ((size_t)info.loader_bytes != loader_bytes) {
+        checkpoint_fail_(r.fp, path, "its data-loader state has %lld bytes, %zu expected (a different data-loader "
+                         "version or process count?)", info.loader_bytes, loader_bytes);
+    }
+    if ((size_t)info.rng_bytes != rng_bytes) {
+        checkpoint_fail_(r.fp, path, "its RNG state has %lld bytes, %zu expected", info.rng_bytes, rng_bytes);
+    }
+    size_t P = (size_t)info.num_params;
+    checkpoint_reader_get(&r, params, P * sizeof(float));
+    checkpoint_reader_get(&r, m, P * sizeof(float));
+    checkpoint_reader_get(&r, v, P * sizeof(float));
+    checkpoint_reader_get(&r, bn_stats, (size_t)info.num_bn_stats * (size_t)info.num_bn_sets * sizeof(float));
+    checkpoint_reader_get(&r, loader_state, loader_bytes);
+    checkpoint_reader_get(&r, rng_state, rng_bytes);
+    checkpoint_reader_close(&r);
+    if (out_info != NULL) *out_info = info;
+}
+
+// Prints a note for every run setting that differs from the checkpoint's (the trainer decides
+// whether that is allowed); returns how many differ.
+static inline int checkpoint_compare_run(const CheckpointInfo* saved, const TrainConfig* cfg) {
+    int diffs = 0;
+#define CKPT_CMP_INT_(flag, saved_value, now_value)                                                          \
+    if ((long long)(saved_value) != (long long)(now_value)) {                                               \
+        printf("Note: resuming with %s %lld (the checkpoint was written with %lld)\n", flag,                \
+               (long long)(now_value), (long long)(saved_value));                                            \
+        diffs++;                                                                                              \
+    }
+#define CKPT_CMP_FLOAT_(flag, saved_value, now_value)                                                        \
+    if ((saved_value) != (now_value)) {                                                                       \
+        printf("Note: resuming with %s %g (the checkpoint was written with %g)\n", flag, (double)(now_value), \
+               (double)(saved_value));                                                                        \
+        diffs++;                                                                                              \
+    }
+    CKPT_CMP_INT_("-b", saved->B, cfg->B)
+    CKPT_CMP_INT_("-t", saved->T, cfg->T)
+    CKPT_CMP_INT_("-d (tokens per step)", saved->total_batch_size, train_config_total_batch_tokens(cfg))
+    CKPT_CMP_INT_("processes", saved->num_processes, cfg->num_processes)
+    CKPT_CMP_INT_("-x", saved->num_steps, cfg->num_steps)
+    CKPT_CMP_INT_("-u", saved->warmup_steps, cfg->warmup_steps)
+    CKPT_CMP_INT_("--schedule", saved->lr_schedule, cfg->lr_schedule)
+    CKPT_CMP_INT_("--shuffle", saved->shuffle, cfg->shuffle)
+    CKPT_CMP_INT_("--expert-exec", saved->expert_exec, cfg->expert_exec)
+    CKPT_CMP_INT_("--seed", saved->seed, cfg->seed)
+    CKPT_CMP_FLOAT_("-l", saved->learning_rate, cfg->learning_rate)
+    CKPT_CMP_FLOAT_("-q", saved->final_lr_frac, cfg->final_lr_frac)
+    CKPT_CMP_FLOAT_("--decay-frac", saved->decay_frac, cfg->decay_frac)
+    CKPT_CMP_FLOAT_("-c", saved->weight_decay, cfg->weight_decay)
+    CKPT_CMP_FLOAT_("--grad-clip", saved->grad_clip, cfg->grad_clip)
+    CKPT_CMP_FLOAT_("--beta1", saved->beta1, cfg->beta1)
+    CKPT_CMP_FLOAT_("--beta2", saved->beta2, cfg->beta2)
+    CKPT_CMP_FLOAT_("--eps", saved->eps, cfg->eps)
+#undef CKPT_CMP_INT_
+#undef CKPT_CMP_FLOAT_
+    return diffs;
+}
+
+#endif // OMNIMOE_CHECKPOINT_H
