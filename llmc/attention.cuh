@@ -108,6 +108,14 @@ __device__ __forceinline__ void attn_mma(float (&d)[4], const uint32_t (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// 2^x in one MUFU.EX2 (flushes results below 2^-126 to zero, which is harmless for softmax
+// probabilities; exp2f() without fast-math adds range fix-ups around the same instruction)
+__device__ __forceinline__ float attn_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
 __device__ __forceinline__ uint32_t attn_pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // lo goes to the low 16 bits
     return *reinterpret_cast<uint32_t*>(&v);
@@ -273,7 +281,7 @@ attn_fwd_kernel(attn_bf16* __restrict__ out, float* __restrict__ lse, const attn
                     for (int n = 0; n < NS; n++) { mx = fmaxf(mx, fmaxf(s[mt][n][2 * hf], s[mt][n][2 * hf + 1])); }
                     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
                     mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-                    const float corr = exp2f((m_run[mt][hf] - mx) * scale_log2);
+                    const float corr = attn_exp2((m_run[mt][hf] - mx) * scale_log2);
                     m_run[mt][hf] = mx;
                     const float msc = mx * scale_log2;
                     float rs = 0.0f;
@@ -281,7 +289,7 @@ attn_fwd_kernel(attn_bf16* __restrict__ out, float* __restrict__ lse, const attn
                     for (int n = 0; n < NS; n++) {
                         #pragma unroll
                         for (int e = 2 * hf; e < 2 * hf + 2; e++) {
-                            const float p = exp2f(fmaf(s[mt][n][e], scale_log2, -msc));
+                            const float p = attn_exp2(fmaf(s[mt][n][e], scale_log2, -msc));
                             s[mt][n][e] = p;
                             rs += p;
                         }
@@ -352,36 +360,45 @@ __device__ __forceinline__ void attn_load8(float (&v)[8], const float* p) {
     v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = c.x; v[5] = c.y; v[6] = c.z; v[7] = c.w;
 }
 
-// one thread per (b, h, padded t): fixed-order fp32 dot product over the head's channels.
+// One warp per (b, padded t) token row: lane c takes 16-byte chunks c, c+32, ... of the row (8
+// elements each), so a head's HS/8 chunks sit in consecutive lanes and are summed by a fixed
+// xor-butterfly (deterministic); reads are fully coalesced.
 template<int HS, typename Tp>
 __global__ void attn_bwd_preprocess_kernel(float* __restrict__ lse2, float* __restrict__ Dsum,
                                            const Tp* __restrict__ dout, const Tp* __restrict__ out,
                                            const float* __restrict__ lse, int B, int T, int Tpad, int NH) {
-    const int idx = blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= B * NH * Tpad) { return; }
-    const int t = idx % Tpad, bh = idx / Tpad, b = bh / NH, h = bh % NH;
-    if (t >= T) {
-        lse2[idx] = INFINITY;
-        Dsum[idx] = 0.0f;
-        return;
-    }
-    const size_t off = ((size_t)b * T + t) * (NH * HS) + h * HS;
-    float acc = 0.0f;
-    #pragma unroll
-    for (int d = 0; d < HS; d += 8) {
-        float x[8], y[8];
-        attn_load8(x, dout + off + d);
-        attn_load8(y, out + off + d);
+    constexpr int CPH = HS / 8;  // chunks per head: 4, 8 or 16, divides 32
+    const int lane = threadIdx.x & 31;
+    const int row = blockIdx.x * (blockDim.x / 32) + (threadIdx.x >> 5);
+    if (row >= B * Tpad) { return; }  // uniform per warp
+    const int b = row / Tpad, t = row % Tpad;
+    const int nchunks = NH * CPH;
+    for (int c0 = 0; c0 < nchunks; c0 += 32) {
+        const int c = c0 + lane, h = c / CPH;
+        float acc = 0.0f;
+        if (t < T && c < nchunks) {
+            float x[8], y[8];
+            const size_t off = ((size_t)b * T + t) * (NH * HS) + (size_t)c * 8;
+            attn_load8(x, dout + off);
+            attn_load8(y, out + off);
+            #pragma unroll
+            for (int i = 0; i < 8; i++) { acc = fmaf(x[i], y[i], acc); }
+        }
         #pragma unroll
-        for (int i = 0; i < 8; i++) { acc = fmaf(x[i], y[i], acc); }
+        for (int o = CPH / 2; o > 0; o >>= 1) { acc += __shfl_xor_sync(0xffffffffu, acc, o); }
+        if (c < nchunks && (lane % CPH) == 0) {
+            const size_t bh = (size_t)b * NH + h;
+            lse2[bh * Tpad + t] = t < T ? lse[bh * T + t] * ATTN_LOG2E : INFINITY;  // +inf -> P = 0
+            Dsum[bh * Tpad + t] = t < T ? acc : 0.0f;
+        }
     }
-    lse2[idx] = lse[(size_t)bh * T + t] * ATTN_LOG2E;
-    Dsum[idx] = acc;
 }
 
 // dQ kernel: block = NWARPS warps x 16 query rows; key tiles of 64 stream through a double buffer.
 // Per key tile: S = Q K^T, dP = dO V^T, P = exp(S*scale - lse), dS = P (dP - D), dQ += dS K.
-template<int HS, int NWARPS>
+// QREG: keep the warp's Q and dO fragments in registers for the whole key loop (else reload them
+// from shared memory for every key tile: fewer registers, more ldmatrix).
+template<int HS, int NWARPS, bool QREG>
 __global__ void __launch_bounds__(NWARPS * 32)
 attn_bwd_dq_kernel(attn_bf16* __restrict__ dqkv, const attn_bf16* __restrict__ dout,
                    const attn_bf16* __restrict__ qkv, const float* __restrict__ lse2,
@@ -417,6 +434,16 @@ attn_bwd_dq_kernel(attn_bf16* __restrict__ dqkv, const attn_bf16* __restrict__ d
 
     const int wrow0 = warp * 16;
     const int wq0 = q0 + wrow0, wq_last = wq0 + 15;
+    uint32_t qreg[QREG ? KS : 1][4], dreg[QREG ? KS : 1][4];
+    if constexpr (QREG) {
+        attn_cp_async_wait<1>();  // the Q/dO group has landed
+        __syncthreads();
+        #pragma unroll
+        for (int ks = 0; ks < KS; ks++) {
+            attn_ldsm_x4(qreg[ks], sQ + (wrow0 + lrow) * SS + ks * 16 + lcol);
+            attn_ldsm_x4(dreg[ks], sdO + (wrow0 + lrow) * SS + ks * 16 + lcol);
+        }
+    }
     float lse_r[2], d_r[2];  // this thread's rows g and g+8
     #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
@@ -452,8 +479,13 @@ attn_bwd_dq_kernel(attn_bf16* __restrict__ dqkv, const attn_bf16* __restrict__ d
             #pragma unroll
             for (int ks = 0; ks < KS; ks++) {
                 uint32_t qa[4], da[4];
-                attn_ldsm_x4(qa, sQ + (wrow0 + lrow) * SS + ks * 16 + lcol);
-                attn_ldsm_x4(da, sdO + (wrow0 + lrow) * SS + ks * 16 + lcol);
+                if constexpr (QREG) {
+                    #pragma unroll
+                    for (int i = 0; i < 4; i++) { qa[i] = qreg[ks][i]; da[i] = dreg[ks][i]; }
+                } else {
+                    attn_ldsm_x4(qa, sQ + (wrow0 + lrow) * SS + ks * 16 + lcol);
+                    attn_ldsm_x4(da, sdO + (wrow0 + lrow) * SS + ks * 16 + lcol);
+                }
                 #pragma unroll
                 for (int np = 0; np < NS / 2; np++) {
                     uint32_t kb[4], vb[4];
@@ -473,7 +505,7 @@ attn_bwd_dq_kernel(attn_bf16* __restrict__ dqkv, const attn_bf16* __restrict__ d
                     const int hf = e >> 1;
                     const int row = wq0 + g + hf * 8;
                     const int col = k0 + n * 8 + 2 * t4 + (e & 1);
-                    float p = exp2f(fmaf(s[n][e], scale_log2, -lse_r[hf]));
+                    float p = attn_exp2(fmaf(s[n][e], scale_log2, -lse_r[hf]));
                     if (diag && col > row) { p = 0.0f; }
                     s[n][e] = p * (dp[n][e] - d_r[hf]);  // dS without the softmax scale
                 }
@@ -513,7 +545,8 @@ attn_bwd_dq_kernel(attn_bf16* __restrict__ dqkv, const attn_bf16* __restrict__ d
 // from the diagonal to the end stream through a double buffer. Working on transposed scores
 // (keys x queries) lets P^T and dS^T go straight from accumulators into the A operand of
 // dV += P^T dO and dK += dS^T Q.
-template<int HS, int NWARPS, int BRQ>
+// KVREG: keep the warp's K and V fragments in registers (else reload them per query tile).
+template<int HS, int NWARPS, int BRQ, bool KVREG>
 __global__ void __launch_bounds__(NWARPS * 32)
 attn_bwd_dkdv_kernel(attn_bf16* __restrict__ dqkv, const attn_bf16* __restrict__ dout,
                      const attn_bf16* __restrict__ qkv, const float* __restrict__ lse2,
@@ -565,6 +598,16 @@ attn_bwd_dkdv_kernel(attn_bf16* __restrict__ dqkv, const attn_bf16* __restrict__
 
     const int wrow0 = warp * 16;
     const int wk0 = k0 + wrow0;  // this warp's first key
+    uint32_t kreg[KVREG ? KS : 1][4], vreg[KVREG ? KS : 1][4];
+    if constexpr (KVREG) {
+        attn_cp_async_wait<1>();  // the K/V group has landed
+        __syncthreads();
+        #pragma unroll
+        for (int ks = 0; ks < KS; ks++) {
+            attn_ldsm_x4(kreg[ks], sK + (wrow0 + lrow) * SS + ks * 16 + lcol);
+            attn_ldsm_x4(vreg[ks], sV + (wrow0 + lrow) * SS + ks * 16 + lcol);
+        }
+    }
     float dk[NO][4], dv[NO][4];
     #pragma unroll
     for (int n = 0; n < NO; n++) {
@@ -597,8 +640,13 @@ attn_bwd_dkdv_kernel(attn_bf16* __restrict__ dqkv, const attn_bf16* __restrict__
             #pragma unroll
             for (int ks = 0; ks < KS; ks++) {
                 uint32_t ka[4], va[4];
-                attn_ldsm_x4(ka, sK + (wrow0 + lrow) * SS + ks * 16 + lcol);
-                attn_ldsm_x4(va, sV + (wrow0 + lrow) * SS + ks * 16 + lcol);
+                if constexpr (KVREG) {
+                    #pragma unroll
+                    for (int i = 0; i < 4; i++) { ka[i] = kreg[ks][i]; va[i] = vreg[ks][i]; }
+                } else {
+                    attn_ldsm_x4(ka, sK + (wrow0 + lrow) * SS + ks * 16 + lcol);
+                    attn_ldsm_x4(va, sV + (wrow0 + lrow) * SS + ks * 16 + lcol);
+                }
                 #pragma unroll
                 for (int np = 0; np < NQ / 2; np++) {
                     uint32_t qb[4], db[4];
@@ -622,7 +670,7 @@ attn_bwd_dkdv_kernel(attn_bf16* __restrict__ dqkv, const attn_bf16* __restrict__
                     const int q = q0 + qi + (e & 1);
                     const float lv = (e & 1) ? l2.y : l2.x;
                     const float dd = (e & 1) ? d2.y : d2.x;
-                    float p = exp2f(fmaf(st[n][e], scale_log2, -lv));
+                    float p = attn_exp2(fmaf(st[n][e], scale_log2, -lv));
                     if (diag && q < key) { p = 0.0f; }
                     st[n][e] = p;
                     dpt[n][e] = p * (dpt[n][e] - dd);  // dS^T without the softmax scale
@@ -837,22 +885,23 @@ template<int HS, typename Tp>
 void attention_backward_preprocess(float* scratch, const Tp* dout, const Tp* out, const float* lse,
                                    int B, int T, int NH, cudaStream_t stream) {
     const int Tpad = attn_tpad(T);
-    const int total = B * NH * Tpad;
     float* lse2 = scratch;
-    float* Dsum = scratch + (size_t)total;
-    attn_bwd_preprocess_kernel<HS, Tp><<<(total + 255) / 256, 256, 0, stream>>>(lse2, Dsum, dout, out, lse, B, T, Tpad, NH);
+    float* Dsum = scratch + (size_t)B * NH * Tpad;
+    const int rows = B * Tpad, warps_per_block = 8;
+    attn_bwd_preprocess_kernel<HS, Tp><<<(rows + warps_per_block - 1) / warps_per_block, warps_per_block * 32, 0, stream>>>(
+        lse2, Dsum, dout, out, lse, B, T, Tpad, NH);
     cudaCheck(cudaGetLastError());
 }
 
 // dK/dV kernel alone (needs the preprocess results in scratch)
-template<int HS, int KV_WARPS, int BRQ>
+template<int HS, int KV_WARPS, int BRQ, bool KVREG>
 void attention_backward_dkdv_tc(attn_bf16* dqkv, const attn_bf16* dout, const attn_bf16* qkv,
                                 int B, int T, int NH, const float* scratch, cudaStream_t stream) {
     constexpr int BC = KV_WARPS * 16;
     const int Tpad = attn_tpad(T);
     const float scale = 1.0f / sqrtf((float)HS);
     const size_t smem = (size_t)(2 * BC + 4 * BRQ) * (HS + 8) * sizeof(attn_bf16) + 4 * BRQ * sizeof(float);
-    auto kernel = attn_bwd_dkdv_kernel<HS, KV_WARPS, BRQ>;
+    auto kernel = attn_bwd_dkdv_kernel<HS, KV_WARPS, BRQ, KVREG>;
     cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid(B * NH, (T + BC - 1) / BC);
     kernel<<<grid, KV_WARPS * 32, smem, stream>>>(dqkv, dout, qkv, scratch, scratch + (size_t)B * NH * Tpad,
@@ -861,14 +910,14 @@ void attention_backward_dkdv_tc(attn_bf16* dqkv, const attn_bf16* dout, const at
 }
 
 // dQ kernel alone (needs the preprocess results in scratch)
-template<int HS, int DQ_WARPS>
+template<int HS, int DQ_WARPS, bool QREG>
 void attention_backward_dq_tc(attn_bf16* dqkv, const attn_bf16* dout, const attn_bf16* qkv,
                               int B, int T, int NH, const float* scratch, cudaStream_t stream) {
     constexpr int BR = DQ_WARPS * 16;
     const int Tpad = attn_tpad(T);
     const float scale = 1.0f / sqrtf((float)HS);
     const size_t smem = (size_t)(2 * BR + 4 * ATTN_KEY_TILE) * (HS + 8) * sizeof(attn_bf16);
-    auto kernel = attn_bwd_dq_kernel<HS, DQ_WARPS>;
+    auto kernel = attn_bwd_dq_kernel<HS, DQ_WARPS, QREG>;
     cudaCheck(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     dim3 grid(B * NH, (T + BR - 1) / BR);
     kernel<<<grid, DQ_WARPS * 32, smem, stream>>>(dqkv, dout, qkv, scratch, scratch + (size_t)B * NH * Tpad,
@@ -876,12 +925,12 @@ void attention_backward_dq_tc(attn_bf16* dqkv, const attn_bf16* dout, const attn
     cudaCheck(cudaGetLastError());
 }
 
-template<int HS, int DQ_WARPS, int KV_WARPS, int BRQ>
+template<int HS, int DQ_WARPS, int KV_WARPS, int BRQ, bool QREG, bool KVREG>
 void attention_backward_tc(attn_bf16* dqkv, const attn_bf16* dout, const attn_bf16* qkv, const attn_bf16* out,
                            const float* lse, int B, int T, int NH, float* scratch, cudaStream_t stream) {
     attention_backward_preprocess<HS, attn_bf16>(scratch, dout, out, lse, B, T, NH, stream);
-    attention_backward_dkdv_tc<HS, KV_WARPS, BRQ>(dqkv, dout, qkv, B, T, NH, scratch, stream);
-    attention_backward_dq_tc<HS, DQ_WARPS>(dqkv, dout, qkv, B, T, NH, scratch, stream);
+    attention_backward_dkdv_tc<HS, KV_WARPS, BRQ, KVREG>(dqkv, dout, qkv, B, T, NH, scratch, stream);
+    attention_backward_dq_tc<HS, DQ_WARPS, QREG>(dqkv, dout, qkv, B, T, NH, scratch, stream);
 }
 
 // simple-path launchers (any element type; used for floatX = float)
@@ -939,8 +988,8 @@ inline void attention_backward(floatX* dqkv, const floatX* dout, const floatX* q
     else if (hs == 64) { attention_backward_simple<64, float>(dqkv, dout, qkv, out, lse, B, T, NH, scratch, stream); }
     else { attention_backward_simple<128, float>(dqkv, dout, qkv, out, lse, B, T, NH, scratch, stream); }
 #else
-    if (hs == 32) { attention_backward_tc<32, 4, 4, 64>(dqkv, dout, qkv, out, lse, B, T, NH, scratch, stream); }
-    else if (hs == 64) { attention_backward_tc<64, 4, 4, 64>(dqkv, dout, qkv, out, lse, B, T, NH, scratch, stream); }
-    else { attention_backward_tc<128, 4, 4, 32>(dqkv, dout, qkv, out, lse, B, T, NH, scratch, stream); }
+    if (hs == 32) { attention_backward_tc<32, 4, 4, 64, true, false>(dqkv, dout, qkv, out, lse, B, T, NH, scratch, stream); }
+    else if (hs == 64) { attention_backward_tc<64, 4, 4, 64, true, false>(dqkv, dout, qkv, out, lse, B, T, NH, scratch, stream); }
+    else { attention_backward_tc<128, 4, 4, 32, false, false>(dqkv, dout, qkv, out, lse, B, T, NH, scratch, stream); }
 #endif
 }

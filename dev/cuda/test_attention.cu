@@ -12,11 +12,13 @@ and backward written out loop by loop in this file):
   - determinism: a second run (outputs re-poisoned) must be bitwise identical;
 then times forward and backward at the GPT-2 shape (median of cudaEvent-timed runs after warm-up).
 
-Tolerances. bf16 (default): out, dq, dk, dv relative L2 < 1e-2 and worst element < 0.1 * rms(ref):
-the kernels round P and dS to bf16 before the second matrix product and round every output to bf16
-(2^-9 relative each), which gives a few 1e-3; a wrong mask, scale, tile or index gives > 1e-1.
-lse is computed in fp32 from exact bf16 products: relative L2 < 1e-4.
--DENABLE_FP32 (simple fp32 kernels): 1e-4 / 1e-3 / 1e-5.
+Tolerances. bf16 (default): out, dq, dk, dv relative L2 < 1e-2, and worst element
+max |gpu - ref| / (|ref| + rms(ref)) < 0.15. The kernels round P and dS to bf16 before the second
+matrix product and round every output to bf16 (2^-9 relative each): a CPU emulation of exactly that
+rounding gives relative L2 2-3e-3 (5e-3 for peaky softmax) and worst-element ratios up to 0.065;
+a wrong mask, scale, tile or index gives > 1e-1 on either. lse is computed in fp32 from exact bf16
+products: relative L2 < 1e-4. -DENABLE_FP32 (simple fp32 kernels): 1e-5 / 1e-4 / 1e-6 (measured
+errors there are ~1e-6 / - / 5e-8). For T=1, dq = dk = 0 exactly and the absolute error is used.
 
 Usage: test_attention            all checks + benchmark
        test_attention --quick    small checks only (no GPT-2 shape, no benchmark)
@@ -65,9 +67,9 @@ static float from_x(floatX v) {
 }
 
 #ifdef ENABLE_FP32
-static const double TOL_REL = 1e-4, TOL_WORST = 1e-3, TOL_LSE = 1e-5;
+static const double TOL_REL = 1e-5, TOL_WORST = 1e-4, TOL_LSE = 1e-6;
 #else
-static const double TOL_REL = 1e-2, TOL_WORST = 0.1, TOL_LSE = 1e-4;
+static const double TOL_REL = 1e-2, TOL_WORST = 0.15, TOL_LSE = 1e-4;
 #endif
 
 // ------------------------------------------------------------------------------------------------
@@ -131,8 +133,21 @@ struct ErrStat {
         diff2 += d * d; ref2 += ref * ref; n++;
         if (!(fabs(d) <= maxdiff)) { maxdiff = fabs(d); }  // NaN sticks
     }
-    double rel() const { return sqrt(diff2 / std::max(ref2, 1e-300)); }
-    double worst() const { return maxdiff / std::max(sqrt(ref2 / std::max<size_t>(n, 1)), 1e-300); }
+    double rms() const { return sqrt(ref2 / std::max<size_t>(n, 1)); }
+    // relative L2 error; for an exactly-zero reference (T=1: dq = dk = 0) the absolute rms error
+    // (inputs are of unit scale)
+    double rel() const { return rms() > 1e-12 ? sqrt(diff2 / ref2) : sqrt(diff2 / std::max<size_t>(n, 1)); }
+};
+
+// worst element: max |gpu - ref| / (|ref| + rms(ref)); large elements may carry proportionally
+// larger rounding errors, tiny ones are measured against the typical size (floored at 1 for an
+// all-zero reference).
+struct WorstStat {
+    double worst = 0;
+    void add(double gpu, double ref, double rms) {
+        const double r = fabs(gpu - ref) / (fabs(ref) + (rms > 1e-12 ? rms : 1.0));
+        if (!(r <= worst)) { worst = r; }  // NaN sticks
+    }
 };
 
 // ------------------------------------------------------------------------------------------------
@@ -148,11 +163,11 @@ static void fwd_hs64(floatX* out, float* lse, const floatX* qkv, int B, int T, i
     if (C / NH != 64) { fprintf(stderr, "fwd_hs64: needs head size 64\n"); exit(EXIT_FAILURE); }
     attention_forward_tc<64, MT, NW>(out, lse, qkv, B, T, NH, s);
 }
-template<int DQW, int KVW, int BRQ>
+template<int DQW, int KVW, int BRQ, bool QREG, bool KVREG>
 static void bwd_hs64(floatX* dqkv, const floatX* dout, const floatX* qkv, const floatX* out, const float* lse,
                      int B, int T, int C, int NH, float* scratch, cudaStream_t s) {
     if (C / NH != 64) { fprintf(stderr, "bwd_hs64: needs head size 64\n"); exit(EXIT_FAILURE); }
-    attention_backward_tc<64, DQW, KVW, BRQ>(dqkv, dout, qkv, out, lse, B, T, NH, scratch, s);
+    attention_backward_tc<64, DQW, KVW, BRQ, QREG, KVREG>(dqkv, dout, qkv, out, lse, B, T, NH, scratch, s);
 }
 struct FwdVariant { const char* name; FwdFn fn; };
 struct BwdVariant { const char* name; BwdFn fn; };
@@ -163,11 +178,11 @@ static const FwdVariant FWD_VARIANTS[] = {
     {"fwd MT=2 warps=8 (BR=256)", fwd_hs64<2, 8>},
 };
 static const BwdVariant BWD_VARIANTS[] = {
-    {"bwd dq4 kv4 brq64 [default]", bwd_hs64<4, 4, 64>},
-    {"bwd dq8 kv4 brq64", bwd_hs64<8, 4, 64>},
-    {"bwd dq4 kv8 brq64", bwd_hs64<4, 8, 64>},
-    {"bwd dq8 kv8 brq64", bwd_hs64<8, 8, 64>},
-    {"bwd dq4 kv4 brq32", bwd_hs64<4, 4, 32>},
+    {"bwd dq4+qreg kv4 brq64 [default]", bwd_hs64<4, 4, 64, true, false>},
+    {"bwd dq4 kv4 brq64", bwd_hs64<4, 4, 64, false, false>},
+    {"bwd dq4+qreg kv4 brq32", bwd_hs64<4, 4, 32, true, false>},
+    {"bwd dq4+qreg kv4+kvreg brq64", bwd_hs64<4, 4, 64, true, true>},
+    {"bwd dq8+qreg kv8 brq64", bwd_hs64<8, 8, 64, true, false>},
 };
 #endif
 
@@ -249,37 +264,38 @@ static void check(const char* name, Problem& pr, FwdFn fwd, BwdFn bwd, std::vect
     if (heads.empty()) {
         for (int b = 0; b < B; b++) { for (int h = 0; h < NH; h++) { heads.push_back({b, h}); } }
     }
-    ErrStat e_out, e_lse, e_dq, e_dk, e_dv;
-    RefHead r;
-    for (auto bh : heads) {
-        const int b = bh.first, h = bh.second;
-        ref_head(pr.f_qkv, pr.f_dout, T, C, NH, b, h, r);
-        for (int t = 0; t < T; t++) {
-            e_lse.add(lse1[((size_t)b * NH + h) * T + t], r.lse[t]);
-            for (int d = 0; d < hs; d++) {
-                const size_t row3 = ((size_t)b * T + t) * C3 + h * hs + d;
-                e_out.add(from_x(out1[((size_t)b * T + t) * C + h * hs + d]), r.out[(size_t)t * hs + d]);
-                e_dq.add(from_x(dqkv1[row3]), r.dq[(size_t)t * hs + d]);
-                e_dk.add(from_x(dqkv1[row3 + C]), r.dk[(size_t)t * hs + d]);
-                e_dv.add(from_x(dqkv1[row3 + 2 * C]), r.dv[(size_t)t * hs + d]);
+    // two passes over the reference: norms first, then the worst-element ratios that need them
+    std::vector<RefHead> refs(heads.size());
+    for (size_t i = 0; i < heads.size(); i++) { ref_head(pr.f_qkv, pr.f_dout, T, C, NH, heads[i].first, heads[i].second, refs[i]); }
+    ErrStat e[5];  // out, dq, dk, dv, lse
+    WorstStat w[4];
+    for (int pass = 0; pass < 2; pass++) {
+        for (size_t i = 0; i < heads.size(); i++) {
+            const int b = heads[i].first, h = heads[i].second;
+            const RefHead& r = refs[i];
+            for (int t = 0; t < T; t++) {
+                if (pass == 0) { e[4].add(lse1[((size_t)b * NH + h) * T + t], r.lse[t]); }
+                for (int d = 0; d < hs; d++) {
+                    const size_t row3 = ((size_t)b * T + t) * C3 + h * hs + d;
+                    const double g[4] = {from_x(out1[((size_t)b * T + t) * C + h * hs + d]), from_x(dqkv1[row3]),
+                                         from_x(dqkv1[row3 + C]), from_x(dqkv1[row3 + 2 * C])};
+                    const double rv[4] = {r.out[(size_t)t * hs + d], r.dq[(size_t)t * hs + d],
+                                          r.dk[(size_t)t * hs + d], r.dv[(size_t)t * hs + d]};
+                    for (int k = 0; k < 4; k++) {
+                        if (pass == 0) { e[k].add(g[k], rv[k]); } else { w[k].add(g[k], rv[k], e[k].rms()); }
+                    }
+                }
             }
         }
     }
-    const ErrStat* es[4] = {&e_out, &e_dq, &e_dk, &e_dv};
-    bool ok = nonfinite == 0 && same && e_lse.rel() < TOL_LSE;
-    double worst_rel = 0, worst_el = 0;
-    for (const ErrStat* e : es) {
-        ok = ok && e->rel() < TOL_REL && e->worst() < TOL_WORST;
-        worst_rel = std::max(worst_rel, e->rel());
-        worst_el = std::max(worst_el, e->worst());
-    }
+    bool ok = nonfinite == 0 && same && e[4].rel() < TOL_LSE;
+    for (int k = 0; k < 4; k++) { ok = ok && e[k].rel() < TOL_REL && w[k].worst < TOL_WORST; }
     g_checks++;
     if (!ok) { g_failures++; }
-    printf("%-4s %-44s B=%-2d T=%-4d C=%-3d NH=%-2d hs=%-3d heads=%-3zu | rel: out %.2e lse %.2e dq %.2e dk %.2e dv %.2e | "
-           "worst/rms %.3f | nonfinite %zu | rerun %s\n",
-           ok ? "OK" : "FAIL", name, B, T, C, NH, hs, heads.size(), e_out.rel(), e_lse.rel(), e_dq.rel(), e_dk.rel(),
-           e_dv.rel(), worst_el, nonfinite, same ? "bitwise-same" : "DIFFERENT");
-    (void)worst_rel;
+    printf("%-4s %-36s B=%-2d T=%-4d C=%-3d NH=%-2d hs=%-3d heads=%-3zu | rel out %.2e lse %.2e dq %.2e dk %.2e dv %.2e"
+           " | worst %.3f %.3f %.3f %.3f | nonfinite %zu | rerun %s\n",
+           ok ? "OK" : "FAIL", name, B, T, C, NH, hs, heads.size(), e[0].rel(), e[4].rel(), e[1].rel(), e[2].rel(),
+           e[3].rel(), w[0].worst, w[1].worst, w[2].worst, w[3].worst, nonfinite, same ? "bitwise-same" : "DIFFERENT");
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -421,8 +437,8 @@ int main(int argc, char** argv) {
     // per part, so print time only)
     {
         float ms_pre = median_ms([&] { attention_backward_preprocess<64, floatX>(big.d_scratch, big.d_dout, big.d_out, big.d_lse, B, T, NH, 0); }, WARM, ITERS);
-        float ms_kv = median_ms([&] { attention_backward_dkdv_tc<64, 4, 64>(big.d_dqkv, big.d_dout, big.d_qkv, B, T, NH, big.d_scratch, 0); }, WARM, ITERS);
-        float ms_dq = median_ms([&] { attention_backward_dq_tc<64, 4>(big.d_dqkv, big.d_dout, big.d_qkv, B, T, NH, big.d_scratch, 0); }, WARM, ITERS);
+        float ms_kv = median_ms([&] { attention_backward_dkdv_tc<64, 4, 64, false>(big.d_dqkv, big.d_dout, big.d_qkv, B, T, NH, big.d_scratch, 0); }, WARM, ITERS);
+        float ms_dq = median_ms([&] { attention_backward_dq_tc<64, 4, true>(big.d_dqkv, big.d_dout, big.d_qkv, B, T, NH, big.d_scratch, 0); }, WARM, ITERS);
         const double bytes_pre = 2.0 * B * T * C * sizeof(floatX) + 3.0 * B * NH * T * sizeof(float);
         printf("SUMMARY bwd parts (default): preprocess %.3f ms (%.0f GB/s), dK/dV %.3f ms, dQ %.3f ms\n",
                ms_pre, bytes_pre / (ms_pre * 1e-3) / 1e9, ms_kv, ms_dq);
