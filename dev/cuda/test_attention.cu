@@ -298,6 +298,37 @@ static void check(const char* name, Problem& pr, FwdFn fwd, BwdFn bwd, std::vect
            e[3].rel(), w[0].worst, w[1].worst, w[2].worst, w[3].worst, nonfinite, same ? "bitwise-same" : "DIFFERENT");
 }
 
+// CUDA-graph capture (global mode, the strictest) of forward + backward on a side stream: the
+// launchers must be capturable (no syncs, no allocations); the replay must match a direct run bitwise.
+static void graph_check(Problem& pr) {
+    std::vector<floatX> out1, dqkv1, out2, dqkv2;
+    std::vector<float> lse1, lse2;
+    pr.poison(); pr.run(attention_forward, attention_backward); pr.fetch(out1, lse1, dqkv1);
+    pr.poison();
+    cudaStream_t st;
+    cudaCheck(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    cudaGraph_t graph;
+    cudaGraphExec_t exec;
+    cudaCheck(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+    attention_forward(pr.d_out, pr.d_lse, pr.d_qkv, pr.B, pr.T, pr.C, pr.NH, st);
+    attention_backward(pr.d_dqkv, pr.d_dout, pr.d_qkv, pr.d_out, pr.d_lse, pr.B, pr.T, pr.C, pr.NH, pr.d_scratch, st);
+    cudaCheck(cudaStreamEndCapture(st, &graph));
+    cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
+    cudaCheck(cudaGraphLaunch(exec, st));
+    cudaCheck(cudaStreamSynchronize(st));
+    pr.fetch(out2, lse2, dqkv2);
+    const bool same = memcmp(out1.data(), out2.data(), out1.size() * sizeof(floatX)) == 0 &&
+                      memcmp(dqkv1.data(), dqkv2.data(), dqkv1.size() * sizeof(floatX)) == 0 &&
+                      memcmp(lse1.data(), lse2.data(), lse1.size() * sizeof(float)) == 0;
+    g_checks++;
+    if (!same) { g_failures++; }
+    printf("%-4s %-36s B=%-2d T=%-4d C=%-3d NH=%-2d | graph replay %s direct run\n", same ? "OK" : "FAIL",
+           "CUDA graph capture fwd+bwd", pr.B, pr.T, pr.C, pr.NH, same ? "bitwise-same as" : "DIFFERS from");
+    cudaCheck(cudaGraphExecDestroy(exec));
+    cudaCheck(cudaGraphDestroy(graph));
+    cudaCheck(cudaStreamDestroy(st));
+}
+
 // ------------------------------------------------------------------------------------------------
 // timing
 
@@ -395,6 +426,9 @@ int main(int argc, char** argv) {
     }
     {
         Problem p(1, 1024, 128, 2, 1.5f, 10);  check("hs64 T=1024", p, F, Bw, {});
+    }
+    {
+        Problem p(2, 200, 256, 4, 1.0f, 15); graph_check(p);
     }
 #ifndef ENABLE_FP32
     // every benchmarked tile configuration, on a multiple of the tiles and on a tail
