@@ -581,11 +581,24 @@ static void test_checkpoint_roundtrip(void) {
     memcpy(concat + o, d.bn, d.NB * d.bn_sets * 4); o += d.NB * d.bn_sets * 4;
     memcpy(concat + o, d.loader, 37); o += 37;
     memcpy(concat + o, d.rng_blob, 19); o += 19;
+    char final2[CHECKPOINT_PATH_MAX], tmp2[CHECKPOINT_PATH_MAX + 8];
+    checkpoint_path(final2, sizeof(final2), dir2, d.info.step);
+    snprintf(tmp2, sizeof(tmp2), "%s.tmp", final2);
+    int half_done = 0;
     for (size_t i = 0, piece = 1; i < all; i += piece, piece = piece * 3 % 1001 + 1) {
         size_t n = all - i < piece ? all - i : piece;
         checkpoint_writer_put(&w, concat + i, n);
+        if (!half_done && i > all / 2) {
+            half_done = 1;
+            // mid-write (a crash here): only the .tmp name exists, resume would find nothing
+            char found[CHECKPOINT_PATH_MAX];
+            check(!file_exists(final2) && file_exists(tmp2) && checkpoint_find_latest(dir2, found) == -1,
+                  "mid-write only <name>.tmp exists and find_latest finds nothing", "");
+        }
     }
     checkpoint_writer_close(&w, path2);
+    check(strcmp(path2, final2) == 0 && file_exists(final2) && !file_exists(tmp2),
+          "after close the final name exists and the .tmp is gone", path2);
     size_t n1, n2;
     unsigned char* f1 = read_all(path, &n1);
     unsigned char* f2 = read_all(path2, &n2);
