@@ -26,6 +26,7 @@ The row is read twice (statistics, then gradient) and written once.
 #include "cuda_utils.cuh"
 
 #define CLASSIFIER_BLOCK_SIZE 1024
+#define CLASSIFIER_LOG2E 1.4426950408889634f
 
 __global__ void __launch_bounds__(CLASSIFIER_BLOCK_SIZE)
 fused_classifier_kernel(floatX* logits, float* losses, const int* targets, float dloss, int V, int Vp,
@@ -34,9 +35,11 @@ fused_classifier_kernel(floatX* logits, float* losses, const int* targets, float
     floatX* row_logits = logits + (size_t)row * Vp;
     const int target = targets[row];
 
-    // pass 1: per-thread online max / sum of exp over the real columns
+    // pass 1: per-thread online max / sum of exp over the real columns.
+    // exp(x - m) is computed as exp2(x * log2(e) - m * log2(e)): one FMA and the hardware exp2.
     float thread_max = -INFINITY;
     float thread_sum = 0.0f;
+#pragma unroll 4
     for (int c = threadIdx.x * x128::size; c < V; c += blockDim.x * x128::size) {
         x128 packed = load128(row_logits + c);
         float chunk_max = -INFINITY;
@@ -44,15 +47,18 @@ fused_classifier_kernel(floatX* logits, float* losses, const int* targets, float
             if (c + k < V) { chunk_max = fmaxf(chunk_max, (float)packed[k]); }
         }
         float new_max = fmaxf(thread_max, chunk_max);
-        float sum = (thread_max == -INFINITY) ? 0.0f : thread_sum * expf(thread_max - new_max);
+        float scaled_max = new_max * CLASSIFIER_LOG2E;
+        float sum = (thread_max == -INFINITY) ? 0.0f : thread_sum * exp2f(thread_max * CLASSIFIER_LOG2E - scaled_max);
         for (int k = 0; k < x128::size; k++) {
-            if (c + k < V) { sum += expf((float)packed[k] - new_max); }
+            if (c + k < V) { sum += exp2f(fmaf((float)packed[k], CLASSIFIER_LOG2E, -scaled_max)); }
         }
         thread_max = new_max;
         thread_sum = sum;
     }
     const float row_max = block_reduce_max(thread_max);
-    const float scaled = (thread_max == -INFINITY) ? 0.0f : thread_sum * expf(thread_max - row_max);
+    const float row_scaled_max = row_max * CLASSIFIER_LOG2E;
+    const float scaled =
+        (thread_max == -INFINITY) ? 0.0f : thread_sum * exp2f(thread_max * CLASSIFIER_LOG2E - row_scaled_max);
     const float row_sum = block_reduce_sum(scaled);
     const float inv_sum = 1.0f / row_sum;
 
@@ -70,6 +76,7 @@ fused_classifier_kernel(floatX* logits, float* losses, const int* targets, float
     __syncthreads();
 
     // pass 2: gradient over all padded columns
+#pragma unroll 4
     for (int c = threadIdx.x * x128::size; c < Vp; c += blockDim.x * x128::size) {
         x128 packed = load128cs(row_logits + c);
         x128 grad;
@@ -77,7 +84,7 @@ fused_classifier_kernel(floatX* logits, float* losses, const int* targets, float
             const int col = c + k;
             float g = 0.0f;
             if (col < V) {
-                float prob = expf((float)packed[k] - row_max) * inv_sum;
+                float prob = exp2f(fmaf((float)packed[k], CLASSIFIER_LOG2E, -row_scaled_max)) * inv_sum;
                 float indicator = (col == target) ? 1.0f : 0.0f;
                 g = (prob - indicator) * dloss;
             }

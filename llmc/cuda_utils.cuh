@@ -6,6 +6,7 @@ Defines:
 - floatX: the activation/weight type on the GPU (bf16; float with -DENABLE_FP32)
 - Packed128<T>: 16-byte vector of T for 128-bit loads/stores, with load128/store128 helpers
 - deterministic warp and block reductions (sum, max): fixed order, bitwise reproducible
+- column_sum_partials(): fixed-order second stage of per-block column sums (parameter grads)
 - ceil_div, cuda_num_sms()
 - host-side bf16 <-> float conversion (round-to-nearest-even) and floatX upload/download
   helpers for tests and for the trainer's host code
@@ -179,6 +180,42 @@ __device__ inline float block_reduce_max(float val) {
     float total = (lane < num_warps) ? warp_partials[lane] : -FLT_MAX;
     total = warp_reduce_max(total);
     return total;
+}
+
+// Deterministic second stage of a column reduction: kernels that reduce over rows write
+// per-block fp32 partial sums partials[r * row_stride + col] (r < num_rows, col < num_cols);
+// this adds the column totals to floatX outputs: out_a[col] += total for col < split,
+// out_b[col - split] += total for the rest (two parameter gradients in one launch).
+// Block (32, COLUMN_SUM_ROW_PHASES): thread (x, y) sums rows y, y + 16, ... in order, then
+// thread (x, 0) adds the 16 phase sums in order. One rounding to floatX per output element.
+#define COLUMN_SUM_ROW_PHASES 16
+
+__global__ void column_sum_partials_kernel(floatX* out_a, floatX* out_b, int split, const float* partials,
+                                           int num_rows, int num_cols, size_t row_stride) {
+    __shared__ float phase_sums[COLUMN_SUM_ROW_PHASES][33];
+    const int col = blockIdx.x * 32 + threadIdx.x;
+    float sum = 0.0f;
+    if (col < num_cols) {
+#pragma unroll 4
+        for (int r = threadIdx.y; r < num_rows; r += COLUMN_SUM_ROW_PHASES) { sum += partials[(size_t)r * row_stride + col]; }
+    }
+    phase_sums[threadIdx.y][threadIdx.x] = sum;
+    __syncthreads();
+    if (threadIdx.y == 0 && col < num_cols) {
+        float total = 0.0f;
+        for (int y = 0; y < COLUMN_SUM_ROW_PHASES; y++) { total += phase_sums[y][threadIdx.x]; }
+        floatX* target = col < split ? out_a + col : out_b + (col - split);
+        *target = (floatX)((float)*target + total);
+    }
+}
+
+static inline void column_sum_partials(floatX* out_a, floatX* out_b, int split, const float* partials, int num_rows,
+                                       int num_cols, size_t row_stride, cudaStream_t stream) {
+    if (num_cols == 0) { return; }
+    dim3 block(32, COLUMN_SUM_ROW_PHASES);
+    column_sum_partials_kernel<<<ceil_div(num_cols, 32), block, 0, stream>>>(out_a, out_b, split, partials, num_rows,
+                                                                             num_cols, row_stride);
+    cudaCheckLast();
 }
 
 // ----------------------------------------------------------------------------

@@ -17,7 +17,8 @@ buffers 16-byte aligned (checked); the lanes of a warp stride over the row.
 Determinism of the weight/bias gradients: each block owns a fixed range of
 LAYERNORM_BWD_ROWS_PER_BLOCK rows; its warps accumulate per-column sums in their own shared
 memory rows (each lane owns fixed columns; C up to ~7000 fits the opt-in shared memory), the block sums its warps in fixed order into a
-per-block partial in scratch, and a second kernel sums the partials in block order.
+per-block partial in scratch, and column_sum_partials (cuda_utils.cuh) sums the partials in a
+fixed order.
 */
 #ifndef OMNIMOE_LAYERNORM_CUH
 #define OMNIMOE_LAYERNORM_CUH
@@ -173,19 +174,6 @@ __global__ void layernorm_backward_kernel(floatX* dinp, float* partials, const f
     }
 }
 
-__global__ void layernorm_backward_params_kernel(floatX* dweight, floatX* dbias, const float* partials,
-                                                 int num_blocks, int C) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) { return; }
-    float dw = 0.0f, db = 0.0f;
-    for (int j = 0; j < num_blocks; j++) {
-        dw += partials[(size_t)j * 2 * C + c];
-        db += partials[(size_t)j * 2 * C + C + c];
-    }
-    dweight[c] = (floatX)((float)dweight[c] + dw);
-    dbias[c] = (floatX)((float)dbias[c] + db);
-}
-
 // ----------------------------------------------------------------------------
 // launchers
 
@@ -251,8 +239,8 @@ static inline void layernorm_backward(floatX* dinp, floatX* dweight, floatX* dbi
     layernorm_backward_kernel<<<num_blocks, 32 * LAYERNORM_BWD_WARPS, shared_bytes, stream>>>(
         dinp, scratch, dout, inp, weight, mean, rstd, BT, C);
     cudaCheckLast();
-    layernorm_backward_params_kernel<<<ceil_div(C, 256), 256, 0, stream>>>(dweight, dbias, scratch, num_blocks, C);
-    cudaCheckLast();
+    // partials are [num_blocks][2C]: columns [0, C) -> dweight, [C, 2C) -> dbias
+    column_sum_partials(dweight, dbias, C, scratch, num_blocks, 2 * C, (size_t)2 * C, stream);
 }
 
 #endif  // OMNIMOE_LAYERNORM_CUH

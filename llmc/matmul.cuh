@@ -227,7 +227,7 @@ static inline void matmul_forward_gelu(floatX* out_gelu, floatX* pre_gelu, const
 
 // ----------------------------------------------------------------------------
 // deterministic bias gradient: per-block partial column sums over 64 rows, then a fixed-order
-// sum of the partials. Block (32, 8): x picks a 16-byte column chunk, y the row phase.
+// sum of the partials (column_sum_partials, cuda_utils.cuh). Block (32, 8): x picks a 16-byte column chunk, y the row phase.
 
 __global__ void matmul_dbias_partial_kernel(float* partials, const floatX* dout, int BT, int OC) {
     __shared__ float row_phase_sums[8][32 * x128::size];
@@ -253,14 +253,6 @@ __global__ void matmul_dbias_partial_kernel(float* partials, const floatX* dout,
         for (int y = 0; y < 8; y++) { sum += row_phase_sums[y][index]; }
         partials[(size_t)blockIdx.y * OC + col_base + t] = sum;
     }
-}
-
-__global__ void matmul_dbias_final_kernel(floatX* dbias, const float* partials, int num_row_blocks, int OC) {
-    int col = blockIdx.x * blockDim.x + threadIdx.x;
-    if (col >= OC) { return; }
-    float sum = 0.0f;
-    for (int j = 0; j < num_row_blocks; j++) { sum += partials[(size_t)j * OC + col]; }
-    dbias[col] = (floatX)((float)dbias[col] + sum);
 }
 
 static inline size_t matmul_backward_scratch_bytes(int BT, int C_out) {
@@ -289,8 +281,7 @@ static inline void matmul_backward(floatX* dinp, floatX* dweight, floatX* dbias,
         dim3 block(32, 8);
         matmul_dbias_partial_kernel<<<grid, block, 0, stream>>>(scratch, dout, BT, C_out);
         cudaCheckLast();
-        matmul_dbias_final_kernel<<<ceil_div(C_out, 256), 256, 0, stream>>>(dbias, scratch, num_row_blocks, C_out);
-        cudaCheckLast();
+        column_sum_partials(dbias, NULL, C_out, scratch, num_row_blocks, C_out, (size_t)C_out, stream);
     }
     if (dinp != NULL) {
         // dinp^T (C_in x BT) = weight_cm (C_in x C_out) * dout_cm (C_out x BT): "NN"

@@ -190,6 +190,36 @@ static void run_case(int BT, int C, int OC, int use_bias, int use_gelu, Rng* rng
     check_bitwise("dinp", d_dinp, d_dinp2, n_inp * sizeof(floatX));
     check_bitwise("dweight", d_dw, d_dw2, n_w * sizeof(floatX));
 
+    if (use_gelu && use_bias) {
+        // the launchers must be capturable in a CUDA graph (no host syncs or allocations
+        // inside): capture forward + backward on a stream, replay, compare with the eager run
+        cudaStream_t stream;
+        cudaGraph_t graph;
+        cudaGraphExec_t graph_exec;
+        cudaCheck(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+        upload_floatX(d_dw2, old_dw, n_w);
+        upload_floatX(d_db2, old_db, OC);
+        cudaCheck(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
+        cudaCheck(cudaMemsetAsync(d_out2, 0xFF, n_out * sizeof(floatX), stream));
+        cudaCheck(cudaMemsetAsync(d_pre2, 0xFF, n_out * sizeof(floatX), stream));
+        cudaCheck(cudaMemsetAsync(d_dinp2, 0xFF, n_inp * sizeof(floatX), stream));
+        matmul_forward_gelu(d_out2, d_pre2, d_inp, d_w, bias_arg, BT, C, OC, stream);
+        matmul_backward(d_dinp2, d_dw2, d_db2, d_dout, d_inp, d_w, BT, C, OC, 0, stream, d_scratch);
+        cudaCheck(cudaStreamEndCapture(stream, &graph));
+        cudaCheck(cudaGraphInstantiate(&graph_exec, graph, 0));
+        cudaCheck(cudaGraphLaunch(graph_exec, stream));
+        cudaCheck(cudaStreamSynchronize(stream));
+        int same = device_bitwise_equal(d_out, d_out2, n_out * sizeof(floatX)) &&
+                   device_bitwise_equal(d_pre, d_pre2, n_out * sizeof(floatX)) &&
+                   device_bitwise_equal(d_dinp, d_dinp2, n_inp * sizeof(floatX)) &&
+                   device_bitwise_equal(d_dw, d_dw2, n_w * sizeof(floatX)) &&
+                   device_bitwise_equal(d_db, d_db2, OC * sizeof(floatX));
+        check_true("CUDA graph capture + replay == eager run (bitwise, fwd + bwd)", same);
+        cudaCheck(cudaGraphExecDestroy(graph_exec));
+        cudaCheck(cudaGraphDestroy(graph));
+        cudaCheck(cudaStreamDestroy(stream));
+    }
+
     // dinp += path (dweight keeps accumulating; not checked again)
     Rng acc_rng = {777};
     float* old_dinp = random_accumulator(d_dinp, n_inp, rms(ref_dinp, n_inp), &acc_rng);
