@@ -139,43 +139,75 @@ void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* 
     }
 }
 
+// <a, b> in one fixed order: eight interleaved partial sums (lane l takes the i with i % 8 == l)
+// combined by a fixed tree. Deterministic like a left-to-right sum, but the compiler can keep
+// the eight lanes in SIMD registers. The GPU sums in yet another order: tests use tolerances.
+static inline float dot_product(const float* __restrict a, const float* __restrict b, int n) {
+    float lane[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int l = 0; l < 8; l++) lane[l] += a[i + l] * b[i + l];
+    }
+    for (; i < n; i++) lane[i % 8] += a[i] * b[i];
+    return ((lane[0] + lane[4]) + (lane[2] + lane[6])) + ((lane[1] + lane[5]) + (lane[3] + lane[7]));
+}
+
+// y[i] += alpha * x[i]: one add per element, so the chunking (for SIMD) changes no result
+static inline void axpy(float* __restrict y, float alpha, const float* __restrict x, int n) {
+    int i = 0;
+    for (; i + 8 <= n; i += 8) {
+        for (int l = 0; l < 8; l++) y[i + l] += alpha * x[i + l];
+    }
+    for (; i < n; i++) y[i] += alpha * x[i];
+}
+
+// tiles of the matmuls: a tile of weight rows (or of token rows) is reused from cache many
+// times instead of streaming the whole weight once per token (the LM head is Vp x C)
+#define MATMUL_ROW_TILE 64
+#define MATMUL_COL_TILE 32
+
 // out (BT, OC) = inp (BT, IC) @ weight (OC, IC)^T + bias (OC); bias may be NULL
 void matmul_forward(float* out, const float* inp, const float* weight, const float* bias, int BT, int IC, int OC) {
-    #pragma omp parallel for
-    for (int r = 0; r < BT; r++) {
-        const float* x = inp + (size_t)r * IC;
-        float* o = out + (size_t)r * OC;
-        for (int j = 0; j < OC; j++) {
-            const float* w = weight + (size_t)j * IC;
-            float acc = bias != NULL ? bias[j] : 0.0f;
-            for (int i = 0; i < IC; i++) acc += x[i] * w[i];
-            o[j] = acc;
+    #pragma omp parallel for collapse(2) schedule(static)
+    for (int r0 = 0; r0 < BT; r0 += MATMUL_ROW_TILE) {
+        for (int j0 = 0; j0 < OC; j0 += MATMUL_COL_TILE) {
+            int r1 = r0 + MATMUL_ROW_TILE < BT ? r0 + MATMUL_ROW_TILE : BT;
+            int j1 = j0 + MATMUL_COL_TILE < OC ? j0 + MATMUL_COL_TILE : OC;
+            for (int r = r0; r < r1; r++) {
+                const float* x = inp + (size_t)r * IC;
+                for (int j = j0; j < j1; j++) {
+                    float acc = dot_product(x, weight + (size_t)j * IC, IC);
+                    out[(size_t)r * OC + j] = bias != NULL ? acc + bias[j] : acc;
+                }
+            }
         }
     }
 }
 
-// dinp += dout @ weight; dweight += dout^T @ inp; dbias += column sums of dout (dbias may be NULL)
+// dinp += dout @ weight; dweight += dout^T @ inp; dbias += column sums of dout (dbias may be NULL).
+// Every element of dinp sums over the outputs j in order, and every element of dweight and dbias
+// over the token rows r in order, whatever the tiling or the thread count.
 void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
                      const float* weight, int BT, int IC, int OC) {
-    #pragma omp parallel for
-    for (int r = 0; r < BT; r++) {
-        const float* dy = dout + (size_t)r * OC;
-        float* dx = dinp + (size_t)r * IC;
+    #pragma omp parallel for schedule(static)
+    for (int r0 = 0; r0 < BT; r0 += MATMUL_ROW_TILE) {
+        int r1 = r0 + MATMUL_ROW_TILE < BT ? r0 + MATMUL_ROW_TILE : BT;
         for (int j = 0; j < OC; j++) {
             const float* w = weight + (size_t)j * IC;
-            float d = dy[j];
-            for (int i = 0; i < IC; i++) dx[i] += d * w[i];
+            for (int r = r0; r < r1; r++) axpy(dinp + (size_t)r * IC, dout[(size_t)r * OC + j], w, IC);
         }
     }
-    // one weight row per thread, added row by row in token order (same bits when micro-batched)
-    #pragma omp parallel for
-    for (int j = 0; j < OC; j++) {
-        float* dw = dweight + (size_t)j * IC;
+    // a tile of weight rows per thread; rows r added in token order (same bits when micro-batched)
+    #pragma omp parallel for schedule(static)
+    for (int j0 = 0; j0 < OC; j0 += MATMUL_COL_TILE) {
+        int j1 = j0 + MATMUL_COL_TILE < OC ? j0 + MATMUL_COL_TILE : OC;
         for (int r = 0; r < BT; r++) {
             const float* x = inp + (size_t)r * IC;
-            float d = dout[(size_t)r * OC + j];
-            for (int i = 0; i < IC; i++) dw[i] += d * x[i];
-            if (dbias != NULL) dbias[j] += d;
+            const float* dy = dout + (size_t)r * OC;
+            for (int j = j0; j < j1; j++) {
+                axpy(dweight + (size_t)j * IC, dy[j], x, IC);
+                if (dbias != NULL) dbias[j] += dy[j];
+            }
         }
     }
 }
@@ -738,7 +770,7 @@ typedef struct {
     int* inputs;           // (B, T) copy of the last forward's inputs
     int* targets;          // (B, T) copy of the last forward's targets
     int B, T;              // of the last forward
-    int alloc_B, alloc_T;  // activations are allocated for this shape (0: none yet)
+    int alloc_B, alloc_T;  // activations are allocated for up to this shape (0: none yet)
     int have_targets;      // the last forward computed a loss (backward needs it)
     int bn_used_batch_stats;  // the last forward normalised the router with batch statistics
     float mean_loss;       // of the last forward with targets; -1 without
@@ -821,9 +853,12 @@ static void free_activations(GPT* model) {
     model->alloc_B = model->alloc_T = 0;
 }
 
-// (re)allocates activations and backward scratch for (B, T)
+// activations and backward scratch for at least (B, T): a smaller batch or shorter sequence
+// reuses the buffers (every index is computed from the B, T of the call), a larger one grows them
 static void ensure_activations(GPT* model, int B, int T) {
-    if (model->alloc_B == B && model->alloc_T == T) return;
+    if (B <= model->alloc_B && T <= model->alloc_T) return;
+    if (B < model->alloc_B) B = model->alloc_B;
+    if (T < model->alloc_T) T = model->alloc_T;
     free_activations(model);
     const ModelConfig* c = &model->config;
     size_t L = c->num_layers, C = c->channels, NH = c->num_heads, Vp = c->padded_vocab_size;
@@ -1166,8 +1201,248 @@ void gpt_free(GPT* model) {
 }
 
 #ifndef TESTING
-int main(void) {
-    fprintf(stderr, "train_omnimoe_cpu: trainer not written yet\n");
-    return 1;
+// ----------------------------------------------------------------------------
+// the CPU reference trainer
+//
+//   ./train_omnimoe_cpu                         'small' omni model on tinyshakespeare, CPU-sized run
+//   ./train_omnimoe_cpu -e tiny -f swiglu -x 20
+//   ./train_omnimoe_cpu --help                  every flag (llmc/args.h), with this trainer's defaults
+//
+// Same flags, schedule, data loader, log and checkpoint format as the CUDA trainer. The expert
+// branch runs token-centric here (--expert-exec is accepted and has no effect), and the run is
+// single-process.
+
+#include "llmc/args.h"
+#include "llmc/schedule.h"
+#include "llmc/logger.h"
+#include "llmc/checkpoint.h"
+#include "llmc/dataloader.h"
+#include "llmc/tokenizer.h"
+
+static double wall_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
+}
+
+// mean validation loss over the first max_batches batches (all when -1), in evaluation mode:
+// router BN uses the running statistics, so the model is a fixed function of each sequence
+static float evaluate(GPT* model, DataLoader* val_loader, int max_batches) {
+    int64_t batches = dataloader_num_batches(val_loader);
+    if (max_batches >= 0 && max_batches < batches) batches = max_batches;
+    dataloader_reset(val_loader);
+    double sum = 0.0;
+    for (int64_t i = 0; i < batches; i++) {
+        dataloader_next_batch(val_loader);
+        gpt_forward(model, val_loader->inputs, val_loader->targets, (int)val_loader->B, (int)val_loader->T, 0);
+        sum += model->mean_loss;
+    }
+    return (float)(sum / (double)batches);
+}
+
+// prints gen_tokens - 1 tokens sampled after an end-of-text token (evaluation mode). The whole
+// window is run every time: causal attention makes positions after t irrelevant to logits[t].
+static void sample_and_print(GPT* model, const Tokenizer* tokenizer, Rng* rng, int gen_tokens) {
+    const ModelConfig* c = &model->config;
+    int V = c->vocab_size, Vp = c->padded_vocab_size;
+    int eot = tokenizer->init_ok && tokenizer->eot_token >= 0 && tokenizer->eot_token < V ? tokenizer->eot_token : V - 1;
+    int* tokens = alloc_ints(gen_tokens);
+    for (int t = 0; t < gen_tokens; t++) tokens[t] = eot;
+    printf("sample: ");
+    for (int t = 1; t < gen_tokens; t++) {
+        gpt_forward(model, tokens, NULL, 1, gen_tokens, 0);
+        const float* logits = model->logits + (size_t)(t - 1) * Vp;
+        float maxval = -INFINITY;
+        for (int v = 0; v < V; v++) if (logits[v] > maxval) maxval = logits[v];
+        double sum = 0.0;
+        for (int v = 0; v < V; v++) sum += exp((double)logits[v] - maxval);
+        double coin = rng_f32(rng) * sum, cdf = 0.0;
+        int next = V - 1;  // the real vocabulary only: padded columns are never sampled
+        for (int v = 0; v < V; v++) {
+            cdf += exp((double)logits[v] - maxval);
+            if (coin < cdf) { next = v; break; }
+        }
+        tokens[t] = next;
+        tokenizer_print_token(tokenizer, (uint32_t)next);
+        fflush(stdout);
+    }
+    printf("\n");
+    free(tokens);
+}
+
+// per OmniMoE layer: share of the N experts chosen at least once and KL(load || uniform)
+static void expert_stats(const long long* counts_ll, const ModelConfig* c, float* usage, float* kl) {
+    int N = c->num_experts;
+    int* counts = alloc_ints(N);
+    for (int l = 0; l < c->num_layers; l++) {
+        for (int e = 0; e < N; e++) counts[e] = (int)counts_ll[(size_t)l * N + e];
+        expert_load_stats(counts, N, &usage[l], &kl[l]);
+    }
+    free(counts);
+}
+
+int main(int argc, char** argv) {
+    // defaults sized for a CPU: the 'small' preset, short sequences, a short run
+    TrainConfig cfg;
+    train_config_defaults(&cfg);
+    strcpy(cfg.model, "small");
+    cfg.B = 4;
+    cfg.T = 64;
+    cfg.num_steps = 40;
+    cfg.learning_rate = 1e-3f;
+    cfg.warmup_steps = 10;
+    cfg.val_every = 20;
+    cfg.val_max_batches = 4;
+    cfg.sample_every = 0;
+    cfg.gen_tokens = 32;
+    train_config_parse(&cfg, argc, argv);
+
+    // the model: a preset (+ flags) or a model file
+    ModelConfig model_config;
+    float* file_params = NULL;
+    float* file_bn = NULL;
+    if (!train_config_model(&cfg, &model_config)) {
+        model_file_read_config(cfg.model, &model_config);
+        train_config_check_file_model(&cfg, &model_config);
+        model_file_read(cfg.model, &model_config, &file_params, &file_bn);
+    }
+    train_config_validate(&cfg, &model_config);
+    int grad_accum_steps = train_config_grad_accum_steps(&cfg);
+    long long tokens_per_step = train_config_total_batch_tokens(&cfg);
+    train_config_print(&cfg);
+    model_config_print(&model_config);
+#ifdef _OPENMP
+    printf("| OpenMP threads: %d\n", omp_get_max_threads());
+#endif
+
+    GPT model;
+    gpt_build(&model, &model_config);
+    if (file_params != NULL) {
+        memcpy(model.params, file_params, model.num_params * sizeof(float));
+        if (model.num_bn_stats > 0) memcpy(model.bn_stats, file_bn, model.num_bn_stats * sizeof(float));
+        printf("| weights from %s\n", cfg.model);
+    } else {
+        gpt_init_random(&model, cfg.seed);
+    }
+    free(file_params);
+    free(file_bn);
+
+    int V = model_config.vocab_size;
+    DataLoader train_loader, val_loader;
+    dataloader_init(&train_loader, cfg.train_data_pattern, cfg.B, cfg.T, 0, 1, cfg.shuffle, cfg.seed, V);
+    int have_val = cfg.val_data_pattern[0] != '\0' && cfg.val_every > 0;
+    if (have_val) dataloader_init(&val_loader, cfg.val_data_pattern, cfg.B, cfg.T, 0, 1, 0, cfg.seed, V);
+    printf("| train: %lld tokens in %d shard(s), %lld batches per epoch; grad accumulation %d (%lld tokens/step)\n",
+           (long long)train_loader.total_tokens, train_loader.num_shards,
+           (long long)dataloader_num_batches(&train_loader), grad_accum_steps, tokens_per_step);
+    if (have_val) printf("| val: %lld tokens, %lld batches (using up to %d)\n", (long long)val_loader.total_tokens,
+                         (long long)dataloader_num_batches(&val_loader), cfg.val_max_batches);
+    Tokenizer tokenizer;
+    memset(&tokenizer, 0, sizeof(tokenizer));
+    if (cfg.sample_every > 0) tokenizer_init(&tokenizer, "data/gpt2_tokenizer.bin");
+    Rng sample_rng;
+    rng_init(&sample_rng, cfg.seed ^ 0x53414D504C45ull);  // its own stream ("SAMPLE")
+
+    // resume: weights, AdamW state, BN statistics, data position and sampling RNG
+    int start_step = 0;
+    if (cfg.output_dir[0] != '\0') checkpoint_make_dir(cfg.output_dir);
+    if (cfg.resume) {
+        char path[CHECKPOINT_PATH_MAX];
+        int found = checkpoint_find_latest(cfg.output_dir, path);
+        if (found < 0) {
+            printf("| resume: no complete checkpoint in %s, starting from step 0\n", cfg.output_dir);
+        } else {
+            CheckpointInfo info;
+            DataLoaderState loader_state;
+            model.m = alloc_floats(model.num_params);
+            model.v = alloc_floats(model.num_params);
+            checkpoint_read(path, &model_config, &info, model.params, model.m, model.v, model.bn_stats, 1,
+                            &loader_state, sizeof(loader_state), &sample_rng.state, sizeof(sample_rng.state));
+            checkpoint_compare_run(&info, &cfg);
+            dataloader_set_state(&train_loader, &loader_state);
+            start_step = info.step;
+            printf("| resumed from %s (step %d)\n", path, start_step);
+        }
+    }
+    char log_path[TRAIN_PATH_MAX + 16];
+    train_config_log_path(&cfg, log_path, sizeof(log_path));
+    Logger logger;
+    logger_init(&logger, log_path, 0, start_step > 0 ? start_step : -1);
+
+    const ModelConfig* c = &model.config;
+    int omni_layers = c->ffn_kind == FFN_OMNI ? c->num_layers : 0;
+    long long* expert_counts = (long long*)calloc_check((size_t)omni_layers * (c->num_experts > 0 ? c->num_experts : 1),
+                                                       sizeof(long long));
+    float* expert_usage = alloc_floats(omni_layers);
+    float* expert_kl = alloc_floats(omni_layers);
+    double total_ms = 0.0;
+    int timed_steps = 0;
+
+    for (int step = start_step; step <= cfg.num_steps; step++) {
+        int last_step = step == cfg.num_steps;
+        long long tokens_seen = (long long)step * tokens_per_step;
+        // the checkpoint comes first: a run resumed from it repeats this step's evaluation and
+        // sample with the same RNG state, and so continues with the same bits
+        if (cfg.checkpoint_every > 0 && step > start_step && (step % cfg.checkpoint_every == 0 || last_step)) {
+            CheckpointInfo info;
+            checkpoint_info_from_config(&info, &cfg, step, step, tokens_seen);
+            DataLoaderState loader_state = dataloader_get_state(&train_loader);
+            char written[CHECKPOINT_PATH_MAX];
+            checkpoint_write(cfg.output_dir, c, &info, model.params, model.m, model.v, model.bn_stats, 1,
+                             &loader_state, sizeof(loader_state), &sample_rng.state, sizeof(sample_rng.state), written);
+            printf("checkpoint %s\n", written);
+        }
+        if (have_val && (step % cfg.val_every == 0 || last_step)) {
+            float val_loss = evaluate(&model, &val_loader, cfg.val_max_batches);
+            logger_log_eval(&logger, step, tokens_seen, val_loss);
+        }
+        if (cfg.sample_every > 0 && ((step > 0 && step % cfg.sample_every == 0) || last_step)) {
+            sample_and_print(&model, &tokenizer, &sample_rng, cfg.gen_tokens);
+        }
+        if (last_step) break;
+
+        // one optimiser step: grad_accum_steps micro-batches, each weighted 1/grad_accum_steps
+        double start = wall_ms();
+        gpt_zero_grad(&model);
+        if (omni_layers > 0) memset(expert_counts, 0, (size_t)omni_layers * c->num_experts * sizeof(long long));
+        double loss_sum = 0.0;
+        for (int micro = 0; micro < grad_accum_steps; micro++) {
+            dataloader_next_batch(&train_loader);
+            gpt_forward(&model, train_loader.inputs, train_loader.targets, cfg.B, cfg.T, 1);
+            gpt_backward(&model, 1.0f / grad_accum_steps);
+            loss_sum += model.mean_loss;
+            size_t per_layer = (size_t)cfg.B * cfg.T * c->top_k;
+            for (int l = 0; l < omni_layers; l++) {
+                const int* idx = model.acts.topk_idx + (size_t)l * per_layer;
+                for (size_t p = 0; p < per_layer; p++) expert_counts[(size_t)l * c->num_experts + idx[p]]++;
+            }
+        }
+        float lr = learning_rate_at(&cfg, step);
+        float norm = gpt_update(&model, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.grad_clip, step + 1);
+        double ms = wall_ms() - start;
+        if (step > start_step) { total_ms += ms; timed_steps++; }  // the first step warms caches up
+        if (omni_layers > 0) expert_stats(expert_counts, c, expert_usage, expert_kl);
+        float loss = (float)(loss_sum / grad_accum_steps);
+        logger_log_train(&logger, step + 1, cfg.num_steps, tokens_seen + tokens_per_step, loss, norm, lr, ms,
+                         1e3 * (double)tokens_per_step / ms, -1.0, omni_layers, expert_usage, expert_kl);
+        if (!isfinite(loss)) {
+            fprintf(stderr, "Error: the training loss is %f at step %d; stopping (try a lower -l)\n", loss, step + 1);
+            exit(EXIT_FAILURE);
+        }
+    }
+    if (timed_steps > 0) {
+        printf("total average step time: %.1f ms (%.0f tok/s) over %d steps\n", total_ms / timed_steps,
+               1e3 * (double)tokens_per_step * timed_steps / total_ms, timed_steps);
+    }
+
+    logger_close(&logger);
+    free(expert_counts);
+    free(expert_usage);
+    free(expert_kl);
+    tokenizer_free(&tokenizer);
+    dataloader_free(&train_loader);
+    if (have_val) dataloader_free(&val_loader);
+    gpt_free(&model);
+    return 0;
 }
 #endif
