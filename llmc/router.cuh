@@ -1,0 +1,669 @@
+/*
+router.cuh - the OmniMoE Cartesian-product router on the GPU (SPEC §2), forward and backward.
+
+Defines:
+- router_init() / router_free(): the cuBLAS handle and its fixed workspace used by the router's
+  2n x d GEMMs (call router_init once, outside any graph capture)
+- router_forward(...):  logits = X Wrc^T (fp32), optional batch norm (batch or running stats),
+  log-softmax of each n-half, exact top-k of S(i,j) = pr[i] + pc[j], gates
+- router_backward(...): gates -> S -> (pr, pc) -> log-softmax -> BN -> GEMM backward
+- router_forward_scratch_bytes(T, n), router_backward_scratch_bytes(T, n): scratch sizes
+- router_topk_warp(...): the per-token exact top-k (a __device__ function, also used by tests)
+
+Shapes (T tokens, d channels, n = sqrt(N), k experts per token, C2 = 2n):
+  X (T, d) floatX (LN2 output)            Wrc (2n, d) floatX: rows [0,n) = Wr, [n,2n) = Wc
+  logits (T, 2n) fp32  raw GEMM output    logp (T, 2n) fp32: [pr | pc] log-softmax of each half
+  bn_mean, bn_rstd (2n) fp32              running_mean, running_var (2n) fp32 (BN state)
+  idx (T, k) int32 expert ids e = i*n+j   gate (T, k) fp32
+Options: use_bn (router_norm: 1 = bn, 0 = none; = ROUTER_NORM_* of config.h), gate_prob (0 =
+softmax over the k selected S, 1 = prob g = exp(S); = GATE_* of config.h), training (BN: 1 =
+batch statistics + running-stat update with momentum 0.1 and the unbiased batch variance, like
+torch BatchNorm1d; 0 = running statistics).
+
+Top-k (per token, one warp). The order is: higher S first, equal S -> smaller expert id first,
+where S is the fp32 sum pr[i] + pc[j]. The result is the exact top-k of all N pairs in that
+order, sorted. Method (SPEC §2 product-key argument, O(n + k^2) work):
+  1. take the k' = min(n, k) best rows of pr and the k' best columns of pc (same order rule);
+  2. rounding guard: an fp32 sum can tie two rows whose pr differ by about an ulp, and then the
+     tie goes to the smaller id, which may be a row outside the k' best. Rows (columns) outside
+     that lie within tol = 2^-20 (max|pr| + max|pc|) below a selected one of larger index are
+     appended (below that distance the fp32 sums are strictly ordered). With real data this
+     adds nothing; it makes the result exact on adversarial near-ties (tested);
+  3. fast path (no appended rows/columns and no sub-tol gaps among the selected ones): the
+     candidate at sorted position (a, b) is beaten by all (a', b') with a' <= a, b' <= b, so
+     only (a+1)(b+1) <= k can be in the top-k: about k (1 + ln k) candidates. Otherwise the
+     whole (extended) grid is scanned. Then k rounds of "best candidate after the previous one".
+NaN scores are treated as -inf so the selection is always well defined.
+
+Determinism: every reduction has a fixed order (per-lane sequential + xor butterfly, fixed
+chunk order for BN statistics); no atomics; cuBLAS GEMMs with a fixed workspace and default
+(non-atomic) mode. No host synchronisation: all launchers are graph-capturable.
+
+Backward writes: dX += dlogits Wrc (accumulate into the caller's dX, which usually already
+holds the expert-branch and SwiGLU contributions), dWrc += dlogits^T X (gradient accumulation).
+dlogits is rounded to floatX for the two GEMMs.
+*/
+#ifndef OMNIMOE_ROUTER_CUH
+#define OMNIMOE_ROUTER_CUH
+
+#include <cublas_v2.h>
+#include "cuda_utils.cuh"
+
+#define ROUTER_BN_EPS 1e-5f
+#define ROUTER_BN_MOMENTUM 0.1f
+#define ROUTER_MAX_K 256
+#define ROUTER_BN_CHUNK 128        // tokens per partial-statistics chunk of the BN reductions
+#define ROUTER_TOKEN_SMEM_BUDGET (48 * 1024)
+#define ROUTER_CUBLAS_WORKSPACE_BYTES (8u * 1024u * 1024u)
+
+#if defined(ENABLE_FP32)
+#define ROUTER_CUDA_FLOATX CUDA_R_32F
+#else
+#define ROUTER_CUDA_FLOATX CUDA_R_16BF
+#endif
+
+static cublasHandle_t router_cublas_handle = NULL;
+static void* router_cublas_workspace = NULL;
+
+static inline void router_init(void) {
+    if (router_cublas_handle != NULL) { return; }
+    cublasCheck(cublasCreate(&router_cublas_handle));
+    router_cublas_workspace = cuda_malloc_or_die(ROUTER_CUBLAS_WORKSPACE_BYTES, "router cuBLAS workspace");
+    // a fixed user workspace: cuBLAS then never allocates, which graph capture requires
+    cublasCheck(cublasSetWorkspace(router_cublas_handle, router_cublas_workspace, ROUTER_CUBLAS_WORKSPACE_BYTES));
+    cublasCheck(cublasSetAtomicsMode(router_cublas_handle, CUBLAS_ATOMICS_NOT_ALLOWED));
+}
+
+static inline void router_free(void) {
+    if (router_cublas_handle == NULL) { return; }
+    cublasCheck(cublasDestroy(router_cublas_handle));
+    cudaCheck(cudaFree(router_cublas_workspace));
+    router_cublas_handle = NULL;
+    router_cublas_workspace = NULL;
+}
+
+// ----------------------------------------------------------------------------
+// sizes
+
+static inline size_t router_align256(size_t x) { return (x + 255) & ~(size_t)255; }
+static inline int router_bn_num_chunks(int T) { return ceil_div(T, ROUTER_BN_CHUNK); }
+
+// number of staircase candidates (a+1)(b+1) <= k inside the k' x k' grid
+static inline __host__ __device__ int router_staircase_count(int n, int k) {
+    int kp = n < k ? n : k;
+    int count = 0;
+    for (int a = 0; a < kp; a++) {
+        int bmax = k / (a + 1);
+        count += bmax < kp ? bmax : kp;
+    }
+    return count;
+}
+
+// 32-bit words of shared memory one token (warp) needs: pr, pc, rows, cols (n each),
+// the k selected scores and the staircase candidates (score and id)
+static inline __host__ __device__ int router_token_smem_words(int n, int k) {
+    return 4 * n + k + 2 * router_staircase_count(n, k);
+}
+
+static inline size_t router_forward_scratch_bytes(int T, int n) {
+    return 2 * router_align256((size_t)router_bn_num_chunks(T) * 2 * n * sizeof(float));
+}
+
+static inline size_t router_backward_scratch_bytes(int T, int n) {
+    return router_align256((size_t)T * 2 * n * sizeof(float))      // dL/d(normalised logits)
+         + router_align256((size_t)T * 2 * n * sizeof(floatX))     // dL/dlogits for the GEMMs
+         + 2 * router_align256((size_t)router_bn_num_chunks(T) * 2 * n * sizeof(float));
+}
+
+// ----------------------------------------------------------------------------
+// top-k building blocks (one warp per token)
+
+// the selection order: (va, ia) comes before (vb, ib)
+__device__ inline bool router_beats(float va, int ia, float vb, int ib) {
+    return va > vb || (va == vb && ia < ib);
+}
+
+// every lane ends with the best (v, i) of the warp (a strict total order, so all agree)
+__device__ inline void router_warp_argbest(float& v, int& i) {
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        float other_v = __shfl_xor_sync(0xffffffff, v, offset);
+        int other_i = __shfl_xor_sync(0xffffffff, i, offset);
+        if (router_beats(other_v, other_i, v, i)) { v = other_v; i = other_i; }
+    }
+}
+
+// out[0..kk) = indices of the kk best of v[0..n), in order: kk rounds of "best after previous"
+__device__ inline void router_select_sorted(const float* v, int n, int kk, int* out, int lane) {
+    float prev_v = INFINITY;
+    int prev_i = -1;  // everything comes after (+inf, -1)
+    for (int r = 0; r < kk; r++) {
+        float best_v = -INFINITY;
+        int best_i = INT_MAX;
+        for (int i = lane; i < n; i += 32) {
+            float x = v[i];
+            if (router_beats(prev_v, prev_i, x, i) && router_beats(x, i, best_v, best_i)) { best_v = x; best_i = i; }
+        }
+        router_warp_argbest(best_v, best_i);
+        if (lane == 0) { out[r] = best_i; }
+        prev_v = best_v;
+        prev_i = best_i;
+    }
+    __syncwarp();
+}
+
+// Appends to sel[0..kk) every index i outside it for which some selected i2 > i has
+// 0 < v[i2] - v[i] <= tol (only those can win an fp32 tie against a selected one by id).
+// Appended in increasing index order. Returns the new count.
+__device__ inline int router_extend_near_ties(const float* v, int n, int kk, int* sel, float tol, int lane) {
+    const float v_last = v[sel[kk - 1]];
+    const int i_last = sel[kk - 1];
+    const float lowest = v_last - 2.0f * tol;
+    int count = kk;
+    for (int base = 0; base < n; base += 32) {
+        int i = base + lane;
+        bool needed = false;
+        if (i < n) {
+            float x = v[i];
+            bool inside = (i == i_last) || router_beats(x, i, v_last, i_last);
+            if (!inside && x >= lowest) {
+                for (int a = 0; a < kk; a++) {
+                    int i2 = sel[a];
+                    float gap = v[i2] - x;
+                    if (i2 > i && gap > 0.0f && gap <= tol) { needed = true; break; }
+                }
+            }
+        }
+        unsigned mask = __ballot_sync(0xffffffff, needed);
+        if (needed) { sel[count + __popc(mask & ((1u << lane) - 1u))] = i; }
+        count += __popc(mask);
+    }
+    __syncwarp();
+    return count;
+}
+
+// any two consecutive selected values closer than tol but not equal?
+__device__ inline bool router_has_near_ties(const float* v, const int* sel, int kk, float tol, int lane) {
+    bool near = false;
+    for (int a = lane + 1; a < kk; a += 32) {
+        float gap = v[sel[a - 1]] - v[sel[a]];
+        if (gap > 0.0f && gap <= tol) { near = true; }
+    }
+    return __any_sync(0xffffffff, near) != 0;
+}
+
+__device__ inline float router_nan_to_neg_inf(float x) { return x != x ? -INFINITY : x; }
+
+// Exact top-k of S(i,j) = pr[i] + pc[j] (fp32 sum) over all n*n pairs, one warp.
+// pr, pc: n values each in shared memory, NaN already replaced by -inf.
+// rows, cols: n ints each; cand_s, cand_id: router_staircase_count(n,k) each; sel_s: k floats
+// (all per-warp shared memory). Writes out_idx[0..k) (any memory) and sel_s[0..k) (the scores).
+// allow_fast = 0 forces the full-grid scan (tests compare both paths).
+__device__ inline void router_topk_warp(const float* pr, const float* pc, int n, int k,
+                                        int* rows, int* cols, float* cand_s, int* cand_id, float* sel_s,
+                                        int* out_idx, int allow_fast, int lane) {
+    const int kp = n < k ? n : k;
+    float max_abs_r = 0.0f, max_abs_c = 0.0f;
+    for (int i = lane; i < n; i += 32) {
+        max_abs_r = fmaxf(max_abs_r, fabsf(pr[i]));
+        max_abs_c = fmaxf(max_abs_c, fabsf(pc[i]));
+    }
+    max_abs_r = warp_reduce_max(max_abs_r);
+    max_abs_c = warp_reduce_max(max_abs_c);
+    // below this gap two rows (columns) can give equal fp32 sums; above 2^-23 (max|pr|+max|pc|)
+    // they cannot, so 2^-20 leaves a safety factor of 8
+    const float tol = ldexpf(max_abs_r + max_abs_c, -20);
+
+    router_select_sorted(pr, n, kp, rows, lane);
+    router_select_sorted(pc, n, kp, cols, lane);
+    const int nr = router_extend_near_ties(pr, n, kp, rows, tol, lane);
+    const int nc = router_extend_near_ties(pc, n, kp, cols, tol, lane);
+    bool fast = allow_fast && nr == kp && nc == kp;
+    if (fast) {
+        bool near_r = router_has_near_ties(pr, rows, kp, tol, lane);
+        bool near_c = router_has_near_ties(pc, cols, kp, tol, lane);
+        fast = !near_r && !near_c;
+    }
+
+    float prev_s = INFINITY;
+    int prev_id = -1;
+    if (fast) {
+        // staircase candidates, row by row
+        int num_cand = 0;
+        for (int a = 0; a < kp; a++) {
+            int bmax = k / (a + 1);
+            if (bmax > kp) { bmax = kp; }
+            const float row_score = pr[rows[a]];
+            const int row_id = rows[a] * n;
+            for (int b = lane; b < bmax; b += 32) {
+                cand_s[num_cand + b] = router_nan_to_neg_inf(row_score + pc[cols[b]]);
+                cand_id[num_cand + b] = row_id + cols[b];
+            }
+            num_cand += bmax;
+        }
+        __syncwarp();
+        for (int m = 0; m < k; m++) {
+            float best_s = -INFINITY;
+            int best_id = INT_MAX;
+            for (int q = lane; q < num_cand; q += 32) {
+                float s = cand_s[q];
+                int id = cand_id[q];
+                if (router_beats(prev_s, prev_id, s, id) && router_beats(s, id, best_s, best_id)) { best_s = s; best_id = id; }
+            }
+            router_warp_argbest(best_s, best_id);
+            if (lane == 0) { out_idx[m] = best_id; sel_s[m] = best_s; }
+            prev_s = best_s;
+            prev_id = best_id;
+        }
+    } else {
+        const int total = nr * nc;
+        for (int m = 0; m < k; m++) {
+            float best_s = -INFINITY;
+            int best_id = INT_MAX;
+            for (int q = lane; q < total; q += 32) {
+                int a = q / nc, b = q - (q / nc) * nc;
+                float s = router_nan_to_neg_inf(pr[rows[a]] + pc[cols[b]]);
+                int id = rows[a] * n + cols[b];
+                if (router_beats(prev_s, prev_id, s, id) && router_beats(s, id, best_s, best_id)) { best_s = s; best_id = id; }
+            }
+            router_warp_argbest(best_s, best_id);
+            if (lane == 0) { out_idx[m] = best_id; sel_s[m] = best_s; }
+            prev_s = best_s;
+            prev_id = best_id;
+        }
+    }
+    __syncwarp();
+}
+
+// carve the per-warp shared memory of router_topk_warp
+struct RouterTokenSmem {
+    float* pr; float* pc; float* sel_s; float* cand_s;
+    int* rows; int* cols; int* cand_id;
+};
+
+__device__ inline RouterTokenSmem router_token_smem(float* warp_base, int n, int k) {
+    RouterTokenSmem s;
+    int cap = router_staircase_count(n, k);
+    s.pr = warp_base;
+    s.pc = s.pr + n;
+    s.sel_s = s.pc + n;
+    s.cand_s = s.sel_s + k;
+    s.rows = (int*)(s.cand_s + cap);
+    s.cols = s.rows + n;
+    s.cand_id = s.cols + n;
+    return s;
+}
+
+// warps per block for the per-token kernels, from the shared-memory budget
+static inline int router_token_warps_per_block(int n, int k) {
+    size_t per_warp = (size_t)router_token_smem_words(n, k) * 4;
+    int warps = (int)(ROUTER_TOKEN_SMEM_BUDGET / per_warp);
+    if (warps > 8) { warps = 8; }
+    return warps;
+}
+
+// ----------------------------------------------------------------------------
+// BN statistics (deterministic: fixed chunks of tokens, fixed order everywhere)
+
+// per chunk of ROUTER_BN_CHUNK tokens and per channel: the chunk mean and sum of squared
+// deviations from it (two passes over the chunk). block (32, 8), grid (chunks, ceil(C2/32))
+__global__ void router_bn_partial_stats_kernel(float* part_mean, float* part_m2, const float* logits, int T, int C2) {
+    __shared__ float red[8][33];
+    __shared__ float chunk_mean[32];
+    const int cx = threadIdx.x, ty = threadIdx.y;
+    const int c = blockIdx.y * 32 + cx;
+    const int t0 = blockIdx.x * ROUTER_BN_CHUNK;
+    const int count = min(ROUTER_BN_CHUNK, T - t0);
+    float sum = 0.0f;
+    if (c < C2) {
+        for (int t = ty; t < count; t += 8) { sum += logits[(size_t)(t0 + t) * C2 + c]; }
+    }
+    red[ty][cx] = sum;
+    __syncthreads();
+    if (ty == 0) {
+        float total = 0.0f;
+        for (int j = 0; j < 8; j++) { total += red[j][cx]; }
+        chunk_mean[cx] = total / (float)count;
+    }
+    __syncthreads();
+    const float mean = chunk_mean[cx];
+    float m2 = 0.0f;
+    if (c < C2) {
+        for (int t = ty; t < count; t += 8) {
+            float dev = logits[(size_t)(t0 + t) * C2 + c] - mean;
+            m2 = fmaf(dev, dev, m2);
+        }
+    }
+    red[ty][cx] = m2;
+    __syncthreads();
+    if (ty == 0 && c < C2) {
+        float total = 0.0f;
+        for (int j = 0; j < 8; j++) { total += red[j][cx]; }
+        part_mean[(size_t)blockIdx.x * C2 + c] = mean;
+        part_m2[(size_t)blockIdx.x * C2 + c] = total;
+    }
+}
+
+// merges the chunk statistics in chunk order (Chan et al., in double), writes mean and
+// 1/sqrt(var + eps), and updates the running statistics. Eval: running statistics only.
+__global__ void router_bn_finalize_kernel(float* bn_mean, float* bn_rstd, float* running_mean, float* running_var,
+                                          const float* part_mean, const float* part_m2, int T, int C2, int training) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C2) { return; }
+    if (!training) {
+        bn_mean[c] = running_mean[c];
+        bn_rstd[c] = 1.0f / sqrtf(running_var[c] + ROUTER_BN_EPS);
+        return;
+    }
+    const int num_chunks = ceil_div(T, ROUTER_BN_CHUNK);
+    double count = (double)min(ROUTER_BN_CHUNK, T);
+    double mean = (double)part_mean[c];
+    double m2 = (double)part_m2[c];
+    for (int ch = 1; ch < num_chunks; ch++) {
+        double count_b = (double)min(ROUTER_BN_CHUNK, T - ch * ROUTER_BN_CHUNK);
+        double mean_b = (double)part_mean[(size_t)ch * C2 + c];
+        double m2_b = (double)part_m2[(size_t)ch * C2 + c];
+        double total = count + count_b;
+        double delta = mean_b - mean;
+        mean += delta * (count_b / total);
+        m2 += m2_b + delta * delta * (count * count_b / total);
+        count = total;
+    }
+    const float var_biased = (float)(m2 / (double)T);
+    const float var_unbiased = (float)(m2 / (double)(T - 1));
+    bn_mean[c] = (float)mean;
+    bn_rstd[c] = 1.0f / sqrtf(var_biased + ROUTER_BN_EPS);
+    running_mean[c] = (1.0f - ROUTER_BN_MOMENTUM) * running_mean[c] + ROUTER_BN_MOMENTUM * (float)mean;
+    running_var[c] = (1.0f - ROUTER_BN_MOMENTUM) * running_var[c] + ROUTER_BN_MOMENTUM * var_unbiased;
+}
+
+// ----------------------------------------------------------------------------
+// per-token forward: normalise, log-softmax both halves, top-k, gates
+
+__global__ void router_token_forward_kernel(float* logp, int* idx, float* gate, const float* logits,
+                                            const float* bn_mean, const float* bn_rstd,
+                                            int T, int n, int k, int use_bn, int gate_prob) {
+    extern __shared__ float router_smem[];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int t = blockIdx.x * (blockDim.x / 32) + warp;
+    if (t >= T) { return; }  // whole warps leave; only __syncwarp is used below
+    RouterTokenSmem sm = router_token_smem(router_smem + (size_t)warp * router_token_smem_words(n, k), n, k);
+    const int C2 = 2 * n;
+    const float* lrow = logits + (size_t)t * C2;
+    float* prow = logp + (size_t)t * C2;
+    for (int half = 0; half < 2; half++) {
+        float* buf = half == 0 ? sm.pr : sm.pc;
+        float mx = -INFINITY;
+        for (int i = lane; i < n; i += 32) {
+            int c = half * n + i;
+            float x = lrow[c];
+            if (use_bn) { x = (x - bn_mean[c]) * bn_rstd[c]; }
+            buf[i] = x;
+            mx = fmaxf(mx, x);
+        }
+        mx = warp_reduce_max(mx);
+        float sum = 0.0f;
+        for (int i = lane; i < n; i += 32) { sum += expf(buf[i] - mx); }
+        sum = warp_reduce_sum(sum);
+        const float lse = mx + logf(sum);
+        for (int i = lane; i < n; i += 32) {
+            float lp = buf[i] - lse;
+            prow[half * n + i] = lp;
+            buf[i] = router_nan_to_neg_inf(lp);
+        }
+    }
+    __syncwarp();
+    int* idx_t = idx + (size_t)t * k;
+    router_topk_warp(sm.pr, sm.pc, n, k, sm.rows, sm.cols, sm.cand_s, sm.cand_id, sm.sel_s, idx_t, 1, lane);
+    float* gate_t = gate + (size_t)t * k;
+    if (gate_prob) {
+        for (int m = lane; m < k; m += 32) { gate_t[m] = expf(sm.sel_s[m]); }
+    } else {
+        const float s_max = sm.sel_s[0];  // sorted: the first is the largest
+        float sum = 0.0f;
+        for (int m = lane; m < k; m += 32) { sum += expf(sm.sel_s[m] - s_max); }
+        sum = warp_reduce_sum(sum);
+        for (int m = lane; m < k; m += 32) { gate_t[m] = expf(sm.sel_s[m] - s_max) / sum; }
+    }
+}
+
+// ----------------------------------------------------------------------------
+// per-token backward: dgate -> dS -> (dpr, dpc) -> d(normalised logits)
+
+// writes dlhat (fp32, when use_bn) or dlogits (floatX, when not). Per-warp shared memory:
+// dpr, dpc (n each), dS (k), ids (k).
+__global__ void router_token_backward_kernel(float* dlhat, floatX* dlogits, const float* dgate, const float* gate,
+                                             const int* idx, const float* logp, int T, int n, int k,
+                                             int use_bn, int gate_prob) {
+    extern __shared__ float router_smem[];
+    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+    const int t = blockIdx.x * (blockDim.x / 32) + warp;
+    if (t >= T) { return; }
+    float* dpr = router_smem + (size_t)warp * (2 * n + 2 * k);
+    float* dpc = dpr + n;
+    float* dS = dpc + n;
+    int* ids = (int*)(dS + k);
+    const float* g_t = gate + (size_t)t * k;
+    const float* dg_t = dgate + (size_t)t * k;
+    float dot = 0.0f;  // sum_l g_l dg_l (softmax gate)
+    if (!gate_prob) {
+        for (int m = lane; m < k; m += 32) { dot = fmaf(g_t[m], dg_t[m], dot); }
+        dot = warp_reduce_sum(dot);
+    }
+    for (int m = lane; m < k; m += 32) {
+        float g = g_t[m], dg = dg_t[m];
+        dS[m] = gate_prob ? g * dg : g * (dg - dot);
+        ids[m] = idx[(size_t)t * k + m];
+    }
+    for (int i = lane; i < n; i += 32) { dpr[i] = 0.0f; dpc[i] = 0.0f; }
+    __syncwarp();
+    if (lane == 0) {  // the scatter in fixed order m = 0..k-1, one thread: no races, no atomics
+        for (int m = 0; m < k; m++) {
+            int e = ids[m];
+            dpr[e / n] += dS[m];
+            dpc[e % n] += dS[m];
+        }
+    }
+    __syncwarp();
+    float sum_r = 0.0f, sum_c = 0.0f;
+    for (int i = lane; i < n; i += 32) { sum_r += dpr[i]; sum_c += dpc[i]; }
+    sum_r = warp_reduce_sum(sum_r);
+    sum_c = warp_reduce_sum(sum_c);
+    const int C2 = 2 * n;
+    const float* lp = logp + (size_t)t * C2;
+    for (int c = lane; c < C2; c += 32) {
+        float dl = c < n ? dpr[c] - expf(lp[c]) * sum_r : dpc[c - n] - expf(lp[c]) * sum_c;
+        if (use_bn) { dlhat[(size_t)t * C2 + c] = dl; }
+        else { dlogits[(size_t)t * C2 + c] = (floatX)dl; }
+    }
+}
+
+// BN backward, pass 1: per chunk and channel, sum of dy and of dy * xhat. block (32, 8)
+__global__ void router_bn_backward_partial_kernel(float* part_dy, float* part_dyx, const float* dlhat, const float* logits,
+                                                  const float* bn_mean, const float* bn_rstd, int T, int C2) {
+    __shared__ float red_dy[8][33];
+    __shared__ float red_dyx[8][33];
+    const int cx = threadIdx.x, ty = threadIdx.y;
+    const int c = blockIdx.y * 32 + cx;
+    const int t0 = blockIdx.x * ROUTER_BN_CHUNK;
+    const int count = min(ROUTER_BN_CHUNK, T - t0);
+    float sum_dy = 0.0f, sum_dyx = 0.0f;
+    if (c < C2) {
+        const float mean = bn_mean[c], rstd = bn_rstd[c];
+        for (int t = ty; t < count; t += 8) {
+            size_t o = (size_t)(t0 + t) * C2 + c;
+            float dy = dlhat[o];
+            float xhat = (logits[o] - mean) * rstd;
+            sum_dy += dy;
+            sum_dyx = fmaf(dy, xhat, sum_dyx);
+        }
+    }
+    red_dy[ty][cx] = sum_dy;
+    red_dyx[ty][cx] = sum_dyx;
+    __syncthreads();
+    if (ty == 0 && c < C2) {
+        float a = 0.0f, b = 0.0f;
+        for (int j = 0; j < 8; j++) { a += red_dy[j][cx]; b += red_dyx[j][cx]; }
+        part_dy[(size_t)blockIdx.x * C2 + c] = a;
+        part_dyx[(size_t)blockIdx.x * C2 + c] = b;
+    }
+}
+
+// BN backward, pass 2: dlogits = rstd * (dy - mean(dy) - xhat * mean(dy * xhat)) with batch
+// statistics; rstd * dy with running statistics. Every block sums the chunk partials of its
+// channels in the same fixed order, so all blocks agree bitwise. block (32, 8)
+__global__ void router_bn_backward_apply_kernel(floatX* dlogits, const float* dlhat, const float* logits,
+                                                const float* bn_mean, const float* bn_rstd,
+                                                const float* part_dy, const float* part_dyx,
+                                                int T, int C2, int batch_stats) {
+    __shared__ float mean_dy[32];
+    __shared__ float mean_dyx[32];
+    const int cx = threadIdx.x, ty = threadIdx.y;
+    const int c = blockIdx.y * 32 + cx;
+    if (ty == 0) {
+        float a = 0.0f, b = 0.0f;
+        if (c < C2 && batch_stats) {
+            const int num_chunks = ceil_div(T, ROUTER_BN_CHUNK);
+            for (int ch = 0; ch < num_chunks; ch++) {
+                a += part_dy[(size_t)ch * C2 + c];
+                b += part_dyx[(size_t)ch * C2 + c];
+            }
+        }
+        mean_dy[cx] = a / (float)T;
+        mean_dyx[cx] = b / (float)T;
+    }
+    __syncthreads();
+    if (c >= C2) { return; }
+    const float mean = bn_mean[c], rstd = bn_rstd[c];
+    const int t0 = blockIdx.x * ROUTER_BN_CHUNK;
+    const int count = min(ROUTER_BN_CHUNK, T - t0);
+    for (int t = ty; t < count; t += 8) {
+        size_t o = (size_t)(t0 + t) * C2 + c;
+        float dy = dlhat[o];
+        float dl;
+        if (batch_stats) {
+            float xhat = (logits[o] - mean) * rstd;
+            dl = rstd * (dy - mean_dy[cx] - xhat * mean_dyx[cx]);
+        } else {
+            dl = rstd * dy;
+        }
+        dlogits[o] = (floatX)dl;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// launchers
+
+static inline void router_check_args(const char* who, int T, int d, int n, int k, int use_bn, int training) {
+    const char* why = NULL;
+    if (T < 1) why = "T >= 1 tokens";
+    else if (d < 1) why = "d >= 1 channels";
+    else if (n < 1) why = "n >= 1 (N = n*n experts)";
+    else if (k < 1 || (long long)k > (long long)n * n) why = "1 <= k <= N = n*n";
+    else if (k > ROUTER_MAX_K) why = "k <= ROUTER_MAX_K (256)";
+    else if (router_token_warps_per_block(n, k) < 1) why = "n, k small enough for one warp's shared memory (48 KiB)";
+    else if (use_bn && training && T < 2) why = "T >= 2 tokens for batch-norm statistics in training";
+    if (why != NULL) {
+        fprintf(stderr, "%s: bad arguments T=%d d=%d n=%d k=%d: expected %s\n", who, T, d, n, k, why);
+        exit(EXIT_FAILURE);
+    }
+    if (router_cublas_handle == NULL) {
+        fprintf(stderr, "%s: router_init() was not called\n", who);
+        exit(EXIT_FAILURE);
+    }
+}
+
+// Forward. Writes logits, logp, bn_mean, bn_rstd (use_bn only), idx, gate; updates
+// running_mean / running_var when use_bn && training. scratch: router_forward_scratch_bytes.
+static void router_forward(float* logits, float* logp, float* bn_mean, float* bn_rstd, int* idx, float* gate,
+                           float* running_mean, float* running_var,
+                           const floatX* X, const floatX* Wrc, int T, int d, int n, int k,
+                           int use_bn, int gate_prob, int training,
+                           void* scratch, size_t scratch_bytes, cudaStream_t stream) {
+    router_check_args("router_forward", T, d, n, k, use_bn, training);
+    const int C2 = 2 * n;
+    if (use_bn && (scratch == NULL || scratch_bytes < router_forward_scratch_bytes(T, n))) {
+        fprintf(stderr, "router_forward: scratch of %zu bytes given, %zu needed\n", scratch_bytes,
+                router_forward_scratch_bytes(T, n));
+        exit(EXIT_FAILURE);
+    }
+    // logits (T, 2n) = X (T, d) Wrc^T: column-major C (2n x T) = Wrc_cm^T (2n x d) X_cm (d x T)
+    const float one = 1.0f, zero = 0.0f;
+    cublasCheck(cublasSetStream(router_cublas_handle, stream));
+    cublasCheck(cublasGemmEx(router_cublas_handle, CUBLAS_OP_T, CUBLAS_OP_N, C2, T, d, &one,
+                             Wrc, ROUTER_CUDA_FLOATX, d, X, ROUTER_CUDA_FLOATX, d, &zero,
+                             logits, CUDA_R_32F, C2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    if (use_bn) {
+        const int num_chunks = router_bn_num_chunks(T);
+        float* part_mean = (float*)scratch;
+        float* part_m2 = (float*)((char*)scratch + router_align256((size_t)num_chunks * C2 * sizeof(float)));
+        if (training) {
+            dim3 grid(num_chunks, ceil_div(C2, 32));
+            router_bn_partial_stats_kernel<<<grid, dim3(32, 8), 0, stream>>>(part_mean, part_m2, logits, T, C2);
+            cudaCheckLast();
+        }
+        router_bn_finalize_kernel<<<ceil_div(C2, 128), 128, 0, stream>>>(bn_mean, bn_rstd, running_mean, running_var,
+                                                                         part_mean, part_m2, T, C2, training);
+        cudaCheckLast();
+    }
+    const int warps = router_token_warps_per_block(n, k);
+    const size_t smem = (size_t)warps * router_token_smem_words(n, k) * 4;
+    router_token_forward_kernel<<<ceil_div(T, warps), warps * 32, smem, stream>>>(logp, idx, gate, logits, bn_mean, bn_rstd,
+                                                                                 T, n, k, use_bn, gate_prob);
+    cudaCheckLast();
+}
+
+// Backward. dgate (T, k): dL/dgate from experts_backward. Saved from the forward: gate, idx,
+// logp, logits, bn_mean, bn_rstd. Accumulates dX += dlogits Wrc and dWrc += dlogits^T X.
+// training selects the BN backward (batch statistics, or running statistics when 0).
+// scratch: router_backward_scratch_bytes.
+static void router_backward(floatX* dX, floatX* dWrc, const float* dgate, const float* gate, const int* idx,
+                            const float* logp, const float* logits, const float* bn_mean, const float* bn_rstd,
+                            const floatX* X, const floatX* Wrc, int T, int d, int n, int k,
+                            int use_bn, int gate_prob, int training,
+                            void* scratch, size_t scratch_bytes, cudaStream_t stream) {
+    router_check_args("router_backward", T, d, n, k, use_bn, training);
+    if (scratch == NULL || scratch_bytes < router_backward_scratch_bytes(T, n)) {
+        fprintf(stderr, "router_backward: scratch of %zu bytes given, %zu needed\n", scratch_bytes,
+                router_backward_scratch_bytes(T, n));
+        exit(EXIT_FAILURE);
+    }
+    const int C2 = 2 * n;
+    const int num_chunks = router_bn_num_chunks(T);
+    char* base = (char*)scratch;
+    float* dlhat = (float*)base;
+    base += router_align256((size_t)T * C2 * sizeof(float));
+    floatX* dlogits = (floatX*)base;
+    base += router_align256((size_t)T * C2 * sizeof(floatX));
+    float* part_dy = (float*)base;
+    base += router_align256((size_t)num_chunks * C2 * sizeof(float));
+    float* part_dyx = (float*)base;
+
+    const int warps = 4;
+    const size_t smem = (size_t)warps * (2 * n + 2 * k) * 4;
+    router_token_backward_kernel<<<ceil_div(T, warps), warps * 32, smem, stream>>>(dlhat, dlogits, dgate, gate, idx, logp,
+                                                                                  T, n, k, use_bn, gate_prob);
+    cudaCheckLast();
+    if (use_bn) {
+        dim3 grid(num_chunks, ceil_div(C2, 32));
+        if (training) {
+            router_bn_backward_partial_kernel<<<grid, dim3(32, 8), 0, stream>>>(part_dy, part_dyx, dlhat, logits,
+                                                                               bn_mean, bn_rstd, T, C2);
+            cudaCheckLast();
+        }
+        router_bn_backward_apply_kernel<<<grid, dim3(32, 8), 0, stream>>>(dlogits, dlhat, logits, bn_mean, bn_rstd,
+                                                                         part_dy, part_dyx, T, C2, training);
+        cudaCheckLast();
+    }
+    const float one = 1.0f;
+    cublasCheck(cublasSetStream(router_cublas_handle, stream));
+    // dX (T, d) += dlogits (T, 2n) Wrc (2n, d): column-major dX_cm (d x T) += Wrc_cm (d x 2n) dlogits_cm (2n x T)
+    cublasCheck(cublasGemmEx(router_cublas_handle, CUBLAS_OP_N, CUBLAS_OP_N, d, T, C2, &one,
+                             Wrc, ROUTER_CUDA_FLOATX, d, dlogits, ROUTER_CUDA_FLOATX, C2, &one,
+                             dX, ROUTER_CUDA_FLOATX, d, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    // dWrc (2n, d) += dlogits^T X: column-major dWrc_cm (d x 2n) += X_cm (d x T) dlogits_cm^T (T x 2n)
+    cublasCheck(cublasGemmEx(router_cublas_handle, CUBLAS_OP_N, CUBLAS_OP_T, d, C2, T, &one,
+                             X, ROUTER_CUDA_FLOATX, d, dlogits, ROUTER_CUDA_FLOATX, C2, &one,
+                             dWrc, ROUTER_CUDA_FLOATX, d, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+#endif  // OMNIMOE_ROUTER_CUH
