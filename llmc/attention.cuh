@@ -26,6 +26,13 @@ fragment loads from padded shared-memory tiles, cp.async double buffering of the
 Head sizes 32, 64, 128. Any T >= 1 (tails are zero-filled on load and masked on store).
 With -DENABLE_FP32 (floatX = float) a simple fp32 path runs instead: one warp per query or key row,
 same math, same scratch layout (slow; meant for tight-tolerance checking, not speed).
+
+Measured (H100 80GB HBM3, B=32 T=1024 C=768 NH=12, dev/cuda/run_attention.sh, causal FLOPs):
+forward 0.244 ms (211 TFLOP/s), backward 0.846 ms (152 TFLOP/s, 2.5x fwd FLOPs), on par with
+PyTorch SDPA's flash backend (0.244 / 0.836 ms) and 16x faster than the naive math backend
+(18.0 ms fwd+bwd); cuDNN's Hopper (wgmma) kernels are faster (0.154 / 0.668 ms).
+Tile choices (benchmarked in the test): fwd 4 warps x 32 query rows, 64-key tiles; dK/dV 4 warps
+x 16 keys with 64-query tiles; dQ 4 warps x 16 queries (fragments kept in registers), 64-key tiles.
 */
 #pragma once
 
