@@ -509,7 +509,10 @@ static void sort_best_first(ScoredId* items, int count) {
 // in its own column (or row). Writes ids e = i*n + j and scores, best first, ties by smaller id.
 void omni_topk(const float* pr, const float* pc, int n, int k, int* out_idx, float* out_score) {
     int kk = k < n ? k : n;
-    ScoredId rows[n], cols[n], grid[kk * kk];
+    ScoredId rows[n], cols[n];
+    // the grid lives on the stack unless it is large (k close to N with a big n)
+    ScoredId grid_on_stack[kk * kk <= 4096 ? kk * kk : 1];
+    ScoredId* grid = kk * kk <= 4096 ? grid_on_stack : (ScoredId*)malloc_check((size_t)kk * kk * sizeof(ScoredId));
     for (int i = 0; i < n; i++) {
         rows[i].score = pr[i]; rows[i].id = i;
         cols[i].score = pc[i]; cols[i].id = i;
@@ -531,6 +534,7 @@ void omni_topk(const float* pr, const float* pc, int n, int k, int* out_idx, flo
         out_idx[m] = grid[m].id;
         out_score[m] = grid[m].score;
     }
+    if (grid != grid_on_stack) free(grid);
 }
 
 // per token: top-k experts from the log-probabilities logp (BT, 2n), then the gates
@@ -729,7 +733,7 @@ typedef struct {
     float* lnf_rstd;     // (BT)
     float* losses;       // (BT)
     float* lse;          // (BT) log-sum-exp over the real vocabulary
-} Activations;
+} GPTActivations;
 
 // backward scratch: one layer at a time, reused down the stack
 typedef struct {
@@ -749,7 +753,7 @@ typedef struct {
     float* ds;           // (BT, k)
     int* pair_offsets;   // (N + 1)
     int* pair_list;      // (BT, k)
-} BackwardScratch;
+} GPTBackwardScratch;
 
 typedef struct {
     ModelConfig config;
@@ -764,8 +768,8 @@ typedef struct {
     float* bn_stats;       // router BN running stats, per layer: mean[2n] then var[2n]
     size_t num_bn_stats;
     // activations, for the (B, T) of the last forward
-    Activations acts;
-    BackwardScratch scratch;
+    GPTActivations acts;
+    GPTBackwardScratch scratch;
     float* logits;         // (B, T, Vp)
     int* inputs;           // (B, T) copy of the last forward's inputs
     int* targets;          // (B, T) copy of the last forward's targets
@@ -829,7 +833,7 @@ void gpt_init_random(GPT* model, uint64_t seed) {
 }
 
 static void free_activations(GPT* model) {
-    Activations* a = &model->acts;
+    GPTActivations* a = &model->acts;
     float* fl[] = {a->encoded, a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->att, a->attproj,
                    a->residual2, a->ln2, a->ln2_mean, a->ln2_rstd, a->fch, a->fch_act, a->ffn_out,
                    a->residual3, a->router_logits, a->router_normed, a->bn_mean, a->bn_rstd,
@@ -837,7 +841,7 @@ static void free_activations(GPT* model) {
                    a->lnf_mean, a->lnf_rstd, a->losses, a->lse};
     for (size_t i = 0; i < sizeof(fl) / sizeof(fl[0]); i++) free(fl[i]);
     free(a->topk_idx);
-    BackwardScratch* s = &model->scratch;
+    GPTBackwardScratch* s = &model->scratch;
     float* fs[] = {s->dresidual, s->dln, s->dqkv, s->datt_row, s->datty, s->dfch, s->dfch_act,
                    s->dlogits, s->drouter_a, s->drouter_b, s->dgate, s->dscore, s->ds};
     for (size_t i = 0; i < sizeof(fs) / sizeof(fs[0]); i++) free(fs[i]);
@@ -867,7 +871,7 @@ static void ensure_activations(GPT* model, int B, int T) {
     int omni = c->ffn_kind == FFN_OMNI;
     size_t R = omni ? 2 * (size_t)c->router_n : 0, K = omni ? (size_t)c->top_k : 0;
     size_t N = omni ? (size_t)c->num_experts : 0;
-    Activations* a = &model->acts;
+    GPTActivations* a = &model->acts;
     a->encoded = alloc_floats(BT * C);
     a->ln1 = alloc_floats(L * BT * C);
     a->ln1_mean = alloc_floats(L * BT);
@@ -899,7 +903,7 @@ static void ensure_activations(GPT* model, int B, int T) {
     a->lnf_rstd = alloc_floats(BT);
     a->losses = alloc_floats(BT);
     a->lse = alloc_floats(BT);
-    BackwardScratch* s = &model->scratch;
+    GPTBackwardScratch* s = &model->scratch;
     s->dresidual = alloc_floats(BT * C);
     s->dln = alloc_floats(BT * C);
     s->dqkv = alloc_floats(BT * 3 * C);
@@ -959,7 +963,7 @@ void gpt_forward(GPT* model, const int* inputs, const int* targets, int B, int T
     int L = c->num_layers, C = c->channels, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size;
     int H = c->ffn_hidden, FR = c->ffn_kind == FFN_GELU ? H : 2 * H;
     int n = omni ? c->router_n : 0, R = 2 * n, k = omni ? c->top_k : 0;
-    Activations* a = &model->acts;
+    GPTActivations* a = &model->acts;
     float** p = model->param_tensors;
 
     encoder_forward(a->encoded, inputs, p[PARAM_WTE], p[PARAM_WPE], B, T, C);
@@ -1056,8 +1060,8 @@ void gpt_backward(GPT* model, float loss_scale) {
     int H = c->ffn_hidden, FR = c->ffn_kind == FFN_GELU ? H : 2 * H;
     int omni = c->ffn_kind == FFN_OMNI;
     int n = omni ? c->router_n : 0, R = 2 * n, k = omni ? c->top_k : 0, N = omni ? c->num_experts : 0;
-    Activations* a = &model->acts;
-    BackwardScratch* s = &model->scratch;
+    GPTActivations* a = &model->acts;
+    GPTBackwardScratch* s = &model->scratch;
     float** p = model->param_tensors;
     float** g = model->grad_tensors;
 
@@ -1288,10 +1292,10 @@ int main(int argc, char** argv) {
     strcpy(cfg.model, "small");
     cfg.B = 4;
     cfg.T = 64;
-    cfg.num_steps = 40;
-    cfg.learning_rate = 1e-3f;
+    cfg.num_steps = 100;
+    cfg.learning_rate = 2e-3f;
     cfg.warmup_steps = 10;
-    cfg.val_every = 20;
+    cfg.val_every = 25;
     cfg.val_max_batches = 4;
     cfg.sample_every = 0;
     cfg.gen_tokens = 32;
