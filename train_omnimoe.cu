@@ -1,0 +1,883 @@
+/*
+train_omnimoe.cu - the CUDA trainer of omnimoe: a GPT-2 style decoder whose feed-forward layers
+are OmniMoE layers (or the dense swiglu / gelu baselines), trained in bf16 with fp32 master
+weights and AdamW state on one GPU.
+
+    make && ./train_omnimoe              # the default OmniMoE model on tinyshakespeare
+    ./train_omnimoe --help               # every flag
+
+The math is SPEC.md §1-2, the same as the CPU reference train_omnimoe.c, which test_omnimoe.cu
+checks this file against. The kernels live in the llmc/ headers, one concern each; this file holds
+the model (parameters, activations, forward, backward, update) and the training loop (data,
+evaluation, sampling, logging, checkpoints).
+
+Memory: parameters, gradients (floatX) and master weights, AdamW m and v (fp32) are flat
+buffers in the layout of llmc/config.h, so one pointer arithmetic serves every tensor. The
+forward keeps every activation the backward needs, per layer; the backward walks the layers
+down with one set of gradient buffers.
+
+Determinism: every kernel sums in a fixed order (no float atomics), the scheduler's sort is
+stable, cuBLASLt runs the same algorithm for the same shape. Same seed and data give the same
+bits.
+*/
+#include "llmc/utils.h"   // first: it selects POSIX declarations
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+#include <string.h>
+#include <math.h>
+#include <time.h>
+#include <signal.h>
+#include "llmc/config.h"
+#include "llmc/rand.h"
+#include "llmc/args.h"
+#include "llmc/schedule.h"
+#include "llmc/logger.h"
+#include "llmc/checkpoint.h"
+#include "llmc/dataloader.h"
+#include "llmc/tokenizer.h"
+#include "llmc/cuda_utils.cuh"
+#include "llmc/matmul.cuh"
+#include "llmc/layernorm.cuh"
+#include "llmc/encoder.cuh"
+#include "llmc/activations.cuh"
+#include "llmc/attention.cuh"
+#include "llmc/classifier.cuh"
+#include "llmc/adamw.cuh"
+#include "llmc/global_norm.cuh"
+#include "llmc/router.cuh"
+#include "llmc/scheduler.cuh"
+#include "llmc/experts.cuh"
+
+// dense bf16 tensor-core peak of an H100 SXM, for MFU (the number llm.c uses)
+#define PEAK_FLOPS_BF16 989.4e12
+
+// ----------------------------------------------------------------------------
+// the OmniMoE layer on the GPU: router -> scheduler -> experts, plus the shared SwiGLU branch
+// that the caller runs with the ordinary matmuls. Its saved activations, per layer:
+
+typedef struct {
+    float* logits;        // (BT, 2n) raw router GEMM output
+    float* logp;          // (BT, 2n) log-softmax of each half
+    float* bn_mean;       // (2n) statistics BN used
+    float* bn_rstd;       // (2n)
+    int* idx;             // (BT, k) expert ids, best first
+    float* gate;          // (BT, k)
+    float* s;             // (BT, k) <u_e, x>
+    ExpertSchedule sched; // the pairs sorted by expert
+} OmniSaved;
+
+// ----------------------------------------------------------------------------
+// the model
+
+typedef struct {
+    floatX* encoded;     // (BT, C)
+    floatX* ln1;         // (L, BT, C)
+    float* ln1_mean;     // (L, BT)
+    float* ln1_rstd;     // (L, BT)
+    floatX* qkv;         // (L, BT, 3C)
+    floatX* atty;        // (L, BT, C)
+    float* att_lse;      // (L, B, NH, T)
+    floatX* residual2;   // (L, BT, C) residual stream after attention
+    floatX* ln2;         // (L, BT, C)
+    float* ln2_mean;     // (L, BT)
+    float* ln2_rstd;     // (L, BT)
+    floatX* fch;         // (L, BT, FI) FFN pre-activation, FI = 4C (gelu) or 2I
+    floatX* fch_act;     // (L, BT, H)  FFN activation, H = 4C or I
+    floatX* residual3;   // (L, BT, C) residual stream after the FFN
+    floatX* lnf;         // (BT, C)
+    float* lnf_mean;     // (BT)
+    float* lnf_rstd;     // (BT)
+    floatX* logits;      // (BT, Vp); the backward overwrites it with dlogits
+    float* losses;       // (BT)
+    float* loss_sum;     // (1) mean loss of the last forward (device)
+    floatX* sublayer_out;// (BT, C) output of attention projection / FFN before the residual add
+    int* inputs;         // (BT) device copy of the inputs
+    int* targets;        // (BT) device copy of the targets
+    OmniSaved* omni;     // (L) host array of per-layer saved OmniMoE state (omni only)
+    int* step_counts;    // (N) expert loads of one micro-batch and layer (omni only)
+    float* dgate;        // (BT, k) gradient of the gates (omni only)
+    // backward
+    floatX* dresidual;   // (BT, C)
+    floatX* dsub;        // (BT, C)  d of a LayerNorm output / attention output
+    floatX* dwide;       // (BT, max(3C, FI)) d of qkv or of the FFN pre-activation
+    floatX* dhidden;     // (BT, H)
+    float* scratch;      // the largest scratch any backward/forward kernel asks for
+    size_t scratch_bytes;
+} Activations;
+
+typedef struct {
+    ModelConfig config;
+    size_t param_sizes[NUM_PARAMETER_TENSORS];
+    size_t param_offsets[NUM_PARAMETER_TENSORS];
+    size_t num_params;
+    floatX* params;       // the weights the kernels read
+    floatX* grads;        // accumulated by backward
+    float* master;        // fp32 master weights
+    float* adam_m;
+    float* adam_v;
+    float* bn_stats;      // router BN running statistics (layout of the model file)
+    int* expert_counts;   // (L, N) pairs routed to each expert since the last reset (omni)
+    Activations acts;
+    EncoderBackwardPlan encoder_plan;
+    int B, T;             // the shape activations were allocated for (the maximum)
+    int cur_B, cur_T;     // the shape of the last forward
+    int expert_exec;      // EXPERT_EXEC_TOKEN or EXPERT_EXEC_EXPERT (args.h)
+    int forward_training; // the last forward used BN batch statistics
+    int adam_t;           // AdamW steps taken
+    cudaStream_t stream;
+    float* norm_squared;  // (1) device
+} Model;
+
+static inline floatX* param_ptr(const Model* m, int tensor) { return m->params + m->param_offsets[tensor]; }
+static inline floatX* grad_ptr(const Model* m, int tensor) { return m->grads + m->param_offsets[tensor]; }
+
+// layer l's slice of a per-layer parameter tensor of `per_layer` elements per layer
+static inline floatX* layer_param(const Model* m, int tensor, int l) {
+    return param_ptr(m, tensor) + (size_t)l * (m->param_sizes[tensor] / m->config.num_layers);
+}
+static inline floatX* layer_grad(const Model* m, int tensor, int l) {
+    return grad_ptr(m, tensor) + (size_t)l * (m->param_sizes[tensor] / m->config.num_layers);
+}
+
+static int ffn_in_width(const ModelConfig* c) { return c->ffn_kind == FFN_GELU ? c->ffn_hidden : 2 * c->ffn_hidden; }
+
+static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
+
+// checks the shapes the kernels need (16-byte vectors: multiples of 8 elements)
+static void model_check_shapes(const ModelConfig* c) {
+    const char* why = NULL;
+    int hs = c->channels / c->num_heads;
+    if (c->channels % 8 != 0) why = "channels must be a multiple of 8";
+    else if (c->ffn_hidden % 8 != 0) why = "the FFN width (--hidden) must be a multiple of 8";
+    else if (c->padded_vocab_size % 8 != 0) why = "the padded vocabulary must be a multiple of 8";
+    else if (hs != 32 && hs != 64 && hs != 128) why = "the head size C/NH must be 32, 64 or 128 on the GPU";
+    else if (c->ffn_kind == FFN_OMNI && c->top_k > ROUTER_MAX_K) why = "top_k exceeds the router's ROUTER_MAX_K";
+    if (why) {
+        fprintf(stderr, "Error: this model cannot run on the GPU: %s (C=%d, NH=%d, hidden=%d, Vp=%d)\n", why,
+                c->channels, c->num_heads, c->ffn_hidden, c->padded_vocab_size);
+        exit(EXIT_FAILURE);
+    }
+}
+
+static void omni_saved_alloc(OmniSaved* o, const ModelConfig* c, int BT) {
+    size_t two_n = 2 * (size_t)c->router_n, k = c->top_k;
+    int P = BT * c->top_k, A = scheduler_max_active(P, c->num_experts);
+    o->logits = (float*)cuda_malloc_or_die(BT * two_n * sizeof(float), "router logits");
+    o->logp = (float*)cuda_malloc_or_die(BT * two_n * sizeof(float), "router log-probabilities");
+    o->bn_mean = (float*)cuda_malloc_or_die(two_n * sizeof(float), "router BN mean");
+    o->bn_rstd = (float*)cuda_malloc_or_die(two_n * sizeof(float), "router BN rstd");
+    o->idx = (int*)cuda_malloc_or_die(BT * k * sizeof(int), "expert ids");
+    o->gate = (float*)cuda_malloc_or_die(BT * k * sizeof(float), "expert gates");
+    o->s = (float*)cuda_malloc_or_die(BT * k * sizeof(float), "expert scores");
+    o->sched.sorted_pair = (int*)cuda_malloc_or_die(P * sizeof(int), "scheduler sorted pairs");
+    o->sched.sorted_expert = (int*)cuda_malloc_or_die(P * sizeof(int), "scheduler sorted experts");
+    o->sched.sorted_active = (int*)cuda_malloc_or_die(P * sizeof(int), "scheduler active index");
+    o->sched.active_expert = (int*)cuda_malloc_or_die(A * sizeof(int), "scheduler active experts");
+    o->sched.active_offset = (int*)cuda_malloc_or_die((A + 1) * sizeof(int), "scheduler offsets");
+    o->sched.num_active = (int*)cuda_malloc_or_die(sizeof(int), "scheduler active count");
+}
+
+static void omni_saved_free(OmniSaved* o) {
+    void* ptrs[] = {o->logits, o->logp, o->bn_mean, o->bn_rstd, o->idx, o->gate, o->s, o->sched.sorted_pair,
+                    o->sched.sorted_expert, o->sched.sorted_active, o->sched.active_expert, o->sched.active_offset,
+                    o->sched.num_active};
+    for (size_t i = 0; i < sizeof(ptrs) / sizeof(ptrs[0]); i++) cudaCheck(cudaFree(ptrs[i]));
+}
+
+// Allocates parameters, optimizer state and activations for micro-batches up to (B, T).
+static void model_build(Model* m, const ModelConfig* config, int B, int T, int expert_exec) {
+    memset(m, 0, sizeof(*m));
+    if (!model_config_validate(config)) exit(EXIT_FAILURE);
+    model_check_shapes(config);
+    m->config = *config;
+    m->B = B;
+    m->T = T;
+    m->expert_exec = expert_exec;
+    cudaCheck(cudaStreamCreate(&m->stream));
+    model_config_param_sizes(config, m->param_sizes);
+    size_t offset = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        m->param_offsets[i] = offset;
+        offset += m->param_sizes[i];
+    }
+    m->num_params = offset;
+    size_t P = m->num_params;
+    m->params = (floatX*)cuda_malloc_or_die(P * sizeof(floatX), "parameters");
+    m->grads = (floatX*)cuda_malloc_or_die(P * sizeof(floatX), "gradients");
+    m->master = (float*)cuda_malloc_or_die(P * sizeof(float), "fp32 master weights");
+    m->adam_m = (float*)cuda_malloc_or_die(P * sizeof(float), "AdamW m");
+    m->adam_v = (float*)cuda_malloc_or_die(P * sizeof(float), "AdamW v");
+    cudaCheck(cudaMemset(m->grads, 0, P * sizeof(floatX)));
+    cudaCheck(cudaMemset(m->adam_m, 0, P * sizeof(float)));
+    cudaCheck(cudaMemset(m->adam_v, 0, P * sizeof(float)));
+    size_t num_bn = model_config_num_bn_stats(config);
+    m->bn_stats = (float*)cuda_malloc_or_die(max_sz(num_bn, 1) * sizeof(float), "router BN running statistics");
+    m->norm_squared = (float*)cuda_malloc_or_die(sizeof(float), "gradient norm");
+
+    const ModelConfig* c = config;
+    size_t L = c->num_layers, C = c->channels, BT = (size_t)B * T, Vp = c->padded_vocab_size;
+    size_t FI = ffn_in_width(c), H = c->ffn_hidden;
+    Activations* a = &m->acts;
+    a->encoded = (floatX*)cuda_malloc_or_die(BT * C * sizeof(floatX), "activations: encoded");
+    a->ln1 = (floatX*)cuda_malloc_or_die(L * BT * C * sizeof(floatX), "activations: ln1");
+    a->ln1_mean = (float*)cuda_malloc_or_die(L * BT * sizeof(float), "activations: ln1 mean");
+    a->ln1_rstd = (float*)cuda_malloc_or_die(L * BT * sizeof(float), "activations: ln1 rstd");
+    a->qkv = (floatX*)cuda_malloc_or_die(L * BT * 3 * C * sizeof(floatX), "activations: qkv");
+    a->atty = (floatX*)cuda_malloc_or_die(L * BT * C * sizeof(floatX), "activations: attention output");
+    a->att_lse = (float*)cuda_malloc_or_die(L * BT * c->num_heads * sizeof(float), "activations: attention lse");
+    a->residual2 = (floatX*)cuda_malloc_or_die(L * BT * C * sizeof(floatX), "activations: residual2");
+    a->ln2 = (floatX*)cuda_malloc_or_die(L * BT * C * sizeof(floatX), "activations: ln2");
+    a->ln2_mean = (float*)cuda_malloc_or_die(L * BT * sizeof(float), "activations: ln2 mean");
+    a->ln2_rstd = (float*)cuda_malloc_or_die(L * BT * sizeof(float), "activations: ln2 rstd");
+    a->fch = (floatX*)cuda_malloc_or_die(L * BT * FI * sizeof(floatX), "activations: FFN pre-activation");
+    a->fch_act = (floatX*)cuda_malloc_or_die(L * BT * H * sizeof(floatX), "activations: FFN activation");
+    a->residual3 = (floatX*)cuda_malloc_or_die(L * BT * C * sizeof(floatX), "activations: residual3");
+    a->lnf = (floatX*)cuda_malloc_or_die(BT * C * sizeof(floatX), "activations: lnf");
+    a->lnf_mean = (float*)cuda_malloc_or_die(BT * sizeof(float), "activations: lnf mean");
+    a->lnf_rstd = (float*)cuda_malloc_or_die(BT * sizeof(float), "activations: lnf rstd");
+    a->logits = (floatX*)cuda_malloc_or_die(BT * Vp * sizeof(floatX), "activations: logits");
+    a->losses = (float*)cuda_malloc_or_die(BT * sizeof(float), "activations: losses");
+    a->loss_sum = (float*)cuda_malloc_or_die(sizeof(float), "mean loss");
+    a->sublayer_out = (floatX*)cuda_malloc_or_die(BT * C * sizeof(floatX), "activations: sublayer output");
+    a->inputs = (int*)cuda_malloc_or_die(BT * sizeof(int), "inputs");
+    a->targets = (int*)cuda_malloc_or_die(BT * sizeof(int), "targets");
+    a->dresidual = (floatX*)cuda_malloc_or_die(BT * C * sizeof(floatX), "gradients: residual");
+    a->dsub = (floatX*)cuda_malloc_or_die(BT * C * sizeof(floatX), "gradients: sublayer");
+    a->dwide = (floatX*)cuda_malloc_or_die(BT * max_sz(3 * C, FI) * sizeof(floatX), "gradients: wide");
+    a->dhidden = (floatX*)cuda_malloc_or_die(BT * max_sz(H, C) * sizeof(floatX), "gradients: hidden");
+
+    size_t s = 0;
+    s = max_sz(s, matmul_backward_scratch_bytes((int)BT, (int)max_sz(max_sz(3 * C, FI), max_sz(C, Vp))));
+    s = max_sz(s, layernorm_backward_scratch_bytes((int)BT, (int)C));
+    s = max_sz(s, attention_backward_scratch_bytes(B, T, (int)C, c->num_heads));
+    s = max_sz(s, global_norm_scratch_bytes());
+    if (c->ffn_kind == FFN_OMNI) {
+        int n = c->router_n, P = (int)BT * c->top_k;
+        s = max_sz(s, router_forward_scratch_bytes((int)BT, n));
+        s = max_sz(s, router_backward_scratch_bytes((int)BT, n));
+        s = max_sz(s, scheduler_scratch_bytes(P, c->num_experts));
+        s = max_sz(s, experts_backward_scratch_bytes((int)BT, (int)C, c->top_k));
+        a->step_counts = (int*)cuda_malloc_or_die(c->num_experts * sizeof(int), "expert counts of a micro-batch");
+        a->dgate = (float*)cuda_malloc_or_die(BT * c->top_k * sizeof(float), "gradients: gates");
+        a->omni = (OmniSaved*)malloc_check(L * sizeof(OmniSaved));
+        for (size_t l = 0; l < L; l++) omni_saved_alloc(&a->omni[l], c, (int)BT);
+        m->expert_counts = (int*)cuda_malloc_or_die(L * c->num_experts * sizeof(int), "expert counts");
+        cudaCheck(cudaMemset(m->expert_counts, 0, L * c->num_experts * sizeof(int)));
+        router_init();
+    }
+    a->scratch_bytes = s;
+    a->scratch = (float*)cuda_malloc_or_die(s, "kernel scratch");
+    encoder_backward_plan_init(&m->encoder_plan, (int)BT, c->vocab_size, (int)C);
+    matmul_init();
+}
+
+static void model_free(Model* m) {
+    Activations* a = &m->acts;
+    void* ptrs[] = {m->params, m->grads, m->master, m->adam_m, m->adam_v, m->bn_stats, m->norm_squared,
+                    a->encoded, a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->att_lse, a->residual2, a->ln2,
+                    a->ln2_mean, a->ln2_rstd, a->fch, a->fch_act, a->residual3, a->lnf, a->lnf_mean, a->lnf_rstd,
+                    a->logits, a->losses, a->loss_sum, a->sublayer_out, a->inputs, a->targets, a->dresidual, a->dsub,
+                    a->dwide, a->dhidden, a->scratch};
+    for (size_t i = 0; i < sizeof(ptrs) / sizeof(ptrs[0]); i++) cudaCheck(cudaFree(ptrs[i]));
+    if (a->omni) {
+        for (int l = 0; l < m->config.num_layers; l++) omni_saved_free(&a->omni[l]);
+        free(a->omni);
+        cudaCheck(cudaFree(m->expert_counts));
+        cudaCheck(cudaFree(a->step_counts));
+        cudaCheck(cudaFree(a->dgate));
+    }
+    encoder_backward_plan_free(&m->encoder_plan);
+    cudaCheck(cudaStreamDestroy(m->stream));
+}
+
+// Master weights from host fp32 (layout order); floatX weights rounded from them (the same
+// round-to-nearest-even as the AdamW update, so masters alone restore the weights bitwise).
+static void model_set_params(Model* m, const float* host_params, const float* host_bn_stats) {
+    size_t P = m->num_params;
+    cudaCheck(cudaMemcpy(m->master, host_params, P * sizeof(float), cudaMemcpyHostToDevice));
+    upload_floatX(m->params, host_params, P);
+    size_t num_bn = model_config_num_bn_stats(&m->config);
+    if (num_bn > 0) {
+        cudaCheck(cudaMemcpy(m->bn_stats, host_bn_stats, num_bn * sizeof(float), cudaMemcpyHostToDevice));
+    }
+}
+
+static void model_get_params(const Model* m, float* host_params, float* host_bn_stats) {
+    cudaCheck(cudaMemcpy(host_params, m->master, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
+    size_t num_bn = model_config_num_bn_stats(&m->config);
+    if (num_bn > 0 && host_bn_stats) {
+        cudaCheck(cudaMemcpy(host_bn_stats, m->bn_stats, num_bn * sizeof(float), cudaMemcpyDeviceToHost));
+    }
+}
+
+static void model_init_random(Model* m, uint64_t seed) {
+    float* params = (float*)malloc_check(m->num_params * sizeof(float));
+    float* bn = (float*)malloc_check(max_sz(model_config_num_bn_stats(&m->config), 1) * sizeof(float));
+    model_init_params(&m->config, params, seed);
+    model_init_bn_stats(&m->config, bn);
+    model_set_params(m, params, bn);
+    free(params);
+    free(bn);
+}
+
+// ----------------------------------------------------------------------------
+// forward
+
+// the OmniMoE FFN of layer l (defined below): out = SwiGLU(x) + experts(x), x = ln2 (BT, C)
+static void omni_ffn_forward(Model* m, int l, const floatX* x, floatX* out, int BT, int training);
+static void omni_ffn_backward(Model* m, int l, const floatX* x, const floatX* dout, floatX* dx, int BT);
+
+// Runs the model on (B, T) tokens (host arrays). With targets, the per-token losses and their
+// mean (acts.loss_sum, device) are computed; the logits stay in acts.logits either way.
+// training = 1: router BN uses batch statistics and updates its running statistics.
+static void model_forward(Model* m, const int* inputs, const int* targets, int B, int T, int training) {
+    const ModelConfig* c = &m->config;
+    if (B > m->B || T > m->T || B < 1 || T < 1) {
+        fprintf(stderr, "model_forward: micro-batch %dx%d exceeds the allocated %dx%d\n", B, T, m->B, m->T);
+        exit(EXIT_FAILURE);
+    }
+    m->cur_B = B;
+    m->cur_T = T;
+    m->forward_training = training;
+    const int L = c->num_layers, C = c->channels, NH = c->num_heads, BT = B * T;
+    const int Vp = c->padded_vocab_size, V = c->vocab_size, FI = ffn_in_width(c), H = c->ffn_hidden;
+    cudaStream_t st = m->stream;
+    Activations* a = &m->acts;
+    cudaCheck(cudaMemcpyAsync(a->inputs, inputs, BT * sizeof(int), cudaMemcpyHostToDevice, st));
+    if (targets) cudaCheck(cudaMemcpyAsync(a->targets, targets, BT * sizeof(int), cudaMemcpyHostToDevice, st));
+    encoder_forward(a->encoded, a->inputs, param_ptr(m, PARAM_WTE), param_ptr(m, PARAM_WPE), B, T, C, V, st);
+
+    // the first LayerNorm; later ones are fused with the residual add that precedes them
+    layernorm_forward(a->ln1, a->ln1_mean, a->ln1_rstd, a->encoded, layer_param(m, PARAM_LN1W, 0),
+                      layer_param(m, PARAM_LN1B, 0), BT, C, st);
+    for (int l = 0; l < L; l++) {
+        size_t btc = (size_t)l * BT * C;
+        const floatX* residual = l == 0 ? a->encoded : a->residual3 + (size_t)(l - 1) * BT * C;
+        floatX* ln1 = a->ln1 + btc;
+        floatX* qkv = a->qkv + (size_t)l * BT * 3 * C;
+        floatX* atty = a->atty + btc;
+        floatX* residual2 = a->residual2 + btc;
+        floatX* ln2 = a->ln2 + btc;
+        floatX* fch = a->fch + (size_t)l * BT * FI;
+        floatX* fch_act = a->fch_act + (size_t)l * BT * H;
+        floatX* residual3 = a->residual3 + btc;
+
+        matmul_forward(qkv, ln1, layer_param(m, PARAM_QKVW, l), layer_param(m, PARAM_QKVB, l), BT, C, 3 * C, st);
+        attention_forward(atty, a->att_lse + (size_t)l * BT * NH, qkv, B, T, C, NH, st);
+        matmul_forward(a->sublayer_out, atty, layer_param(m, PARAM_ATTPROJW, l), layer_param(m, PARAM_ATTPROJB, l),
+                       BT, C, C, st);
+        fused_residual_layernorm_forward(residual2, ln2, a->ln2_mean + (size_t)l * BT, a->ln2_rstd + (size_t)l * BT,
+                                         residual, a->sublayer_out, layer_param(m, PARAM_LN2W, l),
+                                         layer_param(m, PARAM_LN2B, l), BT, C, st);
+        if (c->ffn_kind == FFN_GELU) {
+            matmul_forward_gelu(fch_act, fch, ln2, layer_param(m, PARAM_FCW, l), layer_param(m, PARAM_FCB, l),
+                                BT, C, FI, st);
+            matmul_forward(a->sublayer_out, fch_act, layer_param(m, PARAM_FCPROJW, l),
+                           layer_param(m, PARAM_FCPROJB, l), BT, H, C, st);
+        } else if (c->ffn_kind == FFN_SWIGLU) {
+            matmul_forward(fch, ln2, layer_param(m, PARAM_FCW, l), NULL, BT, C, FI, st);
+            swiglu_forward(fch_act, fch, BT, H, st);
+            matmul_forward(a->sublayer_out, fch_act, layer_param(m, PARAM_FCPROJW, l), NULL, BT, H, C, st);
+        } else {
+            omni_ffn_forward(m, l, ln2, a->sublayer_out, BT, training);
+        }
+        // residual3 = residual2 + FFN; then the next block's LN1 (or the final LN)
+        if (l + 1 < L) {
+            fused_residual_layernorm_forward(residual3, a->ln1 + (size_t)(l + 1) * BT * C,
+                                             a->ln1_mean + (size_t)(l + 1) * BT, a->ln1_rstd + (size_t)(l + 1) * BT,
+                                             residual2, a->sublayer_out, layer_param(m, PARAM_LN1W, l + 1),
+                                             layer_param(m, PARAM_LN1B, l + 1), BT, C, st);
+        } else {
+            fused_residual_layernorm_forward(residual3, a->lnf, a->lnf_mean, a->lnf_rstd, residual2, a->sublayer_out,
+                                             param_ptr(m, PARAM_LNFW), param_ptr(m, PARAM_LNFB), BT, C, st);
+        }
+    }
+    matmul_forward(a->logits, a->lnf, param_ptr(m, PARAM_WTE), NULL, BT, C, Vp, st);
+    if (targets) {
+        fused_classifier(a->logits, a->losses, a->targets, 0.0f, BT, V, Vp, 0, st);
+        mean_loss(a->loss_sum, a->losses, BT, st);
+    }
+}
+
+// the mean loss of the last forward with targets (waits for the GPU)
+static float model_mean_loss(const Model* m) {
+    float loss;
+    cudaCheck(cudaMemcpyAsync(&loss, m->acts.loss_sum, sizeof(float), cudaMemcpyDeviceToHost, m->stream));
+    cudaCheck(cudaStreamSynchronize(m->stream));
+    return loss;
+}
+
+// ----------------------------------------------------------------------------
+// backward
+
+static void model_zero_grad(Model* m) {
+    cudaCheck(cudaMemsetAsync(m->grads, 0, m->num_params * sizeof(floatX), m->stream));
+}
+
+// grads += loss_scale * d(mean loss of the last forward)/d(params). The last forward must have
+// had targets. Overwrites the logits with their gradient.
+static void model_backward(Model* m, const int* inputs, float loss_scale) {
+    const ModelConfig* c = &m->config;
+    const int B = m->cur_B, T = m->cur_T;
+    const int L = c->num_layers, C = c->channels, NH = c->num_heads, BT = B * T;
+    const int Vp = c->padded_vocab_size, V = c->vocab_size, FI = ffn_in_width(c), H = c->ffn_hidden;
+    cudaStream_t st = m->stream;
+    Activations* a = &m->acts;
+    float* scratch = a->scratch;
+
+    // host work first, so it overlaps the GPU: the encoder's token buckets
+    encoder_backward_plan_build(&m->encoder_plan, inputs, B, T);
+    encoder_backward_plan_upload(&m->encoder_plan, st);
+
+    // dlogits (in place) -> LM head -> final LayerNorm
+    fused_classifier(a->logits, a->losses, a->targets, loss_scale / (float)BT, BT, V, Vp, 1, st);
+    matmul_backward(a->dsub, grad_ptr(m, PARAM_WTE), NULL, a->logits, a->lnf, param_ptr(m, PARAM_WTE), BT, C, Vp, 0,
+                    st, scratch);
+    cudaCheck(cudaMemsetAsync(a->dresidual, 0, (size_t)BT * C * sizeof(floatX), st));
+    const floatX* last_residual = a->residual3 + (size_t)(L - 1) * BT * C;
+    layernorm_backward(a->dresidual, grad_ptr(m, PARAM_LNFW), grad_ptr(m, PARAM_LNFB), a->dsub, last_residual,
+                       param_ptr(m, PARAM_LNFW), a->lnf_mean, a->lnf_rstd, BT, C, scratch, st);
+
+    for (int l = L - 1; l >= 0; l--) {
+        size_t btc = (size_t)l * BT * C;
+        const floatX* residual = l == 0 ? a->encoded : a->residual3 + (size_t)(l - 1) * BT * C;
+        const floatX* ln1 = a->ln1 + btc;
+        const floatX* qkv = a->qkv + (size_t)l * BT * 3 * C;
+        const floatX* atty = a->atty + btc;
+        const floatX* residual2 = a->residual2 + btc;
+        const floatX* ln2 = a->ln2 + btc;
+        const floatX* fch = a->fch + (size_t)l * BT * FI;
+        const floatX* fch_act = a->fch_act + (size_t)l * BT * H;
+
+        // FFN: dresidual is d(residual3) = d(FFN output); dsub receives d(ln2)
+        if (c->ffn_kind == FFN_GELU) {
+            matmul_backward(a->dhidden, layer_grad(m, PARAM_FCPROJW, l), layer_grad(m, PARAM_FCPROJB, l), a->dresidual,
+                            fch_act, layer_param(m, PARAM_FCPROJW, l), BT, H, C, 0, st, scratch);
+            gelu_backward(a->dwide, fch, a->dhidden, (size_t)BT * FI, st);
+            matmul_backward(a->dsub, layer_grad(m, PARAM_FCW, l), layer_grad(m, PARAM_FCB, l), a->dwide, ln2,
+                            layer_param(m, PARAM_FCW, l), BT, C, FI, 0, st, scratch);
+        } else if (c->ffn_kind == FFN_SWIGLU) {
+            matmul_backward(a->dhidden, layer_grad(m, PARAM_FCPROJW, l), NULL, a->dresidual, fch_act,
+                            layer_param(m, PARAM_FCPROJW, l), BT, H, C, 0, st, scratch);
+            swiglu_backward(a->dwide, a->dhidden, fch, BT, H, st);
+            matmul_backward(a->dsub, layer_grad(m, PARAM_FCW, l), NULL, a->dwide, ln2, layer_param(m, PARAM_FCW, l),
+                            BT, C, FI, 0, st, scratch);
+        } else {
+            omni_ffn_backward(m, l, ln2, a->dresidual, a->dsub, BT);
+        }
+        // LN2: dresidual (= d residual3 = d residual2 through the skip) += LN2 backward
+        layernorm_backward(a->dresidual, layer_grad(m, PARAM_LN2W, l), layer_grad(m, PARAM_LN2B, l), a->dsub, residual2,
+                           layer_param(m, PARAM_LN2W, l), a->ln2_mean + (size_t)l * BT, a->ln2_rstd + (size_t)l * BT,
+                           BT, C, scratch, st);
+        // attention: dresidual is d(attention projection output)
+        matmul_backward(a->dsub, layer_grad(m, PARAM_ATTPROJW, l), layer_grad(m, PARAM_ATTPROJB, l), a->dresidual,
+                        atty, layer_param(m, PARAM_ATTPROJW, l), BT, C, C, 0, st, scratch);
+        attention_backward(a->dwide, a->dsub, qkv, atty, a->att_lse + (size_t)l * BT * NH, B, T, C, NH, scratch, st);
+        matmul_backward(a->dsub, layer_grad(m, PARAM_QKVW, l), layer_grad(m, PARAM_QKVB, l), a->dwide, ln1,
+                        layer_param(m, PARAM_QKVW, l), BT, C, 3 * C, 0, st, scratch);
+        layernorm_backward(a->dresidual, layer_grad(m, PARAM_LN1W, l), layer_grad(m, PARAM_LN1B, l), a->dsub, residual,
+                           layer_param(m, PARAM_LN1W, l), a->ln1_mean + (size_t)l * BT, a->ln1_rstd + (size_t)l * BT,
+                           BT, C, scratch, st);
+    }
+    encoder_backward(grad_ptr(m, PARAM_WTE), grad_ptr(m, PARAM_WPE), a->dresidual, &m->encoder_plan, B, T, C, st);
+}
+
+// ----------------------------------------------------------------------------
+// optimizer
+
+// The global gradient norm (after dividing by grad_divisor), clipping and one AdamW step on
+// every tensor. Returns the norm (before clipping).
+static float model_update(Model* m, float lr, float beta1, float beta2, float eps, float weight_decay, float grad_clip) {
+    cudaStream_t st = m->stream;
+    global_norm_squared(m->norm_squared, m->grads, m->num_params, m->acts.scratch, st);
+    float norm_squared;
+    cudaCheck(cudaMemcpyAsync(&norm_squared, m->norm_squared, sizeof(float), cudaMemcpyDeviceToHost, st));
+    cudaCheck(cudaStreamSynchronize(st));
+    float norm = sqrtf(norm_squared);
+    float grad_scale = (grad_clip > 0.0f && norm > grad_clip) ? grad_clip / norm : 1.0f;
+    m->adam_t += 1;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        size_t n = m->param_sizes[i], off = m->param_offsets[i];
+        if (n == 0) continue;
+        float wd = param_is_decayed(i) ? weight_decay : 0.0f;
+        adamw_update(m->params + off, m->master + off, m->grads + off, m->adam_m + off, m->adam_v + off, n, lr, beta1,
+                     beta2, eps, wd, grad_scale, m->adam_t, st);
+    }
+    return norm;
+}
+
+// ----------------------------------------------------------------------------
+// the OmniMoE FFN: shared SwiGLU + router + scheduler + atomic experts (SPEC §2-3)
+
+// total[e] += counts[e]: per-step expert loads summed over micro-batches (integers: exact)
+__global__ void add_expert_counts_kernel(int* total, const int* counts, int N) {
+    int e = blockIdx.x * blockDim.x + threadIdx.x;
+    if (e < N) total[e] += counts[e];
+}
+
+static int experts_mode(const Model* m) {
+    return m->expert_exec == EXPERT_EXEC_TOKEN ? EXPERTS_TOKEN_CENTRIC : EXPERTS_EXPERT_CENTRIC;
+}
+
+static float* layer_bn_stats(const Model* m, int l) { return m->bn_stats + (size_t)l * 4 * m->config.router_n; }
+
+static void omni_ffn_forward(Model* m, int l, const floatX* x, floatX* out, int BT, int training) {
+    const ModelConfig* c = &m->config;
+    const int C = c->channels, I = c->ffn_hidden, n = c->router_n, k = c->top_k, N = c->num_experts;
+    cudaStream_t st = m->stream;
+    Activations* a = &m->acts;
+    OmniSaved* o = &a->omni[l];
+    floatX* fch = a->fch + (size_t)l * BT * 2 * I;
+    floatX* fch_act = a->fch_act + (size_t)l * BT * I;
+    // the shared SwiGLU branch writes out; the experts add onto it
+    matmul_forward(fch, x, layer_param(m, PARAM_FCW, l), NULL, BT, C, 2 * I, st);
+    swiglu_forward(fch_act, fch, BT, I, st);
+    matmul_forward(out, fch_act, layer_param(m, PARAM_FCPROJW, l), NULL, BT, I, C, st);
+    float* running_mean = layer_bn_stats(m, l);
+    float* running_var = running_mean + 2 * n;
+    router_forward(o->logits, o->logp, o->bn_mean, o->bn_rstd, o->idx, o->gate, running_mean, running_var, x,
+                   layer_param(m, PARAM_ROUTERW, l), BT, C, n, k, c->router_norm == ROUTER_NORM_BN,
+                   c->gate == GATE_PROB, training, a->scratch, a->scratch_bytes, st);
+    // the schedule (pairs sorted by expert) serves the expert-centric forward and both backwards
+    scheduler_build(o->sched, o->idx, BT * k, N, training ? a->step_counts : NULL, a->scratch, a->scratch_bytes, st);
+    if (training) {
+        add_expert_counts_kernel<<<ceil_div(N, 256), 256, 0, st>>>(m->expert_counts + (size_t)l * N, a->step_counts, N);
+        cudaCheckLast();
+    }
+    experts_forward(out, o->s, x, layer_param(m, PARAM_EXPERTU, l), layer_param(m, PARAM_EXPERTV, l), o->idx, o->gate,
+                    o->sched, BT, C, k, N, experts_mode(m), 1, st);
+}
+
+// dx = d(FFN input) (overwritten), from dout = d(FFN output)
+static void omni_ffn_backward(Model* m, int l, const floatX* x, const floatX* dout, floatX* dx, int BT) {
+    const ModelConfig* c = &m->config;
+    const int C = c->channels, I = c->ffn_hidden, n = c->router_n, k = c->top_k, N = c->num_experts;
+    cudaStream_t st = m->stream;
+    Activations* a = &m->acts;
+    OmniSaved* o = &a->omni[l];
+    const floatX* fch = a->fch + (size_t)l * BT * 2 * I;
+    const floatX* fch_act = a->fch_act + (size_t)l * BT * I;
+    // shared SwiGLU: dx = its input gradient
+    matmul_backward(a->dhidden, layer_grad(m, PARAM_FCPROJW, l), NULL, dout, fch_act, layer_param(m, PARAM_FCPROJW, l),
+                    BT, I, C, 0, st, a->scratch);
+    swiglu_backward(a->dwide, a->dhidden, fch, BT, I, st);
+    matmul_backward(dx, layer_grad(m, PARAM_FCW, l), NULL, a->dwide, x, layer_param(m, PARAM_FCW, l), BT, C, 2 * I, 0,
+                    st, a->scratch);
+    // experts: dx += sum_m ds u; dU, dV += ...; the gate gradient feeds the router
+    experts_backward(dx, layer_grad(m, PARAM_EXPERTU, l), layer_grad(m, PARAM_EXPERTV, l), a->dgate, dout, x,
+                     layer_param(m, PARAM_EXPERTU, l), layer_param(m, PARAM_EXPERTV, l), o->idx, o->gate, o->s,
+                     o->sched, BT, C, k, N, experts_mode(m), 1, a->scratch, a->scratch_bytes, st);
+    router_backward(dx, layer_grad(m, PARAM_ROUTERW, l), a->dgate, o->gate, o->idx, o->logp, o->logits, o->bn_mean,
+                    o->bn_rstd, x, layer_param(m, PARAM_ROUTERW, l), BT, C, n, k, c->router_norm == ROUTER_NORM_BN,
+                    c->gate == GATE_PROB, m->forward_training, a->scratch, a->scratch_bytes, st);
+}
+
+// ----------------------------------------------------------------------------
+// expert usage: per OmniMoE layer, the share of the N experts hit since the last reset and the
+// KL divergence of their load from uniform (from the integer counts the scheduler keeps)
+
+static void model_reset_expert_counts(Model* m) {
+    if (m->config.ffn_kind != FFN_OMNI) return;
+    size_t bytes = (size_t)m->config.num_layers * m->config.num_experts * sizeof(int);
+    cudaCheck(cudaMemsetAsync(m->expert_counts, 0, bytes, m->stream));
+}
+
+static void model_expert_stats(const Model* m, int* host_counts, float* usage, float* kl) {
+    if (m->config.ffn_kind != FFN_OMNI) return;
+    int L = m->config.num_layers, N = m->config.num_experts;
+    cudaCheck(cudaMemcpy(host_counts, m->expert_counts, (size_t)L * N * sizeof(int), cudaMemcpyDeviceToHost));
+    for (int l = 0; l < L; l++) expert_load_stats(host_counts + (size_t)l * N, N, &usage[l], &kl[l]);
+}
+
+// ----------------------------------------------------------------------------
+// evaluation and sampling
+
+// mean loss over the first num_batches batches of the loader (all of them when < 0); the same
+// tokens every time, so curves of different runs compare
+static float evaluate(Model* m, DataLoader* loader, int max_batches) {
+    dataloader_reset(loader);
+    int64_t n = dataloader_num_batches(loader);
+    if (max_batches >= 0 && max_batches < n) n = max_batches;
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        dataloader_next_batch(loader);
+        model_forward(m, loader->inputs, loader->targets, (int)loader->B, (int)loader->T, 0);
+        sum += model_mean_loss(m);
+    }
+    return n > 0 ? (float)(sum / (double)n) : NAN;
+}
+
+// samples gen_tokens tokens after an end-of-text, one sequence, running statistics for BN
+static void sample_and_print(Model* m, const Tokenizer* tokenizer, Rng* rng, int gen_tokens, int eot) {
+    const ModelConfig* c = &m->config;
+    int T = gen_tokens < m->T ? gen_tokens : m->T;
+    int* tokens = (int*)calloc_check((size_t)T + 1, sizeof(int));
+    floatX* row = (floatX*)malloc_check((size_t)c->padded_vocab_size * sizeof(floatX));
+    float* probs = (float*)malloc_check((size_t)c->vocab_size * sizeof(float));
+    tokens[0] = eot;
+    printf("generating:\n---\n");
+    for (int t = 1; t < T; t++) {
+        model_forward(m, tokens, NULL, 1, t, 0);
+        cudaCheck(cudaMemcpy(row, m->acts.logits + (size_t)(t - 1) * c->padded_vocab_size,
+                             c->padded_vocab_size * sizeof(floatX), cudaMemcpyDeviceToHost));
+        float maxv = -INFINITY;
+        for (int v = 0; v < c->vocab_size; v++) { probs[v] = (float)row[v]; maxv = fmaxf(maxv, probs[v]); }
+        double sum = 0.0;
+        for (int v = 0; v < c->vocab_size; v++) { probs[v] = expf(probs[v] - maxv); sum += probs[v]; }
+        double coin = rng_f32(rng) * sum, cdf = 0.0;
+        int next = c->vocab_size - 1;
+        for (int v = 0; v < c->vocab_size; v++) {
+            cdf += probs[v];
+            if (coin < cdf) { next = v; break; }
+        }
+        tokens[t] = next;
+        tokenizer_print_token(tokenizer, (uint32_t)next);
+        fflush(stdout);
+    }
+    printf("\n---\n");
+    free(tokens);
+    free(row);
+    free(probs);
+}
+
+// ----------------------------------------------------------------------------
+// checkpoints: master weights, AdamW state, BN statistics, data position and RNG
+
+typedef struct {
+    DataLoaderState loader;
+    uint64_t sample_rng_state;
+} RunState;
+
+static void save_checkpoint(const Model* m, const TrainConfig* cfg, int step, long long tokens_seen,
+                            const DataLoader* loader, const Rng* sample_rng) {
+    size_t P = m->num_params, NB = model_config_num_bn_stats(&m->config);
+    float* params = (float*)malloc_check(P * sizeof(float));
+    float* adam_m = (float*)malloc_check(P * sizeof(float));
+    float* adam_v = (float*)malloc_check(P * sizeof(float));
+    float* bn = (float*)malloc_check(max_sz(NB, 1) * sizeof(float));
+    cudaCheck(cudaStreamSynchronize(m->stream));
+    model_get_params(m, params, bn);
+    cudaCheck(cudaMemcpy(adam_m, m->adam_m, P * sizeof(float), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(adam_v, m->adam_v, P * sizeof(float), cudaMemcpyDeviceToHost));
+    RunState rs;
+    memset(&rs, 0, sizeof(rs));
+    rs.loader = dataloader_get_state(loader);
+    rs.sample_rng_state = sample_rng->state;
+    CheckpointInfo info;
+    checkpoint_info_from_config(&info, cfg, step, m->adam_t, tokens_seen);
+    char path[CHECKPOINT_PATH_MAX];
+    checkpoint_make_dir(cfg->output_dir);
+    checkpoint_write(cfg->output_dir, &m->config, &info, params, adam_m, adam_v, bn, 1, &rs.loader,
+                     sizeof(rs.loader), &rs.sample_rng_state, sizeof(rs.sample_rng_state), path);
+    printf("wrote checkpoint %s\n", path);
+    free(params);
+    free(adam_m);
+    free(adam_v);
+    free(bn);
+}
+
+// returns the step to continue from
+static int load_checkpoint(Model* m, const char* path, const TrainConfig* cfg, long long* tokens_seen,
+                           DataLoader* loader, Rng* sample_rng) {
+    size_t P = m->num_params, NB = model_config_num_bn_stats(&m->config);
+    float* params = (float*)malloc_check(P * sizeof(float));
+    float* adam_m = (float*)malloc_check(P * sizeof(float));
+    float* adam_v = (float*)malloc_check(P * sizeof(float));
+    float* bn = (float*)malloc_check(max_sz(NB, 1) * sizeof(float));
+    RunState rs;
+    CheckpointInfo info;
+    checkpoint_read(path, &m->config, &info, params, adam_m, adam_v, NB > 0 ? bn : NULL, 1, &rs.loader,
+                    sizeof(rs.loader), &rs.sample_rng_state, sizeof(rs.sample_rng_state));
+    checkpoint_compare_run(&info, cfg);
+    model_set_params(m, params, bn);
+    cudaCheck(cudaMemcpy(m->adam_m, adam_m, P * sizeof(float), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(m->adam_v, adam_v, P * sizeof(float), cudaMemcpyHostToDevice));
+    m->adam_t = info.adam_t;
+    dataloader_set_state(loader, &rs.loader);
+    sample_rng->state = rs.sample_rng_state;
+    *tokens_seen = info.tokens_seen;
+    free(params);
+    free(adam_m);
+    free(adam_v);
+    free(bn);
+    return info.step;
+}
+
+// SIGINT / SIGTERM: finish the step, write a checkpoint, exit
+static volatile sig_atomic_t stop_requested = 0;
+static void on_stop_signal(int sig) { (void)sig; stop_requested = 1; }
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+// ----------------------------------------------------------------------------
+// main
+
+#ifndef TESTING
+int main(int argc, char** argv) {
+    TrainConfig cfg;
+    train_config_defaults(&cfg);
+    train_config_parse(&cfg, argc, argv);
+    cfg.num_processes = 1;
+    cfg.process_rank = 0;
+
+    int device_count = 0;
+    if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) {
+        fprintf(stderr, "Error: no CUDA device found. This is the GPU trainer; on a machine without a GPU run the "
+                "CPU reference trainer ./train_omnimoe_cpu (make train_omnimoe_cpu)\n");
+        return EXIT_FAILURE;
+    }
+    cudaCheck(cudaSetDevice(0));
+    cudaDeviceProp props;
+    cudaCheck(cudaGetDeviceProperties(&props, 0));
+
+    // the model: a preset (+ flags) or a model file
+    ModelConfig config;
+    float* init_params = NULL;
+    float* init_bn = NULL;
+    if (!train_config_model(&cfg, &config)) {
+        model_file_read(cfg.model, &config, &init_params, &init_bn);
+        train_config_check_file_model(&cfg, &config);
+    }
+    train_config_validate(&cfg, &config);
+    int grad_accum = train_config_grad_accum_steps(&cfg);
+    long long tokens_per_step = train_config_total_batch_tokens(&cfg);
+
+    printf("+---------------------------------------------------------------\n");
+    printf("| omnimoe CUDA trainer on %s (%s)\n", props.name, FLOATX_NAME);
+    model_config_print(&config);
+    train_config_print(&cfg);
+    printf("| micro-batch %dx%d, grad accumulation %d, tokens per step %lld\n", cfg.B, cfg.T, grad_accum,
+           tokens_per_step);
+
+    Model model;
+    model_build(&model, &config, cfg.B, cfg.T, cfg.expert_exec);
+    if (init_params) {
+        model_set_params(&model, init_params, init_bn);
+        free(init_params);
+        free(init_bn);
+    } else {
+        model_init_random(&model, cfg.seed);
+    }
+    size_t free_bytes, total_bytes;
+    cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
+    printf("| GPU memory in use: %.1f GiB of %.1f GiB\n", (total_bytes - free_bytes) / 1073741824.0,
+           total_bytes / 1073741824.0);
+    printf("+---------------------------------------------------------------\n");
+
+    DataLoader train_loader, val_loader;
+    dataloader_init(&train_loader, cfg.train_data_pattern, cfg.B, cfg.T, 0, 1, cfg.shuffle, cfg.seed,
+                    config.vocab_size);
+    int have_val = cfg.val_data_pattern[0] != '\0';
+    if (have_val) dataloader_init(&val_loader, cfg.val_data_pattern, cfg.B, cfg.T, 0, 1, 0, 0, config.vocab_size);
+    printf("train: %lld batches of %dx%d per epoch", (long long)dataloader_num_batches(&train_loader), cfg.B, cfg.T);
+    if (have_val) printf(", val: %lld batches", (long long)dataloader_num_batches(&val_loader));
+    printf("\n");
+    Tokenizer tokenizer;
+    tokenizer_init(&tokenizer, "data/gpt2_tokenizer.bin");
+    Rng sample_rng;
+    rng_init(&sample_rng, cfg.seed ^ 0x5A4D504C45ull);
+
+    int start_step = 0;
+    long long tokens_seen = 0;
+    if (cfg.resume) {
+        char path[CHECKPOINT_PATH_MAX];
+        if (checkpoint_find_latest(cfg.output_dir, path) >= 0) {
+            start_step = load_checkpoint(&model, path, &cfg, &tokens_seen, &train_loader, &sample_rng);
+            printf("resumed from %s at step %d\n", path, start_step);
+        } else {
+            printf("no complete checkpoint in %s: starting from scratch\n", cfg.output_dir);
+        }
+    }
+    char log_path[TRAIN_PATH_MAX + 32];
+    train_config_log_path(&cfg, log_path, sizeof(log_path));
+    if (cfg.output_dir[0]) checkpoint_make_dir(cfg.output_dir);
+    Logger logger;
+    logger_init(&logger, log_path, 0, cfg.resume ? start_step : -1);
+    signal(SIGINT, on_stop_signal);
+    signal(SIGTERM, on_stop_signal);
+
+    int L = config.num_layers, omni = config.ffn_kind == FFN_OMNI;
+    int* host_counts = omni ? (int*)malloc_check((size_t)L * config.num_experts * sizeof(int)) : NULL;
+    float* usage = (float*)calloc_check(L, sizeof(float));
+    float* kl = (float*)calloc_check(L, sizeof(float));
+    double flops_per_token = model_config_flops_per_token_fwd(&config, cfg.T);
+    const int eot = 50256 < config.vocab_size ? 50256 : config.vocab_size - 1;
+    float val_loss = NAN;
+
+    for (int step = start_step; step <= cfg.num_steps; step++) {
+        int last = step == cfg.num_steps;
+        if (have_val && (last || (cfg.val_every > 0 && step % cfg.val_every == 0))) {
+            val_loss = evaluate(&model, &val_loader, cfg.val_max_batches);
+            printf("val loss %.6f (step %d)\n", val_loss, step);
+            logger_log_eval(&logger, step, tokens_seen, val_loss);
+        }
+        if (cfg.sample_every > 0 && (last || (step > 0 && step % cfg.sample_every == 0))) {
+            sample_and_print(&model, &tokenizer, &sample_rng, cfg.gen_tokens, eot);
+        }
+        if (cfg.output_dir[0] && step > start_step &&
+            (last || stop_requested || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0))) {
+            save_checkpoint(&model, &cfg, step, tokens_seen, &train_loader, &sample_rng);
+        }
+        if (last) break;
+        if (stop_requested) {
+            printf("stopped by a signal at step %d\n", step);
+            break;
+        }
+
+        double t0 = now_seconds();
+        model_zero_grad(&model);
+        model_reset_expert_counts(&model);
+        double loss_sum = 0.0;
+        for (int micro = 0; micro < grad_accum; micro++) {
+            dataloader_next_batch(&train_loader);
+            model_forward(&model, train_loader.inputs, train_loader.targets, cfg.B, cfg.T, 1);
+            model_backward(&model, train_loader.inputs, 1.0f / grad_accum);
+            loss_sum += model_mean_loss(&model);
+        }
+        float loss = (float)(loss_sum / grad_accum);
+        float lr = learning_rate_at(&cfg, step);
+        float norm = model_update(&model, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.grad_clip);
+        cudaCheck(cudaStreamSynchronize(model.stream));
+        double dt = now_seconds() - t0;
+        tokens_seen += tokens_per_step;
+        if (!isfinite(loss) || !isfinite(norm)) {
+            fprintf(stderr, "Error: the loss (%f) or the gradient norm (%f) is not finite at step %d; stopping. The "
+                    "last checkpoint (if any) is intact; try a lower learning rate (-l)\n", loss, norm, step + 1);
+            return EXIT_FAILURE;
+        }
+        model_expert_stats(&model, host_counts, usage, kl);
+        double tok_s = tokens_per_step / dt;
+        logger_log_train(&logger, step + 1, cfg.num_steps, tokens_seen, loss, norm, lr, dt * 1000.0, tok_s,
+                         logger_mfu(flops_per_token, tok_s, PEAK_FLOPS_BF16), omni ? L : 0, usage, kl);
+    }
+    if (cfg.output_dir[0]) {
+        char path[TRAIN_PATH_MAX + 32];
+        snprintf(path, sizeof(path), "%s/model.bin", cfg.output_dir);
+        size_t NB = model_config_num_bn_stats(&config);
+        float* params = (float*)malloc_check(model.num_params * sizeof(float));
+        float* bn = (float*)malloc_check(max_sz(NB, 1) * sizeof(float));
+        model_get_params(&model, params, bn);
+        model_file_write(path, &config, params, bn);
+        printf("wrote model %s\n", path);
+        free(params);
+        free(bn);
+    }
+    printf("final val loss %.6f\n", val_loss);
+    logger_close(&logger);
+    free(host_counts);
+    free(usage);
+    free(kl);
+    tokenizer_free(&tokenizer);
+    dataloader_free(&train_loader);
+    if (have_val) dataloader_free(&val_loader);
+    model_free(&model);
+    matmul_free();
+    if (omni) router_free();
+    return stop_requested ? 130 : EXIT_SUCCESS;
+}
+#endif
