@@ -66,7 +66,11 @@ train_omnimoe: train_omnimoe.cu $(HOST_HEADERS) $(CUDA_HEADERS)
 	$(NVCC) $(NVCC_FLAGS) $< -o $@ $(NVCC_LDLIBS)
 
 test_omnimoe: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADERS) $(CUDA_HEADERS)
-	$(NVCC) $(NVCC_FLAGS) $< -o $@ $(NVCC_LDLIBS)
+	$(NVCC) $(NVCC_FLAGS) -Xcompiler -fopenmp $< -o $@ $(NVCC_LDLIBS) -lgomp
+
+# the same test with floatX = float: tight tolerances
+test_omnimoe_fp32: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADERS) $(CUDA_HEADERS)
+	$(NVCC) $(NVCC_FLAGS) -DENABLE_FP32 -Xcompiler -fopenmp $< -o $@ $(NVCC_LDLIBS) -lgomp
 
 # The CPU tests are what CI runs; the GPU test runs only where a CUDA device answers.
 test: test_cpu test_gpu
@@ -85,4 +89,4 @@ test_gpu:
 	fi
 
 clean:
-	rm -f train_omnimoe train_omnimoe_cpu test_omnimoe $(CPU_TESTS)
+	rm -f train_omnimoe train_omnimoe_cpu test_omnimoe test_omnimoe_fp32 $(CPU_TESTS)

@@ -1,0 +1,294 @@
+/*
+test_omnimoe.cu - the GPU trainer (train_omnimoe.cu) against the CPU reference (train_omnimoe.c).
+
+For each FFN kind (gelu, swiglu, omni with its options) on a small GPU-shaped model with random
+weights everywhere (biases and LayerNorms included) and random tokens:
+  1. one training forward + backward: logits, loss, every parameter gradient and the router BN
+     running statistics against the CPU reference, relative L2 error per tensor;
+  2. omni: the token-centric and the expert-centric executions give bitwise identical results;
+  3. two runs of three training steps are bitwise identical (losses and weights);
+  4. ten AdamW training steps follow the reference's losses.
+The weights given to both sides are rounded to floatX first, so the comparison measures the
+GPU's arithmetic (bf16 activations, fp32 accumulation), not the rounding of the weights.
+
+Tolerances. bf16 build: activations are rounded to bf16 (8 bits of mantissa, relative error
+2^-9 = 2e-3 per rounding) at every layer boundary, so errors of a few 1e-3 are expected and
+the bound is 3e-2 for logits and gradients. A routing decision that flips (two experts' scores
+closer than the bf16 noise) changes which rows of U/V get gradient, so for omni the share of
+(token, slot) selections that differ from the CPU is reported and must stay under 2%, and the
+expert/router gradients are bounded at 8e-2. fp32 build (make PRECISION=FP32): every bound is
+1e-4 and no selection may differ.
+
+Build and run: make test_omnimoe && ./test_omnimoe   (a GPU is needed)
+*/
+#define TESTING
+#include "train_omnimoe.cu"
+// the CPU reference names its constants like the CUDA headers' macros: let its own names win
+#undef LAYERNORM_EPS
+#ifdef _OPENMP
+#include <omp.h>  // outside the namespace: the CPU reference includes it too
+#endif
+namespace cpu {
+#include "train_omnimoe.c"
+}
+
+#if defined(ENABLE_FP32)
+static const float TOL = 1e-4f, TOL_EXPERTS = 1e-4f, TOL_FLIPS = 0.0f, TOL_TRAIN = 1e-4f;
+#else
+static const float TOL = 3e-2f, TOL_EXPERTS = 8e-2f, TOL_FLIPS = 0.02f, TOL_TRAIN = 2e-2f;
+#endif
+
+static int num_failed = 0, num_passed = 0;
+
+static void check(int ok, const char* what, double value, double tol) {
+    printf("%s %-58s %.3e (tol %.1e)\n", ok ? "PASS" : "FAIL", what, value, tol);
+    if (ok) num_passed++; else num_failed++;
+}
+
+static double rel_l2(const float* a, const float* ref, size_t n) {
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double d = (double)a[i] - (double)ref[i];
+        num += d * d;
+        den += (double)ref[i] * ref[i];
+    }
+    if (!(num == num)) return INFINITY;  // NaN
+    return den > 0.0 ? sqrt(num / den) : sqrt(num);
+}
+
+// a small model every GPU kernel accepts (head size 64, widths multiples of 8)
+static ModelConfig test_config(int ffn_kind, int n, int k, int router_norm, int gate) {
+    ModelConfig c;
+    memset(&c, 0, sizeof(c));
+    c.max_seq_len = 64;
+    c.vocab_size = 500;
+    c.padded_vocab_size = 512;
+    c.num_layers = 2;
+    c.num_heads = 2;
+    c.channels = 128;
+    c.ffn_kind = ffn_kind;
+    c.ffn_hidden = ffn_kind == FFN_GELU ? 512 : 192;
+    if (ffn_kind == FFN_OMNI) {
+        c.router_n = n;
+        c.num_experts = n * n;
+        c.top_k = k;
+        c.router_norm = router_norm;
+        c.gate = gate;
+    }
+    return c;
+}
+
+// random weights for every tensor, rounded to floatX so both sides see the same numbers
+static void random_params(const ModelConfig* c, float* params, float* bn, uint64_t seed) {
+    size_t sizes[NUM_PARAMETER_TENSORS];
+    model_config_param_sizes(c, sizes);
+    Rng rng;
+    rng_init(&rng, seed);
+    float* p = params;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        float std = (i == PARAM_ROUTERW) ? 0.3f : 0.08f;
+        int is_ln_weight = i == PARAM_LN1W || i == PARAM_LN2W || i == PARAM_LNFW;
+        rng_normal(&rng, p, sizes[i], is_ln_weight ? 1.0f : 0.0f, is_ln_weight ? 0.1f : std);
+        for (size_t j = 0; j < sizes[i]; j++) p[j] = host_round_to_floatX(p[j]);
+        p += sizes[i];
+    }
+    size_t two_n = 2 * (size_t)c->router_n;
+    for (int l = 0; l < c->num_layers && c->ffn_kind == FFN_OMNI; l++) {
+        for (size_t j = 0; j < two_n; j++) {
+            bn[l * 2 * two_n + j] = 0.1f * (rng_f32(&rng) - 0.5f);
+            bn[l * 2 * two_n + two_n + j] = 0.5f + rng_f32(&rng);
+        }
+    }
+}
+
+static void random_tokens(int* tokens, int n, int V, Rng* rng) {
+    for (int i = 0; i < n; i++) tokens[i] = (int)(rng_u32(rng) % (uint32_t)V);
+}
+
+// downloads the GPU gradients (floatX) of the whole model as float
+static void gpu_grads(const Model* m, float* out) { download_floatX(out, m->grads, m->num_params); }
+
+// 1 + 2: one forward/backward against the CPU; and token- vs expert-centric
+static void test_forward_backward(const char* name, const ModelConfig* c, int B, int T) {
+    size_t P = model_config_num_params(c), NB = model_config_num_bn_stats(c);
+    float* params = (float*)malloc_check(P * sizeof(float));
+    float* bn = (float*)calloc_check(max_sz(NB, 1), sizeof(float));
+    random_params(c, params, bn, 1234);
+    Rng rng;
+    rng_init(&rng, 99);
+    int BT = B * T;
+    int* inputs = (int*)malloc_check(BT * sizeof(int));
+    int* targets = (int*)malloc_check(BT * sizeof(int));
+    random_tokens(inputs, BT, c->vocab_size, &rng);
+    random_tokens(targets, BT, c->vocab_size, &rng);
+
+    // CPU reference
+    cpu::GPT ref;
+    cpu::gpt_build(&ref, c);
+    memcpy(ref.params, params, P * sizeof(float));
+    if (NB) memcpy(ref.bn_stats, bn, NB * sizeof(float));
+    cpu::gpt_forward(&ref, inputs, targets, B, T, 1);
+    cpu::gpt_zero_grad(&ref);
+    cpu::gpt_backward(&ref, 1.0f);
+
+    // GPU, both expert executions
+    int modes = c->ffn_kind == FFN_OMNI ? 2 : 1;
+    float* grads[2] = {NULL, NULL};
+    float* logits = (float*)malloc_check((size_t)BT * c->padded_vocab_size * sizeof(float));
+    float* bn_after = (float*)malloc_check(max_sz(NB, 1) * sizeof(float));
+    int* idx = (int*)malloc_check((size_t)BT * max_sz(c->top_k, 1) * sizeof(int));
+    float loss[2] = {0, 0};
+    char what[160];
+    for (int mode = 0; mode < modes; mode++) {
+        Model m;
+        model_build(&m, c, B, T, mode == 0 ? EXPERT_EXEC_EXPERT : EXPERT_EXEC_TOKEN);
+        model_set_params(&m, params, bn);
+        model_forward(&m, inputs, targets, B, T, 1);
+        loss[mode] = model_mean_loss(&m);
+        if (mode == 0) {
+            download_floatX(logits, m.acts.logits, (size_t)BT * c->padded_vocab_size);
+            model_get_params(&m, params, bn_after);  // params unchanged; BN stats after one forward
+            snprintf(what, sizeof(what), "%s: logits", name);
+            double e = rel_l2(logits, ref.logits, (size_t)BT * c->padded_vocab_size);
+            check(e < TOL, what, e, TOL);
+            snprintf(what, sizeof(what), "%s: loss (gpu %.6f cpu %.6f)", name, loss[0], ref.mean_loss);
+            double le = fabs(loss[0] - ref.mean_loss) / fabs(ref.mean_loss);
+            check(le < TOL, what, le, TOL);
+            if (NB) {
+                snprintf(what, sizeof(what), "%s: router BN running statistics", name);
+                double be = rel_l2(bn_after, ref.bn_stats, NB);
+                check(be < TOL, what, be, TOL);
+            }
+        }
+        grads[mode] = (float*)malloc_check(P * sizeof(float));
+        model_zero_grad(&m);
+        model_backward(&m, inputs, 1.0f);
+        gpu_grads(&m, grads[mode]);
+        if (mode == 0 && c->ffn_kind == FFN_OMNI) {
+            // share of (token, slot) selections that differ from the CPU's, per layer summed
+            size_t Kt = (size_t)BT * c->top_k, differ = 0;
+            for (int l = 0; l < c->num_layers; l++) {
+                cudaCheck(cudaMemcpy(idx, m.acts.omni[l].idx, Kt * sizeof(int), cudaMemcpyDeviceToHost));
+                for (size_t i = 0; i < Kt; i++) differ += idx[i] != ref.acts.topk_idx[(size_t)l * Kt + i];
+            }
+            double share = (double)differ / (double)(Kt * c->num_layers);
+            snprintf(what, sizeof(what), "%s: expert selections differing from the CPU", name);
+            check(share <= TOL_FLIPS, what, share, TOL_FLIPS);
+        }
+        model_free(&m);
+    }
+    size_t sizes[NUM_PARAMETER_TENSORS], off = 0;
+    model_config_param_sizes(c, sizes);
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        if (sizes[i] == 0) continue;
+        int expert_part = i == PARAM_EXPERTU || i == PARAM_EXPERTV || i == PARAM_ROUTERW;
+        float tol = expert_part ? TOL_EXPERTS : TOL;
+        double e = rel_l2(grads[0] + off, ref.grads + off, sizes[i]);
+        snprintf(what, sizeof(what), "%s: grad %s", name, param_tensor_name(i));
+        check(e < tol, what, e, tol);
+        off += sizes[i];
+    }
+    if (modes == 2) {
+        int same = loss[0] == loss[1] && memcmp(grads[0], grads[1], P * sizeof(float)) == 0;
+        snprintf(what, sizeof(what), "%s: token-centric == expert-centric (bitwise)", name);
+        check(same, what, same ? 0.0 : 1.0, 0.0);
+    }
+    cpu::gpt_free(&ref);
+    for (int i = 0; i < modes; i++) free(grads[i]);
+    free(params); free(bn); free(inputs); free(targets); free(logits); free(bn_after); free(idx);
+}
+
+// 3 + 4: training steps. Returns the losses of `steps` steps on the GPU in out_losses.
+static void gpu_train(const ModelConfig* c, const float* params, const float* bn, int B, int T, int steps,
+                      const int* tokens, float* out_losses, float* out_params) {
+    Model m;
+    model_build(&m, c, B, T, EXPERT_EXEC_EXPERT);
+    model_set_params(&m, params, bn);
+    int BT = B * T;
+    for (int s = 0; s < steps; s++) {
+        const int* in = tokens + (size_t)s * (BT + 1);
+        model_zero_grad(&m);
+        model_forward(&m, in, in + 1, B, T, 1);
+        model_backward(&m, in, 1.0f);
+        out_losses[s] = model_mean_loss(&m);
+        model_update(&m, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f);
+    }
+    if (out_params) model_get_params(&m, out_params, NULL);
+    model_free(&m);
+}
+
+static void test_training(const char* name, const ModelConfig* c, int B, int T) {
+    const int steps = 10, BT = B * T;
+    size_t P = model_config_num_params(c), NB = model_config_num_bn_stats(c);
+    float* params = (float*)malloc_check(P * sizeof(float));
+    float* bn = (float*)calloc_check(max_sz(NB, 1), sizeof(float));
+    random_params(c, params, bn, 777);
+    // a few repeating "sentences" so the loss can fall in ten steps
+    int* tokens = (int*)malloc_check((size_t)steps * (BT + 1) * sizeof(int));
+    Rng rng;
+    rng_init(&rng, 5);
+    int pattern[37];
+    random_tokens(pattern, 37, c->vocab_size, &rng);
+    for (int i = 0; i < steps * (BT + 1); i++) tokens[i] = pattern[(i * 7 + i / 37) % 37];
+
+    float gpu_losses[2][10], cpu_losses[10];
+    float* p1 = (float*)malloc_check(P * sizeof(float));
+    float* p2 = (float*)malloc_check(P * sizeof(float));
+    gpu_train(c, params, bn, B, T, 3, tokens, gpu_losses[0], p1);
+    gpu_train(c, params, bn, B, T, 3, tokens, gpu_losses[1], p2);
+    char what[160];
+    int same = memcmp(gpu_losses[0], gpu_losses[1], 3 * sizeof(float)) == 0 && memcmp(p1, p2, P * sizeof(float)) == 0;
+    snprintf(what, sizeof(what), "%s: two runs of 3 steps bitwise identical", name);
+    check(same, what, same ? 0.0 : 1.0, 0.0);
+
+    gpu_train(c, params, bn, B, T, steps, tokens, gpu_losses[0], NULL);
+    cpu::GPT ref;
+    cpu::gpt_build(&ref, c);
+    memcpy(ref.params, params, P * sizeof(float));
+    if (NB) memcpy(ref.bn_stats, bn, NB * sizeof(float));
+    for (int s = 0; s < steps; s++) {
+        const int* in = tokens + (size_t)s * (BT + 1);
+        cpu::gpt_forward(&ref, in, in + 1, B, T, 1);
+        cpu::gpt_zero_grad(&ref);
+        cpu::gpt_backward(&ref, 1.0f);
+        cpu_losses[s] = ref.mean_loss;
+        cpu::gpt_update(&ref, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, s + 1);
+    }
+    double worst = 0.0;
+    printf("  %s losses (gpu / cpu):", name);
+    for (int s = 0; s < steps; s++) {
+        printf(" %.4f/%.4f", gpu_losses[0][s], cpu_losses[s]);
+        worst = fmax(worst, fabs(gpu_losses[0][s] - cpu_losses[s]) / fabs(cpu_losses[s]));
+    }
+    printf("\n");
+    snprintf(what, sizeof(what), "%s: 10 training steps follow the CPU losses", name);
+    check(worst < TOL_TRAIN && gpu_losses[0][steps - 1] < gpu_losses[0][0], what, worst, TOL_TRAIN);
+    cpu::gpt_free(&ref);
+    free(params); free(bn); free(tokens); free(p1); free(p2);
+}
+
+int main(void) {
+    int device_count = 0;
+    if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) {
+        printf("SKIPPED: test_omnimoe needs a CUDA device\n");
+        return 0;
+    }
+    cudaDeviceProp props;
+    cudaCheck(cudaGetDeviceProperties(&props, 0));
+    printf("test_omnimoe on %s, floatX = %s\n", props.name, FLOATX_NAME);
+    struct { const char* name; ModelConfig c; } cases[] = {
+        {"gelu", test_config(FFN_GELU, 0, 0, 0, 0)},
+        {"swiglu", test_config(FFN_SWIGLU, 0, 0, 0, 0)},
+        {"omni bn softmax n8 k4", test_config(FFN_OMNI, 8, 4, ROUTER_NORM_BN, GATE_SOFTMAX)},
+        {"omni none prob n8 k4", test_config(FFN_OMNI, 8, 4, ROUTER_NORM_NONE, GATE_PROB)},
+        {"omni bn prob n4 k9 (k>n)", test_config(FFN_OMNI, 4, 9, ROUTER_NORM_BN, GATE_PROB)},
+        {"omni bn softmax n16 k32", test_config(FFN_OMNI, 16, 32, ROUTER_NORM_BN, GATE_SOFTMAX)},
+    };
+    int num_cases = (int)(sizeof(cases) / sizeof(cases[0]));
+    for (int i = 0; i < num_cases; i++) test_forward_backward(cases[i].name, &cases[i].c, 4, 64);
+    for (int i = 0; i < num_cases; i++) test_training(cases[i].name, &cases[i].c, 4, 64);
+    matmul_free();
+    router_free();
+    printf("test_omnimoe: %d passed, %d failed\n", num_passed, num_failed);
+    return num_failed == 0 ? 0 : 1;
+}
