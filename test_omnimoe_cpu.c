@@ -640,18 +640,25 @@ static void test_grad_accum(ModelConfig config, int expect_equal) {
     }
     int bitwise = memcmp(one.grads + wte_size, two.grads + wte_size, (one.num_params - wte_size) * sizeof(float)) == 0;
     double wte_rel = wte_diff / wte_max;
-    // and the update that follows is identical too
-    gpt_update(&one, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, 1);
-    gpt_update(&two, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, 1);
-    int params_bitwise = memcmp(one.params, two.params, one.num_params * sizeof(float)) == 0;
+    // and the update that follows: bitwise equal outside wte; wte moves by lr ~ 1e-3 per entry and
+    // its ulp-level gradient differences may move the result by an ulp of the parameter (~3e-8).
+    // No clipping here: the global norm includes wte, so its ulp differences would reach every
+    // tensor through the clip factor (clipping itself is checked by adamw_update)
+    gpt_update(&one, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.0f, 1);
+    gpt_update(&two, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.0f, 1);
+    int params_bitwise = memcmp(one.params + wte_size, two.params + wte_size,
+                                (one.num_params - wte_size) * sizeof(float)) == 0;
+    double wte_param_diff = 0.0;
+    for (size_t i = 0; i < wte_size; i++) wte_param_diff = fmax(wte_param_diff, fabs(one.params[i] - two.params[i]));
     char name[64], label[96];
     config_label(&config, label, sizeof(label));
     snprintf(name, sizeof(name), "grad_accum_%s", expect_equal ? ffn_kind_name(config.ffn_kind) : "omni_bn");
     if (expect_equal) {
-        report(bitwise && wte_rel <= 1e-6 && params_bitwise, name, "[%s] 2 micro-batches (B=1, loss_scale 0.5) vs "
-               "1 batch (B=2): grads of all tensors but wte bitwise equal: %s; tied wte max diff %.1e of max |grad| "
-               "(tol 1e-6, summation order); params after one AdamW step bitwise equal: %s", label,
-               bitwise ? "yes" : "NO", wte_rel, params_bitwise ? "yes" : "NO");
+        report(bitwise && wte_rel <= 1e-6 && params_bitwise && wte_param_diff <= 1e-7, name, "[%s] 2 micro-batches "
+               "(B=1, loss_scale 0.5) vs 1 batch (B=2): grads of all tensors but wte bitwise equal: %s; tied wte max "
+               "diff %.1e of max |grad| (tol 1e-6, summation order); after one AdamW step: params but wte bitwise "
+               "equal: %s, wte max diff %.1e (tol 1e-7)", label, bitwise ? "yes" : "NO", wte_rel,
+               params_bitwise ? "yes" : "NO", wte_param_diff);
     } else {
         // with BN each micro-batch normalises with its own statistics: different by design
         report(max_diff > 1e-5 * max_grad, name, "[%s] differs by design (per-micro-batch BN statistics): max abs "
