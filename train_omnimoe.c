@@ -799,37 +799,16 @@ void gpt_build(GPT* model, const ModelConfig* config) {
     }
     model->num_bn_stats = model_config_num_bn_stats(config);
     model->bn_stats = alloc_floats(model->num_bn_stats);
-    int R = 2 * config->router_n;
-    for (int l = 0; l < (model->num_bn_stats ? config->num_layers : 0); l++) {
-        for (int c = 0; c < R; c++) {
-            model->bn_stats[(size_t)l * 2 * R + c] = 0.0f;      // running mean
-            model->bn_stats[(size_t)l * 2 * R + R + c] = 1.0f;  // running var
-        }
-    }
+    model_init_bn_stats(config, model->bn_stats);  // running mean 0, var 1
     model->mean_loss = -1.0f;
 }
 
-// SPEC.md §2 initialisation: one Rng seeded with `seed`, then the tensors in layout order; a
-// tensor with param_init_std > 0 draws rng_normal(std) over all its elements (including padded
-// wte rows), LayerNorm weights are 1 and biases 0 without drawing. BN running stats reset.
+// SPEC.md §2 initialisation from a seed, the same draws as the CUDA trainer (config.h:
+// model_init_params: one Rng, tensors in layout order, LayerNorm weights 1 and biases 0); the
+// BN running statistics are reset to mean 0, var 1
 void gpt_init_random(GPT* model, uint64_t seed) {
-    Rng rng;
-    rng_init(&rng, seed);
-    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
-        size_t size = model->param_sizes[i];
-        if (size == 0) continue;
-        float std = param_init_std(&model->config, i);
-        float* p = model->param_tensors[i];
-        if (std > 0.0f) rng_normal(&rng, p, size, 0.0f, std);
-        else for (size_t j = 0; j < size; j++) p[j] = std == -1.0f ? 1.0f : 0.0f;
-    }
-    int R = 2 * model->config.router_n;
-    for (size_t l = 0; l < (model->num_bn_stats ? (size_t)model->config.num_layers : 0); l++) {
-        for (int c = 0; c < R; c++) {
-            model->bn_stats[l * 2 * R + c] = 0.0f;
-            model->bn_stats[l * 2 * R + R + c] = 1.0f;
-        }
-    }
+    model_init_params(&model->config, model->params, seed);
+    model_init_bn_stats(&model->config, model->bn_stats);
 }
 
 static void free_activations(GPT* model) {
