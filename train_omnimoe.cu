@@ -813,7 +813,6 @@ int main(int argc, char** argv) {
         int last = step == cfg.num_steps;
         if (have_val && (last || (cfg.val_every > 0 && step % cfg.val_every == 0))) {
             val_loss = evaluate(&model, &val_loader, cfg.val_max_batches);
-            printf("val loss %.6f (step %d)\n", val_loss, step);
             logger_log_eval(&logger, step, tokens_seen, val_loss);
         }
         if (cfg.sample_every > 0 && (last || (step > 0 && step % cfg.sample_every == 0))) {
