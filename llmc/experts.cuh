@@ -58,6 +58,7 @@ No host synchronisation anywhere (graph-capturable); grids are sized by upper bo
 #define EXPERTS_GROUP_MAX 16             // B: active experts per expert-centric group
 #define EXPERTS_GROUP_SMEM (48 * 1024)   // shared memory for a group's staged rows
 #define EXPERTS_GROUP_THREADS 256
+#define EXPERTS_GROUP_PAIRS 4            // pairs per warp step in the group kernel
 #define EXPERTS_SEG_CHUNK 64             // sorted pairs per block of the dU/dV reduction
 #define EXPERTS_SEG_THREADS 128
 
@@ -294,23 +295,26 @@ experts_group_dot_kernel(float* out_pair, const floatX* expert_rows, const float
     __syncthreads();
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, num_warps = blockDim.x / 32;
     const int p_begin = sched.active_offset[a0], p_end = sched.active_offset[a1];
-    // two pairs per warp step: twice the loads in flight
-    for (int p = p_begin + warp; p < p_end; p += 2 * num_warps) {
-        const int p2 = p + num_warps;
-        const int pair = sched.sorted_pair[p];
-        const int r = sched.sorted_active[p] - a0;
-        float part = experts_dot_mem(token_rows + (size_t)(pair / k) * d, rows + (size_t)r * d, d, lane);
-        float part2 = 0.0f;
-        int pair2 = -1;
-        if (p2 < p_end) {
-            pair2 = sched.sorted_pair[p2];
-            const int r2 = sched.sorted_active[p2] - a0;
-            part2 = experts_dot_mem(token_rows + (size_t)(pair2 / k) * d, rows + (size_t)r2 * d, d, lane);
+    // EXPERTS_GROUP_PAIRS pairs per warp step: that many token rows in flight
+    for (int p = p_begin + warp; p < p_end; p += EXPERTS_GROUP_PAIRS * num_warps) {
+        int pair[EXPERTS_GROUP_PAIRS];
+        float part[EXPERTS_GROUP_PAIRS];
+#pragma unroll
+        for (int j = 0; j < EXPERTS_GROUP_PAIRS; j++) {
+            const int pj = p + j * num_warps;
+            pair[j] = -1;
+            part[j] = 0.0f;
+            if (pj < p_end) {
+                pair[j] = sched.sorted_pair[pj];
+                const int r = sched.sorted_active[pj] - a0;
+                part[j] = experts_dot_mem(token_rows + (size_t)(pair[j] / k) * d, rows + (size_t)r * d, d, lane);
+            }
         }
-        float sum = warp_reduce_sum(part);
-        float sum2 = warp_reduce_sum(part2);
-        if (lane == 0) { out_pair[pair] = sum; }
-        if (lane == 1 && pair2 >= 0) { out_pair[pair2] = sum2; }
+#pragma unroll
+        for (int j = 0; j < EXPERTS_GROUP_PAIRS; j++) {
+            const float sum = warp_reduce_sum(part[j]);
+            if (lane == j && pair[j] >= 0) { out_pair[pair[j]] = sum; }
+        }
     }
 }
 
@@ -318,35 +322,65 @@ experts_group_dot_kernel(float* out_pair, const floatX* expert_rows, const float
 // dU / dV: segmented reduction over the expert-sorted pairs
 
 // One block per chunk of EXPERTS_SEG_CHUNK sorted pairs; each thread owns 16-byte column
-// vectors. For each expert segment (run of equal experts) in the chunk: sum ds x_t and a dY_t in
-// sorted order. Segment wholly inside the chunk -> added to dU_e, dV_e here. Segment that starts
-// here and continues -> tail partial of this chunk; segment that started in an earlier chunk ->
-// head partial of this chunk (fp32 scratch, combined by experts_segment_fixup_kernel).
+// vectors. The chunk's per-pair data (token row, ds, a = g SiLU(s), active index) is staged in
+// shared memory first. For each expert segment (run of equal experts) in the chunk: sum ds x_t
+// and a dY_t in sorted order. Segment wholly inside the chunk -> added to dU_e, dV_e here.
+// Segment that starts here and continues -> tail partial of this chunk; segment that started in
+// an earlier chunk -> head partial of this chunk (fp32 scratch, combined by
+// experts_segment_fixup_kernel).
 __global__ void __launch_bounds__(EXPERTS_SEG_THREADS)
 experts_segment_grad_kernel(floatX* dU, floatX* dV, float* head_u, float* head_v, float* tail_u, float* tail_v,
                             const float* ds_buf, const float* gate, const float* s_buf,
                             const floatX* X, const floatX* dY, ExpertSchedule sched, int P, int k, int d) {
+    __shared__ int pair_token[EXPERTS_SEG_CHUNK];
+    __shared__ int pair_active[EXPERTS_SEG_CHUNK];
+    __shared__ float pair_ds[EXPERTS_SEG_CHUNK];
+    __shared__ float pair_a[EXPERTS_SEG_CHUNK];
     const int chunk = blockIdx.x;
     const int p0 = chunk * EXPERTS_SEG_CHUNK;
     const int p1 = min(P, p0 + EXPERTS_SEG_CHUNK);
+    const int count = p1 - p0;
+    for (int q = threadIdx.x; q < count; q += blockDim.x) {
+        const int pair = sched.sorted_pair[p0 + q];
+        pair_token[q] = pair / k;
+        pair_active[q] = sched.sorted_active[p0 + q];
+        pair_ds[q] = ds_buf[pair];
+        pair_a[q] = gate[pair] * experts_silu(s_buf[pair]);
+    }
+    __syncthreads();
     for (int c = threadIdx.x * EXPERTS_VEC; c < d; c += blockDim.x * EXPERTS_VEC) {
-        int p = p0;
-        while (p < p1) {
-            const int a = sched.sorted_active[p];
+        int q = 0;
+        while (q < count) {
+            const int a = pair_active[q];
             const int seg_begin = sched.active_offset[a];
             const int seg_end = sched.active_offset[a + 1];
-            const int q_end = min(seg_end, p1);
+            const int q_end = max(min(seg_end, p1) - p0, q + 1);  // max: never loop forever on a corrupt schedule
             float acc_u[EXPERTS_VEC], acc_v[EXPERTS_VEC];
 #pragma unroll
             for (int i = 0; i < EXPERTS_VEC; i++) { acc_u[i] = 0.0f; acc_v[i] = 0.0f; }
-#pragma unroll 4
-            for (int q = p; q < q_end; q++) {
-                const int pair = sched.sorted_pair[q];
-                const size_t row = (size_t)(pair / k) * d + c;
-                const float ds = ds_buf[pair];
-                const float av = gate[pair] * experts_silu(s_buf[pair]);
-                x128 xv = load128(X + row);
-                x128 dyv = load128(dY + row);
+            int qq = q;
+            for (; qq + 4 <= q_end; qq += 4) {  // four pairs' rows in flight, summed in order
+                x128 xv[4], dyv[4];
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const size_t row = (size_t)pair_token[qq + j] * d + c;
+                    xv[j] = load128(X + row);
+                    dyv[j] = load128(dY + row);
+                }
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const float ds = pair_ds[qq + j], av = pair_a[qq + j];
+#pragma unroll
+                    for (int i = 0; i < EXPERTS_VEC; i++) {
+                        acc_u[i] = fmaf(ds, (float)xv[j][i], acc_u[i]);
+                        acc_v[i] = fmaf(av, (float)dyv[j][i], acc_v[i]);
+                    }
+                }
+            }
+            for (; qq < q_end; qq++) {
+                const size_t row = (size_t)pair_token[qq] * d + c;
+                const x128 xv = load128(X + row), dyv = load128(dY + row);
+                const float ds = pair_ds[qq], av = pair_a[qq];
 #pragma unroll
                 for (int i = 0; i < EXPERTS_VEC; i++) {
                     acc_u[i] = fmaf(ds, (float)xv[i], acc_u[i]);
@@ -370,7 +404,7 @@ experts_segment_grad_kernel(floatX* dU, floatX* dV, float* head_u, float* head_v
 #pragma unroll
                 for (int i = 0; i < EXPERTS_VEC; i++) { pu[i] = acc_u[i]; pv[i] = acc_v[i]; }
             }
-            p = q_end;
+            q = q_end;
         }
     }
 }

@@ -123,30 +123,47 @@ __device__ inline bool router_beats(float va, int ia, float vb, int ib) {
     return va > vb || (va == vb && ia < ib);
 }
 
-// every lane ends with the best (v, i) of the warp (a strict total order, so all agree)
-__device__ inline void router_warp_argbest(float& v, int& i) {
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        float other_v = __shfl_xor_sync(0xffffffff, v, offset);
-        int other_i = __shfl_xor_sync(0xffffffff, i, offset);
-        if (router_beats(other_v, other_i, v, i)) { v = other_v; i = other_i; }
-    }
+// float -> uint32 with the same order (for non-NaN values; -0 is first turned into +0, as the
+// two compare equal as floats), and back
+__device__ inline unsigned router_order_key(float v) {
+    unsigned u = __float_as_uint(v + 0.0f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ inline float router_key_to_float(unsigned key) {
+    return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
-// out[0..kk) = indices of the kk best of v[0..n), in order: kk rounds of "best after previous"
-__device__ inline void router_select_sorted(const float* v, int n, int kk, int* out, int lane) {
-    float prev_v = INFINITY;
-    int prev_i = -1;  // everything comes after (+inf, -1)
+// Every lane ends with the best (v, i) of the warp, best = router_beats order; lanes without a
+// candidate hold i == INT_MAX. Two warp-wide integer reductions (redux.sync): the largest order
+// key, then the smallest index among the lanes holding it. Same result as a butterfly of
+// router_beats, in a fixed (hardware) order, so deterministic.
+__device__ inline void router_warp_argbest(float& v, int& i) {
+    const unsigned key = (i == INT_MAX) ? 0u : router_order_key(v);  // real keys are never 0 (no NaN)
+    const unsigned best_key = __reduce_max_sync(0xffffffffu, key);
+    const unsigned best_i = __reduce_min_sync(0xffffffffu, key == best_key ? (unsigned)i : 0xffffffffu);
+    v = router_key_to_float(best_key);
+    i = (int)best_i;
+}
+
+// out_r[0..kk) / out_c[0..kk) = indices of the kk best of vr[0..n) / vc[0..n), in order:
+// kk rounds of "best after the previous one", rows and columns interleaved (two independent
+// reduction chains per round)
+__device__ inline void router_select_sorted2(const float* vr, const float* vc, int n, int kk, int* out_r, int* out_c, int lane) {
+    float prev_r = INFINITY, prev_c = INFINITY;
+    int prev_ri = -1, prev_ci = -1;  // everything comes after (+inf, -1)
     for (int r = 0; r < kk; r++) {
-        float best_v = -INFINITY;
-        int best_i = INT_MAX;
+        float best_r = -INFINITY, best_c = -INFINITY;
+        int best_ri = INT_MAX, best_ci = INT_MAX;
         for (int i = lane; i < n; i += 32) {
-            float x = v[i];
-            if (router_beats(prev_v, prev_i, x, i) && router_beats(x, i, best_v, best_i)) { best_v = x; best_i = i; }
+            float x = vr[i], y = vc[i];
+            if (router_beats(prev_r, prev_ri, x, i) && router_beats(x, i, best_r, best_ri)) { best_r = x; best_ri = i; }
+            if (router_beats(prev_c, prev_ci, y, i) && router_beats(y, i, best_c, best_ci)) { best_c = y; best_ci = i; }
         }
-        router_warp_argbest(best_v, best_i);
-        if (lane == 0) { out[r] = best_i; }
-        prev_v = best_v;
-        prev_i = best_i;
+        router_warp_argbest(best_r, best_ri);
+        router_warp_argbest(best_c, best_ci);
+        if (lane == 0) { out_r[r] = best_ri; out_c[r] = best_ci; }
+        prev_r = best_r; prev_ri = best_ri;
+        prev_c = best_c; prev_ci = best_ci;
     }
     __syncwarp();
 }
@@ -213,8 +230,7 @@ __device__ inline void router_topk_warp(const float* pr, const float* pc, int n,
     // they cannot, so 2^-20 leaves a safety factor of 8
     const float tol = ldexpf(max_abs_r + max_abs_c, -20);
 
-    router_select_sorted(pr, n, kp, rows, lane);
-    router_select_sorted(pc, n, kp, cols, lane);
+    router_select_sorted2(pr, pc, n, kp, rows, cols, lane);
     const int nr = router_extend_near_ties(pr, n, kp, rows, tol, lane);
     const int nc = router_extend_near_ties(pc, n, kp, cols, tol, lane);
     bool fast = allow_fast && nr == kp && nc == kp;
@@ -343,37 +359,52 @@ __global__ void router_bn_partial_stats_kernel(float* part_mean, float* part_m2,
     }
 }
 
-// merges the chunk statistics in chunk order (Chan et al., in double), writes mean and
-// 1/sqrt(var + eps), and updates the running statistics. Eval: running statistics only.
+// Chan et al.: merge the statistics (count, mean, M2) of two disjoint sets of tokens
+__device__ inline void router_bn_merge(double& count, double& mean, double& m2, double count_b, double mean_b, double m2_b) {
+    if (count_b == 0.0) { return; }
+    if (count == 0.0) { count = count_b; mean = mean_b; m2 = m2_b; return; }
+    const double total = count + count_b;
+    const double delta = mean_b - mean;
+    mean += delta * (count_b / total);
+    m2 += m2_b + delta * delta * (count * count_b / total);
+    count = total;
+}
+
+// One warp per channel: lane L merges chunks L, L+32, ... in order, then a fixed tree
+// (shfl_down 16, 8, 4, 2, 1) merges the lanes, in double. Writes mean and 1/sqrt(var + eps) and
+// updates the running statistics. Eval: running statistics only. block 128 (4 channels).
 __global__ void router_bn_finalize_kernel(float* bn_mean, float* bn_rstd, float* running_mean, float* running_var,
                                           const float* part_mean, const float* part_m2, int T, int C2, int training) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x;
+    const int lane = threadIdx.x % 32;
+    const int c = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (c >= C2) { return; }
     if (!training) {
-        bn_mean[c] = running_mean[c];
-        bn_rstd[c] = 1.0f / sqrtf(running_var[c] + ROUTER_BN_EPS);
+        if (lane == 0) {
+            bn_mean[c] = running_mean[c];
+            bn_rstd[c] = 1.0f / sqrtf(running_var[c] + ROUTER_BN_EPS);
+        }
         return;
     }
     const int num_chunks = ceil_div(T, ROUTER_BN_CHUNK);
-    double count = (double)min(ROUTER_BN_CHUNK, T);
-    double mean = (double)part_mean[c];
-    double m2 = (double)part_m2[c];
-    for (int ch = 1; ch < num_chunks; ch++) {
-        double count_b = (double)min(ROUTER_BN_CHUNK, T - ch * ROUTER_BN_CHUNK);
-        double mean_b = (double)part_mean[(size_t)ch * C2 + c];
-        double m2_b = (double)part_m2[(size_t)ch * C2 + c];
-        double total = count + count_b;
-        double delta = mean_b - mean;
-        mean += delta * (count_b / total);
-        m2 += m2_b + delta * delta * (count * count_b / total);
-        count = total;
+    double count = 0.0, mean = 0.0, m2 = 0.0;
+    for (int ch = lane; ch < num_chunks; ch += 32) {
+        router_bn_merge(count, mean, m2, (double)min(ROUTER_BN_CHUNK, T - ch * ROUTER_BN_CHUNK),
+                        (double)part_mean[(size_t)ch * C2 + c], (double)part_m2[(size_t)ch * C2 + c]);
     }
-    const float var_biased = (float)(m2 / (double)T);
-    const float var_unbiased = (float)(m2 / (double)(T - 1));
-    bn_mean[c] = (float)mean;
-    bn_rstd[c] = 1.0f / sqrtf(var_biased + ROUTER_BN_EPS);
-    running_mean[c] = (1.0f - ROUTER_BN_MOMENTUM) * running_mean[c] + ROUTER_BN_MOMENTUM * (float)mean;
-    running_var[c] = (1.0f - ROUTER_BN_MOMENTUM) * running_var[c] + ROUTER_BN_MOMENTUM * var_unbiased;
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        double count_b = __shfl_down_sync(0xffffffffu, count, offset);
+        double mean_b = __shfl_down_sync(0xffffffffu, mean, offset);
+        double m2_b = __shfl_down_sync(0xffffffffu, m2, offset);
+        if (lane + offset < 32) { router_bn_merge(count, mean, m2, count_b, mean_b, m2_b); }
+    }
+    if (lane == 0) {
+        const float var_biased = (float)(m2 / (double)T);
+        const float var_unbiased = (float)(m2 / (double)(T - 1));
+        bn_mean[c] = (float)mean;
+        bn_rstd[c] = 1.0f / sqrtf(var_biased + ROUTER_BN_EPS);
+        running_mean[c] = (1.0f - ROUTER_BN_MOMENTUM) * running_mean[c] + ROUTER_BN_MOMENTUM * (float)mean;
+        running_var[c] = (1.0f - ROUTER_BN_MOMENTUM) * running_var[c] + ROUTER_BN_MOMENTUM * var_unbiased;
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -515,19 +546,28 @@ __global__ void router_bn_backward_apply_kernel(floatX* dlogits, const float* dl
                                                 const float* bn_mean, const float* bn_rstd,
                                                 const float* part_dy, const float* part_dyx,
                                                 int T, int C2, int batch_stats) {
+    __shared__ float red_dy[8][33];
+    __shared__ float red_dyx[8][33];
     __shared__ float mean_dy[32];
     __shared__ float mean_dyx[32];
     const int cx = threadIdx.x, ty = threadIdx.y;
     const int c = blockIdx.y * 32 + cx;
-    if (ty == 0) {
+    {   // thread row ty sums chunks ty, ty+8, ...; row 0 then adds the 8 row sums in order
         float a = 0.0f, b = 0.0f;
         if (c < C2 && batch_stats) {
             const int num_chunks = ceil_div(T, ROUTER_BN_CHUNK);
-            for (int ch = 0; ch < num_chunks; ch++) {
+            for (int ch = ty; ch < num_chunks; ch += 8) {
                 a += part_dy[(size_t)ch * C2 + c];
                 b += part_dyx[(size_t)ch * C2 + c];
             }
         }
+        red_dy[ty][cx] = a;
+        red_dyx[ty][cx] = b;
+    }
+    __syncthreads();
+    if (ty == 0) {
+        float a = 0.0f, b = 0.0f;
+        for (int j = 0; j < 8; j++) { a += red_dy[j][cx]; b += red_dyx[j][cx]; }
         mean_dy[cx] = a / (float)T;
         mean_dyx[cx] = b / (float)T;
     }
@@ -601,8 +641,8 @@ static void router_forward(float* logits, float* logp, float* bn_mean, float* bn
             router_bn_partial_stats_kernel<<<grid, dim3(32, 8), 0, stream>>>(part_mean, part_m2, logits, T, C2);
             cudaCheckLast();
         }
-        router_bn_finalize_kernel<<<ceil_div(C2, 128), 128, 0, stream>>>(bn_mean, bn_rstd, running_mean, running_var,
-                                                                         part_mean, part_m2, T, C2, training);
+        router_bn_finalize_kernel<<<ceil_div(C2, 4), 128, 0, stream>>>(bn_mean, bn_rstd, running_mean, running_var,
+                                                                       part_mean, part_m2, T, C2, training);
         cudaCheckLast();
     }
     const int warps = router_token_warps_per_block(n, k);

@@ -4,7 +4,7 @@ router + atomic experts, forward and backward, both executions) against a plain 
 
 Build and run from the repository root (or use dev/cuda/run_omni.sh):
   nvcc -O3 -std=c++17 -arch=sm_90 -I. dev/cuda/test_omni.cu -o dev/cuda/test_omni_bin -lcublasLt -lcublas
-  ./dev/cuda/test_omni_bin
+  ./dev/cuda/test_omni_bin              (./dev/cuda/test_omni_bin --cpu-only: check 0 alone, no GPU)
 
 What is checked (every check prints one line; any failure makes the exit status 1):
  0. the CPU reference itself: its analytic gradients (X, Wrc, U, V) against central finite
@@ -897,7 +897,11 @@ static void test_layer_case(const LayerCase& lc) {
 }
 
 int main(int argc, char** argv) {
-    (void)argc; (void)argv;
+    if (argc > 1 && strcmp(argv[1], "--cpu-only") == 0) {  // the reference's own check, no GPU needed
+        test_cpu_reference_fd();
+        printf("\n== summary: %d checks, %d failed ==\n", g_checks, g_failures);
+        return g_failures == 0 ? 0 : 1;
+    }
     int device_count = 0;
     if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) {
         fprintf(stderr, "test_omni: no CUDA device\n");
