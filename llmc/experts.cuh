@@ -55,7 +55,8 @@ No host synchronisation anywhere (graph-capturable); grids are sized by upper bo
 #define EXPERTS_EXPERT_CENTRIC 1
 #define EXPERTS_WARPS_PER_BLOCK 4        // token kernels: one warp per token
 #define EXPERTS_M_BATCH 4                // experts per token processed together (loads in flight)
-#define EXPERTS_GROUP_MAX 16             // B: active experts per expert-centric group
+#define EXPERTS_GROUP_MAX 16             // B: active experts per expert-centric group (at most)
+#define EXPERTS_GROUP_TARGET_PAIRS 64    // aim for about this many pairs per group
 #define EXPERTS_GROUP_SMEM (48 * 1024)   // shared memory for a group's staged rows
 #define EXPERTS_GROUP_THREADS 256
 #define EXPERTS_GROUP_PAIRS 4            // pairs per warp step in the group kernel
@@ -70,11 +71,17 @@ No host synchronisation anywhere (graph-capturable); grids are sized by upper bo
 __device__ inline float experts_sigmoid(float s) { return 1.0f / (1.0f + expf(-s)); }
 __device__ inline float experts_silu(float s) { return s / (1.0f + expf(-s)); }
 
-// group size B: as many rows as fit the shared-memory budget, at most EXPERTS_GROUP_MAX
-static inline int experts_group_size(int d) {
+// group size B: about EXPERTS_GROUP_TARGET_PAIRS pairs per group (from the mean number of pairs
+// per expert, P / min(N, P)), so that busy experts still give many blocks; at most
+// EXPERTS_GROUP_MAX and what fits the shared-memory budget. B changes only the grouping: every
+// pair's dot product is computed the same way whatever B is.
+static inline int experts_group_size(int d, int P, int N) {
     int b = (int)(EXPERTS_GROUP_SMEM / ((size_t)d * sizeof(floatX)));
     if (b > EXPERTS_GROUP_MAX) { b = EXPERTS_GROUP_MAX; }
-    return b;
+    const int pairs_per_expert = ceil_div(P, P < N ? P : N);
+    int target = EXPERTS_GROUP_TARGET_PAIRS / pairs_per_expert;
+    if (target < 1) { target = 1; }
+    return b < target ? b : target;
 }
 
 // ----------------------------------------------------------------------------
@@ -516,7 +523,7 @@ static void experts_launch_token_backward(floatX* dX, float* dgate, float* ds, c
 
 static void experts_launch_group_dot(float* out_pair, const floatX* expert_rows, const floatX* token_rows,
                                      ExpertSchedule sched, int T, int d, int k, int N, cudaStream_t stream) {
-    const int B = experts_group_size(d);
+    const int B = experts_group_size(d, T * k, N);
     const int groups = ceil_div(scheduler_max_active(T * k, N), B);
     const size_t smem = (size_t)B * d * sizeof(floatX);
     experts_group_dot_kernel<<<groups, EXPERTS_GROUP_THREADS, smem, stream>>>(out_pair, expert_rows, token_rows, sched, k, d, B);

@@ -32,7 +32,9 @@ order, sorted. Method (SPEC §2 product-key argument, O(n + k^2) work):
   3. fast path (no appended rows/columns and no sub-tol gaps among the selected ones): the
      candidate at sorted position (a, b) is beaten by all (a', b') with a' <= a, b' <= b, so
      only (a+1)(b+1) <= k can be in the top-k: about k (1 + ln k) candidates. Otherwise the
-     whole (extended) grid is scanned. Then k rounds of "best candidate after the previous one".
+     whole (extended) grid is scanned. Then k rounds of "best candidate after the previous one"
+     (two redux.sync per round), or, with at most 64 candidates (and for the row/column
+     selection when n <= 64), every candidate is ranked at once by counting who beats it.
 NaN scores are treated as -inf so the selection is always well defined.
 
 Determinism: every reduction has a fixed order (per-lane sequential + xor butterfly, fixed
@@ -168,6 +170,28 @@ __device__ inline void router_select_sorted2(const float* vr, const float* vc, i
     __syncwarp();
 }
 
+// Same result as router_select_sorted2 for n <= 64, without serial rounds: each lane ranks its
+// (at most two) elements by counting the elements that beat them (the order is strict, so ranks
+// are distinct) and the kk best land at out[rank], already sorted.
+__device__ inline void router_select_sorted2_rank(const float* vr, const float* vc, int n, int kk, int* out_r, int* out_c, int lane) {
+    const int i0 = lane, i1 = lane + 32;
+    const float r0 = i0 < n ? vr[i0] : 0.0f, r1 = i1 < n ? vr[i1] : 0.0f;
+    const float c0 = i0 < n ? vc[i0] : 0.0f, c1 = i1 < n ? vc[i1] : 0.0f;
+    int rank_r0 = 0, rank_r1 = 0, rank_c0 = 0, rank_c1 = 0;
+    for (int j = 0; j < n; j++) {
+        const float xr = vr[j], xc = vc[j];
+        rank_r0 += router_beats(xr, j, r0, i0);
+        rank_r1 += router_beats(xr, j, r1, i1);
+        rank_c0 += router_beats(xc, j, c0, i0);
+        rank_c1 += router_beats(xc, j, c1, i1);
+    }
+    if (i0 < n && rank_r0 < kk) { out_r[rank_r0] = i0; }
+    if (i1 < n && rank_r1 < kk) { out_r[rank_r1] = i1; }
+    if (i0 < n && rank_c0 < kk) { out_c[rank_c0] = i0; }
+    if (i1 < n && rank_c1 < kk) { out_c[rank_c1] = i1; }
+    __syncwarp();
+}
+
 // Appends to sel[0..kk) every index i outside it for which some selected i2 > i has
 // 0 < v[i2] - v[i] <= tol (only those can win an fp32 tie against a selected one by id).
 // Appended in increasing index order. Returns the new count.
@@ -230,7 +254,8 @@ __device__ inline void router_topk_warp(const float* pr, const float* pc, int n,
     // they cannot, so 2^-20 leaves a safety factor of 8
     const float tol = ldexpf(max_abs_r + max_abs_c, -20);
 
-    router_select_sorted2(pr, pc, n, kp, rows, cols, lane);
+    if (n <= 64) { router_select_sorted2_rank(pr, pc, n, kp, rows, cols, lane); }
+    else { router_select_sorted2(pr, pc, n, kp, rows, cols, lane); }
     const int nr = router_extend_near_ties(pr, n, kp, rows, tol, lane);
     const int nc = router_extend_near_ties(pc, n, kp, cols, tol, lane);
     bool fast = allow_fast && nr == kp && nc == kp;
@@ -257,7 +282,15 @@ __device__ inline void router_topk_warp(const float* pr, const float* pc, int n,
             num_cand += bmax;
         }
         __syncwarp();
-        for (int m = 0; m < k; m++) {
+        if (num_cand <= 64) {  // rank every candidate at once (the top-k is among them: num_cand >= k)
+            for (int q = lane; q < num_cand; q += 32) {
+                const float s = cand_s[q];
+                const int id = cand_id[q];
+                int rank = 0;
+                for (int r = 0; r < num_cand; r++) { rank += router_beats(cand_s[r], cand_id[r], s, id); }
+                if (rank < k) { out_idx[rank] = id; sel_s[rank] = s; }
+            }
+        } else for (int m = 0; m < k; m++) {
             float best_s = -INFINITY;
             int best_id = INT_MAX;
             for (int q = lane; q < num_cand; q += 32) {
@@ -296,9 +329,9 @@ struct RouterTokenSmem {
     int* rows; int* cols; int* cand_id;
 };
 
-__device__ inline RouterTokenSmem router_token_smem(float* warp_base, int n, int k) {
+// cap = router_staircase_count(n, k) (computed once on the host)
+__device__ inline RouterTokenSmem router_token_smem(float* warp_base, int n, int k, int cap) {
     RouterTokenSmem s;
-    int cap = router_staircase_count(n, k);
     s.pr = warp_base;
     s.pc = s.pr + n;
     s.sel_s = s.pc + n;
@@ -412,12 +445,12 @@ __global__ void router_bn_finalize_kernel(float* bn_mean, float* bn_rstd, float*
 
 __global__ void router_token_forward_kernel(float* logp, int* idx, float* gate, const float* logits,
                                             const float* bn_mean, const float* bn_rstd,
-                                            int T, int n, int k, int use_bn, int gate_prob) {
+                                            int T, int n, int k, int use_bn, int gate_prob, int smem_words, int cap) {
     extern __shared__ float router_smem[];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int t = blockIdx.x * (blockDim.x / 32) + warp;
     if (t >= T) { return; }  // whole warps leave; only __syncwarp is used below
-    RouterTokenSmem sm = router_token_smem(router_smem + (size_t)warp * router_token_smem_words(n, k), n, k);
+    RouterTokenSmem sm = router_token_smem(router_smem + (size_t)warp * smem_words, n, k, cap);
     const int C2 = 2 * n;
     const float* lrow = logits + (size_t)t * C2;
     float* prow = logp + (size_t)t * C2;
@@ -648,7 +681,9 @@ static void router_forward(float* logits, float* logp, float* bn_mean, float* bn
     const int warps = router_token_warps_per_block(n, k);
     const size_t smem = (size_t)warps * router_token_smem_words(n, k) * 4;
     router_token_forward_kernel<<<ceil_div(T, warps), warps * 32, smem, stream>>>(logp, idx, gate, logits, bn_mean, bn_rstd,
-                                                                                 T, n, k, use_bn, gate_prob);
+                                                                                 T, n, k, use_bn, gate_prob,
+                                                                                 router_token_smem_words(n, k),
+                                                                                 router_staircase_count(n, k));
     cudaCheckLast();
 }
 

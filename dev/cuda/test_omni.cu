@@ -29,6 +29,8 @@ What is checked (every check prints one line; any failure makes the exit status 
     - outputs are NaN-poisoned before every run, and a second run with accumulate = 0 writes
       into all-NaN Y and dX;
     - the whole forward+backward run twice gives bitwise identical results;
+    - n > 64 and more than 64 staircase candidates take the serial-round selection paths, n <= 64
+      the rank-counting ones: the shapes cover both;
     - the whole forward+backward captured in a CUDA graph (global capture mode: any host sync or
       allocation inside would fail the capture) and replayed twice equals the eager run bitwise.
 */
@@ -364,7 +366,7 @@ __global__ void test_topk_kernel(int* idx_out, const float* pr_all, const float*
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int t = blockIdx.x * (blockDim.x / 32) + warp;
     if (t >= T) return;
-    RouterTokenSmem sm = router_token_smem(smem + (size_t)warp * router_token_smem_words(n, k), n, k);
+    RouterTokenSmem sm = router_token_smem(smem + (size_t)warp * router_token_smem_words(n, k), n, k, router_staircase_count(n, k));
     for (int i = lane; i < n; i += 32) {
         sm.pr[i] = router_nan_to_neg_inf(pr_all[(size_t)t * n + i]);
         sm.pc[i] = router_nan_to_neg_inf(pc_all[(size_t)t * n + i]);
@@ -409,7 +411,7 @@ static float ulps_below(float x, int u) { for (int i = 0; i < u; i++) x = nextaf
 
 static void test_topk_unit(void) {
     printf("\n== 1. exact top-k: crafted ties and near-ties vs brute force over all N ==\n");
-    struct { int n, k; } shapes[] = {{8, 1}, {8, 2}, {8, 4}, {8, 16}, {8, 64}, {16, 16}, {64, 16}, {64, 64}, {5, 7}};
+    struct { int n, k; } shapes[] = {{8, 1}, {8, 2}, {8, 4}, {8, 16}, {8, 64}, {16, 16}, {64, 16}, {64, 64}, {5, 7}, {100, 16}, {128, 64}};
     int total_naive_wrong = 0;
     for (auto& sh : shapes) {
         const int n = sh.n, k = sh.k, T = 512;
@@ -930,6 +932,7 @@ int main(int argc, char** argv) {
         {"odd shapes", 100, 200, 5, 7, 1, 0, 1, 0},
         {"k = N", 64, 64, 4, 16, 1, 1, 1, 0},
         {"n=64 k=16 d=256", 512, 256, 64, 16, 1, 0, 1, 0},
+        {"n=96 k=24 (n > 64: serial-round selection)", 256, 128, 96, 24, 1, 0, 1, 0},
     };
     for (const LayerCase& lc : cases) test_layer_case(lc);
     router_free();
