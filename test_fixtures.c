@@ -27,6 +27,7 @@
  */
 #define TESTING
 #include "train_omnimoe.c"
+#include "llmc/checkpoint.h"  // model_config_from_header: the shared header slots
 #include <stdarg.h>
 #include <errno.h>
 
@@ -102,20 +103,7 @@ static void fixture_read(Fixture* fx, const char* path) {
         fixture_error(path, msg);
     }
     ModelConfig* c = &fx->config;
-    memset(c, 0, sizeof(*c));
-    c->max_seq_len = header[2];
-    c->vocab_size = header[3];
-    c->padded_vocab_size = header[4];
-    c->num_layers = header[5];
-    c->num_heads = header[6];
-    c->channels = header[7];
-    c->ffn_kind = header[8];
-    c->ffn_hidden = header[9];
-    c->router_n = header[10];
-    c->num_experts = header[11];
-    c->top_k = header[12];
-    c->router_norm = header[13];
-    c->gate = header[14];
+    model_config_from_header(header, c);  // the slots of formats.md, shared with checkpoint.h
     if (!model_config_validate(c)) fixture_error(path, "its header holds an impossible model configuration");
     fx->B = header[16];
     fx->T = header[17];
