@@ -1,10 +1,12 @@
 /*
 train_omnimoe.cu - the CUDA trainer of omnimoe: a GPT-2 style decoder whose feed-forward layers
 are OmniMoE layers (or the dense swiglu / gelu baselines), trained in bf16 with fp32 master
-weights and AdamW state on one GPU.
+weights and AdamW state, on one GPU or data parallel on several (one process per GPU).
 
     make && ./train_omnimoe              # the default OmniMoE model on tinyshakespeare
     ./train_omnimoe --help               # every flag
+    mpirun -np 4 ./train_omnimoe ...     # 4 GPUs (llmc/multi_gpu.cuh; scripts/run_multi_gpu.sh
+                                         # launches without MPI)
 
 The math is SPEC.md §1-2, the same as the CPU reference train_omnimoe.c, which test_omnimoe.cu
 checks this file against. The kernels live in the llmc/ headers, one concern each; this file holds
@@ -19,6 +21,14 @@ down with one set of gradient buffers.
 Determinism: every kernel sums in a fixed order (no float atomics), the scheduler's sort is
 stable, cuBLASLt runs the same algorithm for the same shape. Same seed and data give the same
 bits.
+
+Several GPUs: every rank holds the whole model and optimizer state (replicas stay bitwise equal:
+same initialisation, same averaged gradients, same update), reads its own slice of the data and
+keeps its own router BN running statistics (SPEC: per rank, no cross-GPU sync). After the
+backward of a step the floatX gradients are averaged with one all-reduce over the flat buffer;
+the step's loss, the expert counts and the stop request (SIGINT/SIGTERM) are summed too, so
+every rank takes the same decisions. Rank 0 alone prints, logs and writes files; checkpoints hold
+every rank's BN set.
 */
 #include "llmc/utils.h"   // first: it selects POSIX declarations
 #include <stdio.h>
@@ -48,6 +58,7 @@ bits.
 #include "llmc/router.cuh"
 #include "llmc/scheduler.cuh"
 #include "llmc/experts.cuh"
+#include "llmc/multi_gpu.cuh"
 
 // dense bf16 tensor-core peak of an H100 SXM, for MFU (the number llm.c uses)
 #define PEAK_FLOPS_BF16 989.4e12
@@ -593,9 +604,10 @@ static void model_expert_stats(const Model* m, int* host_counts, float* usage, f
 // ----------------------------------------------------------------------------
 // evaluation and sampling
 
-// mean loss over the first num_batches batches of the loader (all of them when < 0); the same
-// tokens every time, so curves of different runs compare
-static float evaluate(Model* m, DataLoader* loader, int max_batches) {
+// mean loss over the first max_batches batches of this rank's slice of the loader (all of them
+// when < 0), averaged over the ranks, which all run the same number of batches; the same tokens
+// every time, so curves of different runs compare. Every rank must call it.
+static float evaluate(Model* m, DataLoader* loader, int max_batches, const MultiGpu* mg) {
     dataloader_reset(loader);
     int64_t n = dataloader_num_batches(loader);
     if (max_batches >= 0 && max_batches < n) n = max_batches;
@@ -605,7 +617,9 @@ static float evaluate(Model* m, DataLoader* loader, int max_batches) {
         model_forward(m, loader->inputs, loader->targets, (int)loader->B, (int)loader->T, 0);
         sum += model_mean_loss(m);
     }
-    return n > 0 ? (float)(sum / (double)n) : NAN;
+    double mean = n > 0 ? sum / (double)n : NAN;
+    multi_gpu_sum_doubles(mg, &mean, 1, m->stream);
+    return (float)(mean / mg->num_processes);
 }
 
 // samples gen_tokens tokens after an end-of-text, one sequence, running statistics for BN
@@ -642,22 +656,42 @@ static void sample_and_print(Model* m, const Tokenizer* tokenizer, Rng* rng, int
 }
 
 // ----------------------------------------------------------------------------
-// checkpoints: master weights, AdamW state, BN statistics, data position and RNG
+// checkpoints: master weights, AdamW state, BN statistics of every rank, data position and RNG
+//
+// Sections as llmc/checkpoint.h lays them out: the weights and optimizer state once (every rank
+// holds the same), num_bn_sets = num_processes BN sets (set r = rank r's running statistics),
+// one DataLoaderState (all ranks stand at the same position) and rank 0's sampling RNG.
+// Resume on a different process count G: rank r takes BN set r mod G_saved, and the loader
+// rounds its position up to a whole round of G (dataloader.h).
 
 typedef struct {
     DataLoaderState loader;
     uint64_t sample_rng_state;
 } RunState;
 
-static void save_checkpoint(const Model* m, const TrainConfig* cfg, int step, long long tokens_seen,
-                            const DataLoader* loader, const Rng* sample_rng) {
+// Every rank calls it (the BN statistics are gathered from all ranks); rank 0 writes the file.
+static void save_checkpoint(const Model* m, const TrainConfig* cfg, const MultiGpu* mg, int step,
+                            long long tokens_seen, const DataLoader* loader, const Rng* sample_rng) {
     size_t P = m->num_params, NB = model_config_num_bn_stats(&m->config);
+    int G = mg->num_processes, master_process = mg->process_rank == 0;
+    float* bn_all = NULL;  // (G, NB) host, rank 0 only
+    cudaCheck(cudaStreamSynchronize(m->stream));
+    if (NB > 0) {
+        float* gathered = (float*)cuda_malloc_or_die((size_t)G * NB * sizeof(float), "gathered BN statistics");
+        multi_gpu_allgather_floats(mg, m->bn_stats, gathered, NB, m->stream);
+        if (master_process) {
+            bn_all = (float*)malloc_check((size_t)G * NB * sizeof(float));
+            cudaCheck(cudaMemcpyAsync(bn_all, gathered, (size_t)G * NB * sizeof(float), cudaMemcpyDeviceToHost,
+                                      m->stream));
+        }
+        cudaCheck(cudaStreamSynchronize(m->stream));
+        cudaCheck(cudaFree(gathered));
+    }
+    if (!master_process) return;
     float* params = (float*)malloc_check(P * sizeof(float));
     float* adam_m = (float*)malloc_check(P * sizeof(float));
     float* adam_v = (float*)malloc_check(P * sizeof(float));
-    float* bn = (float*)malloc_check(max_sz(NB, 1) * sizeof(float));
-    cudaCheck(cudaStreamSynchronize(m->stream));
-    model_get_params(m, params, bn);
+    model_get_params(m, params, NULL);
     cudaCheck(cudaMemcpy(adam_m, m->adam_m, P * sizeof(float), cudaMemcpyDeviceToHost));
     cudaCheck(cudaMemcpy(adam_v, m->adam_v, P * sizeof(float), cudaMemcpyDeviceToHost));
     RunState rs;
@@ -668,40 +702,79 @@ static void save_checkpoint(const Model* m, const TrainConfig* cfg, int step, lo
     checkpoint_info_from_config(&info, cfg, step, m->adam_t, tokens_seen);
     char path[CHECKPOINT_PATH_MAX];
     checkpoint_make_dir(cfg->output_dir);
-    checkpoint_write(cfg->output_dir, &m->config, &info, params, adam_m, adam_v, bn, 1, &rs.loader,
+    checkpoint_write(cfg->output_dir, &m->config, &info, params, adam_m, adam_v, bn_all, G, &rs.loader,
                      sizeof(rs.loader), &rs.sample_rng_state, sizeof(rs.sample_rng_state), path);
     printf("wrote checkpoint %s\n", path);
     free(params);
     free(adam_m);
     free(adam_v);
-    free(bn);
+    free(bn_all);
 }
 
-// returns the step to continue from
-static int load_checkpoint(Model* m, const char* path, const TrainConfig* cfg, long long* tokens_seen,
-                           DataLoader* loader, Rng* sample_rng) {
+// what rank 0 read from a checkpoint besides the big sections, sent to every rank
+typedef struct {
+    int step;
+    int adam_t;
+    int num_bn_sets;      // the process count that wrote it (one BN set per rank)
+    int pad;
+    long long tokens_seen;
+    RunState run;
+} ResumePoint;
+
+// Every rank calls it. Rank 0 reads and verifies the checkpoint at path (the file may exist on
+// rank 0's host alone) and the weights, optimizer state, BN sets and run state reach the other
+// ranks by broadcast. Returns the step to continue from.
+static int load_checkpoint(Model* m, const char* path, const TrainConfig* cfg, const MultiGpu* mg,
+                           long long* tokens_seen, DataLoader* loader, Rng* sample_rng) {
     size_t P = m->num_params, NB = model_config_num_bn_stats(&m->config);
-    float* params = (float*)malloc_check(P * sizeof(float));
-    float* adam_m = (float*)malloc_check(P * sizeof(float));
-    float* adam_v = (float*)malloc_check(P * sizeof(float));
-    float* bn = (float*)malloc_check(max_sz(NB, 1) * sizeof(float));
-    RunState rs;
-    CheckpointInfo info;
-    checkpoint_read(path, &m->config, &info, params, adam_m, adam_v, NB > 0 ? bn : NULL, 1, &rs.loader,
-                    sizeof(rs.loader), &rs.sample_rng_state, sizeof(rs.sample_rng_state));
-    checkpoint_compare_run(&info, cfg);
-    model_set_params(m, params, bn);
-    cudaCheck(cudaMemcpy(m->adam_m, adam_m, P * sizeof(float), cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpy(m->adam_v, adam_v, P * sizeof(float), cudaMemcpyHostToDevice));
-    m->adam_t = info.adam_t;
-    dataloader_set_state(loader, &rs.loader);
-    sample_rng->state = rs.sample_rng_state;
-    *tokens_seen = info.tokens_seen;
-    free(params);
-    free(adam_m);
-    free(adam_v);
-    free(bn);
-    return info.step;
+    cudaStream_t st = m->stream;
+    ResumePoint rp;
+    memset(&rp, 0, sizeof(rp));
+    float* bn_all = NULL;  // (num_bn_sets, NB) host
+    if (mg->process_rank == 0) {
+        ModelConfig file_config;
+        CheckpointInfo info;
+        checkpoint_read_info(path, &file_config, &info);  // the header: how many BN sets to expect
+        float* params = (float*)malloc_check(P * sizeof(float));
+        float* adam_m = (float*)malloc_check(P * sizeof(float));
+        float* adam_v = (float*)malloc_check(P * sizeof(float));
+        int sets = info.num_bn_sets > 0 ? info.num_bn_sets : 1;
+        bn_all = (float*)malloc_check(max_sz((size_t)sets * NB, 1) * sizeof(float));
+        checkpoint_read(path, &m->config, &info, params, adam_m, adam_v, NB > 0 ? bn_all : NULL, info.num_bn_sets,
+                        &rp.run.loader, sizeof(rp.run.loader), &rp.run.sample_rng_state,
+                        sizeof(rp.run.sample_rng_state));
+        checkpoint_compare_run(&info, cfg);
+        model_set_params(m, params, bn_all);
+        cudaCheck(cudaMemcpy(m->adam_m, adam_m, P * sizeof(float), cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemcpy(m->adam_v, adam_v, P * sizeof(float), cudaMemcpyHostToDevice));
+        rp.step = info.step;
+        rp.adam_t = info.adam_t;
+        rp.num_bn_sets = sets;
+        rp.tokens_seen = info.tokens_seen;
+        free(params);
+        free(adam_m);
+        free(adam_v);
+    }
+    multi_gpu_broadcast_host(mg, &rp, sizeof(rp), st);
+    // rank 0's weights (floatX and master) and optimizer state, bit for bit
+    multi_gpu_broadcast(mg, m->params, P * sizeof(floatX), st);
+    multi_gpu_broadcast(mg, m->master, P * sizeof(float), st);
+    multi_gpu_broadcast(mg, m->adam_m, P * sizeof(float), st);
+    multi_gpu_broadcast(mg, m->adam_v, P * sizeof(float), st);
+    if (NB > 0) {
+        size_t bn_bytes = (size_t)rp.num_bn_sets * NB * sizeof(float);
+        if (bn_all == NULL) bn_all = (float*)malloc_check(bn_bytes);
+        multi_gpu_broadcast_host(mg, bn_all, bn_bytes, st);
+        int set = mg->process_rank % rp.num_bn_sets;
+        cudaCheck(cudaMemcpy(m->bn_stats, bn_all + (size_t)set * NB, NB * sizeof(float), cudaMemcpyHostToDevice));
+    }
+    cudaCheck(cudaStreamSynchronize(st));
+    free(bn_all);
+    m->adam_t = rp.adam_t;
+    dataloader_set_state(loader, &rp.run.loader);
+    sample_rng->state = rp.run.sample_rng_state;
+    *tokens_seen = rp.tokens_seen;
+    return rp.step;
 }
 
 // SIGINT / SIGTERM: finish the step, write a checkpoint, exit
@@ -722,20 +795,18 @@ int main(int argc, char** argv) {
     TrainConfig cfg;
     train_config_defaults(&cfg);
     train_config_parse(&cfg, argc, argv);
-    cfg.num_processes = 1;
-    cfg.process_rank = 0;
 
-    int device_count = 0;
-    if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) {
-        fprintf(stderr, "Error: no CUDA device found. This is the GPU trainer; on a machine without a GPU run the "
-                "CPU reference trainer ./train_omnimoe_cpu (make train_omnimoe_cpu)\n");
-        return EXIT_FAILURE;
-    }
-    cudaCheck(cudaSetDevice(0));
+    // one process per GPU: MPI, a shared id file (-pn/-pr/-pf) or a single process; sets the GPU
+    MultiGpu mg;
+    multi_gpu_init(&mg, cfg.launch_processes, cfg.launch_rank, cfg.launch_id_file);
+    cfg.num_processes = mg.num_processes;
+    cfg.process_rank = mg.process_rank;
+    const int G = mg.num_processes;
+    const int master_process = mg.process_rank == 0;  // prints, logs and writes files
     cudaDeviceProp props;
-    cudaCheck(cudaGetDeviceProperties(&props, 0));
+    cudaCheck(cudaGetDeviceProperties(&props, mg.local_rank));
 
-    // the model: a preset (+ flags) or a model file
+    // the model: a preset (+ flags) or a model file (every rank reads it)
     ModelConfig config;
     float* init_params = NULL;
     float* init_bn = NULL;
@@ -747,12 +818,15 @@ int main(int argc, char** argv) {
     int grad_accum = train_config_grad_accum_steps(&cfg);
     long long tokens_per_step = train_config_total_batch_tokens(&cfg);
 
-    printf("+---------------------------------------------------------------\n");
-    printf("| omnimoe CUDA trainer on %s (%s)\n", props.name, FLOATX_NAME);
-    model_config_print(&config);
-    train_config_print(&cfg);
-    printf("| micro-batch %dx%d, grad accumulation %d, tokens per step %lld\n", cfg.B, cfg.T, grad_accum,
-           tokens_per_step);
+    if (master_process) {
+        printf("+---------------------------------------------------------------\n");
+        printf("| omnimoe CUDA trainer on %s (%s)\n", props.name, FLOATX_NAME);
+        if (G > 1) printf("| %d processes, one GPU each (launch: %s)\n", G, multi_gpu_launch_name(mg.launch));
+        model_config_print(&config);
+        train_config_print(&cfg);
+        printf("| micro-batch %dx%d per process, grad accumulation %d, tokens per step %lld\n", cfg.B, cfg.T,
+               grad_accum, tokens_per_step);
+    }
 
     Model model;
     model_build(&model, &config, cfg.B, cfg.T, cfg.expert_exec);
@@ -761,43 +835,59 @@ int main(int argc, char** argv) {
         free(init_params);
         free(init_bn);
     } else {
-        model_init_random(&model, cfg.seed);
+        model_init_random(&model, cfg.seed);  // the same seed on every rank: identical replicas
     }
     size_t free_bytes, total_bytes;
     cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
-    printf("| GPU memory in use: %.1f GiB of %.1f GiB\n", (total_bytes - free_bytes) / 1073741824.0,
-           total_bytes / 1073741824.0);
-    printf("+---------------------------------------------------------------\n");
+    if (master_process) {
+        printf("| GPU memory in use: %.1f GiB of %.1f GiB\n", (total_bytes - free_bytes) / 1073741824.0,
+               total_bytes / 1073741824.0);
+        printf("+---------------------------------------------------------------\n");
+    }
 
+    // each rank reads its own slice of the windows (dataloader.h)
     DataLoader train_loader, val_loader;
-    dataloader_init(&train_loader, cfg.train_data_pattern, cfg.B, cfg.T, 0, 1, cfg.shuffle, cfg.seed,
+    dataloader_init(&train_loader, cfg.train_data_pattern, cfg.B, cfg.T, mg.process_rank, G, cfg.shuffle, cfg.seed,
                     config.vocab_size);
     int have_val = cfg.val_data_pattern[0] != '\0';
-    if (have_val) dataloader_init(&val_loader, cfg.val_data_pattern, cfg.B, cfg.T, 0, 1, 0, 0, config.vocab_size);
-    printf("train: %lld batches of %dx%d per epoch", (long long)dataloader_num_batches(&train_loader), cfg.B, cfg.T);
-    if (have_val) printf(", val: %lld batches", (long long)dataloader_num_batches(&val_loader));
-    printf("\n");
+    if (have_val) {
+        dataloader_init(&val_loader, cfg.val_data_pattern, cfg.B, cfg.T, mg.process_rank, G, 0, 0, config.vocab_size);
+    }
+    // -m batches in all: ceil(-m / G) on each rank (-m divisible by G: the same windows as on one GPU)
+    int val_batches = cfg.val_max_batches < 0 ? -1 : (cfg.val_max_batches + G - 1) / G;
+    if (master_process) {
+        printf("train: %lld batches of %dx%d per epoch and rank", (long long)dataloader_num_batches(&train_loader),
+               cfg.B, cfg.T);
+        if (have_val) printf(", val: %lld batches per rank", (long long)dataloader_num_batches(&val_loader));
+        printf("\n");
+    }
     Tokenizer tokenizer;
-    tokenizer_init(&tokenizer, "data/gpt2_tokenizer.bin");
+    memset(&tokenizer, 0, sizeof(tokenizer));
+    if (master_process) tokenizer_init(&tokenizer, "data/gpt2_tokenizer.bin");
     Rng sample_rng;
     rng_init(&sample_rng, cfg.seed ^ 0x5A4D504C45ull);
 
-    int start_step = 0;
+    int start_step = 0, resumed = 0;
     long long tokens_seen = 0;
     if (cfg.resume) {
+        // rank 0 looks for the checkpoint; the others learn the outcome from it
         char path[CHECKPOINT_PATH_MAX];
-        if (checkpoint_find_latest(cfg.output_dir, path) >= 0) {
-            start_step = load_checkpoint(&model, path, &cfg, &tokens_seen, &train_loader, &sample_rng);
-            printf("resumed from %s at step %d\n", path, start_step);
-        } else {
+        int found_step = master_process ? checkpoint_find_latest(cfg.output_dir, path) : -1;
+        multi_gpu_broadcast_host(&mg, &found_step, sizeof(found_step), model.stream);
+        if (found_step >= 0) {
+            start_step = load_checkpoint(&model, master_process ? path : NULL, &cfg, &mg, &tokens_seen, &train_loader,
+                                         &sample_rng);
+            resumed = 1;
+            if (master_process) printf("resumed from %s at step %d\n", path, start_step);
+        } else if (master_process) {
             printf("no complete checkpoint in %s: starting from scratch\n", cfg.output_dir);
         }
     }
     char log_path[TRAIN_PATH_MAX + 32];
     train_config_log_path(&cfg, log_path, sizeof(log_path));
-    if (cfg.output_dir[0]) checkpoint_make_dir(cfg.output_dir);
+    if (cfg.output_dir[0] && master_process) checkpoint_make_dir(cfg.output_dir);
     Logger logger;
-    logger_init(&logger, log_path, 0, cfg.resume ? start_step : -1);
+    logger_init(&logger, log_path, mg.process_rank, cfg.resume ? start_step : -1);
     signal(SIGINT, on_stop_signal);
     signal(SIGTERM, on_stop_signal);
 
@@ -808,23 +898,26 @@ int main(int argc, char** argv) {
     double flops_per_token = model_config_flops_per_token_fwd(&config, cfg.T);
     const int eot = 50256 < config.vocab_size ? 50256 : config.vocab_size - 1;
     float val_loss = NAN;
+    int stop_agreed = 0;  // some rank got SIGINT/SIGTERM during the last step: all stop after it
 
     for (int step = start_step; step <= cfg.num_steps; step++) {
         int last = step == cfg.num_steps;
         if (have_val && (last || (cfg.val_every > 0 && step % cfg.val_every == 0))) {
-            val_loss = evaluate(&model, &val_loader, cfg.val_max_batches);
+            val_loss = evaluate(&model, &val_loader, val_batches, &mg);
             logger_log_eval(&logger, step, tokens_seen, val_loss);
         }
-        if (cfg.sample_every > 0 && (last || (step > 0 && step % cfg.sample_every == 0))) {
+        // (the interrupted run printed the sample of its last step, from the RNG state saved)
+        if (master_process && cfg.sample_every > 0 && !(resumed && step == start_step) &&
+            (last || (step > 0 && step % cfg.sample_every == 0))) {
             sample_and_print(&model, &tokenizer, &sample_rng, cfg.gen_tokens, eot);
         }
         if (cfg.output_dir[0] && step > start_step &&
-            (last || stop_requested || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0))) {
-            save_checkpoint(&model, &cfg, step, tokens_seen, &train_loader, &sample_rng);
+            (last || stop_agreed || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0))) {
+            save_checkpoint(&model, &cfg, &mg, step, tokens_seen, &train_loader, &sample_rng);
         }
         if (last) break;
-        if (stop_requested) {
-            printf("stopped by a signal at step %d\n", step);
+        if (stop_agreed) {
+            if (master_process) printf("stopped by a signal at step %d\n", step);
             break;
         }
 
@@ -838,23 +931,33 @@ int main(int argc, char** argv) {
             model_backward(&model, train_loader.inputs, 1.0f / grad_accum);
             loss_sum += model_mean_loss(&model);
         }
-        float loss = (float)(loss_sum / grad_accum);
+        // the mean gradient over all ranks, then the step's loss and stop requests of all ranks
+        multi_gpu_allreduce_avg(&mg, model.grads, model.num_params, model.stream);
+        double reduced[2] = {loss_sum / grad_accum, stop_requested ? 1.0 : 0.0};
+        multi_gpu_sum_doubles(&mg, reduced, 2, model.stream);
+        float loss = (float)(reduced[0] / G);
+        stop_agreed = reduced[1] > 0.0;
         float lr = learning_rate_at(&cfg, step);
         float norm = model_update(&model, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.grad_clip);
+        if (omni) multi_gpu_allreduce_sum_int(&mg, model.expert_counts, (size_t)L * config.num_experts, model.stream);
         cudaCheck(cudaStreamSynchronize(model.stream));
         double dt = now_seconds() - t0;
         tokens_seen += tokens_per_step;
-        if (!isfinite(loss) || !isfinite(norm)) {
-            fprintf(stderr, "Error: the loss (%f) or the gradient norm (%f) is not finite at step %d; stopping. The "
-                    "last checkpoint (if any) is intact; try a lower learning rate (-l)\n", loss, norm, step + 1);
+        if (!isfinite(loss) || !isfinite(norm)) {  // the same on every rank: all stop here
+            if (master_process) {
+                fprintf(stderr, "Error: the loss (%f) or the gradient norm (%f) is not finite at step %d; stopping. "
+                        "The last checkpoint (if any) is intact; try a lower learning rate (-l)\n", loss, norm,
+                        step + 1);
+            }
+            multi_gpu_finalize(&mg);
             return EXIT_FAILURE;
         }
         model_expert_stats(&model, host_counts, usage, kl);
         double tok_s = tokens_per_step / dt;
         logger_log_train(&logger, step + 1, cfg.num_steps, tokens_seen, loss, norm, lr, dt * 1000.0, tok_s,
-                         logger_mfu(flops_per_token, tok_s, PEAK_FLOPS_BF16), omni ? L : 0, usage, kl);
+                         logger_mfu(flops_per_token, tok_s, PEAK_FLOPS_BF16 * G), omni ? L : 0, usage, kl);
     }
-    if (cfg.output_dir[0]) {
+    if (cfg.output_dir[0] && master_process) {  // rank 0's weights and BN statistics
         char path[TRAIN_PATH_MAX + 32];
         snprintf(path, sizeof(path), "%s/model.bin", cfg.output_dir);
         size_t NB = model_config_num_bn_stats(&config);
@@ -866,17 +969,18 @@ int main(int argc, char** argv) {
         free(params);
         free(bn);
     }
-    printf("final val loss %.6f\n", val_loss);
+    if (master_process) printf("final val loss %.6f\n", val_loss);
     logger_close(&logger);
     free(host_counts);
     free(usage);
     free(kl);
-    tokenizer_free(&tokenizer);
+    if (master_process) tokenizer_free(&tokenizer);
     dataloader_free(&train_loader);
     if (have_val) dataloader_free(&val_loader);
     model_free(&model);
     matmul_free();
     if (omni) router_free();
-    return stop_requested ? 130 : EXIT_SUCCESS;
+    multi_gpu_finalize(&mg);
+    return stop_agreed ? 130 : EXIT_SUCCESS;
 }
 #endif

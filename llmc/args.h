@@ -17,8 +17,10 @@
  * --batch-size=4). The flag table train_flags[] below is the single source of truth: parsing,
  * range checks, error messages and the help text all come from it.
  *
- * num_processes and process_rank are not flags: the trainer sets them (MPI / NCCL setup) before
- * train_config_validate(), which derives grad accumulation = d / (B * T * num_processes).
+ * num_processes and process_rank are not flags: the trainer sets them (MPI / NCCL setup,
+ * llmc/multi_gpu.cuh) before train_config_validate(), which derives grad accumulation =
+ * d / (B * T * num_processes). The launch flags -pn / -pr / -pf only say how a launch without
+ * mpirun connects its processes.
  */
 #ifndef OMNIMOE_ARGS_H
 #define OMNIMOE_ARGS_H
@@ -57,6 +59,10 @@ typedef struct {
     long long total_batch_size;               // -d  tokens per optimiser step; -1 = B*T*num_processes
     int num_processes;                        // not a flag: set by the trainer (default 1)
     int process_rank;                         // not a flag: set by the trainer (default 0)
+    // multi-GPU launch without mpirun (multi_gpu.cuh)
+    int launch_processes;                     // -pn  processes of the job (1 = one GPU)
+    int launch_rank;                          // -pr  this process's rank, in [0, -pn)
+    char launch_id_file[TRAIN_PATH_MAX];      // -pf  file (shared by all hosts) where the ranks meet
     // optimisation
     int num_steps;                            // -x  optimiser steps
     float learning_rate;                      // -l  peak learning rate
@@ -141,6 +147,9 @@ static const TrainFlag train_flags[] = {
     {NULL, "--gate", TRAIN_ARG_CHOICE, offsetof(TrainConfig, gate), 0, 0, 0, "softmax|prob", "omni: gate over the k selected scores (unset = softmax)"},
     {NULL, "--expert-exec", TRAIN_ARG_CHOICE, offsetof(TrainConfig, expert_exec), 0, 0, 0, "token|expert", "omni: expert-branch execution (token-centric or expert-centric)"},
     {NULL, "--log-file", TRAIN_ARG_STRING, offsetof(TrainConfig, log_file), 0, 0, 0, NULL, "JSONL log path (\"\" = <output dir>/log.jsonl when -o is set)"},
+    {"-pn", "--num-processes", TRAIN_ARG_INT, offsetof(TrainConfig, launch_processes), 1, 65536, 0, NULL, "launch without mpirun: number of processes (one per GPU; needs -pf; ignored under mpirun)"},
+    {"-pr", "--process-rank", TRAIN_ARG_INT, offsetof(TrainConfig, launch_rank), 0, 65535, 0, NULL, "launch without mpirun: this process's rank in [0, -pn)"},
+    {"-pf", "--nccl-id-file", TRAIN_ARG_STRING, offsetof(TrainConfig, launch_id_file), 0, 0, 0, NULL, "launch without mpirun: a new file path (on a file system all hosts share) where rank 0 leaves the NCCL id"},
 };
 #define TRAIN_NUM_FLAGS ((int)(sizeof(train_flags) / sizeof(train_flags[0])))
 
@@ -156,6 +165,9 @@ static inline void train_config_defaults(TrainConfig* cfg) {
     cfg->total_batch_size = -1;
     cfg->num_processes = 1;
     cfg->process_rank = 0;
+    cfg->launch_processes = 1;
+    cfg->launch_rank = 0;
+    cfg->launch_id_file[0] = '\0';
     cfg->num_steps = 1000;
     cfg->learning_rate = 6e-4f;
     cfg->warmup_steps = 100;
@@ -361,6 +373,15 @@ static inline void train_config_print_help_with(const char* prog, const TrainCon
     }
     printf("  %-24s %s\n", "-h/--help", "print this help and exit");
     printf("\nThe JSONL log gets one line per step and per evaluation; checkpoints are <output dir>/ckpt_<step>.bin.\n");
+    printf("\nSeveral GPUs (the CUDA trainer; data parallel, one process per GPU):\n"
+           "  mpirun -np 4 ./train_omnimoe [flags]              one host; several hosts: mpirun --hostfile\n"
+           "  ./train_omnimoe -pn 2 -pr R -pf /tmp/omni.id ...  without MPI: one process per rank R = 0, 1\n"
+           "                                                    (scripts/run_multi_gpu.sh starts them)\n"
+           "  -b is per process and -d the global batch: grad accumulation = d / (B*T*processes).\n"
+           "  Rank 0 alone prints, logs and writes files. Each rank reads its own slice of the data and keeps\n"
+           "  its own router BN statistics; a checkpoint holds every rank's set. Resuming on another GPU count\n"
+           "  works: rank r takes BN set r mod (the saved process count), and the data position is rounded up\n"
+           "  to a whole round of the new count. Evaluation: ceil(-m / processes) batches per rank, averaged.\n");
 }
 
 // the flag table with the library defaults
@@ -428,6 +449,11 @@ static inline void train_config_parse(TrainConfig* cfg, int argc, char** argv) {
         train_flag_set_(cfg, f, value);
     }
     // checks between flags that need no model
+    if (cfg->launch_rank >= cfg->launch_processes) {
+        fprintf(stderr, "Error: bad value \"%d\" for flag -pr (--process-rank): the rank must be below the number of "
+                "processes -pn %d\n", cfg->launch_rank, cfg->launch_processes);
+        exit(EXIT_FAILURE);
+    }
     if (cfg->num_experts > 0) {
         int n = (int)floor(sqrt((double)cfg->num_experts) + 0.5);
         if (n * n != cfg->num_experts) {
