@@ -777,7 +777,10 @@ static int load_checkpoint(Model* m, const char* path, const TrainConfig* cfg, c
     return rp.step;
 }
 
-// SIGINT / SIGTERM: finish the step, write a checkpoint, exit
+// SIGINT / SIGTERM / SIGUSR1: finish the step, write a checkpoint, exit (all ranks agree on the
+// step). SIGUSR1 is for mpirun jobs: mpirun forwards it to every rank, while on SIGINT/SIGTERM it
+// sends the ranks SIGTERM and, a few seconds later, SIGKILL, which can cut a checkpoint short
+// (the previous checkpoint stays intact: writes go to a temporary name first).
 static volatile sig_atomic_t stop_requested = 0;
 static void on_stop_signal(int sig) { (void)sig; stop_requested = 1; }
 
@@ -890,6 +893,7 @@ int main(int argc, char** argv) {
     logger_init(&logger, log_path, mg.process_rank, cfg.resume ? start_step : -1);
     signal(SIGINT, on_stop_signal);
     signal(SIGTERM, on_stop_signal);
+    signal(SIGUSR1, on_stop_signal);
 
     int L = config.num_layers, omni = config.ffn_kind == FFN_OMNI;
     int* host_counts = omni ? (int*)malloc_check((size_t)L * config.num_experts * sizeof(int)) : NULL;
@@ -952,7 +956,7 @@ int main(int argc, char** argv) {
             multi_gpu_finalize(&mg);
             return EXIT_FAILURE;
         }
-        model_expert_stats(&model, host_counts, usage, kl);
+        if (master_process) model_expert_stats(&model, host_counts, usage, kl);
         double tok_s = tokens_per_step / dt;
         logger_log_train(&logger, step + 1, cfg.num_steps, tokens_seen, loss, norm, lr, dt * 1000.0, tok_s,
                          logger_mfu(flops_per_token, tok_s, PEAK_FLOPS_BF16 * G), omni ? L : 0, usage, kl);

@@ -1,0 +1,222 @@
+#!/usr/bin/env bash
+# test_multi_gpu.sh - device test of data-parallel training, checkpoints and exact resume (issue 5).
+# Needs 2 GPUs (NCCL); uses mpirun where ./train_omnimoe is built with MPI, and the id-file launch
+# (scripts/run_multi_gpu.sh) too. Prints PASS/FAIL lines and a summary; exit status 1 on any FAIL.
+#
+#   scripts/test_multi_gpu.sh              # builds ./train_omnimoe first (SKIP_BUILD=1 to skip)
+#
+# Model: d6 OmniMoE (N=4096, k=16; router BN, so per-rank BN statistics matter), B=4, T=256,
+# global batch 2048 tokens, lr 1e-3 with 5 warm-up steps and cosine decay, validation of 4
+# batches every 10 steps. Runs (each writes its JSONL log):
+#   g1   1 GPU, grad accumulation 2, 20 steps, checkpoints every 10
+#   g2   2 GPUs (mpirun), no accumulation, 20 steps, checkpoints every 10
+#   half 1 GPU with half the global batch (the data of rank 0 only): the negative control
+# Checks:
+#   (a)  g2 vs g1: the same global batch on 2 GPUs and on 1 GPU, loss within LOSS_TOL, gradient norm
+#        within NORM_RTOL (bf16 gradients are summed in another order); and half vs g1 must NOT
+#        agree within the same tolerances (so the tolerances can catch a rank whose data is lost)
+#   (b1) 1 GPU: resume of g1's step-10 checkpoint in a fresh directory, steps 11-20 and the evals
+#        at 10 and 20 bitwise equal to g1's
+#   (b2) 2 GPUs: the same with g2's checkpoint, launched without MPI (id file) this time
+#   (b3) 2 GPUs, SIGTERM to rank 1 alone during a 200-step run: both ranks stop at the same step,
+#        rank 0 writes the checkpoint, both exit 130; the resumed run's lines equal a straight run's
+#   (c)  g2's step-10 checkpoint (2 BN sets) resumed on 1 GPU at the same global batch: runs, and
+#        steps 11-20 agree with g2 within the tolerances of (a)
+#   (d)  bad input: the newest checkpoint truncated -> resume takes the previous one (and matches g1);
+#        a checkpoint of another model (--topk 8 vs 16) on 2 GPUs -> one clear error, non-zero
+#        exit, no hang
+set -u
+export NCCL_NVLS_ENABLE=0   # never NVLink multicast (house rule)
+cd "$(dirname "$0")/.."
+LOSS_TOL=${LOSS_TOL:-0.01}
+NORM_RTOL=${NORM_RTOL:-0.02}
+W=${TEST_DIR:-/tmp/omnimoe_multi_gpu_test}
+rm -rf "$W"
+mkdir -p "$W"
+
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+    make train_omnimoe >"$W/build.log" 2>&1 || { cat "$W/build.log"; echo "FAIL: build"; exit 1; }
+fi
+BIN=./train_omnimoe
+ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
+if [ "$ngpu" -lt 2 ]; then echo "SKIPPED: test_multi_gpu needs 2 GPUs, this machine shows $ngpu"; exit 0; fi
+have_mpi=0
+if command -v mpirun >/dev/null 2>&1 && ldd "$BIN" | grep -q libmpi; then have_mpi=1; fi
+echo "GPUs: $ngpu; mpirun usable: $have_mpi; NCCL_NVLS_ENABLE=$NCCL_NVLS_ENABLE"
+
+MPI_LAUNCH=file
+if [ "$have_mpi" = 1 ]; then MPI_LAUNCH=mpi; fi
+results=()
+failures=0
+COMMON=(-e d6 -f omni -b 4 -t 256 -d 2048 -l 1e-3 -u 5 -v 10 -m 4 -s 0 --seed 7)
+record() {  # record <status> <line>
+    echo "$2"
+    results+=("$2")
+    if [ "$1" -ne 0 ]; then failures=$((failures + 1)); fi
+}
+run1() {  # run1 <name> <flags...>: one GPU
+    local name=$1
+    shift
+    timeout 300 "$BIN" "$@" >"$W/$name.out" 2>&1
+}
+run2() {  # run2 <launch mpi|file> <name> <flags...>: two GPUs
+    local launch=$1 name=$2
+    shift 2
+    OMNIMOE_LAUNCH=$launch timeout 300 scripts/run_multi_gpu.sh 2 "$@" >"$W/$name.out" 2>&1
+}
+check() {  # check <label> <command...>: PASS when the command succeeds
+    local label=$1
+    shift
+    if "$@"; then record 0 "PASS: $label"; else record 1 "FAIL: $label"; fi
+}
+tail_of() { tail -n 5 "$W/$1.out" | sed 's/^/    | /'; }
+check_rc() {  # check_rc <rc> <expected> <label> <name>
+    if [ "$1" -ne "$2" ]; then
+        record 1 "FAIL: $3: exit status $1, expected $2"
+        tail_of "$4"
+        return 1
+    fi
+    return 0
+}
+compare() {  # compare <label> <A log> <B log> <compare_logs flags...>
+    local label=$1 a=$2 b=$3 line
+    shift 3
+    line=$(python3 scripts/compare_logs.py "$a" "$b" --label "$label" "$@")
+    record $? "$line"
+}
+fresh_resume_dir() {  # fresh_resume_dir <new dir> <checkpoint>: only that checkpoint in it
+    rm -rf "$1"
+    mkdir -p "$1"
+    cp "$2" "$1/"
+}
+
+if [ "$have_mpi" = 1 ]; then  # can mpirun start 2 processes here at all?
+    root_flag=()
+    if [ "$(id -u)" = 0 ]; then root_flag=(--allow-run-as-root); fi
+    if ! timeout 60 mpirun -np 2 "${root_flag[@]}" --bind-to none true >"$W/mpirun_check.out" 2>&1; then
+        record 1 "FAIL: mpirun -np 2 cannot start processes here; the 2-GPU reference run uses the id-file launch"
+        tail -n 5 "$W/mpirun_check.out" | sed 's/^/    | /'
+        MPI_LAUNCH=file
+    fi
+fi
+
+# --- the reference runs -------------------------------------------------------------------
+t0=$(date +%s)
+run1 g1 "${COMMON[@]}" -x 20 -n 10 -o "$W/g1"
+check_rc $? 0 "run g1 (1 GPU)" g1
+run2 "$MPI_LAUNCH" g2 "${COMMON[@]}" -x 20 -n 10 -o "$W/g2"
+check_rc $? 0 "run g2 (2 GPUs, $MPI_LAUNCH)" g2
+check "g2 ran as 2 processes launched by $MPI_LAUNCH" grep -q "2 processes, one GPU each (launch: $MPI_LAUNCH)" "$W/g2.out"
+lines=$(grep -c '^step ' "$W/g2.out")
+check "only rank 0 prints ($lines step lines for 20 steps on 2 ranks)" [ "$lines" -eq 20 ]
+run1 half -e d6 -f omni -b 4 -t 256 -d 1024 -l 1e-3 -u 5 -v 0 -s 0 --seed 7 -x 20 -o "$W/half"
+check_rc $? 0 "run half (1 GPU, half batch)" half
+
+# --- (a) 2 GPUs vs 1 GPU at the same global batch -------------------------------------------
+compare "(a) 2 GPUs vs 1 GPU (grad accumulation 2), same global batch" "$W/g1/log.jsonl" "$W/g2/log.jsonl" \
+    --steps 1-20 --loss-tol "$LOSS_TOL" --norm-rtol "$NORM_RTOL"
+compare "(a) negative control: half the batch on 1 GPU vs g1 must differ" "$W/g1/log.jsonl" "$W/half/log.jsonl" \
+    --steps 1-20 --loss-tol "$LOSS_TOL" --norm-rtol "$NORM_RTOL" --expect-differ
+
+# --- (b1) bitwise resume on 1 GPU ------------------------------------------------------------
+fresh_resume_dir "$W/g1r" "$W/g1/ckpt_00000010.bin"
+run1 g1r "${COMMON[@]}" -x 20 -n 10 -o "$W/g1r" -y 1
+check_rc $? 0 "run g1r (1 GPU resume)" g1r
+check "(b1) the resumed run says it resumed at step 10" grep -q "resumed from $W/g1r/ckpt_00000010.bin at step 10" "$W/g1r.out"
+compare "(b1) 1 GPU: 20 straight vs 10 + resume + 10" "$W/g1/log.jsonl" "$W/g1r/log.jsonl" --steps 11-20 --exact
+check "(b1) the step-20 checkpoints of both are byte-identical (weights, AdamW, BN, loader, RNG)" \
+    cmp -s "$W/g1/ckpt_00000020.bin" "$W/g1r/ckpt_00000020.bin"
+
+# --- (b2) bitwise resume on 2 GPUs, launched without MPI ---------------------------------------
+fresh_resume_dir "$W/g2r" "$W/g2/ckpt_00000010.bin"
+run2 file g2r "${COMMON[@]}" -x 20 -n 10 -o "$W/g2r" -y 1
+check_rc $? 0 "run g2r (2 GPUs resume, id file)" g2r
+compare "(b2) 2 GPUs: 20 straight (mpirun) vs 10 + resume + 10 (id file)" "$W/g2/log.jsonl" "$W/g2r/log.jsonl" \
+    --steps 11-20 --exact
+check "(b2) the step-20 checkpoints of both are byte-identical (2 BN sets)" \
+    cmp -s "$W/g2/ckpt_00000020.bin" "$W/g2r/ckpt_00000020.bin"
+
+# --- (b3) SIGTERM to one rank: the ranks agree, checkpoint, exact resume ---------------------
+LONG=(-e d6 -f omni -b 4 -t 256 -d 2048 -l 1e-3 -u 5 -v 0 -s 0 --seed 7 -x 200)
+run2 file straight "${LONG[@]}" -o "$W/straight"
+check_rc $? 0 "run straight (2 GPUs, 200 steps)" straight
+mkdir -p "$W/sig"
+idf="$W/sig.id"
+LOCAL_RANK=0 "$BIN" "${LONG[@]}" -o "$W/sig" -pn 2 -pr 0 -pf "$idf" >"$W/sig0.out" 2>&1 &
+p0=$!
+LOCAL_RANK=1 "$BIN" "${LONG[@]}" -o "$W/sig" -pn 2 -pr 1 -pf "$idf" >"$W/sig1.out" 2>&1 &
+p1=$!
+sent=0
+for ((i = 0; i < 3000; i++)); do  # up to 60 s: wait for step 20 in the log, then signal rank 1
+    n=$(grep -c '"type":"train"' "$W/sig/log.jsonl" 2>/dev/null)
+    if [ "${n:-0}" -ge 20 ]; then kill -TERM "$p1"; sent=1; break; fi
+    if ! kill -0 "$p0" 2>/dev/null; then break; fi
+    sleep 0.02
+done
+( sleep 120; kill -KILL "$p0" "$p1" 2>/dev/null ) &
+watchdog=$!
+wait "$p0"; rc0=$?
+wait "$p1"; rc1=$?
+kill "$watchdog" 2>/dev/null
+wait "$watchdog" 2>/dev/null
+stop_step=$(sed -n 's/^stopped by a signal at step \([0-9]*\)$/\1/p' "$W/sig0.out")
+if [ "$sent" = 1 ] && [ "$rc0" = 130 ] && [ "$rc1" = 130 ] && [ -n "$stop_step" ] && \
+   [ -f "$W/sig/ckpt_$(printf %08d "$stop_step").bin" ]; then
+    record 0 "PASS: (b3) SIGTERM to rank 1 alone: both ranks stopped at step $stop_step (exit 130, 130), rank 0 wrote ckpt_$(printf %08d "$stop_step").bin"
+    run2 file sigr "${LONG[@]}" -o "$W/sig" -y 1
+    check_rc $? 0 "run sigr (resume after SIGTERM)" sigr
+    compare "(b3) 2 GPUs: 200 straight vs SIGTERM at $stop_step + resume" "$W/straight/log.jsonl" "$W/sig/log.jsonl" \
+        --steps 1-200 --exact
+else
+    record 1 "FAIL: (b3) SIGTERM test: signal sent $sent, exit status $rc0 / $rc1 (130 expected), stop step '${stop_step}'"
+    tail -n 3 "$W/sig0.out" "$W/sig1.out" | sed 's/^/    | /'
+fi
+
+# --- (c) a 2-GPU checkpoint resumed on 1 GPU ---------------------------------------------------
+fresh_resume_dir "$W/g2to1" "$W/g2/ckpt_00000010.bin"
+run1 g2to1 "${COMMON[@]}" -x 20 -o "$W/g2to1" -y 1
+if check_rc $? 0 "run g2to1 (2-GPU checkpoint on 1 GPU)" g2to1; then
+    check "(c) the 1-GPU resume names the process-count change" \
+        grep -q "Note: resuming with processes 1 (the checkpoint was written with 2)" "$W/g2to1.out"
+fi
+compare "(c) 2-GPU checkpoint resumed on 1 GPU vs the 2-GPU run, steps 11-20" "$W/g2/log.jsonl" \
+    "$W/g2to1/log.jsonl" --steps 11-20 --loss-tol "$LOSS_TOL" --norm-rtol "$NORM_RTOL"
+
+# --- (d) bad input -------------------------------------------------------------------------------
+rm -rf "$W/trunc"
+mkdir -p "$W/trunc"
+cp "$W/g1/ckpt_00000010.bin" "$W/g1/ckpt_00000020.bin" "$W/trunc/"
+size=$(stat -c %s "$W/trunc/ckpt_00000020.bin")
+truncate -s $((size - 4096)) "$W/trunc/ckpt_00000020.bin"
+run1 trunc "${COMMON[@]}" -x 20 -o "$W/trunc" -y 1
+rc=$?
+if [ "$rc" = 0 ] && grep -q "skipping checkpoint $W/trunc/ckpt_00000020.bin: truncated" "$W/trunc.out" && \
+   grep -q "resumed from $W/trunc/ckpt_00000010.bin at step 10" "$W/trunc.out"; then
+    record 0 "PASS: (d) a truncated newest checkpoint is skipped with a warning; resume takes step 10"
+    compare "(d) resume past a truncated checkpoint = g1" "$W/g1/log.jsonl" "$W/trunc/log.jsonl" --steps 11-20 --exact
+else
+    record 1 "FAIL: (d) truncated newest checkpoint: exit $rc"
+    tail_of trunc
+fi
+fresh_resume_dir "$W/mismatch" "$W/g2/ckpt_00000010.bin"
+start=$(date +%s)
+run2 file mismatch "${COMMON[@]}" --topk 8 -x 20 -o "$W/mismatch" -y 1
+rc=$?
+took=$(( $(date +%s) - start ))
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 124 ] && grep -q "written for a different model: top_k (--topk) is 16 in the checkpoint but 8 in this run" "$W/mismatch.out"; then
+    record 0 "PASS: (d) a checkpoint of another model on 2 GPUs: one clear error, exit $rc after ${took}s, no hang"
+    grep "different model" "$W/mismatch.out" | head -1 | sed 's/^/    | /'
+else
+    record 1 "FAIL: (d) model mismatch on resume: exit $rc after ${took}s"
+    tail_of mismatch
+fi
+check "(d) the refused run left the good checkpoint untouched and wrote none" \
+    bash -c "[ \$(ls '$W/mismatch' | grep -c ckpt_) = 1 ] && cmp -s '$W/mismatch/ckpt_00000010.bin' '$W/g2/ckpt_00000010.bin'"
+
+echo
+echo "================ test_multi_gpu summary ($(( $(date +%s) - t0 )) s) ================"
+for line in "${results[@]}"; do echo "${line%%; *}" | cut -c1-200; done
+total=${#results[@]}
+echo "$((total - failures)) of $total checks passed"
+if [ "$failures" -ne 0 ]; then exit 1; fi
+echo "ALL MULTI-GPU TESTS PASSED"
