@@ -797,6 +797,17 @@ static double now_seconds(void) {
 int main(int argc, char** argv) {
     TrainConfig cfg;
     train_config_defaults(&cfg);
+    // with no flags: a small OmniMoE model (d6: 6 layers, C=384, N=4096 experts, k=16) that
+    // trains on the committed tinyshakespeare shards in well under a minute on one H100
+    strcpy(cfg.model, "d6");
+    cfg.B = 8;
+    cfg.T = 1024;
+    cfg.num_steps = 200;
+    cfg.learning_rate = 1e-3f;
+    cfg.warmup_steps = 20;
+    cfg.val_every = 50;
+    cfg.val_max_batches = -1;
+    cfg.sample_every = 100;
     train_config_parse(&cfg, argc, argv);
 
     // one process per GPU: MPI, a shared id file (-pn/-pr/-pf) or a single process; sets the GPU
