@@ -13,14 +13,28 @@ run() {  # name, command...
     local t0=$(date +%s)
     if "$@" > "$OUT/$name.log" 2>&1; then status=PASS; else status="FAIL(rc=$?)"; fi
     summary+=("$(printf '%-28s %-10s %4ss' "$name" "$status" $(( $(date +%s) - t0 )))")
-    tail -n 40 "$OUT/$name.log"
+    tail -n 12 "$OUT/$name.log"
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 run build make -j3 train_omnimoe test_omnimoe test_omnimoe_fp32
 run test_bf16 ./test_omnimoe
 run test_fp32 ./test_omnimoe_fp32
 if [ "$mode" = full ]; then
-    run train_default ./train_omnimoe -x 20 -v 10 -s 20 -g 32
+    run train_default ./train_omnimoe   # the no-argument default run
+fi
+# rerun the start of the dense-vs-OmniMoE recipe (scripts/compare_dense_omni.sh) when its data
+# was carried (carry/mixed) and compare with the committed logs of docs/runs/dense_vs_omni
+if [ -d carry/mixed ]; then
+    recipe=(-e d12 -i "carry/mixed/*_train_*.bin" -j "carry/mixed/*_val_*.bin" -b 16 -t 1024 -d 16384
+            -x 1000 -l 6e-4 -u 100 -q 0.1 --schedule cosine --seed 42 --shuffle 1 -v 100 -m -1 -s 0)
+    for kind in swiglu omni; do
+        timeout -s INT 30 ./train_omnimoe "${recipe[@]}" -f $kind --log-file "$OUT/rerun_$kind.jsonl" \
+            > "$OUT/rerun_$kind.log" 2>&1
+        run "rerun_${kind}_vs_log" python3 scripts/compare_logs.py docs/runs/dense_vs_omni/$kind.jsonl \
+            "$OUT/rerun_$kind.jsonl" --loss-tol 0.02 --norm-rtol 0.05
+        run "rerun_${kind}_bitwise_info" python3 scripts/compare_logs.py docs/runs/dense_vs_omni/$kind.jsonl \
+            "$OUT/rerun_$kind.jsonl" --exact
+    done
 fi
 echo "================ summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
 grep -h "test_omnimoe:" "$OUT"/test_*.log 2>/dev/null
