@@ -626,13 +626,16 @@ static float evaluate(Model* m, DataLoader* loader, int max_batches, const Multi
 static void sample_and_print(Model* m, const Tokenizer* tokenizer, Rng* rng, int gen_tokens, int eot) {
     const ModelConfig* c = &m->config;
     int T = gen_tokens < m->T ? gen_tokens : m->T;
+    // every forward runs on the same (1, T) shape, the positions after t filled with end-of-text:
+    // attention is causal and, in evaluation, the router treats tokens one by one, so the logits
+    // at t-1 do not see them, and the GEMMs keep one shape (one cuBLASLt algorithm choice each)
     int* tokens = (int*)calloc_check((size_t)T + 1, sizeof(int));
+    for (int t = 0; t <= T; t++) tokens[t] = eot;
     floatX* row = (floatX*)malloc_check((size_t)c->padded_vocab_size * sizeof(floatX));
     float* probs = (float*)malloc_check((size_t)c->vocab_size * sizeof(float));
-    tokens[0] = eot;
     printf("generating:\n---\n");
     for (int t = 1; t < T; t++) {
-        model_forward(m, tokens, NULL, 1, t, 0);
+        model_forward(m, tokens, NULL, 1, T, 0);
         cudaCheck(cudaMemcpy(row, m->acts.logits + (size_t)(t - 1) * c->padded_vocab_size,
                              c->padded_vocab_size * sizeof(floatX), cudaMemcpyDeviceToHost));
         float maxv = -INFINITY;

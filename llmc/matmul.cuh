@@ -59,12 +59,14 @@ typedef struct {
 
 static MatmulAlgoCacheEntry matmul_algo_cache[MATMUL_ALGO_CACHE_CAPACITY];
 static int matmul_algo_cache_count = 0;
+static int matmul_algo_cache_evict_next = 0;  // the slot a new problem takes once the cache is full
 
 static inline void matmul_init(void) {
     if (matmul_cublaslt_handle != NULL) { return; }
     cublasCheck(cublasLtCreate(&matmul_cublaslt_handle));
     matmul_workspace = cuda_malloc_or_die(MATMUL_WORKSPACE_BYTES, "cuBLASLt workspace");
     matmul_algo_cache_count = 0;
+    matmul_algo_cache_evict_next = 0;
 }
 
 static inline void matmul_free(void) {
@@ -74,6 +76,7 @@ static inline void matmul_free(void) {
     matmul_workspace = NULL;
     matmul_cublaslt_handle = NULL;
     matmul_algo_cache_count = 0;
+    matmul_algo_cache_evict_next = 0;
 }
 
 // largest power of two (<= 256) dividing the address; NULL pointers don't constrain it
@@ -142,12 +145,15 @@ static int matmul_cublaslt_run(floatX* d, const floatX* a, const floatX* b, cons
         }
     }
     if (entry == NULL) {
-        if (matmul_algo_cache_count == MATMUL_ALGO_CACHE_CAPACITY) {
-            fprintf(stderr, "matmul: more than %d distinct GEMM problems; raise MATMUL_ALGO_CACHE_CAPACITY\n",
-                    MATMUL_ALGO_CACHE_CAPACITY);
-            exit(EXIT_FAILURE);
+        if (matmul_algo_cache_count < MATMUL_ALGO_CACHE_CAPACITY) {
+            entry = &matmul_algo_cache[matmul_algo_cache_count++];
+        } else {
+            // full (many shapes, e.g. a caller that varies T): reuse the slots in turn. The
+            // heuristic is a pure function of the problem on a given GPU and library, so a problem
+            // that comes back later gets the same algorithm again: results stay bitwise the same.
+            entry = &matmul_algo_cache[matmul_algo_cache_evict_next];
+            matmul_algo_cache_evict_next = (matmul_algo_cache_evict_next + 1) % MATMUL_ALGO_CACHE_CAPACITY;
         }
-        entry = &matmul_algo_cache[matmul_algo_cache_count++];
         entry->transa = transa; entry->transb = transb;
         entry->m = m; entry->n = n; entry->k = k;
         entry->lda = lda; entry->ldb = ldb; entry->ldd = ldd;

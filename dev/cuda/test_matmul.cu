@@ -8,6 +8,8 @@ Checks, per case (random data, outputs NaN-poisoned before every run):
 - matmul_backward: dinp overwrite and += paths, dweight += and dbias += (accumulators start
   at random values scaled like the update, so both the old value and the update matter)
 - every output computed twice from identical state is bitwise identical
+- more distinct problems than the algorithm cache holds: no exit, and a problem evicted and
+  chosen again gives the same bits as its first run
 Benchmark (bf16 builds only): GPT-2 124M shapes at B*T = 8192.
 */
 #include "std_test_utils.cuh"
@@ -250,6 +252,26 @@ int main(void) {
     matmul_gelu_fused = 0;                  // the GEMM + gelu_forward fallback path
     run_case(128, 512, 1024, 1, 1, &rng);
     matmul_gelu_fused = 1;
+
+    // more problems than MATMUL_ALGO_CACHE_CAPACITY: slots are reused, the results must not change
+    {
+        const int C = 64, OC = 64, max_rows = MATMUL_ALGO_CACHE_CAPACITY + 40;
+        floatX* inp = device_alloc<floatX>((size_t)max_rows * C, "cache inp");
+        floatX* w = device_alloc<floatX>((size_t)OC * C, "cache weight");
+        floatX* out = device_alloc<floatX>((size_t)max_rows * OC, "cache out");
+        floatX* first = device_alloc<floatX>((size_t)8 * OC, "cache first");
+        fill_random_device(inp, (size_t)max_rows * C, 11, 1.0f);
+        fill_random_device(w, (size_t)OC * C, 12, 0.1f);
+        matmul_forward(out, inp, w, NULL, 8, C, OC, 0);
+        cudaCheck(cudaMemcpy(first, out, (size_t)8 * OC * sizeof(floatX), cudaMemcpyDeviceToDevice));
+        for (int rows = 9; rows <= max_rows; rows++) { matmul_forward(out, inp, w, NULL, rows, C, OC, 0); }
+        matmul_forward(out, inp, w, NULL, 8, C, OC, 0);  // its slot was reused by now: chosen again
+        cudaCheck(cudaDeviceSynchronize());
+        check_true("cache overflow: evicted problem chosen again, bitwise same",
+                   device_bitwise_equal(out, first, (size_t)8 * OC * sizeof(floatX)));
+        floatX* bufs[] = {inp, w, out, first};
+        for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) { cudaCheck(cudaFree(bufs[i])); }
+    }
 
     char perf[512] = "benchmarks only in bf16 builds";
 #if !defined(ENABLE_FP32)
