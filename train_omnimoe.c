@@ -1279,6 +1279,11 @@ int main(int argc, char** argv) {
     cfg.sample_every = 0;
     cfg.gen_tokens = 32;
     train_config_parse(&cfg, argc, argv);
+    if (cfg.launch_processes != 1) {
+        fprintf(stderr, "Error: flag -pn %d: the CPU reference trainer runs as one process; several processes "
+                "(one per GPU) are the CUDA trainer's (./train_omnimoe)\n", cfg.launch_processes);
+        exit(EXIT_FAILURE);
+    }
 
     // the model: a preset (+ flags) or a model file
     ModelConfig model_config;
