@@ -832,6 +832,12 @@ int main(int argc, char** argv) {
         train_config_check_file_model(&cfg, &config);
     }
     train_config_validate(&cfg, &config);
+    if (cfg.sample_every > 0 && cfg.gen_tokens > cfg.T) {
+        // samples run on the (B, T) activations of training
+        fprintf(stderr, "Error: bad value \"%d\" for flag -g (--gen-tokens): the GPU trainer samples at most -t %d "
+                "tokens\n", cfg.gen_tokens, cfg.T);
+        exit(EXIT_FAILURE);
+    }
     int grad_accum = train_config_grad_accum_steps(&cfg);
     long long tokens_per_step = train_config_total_batch_tokens(&cfg);
 
@@ -896,6 +902,15 @@ int main(int argc, char** argv) {
                                          &sample_rng);
             resumed = 1;
             if (master_process) printf("resumed from %s at step %d\n", path, start_step);
+            if (start_step > cfg.num_steps) {
+                if (master_process) {
+                    fprintf(stderr, "Error: the checkpoint in %s is at step %d, past the %d steps asked for (-x): "
+                            "nothing to do; raise -x to continue training\n", cfg.output_dir, start_step,
+                            cfg.num_steps);
+                }
+                multi_gpu_finalize(&mg);
+                return EXIT_FAILURE;
+            }
         } else if (master_process) {
             printf("no complete checkpoint in %s: starting from scratch\n", cfg.output_dir);
         }
@@ -959,7 +974,6 @@ int main(int argc, char** argv) {
         float norm = model_update(&model, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.grad_clip);
         if (omni) multi_gpu_allreduce_sum_int(&mg, model.expert_counts, (size_t)L * config.num_experts, model.stream);
         cudaCheck(cudaStreamSynchronize(model.stream));
-        double dt = now_seconds() - t0;
         tokens_seen += tokens_per_step;
         if (!isfinite(loss) || !isfinite(norm)) {  // the same on every rank: all stop here
             if (master_process) {
@@ -971,6 +985,7 @@ int main(int argc, char** argv) {
             return EXIT_FAILURE;
         }
         if (master_process) model_expert_stats(&model, host_counts, usage, kl);
+        double dt = now_seconds() - t0;  // the expert statistics (host work) count: the GPU waits for them
         double tok_s = tokens_per_step / dt;
         logger_log_train(&logger, step + 1, cfg.num_steps, tokens_seen, loss, norm, lr, dt * 1000.0, tok_s,
                          logger_mfu(flops_per_token, tok_s, PEAK_FLOPS_BF16 * G), omni ? L : 0, usage, kl);
