@@ -399,15 +399,20 @@ static inline void model_file_write(const char* path, const ModelConfig* config,
     ckpt_safe_commit_(&f);
 }
 
-static inline void model_file_fail_(FILE* fp, const char* path, const char* fmt, ...) {
-    fprintf(stderr, "Error: model file \"%s\": ", path);
-    va_list args;
-    va_start(args, fmt);
+// one message "Error: <kind> "<path>": <what>", then exit (closing fp first when not NULL)
+static inline void ckpt_vfail_(FILE* fp, const char* kind, const char* path, const char* fmt, va_list args) {
+    fprintf(stderr, "Error: %s \"%s\": ", kind, path);
     vfprintf(stderr, fmt, args);
-    va_end(args);
     fprintf(stderr, "\n");
     if (fp != NULL) fclose(fp);
     exit(EXIT_FAILURE);
+}
+
+static inline void model_file_fail_(FILE* fp, const char* path, const char* fmt, ...) {
+    va_list args;
+    va_start(args, fmt);
+    ckpt_vfail_(fp, "model file", path, fmt, args);
+    va_end(args);
 }
 
 // opens a model file and checks its header and size; returns the stream positioned after the header
@@ -884,14 +889,10 @@ typedef struct {
 } CheckpointReader;
 
 static inline void checkpoint_fail_(FILE* fp, const char* path, const char* fmt, ...) {
-    fprintf(stderr, "Error: checkpoint \"%s\": ", path);
     va_list args;
     va_start(args, fmt);
-    vfprintf(stderr, fmt, args);
+    ckpt_vfail_(fp, "checkpoint", path, fmt, args);
     va_end(args);
-    fprintf(stderr, "\n");
-    if (fp != NULL) fclose(fp);
-    exit(EXIT_FAILURE);
 }
 
 // Opens a checkpoint and checks its header; with expected_config != NULL, the model in the file
