@@ -7,7 +7,9 @@ weights everywhere (biases and LayerNorms included) and random tokens:
      running statistics against the CPU reference, relative L2 error per tensor;
   2. omni: the token-centric and the expert-centric executions give bitwise identical results;
   3. two runs of three training steps are bitwise identical (losses and weights);
-  4. ten AdamW training steps follow the reference's losses.
+  4. ten AdamW training steps follow the reference's losses;
+  5. evaluation mode (BN on running statistics), the fixed-shape forward that sampling uses, and
+     gradient accumulation over two micro-batches, against the CPU.
 The weights given to both sides are rounded to floatX first, so the comparison measures the
 GPU's arithmetic (bf16 activations, fp32 accumulation), not the rounding of the weights.
 
@@ -276,6 +278,84 @@ static void test_training(const char* name, const ModelConfig* c, int B, int T) 
     free(params); free(bn); free(tokens); free(p1); free(p2);
 }
 
+// 5. evaluation mode (router BN on running statistics) and the sampling shape: one sequence's
+// logits from a (1, T) forward padded with end-of-text after position t must equal, at t-1, the
+// CPU's logits of the (1, t) prefix (causal attention; in evaluation the router treats tokens
+// one by one). Then gradient accumulation: two micro-batches with loss_scale 1/2 against the CPU
+// doing the same (the GPU accumulates the gradients in floatX).
+static void test_eval_sampling_accumulation(const char* name, const ModelConfig* c, int B, int T) {
+    size_t P = model_config_num_params(c), NB = model_config_num_bn_stats(c);
+    float* params = (float*)malloc_check(P * sizeof(float));
+    float* bn = (float*)calloc_check(max_sz(NB, 1), sizeof(float));
+    random_params(c, params, bn, 4321);
+    Rng rng;
+    rng_init(&rng, 17);
+    int BT = B * T, Vp = c->padded_vocab_size;
+    int* tokens = (int*)malloc_check((size_t)2 * (BT + 1) * sizeof(int));
+    random_tokens(tokens, 2 * (BT + 1), c->vocab_size, &rng);
+    char what[160];
+
+    cpu::GPT ref;
+    cpu::gpt_build(&ref, c);
+    memcpy(ref.params, params, P * sizeof(float));
+    if (NB) memcpy(ref.bn_stats, bn, NB * sizeof(float));
+    Model m;
+    model_build(&m, c, B, T, EXPERT_EXEC_EXPERT);
+    model_set_params(&m, params, bn);
+    float* logits = (float*)malloc_check((size_t)BT * Vp * sizeof(float));
+
+    // evaluation-mode forward of a whole batch
+    cpu::gpt_forward(&ref, tokens, tokens + 1, B, T, 0);
+    model_forward(&m, tokens, tokens + 1, B, T, 0);
+    download_floatX(logits, m.acts.logits, (size_t)BT * Vp);
+    double e = rel_l2(logits, ref.logits, (size_t)BT * Vp);
+    snprintf(what, sizeof(what), "%s: eval-mode logits", name);
+    check(e < TOL, what, e, TOL);
+
+    // the sampling shape: prefix of t tokens, padded to T with end-of-text
+    const int t = T / 2 + 3, eot = c->vocab_size - 1;
+    int* padded = (int*)malloc_check((size_t)T * sizeof(int));
+    for (int i = 0; i < T; i++) padded[i] = i < t ? tokens[i] : eot;
+    cpu::gpt_forward(&ref, tokens, NULL, 1, t, 0);
+    model_forward(&m, padded, NULL, 1, T, 0);
+    download_floatX(logits, m.acts.logits + (size_t)(t - 1) * Vp, Vp);
+    e = rel_l2(logits, ref.logits + (size_t)(t - 1) * Vp, Vp);
+    snprintf(what, sizeof(what), "%s: padded (1,T) forward at t-1 == (1,t) prefix", name);
+    check(e < TOL, what, e, TOL);
+
+    // gradient accumulation over two micro-batches
+    cpu::gpt_zero_grad(&ref);
+    model_zero_grad(&m);
+    for (int micro = 0; micro < 2; micro++) {
+        const int* in = tokens + (size_t)micro * (BT + 1);
+        cpu::gpt_forward(&ref, in, in + 1, B, T, 1);
+        cpu::gpt_backward(&ref, 0.5f);
+        model_forward(&m, in, in + 1, B, T, 1);
+        model_backward(&m, in, 0.5f);
+    }
+    float* grads = (float*)malloc_check(P * sizeof(float));
+    gpu_grads(&m, grads);
+    size_t sizes[NUM_PARAMETER_TENSORS], off = 0;
+    model_config_param_sizes(c, sizes);
+    double worst = 0.0, worst_experts = 0.0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+        if (sizes[i] == 0) continue;
+        double ei = rel_l2(grads + off, ref.grads + off, sizes[i]);
+        if (i == PARAM_EXPERTU || i == PARAM_EXPERTV || i == PARAM_ROUTERW) worst_experts = fmax(worst_experts, ei);
+        else worst = fmax(worst, ei);
+        off += sizes[i];
+    }
+    snprintf(what, sizeof(what), "%s: 2 accumulated micro-batches, worst grad", name);
+    check(worst < TOL, what, worst, TOL);
+    if (c->ffn_kind == FFN_OMNI) {
+        snprintf(what, sizeof(what), "%s: 2 accumulated micro-batches, worst U/V/router grad", name);
+        check(worst_experts < TOL_EXPERTS, what, worst_experts, TOL_EXPERTS);
+    }
+    model_free(&m);
+    cpu::gpt_free(&ref);
+    free(params); free(bn); free(tokens); free(logits); free(padded); free(grads);
+}
+
 int main(void) {
     int device_count = 0;
     if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) {
@@ -296,6 +376,7 @@ int main(void) {
     int num_cases = (int)(sizeof(cases) / sizeof(cases[0]));
     for (int i = 0; i < num_cases; i++) test_forward_backward(cases[i].name, &cases[i].c, 4, 64);
     for (int i = 0; i < num_cases; i++) test_training(cases[i].name, &cases[i].c, 4, 64);
+    for (int i = 0; i < num_cases; i++) test_eval_sampling_accumulation(cases[i].name, &cases[i].c, 4, 64);
     matmul_free();
     router_free();
     printf("test_omnimoe: %d passed, %d failed\n", num_passed, num_failed);
