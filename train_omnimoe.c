@@ -1371,7 +1371,9 @@ int main(int argc, char** argv) {
         long long tokens_seen = (long long)step * tokens_per_step;
         // the checkpoint comes first: a run resumed from it repeats this step's evaluation and
         // sample with the same RNG state, and so continues with the same bits
-        if (cfg.checkpoint_every > 0 && step > start_step && (step % cfg.checkpoint_every == 0 || last_step)) {
+        // with -o, as the CUDA trainer: every -n steps and at the end
+        if (cfg.output_dir[0] != '\0' && step > start_step &&
+            (last_step || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0))) {
             CheckpointInfo info;
             checkpoint_info_from_config(&info, &cfg, step, step, tokens_seen);
             DataLoaderState loader_state = dataloader_get_state(&train_loader);
@@ -1380,7 +1382,7 @@ int main(int argc, char** argv) {
                              &loader_state, sizeof(loader_state), &sample_rng.state, sizeof(sample_rng.state), written);
             printf("checkpoint %s\n", written);
         }
-        if (have_val && (step % cfg.val_every == 0 || last_step)) {
+        if (have_val && (last_step || (cfg.val_every > 0 && step % cfg.val_every == 0))) {
             float val_loss = evaluate(&model, &val_loader, cfg.val_max_batches);
             logger_log_eval(&logger, step, tokens_seen, val_loss);
         }
@@ -1417,6 +1419,12 @@ int main(int argc, char** argv) {
             fprintf(stderr, "Error: the training loss is %f at step %d; stopping (try a lower -l)\n", loss, step + 1);
             exit(EXIT_FAILURE);
         }
+    }
+    if (cfg.output_dir[0] != '\0') {  // the final weights, as the CUDA trainer writes them
+        char path[TRAIN_PATH_MAX + 16];
+        snprintf(path, sizeof(path), "%s/model.bin", cfg.output_dir);
+        model_file_write(path, c, model.params, model.bn_stats);
+        printf("wrote model %s\n", path);
     }
     if (timed_steps > 0) {
         printf("total average step time: %.1f ms (%.0f tok/s) over %d steps\n", total_ms / timed_steps,

@@ -872,7 +872,7 @@ int main(int argc, char** argv) {
     DataLoader train_loader, val_loader;
     dataloader_init(&train_loader, cfg.train_data_pattern, cfg.B, cfg.T, mg.process_rank, G, cfg.shuffle, cfg.seed,
                     config.vocab_size);
-    int have_val = cfg.val_data_pattern[0] != '\0';
+    int have_val = cfg.val_data_pattern[0] != '\0' && cfg.val_every > 0;  // -v 0: no validation at all
     if (have_val) {
         dataloader_init(&val_loader, cfg.val_data_pattern, cfg.B, cfg.T, mg.process_rank, G, 0, 0, config.vocab_size);
     }
@@ -1002,7 +1002,7 @@ int main(int argc, char** argv) {
         free(params);
         free(bn);
     }
-    if (master_process) printf("final val loss %.6f\n", val_loss);
+    if (master_process && have_val) printf("final val loss %.6f\n", val_loss);
     logger_close(&logger);
     free(host_counts);
     free(usage);
