@@ -19,9 +19,8 @@ endif
 
 HASH := \#
 # --- optional NCCL (multi-GPU); detected by compiling and linking a two-line program --------
-NCCL_OK := $(shell printf '$(HASH)include <nccl.h>\nint main(){ncclUniqueId id;return (int)ncclGetUniqueId(&id);}\n' \
-             > /tmp/omnimoe_nccl_probe.cu && $(NVCC) -o /tmp/omnimoe_nccl_probe /tmp/omnimoe_nccl_probe.cu -lnccl \
-             >/dev/null 2>&1 && echo 1)
+NCCL_OK := $(shell d=$$(mktemp -d) && printf '$(HASH)include <nccl.h>\nint main(){ncclUniqueId id;return (int)ncclGetUniqueId(&id);}\n' \
+             > $$d/probe.cu && $(NVCC) -o $$d/probe $$d/probe.cu -lnccl >/dev/null 2>&1 && echo 1; rm -rf $$d)
 ifeq ($(NCCL_OK), 1)
   NVCC_FLAGS += -DMULTI_GPU
   NVCC_LDLIBS += -lnccl
@@ -29,9 +28,8 @@ endif
 # --- optional MPI (launch with mpirun); its flags come from mpicc itself -------------------
 MPI_CFLAGS := $(shell mpicc --showme:compile 2>/dev/null)
 MPI_LIBS := $(shell mpicc --showme:link 2>/dev/null)
-MPI_OK := $(shell [ -n "$(MPI_CFLAGS)$(MPI_LIBS)" ] && printf '$(HASH)include <mpi.h>\nint main(int c,char**v){MPI_Init(&c,&v);return MPI_Finalize();}\n' \
-            > /tmp/omnimoe_mpi_probe.c && $(CC) $(MPI_CFLAGS) /tmp/omnimoe_mpi_probe.c -o /tmp/omnimoe_mpi_probe $(MPI_LIBS) \
-            >/dev/null 2>&1 && echo 1)
+MPI_OK := $(shell [ -n "$(MPI_CFLAGS)$(MPI_LIBS)" ] && d=$$(mktemp -d) && printf '$(HASH)include <mpi.h>\nint main(int c,char**v){MPI_Init(&c,&v);return MPI_Finalize();}\n' \
+            > $$d/probe.c && $(CC) $(MPI_CFLAGS) $$d/probe.c -o $$d/probe $(MPI_LIBS) >/dev/null 2>&1 && echo 1; rm -rf $$d)
 ifeq ($(NCCL_OK)$(MPI_OK), 11)
   NVCC_FLAGS += -DUSE_MPI $(MPI_CFLAGS)
   NVCC_LDLIBS += $(MPI_LIBS)
@@ -75,11 +73,12 @@ test_omnimoe_fp32: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADE
 # The CPU tests are what CI runs; the GPU test runs only where a CUDA device answers.
 test: test_cpu test_gpu
 
-test_cpu: $(CPU_TESTS)
+test_cpu: $(CPU_TESTS) train_omnimoe_cpu
 	./test_dataloader
 	./test_checkpoint
 	./test_omnimoe_cpu
 	./test_fixtures
+	bash scripts/test_resume_cpu.sh
 
 test_gpu:
 	@if nvidia-smi -L >/dev/null 2>&1; then \

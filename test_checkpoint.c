@@ -920,6 +920,8 @@ static void test_args(void) {
         {"-y 1 without -o", {"-e", "tiny", "-t", "64", "-y", "1"}, "flag -y", "-o", 1, 1},
         {"unknown model", {"-e", "d13"}, "\"d13\" for flag -e", "not a preset", 1, 1},
         {"omni knob on gelu", {"-e", "tiny", "-t", "64", "-f", "gelu", "--experts", "16"}, "--experts", "gelu", 1, 1},
+        {"negative process rank", {"-pr", "-1"}, "\"-1\" for flag -pr", NULL, 0, 1},
+        {"process rank >= processes", {"-pn", "2", "-pr", "2", "-pf", "id"}, "\"2\" for flag -pr", "-pn 2", 0, 1},
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         char* argv[10];
@@ -994,6 +996,39 @@ static void test_args(void) {
 // schedules
 
 static int close_to(float a, double b) { return fabs((double)a - b) <= 1e-6 * (fabs(b) > 1 ? fabs(b) : 1); }
+
+// checkpoint_compare_run in a child: its exit code is the number of notes it printed
+typedef struct {
+    CheckpointInfo saved;
+    TrainConfig cfg;
+} CompareRunArgs;
+
+static void child_compare_run(void* arg) {
+    CompareRunArgs* a = (CompareRunArgs*)arg;
+    int notes = checkpoint_compare_run(&a->saved, &a->cfg);
+    fflush(NULL);
+    _exit(notes);
+}
+
+// resuming with changed run settings prints one note per change, none when nothing changed
+static void test_compare_run(void) {
+    CompareRunArgs a;
+    train_config_defaults(&a.cfg);
+    a.cfg.B = 4;
+    a.cfg.T = 64;
+    checkpoint_info_from_config(&a.saved, &a.cfg, 10, 10, 2560);
+    char out[4096];
+    int notes = run_child(child_compare_run, &a, out, sizeof(out));
+    check(notes == 0 && out[0] == '\0', "compare_run: the same settings give no note", out);
+    a.cfg.learning_rate = 1e-4f;
+    a.cfg.B = 2;
+    a.cfg.seed = 7;
+    notes = run_child(child_compare_run, &a, out, sizeof(out));
+    // -b also changes the tokens per step (-d -1 = B*T*processes): four notes
+    int ok = notes == 4 && strstr(out, "resuming with -l 0.0001") && strstr(out, "resuming with -b 2 (") &&
+             strstr(out, "resuming with -d (tokens per step) 128 (") && strstr(out, "resuming with --seed 7 (");
+    check(ok, "compare_run: changed -l, -b (and so -d) and --seed give one note each", out);
+}
 
 static void test_schedules(void) {
     char detail[256];
@@ -1155,6 +1190,7 @@ int main(void) {
     test_checksum();
     test_model_files();
     test_checkpoint_roundtrip();
+    test_compare_run();
     test_checkpoint_damage();
     test_find_latest();
     test_args();
