@@ -853,13 +853,22 @@ int main(int argc, char** argv) {
 
     Model model;
     model_build(&model, &config, cfg.B, cfg.T, cfg.expert_exec);
-    if (init_params) {
+    // -y 1: rank 0 looks for the latest complete checkpoint; the others learn the outcome from it
+    char resume_path[CHECKPOINT_PATH_MAX];
+    int found_step = -1;
+    if (cfg.resume) {
+        if (master_process) found_step = checkpoint_find_latest(cfg.output_dir, resume_path);
+        multi_gpu_broadcast_host(&mg, &found_step, sizeof(found_step), model.stream);
+    }
+    if (found_step >= 0) {
+        // the checkpoint sets the weights below: no initialisation (seconds for large models)
+    } else if (init_params) {
         model_set_params(&model, init_params, init_bn);
-        free(init_params);
-        free(init_bn);
     } else {
         model_init_random(&model, cfg.seed);  // the same seed on every rank: identical replicas
     }
+    free(init_params);
+    free(init_bn);
     size_t free_bytes, total_bytes;
     cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
     if (master_process) {
@@ -893,15 +902,11 @@ int main(int argc, char** argv) {
     int start_step = 0, resumed = 0;
     long long tokens_seen = 0;
     if (cfg.resume) {
-        // rank 0 looks for the checkpoint; the others learn the outcome from it
-        char path[CHECKPOINT_PATH_MAX];
-        int found_step = master_process ? checkpoint_find_latest(cfg.output_dir, path) : -1;
-        multi_gpu_broadcast_host(&mg, &found_step, sizeof(found_step), model.stream);
         if (found_step >= 0) {
-            start_step = load_checkpoint(&model, master_process ? path : NULL, &cfg, &mg, &tokens_seen, &train_loader,
-                                         &sample_rng);
+            start_step = load_checkpoint(&model, master_process ? resume_path : NULL, &cfg, &mg, &tokens_seen,
+                                         &train_loader, &sample_rng);
             resumed = 1;
-            if (master_process) printf("resumed from %s at step %d\n", path, start_step);
+            if (master_process) printf("resumed from %s at step %d\n", resume_path, start_step);
             if (start_step > cfg.num_steps) {
                 if (master_process) {
                     fprintf(stderr, "Error: the checkpoint in %s is at step %d, past the %d steps asked for (-x): "
