@@ -1,15 +1,17 @@
 #!/usr/bin/env bash
 # One device call: build the CUDA trainer and its test (bf16 and fp32), run the GPU tests, run a
 # short training of the default model, and print a summary last. Logs go to $OUT when set.
-#   bash dev/gpu_check.sh [quick|full|kernels]
+#   bash dev/gpu_check.sh [quick|full|kernels|bench]
 #     quick: build + GPU tests; full: also the default training run and, when carry/mixed was
 #     carried, a rerun of the dense-vs-OmniMoE recipe's start; kernels: also every kernel test
-#     and benchmark of dev/cuda (run_std.sh, run_attention.sh, run_omni.sh)
+#     and benchmark of dev/cuda (run_std.sh, run_attention.sh, run_omni.sh); bench: only
+#     dev/bench_all.sh (every performance benchmark, its own builds and summary)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/omnimoe_out}
 mkdir -p "$OUT"
 mode=${1:-full}
+if [ "$mode" = bench ]; then exec bash dev/bench_all.sh; fi
 summary=()
 run() {  # name, command...
     local name=$1; shift

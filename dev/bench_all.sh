@@ -1,0 +1,270 @@
+#!/usr/bin/env bash
+# bench_all.sh - every benchmark of the performance issue in ONE device call, then one summary
+# table of the issue's targets, printed last. Written when no GPU was available: NOT YET RUN.
+#
+#   bash dev/bench_all.sh                      build, then all parts (~4-5 min expected)
+#   SKIP_BUILD=1 bash dev/bench_all.sh         use the binaries built beforehand (this tree, same nvcc)
+#   PARTS="layer omni" bash dev/bench_all.sh   a subset of: layer omni torch train
+#   BUDGET_S=560 (default)                     each part's timeout is cut so that the summary is
+#                                              printed before this many seconds have passed
+# Logs and JSON go to $OUT (default /tmp/omnimoe_bench): bench_layer.{log,json},
+# bench_omni.log, bench_torch.{log,json}, bench_train/ (per-run logs, JSONL, bench_train.json).
+#
+# Parts (each with its own timeout; a failing part does not stop the others):
+#   layer  dev/cuda/bench_layer.cu: our whole OmniMoE layer fwd+bwd (TC and EC), our dense SwiGLU
+#          of the same active size, router+experts, router alone at 9 (n, k), copy bandwidth
+#   omni   dev/cuda/bench_omni.cu: router/schedule/experts stages; experts alone at N = 4096,
+#          65536, 1048576 (k=32)
+#   torch  dev/bench_torch.py: the PyTorch baselines of (a), (b), (c)
+#   train  dev/bench_train.sh: trainer tok/s, d12 gelu / swiglu / omni at B=32, T=1024
+# Targets checked in the summary: layer fwd+bwd <= 1.5 x our dense SwiGLU (same run);
+# router+experts fwd+bwd >= 10 x faster than PyTorch's gather; experts (schedule + fwd + bwd)
+# within 2x of the memory floor (>= 50% of the measured copy rate) at each N; dense gelu
+# >= 1.2 x llm.c's 331k tok/s; omni >= 85% of swiglu tok/s.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/omnimoe_bench}
+mkdir -p "$OUT"
+PARTS=${PARTS-layer omni torch train}
+BUDGET_S=${BUDGET_S:-560}
+T0=$(date +%s)
+NVCC_FLAGS="-O3 -std=c++17 -arch=sm_90 -I. -Xcompiler -Wall"   # as dev/cuda/run_omni.sh
+LIBS="-lcublasLt -lcublas"
+status=()
+
+has_part() { [[ " $PARTS " == *" $1 "* ]]; }
+elapsed() { echo $(( $(date +%s) - T0 )); }
+any_failed=0
+record() {  # record <name> <PASS|FAIL...|SKIPPED...|TIMEOUT...> <seconds>
+    status+=("$(printf '%-14s %-22s %4ss' "$1" "$2" "$3")")
+    [ "$2" = PASS ] || any_failed=1
+}
+
+# run_part <name> <cap seconds> <command...>: stdout+stderr to $OUT/<name>.log, at most <cap> s
+# and never past BUDGET_S - 25 s (the summary needs a few seconds)
+run_part() {
+    local name=$1 cap=$2 left t start rc
+    shift 2
+    left=$(( BUDGET_S - $(elapsed) - 25 ))
+    t=$(( cap < left ? cap : left ))
+    if [ "$t" -lt 15 ]; then record "$name" "SKIPPED(no time)" 0; echo "== $name: skipped, out of time"; return; fi
+    echo "== $name (timeout ${t}s, at $(elapsed)s)"
+    start=$(date +%s)
+    timeout -k 5 "$t" "$@" >"$OUT/$name.log" 2>&1
+    rc=$?
+    if [ "$rc" -eq 0 ]; then record "$name" PASS $(( $(date +%s) - start ));
+    elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then record "$name" "TIMEOUT(${t}s)" $(( $(date +%s) - start ));
+    else record "$name" "FAIL(rc=$rc)" $(( $(date +%s) - start )); fi
+    tail -n 4 "$OUT/$name.log"
+}
+
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader
+# results of an earlier run must not reach this run's summary
+has_part layer && rm -f "$OUT/bench_layer.json" "$OUT/bench_layer.log"
+has_part omni && rm -f "$OUT/bench_omni.log"
+has_part torch && rm -f "$OUT/bench_torch.json" "$OUT/bench_torch.log"
+has_part train && rm -rf "$OUT/bench_train" "$OUT/bench_train.log"
+echo "bench_all: parts '$PARTS', budget ${BUDGET_S}s, logs in $OUT"
+
+# ---- build (in parallel); SKIP_BUILD=1 keeps the binaries already there. A part whose build
+# fails is skipped (never run on a stale binary).
+declare -A build_failed=()
+if [ "${SKIP_BUILD:-0}" != 1 ]; then
+    start=$(date +%s)
+    pids=()
+    names=()
+    if has_part layer; then
+        rm -f dev/cuda/bench_layer_bin
+        nvcc $NVCC_FLAGS dev/cuda/bench_layer.cu -o dev/cuda/bench_layer_bin $LIBS >"$OUT/build_layer.log" 2>&1 &
+        pids+=($!); names+=(layer)
+    fi
+    if has_part omni; then
+        rm -f dev/cuda/bench_omni_bin
+        nvcc $NVCC_FLAGS dev/cuda/bench_omni.cu -o dev/cuda/bench_omni_bin $LIBS >"$OUT/build_omni.log" 2>&1 &
+        pids+=($!); names+=(omni)
+    fi
+    if has_part train; then
+        make train_omnimoe >"$OUT/build_train.log" 2>&1 &
+        pids+=($!); names+=(train)
+    fi
+    for i in "${!pids[@]}"; do
+        if wait "${pids[$i]}"; then record "build_${names[$i]}" PASS $(( $(date +%s) - start ));
+        else
+            record "build_${names[$i]}" FAIL $(( $(date +%s) - start ))
+            build_failed[${names[$i]}]=1
+            tail -n 20 "$OUT/build_${names[$i]}.log"
+        fi
+    done
+fi
+runnable() {  # runnable <part> <binary>: the part was asked for, built (or SKIP_BUILD), and exists
+    has_part "$1" || return 1
+    if [ -n "${build_failed[$1]:-}" ]; then record "$1" "SKIPPED(build failed)" 0; return 1; fi
+    if [ ! -x "$2" ]; then record "$1" "FAIL(no $2)" 0; return 1; fi
+}
+
+# ---- the parts, shortest first
+if runnable layer dev/cuda/bench_layer_bin; then
+    run_part bench_layer 150 ./dev/cuda/bench_layer_bin --json "$OUT/bench_layer.json"
+fi
+if runnable omni dev/cuda/bench_omni_bin; then
+    run_part bench_omni 150 ./dev/cuda/bench_omni_bin
+fi
+if has_part torch; then
+    run_part bench_torch 240 env PYTHONUNBUFFERED=1 python3 dev/bench_torch.py --json "$OUT/bench_torch.json"
+fi
+if runnable train ./train_omnimoe; then
+    run_part bench_train 330 env SKIP_BUILD=1 BENCH_DIR="$OUT/bench_train" RUN_TIMEOUT=120 bash dev/bench_train.sh
+    sed -n '/^| run |/,$p' "$OUT/bench_train.log"
+fi
+
+echo
+echo "part status (at $(elapsed) s):"
+for s in ${status[@]+"${status[@]}"}; do echo "  $s"; done
+
+# ---- the summary (the targets table is the last thing printed)
+python3 - "$OUT" <<'EOF'
+import json, os, re, sys
+out = sys.argv[1]
+
+def load_json(name):
+    try:
+        return json.load(open(os.path.join(out, name)))
+    except (OSError, ValueError):
+        return None
+
+def fmt(x, f="%.3f"):
+    return f % x if x is not None else "n/a"
+
+layer = load_json("bench_layer.json")
+torch = load_json("bench_torch.json")
+train = load_json("bench_train/bench_train.json")
+L = {r["key"]: r for r in layer["rows"]} if layer else {}
+copy_bps = layer["copy_bytes_per_s"] if layer else None
+gemm_fps = layer["gemm_flops_per_s"] if layer else None
+
+def torch_row(name, shape_part=None):
+    for r in (torch or {}).get("results", []):
+        if r["name"] == name and (shape_part is None or shape_part in r["shape"]):
+            return r
+    return None
+
+def lms(key):
+    return L[key]["ms"] if key in L else None
+
+# bench_omni's summary table: "B N=<N> experts fwd TC  <ms>  <min MB>  <min%> ..." and its copy rate
+omni_rows, omni_copy_bps = {}, None
+try:
+    for line in open(os.path.join(out, "bench_omni.log")):
+        m = re.match(r"device-to-device copy of 1 GiB: ([\d.]+) ms", line)
+        if m:
+            omni_copy_bps = 2.0 * 2**30 / (float(m.group(1)) * 1e-3)
+        m = re.match(r"^B N=(\d+)\s+(experts (fwd|bwd) (TC|EC)|schedule)\s+([\d.]+)\s+([\d.]+)\s", line)
+        if m:
+            key = (int(m.group(1)), m.group(2).replace("experts ", ""))
+            omni_rows[key] = (float(m.group(5)), float(m.group(6)) * 1e6)  # ms, min bytes
+except OSError:
+    pass
+
+print("\n================ details ================")
+print("card: %s; measured copy %s TB/s (bench_layer), %s TB/s (bench_omni); bf16 GEMM 8192^3 %s TFLOP/s" % (
+    layer["card"] if layer else "n/a", fmt(copy_bps and copy_bps / 1e12), fmt(omni_copy_bps and omni_copy_bps / 1e12),
+    fmt(gemm_fps and gemm_fps / 1e12, "%.0f")))
+if layer and layer.get("check_failures"):
+    print("WARNING: bench_layer checks FAILED (%d; first: %s)" % (layer["check_failures"], layer["first_failure"]))
+
+print("\n(a) layer, T=4096 d=1024 I=4096 N=4096 k=16, fwd+bwd ms (fwd ms)")
+print("| what | ours TC | ours EC | PyTorch |")
+print("|---|---:|---:|---:|")
+t_layer, t_re, t_dense = torch_row("omni layer (torch gather)"), torch_row("router+experts (no SwiGLU)"), torch_row("dense SwiGLU (matched)")
+t_shared = torch_row("shared SwiGLU alone")
+def pair(fb, f):
+    return "%s (%s)" % (fmt(fb), fmt(f)) if fb is not None else "n/a"
+print("| whole layer | %s | %s | %s |" % (pair(lms("layer_fwdbwd_tc"), lms("layer_fwd_tc")), pair(lms("layer_fwdbwd_ec"), lms("layer_fwd_ec")),
+      pair(t_layer and t_layer["fwdbwd_ms"], t_layer and t_layer["fwd_ms"])))
+print("| router+sched+experts | %s | %s | %s |" % (pair(lms("router_experts_fwdbwd_tc"), lms("router_experts_fwd_tc")),
+      pair(lms("router_experts_fwdbwd_ec"), lms("router_experts_fwd_ec")), pair(t_re and t_re["fwdbwd_ms"], t_re and t_re["fwd_ms"])))
+print("| shared SwiGLU I=4096 | %s | | %s |" % (pair(lms("shared_swiglu_fwdbwd"), lms("shared_swiglu_fwd")),
+      pair(t_shared and t_shared["fwdbwd_ms"], t_shared and t_shared["fwd_ms"])))
+print("| dense SwiGLU I=4160 | %s | | %s |" % (pair(lms("dense_swiglu_fwdbwd"), lms("dense_swiglu_fwd")),
+      pair(t_dense and t_dense["fwdbwd_ms"], t_dense and t_dense["fwd_ms"])))
+if "layer_fwdbwd_tc" in L and gemm_fps and copy_bps and "router_experts_fwdbwd_tc" in L:
+    floor = L["layer_fwdbwd_tc"]["flops"] / gemm_fps * 1e3 + L["router_experts_fwdbwd_tc"]["bytes"] / copy_bps * 1e3
+    print("layer fwd+bwd floor: FLOPs at the measured GEMM rate + router/experts bytes at the copy rate = %.3f ms" % floor)
+
+print("\n(b) experts alone, T=4096 d=1024 k=32 (bench_omni; % of its measured copy rate on the min bytes)")
+print("| N | exec | schedule ms | fwd ms | bwd ms | sched+fwd+bwd ms | floor ms | % of copy |")
+print("|---:|---|---:|---:|---:|---:|---:|---:|")
+experts_frac = {}
+for N in (4096, 65536, 1048576):
+    for ex in ("TC", "EC"):
+        s, f, b = omni_rows.get((N, "schedule")), omni_rows.get((N, "fwd " + ex)), omni_rows.get((N, "bwd " + ex))
+        if not (s and f and b and omni_copy_bps):
+            print("| %d | %s | n/a | | | | | |" % (N, ex))
+            continue
+        ms = s[0] + f[0] + b[0]
+        floor = (s[1] + f[1] + b[1]) / omni_copy_bps * 1e3
+        frac = floor / ms
+        experts_frac[(N, ex)] = frac
+        print("| %d | %s | %.4f | %.4f | %.4f | %.4f | %.4f | %.1f%% |" % (N, ex, s[0], f[0], b[0], ms, floor, 100 * frac))
+
+print("\n(c) router alone, T=4096 d=1024, fwd+bwd (fwd) ms")
+print("| n | k | ours | % of copy (fwd+bwd) | PyTorch | speed-up fwd+bwd |")
+print("|---:|---:|---:|---:|---:|---:|")
+for n in (64, 256, 1024):
+    for k in (16, 32, 64):
+        fb, f = L.get("router_n%d_k%d_fwdbwd" % (n, k)), L.get("router_n%d_k%d_fwd" % (n, k))
+        tr = torch_row("router alone", "n=%d N=%d k=%d" % (n, n * n, k))
+        pct = "%.1f%%" % (100 * fb["bytes"] / (fb["ms"] * 1e-3) / copy_bps) if fb and copy_bps else "n/a"
+        sp = "%.1fx" % (tr["fwdbwd_ms"] / fb["ms"]) if fb and tr else "n/a"
+        print("| %d | %d | %s | %s | %s | %s |" % (n, k, pair(fb and fb["ms"], f and f["ms"]), pct,
+              pair(tr and tr["fwdbwd_ms"], tr and tr["fwd_ms"]), sp))
+
+print("\n(d) trainer: see the bench_train table above (bench_train.log)")
+runs = (train or {}).get("runs", {})
+for name, r in runs.items():
+    print("  %-11s %9.0f tok/s  %7.2f ms/step  MFU %s" % (name, r["tok_s"], r["ms"], fmt(r["mfu"] and 100 * r["mfu"], "%.1f%%")))
+
+# ---- targets
+def verdict(value, target, higher_is_better):
+    if value is None:
+        return "n/a"
+    ok = value >= target if higher_is_better else value <= target
+    return "MET" if ok else "MISSED"
+
+rows = []
+if layer:
+    rows.append(("bench_layer correctness checks (layer vs CPU, TC == EC, routing)", "%d failed" % layer["check_failures"],
+                 "", "0 failed", "MET" if layer["check_failures"] == 0 else "FAILED: " + layer["first_failure"]))
+best_layer = min([x for x in (lms("layer_fwdbwd_tc"), lms("layer_fwdbwd_ec")) if x is not None], default=None)
+dense = lms("dense_swiglu_fwdbwd")
+r1 = best_layer / dense if best_layer and dense else None
+rows.append(("layer fwd+bwd / our dense SwiGLU (same run)", "%s / %s ms" % (fmt(best_layer), fmt(dense)), fmt(r1), "<= 1.5",
+             verdict(r1, 1.5, False)))
+best_re = min([x for x in (lms("router_experts_fwdbwd_tc"), lms("router_experts_fwdbwd_ec")) if x is not None], default=None)
+r2 = t_re["fwdbwd_ms"] / best_re if t_re and best_re else None
+rows.append(("router+experts fwd+bwd: PyTorch gather / ours", "%s / %s ms" % (fmt(t_re and t_re["fwdbwd_ms"]), fmt(best_re)),
+             fmt(r2, "%.1fx"), ">= 10x", verdict(r2, 10.0, True)))
+for N in (4096, 65536, 1048576):
+    fr = [experts_frac[(N, ex)] for ex in ("TC", "EC") if (N, ex) in experts_frac]
+    best = max(fr) if fr else None
+    rows.append(("experts N=%d: floor / time (best exec)" % N, "TC %s, EC %s" % (
+        fmt(experts_frac.get((N, "TC")) and 100 * experts_frac[(N, "TC")], "%.1f%%"),
+        fmt(experts_frac.get((N, "EC")) and 100 * experts_frac[(N, "EC")], "%.1f%%")),
+        fmt(best and 100 * best, "%.1f%%"), ">= 50%", verdict(best, 0.5, True)))
+ratios = (train or {}).get("ratios", {})
+g = runs.get(ratios.get("gelu_run", "gelu_b32"))
+r4 = ratios.get("gelu_vs_llmc")
+rows.append(("dense gelu d12 B=%s tok/s / llm.c 331k" % (g["B"] if g else 32), fmt(g and g["tok_s"], "%.0f tok/s"), fmt(r4),
+             ">= 1.2", verdict(r4, 1.2, True)))
+r5 = ratios.get("omni_vs_swiglu")
+o, s = runs.get(ratios.get("omni_run", "omni_b32")), runs.get(ratios.get("swiglu_run", "swiglu_b32"))
+rows.append(("omni / swiglu d12 tok/s (B=%s)" % (o["B"] if o else 32), "%s / %s" % (fmt(o and o["tok_s"], "%.0f"), fmt(s and s["tok_s"], "%.0f")),
+             fmt(r5), ">= 0.85", verdict(r5, 0.85, True)))
+
+print("\n================ targets of the performance issue (card: %s) ================" % (layer["card"] if layer else "see nvidia-smi above"))
+print("| target | measured | ratio | goal | status |")
+print("|---|---|---:|---|---|")
+for r in rows:
+    print("| %s | %s | %s | %s | %s |" % r)
+EOF
+exit "$any_failed"
