@@ -165,7 +165,7 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
         }
         grads[mode] = (float*)malloc_check(P * sizeof(float));
         model_zero_grad(&m);
-        model_backward(&m, inputs, 1.0f);
+        model_backward(&m, inputs, 1.0f, NULL);
         gpu_grads(&m, grads[mode]);
         if (mode == 0 && c->ffn_kind == FFN_OMNI) {
             // share of selected experts the GPU chose and the CPU did not (sets per token: two
@@ -220,7 +220,7 @@ static void gpu_train(const ModelConfig* c, const float* params, const float* bn
         const int* in = tokens + (size_t)s * (BT + 1);
         model_zero_grad(&m);
         model_forward(&m, in, in + 1, B, T, 1);
-        model_backward(&m, in, 1.0f);
+        model_backward(&m, in, 1.0f, NULL);
         out_losses[s] = model_mean_loss(&m);
         model_update(&m, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f);
     }
@@ -331,7 +331,7 @@ static void test_eval_sampling_accumulation(const char* name, const ModelConfig*
         cpu::gpt_forward(&ref, in, in + 1, B, T, 1);
         cpu::gpt_backward(&ref, 0.5f);
         model_forward(&m, in, in + 1, B, T, 1);
-        model_backward(&m, in, 0.5f);
+        model_backward(&m, in, 0.5f, NULL);
     }
     float* grads = (float*)malloc_check(P * sizeof(float));
     gpu_grads(&m, grads);

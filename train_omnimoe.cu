@@ -24,10 +24,14 @@ bits.
 
 Several GPUs: every rank holds the whole model and optimizer state (replicas stay bitwise equal:
 same initialisation, same averaged gradients, same update), reads its own slice of the data and
-keeps its own router BN running statistics (SPEC: per rank, no cross-GPU sync). After the
-backward of a step the floatX gradients are averaged with one all-reduce over the flat buffer;
-the step's loss, the expert counts and the stop request (SIGINT/SIGTERM) are summed too, so
-every rank takes the same decisions. Rank 0 alone prints, logs and writes files; checkpoints hold
+keeps its own router BN running statistics (SPEC: per rank, no cross-GPU sync). The floatX
+gradients of a step are averaged over the ranks in buckets, one per layer plus one for the
+embeddings and the final LayerNorm (GradReducer, llmc/multi_gpu.cuh), on a stream of their own:
+with --overlap-comm 1 each layer's bucket starts as soon as the backward of the last micro-step
+has finished that layer, so the transfer runs under the backward of the layers below; with 0
+the same buckets run after the backward (same bits, only later). The step's loss, the expert
+counts and the stop request (SIGINT/SIGTERM) are summed too, so every rank takes the same
+decisions. Rank 0 alone prints, logs and writes files; checkpoints hold
 every rank's BN set.
 */
 #include "llmc/utils.h"   // first: it selects POSIX declarations
@@ -422,13 +426,20 @@ static float model_mean_loss(const Model* m) {
 // ----------------------------------------------------------------------------
 // backward
 
+// the gradient bucket of layer l: the backward finishes layer L-1 first (see model_grad_reducer_init)
+static int model_layer_bucket(const Model* m, int l) { return m->config.num_layers - 1 - l; }
+
 static void model_zero_grad(Model* m) {
     cudaCheck(cudaMemsetAsync(m->grads, 0, m->num_params * sizeof(floatX), m->stream));
 }
 
 // grads += loss_scale * d(mean loss of the last forward)/d(params). The last forward must have
 // had targets. Overwrites the logits with their gradient.
-static void model_backward(Model* m, const int* inputs, float loss_scale) {
+// reducer (several GPUs, --overlap-comm 1, the last micro-step of a step; else NULL): each
+// bucket of model_grad_reducer_init starts its all-reduce as soon as the backward has queued
+// the last write to its gradients: layer l's after its LN1 backward, the embeddings' after the
+// encoder backward (wte also got the LM head's gradient at the start).
+static void model_backward(Model* m, const int* inputs, float loss_scale, GradReducer* reducer) {
     const ModelConfig* c = &m->config;
     const int B = m->cur_B, T = m->cur_T;
     const int L = c->num_layers, C = c->channels, NH = c->num_heads, BT = B * T;
@@ -490,8 +501,61 @@ static void model_backward(Model* m, const int* inputs, float loss_scale) {
         layernorm_backward(a->dresidual, layer_grad(m, PARAM_LN1W, l), layer_grad(m, PARAM_LN1B, l), a->dsub, residual,
                            layer_param(m, PARAM_LN1W, l), a->ln1_mean + (size_t)l * BT, a->ln1_rstd + (size_t)l * BT,
                            BT, C, scratch, st);
+        // layer l's weight gradients are complete (the layers below write only their own)
+        if (reducer) grad_reducer_launch(reducer, model_layer_bucket(m, l), st);
     }
     encoder_backward(grad_ptr(m, PARAM_WTE), grad_ptr(m, PARAM_WPE), a->dresidual, &m->encoder_plan, B, T, C, st);
+    if (reducer) grad_reducer_launch(reducer, m->config.num_layers, st);  // wte, wpe, lnfw, lnfb
+}
+
+// ----------------------------------------------------------------------------
+// the gradient buckets of several GPUs (GradReducer, llmc/multi_gpu.cuh)
+//
+// Bucket b < L holds layer l = L-1-b's slice of every per-layer tensor (the backward finishes the
+// layers top down, so the buckets launch in index order); bucket L holds the tensors that are not
+// per layer: wte (written by the LM head first and by the encoder last), wpe, lnfw, lnfb. A new
+// tensor must go into the bucket of the last backward step that writes it: model_grad_reducer_init
+// checks that the slices cover the gradient buffer exactly once, not when they are written.
+
+static int param_is_per_layer(int tensor) {
+    return tensor != PARAM_WTE && tensor != PARAM_WPE && tensor != PARAM_LNFW && tensor != PARAM_LNFB;
+}
+
+static int compare_size_t_pairs(const void* a, const void* b) {
+    size_t x = ((const size_t*)a)[0], y = ((const size_t*)b)[0];
+    return x < y ? -1 : (x > y ? 1 : 0);
+}
+
+// one bucket per layer plus one; the slices are checked to tile the gradient buffer
+static void model_grad_reducer_init(Model* m, GradReducer* r, const MultiGpu* mg) {
+    const int L = m->config.num_layers;
+    grad_reducer_init(r, mg, L + 1);
+    size_t* tiles = (size_t*)malloc_check(((size_t)L + 1) * NUM_PARAMETER_TENSORS * 2 * sizeof(size_t));
+    int num_tiles = 0;
+    for (int l = L - 1; l >= -1; l--) {  // l = -1: the bucket after the layers
+        for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
+            if (m->param_sizes[i] == 0 || param_is_per_layer(i) != (l >= 0)) continue;
+            floatX* slice = l >= 0 ? layer_grad(m, i, l) : grad_ptr(m, i);
+            size_t count = l >= 0 ? m->param_sizes[i] / L : m->param_sizes[i];
+            grad_reducer_add(r, l >= 0 ? model_layer_bucket(m, l) : L, slice, count);
+            tiles[2 * num_tiles] = (size_t)(slice - m->grads);
+            tiles[2 * num_tiles + 1] = count;
+            num_tiles++;
+        }
+    }
+    qsort(tiles, num_tiles, 2 * sizeof(size_t), compare_size_t_pairs);
+    size_t end = 0;  // the tiles, in order, must each start where the last ended and end at num_params
+    int t = 0;
+    while (t < num_tiles && tiles[2 * t] == end) {
+        end += tiles[2 * t + 1];
+        t++;
+    }
+    free(tiles);
+    if (t != num_tiles || end != m->num_params) {
+        fprintf(stderr, "model_grad_reducer_init: the gradient buckets do not tile the %zu gradients exactly once "
+                "(a gap or an overlap at element %zu)\n", m->num_params, end);
+        exit(EXIT_FAILURE);
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -869,6 +933,18 @@ int main(int argc, char** argv) {
     }
     free(init_params);
     free(init_bn);
+    // several GPUs: the gradient buckets and their stream; one GPU: none, and no NCCL call at all
+    GradReducer reducer_storage;
+    GradReducer* reducer = NULL;
+    if (G > 1) {
+        model_grad_reducer_init(&model, &reducer_storage, &mg);
+        reducer = &reducer_storage;
+        if (master_process) {
+            printf("| gradient mean: %d NCCL buckets per step (one per layer, then the embeddings), %s\n",
+                   reducer->num_buckets, cfg.overlap_comm ? "overlapped with the backward (--overlap-comm 1)"
+                                                          : "after the backward (--overlap-comm 0)");
+        }
+    }
     size_t free_bytes, total_bytes;
     cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
     if (master_process) {
@@ -966,11 +1042,18 @@ int main(int argc, char** argv) {
         for (int micro = 0; micro < grad_accum; micro++) {
             dataloader_next_batch(&train_loader);
             model_forward(&model, train_loader.inputs, train_loader.targets, cfg.B, cfg.T, 1);
-            model_backward(&model, train_loader.inputs, 1.0f / grad_accum);
+            // --overlap-comm 1: the last micro-step starts each bucket's all-reduce during its backward
+            // (the earlier ones only accumulate)
+            GradReducer* overlap = cfg.overlap_comm && micro == grad_accum - 1 ? reducer : NULL;
+            model_backward(&model, train_loader.inputs, 1.0f / grad_accum, overlap);
             loss_sum += model_mean_loss(&model);
         }
-        // the mean gradient over all ranks, then the step's loss and stop requests of all ranks
-        multi_gpu_allreduce_avg(&mg, model.grads, model.num_params, model.stream);
+        // the mean gradient over all ranks (--overlap-comm 0: all buckets now, after the backward),
+        // then the step's loss and stop requests of all ranks
+        if (reducer) {
+            if (!cfg.overlap_comm) grad_reducer_launch_all(reducer, model.stream);
+            grad_reducer_wait(reducer, model.stream);  // the norm and AdamW below read the means
+        }
         double reduced[2] = {loss_sum / grad_accum, stop_requested ? 1.0 : 0.0};
         multi_gpu_sum_doubles(&mg, reduced, 2, model.stream);
         float loss = (float)(reduced[0] / G);
@@ -1015,6 +1098,7 @@ int main(int argc, char** argv) {
     if (master_process) tokenizer_free(&tokenizer);
     dataloader_free(&train_loader);
     if (have_val) dataloader_free(&val_loader);
+    if (reducer) grad_reducer_free(reducer);
     model_free(&model);
     matmul_free();
     if (omni) router_free();

@@ -6,7 +6,10 @@ Defines:
                                  NCCL communicator
 - multi_gpu_init()               finds how the job was launched, picks and sets the GPU, builds the
                                  communicator
-- multi_gpu_allreduce_avg()      floatX buffer (the gradients) -> its mean over all ranks, in place
+- multi_gpu_allreduce_avg()      floatX buffer -> its mean over all ranks, in place (one call)
+- GradReducer, grad_reducer_*()  the gradient mean of training: in buckets (one NCCL group each) on a
+                                 communication stream of its own, launched while the backward runs
+                                 (--overlap-comm 1) or after it (0); the same calls either way
 - multi_gpu_allreduce_sum_int()  int32 buffer -> its sum over all ranks, in place (exact)
 - multi_gpu_sum_doubles()        a few host doubles -> their sums over all ranks (loss, flags)
 - multi_gpu_allgather_floats()   every rank's n floats -> (num_processes * n) floats, rank order
@@ -30,15 +33,23 @@ Launches (chosen in this order):
 Local GPU: MPI's local rank; in file launches LOCAL_RANK, OMPI_COMM_WORLD_LOCAL_RANK,
 MPI_LOCALRANKID or SLURM_LOCALID when set, else process_rank mod the number of visible GPUs.
 
-Determinism: the gradient mean is one ncclAllReduce (ncclAvg) over the whole flat buffer, the
-same call with the same size on every step, so NCCL picks the same algorithm, protocol and
-channel split each time (its choice is a deterministic function of size, topology and version),
-and each element is reduced in the same order every step and every run on the same machine and
-GPU count. With 2 ranks the result does not even depend on the order (a + b = b + a in floating
-point). We do not pin NCCL_ALGO/NCCL_PROTO: run-to-run reproducibility does not need it, and
-pinning would cost speed on some topologies; set them yourself to reproduce bits across NCCL
-versions or machines. Integer sums (expert counts) are exact; the scalar sums (losses, the stop
-flag) are doubles reduced in NCCL's fixed order.
+Determinism: the gradient mean is a fixed sequence of NCCL groups (GradReducer below), each a
+fixed list of in-place ncclAllReduce (ncclAvg) calls on fixed sub-ranges of the gradient buffer,
+issued in the same order on every step. NCCL picks the algorithm, protocol and channel split of
+each call from the sizes in its group, the topology and its version (in a group it bins the
+calls of one type by size and chooses per bin), never from timing, so each element is reduced
+in the same order every step and every run on the same machine and GPU count. Launching the same
+groups earlier (--overlap-comm 1, while the backward still runs) or later (0) changes nothing but
+when they run: the two give the same bits. A sub-range is NOT reduced like the same elements
+inside one call over the whole buffer (other sizes can get another algorithm, and tree vs ring
+sums 3+ ranks in another order), so the bucketing itself is fixed and shared by both modes. With
+2 ranks the order does not matter anyway (x/2 + y/2 = y/2 + x/2 in floating point; ncclAvg
+scales each input by 1/ranks, exact for 2 and 4, then sums). We do not pin NCCL_ALGO/NCCL_PROTO:
+run-to-run reproducibility does not need it, and pinning would cost speed on some topologies;
+set them yourself to reproduce bits across NCCL versions or machines (NCCL_MAX_CTAS and the like
+change the channel split, hence the bits on 3+ ranks: keep them fixed between runs you compare).
+Integer sums (expert counts) are exact; the scalar sums (losses, the stop flag) are doubles
+reduced in NCCL's fixed order.
 
 NVLink multicast (NVLS): multi_gpu_init sets NCCL_NVLS_ENABLE=0 unless the environment already
 sets it (export NCCL_NVLS_ENABLE=1 to allow it where that is safe); the scripts export it too.
@@ -299,6 +310,133 @@ static inline void multi_gpu_allreduce_avg(const MultiGpu* mg, floatX* buf, size
 #else
     (void)buf; (void)stream;
 #endif
+}
+
+// ----------------------------------------------------------------------------
+// GradReducer: the mean of the floatX gradients over the ranks, in buckets.
+//
+// A bucket is a list of slices (sub-ranges of the gradient buffer) whose gradients become final
+// at the same point of the backward (in the trainer: one layer's share of every per-layer tensor;
+// last, the embeddings and the final LayerNorm). grad_reducer_launch(b) records an event on the
+// compute stream, makes the communication stream wait for it, and issues the bucket as one NCCL
+// group of in-place ncclAllReduce(ncclAvg) calls, one per slice, on the communication stream: the
+// compute stream goes on with the backward of the layers below meanwhile. grad_reducer_wait()
+// then makes the compute stream wait for the last bucket, before the gradient norm and AdamW.
+// Buckets launch in index order, every bucket once per step, all ranks alike (NCCL needs the same
+// calls in the same order on every rank; a launch out of order is a bug and exits).
+//
+// --overlap-comm 0 launches the same buckets in the same order right after the backward
+// (grad_reducer_launch_all), so both modes issue identical NCCL calls and give identical bits
+// (the top of this file says why). The communication stream is created non-blocking: work on the
+// legacy default stream (synchronous cudaMemcpy, stream 0) neither waits for the reductions in
+// flight nor holds them up; every ordering it needs is explicit (the two events). It gets the
+// highest stream priority, so its kernels take SMs as soon as the backward's blocks free them.
+// Only for more than one process: on one GPU the trainer creates none and calls none of these.
+
+#define GRAD_REDUCER_MAX_SLICES 32   // per bucket
+
+typedef struct {
+    int num_slices;
+    floatX* ptr[GRAD_REDUCER_MAX_SLICES];    // in the gradient buffer, device
+    size_t count[GRAD_REDUCER_MAX_SLICES];   // elements
+} GradBucket;
+
+typedef struct {
+    const MultiGpu* mg;
+    int num_buckets;
+    GradBucket* buckets;     // (num_buckets) host
+    int next_bucket;         // the bucket launched next in this step (they go in index order)
+    cudaStream_t stream;     // the communication stream
+    cudaEvent_t ready;       // compute stream -> communication stream: a bucket's gradients are final
+    cudaEvent_t done;        // communication stream -> compute stream: every bucket is reduced
+} GradReducer;
+
+static inline void grad_reducer_init(GradReducer* r, const MultiGpu* mg, int num_buckets) {
+    memset(r, 0, sizeof(*r));
+    if (mg->num_processes < 2 || num_buckets < 1) {
+        fprintf(stderr, "grad_reducer_init: needs >= 2 processes and >= 1 bucket (got %d, %d)\n", mg->num_processes,
+                num_buckets);
+        exit(EXIT_FAILURE);
+    }
+    r->mg = mg;
+    r->num_buckets = num_buckets;
+    r->buckets = (GradBucket*)calloc(num_buckets, sizeof(GradBucket));
+    if (r->buckets == NULL) {
+        fprintf(stderr, "grad_reducer_init: out of host memory\n");
+        exit(EXIT_FAILURE);
+    }
+    int least_priority = 0, greatest_priority = 0;
+    cudaCheck(cudaDeviceGetStreamPriorityRange(&least_priority, &greatest_priority));
+    cudaCheck(cudaStreamCreateWithPriority(&r->stream, cudaStreamNonBlocking, greatest_priority));
+    cudaCheck(cudaEventCreateWithFlags(&r->ready, cudaEventDisableTiming));
+    cudaCheck(cudaEventCreateWithFlags(&r->done, cudaEventDisableTiming));
+}
+
+// appends the slice ptr[0, count) to bucket b (count 0: nothing)
+static inline void grad_reducer_add(GradReducer* r, int b, floatX* ptr, size_t count) {
+    if (count == 0) return;
+    if (b < 0 || b >= r->num_buckets || r->buckets[b].num_slices == GRAD_REDUCER_MAX_SLICES) {
+        fprintf(stderr, "grad_reducer_add: bucket %d of %d is out of range or full (%d slices)\n", b, r->num_buckets,
+                GRAD_REDUCER_MAX_SLICES);
+        exit(EXIT_FAILURE);
+    }
+    GradBucket* bucket = &r->buckets[b];
+    bucket->ptr[bucket->num_slices] = ptr;
+    bucket->count[bucket->num_slices] = count;
+    bucket->num_slices++;
+}
+
+// Bucket b's gradients are final once the work queued so far on `compute` is done: reduce them on
+// the communication stream from then on.
+static inline void grad_reducer_launch(GradReducer* r, int b, cudaStream_t compute) {
+    if (b != r->next_bucket) {
+        fprintf(stderr, "grad_reducer_launch: bucket %d launched out of order (expected %d of %d)\n", b,
+                r->next_bucket, r->num_buckets);
+        exit(EXIT_FAILURE);
+    }
+    r->next_bucket++;
+    cudaCheck(cudaEventRecord(r->ready, compute));
+    // the wait takes the event as recorded now, so one event serves every bucket
+    cudaCheck(cudaStreamWaitEvent(r->stream, r->ready, 0));
+    const GradBucket* bucket = &r->buckets[b];
+    if (bucket->num_slices == 0) return;
+#ifdef MULTI_GPU
+    ncclCheck(ncclGroupStart());
+    for (int i = 0; i < bucket->num_slices; i++) {
+        ncclCheck(ncclAllReduce(bucket->ptr[i], bucket->ptr[i], bucket->count[i], NCCL_FLOATX, ncclAvg, r->mg->comm,
+                                r->stream));
+    }
+    ncclCheck(ncclGroupEnd());
+#else
+    multi_gpu_fail_("%s", "grad_reducer_launch: this build has no NCCL");
+#endif
+}
+
+// --overlap-comm 0: every bucket not launched yet, in order, after the work queued on `compute`
+static inline void grad_reducer_launch_all(GradReducer* r, cudaStream_t compute) {
+    while (r->next_bucket < r->num_buckets) grad_reducer_launch(r, r->next_bucket, compute);
+}
+
+// Work queued on `compute` from now on waits for every bucket's mean. Every bucket must have been
+// launched this step; the next step starts again at bucket 0.
+static inline void grad_reducer_wait(GradReducer* r, cudaStream_t compute) {
+    if (r->next_bucket != r->num_buckets) {
+        fprintf(stderr, "grad_reducer_wait: only %d of %d gradient buckets were launched this step\n", r->next_bucket,
+                r->num_buckets);
+        exit(EXIT_FAILURE);
+    }
+    cudaCheck(cudaEventRecord(r->done, r->stream));
+    cudaCheck(cudaStreamWaitEvent(compute, r->done, 0));
+    r->next_bucket = 0;
+}
+
+static inline void grad_reducer_free(GradReducer* r) {
+    cudaCheck(cudaStreamSynchronize(r->stream));
+    cudaCheck(cudaEventDestroy(r->ready));
+    cudaCheck(cudaEventDestroy(r->done));
+    cudaCheck(cudaStreamDestroy(r->stream));
+    free(r->buckets);
+    memset(r, 0, sizeof(*r));
 }
 
 // buf (n int32, device) = sum over ranks of buf
