@@ -11,6 +11,9 @@
 #   g1   1 GPU, grad accumulation 2, 20 steps, checkpoints every 10
 #   g2   2 GPUs (mpirun), no accumulation, 20 steps, checkpoints every 10
 #   half 1 GPU with half the global batch (the data of rank 0 only): the negative control
+#   g2ov as g2 with --overlap-comm 1 (each layer's gradient all-reduce runs during the backward)
+#   g1a4 / g2a2 / g2a2ov  global batch 4096: 1 GPU with grad accumulation 4; 2 GPUs with grad
+#        accumulation 2, --overlap-comm 0 and 1
 # Checks:
 #   (a)  g2 vs g1: the same global batch on 2 GPUs and on 1 GPU, loss within LOSS_TOL, gradient norm
 #        within NORM_RTOL (bf16 gradients are summed in another order); and half vs g1 must NOT
@@ -25,6 +28,12 @@
 #   (d)  bad input: the newest checkpoint truncated -> resume takes the previous one (and matches g1);
 #        a checkpoint of another model (--topk 8 vs 16) on 2 GPUs -> one clear error, non-zero
 #        exit, no hang
+#   (e)  --overlap-comm 1 vs 0 on 2 GPUs (g2ov vs g2): every step's loss and norm and the evals
+#        bitwise equal, and the step-20 checkpoints byte-identical (both modes issue the same NCCL
+#        calls; only when they run differs)
+#   (f)  grad accumulation with --overlap-comm 1 (only the last micro-step may start the
+#        reductions): g2a2ov vs g1a4 within the tolerances of (a) (and g1, half that batch, must
+#        not agree with g1a4: the negative control), and g2a2ov vs g2a2 bitwise
 set -u
 export NCCL_NVLS_ENABLE=0   # never NVLink multicast (house rule)
 cd "$(dirname "$0")/.."
@@ -117,6 +126,35 @@ compare "(a) 2 GPUs vs 1 GPU (grad accumulation 2), same global batch" "$W/g1/lo
     --steps 1-20 --loss-tol "$LOSS_TOL" --norm-rtol "$NORM_RTOL"
 compare "(a) negative control: half the batch on 1 GPU vs g1 must differ" "$W/g1/log.jsonl" "$W/half/log.jsonl" \
     --steps 1-20 --loss-tol "$LOSS_TOL" --norm-rtol "$NORM_RTOL" --expect-differ
+
+# --- (e) the gradient all-reduce overlapped with the backward: the same bits -------------------
+run2 "$MPI_LAUNCH" g2ov "${COMMON[@]}" -x 20 -n 10 -o "$W/g2ov" --overlap-comm 1
+check_rc $? 0 "run g2ov (2 GPUs, --overlap-comm 1, $MPI_LAUNCH)" g2ov
+check "(e) g2 reduced the gradients after the backward, g2ov during it (each says so)" \
+    bash -c "grep -q 'after the backward (--overlap-comm 0)' '$W/g2.out' && \
+             grep -q 'overlapped with the backward (--overlap-comm 1)' '$W/g2ov.out'"
+compare "(e) 2 GPUs: --overlap-comm 1 vs 0, 20 steps and the evals" "$W/g2/log.jsonl" "$W/g2ov/log.jsonl" \
+    --steps 1-20 --exact
+check "(e) the step-20 checkpoints of both are byte-identical (weights, AdamW, 2 BN sets)" \
+    cmp -s "$W/g2/ckpt_00000020.bin" "$W/g2ov/ckpt_00000020.bin"
+
+# --- (f) grad accumulation with the overlap: 2 GPUs x 2 micro-steps vs 1 GPU x 4 -----------------
+ACC=(-e d6 -f omni -b 4 -t 256 -d 4096 -l 1e-3 -u 5 -v 10 -m 4 -s 0 --seed 7 -x 20)
+run1 g1a4 "${ACC[@]}" -o "$W/g1a4"
+check_rc $? 0 "run g1a4 (1 GPU, grad accumulation 4)" g1a4
+run2 "$MPI_LAUNCH" g2a2ov "${ACC[@]}" -o "$W/g2a2ov" --overlap-comm 1
+check_rc $? 0 "run g2a2ov (2 GPUs, grad accumulation 2, --overlap-comm 1)" g2a2ov
+run2 "$MPI_LAUNCH" g2a2 "${ACC[@]}" -o "$W/g2a2" --overlap-comm 0
+check_rc $? 0 "run g2a2 (2 GPUs, grad accumulation 2, --overlap-comm 0)" g2a2
+check "(f) g2a2ov ran 2 micro-steps per step with the overlap" \
+    bash -c "grep -q 'grad accumulation 2,' '$W/g2a2ov.out' && \
+             grep -q 'overlapped with the backward (--overlap-comm 1)' '$W/g2a2ov.out'"
+compare "(f) 2 GPUs (grad accumulation 2, --overlap-comm 1) vs 1 GPU (grad accumulation 4)" "$W/g1a4/log.jsonl" \
+    "$W/g2a2ov/log.jsonl" --steps 1-20 --loss-tol "$LOSS_TOL" --norm-rtol "$NORM_RTOL"
+compare "(f) negative control: g1 (half the global batch) vs g1a4 must differ" "$W/g1a4/log.jsonl" "$W/g1/log.jsonl" \
+    --steps 1-20 --loss-tol "$LOSS_TOL" --norm-rtol "$NORM_RTOL" --expect-differ
+compare "(f) 2 GPUs, grad accumulation 2: --overlap-comm 1 vs 0 bitwise" "$W/g2a2/log.jsonl" "$W/g2a2ov/log.jsonl" \
+    --steps 1-20 --exact
 
 # --- (b1) bitwise resume on 1 GPU ------------------------------------------------------------
 fresh_resume_dir "$W/g1r" "$W/g1/ckpt_00000010.bin"
