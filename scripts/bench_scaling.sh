@@ -13,6 +13,7 @@
 # binary has MPI, else the id-file launch). Prints a markdown table last; logs under $BENCH_DIR.
 # OVERLAP: the --overlap-comm values to run on more than one GPU (0 = the all-reduce after the
 # backward, 1 = overlapped with it; a list runs each); one GPU has no all-reduce and runs once.
+# With both, the loss and norm lines of the two modes are compared bit for bit (PASS/FAIL last).
 set -u
 export NCCL_NVLS_ENABLE=0   # never NVLink multicast (house rule)
 cd "$(dirname "$0")/.."
@@ -89,5 +90,17 @@ eff = "%.3f" % (t / (g * base)) if base > 0 else "n/a"
 print("| d12 %s | %d | %s | %.0f | %.0f | %.2f | %s |" % (model, g, ov, t, t / g, 1000.0 * g * B * T / t, eff))
 EOF
         done
+    done
+done
+
+# both --overlap-comm modes ran: they must give the same bits (same NCCL calls, launched earlier
+# or later), which on 3+ GPUs is more than a 2-GPU test shows (the summation order matters there)
+for model in $MODELS; do
+    for g in $GPUS; do
+        a="$D/${model}_g${g}_ov0.jsonl"
+        b="$D/${model}_g${g}_ov1.jsonl"
+        if [ "$g" -gt 1 ] && [ -s "$a" ] && [ -s "$b" ]; then
+            python3 scripts/compare_logs.py "$a" "$b" --exact --label "d12 $model, $g GPUs: --overlap-comm 1 vs 0"
+        fi
     done
 done
