@@ -840,7 +840,8 @@ static void test_args(void) {
                     (char*)"-n", (char*)"100", (char*)"-y", (char*)"1", (char*)"--seed", (char*)"18446744073709551615",
                     (char*)"--shuffle", (char*)"0", (char*)"-f", (char*)"omni", (char*)"--hidden", (char*)"128",
                     (char*)"--experts", (char*)"64", (char*)"--topk", (char*)"8", (char*)"--router-norm", (char*)"none",
-                    (char*)"--gate", (char*)"prob", (char*)"--expert-exec", (char*)"token", (char*)"--log-file", (char*)"l.jsonl"};
+                    (char*)"--gate", (char*)"prob", (char*)"--expert-exec", (char*)"token", (char*)"--log-file", (char*)"l.jsonl",
+                    (char*)"--overlap-comm", (char*)"1"};
     int argc = (int)(sizeof(good) / sizeof(good[0]));
     cfg = def;
     train_config_parse(&cfg, argc, good);
@@ -853,7 +854,8 @@ static void test_args(void) {
              cfg.sample_every == 0 && cfg.gen_tokens == 32 && cfg.checkpoint_every == 100 && cfg.resume == 1 &&
              cfg.seed == 18446744073709551615ull && cfg.shuffle == 0 && cfg.ffn_kind == FFN_OMNI &&
              cfg.ffn_hidden == 128 && cfg.num_experts == 64 && cfg.top_k == 8 && cfg.router_norm == ROUTER_NORM_NONE &&
-             cfg.gate == GATE_PROB && cfg.expert_exec == EXPERT_EXEC_TOKEN && strcmp(cfg.log_file, "l.jsonl") == 0;
+             cfg.gate == GATE_PROB && cfg.expert_exec == EXPERT_EXEC_TOKEN && strcmp(cfg.log_file, "l.jsonl") == 0 &&
+             cfg.overlap_comm == 1;
     check(ok, "args: every flag (short, long, --flag=value) sets its field", "");
 
     // the model from the flags
