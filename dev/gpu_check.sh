@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: build the CUDA trainer and its test (bf16 and fp32), run the GPU tests, run a
 # short training of the default model, and print a summary last. Logs go to $OUT when set.
-#   bash dev/gpu_check.sh [quick|full|kernels|bench]
+#   bash dev/gpu_check.sh [quick|full|kernels|full+kernels|bench]
 #     quick: build + GPU tests; full: also the default training run and, when carry/mixed was
 #     carried, a rerun of the dense-vs-OmniMoE recipe's start; kernels: also every kernel test
 #     and benchmark of dev/cuda (run_std.sh, run_attention.sh, run_omni.sh); bench: only
@@ -24,10 +24,10 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 run build make -j3 train_omnimoe test_omnimoe test_omnimoe_fp32
 run test_bf16 ./test_omnimoe
 run test_fp32 ./test_omnimoe_fp32
-if [ "$mode" = kernels ]; then
+if [[ "$mode" == *kernels* ]]; then
     for suite in std attention omni; do run "kernels_$suite" bash dev/cuda/run_$suite.sh; done
 fi
-if [ "$mode" = full ]; then
+if [[ "$mode" == *full* ]]; then
     run train_default ./train_omnimoe   # the no-argument default run
 fi
 # rerun the start of the dense-vs-OmniMoE recipe (scripts/compare_dense_omni.sh) when its data
