@@ -151,7 +151,7 @@ static const TrainFlag train_flags[] = {
     {"-pn", "--num-processes", TRAIN_ARG_INT, offsetof(TrainConfig, launch_processes), 1, 65536, 0, NULL, "launch without mpirun: number of processes (one per GPU; needs -pf; ignored under mpirun)"},
     {"-pr", "--process-rank", TRAIN_ARG_INT, offsetof(TrainConfig, launch_rank), 0, 65535, 0, NULL, "launch without mpirun: this process's rank in [0, -pn)"},
     {"-pf", "--nccl-id-file", TRAIN_ARG_STRING, offsetof(TrainConfig, launch_id_file), 0, 0, 0, NULL, "launch without mpirun: a new file path (on a file system all hosts share) where rank 0 leaves the NCCL id"},
-    {NULL, "--overlap-comm", TRAIN_ARG_INT, offsetof(TrainConfig, overlap_comm), 0, 1, 0, NULL, "several GPUs: 1 = average each layer's gradients while the backward goes on, 0 = after it (same bits)"},
+    {NULL, "--overlap-comm", TRAIN_ARG_INT, offsetof(TrainConfig, overlap_comm), 0, 1, 0, NULL, "several GPUs: 1 (default) = average each layer's gradients while the backward goes on, 0 = after it (same bits)"},
 };
 #define TRAIN_NUM_FLAGS ((int)(sizeof(train_flags) / sizeof(train_flags[0])))
 
@@ -170,7 +170,7 @@ static inline void train_config_defaults(TrainConfig* cfg) {
     cfg->launch_processes = 1;
     cfg->launch_rank = 0;
     cfg->launch_id_file[0] = '\0';
-    cfg->overlap_comm = 0;
+    cfg->overlap_comm = 1;
     cfg->num_steps = 1000;
     cfg->learning_rate = 6e-4f;
     cfg->warmup_steps = 100;
