@@ -26,15 +26,18 @@ order, sorted. Method (SPEC §2 product-key argument, O(n + k^2) work):
   1. take the k' = min(n, k) best rows of pr and the k' best columns of pc (same order rule);
   2. rounding guard: an fp32 sum can tie two rows whose pr differ by about an ulp, and then the
      tie goes to the smaller id, which may be a row outside the k' best. Rows (columns) outside
-     that lie within tol = 2^-20 (max|pr| + max|pc|) below a selected one of larger index are
-     appended (below that distance the fp32 sums are strictly ordered). With real data this
-     adds nothing; it makes the result exact on adversarial near-ties (tested);
-  3. fast path (no appended rows/columns and no sub-tol gaps among the selected ones): the
-     candidate at sorted position (a, b) is beaten by all (a', b') with a' <= a, b' <= b, so
-     only (a+1)(b+1) <= k can be in the top-k: about k (1 + ln k) candidates. Otherwise the
-     whole (extended) grid is scanned. Then k rounds of "best candidate after the previous one"
-     (two redux.sync per round), or, with at most 64 candidates (and for the row/column
-     selection when n <= 64), every candidate is ranked at once by counting who beats it.
+     that lie within tol = 2^-20 (max|pr| + max|pc|) below a selected one of larger index, or
+     selected ones closer than tol, mark the token as near-tied (below that distance the fp32
+     sums are strictly ordered). A few percent of real tokens; adversarial cases are tested;
+  3. the candidate at sorted position (a, b) is beaten by all (a', b') with a' <= a, b' <= b,
+     so only (a+1)(b+1) <= k can be in the top-k: about k (1 + ln k) staircase candidates.
+     k rounds of "best candidate after the previous one" (two redux.sync per round), or, with
+     at most 64 candidates (and for the row/column selection when n <= 64), every candidate is
+     ranked at once by counting who beats it;
+  4. when step 2 found near-ties, the staircase is still exact in score values but a tie at the
+     k-th value may belong to a smaller id outside it: router_fix_ties refills the slots of the
+     k-th value with the smallest ids scoring exactly that value, found by a scan of the rows
+     and columns that can reach it (usually a handful; all n in fully tied degenerate cases).
 NaN scores are treated as -inf so the selection is always well defined.
 
 Determinism: every reduction has a fixed order (per-lane sequential + xor butterfly, fixed
@@ -234,11 +237,59 @@ __device__ inline bool router_has_near_ties(const float* v, const int* sel, int 
 
 __device__ inline float router_nan_to_neg_inf(float x) { return x != x ? -INFINITY : x; }
 
+// Tie fix-up after the staircase selection, for tokens whose rows or columns have near-ties
+// (the staircase is then still exact in VALUES, not necessarily in which of several equal
+// scores win). Let v = sel_s[k-1], the k-th largest score value of the staircase, which is the
+// k-th largest of all N: an element outside the staircase at sorted position (a, b) has
+// (a+1)(b+1) - 1 >= k others scoring at least as much, so it scores <= v; and the k best under
+// "score, then fewer dominators first" all lie inside. So the c scores > v are exactly the
+// staircase's, already in place at out[0..c), and the other k - c slots go to the elements
+// scoring exactly v with the smallest ids, anywhere in the grid. Rounding is monotone, so
+// S(i,j) <= fl(pr[i] + max pc): only rows with fl(pr[i] + max pc) >= v and columns with
+// fl(max pr + pc[j]) >= v can hold one; those rows are scanned in increasing i, their columns
+// in increasing j (= increasing id) until k - c are found. Overwrites rows and cols.
+__device__ inline void router_fix_ties(const float* pr, const float* pc, int n, int k, int* rows, int* cols,
+                                       const float* sel_s, int* out_idx, int lane) {
+    const float v = sel_s[k - 1];
+    const float pr_max = pr[rows[0]], pc_max = pc[cols[0]];
+    int above = 0;  // c: the selected scores strictly above v
+    for (int m = lane; m < k; m += 32) { above += sel_s[m] > v; }
+    above = __reduce_add_sync(0xffffffffu, above);
+    __syncwarp();  // rows, cols are read above and rewritten below
+    int num_rows = 0, num_cols = 0;
+    for (int base = 0; base < n; base += 32) {
+        const int i = base + lane;
+        const bool row_ok = i < n && router_nan_to_neg_inf(pr[i] + pc_max) >= v;
+        const bool col_ok = i < n && router_nan_to_neg_inf(pr_max + pc[i]) >= v;
+        const unsigned row_mask = __ballot_sync(0xffffffffu, row_ok), col_mask = __ballot_sync(0xffffffffu, col_ok);
+        const unsigned below_lane = (1u << lane) - 1u;
+        if (row_ok) { rows[num_rows + __popc(row_mask & below_lane)] = i; }
+        if (col_ok) { cols[num_cols + __popc(col_mask & below_lane)] = i; }
+        num_rows += __popc(row_mask);
+        num_cols += __popc(col_mask);
+    }
+    __syncwarp();
+    const int need = k - above;
+    int found = 0;
+    for (int a = 0; a < num_rows && found < need; a++) {
+        const int i = rows[a];
+        for (int base = 0; base < num_cols && found < need; base += 32) {
+            const int b = base + lane;
+            const bool hit = b < num_cols && router_nan_to_neg_inf(pr[i] + pc[cols[b]]) == v;
+            const unsigned mask = __ballot_sync(0xffffffffu, hit);
+            const int pos = found + __popc(mask & ((1u << lane) - 1u));
+            if (hit && pos < need) { out_idx[above + pos] = i * n + cols[b]; }
+            found += __popc(mask);
+        }
+    }
+    __syncwarp();
+}
+
 // Exact top-k of S(i,j) = pr[i] + pc[j] (fp32 sum) over all n*n pairs, one warp.
 // pr, pc: n values each in shared memory, NaN already replaced by -inf.
 // rows, cols: n ints each; cand_s, cand_id: router_staircase_count(n,k) each; sel_s: k floats
 // (all per-warp shared memory). Writes out_idx[0..k) (any memory) and sel_s[0..k) (the scores).
-// allow_fast = 0 forces the full-grid scan (tests compare both paths).
+// allow_fast = 0 runs the tie fix-up on every token (tests).
 __device__ inline void router_topk_warp(const float* pr, const float* pc, int n, int k,
                                         int* rows, int* cols, float* cand_s, int* cand_id, float* sel_s,
                                         int* out_idx, int allow_fast, int lane) {
@@ -265,32 +316,32 @@ __device__ inline void router_topk_warp(const float* pr, const float* pc, int n,
         fast = !near_r && !near_c;
     }
 
-    float prev_s = INFINITY;
-    int prev_id = -1;
-    if (fast) {
-        // staircase candidates, row by row
-        int num_cand = 0;
-        for (int a = 0; a < kp; a++) {
-            int bmax = k / (a + 1);
-            if (bmax > kp) { bmax = kp; }
-            const float row_score = pr[rows[a]];
-            const int row_id = rows[a] * n;
-            for (int b = lane; b < bmax; b += 32) {
-                cand_s[num_cand + b] = router_nan_to_neg_inf(row_score + pc[cols[b]]);
-                cand_id[num_cand + b] = row_id + cols[b];
-            }
-            num_cand += bmax;
+    // staircase candidates, row by row
+    int num_cand = 0;
+    for (int a = 0; a < kp; a++) {
+        int bmax = k / (a + 1);
+        if (bmax > kp) { bmax = kp; }
+        const float row_score = pr[rows[a]];
+        const int row_id = rows[a] * n;
+        for (int b = lane; b < bmax; b += 32) {
+            cand_s[num_cand + b] = router_nan_to_neg_inf(row_score + pc[cols[b]]);
+            cand_id[num_cand + b] = row_id + cols[b];
         }
-        __syncwarp();
-        if (num_cand <= 64) {  // rank every candidate at once (the top-k is among them: num_cand >= k)
-            for (int q = lane; q < num_cand; q += 32) {
-                const float s = cand_s[q];
-                const int id = cand_id[q];
-                int rank = 0;
-                for (int r = 0; r < num_cand; r++) { rank += router_beats(cand_s[r], cand_id[r], s, id); }
-                if (rank < k) { out_idx[rank] = id; sel_s[rank] = s; }
-            }
-        } else for (int m = 0; m < k; m++) {
+        num_cand += bmax;
+    }
+    __syncwarp();
+    if (num_cand <= 64) {  // rank every candidate at once (the top-k is among them: num_cand >= k)
+        for (int q = lane; q < num_cand; q += 32) {
+            const float s = cand_s[q];
+            const int id = cand_id[q];
+            int rank = 0;
+            for (int r = 0; r < num_cand; r++) { rank += router_beats(cand_s[r], cand_id[r], s, id); }
+            if (rank < k) { out_idx[rank] = id; sel_s[rank] = s; }
+        }
+    } else {
+        float prev_s = INFINITY;
+        int prev_id = -1;
+        for (int m = 0; m < k; m++) {
             float best_s = -INFINITY;
             int best_id = INT_MAX;
             for (int q = lane; q < num_cand; q += 32) {
@@ -303,24 +354,9 @@ __device__ inline void router_topk_warp(const float* pr, const float* pc, int n,
             prev_s = best_s;
             prev_id = best_id;
         }
-    } else {
-        const int total = nr * nc;
-        for (int m = 0; m < k; m++) {
-            float best_s = -INFINITY;
-            int best_id = INT_MAX;
-            for (int q = lane; q < total; q += 32) {
-                int a = q / nc, b = q - (q / nc) * nc;
-                float s = router_nan_to_neg_inf(pr[rows[a]] + pc[cols[b]]);
-                int id = rows[a] * n + cols[b];
-                if (router_beats(prev_s, prev_id, s, id) && router_beats(s, id, best_s, best_id)) { best_s = s; best_id = id; }
-            }
-            router_warp_argbest(best_s, best_id);
-            if (lane == 0) { out_idx[m] = best_id; sel_s[m] = best_s; }
-            prev_s = best_s;
-            prev_id = best_id;
-        }
     }
     __syncwarp();
+    if (!fast) { router_fix_ties(pr, pc, n, k, rows, cols, sel_s, out_idx, lane); }
 }
 
 // carve the per-warp shared memory of router_topk_warp
