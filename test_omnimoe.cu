@@ -356,6 +356,42 @@ static void test_eval_sampling_accumulation(const char* name, const ModelConfig*
     free(params); free(bn); free(tokens); free(logits); free(padded); free(grads);
 }
 
+// expert_stats_kernel (usage and KL of each layer's load, on the device) vs expert_load_stats
+// (logger.h, the host code the CPU trainer uses) on random counts with zeros, one layer all
+// zero and one with a single expert hit
+static void test_expert_stats(void) {
+    const int L = 4, N = 5000;
+    int* counts = (int*)malloc_check((size_t)L * N * sizeof(int));
+    Rng rng;
+    rng_init(&rng, 99);
+    for (int e = 0; e < N; e++) {
+        counts[e] = rng_u32(&rng) % 3 == 0 ? 0 : (int)(rng_u32(&rng) % 50);  // layer 0: a third unused
+        counts[N + e] = (int)(rng_u32(&rng) % 7);                              // layer 1: many small
+        counts[2 * N + e] = 0;                                                   // layer 2: nothing routed
+        counts[3 * N + e] = e == 1234 ? 4096 : 0;                                // layer 3: one expert
+    }
+    int* d_counts;
+    float* d_out;
+    cudaCheck(cudaMalloc(&d_counts, (size_t)L * N * sizeof(int)));
+    cudaCheck(cudaMalloc(&d_out, 2 * L * sizeof(float)));
+    cudaCheck(cudaMemcpy(d_counts, counts, (size_t)L * N * sizeof(int), cudaMemcpyHostToDevice));
+    expert_stats_kernel<<<L, EXPERT_STATS_THREADS>>>(d_out, d_counts, N);
+    cudaCheckLast();
+    float out[2 * L];
+    cudaCheck(cudaMemcpy(out, d_out, sizeof(out), cudaMemcpyDeviceToHost));
+    double worst = 0.0;
+    for (int l = 0; l < L; l++) {
+        float usage, kl;
+        expert_load_stats(counts + (size_t)l * N, N, &usage, &kl);
+        worst = fmax(worst, fabs((double)out[l] - usage));
+        worst = fmax(worst, fabs((double)out[L + l] - kl) / fmax(1e-6, fabs((double)kl)));
+    }
+    check(worst < 1e-6, "expert usage and KL on the device == expert_load_stats on the host", worst, 1e-6);
+    cudaCheck(cudaFree(d_counts));
+    cudaCheck(cudaFree(d_out));
+    free(counts);
+}
+
 int main(void) {
     int device_count = 0;
     if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) {
@@ -377,6 +413,7 @@ int main(void) {
     for (int i = 0; i < num_cases; i++) test_forward_backward(cases[i].name, &cases[i].c, 4, 64);
     for (int i = 0; i < num_cases; i++) test_training(cases[i].name, &cases[i].c, 4, 64);
     for (int i = 0; i < num_cases; i++) test_eval_sampling_accumulation(cases[i].name, &cases[i].c, 4, 64);
+    test_expert_stats();
     matmul_free();
     router_free();
     printf("test_omnimoe: %d passed, %d failed\n", num_passed, num_failed);

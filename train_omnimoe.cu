@@ -133,6 +133,7 @@ typedef struct {
     float* adam_v;
     float* bn_stats;      // router BN running statistics (layout of the model file)
     int* expert_counts;   // (L, N) pairs routed to each expert since the last reset (omni)
+    float* expert_stats;  // (2L) usage, then KL of each layer (expert_stats_kernel's output)
     Activations acts;
     EncoderBackwardPlan encoder_plan;
     int B, T;             // the shape activations were allocated for (the maximum)
@@ -279,6 +280,7 @@ static void model_build(Model* m, const ModelConfig* config, int B, int T, int e
         for (size_t l = 0; l < L; l++) omni_saved_alloc(&a->omni[l], c, (int)BT);
         m->expert_counts = (int*)cuda_malloc_or_die(L * c->num_experts * sizeof(int), "expert counts");
         cudaCheck(cudaMemset(m->expert_counts, 0, L * c->num_experts * sizeof(int)));
+        m->expert_stats = (float*)cuda_malloc_or_die(2 * L * sizeof(float), "expert statistics");
         router_init();
     }
     a->scratch_bytes = s;
@@ -299,6 +301,7 @@ static void model_free(Model* m) {
         for (int l = 0; l < m->config.num_layers; l++) omni_saved_free(&a->omni[l]);
         free(a->omni);
         cudaCheck(cudaFree(m->expert_counts));
+        cudaCheck(cudaFree(m->expert_stats));
         cudaCheck(cudaFree(a->step_counts));
         cudaCheck(cudaFree(a->dgate));
     }
@@ -658,11 +661,63 @@ static void model_reset_expert_counts(Model* m) {
     cudaCheck(cudaMemsetAsync(m->expert_counts, 0, bytes, m->stream));
 }
 
-static void model_expert_stats(const Model* m, int* host_counts, float* usage, float* kl) {
+// One block per layer: what expert_load_stats (logger.h) computes on the host, in double, each
+// sum in a fixed order (per-thread strides, then a tree), so the step does not wait for a copy of
+// the L x N counts and a host loop over them. out: usage[0..L), then kl[0..L).
+#define EXPERT_STATS_THREADS 512
+__global__ void expert_stats_kernel(float* out, const int* counts, int N) {
+    __shared__ long long red_total[EXPERT_STATS_THREADS];
+    __shared__ int red_used[EXPERT_STATS_THREADS];
+    __shared__ double red_sum[EXPERT_STATS_THREADS];
+    const int tid = threadIdx.x, L = gridDim.x, l = blockIdx.x;
+    const int* c = counts + (size_t)l * N;
+    long long total = 0;
+    int used = 0;
+    for (int e = tid; e < N; e += EXPERT_STATS_THREADS) {
+        total += c[e];
+        used += c[e] > 0;
+    }
+    red_total[tid] = total;
+    red_used[tid] = used;
+    __syncthreads();
+    for (int stride = EXPERT_STATS_THREADS / 2; stride > 0; stride /= 2) {
+        if (tid < stride) {
+            red_total[tid] += red_total[tid + stride];
+            red_used[tid] += red_used[tid + stride];
+        }
+        __syncthreads();
+    }
+    total = red_total[0];
+    double sum = 0.0;
+    if (total > 0) {
+        for (int e = tid; e < N; e += EXPERT_STATS_THREADS) {
+            if (c[e] <= 0) continue;
+            double p = (double)c[e] / (double)total;
+            sum += p * log(p * (double)N);
+        }
+    }
+    red_sum[tid] = sum;
+    __syncthreads();
+    for (int stride = EXPERT_STATS_THREADS / 2; stride > 0; stride /= 2) {
+        if (tid < stride) red_sum[tid] += red_sum[tid + stride];
+        __syncthreads();
+    }
+    if (tid == 0) {
+        out[l] = (float)red_used[0] / (float)N;
+        out[L + l] = (float)red_sum[0];
+    }
+}
+
+// usage[l], kl[l] of every OmniMoE layer from the counts since the last reset (a 2L-float copy)
+static void model_expert_stats(const Model* m, float* usage, float* kl) {
     if (m->config.ffn_kind != FFN_OMNI) return;
-    int L = m->config.num_layers, N = m->config.num_experts;
-    cudaCheck(cudaMemcpy(host_counts, m->expert_counts, (size_t)L * N * sizeof(int), cudaMemcpyDeviceToHost));
-    for (int l = 0; l < L; l++) expert_load_stats(host_counts + (size_t)l * N, N, &usage[l], &kl[l]);
+    int L = m->config.num_layers;
+    expert_stats_kernel<<<L, EXPERT_STATS_THREADS, 0, m->stream>>>(m->expert_stats, m->expert_counts,
+                                                                   m->config.num_experts);
+    cudaCheckLast();
+    cudaCheck(cudaMemcpyAsync(usage, m->expert_stats, L * sizeof(float), cudaMemcpyDeviceToHost, m->stream));
+    cudaCheck(cudaMemcpyAsync(kl, m->expert_stats + L, L * sizeof(float), cudaMemcpyDeviceToHost, m->stream));
+    cudaCheck(cudaStreamSynchronize(m->stream));
 }
 
 // ----------------------------------------------------------------------------
@@ -1006,7 +1061,6 @@ int main(int argc, char** argv) {
     signal(SIGUSR1, on_stop_signal);
 
     int L = config.num_layers, omni = config.ffn_kind == FFN_OMNI;
-    int* host_counts = omni ? (int*)malloc_check((size_t)L * config.num_experts * sizeof(int)) : NULL;
     float* usage = (float*)calloc_check(L, sizeof(float));
     float* kl = (float*)calloc_check(L, sizeof(float));
     double flops_per_token = model_config_flops_per_token_fwd(&config, cfg.T);
@@ -1072,8 +1126,8 @@ int main(int argc, char** argv) {
             multi_gpu_finalize(&mg);
             return EXIT_FAILURE;
         }
-        if (master_process) model_expert_stats(&model, host_counts, usage, kl);
-        double dt = now_seconds() - t0;  // the expert statistics (host work) count: the GPU waits for them
+        if (master_process) model_expert_stats(&model, usage, kl);
+        double dt = now_seconds() - t0;  // the expert statistics count too
         double tok_s = tokens_per_step / dt;
         logger_log_train(&logger, step + 1, cfg.num_steps, tokens_seen, loss, norm, lr, dt * 1000.0, tok_s,
                          logger_mfu(flops_per_token, tok_s, PEAK_FLOPS_BF16 * G), omni ? L : 0, usage, kl);
@@ -1092,7 +1146,6 @@ int main(int argc, char** argv) {
     }
     if (master_process && have_val) printf("final val loss %.6f\n", val_loss);
     logger_close(&logger);
-    free(host_counts);
     free(usage);
     free(kl);
     if (master_process) tokenizer_free(&tokenizer);
