@@ -11,6 +11,7 @@
 #                                        H100 is 331k tok/s (LLMC_REF_TOK_S)
 #   swiglu_b32  -e d12 -f swiglu -b 32   the dense model of the same active size as omni
 #   omni_b32    -e d12 -f omni   -b 32   OmniMoE d12: I=1920, N=16384 (n=128), k=32
+#   omni-token_b32  the same with --expert-exec token (OMNI_TOKEN=0 skips it)
 # B=32 for omni fits: parameters + AdamW state 425.2M x 16 B = 6.8 GB; activations per layer at
 # BT=32768: ln1, atty, residual2, ln2, residual3 5 x 50 MB, qkv 151 MB, fch (2I) 252 MB, fch_act
 # 126 MB, router logits + log-probs 67 MB, ids/gates/scores/schedule 25 MB: ~0.87 GB, x 12 =
@@ -42,12 +43,13 @@ fi
 if [ ! -x ./train_omnimoe ]; then echo "bench_train: ./train_omnimoe not built"; exit 1; fi
 echo "bench_train: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1); T=$T, $STEPS steps, median of steps $((SKIP + 1))-$STEPS"
 
-run_one() {  # run_one <name> <ffn> <B>: 0 on success
+run_one() {  # run_one <name> <ffn> <B> [more trainer flags]: 0 on success
     local name=$1 ffn=$2 b=$3 start rc
+    shift 3
     start=$(date +%s)
     rm -f "$D/$name.jsonl"
     timeout -k 5 "$RUN_TIMEOUT" ./train_omnimoe -e d12 -f "$ffn" -b "$b" -t "$T" -x "$STEPS" -u 10 -i "$DATA" \
-        --val-data= -v 0 -s 0 --log-file "$D/$name.jsonl" >"$D/$name.out" 2>&1
+        --val-data= -v 0 -s 0 --log-file "$D/$name.jsonl" "$@" >"$D/$name.out" 2>&1
     rc=$?
     echo "$name: exit $rc after $(( $(date +%s) - start )) s; $(grep -h 'GPU memory in use' "$D/$name.out" | head -1)"
     if [ "$rc" -ne 0 ]; then tail -n 5 "$D/$name.out"; fi
@@ -65,6 +67,11 @@ if ! run_one "omni_b$B" omni "$B"; then
         runs+=(omni_b16 swiglu_b16)
         run_one omni_b16 omni 16 && run_one swiglu_b16 swiglu 16 && failed=0
     fi
+fi
+# the omni model with the token-centric expert execution too (the default is expert-centric)
+if [ "${OMNI_TOKEN:-1}" = 1 ]; then
+    runs+=("omni-token_b$B")
+    run_one "omni-token_b$B" omni "$B" --expert-exec token || failed=1
 fi
 
 python3 - "$D" "$SKIP" "$T" "$LLMC_REF_TOK_S" "${runs[@]}" <<'EOF'

@@ -28,7 +28,7 @@ for flags in "$@"; do
 import csv, sys, collections
 path, steps = sys.argv[1], int(sys.argv[2])
 rows = [l for l in open(path) if l.startswith('"')]
-scale = {"nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}
+scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3, "nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}
 total = collections.defaultdict(float)
 count = collections.Counter()
 for r in csv.DictReader(rows):
