@@ -142,6 +142,8 @@ typedef struct {
     int forward_training; // the last forward used BN batch statistics
     int adam_t;           // AdamW steps taken
     cudaStream_t stream;
+    cudaStream_t side_stream;           // omni: router + scheduler beside the shared SwiGLU
+    cudaEvent_t side_fork, side_join;   // the side stream's start after x, and its end
     float* norm_squared;  // (1) device
 } Model;
 
@@ -211,6 +213,9 @@ static void model_build(Model* m, const ModelConfig* config, int B, int T, int e
     m->T = T;
     m->expert_exec = expert_exec;
     cudaCheck(cudaStreamCreate(&m->stream));
+    cudaCheck(cudaStreamCreateWithFlags(&m->side_stream, cudaStreamNonBlocking));
+    cudaCheck(cudaEventCreateWithFlags(&m->side_fork, cudaEventDisableTiming));
+    cudaCheck(cudaEventCreateWithFlags(&m->side_join, cudaEventDisableTiming));
     model_config_param_sizes(config, m->param_sizes);
     size_t offset = 0;
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
@@ -306,6 +311,9 @@ static void model_free(Model* m) {
         cudaCheck(cudaFree(a->dgate));
     }
     encoder_backward_plan_free(&m->encoder_plan);
+    cudaCheck(cudaEventDestroy(m->side_fork));
+    cudaCheck(cudaEventDestroy(m->side_join));
+    cudaCheck(cudaStreamDestroy(m->side_stream));
     cudaCheck(cudaStreamDestroy(m->stream));
 }
 
@@ -608,21 +616,29 @@ static void omni_ffn_forward(Model* m, int l, const floatX* x, floatX* out, int 
     OmniSaved* o = &a->omni[l];
     floatX* fch = a->fch + (size_t)l * BT * 2 * I;
     floatX* fch_act = a->fch_act + (size_t)l * BT * I;
-    // the shared SwiGLU branch writes out; the experts add onto it
-    matmul_forward(fch, x, layer_param(m, PARAM_FCW, l), NULL, BT, C, 2 * I, st);
-    swiglu_forward(fch_act, fch, BT, I, st);
-    matmul_forward(out, fch_act, layer_param(m, PARAM_FCPROJW, l), NULL, BT, I, C, st);
+    // the router and the scheduler need only x: they run on the side stream while the shared
+    // SwiGLU's GEMMs run here (their small, latency-bound kernels fill the GEMMs' gaps). Nothing
+    // here touches what they use (scratch, logits, ids, gates, schedule); results are the same.
+    cudaStream_t side = m->side_stream;
+    cudaCheck(cudaEventRecord(m->side_fork, st));
+    cudaCheck(cudaStreamWaitEvent(side, m->side_fork, 0));
     float* running_mean = layer_bn_stats(m, l);
     float* running_var = running_mean + 2 * n;
     router_forward(o->logits, o->logp, o->bn_mean, o->bn_rstd, o->idx, o->gate, running_mean, running_var, x,
                    layer_param(m, PARAM_ROUTERW, l), BT, C, n, k, c->router_norm == ROUTER_NORM_BN,
-                   c->gate == GATE_PROB, training, a->scratch, a->scratch_bytes, st);
+                   c->gate == GATE_PROB, training, a->scratch, a->scratch_bytes, side);
     // the schedule (pairs sorted by expert) serves the expert-centric forward and both backwards
-    scheduler_build(o->sched, o->idx, BT * k, N, training ? a->step_counts : NULL, a->scratch, a->scratch_bytes, st);
+    scheduler_build(o->sched, o->idx, BT * k, N, training ? a->step_counts : NULL, a->scratch, a->scratch_bytes, side);
     if (training) {
-        add_expert_counts_kernel<<<ceil_div(N, 256), 256, 0, st>>>(m->expert_counts + (size_t)l * N, a->step_counts, N);
+        add_expert_counts_kernel<<<ceil_div(N, 256), 256, 0, side>>>(m->expert_counts + (size_t)l * N, a->step_counts, N);
         cudaCheckLast();
     }
+    cudaCheck(cudaEventRecord(m->side_join, side));
+    // the shared SwiGLU branch writes out; the experts add onto it
+    matmul_forward(fch, x, layer_param(m, PARAM_FCW, l), NULL, BT, C, 2 * I, st);
+    swiglu_forward(fch_act, fch, BT, I, st);
+    matmul_forward(out, fch_act, layer_param(m, PARAM_FCPROJW, l), NULL, BT, I, C, st);
+    cudaCheck(cudaStreamWaitEvent(st, m->side_join, 0));
     experts_forward(out, o->s, x, layer_param(m, PARAM_EXPERTU, l), layer_param(m, PARAM_EXPERTV, l), o->idx, o->gate,
                     o->sched, BT, C, k, N, experts_mode(m), 1, st);
 }

@@ -146,7 +146,7 @@ static const TrainFlag train_flags[] = {
     {NULL, "--topk", TRAIN_ARG_INT, offsetof(TrainConfig, top_k), 0, TRAIN_INT_MAX, 0, NULL, "omni: experts per token k <= N (0 = the preset's)"},
     {NULL, "--router-norm", TRAIN_ARG_CHOICE, offsetof(TrainConfig, router_norm), 0, 0, 0, "none|bn", "omni: router normalisation (unset = bn)"},
     {NULL, "--gate", TRAIN_ARG_CHOICE, offsetof(TrainConfig, gate), 0, 0, 0, "softmax|prob", "omni: gate over the k selected scores (unset = softmax)"},
-    {NULL, "--expert-exec", TRAIN_ARG_CHOICE, offsetof(TrainConfig, expert_exec), 0, 0, 0, "token|expert", "omni: expert-branch execution (token-centric or expert-centric)"},
+    {NULL, "--expert-exec", TRAIN_ARG_CHOICE, offsetof(TrainConfig, expert_exec), 0, 0, 0, "token|expert", "omni: expert-branch execution, token-centric (default) or expert-centric (same bits)"},
     {NULL, "--log-file", TRAIN_ARG_STRING, offsetof(TrainConfig, log_file), 0, 0, 0, NULL, "JSONL log path (\"\" = <output dir>/log.jsonl when -o is set)"},
     {"-pn", "--num-processes", TRAIN_ARG_INT, offsetof(TrainConfig, launch_processes), 1, 65536, 0, NULL, "launch without mpirun: number of processes (one per GPU; needs -pf; ignored under mpirun)"},
     {"-pr", "--process-rank", TRAIN_ARG_INT, offsetof(TrainConfig, launch_rank), 0, 65535, 0, NULL, "launch without mpirun: this process's rank in [0, -pn)"},
@@ -196,7 +196,7 @@ static inline void train_config_defaults(TrainConfig* cfg) {
     cfg->top_k = 0;
     cfg->router_norm = -1;
     cfg->gate = -1;
-    cfg->expert_exec = EXPERT_EXEC_EXPERT;
+    cfg->expert_exec = EXPERT_EXEC_TOKEN;  // measured faster in the trainer (docs/performance.md)
 }
 
 // ----------------------------------------------------------------------------

@@ -379,10 +379,20 @@ static void bench_layer(cudaStream_t st) {
     auto experts_bwd = [&](int mode, int accumulate) {
         experts_backward(dX, dU, dV, dgate, dY, X, U, V, idx, gate, s, sched, T, d, k, N, mode, accumulate, sse, bse, st);
     };
+    // as the trainer: the router and the scheduler on a side stream beside the shared SwiGLU
+    cudaStream_t side;
+    cudaEvent_t fork, join;
+    cudaCheck(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+    cudaCheck(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+    cudaCheck(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
     auto layer_fwd = [&](int mode) {
+        cudaCheck(cudaEventRecord(fork, st));
+        cudaCheck(cudaStreamWaitEvent(side, fork, 0));
+        router_forward(logits, logp, bn_mean, bn_rstd, idx, gate, run_mean, run_var, X, Wr, T, d, n, k, 1, 0, 1, srf, brf, side);
+        scheduler_build(sched, idx, P, N, NULL, sss, bss, side);
+        cudaCheck(cudaEventRecord(join, side));
         swiglu_fwd(Wgu, Wd, I);
-        router_fwd();
-        schedule();
+        cudaCheck(cudaStreamWaitEvent(st, join, 0));
         experts_fwd(mode, 1);
     };
     auto layer_bwd = [&](int mode) {
@@ -512,6 +522,9 @@ static void bench_layer(cudaStream_t st) {
                     bn_mean, bn_rstd, run_mean, run_var, idx, gate, s, dgate, sched.sorted_pair, sched.sorted_expert,
                     sched.sorted_active, sched.active_expert, sched.active_offset, sched.num_active, srf, srb, sss, sse};
     for (void* b : bufs) cudaCheck(cudaFree(b));
+    cudaCheck(cudaEventDestroy(fork));
+    cudaCheck(cudaEventDestroy(join));
+    cudaCheck(cudaStreamDestroy(side));
 }
 
 // ----------------------------------------------------------------------------
