@@ -9,7 +9,7 @@
 # global batch 2048 tokens, lr 1e-3 with 5 warm-up steps and cosine decay, validation of 4
 # batches every 10 steps. Runs (each writes its JSONL log):
 #   g1   1 GPU, grad accumulation 2, 20 steps, checkpoints every 10
-#   g2   2 GPUs (mpirun), no accumulation, 20 steps, checkpoints every 10
+#   g2   2 GPUs (mpirun), no accumulation, --overlap-comm 0, 20 steps, checkpoints every 10
 #   half 1 GPU with half the global batch (the data of rank 0 only): the negative control
 #   g2ov as g2 with --overlap-comm 1 (each layer's gradient all-reduce runs during the backward)
 #   g1a4 / g2a2 / g2a2ov  global batch 4096: 1 GPU with grad accumulation 4; 2 GPUs with grad
@@ -113,7 +113,8 @@ fi
 t0=$(date +%s)
 run1 g1 "${COMMON[@]}" -x 20 -n 10 -o "$W/g1"
 check_rc $? 0 "run g1 (1 GPU)" g1
-run2 "$MPI_LAUNCH" g2 "${COMMON[@]}" -x 20 -n 10 -o "$W/g2"
+# g2 names --overlap-comm 0 (the default is 1): it is the "after the backward" side of (e)
+run2 "$MPI_LAUNCH" g2 "${COMMON[@]}" -x 20 -n 10 -o "$W/g2" --overlap-comm 0
 check_rc $? 0 "run g2 (2 GPUs, $MPI_LAUNCH)" g2
 check "g2 ran as 2 processes launched by $MPI_LAUNCH" grep -q "2 processes, one GPU each (launch: $MPI_LAUNCH)" "$W/g2.out"
 lines=$(grep -c '^step ' "$W/g2.out")
