@@ -501,6 +501,52 @@ static void test_padded_vocab(void) {
 }
 
 // ----------------------------------------------------------------------------
+// sampling: the draw follows softmax over the real vocabulary, never a padded column
+
+static void test_sampler(void) {
+    // sample_softmax against the inverse CDF computed here, on a fixed grid of coins; the padded
+    // columns after V (three here) hold the largest logits, so any mass given to them would show
+    const int V = 5;
+    const float logits[8] = {0.5f, -1.0f, 2.0f, 1.0f, -0.25f, 9.0f, 9.0f, 9.0f};
+    double p[5], sum = 0.0;
+    for (int v = 0; v < V; v++) { p[v] = exp((double)logits[v]); sum += p[v]; }
+    int coin_errors = 0;
+    for (int i = 0; i < 1000; i++) {
+        float coin = (i + 0.5f) / 1000.0f;
+        double cdf = 0.0;
+        int want = V - 1;
+        for (int v = 0; v < V; v++) {
+            cdf += p[v] / sum;
+            if (coin < cdf) { want = v; break; }
+        }
+        coin_errors += sample_softmax(logits, V, coin) != want;
+    }
+    // the trainer's sampler on a model whose padded wte rows are x50 (padded logits dominate)
+    ModelConfig config = tiny_config(FFN_OMNI, 3, 4, ROUTER_NORM_BN, GATE_SOFTMAX);
+    GPT model;
+    gpt_build(&model, &config);
+    randomize_model(&model, 95, 0.3f);
+    const int C = config.channels, Vm = config.vocab_size, Vpm = config.padded_vocab_size;
+    for (size_t i = (size_t)Vm * C; i < (size_t)Vpm * C; i++) model.param_tensors[PARAM_WTE][i] *= 50.0f;
+    Tokenizer tokenizer;
+    memset(&tokenizer, 0, sizeof(tokenizer));  // not loaded: tokens print as <id>
+    Rng rng;
+    rng_init(&rng, 96);
+    const int gen = config.max_seq_len;
+    int tokens[64];
+    int padded_drawn = 0;
+    for (int round = 0; round < 8; round++) {
+        sample_and_print(&model, &tokenizer, &rng, gen, tokens);
+        for (int t = 0; t < gen; t++) padded_drawn += tokens[t] < 0 || tokens[t] >= Vm;
+    }
+    report(coin_errors == 0 && padded_drawn == 0 && Vpm > Vm, "sampler",
+           "1000 coins vs the inverse CDF of softmax(logits[0..V)): %d differ (tol 0); %d of %d sampled tokens "
+           "outside the real vocabulary of %d (padded to %d, padded rows x50) (tol 0)",
+           coin_errors, padded_drawn, 8 * gen, Vm, Vpm);
+    gpt_free(&model);
+}
+
+// ----------------------------------------------------------------------------
 // AdamW against an independent double-precision implementation
 
 static void test_adamw(void) {
@@ -797,6 +843,7 @@ int main(int argc, char** argv) {
 #endif
     test_batchnorm();
     test_padded_vocab();
+    test_sampler();
     test_adamw();
     test_init();
 

@@ -33,6 +33,7 @@
 #endif
 #include "llmc/config.h"
 #include "llmc/rand.h"
+#include "llmc/tokenizer.h"
 
 // ----------------------------------------------------------------------------
 // small numeric helpers
@@ -1183,6 +1184,45 @@ void gpt_free(GPT* model) {
     memset(model, 0, sizeof(*model));
 }
 
+// ----------------------------------------------------------------------------
+// sampling (outside TESTING: the tests run it)
+
+// the token that a draw coin in [0, 1) picks from softmax(logits[0..V)): the real vocabulary
+// only (the padded columns past V get no mass); the last token if rounding leaves coin unmatched
+int sample_softmax(const float* logits, int V, float coin) {
+    float maxval = -INFINITY;
+    for (int v = 0; v < V; v++) if (logits[v] > maxval) maxval = logits[v];
+    double sum = 0.0;
+    for (int v = 0; v < V; v++) sum += exp((double)logits[v] - maxval);
+    double target = coin * sum, cdf = 0.0;
+    for (int v = 0; v < V; v++) {
+        cdf += exp((double)logits[v] - maxval);
+        if (target < cdf) return v;
+    }
+    return V - 1;
+}
+
+// prints gen_tokens - 1 tokens sampled after an end-of-text token (evaluation mode) and, when
+// out_tokens is not NULL, stores the gen_tokens tokens there (end-of-text first). The whole
+// window is run every time: causal attention makes positions after t irrelevant to logits[t].
+void sample_and_print(GPT* model, const Tokenizer* tokenizer, Rng* rng, int gen_tokens, int* out_tokens) {
+    const ModelConfig* c = &model->config;
+    int V = c->vocab_size, Vp = c->padded_vocab_size;
+    int eot = tokenizer->init_ok && tokenizer->eot_token >= 0 && tokenizer->eot_token < V ? tokenizer->eot_token : V - 1;
+    int* tokens = alloc_ints(gen_tokens);
+    for (int t = 0; t < gen_tokens; t++) tokens[t] = eot;
+    printf("sample: ");
+    for (int t = 1; t < gen_tokens; t++) {
+        gpt_forward(model, tokens, NULL, 1, gen_tokens, 0);
+        tokens[t] = sample_softmax(model->logits + (size_t)(t - 1) * Vp, V, rng_f32(rng));
+        tokenizer_print_token(tokenizer, (uint32_t)tokens[t]);
+        fflush(stdout);
+    }
+    printf("\n");
+    if (out_tokens != NULL) memcpy(out_tokens, tokens, (size_t)gen_tokens * sizeof(int));
+    free(tokens);
+}
+
 #ifndef TESTING
 // ----------------------------------------------------------------------------
 // the CPU reference trainer
@@ -1200,7 +1240,6 @@ void gpt_free(GPT* model) {
 #include "llmc/logger.h"
 #include "llmc/checkpoint.h"
 #include "llmc/dataloader.h"
-#include "llmc/tokenizer.h"
 
 static double wall_ms(void) {
     struct timespec ts;
@@ -1221,36 +1260,6 @@ static float evaluate(GPT* model, DataLoader* val_loader, int max_batches) {
         sum += model->mean_loss;
     }
     return (float)(sum / (double)batches);
-}
-
-// prints gen_tokens - 1 tokens sampled after an end-of-text token (evaluation mode). The whole
-// window is run every time: causal attention makes positions after t irrelevant to logits[t].
-static void sample_and_print(GPT* model, const Tokenizer* tokenizer, Rng* rng, int gen_tokens) {
-    const ModelConfig* c = &model->config;
-    int V = c->vocab_size, Vp = c->padded_vocab_size;
-    int eot = tokenizer->init_ok && tokenizer->eot_token >= 0 && tokenizer->eot_token < V ? tokenizer->eot_token : V - 1;
-    int* tokens = alloc_ints(gen_tokens);
-    for (int t = 0; t < gen_tokens; t++) tokens[t] = eot;
-    printf("sample: ");
-    for (int t = 1; t < gen_tokens; t++) {
-        gpt_forward(model, tokens, NULL, 1, gen_tokens, 0);
-        const float* logits = model->logits + (size_t)(t - 1) * Vp;
-        float maxval = -INFINITY;
-        for (int v = 0; v < V; v++) if (logits[v] > maxval) maxval = logits[v];
-        double sum = 0.0;
-        for (int v = 0; v < V; v++) sum += exp((double)logits[v] - maxval);
-        double coin = rng_f32(rng) * sum, cdf = 0.0;
-        int next = V - 1;  // the real vocabulary only: padded columns are never sampled
-        for (int v = 0; v < V; v++) {
-            cdf += exp((double)logits[v] - maxval);
-            if (coin < cdf) { next = v; break; }
-        }
-        tokens[t] = next;
-        tokenizer_print_token(tokenizer, (uint32_t)next);
-        fflush(stdout);
-    }
-    printf("\n");
-    free(tokens);
 }
 
 // per OmniMoE layer: share of the N experts chosen at least once and KL(load || uniform)
@@ -1387,7 +1396,7 @@ int main(int argc, char** argv) {
             logger_log_eval(&logger, step, tokens_seen, val_loss);
         }
         if (cfg.sample_every > 0 && ((step > 0 && step % cfg.sample_every == 0) || last_step)) {
-            sample_and_print(&model, &tokenizer, &sample_rng, cfg.gen_tokens);
+            sample_and_print(&model, &tokenizer, &sample_rng, cfg.gen_tokens, NULL);
         }
         if (last_step) break;
 
