@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench_all.sh - every benchmark of the performance issue in ONE device call, then one summary
-# table of the issue's targets, printed last. Written when no GPU was available: NOT YET RUN.
+# table of the issue's targets, printed last. Results on an H100: docs/performance.md.
 #
 #   bash dev/bench_all.sh                      build, then all parts (~4-5 min expected)
 #   SKIP_BUILD=1 bash dev/bench_all.sh         use the binaries built beforehand (this tree, same nvcc)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bench_train.sh - the CUDA trainer end to end on one GPU: training tok/s and MFU (performance
-# issue, part d). Written when no GPU was available: NOT YET RUN on the device.
+# issue, part d). Results on an H100: docs/performance.md.
 #
 #   bash dev/bench_train.sh                 builds ./train_omnimoe first (SKIP_BUILD=1 to skip)
 #   B=16 STEPS=40 bash dev/bench_train.sh
@@ -21,7 +21,7 @@
 #
 # Per run: the median of the logged per-step tok/s and MFU over steps SKIP+1..STEPS (the first
 # steps pick cuBLAS algorithms and warm the caches). A step's time (the trainer's own) covers the
-# forward, backward, optimizer and, for omni, the host expert statistics. MFU is the trainer's:
+# forward, backward, optimizer and, for omni, the expert statistics. MFU is the trainer's:
 # 3 x forward FLOPs per token (active parameters + attention) x tok/s / 989.4 TFLOP/s.
 # Prints a table last; logs under $BENCH_DIR (default $OUT/bench_train, else /tmp/bench_train),
 # and $BENCH_DIR/bench_train.json.

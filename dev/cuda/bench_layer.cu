@@ -48,8 +48,7 @@ Checks before any timing (a failure prints "CHECK FAILED", the timings still run
     large part of Y in this check, V is drawn with std 1 (U 0.05, other weights 0.02).
   - TC and EC give bitwise identical Y, dX, dWgu, dWd, dWr, dU, dV (experts.cuh promises it).
   - router alone: ids in range and distinct, gates sum to 1, dX and dW finite, at each (n, k).
-NOT YET RUN on a GPU when written (the session's device time was spent): compiled with nvcc 13.0
-for sm_90 only.
+Run on an H100 (2026-11-27, dev/bench_all.sh; results in docs/performance.md).
 */
 #include <math.h>
 #include <stdio.h>
