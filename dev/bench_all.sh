@@ -2,7 +2,7 @@
 # bench_all.sh - every benchmark of the performance issue in ONE device call, then one summary
 # table of the issue's targets, printed last. Results on an H100: docs/performance.md.
 #
-#   bash dev/bench_all.sh                      build, then all parts (~4-5 min expected)
+#   bash dev/bench_all.sh                      build, then all parts (about 2 min on an H100)
 #   SKIP_BUILD=1 bash dev/bench_all.sh         use the binaries built beforehand (this tree, same nvcc)
 #   PARTS="layer omni" bash dev/bench_all.sh   a subset of: layer omni torch train
 #   BUDGET_S=560 (default)                     each part's timeout is cut so that the summary is
