@@ -215,7 +215,7 @@ def clean_env():
 
 
 # tests that are shell scripts (scripts/<test>.sh) driving a binary: the binary they need
-SCRIPT_TESTS = {"test_resume_cpu": "train_omnimoe_cpu"}
+SCRIPT_TESTS = {"test_resume_cpu": "train_omnimoe_cpu", "test_launcher_cpu": "train_omnimoe_cpu"}
 
 
 def build(workdir, test):

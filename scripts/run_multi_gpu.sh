@@ -16,7 +16,9 @@
 #
 # SIGINT/SIGTERM to this script reach every rank: they agree on a step, rank 0 writes a checkpoint
 # (with -o) and all exit with status 130. If a rank fails, the others (which would wait for it
-# forever inside NCCL) are killed and the script exits with the failing rank's status.
+# forever inside NCCL) are killed and the script exits with the failing rank's status; with
+# several hosts, through OMNIMOE_ID_FILE.failed, which ends the other hosts' ranks too (their
+# launchers exit with 137). Test without GPUs: scripts/test_launcher_cpu.sh.
 set -u
 export NCCL_NVLS_ENABLE=0   # never NVLink multicast (house rule; the trainer defaults to it too)
 
@@ -55,6 +57,14 @@ if [ "$nodes" -gt 1 ] && [ -z "${OMNIMOE_ID_FILE:-}" ]; then
     exit 2
 fi
 id_file=${OMNIMOE_ID_FILE:-$(mktemp -u "${TMPDIR:-/tmp}/omnimoe_nccl_id.XXXXXXXX")}
+# Several hosts: a rank that fails leaves the ranks of the other hosts waiting inside NCCL, where
+# no launcher of theirs sees it. The launchers share a marker file beside the id file: the one
+# that sees a failure writes it, and every launcher's watcher ends its own ranks when it appears.
+fail_marker="$id_file.failed"
+if [ "$nodes" -gt 1 ] && [ -e "$fail_marker" ]; then
+    echo "Error: $fail_marker exists (left by an earlier launch that failed): give every launch a new OMNIMOE_ID_FILE" >&2
+    exit 2
+fi
 world=$((nodes * G))
 
 pids=()
@@ -63,6 +73,14 @@ for ((local = 0; local < G; local++)); do
     LOCAL_RANK=$local "$BIN" "$@" -pn "$world" -pr "$rank" -pf "$id_file" &
     pids+=($!)
 done
+watcher=""
+if [ "$nodes" -gt 1 ]; then
+    ( while [ ! -e "$fail_marker" ]; do sleep 1; done
+      echo "run_multi_gpu.sh (host $node_rank): ending this host's ranks: $(cat "$fail_marker" 2>/dev/null)" >&2
+      kill -KILL "${pids[@]}" 2>/dev/null ) &
+    watcher=$!
+    disown "$watcher"  # not a rank: wait -n below must not count it
+fi
 
 signalled=0
 forward_signal() { signalled=1; kill -TERM "${pids[@]}" 2>/dev/null; }
@@ -80,8 +98,15 @@ while [ "$remaining" -gt 0 ]; do
         status=$rc
         # 130 = stopped by a signal after a checkpoint: the others stop at the same step by themselves.
         # Any other failure: the others wait for it inside NCCL forever, so end them.
-        if [ "$rc" -ne 130 ]; then kill -KILL "${pids[@]}" 2>/dev/null; fi
+        if [ "$rc" -ne 130 ]; then
+            kill -KILL "${pids[@]}" 2>/dev/null
+            if [ "$nodes" -gt 1 ] && [ ! -e "$fail_marker" ]; then
+                echo "a rank of host $node_rank exited with status $rc" > "$fail_marker"
+            fi
+        fi
     fi
 done
+if [ -n "$watcher" ]; then kill "$watcher" 2>/dev/null; fi
+# the marker stays (the other hosts must see it); the id file goes
 if [ "$node_rank" = 0 ]; then rm -f "$id_file" "$id_file.tmp"; fi
 exit "$status"
