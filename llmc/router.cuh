@@ -31,9 +31,10 @@ order, sorted. Method (SPEC §2 product-key argument, O(n + k^2) work):
      sums are strictly ordered). A few percent of real tokens; adversarial cases are tested;
   3. the candidate at sorted position (a, b) is beaten by all (a', b') with a' <= a, b' <= b,
      so only (a+1)(b+1) <= k can be in the top-k: about k (1 + ln k) staircase candidates.
-     k rounds of "best candidate after the previous one" (two redux.sync per round), or, with
-     at most 64 candidates (and for the row/column selection when n <= 64), every candidate is
-     ranked at once by counting who beats it;
+     Selection (rows and columns in step 1 when n > 64, and these candidates when more than
+     64): router_select_topk finds the k-th largest score key by a 32-step bitwise search of
+     warp counts, takes what lies above it plus the smallest ids equal to it, and sorts those
+     by rank; with at most 64 elements every one is ranked at once by counting who beats it;
   4. when step 2 found near-ties, the staircase is still exact in score values but a tie at the
      k-th value may belong to a smaller id outside it: router_fix_ties refills the slots of the
      k-th value with the smallest ids scoring exactly that value, found by a scan of the rows
@@ -105,9 +106,9 @@ static inline __host__ __device__ int router_staircase_count(int n, int k) {
 }
 
 // 32-bit words of shared memory one token (warp) needs: pr, pc, rows, cols (n each),
-// the k selected scores and the staircase candidates (score and id)
+// the k selected scores and ids and the staircase candidates (score and id)
 static inline __host__ __device__ int router_token_smem_words(int n, int k) {
-    return 4 * n + k + 2 * router_staircase_count(n, k);
+    return 4 * n + 2 * k + 2 * router_staircase_count(n, k);
 }
 
 static inline size_t router_forward_scratch_bytes(int T, int n) {
@@ -138,43 +139,8 @@ __device__ inline float router_key_to_float(unsigned key) {
     return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
-// Every lane ends with the best (v, i) of the warp, best = router_beats order; lanes without a
-// candidate hold i == INT_MAX. Two warp-wide integer reductions (redux.sync): the largest order
-// key, then the smallest index among the lanes holding it. Same result as a butterfly of
-// router_beats, in a fixed (hardware) order, so deterministic.
-__device__ inline void router_warp_argbest(float& v, int& i) {
-    const unsigned key = (i == INT_MAX) ? 0u : router_order_key(v);  // real keys are never 0 (no NaN)
-    const unsigned best_key = __reduce_max_sync(0xffffffffu, key);
-    const unsigned best_i = __reduce_min_sync(0xffffffffu, key == best_key ? (unsigned)i : 0xffffffffu);
-    v = router_key_to_float(best_key);
-    i = (int)best_i;
-}
-
-// out_r[0..kk) / out_c[0..kk) = indices of the kk best of vr[0..n) / vc[0..n), in order:
-// kk rounds of "best after the previous one", rows and columns interleaved (two independent
-// reduction chains per round)
-__device__ inline void router_select_sorted2(const float* vr, const float* vc, int n, int kk, int* out_r, int* out_c, int lane) {
-    float prev_r = INFINITY, prev_c = INFINITY;
-    int prev_ri = -1, prev_ci = -1;  // everything comes after (+inf, -1)
-    for (int r = 0; r < kk; r++) {
-        float best_r = -INFINITY, best_c = -INFINITY;
-        int best_ri = INT_MAX, best_ci = INT_MAX;
-        for (int i = lane; i < n; i += 32) {
-            float x = vr[i], y = vc[i];
-            if (router_beats(prev_r, prev_ri, x, i) && router_beats(x, i, best_r, best_ri)) { best_r = x; best_ri = i; }
-            if (router_beats(prev_c, prev_ci, y, i) && router_beats(y, i, best_c, best_ci)) { best_c = y; best_ci = i; }
-        }
-        router_warp_argbest(best_r, best_ri);
-        router_warp_argbest(best_c, best_ci);
-        if (lane == 0) { out_r[r] = best_ri; out_c[r] = best_ci; }
-        prev_r = best_r; prev_ri = best_ri;
-        prev_c = best_c; prev_ci = best_ci;
-    }
-    __syncwarp();
-}
-
-// Same result as router_select_sorted2 for n <= 64, without serial rounds: each lane ranks its
-// (at most two) elements by counting the elements that beat them (the order is strict, so ranks
+// out_r[0..kk) / out_c[0..kk) = indices of the kk best of vr[0..n) / vc[0..n), in order, for
+// n <= 64: each lane ranks its (at most two) elements by counting the elements that beat them (the order is strict, so ranks
 // are distinct) and the kk best land at out[rank], already sorted.
 __device__ inline void router_select_sorted2_rank(const float* vr, const float* vc, int n, int kk, int* out_r, int* out_c, int lane) {
     const int i0 = lane, i1 = lane + 32;
@@ -193,6 +159,111 @@ __device__ inline void router_select_sorted2_rank(const float* vr, const float* 
     if (i0 < n && rank_c0 < kk) { out_c[rank_c0] = i0; }
     if (i1 < n && rank_c1 < kk) { out_c[rank_c1] = i1; }
     __syncwarp();
+}
+
+// The kk best of count candidates in router_beats order, sorted, one warp: out_id[0..kk),
+// out_val[0..kk) (shared memory, not overlapping the inputs). Candidate q has value vals[q]
+// (no NaN) and id ids[q] (ids == NULL: id = q); ids are distinct; kk <= count, kk <= ROUTER_MAX_K.
+// Instead of kk rounds of "best after the previous one" (two warp reductions each):
+//   1. the kk-th largest order key K by a bitwise search, MSB first: 32 warp counts of
+//      "key >= trial" (keys held in registers when count <= 32 * ROUTER_SELECT_REG);
+//   2. every candidate with key > K (fewer than kk), then the kk - above smallest ids with key == K
+//      (one ballot pass when all of them fit, else repeated min-id extraction: exact ties only);
+//   3. each selected one goes to out[rank], rank = how many selected beat it (a strict order).
+// sorts the kk (<= 32 R) entries of (id, val) in place into router_beats order: each lane reads
+// its R entries, counts the entries that beat each (a strict order, so ranks are distinct), then
+// writes it at that rank
+template <int R>
+__device__ inline void router_rank_sort(int* id, float* val, int kk, int lane) {
+    int my_id[R], my_rank[R];
+    float my_val[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        const int q = lane + 32 * r;
+        my_rank[r] = 0;
+        my_id[r] = q < kk ? id[q] : INT_MAX;
+        my_val[r] = q < kk ? val[q] : -INFINITY;
+    }
+    for (int q = 0; q < kk; q++) {
+        const float v = val[q];
+        const int i = id[q];
+#pragma unroll
+        for (int r = 0; r < R; r++) { my_rank[r] += router_beats(v, i, my_val[r], my_id[r]); }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+        if (lane + 32 * r < kk) { id[my_rank[r]] = my_id[r]; val[my_rank[r]] = my_val[r]; }
+    }
+    __syncwarp();
+}
+
+#define ROUTER_SELECT_REG 4
+__device__ inline unsigned router_select_key(const float* vals, int q, int count) {
+    return q < count ? router_order_key(vals[q]) : 0u;  // 0: below every real key (-inf is 0x007fffff)
+}
+__device__ inline void router_select_topk(const float* vals, const int* ids, int count, int kk,
+                                          int* out_id, float* out_val, int lane) {
+    const bool in_regs = count <= 32 * ROUTER_SELECT_REG;
+    unsigned key[ROUTER_SELECT_REG];
+#pragma unroll
+    for (int r = 0; r < ROUTER_SELECT_REG; r++) { key[r] = in_regs ? router_select_key(vals, lane + 32 * r, count) : 0u; }
+    // 1. K = the largest threshold with at least kk keys >= it
+    unsigned K = 0;
+    for (int bit = 31; bit >= 0; bit--) {
+        const unsigned trial = K | (1u << bit);
+        int at_least = 0;
+        if (in_regs) {
+#pragma unroll
+            for (int r = 0; r < ROUTER_SELECT_REG; r++) { at_least += key[r] >= trial; }
+        } else {
+            for (int q = lane; q < count; q += 32) { at_least += router_order_key(vals[q]) >= trial; }
+        }
+        if ((int)__reduce_add_sync(0xffffffffu, (unsigned)at_least) >= kk) { K = trial; }
+    }
+    // 2. compact: key > K in storage order, then the ties at K
+    int above = 0, at_k = 0;
+    for (int q = lane; q < count; q += 32) {
+        const unsigned kq = router_order_key(vals[q]);
+        above += kq > K;
+        at_k += kq == K;
+    }
+    above = (int)__reduce_add_sync(0xffffffffu, (unsigned)above);
+    at_k = (int)__reduce_add_sync(0xffffffffu, (unsigned)at_k);
+    const int need = kk - above;  // >= 1
+    const unsigned below_lane = (1u << lane) - 1u;
+    int pos = 0;
+    for (int base = 0; base < count; base += 32) {
+        const int q = base + lane;
+        const unsigned kq = router_select_key(vals, q, count);
+        const bool take = q < count && (kq > K || (kq == K && at_k == need));
+        const unsigned mask = __ballot_sync(0xffffffffu, take);
+        if (take) {
+            const int slot = pos + __popc(mask & below_lane);
+            out_id[slot] = ids ? ids[q] : q;
+            out_val[slot] = vals[q];
+        }
+        pos += __popc(mask);
+    }
+    if (at_k != need) {  // more candidates tie at K than slots left: the smallest ids, one by one
+        int prev = -1;
+        for (int r = 0; r < need; r++) {
+            unsigned best = 0xffffffffu;
+            for (int q = lane; q < count; q += 32) {
+                const int id = ids ? ids[q] : q;
+                if (router_order_key(vals[q]) == K && id > prev) { best = min(best, (unsigned)id); }
+            }
+            best = __reduce_min_sync(0xffffffffu, best);
+            if (lane == 0) { out_id[above + r] = (int)best; out_val[above + r] = router_key_to_float(K); }
+            prev = (int)best;
+        }
+    }
+    __syncwarp();
+    // 3. rank sort in place (R items per lane)
+    if (kk <= 32) { router_rank_sort<1>(out_id, out_val, kk, lane); }
+    else if (kk <= 64) { router_rank_sort<2>(out_id, out_val, kk, lane); }
+    else if (kk <= 128) { router_rank_sort<4>(out_id, out_val, kk, lane); }
+    else { router_rank_sort<ROUTER_MAX_K / 32>(out_id, out_val, kk, lane); }
 }
 
 // Appends to sel[0..kk) every index i outside it for which some selected i2 > i has
@@ -292,7 +363,7 @@ __device__ inline void router_fix_ties(const float* pr, const float* pc, int n, 
 // allow_fast = 0 runs the tie fix-up on every token (tests).
 __device__ inline void router_topk_warp(const float* pr, const float* pc, int n, int k,
                                         int* rows, int* cols, float* cand_s, int* cand_id, float* sel_s,
-                                        int* out_idx, int allow_fast, int lane) {
+                                        int* sel_id, int* out_idx, int allow_fast, int lane) {
     const int kp = n < k ? n : k;
     float max_abs_r = 0.0f, max_abs_c = 0.0f;
     for (int i = lane; i < n; i += 32) {
@@ -305,8 +376,12 @@ __device__ inline void router_topk_warp(const float* pr, const float* pc, int n,
     // they cannot, so 2^-20 leaves a safety factor of 8
     const float tol = ldexpf(max_abs_r + max_abs_c, -20);
 
-    if (n <= 64) { router_select_sorted2_rank(pr, pc, n, kp, rows, cols, lane); }
-    else { router_select_sorted2(pr, pc, n, kp, rows, cols, lane); }
+    if (n <= 64) {
+        router_select_sorted2_rank(pr, pc, n, kp, rows, cols, lane);
+    } else {  // sel_s is free until the final selection: scratch for the values
+        router_select_topk(pr, NULL, n, kp, rows, sel_s, lane);
+        router_select_topk(pc, NULL, n, kp, cols, sel_s, lane);
+    }
     const int nr = router_extend_near_ties(pr, n, kp, rows, tol, lane);
     const int nc = router_extend_near_ties(pc, n, kp, cols, tol, lane);
     bool fast = allow_fast && nr == kp && nc == kp;
@@ -336,25 +411,13 @@ __device__ inline void router_topk_warp(const float* pr, const float* pc, int n,
             const int id = cand_id[q];
             int rank = 0;
             for (int r = 0; r < num_cand; r++) { rank += router_beats(cand_s[r], cand_id[r], s, id); }
-            if (rank < k) { out_idx[rank] = id; sel_s[rank] = s; }
+            if (rank < k) { sel_id[rank] = id; sel_s[rank] = s; }
         }
+        __syncwarp();
     } else {
-        float prev_s = INFINITY;
-        int prev_id = -1;
-        for (int m = 0; m < k; m++) {
-            float best_s = -INFINITY;
-            int best_id = INT_MAX;
-            for (int q = lane; q < num_cand; q += 32) {
-                float s = cand_s[q];
-                int id = cand_id[q];
-                if (router_beats(prev_s, prev_id, s, id) && router_beats(s, id, best_s, best_id)) { best_s = s; best_id = id; }
-            }
-            router_warp_argbest(best_s, best_id);
-            if (lane == 0) { out_idx[m] = best_id; sel_s[m] = best_s; }
-            prev_s = best_s;
-            prev_id = best_id;
-        }
+        router_select_topk(cand_s, cand_id, num_cand, k, sel_id, sel_s, lane);
     }
+    for (int m = lane; m < k; m += 32) { out_idx[m] = sel_id[m]; }
     __syncwarp();
     if (!fast) { router_fix_ties(pr, pc, n, k, rows, cols, sel_s, out_idx, lane); }
 }
@@ -362,7 +425,7 @@ __device__ inline void router_topk_warp(const float* pr, const float* pc, int n,
 // carve the per-warp shared memory of router_topk_warp
 struct RouterTokenSmem {
     float* pr; float* pc; float* sel_s; float* cand_s;
-    int* rows; int* cols; int* cand_id;
+    int* rows; int* cols; int* cand_id; int* sel_id;
 };
 
 // cap = router_staircase_count(n, k) (computed once on the host)
@@ -375,6 +438,7 @@ __device__ inline RouterTokenSmem router_token_smem(float* warp_base, int n, int
     s.rows = (int*)(s.cand_s + cap);
     s.cols = s.rows + n;
     s.cand_id = s.cols + n;
+    s.sel_id = s.cand_id + cap;
     return s;
 }
 
@@ -513,7 +577,7 @@ __global__ void router_token_forward_kernel(float* logp, int* idx, float* gate, 
     }
     __syncwarp();
     int* idx_t = idx + (size_t)t * k;
-    router_topk_warp(sm.pr, sm.pc, n, k, sm.rows, sm.cols, sm.cand_s, sm.cand_id, sm.sel_s, idx_t, 1, lane);
+    router_topk_warp(sm.pr, sm.pc, n, k, sm.rows, sm.cols, sm.cand_s, sm.cand_id, sm.sel_s, sm.sel_id, idx_t, 1, lane);
     float* gate_t = gate + (size_t)t * k;
     if (gate_prob) {
         for (int m = lane; m < k; m += 32) { gate_t[m] = expf(sm.sel_s[m]); }

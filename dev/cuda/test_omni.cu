@@ -372,7 +372,7 @@ __global__ void test_topk_kernel(int* idx_out, const float* pr_all, const float*
         sm.pc[i] = router_nan_to_neg_inf(pc_all[(size_t)t * n + i]);
     }
     __syncwarp();
-    router_topk_warp(sm.pr, sm.pc, n, k, sm.rows, sm.cols, sm.cand_s, sm.cand_id, sm.sel_s, idx_out + (size_t)t * k, allow_fast, lane);
+    router_topk_warp(sm.pr, sm.pc, n, k, sm.rows, sm.cols, sm.cand_s, sm.cand_id, sm.sel_s, sm.sel_id, idx_out + (size_t)t * k, allow_fast, lane);
 }
 
 static bool beats_f(float va, int ia, float vb, int ib) { return va > vb || (va == vb && ia < ib); }
@@ -411,10 +411,10 @@ static float ulps_below(float x, int u) { for (int i = 0; i < u; i++) x = nextaf
 
 static void test_topk_unit(void) {
     printf("\n== 1. exact top-k: crafted ties and near-ties vs brute force over all N ==\n");
-    struct { int n, k; } shapes[] = {{8, 1}, {8, 2}, {8, 4}, {8, 16}, {8, 64}, {16, 16}, {64, 16}, {64, 64}, {5, 7}, {100, 16}, {128, 32}, {128, 64}, {256, 32}};
+    struct { int n, k; } shapes[] = {{8, 1}, {8, 2}, {8, 4}, {8, 16}, {8, 64}, {16, 16}, {64, 16}, {64, 64}, {5, 7}, {100, 16}, {128, 32}, {128, 64}, {256, 32}, {512, 16}, {1024, 64}};
     int total_naive_wrong = 0;
     for (auto& sh : shapes) {
-        const int n = sh.n, k = sh.k, T = 512;
+        const int n = sh.n, k = sh.k, T = n >= 512 ? 64 : 512;  // brute force is O(n^2) per token
         std::vector<float> pr((size_t)T * n), pc((size_t)T * n);
         for (int t = 0; t < T; t++) {
             float* r = &pr[(size_t)t * n];
