@@ -25,22 +25,19 @@ Output conventions:
 - dU, dV: always += (gradient accumulation); rows of experts no token chose are not touched.
 - dgate (T, k) fp32: overwritten; it is the input of router_backward.
 
-Forward executions (mode):
+Executions (mode):
 - token-centric (PEER-style): one warp per token gathers its k rows of U and V.
 - expert-centric (Expert-Centric Scheduling): the pairs sorted by expert (scheduler.cuh) are cut
-  into groups of B consecutive active experts; a block stages the group's B expert rows of U in
-  shared memory once and computes the scores s of all the group's pairs against them, each
-  written into the pair's own slot. The per-token sums Y then run per token over m = 0..k-1 in
-  fixed order.
-Both compute every s with the same lane layout and the same fixed-order butterfly, so their
-outputs are bitwise identical (the test checks it).
-Backward (one execution for both modes, expert-centric): a fused kernel walks the expert-sorted
-pairs in fixed chunks of EXPERTS_SEG_CHUNK pairs (work independent of the busiest expert) and
-gathers each pair's x_t and dY_t once for h = <dY_t, v_e>, ds, dgate and the per-expert sums
-dU_e, dV_e (a segment inside a chunk is summed in sorted order and added to its row directly; a
-segment spanning chunks is summed per chunk into scratch and combined in chunk order by a
-second kernel); then one warp per token sums dX_t over m = 0..k-1 in fixed order. 3 row gathers
-per pair instead of the token-centric 4. No atomics.
+  into groups of B consecutive active experts; a block stages the group's B expert rows in
+  shared memory once and computes the per-pair dot products (s forward, h backward) of all the
+  group's pairs against them, each written into the pair's own slot. The per-token sums
+  (Y, dX) then run per token over m = 0..k-1 in fixed order.
+Both executions compute every dot product with the same lane layout and the same fixed-order
+butterfly, so their outputs are bitwise identical (the test checks it).
+dU/dV (both executions): a segmented reduction over the expert-sorted pairs, cut into fixed
+chunks of EXPERTS_SEG_CHUNK pairs (work independent of the busiest expert); a segment inside a
+chunk is summed in sorted order and added to its row directly; a segment spanning chunks is
+summed per chunk into scratch and combined in chunk order by a second kernel. No atomics.
 
 Tensor cores are not used: each pair needs one d-long dot product (s or h) and one axpy, i.e.
 about 1 FLOP per byte of expert row moved, far below the ~300 FLOP/byte where tensor cores
@@ -63,12 +60,8 @@ No host synchronisation anywhere (graph-capturable); grids are sized by upper bo
 #define EXPERTS_GROUP_SMEM (48 * 1024)   // shared memory for a group's staged rows
 #define EXPERTS_GROUP_THREADS 256
 #define EXPERTS_GROUP_PAIRS 4            // pairs per warp step in the group kernel
-#ifndef EXPERTS_SEG_CHUNK
-#define EXPERTS_SEG_CHUNK 64             // sorted pairs per block of the expert-sorted backward
-#endif
-#define EXPERTS_SEG_SUB 4                // pairs per step of that block (rows in flight, one barrier)
-#define EXPERTS_SEG_MAX_THREADS 512      // one thread per 16-byte column vector: d <= 4096 (2048 fp32)
-#define EXPERTS_FIXUP_WARPS 8            // chunks per block of the partials fix-up (one warp each)
+#define EXPERTS_SEG_CHUNK 64             // sorted pairs per block of the dU/dV reduction
+#define EXPERTS_SEG_THREADS 128
 
 // elements of floatX in one 16-byte vector, and the elements one warp covers per step
 #define EXPERTS_VEC ((int)(16 / sizeof(floatX)))
@@ -203,15 +196,24 @@ experts_token_forward_kernel(floatX* Y, float* s_buf, const floatX* X, const flo
     }
 }
 
-// dX_t (+)= sum_{m=0..k-1} ds_p u_e, in m order; ds was computed per pair by
-// experts_segment_backward_kernel.
-template <int NQ>
+// per pair: h, dgate, ds; dX_t (+)= sum_m ds u_e. COMPUTE_H: h = <dY_t, v_e> here
+// (token-centric); otherwise h is read from h_buf (expert-centric).
+template <int NQ, bool COMPUTE_H>
 __global__ void __launch_bounds__(EXPERTS_WARPS_PER_BLOCK * 32)
-experts_token_dx_kernel(floatX* dX, const float* ds_buf, const floatX* U, const int* idx, int T, int d, int k,
-                        int accumulate) {
+experts_token_backward_kernel(floatX* dX, float* dgate, float* ds_buf, const float* h_buf, const floatX* dY,
+                              const floatX* U, const floatX* V, const int* idx, const float* gate,
+                              const float* s_buf, int T, int d, int k, int accumulate) {
     const int lane = threadIdx.x % 32;
     const int t = blockIdx.x * EXPERTS_WARPS_PER_BLOCK + threadIdx.x / 32;
     if (t >= T) { return; }
+    x128 dyr[NQ];
+    if (COMPUTE_H) {
+#pragma unroll
+        for (int q = 0; q < NQ; q++) {
+            int c = (q * 32 + lane) * EXPERTS_VEC;
+            if (c < d) { dyr[q] = load128(dY + (size_t)t * d + c); }
+        }
+    }
     float acc[NQ][EXPERTS_VEC];
 #pragma unroll
     for (int q = 0; q < NQ; q++) {
@@ -221,16 +223,33 @@ experts_token_dx_kernel(floatX* dX, const float* ds_buf, const floatX* U, const 
     const size_t pair0 = (size_t)t * k;
     for (int m0 = 0; m0 < k; m0 += EXPERTS_M_BATCH) {
         int e[EXPERTS_M_BATCH];
-        float ds[EXPERTS_M_BATCH];
+        float h[EXPERTS_M_BATCH];
 #pragma unroll
-        for (int j = 0; j < EXPERTS_M_BATCH; j++) {
-            const bool in = m0 + j < k;
-            e[j] = in ? idx[pair0 + m0 + j] : -1;
-            ds[j] = in ? ds_buf[pair0 + m0 + j] : 0.0f;
+        for (int j = 0; j < EXPERTS_M_BATCH; j++) { e[j] = (m0 + j < k) ? idx[pair0 + m0 + j] : -1; }
+        if (COMPUTE_H) {
+            float part[EXPERTS_M_BATCH];
+#pragma unroll
+            for (int j = 0; j < EXPERTS_M_BATCH; j++) {
+                part[j] = e[j] >= 0 ? experts_dot_regs<NQ>(dyr, V + (size_t)e[j] * d, d, lane) : 0.0f;
+            }
+#pragma unroll
+            for (int j = 0; j < EXPERTS_M_BATCH; j++) { h[j] = warp_reduce_sum(part[j]); }
+        } else {
+#pragma unroll
+            for (int j = 0; j < EXPERTS_M_BATCH; j++) { h[j] = e[j] >= 0 ? h_buf[pair0 + m0 + j] : 0.0f; }
         }
 #pragma unroll
         for (int j = 0; j < EXPERTS_M_BATCH; j++) {
             if (e[j] < 0) { continue; }
+            const size_t p = pair0 + m0 + j;
+            const float s = s_buf[p], g = gate[p];
+            const float sg = experts_sigmoid(s);
+            const float dsilu = sg * (1.0f + s * (1.0f - sg));
+            const float ds = h[j] * g * dsilu;
+            if (lane == j) {
+                dgate[p] = h[j] * experts_silu(s);
+                ds_buf[p] = ds;
+            }
             const floatX* urow = U + (size_t)e[j] * d;
 #pragma unroll
             for (int q = 0; q < NQ; q++) {
@@ -238,7 +257,7 @@ experts_token_dx_kernel(floatX* dX, const float* ds_buf, const floatX* U, const 
                 if (c < d) {
                     x128 u = load128(urow + c);
 #pragma unroll
-                    for (int i = 0; i < EXPERTS_VEC; i++) { acc[q][i] = fmaf(ds[j], (float)u[i], acc[q][i]); }
+                    for (int i = 0; i < EXPERTS_VEC; i++) { acc[q][i] = fmaf(ds, (float)u[i], acc[q][i]); }
                 }
             }
         }
@@ -262,8 +281,8 @@ experts_token_dx_kernel(floatX* dX, const float* ds_buf, const floatX* U, const 
 
 // ----------------------------------------------------------------------------
 // expert-centric group kernel: out_pair[p] = <token_rows[t_p], expert_rows[e_p]> for every
-// pair of a group of B consecutive active experts, whose rows are staged in shared memory once
-// (the expert-centric forward: (U, X) -> s). Grid: ceil(min(N, P) / B) blocks, the ones past
+// pair of a group of B consecutive active experts, whose rows are staged in shared memory once.
+// Forward: (U, X) -> s. Backward: (V, dY) -> h. Grid: ceil(min(N, P) / B) blocks, the ones past
 // the active experts exit at once.
 __global__ void __launch_bounds__(EXPERTS_GROUP_THREADS)
 experts_group_dot_kernel(float* out_pair, const floatX* expert_rows, const floatX* token_rows,
@@ -307,157 +326,103 @@ experts_group_dot_kernel(float* out_pair, const floatX* expert_rows, const float
 }
 
 // ----------------------------------------------------------------------------
-// The backward over the expert-sorted pairs: h, dgate, ds, dU, dV
+// dU / dV: segmented reduction over the expert-sorted pairs
 
-// Adds a finished segment sum to its expert row, or parks it as this chunk's head or tail
-// partial (see experts_segment_backward_kernel). Thread owns columns c .. c + VEC.
-__device__ inline void experts_segment_flush(floatX* dU, floatX* dV, float* head_u, float* head_v, float* tail_u,
-                                             float* tail_v, const float (&acc_u)[EXPERTS_VEC],
-                                             const float (&acc_v)[EXPERTS_VEC], int seg_begin, int seg_end,
-                                             int expert, int chunk, int p0, int p1, int c, int d) {
-    if (seg_begin >= p0 && seg_end <= p1) {
-        const size_t o = (size_t)expert * d + c;
-        x128 u_old = load128(dU + o), v_old = load128(dV + o);
-        x128 u_new, v_new;
-#pragma unroll
-        for (int i = 0; i < EXPERTS_VEC; i++) {
-            u_new[i] = (floatX)((float)u_old[i] + acc_u[i]);
-            v_new[i] = (floatX)((float)v_old[i] + acc_v[i]);
-        }
-        store128(dU + o, u_new);
-        store128(dV + o, v_new);
-    } else {
-        float* pu = (seg_begin >= p0 ? tail_u : head_u) + (size_t)chunk * d + c;
-        float* pv = (seg_begin >= p0 ? tail_v : head_v) + (size_t)chunk * d + c;
-#pragma unroll
-        for (int i = 0; i < EXPERTS_VEC; i += 4) {  // 4 fp32 per 16-byte store
-            f128 wu, wv;
-#pragma unroll
-            for (int j = 0; j < 4; j++) { wu[j] = acc_u[i + j]; wv[j] = acc_v[i + j]; }
-            store128(pu + i, wu);
-            store128(pv + i, wv);
-        }
-    }
-}
-
-// One block per chunk of EXPERTS_SEG_CHUNK sorted pairs, one thread per 16-byte column vector
-// (blockDim = d / VEC rounded up to a warp). Each pair's x_t and dY_t rows are gathered once
-// and serve all three products:
-//   h = <dY_t, v_e>   per-thread fmaf over its VEC columns, xor butterfly per warp, then the
-//                     warp partials added in warp order (fixed: deterministic)
-//   dgate = h SiLU(s), ds = h g SiLU'(s)   written to the pair's slot (experts_token_dx_kernel
-//                     and the router backward read them)
-//   dU_e += ds x_t, dV_e += a dY_t          summed per expert segment in sorted order
-// v_e is the same row for all pairs of a segment (L1 hits). The token-centric backward would
-// gather v_e and u_e per pair and x_t, dY_t per pair again for dU/dV: 4 row gathers per pair;
-// this kernel plus experts_token_dx_kernel (u_e) make it 3.
-// Segments wholly inside the chunk are added to dU_e, dV_e here. A segment that starts here and
-// continues leaves a tail partial of this chunk, one that started in an earlier chunk a head
-// partial (fp32 scratch); experts_segment_fixup_kernel combines them in chunk order. No atomics.
-__global__ void __launch_bounds__(EXPERTS_SEG_MAX_THREADS)
-experts_segment_backward_kernel(floatX* dU, floatX* dV, float* dgate, float* ds_buf,
-                                float* head_u, float* head_v, float* tail_u, float* tail_v,
-                                const float* gate, const float* s_buf, const floatX* X, const floatX* dY,
-                                const floatX* V, ExpertSchedule sched, int P, int k, int d) {
-    __shared__ int pair_id[EXPERTS_SEG_CHUNK];
+// One block per chunk of EXPERTS_SEG_CHUNK sorted pairs; each thread owns 16-byte column
+// vectors. The chunk's per-pair data (token row, ds, a = g SiLU(s), active index) is staged in
+// shared memory first. For each expert segment (run of equal experts) in the chunk: sum ds x_t
+// and a dY_t in sorted order. Segment wholly inside the chunk -> added to dU_e, dV_e here.
+// Segment that starts here and continues -> tail partial of this chunk; segment that started in
+// an earlier chunk -> head partial of this chunk (fp32 scratch, combined by
+// experts_segment_fixup_kernel).
+__global__ void __launch_bounds__(EXPERTS_SEG_THREADS)
+experts_segment_grad_kernel(floatX* dU, floatX* dV, float* head_u, float* head_v, float* tail_u, float* tail_v,
+                            const float* ds_buf, const float* gate, const float* s_buf,
+                            const floatX* X, const floatX* dY, ExpertSchedule sched, int P, int k, int d) {
     __shared__ int pair_token[EXPERTS_SEG_CHUNK];
-    __shared__ int pair_expert[EXPERTS_SEG_CHUNK];
     __shared__ int pair_active[EXPERTS_SEG_CHUNK];
-    __shared__ float pair_s[EXPERTS_SEG_CHUNK];
-    __shared__ float pair_g[EXPERTS_SEG_CHUNK];
-    __shared__ float warp_dot[2][EXPERTS_SEG_MAX_THREADS / 32][EXPERTS_SEG_SUB];  // double-buffered
+    __shared__ float pair_ds[EXPERTS_SEG_CHUNK];
+    __shared__ float pair_a[EXPERTS_SEG_CHUNK];
     const int chunk = blockIdx.x;
     const int p0 = chunk * EXPERTS_SEG_CHUNK;
     const int p1 = min(P, p0 + EXPERTS_SEG_CHUNK);
     const int count = p1 - p0;
     for (int q = threadIdx.x; q < count; q += blockDim.x) {
         const int pair = sched.sorted_pair[p0 + q];
-        pair_id[q] = pair;
         pair_token[q] = pair / k;
-        pair_expert[q] = sched.sorted_expert[p0 + q];
         pair_active[q] = sched.sorted_active[p0 + q];
-        pair_s[q] = s_buf[pair];
-        pair_g[q] = gate[pair];
+        pair_ds[q] = ds_buf[pair];
+        pair_a[q] = gate[pair] * experts_silu(s_buf[pair]);
     }
     __syncthreads();
-    const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, num_warps = blockDim.x / 32;
-    const int c = threadIdx.x * EXPERTS_VEC;
-    const bool has_col = c < d;
-    float acc_u[EXPERTS_VEC], acc_v[EXPERTS_VEC];
+    for (int c = threadIdx.x * EXPERTS_VEC; c < d; c += blockDim.x * EXPERTS_VEC) {
+        int q = 0;
+        while (q < count) {
+            const int a = pair_active[q];
+            const int seg_begin = sched.active_offset[a];
+            const int seg_end = sched.active_offset[a + 1];
+            const int q_end = max(min(seg_end, p1) - p0, q + 1);  // max: never loop forever on a corrupt schedule
+            float acc_u[EXPERTS_VEC], acc_v[EXPERTS_VEC];
 #pragma unroll
-    for (int i = 0; i < EXPERTS_VEC; i++) { acc_u[i] = 0.0f; acc_v[i] = 0.0f; }
-    int buf = 0;
-    for (int q0 = 0; q0 < count; q0 += EXPERTS_SEG_SUB) {
-        // EXPERTS_SEG_SUB pairs' rows in flight
-        x128 xv[EXPERTS_SEG_SUB], dyv[EXPERTS_SEG_SUB];
-        float part[EXPERTS_SEG_SUB];
+            for (int i = 0; i < EXPERTS_VEC; i++) { acc_u[i] = 0.0f; acc_v[i] = 0.0f; }
+            int qq = q;
+            for (; qq + 4 <= q_end; qq += 4) {  // four pairs' rows in flight, summed in order
+                x128 xv[4], dyv[4];
 #pragma unroll
-        for (int j = 0; j < EXPERTS_SEG_SUB; j++) {
-            const int q = q0 + j;
-            part[j] = 0.0f;
-            if (q < count && has_col) {
-                const size_t row = (size_t)pair_token[q] * d + c;
-                xv[j] = load128(X + row);
-                dyv[j] = load128(dY + row);
-                const x128 vv = load128(V + (size_t)pair_expert[q] * d + c);
+                for (int j = 0; j < 4; j++) {
+                    const size_t row = (size_t)pair_token[qq + j] * d + c;
+                    xv[j] = load128(X + row);
+                    dyv[j] = load128(dY + row);
+                }
 #pragma unroll
-                for (int i = 0; i < EXPERTS_VEC; i++) { part[j] = fmaf((float)dyv[j][i], (float)vv[i], part[j]); }
+                for (int j = 0; j < 4; j++) {
+                    const float ds = pair_ds[qq + j], av = pair_a[qq + j];
+#pragma unroll
+                    for (int i = 0; i < EXPERTS_VEC; i++) {
+                        acc_u[i] = fmaf(ds, (float)xv[j][i], acc_u[i]);
+                        acc_v[i] = fmaf(av, (float)dyv[j][i], acc_v[i]);
+                    }
+                }
             }
-        }
-#pragma unroll
-        for (int j = 0; j < EXPERTS_SEG_SUB; j++) {
-            const float w_sum = warp_reduce_sum(part[j]);
-            if (lane == 0) { warp_dot[buf][warp][j] = w_sum; }
-        }
-        __syncthreads();  // one barrier per sub-chunk; the double buffer makes a second unnecessary
-#pragma unroll
-        for (int j = 0; j < EXPERTS_SEG_SUB; j++) {
-            const int q = q0 + j;
-            if (q >= count) { continue; }
-            float h = 0.0f;
-            for (int w = 0; w < num_warps; w++) { h += warp_dot[buf][w][j]; }
-            const float s = pair_s[q], g = pair_g[q];
-            const float sg = experts_sigmoid(s);
-            const float silu = experts_silu(s);
-            const float ds = h * g * (sg * (1.0f + s * (1.0f - sg)));
-            const float a = g * silu;
-            if (threadIdx.x == 0) {
-                dgate[pair_id[q]] = h * silu;
-                ds_buf[pair_id[q]] = ds;
-            }
-            if (has_col) {
+            for (; qq < q_end; qq++) {
+                const size_t row = (size_t)pair_token[qq] * d + c;
+                const x128 xv = load128(X + row), dyv = load128(dY + row);
+                const float ds = pair_ds[qq], av = pair_a[qq];
 #pragma unroll
                 for (int i = 0; i < EXPERTS_VEC; i++) {
-                    acc_u[i] = fmaf(ds, (float)xv[j][i], acc_u[i]);
-                    acc_v[i] = fmaf(a, (float)dyv[j][i], acc_v[i]);
+                    acc_u[i] = fmaf(ds, (float)xv[i], acc_u[i]);
+                    acc_v[i] = fmaf(av, (float)dyv[i], acc_v[i]);
                 }
             }
-            if (q + 1 == count || pair_active[q + 1] != pair_active[q]) {  // segment ends in this chunk
-                const int act = pair_active[q];
-                if (has_col) {
-                    experts_segment_flush(dU, dV, head_u, head_v, tail_u, tail_v, acc_u, acc_v,
-                                          sched.active_offset[act], sched.active_offset[act + 1],
-                                          pair_expert[q], chunk, p0, p1, c, d);
-                }
+            if (seg_begin >= p0 && seg_end <= p1) {
+                const size_t o = (size_t)sched.active_expert[a] * d + c;
+                x128 u_old = load128(dU + o), v_old = load128(dV + o);
+                x128 u_new, v_new;
 #pragma unroll
-                for (int i = 0; i < EXPERTS_VEC; i++) { acc_u[i] = 0.0f; acc_v[i] = 0.0f; }
+                for (int i = 0; i < EXPERTS_VEC; i++) {
+                    u_new[i] = (floatX)((float)u_old[i] + acc_u[i]);
+                    v_new[i] = (floatX)((float)v_old[i] + acc_v[i]);
+                }
+                store128(dU + o, u_new);
+                store128(dV + o, v_new);
+            } else {
+                float* pu = (seg_begin >= p0 ? tail_u : head_u) + (size_t)chunk * d + c;
+                float* pv = (seg_begin >= p0 ? tail_v : head_v) + (size_t)chunk * d + c;
+#pragma unroll
+                for (int i = 0; i < EXPERTS_VEC; i++) { pu[i] = acc_u[i]; pv[i] = acc_v[i]; }
             }
+            q = q_end;
         }
-        buf ^= 1;
     }
 }
 
 // For each expert segment that starts in chunk c and continues past it: dU_e += tail[c] +
-// head[c+1] + ... + head[c_last] in that order (likewise dV). One warp per chunk (most chunks
-// have such a segment when experts average about a chunk of pairs each, so the work is real,
-// but small: a few rows of fp32 partials); EXPERTS_FIXUP_WARPS chunks per block.
-__global__ void __launch_bounds__(EXPERTS_FIXUP_WARPS * 32)
+// head[c+1] + ... + head[c_last] in that order (likewise dV). Block c does it.
+__global__ void __launch_bounds__(EXPERTS_SEG_THREADS)
 experts_segment_fixup_kernel(floatX* dU, floatX* dV, const float* head_u, const float* head_v,
                              const float* tail_u, const float* tail_v, ExpertSchedule sched, int P, int d) {
-    const int chunk = blockIdx.x * EXPERTS_FIXUP_WARPS + threadIdx.x / 32;
-    const int lane = threadIdx.x % 32;
+    const int chunk = blockIdx.x;
     const int p0 = chunk * EXPERTS_SEG_CHUNK;
-    if (p0 >= P) { return; }
     const int p1 = min(P, p0 + EXPERTS_SEG_CHUNK);
     const int a = sched.sorted_active[p1 - 1];
     const int seg_begin = sched.active_offset[a];
@@ -465,20 +430,18 @@ experts_segment_fixup_kernel(floatX* dU, floatX* dV, const float* head_u, const 
     if (!(seg_begin >= p0 && seg_end > p1)) { return; }
     const int chunk_last = (seg_end - 1) / EXPERTS_SEG_CHUNK;
     const size_t o_row = (size_t)sched.active_expert[a] * d;
-    for (int c = lane * EXPERTS_VEC; c < d; c += EXPERTS_WARP_SPAN) {
+    for (int c = threadIdx.x * EXPERTS_VEC; c < d; c += blockDim.x * EXPERTS_VEC) {
         float acc_u[EXPERTS_VEC], acc_v[EXPERTS_VEC];
 #pragma unroll
-        for (int i = 0; i < EXPERTS_VEC; i += 4) {  // fp32 partials: 4 per 16-byte load
-            const f128 tu = load128(tail_u + (size_t)chunk * d + c + i), tv = load128(tail_v + (size_t)chunk * d + c + i);
-#pragma unroll
-            for (int j = 0; j < 4; j++) { acc_u[i + j] = tu[j]; acc_v[i + j] = tv[j]; }
+        for (int i = 0; i < EXPERTS_VEC; i++) {
+            acc_u[i] = tail_u[(size_t)chunk * d + c + i];
+            acc_v[i] = tail_v[(size_t)chunk * d + c + i];
         }
         for (int ch = chunk + 1; ch <= chunk_last; ch++) {
 #pragma unroll
-            for (int i = 0; i < EXPERTS_VEC; i += 4) {
-                const f128 hu = load128(head_u + (size_t)ch * d + c + i), hv = load128(head_v + (size_t)ch * d + c + i);
-#pragma unroll
-                for (int j = 0; j < 4; j++) { acc_u[i + j] += hu[j]; acc_v[i + j] += hv[j]; }
+            for (int i = 0; i < EXPERTS_VEC; i++) {
+                acc_u[i] += head_u[(size_t)ch * d + c + i];
+                acc_v[i] += head_v[(size_t)ch * d + c + i];
             }
         }
         x128 u_old = load128(dU + o_row + c), v_old = load128(dV + o_row + c);
@@ -499,10 +462,10 @@ experts_segment_fixup_kernel(floatX* dU, floatX* dV, const float* head_u, const 
 static inline int experts_num_seg_chunks(int P) { return ceil_div(P, EXPERTS_SEG_CHUNK); }
 static inline size_t experts_align256(size_t x) { return (x + 255) & ~(size_t)255; }
 
-// scratch: ds (P) and the head/tail partials of dU and dV (4 x chunks x d), fp32
+// scratch: ds (P), h (P), and the head/tail partials of dU and dV (4 x chunks x d), fp32
 static inline size_t experts_backward_scratch_bytes(int T, int d, int k) {
     const size_t P = (size_t)T * k;
-    return experts_align256(P * sizeof(float))
+    return 2 * experts_align256(P * sizeof(float))
          + 4 * experts_align256((size_t)experts_num_seg_chunks((int)P) * d * sizeof(float));
 }
 
@@ -543,15 +506,17 @@ static void experts_launch_token_forward(floatX* Y, float* s, const floatX* X, c
     cudaCheckLast();
 }
 
-static void experts_launch_token_dx(floatX* dX, const float* ds, const floatX* U, const int* idx,
-                                   int T, int d, int k, int accumulate, cudaStream_t stream) {
+template <bool COMPUTE_H>
+static void experts_launch_token_backward(floatX* dX, float* dgate, float* ds, const float* h, const floatX* dY,
+                                          const floatX* U, const floatX* V, const int* idx, const float* gate,
+                                          const float* s, int T, int d, int k, int accumulate, cudaStream_t stream) {
     dim3 grid(ceil_div(T, EXPERTS_WARPS_PER_BLOCK)), block(EXPERTS_WARPS_PER_BLOCK * 32);
     switch (experts_nq(d)) {
-        case 1: experts_token_dx_kernel<1><<<grid, block, 0, stream>>>(dX, ds, U, idx, T, d, k, accumulate); break;
-        case 2: experts_token_dx_kernel<2><<<grid, block, 0, stream>>>(dX, ds, U, idx, T, d, k, accumulate); break;
-        case 4: experts_token_dx_kernel<4><<<grid, block, 0, stream>>>(dX, ds, U, idx, T, d, k, accumulate); break;
-        case 8: experts_token_dx_kernel<8><<<grid, block, 0, stream>>>(dX, ds, U, idx, T, d, k, accumulate); break;
-        default: experts_token_dx_kernel<16><<<grid, block, 0, stream>>>(dX, ds, U, idx, T, d, k, accumulate); break;
+        case 1: experts_token_backward_kernel<1, COMPUTE_H><<<grid, block, 0, stream>>>(dX, dgate, ds, h, dY, U, V, idx, gate, s, T, d, k, accumulate); break;
+        case 2: experts_token_backward_kernel<2, COMPUTE_H><<<grid, block, 0, stream>>>(dX, dgate, ds, h, dY, U, V, idx, gate, s, T, d, k, accumulate); break;
+        case 4: experts_token_backward_kernel<4, COMPUTE_H><<<grid, block, 0, stream>>>(dX, dgate, ds, h, dY, U, V, idx, gate, s, T, d, k, accumulate); break;
+        case 8: experts_token_backward_kernel<8, COMPUTE_H><<<grid, block, 0, stream>>>(dX, dgate, ds, h, dY, U, V, idx, gate, s, T, d, k, accumulate); break;
+        default: experts_token_backward_kernel<16, COMPUTE_H><<<grid, block, 0, stream>>>(dX, dgate, ds, h, dY, U, V, idx, gate, s, T, d, k, accumulate); break;
     }
     cudaCheckLast();
 }
@@ -580,9 +545,7 @@ static void experts_forward(floatX* Y, float* s, const floatX* X, const floatX* 
 }
 
 // Backward. Outputs: dX (+)=, dU +=, dV +=, dgate =. Saved from the forward: idx, gate, s and
-// the schedule. scratch: experts_backward_scratch_bytes(T, d, k). Both modes run the same
-// backward (the expert-sorted fused kernel, then the per-token dX sums), so their gradients are
-// the same bits by construction; mode is only checked.
+// the schedule (both modes use it for dU/dV). scratch: experts_backward_scratch_bytes(T, d, k).
 static void experts_backward(floatX* dX, floatX* dU, floatX* dV, float* dgate,
                              const floatX* dY, const floatX* X, const floatX* U, const floatX* V,
                              const int* idx, const float* gate, const float* s, ExpertSchedule sched,
@@ -600,20 +563,28 @@ static void experts_backward(floatX* dX, floatX* dU, floatX* dV, float* dgate,
     char* base = (char*)scratch;
     float* ds = (float*)base;
     base += experts_align256((size_t)P * sizeof(float));
+    float* h = (float*)base;
+    base += experts_align256((size_t)P * sizeof(float));
     float* head_u = (float*)base;
     float* head_v = (float*)(base + part_bytes);
     float* tail_u = (float*)(base + 2 * part_bytes);
     float* tail_v = (float*)(base + 3 * part_bytes);
 
-    // one thread per 16-byte column vector (d = 768: 96 threads)
-    const int seg_threads = ceil_div(d / EXPERTS_VEC, 32) * 32;
-    experts_segment_backward_kernel<<<num_chunks, seg_threads, 0, stream>>>(dU, dV, dgate, ds, head_u, head_v, tail_u, tail_v,
-                                                                            gate, s, X, dY, V, sched, P, k, d);
+    if (mode == EXPERTS_TOKEN_CENTRIC) {
+        experts_launch_token_backward<true>(dX, dgate, ds, NULL, dY, U, V, idx, gate, s, T, d, k, accumulate_dX, stream);
+    } else {
+        experts_launch_group_dot(h, V, dY, sched, T, d, k, N, stream);
+        experts_launch_token_backward<false>(dX, dgate, ds, h, dY, U, V, idx, gate, s, T, d, k, accumulate_dX, stream);
+    }
+    // a thread owns one 16-byte column vector per pass: no more threads than d has vectors
+    // (d = 768: 96, not 128 with a quarter idle); the sums per column are the same either way
+    const int seg_threads = min(EXPERTS_SEG_THREADS, ceil_div(d / EXPERTS_VEC, 32) * 32);
+    experts_segment_grad_kernel<<<num_chunks, seg_threads, 0, stream>>>(dU, dV, head_u, head_v, tail_u, tail_v,
+                                                                        ds, gate, s, X, dY, sched, P, k, d);
     cudaCheckLast();
-    experts_segment_fixup_kernel<<<ceil_div(num_chunks, EXPERTS_FIXUP_WARPS), EXPERTS_FIXUP_WARPS * 32, 0, stream>>>(
-        dU, dV, head_u, head_v, tail_u, tail_v, sched, P, d);
+    experts_segment_fixup_kernel<<<num_chunks, seg_threads, 0, stream>>>(dU, dV, head_u, head_v, tail_u, tail_v,
+                                                                         sched, P, d);
     cudaCheckLast();
-    experts_launch_token_dx(dX, ds, U, idx, T, d, k, accumulate_dX, stream);
 }
 
 #endif  // OMNIMOE_EXPERTS_CUH

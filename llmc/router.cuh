@@ -35,6 +35,8 @@ order, sorted. Method (SPEC §2 product-key argument, O(n + k^2) work):
      64): router_select_topk finds the k-th largest score key by a 32-step bitwise search of
      warp counts, takes what lies above it plus the smallest ids equal to it, and sorts those
      by rank; with at most 64 elements every one is ranked at once by counting who beats it;
+     rows and columns with n > 256 and k' < 32 take k' rounds of "best after the previous one"
+     (two redux.sync each), cheaper there than 32 search steps over many keys;
   4. when step 2 found near-ties, the staircase is still exact in score values but a tie at the
      k-th value may belong to a smaller id outside it: router_fix_ties refills the slots of the
      k-th value with the smallest ids scoring exactly that value, found by a scan of the rows
@@ -139,8 +141,43 @@ __device__ inline float router_key_to_float(unsigned key) {
     return __uint_as_float((key & 0x80000000u) ? (key & 0x7fffffffu) : ~key);
 }
 
-// out_r[0..kk) / out_c[0..kk) = indices of the kk best of vr[0..n) / vc[0..n), in order, for
-// n <= 64: each lane ranks its (at most two) elements by counting the elements that beat them (the order is strict, so ranks
+// Every lane ends with the best (v, i) of the warp, best = router_beats order; lanes without a
+// candidate hold i == INT_MAX. Two warp-wide integer reductions (redux.sync): the largest order
+// key, then the smallest index among the lanes holding it. Same result as a butterfly of
+// router_beats, in a fixed (hardware) order, so deterministic.
+__device__ inline void router_warp_argbest(float& v, int& i) {
+    const unsigned key = (i == INT_MAX) ? 0u : router_order_key(v);  // real keys are never 0 (no NaN)
+    const unsigned best_key = __reduce_max_sync(0xffffffffu, key);
+    const unsigned best_i = __reduce_min_sync(0xffffffffu, key == best_key ? (unsigned)i : 0xffffffffu);
+    v = router_key_to_float(best_key);
+    i = (int)best_i;
+}
+
+// out_r[0..kk) / out_c[0..kk) = indices of the kk best of vr[0..n) / vc[0..n), in order:
+// kk rounds of "best after the previous one", rows and columns interleaved (two independent
+// reduction chains per round)
+__device__ inline void router_select_sorted2(const float* vr, const float* vc, int n, int kk, int* out_r, int* out_c, int lane) {
+    float prev_r = INFINITY, prev_c = INFINITY;
+    int prev_ri = -1, prev_ci = -1;  // everything comes after (+inf, -1)
+    for (int r = 0; r < kk; r++) {
+        float best_r = -INFINITY, best_c = -INFINITY;
+        int best_ri = INT_MAX, best_ci = INT_MAX;
+        for (int i = lane; i < n; i += 32) {
+            float x = vr[i], y = vc[i];
+            if (router_beats(prev_r, prev_ri, x, i) && router_beats(x, i, best_r, best_ri)) { best_r = x; best_ri = i; }
+            if (router_beats(prev_c, prev_ci, y, i) && router_beats(y, i, best_c, best_ci)) { best_c = y; best_ci = i; }
+        }
+        router_warp_argbest(best_r, best_ri);
+        router_warp_argbest(best_c, best_ci);
+        if (lane == 0) { out_r[r] = best_ri; out_c[r] = best_ci; }
+        prev_r = best_r; prev_ri = best_ri;
+        prev_c = best_c; prev_ci = best_ci;
+    }
+    __syncwarp();
+}
+
+// Same result as router_select_sorted2 for n <= 64, without serial rounds: each lane ranks its
+// (at most two) elements by counting the elements that beat them (the order is strict, so ranks
 // are distinct) and the kk best land at out[rank], already sorted.
 __device__ inline void router_select_sorted2_rank(const float* vr, const float* vc, int n, int kk, int* out_r, int* out_c, int lane) {
     const int i0 = lane, i1 = lane + 32;
@@ -166,7 +203,7 @@ __device__ inline void router_select_sorted2_rank(const float* vr, const float* 
 // (no NaN) and id ids[q] (ids == NULL: id = q); ids are distinct; kk <= count, kk <= ROUTER_MAX_K.
 // Instead of kk rounds of "best after the previous one" (two warp reductions each):
 //   1. the kk-th largest order key K by a bitwise search, MSB first: 32 warp counts of
-//      "key >= trial" (keys held in registers when count <= 32 * ROUTER_SELECT_REG);
+//      "key >= trial" (keys held in registers when count <= 256);
 //   2. every candidate with key > K (fewer than kk), then the kk - above smallest ids with key == K
 //      (one ballot pass when all of them fit, else repeated min-id extraction: exact ties only);
 //   3. each selected one goes to out[rank], rank = how many selected beat it (a strict order).
@@ -198,29 +235,38 @@ __device__ inline void router_rank_sort(int* id, float* val, int kk, int lane) {
     __syncwarp();
 }
 
-#define ROUTER_SELECT_REG 4
 __device__ inline unsigned router_select_key(const float* vals, int q, int count) {
     return q < count ? router_order_key(vals[q]) : 0u;  // 0: below every real key (-inf is 0x007fffff)
 }
-__device__ inline void router_select_topk(const float* vals, const int* ids, int count, int kk,
-                                          int* out_id, float* out_val, int lane) {
-    const bool in_regs = count <= 32 * ROUTER_SELECT_REG;
-    unsigned key[ROUTER_SELECT_REG];
+// the kk-th largest order key of vals[0..count): the largest K with at least kk keys >= K, found
+// MSB first by 32 warp counts. R > 0: the count <= 32 R keys are held in registers; R = 0: they
+// are recomputed from shared memory every step.
+template <int R>
+__device__ inline unsigned router_kth_key(const float* vals, int count, int kk, int lane) {
+    unsigned key[R > 0 ? R : 1];
 #pragma unroll
-    for (int r = 0; r < ROUTER_SELECT_REG; r++) { key[r] = in_regs ? router_select_key(vals, lane + 32 * r, count) : 0u; }
-    // 1. K = the largest threshold with at least kk keys >= it
+    for (int r = 0; r < R; r++) { key[r] = router_select_key(vals, lane + 32 * r, count); }
     unsigned K = 0;
     for (int bit = 31; bit >= 0; bit--) {
         const unsigned trial = K | (1u << bit);
         int at_least = 0;
-        if (in_regs) {
+        if (R > 0) {
 #pragma unroll
-            for (int r = 0; r < ROUTER_SELECT_REG; r++) { at_least += key[r] >= trial; }
+            for (int r = 0; r < R; r++) { at_least += key[r] >= trial; }
         } else {
             for (int q = lane; q < count; q += 32) { at_least += router_order_key(vals[q]) >= trial; }
         }
         if ((int)__reduce_add_sync(0xffffffffu, (unsigned)at_least) >= kk) { K = trial; }
     }
+    return K;
+}
+
+__device__ inline void router_select_topk(const float* vals, const int* ids, int count, int kk,
+                                          int* out_id, float* out_val, int lane) {
+    // 1. K = the kk-th largest key
+    const unsigned K = count <= 128 ? router_kth_key<4>(vals, count, kk, lane)
+                     : count <= 256 ? router_kth_key<8>(vals, count, kk, lane)
+                                    : router_kth_key<0>(vals, count, kk, lane);
     // 2. compact: key > K in storage order, then the ties at K
     int above = 0, at_k = 0;
     for (int q = lane; q < count; q += 32) {
@@ -378,6 +424,8 @@ __device__ inline void router_topk_warp(const float* pr, const float* pc, int n,
 
     if (n <= 64) {
         router_select_sorted2_rank(pr, pc, n, kp, rows, cols, lane);
+    } else if (n > 256 && kp < 32) {  // fewer rounds than search steps, over many keys: rounds
+        router_select_sorted2(pr, pc, n, kp, rows, cols, lane);
     } else {  // sel_s is free until the final selection: scratch for the values
         router_select_topk(pr, NULL, n, kp, rows, sel_s, lane);
         router_select_topk(pc, NULL, n, kp, cols, sel_s, lane);
