@@ -34,7 +34,8 @@ if [ "$mode" != run ]; then sed -n 2,17p "$0"; exit 2; fi
 if [ ! -f "$BASE/COMMIT" ]; then echo "ab_compare: $BASE missing: run 'bash dev/ab_compare.sh prepare <commit>' here first"; exit 1; fi
 
 OUT=${OUT:-/tmp/ab_compare}
-mkdir -p "$OUT"
+BIN=/tmp/ab_compare_bin   # binaries outside $OUT: only the logs come back
+mkdir -p "$OUT" "$BIN"
 FFN=${FFN:-omni}
 B=${B:-32}
 STEPS=${STEPS:-30}
@@ -43,22 +44,22 @@ L="-lcublasLt -lcublas"
 echo "ab_compare on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1): base = $(cat "$BASE/COMMIT")"
 for side in base cur; do
     if [ $side = base ]; then root=$BASE; inc="-I$BASE -I."; else root=.; inc="-I."; fi
-    nvcc $F $inc "$root/dev/cuda/bench_omni.cu" -o "$OUT/bench_omni_$side" $L > "$OUT/build_omni_$side.log" 2>&1 &
-    nvcc $F $inc "$root/dev/cuda/bench_layer.cu" -o "$OUT/bench_layer_$side" $L > "$OUT/build_layer_$side.log" 2>&1 &
-    nvcc $F -DMULTI_GPU -I. "$root/train_omnimoe.cu" -o "$OUT/train_$side" $L -lnccl > "$OUT/build_train_$side.log" 2>&1 &
+    nvcc $F $inc "$root/dev/cuda/bench_omni.cu" -o "$BIN/bench_omni_$side" $L > "$OUT/build_omni_$side.log" 2>&1 &
+    nvcc $F $inc "$root/dev/cuda/bench_layer.cu" -o "$BIN/bench_layer_$side" $L > "$OUT/build_layer_$side.log" 2>&1 &
+    nvcc $F -DMULTI_GPU -I. "$root/train_omnimoe.cu" -o "$BIN/train_$side" $L -lnccl > "$OUT/build_train_$side.log" 2>&1 &
 done
 wait
 for f in "$OUT"/build_*.log; do grep -q -i "error" "$f" && { echo "ab_compare: build failed: $f"; tail -n 20 "$f"; exit 1; }; done
 
 for side in base cur; do
-    timeout 150 "$OUT/bench_omni_$side" > "$OUT/bench_omni_$side.log" 2>&1 || echo "bench_omni $side: exit $?"
-    timeout 200 "$OUT/bench_layer_$side" > "$OUT/bench_layer_$side.log" 2>&1 || echo "bench_layer $side: exit $?"
+    timeout 150 "$BIN/bench_omni_$side" > "$OUT/bench_omni_$side.log" 2>&1 || echo "bench_omni $side: exit $?"
+    timeout 200 "$BIN/bench_layer_$side" > "$OUT/bench_layer_$side.log" 2>&1 || echo "bench_layer $side: exit $?"
 done
 DATA=data/tinyshakespeare/tiny_shakespeare_train.bin
 for ffn in $FFN; do
     for rep_side in base:1 cur:1 cur:2 base:2; do
         side=${rep_side%:*}; rep=${rep_side#*:}
-        timeout 150 "$OUT/train_$side" -e d12 -f "$ffn" -b "$B" -t 1024 -x "$STEPS" -u 10 -i "$DATA" --val-data= -v 0 -s 0 \
+        timeout 150 "$BIN/train_$side" -e d12 -f "$ffn" -b "$B" -t 1024 -x "$STEPS" -u 10 -i "$DATA" --val-data= -v 0 -s 0 \
             --log-file "$OUT/train_${ffn}_${side}_$rep.jsonl" > "$OUT/train_${ffn}_${side}_$rep.out" 2>&1 \
             || { echo "train $ffn $side: exit $?"; tail -n 3 "$OUT/train_${ffn}_${side}_$rep.out"; }
     done
@@ -104,3 +105,4 @@ for ffn in os.environ["FFN"].split():
     same = bool(losses["base"]) and all(l == losses["base"][0] for l in losses["base"] + losses["cur"])
     print("| %s | %.2f | %.2f | %.3f | %s |" % (ffn, med["base"], med["cur"], med["cur"] / med["base"], "yes" if same else "no"))
 EOF
+(cd "$OUT" && tar czf "$BIN/ab_logs.tgz" --exclude=ab_logs.tgz . && find . -type f ! -name ab_logs.tgz -delete && mv "$BIN/ab_logs.tgz" .)
