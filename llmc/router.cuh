@@ -198,15 +198,6 @@ __device__ inline void router_select_sorted2_rank(const float* vr, const float* 
     __syncwarp();
 }
 
-// The kk best of count candidates in router_beats order, sorted, one warp: out_id[0..kk),
-// out_val[0..kk) (shared memory, not overlapping the inputs). Candidate q has value vals[q]
-// (no NaN) and id ids[q] (ids == NULL: id = q); ids are distinct; kk <= count, kk <= ROUTER_MAX_K.
-// Instead of kk rounds of "best after the previous one" (two warp reductions each):
-//   1. the kk-th largest order key K by a bitwise search, MSB first: 32 warp counts of
-//      "key >= trial" (keys held in registers when count <= 256);
-//   2. every candidate with key > K (fewer than kk), then the kk - above smallest ids with key == K
-//      (one ballot pass when all of them fit, else repeated min-id extraction: exact ties only);
-//   3. each selected one goes to out[rank], rank = how many selected beat it (a strict order).
 // sorts the kk (<= 32 R) entries of (id, val) in place into router_beats order: each lane reads
 // its R entries, counts the entries that beat each (a strict order, so ranks are distinct), then
 // writes it at that rank
@@ -235,6 +226,7 @@ __device__ inline void router_rank_sort(int* id, float* val, int kk, int lane) {
     __syncwarp();
 }
 
+// candidate q's order key, 0 past the end
 __device__ inline unsigned router_select_key(const float* vals, int q, int count) {
     return q < count ? router_order_key(vals[q]) : 0u;  // 0: below every real key (-inf is 0x007fffff)
 }
@@ -261,6 +253,15 @@ __device__ inline unsigned router_kth_key(const float* vals, int count, int kk, 
     return K;
 }
 
+// The kk best of count candidates in router_beats order, sorted, one warp: out_id[0..kk),
+// out_val[0..kk) (shared memory, not overlapping the inputs). Candidate q has value vals[q]
+// (no NaN) and id ids[q] (ids == NULL: id = q); ids are distinct; kk <= count, kk <= ROUTER_MAX_K.
+// Instead of kk rounds of "best after the previous one" (two warp reductions each):
+//   1. the kk-th largest order key K by a bitwise search, MSB first: 32 warp counts of
+//      "key >= trial" (keys held in registers when count <= 256);
+//   2. every candidate with key > K (fewer than kk), then the kk - above smallest ids with key == K
+//      (one ballot pass when all of them fit, else repeated min-id extraction: exact ties only);
+//   3. each selected one goes to out[rank], rank = how many selected beat it (a strict order).
 __device__ inline void router_select_topk(const float* vals, const int* ids, int count, int kk,
                                           int* out_id, float* out_val, int lane) {
     // 1. K = the kk-th largest key
