@@ -1,7 +1,7 @@
 /*
  * test_checkpoint.c - CPU tests of the host-side trainer headers: llmc/checkpoint.h (model files,
  * training checkpoints, corruption/truncation/mismatch detection, find_latest), llmc/args.h (flag
- * parsing and validation), llmc/schedule.h (learning-rate schedules) and llmc/logger.h (JSONL log).
+ * parsing and validation), llmc/lr_schedule.h (learning-rate schedules) and llmc/logger.h (JSONL log).
  * Cases that must end the program run in a forked child whose exit status and message are checked.
  *
  *   gcc -O2 -Wall -Wextra -std=c11 test_checkpoint.c -o test_checkpoint -lm && ./test_checkpoint
@@ -11,7 +11,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "llmc/utils.h"
 #include "llmc/checkpoint.h"
-#include "llmc/schedule.h"
+#include "llmc/lr_schedule.h"
 #include "llmc/logger.h"
 #include "llmc/rand.h"
 #include <sys/wait.h>

@@ -1236,7 +1236,7 @@ void sample_and_print(GPT* model, const Tokenizer* tokenizer, Rng* rng, int gen_
 // single-process.
 
 #include "llmc/args.h"
-#include "llmc/schedule.h"
+#include "llmc/lr_schedule.h"
 #include "llmc/logger.h"
 #include "llmc/checkpoint.h"
 #include "llmc/dataloader.h"

@@ -34,7 +34,7 @@
 #include <float.h>
 #include "config.h"
 
-// learning-rate schedules (schedule.h computes them)
+// learning-rate schedules (lr_schedule.h computes them)
 enum { LR_SCHEDULE_COSINE = 0, LR_SCHEDULE_WSD = 1, LR_SCHEDULE_CONSTANT = 2 };
 // the two executions of the expert branch (SPEC §3)
 enum { EXPERT_EXEC_TOKEN = 0, EXPERT_EXEC_EXPERT = 1 };
