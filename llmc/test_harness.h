@@ -12,6 +12,7 @@
  *     test_begin("test_x");                      // once, first
  *     test_check(ok, "name");                    // PASS name / FAIL name
  *     test_checkf(ok, "name", "err %.2e", e);    // with a detail
+ *     test_check_le("name", value, tol);         // value <= tol (NaN fails)
  *     test_check_rel("name", rel_err(got, ref, n), tol);   // relative L2 error <= tol
  *     return test_end();                         // closing line; EXIT_FAILURE when any failed
  *
@@ -110,6 +111,11 @@ static inline RelErr rel_err_f64(const float* got, const double* ref, size_t n) 
 static inline int test_check_rel(const char* name, RelErr e, double tol) {
     if (e.nonfinite > 0) return test_checkf(0, name, "%zu non-finite values (unwritten or NaN)", e.nonfinite);
     return test_checkf(e.rel <= tol, name, "rel L2 %.2e (tol %.1e), max abs %.2e", e.rel, tol, e.max_abs);
+}
+
+// PASS when value <= tol (NaN fails): "PASS name: value (tol tol)"
+static inline int test_check_le(const char* name, double value, double tol) {
+    return test_checkf(value <= tol, name, "%.3e (tol %.1e)", value, tol);
 }
 
 // ----------------------------------------------------------------------------
