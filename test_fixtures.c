@@ -227,7 +227,8 @@ static int check_fixture(const char* path) {
         }
         off += size;
     }
-    test_checkf(zero_bad == 0, check_name(name, "grad unused rows"), "%zu of %zu unused rows not exactly 0", zero_bad, zero_total);
+    test_checkf(zero_bad == 0, check_name(name, "grad unused rows"), "%zu of %zu unused rows not exactly 0", zero_bad,
+                zero_total);
     printf("     %-22s worst gradient: %s at rel L2 %.2e\n", name, worst_name, worst);
 
     if (fx.num_bn > 0) {

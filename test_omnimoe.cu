@@ -227,7 +227,9 @@ static void test_training(const char* name, const ModelConfig* c, int B, int T) 
     }
     printf("\n");
     snprintf(what, sizeof(what), "%s 10 training steps follow the CPU losses", name);
-    test_checkf(worst <= TOL_TRAIN && gpu_losses[0][steps - 1] < gpu_losses[0][0], what, "worst relative loss difference %.3e (tol %.1e), loss %.4f -> %.4f", worst, TOL_TRAIN, gpu_losses[0][0], gpu_losses[0][steps - 1]);
+    test_checkf(worst <= TOL_TRAIN && gpu_losses[0][steps - 1] < gpu_losses[0][0], what,
+                "worst relative loss difference %.3e (tol %.1e), loss %.4f -> %.4f", worst, TOL_TRAIN,
+                gpu_losses[0][0], gpu_losses[0][steps - 1]);
     cpu::gpt_free(&ref);
     free(params); free(bn); free(tokens); free(p1); free(p2);
 }
@@ -352,7 +354,7 @@ int main(void) {
     }
     cudaDeviceProp props;
     cudaCheck(cudaGetDeviceProperties(&props, 0));
-    test_begin("test_omnimoe");
+    test_begin("test_omnimoe" TEST_FLOATX_SUFFIX);
     printf("test_omnimoe on %s, floatX = %s\n", props.name, FLOATX_NAME);
     const TestDims d = TEST_DIMS_GPU;
     struct { const char* name; ModelConfig c; } cases[] = {

@@ -104,8 +104,19 @@ static inline RelErr rel_err_impl(const float* got, const float* ref32, const do
     return e;
 }
 
-static inline RelErr rel_err(const float* got, const float* ref, size_t n) { return rel_err_impl(got, ref, NULL, n); }
-static inline RelErr rel_err_f64(const float* got, const double* ref, size_t n) { return rel_err_impl(got, NULL, ref, n); }
+static inline RelErr rel_err(const float* got, const float* ref, size_t n) {
+    return rel_err_impl(got, ref, NULL, n);
+}
+static inline RelErr rel_err_f64(const float* got, const double* ref, size_t n) {
+    return rel_err_impl(got, NULL, ref, n);
+}
+
+// root mean square of a reference (the scale of random accumulator start values)
+static inline double rms(const double* x, size_t n) {
+    double s = 0.0;
+    for (size_t i = 0; i < n; i++) s += x[i] * x[i];
+    return sqrt(s / (n > 0 ? (double)n : 1.0));
+}
 
 // PASS when e.rel <= tol; the detail gives the error, the tolerance and the largest difference
 static inline int test_check_rel(const char* name, RelErr e, double tol) {
@@ -121,11 +132,14 @@ static inline int test_check_le(const char* name, double value, double tol) {
 // ----------------------------------------------------------------------------
 // random data (the project generator of rand.h; seed it with rng_init)
 
-// uniform integer in [0, n)
-static inline uint32_t rng_below(Rng* rng, uint32_t n) { return rng_u32(rng) % n; }
+// uniform integer in [0, n), n > 0
+static inline int rng_int(Rng* rng, int n) { return (int)(rng_u32(rng) % (uint32_t)n); }
+
+// uniform float in [lo, hi)
+static inline float rng_uniform(Rng* rng, float lo, float hi) { return lo + (hi - lo) * rng_f32(rng); }
 
 static inline void fill_uniform(float* out, size_t count, float lo, float hi, Rng* rng) {
-    for (size_t i = 0; i < count; i++) out[i] = lo + (hi - lo) * rng_f32(rng);
+    for (size_t i = 0; i < count; i++) out[i] = rng_uniform(rng, lo, hi);
 }
 
 static inline void fill_normal(float* out, size_t count, float mean, float std, Rng* rng) {
@@ -134,7 +148,7 @@ static inline void fill_normal(float* out, size_t count, float mean, float std, 
 
 // token ids uniform in [0, V)
 static inline void fill_tokens(int* out, size_t count, int V, Rng* rng) {
-    for (size_t i = 0; i < count; i++) out[i] = (int)rng_below(rng, (uint32_t)V);
+    for (size_t i = 0; i < count; i++) out[i] = rng_int(rng, V);
 }
 
 // ----------------------------------------------------------------------------
@@ -190,8 +204,10 @@ static inline ModelConfig test_config(TestDims d, int ffn_kind, int n, int k, in
 // accumulation-order differences and fails on any real indexing or math bug (errors of order 1)
 #if defined(ENABLE_FP32)
 #define TOL_FLOATX 1e-5
+#define TEST_FLOATX_SUFFIX "_fp32"  // program names: test_x (bf16) and test_x_fp32, as the binaries
 #else
 #define TOL_FLOATX 1e-2
+#define TEST_FLOATX_SUFFIX ""
 #endif
 
 static inline float* host_alloc(size_t n) { return (float*)malloc_check((n > 0 ? n : 1) * sizeof(float)); }
