@@ -120,6 +120,20 @@ hostile_cases_input() {
     expect_fail "model file: a NaN weight, refused naming the file" "Error.*(model_nan\.bin)" -- \
         "$TRAINER" "${tiny[@]}" "${data[@]}" -x 1 -e "$W/model_nan.bin"
     expect_no_match "model file: a NaN weight is not blamed on the learning rate" "(^|[^[:alnum:]-])(-l|--lr)([^[:alnum:]-]|$)|learning rate"
+    # the same NaN in a version-1 model file (no hash: only the check of the values can catch it);
+    # from a version-2 file (hash trailer of 16 bytes) the trailer is dropped and the version set to 1
+    python3 - "$W/model_nan.bin" "$W/model_nan_v1.bin" <<'PY'
+import struct, sys
+raw = bytearray(open(sys.argv[1], "rb").read())
+if struct.unpack_from("<i", raw, 4)[0] == 2:
+    raw = raw[:-16]
+struct.pack_into("<i", raw, 4, 1)
+open(sys.argv[2], "wb").write(raw)
+PY
+    expect_fail "model file: a NaN weight in a version-1 file (no hash), refused naming the file" \
+        "Error.*(model_nan_v1\.bin)" -- "$TRAINER" "${tiny[@]}" "${data[@]}" -x 1 -e "$W/model_nan_v1.bin"
+    expect_no_match "model file: the NaN of a version-1 file is not blamed on the learning rate" \
+        "(^|[^[:alnum:]-])(-l|--lr)([^[:alnum:]-]|$)|learning rate"
     expect_fail "model file: a checkpoint given to -e" "Error.*(ckpt_00000001\.bin)" -- \
         "$TRAINER" "${tiny[@]}" "${data[@]}" -x 1 -e "$W/base/ckpt_00000001.bin"
 
