@@ -3,6 +3,7 @@
 # a message in its output, and that files saved before it are still intact.
 #
 #   TRAINER      the binary under test (default ./train_omnimoe_cpu)
+#   HOSTILE_MODEL the preset every case trains (tiny for the CPU trainer, small for the CUDA one)
 #   HOSTILE_WORK a scratch folder, made and removed by the driver
 #
 #   expect_fail NAME REGEX -- CMD...   CMD must exit non-zero (not by the time limit or a signal
@@ -32,6 +33,12 @@
 
 HOSTILE_TIMEOUT=${HOSTILE_TIMEOUT:-120}
 TRAINER=${TRAINER:-./train_omnimoe_cpu}
+# the preset of the cases (-e "$HOSTILE_MODEL"): the smallest the trainer runs. tiny (head size
+# 16) is for the CPU; the GPU kernels need a head size of 32, 64 or 128, so the CUDA trainer gets
+# small (C=128, NH=4)
+if [ -z "${HOSTILE_MODEL:-}" ]; then
+    case "$TRAINER" in *_cpu) HOSTILE_MODEL=tiny ;; *) HOSTILE_MODEL=small ;; esac
+fi
 hostile_passed=0
 hostile_failed=0
 hostile_skipped=0
