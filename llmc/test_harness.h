@@ -15,6 +15,8 @@
  *     test_check_le("name", value, tol);         // value <= tol (NaN fails)
  *     test_check_rel("name", rel_err(got, ref, n), tol);   // relative L2 error <= tol
  *     return test_end();                         // closing line; EXIT_FAILURE when any failed
+ *     test_run_child(fn, arg, out, size)         // fn in a fork, output captured: exit status
+ *     test_remove_tree(dir)                      // rm -r a temporary directory
  *
  * Relative error: ||got - ref|| / ||ref|| over n floats, in double; an all-zero reference gives
  * the absolute L2 error; any non-finite value (in got or ref) makes it +inf, so unwritten
@@ -35,6 +37,11 @@
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include <unistd.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <sys/stat.h>
+#include <dirent.h>
 #include "config.h"
 #include "rand.h"
 
@@ -195,13 +202,62 @@ static inline ModelConfig test_config(TestDims d, int ffn_kind, int n, int k, in
 }
 
 // ----------------------------------------------------------------------------
-// host tests (gcc only): scratch files, forked children, checks explained on failure
+// children: a case that must end the program (exit with a message) runs in a fork
 
-#if !defined(__CUDACC__)
-#include <sys/stat.h>
-#include <sys/wait.h>
-#include <dirent.h>
-#include <unistd.h>
+typedef void (*TestChildFn)(void* arg);
+
+// Runs fn(arg) in a forked child with stdout and stderr captured into out (NUL-terminated,
+// truncated to out_size). Returns the child's exit status; 999 when fn returned, 1000 + signal
+// when it was killed. A child still running after 10 s gets SIGALRM (a hang is a failure).
+static inline int test_run_child(TestChildFn fn, void* arg, char* out, size_t out_size) {
+    FILE* capture = tmpfile();
+    if (capture == NULL) {
+        perror("tmpfile");
+        exit(2);
+    }
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid < 0) {
+        perror("fork");
+        exit(2);
+    }
+    if (pid == 0) {
+        dup2(fileno(capture), 1);
+        dup2(fileno(capture), 2);
+        alarm(10);
+        fn(arg);
+        fflush(NULL);
+        _exit(99);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    rewind(capture);
+    size_t n = fread(out, 1, out_size - 1, capture);
+    out[n] = '\0';
+    fclose(capture);
+    if (WIFSIGNALED(status)) return 1000 + WTERMSIG(status);
+    return WEXITSTATUS(status) == 99 ? 999 : WEXITSTATUS(status);
+}
+
+// rm -r path (a test's temporary directory); symbolic links are removed, not followed
+static inline void test_remove_tree(const char* path) {
+    struct stat st;
+    if (lstat(path, &st) != 0) return;
+    if (!S_ISDIR(st.st_mode)) {
+        unlink(path);
+        return;
+    }
+    DIR* d = opendir(path);
+    struct dirent* e;
+    while (d != NULL && (e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+        char child[4096];
+        int n = snprintf(child, sizeof(child), "%s/%s", path, e->d_name);
+        if (n > 0 && (size_t)n < sizeof(child)) test_remove_tree(child);
+    }
+    if (d != NULL) closedir(d);
+    rmdir(path);
+}
 
 // a check whose detail only explains a failure (a path, a message, a child's output): printed
 // on FAIL only, on the one line (newlines shown as " | ", at most 600 characters)
@@ -217,30 +273,30 @@ static inline int test_check_why(int ok, const char* name, const char* why) {
     return test_report(ok, name, line);
 }
 
-// the scratch directory of this program: /tmp/<program>_XXXXXX, made by test_tmp_begin and
-// removed with everything in it by test_tmp_end
-static char test_tmp_root[256];
-
-static inline void test_remove_tree(const char* path) {
-    struct stat st;
-    if (lstat(path, &st) != 0) return;
-    if (S_ISDIR(st.st_mode)) {
-        DIR* d = opendir(path);
-        if (d) {
-            struct dirent* e;
-            while ((e = readdir(d)) != NULL) {
-                if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
-                char child[2048];
-                int n = snprintf(child, sizeof(child), "%s/%s", path, e->d_name);
-                if (n > 0 && (size_t)n < sizeof(child)) test_remove_tree(child);
-            }
-            closedir(d);
-        }
-        rmdir(path);
-    } else {
-        unlink(path);
+// fn(arg) must exit with EXIT_FAILURE and print needle1 and needle2 (each NULL = any); the PASS
+// line shows the first line of the message, so the log documents what a user would read
+static inline int test_expect_exit_failure(const char* name, TestChildFn fn, void* arg, const char* needle1,
+                                           const char* needle2) {
+    char out[8192], detail[8400];
+    int code = test_run_child(fn, arg, out, sizeof(out));
+    int ok = code == EXIT_FAILURE;
+    if (ok && needle1 && !strstr(out, needle1)) ok = 0;
+    if (ok && needle2 && !strstr(out, needle2)) ok = 0;
+    if (!ok) {
+        snprintf(detail, sizeof(detail), "exit code %d, output: %s", code, out);
+        return test_check_why(0, name, detail);
     }
+    snprintf(detail, sizeof(detail), "%s", out[0] ? out : "(no message)");
+    char* newline = strchr(detail, '\n');
+    if (newline) *newline = '\0';
+    return test_report(1, name, detail);
 }
+
+// ----------------------------------------------------------------------------
+// files: a scratch directory /tmp/<program>_XXXXXX per test program (test_tmp_begin makes it,
+// test_tmp_end removes it with everything in it)
+
+static char test_tmp_root[256];
 
 static inline void test_tmp_begin(const char* program) {
     snprintf(test_tmp_root, sizeof(test_tmp_root), "/tmp/%s_XXXXXX", program);
@@ -261,7 +317,7 @@ static inline void test_tmp_subdir(char* out, size_t size, const char* name) {
     }
 }
 
-// the whole file, NUL-terminated (so text can be read as a string); NULL when unreadable
+// the whole file, NUL-terminated (text reads as a string); NULL when unreadable
 static inline unsigned char* test_read_file(const char* path, size_t* size) {
     FILE* fp = fopen(path, "rb");
     if (!fp) return NULL;
@@ -287,62 +343,6 @@ static inline int test_file_exists(const char* path) {
     struct stat st;
     return stat(path, &st) == 0;
 }
-
-typedef void (*test_child_fn)(void* arg);
-
-// Runs fn(arg) in a child with stdout+stderr captured into out. Returns the exit status, 999 when
-// the child returned from fn (it should have exited), 1000 + signal when it crashed.
-static inline int test_run_child(test_child_fn fn, void* arg, char* out, size_t out_size) {
-    char capture[512];
-    snprintf(capture, sizeof(capture), "%s/child_output.txt", test_tmp_root);
-    fflush(NULL);
-    pid_t pid = fork();
-    if (pid < 0) {
-        perror("fork");
-        exit(2);
-    }
-    if (pid == 0) {
-        FILE* fp = fopen(capture, "wb");
-        if (!fp) _exit(3);
-        dup2(fileno(fp), 1);
-        dup2(fileno(fp), 2);
-        fn(arg);
-        fflush(NULL);
-        _exit(99);
-    }
-    int status = 0;
-    waitpid(pid, &status, 0);
-    out[0] = '\0';
-    FILE* fp = fopen(capture, "rb");
-    if (fp) {
-        size_t n = fread(out, 1, out_size - 1, fp);
-        out[n] = '\0';
-        fclose(fp);
-    }
-    if (WIFSIGNALED(status)) return 1000 + WTERMSIG(status);
-    int code = WEXITSTATUS(status);
-    return code == 99 ? 999 : code;
-}
-
-// fn(arg) must exit with EXIT_FAILURE and print needle1 and needle2 (each NULL = any); the PASS
-// line shows the message, so the log documents what a user would read
-static inline int test_expect_exit_failure(const char* name, test_child_fn fn, void* arg, const char* needle1,
-                                           const char* needle2) {
-    char out[8192], detail[8400];
-    int code = test_run_child(fn, arg, out, sizeof(out));
-    int ok = code == EXIT_FAILURE;
-    if (ok && needle1 && !strstr(out, needle1)) ok = 0;
-    if (ok && needle2 && !strstr(out, needle2)) ok = 0;
-    if (!ok) {
-        snprintf(detail, sizeof(detail), "exit code %d, output: %s", code, out);
-        return test_check_why(0, name, detail);
-    }
-    snprintf(detail, sizeof(detail), "%s", out[0] ? out : "(no message)");
-    char* newline = strchr(detail, '\n');  // the first line of the message
-    if (newline) *newline = '\0';
-    return test_report(1, name, detail);
-}
-#endif  // !__CUDACC__
 
 // ----------------------------------------------------------------------------
 // device helpers (nvcc only)
