@@ -30,9 +30,9 @@
  *
  * Validation at init, one pass over every shard: only regular files (a FIFO, directory or device
  * is refused without blocking), header magic/version, token count against the file size, every
- * token < vocab_size. The same pass computes loader->fingerprint, XXH64 of the data (each shard's
- * token count and tokens in path order, then the shard count), which a checkpoint records so that
- * a resume on other data is refused.
+ * token < vocab_size. The same pass computes loader->fingerprint, XXH64 of the data (seeded with
+ * the shard count, over each shard's header and tokens in path order), which a checkpoint records
+ * so that a resume on other data is refused.
  *
  * Bad input (no file matches, not a regular file, bad magic/version, size inconsistent with the
  * header, a shard too small for one round, a token >= vocab_size) prints one message naming the
@@ -84,8 +84,8 @@ typedef struct {
     int64_t* shard_windows;     // W_s: all windows of each shard
     int64_t* shard_rounds;      // floor(W_s / P): batches per rank from each shard
     int64_t total_tokens;       // sum of shard_tokens
-    uint64_t fingerprint;       // XXH64 over each shard's token count and tokens in path order, then
-                                // the shard count: identifies the data (a checkpoint records it)
+    uint64_t fingerprint;       // XXH64 (seed: the shard count) over each shard's header and tokens in
+                                // path order: identifies the data (a checkpoint records it)
     // position
     int64_t epoch, shard_pos, window_pos;
     int* shard_order;           // this epoch's shard order (identity without shuffle)
@@ -166,7 +166,8 @@ static inline FILE* dataloader_open_shard_(const char* path) {
 
 // Reads and checks one shard: a regular file, its header against the file size, and (one pass
 // over the tokens) every token < vocab_size when vocab_size > 0. Adds the shard to the data
-// fingerprint (when fingerprint != NULL): its token count, then its tokens. Returns the count.
+// fingerprint (when fingerprint != NULL): its header (with the token count), then its tokens.
+// Returns the token count.
 static inline int64_t dataloader_validate_shard_tokens(const char* path, int vocab_size, XXH64_state_t* fingerprint) {
     FILE* fp = dataloader_open_shard_(path);
     int64_t file_bytes = file_size_check(fp, path);
@@ -196,7 +197,7 @@ static inline int64_t dataloader_validate_shard_tokens(const char* path, int voc
                 (long long)file_bytes, file_bytes < expected_bytes ? "truncated" : "corrupt: size mismatch");
         exit(EXIT_FAILURE);
     }
-    if (fingerprint != NULL) XXH64_update(fingerprint, &num_tokens, sizeof(num_tokens));
+    if (fingerprint != NULL) XXH64_update(fingerprint, header, sizeof(header));  // with the token count
     const size_t chunk = 1 << 19;  // tokens per read (1 MiB)
     uint16_t* tokens = (uint16_t*)malloc_check(chunk * sizeof(uint16_t));
     for (int64_t done = 0; done < num_tokens;) {
@@ -330,7 +331,7 @@ static inline void dataloader_init(DataLoader* loader, const char* filename_patt
     int64_t BT = (int64_t)B * (int64_t)T;
     int64_t max_windows = 0;
     XXH64_state_t fingerprint;
-    XXH64_reset(&fingerprint, 0);
+    XXH64_reset(&fingerprint, (XXH64_hash_t)num_shards);  // the shard count is the seed
     for (int i = 0; i < num_shards; i++) {
         const char* path = glob_result.gl_pathv[i];
         size_t len = strlen(path);
@@ -352,8 +353,6 @@ static inline void dataloader_init(DataLoader* loader, const char* filename_patt
         if (windows > max_windows) { max_windows = windows; }
     }
     globfree(&glob_result);
-    int64_t shard_count = num_shards;
-    XXH64_update(&fingerprint, &shard_count, sizeof(shard_count));
     loader->fingerprint = (uint64_t)XXH64_digest(&fingerprint);
 
     loader->window_order = loader->shuffle ? (int64_t*)malloc_check((size_t)max_windows * sizeof(int64_t)) : NULL;
