@@ -46,6 +46,7 @@
 #include "utils.h"
 #include <glob.h>
 #include <fcntl.h>
+#include <unistd.h>
 #include <sys/stat.h>
 #ifndef XXH_INLINE_ALL
 #define XXH_INLINE_ALL  // xxHash header-only: nothing to link
@@ -164,6 +165,69 @@ static inline FILE* dataloader_open_shard_(const char* path) {
     return fp;
 }
 
+// Linux reports the holes of a sparse file (lseek SEEK_DATA / SEEK_HOLE); a hole reads as zeros,
+// so it is hashed from memory instead of being read (a 4 GiB sparse test shard takes no time).
+#if defined(__linux__) && !defined(SEEK_DATA)  // glibc declares them only with _GNU_SOURCE
+#define SEEK_DATA 3
+#define SEEK_HOLE 4
+#endif
+
+// want_data 1: the start of the data at or after `from` (`end` when only a hole is left);
+// want_data 0: the start of the next hole (`end` when none). Where holes cannot be found: all data.
+static inline int64_t dataloader_seek_(int fd, int64_t from, int64_t end, int want_data) {
+#if defined(SEEK_DATA) && defined(SEEK_HOLE)
+    off_t at = lseek(fd, (off_t)from, want_data ? SEEK_DATA : SEEK_HOLE);
+    if (at < 0) return want_data && errno != ENXIO ? from : end;
+    return (int64_t)at < end ? (int64_t)at : end;
+#else
+    (void)fd;
+    return want_data ? from : end;
+#endif
+}
+
+// The one pass over a shard's tokens (header already read): every token < vocab_size (when > 0),
+// and the tokens into the fingerprint (when not NULL). Exits naming the first bad token.
+static inline void dataloader_scan_tokens_(FILE* fp, const char* path, int64_t num_tokens, int vocab_size,
+                                           XXH64_state_t* fingerprint) {
+    const size_t chunk = 1 << 19;  // tokens per read (1 MiB)
+    uint16_t* tokens = (uint16_t*)malloc_check(chunk * sizeof(uint16_t));
+    static const uint16_t zeros[4096] = {0};
+    int fd = fileno(fp);
+    int64_t end = SHARD_HEADER_BYTES + num_tokens * (int64_t)sizeof(uint16_t), pos = SHARD_HEADER_BYTES;
+    while (pos < end) {
+        // a hole [pos, data): zero tokens, valid for any vocabulary (vocab_size >= 1)
+        int64_t data = dataloader_seek_(fd, pos, end, 1);
+        data -= (data - SHARD_HEADER_BYTES) % 2;  // whole tokens
+        for (int64_t at = pos; fingerprint != NULL && at < data;) {
+            int64_t n = data - at < (int64_t)sizeof(zeros) ? data - at : (int64_t)sizeof(zeros);
+            XXH64_update(fingerprint, zeros, (size_t)n);
+            at += n;
+        }
+        pos = data > pos ? data : pos;
+        int64_t hole = dataloader_seek_(fd, pos, end, 0);
+        hole += (hole - SHARD_HEADER_BYTES) % 2;
+        if (hole > end || hole <= pos) hole = end;
+        fseek_check(fp, pos, SEEK_SET, path);
+        while (pos < hole) {  // data [pos, hole)
+            size_t n = (size_t)((hole - pos) / 2 < (int64_t)chunk ? (hole - pos) / 2 : (int64_t)chunk);
+            fread_check(tokens, sizeof(uint16_t), n, fp, path);
+            if (fingerprint != NULL) XXH64_update(fingerprint, tokens, n * sizeof(uint16_t));
+            for (size_t i = 0; vocab_size > 0 && i < n; i++) {
+                if ((int)tokens[i] >= vocab_size) {
+                    int64_t token_index = (pos - SHARD_HEADER_BYTES) / 2 + (int64_t)i;
+                    fprintf(stderr, "Error: dataloader: shard '%s' token %lld (byte offset %lld) is %d, "
+                            "outside the vocabulary: expected < vocab_size %d\n", path, (long long)token_index,
+                            (long long)(SHARD_HEADER_BYTES + token_index * (int64_t)sizeof(uint16_t)), (int)tokens[i],
+                            vocab_size);
+                    exit(EXIT_FAILURE);
+                }
+            }
+            pos += (int64_t)n * 2;
+        }
+    }
+    free(tokens);
+}
+
 // Reads and checks one shard: a regular file, its header against the file size, and (one pass
 // over the tokens) every token < vocab_size when vocab_size > 0. Adds the shard to the data
 // fingerprint (when fingerprint != NULL): its header (with the token count), then its tokens.
@@ -198,25 +262,7 @@ static inline int64_t dataloader_validate_shard_tokens(const char* path, int voc
         exit(EXIT_FAILURE);
     }
     if (fingerprint != NULL) XXH64_update(fingerprint, header, sizeof(header));  // with the token count
-    const size_t chunk = 1 << 19;  // tokens per read (1 MiB)
-    uint16_t* tokens = (uint16_t*)malloc_check(chunk * sizeof(uint16_t));
-    for (int64_t done = 0; done < num_tokens;) {
-        size_t n = num_tokens - done < (int64_t)chunk ? (size_t)(num_tokens - done) : chunk;
-        fread_check(tokens, sizeof(uint16_t), n, fp, path);
-        if (fingerprint != NULL) XXH64_update(fingerprint, tokens, n * sizeof(uint16_t));
-        for (size_t i = 0; vocab_size > 0 && i < n; i++) {
-            if ((int)tokens[i] >= vocab_size) {
-                int64_t token_index = done + (int64_t)i;
-                fprintf(stderr, "Error: dataloader: shard '%s' token %lld (byte offset %lld) is %d, "
-                        "outside the vocabulary: expected < vocab_size %d\n", path, (long long)token_index,
-                        (long long)(SHARD_HEADER_BYTES + token_index * (int64_t)sizeof(uint16_t)), (int)tokens[i],
-                        vocab_size);
-                exit(EXIT_FAILURE);
-            }
-        }
-        done += (int64_t)n;
-    }
-    free(tokens);
+    dataloader_scan_tokens_(fp, path, num_tokens, vocab_size, fingerprint);
     fclose_check(fp, path);
     return num_tokens;
 }
