@@ -18,56 +18,16 @@
 #include "llmc/args.h"
 #include "llmc/checkpoint.h"
 #include "llmc/test_harness.h"
-#include <sys/wait.h>
-#include <signal.h>
-#include <unistd.h>
-#include <dirent.h>
 
 static char tmp_root[256];
 
 // ----------------------------------------------------------------------------
-// children: fn runs in a fork with stdout+stderr captured; returns its exit status (1000 + signal
-// when killed, 999 when fn returned). A child that blocks is killed after 10 s (a hang = a bug).
-
-typedef void (*ChildFn)(void* arg);
-
-static int run_child(ChildFn fn, void* arg, char* out, size_t out_size) {
-    char capture[512];
-    snprintf(capture, sizeof(capture), "%s/child_output.txt", tmp_root);
-    fflush(NULL);
-    pid_t pid = fork();
-    if (pid < 0) {
-        perror("fork");
-        exit(2);
-    }
-    if (pid == 0) {
-        FILE* fp = fopen(capture, "wb");
-        if (fp == NULL) _exit(3);
-        dup2(fileno(fp), 1);
-        dup2(fileno(fp), 2);
-        alarm(10);
-        fn(arg);
-        fflush(NULL);
-        _exit(99);
-    }
-    int status = 0;
-    waitpid(pid, &status, 0);
-    out[0] = '\0';
-    FILE* fp = fopen(capture, "rb");
-    if (fp != NULL) {
-        size_t n = fread(out, 1, out_size - 1, fp);
-        out[n] = '\0';
-        fclose(fp);
-    }
-    if (WIFSIGNALED(status)) return 1000 + WTERMSIG(status);
-    int code = WEXITSTATUS(status);
-    return code == 99 ? 999 : code;
-}
+// children (test_run_child of the harness: exit status, output captured)
 
 // the child must exit with EXIT_FAILURE and print every non-NULL needle
-static void expect_refusal(const char* name, ChildFn fn, void* arg, const char* needle1, const char* needle2) {
+static void expect_refusal(const char* name, TestChildFn fn, void* arg, const char* needle1, const char* needle2) {
     char out[4096];
-    int status = run_child(fn, arg, out, sizeof(out));
+    int status = test_run_child(fn, arg, out, sizeof(out));
     int ok = status == EXIT_FAILURE && (needle1 == NULL || strstr(out, needle1) != NULL) &&
              (needle2 == NULL || strstr(out, needle2) != NULL);
     test_checkf(ok, name, "exit %d, output: %.400s", status, out);
@@ -100,27 +60,6 @@ static int file_exists(const char* path) {
 static void make_dir(char* out, size_t size, const char* name) {
     snprintf(out, size, "%s/%s", tmp_root, name);
     mkdir(out, 0755);
-}
-
-static void remove_tree(const char* path) {
-    struct stat st;
-    if (lstat(path, &st) != 0) return;
-    if (S_ISDIR(st.st_mode)) {
-        DIR* d = opendir(path);
-        if (d != NULL) {
-            struct dirent* e;
-            while ((e = readdir(d)) != NULL) {
-                if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
-                char child[1024];
-                snprintf(child, sizeof(child), "%s/%s", path, e->d_name);
-                remove_tree(child);
-            }
-            closedir(d);
-        }
-        rmdir(path);
-    } else {
-        unlink(path);
-    }
 }
 
 static float* random_floats(Rng* rng, size_t n) {
@@ -234,7 +173,7 @@ static void test_hash_catches_corruption(void) {
         memcpy(copy, good, n);
         flip_random_bits(copy, n, 2 + rng_int(&rng, 7), &rng);
         write_all(bad, copy, n);
-        if (run_child(child_model_read, bad, out, sizeof(out)) != EXIT_FAILURE) missed++;
+        if (test_run_child(child_model_read, bad, out, sizeof(out)) != EXIT_FAILURE) missed++;
     }
     test_checkf(missed == 0, "hash: 300 random 2-8 bit corruptions of a model file are all refused",
                 "%d of %d accepted", missed, trials);
@@ -275,7 +214,7 @@ static void test_model_file_v1(void) {
     snprintf(v1, sizeof(v1), "%s/v1.bin", dir);
     write_all(v1, data, n - CHECKPOINT_TRAILER_BYTES);  // version 1: no trailer
     char out[4096];
-    int status = run_child(child_model_read, v1, out, sizeof(out));
+    int status = test_run_child(child_model_read, v1, out, sizeof(out));
     test_checkf(status == 999 && strstr(out, "is version 1, which has no hash") != NULL,
                 "model file version 1 is read, with a warning that it cannot be verified", "exit %d: %s", status, out);
     float *p2 = NULL, *bn2 = NULL;
@@ -378,12 +317,7 @@ static void test_nonfinite(void) {
     header[0] = MODEL_FILE_MAGIC;
     header[1] = MODEL_FILE_VERSION;
     model_config_to_header(&c, header);
-    CheckpointHash hash;
-    checkpoint_hash_init(&hash);
-    checkpoint_hash_update(&hash, header, sizeof(header));
-    checkpoint_hash_update(&hash, params, P * 4);
-    checkpoint_hash_update(&hash, bn, NB * 4);
-    uint64_t h = checkpoint_hash_final(&hash);
+    uint64_t h = model_file_hash(&c, params, bn);
     snprintf(model_path, sizeof(model_path), "%s/nan_model.bin", a.dir);
     FILE* fp = fopen_check(model_path, "wb");
     fwrite_check(header, sizeof(header), 1, fp, model_path);
@@ -448,7 +382,7 @@ static void test_stale_tmp(void) {
         write_all(names[i], "partial", 7);
     }
     char out[4096];
-    int status = run_child(child_make_dir, dir, out, sizeof(out));
+    int status = test_run_child(child_make_dir, dir, out, sizeof(out));
     int ok = status == 999 && !file_exists(names[0]) && !file_exists(names[1]) && strstr(out, "ckpt_00000020.bin.tmp") &&
              strstr(out, "model.bin.tmp") && strstr(out, "Note: removed");
     test_checkf(ok, "tmp: checkpoint_make_dir removes the .bin.tmp of interrupted writes, with a note", "exit %d: %s",
@@ -510,10 +444,10 @@ static void test_sizes(void) {
     expect_refusal("sizes: -x 2^31-1 (the step loop would wrap) is refused", child_flags, &f, "for flag -x", NULL);
     f = flags("-b", "4", "-t", "64", "-d", "-1", NULL, NULL);
     char out[4096];
-    int status = run_child(child_flags, &f, out, sizeof(out));
+    int status = test_run_child(child_flags, &f, out, sizeof(out));
     test_checkf(status == 999 && strstr(out, "grad_accum 1 tokens 256"), "sizes: -d -1 is B*T*processes", "%s", out);
     f = flags("-b", "1024", "-t", "1024", "-d", "2251799812636672", NULL, NULL);  // (2^31 - 1) * 2^20
-    status = run_child(child_flags, &f, out, sizeof(out));
+    status = test_run_child(child_flags, &f, out, sizeof(out));
     test_checkf(status == 999 && strstr(out, "grad_accum 2147483647 tokens 2251799812636672"),
                 "sizes: the largest grad accumulation (2^31-1 micro-batches) is accepted exactly", "%s", out);
     TrainConfig cfg;
@@ -548,12 +482,12 @@ static void test_memory(void) {
     double per_layer = 12.0 * 4096.0 * 4096.0 * 16.0;
     c.num_layers = (int)(2.0 * (double)available / per_layer) + 1;
     char out[4096];
-    int status = run_child(child_build, &c, out, sizeof(out));
+    int status = test_run_child(child_build, &c, out, sizeof(out));
     test_checkf(status == EXIT_FAILURE && strstr(out, "GiB of host memory for the model's") && strstr(out, "MemAvailable") &&
                 strstr(out, "AdamW state"), "memory: gpt_build refuses a model that cannot fit, with the numbers",
                 "L=%d, exit %d: %.300s", c.num_layers, status, out);
     ModelConfig small = small_config();
-    status = run_child(child_build, &small, out, sizeof(out));
+    status = test_run_child(child_build, &small, out, sizeof(out));
     test_checkf(status == 999 && strstr(out, "built"), "memory: a small model builds", "exit %d: %s", status, out);
 }
 
@@ -571,6 +505,6 @@ int main(void) {
     test_stale_tmp();
     test_sizes();
     test_memory();
-    remove_tree(tmp_root);
+    test_remove_tree(tmp_root);
     return test_end();
 }

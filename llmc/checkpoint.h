@@ -540,6 +540,22 @@ static inline void model_file_read_config(const char* path, ModelConfig* out_con
     fclose(fp);
 }
 
+// The hash in a version-2 model file's trailer: XXH64 of the header (magic, version 2, the
+// config, other slots 0), the params and the BN statistics (bn_stats NULL when there are none).
+static inline uint64_t model_file_hash(const ModelConfig* config, const float* params, const float* bn_stats) {
+    int32_t header[OMNI_HEADER_INTS];
+    memset(header, 0, sizeof(header));
+    header[0] = MODEL_FILE_MAGIC;
+    header[1] = MODEL_FILE_VERSION;
+    model_config_to_header(config, header);
+    CheckpointHash hash;
+    checkpoint_hash_init(&hash);
+    checkpoint_hash_update(&hash, header, sizeof(header));
+    checkpoint_hash_update(&hash, params, model_config_num_params(config) * sizeof(float));
+    checkpoint_hash_update(&hash, bn_stats, model_config_num_bn_stats(config) * sizeof(float));
+    return checkpoint_hash_final(&hash);
+}
+
 // Reads a model file into new buffers (free() them): *params gets model_config_num_params floats,
 // *bn_stats model_config_num_bn_stats floats (NULL when the model has none). Verifies the hash
 // (version 2; version 1 files have none: a warning says so) and refuses NaN/Inf weights.
@@ -562,17 +578,7 @@ static inline void model_file_read(const char* path, ModelConfig* out_config, fl
     }
     fclose(fp);
     if (version == MODEL_FILE_VERSION) {
-        int32_t header[OMNI_HEADER_INTS];  // as written: the slots beyond the config are 0 (checked on open)
-        memset(header, 0, sizeof(header));
-        header[0] = MODEL_FILE_MAGIC;
-        header[1] = version;
-        model_config_to_header(&c, header);
-        CheckpointHash hash;
-        checkpoint_hash_init(&hash);
-        checkpoint_hash_update(&hash, header, sizeof(header));
-        checkpoint_hash_update(&hash, p, num_params * sizeof(float));
-        checkpoint_hash_update(&hash, bn, num_bn * sizeof(float));
-        uint64_t stored, computed = checkpoint_hash_final(&hash);
+        uint64_t stored, computed = model_file_hash(&c, p, bn);
         memcpy(&stored, trailer, 8);
         if (memcmp(trailer + 8, CHECKPOINT_END_MAGIC, 8) != 0 || stored != computed) {
             free(p);
