@@ -252,8 +252,8 @@ static inline void test_remove_tree(const char* path) {
     while (d != NULL && (e = readdir(d)) != NULL) {
         if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
         char child[4096];
-        int n = snprintf(child, sizeof(child), "%s/%s", path, e->d_name);
-        if (n > 0 && (size_t)n < sizeof(child)) test_remove_tree(child);
+        int len = snprintf(child, sizeof(child), "%s/%s", path, e->d_name);
+        if (len > 0 && (size_t)len < sizeof(child)) test_remove_tree(child);
     }
     if (d != NULL) closedir(d);
     rmdir(path);
