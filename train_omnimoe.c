@@ -1211,8 +1211,8 @@ void sample_and_print(GPT* model, const Tokenizer* tokenizer, Rng* rng, int gen_
 //   ./train_omnimoe_cpu --help                  every flag (llmc/args.h), with this trainer's defaults
 //
 // Same flags, schedule, data loader, log, checkpoint format and loop (llmc/train_loop.h) as the
-// CUDA trainer. Where it differs, all in this backend: one process (agree() returns its
-// argument, the stop request is the process's own); the expert branch runs token-centric
+// CUDA trainer. Where it differs, all in this backend: one process (sum_ranks does nothing, the
+// stop request is the process's own); the expert branch runs token-centric
 // (--expert-exec is accepted and has no effect); the expert statistics come from host counts;
 // no MFU; the tokenizer is loaded only when -s asks for samples.
 
@@ -1271,22 +1271,12 @@ static void cpu_train_step(void* ctx, int step, float lr, int t, const volatile 
     out->stop = *stop_local != 0;
 }
 
-// mean validation loss over the first -m batches (all when -1), in evaluation mode: router BN
-// uses the running statistics, so the model is a fixed function of each sequence
-static float cpu_evaluate(void* ctx) {
-    CpuTrainer* tr = (CpuTrainer*)ctx;
-    DataLoader* loader = &tr->val_loader;
-    int64_t batches = dataloader_num_batches(loader);
-    int max_batches = tr->cfg->val_max_batches;
-    if (max_batches >= 0 && max_batches < batches) batches = max_batches;
-    dataloader_reset(loader);
-    double sum = 0.0;
-    for (int64_t i = 0; i < batches; i++) {
-        dataloader_next_batch(loader);
-        gpt_forward(&tr->model, loader->inputs, loader->targets, (int)loader->B, (int)loader->T, 0);
-        sum += tr->model.mean_loss;
-    }
-    return (float)(sum / (double)batches);
+// evaluation mode: router BN uses the running statistics, so the model is a fixed function of
+// each sequence
+static float cpu_forward_loss(void* ctx, const int* inputs, const int* targets, int B, int T) {
+    GPT* model = &((CpuTrainer*)ctx)->model;
+    gpt_forward(model, inputs, targets, B, T, 0);
+    return model->mean_loss;
 }
 
 static void cpu_sample_logits(void* ctx, const int* tokens, int T, int t, float* out) {
@@ -1327,9 +1317,11 @@ static void cpu_write_model(void* ctx, const char* path) {
     model_file_write(path, &model->config, model->params, model->bn_stats);
 }
 
-static int cpu_agree(void* ctx, int value) {
+// one process: the sums over ranks are the values themselves
+static void cpu_sum_ranks(void* ctx, double* values, int n) {
     (void)ctx;
-    return value;
+    (void)values;
+    (void)n;
 }
 
 int main(int argc, char** argv) {
@@ -1398,14 +1390,14 @@ int main(int argc, char** argv) {
     be.sample_T = cfg.gen_tokens;
     be.init_weights = cpu_init_weights;
     be.train_step = cpu_train_step;
-    be.evaluate = cpu_evaluate;
+    be.forward_loss = cpu_forward_loss;
     be.sample_logits = cpu_sample_logits;
     be.save_checkpoint = cpu_save_checkpoint;
     be.load_checkpoint = cpu_load_checkpoint;
     be.expert_stats = cpu_expert_stats;
     be.write_model = cpu_write_model;
-    be.agree = cpu_agree;
-    TrainLoop loop = {&cfg, &be, &tr.train_loader, &tokenizer, have_val};
+    be.sum_ranks = cpu_sum_ranks;
+    TrainLoop loop = {&cfg, &be, &tr.train_loader, &tr.val_loader, cfg.val_max_batches, &tokenizer, have_val};
     int rc = train_loop_run(&loop);
 
     free(tr.file_params);

@@ -801,25 +801,11 @@ static void gpu_train_step(void* ctx, int step, float lr, int t, const volatile 
     cudaCheck(cudaStreamSynchronize(m->stream));
 }
 
-// mean loss over the first val_batches batches of this rank's slice of the loader (all of them
-// when < 0), averaged over the ranks, which all run the same number of batches; the same tokens
-// every time, so curves of different runs compare. Every rank must call it.
-static float gpu_evaluate(void* ctx) {
-    GpuTrainer* tr = (GpuTrainer*)ctx;
-    Model* m = &tr->model;
-    DataLoader* loader = &tr->val_loader;
-    dataloader_reset(loader);
-    int64_t n = dataloader_num_batches(loader);
-    if (tr->val_batches >= 0 && tr->val_batches < n) n = tr->val_batches;
-    double sum = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-        dataloader_next_batch(loader);
-        model_forward(m, loader->inputs, loader->targets, (int)loader->B, (int)loader->T, 0);
-        sum += model_mean_loss(m);
-    }
-    double mean = n > 0 ? sum / (double)n : NAN;
-    multi_gpu_sum_doubles(tr->mg, &mean, 1, m->stream);
-    return (float)(mean / tr->mg->num_processes);
+// evaluation mode (BN running statistics): the mean loss of one batch (waits for the GPU)
+static float gpu_forward_loss(void* ctx, const int* inputs, const int* targets, int B, int T) {
+    Model* m = &((GpuTrainer*)ctx)->model;
+    model_forward(m, inputs, targets, B, T, 0);
+    return model_mean_loss(m);
 }
 
 // sampler.h's logits callback (rank 0): running statistics for BN, the row copied to the host.
@@ -953,12 +939,9 @@ static void gpu_write_model(void* ctx, const char* path) {
     free(bn);
 }
 
-// rank 0's value on every rank: the others add 0 (exact in double for any int)
-static int gpu_agree(void* ctx, int value) {
+static void gpu_sum_ranks(void* ctx, double* values, int n) {
     GpuTrainer* tr = (GpuTrainer*)ctx;
-    double v = tr->mg->process_rank == 0 ? (double)value : 0.0;
-    multi_gpu_sum_doubles(tr->mg, &v, 1, tr->model.stream);
-    return (int)v;
+    multi_gpu_sum_doubles(tr->mg, values, n, tr->model.stream);
 }
 
 // ----------------------------------------------------------------------------
@@ -1074,14 +1057,14 @@ int main(int argc, char** argv) {
     be.sample_T = cfg.gen_tokens < cfg.T ? cfg.gen_tokens : cfg.T;
     be.init_weights = gpu_init_weights;
     be.train_step = gpu_train_step;
-    be.evaluate = gpu_evaluate;
+    be.forward_loss = gpu_forward_loss;
     be.sample_logits = gpu_sample_logits;
     be.save_checkpoint = gpu_save_checkpoint;
     be.load_checkpoint = gpu_load_checkpoint;
     be.expert_stats = gpu_expert_stats;
     be.write_model = gpu_write_model;
-    be.agree = gpu_agree;
-    TrainLoop loop = {&cfg, &be, &tr.train_loader, &tokenizer, have_val};
+    be.sum_ranks = gpu_sum_ranks;
+    TrainLoop loop = {&cfg, &be, &tr.train_loader, &tr.val_loader, tr.val_batches, &tokenizer, have_val};
     int rc = train_loop_run(&loop);
 
     free(tr.init_params);

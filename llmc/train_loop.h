@@ -31,7 +31,7 @@
  * (checkpoint_compare_run).
  *
  * Run safety (every check runs on rank 0, which owns the files; the others learn the outcome
- * through agree()):
+ * through train_loop_agree_):
  *   - a fresh run (no -y 1) into an output directory that holds another run's checkpoints, model
  *     or log is refused, unless --overwrite 1 (then those files are removed first);
  *   - -y 1 without a usable checkpoint (none, or every one corrupt) is an error; nothing is written;
@@ -46,7 +46,7 @@
  *     -y 1 skips it) and the message names the last good one.
  *
  * What differs between the trainers lives in their backends only: the CPU trainer is one process
- * (agree() returns its argument, the stop request is its own), has no MFU (peak_flops 0) and
+ * (sum_ranks does nothing, the stop request is its own), has no MFU (peak_flops 0) and
  * loads the tokenizer only when it samples; the CUDA trainer folds the stop request into the
  * reduction of the step's loss and gathers every rank's BN statistics into its checkpoints.
  */
@@ -93,7 +93,8 @@ typedef struct {
     // request, read once the step's gradients are in (a signal during the step counts)
     void (*train_step)(void* ctx, int step, float lr, int t, const volatile sig_atomic_t* stop_local,
                        TrainStepResult* out);
-    float (*evaluate)(void* ctx);        // mean validation loss, the same on every rank
+    // evaluation mode (BN running statistics, no state changes): mean loss of one batch
+    float (*forward_loss)(void* ctx, const int* inputs, const int* targets, int B, int T);
     SamplerLogitsFn sample_logits;       // rank 0 (sampler.h)
     // rank 0 writes the file (out_path); info, loader state and RNG come from the loop
     void (*save_checkpoint)(void* ctx, const CheckpointInfo* info, const DataLoaderState* loader,
@@ -103,13 +104,15 @@ typedef struct {
                             uint64_t* sample_rng);
     void (*expert_stats)(void* ctx, float* usage, float* kl);   // rank 0, of the last step
     void (*write_model)(void* ctx, const char* path);           // rank 0
-    int (*agree)(void* ctx, int value);                         // rank 0's value, on every rank
+    void (*sum_ranks)(void* ctx, double* values, int n);        // values = their sums over all ranks
 } TrainBackend;
 
 typedef struct {
     const TrainConfig* cfg;
     TrainBackend* be;
     DataLoader* train_loader;      // the backend's train_step reads it; the loop saves its state
+    DataLoader* val_loader;        // this rank's slice of the validation windows (when have_val)
+    int val_batches;               // batches per evaluation on this rank (-1 = all)
     const Tokenizer* tokenizer;    // rank 0, for samples (may be unloaded: ids are printed)
     int have_val;                  // -j set and -v > 0
 } TrainLoop;
@@ -127,6 +130,32 @@ static inline double train_loop_now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
+}
+
+// rank 0's value, on every rank (the others add 0: exact in double for any int)
+static inline int train_loop_agree_(TrainBackend* be, int value) {
+    double v = be->rank == 0 ? (double)value : 0.0;
+    be->sum_ranks(be->ctx, &v, 1);
+    return (int)v;
+}
+
+// Mean loss over the first val_batches batches of each rank's slice (all when < 0), averaged
+// over the ranks, which all run the same number of batches; the same tokens every time, so
+// curves of different runs compare. Every rank calls it.
+static inline float train_loop_evaluate_(const TrainLoop* tl) {
+    TrainBackend* be = tl->be;
+    DataLoader* loader = tl->val_loader;
+    dataloader_reset(loader);
+    int64_t n = dataloader_num_batches(loader);
+    if (tl->val_batches >= 0 && tl->val_batches < n) n = tl->val_batches;
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        dataloader_next_batch(loader);
+        sum += be->forward_loss(be->ctx, loader->inputs, loader->targets, (int)loader->B, (int)loader->T);
+    }
+    double mean = n > 0 ? sum / (double)n : NAN;
+    be->sum_ranks(be->ctx, &mean, 1);
+    return (float)(mean / be->num_processes);
 }
 
 // ----------------------------------------------------------------------------
@@ -191,8 +220,8 @@ static inline int train_loop_check_output_(const TrainConfig* cfg, const char* l
         if (ckpts == 0) {
             fprintf(stderr, "Error: -y 1: no checkpoint in %s to resume from (drop -y 1 to start a new run)\n", dir);
         } else {
-            fprintf(stderr, "Error: -y 1: none of the %d checkpoint file(s) in %s is usable (unfinished or corrupt, "
-                    "see the warnings above); nothing was changed\n", ckpts, dir);
+            fprintf(stderr, "Error: -y 1: none of the %d checkpoint file(s) in %s is usable (unfinished, corrupt or "
+                    "diverged: see the warnings above); nothing was changed\n", ckpts, dir);
         }
         return 1;
     }
@@ -226,6 +255,7 @@ typedef struct {
 // the message after a non-finite value from the weights after `step` updates (rank 0): a
 // checkpoint of those weights is not good; one this run wrote is moved aside
 static inline void train_loop_report_divergence_(const TrainLoopCkpt* last, const TrainLoopCkpt* good, int step) {
+    fflush(stdout);
     if (last->step == step) {
         char aside[CHECKPOINT_PATH_MAX + 16];
         snprintf(aside, sizeof(aside), "%s.diverged", last->path);
@@ -271,8 +301,8 @@ static inline int train_loop_run(const TrainLoop* tl) {
     char resume_path[CHECKPOINT_PATH_MAX] = "";
     int found_step = -1, refused = 0;
     if (master) refused = train_loop_check_output_(cfg, log_path, resume_path, &found_step);
-    if (be->agree(ctx, refused)) return EXIT_FAILURE;
-    found_step = be->agree(ctx, found_step);
+    if (train_loop_agree_(be, refused)) return EXIT_FAILURE;
+    found_step = train_loop_agree_(be, found_step);
 
     int step = 0, adam_t = 0;
     long long tokens_seen = 0;
@@ -327,7 +357,7 @@ static inline int train_loop_run(const TrainLoop* tl) {
         int last = step == cfg->num_steps;
         // 1. evaluate
         if (tl->have_val && (last || (cfg->val_every > 0 && step % cfg->val_every == 0))) {
-            val_loss = be->evaluate(ctx);
+            val_loss = train_loop_evaluate_(tl);
             if (!isfinite(val_loss)) {  // the same on every rank
                 if (master) {
                     fprintf(stderr, "Error: the validation loss is %f at step %d: the weights after %d updates have "
@@ -346,7 +376,7 @@ static inline int train_loop_run(const TrainLoop* tl) {
             sample_and_print_with(be->sample_logits, ctx, be->vocab_size, be->sample_T, tl->tokenizer, &sample_rng,
                                   NULL);
         }
-        log_failed = be->agree(ctx, logger.failed);
+        log_failed = train_loop_agree_(be, logger.failed);
         // 3. checkpoint
         if (have_dir && step > start_step &&
             (last || stop || log_failed || (cfg->checkpoint_every > 0 && step % cfg->checkpoint_every == 0))) {
@@ -361,6 +391,7 @@ static inline int train_loop_run(const TrainLoop* tl) {
         // 4. stop
         if (log_failed) {
             if (master) {
+                fflush(stdout);
                 fprintf(stderr, "Error: stopping at step %d: the log file \"%s\" cannot be written (see above)", step,
                         log_path);
                 if (last_ckpt.step >= 0) fprintf(stderr, "; the run is saved in %s", last_ckpt.path);
@@ -383,6 +414,7 @@ static inline int train_loop_run(const TrainLoop* tl) {
         // 6. checks: loss and norm are the same on every rank, so all stop together
         if (!isfinite(res.loss) || !isfinite(res.norm)) {
             if (master) {
+                fflush(stdout);
                 if (!isfinite(res.loss)) {
                     fprintf(stderr, "Error: the training loss is %f at step %d (gradient norm %f): the weights after %d "
                             "updates have diverged; stopping without writing anything\n", res.loss, step + 1,
