@@ -27,8 +27,8 @@
  *
  * A checkpoint restores, never recomputes: step, adam_t (AdamW updates taken), tokens_seen, the
  * data-loader state (position and shuffle order), the sampling RNG, and through the backend the
- * weights, AdamW moments and BN statistics. Run settings that differ are noted
- * (checkpoint_compare_run).
+ * weights, AdamW moments and BN statistics. A checkpoint of other data, order or seed is refused;
+ * other run settings that differ are noted (checkpoint_compare_run).
  *
  * Run safety (every check runs on rank 0, which owns the files; the others learn the outcome
  * through train_loop_agree_):
@@ -304,6 +304,9 @@ static inline int train_loop_run(const TrainLoop* tl) {
     if (train_loop_agree_(be, refused)) return EXIT_FAILURE;
     found_step = train_loop_agree_(be, found_step);
 
+    // what identifies this run in its checkpoints (llmc/run_identity.h)
+    const RunIdentity run = train_config_run_identity(cfg, tl->train_loader->fingerprint,
+                                                      tl->train_loader->total_tokens, tl->train_loader->num_shards);
     int step = 0, adam_t = 0;
     long long tokens_seen = 0;
     Rng sample_rng;
@@ -318,7 +321,9 @@ static inline int train_loop_run(const TrainLoop* tl) {
         CheckpointInfo info;
         DataLoaderState loader_state;
         be->load_checkpoint(ctx, resume_path, &info, &loader_state, &sample_rng.state);
-        if (master) checkpoint_compare_run(&info, cfg);
+        // exits when the data, its order or the seed differ (rank 0 reads the file; with several
+        // processes the launcher ends the others)
+        if (master) checkpoint_compare_run(resume_path, &info, &run);
         dataloader_set_state(tl->train_loader, &loader_state);
         step = info.step;
         adam_t = info.adam_t;
@@ -381,7 +386,7 @@ static inline int train_loop_run(const TrainLoop* tl) {
         if (have_dir && step > start_step &&
             (last || stop || log_failed || (cfg->checkpoint_every > 0 && step % cfg->checkpoint_every == 0))) {
             CheckpointInfo info;
-            checkpoint_info_from_config(&info, cfg, step, adam_t, tokens_seen);
+            checkpoint_info_from_run(&info, &run, step, adam_t, tokens_seen);
             DataLoaderState loader_state = dataloader_get_state(tl->train_loader);
             char path[CHECKPOINT_PATH_MAX] = "";
             be->save_checkpoint(ctx, &info, &loader_state, &sample_rng.state, path);
