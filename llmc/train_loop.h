@@ -218,7 +218,9 @@ static inline int train_loop_check_output_(const TrainConfig* cfg, const char* l
         *found_step = checkpoint_find_latest(dir, resume_path);
         if (*found_step >= 0) return 0;
         if (ckpts == 0) {
-            fprintf(stderr, "Error: -y 1: no checkpoint in %s to resume from (drop -y 1 to start a new run)\n", dir);
+            struct stat st;
+            fprintf(stderr, "Error: -y 1: no checkpoint in %s to resume from%s (drop -y 1 to start a new run)\n", dir,
+                    stat(dir, &st) != 0 ? ": the directory does not exist" : "");
         } else {
             fprintf(stderr, "Error: -y 1: none of the %d checkpoint file(s) in %s is usable (unfinished, corrupt or "
                     "diverged: see the warnings above); nothing was changed\n", ckpts, dir);
@@ -365,9 +367,9 @@ static inline int train_loop_run(const TrainLoop* tl) {
             val_loss = train_loop_evaluate_(tl);
             if (!isfinite(val_loss)) {  // the same on every rank
                 if (master) {
-                    fprintf(stderr, "Error: the validation loss is %f at step %d: the weights after %d updates have "
-                            "diverged (the training loss was finite); stopping without writing anything\n",
-                            val_loss, step, step);
+                    fprintf(stderr, "Error: the validation loss is %f at step %d: the weights after %d updates give a "
+                            "non-finite loss on the validation data; stopping before this step's log line, checkpoint "
+                            "or model is written\n", val_loss, step, step);
                     train_loop_report_divergence_(&last_ckpt, &good_ckpt, step);
                 }
                 rc = EXIT_FAILURE;
@@ -422,11 +424,13 @@ static inline int train_loop_run(const TrainLoop* tl) {
                 fflush(stdout);
                 if (!isfinite(res.loss)) {
                     fprintf(stderr, "Error: the training loss is %f at step %d (gradient norm %f): the weights after %d "
-                            "updates have diverged; stopping without writing anything\n", res.loss, step + 1,
+                            "updates have diverged; stopping before this step's log line, checkpoint or model is "
+                            "written\n", res.loss, step + 1,
                             res.norm, step);
                 } else {
                     fprintf(stderr, "Error: the gradient norm is %f at step %d (the loss %f is finite): the update would "
-                            "make the weights non-finite; stopping without writing anything\n", res.norm, step + 1,
+                            "make the weights non-finite; stopping before this step's log line, checkpoint or model is "
+                            "written\n", res.norm, step + 1,
                             res.loss);
                 }
                 train_loop_report_divergence_(&last_ckpt, &good_ckpt, step);
