@@ -31,6 +31,7 @@
 #include <string.h>
 #include <math.h>
 #include <errno.h>
+#include <sys/stat.h>
 
 typedef struct {
     int active;        // 1 on rank 0
@@ -102,8 +103,11 @@ static inline int logger_line_field_(const char* line, const char* key, long lon
 
 // keeps the complete records at or before the resume point (see the top of the file)
 static inline void logger_truncate_for_resume_(const char* path, int resume_step) {
+    struct stat st;
+    if (stat(path, &st) != 0) return;   // no old log: nothing to keep
+    if (!S_ISREG(st.st_mode)) return;   // a device or pipe (/dev/null, /dev/full): appended to as it is
     FILE* in = fopen(path, "rb");
-    if (in == NULL) return;  // no old log: nothing to keep
+    if (in == NULL) return;
     char tmp_path[1200];
     snprintf(tmp_path, sizeof(tmp_path), "%s.tmp", path);
     FILE* out = fopen(tmp_path, "wb");

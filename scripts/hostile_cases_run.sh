@@ -86,6 +86,11 @@ expect_fail "run: a log write error (/dev/full) ends the run naming the file" "l
     "$TRAINER" "${RUN_TINY[@]}" -v 0 -x 4 -n 0 -o "$D" --log-file /dev/full
 check "run: ... after a checkpoint of the state reached (step 1)" test -f "$D/ckpt_00000001.bin"
 check "run: ... and no model.bin (the run did not finish)" test ! -e "$D/model.bin"
+snapshot "$D"
+expect_fail "run: a resume whose log cannot be written (/dev/full) ends naming the file" "log file \"/dev/full\"" -- \
+    "$TRAINER" "${RUN_TINY[@]}" -v 0 -x 4 -n 0 -o "$D" --log-file /dev/full -y 1
+check "run: ... after a checkpoint of the step it reached (step 2)" test -f "$D/ckpt_00000002.bin"
+expect_intact "run: ... and the checkpoint it resumed from is intact" "$D"
 
 # --- non-finite values: nothing non-finite is saved, the message names the cause
 D="$HOSTILE_WORK/nanval"
