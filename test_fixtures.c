@@ -5,7 +5,7 @@
  *
  * For every fixture: build the model, load its random parameters and BN running statistics,
  * run one training step (gpt_forward with training=1, gpt_zero_grad, gpt_backward(1.0)) and
- * compare, with one PASS/FAIL line per group:
+ * compare, with one PASS/FAIL line per group ("<fixture> <group>"):
  *   logits (all Vp columns), the mean loss, the gradient of every parameter tensor (by name),
  *   the BN running statistics after the step,
  *   unused rows: rows of wte / wpe / expert_u / expert_v whose reference gradient is all zero
@@ -28,7 +28,7 @@
 #define TESTING
 #include "train_omnimoe.c"
 #include "llmc/checkpoint.h"  // model_config_from_header: the shared header slots
-#include <stdarg.h>
+#include "llmc/test_harness.h"
 #include <errno.h>
 
 #define FIXTURE_MAGIC 20261103
@@ -65,8 +65,6 @@ typedef struct {
     float* grads;
     float* bn_after;
 } Fixture;
-
-static int checks_passed = 0, checks_failed = 0;
 
 static void fixture_error(const char* path, const char* what) {
     fprintf(stderr, "Error: fixture '%s': %s\n", path, what);
@@ -148,28 +146,11 @@ static void fixture_free(Fixture* fx) {
     free(fx->logits); free(fx->grads); free(fx->bn_after);
 }
 
-// ||got - ref|| / ||ref|| in double; max |got - ref| in *max_abs. NaN anywhere gives NaN.
-static double rel_l2(const float* got, const float* ref, size_t n, double* max_abs) {
-    double diff2 = 0.0, ref2 = 0.0, mx = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)got[i] - (double)ref[i];
-        diff2 += d * d;
-        ref2 += (double)ref[i] * ref[i];
-        if (!(fabs(d) <= mx)) mx = fabs(d);  // NaN sticks
-    }
-    *max_abs = mx;
-    if (ref2 == 0.0) return sqrt(diff2);  // all-zero reference: absolute error
-    return sqrt(diff2 / ref2);
-}
-
-static void report(const char* fixture, const char* group, int ok, const char* fmt, ...) {
-    char detail[160];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(detail, sizeof(detail), fmt, ap);
-    va_end(ap);
-    printf("%s %-22s %-18s %s\n", ok ? "PASS" : "FAIL", fixture, group, detail);
-    if (ok) checks_passed++; else checks_failed++;
+// one check line: "<fixture> <group>"
+static const char* check_name(const char* fixture, const char* group) {
+    static char name[128];
+    snprintf(name, sizeof(name), "%s %s", fixture, group);
+    return name;
 }
 
 static void fill_nan(float* p, size_t n) {
@@ -198,7 +179,7 @@ static int check_fixture(const char* path) {
     snprintf(name, sizeof(name), "%s", base);
     char* dot = strrchr(name, '.');
     if (dot) *dot = '\0';
-    int failed_before = checks_failed;
+    int failed_before = test_num_failed;
     const ModelConfig* c = &fx.config;
     size_t BT = (size_t)fx.B * fx.T, nlogits = BT * c->padded_vocab_size;
 
@@ -212,11 +193,9 @@ static int check_fixture(const char* path) {
     gpt_forward(&model, fx.inputs, fx.targets, fx.B, fx.T, fx.training);
     run_step(&model, &fx);
 
-    double max_abs, err;
-    err = rel_l2(model.logits, fx.logits, nlogits, &max_abs);
-    report(name, "logits", err <= TOL_LOGITS, "rel L2 %.2e  max abs %.2e", err, max_abs);
-    err = fabs((double)model.mean_loss - fx.loss) / fabs((double)fx.loss);
-    report(name, "loss", err <= TOL_LOSS, "rel err %.2e  (ref %.6f)", err, fx.loss);
+    test_check_rel(check_name(name, "logits"), rel_err(model.logits, fx.logits, nlogits), TOL_LOGITS);
+    double err = fabs((double)model.mean_loss - fx.loss) / fabs((double)fx.loss);
+    test_checkf(err <= TOL_LOSS, check_name(name, "loss"), "rel err %.2e (tol %.0e, ref %.6f)", err, TOL_LOSS, fx.loss);
 
     // gradients, tensor by tensor
     size_t off = 0, zero_total = 0, zero_bad = 0;
@@ -227,11 +206,11 @@ static int check_fixture(const char* path) {
         if (size == 0) continue;
         const float* got = model.grads + off;
         const float* ref = fx.grads + off;
-        err = rel_l2(got, ref, size, &max_abs);
+        RelErr e = rel_err(got, ref, size);
         char group[48];
         snprintf(group, sizeof(group), "grad %s", param_tensor_name(t));
-        report(name, group, err <= TOL_GRADS, "rel L2 %.2e  max abs %.2e", err, max_abs);
-        if (!(err <= worst)) { worst = err; worst_name = param_tensor_name(t); }
+        test_check_rel(check_name(name, group), e, TOL_GRADS);
+        if (!(e.rel <= worst)) { worst = e.rel; worst_name = param_tensor_name(t); }
         // rows gathered by index (token / position / expert rows of C floats): a row whose
         // reference gradient is all zero was never used this step and must be exactly zero
         if (t == PARAM_WTE || t == PARAM_WPE || t == PARAM_EXPERTU || t == PARAM_EXPERTV) {
@@ -248,12 +227,12 @@ static int check_fixture(const char* path) {
         }
         off += size;
     }
-    report(name, "grad unused rows", zero_bad == 0, "%zu of %zu unused rows not exactly 0", zero_bad, zero_total);
+    test_checkf(zero_bad == 0, check_name(name, "grad unused rows"), "%zu of %zu unused rows not exactly 0", zero_bad,
+                zero_total);
     printf("     %-22s worst gradient: %s at rel L2 %.2e\n", name, worst_name, worst);
 
     if (fx.num_bn > 0) {
-        err = rel_l2(model.bn_stats, fx.bn_after, fx.num_bn, &max_abs);
-        report(name, "bn stats after", err <= TOL_BN, "rel L2 %.2e  max abs %.2e", err, max_abs);
+        test_check_rel(check_name(name, "bn stats after"), rel_err(model.bn_stats, fx.bn_after, fx.num_bn), TOL_BN);
     }
 
     // determinism: the same step again must reproduce every bit
@@ -270,17 +249,18 @@ static int check_fixture(const char* path) {
             && memcmp(grads1, model.grads, fx.num_params * sizeof(float)) == 0
             && (fx.num_bn == 0 || memcmp(bn1, model.bn_stats, fx.num_bn * sizeof(float)) == 0)
             && memcmp(&loss1, &model.mean_loss, sizeof(float)) == 0;
-    report(name, "deterministic", same, "second step %s", same ? "bitwise identical" : "differs");
+    test_checkf(same, check_name(name, "deterministic"), "second step %s", same ? "bitwise identical" : "differs");
     free(logits1); free(grads1); free(bn1);
 
     gpt_free(&model);
     fixture_free(&fx);
-    return checks_failed == failed_before;
+    return test_num_failed == failed_before;
 }
 
 int main(int argc, char** argv) {
     int num = argc > 1 ? argc - 1 : (int)(sizeof(default_fixtures) / sizeof(default_fixtures[0]));
     const char** paths = argc > 1 ? (const char**)(argv + 1) : default_fixtures;
+    test_begin("test_fixtures");
     printf("test_fixtures: C reference vs float64 PyTorch (tolerances: logits %.0e, loss %.0e, grads %.0e, bn %.0e rel L2)\n",
            TOL_LOGITS, TOL_LOSS, TOL_GRADS, TOL_BN);
     int fixtures_failed = 0;
@@ -288,6 +268,5 @@ int main(int argc, char** argv) {
         if (!check_fixture(paths[i])) fixtures_failed++;
     }
     printf("fixtures: %d of %d passed\n", num - fixtures_failed, num);
-    printf("%d passed, %d failed\n", checks_passed, checks_failed);
-    return checks_failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+    return test_end();
 }

@@ -26,6 +26,7 @@ Build and run: make test_omnimoe && ./test_omnimoe   (a GPU is needed)
 */
 #define TESTING
 #include "train_omnimoe.cu"
+#include "llmc/test_harness.h"
 #ifdef _OPENMP
 #include <omp.h>  // outside the namespace: the CPU reference includes it too
 #endif
@@ -38,46 +39,6 @@ static const float TOL = 1e-4f, TOL_EXPERTS = 1e-4f, TOL_FLIPS = 0.0f, TOL_TRAIN
 #else
 static const float TOL = 3e-2f, TOL_EXPERTS = 0.15f, TOL_FLIPS = 0.05f, TOL_TRAIN = 2e-2f;
 #endif
-
-static int num_failed = 0, num_passed = 0;
-
-static void check(int ok, const char* what, double value, double tol) {
-    printf("%s %-58s %.3e (tol %.1e)\n", ok ? "PASS" : "FAIL", what, value, tol);
-    if (ok) num_passed++; else num_failed++;
-}
-
-static double rel_l2(const float* a, const float* ref, size_t n) {
-    double num = 0.0, den = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        double d = (double)a[i] - (double)ref[i];
-        num += d * d;
-        den += (double)ref[i] * ref[i];
-    }
-    if (!(num == num)) return INFINITY;  // NaN
-    return den > 0.0 ? sqrt(num / den) : sqrt(num);
-}
-
-// a small model every GPU kernel accepts (head size 64, widths multiples of 8)
-static ModelConfig test_config(int ffn_kind, int n, int k, int router_norm, int gate) {
-    ModelConfig c;
-    memset(&c, 0, sizeof(c));
-    c.max_seq_len = 64;
-    c.vocab_size = 500;
-    c.padded_vocab_size = 512;
-    c.num_layers = 2;
-    c.num_heads = 2;
-    c.channels = 128;
-    c.ffn_kind = ffn_kind;
-    c.ffn_hidden = ffn_kind == FFN_GELU ? 512 : 192;
-    if (ffn_kind == FFN_OMNI) {
-        c.router_n = n;
-        c.num_experts = n * n;
-        c.top_k = k;
-        c.router_norm = router_norm;
-        c.gate = gate;
-    }
-    return c;
-}
 
 // random weights for every tensor, rounded to floatX so both sides see the same numbers
 static void random_params(const ModelConfig* c, float* params, float* bn, uint64_t seed) {
@@ -102,10 +63,6 @@ static void random_params(const ModelConfig* c, float* params, float* bn, uint64
     }
 }
 
-static void random_tokens(int* tokens, int n, int V, Rng* rng) {
-    for (int i = 0; i < n; i++) tokens[i] = (int)(rng_u32(rng) % (uint32_t)V);
-}
-
 // downloads the GPU gradients (floatX) of the whole model as float
 static void gpu_grads(const Model* m, float* out) { download_floatX(out, m->grads, m->num_params); }
 
@@ -120,8 +77,8 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
     int BT = B * T;
     int* inputs = (int*)malloc_check(BT * sizeof(int));
     int* targets = (int*)malloc_check(BT * sizeof(int));
-    random_tokens(inputs, BT, c->vocab_size, &rng);
-    random_tokens(targets, BT, c->vocab_size, &rng);
+    fill_tokens(inputs, BT, c->vocab_size, &rng);
+    fill_tokens(targets, BT, c->vocab_size, &rng);
 
     // CPU reference
     cpu::GPT ref;
@@ -149,16 +106,14 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
         if (mode == 0) {
             download_floatX(logits, m.acts.logits, (size_t)BT * c->padded_vocab_size);
             model_get_params(&m, params, bn_after);  // params unchanged; BN stats after one forward
-            snprintf(what, sizeof(what), "%s: logits", name);
-            double e = rel_l2(logits, ref.logits, (size_t)BT * c->padded_vocab_size);
-            check(e < TOL, what, e, TOL);
-            snprintf(what, sizeof(what), "%s: loss (gpu %.6f cpu %.6f)", name, loss[0], ref.mean_loss);
+            snprintf(what, sizeof(what), "%s logits", name);
+            test_check_rel(what, rel_err(logits, ref.logits, (size_t)BT * c->padded_vocab_size), TOL);
+            snprintf(what, sizeof(what), "%s loss", name);
             double le = fabs(loss[0] - ref.mean_loss) / fabs(ref.mean_loss);
-            check(le < TOL, what, le, TOL);
+            test_checkf(le <= TOL, what, "rel err %.3e (tol %.1e), gpu %.6f cpu %.6f", le, TOL, loss[0], ref.mean_loss);
             if (NB) {
-                snprintf(what, sizeof(what), "%s: router BN running statistics", name);
-                double be = rel_l2(bn_after, ref.bn_stats, NB);
-                check(be < TOL, what, be, TOL);
+                snprintf(what, sizeof(what), "%s router BN running statistics", name);
+                test_check_rel(what, rel_err(bn_after, ref.bn_stats, NB), TOL);
             }
         }
         grads[mode] = (float*)malloc_check(P * sizeof(float));
@@ -181,8 +136,8 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
                 }
             }
             double share = (double)differ / (double)(Kt * c->num_layers);
-            snprintf(what, sizeof(what), "%s: expert choices differing from the CPU", name);
-            check(share <= TOL_FLIPS, what, share, TOL_FLIPS);
+            snprintf(what, sizeof(what), "%s expert choices differing from the CPU", name);
+            test_check_le(what, share, TOL_FLIPS);
         }
         model_free(&m);
     }
@@ -192,15 +147,14 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
         if (sizes[i] == 0) continue;
         int expert_part = i == PARAM_EXPERTU || i == PARAM_EXPERTV || i == PARAM_ROUTERW;
         float tol = expert_part ? TOL_EXPERTS : TOL;
-        double e = rel_l2(grads[0] + off, ref.grads + off, sizes[i]);
-        snprintf(what, sizeof(what), "%s: grad %s", name, param_tensor_name(i));
-        check(e < tol, what, e, tol);
+        snprintf(what, sizeof(what), "%s grad %s", name, param_tensor_name(i));
+        test_check_rel(what, rel_err(grads[0] + off, ref.grads + off, sizes[i]), tol);
         off += sizes[i];
     }
     if (modes == 2) {
         int same = loss[0] == loss[1] && memcmp(grads[0], grads[1], P * sizeof(float)) == 0;
-        snprintf(what, sizeof(what), "%s: token-centric == expert-centric (bitwise)", name);
-        check(same, what, same ? 0.0 : 1.0, 0.0);
+        snprintf(what, sizeof(what), "%s token-centric == expert-centric (bitwise)", name);
+        test_check(same, what);
     }
     cpu::gpt_free(&ref);
     for (int i = 0; i < modes; i++) free(grads[i]);
@@ -237,7 +191,7 @@ static void test_training(const char* name, const ModelConfig* c, int B, int T) 
     Rng rng;
     rng_init(&rng, 5);
     int pattern[37];
-    random_tokens(pattern, 37, c->vocab_size, &rng);
+    fill_tokens(pattern, 37, c->vocab_size, &rng);
     for (int i = 0; i < steps * (BT + 1); i++) tokens[i] = pattern[(i * 7 + i / 37) % 37];
 
     float gpu_losses[2][10], cpu_losses[10];
@@ -247,8 +201,8 @@ static void test_training(const char* name, const ModelConfig* c, int B, int T) 
     gpu_train(c, params, bn, B, T, 3, tokens, gpu_losses[1], p2);
     char what[160];
     int same = memcmp(gpu_losses[0], gpu_losses[1], 3 * sizeof(float)) == 0 && memcmp(p1, p2, P * sizeof(float)) == 0;
-    snprintf(what, sizeof(what), "%s: two runs of 3 steps bitwise identical", name);
-    check(same, what, same ? 0.0 : 1.0, 0.0);
+    snprintf(what, sizeof(what), "%s two runs of 3 steps bitwise identical", name);
+    test_check(same, what);
 
     gpu_train(c, params, bn, B, T, steps, tokens, gpu_losses[0], NULL);
     cpu::GPT ref;
@@ -270,8 +224,10 @@ static void test_training(const char* name, const ModelConfig* c, int B, int T) 
         worst = fmax(worst, fabs(gpu_losses[0][s] - cpu_losses[s]) / fabs(cpu_losses[s]));
     }
     printf("\n");
-    snprintf(what, sizeof(what), "%s: 10 training steps follow the CPU losses", name);
-    check(worst < TOL_TRAIN && gpu_losses[0][steps - 1] < gpu_losses[0][0], what, worst, TOL_TRAIN);
+    snprintf(what, sizeof(what), "%s 10 training steps follow the CPU losses", name);
+    test_checkf(worst <= TOL_TRAIN && gpu_losses[0][steps - 1] < gpu_losses[0][0], what,
+                "worst relative loss difference %.3e (tol %.1e), loss %.4f -> %.4f", worst, TOL_TRAIN,
+                gpu_losses[0][0], gpu_losses[0][steps - 1]);
     cpu::gpt_free(&ref);
     free(params); free(bn); free(tokens); free(p1); free(p2);
 }
@@ -290,7 +246,7 @@ static void test_eval_sampling_accumulation(const char* name, const ModelConfig*
     rng_init(&rng, 17);
     int BT = B * T, Vp = c->padded_vocab_size;
     int* tokens = (int*)malloc_check((size_t)2 * (BT + 1) * sizeof(int));
-    random_tokens(tokens, 2 * (BT + 1), c->vocab_size, &rng);
+    fill_tokens(tokens, 2 * (BT + 1), c->vocab_size, &rng);
     char what[160];
 
     cpu::GPT ref;
@@ -306,9 +262,8 @@ static void test_eval_sampling_accumulation(const char* name, const ModelConfig*
     cpu::gpt_forward(&ref, tokens, tokens + 1, B, T, 0);
     model_forward(&m, tokens, tokens + 1, B, T, 0);
     download_floatX(logits, m.acts.logits, (size_t)BT * Vp);
-    double e = rel_l2(logits, ref.logits, (size_t)BT * Vp);
-    snprintf(what, sizeof(what), "%s: eval-mode logits", name);
-    check(e < TOL, what, e, TOL);
+    snprintf(what, sizeof(what), "%s eval-mode logits", name);
+    test_check_rel(what, rel_err(logits, ref.logits, (size_t)BT * Vp), TOL);
 
     // the sampling shape: prefix of t tokens, padded to T with end-of-text
     const int t = T / 2 + 3, eot = c->vocab_size - 1;
@@ -317,9 +272,8 @@ static void test_eval_sampling_accumulation(const char* name, const ModelConfig*
     cpu::gpt_forward(&ref, tokens, NULL, 1, t, 0);
     model_forward(&m, padded, NULL, 1, T, 0);
     download_floatX(logits, m.acts.logits + (size_t)(t - 1) * Vp, Vp);
-    e = rel_l2(logits, ref.logits + (size_t)(t - 1) * Vp, Vp);
-    snprintf(what, sizeof(what), "%s: padded (1,T) forward at t-1 == (1,t) prefix", name);
-    check(e < TOL, what, e, TOL);
+    snprintf(what, sizeof(what), "%s padded (1,T) forward at t-1 == (1,t) prefix", name);
+    test_check_rel(what, rel_err(logits, ref.logits + (size_t)(t - 1) * Vp, Vp), TOL);
 
     // gradient accumulation over two micro-batches
     cpu::gpt_zero_grad(&ref);
@@ -338,16 +292,16 @@ static void test_eval_sampling_accumulation(const char* name, const ModelConfig*
     double worst = 0.0, worst_experts = 0.0;
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
         if (sizes[i] == 0) continue;
-        double ei = rel_l2(grads + off, ref.grads + off, sizes[i]);
+        double ei = rel_err(grads + off, ref.grads + off, sizes[i]).rel;
         if (i == PARAM_EXPERTU || i == PARAM_EXPERTV || i == PARAM_ROUTERW) worst_experts = fmax(worst_experts, ei);
         else worst = fmax(worst, ei);
         off += sizes[i];
     }
-    snprintf(what, sizeof(what), "%s: 2 accumulated micro-batches, worst grad", name);
-    check(worst < TOL, what, worst, TOL);
+    snprintf(what, sizeof(what), "%s 2 accumulated micro-batches, worst grad", name);
+    test_check_le(what, worst, TOL);
     if (c->ffn_kind == FFN_OMNI) {
-        snprintf(what, sizeof(what), "%s: 2 accumulated micro-batches, worst U/V/router grad", name);
-        check(worst_experts < TOL_EXPERTS, what, worst_experts, TOL_EXPERTS);
+        snprintf(what, sizeof(what), "%s 2 accumulated micro-batches, worst U/V/router grad", name);
+        test_check_le(what, worst_experts, TOL_EXPERTS);
     }
     model_free(&m);
     cpu::gpt_free(&ref);
@@ -384,7 +338,7 @@ static void test_expert_stats(void) {
         worst = fmax(worst, fabs((double)out[l] - usage));
         worst = fmax(worst, fabs((double)out[L + l] - kl) / fmax(1e-6, fabs((double)kl)));
     }
-    check(worst < 1e-6, "expert usage and KL on the device == expert_load_stats on the host", worst, 1e-6);
+    test_check_le("expert usage and KL on the device == expert_load_stats on the host", worst, 1e-6);
     cudaCheck(cudaFree(d_counts));
     cudaCheck(cudaFree(d_out));
     free(counts);
@@ -398,14 +352,16 @@ int main(void) {
     }
     cudaDeviceProp props;
     cudaCheck(cudaGetDeviceProperties(&props, 0));
+    test_begin("test_omnimoe" TEST_FLOATX_SUFFIX);
     printf("test_omnimoe on %s, floatX = %s\n", props.name, FLOATX_NAME);
+    const TestDims d = TEST_DIMS_GPU;
     struct { const char* name; ModelConfig c; } cases[] = {
-        {"gelu", test_config(FFN_GELU, 0, 0, 0, 0)},
-        {"swiglu", test_config(FFN_SWIGLU, 0, 0, 0, 0)},
-        {"omni bn softmax n8 k4", test_config(FFN_OMNI, 8, 4, ROUTER_NORM_BN, GATE_SOFTMAX)},
-        {"omni none prob n8 k4", test_config(FFN_OMNI, 8, 4, ROUTER_NORM_NONE, GATE_PROB)},
-        {"omni bn prob n4 k9 (k>n)", test_config(FFN_OMNI, 4, 9, ROUTER_NORM_BN, GATE_PROB)},
-        {"omni bn softmax n16 k32", test_config(FFN_OMNI, 16, 32, ROUTER_NORM_BN, GATE_SOFTMAX)},
+        {"gelu", test_config(d, FFN_GELU, 0, 0, 0, 0)},
+        {"swiglu", test_config(d, FFN_SWIGLU, 0, 0, 0, 0)},
+        {"omni bn softmax n8 k4", test_config(d, FFN_OMNI, 8, 4, ROUTER_NORM_BN, GATE_SOFTMAX)},
+        {"omni none prob n8 k4", test_config(d, FFN_OMNI, 8, 4, ROUTER_NORM_NONE, GATE_PROB)},
+        {"omni bn prob n4 k9 (k>n)", test_config(d, FFN_OMNI, 4, 9, ROUTER_NORM_BN, GATE_PROB)},
+        {"omni bn softmax n16 k32", test_config(d, FFN_OMNI, 16, 32, ROUTER_NORM_BN, GATE_SOFTMAX)},
     };
     int num_cases = (int)(sizeof(cases) / sizeof(cases[0]));
     for (int i = 0; i < num_cases; i++) test_forward_backward(cases[i].name, &cases[i].c, 4, 64);
@@ -413,6 +369,5 @@ int main(void) {
     for (int i = 0; i < num_cases; i++) test_eval_sampling_accumulation(cases[i].name, &cases[i].c, 4, 64);
     test_expert_stats();
     matmul_free();
-    printf("test_omnimoe: %d passed, %d failed\n", num_passed, num_failed);
-    return num_failed == 0 ? 0 : 1;
+    return test_end();
 }

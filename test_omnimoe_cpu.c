@@ -12,51 +12,18 @@
  *   grad_accum_*   two micro-batches (loss_scale 0.5) give the bits of one batch of both
  *   determinism    two training runs, and runs with different thread counts, are bitwise equal
  *
- * Prints one PASS/FAIL line per test with the measured error and the tolerance; exits non-zero
- * when any test fails. Build: gcc -O2 -Wall -Wextra -std=c11 -fopenmp test_omnimoe_cpu.c -lm
+ * Prints one PASS/FAIL line per test with the measured error and the tolerance, and the closing
+ * "test_omnimoe_cpu: N passed, N failed" (llmc/test_harness.h); exits non-zero when any test fails.
+ * Build: gcc -O2 -Wall -Wextra -std=c11 -fopenmp test_omnimoe_cpu.c -lm
  */
 #define TESTING
 #include "train_omnimoe.c"
-#include <stdarg.h>
+#include "llmc/test_harness.h"
 
-static int num_failures = 0;
 static int verbose = 0;
-
-static void report(int pass, const char* name, const char* fmt, ...) {
-    va_list args;
-    va_start(args, fmt);
-    printf("%s %-34s ", pass ? "PASS" : "FAIL", name);
-    vprintf(fmt, args);
-    printf("\n");
-    va_end(args);
-    fflush(stdout);
-    if (!pass) num_failures++;
-}
 
 // ----------------------------------------------------------------------------
 // helpers
-
-// a tiny configuration: small vocab (V < Vp so padding is exercised), L=2, C=8, NH=2
-static ModelConfig tiny_config(int ffn_kind, int n, int k, int router_norm, int gate) {
-    ModelConfig c;
-    memset(&c, 0, sizeof(c));
-    c.max_seq_len = 8;
-    c.vocab_size = 23;
-    c.padded_vocab_size = 32;
-    c.num_layers = 2;
-    c.num_heads = 2;
-    c.channels = 8;
-    c.ffn_kind = ffn_kind;
-    c.ffn_hidden = ffn_kind == FFN_GELU ? 32 : 12;
-    if (ffn_kind == FFN_OMNI) {
-        c.router_n = n;
-        c.num_experts = n * n;
-        c.top_k = k;
-        c.router_norm = router_norm;
-        c.gate = gate;
-    }
-    return c;
-}
 
 // random values in EVERY tensor (biases, LayerNorm weights too) and random BN running stats
 static void randomize_model(GPT* model, uint64_t seed, float std) {
@@ -80,7 +47,7 @@ static void randomize_model(GPT* model, uint64_t seed, float std) {
 static void random_tokens(int* out, size_t count, int V, uint64_t seed) {
     Rng rng;
     rng_init(&rng, seed);
-    for (size_t i = 0; i < count; i++) out[i] = (int)(rng_u32(&rng) % (uint32_t)V);
+    fill_tokens(out, count, V, &rng);
 }
 
 static const char* config_label(const ModelConfig* c, char* buf, size_t size) {
@@ -280,7 +247,7 @@ static void gradcheck(const char* name, ModelConfig config, int B, int T, int tr
     }
     int pass = worst_entry <= 1.0 && worst_dir <= 1.0 && skipped_total * 10 <= checked;
     char label[96];
-    report(pass, name, "[%s, %d tensors] entries: worst err/tol %.3f (%s; tol %.0e + %.0e*|g|); "
+    test_checkf(pass, name, "[%s, %d tensors] entries: worst err/tol %.3f (%s; tol %.0e + %.0e*|g|); "
            "random direction: worst err/tol %.3f (%s; tol %.0e + %.0e*|g.d|); small-step fallbacks %d, "
            "skips %d of %d (max 10%%)", config_label(&config, label, sizeof(label)), tensors, worst_entry,
            worst_entry_tensor, FD_ATOL, FD_RTOL, worst_dir, worst_dir_tensor, FD_ATOL, FD_DIR_RTOL, ctx.fallbacks,
@@ -306,8 +273,24 @@ static int cmp_scored(const void* a, const void* b) {
 }
 
 // mode 0: multiples of 2^-12 in [-16, 0] (every sum exact, few ties); mode 1: coarse levels
-// (many equal sums); mode 2: log_softmax of normal logits (full fp32); mode 3: all values equal
+// (many equal sums); mode 2: log_softmax of normal logits (full fp32); mode 3: all values equal;
+// mode 4: near-ties, two calls differ: pr a few ulps around -1 (odd call) and pc of a far larger
+// magnitude (even call), so fp32 rounding makes rows of different pr score the same sum
 static void fill_router_values(float* out, int n, int mode, Rng* rng) {
+    static int near_tie_call = 0;
+    if (mode == 4) {
+        int rows = (near_tie_call++ % 2) == 0;
+        for (int i = 0; i < n; i++) {
+            if (rows) {
+                float x = -1.0f;
+                for (int u = (int)(rng_u32(rng) % 4); u > 0; u--) x = nextafterf(x, 0.0f);
+                out[i] = x;
+            } else {
+                out[i] = -(float)(16 + rng_u32(rng) % 4);
+            }
+        }
+        return;
+    }
     if (mode == 0) {
         for (int i = 0; i < n; i++) out[i] = -(float)(rng_u32(rng) % 65536) / 4096.0f;
     } else if (mode == 1) {
@@ -327,10 +310,10 @@ static void fill_router_values(float* out, int n, int mode, Rng* rng) {
 
 static void test_topk(void) {
     static const int ns[] = {1, 2, 3, 4, 5, 7, 8, 13, 16, 32, 64};
-    static const char* mode_names[] = {"exact", "ties", "fp32", "all-equal"};
+    static const char* mode_names[] = {"exact", "ties", "fp32", "all-equal", "near-ties"};
     Rng rng;
     rng_init(&rng, 1234);
-    for (int mode = 0; mode < 4; mode++) {
+    for (int mode = 0; mode < 5; mode++) {
         int cases = 0, mismatches = 0;
         for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++) {
             int n = ns[ni], N = n * n;
@@ -371,7 +354,7 @@ static void test_topk(void) {
         }
         char name[64];
         snprintf(name, sizeof(name), "topk_vs_bruteforce_%s", mode_names[mode]);
-        report(mismatches == 0, name, "%d cases (n 1..64, k 1..N incl. k > n and k = N): %d with ids/scores "
+        test_checkf(mismatches == 0, name, "%d cases (n 1..64, k 1..N incl. k > n and k = N): %d with ids/scores "
                "not identical to the sorted scan of all N pairs (tol 0)", cases, mismatches);
     }
 }
@@ -380,7 +363,7 @@ static void test_topk(void) {
 // router BatchNorm: running statistics and eval mode
 
 static void test_batchnorm(void) {
-    ModelConfig config = tiny_config(FFN_OMNI, 4, 3, ROUTER_NORM_BN, GATE_SOFTMAX);
+    ModelConfig config = test_config(TEST_DIMS_TINY, FFN_OMNI, 4, 3, ROUTER_NORM_BN, GATE_SOFTMAX);
     GPT model;
     gpt_build(&model, &config);
     randomize_model(&model, 77, 0.3f);
@@ -421,7 +404,7 @@ static void test_batchnorm(void) {
         }
         free(before);
     }
-    report(worst_stat < 1e-5 && worst_norm < 1e-4, "bn_running_stats_update",
+    test_checkf(worst_stat < 1e-5 && worst_norm < 1e-4, "bn_running_stats_update",
            "2 training steps: running mean/var vs 0.9*old + 0.1*(batch mean, unbiased var): max rel err %.1e "
            "(tol 1e-5); batch-normalised router logits max abs err %.1e (tol 1e-4)", worst_stat, worst_norm);
 
@@ -454,7 +437,7 @@ static void test_batchnorm(void) {
     gpt_forward(&model, inputs, targets, 1, T, 1);
     double coupled = 0.0;
     for (size_t i = 0; i < (size_t)T * Vp; i++) coupled = fmax(coupled, fabs(logits_b2[i] - model.logits[i]));
-    report(unchanged && worst_eval < 1e-4 && independent && coupled > 1e-4, "bn_eval_mode",
+    test_checkf(unchanged && worst_eval < 1e-4 && independent && coupled > 1e-4, "bn_eval_mode",
            "running stats unchanged: %s; (x-running_mean)/sqrt(running_var+eps) max abs err %.1e (tol 1e-4); "
            "sequence 0 logits with/without sequence 1: eval bitwise equal: %s, training max diff %.1e (must be > 1e-4)",
            unchanged ? "yes" : "NO", worst_eval, independent ? "yes" : "NO", coupled);
@@ -467,7 +450,7 @@ static void test_batchnorm(void) {
 // padded vocabulary columns: no probability mass, no gradient
 
 static void test_padded_vocab(void) {
-    ModelConfig config = tiny_config(FFN_OMNI, 3, 4, ROUTER_NORM_BN, GATE_SOFTMAX);
+    ModelConfig config = test_config(TEST_DIMS_TINY, FFN_OMNI, 3, 4, ROUTER_NORM_BN, GATE_SOFTMAX);
     GPT model;
     gpt_build(&model, &config);
     randomize_model(&model, 91, 0.3f);
@@ -494,7 +477,7 @@ static void test_padded_vocab(void) {
             col_err = fmax(col_err, fabs(model.logits[(size_t)r * Vp + v] - dot) / fmax(1.0, fabs(dot)));
         }
     }
-    report(padded_grad == 0.0 && loss1 == loss2 && col_err < 1e-5, "padded_vocab",
+    test_checkf(padded_grad == 0.0 && loss1 == loss2 && col_err < 1e-5, "padded_vocab",
            "padded wte rows: max |grad| %.1e (tol 0); loss with padded rows x50: %.7f vs %.7f (must be bitwise equal); "
            "padded logit columns vs lnf.wte max rel err %.1e (tol 1e-5)", padded_grad, loss1, loss2, col_err);
     gpt_free(&model);
@@ -522,7 +505,7 @@ static void test_sampler(void) {
         coin_errors += sample_softmax(logits, V, coin) != want;
     }
     // the trainer's sampler on a model whose padded wte rows are x50 (padded logits dominate)
-    ModelConfig config = tiny_config(FFN_OMNI, 3, 4, ROUTER_NORM_BN, GATE_SOFTMAX);
+    ModelConfig config = test_config(TEST_DIMS_TINY, FFN_OMNI, 3, 4, ROUTER_NORM_BN, GATE_SOFTMAX);
     GPT model;
     gpt_build(&model, &config);
     randomize_model(&model, 95, 0.3f);
@@ -539,7 +522,7 @@ static void test_sampler(void) {
         sample_and_print(&model, &tokenizer, &rng, gen, tokens);
         for (int t = 0; t < gen; t++) padded_drawn += tokens[t] < 0 || tokens[t] >= Vm;
     }
-    report(coin_errors == 0 && padded_drawn == 0 && Vpm > Vm, "sampler",
+    test_checkf(coin_errors == 0 && padded_drawn == 0 && Vpm > Vm, "sampler",
            "1000 coins vs the inverse CDF of softmax(logits[0..V)): %d differ (tol 0); %d of %d sampled tokens "
            "outside the real vocabulary of %d (padded to %d, padded rows x50) (tol 0)",
            coin_errors, padded_drawn, 8 * gen, Vm, Vpm);
@@ -550,7 +533,7 @@ static void test_sampler(void) {
 // AdamW against an independent double-precision implementation
 
 static void test_adamw(void) {
-    ModelConfig config = tiny_config(FFN_OMNI, 3, 2, ROUTER_NORM_BN, GATE_SOFTMAX);
+    ModelConfig config = test_config(TEST_DIMS_TINY, FFN_OMNI, 3, 2, ROUTER_NORM_BN, GATE_SOFTMAX);
     GPT model;
     gpt_build(&model, &config);
     randomize_model(&model, 101, 0.3f);
@@ -587,7 +570,7 @@ static void test_adamw(void) {
             offset += model.param_sizes[tensor];
         }
     }
-    report(worst < 1e-5 && worst_norm < 1e-6, "adamw_update",
+    test_checkf(worst < 1e-5 && worst_norm < 1e-6, "adamw_update",
            "3 AdamW steps (clipped, unclipped, clipped; wd on matrices only) vs double reference: params max rel err "
            "%.1e (tol 1e-5), grad norm rel err %.1e (tol 1e-6)", worst, worst_norm);
     free(p);
@@ -597,34 +580,13 @@ static void test_adamw(void) {
 }
 
 // ----------------------------------------------------------------------------
-// a tiny model memorises one batch
-
-static ModelConfig overfit_config(int ffn_kind) {
-    ModelConfig c;
-    memset(&c, 0, sizeof(c));
-    c.max_seq_len = 32;
-    c.vocab_size = 64;
-    c.padded_vocab_size = 128;
-    c.num_layers = 2;
-    c.num_heads = 4;
-    c.channels = 32;
-    c.ffn_kind = ffn_kind;
-    c.ffn_hidden = ffn_kind == FFN_GELU ? 128 : 64;
-    if (ffn_kind == FFN_OMNI) {
-        c.router_n = 4;
-        c.num_experts = 16;
-        c.top_k = 4;
-        c.router_norm = ROUTER_NORM_BN;
-        c.gate = GATE_SOFTMAX;
-    }
-    return c;
-}
+// a small model (TEST_DIMS_SMALL, omni n=4 k=4) memorises one batch
 
 static const float OVERFIT_MAX_LOSS = 0.05f;
 static const int OVERFIT_STEPS = 100;
 
 static void test_overfit(int ffn_kind) {
-    ModelConfig config = overfit_config(ffn_kind);
+    ModelConfig config = test_config(TEST_DIMS_SMALL, ffn_kind, 4, 4, ROUTER_NORM_BN, GATE_SOFTMAX);
     GPT model;
     gpt_build(&model, &config);
     gpt_init_random(&model, 42);
@@ -646,7 +608,7 @@ static void test_overfit(int ffn_kind) {
     float last_train = model.mean_loss;
     char name[64];
     snprintf(name, sizeof(name), "overfit_one_batch_%s", ffn_kind_name(ffn_kind));
-    report(last_train < OVERFIT_MAX_LOSS && first > 3.5f, name,
+    test_checkf(last_train < OVERFIT_MAX_LOSS && first > 3.5f, name,
            "%d AdamW steps (lr 1e-2) on B=4 T=16 random tokens, V=64: loss %.3f -> %.4f (batch stats), %.4f (eval "
            "mode); must end below %.2f", OVERFIT_STEPS, first, last_train, last, OVERFIT_MAX_LOSS);
     gpt_free(&model);
@@ -700,14 +662,14 @@ static void test_grad_accum(ModelConfig config, int expect_equal) {
     config_label(&config, label, sizeof(label));
     snprintf(name, sizeof(name), "grad_accum_%s", expect_equal ? ffn_kind_name(config.ffn_kind) : "omni_bn");
     if (expect_equal) {
-        report(bitwise && wte_rel <= 1e-6 && params_bitwise && wte_param_diff <= 1e-7, name, "[%s] 2 micro-batches "
+        test_checkf(bitwise && wte_rel <= 1e-6 && params_bitwise && wte_param_diff <= 1e-7, name, "[%s] 2 micro-batches "
                "(B=1, loss_scale 0.5) vs 1 batch (B=2): grads of all tensors but wte bitwise equal: %s; tied wte max "
                "diff %.1e of max |grad| (tol 1e-6, summation order); after one AdamW step: params but wte bitwise "
                "equal: %s, wte max diff %.1e (tol 1e-7)", label, bitwise ? "yes" : "NO", wte_rel,
                params_bitwise ? "yes" : "NO", wte_param_diff);
     } else {
         // with BN each micro-batch normalises with its own statistics: different by design
-        report(max_diff > 1e-5 * max_grad, name, "[%s] differs by design (per-micro-batch BN statistics): max abs "
+        test_checkf(max_diff > 1e-5 * max_grad, name, "[%s] differs by design (per-micro-batch BN statistics): max abs "
                "diff %.1e vs max |grad| %.1e (must be > 1e-5 relative)", label, max_diff, max_grad);
     }
     gpt_free(&one);
@@ -718,7 +680,7 @@ static void test_grad_accum(ModelConfig config, int expect_equal) {
 // determinism: bitwise identical runs, also with different thread counts
 
 static void train_a_few_steps(GPT* model, int steps) {
-    ModelConfig config = overfit_config(FFN_OMNI);
+    ModelConfig config = test_config(TEST_DIMS_SMALL, FFN_OMNI, 4, 4, ROUTER_NORM_BN, GATE_SOFTMAX);
     gpt_build(model, &config);
     gpt_init_random(model, 7);
     int B = 4, T = 32, BT = B * T;
@@ -766,12 +728,12 @@ static void test_determinism(void) {
     omp_set_num_threads(default_threads);
     int same_threads = same_model_bits(&a, &b) && same_model_bits(&a, &c);
     gpt_free(&c);
-    report(same_run && same_threads, "determinism", "3 omni training steps (2 micro-batches each): two runs bitwise "
+    test_checkf(same_run && same_threads, "determinism", "3 omni training steps (2 micro-batches each): two runs bitwise "
            "equal: %s; with %d, %d and 1 OpenMP threads bitwise equal (params, grads, m, v, BN stats, logits): %s",
            same_run ? "yes" : "NO", threads_a, threads_b, same_threads ? "yes" : "NO");
 #else
     (void)threads_b;
-    report(same_run, "determinism", "3 omni training steps: two runs bitwise equal: %s (built without OpenMP)",
+    test_checkf(same_run, "determinism", "3 omni training steps: two runs bitwise equal: %s (built without OpenMP)",
            same_run ? "yes" : "NO");
 #endif
     gpt_free(&a);
@@ -782,7 +744,7 @@ static void test_determinism(void) {
 // initialisation follows param_init_std
 
 static void test_init(void) {
-    ModelConfig config = overfit_config(FFN_OMNI);
+    ModelConfig config = test_config(TEST_DIMS_SMALL, FFN_OMNI, 4, 4, ROUTER_NORM_BN, GATE_SOFTMAX);
     GPT model;
     gpt_build(&model, &config);
     gpt_init_random(&model, 5);
@@ -804,7 +766,7 @@ static void test_init(void) {
             for (size_t j = 0; j < size; j++) if (p[j] != (want == -1.0f ? 1.0f : 0.0f)) exact_ok = 0;
         }
     }
-    report(worst <= 1.0 && exact_ok, "init_param_std", "sample std vs param_init_std: worst |err| / (5/sqrt(2 size)) = "
+    test_checkf(worst <= 1.0 && exact_ok, "init_param_std", "sample std vs param_init_std: worst |err| / (5/sqrt(2 size)) = "
            "%.2f (tol 1); LayerNorm weights 1 and biases 0 exactly: %s", worst, exact_ok ? "yes" : "NO");
     gpt_free(&model);
 }
@@ -816,6 +778,7 @@ int main(int argc, char** argv) {
     struct timespec start, end;
     clock_gettime(CLOCK_MONOTONIC, &start);
     setvbuf(stdout, NULL, _IOLBF, 0);
+    test_begin("test_omnimoe_cpu");
 
 #ifdef _OPENMP
     // The finite-difference and top-k tests run thousands of forwards of a model with 8 channels:
@@ -825,17 +788,17 @@ int main(int argc, char** argv) {
     omp_set_num_threads(1);
 #endif
     // finite differences: every tensor of every kind, both BN modes, both gates, k < n and k > n
-    gradcheck("gradcheck_gelu", tiny_config(FFN_GELU, 0, 0, 0, 0), 2, 4, 1, 11);
-    gradcheck("gradcheck_swiglu", tiny_config(FFN_SWIGLU, 0, 0, 0, 0), 2, 4, 1, 12);
-    gradcheck("gradcheck_omni_bn_softmax_k>n", tiny_config(FFN_OMNI, 3, 4, ROUTER_NORM_BN, GATE_SOFTMAX), 2, 4, 1, 13);
-    gradcheck("gradcheck_omni_bn_softmax_k<n", tiny_config(FFN_OMNI, 4, 3, ROUTER_NORM_BN, GATE_SOFTMAX), 2, 4, 1, 14);
-    gradcheck("gradcheck_omni_bn_prob_k<n", tiny_config(FFN_OMNI, 4, 2, ROUTER_NORM_BN, GATE_PROB), 2, 4, 1, 15);
-    gradcheck("gradcheck_omni_bn_prob_k>n", tiny_config(FFN_OMNI, 3, 5, ROUTER_NORM_BN, GATE_PROB), 2, 4, 1, 16);
-    gradcheck("gradcheck_omni_none_softmax_k<n", tiny_config(FFN_OMNI, 4, 3, ROUTER_NORM_NONE, GATE_SOFTMAX), 2, 4, 1, 17);
-    gradcheck("gradcheck_omni_none_prob_k>n", tiny_config(FFN_OMNI, 3, 5, ROUTER_NORM_NONE, GATE_PROB), 2, 4, 1, 18);
-    gradcheck("gradcheck_omni_bn_k=N", tiny_config(FFN_OMNI, 3, 9, ROUTER_NORM_BN, GATE_SOFTMAX), 2, 4, 1, 19);
-    gradcheck("gradcheck_omni_bn_k=1", tiny_config(FFN_OMNI, 3, 1, ROUTER_NORM_BN, GATE_PROB), 2, 4, 1, 20);
-    gradcheck("gradcheck_omni_bn_evalmode", tiny_config(FFN_OMNI, 4, 3, ROUTER_NORM_BN, GATE_SOFTMAX), 2, 4, 0, 21);
+    gradcheck("gradcheck_gelu", test_config(TEST_DIMS_TINY, FFN_GELU, 0, 0, 0, 0), 2, 4, 1, 11);
+    gradcheck("gradcheck_swiglu", test_config(TEST_DIMS_TINY, FFN_SWIGLU, 0, 0, 0, 0), 2, 4, 1, 12);
+    gradcheck("gradcheck_omni_bn_softmax_k>n", test_config(TEST_DIMS_TINY, FFN_OMNI, 3, 4, ROUTER_NORM_BN, GATE_SOFTMAX), 2, 4, 1, 13);
+    gradcheck("gradcheck_omni_bn_softmax_k<n", test_config(TEST_DIMS_TINY, FFN_OMNI, 4, 3, ROUTER_NORM_BN, GATE_SOFTMAX), 2, 4, 1, 14);
+    gradcheck("gradcheck_omni_bn_prob_k<n", test_config(TEST_DIMS_TINY, FFN_OMNI, 4, 2, ROUTER_NORM_BN, GATE_PROB), 2, 4, 1, 15);
+    gradcheck("gradcheck_omni_bn_prob_k>n", test_config(TEST_DIMS_TINY, FFN_OMNI, 3, 5, ROUTER_NORM_BN, GATE_PROB), 2, 4, 1, 16);
+    gradcheck("gradcheck_omni_none_softmax_k<n", test_config(TEST_DIMS_TINY, FFN_OMNI, 4, 3, ROUTER_NORM_NONE, GATE_SOFTMAX), 2, 4, 1, 17);
+    gradcheck("gradcheck_omni_none_prob_k>n", test_config(TEST_DIMS_TINY, FFN_OMNI, 3, 5, ROUTER_NORM_NONE, GATE_PROB), 2, 4, 1, 18);
+    gradcheck("gradcheck_omni_bn_k=N", test_config(TEST_DIMS_TINY, FFN_OMNI, 3, 9, ROUTER_NORM_BN, GATE_SOFTMAX), 2, 4, 1, 19);
+    gradcheck("gradcheck_omni_bn_k=1", test_config(TEST_DIMS_TINY, FFN_OMNI, 3, 1, ROUTER_NORM_BN, GATE_PROB), 2, 4, 1, 20);
+    gradcheck("gradcheck_omni_bn_evalmode", test_config(TEST_DIMS_TINY, FFN_OMNI, 4, 3, ROUTER_NORM_BN, GATE_SOFTMAX), 2, 4, 0, 21);
 
     test_topk();
 #ifdef _OPENMP
@@ -847,10 +810,10 @@ int main(int argc, char** argv) {
     test_adamw();
     test_init();
 
-    test_grad_accum(tiny_config(FFN_GELU, 0, 0, 0, 0), 1);
-    test_grad_accum(tiny_config(FFN_SWIGLU, 0, 0, 0, 0), 1);
-    test_grad_accum(tiny_config(FFN_OMNI, 4, 3, ROUTER_NORM_NONE, GATE_SOFTMAX), 1);
-    test_grad_accum(tiny_config(FFN_OMNI, 4, 3, ROUTER_NORM_BN, GATE_SOFTMAX), 0);
+    test_grad_accum(test_config(TEST_DIMS_TINY, FFN_GELU, 0, 0, 0, 0), 1);
+    test_grad_accum(test_config(TEST_DIMS_TINY, FFN_SWIGLU, 0, 0, 0, 0), 1);
+    test_grad_accum(test_config(TEST_DIMS_TINY, FFN_OMNI, 4, 3, ROUTER_NORM_NONE, GATE_SOFTMAX), 1);
+    test_grad_accum(test_config(TEST_DIMS_TINY, FFN_OMNI, 4, 3, ROUTER_NORM_BN, GATE_SOFTMAX), 0);
 
     test_overfit(FFN_GELU);
     test_overfit(FFN_SWIGLU);
@@ -860,7 +823,6 @@ int main(int argc, char** argv) {
 
     clock_gettime(CLOCK_MONOTONIC, &end);
     double seconds = (end.tv_sec - start.tv_sec) + 1e-9 * (end.tv_nsec - start.tv_nsec);
-    if (num_failures == 0) printf("ALL PASSED (test_omnimoe_cpu, %.1f s)\n", seconds);
-    else printf("FAILED: %d test(s) (test_omnimoe_cpu, %.1f s)\n", num_failures, seconds);
-    return num_failures == 0 ? 0 : 1;
+    printf("test_omnimoe_cpu took %.1f s\n", seconds);
+    return test_end();
 }

@@ -500,6 +500,37 @@ static void sort_best_first(ScoredId* items, int count) {
     }
 }
 
+static int compare_ints(const void* a, const void* b) { return (*(const int*)a > *(const int*)b) - (*(const int*)a < *(const int*)b); }
+
+// best[0..k) is the top-k of the k' x k' grid, best first. Rounding is monotone, so no pair
+// outside the grid scores above the k-th score v, but an fp32 sum can round to exactly v for a
+// pair outside it with a smaller id (rows a few ulps apart, a column of larger magnitude). The
+// tie rule wants the smallest ids scoring v (docs/design.md §2): gather every pair scoring v in
+// the rows and columns that can reach it, and keep the smallest. O(n) when nothing outside ties.
+static void topk_fix_rounding_ties(ScoredId* best, const float* pr, const float* pc, int n, int k) {
+    float v = best[k - 1].score, pr_max = -INFINITY, pc_max = -INFINITY;
+    for (int i = 0; i < n; i++) { pr_max = fmaxf(pr_max, pr[i]); pc_max = fmaxf(pc_max, pc[i]); }
+    int above = 0;  // pairs scoring above v: all in best[], and they stay
+    while (above < k && best[above].score > v) above++;
+    int reach_rows = 0, reach_cols = 0;
+    for (int i = 0; i < n; i++) reach_rows += pr[i] + pc_max >= v;
+    for (int j = 0; j < n; j++) reach_cols += pr_max + pc[j] >= v;
+    int in_grid_ties = k - above;
+    int* tied = (int*)malloc_check((size_t)reach_rows * reach_cols * sizeof(int));
+    int count = 0;
+    for (int i = 0; i < n; i++) {
+        if (!(pr[i] + pc_max >= v)) continue;
+        for (int j = 0; j < n; j++) {
+            if (pr[i] + pc[j] == v) tied[count++] = i * n + j;
+        }
+    }
+    if (count > in_grid_ties) {  // an outside pair ties: the smallest ids scoring v win
+        qsort(tied, count, sizeof(int), compare_ints);
+        for (int m = above; m < k; m++) best[m].id = tied[m - above];
+    }
+    free(tied);
+}
+
 // Exact top-k of S(i,j) = pr[i] + pc[j] (fp32 sum) over all N = n*n pairs in O(n + k^2):
 // with k' = min(n, k), the k best pairs lie in the grid of the k' best rows (by pr, ties to the
 // smaller index) times the k' best columns, because each pair outside it is beaten by k' pairs
@@ -527,6 +558,7 @@ void omni_topk(const float* pr, const float* pc, int n, int k, int* out_idx, flo
     }
     if (k < kk * kk) select_best(grid, kk * kk, k);
     sort_best_first(grid, k);
+    if (kk < n) topk_fix_rounding_ties(grid, pr, pc, n, k);
     for (int m = 0; m < k; m++) {
         out_idx[m] = grid[m].id;
         out_score[m] = grid[m].score;

@@ -7,7 +7,7 @@ NaN-poisoned before every run):
 - swiglu_forward, swiglu_backward (gate then up columns of the (BT, 2I) input)
 - each output bitwise identical when computed twice
 */
-#include "std_test_utils.cuh"
+#include "../../llmc/test_harness.h"
 #include "../../llmc/activations.cuh"
 
 static double cpu_gelu(double x) { return 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))); }
@@ -45,16 +45,15 @@ static void test_gelu(int BT, int C4, Rng* rng) {
         ref_dx[i] = dy[i] * cpu_gelu_grad(x[i]);
     }
     float* got = download_floatX_alloc(d_y[0], n);
-    check_rel("gelu_forward", got, ref_y, n, TOL_FLOATX);
+    test_check_rel("gelu_forward", rel_err_f64(got, ref_y, n), TOL_FLOATX);
     download_floatX(got, d_dx[0], n);
-    check_rel("gelu_backward", got, ref_dx, n, TOL_FLOATX);
-    check_bitwise("gelu_forward", d_y[0], d_y[1], n * sizeof(floatX));
-    check_bitwise("gelu_backward", d_dx[0], d_dx[1], n * sizeof(floatX));
+    test_check_rel("gelu_backward", rel_err_f64(got, ref_dx, n), TOL_FLOATX);
+    test_check_bitwise("gelu_forward", d_y[0], d_y[1], n * sizeof(floatX));
+    test_check_bitwise("gelu_backward", d_dx[0], d_dx[1], n * sizeof(floatX));
     // in place: the gradient buffer is overwritten with dinp
     gelu_backward(d_dy, d_x, d_dy, n, 0);
     cudaCheck(cudaDeviceSynchronize());
-    check_true("gelu_backward in place == out of place (bitwise)",
-               device_bitwise_equal(d_dy, d_dx[0], n * sizeof(floatX)));
+    test_check(device_bitwise_equal(d_dy, d_dx[0], n * sizeof(floatX)), "gelu_backward in place == out of place (bitwise)");
     free(x); free(dy); free(ref_y); free(ref_dx); free(got);
     void* bufs[] = {d_x, d_dy, d_y[0], d_y[1], d_dx[0], d_dx[1]};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) { cudaCheck(cudaFree(bufs[i])); }
@@ -95,8 +94,8 @@ static void test_swiglu(int BT, int I, Rng* rng) {
     }
     float* got_h = download_floatX_alloc(d_h[0], n_h);
     float* got_dgu = download_floatX_alloc(d_dgu[0], n_gu);
-    check_rel("swiglu_forward", got_h, ref_h, n_h, TOL_FLOATX);
-    check_rel("swiglu_backward (dgate and dup)", got_dgu, ref_dgu, n_gu, TOL_FLOATX);
+    test_check_rel("swiglu_forward", rel_err_f64(got_h, ref_h, n_h), TOL_FLOATX);
+    test_check_rel("swiglu_backward (dgate and dup)", rel_err_f64(got_dgu, ref_dgu, n_gu), TOL_FLOATX);
     // the gate half alone, so an error confined to it cannot hide behind the up half
     std::vector<float> got_gate;
     std::vector<double> ref_gate;
@@ -106,9 +105,9 @@ static void test_swiglu(int BT, int I, Rng* rng) {
             ref_gate.push_back(ref_dgu[(size_t)t * 2 * I + i]);
         }
     }
-    check_rel("swiglu_backward (dgate half)", got_gate.data(), ref_gate.data(), got_gate.size(), TOL_FLOATX);
-    check_bitwise("swiglu_forward", d_h[0], d_h[1], n_h * sizeof(floatX));
-    check_bitwise("swiglu_backward", d_dgu[0], d_dgu[1], n_gu * sizeof(floatX));
+    test_check_rel("swiglu_backward (dgate half)", rel_err_f64(got_gate.data(), ref_gate.data(), got_gate.size()), TOL_FLOATX);
+    test_check_bitwise("swiglu_forward", d_h[0], d_h[1], n_h * sizeof(floatX));
+    test_check_bitwise("swiglu_backward", d_dgu[0], d_dgu[1], n_gu * sizeof(floatX));
     free(gu); free(dh); free(ref_h); free(ref_dgu); free(got_h); free(got_dgu);
     void* bufs[] = {d_gu, d_dh, d_h[0], d_h[1], d_dgu[0], d_dgu[1]};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) { cudaCheck(cudaFree(bufs[i])); }
@@ -116,8 +115,10 @@ static void test_swiglu(int BT, int I, Rng* rng) {
 
 int main(void) {
     cudaCheck(cudaSetDevice(0));
+    test_begin("test_activations" TEST_FLOATX_SUFFIX);
     printf("test_activations (%s)\n", FLOATX_NAME);
-    Rng rng = {21};
+    Rng rng;
+    rng_init(&rng, 21);
     test_gelu(256, 3072, &rng);
     test_gelu(3, 40, &rng);  // tiny: a partial last block
     test_swiglu(256, 2048, &rng);
@@ -152,5 +153,6 @@ int main(void) {
         for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) { cudaCheck(cudaFree(bufs[i])); }
     }
 #endif
-    return finish_test("activations", perf);
+    printf("performance: %s\n", perf);
+    return test_end();
 }

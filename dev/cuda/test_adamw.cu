@@ -10,7 +10,7 @@ and weight decay:
 - params vs CPU (floatX tolerance)
 - bitwise identical when run twice from the same state
 */
-#include "std_test_utils.cuh"
+#include "../../llmc/test_harness.h"
 #include "../../llmc/adamw.cuh"
 
 static void cpu_adamw(float* master, float* m, float* v, const float* grads, size_t n, float lr, float beta1,
@@ -82,7 +82,7 @@ static void run_case(size_t n, int offset, Rng* rng) {
     float* got_params = download_floatX_alloc(d_params[0], n);
     double* ref = ref_alloc(n);
     to_double(ref, master0, n);
-    check_rel("master weights (fp32) after 3 steps", got_master, ref, n, 1e-5);
+    test_check_rel("master weights (fp32) after 3 steps", rel_err_f64(got_master, ref, n), 1e-5);
     {
         // the change itself, not only the (larger) weights: (master - initial) vs CPU's
         float* got_delta = host_alloc(n);
@@ -90,23 +90,23 @@ static void run_case(size_t n, int offset, Rng* rng) {
             got_delta[i] = got_master[i] - master_initial[i];
             ref[i] = (double)master0[i] - master_initial[i];
         }
-        check_rel("master change over 3 steps", got_delta, ref, n, 1e-3);
+        test_check_rel("master change over 3 steps", rel_err_f64(got_delta, ref, n), 1e-3);
         free(got_delta);
     }
     to_double(ref, m0, n);
-    check_rel("first moment m (fp32)", got_m, ref, n, 1e-5);
+    test_check_rel("first moment m (fp32)", rel_err_f64(got_m, ref, n), 1e-5);
     to_double(ref, v0, n);
-    check_rel("second moment v (fp32)", got_v, ref, n, 1e-5);
+    test_check_rel("second moment v (fp32)", rel_err_f64(got_v, ref, n), 1e-5);
     to_double(ref, master0, n);
-    check_rel("params (floatX) vs CPU master", got_params, ref, n, TOL_FLOATX);
+    test_check_rel("params (floatX) vs CPU master", rel_err_f64(got_params, ref, n), TOL_FLOATX);
     int exact = 1;
     for (size_t i = 0; i < n; i++) {
         if (host_round_to_floatX(got_master[i]) != got_params[i]) { exact = 0; break; }
     }
-    check_true("params == round-to-nearest-even(master) bitwise", exact);
-    check_bitwise("master", d_master[0], d_master[1], n * sizeof(float));
-    check_bitwise("params", d_params[0], d_params[1], n * sizeof(floatX));
-    check_bitwise("m, v", d_m[0], d_m[1], n * sizeof(float));
+    test_check(exact, "params == round-to-nearest-even(master) bitwise");
+    test_check_bitwise("master", d_master[0], d_master[1], n * sizeof(float));
+    test_check_bitwise("params", d_params[0], d_params[1], n * sizeof(floatX));
+    test_check_bitwise("m, v", d_m[0], d_m[1], n * sizeof(float));
 
     free(master0); free(master_initial); free(m0); free(v0);
     for (int s = 0; s < 3; s++) { free(grads[s]); cudaCheck(cudaFree(d_grads[s] - offset)); }
@@ -121,8 +121,10 @@ static void run_case(size_t n, int offset, Rng* rng) {
 
 int main(void) {
     cudaCheck(cudaSetDevice(0));
+    test_begin("test_adamw" TEST_FLOATX_SUFFIX);
     printf("test_adamw (%s)\n", FLOATX_NAME);
-    Rng rng = {41};
+    Rng rng;
+    rng_init(&rng, 41);
     run_case(1 << 20, 0, &rng);
     run_case((1 << 20) + 3, 1, &rng);
 
@@ -155,5 +157,6 @@ int main(void) {
         for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) { cudaCheck(cudaFree(bufs[i])); }
     }
 #endif
-    return finish_test("adamw", perf);
+    printf("performance: %s\n", perf);
+    return test_end();
 }

@@ -24,32 +24,15 @@ Usage: test_attention            all checks + benchmark
        test_attention --quick    small checks only (no GPT-2 shape, no benchmark)
        test_attention --tiny     three tiny checks (for the slow compute-sanitizer tools)
        test_attention --bad-shape  must print an error about the head size and exit non-zero
-Build: nvcc -O3 -std=c++17 -arch=sm_90 -o dev/cuda/test_attention dev/cuda/test_attention.cu
+Build: make kernel_tests (dev/cuda/build/test_attention and test_attention_fp32).
+One PASS/FAIL line per check and the closing "test_attention: N passed, N failed" (llmc/test_harness.h);
+benchmark lines start with SUMMARY.
 */
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <math.h>
-#include <stdint.h>
-#include <vector>
-#include <algorithm>
+#include "../../llmc/test_harness.h"
 #include "../../llmc/attention.cuh"
 
 // ------------------------------------------------------------------------------------------------
 // host helpers
-
-static uint64_t g_rng = 0;
-static uint64_t rng_next(void) {  // splitmix64
-    uint64_t z = (g_rng += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-static double rng_uniform(void) { return ((rng_next() >> 11) + 0.5) * (1.0 / 9007199254740992.0); }
-static float rng_normal(void) {
-    const double u1 = rng_uniform(), u2 = rng_uniform();
-    return (float)(sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2));
-}
 
 static floatX to_x(float v) {
 #ifdef ENABLE_FP32
@@ -199,14 +182,17 @@ struct Problem {
 
     Problem(int B_, int T_, int C_, int NH_, float qk_std, uint64_t seed) : B(B_), T(T_), C(C_), NH(NH_) {
         n_qkv = (size_t)B * T * 3 * C; n_out = (size_t)B * T * C; n_lse = (size_t)B * NH * T;
-        g_rng = seed;
+        Rng rng;
+        rng_init(&rng, seed);
         h_qkv.resize(n_qkv); f_qkv.resize(n_qkv); h_dout.resize(n_out); f_dout.resize(n_out);
+        fill_normal(f_qkv.data(), n_qkv, 0.0f, 1.0f, &rng);
+        fill_normal(f_dout.data(), n_out, 0.0f, 1.0f, &rng);
         for (size_t i = 0; i < n_qkv; i++) {
             const int ch = (int)(i % (3 * C));
             const float sd = ch < 2 * C ? qk_std : 1.0f;  // q and k get qk_std, v gets 1
-            h_qkv[i] = to_x(sd * rng_normal()); f_qkv[i] = from_x(h_qkv[i]);
+            h_qkv[i] = to_x(sd * f_qkv[i]); f_qkv[i] = from_x(h_qkv[i]);
         }
-        for (size_t i = 0; i < n_out; i++) { h_dout[i] = to_x(rng_normal()); f_dout[i] = from_x(h_dout[i]); }
+        for (size_t i = 0; i < n_out; i++) { h_dout[i] = to_x(f_dout[i]); f_dout[i] = from_x(h_dout[i]); }
         scratch_bytes = attention_backward_scratch_bytes(B, T, C, NH);
         cudaCheck(cudaMalloc(&d_qkv, n_qkv * sizeof(floatX)));
         cudaCheck(cudaMalloc(&d_dout, n_out * sizeof(floatX)));
@@ -240,9 +226,6 @@ struct Problem {
         cudaCheck(cudaMemcpy(dqkv.data(), d_dqkv, n_qkv * sizeof(floatX), cudaMemcpyDeviceToHost));
     }
 };
-
-static int g_failures = 0;
-static int g_checks = 0;
 
 // Runs fwd+bwd twice on the problem, checks NaN-poisoning, bitwise determinism and the heads in
 // `heads` (pairs b, h; empty = all) against the CPU reference.
@@ -290,12 +273,11 @@ static void check(const char* name, Problem& pr, FwdFn fwd, BwdFn bwd, std::vect
     }
     bool ok = nonfinite == 0 && same && e[4].rel() < TOL_LSE;
     for (int k = 0; k < 4; k++) { ok = ok && e[k].rel() < TOL_REL && w[k].worst < TOL_WORST; }
-    g_checks++;
-    if (!ok) { g_failures++; }
-    printf("%-4s %-36s B=%-2d T=%-4d C=%-3d NH=%-2d hs=%-3d heads=%-3zu | rel out %.2e lse %.2e dq %.2e dk %.2e dv %.2e"
-           " | worst %.2g %.2g %.2g %.2g | nonfinite %zu | rerun %s\n",
-           ok ? "OK" : "FAIL", name, B, T, C, NH, hs, heads.size(), e[0].rel(), e[4].rel(), e[1].rel(), e[2].rel(),
-           e[3].rel(), w[0].worst, w[1].worst, w[2].worst, w[3].worst, nonfinite, same ? "bitwise-same" : "DIFFERENT");
+    char full[160];
+    snprintf(full, sizeof(full), "%s B=%d T=%d C=%d NH=%d", name, B, T, C, NH);
+    test_checkf(ok, full, "hs=%d heads=%zu | rel out %.2e lse %.2e dq %.2e dk %.2e dv %.2e | worst %.2g %.2g %.2g %.2g"
+                " | nonfinite %zu | rerun %s", hs, heads.size(), e[0].rel(), e[4].rel(), e[1].rel(), e[2].rel(),
+                e[3].rel(), w[0].worst, w[1].worst, w[2].worst, w[3].worst, nonfinite, same ? "bitwise-same" : "DIFFERENT");
 }
 
 // CUDA-graph capture (global mode, the strictest) of forward + backward on a side stream: the
@@ -320,10 +302,9 @@ static void graph_check(Problem& pr) {
     const bool same = memcmp(out1.data(), out2.data(), out1.size() * sizeof(floatX)) == 0 &&
                       memcmp(dqkv1.data(), dqkv2.data(), dqkv1.size() * sizeof(floatX)) == 0 &&
                       memcmp(lse1.data(), lse2.data(), lse1.size() * sizeof(float)) == 0;
-    g_checks++;
-    if (!same) { g_failures++; }
-    printf("%-4s %-36s B=%-2d T=%-4d C=%-3d NH=%-2d | graph replay %s direct run\n", same ? "OK" : "FAIL",
-           "CUDA graph capture fwd+bwd", pr.B, pr.T, pr.C, pr.NH, same ? "bitwise-same as" : "DIFFERS from");
+    char name[160];
+    snprintf(name, sizeof(name), "CUDA graph capture fwd+bwd B=%d T=%d C=%d NH=%d", pr.B, pr.T, pr.C, pr.NH);
+    test_checkf(same, name, "graph replay %s direct run", same ? "bitwise-same as" : "DIFFERS from");
     cudaCheck(cudaGraphExecDestroy(exec));
     cudaCheck(cudaGraphDestroy(graph));
     cudaCheck(cudaStreamDestroy(st));
@@ -331,24 +312,6 @@ static void graph_check(Problem& pr) {
 
 // ------------------------------------------------------------------------------------------------
 // timing
-
-template<typename F>
-static float median_ms(F fn, int warmup, int iters) {
-    for (int i = 0; i < warmup; i++) { fn(); }
-    std::vector<cudaEvent_t> ev(2 * iters);
-    for (auto& e : ev) { cudaCheck(cudaEventCreate(&e)); }
-    for (int i = 0; i < iters; i++) {
-        cudaCheck(cudaEventRecord(ev[2 * i]));
-        fn();
-        cudaCheck(cudaEventRecord(ev[2 * i + 1]));
-    }
-    cudaCheck(cudaEventSynchronize(ev.back()));
-    std::vector<float> ms(iters);
-    for (int i = 0; i < iters; i++) { cudaCheck(cudaEventElapsedTime(&ms[i], ev[2 * i], ev[2 * i + 1])); }
-    for (auto& e : ev) { cudaCheck(cudaEventDestroy(e)); }
-    std::sort(ms.begin(), ms.end());
-    return ms[iters / 2];
-}
 
 static double g_peak_tflops = 0.0;  // this card's dense bf16 peak (cuda_peak_bf16_flops), 0 if unknown
 
@@ -364,6 +327,7 @@ static void bench_line(const char* what, double flops, float ms) {
 
 int main(int argc, char** argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);  // line-buffered even through a pipe
+    test_begin("test_attention" TEST_FLOATX_SUFFIX);
     bool quick = false, tiny = false;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--quick") == 0) { quick = true; }
@@ -396,8 +360,7 @@ int main(int argc, char** argv) {
         { Problem p(1, 130, 128, 2, 1.0f, 21); check("hs64 tail T=130", p, F, Bw, {}); }
         { Problem p(1, 70, 128, 4, 1.0f, 22);  check("hs32 tail T=70", p, F, Bw, {}); }
         { Problem p(1, 70, 128, 1, 1.0f, 23);  check("hs128 tail T=70", p, F, Bw, {}); }
-        printf("SUMMARY tiny checks: %d/%d passed\n", g_checks - g_failures, g_checks);
-        return g_failures == 0 ? 0 : EXIT_FAILURE;
+        return test_end();
     }
     // small shapes, every head checked
     {
@@ -445,37 +408,35 @@ int main(int argc, char** argv) {
     }
 #endif
     if (quick) {
-        printf("SUMMARY quick checks: %d/%d passed\n", g_checks - g_failures, g_checks);
-        return g_failures == 0 ? 0 : EXIT_FAILURE;
+        return test_end();
     }
 
     // GPT-2 124M shape: sample of heads vs the CPU reference, all elements NaN-checked and rerun
     const int B = 32, T = 1024, C = 768, NH = 12, hs = C / NH;
     Problem big(B, T, C, NH, 1.0f, 42);
     check("GPT-2 shape (3 sampled heads)", big, F, Bw, {{0, 0}, {17, 5}, {31, 11}});
-    printf("SUMMARY correctness: %d/%d checks passed\n", g_checks - g_failures, g_checks);
 
     const double ff = fwd_flops(B, T, NH, hs), fb = 2.5 * ff;
     printf("benchmark at B=%d T=%d C=%d NH=%d: causal FLOPs fwd %.2f GFLOP, bwd (2.5x) %.2f GFLOP\n", B, T, C, NH, ff * 1e-9, fb * 1e-9);
     const int WARM = 5, ITERS = 30;
-    float ms_fwd = median_ms([&] { attention_forward(big.d_out, big.d_lse, big.d_qkv, B, T, C, NH, 0); }, WARM, ITERS);
-    float ms_bwd = median_ms([&] { attention_backward(big.d_dqkv, big.d_dout, big.d_qkv, big.d_out, big.d_lse, B, T, C, NH, big.d_scratch, 0); }, WARM, ITERS);
+    float ms_fwd = bench_median_ms([&] { attention_forward(big.d_out, big.d_lse, big.d_qkv, B, T, C, NH, 0); }, WARM, ITERS);
+    float ms_bwd = bench_median_ms([&] { attention_backward(big.d_dqkv, big.d_dout, big.d_qkv, big.d_out, big.d_lse, B, T, C, NH, big.d_scratch, 0); }, WARM, ITERS);
     cudaCheck(cudaDeviceSynchronize());
 #ifndef ENABLE_FP32
     for (const FwdVariant& fv : FWD_VARIANTS) {
-        float ms = median_ms([&] { fv.fn(big.d_out, big.d_lse, big.d_qkv, B, T, C, NH, 0); }, WARM, ITERS);
+        float ms = bench_median_ms([&] { fv.fn(big.d_out, big.d_lse, big.d_qkv, B, T, C, NH, 0); }, WARM, ITERS);
         bench_line(fv.name, ff, ms);
     }
     for (const BwdVariant& bv : BWD_VARIANTS) {
-        float ms = median_ms([&] { bv.fn(big.d_dqkv, big.d_dout, big.d_qkv, big.d_out, big.d_lse, B, T, C, NH, big.d_scratch, 0); }, WARM, ITERS);
+        float ms = bench_median_ms([&] { bv.fn(big.d_dqkv, big.d_dout, big.d_qkv, big.d_out, big.d_lse, B, T, C, NH, big.d_scratch, 0); }, WARM, ITERS);
         bench_line(bv.name, fb, ms);
     }
     // backward parts of the default configuration (fractions of the bwd FLOPs are not meaningful
     // per part, so print time only)
     {
-        float ms_pre = median_ms([&] { attention_backward_preprocess<64, floatX>(big.d_scratch, big.d_dout, big.d_out, big.d_lse, B, T, NH, 0); }, WARM, ITERS);
-        float ms_kv = median_ms([&] { attention_backward_dkdv_tc<64, 4, 64, false>(big.d_dqkv, big.d_dout, big.d_qkv, B, T, NH, big.d_scratch, 0); }, WARM, ITERS);
-        float ms_dq = median_ms([&] { attention_backward_dq_tc<64, 4, true>(big.d_dqkv, big.d_dout, big.d_qkv, B, T, NH, big.d_scratch, 0); }, WARM, ITERS);
+        float ms_pre = bench_median_ms([&] { attention_backward_preprocess<64, floatX>(big.d_scratch, big.d_dout, big.d_out, big.d_lse, B, T, NH, 0); }, WARM, ITERS);
+        float ms_kv = bench_median_ms([&] { attention_backward_dkdv_tc<64, 4, 64, false>(big.d_dqkv, big.d_dout, big.d_qkv, B, T, NH, big.d_scratch, 0); }, WARM, ITERS);
+        float ms_dq = bench_median_ms([&] { attention_backward_dq_tc<64, 4, true>(big.d_dqkv, big.d_dout, big.d_qkv, B, T, NH, big.d_scratch, 0); }, WARM, ITERS);
         const double bytes_pre = 2.0 * B * T * C * sizeof(floatX) + 3.0 * B * NH * T * sizeof(float);
         printf("SUMMARY bwd parts (default): preprocess %.3f ms (%.0f GB/s), dK/dV %.3f ms, dQ %.3f ms\n",
                ms_pre, bytes_pre / (ms_pre * 1e-3) / 1e9, ms_kv, ms_dq);
@@ -483,15 +444,15 @@ int main(int argc, char** argv) {
     // other head sizes at the same B, T, C
     {
         Problem p32(B, T, C, 24, 1.0f, 43);
-        float f = median_ms([&] { attention_forward(p32.d_out, p32.d_lse, p32.d_qkv, B, T, C, 24, 0); }, WARM, ITERS);
-        float bw = median_ms([&] { attention_backward(p32.d_dqkv, p32.d_dout, p32.d_qkv, p32.d_out, p32.d_lse, B, T, C, 24, p32.d_scratch, 0); }, WARM, ITERS);
+        float f = bench_median_ms([&] { attention_forward(p32.d_out, p32.d_lse, p32.d_qkv, B, T, C, 24, 0); }, WARM, ITERS);
+        float bw = bench_median_ms([&] { attention_backward(p32.d_dqkv, p32.d_dout, p32.d_qkv, p32.d_out, p32.d_lse, B, T, C, 24, p32.d_scratch, 0); }, WARM, ITERS);
         bench_line("hs32 (NH=24) fwd", fwd_flops(B, T, 24, 32), f);
         bench_line("hs32 (NH=24) bwd", 2.5 * fwd_flops(B, T, 24, 32), bw);
     }
     {
         Problem p128(B, T, C, 6, 1.0f, 44);
-        float f = median_ms([&] { attention_forward(p128.d_out, p128.d_lse, p128.d_qkv, B, T, C, 6, 0); }, WARM, ITERS);
-        float bw = median_ms([&] { attention_backward(p128.d_dqkv, p128.d_dout, p128.d_qkv, p128.d_out, p128.d_lse, B, T, C, 6, p128.d_scratch, 0); }, WARM, ITERS);
+        float f = bench_median_ms([&] { attention_forward(p128.d_out, p128.d_lse, p128.d_qkv, B, T, C, 6, 0); }, WARM, ITERS);
+        float bw = bench_median_ms([&] { attention_backward(p128.d_dqkv, p128.d_dout, p128.d_qkv, p128.d_out, p128.d_lse, B, T, C, 6, p128.d_scratch, 0); }, WARM, ITERS);
         bench_line("hs128 (NH=6) fwd", fwd_flops(B, T, 6, 128), f);
         bench_line("hs128 (NH=6) bwd", 2.5 * fwd_flops(B, T, 6, 128), bw);
     }
@@ -499,6 +460,5 @@ int main(int argc, char** argv) {
     bench_line("attention_forward (GPT-2 124M shape)", ff, ms_fwd);
     bench_line("attention_backward (GPT-2 124M shape)", fb, ms_bwd);
     bench_line("attention fwd+bwd (GPT-2 124M shape)", ff + fb, ms_fwd + ms_bwd);
-    printf("SUMMARY correctness: %d/%d checks passed\n", g_checks - g_failures, g_checks);
-    return g_failures == 0 ? 0 : EXIT_FAILURE;
+    return test_end();
 }

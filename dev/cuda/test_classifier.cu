@@ -8,13 +8,15 @@ columns set to large values (+30) that would dominate the softmax if they took a
 - eval mode (write_dlogits = 0): logits untouched, losses identical to training mode
 - mean_loss vs CPU; everything bitwise identical when run twice
 */
-#include "std_test_utils.cuh"
+#include "../../llmc/test_harness.h"
 #include "../../llmc/classifier.cuh"
 
 int main(void) {
     cudaCheck(cudaSetDevice(0));
+    test_begin("test_classifier" TEST_FLOATX_SUFFIX);
     printf("test_classifier (%s)\n", FLOATX_NAME);
-    Rng rng = {31};
+    Rng rng;
+    rng_init(&rng, 31);
     const int B = 4, T = 64, BT = B * T, V = 50257, Vp = 50304, grad_accum_steps = 3;
     const float dloss = 1.0f / (float)(BT * grad_accum_steps);
     size_t n = (size_t)BT * Vp;
@@ -72,8 +74,8 @@ int main(void) {
     float* got_dlogits = download_floatX_alloc(d_logits[0], n);
     float* got_mean = download_floats(d_mean[0], 1);
     printf("  mean loss GPU %.6f CPU %.6f\n", got_mean[0], ref_mean);
-    check_rel("losses (fp32) vs CPU", got_losses, ref_losses, BT, 1e-5);
-    check_rel("dlogits vs CPU (all columns)", got_dlogits, ref_dlogits, n, TOL_FLOATX);
+    test_check_rel("losses (fp32) vs CPU", rel_err_f64(got_losses, ref_losses, BT), 1e-5);
+    test_check_rel("dlogits vs CPU (all columns)", rel_err_f64(got_dlogits, ref_dlogits, n), TOL_FLOATX);
     {
         // the target columns alone: the -1 term, easy to get wrong without moving the norm
         std::vector<float> got_t(BT);
@@ -82,7 +84,7 @@ int main(void) {
             got_t[t] = got_dlogits[(size_t)t * Vp + targets[t]];
             ref_t[t] = ref_dlogits[(size_t)t * Vp + targets[t]];
         }
-        check_rel("dlogits at target columns", got_t.data(), ref_t.data(), BT, TOL_FLOATX);
+        test_check_rel("dlogits at target columns", rel_err_f64(got_t.data(), ref_t.data(), BT), TOL_FLOATX);
     }
     int pad_zero = 1;
     for (int t = 0; t < BT; t++) {
@@ -90,22 +92,20 @@ int main(void) {
             if (got_dlogits[(size_t)t * Vp + c] != 0.0f || signbit(got_dlogits[(size_t)t * Vp + c])) { pad_zero = 0; }
         }
     }
-    check_true("dlogits exactly +0 on padded columns", pad_zero);
+    test_check(pad_zero, "dlogits exactly +0 on padded columns");
     double ref_mean_d = ref_mean;
-    check_rel("mean_loss vs CPU", got_mean, &ref_mean_d, 1, 1e-5);
-    check_bitwise("losses", d_losses[0], d_losses[1], BT * sizeof(float));
-    check_bitwise("dlogits", d_logits[0], d_logits[1], n * sizeof(floatX));
-    check_bitwise("mean_loss", d_mean[0], d_mean[1], sizeof(float));
+    test_check_rel("mean_loss vs CPU", rel_err_f64(got_mean, &ref_mean_d, 1), 1e-5);
+    test_check_bitwise("losses", d_losses[0], d_losses[1], BT * sizeof(float));
+    test_check_bitwise("dlogits", d_logits[0], d_logits[1], n * sizeof(floatX));
+    test_check_bitwise("mean_loss", d_mean[0], d_mean[1], sizeof(float));
 
     // eval mode
     cudaCheck(cudaMemcpy(d_logits[1], d_logits_init, n * sizeof(floatX), cudaMemcpyDeviceToDevice));
     poison(d_losses[2], BT * sizeof(float));
     fused_classifier(d_logits[1], d_losses[2], d_targets, dloss, BT, V, Vp, 0, 0);
     cudaCheck(cudaDeviceSynchronize());
-    check_true("eval mode leaves logits untouched",
-               device_bitwise_equal(d_logits[1], d_logits_init, n * sizeof(floatX)));
-    check_true("eval mode losses == training mode losses (bitwise)",
-               device_bitwise_equal(d_losses[2], d_losses[0], BT * sizeof(float)));
+    test_check(device_bitwise_equal(d_logits[1], d_logits_init, n * sizeof(floatX)), "eval mode leaves logits untouched");
+    test_check(device_bitwise_equal(d_losses[2], d_losses[0], BT * sizeof(float)), "eval mode losses == training mode losses (bitwise)");
 
     free(logits); free(targets); free(ref_losses); free(ref_dlogits); free(got_losses); free(got_dlogits);
     free(got_mean);
@@ -142,5 +142,6 @@ int main(void) {
         for (size_t i = 0; i < sizeof(bbufs) / sizeof(bbufs[0]); i++) { cudaCheck(cudaFree(bbufs[i])); }
     }
 #endif
-    return finish_test("classifier", perf);
+    printf("performance: %s\n", perf);
+    return test_end();
 }

@@ -13,13 +13,15 @@ vocabulary; token 0 and V-1 always present):
   bitwise unchanged
 - forward and backward bitwise identical when run twice from the same state
 */
-#include "std_test_utils.cuh"
+#include "../../llmc/test_harness.h"
 #include "../../llmc/encoder.cuh"
 
 int main(void) {
     cudaCheck(cudaSetDevice(0));
+    test_begin("test_encoder" TEST_FLOATX_SUFFIX);
     printf("test_encoder (%s)\n", FLOATX_NAME);
-    Rng rng = {11};
+    Rng rng;
+    rng_init(&rng, 11);
     const int B = 4, T = 64, C = 768, V = 50304;
     const int BT = B * T;
     int* tokens = (int*)malloc(BT * sizeof(int));
@@ -62,8 +64,8 @@ int main(void) {
             }
         }
         float* got = download_floatX_alloc(d_out[0], n_out);
-        check_rel("encoder_forward vs CPU", got, ref, n_out, TOL_FLOATX);
-        check_bitwise("encoder_forward", d_out[0], d_out[1], n_out * sizeof(floatX));
+        test_check_rel("encoder_forward vs CPU", rel_err_f64(got, ref, n_out), TOL_FLOATX);
+        test_check_bitwise("encoder_forward", d_out[0], d_out[1], n_out * sizeof(floatX));
         // a bad token poisons its row with NaN instead of reading out of bounds
         int bad = V + 3;
         cudaCheck(cudaMemcpy(d_tokens + 9, &bad, sizeof(int), cudaMemcpyHostToDevice));
@@ -77,7 +79,7 @@ int main(void) {
                 if (bt != 9 && !isfinite(x)) { others_finite = 0; }
             }
         }
-        check_true("encoder_forward: out-of-range token gives a NaN row only", row_nan && others_finite);
+        test_check(row_nan && others_finite, "encoder_forward: out-of-range token gives a NaN row only");
         cudaCheck(cudaMemcpy(d_tokens, tokens, BT * sizeof(int), cudaMemcpyHostToDevice));
         free(ref);
         free(got);
@@ -130,8 +132,8 @@ int main(void) {
         ok = ok && slots_covered == plan.num_slots;
         printf("  plan: %d distinct tokens, %d segments, %d multi-segment tokens (most segments %d), %d positions\n",
                plan.num_unique, plan.num_segments, plan.num_multi, max_count, BT);
-        check_true("plan: segments cover every position once, <= S, increasing", ok);
-        check_true("plan: token 7 (64 positions) is split into 4 segments", plan.num_multi >= 1 && max_count == 4);
+        test_check(ok, "plan: segments cover every position once, <= S, increasing");
+        test_check(plan.num_multi >= 1 && max_count == 4, "plan: token 7 (64 positions) is split into 4 segments");
         free(seen);
         free(slot_owner);
     }
@@ -149,7 +151,8 @@ int main(void) {
     float* old_dwte = host_alloc(n_wte);
     float* old_dwpe = host_alloc(n_wpe);
     for (int run = 0; run < 2; run++) {
-        Rng acc_rng = {5};
+        Rng acc_rng;
+        rng_init(&acc_rng, 5);
         fill_uniform(old_dwte, n_wte, -1.0f, 1.0f, &acc_rng);
         fill_uniform(old_dwpe, n_wpe, -1.0f, 1.0f, &acc_rng);
         upload_rounded(d_dwte[run], old_dwte, n_wte);
@@ -164,7 +167,7 @@ int main(void) {
         float* got_dwpe = download_floatX_alloc(d_dwpe[0], n_wpe);
         double* ref_dwpe = ref_alloc(n_wpe);
         for (size_t i = 0; i < n_wpe; i++) { ref_dwpe[i] = old_dwpe[i] + ref_dwpe_update[i]; }
-        check_rel("encoder_backward dwpe (+=)", got_dwpe, ref_dwpe, n_wpe, TOL_FLOATX);
+        test_check_rel("encoder_backward dwpe (+=)", rel_err_f64(got_dwpe, ref_dwpe, n_wpe), TOL_FLOATX);
         // touched wte rows: compare the packed rows; untouched rows must be unchanged bit for bit
         char* touched = (char*)calloc(V, 1);
         for (int bt = 0; bt < BT; bt++) { touched[tokens[bt]] = 1; }
@@ -182,11 +185,11 @@ int main(void) {
                 }
             }
         }
-        check_rel("encoder_backward dwte (+=), touched rows", got_rows.data(), ref_rows.data(), got_rows.size(),
-                  TOL_FLOATX);
-        check_true("encoder_backward dwte: untouched rows unchanged", untouched_same);
-        check_bitwise("encoder_backward dwte", d_dwte[0], d_dwte[1], n_wte * sizeof(floatX));
-        check_bitwise("encoder_backward dwpe", d_dwpe[0], d_dwpe[1], n_wpe * sizeof(floatX));
+        test_check_rel("encoder_backward dwte (+=), touched rows",
+                       rel_err_f64(got_rows.data(), ref_rows.data(), got_rows.size()), TOL_FLOATX);
+        test_check(untouched_same, "encoder_backward dwte: untouched rows unchanged");
+        test_check_bitwise("encoder_backward dwte", d_dwte[0], d_dwte[1], n_wte * sizeof(floatX));
+        test_check_bitwise("encoder_backward dwpe", d_dwpe[0], d_dwpe[1], n_wpe * sizeof(floatX));
         free(touched); free(got_dwte); free(got_dwpe); free(ref_dwpe);
     }
     encoder_backward_plan_free(&plan);
@@ -197,7 +200,8 @@ int main(void) {
         // GPT-2 shapes, B*T = 8 * 1024 with realistic (Zipf-like) token repetition
         const int bB = 8, bT = 1024, bBT = bB * bT, bV = 50257;
         int* btokens = (int*)malloc(bBT * sizeof(int));
-        Rng trng = {3};
+        Rng trng;
+        rng_init(&trng, 3);
         for (int i = 0; i < bBT; i++) {
             // Zipf-like: 10% of positions on 3 tokens (",", " the", EOT: ~270 positions each),
             // 20% on 50 ids, 20% on 2000 ids, the rest anywhere
@@ -251,5 +255,6 @@ int main(void) {
     free(ref_dwte_update); free(ref_dwpe_update);
     void* bufs[] = {d_wte, d_wpe, d_dout, d_out[0], d_out[1], d_dwte[0], d_dwte[1], d_dwpe[0], d_dwpe[1], d_tokens};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) { cudaCheck(cudaFree(bufs[i])); }
-    return finish_test("encoder", perf);
+    printf("performance: %s\n", perf);
+    return test_end();
 }

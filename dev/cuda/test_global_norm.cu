@@ -6,7 +6,7 @@ not fill a 16-byte vector, one small enough for a single block, one that needs t
 1024-block grid) vs CPU double (tolerance 1e-5: fp32 partial sums of positive terms);
 result NaN-poisoned first; bitwise identical when run twice.
 */
-#include "std_test_utils.cuh"
+#include "../../llmc/test_harness.h"
 #include "../../llmc/global_norm.cuh"
 
 static void run_case(size_t n, Rng* rng) {
@@ -29,8 +29,8 @@ static void run_case(size_t n, Rng* rng) {
     float got;
     cudaCheck(cudaMemcpy(&got, d_out[0], sizeof(float), cudaMemcpyDeviceToHost));
     printf("  GPU %.8e CPU %.8e\n", got, ref);
-    check_rel("squared norm vs CPU", &got, &ref, 1, 1e-5);
-    check_bitwise("squared norm", d_out[0], d_out[1], sizeof(float));
+    test_check_rel("squared norm vs CPU", rel_err_f64(&got, &ref, 1), 1e-5);
+    test_check_bitwise("squared norm", d_out[0], d_out[1], sizeof(float));
     free(g);
     cudaCheck(cudaFree(d_g));
     cudaCheck(cudaFree(d_out[0]));
@@ -40,8 +40,10 @@ static void run_case(size_t n, Rng* rng) {
 
 int main(void) {
     cudaCheck(cudaSetDevice(0));
+    test_begin("test_global_norm" TEST_FLOATX_SUFFIX);
     printf("test_global_norm (%s)\n", FLOATX_NAME);
-    Rng rng = {51};
+    Rng rng;
+    rng_init(&rng, 51);
     run_case(1000, &rng);
     run_case(10000005, &rng);
     run_case(124475904, &rng);
@@ -63,5 +65,6 @@ int main(void) {
         cudaCheck(cudaFree(scratch));
     }
 #endif
-    return finish_test("global_norm", perf);
+    printf("performance: %s\n", perf);
+    return test_end();
 }

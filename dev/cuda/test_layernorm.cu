@@ -10,7 +10,7 @@ Checks, per case (random rows with their own offset and scale, outputs NaN-poiso
 Cases include C not a multiple of 256, B*T not a multiple of the row blocking, and C = 2048
 (backward needs more than 48 KiB of shared memory: the opt-in path).
 */
-#include "std_test_utils.cuh"
+#include "../../llmc/test_harness.h"
 #include "../../llmc/layernorm.cuh"
 
 static void cpu_layernorm_forward(double* out, double* mean, double* rstd, const float* inp, const float* w,
@@ -58,9 +58,9 @@ static void cpu_layernorm_backward(double* dinp, double* dweight, double* dbias,
 
 static void fill_rows(float* x, int BT, int C, Rng* rng) {
     for (int t = 0; t < BT; t++) {
-        float offset = 2.0f * rng_uniform(rng);
-        float scale = 0.2f + 2.0f * fabsf(rng_uniform(rng));
-        for (int c = 0; c < C; c++) { x[(size_t)t * C + c] = offset + scale * rng_uniform(rng); }
+        float offset = 2.0f * rng_uniform(rng, -1.0f, 1.0f);
+        float scale = 0.2f + 2.0f * fabsf(rng_uniform(rng, -1.0f, 1.0f));
+        for (int c = 0; c < C; c++) { x[(size_t)t * C + c] = offset + scale * rng_uniform(rng, -1.0f, 1.0f); }
     }
 }
 
@@ -112,12 +112,12 @@ static void run_case(int BT, int C, Rng* rng) {
         float* got = download_floatX_alloc(d_out[0], n);
         float* got_mean = download_floats(d_mean[0], BT);
         float* got_rstd = download_floats(d_rstd[0], BT);
-        check_rel("layernorm_forward out", got, ref_out, n, TOL_FLOATX);
-        check_rel("layernorm_forward mean (fp32)", got_mean, ref_mean, BT, 1e-5);
-        check_rel("layernorm_forward rstd (fp32)", got_rstd, ref_rstd, BT, 1e-5);
-        check_bitwise("layernorm_forward out", d_out[0], d_out[1], n * sizeof(floatX));
-        check_bitwise("layernorm_forward mean", d_mean[0], d_mean[1], BT * sizeof(float));
-        check_bitwise("layernorm_forward rstd", d_rstd[0], d_rstd[1], BT * sizeof(float));
+        test_check_rel("layernorm_forward out", rel_err_f64(got, ref_out, n), TOL_FLOATX);
+        test_check_rel("layernorm_forward mean (fp32)", rel_err_f64(got_mean, ref_mean, BT), 1e-5);
+        test_check_rel("layernorm_forward rstd (fp32)", rel_err_f64(got_rstd, ref_rstd, BT), 1e-5);
+        test_check_bitwise("layernorm_forward out", d_out[0], d_out[1], n * sizeof(floatX));
+        test_check_bitwise("layernorm_forward mean", d_mean[0], d_mean[1], BT * sizeof(float));
+        test_check_bitwise("layernorm_forward rstd", d_rstd[0], d_rstd[1], BT * sizeof(float));
         free(got); free(got_mean); free(got_rstd);
     }
 
@@ -141,15 +141,14 @@ static void run_case(int BT, int C, Rng* rng) {
         float* got = download_floatX_alloc(d_out[0], n);
         float* got_mean = download_floats(d_mean[0], BT);
         float* got_rstd = download_floats(d_rstd[0], BT);
-        check_rel("fused residual: residual", got_res, ref_res, n, TOL_FLOATX);
-        check_true("fused residual: residual == floatX(inp1 + inp2) exactly",
-                   memcmp(got_res, residual, n * sizeof(float)) == 0);
-        check_rel("fused residual: normed out", got, ref_out, n, TOL_FLOATX);
-        check_rel("fused residual: mean (fp32)", got_mean, ref_mean, BT, 1e-5);
-        check_rel("fused residual: rstd (fp32)", got_rstd, ref_rstd, BT, 1e-5);
-        check_bitwise("fused residual out", d_out[0], d_out[1], n * sizeof(floatX));
-        check_bitwise("fused residual residual", d_res[0], d_res[1], n * sizeof(floatX));
-        check_bitwise("fused residual rstd", d_rstd[0], d_rstd[1], BT * sizeof(float));
+        test_check_rel("fused residual: residual", rel_err_f64(got_res, ref_res, n), TOL_FLOATX);
+        test_check(memcmp(got_res, residual, n * sizeof(float)) == 0, "fused residual: residual == floatX(inp1 + inp2) exactly");
+        test_check_rel("fused residual: normed out", rel_err_f64(got, ref_out, n), TOL_FLOATX);
+        test_check_rel("fused residual: mean (fp32)", rel_err_f64(got_mean, ref_mean, BT), 1e-5);
+        test_check_rel("fused residual: rstd (fp32)", rel_err_f64(got_rstd, ref_rstd, BT), 1e-5);
+        test_check_bitwise("fused residual out", d_out[0], d_out[1], n * sizeof(floatX));
+        test_check_bitwise("fused residual residual", d_res[0], d_res[1], n * sizeof(floatX));
+        test_check_bitwise("fused residual rstd", d_rstd[0], d_rstd[1], BT * sizeof(float));
         free(ref_res); free(got_res); free(got); free(got_mean); free(got_rstd);
     }
 
@@ -160,7 +159,8 @@ static void run_case(int BT, int C, Rng* rng) {
     cpu_layernorm_backward(ref_dx, ref_dw, ref_db, dout, residual, w, ref_mean, ref_rstd, BT, C);
     float *old_dinp = host_alloc(n), *old_dw = host_alloc(C), *old_db = host_alloc(C);
     for (int run = 0; run < 2; run++) {
-        Rng acc_rng = {99};
+        Rng acc_rng;
+        rng_init(&acc_rng, 99);
         fill_uniform(old_dinp, n, -(float)rms(ref_dx, n), (float)rms(ref_dx, n), &acc_rng);
         fill_uniform(old_dw, C, -(float)rms(ref_dw, C), (float)rms(ref_dw, C), &acc_rng);
         fill_uniform(old_db, C, -(float)rms(ref_db, C), (float)rms(ref_db, C), &acc_rng);
@@ -178,12 +178,12 @@ static void run_case(int BT, int C, Rng* rng) {
         float* got = download_floatX_alloc(d_dinp[0], n);
         float* got_dw = download_floatX_alloc(d_dw[0], C);
         float* got_db = download_floatX_alloc(d_db[0], C);
-        check_rel("layernorm_backward dinp (+=)", got, ref_dx, n, TOL_FLOATX);
-        check_rel("layernorm_backward dweight (+=)", got_dw, ref_dw, C, TOL_FLOATX);
-        check_rel("layernorm_backward dbias (+=)", got_db, ref_db, C, TOL_FLOATX);
-        check_bitwise("layernorm_backward dinp", d_dinp[0], d_dinp[1], n * sizeof(floatX));
-        check_bitwise("layernorm_backward dweight", d_dw[0], d_dw[1], C * sizeof(floatX));
-        check_bitwise("layernorm_backward dbias", d_db[0], d_db[1], C * sizeof(floatX));
+        test_check_rel("layernorm_backward dinp (+=)", rel_err_f64(got, ref_dx, n), TOL_FLOATX);
+        test_check_rel("layernorm_backward dweight (+=)", rel_err_f64(got_dw, ref_dw, C), TOL_FLOATX);
+        test_check_rel("layernorm_backward dbias (+=)", rel_err_f64(got_db, ref_db, C), TOL_FLOATX);
+        test_check_bitwise("layernorm_backward dinp", d_dinp[0], d_dinp[1], n * sizeof(floatX));
+        test_check_bitwise("layernorm_backward dweight", d_dw[0], d_dw[1], C * sizeof(floatX));
+        test_check_bitwise("layernorm_backward dbias", d_db[0], d_db[1], C * sizeof(floatX));
         free(got); free(got_dw); free(got_db);
     }
 
@@ -197,7 +197,9 @@ static void run_case(int BT, int C, Rng* rng) {
 
 int main(void) {
     cudaCheck(cudaSetDevice(0));
-    Rng rng = {7};
+    test_begin("test_layernorm" TEST_FLOATX_SUFFIX);
+    Rng rng;
+    rng_init(&rng, 7);
     printf("test_layernorm (%s)\n", FLOATX_NAME);
     run_case(256, 768, &rng);
     run_case(70, 264, &rng);
@@ -239,5 +241,6 @@ int main(void) {
         for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) { cudaCheck(cudaFree(bufs[i])); }
     }
 #endif
-    return finish_test("layernorm", perf);
+    printf("performance: %s\n", perf);
+    return test_end();
 }

@@ -12,7 +12,7 @@ Checks, per case (random data, outputs NaN-poisoned before every run):
   chosen again gives the same bits as its first run
 Benchmark (bf16 builds only): GPT-2 124M shapes at B*T = 8192.
 */
-#include "std_test_utils.cuh"
+#include "../../llmc/test_harness.h"
 #include "../../llmc/matmul.cuh"
 
 static double cpu_gelu(double x) {
@@ -131,27 +131,27 @@ static void run_case(int BT, int C, int OC, int use_bias, int use_gelu, Rng* rng
         // the epilogue may use a hardware tanh approximation (~1e-4 relative): in fp32 builds
         // its output gets 1e-3 instead of 1e-5; bf16 builds keep the bf16 tolerance
         double gelu_tol = (fused && TOL_FLOATX < 1e-3) ? 1e-3 : TOL_FLOATX;
-        check_rel("forward pre-activation vs CPU", got_pre, ref_pre, n_out, TOL_FLOATX);
-        check_rel("forward GELU output vs CPU tanh GELU", got_out, ref_gelu, n_out, gelu_tol);
+        test_check_rel("forward pre-activation vs CPU", rel_err_f64(got_pre, ref_pre, n_out), TOL_FLOATX);
+        test_check_rel("forward GELU output vs CPU tanh GELU", rel_err_f64(got_out, ref_gelu, n_out), gelu_tol);
         // the epilogue applies GELU to the fp32 accumulator while pre is rounded to floatX, so
         // in bf16 this differs by the rounding of pre (and of out)
-        check_rel("GELU output vs tanh GELU of GPU pre-act", got_out, ref_gelu_of_gpu_pre, n_out, gelu_tol);
-        double err_tanh = rel_error(got_out, ref_gelu_of_gpu_pre, n_out, NULL);
-        double err_erf = rel_error(got_out, ref_erf_gelu_of_gpu_pre, n_out, NULL);
+        test_check_rel("GELU output vs tanh GELU of GPU pre-act", rel_err_f64(got_out, ref_gelu_of_gpu_pre, n_out), gelu_tol);
+        double err_tanh = rel_err_f64(got_out, ref_gelu_of_gpu_pre, n_out).rel;
+        double err_erf = rel_err_f64(got_out, ref_erf_gelu_of_gpu_pre, n_out).rel;
         printf("  GELU output rel. distance to tanh GELU %.3e, to erf GELU %.3e\n", err_tanh, err_erf);
 #if defined(ENABLE_FP32)
         // tanh and erf GELU differ by up to ~2e-4: only visible without bf16 rounding
-        check_true("GELU output is closer to the tanh GELU than to the erf GELU", err_tanh < err_erf);
+        test_check(err_tanh < err_erf, "GELU output is closer to the tanh GELU than to the erf GELU");
 #endif
-        check_bitwise("pre_gelu", d_pre, d_pre2, n_out * sizeof(floatX));
+        test_check_bitwise("pre_gelu", d_pre, d_pre2, n_out * sizeof(floatX));
         free(got_pre);
         free(ref_gelu);
         free(ref_gelu_of_gpu_pre);
         free(ref_erf_gelu_of_gpu_pre);
     } else {
-        check_rel("forward output vs CPU", got_out, ref_pre, n_out, TOL_FLOATX);
+        test_check_rel("forward output vs CPU", rel_err_f64(got_out, ref_pre, n_out), TOL_FLOATX);
     }
-    check_bitwise("forward output", d_out, d_out2, n_out * sizeof(floatX));
+    test_check_bitwise("forward output", d_out, d_out2, n_out * sizeof(floatX));
     free(got_out);
     free(ref_pre);
 
@@ -163,7 +163,8 @@ static void run_case(int BT, int C, int OC, int use_bias, int use_gelu, Rng* rng
     float* old_dw = NULL;
     float* old_db = NULL;
     for (int run = 0; run < 2; run++) {
-        Rng acc_rng = {1234};  // identical accumulator start values in both runs
+        Rng acc_rng;
+        rng_init(&acc_rng, 1234);  // identical accumulator start values in both runs
         floatX* dinp = run == 0 ? d_dinp : d_dinp2;
         floatX* dw = run == 0 ? d_dw : d_dw2;
         floatX* db = run == 0 ? d_db : d_db2;
@@ -178,19 +179,19 @@ static void run_case(int BT, int C, int OC, int use_bias, int use_gelu, Rng* rng
     float* got_dinp = download_floatX_alloc(d_dinp, n_inp);
     float* got_dw = download_floatX_alloc(d_dw, n_w);
     float* got_db = download_floatX_alloc(d_db, OC);
-    check_rel("backward dinp (overwrite) vs CPU", got_dinp, ref_dinp, n_inp, TOL_FLOATX);
+    test_check_rel("backward dinp (overwrite) vs CPU", rel_err_f64(got_dinp, ref_dinp, n_inp), TOL_FLOATX);
     double* ref_dw_total = ref_alloc(n_w);
     for (size_t i = 0; i < n_w; i++) { ref_dw_total[i] = old_dw[i] + ref_dw[i]; }
-    check_rel("backward dweight (+=) vs CPU", got_dw, ref_dw_total, n_w, TOL_FLOATX);
+    test_check_rel("backward dweight (+=) vs CPU", rel_err_f64(got_dw, ref_dw_total, n_w), TOL_FLOATX);
     if (use_bias) {
         double* ref_db_total = ref_alloc(OC);
         for (int i = 0; i < OC; i++) { ref_db_total[i] = old_db[i] + ref_db[i]; }
-        check_rel("backward dbias (+=) vs CPU", got_db, ref_db_total, OC, TOL_FLOATX);
-        check_bitwise("dbias", d_db, d_db2, OC * sizeof(floatX));
+        test_check_rel("backward dbias (+=) vs CPU", rel_err_f64(got_db, ref_db_total, OC), TOL_FLOATX);
+        test_check_bitwise("dbias", d_db, d_db2, OC * sizeof(floatX));
         free(ref_db_total);
     }
-    check_bitwise("dinp", d_dinp, d_dinp2, n_inp * sizeof(floatX));
-    check_bitwise("dweight", d_dw, d_dw2, n_w * sizeof(floatX));
+    test_check_bitwise("dinp", d_dinp, d_dinp2, n_inp * sizeof(floatX));
+    test_check_bitwise("dweight", d_dw, d_dw2, n_w * sizeof(floatX));
 
     if (use_gelu && use_bias) {
         // the launchers must be capturable in a CUDA graph (no host syncs or allocations
@@ -216,20 +217,21 @@ static void run_case(int BT, int C, int OC, int use_bias, int use_gelu, Rng* rng
                    device_bitwise_equal(d_dinp, d_dinp2, n_inp * sizeof(floatX)) &&
                    device_bitwise_equal(d_dw, d_dw2, n_w * sizeof(floatX)) &&
                    device_bitwise_equal(d_db, d_db2, OC * sizeof(floatX));
-        check_true("CUDA graph capture + replay == eager run (bitwise, fwd + bwd)", same);
+        test_check(same, "CUDA graph capture + replay == eager run (bitwise, fwd + bwd)");
         cudaCheck(cudaGraphExecDestroy(graph_exec));
         cudaCheck(cudaGraphDestroy(graph));
         cudaCheck(cudaStreamDestroy(stream));
     }
 
     // dinp += path (dweight keeps accumulating; not checked again)
-    Rng acc_rng = {777};
+    Rng acc_rng;
+    rng_init(&acc_rng, 777);
     float* old_dinp = random_accumulator(d_dinp, n_inp, rms(ref_dinp, n_inp), &acc_rng);
     matmul_backward(d_dinp, d_dw, NULL, d_dout, d_inp, d_w, BT, C, OC, 1, 0, NULL);
     cudaCheck(cudaDeviceSynchronize());
     download_floatX(got_dinp, d_dinp, n_inp);
     for (size_t i = 0; i < n_inp; i++) { ref_dinp[i] += old_dinp[i]; }
-    check_rel("backward dinp (+=) vs CPU", got_dinp, ref_dinp, n_inp, TOL_FLOATX);
+    test_check_rel("backward dinp (+=) vs CPU", rel_err_f64(got_dinp, ref_dinp, n_inp), TOL_FLOATX);
 
     free(old_dinp); free(old_dw); free(old_db);
     free(got_dinp); free(got_dw); free(got_db);
@@ -242,8 +244,10 @@ static void run_case(int BT, int C, int OC, int use_bias, int use_gelu, Rng* rng
 
 int main(void) {
     cudaCheck(cudaSetDevice(0));
+    test_begin("test_matmul" TEST_FLOATX_SUFFIX);
     matmul_init();
-    Rng rng = {42};
+    Rng rng;
+    rng_init(&rng, 42);
     printf("test_matmul (%s)\n", FLOATX_NAME);
     run_case(256, 768, 3072, 1, 1, &rng);   // fc with GELU epilogue
     run_case(256, 3072, 768, 1, 0, &rng);   // fc projection
@@ -267,8 +271,7 @@ int main(void) {
         for (int rows = 9; rows <= max_rows; rows++) { matmul_forward(out, inp, w, NULL, rows, C, OC, 0); }
         matmul_forward(out, inp, w, NULL, 8, C, OC, 0);  // its slot was reused by now: chosen again
         cudaCheck(cudaDeviceSynchronize());
-        check_true("cache overflow: evicted problem chosen again, bitwise same",
-                   device_bitwise_equal(out, first, (size_t)8 * OC * sizeof(floatX)));
+        test_check(device_bitwise_equal(out, first, (size_t)8 * OC * sizeof(floatX)), "cache overflow: evicted problem chosen again, bitwise same");
         floatX* bufs[] = {inp, w, out, first};
         for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) { cudaCheck(cudaFree(bufs[i])); }
     }
@@ -310,13 +313,14 @@ int main(void) {
         double frac_bwd = report_flops("bwd fc 768->3072 (dinp,dW,db)", ms, 4.0 * BT * C * 4 * C);
         ms = bench_median_ms([&] { matmul_backward(dinp, dw, NULL, dout, inp, w, BT, C, Vp, 0, 0, NULL); }, 10, 50);
         report_flops("bwd lm head 768->50304 (dinp,dW)", ms, 4.0 * BT * C * Vp);
-        snprintf(perf, sizeof(perf), "fc+gelu fwd %.0f%%, lm head fwd %.0f%%, fc bwd %.0f%% of 755 TFLOP/s",
-                 100 * frac_fc, 100 * frac_lm, 100 * frac_bwd);
+        snprintf(perf, sizeof(perf), "fc+gelu fwd %.0f%%, lm head fwd %.0f%%, fc bwd %.0f%% of %g TFLOP/s",
+                 100 * frac_fc, 100 * frac_lm, 100 * frac_bwd, test_peak_bf16_flops() / 1e12);
         floatX* bufs[] = {inp, w, bias, out, pre, dout, dinp, dw, db};
         for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) { cudaCheck(cudaFree(bufs[i])); }
         cudaCheck(cudaFree(scratch));
     }
 #endif
     matmul_free();
-    return finish_test("matmul", perf);
+    printf("performance: %s\n", perf);
+    return test_end();
 }
