@@ -9,9 +9,11 @@ weights and AdamW state, on one GPU or data parallel on several (one process per
                                          # launches without MPI)
 
 The math is SPEC.md §1-2, the same as the CPU reference train_omnimoe.c, which test_omnimoe.cu
-checks this file against. The kernels live in the llmc/ headers, one concern each; this file holds
-the model (parameters, activations, forward, backward, update) and the training loop (data,
-evaluation, sampling, logging, checkpoints).
+checks this file against. The kernels live in the llmc/ headers, one concern each (the OmniMoE
+feed-forward layer is llmc/omnimoe_layer.cuh: this file gives it views of its weights, gradients,
+BN statistics, expert counts and activations); this file holds the model (parameters,
+activations, forward, backward, update) and the training loop (data, evaluation, sampling,
+logging, checkpoints).
 
 Memory: parameters, gradients (floatX) and master weights, AdamW m and v (fp32) are flat
 buffers in the layout of llmc/config.h, so one pointer arithmetic serves every tensor. The

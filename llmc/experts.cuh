@@ -483,9 +483,10 @@ static inline void experts_check_args(const char* who, int BT, int C, ExpertsOpt
     else if (C < EXPERTS_VEC || C % EXPERTS_VEC != 0) why = "C a positive multiple of 8 (4 for fp32)";
     else if (C > EXPERTS_MAX_C) why = "C <= 4096 (2048 for fp32)";
     else if ((long long)BT * k > 0x7fffffffLL) why = "BT*k < 2^31";
-    else if (opt.exec != EXPERT_EXEC_TOKEN && opt.exec != EXPERT_EXEC_EXPERT) why = "exec EXPERT_EXEC_TOKEN or EXPERT_EXEC_EXPERT";
+    else if (opt.exec != EXPERT_EXEC_TOKEN && opt.exec != EXPERT_EXEC_EXPERT) why = "exec token or expert";
     if (why != NULL) {
-        fprintf(stderr, "%s: bad arguments BT=%d C=%d k=%d N=%d exec=%d: expected %s\n", who, BT, C, k, N, opt.exec, why);
+        fprintf(stderr, "%s: bad arguments BT=%d C=%d k=%d N=%d exec=%d: expected %s\n", who, BT, C, k, N, opt.exec,
+                why);
         exit(EXIT_FAILURE);
     }
 }

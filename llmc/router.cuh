@@ -58,9 +58,9 @@ dlogits is rounded to floatX for the two GEMMs.
 #ifndef OMNIMOE_ROUTER_CUH
 #define OMNIMOE_ROUTER_CUH
 
-#include "config.h"       // ROUTER_NORM_*, GATE_*, BATCHNORM_*
+#include "config.h"      // ROUTER_NORM_*, GATE_*, BATCHNORM_*
 #include "cuda_utils.cuh"
-#include "matmul.cuh"       // the cuBLAS handle of the router's GEMMs
+#include "matmul.cuh"      // the cuBLAS handle of the router's GEMMs
 
 #define ROUTER_MAX_K 256
 #define ROUTER_BN_CHUNK 128        // tokens per partial-statistics chunk of the BN reductions
@@ -86,6 +86,7 @@ typedef struct {
 
 // ----------------------------------------------------------------------------
 // sizes
+
 static inline int router_bn_num_chunks(int BT) { return ceil_div(BT, ROUTER_BN_CHUNK); }
 
 // number of staircase candidates (a+1)(b+1) <= k inside the k' x k' grid
@@ -190,15 +191,15 @@ __device__ inline void router_select_sorted2_rank(const float* vr, const float* 
     __syncwarp();
 }
 
-// sorts the kk (<= 32 R) entries of (id, val) in place into router_beats order: each lane reads
-// its R entries, counts the entries that beat each (a strict order, so ranks are distinct), then
-// writes it at that rank
-template <int R>
+// sorts the kk (<= 32 PER_LANE) entries of (id, val) in place into router_beats order: each lane
+// reads its PER_LANE entries, counts the entries that beat each (a strict order, so ranks are
+// distinct), then writes it at that rank
+template <int PER_LANE>
 __device__ inline void router_rank_sort(int* id, float* val, int kk, int lane) {
-    int my_id[R], my_rank[R];
-    float my_val[R];
+    int my_id[PER_LANE], my_rank[PER_LANE];
+    float my_val[PER_LANE];
 #pragma unroll
-    for (int r = 0; r < R; r++) {
+    for (int r = 0; r < PER_LANE; r++) {
         const int q = lane + 32 * r;
         my_rank[r] = 0;
         my_id[r] = q < kk ? id[q] : INT_MAX;
@@ -208,11 +209,11 @@ __device__ inline void router_rank_sort(int* id, float* val, int kk, int lane) {
         const float v = val[q];
         const int i = id[q];
 #pragma unroll
-        for (int r = 0; r < R; r++) { my_rank[r] += router_beats(v, i, my_val[r], my_id[r]); }
+        for (int r = 0; r < PER_LANE; r++) { my_rank[r] += router_beats(v, i, my_val[r], my_id[r]); }
     }
     __syncwarp();
 #pragma unroll
-    for (int r = 0; r < R; r++) {
+    for (int r = 0; r < PER_LANE; r++) {
         if (lane + 32 * r < kk) { id[my_rank[r]] = my_id[r]; val[my_rank[r]] = my_val[r]; }
     }
     __syncwarp();
@@ -223,20 +224,20 @@ __device__ inline unsigned router_select_key(const float* vals, int q, int count
     return q < count ? router_order_key(vals[q]) : 0u;  // 0: below every real key (-inf is 0x007fffff)
 }
 // the kk-th largest order key of vals[0..count): the largest K with at least kk keys >= K, found
-// MSB first by 32 warp counts. R > 0: the count <= 32 R keys are held in registers; R = 0: they
-// are recomputed from shared memory every step.
-template <int R>
+// MSB first by 32 warp counts. PER_LANE > 0: the count <= 32 PER_LANE keys are held in
+// registers; PER_LANE = 0: they are recomputed from shared memory every step.
+template <int PER_LANE>
 __device__ inline unsigned router_kth_key(const float* vals, int count, int kk, int lane) {
-    unsigned key[R > 0 ? R : 1];
+    unsigned key[PER_LANE > 0 ? PER_LANE : 1];
 #pragma unroll
-    for (int r = 0; r < R; r++) { key[r] = router_select_key(vals, lane + 32 * r, count); }
+    for (int r = 0; r < PER_LANE; r++) { key[r] = router_select_key(vals, lane + 32 * r, count); }
     unsigned K = 0;
     for (int bit = 31; bit >= 0; bit--) {
         const unsigned trial = K | (1u << bit);
         int at_least = 0;
-        if (R > 0) {
+        if (PER_LANE > 0) {
 #pragma unroll
-            for (int r = 0; r < R; r++) { at_least += key[r] >= trial; }
+            for (int r = 0; r < PER_LANE; r++) { at_least += key[r] >= trial; }
         } else {
             for (int q = lane; q < count; q += 32) { at_least += router_order_key(vals[q]) >= trial; }
         }
@@ -298,7 +299,7 @@ __device__ inline void router_select_topk(const float* vals, const int* ids, int
         }
     }
     __syncwarp();
-    // 3. rank sort in place (R items per lane)
+    // 3. rank sort in place (PER_LANE items per lane)
     if (kk <= 32) { router_rank_sort<1>(out_id, out_val, kk, lane); }
     else if (kk <= 64) { router_rank_sort<2>(out_id, out_val, kk, lane); }
     else if (kk <= 128) { router_rank_sort<4>(out_id, out_val, kk, lane); }
@@ -776,9 +777,9 @@ static inline void router_check_args(const char* who, int BT, int C, RouterOptio
     else if (k < 1 || (long long)k > (long long)n * n) why = "1 <= k <= N = n*n";
     else if (k > ROUTER_MAX_K) why = "k <= ROUTER_MAX_K (256)";
     else if (router_token_warps_per_block(n, k) < 1) why = "n, k small enough for one warp's shared memory (48 KiB)";
-    else if (opt.norm != ROUTER_NORM_BN && opt.norm != ROUTER_NORM_NONE) why = "norm ROUTER_NORM_BN or ROUTER_NORM_NONE";
-    else if (opt.gate != GATE_SOFTMAX && opt.gate != GATE_PROB) why = "gate GATE_SOFTMAX or GATE_PROB";
-    else if (opt.norm == ROUTER_NORM_BN && opt.training && BT < 2) why = "BT >= 2 tokens for batch-norm statistics in training";
+    else if (opt.norm != ROUTER_NORM_BN && opt.norm != ROUTER_NORM_NONE) why = "norm bn or none";
+    else if (opt.gate != GATE_SOFTMAX && opt.gate != GATE_PROB) why = "gate softmax or prob";
+    else if (opt.norm == ROUTER_NORM_BN && opt.training && BT < 2) why = "BT >= 2 tokens for BN statistics in training";
     if (why != NULL) {
         fprintf(stderr, "%s: bad arguments BT=%d C=%d n=%d k=%d: expected %s\n", who, BT, C, n, k, why);
         exit(EXIT_FAILURE);
