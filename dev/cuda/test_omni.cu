@@ -671,7 +671,7 @@ static void test_layer_case(const LayerCase& lc) {
     for (auto& x : hU) x = (float)(1.2 * rng_normal() / sqrt((double)d));
     for (auto& x : hV) x = (float)rng_normal();
     for (auto& x : hdY) x = (float)rng_normal();
-    // the shared branch: outputs of about the experts' size
+    // the shared branch (Wd is scaled below, once the routed part's size is known)
     for (auto& x : hWfc) x = (float)(1.5 * rng_normal() / sqrt((double)d));
     for (auto& x : hWd) x = (float)(rng_normal() / sqrt((double)I));
     for (int c = 0; c < C2; c++) { hbn[c] = (float)(0.3 * rng_normal()); hbn[C2 + c] = (float)(0.5 + rng_uniform()); }
@@ -688,7 +688,7 @@ static void test_layer_case(const LayerCase& lc) {
     D.dW = dev_alloc<floatX>(Wd); D.dWfc = dev_alloc<floatX>(2 * Id); D.dWd = dev_alloc<floatX>(Id);
     upload_floatX(D.X, hX.data(), Td); upload_floatX(D.W, hW.data(), Wd); upload_floatX(D.U, hU.data(), Nd);
     upload_floatX(D.V, hV.data(), Nd); upload_floatX(D.dY, hdY.data(), Td);
-    upload_floatX(D.Wfc, hWfc.data(), 2 * Id); upload_floatX(D.Wd, hWd.data(), Id);
+    upload_floatX(D.Wfc, hWfc.data(), 2 * Id);
     cudaCheck(cudaMemcpy(D.bn_init, hbn.data(), 2 * C2 * 4, cudaMemcpyHostToDevice));
     const OmniDims dims_shared = {T, d, I, n, N, k}, dims_alone = {T, d, 0, n, N, k};
     const OmniWeights w = {D.Wfc, D.Wd, D.W, D.U, D.V}, dw = {D.dWfc, D.dWd, D.dW, D.dU, D.dV};
@@ -727,13 +727,41 @@ static void test_layer_case(const LayerCase& lc) {
     auto rms = [](const std::vector<double>& v) { double s = 0; for (double x : v) s += x * x; return sqrt(s / std::max<size_t>(1, v.size())) + 1e-3; };
     std::vector<double> dX_total(Td);
     for (size_t i = 0; i < Td; i++) dX_total[i] = dXe[i] + dXr[i];
+    // the shared branch in double, to scale Wd: its Y and dX parts no larger than the routed
+    // part's (bf16 rounding of the sum must stay small next to what the checks below isolate)
+    double sdWfc = 1.0, sdWd = 1.0;
+    {
+        std::vector<double> Wfc = to_double(hWfc), Wdn = to_double(hWd);
+        std::vector<double> fch = gemm_abt(X.data(), Wfc.data(), T, 2 * I, d), act(TI), dwide(2 * TI);
+        std::vector<double> WdT(Id), WfcT(2 * Id);
+        for (int c = 0; c < d; c++)
+            for (int i = 0; i < I; i++) WdT[(size_t)i * d + c] = Wdn[(size_t)c * I + i];
+        for (int j = 0; j < 2 * I; j++)
+            for (int c = 0; c < d; c++) WfcT[(size_t)c * 2 * I + j] = Wfc[(size_t)j * d + c];
+        std::vector<double> dh = gemm_abt(dY.data(), WdT.data(), T, I, d);
+        for (size_t q = 0; q < TI; q++) {
+            size_t t = q / I, i = q % I;
+            double gg = fch[t * 2 * I + i], u = fch[t * 2 * I + I + i], sg = sigmoid_d(gg);
+            act[q] = gg * sg * u;
+            dwide[t * 2 * I + i] = dh[q] * u * sg * (1.0 + gg * (1.0 - sg));
+            dwide[t * 2 * I + I + i] = dh[q] * gg * sg;
+        }
+        std::vector<double> Y0 = gemm_abt(act.data(), Wdn.data(), T, d, I);
+        std::vector<double> dX0 = gemm_abt(dwide.data(), WfcT.data(), T, d, 2 * I);
+        const double scale = std::min(rms(R.Y) / rms(Y0), rms(dX_total) / rms(dX0));
+        for (auto& x : hWd) x = (float)(x * scale);
+        round_to_floatX(hWd);
+        sdWd = rms(gemm_atb(dY.data(), act.data(), d, I, T));                  // independent of Wd
+        sdWfc = scale * rms(gemm_atb(dwide.data(), X.data(), 2 * I, d, T));    // linear in Wd
+    }
+    upload_floatX(D.Wd, hWd.data(), Id);
     std::vector<float> hdU0(Nd), hdV0(Nd), hdW0(Wd), hdWfc0(2 * Id), hdWd0(Id);
     const double sdU = rms(dUr), sdV = rms(dVr), sdW = rms(dWr);
     for (auto& x : hdU0) x = (float)(sdU * rng_normal());
     for (auto& x : hdV0) x = (float)(sdV * rng_normal());
     for (auto& x : hdW0) x = (float)(sdW * rng_normal());
-    for (auto& x : hdWfc0) x = (float)(rng_normal());
-    for (auto& x : hdWd0) x = (float)(rng_normal());
+    for (auto& x : hdWfc0) x = (float)(sdWfc * rng_normal());
+    for (auto& x : hdWd0) x = (float)(sdWd * rng_normal());
     round_to_floatX(hdU0); round_to_floatX(hdV0); round_to_floatX(hdW0); round_to_floatX(hdWfc0); round_to_floatX(hdWd0);
     upload_floatX(D.dU_init, hdU0.data(), Nd); upload_floatX(D.dV_init, hdV0.data(), Nd);
     upload_floatX(D.dW_init, hdW0.data(), Wd); upload_floatX(D.dWfc_init, hdWfc0.data(), 2 * Id);
