@@ -27,8 +27,8 @@ if [ "${SKIP_BENCH:-0}" != "1" ]; then
 fi
 
 echo "==== test_omni (failed checks, then totals; full log: $LOG_DIR/test_omni.log) ===="
-grep -E "FAIL|error|ERROR" "$LOG_DIR/test_omni.log" | head -40
-grep -E "^== summary|TEST_OMNI" "$LOG_DIR/test_omni.log"
+grep -E "^FAIL|error|ERROR" "$LOG_DIR/test_omni.log" | head -40
+grep -E "^test_omni:" "$LOG_DIR/test_omni.log"
 if [ "${SKIP_BENCH:-0}" != "1" ]; then
     echo "==== bench_omni (full log: $LOG_DIR/bench_omni.log) ===="
     grep -E "^bench_omni|copy of 1 GiB|active experts" "$LOG_DIR/bench_omni.log"

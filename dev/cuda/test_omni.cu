@@ -7,7 +7,8 @@ Build and run from the repository root (or use dev/cuda/run_omni.sh):
   make dev/cuda/test_omni_bin && ./dev/cuda/test_omni_bin
   (./dev/cuda/test_omni_bin --cpu-only: check 0 alone, no GPU)
 
-What is checked (every check prints one line; any failure makes the exit status 1):
+What is checked (llmc/test_harness.h's output: one PASS/FAIL line per check, named "<case>: <what>",
+and a closing "test_omni: N passed, N failed"; any failure makes the exit status 1):
  0. the CPU reference itself: its analytic gradients (X, Wrc, U, V) against central finite
     differences in double, selection held fixed (indices carry no gradient), both norms, both
     gates, k < n and k > n, BN in training and in eval mode.
@@ -48,80 +49,60 @@ What is checked (every check prints one line; any failure makes the exit status 
 #include <vector>
 #include "llmc/cuda_utils.cuh"
 #include "llmc/omnimoe_layer.cuh"
+#include "llmc/test_harness.h"
 
 // ----------------------------------------------------------------------------
 // small host helpers
 
-static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
-static uint32_t rng_u32(void) {
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    return (uint32_t)((rng_state * 0x2545F4914F6CDD1Dull) >> 32);
+// random data: the project generator (rand.h), drawn in double
+static Rng g_rng;
+static uint32_t draw_u32(void) { return rng_u32(&g_rng); }
+static double draw_uniform(void) { return (draw_u32() + 0.5) / 4294967296.0; }
+static double draw_normal(void) { return sqrt(-2.0 * log(draw_uniform())) * cos(6.283185307179586 * draw_uniform()); }
+
+// the check names carry the case they belong to: "<case>: <what>"
+static char g_case[96] = "";
+static void case_name(char* out, size_t size, const char* what) {
+    if (g_case[0]) snprintf(out, size, "%s: %s", g_case, what);
+    else snprintf(out, size, "%s", what);
 }
-static double rng_uniform(void) { return (rng_u32() + 0.5) / 4294967296.0; }
-static double rng_normal(void) { return sqrt(-2.0 * log(rng_uniform())) * cos(6.283185307179586 * rng_uniform()); }
 
-static int g_failures = 0;
-static int g_checks = 0;
-
-static void record(int ok, const char* fmt, ...) {
-    char line[512];
+// one check (test_harness.h): PASS/FAIL "<case>: name[: detail]"
+#if defined(__GNUC__)
+__attribute__((format(printf, 3, 4)))
+#endif
+static int record(int ok, const char* name, const char* fmt, ...) {
+    char full[256], detail[512];
+    case_name(full, sizeof(full), name);
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(line, sizeof(line), fmt, ap);
+    vsnprintf(detail, sizeof(detail), fmt, ap);
     va_end(ap);
-    g_checks++;
-    if (!ok) { g_failures++; }
-    printf("  [%s] %s\n", ok ? " ok " : "FAIL", line);
+    return test_report(ok, full, detail);
 }
 
-// ||got - ref|| / ||ref||, NaN fails
-static double rel_l2(const float* got, const double* ref, size_t n) {
-    double num = 0.0, den = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        double diff = (double)got[i] - ref[i];
-        num += diff * diff;
-        den += ref[i] * ref[i];
-    }
-    if (!(num == num)) { return INFINITY; }
-    return sqrt(num) / (sqrt(den) + 1e-300);
-}
-
+// relative L2 error of got against a double reference (non-finite values fail)
 static int check_rel(const char* what, const float* got, const double* ref, size_t n, double tol) {
-    double err = rel_l2(got, ref, n);
-    int ok = err <= tol;
-    record(ok, "%-34s rel L2 err %.2e (tol %.0e)", what, err, tol);
-    return ok;
+    char full[256];
+    case_name(full, sizeof(full), what);
+    return test_check_rel(full, rel_err_f64(got, ref, n), tol);
 }
 
 // accumulated outputs: (got - init) vs grad, relative to ||grad||
 static int check_rel_delta(const char* what, const float* got, const float* init, const double* grad, size_t n, double tol) {
-    double num = 0.0, den = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        double diff = (double)got[i] - (double)init[i] - grad[i];
-        num += diff * diff;
-        den += grad[i] * grad[i];
-    }
-    double err = (num == num) ? sqrt(num) / (sqrt(den) + 1e-300) : INFINITY;
-    int ok = err <= tol;
-    record(ok, "%-34s rel L2 err %.2e (tol %.0e)", what, err, tol);
-    return ok;
+    std::vector<float> delta(n);
+    for (size_t i = 0; i < n; i++) delta[i] = got[i] - init[i];
+    return check_rel(what, delta.data(), grad, n, tol);
 }
 
 template <class T>
-static T* dev_alloc(size_t count) {
-    T* p = NULL;
-    cudaCheck(cudaMalloc(&p, count * sizeof(T) + 256));
-    return p;
-}
+static T* dev_alloc(size_t count) { return device_alloc<T>(count + 256 / sizeof(T), "test buffer"); }
 template <class T>
 static std::vector<T> download(const T* dev, size_t count) {
     std::vector<T> h(count);
     cudaCheck(cudaMemcpy(h.data(), dev, count * sizeof(T), cudaMemcpyDeviceToHost));
     return h;
 }
-static void poison(void* dev, size_t bytes) { cudaCheck(cudaMemset(dev, 0xFF, bytes)); }  // NaN / -1
 
 // values as the GPU will see them (rounded to floatX), kept in double for the reference
 static std::vector<double> to_double(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
@@ -319,12 +300,12 @@ static void test_cpu_reference_fd(void) {
         L.T = T; L.d = d; L.n = n; L.k = cs.k; L.use_bn = cs.use_bn; L.gate_prob = cs.gate_prob; L.training = cs.training;
         std::vector<double> X((size_t)T * d), W((size_t)C2 * d), U((size_t)N * d), V((size_t)N * d), dY((size_t)T * d);
         std::vector<double> rm(C2), rv(C2);
-        for (auto& x : X) x = rng_normal();
-        for (auto& x : W) x = 0.3 * rng_normal();
-        for (auto& x : U) x = 0.3 * rng_normal();
-        for (auto& x : V) x = rng_normal();
-        for (auto& x : dY) x = rng_normal();
-        for (int c = 0; c < C2; c++) { rm[c] = 0.3 * rng_normal(); rv[c] = 0.5 + rng_uniform(); }
+        for (auto& x : X) x = draw_normal();
+        for (auto& x : W) x = 0.3 * draw_normal();
+        for (auto& x : U) x = 0.3 * draw_normal();
+        for (auto& x : V) x = draw_normal();
+        for (auto& x : dY) x = draw_normal();
+        for (int c = 0; c < C2; c++) { rm[c] = 0.3 * draw_normal(); rv[c] = 0.5 + draw_uniform(); }
         cpu_forward(L, X.data(), W.data(), U.data(), V.data(), rm.data(), rv.data(), NULL);
         std::vector<int> idx = L.idx;
         std::vector<double> dXe, dXr, dW, dU, dV, dg;
@@ -337,10 +318,10 @@ static void test_cpu_reference_fd(void) {
             for (int trial = 0; trial < 12; trial++) {
                 size_t i;
                 if (which >= 2) {  // an entry of a selected expert (the others have zero gradient)
-                    int e = idx[rng_u32() % idx.size()];
-                    i = (size_t)e * d + rng_u32() % d;
+                    int e = idx[draw_u32() % idx.size()];
+                    i = (size_t)e * d + draw_u32() % d;
                 } else {
-                    i = rng_u32() % P.size();
+                    i = draw_u32() % P.size();
                 }
                 double analytic = which == 0 ? dXe[i] + dXr[i] : which == 1 ? dW[i] : which == 2 ? dU[i] : dV[i];
                 const double eps = 1e-5;
@@ -356,8 +337,10 @@ static void test_cpu_reference_fd(void) {
                 if (err > 1e-5) printf("    %s[%zu]: analytic %.8e fd %.8e\n", names[which], i, analytic, fd);
             }
         }
-        record(worst < 1e-5, "FD k=%d %s %s %s: worst rel err %.1e (tol 1e-5)", cs.k, cs.use_bn ? "bn" : "none",
-               cs.gate_prob ? "prob" : "softmax", cs.training ? "train" : "eval", worst);
+        char name[96];
+        snprintf(name, sizeof(name), "CPU reference vs finite differences k=%d %s %s %s", cs.k, cs.use_bn ? "bn" : "none",
+                 cs.gate_prob ? "prob" : "softmax", cs.training ? "train" : "eval");
+        record(worst < 1e-5, name, "worst rel err %.1e (tol 1e-5)", worst);
     }
 }
 
@@ -424,23 +407,23 @@ static void test_topk_unit(void) {
             float* c = &pc[(size_t)t * n];
             int kind = t % 4;
             if (kind == 0) {  // continuous random
-                for (int i = 0; i < n; i++) { r[i] = (float)(-4.0 + rng_normal()); c[i] = (float)(-4.0 + rng_normal()); }
+                for (int i = 0; i < n; i++) { r[i] = (float)(-4.0 + draw_normal()); c[i] = (float)(-4.0 + draw_normal()); }
             } else if (kind == 1) {  // exact ties: a few distinct values
-                for (int i = 0; i < n; i++) { r[i] = -1.0f - 0.5f * (rng_u32() % 3); c[i] = -2.0f - 0.25f * (rng_u32() % 3); }
+                for (int i = 0; i < n; i++) { r[i] = -1.0f - 0.5f * (draw_u32() % 3); c[i] = -2.0f - 0.25f * (draw_u32() % 3); }
             } else if (kind == 2) {  // near-ties: a few base values, each a few ulps off
                 for (int i = 0; i < n; i++) {
-                    r[i] = ulps_below(-1.0f - 0.5f * (rng_u32() % 2), rng_u32() % 3);
-                    c[i] = ulps_below(-3.0f - 0.5f * (rng_u32() % 2), rng_u32() % 3);
+                    r[i] = ulps_below(-1.0f - 0.5f * (draw_u32() % 2), draw_u32() % 3);
+                    c[i] = ulps_below(-3.0f - 0.5f * (draw_u32() % 2), draw_u32() % 3);
                 }
             } else {  // adversarial: an inside row and an outside row of smaller index 1 ulp apart
-                for (int i = 0; i < n; i++) { r[i] = -8.0f - (float)rng_uniform(); c[i] = -9.0f - (float)rng_uniform(); }
+                for (int i = 0; i < n; i++) { r[i] = -8.0f - (float)draw_uniform(); c[i] = -9.0f - (float)draw_uniform(); }
                 int kp = std::min(n, k);
                 if (kp < n) {
                     // rows 0..kp-2 best (distinct), row n-1 = -1.0 (the kp-th), row lower index 1 ulp below
                     for (int a = 0; a < kp - 1; a++) r[n - 2 - a] = -0.5f + 0.01f * a;
                     r[n - 1] = -1.0f;
-                    r[(int)(rng_u32() % (unsigned)(n - kp))] = nextafterf(-1.0f, -INFINITY);
-                    c[rng_u32() % n] = -3.0f;  // one good column: -1 + -3 = -4 exactly, the 1-ulp row ties it
+                    r[(int)(draw_u32() % (unsigned)(n - kp))] = nextafterf(-1.0f, -INFINITY);
+                    c[draw_u32() % n] = -3.0f;  // one good column: -1 + -3 = -4 exactly, the 1-ulp row ties it
                 }
             }
         }
@@ -467,13 +450,16 @@ static void test_topk_unit(void) {
             }
         }
         total_naive_wrong += naive_wrong;
-        record(bad[0] == 0 && bad[1] == 0, "top-k n=%-3d k=%-3d %d tokens: mismatches fast %d, tie fix-up on all %d (naive grid: %d wrong)",
-               n, k, T, bad[1], bad[0], naive_wrong);
+        char name[64];
+        snprintf(name, sizeof(name), "top-k n=%d k=%d == brute force", n, k);
+        record(bad[0] == 0 && bad[1] == 0, name, "%d tokens: mismatches fast %d, tie fix-up on all %d (naive grid: %d wrong)",
+               T, bad[1], bad[0], naive_wrong);
         cudaCheck(cudaFree(d_pr));
         cudaCheck(cudaFree(d_pc));
         cudaCheck(cudaFree(d_idx));
     }
-    record(total_naive_wrong > 0, "the adversarial tokens defeat the plain grid (%d tokens), so the guard is exercised", total_naive_wrong);
+    record(total_naive_wrong > 0, "the adversarial tokens defeat the plain grid, so the guard is exercised", "%d tokens",
+           total_naive_wrong);
 }
 
 // ----------------------------------------------------------------------------
@@ -640,6 +626,7 @@ static std::vector<double> floatX_to_double(const std::vector<floatX>& v) { retu
 static void test_layer_case(const LayerCase& lc) {
     printf("\n== 2. layer: %s (T=%d d=%d I=%d n=%d N=%d k=%d, %s, %s, %s) ==\n", lc.name, lc.T, lc.d, lc.I, lc.n,
            lc.n * lc.n, lc.k, lc.use_bn ? "bn" : "none", lc.gate_prob ? "prob" : "softmax", lc.training ? "train" : "eval");
+    snprintf(g_case, sizeof(g_case), "%s", lc.name);
     DeviceLayer D;
     memset(&D, 0, sizeof(D));
     D.T = lc.T; D.d = lc.d; D.I = lc.I; D.n = lc.n; D.k = lc.k; D.N = lc.n * lc.n; D.P = lc.T * lc.k; D.C2 = 2 * lc.n;
@@ -656,25 +643,25 @@ static void test_layer_case(const LayerCase& lc) {
         // stay tied after BN too
         for (auto& x : hX) x = 0.0f;
         for (int t = 0; t < T; t++)
-            for (int j = 0; j < 4; j++) hX[(size_t)t * d + rng_u32() % d] = (rng_u32() & 1) ? 1.0f : -1.0f;
+            for (int j = 0; j < 4; j++) hX[(size_t)t * d + draw_u32() % d] = (draw_u32() & 1) ? 1.0f : -1.0f;
         std::vector<float> patterns((size_t)6 * d);
-        for (auto& x : patterns) { uint32_t r = rng_u32() % 4; x = r == 0 ? 1.0f : r == 1 ? -1.0f : 0.0f; }
+        for (auto& x : patterns) { uint32_t r = draw_u32() % 4; x = r == 0 ? 1.0f : r == 1 ? -1.0f : 0.0f; }
         for (int c = 0; c < C2; c++) {
-            int pat = (c >= n ? 3 : 0) + (int)(rng_u32() % 3);
+            int pat = (c >= n ? 3 : 0) + (int)(draw_u32() % 3);
             for (int i = 0; i < d; i++) hW[(size_t)c * d + i] = patterns[(size_t)pat * d + i];
         }
     } else {
-        for (auto& x : hX) x = (float)rng_normal();
+        for (auto& x : hX) x = (float)draw_normal();
         // logits ~ N(0, 1.5^2): spread enough that the softmaxes are not flat
-        for (auto& x : hW) x = (float)(1.5 * rng_normal() / sqrt((double)d));
+        for (auto& x : hW) x = (float)(1.5 * draw_normal() / sqrt((double)d));
     }
-    for (auto& x : hU) x = (float)(1.2 * rng_normal() / sqrt((double)d));
-    for (auto& x : hV) x = (float)rng_normal();
-    for (auto& x : hdY) x = (float)rng_normal();
+    for (auto& x : hU) x = (float)(1.2 * draw_normal() / sqrt((double)d));
+    for (auto& x : hV) x = (float)draw_normal();
+    for (auto& x : hdY) x = (float)draw_normal();
     // the shared branch (Wd is scaled below, once the routed part's size is known)
-    for (auto& x : hWfc) x = (float)(1.5 * rng_normal() / sqrt((double)d));
-    for (auto& x : hWd) x = (float)(rng_normal() / sqrt((double)I));
-    for (int c = 0; c < C2; c++) { hbn[c] = (float)(0.3 * rng_normal()); hbn[C2 + c] = (float)(0.5 + rng_uniform()); }
+    for (auto& x : hWfc) x = (float)(1.5 * draw_normal() / sqrt((double)d));
+    for (auto& x : hWd) x = (float)(draw_normal() / sqrt((double)I));
+    for (int c = 0; c < C2; c++) { hbn[c] = (float)(0.3 * draw_normal()); hbn[C2 + c] = (float)(0.5 + draw_uniform()); }
     round_to_floatX(hX); round_to_floatX(hW); round_to_floatX(hU); round_to_floatX(hV); round_to_floatX(hdY);
     round_to_floatX(hWfc); round_to_floatX(hWd);
 
@@ -706,7 +693,7 @@ static void test_layer_case(const LayerCase& lc) {
     omni_layer_forward(&D.layer[0][EXPERT_EXEC_TOKEN], D.Y, D.X, T, D.training, 0);
     std::vector<int> gpu_idx = download(D.layer[0][EXPERT_EXEC_TOKEN].saved.router.idx, Tk);
     for (int v : gpu_idx) {
-        if (v < 0 || v >= N) { record(0, "router produced an invalid expert id %d", v); return; }
+        if (v < 0 || v >= N) { record(0, "router expert ids in [0, N)", "id %d", v); return; }
     }
     std::vector<double> X = to_double(hX), W = to_double(hW), U = to_double(hU), V = to_double(hV), dY = to_double(hdY);
     std::vector<double> rm(hbn.begin(), hbn.begin() + C2), rv(hbn.begin() + C2, hbn.end());
@@ -757,11 +744,11 @@ static void test_layer_case(const LayerCase& lc) {
     upload_floatX(D.Wd, hWd.data(), Id);
     std::vector<float> hdU0(Nd), hdV0(Nd), hdW0(Wd), hdWfc0(2 * Id), hdWd0(Id);
     const double sdU = rms(dUr), sdV = rms(dVr), sdW = rms(dWr);
-    for (auto& x : hdU0) x = (float)(sdU * rng_normal());
-    for (auto& x : hdV0) x = (float)(sdV * rng_normal());
-    for (auto& x : hdW0) x = (float)(sdW * rng_normal());
-    for (auto& x : hdWfc0) x = (float)(sdWfc * rng_normal());
-    for (auto& x : hdWd0) x = (float)(sdWd * rng_normal());
+    for (auto& x : hdU0) x = (float)(sdU * draw_normal());
+    for (auto& x : hdV0) x = (float)(sdV * draw_normal());
+    for (auto& x : hdW0) x = (float)(sdW * draw_normal());
+    for (auto& x : hdWfc0) x = (float)(sdWfc * draw_normal());
+    for (auto& x : hdWd0) x = (float)(sdWd * draw_normal());
     round_to_floatX(hdU0); round_to_floatX(hdV0); round_to_floatX(hdW0); round_to_floatX(hdWfc0); round_to_floatX(hdWd0);
     upload_floatX(D.dU_init, hdU0.data(), Nd); upload_floatX(D.dV_init, hdV0.data(), Nd);
     upload_floatX(D.dW_init, hdW0.data(), Wd); upload_floatX(D.dWfc_init, hdWfc0.data(), 2 * Id);
@@ -808,7 +795,7 @@ static void test_layer_case(const LayerCase& lc) {
             check_rel("BN rstd", o.rstd.data(), rstd.data(), C2, 1e-5);
             check_rel("BN running mean, running var (unbiased)", o.bn.data(), bn_new.data(), 2 * C2, 1e-5);
         } else {
-            record(same_bits(o.bn, hbn), "running stats untouched without BN");
+            record(same_bits(o.bn, hbn), "running stats untouched without BN", "%s", "");
         }
         std::vector<double> logp(TC2);
         for (int t = 0; t < T; t++)
@@ -835,8 +822,9 @@ static void test_layer_case(const LayerCase& lc) {
                 float s1 = o.logp[(size_t)t * C2 + e1 / n] + o.logp[(size_t)t * C2 + n + e1 % n];
                 if (s0 == s1) ties++;
             }
-        record(bad == 0, "top-k == brute force over all N (order too): %d of %d tokens differ (%d tied neighbours)", bad, T, ties);
-        record(same_bits(o.idx, gpu_idx), "the same selection as the first forward");
+        record(bad == 0, "top-k == brute force over all N (order too)", "%d of %d tokens differ (%d tied neighbours)", bad,
+               T, ties);
+        record(same_bits(o.idx, gpu_idx), "the same selection as the first forward", "%s", "");
         // gates from the GPU's log-probs and selection
         std::vector<double> g(Tk);
         for (int t = 0; t < T; t++) {
@@ -868,7 +856,8 @@ static void test_layer_case(const LayerCase& lc) {
         bool ok = o.num_active[0] == (int)ae.size() && same_bits(o.sorted_pair, sp) && same_bits(o.sorted_expert, se) &&
                   same_bits(o.sorted_active, sa) && same_bits(o.active_expert, ae) && same_bits(o.active_offset, ao);
         int max_count = *std::max_element(count.begin(), count.end());
-        record(ok, "schedule == CPU stable counting sort (%d active experts, busiest has %d pairs)", (int)ae.size(), max_count);
+        record(ok, "schedule == CPU stable counting sort", "%d active experts, busiest has %d pairs", (int)ae.size(),
+               max_count);
     }
 
     // the shared SwiGLU branch, from the GPU's own saved intermediates (each step alone: the
@@ -947,7 +936,8 @@ static void test_layer_case(const LayerCase& lc) {
                 if (memcmp(&q.dU[(size_t)e * d], &dU0[(size_t)e * d], d * sizeof(floatX)) != 0 ||
                     memcmp(&q.dV[(size_t)e * d], &dV0[(size_t)e * d], d * sizeof(floatX)) != 0) touched++;
             }
-            record(touched == 0, "%s dU/dV rows of the %d unused experts untouched: %d touched", tag, unused, touched);
+            snprintf(what, sizeof(what), "%s dU/dV rows of unused experts untouched", tag);
+            record(touched == 0, what, "%d of %d touched", touched, unused);
         }
     }
     // the experts' add onto the shared branch, precisely: the same layer's Y and dX minus the
@@ -968,15 +958,15 @@ static void test_layer_case(const LayerCase& lc) {
         for (void* b : bufs) cudaCheck(cudaFree(b));
     }
     const char* diff = "";
-    record(outputs_identical(out[0], out[1], &diff), "token-centric == expert-centric bitwise (all outputs) %s", diff);
-    record(outputs_identical(alone[0], alone[1], &diff), "alone: token-centric == expert-centric bitwise %s", diff);
+    record(outputs_identical(out[0], out[1], &diff), "token-centric == expert-centric bitwise (all outputs)", "%s", diff);
+    record(outputs_identical(alone[0], alone[1], &diff), "alone: token-centric == expert-centric bitwise", "%s", diff);
 
     // run twice: bitwise identical
     {
         reset_and_poison(D, 0);
         run_layer(D, 1, EXPERT_EXEC_TOKEN, 0);
         LayerOutputs again = download_all(D, 1, EXPERT_EXEC_TOKEN);
-        record(outputs_identical(out[0], again, &diff), "second run bitwise identical %s", diff);
+        record(outputs_identical(out[0], again, &diff), "second run bitwise identical", "%s", diff);
     }
 
     // CUDA graph: capture the whole forward + backward (expert-centric, with the side stream's
@@ -998,7 +988,7 @@ static void test_layer_case(const LayerCase& lc) {
             LayerOutputs g = download_all(D, 1, EXPERT_EXEC_EXPERT);
             if (!outputs_identical(out[1], g, &diff)) all_same = false;
         }
-        record(all_same, "CUDA graph (captured, replayed twice) == eager run bitwise %s", diff);
+        record(all_same, "CUDA graph (captured, replayed twice) == eager run bitwise", "%s", diff);
         cudaCheck(cudaGraphExecDestroy(exec));
         cudaCheck(cudaGraphDestroy(graph));
         cudaCheck(cudaStreamDestroy(stream));
@@ -1013,10 +1003,11 @@ static void test_layer_case(const LayerCase& lc) {
 }
 
 int main(int argc, char** argv) {
+    test_begin("test_omni");
+    rng_init(&g_rng, 0x9E3779B97F4A7C15ull);
     if (argc > 1 && strcmp(argv[1], "--cpu-only") == 0) {  // the reference's own check, no GPU needed
         test_cpu_reference_fd();
-        printf("\n== summary: %d checks, %d failed ==\n", g_checks, g_failures);
-        return g_failures == 0 ? 0 : 1;
+        return test_end();
     }
     int device_count = 0;
     if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) {
@@ -1052,7 +1043,6 @@ int main(int argc, char** argv) {
     for (const LayerCase& lc : cases) test_layer_case(lc);
     matmul_free();
 
-    printf("\n== summary: %d checks, %d failed ==\n", g_checks, g_failures);
-    printf(g_failures == 0 ? "TEST_OMNI PASSED\n" : "TEST_OMNI FAILED\n");
-    return g_failures == 0 ? 0 : 1;
+    g_case[0] = '\0';
+    return test_end();
 }
