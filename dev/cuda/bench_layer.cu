@@ -448,18 +448,23 @@ static void bench_layer(cudaStream_t st) {
     const double A = num_active;
     const double b_re_fwd = router_experts_fwd_bytes(T, d, n, k, A);
     const double b_re_fb = b_re_fwd + router_experts_bwd_bytes(T, d, n, k, A);
-    for (int mode = 0; mode < 2; mode++) {
-        const char* tag = mode == 0 ? "tc" : "ec";
-        const char* TAG = mode == 0 ? "TC" : "EC";
-        OmniLayer* layer = &layers[mode];
-        char key[48], name[64];
-        snprintf(key, sizeof(key), "layer_fwd_%s", tag);
-        snprintf(name, sizeof(name), "OmniMoE layer fwd %s", TAG);
-        add_row(key, name, shape, time_graph([&] { layer_fwd(layer); }, st), 0, fl_layer);
-        snprintf(key, sizeof(key), "layer_fwdbwd_%s", tag);
-        snprintf(name, sizeof(name), "OmniMoE layer fwd+bwd %s", TAG);
-        add_row(key, name, shape, time_graph([&] { layer_fwd(layer); layer_bwd(layer); }, st), 0, 3 * fl_layer);
-    }
+    // rows "<key>_fwd_tc", "<key>_fwdbwd_tc", then _ec: one layer's forward and forward+backward
+    auto time_layer_rows = [&](OmniLayer* pair, const char* key, const char* what, const char* shape_of,
+                               double bytes_f, double bytes_fb, double flops_f, double flops_fb) {
+        for (int mode = 0; mode < 2; mode++) {
+            const char* tag = mode == 0 ? "tc" : "ec";
+            const char* TAG = mode == 0 ? "TC" : "EC";
+            OmniLayer* layer = &pair[mode];
+            char row_key[48], name[64];
+            snprintf(row_key, sizeof(row_key), "%s_fwd_%s", key, tag);
+            snprintf(name, sizeof(name), "%s fwd %s", what, TAG);
+            add_row(row_key, name, shape_of, time_graph([&] { layer_fwd(layer); }, st), bytes_f, flops_f);
+            snprintf(row_key, sizeof(row_key), "%s_fwdbwd_%s", key, tag);
+            snprintf(name, sizeof(name), "%s fwd+bwd %s", what, TAG);
+            add_row(row_key, name, shape_of, time_graph([&] { layer_fwd(layer); layer_bwd(layer); }, st), bytes_fb, flops_fb);
+        }
+    };
+    time_layer_rows(layers, "layer", "OmniMoE layer", shape, 0, 0, fl_layer, 3 * fl_layer);
     add_row("shared_swiglu_fwd", "shared SwiGLU fwd", "T=4096 d=1024 I=4096",
             time_graph([&] { swiglu_fwd(Wgu, Wd, I); }, st), 0, fl_shared);
     add_row("shared_swiglu_fwdbwd", "shared SwiGLU fwd+bwd", "T=4096 d=1024 I=4096",
@@ -468,18 +473,7 @@ static void bench_layer(cudaStream_t st) {
             time_graph([&] { swiglu_fwd(Wgu2, Wd2, I_dense); }, st), 0, fl_dense);
     add_row("dense_swiglu_fwdbwd", "dense SwiGLU fwd+bwd (same active)", shape_dense,
             time_graph([&] { swiglu_fwd(Wgu2, Wd2, I_dense); swiglu_bwd(Wgu2, Wd2, I_dense); }, st), 0, 3 * fl_dense);
-    for (int mode = 0; mode < 2; mode++) {
-        const char* tag = mode == 0 ? "tc" : "ec";
-        const char* TAG = mode == 0 ? "TC" : "EC";
-        OmniLayer* layer = &layers_re[mode];
-        char key[48], name[64];
-        snprintf(key, sizeof(key), "router_experts_fwd_%s", tag);
-        snprintf(name, sizeof(name), "router+sched+experts fwd %s", TAG);
-        add_row(key, name, shape_re, time_graph([&] { layer_fwd(layer); }, st), b_re_fwd, 0);
-        snprintf(key, sizeof(key), "router_experts_fwdbwd_%s", tag);
-        snprintf(name, sizeof(name), "router+sched+experts fwd+bwd %s", TAG);
-        add_row(key, name, shape_re, time_graph([&] { layer_fwd(layer); layer_bwd(layer); }, st), b_re_fb, 0);
-    }
+    time_layer_rows(layers_re, "router_experts", "router+sched+experts", shape_re, b_re_fwd, b_re_fb, 0, 0);
     cudaCheck(cudaStreamSynchronize(st));
     for (int mode = 0; mode < 2; mode++) {
         omni_layer_free(&layers[mode]);
