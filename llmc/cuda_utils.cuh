@@ -155,12 +155,6 @@ template <class T>
 __device__ inline void store128(T* target, Packed128<T> value) {
     *reinterpret_cast<int4*>(target) = value.get_bits();
 }
-// streaming store: for outputs not re-read soon
-template <class T>
-__device__ inline void store128cs(T* target, Packed128<T> value) {
-    __stcs(reinterpret_cast<int4*>(target), value.get_bits());
-}
-
 // ----------------------------------------------------------------------------
 // deterministic reductions.
 // The xor-butterfly gives every lane the same bits: at each step lane i and lane i^offset
