@@ -308,7 +308,7 @@ static void test_eval_sampling_accumulation(const char* name, const ModelConfig*
     free(params); free(bn); free(tokens); free(logits); free(padded); free(grads);
 }
 
-// expert_stats_kernel (usage and KL of each layer's load, on the device) vs expert_load_stats
+// expert_stats (usage and KL of each layer's load, on the device) vs expert_load_stats
 // (logger.h, the host code the CPU trainer uses) on random counts with zeros, one layer all
 // zero and one with a single expert hit
 static void test_expert_stats(void) {
@@ -327,8 +327,7 @@ static void test_expert_stats(void) {
     cudaCheck(cudaMalloc(&d_counts, (size_t)L * N * sizeof(int)));
     cudaCheck(cudaMalloc(&d_out, 2 * L * sizeof(float)));
     cudaCheck(cudaMemcpy(d_counts, counts, (size_t)L * N * sizeof(int), cudaMemcpyHostToDevice));
-    expert_stats_kernel<<<L, EXPERT_STATS_THREADS>>>(d_out, d_counts, N);
-    cudaCheckLast();
+    expert_stats(d_out, d_counts, L, N, 0);
     float out[2 * L];
     cudaCheck(cudaMemcpy(out, d_out, sizeof(out), cudaMemcpyDeviceToHost));
     double worst = 0.0;
