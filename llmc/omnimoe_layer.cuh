@@ -34,9 +34,10 @@ routerw (R, C) Wr|Wc, expert_u and expert_v (N, C). Saved: fch (BT, 2I), fch_act
 the router's RouterSaved, s (BT, k), the ExpertSchedule.
 
 Outputs: forward overwrites out (the shared SwiGLU writes it, the experts add onto it in fp32,
-rounded once); with training = 1 and norm = bn the running statistics are updated, and with
+rounded once; with I = 0 the experts write it); with training = 1 and norm = bn the running statistics are updated, and with
 training = 1 and an expert-count view the pairs of each expert are added to it. Backward
-overwrites dx (SwiGLU input gradient, then the experts and the router add onto it) and adds
+overwrites dx (SwiGLU input gradient, then the experts and the router add onto it; with I = 0
+the experts write it) and adds
 (+=) to every gradient view: gradient accumulation over micro-batches.
 
 Ownership: the layer does not own its parameters, gradients, BN statistics or expert counts
