@@ -7,7 +7,7 @@ Build and run from the repository root (or use dev/cuda/run_omni.sh):
   make dev/cuda/test_omni_bin && ./dev/cuda/test_omni_bin
   (./dev/cuda/test_omni_bin --cpu-only: check 0 alone, no GPU)
 
-What is checked (llmc/test_harness.h's output: one PASS/FAIL line per check, named "<case>: <what>",
+What is checked (llmc/test_harness.h's output: one PASS/FAIL line per check, named "<case> - <what>",
 and a closing "test_omni: N passed, N failed"; any failure makes the exit status 1):
  0. the CPU reference itself: its analytic gradients (X, Wrc, U, V) against central finite
     differences in double, selection held fixed (indices carry no gradient), both norms, both
@@ -60,10 +60,11 @@ static uint32_t draw_u32(void) { return rng_u32(&g_rng); }
 static double draw_uniform(void) { return (draw_u32() + 0.5) / 4294967296.0; }
 static double draw_normal(void) { return sqrt(-2.0 * log(draw_uniform())) * cos(6.283185307179586 * draw_uniform()); }
 
-// the check names carry the case they belong to: "<case>: <what>"
+// the check names carry the case they belong to: "<case> - <what>" (no ':' in names: it starts
+// the detail)
 static char g_case[96] = "";
 static void case_name(char* out, size_t size, const char* what) {
-    if (g_case[0]) snprintf(out, size, "%s: %s", g_case, what);
+    if (g_case[0]) snprintf(out, size, "%s - %s", g_case, what);
     else snprintf(out, size, "%s", what);
 }
 
@@ -959,7 +960,7 @@ static void test_layer_case(const LayerCase& lc) {
     }
     const char* diff = "";
     record(outputs_identical(out[0], out[1], &diff), "token-centric == expert-centric bitwise (all outputs)", "%s", diff);
-    record(outputs_identical(alone[0], alone[1], &diff), "alone: token-centric == expert-centric bitwise", "%s", diff);
+    record(outputs_identical(alone[0], alone[1], &diff), "alone, token-centric == expert-centric bitwise", "%s", diff);
 
     // run twice: bitwise identical
     {
@@ -1038,7 +1039,7 @@ int main(int argc, char** argv) {
         {"odd shapes", 100, 200, 24, 5, 7, 1, 0, 1, 0},
         {"k = N", 64, 64, 32, 4, 16, 1, 1, 1, 0},
         {"n=64 k=16 d=256", 512, 256, 128, 64, 16, 1, 0, 1, 0},
-        {"n=96 k=24 (n > 64: serial-round selection)", 256, 128, 64, 96, 24, 1, 0, 1, 0},
+        {"n=96 k=24 (n > 64, serial-round selection)", 256, 128, 64, 96, 24, 1, 0, 1, 0},
     };
     for (const LayerCase& lc : cases) test_layer_case(lc);
     matmul_free();
