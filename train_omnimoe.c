@@ -37,11 +37,7 @@
 #include "llmc/sampler.h"
 
 // ----------------------------------------------------------------------------
-// small numeric helpers
-
-static const float LAYERNORM_EPS = 1e-5f;
-static const float BATCHNORM_EPS = 1e-5f;
-static const float BATCHNORM_MOMENTUM = 0.1f;   // running = (1 - m) * running + m * batch
+// small numeric helpers (the normalisations' constants are in llmc/config.h)
 
 static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 static inline float siluf(float x) { return x * sigmoidf(x); }

@@ -9,9 +9,11 @@ weights and AdamW state, on one GPU or data parallel on several (one process per
                                          # launches without MPI)
 
 The math is SPEC.md §1-2, the same as the CPU reference train_omnimoe.c, which test_omnimoe.cu
-checks this file against. The kernels live in the llmc/ headers, one concern each; this file holds
-the model (parameters, activations, forward, backward, update) and the training loop (data,
-evaluation, sampling, logging, checkpoints).
+checks this file against. The kernels live in the llmc/ headers, one concern each (the OmniMoE
+feed-forward layer is llmc/omnimoe_layer.cuh: this file gives it views of its weights, gradients,
+BN statistics, expert counts and activations); this file holds the model (parameters,
+activations, forward, backward, update) and the training loop (data, evaluation, sampling,
+logging, checkpoints).
 
 Memory: parameters, gradients (floatX) and master weights, AdamW m and v (fp32) are flat
 buffers in the layout of llmc/config.h, so one pointer arithmetic serves every tensor. The
@@ -58,28 +60,9 @@ every rank's BN set.
 #include "llmc/classifier.cuh"
 #include "llmc/adamw.cuh"
 #include "llmc/global_norm.cuh"
-#include "llmc/router.cuh"
-#include "llmc/scheduler.cuh"
-#include "llmc/experts.cuh"
+#include "llmc/omnimoe_layer.cuh"
+#include "llmc/expert_stats.cuh"
 #include "llmc/multi_gpu.cuh"
-
-// dense bf16 tensor-core peak of an H100 SXM, for MFU (the number llm.c uses)
-#define PEAK_FLOPS_BF16 989.4e12
-
-// ----------------------------------------------------------------------------
-// the OmniMoE layer on the GPU: router -> scheduler -> experts, plus the shared SwiGLU branch
-// that the caller runs with the ordinary matmuls. Its saved activations, per layer:
-
-typedef struct {
-    float* logits;        // (BT, 2n) raw router GEMM output
-    float* logp;          // (BT, 2n) log-softmax of each half
-    float* bn_mean;       // (2n) statistics BN used
-    float* bn_rstd;       // (2n)
-    int* idx;             // (BT, k) expert ids, best first
-    float* gate;          // (BT, k)
-    float* s;             // (BT, k) <u_e, x>
-    ExpertSchedule sched; // the pairs sorted by expert
-} OmniSaved;
 
 // ----------------------------------------------------------------------------
 // the model
@@ -108,9 +91,6 @@ typedef struct {
     floatX* sublayer_out;// (BT, C) output of attention projection / FFN before the residual add
     int* inputs;         // (BT) device copy of the inputs
     int* targets;        // (BT) device copy of the targets
-    OmniSaved* omni;     // (L) host array of per-layer saved OmniMoE state (omni only)
-    int* step_counts;    // (N) expert loads of one micro-batch and layer (omni only)
-    float* dgate;        // (BT, k) gradient of the gates (omni only)
     // backward
     floatX* dresidual;   // (BT, C)
     floatX* dsub;        // (BT, C)  d of a LayerNorm output / attention output
@@ -132,17 +112,15 @@ typedef struct {
     float* adam_v;
     float* bn_stats;      // router BN running statistics (layout of the model file)
     int* expert_counts;   // (L, N) pairs routed to each expert since the last reset (omni)
-    float* expert_stats;  // (2L) usage, then KL of each layer (expert_stats_kernel's output)
+    float* expert_stats;  // (2L) usage, then KL of each layer (expert_stats' output)
+    OmniLayer* omni;      // (L) the OmniMoE layers (omni only): views of the buffers here
+    OmniWorkspace omni_ws;// what they share: scratch, side stream, gate gradient (omni only)
     Activations acts;
     EncoderBackwardPlan encoder_plan;
     int B, T;             // the shape activations were allocated for (the maximum)
     int cur_B, cur_T;     // the shape of the last forward
-    int expert_exec;      // EXPERT_EXEC_TOKEN or EXPERT_EXEC_EXPERT (args.h)
-    int forward_training; // the last forward used BN batch statistics
     int adam_t;           // AdamW steps taken
     cudaStream_t stream;
-    cudaStream_t side_stream;           // omni: router + scheduler beside the shared SwiGLU
-    cudaEvent_t side_fork, side_join;   // the side stream's start after x, and its end
     float* norm_squared;  // (1) device
 } Model;
 
@@ -177,31 +155,6 @@ static void model_check_shapes(const ModelConfig* c) {
     }
 }
 
-static void omni_saved_alloc(OmniSaved* o, const ModelConfig* c, int BT) {
-    size_t two_n = 2 * (size_t)c->router_n, k = c->top_k;
-    int P = BT * c->top_k, A = scheduler_max_active(P, c->num_experts);
-    o->logits = (float*)cuda_malloc_or_die(BT * two_n * sizeof(float), "router logits");
-    o->logp = (float*)cuda_malloc_or_die(BT * two_n * sizeof(float), "router log-probabilities");
-    o->bn_mean = (float*)cuda_malloc_or_die(two_n * sizeof(float), "router BN mean");
-    o->bn_rstd = (float*)cuda_malloc_or_die(two_n * sizeof(float), "router BN rstd");
-    o->idx = (int*)cuda_malloc_or_die(BT * k * sizeof(int), "expert ids");
-    o->gate = (float*)cuda_malloc_or_die(BT * k * sizeof(float), "expert gates");
-    o->s = (float*)cuda_malloc_or_die(BT * k * sizeof(float), "expert scores");
-    o->sched.sorted_pair = (int*)cuda_malloc_or_die(P * sizeof(int), "scheduler sorted pairs");
-    o->sched.sorted_expert = (int*)cuda_malloc_or_die(P * sizeof(int), "scheduler sorted experts");
-    o->sched.sorted_active = (int*)cuda_malloc_or_die(P * sizeof(int), "scheduler active index");
-    o->sched.active_expert = (int*)cuda_malloc_or_die(A * sizeof(int), "scheduler active experts");
-    o->sched.active_offset = (int*)cuda_malloc_or_die((A + 1) * sizeof(int), "scheduler offsets");
-    o->sched.num_active = (int*)cuda_malloc_or_die(sizeof(int), "scheduler active count");
-}
-
-static void omni_saved_free(OmniSaved* o) {
-    void* ptrs[] = {o->logits, o->logp, o->bn_mean, o->bn_rstd, o->idx, o->gate, o->s, o->sched.sorted_pair,
-                    o->sched.sorted_expert, o->sched.sorted_active, o->sched.active_expert, o->sched.active_offset,
-                    o->sched.num_active};
-    for (size_t i = 0; i < sizeof(ptrs) / sizeof(ptrs[0]); i++) cudaCheck(cudaFree(ptrs[i]));
-}
-
 // Allocates parameters, optimizer state and activations for micro-batches up to (B, T).
 static void model_build(Model* m, const ModelConfig* config, int B, int T, int expert_exec) {
     memset(m, 0, sizeof(*m));
@@ -210,11 +163,7 @@ static void model_build(Model* m, const ModelConfig* config, int B, int T, int e
     m->config = *config;
     m->B = B;
     m->T = T;
-    m->expert_exec = expert_exec;
     cudaCheck(cudaStreamCreate(&m->stream));
-    cudaCheck(cudaStreamCreateWithFlags(&m->side_stream, cudaStreamNonBlocking));
-    cudaCheck(cudaEventCreateWithFlags(&m->side_fork, cudaEventDisableTiming));
-    cudaCheck(cudaEventCreateWithFlags(&m->side_join, cudaEventDisableTiming));
     model_config_param_sizes(config, m->param_sizes);
     size_t offset = 0;
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
@@ -272,23 +221,32 @@ static void model_build(Model* m, const ModelConfig* config, int B, int T, int e
     s = max_sz(s, layernorm_backward_scratch_bytes((int)BT, (int)C));
     s = max_sz(s, attention_backward_scratch_bytes(B, T, (int)C, c->num_heads));
     s = max_sz(s, global_norm_scratch_bytes());
+    OmniDims omni_dims = {(int)BT, (int)C, (int)H, c->router_n, c->num_experts, c->top_k};
+    if (c->ffn_kind == FFN_OMNI) s = max_sz(s, omni_layer_scratch_bytes(omni_dims));
+    a->scratch_bytes = s;
+    a->scratch = (float*)cuda_malloc_or_die(s, "kernel scratch");
     if (c->ffn_kind == FFN_OMNI) {
-        int n = c->router_n, P = (int)BT * c->top_k;
-        s = max_sz(s, router_forward_scratch_bytes((int)BT, n));
-        s = max_sz(s, router_backward_scratch_bytes((int)BT, n));
-        s = max_sz(s, scheduler_scratch_bytes(P, c->num_experts));
-        s = max_sz(s, experts_backward_scratch_bytes((int)BT, (int)C, c->top_k));
-        a->step_counts = (int*)cuda_malloc_or_die(c->num_experts * sizeof(int), "expert counts of a micro-batch");
-        a->dgate = (float*)cuda_malloc_or_die(BT * c->top_k * sizeof(float), "gradients: gates");
-        a->omni = (OmniSaved*)malloc_check(L * sizeof(OmniSaved));
-        for (size_t l = 0; l < L; l++) omni_saved_alloc(&a->omni[l], c, (int)BT);
+        // the layers: views of the parameters, gradients, BN statistics, counts and activations here
+        OmniOptions opt = {c->router_norm, c->gate, expert_exec};
+        omni_workspace_create(&m->omni_ws, omni_dims, a->scratch, a->scratch_bytes, a->dhidden, a->dwide);
         m->expert_counts = (int*)cuda_malloc_or_die(L * c->num_experts * sizeof(int), "expert counts");
         cudaCheck(cudaMemset(m->expert_counts, 0, L * c->num_experts * sizeof(int)));
         m->expert_stats = (float*)cuda_malloc_or_die(2 * L * sizeof(float), "expert statistics");
-        router_init();
+        m->omni = (OmniLayer*)malloc_check(L * sizeof(OmniLayer));
+        for (int l = 0; l < (int)L; l++) {
+            OmniWeights w = {layer_param(m, PARAM_FCW, l), layer_param(m, PARAM_FCPROJW, l),
+                             layer_param(m, PARAM_ROUTERW, l), layer_param(m, PARAM_EXPERTU, l),
+                             layer_param(m, PARAM_EXPERTV, l)};
+            OmniWeights dw = {layer_grad(m, PARAM_FCW, l), layer_grad(m, PARAM_FCPROJW, l),
+                              layer_grad(m, PARAM_ROUTERW, l), layer_grad(m, PARAM_EXPERTU, l),
+                              layer_grad(m, PARAM_EXPERTV, l)};
+            OmniLayer* layer = &m->omni[l];
+            omni_layer_create(layer, omni_dims, opt, w, dw, &m->omni_ws, a->fch + (size_t)l * BT * FI,
+                              a->fch_act + (size_t)l * BT * H);
+            omni_layer_set_bn_stats(layer, m->bn_stats + (size_t)l * omni_layer_bn_count(omni_dims));
+            layer->expert_counts = m->expert_counts + (size_t)l * c->num_experts;
+        }
     }
-    a->scratch_bytes = s;
-    a->scratch = (float*)cuda_malloc_or_die(s, "kernel scratch");
     encoder_backward_plan_init(&m->encoder_plan, (int)BT, c->vocab_size, (int)C);
     matmul_init();
 }
@@ -301,18 +259,14 @@ static void model_free(Model* m) {
                     a->logits, a->losses, a->loss_sum, a->sublayer_out, a->inputs, a->targets, a->dresidual, a->dsub,
                     a->dwide, a->dhidden, a->scratch};
     for (size_t i = 0; i < sizeof(ptrs) / sizeof(ptrs[0]); i++) cudaCheck(cudaFree(ptrs[i]));
-    if (a->omni) {
-        for (int l = 0; l < m->config.num_layers; l++) omni_saved_free(&a->omni[l]);
-        free(a->omni);
+    if (m->omni) {
+        for (int l = 0; l < m->config.num_layers; l++) omni_layer_free(&m->omni[l]);
+        free(m->omni);
+        omni_workspace_free(&m->omni_ws);
         cudaCheck(cudaFree(m->expert_counts));
         cudaCheck(cudaFree(m->expert_stats));
-        cudaCheck(cudaFree(a->step_counts));
-        cudaCheck(cudaFree(a->dgate));
     }
     encoder_backward_plan_free(&m->encoder_plan);
-    cudaCheck(cudaEventDestroy(m->side_fork));
-    cudaCheck(cudaEventDestroy(m->side_join));
-    cudaCheck(cudaStreamDestroy(m->side_stream));
     cudaCheck(cudaStreamDestroy(m->stream));
 }
 
@@ -349,10 +303,6 @@ static void model_init_random(Model* m, uint64_t seed) {
 // ----------------------------------------------------------------------------
 // forward
 
-// the OmniMoE FFN of layer l (defined below): out = SwiGLU(x) + experts(x), x = ln2 (BT, C)
-static void omni_ffn_forward(Model* m, int l, const floatX* x, floatX* out, int BT, int training);
-static void omni_ffn_backward(Model* m, int l, const floatX* x, const floatX* dout, floatX* dx, int BT);
-
 // Runs the model on (B, T) tokens (host arrays). With targets, the per-token losses and their
 // mean (acts.loss_sum, device) are computed; the logits stay in acts.logits either way.
 // training = 1: router BN uses batch statistics and updates its running statistics.
@@ -364,7 +314,6 @@ static void model_forward(Model* m, const int* inputs, const int* targets, int B
     }
     m->cur_B = B;
     m->cur_T = T;
-    m->forward_training = training;
     const int L = c->num_layers, C = c->channels, NH = c->num_heads, BT = B * T;
     const int Vp = c->padded_vocab_size, V = c->vocab_size, FI = ffn_in_width(c), H = c->ffn_hidden;
     cudaStream_t st = m->stream;
@@ -405,7 +354,9 @@ static void model_forward(Model* m, const int* inputs, const int* targets, int B
             swiglu_forward(fch_act, fch, BT, H, st);
             matmul_forward(a->sublayer_out, fch_act, layer_param(m, PARAM_FCPROJW, l), NULL, BT, H, C, st);
         } else {
-            omni_ffn_forward(m, l, ln2, a->sublayer_out, BT, training);
+            // out = SwiGLU + experts; its activations packed by this BT, like the other kinds'
+            omni_layer_set_activations(&m->omni[l], fch, fch_act);
+            omni_layer_forward(&m->omni[l], a->sublayer_out, ln2, BT, training, st);
         }
         // residual3 = residual2 + FFN; then the next block's LN1 (or the final LN)
         if (l + 1 < L) {
@@ -496,7 +447,7 @@ static void model_backward(Model* m, const int* inputs, float loss_scale, GradRe
             matmul_backward(a->dsub, layer_grad(m, PARAM_FCW, l), NULL, a->dwide, ln2, layer_param(m, PARAM_FCW, l),
                             BT, C, FI, 0, st, scratch);
         } else {
-            omni_ffn_backward(m, l, ln2, a->dresidual, a->dsub, BT);
+            omni_layer_backward(&m->omni[l], a->dsub, a->dresidual, ln2, BT, st);
         }
         // LN2: dresidual (= d residual3 = d residual2 through the skip) += LN2 backward
         layernorm_backward(a->dresidual, layer_grad(m, PARAM_LN2W, l), layer_grad(m, PARAM_LN2B, l), a->dsub, residual2,
@@ -593,143 +544,19 @@ static float model_update(Model* m, float lr, float beta1, float beta2, float ep
 }
 
 // ----------------------------------------------------------------------------
-// the OmniMoE FFN: shared SwiGLU + router + scheduler + atomic experts (SPEC §2-3)
-
-// total[e] += counts[e]: per-step expert loads summed over micro-batches (integers: exact)
-__global__ void add_expert_counts_kernel(int* total, const int* counts, int N) {
-    int e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (e < N) total[e] += counts[e];
-}
-
-static int experts_mode(const Model* m) {
-    return m->expert_exec == EXPERT_EXEC_TOKEN ? EXPERTS_TOKEN_CENTRIC : EXPERTS_EXPERT_CENTRIC;
-}
-
-static float* layer_bn_stats(const Model* m, int l) { return m->bn_stats + (size_t)l * 4 * m->config.router_n; }
-
-static void omni_ffn_forward(Model* m, int l, const floatX* x, floatX* out, int BT, int training) {
-    const ModelConfig* c = &m->config;
-    const int C = c->channels, I = c->ffn_hidden, n = c->router_n, k = c->top_k, N = c->num_experts;
-    cudaStream_t st = m->stream;
-    Activations* a = &m->acts;
-    OmniSaved* o = &a->omni[l];
-    floatX* fch = a->fch + (size_t)l * BT * 2 * I;
-    floatX* fch_act = a->fch_act + (size_t)l * BT * I;
-    // the router and the scheduler need only x: they run on the side stream while the shared
-    // SwiGLU's GEMMs run here (their small, latency-bound kernels fill the GEMMs' gaps). Nothing
-    // here touches what they use (scratch, logits, ids, gates, schedule); results are the same.
-    cudaStream_t side = m->side_stream;
-    cudaCheck(cudaEventRecord(m->side_fork, st));
-    cudaCheck(cudaStreamWaitEvent(side, m->side_fork, 0));
-    float* running_mean = layer_bn_stats(m, l);
-    float* running_var = running_mean + 2 * n;
-    router_forward(o->logits, o->logp, o->bn_mean, o->bn_rstd, o->idx, o->gate, running_mean, running_var, x,
-                   layer_param(m, PARAM_ROUTERW, l), BT, C, n, k, c->router_norm == ROUTER_NORM_BN,
-                   c->gate == GATE_PROB, training, a->scratch, a->scratch_bytes, side);
-    // the schedule (pairs sorted by expert) serves the expert-centric forward and both backwards
-    scheduler_build(o->sched, o->idx, BT * k, N, training ? a->step_counts : NULL, a->scratch, a->scratch_bytes, side);
-    if (training) {
-        add_expert_counts_kernel<<<ceil_div(N, 256), 256, 0, side>>>(m->expert_counts + (size_t)l * N, a->step_counts, N);
-        cudaCheckLast();
-    }
-    cudaCheck(cudaEventRecord(m->side_join, side));
-    // the shared SwiGLU branch writes out; the experts add onto it
-    matmul_forward(fch, x, layer_param(m, PARAM_FCW, l), NULL, BT, C, 2 * I, st);
-    swiglu_forward(fch_act, fch, BT, I, st);
-    matmul_forward(out, fch_act, layer_param(m, PARAM_FCPROJW, l), NULL, BT, I, C, st);
-    cudaCheck(cudaStreamWaitEvent(st, m->side_join, 0));
-    experts_forward(out, o->s, x, layer_param(m, PARAM_EXPERTU, l), layer_param(m, PARAM_EXPERTV, l), o->idx, o->gate,
-                    o->sched, BT, C, k, N, experts_mode(m), 1, st);
-}
-
-// dx = d(FFN input) (overwritten), from dout = d(FFN output)
-static void omni_ffn_backward(Model* m, int l, const floatX* x, const floatX* dout, floatX* dx, int BT) {
-    const ModelConfig* c = &m->config;
-    const int C = c->channels, I = c->ffn_hidden, n = c->router_n, k = c->top_k, N = c->num_experts;
-    cudaStream_t st = m->stream;
-    Activations* a = &m->acts;
-    OmniSaved* o = &a->omni[l];
-    const floatX* fch = a->fch + (size_t)l * BT * 2 * I;
-    const floatX* fch_act = a->fch_act + (size_t)l * BT * I;
-    // shared SwiGLU: dx = its input gradient
-    matmul_backward(a->dhidden, layer_grad(m, PARAM_FCPROJW, l), NULL, dout, fch_act, layer_param(m, PARAM_FCPROJW, l),
-                    BT, I, C, 0, st, a->scratch);
-    swiglu_backward(a->dwide, a->dhidden, fch, BT, I, st);
-    matmul_backward(dx, layer_grad(m, PARAM_FCW, l), NULL, a->dwide, x, layer_param(m, PARAM_FCW, l), BT, C, 2 * I, 0,
-                    st, a->scratch);
-    // experts: dx += sum_m ds u; dU, dV += ...; the gate gradient feeds the router
-    experts_backward(dx, layer_grad(m, PARAM_EXPERTU, l), layer_grad(m, PARAM_EXPERTV, l), a->dgate, dout, x,
-                     layer_param(m, PARAM_EXPERTU, l), layer_param(m, PARAM_EXPERTV, l), o->idx, o->gate, o->s,
-                     o->sched, BT, C, k, N, experts_mode(m), 1, a->scratch, a->scratch_bytes, st);
-    router_backward(dx, layer_grad(m, PARAM_ROUTERW, l), a->dgate, o->gate, o->idx, o->logp, o->logits, o->bn_mean,
-                    o->bn_rstd, x, layer_param(m, PARAM_ROUTERW, l), BT, C, n, k, c->router_norm == ROUTER_NORM_BN,
-                    c->gate == GATE_PROB, m->forward_training, a->scratch, a->scratch_bytes, st);
-}
-
-// ----------------------------------------------------------------------------
 // expert usage: per OmniMoE layer, the share of the N experts hit since the last reset and the
-// KL divergence of their load from uniform (from the integer counts the scheduler keeps)
+// KL divergence of their load from uniform (from the integer counts the layers keep)
 
 static void model_reset_expert_counts(Model* m) {
     if (m->config.ffn_kind != FFN_OMNI) return;
-    size_t bytes = (size_t)m->config.num_layers * m->config.num_experts * sizeof(int);
-    cudaCheck(cudaMemsetAsync(m->expert_counts, 0, bytes, m->stream));
-}
-
-// One block per layer: what expert_load_stats (logger.h) computes on the host, in double, each
-// sum in a fixed order (per-thread strides, then a tree), so the step does not wait for a copy of
-// the L x N counts and a host loop over them. out: usage[0..L), then kl[0..L).
-#define EXPERT_STATS_THREADS 512
-__global__ void expert_stats_kernel(float* out, const int* counts, int N) {
-    __shared__ long long red_total[EXPERT_STATS_THREADS];
-    __shared__ int red_used[EXPERT_STATS_THREADS];
-    __shared__ double red_sum[EXPERT_STATS_THREADS];
-    const int tid = threadIdx.x, L = gridDim.x, l = blockIdx.x;
-    const int* c = counts + (size_t)l * N;
-    long long total = 0;
-    int used = 0;
-    for (int e = tid; e < N; e += EXPERT_STATS_THREADS) {
-        total += c[e];
-        used += c[e] > 0;
-    }
-    red_total[tid] = total;
-    red_used[tid] = used;
-    __syncthreads();
-    for (int stride = EXPERT_STATS_THREADS / 2; stride > 0; stride /= 2) {
-        if (tid < stride) {
-            red_total[tid] += red_total[tid + stride];
-            red_used[tid] += red_used[tid + stride];
-        }
-        __syncthreads();
-    }
-    total = red_total[0];
-    double sum = 0.0;
-    if (total > 0) {
-        for (int e = tid; e < N; e += EXPERT_STATS_THREADS) {
-            if (c[e] <= 0) continue;
-            double p = (double)c[e] / (double)total;
-            sum += p * log(p * (double)N);
-        }
-    }
-    red_sum[tid] = sum;
-    __syncthreads();
-    for (int stride = EXPERT_STATS_THREADS / 2; stride > 0; stride /= 2) {
-        if (tid < stride) red_sum[tid] += red_sum[tid + stride];
-        __syncthreads();
-    }
-    if (tid == 0) {
-        out[l] = (float)red_used[0] / (float)N;
-        out[L + l] = (float)red_sum[0];
-    }
+    expert_counts_reset(m->expert_counts, m->config.num_layers, m->config.num_experts, m->stream);
 }
 
 // usage[l], kl[l] of every OmniMoE layer from the counts since the last reset (a 2L-float copy)
 static void model_expert_stats(const Model* m, float* usage, float* kl) {
     if (m->config.ffn_kind != FFN_OMNI) return;
     int L = m->config.num_layers;
-    expert_stats_kernel<<<L, EXPERT_STATS_THREADS, 0, m->stream>>>(m->expert_stats, m->expert_counts,
-                                                                   m->config.num_experts);
-    cudaCheckLast();
+    expert_stats(m->expert_stats, m->expert_counts, L, m->config.num_experts, m->stream);
     cudaCheck(cudaMemcpyAsync(usage, m->expert_stats, L * sizeof(float), cudaMemcpyDeviceToHost, m->stream));
     cudaCheck(cudaMemcpyAsync(kl, m->expert_stats + L, L * sizeof(float), cudaMemcpyDeviceToHost, m->stream));
     cudaCheck(cudaStreamSynchronize(m->stream));
@@ -1052,7 +879,7 @@ int main(int argc, char** argv) {
     be.num_processes = G;
     be.num_omni_layers = config.ffn_kind == FFN_OMNI ? config.num_layers : 0;
     be.flops_per_token_fwd = model_config_flops_per_token_fwd(&config, cfg.T);
-    be.peak_flops = PEAK_FLOPS_BF16 * G;
+    be.peak_flops = cuda_peak_bf16_flops(props.name) * G;
     be.vocab_size = config.vocab_size;
     be.sample_T = cfg.gen_tokens < cfg.T ? cfg.gen_tokens : cfg.T;
     be.init_weights = gpu_init_weights;
@@ -1076,7 +903,6 @@ int main(int argc, char** argv) {
     if (tr.reducer) grad_reducer_free(tr.reducer);
     model_free(model);
     matmul_free();
-    if (config.ffn_kind == FFN_OMNI) router_free();
     multi_gpu_finalize(&mg);
     return rc;
 }

@@ -39,8 +39,6 @@
 
 // learning-rate schedules (schedule.h computes them)
 enum { LR_SCHEDULE_COSINE = 0, LR_SCHEDULE_WSD = 1, LR_SCHEDULE_CONSTANT = 2 };
-// the two executions of the expert branch (SPEC §3)
-enum { EXPERT_EXEC_TOKEN = 0, EXPERT_EXEC_EXPERT = 1 };
 
 static inline const char* lr_schedule_name(int s) {
     return s == LR_SCHEDULE_WSD ? "wsd" : (s == LR_SCHEDULE_CONSTANT ? "constant" : "cosine");
