@@ -45,7 +45,7 @@ HOST_HEADERS = $(wildcard llmc/*.h)
 CUDA_HEADERS = $(wildcard llmc/*.cuh)
 CPU_TESTS = test_omnimoe_cpu test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_fixtures test_integrity
 
-.PHONY: all cpu test test_cpu test_gpu clean
+.PHONY: all cpu test test_cpu test_gpu clean omni_dev
 
 all: train_omnimoe train_omnimoe_cpu
 
@@ -77,6 +77,12 @@ test_omnimoe: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADERS) $
 test_omnimoe_fp32: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADERS) $(CUDA_HEADERS)
 	$(NVCC) $(NVCC_FLAGS) -DENABLE_FP32 -Xcompiler -fopenmp $< -o $@ $(NVCC_LDLIBS) -lgomp
 
+# the OmniMoE layer's kernel test and benchmarks (a GPU runs them: dev/cuda/run_omni.sh)
+OMNI_DEV_BINS = dev/cuda/test_omni_bin dev/cuda/bench_omni_bin dev/cuda/bench_layer_bin
+$(OMNI_DEV_BINS): dev/cuda/%_bin: dev/cuda/%.cu $(HOST_HEADERS) $(CUDA_HEADERS)
+	$(NVCC) $(NVCC_FLAGS) $< -o $@ $(NVCC_LDLIBS)
+omni_dev: $(OMNI_DEV_BINS)
+
 # The CPU tests are what CI runs; the GPU test runs only where a CUDA device answers.
 test: test_cpu test_gpu
 
@@ -100,4 +106,4 @@ test_gpu:
 	fi
 
 clean:
-	rm -f train_omnimoe train_omnimoe_cpu test_omnimoe test_omnimoe_fp32 $(CPU_TESTS)
+	rm -f train_omnimoe train_omnimoe_cpu test_omnimoe test_omnimoe_fp32 $(CPU_TESTS) $(OMNI_DEV_BINS)

@@ -28,8 +28,6 @@ mkdir -p "$OUT"
 PARTS=${PARTS-layer omni torch train}
 BUDGET_S=${BUDGET_S:-560}
 T0=$(date +%s)
-NVCC_FLAGS="-O3 -std=c++17 -arch=sm_90 -I. -Xcompiler -Wall"   # as dev/cuda/run_omni.sh
-LIBS="-lcublasLt -lcublas"
 status=()
 
 has_part() { [[ " $PARTS " == *" $1 "* ]]; }
@@ -75,12 +73,12 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
     names=()
     if has_part layer; then
         rm -f dev/cuda/bench_layer_bin
-        nvcc $NVCC_FLAGS dev/cuda/bench_layer.cu -o dev/cuda/bench_layer_bin $LIBS >"$OUT/build_layer.log" 2>&1 &
+        make dev/cuda/bench_layer_bin >"$OUT/build_layer.log" 2>&1 &
         pids+=($!); names+=(layer)
     fi
     if has_part omni; then
         rm -f dev/cuda/bench_omni_bin
-        nvcc $NVCC_FLAGS dev/cuda/bench_omni.cu -o dev/cuda/bench_omni_bin $LIBS >"$OUT/build_omni.log" 2>&1 &
+        make dev/cuda/bench_omni_bin >"$OUT/build_omni.log" 2>&1 &
         pids+=($!); names+=(omni)
     fi
     if has_part train; then
