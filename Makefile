@@ -2,6 +2,9 @@
 #   make                 the CUDA trainer ./train_omnimoe and the CPU reference ./train_omnimoe_cpu
 #   make test            CPU tests (always) and the GPU test (when a CUDA device is present)
 #   make test_omnimoe    the GPU test binary alone
+#   make kernel_tests    the kernel tests of dev/cuda (test_*.cu), bf16 and fp32, into dev/cuda/build/
+#   make test_kernels    build and run them (when a CUDA device is present); KERNEL_TESTS="matmul adamw"
+#                        picks some; make kernel_benches builds dev/cuda/bench_*.cu
 # CUDA code is built for Hopper (sm_90) explicitly; it compiles and links on machines without
 # a GPU. NCCL and MPI are used when a test program compiles and links against them.
 
@@ -39,7 +42,7 @@ HOST_HEADERS = $(wildcard llmc/*.h)
 CUDA_HEADERS = $(wildcard llmc/*.cuh)
 CPU_TESTS = test_omnimoe_cpu test_dataloader test_checkpoint test_fixtures
 
-.PHONY: all cpu test test_cpu test_gpu clean
+.PHONY: all cpu test test_cpu test_gpu kernel_tests kernel_benches test_kernels clean
 
 all: train_omnimoe train_omnimoe_cpu
 
@@ -70,6 +73,52 @@ test_omnimoe: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADERS) $
 test_omnimoe_fp32: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADERS) $(CUDA_HEADERS)
 	$(NVCC) $(NVCC_FLAGS) -DENABLE_FP32 -Xcompiler -fopenmp $< -o $@ $(NVCC_LDLIBS) -lgomp
 
+# --- kernel tests and benchmarks of dev/cuda, with the flags above -------------------------
+# Each test is built twice: bf16 (build/test_x) and floatX = float (build/test_x_fp32, tight
+# tolerances). test_omni has no fp32 build.
+KERNEL_TESTS ?= matmul layernorm encoder activations classifier adamw global_norm attention omni
+KERNEL_BENCHES = omni layer
+KERNEL_BUILD = dev/cuda/build
+KERNEL_TEST_BINS = $(foreach t,$(KERNEL_TESTS),$(KERNEL_BUILD)/test_$(t) $(if $(filter omni,$(t)),,$(KERNEL_BUILD)/test_$(t)_fp32))
+
+kernel_tests: $(KERNEL_TEST_BINS)
+
+kernel_benches: $(KERNEL_BENCHES:%=$(KERNEL_BUILD)/bench_%)
+
+$(KERNEL_BUILD)/test_%_fp32: dev/cuda/test_%.cu $(HOST_HEADERS) $(CUDA_HEADERS)
+	@mkdir -p $(KERNEL_BUILD)
+	$(NVCC) $(NVCC_FLAGS) -DENABLE_FP32 $< -o $@ $(NVCC_LDLIBS)
+
+$(KERNEL_BUILD)/test_%: dev/cuda/test_%.cu $(HOST_HEADERS) $(CUDA_HEADERS)
+	@mkdir -p $(KERNEL_BUILD)
+	$(NVCC) $(NVCC_FLAGS) $< -o $@ $(NVCC_LDLIBS)
+
+$(KERNEL_BUILD)/bench_%: dev/cuda/bench_%.cu $(HOST_HEADERS) $(CUDA_HEADERS)
+	@mkdir -p $(KERNEL_BUILD)
+	$(NVCC) $(NVCC_FLAGS) $< -o $@ $(NVCC_LDLIBS)
+
+# runs every kernel test (fp32 attention: its --quick checks), logs in dev/cuda/build/logs/, then
+# prints each program's closing "N passed, N failed" line and performance line; fails when any
+# test fails or crashes (a program without its closing line counts as crashed)
+test_kernels:
+	@if ! nvidia-smi -L >/dev/null 2>&1; then \
+		echo "SKIPPED: kernel tests: no CUDA device on this machine (nvidia-smi found none)"; exit 0; fi; \
+	$(MAKE) kernel_tests || exit 1; \
+	mkdir -p $(KERNEL_BUILD)/logs; status=0; summary=""; \
+	for bin in $(KERNEL_TEST_BINS); do \
+		name=$$(basename $$bin); log=$(KERNEL_BUILD)/logs/$$name.log; args=""; \
+		[ $$name = test_attention_fp32 ] && args=--quick; \
+		echo "=== $$bin $$args"; \
+		timeout $${TEST_TIMEOUT:-300} ./$$bin $$args > $$log 2>&1; rc=$$?; \
+		grep -E "^FAIL|^performance|^SUMMARY|^$$name: " $$log; \
+		line=$$(grep -E "^$$name: [0-9]+ passed, [0-9]+ failed" $$log | tail -1); \
+		[ -n "$$line" ] || line="$$name: no closing line (exit $$rc; log $$log)"; \
+		[ $$rc -eq 0 ] || status=1; \
+		summary="$$summary$$line\n"; \
+	done; \
+	echo "================ kernel tests"; printf "$$summary"; \
+	[ $$status -eq 0 ] && echo "kernel tests: all passed" || echo "kernel tests: SOME FAILED"; exit $$status
+
 # The CPU tests are what CI runs; the GPU test runs only where a CUDA device answers.
 test: test_cpu test_gpu
 
@@ -90,3 +139,4 @@ test_gpu:
 
 clean:
 	rm -f train_omnimoe train_omnimoe_cpu test_omnimoe test_omnimoe_fp32 $(CPU_TESTS)
+	rm -rf $(KERNEL_BUILD)

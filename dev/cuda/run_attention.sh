@@ -2,6 +2,7 @@
 # run_attention.sh - builds and runs every test and benchmark of llmc/attention.cuh on the GPU
 # machine, then prints a summary table last.
 #   1. build test_attention (bf16, tensor-core kernels) and test_attention_fp32 (-DENABLE_FP32)
+#      with the Makefile (make kernel_tests: its flags, binaries in dev/cuda/build/)
 #   2. --bad-shape must fail with a clear message
 #   3. fp32 build: --quick checks
 #   4. bf16 build: all checks + GPT-2-shape benchmark
@@ -11,7 +12,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 LOG_DIR=${OUT:-/tmp}
-BUILD_DIR=${BUILD_DIR:-/tmp/attention_build}
+BUILD_DIR=dev/cuda/build
 mkdir -p "$BUILD_DIR" "$LOG_DIR"
 LOG="$LOG_DIR/attention_log.txt"
 : > "$LOG"
@@ -24,14 +25,9 @@ step() {  # step NAME COMMAND... : runs, logs, records PASS/FAIL
 }
 set -o pipefail
 
-NVCC="nvcc -O3 -std=c++17 -arch=sm_90"
-$NVCC -o "$BUILD_DIR/test_attention" dev/cuda/test_attention.cu > "$BUILD_DIR/build_bf16.txt" 2>&1 &
-pid_bf16=$!
-$NVCC -DENABLE_FP32 -o "$BUILD_DIR/test_attention_fp32" dev/cuda/test_attention.cu > "$BUILD_DIR/build_fp32.txt" 2>&1 &
-pid_fp32=$!
-if wait $pid_bf16; then STATUS+=("PASS  build bf16"); else STATUS+=("FAIL  build bf16"); fail=1; fi
-if wait $pid_fp32; then STATUS+=("PASS  build fp32"); else STATUS+=("FAIL  build fp32"); fail=1; fi
-cat "$BUILD_DIR/build_bf16.txt" "$BUILD_DIR/build_fp32.txt" | tee -a "$LOG"
+if make -s -j2 "$BUILD_DIR/test_attention" "$BUILD_DIR/test_attention_fp32" > "$LOG_DIR/attention_build.txt" 2>&1
+then STATUS+=("PASS  build bf16 + fp32 (make)"); else STATUS+=("FAIL  build (make)"); fail=1; fi
+cat "$LOG_DIR/attention_build.txt" | tee -a "$LOG"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv 2>&1 | tee -a "$LOG"
 
 if [ -x "$BUILD_DIR/test_attention" ]; then
@@ -63,5 +59,6 @@ echo
 echo "==================== attention summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)) ===================="
 for s in "${STATUS[@]}"; do echo "$s"; done
 grep -h "^FAIL " "$LOG"
+grep -h -E "^test_attention(_fp32)?: [0-9]+ passed" "$LOG"
 grep -h "^SUMMARY" "$LOG" | sed 's/^SUMMARY //'
 exit $fail
