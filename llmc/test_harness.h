@@ -132,6 +132,13 @@ static inline int test_check_le(const char* name, double value, double tol) {
 // ----------------------------------------------------------------------------
 // random data (the project generator of rand.h; seed it with rng_init)
 
+// a generator seeded with rng_init: Rng rng = rng_seeded(42);
+static inline Rng rng_seeded(uint64_t seed) {
+    Rng rng;
+    rng_init(&rng, seed);
+    return rng;
+}
+
 // uniform integer in [0, n), n > 0
 static inline int rng_int(Rng* rng, int n) { return (int)(rng_u32(rng) % (uint32_t)n); }
 
