@@ -15,11 +15,12 @@
  *     test_check_le("name", value, tol);         // value <= tol (NaN fails)
  *     test_check_rel("name", rel_err(got, ref, n), tol);   // relative L2 error <= tol
  *     return test_end();                         // closing line; EXIT_FAILURE when any failed
+ *                                                //   (or none ran: a test that checks nothing fails)
  *
  * Relative error: ||got - ref|| / ||ref|| over n floats, in double; an all-zero reference gives
  * the absolute L2 error; any non-finite value (in got or ref) makes it +inf, so unwritten
- * (NaN-poisoned) outputs always fail. Random data comes from the project generator (rand.h):
- * seeded with rng_init, never zeros. test_config builds the small models of the tests from one
+ * (NaN-poisoned) outputs always fail. Random data comes from the project generator (rand.h,
+ * Rng rng = rng_seeded(seed)), never zeros. test_config builds the small models of the tests from one
  * of the TEST_DIMS_* sizes. Under nvcc, the second half adds device helpers (floatX upload,
  * NaN poisoning, bitwise comparison of device buffers, median-of-N timing).
  */
