@@ -2,9 +2,9 @@
 #   make                 the CUDA trainer ./train_omnimoe and the CPU reference ./train_omnimoe_cpu
 #   make test            CPU tests (always) and the GPU test (when a CUDA device is present)
 #   make test_omnimoe    the GPU test binary alone
-#   make kernel_tests    the kernel tests of dev/cuda (test_*.cu), bf16 and fp32, into dev/cuda/build/
+#   make kernel_tests    the kernel tests of dev/cuda (test_*.cu), bf16 and fp32: dev/cuda/test_*_bin
 #   make test_kernels    build and run them (when a CUDA device is present); KERNEL_TESTS="matmul adamw"
-#                        picks some; make kernel_benches builds dev/cuda/bench_*.cu
+#                        picks some; make kernel_benches builds dev/cuda/bench_*_bin
 # CUDA code is built for Hopper (sm_90) explicitly; it compiles and links on machines without
 # a GPU. NCCL and MPI are used when a test program compiles and links against them.
 
@@ -74,39 +74,32 @@ test_omnimoe_fp32: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADE
 	$(NVCC) $(NVCC_FLAGS) -DENABLE_FP32 -Xcompiler -fopenmp $< -o $@ $(NVCC_LDLIBS) -lgomp
 
 # --- kernel tests and benchmarks of dev/cuda, with the flags above -------------------------
-# Each test is built twice: bf16 (build/test_x) and floatX = float (build/test_x_fp32, tight
-# tolerances). test_omni has no fp32 build.
+# Each test is built twice: bf16 (dev/cuda/test_x_bin) and floatX = float (test_x_fp32_bin,
+# tight tolerances); test_omni has no fp32 build.
 KERNEL_TESTS ?= matmul layernorm encoder activations classifier adamw global_norm attention omni
-KERNEL_BENCHES = omni layer
-KERNEL_BUILD = dev/cuda/build
-KERNEL_TEST_BINS = $(foreach t,$(KERNEL_TESTS),$(KERNEL_BUILD)/test_$(t) $(if $(filter omni,$(t)),,$(KERNEL_BUILD)/test_$(t)_fp32))
+KERNEL_TEST_BINS = $(foreach t,$(KERNEL_TESTS),dev/cuda/test_$(t)_bin $(if $(filter omni,$(t)),,dev/cuda/test_$(t)_fp32_bin))
+KERNEL_BENCH_BINS = dev/cuda/bench_omni_bin dev/cuda/bench_layer_bin
+KERNEL_LOGS = dev/cuda/build_logs
 
 kernel_tests: $(KERNEL_TEST_BINS)
 
-kernel_benches: $(KERNEL_BENCHES:%=$(KERNEL_BUILD)/bench_%)
+kernel_benches: $(KERNEL_BENCH_BINS)
 
-$(KERNEL_BUILD)/test_%_fp32: dev/cuda/test_%.cu $(HOST_HEADERS) $(CUDA_HEADERS)
-	@mkdir -p $(KERNEL_BUILD)
+dev/cuda/%_fp32_bin: dev/cuda/%.cu $(HOST_HEADERS) $(CUDA_HEADERS)
 	$(NVCC) $(NVCC_FLAGS) -DENABLE_FP32 $< -o $@ $(NVCC_LDLIBS)
 
-$(KERNEL_BUILD)/test_%: dev/cuda/test_%.cu $(HOST_HEADERS) $(CUDA_HEADERS)
-	@mkdir -p $(KERNEL_BUILD)
+dev/cuda/%_bin: dev/cuda/%.cu $(HOST_HEADERS) $(CUDA_HEADERS)
 	$(NVCC) $(NVCC_FLAGS) $< -o $@ $(NVCC_LDLIBS)
 
-$(KERNEL_BUILD)/bench_%: dev/cuda/bench_%.cu $(HOST_HEADERS) $(CUDA_HEADERS)
-	@mkdir -p $(KERNEL_BUILD)
-	$(NVCC) $(NVCC_FLAGS) $< -o $@ $(NVCC_LDLIBS)
-
-# runs every kernel test (fp32 attention: its --quick checks), logs in dev/cuda/build/logs/, then
-# prints each program's closing "N passed, N failed" line and performance line; fails when any
-# test fails or crashes (a program without its closing line counts as crashed)
+# runs every kernel test (fp32 attention: its --quick checks), logs in dev/cuda/build_logs/, then
+# prints each program's closing "N passed, N failed" line; fails when any test fails or crashes
 test_kernels:
 	@if ! nvidia-smi -L >/dev/null 2>&1; then \
 		echo "SKIPPED: kernel tests: no CUDA device on this machine (nvidia-smi found none)"; exit 0; fi; \
 	$(MAKE) kernel_tests || exit 1; \
-	mkdir -p $(KERNEL_BUILD)/logs; status=0; summary=""; \
+	mkdir -p $(KERNEL_LOGS); status=0; summary=""; \
 	for bin in $(KERNEL_TEST_BINS); do \
-		name=$$(basename $$bin); log=$(KERNEL_BUILD)/logs/$$name.log; args=""; \
+		name=$$(basename $$bin _bin); log=$(KERNEL_LOGS)/$$name.log; args=""; \
 		[ $$name = test_attention_fp32 ] && args=--quick; \
 		echo "=== $$bin $$args"; \
 		timeout $${TEST_TIMEOUT:-300} ./$$bin $$args > $$log 2>&1; rc=$$?; \
@@ -139,4 +132,4 @@ test_gpu:
 
 clean:
 	rm -f train_omnimoe train_omnimoe_cpu test_omnimoe test_omnimoe_fp32 $(CPU_TESTS)
-	rm -rf $(KERNEL_BUILD)
+	rm -f $(KERNEL_TEST_BINS) $(KERNEL_BENCH_BINS)

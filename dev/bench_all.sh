@@ -72,13 +72,13 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
     pids=()
     names=()
     if has_part layer; then
-        rm -f dev/cuda/build/bench_layer
-        make dev/cuda/build/bench_layer >"$OUT/build_layer.log" 2>&1 &
+        rm -f dev/cuda/bench_layer_bin
+        make dev/cuda/bench_layer_bin >"$OUT/build_layer.log" 2>&1 &
         pids+=($!); names+=(layer)
     fi
     if has_part omni; then
-        rm -f dev/cuda/build/bench_omni
-        make dev/cuda/build/bench_omni >"$OUT/build_omni.log" 2>&1 &
+        rm -f dev/cuda/bench_omni_bin
+        make dev/cuda/bench_omni_bin >"$OUT/build_omni.log" 2>&1 &
         pids+=($!); names+=(omni)
     fi
     if has_part train; then
@@ -101,11 +101,11 @@ runnable() {  # runnable <part> <binary>: the part was asked for, built (or SKIP
 }
 
 # ---- the parts, shortest first
-if runnable layer dev/cuda/build/bench_layer; then
-    run_part bench_layer 150 ./dev/cuda/build/bench_layer --json "$OUT/bench_layer.json"
+if runnable layer dev/cuda/bench_layer_bin; then
+    run_part bench_layer 150 ./dev/cuda/bench_layer_bin --json "$OUT/bench_layer.json"
 fi
-if runnable omni dev/cuda/build/bench_omni; then
-    run_part bench_omni 150 ./dev/cuda/build/bench_omni
+if runnable omni dev/cuda/bench_omni_bin; then
+    run_part bench_omni 150 ./dev/cuda/bench_omni_bin
 fi
 if has_part torch; then
     run_part bench_torch 240 env PYTHONUNBUFFERED=1 python3 dev/bench_torch.py --json "$OUT/bench_torch.json"

@@ -4,8 +4,8 @@
 #   bash dev/gpu_check.sh [quick|full|kernels|full+kernels|bench]
 #     quick: build + GPU tests; full: also the default training run and, when carry/mixed was
 #     carried, a rerun of the dense-vs-OmniMoE recipe's start; kernels: also every kernel test
-#     and benchmark of dev/cuda (run_std.sh, run_attention.sh, run_omni.sh, all built by make with
-#     the Makefile's flags into dev/cuda/build/); bench: only
+#     and benchmark of dev/cuda (run_std.sh, run_attention.sh, run_omni.sh, built by make with the
+#     Makefile's flags); bench: only
 #     dev/bench_all.sh (every performance benchmark, its own builds and summary)
 set -uo pipefail
 cd "$(dirname "$0")/.."
