@@ -15,6 +15,12 @@ LDLIBS = -lm
 CUDA_ARCH ?= -gencode=arch=compute_90a,code=sm_90a
 NVCC_FLAGS = -O3 -std=c++17 $(CUDA_ARCH) -I. --expt-relaxed-constexpr -Xcompiler -Wall
 NVCC_LDLIBS = -lcublasLt -lcublas
+# xxHash, used header-only (XXH_INLINE_ALL): Debian's libxxhash-dev puts it in /usr/include; a
+# machine without it can get the header in carry/include/xxhash.h (carry/ is not tracked)
+ifneq ($(wildcard carry/include/xxhash.h),)
+  CFLAGS += -Icarry/include
+  NVCC_FLAGS += -Icarry/include
+endif
 PRECISION ?= BF16
 ifeq ($(PRECISION), FP32)
   NVCC_FLAGS += -DENABLE_FP32
@@ -40,7 +46,7 @@ endif
 
 HOST_HEADERS = $(wildcard llmc/*.h)
 CUDA_HEADERS = $(wildcard llmc/*.cuh)
-CPU_TESTS = test_omnimoe_cpu test_dataloader test_checkpoint test_fixtures
+CPU_TESTS = test_omnimoe_cpu test_dataloader test_checkpoint test_fixtures test_integrity
 
 .PHONY: all cpu test test_cpu test_gpu kernel_tests kernel_benches test_kernels clean
 
@@ -61,6 +67,9 @@ test_dataloader: test_dataloader.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 test_checkpoint: test_checkpoint.c $(HOST_HEADERS)
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+test_integrity: test_integrity.c train_omnimoe.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 train_omnimoe: train_omnimoe.cu $(HOST_HEADERS) $(CUDA_HEADERS)
@@ -118,6 +127,7 @@ test: test_cpu test_gpu
 test_cpu: $(CPU_TESTS) train_omnimoe_cpu
 	./test_dataloader
 	./test_checkpoint
+	./test_integrity
 	./test_omnimoe_cpu
 	./test_fixtures
 	bash scripts/test_resume_cpu.sh

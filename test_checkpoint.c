@@ -11,6 +11,7 @@
 #define _POSIX_C_SOURCE 200809L
 #include "llmc/utils.h"
 #include "llmc/checkpoint.h"
+#include "llmc/args.h"
 #include "llmc/schedule.h"
 #include "llmc/logger.h"
 #include "llmc/rand.h"
@@ -241,25 +242,29 @@ static void ckpt_data_make(CkptData* d, uint64_t seed, int step) {
     in->step = step;
     in->adam_t = step + 1;
     in->tokens_seen = 123456789012345LL + step;
-    in->B = 3;
-    in->T = 7;
-    in->grad_accum_steps = 5;
-    in->num_processes = 2;
-    in->total_batch_size = 210;
-    in->num_steps = 5000;
-    in->warmup_steps = 77;
-    in->lr_schedule = LR_SCHEDULE_WSD;
-    in->shuffle = 1;
-    in->expert_exec = EXPERT_EXEC_TOKEN;
-    in->learning_rate = 6.1e-4f;
-    in->final_lr_frac = 0.13f;
-    in->decay_frac = 0.21f;
-    in->weight_decay = 0.11f;
-    in->grad_clip = 0.9f;
-    in->beta1 = 0.91f;
-    in->beta2 = 0.951f;
-    in->eps = 1.1e-8f;
-    in->seed = 0xF123456789ABCDEFull;  // needs all 64 bits
+    RunIdentity* r = &in->run;
+    r->B = 3;
+    r->T = 7;
+    r->grad_accum_steps = 5;
+    r->num_processes = 2;
+    r->total_batch_size = 210;
+    r->num_steps = 5000;
+    r->warmup_steps = 77;
+    r->lr_schedule = LR_SCHEDULE_WSD;
+    r->shuffle = 1;
+    r->expert_exec = EXPERT_EXEC_TOKEN;
+    r->learning_rate = 6.1e-4f;
+    r->final_lr_frac = 0.13f;
+    r->decay_frac = 0.21f;
+    r->weight_decay = 0.11f;
+    r->grad_clip = 0.9f;
+    r->beta1 = 0.91f;
+    r->beta2 = 0.951f;
+    r->eps = 1.1e-8f;
+    r->seed = 0xF123456789ABCDEFull;  // needs all 64 bits
+    r->data_fingerprint = 0x8765432187654321ull;
+    r->data_tokens = 9876543210LL;
+    r->data_shards = 12;
 }
 
 static void ckpt_data_free(CkptData* d) {
@@ -359,13 +364,13 @@ static void test_model_files(void) {
              bits_equal(bn, bn2, NB * 4);
     snprintf(detail, sizeof(detail), "P=%zu NB=%zu", P, NB);
     check(ok, "model file round trip (omni, params + BN stats) is bitwise", detail);
-    check(ckpt_file_size_(path) == 1024 + 4 * (int64_t)(P + NB), "model file size = 1024 + 4*(params + bn)", "");
+    check(ckpt_file_size_(path) == 1024 + 4 * (int64_t)(P + NB) + 16, "model file size = 1024 + 4*(params + bn) + 16", "");
     {
         size_t n;
         unsigned char* raw = read_all(path, &n);
         int32_t h[256];
         memcpy(h, raw, sizeof(h));
-        int slots_ok = h[0] == 20261101 && h[1] == 1 && h[2] == 8 && h[3] == 50 && h[4] == 128 && h[5] == 2 &&
+        int slots_ok = h[0] == 20261101 && h[1] == 2 && h[2] == 8 && h[3] == 50 && h[4] == 128 && h[5] == 2 &&
                        h[6] == 2 && h[7] == 8 && h[8] == 2 && h[9] == 16 && h[10] == 4 && h[11] == 16 && h[12] == 3 &&
                        h[13] == 1 && h[14] == 0;
         for (int s = 15; s < 256; s++) slots_ok &= h[s] == 0;
@@ -408,7 +413,7 @@ static void test_model_files(void) {
     model_file_write(path_gelu, &g, pg, NULL);
     model_file_read(path_gelu, &c2, &p2, &bn2);
     ok = model_config_first_difference(&g, &c2) < 0 && bits_equal(pg, p2, Pg * 4) && bn2 == NULL &&
-         ckpt_file_size_(path_gelu) == 1024 + 4 * (int64_t)Pg;
+         ckpt_file_size_(path_gelu) == 1024 + 4 * (int64_t)Pg + 16;
     check(ok, "model file round trip (gelu, no BN section) is bitwise", "");
     free(p2);
     free(pg);
@@ -431,7 +436,7 @@ static void test_model_files(void) {
 
     snprintf(bad, sizeof(bad), "%s/badversion.bin", dir);
     copy_file(path, bad);
-    xor_byte_at(bad, 4, 0x02);  // version 1 -> 3
+    xor_byte_at(bad, 4, 0x01);  // version 2 -> 3
     expect_exit_failure("model file: wrong version is refused", child_model_read, bad, "version 3", NULL);
 
     snprintf(bad, sizeof(bad), "%s/truncated.bin", dir);
@@ -489,9 +494,12 @@ static void test_checksum(void) {
     checkpoint_hash_init(&s);
     checkpoint_hash_update(&s, "OMNI", 4);
     uint64_t omni = checkpoint_hash_final(&s);
-    // values from an independent Python implementation of the algorithm documented in checkpoint.h
-    int ok = empty == 0xaf63bd4c8601b7dfull && h100 == 0x9e61e9b77fc9d001ull && omni == 0x83ffd5a4e919a62eull;
-    check(ok, "checksum matches the documented algorithm (known answers)", "");
+    checkpoint_hash_init(&s);
+    checkpoint_hash_update(&s, "abc", 3);
+    uint64_t abc = checkpoint_hash_final(&s);
+    // XXH64 (seed 0) test vectors published with xxHash (e.g. python-xxhash's xxh64("abc"))
+    int ok = empty == 0xef46db3751d8e999ull && abc == 0x44bc2cf5ad770999ull && omni != h100;
+    check(ok, "checksum is XXH64 (known answers)", "");
     // any split of the input gives the same value
     ok = 1;
     for (int split = 1; split < 17 && ok; split++) {
@@ -542,15 +550,8 @@ static void test_checkpoint_roundtrip(void) {
              bits_equal(rng_blob, d.rng_blob, 19);
     check(ok, "checkpoint round trip: params, m, v, BN sets, loader and RNG blobs bitwise", "");
     const CheckpointInfo* in = &d.info;
-    ok = info.step == in->step && info.adam_t == in->adam_t && info.tokens_seen == in->tokens_seen && info.B == in->B &&
-         info.T == in->T && info.grad_accum_steps == in->grad_accum_steps && info.num_processes == in->num_processes &&
-         info.total_batch_size == in->total_batch_size && info.num_steps == in->num_steps &&
-         info.warmup_steps == in->warmup_steps && info.lr_schedule == in->lr_schedule && info.shuffle == in->shuffle &&
-         info.expert_exec == in->expert_exec && info.seed == in->seed &&
-         bits_equal(&info.learning_rate, &in->learning_rate, 4) && bits_equal(&info.final_lr_frac, &in->final_lr_frac, 4) &&
-         bits_equal(&info.decay_frac, &in->decay_frac, 4) && bits_equal(&info.weight_decay, &in->weight_decay, 4) &&
-         bits_equal(&info.grad_clip, &in->grad_clip, 4) && bits_equal(&info.beta1, &in->beta1, 4) &&
-         bits_equal(&info.beta2, &in->beta2, 4) && bits_equal(&info.eps, &in->eps, 4) &&
+    ok = info.step == in->step && info.adam_t == in->adam_t && info.tokens_seen == in->tokens_seen &&
+         bits_equal(&info.run, &in->run, sizeof(RunIdentity)) &&
          info.num_params == (long long)d.P && info.num_bn_stats == (long long)d.NB && info.num_bn_sets == d.bn_sets &&
          info.loader_bytes == 37 && info.rng_bytes == 19;
     check(ok, "checkpoint round trip: every run field and section size", "");
@@ -1002,34 +1003,61 @@ static int close_to(float a, double b) { return fabs((double)a - b) <= 1e-6 * (f
 // checkpoint_compare_run in a child: its exit code is the number of notes it printed
 typedef struct {
     CheckpointInfo saved;
-    TrainConfig cfg;
+    RunIdentity now;
 } CompareRunArgs;
 
 static void child_compare_run(void* arg) {
     CompareRunArgs* a = (CompareRunArgs*)arg;
-    int notes = checkpoint_compare_run(&a->saved, &a->cfg);
+    int notes = checkpoint_compare_run("dir/ckpt_00000010.bin", &a->saved, &a->now);
     fflush(NULL);
     _exit(notes);
 }
 
-// resuming with changed run settings prints one note per change, none when nothing changed
+// resuming with changed hyperparameters prints one note per change, none when nothing changed;
+// other data, order, seed or window shape end the program naming the difference
 static void test_compare_run(void) {
     CompareRunArgs a;
-    train_config_defaults(&a.cfg);
-    a.cfg.B = 4;
-    a.cfg.T = 64;
-    checkpoint_info_from_config(&a.saved, &a.cfg, 10, 10, 2560);
+    TrainConfig cfg;
+    train_config_defaults(&cfg);
+    cfg.B = 4;
+    cfg.T = 64;
+    RunIdentity run = train_config_run_identity(&cfg, 0x1234abcd5678ef90ull, 338025, 1);
+    checkpoint_info_from_run(&a.saved, &run, 10, 10, 2560);
+    a.now = run;
     char out[4096];
     int notes = run_child(child_compare_run, &a, out, sizeof(out));
     check(notes == 0 && out[0] == '\0', "compare_run: the same settings give no note", out);
-    a.cfg.learning_rate = 1e-4f;
-    a.cfg.B = 2;
-    a.cfg.seed = 7;
+    cfg.learning_rate = 1e-4f;
+    cfg.num_steps = 2000;
+    cfg.total_batch_size = 512;
+    a.now = train_config_run_identity(&cfg, 0x1234abcd5678ef90ull, 338025, 1);
     notes = run_child(child_compare_run, &a, out, sizeof(out));
-    // -b also changes the tokens per step (-d -1 = B*T*processes): four notes
-    int ok = notes == 4 && strstr(out, "resuming with -l 0.0001") && strstr(out, "resuming with -b 2 (") &&
-             strstr(out, "resuming with -d (tokens per step) 128 (") && strstr(out, "resuming with --seed 7 (");
-    check(ok, "compare_run: changed -l, -b (and so -d) and --seed give one note each", out);
+    int ok = notes == 3 && strstr(out, "resuming with -l 0.0001") && strstr(out, "resuming with -x 2000 (") &&
+             strstr(out, "resuming with -d (tokens per step) 512 (");
+    check(ok, "compare_run: changed -l, -x and -d give one note each", out);
+    struct { const char* name; unsigned long long seed; int shuffle, B, T; uint64_t fp; long long tokens; int shards;
+             const char* expected; } refused[] = {
+        {"--seed", 43, 1, 4, 64, 0x1234abcd5678ef90ull, 338025, 1, "was written with --seed 42, this run has --seed 43"},
+        {"--shuffle", 42, 0, 4, 64, 0x1234abcd5678ef90ull, 338025, 1, "was written with --shuffle 1, this run has --shuffle 0"},
+        {"-b", 42, 1, 8, 32, 0x1234abcd5678ef90ull, 338025, 1, "was written with -b 4 -t 64, this run has -b 8 -t 32"},
+        {"data tokens", 42, 1, 4, 64, 0x1234abcd5678ef90ull, 338026, 1, "1 shard(s) with 338025 tokens, this run has 1 shard(s) with 338026"},
+        {"data shards", 42, 1, 4, 64, 0x1234abcd5678ef90ull, 338025, 2, "this run has 2 shard(s)"},
+        {"data fingerprint", 42, 1, 4, 64, 0x1234abcd5678ef91ull, 338025, 1, "fingerprint 1234abcd5678ef90, this run's data"},
+    };
+    for (size_t i = 0; i < sizeof(refused) / sizeof(refused[0]); i++) {
+        TrainConfig c2 = cfg;
+        c2.seed = refused[i].seed;
+        c2.shuffle = refused[i].shuffle;
+        c2.B = refused[i].B;
+        c2.T = refused[i].T;
+        c2.total_batch_size = -1;
+        a.now = train_config_run_identity(&c2, refused[i].fp, refused[i].tokens, refused[i].shards);
+        int status = run_child(child_compare_run, &a, out, sizeof(out));
+        char name[128];
+        snprintf(name, sizeof(name), "compare_run: a changed %s is refused, naming it", refused[i].name);
+        check(status == EXIT_FAILURE && strstr(out, "checkpoint \"dir/ckpt_00000010.bin\" was written with") &&
+              strstr(out, refused[i].expected) && strstr(out, "another -o directory"), name, out);
+    }
 }
 
 static void test_schedules(void) {

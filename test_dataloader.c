@@ -4,7 +4,9 @@
  * token by token against their known content: headers, streaming across shards and epochs,
  * rank splits, shuffling, position save/restore, reset/eval, a >4 GiB sparse shard (64-bit
  * offsets), bad input (each in a forked child that must exit non-zero with the expected
- * message), and the committed tinyshakespeare shards + tokenizer.
+ * message; a FIFO, directory or late out-of-vocabulary token is refused at init), the data
+ * fingerprint (one changed token changes it; a sparse shard equals its dense copy), and the
+ * committed tinyshakespeare shards + tokenizer.
  * Prints one PASS/FAIL line per test; exits non-zero if any test fails. Run from the repo root.
  *   gcc -O2 -Wall -Wextra -std=c11 test_dataloader.c -o test_dataloader -lm && ./test_dataloader
  */
@@ -12,6 +14,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 #include "llmc/dataloader.h"
@@ -682,6 +685,123 @@ static void test_bad_inputs(void) {
 }
 
 // ----------------------------------------------------------------------------
+// validation at init and the data fingerprint
+
+static uint64_t fingerprint_of(const char* pattern, size_t B, size_t T, int P, int shuffle) {
+    DataLoader loader;
+    dataloader_init(&loader, pattern, B, T, 0, P, shuffle, 3, VOCAB);
+    uint64_t fp = loader.fingerprint;
+    dataloader_free(&loader);
+    return fp;
+}
+
+static void test_fingerprint(void) {
+    const int64_t sizes[3] = {301, 257, 333};
+    ShardSet set;
+    make_shard_set(&set, "fpa", sizes, 3);
+    uint64_t base = fingerprint_of(set.pattern, 2, 8, 1, 0);
+    int ok = fingerprint_of(set.pattern, 2, 8, 1, 0) == base && fingerprint_of(set.pattern, 4, 4, 2, 1) == base;
+    report("fingerprint: the same data give the same fingerprint, whatever B, T, ranks or shuffle", ok, "");
+
+    // one token of the last shard changed
+    set.tokens[2][200] = (uint16_t)((set.tokens[2][200] + 1) % VOCAB);
+    write_raw_shard(set.paths[2], set.tokens[2], sizes[2], SHARD_MAGIC, SHARD_VERSION, sizes[2]);
+    uint64_t changed = fingerprint_of(set.pattern, 2, 8, 1, 0);
+    char detail[128];
+    snprintf(detail, sizeof(detail), "%016llx vs %016llx", (unsigned long long)base, (unsigned long long)changed);
+    report("fingerprint: one changed token changes it", changed != base, detail);
+    set.tokens[2][200] = (uint16_t)((set.tokens[2][200] + VOCAB - 1) % VOCAB);
+    write_raw_shard(set.paths[2], set.tokens[2], sizes[2], SHARD_MAGIC, SHARD_VERSION, sizes[2]);
+    report("fingerprint: restoring the token restores it", fingerprint_of(set.pattern, 2, 8, 1, 0) == base, "");
+
+    // the same tokens cut into shards differently (first two shards joined into one)
+    char joined[300], pattern[300];
+    snprintf(pattern, sizeof(pattern), "%s/fpb_*.bin", tmp_dir);
+    uint16_t* both = (uint16_t*)malloc_check((size_t)(sizes[0] + sizes[1]) * sizeof(uint16_t));
+    memcpy(both, set.tokens[0], (size_t)sizes[0] * 2);
+    memcpy(both + sizes[0], set.tokens[1], (size_t)sizes[1] * 2);
+    snprintf(joined, sizeof(joined), "%s/fpb_000000.bin", tmp_dir);
+    write_raw_shard(joined, both, sizes[0] + sizes[1], SHARD_MAGIC, SHARD_VERSION, sizes[0] + sizes[1]);
+    char third[300];
+    snprintf(third, sizeof(third), "%s/fpb_000001.bin", tmp_dir);
+    write_raw_shard(third, set.tokens[2], sizes[2], SHARD_MAGIC, SHARD_VERSION, sizes[2]);
+    report("fingerprint: the same tokens in other shard boundaries differ", fingerprint_of(pattern, 2, 8, 1, 0) != base, "");
+    remove(joined);
+    remove(third);
+    free(both);
+
+    // a sparse shard (a hole the scan hashes from memory) and its dense copy: same fingerprint
+    const int64_t n = 3 * 1048576 + 17;  // a hole of ~6 MiB, data at both ends
+    uint16_t* dense = (uint16_t*)calloc_check((size_t)n, sizeof(uint16_t));
+    for (int64_t i = 0; i < 1000; i++) dense[i] = (uint16_t)(1 + random_u32() % (VOCAB - 1));
+    for (int64_t i = n - 3000; i < n; i++) dense[i] = (uint16_t)(1 + random_u32() % (VOCAB - 1));
+    char sparse_path[300], dense_path[300];
+    snprintf(dense_path, sizeof(dense_path), "%s/dense_000000.bin", tmp_dir);
+    write_raw_shard(dense_path, dense, n, SHARD_MAGIC, SHARD_VERSION, n);
+    snprintf(sparse_path, sizeof(sparse_path), "%s/sparse_000000.bin", tmp_dir);
+    write_raw_shard(sparse_path, dense, 1000, SHARD_MAGIC, SHARD_VERSION, n);
+    FILE* fp = fopen_check(sparse_path, "r+b");
+    fseek_check(fp, SHARD_HEADER_BYTES + (n - 3000) * 2, SEEK_SET, sparse_path);
+    fwrite_check(dense + n - 3000, sizeof(uint16_t), 3000, fp, sparse_path);
+    fclose_check(fp, sparse_path);
+    struct stat st;
+    stat(sparse_path, &st);
+    uint64_t fp_dense = fingerprint_of(dense_path, 4, 64, 1, 0), fp_sparse = fingerprint_of(sparse_path, 4, 64, 1, 0);
+    snprintf(detail, sizeof(detail), "sparse file uses %lld of %lld bytes", (long long)st.st_blocks * 512,
+             (long long)st.st_size);
+    report("fingerprint: a sparse shard and its dense copy agree (holes read as zeros)", fp_dense == fp_sparse, detail);
+    // an out-of-vocabulary token after the hole is still found
+    dense[n - 5] = 65535;
+    fp = fopen_check(sparse_path, "r+b");
+    fseek_check(fp, SHARD_HEADER_BYTES + (n - 5) * 2, SEEK_SET, sparse_path);
+    fwrite_check(&dense[n - 5], sizeof(uint16_t), 1, fp, sparse_path);
+    fclose_check(fp, sparse_path);
+    BadCase c = {sparse_path, 4, 64, 1, 0, NULL};
+    snprintf(detail, sizeof(detail), "token %lld (byte offset", (long long)(n - 5));
+    expect_failure("bad input: out-of-vocab token after a hole of a sparse shard, found at init", &c, detail, "is 65535");
+    remove(dense_path);
+    remove(sparse_path);
+    free(dense);
+    free_shard_set(&set);
+}
+
+static void test_validation_at_init(void) {
+    // an out-of-vocabulary token as the very last token of the last of three shards: init finds
+    // it, before any batch is read
+    const int64_t sizes[3] = {401, 402, 403};
+    ShardSet set;
+    make_shard_set(&set, "late", sizes, 3);
+    set.tokens[2][402] = VOCAB + 7;
+    write_raw_shard(set.paths[2], set.tokens[2], sizes[2], SHARD_MAGIC, SHARD_VERSION, sizes[2]);
+    BadCase c = {set.pattern, 2, 8, 1, 0, NULL};
+    expect_failure("bad input: out-of-vocab token at the end of a late shard is found at init", &c,
+                   "token 402 (byte offset 1828) is 50264", set.paths[2]);
+    free_shard_set(&set);
+
+    // a FIFO matching the glob: refused at once (no reader blocks on it), named
+    const int64_t one[1] = {300};
+    ShardSet good;
+    make_shard_set(&good, "fifo", one, 1);
+    char fifo[300];
+    snprintf(fifo, sizeof(fifo), "%s/fifo_000001.bin", tmp_dir);
+    if (mkfifo(fifo, 0644) != 0) {
+        report("bad input: mkfifo", 0, strerror(errno));
+    } else {
+        c.pattern = good.pattern;
+        expect_failure("bad input: a FIFO as a shard is refused without hanging", &c, "is a FIFO", fifo);
+        remove(fifo);
+    }
+    // a directory matching the glob
+    char sub[300];
+    snprintf(sub, sizeof(sub), "%s/fifo_000002.bin", tmp_dir);
+    mkdir(sub, 0755);
+    c.pattern = good.pattern;
+    expect_failure("bad input: a directory as a shard is refused", &c, "is a directory", sub);
+    rmdir(sub);
+    free_shard_set(&good);
+}
+
+// ----------------------------------------------------------------------------
 // committed data
 
 static void test_tokenizer(void) {
@@ -814,6 +934,8 @@ int main(void) {
     RUN_ISOLATED("reset + num_batches", test_reset_eval(&main_set));
     RUN_ISOLATED("64-bit offsets", test_large_sparse_shard());
     RUN_ISOLATED("bad inputs", test_bad_inputs());
+    RUN_ISOLATED("validation at init", test_validation_at_init());
+    RUN_ISOLATED("fingerprint", test_fingerprint());
     RUN_ISOLATED("tokenizer", test_tokenizer());
     RUN_ISOLATED("committed tinyshakespeare", test_tinyshakespeare());
 

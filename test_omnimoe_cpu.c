@@ -270,8 +270,24 @@ static int cmp_scored(const void* a, const void* b) {
 }
 
 // mode 0: multiples of 2^-12 in [-16, 0] (every sum exact, few ties); mode 1: coarse levels
-// (many equal sums); mode 2: log_softmax of normal logits (full fp32); mode 3: all values equal
+// (many equal sums); mode 2: log_softmax of normal logits (full fp32); mode 3: all values equal;
+// mode 4: near-ties, two calls differ: pr a few ulps around -1 (odd call) and pc of a far larger
+// magnitude (even call), so fp32 rounding makes rows of different pr score the same sum
 static void fill_router_values(float* out, int n, int mode, Rng* rng) {
+    static int near_tie_call = 0;
+    if (mode == 4) {
+        int rows = (near_tie_call++ % 2) == 0;
+        for (int i = 0; i < n; i++) {
+            if (rows) {
+                float x = -1.0f;
+                for (int u = (int)(rng_u32(rng) % 4); u > 0; u--) x = nextafterf(x, 0.0f);
+                out[i] = x;
+            } else {
+                out[i] = -(float)(16 + rng_u32(rng) % 4);
+            }
+        }
+        return;
+    }
     if (mode == 0) {
         for (int i = 0; i < n; i++) out[i] = -(float)(rng_u32(rng) % 65536) / 4096.0f;
     } else if (mode == 1) {
@@ -291,9 +307,9 @@ static void fill_router_values(float* out, int n, int mode, Rng* rng) {
 
 static void test_topk(void) {
     static const int ns[] = {1, 2, 3, 4, 5, 7, 8, 13, 16, 32, 64};
-    static const char* mode_names[] = {"exact", "ties", "fp32", "all-equal"};
+    static const char* mode_names[] = {"exact", "ties", "fp32", "all-equal", "near-ties"};
     Rng rng = rng_seeded(1234);
-    for (int mode = 0; mode < 4; mode++) {
+    for (int mode = 0; mode < 5; mode++) {
         int cases = 0, mismatches = 0;
         for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++) {
             int n = ns[ni], N = n * n;

@@ -504,6 +504,37 @@ static void sort_best_first(ScoredId* items, int count) {
     }
 }
 
+static int compare_ints(const void* a, const void* b) { return (*(const int*)a > *(const int*)b) - (*(const int*)a < *(const int*)b); }
+
+// best[0..k) is the top-k of the k' x k' grid, best first. Rounding is monotone, so no pair
+// outside the grid scores above the k-th score v, but an fp32 sum can round to exactly v for a
+// pair outside it with a smaller id (rows a few ulps apart, a column of larger magnitude). The
+// tie rule wants the smallest ids scoring v (docs/design.md §2): gather every pair scoring v in
+// the rows and columns that can reach it, and keep the smallest. O(n) when nothing outside ties.
+static void topk_fix_rounding_ties(ScoredId* best, const float* pr, const float* pc, int n, int k) {
+    float v = best[k - 1].score, pr_max = -INFINITY, pc_max = -INFINITY;
+    for (int i = 0; i < n; i++) { pr_max = fmaxf(pr_max, pr[i]); pc_max = fmaxf(pc_max, pc[i]); }
+    int above = 0;  // pairs scoring above v: all in best[], and they stay
+    while (above < k && best[above].score > v) above++;
+    int reach_rows = 0, reach_cols = 0;
+    for (int i = 0; i < n; i++) reach_rows += pr[i] + pc_max >= v;
+    for (int j = 0; j < n; j++) reach_cols += pr_max + pc[j] >= v;
+    int in_grid_ties = k - above;
+    int* tied = (int*)malloc_check((size_t)reach_rows * reach_cols * sizeof(int));
+    int count = 0;
+    for (int i = 0; i < n; i++) {
+        if (!(pr[i] + pc_max >= v)) continue;
+        for (int j = 0; j < n; j++) {
+            if (pr[i] + pc[j] == v) tied[count++] = i * n + j;
+        }
+    }
+    if (count > in_grid_ties) {  // an outside pair ties: the smallest ids scoring v win
+        qsort(tied, count, sizeof(int), compare_ints);
+        for (int m = above; m < k; m++) best[m].id = tied[m - above];
+    }
+    free(tied);
+}
+
 // Exact top-k of S(i,j) = pr[i] + pc[j] (fp32 sum) over all N = n*n pairs in O(n + k^2):
 // with k' = min(n, k), the k best pairs lie in the grid of the k' best rows (by pr, ties to the
 // smaller index) times the k' best columns, because each pair outside it is beaten by k' pairs
@@ -531,6 +562,7 @@ void omni_topk(const float* pr, const float* pc, int n, int k, int* out_idx, flo
     }
     if (k < kk * kk) select_best(grid, kk * kk, k);
     sort_best_first(grid, k);
+    if (kk < n) topk_fix_rounding_ties(grid, pr, pc, n, k);
     for (int m = 0; m < k; m++) {
         out_idx[m] = grid[m].id;
         out_score[m] = grid[m].score;
@@ -784,12 +816,30 @@ typedef struct {
 static float* alloc_floats(size_t count) { return (float*)calloc_check(count > 0 ? count : 1, sizeof(float)); }
 static int* alloc_ints(size_t count) { return (int*)calloc_check(count > 0 ? count : 1, sizeof(int)); }
 
+// Exits with the numbers when `bytes` more host memory are needed than the kernel says is
+// available (MemAvailable): refusing up front beats being OOM-killed mid-run. Unknown: no check.
+static void check_host_memory(double bytes, const char* what, const char* advice) {
+    long long available = host_memory_available();
+    if (available < 0 || bytes <= (double)available) return;
+    const double GiB = 1024.0 * 1024.0 * 1024.0;
+    fprintf(stderr, "Error: the CPU trainer needs %.2f GiB of host memory for %s, but only %.2f GiB is available "
+            "(MemAvailable in /proc/meminfo): %s\n", bytes / GiB, what, (double)available / GiB, advice);
+    exit(EXIT_FAILURE);
+}
+
 void gpt_build(GPT* model, const ModelConfig* config) {
     if (!model_config_validate(config)) exit(EXIT_FAILURE);
     memset(model, 0, sizeof(*model));
     model->config = *config;
     model_config_param_sizes(config, model->param_sizes);
     model->num_params = model_config_num_params(config);
+    // the model's state: weights, gradients, AdamW m and v (activations: ensure_activations)
+    double P4 = 4.0 * (double)model->num_params, GiB = 1024.0 * 1024.0 * 1024.0;
+    char what[256];
+    snprintf(what, sizeof(what), "the model's %zu parameters (weights %.2f GiB, gradients %.2f GiB, AdamW state %.2f "
+             "GiB)", model->num_params, P4 / GiB, P4 / GiB, 2 * P4 / GiB);
+    check_host_memory(4 * P4 + 4.0 * (double)model_config_num_bn_stats(config), what,
+                      "choose a smaller model (-e) or train on a GPU (./train_omnimoe)");
     model->params = alloc_floats(model->num_params);
     model->grads = alloc_floats(model->num_params);
     size_t offset = 0;
@@ -837,13 +887,21 @@ static void free_activations(GPT* model) {
     model->alloc_B = model->alloc_T = 0;
 }
 
-// activations and backward scratch for at least (B, T): a smaller batch or shorter sequence
-// reuses the buffers (every index is computed from the B, T of the call), a larger one grows them
-static void ensure_activations(GPT* model, int B, int T) {
-    if (B <= model->alloc_B && T <= model->alloc_T) return;
-    if (B < model->alloc_B) B = model->alloc_B;
-    if (T < model->alloc_T) T = model->alloc_T;
-    free_activations(model);
+// one buffer of the activation layout: allocated, or with bytes != NULL only counted
+static float* layout_floats(size_t count, double* bytes) {
+    if (bytes == NULL) return alloc_floats(count);
+    *bytes += 4.0 * (double)count;
+    return NULL;
+}
+static int* layout_ints(size_t count, double* bytes) {
+    if (bytes == NULL) return alloc_ints(count);
+    *bytes += 4.0 * (double)count;
+    return NULL;
+}
+
+// The activations and backward scratch for (B, T): allocated into model, or with bytes != NULL
+// only their size added up (model's pointers then become NULL: pass a copy).
+static void layout_activations(GPT* model, int B, int T, double* bytes) {
     const ModelConfig* c = &model->config;
     size_t L = c->num_layers, C = c->channels, NH = c->num_heads, Vp = c->padded_vocab_size;
     size_t BT = (size_t)B * T, H = c->ffn_hidden;
@@ -852,56 +910,73 @@ static void ensure_activations(GPT* model, int B, int T) {
     size_t R = omni ? 2 * (size_t)c->router_n : 0, K = omni ? (size_t)c->top_k : 0;
     size_t N = omni ? (size_t)c->num_experts : 0;
     GPTActivations* a = &model->acts;
-    a->encoded = alloc_floats(BT * C);
-    a->ln1 = alloc_floats(L * BT * C);
-    a->ln1_mean = alloc_floats(L * BT);
-    a->ln1_rstd = alloc_floats(L * BT);
-    a->qkv = alloc_floats(L * BT * 3 * C);
-    a->atty = alloc_floats(L * BT * C);
-    a->att = alloc_floats(L * B * NH * T * T);
-    a->attproj = alloc_floats(L * BT * C);
-    a->residual2 = alloc_floats(L * BT * C);
-    a->ln2 = alloc_floats(L * BT * C);
-    a->ln2_mean = alloc_floats(L * BT);
-    a->ln2_rstd = alloc_floats(L * BT);
-    a->fch = alloc_floats(L * BT * FR);
-    a->fch_act = alloc_floats(L * BT * H);
-    a->ffn_out = alloc_floats(L * BT * C);
-    a->residual3 = alloc_floats(L * BT * C);
-    a->router_logits = alloc_floats(L * BT * R);
-    a->router_normed = alloc_floats(L * BT * R);
-    a->bn_mean = alloc_floats(L * R);
-    a->bn_rstd = alloc_floats(L * R);
-    a->router_logp = alloc_floats(L * BT * R);
-    a->topk_idx = alloc_ints(L * BT * K);
-    a->topk_score = alloc_floats(L * BT * K);
-    a->gate = alloc_floats(L * BT * K);
-    a->expert_s = alloc_floats(L * BT * K);
-    a->expert_a = alloc_floats(L * BT * K);
-    a->lnf = alloc_floats(BT * C);
-    a->lnf_mean = alloc_floats(BT);
-    a->lnf_rstd = alloc_floats(BT);
-    a->losses = alloc_floats(BT);
-    a->lse = alloc_floats(BT);
+    a->encoded = layout_floats(BT * C, bytes);
+    a->ln1 = layout_floats(L * BT * C, bytes);
+    a->ln1_mean = layout_floats(L * BT, bytes);
+    a->ln1_rstd = layout_floats(L * BT, bytes);
+    a->qkv = layout_floats(L * BT * 3 * C, bytes);
+    a->atty = layout_floats(L * BT * C, bytes);
+    a->att = layout_floats(L * B * NH * T * T, bytes);
+    a->attproj = layout_floats(L * BT * C, bytes);
+    a->residual2 = layout_floats(L * BT * C, bytes);
+    a->ln2 = layout_floats(L * BT * C, bytes);
+    a->ln2_mean = layout_floats(L * BT, bytes);
+    a->ln2_rstd = layout_floats(L * BT, bytes);
+    a->fch = layout_floats(L * BT * FR, bytes);
+    a->fch_act = layout_floats(L * BT * H, bytes);
+    a->ffn_out = layout_floats(L * BT * C, bytes);
+    a->residual3 = layout_floats(L * BT * C, bytes);
+    a->router_logits = layout_floats(L * BT * R, bytes);
+    a->router_normed = layout_floats(L * BT * R, bytes);
+    a->bn_mean = layout_floats(L * R, bytes);
+    a->bn_rstd = layout_floats(L * R, bytes);
+    a->router_logp = layout_floats(L * BT * R, bytes);
+    a->topk_idx = layout_ints(L * BT * K, bytes);
+    a->topk_score = layout_floats(L * BT * K, bytes);
+    a->gate = layout_floats(L * BT * K, bytes);
+    a->expert_s = layout_floats(L * BT * K, bytes);
+    a->expert_a = layout_floats(L * BT * K, bytes);
+    a->lnf = layout_floats(BT * C, bytes);
+    a->lnf_mean = layout_floats(BT, bytes);
+    a->lnf_rstd = layout_floats(BT, bytes);
+    a->losses = layout_floats(BT, bytes);
+    a->lse = layout_floats(BT, bytes);
     GPTBackwardScratch* s = &model->scratch;
-    s->dresidual = alloc_floats(BT * C);
-    s->dln = alloc_floats(BT * C);
-    s->dqkv = alloc_floats(BT * 3 * C);
-    s->datt_row = alloc_floats((size_t)B * NH * T);
-    s->datty = alloc_floats(BT * C);
-    s->dfch = alloc_floats(BT * FR);
-    s->dfch_act = alloc_floats(BT * H);
-    s->dlogits = alloc_floats(BT * Vp);
-    s->drouter_a = alloc_floats(BT * R);
-    s->drouter_b = alloc_floats(BT * R);
-    s->dgate = alloc_floats(BT * K);
-    s->dscore = alloc_floats(BT * K);
-    s->ds = alloc_floats(BT * K);
-    s->pair_offsets = alloc_ints(N + 1);
-    s->pair_list = alloc_ints(BT * K);
-    model->logits = alloc_floats(BT * Vp);
-    model->inputs = alloc_ints(BT);
-    model->targets = alloc_ints(BT);
+    s->dresidual = layout_floats(BT * C, bytes);
+    s->dln = layout_floats(BT * C, bytes);
+    s->dqkv = layout_floats(BT * 3 * C, bytes);
+    s->datt_row = layout_floats((size_t)B * NH * T, bytes);
+    s->datty = layout_floats(BT * C, bytes);
+    s->dfch = layout_floats(BT * FR, bytes);
+    s->dfch_act = layout_floats(BT * H, bytes);
+    s->dlogits = layout_floats(BT * Vp, bytes);
+    s->drouter_a = layout_floats(BT * R, bytes);
+    s->drouter_b = layout_floats(BT * R, bytes);
+    s->dgate = layout_floats(BT * K, bytes);
+    s->dscore = layout_floats(BT * K, bytes);
+    s->ds = layout_floats(BT * K, bytes);
+    s->pair_offsets = layout_ints(N + 1, bytes);
+    s->pair_list = layout_ints(BT * K, bytes);
+    model->logits = layout_floats(BT * Vp, bytes);
+    model->inputs = layout_ints(BT, bytes);
+    model->targets = layout_ints(BT, bytes);
+}
+
+// activations and backward scratch for at least (B, T): a smaller batch or shorter sequence
+// reuses the buffers (every index is computed from the B, T of the call), a larger one grows them
+static void ensure_activations(GPT* model, int B, int T) {
+    if (B <= model->alloc_B && T <= model->alloc_T) return;
+    if (B < model->alloc_B) B = model->alloc_B;
+    if (T < model->alloc_T) T = model->alloc_T;
+    free_activations(model);
+    GPT counted = *model;
+    double bytes = 0.0, adamw = model->m == NULL ? 8.0 * (double)model->num_params : 0.0;
+    layout_activations(&counted, B, T, &bytes);
+    char what[256];
+    snprintf(what, sizeof(what), "the activations of a micro-batch of B=%d, T=%d (%.2f GiB) and the AdamW state "
+             "still to allocate (%.2f GiB)", B, T, bytes / (1024.0 * 1024.0 * 1024.0), adamw / (1024.0 * 1024.0 * 1024.0));
+    check_host_memory(bytes + adamw, what, "lower -b or -t, or train on a GPU (./train_omnimoe)");
+    layout_activations(model, B, T, NULL);
     model->alloc_B = B;
     model->alloc_T = T;
 }
@@ -1329,6 +1404,8 @@ int main(int argc, char** argv) {
     dataloader_init(&train_loader, cfg.train_data_pattern, cfg.B, cfg.T, 0, 1, cfg.shuffle, cfg.seed, V);
     int have_val = cfg.val_data_pattern[0] != '\0' && cfg.val_every > 0;
     if (have_val) dataloader_init(&val_loader, cfg.val_data_pattern, cfg.B, cfg.T, 0, 1, 0, cfg.seed, V);
+    RunIdentity run = train_config_run_identity(&cfg, train_loader.fingerprint, train_loader.total_tokens,
+                                                train_loader.num_shards);  // what a checkpoint records
     printf("| train: %lld tokens in %d shard(s), %lld batches per epoch; grad accumulation %d (%lld tokens/step)\n",
            (long long)train_loader.total_tokens, train_loader.num_shards,
            (long long)dataloader_num_batches(&train_loader), grad_accum_steps, tokens_per_step);
@@ -1355,7 +1432,7 @@ int main(int argc, char** argv) {
             model.v = alloc_floats(model.num_params);
             checkpoint_read(path, &model_config, &info, model.params, model.m, model.v, model.bn_stats, 1,
                             &loader_state, sizeof(loader_state), &sample_rng.state, sizeof(sample_rng.state));
-            checkpoint_compare_run(&info, &cfg);
+            checkpoint_compare_run(path, &info, &run);
             dataloader_set_state(&train_loader, &loader_state);
             start_step = info.step;
             printf("| resumed from %s (step %d)\n", path, start_step);
@@ -1384,7 +1461,7 @@ int main(int argc, char** argv) {
         if (cfg.output_dir[0] != '\0' && step > start_step &&
             (last_step || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0))) {
             CheckpointInfo info;
-            checkpoint_info_from_config(&info, &cfg, step, step, tokens_seen);
+            checkpoint_info_from_run(&info, &run, step, step, tokens_seen);
             DataLoaderState loader_state = dataloader_get_state(&train_loader);
             char written[CHECKPOINT_PATH_MAX];
             checkpoint_write(cfg.output_dir, c, &info, model.params, model.m, model.v, model.bn_stats, 1,

@@ -837,7 +837,8 @@ static void save_checkpoint(const Model* m, const TrainConfig* cfg, const MultiG
     rs.loader = dataloader_get_state(loader);
     rs.sample_rng_state = sample_rng->state;
     CheckpointInfo info;
-    checkpoint_info_from_config(&info, cfg, step, m->adam_t, tokens_seen);
+    RunIdentity run = train_config_run_identity(cfg, loader->fingerprint, loader->total_tokens, loader->num_shards);
+    checkpoint_info_from_run(&info, &run, step, m->adam_t, tokens_seen);
     char path[CHECKPOINT_PATH_MAX];
     checkpoint_make_dir(cfg->output_dir);
     checkpoint_write(cfg->output_dir, &m->config, &info, params, adam_m, adam_v, bn_all, G, &rs.loader,
@@ -881,7 +882,8 @@ static int load_checkpoint(Model* m, const char* path, const TrainConfig* cfg, c
         checkpoint_read(path, &m->config, &info, params, adam_m, adam_v, NB > 0 ? bn_all : NULL, info.num_bn_sets,
                         &rp.run.loader, sizeof(rp.run.loader), &rp.run.sample_rng_state,
                         sizeof(rp.run.sample_rng_state));
-        checkpoint_compare_run(&info, cfg);
+        RunIdentity run = train_config_run_identity(cfg, loader->fingerprint, loader->total_tokens, loader->num_shards);
+        checkpoint_compare_run(path, &info, &run);  // exits when the data, order or seed differ
         model_set_params(m, params, bn_all);
         cudaCheck(cudaMemcpy(m->adam_m, adam_m, P * sizeof(float), cudaMemcpyHostToDevice));
         cudaCheck(cudaMemcpy(m->adam_v, adam_v, P * sizeof(float), cudaMemcpyHostToDevice));

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 MODEL_MAGIC = 20261101
 MODEL_VERSION = 1
+MODEL_VERSION_HASHED = 2  # the trainers write this one: with a 16-byte trailer
 FIXTURE_MAGIC = 20261103
 FIXTURE_VERSION = 1
 HEADER_INTS = 256
@@ -263,7 +264,10 @@ def forward(c, params, bn_stats, inputs, targets=None, training=True, record=Non
 # files, little-endian. Header: 256 int32 = [0] magic [1] version [2] max_seq_len [3] vocab_size
 # [4] padded_vocab_size [5] num_layers [6] num_heads [7] channels [8] ffn_kind [9] ffn_hidden
 # [10] router_n [11] num_experts [12] top_k [13] router_norm [14] gate, other slots 0 except:
-# Model file (magic 20261101, v1): header, fp32 params[num_params], fp32 bn_stats[num_bn].
+# Model file (magic 20261101): header, fp32 params[num_params], fp32 bn_stats[num_bn]; version 2
+#   then a 16-byte trailer: uint64 XXH64 (seed 0) of everything before it, b"OMNI-END" (checked
+#   when the python xxhash module is installed). write_model writes version 1 (no hash), which
+#   the trainers still read, with a warning.
 # Fixture file (magic 20261103, v1): header with [16] B [17] T [18] training, then fp32 params,
 #   fp32 bn_stats_before, int32 inputs[B*T], int32 targets[B*T], fp32 logits[B*T*Vp],
 #   fp32 loss, fp32 grads[num_params], fp32 bn_stats_after.
@@ -310,10 +314,23 @@ def write_model(path, c, params_flat, bn_stats):
 def read_model(path):
     """Returns (config, params_flat float32 array, bn_stats float32 array)."""
     with open(path, "rb") as f:
-        h = read_header(f, path, MODEL_MAGIC, MODEL_VERSION)
+        version = MODEL_VERSION_HASHED if np.frombuffer(f.read(8), dtype="<i4")[1] == MODEL_VERSION_HASHED else MODEL_VERSION
+        f.seek(0)
+        h = read_header(f, path, MODEL_MAGIC, version)
         c = Config.from_header(h)
         p = _read_array(f, path, "<f4", num_params(c), "the parameters")
         b = _read_array(f, path, "<f4", num_bn_stats(c), "the BN running statistics")
+        if version == MODEL_VERSION_HASHED:
+            trailer = f.read(16)
+            if len(trailer) != 16 or trailer[8:] != b"OMNI-END":
+                raise ValueError(f"{path}: the 16-byte trailer (hash, OMNI-END) is missing or damaged")
+            try:
+                import xxhash
+                stored = int.from_bytes(trailer[:8], "little")
+                if xxhash.xxh64(h.tobytes() + p.tobytes() + b.tobytes(), seed=0).intdigest() != stored:
+                    raise ValueError(f"{path}: checksum mismatch (XXH64): the file is corrupt")
+            except ImportError:
+                pass  # the end magic was checked; the trainers verify the hash
         if f.read(1):
             raise ValueError(f"{path}: trailing bytes after the BN statistics")
     return c, p, b

@@ -32,7 +32,10 @@
 #include <errno.h>
 #include <math.h>
 #include <float.h>
+#include <stdint.h>
+#include <sys/stat.h>
 #include "config.h"
+#include "run_identity.h"
 
 // learning-rate schedules (schedule.h computes them)
 enum { LR_SCHEDULE_COSINE = 0, LR_SCHEDULE_WSD = 1, LR_SCHEDULE_CONSTANT = 2 };
@@ -121,7 +124,7 @@ static const TrainFlag train_flags[] = {
     {"-b", "--batch-size", TRAIN_ARG_INT, offsetof(TrainConfig, B), 1, TRAIN_INT_MAX, 0, NULL, "micro-batch size B (sequences per process per micro-step)"},
     {"-t", "--seq-len", TRAIN_ARG_INT, offsetof(TrainConfig, T), 1, TRAIN_INT_MAX, 0, NULL, "sequence length T (<= the model's max_seq_len)"},
     {"-d", "--total-batch-size", TRAIN_ARG_LONG, offsetof(TrainConfig, total_batch_size), 1, 9.0e18, 1, NULL, "tokens per optimiser step, a multiple of B*T*processes (-1 = B*T*processes)"},
-    {"-x", "--steps", TRAIN_ARG_INT, offsetof(TrainConfig, num_steps), 0, TRAIN_INT_MAX, 0, NULL, "number of optimiser steps"},
+    {"-x", "--steps", TRAIN_ARG_INT, offsetof(TrainConfig, num_steps), 0, TRAIN_INT_MAX - 1, 0, NULL, "number of optimiser steps"},
     {"-l", "--lr", TRAIN_ARG_FLOAT, offsetof(TrainConfig, learning_rate), 0, TRAIN_NO_MAX, 0, NULL, "peak learning rate"},
     {"-u", "--warmup", TRAIN_ARG_INT, offsetof(TrainConfig, warmup_steps), 0, TRAIN_INT_MAX, 0, NULL, "linear warm-up steps"},
     {"-q", "--final-lr-frac", TRAIN_ARG_FLOAT, offsetof(TrainConfig, final_lr_frac), 0, 1, 0, NULL, "final learning rate as a fraction of the peak (cosine, wsd)"},
@@ -347,7 +350,7 @@ static inline void train_flag_set_(TrainConfig* cfg, const TrainFlag* f, const c
         train_flag_fail_(f, value, why);
     }
     if (f->kind == TRAIN_ARG_FLOAT) *(float*)p = (float)x;
-    else if (f->kind == TRAIN_ARG_LONG) *(long long*)p = (long long)x;
+    else if (f->kind == TRAIN_ARG_LONG) *(long long*)p = strtoll(value, NULL, 10);  // exact: x rounds above 2^53
     else *(int*)p = (int)x;
 }
 
@@ -458,7 +461,7 @@ static inline void train_config_parse(TrainConfig* cfg, int argc, char** argv) {
         exit(EXIT_FAILURE);
     }
     if (cfg->num_experts > 0) {
-        int n = (int)floor(sqrt((double)cfg->num_experts) + 0.5);
+        long long n = (long long)floor(sqrt((double)cfg->num_experts) + 0.5);
         if (n * n != cfg->num_experts) {
             fprintf(stderr, "Error: bad value \"%d\" for flag --experts: the number of experts N must be a perfect "
                     "square n*n (e.g. 1024, 4096, 16384)\n", cfg->num_experts);
@@ -491,11 +494,8 @@ static inline int train_config_model(const TrainConfig* cfg, ModelConfig* out) {
     ModelConfig c;
     int ffn = cfg->ffn_kind >= 0 ? cfg->ffn_kind : FFN_OMNI;
     if (!model_config_preset(&c, cfg->model, ffn)) {
-        FILE* fp = fopen(cfg->model, "rb");
-        if (fp != NULL) {
-            fclose(fp);
-            return 0;
-        }
+        struct stat st;  // stat, not fopen: opening a FIFO would block; model_file_read names a non-file
+        if (stat(cfg->model, &st) == 0) return 0;
         fprintf(stderr, "Error: bad value \"%s\" for flag -e (--model): not a preset (tiny, small, d6, d12, d24, d36, "
                 "d48) and not a readable model file (%s)\n", cfg->model, strerror(errno));
         exit(EXIT_FAILURE);
@@ -562,22 +562,88 @@ static inline void train_config_check_file_model(const TrainConfig* cfg, const M
     }
 }
 
+// ----------------------------------------------------------------------------
+// sizes: every count derived from the flags is computed in 64 bits and checked, so an impossible
+// combination is refused with the flags named instead of wrapping around
+
+#define TRAIN_MAX_MICRO_TOKENS 2147483647LL   // B*T: tokens of one micro-batch are indexed with int
+#define TRAIN_MAX_GRAD_ACCUM 2147483647LL     // micro-batches per optimiser step (an int)
+
+// a * b for a, b >= 0; 0 when the product does not fit in int64 (*out untouched then)
+static inline int train_mul_ok_(long long a, long long b, long long* out) {
+    if (a < 0 || b < 0) return 0;
+    if (a != 0 && b > INT64_MAX / a) return 0;
+    *out = a * b;
+    return 1;
+}
+
+// tokens of one micro-step over all processes, B*T*processes; exits when B*T is too large
+static inline long long train_config_micro_step_tokens(const TrainConfig* cfg) {
+    long long BT, all;
+    if (!train_mul_ok_(cfg->B, cfg->T, &BT) || BT > TRAIN_MAX_MICRO_TOKENS) {
+        fprintf(stderr, "Error: flags -b %d -t %d: B*T = %.0f tokens per micro-batch, at most %lld\n", cfg->B,
+                cfg->T, (double)cfg->B * (double)cfg->T, TRAIN_MAX_MICRO_TOKENS);
+        exit(EXIT_FAILURE);
+    }
+    if (!train_mul_ok_(BT, cfg->num_processes, &all)) {  // BT < 2^31, processes < 2^31: cannot happen
+        fprintf(stderr, "Error: B*T*processes = %lld*%d overflows\n", BT, cfg->num_processes);
+        exit(EXIT_FAILURE);
+    }
+    return all;
+}
+
 // tokens per optimiser step (resolves -d -1)
 static inline long long train_config_total_batch_tokens(const TrainConfig* cfg) {
-    long long per_micro_step = (long long)cfg->B * cfg->T * cfg->num_processes;
+    long long per_micro_step = train_config_micro_step_tokens(cfg);
     return cfg->total_batch_size == -1 ? per_micro_step : cfg->total_batch_size;
 }
 
-// micro-steps per optimiser step = d / (B * T * num_processes); exits when that is not whole
+// micro-steps per optimiser step = d / (B * T * num_processes); exits when that is not whole,
+// not positive or more than an int holds
 static inline int train_config_grad_accum_steps(const TrainConfig* cfg) {
-    long long per_micro_step = (long long)cfg->B * cfg->T * cfg->num_processes;
+    long long per_micro_step = train_config_micro_step_tokens(cfg);
     long long total = train_config_total_batch_tokens(cfg);
-    if (per_micro_step <= 0 || total % per_micro_step != 0) {
-        fprintf(stderr, "Error: bad value \"%lld\" for flag -d (--total-batch-size): it must be a multiple of "
-                "B*T*processes = %d*%d*%d = %lld tokens\n", total, cfg->B, cfg->T, cfg->num_processes, per_micro_step);
+    if (per_micro_step <= 0 || total <= 0 || total % per_micro_step != 0 ||
+        total / per_micro_step > TRAIN_MAX_GRAD_ACCUM) {
+        fprintf(stderr, "Error: bad value \"%lld\" for flag -d (--total-batch-size): total batch must be a multiple of "
+                "B*T*processes = %d*%d*%d = %lld tokens and at most %lld times it (%lld tokens)\n", total, cfg->B,
+                cfg->T, cfg->num_processes, per_micro_step, TRAIN_MAX_GRAD_ACCUM,
+                per_micro_step <= INT64_MAX / TRAIN_MAX_GRAD_ACCUM ? per_micro_step * TRAIN_MAX_GRAD_ACCUM : INT64_MAX);
         exit(EXIT_FAILURE);
     }
     return (int)(total / per_micro_step);
+}
+
+// The settings that identify this run in a checkpoint (llmc/run_identity.h), with the training
+// data's fingerprint, token and shard count (dataloader.h: DataLoader fingerprint, total_tokens,
+// num_shards).
+static inline RunIdentity train_config_run_identity(const TrainConfig* cfg, uint64_t data_fingerprint,
+                                                    long long data_tokens, int data_shards) {
+    RunIdentity r;
+    memset(&r, 0, sizeof(r));
+    r.data_fingerprint = data_fingerprint;
+    r.data_tokens = data_tokens;
+    r.data_shards = data_shards;
+    r.shuffle = cfg->shuffle;
+    r.seed = cfg->seed;
+    r.B = cfg->B;
+    r.T = cfg->T;
+    r.grad_accum_steps = train_config_grad_accum_steps(cfg);
+    r.num_processes = cfg->num_processes;
+    r.total_batch_size = train_config_total_batch_tokens(cfg);
+    r.num_steps = cfg->num_steps;
+    r.warmup_steps = cfg->warmup_steps;
+    r.lr_schedule = cfg->lr_schedule;
+    r.expert_exec = cfg->expert_exec;
+    r.learning_rate = cfg->learning_rate;
+    r.final_lr_frac = cfg->final_lr_frac;
+    r.decay_frac = cfg->decay_frac;
+    r.weight_decay = cfg->weight_decay;
+    r.grad_clip = cfg->grad_clip;
+    r.beta1 = cfg->beta1;
+    r.beta2 = cfg->beta2;
+    r.eps = cfg->eps;
+    return r;
 }
 
 // The checks that need the model (and num_processes/process_rank, set by the trainer by now).
@@ -598,6 +664,12 @@ static inline void train_config_validate(const TrainConfig* cfg, const ModelConf
         exit(EXIT_FAILURE);
     }
     (void)train_config_grad_accum_steps(cfg);  // exits unless d is a whole number of micro-steps
+    long long run_tokens;
+    if (!train_mul_ok_(train_config_total_batch_tokens(cfg), (long long)cfg->num_steps + 1, &run_tokens)) {
+        fprintf(stderr, "Error: flags -x %d and -d %lld: the run's token count (steps * tokens per step) overflows a "
+                "64-bit counter\n", cfg->num_steps, train_config_total_batch_tokens(cfg));
+        exit(EXIT_FAILURE);
+    }
     if (cfg->checkpoint_every > 0 && cfg->output_dir[0] == '\0') {
         fprintf(stderr, "Error: flag -n %d asks for checkpoints, which need an output directory (-o)\n",
                 cfg->checkpoint_every);

@@ -9,11 +9,15 @@
  *   [6] num_heads [7] channels [8] ffn_kind [9] ffn_hidden [10] router_n [11] num_experts
  *   [12] top_k [13] router_norm [14] gate; other slots 0 unless a format below names them.
  *
- * Model file (.bin): magic 20261101, version 1. Header, then fp32 params (model_config_num_params,
+ * Model file (.bin): magic 20261101, version 2. Header, then fp32 params (model_config_num_params,
  * layout of config.h), then fp32 BN running stats (model_config_num_bn_stats: per layer mean[2n]
- * then var[2n]). The file size must be exactly 1024 + 4 * (params + bn stats).
+ * then var[2n]), then the 16-byte trailer below (hash of header + params + BN stats). The file
+ * size must be exactly 1024 + 4 * (params + bn stats) + 16. Version 1 (the same without the
+ * trailer) is still read, with a warning that its contents cannot be verified. A model file
+ * holding a NaN or Inf weight is refused (written or read).
  *
- * Training checkpoint <dir>/ckpt_<step:08d>.bin: magic 20261102, version 1.
+ * Training checkpoint <dir>/ckpt_<step:08d>.bin: magic 20261102, version 2 (version 1, with a
+ * weaker checksum and no data fingerprint, is refused: it cannot prove it belongs to the run).
  *   header, 256 int32 (1024 bytes). Slots [2..14] = the model config as above, then:
  *     [16] B          [17] T                 [18] grad_accum_steps   [19] num_processes
  *     [20] step       [21] adam_t            [22] num_steps          [23] warmup_steps
@@ -21,6 +25,8 @@
  *     [28..29] tokens_seen   [30..31] total_batch_size   [32..33] seed          (int64 / uint64)
  *     [34] learning_rate [35] final_lr_frac [36] decay_frac [37] weight_decay [38] grad_clip
  *     [39] beta1 [40] beta2 [41] eps                                             (fp32 bit patterns)
+ *     [42..43] data_fingerprint (uint64, XXH64 of the training shards, dataloader.h)
+ *     [44..45] data_tokens (int64)   [46] data_shards
  *     [48..49] num_params P        [50..51] num_bn_stats NB (floats of one BN set)
  *     [52..53] loader_bytes LB     [54..55] rng_bytes RB      [56..57] file_bytes (whole file)
  *     (an int64 in slots [a..a+1] is the 8 little-endian bytes at byte offset 4a)
@@ -30,19 +36,19 @@
  *     fp32 m[P]                   AdamW first moment
  *     fp32 v[P]                   AdamW second moment
  *     fp32 bn_stats[num_bn_sets * NB]   BN running stats, one set per saved process, each laid out
- *                                 as in the model file (BN statistics are per rank, SPEC §2)
+ *                                 as in the model file (BN statistics are per rank, docs/design.md §2)
  *     u8   loader[LB]             data-loader state, opaque (e.g. DataLoaderState of dataloader.h,
  *                                 one per process, as the trainer chooses)
  *     u8   rng[RB]                RNG states, opaque
- *   trailer, 16 bytes:
- *     u64  checksum of every byte before the trailer (header + sections), see below
+ *   trailer, 16 bytes (model files end with the same trailer):
+ *     u64  XXH64 (seed 0) of every byte before the trailer (header + sections), little-endian
  *     u8   end_magic[8] = "OMNI-END"
  *   file_bytes = 1024 + 12P + 4*num_bn_sets*NB + LB + RB + 16.
  *
- *   Checksum ("FNV-1a over words"): read the bytes as little-endian uint64 words, the last one
- *   zero-padded; h = 0xcbf29ce484222325; for each word w: h = (h ^ w) * 0x100000001b3 (mod 2^64);
- *   finally h = (h ^ byte_count) * 0x100000001b3. Each step is a bijection of h, so any change
- *   confined to one word (a flipped byte, for one) always changes the checksum.
+ *   XXH64 is xxHash's 64-bit hash (Debian: libxxhash-dev, used header-only here). Unlike a
+ *   checksum of words it does not cancel for changes spread over several words; a random
+ *   corruption passes with probability 2^-64. Nothing non-finite is ever written: the writers
+ *   refuse NaN/Inf weights, optimiser state or BN statistics.
  *
  * Writing is crash-safe: the file is written to ckpt_<step>.bin.tmp, flushed, fsync'ed, renamed
  * to ckpt_<step>.bin and the directory fsync'ed; an older checkpoint is never touched. Resume
@@ -58,7 +64,10 @@
  *   checkpoint_read_info                 header only: config, run fields, section sizes
  *   checkpoint_read                      one call into host buffers, fully verified
  *   checkpoint_reader_open/get/close     the same streamed in pieces
- *   checkpoint_verify, checkpoint_find_latest, checkpoint_compare_run
+ *   checkpoint_verify, checkpoint_find_latest
+ *   checkpoint_info_from_run, checkpoint_compare_run   the run record (llmc/run_identity.h); a
+ *                                        resume with other data, order or seed is refused
+ *   checkpoint_make_dir                  also removes the .tmp files of interrupted writes
  */
 #ifndef OMNIMOE_CHECKPOINT_H
 #define OMNIMOE_CHECKPOINT_H
@@ -69,6 +78,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 #include <errno.h>
 #include <sys/types.h>
 #include <sys/stat.h>
@@ -76,18 +86,22 @@
 #include <unistd.h>
 #include <dirent.h>
 #include "config.h"
-#include "args.h"
+#include "run_identity.h"
+#define XXH_INLINE_ALL  // header-only: nothing to link
+#include <xxhash.h>
 
 #define OMNI_HEADER_INTS 256
 #define OMNI_HEADER_BYTES 1024
 #define MODEL_FILE_MAGIC 20261101
-#define MODEL_FILE_VERSION 1
+#define MODEL_FILE_VERSION 2
+#define MODEL_FILE_VERSION_UNHASHED 1  // no trailer: still read, with a warning
 #define CHECKPOINT_MAGIC 20261102
-#define CHECKPOINT_VERSION 1
+#define CHECKPOINT_VERSION 2
 #define FIXTURE_FILE_MAGIC 20261103
 #define CHECKPOINT_TRAILER_BYTES 16
 #define CHECKPOINT_END_MAGIC "OMNI-END"
-#define CHECKPOINT_PATH_MAX (TRAIN_PATH_MAX + 64)
+#define CHECKPOINT_DIR_MAX 1024  // as TRAIN_PATH_MAX of args.h
+#define CHECKPOINT_PATH_MAX (CHECKPOINT_DIR_MAX + 64)
 
 // ----------------------------------------------------------------------------
 // small shared pieces
@@ -106,6 +120,58 @@ static inline int64_t ckpt_file_size_(const char* path) {
     struct stat st;
     if (stat(path, &st) != 0) return -1;
     return (int64_t)st.st_size;
+}
+
+// 1 when path is a regular file; else 0 and why says what it is instead ("is a directory", ...),
+// so that a directory is not reported as a truncated file and a FIFO is never opened (it would
+// block until a writer appears)
+static inline int ckpt_regular_file_(const char* path, char* why, size_t why_size) {
+    struct stat st;
+    if (stat(path, &st) != 0) {
+        snprintf(why, why_size, "cannot open: %s", strerror(errno));
+        return 0;
+    }
+    if (S_ISREG(st.st_mode)) return 1;
+    const char* what = S_ISDIR(st.st_mode) ? "is a directory" : S_ISFIFO(st.st_mode) ? "is a FIFO (named pipe)"
+                     : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "is a device" : S_ISSOCK(st.st_mode) ? "is a socket"
+                     : "is not a regular file";
+    snprintf(why, why_size, "%s, not a file", what);
+    return 0;
+}
+
+// index of the first NaN/Inf among x[0..n), -1 when all are finite
+static inline int64_t ckpt_first_nonfinite_(const float* x, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(x[i])) return (int64_t)i;
+    }
+    return -1;
+}
+
+// Checks the weights tensor by tensor; 1 when finite, else 0 and why names the tensor, e.g.
+// "weight tensor qkvw holds NaN/Inf (element 17 of 49152 is nan)".
+static inline int ckpt_params_finite_(const ModelConfig* c, const float* params, const char* what, char* why,
+                                      size_t why_size) {
+    size_t sizes[NUM_PARAMETER_TENSORS], offset = 0;
+    model_config_param_sizes(c, sizes);
+    for (int t = 0; t < NUM_PARAMETER_TENSORS; t++) {
+        int64_t bad = ckpt_first_nonfinite_(params + offset, sizes[t]);
+        if (bad >= 0) {
+            snprintf(why, why_size, "%s tensor %s holds NaN/Inf (element %lld of %zu is %g)", what,
+                     param_tensor_name(t), (long long)bad, sizes[t], (double)params[offset + (size_t)bad]);
+            return 0;
+        }
+        offset += sizes[t];
+    }
+    return 1;
+}
+
+// the same for a plain array (optimiser state, BN statistics)
+static inline int ckpt_floats_finite_(const float* x, size_t n, const char* what, char* why, size_t why_size) {
+    int64_t bad = x != NULL ? ckpt_first_nonfinite_(x, n) : -1;
+    if (bad < 0) return 1;
+    snprintf(why, why_size, "%s hold NaN/Inf (element %lld of %zu is %g)", what, (long long)bad, n,
+             (double)x[bad]);
+    return 0;
 }
 
 static inline void ckpt_put_i64_(int32_t* header, int slot, int64_t v) { memcpy(&header[slot], &v, 8); }
@@ -200,61 +266,16 @@ static inline const char* ckpt_magic_hint_(int32_t magic) {
     }
 }
 
-// Checksum: FNV-1a over little-endian 64-bit words (see the top of the file).
+// The hash of the trailer: XXH64 with seed 0, streamed (any split of the bytes gives the same value).
 typedef struct {
-    uint64_t h;
-    uint64_t byte_count;
-    unsigned char tail[8];
-    int tail_len;
+    XXH64_state_t state;
 } CheckpointHash;
 
-#define CKPT_FNV_OFFSET 0xcbf29ce484222325ull
-#define CKPT_FNV_PRIME 0x100000001b3ull
-
-static inline void checkpoint_hash_init(CheckpointHash* s) {
-    s->h = CKPT_FNV_OFFSET;
-    s->byte_count = 0;
-    s->tail_len = 0;
-}
-
+static inline void checkpoint_hash_init(CheckpointHash* s) { XXH64_reset(&s->state, 0); }
 static inline void checkpoint_hash_update(CheckpointHash* s, const void* data, size_t bytes) {
-    const unsigned char* p = (const unsigned char*)data;
-    s->byte_count += bytes;
-    uint64_t h = s->h;
-    if (s->tail_len > 0) {  // complete the word left over by the previous call
-        while (s->tail_len < 8 && bytes > 0) {
-            s->tail[s->tail_len++] = *p++;
-            bytes--;
-        }
-        if (s->tail_len < 8) return;
-        uint64_t w;
-        memcpy(&w, s->tail, 8);
-        h = (h ^ w) * CKPT_FNV_PRIME;
-        s->tail_len = 0;
-    }
-    while (bytes >= 8) {
-        uint64_t w;
-        memcpy(&w, p, 8);
-        h = (h ^ w) * CKPT_FNV_PRIME;
-        p += 8;
-        bytes -= 8;
-    }
-    memcpy(s->tail, p, bytes);  // < 8 bytes left, and the tail is empty here
-    s->tail_len = (int)bytes;
-    s->h = h;
+    if (bytes > 0) XXH64_update(&s->state, data, bytes);
 }
-
-static inline uint64_t checkpoint_hash_final(const CheckpointHash* s) {
-    uint64_t h = s->h;
-    if (s->tail_len > 0) {
-        unsigned char last[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-        memcpy(last, s->tail, (size_t)s->tail_len);
-        uint64_t w;
-        memcpy(&w, last, 8);
-        h = (h ^ w) * CKPT_FNV_PRIME;
-    }
-    return (h ^ s->byte_count) * CKPT_FNV_PRIME;
-}
+static inline uint64_t checkpoint_hash_final(const CheckpointHash* s) { return (uint64_t)XXH64_digest(&s->state); }
 
 // ----------------------------------------------------------------------------
 // crash-safe writing: <path>.tmp, fsync, rename, fsync of the directory
@@ -340,7 +361,44 @@ static inline void ckpt_safe_commit_(CkptSafeFile* f) {
     ckpt_fsync_path_(dir, 0);
 }
 
-// mkdir -p; exits when a component exists but is not a directory or cannot be created
+// the 16-byte trailer: XXH64 of everything written so far, then the end magic
+static inline void ckpt_safe_write_trailer_(CkptSafeFile* f) {
+    uint64_t hash = checkpoint_hash_final(&f->hash);
+    unsigned char trailer[CHECKPOINT_TRAILER_BYTES];
+    memcpy(trailer, &hash, 8);
+    memcpy(trailer + 8, CHECKPOINT_END_MAGIC, 8);
+    if (fwrite(trailer, 1, sizeof(trailer), f->fp) != sizeof(trailer)) ckpt_safe_fail_(f, "writing");
+}
+
+// 1 for the temporary name of a write of this file (checkpoint or model file: "<name>.bin.tmp")
+static inline int ckpt_is_tmp_name_(const char* name) {
+    size_t len = strlen(name);
+    return len > 8 && strcmp(name + len - 8, ".bin.tmp") == 0;
+}
+
+// Removes "<dir>/*.bin.tmp": what a write cut short (kill -9, power loss) left behind. The
+// complete files are never touched. A note names each file removed.
+static inline void checkpoint_remove_stale_tmp_(const char* dir) {
+    DIR* d = opendir(dir);
+    if (d == NULL) return;
+    struct dirent* entry;
+    while ((entry = readdir(d)) != NULL) {
+        if (!ckpt_is_tmp_name_(entry->d_name)) continue;
+        char path[CHECKPOINT_PATH_MAX + 256];
+        snprintf(path, sizeof(path), "%s/%s", dir, entry->d_name);
+        struct stat st;
+        if (lstat(path, &st) != 0 || !S_ISREG(st.st_mode)) continue;
+        if (unlink(path) == 0) {
+            printf("Note: removed %s, left by a write that was interrupted (the complete files are kept)\n", path);
+        } else {
+            fprintf(stderr, "Warning: cannot remove the unfinished write %s: %s\n", path, strerror(errno));
+        }
+    }
+    closedir(d);
+}
+
+// mkdir -p; exits when a component exists but is not a directory or cannot be created. Then
+// removes the temporary files of interrupted writes (checkpoint_remove_stale_tmp_).
 static inline void checkpoint_make_dir(const char* dir) {
     char path[CHECKPOINT_PATH_MAX];
     if (strlen(dir) >= sizeof(path)) {
@@ -365,15 +423,35 @@ static inline void checkpoint_make_dir(const char* dir) {
         }
         path[i] = saved;
     }
+    checkpoint_remove_stale_tmp_(dir);
 }
 
 // ----------------------------------------------------------------------------
 // model files
 
+// the initial BN statistics (mean 0, var 1), for a model file written without them
+static inline float* ckpt_initial_bn_stats_(const ModelConfig* config) {
+    size_t num_bn = model_config_num_bn_stats(config), n2 = (size_t)2 * config->router_n;
+    float* init = (float*)malloc_check(num_bn * sizeof(float));
+    for (size_t i = 0; i < num_bn; i++) init[i] = ((i / n2) % 2 == 0) ? 0.0f : 1.0f;
+    return init;
+}
+
+// Writes a model file (version 2, with its hash) crash-safely. bn_stats NULL = the initial
+// statistics. Exits without writing anything when a weight or statistic is NaN/Inf.
 static inline void model_file_write(const char* path, const ModelConfig* config, const float* params,
                                     const float* bn_stats) {
     if (!model_config_validate(config)) {
         fprintf(stderr, "  (refusing to write model file \"%s\")\n", path);
+        exit(EXIT_FAILURE);
+    }
+    size_t num_params = model_config_num_params(config);
+    size_t num_bn = model_config_num_bn_stats(config);
+    char why[256];
+    if (!ckpt_params_finite_(config, params, "weight", why, sizeof(why)) ||
+        !ckpt_floats_finite_(num_bn > 0 ? bn_stats : NULL, num_bn, "the BN running statistics", why, sizeof(why))) {
+        fprintf(stderr, "Error: refusing to write model file \"%s\": %s; nothing non-finite is saved (the "
+                "training diverged)\n", path, why);
         exit(EXIT_FAILURE);
     }
     int32_t header[OMNI_HEADER_INTS];
@@ -381,22 +459,15 @@ static inline void model_file_write(const char* path, const ModelConfig* config,
     header[0] = MODEL_FILE_MAGIC;
     header[1] = MODEL_FILE_VERSION;
     model_config_to_header(config, header);
-    size_t num_params = model_config_num_params(config);
-    size_t num_bn = model_config_num_bn_stats(config);
+    float* init = num_bn > 0 && bn_stats == NULL ? ckpt_initial_bn_stats_(config) : NULL;
     CkptSafeFile f;
     ckpt_safe_open_(&f, path);
     ckpt_safe_write_(&f, header, sizeof(header));
     ckpt_safe_write_(&f, params, num_params * sizeof(float));
-    if (num_bn > 0 && bn_stats != NULL) {
-        ckpt_safe_write_(&f, bn_stats, num_bn * sizeof(float));
-    } else if (num_bn > 0) {  // NULL = the initial statistics: mean 0, var 1
-        size_t n2 = (size_t)2 * config->router_n;
-        float* init = (float*)malloc_check(num_bn * sizeof(float));
-        for (size_t i = 0; i < num_bn; i++) init[i] = ((i / n2) % 2 == 0) ? 0.0f : 1.0f;
-        ckpt_safe_write_(&f, init, num_bn * sizeof(float));
-        free(init);
-    }
+    ckpt_safe_write_(&f, init != NULL ? init : bn_stats, num_bn * sizeof(float));
+    ckpt_safe_write_trailer_(&f);
     ckpt_safe_commit_(&f);
+    free(init);
 }
 
 // one message "Error: <kind> "<path>": <what>", then exit (closing fp first when not NULL)
@@ -415,9 +486,12 @@ static inline void model_file_fail_(FILE* fp, const char* path, const char* fmt,
     va_end(args);
 }
 
-// opens a model file and checks its header and size; returns the stream positioned after the header
-static inline FILE* model_file_open_(const char* path, ModelConfig* out_config) {
+// Opens a model file and checks its header and size; returns the stream positioned after the
+// header. *out_version: MODEL_FILE_VERSION (hashed) or MODEL_FILE_VERSION_UNHASHED.
+static inline FILE* model_file_open_(const char* path, ModelConfig* out_config, int* out_version) {
     ckpt_require_little_endian_();
+    char why[256];
+    if (!ckpt_regular_file_(path, why, sizeof(why))) model_file_fail_(NULL, path, "%s", why);
     FILE* fp = fopen(path, "rb");
     if (fp == NULL) model_file_fail_(NULL, path, "cannot open: %s", strerror(errno));
     int64_t size = ckpt_file_size_(path);
@@ -430,8 +504,9 @@ static inline FILE* model_file_open_(const char* path, ModelConfig* out_config) 
         model_file_fail_(fp, path, "bad magic number %d, expected %d%s", header[0], MODEL_FILE_MAGIC,
                          ckpt_magic_hint_(header[0]));
     }
-    if (header[1] != MODEL_FILE_VERSION) {
-        model_file_fail_(fp, path, "version %d, this program reads version %d", header[1], MODEL_FILE_VERSION);
+    if (header[1] != MODEL_FILE_VERSION && header[1] != MODEL_FILE_VERSION_UNHASHED) {
+        model_file_fail_(fp, path, "version %d, this program reads versions %d and %d", header[1],
+                         MODEL_FILE_VERSION_UNHASHED, MODEL_FILE_VERSION);
     }
     for (int slot = 15; slot < OMNI_HEADER_INTS; slot++) {
         if (header[slot] != 0) {
@@ -443,7 +518,8 @@ static inline FILE* model_file_open_(const char* path, ModelConfig* out_config) 
     model_config_from_header(header, &c);
     if (!model_config_validate(&c)) model_file_fail_(fp, path, "the configuration in its header is impossible");
     int64_t expected = OMNI_HEADER_BYTES +
-                       (int64_t)sizeof(float) * (int64_t)(model_config_num_params(&c) + model_config_num_bn_stats(&c));
+                       (int64_t)sizeof(float) * (int64_t)(model_config_num_params(&c) + model_config_num_bn_stats(&c)) +
+                       (header[1] == MODEL_FILE_VERSION ? CHECKPOINT_TRAILER_BYTES : 0);
     if (size < expected) {
         model_file_fail_(fp, path, "truncated: %lld bytes, expected %lld for the configuration in its header",
                          (long long)size, (long long)expected);
@@ -453,31 +529,74 @@ static inline FILE* model_file_open_(const char* path, ModelConfig* out_config) 
                          (long long)size, (long long)expected, (long long)(size - expected));
     }
     *out_config = c;
+    *out_version = header[1];
     return fp;
 }
 
 // reads the configuration only (so a caller can build the model before reading the weights)
 static inline void model_file_read_config(const char* path, ModelConfig* out_config) {
-    FILE* fp = model_file_open_(path, out_config);
+    int version;
+    FILE* fp = model_file_open_(path, out_config, &version);
     fclose(fp);
 }
 
+// The hash in a version-2 model file's trailer: XXH64 of the header (magic, version 2, the
+// config, other slots 0), the params and the BN statistics (bn_stats NULL when there are none).
+static inline uint64_t model_file_hash(const ModelConfig* config, const float* params, const float* bn_stats) {
+    int32_t header[OMNI_HEADER_INTS];
+    memset(header, 0, sizeof(header));
+    header[0] = MODEL_FILE_MAGIC;
+    header[1] = MODEL_FILE_VERSION;
+    model_config_to_header(config, header);
+    CheckpointHash hash;
+    checkpoint_hash_init(&hash);
+    checkpoint_hash_update(&hash, header, sizeof(header));
+    checkpoint_hash_update(&hash, params, model_config_num_params(config) * sizeof(float));
+    checkpoint_hash_update(&hash, bn_stats, model_config_num_bn_stats(config) * sizeof(float));
+    return checkpoint_hash_final(&hash);
+}
+
 // Reads a model file into new buffers (free() them): *params gets model_config_num_params floats,
-// *bn_stats model_config_num_bn_stats floats (NULL when the model has none).
+// *bn_stats model_config_num_bn_stats floats (NULL when the model has none). Verifies the hash
+// (version 2; version 1 files have none: a warning says so) and refuses NaN/Inf weights.
 static inline void model_file_read(const char* path, ModelConfig* out_config, float** params, float** bn_stats) {
     ModelConfig c;
-    FILE* fp = model_file_open_(path, &c);
+    int version;
+    FILE* fp = model_file_open_(path, &c, &version);
     size_t num_params = model_config_num_params(&c);
     size_t num_bn = model_config_num_bn_stats(&c);
     float* p = (float*)malloc_check(num_params * sizeof(float));
     float* bn = num_bn > 0 ? (float*)malloc_check(num_bn * sizeof(float)) : NULL;
+    unsigned char trailer[CHECKPOINT_TRAILER_BYTES];
+    size_t trailer_bytes = version == MODEL_FILE_VERSION ? sizeof(trailer) : 0;
     if (fread(p, sizeof(float), num_params, fp) != num_params ||
-        (num_bn > 0 && fread(bn, sizeof(float), num_bn, fp) != num_bn)) {
+        (num_bn > 0 && fread(bn, sizeof(float), num_bn, fp) != num_bn) ||
+        fread(trailer, 1, trailer_bytes, fp) != trailer_bytes) {
         free(p);
         free(bn);
         model_file_fail_(fp, path, "read error: %s", ferror(fp) ? strerror(errno) : "unexpected end of file");
     }
     fclose(fp);
+    if (version == MODEL_FILE_VERSION) {
+        uint64_t stored, computed = model_file_hash(&c, p, bn);
+        memcpy(&stored, trailer, 8);
+        if (memcmp(trailer + 8, CHECKPOINT_END_MAGIC, 8) != 0 || stored != computed) {
+            free(p);
+            free(bn);
+            model_file_fail_(NULL, path, "%s: the file is corrupt", memcmp(trailer + 8, CHECKPOINT_END_MAGIC, 8) != 0
+                             ? "end magic missing" : "checksum mismatch (XXH64)");
+        }
+    } else {
+        fprintf(stderr, "Warning: model file \"%s\" is version 1, which has no hash: its contents cannot be "
+                "verified (files written now are version 2)\n", path);
+    }
+    char why[256];
+    if (!ckpt_params_finite_(&c, p, "weight", why, sizeof(why)) ||
+        !ckpt_floats_finite_(bn, num_bn, "the BN running statistics", why, sizeof(why))) {
+        free(p);
+        free(bn);
+        model_file_fail_(NULL, path, "%s: not a usable model", why);
+    }
     *out_config = c;
     *params = p;
     *bn_stats = bn;
@@ -491,12 +610,8 @@ typedef struct {
     int step;                    // optimiser updates completed; the file is ckpt_<step>.bin
     int adam_t;                  // AdamW bias-correction counter (normally == step)
     long long tokens_seen;       // training tokens consumed by all processes together
-    // the run configuration when written (checkpoint_compare_run reports changes on resume)
-    int B, T, grad_accum_steps, num_processes;
-    long long total_batch_size;  // tokens per optimiser step (resolved, never -1)
-    int num_steps, warmup_steps, lr_schedule, shuffle, expert_exec;
-    float learning_rate, final_lr_frac, decay_frac, weight_decay, grad_clip, beta1, beta2, eps;
-    unsigned long long seed;
+    // what identifies the run (checkpoint_compare_run checks it on resume)
+    RunIdentity run;
     // section sizes: filled by the writers from their arguments and by the readers from the file
     long long num_params;        // floats in each of params, m, v
     long long num_bn_stats;      // floats in one set of BN running statistics
@@ -505,32 +620,14 @@ typedef struct {
     long long rng_bytes;         // RNG blob
 } CheckpointInfo;
 
-// the run fields of a checkpoint from the run's settings (sizes are left 0 for the writers)
-static inline void checkpoint_info_from_config(CheckpointInfo* info, const TrainConfig* cfg, int step, int adam_t,
-                                               long long tokens_seen) {
+// the run record of a checkpoint (sizes are left 0 for the writers)
+static inline void checkpoint_info_from_run(CheckpointInfo* info, const RunIdentity* run, int step, int adam_t,
+                                            long long tokens_seen) {
     memset(info, 0, sizeof(*info));
     info->step = step;
     info->adam_t = adam_t;
     info->tokens_seen = tokens_seen;
-    info->B = cfg->B;
-    info->T = cfg->T;
-    info->grad_accum_steps = train_config_grad_accum_steps(cfg);
-    info->num_processes = cfg->num_processes;
-    info->total_batch_size = train_config_total_batch_tokens(cfg);
-    info->num_steps = cfg->num_steps;
-    info->warmup_steps = cfg->warmup_steps;
-    info->lr_schedule = cfg->lr_schedule;
-    info->shuffle = cfg->shuffle;
-    info->expert_exec = cfg->expert_exec;
-    info->learning_rate = cfg->learning_rate;
-    info->final_lr_frac = cfg->final_lr_frac;
-    info->decay_frac = cfg->decay_frac;
-    info->weight_decay = cfg->weight_decay;
-    info->grad_clip = cfg->grad_clip;
-    info->beta1 = cfg->beta1;
-    info->beta2 = cfg->beta2;
-    info->eps = cfg->eps;
-    info->seed = cfg->seed;
+    info->run = *run;
 }
 
 // <dir>/ckpt_<step:08d>.bin
@@ -548,29 +645,33 @@ static inline void checkpoint_header_from_(const ModelConfig* config, const Chec
     h[0] = CHECKPOINT_MAGIC;
     h[1] = CHECKPOINT_VERSION;
     model_config_to_header(config, h);
-    h[16] = info->B;
-    h[17] = info->T;
-    h[18] = info->grad_accum_steps;
-    h[19] = info->num_processes;
+    const RunIdentity* r = &info->run;
+    h[16] = r->B;
+    h[17] = r->T;
+    h[18] = r->grad_accum_steps;
+    h[19] = r->num_processes;
     h[20] = info->step;
     h[21] = info->adam_t;
-    h[22] = info->num_steps;
-    h[23] = info->warmup_steps;
-    h[24] = info->lr_schedule;
-    h[25] = info->shuffle;
-    h[26] = info->expert_exec;
+    h[22] = r->num_steps;
+    h[23] = r->warmup_steps;
+    h[24] = r->lr_schedule;
+    h[25] = r->shuffle;
+    h[26] = r->expert_exec;
     h[27] = info->num_bn_sets;
     ckpt_put_i64_(h, 28, info->tokens_seen);
-    ckpt_put_i64_(h, 30, info->total_batch_size);
-    ckpt_put_i64_(h, 32, (int64_t)info->seed);
-    ckpt_put_f32_(h, 34, info->learning_rate);
-    ckpt_put_f32_(h, 35, info->final_lr_frac);
-    ckpt_put_f32_(h, 36, info->decay_frac);
-    ckpt_put_f32_(h, 37, info->weight_decay);
-    ckpt_put_f32_(h, 38, info->grad_clip);
-    ckpt_put_f32_(h, 39, info->beta1);
-    ckpt_put_f32_(h, 40, info->beta2);
-    ckpt_put_f32_(h, 41, info->eps);
+    ckpt_put_i64_(h, 30, r->total_batch_size);
+    ckpt_put_i64_(h, 32, (int64_t)r->seed);
+    ckpt_put_f32_(h, 34, r->learning_rate);
+    ckpt_put_f32_(h, 35, r->final_lr_frac);
+    ckpt_put_f32_(h, 36, r->decay_frac);
+    ckpt_put_f32_(h, 37, r->weight_decay);
+    ckpt_put_f32_(h, 38, r->grad_clip);
+    ckpt_put_f32_(h, 39, r->beta1);
+    ckpt_put_f32_(h, 40, r->beta2);
+    ckpt_put_f32_(h, 41, r->eps);
+    ckpt_put_i64_(h, 42, (int64_t)r->data_fingerprint);
+    ckpt_put_i64_(h, 44, r->data_tokens);
+    h[46] = r->data_shards;
     ckpt_put_i64_(h, 48, info->num_params);
     ckpt_put_i64_(h, 50, info->num_bn_stats);
     ckpt_put_i64_(h, 52, info->loader_bytes);
@@ -581,29 +682,33 @@ static inline void checkpoint_header_from_(const ModelConfig* config, const Chec
 static inline void checkpoint_header_to_(const int32_t* h, ModelConfig* config, CheckpointInfo* info) {
     model_config_from_header(h, config);
     memset(info, 0, sizeof(*info));
-    info->B = h[16];
-    info->T = h[17];
-    info->grad_accum_steps = h[18];
-    info->num_processes = h[19];
+    RunIdentity* r = &info->run;
+    r->B = h[16];
+    r->T = h[17];
+    r->grad_accum_steps = h[18];
+    r->num_processes = h[19];
     info->step = h[20];
     info->adam_t = h[21];
-    info->num_steps = h[22];
-    info->warmup_steps = h[23];
-    info->lr_schedule = h[24];
-    info->shuffle = h[25];
-    info->expert_exec = h[26];
+    r->num_steps = h[22];
+    r->warmup_steps = h[23];
+    r->lr_schedule = h[24];
+    r->shuffle = h[25];
+    r->expert_exec = h[26];
     info->num_bn_sets = h[27];
     info->tokens_seen = ckpt_get_i64_(h, 28);
-    info->total_batch_size = ckpt_get_i64_(h, 30);
-    info->seed = (unsigned long long)ckpt_get_i64_(h, 32);
-    info->learning_rate = ckpt_get_f32_(h, 34);
-    info->final_lr_frac = ckpt_get_f32_(h, 35);
-    info->decay_frac = ckpt_get_f32_(h, 36);
-    info->weight_decay = ckpt_get_f32_(h, 37);
-    info->grad_clip = ckpt_get_f32_(h, 38);
-    info->beta1 = ckpt_get_f32_(h, 39);
-    info->beta2 = ckpt_get_f32_(h, 40);
-    info->eps = ckpt_get_f32_(h, 41);
+    r->total_batch_size = ckpt_get_i64_(h, 30);
+    r->seed = (unsigned long long)ckpt_get_i64_(h, 32);
+    r->learning_rate = ckpt_get_f32_(h, 34);
+    r->final_lr_frac = ckpt_get_f32_(h, 35);
+    r->decay_frac = ckpt_get_f32_(h, 36);
+    r->weight_decay = ckpt_get_f32_(h, 37);
+    r->grad_clip = ckpt_get_f32_(h, 38);
+    r->beta1 = ckpt_get_f32_(h, 39);
+    r->beta2 = ckpt_get_f32_(h, 40);
+    r->eps = ckpt_get_f32_(h, 41);
+    r->data_fingerprint = (uint64_t)ckpt_get_i64_(h, 42);
+    r->data_tokens = ckpt_get_i64_(h, 44);
+    r->data_shards = h[46];
     info->num_params = ckpt_get_i64_(h, 48);
     info->num_bn_stats = ckpt_get_i64_(h, 50);
     info->loader_bytes = ckpt_get_i64_(h, 52);
@@ -620,7 +725,9 @@ static inline int checkpoint_check_header_basic_(const int32_t* h, int64_t file_
         return 0;
     }
     if (h[1] != CHECKPOINT_VERSION) {
-        snprintf(why, why_size, "version %d, this program reads version %d", h[1], CHECKPOINT_VERSION);
+        snprintf(why, why_size, "version %d, this program reads version %d%s", h[1], CHECKPOINT_VERSION,
+                 h[1] == 1 ? " (version 1 was written before checkpoints recorded the training data and got a "
+                 "64-bit hash: start a new run in another -o directory, e.g. from a model file with -e)" : "");
         return 0;
     }
     int64_t stated = ckpt_get_i64_(h, 56);
@@ -702,11 +809,7 @@ static inline void checkpoint_writer_close(CheckpointWriter* w, char* out_path) 
         remove(w->file.tmp_path);
         exit(EXIT_FAILURE);
     }
-    uint64_t checksum = checkpoint_hash_final(&w->file.hash);
-    unsigned char trailer[CHECKPOINT_TRAILER_BYTES];
-    memcpy(trailer, &checksum, 8);
-    memcpy(trailer + 8, CHECKPOINT_END_MAGIC, 8);
-    if (fwrite(trailer, 1, sizeof(trailer), w->file.fp) != sizeof(trailer)) ckpt_safe_fail_(&w->file, "writing");
+    ckpt_safe_write_trailer_(&w->file);
     ckpt_safe_commit_(&w->file);
     if (out_path != NULL) strcpy(out_path, w->file.path);
 }
@@ -730,6 +833,17 @@ static inline void checkpoint_write(const char* dir, const ModelConfig* config, 
         fprintf(stderr, "Error: checkpoint_write: a NULL buffer for a non-empty section\n");
         exit(EXIT_FAILURE);
     }
+    char why[256];
+    if (!ckpt_params_finite_(config, params, "weight", why, sizeof(why)) ||
+        !ckpt_floats_finite_(m, P, "the AdamW first moments (m)", why, sizeof(why)) ||
+        !ckpt_floats_finite_(v, P, "the AdamW second moments (v)", why, sizeof(why)) ||
+        !ckpt_floats_finite_(bn_stats, bn_floats, "the BN running statistics", why, sizeof(why))) {
+        char path[CHECKPOINT_PATH_MAX];
+        checkpoint_path(path, sizeof(path), dir, info->step);
+        fprintf(stderr, "Error: refusing to write checkpoint \"%s\": %s; nothing non-finite is saved (the training "
+                "diverged; the checkpoints already in %s are untouched)\n", path, why, dir);
+        exit(EXIT_FAILURE);
+    }
     CheckpointWriter w;
     checkpoint_writer_open(&w, dir, config, &full);
     checkpoint_writer_put(&w, params, P * sizeof(float));
@@ -750,6 +864,7 @@ static inline void checkpoint_write(const char* dir, const ModelConfig* config, 
 // end magic and checksum right); else 0 and the reason in why. Prints nothing.
 static inline int checkpoint_verify(const char* path, char* why, size_t why_size) {
     ckpt_require_little_endian_();
+    if (!ckpt_regular_file_(path, why, why_size)) return 0;
     FILE* fp = fopen(path, "rb");
     if (fp == NULL) {
         snprintf(why, why_size, "cannot open: %s", strerror(errno));
@@ -905,6 +1020,8 @@ static inline void checkpoint_reader_open(CheckpointReader* r, const char* path,
     memset(r, 0, sizeof(*r));
     if (strlen(path) >= sizeof(r->path)) checkpoint_fail_(NULL, path, "path too long");
     strcpy(r->path, path);
+    char why[256], why_verify[256];
+    if (!ckpt_regular_file_(path, why, sizeof(why))) checkpoint_fail_(NULL, path, "%s", why);
     FILE* fp = fopen(path, "rb");
     if (fp == NULL) checkpoint_fail_(NULL, path, "cannot open: %s", strerror(errno));
     int64_t size = ckpt_file_size_(path);
@@ -914,7 +1031,6 @@ static inline void checkpoint_reader_open(CheckpointReader* r, const char* path,
     }
     ModelConfig config;
     CheckpointInfo info;
-    char why[256], why_verify[256];
     if (!checkpoint_check_header_basic_(header, size, why, sizeof(why))) checkpoint_fail_(fp, path, "%s", why);
     if (!checkpoint_check_header_sizes_(header, &config, &info, why, sizeof(why))) {
         // an inconsistent header: say "corrupt" when the checksum says so
@@ -1025,9 +1141,33 @@ static inline void checkpoint_read(const char* path, const ModelConfig* expected
     if (out_info != NULL) *out_info = info;
 }
 
-// Prints a note for every run setting that differs from the checkpoint's (the trainer decides
-// whether that is allowed); returns how many differ.
-static inline int checkpoint_compare_run(const CheckpointInfo* saved, const TrainConfig* cfg) {
+// The resume check. What fixes the data and its order (the training data, --shuffle, --seed, -b,
+// -t) must equal the checkpoint's: otherwise one message names the first difference and the
+// program exits, since continuing would silently train on other data or in another order. The
+// other settings may change on resume (e.g. a longer -x, another -l, another process count): a
+// note is printed for each; returns how many.
+static inline int checkpoint_compare_run(const char* path, const CheckpointInfo* saved, const RunIdentity* now) {
+    const RunIdentity* was = &saved->run;
+    const char* advice = "resume with the same flags and data, or start a new run in another -o directory";
+    char detail[256] = "";
+    if (was->data_shards != now->data_shards || was->data_tokens != now->data_tokens) {
+        snprintf(detail, sizeof(detail), "training data (-i) of %d shard(s) with %lld tokens, this run has %d shard(s) "
+                 "with %lld tokens", was->data_shards, was->data_tokens, now->data_shards, now->data_tokens);
+    } else if (was->data_fingerprint != now->data_fingerprint) {
+        snprintf(detail, sizeof(detail), "training data (-i) of fingerprint %016llx, this run's data (as many shards and "
+                 "tokens) has %016llx: the tokens differ", (unsigned long long)was->data_fingerprint,
+                 (unsigned long long)now->data_fingerprint);
+    } else if (was->shuffle != now->shuffle) {
+        snprintf(detail, sizeof(detail), "--shuffle %d, this run has --shuffle %d", was->shuffle, now->shuffle);
+    } else if (was->seed != now->seed) {
+        snprintf(detail, sizeof(detail), "--seed %llu, this run has --seed %llu", was->seed, now->seed);
+    } else if (was->B != now->B || was->T != now->T) {
+        snprintf(detail, sizeof(detail), "-b %d -t %d, this run has -b %d -t %d", was->B, was->T, now->B, now->T);
+    }
+    if (detail[0] != '\0') {
+        fprintf(stderr, "Error: checkpoint \"%s\" was written with %s: %s\n", path, detail, advice);
+        exit(EXIT_FAILURE);
+    }
     int diffs = 0;
 #define CKPT_CMP_INT_(flag, saved_value, now_value)                                                          \
     if ((long long)(saved_value) != (long long)(now_value)) {                                               \
@@ -1041,24 +1181,20 @@ static inline int checkpoint_compare_run(const CheckpointInfo* saved, const Trai
                (double)(saved_value));                                                                        \
         diffs++;                                                                                              \
     }
-    CKPT_CMP_INT_("-b", saved->B, cfg->B)
-    CKPT_CMP_INT_("-t", saved->T, cfg->T)
-    CKPT_CMP_INT_("-d (tokens per step)", saved->total_batch_size, train_config_total_batch_tokens(cfg))
-    CKPT_CMP_INT_("processes", saved->num_processes, cfg->num_processes)
-    CKPT_CMP_INT_("-x", saved->num_steps, cfg->num_steps)
-    CKPT_CMP_INT_("-u", saved->warmup_steps, cfg->warmup_steps)
-    CKPT_CMP_INT_("--schedule", saved->lr_schedule, cfg->lr_schedule)
-    CKPT_CMP_INT_("--shuffle", saved->shuffle, cfg->shuffle)
-    CKPT_CMP_INT_("--expert-exec", saved->expert_exec, cfg->expert_exec)
-    CKPT_CMP_INT_("--seed", saved->seed, cfg->seed)
-    CKPT_CMP_FLOAT_("-l", saved->learning_rate, cfg->learning_rate)
-    CKPT_CMP_FLOAT_("-q", saved->final_lr_frac, cfg->final_lr_frac)
-    CKPT_CMP_FLOAT_("--decay-frac", saved->decay_frac, cfg->decay_frac)
-    CKPT_CMP_FLOAT_("-c", saved->weight_decay, cfg->weight_decay)
-    CKPT_CMP_FLOAT_("--grad-clip", saved->grad_clip, cfg->grad_clip)
-    CKPT_CMP_FLOAT_("--beta1", saved->beta1, cfg->beta1)
-    CKPT_CMP_FLOAT_("--beta2", saved->beta2, cfg->beta2)
-    CKPT_CMP_FLOAT_("--eps", saved->eps, cfg->eps)
+    CKPT_CMP_INT_("-d (tokens per step)", was->total_batch_size, now->total_batch_size)
+    CKPT_CMP_INT_("processes", was->num_processes, now->num_processes)
+    CKPT_CMP_INT_("-x", was->num_steps, now->num_steps)
+    CKPT_CMP_INT_("-u", was->warmup_steps, now->warmup_steps)
+    CKPT_CMP_INT_("--schedule", was->lr_schedule, now->lr_schedule)
+    CKPT_CMP_INT_("--expert-exec", was->expert_exec, now->expert_exec)
+    CKPT_CMP_FLOAT_("-l", was->learning_rate, now->learning_rate)
+    CKPT_CMP_FLOAT_("-q", was->final_lr_frac, now->final_lr_frac)
+    CKPT_CMP_FLOAT_("--decay-frac", was->decay_frac, now->decay_frac)
+    CKPT_CMP_FLOAT_("-c", was->weight_decay, now->weight_decay)
+    CKPT_CMP_FLOAT_("--grad-clip", was->grad_clip, now->grad_clip)
+    CKPT_CMP_FLOAT_("--beta1", was->beta1, now->beta1)
+    CKPT_CMP_FLOAT_("--beta2", was->beta2, now->beta2)
+    CKPT_CMP_FLOAT_("--eps", was->eps, now->eps)
 #undef CKPT_CMP_INT_
 #undef CKPT_CMP_FLOAT_
     return diffs;

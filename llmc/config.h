@@ -187,11 +187,18 @@ static inline int model_config_validate(const ModelConfig* c) {
     else if (c->ffn_hidden < 1) why = "ffn_hidden must be >= 1";
     else if (c->ffn_kind == FFN_OMNI) {
         if (c->router_n < 1) why = "router_n (n, experts = n*n) must be >= 1";
-        else if (c->num_experts != c->router_n * c->router_n) why = "num_experts must equal router_n^2";
+        else if ((long long)c->num_experts != (long long)c->router_n * c->router_n) why = "num_experts must equal router_n^2";
         else if (c->top_k < 1 || c->top_k > c->num_experts) why = "top_k must be in [1, num_experts]";
         else if (c->router_norm != ROUTER_NORM_BN && c->router_norm != ROUTER_NORM_NONE) why = "router_norm must be bn or none";
         else if (c->gate != GATE_SOFTMAX && c->gate != GATE_PROB) why = "gate must be softmax or prob";
     }
+    // an upper bound of the parameter count in double (no overflow), so that the size_t sums of
+    // model_config_param_sizes cannot wrap for any header a file may hold
+    double C = c->channels, L = c->num_layers, H = c->ffn_hidden;
+    double N = c->ffn_kind == FFN_OMNI ? c->num_experts : 0, n = c->ffn_kind == FFN_OMNI ? c->router_n : 0;
+    double bound = ((double)c->padded_vocab_size + c->max_seq_len + 2) * C +
+                   L * (4 * C * C + 3 * H * C + 2 * n * C + 2 * N * C + 9 * C + H);
+    if (!why && bound > 1099511627776.0) why = "more than 2^40 parameters (4 TiB of fp32 weights)";
     if (why) {
         fprintf(stderr, "Error: impossible model configuration: %s\n", why);
         return 0;

@@ -1,7 +1,7 @@
 /*
  * llmc/dataloader.h: distributed, streaming data loader over llm.c token shards.
  *
- * Shard format (SPEC §5): 256 int32 header {20240520 magic, 1 version, token count, 0...},
+ * Shard format (docs/design.md §5): 256 int32 header {20240520 magic, 1 version, token count, 0...},
  * then `token count` uint16 tokens. Shards are streamed with 64-bit seeks; nothing loads a
  * whole shard, so shards of any size work.
  *
@@ -28,9 +28,15 @@
  * Evaluation: dataloader_reset() then dataloader_num_batches() calls of dataloader_next_batch()
  * cover the same windows every time (one epoch, for this rank).
  *
- * Bad input (no file matches, bad magic/version, size inconsistent with the header, a shard too
- * small for one round, a token >= vocab_size) prints one message naming the file and what was
- * expected, then exit(EXIT_FAILURE).
+ * Validation at init, one pass over every shard: only regular files (a FIFO, directory or device
+ * is refused without blocking), header magic/version, token count against the file size, every
+ * token < vocab_size. The same pass computes loader->fingerprint, XXH64 of the data (seeded with
+ * the shard count, over each shard's header and tokens in path order), which a checkpoint records
+ * so that a resume on other data is refused.
+ *
+ * Bad input (no file matches, not a regular file, bad magic/version, size inconsistent with the
+ * header, a shard too small for one round, a token >= vocab_size) prints one message naming the
+ * file and what was expected, then exit(EXIT_FAILURE).
  *
  * Not thread-safe; one DataLoader per process (or per thread).
  */
@@ -39,6 +45,13 @@
 
 #include "utils.h"
 #include <glob.h>
+#include <fcntl.h>
+#include <unistd.h>
+#include <sys/stat.h>
+#ifndef XXH_INLINE_ALL
+#define XXH_INLINE_ALL  // xxHash header-only: nothing to link
+#endif
+#include <xxhash.h>
 
 #define SHARD_HEADER_INTS 256
 #define SHARD_HEADER_BYTES (SHARD_HEADER_INTS * (int64_t)sizeof(int32_t))
@@ -72,6 +85,8 @@ typedef struct {
     int64_t* shard_windows;     // W_s: all windows of each shard
     int64_t* shard_rounds;      // floor(W_s / P): batches per rank from each shard
     int64_t total_tokens;       // sum of shard_tokens
+    uint64_t fingerprint;       // XXH64 (seed: the shard count) over each shard's header and tokens in
+                                // path order: identifies the data (a checkpoint records it)
     // position
     int64_t epoch, shard_pos, window_pos;
     int* shard_order;           // this epoch's shard order (identity without shuffle)
@@ -121,13 +136,104 @@ static inline uint64_t dataloader_mix_seed(uint64_t seed, uint64_t epoch, uint64
 // ----------------------------------------------------------------------------
 // shard validation
 
-// Reads and checks one shard's header against the file size; returns its token count.
-static inline int64_t dataloader_validate_shard(const char* path) {
-    FILE* fp = fopen(path, "rb");
+// Opens a shard for reading, refusing anything but a regular file. The open is non-blocking, so
+// a FIFO given as a shard is refused instead of waiting forever for a writer.
+static inline FILE* dataloader_open_shard_(const char* path) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK);
+    if (fd < 0) {
+        fprintf(stderr, "Error: dataloader: cannot open shard '%s': %s\n", path, strerror(errno));
+        exit(EXIT_FAILURE);
+    }
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        fprintf(stderr, "Error: dataloader: cannot stat shard '%s': %s\n", path, strerror(errno));
+        exit(EXIT_FAILURE);
+    }
+    if (!S_ISREG(st.st_mode)) {
+        const char* what = S_ISDIR(st.st_mode) ? "a directory" : S_ISFIFO(st.st_mode) ? "a FIFO (named pipe)"
+                         : S_ISCHR(st.st_mode) || S_ISBLK(st.st_mode) ? "a device" : "not a regular file";
+        fprintf(stderr, "Error: dataloader: shard '%s' is %s; a token shard must be a regular file\n", path, what);
+        exit(EXIT_FAILURE);
+    }
+    int flags = fcntl(fd, F_GETFL);  // back to blocking reads for a regular file
+    if (flags >= 0) fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+    FILE* fp = fdopen(fd, "rb");
     if (fp == NULL) {
         fprintf(stderr, "Error: dataloader: cannot open shard '%s': %s\n", path, strerror(errno));
         exit(EXIT_FAILURE);
     }
+    return fp;
+}
+
+// Linux reports the holes of a sparse file (lseek SEEK_DATA / SEEK_HOLE); a hole reads as zeros,
+// so it is hashed from memory instead of being read (a 4 GiB sparse test shard takes no time).
+#if defined(__linux__) && !defined(SEEK_DATA)  // glibc declares them only with _GNU_SOURCE
+#define SEEK_DATA 3
+#define SEEK_HOLE 4
+#endif
+
+// want_data 1: the start of the data at or after `from` (`end` when only a hole is left);
+// want_data 0: the start of the next hole (`end` when none). Where holes cannot be found: all data.
+static inline int64_t dataloader_seek_(int fd, int64_t from, int64_t end, int want_data) {
+#if defined(SEEK_DATA) && defined(SEEK_HOLE)
+    off_t at = lseek(fd, (off_t)from, want_data ? SEEK_DATA : SEEK_HOLE);
+    if (at < 0) return want_data && errno != ENXIO ? from : end;
+    return (int64_t)at < end ? (int64_t)at : end;
+#else
+    (void)fd;
+    return want_data ? from : end;
+#endif
+}
+
+// The one pass over a shard's tokens (header already read): every token < vocab_size (when > 0),
+// and the tokens into the fingerprint (when not NULL). Exits naming the first bad token.
+static inline void dataloader_scan_tokens_(FILE* fp, const char* path, int64_t num_tokens, int vocab_size,
+                                           XXH64_state_t* fingerprint) {
+    const size_t chunk = 1 << 19;  // tokens per read (1 MiB)
+    uint16_t* tokens = (uint16_t*)malloc_check(chunk * sizeof(uint16_t));
+    static const uint16_t zeros[4096] = {0};
+    int fd = fileno(fp);
+    int64_t end = SHARD_HEADER_BYTES + num_tokens * (int64_t)sizeof(uint16_t), pos = SHARD_HEADER_BYTES;
+    while (pos < end) {
+        // a hole [pos, data): zero tokens, valid for any vocabulary (vocab_size >= 1)
+        int64_t data = dataloader_seek_(fd, pos, end, 1);
+        data -= (data - SHARD_HEADER_BYTES) % 2;  // whole tokens
+        for (int64_t at = pos; fingerprint != NULL && at < data;) {
+            int64_t n = data - at < (int64_t)sizeof(zeros) ? data - at : (int64_t)sizeof(zeros);
+            XXH64_update(fingerprint, zeros, (size_t)n);
+            at += n;
+        }
+        pos = data > pos ? data : pos;
+        int64_t hole = dataloader_seek_(fd, pos, end, 0);
+        hole += (hole - SHARD_HEADER_BYTES) % 2;
+        if (hole > end || hole <= pos) hole = end;
+        fseek_check(fp, pos, SEEK_SET, path);
+        while (pos < hole) {  // data [pos, hole)
+            size_t n = (size_t)((hole - pos) / 2 < (int64_t)chunk ? (hole - pos) / 2 : (int64_t)chunk);
+            fread_check(tokens, sizeof(uint16_t), n, fp, path);
+            if (fingerprint != NULL) XXH64_update(fingerprint, tokens, n * sizeof(uint16_t));
+            for (size_t i = 0; vocab_size > 0 && i < n; i++) {
+                if ((int)tokens[i] >= vocab_size) {
+                    int64_t token_index = (pos - SHARD_HEADER_BYTES) / 2 + (int64_t)i;
+                    fprintf(stderr, "Error: dataloader: shard '%s' token %lld (byte offset %lld) is %d, "
+                            "outside the vocabulary: expected < vocab_size %d\n", path, (long long)token_index,
+                            (long long)(SHARD_HEADER_BYTES + token_index * (int64_t)sizeof(uint16_t)), (int)tokens[i],
+                            vocab_size);
+                    exit(EXIT_FAILURE);
+                }
+            }
+            pos += (int64_t)n * 2;
+        }
+    }
+    free(tokens);
+}
+
+// Reads and checks one shard: a regular file, its header against the file size, and (one pass
+// over the tokens) every token < vocab_size when vocab_size > 0. Adds the shard to the data
+// fingerprint (when fingerprint != NULL): its header (with the token count), then its tokens.
+// Returns the token count.
+static inline int64_t dataloader_validate_shard_tokens(const char* path, int vocab_size, XXH64_state_t* fingerprint) {
+    FILE* fp = dataloader_open_shard_(path);
     int64_t file_bytes = file_size_check(fp, path);
     if (file_bytes < SHARD_HEADER_BYTES) {
         fprintf(stderr, "Error: dataloader: shard '%s' is %lld bytes, smaller than the %lld-byte header "
@@ -136,7 +242,6 @@ static inline int64_t dataloader_validate_shard(const char* path) {
     }
     int32_t header[SHARD_HEADER_INTS];
     fread_check(header, sizeof(int32_t), SHARD_HEADER_INTS, fp, path);
-    fclose_check(fp, path);
     if (header[0] != SHARD_MAGIC) {
         fprintf(stderr, "Error: dataloader: shard '%s' has bad magic number %d, expected %d (llm.c token shard)%s\n",
                 path, header[0], SHARD_MAGIC,
@@ -156,7 +261,15 @@ static inline int64_t dataloader_validate_shard(const char* path) {
                 (long long)file_bytes, file_bytes < expected_bytes ? "truncated" : "corrupt: size mismatch");
         exit(EXIT_FAILURE);
     }
+    if (fingerprint != NULL) XXH64_update(fingerprint, header, sizeof(header));  // with the token count
+    dataloader_scan_tokens_(fp, path, num_tokens, vocab_size, fingerprint);
+    fclose_check(fp, path);
     return num_tokens;
+}
+
+// the header and size checks alone (no token pass, no fingerprint); returns the token count
+static inline int64_t dataloader_validate_shard(const char* path) {
+    return dataloader_validate_shard_tokens(path, 0, NULL);
 }
 
 // ----------------------------------------------------------------------------
@@ -263,12 +376,14 @@ static inline void dataloader_init(DataLoader* loader, const char* filename_patt
 
     int64_t BT = (int64_t)B * (int64_t)T;
     int64_t max_windows = 0;
+    XXH64_state_t fingerprint;
+    XXH64_reset(&fingerprint, (XXH64_hash_t)num_shards);  // the shard count is the seed
     for (int i = 0; i < num_shards; i++) {
         const char* path = glob_result.gl_pathv[i];
         size_t len = strlen(path);
         loader->shard_paths[i] = (char*)malloc_check(len + 1);
         memcpy(loader->shard_paths[i], path, len + 1);
-        int64_t n = dataloader_validate_shard(path);
+        int64_t n = dataloader_validate_shard_tokens(path, vocab_size, &fingerprint);
         int64_t windows = n >= 1 ? (n - 1) / BT : 0;
         int64_t rounds = windows / num_processes;
         if (rounds < 1) {
@@ -284,6 +399,7 @@ static inline void dataloader_init(DataLoader* loader, const char* filename_patt
         if (windows > max_windows) { max_windows = windows; }
     }
     globfree(&glob_result);
+    loader->fingerprint = (uint64_t)XXH64_digest(&fingerprint);
 
     loader->window_order = loader->shuffle ? (int64_t*)malloc_check((size_t)max_windows * sizeof(int64_t)) : NULL;
     loader->buffer = (uint16_t*)malloc_check((size_t)(BT + 1) * sizeof(uint16_t));

@@ -16,6 +16,8 @@
  *     test_check_rel("name", rel_err(got, ref, n), tol);   // relative L2 error <= tol
  *     return test_end();                         // closing line; EXIT_FAILURE when any failed
  *                                                //   (or none ran: a test that checks nothing fails)
+ *     test_run_child(fn, arg, out, size)         // fn in a fork, output captured: exit status
+ *     test_remove_tree(dir)                      // rm -r a temporary directory
  *
  * Relative error: ||got - ref|| / ||ref|| over n floats, in double; an all-zero reference gives
  * the absolute L2 error; any non-finite value (in got or ref) makes it +inf, so unwritten
@@ -34,6 +36,11 @@
 #include <stdint.h>
 #include <string.h>
 #include <math.h>
+#include <unistd.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <sys/stat.h>
+#include <dirent.h>
 #include "config.h"
 #include "rand.h"
 
@@ -198,6 +205,64 @@ static inline ModelConfig test_config(TestDims d, int ffn_kind, int n, int k, in
         c.top_k = k;
     }
     return c;
+}
+
+// ----------------------------------------------------------------------------
+// children: a case that must end the program (exit with a message) runs in a fork
+
+typedef void (*TestChildFn)(void* arg);
+
+// Runs fn(arg) in a forked child with stdout and stderr captured into out (NUL-terminated,
+// truncated to out_size). Returns the child's exit status; 999 when fn returned, 1000 + signal
+// when it was killed. A child still running after 10 s gets SIGALRM (a hang is a failure).
+static inline int test_run_child(TestChildFn fn, void* arg, char* out, size_t out_size) {
+    FILE* capture = tmpfile();
+    if (capture == NULL) {
+        perror("tmpfile");
+        exit(2);
+    }
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid < 0) {
+        perror("fork");
+        exit(2);
+    }
+    if (pid == 0) {
+        dup2(fileno(capture), 1);
+        dup2(fileno(capture), 2);
+        alarm(10);
+        fn(arg);
+        fflush(NULL);
+        _exit(99);
+    }
+    int status = 0;
+    waitpid(pid, &status, 0);
+    rewind(capture);
+    size_t n = fread(out, 1, out_size - 1, capture);
+    out[n] = '\0';
+    fclose(capture);
+    if (WIFSIGNALED(status)) return 1000 + WTERMSIG(status);
+    return WEXITSTATUS(status) == 99 ? 999 : WEXITSTATUS(status);
+}
+
+// rm -r path (a test's temporary directory); symbolic links are removed, not followed
+static inline void test_remove_tree(const char* path) {
+    struct stat st;
+    if (lstat(path, &st) != 0) return;
+    if (!S_ISDIR(st.st_mode)) {
+        unlink(path);
+        return;
+    }
+    DIR* d = opendir(path);
+    struct dirent* e;
+    while (d != NULL && (e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0) continue;
+        char child[4096];
+        int len = snprintf(child, sizeof(child), "%s/%s", path, e->d_name);
+        if (len > 0 && (size_t)len < sizeof(child)) test_remove_tree(child);
+    }
+    if (d != NULL) closedir(d);
+    rmdir(path);
 }
 
 // ----------------------------------------------------------------------------

@@ -3,6 +3,7 @@
  * Each wrapper prints the call site (file:line), the path or size involved and the reason,
  * then exits with EXIT_FAILURE, so callers need no error handling of their own.
  * Plain C (gcc -std=c11 and nvcc). File offsets are 64-bit (fseeko/ftello; see LLMC_FSEEK).
+ * Also host_memory_available(): MemAvailable, for refusing an allocation that cannot fit.
  */
 #ifndef LLMC_UTILS_H
 #define LLMC_UTILS_H
@@ -134,5 +135,22 @@ static inline void* calloc_check_(size_t count, size_t size, const char* file, i
     return ptr;
 }
 #define calloc_check(count, size) calloc_check_(count, size, __FILE__, __LINE__)
+
+// Bytes of host memory the kernel says can be allocated without swapping (MemAvailable of
+// /proc/meminfo); -1 where that is unknown (no /proc, an old kernel).
+static inline long long host_memory_available(void) {
+    FILE* fp = fopen("/proc/meminfo", "r");
+    if (fp == NULL) return -1;
+    char line[256];
+    long long kib = -1;
+    while (fgets(line, sizeof(line), fp) != NULL) {
+        if (strncmp(line, "MemAvailable:", 13) == 0) {
+            kib = strtoll(line + 13, NULL, 10);
+            break;
+        }
+    }
+    fclose(fp);
+    return kib >= 0 ? kib * 1024 : -1;
+}
 
 #endif // LLMC_UTILS_H
