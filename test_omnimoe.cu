@@ -27,8 +27,6 @@ Build and run: make test_omnimoe && ./test_omnimoe   (a GPU is needed)
 #define TESTING
 #include "train_omnimoe.cu"
 #include "llmc/test_harness.h"
-// the CPU reference names its constants like the CUDA headers' macros: let its own names win
-#undef LAYERNORM_EPS
 #ifdef _OPENMP
 #include <omp.h>  // outside the namespace: the CPU reference includes it too
 #endif
@@ -125,7 +123,7 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
             // near-equal scores swapping places inside the top-k is not a different choice)
             size_t K = (size_t)c->top_k, Kt = (size_t)BT * K, differ = 0;
             for (int l = 0; l < c->num_layers; l++) {
-                cudaCheck(cudaMemcpy(idx, m.acts.omni[l].idx, Kt * sizeof(int), cudaMemcpyDeviceToHost));
+                cudaCheck(cudaMemcpy(idx, m.omni[l].saved.router.idx, Kt * sizeof(int), cudaMemcpyDeviceToHost));
                 const int* ref_idx = ref.acts.topk_idx + (size_t)l * Kt;
                 for (size_t t = 0; t < (size_t)BT; t++) {
                     for (size_t i = 0; i < K; i++) {
@@ -306,7 +304,7 @@ static void test_eval_sampling_accumulation(const char* name, const ModelConfig*
     free(params); free(bn); free(tokens); free(logits); free(padded); free(grads);
 }
 
-// expert_stats_kernel (usage and KL of each layer's load, on the device) vs expert_load_stats
+// expert_stats (usage and KL of each layer's load, on the device) vs expert_load_stats
 // (logger.h, the host code the CPU trainer uses) on random counts with zeros, one layer all
 // zero and one with a single expert hit
 static void test_expert_stats(void) {
@@ -324,8 +322,7 @@ static void test_expert_stats(void) {
     cudaCheck(cudaMalloc(&d_counts, (size_t)L * N * sizeof(int)));
     cudaCheck(cudaMalloc(&d_out, 2 * L * sizeof(float)));
     cudaCheck(cudaMemcpy(d_counts, counts, (size_t)L * N * sizeof(int), cudaMemcpyHostToDevice));
-    expert_stats_kernel<<<L, EXPERT_STATS_THREADS>>>(d_out, d_counts, N);
-    cudaCheckLast();
+    expert_stats(d_out, d_counts, L, N, 0);
     float out[2 * L];
     cudaCheck(cudaMemcpy(out, d_out, sizeof(out), cudaMemcpyDeviceToHost));
     double worst = 0.0;
@@ -366,6 +363,5 @@ int main(void) {
     for (int i = 0; i < num_cases; i++) test_eval_sampling_accumulation(cases[i].name, &cases[i].c, 4, 64);
     test_expert_stats();
     matmul_free();
-    router_free();
     return test_end();
 }

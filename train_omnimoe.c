@@ -34,13 +34,10 @@
 #include "llmc/config.h"
 #include "llmc/rand.h"
 #include "llmc/tokenizer.h"
+#include "llmc/sampler.h"
 
 // ----------------------------------------------------------------------------
-// small numeric helpers
-
-static const float LAYERNORM_EPS = 1e-5f;
-static const float BATCHNORM_EPS = 1e-5f;
-static const float BATCHNORM_MOMENTUM = 0.1f;   // running = (1 - m) * running + m * batch
+// small numeric helpers (the normalisations' constants are in llmc/config.h)
 
 static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 static inline float siluf(float x) { return x * sigmoidf(x); }
@@ -1260,42 +1257,20 @@ void gpt_free(GPT* model) {
 }
 
 // ----------------------------------------------------------------------------
-// sampling (outside TESTING: the tests run it)
+// sampling (outside TESTING: the tests run it), with the shared sampler (llmc/sampler.h)
 
-// the token that a draw coin in [0, 1) picks from softmax(logits[0..V)): the real vocabulary
-// only (the padded columns past V get no mass); the last token if rounding leaves coin unmatched
-int sample_softmax(const float* logits, int V, float coin) {
-    float maxval = -INFINITY;
-    for (int v = 0; v < V; v++) if (logits[v] > maxval) maxval = logits[v];
-    double sum = 0.0;
-    for (int v = 0; v < V; v++) sum += exp((double)logits[v] - maxval);
-    double target = coin * sum, cdf = 0.0;
-    for (int v = 0; v < V; v++) {
-        cdf += exp((double)logits[v] - maxval);
-        if (target < cdf) return v;
-    }
-    return V - 1;
+// sampler.h's logits callback: the whole window in evaluation mode, row t - 1's real columns
+static void gpt_sample_logits(void* ctx, const int* tokens, int T, int t, float* out) {
+    GPT* model = (GPT*)ctx;
+    gpt_forward(model, tokens, NULL, 1, T, 0);
+    memcpy(out, model->logits + (size_t)(t - 1) * model->config.padded_vocab_size,
+           (size_t)model->config.vocab_size * sizeof(float));
 }
 
-// prints gen_tokens - 1 tokens sampled after an end-of-text token (evaluation mode) and, when
-// out_tokens is not NULL, stores the gen_tokens tokens there (end-of-text first). The whole
-// window is run every time: causal attention makes positions after t irrelevant to logits[t].
+// prints gen_tokens - 1 tokens sampled after an end-of-text token and, when out_tokens is not
+// NULL, stores the gen_tokens tokens there (end-of-text first)
 void sample_and_print(GPT* model, const Tokenizer* tokenizer, Rng* rng, int gen_tokens, int* out_tokens) {
-    const ModelConfig* c = &model->config;
-    int V = c->vocab_size, Vp = c->padded_vocab_size;
-    int eot = tokenizer->init_ok && tokenizer->eot_token >= 0 && tokenizer->eot_token < V ? tokenizer->eot_token : V - 1;
-    int* tokens = alloc_ints(gen_tokens);
-    for (int t = 0; t < gen_tokens; t++) tokens[t] = eot;
-    printf("sample: ");
-    for (int t = 1; t < gen_tokens; t++) {
-        gpt_forward(model, tokens, NULL, 1, gen_tokens, 0);
-        tokens[t] = sample_softmax(model->logits + (size_t)(t - 1) * Vp, V, rng_f32(rng));
-        tokenizer_print_token(tokenizer, (uint32_t)tokens[t]);
-        fflush(stdout);
-    }
-    printf("\n");
-    if (out_tokens != NULL) memcpy(out_tokens, tokens, (size_t)gen_tokens * sizeof(int));
-    free(tokens);
+    sample_and_print_with(gpt_sample_logits, model, model->config.vocab_size, gen_tokens, tokenizer, rng, out_tokens);
 }
 
 #ifndef TESTING
@@ -1306,46 +1281,118 @@ void sample_and_print(GPT* model, const Tokenizer* tokenizer, Rng* rng, int gen_
 //   ./train_omnimoe_cpu -e tiny -f swiglu -x 20
 //   ./train_omnimoe_cpu --help                  every flag (llmc/args.h), with this trainer's defaults
 //
-// Same flags, schedule, data loader, log and checkpoint format as the CUDA trainer. The expert
-// branch runs token-centric here (--expert-exec is accepted and has no effect), and the run is
-// single-process.
+// Same flags, schedule, data loader, log, checkpoint format and loop (llmc/train_loop.h) as the
+// CUDA trainer. Where it differs, all in this backend: one process (sum_ranks does nothing, the
+// stop request is the process's own); the expert branch runs token-centric
+// (--expert-exec is accepted and has no effect); the expert statistics come from host counts;
+// no MFU; the tokenizer is loaded only when -s asks for samples.
 
 #include "llmc/args.h"
-#include "llmc/schedule.h"
-#include "llmc/logger.h"
 #include "llmc/checkpoint.h"
 #include "llmc/dataloader.h"
+#include "llmc/train_loop.h"
 
-static double wall_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
+typedef struct {
+    const TrainConfig* cfg;
+    GPT model;
+    float* file_params;          // -e <file>: its weights and BN statistics (NULL for a preset)
+    float* file_bn;
+    DataLoader train_loader, val_loader;
+    int grad_accum_steps;
+    int omni_layers;
+    long long* expert_counts;    // (omni_layers, N) expert loads of the last step
+} CpuTrainer;
+
+static void cpu_init_weights(void* ctx) {
+    CpuTrainer* tr = (CpuTrainer*)ctx;
+    GPT* model = &tr->model;
+    if (tr->file_params != NULL) {
+        memcpy(model->params, tr->file_params, model->num_params * sizeof(float));
+        if (model->num_bn_stats > 0) memcpy(model->bn_stats, tr->file_bn, model->num_bn_stats * sizeof(float));
+        printf("| weights from %s\n", tr->cfg->model);
+    } else {
+        gpt_init_random(model, tr->cfg->seed);
+    }
 }
 
-// mean validation loss over the first max_batches batches (all when -1), in evaluation mode:
-// router BN uses the running statistics, so the model is a fixed function of each sequence
-static float evaluate(GPT* model, DataLoader* val_loader, int max_batches) {
-    int64_t batches = dataloader_num_batches(val_loader);
-    if (max_batches >= 0 && max_batches < batches) batches = max_batches;
-    dataloader_reset(val_loader);
-    double sum = 0.0;
-    for (int64_t i = 0; i < batches; i++) {
-        dataloader_next_batch(val_loader);
-        gpt_forward(model, val_loader->inputs, val_loader->targets, (int)val_loader->B, (int)val_loader->T, 0);
-        sum += model->mean_loss;
+// grad_accum_steps micro-batches, each weighted 1/grad_accum_steps, then one AdamW update
+static void cpu_train_step(void* ctx, int step, float lr, int t, const volatile sig_atomic_t* stop_local,
+                           TrainStepResult* out) {
+    (void)step;
+    CpuTrainer* tr = (CpuTrainer*)ctx;
+    const TrainConfig* cfg = tr->cfg;
+    GPT* model = &tr->model;
+    const ModelConfig* c = &model->config;
+    gpt_zero_grad(model);
+    if (tr->omni_layers > 0) memset(tr->expert_counts, 0, (size_t)tr->omni_layers * c->num_experts * sizeof(long long));
+    double loss_sum = 0.0;
+    for (int micro = 0; micro < tr->grad_accum_steps; micro++) {
+        dataloader_next_batch(&tr->train_loader);
+        gpt_forward(model, tr->train_loader.inputs, tr->train_loader.targets, cfg->B, cfg->T, 1);
+        gpt_backward(model, 1.0f / tr->grad_accum_steps);
+        loss_sum += model->mean_loss;
+        size_t per_layer = (size_t)cfg->B * cfg->T * c->top_k;
+        for (int l = 0; l < tr->omni_layers; l++) {
+            const int* idx = model->acts.topk_idx + (size_t)l * per_layer;
+            for (size_t p = 0; p < per_layer; p++) tr->expert_counts[(size_t)l * c->num_experts + idx[p]]++;
+        }
     }
-    return (float)(sum / (double)batches);
+    out->norm = gpt_update(model, lr, cfg->beta1, cfg->beta2, cfg->eps, cfg->weight_decay, cfg->grad_clip, t);
+    out->loss = (float)(loss_sum / tr->grad_accum_steps);
+    out->stop = *stop_local != 0;
+}
+
+// evaluation mode: router BN uses the running statistics, so the model is a fixed function of
+// each sequence
+static float cpu_forward_loss(void* ctx, const int* inputs, const int* targets, int B, int T) {
+    GPT* model = &((CpuTrainer*)ctx)->model;
+    gpt_forward(model, inputs, targets, B, T, 0);
+    return model->mean_loss;
+}
+
+static void cpu_sample_logits(void* ctx, const int* tokens, int T, int t, float* out) {
+    gpt_sample_logits(&((CpuTrainer*)ctx)->model, tokens, T, t, out);
+}
+
+static void cpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const DataLoaderState* loader,
+                                const uint64_t* sample_rng, char* out_path) {
+    CpuTrainer* tr = (CpuTrainer*)ctx;
+    GPT* model = &tr->model;
+    checkpoint_write(tr->cfg->output_dir, &model->config, info, model->params, model->m, model->v, model->bn_stats, 1,
+                     loader, sizeof(*loader), sample_rng, sizeof(*sample_rng), out_path);
+}
+
+static void cpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
+                                uint64_t* sample_rng) {
+    GPT* model = &((CpuTrainer*)ctx)->model;
+    model->m = alloc_floats(model->num_params);
+    model->v = alloc_floats(model->num_params);
+    checkpoint_read(path, &model->config, info, model->params, model->m, model->v, model->bn_stats, 1, loader,
+                    sizeof(*loader), sample_rng, sizeof(*sample_rng));
 }
 
 // per OmniMoE layer: share of the N experts chosen at least once and KL(load || uniform)
-static void expert_stats(const long long* counts_ll, const ModelConfig* c, float* usage, float* kl) {
-    int N = c->num_experts;
+static void cpu_expert_stats(void* ctx, float* usage, float* kl) {
+    CpuTrainer* tr = (CpuTrainer*)ctx;
+    int N = tr->model.config.num_experts;
     int* counts = alloc_ints(N);
-    for (int l = 0; l < c->num_layers; l++) {
-        for (int e = 0; e < N; e++) counts[e] = (int)counts_ll[(size_t)l * N + e];
+    for (int l = 0; l < tr->omni_layers; l++) {
+        for (int e = 0; e < N; e++) counts[e] = (int)tr->expert_counts[(size_t)l * N + e];
         expert_load_stats(counts, N, &usage[l], &kl[l]);
     }
     free(counts);
+}
+
+static void cpu_write_model(void* ctx, const char* path) {
+    GPT* model = &((CpuTrainer*)ctx)->model;
+    model_file_write(path, &model->config, model->params, model->bn_stats);
+}
+
+// one process: the sums over ranks are the values themselves
+static void cpu_sum_ranks(void* ctx, double* values, int n) {
+    (void)ctx;
+    (void)values;
+    (void)n;
 }
 
 int main(int argc, char** argv) {
@@ -1370,161 +1417,67 @@ int main(int argc, char** argv) {
     }
 
     // the model: a preset (+ flags) or a model file
+    CpuTrainer tr;
+    memset(&tr, 0, sizeof(tr));
+    tr.cfg = &cfg;
     ModelConfig model_config;
-    float* file_params = NULL;
-    float* file_bn = NULL;
     if (!train_config_model(&cfg, &model_config)) {
         model_file_read_config(cfg.model, &model_config);
         train_config_check_file_model(&cfg, &model_config);
-        model_file_read(cfg.model, &model_config, &file_params, &file_bn);
+        model_file_read(cfg.model, &model_config, &tr.file_params, &tr.file_bn);
     }
     train_config_validate(&cfg, &model_config);
-    int grad_accum_steps = train_config_grad_accum_steps(&cfg);
-    long long tokens_per_step = train_config_total_batch_tokens(&cfg);
+    tr.grad_accum_steps = train_config_grad_accum_steps(&cfg);
     train_config_print(&cfg);
     model_config_print(&model_config);
 #ifdef _OPENMP
     printf("| OpenMP threads: %d\n", omp_get_max_threads());
 #endif
-
-    GPT model;
-    gpt_build(&model, &model_config);
-    if (file_params != NULL) {
-        memcpy(model.params, file_params, model.num_params * sizeof(float));
-        if (model.num_bn_stats > 0) memcpy(model.bn_stats, file_bn, model.num_bn_stats * sizeof(float));
-        printf("| weights from %s\n", cfg.model);
-    } else {
-        gpt_init_random(&model, cfg.seed);
-    }
-    free(file_params);
-    free(file_bn);
+    gpt_build(&tr.model, &model_config);
 
     int V = model_config.vocab_size;
-    DataLoader train_loader, val_loader;
-    dataloader_init(&train_loader, cfg.train_data_pattern, cfg.B, cfg.T, 0, 1, cfg.shuffle, cfg.seed, V);
+    dataloader_init(&tr.train_loader, cfg.train_data_pattern, cfg.B, cfg.T, 0, 1, cfg.shuffle, cfg.seed, V);
     int have_val = cfg.val_data_pattern[0] != '\0' && cfg.val_every > 0;
-    if (have_val) dataloader_init(&val_loader, cfg.val_data_pattern, cfg.B, cfg.T, 0, 1, 0, cfg.seed, V);
-    RunIdentity run = train_config_run_identity(&cfg, train_loader.fingerprint, train_loader.total_tokens,
-                                                train_loader.num_shards);  // what a checkpoint records
+    if (have_val) dataloader_init(&tr.val_loader, cfg.val_data_pattern, cfg.B, cfg.T, 0, 1, 0, cfg.seed, V);
     printf("| train: %lld tokens in %d shard(s), %lld batches per epoch; grad accumulation %d (%lld tokens/step)\n",
-           (long long)train_loader.total_tokens, train_loader.num_shards,
-           (long long)dataloader_num_batches(&train_loader), grad_accum_steps, tokens_per_step);
-    if (have_val) printf("| val: %lld tokens, %lld batches (using up to %d)\n", (long long)val_loader.total_tokens,
-                         (long long)dataloader_num_batches(&val_loader), cfg.val_max_batches);
+           (long long)tr.train_loader.total_tokens, tr.train_loader.num_shards,
+           (long long)dataloader_num_batches(&tr.train_loader), tr.grad_accum_steps,
+           train_config_total_batch_tokens(&cfg));
+    if (have_val) printf("| val: %lld tokens, %lld batches (using up to %d)\n", (long long)tr.val_loader.total_tokens,
+                         (long long)dataloader_num_batches(&tr.val_loader), cfg.val_max_batches);
     Tokenizer tokenizer;
     memset(&tokenizer, 0, sizeof(tokenizer));
     if (cfg.sample_every > 0) tokenizer_init(&tokenizer, "data/gpt2_tokenizer.bin");
-    Rng sample_rng;
-    rng_init(&sample_rng, cfg.seed ^ 0x53414D504C45ull);  // its own stream ("SAMPLE")
+    tr.omni_layers = model_config.ffn_kind == FFN_OMNI ? model_config.num_layers : 0;
+    tr.expert_counts = (long long*)calloc_check((size_t)tr.omni_layers * (model_config.num_experts > 0 ?
+                                                model_config.num_experts : 1) + 1, sizeof(long long));
 
-    // resume: weights, AdamW state, BN statistics, data position and sampling RNG
-    int start_step = 0;
-    if (cfg.output_dir[0] != '\0') checkpoint_make_dir(cfg.output_dir);
-    if (cfg.resume) {
-        char path[CHECKPOINT_PATH_MAX];
-        int found = checkpoint_find_latest(cfg.output_dir, path);
-        if (found < 0) {
-            printf("| resume: no complete checkpoint in %s, starting from step 0\n", cfg.output_dir);
-        } else {
-            CheckpointInfo info;
-            DataLoaderState loader_state;
-            model.m = alloc_floats(model.num_params);
-            model.v = alloc_floats(model.num_params);
-            checkpoint_read(path, &model_config, &info, model.params, model.m, model.v, model.bn_stats, 1,
-                            &loader_state, sizeof(loader_state), &sample_rng.state, sizeof(sample_rng.state));
-            checkpoint_compare_run(path, &info, &run);
-            dataloader_set_state(&train_loader, &loader_state);
-            start_step = info.step;
-            printf("| resumed from %s (step %d)\n", path, start_step);
-        }
-    }
-    char log_path[TRAIN_PATH_MAX + 16];
-    train_config_log_path(&cfg, log_path, sizeof(log_path));
-    Logger logger;
-    logger_init(&logger, log_path, 0, start_step > 0 ? start_step : -1);
+    TrainBackend be = {0};
+    be.ctx = &tr;
+    be.rank = 0;
+    be.num_processes = 1;
+    be.num_omni_layers = tr.omni_layers;
+    be.vocab_size = V;
+    be.sample_T = cfg.gen_tokens;
+    be.init_weights = cpu_init_weights;
+    be.train_step = cpu_train_step;
+    be.forward_loss = cpu_forward_loss;
+    be.sample_logits = cpu_sample_logits;
+    be.save_checkpoint = cpu_save_checkpoint;
+    be.load_checkpoint = cpu_load_checkpoint;
+    be.expert_stats = cpu_expert_stats;
+    be.write_model = cpu_write_model;
+    be.sum_ranks = cpu_sum_ranks;
+    TrainLoop loop = {&cfg, &be, &tr.train_loader, &tr.val_loader, cfg.val_max_batches, &tokenizer, have_val};
+    int rc = train_loop_run(&loop);
 
-    const ModelConfig* c = &model.config;
-    int omni_layers = c->ffn_kind == FFN_OMNI ? c->num_layers : 0;
-    long long* expert_counts = (long long*)calloc_check((size_t)omni_layers * (c->num_experts > 0 ? c->num_experts : 1),
-                                                       sizeof(long long));
-    float* expert_usage = alloc_floats(omni_layers);
-    float* expert_kl = alloc_floats(omni_layers);
-    double total_ms = 0.0;
-    int timed_steps = 0;
-
-    for (int step = start_step; step <= cfg.num_steps; step++) {
-        int last_step = step == cfg.num_steps;
-        long long tokens_seen = (long long)step * tokens_per_step;
-        // the checkpoint comes first: a run resumed from it repeats this step's evaluation and
-        // sample with the same RNG state, and so continues with the same bits
-        // with -o, as the CUDA trainer: every -n steps and at the end
-        if (cfg.output_dir[0] != '\0' && step > start_step &&
-            (last_step || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0))) {
-            CheckpointInfo info;
-            checkpoint_info_from_run(&info, &run, step, step, tokens_seen);
-            DataLoaderState loader_state = dataloader_get_state(&train_loader);
-            char written[CHECKPOINT_PATH_MAX];
-            checkpoint_write(cfg.output_dir, c, &info, model.params, model.m, model.v, model.bn_stats, 1,
-                             &loader_state, sizeof(loader_state), &sample_rng.state, sizeof(sample_rng.state), written);
-            printf("checkpoint %s\n", written);
-        }
-        if (have_val && (last_step || (cfg.val_every > 0 && step % cfg.val_every == 0))) {
-            float val_loss = evaluate(&model, &val_loader, cfg.val_max_batches);
-            logger_log_eval(&logger, step, tokens_seen, val_loss);
-        }
-        if (cfg.sample_every > 0 && ((step > 0 && step % cfg.sample_every == 0) || last_step)) {
-            sample_and_print(&model, &tokenizer, &sample_rng, cfg.gen_tokens, NULL);
-        }
-        if (last_step) break;
-
-        // one optimiser step: grad_accum_steps micro-batches, each weighted 1/grad_accum_steps
-        double start = wall_ms();
-        gpt_zero_grad(&model);
-        if (omni_layers > 0) memset(expert_counts, 0, (size_t)omni_layers * c->num_experts * sizeof(long long));
-        double loss_sum = 0.0;
-        for (int micro = 0; micro < grad_accum_steps; micro++) {
-            dataloader_next_batch(&train_loader);
-            gpt_forward(&model, train_loader.inputs, train_loader.targets, cfg.B, cfg.T, 1);
-            gpt_backward(&model, 1.0f / grad_accum_steps);
-            loss_sum += model.mean_loss;
-            size_t per_layer = (size_t)cfg.B * cfg.T * c->top_k;
-            for (int l = 0; l < omni_layers; l++) {
-                const int* idx = model.acts.topk_idx + (size_t)l * per_layer;
-                for (size_t p = 0; p < per_layer; p++) expert_counts[(size_t)l * c->num_experts + idx[p]]++;
-            }
-        }
-        float lr = learning_rate_at(&cfg, step);
-        float norm = gpt_update(&model, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.grad_clip, step + 1);
-        double ms = wall_ms() - start;
-        if (step > start_step) { total_ms += ms; timed_steps++; }  // the first step warms caches up
-        if (omni_layers > 0) expert_stats(expert_counts, c, expert_usage, expert_kl);
-        float loss = (float)(loss_sum / grad_accum_steps);
-        logger_log_train(&logger, step + 1, cfg.num_steps, tokens_seen + tokens_per_step, loss, norm, lr, ms,
-                         1e3 * (double)tokens_per_step / ms, -1.0, omni_layers, expert_usage, expert_kl);
-        if (!isfinite(loss)) {
-            fprintf(stderr, "Error: the training loss is %f at step %d; stopping (try a lower -l)\n", loss, step + 1);
-            exit(EXIT_FAILURE);
-        }
-    }
-    if (cfg.output_dir[0] != '\0') {  // the final weights, as the CUDA trainer writes them
-        char path[TRAIN_PATH_MAX + 16];
-        snprintf(path, sizeof(path), "%s/model.bin", cfg.output_dir);
-        model_file_write(path, c, model.params, model.bn_stats);
-        printf("wrote model %s\n", path);
-    }
-    if (timed_steps > 0) {
-        printf("total average step time: %.1f ms (%.0f tok/s) over %d steps\n", total_ms / timed_steps,
-               1e3 * (double)tokens_per_step * timed_steps / total_ms, timed_steps);
-    }
-
-    logger_close(&logger);
-    free(expert_counts);
-    free(expert_usage);
-    free(expert_kl);
+    free(tr.file_params);
+    free(tr.file_bn);
+    free(tr.expert_counts);
     tokenizer_free(&tokenizer);
-    dataloader_free(&train_loader);
-    if (have_val) dataloader_free(&val_loader);
-    gpt_free(&model);
-    return 0;
+    dataloader_free(&tr.train_loader);
+    if (have_val) dataloader_free(&tr.val_loader);
+    gpt_free(&tr.model);
+    return rc;
 }
 #endif

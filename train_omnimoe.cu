@@ -9,9 +9,11 @@ weights and AdamW state, on one GPU or data parallel on several (one process per
                                          # launches without MPI)
 
 The math is SPEC.md §1-2, the same as the CPU reference train_omnimoe.c, which test_omnimoe.cu
-checks this file against. The kernels live in the llmc/ headers, one concern each; this file holds
-the model (parameters, activations, forward, backward, update) and the training loop (data,
-evaluation, sampling, logging, checkpoints).
+checks this file against. The kernels live in the llmc/ headers, one concern each (the OmniMoE
+feed-forward layer is llmc/omnimoe_layer.cuh: this file gives it views of its weights, gradients,
+BN statistics, expert counts and activations); this file holds the model (parameters,
+activations, forward, backward, update) and the training loop (data, evaluation, sampling,
+logging, checkpoints).
 
 Memory: parameters, gradients (floatX) and master weights, AdamW m and v (fp32) are flat
 buffers in the layout of llmc/config.h, so one pointer arithmetic serves every tensor. The
@@ -41,7 +43,6 @@ every rank's BN set.
 #include <string.h>
 #include <math.h>
 #include <time.h>
-#include <signal.h>
 #include "llmc/config.h"
 #include "llmc/rand.h"
 #include "llmc/args.h"
@@ -59,28 +60,9 @@ every rank's BN set.
 #include "llmc/classifier.cuh"
 #include "llmc/adamw.cuh"
 #include "llmc/global_norm.cuh"
-#include "llmc/router.cuh"
-#include "llmc/scheduler.cuh"
-#include "llmc/experts.cuh"
+#include "llmc/omnimoe_layer.cuh"
+#include "llmc/expert_stats.cuh"
 #include "llmc/multi_gpu.cuh"
-
-// dense bf16 tensor-core peak of an H100 SXM, for MFU (the number llm.c uses)
-#define PEAK_FLOPS_BF16 989.4e12
-
-// ----------------------------------------------------------------------------
-// the OmniMoE layer on the GPU: router -> scheduler -> experts, plus the shared SwiGLU branch
-// that the caller runs with the ordinary matmuls. Its saved activations, per layer:
-
-typedef struct {
-    float* logits;        // (BT, 2n) raw router GEMM output
-    float* logp;          // (BT, 2n) log-softmax of each half
-    float* bn_mean;       // (2n) statistics BN used
-    float* bn_rstd;       // (2n)
-    int* idx;             // (BT, k) expert ids, best first
-    float* gate;          // (BT, k)
-    float* s;             // (BT, k) <u_e, x>
-    ExpertSchedule sched; // the pairs sorted by expert
-} OmniSaved;
 
 // ----------------------------------------------------------------------------
 // the model
@@ -109,9 +91,6 @@ typedef struct {
     floatX* sublayer_out;// (BT, C) output of attention projection / FFN before the residual add
     int* inputs;         // (BT) device copy of the inputs
     int* targets;        // (BT) device copy of the targets
-    OmniSaved* omni;     // (L) host array of per-layer saved OmniMoE state (omni only)
-    int* step_counts;    // (N) expert loads of one micro-batch and layer (omni only)
-    float* dgate;        // (BT, k) gradient of the gates (omni only)
     // backward
     floatX* dresidual;   // (BT, C)
     floatX* dsub;        // (BT, C)  d of a LayerNorm output / attention output
@@ -133,17 +112,15 @@ typedef struct {
     float* adam_v;
     float* bn_stats;      // router BN running statistics (layout of the model file)
     int* expert_counts;   // (L, N) pairs routed to each expert since the last reset (omni)
-    float* expert_stats;  // (2L) usage, then KL of each layer (expert_stats_kernel's output)
+    float* expert_stats;  // (2L) usage, then KL of each layer (expert_stats' output)
+    OmniLayer* omni;      // (L) the OmniMoE layers (omni only): views of the buffers here
+    OmniWorkspace omni_ws;// what they share: scratch, side stream, gate gradient (omni only)
     Activations acts;
     EncoderBackwardPlan encoder_plan;
     int B, T;             // the shape activations were allocated for (the maximum)
     int cur_B, cur_T;     // the shape of the last forward
-    int expert_exec;      // EXPERT_EXEC_TOKEN or EXPERT_EXEC_EXPERT (args.h)
-    int forward_training; // the last forward used BN batch statistics
     int adam_t;           // AdamW steps taken
     cudaStream_t stream;
-    cudaStream_t side_stream;           // omni: router + scheduler beside the shared SwiGLU
-    cudaEvent_t side_fork, side_join;   // the side stream's start after x, and its end
     float* norm_squared;  // (1) device
 } Model;
 
@@ -178,31 +155,6 @@ static void model_check_shapes(const ModelConfig* c) {
     }
 }
 
-static void omni_saved_alloc(OmniSaved* o, const ModelConfig* c, int BT) {
-    size_t two_n = 2 * (size_t)c->router_n, k = c->top_k;
-    int P = BT * c->top_k, A = scheduler_max_active(P, c->num_experts);
-    o->logits = (float*)cuda_malloc_or_die(BT * two_n * sizeof(float), "router logits");
-    o->logp = (float*)cuda_malloc_or_die(BT * two_n * sizeof(float), "router log-probabilities");
-    o->bn_mean = (float*)cuda_malloc_or_die(two_n * sizeof(float), "router BN mean");
-    o->bn_rstd = (float*)cuda_malloc_or_die(two_n * sizeof(float), "router BN rstd");
-    o->idx = (int*)cuda_malloc_or_die(BT * k * sizeof(int), "expert ids");
-    o->gate = (float*)cuda_malloc_or_die(BT * k * sizeof(float), "expert gates");
-    o->s = (float*)cuda_malloc_or_die(BT * k * sizeof(float), "expert scores");
-    o->sched.sorted_pair = (int*)cuda_malloc_or_die(P * sizeof(int), "scheduler sorted pairs");
-    o->sched.sorted_expert = (int*)cuda_malloc_or_die(P * sizeof(int), "scheduler sorted experts");
-    o->sched.sorted_active = (int*)cuda_malloc_or_die(P * sizeof(int), "scheduler active index");
-    o->sched.active_expert = (int*)cuda_malloc_or_die(A * sizeof(int), "scheduler active experts");
-    o->sched.active_offset = (int*)cuda_malloc_or_die((A + 1) * sizeof(int), "scheduler offsets");
-    o->sched.num_active = (int*)cuda_malloc_or_die(sizeof(int), "scheduler active count");
-}
-
-static void omni_saved_free(OmniSaved* o) {
-    void* ptrs[] = {o->logits, o->logp, o->bn_mean, o->bn_rstd, o->idx, o->gate, o->s, o->sched.sorted_pair,
-                    o->sched.sorted_expert, o->sched.sorted_active, o->sched.active_expert, o->sched.active_offset,
-                    o->sched.num_active};
-    for (size_t i = 0; i < sizeof(ptrs) / sizeof(ptrs[0]); i++) cudaCheck(cudaFree(ptrs[i]));
-}
-
 // Allocates parameters, optimizer state and activations for micro-batches up to (B, T).
 static void model_build(Model* m, const ModelConfig* config, int B, int T, int expert_exec) {
     memset(m, 0, sizeof(*m));
@@ -211,11 +163,7 @@ static void model_build(Model* m, const ModelConfig* config, int B, int T, int e
     m->config = *config;
     m->B = B;
     m->T = T;
-    m->expert_exec = expert_exec;
     cudaCheck(cudaStreamCreate(&m->stream));
-    cudaCheck(cudaStreamCreateWithFlags(&m->side_stream, cudaStreamNonBlocking));
-    cudaCheck(cudaEventCreateWithFlags(&m->side_fork, cudaEventDisableTiming));
-    cudaCheck(cudaEventCreateWithFlags(&m->side_join, cudaEventDisableTiming));
     model_config_param_sizes(config, m->param_sizes);
     size_t offset = 0;
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
@@ -273,23 +221,32 @@ static void model_build(Model* m, const ModelConfig* config, int B, int T, int e
     s = max_sz(s, layernorm_backward_scratch_bytes((int)BT, (int)C));
     s = max_sz(s, attention_backward_scratch_bytes(B, T, (int)C, c->num_heads));
     s = max_sz(s, global_norm_scratch_bytes());
+    OmniDims omni_dims = {(int)BT, (int)C, (int)H, c->router_n, c->num_experts, c->top_k};
+    if (c->ffn_kind == FFN_OMNI) s = max_sz(s, omni_layer_scratch_bytes(omni_dims));
+    a->scratch_bytes = s;
+    a->scratch = (float*)cuda_malloc_or_die(s, "kernel scratch");
     if (c->ffn_kind == FFN_OMNI) {
-        int n = c->router_n, P = (int)BT * c->top_k;
-        s = max_sz(s, router_forward_scratch_bytes((int)BT, n));
-        s = max_sz(s, router_backward_scratch_bytes((int)BT, n));
-        s = max_sz(s, scheduler_scratch_bytes(P, c->num_experts));
-        s = max_sz(s, experts_backward_scratch_bytes((int)BT, (int)C, c->top_k));
-        a->step_counts = (int*)cuda_malloc_or_die(c->num_experts * sizeof(int), "expert counts of a micro-batch");
-        a->dgate = (float*)cuda_malloc_or_die(BT * c->top_k * sizeof(float), "gradients: gates");
-        a->omni = (OmniSaved*)malloc_check(L * sizeof(OmniSaved));
-        for (size_t l = 0; l < L; l++) omni_saved_alloc(&a->omni[l], c, (int)BT);
+        // the layers: views of the parameters, gradients, BN statistics, counts and activations here
+        OmniOptions opt = {c->router_norm, c->gate, expert_exec};
+        omni_workspace_create(&m->omni_ws, omni_dims, a->scratch, a->scratch_bytes, a->dhidden, a->dwide);
         m->expert_counts = (int*)cuda_malloc_or_die(L * c->num_experts * sizeof(int), "expert counts");
         cudaCheck(cudaMemset(m->expert_counts, 0, L * c->num_experts * sizeof(int)));
         m->expert_stats = (float*)cuda_malloc_or_die(2 * L * sizeof(float), "expert statistics");
-        router_init();
+        m->omni = (OmniLayer*)malloc_check(L * sizeof(OmniLayer));
+        for (int l = 0; l < (int)L; l++) {
+            OmniWeights w = {layer_param(m, PARAM_FCW, l), layer_param(m, PARAM_FCPROJW, l),
+                             layer_param(m, PARAM_ROUTERW, l), layer_param(m, PARAM_EXPERTU, l),
+                             layer_param(m, PARAM_EXPERTV, l)};
+            OmniWeights dw = {layer_grad(m, PARAM_FCW, l), layer_grad(m, PARAM_FCPROJW, l),
+                              layer_grad(m, PARAM_ROUTERW, l), layer_grad(m, PARAM_EXPERTU, l),
+                              layer_grad(m, PARAM_EXPERTV, l)};
+            OmniLayer* layer = &m->omni[l];
+            omni_layer_create(layer, omni_dims, opt, w, dw, &m->omni_ws, a->fch + (size_t)l * BT * FI,
+                              a->fch_act + (size_t)l * BT * H);
+            omni_layer_set_bn_stats(layer, m->bn_stats + (size_t)l * omni_layer_bn_count(omni_dims));
+            layer->expert_counts = m->expert_counts + (size_t)l * c->num_experts;
+        }
     }
-    a->scratch_bytes = s;
-    a->scratch = (float*)cuda_malloc_or_die(s, "kernel scratch");
     encoder_backward_plan_init(&m->encoder_plan, (int)BT, c->vocab_size, (int)C);
     matmul_init();
 }
@@ -302,18 +259,14 @@ static void model_free(Model* m) {
                     a->logits, a->losses, a->loss_sum, a->sublayer_out, a->inputs, a->targets, a->dresidual, a->dsub,
                     a->dwide, a->dhidden, a->scratch};
     for (size_t i = 0; i < sizeof(ptrs) / sizeof(ptrs[0]); i++) cudaCheck(cudaFree(ptrs[i]));
-    if (a->omni) {
-        for (int l = 0; l < m->config.num_layers; l++) omni_saved_free(&a->omni[l]);
-        free(a->omni);
+    if (m->omni) {
+        for (int l = 0; l < m->config.num_layers; l++) omni_layer_free(&m->omni[l]);
+        free(m->omni);
+        omni_workspace_free(&m->omni_ws);
         cudaCheck(cudaFree(m->expert_counts));
         cudaCheck(cudaFree(m->expert_stats));
-        cudaCheck(cudaFree(a->step_counts));
-        cudaCheck(cudaFree(a->dgate));
     }
     encoder_backward_plan_free(&m->encoder_plan);
-    cudaCheck(cudaEventDestroy(m->side_fork));
-    cudaCheck(cudaEventDestroy(m->side_join));
-    cudaCheck(cudaStreamDestroy(m->side_stream));
     cudaCheck(cudaStreamDestroy(m->stream));
 }
 
@@ -350,10 +303,6 @@ static void model_init_random(Model* m, uint64_t seed) {
 // ----------------------------------------------------------------------------
 // forward
 
-// the OmniMoE FFN of layer l (defined below): out = SwiGLU(x) + experts(x), x = ln2 (BT, C)
-static void omni_ffn_forward(Model* m, int l, const floatX* x, floatX* out, int BT, int training);
-static void omni_ffn_backward(Model* m, int l, const floatX* x, const floatX* dout, floatX* dx, int BT);
-
 // Runs the model on (B, T) tokens (host arrays). With targets, the per-token losses and their
 // mean (acts.loss_sum, device) are computed; the logits stay in acts.logits either way.
 // training = 1: router BN uses batch statistics and updates its running statistics.
@@ -365,7 +314,6 @@ static void model_forward(Model* m, const int* inputs, const int* targets, int B
     }
     m->cur_B = B;
     m->cur_T = T;
-    m->forward_training = training;
     const int L = c->num_layers, C = c->channels, NH = c->num_heads, BT = B * T;
     const int Vp = c->padded_vocab_size, V = c->vocab_size, FI = ffn_in_width(c), H = c->ffn_hidden;
     cudaStream_t st = m->stream;
@@ -406,7 +354,9 @@ static void model_forward(Model* m, const int* inputs, const int* targets, int B
             swiglu_forward(fch_act, fch, BT, H, st);
             matmul_forward(a->sublayer_out, fch_act, layer_param(m, PARAM_FCPROJW, l), NULL, BT, H, C, st);
         } else {
-            omni_ffn_forward(m, l, ln2, a->sublayer_out, BT, training);
+            // out = SwiGLU + experts; its activations packed by this BT, like the other kinds'
+            omni_layer_set_activations(&m->omni[l], fch, fch_act);
+            omni_layer_forward(&m->omni[l], a->sublayer_out, ln2, BT, training, st);
         }
         // residual3 = residual2 + FFN; then the next block's LN1 (or the final LN)
         if (l + 1 < L) {
@@ -497,7 +447,7 @@ static void model_backward(Model* m, const int* inputs, float loss_scale, GradRe
             matmul_backward(a->dsub, layer_grad(m, PARAM_FCW, l), NULL, a->dwide, ln2, layer_param(m, PARAM_FCW, l),
                             BT, C, FI, 0, st, scratch);
         } else {
-            omni_ffn_backward(m, l, ln2, a->dresidual, a->dsub, BT);
+            omni_layer_backward(&m->omni[l], a->dsub, a->dresidual, ln2, BT, st);
         }
         // LN2: dresidual (= d residual3 = d residual2 through the skip) += LN2 backward
         layernorm_backward(a->dresidual, layer_grad(m, PARAM_LN2W, l), layer_grad(m, PARAM_LN2B, l), a->dsub, residual2,
@@ -594,222 +544,121 @@ static float model_update(Model* m, float lr, float beta1, float beta2, float ep
 }
 
 // ----------------------------------------------------------------------------
-// the OmniMoE FFN: shared SwiGLU + router + scheduler + atomic experts (SPEC §2-3)
-
-// total[e] += counts[e]: per-step expert loads summed over micro-batches (integers: exact)
-__global__ void add_expert_counts_kernel(int* total, const int* counts, int N) {
-    int e = blockIdx.x * blockDim.x + threadIdx.x;
-    if (e < N) total[e] += counts[e];
-}
-
-static int experts_mode(const Model* m) {
-    return m->expert_exec == EXPERT_EXEC_TOKEN ? EXPERTS_TOKEN_CENTRIC : EXPERTS_EXPERT_CENTRIC;
-}
-
-static float* layer_bn_stats(const Model* m, int l) { return m->bn_stats + (size_t)l * 4 * m->config.router_n; }
-
-static void omni_ffn_forward(Model* m, int l, const floatX* x, floatX* out, int BT, int training) {
-    const ModelConfig* c = &m->config;
-    const int C = c->channels, I = c->ffn_hidden, n = c->router_n, k = c->top_k, N = c->num_experts;
-    cudaStream_t st = m->stream;
-    Activations* a = &m->acts;
-    OmniSaved* o = &a->omni[l];
-    floatX* fch = a->fch + (size_t)l * BT * 2 * I;
-    floatX* fch_act = a->fch_act + (size_t)l * BT * I;
-    // the router and the scheduler need only x: they run on the side stream while the shared
-    // SwiGLU's GEMMs run here (their small, latency-bound kernels fill the GEMMs' gaps). Nothing
-    // here touches what they use (scratch, logits, ids, gates, schedule); results are the same.
-    cudaStream_t side = m->side_stream;
-    cudaCheck(cudaEventRecord(m->side_fork, st));
-    cudaCheck(cudaStreamWaitEvent(side, m->side_fork, 0));
-    float* running_mean = layer_bn_stats(m, l);
-    float* running_var = running_mean + 2 * n;
-    router_forward(o->logits, o->logp, o->bn_mean, o->bn_rstd, o->idx, o->gate, running_mean, running_var, x,
-                   layer_param(m, PARAM_ROUTERW, l), BT, C, n, k, c->router_norm == ROUTER_NORM_BN,
-                   c->gate == GATE_PROB, training, a->scratch, a->scratch_bytes, side);
-    // the schedule (pairs sorted by expert) serves the expert-centric forward and both backwards
-    scheduler_build(o->sched, o->idx, BT * k, N, training ? a->step_counts : NULL, a->scratch, a->scratch_bytes, side);
-    if (training) {
-        add_expert_counts_kernel<<<ceil_div(N, 256), 256, 0, side>>>(m->expert_counts + (size_t)l * N, a->step_counts, N);
-        cudaCheckLast();
-    }
-    cudaCheck(cudaEventRecord(m->side_join, side));
-    // the shared SwiGLU branch writes out; the experts add onto it
-    matmul_forward(fch, x, layer_param(m, PARAM_FCW, l), NULL, BT, C, 2 * I, st);
-    swiglu_forward(fch_act, fch, BT, I, st);
-    matmul_forward(out, fch_act, layer_param(m, PARAM_FCPROJW, l), NULL, BT, I, C, st);
-    cudaCheck(cudaStreamWaitEvent(st, m->side_join, 0));
-    experts_forward(out, o->s, x, layer_param(m, PARAM_EXPERTU, l), layer_param(m, PARAM_EXPERTV, l), o->idx, o->gate,
-                    o->sched, BT, C, k, N, experts_mode(m), 1, st);
-}
-
-// dx = d(FFN input) (overwritten), from dout = d(FFN output)
-static void omni_ffn_backward(Model* m, int l, const floatX* x, const floatX* dout, floatX* dx, int BT) {
-    const ModelConfig* c = &m->config;
-    const int C = c->channels, I = c->ffn_hidden, n = c->router_n, k = c->top_k, N = c->num_experts;
-    cudaStream_t st = m->stream;
-    Activations* a = &m->acts;
-    OmniSaved* o = &a->omni[l];
-    const floatX* fch = a->fch + (size_t)l * BT * 2 * I;
-    const floatX* fch_act = a->fch_act + (size_t)l * BT * I;
-    // shared SwiGLU: dx = its input gradient
-    matmul_backward(a->dhidden, layer_grad(m, PARAM_FCPROJW, l), NULL, dout, fch_act, layer_param(m, PARAM_FCPROJW, l),
-                    BT, I, C, 0, st, a->scratch);
-    swiglu_backward(a->dwide, a->dhidden, fch, BT, I, st);
-    matmul_backward(dx, layer_grad(m, PARAM_FCW, l), NULL, a->dwide, x, layer_param(m, PARAM_FCW, l), BT, C, 2 * I, 0,
-                    st, a->scratch);
-    // experts: dx += sum_m ds u; dU, dV += ...; the gate gradient feeds the router
-    experts_backward(dx, layer_grad(m, PARAM_EXPERTU, l), layer_grad(m, PARAM_EXPERTV, l), a->dgate, dout, x,
-                     layer_param(m, PARAM_EXPERTU, l), layer_param(m, PARAM_EXPERTV, l), o->idx, o->gate, o->s,
-                     o->sched, BT, C, k, N, experts_mode(m), 1, a->scratch, a->scratch_bytes, st);
-    router_backward(dx, layer_grad(m, PARAM_ROUTERW, l), a->dgate, o->gate, o->idx, o->logp, o->logits, o->bn_mean,
-                    o->bn_rstd, x, layer_param(m, PARAM_ROUTERW, l), BT, C, n, k, c->router_norm == ROUTER_NORM_BN,
-                    c->gate == GATE_PROB, m->forward_training, a->scratch, a->scratch_bytes, st);
-}
-
-// ----------------------------------------------------------------------------
 // expert usage: per OmniMoE layer, the share of the N experts hit since the last reset and the
-// KL divergence of their load from uniform (from the integer counts the scheduler keeps)
+// KL divergence of their load from uniform (from the integer counts the layers keep)
 
 static void model_reset_expert_counts(Model* m) {
     if (m->config.ffn_kind != FFN_OMNI) return;
-    size_t bytes = (size_t)m->config.num_layers * m->config.num_experts * sizeof(int);
-    cudaCheck(cudaMemsetAsync(m->expert_counts, 0, bytes, m->stream));
-}
-
-// One block per layer: what expert_load_stats (logger.h) computes on the host, in double, each
-// sum in a fixed order (per-thread strides, then a tree), so the step does not wait for a copy of
-// the L x N counts and a host loop over them. out: usage[0..L), then kl[0..L).
-#define EXPERT_STATS_THREADS 512
-__global__ void expert_stats_kernel(float* out, const int* counts, int N) {
-    __shared__ long long red_total[EXPERT_STATS_THREADS];
-    __shared__ int red_used[EXPERT_STATS_THREADS];
-    __shared__ double red_sum[EXPERT_STATS_THREADS];
-    const int tid = threadIdx.x, L = gridDim.x, l = blockIdx.x;
-    const int* c = counts + (size_t)l * N;
-    long long total = 0;
-    int used = 0;
-    for (int e = tid; e < N; e += EXPERT_STATS_THREADS) {
-        total += c[e];
-        used += c[e] > 0;
-    }
-    red_total[tid] = total;
-    red_used[tid] = used;
-    __syncthreads();
-    for (int stride = EXPERT_STATS_THREADS / 2; stride > 0; stride /= 2) {
-        if (tid < stride) {
-            red_total[tid] += red_total[tid + stride];
-            red_used[tid] += red_used[tid + stride];
-        }
-        __syncthreads();
-    }
-    total = red_total[0];
-    double sum = 0.0;
-    if (total > 0) {
-        for (int e = tid; e < N; e += EXPERT_STATS_THREADS) {
-            if (c[e] <= 0) continue;
-            double p = (double)c[e] / (double)total;
-            sum += p * log(p * (double)N);
-        }
-    }
-    red_sum[tid] = sum;
-    __syncthreads();
-    for (int stride = EXPERT_STATS_THREADS / 2; stride > 0; stride /= 2) {
-        if (tid < stride) red_sum[tid] += red_sum[tid + stride];
-        __syncthreads();
-    }
-    if (tid == 0) {
-        out[l] = (float)red_used[0] / (float)N;
-        out[L + l] = (float)red_sum[0];
-    }
+    expert_counts_reset(m->expert_counts, m->config.num_layers, m->config.num_experts, m->stream);
 }
 
 // usage[l], kl[l] of every OmniMoE layer from the counts since the last reset (a 2L-float copy)
 static void model_expert_stats(const Model* m, float* usage, float* kl) {
     if (m->config.ffn_kind != FFN_OMNI) return;
     int L = m->config.num_layers;
-    expert_stats_kernel<<<L, EXPERT_STATS_THREADS, 0, m->stream>>>(m->expert_stats, m->expert_counts,
-                                                                   m->config.num_experts);
-    cudaCheckLast();
+    expert_stats(m->expert_stats, m->expert_counts, L, m->config.num_experts, m->stream);
     cudaCheck(cudaMemcpyAsync(usage, m->expert_stats, L * sizeof(float), cudaMemcpyDeviceToHost, m->stream));
     cudaCheck(cudaMemcpyAsync(kl, m->expert_stats + L, L * sizeof(float), cudaMemcpyDeviceToHost, m->stream));
     cudaCheck(cudaStreamSynchronize(m->stream));
 }
 
 // ----------------------------------------------------------------------------
-// evaluation and sampling
+// the trainer's backend of the shared loop (llmc/train_loop.h): evaluation, sampling, checkpoints
+// and the training step, on one GPU or on several (one process each)
 
-// mean loss over the first max_batches batches of this rank's slice of the loader (all of them
-// when < 0), averaged over the ranks, which all run the same number of batches; the same tokens
-// every time, so curves of different runs compare. Every rank must call it.
-static float evaluate(Model* m, DataLoader* loader, int max_batches, const MultiGpu* mg) {
-    dataloader_reset(loader);
-    int64_t n = dataloader_num_batches(loader);
-    if (max_batches >= 0 && max_batches < n) n = max_batches;
-    double sum = 0.0;
-    for (int64_t i = 0; i < n; i++) {
-        dataloader_next_batch(loader);
-        model_forward(m, loader->inputs, loader->targets, (int)loader->B, (int)loader->T, 0);
-        sum += model_mean_loss(m);
-    }
-    double mean = n > 0 ? sum / (double)n : NAN;
-    multi_gpu_sum_doubles(mg, &mean, 1, m->stream);
-    return (float)(mean / mg->num_processes);
+#ifndef TESTING
+#include "llmc/sampler.h"
+#include "llmc/train_loop.h"
+
+typedef struct {
+    const TrainConfig* cfg;
+    Model model;
+    const MultiGpu* mg;
+    GradReducer* reducer;        // several GPUs: the gradient buckets; one GPU: NULL
+    DataLoader train_loader, val_loader;
+    int val_batches;             // per rank (-1 = all)
+    int grad_accum;
+    float* init_params;          // -e <file>: its weights and BN statistics (NULL for a preset)
+    float* init_bn;
+    floatX* logits_row;          // (Vp) host, sampling
+} GpuTrainer;
+
+static void gpu_init_weights(void* ctx) {
+    GpuTrainer* tr = (GpuTrainer*)ctx;
+    if (tr->init_params) model_set_params(&tr->model, tr->init_params, tr->init_bn);
+    else model_init_random(&tr->model, tr->cfg->seed);  // the same seed on every rank: identical replicas
 }
 
-// samples gen_tokens tokens after an end-of-text, one sequence, running statistics for BN
-static void sample_and_print(Model* m, const Tokenizer* tokenizer, Rng* rng, int gen_tokens, int eot) {
+static void gpu_train_step(void* ctx, int step, float lr, int t, const volatile sig_atomic_t* stop_local,
+                           TrainStepResult* out) {
+    (void)step;
+    GpuTrainer* tr = (GpuTrainer*)ctx;
+    const TrainConfig* cfg = tr->cfg;
+    Model* m = &tr->model;
+    GradReducer* reducer = tr->reducer;
+    const int grad_accum = tr->grad_accum;
+    model_zero_grad(m);
+    model_reset_expert_counts(m);
+    double loss_sum = 0.0;
+    for (int micro = 0; micro < grad_accum; micro++) {
+        dataloader_next_batch(&tr->train_loader);
+        model_forward(m, tr->train_loader.inputs, tr->train_loader.targets, cfg->B, cfg->T, 1);
+        // --overlap-comm 1: the last micro-step starts each bucket's all-reduce during its backward
+        // (the earlier ones only accumulate)
+        GradReducer* overlap = cfg->overlap_comm && micro == grad_accum - 1 ? reducer : NULL;
+        model_backward(m, tr->train_loader.inputs, 1.0f / grad_accum, overlap);
+        loss_sum += model_mean_loss(m);
+    }
+    // the mean gradient over all ranks (--overlap-comm 0: all buckets now, after the backward),
+    // then the step's loss and stop requests of all ranks, in one reduction
+    if (reducer) {
+        if (!cfg->overlap_comm) grad_reducer_launch_all(reducer, m->stream);
+        grad_reducer_wait(reducer, m->stream);  // the norm and AdamW below read the means
+    }
+    double reduced[2] = {loss_sum / grad_accum, *stop_local ? 1.0 : 0.0};
+    multi_gpu_sum_doubles(tr->mg, reduced, 2, m->stream);
+    out->loss = (float)(reduced[0] / tr->mg->num_processes);
+    out->stop = reduced[1] > 0.0;
+    m->adam_t = t - 1;  // the loop owns the count (a checkpoint restores it); model_update adds one
+    out->norm = model_update(m, lr, cfg->beta1, cfg->beta2, cfg->eps, cfg->weight_decay, cfg->grad_clip);
+    if (m->config.ffn_kind == FFN_OMNI) {
+        multi_gpu_allreduce_sum_int(tr->mg, m->expert_counts, (size_t)m->config.num_layers * m->config.num_experts,
+                                    m->stream);
+    }
+    cudaCheck(cudaStreamSynchronize(m->stream));
+}
+
+// evaluation mode (BN running statistics): the mean loss of one batch (waits for the GPU)
+static float gpu_forward_loss(void* ctx, const int* inputs, const int* targets, int B, int T) {
+    Model* m = &((GpuTrainer*)ctx)->model;
+    model_forward(m, inputs, targets, B, T, 0);
+    return model_mean_loss(m);
+}
+
+// sampler.h's logits callback (rank 0): running statistics for BN, the row copied to the host.
+// Samples run on the (1, T) window with T <= -t, within the activations of training.
+static void gpu_sample_logits(void* ctx, const int* tokens, int T, int t, float* out) {
+    GpuTrainer* tr = (GpuTrainer*)ctx;
+    Model* m = &tr->model;
     const ModelConfig* c = &m->config;
-    int T = gen_tokens < m->T ? gen_tokens : m->T;
-    // every forward runs on the same (1, T) shape, the positions after t filled with end-of-text:
-    // attention is causal and, in evaluation, the router treats tokens one by one, so the logits
-    // at t-1 do not see them, and the GEMMs keep one shape (one cuBLASLt algorithm choice each)
-    int* tokens = (int*)calloc_check((size_t)T + 1, sizeof(int));
-    for (int t = 0; t <= T; t++) tokens[t] = eot;
-    floatX* row = (floatX*)malloc_check((size_t)c->padded_vocab_size * sizeof(floatX));
-    float* probs = (float*)malloc_check((size_t)c->vocab_size * sizeof(float));
-    printf("generating:\n---\n");
-    for (int t = 1; t < T; t++) {
-        model_forward(m, tokens, NULL, 1, T, 0);
-        cudaCheck(cudaMemcpy(row, m->acts.logits + (size_t)(t - 1) * c->padded_vocab_size,
-                             c->padded_vocab_size * sizeof(floatX), cudaMemcpyDeviceToHost));
-        float maxv = -INFINITY;
-        for (int v = 0; v < c->vocab_size; v++) { probs[v] = (float)row[v]; maxv = fmaxf(maxv, probs[v]); }
-        double sum = 0.0;
-        for (int v = 0; v < c->vocab_size; v++) { probs[v] = expf(probs[v] - maxv); sum += probs[v]; }
-        double coin = rng_f32(rng) * sum, cdf = 0.0;
-        int next = c->vocab_size - 1;
-        for (int v = 0; v < c->vocab_size; v++) {
-            cdf += probs[v];
-            if (coin < cdf) { next = v; break; }
-        }
-        tokens[t] = next;
-        tokenizer_print_token(tokenizer, (uint32_t)next);
-        fflush(stdout);
-    }
-    printf("\n---\n");
-    free(tokens);
-    free(row);
-    free(probs);
+    model_forward(m, tokens, NULL, 1, T, 0);
+    cudaCheck(cudaMemcpy(tr->logits_row, m->acts.logits + (size_t)(t - 1) * c->padded_vocab_size,
+                         c->padded_vocab_size * sizeof(floatX), cudaMemcpyDeviceToHost));
+    for (int v = 0; v < c->vocab_size; v++) out[v] = (float)tr->logits_row[v];
 }
 
-// ----------------------------------------------------------------------------
-// checkpoints: master weights, AdamW state, BN statistics of every rank, data position and RNG
-//
+// Checkpoints: master weights, AdamW state, BN statistics of every rank, data position and RNG.
 // Sections as llmc/checkpoint.h lays them out: the weights and optimizer state once (every rank
 // holds the same), num_bn_sets = num_processes BN sets (set r = rank r's running statistics),
 // one DataLoaderState (all ranks stand at the same position) and rank 0's sampling RNG.
 // Resume on a different process count G: rank r takes BN set r mod G_saved, and the loader
 // rounds its position up to a whole round of G (dataloader.h).
-
-typedef struct {
-    DataLoaderState loader;
-    uint64_t sample_rng_state;
-} RunState;
-
 // Every rank calls it (the BN statistics are gathered from all ranks); rank 0 writes the file.
-static void save_checkpoint(const Model* m, const TrainConfig* cfg, const MultiGpu* mg, int step,
-                            long long tokens_seen, const DataLoader* loader, const Rng* sample_rng) {
+static void gpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const DataLoaderState* loader,
+                                const uint64_t* sample_rng, char* out_path) {
+    GpuTrainer* tr = (GpuTrainer*)ctx;
+    const Model* m = &tr->model;
+    const MultiGpu* mg = tr->mg;
     size_t P = m->num_params, NB = model_config_num_bn_stats(&m->config);
     int G = mg->num_processes, master_process = mg->process_rank == 0;
     float* bn_all = NULL;  // (G, NB) host, rank 0 only
@@ -832,18 +681,9 @@ static void save_checkpoint(const Model* m, const TrainConfig* cfg, const MultiG
     model_get_params(m, params, NULL);
     cudaCheck(cudaMemcpy(adam_m, m->adam_m, P * sizeof(float), cudaMemcpyDeviceToHost));
     cudaCheck(cudaMemcpy(adam_v, m->adam_v, P * sizeof(float), cudaMemcpyDeviceToHost));
-    RunState rs;
-    memset(&rs, 0, sizeof(rs));
-    rs.loader = dataloader_get_state(loader);
-    rs.sample_rng_state = sample_rng->state;
-    CheckpointInfo info;
-    RunIdentity run = train_config_run_identity(cfg, loader->fingerprint, loader->total_tokens, loader->num_shards);
-    checkpoint_info_from_run(&info, &run, step, m->adam_t, tokens_seen);
-    char path[CHECKPOINT_PATH_MAX];
-    checkpoint_make_dir(cfg->output_dir);
-    checkpoint_write(cfg->output_dir, &m->config, &info, params, adam_m, adam_v, bn_all, G, &rs.loader,
-                     sizeof(rs.loader), &rs.sample_rng_state, sizeof(rs.sample_rng_state), path);
-    printf("wrote checkpoint %s\n", path);
+    checkpoint_make_dir(tr->cfg->output_dir);
+    checkpoint_write(tr->cfg->output_dir, &m->config, info, params, adam_m, adam_v, bn_all, G, loader,
+                     sizeof(*loader), sample_rng, sizeof(*sample_rng), out_path);
     free(params);
     free(adam_m);
     free(adam_v);
@@ -852,19 +692,19 @@ static void save_checkpoint(const Model* m, const TrainConfig* cfg, const MultiG
 
 // what rank 0 read from a checkpoint besides the big sections, sent to every rank
 typedef struct {
-    int step;
-    int adam_t;
-    int num_bn_sets;      // the process count that wrote it (one BN set per rank)
-    int pad;
-    long long tokens_seen;
-    RunState run;
+    CheckpointInfo info;
+    DataLoaderState loader;
+    uint64_t sample_rng_state;
 } ResumePoint;
 
 // Every rank calls it. Rank 0 reads and verifies the checkpoint at path (the file may exist on
 // rank 0's host alone) and the weights, optimizer state, BN sets and run state reach the other
-// ranks by broadcast. Returns the step to continue from.
-static int load_checkpoint(Model* m, const char* path, const TrainConfig* cfg, const MultiGpu* mg,
-                           long long* tokens_seen, DataLoader* loader, Rng* sample_rng) {
+// ranks by broadcast.
+static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
+                                uint64_t* sample_rng) {
+    GpuTrainer* tr = (GpuTrainer*)ctx;
+    Model* m = &tr->model;
+    const MultiGpu* mg = tr->mg;
     size_t P = m->num_params, NB = model_config_num_bn_stats(&m->config);
     cudaStream_t st = m->stream;
     ResumePoint rp;
@@ -872,25 +712,19 @@ static int load_checkpoint(Model* m, const char* path, const TrainConfig* cfg, c
     float* bn_all = NULL;  // (num_bn_sets, NB) host
     if (mg->process_rank == 0) {
         ModelConfig file_config;
-        CheckpointInfo info;
-        checkpoint_read_info(path, &file_config, &info);  // the header: how many BN sets to expect
+        checkpoint_read_info(path, &file_config, &rp.info);  // the header: how many BN sets to expect
         float* params = (float*)malloc_check(P * sizeof(float));
         float* adam_m = (float*)malloc_check(P * sizeof(float));
         float* adam_v = (float*)malloc_check(P * sizeof(float));
-        int sets = info.num_bn_sets > 0 ? info.num_bn_sets : 1;
+        int sets = rp.info.num_bn_sets > 0 ? rp.info.num_bn_sets : 1;
         bn_all = (float*)malloc_check(max_sz((size_t)sets * NB, 1) * sizeof(float));
-        checkpoint_read(path, &m->config, &info, params, adam_m, adam_v, NB > 0 ? bn_all : NULL, info.num_bn_sets,
-                        &rp.run.loader, sizeof(rp.run.loader), &rp.run.sample_rng_state,
-                        sizeof(rp.run.sample_rng_state));
-        RunIdentity run = train_config_run_identity(cfg, loader->fingerprint, loader->total_tokens, loader->num_shards);
-        checkpoint_compare_run(path, &info, &run);  // exits when the data, order or seed differ
+        checkpoint_read(path, &m->config, &rp.info, params, adam_m, adam_v, NB > 0 ? bn_all : NULL,
+                        rp.info.num_bn_sets, &rp.loader, sizeof(rp.loader), &rp.sample_rng_state,
+                        sizeof(rp.sample_rng_state));
+        rp.info.num_bn_sets = sets;
         model_set_params(m, params, bn_all);
         cudaCheck(cudaMemcpy(m->adam_m, adam_m, P * sizeof(float), cudaMemcpyHostToDevice));
         cudaCheck(cudaMemcpy(m->adam_v, adam_v, P * sizeof(float), cudaMemcpyHostToDevice));
-        rp.step = info.step;
-        rp.adam_t = info.adam_t;
-        rp.num_bn_sets = sets;
-        rp.tokens_seen = info.tokens_seen;
         free(params);
         free(adam_m);
         free(adam_v);
@@ -902,38 +736,44 @@ static int load_checkpoint(Model* m, const char* path, const TrainConfig* cfg, c
     multi_gpu_broadcast(mg, m->adam_m, P * sizeof(float), st);
     multi_gpu_broadcast(mg, m->adam_v, P * sizeof(float), st);
     if (NB > 0) {
-        size_t bn_bytes = (size_t)rp.num_bn_sets * NB * sizeof(float);
+        size_t bn_bytes = (size_t)rp.info.num_bn_sets * NB * sizeof(float);
         if (bn_all == NULL) bn_all = (float*)malloc_check(bn_bytes);
         multi_gpu_broadcast_host(mg, bn_all, bn_bytes, st);
-        int set = mg->process_rank % rp.num_bn_sets;
+        int set = mg->process_rank % rp.info.num_bn_sets;
         cudaCheck(cudaMemcpy(m->bn_stats, bn_all + (size_t)set * NB, NB * sizeof(float), cudaMemcpyHostToDevice));
     }
     cudaCheck(cudaStreamSynchronize(st));
     free(bn_all);
-    m->adam_t = rp.adam_t;
-    dataloader_set_state(loader, &rp.run.loader);
-    sample_rng->state = rp.run.sample_rng_state;
-    *tokens_seen = rp.tokens_seen;
-    return rp.step;
+    m->adam_t = rp.info.adam_t;
+    *info = rp.info;
+    *loader = rp.loader;
+    *sample_rng = rp.sample_rng_state;
 }
 
-// SIGINT / SIGTERM / SIGUSR1: finish the step, write a checkpoint, exit (all ranks agree on the
-// step). SIGUSR1 is for mpirun jobs: mpirun forwards it to every rank, while on SIGINT/SIGTERM it
-// sends the ranks SIGTERM and, a few seconds later, SIGKILL, which can cut a checkpoint short
-// (the previous checkpoint stays intact: writes go to a temporary name first).
-static volatile sig_atomic_t stop_requested = 0;
-static void on_stop_signal(int sig) { (void)sig; stop_requested = 1; }
+static void gpu_expert_stats(void* ctx, float* usage, float* kl) {
+    model_expert_stats(&((GpuTrainer*)ctx)->model, usage, kl);
+}
 
-static double now_seconds(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+// rank 0's weights and BN statistics
+static void gpu_write_model(void* ctx, const char* path) {
+    const Model* m = &((GpuTrainer*)ctx)->model;
+    size_t NB = model_config_num_bn_stats(&m->config);
+    float* params = (float*)malloc_check(m->num_params * sizeof(float));
+    float* bn = (float*)malloc_check(max_sz(NB, 1) * sizeof(float));
+    model_get_params(m, params, bn);
+    model_file_write(path, &m->config, params, bn);
+    free(params);
+    free(bn);
+}
+
+static void gpu_sum_ranks(void* ctx, double* values, int n) {
+    GpuTrainer* tr = (GpuTrainer*)ctx;
+    multi_gpu_sum_doubles(tr->mg, values, n, tr->model.stream);
 }
 
 // ----------------------------------------------------------------------------
 // main
 
-#ifndef TESTING
 int main(int argc, char** argv) {
     TrainConfig cfg;
     train_config_defaults(&cfg);
@@ -961,11 +801,13 @@ int main(int argc, char** argv) {
     cudaCheck(cudaGetDeviceProperties(&props, mg.local_rank));
 
     // the model: a preset (+ flags) or a model file (every rank reads it)
+    GpuTrainer tr;
+    memset(&tr, 0, sizeof(tr));
+    tr.cfg = &cfg;
+    tr.mg = &mg;
     ModelConfig config;
-    float* init_params = NULL;
-    float* init_bn = NULL;
     if (!train_config_model(&cfg, &config)) {
-        model_file_read(cfg.model, &config, &init_params, &init_bn);
+        model_file_read(cfg.model, &config, &tr.init_params, &tr.init_bn);
         train_config_check_file_model(&cfg, &config);
     }
     train_config_validate(&cfg, &config);
@@ -975,7 +817,7 @@ int main(int argc, char** argv) {
                 "tokens\n", cfg.gen_tokens, cfg.T);
         exit(EXIT_FAILURE);
     }
-    int grad_accum = train_config_grad_accum_steps(&cfg);
+    tr.grad_accum = train_config_grad_accum_steps(&cfg);
     long long tokens_per_step = train_config_total_batch_tokens(&cfg);
 
     if (master_process) {
@@ -985,37 +827,20 @@ int main(int argc, char** argv) {
         model_config_print(&config);
         train_config_print(&cfg);
         printf("| micro-batch %dx%d per process, grad accumulation %d, tokens per step %lld\n", cfg.B, cfg.T,
-               grad_accum, tokens_per_step);
+               tr.grad_accum, tokens_per_step);
     }
 
-    Model model;
-    model_build(&model, &config, cfg.B, cfg.T, cfg.expert_exec);
-    // -y 1: rank 0 looks for the latest complete checkpoint; the others learn the outcome from it
-    char resume_path[CHECKPOINT_PATH_MAX];
-    int found_step = -1;
-    if (cfg.resume) {
-        if (master_process) found_step = checkpoint_find_latest(cfg.output_dir, resume_path);
-        multi_gpu_broadcast_host(&mg, &found_step, sizeof(found_step), model.stream);
-    }
-    if (found_step >= 0) {
-        // the checkpoint sets the weights below: no initialisation (seconds for large models)
-    } else if (init_params) {
-        model_set_params(&model, init_params, init_bn);
-    } else {
-        model_init_random(&model, cfg.seed);  // the same seed on every rank: identical replicas
-    }
-    free(init_params);
-    free(init_bn);
+    Model* model = &tr.model;
+    model_build(model, &config, cfg.B, cfg.T, cfg.expert_exec);
     // several GPUs: the gradient buckets and their stream; one GPU: none, and no NCCL call at all
     GradReducer reducer_storage;
-    GradReducer* reducer = NULL;
     if (G > 1) {
-        model_grad_reducer_init(&model, &reducer_storage, &mg);
-        reducer = &reducer_storage;
+        model_grad_reducer_init(model, &reducer_storage, &mg);
+        tr.reducer = &reducer_storage;
         if (master_process) {
             printf("| gradient mean: %d NCCL buckets per step (one per layer, then the embeddings), %s\n",
-                   reducer->num_buckets, cfg.overlap_comm ? "overlapped with the backward (--overlap-comm 1)"
-                                                          : "after the backward (--overlap-comm 0)");
+                   tr.reducer->num_buckets, cfg.overlap_comm ? "overlapped with the backward (--overlap-comm 1)"
+                                                             : "after the backward (--overlap-comm 0)");
         }
     }
     size_t free_bytes, total_bytes;
@@ -1027,153 +852,58 @@ int main(int argc, char** argv) {
     }
 
     // each rank reads its own slice of the windows (dataloader.h)
-    DataLoader train_loader, val_loader;
-    dataloader_init(&train_loader, cfg.train_data_pattern, cfg.B, cfg.T, mg.process_rank, G, cfg.shuffle, cfg.seed,
+    dataloader_init(&tr.train_loader, cfg.train_data_pattern, cfg.B, cfg.T, mg.process_rank, G, cfg.shuffle, cfg.seed,
                     config.vocab_size);
     int have_val = cfg.val_data_pattern[0] != '\0' && cfg.val_every > 0;  // -v 0: no validation at all
     if (have_val) {
-        dataloader_init(&val_loader, cfg.val_data_pattern, cfg.B, cfg.T, mg.process_rank, G, 0, 0, config.vocab_size);
+        dataloader_init(&tr.val_loader, cfg.val_data_pattern, cfg.B, cfg.T, mg.process_rank, G, 0, 0,
+                        config.vocab_size);
     }
     // -m batches in all: ceil(-m / G) on each rank (-m divisible by G: the same windows as on one GPU)
-    int val_batches = cfg.val_max_batches < 0 ? -1 : (cfg.val_max_batches + G - 1) / G;
+    tr.val_batches = cfg.val_max_batches < 0 ? -1 : (cfg.val_max_batches + G - 1) / G;
     if (master_process) {
-        printf("train: %lld batches of %dx%d per epoch and rank", (long long)dataloader_num_batches(&train_loader),
+        printf("train: %lld batches of %dx%d per epoch and rank", (long long)dataloader_num_batches(&tr.train_loader),
                cfg.B, cfg.T);
-        if (have_val) printf(", val: %lld batches per rank", (long long)dataloader_num_batches(&val_loader));
+        if (have_val) printf(", val: %lld batches per rank", (long long)dataloader_num_batches(&tr.val_loader));
         printf("\n");
     }
     Tokenizer tokenizer;
     memset(&tokenizer, 0, sizeof(tokenizer));
     if (master_process) tokenizer_init(&tokenizer, "data/gpt2_tokenizer.bin");
-    Rng sample_rng;
-    rng_init(&sample_rng, cfg.seed ^ 0x5A4D504C45ull);
+    tr.logits_row = (floatX*)malloc_check((size_t)config.padded_vocab_size * sizeof(floatX));
 
-    int start_step = 0, resumed = 0;
-    long long tokens_seen = 0;
-    if (cfg.resume) {
-        if (found_step >= 0) {
-            start_step = load_checkpoint(&model, master_process ? resume_path : NULL, &cfg, &mg, &tokens_seen,
-                                         &train_loader, &sample_rng);
-            resumed = 1;
-            if (master_process) printf("resumed from %s at step %d\n", resume_path, start_step);
-            if (start_step > cfg.num_steps) {
-                if (master_process) {
-                    fprintf(stderr, "Error: the checkpoint in %s is at step %d, past the %d steps asked for (-x): "
-                            "nothing to do; raise -x to continue training\n", cfg.output_dir, start_step,
-                            cfg.num_steps);
-                }
-                multi_gpu_finalize(&mg);
-                return EXIT_FAILURE;
-            }
-        } else if (master_process) {
-            printf("no complete checkpoint in %s: starting from scratch\n", cfg.output_dir);
-        }
-    }
-    char log_path[TRAIN_PATH_MAX + 32];
-    train_config_log_path(&cfg, log_path, sizeof(log_path));
-    if (cfg.output_dir[0] && master_process) checkpoint_make_dir(cfg.output_dir);
-    Logger logger;
-    logger_init(&logger, log_path, mg.process_rank, cfg.resume ? start_step : -1);
-    signal(SIGINT, on_stop_signal);
-    signal(SIGTERM, on_stop_signal);
-    signal(SIGUSR1, on_stop_signal);
+    TrainBackend be;
+    memset(&be, 0, sizeof(be));
+    be.ctx = &tr;
+    be.rank = mg.process_rank;
+    be.num_processes = G;
+    be.num_omni_layers = config.ffn_kind == FFN_OMNI ? config.num_layers : 0;
+    be.flops_per_token_fwd = model_config_flops_per_token_fwd(&config, cfg.T);
+    be.peak_flops = cuda_peak_bf16_flops(props.name) * G;
+    be.vocab_size = config.vocab_size;
+    be.sample_T = cfg.gen_tokens < cfg.T ? cfg.gen_tokens : cfg.T;
+    be.init_weights = gpu_init_weights;
+    be.train_step = gpu_train_step;
+    be.forward_loss = gpu_forward_loss;
+    be.sample_logits = gpu_sample_logits;
+    be.save_checkpoint = gpu_save_checkpoint;
+    be.load_checkpoint = gpu_load_checkpoint;
+    be.expert_stats = gpu_expert_stats;
+    be.write_model = gpu_write_model;
+    be.sum_ranks = gpu_sum_ranks;
+    TrainLoop loop = {&cfg, &be, &tr.train_loader, &tr.val_loader, tr.val_batches, &tokenizer, have_val};
+    int rc = train_loop_run(&loop);
 
-    int L = config.num_layers, omni = config.ffn_kind == FFN_OMNI;
-    float* usage = (float*)calloc_check(L, sizeof(float));
-    float* kl = (float*)calloc_check(L, sizeof(float));
-    double flops_per_token = model_config_flops_per_token_fwd(&config, cfg.T);
-    const int eot = 50256 < config.vocab_size ? 50256 : config.vocab_size - 1;
-    float val_loss = NAN;
-    int stop_agreed = 0;  // some rank got SIGINT/SIGTERM during the last step: all stop after it
-
-    for (int step = start_step; step <= cfg.num_steps; step++) {
-        int last = step == cfg.num_steps;
-        if (have_val && (last || (cfg.val_every > 0 && step % cfg.val_every == 0))) {
-            val_loss = evaluate(&model, &val_loader, val_batches, &mg);
-            logger_log_eval(&logger, step, tokens_seen, val_loss);
-        }
-        // (the interrupted run printed the sample of its last step, from the RNG state saved)
-        if (master_process && cfg.sample_every > 0 && !(resumed && step == start_step) &&
-            (last || (step > 0 && step % cfg.sample_every == 0))) {
-            sample_and_print(&model, &tokenizer, &sample_rng, cfg.gen_tokens, eot);
-        }
-        if (cfg.output_dir[0] && step > start_step &&
-            (last || stop_agreed || (cfg.checkpoint_every > 0 && step % cfg.checkpoint_every == 0))) {
-            save_checkpoint(&model, &cfg, &mg, step, tokens_seen, &train_loader, &sample_rng);
-        }
-        if (last) break;
-        if (stop_agreed) {
-            if (master_process) printf("stopped by a signal at step %d\n", step);
-            break;
-        }
-
-        double t0 = now_seconds();
-        model_zero_grad(&model);
-        model_reset_expert_counts(&model);
-        double loss_sum = 0.0;
-        for (int micro = 0; micro < grad_accum; micro++) {
-            dataloader_next_batch(&train_loader);
-            model_forward(&model, train_loader.inputs, train_loader.targets, cfg.B, cfg.T, 1);
-            // --overlap-comm 1: the last micro-step starts each bucket's all-reduce during its backward
-            // (the earlier ones only accumulate)
-            GradReducer* overlap = cfg.overlap_comm && micro == grad_accum - 1 ? reducer : NULL;
-            model_backward(&model, train_loader.inputs, 1.0f / grad_accum, overlap);
-            loss_sum += model_mean_loss(&model);
-        }
-        // the mean gradient over all ranks (--overlap-comm 0: all buckets now, after the backward),
-        // then the step's loss and stop requests of all ranks
-        if (reducer) {
-            if (!cfg.overlap_comm) grad_reducer_launch_all(reducer, model.stream);
-            grad_reducer_wait(reducer, model.stream);  // the norm and AdamW below read the means
-        }
-        double reduced[2] = {loss_sum / grad_accum, stop_requested ? 1.0 : 0.0};
-        multi_gpu_sum_doubles(&mg, reduced, 2, model.stream);
-        float loss = (float)(reduced[0] / G);
-        stop_agreed = reduced[1] > 0.0;
-        float lr = learning_rate_at(&cfg, step);
-        float norm = model_update(&model, lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.grad_clip);
-        if (omni) multi_gpu_allreduce_sum_int(&mg, model.expert_counts, (size_t)L * config.num_experts, model.stream);
-        cudaCheck(cudaStreamSynchronize(model.stream));
-        tokens_seen += tokens_per_step;
-        if (!isfinite(loss) || !isfinite(norm)) {  // the same on every rank: all stop here
-            if (master_process) {
-                fprintf(stderr, "Error: the loss (%f) or the gradient norm (%f) is not finite at step %d; stopping. "
-                        "The last checkpoint (if any) is intact; try a lower learning rate (-l)\n", loss, norm,
-                        step + 1);
-            }
-            multi_gpu_finalize(&mg);
-            return EXIT_FAILURE;
-        }
-        if (master_process) model_expert_stats(&model, usage, kl);
-        double dt = now_seconds() - t0;  // the expert statistics count too
-        double tok_s = tokens_per_step / dt;
-        logger_log_train(&logger, step + 1, cfg.num_steps, tokens_seen, loss, norm, lr, dt * 1000.0, tok_s,
-                         logger_mfu(flops_per_token, tok_s, PEAK_FLOPS_BF16 * G), omni ? L : 0, usage, kl);
-    }
-    if (cfg.output_dir[0] && master_process) {  // rank 0's weights and BN statistics
-        char path[TRAIN_PATH_MAX + 32];
-        snprintf(path, sizeof(path), "%s/model.bin", cfg.output_dir);
-        size_t NB = model_config_num_bn_stats(&config);
-        float* params = (float*)malloc_check(model.num_params * sizeof(float));
-        float* bn = (float*)malloc_check(max_sz(NB, 1) * sizeof(float));
-        model_get_params(&model, params, bn);
-        model_file_write(path, &config, params, bn);
-        printf("wrote model %s\n", path);
-        free(params);
-        free(bn);
-    }
-    if (master_process && have_val) printf("final val loss %.6f\n", val_loss);
-    logger_close(&logger);
-    free(usage);
-    free(kl);
+    free(tr.init_params);
+    free(tr.init_bn);
+    free(tr.logits_row);
     if (master_process) tokenizer_free(&tokenizer);
-    dataloader_free(&train_loader);
-    if (have_val) dataloader_free(&val_loader);
-    if (reducer) grad_reducer_free(reducer);
-    model_free(&model);
+    dataloader_free(&tr.train_loader);
+    if (have_val) dataloader_free(&tr.val_loader);
+    if (tr.reducer) grad_reducer_free(tr.reducer);
+    model_free(model);
     matmul_free();
-    if (omni) router_free();
     multi_gpu_finalize(&mg);
-    return stop_agreed ? 130 : EXIT_SUCCESS;
+    return rc;
 }
 #endif

@@ -59,6 +59,7 @@ DATA=data/tinyshakespeare/tiny_shakespeare_train.bin
 for ffn in $FFN; do
     for rep_side in base:1 cur:1 cur:2 base:2; do
         side=${rep_side%:*}; rep=${rep_side#*:}
+        rm -f "$OUT/train_${ffn}_${side}_$rep.jsonl"  # a trainer refuses to overwrite another run's log
         timeout 150 "$BIN/train_$side" -e d12 -f "$ffn" -b "$B" -t 1024 -x "$STEPS" -u 10 -i "$DATA" --val-data= -v 0 -s 0 \
             --log-file "$OUT/train_${ffn}_${side}_$rep.jsonl" > "$OUT/train_${ffn}_${side}_$rep.out" 2>&1 \
             || { echo "train $ffn $side: exit $?"; tail -n 3 "$OUT/train_${ffn}_${side}_$rep.out"; }

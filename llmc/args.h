@@ -39,8 +39,6 @@
 
 // learning-rate schedules (schedule.h computes them)
 enum { LR_SCHEDULE_COSINE = 0, LR_SCHEDULE_WSD = 1, LR_SCHEDULE_CONSTANT = 2 };
-// the two executions of the expert branch (SPEC §3)
-enum { EXPERT_EXEC_TOKEN = 0, EXPERT_EXEC_EXPERT = 1 };
 
 static inline const char* lr_schedule_name(int s) {
     return s == LR_SCHEDULE_WSD ? "wsd" : (s == LR_SCHEDULE_CONSTANT ? "constant" : "cosine");
@@ -84,6 +82,7 @@ typedef struct {
     int gen_tokens;                           // -g  tokens generated per sample
     int checkpoint_every;                     // -n  checkpoint every this many steps (0 = never)
     int resume;                               // -y  1 = resume from the latest complete checkpoint in -o
+    int overwrite;                            // --overwrite  1 = a fresh run may replace another run's files in -o
     unsigned long long seed;                  // --seed  init, shuffling and sampling seed
     int shuffle;                              // --shuffle  1 = shuffle training windows per epoch
     // model knobs (-1 / 0 = take the preset's value)
@@ -141,6 +140,7 @@ static const TrainFlag train_flags[] = {
     {"-g", "--gen-tokens", TRAIN_ARG_INT, offsetof(TrainConfig, gen_tokens), 1, TRAIN_INT_MAX, 0, NULL, "tokens per generated sample (<= max_seq_len)"},
     {"-n", "--checkpoint-every", TRAIN_ARG_INT, offsetof(TrainConfig, checkpoint_every), 0, TRAIN_INT_MAX, 0, NULL, "write a checkpoint to -o every this many steps (0 = never)"},
     {"-y", "--resume", TRAIN_ARG_INT, offsetof(TrainConfig, resume), 0, 1, 0, NULL, "1 = resume from the latest complete checkpoint in -o"},
+    {NULL, "--overwrite", TRAIN_ARG_INT, offsetof(TrainConfig, overwrite), 0, 1, 0, NULL, "1 = a fresh run may replace the checkpoints, log and model of another run in -o (else refused)"},
     {NULL, "--seed", TRAIN_ARG_U64, offsetof(TrainConfig, seed), 0, 0, 0, NULL, "seed of initialisation, data shuffling and sampling"},
     {NULL, "--shuffle", TRAIN_ARG_INT, offsetof(TrainConfig, shuffle), 0, 1, 0, NULL, "1 = shuffle the training windows each epoch, 0 = read in order"},
     {"-f", "--ffn", TRAIN_ARG_CHOICE, offsetof(TrainConfig, ffn_kind), 0, 0, 0, "gelu|swiglu|omni", "feed-forward kind (unset = omni for a preset, the file's for a file)"},

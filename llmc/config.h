@@ -7,6 +7,8 @@
  *   ModelConfig              every number that fixes the shape of the model
  *   FFN_GELU/SWIGLU/OMNI     the three feed-forward kinds of SPEC.md §1
  *   ROUTER_NORM_*, GATE_*    the OmniMoE options of SPEC.md §2
+ *   EXPERT_EXEC_*            the token- / expert-centric execution of the experts
+ *   LAYERNORM_EPS, BATCHNORM_*    the normalisations' constants (CPU and GPU)
  *   ParamTensor ids          the fixed order of the parameter tensors in one flat buffer
  *   model_config_param_sizes()   element count of each tensor (0 where a kind has none)
  *   model_config_validate()      one clear message for an impossible configuration
@@ -32,6 +34,14 @@
 enum { FFN_GELU = 0, FFN_SWIGLU = 1, FFN_OMNI = 2 };
 enum { ROUTER_NORM_NONE = 0, ROUTER_NORM_BN = 1 };
 enum { GATE_SOFTMAX = 0, GATE_PROB = 1 };
+// the two executions of the expert branch (docs/design.md §3): a run-time choice, not saved in
+// the model; both compute the same bits
+enum { EXPERT_EXEC_TOKEN = 0, EXPERT_EXEC_EXPERT = 1 };
+
+// the epsilons of the normalisations, for the CPU reference and the GPU kernels alike
+#define LAYERNORM_EPS 1e-5f
+#define BATCHNORM_EPS 1e-5f       // the router's batch norm
+#define BATCHNORM_MOMENTUM 0.1f   // running = (1 - m) running + m batch (torch BatchNorm1d)
 
 static inline const char* ffn_kind_name(int kind) {
     switch (kind) {

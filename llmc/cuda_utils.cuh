@@ -3,19 +3,25 @@ cuda_utils.cuh - shared CUDA utilities for omnimoe.
 
 Defines:
 - cudaCheck / cudaCheckLast / cublasCheck: abort with file:line on any CUDA or cuBLAS error
-- floatX: the activation/weight type on the GPU (bf16; float with -DENABLE_FP32)
+- floatX: the activation/weight type on the GPU (bf16; float with -DENABLE_FP32), and its
+  library tags CUDA_R_FLOATX (cuBLAS) and NCCL_FLOATX
 - Packed128<T>: 16-byte vector of T for 128-bit loads/stores, with load128/store128 helpers
 - deterministic warp and block reductions (sum, max): fixed order, bitwise reproducible
 - column_sum_partials(): fixed-order second stage of per-block column sums (parameter grads)
-- ceil_div, cuda_num_sms()
+- ceil_div, align256, cuda_num_sms(), cuda_peak_bf16_flops(device name) for MFU
 - host-side bf16 <-> float conversion (round-to-nearest-even) and floatX upload/download
   helpers for tests and for the trainer's host code
 - cuda_malloc_or_die(): device allocation that names what it was for and how much is free
   when it fails, then exits
 
-Conventions (shared by all omnimoe CUDA headers): launchers take a cudaStream_t, never sync
-the host and never allocate; scratch buffers come from the caller (see *_scratch_bytes()).
-No floating-point atomics anywhere: every sum has a fixed order.
+Conventions (shared by all omnimoe CUDA headers):
+- names: B sequences of T tokens, BT = B*T tokens of a micro-batch, C channels, NH heads, I the
+  shared SwiGLU width, n the router grid side, N = n*n experts, k experts per token, R = 2n
+  router logits per token, P = BT*k (token, expert) pairs, L layers, V / Vp the vocabulary;
+- arguments in the order: outputs, inputs, dimensions (then an options struct), scratch, stream;
+- launchers never sync the host and never allocate; scratch buffers come from the caller (see
+  *_scratch_bytes()), cut into pieces with align256;
+- no floating-point atomics anywhere: every sum has a fixed order.
 */
 #ifndef OMNIMOE_CUDA_UTILS_CUH
 #define OMNIMOE_CUDA_UTILS_CUH
@@ -55,12 +61,17 @@ static inline void cublas_check_impl(cublasStatus_t status, const char* file, in
 // ----------------------------------------------------------------------------
 // the GPU storage type of weights and activations
 
+// and its type tag for the libraries (the one mapping: cuBLAS/cuBLASLt, NCCL)
 #if defined(ENABLE_FP32)
 typedef float floatX;
 #define FLOATX_NAME "fp32"
+#define CUDA_R_FLOATX CUDA_R_32F
+#define NCCL_FLOATX ncclFloat
 #else
 typedef __nv_bfloat16 floatX;
 #define FLOATX_NAME "bf16"
+#define CUDA_R_FLOATX CUDA_R_16BF
+#define NCCL_FLOATX ncclBfloat16
 #endif
 
 // ----------------------------------------------------------------------------
@@ -82,6 +93,25 @@ static inline int cuda_num_sms(void) {
 }
 
 static inline int is_aligned16(const void* p) { return ((uintptr_t)p & 15) == 0; }
+
+// bytes rounded up to a multiple of 256: how scratch buffers are cut into aligned pieces
+static inline size_t align256(size_t bytes) { return (bytes + 255) & ~(size_t)255; }
+
+// Dense bf16 tensor-core peak (FLOP/s, no sparsity) of a card, from its device name, for MFU;
+// 0 when the card is not in the table (MFU is then reported as unknown). The one table: the
+// trainer and the benchmarks all use it.
+static inline double cuda_peak_bf16_flops(const char* device_name) {
+    static const struct { const char* name_part; double flops; } table[] = {
+        {"H200", 989.4e12},      // H200 SXM: the same tensor cores as the H100 SXM
+        {"H100 PCIe", 756.0e12},
+        {"H100", 989.4e12},      // H100 SXM (the number llm.c uses)
+        {"A100", 312.0e12},
+    };
+    for (size_t i = 0; i < sizeof(table) / sizeof(table[0]); i++) {
+        if (strstr(device_name, table[i].name_part) != NULL) { return table[i].flops; }
+    }
+    return 0.0;
+}
 
 // ----------------------------------------------------------------------------
 // Packed128: 16 bytes of T that the compiler turns into one 128-bit load/store.
@@ -125,12 +155,6 @@ template <class T>
 __device__ inline void store128(T* target, Packed128<T> value) {
     *reinterpret_cast<int4*>(target) = value.get_bits();
 }
-// streaming store: for outputs not re-read soon
-template <class T>
-__device__ inline void store128cs(T* target, Packed128<T> value) {
-    __stcs(reinterpret_cast<int4*>(target), value.get_bits());
-}
-
 // ----------------------------------------------------------------------------
 // deterministic reductions.
 // The xor-butterfly gives every lane the same bits: at each step lane i and lane i^offset

@@ -23,9 +23,9 @@ fixed order.
 #ifndef OMNIMOE_LAYERNORM_CUH
 #define OMNIMOE_LAYERNORM_CUH
 
+#include "config.h"   // LAYERNORM_EPS
 #include "cuda_utils.cuh"
 
-#define LAYERNORM_EPS 1e-5f
 #define LAYERNORM_FWD_WARPS 8
 #define LAYERNORM_BWD_WARPS 4
 #define LAYERNORM_BWD_ROWS_PER_BLOCK 32

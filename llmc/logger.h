@@ -17,6 +17,11 @@
  * Resume: logger_init(..., resume_step = S) keeps the records of the interrupted run up to the
  * checkpoint (train records with step <= S, eval records with step < S: the resumed run
  * evaluates step S again) and appends after them; resume_step < 0 starts a new log.
+ *
+ * Write errors (a full disk, a closed pipe): every record's writes and its flush are checked.
+ * The first failure prints one message naming the file and the reason, closes the file and sets
+ * lg->failed; later records go to the console only. The caller (llmc/train_loop.h) then saves a
+ * checkpoint and ends the run with a non-zero exit: the log calls themselves never exit.
  */
 #ifndef OMNIMOE_LOGGER_H
 #define OMNIMOE_LOGGER_H
@@ -26,12 +31,30 @@
 #include <string.h>
 #include <math.h>
 #include <errno.h>
+#include <sys/stat.h>
 
 typedef struct {
     int active;        // 1 on rank 0
-    FILE* fp;          // the JSONL file, NULL when there is none
+    FILE* fp;          // the JSONL file, NULL when there is none (or after a write error)
+    int failed;        // a write or flush of the file failed (the message is printed)
     char path[1100];
 } Logger;
+
+// after a record's writes: checks them and the flush; the first failure is reported once
+static inline void logger_check_write_(Logger* lg) {
+    if (lg->fp == NULL) return;
+    int failed = ferror(lg->fp);
+    int err = errno;
+    if (fflush(lg->fp) != 0) {
+        failed = 1;
+        err = errno;
+    }
+    if (!failed) return;
+    fprintf(stderr, "Error: cannot write the log file \"%s\": %s\n", lg->path, strerror(err));
+    fclose(lg->fp);  // its error, if any, is the same one
+    lg->fp = NULL;
+    lg->failed = 1;
+}
 
 // share of experts used and KL(load || uniform) of one layer from its per-expert counts
 // (number of (token, slot) pairs routed to each expert); both 0 when nothing was routed
@@ -80,8 +103,11 @@ static inline int logger_line_field_(const char* line, const char* key, long lon
 
 // keeps the complete records at or before the resume point (see the top of the file)
 static inline void logger_truncate_for_resume_(const char* path, int resume_step) {
+    struct stat st;
+    if (stat(path, &st) != 0) return;   // no old log: nothing to keep
+    if (!S_ISREG(st.st_mode)) return;   // a device or pipe (/dev/null, /dev/full): appended to as it is
     FILE* in = fopen(path, "rb");
-    if (in == NULL) return;  // no old log: nothing to keep
+    if (in == NULL) return;
     char tmp_path[1200];
     snprintf(tmp_path, sizeof(tmp_path), "%s.tmp", path);
     FILE* out = fopen(tmp_path, "wb");
@@ -183,7 +209,7 @@ static inline void logger_log_train(Logger* lg, int step, int num_steps, long lo
         logger_json_number_(fp, expert_kl[l], "%.6f");
     }
     fputs("]}\n", fp);
-    fflush(fp);
+    logger_check_write_(lg);
 }
 
 // one evaluation: step = updates completed when measured
@@ -195,12 +221,17 @@ static inline void logger_log_eval(Logger* lg, int step, long long tokens, float
     fprintf(lg->fp, "{\"type\":\"eval\",\"step\":%d,\"tokens\":%lld,\"val_loss\":", step, tokens);
     logger_json_number_(lg->fp, val_loss, "%.9g");
     fputs("}\n", lg->fp);
-    fflush(lg->fp);
+    logger_check_write_(lg);
 }
 
-static inline void logger_close(Logger* lg) {
-    if (lg->fp != NULL) fclose(lg->fp);
+// returns 0 when every record reached the file (or there is none), else -1 (reported)
+static inline int logger_close(Logger* lg) {
+    if (lg->fp != NULL && fclose(lg->fp) != 0 && !lg->failed) {
+        fprintf(stderr, "Error: cannot write the log file \"%s\": %s\n", lg->path, strerror(errno));
+        lg->failed = 1;
+    }
     lg->fp = NULL;
+    return lg->failed ? -1 : 0;
 }
 
 #endif // OMNIMOE_LOGGER_H

@@ -2,7 +2,9 @@
 matmul.cuh - linear layers on cuBLASLt (floatX in/out, fp32 compute and accumulation).
 
 Defines:
-- matmul_init() / matmul_free(): the one cuBLASLt handle and its 32 MiB workspace
+- matmul_init() / matmul_free(): the BLAS handles of the program and their one workspace
+  allocation: the cuBLASLt handle of the matmuls below and the cuBLAS handle of the router's
+  fp32-output GEMMs (router.cuh). Call once, outside any graph capture.
 - matmul_forward(out, inp, weight, bias_or_NULL, BT, C_in, C_out, stream)
       out (BT, C_out) = inp (BT, C_in) @ weight^T + bias,  weight is (C_out, C_in) row-major
 - matmul_forward_gelu(out_gelu, pre_gelu, inp, weight, bias_or_NULL, BT, C_in, C_out, stream)
@@ -26,26 +28,25 @@ algorithm on the same GPU gives bitwise identical results (checked by dev/cuda/t
 #ifndef OMNIMOE_MATMUL_CUH
 #define OMNIMOE_MATMUL_CUH
 
+#include <cublas_v2.h>
 #include "cuda_utils.cuh"
 #include "activations.cuh"
 
 #define MATMUL_WORKSPACE_BYTES (32u * 1024u * 1024u)
+// the cuBLAS handle's part of the workspace: the router's GEMMs run on the OmniMoE side stream
+// while matmuls run on the main stream, so the two handles must not share workspace bytes
+#define MATMUL_CUBLAS_WORKSPACE_BYTES (8u * 1024u * 1024u)
 #define MATMUL_ALGO_CACHE_CAPACITY 256
 #define MATMUL_DBIAS_ROWS_PER_BLOCK 64
 
 static cublasLtHandle_t matmul_cublaslt_handle = NULL;
-static void* matmul_workspace = NULL;
+static cublasHandle_t matmul_cublas_handle = NULL;
+static void* matmul_workspace = NULL;  // cuBLASLt's MATMUL_WORKSPACE_BYTES, then the cuBLAS handle's
 // 1: GELU through the cuBLASLt epilogue (one pass); 0: plain GEMM then gelu_forward.
 // dev/cuda/test_matmul.cu checks that the epilogue matches the tanh GELU of activations.cuh.
 static int matmul_gelu_fused = 1;
 // set by every matmul_forward_gelu(): 1 if the cuBLASLt epilogue did the GELU, 0 if the fallback ran
 static int matmul_gelu_last_was_fused = 0;
-
-#if defined(ENABLE_FP32)
-#define MATMUL_CUDA_DATA_TYPE CUDA_R_32F
-#else
-#define MATMUL_CUDA_DATA_TYPE CUDA_R_16BF
-#endif
 
 typedef struct {
     int transa, transb;
@@ -64,16 +65,23 @@ static int matmul_algo_cache_evict_next = 0;  // the slot a new problem takes on
 static inline void matmul_init(void) {
     if (matmul_cublaslt_handle != NULL) { return; }
     cublasCheck(cublasLtCreate(&matmul_cublaslt_handle));
-    matmul_workspace = cuda_malloc_or_die(MATMUL_WORKSPACE_BYTES, "cuBLASLt workspace");
+    matmul_workspace = cuda_malloc_or_die(MATMUL_WORKSPACE_BYTES + MATMUL_CUBLAS_WORKSPACE_BYTES, "cuBLAS workspace");
+    cublasCheck(cublasCreate(&matmul_cublas_handle));
+    // a fixed user workspace: cuBLAS then never allocates, which graph capture requires
+    cublasCheck(cublasSetWorkspace(matmul_cublas_handle, (char*)matmul_workspace + MATMUL_WORKSPACE_BYTES,
+                                   MATMUL_CUBLAS_WORKSPACE_BYTES));
+    cublasCheck(cublasSetAtomicsMode(matmul_cublas_handle, CUBLAS_ATOMICS_NOT_ALLOWED));
     matmul_algo_cache_count = 0;
     matmul_algo_cache_evict_next = 0;
 }
 
 static inline void matmul_free(void) {
     if (matmul_cublaslt_handle == NULL) { return; }
+    cublasCheck(cublasDestroy(matmul_cublas_handle));
     cudaCheck(cudaFree(matmul_workspace));
     cublasCheck(cublasLtDestroy(matmul_cublaslt_handle));
     matmul_workspace = NULL;
+    matmul_cublas_handle = NULL;
     matmul_cublaslt_handle = NULL;
     matmul_algo_cache_count = 0;
     matmul_algo_cache_evict_next = 0;
@@ -89,7 +97,7 @@ static inline int matmul_pointer_alignment(const void* p) {
 }
 
 static inline void matmul_set_layout(cublasLtMatrixLayout_t* layout, int rows, int cols, int ld) {
-    cublasCheck(cublasLtMatrixLayoutCreate(layout, MATMUL_CUDA_DATA_TYPE, (uint64_t)rows, (uint64_t)cols, (int64_t)ld));
+    cublasCheck(cublasLtMatrixLayoutCreate(layout, CUDA_R_FLOATX, (uint64_t)rows, (uint64_t)cols, (int64_t)ld));
 }
 
 // D (m x n, col-major, ld ldd) = op(A) (m x k) * op(B) (k x n) [+ D if accumulate] with epilogue.

@@ -134,12 +134,6 @@ static inline void nccl_check_impl(ncclResult_t status, const char* file, int li
 }
 #define ncclCheck(status) (nccl_check_impl((status), __FILE__, __LINE__))
 
-#if defined(ENABLE_FP32)
-#define NCCL_FLOATX ncclFloat
-#else
-#define NCCL_FLOATX ncclBfloat16
-#endif
-
 // rank 0: writes the id to <path>.tmp and renames it (refuses when <path> exists: stale id)
 static inline void multi_gpu_write_id_(const char* path, const ncclUniqueId* id) {
     struct stat st;

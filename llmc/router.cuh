@@ -2,23 +2,27 @@
 router.cuh - the OmniMoE Cartesian-product router on the GPU (SPEC §2), forward and backward.
 
 Defines:
-- router_init() / router_free(): the cuBLAS handle and its fixed workspace used by the router's
-  2n x d GEMMs (call router_init once, outside any graph capture)
-- router_forward(...):  logits = X Wrc^T (fp32), optional batch norm (batch or running stats),
-  log-softmax of each n-half, exact top-k of S(i,j) = pr[i] + pc[j], gates
-- router_backward(...): gates -> S -> (pr, pc) -> log-softmax -> BN -> GEMM backward
-- router_forward_scratch_bytes(T, n), router_backward_scratch_bytes(T, n): scratch sizes
+- RouterOptions {n, k, norm, gate, training}: the router's shape and options
+- RouterSaved: what the forward writes and the backward reads (logits, logp, BN statistics, ids,
+  gates)
+- router_forward(saved, running_mean, running_var, X, Wrc, BT, C, opt, scratch, bytes, stream):
+  logits = X Wrc^T (fp32), optional batch norm (batch or running stats), log-softmax of each
+  n-half, exact top-k of S(i,j) = pr[i] + pc[j], gates
+- router_backward(dX, dWrc, dgate, saved, X, Wrc, BT, C, opt, scratch, bytes, stream):
+  gates -> S -> (pr, pc) -> log-softmax -> BN -> GEMM backward
+- router_forward_scratch_bytes(BT, n), router_backward_scratch_bytes(BT, n): scratch sizes
 - router_topk_warp(...): the per-token exact top-k (a __device__ function, also used by tests)
+The GEMMs run on matmul.cuh's cuBLAS handle (matmul_init() first).
 
-Shapes (T tokens, d channels, n = sqrt(N), k experts per token, C2 = 2n):
-  X (T, d) floatX (LN2 output)            Wrc (2n, d) floatX: rows [0,n) = Wr, [n,2n) = Wc
-  logits (T, 2n) fp32  raw GEMM output    logp (T, 2n) fp32: [pr | pc] log-softmax of each half
-  bn_mean, bn_rstd (2n) fp32              running_mean, running_var (2n) fp32 (BN state)
-  idx (T, k) int32 expert ids e = i*n+j   gate (T, k) fp32
-Options: use_bn (router_norm: 1 = bn, 0 = none; = ROUTER_NORM_* of config.h), gate_prob (0 =
-softmax over the k selected S, 1 = prob g = exp(S); = GATE_* of config.h), training (BN: 1 =
-batch statistics + running-stat update with momentum 0.1 and the unbiased batch variance, like
-torch BatchNorm1d; 0 = running statistics).
+Shapes (BT tokens, C channels, n = sqrt(N), k experts per token, R = 2n logits per token):
+  X (BT, C) floatX (LN2 output)            Wrc (R, C) floatX: rows [0,n) = Wr, [n,2n) = Wc
+  logits (BT, R) fp32  raw GEMM output     logp (BT, R) fp32: [pr | pc] log-softmax of each half
+  bn_mean, bn_rstd (R) fp32               running_mean, running_var (R) fp32 (BN state)
+  idx (BT, k) int32 expert ids e = i*n+j   gate (BT, k) fp32
+Options: norm (ROUTER_NORM_BN or ROUTER_NORM_NONE, config.h), gate (GATE_SOFTMAX: softmax over
+the k selected S; GATE_PROB: g = exp(S)), training (BN: 1 = batch statistics + running-stat
+update with momentum BATCHNORM_MOMENTUM and the unbiased batch variance, like torch
+BatchNorm1d; 0 = running statistics).
 
 Top-k (per token, one warp). The order is: higher S first, equal S -> smaller expert id first,
 where S is the fp32 sum pr[i] + pc[j]. The result is the exact top-k of all N pairs in that
@@ -54,47 +58,36 @@ dlogits is rounded to floatX for the two GEMMs.
 #ifndef OMNIMOE_ROUTER_CUH
 #define OMNIMOE_ROUTER_CUH
 
-#include <cublas_v2.h>
+#include "config.h"      // ROUTER_NORM_*, GATE_*, BATCHNORM_*
 #include "cuda_utils.cuh"
+#include "matmul.cuh"      // the cuBLAS handle of the router's GEMMs
 
-#define ROUTER_BN_EPS 1e-5f
-#define ROUTER_BN_MOMENTUM 0.1f
 #define ROUTER_MAX_K 256
 #define ROUTER_BN_CHUNK 128        // tokens per partial-statistics chunk of the BN reductions
 #define ROUTER_TOKEN_SMEM_BUDGET (48 * 1024)
-#define ROUTER_CUBLAS_WORKSPACE_BYTES (8u * 1024u * 1024u)
 
-#if defined(ENABLE_FP32)
-#define ROUTER_CUDA_FLOATX CUDA_R_32F
-#else
-#define ROUTER_CUDA_FLOATX CUDA_R_16BF
-#endif
+typedef struct {
+    int n;         // grid side: N = n*n experts, R = 2n logits per token
+    int k;         // experts per token
+    int norm;      // ROUTER_NORM_BN or ROUTER_NORM_NONE
+    int gate;      // GATE_SOFTMAX or GATE_PROB
+    int training;  // BN statistics: 1 = of the batch (and update the running ones), 0 = running
+} RouterOptions;
 
-static cublasHandle_t router_cublas_handle = NULL;
-static void* router_cublas_workspace = NULL;
-
-static inline void router_init(void) {
-    if (router_cublas_handle != NULL) { return; }
-    cublasCheck(cublasCreate(&router_cublas_handle));
-    router_cublas_workspace = cuda_malloc_or_die(ROUTER_CUBLAS_WORKSPACE_BYTES, "router cuBLAS workspace");
-    // a fixed user workspace: cuBLAS then never allocates, which graph capture requires
-    cublasCheck(cublasSetWorkspace(router_cublas_handle, router_cublas_workspace, ROUTER_CUBLAS_WORKSPACE_BYTES));
-    cublasCheck(cublasSetAtomicsMode(router_cublas_handle, CUBLAS_ATOMICS_NOT_ALLOWED));
-}
-
-static inline void router_free(void) {
-    if (router_cublas_handle == NULL) { return; }
-    cublasCheck(cublasDestroy(router_cublas_handle));
-    cudaCheck(cudaFree(router_cublas_workspace));
-    router_cublas_handle = NULL;
-    router_cublas_workspace = NULL;
-}
+// written by router_forward, read by router_backward (BT tokens)
+typedef struct {
+    float* logits;   // (BT, R) raw GEMM output
+    float* logp;     // (BT, R) log-softmax of each half
+    float* bn_mean;  // (R) the statistics BN used (norm = bn only)
+    float* bn_rstd;  // (R)
+    int* idx;        // (BT, k) expert ids, best first
+    float* gate;     // (BT, k)
+} RouterSaved;
 
 // ----------------------------------------------------------------------------
 // sizes
 
-static inline size_t router_align256(size_t x) { return (x + 255) & ~(size_t)255; }
-static inline int router_bn_num_chunks(int T) { return ceil_div(T, ROUTER_BN_CHUNK); }
+static inline int router_bn_num_chunks(int BT) { return ceil_div(BT, ROUTER_BN_CHUNK); }
 
 // number of staircase candidates (a+1)(b+1) <= k inside the k' x k' grid
 static inline __host__ __device__ int router_staircase_count(int n, int k) {
@@ -113,14 +106,14 @@ static inline __host__ __device__ int router_token_smem_words(int n, int k) {
     return 4 * n + 2 * k + 2 * router_staircase_count(n, k);
 }
 
-static inline size_t router_forward_scratch_bytes(int T, int n) {
-    return 2 * router_align256((size_t)router_bn_num_chunks(T) * 2 * n * sizeof(float));
+static inline size_t router_forward_scratch_bytes(int BT, int n) {
+    return 2 * align256((size_t)router_bn_num_chunks(BT) * 2 * n * sizeof(float));
 }
 
-static inline size_t router_backward_scratch_bytes(int T, int n) {
-    return router_align256((size_t)T * 2 * n * sizeof(float))      // dL/d(normalised logits)
-         + router_align256((size_t)T * 2 * n * sizeof(floatX))     // dL/dlogits for the GEMMs
-         + 2 * router_align256((size_t)router_bn_num_chunks(T) * 2 * n * sizeof(float));
+static inline size_t router_backward_scratch_bytes(int BT, int n) {
+    return align256((size_t)BT * 2 * n * sizeof(float))      // dL/d(normalised logits)
+         + align256((size_t)BT * 2 * n * sizeof(floatX))     // dL/dlogits for the GEMMs
+         + 2 * align256((size_t)router_bn_num_chunks(BT) * 2 * n * sizeof(float));
 }
 
 // ----------------------------------------------------------------------------
@@ -198,15 +191,15 @@ __device__ inline void router_select_sorted2_rank(const float* vr, const float* 
     __syncwarp();
 }
 
-// sorts the kk (<= 32 R) entries of (id, val) in place into router_beats order: each lane reads
-// its R entries, counts the entries that beat each (a strict order, so ranks are distinct), then
-// writes it at that rank
-template <int R>
+// sorts the kk (<= 32 PER_LANE) entries of (id, val) in place into router_beats order: each lane
+// reads its PER_LANE entries, counts the entries that beat each (a strict order, so ranks are
+// distinct), then writes it at that rank
+template <int PER_LANE>
 __device__ inline void router_rank_sort(int* id, float* val, int kk, int lane) {
-    int my_id[R], my_rank[R];
-    float my_val[R];
+    int my_id[PER_LANE], my_rank[PER_LANE];
+    float my_val[PER_LANE];
 #pragma unroll
-    for (int r = 0; r < R; r++) {
+    for (int r = 0; r < PER_LANE; r++) {
         const int q = lane + 32 * r;
         my_rank[r] = 0;
         my_id[r] = q < kk ? id[q] : INT_MAX;
@@ -216,11 +209,11 @@ __device__ inline void router_rank_sort(int* id, float* val, int kk, int lane) {
         const float v = val[q];
         const int i = id[q];
 #pragma unroll
-        for (int r = 0; r < R; r++) { my_rank[r] += router_beats(v, i, my_val[r], my_id[r]); }
+        for (int r = 0; r < PER_LANE; r++) { my_rank[r] += router_beats(v, i, my_val[r], my_id[r]); }
     }
     __syncwarp();
 #pragma unroll
-    for (int r = 0; r < R; r++) {
+    for (int r = 0; r < PER_LANE; r++) {
         if (lane + 32 * r < kk) { id[my_rank[r]] = my_id[r]; val[my_rank[r]] = my_val[r]; }
     }
     __syncwarp();
@@ -231,20 +224,20 @@ __device__ inline unsigned router_select_key(const float* vals, int q, int count
     return q < count ? router_order_key(vals[q]) : 0u;  // 0: below every real key (-inf is 0x007fffff)
 }
 // the kk-th largest order key of vals[0..count): the largest K with at least kk keys >= K, found
-// MSB first by 32 warp counts. R > 0: the count <= 32 R keys are held in registers; R = 0: they
-// are recomputed from shared memory every step.
-template <int R>
+// MSB first by 32 warp counts. PER_LANE > 0: the count <= 32 PER_LANE keys are held in
+// registers; PER_LANE = 0: they are recomputed from shared memory every step.
+template <int PER_LANE>
 __device__ inline unsigned router_kth_key(const float* vals, int count, int kk, int lane) {
-    unsigned key[R > 0 ? R : 1];
+    unsigned key[PER_LANE > 0 ? PER_LANE : 1];
 #pragma unroll
-    for (int r = 0; r < R; r++) { key[r] = router_select_key(vals, lane + 32 * r, count); }
+    for (int r = 0; r < PER_LANE; r++) { key[r] = router_select_key(vals, lane + 32 * r, count); }
     unsigned K = 0;
     for (int bit = 31; bit >= 0; bit--) {
         const unsigned trial = K | (1u << bit);
         int at_least = 0;
-        if (R > 0) {
+        if (PER_LANE > 0) {
 #pragma unroll
-            for (int r = 0; r < R; r++) { at_least += key[r] >= trial; }
+            for (int r = 0; r < PER_LANE; r++) { at_least += key[r] >= trial; }
         } else {
             for (int q = lane; q < count; q += 32) { at_least += router_order_key(vals[q]) >= trial; }
         }
@@ -306,7 +299,7 @@ __device__ inline void router_select_topk(const float* vals, const int* ids, int
         }
     }
     __syncwarp();
-    // 3. rank sort in place (R items per lane)
+    // 3. rank sort in place (PER_LANE items per lane)
     if (kk <= 32) { router_rank_sort<1>(out_id, out_val, kk, lane); }
     else if (kk <= 64) { router_rank_sort<2>(out_id, out_val, kk, lane); }
     else if (kk <= 128) { router_rank_sort<4>(out_id, out_val, kk, lane); }
@@ -503,17 +496,17 @@ static inline int router_token_warps_per_block(int n, int k) {
 // BN statistics (deterministic: fixed chunks of tokens, fixed order everywhere)
 
 // per chunk of ROUTER_BN_CHUNK tokens and per channel: the chunk mean and sum of squared
-// deviations from it (two passes over the chunk). block (32, 8), grid (chunks, ceil(C2/32))
-__global__ void router_bn_partial_stats_kernel(float* part_mean, float* part_m2, const float* logits, int T, int C2) {
+// deviations from it (two passes over the chunk). block (32, 8), grid (chunks, ceil(R/32))
+__global__ void router_bn_partial_stats_kernel(float* part_mean, float* part_m2, const float* logits, int BT, int R) {
     __shared__ float red[8][33];
     __shared__ float chunk_mean[32];
     const int cx = threadIdx.x, ty = threadIdx.y;
     const int c = blockIdx.y * 32 + cx;
     const int t0 = blockIdx.x * ROUTER_BN_CHUNK;
-    const int count = min(ROUTER_BN_CHUNK, T - t0);
+    const int count = min(ROUTER_BN_CHUNK, BT - t0);
     float sum = 0.0f;
-    if (c < C2) {
-        for (int t = ty; t < count; t += 8) { sum += logits[(size_t)(t0 + t) * C2 + c]; }
+    if (c < R) {
+        for (int t = ty; t < count; t += 8) { sum += logits[(size_t)(t0 + t) * R + c]; }
     }
     red[ty][cx] = sum;
     __syncthreads();
@@ -525,19 +518,19 @@ __global__ void router_bn_partial_stats_kernel(float* part_mean, float* part_m2,
     __syncthreads();
     const float mean = chunk_mean[cx];
     float m2 = 0.0f;
-    if (c < C2) {
+    if (c < R) {
         for (int t = ty; t < count; t += 8) {
-            float dev = logits[(size_t)(t0 + t) * C2 + c] - mean;
+            float dev = logits[(size_t)(t0 + t) * R + c] - mean;
             m2 = fmaf(dev, dev, m2);
         }
     }
     red[ty][cx] = m2;
     __syncthreads();
-    if (ty == 0 && c < C2) {
+    if (ty == 0 && c < R) {
         float total = 0.0f;
         for (int j = 0; j < 8; j++) { total += red[j][cx]; }
-        part_mean[(size_t)blockIdx.x * C2 + c] = mean;
-        part_m2[(size_t)blockIdx.x * C2 + c] = total;
+        part_mean[(size_t)blockIdx.x * R + c] = mean;
+        part_m2[(size_t)blockIdx.x * R + c] = total;
     }
 }
 
@@ -556,22 +549,22 @@ __device__ inline void router_bn_merge(double& count, double& mean, double& m2, 
 // (shfl_down 16, 8, 4, 2, 1) merges the lanes, in double. Writes mean and 1/sqrt(var + eps) and
 // updates the running statistics. Eval: running statistics only. block 128 (4 channels).
 __global__ void router_bn_finalize_kernel(float* bn_mean, float* bn_rstd, float* running_mean, float* running_var,
-                                          const float* part_mean, const float* part_m2, int T, int C2, int training) {
+                                          const float* part_mean, const float* part_m2, int BT, int R, int training) {
     const int lane = threadIdx.x % 32;
     const int c = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-    if (c >= C2) { return; }
+    if (c >= R) { return; }
     if (!training) {
         if (lane == 0) {
             bn_mean[c] = running_mean[c];
-            bn_rstd[c] = 1.0f / sqrtf(running_var[c] + ROUTER_BN_EPS);
+            bn_rstd[c] = 1.0f / sqrtf(running_var[c] + BATCHNORM_EPS);
         }
         return;
     }
-    const int num_chunks = ceil_div(T, ROUTER_BN_CHUNK);
+    const int num_chunks = ceil_div(BT, ROUTER_BN_CHUNK);
     double count = 0.0, mean = 0.0, m2 = 0.0;
     for (int ch = lane; ch < num_chunks; ch += 32) {
-        router_bn_merge(count, mean, m2, (double)min(ROUTER_BN_CHUNK, T - ch * ROUTER_BN_CHUNK),
-                        (double)part_mean[(size_t)ch * C2 + c], (double)part_m2[(size_t)ch * C2 + c]);
+        router_bn_merge(count, mean, m2, (double)min(ROUTER_BN_CHUNK, BT - ch * ROUTER_BN_CHUNK),
+                        (double)part_mean[(size_t)ch * R + c], (double)part_m2[(size_t)ch * R + c]);
     }
     for (int offset = 16; offset > 0; offset >>= 1) {
         double count_b = __shfl_down_sync(0xffffffffu, count, offset);
@@ -580,12 +573,12 @@ __global__ void router_bn_finalize_kernel(float* bn_mean, float* bn_rstd, float*
         if (lane + offset < 32) { router_bn_merge(count, mean, m2, count_b, mean_b, m2_b); }
     }
     if (lane == 0) {
-        const float var_biased = (float)(m2 / (double)T);
-        const float var_unbiased = (float)(m2 / (double)(T - 1));
+        const float var_biased = (float)(m2 / (double)BT);
+        const float var_unbiased = (float)(m2 / (double)(BT - 1));
         bn_mean[c] = (float)mean;
-        bn_rstd[c] = 1.0f / sqrtf(var_biased + ROUTER_BN_EPS);
-        running_mean[c] = (1.0f - ROUTER_BN_MOMENTUM) * running_mean[c] + ROUTER_BN_MOMENTUM * (float)mean;
-        running_var[c] = (1.0f - ROUTER_BN_MOMENTUM) * running_var[c] + ROUTER_BN_MOMENTUM * var_unbiased;
+        bn_rstd[c] = 1.0f / sqrtf(var_biased + BATCHNORM_EPS);
+        running_mean[c] = (1.0f - BATCHNORM_MOMENTUM) * running_mean[c] + BATCHNORM_MOMENTUM * (float)mean;
+        running_var[c] = (1.0f - BATCHNORM_MOMENTUM) * running_var[c] + BATCHNORM_MOMENTUM * var_unbiased;
     }
 }
 
@@ -594,15 +587,15 @@ __global__ void router_bn_finalize_kernel(float* bn_mean, float* bn_rstd, float*
 
 __global__ void router_token_forward_kernel(float* logp, int* idx, float* gate, const float* logits,
                                             const float* bn_mean, const float* bn_rstd,
-                                            int T, int n, int k, int use_bn, int gate_prob, int smem_words, int cap) {
+                                            int BT, int n, int k, int use_bn, int gate_prob, int smem_words, int cap) {
     extern __shared__ float router_smem[];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int t = blockIdx.x * (blockDim.x / 32) + warp;
-    if (t >= T) { return; }  // whole warps leave; only __syncwarp is used below
+    if (t >= BT) { return; }  // whole warps leave; only __syncwarp is used below
     RouterTokenSmem sm = router_token_smem(router_smem + (size_t)warp * smem_words, n, k, cap);
-    const int C2 = 2 * n;
-    const float* lrow = logits + (size_t)t * C2;
-    float* prow = logp + (size_t)t * C2;
+    const int R = 2 * n;
+    const float* lrow = logits + (size_t)t * R;
+    float* prow = logp + (size_t)t * R;
     for (int half = 0; half < 2; half++) {
         float* buf = half == 0 ? sm.pr : sm.pc;
         float mx = -INFINITY;
@@ -645,12 +638,12 @@ __global__ void router_token_forward_kernel(float* logp, int* idx, float* gate, 
 // writes dlhat (fp32, when use_bn) or dlogits (floatX, when not). Per-warp shared memory:
 // dpr, dpc (n each), dS (k), ids (k).
 __global__ void router_token_backward_kernel(float* dlhat, floatX* dlogits, const float* dgate, const float* gate,
-                                             const int* idx, const float* logp, int T, int n, int k,
+                                             const int* idx, const float* logp, int BT, int n, int k,
                                              int use_bn, int gate_prob) {
     extern __shared__ float router_smem[];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int t = blockIdx.x * (blockDim.x / 32) + warp;
-    if (t >= T) { return; }
+    if (t >= BT) { return; }
     float* dpr = router_smem + (size_t)warp * (2 * n + 2 * k);
     float* dpc = dpr + n;
     float* dS = dpc + n;
@@ -681,29 +674,29 @@ __global__ void router_token_backward_kernel(float* dlhat, floatX* dlogits, cons
     for (int i = lane; i < n; i += 32) { sum_r += dpr[i]; sum_c += dpc[i]; }
     sum_r = warp_reduce_sum(sum_r);
     sum_c = warp_reduce_sum(sum_c);
-    const int C2 = 2 * n;
-    const float* lp = logp + (size_t)t * C2;
-    for (int c = lane; c < C2; c += 32) {
+    const int R = 2 * n;
+    const float* lp = logp + (size_t)t * R;
+    for (int c = lane; c < R; c += 32) {
         float dl = c < n ? dpr[c] - expf(lp[c]) * sum_r : dpc[c - n] - expf(lp[c]) * sum_c;
-        if (use_bn) { dlhat[(size_t)t * C2 + c] = dl; }
-        else { dlogits[(size_t)t * C2 + c] = (floatX)dl; }
+        if (use_bn) { dlhat[(size_t)t * R + c] = dl; }
+        else { dlogits[(size_t)t * R + c] = (floatX)dl; }
     }
 }
 
 // BN backward, pass 1: per chunk and channel, sum of dy and of dy * xhat. block (32, 8)
 __global__ void router_bn_backward_partial_kernel(float* part_dy, float* part_dyx, const float* dlhat, const float* logits,
-                                                  const float* bn_mean, const float* bn_rstd, int T, int C2) {
+                                                  const float* bn_mean, const float* bn_rstd, int BT, int R) {
     __shared__ float red_dy[8][33];
     __shared__ float red_dyx[8][33];
     const int cx = threadIdx.x, ty = threadIdx.y;
     const int c = blockIdx.y * 32 + cx;
     const int t0 = blockIdx.x * ROUTER_BN_CHUNK;
-    const int count = min(ROUTER_BN_CHUNK, T - t0);
+    const int count = min(ROUTER_BN_CHUNK, BT - t0);
     float sum_dy = 0.0f, sum_dyx = 0.0f;
-    if (c < C2) {
+    if (c < R) {
         const float mean = bn_mean[c], rstd = bn_rstd[c];
         for (int t = ty; t < count; t += 8) {
-            size_t o = (size_t)(t0 + t) * C2 + c;
+            size_t o = (size_t)(t0 + t) * R + c;
             float dy = dlhat[o];
             float xhat = (logits[o] - mean) * rstd;
             sum_dy += dy;
@@ -713,11 +706,11 @@ __global__ void router_bn_backward_partial_kernel(float* part_dy, float* part_dy
     red_dy[ty][cx] = sum_dy;
     red_dyx[ty][cx] = sum_dyx;
     __syncthreads();
-    if (ty == 0 && c < C2) {
+    if (ty == 0 && c < R) {
         float a = 0.0f, b = 0.0f;
         for (int j = 0; j < 8; j++) { a += red_dy[j][cx]; b += red_dyx[j][cx]; }
-        part_dy[(size_t)blockIdx.x * C2 + c] = a;
-        part_dyx[(size_t)blockIdx.x * C2 + c] = b;
+        part_dy[(size_t)blockIdx.x * R + c] = a;
+        part_dyx[(size_t)blockIdx.x * R + c] = b;
     }
 }
 
@@ -727,7 +720,7 @@ __global__ void router_bn_backward_partial_kernel(float* part_dy, float* part_dy
 __global__ void router_bn_backward_apply_kernel(floatX* dlogits, const float* dlhat, const float* logits,
                                                 const float* bn_mean, const float* bn_rstd,
                                                 const float* part_dy, const float* part_dyx,
-                                                int T, int C2, int batch_stats) {
+                                                int BT, int R, int batch_stats) {
     __shared__ float red_dy[8][33];
     __shared__ float red_dyx[8][33];
     __shared__ float mean_dy[32];
@@ -736,11 +729,11 @@ __global__ void router_bn_backward_apply_kernel(floatX* dlogits, const float* dl
     const int c = blockIdx.y * 32 + cx;
     {   // thread row ty sums chunks ty, ty+8, ...; row 0 then adds the 8 row sums in order
         float a = 0.0f, b = 0.0f;
-        if (c < C2 && batch_stats) {
-            const int num_chunks = ceil_div(T, ROUTER_BN_CHUNK);
+        if (c < R && batch_stats) {
+            const int num_chunks = ceil_div(BT, ROUTER_BN_CHUNK);
             for (int ch = ty; ch < num_chunks; ch += 8) {
-                a += part_dy[(size_t)ch * C2 + c];
-                b += part_dyx[(size_t)ch * C2 + c];
+                a += part_dy[(size_t)ch * R + c];
+                b += part_dyx[(size_t)ch * R + c];
             }
         }
         red_dy[ty][cx] = a;
@@ -750,16 +743,16 @@ __global__ void router_bn_backward_apply_kernel(floatX* dlogits, const float* dl
     if (ty == 0) {
         float a = 0.0f, b = 0.0f;
         for (int j = 0; j < 8; j++) { a += red_dy[j][cx]; b += red_dyx[j][cx]; }
-        mean_dy[cx] = a / (float)T;
-        mean_dyx[cx] = b / (float)T;
+        mean_dy[cx] = a / (float)BT;
+        mean_dyx[cx] = b / (float)BT;
     }
     __syncthreads();
-    if (c >= C2) { return; }
+    if (c >= R) { return; }
     const float mean = bn_mean[c], rstd = bn_rstd[c];
     const int t0 = blockIdx.x * ROUTER_BN_CHUNK;
-    const int count = min(ROUTER_BN_CHUNK, T - t0);
+    const int count = min(ROUTER_BN_CHUNK, BT - t0);
     for (int t = ty; t < count; t += 8) {
-        size_t o = (size_t)(t0 + t) * C2 + c;
+        size_t o = (size_t)(t0 + t) * R + c;
         float dy = dlhat[o];
         float dl;
         if (batch_stats) {
@@ -775,119 +768,122 @@ __global__ void router_bn_backward_apply_kernel(floatX* dlogits, const float* dl
 // ----------------------------------------------------------------------------
 // launchers
 
-static inline void router_check_args(const char* who, int T, int d, int n, int k, int use_bn, int training) {
+static inline void router_check_args(const char* who, int BT, int C, RouterOptions opt) {
     const char* why = NULL;
-    if (T < 1) why = "T >= 1 tokens";
-    else if (d < 1) why = "d >= 1 channels";
+    const int n = opt.n, k = opt.k;
+    if (BT < 1) why = "BT >= 1 tokens";
+    else if (C < 1) why = "C >= 1 channels";
     else if (n < 1) why = "n >= 1 (N = n*n experts)";
     else if (k < 1 || (long long)k > (long long)n * n) why = "1 <= k <= N = n*n";
     else if (k > ROUTER_MAX_K) why = "k <= ROUTER_MAX_K (256)";
     else if (router_token_warps_per_block(n, k) < 1) why = "n, k small enough for one warp's shared memory (48 KiB)";
-    else if (use_bn && training && T < 2) why = "T >= 2 tokens for batch-norm statistics in training";
+    else if (opt.norm != ROUTER_NORM_BN && opt.norm != ROUTER_NORM_NONE) why = "norm bn or none";
+    else if (opt.gate != GATE_SOFTMAX && opt.gate != GATE_PROB) why = "gate softmax or prob";
+    else if (opt.norm == ROUTER_NORM_BN && opt.training && BT < 2) why = "BT >= 2 tokens for BN statistics in training";
     if (why != NULL) {
-        fprintf(stderr, "%s: bad arguments T=%d d=%d n=%d k=%d: expected %s\n", who, T, d, n, k, why);
+        fprintf(stderr, "%s: bad arguments BT=%d C=%d n=%d k=%d: expected %s\n", who, BT, C, n, k, why);
         exit(EXIT_FAILURE);
     }
-    if (router_cublas_handle == NULL) {
-        fprintf(stderr, "%s: router_init() was not called\n", who);
+    if (matmul_cublas_handle == NULL) {
+        fprintf(stderr, "%s: matmul_init() was not called\n", who);
         exit(EXIT_FAILURE);
     }
 }
 
-// Forward. Writes logits, logp, bn_mean, bn_rstd (use_bn only), idx, gate; updates
-// running_mean / running_var when use_bn && training. scratch: router_forward_scratch_bytes.
-static void router_forward(float* logits, float* logp, float* bn_mean, float* bn_rstd, int* idx, float* gate,
-                           float* running_mean, float* running_var,
-                           const floatX* X, const floatX* Wrc, int T, int d, int n, int k,
-                           int use_bn, int gate_prob, int training,
+// Forward. Writes every field of out (bn_mean, bn_rstd with norm = bn only); updates
+// running_mean / running_var with norm = bn in training. scratch: router_forward_scratch_bytes.
+static void router_forward(RouterSaved out, float* running_mean, float* running_var,
+                           const floatX* X, const floatX* Wrc, int BT, int C, RouterOptions opt,
                            void* scratch, size_t scratch_bytes, cudaStream_t stream) {
-    router_check_args("router_forward", T, d, n, k, use_bn, training);
-    const int C2 = 2 * n;
-    if (use_bn && (scratch == NULL || scratch_bytes < router_forward_scratch_bytes(T, n))) {
+    router_check_args("router_forward", BT, C, opt);
+    const int n = opt.n, k = opt.k, R = 2 * n;
+    const int use_bn = opt.norm == ROUTER_NORM_BN, gate_prob = opt.gate == GATE_PROB, training = opt.training;
+    if (use_bn && (scratch == NULL || scratch_bytes < router_forward_scratch_bytes(BT, n))) {
         fprintf(stderr, "router_forward: scratch of %zu bytes given, %zu needed\n", scratch_bytes,
-                router_forward_scratch_bytes(T, n));
+                router_forward_scratch_bytes(BT, n));
         exit(EXIT_FAILURE);
     }
-    // logits (T, 2n) = X (T, d) Wrc^T: column-major C (2n x T) = Wrc_cm^T (2n x d) X_cm (d x T)
+    // logits (BT, R) = X (BT, C) Wrc^T: column-major logits_cm (R x BT) = Wrc_cm^T (R x C) X_cm (C x BT)
     const float one = 1.0f, zero = 0.0f;
-    cublasCheck(cublasSetStream(router_cublas_handle, stream));
-    cublasCheck(cublasGemmEx(router_cublas_handle, CUBLAS_OP_T, CUBLAS_OP_N, C2, T, d, &one,
-                             Wrc, ROUTER_CUDA_FLOATX, d, X, ROUTER_CUDA_FLOATX, d, &zero,
-                             logits, CUDA_R_32F, C2, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    cublasCheck(cublasSetStream(matmul_cublas_handle, stream));
+    cublasCheck(cublasGemmEx(matmul_cublas_handle, CUBLAS_OP_T, CUBLAS_OP_N, R, BT, C, &one,
+                             Wrc, CUDA_R_FLOATX, C, X, CUDA_R_FLOATX, C, &zero,
+                             out.logits, CUDA_R_32F, R, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
     if (use_bn) {
-        const int num_chunks = router_bn_num_chunks(T);
+        const int num_chunks = router_bn_num_chunks(BT);
         float* part_mean = (float*)scratch;
-        float* part_m2 = (float*)((char*)scratch + router_align256((size_t)num_chunks * C2 * sizeof(float)));
+        float* part_m2 = (float*)((char*)scratch + align256((size_t)num_chunks * R * sizeof(float)));
         if (training) {
-            dim3 grid(num_chunks, ceil_div(C2, 32));
-            router_bn_partial_stats_kernel<<<grid, dim3(32, 8), 0, stream>>>(part_mean, part_m2, logits, T, C2);
+            dim3 grid(num_chunks, ceil_div(R, 32));
+            router_bn_partial_stats_kernel<<<grid, dim3(32, 8), 0, stream>>>(part_mean, part_m2, out.logits, BT, R);
             cudaCheckLast();
         }
-        router_bn_finalize_kernel<<<ceil_div(C2, 4), 128, 0, stream>>>(bn_mean, bn_rstd, running_mean, running_var,
-                                                                       part_mean, part_m2, T, C2, training);
+        router_bn_finalize_kernel<<<ceil_div(R, 4), 128, 0, stream>>>(out.bn_mean, out.bn_rstd, running_mean,
+                                                                      running_var, part_mean, part_m2, BT, R, training);
         cudaCheckLast();
     }
     const int warps = router_token_warps_per_block(n, k);
     const size_t smem = (size_t)warps * router_token_smem_words(n, k) * 4;
-    router_token_forward_kernel<<<ceil_div(T, warps), warps * 32, smem, stream>>>(logp, idx, gate, logits, bn_mean, bn_rstd,
-                                                                                 T, n, k, use_bn, gate_prob,
-                                                                                 router_token_smem_words(n, k),
-                                                                                 router_staircase_count(n, k));
+    router_token_forward_kernel<<<ceil_div(BT, warps), warps * 32, smem, stream>>>(out.logp, out.idx, out.gate,
+                                                                                  out.logits, out.bn_mean, out.bn_rstd,
+                                                                                  BT, n, k, use_bn, gate_prob,
+                                                                                  router_token_smem_words(n, k),
+                                                                                  router_staircase_count(n, k));
     cudaCheckLast();
 }
 
-// Backward. dgate (T, k): dL/dgate from experts_backward. Saved from the forward: gate, idx,
-// logp, logits, bn_mean, bn_rstd. Accumulates dX += dlogits Wrc and dWrc += dlogits^T X.
-// training selects the BN backward (batch statistics, or running statistics when 0).
-// scratch: router_backward_scratch_bytes.
-static void router_backward(floatX* dX, floatX* dWrc, const float* dgate, const float* gate, const int* idx,
-                            const float* logp, const float* logits, const float* bn_mean, const float* bn_rstd,
-                            const floatX* X, const floatX* Wrc, int T, int d, int n, int k,
-                            int use_bn, int gate_prob, int training,
+// Backward. dgate (BT, k): dL/dgate from experts_backward; saved: what the forward wrote, with
+// the same opt (opt.training selects the BN backward: batch or running statistics).
+// Accumulates dX += dlogits Wrc and dWrc += dlogits^T X. scratch: router_backward_scratch_bytes.
+static void router_backward(floatX* dX, floatX* dWrc, const float* dgate, RouterSaved saved,
+                            const floatX* X, const floatX* Wrc, int BT, int C, RouterOptions opt,
                             void* scratch, size_t scratch_bytes, cudaStream_t stream) {
-    router_check_args("router_backward", T, d, n, k, use_bn, training);
-    if (scratch == NULL || scratch_bytes < router_backward_scratch_bytes(T, n)) {
+    router_check_args("router_backward", BT, C, opt);
+    if (scratch == NULL || scratch_bytes < router_backward_scratch_bytes(BT, opt.n)) {
         fprintf(stderr, "router_backward: scratch of %zu bytes given, %zu needed\n", scratch_bytes,
-                router_backward_scratch_bytes(T, n));
+                router_backward_scratch_bytes(BT, opt.n));
         exit(EXIT_FAILURE);
     }
-    const int C2 = 2 * n;
-    const int num_chunks = router_bn_num_chunks(T);
+    const int n = opt.n, k = opt.k, R = 2 * n;
+    const int use_bn = opt.norm == ROUTER_NORM_BN, gate_prob = opt.gate == GATE_PROB, training = opt.training;
+    const int num_chunks = router_bn_num_chunks(BT);
     char* base = (char*)scratch;
     float* dlhat = (float*)base;
-    base += router_align256((size_t)T * C2 * sizeof(float));
+    base += align256((size_t)BT * R * sizeof(float));
     floatX* dlogits = (floatX*)base;
-    base += router_align256((size_t)T * C2 * sizeof(floatX));
+    base += align256((size_t)BT * R * sizeof(floatX));
     float* part_dy = (float*)base;
-    base += router_align256((size_t)num_chunks * C2 * sizeof(float));
+    base += align256((size_t)num_chunks * R * sizeof(float));
     float* part_dyx = (float*)base;
 
     const int warps = 4;
     const size_t smem = (size_t)warps * (2 * n + 2 * k) * 4;
-    router_token_backward_kernel<<<ceil_div(T, warps), warps * 32, smem, stream>>>(dlhat, dlogits, dgate, gate, idx, logp,
-                                                                                  T, n, k, use_bn, gate_prob);
+    router_token_backward_kernel<<<ceil_div(BT, warps), warps * 32, smem, stream>>>(dlhat, dlogits, dgate, saved.gate,
+                                                                                   saved.idx, saved.logp, BT, n, k,
+                                                                                   use_bn, gate_prob);
     cudaCheckLast();
     if (use_bn) {
-        dim3 grid(num_chunks, ceil_div(C2, 32));
+        dim3 grid(num_chunks, ceil_div(R, 32));
         if (training) {
-            router_bn_backward_partial_kernel<<<grid, dim3(32, 8), 0, stream>>>(part_dy, part_dyx, dlhat, logits,
-                                                                               bn_mean, bn_rstd, T, C2);
+            router_bn_backward_partial_kernel<<<grid, dim3(32, 8), 0, stream>>>(part_dy, part_dyx, dlhat, saved.logits,
+                                                                               saved.bn_mean, saved.bn_rstd, BT, R);
             cudaCheckLast();
         }
-        router_bn_backward_apply_kernel<<<grid, dim3(32, 8), 0, stream>>>(dlogits, dlhat, logits, bn_mean, bn_rstd,
-                                                                         part_dy, part_dyx, T, C2, training);
+        router_bn_backward_apply_kernel<<<grid, dim3(32, 8), 0, stream>>>(dlogits, dlhat, saved.logits, saved.bn_mean,
+                                                                         saved.bn_rstd, part_dy, part_dyx, BT, R,
+                                                                         training);
         cudaCheckLast();
     }
     const float one = 1.0f;
-    cublasCheck(cublasSetStream(router_cublas_handle, stream));
-    // dX (T, d) += dlogits (T, 2n) Wrc (2n, d): column-major dX_cm (d x T) += Wrc_cm (d x 2n) dlogits_cm (2n x T)
-    cublasCheck(cublasGemmEx(router_cublas_handle, CUBLAS_OP_N, CUBLAS_OP_N, d, T, C2, &one,
-                             Wrc, ROUTER_CUDA_FLOATX, d, dlogits, ROUTER_CUDA_FLOATX, C2, &one,
-                             dX, ROUTER_CUDA_FLOATX, d, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    // dWrc (2n, d) += dlogits^T X: column-major dWrc_cm (d x 2n) += X_cm (d x T) dlogits_cm^T (T x 2n)
-    cublasCheck(cublasGemmEx(router_cublas_handle, CUBLAS_OP_N, CUBLAS_OP_T, d, C2, T, &one,
-                             X, ROUTER_CUDA_FLOATX, d, dlogits, ROUTER_CUDA_FLOATX, C2, &one,
-                             dWrc, ROUTER_CUDA_FLOATX, d, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    cublasCheck(cublasSetStream(matmul_cublas_handle, stream));
+    // dX (BT, C) += dlogits (BT, R) Wrc (R, C): column-major dX_cm (C x BT) += Wrc_cm (C x R) dlogits_cm (R x BT)
+    cublasCheck(cublasGemmEx(matmul_cublas_handle, CUBLAS_OP_N, CUBLAS_OP_N, C, BT, R, &one,
+                             Wrc, CUDA_R_FLOATX, C, dlogits, CUDA_R_FLOATX, R, &one,
+                             dX, CUDA_R_FLOATX, C, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    // dWrc (R, C) += dlogits^T X: column-major dWrc_cm (C x R) += X_cm (C x BT) dlogits_cm^T (BT x R)
+    cublasCheck(cublasGemmEx(matmul_cublas_handle, CUBLAS_OP_N, CUBLAS_OP_T, C, R, BT, &one,
+                             X, CUDA_R_FLOATX, C, dlogits, CUDA_R_FLOATX, R, &one,
+                             dWrc, CUDA_R_FLOATX, C, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
 }
 
 #endif  // OMNIMOE_ROUTER_CUH

@@ -2,9 +2,9 @@
 scheduler.cuh - expert-centric scheduling of the OmniMoE (token, expert) pairs (SPEC §3).
 
 Defines:
-- ExpertSchedule: device buffers describing the T*k pairs sorted by expert
+- ExpertSchedule: device buffers describing the BT*k pairs sorted by expert
 - scheduler_scratch_bytes(P, N): scratch bytes scheduler_build needs
-- scheduler_build(sched, idx, P, N, expert_counts_or_NULL, scratch, scratch_bytes, stream)
+- scheduler_build(sched, expert_counts_or_NULL, idx, P, N, scratch, scratch_bytes, stream)
 
 A pair is p = t*k + m (token t, its m-th selected expert idx[p]). scheduler_build sorts the P
 pairs by expert id with a stable device radix sort (CUB DeviceRadixSort, keys = expert ids on
@@ -51,8 +51,6 @@ static inline int scheduler_key_bits(int N) {
     return bits;
 }
 
-static inline size_t scheduler_align256(size_t x) { return (x + 255) & ~(size_t)255; }
-
 // CUB's temporary storage for the sort and the scan (sizes only: no allocation, no sync)
 static inline size_t scheduler_cub_bytes(int P, int N) {
     size_t sort_bytes = 0, scan_bytes = 0;
@@ -64,7 +62,7 @@ static inline size_t scheduler_cub_bytes(int P, int N) {
 
 // scratch: CUB temporary storage, then the iota values (P int32), then the change flags (P int32)
 static inline size_t scheduler_scratch_bytes(int P, int N) {
-    return scheduler_align256(scheduler_cub_bytes(P, N)) + 2 * scheduler_align256((size_t)P * sizeof(int));
+    return align256(scheduler_cub_bytes(P, N)) + 2 * align256((size_t)P * sizeof(int));
 }
 
 // ----------------------------------------------------------------------------
@@ -109,12 +107,12 @@ __global__ void scheduler_counts_kernel(int* expert_counts, ExpertSchedule sched
 // ----------------------------------------------------------------------------
 // launcher
 
-// idx: (P) expert ids in [0, N) of the pairs, P = T*k (the router's (T, k) output).
+// idx: (P) expert ids in [0, N) of the pairs, P = BT*k (the router's (BT, k) output).
 // expert_counts: optional (N) int32, overwritten with each expert's number of pairs (NULL: skip).
-static void scheduler_build(ExpertSchedule sched, const int* idx, int P, int N, int* expert_counts,
+static void scheduler_build(ExpertSchedule sched, int* expert_counts, const int* idx, int P, int N,
                             void* scratch, size_t scratch_bytes, cudaStream_t stream) {
     if (P < 1 || N < 1) {
-        fprintf(stderr, "scheduler_build: expected P = T*k >= 1 pairs and N >= 1 experts, got P=%d N=%d\n", P, N);
+        fprintf(stderr, "scheduler_build: expected P = BT*k >= 1 pairs and N >= 1 experts, got P=%d N=%d\n", P, N);
         exit(EXIT_FAILURE);
     }
     size_t need = scheduler_scratch_bytes(P, N);
@@ -126,8 +124,8 @@ static void scheduler_build(ExpertSchedule sched, const int* idx, int P, int N, 
     size_t cub_bytes = scheduler_cub_bytes(P, N);
     char* base = (char*)scratch;
     void* cub_temp = base;
-    int* iota = (int*)(base + scheduler_align256(cub_bytes));
-    int* flags = (int*)((char*)iota + scheduler_align256((size_t)P * sizeof(int)));
+    int* iota = (int*)(base + align256(cub_bytes));
+    int* flags = (int*)((char*)iota + align256((size_t)P * sizeof(int)));
 
     const int block = 256;
     const int grid = ceil_div(P, block);

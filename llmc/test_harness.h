@@ -374,10 +374,17 @@ static float bench_median_ms(F f, int warmup, int iters) {
     return times[iters / 2];
 }
 
-// benchmark lines of the kernel tests (bf16 builds), as a fraction of the H100 ceilings: the
-// measured copy bandwidth (read + write) and the dense bf16 tensor-core rate
+// benchmark lines of the kernel tests (bf16 builds), as a fraction of the ceilings: an H100's
+// measured copy bandwidth (read + write) and this card's dense bf16 tensor-core peak
+// (cuda_peak_bf16_flops: the one table, also the trainer's MFU)
 #define H100_COPY_BANDWIDTH_BYTES_PER_S 3.0e12
-#define H100_BF16_FLOPS_PER_S 755e12
+static inline double test_peak_bf16_flops(void) {
+    int dev = 0;
+    cudaDeviceProp prop;
+    cudaCheck(cudaGetDevice(&dev));
+    cudaCheck(cudaGetDeviceProperties(&prop, dev));
+    return cuda_peak_bf16_flops(prop.name);
+}
 
 static inline double report_bandwidth(const char* what, float ms, double bytes) {
     double bw = bytes / (ms * 1e-3);
@@ -388,8 +395,9 @@ static inline double report_bandwidth(const char* what, float ms, double bytes) 
 
 static inline double report_flops(const char* what, float ms, double flops) {
     double rate = flops / (ms * 1e-3);
-    double frac = rate / H100_BF16_FLOPS_PER_S;
-    printf("  [BENCH] %-40s %8.3f ms  %7.1f TFLOP/s  %5.1f%% of 755\n", what, ms, rate / 1e12, 100.0 * frac);
+    double peak = test_peak_bf16_flops();
+    double frac = peak > 0 ? rate / peak : 0.0;
+    printf("  [BENCH] %-40s %8.3f ms  %7.1f TFLOP/s  %5.1f%% of %g\n", what, ms, rate / 1e12, 100.0 * frac, peak / 1e12);
     return frac;
 }
 

@@ -92,8 +92,9 @@ for name in $RUNS; do
     flags=$(model_flags "$name")
     run_dir="$OUT_DIR/$name"
     mkdir -p "$run_dir"
-    out_flags=(--log-file "$run_dir/log.jsonl")
-    if [ "$SAVE" = "1" ]; then out_flags=(-o "$run_dir"); fi
+    # --overwrite 1: a rerun into the same OUT_DIR replaces the log (and checkpoints) of the last one
+    out_flags=(--log-file "$run_dir/log.jsonl" --overwrite 1)
+    if [ "$SAVE" = "1" ]; then out_flags=(-o "$run_dir" --overwrite 1); fi
     echo "=== $name: $TRAINER ${COMMON[*]} $flags ${out_flags[*]}"
     start=$(date +%s)
     # shellcheck disable=SC2086  # $flags is a list of words

@@ -9,13 +9,17 @@ MATH materialises the T x T matrix: that is the naive baseline.
 Also checks the flash backend's output against the math backend (fp32 upcast) on a small shape.
 Prints lines starting with SUMMARY.
 """
+import os
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel, SDPBackend
 
 B, T, C, NH = 32, 1024, 768, 12
 HS = C // NH
-PEAK = 755.0
+# the card's dense bf16 peak in TFLOP/s, as test_attention prints it from cuda_peak_bf16_flops
+# (llmc/cuda_utils.cuh); run_attention.sh passes it. 0: unknown, no percentage.
+PEAK = float(os.environ.get("PEAK_TFLOPS", "0"))
 FWD_FLOPS = 2.0 * 2.0 * B * NH * T * T * HS / 2.0
 BWD_FLOPS = 2.5 * FWD_FLOPS
 
@@ -43,7 +47,8 @@ def median_ms(fn, warmup=5, iters=30):
 
 def line(what, flops, ms):
     tf = flops / (ms * 1e-3) / 1e12
-    print(f"SUMMARY torch {what:<38s} {ms:8.3f} ms {tf:7.1f} TFLOP/s  {100 * tf / PEAK:5.1f}% of {PEAK:g}")
+    pct = 100 * tf / PEAK if PEAK > 0 else 0.0
+    print(f"SUMMARY torch {what:<38s} {ms:8.3f} ms {tf:7.1f} TFLOP/s  {pct:5.1f}% of {PEAK:g}")
 
 
 def main():

@@ -4,21 +4,22 @@ forward and forward+backward on the GPU, beside a dense SwiGLU of the same activ
 the same matmul code, the router alone at 9 (n, k), a measured device copy bandwidth and a
 measured bf16 GEMM rate: everything in one binary, so the ratios come from one run on one card.
 
-  nvcc -O3 -std=c++17 -arch=sm_90 -I. -Xcompiler -Wall dev/cuda/bench_layer.cu -o dev/cuda/bench_layer_bin -lcublasLt -lcublas
+  make dev/cuda/bench_layer_bin
   ./dev/cuda/bench_layer_bin [--json PATH]        (dev/bench_all.sh builds and runs it)
 
 What runs (bf16, training mode: batch-norm router with batch statistics, softmax gate):
   0. device-to-device copy of 1 GiB (cudaMemcpyAsync): the bandwidth every "% of copy" below is
      taken against (bytes read + bytes written); a bf16 GEMM 8192^3 through llmc/matmul.cuh.
-  1. layer, T=4096 d=1024 I=4096 N=4096 (n=64) k=16, exactly the composition of the trainer's
-     omni_ffn_forward / omni_ffn_backward (train_omnimoe.cu; minus the per-expert pair counts the
-     trainer keeps for its usage statistics): fused gate|up GEMM, swiglu, down
+  1. layer, T=4096 d=1024 I=4096 N=4096 (n=64) k=16: llmc/omnimoe_layer.cuh, the layer the
+     trainer runs (without the per-expert pair counts the trainer keeps for its usage
+     statistics): fused gate|up GEMM, swiglu, down
      GEMM into Y; router; schedule; experts add onto Y. Backward: down GEMM backward, swiglu
      backward, gate|up GEMM backward into dX; experts add to dX, dU, dV; router adds to dX, dW.
      Token-centric (TC) and expert-centric (EC) executions. Beside it: the shared SwiGLU alone
      (I=4096), the dense SwiGLU with I=4160 (3dI' = 3dI + 2nd + 2kd rounded up to 64, the same
      active parameters; identical to dev/bench_torch.py's), and router + schedule + experts
-     without the SwiGLU (Y and dX written, not accumulated, like PyTorch's autograd).
+     without the SwiGLU (the layer with I = 0: Y and dX written, not accumulated, like PyTorch's
+     autograd).
   2. router alone (GEMM, BN, log-softmax, top-k, gates; backward to dX, dW) at T=4096 d=1024,
      n in {64, 256, 1024}, k in {16, 32, 64}: the 9 shapes of dev/bench_torch.py (c).
   Experts alone at N in {4096, 65536, 1048576} are in dev/cuda/bench_omni.cu (not repeated).
@@ -48,7 +49,7 @@ Checks before any timing (a failure prints "CHECK FAILED", the timings still run
     large part of Y in this check, V is drawn with std 1 (U 0.05, other weights 0.02).
   - TC and EC give bitwise identical Y, dX, dWgu, dWd, dWr, dU, dV (experts.cuh promises it).
   - router alone: ids in range and distinct, gates sum to 1, dX and dW finite, at each (n, k).
-Run on an H100 (2026-11-27, dev/bench_all.sh; results in docs/performance.md).
+The results are in docs/performance.md (dev/bench_all.sh runs this).
 */
 #include <math.h>
 #include <stdio.h>
@@ -59,9 +60,7 @@ Run on an H100 (2026-11-27, dev/bench_all.sh; results in docs/performance.md).
 #include "llmc/cuda_utils.cuh"
 #include "llmc/matmul.cuh"
 #include "llmc/activations.cuh"
-#include "llmc/router.cuh"
-#include "llmc/scheduler.cuh"
-#include "llmc/experts.cuh"
+#include "llmc/omnimoe_layer.cuh"
 
 #define TIMED_REPS 31
 #define WARMUP_REPS 3
@@ -306,7 +305,6 @@ static void cpu_layer_token(float* y, int t, const std::vector<float>& X, const 
 
 static void bench_layer(cudaStream_t st) {
     const int T = 4096, d = 1024, I = 4096, I_dense = 4160, n = 64, N = n * n, k = 16, P = T * k, C2 = 2 * n;
-    const int I_max = I_dense > I ? I_dense : I;
     const size_t Td = (size_t)T * d, Nd = (size_t)N * d;
     printf("\n== 1. OmniMoE layer T=%d d=%d I=%d N=%d (n=%d) k=%d, bn, softmax gate, training; dense SwiGLU I=%d ==\n",
            T, d, I, N, n, k, I_dense);
@@ -316,30 +314,28 @@ static void bench_layer(cudaStream_t st) {
     floatX *Wgu2 = dev_alloc<floatX>((size_t)2 * I_dense * d, "dense Wgu"), *Wd2 = dev_alloc<floatX>((size_t)d * I_dense, "dense Wd");
     floatX *Wr = dev_alloc<floatX>((size_t)C2 * d, "Wr"), *U = dev_alloc<floatX>(Nd, "U"), *V = dev_alloc<floatX>(Nd, "V");
     // gradients of weights (accumulated)
-    floatX *dWgu = dev_alloc<floatX>((size_t)2 * I_max * d, "dWgu"), *dWd = dev_alloc<floatX>((size_t)d * I_max, "dWd");
+    floatX *dWgu = dev_alloc<floatX>((size_t)2 * I_dense * d, "dWgu"), *dWd = dev_alloc<floatX>((size_t)d * I_dense, "dWd");
     floatX *dWr = dev_alloc<floatX>((size_t)C2 * d, "dWr"), *dU = dev_alloc<floatX>(Nd, "dU"), *dV = dev_alloc<floatX>(Nd, "dV");
-    // activations (sized for the wider dense model; the layer uses the first part)
-    floatX *fch = dev_alloc<floatX>((size_t)T * 2 * I_max, "fch"), *h = dev_alloc<floatX>((size_t)T * I_max, "h");
-    floatX *dfch = dev_alloc<floatX>((size_t)T * 2 * I_max, "dfch"), *dh = dev_alloc<floatX>((size_t)T * I_max, "dh");
+    // the dense SwiGLU's activations (the layer keeps its own)
+    floatX *fch = dev_alloc<floatX>((size_t)T * 2 * I_dense, "fch"), *h = dev_alloc<floatX>((size_t)T * I_dense, "h");
+    floatX *dfch = dev_alloc<floatX>((size_t)T * 2 * I_dense, "dfch"), *dh = dev_alloc<floatX>((size_t)T * I_dense, "dh");
     floatX *Y = dev_alloc<floatX>(Td, "Y"), *dX = dev_alloc<floatX>(Td, "dX");
-    // router state saved for the backward
-    float *logits = dev_alloc<float>((size_t)T * C2, "logits"), *logp = dev_alloc<float>((size_t)T * C2, "logp");
-    float *bn_mean = dev_alloc<float>(C2, "bn mean"), *bn_rstd = dev_alloc<float>(C2, "bn rstd");
-    float *run_mean = dev_alloc<float>(C2, "running mean"), *run_var = dev_alloc<float>(C2, "running var");
-    int* idx = dev_alloc<int>(P, "idx");
-    float *gate = dev_alloc<float>(P, "gate"), *s = dev_alloc<float>(P, "s"), *dgate = dev_alloc<float>(P, "dgate");
-    const int amax = scheduler_max_active(P, N);
-    ExpertSchedule sched;
-    sched.sorted_pair = dev_alloc<int>(P, "sorted_pair");
-    sched.sorted_expert = dev_alloc<int>(P, "sorted_expert");
-    sched.sorted_active = dev_alloc<int>(P, "sorted_active");
-    sched.active_expert = dev_alloc<int>(amax, "active_expert");
-    sched.active_offset = dev_alloc<int>(amax + 1, "active_offset");
-    sched.num_active = dev_alloc<int>(1, "num_active");
-    const size_t brf = router_forward_scratch_bytes(T, n), brb = router_backward_scratch_bytes(T, n);
-    const size_t bss = scheduler_scratch_bytes(P, N), bse = experts_backward_scratch_bytes(T, d, k);
-    void *srf = dev_alloc<char>(brf, "router fwd scratch"), *srb = dev_alloc<char>(brb, "router bwd scratch");
-    void *sss = dev_alloc<char>(bss, "scheduler scratch"), *sse = dev_alloc<char>(bse, "experts bwd scratch");
+    float* bn = dev_alloc<float>(2 * C2, "BN running mean, var");
+
+    // the layer (llmc/omnimoe_layer.cuh), one per execution, and the same without its shared
+    // SwiGLU (I = 0: router + schedule + experts, Y and dX written), all on one workspace
+    const OmniDims dims = {T, d, I, n, N, k}, dims_re = {T, d, 0, n, N, k};
+    const OmniWeights w = {Wgu, Wd, Wr, U, V}, dw = {dWgu, dWd, dWr, dU, dV};
+    OmniWorkspace ws;
+    omni_workspace_create(&ws, dims, NULL, 0, NULL, NULL);
+    OmniLayer layers[2], layers_re[2];
+    for (int mode = 0; mode < 2; mode++) {
+        const OmniOptions opt = {ROUTER_NORM_BN, GATE_SOFTMAX, mode == 0 ? EXPERT_EXEC_TOKEN : EXPERT_EXEC_EXPERT};
+        omni_layer_create(&layers[mode], dims, opt, w, dw, &ws, NULL, NULL);
+        omni_layer_create(&layers_re[mode], dims_re, opt, w, dw, &ws, NULL, NULL);
+        omni_layer_set_bn_stats(&layers[mode], bn);
+        omni_layer_set_bn_stats(&layers_re[mode], bn);
+    }
 
     fill(X, Td, 1.0f, 1);
     fill(dY, Td, 1.0f, 2);
@@ -353,7 +349,7 @@ static void bench_layer(cudaStream_t st) {
     std::vector<float> ones(C2, 1.0f);
     setup_done();
 
-    // the pieces, as the trainer composes them
+    // the dense SwiGLU of the same active size (and the layer's shared branch alone)
     auto swiglu_fwd = [&](const floatX* wgu, const floatX* wd, int width) {
         matmul_forward(fch, X, wgu, NULL, T, d, 2 * width, st);
         swiglu_forward(h, fch, T, width, st);
@@ -364,41 +360,8 @@ static void bench_layer(cudaStream_t st) {
         swiglu_backward(dfch, dh, fch, T, width, st);
         matmul_backward(dX, dWgu, NULL, dfch, X, wgu, T, d, 2 * width, 0, st, NULL);
     };
-    auto router_fwd = [&] {
-        router_forward(logits, logp, bn_mean, bn_rstd, idx, gate, run_mean, run_var, X, Wr, T, d, n, k, 1, 0, 1, srf, brf, st);
-    };
-    auto schedule = [&] { scheduler_build(sched, idx, P, N, NULL, sss, bss, st); };
-    auto router_bwd = [&] {
-        router_backward(dX, dWr, dgate, gate, idx, logp, logits, bn_mean, bn_rstd, X, Wr, T, d, n, k, 1, 0, 1, srb, brb, st);
-    };
-    // accumulate = 1: Y / dX already hold the SwiGLU branch (the layer); 0: written (router+experts alone)
-    auto experts_fwd = [&](int mode, int accumulate) {
-        experts_forward(Y, s, X, U, V, idx, gate, sched, T, d, k, N, mode, accumulate, st);
-    };
-    auto experts_bwd = [&](int mode, int accumulate) {
-        experts_backward(dX, dU, dV, dgate, dY, X, U, V, idx, gate, s, sched, T, d, k, N, mode, accumulate, sse, bse, st);
-    };
-    // as the trainer: the router and the scheduler on a side stream beside the shared SwiGLU
-    cudaStream_t side;
-    cudaEvent_t fork, join;
-    cudaCheck(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
-    cudaCheck(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
-    cudaCheck(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
-    auto layer_fwd = [&](int mode) {
-        cudaCheck(cudaEventRecord(fork, st));
-        cudaCheck(cudaStreamWaitEvent(side, fork, 0));
-        router_forward(logits, logp, bn_mean, bn_rstd, idx, gate, run_mean, run_var, X, Wr, T, d, n, k, 1, 0, 1, srf, brf, side);
-        scheduler_build(sched, idx, P, N, NULL, sss, bss, side);
-        cudaCheck(cudaEventRecord(join, side));
-        swiglu_fwd(Wgu, Wd, I);
-        cudaCheck(cudaStreamWaitEvent(st, join, 0));
-        experts_fwd(mode, 1);
-    };
-    auto layer_bwd = [&](int mode) {
-        swiglu_bwd(Wgu, Wd, I);
-        experts_bwd(mode, 1);
-        router_bwd();
-    };
+    auto layer_fwd = [&](OmniLayer* layer) { omni_layer_forward(layer, Y, X, T, 1, st); };
+    auto layer_bwd = [&](OmniLayer* layer) { omni_layer_backward(layer, dX, dY, X, T, st); };
 
     // ---- checks: one eager forward+backward per execution on poisoned buffers
     const int check_tokens[4] = {0, 1, T / 2, T - 1};
@@ -410,29 +373,31 @@ static void bench_layer(cudaStream_t st) {
     std::vector<float> hU = download(U, Nd), hV = download(V, Nd);
     int num_active = 0;
     for (int mode = 0; mode < 2; mode++) {
-        const char* tag = mode == EXPERTS_TOKEN_CENTRIC ? "TC" : "EC";
+        const char* tag = mode == 0 ? "TC" : "EC";
+        OmniLayer* layer = &layers[mode];
+        const OmniSaved* o = &layer->saved;
         for (int i = 2; i < 7; i++) cudaCheck(cudaMemset((void*)out_ptrs[i], 0, out_sizes[i] * sizeof(floatX)));
-        cudaCheck(cudaMemset(run_mean, 0, C2 * sizeof(float)));
-        cudaCheck(cudaMemcpy(run_var, ones.data(), C2 * sizeof(float), cudaMemcpyHostToDevice));
+        cudaCheck(cudaMemset(bn, 0, C2 * sizeof(float)));
+        cudaCheck(cudaMemcpy(bn + C2, ones.data(), C2 * sizeof(float), cudaMemcpyHostToDevice));
         poison(Y, Td * sizeof(floatX));
         poison(dX, Td * sizeof(floatX));
-        poison(fch, (size_t)T * 2 * I_max * sizeof(floatX));
-        poison(h, (size_t)T * I_max * sizeof(floatX));
-        poison(dfch, (size_t)T * 2 * I_max * sizeof(floatX));
-        poison(dh, (size_t)T * I_max * sizeof(floatX));
-        poison(logits, (size_t)T * C2 * sizeof(float));
-        poison(logp, (size_t)T * C2 * sizeof(float));
-        poison(gate, (size_t)P * sizeof(float));
-        poison(s, (size_t)P * sizeof(float));
-        poison(dgate, (size_t)P * sizeof(float));
+        poison(o->fch, (size_t)T * 2 * I * sizeof(floatX));
+        poison(o->fch_act, (size_t)T * I * sizeof(floatX));
+        poison(ws.dwide, (size_t)T * 2 * I * sizeof(floatX));
+        poison(ws.dhidden, (size_t)T * I * sizeof(floatX));
+        poison(o->router.logits, (size_t)T * C2 * sizeof(float));
+        poison(o->router.logp, (size_t)T * C2 * sizeof(float));
+        poison(o->router.gate, (size_t)P * sizeof(float));
+        poison(o->s, (size_t)P * sizeof(float));
+        poison(ws.dgate, (size_t)P * sizeof(float));
         setup_done();
-        layer_fwd(mode);
-        layer_bwd(mode);
+        layer_fwd(layer);
+        layer_bwd(layer);
         cudaCheck(cudaStreamSynchronize(st));
         cudaCheckLast();
-        cudaCheck(cudaMemcpy(&num_active, sched.num_active, sizeof(int), cudaMemcpyDeviceToHost));
-        std::vector<int> hidx = download_raw(idx, P);
-        std::vector<float> hgate = download_raw(gate, P);
+        cudaCheck(cudaMemcpy(&num_active, o->sched.num_active, sizeof(int), cudaMemcpyDeviceToHost));
+        std::vector<int> hidx = download_raw(o->router.idx, P);
+        std::vector<float> hgate = download_raw(o->router.gate, P);
         char what[64];
         snprintf(what, sizeof(what), "layer %s", tag);
         check_routing(what, hidx.data(), hgate.data(), T, k, N);
@@ -440,7 +405,7 @@ static void bench_layer(cudaStream_t st) {
             std::vector<float> out = download(out_ptrs[i], out_sizes[i]);
             snprintf(what, sizeof(what), "layer %s %s", tag, out_names[i]);
             check(count_non_finite(out) == 0, "%s: %.0f non-finite values", what, (double)count_non_finite(out));
-            if (mode == EXPERTS_TOKEN_CENTRIC) {
+            if (mode == 0) {
                 ref_outputs[i] = out;
             } else {
                 size_t differ = 0;
@@ -483,17 +448,23 @@ static void bench_layer(cudaStream_t st) {
     const double A = num_active;
     const double b_re_fwd = router_experts_fwd_bytes(T, d, n, k, A);
     const double b_re_fb = b_re_fwd + router_experts_bwd_bytes(T, d, n, k, A);
-    for (int mode = 0; mode < 2; mode++) {
-        const char* tag = mode == EXPERTS_TOKEN_CENTRIC ? "tc" : "ec";
-        const char* TAG = mode == EXPERTS_TOKEN_CENTRIC ? "TC" : "EC";
-        char key[48], name[64];
-        snprintf(key, sizeof(key), "layer_fwd_%s", tag);
-        snprintf(name, sizeof(name), "OmniMoE layer fwd %s", TAG);
-        add_row(key, name, shape, time_graph([&] { layer_fwd(mode); }, st), 0, fl_layer);
-        snprintf(key, sizeof(key), "layer_fwdbwd_%s", tag);
-        snprintf(name, sizeof(name), "OmniMoE layer fwd+bwd %s", TAG);
-        add_row(key, name, shape, time_graph([&] { layer_fwd(mode); layer_bwd(mode); }, st), 0, 3 * fl_layer);
-    }
+    // rows "<key>_fwd_tc", "<key>_fwdbwd_tc", then _ec: one layer's forward and forward+backward
+    auto time_layer_rows = [&](OmniLayer* pair, const char* key, const char* what, const char* shape_of,
+                               double bytes_f, double bytes_fb, double flops_f, double flops_fb) {
+        for (int mode = 0; mode < 2; mode++) {
+            const char* tag = mode == 0 ? "tc" : "ec";
+            const char* TAG = mode == 0 ? "TC" : "EC";
+            OmniLayer* layer = &pair[mode];
+            char row_key[48], name[64];
+            snprintf(row_key, sizeof(row_key), "%s_fwd_%s", key, tag);
+            snprintf(name, sizeof(name), "%s fwd %s", what, TAG);
+            add_row(row_key, name, shape_of, time_graph([&] { layer_fwd(layer); }, st), bytes_f, flops_f);
+            snprintf(row_key, sizeof(row_key), "%s_fwdbwd_%s", key, tag);
+            snprintf(name, sizeof(name), "%s fwd+bwd %s", what, TAG);
+            add_row(row_key, name, shape_of, time_graph([&] { layer_fwd(layer); layer_bwd(layer); }, st), bytes_fb, flops_fb);
+        }
+    };
+    time_layer_rows(layers, "layer", "OmniMoE layer", shape, 0, 0, fl_layer, 3 * fl_layer);
     add_row("shared_swiglu_fwd", "shared SwiGLU fwd", "T=4096 d=1024 I=4096",
             time_graph([&] { swiglu_fwd(Wgu, Wd, I); }, st), 0, fl_shared);
     add_row("shared_swiglu_fwdbwd", "shared SwiGLU fwd+bwd", "T=4096 d=1024 I=4096",
@@ -502,28 +473,15 @@ static void bench_layer(cudaStream_t st) {
             time_graph([&] { swiglu_fwd(Wgu2, Wd2, I_dense); }, st), 0, fl_dense);
     add_row("dense_swiglu_fwdbwd", "dense SwiGLU fwd+bwd (same active)", shape_dense,
             time_graph([&] { swiglu_fwd(Wgu2, Wd2, I_dense); swiglu_bwd(Wgu2, Wd2, I_dense); }, st), 0, 3 * fl_dense);
-    for (int mode = 0; mode < 2; mode++) {
-        const char* tag = mode == EXPERTS_TOKEN_CENTRIC ? "tc" : "ec";
-        const char* TAG = mode == EXPERTS_TOKEN_CENTRIC ? "TC" : "EC";
-        char key[48], name[64];
-        snprintf(key, sizeof(key), "router_experts_fwd_%s", tag);
-        snprintf(name, sizeof(name), "router+sched+experts fwd %s", TAG);
-        add_row(key, name, shape_re, time_graph([&] { router_fwd(); schedule(); experts_fwd(mode, 0); }, st), b_re_fwd, 0);
-        snprintf(key, sizeof(key), "router_experts_fwdbwd_%s", tag);
-        snprintf(name, sizeof(name), "router+sched+experts fwd+bwd %s", TAG);
-        add_row(key, name, shape_re, time_graph([&] {
-                    router_fwd(); schedule(); experts_fwd(mode, 0);
-                    experts_bwd(mode, 0); router_bwd();
-                }, st), b_re_fb, 0);
-    }
+    time_layer_rows(layers_re, "router_experts", "router+sched+experts", shape_re, b_re_fwd, b_re_fb, 0, 0);
     cudaCheck(cudaStreamSynchronize(st));
-    void* bufs[] = {X, dY, Wgu, Wd, Wgu2, Wd2, Wr, U, V, dWgu, dWd, dWr, dU, dV, fch, h, dfch, dh, Y, dX, logits, logp,
-                    bn_mean, bn_rstd, run_mean, run_var, idx, gate, s, dgate, sched.sorted_pair, sched.sorted_expert,
-                    sched.sorted_active, sched.active_expert, sched.active_offset, sched.num_active, srf, srb, sss, sse};
+    for (int mode = 0; mode < 2; mode++) {
+        omni_layer_free(&layers[mode]);
+        omni_layer_free(&layers_re[mode]);
+    }
+    omni_workspace_free(&ws);
+    void* bufs[] = {X, dY, Wgu, Wd, Wgu2, Wd2, Wr, U, V, dWgu, dWd, dWr, dU, dV, fch, h, dfch, dh, Y, dX, bn};
     for (void* b : bufs) cudaCheck(cudaFree(b));
-    cudaCheck(cudaEventDestroy(fork));
-    cudaCheck(cudaEventDestroy(join));
-    cudaCheck(cudaStreamDestroy(side));
 }
 
 // ----------------------------------------------------------------------------
@@ -558,13 +516,13 @@ static void bench_router(cudaStream_t st) {
     for (int a = 0; a < 3; a++) {
         for (int b = 0; b < 3; b++) {
             const int n = ns[a], k = ks[b], N = n * n;
+            const RouterOptions ropt = {n, k, ROUTER_NORM_BN, GATE_SOFTMAX, 1};
+            const RouterSaved saved = {logits, logp, bn_mean, bn_rstd, idx, gate};
             auto fwd = [&] {
-                router_forward(logits, logp, bn_mean, bn_rstd, idx, gate, run_mean, run_var, X, W, T, d, n, k, 1, 0, 1,
-                               srf, brf, st);
+                router_forward(saved, run_mean, run_var, X, W, T, d, ropt, srf, brf, st);
             };
             auto bwd = [&] {
-                router_backward(dX, dW, dgate, gate, idx, logp, logits, bn_mean, bn_rstd, X, W, T, d, n, k, 1, 0, 1,
-                                srb, brb, st);
+                router_backward(dX, dW, dgate, saved, X, W, T, d, ropt, srb, brb, st);
             };
             // check: one eager pass on poisoned outputs
             poison(idx, (size_t)T * k * sizeof(int));
@@ -640,7 +598,6 @@ int main(int argc, char** argv) {
     printf("bench_layer on %s, %d SMs, L2 %d MB, floatX = %s\n", prop.name, prop.multiProcessorCount,
            prop.l2CacheSize >> 20, FLOATX_NAME);
     matmul_init();
-    router_init();
     cudaStream_t st;
     cudaCheck(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     cudaCheck(cudaEventCreate(&g_ev_start));
@@ -672,7 +629,6 @@ int main(int argc, char** argv) {
     cudaCheck(cudaEventDestroy(g_ev_start));
     cudaCheck(cudaEventDestroy(g_ev_stop));
     cudaCheck(cudaStreamDestroy(st));
-    router_free();
     matmul_free();
     if (g_check_failures) {
         printf("bench_layer: %d CHECK(S) FAILED (first: %s); timings above are of possibly wrong code\n",

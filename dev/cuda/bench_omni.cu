@@ -2,12 +2,13 @@
 bench_omni.cu - microbenchmarks of llmc/router.cuh, scheduler.cuh, experts.cuh (OmniMoE layer
 minus the shared SwiGLU branch), token-centric (TC) vs expert-centric (EC) execution.
 
-  nvcc -O3 -std=c++17 -arch=sm_90 -I. dev/cuda/bench_omni.cu -o dev/cuda/bench_omni_bin -lcublasLt -lcublas
+  make bench_omni && ./dev/cuda/bench_omni_bin
   ./dev/cuda/bench_omni_bin
 
 A. SPEC reference layer: T=4096, d=1024, N=4096 (n=64), k=16, BN + softmax gate, training:
    router fwd, schedule, experts fwd, experts bwd (incl. dU/dV), router bwd, and the whole
-   forward+backward as one CUDA graph, for both executions.
+   forward+backward of the layer without its shared SwiGLU (llmc/omnimoe_layer.cuh with I = 0)
+   as one CUDA graph, for both executions.
 B. experts alone: T=4096, d=1024, k=32, N in {4096, 65536, 1048576}, uniform random routing
    (k distinct experts per token), schedule + forward + backward for both executions.
 
@@ -17,15 +18,9 @@ zeros. --profile-once runs the reference layer once per stage (for ncu) without 
 Bytes (SPEC §4): "min" = every input read once, every output written once, expert rows only of
 the active experts (A of them) -- the DRAM floor; "gather" = the same with 2 expert rows per
 pair in the forward and 4 rows per pair in the backward (u, v for h and dX; x, dY for dU/dV),
-i.e. what moves if nothing is shared through the caches. Fractions are of 3.0 TB/s (H100 copy).
+i.e. what moves if nothing is shared through the caches. Fractions are of the device-to-device
+copy rate measured first (read + write). The results are in docs/performance.md.
 
-Measured (H100 80GB HBM3, 2026-11-27, bf16; copy 2.98 TB/s), reference layer A, graph replays:
-  router fwd 0.046 ms, schedule 0.040, experts fwd TC 0.047 / EC 0.056, experts bwd TC 0.124 /
-  EC 0.134, router bwd 0.033; whole fwd+bwd TC 0.293 ms, EC 0.309 ms. B (k=32): N=4096 fwd
-  0.083 / 0.089, bwd 0.220 / 0.229; N=65536 fwd 0.186 / 0.167, bwd 0.444 / 0.439; N=1048576
-  fwd 0.207 (86% of 3.0 TB/s on min bytes) / 0.236, bwd 0.673 (77%) / 0.717 (TC / EC).
-At N=4096 all rows sit in the 50 MB L2 and the gathers run at about 5-6 TB/s of L2 traffic
-(the "gather" column above 100%); at N=1M they are HBM-bound.
 */
 #include <math.h>
 #include <stdio.h>
@@ -34,11 +29,9 @@ At N=4096 all rows sit in the 50 MB L2 and the gathers run at about 5-6 TB/s of 
 #include <algorithm>
 #include <vector>
 #include "llmc/cuda_utils.cuh"
-#include "llmc/router.cuh"
-#include "llmc/scheduler.cuh"
-#include "llmc/experts.cuh"
+#include "llmc/omnimoe_layer.cuh"
 
-#define PEAK_BW 3.0e12
+static double g_copy_bw = 0.0;  // bytes/s of a device-to-device copy (read + write), measured
 
 __global__ void fill_random_kernel(floatX* out, size_t n, float scale, uint32_t seed) {
     size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
@@ -104,8 +97,8 @@ static void add_row(const char* what, float ms, double min_bytes, double gather_
     r.ms = ms; r.min_bytes = min_bytes; r.gather_bytes = gather_bytes;
     g_rows.push_back(r);
     printf("  %-52s %8.4f ms", what, ms);
-    if (min_bytes > 0) printf("  min %7.1f MB (%5.1f%%)", min_bytes / 1e6, 100.0 * min_bytes / (ms * 1e-3) / PEAK_BW);
-    if (gather_bytes > 0) printf("  gather %7.1f MB (%5.1f%%)", gather_bytes / 1e6, 100.0 * gather_bytes / (ms * 1e-3) / PEAK_BW);
+    if (g_copy_bw > 0 && min_bytes > 0) printf("  min %7.1f MB (%5.1f%%)", min_bytes / 1e6, 100.0 * min_bytes / (ms * 1e-3) / g_copy_bw);
+    if (g_copy_bw > 0 && gather_bytes > 0) printf("  gather %7.1f MB (%5.1f%%)", gather_bytes / 1e6, 100.0 * gather_bytes / (ms * 1e-3) / g_copy_bw);
     printf("\n");
 }
 
@@ -124,7 +117,8 @@ static void measure_copy_bandwidth(void) {
     char *a = dev_alloc<char>(bytes), *b = dev_alloc<char>(bytes);
     cudaCheck(cudaMemset(a, 1, bytes));
     float ms = time_median_ms([&] { cudaCheck(cudaMemcpyAsync(b, a, bytes, cudaMemcpyDeviceToDevice, 0)); }, 0, 2, 10);
-    printf("device-to-device copy of 1 GiB: %.3f ms = %.2f TB/s (read + write)\n", ms, 2.0 * bytes / (ms * 1e-3) / 1e12);
+    g_copy_bw = 2.0 * bytes / (ms * 1e-3);
+    printf("device-to-device copy of 1 GiB: %.3f ms = %.2f TB/s (read + write)\n", ms, g_copy_bw / 1e12);
     cudaCheck(cudaFree(a));
     cudaCheck(cudaFree(b));
 }
@@ -134,7 +128,7 @@ static void measure_copy_bandwidth(void) {
 
 static void bench_layer(void) {
     const int T = 4096, d = 1024, n = 64, N = n * n, k = 16, P = T * k, C2 = 2 * n;
-    const int use_bn = 1, gate_prob = 0, training = 1;
+    const RouterOptions ropt = {n, k, ROUTER_NORM_BN, GATE_SOFTMAX, 1};
     printf("\n== A. router + experts, T=%d d=%d N=%d (n=%d) k=%d, bn, softmax gate, training ==\n", T, d, N, n, k);
     const size_t Td = (size_t)T * d, Nd = (size_t)N * d;
     floatX *X = dev_alloc<floatX>(Td), *W = dev_alloc<floatX>((size_t)C2 * d), *U = dev_alloc<floatX>(Nd), *V = dev_alloc<floatX>(Nd);
@@ -144,7 +138,8 @@ static void bench_layer(void) {
     fill_random(V, Nd, 0.02f, 4); fill_random(dY, Td, 1.0f, 5); fill_random(Y, Td, 1.0f, 6); fill_random(dX, Td, 1.0f, 7);
     fill_random(dU, Nd, 0.01f, 8); fill_random(dV, Nd, 0.01f, 9); fill_random(dW, (size_t)C2 * d, 0.01f, 10);
     float *logits = dev_alloc<float>((size_t)T * C2), *logp = dev_alloc<float>((size_t)T * C2);
-    float *mean = dev_alloc<float>(C2), *rstd = dev_alloc<float>(C2), *rm = dev_alloc<float>(C2), *rv = dev_alloc<float>(C2);
+    float *mean = dev_alloc<float>(C2), *rstd = dev_alloc<float>(C2);
+    float *rmv = dev_alloc<float>(2 * C2), *rm = rmv, *rv = rmv + C2;  // running mean, then var (the layer's layout)
     std::vector<float> ones(C2, 1.0f);
     cudaCheck(cudaMemset(rm, 0, C2 * 4));
     cudaCheck(cudaMemcpy(rv, ones.data(), C2 * 4, cudaMemcpyHostToDevice));
@@ -160,8 +155,9 @@ static void bench_layer(void) {
     cudaStream_t st;
     cudaCheck(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
 
-    auto router_fwd = [&] { router_forward(logits, logp, mean, rstd, idx, gate, rm, rv, X, W, T, d, n, k, use_bn, gate_prob, training, srf, brf, st); };
-    auto sched_build = [&] { scheduler_build(sched, idx, P, N, NULL, ss, bs, st); };
+    const RouterSaved saved = {logits, logp, mean, rstd, idx, gate};
+    auto router_fwd = [&] { router_forward(saved, rm, rv, X, W, T, d, ropt, srf, brf, st); };
+    auto sched_build = [&] { scheduler_build(sched, NULL, idx, P, N, ss, bs, st); };
     router_fwd();
     sched_build();
     cudaCheck(cudaStreamSynchronize(st));
@@ -177,23 +173,37 @@ static void bench_layer(void) {
     for (int mode = 0; mode < 2; mode++) {
         const char* tag = mode == 0 ? "TC" : "EC";
         char what[96];
-        auto efwd = [&] { experts_forward(Y, s, X, U, V, idx, gate, sched, T, d, k, N, mode, 1, st); };
-        auto ebwd = [&] { experts_backward(dX, dU, dV, dgate, dY, X, U, V, idx, gate, s, sched, T, d, k, N, mode, 1, se, be, st); };
-        auto rbwd = [&] { router_backward(dX, dW, dgate, gate, idx, logp, logits, mean, rstd, X, W, T, d, n, k, use_bn, gate_prob, training, srb, brb, st); };
+        const ExpertsOptions eopt = {N, k, mode == 0 ? EXPERT_EXEC_TOKEN : EXPERT_EXEC_EXPERT, 1};
+        auto efwd = [&] { experts_forward(Y, s, X, U, V, idx, gate, sched, T, d, eopt, st); };
+        auto ebwd = [&] { experts_backward(dX, dU, dV, dgate, dY, X, U, V, idx, gate, s, sched, T, d, eopt, se, be, st); };
+        auto rbwd = [&] { router_backward(dX, dW, dgate, saved, X, W, T, d, ropt, srb, brb, st); };
         snprintf(what, sizeof(what), "A experts fwd %s", tag);
         add_row(what, time_graph_ms(efwd, st), experts_fwd_min(T, d, k, A), experts_fwd_gather(T, d, k));
         snprintf(what, sizeof(what), "A experts bwd %s (h, dX, dU, dV)", tag);
         add_row(what, time_graph_ms(ebwd, st), experts_bwd_min(T, d, k, A), experts_bwd_gather(T, d, k, A));
         if (mode == 0) add_row("A router bwd (BN bwd, 2 GEMMs)", time_graph_ms(rbwd, st), router_bwd_bytes, 0);
-        // the whole layer-minus-SwiGLU forward + backward as one graph
+        // the whole layer without the shared SwiGLU (I = 0: Y and dX written) as one graph
         if (g_profile_once) continue;
-        float ms = time_graph_ms([&] { router_fwd(); sched_build(); efwd(); ebwd(); rbwd(); }, st);
+        const OmniDims dims = {T, d, 0, n, N, k};
+        const OmniOptions opt = {ROUTER_NORM_BN, GATE_SOFTMAX, eopt.exec};
+        const OmniWeights w = {NULL, NULL, W, U, V}, dw = {NULL, NULL, dW, dU, dV};
+        OmniWorkspace ws;
+        OmniLayer layer;
+        omni_workspace_create(&ws, dims, NULL, 0, NULL, NULL);
+        omni_layer_create(&layer, dims, opt, w, dw, &ws, NULL, NULL);
+        omni_layer_set_bn_stats(&layer, rmv);
+        float ms = time_graph_ms([&] {
+            omni_layer_forward(&layer, Y, X, T, 1, st);
+            omni_layer_backward(&layer, dX, dY, X, T, st);
+        }, st);
+        omni_layer_free(&layer);
+        omni_workspace_free(&ws);
         snprintf(what, sizeof(what), "A whole fwd+bwd %s (one CUDA graph)", tag);
         add_row(what, ms, router_fwd_bytes + router_bwd_bytes + experts_fwd_min(T, d, k, A) + experts_bwd_min(T, d, k, A),
                 router_fwd_bytes + router_bwd_bytes + experts_fwd_gather(T, d, k) + experts_bwd_gather(T, d, k, A));
     }
     cudaCheck(cudaStreamSynchronize(st));
-    void* bufs[] = {X, W, U, V, dY, Y, dX, dU, dV, dW, logits, logp, mean, rstd, rm, rv, gate, s, dgate, idx,
+    void* bufs[] = {X, W, U, V, dY, Y, dX, dU, dV, dW, logits, logp, mean, rstd, rmv, gate, s, dgate, idx,
                     sched.sorted_pair, sched.sorted_expert, sched.sorted_active, sched.active_expert, sched.active_offset,
                     sched.num_active, srf, srb, ss, se};
     for (void* b : bufs) cudaCheck(cudaFree(b));
@@ -250,13 +260,14 @@ static void bench_experts(int N) {
     cudaStream_t st;
     cudaCheck(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
     char what[96];
-    auto sched_build = [&] { scheduler_build(sched, idx, P, N, NULL, ss, bs, st); };
+    auto sched_build = [&] { scheduler_build(sched, NULL, idx, P, N, ss, bs, st); };
     snprintf(what, sizeof(what), "B N=%-7d schedule", N);
     add_row(what, time_graph_ms(sched_build, st), (double)P * 4 * 4, 0);
     for (int mode = 0; mode < 2; mode++) {
         const char* tag = mode == 0 ? "TC" : "EC";
-        auto efwd = [&] { experts_forward(Y, s, X, U, V, idx, gate, sched, T, d, k, N, mode, 1, st); };
-        auto ebwd = [&] { experts_backward(dX, dU, dV, dgate, dY, X, U, V, idx, gate, s, sched, T, d, k, N, mode, 1, se, be, st); };
+        const ExpertsOptions eopt = {N, k, mode == 0 ? EXPERT_EXEC_TOKEN : EXPERT_EXEC_EXPERT, 1};
+        auto efwd = [&] { experts_forward(Y, s, X, U, V, idx, gate, sched, T, d, eopt, st); };
+        auto ebwd = [&] { experts_backward(dX, dU, dV, dgate, dY, X, U, V, idx, gate, s, sched, T, d, eopt, se, be, st); };
         snprintf(what, sizeof(what), "B N=%-7d experts fwd %s", N, tag);
         add_row(what, time_graph_ms(efwd, st), experts_fwd_min(T, d, k, A), experts_fwd_gather(T, d, k));
         snprintf(what, sizeof(what), "B N=%-7d experts bwd %s", N, tag);
@@ -274,10 +285,10 @@ int main(int argc, char** argv) {
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, 0));
     printf("bench_omni on %s, %d SMs, L2 %d MB (floatX = %s)\n", prop.name, prop.multiProcessorCount, prop.l2CacheSize >> 20, FLOATX_NAME);
-    router_init();
+    matmul_init();
     if (g_profile_once) {  // one pass of the reference layer, for a profiler
         bench_layer();
-        router_free();
+        matmul_free();
         return 0;
     }
     measure_copy_bandwidth();
@@ -285,14 +296,15 @@ int main(int argc, char** argv) {
     bench_experts(4096);
     bench_experts(65536);
     bench_experts(1048576);
-    router_free();
-    printf("\n== summary (median ms; %% of 3.0 TB/s for the min / gather byte counts) ==\n");
+    matmul_free();
+    printf("\n== summary (median ms; %% of the measured copy rate %.2f TB/s for the min / gather byte counts) ==\n",
+           g_copy_bw / 1e12);
     printf("%-54s %9s %10s %7s %10s %7s\n", "what", "ms", "min MB", "min%", "gather MB", "gath%");
     for (const Row& r : g_rows) {
         printf("%-54s %9.4f", r.what, r.ms);
-        if (r.min_bytes > 0) printf(" %10.1f %6.1f%%", r.min_bytes / 1e6, 100.0 * r.min_bytes / (r.ms * 1e-3) / PEAK_BW);
+        if (r.min_bytes > 0) printf(" %10.1f %6.1f%%", r.min_bytes / 1e6, 100.0 * r.min_bytes / (r.ms * 1e-3) / g_copy_bw);
         else printf(" %10s %7s", "-", "-");
-        if (r.gather_bytes > 0) printf(" %10.1f %6.1f%%", r.gather_bytes / 1e6, 100.0 * r.gather_bytes / (r.ms * 1e-3) / PEAK_BW);
+        if (r.gather_bytes > 0) printf(" %10.1f %6.1f%%", r.gather_bytes / 1e6, 100.0 * r.gather_bytes / (r.ms * 1e-3) / g_copy_bw);
         printf("\n");
     }
     return 0;

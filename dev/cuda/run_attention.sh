@@ -42,7 +42,8 @@ if [ -x "$BIN" ]; then
 fi
 [ -x "$BIN32" ] && step "fp32 checks (--quick)" "$BIN32" --quick
 [ -x "$BIN" ] && step "bf16 checks + benchmark" "$BIN"
-step "pytorch sdpa" env PYTHONUNBUFFERED=1 python3 dev/cuda/bench_attention_torch.py
+PEAK_TFLOPS=$(grep -m1 -o "^peak bf16 [0-9.e+]*" "$LOG" | awk '{print $3}')  # test_attention's table value
+step "pytorch sdpa" env PYTHONUNBUFFERED=1 PEAK_TFLOPS="${PEAK_TFLOPS:-0}" python3 dev/cuda/bench_attention_torch.py
 # sanitizers last (slow); skipped when the run is already long (SANITIZE_BUDGET_S, default 200 s)
 if [ -x "$BIN" ] && command -v compute-sanitizer > /dev/null; then
     if [ $SECONDS -lt ${SANITIZE_BUDGET_S:-200} ]; then

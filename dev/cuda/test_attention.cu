@@ -301,13 +301,14 @@ static void graph_check(Problem& pr) {
 // ------------------------------------------------------------------------------------------------
 // timing
 
-static const double PEAK_TFLOPS = H100_BF16_FLOPS_PER_S / 1e12;
+static double g_peak_tflops = 0.0;  // this card's dense bf16 peak (cuda_peak_bf16_flops), 0 if unknown
 
 static double fwd_flops(int B, int T, int NH, int hs) { return 2.0 * 2.0 * B * NH * (double)T * T * hs / 2.0; }
 
 static void bench_line(const char* what, double flops, float ms) {
     const double tf = flops / (ms * 1e-3) / 1e12;
-    printf("SUMMARY %-44s %8.3f ms %7.1f TFLOP/s  %5.1f%% of %g\n", what, ms, tf, 100.0 * tf / PEAK_TFLOPS, PEAK_TFLOPS);
+    printf("SUMMARY %-44s %8.3f ms %7.1f TFLOP/s  %5.1f%% of %g\n", what, ms, tf,
+           g_peak_tflops > 0 ? 100.0 * tf / g_peak_tflops : 0.0, g_peak_tflops);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -335,6 +336,8 @@ int main(int argc, char** argv) {
     }
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    g_peak_tflops = cuda_peak_bf16_flops(prop.name) / 1e12;
+    printf("peak bf16 %g TFLOP/s\n", g_peak_tflops);
     printf("device: %s, %d SMs, floatX = %s\n", prop.name, prop.multiProcessorCount,
            sizeof(floatX) == 2 ? "bf16 (tensor-core kernels)" : "fp32 (simple kernels)");
     printf("tolerances: rel L2 < %.0e, worst element |gpu-ref|/(|ref|+rms(ref)) < %.3g, lse rel < %.0e\n", TOL_REL, TOL_WORST, TOL_LSE);

@@ -1,12 +1,14 @@
 /*
-test_omni.cu - tests of llmc/router.cuh, llmc/scheduler.cuh and llmc/experts.cuh (the OmniMoE
-router + atomic experts, forward and backward, both executions) against a plain CPU reference.
+test_omni.cu - tests of the OmniMoE layer (llmc/omnimoe_layer.cuh: router.cuh, scheduler.cuh,
+experts.cuh and the shared SwiGLU; forward and backward, both executions) against a plain CPU
+reference.
 
 Build and run from the repository root (or use dev/cuda/run_omni.sh):
-  nvcc -O3 -std=c++17 -arch=sm_90 -I. dev/cuda/test_omni.cu -o dev/cuda/test_omni_bin -lcublasLt -lcublas
-  ./dev/cuda/test_omni_bin              (./dev/cuda/test_omni_bin --cpu-only: check 0 alone, no GPU)
+  make dev/cuda/test_omni_bin && ./dev/cuda/test_omni_bin
+  (./dev/cuda/test_omni_bin --cpu-only: check 0 alone, no GPU)
 
-What is checked (every check prints one line; any failure makes the exit status 1):
+What is checked (llmc/test_harness.h's output: one PASS/FAIL line per check, named "<case> - <what>",
+and a closing "test_omni: N passed, N failed"; any failure makes the exit status 1):
  0. the CPU reference itself: its analytic gradients (X, Wrc, U, V) against central finite
     differences in double, selection held fixed (indices carry no gradient), both norms, both
     gates, k < n and k > n, BN in training and in eval mode.
@@ -14,25 +16,29 @@ What is checked (every check prints one line; any failure makes the exit status 
     near-ties where the plain k' x k' grid is provably wrong (the test asserts it finds such
     tokens); the staircase fast path and the tie fix-up (forced on every token) must equal a brute-force scan
     of all N fp32 sums (sets and order).
- 2. per layer case (T=256, d=128, n=8, k=4 and 16, bn/none, softmax/prob, quantised-logit ties,
-    eval-mode BN, odd shapes, k = N):
+ 2. per layer case (T=256, d=128, I=64, n=8, k=4 and 16, bn/none, softmax/prob, quantised-logit
+    ties, eval-mode BN, odd shapes, k = N), the layer run with its shared SwiGLU (the experts add
+    onto the shared branch's Y and dX) and without it (I = 0: Y and dX written):
     - logits vs a double GEMM; BN mean/rstd, running stats, log-probs, gates vs double math on
       the GPU's own logits (so fp32 rounding cannot flip a selection);
     - top-k vs brute force over the GPU's own log-probs: equal sets, equal order;
     - the schedule vs a CPU stable counting sort (exact);
-    - every output and gradient vs the double reference of the whole layer-minus-SwiGLU,
-      fed the GPU's selection (s, gate, dgate at 1e-4..1e-5; bf16 outputs Y, dX, dU, dV, dWrc
-      at 1e-2 relative L2: one or two bf16 roundings (2^-9 relative each) of sums whose inputs
-      are exact; measured errors are printed);
+    - every output and gradient vs the double reference of the routed part, fed the GPU's
+      selection (s, gate, dgate at 1e-4..1e-5; bf16 outputs Y, dX, dU, dV, dWrc at 1e-2
+      relative L2: one or two bf16 roundings (2^-9 relative each) of sums whose inputs are
+      exact; measured errors are printed), plus the shared branch's double reference;
+    - the shared SwiGLU step by step from the GPU's saved intermediates (fch, fch_act,
+      dhidden, dwide, dWd, dWfc), and Y, dX minus the shared branch recomputed on the GPU
+      with the same matmul calls (the same bits) against the experts' (and router's) part;
     - dU/dV rows of experts nobody chose are bitwise untouched;
     - token-centric and expert-centric are bitwise identical (all outputs);
-    - outputs are NaN-poisoned before every run, and a second run with accumulate = 0 writes
-      into all-NaN Y and dX;
+    - outputs, saved activations, workspace and scratch are NaN-poisoned before every run;
     - the whole forward+backward run twice gives bitwise identical results;
     - n > 64 and more than 64 staircase candidates take the serial-round selection paths, n <= 64
       the rank-counting ones: the shapes cover both;
     - the whole forward+backward captured in a CUDA graph (global capture mode: any host sync or
-      allocation inside would fail the capture) and replayed twice equals the eager run bitwise.
+      allocation inside would fail the capture; the side stream forks and joins inside it) and
+      replayed twice equals the eager run bitwise.
 */
 #include <math.h>
 #include <stdarg.h>
@@ -42,83 +48,62 @@ What is checked (every check prints one line; any failure makes the exit status 
 #include <algorithm>
 #include <vector>
 #include "llmc/cuda_utils.cuh"
-#include "llmc/router.cuh"
-#include "llmc/scheduler.cuh"
-#include "llmc/experts.cuh"
+#include "llmc/omnimoe_layer.cuh"
+#include "llmc/test_harness.h"
 
 // ----------------------------------------------------------------------------
 // small host helpers
 
-static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
-static uint32_t rng_u32(void) {
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    return (uint32_t)((rng_state * 0x2545F4914F6CDD1Dull) >> 32);
+// random data: the project generator (rand.h), drawn in double
+static Rng g_rng;
+static uint32_t draw_u32(void) { return rng_u32(&g_rng); }
+static double draw_uniform(void) { return (draw_u32() + 0.5) / 4294967296.0; }
+static double draw_normal(void) { return sqrt(-2.0 * log(draw_uniform())) * cos(6.283185307179586 * draw_uniform()); }
+
+// the check names carry the case they belong to: "<case> - <what>" (no ':' in names: it starts
+// the detail)
+static char g_case[96] = "";
+static void case_name(char* out, size_t size, const char* what) {
+    if (g_case[0]) snprintf(out, size, "%s - %s", g_case, what);
+    else snprintf(out, size, "%s", what);
 }
-static double rng_uniform(void) { return (rng_u32() + 0.5) / 4294967296.0; }
-static double rng_normal(void) { return sqrt(-2.0 * log(rng_uniform())) * cos(6.283185307179586 * rng_uniform()); }
 
-static int g_failures = 0;
-static int g_checks = 0;
-
-static void record(int ok, const char* fmt, ...) {
-    char line[512];
+// one check (test_harness.h): PASS/FAIL "<case>: name[: detail]"
+#if defined(__GNUC__)
+__attribute__((format(printf, 3, 4)))
+#endif
+static int record(int ok, const char* name, const char* fmt, ...) {
+    char full[256], detail[512];
+    case_name(full, sizeof(full), name);
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(line, sizeof(line), fmt, ap);
+    vsnprintf(detail, sizeof(detail), fmt, ap);
     va_end(ap);
-    g_checks++;
-    if (!ok) { g_failures++; }
-    printf("  [%s] %s\n", ok ? " ok " : "FAIL", line);
+    return test_report(ok, full, detail);
 }
 
-// ||got - ref|| / ||ref||, NaN fails
-static double rel_l2(const float* got, const double* ref, size_t n) {
-    double num = 0.0, den = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        double diff = (double)got[i] - ref[i];
-        num += diff * diff;
-        den += ref[i] * ref[i];
-    }
-    if (!(num == num)) { return INFINITY; }
-    return sqrt(num) / (sqrt(den) + 1e-300);
-}
-
+// relative L2 error of got against a double reference (non-finite values fail)
 static int check_rel(const char* what, const float* got, const double* ref, size_t n, double tol) {
-    double err = rel_l2(got, ref, n);
-    int ok = err <= tol;
-    record(ok, "%-34s rel L2 err %.2e (tol %.0e)", what, err, tol);
-    return ok;
+    char full[256];
+    case_name(full, sizeof(full), what);
+    return test_check_rel(full, rel_err_f64(got, ref, n), tol);
 }
 
 // accumulated outputs: (got - init) vs grad, relative to ||grad||
 static int check_rel_delta(const char* what, const float* got, const float* init, const double* grad, size_t n, double tol) {
-    double num = 0.0, den = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        double diff = (double)got[i] - (double)init[i] - grad[i];
-        num += diff * diff;
-        den += grad[i] * grad[i];
-    }
-    double err = (num == num) ? sqrt(num) / (sqrt(den) + 1e-300) : INFINITY;
-    int ok = err <= tol;
-    record(ok, "%-34s rel L2 err %.2e (tol %.0e)", what, err, tol);
-    return ok;
+    std::vector<float> delta(n);
+    for (size_t i = 0; i < n; i++) delta[i] = got[i] - init[i];
+    return check_rel(what, delta.data(), grad, n, tol);
 }
 
 template <class T>
-static T* dev_alloc(size_t count) {
-    T* p = NULL;
-    cudaCheck(cudaMalloc(&p, count * sizeof(T) + 256));
-    return p;
-}
+static T* dev_alloc(size_t count) { return device_alloc<T>(count + 256 / sizeof(T), "test buffer"); }
 template <class T>
 static std::vector<T> download(const T* dev, size_t count) {
     std::vector<T> h(count);
     cudaCheck(cudaMemcpy(h.data(), dev, count * sizeof(T), cudaMemcpyDeviceToHost));
     return h;
 }
-static void poison(void* dev, size_t bytes) { cudaCheck(cudaMemset(dev, 0xFF, bytes)); }  // NaN / -1
 
 // values as the GPU will see them (rounded to floatX), kept in double for the reference
 static std::vector<double> to_double(const std::vector<float>& v) { return std::vector<double>(v.begin(), v.end()); }
@@ -316,12 +301,12 @@ static void test_cpu_reference_fd(void) {
         L.T = T; L.d = d; L.n = n; L.k = cs.k; L.use_bn = cs.use_bn; L.gate_prob = cs.gate_prob; L.training = cs.training;
         std::vector<double> X((size_t)T * d), W((size_t)C2 * d), U((size_t)N * d), V((size_t)N * d), dY((size_t)T * d);
         std::vector<double> rm(C2), rv(C2);
-        for (auto& x : X) x = rng_normal();
-        for (auto& x : W) x = 0.3 * rng_normal();
-        for (auto& x : U) x = 0.3 * rng_normal();
-        for (auto& x : V) x = rng_normal();
-        for (auto& x : dY) x = rng_normal();
-        for (int c = 0; c < C2; c++) { rm[c] = 0.3 * rng_normal(); rv[c] = 0.5 + rng_uniform(); }
+        for (auto& x : X) x = draw_normal();
+        for (auto& x : W) x = 0.3 * draw_normal();
+        for (auto& x : U) x = 0.3 * draw_normal();
+        for (auto& x : V) x = draw_normal();
+        for (auto& x : dY) x = draw_normal();
+        for (int c = 0; c < C2; c++) { rm[c] = 0.3 * draw_normal(); rv[c] = 0.5 + draw_uniform(); }
         cpu_forward(L, X.data(), W.data(), U.data(), V.data(), rm.data(), rv.data(), NULL);
         std::vector<int> idx = L.idx;
         std::vector<double> dXe, dXr, dW, dU, dV, dg;
@@ -334,10 +319,10 @@ static void test_cpu_reference_fd(void) {
             for (int trial = 0; trial < 12; trial++) {
                 size_t i;
                 if (which >= 2) {  // an entry of a selected expert (the others have zero gradient)
-                    int e = idx[rng_u32() % idx.size()];
-                    i = (size_t)e * d + rng_u32() % d;
+                    int e = idx[draw_u32() % idx.size()];
+                    i = (size_t)e * d + draw_u32() % d;
                 } else {
-                    i = rng_u32() % P.size();
+                    i = draw_u32() % P.size();
                 }
                 double analytic = which == 0 ? dXe[i] + dXr[i] : which == 1 ? dW[i] : which == 2 ? dU[i] : dV[i];
                 const double eps = 1e-5;
@@ -353,8 +338,10 @@ static void test_cpu_reference_fd(void) {
                 if (err > 1e-5) printf("    %s[%zu]: analytic %.8e fd %.8e\n", names[which], i, analytic, fd);
             }
         }
-        record(worst < 1e-5, "FD k=%d %s %s %s: worst rel err %.1e (tol 1e-5)", cs.k, cs.use_bn ? "bn" : "none",
-               cs.gate_prob ? "prob" : "softmax", cs.training ? "train" : "eval", worst);
+        char name[96];
+        snprintf(name, sizeof(name), "CPU reference vs finite differences k=%d %s %s %s", cs.k, cs.use_bn ? "bn" : "none",
+                 cs.gate_prob ? "prob" : "softmax", cs.training ? "train" : "eval");
+        record(worst < 1e-5, name, "worst rel err %.1e (tol 1e-5)", worst);
     }
 }
 
@@ -421,23 +408,23 @@ static void test_topk_unit(void) {
             float* c = &pc[(size_t)t * n];
             int kind = t % 4;
             if (kind == 0) {  // continuous random
-                for (int i = 0; i < n; i++) { r[i] = (float)(-4.0 + rng_normal()); c[i] = (float)(-4.0 + rng_normal()); }
+                for (int i = 0; i < n; i++) { r[i] = (float)(-4.0 + draw_normal()); c[i] = (float)(-4.0 + draw_normal()); }
             } else if (kind == 1) {  // exact ties: a few distinct values
-                for (int i = 0; i < n; i++) { r[i] = -1.0f - 0.5f * (rng_u32() % 3); c[i] = -2.0f - 0.25f * (rng_u32() % 3); }
+                for (int i = 0; i < n; i++) { r[i] = -1.0f - 0.5f * (draw_u32() % 3); c[i] = -2.0f - 0.25f * (draw_u32() % 3); }
             } else if (kind == 2) {  // near-ties: a few base values, each a few ulps off
                 for (int i = 0; i < n; i++) {
-                    r[i] = ulps_below(-1.0f - 0.5f * (rng_u32() % 2), rng_u32() % 3);
-                    c[i] = ulps_below(-3.0f - 0.5f * (rng_u32() % 2), rng_u32() % 3);
+                    r[i] = ulps_below(-1.0f - 0.5f * (draw_u32() % 2), draw_u32() % 3);
+                    c[i] = ulps_below(-3.0f - 0.5f * (draw_u32() % 2), draw_u32() % 3);
                 }
             } else {  // adversarial: an inside row and an outside row of smaller index 1 ulp apart
-                for (int i = 0; i < n; i++) { r[i] = -8.0f - (float)rng_uniform(); c[i] = -9.0f - (float)rng_uniform(); }
+                for (int i = 0; i < n; i++) { r[i] = -8.0f - (float)draw_uniform(); c[i] = -9.0f - (float)draw_uniform(); }
                 int kp = std::min(n, k);
                 if (kp < n) {
                     // rows 0..kp-2 best (distinct), row n-1 = -1.0 (the kp-th), row lower index 1 ulp below
                     for (int a = 0; a < kp - 1; a++) r[n - 2 - a] = -0.5f + 0.01f * a;
                     r[n - 1] = -1.0f;
-                    r[(int)(rng_u32() % (unsigned)(n - kp))] = nextafterf(-1.0f, -INFINITY);
-                    c[rng_u32() % n] = -3.0f;  // one good column: -1 + -3 = -4 exactly, the 1-ulp row ties it
+                    r[(int)(draw_u32() % (unsigned)(n - kp))] = nextafterf(-1.0f, -INFINITY);
+                    c[draw_u32() % n] = -3.0f;  // one good column: -1 + -3 = -4 exactly, the 1-ulp row ties it
                 }
             }
         }
@@ -464,13 +451,16 @@ static void test_topk_unit(void) {
             }
         }
         total_naive_wrong += naive_wrong;
-        record(bad[0] == 0 && bad[1] == 0, "top-k n=%-3d k=%-3d %d tokens: mismatches fast %d, tie fix-up on all %d (naive grid: %d wrong)",
-               n, k, T, bad[1], bad[0], naive_wrong);
+        char name[64];
+        snprintf(name, sizeof(name), "top-k n=%d k=%d == brute force", n, k);
+        record(bad[0] == 0 && bad[1] == 0, name, "%d tokens: mismatches fast %d, tie fix-up on all %d (naive grid: %d wrong)",
+               T, bad[1], bad[0], naive_wrong);
         cudaCheck(cudaFree(d_pr));
         cudaCheck(cudaFree(d_pc));
         cudaCheck(cudaFree(d_idx));
     }
-    record(total_naive_wrong > 0, "the adversarial tokens defeat the plain grid (%d tokens), so the guard is exercised", total_naive_wrong);
+    record(total_naive_wrong > 0, "the adversarial tokens defeat the plain grid, so the guard is exercised", "%d tokens",
+           total_naive_wrong);
 }
 
 // ----------------------------------------------------------------------------
@@ -478,107 +468,116 @@ static void test_topk_unit(void) {
 
 struct LayerCase {
     const char* name;
-    int T, d, n, k, use_bn, gate_prob, training, ties;
+    int T, d, I, n, k, use_bn, gate_prob, training, ties;
 };
 
+// The layer under test (llmc/omnimoe_layer.cuh) in four instances on one workspace: with the
+// shared SwiGLU (I > 0: the experts add onto its output and input gradient) and without it
+// (I = 0: the experts and the router write Y and dX), each in both executions.
 struct DeviceLayer {
-    int T, d, n, k, N, P, C2, use_bn, gate_prob, training;
+    int T, d, I, n, k, N, P, C2, use_bn, gate_prob, training;
     // parameters and inputs
-    floatX *X, *W, *U, *V, *dY;
-    float *rm, *rv, *rm_init, *rv_init;
-    // initial values of accumulated outputs
-    floatX *Y_init, *dX_init, *dU_init, *dV_init, *dW_init;
+    floatX *X, *dY, *Wfc, *Wd, *W, *U, *V;
+    float *bn, *bn_init;  // (2 C2): running mean, then running var
+    // initial values of the accumulated gradients
+    floatX *dWfc_init, *dWd_init, *dU_init, *dV_init, *dW_init;
     // outputs
-    float *logits, *logp, *bn_mean, *bn_rstd, *gate, *s, *dgate;
-    int* idx;
-    floatX *Y, *dX, *dU, *dV, *dW;
-    ExpertSchedule sched;
-    void *scratch_router_f, *scratch_router_b, *scratch_sched, *scratch_exp;
-    size_t bytes_router_f, bytes_router_b, bytes_sched, bytes_exp;
+    floatX *Y, *dX, *dWfc, *dWd, *dU, *dV, *dW;
+    OmniWorkspace ws;
+    OmniLayer layer[2][2];  // [0: I = 0, 1: with the shared SwiGLU][EXPERT_EXEC_*]
 };
 
-static void reset_and_poison(DeviceLayer& D, int accumulate, cudaStream_t stream) {
-    const size_t Td = (size_t)D.T * D.d, Nd = (size_t)D.N * D.d;
-    cudaCheck(cudaMemcpyAsync(D.rm, D.rm_init, D.C2 * 4, cudaMemcpyDeviceToDevice, stream));
-    cudaCheck(cudaMemcpyAsync(D.rv, D.rv_init, D.C2 * 4, cudaMemcpyDeviceToDevice, stream));
-    if (accumulate) {
-        cudaCheck(cudaMemcpyAsync(D.Y, D.Y_init, Td * sizeof(floatX), cudaMemcpyDeviceToDevice, stream));
-        cudaCheck(cudaMemcpyAsync(D.dX, D.dX_init, Td * sizeof(floatX), cudaMemcpyDeviceToDevice, stream));
-    } else {
-        cudaCheck(cudaMemsetAsync(D.Y, 0xFF, Td * sizeof(floatX), stream));
-        cudaCheck(cudaMemsetAsync(D.dX, 0xFF, Td * sizeof(floatX), stream));
-    }
+static void reset_and_poison(DeviceLayer& D, cudaStream_t stream) {
+    const size_t Td = (size_t)D.T * D.d, Nd = (size_t)D.N * D.d, TI = (size_t)D.T * D.I;
+    cudaCheck(cudaMemcpyAsync(D.bn, D.bn_init, 2 * D.C2 * 4, cudaMemcpyDeviceToDevice, stream));
+    cudaCheck(cudaMemsetAsync(D.Y, 0xFF, Td * sizeof(floatX), stream));
+    cudaCheck(cudaMemsetAsync(D.dX, 0xFF, Td * sizeof(floatX), stream));
+    const size_t Id = (size_t)D.I * D.d;
+    cudaCheck(cudaMemcpyAsync(D.dWfc, D.dWfc_init, 2 * Id * sizeof(floatX), cudaMemcpyDeviceToDevice, stream));
+    cudaCheck(cudaMemcpyAsync(D.dWd, D.dWd_init, Id * sizeof(floatX), cudaMemcpyDeviceToDevice, stream));
     cudaCheck(cudaMemcpyAsync(D.dU, D.dU_init, Nd * sizeof(floatX), cudaMemcpyDeviceToDevice, stream));
     cudaCheck(cudaMemcpyAsync(D.dV, D.dV_init, Nd * sizeof(floatX), cudaMemcpyDeviceToDevice, stream));
     cudaCheck(cudaMemcpyAsync(D.dW, D.dW_init, (size_t)D.C2 * D.d * sizeof(floatX), cudaMemcpyDeviceToDevice, stream));
     const size_t TC2 = (size_t)D.T * D.C2, Tk = (size_t)D.T * D.k;
-    cudaCheck(cudaMemsetAsync(D.logits, 0xFF, TC2 * 4, stream));
-    cudaCheck(cudaMemsetAsync(D.logp, 0xFF, TC2 * 4, stream));
-    cudaCheck(cudaMemsetAsync(D.bn_mean, 0xFF, D.C2 * 4, stream));
-    cudaCheck(cudaMemsetAsync(D.bn_rstd, 0xFF, D.C2 * 4, stream));
-    cudaCheck(cudaMemsetAsync(D.gate, 0xFF, Tk * 4, stream));
-    cudaCheck(cudaMemsetAsync(D.s, 0xFF, Tk * 4, stream));
-    cudaCheck(cudaMemsetAsync(D.dgate, 0xFF, Tk * 4, stream));
-    cudaCheck(cudaMemsetAsync(D.idx, 0xFF, Tk * 4, stream));
     const int amax = scheduler_max_active(D.P, D.N);
-    cudaCheck(cudaMemsetAsync(D.sched.sorted_pair, 0xFF, (size_t)D.P * 4, stream));
-    cudaCheck(cudaMemsetAsync(D.sched.sorted_expert, 0xFF, (size_t)D.P * 4, stream));
-    cudaCheck(cudaMemsetAsync(D.sched.sorted_active, 0xFF, (size_t)D.P * 4, stream));
-    cudaCheck(cudaMemsetAsync(D.sched.active_expert, 0xFF, (size_t)amax * 4, stream));
-    cudaCheck(cudaMemsetAsync(D.sched.active_offset, 0xFF, (size_t)(amax + 1) * 4, stream));
-    cudaCheck(cudaMemsetAsync(D.sched.num_active, 0xFF, 4, stream));
-    cudaCheck(cudaMemsetAsync(D.scratch_router_f, 0xFF, D.bytes_router_f, stream));
-    cudaCheck(cudaMemsetAsync(D.scratch_router_b, 0xFF, D.bytes_router_b, stream));
-    cudaCheck(cudaMemsetAsync(D.scratch_sched, 0xFF, D.bytes_sched, stream));
-    cudaCheck(cudaMemsetAsync(D.scratch_exp, 0xFF, D.bytes_exp, stream));
+    for (int sh = 0; sh < 2; sh++) {
+        for (int ex = 0; ex < 2; ex++) {
+            OmniSaved& o = D.layer[sh][ex].saved;
+            if (sh == 1) {
+                cudaCheck(cudaMemsetAsync(o.fch, 0xFF, 2 * TI * sizeof(floatX), stream));
+                cudaCheck(cudaMemsetAsync(o.fch_act, 0xFF, TI * sizeof(floatX), stream));
+            }
+            cudaCheck(cudaMemsetAsync(o.router.logits, 0xFF, TC2 * 4, stream));
+            cudaCheck(cudaMemsetAsync(o.router.logp, 0xFF, TC2 * 4, stream));
+            cudaCheck(cudaMemsetAsync(o.router.bn_mean, 0xFF, D.C2 * 4, stream));
+            cudaCheck(cudaMemsetAsync(o.router.bn_rstd, 0xFF, D.C2 * 4, stream));
+            cudaCheck(cudaMemsetAsync(o.router.gate, 0xFF, Tk * 4, stream));
+            cudaCheck(cudaMemsetAsync(o.router.idx, 0xFF, Tk * 4, stream));
+            cudaCheck(cudaMemsetAsync(o.s, 0xFF, Tk * 4, stream));
+            cudaCheck(cudaMemsetAsync(o.sched.sorted_pair, 0xFF, (size_t)D.P * 4, stream));
+            cudaCheck(cudaMemsetAsync(o.sched.sorted_expert, 0xFF, (size_t)D.P * 4, stream));
+            cudaCheck(cudaMemsetAsync(o.sched.sorted_active, 0xFF, (size_t)D.P * 4, stream));
+            cudaCheck(cudaMemsetAsync(o.sched.active_expert, 0xFF, (size_t)amax * 4, stream));
+            cudaCheck(cudaMemsetAsync(o.sched.active_offset, 0xFF, (size_t)(amax + 1) * 4, stream));
+            cudaCheck(cudaMemsetAsync(o.sched.num_active, 0xFF, 4, stream));
+        }
+    }
+    cudaCheck(cudaMemsetAsync(D.ws.dgate, 0xFF, Tk * 4, stream));
+    cudaCheck(cudaMemsetAsync(D.ws.dhidden, 0xFF, TI * sizeof(floatX), stream));
+    cudaCheck(cudaMemsetAsync(D.ws.dwide, 0xFF, 2 * TI * sizeof(floatX), stream));
+    cudaCheck(cudaMemsetAsync(D.ws.scratch, 0xFF, D.ws.scratch_bytes, stream));
 }
 
-// the whole router + experts forward and backward (what one OmniMoE layer does minus SwiGLU)
-static void run_layer(DeviceLayer& D, int mode, int accumulate, cudaStream_t stream) {
-    router_forward(D.logits, D.logp, D.bn_mean, D.bn_rstd, D.idx, D.gate, D.rm, D.rv, D.X, D.W,
-                   D.T, D.d, D.n, D.k, D.use_bn, D.gate_prob, D.training, D.scratch_router_f, D.bytes_router_f, stream);
-    scheduler_build(D.sched, D.idx, D.P, D.N, NULL, D.scratch_sched, D.bytes_sched, stream);
-    experts_forward(D.Y, D.s, D.X, D.U, D.V, D.idx, D.gate, D.sched, D.T, D.d, D.k, D.N, mode, accumulate, stream);
-    experts_backward(D.dX, D.dU, D.dV, D.dgate, D.dY, D.X, D.U, D.V, D.idx, D.gate, D.s, D.sched,
-                     D.T, D.d, D.k, D.N, mode, accumulate, D.scratch_exp, D.bytes_exp, stream);
-    router_backward(D.dX, D.dW, D.dgate, D.gate, D.idx, D.logp, D.logits, D.bn_mean, D.bn_rstd, D.X, D.W,
-                    D.T, D.d, D.n, D.k, D.use_bn, D.gate_prob, D.training, D.scratch_router_b, D.bytes_router_b, stream);
+// the whole layer forward and backward
+static void run_layer(DeviceLayer& D, int shared, int exec, cudaStream_t stream) {
+    OmniLayer* layer = &D.layer[shared][exec];
+    omni_layer_forward(layer, D.Y, D.X, D.T, D.training, stream);
+    omni_layer_backward(layer, D.dX, D.dY, D.X, D.T, stream);
 }
 
 // everything a run produces, downloaded raw for bitwise comparisons
 struct LayerOutputs {
-    std::vector<float> logits, logp, mean, rstd, gate, s, dgate, rm, rv;
+    std::vector<float> logits, logp, mean, rstd, gate, s, dgate, bn;
     std::vector<int> idx, sorted_pair, sorted_expert, sorted_active, active_expert, active_offset, num_active;
-    std::vector<floatX> Y, dX, dU, dV, dW;
+    std::vector<floatX> Y, dX, dU, dV, dW, dWfc, dWd, fch, fch_act, dhidden, dwide;
 };
 
-static LayerOutputs download_all(const DeviceLayer& D) {
+static LayerOutputs download_all(const DeviceLayer& D, int shared, int exec) {
     cudaCheck(cudaDeviceSynchronize());
-    LayerOutputs o;
+    const OmniSaved& o = D.layer[shared][exec].saved;
+    LayerOutputs q;
     const size_t TC2 = (size_t)D.T * D.C2, Tk = (size_t)D.T * D.k, Td = (size_t)D.T * D.d, Nd = (size_t)D.N * D.d;
-    o.logits = download(D.logits, TC2);
-    o.logp = download(D.logp, TC2);
-    if (D.use_bn) { o.mean = download(D.bn_mean, D.C2); o.rstd = download(D.bn_rstd, D.C2); }
-    o.gate = download(D.gate, Tk);
-    o.s = download(D.s, Tk);
-    o.dgate = download(D.dgate, Tk);
-    o.rm = download(D.rm, D.C2);
-    o.rv = download(D.rv, D.C2);
-    o.idx = download(D.idx, Tk);
-    o.num_active = download(D.sched.num_active, 1);
-    int na = o.num_active[0];
+    const size_t TI = (size_t)D.T * D.I, Id = (size_t)D.I * D.d;
+    q.logits = download(o.router.logits, TC2);
+    q.logp = download(o.router.logp, TC2);
+    if (D.use_bn) { q.mean = download(o.router.bn_mean, D.C2); q.rstd = download(o.router.bn_rstd, D.C2); }
+    q.gate = download(o.router.gate, Tk);
+    q.s = download(o.s, Tk);
+    q.dgate = download(D.ws.dgate, Tk);
+    q.bn = download(D.bn, 2 * D.C2);
+    q.idx = download(o.router.idx, Tk);
+    q.num_active = download(o.sched.num_active, 1);
+    int na = q.num_active[0];
     if (na < 1 || na > scheduler_max_active(D.P, D.N)) { na = 0; }
-    o.sorted_pair = download(D.sched.sorted_pair, D.P);
-    o.sorted_expert = download(D.sched.sorted_expert, D.P);
-    o.sorted_active = download(D.sched.sorted_active, D.P);
-    o.active_expert = download(D.sched.active_expert, na);
-    o.active_offset = download(D.sched.active_offset, na + 1);
-    o.Y = download(D.Y, Td);
-    o.dX = download(D.dX, Td);
-    o.dU = download(D.dU, Nd);
-    o.dV = download(D.dV, Nd);
-    o.dW = download(D.dW, (size_t)D.C2 * D.d);
-    return o;
+    q.sorted_pair = download(o.sched.sorted_pair, D.P);
+    q.sorted_expert = download(o.sched.sorted_expert, D.P);
+    q.sorted_active = download(o.sched.sorted_active, D.P);
+    q.active_expert = download(o.sched.active_expert, na);
+    q.active_offset = download(o.sched.active_offset, na + 1);
+    q.Y = download(D.Y, Td);
+    q.dX = download(D.dX, Td);
+    q.dU = download(D.dU, Nd);
+    q.dV = download(D.dV, Nd);
+    q.dW = download(D.dW, (size_t)D.C2 * D.d);
+    if (shared) {
+        q.dWfc = download(D.dWfc, 2 * Id);
+        q.dWd = download(D.dWd, Id);
+        q.fch = download(o.fch, 2 * TI);
+        q.fch_act = download(o.fch_act, TI);
+        q.dhidden = download(D.ws.dhidden, TI);
+        q.dwide = download(D.ws.dwide, 2 * TI);
+    }
+    return q;
 }
 
 template <class T>
@@ -588,9 +587,9 @@ static bool same_bits(const std::vector<T>& a, const std::vector<T>& b) {
 
 static bool outputs_identical(const LayerOutputs& a, const LayerOutputs& b, const char** first_diff) {
 #define SAME(f) if (!same_bits(a.f, b.f)) { *first_diff = #f; return false; }
-    SAME(logits) SAME(logp) SAME(mean) SAME(rstd) SAME(gate) SAME(s) SAME(dgate) SAME(rm) SAME(rv) SAME(idx)
+    SAME(logits) SAME(logp) SAME(mean) SAME(rstd) SAME(gate) SAME(s) SAME(dgate) SAME(bn) SAME(idx)
     SAME(sorted_pair) SAME(sorted_expert) SAME(sorted_active) SAME(active_expert) SAME(active_offset) SAME(num_active)
-    SAME(Y) SAME(dX) SAME(dU) SAME(dV) SAME(dW)
+    SAME(Y) SAME(dX) SAME(dU) SAME(dV) SAME(dW) SAME(dWfc) SAME(dWd) SAME(fch) SAME(fch_act) SAME(dhidden) SAME(dwide)
 #undef SAME
     *first_diff = "";
     return true;
@@ -602,79 +601,103 @@ static std::vector<float> floatX_to_float(const std::vector<floatX>& v) {
     return out;
 }
 
+// out (rows, cols) = a (rows, inner) b^T with b (cols, inner), double
+static std::vector<double> gemm_abt(const double* a, const double* b, int rows, int cols, int inner) {
+    std::vector<double> out((size_t)rows * cols);
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) {
+            double acc = 0.0;
+            for (int i = 0; i < inner; i++) acc += a[(size_t)r * inner + i] * b[(size_t)c * inner + i];
+            out[(size_t)r * cols + c] = acc;
+        }
+    return out;
+}
+// out (rows, cols) = a (inner, rows)^T b (inner, cols), double
+static std::vector<double> gemm_atb(const double* a, const double* b, int rows, int cols, int inner) {
+    std::vector<double> out((size_t)rows * cols, 0.0);
+    for (int i = 0; i < inner; i++)
+        for (int r = 0; r < rows; r++) {
+            const double ar = a[(size_t)i * rows + r];
+            for (int c = 0; c < cols; c++) out[(size_t)r * cols + c] += ar * b[(size_t)i * cols + c];
+        }
+    return out;
+}
+static std::vector<double> floatX_to_double(const std::vector<floatX>& v) { return to_double(floatX_to_float(v)); }
+
 static void test_layer_case(const LayerCase& lc) {
-    printf("\n== 2. layer: %s (T=%d d=%d n=%d N=%d k=%d, %s, %s, %s) ==\n", lc.name, lc.T, lc.d, lc.n, lc.n * lc.n, lc.k,
-           lc.use_bn ? "bn" : "none", lc.gate_prob ? "prob" : "softmax", lc.training ? "train" : "eval");
+    printf("\n== 2. layer: %s (T=%d d=%d I=%d n=%d N=%d k=%d, %s, %s, %s) ==\n", lc.name, lc.T, lc.d, lc.I, lc.n,
+           lc.n * lc.n, lc.k, lc.use_bn ? "bn" : "none", lc.gate_prob ? "prob" : "softmax", lc.training ? "train" : "eval");
+    snprintf(g_case, sizeof(g_case), "%s", lc.name);
     DeviceLayer D;
     memset(&D, 0, sizeof(D));
-    D.T = lc.T; D.d = lc.d; D.n = lc.n; D.k = lc.k; D.N = lc.n * lc.n; D.P = lc.T * lc.k; D.C2 = 2 * lc.n;
+    D.T = lc.T; D.d = lc.d; D.I = lc.I; D.n = lc.n; D.k = lc.k; D.N = lc.n * lc.n; D.P = lc.T * lc.k; D.C2 = 2 * lc.n;
     D.use_bn = lc.use_bn; D.gate_prob = lc.gate_prob; D.training = lc.training;
-    const int T = D.T, d = D.d, n = D.n, k = D.k, N = D.N, P = D.P, C2 = D.C2;
+    const int T = D.T, d = D.d, I = D.I, n = D.n, k = D.k, N = D.N, P = D.P, C2 = D.C2;
     const size_t Td = (size_t)T * d, Nd = (size_t)N * d, Wd = (size_t)C2 * d, Tk = (size_t)T * k, TC2 = (size_t)T * C2;
+    const size_t Id = (size_t)I * d, TI = (size_t)T * I;
 
     // ---- inputs (rounded to floatX; the reference uses exactly these values)
-    std::vector<float> hX(Td), hW(Wd), hU(Nd), hV(Nd), hdY(Td), hrm(C2), hrv(C2);
+    std::vector<float> hX(Td), hW(Wd), hU(Nd), hV(Nd), hdY(Td), hbn(2 * C2), hWfc(2 * Id), hWd(Id);
     if (lc.ties) {
         // quantised logits: X rows with 4 entries of +-1, router rows drawn from 3 sparse +-1
         // patterns per half -> integer logits in [-4, 4]; equal patterns give equal channels, which
         // stay tied after BN too
         for (auto& x : hX) x = 0.0f;
         for (int t = 0; t < T; t++)
-            for (int j = 0; j < 4; j++) hX[(size_t)t * d + rng_u32() % d] = (rng_u32() & 1) ? 1.0f : -1.0f;
+            for (int j = 0; j < 4; j++) hX[(size_t)t * d + draw_u32() % d] = (draw_u32() & 1) ? 1.0f : -1.0f;
         std::vector<float> patterns((size_t)6 * d);
-        for (auto& x : patterns) { uint32_t r = rng_u32() % 4; x = r == 0 ? 1.0f : r == 1 ? -1.0f : 0.0f; }
+        for (auto& x : patterns) { uint32_t r = draw_u32() % 4; x = r == 0 ? 1.0f : r == 1 ? -1.0f : 0.0f; }
         for (int c = 0; c < C2; c++) {
-            int pat = (c >= n ? 3 : 0) + (int)(rng_u32() % 3);
+            int pat = (c >= n ? 3 : 0) + (int)(draw_u32() % 3);
             for (int i = 0; i < d; i++) hW[(size_t)c * d + i] = patterns[(size_t)pat * d + i];
         }
     } else {
-        for (auto& x : hX) x = (float)rng_normal();
+        for (auto& x : hX) x = (float)draw_normal();
         // logits ~ N(0, 1.5^2): spread enough that the softmaxes are not flat
-        for (auto& x : hW) x = (float)(1.5 * rng_normal() / sqrt((double)d));
+        for (auto& x : hW) x = (float)(1.5 * draw_normal() / sqrt((double)d));
     }
-    for (auto& x : hU) x = (float)(1.2 * rng_normal() / sqrt((double)d));
-    for (auto& x : hV) x = (float)rng_normal();
-    for (auto& x : hdY) x = (float)rng_normal();
-    for (int c = 0; c < C2; c++) { hrm[c] = (float)(0.3 * rng_normal()); hrv[c] = (float)(0.5 + rng_uniform()); }
+    for (auto& x : hU) x = (float)(1.2 * draw_normal() / sqrt((double)d));
+    for (auto& x : hV) x = (float)draw_normal();
+    for (auto& x : hdY) x = (float)draw_normal();
+    // the shared branch (Wd is scaled below, once the routed part's size is known)
+    for (auto& x : hWfc) x = (float)(1.5 * draw_normal() / sqrt((double)d));
+    for (auto& x : hWd) x = (float)(draw_normal() / sqrt((double)I));
+    for (int c = 0; c < C2; c++) { hbn[c] = (float)(0.3 * draw_normal()); hbn[C2 + c] = (float)(0.5 + draw_uniform()); }
     round_to_floatX(hX); round_to_floatX(hW); round_to_floatX(hU); round_to_floatX(hV); round_to_floatX(hdY);
+    round_to_floatX(hWfc); round_to_floatX(hWd);
 
-    // ---- device buffers
+    // ---- device buffers and the layers
     D.X = dev_alloc<floatX>(Td); D.W = dev_alloc<floatX>(Wd); D.U = dev_alloc<floatX>(Nd); D.V = dev_alloc<floatX>(Nd);
-    D.dY = dev_alloc<floatX>(Td);
-    D.rm = dev_alloc<float>(C2); D.rv = dev_alloc<float>(C2); D.rm_init = dev_alloc<float>(C2); D.rv_init = dev_alloc<float>(C2);
-    D.Y_init = dev_alloc<floatX>(Td); D.dX_init = dev_alloc<floatX>(Td); D.dU_init = dev_alloc<floatX>(Nd);
+    D.dY = dev_alloc<floatX>(Td); D.Wfc = dev_alloc<floatX>(2 * Id); D.Wd = dev_alloc<floatX>(Id);
+    D.bn = dev_alloc<float>(2 * C2); D.bn_init = dev_alloc<float>(2 * C2);
+    D.dWfc_init = dev_alloc<floatX>(2 * Id); D.dWd_init = dev_alloc<floatX>(Id); D.dU_init = dev_alloc<floatX>(Nd);
     D.dV_init = dev_alloc<floatX>(Nd); D.dW_init = dev_alloc<floatX>(Wd);
-    D.logits = dev_alloc<float>(TC2); D.logp = dev_alloc<float>(TC2); D.bn_mean = dev_alloc<float>(C2); D.bn_rstd = dev_alloc<float>(C2);
-    D.gate = dev_alloc<float>(Tk); D.s = dev_alloc<float>(Tk); D.dgate = dev_alloc<float>(Tk); D.idx = dev_alloc<int>(Tk);
     D.Y = dev_alloc<floatX>(Td); D.dX = dev_alloc<floatX>(Td); D.dU = dev_alloc<floatX>(Nd); D.dV = dev_alloc<floatX>(Nd);
-    D.dW = dev_alloc<floatX>(Wd);
-    const int amax = scheduler_max_active(P, N);
-    D.sched.sorted_pair = dev_alloc<int>(P); D.sched.sorted_expert = dev_alloc<int>(P); D.sched.sorted_active = dev_alloc<int>(P);
-    D.sched.active_expert = dev_alloc<int>(amax); D.sched.active_offset = dev_alloc<int>(amax + 1); D.sched.num_active = dev_alloc<int>(1);
-    D.bytes_router_f = router_forward_scratch_bytes(T, n);
-    D.bytes_router_b = router_backward_scratch_bytes(T, n);
-    D.bytes_sched = scheduler_scratch_bytes(P, N);
-    D.bytes_exp = experts_backward_scratch_bytes(T, d, k);
-    D.scratch_router_f = dev_alloc<char>(D.bytes_router_f);
-    D.scratch_router_b = dev_alloc<char>(D.bytes_router_b);
-    D.scratch_sched = dev_alloc<char>(D.bytes_sched);
-    D.scratch_exp = dev_alloc<char>(D.bytes_exp);
+    D.dW = dev_alloc<floatX>(Wd); D.dWfc = dev_alloc<floatX>(2 * Id); D.dWd = dev_alloc<floatX>(Id);
     upload_floatX(D.X, hX.data(), Td); upload_floatX(D.W, hW.data(), Wd); upload_floatX(D.U, hU.data(), Nd);
     upload_floatX(D.V, hV.data(), Nd); upload_floatX(D.dY, hdY.data(), Td);
-    cudaCheck(cudaMemcpy(D.rm_init, hrm.data(), C2 * 4, cudaMemcpyHostToDevice));
-    cudaCheck(cudaMemcpy(D.rv_init, hrv.data(), C2 * 4, cudaMemcpyHostToDevice));
+    upload_floatX(D.Wfc, hWfc.data(), 2 * Id);
+    cudaCheck(cudaMemcpy(D.bn_init, hbn.data(), 2 * C2 * 4, cudaMemcpyHostToDevice));
+    const OmniDims dims_shared = {T, d, I, n, N, k}, dims_alone = {T, d, 0, n, N, k};
+    const OmniWeights w = {D.Wfc, D.Wd, D.W, D.U, D.V}, dw = {D.dWfc, D.dWd, D.dW, D.dU, D.dV};
+    omni_workspace_create(&D.ws, dims_shared, NULL, 0, NULL, NULL);
+    for (int sh = 0; sh < 2; sh++) {
+        for (int ex = 0; ex < 2; ex++) {
+            const OmniOptions opt = {D.use_bn ? ROUTER_NORM_BN : ROUTER_NORM_NONE, D.gate_prob ? GATE_PROB : GATE_SOFTMAX, ex};
+            omni_layer_create(&D.layer[sh][ex], sh ? dims_shared : dims_alone, opt, w, dw, &D.ws, NULL, NULL);
+            omni_layer_set_bn_stats(&D.layer[sh][ex], D.bn);
+        }
+    }
 
-    // ---- the reference needs the GPU's selection: run the router once first
-    cudaCheck(cudaMemcpy(D.rm, D.rm_init, C2 * 4, cudaMemcpyDeviceToDevice));
-    cudaCheck(cudaMemcpy(D.rv, D.rv_init, C2 * 4, cudaMemcpyDeviceToDevice));
-    router_forward(D.logits, D.logp, D.bn_mean, D.bn_rstd, D.idx, D.gate, D.rm, D.rv, D.X, D.W, T, d, n, k,
-                   D.use_bn, D.gate_prob, D.training, D.scratch_router_f, D.bytes_router_f, 0);
-    std::vector<int> gpu_idx = download(D.idx, Tk);
+    // ---- the reference needs the GPU's selection: run the layer's forward once first
+    cudaCheck(cudaMemcpy(D.bn, D.bn_init, 2 * C2 * 4, cudaMemcpyDeviceToDevice));
+    omni_layer_forward(&D.layer[0][EXPERT_EXEC_TOKEN], D.Y, D.X, T, D.training, 0);
+    std::vector<int> gpu_idx = download(D.layer[0][EXPERT_EXEC_TOKEN].saved.router.idx, Tk);
     for (int v : gpu_idx) {
-        if (v < 0 || v >= N) { record(0, "router produced an invalid expert id %d", v); return; }
+        if (v < 0 || v >= N) { record(0, "router expert ids in [0, N)", "id %d", v); return; }
     }
     std::vector<double> X = to_double(hX), W = to_double(hW), U = to_double(hU), V = to_double(hV), dY = to_double(hdY);
-    std::vector<double> rm = to_double(hrm), rv = to_double(hrv);
+    std::vector<double> rm(hbn.begin(), hbn.begin() + C2), rv(hbn.begin() + C2, hbn.end());
     CpuLayer R;
     R.T = T; R.d = d; R.n = n; R.k = k; R.use_bn = D.use_bn; R.gate_prob = D.gate_prob; R.training = D.training;
     cpu_forward(R, X.data(), W.data(), U.data(), V.data(), rm.data(), rv.data(), gpu_idx.data());
@@ -688,28 +711,59 @@ static void test_layer_case(const LayerCase& lc) {
             if (memcmp(&own.idx[(size_t)t * k], &gpu_idx[(size_t)t * k], k * sizeof(int)) != 0) differ++;
         printf("  (info) tokens where a double-precision top-k would select differently: %d of %d\n", differ, T);
     }
-    // initial values of accumulated outputs: random, of the size of what gets added
+    // initial values of accumulated gradients: random, of the size of what gets added
     auto rms = [](const std::vector<double>& v) { double s = 0; for (double x : v) s += x * x; return sqrt(s / std::max<size_t>(1, v.size())) + 1e-3; };
     std::vector<double> dX_total(Td);
     for (size_t i = 0; i < Td; i++) dX_total[i] = dXe[i] + dXr[i];
-    std::vector<float> hY0(Td), hdX0(Td), hdU0(Nd), hdV0(Nd), hdW0(Wd);
-    const double sY = rms(R.Y), sdX = rms(dX_total), sdU = rms(dUr), sdV = rms(dVr), sdW = rms(dWr);
-    for (auto& x : hY0) x = (float)(sY * rng_normal());
-    for (auto& x : hdX0) x = (float)(sdX * rng_normal());
-    for (auto& x : hdU0) x = (float)(sdU * rng_normal());
-    for (auto& x : hdV0) x = (float)(sdV * rng_normal());
-    for (auto& x : hdW0) x = (float)(sdW * rng_normal());
-    round_to_floatX(hY0); round_to_floatX(hdX0); round_to_floatX(hdU0); round_to_floatX(hdV0); round_to_floatX(hdW0);
-    upload_floatX(D.Y_init, hY0.data(), Td); upload_floatX(D.dX_init, hdX0.data(), Td);
-    upload_floatX(D.dU_init, hdU0.data(), Nd); upload_floatX(D.dV_init, hdV0.data(), Nd); upload_floatX(D.dW_init, hdW0.data(), Wd);
+    // the shared branch in double, to scale Wd: its Y and dX parts no larger than the routed
+    // part's (bf16 rounding of the sum must stay small next to what the checks below isolate)
+    double sdWfc = 1.0, sdWd = 1.0;
+    {
+        std::vector<double> Wfc = to_double(hWfc), Wdn = to_double(hWd);
+        std::vector<double> fch = gemm_abt(X.data(), Wfc.data(), T, 2 * I, d), act(TI), dwide(2 * TI);
+        std::vector<double> WdT(Id), WfcT(2 * Id);
+        for (int c = 0; c < d; c++)
+            for (int i = 0; i < I; i++) WdT[(size_t)i * d + c] = Wdn[(size_t)c * I + i];
+        for (int j = 0; j < 2 * I; j++)
+            for (int c = 0; c < d; c++) WfcT[(size_t)c * 2 * I + j] = Wfc[(size_t)j * d + c];
+        std::vector<double> dh = gemm_abt(dY.data(), WdT.data(), T, I, d);
+        for (size_t q = 0; q < TI; q++) {
+            size_t t = q / I, i = q % I;
+            double gg = fch[t * 2 * I + i], u = fch[t * 2 * I + I + i], sg = sigmoid_d(gg);
+            act[q] = gg * sg * u;
+            dwide[t * 2 * I + i] = dh[q] * u * sg * (1.0 + gg * (1.0 - sg));
+            dwide[t * 2 * I + I + i] = dh[q] * gg * sg;
+        }
+        std::vector<double> Y0 = gemm_abt(act.data(), Wdn.data(), T, d, I);
+        std::vector<double> dX0 = gemm_abt(dwide.data(), WfcT.data(), T, d, 2 * I);
+        const double scale = std::min(rms(R.Y) / rms(Y0), rms(dX_total) / rms(dX0));
+        for (auto& x : hWd) x = (float)(x * scale);
+        round_to_floatX(hWd);
+        sdWd = rms(gemm_atb(dY.data(), act.data(), d, I, T));                  // independent of Wd
+        sdWfc = scale * rms(gemm_atb(dwide.data(), X.data(), 2 * I, d, T));    // linear in Wd
+    }
+    upload_floatX(D.Wd, hWd.data(), Id);
+    std::vector<float> hdU0(Nd), hdV0(Nd), hdW0(Wd), hdWfc0(2 * Id), hdWd0(Id);
+    const double sdU = rms(dUr), sdV = rms(dVr), sdW = rms(dWr);
+    for (auto& x : hdU0) x = (float)(sdU * draw_normal());
+    for (auto& x : hdV0) x = (float)(sdV * draw_normal());
+    for (auto& x : hdW0) x = (float)(sdW * draw_normal());
+    for (auto& x : hdWfc0) x = (float)(sdWfc * draw_normal());
+    for (auto& x : hdWd0) x = (float)(sdWd * draw_normal());
+    round_to_floatX(hdU0); round_to_floatX(hdV0); round_to_floatX(hdW0); round_to_floatX(hdWfc0); round_to_floatX(hdWd0);
+    upload_floatX(D.dU_init, hdU0.data(), Nd); upload_floatX(D.dV_init, hdV0.data(), Nd);
+    upload_floatX(D.dW_init, hdW0.data(), Wd); upload_floatX(D.dWfc_init, hdWfc0.data(), 2 * Id);
+    upload_floatX(D.dWd_init, hdWd0.data(), Id);
 
-    // ---- token-centric and expert-centric runs, accumulate = 1
-    LayerOutputs out[2];
-    for (int mode = 0; mode < 2; mode++) {
-        reset_and_poison(D, 1, 0);
-        run_layer(D, mode, 1, 0);
-        cudaCheck(cudaDeviceSynchronize());
-        out[mode] = download_all(D);
+    // ---- the layer without its shared branch (Y, dX written into NaN) and with it, both executions
+    LayerOutputs alone[2], out[2];
+    for (int ex = 0; ex < 2; ex++) {
+        reset_and_poison(D, 0);
+        run_layer(D, 0, ex, 0);
+        alone[ex] = download_all(D, 0, ex);
+        reset_and_poison(D, 0);
+        run_layer(D, 1, ex, 0);
+        out[ex] = download_all(D, 1, ex);
     }
     const LayerOutputs& o = out[0];
 
@@ -717,18 +771,18 @@ static void test_layer_case(const LayerCase& lc) {
     {
         std::vector<double> ref_logits(R.logits);
         check_rel("logits (fp32) vs double GEMM", o.logits.data(), ref_logits.data(), TC2, 1e-5);
-        std::vector<double> mean(C2, 0.0), rstd(C2, 1.0), xhat(TC2), rm_new(C2), rv_new(C2);
+        std::vector<double> mean(C2, 0.0), rstd(C2, 1.0), xhat(TC2), bn_new(2 * C2);
         for (int c = 0; c < C2; c++) {
             double mu = 0, var = 0;
             if (D.training) {
                 for (int t = 0; t < T; t++) mu += o.logits[(size_t)t * C2 + c];
                 mu /= T;
                 for (int t = 0; t < T; t++) { double dv = o.logits[(size_t)t * C2 + c] - mu; var += dv * dv; }
-                rm_new[c] = 0.9 * rm[c] + 0.1 * mu;
-                rv_new[c] = 0.9 * rv[c] + 0.1 * var / (T - 1);
+                bn_new[c] = 0.9 * rm[c] + 0.1 * mu;
+                bn_new[C2 + c] = 0.9 * rv[c] + 0.1 * var / (T - 1);
                 var /= T;
             } else {
-                mu = rm[c]; var = rv[c]; rm_new[c] = rm[c]; rv_new[c] = rv[c];
+                mu = rm[c]; var = rv[c]; bn_new[c] = rm[c]; bn_new[C2 + c] = rv[c];
             }
             mean[c] = mu;
             rstd[c] = 1.0 / sqrt(var + 1e-5);
@@ -740,11 +794,9 @@ static void test_layer_case(const LayerCase& lc) {
         if (D.use_bn) {
             check_rel("BN mean", o.mean.data(), mean.data(), C2, 1e-5);
             check_rel("BN rstd", o.rstd.data(), rstd.data(), C2, 1e-5);
-            check_rel("BN running mean", o.rm.data(), rm_new.data(), C2, 1e-5);
-            check_rel("BN running var (unbiased)", o.rv.data(), rv_new.data(), C2, 1e-5);
+            check_rel("BN running mean, running var (unbiased)", o.bn.data(), bn_new.data(), 2 * C2, 1e-5);
         } else {
-            record(same_bits(o.rm, download(D.rm_init, C2)) && same_bits(o.rv, download(D.rv_init, C2)),
-                   "running stats untouched without BN");
+            record(same_bits(o.bn, hbn), "running stats untouched without BN", "%s", "");
         }
         std::vector<double> logp(TC2);
         for (int t = 0; t < T; t++)
@@ -771,7 +823,9 @@ static void test_layer_case(const LayerCase& lc) {
                 float s1 = o.logp[(size_t)t * C2 + e1 / n] + o.logp[(size_t)t * C2 + n + e1 % n];
                 if (s0 == s1) ties++;
             }
-        record(bad == 0, "top-k == brute force over all N (order too): %d of %d tokens differ (%d tied neighbours)", bad, T, ties);
+        record(bad == 0, "top-k == brute force over all N (order too)", "%d of %d tokens differ (%d tied neighbours)", bad,
+               T, ties);
+        record(same_bits(o.idx, gpu_idx), "the same selection as the first forward", "%s", "");
         // gates from the GPU's log-probs and selection
         std::vector<double> g(Tk);
         for (int t = 0; t < T; t++) {
@@ -803,106 +857,158 @@ static void test_layer_case(const LayerCase& lc) {
         bool ok = o.num_active[0] == (int)ae.size() && same_bits(o.sorted_pair, sp) && same_bits(o.sorted_expert, se) &&
                   same_bits(o.sorted_active, sa) && same_bits(o.active_expert, ae) && same_bits(o.active_offset, ao);
         int max_count = *std::max_element(count.begin(), count.end());
-        record(ok, "schedule == CPU stable counting sort (%d active experts, busiest has %d pairs)", (int)ae.size(), max_count);
+        record(ok, "schedule == CPU stable counting sort", "%d active experts, busiest has %d pairs", (int)ae.size(),
+               max_count);
     }
 
-    // outputs and gradients vs the reference
-    for (int mode = 0; mode < 2; mode++) {
-        const LayerOutputs& q = out[mode];
-        const char* tag = mode == 0 ? "TC" : "EC";
-        char what[64];
-        std::vector<double> Yref(Td);
-        for (size_t i = 0; i < Td; i++) Yref[i] = R.Y[i];
-        snprintf(what, sizeof(what), "%s s (fp32)", tag);
-        check_rel(what, q.s.data(), R.s.data(), Tk, 1e-5);
-        snprintf(what, sizeof(what), "%s Y = Y0 + experts (floatX)", tag);
-        check_rel_delta(what, floatX_to_float(q.Y).data(), hY0.data(), Yref.data(), Td, 1e-2);
-        snprintf(what, sizeof(what), "%s dgate (fp32)", tag);
-        check_rel(what, q.dgate.data(), dgr.data(), Tk, 1e-4);
-        snprintf(what, sizeof(what), "%s dX += experts + router", tag);
-        check_rel_delta(what, floatX_to_float(q.dX).data(), hdX0.data(), dX_total.data(), Td, 1e-2);
-        snprintf(what, sizeof(what), "%s dU +=", tag);
-        std::vector<float> dU = floatX_to_float(q.dU), dV = floatX_to_float(q.dV);
-        check_rel_delta(what, dU.data(), hdU0.data(), dUr.data(), Nd, 1e-2);
-        snprintf(what, sizeof(what), "%s dV +=", tag);
-        check_rel_delta(what, dV.data(), hdV0.data(), dVr.data(), Nd, 1e-2);
-        snprintf(what, sizeof(what), "%s dWrc +=", tag);
-        check_rel_delta(what, floatX_to_float(q.dW).data(), hdW0.data(), dWr.data(), Wd, 1e-2);
-        // rows of experts nobody chose: bitwise untouched
-        std::vector<char> used(N, 0);
-        for (int p = 0; p < P; p++) used[q.idx[p]] = 1;
-        int unused = 0, touched = 0;
-        std::vector<floatX> dU0(Nd), dV0(Nd);
-        host_float_to_floatX(dU0.data(), hdU0.data(), Nd);
-        host_float_to_floatX(dV0.data(), hdV0.data(), Nd);
-        for (int e = 0; e < N; e++) {
-            if (used[e]) continue;
-            unused++;
-            if (memcmp(&q.dU[(size_t)e * d], &dU0[(size_t)e * d], d * sizeof(floatX)) != 0 ||
-                memcmp(&q.dV[(size_t)e * d], &dV0[(size_t)e * d], d * sizeof(floatX)) != 0) touched++;
+    // the shared SwiGLU branch, from the GPU's own saved intermediates (each step alone: the
+    // roundings of the step before do not count): fch = X Wfc^T, fch_act = SiLU(g) u,
+    // dhidden = dY Wd, dwide = SwiGLU backward, dWd += dY^T fch_act, dWfc += dwide^T X
+    std::vector<double> Y0_ref(Td), dX0_ref(Td);
+    {
+        std::vector<double> fch = floatX_to_double(o.fch), act = floatX_to_double(o.fch_act);
+        std::vector<double> dh = floatX_to_double(o.dhidden), dwide = floatX_to_double(o.dwide);
+        std::vector<double> Wfc = to_double(hWfc), Wdn = to_double(hWd);
+        std::vector<double> ref = gemm_abt(X.data(), Wfc.data(), T, 2 * I, d);
+        check_rel("shared fch = X Wfc^T", floatX_to_float(o.fch).data(), ref.data(), 2 * TI, 1e-2);
+        std::vector<double> act_ref(TI), dwide_ref(2 * TI);
+        for (int t = 0; t < T; t++)
+            for (int i = 0; i < I; i++) {
+                double gg = fch[(size_t)t * 2 * I + i], u = fch[(size_t)t * 2 * I + I + i], sg = sigmoid_d(gg);
+                double dhv = dh[(size_t)t * I + i];
+                act_ref[(size_t)t * I + i] = gg * sg * u;
+                dwide_ref[(size_t)t * 2 * I + i] = dhv * u * sg * (1.0 + gg * (1.0 - sg));
+                dwide_ref[(size_t)t * 2 * I + I + i] = dhv * gg * sg;
+            }
+        check_rel("shared fch_act = SiLU(g) u", floatX_to_float(o.fch_act).data(), act_ref.data(), TI, 1e-2);
+        // Wd (d, I): dY (T, d) Wd = (Wd^T dY^T)^T: gemm_abt with Wd^T (I, d)
+        std::vector<double> WdT(Id);
+        for (int c = 0; c < d; c++)
+            for (int i = 0; i < I; i++) WdT[(size_t)i * d + c] = Wdn[(size_t)c * I + i];
+        ref = gemm_abt(dY.data(), WdT.data(), T, I, d);
+        check_rel("shared dhidden = dY Wd", floatX_to_float(o.dhidden).data(), ref.data(), TI, 1e-2);
+        check_rel("shared dwide = SwiGLU backward", floatX_to_float(o.dwide).data(), dwide_ref.data(), 2 * TI, 1e-2);
+        ref = gemm_atb(dY.data(), act.data(), d, I, T);
+        check_rel_delta("shared dWd += dY^T fch_act", floatX_to_float(o.dWd).data(), hdWd0.data(), ref.data(), Id, 1e-2);
+        ref = gemm_atb(dwide.data(), X.data(), 2 * I, d, T);
+        check_rel_delta("shared dWfc += dwide^T X", floatX_to_float(o.dWfc).data(), hdWfc0.data(), ref.data(), 2 * Id, 1e-2);
+        Y0_ref = gemm_abt(act.data(), Wdn.data(), T, d, I);
+        // dX0 = dwide Wfc: gemm_abt with Wfc^T (d, 2I)
+        std::vector<double> WfcT(2 * Id);
+        for (int j = 0; j < 2 * I; j++)
+            for (int c = 0; c < d; c++) WfcT[(size_t)c * 2 * I + j] = Wfc[(size_t)j * d + c];
+        dX0_ref = gemm_abt(dwide.data(), WfcT.data(), T, d, 2 * I);
+    }
+
+    // outputs and gradients vs the reference: the routed part alone (written into NaN) and on
+    // top of the shared branch (Y = shared + experts; dX = shared + experts + router)
+    std::vector<double> Y_total(Td), dX_all(Td);
+    for (size_t i = 0; i < Td; i++) { Y_total[i] = Y0_ref[i] + R.Y[i]; dX_all[i] = dX0_ref[i] + dX_total[i]; }
+    for (int sh = 0; sh < 2; sh++) {
+        for (int ex = 0; ex < 2; ex++) {
+            const LayerOutputs& q = sh ? out[ex] : alone[ex];
+            char tag[16], what[80];
+            snprintf(tag, sizeof(tag), "%s%s", ex == EXPERT_EXEC_TOKEN ? "TC" : "EC", sh ? "" : " alone");
+            snprintf(what, sizeof(what), "%s s (fp32)", tag);
+            check_rel(what, q.s.data(), R.s.data(), Tk, 1e-5);
+            snprintf(what, sizeof(what), "%s dgate (fp32)", tag);
+            check_rel(what, q.dgate.data(), dgr.data(), Tk, 1e-4);
+            snprintf(what, sizeof(what), sh ? "%s Y = shared + experts" : "%s Y = experts (into NaN)", tag);
+            check_rel(what, floatX_to_float(q.Y).data(), sh ? Y_total.data() : R.Y.data(), Td, 1e-2);
+            snprintf(what, sizeof(what), sh ? "%s dX = shared + experts + router" : "%s dX = experts + router (into NaN)", tag);
+            check_rel(what, floatX_to_float(q.dX).data(), sh ? dX_all.data() : dX_total.data(), Td, 1e-2);
+            snprintf(what, sizeof(what), "%s dU +=", tag);
+            std::vector<float> dU = floatX_to_float(q.dU), dV = floatX_to_float(q.dV);
+            check_rel_delta(what, dU.data(), hdU0.data(), dUr.data(), Nd, 1e-2);
+            snprintf(what, sizeof(what), "%s dV +=", tag);
+            check_rel_delta(what, dV.data(), hdV0.data(), dVr.data(), Nd, 1e-2);
+            snprintf(what, sizeof(what), "%s dWrc +=", tag);
+            check_rel_delta(what, floatX_to_float(q.dW).data(), hdW0.data(), dWr.data(), Wd, 1e-2);
+            // rows of experts nobody chose: bitwise untouched
+            std::vector<char> used(N, 0);
+            for (int p = 0; p < P; p++) used[q.idx[p]] = 1;
+            int unused = 0, touched = 0;
+            std::vector<floatX> dU0(Nd), dV0(Nd);
+            host_float_to_floatX(dU0.data(), hdU0.data(), Nd);
+            host_float_to_floatX(dV0.data(), hdV0.data(), Nd);
+            for (int e = 0; e < N; e++) {
+                if (used[e]) continue;
+                unused++;
+                if (memcmp(&q.dU[(size_t)e * d], &dU0[(size_t)e * d], d * sizeof(floatX)) != 0 ||
+                    memcmp(&q.dV[(size_t)e * d], &dV0[(size_t)e * d], d * sizeof(floatX)) != 0) touched++;
+            }
+            snprintf(what, sizeof(what), "%s dU/dV rows of unused experts untouched", tag);
+            record(touched == 0, what, "%d of %d touched", touched, unused);
         }
-        record(touched == 0, "%s dU/dV rows of the %d unused experts untouched: %d touched", tag, unused, touched);
+    }
+    // the experts' add onto the shared branch, precisely: the same layer's Y and dX minus the
+    // shared branch the GPU computed (recomputed here with the same matmul calls: the same bits)
+    {
+        floatX *Y0 = dev_alloc<floatX>(Td), *dX0 = dev_alloc<floatX>(Td), *junk = dev_alloc<floatX>(2 * Id);
+        std::vector<float> hwide = floatX_to_float(out[0].dwide), hact = floatX_to_float(out[0].fch_act);
+        floatX *wide = dev_alloc<floatX>(2 * TI), *act = dev_alloc<floatX>(TI);
+        upload_floatX(wide, hwide.data(), 2 * TI);
+        upload_floatX(act, hact.data(), TI);
+        matmul_forward(Y0, act, D.Wd, NULL, T, I, d, 0);
+        matmul_backward(dX0, junk, NULL, wide, D.X, D.Wfc, T, d, 2 * I, 0, 0, D.ws.scratch);
+        std::vector<float> hY0 = floatX_to_float(download(Y0, Td)), hdX0 = floatX_to_float(download(dX0, Td));
+        check_rel_delta("TC Y - shared (GPU) vs experts", floatX_to_float(out[0].Y).data(), hY0.data(), R.Y.data(), Td, 1e-2);
+        check_rel_delta("TC dX - shared (GPU) vs experts + router", floatX_to_float(out[0].dX).data(), hdX0.data(),
+                        dX_total.data(), Td, 1e-2);
+        void* bufs[] = {Y0, dX0, junk, wide, act};
+        for (void* b : bufs) cudaCheck(cudaFree(b));
     }
     const char* diff = "";
-    record(outputs_identical(out[0], out[1], &diff), "token-centric == expert-centric bitwise (all outputs) %s", diff);
-
-    // accumulate = 0 into all-NaN Y and dX (both modes)
-    for (int mode = 0; mode < 2; mode++) {
-        reset_and_poison(D, 0, 0);
-        run_layer(D, mode, 0, 0);
-        LayerOutputs z = download_all(D);
-        char what[64];
-        snprintf(what, sizeof(what), "%s Y = experts (into NaN)", mode == 0 ? "TC" : "EC");
-        check_rel(what, floatX_to_float(z.Y).data(), R.Y.data(), Td, 1e-2);
-        snprintf(what, sizeof(what), "%s dX = experts + router (into NaN)", mode == 0 ? "TC" : "EC");
-        check_rel(what, floatX_to_float(z.dX).data(), dX_total.data(), Td, 1e-2);
-    }
+    record(outputs_identical(out[0], out[1], &diff), "token-centric == expert-centric bitwise (all outputs)", "%s", diff);
+    record(outputs_identical(alone[0], alone[1], &diff), "alone, token-centric == expert-centric bitwise", "%s", diff);
 
     // run twice: bitwise identical
     {
-        reset_and_poison(D, 1, 0);
-        run_layer(D, EXPERTS_TOKEN_CENTRIC, 1, 0);
-        LayerOutputs again = download_all(D);
-        record(outputs_identical(out[0], again, &diff), "second run bitwise identical %s", diff);
+        reset_and_poison(D, 0);
+        run_layer(D, 1, EXPERT_EXEC_TOKEN, 0);
+        LayerOutputs again = download_all(D, 1, EXPERT_EXEC_TOKEN);
+        record(outputs_identical(out[0], again, &diff), "second run bitwise identical", "%s", diff);
     }
 
-    // CUDA graph: capture the whole forward + backward (expert-centric) and replay it
+    // CUDA graph: capture the whole forward + backward (expert-centric, with the side stream's
+    // fork and join) and replay it
     {
         cudaStream_t stream;
         cudaCheck(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
         cudaGraph_t graph;
         cudaGraphExec_t exec;
         cudaCheck(cudaStreamBeginCapture(stream, cudaStreamCaptureModeGlobal));
-        run_layer(D, EXPERTS_EXPERT_CENTRIC, 1, stream);
+        run_layer(D, 1, EXPERT_EXEC_EXPERT, stream);
         cudaCheck(cudaStreamEndCapture(stream, &graph));
         cudaCheck(cudaGraphInstantiate(&exec, graph, 0));
         bool all_same = true;
         for (int rep = 0; rep < 2; rep++) {
-            reset_and_poison(D, 1, stream);
+            reset_and_poison(D, stream);
             cudaCheck(cudaGraphLaunch(exec, stream));
             cudaCheck(cudaStreamSynchronize(stream));
-            LayerOutputs g = download_all(D);
+            LayerOutputs g = download_all(D, 1, EXPERT_EXEC_EXPERT);
             if (!outputs_identical(out[1], g, &diff)) all_same = false;
         }
-        record(all_same, "CUDA graph (captured, replayed twice) == eager run bitwise %s", diff);
+        record(all_same, "CUDA graph (captured, replayed twice) == eager run bitwise", "%s", diff);
         cudaCheck(cudaGraphExecDestroy(exec));
         cudaCheck(cudaGraphDestroy(graph));
         cudaCheck(cudaStreamDestroy(stream));
     }
 
-    void* bufs[] = {D.X, D.W, D.U, D.V, D.dY, D.rm, D.rv, D.rm_init, D.rv_init, D.Y_init, D.dX_init, D.dU_init, D.dV_init,
-                    D.dW_init, D.logits, D.logp, D.bn_mean, D.bn_rstd, D.gate, D.s, D.dgate, D.idx, D.Y, D.dX, D.dU, D.dV,
-                    D.dW, D.sched.sorted_pair, D.sched.sorted_expert, D.sched.sorted_active, D.sched.active_expert,
-                    D.sched.active_offset, D.sched.num_active, D.scratch_router_f, D.scratch_router_b, D.scratch_sched,
-                    D.scratch_exp};
+    for (int sh = 0; sh < 2; sh++)
+        for (int ex = 0; ex < 2; ex++) omni_layer_free(&D.layer[sh][ex]);
+    omni_workspace_free(&D.ws);
+    void* bufs[] = {D.X, D.W, D.U, D.V, D.dY, D.Wfc, D.Wd, D.bn, D.bn_init, D.dWfc_init, D.dWd_init, D.dU_init,
+                    D.dV_init, D.dW_init, D.Y, D.dX, D.dU, D.dV, D.dW, D.dWfc, D.dWd};
     for (void* b : bufs) cudaCheck(cudaFree(b));
 }
 
 int main(int argc, char** argv) {
+    test_begin("test_omni");
+    rng_init(&g_rng, 0x9E3779B97F4A7C15ull);
     if (argc > 1 && strcmp(argv[1], "--cpu-only") == 0) {  // the reference's own check, no GPU needed
         test_cpu_reference_fd();
-        printf("\n== summary: %d checks, %d failed ==\n", g_checks, g_failures);
-        return g_failures == 0 ? 0 : 1;
+        return test_end();
     }
     int device_count = 0;
     if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) {
@@ -912,32 +1018,32 @@ int main(int argc, char** argv) {
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, 0));
     printf("test_omni on %s (floatX = %s)\n", prop.name, FLOATX_NAME);
-    router_init();
+    matmul_init();
 
     test_cpu_reference_fd();
     test_topk_unit();
     const LayerCase cases[] = {
-        {"k=4 bn softmax", 256, 128, 8, 4, 1, 0, 1, 0},
-        {"k=4 bn prob", 256, 128, 8, 4, 1, 1, 1, 0},
-        {"k=4 none softmax", 256, 128, 8, 4, 0, 0, 1, 0},
-        {"k=4 none prob", 256, 128, 8, 4, 0, 1, 1, 0},
-        {"k=16 bn softmax", 256, 128, 8, 16, 1, 0, 1, 0},
-        {"k=16 bn prob", 256, 128, 8, 16, 1, 1, 1, 0},
-        {"k=16 none softmax", 256, 128, 8, 16, 0, 0, 1, 0},
-        {"k=16 none prob", 256, 128, 8, 16, 0, 1, 1, 0},
-        {"ties k=4 none softmax", 256, 128, 8, 4, 0, 0, 1, 1},
-        {"ties k=16 none prob", 256, 128, 8, 16, 0, 1, 1, 1},
-        {"ties k=16 bn softmax", 256, 128, 8, 16, 1, 0, 1, 1},
-        {"eval BN k=4 softmax", 256, 128, 8, 4, 1, 0, 0, 0},
-        {"odd shapes", 100, 200, 5, 7, 1, 0, 1, 0},
-        {"k = N", 64, 64, 4, 16, 1, 1, 1, 0},
-        {"n=64 k=16 d=256", 512, 256, 64, 16, 1, 0, 1, 0},
-        {"n=96 k=24 (n > 64: serial-round selection)", 256, 128, 96, 24, 1, 0, 1, 0},
+        // name, T, d, I, n, k, bn, prob, training, ties
+        {"k=4 bn softmax", 256, 128, 64, 8, 4, 1, 0, 1, 0},
+        {"k=4 bn prob", 256, 128, 64, 8, 4, 1, 1, 1, 0},
+        {"k=4 none softmax", 256, 128, 64, 8, 4, 0, 0, 1, 0},
+        {"k=4 none prob", 256, 128, 64, 8, 4, 0, 1, 1, 0},
+        {"k=16 bn softmax", 256, 128, 64, 8, 16, 1, 0, 1, 0},
+        {"k=16 bn prob", 256, 128, 64, 8, 16, 1, 1, 1, 0},
+        {"k=16 none softmax", 256, 128, 64, 8, 16, 0, 0, 1, 0},
+        {"k=16 none prob", 256, 128, 64, 8, 16, 0, 1, 1, 0},
+        {"ties k=4 none softmax", 256, 128, 64, 8, 4, 0, 0, 1, 1},
+        {"ties k=16 none prob", 256, 128, 64, 8, 16, 0, 1, 1, 1},
+        {"ties k=16 bn softmax", 256, 128, 64, 8, 16, 1, 0, 1, 1},
+        {"eval BN k=4 softmax", 256, 128, 64, 8, 4, 1, 0, 0, 0},
+        {"odd shapes", 100, 200, 24, 5, 7, 1, 0, 1, 0},
+        {"k = N", 64, 64, 32, 4, 16, 1, 1, 1, 0},
+        {"n=64 k=16 d=256", 512, 256, 128, 64, 16, 1, 0, 1, 0},
+        {"n=96 k=24 (n > 64, serial-round selection)", 256, 128, 64, 96, 24, 1, 0, 1, 0},
     };
     for (const LayerCase& lc : cases) test_layer_case(lc);
-    router_free();
+    matmul_free();
 
-    printf("\n== summary: %d checks, %d failed ==\n", g_checks, g_failures);
-    printf(g_failures == 0 ? "TEST_OMNI PASSED\n" : "TEST_OMNI FAILED\n");
-    return g_failures == 0 ? 0 : 1;
+    g_case[0] = '\0';
+    return test_end();
 }

@@ -1,0 +1,473 @@
+/*
+ * train_loop.h - the training loop of both trainers (train_omnimoe.c on the CPU, train_omnimoe.cu
+ * on one or several GPUs): the order of a step, what a checkpoint restores, signals, resume rules
+ * and the run-safety checks. Each trainer implements the small TrainBackend below (its model) and
+ * calls train_loop_run() once. Plain C (gcc -std=c11 and nvcc).
+ *
+ * The loop, for step = start .. num_steps (step = updates completed so far):
+ *   1. evaluate     when -v divides step, and at the last step; a non-finite validation loss
+ *                   stops the run here, before anything of this step is written
+ *   2. sample       when -s divides step (step > 0), and at the last step; rank 0; not at the
+ *                   start step of a resumed run (the interrupted run printed that one)
+ *   3. checkpoint   with -o: when -n divides step, at the last step, and after a stop request
+ *                   or a log write error (whatever -n is); never at the start step
+ *   4. stop         at the last step (done), after a stop request (exit 130) or a log write
+ *                   error (exit 1)
+ *   5. train step   one optimiser update (gradient accumulation inside the backend); the ranks
+ *                   agree on the loss, the gradient norm and any stop request
+ *   6. checks       a non-finite loss or gradient norm stops the run before anything is written
+ *   7. log line     console + JSONL (rank 0); expert statistics of OmniMoE layers
+ * and after the last step: 8. the final weights to <-o>/model.bin (rank 0).
+ *
+ * Why resume is bitwise: the checkpoint of step S is taken after S's evaluation and sample, so it
+ * holds the sampling RNG as the next sample will find it, and before S's update, with the data
+ * loader where that update starts. The resumed run repeats S's evaluation (it reads the
+ * validation data from the start and changes no state) and skips S's sample, so every later
+ * step sees the same weights, AdamW moments, BN statistics, batches and RNG as the straight run.
+ *
+ * A checkpoint restores, never recomputes: step, adam_t (AdamW updates taken), tokens_seen, the
+ * data-loader state (position and shuffle order), the sampling RNG, and through the backend the
+ * weights, AdamW moments and BN statistics. A checkpoint of other data, order or seed is refused;
+ * other run settings that differ are noted (checkpoint_compare_run).
+ *
+ * Run safety (every check runs on rank 0, which owns the files; the others learn the outcome
+ * through train_loop_agree_):
+ *   - a fresh run (no -y 1) into an output directory that holds another run's checkpoints, model
+ *     or log is refused, unless --overwrite 1 (then those files are removed first);
+ *   - -y 1 without a usable checkpoint (none, or every one corrupt) is an error; nothing is written;
+ *   - a resumed checkpoint past -x is an error; one exactly at -x: the run is complete, exit 0,
+ *     nothing written;
+ *   - SIGINT, SIGTERM, SIGUSR1 (mpirun forwards SIGUSR1 to every rank without a follow-up
+ *     SIGKILL): the step finishes, a checkpoint is written when -o is set, exit 130;
+ *   - a log write error: a checkpoint of the state (finite, checked) is written when -o is set,
+ *     then exit 1 naming the file;
+ *   - non-finite validation loss, loss or gradient norm: exit 1 without writing, naming which; a
+ *     checkpoint this run wrote from the weights that diverged is renamed <name>.diverged (a later
+ *     -y 1 skips it) and the message names the last good one.
+ *
+ * What differs between the trainers lives in their backends only: the CPU trainer is one process
+ * (sum_ranks does nothing, the stop request is its own), has no MFU (peak_flops 0) and
+ * loads the tokenizer only when it samples; the CUDA trainer folds the stop request into the
+ * reduction of the step's loss and gathers every rank's BN statistics into its checkpoints.
+ */
+#ifndef OMNIMOE_TRAIN_LOOP_H
+#define OMNIMOE_TRAIN_LOOP_H
+
+#include "utils.h"  // first: it selects POSIX declarations
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <time.h>
+#include <errno.h>
+#include <signal.h>
+#include <dirent.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include "config.h"
+#include "rand.h"
+#include "args.h"
+#include "schedule.h"
+#include "logger.h"
+#include "checkpoint.h"
+#include "dataloader.h"
+#include "tokenizer.h"
+#include "sampler.h"
+
+typedef struct {
+    float loss;   // mean training loss of the step (over micro-batches and ranks)
+    float norm;   // global gradient norm, before clipping
+    int stop;     // 1 when any rank asked to stop (its stop_local was 1)
+} TrainStepResult;
+
+// One trainer's model. Every function is called on every rank unless it says rank 0.
+typedef struct {
+    void* ctx;
+    int rank, num_processes;
+    int num_omni_layers;                 // expert_stats fills this many values in each array
+    double flops_per_token_fwd;          // for MFU
+    double peak_flops;                   // all ranks together; 0 = unknown (no MFU printed)
+    int vocab_size, sample_T;            // sample_logits' vocabulary and window
+    void (*init_weights)(void* ctx);     // a fresh run: from the model file or random (seed)
+    // one update: t = AdamW update count after it (1, 2, ...); *stop_local = this rank's stop
+    // request, read once the step's gradients are in (a signal during the step counts)
+    void (*train_step)(void* ctx, int step, float lr, int t, const volatile sig_atomic_t* stop_local,
+                       TrainStepResult* out);
+    // evaluation mode (BN running statistics, no state changes): mean loss of one batch
+    float (*forward_loss)(void* ctx, const int* inputs, const int* targets, int B, int T);
+    SamplerLogitsFn sample_logits;       // rank 0 (sampler.h)
+    // rank 0 writes the file (out_path); info, loader state and RNG come from the loop
+    void (*save_checkpoint)(void* ctx, const CheckpointInfo* info, const DataLoaderState* loader,
+                            const uint64_t* sample_rng, char* out_path);
+    // path valid on rank 0; every rank receives info, loader state and RNG of the file
+    void (*load_checkpoint)(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
+                            uint64_t* sample_rng);
+    void (*expert_stats)(void* ctx, float* usage, float* kl);   // rank 0, of the last step
+    void (*write_model)(void* ctx, const char* path);           // rank 0
+    void (*sum_ranks)(void* ctx, double* values, int n);        // values = their sums over all ranks
+} TrainBackend;
+
+typedef struct {
+    const TrainConfig* cfg;
+    TrainBackend* be;
+    DataLoader* train_loader;      // the backend's train_step reads it; the loop saves its state
+    DataLoader* val_loader;        // this rank's slice of the validation windows (when have_val)
+    int val_batches;               // batches per evaluation on this rank (-1 = all)
+    const Tokenizer* tokenizer;    // rank 0, for samples (may be unloaded: ids are printed)
+    int have_val;                  // -j set and -v > 0
+} TrainLoop;
+
+// ----------------------------------------------------------------------------
+// signals
+
+static volatile sig_atomic_t train_loop_stop_requested = 0;
+static void train_loop_on_signal(int sig) {
+    (void)sig;
+    train_loop_stop_requested = 1;
+}
+
+static inline double train_loop_now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return 1e3 * (double)ts.tv_sec + 1e-6 * (double)ts.tv_nsec;
+}
+
+// rank 0's value, on every rank (the others add 0: exact in double for any int)
+static inline int train_loop_agree_(TrainBackend* be, int value) {
+    double v = be->rank == 0 ? (double)value : 0.0;
+    be->sum_ranks(be->ctx, &v, 1);
+    return (int)v;
+}
+
+// Mean loss over the first val_batches batches of each rank's slice (all when < 0), averaged
+// over the ranks, which all run the same number of batches; the same tokens every time, so
+// curves of different runs compare. Every rank calls it.
+static inline float train_loop_evaluate_(const TrainLoop* tl) {
+    TrainBackend* be = tl->be;
+    DataLoader* loader = tl->val_loader;
+    dataloader_reset(loader);
+    int64_t n = dataloader_num_batches(loader);
+    if (tl->val_batches >= 0 && tl->val_batches < n) n = tl->val_batches;
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        dataloader_next_batch(loader);
+        sum += be->forward_loss(be->ctx, loader->inputs, loader->targets, (int)loader->B, (int)loader->T);
+    }
+    double mean = n > 0 ? sum / (double)n : NAN;
+    be->sum_ranks(be->ctx, &mean, 1);
+    return (float)(mean / be->num_processes);
+}
+
+// ----------------------------------------------------------------------------
+// the output directory (rank 0)
+
+// how many names of ckpt_* files dir holds, and whether it holds model.bin
+static inline int train_loop_count_outputs_(const char* dir, int* has_model) {
+    *has_model = 0;
+    DIR* d = opendir(dir);
+    if (d == NULL) return 0;
+    int count = 0;
+    struct dirent* e;
+    while ((e = readdir(d)) != NULL) {
+        if (strncmp(e->d_name, "ckpt_", 5) == 0) count++;
+        if (strcmp(e->d_name, "model.bin") == 0) *has_model = 1;
+    }
+    closedir(d);
+    return count;
+}
+
+static inline int train_loop_nonempty_file_(const char* path) {
+    struct stat st;
+    return path[0] != '\0' && stat(path, &st) == 0 && S_ISREG(st.st_mode) && st.st_size > 0;
+}
+
+// --overwrite 1: removes another run's checkpoints (complete, unfinished, diverged) and model.bin
+static inline int train_loop_remove_outputs_(const char* dir) {
+    DIR* d = opendir(dir);
+    if (d == NULL) return 0;
+    int removed = 0;
+    struct dirent* e;
+    while ((e = readdir(d)) != NULL) {
+        if (strncmp(e->d_name, "ckpt_", 5) != 0 && strcmp(e->d_name, "model.bin") != 0) continue;
+        char path[CHECKPOINT_PATH_MAX + 256];
+        snprintf(path, sizeof(path), "%s/%s", dir, e->d_name);
+        if (unlink(path) != 0) {
+            fprintf(stderr, "Error: --overwrite 1: cannot remove %s: %s\n", path, strerror(errno));
+            closedir(d);
+            return -1;
+        }
+        removed++;
+    }
+    closedir(d);
+    return removed;
+}
+
+// The start of a run (rank 0): returns 0 and sets *found_step (-1 = fresh run) or prints why
+// the run cannot start and returns 1.
+static inline int train_loop_check_output_(const TrainConfig* cfg, const char* log_path, char* resume_path,
+                                           int* found_step) {
+    *found_step = -1;
+    const char* dir = cfg->output_dir;
+    int has_model = 0;
+    int ckpts = dir[0] ? train_loop_count_outputs_(dir, &has_model) : 0;
+    if (cfg->resume) {
+        if (cfg->overwrite) {
+            fprintf(stderr, "Error: flags -y 1 and --overwrite 1 contradict: resume the run in %s or replace it\n", dir);
+            return 1;
+        }
+        *found_step = checkpoint_find_latest(dir, resume_path);
+        if (*found_step >= 0) return 0;
+        if (ckpts == 0) {
+            struct stat st;
+            fprintf(stderr, "Error: -y 1: no checkpoint in %s to resume from%s (drop -y 1 to start a new run)\n", dir,
+                    stat(dir, &st) != 0 ? ": the directory does not exist" : "");
+        } else {
+            fprintf(stderr, "Error: -y 1: none of the %d checkpoint file(s) in %s is usable (unfinished, corrupt or "
+                    "diverged: see the warnings above); nothing was changed\n", ckpts, dir);
+        }
+        return 1;
+    }
+    int has_log = train_loop_nonempty_file_(log_path);
+    if (ckpts == 0 && !has_model && !has_log) return 0;
+    if (!cfg->overwrite) {
+        fprintf(stderr, "Error: another run's files are in the way of this new run: ");
+        if (ckpts > 0) fprintf(stderr, "%d checkpoint file(s) in %s; ", ckpts, dir);
+        if (has_model) fprintf(stderr, "%s/model.bin; ", dir);
+        if (has_log) fprintf(stderr, "the log %s; ", log_path);
+        fprintf(stderr, "resume that run with -y 1, choose another -o / --log-file, or replace them with "
+                "--overwrite 1\n");
+        return 1;
+    }
+    int removed = dir[0] ? train_loop_remove_outputs_(dir) : 0;
+    if (removed < 0) return 1;
+    printf("--overwrite 1: removed %d checkpoint/model file(s) of another run in %s%s\n", removed, dir,
+           has_log ? "; the log is rewritten" : "");
+    return 0;
+}
+
+// ----------------------------------------------------------------------------
+// the loop
+
+typedef struct {
+    int step;       // of the newest checkpoint this run holds (-1 = none)
+    int written;    // 1 when this run wrote it (0: the one it resumed from)
+    char path[CHECKPOINT_PATH_MAX];
+} TrainLoopCkpt;
+
+// the message after a non-finite value from the weights after `step` updates (rank 0): a
+// checkpoint of those weights is not good; one this run wrote is moved aside
+static inline void train_loop_report_divergence_(const TrainLoopCkpt* last, const TrainLoopCkpt* good, int step) {
+    fflush(stdout);
+    if (last->step == step) {
+        char aside[CHECKPOINT_PATH_MAX + 16];
+        snprintf(aside, sizeof(aside), "%s.diverged", last->path);
+        if (last->written && rename(last->path, aside) == 0) {
+            fprintf(stderr, "       %s holds these weights: renamed to %s (-y 1 will not resume from it)\n",
+                    last->path, aside);
+        } else {
+            fprintf(stderr, "       %s holds these weights: do not resume from it\n", last->path);
+        }
+        last = good;
+    }
+    if (last->step >= 0) {
+        fprintf(stderr, "       the last good checkpoint is %s (step %d): resume from it with a lower -l\n", last->path,
+                last->step);
+    } else {
+        fprintf(stderr, "       no checkpoint of earlier weights exists: start again with a lower -l\n");
+    }
+}
+
+static inline void train_loop_note_checkpoint_(TrainLoopCkpt* last, TrainLoopCkpt* good, int step, const char* path,
+                                               int written) {
+    *good = *last;
+    last->step = step;
+    last->written = written;
+    snprintf(last->path, sizeof(last->path), "%s", path);
+}
+
+// Runs the whole training (see the top of the file). Returns the exit status: 0, 1 (an error,
+// already reported) or 130 (stopped by a signal after a checkpoint).
+static inline int train_loop_run(const TrainLoop* tl) {
+    const TrainConfig cfg_local = *tl->cfg;  // a local copy: the compiler then knows its path sizes
+    const TrainConfig* cfg = &cfg_local;
+    TrainBackend* be = tl->be;
+    void* ctx = be->ctx;
+    const int master = be->rank == 0;
+    const int have_dir = cfg->output_dir[0] != '\0';
+    char log_path[TRAIN_PATH_MAX + 32];
+    train_config_log_path(cfg, log_path, sizeof(log_path));
+    char model_path[TRAIN_PATH_MAX + 32];
+    snprintf(model_path, sizeof(model_path), "%.*s/model.bin", TRAIN_PATH_MAX - 1, cfg->output_dir);
+
+    // where the run starts: the output directory decides (rank 0), every rank follows
+    char resume_path[CHECKPOINT_PATH_MAX] = "";
+    int found_step = -1, refused = 0;
+    if (master) refused = train_loop_check_output_(cfg, log_path, resume_path, &found_step);
+    if (train_loop_agree_(be, refused)) return EXIT_FAILURE;
+    found_step = train_loop_agree_(be, found_step);
+
+    // what identifies this run in its checkpoints (llmc/run_identity.h)
+    const RunIdentity run = train_config_run_identity(cfg, tl->train_loader->fingerprint,
+                                                      tl->train_loader->total_tokens, tl->train_loader->num_shards);
+    int step = 0, adam_t = 0;
+    long long tokens_seen = 0;
+    Rng sample_rng;
+    rng_init(&sample_rng, cfg->seed ^ 0x53414D504C45ull);  // its own stream ("SAMPLE")
+    TrainLoopCkpt last_ckpt, good_ckpt;
+    last_ckpt.step = good_ckpt.step = -1;
+    last_ckpt.written = good_ckpt.written = 0;
+    last_ckpt.path[0] = good_ckpt.path[0] = '\0';
+    if (found_step < 0) {
+        be->init_weights(ctx);
+    } else {
+        CheckpointInfo info;
+        DataLoaderState loader_state;
+        be->load_checkpoint(ctx, resume_path, &info, &loader_state, &sample_rng.state);
+        // exits when the data, its order or the seed differ (rank 0 reads the file; with several
+        // processes the launcher ends the others)
+        if (master) checkpoint_compare_run(resume_path, &info, &run);
+        dataloader_set_state(tl->train_loader, &loader_state);
+        step = info.step;
+        adam_t = info.adam_t;
+        tokens_seen = info.tokens_seen;
+        train_loop_note_checkpoint_(&last_ckpt, &good_ckpt, step, resume_path, 0);
+        if (master) printf("resumed from %s at step %d\n", resume_path, step);
+        if (step > cfg->num_steps) {
+            if (master) {
+                fprintf(stderr, "Error: the checkpoint %s is at step %d, past the %d steps asked for (-x %d): raise -x "
+                        "to continue training; nothing was written\n", resume_path, step, cfg->num_steps,
+                        cfg->num_steps);
+            }
+            return EXIT_FAILURE;
+        }
+        if (step == cfg->num_steps) {
+            if (master) printf("the run is already complete: the checkpoint is at step %d = -x; nothing to do\n", step);
+            return 0;
+        }
+    }
+    const int start_step = step, resumed = found_step >= 0;
+    if (have_dir && master) checkpoint_make_dir(cfg->output_dir);
+    Logger logger;
+    logger_init(&logger, log_path, be->rank, resumed ? start_step : -1);
+    signal(SIGINT, train_loop_on_signal);
+    signal(SIGTERM, train_loop_on_signal);
+    signal(SIGUSR1, train_loop_on_signal);
+
+    const long long tokens_per_step = train_config_total_batch_tokens(cfg);
+    int L = be->num_omni_layers;
+    float* usage = (float*)calloc_check(L > 0 ? L : 1, sizeof(float));
+    float* kl = (float*)calloc_check(L > 0 ? L : 1, sizeof(float));
+    float val_loss = NAN;
+    int stop = 0, log_failed = 0, rc = 0, timed_steps = 0;
+    double total_ms = 0.0;
+    for (;; step++) {
+        int last = step == cfg->num_steps;
+        // 1. evaluate
+        if (tl->have_val && (last || (cfg->val_every > 0 && step % cfg->val_every == 0))) {
+            val_loss = train_loop_evaluate_(tl);
+            if (!isfinite(val_loss)) {  // the same on every rank
+                if (master) {
+                    fprintf(stderr, "Error: the validation loss is %f at step %d: the weights after %d updates give a "
+                            "non-finite loss on the validation data; stopping before this step's log line, checkpoint "
+                            "or model is written\n", val_loss, step, step);
+                    train_loop_report_divergence_(&last_ckpt, &good_ckpt, step);
+                }
+                rc = EXIT_FAILURE;
+                break;
+            }
+            logger_log_eval(&logger, step, tokens_seen, val_loss);
+        }
+        // 2. sample
+        if (master && cfg->sample_every > 0 && !(resumed && step == start_step) &&
+            (last || (step > 0 && step % cfg->sample_every == 0))) {
+            sample_and_print_with(be->sample_logits, ctx, be->vocab_size, be->sample_T, tl->tokenizer, &sample_rng,
+                                  NULL);
+        }
+        log_failed = train_loop_agree_(be, logger.failed);
+        // 3. checkpoint
+        if (have_dir && step > start_step &&
+            (last || stop || log_failed || (cfg->checkpoint_every > 0 && step % cfg->checkpoint_every == 0))) {
+            CheckpointInfo info;
+            checkpoint_info_from_run(&info, &run, step, adam_t, tokens_seen);
+            DataLoaderState loader_state = dataloader_get_state(tl->train_loader);
+            char path[CHECKPOINT_PATH_MAX] = "";
+            be->save_checkpoint(ctx, &info, &loader_state, &sample_rng.state, path);
+            if (master) printf("wrote checkpoint %s\n", path);
+            train_loop_note_checkpoint_(&last_ckpt, &good_ckpt, step, path, 1);
+        }
+        // 4. stop
+        if (log_failed) {
+            if (master) {
+                fflush(stdout);
+                fprintf(stderr, "Error: stopping at step %d: the log file \"%s\" cannot be written (see above)", step,
+                        log_path);
+                if (last_ckpt.step >= 0) fprintf(stderr, "; the run is saved in %s", last_ckpt.path);
+                fprintf(stderr, "\n");
+            }
+            rc = EXIT_FAILURE;
+            break;
+        }
+        if (last) break;
+        if (stop) {
+            if (master) printf("stopped by a signal at step %d\n", step);
+            rc = 130;
+            break;
+        }
+        // 5. train step
+        double start = train_loop_now_ms();
+        float lr = learning_rate_at(cfg, step);
+        TrainStepResult res;
+        be->train_step(ctx, step, lr, adam_t + 1, &train_loop_stop_requested, &res);
+        // 6. checks: loss and norm are the same on every rank, so all stop together
+        if (!isfinite(res.loss) || !isfinite(res.norm)) {
+            if (master) {
+                fflush(stdout);
+                if (!isfinite(res.loss)) {
+                    fprintf(stderr, "Error: the training loss is %f at step %d (gradient norm %f): the weights after %d "
+                            "updates have diverged; stopping before this step's log line, checkpoint or model is "
+                            "written\n", res.loss, step + 1,
+                            res.norm, step);
+                } else {
+                    fprintf(stderr, "Error: the gradient norm is %f at step %d (the loss %f is finite): the update would "
+                            "make the weights non-finite; stopping before this step's log line, checkpoint or model is "
+                            "written\n", res.norm, step + 1,
+                            res.loss);
+                }
+                train_loop_report_divergence_(&last_ckpt, &good_ckpt, step);
+            }
+            rc = EXIT_FAILURE;
+            break;
+        }
+        adam_t++;
+        tokens_seen += tokens_per_step;
+        stop = res.stop;
+        // 7. log line
+        if (master && L > 0) be->expert_stats(ctx, usage, kl);
+        double ms = train_loop_now_ms() - start;  // the expert statistics count too
+        if (step > start_step) {  // the first step warms caches up
+            total_ms += ms;
+            timed_steps++;
+        }
+        double tok_s = 1e3 * (double)tokens_per_step / ms;
+        logger_log_train(&logger, step + 1, cfg->num_steps, tokens_seen, res.loss, res.norm, lr, ms, tok_s,
+                         logger_mfu(be->flops_per_token_fwd, tok_s, be->peak_flops), L, usage, kl);
+    }
+    // 8. the final weights, after a complete run only
+    if (rc == 0 && have_dir && master) {
+        be->write_model(ctx, model_path);
+        printf("wrote model %s\n", model_path);
+    }
+    if (master && rc == 0) {
+        if (tl->have_val) printf("final val loss %.6f\n", val_loss);
+        if (timed_steps > 0) {
+            printf("total average step time: %.1f ms (%.0f tok/s) over %d steps\n", total_ms / timed_steps,
+                   1e3 * (double)tokens_per_step * timed_steps / total_ms, timed_steps);
+        }
+    }
+    if (logger_close(&logger) != 0 && rc == 0) rc = EXIT_FAILURE;
+    free(usage);
+    free(kl);
+    return rc;
+}
+
+#endif // OMNIMOE_TRAIN_LOOP_H
