@@ -4,7 +4,8 @@
 #   bash dev/gpu_check.sh [quick|full|kernels|full+kernels|bench]
 #     quick: build + GPU tests; full: also the default training run and, when carry/mixed was
 #     carried, a rerun of the dense-vs-OmniMoE recipe's start; kernels: also every kernel test
-#     and benchmark of dev/cuda (run_std.sh, run_attention.sh, run_omni.sh); bench: only
+#     and benchmark of dev/cuda (run_std.sh, run_attention.sh, run_omni.sh, built by make with the
+#     Makefile's flags); bench: only
 #     dev/bench_all.sh (every performance benchmark, its own builds and summary)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,6 +47,6 @@ if [ -d carry/mixed ]; then
     done
 fi
 echo "================ summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
-grep -h "test_omnimoe:" "$OUT"/test_*.log 2>/dev/null
+grep -h -E "^test_omnimoe(_fp32)?: [0-9]+ passed" "$OUT"/test_*.log 2>/dev/null
 grep -h "^FAIL" "$OUT"/test_*.log 2>/dev/null | head -20
 for s in "${summary[@]}"; do echo "$s"; done
