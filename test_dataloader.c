@@ -506,6 +506,9 @@ typedef struct {
     int P;
     int batches;       // batches to read after init
     const char* tokenizer_path; // when set: load this tokenizer instead of a data loader
+    int poke;                   // when set: after init, token poke_index of the shard (pattern is its
+    int64_t poke_index;         //   path) becomes poke_value, as if the file changed during training:
+    uint16_t poke_value;        //   the check of each batch read must catch what init could not
 } BadCase;
 
 static void child_bad_case(void* arg) {
@@ -518,6 +521,12 @@ static void child_bad_case(void* arg) {
     }
     DataLoader loader;
     dataloader_init(&loader, c->pattern, c->B, c->T, 0, c->P, 0, 0, VOCAB);
+    if (c->poke) {
+        FILE* fp = fopen_check(c->pattern, "r+b");
+        fseek_check(fp, SHARD_HEADER_BYTES + c->poke_index * (int64_t)sizeof(uint16_t), SEEK_SET, c->pattern);
+        fwrite_check(&c->poke_value, sizeof(uint16_t), 1, fp, c->pattern);
+        fclose_check(fp, c->pattern);
+    }
     for (int i = 0; i < c->batches; i++) { dataloader_next_batch(&loader); }
     dataloader_free(&loader);
 }
@@ -545,7 +554,7 @@ static void test_bad_inputs(void) {
     snprintf(path, sizeof(path), "%s/badmagic_000001.bin", test_tmp_root);
     write_raw_shard(path, tokens, 200, 20240521, SHARD_VERSION, 200);
     snprintf(pattern, sizeof(pattern), "%s/badmagic_*.bin", test_tmp_root);
-    BadCase c = {pattern, 2, 8, 1, 0, NULL};
+    BadCase c = {.pattern = pattern, .B = 2, .T = 8, .P = 1};
     expect_failure("bad input: wrong magic number", &c, "bad magic number 20240521, expected 20240520", path);
 
     snprintf(path, sizeof(path), "%s/badversion_000000.bin", test_tmp_root);
@@ -579,7 +588,7 @@ static void test_bad_inputs(void) {
     c.batches = 3;
     expect_success("control: the same 48-token shard with one rank loads and reads 3 batches", &c);
 
-    // out-of-vocabulary token in the middle: found when its batch is read, with its offset
+    // out-of-vocabulary token in the middle: found by init's pass over every token, with its offset
     uint16_t oov[200];
     memcpy(oov, tokens, sizeof(oov));
     oov[37] = VOCAB; // 50257
@@ -597,6 +606,21 @@ static void test_bad_inputs(void) {
     expect_failure("bad input: out-of-vocab token as the last target", &c, "token 16 (byte offset 1056) is 65535",
                    "expected < vocab_size 50257");
 
+    // the same two tokens written after init (the shard changed during training): init saw good
+    // data, so only the check of each batch read can find them; vocab_size itself is the smallest
+    // bad value
+    snprintf(path, sizeof(path), "%s/oovlate_000000.bin", test_tmp_root);
+    write_raw_shard(path, tokens, 200, SHARD_MAGIC, SHARD_VERSION, 200);
+    c.pattern = path; c.batches = 12; c.poke = 1; c.poke_index = 37; c.poke_value = VOCAB;
+    expect_failure("bad input: out-of-vocab token (middle), written after init, found by the batch read", &c,
+                   "token 37 (byte offset 1098) is 50257", path);
+    snprintf(path, sizeof(path), "%s/oovlastlate_000000.bin", test_tmp_root);
+    write_raw_shard(path, tokens, 17, SHARD_MAGIC, SHARD_VERSION, 17);
+    c.pattern = path; c.batches = 1; c.poke_index = 16; c.poke_value = 65535;
+    expect_failure("bad input: out-of-vocab token as the last target, written after init, found by the batch read",
+                   &c, "token 16 (byte offset 1056) is 65535", "expected < vocab_size 50257");
+    c.poke = 0;
+
     snprintf(pattern, sizeof(pattern), "%s/does_not_exist_*.bin", test_tmp_root);
     c.pattern = pattern; c.batches = 0;
     expect_failure("bad input: empty glob", &c, "no shard files match", pattern);
@@ -611,12 +635,13 @@ static void test_bad_inputs(void) {
 
     // a shard given as the tokenizer: malformed tokenizer files are an error
     snprintf(path, sizeof(path), "%s/badmagic_000000.bin", test_tmp_root);
-    BadCase t = {NULL, 0, 0, 0, 0, path};
+    BadCase t = {.tokenizer_path = path};
     expect_failure("bad input: tokenizer file with wrong magic", &t, "bad magic number 20240520, expected 20240328",
                    path);
 
     const char* names[] = {"badmagic_000000", "badmagic_000001", "badversion_000000", "truncated_000000",
-                           "oversize_000000", "headeronly_000000", "small_000000", "oov_000000", "oovlast_000000"};
+                           "oversize_000000", "headeronly_000000", "small_000000", "oov_000000", "oovlast_000000",
+                           "oovlate_000000", "oovlastlate_000000"};
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         snprintf(path, sizeof(path), "%s/%s.bin", test_tmp_root, names[i]);
         remove(path);
@@ -696,7 +721,7 @@ static void test_fingerprint(void) {
     fseek_check(fp, SHARD_HEADER_BYTES + (n - 5) * 2, SEEK_SET, sparse_path);
     fwrite_check(&dense[n - 5], sizeof(uint16_t), 1, fp, sparse_path);
     fclose_check(fp, sparse_path);
-    BadCase c = {sparse_path, 4, 64, 1, 0, NULL};
+    BadCase c = {.pattern = sparse_path, .B = 4, .T = 64, .P = 1};
     snprintf(detail, sizeof(detail), "token %lld (byte offset", (long long)(n - 5));
     expect_failure("bad input: out-of-vocab token after a hole of a sparse shard, found at init", &c, detail, "is 65535");
     remove(dense_path);
@@ -713,7 +738,7 @@ static void test_validation_at_init(void) {
     make_shard_set(&set, "late", sizes, 3);
     set.tokens[2][402] = VOCAB + 7;
     write_raw_shard(set.paths[2], set.tokens[2], sizes[2], SHARD_MAGIC, SHARD_VERSION, sizes[2]);
-    BadCase c = {set.pattern, 2, 8, 1, 0, NULL};
+    BadCase c = {.pattern = set.pattern, .B = 2, .T = 8, .P = 1};
     expect_failure("bad input: out-of-vocab token at the end of a late shard is found at init", &c,
                    "token 402 (byte offset 1828) is 50264", set.paths[2]);
     free_shard_set(&set);
