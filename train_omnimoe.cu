@@ -156,6 +156,23 @@ static void model_check_shapes(const ModelConfig* c) {
 }
 
 // Allocates parameters, optimizer state and activations for micro-batches up to (B, T).
+// Refuses, before any large allocation, a model whose buffers cannot fit in the GPU's free
+// memory (less a margin for cuBLAS workspaces, NCCL and the CUDA context's own growth).
+#define DEVICE_MEMORY_MARGIN_BYTES ((size_t)1 << 30)
+static void device_memory_check(size_t state_bytes, size_t work_bytes, size_t num_params, int B, int T) {
+    size_t free_bytes, total_bytes;
+    cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
+    size_t need = state_bytes + work_bytes + DEVICE_MEMORY_MARGIN_BYTES;
+    if (need <= free_bytes) return;
+    const double GiB = 1073741824.0;
+    fprintf(stderr, "Error: the model needs %.2f GiB of GPU memory: %.2f GiB for the %zu parameters' weights, "
+            "gradients, fp32 master weights and AdamW state, %.2f GiB for the activations and scratch of a "
+            "micro-batch of -b %d -t %d, and a %.1f GiB margin; the GPU has %.2f GiB free of %.2f GiB. Lower -b "
+            "or -t, or choose a smaller model (-e, --experts)\n", need / GiB, state_bytes / GiB, num_params,
+            work_bytes / GiB, B, T, DEVICE_MEMORY_MARGIN_BYTES / GiB, free_bytes / GiB, total_bytes / GiB);
+    exit(EXIT_FAILURE);
+}
+
 static void model_build(Model* m, const ModelConfig* config, int B, int T, int expert_exec) {
     memset(m, 0, sizeof(*m));
     if (!model_config_validate(config)) exit(EXIT_FAILURE);
@@ -172,59 +189,70 @@ static void model_build(Model* m, const ModelConfig* config, int B, int T, int e
     }
     m->num_params = offset;
     size_t P = m->num_params;
-    m->params = (floatX*)cuda_malloc_or_die(P * sizeof(floatX), "parameters");
-    m->grads = (floatX*)cuda_malloc_or_die(P * sizeof(floatX), "gradients");
-    m->master = (float*)cuda_malloc_or_die(P * sizeof(float), "fp32 master weights");
-    m->adam_m = (float*)cuda_malloc_or_die(P * sizeof(float), "AdamW m");
-    m->adam_v = (float*)cuda_malloc_or_die(P * sizeof(float), "AdamW v");
-    cudaCheck(cudaMemset(m->grads, 0, P * sizeof(floatX)));
-    cudaCheck(cudaMemset(m->adam_m, 0, P * sizeof(float)));
-    cudaCheck(cudaMemset(m->adam_v, 0, P * sizeof(float)));
-    size_t num_bn = model_config_num_bn_stats(config);
-    m->bn_stats = (float*)cuda_malloc_or_die(max_sz(num_bn, 1) * sizeof(float), "router BN running statistics");
-    m->norm_squared = (float*)cuda_malloc_or_die(sizeof(float), "gradient norm");
-
     const ModelConfig* c = config;
     size_t L = c->num_layers, C = c->channels, BT = (size_t)B * T, Vp = c->padded_vocab_size;
     size_t FI = ffn_in_width(c), H = c->ffn_hidden;
+    size_t num_bn = model_config_num_bn_stats(config);
     Activations* a = &m->acts;
-    a->encoded = (floatX*)cuda_malloc_or_die(BT * C * sizeof(floatX), "activations: encoded");
-    a->ln1 = (floatX*)cuda_malloc_or_die(L * BT * C * sizeof(floatX), "activations: ln1");
-    a->ln1_mean = (float*)cuda_malloc_or_die(L * BT * sizeof(float), "activations: ln1 mean");
-    a->ln1_rstd = (float*)cuda_malloc_or_die(L * BT * sizeof(float), "activations: ln1 rstd");
-    a->qkv = (floatX*)cuda_malloc_or_die(L * BT * 3 * C * sizeof(floatX), "activations: qkv");
-    a->atty = (floatX*)cuda_malloc_or_die(L * BT * C * sizeof(floatX), "activations: attention output");
-    a->att_lse = (float*)cuda_malloc_or_die(L * BT * c->num_heads * sizeof(float), "activations: attention lse");
-    a->residual2 = (floatX*)cuda_malloc_or_die(L * BT * C * sizeof(floatX), "activations: residual2");
-    a->ln2 = (floatX*)cuda_malloc_or_die(L * BT * C * sizeof(floatX), "activations: ln2");
-    a->ln2_mean = (float*)cuda_malloc_or_die(L * BT * sizeof(float), "activations: ln2 mean");
-    a->ln2_rstd = (float*)cuda_malloc_or_die(L * BT * sizeof(float), "activations: ln2 rstd");
-    a->fch = (floatX*)cuda_malloc_or_die(L * BT * FI * sizeof(floatX), "activations: FFN pre-activation");
-    a->fch_act = (floatX*)cuda_malloc_or_die(L * BT * H * sizeof(floatX), "activations: FFN activation");
-    a->residual3 = (floatX*)cuda_malloc_or_die(L * BT * C * sizeof(floatX), "activations: residual3");
-    a->lnf = (floatX*)cuda_malloc_or_die(BT * C * sizeof(floatX), "activations: lnf");
-    a->lnf_mean = (float*)cuda_malloc_or_die(BT * sizeof(float), "activations: lnf mean");
-    a->lnf_rstd = (float*)cuda_malloc_or_die(BT * sizeof(float), "activations: lnf rstd");
-    a->logits = (floatX*)cuda_malloc_or_die(BT * Vp * sizeof(floatX), "activations: logits");
-    a->losses = (float*)cuda_malloc_or_die(BT * sizeof(float), "activations: losses");
-    a->loss_sum = (float*)cuda_malloc_or_die(sizeof(float), "mean loss");
-    a->sublayer_out = (floatX*)cuda_malloc_or_die(BT * C * sizeof(floatX), "activations: sublayer output");
-    a->inputs = (int*)cuda_malloc_or_die(BT * sizeof(int), "inputs");
-    a->targets = (int*)cuda_malloc_or_die(BT * sizeof(int), "targets");
-    a->dresidual = (floatX*)cuda_malloc_or_die(BT * C * sizeof(floatX), "gradients: residual");
-    a->dsub = (floatX*)cuda_malloc_or_die(BT * C * sizeof(floatX), "gradients: sublayer");
-    a->dwide = (floatX*)cuda_malloc_or_die(BT * max_sz(3 * C, FI) * sizeof(floatX), "gradients: wide");
-    a->dhidden = (floatX*)cuda_malloc_or_die(BT * max_sz(H, C) * sizeof(floatX), "gradients: hidden");
-
+    OmniDims omni_dims = {(int)BT, (int)C, (int)H, c->router_n, c->num_experts, c->top_k};
+    int omni = c->ffn_kind == FFN_OMNI;
     size_t s = 0;
     s = max_sz(s, matmul_backward_scratch_bytes((int)BT, (int)max_sz(max_sz(3 * C, FI), max_sz(C, Vp))));
     s = max_sz(s, layernorm_backward_scratch_bytes((int)BT, (int)C));
     s = max_sz(s, attention_backward_scratch_bytes(B, T, (int)C, c->num_heads));
     s = max_sz(s, global_norm_scratch_bytes());
-    OmniDims omni_dims = {(int)BT, (int)C, (int)H, c->router_n, c->num_experts, c->top_k};
-    if (c->ffn_kind == FFN_OMNI) s = max_sz(s, omni_layer_scratch_bytes(omni_dims));
+    if (omni) s = max_sz(s, omni_layer_scratch_bytes(omni_dims));
     a->scratch_bytes = s;
-    a->scratch = (float*)cuda_malloc_or_die(s, "kernel scratch");
+    // every large buffer of the model, first summed against the free memory, then allocated
+    struct { void** ptr; size_t bytes; const char* what; int is_state; } buffers[] = {
+        {(void**)&m->params, P * sizeof(floatX), "parameters", 1},
+        {(void**)&m->grads, P * sizeof(floatX), "gradients", 1},
+        {(void**)&m->master, P * sizeof(float), "fp32 master weights", 1},
+        {(void**)&m->adam_m, P * sizeof(float), "AdamW m", 1},
+        {(void**)&m->adam_v, P * sizeof(float), "AdamW v", 1},
+        {(void**)&m->bn_stats, max_sz(num_bn, 1) * sizeof(float), "router BN running statistics", 1},
+        {(void**)&m->norm_squared, sizeof(float), "gradient norm", 1},
+        {(void**)&a->encoded, BT * C * sizeof(floatX), "activations: encoded", 0},
+        {(void**)&a->ln1, L * BT * C * sizeof(floatX), "activations: ln1", 0},
+        {(void**)&a->ln1_mean, L * BT * sizeof(float), "activations: ln1 mean", 0},
+        {(void**)&a->ln1_rstd, L * BT * sizeof(float), "activations: ln1 rstd", 0},
+        {(void**)&a->qkv, L * BT * 3 * C * sizeof(floatX), "activations: qkv", 0},
+        {(void**)&a->atty, L * BT * C * sizeof(floatX), "activations: attention output", 0},
+        {(void**)&a->att_lse, L * BT * c->num_heads * sizeof(float), "activations: attention lse", 0},
+        {(void**)&a->residual2, L * BT * C * sizeof(floatX), "activations: residual2", 0},
+        {(void**)&a->ln2, L * BT * C * sizeof(floatX), "activations: ln2", 0},
+        {(void**)&a->ln2_mean, L * BT * sizeof(float), "activations: ln2 mean", 0},
+        {(void**)&a->ln2_rstd, L * BT * sizeof(float), "activations: ln2 rstd", 0},
+        {(void**)&a->fch, L * BT * FI * sizeof(floatX), "activations: FFN pre-activation", 0},
+        {(void**)&a->fch_act, L * BT * H * sizeof(floatX), "activations: FFN activation", 0},
+        {(void**)&a->residual3, L * BT * C * sizeof(floatX), "activations: residual3", 0},
+        {(void**)&a->lnf, BT * C * sizeof(floatX), "activations: lnf", 0},
+        {(void**)&a->lnf_mean, BT * sizeof(float), "activations: lnf mean", 0},
+        {(void**)&a->lnf_rstd, BT * sizeof(float), "activations: lnf rstd", 0},
+        {(void**)&a->logits, BT * Vp * sizeof(floatX), "activations: logits", 0},
+        {(void**)&a->losses, BT * sizeof(float), "activations: losses", 0},
+        {(void**)&a->loss_sum, sizeof(float), "mean loss", 0},
+        {(void**)&a->sublayer_out, BT * C * sizeof(floatX), "activations: sublayer output", 0},
+        {(void**)&a->inputs, BT * sizeof(int), "inputs", 0},
+        {(void**)&a->targets, BT * sizeof(int), "targets", 0},
+        {(void**)&a->dresidual, BT * C * sizeof(floatX), "gradients: residual", 0},
+        {(void**)&a->dsub, BT * C * sizeof(floatX), "gradients: sublayer", 0},
+        {(void**)&a->dwide, BT * max_sz(3 * C, FI) * sizeof(floatX), "gradients: wide", 0},
+        {(void**)&a->dhidden, BT * max_sz(H, C) * sizeof(floatX), "gradients: hidden", 0},
+        {(void**)&a->scratch, s, "kernel scratch", 0},
+    };
+    const size_t num_buffers = sizeof(buffers) / sizeof(buffers[0]);
+    size_t state_bytes = 0, work_bytes = 0;
+    for (size_t i = 0; i < num_buffers; i++) *(buffers[i].is_state ? &state_bytes : &work_bytes) += buffers[i].bytes;
+    if (omni) {  // the layers' saved router/schedule buffers, their workspace, the expert counts
+        work_bytes += L * omni_layer_saved_bytes(omni_dims) + omni_workspace_bytes(omni_dims);
+        work_bytes += L * c->num_experts * sizeof(int) + 2 * L * sizeof(float);
+    }
+    device_memory_check(state_bytes, work_bytes, P, B, T);
+    for (size_t i = 0; i < num_buffers; i++) *buffers[i].ptr = cuda_malloc_or_die(buffers[i].bytes, buffers[i].what);
+    cudaCheck(cudaMemset(m->grads, 0, P * sizeof(floatX)));
+    cudaCheck(cudaMemset(m->adam_m, 0, P * sizeof(float)));
+    cudaCheck(cudaMemset(m->adam_v, 0, P * sizeof(float)));
     if (c->ffn_kind == FFN_OMNI) {
         // the layers: views of the parameters, gradients, BN statistics, counts and activations here
         OmniOptions opt = {c->router_norm, c->gate, expert_exec};

@@ -103,6 +103,7 @@ typedef struct {
     float* s;             // (BT, k) <u_e, x>
     ExpertSchedule sched; // the pairs sorted by expert
     int owns_fch;         // fch, fch_act were allocated by omni_layer_create
+    void* block;          // the one allocation the rest of these point into
 } OmniSaved;
 
 typedef struct {
@@ -154,6 +155,17 @@ static inline size_t omni_layer_scratch_bytes(OmniDims d) {
     if (b > s) s = b;
     return s;
 }
+
+// device bytes of one layer's saved router and schedule buffers (one allocation, cut with align256)
+static inline size_t omni_layer_saved_bytes(OmniDims d) {
+    const size_t BT = d.BT, R = 2 * (size_t)d.n, k = d.k, P = BT * k;
+    const size_t A = scheduler_max_active((int)P, d.N);
+    return 2 * align256(BT * R * sizeof(float)) + 2 * align256(R * sizeof(float)) + 3 * align256(BT * k * 4)
+         + 3 * align256(P * sizeof(int)) + align256(A * sizeof(int)) + align256((A + 1) * sizeof(int)) + sizeof(int);
+}
+
+// device bytes omni_workspace_create allocates besides the caller's scratch and SwiGLU gradients
+static inline size_t omni_workspace_bytes(OmniDims d) { return (size_t)d.BT * d.k * sizeof(float) + (size_t)d.N * sizeof(int); }
 
 static inline size_t omni_layer_bn_count(OmniDims d) { return 4 * (size_t)d.n; }
 
@@ -237,27 +249,27 @@ static void omni_layer_create(OmniLayer* layer, OmniDims d, OmniOptions opt, Omn
     }
     o->fch = fch;
     o->fch_act = fch_act;
-    o->router.logits = (float*)cuda_malloc_or_die(BT * R * sizeof(float), "router logits");
-    o->router.logp = (float*)cuda_malloc_or_die(BT * R * sizeof(float), "router log-probabilities");
-    o->router.bn_mean = (float*)cuda_malloc_or_die(R * sizeof(float), "router BN mean");
-    o->router.bn_rstd = (float*)cuda_malloc_or_die(R * sizeof(float), "router BN rstd");
-    o->router.idx = (int*)cuda_malloc_or_die(BT * k * sizeof(int), "expert ids");
-    o->router.gate = (float*)cuda_malloc_or_die(BT * k * sizeof(float), "expert gates");
-    o->s = (float*)cuda_malloc_or_die(BT * k * sizeof(float), "expert scores");
-    o->sched.sorted_pair = (int*)cuda_malloc_or_die(P * sizeof(int), "scheduler sorted pairs");
-    o->sched.sorted_expert = (int*)cuda_malloc_or_die(P * sizeof(int), "scheduler sorted experts");
-    o->sched.sorted_active = (int*)cuda_malloc_or_die(P * sizeof(int), "scheduler active index");
-    o->sched.active_expert = (int*)cuda_malloc_or_die(A * sizeof(int), "scheduler active experts");
-    o->sched.active_offset = (int*)cuda_malloc_or_die((A + 1) * sizeof(int), "scheduler offsets");
-    o->sched.num_active = (int*)cuda_malloc_or_die(sizeof(int), "scheduler active count");
+    // the saved buffers, cut from one allocation of omni_layer_saved_bytes(d)
+    char* base = (char*)cuda_malloc_or_die(omni_layer_saved_bytes(d), "OmniMoE layer: router and schedule");
+    o->block = base;
+    o->router.logits = (float*)base;     base += align256(BT * R * sizeof(float));
+    o->router.logp = (float*)base;       base += align256(BT * R * sizeof(float));
+    o->router.bn_mean = (float*)base;    base += align256(R * sizeof(float));
+    o->router.bn_rstd = (float*)base;    base += align256(R * sizeof(float));
+    o->router.idx = (int*)base;          base += align256(BT * k * sizeof(int));
+    o->router.gate = (float*)base;       base += align256(BT * k * sizeof(float));
+    o->s = (float*)base;                 base += align256(BT * k * sizeof(float));
+    o->sched.sorted_pair = (int*)base;   base += align256((size_t)P * sizeof(int));
+    o->sched.sorted_expert = (int*)base; base += align256((size_t)P * sizeof(int));
+    o->sched.sorted_active = (int*)base; base += align256((size_t)P * sizeof(int));
+    o->sched.active_expert = (int*)base; base += align256((size_t)A * sizeof(int));
+    o->sched.active_offset = (int*)base; base += align256((size_t)(A + 1) * sizeof(int));
+    o->sched.num_active = (int*)base;
 }
 
 static void omni_layer_free(OmniLayer* layer) {
     OmniSaved* o = &layer->saved;
-    void* ptrs[] = {o->router.logits, o->router.logp, o->router.bn_mean, o->router.bn_rstd, o->router.idx,
-                    o->router.gate, o->s, o->sched.sorted_pair, o->sched.sorted_expert, o->sched.sorted_active,
-                    o->sched.active_expert, o->sched.active_offset, o->sched.num_active};
-    for (size_t i = 0; i < sizeof(ptrs) / sizeof(ptrs[0]); i++) cudaCheck(cudaFree(ptrs[i]));
+    cudaCheck(cudaFree(o->block));
     if (o->owns_fch) {
         cudaCheck(cudaFree(o->fch));
         cudaCheck(cudaFree(o->fch_act));
