@@ -43,7 +43,7 @@ endif
 
 HOST_HEADERS = $(wildcard llmc/*.h)
 CUDA_HEADERS = $(wildcard llmc/*.cuh)
-CPU_TESTS = test_omnimoe_cpu test_dataloader test_checkpoint test_fixtures test_integrity
+CPU_TESTS = test_omnimoe_cpu test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_fixtures test_integrity
 
 .PHONY: all cpu test test_cpu test_gpu clean omni_dev
 
@@ -60,10 +60,8 @@ test_omnimoe_cpu: test_omnimoe_cpu.c train_omnimoe.c $(HOST_HEADERS)
 test_fixtures: test_fixtures.c train_omnimoe.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
-test_dataloader: test_dataloader.c $(HOST_HEADERS)
-	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
-
-test_checkpoint: test_checkpoint.c $(HOST_HEADERS)
+# the tests of one host header each (test_checkpoint: checkpoint.h, test_args: args.h, ...)
+test_dataloader test_checkpoint test_args test_lr_schedule test_logger: %: %.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 test_integrity: test_integrity.c train_omnimoe.c $(HOST_HEADERS)
@@ -91,11 +89,15 @@ test: test_cpu test_gpu
 test_cpu: $(CPU_TESTS) train_omnimoe_cpu
 	./test_dataloader
 	./test_checkpoint
+	./test_args
+	./test_lr_schedule
+	./test_logger
 	./test_integrity
 	./test_omnimoe_cpu
 	./test_fixtures
 	bash scripts/test_resume_cpu.sh
 	bash scripts/test_launcher_cpu.sh
+	bash scripts/test_hostile.sh
 
 test_gpu:
 	@if nvidia-smi -L >/dev/null 2>&1; then \

@@ -46,7 +46,7 @@ every rank's BN set.
 #include "llmc/config.h"
 #include "llmc/rand.h"
 #include "llmc/args.h"
-#include "llmc/schedule.h"
+#include "llmc/lr_schedule.h"
 #include "llmc/logger.h"
 #include "llmc/checkpoint.h"
 #include "llmc/dataloader.h"

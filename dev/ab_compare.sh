@@ -40,6 +40,7 @@ FFN=${FFN:-omni}
 B=${B:-32}
 STEPS=${STEPS:-30}
 F="-O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -Xcompiler -Wall"
+[ -f carry/include/xxhash.h ] && F="$F -Icarry/include"   # xxHash header where the system has none
 L="-lcublasLt -lcublas"
 echo "ab_compare on $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1): base = $(cat "$BASE/COMMIT")"
 for side in base cur; do

@@ -24,6 +24,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 run build make -j3 train_omnimoe test_omnimoe test_omnimoe_fp32
 run test_bf16 ./test_omnimoe
 run test_fp32 ./test_omnimoe_fp32
+run hostile_cuda env TRAINER=./train_omnimoe bash scripts/test_hostile.sh
 if [[ "$mode" == *kernels* ]]; then
     for suite in std attention omni; do run "kernels_$suite" bash dev/cuda/run_$suite.sh; done
 fi

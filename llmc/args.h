@@ -37,7 +37,7 @@
 #include "config.h"
 #include "run_identity.h"
 
-// learning-rate schedules (schedule.h computes them)
+// learning-rate schedules (lr_schedule.h computes them)
 enum { LR_SCHEDULE_COSINE = 0, LR_SCHEDULE_WSD = 1, LR_SCHEDULE_CONSTANT = 2 };
 
 static inline const char* lr_schedule_name(int s) {

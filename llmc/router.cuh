@@ -106,6 +106,9 @@ static inline __host__ __device__ int router_token_smem_words(int n, int k) {
     return 4 * n + 2 * k + 2 * router_staircase_count(n, k);
 }
 
+// the backward's per-token words: dpr, dpc (n each) and the k gates' gradients and ids
+static inline __host__ __device__ int router_backward_smem_words(int n, int k) { return 2 * n + 2 * k; }
+
 static inline size_t router_forward_scratch_bytes(int BT, int n) {
     return 2 * align256((size_t)router_bn_num_chunks(BT) * 2 * n * sizeof(float));
 }
@@ -644,7 +647,7 @@ __global__ void router_token_backward_kernel(float* dlhat, floatX* dlogits, cons
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int t = blockIdx.x * (blockDim.x / 32) + warp;
     if (t >= BT) { return; }
-    float* dpr = router_smem + (size_t)warp * (2 * n + 2 * k);
+    float* dpr = router_smem + (size_t)warp * router_backward_smem_words(n, k);
     float* dpc = dpr + n;
     float* dS = dpc + n;
     int* ids = (int*)(dS + k);
@@ -776,7 +779,8 @@ static inline void router_check_args(const char* who, int BT, int C, RouterOptio
     else if (n < 1) why = "n >= 1 (N = n*n experts)";
     else if (k < 1 || (long long)k > (long long)n * n) why = "1 <= k <= N = n*n";
     else if (k > ROUTER_MAX_K) why = "k <= ROUTER_MAX_K (256)";
-    else if (router_token_warps_per_block(n, k) < 1) why = "n, k small enough for one warp's shared memory (48 KiB)";
+    else if (router_token_warps_per_block(n, k) < 1 || (size_t)router_backward_smem_words(n, k) * 4 > ROUTER_TOKEN_SMEM_BUDGET)
+        why = "n, k small enough for one warp's shared memory (48 KiB) in the forward and the backward";
     else if (opt.norm != ROUTER_NORM_BN && opt.norm != ROUTER_NORM_NONE) why = "norm bn or none";
     else if (opt.gate != GATE_SOFTMAX && opt.gate != GATE_PROB) why = "gate softmax or prob";
     else if (opt.norm == ROUTER_NORM_BN && opt.training && BT < 2) why = "BT >= 2 tokens for BN statistics in training";
@@ -856,8 +860,11 @@ static void router_backward(floatX* dX, floatX* dWrc, const float* dgate, Router
     base += align256((size_t)num_chunks * R * sizeof(float));
     float* part_dyx = (float*)base;
 
-    const int warps = 4;
-    const size_t smem = (size_t)warps * (2 * n + 2 * k) * 4;
+    // one warp per token with 2n + 2k floats of shared memory each: 4 warps a block, fewer when
+    // n + k is large (up to 1536 four fit in the default 48 KiB; router_check_args ensures one does)
+    int warps = 4;
+    while (warps > 1 && (size_t)warps * router_backward_smem_words(n, k) * 4 > ROUTER_TOKEN_SMEM_BUDGET) warps--;
+    const size_t smem = (size_t)warps * router_backward_smem_words(n, k) * 4;
     router_token_backward_kernel<<<ceil_div(BT, warps), warps * 32, smem, stream>>>(dlhat, dlogits, dgate, saved.gate,
                                                                                    saved.idx, saved.logp, BT, n, k,
                                                                                    use_bn, gate_prob);

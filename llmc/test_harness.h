@@ -22,7 +22,9 @@
  * the absolute L2 error; any non-finite value (in got or ref) makes it +inf, so unwritten
  * (NaN-poisoned) outputs always fail. Random data comes from the project generator (rand.h):
  * seeded with rng_init, never zeros. test_config builds the small models of the tests from one
- * of the TEST_DIMS_* sizes. Under nvcc, the second half adds device helpers (floatX upload,
+ * of the TEST_DIMS_* sizes. CPU tests of code that must end the program (bad input) run it in
+ * a forked child and check its exit status and message (test_expect_exit_failure), with files in
+ * a scratch directory (test_tmp_*). Under nvcc, the last part adds device helpers (floatX upload,
  * NaN poisoning, bitwise comparison of device buffers, median-of-N timing).
  */
 #ifndef OMNIMOE_TEST_HARNESS_H
@@ -255,6 +257,91 @@ static inline void test_remove_tree(const char* path) {
     }
     if (d != NULL) closedir(d);
     rmdir(path);
+}
+
+// a check whose detail only explains a failure (a path, a message, a child's output): printed
+// on FAIL only, on the one line (newlines shown as " | ", at most 600 characters)
+static inline int test_check_why(int ok, const char* name, const char* why) {
+    if (ok || why == NULL) return test_report(ok, name, NULL);
+    char line[612];
+    size_t n = 0;
+    for (const char* p = why; *p != '\0' && n < 600; p++) {
+        if (*p != '\n') line[n++] = *p;
+        else if (p[1] != '\0') { memcpy(line + n, " | ", 3); n += 3; }
+    }
+    line[n] = '\0';
+    return test_report(ok, name, line);
+}
+
+// fn(arg) must exit with EXIT_FAILURE and print needle1 and needle2 (each NULL = any); the PASS
+// line shows the first line of the message, so the log documents what a user would read
+static inline int test_expect_exit_failure(const char* name, TestChildFn fn, void* arg, const char* needle1,
+                                           const char* needle2) {
+    char out[8192], detail[8400];
+    int code = test_run_child(fn, arg, out, sizeof(out));
+    int ok = code == EXIT_FAILURE;
+    if (ok && needle1 && !strstr(out, needle1)) ok = 0;
+    if (ok && needle2 && !strstr(out, needle2)) ok = 0;
+    if (!ok) {
+        snprintf(detail, sizeof(detail), "exit code %d, output: %s", code, out);
+        return test_check_why(0, name, detail);
+    }
+    snprintf(detail, sizeof(detail), "%s", out[0] ? out : "(no message)");
+    char* newline = strchr(detail, '\n');
+    if (newline) *newline = '\0';
+    return test_report(1, name, detail);
+}
+
+// ----------------------------------------------------------------------------
+// files: a scratch directory /tmp/<program>_XXXXXX per test program (test_tmp_begin makes it,
+// test_tmp_end removes it with everything in it)
+
+static char test_tmp_root[256];
+
+static inline void test_tmp_begin(const char* program) {
+    snprintf(test_tmp_root, sizeof(test_tmp_root), "/tmp/%s_XXXXXX", program);
+    if (mkdtemp(test_tmp_root) == NULL) {
+        perror("mkdtemp");
+        exit(2);
+    }
+}
+
+static inline void test_tmp_end(void) { test_remove_tree(test_tmp_root); }
+
+// out = <scratch>/<name>, a new directory
+static inline void test_tmp_subdir(char* out, size_t size, const char* name) {
+    snprintf(out, size, "%s/%s", test_tmp_root, name);
+    if (mkdir(out, 0755) != 0) {
+        fprintf(stderr, "test setup: mkdir %s: %s\n", out, strerror(errno));
+        exit(2);
+    }
+}
+
+// the whole file, NUL-terminated (text reads as a string); NULL when unreadable
+static inline unsigned char* test_read_file(const char* path, size_t* size) {
+    FILE* fp = fopen(path, "rb");
+    if (!fp) return NULL;
+    struct stat st;
+    if (fstat(fileno(fp), &st) != 0) {
+        fclose(fp);
+        return NULL;
+    }
+    size_t n = (size_t)st.st_size;
+    unsigned char* buf = (unsigned char*)malloc_check(n + 1);
+    size_t got = fread(buf, 1, n, fp);
+    fclose(fp);
+    if (got != n) {
+        free(buf);
+        return NULL;
+    }
+    buf[n] = '\0';
+    *size = n;
+    return buf;
+}
+
+static inline int test_file_exists(const char* path) {
+    struct stat st;
+    return stat(path, &st) == 0;
 }
 
 // ----------------------------------------------------------------------------

@@ -67,7 +67,7 @@
 #include "config.h"
 #include "rand.h"
 #include "args.h"
-#include "schedule.h"
+#include "lr_schedule.h"
 #include "logger.h"
 #include "checkpoint.h"
 #include "dataloader.h"

@@ -4,7 +4,7 @@
 # resume past -x. Every case names the outcome it expects and checks that files saved before
 # are intact. The shared loop (llmc/train_loop.h) implements what is checked here.
 
-RUN_TINY=(-e tiny -b 2 -t 32 -s 0 --seed 3)
+RUN_TINY=(-e "$HOSTILE_MODEL" -b 2 -t 32 -s 0 --seed 3)  # tiny on the CPU, small for the CUDA trainer (hostile_lib.sh)
 
 # a finished run of 4 steps with checkpoints at 2 and 4, model.bin and a log, in $1
 hostile_run_dir() {

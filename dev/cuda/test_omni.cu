@@ -1040,6 +1040,8 @@ int main(int argc, char** argv) {
         {"k = N", 64, 64, 32, 4, 16, 1, 1, 1, 0},
         {"n=64 k=16 d=256", 512, 256, 128, 64, 16, 1, 0, 1, 0},
         {"n=96 k=24 (n > 64, serial-round selection)", 256, 128, 64, 96, 24, 1, 0, 1, 0},
+        // n + k > 1536: four warps' backward shared memory would pass 48 KiB, the launcher takes fewer
+        {"n=1530 k=16 (router backward with fewer warps a block)", 64, 32, 32, 1530, 16, 1, 0, 1, 0},
     };
     for (const LayerCase& lc : cases) test_layer_case(lc);
     matmul_free();

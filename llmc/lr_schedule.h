@@ -1,5 +1,5 @@
 /*
- * schedule.h - the learning-rate schedules of both trainers: a pure function of the step, so a
+ * lr_schedule.h - the learning-rate schedules of both trainers: a pure function of the step, so a
  * resumed run gets exactly the rates of an uninterrupted one. Plain C (gcc and nvcc).
  *
  * `step` is the 0-based index of the optimiser update (0 .. num_steps-1). With lr = peak rate,
@@ -12,8 +12,8 @@
  * Cosine and wsd reach min at step = S (one past the last update, llm.c's convention) and stay
  * there for any later step; negative steps count as step 0.
  */
-#ifndef OMNIMOE_SCHEDULE_H
-#define OMNIMOE_SCHEDULE_H
+#ifndef OMNIMOE_LR_SCHEDULE_H
+#define OMNIMOE_LR_SCHEDULE_H
 
 #include <math.h>
 #include "args.h"
@@ -46,4 +46,4 @@ static inline float learning_rate_at(const TrainConfig* cfg, int step) {
                              cfg->decay_frac, cfg->num_steps, step);
 }
 
-#endif // OMNIMOE_SCHEDULE_H
+#endif // OMNIMOE_LR_SCHEDULE_H
