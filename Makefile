@@ -2,6 +2,9 @@
 #   make                 the CUDA trainer ./train_omnimoe and the CPU reference ./train_omnimoe_cpu
 #   make test            CPU tests (always) and the GPU test (when a CUDA device is present)
 #   make test_omnimoe    the GPU test binary alone
+#   make kernel_tests    the kernel tests of dev/cuda (test_*.cu), bf16 and fp32: dev/cuda/test_*_bin
+#   make test_kernels    build and run them (when a CUDA device is present); KERNEL_TESTS="matmul adamw"
+#                        picks some; make kernel_benches builds dev/cuda/bench_*_bin
 # CUDA code is built for Hopper (sm_90) explicitly; it compiles and links on machines without
 # a GPU. NCCL and MPI are used when a test program compiles and links against them.
 
@@ -45,7 +48,7 @@ HOST_HEADERS = $(wildcard llmc/*.h)
 CUDA_HEADERS = $(wildcard llmc/*.cuh)
 CPU_TESTS = test_omnimoe_cpu test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_fixtures test_integrity
 
-.PHONY: all cpu test test_cpu test_gpu clean omni_dev
+.PHONY: all cpu test test_cpu test_gpu kernel_tests kernel_benches test_kernels clean
 
 all: train_omnimoe train_omnimoe_cpu
 
@@ -77,11 +80,44 @@ test_omnimoe: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADERS) $
 test_omnimoe_fp32: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADERS) $(CUDA_HEADERS)
 	$(NVCC) $(NVCC_FLAGS) -DENABLE_FP32 -Xcompiler -fopenmp $< -o $@ $(NVCC_LDLIBS) -lgomp
 
-# the OmniMoE layer's kernel test and benchmarks (a GPU runs them: dev/cuda/run_omni.sh)
-OMNI_DEV_BINS = dev/cuda/test_omni_bin dev/cuda/bench_omni_bin dev/cuda/bench_layer_bin
-$(OMNI_DEV_BINS): dev/cuda/%_bin: dev/cuda/%.cu $(HOST_HEADERS) $(CUDA_HEADERS)
+# --- kernel tests and benchmarks of dev/cuda, with the flags above -------------------------
+# Each test is built twice: bf16 (dev/cuda/test_x_bin) and floatX = float (test_x_fp32_bin,
+# tight tolerances); test_omni has no fp32 build.
+KERNEL_TESTS ?= matmul layernorm encoder activations classifier adamw global_norm attention omni
+KERNEL_TEST_BINS = $(foreach t,$(KERNEL_TESTS),dev/cuda/test_$(t)_bin $(if $(filter omni,$(t)),,dev/cuda/test_$(t)_fp32_bin))
+KERNEL_BENCH_BINS = dev/cuda/bench_omni_bin dev/cuda/bench_layer_bin
+KERNEL_LOGS = dev/cuda/build_logs
+
+kernel_tests: $(KERNEL_TEST_BINS)
+
+kernel_benches: $(KERNEL_BENCH_BINS)
+
+dev/cuda/%_fp32_bin: dev/cuda/%.cu $(HOST_HEADERS) $(CUDA_HEADERS)
+	$(NVCC) $(NVCC_FLAGS) -DENABLE_FP32 $< -o $@ $(NVCC_LDLIBS)
+
+dev/cuda/%_bin: dev/cuda/%.cu $(HOST_HEADERS) $(CUDA_HEADERS)
 	$(NVCC) $(NVCC_FLAGS) $< -o $@ $(NVCC_LDLIBS)
-omni_dev: $(OMNI_DEV_BINS)
+
+# runs every kernel test (fp32 attention: its --quick checks), logs in dev/cuda/build_logs/, then
+# prints each program's closing "N passed, N failed" line; fails when any test fails or crashes
+test_kernels:
+	@if ! nvidia-smi -L >/dev/null 2>&1; then \
+		echo "SKIPPED: kernel tests: no CUDA device on this machine (nvidia-smi found none)"; exit 0; fi; \
+	$(MAKE) kernel_tests || exit 1; \
+	mkdir -p $(KERNEL_LOGS); status=0; summary=""; \
+	for bin in $(KERNEL_TEST_BINS); do \
+		name=$$(basename $$bin _bin); log=$(KERNEL_LOGS)/$$name.log; args=""; \
+		[ $$name = test_attention_fp32 ] && args=--quick; \
+		echo "=== $$bin $$args"; \
+		timeout $${TEST_TIMEOUT:-300} ./$$bin $$args > $$log 2>&1; rc=$$?; \
+		grep -E "^FAIL|^performance|^SUMMARY|^$$name: " $$log; \
+		line=$$(grep -E "^$$name: [0-9]+ passed, [0-9]+ failed" $$log | tail -1); \
+		[ -n "$$line" ] || line="$$name: no closing line (exit $$rc; log $$log)"; \
+		[ $$rc -eq 0 ] || status=1; \
+		summary="$$summary$$line\n"; \
+	done; \
+	echo "================ kernel tests"; printf "$$summary"; \
+	[ $$status -eq 0 ] && echo "kernel tests: all passed" || echo "kernel tests: SOME FAILED"; exit $$status
 
 # The CPU tests are what CI runs; the GPU test runs only where a CUDA device answers.
 test: test_cpu test_gpu
@@ -107,4 +143,5 @@ test_gpu:
 	fi
 
 clean:
-	rm -f train_omnimoe train_omnimoe_cpu test_omnimoe test_omnimoe_fp32 $(CPU_TESTS) $(OMNI_DEV_BINS)
+	rm -f train_omnimoe train_omnimoe_cpu test_omnimoe test_omnimoe_fp32 $(CPU_TESTS)
+	rm -f $(KERNEL_TEST_BINS) $(KERNEL_BENCH_BINS)

@@ -44,8 +44,7 @@ static const float TOL = 3e-2f, TOL_EXPERTS = 0.15f, TOL_FLIPS = 0.05f, TOL_TRAI
 static void random_params(const ModelConfig* c, float* params, float* bn, uint64_t seed) {
     size_t sizes[NUM_PARAMETER_TENSORS];
     model_config_param_sizes(c, sizes);
-    Rng rng;
-    rng_init(&rng, seed);
+    Rng rng = rng_seeded(seed);
     float* p = params;
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
         float std = (i == PARAM_ROUTERW) ? 0.3f : 0.08f;
@@ -72,8 +71,7 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
     float* params = (float*)malloc_check(P * sizeof(float));
     float* bn = (float*)calloc_check(max_sz(NB, 1), sizeof(float));
     random_params(c, params, bn, 1234);
-    Rng rng;
-    rng_init(&rng, 99);
+    Rng rng = rng_seeded(99);
     int BT = B * T;
     int* inputs = (int*)malloc_check(BT * sizeof(int));
     int* targets = (int*)malloc_check(BT * sizeof(int));
@@ -188,8 +186,7 @@ static void test_training(const char* name, const ModelConfig* c, int B, int T) 
     random_params(c, params, bn, 777);
     // a few repeating "sentences" so the loss can fall in ten steps
     int* tokens = (int*)malloc_check((size_t)steps * (BT + 1) * sizeof(int));
-    Rng rng;
-    rng_init(&rng, 5);
+    Rng rng = rng_seeded(5);
     int pattern[37];
     fill_tokens(pattern, 37, c->vocab_size, &rng);
     for (int i = 0; i < steps * (BT + 1); i++) tokens[i] = pattern[(i * 7 + i / 37) % 37];
@@ -242,8 +239,7 @@ static void test_eval_sampling_accumulation(const char* name, const ModelConfig*
     float* params = (float*)malloc_check(P * sizeof(float));
     float* bn = (float*)calloc_check(max_sz(NB, 1), sizeof(float));
     random_params(c, params, bn, 4321);
-    Rng rng;
-    rng_init(&rng, 17);
+    Rng rng = rng_seeded(17);
     int BT = B * T, Vp = c->padded_vocab_size;
     int* tokens = (int*)malloc_check((size_t)2 * (BT + 1) * sizeof(int));
     fill_tokens(tokens, 2 * (BT + 1), c->vocab_size, &rng);
@@ -314,8 +310,7 @@ static void test_eval_sampling_accumulation(const char* name, const ModelConfig*
 static void test_expert_stats(void) {
     const int L = 4, N = 5000;
     int* counts = (int*)malloc_check((size_t)L * N * sizeof(int));
-    Rng rng;
-    rng_init(&rng, 99);
+    Rng rng = rng_seeded(99);
     for (int e = 0; e < N; e++) {
         counts[e] = rng_u32(&rng) % 3 == 0 ? 0 : (int)(rng_u32(&rng) % 50);  // layer 0: a third unused
         counts[N + e] = (int)(rng_u32(&rng) % 7);                              // layer 1: many small

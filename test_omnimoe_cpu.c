@@ -27,8 +27,7 @@ static int verbose = 0;
 
 // random values in EVERY tensor (biases, LayerNorm weights too) and random BN running stats
 static void randomize_model(GPT* model, uint64_t seed, float std) {
-    Rng rng;
-    rng_init(&rng, seed);
+    Rng rng = rng_seeded(seed);
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
         size_t size = model->param_sizes[i];
         if (size == 0) continue;
@@ -45,8 +44,7 @@ static void randomize_model(GPT* model, uint64_t seed, float std) {
 }
 
 static void random_tokens(int* out, size_t count, int V, uint64_t seed) {
-    Rng rng;
-    rng_init(&rng, seed);
+    Rng rng = rng_seeded(seed);
     fill_tokens(out, count, V, &rng);
 }
 
@@ -191,8 +189,7 @@ static void gradcheck(const char* name, ModelConfig config, int B, int T, int tr
         ctx.base_sets = expert_sets(model.acts.topk_idx, ctx.num_idx, config.top_k);
     }
 
-    Rng rng;
-    rng_init(&rng, seed + 3);
+    Rng rng = rng_seeded(seed + 3);
     double worst_entry = 0.0, worst_dir = 0.0;  // error / tolerance, and directional rel error
     const char* worst_entry_tensor = "-";
     const char* worst_dir_tensor = "-";
@@ -311,8 +308,7 @@ static void fill_router_values(float* out, int n, int mode, Rng* rng) {
 static void test_topk(void) {
     static const int ns[] = {1, 2, 3, 4, 5, 7, 8, 13, 16, 32, 64};
     static const char* mode_names[] = {"exact", "ties", "fp32", "all-equal", "near-ties"};
-    Rng rng;
-    rng_init(&rng, 1234);
+    Rng rng = rng_seeded(1234);
     for (int mode = 0; mode < 5; mode++) {
         int cases = 0, mismatches = 0;
         for (size_t ni = 0; ni < sizeof(ns) / sizeof(ns[0]); ni++) {
@@ -513,8 +509,7 @@ static void test_sampler(void) {
     for (size_t i = (size_t)Vm * C; i < (size_t)Vpm * C; i++) model.param_tensors[PARAM_WTE][i] *= 50.0f;
     Tokenizer tokenizer;
     memset(&tokenizer, 0, sizeof(tokenizer));  // not loaded: tokens print as <id>
-    Rng rng;
-    rng_init(&rng, 96);
+    Rng rng = rng_seeded(96);
     const int gen = config.max_seq_len;
     int tokens[64];
     int padded_drawn = 0;
@@ -542,8 +537,7 @@ static void test_adamw(void) {
     double* m = (double*)calloc_check(P, sizeof(double));
     double* v = (double*)calloc_check(P, sizeof(double));
     for (size_t i = 0; i < P; i++) p[i] = model.params[i];
-    Rng rng;
-    rng_init(&rng, 102);
+    Rng rng = rng_seeded(102);
     const double lr = 1e-2, b1 = 0.9, b2 = 0.95, eps = 1e-8, wd = 0.1, clip = 1.0;
     double worst = 0.0, worst_norm = 0.0;
     for (int t = 1; t <= 3; t++) {

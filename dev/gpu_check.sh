@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # One device call: build the CUDA trainer and its test (bf16 and fp32), run the GPU tests, run a
 # short training of the default model, and print a summary last. Logs go to $OUT when set.
-#   bash dev/gpu_check.sh [quick|full|kernels|full+kernels|bench]
-#     quick: build + GPU tests; full: also the default training run and, when carry/mixed was
-#     carried, a rerun of the dense-vs-OmniMoE recipe's start; kernels: also every kernel test
-#     and benchmark of dev/cuda (run_std.sh, run_attention.sh, run_omni.sh); bench: only
-#     dev/bench_all.sh (every performance benchmark, its own builds and summary)
+#   bash dev/gpu_check.sh [MODE]     MODE: words joined by '+', default full
+#     always: build, the GPU tests (bf16, fp32), the CUDA trainer's bitwise resume test
+#     kernels: every kernel test and benchmark of dev/cuda (built by make with the Makefile's flags)
+#     hostile: the hostile-input sweep on the CUDA trainer (scripts/test_hostile.sh)
+#     full: hostile, the no-argument default run and, when carry/mixed was carried, a rerun of the
+#           dense-vs-OmniMoE recipe's start compared with the committed logs
+#     ab: dev/ab_compare.sh run (carry/ab_base from 'dev/ab_compare.sh prepare <commit>'):
+#         gelu/swiglu/omni trainers and the layer benchmarks against that commit, same bits or not
+#     bench: only dev/bench_all.sh (every performance benchmark, its own builds and summary)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/omnimoe_out}
@@ -21,10 +25,13 @@ run() {  # name, command...
     tail -n 12 "$OUT/$name.log"
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
-run build make -j3 train_omnimoe test_omnimoe test_omnimoe_fp32
+targets=(train_omnimoe test_omnimoe test_omnimoe_fp32 train_omnimoe_cpu)
+if [[ "$mode" == *kernels* ]]; then targets+=(kernel_tests kernel_benches); fi
+run build make -j$(nproc) "${targets[@]}"
 run test_bf16 ./test_omnimoe
 run test_fp32 ./test_omnimoe_fp32
-run hostile_cuda env TRAINER=./train_omnimoe bash scripts/test_hostile.sh
+run resume_cuda env TRAINER=./train_omnimoe RESUME_MODEL=small bash scripts/test_resume_cpu.sh
+if [[ "$mode" == *full* || "$mode" == *hostile* ]]; then run hostile_cuda env TRAINER=./train_omnimoe bash scripts/test_hostile.sh; fi
 if [[ "$mode" == *kernels* ]]; then
     for suite in std attention omni; do run "kernels_$suite" bash dev/cuda/run_$suite.sh; done
 fi
@@ -33,7 +40,7 @@ if [[ "$mode" == *full* ]]; then
 fi
 # rerun the start of the dense-vs-OmniMoE recipe (scripts/compare_dense_omni.sh) when its data
 # was carried (carry/mixed) and compare with the committed logs of docs/runs/dense_vs_omni
-if [ -d carry/mixed ]; then
+if [[ "$mode" == *full* ]] && [ -d carry/mixed ]; then
     recipe=(-e d12 -i "carry/mixed/*_train_*.bin" -j "carry/mixed/*_val_*.bin" -b 16 -t 1024 -d 16384
             -x 1000 -l 6e-4 -u 100 -q 0.1 --schedule cosine --seed 42 --shuffle 1 -v 100 -m -1 -s 0)
     for kind in swiglu omni; do
@@ -45,7 +52,13 @@ if [ -d carry/mixed ]; then
             "$OUT/rerun_$kind.jsonl" --exact
     done
 fi
+if [[ "$mode" == *ab* ]]; then  # bitwise and timing A/B against carry/ab_base (dev/ab_compare.sh prepare)
+    OUT="$OUT/ab" FFN="gelu swiglu omni" bash dev/ab_compare.sh run > "$OUT/ab_compare.log" 2>&1
+    tail -n 40 "$OUT/ab_compare.log"
+fi
 echo "================ summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
-grep -h "test_omnimoe:" "$OUT"/test_*.log 2>/dev/null
+grep -h -E "^test_omnimoe(_fp32)?: [0-9]+ passed" "$OUT"/test_*.log 2>/dev/null
 grep -h "^FAIL" "$OUT"/test_*.log 2>/dev/null | head -20
 for s in "${summary[@]}"; do echo "$s"; done
+# the device returns at most 8 files: every log in one archive
+(cd "$OUT" && tar czf /tmp/gpu_check_logs.tgz . && find . -mindepth 1 -delete && mv /tmp/gpu_check_logs.tgz .)

@@ -15,14 +15,15 @@
  *     test_check_le("name", value, tol);         // value <= tol (NaN fails)
  *     test_check_rel("name", rel_err(got, ref, n), tol);   // relative L2 error <= tol
  *     return test_end();                         // closing line; EXIT_FAILURE when any failed
+ *                                                //   (or none ran: a test that checks nothing fails)
  *     test_run_child(fn, arg, out, size)         // fn in a fork, output captured: exit status
  *     test_remove_tree(dir)                      // rm -r a temporary directory
  *
  * Relative error: ||got - ref|| / ||ref|| over n floats, in double; an all-zero reference gives
  * the absolute L2 error; any non-finite value (in got or ref) makes it +inf, so unwritten
- * (NaN-poisoned) outputs always fail. Random data comes from the project generator (rand.h):
- * seeded with rng_init, never zeros. test_config builds the small models of the tests from one
- * of the TEST_DIMS_* sizes. CPU tests of code that must end the program (bad input) run it in
+ * (NaN-poisoned) outputs always fail. Random data comes from the project generator (rand.h,
+ * Rng rng = rng_seeded(seed)), never zeros. test_config builds the small models of the tests from
+ * one of the TEST_DIMS_* sizes. CPU tests of code that must end the program (bad input) run it in
  * a forked child and check its exit status and message (test_expect_exit_failure), with files in
  * a scratch directory (test_tmp_*). Under nvcc, the last part adds device helpers (floatX upload,
  * NaN poisoning, bitwise comparison of device buffers, median-of-N timing).
@@ -140,6 +141,13 @@ static inline int test_check_le(const char* name, double value, double tol) {
 
 // ----------------------------------------------------------------------------
 // random data (the project generator of rand.h; seed it with rng_init)
+
+// a generator seeded with rng_init: Rng rng = rng_seeded(42);
+static inline Rng rng_seeded(uint64_t seed) {
+    Rng rng;
+    rng_init(&rng, seed);
+    return rng;
+}
 
 // uniform integer in [0, n), n > 0
 static inline int rng_int(Rng* rng, int n) { return (int)(rng_u32(rng) % (uint32_t)n); }

@@ -2,6 +2,7 @@
 # run_attention.sh - builds and runs every test and benchmark of llmc/attention.cuh on the GPU
 # machine, then prints a summary table last.
 #   1. build test_attention (bf16, tensor-core kernels) and test_attention_fp32 (-DENABLE_FP32)
+#      with the Makefile (its flags): dev/cuda/test_attention_bin and test_attention_fp32_bin
 #   2. --bad-shape must fail with a clear message
 #   3. fp32 build: --quick checks
 #   4. bf16 build: all checks + GPT-2-shape benchmark
@@ -11,8 +12,7 @@
 set -u
 cd "$(dirname "$0")/../.."
 LOG_DIR=${OUT:-/tmp}
-BUILD_DIR=${BUILD_DIR:-/tmp/attention_build}
-mkdir -p "$BUILD_DIR" "$LOG_DIR"
+mkdir -p "$LOG_DIR"
 LOG="$LOG_DIR/attention_log.txt"
 : > "$LOG"
 STATUS=()
@@ -24,35 +24,32 @@ step() {  # step NAME COMMAND... : runs, logs, records PASS/FAIL
 }
 set -o pipefail
 
-NVCC="nvcc -O3 -std=c++17 -arch=sm_90"
-$NVCC -o "$BUILD_DIR/test_attention" dev/cuda/test_attention.cu > "$BUILD_DIR/build_bf16.txt" 2>&1 &
-pid_bf16=$!
-$NVCC -DENABLE_FP32 -o "$BUILD_DIR/test_attention_fp32" dev/cuda/test_attention.cu > "$BUILD_DIR/build_fp32.txt" 2>&1 &
-pid_fp32=$!
-if wait $pid_bf16; then STATUS+=("PASS  build bf16"); else STATUS+=("FAIL  build bf16"); fail=1; fi
-if wait $pid_fp32; then STATUS+=("PASS  build fp32"); else STATUS+=("FAIL  build fp32"); fail=1; fi
-cat "$BUILD_DIR/build_bf16.txt" "$BUILD_DIR/build_fp32.txt" | tee -a "$LOG"
+BIN=dev/cuda/test_attention_bin
+BIN32=dev/cuda/test_attention_fp32_bin
+if make -s -j2 "$BIN" "$BIN32" > "$LOG_DIR/attention_build.txt" 2>&1
+then STATUS+=("PASS  build bf16 + fp32 (make)"); else STATUS+=("FAIL  build (make)"); fail=1; fi
+cat "$LOG_DIR/attention_build.txt" | tee -a "$LOG"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv 2>&1 | tee -a "$LOG"
 
-if [ -x "$BUILD_DIR/test_attention" ]; then
+if [ -x "$BIN" ]; then
     echo "=== bad shape (must exit non-zero with a message)" | tee -a "$LOG"
-    "$BUILD_DIR/test_attention" --bad-shape > "$BUILD_DIR/bad.txt" 2>&1
+    "$BIN" --bad-shape > "$LOG_DIR/attention_bad.txt" 2>&1
     rc=$?
-    cat "$BUILD_DIR/bad.txt" | tee -a "$LOG"
-    if [ $rc -ne 0 ] && grep -q "head size" "$BUILD_DIR/bad.txt"; then STATUS+=("PASS  bad shape rejected (rc=$rc)")
+    cat "$LOG_DIR/attention_bad.txt" | tee -a "$LOG"
+    if [ $rc -ne 0 ] && grep -q "head size" "$LOG_DIR/attention_bad.txt"; then STATUS+=("PASS  bad shape rejected (rc=$rc)")
     else STATUS+=("FAIL  bad shape not rejected (rc=$rc)"); fail=1; fi
 
 fi
-[ -x "$BUILD_DIR/test_attention_fp32" ] && step "fp32 checks (--quick)" "$BUILD_DIR/test_attention_fp32" --quick
-[ -x "$BUILD_DIR/test_attention" ] && step "bf16 checks + benchmark" "$BUILD_DIR/test_attention"
+[ -x "$BIN32" ] && step "fp32 checks (--quick)" "$BIN32" --quick
+[ -x "$BIN" ] && step "bf16 checks + benchmark" "$BIN"
 PEAK_TFLOPS=$(grep -m1 -o "^peak bf16 [0-9.e+]*" "$LOG" | awk '{print $3}')  # test_attention's table value
 step "pytorch sdpa" env PYTHONUNBUFFERED=1 PEAK_TFLOPS="${PEAK_TFLOPS:-0}" python3 dev/cuda/bench_attention_torch.py
 # sanitizers last (slow); skipped when the run is already long (SANITIZE_BUDGET_S, default 200 s)
-if [ -x "$BUILD_DIR/test_attention" ] && command -v compute-sanitizer > /dev/null; then
+if [ -x "$BIN" ] && command -v compute-sanitizer > /dev/null; then
     if [ $SECONDS -lt ${SANITIZE_BUDGET_S:-200} ]; then
-        step "memcheck --tiny" timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 "$BUILD_DIR/test_attention" --tiny
-        step "racecheck --tiny" timeout 60 compute-sanitizer --tool racecheck --error-exitcode 9 "$BUILD_DIR/test_attention" --tiny
-        step "synccheck --tiny" timeout 40 compute-sanitizer --tool synccheck --error-exitcode 9 "$BUILD_DIR/test_attention" --tiny
+        step "memcheck --tiny" timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 "$BIN" --tiny
+        step "racecheck --tiny" timeout 60 compute-sanitizer --tool racecheck --error-exitcode 9 "$BIN" --tiny
+        step "synccheck --tiny" timeout 40 compute-sanitizer --tool synccheck --error-exitcode 9 "$BIN" --tiny
     else
         STATUS+=("SKIP  compute-sanitizer (run already ${SECONDS}s)")
     fi
@@ -64,5 +61,6 @@ echo
 echo "==================== attention summary ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)) ===================="
 for s in "${STATUS[@]}"; do echo "$s"; done
 grep -h "^FAIL " "$LOG"
+grep -h -E "^test_attention(_fp32)?: [0-9]+ passed" "$LOG"
 grep -h "^SUMMARY" "$LOG" | sed 's/^SUMMARY //'
 exit $fail

@@ -117,8 +117,7 @@ int main(void) {
     cudaCheck(cudaSetDevice(0));
     test_begin("test_activations" TEST_FLOATX_SUFFIX);
     printf("test_activations (%s)\n", FLOATX_NAME);
-    Rng rng;
-    rng_init(&rng, 21);
+    Rng rng = rng_seeded(21);
     test_gelu(256, 3072, &rng);
     test_gelu(3, 40, &rng);  // tiny: a partial last block
     test_swiglu(256, 2048, &rng);

@@ -123,8 +123,7 @@ int main(void) {
     cudaCheck(cudaSetDevice(0));
     test_begin("test_adamw" TEST_FLOATX_SUFFIX);
     printf("test_adamw (%s)\n", FLOATX_NAME);
-    Rng rng;
-    rng_init(&rng, 41);
+    Rng rng = rng_seeded(41);
     run_case(1 << 20, 0, &rng);
     run_case((1 << 20) + 3, 1, &rng);
 

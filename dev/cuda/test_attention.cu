@@ -34,20 +34,9 @@ benchmark lines start with SUMMARY.
 // ------------------------------------------------------------------------------------------------
 // host helpers
 
-static floatX to_x(float v) {
-#ifdef ENABLE_FP32
-    return v;
-#else
-    return __float2bfloat16(v);
-#endif
-}
-static float from_x(floatX v) {
-#ifdef ENABLE_FP32
-    return v;
-#else
-    return __bfloat162float(v);
-#endif
-}
+// floatX <-> float on the host (bf16: round to nearest even)
+static floatX to_x(float v) { return (floatX)v; }
+static float from_x(floatX v) { return (float)v; }
 
 #ifdef ENABLE_FP32
 static const double TOL_REL = 1e-5, TOL_WORST = 1e-4, TOL_LSE = 1e-6;
@@ -182,8 +171,7 @@ struct Problem {
 
     Problem(int B_, int T_, int C_, int NH_, float qk_std, uint64_t seed) : B(B_), T(T_), C(C_), NH(NH_) {
         n_qkv = (size_t)B * T * 3 * C; n_out = (size_t)B * T * C; n_lse = (size_t)B * NH * T;
-        Rng rng;
-        rng_init(&rng, seed);
+        Rng rng = rng_seeded(seed);
         h_qkv.resize(n_qkv); f_qkv.resize(n_qkv); h_dout.resize(n_out); f_dout.resize(n_out);
         fill_normal(f_qkv.data(), n_qkv, 0.0f, 1.0f, &rng);
         fill_normal(f_dout.data(), n_out, 0.0f, 1.0f, &rng);

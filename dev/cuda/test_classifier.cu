@@ -15,8 +15,7 @@ int main(void) {
     cudaCheck(cudaSetDevice(0));
     test_begin("test_classifier" TEST_FLOATX_SUFFIX);
     printf("test_classifier (%s)\n", FLOATX_NAME);
-    Rng rng;
-    rng_init(&rng, 31);
+    Rng rng = rng_seeded(31);
     const int B = 4, T = 64, BT = B * T, V = 50257, Vp = 50304, grad_accum_steps = 3;
     const float dloss = 1.0f / (float)(BT * grad_accum_steps);
     size_t n = (size_t)BT * Vp;

@@ -20,8 +20,7 @@ int main(void) {
     cudaCheck(cudaSetDevice(0));
     test_begin("test_encoder" TEST_FLOATX_SUFFIX);
     printf("test_encoder (%s)\n", FLOATX_NAME);
-    Rng rng;
-    rng_init(&rng, 11);
+    Rng rng = rng_seeded(11);
     const int B = 4, T = 64, C = 768, V = 50304;
     const int BT = B * T;
     int* tokens = (int*)malloc(BT * sizeof(int));
@@ -151,8 +150,7 @@ int main(void) {
     float* old_dwte = host_alloc(n_wte);
     float* old_dwpe = host_alloc(n_wpe);
     for (int run = 0; run < 2; run++) {
-        Rng acc_rng;
-        rng_init(&acc_rng, 5);
+        Rng acc_rng = rng_seeded(5);
         fill_uniform(old_dwte, n_wte, -1.0f, 1.0f, &acc_rng);
         fill_uniform(old_dwpe, n_wpe, -1.0f, 1.0f, &acc_rng);
         upload_rounded(d_dwte[run], old_dwte, n_wte);
@@ -200,8 +198,7 @@ int main(void) {
         // GPT-2 shapes, B*T = 8 * 1024 with realistic (Zipf-like) token repetition
         const int bB = 8, bT = 1024, bBT = bB * bT, bV = 50257;
         int* btokens = (int*)malloc(bBT * sizeof(int));
-        Rng trng;
-        rng_init(&trng, 3);
+        Rng trng = rng_seeded(3);
         for (int i = 0; i < bBT; i++) {
             // Zipf-like: 10% of positions on 3 tokens (",", " the", EOT: ~270 positions each),
             // 20% on 50 ids, 20% on 2000 ids, the rest anywhere

@@ -42,8 +42,7 @@ int main(void) {
     cudaCheck(cudaSetDevice(0));
     test_begin("test_global_norm" TEST_FLOATX_SUFFIX);
     printf("test_global_norm (%s)\n", FLOATX_NAME);
-    Rng rng;
-    rng_init(&rng, 51);
+    Rng rng = rng_seeded(51);
     run_case(1000, &rng);
     run_case(10000005, &rng);
     run_case(124475904, &rng);

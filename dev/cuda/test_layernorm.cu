@@ -159,8 +159,7 @@ static void run_case(int BT, int C, Rng* rng) {
     cpu_layernorm_backward(ref_dx, ref_dw, ref_db, dout, residual, w, ref_mean, ref_rstd, BT, C);
     float *old_dinp = host_alloc(n), *old_dw = host_alloc(C), *old_db = host_alloc(C);
     for (int run = 0; run < 2; run++) {
-        Rng acc_rng;
-        rng_init(&acc_rng, 99);
+        Rng acc_rng = rng_seeded(99);
         fill_uniform(old_dinp, n, -(float)rms(ref_dx, n), (float)rms(ref_dx, n), &acc_rng);
         fill_uniform(old_dw, C, -(float)rms(ref_dw, C), (float)rms(ref_dw, C), &acc_rng);
         fill_uniform(old_db, C, -(float)rms(ref_db, C), (float)rms(ref_db, C), &acc_rng);
@@ -198,8 +197,7 @@ static void run_case(int BT, int C, Rng* rng) {
 int main(void) {
     cudaCheck(cudaSetDevice(0));
     test_begin("test_layernorm" TEST_FLOATX_SUFFIX);
-    Rng rng;
-    rng_init(&rng, 7);
+    Rng rng = rng_seeded(7);
     printf("test_layernorm (%s)\n", FLOATX_NAME);
     run_case(256, 768, &rng);
     run_case(70, 264, &rng);

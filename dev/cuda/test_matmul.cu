@@ -163,8 +163,7 @@ static void run_case(int BT, int C, int OC, int use_bias, int use_gelu, Rng* rng
     float* old_dw = NULL;
     float* old_db = NULL;
     for (int run = 0; run < 2; run++) {
-        Rng acc_rng;
-        rng_init(&acc_rng, 1234);  // identical accumulator start values in both runs
+        Rng acc_rng = rng_seeded(1234);  // identical accumulator start values in both runs
         floatX* dinp = run == 0 ? d_dinp : d_dinp2;
         floatX* dw = run == 0 ? d_dw : d_dw2;
         floatX* db = run == 0 ? d_db : d_db2;
@@ -224,8 +223,7 @@ static void run_case(int BT, int C, int OC, int use_bias, int use_gelu, Rng* rng
     }
 
     // dinp += path (dweight keeps accumulating; not checked again)
-    Rng acc_rng;
-    rng_init(&acc_rng, 777);
+    Rng acc_rng = rng_seeded(777);
     float* old_dinp = random_accumulator(d_dinp, n_inp, rms(ref_dinp, n_inp), &acc_rng);
     matmul_backward(d_dinp, d_dw, NULL, d_dout, d_inp, d_w, BT, C, OC, 1, 0, NULL);
     cudaCheck(cudaDeviceSynchronize());
@@ -246,8 +244,7 @@ int main(void) {
     cudaCheck(cudaSetDevice(0));
     test_begin("test_matmul" TEST_FLOATX_SUFFIX);
     matmul_init();
-    Rng rng;
-    rng_init(&rng, 42);
+    Rng rng = rng_seeded(42);
     printf("test_matmul (%s)\n", FLOATX_NAME);
     run_case(256, 768, 3072, 1, 1, &rng);   // fc with GELU epilogue
     run_case(256, 3072, 768, 1, 0, &rng);   // fc projection
