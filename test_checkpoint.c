@@ -214,7 +214,7 @@ static void test_model_files(void) {
                        h[13] == 1 && h[14] == 0;
         for (int s = 15; s < 256; s++) slots_ok &= h[s] == 0;
         slots_ok &= bits_equal(raw + 1024, params, P * 4);
-        test_check_why(slots_ok, "model file header slots follow formats.md", "");
+        test_check_why(slots_ok, "model file header slots follow docs/design.md §5", "");
         free(raw);
     }
     char tmp[640];

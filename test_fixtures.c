@@ -101,7 +101,7 @@ static void fixture_read(Fixture* fx, const char* path) {
         fixture_error(path, msg);
     }
     ModelConfig* c = &fx->config;
-    model_config_from_header(header, c);  // the slots of formats.md, shared with checkpoint.h
+    model_config_from_header(header, c);  // the slots of docs/design.md §5, shared with checkpoint.h
     if (!model_config_validate(c)) fixture_error(path, "its header holds an impossible model configuration");
     fx->B = header[16];
     fx->T = header[17];

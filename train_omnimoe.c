@@ -1,10 +1,10 @@
 /*
  * train_omnimoe.c - the CPU reference model and trainer of omnimoe, in plain C and fp32.
  *
- * A GPT-2 style decoder (SPEC.md §1) whose feed-forward block is one of
+ * A GPT-2 style decoder (docs/design.md §1) whose feed-forward block is one of
  *   gelu    W2 GELU(W1 x + b1) + b2                      (GPT-2)
  *   swiglu  Wd (SiLU(Wg x) * (Wu x))                      (dense baseline, no biases)
- *   omni    SwiGLU_I(x) + AtomicExperts(x)                (OmniMoE, SPEC.md §2)
+ *   omni    SwiGLU_I(x) + AtomicExperts(x)                (OmniMoE, docs/design.md §2)
  * with its backward pass and AdamW. This file is the oracle the CUDA code is tested against, so
  * it favours clarity: one function per layer forward and backward, every sum in a fixed order.
  *
@@ -353,7 +353,7 @@ void residual_forward(float* out, const float* a, const float* b, size_t count) 
 }
 
 // ----------------------------------------------------------------------------
-// OmniMoE layer pieces (SPEC.md §2). Router logits (BT, R) with R = 2n: channels [0, n) are
+// OmniMoE layer pieces (docs/design.md §2). Router logits (BT, R) with R = 2n: channels [0, n) are
 // the row router, [n, 2n) the column router.
 
 // Affine-free BatchNorm over the BT tokens, per channel. use_batch_stats=1: normalise with the
@@ -851,7 +851,7 @@ void gpt_build(GPT* model, const ModelConfig* config) {
     model->mean_loss = -1.0f;
 }
 
-// SPEC.md §2 initialisation from a seed, the same draws as the CUDA trainer (config.h:
+// docs/design.md §1.3 initialisation from a seed, the same draws as the CUDA trainer (config.h:
 // model_init_params: one Rng, tensors in layout order, LayerNorm weights 1 and biases 0); the
 // BN running statistics are reset to mean 0, var 1
 void gpt_init_random(GPT* model, uint64_t seed) {

@@ -8,7 +8,7 @@ weights and AdamW state, on one GPU or data parallel on several (one process per
     mpirun -np 4 ./train_omnimoe ...     # 4 GPUs (llmc/multi_gpu.cuh; scripts/run_multi_gpu.sh
                                          # launches without MPI)
 
-The math is SPEC.md §1-2, the same as the CPU reference train_omnimoe.c, which test_omnimoe.cu
+The math is docs/design.md §1-2, the same as the CPU reference train_omnimoe.c, which test_omnimoe.cu
 checks this file against. The kernels live in the llmc/ headers, one concern each (the OmniMoE
 feed-forward layer is llmc/omnimoe_layer.cuh: this file gives it views of its weights, gradients,
 BN statistics, expert counts and activations); this file holds the model (parameters,
@@ -26,7 +26,7 @@ bits.
 
 Several GPUs: every rank holds the whole model and optimizer state (replicas stay bitwise equal:
 same initialisation, same averaged gradients, same update), reads its own slice of the data and
-keeps its own router BN running statistics (SPEC: per rank, no cross-GPU sync). The floatX
+keeps its own router BN running statistics (docs/design.md §2: per rank, no cross-GPU sync). The floatX
 gradients of a step are averaged over the ranks in buckets, one per layer plus one for the
 embeddings and the final LayerNorm (GradReducer, llmc/multi_gpu.cuh), on a stream of their own:
 with --overlap-comm 1 each layer's bucket starts as soon as the backward of the last micro-step

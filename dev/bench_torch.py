@@ -1,5 +1,5 @@
 """
-bench_torch.py - PyTorch baselines for the OmniMoE layer (SPEC.md §2-§4), bf16, forward and
+bench_torch.py - PyTorch baselines for the OmniMoE layer (docs/design.md §2-§4), bf16, forward and
 forward+backward, timed on the GPU with triton.testing.do_bench medians after warm-up (CUDA
 events; do_bench also flushes the L2 cache before every repetition).
 
@@ -16,9 +16,9 @@ dense dU/dV through PyTorch's sort-based embedding backward):
 
 Router numerics: the 2n x d GEMM runs in bf16; logits are upcast to fp32 for BN, log_softmax,
 top-k and the gate (as a fused kernel would keep them in registers). torch.topk breaks ties in
-no promised order (SPEC wants the smaller id); with continuous random data ties do not occur.
+no promised order (docs/design.md §2 wants the smaller id); with continuous random data ties do not occur.
 
-Bytes that must move (SPEC §4), used for the bandwidth fractions (3.0 TB/s = the measured
+Bytes that must move (docs/design.md §4), used for the bandwidth fractions (3.0 TB/s = the measured
 device-to-device copy rate of this workplace's H100, read + write):
   experts fwd      : per token 2k rows of d (u and v) + x + y            = 2*T*d*(2k+2) bytes
   experts fwd+bwd  : fwd + bwd; bwd reads dY, x, 2k rows (u, v) and writes dX, 2k rows (dU, dV)
@@ -282,7 +282,7 @@ def bench_layer(res, device):
 
 
 def expert_bytes(T, d, k, distinct_rows):
-    """SPEC §4 per-pair byte counts (bf16); distinct_rows gives the floor with each row once."""
+    """docs/design.md §4 per-pair byte counts (bf16); distinct_rows gives the floor with each row once."""
     out = {"bytes_fwd": 2 * T * d * (2 * k + 2), "bytes_fwdbwd": 2 * T * d * (6 * k + 5)}
     if distinct_rows is not None:
         out["distinct_rows"] = distinct_rows
@@ -379,7 +379,7 @@ def main():
         bench_router(res, device)
 
     print(f"\n# PyTorch baselines, bf16, {card}; do_bench medians (ms); "
-          f"bytes fwd/fwd+bwd per SPEC §4 (per-pair; floor with distinct rows in the JSON)")
+          f"bytes fwd/fwd+bwd per docs/design.md §4 (per-pair; floor with distinct rows in the JSON)")
     print(f"{'name':<26s} | {'shape':<34s} | {'fwd ms':>8s} | {'f+b ms':>8s} | rate")
     for row in res.rows:
         print(f"{row['name']:<26s} | {row['shape']:<34s} | {row['fwd_ms']:8.3f} | "

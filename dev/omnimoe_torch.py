@@ -1,5 +1,5 @@
 """
-omnimoe_torch.py - an independent PyTorch reference of the omnimoe model (SPEC.md §1-2) and
+omnimoe_torch.py - an independent PyTorch reference of the omnimoe model (docs/design.md §1-2) and
 the binary files it shares with the C and CUDA trainers (model file, fixture file).
 
 It is written to be read, not to be fast: every step of the math is spelled out, the top-k is
@@ -62,7 +62,7 @@ class Config:
     router_norm: int = ROUTER_NORM_BN
     gate: int = GATE_SOFTMAX
 
-    # header slots [2..14] of formats.md, in order
+    # header slots [2..14] of docs/design.md §5, in order
     def header_slots(self):
         return [self.max_seq_len, self.vocab_size, self.padded_vocab_size, self.num_layers,
                 self.num_heads, self.channels, self.ffn_kind, self.ffn_hidden, self.router_n,
@@ -183,7 +183,7 @@ def topk_full_grid(S, k):
 
 
 def omni_ffn(c, x, fcw, fcprojw, routerw, U, V, bn_mean, bn_var, training, record=None):
-    """One OmniMoE FFN (SPEC §2) over the M = B*T tokens x (M, C).
+    """One OmniMoE FFN (docs/design.md §2) over the M = B*T tokens x (M, C).
     bn_mean/bn_var: running stats (2n) of this layer. Returns (y, new_mean, new_var)."""
     n, k, I = c.router_n, c.top_k, c.ffn_hidden
     M = x.shape[0]

@@ -4,7 +4,7 @@
  * little-endian hosts only (checked at run time).
  *
  * ---------------------------------------------------------------------------------------------
- * Config header (formats.md), shared by model files, checkpoints and fixtures: 256 int32.
+ * Config header (docs/design.md §5), shared by model files, checkpoints and fixtures: 256 int32.
  *   [0] magic [1] version [2] max_seq_len [3] vocab_size [4] padded_vocab_size [5] num_layers
  *   [6] num_heads [7] channels [8] ffn_kind [9] ffn_hidden [10] router_n [11] num_experts
  *   [12] top_k [13] router_norm [14] gate; other slots 0 unless a format below names them.
@@ -187,7 +187,7 @@ static inline float ckpt_get_f32_(const int32_t* header, int slot) {
     return v;
 }
 
-// the config slots [2..14] of formats.md
+// the config slots [2..14] of docs/design.md §5
 static inline void model_config_to_header(const ModelConfig* c, int32_t* header) {
     header[2] = c->max_seq_len;
     header[3] = c->vocab_size;

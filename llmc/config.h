@@ -5,17 +5,17 @@
  *
  * Defines:
  *   ModelConfig              every number that fixes the shape of the model
- *   FFN_GELU/SWIGLU/OMNI     the three feed-forward kinds of SPEC.md §1
- *   ROUTER_NORM_*, GATE_*    the OmniMoE options of SPEC.md §2
+ *   FFN_GELU/SWIGLU/OMNI     the three feed-forward kinds of docs/design.md §1
+ *   ROUTER_NORM_*, GATE_*    the OmniMoE options of docs/design.md §2
  *   EXPERT_EXEC_*            the token- / expert-centric execution of the experts
  *   LAYERNORM_EPS, BATCHNORM_*    the normalisations' constants (CPU and GPU)
  *   ParamTensor ids          the fixed order of the parameter tensors in one flat buffer
  *   model_config_param_sizes()   element count of each tensor (0 where a kind has none)
  *   model_config_validate()      one clear message for an impossible configuration
- *   model_config_*_count()       total / active parameter counts (SPEC.md §4)
+ *   model_config_*_count()       total / active parameter counts (docs/design.md §4)
  *   model_config_preset()        named model sizes (-e d12 and friends)
  *   param_is_decayed()           which tensors get AdamW weight decay (matrices only)
- *   param_init_std()             the initialisation of SPEC.md §2 (one rule for CPU and GPU)
+ *   param_init_std()             the initialisation of docs/design.md §1.3 (one rule for CPU and GPU)
  *   model_init_params()          draws all parameters on the host from a seed, in layout order
  */
 #ifndef OMNIMOE_CONFIG_H
@@ -161,7 +161,7 @@ static inline size_t model_config_num_params(const ModelConfig* c) {
     return total;
 }
 
-// parameters one token touches (SPEC §4: 3dI + 2nd + 2kd per OmniMoE layer), embeddings counted
+// parameters one token touches (docs/design.md §4: 3dI + 2nd + 2kd per OmniMoE layer), embeddings counted
 // as in llm.c's 6N FLOP estimate: the token row is not counted, the tied LM head is (Vp*C).
 static inline size_t model_config_active_params(const ModelConfig* c) {
     size_t sizes[NUM_PARAMETER_TENSORS], total = 0;
@@ -285,7 +285,7 @@ static inline int param_is_decayed(int tensor) {
     }
 }
 
-// SPEC §2: linear weights N(0, 0.02); residual output projections (attention out, FFN down, V)
+// docs/design.md §1.3: linear weights N(0, 0.02); residual output projections (attention out, FFN down, V)
 // N(0, 0.02/sqrt(2L)); U N(0, 0.02); LayerNorm weight 1 and bias 0; biases 0.
 // Returns the std of the normal draw, or a negative number: -1 means "fill with 1", -2 "zeros".
 static inline float param_init_std(const ModelConfig* c, int tensor) {

@@ -1,5 +1,5 @@
 /*
-experts.cuh - the OmniMoE atomic experts on the GPU (SPEC §2, §3), forward and backward,
+experts.cuh - the OmniMoE atomic experts on the GPU (docs/design.md §2, §3), forward and backward,
 in two executions that compute the same function bit for bit.
 
 Defines:

@@ -1,5 +1,5 @@
 /*
-router.cuh - the OmniMoE Cartesian-product router on the GPU (SPEC §2), forward and backward.
+router.cuh - the OmniMoE Cartesian-product router on the GPU (docs/design.md §2), forward and backward.
 
 Defines:
 - RouterOptions {n, k, norm, gate, training}: the router's shape and options
@@ -26,7 +26,7 @@ BatchNorm1d; 0 = running statistics).
 
 Top-k (per token, one warp). The order is: higher S first, equal S -> smaller expert id first,
 where S is the fp32 sum pr[i] + pc[j]. The result is the exact top-k of all N pairs in that
-order, sorted. Method (SPEC §2 product-key argument, O(n + k^2) work):
+order, sorted. Method (docs/design.md §2 product-key argument, O(n + k^2) work):
   1. take the k' = min(n, k) best rows of pr and the k' best columns of pc (same order rule);
   2. rounding guard: an fp32 sum can tie two rows whose pr differ by about an ulp, and then the
      tie goes to the smaller id, which may be a row outside the k' best. Rows (columns) outside

@@ -1,5 +1,5 @@
 /*
-scheduler.cuh - expert-centric scheduling of the OmniMoE (token, expert) pairs (SPEC §3).
+scheduler.cuh - expert-centric scheduling of the OmniMoE (token, expert) pairs (docs/design.md §3).
 
 Defines:
 - ExpertSchedule: device buffers describing the BT*k pairs sorted by expert

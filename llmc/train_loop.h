@@ -48,7 +48,9 @@
  * What differs between the trainers lives in their backends only: the CPU trainer is one process
  * (sum_ranks does nothing, the stop request is its own), has no MFU (peak_flops 0) and
  * loads the tokenizer only when it samples; the CUDA trainer folds the stop request into the
- * reduction of the step's loss and gathers every rank's BN statistics into its checkpoints.
+ * reduction of the step's loss and gathers every rank's BN statistics into its checkpoints, and
+ * samples on the (B, T) activations of training (so -g is at most -t there; the CPU trainer
+ * allows up to the model's maximum sequence length).
  */
 #ifndef OMNIMOE_TRAIN_LOOP_H
 #define OMNIMOE_TRAIN_LOOP_H
@@ -223,7 +225,8 @@ static inline int train_loop_check_output_(const TrainConfig* cfg, const char* l
                     stat(dir, &st) != 0 ? ": the directory does not exist" : "");
         } else {
             fprintf(stderr, "Error: -y 1: none of the %d checkpoint file(s) in %s is usable (unfinished, corrupt or "
-                    "diverged: see the warnings above); nothing was changed\n", ckpts, dir);
+                    "diverged: the warnings above name the corrupt ones; <name>.diverged files hold weights that diverged "
+                    "and are never resumed); nothing was changed\n", ckpts, dir);
         }
         return 1;
     }

@@ -5,8 +5,9 @@
 #   bash scripts/test_hostile.sh                              the CPU trainer (make test_cpu runs it)
 #   TRAINER=./train_omnimoe bash scripts/test_hostile.sh      the CUDA trainer (dev/gpu_check.sh)
 # Cases live in scripts/hostile_cases_*.sh (input: data, flags, files; run: signals, output
-# directories, resume), sourced in that order; helpers in scripts/hostile_lib.sh. Every case
-# uses the tiny preset, so the CPU sweep takes well under a minute on 2 cores.
+# directories, resume), sourced in that order; helpers in scripts/hostile_lib.sh. The cases use
+# the tiny preset on the CPU trainer (about 20-60 s on 2 cores) and small on the CUDA trainer
+# (its attention needs a head size of 32, 64 or 128). Case list and outcomes: docs/hostile_sweep.md.
 # Ends with "hostile: N passed, N failed"; exits 1 when a case failed.
 set -u
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
 /*
-bench_layer.cu - the WHOLE OmniMoE layer (shared SwiGLU + router + scheduler + experts, SPEC §2-§3)
+bench_layer.cu - the WHOLE OmniMoE layer (shared SwiGLU + router + scheduler + experts, docs/design.md §2-§3)
 forward and forward+backward on the GPU, beside a dense SwiGLU of the same active size built from
 the same matmul code, the router alone at 9 (n, k), a measured device copy bandwidth and a
 measured bf16 GEMM rate: everything in one binary, so the ratios come from one run on one card.
@@ -31,7 +31,7 @@ dev/bench_torch.py. The printed time is the median; min and max are kept in the 
 Gradients of weights accumulate (+=) across replays, as in gradient accumulation; values grow
 but stay finite, and the time does not depend on them.
 
-FLOPs (SPEC §4, forward; fwd+bwd = 3x): shared/dense SwiGLU 6 T d I, router GEMM 4 T n d,
+FLOPs (docs/design.md §4, forward; fwd+bwd = 3x): shared/dense SwiGLU 6 T d I, router GEMM 4 T n d,
 experts 4 T k d. Bytes that must move (bf16 = 2 B): router, as dev/bench_torch.py counts them:
 fwd X + W + ids and gates (2Td + 4nd + 8Tk), bwd dgate + X + W + dX + dW (4Tk + 4Td + 8nd).
 Router + schedule + experts (no SwiGLU), every tensor once per pass and each of the A active
@@ -610,7 +610,7 @@ int main(int argc, char** argv) {
     bench_router(st);
 
     printf("\n== summary: median ms of %d graph replays (L2 flushed), %% of the measured copy rate %.3f TB/s "
-           "for memory-bound rows, TFLOP/s (FLOPs per SPEC §4) for GEMM rows ==\n", TIMED_REPS, g_copy_bytes_per_s / 1e12);
+           "for memory-bound rows, TFLOP/s (FLOPs per docs/design.md §4) for GEMM rows ==\n", TIMED_REPS, g_copy_bytes_per_s / 1e12);
     printf("%-40s | %-30s | %9s | %s\n", "what", "shape", "ms", "rate");
     for (const Row& r : g_rows) {
         char rate[64];

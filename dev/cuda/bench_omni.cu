@@ -5,7 +5,7 @@ minus the shared SwiGLU branch), token-centric (TC) vs expert-centric (EC) execu
   make bench_omni && ./dev/cuda/bench_omni_bin
   ./dev/cuda/bench_omni_bin
 
-A. SPEC reference layer: T=4096, d=1024, N=4096 (n=64), k=16, BN + softmax gate, training:
+A. the reference layer of the released OmniMoE code: T=4096, d=1024, N=4096 (n=64), k=16, BN + softmax gate, training:
    router fwd, schedule, experts fwd, experts bwd (incl. dU/dV), router bwd, and the whole
    forward+backward of the layer without its shared SwiGLU (llmc/omnimoe_layer.cuh with I = 0)
    as one CUDA graph, for both executions.
@@ -15,7 +15,7 @@ B. experts alone: T=4096, d=1024, k=32, N in {4096, 65536, 1048576}, uniform ran
 Timing: each stage is captured alone in a CUDA graph and replayed (GPU time, no host launch
 gaps): cudaEvent around each replay, median of 25 after 5 warm-ups. Inputs are random, never
 zeros. --profile-once runs the reference layer once per stage (for ncu) without timing.
-Bytes (SPEC §4): "min" = every input read once, every output written once, expert rows only of
+Bytes (docs/design.md §4): "min" = every input read once, every output written once, expert rows only of
 the active experts (A of them) -- the DRAM floor; "gather" = the same with 2 expert rows per
 pair in the forward and 4 rows per pair in the backward (u, v for h and dX; x, dY for dU/dV),
 i.e. what moves if nothing is shared through the caches. Fractions are of the device-to-device
