@@ -397,13 +397,14 @@ static inline void checkpoint_remove_stale_tmp_(const char* dir) {
     closedir(d);
 }
 
-// mkdir -p; exits when a component exists but is not a directory or cannot be created. Then
-// removes the temporary files of interrupted writes (checkpoint_remove_stale_tmp_).
-static inline void checkpoint_make_dir(const char* dir) {
+// mkdir -p, then removes the temporary files of interrupted writes (checkpoint_remove_stale_tmp_).
+// Returns 0, or -1 after a message when a component exists but is not a directory or cannot be
+// created (it does not exit: a trainer of several processes lets all of them stop together).
+static inline int checkpoint_try_make_dir(const char* dir) {
     char path[CHECKPOINT_PATH_MAX];
     if (strlen(dir) >= sizeof(path)) {
         fprintf(stderr, "Error: output directory \"%s\" is too long\n", dir);
-        exit(EXIT_FAILURE);
+        return -1;
     }
     strcpy(path, dir);
     size_t len = strlen(path);
@@ -415,15 +416,21 @@ static inline void checkpoint_make_dir(const char* dir) {
         if (stat(path, &st) != 0) {
             if (mkdir(path, 0755) != 0 && errno != EEXIST) {
                 fprintf(stderr, "Error: cannot create the output directory \"%s\": %s\n", path, strerror(errno));
-                exit(EXIT_FAILURE);
+                return -1;
             }
         } else if (!S_ISDIR(st.st_mode)) {
             fprintf(stderr, "Error: output directory \"%s\": \"%s\" exists and is not a directory\n", dir, path);
-            exit(EXIT_FAILURE);
+            return -1;
         }
         path[i] = saved;
     }
     checkpoint_remove_stale_tmp_(dir);
+    return 0;
+}
+
+// checkpoint_try_make_dir, exiting on failure
+static inline void checkpoint_make_dir(const char* dir) {
+    if (checkpoint_try_make_dir(dir) != 0) exit(EXIT_FAILURE);
 }
 
 // ----------------------------------------------------------------------------

@@ -360,9 +360,11 @@ static inline int train_loop_run(const TrainLoop* tl) {
         }
     }
     const int start_step = step, resumed = found_step >= 0;
-    if (have_dir && master) checkpoint_make_dir(cfg->output_dir);
+    // the directory and the log (rank 0), agreed: rank 0 alone must not stop
+    int setup_failed = have_dir && master && checkpoint_try_make_dir(cfg->output_dir) != 0;
     Logger logger;
-    logger_init(&logger, log_path, be->rank, resumed ? start_step : -1);
+    if (!setup_failed) setup_failed = logger_init(&logger, log_path, be->rank, resumed ? start_step : -1) != 0;
+    if (train_loop_agree_(be, setup_failed)) return EXIT_FAILURE;
     signal(SIGINT, train_loop_on_signal);
     signal(SIGTERM, train_loop_on_signal);
     signal(SIGUSR1, train_loop_on_signal);
