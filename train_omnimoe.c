@@ -1458,6 +1458,7 @@ int main(int argc, char** argv) {
     be.num_processes = 1;
     be.num_omni_layers = tr.omni_layers;
     be.vocab_size = V;
+    be.model_config = &tr.model.config;
     be.sample_T = cfg.gen_tokens;
     be.init_weights = cpu_init_weights;
     be.train_step = cpu_train_step;

@@ -909,6 +909,7 @@ int main(int argc, char** argv) {
     be.flops_per_token_fwd = model_config_flops_per_token_fwd(&config, cfg.T);
     be.peak_flops = cuda_peak_bf16_flops(props.name) * G;
     be.vocab_size = config.vocab_size;
+    be.model_config = &model->config;
     be.sample_T = cfg.gen_tokens < cfg.T ? cfg.gen_tokens : cfg.T;
     be.init_weights = gpu_init_weights;
     be.train_step = gpu_train_step;

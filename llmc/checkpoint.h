@@ -397,13 +397,14 @@ static inline void checkpoint_remove_stale_tmp_(const char* dir) {
     closedir(d);
 }
 
-// mkdir -p; exits when a component exists but is not a directory or cannot be created. Then
-// removes the temporary files of interrupted writes (checkpoint_remove_stale_tmp_).
-static inline void checkpoint_make_dir(const char* dir) {
+// mkdir -p, then removes the temporary files of interrupted writes (checkpoint_remove_stale_tmp_).
+// Returns 0, or -1 after a message when a component exists but is not a directory or cannot be
+// created (it does not exit: a trainer of several processes lets all of them stop together).
+static inline int checkpoint_try_make_dir(const char* dir) {
     char path[CHECKPOINT_PATH_MAX];
     if (strlen(dir) >= sizeof(path)) {
         fprintf(stderr, "Error: output directory \"%s\" is too long\n", dir);
-        exit(EXIT_FAILURE);
+        return -1;
     }
     strcpy(path, dir);
     size_t len = strlen(path);
@@ -415,15 +416,21 @@ static inline void checkpoint_make_dir(const char* dir) {
         if (stat(path, &st) != 0) {
             if (mkdir(path, 0755) != 0 && errno != EEXIST) {
                 fprintf(stderr, "Error: cannot create the output directory \"%s\": %s\n", path, strerror(errno));
-                exit(EXIT_FAILURE);
+                return -1;
             }
         } else if (!S_ISDIR(st.st_mode)) {
             fprintf(stderr, "Error: output directory \"%s\": \"%s\" exists and is not a directory\n", dir, path);
-            exit(EXIT_FAILURE);
+            return -1;
         }
         path[i] = saved;
     }
     checkpoint_remove_stale_tmp_(dir);
+    return 0;
+}
+
+// checkpoint_try_make_dir, exiting on failure
+static inline void checkpoint_make_dir(const char* dir) {
+    if (checkpoint_try_make_dir(dir) != 0) exit(EXIT_FAILURE);
 }
 
 // ----------------------------------------------------------------------------
@@ -1010,6 +1017,21 @@ static inline void checkpoint_fail_(FILE* fp, const char* path, const char* fmt,
     va_end(args);
 }
 
+// A checkpoint's model (config, from its header) must equal this run's (expected): returns 1
+// after one message naming the first differing field, else 0. Does not exit (see
+// checkpoint_run_differs).
+static inline int checkpoint_model_differs(const char* path, const ModelConfig* config, const ModelConfig* expected) {
+    int field = model_config_first_difference(config, expected);
+    if (field < 0) return 0;
+    char in_file[32], in_run[32];
+    model_config_field_text(config, field, in_file, sizeof(in_file));
+    model_config_field_text(expected, field, in_run, sizeof(in_run));
+    fprintf(stderr, "Error: checkpoint \"%s\": it was written for a different model: %s is %s in the checkpoint but %s "
+            "in this run (use the same -e and model flags as the run that wrote it)\n", path,
+            model_config_field_name(field), in_file, in_run);
+    return 1;
+}
+
 // Opens a checkpoint and checks its header; with expected_config != NULL, the model in the file
 // must equal it (else the message names the first differing field; a corrupt file is reported
 // as corrupt instead). Fills out_config / out_info when not NULL. Then get() the sections in
@@ -1037,17 +1059,11 @@ static inline void checkpoint_reader_open(CheckpointReader* r, const char* path,
         if (!checkpoint_verify(path, why_verify, sizeof(why_verify))) checkpoint_fail_(fp, path, "%s", why_verify);
         checkpoint_fail_(fp, path, "%s", why);
     }
-    if (expected_config != NULL) {
-        int field = model_config_first_difference(&config, expected_config);
-        if (field >= 0) {
-            if (!checkpoint_verify(path, why_verify, sizeof(why_verify))) checkpoint_fail_(fp, path, "%s", why_verify);
-            char in_file[32], in_run[32];
-            model_config_field_text(&config, field, in_file, sizeof(in_file));
-            model_config_field_text(expected_config, field, in_run, sizeof(in_run));
-            checkpoint_fail_(fp, path, "it was written for a different model: %s is %s in the checkpoint but %s in this "
-                             "run (use the same -e and model flags as the run that wrote it)",
-                             model_config_field_name(field), in_file, in_run);
-        }
+    if (expected_config != NULL && model_config_first_difference(&config, expected_config) >= 0) {
+        if (!checkpoint_verify(path, why_verify, sizeof(why_verify))) checkpoint_fail_(fp, path, "%s", why_verify);
+        checkpoint_model_differs(path, &config, expected_config);
+        fclose(fp);
+        exit(EXIT_FAILURE);
     }
     if (!model_config_validate(&config)) checkpoint_fail_(fp, path, "the model configuration in its header is impossible");
     r->fp = fp;
@@ -1141,12 +1157,11 @@ static inline void checkpoint_read(const char* path, const ModelConfig* expected
     if (out_info != NULL) *out_info = info;
 }
 
-// The resume check. What fixes the data and its order (the training data, --shuffle, --seed, -b,
-// -t) must equal the checkpoint's: otherwise one message names the first difference and the
-// program exits, since continuing would silently train on other data or in another order. The
-// other settings may change on resume (e.g. a longer -x, another -l, another process count): a
-// note is printed for each; returns how many.
-static inline int checkpoint_compare_run(const char* path, const CheckpointInfo* saved, const RunIdentity* now) {
+// What fixes the data and its order (the training data, --shuffle, --seed, -b, -t) must equal the
+// checkpoint's, since continuing would silently train on other data or in another order: returns
+// 1 after one message naming the first difference, else 0. Does not exit, so a trainer of several
+// processes can let all of them stop together.
+static inline int checkpoint_run_differs(const char* path, const CheckpointInfo* saved, const RunIdentity* now) {
     const RunIdentity* was = &saved->run;
     const char* advice = "resume with the same flags and data, or start a new run in another -o directory";
     char detail[256] = "";
@@ -1164,10 +1179,17 @@ static inline int checkpoint_compare_run(const char* path, const CheckpointInfo*
     } else if (was->B != now->B || was->T != now->T) {
         snprintf(detail, sizeof(detail), "-b %d -t %d, this run has -b %d -t %d", was->B, was->T, now->B, now->T);
     }
-    if (detail[0] != '\0') {
-        fprintf(stderr, "Error: checkpoint \"%s\" was written with %s: %s\n", path, detail, advice);
-        exit(EXIT_FAILURE);
-    }
+    if (detail[0] == '\0') return 0;
+    fprintf(stderr, "Error: checkpoint \"%s\" was written with %s: %s\n", path, detail, advice);
+    return 1;
+}
+
+// The resume check: exits when checkpoint_run_differs. The other settings may change on resume
+// (e.g. a longer -x, another -l, another process count): a note is printed for each; returns how
+// many.
+static inline int checkpoint_compare_run(const char* path, const CheckpointInfo* saved, const RunIdentity* now) {
+    if (checkpoint_run_differs(path, saved, now)) exit(EXIT_FAILURE);
+    const RunIdentity* was = &saved->run;
     int diffs = 0;
 #define CKPT_CMP_INT_(flag, saved_value, now_value)                                                          \
     if ((long long)(saved_value) != (long long)(now_value)) {                                               \

@@ -101,19 +101,21 @@ static inline int logger_line_field_(const char* line, const char* key, long lon
     return 1;
 }
 
-// keeps the complete records at or before the resume point (see the top of the file)
-static inline void logger_truncate_for_resume_(const char* path, int resume_step) {
+// keeps the complete records at or before the resume point (see the top of the file); 0, or -1
+// after a message
+static inline int logger_truncate_for_resume_(const char* path, int resume_step) {
     struct stat st;
-    if (stat(path, &st) != 0) return;   // no old log: nothing to keep
-    if (!S_ISREG(st.st_mode)) return;   // a device or pipe (/dev/null, /dev/full): appended to as it is
+    if (stat(path, &st) != 0) return 0;   // no old log: nothing to keep
+    if (!S_ISREG(st.st_mode)) return 0;   // a device or pipe (/dev/null, /dev/full): appended to as it is
     FILE* in = fopen(path, "rb");
-    if (in == NULL) return;
+    if (in == NULL) return 0;
     char tmp_path[1200];
     snprintf(tmp_path, sizeof(tmp_path), "%s.tmp", path);
     FILE* out = fopen(tmp_path, "wb");
     if (out == NULL) {
         fprintf(stderr, "Error: cannot write \"%s\" while trimming the log for resume: %s\n", tmp_path, strerror(errno));
-        exit(EXIT_FAILURE);
+        fclose(in);
+        return -1;
     }
     size_t cap = 4096, len = 0;
     char* line = (char*)malloc(cap);
@@ -143,26 +145,30 @@ static inline void logger_truncate_for_resume_(const char* path, int resume_step
     fclose(in);
     if (fclose(out) != 0 || failed || rename(tmp_path, path) != 0) {
         fprintf(stderr, "Error: could not trim the log \"%s\" for resume: %s\n", path, strerror(errno));
-        exit(EXIT_FAILURE);
+        return -1;
     }
+    return 0;
 }
 
 // path NULL or "" = console only. resume_step >= 0: keep the old log up to that step and append.
-static inline void logger_init(Logger* lg, const char* path, int process_rank, int resume_step) {
+// Returns 0, or -1 after a message when the log cannot be opened or trimmed (no exit: the caller
+// lets every rank stop together).
+static inline int logger_init(Logger* lg, const char* path, int process_rank, int resume_step) {
     memset(lg, 0, sizeof(*lg));
     lg->active = process_rank == 0;
-    if (!lg->active || path == NULL || path[0] == '\0') return;
+    if (!lg->active || path == NULL || path[0] == '\0') return 0;
     if (strlen(path) >= sizeof(lg->path)) {
         fprintf(stderr, "Error: log file path \"%s\" is too long\n", path);
-        exit(EXIT_FAILURE);
+        return -1;
     }
     strcpy(lg->path, path);
-    if (resume_step >= 0) logger_truncate_for_resume_(path, resume_step);
+    if (resume_step >= 0 && logger_truncate_for_resume_(path, resume_step) != 0) return -1;
     lg->fp = fopen(path, resume_step >= 0 ? "ab" : "wb");
     if (lg->fp == NULL) {
         fprintf(stderr, "Error: cannot open the log file \"%s\" for writing: %s\n", path, strerror(errno));
-        exit(EXIT_FAILURE);
+        return -1;
     }
+    return 0;
 }
 
 // One optimiser step. step = updates completed (1-based), mfu a fraction (< 0: unknown),

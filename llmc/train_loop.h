@@ -90,6 +90,7 @@ typedef struct {
     double flops_per_token_fwd;          // for MFU
     double peak_flops;                   // all ranks together; 0 = unknown (no MFU printed)
     int vocab_size, sample_T;            // sample_logits' vocabulary and window
+    const ModelConfig* model_config;     // a checkpoint to resume from must hold this model
     void (*init_weights)(void* ctx);     // a fresh run: from the model file or random (seed)
     // one update: t = AdamW update count after it (1, 2, ...); *stop_local = this rank's stop
     // request, read once the step's gradients are in (a signal during the step counts)
@@ -248,6 +249,18 @@ static inline int train_loop_check_output_(const TrainConfig* cfg, const char* l
     return 0;
 }
 
+// -y 1 (rank 0): the checkpoint found must hold this model and this run's data, order and seed;
+// returns 1 after the message when not. Checked before any rank loads it, so that every rank
+// stops together (an exit on rank 0 alone would leave the others waiting inside NCCL).
+static inline int train_loop_check_resume_(const char* resume_path, const ModelConfig* model_config,
+                                           const RunIdentity* run) {
+    ModelConfig file_config;
+    CheckpointInfo info;
+    checkpoint_read_info(resume_path, &file_config, &info);  // a verified file (checkpoint_find_latest)
+    return checkpoint_model_differs(resume_path, &file_config, model_config) ||
+           checkpoint_run_differs(resume_path, &info, run);
+}
+
 // ----------------------------------------------------------------------------
 // the loop
 
@@ -302,16 +315,18 @@ static inline int train_loop_run(const TrainLoop* tl) {
     char model_path[TRAIN_PATH_MAX + 32];
     snprintf(model_path, sizeof(model_path), "%.*s/model.bin", TRAIN_PATH_MAX - 1, cfg->output_dir);
 
-    // where the run starts: the output directory decides (rank 0), every rank follows
-    char resume_path[CHECKPOINT_PATH_MAX] = "";
-    int found_step = -1, refused = 0;
-    if (master) refused = train_loop_check_output_(cfg, log_path, resume_path, &found_step);
-    if (train_loop_agree_(be, refused)) return EXIT_FAILURE;
-    found_step = train_loop_agree_(be, found_step);
-
     // what identifies this run in its checkpoints (llmc/run_identity.h)
     const RunIdentity run = train_config_run_identity(cfg, tl->train_loader->fingerprint,
                                                       tl->train_loader->total_tokens, tl->train_loader->num_shards);
+    // where the run starts: the output directory decides (rank 0), every rank follows
+    char resume_path[CHECKPOINT_PATH_MAX] = "";
+    int found_step = -1, refused = 0;
+    if (master) {
+        refused = train_loop_check_output_(cfg, log_path, resume_path, &found_step);
+        if (!refused && found_step >= 0) refused = train_loop_check_resume_(resume_path, be->model_config, &run);
+    }
+    if (train_loop_agree_(be, refused)) return EXIT_FAILURE;
+    found_step = train_loop_agree_(be, found_step);
     int step = 0, adam_t = 0;
     long long tokens_seen = 0;
     Rng sample_rng;
@@ -326,8 +341,7 @@ static inline int train_loop_run(const TrainLoop* tl) {
         CheckpointInfo info;
         DataLoaderState loader_state;
         be->load_checkpoint(ctx, resume_path, &info, &loader_state, &sample_rng.state);
-        // exits when the data, its order or the seed differ (rank 0 reads the file; with several
-        // processes the launcher ends the others)
+        // notes of the settings that changed (the data, order and seed were checked above)
         if (master) checkpoint_compare_run(resume_path, &info, &run);
         dataloader_set_state(tl->train_loader, &loader_state);
         step = info.step;
@@ -349,9 +363,11 @@ static inline int train_loop_run(const TrainLoop* tl) {
         }
     }
     const int start_step = step, resumed = found_step >= 0;
-    if (have_dir && master) checkpoint_make_dir(cfg->output_dir);
+    // the directory and the log (rank 0), agreed: rank 0 alone must not stop
+    int setup_failed = have_dir && master && checkpoint_try_make_dir(cfg->output_dir) != 0;
     Logger logger;
-    logger_init(&logger, log_path, be->rank, resumed ? start_step : -1);
+    if (!setup_failed) setup_failed = logger_init(&logger, log_path, be->rank, resumed ? start_step : -1) != 0;
+    if (train_loop_agree_(be, setup_failed)) return EXIT_FAILURE;
     signal(SIGINT, train_loop_on_signal);
     signal(SIGTERM, train_loop_on_signal);
     signal(SIGUSR1, train_loop_on_signal);
