@@ -46,7 +46,8 @@ endif
 
 HOST_HEADERS = $(wildcard llmc/*.h)
 CUDA_HEADERS = $(wildcard llmc/*.cuh)
-CPU_TESTS = test_omnimoe_cpu test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_fixtures test_integrity
+CPU_TESTS = test_omnimoe_cpu test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_fixtures test_integrity \
+            test_loop_ranks
 
 .PHONY: all cpu test test_cpu test_gpu kernel_tests kernel_benches test_kernels clean
 
@@ -66,6 +67,10 @@ test_fixtures: test_fixtures.c train_omnimoe.c $(HOST_HEADERS)
 # the tests of one host header each (test_checkpoint: checkpoint.h, test_args: args.h, ...)
 test_dataloader test_checkpoint test_args test_lr_schedule test_logger: %: %.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+# the shared loop with 3 ranks as threads (llmc/train_loop.h)
+test_loop_ranks: test_loop_ranks.c $(HOST_HEADERS)
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS) -lpthread
 
 test_integrity: test_integrity.c train_omnimoe.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
@@ -129,6 +134,7 @@ test_cpu: $(CPU_TESTS) train_omnimoe_cpu
 	./test_lr_schedule
 	./test_logger
 	./test_integrity
+	./test_loop_ranks
 	./test_omnimoe_cpu
 	./test_fixtures
 	bash scripts/test_resume_cpu.sh

@@ -1,15 +1,16 @@
 /*
- * dev/loop_ranks_sim.c - G = 3 "ranks" (threads of one process) run llmc/train_loop.h's
+ * test_loop_ranks.c - G = 3 "ranks" (threads of one process) run llmc/train_loop.h's
  * train_loop_run with a fake backend whose sum_ranks and checkpoint save are real cross-thread
  * collectives (a timed barrier). Each scenario runs in a child process and checks that no rank
  * waits forever, that every rank issues the same sequence of collectives, and that every rank
  * returns the expected exit status: a plain run, a log write error on rank 0 (/dev/full), a stop
  * request on rank 2 alone, a NaN loss on rank 1 alone, a log file rank 0 cannot open. The model is
  * fake (no weights); resume is not simulated.
- *   gcc -O2 -std=c11 -I. dev/loop_ranks_sim.c -o loop_ranks_sim -lm -lpthread && ./loop_ranks_sim
+ *   make test_loop_ranks && ./test_loop_ranks
  * (from the repository root: it reads data/tinyshakespeare).
  */
 #include "llmc/train_loop.h"  // first: utils.h selects the POSIX declarations
+#include "llmc/test_harness.h"
 #include <sys/wait.h>
 #include <pthread.h>
 #include <fcntl.h>
@@ -158,8 +159,8 @@ static int scenario(const char* out_dir, const char* log_file, int stop_rank, in
 }
 
 int main(void) {
-    char dir[] = "/tmp/loop_ranks_sim_XXXXXX";
-    if (mkdtemp(dir) == NULL) { perror("mkdtemp"); return 1; }
+    test_begin("test_loop_ranks");
+    test_tmp_begin("test_loop_ranks");
     struct { const char* name; const char* log; int stop_rank, stop_step, nan_rank, nan_step, steps, rc; } cases[] = {
         {"plain run", "", -1, -1, -1, -1, 6, 0},
         {"log write error on rank 0", "/dev/full", -1, -1, -1, -1, 6, 1},
@@ -167,10 +168,11 @@ int main(void) {
         {"NaN loss on rank 1 alone", "", -1, -1, 1, 4, 8, 1},
         {"log file rank 0 cannot open", "/nonexistent_dir/log.jsonl", -1, -1, -1, -1, 6, 1},
     };
-    int failed = 0, n = (int)(sizeof(cases) / sizeof(cases[0]));
-    for (int c = 0; c < n; c++) {
-        char out[128];
-        snprintf(out, sizeof(out), "%s/case%d", dir, c);
+    for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+        char out[512];
+        char sub[32];
+        snprintf(sub, sizeof(sub), "case%zu", c);
+        test_tmp_subdir(out, sizeof(out), sub);
         fflush(stdout);
         pid_t pid = fork();
         if (pid == 0) {
@@ -182,10 +184,8 @@ int main(void) {
         int status = 0;
         waitpid(pid, &status, 0);
         int ok = WIFEXITED(status) && WEXITSTATUS(status) == 0;
-        printf("%s: %s (every rank returns %d, same collectives, no wait forever)\n", ok ? "PASS" : "FAIL", cases[c].name,
-               cases[c].rc);
-        failed += !ok;
+        test_checkf(ok, cases[c].name, "every rank returns %d, same collectives, no wait forever", cases[c].rc);
     }
-    printf("loop_ranks_sim: %d passed, %d failed\n", n - failed, failed);
-    return failed ? 1 : 0;
+    test_tmp_end();
+    return test_end();
 }
