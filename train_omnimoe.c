@@ -1094,6 +1094,13 @@ void gpt_forward(GPT* model, const int* inputs, const int* targets, int B, int T
     }
 }
 
+// evaluation mode (training 0: router BN uses its running statistics, nothing is updated): the
+// per-token losses of (B, T) inputs and targets into losses (B*T floats, overwritten)
+void gpt_forward_losses(GPT* model, float* losses, const int* inputs, const int* targets, int B, int T) {
+    gpt_forward(model, inputs, targets, B, T, 0);
+    memcpy(losses, model->acts.losses, (size_t)B * T * sizeof(float));
+}
+
 void gpt_zero_grad(GPT* model) {
     memset(model->grads, 0, model->num_params * sizeof(float));
 }
@@ -1350,6 +1357,10 @@ static float cpu_forward_loss(void* ctx, const int* inputs, const int* targets, 
     return model->mean_loss;
 }
 
+static void cpu_forward_losses(void* ctx, float* losses, const int* inputs, const int* targets, int B, int T) {
+    gpt_forward_losses(&((CpuTrainer*)ctx)->model, losses, inputs, targets, B, T);
+}
+
 static void cpu_sample_logits(void* ctx, const int* tokens, int T, int t, float* out) {
     gpt_sample_logits(&((CpuTrainer*)ctx)->model, tokens, T, t, out);
 }
@@ -1463,6 +1474,7 @@ int main(int argc, char** argv) {
     be.init_weights = cpu_init_weights;
     be.train_step = cpu_train_step;
     be.forward_loss = cpu_forward_loss;
+    be.forward_losses = cpu_forward_losses;
     be.sample_logits = cpu_sample_logits;
     be.save_checkpoint = cpu_save_checkpoint;
     be.load_checkpoint = cpu_load_checkpoint;

@@ -663,6 +663,15 @@ static float gpu_forward_loss(void* ctx, const int* inputs, const int* targets, 
     return model_mean_loss(m);
 }
 
+// evaluation mode: the per-token losses of one batch, copied to the host (waits for the GPU)
+static void gpu_forward_losses(void* ctx, float* losses, const int* inputs, const int* targets, int B, int T) {
+    Model* m = &((GpuTrainer*)ctx)->model;
+    model_forward(m, inputs, targets, B, T, 0);
+    cudaCheck(cudaMemcpyAsync(losses, m->acts.losses, (size_t)B * T * sizeof(float), cudaMemcpyDeviceToHost,
+                              m->stream));
+    cudaCheck(cudaStreamSynchronize(m->stream));
+}
+
 // sampler.h's logits callback (rank 0): running statistics for BN, the row copied to the host.
 // Samples run on the (1, T) window with T <= -t, within the activations of training.
 static void gpu_sample_logits(void* ctx, const int* tokens, int T, int t, float* out) {
@@ -914,6 +923,7 @@ int main(int argc, char** argv) {
     be.init_weights = gpu_init_weights;
     be.train_step = gpu_train_step;
     be.forward_loss = gpu_forward_loss;
+    be.forward_losses = gpu_forward_losses;
     be.sample_logits = gpu_sample_logits;
     be.save_checkpoint = gpu_save_checkpoint;
     be.load_checkpoint = gpu_load_checkpoint;

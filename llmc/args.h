@@ -79,6 +79,8 @@ typedef struct {
     int val_every;                            // -v  evaluate every this many steps (0 = never)
     int val_max_batches;                      // -m  batches per evaluation (-1 = the whole val set)
     int sample_every;                         // -s  sample every this many steps (0 = never)
+    char mc_eval_path[TRAIN_PATH_MAX];        // --mc-eval  multiple-choice eval file ("" = off; llmc/mc_eval.h)
+    int mc_every;                             // --mc-every  its interval (-1 = the -v interval; 0 = last step only)
     int gen_tokens;                           // -g  tokens generated per sample
     int checkpoint_every;                     // -n  checkpoint every this many steps (0 = never)
     int resume;                               // -y  1 = resume from the latest complete checkpoint in -o
@@ -136,6 +138,8 @@ static const TrainFlag train_flags[] = {
     {NULL, "--eps", TRAIN_ARG_FLOAT, offsetof(TrainConfig, eps), 1e-30, 1, 0, NULL, "AdamW epsilon (> 0)"},
     {"-v", "--val-every", TRAIN_ARG_INT, offsetof(TrainConfig, val_every), 0, TRAIN_INT_MAX, 0, NULL, "evaluate the validation loss every this many steps (0 = never)"},
     {"-m", "--val-max-batches", TRAIN_ARG_INT, offsetof(TrainConfig, val_max_batches), 1, TRAIN_INT_MAX, 1, NULL, "batches per evaluation (-1 = the whole validation set)"},
+    {NULL, "--mc-eval", TRAIN_ARG_STRING, offsetof(TrainConfig, mc_eval_path), 0, 0, 0, NULL, "multiple-choice eval file, llm.c's HellaSwag format (\"\" = none; needs -b >= 4)"},
+    {NULL, "--mc-every", TRAIN_ARG_INT, offsetof(TrainConfig, mc_every), 0, TRAIN_INT_MAX, 1, NULL, "--mc-eval every this many steps, and at the last step (-1 = the -v interval; 0 = the last step only)"},
     {"-s", "--sample-every", TRAIN_ARG_INT, offsetof(TrainConfig, sample_every), 0, TRAIN_INT_MAX, 0, NULL, "print a generated sample every this many steps (0 = never)"},
     {"-g", "--gen-tokens", TRAIN_ARG_INT, offsetof(TrainConfig, gen_tokens), 1, TRAIN_INT_MAX, 0, NULL, "tokens per generated sample (<= max_seq_len)"},
     {"-n", "--checkpoint-every", TRAIN_ARG_INT, offsetof(TrainConfig, checkpoint_every), 0, TRAIN_INT_MAX, 0, NULL, "write a checkpoint to -o every this many steps (0 = never)"},
@@ -187,6 +191,8 @@ static inline void train_config_defaults(TrainConfig* cfg) {
     cfg->eps = 1e-8f;
     cfg->val_every = 100;
     cfg->val_max_batches = 20;
+    cfg->mc_eval_path[0] = '\0';
+    cfg->mc_every = -1;
     cfg->sample_every = 200;
     cfg->gen_tokens = 64;
     cfg->checkpoint_every = 0;
@@ -460,6 +466,11 @@ static inline void train_config_parse(TrainConfig* cfg, int argc, char** argv) {
                 "processes -pn %d\n", cfg->launch_rank, cfg->launch_processes);
         exit(EXIT_FAILURE);
     }
+    if (cfg->mc_eval_path[0] != '\0' && cfg->B < 4) {
+        fprintf(stderr, "Error: bad value \"%d\" for flag -b (--batch-size): --mc-eval needs B >= 4 (the 4 "
+                "completions of an example fill 4 rows of a batch)\n", cfg->B);
+        exit(EXIT_FAILURE);
+    }
     if (cfg->num_experts > 0) {
         long long n = (long long)floor(sqrt((double)cfg->num_experts) + 0.5);
         if (n * n != cfg->num_experts) {
@@ -679,6 +690,11 @@ static inline void train_config_validate(const TrainConfig* cfg, const ModelConf
         fprintf(stderr, "Error: flag -y 1 resumes from the checkpoints in the output directory, but -o is not set\n");
         exit(EXIT_FAILURE);
     }
+}
+
+// the steps --mc-eval runs at, besides the last: every this many (0 = none)
+static inline int train_config_mc_interval(const TrainConfig* cfg) {
+    return cfg->mc_every >= 0 ? cfg->mc_every : cfg->val_every;
 }
 
 // the JSONL log path of this run ("" when there is none)

@@ -13,10 +13,13 @@
  *       arrays are empty for models without OmniMoE layers.
  *   {"type":"eval","step":S,"tokens":N,"val_loss":x}
  *       S = updates completed when the validation loss was measured (0 = before training).
+ *   {"type":"mc_eval","step":S,"tokens":N,"accuracy":x,"correct":c,"examples":n}
+ *       the multiple-choice eval (--mc-eval, llmc/mc_eval.h) at step S: c of the n examples
+ *       right, accuracy = c / n.
  *
  * Resume: logger_init(..., resume_step = S) keeps the records of the interrupted run up to the
- * checkpoint (train records with step <= S, eval records with step < S: the resumed run
- * evaluates step S again) and appends after them; resume_step < 0 starts a new log.
+ * checkpoint (train records with step <= S, eval and mc_eval records with step < S: the resumed
+ * run evaluates step S again) and appends after them; resume_step < 0 starts a new log.
  *
  * Write errors (a full disk, a closed pipe): every record's writes and its flush are checked.
  * The first failure prints one message naming the file and the reason, closes the file and sets
@@ -133,7 +136,7 @@ static inline int logger_truncate_for_resume_(const char* path, int resume_step)
         long long step;
         int keep = 1;
         if (logger_line_field_(line, "\"step\":", &step)) {
-            if (strstr(line, "\"type\":\"eval\"")) keep = step < resume_step;
+            if (strstr(line, "\"type\":\"eval\"") || strstr(line, "\"type\":\"mc_eval\"")) keep = step < resume_step;
             else keep = step <= resume_step;
         }
         if (keep) fwrite(line, 1, len, out);
@@ -227,6 +230,19 @@ static inline void logger_log_eval(Logger* lg, int step, long long tokens, float
     fprintf(lg->fp, "{\"type\":\"eval\",\"step\":%d,\"tokens\":%lld,\"val_loss\":", step, tokens);
     logger_json_number_(lg->fp, val_loss, "%.9g");
     fputs("}\n", lg->fp);
+    logger_check_write_(lg);
+}
+
+// one multiple-choice eval: `correct` of `examples` right at step (updates completed)
+static inline void logger_log_mc_eval(Logger* lg, int step, long long tokens, long long correct, long long examples) {
+    if (!lg->active) return;
+    double accuracy = examples > 0 ? (double)correct / (double)examples : NAN;
+    printf("mc acc %.4f (%lld) (step %d)\n", accuracy, examples, step);
+    fflush(stdout);
+    if (lg->fp == NULL) return;
+    fprintf(lg->fp, "{\"type\":\"mc_eval\",\"step\":%d,\"tokens\":%lld,\"accuracy\":", step, tokens);
+    logger_json_number_(lg->fp, accuracy, "%.9g");
+    fprintf(lg->fp, ",\"correct\":%lld,\"examples\":%lld}\n", correct, examples);
     logger_check_write_(lg);
 }
 

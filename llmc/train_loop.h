@@ -6,7 +6,9 @@
  *
  * The loop, for step = start .. num_steps (step = updates completed so far):
  *   1. evaluate     when -v divides step, and at the last step; a non-finite validation loss
- *                   stops the run here, before anything of this step is written
+ *                   stops the run here, before anything of this step is written. With --mc-eval
+ *                   also the multiple-choice accuracy (train_loop_mc_eval) when --mc-every
+ *                   divides step, and at the last step; it changes no state either
  *   2. sample       when -s divides step (step > 0), and at the last step; rank 0; not at the
  *                   start step of a resumed run (the interrupted run printed that one)
  *   3. checkpoint   with -o: when -n divides step, at the last step, and after a stop request
@@ -75,6 +77,7 @@
 #include "dataloader.h"
 #include "tokenizer.h"
 #include "sampler.h"
+#include "mc_eval.h"
 
 typedef struct {
     float loss;   // mean training loss of the step (over micro-batches and ranks)
@@ -98,6 +101,8 @@ typedef struct {
                        TrainStepResult* out);
     // evaluation mode (BN running statistics, no state changes): mean loss of one batch
     float (*forward_loss)(void* ctx, const int* inputs, const int* targets, int B, int T);
+    // evaluation mode, as forward_loss: the per-token losses (B*T floats, on the host) of one batch
+    void (*forward_losses)(void* ctx, float* losses, const int* inputs, const int* targets, int B, int T);
     SamplerLogitsFn sample_logits;       // rank 0 (sampler.h)
     // rank 0 writes the file (out_path); info, loader state and RNG come from the loop
     void (*save_checkpoint)(void* ctx, const CheckpointInfo* info, const DataLoaderState* loader,
@@ -159,6 +164,51 @@ static inline float train_loop_evaluate_(const TrainLoop* tl) {
     double mean = n > 0 ? sum / (double)n : NAN;
     be->sum_ranks(be->ctx, &mean, 1);
     return (float)(mean / be->num_processes);
+}
+
+// Multiple-choice accuracy over the whole eval file (llmc/mc_eval.h), every rank calls it: a
+// batch holds B/4 examples of 4 rows each; rank r scores its examples (i % P == r). Every rank runs
+// as many batches as rank 0 (the largest share), so the collectives match: the slots a rank has no
+// example for, and the B % 4 spare rows, hold copies of a valid example and are not scored.
+// *correct and *count are summed over the ranks (exact in double). Deterministic: the same batches
+// and the same order of every sum each time.
+static inline void train_loop_mc_eval(TrainBackend* be, const MCEval* ev, int B, long long* correct, long long* count) {
+    const int T = ev->T, K = MC_EVAL_NUM_COMPLETIONS, per_batch = B / K, P = be->num_processes;
+    const int mine = mc_eval_rank_count(ev, be->rank, P);
+    const int batches = (mc_eval_rank_count(ev, 0, P) + per_batch - 1) / per_batch;
+    // the padding example: this rank's last one, or the file's last when it has none (E < P)
+    const int pad = mine > 0 ? mc_eval_rank_example(be->rank, P, mine - 1) : ev->num_examples - 1;
+    const size_t BT = (size_t)B * T, rowK = (size_t)K * T;
+    int* inputs = (int*)malloc_check(BT * sizeof(int));
+    int* targets = (int*)malloc_check(BT * sizeof(int));
+    unsigned char* mask = (unsigned char*)malloc_check(BT);
+    float* losses = (float*)malloc_check(BT * sizeof(float));
+    int* labels = (int*)malloc_check((size_t)per_batch * sizeof(int));
+    double sums[2] = {0.0, 0.0};  // correct, scored
+    for (int b = 0; b < batches; b++) {
+        for (int s = 0; s < per_batch; s++) {
+            int j = b * per_batch + s;
+            int i = j < mine ? mc_eval_rank_example(be->rank, P, j) : pad;
+            labels[s] = mc_eval_pack(inputs + s * rowK, targets + s * rowK, mask + s * rowK, ev, i);
+        }
+        for (size_t r = (size_t)per_batch * K; r < (size_t)B; r++) {  // spare rows: the rows 4 above
+            memcpy(inputs + r * T, inputs + (r - K) * T, (size_t)T * sizeof(int));
+            memcpy(targets + r * T, targets + (r - K) * T, (size_t)T * sizeof(int));
+        }
+        be->forward_losses(be->ctx, losses, inputs, targets, B, T);
+        for (int s = 0; s < per_batch && b * per_batch + s < mine; s++) {
+            sums[0] += mc_eval_correct(losses + s * rowK, mask + s * rowK, T, labels[s]);
+            sums[1] += 1.0;
+        }
+    }
+    be->sum_ranks(be->ctx, sums, 2);
+    *correct = (long long)sums[0];
+    *count = (long long)sums[1];
+    free(inputs);
+    free(targets);
+    free(mask);
+    free(losses);
+    free(labels);
 }
 
 // ----------------------------------------------------------------------------
@@ -301,9 +351,8 @@ static inline void train_loop_note_checkpoint_(TrainLoopCkpt* last, TrainLoopCkp
     snprintf(last->path, sizeof(last->path), "%s", path);
 }
 
-// Runs the whole training (see the top of the file). Returns the exit status: 0, 1 (an error,
-// already reported) or 130 (stopped by a signal after a checkpoint).
-static inline int train_loop_run(const TrainLoop* tl) {
+// the loop; mc_eval: the opened --mc-eval file, or NULL
+static inline int train_loop_run_(const TrainLoop* tl, const MCEval* mc_eval) {
     const TrainConfig cfg_local = *tl->cfg;  // a local copy: the compiler then knows its path sizes
     const TrainConfig* cfg = &cfg_local;
     TrainBackend* be = tl->be;
@@ -373,6 +422,7 @@ static inline int train_loop_run(const TrainLoop* tl) {
     signal(SIGUSR1, train_loop_on_signal);
 
     const long long tokens_per_step = train_config_total_batch_tokens(cfg);
+    const int mc_every = train_config_mc_interval(cfg);
     int L = be->num_omni_layers;
     float* usage = (float*)calloc_check(L > 0 ? L : 1, sizeof(float));
     float* kl = (float*)calloc_check(L > 0 ? L : 1, sizeof(float));
@@ -395,6 +445,11 @@ static inline int train_loop_run(const TrainLoop* tl) {
                 break;
             }
             logger_log_eval(&logger, step, tokens_seen, val_loss);
+        }
+        if (mc_eval != NULL && (last || (mc_every > 0 && step % mc_every == 0))) {
+            long long correct = 0, count = 0;
+            train_loop_mc_eval(be, mc_eval, cfg->B, &correct, &count);
+            logger_log_mc_eval(&logger, step, tokens_seen, correct, count);
         }
         // 2. sample
         if (master && cfg->sample_every > 0 && !(resumed && step == start_step) &&
@@ -486,6 +541,31 @@ static inline int train_loop_run(const TrainLoop* tl) {
     if (logger_close(&logger) != 0 && rc == 0) rc = EXIT_FAILURE;
     free(usage);
     free(kl);
+    return rc;
+}
+
+// Runs the whole training (see the top of the file). Returns the exit status: 0, 1 (an error,
+// already reported) or 130 (stopped by a signal after a checkpoint). A --mc-eval file is opened
+// and checked first, for the run's T and the model's vocabulary: a bad one ends the program with
+// its message (llmc/mc_eval.h) before anything is read or written.
+static inline int train_loop_run(const TrainLoop* tl) {
+    const TrainConfig* cfg = tl->cfg;
+    TrainBackend* be = tl->be;
+    if (cfg->mc_eval_path[0] == '\0') return train_loop_run_(tl, NULL);
+    char path[TRAIN_PATH_MAX];  // a bounded copy: the compiler then knows it fits MCEval's path
+    snprintf(path, sizeof(path), "%.*s", TRAIN_PATH_MAX - 1, cfg->mc_eval_path);
+    MCEval mc_eval;
+    mc_eval_open(&mc_eval, path, cfg->T, be->vocab_size);
+    if (be->rank == 0) {
+        int per_batch = cfg->B / MC_EVAL_NUM_COMPLETIONS, most = mc_eval_rank_count(&mc_eval, 0, be->num_processes);
+        int every = train_config_mc_interval(cfg);
+        printf("| mc eval: %s, %d examples, %d per batch, %d batches per rank; ", cfg->mc_eval_path,
+               mc_eval_num_examples(&mc_eval), per_batch, (most + per_batch - 1) / per_batch);
+        if (every > 0) printf("every %d steps and at the last\n", every);
+        else printf("at the last step\n");
+    }
+    int rc = train_loop_run_(tl, &mc_eval);
+    mc_eval_close(&mc_eval);
     return rc;
 }
 
