@@ -47,7 +47,7 @@ endif
 HOST_HEADERS = $(wildcard llmc/*.h)
 CUDA_HEADERS = $(wildcard llmc/*.cuh)
 CPU_TESTS = test_omnimoe_cpu test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_fixtures test_integrity \
-            test_mc_eval test_loop_ranks
+            test_mc_eval test_loop_ranks test_mc_loop
 
 .PHONY: all cpu test test_cpu test_gpu kernel_tests kernel_benches test_kernels clean
 
@@ -73,6 +73,10 @@ test_loop_ranks: test_loop_ranks.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS) -lpthread
 
 test_integrity: test_integrity.c train_omnimoe.c $(HOST_HEADERS)
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+# --mc-eval in the loop and the trainer against an independent computation (runs train_omnimoe_cpu)
+test_mc_loop: test_mc_loop.c train_omnimoe.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 train_omnimoe: train_omnimoe.cu $(HOST_HEADERS) $(CUDA_HEADERS)
@@ -136,6 +140,7 @@ test_cpu: $(CPU_TESTS) train_omnimoe_cpu
 	./test_mc_eval
 	./test_integrity
 	./test_loop_ranks
+	./test_mc_loop
 	./test_omnimoe_cpu
 	./test_fixtures
 	bash scripts/test_resume_cpu.sh

@@ -184,6 +184,26 @@ PY
         "$TRAINER" "${flags[@]}" "${data[@]}" -f swiglu -x 3 -n 1 -o "$W/ck_model" -y 1
     expect_intact "checkpoint: another model, checkpoints and log intact" "$W/ck_model"
 
+    # ---- the multiple-choice eval file (--mc-eval): refused before step 0, naming the flag or file;
+    # an --overwrite 1 run refused this way removes nothing of the run it was to replace
+    local mc=data/mc_examples_val.bin
+    expect_fail "mc eval: -b 2 is refused naming -b (4 rows per example)" "$(flag_re '-b|--batch-size').*--mc-eval" -- \
+        "$TRAINER" "${flags[@]}" "${data[@]}" -x 1 --mc-eval "$mc"
+    expect_fail "mc eval: a missing file, named" "Error.*(missing_mc\.bin)" -- \
+        "$TRAINER" "${flags[@]}" "${data[@]}" -b 4 -x 1 --mc-eval "$W/missing_mc.bin"
+    expect_no_match "mc eval: a missing file is refused before step 0" "^step +[0-9]|^val loss|^mc acc"
+    copy_base "$W/mc_out"
+    snapshot "$W/mc_out"
+    expect_fail "mc eval: a token shard given as the eval file (bad magic), named" "Error.*(train_000\.bin).*magic" -- \
+        "$TRAINER" "${flags[@]}" "${data[@]}" -b 4 -x 1 --mc-eval "$W/data/train_000.bin" -o "$W/mc_out" --overwrite 1
+    expect_no_match "mc eval: a bad file is refused before step 0" "^step +[0-9]|^val loss|^mc acc"
+    expect_intact "mc eval: the refused --overwrite 1 run left the other run's files intact" "$W/mc_out"
+    head -c 2000 "$mc" > "$W/mc_truncated.bin"
+    expect_fail "mc eval: a truncated file, named" "Error.*(mc_truncated\.bin).*truncated" -- \
+        "$TRAINER" "${flags[@]}" "${data[@]}" -b 4 -x 1 --mc-eval "$W/mc_truncated.bin"
+    expect_fail "mc eval: -t shorter than an example, refused naming T" "Error.*(mc_examples_val\.bin).*T = 16" -- \
+        "$TRAINER" "${flags[@]}" "${data[@]}" -b 4 -t 16 -x 1 --mc-eval "$mc"
+
     # ---- memory: a model that cannot fit is refused before allocating, with the numbers
     # (d48 with 65536 experts: about 11.5e9 parameters, well over 100 GiB with AdamW state, on
     # any host or GPU lent). The CPU trainer runs under a virtual-memory limit, so a trainer that

@@ -5,6 +5,7 @@ Each log has one JSON object per line:
   {"type": "train", "step", "tokens", "loss", "lr", "norm", "ms", "tok_s", "mfu",
    "expert_usage": [per omni layer: share of the N experts hit], "expert_kl": [per layer]}
   {"type": "eval", "step", "tokens", "val_loss"}
+  {"type": "mc_eval", "step", "tokens", "accuracy", "correct", "examples"}   (--mc-eval runs)
 Missing keys are tolerated: a point that lacks what a figure needs is left out of that figure,
 and a figure nobody has data for is not written. Blank lines and lines of other types are
 skipped; a line that is not JSON is skipped with a warning (a log still being written may end
@@ -17,6 +18,7 @@ Figures written to --out (each only if some run has its data):
                            "ms" of the train lines up to the eval's step (eval time excluded)
   train_loss_vs_tokens.png training loss against tokens, raw (faint) and smoothed (EMA)
   expert_usage.png         per run, per omni layer: expert usage share and KL(load||uniform)
+  mc_accuracy_vs_step.png  multiple-choice accuracy (--mc-eval) against the step
 An eval line without "tokens" takes the tokens of the train line of the same step (or the
 nearest earlier one).
 
@@ -63,12 +65,12 @@ def keep_latest(entries, step):
 
 
 def read_log(path):
-    """Returns (train entries, eval entries), each a list of dicts in step order."""
+    """Returns (train entries, eval entries, mc_eval entries), each a list of dicts in step order."""
     try:
         f = open(path, "r", encoding="utf-8")
     except OSError as e:
         sys.exit(f"plot_logs.py: cannot open log {path}: {e.strerror}")
-    train, evals = [], []
+    train, evals, mc = [], [], []
     bad = 0
     with f:
         for lineno, line in enumerate(f, 1):
@@ -92,15 +94,18 @@ def read_log(path):
             elif kind == "eval":
                 keep_latest(evals, obj.get("step"))
                 evals.append(obj)
+            elif kind == "mc_eval":
+                keep_latest(mc, obj.get("step"))
+                mc.append(obj)
     if not train and not evals:
         print(f"warning: {path}: no train or eval lines", file=sys.stderr)
-    return train, evals
+    return train, evals, mc
 
 
 class Run:
     def __init__(self, path, label):
         self.path, self.label = path, label
-        self.train, self.evals = read_log(path)
+        self.train, self.evals, self.mc = read_log(path)
         # train-line steps, tokens and cumulative wall-clock ms, for looking up evals.
         # "ms" is the time of one step; where lines are several steps apart it stands for each
         # step of the gap; a line without it borrows the last known step time (warned).
@@ -302,6 +307,25 @@ def plot_experts(runs, path, written):
     return True
 
 
+def plot_mc(runs, path, written):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    any_data = False
+    for i, run in enumerate(runs):
+        pts = [(e["step"], e["accuracy"]) for e in run.mc if is_number(e.get("step")) and is_number(e.get("accuracy"))]
+        if pts:
+            any_data = True
+            xs, ys = zip(*pts)
+            n = run.mc[-1].get("examples", "?")
+            ax.plot(xs, ys, marker="o", ms=3, color=f"C{i}",
+                    label=f"{run.label} (last {ys[-1]:.4f}, max {max(ys):.4f}; {n} examples)")
+    if not any_data:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("step")
+    finish(fig, ax, path, "multiple-choice accuracy vs step", "accuracy (acc_norm)", written)
+    return True
+
+
 def summary(runs):
     print(f"{'run':<20s} {'train lines':>11s} {'last step':>9s} {'tokens':>12s} "
           f"{'minutes':>9s} {'last val':>9s} {'min val':>9s}")
@@ -340,6 +364,8 @@ def main():
         skipped.append("train_loss_vs_tokens (no train lines with loss and tokens)")
     if not plot_experts(runs, out("expert_usage.png"), written):
         skipped.append("expert_usage (no run logs expert_usage or expert_kl)")
+    if not plot_mc(runs, out("mc_accuracy_vs_step.png"), written):
+        skipped.append("mc_accuracy_vs_step (no mc_eval lines with accuracy)")
 
     summary(runs)
     for path in written:
