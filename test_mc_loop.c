@@ -10,10 +10,12 @@
  *             B = 4, 6 (2 spare rows) and for 3 ranks at B = 8 run one after the other (every rank
  *             the same number of batches, the shares summing to the file)
  *   trainer   ./train_omnimoe_cpu -e tiny -x 2 --mc-every 2 --mc-eval ... prints "mc acc" and logs
- *             mc_eval records at steps 0 and 2 (not 1) whose counts equal the independent computation on the model from the
- *             seed (step 0) and on the model.bin it wrote (step 2: -l 0.02 makes it score differently
- *             from the initial model); the training losses equal
- *             those of the same run without --mc-eval
+ *             mc_eval records at steps 0 and 2 (not 1) whose counts equal the independent
+ *             computation on the model from the seed (step 0) and on the model.bin it wrote (step
+ *             2: -l 0.02 makes it score differently from the initial model); the training losses
+ *             equal those of the same run without --mc-eval
+ *   resume    a run resumed (-y 1) from its step-2 checkpoint logs the same mc_eval records, once
+ *             each, and the same training losses as the straight run
  *
  *   make test_mc_loop && ./test_mc_loop      (from the repo root: it reads data/ and runs
  *                                             ./train_omnimoe_cpu)
@@ -279,11 +281,57 @@ static void test_trainer(void) {
     free(log_plain);
 }
 
+// the mc_eval lines of a log, in order
+static void mc_lines(const char* log, char* out, size_t size) {
+    size_t len = 0;
+    out[0] = '\0';
+    for (const char* p = strstr(log, "{\"type\":\"mc_eval\""); p != NULL; p = strstr(p + 1, "{\"type\":\"mc_eval\"")) {
+        const char* e = strchr(p, '\n');
+        if (e == NULL || len + (size_t)(e - p) + 2 > size) break;
+        len += (size_t)snprintf(out + len, size - len, "%.*s\n", (int)(e - p), p);
+    }
+}
+
+static void test_resume(void) {
+    char dir[512], cmd[2048], path[600];
+    test_tmp_subdir(dir, sizeof(dir), "resume");
+    const char* run = "./train_omnimoe_cpu -e tiny -b 4 -t 32 -x 3 -v 1 -m 1 -s 0 -u 0 -l 0.02 -n 1 --mc-every 1 "
+                      "--mc-eval " EVAL_FILE;
+    snprintf(cmd, sizeof(cmd), "%s -o %s > %s/out1.txt 2>&1", run, dir, dir);
+    int rc1 = system(cmd);
+    size_t size;
+    snprintf(path, sizeof(path), "%s/log.jsonl", dir);
+    char* straight = (char*)test_read_file(path, &size);
+    // back to the state after step 2: the later checkpoint and the model go, the log stays
+    snprintf(path, sizeof(path), "%s/ckpt_00000003.bin", dir);
+    int removed = unlink(path) == 0;
+    snprintf(path, sizeof(path), "%s/model.bin", dir);
+    removed &= unlink(path) == 0;
+    snprintf(cmd, sizeof(cmd), "%s -o %s -y 1 > %s/out2.txt 2>&1", run, dir, dir);
+    int rc2 = system(cmd);
+    snprintf(path, sizeof(path), "%s/log.jsonl", dir);
+    char* resumed = (char*)test_read_file(path, &size);
+    char a[4096], b[4096], la[4096], lb[4096];
+    int ok = rc1 == 0 && rc2 == 0 && removed && straight != NULL && resumed != NULL;
+    if (ok) {
+        mc_lines(straight, a, sizeof(a));
+        mc_lines(resumed, b, sizeof(b));
+        train_losses(straight, la, sizeof(la));
+        train_losses(resumed, lb, sizeof(lb));
+        ok = strcmp(a, b) == 0 && strcmp(la, lb) == 0 && strstr(a, "\"step\":3,") != NULL;
+    }
+    test_checkf(ok, "resume: mc_eval records (steps 0-3, once each) and losses as the straight run",
+                "exit %d, %d", rc1, rc2);
+    free(straight);
+    free(resumed);
+}
+
 int main(void) {
     test_begin("test_mc_loop");
     test_tmp_begin("test_mc_loop");
     test_rows_and_loop();
     test_trainer();
+    test_resume();
     test_tmp_end();
     return test_end();
 }
