@@ -4,7 +4,8 @@
  * collectives (a timed barrier). Each scenario runs in a child process and checks that no rank
  * waits forever, that every rank issues the same sequence of collectives, and that every rank
  * returns the expected exit status: a plain run, a log write error on rank 0 (/dev/full), a stop
- * request on rank 2 alone, a NaN loss on rank 1 alone, a log file rank 0 cannot open. The model is
+ * request on rank 2 alone, a NaN loss on rank 1 alone, a log file rank 0 cannot open, --mc-eval
+ * (16 examples: 6, 5, 5 per rank, every rank the same batches). The model is
  * fake (no weights); resume is not simulated.
  *   make test_loop_ranks && ./test_loop_ranks
  * (from the repository root: it reads data/tinyshakespeare).
@@ -74,6 +75,12 @@ static void f_step(void* ctx, int step, float lr, int t, const volatile sig_atom
     out->norm = 1.0f;
 }
 static float f_fwd(void* ctx, const int* i, const int* t, int B, int T) { (void)ctx; (void)i; (void)t; (void)B; (void)T; return 2.0f; }
+// not a collective, but logged as one: every rank must run the same number of eval batches
+static void f_losses(void* ctx, float* losses, const int* i, const int* t, int B, int T) {
+    Rank* r = (Rank*)ctx;
+    if (r->nlog < MAXLOG) r->log[r->nlog++] = 400 + B;
+    for (int p = 0; p < B * T; p++) losses[p] = (float)((i[p] * 7 + t[p]) % 13);
+}
 static void f_logits(void* ctx, const int* tokens, int T, int t, float* out) {
     (void)ctx; (void)tokens; (void)T; (void)t;
     for (int v = 0; v < 50; v++) out[v] = (float)v / 50;
@@ -105,11 +112,12 @@ static void* run_rank(void* arg) {
     be.ctx = r;
     be.rank = r->rank;
     be.num_processes = G;
-    be.vocab_size = 50;
+    be.vocab_size = cfg.mc_eval_path[0] ? 50257 : 50;  // the eval file holds GPT-2 tokens (no samples then)
     be.sample_T = 4;
     be.init_weights = f_init;
     be.train_step = f_step;
     be.forward_loss = f_fwd;
+    be.forward_losses = f_losses;
     be.sample_logits = f_logits;
     be.save_checkpoint = f_save;
     be.load_checkpoint = f_load;
@@ -125,21 +133,24 @@ static void* run_rank(void* arg) {
 
 // one scenario in this process; returns 0 when the ranks agree and all return expect_rc
 static int scenario(const char* out_dir, const char* log_file, int stop_rank, int stop_step, int nan_rank,
-                    int nan_step, int num_steps, int expect_rc) {
+                    int nan_step, int num_steps, int expect_rc, const char* mc_eval) {
     train_config_defaults(&cfg);
+    int B = mc_eval[0] ? 4 : 2;
+    snprintf(cfg.mc_eval_path, sizeof(cfg.mc_eval_path), "%s", mc_eval);
     snprintf(cfg.output_dir, sizeof(cfg.output_dir), "%s", out_dir);
     snprintf(cfg.log_file, sizeof(cfg.log_file), "%s", log_file);
     cfg.num_steps = num_steps;
-    cfg.B = 2; cfg.T = 32; cfg.val_every = 2; cfg.sample_every = 3; cfg.checkpoint_every = 2;
-    cfg.total_batch_size = G * 64;
+    cfg.B = B; cfg.T = 32; cfg.val_every = 2; cfg.sample_every = 3; cfg.checkpoint_every = 2;
+    cfg.total_batch_size = G * B * 32;
+    if (mc_eval[0]) cfg.sample_every = 0;
     cfg.num_processes = G;
     pthread_t th[G];
     for (int i = 0; i < G; i++) {
         ranks[i].rank = i;
         ranks[i].stop_at_step = i == stop_rank ? stop_step : -1;
         ranks[i].nan_at_step = i == nan_rank ? nan_step : -1;
-        dataloader_init(&ranks[i].train, "data/tinyshakespeare/tiny_shakespeare_train.bin", 2, 32, i, G, 0, 0, 50257);
-        dataloader_init(&ranks[i].val, "data/tinyshakespeare/tiny_shakespeare_val.bin", 2, 32, i, G, 0, 0, 50257);
+        dataloader_init(&ranks[i].train, "data/tinyshakespeare/tiny_shakespeare_train.bin", B, 32, i, G, 0, 0, 50257);
+        dataloader_init(&ranks[i].val, "data/tinyshakespeare/tiny_shakespeare_val.bin", B, 32, i, G, 0, 0, 50257);
     }
     for (int i = 0; i < G; i++) pthread_create(&th[i], NULL, run_rank, &ranks[i]);
     for (int i = 0; i < G; i++) pthread_join(th[i], NULL);
@@ -161,12 +172,13 @@ static int scenario(const char* out_dir, const char* log_file, int stop_rank, in
 int main(void) {
     test_begin("test_loop_ranks");
     test_tmp_begin("test_loop_ranks");
-    struct { const char* name; const char* log; int stop_rank, stop_step, nan_rank, nan_step, steps, rc; } cases[] = {
-        {"plain run", "", -1, -1, -1, -1, 6, 0},
-        {"log write error on rank 0", "/dev/full", -1, -1, -1, -1, 6, 1},
-        {"stop request on rank 2 alone", "", 2, 3, -1, -1, 8, 130},
-        {"NaN loss on rank 1 alone", "", -1, -1, 1, 4, 8, 1},
-        {"log file rank 0 cannot open", "/nonexistent_dir/log.jsonl", -1, -1, -1, -1, 6, 1},
+    struct { const char* name; const char* log; int stop_rank, stop_step, nan_rank, nan_step, steps, rc; const char* mc; } cases[] = {
+        {"plain run", "", -1, -1, -1, -1, 6, 0, ""},
+        {"log write error on rank 0", "/dev/full", -1, -1, -1, -1, 6, 1, ""},
+        {"stop request on rank 2 alone", "", 2, 3, -1, -1, 8, 130, ""},
+        {"NaN loss on rank 1 alone", "", -1, -1, 1, 4, 8, 1, ""},
+        {"log file rank 0 cannot open", "/nonexistent_dir/log.jsonl", -1, -1, -1, -1, 6, 1, ""},
+        {"--mc-eval, 16 examples over 3 ranks", "", -1, -1, -1, -1, 4, 0, "data/mc_examples_val.bin"},
     };
     for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
         char out[512];
@@ -179,7 +191,7 @@ int main(void) {
             int quiet = open("/dev/null", O_WRONLY);
             dup2(quiet, 1);  // the ranks' console lines
             _exit(scenario(out, cases[c].log, cases[c].stop_rank, cases[c].stop_step, cases[c].nan_rank,
-                           cases[c].nan_step, cases[c].steps, cases[c].rc));
+                           cases[c].nan_step, cases[c].steps, cases[c].rc, cases[c].mc));
         }
         int status = 0;
         waitpid(pid, &status, 0);
