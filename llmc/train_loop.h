@@ -547,7 +547,8 @@ static inline int train_loop_run_(const TrainLoop* tl, const MCEval* mc_eval) {
 // Runs the whole training (see the top of the file). Returns the exit status: 0, 1 (an error,
 // already reported) or 130 (stopped by a signal after a checkpoint). A --mc-eval file is opened
 // and checked first, for the run's T and the model's vocabulary: a bad one ends the program with
-// its message (llmc/mc_eval.h) before anything is read or written.
+// its message (llmc/mc_eval.h) on every rank (each reads it), before a checkpoint, log or output
+// directory is looked at or written.
 static inline int train_loop_run(const TrainLoop* tl) {
     const TrainConfig* cfg = tl->cfg;
     TrainBackend* be = tl->be;
