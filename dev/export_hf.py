@@ -287,8 +287,9 @@ def hf_config(c, source):
 
 def export(src, out_dir):
     c, tensors, bn, description = read_input(src)
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ExportError(f"{out_dir}: exists and is not a directory")
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise ExportError(f"{out_dir}: exists and is not an empty directory: choose a new output directory "
+                          f"(an earlier export is never overwritten)")
     source = {"file": os.path.basename(src), "input": description, "padded_vocab_size": c["padded_vocab_size"],
               "header": {k: c[k] for k in CONFIG_FIELDS}}
     os.makedirs(out_dir, exist_ok=True)
