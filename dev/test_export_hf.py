@@ -7,9 +7,10 @@ For each case: train `-e tiny` (one case `-e small`) a few steps with ./train_om
 export model.bin (and for omni the step checkpoint, which must give the same safetensors bytes),
 get our logits from dev/export_logits.c (gpt_forward, evaluation mode), load the export (gelu:
 GPT2LMHeadModel, no remote code; swiglu/omni: AutoModelForCausalLM with trust_remote_code=True),
-run the same random tokens (B=2, T=maxT) and compare the V real columns in fp32: max |diff| <= TOL_ABS. Also checks
-the exported top-k's tie rule on a crafted score matrix, that greedy generate() runs, and (with
-the python xxhash module) that a model file with one flipped bit is refused.
+run the same random tokens (B=2, T=maxT) and compare the V real columns in fp32: max |diff| <=
+TOL_ABS. Also checks the exported top-k's tie rule on a crafted score matrix, that greedy
+generate() runs, and (with the python xxhash module) that a model file with one flipped bit is
+refused.
 One PASS/FAIL line per check, then "test_export_hf: N passed, N failed"; exit 1 on any FAIL.
 
     make train_omnimoe_cpu && python3 dev/test_export_hf.py [--steps 10] [--keep DIR]
