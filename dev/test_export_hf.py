@@ -89,7 +89,14 @@ def main():
                 same = open(os.path.join(hf_dir, "model.safetensors"), "rb").read() == \
                     open(os.path.join(ck_dir, "model.safetensors"), "rb").read()
                 check(f"{name}: checkpoint export == model.bin export (bytes)", same, "safetensors differ")
-                if name == "omni":  # with xxhash installed, a flipped bit must fail the hash
+                try:
+                    import xxhash  # noqa: F401  (the exporter verifies the hash only with it)
+                    have_xxhash = True
+                except ImportError:
+                    have_xxhash = False
+                if name == "omni" and not have_xxhash:
+                    print("SKIP a model file with one flipped bit is refused: the python xxhash module is not installed")
+                if name == "omni" and have_xxhash:  # a flipped bit must fail the hash
                     bad = os.path.join(work, "corrupt.bin")
                     data = bytearray(open(model_bin, "rb").read())
                     data[len(data) // 2] ^= 4
