@@ -5,16 +5,17 @@
  * mode (training=0: router BN with the running statistics) and writes the logits.
  *
  *   gcc -O2 -std=c11 -fopenmp -I. dev/export_logits.c -o /tmp/export_logits -lm
- *   /tmp/export_logits model.bin tokens.i32 B T logits.f32
- * tokens.i32: B*T little-endian int32 token ids; logits.f32: B*T*Vp float32 (all Vp columns).
+ *   /tmp/export_logits model.bin tokens.i32 B T logits.f32 [experts.i32]
+ * tokens.i32: B*T little-endian int32 token ids; logits.f32: B*T*Vp float32 (all Vp columns);
+ * experts.i32 (omni): the selected expert ids, (L, B*T, k) int32, best first.
  */
 #define TESTING
 #include "train_omnimoe.c"
 #include "llmc/checkpoint.h"  // model_file_read (train_omnimoe.c includes it only in main())
 
 int main(int argc, char** argv) {
-    if (argc != 6) {
-        fprintf(stderr, "usage: %s model.bin tokens.i32 B T logits.f32\n", argv[0]);
+    if (argc != 6 && argc != 7) {
+        fprintf(stderr, "usage: %s model.bin tokens.i32 B T logits.f32 [experts.i32]\n", argv[0]);
         return 1;
     }
     ModelConfig config;
@@ -42,6 +43,14 @@ int main(int argc, char** argv) {
     if (f == NULL || fwrite(model.logits, sizeof(float), count, f) != count || fclose(f) != 0) {
         fprintf(stderr, "Error: %s: cannot write the logits\n", argv[5]);
         return 1;
+    }
+    if (argc == 7) {
+        size_t ids = (size_t)config.num_layers * B * T * config.top_k;
+        f = fopen(argv[6], "wb");
+        if (f == NULL || fwrite(model.acts.topk_idx, sizeof(int), ids, f) != ids || fclose(f) != 0) {
+            fprintf(stderr, "Error: %s: cannot write the expert ids\n", argv[6]);
+            return 1;
+        }
     }
     gpt_free(&model);
     free(params);

@@ -8,7 +8,8 @@ export model.bin (and for omni the step checkpoint, which must give the same saf
 get our logits from dev/export_logits.c (gpt_forward, evaluation mode), load the export (gelu:
 GPT2LMHeadModel, no remote code; swiglu/omni: AutoModelForCausalLM with trust_remote_code=True),
 run the same random tokens (B=2, T=maxT) and compare the V real columns in fp32: max |diff| <=
-TOL_ABS. Also checks the exported top-k's tie rule on a crafted score matrix, that greedy
+TOL_ABS. Also checks that omni selects the same experts as ours (dev/export_logits.c writes its ids), the exported
+top-k's tie rule on a crafted score matrix, that greedy
 generate() runs, and (with the python xxhash module) that a model file with one flipped bit is
 refused.
 One PASS/FAIL line per check, then "test_export_hf: N passed, N failed"; exit 1 on any FAIL.
@@ -116,10 +117,23 @@ def main():
             tokens = rng.integers(0, V, size=(B, T)).astype("<i4")
             tok_path, logit_path = os.path.join(work, "tokens.i32"), os.path.join(work, name + ".f32")
             tokens.tofile(tok_path)
-            run([helper, model_bin, tok_path, str(B), str(T), logit_path], env=env)
+            omni = name.startswith("omni")
+            ids_path = os.path.join(work, name + ".ids")
+            run([helper, model_bin, tok_path, str(B), str(T), logit_path] + ([ids_path] if omni else []), env=env)
             ours = np.fromfile(logit_path, dtype="<f4").reshape(B, T, Vp)[:, :, :V]
+            chosen = []
+            if omni:  # record the export's expert ids of every layer
+                mod = sys.modules[type(model).__module__]
+                topk = mod.exact_topk
+                mod.exact_topk = lambda S, k: chosen.append(topk(S, k)) or chosen[-1]
             with torch.no_grad():
                 theirs = model(torch.from_numpy(tokens.astype(np.int64))).logits.float().numpy()
+            if omni:
+                mod.exact_topk = topk
+                our_ids = np.fromfile(ids_path, dtype="<i4").reshape(len(chosen), B * T, -1)
+                differ = [int((E.numpy() != our_ids[l]).any(-1).sum()) for l, E in enumerate(chosen)]
+                check(f"{name}: the same experts in the same order as ours, every layer and token", sum(differ) == 0,
+                      f"tokens with other experts per layer: {differ}")
             ok_shape = check(f"{name}: logits shape {tuple(theirs.shape)}", theirs.shape == ours.shape,
                              f"ours {ours.shape}")
             if ok_shape:
@@ -129,8 +143,7 @@ def main():
                       f"argmax agreement {np.mean(theirs.argmax(-1) == ours.argmax(-1)) * 100:.2f}%")
                 check(f"{name}: logits match ours (max |diff| <= {TOL_ABS:g})", diff.max() <= TOL_ABS,
                       f"max |diff| {diff.max():.3e} at {np.unravel_index(diff.argmax(), diff.shape)}")
-            if name.startswith("omni"):
-                mod = sys.modules[type(model).__module__]
+            if omni:
                 # ties: ids 1, 3, 4 score 2.0; rows sorted must put 1, 3 before 4, and the NaN last
                 S = torch.tensor([[0.5, 2.0, 1.0, 2.0, 2.0, float("nan")], [3.0, 3.0, 3.0, 3.0, 3.0, 3.0]])
                 got = mod.exact_topk(S, 4).tolist()
