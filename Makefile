@@ -145,6 +145,7 @@ test_cpu: $(CPU_TESTS) train_omnimoe_cpu
 	./test_fixtures
 	bash scripts/test_resume_cpu.sh
 	bash scripts/test_launcher_cpu.sh
+	bash scripts/test_export_cpu.sh
 	bash scripts/test_hostile.sh
 
 test_gpu:

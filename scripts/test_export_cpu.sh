@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The Hugging Face export (dev/export_hf.py) without PyTorch: trains 2 steps of -e tiny for each
+# FFN kind with the CPU trainer, exports model.bin, and checks the folder with the pure-Python
+# reader scripts/check_export_hf.py (safetensors header, names, shapes, contiguous byte ranges,
+# values bit for bit, config.json against the model header). The omni checkpoint must export to
+# the same safetensors bytes as model.bin; a one-bit change to an export must be caught; bad
+# inputs are refused with a message naming the file, and nothing is written.
+# The logits of the exports against ours need torch and transformers: dev/test_export_hf.py.
+# One PASS/FAIL line per check (the helpers of scripts/hostile_lib.sh), then
+# "test_export_cpu: N passed, N failed"; exit 1 on any FAIL. Run from the repository root.
+set -uo pipefail
+HOSTILE_WORK=$(mktemp -d /tmp/test_export_cpu.XXXXXX)
+trap 'rm -rf "$HOSTILE_WORK"' EXIT
+source scripts/hostile_lib.sh
+work=$HOSTILE_WORK
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+check "trainer built ($TRAINER)" [ -x "$TRAINER" ]
+for kind in gelu swiglu omni; do
+    expect_ok "$kind: 2 steps write model.bin" "wrote model" -- \
+        "$TRAINER" -e tiny -f $kind -b 2 -t 32 -x 2 -v 0 -s 0 --seed 3 -o "$work/$kind"
+    expect_ok "$kind: export" "exported .*model.bin" -- python3 dev/export_hf.py "$work/$kind/model.bin" "$work/hf_$kind"
+    expect_ok "$kind: safetensors and config.json match model.bin bit for bit" "^OK [0-9]+ tensors bit-identical" -- \
+        python3 scripts/check_export_hf.py "$work/$kind/model.bin" "$work/hf_$kind"
+done
+expect_ok "omni: the checkpoint exports" "checkpoint v2, step 2" -- \
+    python3 dev/export_hf.py "$work/omni/ckpt_00000002.bin" "$work/hf_ckpt"
+check "omni: the checkpoint's safetensors bytes == model.bin's" \
+    cmp -s "$work/hf_ckpt/model.safetensors" "$work/hf_omni/model.safetensors"
+# the checker must be able to fail: one bit of the last float of the file flipped
+cp -r "$work/hf_gelu" "$work/hf_tampered"
+xor_byte "$work/hf_tampered/model.safetensors" $(( $(stat -c %s "$work/hf_tampered/model.safetensors") - 1 )) 1
+expect_fail "one flipped bit in an export is caught" "transformer.ln_f.bias differs" -- \
+    python3 scripts/check_export_hf.py "$work/gelu/model.bin" "$work/hf_tampered"
+# bad inputs: a message naming the file, no output folder
+head -c 5000 "$work/swiglu/model.bin" > "$work/truncated.bin"
+expect_fail "truncated model file refused" "truncated.bin: truncated: 5000 bytes, expected" -- \
+    python3 dev/export_hf.py "$work/truncated.bin" "$work/out_truncated"
+expect_fail "directory refused" "omni: is a directory, not a file" -- python3 dev/export_hf.py "$work/omni" "$work/out_dir"
+expect_fail "test fixture refused as one" "it is an omnimoe test fixture" -- \
+    python3 dev/export_hf.py dev/fixtures/gelu.bin "$work/out_fixture"
+check "refused inputs wrote nothing" bash -c "! ls -d '$work'/out_* 2>/dev/null"
+expect_fail "an existing export is not overwritten" "hf_gelu: exists and is not an empty directory" -- \
+    python3 dev/export_hf.py "$work/swiglu/model.bin" "$work/hf_gelu"
+expect_ok "... and is left intact" "^OK" -- python3 scripts/check_export_hf.py "$work/gelu/model.bin" "$work/hf_gelu"
+hostile_summary test_export_cpu
