@@ -4,7 +4,8 @@
 # reader scripts/check_export_hf.py (safetensors header, names, shapes, contiguous byte ranges,
 # values bit for bit, config.json against the model header). The omni checkpoint must export to
 # the same safetensors bytes as model.bin; a one-bit change to an export must be caught; bad
-# inputs are refused with a message naming the file, and nothing is written.
+# inputs (one flipped bit under an intact end marker included) are refused with a message naming
+# the file, and nothing is written. Runs without the python xxhash module (dev/xxh64.py).
 # The logits of the exports against ours need torch and transformers: dev/test_export_hf.py.
 # One PASS/FAIL line per check (the helpers of scripts/hostile_lib.sh), then
 # "test_export_cpu: N passed, N failed"; exit 1 on any FAIL. Run from the repository root.
@@ -15,14 +16,18 @@ source scripts/hostile_lib.sh
 work=$HOSTILE_WORK
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 check "trainer built ($TRAINER)" [ -x "$TRAINER" ]
+expect_ok "pure-Python XXH64: published vectors, streaming == one-shot" "^OK XXH64" -- python3 dev/xxh64.py
 for kind in gelu swiglu omni; do
     expect_ok "$kind: 2 steps write model.bin" "wrote model" -- \
         "$TRAINER" -e tiny -f $kind -b 2 -t 32 -x 2 -v 0 -s 0 --seed 3 -o "$work/$kind"
-    expect_ok "$kind: export" "exported .*model.bin" -- python3 dev/export_hf.py "$work/$kind/model.bin" "$work/hf_$kind"
+    # the hash is verified with the python xxhash module or, without it, dev/xxh64.py: against the
+    # trainer's C XXH64 on a real file either way
+    expect_ok "$kind: export (hash verified)" "exported .*model.bin .*hash verified \(XXH64\)" -- \
+        python3 dev/export_hf.py "$work/$kind/model.bin" "$work/hf_$kind"
     expect_ok "$kind: safetensors and config.json match model.bin bit for bit" "^OK [0-9]+ tensors bit-identical" -- \
         python3 scripts/check_export_hf.py "$work/$kind/model.bin" "$work/hf_$kind"
 done
-expect_ok "omni: the checkpoint exports" "checkpoint v2, step 2" -- \
+expect_ok "omni: the checkpoint exports (hash verified)" "checkpoint v2, step 2.*hash verified \(XXH64\)" -- \
     python3 dev/export_hf.py "$work/omni/ckpt_00000002.bin" "$work/hf_ckpt"
 check "omni: the checkpoint's safetensors bytes == model.bin's" \
     cmp -s "$work/hf_ckpt/model.safetensors" "$work/hf_omni/model.safetensors"
@@ -38,6 +43,16 @@ expect_fail "truncated model file refused" "truncated.bin: truncated: 5000 bytes
 expect_fail "directory refused" "omni: is a directory, not a file" -- python3 dev/export_hf.py "$work/omni" "$work/out_dir"
 expect_fail "test fixture refused as one" "it is an omnimoe test fixture" -- \
     python3 dev/export_hf.py dev/fixtures/gelu.bin "$work/out_fixture"
+# one flipped bit inside the payload (end marker intact) fails the XXH64 of the trailer: in a
+# tensor of a model file, and in the AdamW moments of a checkpoint (read only to be hashed)
+cp "$work/omni/model.bin" "$work/flipped.bin"
+xor_byte "$work/flipped.bin" $(( $(stat -c %s "$work/flipped.bin") / 2 )) 4
+expect_fail "model file with one flipped bit refused" "flipped.bin: checksum mismatch \(XXH64 of the contents [0-9a-f]{16}, stored in the trailer [0-9a-f]{16}\)" -- \
+    python3 dev/export_hf.py "$work/flipped.bin" "$work/out_flipped"
+cp "$work/omni/ckpt_00000002.bin" "$work/flipped_ckpt.bin"
+xor_byte "$work/flipped_ckpt.bin" $(( $(stat -c %s "$work/flipped_ckpt.bin") / 2 )) 16
+expect_fail "checkpoint with one flipped bit refused" "flipped_ckpt.bin: checksum mismatch \(XXH64" -- \
+    python3 dev/export_hf.py "$work/flipped_ckpt.bin" "$work/out_flipped_ckpt"
 check "refused inputs wrote nothing" bash -c "! ls -d '$work'/out_* 2>/dev/null"
 expect_fail "an existing export is not overwritten" "hf_gelu: exists and is not an empty directory" -- \
     python3 dev/export_hf.py "$work/swiglu/model.bin" "$work/hf_gelu"
