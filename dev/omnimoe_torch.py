@@ -27,6 +27,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+import xxh64  # dev/xxh64.py, next to this file
+
 MODEL_MAGIC = 20261101
 MODEL_VERSION = 1
 MODEL_VERSION_HASHED = 2  # the trainers write this one: with a 16-byte trailer
@@ -266,7 +268,7 @@ def forward(c, params, bn_stats, inputs, targets=None, training=True, record=Non
 # [10] router_n [11] num_experts [12] top_k [13] router_norm [14] gate, other slots 0 except:
 # Model file (magic 20261101): header, fp32 params[num_params], fp32 bn_stats[num_bn]; version 2
 #   then a 16-byte trailer: uint64 XXH64 (seed 0) of everything before it, b"OMNI-END" (checked
-#   when the python xxhash module is installed). write_model writes version 1 (no hash), which
+#   with dev/xxh64.py: the python xxhash module, else pure Python). write_model writes version 1 (no hash), which
 #   the trainers still read, with a warning.
 # Fixture file (magic 20261103, v1): header with [16] B [17] T [18] training, then fp32 params,
 #   fp32 bn_stats_before, int32 inputs[B*T], int32 targets[B*T], fp32 logits[B*T*Vp],
@@ -324,13 +326,11 @@ def read_model(path):
             trailer = f.read(16)
             if len(trailer) != 16 or trailer[8:] != b"OMNI-END":
                 raise ValueError(f"{path}: the 16-byte trailer (hash, OMNI-END) is missing or damaged")
-            try:
-                import xxhash
-                stored = int.from_bytes(trailer[:8], "little")
-                if xxhash.xxh64(h.tobytes() + p.tobytes() + b.tobytes(), seed=0).intdigest() != stored:
-                    raise ValueError(f"{path}: checksum mismatch (XXH64): the file is corrupt")
-            except ImportError:
-                pass  # the end magic was checked; the trainers verify the hash
+            hasher = xxh64.new()  # the xxhash module, else pure Python (dev/xxh64.py)
+            for part in (h, p, b):
+                hasher.update(part.tobytes())
+            if hasher.intdigest() != int.from_bytes(trailer[:8], "little"):
+                raise ValueError(f"{path}: checksum mismatch (XXH64): the file is corrupt")
         if f.read(1):
             raise ValueError(f"{path}: trailing bytes after the BN statistics")
     return c, p, b
