@@ -7,8 +7,9 @@
  *   rows      the packed (4, T) rows of every example of data/mc_examples_val.bin give the same
  *             per-token losses, bit for bit, as the rows run alone
  *   loop      train_loop_mc_eval's count of correct examples equals the independent count, for
- *             B = 4, 6 (2 spare rows) and for 3 ranks at B = 8 run one after the other (every rank
- *             the same number of batches, the shares summing to the file)
+ *             B = 4, 6 (2 spare rows) and for 3 and 6 ranks at B = 8 run one after the other (every
+ *             rank rank 0's number of batches, the shares summing to the file, and each rank returning
+ *             the sums once sum_ranks adds the other ranks' shares)
  *   trainer   ./train_omnimoe_cpu -e tiny -x 2 --mc-every 2 --mc-eval ... prints "mc acc" and logs
  *             mc_eval records at steps 0 and 2 (not 1) whose counts equal the independent
  *             computation on the model from the seed (step 0) and on the model.bin it wrote (step
@@ -74,9 +75,16 @@ static int count_correct(GPT* model, const MCEval* ev) {
 // ----------------------------------------------------------------------------
 // the loop's function with the CPU model as the backend (one rank at a time)
 
+// The ranks run one after the other, so sum_ranks cannot wait for the others: a first pass records
+// each rank's (correct, scored) as handed to sum_ranks (local[rank]) and leaves them; a second pass
+// adds the recorded values of the other ranks, as the all-reduce would (exact: integer counts).
+#define MAX_RANKS 8
 typedef struct {
     GPT* model;
     int calls;
+    int rank, num_processes;
+    double (*local)[2];  // NULL: sum_ranks leaves the values (one rank)
+    int reduce;          // 0: record into local[rank]; 1: add the other ranks' recorded values
 } Backend;
 
 static void be_forward_losses(void* ctx, float* losses, const int* inputs, const int* targets, int B, int T) {
@@ -84,11 +92,24 @@ static void be_forward_losses(void* ctx, float* losses, const int* inputs, const
     b->calls++;
     gpt_forward_losses(b->model, losses, inputs, targets, B, T);
 }
-static void be_sum_ranks(void* ctx, double* values, int n) { (void)ctx; (void)values; (void)n; }
+static void be_sum_ranks(void* ctx, double* values, int n) {
+    Backend* b = (Backend*)ctx;
+    if (b->local == NULL || n != 2) return;
+    if (!b->reduce) {
+        b->local[b->rank][0] = values[0];
+        b->local[b->rank][1] = values[1];
+        return;
+    }
+    for (int i = 0; i < 2; i++) {
+        double sum = 0.0;
+        for (int r = 0; r < b->num_processes; r++) sum += r == b->rank ? values[i] : b->local[r][i];
+        values[i] = sum;
+    }
+}
 
-static void loop_eval(GPT* model, const MCEval* ev, int B, int rank, int P, long long* correct, long long* count,
-                      int* calls) {
-    Backend b = {model, 0};
+static void loop_eval(GPT* model, const MCEval* ev, int B, int rank, int P, double (*local)[2], int reduce,
+                      long long* correct, long long* count, int* calls) {
+    Backend b = {model, 0, rank, P, local, reduce};
     TrainBackend be;
     memset(&be, 0, sizeof(be));
     be.ctx = &b;
@@ -98,6 +119,32 @@ static void loop_eval(GPT* model, const MCEval* ev, int B, int rank, int P, long
     be.sum_ranks = be_sum_ranks;
     train_loop_mc_eval(&be, ev, B, correct, count);
     *calls = b.calls;
+}
+
+// P ranks, each run alone: the sums of their own counts, whether they all ran rank 0's batches,
+// and (second pass, sum_ranks reducing) whether every rank returned those sums
+static void ranks_eval(GPT* model, const MCEval* ev, int B, int P, long long* sum_correct, long long* sum_count,
+                       int* calls_same, int* calls0, int* reduced_ok) {
+    double local[MAX_RANKS][2] = {{0.0}};
+    *sum_correct = 0;
+    *sum_count = 0;
+    *calls_same = 1;
+    for (int r = 0; r < P; r++) {
+        long long correct = 0, count = 0;
+        int calls = 0;
+        loop_eval(model, ev, B, r, P, local, 0, &correct, &count, &calls);
+        *sum_correct += correct;
+        *sum_count += count;
+        if (r == 0) *calls0 = calls;
+        *calls_same &= calls == *calls0;
+    }
+    *reduced_ok = 1;
+    for (int r = 0; r < P; r++) {
+        long long correct = -1, count = -1;
+        int calls = 0;
+        loop_eval(model, ev, B, r, P, local, 1, &correct, &count, &calls);
+        *reduced_ok &= correct == *sum_correct && count == *sum_count;
+    }
 }
 
 // a tiny omni model (router BN) from the seed, its BN running statistics moved away from their
@@ -151,7 +198,7 @@ static void test_rows_and_loop(void) {
     for (int b = 0; b < 2; b++) {
         long long correct = -1, count = -1;
         int calls = 0;
-        loop_eval(&model, &ev, Bs[b], 0, 1, &correct, &count, &calls);
+        loop_eval(&model, &ev, Bs[b], 0, 1, NULL, 0, &correct, &count, &calls);
         char name[64];
         snprintf(name, sizeof(name), "loop: B=%d, one rank", Bs[b]);
         int batches = (E + Bs[b] / K - 1) / (Bs[b] / K);
@@ -160,18 +207,16 @@ static void test_rows_and_loop(void) {
     }
     // three ranks (16 examples: 6, 5, 5), each run alone; their sums make the file
     long long sum_correct = 0, sum_count = 0;
-    int calls_same = 1, calls0 = -1;
-    for (int r = 0; r < 3; r++) {
-        long long correct = 0, count = 0;
-        int calls = 0;
-        loop_eval(&model, &ev, 8, r, 3, &correct, &count, &calls);
-        sum_correct += correct;
-        sum_count += count;
-        if (r == 0) calls0 = calls;
-        calls_same &= calls == calls0;
-    }
+    int calls_same = 1, calls0 = -1, reduced_ok = 0;
+    ranks_eval(&model, &ev, 8, 3, &sum_correct, &sum_count, &calls_same, &calls0, &reduced_ok);
     test_checkf(sum_correct == want && sum_count == E && calls_same && calls0 == 3, "loop: 3 ranks sum to the file",
                 "%lld of %lld correct, %d batches per rank", sum_correct, sum_count, calls0);
+    test_check(reduced_ok, "loop: 3 ranks each return the counts summed over the ranks");
+    // six ranks (3, 3, 3, 3, 2, 2 examples, 2 per batch): ranks 4 and 5 need one batch for their own
+    // examples but must run rank 0's two, the second all padding
+    ranks_eval(&model, &ev, 8, 6, &sum_correct, &sum_count, &calls_same, &calls0, &reduced_ok);
+    test_checkf(sum_correct == want && sum_count == E && calls_same && calls0 == 2, "loop: 6 ranks run the same batches",
+                "%lld of %lld correct, %d batches on rank 0, same on all: %d", sum_correct, sum_count, calls0, calls_same);
     printf("  (independent: %d of %d correct)\n", want, E);
 
     free(inputs);

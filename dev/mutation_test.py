@@ -216,19 +216,22 @@ def clean_env():
 
 # tests that are shell scripts (scripts/<test>.sh) driving a binary: the binary they need
 SCRIPT_TESTS = {"test_resume_cpu": "train_omnimoe_cpu", "test_launcher_cpu": "train_omnimoe_cpu"}
+# test binaries that also run another binary of the copy (built, mutated, with them)
+ALSO_BUILD = {"test_mc_loop": ["train_omnimoe_cpu"]}
 
 
 def build(workdir, test):
     """Builds the test with the Makefile; returns None or the compiler's error text."""
-    test = SCRIPT_TESTS.get(test, test)
-    binary = os.path.join(workdir, test)
-    if os.path.exists(binary):
-        os.remove(binary)   # always rebuild, whatever the timestamps say
+    targets = [SCRIPT_TESTS.get(test, test)] + ALSO_BUILD.get(test, [])
+    for target in targets:
+        binary = os.path.join(workdir, target)
+        if os.path.exists(binary):
+            os.remove(binary)   # always rebuild, whatever the timestamps say
     # NVCC=false: the Makefile's NCCL probe fails at once instead of running nvcc (CPU tests
     # never use it)
-    r = subprocess.run(["make", "-s", "NVCC=false", test], cwd=workdir, env=clean_env(),
+    r = subprocess.run(["make", "-s", "NVCC=false"] + targets, cwd=workdir, env=clean_env(),
                        capture_output=True, text=True, timeout=600)
-    if r.returncode != 0 or not os.path.exists(binary):
+    if r.returncode != 0 or not all(os.path.exists(os.path.join(workdir, t)) for t in targets):
         return (r.stdout + r.stderr).strip() or f"make exited {r.returncode}"
     return None
 
