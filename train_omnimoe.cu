@@ -848,6 +848,11 @@ int main(int argc, char** argv) {
         train_config_check_file_model(&cfg, &config);
     }
     train_config_validate(&cfg, &config);
+    if (config.ffn_kind == FFN_MOE) {  // docs/design.md §10: the CPU reference exists, the GPU kernels not yet
+        fprintf(stderr, "Error: flag -f moe (or a moe model file given with -e): the moe FFN has no GPU kernels yet; "
+                "train it with the CPU reference trainer, ./train_omnimoe_cpu -f moe\n");
+        exit(EXIT_FAILURE);
+    }
     if (cfg.sample_every > 0 && cfg.gen_tokens > cfg.T) {
         // samples run on the (B, T) activations of training
         fprintf(stderr, "Error: bad value \"%d\" for flag -g (--gen-tokens): the GPU trainer samples at most -t %d "

@@ -95,6 +95,14 @@ typedef struct {
     int router_norm;                          // --router-norm  ROUTER_NORM_*; -1 = preset (bn)
     int gate;                                 // --gate  GATE_*; -1 = preset (softmax)
     int expert_exec;                          // --expert-exec  EXPERT_EXEC_* (run-time choice, not saved in the model)
+    // moe knobs (docs/design.md §10.7); model fields: -1 = the preset's (or --moepp's) value
+    int moe_experts, moe_topk, moe_shared;    // --moe-experts --moe-topk --moe-shared  E, k, S
+    int moe_zero, moe_copy, moe_const;        // --moe-zero --moe-copy --moe-const  MoE++ expert counts
+    int moe_gate_res, moe_norm_topk;          // --moe-gate-res --moe-norm-topk  0/1
+    int moepp;                                // --moepp  1 = the MoE++ release's choices as the defaults above
+    float moe_aux;                            // --moe-aux  load-balance loss coefficient alpha (0 = off)
+    float moe_zc_weight;                      // --moe-zc-weight  tau: its weight for zero-computation experts
+    float moe_bias_rate;                      // --moe-bias-rate  gamma of the loss-free bias update (0 = off)
 } TrainConfig;
 
 // ----------------------------------------------------------------------------
@@ -147,13 +155,25 @@ static const TrainFlag train_flags[] = {
     {NULL, "--overwrite", TRAIN_ARG_INT, offsetof(TrainConfig, overwrite), 0, 1, 0, NULL, "1 = a fresh run may replace the checkpoints, log and model of another run in -o (else refused)"},
     {NULL, "--seed", TRAIN_ARG_U64, offsetof(TrainConfig, seed), 0, 0, 0, NULL, "seed of initialisation, data shuffling and sampling"},
     {NULL, "--shuffle", TRAIN_ARG_INT, offsetof(TrainConfig, shuffle), 0, 1, 0, NULL, "1 = shuffle the training windows each epoch, 0 = read in order"},
-    {"-f", "--ffn", TRAIN_ARG_CHOICE, offsetof(TrainConfig, ffn_kind), 0, 0, 0, "gelu|swiglu|omni", "feed-forward kind (unset = omni for a preset, the file's for a file)"},
-    {NULL, "--hidden", TRAIN_ARG_INT, offsetof(TrainConfig, ffn_hidden), 0, TRAIN_INT_MAX, 0, NULL, "FFN width: I for swiglu/omni, 4C for gelu (0 = the preset's)"},
+    {"-f", "--ffn", TRAIN_ARG_CHOICE, offsetof(TrainConfig, ffn_kind), 0, 0, 0, "gelu|swiglu|omni|moe", "feed-forward kind (unset = omni for a preset, the file's for a file)"},
+    {NULL, "--hidden", TRAIN_ARG_INT, offsetof(TrainConfig, ffn_hidden), 0, TRAIN_INT_MAX, 0, NULL, "FFN width: I for swiglu/omni, 4C for gelu, one expert's I_e for moe (0 = the preset's)"},
     {NULL, "--experts", TRAIN_ARG_INT, offsetof(TrainConfig, num_experts), 0, TRAIN_INT_MAX, 0, NULL, "omni: number of experts N, a perfect square n*n (0 = the preset's)"},
     {NULL, "--topk", TRAIN_ARG_INT, offsetof(TrainConfig, top_k), 0, TRAIN_INT_MAX, 0, NULL, "omni: experts per token k <= N (0 = the preset's)"},
     {NULL, "--router-norm", TRAIN_ARG_CHOICE, offsetof(TrainConfig, router_norm), 0, 0, 0, "none|bn", "omni: router normalisation (unset = bn)"},
     {NULL, "--gate", TRAIN_ARG_CHOICE, offsetof(TrainConfig, gate), 0, 0, 0, "softmax|prob", "omni: gate over the k selected scores (unset = softmax)"},
     {NULL, "--expert-exec", TRAIN_ARG_CHOICE, offsetof(TrainConfig, expert_exec), 0, 0, 0, "token|expert", "omni: expert-branch execution, token-centric (default) or expert-centric (same bits)"},
+    {NULL, "--moe-experts", TRAIN_ARG_INT, offsetof(TrainConfig, moe_experts), 0, 65536, 1, NULL, "moe: routed SwiGLU experts E (-1 = the preset's)"},
+    {NULL, "--moe-topk", TRAIN_ARG_INT, offsetof(TrainConfig, moe_topk), 1, 65536, 1, NULL, "moe: experts per token k, among all routed experts (-1 = the preset's)"},
+    {NULL, "--moe-shared", TRAIN_ARG_INT, offsetof(TrainConfig, moe_shared), 0, 65536, 1, NULL, "moe: shared experts S, each of width I_e (-1 = the preset's)"},
+    {NULL, "--moepp", TRAIN_ARG_INT, offsetof(TrainConfig, moepp), 0, 1, 0, NULL, "moe: 1 = MoE++ defaults: 1 zero, 1 copy, 2 constant experts, gating residuals, --moe-norm-topk 1"},
+    {NULL, "--moe-zero", TRAIN_ARG_INT, offsetof(TrainConfig, moe_zero), 0, 65536, 1, NULL, "moe: MoE++ zero experts (-1 = 0, or 1 with --moepp 1)"},
+    {NULL, "--moe-copy", TRAIN_ARG_INT, offsetof(TrainConfig, moe_copy), 0, 65536, 1, NULL, "moe: MoE++ copy experts (-1 = 0, or 1 with --moepp 1)"},
+    {NULL, "--moe-const", TRAIN_ARG_INT, offsetof(TrainConfig, moe_const), 0, 65536, 1, NULL, "moe: MoE++ constant experts (-1 = 0, or 2 with --moepp 1)"},
+    {NULL, "--moe-gate-res", TRAIN_ARG_INT, offsetof(TrainConfig, moe_gate_res), 0, 1, 1, NULL, "moe: 1 = gating residuals, each router adds G times the previous layer's logits (-1 = 0, or 1 with --moepp 1)"},
+    {NULL, "--moe-norm-topk", TRAIN_ARG_INT, offsetof(TrainConfig, moe_norm_topk), 0, 1, 1, NULL, "moe: 1 = gates renormalised over the chosen non-zero experts (MoE++), 0 = softmax probabilities (DeepSeekMoE) (-1 = 0, or 1 with --moepp 1)"},
+    {NULL, "--moe-aux", TRAIN_ARG_FLOAT, offsetof(TrainConfig, moe_aux), 0, TRAIN_NO_MAX, 0, NULL, "moe: load-balance loss coefficient alpha (0 = off)"},
+    {NULL, "--moe-zc-weight", TRAIN_ARG_FLOAT, offsetof(TrainConfig, moe_zc_weight), 0, TRAIN_NO_MAX, 0, NULL, "moe: the balance loss's weight tau of zero, copy and constant experts (FFN experts: 1)"},
+    {NULL, "--moe-bias-rate", TRAIN_ARG_FLOAT, offsetof(TrainConfig, moe_bias_rate), 0, TRAIN_NO_MAX, 0, NULL, "moe: loss-free balancing, bias step gamma per optimiser step (0 = off)"},
     {NULL, "--log-file", TRAIN_ARG_STRING, offsetof(TrainConfig, log_file), 0, 0, 0, NULL, "JSONL log path (\"\" = <output dir>/log.jsonl when -o is set)"},
     {"-pn", "--num-processes", TRAIN_ARG_INT, offsetof(TrainConfig, launch_processes), 1, 65536, 0, NULL, "launch without mpirun: number of processes (one per GPU; needs -pf; ignored under mpirun)"},
     {"-pr", "--process-rank", TRAIN_ARG_INT, offsetof(TrainConfig, launch_rank), 0, 65535, 0, NULL, "launch without mpirun: this process's rank in [0, -pn)"},
@@ -206,6 +226,13 @@ static inline void train_config_defaults(TrainConfig* cfg) {
     cfg->router_norm = -1;
     cfg->gate = -1;
     cfg->expert_exec = EXPERT_EXEC_TOKEN;  // measured faster in the trainer (docs/performance.md)
+    cfg->moe_experts = cfg->moe_topk = cfg->moe_shared = -1;
+    cfg->moe_zero = cfg->moe_copy = cfg->moe_const = -1;
+    cfg->moe_gate_res = cfg->moe_norm_topk = -1;
+    cfg->moepp = 0;
+    cfg->moe_aux = 0.01f;        // DeepSeekMoE's expert-level balance factor
+    cfg->moe_zc_weight = 0.75f;
+    cfg->moe_bias_rate = 0.0f;
 }
 
 // ----------------------------------------------------------------------------
@@ -497,6 +524,56 @@ static inline void train_config_omni_only_(const ModelConfig* c, const char* fla
     }
 }
 
+static inline void train_config_moe_only_(const ModelConfig* c, const char* flag, int given) {
+    if (given && c->ffn_kind != FFN_MOE) {
+        fprintf(stderr, "Error: flag %s is an option of the moe FFN, but the model's FFN is %s (-f moe to use it)\n",
+                flag, ffn_kind_name(c->ffn_kind));
+        exit(EXIT_FAILURE);
+    }
+}
+
+// the moe flags that were given (model fields only), checked against the model's kind
+static inline void train_config_moe_flags_only_(const TrainConfig* cfg, const ModelConfig* c) {
+    train_config_moe_only_(c, "--moe-experts", cfg->moe_experts >= 0);
+    train_config_moe_only_(c, "--moe-topk", cfg->moe_topk >= 0);
+    train_config_moe_only_(c, "--moe-shared", cfg->moe_shared >= 0);
+    train_config_moe_only_(c, "--moepp", cfg->moepp != 0);
+    train_config_moe_only_(c, "--moe-zero", cfg->moe_zero >= 0);
+    train_config_moe_only_(c, "--moe-copy", cfg->moe_copy >= 0);
+    train_config_moe_only_(c, "--moe-const", cfg->moe_const >= 0);
+    train_config_moe_only_(c, "--moe-gate-res", cfg->moe_gate_res >= 0);
+    train_config_moe_only_(c, "--moe-norm-topk", cfg->moe_norm_topk >= 0);
+}
+
+// moe (docs/design.md §10.6): --moepp defaults, then the flags given, then the expert width
+// refitted to the preset's active size unless --hidden fixed it
+static inline void train_config_moe_apply_(const TrainConfig* cfg, ModelConfig* c) {
+    if (c->ffn_kind != FFN_MOE) return;
+    if (cfg->moepp) {
+        c->moe_zero = 1;
+        c->moe_copy = 1;
+        c->moe_const = 2;
+        c->moe_gate_res = 1;
+        c->moe_norm_topk = 1;
+    }
+    if (cfg->moe_experts >= 0) c->moe_experts = cfg->moe_experts;
+    if (cfg->moe_topk >= 0) c->moe_topk = cfg->moe_topk;
+    if (cfg->moe_shared >= 0) c->moe_shared = cfg->moe_shared;
+    if (cfg->moe_zero >= 0) c->moe_zero = cfg->moe_zero;
+    if (cfg->moe_copy >= 0) c->moe_copy = cfg->moe_copy;
+    if (cfg->moe_const >= 0) c->moe_const = cfg->moe_const;
+    if (cfg->moe_gate_res >= 0) c->moe_gate_res = cfg->moe_gate_res;
+    if (cfg->moe_norm_topk >= 0) c->moe_norm_topk = cfg->moe_norm_topk;
+    long long Et = (long long)c->moe_experts + c->moe_const + c->moe_copy + c->moe_zero;
+    if (c->moe_topk > Et) {
+        fprintf(stderr, "Error: bad value \"%d\" for flag --moe-topk: k must be <= the routed experts E + zero + copy + "
+                "constant = %lld of model %s\n", c->moe_topk, Et, cfg->model);
+        exit(EXIT_FAILURE);
+    }
+    if (cfg->ffn_hidden <= 0 && Et >= 1 && c->moe_shared + c->moe_topk > 0)
+        c->ffn_hidden = model_config_moe_fit_width(c, model_config_swiglu_width(c->channels));
+}
+
 // Fills *out from -e and the model flags. Returns 1 for a preset (out is complete and valid).
 // Returns 0 when -e names an existing file: out is untouched; read the file's config
 // (checkpoint.h: model_file_read_config) and pass it to train_config_check_file_model().
@@ -515,7 +592,9 @@ static inline int train_config_model(const TrainConfig* cfg, ModelConfig* out) {
     train_config_omni_only_(&c, "--topk", cfg->top_k > 0);
     train_config_omni_only_(&c, "--router-norm", cfg->router_norm >= 0);
     train_config_omni_only_(&c, "--gate", cfg->gate >= 0);
+    train_config_moe_flags_only_(cfg, &c);
     if (cfg->ffn_hidden > 0) c.ffn_hidden = cfg->ffn_hidden;
+    train_config_moe_apply_(cfg, &c);
     if (cfg->num_experts > 0) {
         c.num_experts = cfg->num_experts;
         c.router_n = (int)floor(sqrt((double)cfg->num_experts) + 0.5);
@@ -555,6 +634,26 @@ static inline void train_config_check_file_model(const TrainConfig* cfg, const M
     train_config_omni_only_(file_config, "--topk", cfg->top_k > 0);
     train_config_omni_only_(file_config, "--router-norm", cfg->router_norm >= 0);
     train_config_omni_only_(file_config, "--gate", cfg->gate >= 0);
+    train_config_moe_flags_only_(cfg, file_config);
+    if (file_config->ffn_kind == FFN_MOE) {  // every moe field the flags set must be the file's
+        ModelConfig want = *file_config;
+        train_config_moe_apply_(cfg, &want);
+        const char* names[8] = {"--moe-experts", "--moe-topk", "--moe-shared", "--moe-zero", "--moe-copy",
+                                "--moe-const", "--moe-gate-res", "--moe-norm-topk"};
+        const int given[8] = {cfg->moe_experts, cfg->moe_topk, cfg->moe_shared, cfg->moe_zero, cfg->moe_copy,
+                              cfg->moe_const, cfg->moe_gate_res, cfg->moe_norm_topk};
+        const int w[8] = {want.moe_experts, want.moe_topk, want.moe_shared, want.moe_zero, want.moe_copy,
+                          want.moe_const, want.moe_gate_res, want.moe_norm_topk};
+        const int f[8] = {file_config->moe_experts, file_config->moe_topk, file_config->moe_shared,
+                          file_config->moe_zero, file_config->moe_copy, file_config->moe_const,
+                          file_config->moe_gate_res, file_config->moe_norm_topk};
+        for (int i = 0; i < 8; i++) {
+            if (w[i] == f[i]) continue;
+            char flag[64];
+            snprintf(flag, sizeof(flag), "%s%s", names[i], given[i] >= 0 ? "" : " (set by --moepp 1)");
+            train_config_file_conflict_(path, flag, w[i], f[i]);
+        }
+    }
     if (cfg->ffn_hidden > 0 && cfg->ffn_hidden != file_config->ffn_hidden)
         train_config_file_conflict_(path, "--hidden", cfg->ffn_hidden, file_config->ffn_hidden);
     if (cfg->num_experts > 0 && cfg->num_experts != file_config->num_experts)

@@ -7,7 +7,9 @@
  * Config header (docs/design.md §5), shared by model files, checkpoints and fixtures: 256 int32.
  *   [0] magic [1] version [2] max_seq_len [3] vocab_size [4] padded_vocab_size [5] num_layers
  *   [6] num_heads [7] channels [8] ffn_kind [9] ffn_hidden [10] router_n [11] num_experts
- *   [12] top_k [13] router_norm [14] gate; other slots 0 unless a format below names them.
+ *   [12] top_k [13] router_norm [14] gate; [60..67] the moe fields (docs/design.md §10.7: E, k,
+ *   S, zero, copy, const, gate_res, norm_topk; 0 for the other kinds, so files written before
+ *   them read unchanged); other slots 0 unless a format below names them.
  *
  * Model file (.bin): magic 20261101, version 2. Header, then fp32 params (model_config_num_params,
  * layout of config.h), then fp32 BN running stats (model_config_num_bn_stats: per layer mean[2n]
@@ -187,7 +189,15 @@ static inline float ckpt_get_f32_(const int32_t* header, int slot) {
     return v;
 }
 
-// the config slots [2..14] of docs/design.md §5
+// the config slots [2..14] and [60..67] of docs/design.md §5.1
+#define MOE_HEADER_SLOT 60
+#define MOE_HEADER_SLOTS 8
+#define MODEL_CONFIG_NUM_FIELDS (13 + MOE_HEADER_SLOTS)
+// header slot of config field i (0..MODEL_CONFIG_NUM_FIELDS-1)
+static inline int model_config_field_slot(int i) { return i < 13 ? 2 + i : MOE_HEADER_SLOT + (i - 13); }
+static inline int model_config_is_slot(int slot) {
+    return (slot >= 2 && slot <= 14) || (slot >= MOE_HEADER_SLOT && slot < MOE_HEADER_SLOT + MOE_HEADER_SLOTS);
+}
 static inline void model_config_to_header(const ModelConfig* c, int32_t* header) {
     header[2] = c->max_seq_len;
     header[3] = c->vocab_size;
@@ -202,6 +212,14 @@ static inline void model_config_to_header(const ModelConfig* c, int32_t* header)
     header[12] = c->top_k;
     header[13] = c->router_norm;
     header[14] = c->gate;
+    header[MOE_HEADER_SLOT + 0] = c->moe_experts;
+    header[MOE_HEADER_SLOT + 1] = c->moe_topk;
+    header[MOE_HEADER_SLOT + 2] = c->moe_shared;
+    header[MOE_HEADER_SLOT + 3] = c->moe_zero;
+    header[MOE_HEADER_SLOT + 4] = c->moe_copy;
+    header[MOE_HEADER_SLOT + 5] = c->moe_const;
+    header[MOE_HEADER_SLOT + 6] = c->moe_gate_res;
+    header[MOE_HEADER_SLOT + 7] = c->moe_norm_topk;
 }
 
 static inline void model_config_from_header(const int32_t* header, ModelConfig* c) {
@@ -219,30 +237,41 @@ static inline void model_config_from_header(const int32_t* header, ModelConfig* 
     c->top_k = header[12];
     c->router_norm = header[13];
     c->gate = header[14];
+    c->moe_experts = header[MOE_HEADER_SLOT + 0];
+    c->moe_topk = header[MOE_HEADER_SLOT + 1];
+    c->moe_shared = header[MOE_HEADER_SLOT + 2];
+    c->moe_zero = header[MOE_HEADER_SLOT + 3];
+    c->moe_copy = header[MOE_HEADER_SLOT + 4];
+    c->moe_const = header[MOE_HEADER_SLOT + 5];
+    c->moe_gate_res = header[MOE_HEADER_SLOT + 6];
+    c->moe_norm_topk = header[MOE_HEADER_SLOT + 7];
 }
 
-// index (0..12) of the first config field where a and b differ, -1 when equal; the names of the
-// fields are model_config_field_name(i) in header-slot order
+// index (0..MODEL_CONFIG_NUM_FIELDS-1) of the first config field where a and b differ, -1 when
+// equal; the names of the fields are model_config_field_name(i) in header-slot order
 static inline int model_config_first_difference(const ModelConfig* a, const ModelConfig* b) {
     int32_t ha[OMNI_HEADER_INTS], hb[OMNI_HEADER_INTS];
     model_config_to_header(a, ha);
     model_config_to_header(b, hb);
-    for (int slot = 2; slot <= 14; slot++) {
-        if (ha[slot] != hb[slot]) return slot - 2;
+    for (int i = 0; i < MODEL_CONFIG_NUM_FIELDS; i++) {
+        if (ha[model_config_field_slot(i)] != hb[model_config_field_slot(i)]) return i;
     }
     return -1;
 }
 static inline const char* model_config_field_name(int i) {
-    static const char* names[13] = {"max_seq_len", "vocab_size", "padded_vocab_size", "num_layers", "num_heads",
-                                    "channels", "ffn_kind (-f)", "ffn_hidden (--hidden)", "router_n",
-                                    "num_experts (--experts)", "top_k (--topk)", "router_norm (--router-norm)",
-                                    "gate (--gate)"};
-    return (i >= 0 && i < 13) ? names[i] : "?";
+    static const char* names[MODEL_CONFIG_NUM_FIELDS] = {
+        "max_seq_len", "vocab_size", "padded_vocab_size", "num_layers", "num_heads", "channels", "ffn_kind (-f)",
+        "ffn_hidden (--hidden)", "router_n", "num_experts (--experts)", "top_k (--topk)",
+        "router_norm (--router-norm)", "gate (--gate)", "moe_experts (--moe-experts)", "moe_topk (--moe-topk)",
+        "moe_shared (--moe-shared)", "moe_zero (--moe-zero)", "moe_copy (--moe-copy)", "moe_const (--moe-const)",
+        "moe_gate_res (--moe-gate-res)", "moe_norm_topk (--moe-norm-topk)"};
+    return (i >= 0 && i < MODEL_CONFIG_NUM_FIELDS) ? names[i] : "?";
 }
 static inline int model_config_field_value(const ModelConfig* c, int i) {
     int32_t h[OMNI_HEADER_INTS];
+    memset(h, 0, sizeof(h));
     model_config_to_header(c, h);
-    return (i >= 0 && i < 13) ? h[2 + i] : 0;
+    return (i >= 0 && i < MODEL_CONFIG_NUM_FIELDS) ? h[model_config_field_slot(i)] : 0;
 }
 // the value of field i as text: a number, or the option's word for ffn_kind, router_norm, gate
 static inline void model_config_field_text(const ModelConfig* c, int i, char* out, size_t size) {
@@ -516,7 +545,7 @@ static inline FILE* model_file_open_(const char* path, ModelConfig* out_config, 
                          MODEL_FILE_VERSION_UNHASHED, MODEL_FILE_VERSION);
     }
     for (int slot = 15; slot < OMNI_HEADER_INTS; slot++) {
-        if (header[slot] != 0) {
+        if (header[slot] != 0 && !model_config_is_slot(slot)) {
             model_file_fail_(fp, path, "header slot %d is %d, expected 0 (corrupt, or written by another version)",
                              slot, header[slot]);
         }

@@ -5,7 +5,8 @@
  *
  * Defines:
  *   ModelConfig              every number that fixes the shape of the model
- *   FFN_GELU/SWIGLU/OMNI     the three feed-forward kinds of docs/design.md §1
+ *   FFN_GELU/SWIGLU/OMNI/MOE the feed-forward kinds of docs/design.md §1 and §10 (moe: top-k
+ *                            SwiGLU experts + shared experts, with the MoE++ expert kinds)
  *   ROUTER_NORM_*, GATE_*    the OmniMoE options of docs/design.md §2
  *   EXPERT_EXEC_*            the token- / expert-centric execution of the experts
  *   LAYERNORM_EPS, BATCHNORM_*    the normalisations' constants (CPU and GPU)
@@ -31,7 +32,7 @@
 // ----------------------------------------------------------------------------
 // the options
 
-enum { FFN_GELU = 0, FFN_SWIGLU = 1, FFN_OMNI = 2 };
+enum { FFN_GELU = 0, FFN_SWIGLU = 1, FFN_OMNI = 2, FFN_MOE = 3 };
 enum { ROUTER_NORM_NONE = 0, ROUTER_NORM_BN = 1 };
 enum { GATE_SOFTMAX = 0, GATE_PROB = 1 };
 // the two executions of the expert branch (docs/design.md §3): a run-time choice, not saved in
@@ -48,6 +49,7 @@ static inline const char* ffn_kind_name(int kind) {
         case FFN_GELU: return "gelu";
         case FFN_SWIGLU: return "swiglu";
         case FFN_OMNI: return "omni";
+        case FFN_MOE: return "moe";
         default: return "?";
     }
 }
@@ -59,6 +61,7 @@ static inline int ffn_kind_from_name(const char* s) {
     if (strcmp(s, "gelu") == 0) return FFN_GELU;
     if (strcmp(s, "swiglu") == 0) return FFN_SWIGLU;
     if (strcmp(s, "omni") == 0) return FFN_OMNI;
+    if (strcmp(s, "moe") == 0) return FFN_MOE;
     return -1;
 }
 static inline int router_norm_from_name(const char* s) {
@@ -82,13 +85,22 @@ typedef struct {
     int num_layers;         // L
     int num_heads;          // NH
     int channels;           // C = d
-    int ffn_kind;           // FFN_GELU | FFN_SWIGLU | FFN_OMNI
-    int ffn_hidden;         // H: 4C for gelu; I (shared SwiGLU width) for swiglu and omni
+    int ffn_kind;           // FFN_GELU | FFN_SWIGLU | FFN_OMNI | FFN_MOE
+    int ffn_hidden;         // H: 4C for gelu; I (shared SwiGLU width) for swiglu and omni; I_e (one expert) for moe
     int router_n;           // n: experts form an n x n grid (omni only, else 0)
     int num_experts;        // N = n*n (omni only, else 0)
     int top_k;              // k experts per token (omni only, else 0)
     int router_norm;        // ROUTER_NORM_BN | ROUTER_NORM_NONE
     int gate;               // GATE_SOFTMAX | GATE_PROB
+    // moe only (docs/design.md §10), else 0
+    int moe_experts;        // E routed SwiGLU experts of width I_e = ffn_hidden
+    int moe_topk;           // k experts per token, chosen among all E_t routed experts
+    int moe_shared;         // S shared experts (one SwiGLU of width S*I_e)
+    int moe_zero;           // MoE++ zero experts (output 0)
+    int moe_copy;           // MoE++ copy experts (output x)
+    int moe_const;          // MoE++ constant experts (x and a learned vector, mixed)
+    int moe_gate_res;       // 1: gating residuals (router logits += G z of the previous layer)
+    int moe_norm_topk;      // 1: gates renormalised over the chosen non-zero experts (MoE++ release)
 } ModelConfig;
 
 static inline int round_up_to_multiple(int x, int m) { return ((x + m - 1) / m) * m; }
@@ -117,21 +129,39 @@ enum {
     PARAM_EXPERTV,      // omni: (L, N, C) atomic expert output vectors v_e
     PARAM_LNFW,         // (C)
     PARAM_LNFB,         // (C)
+    // moe only (docs/design.md §10.1); E_t = E + K_const + K_copy + K_zero routed experts
+    PARAM_MOE_ROUTERW,  // (L, E_t, C)
+    PARAM_MOE_GATEMAP,  // (L, E_t, E_t) gating residual map G (layer 0's unused); moe_gate_res only
+    PARAM_MOE_W1,       // (L, E, 2 I_e, C) rows [0, I_e) = Wg_e, [I_e, 2 I_e) = Wu_e
+    PARAM_MOE_W2,       // (L, E, C, I_e)
+    PARAM_MOE_CONST,    // (L, K_const, C) constant vectors c_j
+    PARAM_MOE_CONSTMIX, // (L, K_const, 2, C) mixing maps A_j: w = softmax(A_j x)
+    PARAM_MOE_BIAS,     // (L, E_t) balancing bias (selection only); never has a gradient
     NUM_PARAMETER_TENSORS
 };
 
 static inline const char* param_tensor_name(int i) {
     static const char* names[NUM_PARAMETER_TENSORS] = {
         "wte", "wpe", "ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb", "ln2w", "ln2b",
-        "fcw", "fcb", "fcprojw", "fcprojb", "routerw", "expert_u", "expert_v", "lnfw", "lnfb"};
+        "fcw", "fcb", "fcprojw", "fcprojb", "routerw", "expert_u", "expert_v", "lnfw", "lnfb",
+        "moe_router", "moe_gate_map", "moe_w1", "moe_w2", "moe_const", "moe_const_mix", "moe_bias"};
     return (i >= 0 && i < NUM_PARAMETER_TENSORS) ? names[i] : "?";
+}
+
+// moe: the routed experts E_t = E + constant + copy + zero (ids in that order); 0 for other kinds
+static inline int model_config_moe_routed(const ModelConfig* c) {
+    return c->ffn_kind == FFN_MOE ? c->moe_experts + c->moe_const + c->moe_copy + c->moe_zero : 0;
+}
+// the width of the dense SwiGLU (or GELU) branch: ffn_hidden, or S*I_e of the moe shared experts
+static inline size_t model_config_dense_width(const ModelConfig* c) {
+    return c->ffn_kind == FFN_MOE ? (size_t)c->moe_shared * c->ffn_hidden : (size_t)c->ffn_hidden;
 }
 
 // element count of each parameter tensor
 static inline void model_config_param_sizes(const ModelConfig* c, size_t sizes[NUM_PARAMETER_TENSORS]) {
     size_t Vp = c->padded_vocab_size, C = c->channels, L = c->num_layers, maxT = c->max_seq_len;
-    size_t H = c->ffn_hidden;
-    int gelu = c->ffn_kind == FFN_GELU, omni = c->ffn_kind == FFN_OMNI;
+    size_t H = model_config_dense_width(c);
+    int gelu = c->ffn_kind == FFN_GELU, omni = c->ffn_kind == FFN_OMNI, moe = c->ffn_kind == FFN_MOE;
     size_t n = omni ? (size_t)c->router_n : 0, N = omni ? (size_t)c->num_experts : 0;
     sizes[PARAM_WTE] = Vp * C;
     sizes[PARAM_WPE] = maxT * C;
@@ -152,6 +182,15 @@ static inline void model_config_param_sizes(const ModelConfig* c, size_t sizes[N
     sizes[PARAM_EXPERTV] = L * N * C;
     sizes[PARAM_LNFW] = C;
     sizes[PARAM_LNFB] = C;
+    size_t Et = (size_t)model_config_moe_routed(c), E = moe ? (size_t)c->moe_experts : 0;
+    size_t Ie = moe ? (size_t)c->ffn_hidden : 0, Kc = moe ? (size_t)c->moe_const : 0;
+    sizes[PARAM_MOE_ROUTERW] = L * Et * C;
+    sizes[PARAM_MOE_GATEMAP] = moe && c->moe_gate_res ? L * Et * Et : 0;
+    sizes[PARAM_MOE_W1] = L * E * 2 * Ie * C;
+    sizes[PARAM_MOE_W2] = L * E * C * Ie;
+    sizes[PARAM_MOE_CONST] = L * Kc * C;
+    sizes[PARAM_MOE_CONSTMIX] = L * Kc * 2 * C;
+    sizes[PARAM_MOE_BIAS] = L * Et;
 }
 
 static inline size_t model_config_num_params(const ModelConfig* c) {
@@ -168,9 +207,16 @@ static inline size_t model_config_active_params(const ModelConfig* c) {
     model_config_param_sizes(c, sizes);
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
         if (i == PARAM_WPE || i == PARAM_EXPERTU || i == PARAM_EXPERTV) continue;
+        if (i == PARAM_MOE_W1 || i == PARAM_MOE_W2 || i == PARAM_MOE_GATEMAP || i == PARAM_MOE_BIAS) continue;
         total += sizes[i];
     }
     if (c->ffn_kind == FFN_OMNI) total += (size_t)c->num_layers * 2 * c->top_k * c->channels;
+    if (c->ffn_kind == FFN_MOE) {
+        // docs/design.md §10.6: an upper bound, as if every slot went to an FFN expert
+        size_t Et = (size_t)model_config_moe_routed(c), L = c->num_layers;
+        total += L * c->moe_topk * 3 * (size_t)c->channels * c->ffn_hidden;
+        if (c->moe_gate_res) total += (L - 1) * Et * Et;
+    }
     return total;
 }
 
@@ -193,7 +239,7 @@ static inline int model_config_validate(const ModelConfig* c) {
     else if (c->channels % c->num_heads != 0) why = "channels must be divisible by num_heads";
     else if (c->max_seq_len < 1) why = "max_seq_len must be >= 1";
     else if (c->vocab_size < 1 || c->padded_vocab_size < c->vocab_size) why = "padded_vocab_size must be >= vocab_size >= 1";
-    else if (c->ffn_kind < FFN_GELU || c->ffn_kind > FFN_OMNI) why = "ffn_kind must be gelu, swiglu or omni";
+    else if (c->ffn_kind < FFN_GELU || c->ffn_kind > FFN_MOE) why = "ffn_kind must be gelu, swiglu, omni or moe";
     else if (c->ffn_hidden < 1) why = "ffn_hidden must be >= 1";
     else if (c->ffn_kind == FFN_OMNI) {
         if (c->router_n < 1) why = "router_n (n, experts = n*n) must be >= 1";
@@ -201,11 +247,27 @@ static inline int model_config_validate(const ModelConfig* c) {
         else if (c->top_k < 1 || c->top_k > c->num_experts) why = "top_k must be in [1, num_experts]";
         else if (c->router_norm != ROUTER_NORM_BN && c->router_norm != ROUTER_NORM_NONE) why = "router_norm must be bn or none";
         else if (c->gate != GATE_SOFTMAX && c->gate != GATE_PROB) why = "gate must be softmax or prob";
+    } else if (c->ffn_kind == FFN_MOE) {
+        long long Et = (long long)c->moe_experts + c->moe_const + c->moe_copy + c->moe_zero;
+        if (c->moe_experts < 0 || c->moe_const < 0 || c->moe_copy < 0 || c->moe_zero < 0 || c->moe_shared < 0)
+            why = "moe expert counts must be >= 0";
+        else if (Et < 1 || Et > 65536) why = "moe needs 1 to 65536 routed experts (FFN + constant + copy + zero)";
+        else if (c->moe_topk < 1 || c->moe_topk > Et) why = "moe top_k must be in [1, routed experts]";
+        else if (c->moe_shared > 65536) why = "moe shared experts must be <= 65536";
+        else if (c->moe_gate_res != 0 && c->moe_gate_res != 1) why = "moe_gate_res must be 0 or 1";
+        else if (c->moe_norm_topk != 0 && c->moe_norm_topk != 1) why = "moe_norm_topk must be 0 or 1";
     }
+    if (!why && c->ffn_kind != FFN_MOE && (c->moe_experts || c->moe_topk || c->moe_shared || c->moe_zero ||
+                                           c->moe_copy || c->moe_const || c->moe_gate_res || c->moe_norm_topk))
+        why = "the moe fields must be 0 unless ffn_kind is moe";
     // an upper bound of the parameter count in double (no overflow), so that the size_t sums of
     // model_config_param_sizes cannot wrap for any header a file may hold
     double C = c->channels, L = c->num_layers, H = c->ffn_hidden;
     double N = c->ffn_kind == FFN_OMNI ? c->num_experts : 0, n = c->ffn_kind == FFN_OMNI ? c->router_n : 0;
+    if (c->ffn_kind == FFN_MOE) {  // the shared width S*I_e plus E experts of I_e, router, map, constants
+        double Et = (double)c->moe_experts + c->moe_const + c->moe_copy + c->moe_zero;
+        H = H * ((double)c->moe_shared + c->moe_experts) + (Et * C + Et * Et + 3.0 * c->moe_const * C + Et) / (3 * C);
+    }
     double bound = ((double)c->padded_vocab_size + c->max_seq_len + 2) * C +
                    L * (4 * C * C + 3 * H * C + 2 * n * C + 2 * N * C + 9 * C + H);
     if (!why && bound > 1099511627776.0) why = "more than 2^40 parameters (4 TiB of fp32 weights)";
@@ -229,17 +291,31 @@ static inline int model_config_set_experts(ModelConfig* c, int num_experts, int 
     return 1;
 }
 
+// moe (docs/design.md §10.6): the expert width I_e that gives (S + k) experts, the router, the
+// gating-residual map and the constant experts together about the active parameters of a SwiGLU
+// of width swiglu_I: nearest multiple of 64 (of 8 when C < 384), at least that multiple
+static inline int model_config_moe_fit_width(const ModelConfig* c, int swiglu_I) {
+    double C = c->channels, Et = model_config_moe_routed(c);
+    double budget = 3.0 * C * swiglu_I - Et * C - (c->moe_gate_res ? Et * Et : 0.0) - 3.0 * C * c->moe_const;
+    double Ie = budget / (3.0 * C * (c->moe_shared + c->moe_topk));
+    int m = c->channels >= 384 ? 64 : 8;
+    int rounded = (int)floor(Ie / m + 0.5) * m;
+    return rounded < m ? m : rounded;
+}
+static inline int model_config_swiglu_width(int C) { return round_up_to_multiple((8 * C) / 3, 64); }
+
 // Named model sizes: "dL" is GPT-2 shaped with L layers (d12 = GPT-2 124M: C=768, NH=12), and
 // a few small ones for CPU runs and tests. ffn_kind chooses the FFN; OmniMoE and SwiGLU widths
 // are picked so that the three kinds have (close to) the same active parameters per token:
 //   gelu:   8C^2 (+ biases)               swiglu: 3CI with I = 8C/3 rounded to a multiple of 64
 //   omni:   3CI' + 2nC + 2kC with I' = I - (2n + 2k)/3 rounded to a multiple of 64
+//   moe:    3C(S + k)I_e + E C with I_e from model_config_moe_fit_width (E, S, k per size below)
 // Returns 0 for an unknown name.
 static inline int model_config_preset(ModelConfig* c, const char* name, int ffn_kind) {
-    int L, C, NH, maxT = 1024, n, k;
-    if (strcmp(name, "tiny") == 0) { L = 2; C = 64; NH = 4; maxT = 64; n = 8; k = 4; }
-    else if (strcmp(name, "small") == 0) { L = 4; C = 128; NH = 4; maxT = 256; n = 16; k = 8; }
-    else if (strcmp(name, "d6") == 0) { L = 6; C = 384; NH = 6; n = 64; k = 16; }
+    int L, C, NH, maxT = 1024, n, k, moe_E = 64, moe_S = 2, moe_k = 6;
+    if (strcmp(name, "tiny") == 0) { L = 2; C = 64; NH = 4; maxT = 64; n = 8; k = 4; moe_E = 8; moe_S = 1; moe_k = 2; }
+    else if (strcmp(name, "small") == 0) { L = 4; C = 128; NH = 4; maxT = 256; n = 16; k = 8; moe_E = 16; moe_S = 1; moe_k = 3; }
+    else if (strcmp(name, "d6") == 0) { L = 6; C = 384; NH = 6; n = 64; k = 16; moe_E = 32; moe_S = 1; moe_k = 3; }
     else if (strcmp(name, "d12") == 0) { L = 12; C = 768; NH = 12; n = 128; k = 32; }
     else if (strcmp(name, "d24") == 0) { L = 24; C = 1024; NH = 16; n = 128; k = 32; }
     else if (strcmp(name, "d36") == 0) { L = 36; C = 1280; NH = 20; n = 128; k = 32; }
@@ -255,11 +331,16 @@ static inline int model_config_preset(ModelConfig* c, const char* name, int ffn_
     c->ffn_kind = ffn_kind;
     c->router_norm = ROUTER_NORM_BN;
     c->gate = GATE_SOFTMAX;
-    int swiglu_I = round_up_to_multiple((8 * C) / 3, 64);
+    int swiglu_I = model_config_swiglu_width(C);
     if (ffn_kind == FFN_GELU) {
         c->ffn_hidden = 4 * C;
     } else if (ffn_kind == FFN_SWIGLU) {
         c->ffn_hidden = swiglu_I;
+    } else if (ffn_kind == FFN_MOE) {
+        c->moe_experts = moe_E;
+        c->moe_shared = moe_S;
+        c->moe_topk = moe_k;
+        c->ffn_hidden = model_config_moe_fit_width(c, swiglu_I);
     } else {
         // give the router and the k experts' 2kC + 2nC weights back out of the SwiGLU width
         int I = swiglu_I - (2 * n + 2 * k) / 3;
@@ -279,6 +360,7 @@ static inline int param_is_decayed(int tensor) {
     switch (tensor) {
         case PARAM_WTE: case PARAM_WPE: case PARAM_QKVW: case PARAM_ATTPROJW: case PARAM_FCW:
         case PARAM_FCPROJW: case PARAM_ROUTERW: case PARAM_EXPERTU: case PARAM_EXPERTV:
+        case PARAM_MOE_ROUTERW: case PARAM_MOE_GATEMAP: case PARAM_MOE_W1: case PARAM_MOE_W2: case PARAM_MOE_CONSTMIX:
             return 1;
         default:
             return 0;
@@ -291,7 +373,9 @@ static inline int param_is_decayed(int tensor) {
 static inline float param_init_std(const ModelConfig* c, int tensor) {
     float residual_std = 0.02f / sqrtf(2.0f * c->num_layers);
     switch (tensor) {
-        case PARAM_ATTPROJW: case PARAM_FCPROJW: case PARAM_EXPERTV: return residual_std;
+        case PARAM_ATTPROJW: case PARAM_FCPROJW: case PARAM_EXPERTV: case PARAM_MOE_W2: return residual_std;
+        case PARAM_MOE_CONST: return 1.0f;  // the MoE++ release draws the constant vectors from N(0, 1)
+        case PARAM_MOE_BIAS: return -2.0f;  // the balancing bias starts at 0 (docs/design.md §10.5)
         case PARAM_LN1W: case PARAM_LN2W: case PARAM_LNFW: return -1.0f;
         case PARAM_QKVB: case PARAM_ATTPROJB: case PARAM_FCB: case PARAM_FCPROJB:
         case PARAM_LN1B: case PARAM_LN2B: case PARAM_LNFB: return -2.0f;
@@ -335,6 +419,10 @@ static inline void model_config_print(const ModelConfig* c) {
     if (c->ffn_kind == FFN_OMNI) {
         printf("| ffn: omni  I=%d  N=%d (n=%d)  k=%d  router_norm=%s  gate=%s\n", c->ffn_hidden,
                c->num_experts, c->router_n, c->top_k, router_norm_name(c->router_norm), gate_name(c->gate));
+    } else if (c->ffn_kind == FFN_MOE) {
+        printf("| ffn: moe  I_e=%d  E=%d  k=%d  shared=%d  zero=%d copy=%d const=%d  gate_res=%d  norm_topk=%d\n",
+               c->ffn_hidden, c->moe_experts, c->moe_topk, c->moe_shared, c->moe_zero, c->moe_copy, c->moe_const,
+               c->moe_gate_res, c->moe_norm_topk);
     } else {
         printf("| ffn: %s  hidden=%d\n", ffn_kind_name(c->ffn_kind), c->ffn_hidden);
     }
