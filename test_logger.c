@@ -44,10 +44,10 @@ static void test_logger(void) {
     logger_init(&lg, path, 0, -1);
     float usage2[2] = {0.5f, 0.25f}, kl2[2] = {0.125f, 1.5f};
     logger_log_eval(&lg, 0, 0, 10.75f);
-    logger_log_train(&lg, 1, 3, 4096, 10.5f, 2.25f, 1e-4f, 123.5, 33165.0, 0.375, 2, usage2, kl2);
-    logger_log_train(&lg, 2, 3, 8192, NAN, 1.0f, 2e-4f, 100.0, 40960.0, -1.0, 2, usage2, kl2);
+    logger_log_train(&lg, 1, 3, 4096, 10.5f, 2.25f, 1e-4f, 123.5, 33165.0, 0.375, 2, usage2, kl2, NULL);
+    logger_log_train(&lg, 2, 3, 8192, NAN, 1.0f, 2e-4f, 100.0, 40960.0, -1.0, 2, usage2, kl2, NULL);
     logger_log_eval(&lg, 2, 8192, 9.5f);
-    logger_log_train(&lg, 3, 3, 12288, 9.25f, 0.5f, 3e-4f, 100.0, 40960.0, 0.5, 0, NULL, NULL);
+    logger_log_train(&lg, 3, 3, 12288, 9.25f, 0.5f, 3e-4f, 100.0, 40960.0, 0.5, 0, NULL, NULL, NULL);
     char* text = slurp_text(path);   // read while the logger is still open: lines are flushed
     const char* expected =
         "{\"type\":\"eval\",\"step\":0,\"tokens\":0,\"val_loss\":10.75}\n"

@@ -5,6 +5,7 @@
  *   gelu    W2 GELU(W1 x + b1) + b2                      (GPT-2)
  *   swiglu  Wd (SiLU(Wg x) * (Wu x))                      (dense baseline, no biases)
  *   omni    SwiGLU_I(x) + AtomicExperts(x)                (OmniMoE, docs/design.md §2)
+ *   moe     SwiGLU_{S I_e}(x) + sum_m g_m Expert_m(x)     (top-k MoE and MoE++, docs/design.md §10)
  * with its backward pass and AdamW. This file is the oracle the CUDA code is tested against, so
  * it favours clarity: one function per layer forward and backward, every sum in a fixed order.
  *
@@ -757,6 +758,17 @@ typedef struct {
     float* gate;           // (L, BT, k)
     float* expert_s;       // (L, BT, k) <u_e, x>
     float* expert_a;       // (L, BT, k) g SiLU(s)
+    // moe only (docs/design.md §10); E_t routed experts, k = moe_topk, a "pair" q = r*k + m
+    float* moe_logits;     // (L, BT, E_t) router logits z (with the gating residual)
+    float* moe_probs;      // (L, BT, E_t) p = softmax(z)
+    int* moe_idx;          // (L, BT, k) chosen experts, best first
+    float* moe_gate;       // (L, BT, k) gates g
+    float* moe_denom;      // (L, BT) D of --moe-norm-topk 1 (else 1)
+    int* moe_counts;       // (L, E_t) pairs routed to each expert in this forward
+    float* moe_fch;        // (L, BT*k, 2 I_e) FFN experts' [g | u] per pair
+    float* moe_h;          // (L, BT*k, I_e) SiLU(g) * u per pair
+    float* moe_y;          // (L, BT*k, C) each pair's expert output
+    float* moe_mix;        // (L, BT*k, 2) constant experts' mixing weights w
     // head
     float* lnf;          // (BT, C)
     float* lnf_mean;     // (BT)
@@ -783,6 +795,16 @@ typedef struct {
     float* ds;           // (BT, k)
     int* pair_offsets;   // (N + 1)
     int* pair_list;      // (BT, k)
+    // moe only
+    float* moe_dgate;    // (BT*k)
+    float* moe_dfch;     // (BT*k, 2 I_e)
+    float* moe_dmix;     // (BT*k, 2) d loss / d (A_j x) of constant-expert pairs
+    float* moe_dp;       // (BT, E_t) d loss / d p (the forward borrows it for G z_prev)
+    float* moe_dz;       // (BT, E_t) d loss / d z
+    float* moe_carry;    // (BT, E_t) d loss / d z of the layer below, through its gating residual
+    int moe_carry_valid; // moe_carry holds a value for the layer being processed
+    int* moe_pair_offsets;  // (E_t + 1)
+    int* moe_pair_list;     // (BT*k)
 } GPTBackwardScratch;
 
 typedef struct {
@@ -807,7 +829,12 @@ typedef struct {
     int alloc_B, alloc_T;  // activations are allocated for up to this shape (0: none yet)
     int have_targets;      // the last forward computed a loss (backward needs it)
     int bn_used_batch_stats;  // the last forward normalised the router with batch statistics
-    float mean_loss;       // of the last forward with targets; -1 without
+    float mean_loss;       // of the last forward with targets; -1 without (moe training: + moe_aux_loss)
+    // moe (docs/design.md §10.3): run settings of the load-balance loss, set by the trainer
+    float moe_aux_coef;    // alpha (0 = off)
+    float moe_zc_weight;   // tau: the weight of zero, copy and constant experts
+    double moe_aux_loss;   // sum over layers of the last training forward's balance loss
+    int moe_aux_active;    // the last forward added it (training, alpha > 0): backward follows it
 } GPT;
 
 static float* alloc_floats(size_t count) { return (float*)calloc_check(count > 0 ? count : 1, sizeof(float)); }
@@ -865,15 +892,21 @@ static void free_activations(GPT* model) {
                    a->residual2, a->ln2, a->ln2_mean, a->ln2_rstd, a->fch, a->fch_act, a->ffn_out,
                    a->residual3, a->router_logits, a->router_normed, a->bn_mean, a->bn_rstd,
                    a->router_logp, a->topk_score, a->gate, a->expert_s, a->expert_a, a->lnf,
-                   a->lnf_mean, a->lnf_rstd, a->losses, a->lse};
+                   a->lnf_mean, a->lnf_rstd, a->losses, a->lse, a->moe_logits, a->moe_probs, a->moe_gate,
+                   a->moe_denom, a->moe_fch, a->moe_h, a->moe_y, a->moe_mix};
     for (size_t i = 0; i < sizeof(fl) / sizeof(fl[0]); i++) free(fl[i]);
     free(a->topk_idx);
+    free(a->moe_idx);
+    free(a->moe_counts);
     GPTBackwardScratch* s = &model->scratch;
     float* fs[] = {s->dresidual, s->dln, s->dqkv, s->datt_row, s->datty, s->dfch, s->dfch_act,
-                   s->dlogits, s->drouter_a, s->drouter_b, s->dgate, s->dscore, s->ds};
+                   s->dlogits, s->drouter_a, s->drouter_b, s->dgate, s->dscore, s->ds, s->moe_dgate, s->moe_dfch,
+                   s->moe_dmix, s->moe_dp, s->moe_dz, s->moe_carry};
     for (size_t i = 0; i < sizeof(fs) / sizeof(fs[0]); i++) free(fs[i]);
     free(s->pair_offsets);
     free(s->pair_list);
+    free(s->moe_pair_offsets);
+    free(s->moe_pair_list);
     free(model->logits);
     free(model->inputs);
     free(model->targets);
@@ -901,11 +934,14 @@ static int* layout_ints(size_t count, double* bytes) {
 static void layout_activations(GPT* model, int B, int T, double* bytes) {
     const ModelConfig* c = &model->config;
     size_t L = c->num_layers, C = c->channels, NH = c->num_heads, Vp = c->padded_vocab_size;
-    size_t BT = (size_t)B * T, H = c->ffn_hidden;
+    size_t BT = (size_t)B * T, H = model_config_dense_width(c);
     size_t FR = c->ffn_kind == FFN_GELU ? H : 2 * H;
     int omni = c->ffn_kind == FFN_OMNI;
     size_t R = omni ? 2 * (size_t)c->router_n : 0, K = omni ? (size_t)c->top_k : 0;
     size_t N = omni ? (size_t)c->num_experts : 0;
+    int moe = c->ffn_kind == FFN_MOE;
+    size_t Et = (size_t)model_config_moe_routed(c), MK = moe ? (size_t)c->moe_topk : 0;
+    size_t Ie = moe ? (size_t)c->ffn_hidden : 0, MC = moe ? C : 0;
     GPTActivations* a = &model->acts;
     a->encoded = layout_floats(BT * C, bytes);
     a->ln1 = layout_floats(L * BT * C, bytes);
@@ -933,6 +969,16 @@ static void layout_activations(GPT* model, int B, int T, double* bytes) {
     a->gate = layout_floats(L * BT * K, bytes);
     a->expert_s = layout_floats(L * BT * K, bytes);
     a->expert_a = layout_floats(L * BT * K, bytes);
+    a->moe_logits = layout_floats(L * BT * Et, bytes);
+    a->moe_probs = layout_floats(L * BT * Et, bytes);
+    a->moe_idx = layout_ints(L * BT * MK, bytes);
+    a->moe_gate = layout_floats(L * BT * MK, bytes);
+    a->moe_denom = layout_floats(moe ? L * BT : 0, bytes);
+    a->moe_counts = layout_ints(L * Et, bytes);
+    a->moe_fch = layout_floats(L * BT * MK * 2 * Ie, bytes);
+    a->moe_h = layout_floats(L * BT * MK * Ie, bytes);
+    a->moe_y = layout_floats(L * BT * MK * MC, bytes);
+    a->moe_mix = layout_floats(L * BT * MK * 2, bytes);
     a->lnf = layout_floats(BT * C, bytes);
     a->lnf_mean = layout_floats(BT, bytes);
     a->lnf_rstd = layout_floats(BT, bytes);
@@ -954,6 +1000,14 @@ static void layout_activations(GPT* model, int B, int T, double* bytes) {
     s->ds = layout_floats(BT * K, bytes);
     s->pair_offsets = layout_ints(N + 1, bytes);
     s->pair_list = layout_ints(BT * K, bytes);
+    s->moe_dgate = layout_floats(BT * MK, bytes);
+    s->moe_dfch = layout_floats(BT * MK * 2 * Ie, bytes);
+    s->moe_dmix = layout_floats(BT * MK * 2, bytes);
+    s->moe_dp = layout_floats(BT * Et, bytes);
+    s->moe_dz = layout_floats(BT * Et, bytes);
+    s->moe_carry = layout_floats(BT * Et, bytes);
+    s->moe_pair_offsets = layout_ints(Et + 1, bytes);
+    s->moe_pair_list = layout_ints(BT * MK, bytes);
     model->logits = layout_floats(BT * Vp, bytes);
     model->inputs = layout_ints(BT, bytes);
     model->targets = layout_ints(BT, bytes);
@@ -987,6 +1041,325 @@ static void check_tokens(const int* tokens, size_t count, int V, const char* wha
     }
 }
 
+// ----------------------------------------------------------------------------
+// MoE layer (docs/design.md §10): top-k SwiGLU experts beside the shared SwiGLU (which
+// gpt_forward runs as for swiglu, width S*I_e), the MoE++ zero, copy and constant experts,
+// gating residuals and the load-balance loss. Expert ids: [0, E) FFN, then constant, copy, zero.
+// A pair q = r*k + m is token r's m-th choice. Every sum has one fixed order (design §10.4).
+
+enum { MOE_KIND_FFN = 0, MOE_KIND_CONST = 1, MOE_KIND_COPY = 2, MOE_KIND_ZERO = 3 };
+
+static inline int moe_expert_kind(const ModelConfig* c, int e) {
+    if (e < c->moe_experts) return MOE_KIND_FFN;
+    if (e < c->moe_experts + c->moe_const) return MOE_KIND_CONST;
+    if (e < c->moe_experts + c->moe_const + c->moe_copy) return MOE_KIND_COPY;
+    return MOE_KIND_ZERO;
+}
+
+// the balance loss's weight eta_i: 1 for FFN experts, tau for the zero-computation ones
+static inline float moe_balance_weight(const GPT* model, int e) {
+    return moe_expert_kind(&model->config, e) == MOE_KIND_FFN ? 1.0f : model->moe_zc_weight;
+}
+
+// per token: p = softmax(z) over all E_t experts, the k experts with the largest p + b (ties to
+// the smaller id), and the gates (--moe-norm-topk 0: g = p; 1: p / D over the non-zero experts)
+static void moe_route_forward(float* probs, int* idx, float* gate, float* denom, const float* z, const float* bias,
+                              const ModelConfig* c, int BT) {
+    int Et = model_config_moe_routed(c), k = c->moe_topk;
+    #pragma omp parallel
+    {
+        ScoredId* cand = (ScoredId*)malloc_check((size_t)Et * sizeof(ScoredId));
+        #pragma omp for
+        for (int r = 0; r < BT; r++) {
+            const float* zr = z + (size_t)r * Et;
+            float* pr = probs + (size_t)r * Et;
+            float maxval = -INFINITY, sum = 0.0f;
+            for (int i = 0; i < Et; i++) maxval = fmaxf(maxval, zr[i]);
+            for (int i = 0; i < Et; i++) {
+                pr[i] = expf(zr[i] - maxval);
+                sum += pr[i];
+            }
+            for (int i = 0; i < Et; i++) pr[i] /= sum;
+            for (int i = 0; i < Et; i++) { cand[i].score = pr[i] + bias[i]; cand[i].id = i; }
+            if (k < Et) select_best(cand, Et, k);
+            sort_best_first(cand, k);
+            int* id = idx + (size_t)r * k;
+            float* g = gate + (size_t)r * k;
+            float D = 0.0f;
+            for (int m = 0; m < k; m++) {
+                id[m] = cand[m].id;
+                if (moe_expert_kind(c, id[m]) != MOE_KIND_ZERO) D += pr[id[m]];
+            }
+            for (int m = 0; m < k; m++) {
+                if (!c->moe_norm_topk) g[m] = pr[id[m]];
+                else g[m] = moe_expert_kind(c, id[m]) == MOE_KIND_ZERO || D <= 0.0f ? 0.0f : pr[id[m]] / D;
+            }
+            denom[r] = c->moe_norm_topk ? D : 1.0f;
+        }
+        free(cand);
+    }
+}
+
+// each pair's expert output y_q (C) from x; keeps the FFN [g | u], h and the constant mix w
+static void moe_experts_forward(float* y, float* fch, float* h, float* mix, const float* x, const int* idx,
+                                const float* W1, const float* W2, const float* cvec, const float* cmix,
+                                const ModelConfig* c, int BT) {
+    int C = c->channels, Ie = c->ffn_hidden, k = c->moe_topk, E = c->moe_experts;
+    long long P = (long long)BT * k;
+    #pragma omp parallel for schedule(dynamic, 4)
+    for (long long q = 0; q < P; q++) {
+        int e = idx[q];
+        const float* xr = x + (size_t)(q / k) * C;
+        float* yq = y + (size_t)q * C;
+        int kind = moe_expert_kind(c, e);
+        if (kind == MOE_KIND_FFN) {
+            const float* w1 = W1 + (size_t)e * 2 * Ie * C;
+            const float* w2 = W2 + (size_t)e * C * Ie;
+            float* f = fch + (size_t)q * 2 * Ie;
+            float* hq = h + (size_t)q * Ie;
+            for (int j = 0; j < 2 * Ie; j++) f[j] = dot_product(xr, w1 + (size_t)j * C, C);
+            for (int i = 0; i < Ie; i++) hq[i] = siluf(f[i]) * f[Ie + i];
+            for (int i = 0; i < C; i++) yq[i] = dot_product(hq, w2 + (size_t)i * Ie, Ie);
+        } else if (kind == MOE_KIND_CONST) {
+            const float* A = cmix + (size_t)(e - E) * 2 * C;
+            const float* cv = cvec + (size_t)(e - E) * C;
+            float a0 = dot_product(A, xr, C), a1 = dot_product(A + C, xr, C), mx = fmaxf(a0, a1);
+            float e0 = expf(a0 - mx), e1 = expf(a1 - mx);
+            float w0 = e0 / (e0 + e1), w1 = e1 / (e0 + e1);
+            mix[2 * q] = w0;
+            mix[2 * q + 1] = w1;
+            for (int i = 0; i < C; i++) yq[i] = w0 * xr[i] + w1 * cv[i];
+        } else if (kind == MOE_KIND_COPY) {
+            memcpy(yq, xr, (size_t)C * sizeof(float));
+        } else {
+            memset(yq, 0, (size_t)C * sizeof(float));
+        }
+    }
+}
+
+// The layer's routed part: out (BT, C) += sum_m g_m y_m (the shared SwiGLU is already in out).
+// Returns the layer's load-balance loss alpha sum_i eta_i f_i P_i when with_aux, else 0.
+static double moe_layer_forward(GPT* model, int l, float* out, const float* x, int BT, int with_aux) {
+    const ModelConfig* c = &model->config;
+    int C = c->channels, Et = model_config_moe_routed(c), k = c->moe_topk, Ie = c->ffn_hidden;
+    int E = c->moe_experts, Kc = c->moe_const;
+    size_t P = (size_t)BT * k;
+    GPTActivations* a = &model->acts;
+    float** p = model->param_tensors;
+    float* z = a->moe_logits + (size_t)l * BT * Et;
+    float* probs = a->moe_probs + (size_t)l * BT * Et;
+    int* idx = a->moe_idx + (size_t)l * P;
+    float* gate = a->moe_gate + (size_t)l * P;
+    int* counts = a->moe_counts + (size_t)l * Et;
+    // router, with the gating residual G z_{l-1} (design §10.2)
+    matmul_forward(z, x, p[PARAM_MOE_ROUTERW] + (size_t)l * Et * C, NULL, BT, C, Et);
+    if (c->moe_gate_res && l > 0) {
+        float* gz = model->scratch.moe_dp;  // backward scratch, free during the forward
+        matmul_forward(gz, z - (size_t)BT * Et, p[PARAM_MOE_GATEMAP] + (size_t)l * Et * Et, NULL, BT, Et, Et);
+        for (size_t i = 0; i < (size_t)BT * Et; i++) z[i] += gz[i];
+    }
+    moe_route_forward(probs, idx, gate, a->moe_denom + (size_t)l * BT, z, p[PARAM_MOE_BIAS] + (size_t)l * Et, c, BT);
+    memset(counts, 0, (size_t)Et * sizeof(int));
+    for (size_t q = 0; q < P; q++) counts[idx[q]]++;
+    moe_experts_forward(a->moe_y + (size_t)l * P * C, a->moe_fch + (size_t)l * P * 2 * Ie, a->moe_h + (size_t)l * P * Ie,
+                        a->moe_mix + (size_t)l * P * 2, x, idx, p[PARAM_MOE_W1] + (size_t)l * E * 2 * Ie * C,
+                        p[PARAM_MOE_W2] + (size_t)l * E * C * Ie, p[PARAM_MOE_CONST] + (size_t)l * Kc * C,
+                        p[PARAM_MOE_CONSTMIX] + (size_t)l * Kc * 2 * C, c, BT);
+    const float* y = a->moe_y + (size_t)l * P * C;
+    #pragma omp parallel for
+    for (int r = 0; r < BT; r++) {
+        for (int m = 0; m < k; m++) axpy(out + (size_t)r * C, gate[(size_t)r * k + m], y + ((size_t)r * k + m) * C, C);
+    }
+    if (!with_aux) return 0.0;
+    // f_i = E_t c_i / (k BT), P_i = mean_t p_{t,i}; in double, i and t in order
+    double loss = 0.0;
+    for (int i = 0; i < Et; i++) {
+        double Pi = 0.0;
+        for (int r = 0; r < BT; r++) Pi += probs[(size_t)r * Et + i];
+        double fi = (double)Et * counts[i] / ((double)k * BT);
+        loss += moe_balance_weight(model, i) * fi * (Pi / BT);
+    }
+    return model->moe_aux_coef * loss;
+}
+
+// Backward of moe_layer_forward: adds into dx (BT, C) and the moe weight gradients; dout is
+// d loss / d (layer output); loss_scale weights the balance loss as gpt_backward's mean loss.
+static void moe_layer_backward(GPT* model, int l, float* dx, const float* dout, const float* x, int BT,
+                               float loss_scale) {
+    const ModelConfig* c = &model->config;
+    int C = c->channels, Et = model_config_moe_routed(c), k = c->moe_topk, Ie = c->ffn_hidden;
+    int E = c->moe_experts, Kc = c->moe_const;
+    size_t P = (size_t)BT * k;
+    GPTActivations* a = &model->acts;
+    GPTBackwardScratch* s = &model->scratch;
+    float** p = model->param_tensors;
+    float** g = model->grad_tensors;
+    const float* probs = a->moe_probs + (size_t)l * BT * Et;
+    const int* idx = a->moe_idx + (size_t)l * P;
+    const float* gate = a->moe_gate + (size_t)l * P;
+    const float* denom = a->moe_denom + (size_t)l * BT;
+    const int* counts = a->moe_counts + (size_t)l * Et;
+    const float* y = a->moe_y + (size_t)l * P * C;
+    const float* fch = a->moe_fch + (size_t)l * P * 2 * Ie;
+    const float* h = a->moe_h + (size_t)l * P * Ie;
+    const float* mix = a->moe_mix + (size_t)l * P * 2;
+    const float* W1 = p[PARAM_MOE_W1] + (size_t)l * E * 2 * Ie * C;
+    const float* W2 = p[PARAM_MOE_W2] + (size_t)l * E * C * Ie;
+    const float* cvec = p[PARAM_MOE_CONST] + (size_t)l * Kc * C;
+    const float* cmix = p[PARAM_MOE_CONSTMIX] + (size_t)l * Kc * 2 * C;
+    float* dgate = s->moe_dgate;
+    float* dfch = s->moe_dfch;
+    float* dmix = s->moe_dmix;
+
+    // 1. per token, m in order: dg_m = <dy, y_m>, dx through each expert, and the per-pair
+    //    [dg | du] and dA x of the weight gradients
+    #pragma omp parallel
+    {
+        float* dh = alloc_floats((size_t)Ie);
+        #pragma omp for
+        for (int r = 0; r < BT; r++) {
+            const float* dy = dout + (size_t)r * C;
+            const float* xr = x + (size_t)r * C;
+            float* dxr = dx + (size_t)r * C;
+            for (int m = 0; m < k; m++) {
+                size_t q = (size_t)r * k + m;
+                int e = idx[q], kind = moe_expert_kind(c, e);
+                float gq = gate[q];
+                dgate[q] = dot_product(dy, y + q * C, C);
+                if (kind == MOE_KIND_FFN) {
+                    const float* w1 = W1 + (size_t)e * 2 * Ie * C;
+                    const float* w2 = W2 + (size_t)e * C * Ie;
+                    const float* f = fch + q * 2 * Ie;
+                    float* df = dfch + q * 2 * Ie;
+                    for (int i = 0; i < Ie; i++) dh[i] = 0.0f;
+                    for (int i = 0; i < C; i++) axpy(dh, gq * dy[i], w2 + (size_t)i * Ie, Ie);
+                    for (int i = 0; i < Ie; i++) {
+                        df[i] = dh[i] * f[Ie + i] * silu_gradf(f[i]);
+                        df[Ie + i] = dh[i] * siluf(f[i]);
+                    }
+                    for (int j = 0; j < 2 * Ie; j++) axpy(dxr, df[j], w1 + (size_t)j * C, C);
+                } else if (kind == MOE_KIND_CONST) {
+                    const float* A = cmix + (size_t)(e - E) * 2 * C;
+                    const float* cv = cvec + (size_t)(e - E) * C;
+                    float w0 = mix[2 * q], w1 = mix[2 * q + 1];
+                    float dw0 = gq * dot_product(dy, xr, C), dw1 = gq * dot_product(dy, cv, C);
+                    float wdw = w0 * dw0 + w1 * dw1;
+                    dmix[2 * q] = w0 * (dw0 - wdw);
+                    dmix[2 * q + 1] = w1 * (dw1 - wdw);
+                    axpy(dxr, gq * w0, dy, C);
+                    axpy(dxr, dmix[2 * q], A, C);
+                    axpy(dxr, dmix[2 * q + 1], A + C, C);
+                } else if (kind == MOE_KIND_COPY) {
+                    axpy(dxr, gq, dy, C);
+                }
+            }
+        }
+        free(dh);
+    }
+
+    // 2. weight gradients: pairs grouped by expert (stable counting sort), token order in each
+    int* offsets = s->moe_pair_offsets;
+    int* list = s->moe_pair_list;
+    for (int e = 0; e <= Et; e++) offsets[e] = 0;
+    for (size_t q = 0; q < P; q++) offsets[idx[q] + 1]++;
+    for (int e = 0; e < Et; e++) offsets[e + 1] += offsets[e];
+    for (size_t q = 0; q < P; q++) list[offsets[idx[q]]++] = (int)q;
+    for (int e = Et; e > 0; e--) offsets[e] = offsets[e - 1];
+    offsets[0] = 0;
+    float* dW1 = g[PARAM_MOE_W1] + (size_t)l * E * 2 * Ie * C;
+    float* dW2 = g[PARAM_MOE_W2] + (size_t)l * E * C * Ie;
+    float* dcvec = g[PARAM_MOE_CONST] + (size_t)l * Kc * C;
+    float* dcmix = g[PARAM_MOE_CONSTMIX] + (size_t)l * Kc * 2 * C;
+    #pragma omp parallel for schedule(dynamic, 1)
+    for (int e = 0; e < E + Kc; e++) {
+        int kind = moe_expert_kind(c, e);
+        for (int t = offsets[e]; t < offsets[e + 1]; t++) {
+            size_t q = (size_t)list[t];
+            const float* dy = dout + (q / k) * C;
+            const float* xr = x + (q / k) * C;
+            float gq = gate[q];
+            if (kind == MOE_KIND_FFN) {
+                float* dw1 = dW1 + (size_t)e * 2 * Ie * C;
+                float* dw2 = dW2 + (size_t)e * C * Ie;
+                for (int i = 0; i < C; i++) axpy(dw2 + (size_t)i * Ie, gq * dy[i], h + q * Ie, Ie);
+                for (int j = 0; j < 2 * Ie; j++) axpy(dw1 + (size_t)j * C, dfch[q * 2 * Ie + j], xr, C);
+            } else {
+                float* dA = dcmix + (size_t)(e - E) * 2 * C;
+                axpy(dA, dmix[2 * q], xr, C);
+                axpy(dA + C, dmix[2 * q + 1], xr, C);
+                axpy(dcvec + (size_t)(e - E) * C, gq * mix[2 * q + 1], dy, C);
+            }
+        }
+    }
+
+    // 3. gates and balance loss -> dp -> dz (softmax), plus the carry of the layer above
+    float* aux_grad = alloc_floats((size_t)Et);  // d L_aux / d p_{t,i}, the same for every token
+    if (model->moe_aux_active) {
+        for (int i = 0; i < Et; i++) {
+            double fi = (double)Et * counts[i] / ((double)k * BT);
+            aux_grad[i] = (float)((double)loss_scale * model->moe_aux_coef * moe_balance_weight(model, i) * fi / BT);
+        }
+    }
+    float* dz = s->moe_dz;
+    int carry = s->moe_carry_valid;
+    #pragma omp parallel for
+    for (int r = 0; r < BT; r++) {
+        float* dp = s->moe_dp + (size_t)r * Et;
+        const float* pr = probs + (size_t)r * Et;
+        const float* gr = gate + (size_t)r * k;
+        const float* dgr = dgate + (size_t)r * k;
+        const int* id = idx + (size_t)r * k;
+        for (int i = 0; i < Et; i++) dp[i] = aux_grad[i];
+        if (!c->moe_norm_topk) {
+            for (int m = 0; m < k; m++) dp[id[m]] += dgr[m];
+        } else if (denom[r] > 0.0f) {
+            float gdg = 0.0f;
+            for (int m = 0; m < k; m++) gdg += gr[m] * dgr[m];
+            for (int m = 0; m < k; m++) {
+                if (moe_expert_kind(c, id[m]) != MOE_KIND_ZERO) dp[id[m]] += (dgr[m] - gdg) / denom[r];
+            }
+        }
+        float pdp = 0.0f;
+        for (int i = 0; i < Et; i++) pdp += pr[i] * dp[i];
+        float* dzr = dz + (size_t)r * Et;
+        for (int i = 0; i < Et; i++) {
+            dzr[i] = pr[i] * (dp[i] - pdp);
+            if (carry) dzr[i] += s->moe_carry[(size_t)r * Et + i];
+        }
+    }
+    free(aux_grad);
+
+    // 4. router: dW_r, dx; gating residual: dG_l and the carry into layer l-1's logits
+    matmul_backward(dx, g[PARAM_MOE_ROUTERW] + (size_t)l * Et * C, NULL, dz, x,
+                    p[PARAM_MOE_ROUTERW] + (size_t)l * Et * C, BT, C, Et);
+    s->moe_carry_valid = c->moe_gate_res && l > 0;
+    if (s->moe_carry_valid) {
+        memset(s->moe_carry, 0, (size_t)BT * Et * sizeof(float));
+        matmul_backward(s->moe_carry, g[PARAM_MOE_GATEMAP] + (size_t)l * Et * Et, NULL, dz,
+                        a->moe_logits + (size_t)(l - 1) * BT * Et, p[PARAM_MOE_GATEMAP] + (size_t)l * Et * Et, BT, Et,
+                        Et);
+    }
+}
+
+// DeepSeek-V3's loss-free balancing (docs/design.md §10.5), after an optimiser step: each FFN
+// expert's bias moves by rate towards the mean load; counts (L, E_t) are the step's pairs.
+// Integer comparison, so the update is exact and the same on every rank.
+void moe_bias_update(GPT* model, const long long* counts, float rate) {
+    const ModelConfig* c = &model->config;
+    int Et = model_config_moe_routed(c), E = c->moe_experts;
+    if (c->ffn_kind != FFN_MOE || rate <= 0.0f || E == 0) return;
+    for (int l = 0; l < c->num_layers; l++) {
+        const long long* cl = counts + (size_t)l * Et;
+        float* b = model->param_tensors[PARAM_MOE_BIAS] + (size_t)l * Et;
+        long long total = 0;
+        for (int i = 0; i < E; i++) total += cl[i];
+        for (int i = 0; i < E; i++) {
+            long long diff = total - (long long)E * cl[i];  // E (mean - c_i)
+            b[i] += diff > 0 ? rate : (diff < 0 ? -rate : 0.0f);
+        }
+    }
+}
+
 // Forward pass. Logits (B, T, Vp) land in model->logits; with targets, model->mean_loss is the
 // mean cross-entropy over the B*T tokens (else -1). training=1: router BN normalises with the
 // batch statistics and updates the running statistics; training=0: it uses the running ones.
@@ -1013,8 +1386,10 @@ void gpt_forward(GPT* model, const int* inputs, const int* targets, int B, int T
     if (targets != NULL) memcpy(model->targets, targets, BT * sizeof(int));
 
     int L = c->num_layers, C = c->channels, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size;
-    int H = c->ffn_hidden, FR = c->ffn_kind == FFN_GELU ? H : 2 * H;
+    int H = (int)model_config_dense_width(c), FR = c->ffn_kind == FFN_GELU ? H : 2 * H;
     int n = omni ? c->router_n : 0, R = 2 * n, k = omni ? c->top_k : 0;
+    int moe = c->ffn_kind == FFN_MOE, moe_aux = moe && training && model->moe_aux_coef > 0.0f;
+    double aux_loss = 0.0;
     GPTActivations* a = &model->acts;
     float** p = model->param_tensors;
 
@@ -1076,17 +1451,20 @@ void gpt_forward(GPT* model, const int* inputs, const int* targets, int B, int T
                                  a->gate + pk, p[PARAM_EXPERTU] + (size_t)l * c->num_experts * C,
                                  p[PARAM_EXPERTV] + (size_t)l * c->num_experts * C, (int)BT, C, k);
         }
+        if (moe) aux_loss += moe_layer_forward(model, l, l_ffn_out, l_ln2, (int)BT, moe_aux);
         residual_forward(l_residual3, l_residual2, l_ffn_out, BT * C);
     }
     const float* residual = a->residual3 + (size_t)(L - 1) * BT * C;
     layernorm_forward(a->lnf, a->lnf_mean, a->lnf_rstd, residual, p[PARAM_LNFW], p[PARAM_LNFB], BT, C);
     matmul_forward(model->logits, a->lnf, p[PARAM_WTE], NULL, BT, C, Vp);  // tied LM head, all Vp columns
     model->bn_used_batch_stats = use_bn && training;
+    model->moe_aux_loss = aux_loss;
+    model->moe_aux_active = moe_aux;
     if (targets != NULL) {
         crossentropy_forward(a->losses, a->lse, model->logits, targets, BT, V, Vp);
         double sum = 0.0;  // the batch mean in double, in token order
         for (size_t r = 0; r < BT; r++) sum += a->losses[r];
-        model->mean_loss = (float)(sum / BT);
+        model->mean_loss = moe_aux ? (float)(sum / BT + aux_loss) : (float)(sum / BT);
         model->have_targets = 1;
     } else {
         model->mean_loss = -1.0f;
@@ -1116,8 +1494,8 @@ void gpt_backward(GPT* model, float loss_scale) {
     int B = model->B, T = model->T;
     size_t BT = (size_t)B * T;
     int L = c->num_layers, C = c->channels, NH = c->num_heads, V = c->vocab_size, Vp = c->padded_vocab_size;
-    int H = c->ffn_hidden, FR = c->ffn_kind == FFN_GELU ? H : 2 * H;
-    int omni = c->ffn_kind == FFN_OMNI;
+    int H = (int)model_config_dense_width(c), FR = c->ffn_kind == FFN_GELU ? H : 2 * H;
+    int omni = c->ffn_kind == FFN_OMNI, moe = c->ffn_kind == FFN_MOE;
     int n = omni ? c->router_n : 0, R = 2 * n, k = omni ? c->top_k : 0, N = omni ? c->num_experts : 0;
     GPTActivations* a = &model->acts;
     GPTBackwardScratch* s = &model->scratch;
@@ -1132,6 +1510,7 @@ void gpt_backward(GPT* model, float loss_scale) {
     const float* last_residual = a->residual3 + (size_t)(L - 1) * BT * C;
     layernorm_backward(s->dresidual, g[PARAM_LNFW], g[PARAM_LNFB], s->dln, last_residual, p[PARAM_LNFW],
                        a->lnf_mean, a->lnf_rstd, (int)BT, C);
+    s->moe_carry_valid = 0;
 
     for (int l = L - 1; l >= 0; l--) {
         // s->dresidual holds d loss / d residual3[l]
@@ -1162,6 +1541,7 @@ void gpt_backward(GPT* model, float loss_scale) {
             swiglu_backward(s->dfch, s->dfch_act, l_fch, (int)BT, H);
             matmul_backward(s->dln, dfcw, NULL, s->dfch, l_ln2, fcw, (int)BT, C, 2 * H);
         }
+        if (moe) moe_layer_backward(model, l, s->dln, s->dresidual, l_ln2, (int)BT, loss_scale);
         if (omni) {
             size_t pk = (size_t)l * BT * k;
             const float* U = p[PARAM_EXPERTU] + (size_t)l * N * C;
@@ -1306,8 +1686,9 @@ typedef struct {
     float* file_bn;
     DataLoader train_loader, val_loader;
     int grad_accum_steps;
-    int omni_layers;
-    long long* expert_counts;    // (omni_layers, N) expert loads of the last step
+    int omni_layers;             // layers with experts (omni or moe)
+    int count_experts;           // experts counted per layer: N (omni) or the E_t routed ones (moe)
+    long long* expert_counts;    // (omni_layers, count_experts) expert loads of the last step
 } CpuTrainer;
 
 static void cpu_init_weights(void* ctx) {
@@ -1331,20 +1712,22 @@ static void cpu_train_step(void* ctx, int step, float lr, int t, const volatile 
     GPT* model = &tr->model;
     const ModelConfig* c = &model->config;
     gpt_zero_grad(model);
-    if (tr->omni_layers > 0) memset(tr->expert_counts, 0, (size_t)tr->omni_layers * c->num_experts * sizeof(long long));
+    if (tr->omni_layers > 0) memset(tr->expert_counts, 0, (size_t)tr->omni_layers * tr->count_experts * sizeof(long long));
     double loss_sum = 0.0;
     for (int micro = 0; micro < tr->grad_accum_steps; micro++) {
         dataloader_next_batch(&tr->train_loader);
         gpt_forward(model, tr->train_loader.inputs, tr->train_loader.targets, cfg->B, cfg->T, 1);
         gpt_backward(model, 1.0f / tr->grad_accum_steps);
         loss_sum += model->mean_loss;
-        size_t per_layer = (size_t)cfg->B * cfg->T * c->top_k;
+        int moe = c->ffn_kind == FFN_MOE;
+        size_t per_layer = (size_t)cfg->B * cfg->T * (moe ? c->moe_topk : c->top_k);
         for (int l = 0; l < tr->omni_layers; l++) {
-            const int* idx = model->acts.topk_idx + (size_t)l * per_layer;
-            for (size_t p = 0; p < per_layer; p++) tr->expert_counts[(size_t)l * c->num_experts + idx[p]]++;
+            const int* idx = (moe ? model->acts.moe_idx : model->acts.topk_idx) + (size_t)l * per_layer;
+            for (size_t p = 0; p < per_layer; p++) tr->expert_counts[(size_t)l * tr->count_experts + idx[p]]++;
         }
     }
     out->norm = gpt_update(model, lr, cfg->beta1, cfg->beta2, cfg->eps, cfg->weight_decay, cfg->grad_clip, t);
+    moe_bias_update(model, tr->expert_counts, cfg->moe_bias_rate);  // moe with --moe-bias-rate only
     out->loss = (float)(loss_sum / tr->grad_accum_steps);
     out->stop = *stop_local != 0;
 }
@@ -1382,16 +1765,35 @@ static void cpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* inf
                     sizeof(*loader), sample_rng, sizeof(*sample_rng));
 }
 
-// per OmniMoE layer: share of the N experts chosen at least once and KL(load || uniform)
+// per OmniMoE layer: share of the N experts chosen at least once and KL(load || uniform);
+// per moe layer the same over its E FFN experts
 static void cpu_expert_stats(void* ctx, float* usage, float* kl) {
     CpuTrainer* tr = (CpuTrainer*)ctx;
-    int N = tr->model.config.num_experts;
+    const ModelConfig* c = &tr->model.config;
+    int N = c->ffn_kind == FFN_MOE ? c->moe_experts : c->num_experts;
     int* counts = alloc_ints(N);
     for (int l = 0; l < tr->omni_layers; l++) {
-        for (int e = 0; e < N; e++) counts[e] = (int)tr->expert_counts[(size_t)l * N + e];
+        for (int e = 0; e < N; e++) counts[e] = (int)tr->expert_counts[(size_t)l * tr->count_experts + e];
         expert_load_stats(counts, N, &usage[l], &kl[l]);
     }
     free(counts);
+}
+
+// per moe layer: the share of the step's (token, slot) pairs that went to FFN, zero, copy and
+// constant experts (4 floats per layer, in that order)
+static void cpu_expert_kind_shares(void* ctx, float* shares) {
+    CpuTrainer* tr = (CpuTrainer*)ctx;
+    const ModelConfig* c = &tr->model.config;
+    static const int slot_of_kind[4] = {0, 3, 2, 1};  // MOE_KIND_FFN/CONST/COPY/ZERO -> FFN/zero/copy/const
+    for (int l = 0; l < tr->omni_layers; l++) {
+        long long by_kind[4] = {0, 0, 0, 0}, total = 0;
+        for (int e = 0; e < tr->count_experts; e++) {
+            long long n = tr->expert_counts[(size_t)l * tr->count_experts + e];
+            by_kind[slot_of_kind[moe_expert_kind(c, e)]] += n;
+            total += n;
+        }
+        for (int j = 0; j < 4; j++) shares[4 * l + j] = total > 0 ? (float)((double)by_kind[j] / total) : 0.0f;
+    }
 }
 
 static void cpu_write_model(void* ctx, const char* path) {
@@ -1459,9 +1861,13 @@ int main(int argc, char** argv) {
     Tokenizer tokenizer;
     memset(&tokenizer, 0, sizeof(tokenizer));
     if (cfg.sample_every > 0) tokenizer_init(&tokenizer, "data/gpt2_tokenizer.bin");
-    tr.omni_layers = model_config.ffn_kind == FFN_OMNI ? model_config.num_layers : 0;
-    tr.expert_counts = (long long*)calloc_check((size_t)tr.omni_layers * (model_config.num_experts > 0 ?
-                                                model_config.num_experts : 1) + 1, sizeof(long long));
+    int moe = model_config.ffn_kind == FFN_MOE;
+    tr.omni_layers = model_config.ffn_kind == FFN_OMNI || moe ? model_config.num_layers : 0;
+    tr.count_experts = moe ? model_config_moe_routed(&model_config) : model_config.num_experts;
+    tr.expert_counts = (long long*)calloc_check((size_t)tr.omni_layers * (tr.count_experts > 0 ? tr.count_experts : 1)
+                                                + 1, sizeof(long long));
+    tr.model.moe_aux_coef = cfg.moe_aux;
+    tr.model.moe_zc_weight = cfg.moe_zc_weight;
 
     TrainBackend be = {0};
     be.ctx = &tr;
@@ -1479,6 +1885,7 @@ int main(int argc, char** argv) {
     be.save_checkpoint = cpu_save_checkpoint;
     be.load_checkpoint = cpu_load_checkpoint;
     be.expert_stats = cpu_expert_stats;
+    if (moe) be.expert_kind_shares = cpu_expert_kind_shares;
     be.write_model = cpu_write_model;
     be.sum_ranks = cpu_sum_ranks;
     TrainLoop loop = {&cfg, &be, &tr.train_loader, &tr.val_loader, cfg.val_max_batches, &tokenizer, have_val};

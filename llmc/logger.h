@@ -5,12 +5,14 @@
  *
  * JSONL records (one per line, flushed as written; NaN/Inf are written as null):
  *   {"type":"train","step":S,"tokens":N,"loss":x,"lr":x,"norm":x,"ms":x,"tok_s":x,"mfu":x,
- *    "expert_usage":[...],"expert_kl":[...]}
+ *    "expert_usage":[...],"expert_kl":[...](,"expert_kind_share":[[f,z,c,k],...])}
  *       S = updates completed including this one (1-based, as the console's "step S/total"),
  *       tokens = training tokens consumed so far (all processes), mfu a fraction (null if unknown),
  *       expert_usage[l] = share of the N experts that at least one token chose in OmniMoE layer l
  *       this step, expert_kl[l] = KL(load || uniform) in nats (0 = perfectly balanced); both
- *       arrays are empty for models without OmniMoE layers.
+ *       arrays are empty for models without OmniMoE layers. moe layers (docs/design.md §10) log
+ *       usage and KL over their FFN experts, and expert_kind_share[l] = the shares of the step's
+ *       (token, slot) pairs routed to FFN, zero, copy and constant experts (only for moe).
  *   {"type":"eval","step":S,"tokens":N,"val_loss":x}
  *       S = updates completed when the validation loss was measured (0 = before training).
  *   {"type":"mc_eval","step":S,"tokens":N,"accuracy":x,"correct":c,"examples":n}
@@ -175,10 +177,11 @@ static inline int logger_init(Logger* lg, const char* path, int process_rank, in
 }
 
 // One optimiser step. step = updates completed (1-based), mfu a fraction (< 0: unknown),
-// expert_usage / expert_kl: num_omni_layers values each (may be NULL when 0 layers).
+// expert_usage / expert_kl: num_omni_layers values each (may be NULL when 0 layers); kind_share:
+// 4 per layer (FFN, zero, copy, constant shares of a moe layer), NULL for other kinds.
 static inline void logger_log_train(Logger* lg, int step, int num_steps, long long tokens, float loss, float norm,
                                     float lr, double ms, double tokens_per_s, double mfu, int num_omni_layers,
-                                    const float* expert_usage, const float* expert_kl) {
+                                    const float* expert_usage, const float* expert_kl, const float* kind_share) {
     if (!lg->active) return;
     printf("step %5d/%d | loss %.6f | norm %.4f | lr %.3e | %.2f ms | %.0f tok/s", step, num_steps, loss, norm, lr, ms,
            tokens_per_s);
@@ -190,6 +193,14 @@ static inline void logger_log_train(Logger* lg, int step, int num_steps, long lo
             kl += expert_kl[l];
         }
         printf(" | experts %.1f%% KL %.3f", 100.0 * usage / num_omni_layers, kl / num_omni_layers);
+    }
+    if (num_omni_layers > 0 && kind_share != NULL) {  // the layers' mean, per kind
+        double mean[4] = {0.0, 0.0, 0.0, 0.0};
+        for (int l = 0; l < num_omni_layers; l++) {
+            for (int j = 0; j < 4; j++) mean[j] += kind_share[4 * l + j] / num_omni_layers;
+        }
+        printf(" | ffn/zero/copy/const %.1f/%.1f/%.1f/%.1f%%", 100.0 * mean[0], 100.0 * mean[1], 100.0 * mean[2],
+               100.0 * mean[3]);
     }
     printf("\n");
     fflush(stdout);
@@ -217,7 +228,20 @@ static inline void logger_log_train(Logger* lg, int step, int num_steps, long lo
         if (l) fputc(',', fp);
         logger_json_number_(fp, expert_kl[l], "%.6f");
     }
-    fputs("]}\n", fp);
+    fputc(']', fp);
+    if (kind_share != NULL) {
+        fputs(",\"expert_kind_share\":[", fp);
+        for (int l = 0; l < num_omni_layers; l++) {
+            fputs(l ? ",[" : "[", fp);
+            for (int j = 0; j < 4; j++) {
+                if (j) fputc(',', fp);
+                logger_json_number_(fp, kind_share[4 * l + j], "%.6f");
+            }
+            fputc(']', fp);
+        }
+        fputc(']', fp);
+    }
+    fputs("}\n", fp);
     logger_check_write_(lg);
 }
 

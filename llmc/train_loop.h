@@ -111,6 +111,9 @@ typedef struct {
     void (*load_checkpoint)(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
                             uint64_t* sample_rng);
     void (*expert_stats)(void* ctx, float* usage, float* kl);   // rank 0, of the last step
+    // rank 0, of the last step; NULL unless moe: 4 per layer, the share of (token, slot) pairs
+    // sent to FFN, zero, copy and constant experts (docs/design.md §10)
+    void (*expert_kind_shares)(void* ctx, float* shares);
     void (*write_model)(void* ctx, const char* path);           // rank 0
     void (*sum_ranks)(void* ctx, double* values, int n);        // values = their sums over all ranks
 } TrainBackend;
@@ -426,6 +429,7 @@ static inline int train_loop_run_(const TrainLoop* tl, const MCEval* mc_eval) {
     int L = be->num_omni_layers;
     float* usage = (float*)calloc_check(L > 0 ? L : 1, sizeof(float));
     float* kl = (float*)calloc_check(L > 0 ? L : 1, sizeof(float));
+    float* kind_shares = be->expert_kind_shares != NULL ? (float*)calloc_check(4 * (L > 0 ? L : 1), sizeof(float)) : NULL;
     float val_loss = NAN;
     int stop = 0, log_failed = 0, rc = 0, timed_steps = 0;
     double total_ms = 0.0;
@@ -517,6 +521,7 @@ static inline int train_loop_run_(const TrainLoop* tl, const MCEval* mc_eval) {
         stop = res.stop;
         // 7. log line
         if (master && L > 0) be->expert_stats(ctx, usage, kl);
+        if (master && L > 0 && kind_shares != NULL) be->expert_kind_shares(ctx, kind_shares);
         double ms = train_loop_now_ms() - start;  // the expert statistics count too
         if (step > start_step) {  // the first step warms caches up
             total_ms += ms;
@@ -524,7 +529,7 @@ static inline int train_loop_run_(const TrainLoop* tl, const MCEval* mc_eval) {
         }
         double tok_s = 1e3 * (double)tokens_per_step / ms;
         logger_log_train(&logger, step + 1, cfg->num_steps, tokens_seen, res.loss, res.norm, lr, ms, tok_s,
-                         logger_mfu(be->flops_per_token_fwd, tok_s, be->peak_flops), L, usage, kl);
+                         logger_mfu(be->flops_per_token_fwd, tok_s, be->peak_flops), L, usage, kl, kind_shares);
     }
     // 8. the final weights, after a complete run only
     if (rc == 0 && have_dir && master) {
@@ -541,6 +546,7 @@ static inline int train_loop_run_(const TrainLoop* tl, const MCEval* mc_eval) {
     if (logger_close(&logger) != 0 && rc == 0) rc = EXIT_FAILURE;
     free(usage);
     free(kl);
+    free(kind_shares);
     return rc;
 }
 
