@@ -144,6 +144,7 @@ test_cpu: $(CPU_TESTS) train_omnimoe_cpu
 	./test_omnimoe_cpu
 	./test_fixtures
 	bash scripts/test_resume_cpu.sh
+	RESUME_FFN="moe --moepp 1 --moe-bias-rate 0.001" bash scripts/test_resume_cpu.sh
 	bash scripts/test_launcher_cpu.sh
 	bash scripts/test_export_cpu.sh
 	bash scripts/test_hostile.sh

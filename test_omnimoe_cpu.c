@@ -3,7 +3,10 @@
  *
  *   gradcheck_*    finite differences against backward for EVERY parameter tensor of every FFN
  *                  kind (gelu, swiglu, omni with BN on/off, both gates, k < n and k > n, BN in
- *                  eval mode), with random weights in every tensor and random tokens
+ *                  eval mode; moe with and without the MoE++ experts, the balance loss included),
+ *                  with random weights in every tensor and random tokens
+ *   moe_*          the moe layer: balance loss at uniform routing, the bias update and its effect
+ *                  on selection, determinism across thread counts
  *   topk_*         omni_topk against a brute-force sort of all N pairs (exact sums, ties, fp32)
  *   bn_*           router BatchNorm: running-statistics update and eval-mode forward
  *   padded_vocab   padded logit columns carry no probability mass and no gradient
@@ -52,6 +55,9 @@ static const char* config_label(const ModelConfig* c, char* buf, size_t size) {
     if (c->ffn_kind == FFN_OMNI) {
         snprintf(buf, size, "omni n=%d k=%d %s %s", c->router_n, c->top_k, router_norm_name(c->router_norm),
                  gate_name(c->gate));
+    } else if (c->ffn_kind == FFN_MOE) {
+        snprintf(buf, size, "moe E=%d k=%d S=%d zero=%d copy=%d const=%d res=%d norm=%d", c->moe_experts, c->moe_topk,
+                 c->moe_shared, c->moe_zero, c->moe_copy, c->moe_const, c->moe_gate_res, c->moe_norm_topk);
     } else {
         snprintf(buf, size, "%s", ffn_kind_name(c->ffn_kind));
     }
@@ -115,14 +121,15 @@ static double fd_loss(FDContext* ctx) {
     ctx->flipped = 0;
     if (ctx->num_idx > 0) {
         // a different SET of experts makes the loss jump; a new order of the same set does not
-        int* sets = expert_sets(model->acts.topk_idx, ctx->num_idx, ctx->k);
+        int* sets = expert_sets(model->config.ffn_kind == FFN_MOE ? model->acts.moe_idx : model->acts.topk_idx,
+                                ctx->num_idx, ctx->k);
         ctx->flipped = memcmp(sets, ctx->base_sets, ctx->num_idx * sizeof(int)) != 0;
         free(sets);
     }
     size_t BT = (size_t)ctx->B * ctx->T;
     double sum = 0.0;
     for (size_t r = 0; r < BT; r++) sum += model->acts.losses[r];
-    return sum / BT;
+    return sum / BT + model->moe_aux_loss;  // moe: the balance loss is part of the loss (0 otherwise)
 }
 
 // central difference of the loss along dir (or along params[index] when dir is NULL) with
@@ -162,18 +169,29 @@ static double fd_derivative(FDContext* ctx, float* tensor, size_t size, size_t i
     return flipped ? 0.0 : result;
 }
 
+// moe run settings of the next gradcheck (docs/design.md §10.3)
+static float gradcheck_moe_aux = 0.0f, gradcheck_moe_tau = 1.0f;
+
 // checks every parameter tensor of one configuration; one report line
 static void gradcheck(const char* name, ModelConfig config, int B, int T, int training, uint64_t seed) {
     GPT model;
     gpt_build(&model, &config);
     randomize_model(&model, seed, 0.3f);
+    int moe = config.ffn_kind == FFN_MOE;
+    if (moe) {
+        model.moe_aux_coef = gradcheck_moe_aux;
+        model.moe_zc_weight = gradcheck_moe_tau;
+        // a bias of the size of the probabilities: selection depends on both
+        for (size_t i = 0; i < model.param_sizes[PARAM_MOE_BIAS]; i++) model.param_tensors[PARAM_MOE_BIAS][i] *= 0.1f;
+    }
     int BT = B * T;
     int* inputs = (int*)malloc_check(BT * sizeof(int));
     int* targets = (int*)malloc_check(BT * sizeof(int));
     random_tokens(inputs, BT, config.vocab_size, seed + 1);
     random_tokens(targets, BT, config.vocab_size, seed + 2);
 
-    FDContext ctx = {&model, inputs, targets, B, T, training, NULL, 0, config.top_k, NULL, 0, 0};
+    int k = moe ? config.moe_topk : config.top_k;
+    FDContext ctx = {&model, inputs, targets, B, T, training, NULL, 0, k, NULL, 0, 0};
     ctx.bn_backup = alloc_floats(model.num_bn_stats);
     memcpy(ctx.bn_backup, model.bn_stats, model.num_bn_stats * sizeof(float));
 
@@ -184,10 +202,13 @@ static void gradcheck(const char* name, ModelConfig config, int B, int T, int tr
     gpt_backward(&model, 1.0f);
     float* analytic = alloc_floats(model.num_params);
     memcpy(analytic, model.grads, model.num_params * sizeof(float));
-    if (config.ffn_kind == FFN_OMNI) {
-        ctx.num_idx = (size_t)config.num_layers * BT * config.top_k;
-        ctx.base_sets = expert_sets(model.acts.topk_idx, ctx.num_idx, config.top_k);
+    if (config.ffn_kind == FFN_OMNI || moe) {
+        ctx.num_idx = (size_t)config.num_layers * BT * k;
+        ctx.base_sets = expert_sets(moe ? model.acts.moe_idx : model.acts.topk_idx, ctx.num_idx, k);
     }
+    int bias_grad_zero = 1;  // the balancing bias only selects: its gradient must be exactly 0
+    for (size_t i = 0; moe && i < model.param_sizes[PARAM_MOE_BIAS]; i++)
+        bias_grad_zero &= analytic[(size_t)(model.param_tensors[PARAM_MOE_BIAS] - model.params) + i] == 0.0f;
 
     Rng rng = rng_seeded(seed + 3);
     double worst_entry = 0.0, worst_dir = 0.0;  // error / tolerance, and directional rel error
@@ -198,10 +219,11 @@ static void gradcheck(const char* name, ModelConfig config, int B, int T, int tr
     for (int t = 0; t < NUM_PARAMETER_TENSORS; t++) {
         size_t size = model.param_sizes[t];
         if (size == 0) continue;
-        tensors++;
-        float* tensor = model.param_tensors[t];
         const float* g = analytic + offset;
         offset += size;
+        if (t == PARAM_MOE_BIAS) continue;  // no gradient by design (checked above to be 0)
+        tensors++;
+        float* tensor = model.param_tensors[t];
         // entries: random ones (and all of them for small tensors)
         int count = size <= (size_t)FD_ENTRIES_PER_TENSOR ? (int)size : FD_ENTRIES_PER_TENSOR;
         for (int e = 0; e < count; e++) {
@@ -242,8 +264,9 @@ static void gradcheck(const char* name, ModelConfig config, int B, int T, int tr
         if (rel > worst_dir) { worst_dir = rel; worst_dir_tensor = param_tensor_name(t); }
         free(dir);
     }
-    int pass = worst_entry <= 1.0 && worst_dir <= 1.0 && skipped_total * 10 <= checked;
-    char label[96];
+    int pass = worst_entry <= 1.0 && worst_dir <= 1.0 && skipped_total * 10 <= checked && bias_grad_zero;
+    if (!bias_grad_zero) printf("    moe_bias has a non-zero gradient  <-- FAIL\n");
+    char label[128];
     test_checkf(pass, name, "[%s, %d tensors] entries: worst err/tol %.3f (%s; tol %.0e + %.0e*|g|); "
            "random direction: worst err/tol %.3f (%s; tol %.0e + %.0e*|g.d|); small-step fallbacks %d, "
            "skips %d of %d (max 10%%)", config_label(&config, label, sizeof(label)), tensors, worst_entry,
@@ -766,6 +789,152 @@ static void test_init(void) {
 }
 
 // ----------------------------------------------------------------------------
+// moe layer (docs/design.md §10)
+
+// a TEST_DIMS_TINY model with moe FFN layers: E FFN experts of width 6, k per token, S shared,
+// and the MoE++ expert counts
+static ModelConfig moe_test_config(TestDims d, int E, int k, int S, int zero, int copy, int cnst, int gate_res,
+                                   int norm_topk) {
+    ModelConfig c = test_config(d, FFN_MOE, 0, 0, ROUTER_NORM_BN, GATE_SOFTMAX);
+    c.ffn_hidden = 6;
+    c.moe_experts = E;
+    c.moe_topk = k;
+    c.moe_shared = S;
+    c.moe_zero = zero;
+    c.moe_copy = copy;
+    c.moe_const = cnst;
+    c.moe_gate_res = gate_res;
+    c.moe_norm_topk = norm_topk;
+    return c;
+}
+
+// With a zero router every p_{t,i} = 1/E_t, so sum_i eta_i f_i P_i = sum_i eta_i c_i / (k BT):
+// alpha exactly when every eta is 1 (any selection), and the eta-weighted share of the pairs
+// otherwise. An independent check of the balance loss's normalisation; mean_loss = CE + L_aux.
+static void test_moe_aux_uniform(void) {
+    ModelConfig config = moe_test_config(TEST_DIMS_TINY, 3, 2, 1, 1, 1, 1, 1, 1);
+    GPT model;
+    gpt_build(&model, &config);
+    randomize_model(&model, 61, 0.3f);
+    memset(model.param_tensors[PARAM_MOE_ROUTERW], 0, model.param_sizes[PARAM_MOE_ROUTERW] * sizeof(float));
+    memset(model.param_tensors[PARAM_MOE_GATEMAP], 0, model.param_sizes[PARAM_MOE_GATEMAP] * sizeof(float));
+    int B = 2, T = 8, BT = B * T;
+    int inputs[16], targets[16];
+    random_tokens(inputs, BT, config.vocab_size, 62);
+    random_tokens(targets, BT, config.vocab_size, 63);
+    double worst = 0.0, loss_err = 0.0;
+    float taus[2] = {1.0f, 0.25f};
+    for (int v = 0; v < 2; v++) {
+        model.moe_aux_coef = 0.3f;
+        model.moe_zc_weight = taus[v];
+        gpt_forward(&model, inputs, targets, B, T, 1);
+        double want = 0.0, ce = 0.0;
+        for (int l = 0; l < config.num_layers; l++) {
+            long long weighted_pairs = 0;
+            const int* idx = model.acts.moe_idx + (size_t)l * BT * config.moe_topk;
+            for (int q = 0; q < BT * config.moe_topk; q++) weighted_pairs += idx[q] < config.moe_experts ? 4 : (int)(4 * taus[v]);
+            want += 0.3 * (double)weighted_pairs / 4.0 / ((double)config.moe_topk * BT);
+        }
+        for (int r = 0; r < BT; r++) ce += model.acts.losses[r];
+        worst = fmax(worst, fabs(model.moe_aux_loss - want) / want);
+        loss_err = fmax(loss_err, fabs(model.mean_loss - (ce / BT + want)));
+    }
+    test_checkf(worst <= 1e-6 && loss_err <= 1e-5, "moe_aux_uniform_router", "zero router, alpha 0.3, tau 1 and 0.25: "
+                "L_aux vs alpha * (eta-weighted pairs) / (k BT): worst rel err %.1e (tol 1e-6); mean_loss - (CE + L_aux) "
+                "%.1e (tol 1e-5)", worst, loss_err);
+    gpt_free(&model);
+}
+
+// the bias update moves each FFN expert's bias by rate towards the mean load (sign only, exact),
+// leaves the zero-computation experts' entries alone, and a large bias decides the selection
+// without changing any gate (p stays the softmax of the router)
+static void test_moe_bias(void) {
+    ModelConfig config = moe_test_config(TEST_DIMS_TINY, 4, 2, 1, 1, 1, 0, 0, 0);
+    GPT model;
+    gpt_build(&model, &config);
+    randomize_model(&model, 71, 0.3f);
+    int Et = model_config_moe_routed(&config), L = config.num_layers;
+    float* b = model.param_tensors[PARAM_MOE_BIAS];
+    float* before = alloc_floats((size_t)L * Et);
+    memcpy(before, b, (size_t)L * Et * sizeof(float));
+    long long counts[2 * 6] = {5, 1, 3, 3, 7, 9,   0, 4, 4, 4, 1, 1};  // means over FFN experts: 3 and 3
+    moe_bias_update(&model, counts, 0.125f);
+    const float want_step[2 * 6] = {-1, 1, 0, 0, 0, 0,   1, -1, -1, -1, 0, 0};
+    int update_ok = 1;
+    for (int i = 0; i < L * Et; i++) update_ok &= b[i] == before[i] + 0.125f * want_step[i];
+    // selection: expert 2 of layer 0 gets +10, so every token picks it, with gate p (norm 0)
+    for (int i = 0; i < L * Et; i++) b[i] = 0.0f;
+    b[2] = 10.0f;
+    int B = 2, T = 8, BT = B * T, inputs[16];
+    random_tokens(inputs, BT, config.vocab_size, 72);
+    gpt_forward(&model, inputs, NULL, B, T, 0);
+    int select_ok = 1;
+    for (int r = 0; r < BT; r++) {
+        const int* id = model.acts.moe_idx + (size_t)r * config.moe_topk;
+        select_ok &= id[0] == 2 && model.acts.moe_gate[(size_t)r * config.moe_topk] ==
+                                       model.acts.moe_probs[(size_t)r * Et + 2];
+    }
+    test_checkf(update_ok && select_ok, "moe_bias", "bias update = rate * sign(mean load - load) on FFN experts only, "
+                "exactly: %s; a +10 bias puts expert 2 first for every token with gate = its softmax probability: %s",
+                update_ok ? "yes" : "NO", select_ok ? "yes" : "NO");
+    free(before);
+    gpt_free(&model);
+}
+
+// three training steps of MoE++ with the balance loss and the bias update: bitwise equal across
+// runs and thread counts, and the bias moved
+static void moe_train_steps(GPT* model) {
+    ModelConfig config = moe_test_config(TEST_DIMS_SMALL, 6, 3, 1, 1, 1, 2, 1, 1);
+    gpt_build(model, &config);
+    gpt_init_random(model, 9);
+    model->moe_aux_coef = 0.01f;
+    model->moe_zc_weight = 0.75f;
+    int Et = model_config_moe_routed(&config), B = 4, T = 32, BT = B * T;
+    long long* counts = (long long*)calloc_check((size_t)config.num_layers * Et, sizeof(long long));
+    int tokens[2 * 128 + 1];
+    for (int step = 1; step <= 3; step++) {
+        random_tokens(tokens, 2 * BT + 1, config.vocab_size, 400 + step);
+        memset(counts, 0, (size_t)config.num_layers * Et * sizeof(long long));
+        gpt_zero_grad(model);
+        for (int micro = 0; micro < 2; micro++) {
+            gpt_forward(model, tokens + micro * BT, tokens + micro * BT + 1, B, T, 1);
+            gpt_backward(model, 0.5f);
+            for (int i = 0; i < config.num_layers * Et; i++) counts[i] += model->acts.moe_counts[i];
+        }
+        gpt_update(model, 3e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, step);
+        moe_bias_update(model, counts, 1e-3f);
+    }
+    free(counts);
+    gpt_forward(model, tokens, tokens + 1, B, T, 0);
+}
+
+static void test_moe_determinism(void) {
+    GPT a, b, c;
+    moe_train_steps(&a);
+    moe_train_steps(&b);
+    int same_run = same_model_bits(&a, &b);
+    int threads_b = 1;
+#ifdef _OPENMP
+    int default_threads = omp_get_max_threads();
+    threads_b = default_threads == 3 ? 5 : 3;
+    omp_set_num_threads(threads_b);
+    moe_train_steps(&c);
+    omp_set_num_threads(default_threads);
+#else
+    moe_train_steps(&c);
+#endif
+    int same_threads = same_model_bits(&a, &c);
+    int bias_moved = 0;
+    for (size_t i = 0; i < a.param_sizes[PARAM_MOE_BIAS]; i++) bias_moved |= a.param_tensors[PARAM_MOE_BIAS][i] != 0.0f;
+    test_checkf(same_run && same_threads && bias_moved, "moe_determinism", "3 MoE++ training steps (balance loss, bias "
+                "update): two runs bitwise equal: %s; default vs %d threads bitwise equal: %s; bias moved: %s",
+                same_run ? "yes" : "NO", threads_b, same_threads ? "yes" : "NO", bias_moved ? "yes" : "NO");
+    gpt_free(&a);
+    gpt_free(&b);
+    gpt_free(&c);
+}
+
+// ----------------------------------------------------------------------------
 
 int main(int argc, char** argv) {
     for (int i = 1; i < argc; i++) if (strcmp(argv[i], "-v") == 0) verbose = 1;
@@ -793,6 +962,15 @@ int main(int argc, char** argv) {
     gradcheck("gradcheck_omni_bn_k=N", test_config(TEST_DIMS_TINY, FFN_OMNI, 3, 9, ROUTER_NORM_BN, GATE_SOFTMAX), 2, 4, 1, 19);
     gradcheck("gradcheck_omni_bn_k=1", test_config(TEST_DIMS_TINY, FFN_OMNI, 3, 1, ROUTER_NORM_BN, GATE_PROB), 2, 4, 1, 20);
     gradcheck("gradcheck_omni_bn_evalmode", test_config(TEST_DIMS_TINY, FFN_OMNI, 4, 3, ROUTER_NORM_BN, GATE_SOFTMAX), 2, 4, 0, 21);
+    // moe: the balance loss on (alpha 0.05), every expert kind, both gate normalisations
+    gradcheck_moe_aux = 0.05f;
+    gradcheck_moe_tau = 1.0f;
+    gradcheck("gradcheck_moe", moe_test_config(TEST_DIMS_TINY, 4, 2, 1, 0, 0, 0, 0, 0), 2, 4, 1, 22);
+    gradcheck_moe_tau = 0.5f;
+    gradcheck("gradcheck_moe++_norm", moe_test_config(TEST_DIMS_TINY, 3, 3, 1, 1, 1, 2, 1, 1), 2, 4, 1, 23);
+    gradcheck("gradcheck_moe++_k=E_t", moe_test_config(TEST_DIMS_TINY, 2, 5, 1, 1, 1, 1, 1, 1), 2, 4, 1, 24);
+    gradcheck_moe_aux = 0.0f;
+    gradcheck("gradcheck_moe++_no_aux_no_shared", moe_test_config(TEST_DIMS_TINY, 2, 2, 0, 1, 1, 2, 1, 0), 2, 4, 1, 25);
 
     test_topk();
 #ifdef _OPENMP
@@ -814,6 +992,9 @@ int main(int argc, char** argv) {
     test_overfit(FFN_OMNI);
 
     test_determinism();
+    test_moe_aux_uniform();
+    test_moe_bias();
+    test_moe_determinism();
 
     clock_gettime(CLOCK_MONOTONIC, &end);
     double seconds = (end.tv_sec - start.tv_sec) + 1e-9 * (end.tv_nsec - start.tv_nsec);

@@ -5,7 +5,8 @@
 # the learning rate independent of -x. Run from the repository root (make test does).
 # One PASS/FAIL line per check, then "test_resume_cpu: N passed, N failed"; exit 1 on any FAIL.
 # The CUDA trainer runs the same checks: TRAINER=./train_omnimoe RESUME_MODEL=small (its attention
-# needs a head size of 32, 64 or 128).
+# needs a head size of 32, 64 or 128). RESUME_FFN="moe --moepp 1 --moe-bias-rate 0.001" runs them on the
+# moe FFN with the MoE++ experts and the loss-free bias (the bias is saved with the weights).
 set -uo pipefail
 bin=${TRAINER:-./train_omnimoe_cpu}
 passed=0
@@ -23,7 +24,7 @@ finish() {
 check "trainer built" "$bin missing (make train_omnimoe_cpu)" [ -x "$bin" ] || finish
 work=$(mktemp -d /tmp/test_resume_cpu.XXXXXX)
 trap 'rm -rf "$work"' EXIT
-flags=(-e ${RESUME_MODEL:-tiny} -f omni -b 2 -t 32 -l 1e-3 -u 1 --schedule constant -v 2 -m 2 -s 0 --seed 5 -n 3)
+flags=(-e ${RESUME_MODEL:-tiny} -f ${RESUME_FFN:-omni} -b 2 -t 32 -l 1e-3 -u 1 --schedule constant -v 2 -m 2 -s 0 --seed 5 -n 3)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 "$bin" "${flags[@]}" -x 6 -o "$work/straight" > "$work/straight.txt" 2>&1; rc=$?
 check "6 straight steps run" "exit status $rc: $(tail -n 1 "$work/straight.txt")" [ $rc -eq 0 ]
