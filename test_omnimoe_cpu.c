@@ -56,8 +56,9 @@ static const char* config_label(const ModelConfig* c, char* buf, size_t size) {
         snprintf(buf, size, "omni n=%d k=%d %s %s", c->router_n, c->top_k, router_norm_name(c->router_norm),
                  gate_name(c->gate));
     } else if (c->ffn_kind == FFN_MOE) {
-        snprintf(buf, size, "moe E=%d k=%d S=%d zero=%d copy=%d const=%d res=%d norm=%d", c->moe_experts, c->moe_topk,
-                 c->moe_shared, c->moe_zero, c->moe_copy, c->moe_const, c->moe_gate_res, c->moe_norm_topk);
+        snprintf(buf, size, "moe E=%d k=%d S=%d zero=%d copy=%d const=%d res=%d norm=%d router=%s xk=%d", c->moe_experts,
+                 c->moe_topk, c->moe_shared, c->moe_zero, c->moe_copy, c->moe_const, c->moe_gate_res, c->moe_norm_topk,
+                 c->moe_router == MOE_ROUTER_TANH ? "tanh" : "linear", c->moe_input_scale);
     } else {
         snprintf(buf, size, "%s", ffn_kind_name(c->ffn_kind));
     }
@@ -969,6 +970,10 @@ int main(int argc, char** argv) {
     gradcheck_moe_tau = 0.5f;
     gradcheck("gradcheck_moe++_norm", moe_test_config(TEST_DIMS_TINY, 3, 3, 1, 1, 1, 2, 1, 1), 2, 4, 1, 23);
     gradcheck("gradcheck_moe++_k=E_t", moe_test_config(TEST_DIMS_TINY, 2, 5, 1, 1, 1, 1, 1, 1), 2, 4, 1, 24);
+    ModelConfig release = moe_test_config(TEST_DIMS_TINY, 3, 2, 1, 1, 1, 2, 1, 1);  // --moepp 1's router and input
+    release.moe_router = MOE_ROUTER_TANH;
+    release.moe_input_scale = 1;
+    gradcheck("gradcheck_moe++_tanh_router_input_k", release, 2, 4, 1, 26);
     gradcheck_moe_aux = 0.0f;
     gradcheck("gradcheck_moe++_no_aux_no_shared", moe_test_config(TEST_DIMS_TINY, 2, 2, 0, 1, 1, 2, 1, 0), 2, 4, 1, 25);
 

@@ -760,6 +760,8 @@ typedef struct {
     float* expert_a;       // (L, BT, k) g SiLU(s)
     // moe only (docs/design.md §10); E_t routed experts, k = moe_topk, a "pair" q = r*k + m
     float* moe_logits;     // (L, BT, E_t) router logits z (with the gating residual)
+    float* moe_rh;         // (L, BT, 8 E_t) tanh router: tanh(W_r x), the input of its second layer
+    float* moe_xs;         // (L, BT, C) --moe-input-scale 1: k x, the routed experts' input
     float* moe_probs;      // (L, BT, E_t) p = softmax(z)
     int* moe_idx;          // (L, BT, k) chosen experts, best first
     float* moe_gate;       // (L, BT, k) gates g
@@ -802,6 +804,8 @@ typedef struct {
     float* moe_dp;       // (BT, E_t) d loss / d p (the forward borrows it for G z_prev)
     float* moe_dz;       // (BT, E_t) d loss / d z
     float* moe_carry;    // (BT, E_t) d loss / d z of the layer below, through its gating residual
+    float* moe_drh;      // (BT, 8 E_t) tanh router: d loss / d its hidden layer
+    float* moe_dxs;      // (BT, C) --moe-input-scale 1: d loss / d (k x)
     int moe_carry_valid; // moe_carry holds a value for the layer being processed
     int* moe_pair_offsets;  // (E_t + 1)
     int* moe_pair_list;     // (BT*k)
@@ -893,7 +897,7 @@ static void free_activations(GPT* model) {
                    a->residual3, a->router_logits, a->router_normed, a->bn_mean, a->bn_rstd,
                    a->router_logp, a->topk_score, a->gate, a->expert_s, a->expert_a, a->lnf,
                    a->lnf_mean, a->lnf_rstd, a->losses, a->lse, a->moe_logits, a->moe_probs, a->moe_gate,
-                   a->moe_denom, a->moe_fch, a->moe_h, a->moe_y, a->moe_mix};
+                   a->moe_denom, a->moe_fch, a->moe_h, a->moe_y, a->moe_mix, a->moe_rh, a->moe_xs};
     for (size_t i = 0; i < sizeof(fl) / sizeof(fl[0]); i++) free(fl[i]);
     free(a->topk_idx);
     free(a->moe_idx);
@@ -901,7 +905,7 @@ static void free_activations(GPT* model) {
     GPTBackwardScratch* s = &model->scratch;
     float* fs[] = {s->dresidual, s->dln, s->dqkv, s->datt_row, s->datty, s->dfch, s->dfch_act,
                    s->dlogits, s->drouter_a, s->drouter_b, s->dgate, s->dscore, s->ds, s->moe_dgate, s->moe_dfch,
-                   s->moe_dmix, s->moe_dp, s->moe_dz, s->moe_carry};
+                   s->moe_dmix, s->moe_dp, s->moe_dz, s->moe_carry, s->moe_drh, s->moe_dxs};
     for (size_t i = 0; i < sizeof(fs) / sizeof(fs[0]); i++) free(fs[i]);
     free(s->pair_offsets);
     free(s->pair_list);
@@ -942,6 +946,8 @@ static void layout_activations(GPT* model, int B, int T, double* bytes) {
     int moe = c->ffn_kind == FFN_MOE;
     size_t Et = (size_t)model_config_moe_routed(c), MK = moe ? (size_t)c->moe_topk : 0;
     size_t Ie = moe ? (size_t)c->ffn_hidden : 0, MC = moe ? C : 0;
+    size_t RH = moe && c->moe_router == MOE_ROUTER_TANH ? (size_t)MOE_TANH_WIDTH * Et : 0;
+    size_t XS = moe && c->moe_input_scale ? C : 0;
     GPTActivations* a = &model->acts;
     a->encoded = layout_floats(BT * C, bytes);
     a->ln1 = layout_floats(L * BT * C, bytes);
@@ -979,6 +985,8 @@ static void layout_activations(GPT* model, int B, int T, double* bytes) {
     a->moe_h = layout_floats(L * BT * MK * Ie, bytes);
     a->moe_y = layout_floats(L * BT * MK * MC, bytes);
     a->moe_mix = layout_floats(L * BT * MK * 2, bytes);
+    a->moe_rh = layout_floats(L * BT * RH, bytes);
+    a->moe_xs = layout_floats(L * BT * XS, bytes);
     a->lnf = layout_floats(BT * C, bytes);
     a->lnf_mean = layout_floats(BT, bytes);
     a->lnf_rstd = layout_floats(BT, bytes);
@@ -1006,6 +1014,8 @@ static void layout_activations(GPT* model, int B, int T, double* bytes) {
     s->moe_dp = layout_floats(BT * Et, bytes);
     s->moe_dz = layout_floats(BT * Et, bytes);
     s->moe_carry = layout_floats(BT * Et, bytes);
+    s->moe_drh = layout_floats(BT * RH, bytes);
+    s->moe_dxs = layout_floats(BT * XS, bytes);
     s->moe_pair_offsets = layout_ints(Et + 1, bytes);
     s->moe_pair_list = layout_ints(BT * MK, bytes);
     model->logits = layout_floats(BT * Vp, bytes);
@@ -1151,8 +1161,16 @@ static double moe_layer_forward(GPT* model, int l, float* out, const float* x, i
     int* idx = a->moe_idx + (size_t)l * P;
     float* gate = a->moe_gate + (size_t)l * P;
     int* counts = a->moe_counts + (size_t)l * Et;
-    // router, with the gating residual G z_{l-1} (design §10.2)
-    matmul_forward(z, x, p[PARAM_MOE_ROUTERW] + (size_t)l * Et * C, NULL, BT, C, Et);
+    // router (linear, or C -> 8E_t -> E_t with tanh), with the gating residual G z_{l-1} (design §10.2)
+    if (c->moe_router == MOE_ROUTER_TANH) {
+        int RH = MOE_TANH_WIDTH * Et;
+        float* rh = a->moe_rh + (size_t)l * BT * RH;
+        matmul_forward(rh, x, p[PARAM_MOE_ROUTERW] + (size_t)l * RH * C, NULL, BT, C, RH);
+        for (size_t i = 0; i < (size_t)BT * RH; i++) rh[i] = tanhf(rh[i]);
+        matmul_forward(z, rh, p[PARAM_MOE_ROUTER2] + (size_t)l * Et * RH, NULL, BT, RH, Et);
+    } else {
+        matmul_forward(z, x, p[PARAM_MOE_ROUTERW] + (size_t)l * Et * C, NULL, BT, C, Et);
+    }
     if (c->moe_gate_res && l > 0) {
         float* gz = model->scratch.moe_dp;  // backward scratch, free during the forward
         matmul_forward(gz, z - (size_t)BT * Et, p[PARAM_MOE_GATEMAP] + (size_t)l * Et * Et, NULL, BT, Et, Et);
@@ -1161,8 +1179,14 @@ static double moe_layer_forward(GPT* model, int l, float* out, const float* x, i
     moe_route_forward(probs, idx, gate, a->moe_denom + (size_t)l * BT, z, p[PARAM_MOE_BIAS] + (size_t)l * Et, c, BT);
     memset(counts, 0, (size_t)Et * sizeof(int));
     for (size_t q = 0; q < P; q++) counts[idx[q]]++;
+    const float* xe = x;  // the routed experts' input: x, or k x as the MoE++ release
+    if (c->moe_input_scale) {
+        float* xs = a->moe_xs + (size_t)l * BT * C;
+        for (size_t i = 0; i < (size_t)BT * C; i++) xs[i] = (float)k * x[i];
+        xe = xs;
+    }
     moe_experts_forward(a->moe_y + (size_t)l * P * C, a->moe_fch + (size_t)l * P * 2 * Ie, a->moe_h + (size_t)l * P * Ie,
-                        a->moe_mix + (size_t)l * P * 2, x, idx, p[PARAM_MOE_W1] + (size_t)l * E * 2 * Ie * C,
+                        a->moe_mix + (size_t)l * P * 2, xe, idx, p[PARAM_MOE_W1] + (size_t)l * E * 2 * Ie * C,
                         p[PARAM_MOE_W2] + (size_t)l * E * C * Ie, p[PARAM_MOE_CONST] + (size_t)l * Kc * C,
                         p[PARAM_MOE_CONSTMIX] + (size_t)l * Kc * 2 * C, c, BT);
     const float* y = a->moe_y + (size_t)l * P * C;
@@ -1210,6 +1234,14 @@ static void moe_layer_backward(GPT* model, int l, float* dx, const float* dout, 
     float* dgate = s->moe_dgate;
     float* dfch = s->moe_dfch;
     float* dmix = s->moe_dmix;
+    // the experts' input xe: x, or k x (--moe-input-scale 1, whose gradient goes to dxe first)
+    const float* xe = x;
+    float* dxe = dx;
+    if (c->moe_input_scale) {
+        xe = a->moe_xs + (size_t)l * BT * C;
+        dxe = s->moe_dxs;
+        memset(dxe, 0, (size_t)BT * C * sizeof(float));
+    }
 
     // 1. per token, m in order: dg_m = <dy, y_m>, dx through each expert, and the per-pair
     //    [dg | du] and dA x of the weight gradients
@@ -1219,8 +1251,8 @@ static void moe_layer_backward(GPT* model, int l, float* dx, const float* dout, 
         #pragma omp for
         for (int r = 0; r < BT; r++) {
             const float* dy = dout + (size_t)r * C;
-            const float* xr = x + (size_t)r * C;
-            float* dxr = dx + (size_t)r * C;
+            const float* xr = xe + (size_t)r * C;
+            float* dxr = dxe + (size_t)r * C;
             for (int m = 0; m < k; m++) {
                 size_t q = (size_t)r * k + m;
                 int e = idx[q], kind = moe_expert_kind(c, e);
@@ -1276,7 +1308,7 @@ static void moe_layer_backward(GPT* model, int l, float* dx, const float* dout, 
         for (int t = offsets[e]; t < offsets[e + 1]; t++) {
             size_t q = (size_t)list[t];
             const float* dy = dout + (q / k) * C;
-            const float* xr = x + (q / k) * C;
+            const float* xr = xe + (q / k) * C;
             float gq = gate[q];
             if (kind == MOE_KIND_FFN) {
                 float* dw1 = dW1 + (size_t)e * 2 * Ie * C;
@@ -1330,8 +1362,23 @@ static void moe_layer_backward(GPT* model, int l, float* dx, const float* dout, 
     free(aux_grad);
 
     // 4. router: dW_r, dx; gating residual: dG_l and the carry into layer l-1's logits
-    matmul_backward(dx, g[PARAM_MOE_ROUTERW] + (size_t)l * Et * C, NULL, dz, x,
-                    p[PARAM_MOE_ROUTERW] + (size_t)l * Et * C, BT, C, Et);
+    if (c->moe_input_scale) {  // d(k x) = k dxe, added once per element after the experts' sums
+        for (size_t i = 0; i < (size_t)BT * C; i++) dx[i] += (float)k * dxe[i];
+    }
+    if (c->moe_router == MOE_ROUTER_TANH) {
+        int RH = MOE_TANH_WIDTH * Et;
+        const float* rh = a->moe_rh + (size_t)l * BT * RH;
+        float* drh = s->moe_drh;
+        memset(drh, 0, (size_t)BT * RH * sizeof(float));
+        matmul_backward(drh, g[PARAM_MOE_ROUTER2] + (size_t)l * Et * RH, NULL, dz, rh,
+                        p[PARAM_MOE_ROUTER2] + (size_t)l * Et * RH, BT, RH, Et);
+        for (size_t i = 0; i < (size_t)BT * RH; i++) drh[i] *= 1.0f - rh[i] * rh[i];
+        matmul_backward(dx, g[PARAM_MOE_ROUTERW] + (size_t)l * RH * C, NULL, drh, x,
+                        p[PARAM_MOE_ROUTERW] + (size_t)l * RH * C, BT, C, RH);
+    } else {
+        matmul_backward(dx, g[PARAM_MOE_ROUTERW] + (size_t)l * Et * C, NULL, dz, x,
+                        p[PARAM_MOE_ROUTERW] + (size_t)l * Et * C, BT, C, Et);
+    }
     s->moe_carry_valid = c->moe_gate_res && l > 0;
     if (s->moe_carry_valid) {
         memset(s->moe_carry, 0, (size_t)BT * Et * sizeof(float));

@@ -99,6 +99,7 @@ typedef struct {
     int moe_experts, moe_topk, moe_shared;    // --moe-experts --moe-topk --moe-shared  E, k, S
     int moe_zero, moe_copy, moe_const;        // --moe-zero --moe-copy --moe-const  MoE++ expert counts
     int moe_gate_res, moe_norm_topk;          // --moe-gate-res --moe-norm-topk  0/1
+    int moe_router, moe_input_scale;          // --moe-router MOE_ROUTER_*  --moe-input-scale 0/1
     int moepp;                                // --moepp  1 = the MoE++ release's choices as the defaults above
     float moe_aux;                            // --moe-aux  load-balance loss coefficient alpha (0 = off)
     float moe_zc_weight;                      // --moe-zc-weight  tau: its weight for zero-computation experts
@@ -165,12 +166,14 @@ static const TrainFlag train_flags[] = {
     {NULL, "--moe-experts", TRAIN_ARG_INT, offsetof(TrainConfig, moe_experts), 0, 65536, 1, NULL, "moe: routed SwiGLU experts E (-1 = the preset's)"},
     {NULL, "--moe-topk", TRAIN_ARG_INT, offsetof(TrainConfig, moe_topk), 1, 65536, 1, NULL, "moe: experts per token k, among all routed experts (-1 = the preset's)"},
     {NULL, "--moe-shared", TRAIN_ARG_INT, offsetof(TrainConfig, moe_shared), 0, 65536, 1, NULL, "moe: shared experts S, each of width I_e (-1 = the preset's)"},
-    {NULL, "--moepp", TRAIN_ARG_INT, offsetof(TrainConfig, moepp), 0, 1, 0, NULL, "moe: 1 = MoE++ defaults: 1 zero, 1 copy, 2 constant experts, gating residuals, --moe-norm-topk 1"},
+    {NULL, "--moepp", TRAIN_ARG_INT, offsetof(TrainConfig, moepp), 0, 1, 0, NULL, "moe: 1 = the MoE++ release's choices: 1 zero, 1 copy, 2 constant experts, gating residuals, --moe-norm-topk 1, --moe-router tanh, --moe-input-scale 1"},
     {NULL, "--moe-zero", TRAIN_ARG_INT, offsetof(TrainConfig, moe_zero), 0, 65536, 1, NULL, "moe: MoE++ zero experts (-1 = 0, or 1 with --moepp 1)"},
     {NULL, "--moe-copy", TRAIN_ARG_INT, offsetof(TrainConfig, moe_copy), 0, 65536, 1, NULL, "moe: MoE++ copy experts (-1 = 0, or 1 with --moepp 1)"},
     {NULL, "--moe-const", TRAIN_ARG_INT, offsetof(TrainConfig, moe_const), 0, 65536, 1, NULL, "moe: MoE++ constant experts (-1 = 0, or 2 with --moepp 1)"},
     {NULL, "--moe-gate-res", TRAIN_ARG_INT, offsetof(TrainConfig, moe_gate_res), 0, 1, 1, NULL, "moe: 1 = gating residuals, each router adds G times the previous layer's logits (-1 = 0, or 1 with --moepp 1)"},
     {NULL, "--moe-norm-topk", TRAIN_ARG_INT, offsetof(TrainConfig, moe_norm_topk), 0, 1, 1, NULL, "moe: 1 = gates renormalised over the chosen non-zero experts (MoE++), 0 = softmax probabilities (DeepSeekMoE) (-1 = 0, or 1 with --moepp 1)"},
+    {NULL, "--moe-router", TRAIN_ARG_CHOICE, offsetof(TrainConfig, moe_router), 0, 0, 0, "linear|tanh", "moe: router, linear (DeepSeekMoE) or the two-layer tanh gate C -> 8E_t -> E_t (MoE++ release) (unset = linear, or tanh with --moepp 1)"},
+    {NULL, "--moe-input-scale", TRAIN_ARG_INT, offsetof(TrainConfig, moe_input_scale), 0, 1, 1, NULL, "moe: 1 = the routed experts see k*x, as the MoE++ release (-1 = 0, or 1 with --moepp 1)"},
     {NULL, "--moe-aux", TRAIN_ARG_FLOAT, offsetof(TrainConfig, moe_aux), 0, TRAIN_NO_MAX, 0, NULL, "moe: load-balance loss coefficient alpha (0 = off)"},
     {NULL, "--moe-zc-weight", TRAIN_ARG_FLOAT, offsetof(TrainConfig, moe_zc_weight), 0, TRAIN_NO_MAX, 0, NULL, "moe: the balance loss's weight tau of zero, copy and constant experts (FFN experts: 1)"},
     {NULL, "--moe-bias-rate", TRAIN_ARG_FLOAT, offsetof(TrainConfig, moe_bias_rate), 0, TRAIN_NO_MAX, 0, NULL, "moe: loss-free balancing, bias step gamma per optimiser step (0 = off)"},
@@ -229,6 +232,7 @@ static inline void train_config_defaults(TrainConfig* cfg) {
     cfg->moe_experts = cfg->moe_topk = cfg->moe_shared = -1;
     cfg->moe_zero = cfg->moe_copy = cfg->moe_const = -1;
     cfg->moe_gate_res = cfg->moe_norm_topk = -1;
+    cfg->moe_router = cfg->moe_input_scale = -1;
     cfg->moepp = 0;
     cfg->moe_aux = 0.01f;        // DeepSeekMoE's expert-level balance factor
     cfg->moe_zc_weight = 0.75f;
@@ -543,6 +547,8 @@ static inline void train_config_moe_flags_only_(const TrainConfig* cfg, const Mo
     train_config_moe_only_(c, "--moe-const", cfg->moe_const >= 0);
     train_config_moe_only_(c, "--moe-gate-res", cfg->moe_gate_res >= 0);
     train_config_moe_only_(c, "--moe-norm-topk", cfg->moe_norm_topk >= 0);
+    train_config_moe_only_(c, "--moe-router", cfg->moe_router >= 0);
+    train_config_moe_only_(c, "--moe-input-scale", cfg->moe_input_scale >= 0);
 }
 
 // moe (docs/design.md §10.6): --moepp defaults, then the flags given, then the expert width
@@ -555,6 +561,8 @@ static inline void train_config_moe_apply_(const TrainConfig* cfg, ModelConfig* 
         c->moe_const = 2;
         c->moe_gate_res = 1;
         c->moe_norm_topk = 1;
+        c->moe_router = MOE_ROUTER_TANH;
+        c->moe_input_scale = 1;
     }
     if (cfg->moe_experts >= 0) c->moe_experts = cfg->moe_experts;
     if (cfg->moe_topk >= 0) c->moe_topk = cfg->moe_topk;
@@ -564,6 +572,8 @@ static inline void train_config_moe_apply_(const TrainConfig* cfg, ModelConfig* 
     if (cfg->moe_const >= 0) c->moe_const = cfg->moe_const;
     if (cfg->moe_gate_res >= 0) c->moe_gate_res = cfg->moe_gate_res;
     if (cfg->moe_norm_topk >= 0) c->moe_norm_topk = cfg->moe_norm_topk;
+    if (cfg->moe_router >= 0) c->moe_router = cfg->moe_router;
+    if (cfg->moe_input_scale >= 0) c->moe_input_scale = cfg->moe_input_scale;
     long long Et = (long long)c->moe_experts + c->moe_const + c->moe_copy + c->moe_zero;
     if (c->moe_topk > Et) {
         fprintf(stderr, "Error: bad value \"%d\" for flag --moe-topk: k must be <= the routed experts E + zero + copy + "
@@ -638,16 +648,19 @@ static inline void train_config_check_file_model(const TrainConfig* cfg, const M
     if (file_config->ffn_kind == FFN_MOE) {  // every moe field the flags set must be the file's
         ModelConfig want = *file_config;
         train_config_moe_apply_(cfg, &want);
-        const char* names[8] = {"--moe-experts", "--moe-topk", "--moe-shared", "--moe-zero", "--moe-copy",
-                                "--moe-const", "--moe-gate-res", "--moe-norm-topk"};
-        const int given[8] = {cfg->moe_experts, cfg->moe_topk, cfg->moe_shared, cfg->moe_zero, cfg->moe_copy,
-                              cfg->moe_const, cfg->moe_gate_res, cfg->moe_norm_topk};
-        const int w[8] = {want.moe_experts, want.moe_topk, want.moe_shared, want.moe_zero, want.moe_copy,
-                          want.moe_const, want.moe_gate_res, want.moe_norm_topk};
-        const int f[8] = {file_config->moe_experts, file_config->moe_topk, file_config->moe_shared,
-                          file_config->moe_zero, file_config->moe_copy, file_config->moe_const,
-                          file_config->moe_gate_res, file_config->moe_norm_topk};
-        for (int i = 0; i < 8; i++) {
+        const char* names[10] = {"--moe-experts", "--moe-topk", "--moe-shared", "--moe-zero", "--moe-copy",
+                                 "--moe-const", "--moe-gate-res", "--moe-norm-topk", "--moe-router", "--moe-input-scale"};
+        const int given[10] = {cfg->moe_experts, cfg->moe_topk, cfg->moe_shared, cfg->moe_zero, cfg->moe_copy,
+                               cfg->moe_const, cfg->moe_gate_res, cfg->moe_norm_topk, cfg->moe_router,
+                               cfg->moe_input_scale};
+        const int w[10] = {want.moe_experts, want.moe_topk, want.moe_shared, want.moe_zero, want.moe_copy,
+                           want.moe_const, want.moe_gate_res, want.moe_norm_topk, want.moe_router,
+                           want.moe_input_scale};
+        const int f[10] = {file_config->moe_experts, file_config->moe_topk, file_config->moe_shared,
+                           file_config->moe_zero, file_config->moe_copy, file_config->moe_const,
+                           file_config->moe_gate_res, file_config->moe_norm_topk, file_config->moe_router,
+                           file_config->moe_input_scale};
+        for (int i = 0; i < 10; i++) {
             if (w[i] == f[i]) continue;
             char flag[64];
             snprintf(flag, sizeof(flag), "%s%s", names[i], given[i] >= 0 ? "" : " (set by --moepp 1)");

@@ -7,9 +7,9 @@
  * Config header (docs/design.md §5), shared by model files, checkpoints and fixtures: 256 int32.
  *   [0] magic [1] version [2] max_seq_len [3] vocab_size [4] padded_vocab_size [5] num_layers
  *   [6] num_heads [7] channels [8] ffn_kind [9] ffn_hidden [10] router_n [11] num_experts
- *   [12] top_k [13] router_norm [14] gate; [60..67] the moe fields (docs/design.md §10.7: E, k,
- *   S, zero, copy, const, gate_res, norm_topk; 0 for the other kinds, so files written before
- *   them read unchanged); other slots 0 unless a format below names them.
+ *   [12] top_k [13] router_norm [14] gate; [60..69] the moe fields (docs/design.md §10.7: E, k,
+ *   S, zero, copy, const, gate_res, norm_topk, router, input_scale; 0 for the other kinds, so
+ *   files written before them read unchanged); other slots 0 unless a format below names them.
  *
  * Model file (.bin): magic 20261101, version 2. Header, then fp32 params (model_config_num_params,
  * layout of config.h), then fp32 BN running stats (model_config_num_bn_stats: per layer mean[2n]
@@ -191,7 +191,7 @@ static inline float ckpt_get_f32_(const int32_t* header, int slot) {
 
 // the config slots [2..14] and [60..67] of docs/design.md §5.1
 #define MOE_HEADER_SLOT 60
-#define MOE_HEADER_SLOTS 8
+#define MOE_HEADER_SLOTS 10
 #define MODEL_CONFIG_NUM_FIELDS (13 + MOE_HEADER_SLOTS)
 // header slot of config field i (0..MODEL_CONFIG_NUM_FIELDS-1)
 static inline int model_config_field_slot(int i) { return i < 13 ? 2 + i : MOE_HEADER_SLOT + (i - 13); }
@@ -220,6 +220,8 @@ static inline void model_config_to_header(const ModelConfig* c, int32_t* header)
     header[MOE_HEADER_SLOT + 5] = c->moe_const;
     header[MOE_HEADER_SLOT + 6] = c->moe_gate_res;
     header[MOE_HEADER_SLOT + 7] = c->moe_norm_topk;
+    header[MOE_HEADER_SLOT + 8] = c->moe_router;
+    header[MOE_HEADER_SLOT + 9] = c->moe_input_scale;
 }
 
 static inline void model_config_from_header(const int32_t* header, ModelConfig* c) {
@@ -245,6 +247,8 @@ static inline void model_config_from_header(const int32_t* header, ModelConfig* 
     c->moe_const = header[MOE_HEADER_SLOT + 5];
     c->moe_gate_res = header[MOE_HEADER_SLOT + 6];
     c->moe_norm_topk = header[MOE_HEADER_SLOT + 7];
+    c->moe_router = header[MOE_HEADER_SLOT + 8];
+    c->moe_input_scale = header[MOE_HEADER_SLOT + 9];
 }
 
 // index (0..MODEL_CONFIG_NUM_FIELDS-1) of the first config field where a and b differ, -1 when
@@ -264,7 +268,8 @@ static inline const char* model_config_field_name(int i) {
         "ffn_hidden (--hidden)", "router_n", "num_experts (--experts)", "top_k (--topk)",
         "router_norm (--router-norm)", "gate (--gate)", "moe_experts (--moe-experts)", "moe_topk (--moe-topk)",
         "moe_shared (--moe-shared)", "moe_zero (--moe-zero)", "moe_copy (--moe-copy)", "moe_const (--moe-const)",
-        "moe_gate_res (--moe-gate-res)", "moe_norm_topk (--moe-norm-topk)"};
+        "moe_gate_res (--moe-gate-res)", "moe_norm_topk (--moe-norm-topk)", "moe_router (--moe-router)",
+        "moe_input_scale (--moe-input-scale)"};
     return (i >= 0 && i < MODEL_CONFIG_NUM_FIELDS) ? names[i] : "?";
 }
 static inline int model_config_field_value(const ModelConfig* c, int i) {

@@ -33,6 +33,8 @@
 // the options
 
 enum { FFN_GELU = 0, FFN_SWIGLU = 1, FFN_OMNI = 2, FFN_MOE = 3 };
+enum { MOE_ROUTER_LINEAR = 0, MOE_ROUTER_TANH = 1 };  // the moe router (docs/design.md §10.2)
+#define MOE_TANH_WIDTH 8  // the tanh router's hidden width, in multiples of E_t (MoE++ release)
 enum { ROUTER_NORM_NONE = 0, ROUTER_NORM_BN = 1 };
 enum { GATE_SOFTMAX = 0, GATE_PROB = 1 };
 // the two executions of the expert branch (docs/design.md §3): a run-time choice, not saved in
@@ -101,6 +103,8 @@ typedef struct {
     int moe_const;          // MoE++ constant experts (x and a learned vector, mixed)
     int moe_gate_res;       // 1: gating residuals (router logits += G z of the previous layer)
     int moe_norm_topk;      // 1: gates renormalised over the chosen non-zero experts (MoE++ release)
+    int moe_router;         // MOE_ROUTER_LINEAR (DeepSeekMoE) | MOE_ROUTER_TANH (MoE++ release: C -> 8E_t -> E_t)
+    int moe_input_scale;    // 1: the routed experts see k x (MoE++ release), 0: x
 } ModelConfig;
 
 static inline int round_up_to_multiple(int x, int m) { return ((x + m - 1) / m) * m; }
@@ -130,7 +134,8 @@ enum {
     PARAM_LNFW,         // (C)
     PARAM_LNFB,         // (C)
     // moe only (docs/design.md §10.1); E_t = E + K_const + K_copy + K_zero routed experts
-    PARAM_MOE_ROUTERW,  // (L, E_t, C)
+    PARAM_MOE_ROUTERW,  // (L, E_t, C); tanh router: (L, 8 E_t, C), its first layer
+    PARAM_MOE_ROUTER2,  // tanh router only: (L, E_t, 8 E_t), its second layer
     PARAM_MOE_GATEMAP,  // (L, E_t, E_t) gating residual map G (layer 0's unused); moe_gate_res only
     PARAM_MOE_W1,       // (L, E, 2 I_e, C) rows [0, I_e) = Wg_e, [I_e, 2 I_e) = Wu_e
     PARAM_MOE_W2,       // (L, E, C, I_e)
@@ -144,7 +149,7 @@ static inline const char* param_tensor_name(int i) {
     static const char* names[NUM_PARAMETER_TENSORS] = {
         "wte", "wpe", "ln1w", "ln1b", "qkvw", "qkvb", "attprojw", "attprojb", "ln2w", "ln2b",
         "fcw", "fcb", "fcprojw", "fcprojb", "routerw", "expert_u", "expert_v", "lnfw", "lnfb",
-        "moe_router", "moe_gate_map", "moe_w1", "moe_w2", "moe_const", "moe_const_mix", "moe_bias"};
+        "moe_router", "moe_router2", "moe_gate_map", "moe_w1", "moe_w2", "moe_const", "moe_const_mix", "moe_bias"};
     return (i >= 0 && i < NUM_PARAMETER_TENSORS) ? names[i] : "?";
 }
 
@@ -184,7 +189,9 @@ static inline void model_config_param_sizes(const ModelConfig* c, size_t sizes[N
     sizes[PARAM_LNFB] = C;
     size_t Et = (size_t)model_config_moe_routed(c), E = moe ? (size_t)c->moe_experts : 0;
     size_t Ie = moe ? (size_t)c->ffn_hidden : 0, Kc = moe ? (size_t)c->moe_const : 0;
-    sizes[PARAM_MOE_ROUTERW] = L * Et * C;
+    size_t tanh_width = moe && c->moe_router == MOE_ROUTER_TANH ? (size_t)MOE_TANH_WIDTH * Et : 0;
+    sizes[PARAM_MOE_ROUTERW] = L * (tanh_width ? tanh_width : Et) * C;
+    sizes[PARAM_MOE_ROUTER2] = L * Et * tanh_width;
     sizes[PARAM_MOE_GATEMAP] = moe && c->moe_gate_res ? L * Et * Et : 0;
     sizes[PARAM_MOE_W1] = L * E * 2 * Ie * C;
     sizes[PARAM_MOE_W2] = L * E * C * Ie;
@@ -256,9 +263,12 @@ static inline int model_config_validate(const ModelConfig* c) {
         else if (c->moe_shared > 65536) why = "moe shared experts must be <= 65536";
         else if (c->moe_gate_res != 0 && c->moe_gate_res != 1) why = "moe_gate_res must be 0 or 1";
         else if (c->moe_norm_topk != 0 && c->moe_norm_topk != 1) why = "moe_norm_topk must be 0 or 1";
+        else if (c->moe_router != MOE_ROUTER_LINEAR && c->moe_router != MOE_ROUTER_TANH) why = "moe_router must be linear or tanh";
+        else if (c->moe_input_scale != 0 && c->moe_input_scale != 1) why = "moe_input_scale must be 0 or 1";
     }
     if (!why && c->ffn_kind != FFN_MOE && (c->moe_experts || c->moe_topk || c->moe_shared || c->moe_zero ||
-                                           c->moe_copy || c->moe_const || c->moe_gate_res || c->moe_norm_topk))
+                                           c->moe_copy || c->moe_const || c->moe_gate_res || c->moe_norm_topk ||
+                                           c->moe_router || c->moe_input_scale))
         why = "the moe fields must be 0 unless ffn_kind is moe";
     // an upper bound of the parameter count in double (no overflow), so that the size_t sums of
     // model_config_param_sizes cannot wrap for any header a file may hold
@@ -266,7 +276,8 @@ static inline int model_config_validate(const ModelConfig* c) {
     double N = c->ffn_kind == FFN_OMNI ? c->num_experts : 0, n = c->ffn_kind == FFN_OMNI ? c->router_n : 0;
     if (c->ffn_kind == FFN_MOE) {  // the shared width S*I_e plus E experts of I_e, router, map, constants
         double Et = (double)c->moe_experts + c->moe_const + c->moe_copy + c->moe_zero;
-        H = H * ((double)c->moe_shared + c->moe_experts) + (Et * C + Et * Et + 3.0 * c->moe_const * C + Et) / (3 * C);
+        H = H * ((double)c->moe_shared + c->moe_experts) +
+            (9 * Et * C + 9 * Et * Et + 3.0 * c->moe_const * C + Et) / (3 * C);  // tanh router: 8 E_t (C + E_t)
     }
     double bound = ((double)c->padded_vocab_size + c->max_seq_len + 2) * C +
                    L * (4 * C * C + 3 * H * C + 2 * n * C + 2 * N * C + 9 * C + H);
@@ -296,7 +307,8 @@ static inline int model_config_set_experts(ModelConfig* c, int num_experts, int 
 // of width swiglu_I: nearest multiple of 64 (of 8 when C < 384), at least that multiple
 static inline int model_config_moe_fit_width(const ModelConfig* c, int swiglu_I) {
     double C = c->channels, Et = model_config_moe_routed(c);
-    double budget = 3.0 * C * swiglu_I - Et * C - (c->moe_gate_res ? Et * Et : 0.0) - 3.0 * C * c->moe_const;
+    double router = c->moe_router == MOE_ROUTER_TANH ? MOE_TANH_WIDTH * Et * (C + Et) : Et * C;
+    double budget = 3.0 * C * swiglu_I - router - (c->moe_gate_res ? Et * Et : 0.0) - 3.0 * C * c->moe_const;
     double Ie = budget / (3.0 * C * (c->moe_shared + c->moe_topk));
     int m = c->channels >= 384 ? 64 : 8;
     int rounded = (int)floor(Ie / m + 0.5) * m;
@@ -360,7 +372,7 @@ static inline int param_is_decayed(int tensor) {
     switch (tensor) {
         case PARAM_WTE: case PARAM_WPE: case PARAM_QKVW: case PARAM_ATTPROJW: case PARAM_FCW:
         case PARAM_FCPROJW: case PARAM_ROUTERW: case PARAM_EXPERTU: case PARAM_EXPERTV:
-        case PARAM_MOE_ROUTERW: case PARAM_MOE_GATEMAP: case PARAM_MOE_W1: case PARAM_MOE_W2: case PARAM_MOE_CONSTMIX:
+        case PARAM_MOE_ROUTERW: case PARAM_MOE_ROUTER2: case PARAM_MOE_GATEMAP: case PARAM_MOE_W1: case PARAM_MOE_W2: case PARAM_MOE_CONSTMIX:
             return 1;
         default:
             return 0;
@@ -420,9 +432,10 @@ static inline void model_config_print(const ModelConfig* c) {
         printf("| ffn: omni  I=%d  N=%d (n=%d)  k=%d  router_norm=%s  gate=%s\n", c->ffn_hidden,
                c->num_experts, c->router_n, c->top_k, router_norm_name(c->router_norm), gate_name(c->gate));
     } else if (c->ffn_kind == FFN_MOE) {
-        printf("| ffn: moe  I_e=%d  E=%d  k=%d  shared=%d  zero=%d copy=%d const=%d  gate_res=%d  norm_topk=%d\n",
-               c->ffn_hidden, c->moe_experts, c->moe_topk, c->moe_shared, c->moe_zero, c->moe_copy, c->moe_const,
-               c->moe_gate_res, c->moe_norm_topk);
+        printf("| ffn: moe  I_e=%d  E=%d  k=%d  shared=%d  zero=%d copy=%d const=%d  gate_res=%d  norm_topk=%d  "
+               "router=%s  input_scale=%d\n", c->ffn_hidden, c->moe_experts, c->moe_topk, c->moe_shared, c->moe_zero,
+               c->moe_copy, c->moe_const, c->moe_gate_res, c->moe_norm_topk,
+               c->moe_router == MOE_ROUTER_TANH ? "tanh" : "linear", c->moe_input_scale);
     } else {
         printf("| ffn: %s  hidden=%d\n", ffn_kind_name(c->ffn_kind), c->ffn_hidden);
     }
