@@ -257,6 +257,46 @@ static void test_model_files(void) {
     free(p2);
     free(pg);
 
+    // moe (docs/design.md §10): its fields in slots 60-69, every one of them compared on resume
+    ModelConfig mc = micro_config(FFN_SWIGLU);
+    mc.ffn_kind = FFN_MOE;
+    mc.ffn_hidden = 8;
+    mc.moe_experts = 3; mc.moe_topk = 2; mc.moe_shared = 1; mc.moe_zero = 1; mc.moe_copy = 1; mc.moe_const = 2;
+    mc.moe_gate_res = 1; mc.moe_norm_topk = 1; mc.moe_router = MOE_ROUTER_TANH; mc.moe_input_scale = 1;
+    size_t Pm = model_config_num_params(&mc);
+    float* pm = random_floats(&rng, Pm);
+    char path_moe[600];
+    snprintf(path_moe, sizeof(path_moe), "%s/moe.bin", dir);
+    model_file_write(path_moe, &mc, pm, NULL);
+    model_file_read(path_moe, &c2, &p2, &bn2);
+    ok = model_config_first_difference(&mc, &c2) < 0 && bits_equal(pm, p2, Pm * 4) && bn2 == NULL;
+    {
+        size_t n;
+        unsigned char* raw = test_read_file(path_moe, &n);
+        int32_t h[256];
+        memcpy(h, raw, sizeof(h));
+        const int want[10] = {3, 2, 1, 1, 1, 2, 1, 1, 1, 1};
+        for (int i = 0; i < 10; i++) ok &= h[60 + i] == want[i];
+        ok &= h[8] == FFN_MOE && h[9] == 8;
+        free(raw);
+    }
+    int fields_ok = 1;
+    const size_t moe_fields[10] = {offsetof(ModelConfig, moe_experts), offsetof(ModelConfig, moe_topk),
+                                   offsetof(ModelConfig, moe_shared), offsetof(ModelConfig, moe_zero),
+                                   offsetof(ModelConfig, moe_copy), offsetof(ModelConfig, moe_const),
+                                   offsetof(ModelConfig, moe_gate_res), offsetof(ModelConfig, moe_norm_topk),
+                                   offsetof(ModelConfig, moe_router), offsetof(ModelConfig, moe_input_scale)};
+    for (int i = 0; i < 10; i++) {  // each moe field alone makes the configs differ, named by its flag
+        ModelConfig other = mc;
+        *(int*)((char*)&other + moe_fields[i]) += 1;
+        int d = model_config_first_difference(&mc, &other);
+        fields_ok &= d == 13 + i && strstr(model_config_field_name(d), "--moe-") != NULL;
+    }
+    test_check_why(ok && fields_ok, "model file round trip (moe with every MoE++ option) is bitwise, fields in slots "
+                   "60-69, each compared by model_config_first_difference", "");
+    free(p2);
+    free(pm);
+
     // errors
     char bad[600];
     snprintf(bad, sizeof(bad), "%s/missing.bin", dir);
