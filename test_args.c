@@ -139,6 +139,11 @@ static void test_args(void) {
         {"-y 1 without -o", {"-e", "tiny", "-t", "64", "-y", "1"}, "flag -y", "-o", 1, 1},
         {"unknown model", {"-e", "d13"}, "\"d13\" for flag -e", "not a preset", 1, 1},
         {"omni knob on gelu", {"-e", "tiny", "-t", "64", "-f", "gelu", "--experts", "16"}, "--experts", "gelu", 1, 1},
+        {"moe knob on swiglu", {"-e", "tiny", "-t", "64", "-f", "swiglu", "--moe-zero", "1"}, "--moe-zero", "swiglu", 1, 1},
+        {"omni knob on moe", {"-e", "tiny", "-t", "64", "-f", "moe", "--experts", "16"}, "--experts", "moe", 1, 1},
+        {"moe topk > routed experts", {"-e", "tiny", "-t", "64", "-f", "moe", "--moe-topk", "9"}, "\"9\" for flag --moe-topk",
+         "= 8 of model tiny", 1, 1},
+        {"unknown moe router", {"--moe-router", "mlp"}, "--moe-router", "linear|tanh", 0, 1},
         {"negative process rank", {"-pr", "-1"}, "\"-1\" for flag -pr", NULL, 0, 1},
         {"process rank >= processes", {"-pn", "2", "-pr", "2", "-pf", "id"}, "\"2\" for flag -pr", "-pn 2", 0, 1},
     };
@@ -186,6 +191,58 @@ static void test_args(void) {
         char* argv[] = {(char*)"prog", (char*)"-e", mpath, (char*)"-f", (char*)"swiglu"};
         ParseArgs pa = {5, argv, 1, 1};
         test_expect_exit_failure("args: -e <file> with a conflicting -f exits naming it", child_parse, &pa, "flag -f swiglu", "omni");
+    }
+
+    // moe: --moepp 1 sets the MoE++ release's fields, a flag overrides one, the width is refitted
+    {
+        TrainConfig m = def;
+        strcpy(m.model, "d12");
+        m.ffn_kind = FFN_MOE;
+        m.moepp = 1;
+        m.moe_const = 1;
+        ModelConfig moe_c, plain;
+        train_config_model(&m, &moe_c);
+        m.moepp = 0;
+        m.moe_const = -1;
+        train_config_model(&m, &plain);
+        ok = moe_c.ffn_kind == FFN_MOE && moe_c.moe_experts == 64 && moe_c.moe_topk == 6 && moe_c.moe_shared == 2 &&
+             moe_c.moe_zero == 1 && moe_c.moe_copy == 1 && moe_c.moe_const == 1 && moe_c.moe_gate_res == 1 &&
+             moe_c.moe_norm_topk == 1 && moe_c.moe_router == MOE_ROUTER_TANH && moe_c.moe_input_scale == 1 &&
+             plain.moe_zero == 0 && plain.moe_router == MOE_ROUTER_LINEAR && plain.ffn_hidden == 256;
+        snprintf(detail, sizeof(detail), "I_e %d (--moepp 1) and %d (plain)", moe_c.ffn_hidden, plain.ffn_hidden);
+        test_check_why(ok, "args: -f moe --moepp 1 --moe-const 1 sets the MoE++ fields, the flag wins", detail);
+        ModelConfig sw;
+        m.ffn_kind = FFN_SWIGLU;
+        train_config_model(&m, &sw);
+        double rel = fabs((double)model_config_active_params(&plain) - (double)model_config_active_params(&sw)) /
+                     (double)model_config_active_params(&sw);
+        snprintf(detail, sizeof(detail), "moe %zu vs swiglu %zu active parameters (%.2f%%, tol 1%%)",
+                 model_config_active_params(&plain), model_config_active_params(&sw), 100.0 * rel);
+        test_check_why(rel < 0.01, "args: the d12 moe preset has the active parameters of swiglu", detail);
+    }
+    {  // a moe model file: --moepp 1 conflicts with a file without the MoE++ experts
+        char moe_path[600];
+        snprintf(moe_path, sizeof(moe_path), "%s/moe.bin", mdir);
+        ModelConfig moe_f = test_config(TEST_DIMS_MICRO, FFN_SWIGLU, 0, 0, ROUTER_NORM_BN, GATE_SOFTMAX);
+        moe_f.ffn_kind = FFN_MOE;
+        moe_f.moe_experts = 4;
+        moe_f.moe_topk = 2;
+        moe_f.moe_shared = 1;
+        size_t moe_params = model_config_num_params(&moe_f);
+        float* mp = (float*)malloc_check(moe_params * sizeof(float));
+        fill_normal(mp, moe_params, 0.0f, 1.0f, &rng);
+        model_file_write(moe_path, &moe_f, mp, NULL);
+        free(mp);
+        char* argv[] = {(char*)"prog", (char*)"-e", moe_path, (char*)"-t", (char*)"8", (char*)"--moepp", (char*)"1"};
+        ParseArgs pa = {7, argv, 1, 1};
+        test_expect_exit_failure("args: -e <moe file> with a conflicting --moepp 1 exits naming the field", child_parse,
+                                 &pa, "--moe-zero (set by --moepp 1) 1 conflicts", "which has 0");
+        char* argv2[] = {(char*)"prog", (char*)"-e", moe_path, (char*)"-t", (char*)"8", (char*)"--moe-topk", (char*)"2",
+                         (char*)"-g", (char*)"8"};
+        ParseArgs pa2 = {9, argv2, 1, 1};
+        char out[4096];
+        int code = test_run_child(child_parse, &pa2, out, sizeof(out));
+        test_check_why(code == 999, "args: -e <moe file> with an agreeing --moe-topk is accepted", out);
     }
 
     // --help: exit 0, every flag with its default
