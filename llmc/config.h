@@ -304,13 +304,13 @@ static inline int model_config_set_experts(ModelConfig* c, int num_experts, int 
 
 // moe (docs/design.md §10.6): the expert width I_e that gives (S + k) experts, the router, the
 // gating-residual map and the constant experts together about the active parameters of a SwiGLU
-// of width swiglu_I: nearest multiple of 64 (of 8 when C < 384), at least that multiple
+// of width swiglu_I: nearest multiple of 32 (of 8 when C < 384), at least that multiple
 static inline int model_config_moe_fit_width(const ModelConfig* c, int swiglu_I) {
     double C = c->channels, Et = model_config_moe_routed(c);
     double router = c->moe_router == MOE_ROUTER_TANH ? MOE_TANH_WIDTH * Et * (C + Et) : Et * C;
     double budget = 3.0 * C * swiglu_I - router - (c->moe_gate_res ? Et * Et : 0.0) - 3.0 * C * c->moe_const;
     double Ie = budget / (3.0 * C * (c->moe_shared + c->moe_topk));
-    int m = c->channels >= 384 ? 64 : 8;
+    int m = c->channels >= 384 ? 32 : 8;
     int rounded = (int)floor(Ie / m + 0.5) * m;
     return rounded < m ? m : rounded;
 }
