@@ -846,6 +846,33 @@ static void test_moe_aux_uniform(void) {
     gpt_free(&model);
 }
 
+// gpt_backward(loss_scale) scales every gradient, the balance loss's too: loss_scale 0.5 gives
+// exactly half the gradients of 1 (a power of two: bitwise)
+static void test_moe_loss_scale(void) {
+    ModelConfig config = moe_test_config(TEST_DIMS_TINY, 3, 2, 1, 1, 1, 1, 1, 1);
+    GPT model;
+    gpt_build(&model, &config);
+    randomize_model(&model, 81, 0.3f);
+    model.moe_aux_coef = 0.5f;
+    model.moe_zc_weight = 0.5f;
+    int B = 2, T = 8, BT = B * T, inputs[16], targets[16];
+    random_tokens(inputs, BT, config.vocab_size, 82);
+    random_tokens(targets, BT, config.vocab_size, 83);
+    gpt_forward(&model, inputs, targets, B, T, 1);
+    gpt_zero_grad(&model);
+    gpt_backward(&model, 1.0f);
+    float* full = alloc_floats(model.num_params);
+    memcpy(full, model.grads, model.num_params * sizeof(float));
+    gpt_zero_grad(&model);
+    gpt_backward(&model, 0.5f);
+    size_t bad = 0;
+    for (size_t i = 0; i < model.num_params; i++) bad += model.grads[i] != 0.5f * full[i];
+    test_checkf(bad == 0 && model.moe_aux_active, "moe_loss_scale", "MoE++ with the balance loss: backward(0.5) = "
+                "backward(1) / 2 bitwise in %zu of %zu gradients", model.num_params - bad, model.num_params);
+    free(full);
+    gpt_free(&model);
+}
+
 // the bias update moves each FFN expert's bias by rate towards the mean load (sign only, exact),
 // leaves the zero-computation experts' entries alone, and a large bias decides the selection
 // without changing any gate (p stays the softmax of the router)
@@ -991,6 +1018,7 @@ int main(int argc, char** argv) {
     test_grad_accum(test_config(TEST_DIMS_TINY, FFN_SWIGLU, 0, 0, 0, 0), 1);
     test_grad_accum(test_config(TEST_DIMS_TINY, FFN_OMNI, 4, 3, ROUTER_NORM_NONE, GATE_SOFTMAX), 1);
     test_grad_accum(test_config(TEST_DIMS_TINY, FFN_OMNI, 4, 3, ROUTER_NORM_BN, GATE_SOFTMAX), 0);
+    test_grad_accum(moe_test_config(TEST_DIMS_TINY, 3, 2, 1, 1, 1, 1, 1, 1), 1);  // balance loss off
 
     test_overfit(FFN_GELU);
     test_overfit(FFN_SWIGLU);
@@ -998,6 +1026,7 @@ int main(int argc, char** argv) {
 
     test_determinism();
     test_moe_aux_uniform();
+    test_moe_loss_scale();
     test_moe_bias();
     test_moe_determinism();
 
