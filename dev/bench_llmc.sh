@@ -5,7 +5,7 @@
 #   bash dev/bench_llmc.sh prepare LLMC_DIR   here, once: copies an llm.c checkout (git clone
 #       https://github.com/karpathy/llm.c) into carry/llm.c with the two fixes it needs to build
 #       with CUDA 13, and the cudnn-frontend headers (PyPI wheel nvidia-cudnn-frontend, include/)
-#       into carry/llm.c/cudnn-frontend/include; carry/ is git-ignored and travels with carry ["carry"]
+#       into carry/cudnn-frontend/include; carry/ is git-ignored and travels with carry ["carry"]
 #   bash dev/bench_llmc.sh                     on the GPU machine: builds both llm.c variants and
 #       ./train_omnimoe, runs them alternating (REPEATS rounds), prints a table and the ratios last
 #
@@ -16,7 +16,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LLMC=carry/llm.c
-CFE=$LLMC/cudnn-frontend/include   # where llm.c's Makefile looks for it
+CFE=carry/cudnn-frontend/include   # shared with our `make USE_CUDNN=1` (Makefile)
 
 if [ "${1:-}" = prepare ]; then
     src=${2:?usage: bash dev/bench_llmc.sh prepare LLMC_DIR}
@@ -56,6 +56,7 @@ fi
 STEPS=${STEPS:-40}
 SKIP=${SKIP:-10}
 REPEATS=${REPEATS:-2}
+OURS_CUDNN=${OURS_CUDNN:-0}   # 1: ./train_omnimoe was built with USE_CUDNN=1; also run it with --attention cudnn
 B=${B:-32}
 RUN_TIMEOUT=${RUN_TIMEOUT:-180}
 TRAIN=data/tinyshakespeare/tiny_shakespeare_train.bin
@@ -69,31 +70,35 @@ echo "bench_llmc: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)
 
 build() {  # build <name> <make args...>: llm.c's train_gpt2cu copied to $D/<name>
     local name=$1; shift
+    ln -sfn ../cudnn-frontend "$LLMC/cudnn-frontend"   # llm.c's Makefile looks in ./cudnn-frontend/include
     (cd "$LLMC" && make clean >/dev/null 2>&1; make -j"$(nproc)" train_gpt2cu GPU_COMPUTE_CAPABILITY="$arch" "$@") \
         > "$D/build_$name.log" 2>&1 && cp "$LLMC/train_gpt2cu" "$D/$name" \
         || { tail -n 20 "$D/build_$name.log"; echo "bench_llmc: FAIL: build $name"; exit 1; }
 }
 build llmc_cudnn USE_CUDNN=1 NVCC_LDLIBS="-lnvrtc -lcuda"
 build llmc_plain USE_CUDNN=0
-make train_omnimoe > "$D/build_ours.log" 2>&1 || { tail -n 20 "$D/build_ours.log"; echo "bench_llmc: FAIL: build ours"; exit 1; }
+if [ "$OURS_CUDNN" = 1 ]; then make USE_CUDNN=1 train_omnimoe > "$D/build_ours.log" 2>&1; else make train_omnimoe > "$D/build_ours.log" 2>&1; fi \
+    || { tail -n 20 "$D/build_ours.log"; echo "bench_llmc: FAIL: build ours"; exit 1; }
 
 run_llmc() {  # run_llmc <binary> <log>
     timeout -k 5 "$RUN_TIMEOUT" "$D/$1" -e d12 -i "$TRAIN" -j "$VAL" -b "$B" -t 1024 -x "$STEPS" -l 6e-4 \
         -u 10 -q 0.1 -c 0.1 -r 0 -v 100000 -m 1 -s 100000 -h 0 > "$2" 2>&1
 }
-run_ours() {  # run_ours <log>: the JSONL log is <log>.jsonl
+run_ours() {  # run_ours <log> [more flags]: the JSONL log is <log>.jsonl
+    local log=$1; shift
     timeout -k 5 "$RUN_TIMEOUT" ./train_omnimoe -e d12 -f gelu -i "$TRAIN" --val-data= -b "$B" -t 1024 -x "$STEPS" \
-        -l 6e-4 -u 10 -q 0.1 --schedule cosine -c 0.1 -v 0 -s 0 --log-file "$1.jsonl" > "$1" 2>&1
+        -l 6e-4 -u 10 -q 0.1 --schedule cosine -c 0.1 -v 0 -s 0 --log-file "$log.jsonl" "$@" > "$log" 2>&1
 }
 for round in $(seq 1 "$REPEATS"); do   # alternate, so drift in clocks or heat hits every trainer alike
     run_llmc llmc_cudnn "$D/llmc_cudnn_$round.out" || echo "llmc_cudnn round $round: exit $?"
     run_ours "$D/ours_$round.out" || echo "ours round $round: exit $?"
+    if [ "$OURS_CUDNN" = 1 ]; then run_ours "$D/ours_cudnn_$round.out" --attention cudnn || echo "ours_cudnn round $round: exit $?"; fi
     run_llmc llmc_plain "$D/llmc_plain_$round.out" || echo "llmc_plain round $round: exit $?"
 done
 
-python3 - "$D" "$SKIP" "$REPEATS" <<'EOF'
+python3 - "$D" "$SKIP" "$REPEATS" "$OURS_CUDNN" <<'EOF'
 import json, os, re, sys
-d, skip, repeats = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+d, skip, repeats, ours_cudnn = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 step_re = re.compile(r"^step\s+(\d+)/\d+ \|.*\| ([0-9.]+) ms \| (-?[0-9.]+)% bf16 MFU \| ([0-9.]+) tok/s")
 
 def median(v):
@@ -116,15 +121,16 @@ def ours_tok_s(path):
     return median(vals) if vals else None
 
 res = {}
-for name in ("llmc_cudnn", "ours", "llmc_plain"):
+for name in ("llmc_cudnn", "ours", "llmc_plain") + (("ours_cudnn",) if ours_cudnn else ()):
     res[name] = []
     for r in range(1, repeats + 1):
         p = os.path.join(d, "%s_%d.out" % (name, r))
         try:
-            res[name].append(ours_tok_s(p) if name == "ours" else llmc_tok_s(p))
+            res[name].append(ours_tok_s(p) if name.startswith("ours") else llmc_tok_s(p))
         except OSError:
             res[name].append(None)
-label = {"llmc_cudnn": "llm.c, cuDNN flash attention", "ours": "ours (-f gelu)", "llmc_plain": "llm.c without cuDNN"}
+label = {"llmc_cudnn": "llm.c, cuDNN flash attention", "ours": "ours (-f gelu)", "llmc_plain": "llm.c without cuDNN",
+         "ours_cudnn": "ours (-f gelu --attention cudnn)"}
 print("\n| trainer | median tok/s per run |\n|---|---:|")
 for name, v in res.items():
     print("| %s | %s |" % (label[name], " / ".join("%.1fk" % (x / 1e3) if x else "failed" for x in v)))
@@ -135,4 +141,6 @@ if best["ours"] and best["llmc_cudnn"] and best["llmc_plain"]:
           % (best["ours"] / best["llmc_cudnn"], best["ours"] / best["llmc_plain"]))
 else:
     sys.exit("bench_llmc: a trainer produced no step lines (see %s)" % d)
+if best.get("ours_cudnn") and best["llmc_cudnn"]:
+    print("ours with --attention cudnn / llm.c with cuDNN: %.3f" % (best["ours_cudnn"] / best["llmc_cudnn"]))
 EOF
