@@ -47,7 +47,7 @@ endif
 HOST_HEADERS = $(wildcard llmc/*.h)
 CUDA_HEADERS = $(wildcard llmc/*.cuh)
 CPU_TESTS = test_omnimoe_cpu test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_fixtures test_integrity \
-            test_mc_eval test_loop_ranks test_mc_loop
+            test_mc_eval test_loop_ranks test_mc_loop test_expert_shard
 
 .PHONY: all cpu test test_cpu test_gpu kernel_tests kernel_benches test_kernels clean
 
@@ -59,6 +59,10 @@ train_omnimoe_cpu: train_omnimoe.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 test_omnimoe_cpu: test_omnimoe_cpu.c train_omnimoe.c $(HOST_HEADERS)
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+# the column-sharded expert tables with simulated ranks (llmc/expert_shard.h, docs/sharding.md §3.1)
+test_expert_shard: test_expert_shard.c train_omnimoe.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 test_fixtures: test_fixtures.c train_omnimoe.c $(HOST_HEADERS)
@@ -142,6 +146,7 @@ test_cpu: $(CPU_TESTS) train_omnimoe_cpu
 	./test_loop_ranks
 	./test_mc_loop
 	./test_omnimoe_cpu
+	./test_expert_shard
 	./test_fixtures
 	bash scripts/test_resume_cpu.sh
 	bash scripts/test_launcher_cpu.sh
