@@ -43,6 +43,13 @@
 #include <math.h>
 #include "config.h"
 
+// the map and the tree are also called by the rank kernels (llmc/experts_shard.cuh)
+#ifdef __CUDACC__
+#define EXPERT_SHARD_HD __host__ __device__
+#else
+#define EXPERT_SHARD_HD
+#endif
+
 #define EXPERT_SHARD_VEC 8     // channels per column vector: 16 bytes of bf16
 #define EXPERT_SHARD_WARP 32   // lanes of the unsharded dot product (one warp)
 
@@ -57,13 +64,13 @@ static inline const char* expert_shard_unfit(int C, int P) {
 static inline int expert_shard_cols(int C, int P) { return C / P; }
 
 // channel c lives on rank (c/8) mod P ...
-static inline int expert_shard_rank_of(int c, int P) { return (c / EXPERT_SHARD_VEC) % P; }
+EXPERT_SHARD_HD static inline int expert_shard_rank_of(int c, int P) { return (c / EXPERT_SHARD_VEC) % P; }
 // ... at packed column ((c/8) div P)*8 + c%8 of that rank's slice
-static inline int expert_shard_packed_of(int c, int P) {
+EXPERT_SHARD_HD static inline int expert_shard_packed_of(int c, int P) {
     return (c / EXPERT_SHARD_VEC) / P * EXPERT_SHARD_VEC + c % EXPERT_SHARD_VEC;
 }
 // the inverse: packed column j of rank r is channel ((j/8)*P + r)*8 + j%8
-static inline int expert_shard_channel(int j, int r, int P) {
+EXPERT_SHARD_HD static inline int expert_shard_channel(int j, int r, int P) {
     return ((j / EXPERT_SHARD_VEC) * P + r) * EXPERT_SHARD_VEC + j % EXPERT_SHARD_VEC;
 }
 
@@ -104,7 +111,7 @@ static inline int expert_shard_pair_owner(long long g, long long pairs_per_rank)
 // lanes of one rank's dot product: the 32/P lanes of a warp that the unsharded kernel gives its
 // vectors when P divides 32; otherwise a whole warp over the packed slice (then sharded results
 // are deterministic for that P but not the unsharded bits)
-static inline int expert_shard_lanes(int P) {
+EXPERT_SHARD_HD static inline int expert_shard_lanes(int P) {
     return (P <= EXPERT_SHARD_WARP && (P & (P - 1)) == 0) ? EXPERT_SHARD_WARP / P : EXPERT_SHARD_WARP;
 }
 
@@ -142,7 +149,7 @@ static inline float expert_shard_dot_partial(const float* a, const float* b, int
 // butterfly (offsets P/2 ... 1 on lanes r + P*j), so a rank partial of expert_shard_dot_partial
 // combined here gives the unsharded dot product bit for bit. P=4: (G0 + G2) + (G1 + G3);
 // P=3: (G0 + G2) + G1.
-static inline float expert_shard_tree_sum(const float* partials, size_t stride, int P) {
+EXPERT_SHARD_HD static inline float expert_shard_tree_sum(const float* partials, size_t stride, int P) {
     float value[64];
     int Q = 1;
     while (Q < P) Q *= 2;
