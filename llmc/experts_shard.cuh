@@ -39,6 +39,11 @@ dX, the segment sums of dU/dV) is the unsharded kernels' own. fp32 builds (16-by
 
 Accumulate or overwrite: partial_dots, combine, token_sums, pair_grads, pack_columns overwrite;
 add_columns: Y = Y + y (accumulate = 1) or Y = y; table_grads: dU_q, dV_q +=. No atomics.
+
+The whole sequence of one rank, exchanges included, is experts_shard_forward / _backward at the
+end, over an ExpertShardComm: two collectives (all-gather, all-to-all) that NCCL implements
+(expert_shard_comm_nccl, grouped ncclSend/ncclRecv for the all-to-all) and the one-GPU test
+implements with threads and device copies. Every rank must call them in the same order.
 NOT YET RUN ON A GPU: dev/cuda/test_experts_shard.cu checks all of it on one GPU.
 */
 #ifndef OMNIMOE_EXPERTS_SHARD_CUH
@@ -46,6 +51,7 @@ NOT YET RUN ON A GPU: dev/cuda/test_experts_shard.cu checks all of it on one GPU
 
 #include "expert_shard.h"
 #include "experts.cuh"
+#include "multi_gpu.cuh"
 
 #define EXPERTS_SHARD_THREADS 256
 
@@ -264,6 +270,193 @@ static void experts_shard_table_grads(floatX* dU, floatX* dV, const float* ds_al
     experts_segment_fixup_kernel<<<num_chunks, seg_threads, 0, stream>>>(dU, dV, head_u, head_v, tail_u, tail_v,
                                                                          sched_all, A, cols);
     cudaCheckLast();
+}
+
+// ----------------------------------------------------------------------------
+// one rank's sharded expert branch: the kernels above between the exchanges of §3.1
+
+typedef struct ExpertShardComm ExpertShardComm;
+struct ExpertShardComm {
+    int P, rank;
+    // recv (P * bytes) = the send (bytes) of every rank, in rank order
+    void (*all_gather)(const ExpertShardComm* comm, void* recv, const void* send, size_t bytes, cudaStream_t stream);
+    // send: P blocks of block_bytes, block q for rank q; recv (P blocks) = block `rank` of every rank
+    void (*all_to_all)(const ExpertShardComm* comm, void* recv, const void* send, size_t block_bytes,
+                       cudaStream_t stream);
+    const void* ctx;  // the implementation's state (the MultiGpu for NCCL)
+};
+
+#ifdef MULTI_GPU
+static void expert_shard_nccl_all_gather(const ExpertShardComm* c, void* recv, const void* send, size_t bytes,
+                                         cudaStream_t stream) {
+    ncclCheck(ncclAllGather(send, recv, bytes, ncclChar, ((const MultiGpu*)c->ctx)->comm, stream));
+}
+
+// the own block by a device copy, the others by one group of sends and receives
+static void expert_shard_nccl_all_to_all(const ExpertShardComm* c, void* recv, const void* send, size_t block_bytes,
+                                         cudaStream_t stream) {
+    const MultiGpu* mg = (const MultiGpu*)c->ctx;
+    cudaCheck(cudaMemcpyAsync((char*)recv + (size_t)c->rank * block_bytes, (const char*)send + (size_t)c->rank * block_bytes,
+                              block_bytes, cudaMemcpyDeviceToDevice, stream));
+    ncclCheck(ncclGroupStart());
+    for (int q = 0; q < c->P; q++) {
+        if (q == c->rank) { continue; }
+        ncclCheck(ncclSend((const char*)send + (size_t)q * block_bytes, block_bytes, ncclChar, q, mg->comm, stream));
+        ncclCheck(ncclRecv((char*)recv + (size_t)q * block_bytes, block_bytes, ncclChar, q, mg->comm, stream));
+    }
+    ncclCheck(ncclGroupEnd());
+}
+#endif
+
+// the exchanges over the job's NCCL communicator (one process per GPU, llmc/multi_gpu.cuh)
+static ExpertShardComm expert_shard_comm_nccl(const MultiGpu* mg) {
+    ExpertShardComm c;
+    c.P = mg->num_processes;
+    c.rank = mg->process_rank;
+    c.ctx = mg;
+#ifdef MULTI_GPU
+    c.all_gather = expert_shard_nccl_all_gather;
+    c.all_to_all = expert_shard_nccl_all_to_all;
+#else
+    c.all_gather = NULL;
+    c.all_to_all = NULL;
+    if (c.P > 1) {
+        fprintf(stderr, "expert_shard_comm_nccl: %d processes, but this build has no NCCL\n", c.P);
+        exit(EXIT_FAILURE);
+    }
+#endif
+    return c;
+}
+
+// what the forward keeps for the backward, per layer and rank (A = P*BT*k pairs, T = P*BT)
+typedef struct {
+    int* idx_all;     // (A)
+    float* gate_all;  // (A)
+    float* s_all;     // (A)
+    floatX* xcols;    // (T, C/P)
+} ExpertShardSaved;
+
+static inline size_t experts_shard_saved_bytes(int BT, int C, int k, int P) {
+    const size_t A = (size_t)P * BT * k, T = (size_t)P * BT;
+    return align256(A * sizeof(int)) + 2 * align256(A * sizeof(float)) + align256(T * (C / P) * sizeof(floatX));
+}
+
+static inline ExpertShardSaved experts_shard_saved_carve(void* base_ptr, int BT, int C, int k, int P) {
+    const size_t A = (size_t)P * BT * k;
+    char* base = (char*)base_ptr;
+    ExpertShardSaved s;
+    s.idx_all = (int*)base;     base += align256(A * sizeof(int));
+    s.gate_all = (float*)base;  base += align256(A * sizeof(float));
+    s.s_all = (float*)base;     base += align256(A * sizeof(float));
+    s.xcols = (floatX*)base;
+    return s;
+}
+
+// the temporaries of one forward or backward (reused by every layer)
+typedef struct {
+    floatX* send_cols;   // (BT, C) as P blocks (BT, C/P)
+    floatX* dycols;      // (T, C/P)
+    float* send;         // (max(A, T*C/P))
+    float* recv;         // (max(A, T*C/P))
+    float* h;            // (BT*k) own pairs
+    float* ds;           // (BT*k)
+    float* ds_all;       // (A)
+    ExpertSchedule sched;  // over all A pairs
+    void* scratch;       // scheduler_build, then experts_shard_table_grads
+    size_t scratch_bytes;
+} ExpertShardWork;
+
+static inline size_t experts_shard_scratch_bytes_(int BT, int C, int k, int N, int P) {
+    const int A = P * BT * k;
+    const size_t a = scheduler_scratch_bytes(A, N), b = experts_shard_table_grads_scratch_bytes(A, C / P);
+    return a > b ? a : b;
+}
+
+static inline size_t experts_shard_work_bytes(int BT, int C, int k, int N, int P) {
+    const size_t A = (size_t)P * BT * k, T = (size_t)P * BT, cols = (size_t)(C / P);
+    const size_t f = A > T * cols ? A : T * cols;
+    const size_t amax = (size_t)scheduler_max_active((int)A, N);
+    return align256((size_t)BT * C * sizeof(floatX)) + align256(T * cols * sizeof(floatX)) +
+           2 * align256(f * sizeof(float)) + 2 * align256((size_t)BT * k * sizeof(float)) +
+           align256(A * sizeof(float)) + 3 * align256(A * sizeof(int)) + 2 * align256((amax + 1) * sizeof(int)) +
+           align256(sizeof(int)) + align256(experts_shard_scratch_bytes_(BT, C, k, N, P));
+}
+
+static inline ExpertShardWork experts_shard_work_carve(void* base_ptr, size_t bytes, int BT, int C, int k, int N, int P) {
+    if (base_ptr == NULL || bytes < experts_shard_work_bytes(BT, C, k, N, P)) {
+        fprintf(stderr, "experts_shard: work buffer of %zu bytes given, %zu needed\n", bytes,
+                experts_shard_work_bytes(BT, C, k, N, P));
+        exit(EXIT_FAILURE);
+    }
+    const size_t A = (size_t)P * BT * k, T = (size_t)P * BT, cols = (size_t)(C / P);
+    const size_t f = A > T * cols ? A : T * cols;
+    const size_t amax = (size_t)scheduler_max_active((int)A, N);
+    char* base = (char*)base_ptr;
+    ExpertShardWork w;
+    w.send_cols = (floatX*)base;  base += align256((size_t)BT * C * sizeof(floatX));
+    w.dycols = (floatX*)base;     base += align256(T * cols * sizeof(floatX));
+    w.send = (float*)base;        base += align256(f * sizeof(float));
+    w.recv = (float*)base;        base += align256(f * sizeof(float));
+    w.h = (float*)base;           base += align256((size_t)BT * k * sizeof(float));
+    w.ds = (float*)base;          base += align256((size_t)BT * k * sizeof(float));
+    w.ds_all = (float*)base;      base += align256(A * sizeof(float));
+    w.sched.sorted_pair = (int*)base;    base += align256(A * sizeof(int));
+    w.sched.sorted_expert = (int*)base;  base += align256(A * sizeof(int));
+    w.sched.sorted_active = (int*)base;  base += align256(A * sizeof(int));
+    w.sched.active_expert = (int*)base;  base += align256((amax + 1) * sizeof(int));
+    w.sched.active_offset = (int*)base;  base += align256((amax + 1) * sizeof(int));
+    w.sched.num_active = (int*)base;     base += align256(sizeof(int));
+    w.scratch = base;
+    w.scratch_bytes = experts_shard_scratch_bytes_(BT, C, k, N, P);
+    return w;
+}
+
+// Forward of rank comm->rank: Y (BT, C) (+)= its tokens' expert sums; s (BT*k) = its pairs'
+// scores; saved filled for the backward. U, V: the rank's (N, C/P) slices.
+static void experts_shard_forward(floatX* Y, float* s, const floatX* X, const floatX* U, const floatX* V,
+                                  const int* idx, const float* gate, ExpertShardSaved saved, int BT, int C, int k,
+                                  int N, int accumulate, const ExpertShardComm* comm, void* work, size_t work_bytes,
+                                  cudaStream_t stream) {
+    const int P = comm->P, cols = C / P, pairs = BT * k, A = P * pairs, T = P * BT;
+    experts_shard_check("experts_shard_forward", C, P);
+    ExpertShardWork w = experts_shard_work_carve(work, work_bytes, BT, C, k, N, P);
+    comm->all_gather(comm, saved.idx_all, idx, (size_t)pairs * sizeof(int), stream);
+    comm->all_gather(comm, saved.gate_all, gate, (size_t)pairs * sizeof(float), stream);
+    experts_shard_pack_columns(w.send_cols, X, BT, C, P, stream);
+    comm->all_to_all(comm, saved.xcols, w.send_cols, (size_t)BT * cols * sizeof(floatX), stream);
+    experts_shard_partial_dots(w.send, U, saved.xcols, saved.idx_all, A, k, cols, P, stream);
+    comm->all_to_all(comm, w.recv, w.send, (size_t)pairs * sizeof(float), stream);
+    experts_shard_combine(s, w.recv, pairs, P, stream);
+    comm->all_gather(comm, saved.s_all, s, (size_t)pairs * sizeof(float), stream);
+    experts_shard_token_sums(w.send, V, saved.idx_all, saved.gate_all, saved.s_all, NULL, T, k, cols, stream);
+    comm->all_to_all(comm, w.recv, w.send, (size_t)BT * cols * sizeof(float), stream);
+    experts_shard_add_columns(Y, w.recv, BT, C, P, accumulate, stream);
+}
+
+// Backward of rank comm->rank: dX (BT, C) (+)= its tokens' expert part; dgate (BT*k) = its pairs';
+// dU, dV (N, C/P) += table_grad_scale times the gradient over the pairs of ALL ranks (1/P: the
+// mean over ranks). gate, s: the rank's own pairs (the forward's inputs and output).
+static void experts_shard_backward(floatX* dX, floatX* dU, floatX* dV, float* dgate, const floatX* dY,
+                                   const floatX* U, const floatX* V, const float* gate, const float* s,
+                                   ExpertShardSaved saved, int BT, int C, int k, int N, float table_grad_scale,
+                                   int accumulate, const ExpertShardComm* comm, void* work, size_t work_bytes,
+                                   cudaStream_t stream) {
+    const int P = comm->P, cols = C / P, pairs = BT * k, A = P * pairs, T = P * BT;
+    experts_shard_check("experts_shard_backward", C, P);
+    ExpertShardWork w = experts_shard_work_carve(work, work_bytes, BT, C, k, N, P);
+    experts_shard_pack_columns(w.send_cols, dY, BT, C, P, stream);
+    comm->all_to_all(comm, w.dycols, w.send_cols, (size_t)BT * cols * sizeof(floatX), stream);
+    experts_shard_partial_dots(w.send, V, w.dycols, saved.idx_all, A, k, cols, P, stream);
+    comm->all_to_all(comm, w.recv, w.send, (size_t)pairs * sizeof(float), stream);
+    experts_shard_combine(w.h, w.recv, pairs, P, stream);
+    experts_shard_pair_grads(dgate, w.ds, w.h, s, gate, pairs, stream);
+    comm->all_gather(comm, w.ds_all, w.ds, (size_t)pairs * sizeof(float), stream);
+    experts_shard_token_sums(w.send, U, saved.idx_all, NULL, NULL, w.ds_all, T, k, cols, stream);
+    comm->all_to_all(comm, w.recv, w.send, (size_t)BT * cols * sizeof(float), stream);
+    experts_shard_add_columns(dX, w.recv, BT, C, P, accumulate, stream);
+    scheduler_build(w.sched, NULL, saved.idx_all, A, N, w.scratch, w.scratch_bytes, stream);
+    experts_shard_table_grads(dU, dV, w.ds_all, saved.gate_all, saved.s_all, saved.xcols, w.dycols, w.sched, A, k,
+                              cols, table_grad_scale, w.scratch, w.scratch_bytes, stream);
 }
 
 #endif  // OMNIMOE_EXPERTS_SHARD_CUH

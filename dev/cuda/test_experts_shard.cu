@@ -1,9 +1,11 @@
 /*
 test_experts_shard.cu - the column-sharded experts on one GPU (llmc/experts_shard.cuh,
-docs/sharding.md §3.1 and §5.2): P ranks run one after another on the same device, each with its
-own BT tokens and only its packed (N, C/P) slices of U, V, dU and dV; the exchanges are device
-copies that move exactly what the NCCL collectives would (all-gather, all-to-all). Against the
-unsharded experts_forward / experts_backward (llmc/experts.cuh) on the concatenated batch:
+docs/sharding.md §3.1 and §5.2): P ranks are P host threads on the same device, each running
+experts_shard_forward and experts_shard_backward (the trainer's calls) on its own BT tokens and
+only its packed (N, C/P) slices of U, V, dU and dV. The exchanges are device copies between the
+threads' buffers at barriers: byte for byte what the NCCL collectives deliver (all-gather,
+all-to-all). Against the unsharded experts_forward / experts_backward (llmc/experts.cuh) on the
+concatenated batch:
 
   - P | 32 (bf16 build): s, Y, dX, dgate, dU and dV BITWISE equal (dU, dV against the unsharded
     backward of dY scaled by 1/P, exact for P a power of two), token- and expert-centric, at
@@ -19,6 +21,7 @@ Build and run from the repository root: make dev/cuda/test_experts_shard_bin &&
 not the 8 of the column map, so the bitwise claim does not hold there).
 NOT YET RUN: written without a GPU; dev/gpu_check.sh runs it.
 */
+#include <pthread.h>
 #include <vector>
 #include "../../llmc/test_harness.h"
 #include "../../llmc/experts_shard.cuh"
@@ -32,20 +35,39 @@ static void d2d(void* dst, const void* src, size_t bytes) {
     cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
 }
 
-// the collectives of P ranks on one device: recv[q] = send[0] | ... | send[P-1]
-static void dev_all_gather(void* const* recv, void* const* send, int P, size_t bytes) {
-    for (int q = 0; q < P; q++) {
-        for (int r = 0; r < P; r++) { d2d((char*)recv[q] + (size_t)r * bytes, send[r], bytes); }
+// The collectives of P ranks that are P host threads on one device: a rank's stream is drained,
+// all ranks meet at a barrier, each copies what it receives from the others' send buffers, and a
+// second barrier keeps every send buffer intact until all have read it. Byte for byte what the
+// NCCL collectives deliver (expert_shard_comm_nccl).
+struct ThreadShared {
+    int P;
+    pthread_barrier_t barrier;
+    const void* slots[MAX_P];
+};
+
+static void thread_all_gather(const ExpertShardComm* c, void* recv, const void* send, size_t bytes, cudaStream_t stream) {
+    ThreadShared* sh = (ThreadShared*)c->ctx;
+    cudaCheck(cudaStreamSynchronize(stream));
+    sh->slots[c->rank] = send;
+    pthread_barrier_wait(&sh->barrier);
+    for (int r = 0; r < c->P; r++) {
+        cudaCheck(cudaMemcpyAsync((char*)recv + (size_t)r * bytes, sh->slots[r], bytes, cudaMemcpyDeviceToDevice, stream));
     }
+    cudaCheck(cudaStreamSynchronize(stream));
+    pthread_barrier_wait(&sh->barrier);
 }
 
-// send[r] holds P blocks, block q for rank q; recv[q] gets block q of every rank in rank order
-static void dev_all_to_all(void* const* recv, void* const* send, int P, size_t block_bytes) {
-    for (int q = 0; q < P; q++) {
-        for (int r = 0; r < P; r++) {
-            d2d((char*)recv[q] + (size_t)r * block_bytes, (const char*)send[r] + (size_t)q * block_bytes, block_bytes);
-        }
+static void thread_all_to_all(const ExpertShardComm* c, void* recv, const void* send, size_t block_bytes, cudaStream_t stream) {
+    ThreadShared* sh = (ThreadShared*)c->ctx;
+    cudaCheck(cudaStreamSynchronize(stream));
+    sh->slots[c->rank] = send;
+    pthread_barrier_wait(&sh->barrier);
+    for (int r = 0; r < c->P; r++) {
+        cudaCheck(cudaMemcpyAsync((char*)recv + (size_t)r * block_bytes, (const char*)sh->slots[r] + (size_t)c->rank * block_bytes,
+                                  block_bytes, cudaMemcpyDeviceToDevice, stream));
     }
+    cudaCheck(cudaStreamSynchronize(stream));
+    pthread_barrier_wait(&sh->barrier);
 }
 
 static std::vector<unsigned char> download_bytes(const void* device, size_t bytes) {
@@ -73,14 +95,34 @@ static void schedule_free(ExpertSchedule s) {
     cudaCheck(cudaFree(s.active_expert)); cudaCheck(cudaFree(s.active_offset)); cudaCheck(cudaFree(s.num_active));
 }
 
+// one rank: its own rows of Y and dX, its packed slices, its saved state and work buffer
 struct Rank {
-    floatX *Y, *dX, *U, *V, *dU, *dV, *xcols, *dycols, *sendx;
-    int* idx_all;
-    float *gate_all, *s_all, *ds_all, *s, *h, *dgate, *ds, *sendf, *recvf;
-    ExpertSchedule sched;
-    void* scratch;
-    size_t scratch_bytes;
+    int r, P, BT, C, k, N;
+    float scale;
+    const floatX *X, *dY;
+    const int* idx;
+    const float* gate;
+    floatX *Y, *dX, *U, *V, *dU, *dV;
+    float *s, *dgate;
+    void *saved_buf, *work;
+    size_t work_bytes;
+    ExpertShardComm comm;
 };
+
+static void* rank_main(void* arg) {
+    Rank* q = (Rank*)arg;
+    cudaCheck(cudaSetDevice(0));
+    cudaStream_t stream;
+    cudaCheck(cudaStreamCreate(&stream));
+    ExpertShardSaved saved = experts_shard_saved_carve(q->saved_buf, q->BT, q->C, q->k, q->P);
+    experts_shard_forward(q->Y, q->s, q->X, q->U, q->V, q->idx, q->gate, saved, q->BT, q->C, q->k, q->N, 1, &q->comm,
+                          q->work, q->work_bytes, stream);
+    experts_shard_backward(q->dX, q->dU, q->dV, q->dgate, q->dY, q->U, q->V, q->gate, q->s, saved, q->BT, q->C, q->k,
+                           q->N, q->scale, 1, &q->comm, q->work, q->work_bytes, stream);
+    cudaCheck(cudaStreamSynchronize(stream));
+    cudaCheck(cudaStreamDestroy(stream));
+    return NULL;
+}
 
 // bitwise or within tolerance, by name
 static void compare(const char* label, const char* what, const void* got, const void* ref, size_t n, int is_floatX,
@@ -157,14 +199,23 @@ static void run_case(int P, int BT, int C, int k, int N, int exec, Rng* rng) {
                      bwd_scratch, bwd_bytes, 0);
     cudaCheck(cudaDeviceSynchronize());
 
-    // the ranks: own rows of Y and dX, packed slices of the tables (packed on the host, as bytes)
+    // the ranks: own rows of Y and dX, packed slices of the tables (packed on the host, as bytes),
+    // every buffer the driver writes NaN-poisoned; then P threads run forward and backward
     std::vector<unsigned char> hU = download_bytes(U, NC * sizeof(floatX)), hV = download_bytes(V, NC * sizeof(floatX));
     std::vector<unsigned char> hdU = download_bytes(dU0, NC * sizeof(floatX)), hdV = download_bytes(dV0, NC * sizeof(floatX));
     std::vector<unsigned char> slice((size_t)N * cols * sizeof(floatX));
-    const size_t work = (size_t)A > (size_t)T * cols ? (size_t)A : (size_t)T * cols;
+    const size_t saved_bytes = experts_shard_saved_bytes(BT, C, k, P), work_bytes = experts_shard_work_bytes(BT, C, k, N, P);
+    ThreadShared shared;
+    shared.P = P;
+    pthread_barrier_init(&shared.barrier, NULL, (unsigned)P);
     Rank R[MAX_P];
     for (int r = 0; r < P; r++) {
         Rank* q = &R[r];
+        q->r = r; q->P = P; q->BT = BT; q->C = C; q->k = k; q->N = N; q->scale = 1.0f / (float)P;
+        q->X = X + (size_t)r * BT * C;
+        q->dY = dY + (size_t)r * BT * C;
+        q->idx = d_idx + (size_t)r * pairs;
+        q->gate = d_gate + (size_t)r * pairs;
         q->Y = upload_floatX_copy(Y0 + (size_t)r * BT * C, (size_t)BT * C);
         q->dX = upload_floatX_copy(dX0 + (size_t)r * BT * C, (size_t)BT * C);
         floatX** tables[4] = {&q->U, &q->V, &q->dU, &q->dV};
@@ -174,63 +225,20 @@ static void run_case(int P, int BT, int C, int k, int N, int exec, Rng* rng) {
             *tables[i] = dalloc<floatX>((size_t)N * cols);
             cudaCheck(cudaMemcpy(*tables[i], slice.data(), slice.size(), cudaMemcpyHostToDevice));
         }
-        q->xcols = dalloc<floatX>((size_t)T * cols); q->dycols = dalloc<floatX>((size_t)T * cols);
-        q->sendx = dalloc<floatX>((size_t)T * cols);
-        q->idx_all = dalloc<int>(A);
-        q->gate_all = dalloc<float>(A); q->s_all = dalloc<float>(A); q->ds_all = dalloc<float>(A);
-        q->s = dalloc<float>(pairs); q->h = dalloc<float>(pairs); q->dgate = dalloc<float>(pairs); q->ds = dalloc<float>(pairs);
-        q->sendf = dalloc<float>(work); q->recvf = dalloc<float>(work);
-        q->sched = schedule_alloc(A, N);
-        q->scratch_bytes = experts_shard_table_grads_scratch_bytes(A, cols);
-        if (q->scratch_bytes < sched_bytes) q->scratch_bytes = sched_bytes;
-        q->scratch = dalloc<char>(q->scratch_bytes);
-        poison(q->xcols, (size_t)T * cols * sizeof(floatX)); poison(q->dycols, (size_t)T * cols * sizeof(floatX));
-        poison(q->idx_all, (size_t)A * sizeof(int)); poison(q->gate_all, (size_t)A * sizeof(float));
-        poison(q->s_all, (size_t)A * sizeof(float)); poison(q->ds_all, (size_t)A * sizeof(float));
-        poison(q->s, (size_t)pairs * sizeof(float)); poison(q->h, (size_t)pairs * sizeof(float));
-        poison(q->dgate, (size_t)pairs * sizeof(float)); poison(q->ds, (size_t)pairs * sizeof(float));
-        poison(q->sendf, work * sizeof(float)); poison(q->recvf, work * sizeof(float));
+        q->s = dalloc<float>(pairs); q->dgate = dalloc<float>(pairs);
+        q->saved_buf = dalloc<char>(saved_bytes);
+        q->work = dalloc<char>(work_bytes);
+        q->work_bytes = work_bytes;
+        poison(q->s, (size_t)pairs * sizeof(float)); poison(q->dgate, (size_t)pairs * sizeof(float));
+        poison(q->saved_buf, saved_bytes); poison(q->work, work_bytes);
+        q->comm.P = P; q->comm.rank = r; q->comm.ctx = &shared;
+        q->comm.all_gather = thread_all_gather; q->comm.all_to_all = thread_all_to_all;
     }
-    void* send[MAX_P] = {NULL};
-    void* recv[MAX_P] = {NULL};
-#define EXCHANGE(kind, SEND, RECV, BYTES) \
-    do { for (int r = 0; r < P; r++) { send[r] = (void*)(SEND); recv[r] = (void*)(RECV); } kind(recv, send, P, BYTES); } while (0)
-
-    // forward
-    EXCHANGE(dev_all_gather, d_idx + (size_t)r * pairs, R[r].idx_all, (size_t)pairs * sizeof(int));
-    EXCHANGE(dev_all_gather, d_gate + (size_t)r * pairs, R[r].gate_all, (size_t)pairs * sizeof(float));
-    for (int r = 0; r < P; r++) experts_shard_pack_columns(R[r].sendx, X + (size_t)r * BT * C, BT, C, P, 0);
-    EXCHANGE(dev_all_to_all, R[r].sendx, R[r].xcols, (size_t)BT * cols * sizeof(floatX));
-    for (int q = 0; q < P; q++) experts_shard_partial_dots(R[q].sendf, R[q].U, R[q].xcols, R[q].idx_all, A, k, cols, P, 0);
-    EXCHANGE(dev_all_to_all, R[r].sendf, R[r].recvf, (size_t)pairs * sizeof(float));
-    for (int r = 0; r < P; r++) experts_shard_combine(R[r].s, R[r].recvf, pairs, P, 0);
-    EXCHANGE(dev_all_gather, R[r].s, R[r].s_all, (size_t)pairs * sizeof(float));
-    for (int q = 0; q < P; q++) {
-        experts_shard_token_sums(R[q].sendf, R[q].V, R[q].idx_all, R[q].gate_all, R[q].s_all, NULL, T, k, cols, 0);
-    }
-    EXCHANGE(dev_all_to_all, R[r].sendf, R[r].recvf, (size_t)BT * cols * sizeof(float));
-    for (int r = 0; r < P; r++) experts_shard_add_columns(R[r].Y, R[r].recvf, BT, C, P, 1, 0);
-    // backward
-    for (int r = 0; r < P; r++) experts_shard_pack_columns(R[r].sendx, dY + (size_t)r * BT * C, BT, C, P, 0);
-    EXCHANGE(dev_all_to_all, R[r].sendx, R[r].dycols, (size_t)BT * cols * sizeof(floatX));
-    for (int q = 0; q < P; q++) experts_shard_partial_dots(R[q].sendf, R[q].V, R[q].dycols, R[q].idx_all, A, k, cols, P, 0);
-    EXCHANGE(dev_all_to_all, R[r].sendf, R[r].recvf, (size_t)pairs * sizeof(float));
-    for (int r = 0; r < P; r++) {
-        experts_shard_combine(R[r].h, R[r].recvf, pairs, P, 0);
-        experts_shard_pair_grads(R[r].dgate, R[r].ds, R[r].h, R[r].s, d_gate + (size_t)r * pairs, pairs, 0);
-    }
-    EXCHANGE(dev_all_gather, R[r].ds, R[r].ds_all, (size_t)pairs * sizeof(float));
-    for (int q = 0; q < P; q++) {
-        experts_shard_token_sums(R[q].sendf, R[q].U, R[q].idx_all, NULL, NULL, R[q].ds_all, T, k, cols, 0);
-    }
-    EXCHANGE(dev_all_to_all, R[r].sendf, R[r].recvf, (size_t)BT * cols * sizeof(float));
-    for (int r = 0; r < P; r++) experts_shard_add_columns(R[r].dX, R[r].recvf, BT, C, P, 1, 0);
-    for (int q = 0; q < P; q++) {
-        scheduler_build(R[q].sched, NULL, R[q].idx_all, A, N, R[q].scratch, R[q].scratch_bytes, 0);
-        experts_shard_table_grads(R[q].dU, R[q].dV, R[q].ds_all, R[q].gate_all, R[q].s_all, R[q].xcols, R[q].dycols,
-                                  R[q].sched, A, k, cols, 1.0f / (float)P, R[q].scratch, R[q].scratch_bytes, 0);
-    }
-#undef EXCHANGE
+    cudaCheck(cudaDeviceSynchronize());
+    pthread_t threads[MAX_P];
+    for (int r = 0; r < P; r++) pthread_create(&threads[r], NULL, rank_main, &R[r]);
+    for (int r = 0; r < P; r++) pthread_join(threads[r], NULL);
+    pthread_barrier_destroy(&shared.barrier);
     cudaCheck(cudaDeviceSynchronize());
 
     // assemble the ranks' outputs and compare
@@ -282,10 +290,8 @@ static void run_case(int P, int BT, int C, int k, int N, int exec, Rng* rng) {
 
     for (int r = 0; r < P; r++) {
         Rank* q = &R[r];
-        void* ptrs[] = {q->Y, q->dX, q->U, q->V, q->dU, q->dV, q->xcols, q->dycols, q->sendx, q->idx_all, q->gate_all,
-                        q->s_all, q->ds_all, q->s, q->h, q->dgate, q->ds, q->sendf, q->recvf, q->scratch};
+        void* ptrs[] = {q->Y, q->dX, q->U, q->V, q->dU, q->dV, q->s, q->dgate, q->saved_buf, q->work};
         for (void* p : ptrs) cudaCheck(cudaFree(p));
-        schedule_free(q->sched);
     }
     void* ptrs[] = {X, Y0, dY, dYs, dX0, U, V, dU0, dV0, d_idx, d_gate, sched_scratch, bwd_scratch, Y_ref, dX_ref,
                     dX_tmp, dU_tmp, dV_tmp, dU_ref, dV_ref, s_ref, dgate_ref, dgate_tmp};
