@@ -247,29 +247,16 @@ static void experts_shard_table_grads(floatX* dU, floatX* dV, const float* ds_al
         fprintf(stderr, "experts_shard_table_grads: scratch of %zu bytes given, %zu needed\n", scratch_bytes, need);
         exit(EXIT_FAILURE);
     }
-    const int num_chunks = experts_num_seg_chunks(A);
-    const size_t part_bytes = align256((size_t)num_chunks * cols * sizeof(float));
     char* base = (char*)scratch;
     float* ds_scaled = (float*)base;
     base += align256((size_t)A * sizeof(float));
     float* gate_scaled = (float*)base;
     base += align256((size_t)A * sizeof(float));
-    float* head_u = (float*)base;
-    float* head_v = (float*)(base + part_bytes);
-    float* tail_u = (float*)(base + 2 * part_bytes);
-    float* tail_v = (float*)(base + 3 * part_bytes);
     experts_shard_scale_kernel<<<ceil_div(A, EXPERTS_SHARD_THREADS), EXPERTS_SHARD_THREADS, 0, stream>>>(ds_scaled, ds_all, scale, A);
     cudaCheckLast();
     experts_shard_scale_kernel<<<ceil_div(A, EXPERTS_SHARD_THREADS), EXPERTS_SHARD_THREADS, 0, stream>>>(gate_scaled, gate_all, scale, A);
     cudaCheckLast();
-    const int seg_threads = min(EXPERTS_SEG_THREADS, ceil_div(cols / EXPERTS_VEC, 32) * 32);
-    experts_segment_grad_kernel<<<num_chunks, seg_threads, 0, stream>>>(dU, dV, head_u, head_v, tail_u, tail_v,
-                                                                        ds_scaled, gate_scaled, s_all, xcols, dycols,
-                                                                        sched_all, A, k, cols);
-    cudaCheckLast();
-    experts_segment_fixup_kernel<<<num_chunks, seg_threads, 0, stream>>>(dU, dV, head_u, head_v, tail_u, tail_v,
-                                                                         sched_all, A, cols);
-    cudaCheckLast();
+    experts_launch_segment_grads(dU, dV, ds_scaled, gate_scaled, s_all, xcols, dycols, sched_all, A, k, cols, base, stream);
 }
 
 // ----------------------------------------------------------------------------

@@ -45,29 +45,27 @@ struct ThreadShared {
     const void* slots[MAX_P];
 };
 
-static void thread_all_gather(const ExpertShardComm* c, void* recv, const void* send, size_t bytes, cudaStream_t stream) {
+// recv block r = rank r's send buffer from byte src_offset on (bytes long)
+static void thread_exchange(const ExpertShardComm* c, void* recv, const void* send, size_t bytes, size_t src_offset,
+                            cudaStream_t stream) {
     ThreadShared* sh = (ThreadShared*)c->ctx;
     cudaCheck(cudaStreamSynchronize(stream));
     sh->slots[c->rank] = send;
     pthread_barrier_wait(&sh->barrier);
     for (int r = 0; r < c->P; r++) {
-        cudaCheck(cudaMemcpyAsync((char*)recv + (size_t)r * bytes, sh->slots[r], bytes, cudaMemcpyDeviceToDevice, stream));
+        cudaCheck(cudaMemcpyAsync((char*)recv + (size_t)r * bytes, (const char*)sh->slots[r] + src_offset, bytes,
+                                  cudaMemcpyDeviceToDevice, stream));
     }
     cudaCheck(cudaStreamSynchronize(stream));
     pthread_barrier_wait(&sh->barrier);
 }
 
+static void thread_all_gather(const ExpertShardComm* c, void* recv, const void* send, size_t bytes, cudaStream_t stream) {
+    thread_exchange(c, recv, send, bytes, 0, stream);
+}
+
 static void thread_all_to_all(const ExpertShardComm* c, void* recv, const void* send, size_t block_bytes, cudaStream_t stream) {
-    ThreadShared* sh = (ThreadShared*)c->ctx;
-    cudaCheck(cudaStreamSynchronize(stream));
-    sh->slots[c->rank] = send;
-    pthread_barrier_wait(&sh->barrier);
-    for (int r = 0; r < c->P; r++) {
-        cudaCheck(cudaMemcpyAsync((char*)recv + (size_t)r * block_bytes, (const char*)sh->slots[r] + (size_t)c->rank * block_bytes,
-                                  block_bytes, cudaMemcpyDeviceToDevice, stream));
-    }
-    cudaCheck(cudaStreamSynchronize(stream));
-    pthread_barrier_wait(&sh->barrier);
+    thread_exchange(c, recv, send, block_bytes, (size_t)c->rank * block_bytes, stream);
 }
 
 static std::vector<unsigned char> download_bytes(const void* device, size_t bytes) {
