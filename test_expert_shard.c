@@ -6,6 +6,8 @@
  *   pack_*       pack/unpack of (rows, C) tables to/from the P slices: round trip bitwise, every
  *                slice entry checked against the map, unpack touches only its rank's columns
  *   tables_*     a rank's share of U and V of a flat parameter buffer (the checkpoint part order)
+ *   reshard_*    slices of P2 ranks rebuilt from those of P1 (resume on another count), bitwise,
+ *                reading only the old parts q = r2 (mod gcd(P1, P2))
  *   dot_*        the rank partial dot products combined in the fixed tree equal the unsharded
  *                GPU lane order bitwise for P | 32 (and the test can tell a wrong tree apart)
  *   layer_*      the OmniMoE expert branch, forward and backward, with P = 1, 2, 3, 4, 8
@@ -136,6 +138,57 @@ static void test_pack_roundtrip(void) {
     test_checkf(bad_content == 0, "pack_content", "%d slice entries not at their mapped channel", bad_content);
     test_checkf(bad_untouched == 0, "pack_unpack_untouched", "%d bytes of other ranks' columns written",
                 bad_untouched);
+}
+
+// re-sharding: every new slice built from the old slices equals the slice packed directly; old
+// slices that are not needed are passed as NULL (a read of one would crash); the number of old
+// parts read is P1 / gcd(P1, P2)
+static int gcd_int(int a, int b) { return b == 0 ? a : gcd_int(b, a % b); }
+
+static void test_reshard(void) {
+    const int C = 192, N = 37;  // 24 vectors: P in {1, 2, 3, 4, 6, 8, 12, 24}
+    const int Ps[] = {1, 2, 3, 4, 6, 8, 12, 24};
+    const int nP = (int)(sizeof(Ps) / sizeof(Ps[0]));
+    float* full = floats((size_t)N * C);
+    float* want = floats((size_t)N * C);
+    float* got = floats((size_t)N * C);
+    Rng rng = rng_seeded(1807);
+    fill_normal(full, (size_t)N * C, 0.0f, 1.0f, &rng);
+    int cases = 0, bad = 0, bad_needs = 0;
+    for (int a = 0; a < nP; a++) {
+        const int P1 = Ps[a];
+        float* old[24];
+        for (int q = 0; q < P1; q++) {
+            old[q] = floats((size_t)N * (C / P1));
+            expert_shard_pack(old[q], full, sizeof(float), (size_t)N, C, P1, q);
+        }
+        for (int b = 0; b < nP; b++) {
+            const int P2 = Ps[b];
+            for (int r2 = 0; r2 < P2; r2++) {
+                const void* given[24];
+                int needed = 0;
+                for (int q = 0; q < P1; q++) {
+                    int need = expert_shard_reshard_needs(q, P1, r2, P2, C);
+                    needed += need;
+                    bad_needs += need != (q % gcd_int(P1, P2) == r2 % gcd_int(P1, P2));
+                    given[q] = need ? old[q] : NULL;
+                }
+                bad_needs += needed != P1 / gcd_int(P1, P2);
+                expert_shard_pack(want, full, sizeof(float), (size_t)N, C, P2, r2);
+                memset(got, 0xFF, (size_t)N * C * sizeof(float));
+                expert_shard_reshard(got, given, sizeof(float), (size_t)N, C, P1, r2, P2);
+                bad += memcmp(got, want, (size_t)N * (C / P2) * sizeof(float)) != 0;
+                cases++;
+            }
+        }
+        for (int q = 0; q < P1; q++) free(old[q]);
+    }
+    test_checkf(bad == 0 && cases > 100, "reshard_bitwise", "%d (P1, P2, new rank) cases over P in 1..24, %d differ",
+                cases, bad);
+    test_checkf(bad_needs == 0, "reshard_reads_gcd_parts", "%d wrong part selections", bad_needs);
+    free(full);
+    free(want);
+    free(got);
 }
 
 // a rank's share of U and V of a whole flat buffer: P shares rebuild exactly U and V, nothing else
@@ -741,6 +794,7 @@ int main(void) {
     test_pair_ids();
     test_pack_roundtrip();
     test_tables();
+    test_reshard();
     test_dot();
     const int Ps_d12[] = {1, 2, 3, 4, 8};
     test_layer(768, 64, 8, 48, Ps_d12, 5, 1811);  // d12's C: 3 vectors per lane at P = 1

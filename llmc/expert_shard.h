@@ -27,6 +27,9 @@
  *   expert_shard_lanes(P)                    lanes of a rank's dot product (32/P for P | 32)
  *   expert_shard_dot_partial(a, b, n, P)     a rank's partial dot product in the GPU lane order
  *   expert_shard_tree_sum(partials, stride, P)   the P partials combined in the fixed tree
+ *   expert_shard_reshard(dst, old, elem, rows, C, P1, r2, P2)   new rank r2's slice of P2 from the
+ *                                            old slices of P1 (a resume on another count);
+ *                                            expert_shard_reshard_needs(q, P1, r2, P2, C): is old q read
  *   expert_shard_table_elems(cfg, P)         elements of a rank's share of U and V (all layers)
  *   expert_shard_gather_tables(out, flat, cfg, P, r)   rank r's share of a flat parameter-shaped
  *                                            fp32 buffer (params, grads, m, v): U slice, V slice
@@ -163,6 +166,38 @@ EXPERT_SHARD_HD static inline float expert_shard_tree_sum(const float* partials,
         for (int r = 0; r < o && r + o < P; r++) value[r] = value[r] + value[r + o];
     }
     return value[0];
+}
+
+// ----------------------------------------------------------------------------
+// re-sharding (docs/sharding.md §4): a slice of P2 ranks built from the slices of P1 ranks, as a
+// resume on another process count reads the parts of a checkpoint. New rank r2 holds the vectors
+// v = r2 + P2*j; each lives on old rank v mod P1 at packed vector v div P1, so only the old
+// ranks q with q = r2 (mod gcd(P1, P2)) are read.
+
+// 1 when old rank q of P1 holds any vector of new rank r2 of P2 (a table of C channels)
+static inline int expert_shard_reshard_needs(int q, int P1, int r2, int P2, int C) {
+    const int nv2 = C / EXPERT_SHARD_VEC / P2;
+    for (int j = 0; j < nv2; j++) {
+        if ((j * P2 + r2) % P1 == q) return 1;
+    }
+    return 0;
+}
+
+// dst (rows, C/P2) = new rank r2's slice, from old[q] (rows, C/P1) of the old ranks it needs
+// (old[q] of the others is never read and may be NULL). rows may be a block of rows: pass the
+// pointers at its first row.
+static inline void expert_shard_reshard(void* dst, const void* const* old, size_t elem, size_t rows, int C, int P1,
+                                        int r2, int P2) {
+    const size_t vec_bytes = EXPERT_SHARD_VEC * elem;
+    const int nv2 = C / EXPERT_SHARD_VEC / P2;
+    for (size_t row = 0; row < rows; row++) {
+        char* d = (char*)dst + row * (size_t)(C / P2) * elem;
+        for (int j = 0; j < nv2; j++) {
+            const int v = j * P2 + r2;
+            const char* src = (const char*)old[v % P1] + row * (size_t)(C / P1) * elem;
+            memcpy(d + (size_t)j * vec_bytes, src + (size_t)(v / P1) * vec_bytes, vec_bytes);
+        }
+    }
 }
 
 // ----------------------------------------------------------------------------
