@@ -10,6 +10,8 @@
 #           dense-vs-OmniMoE recipe's start compared with the committed logs
 #     ab: dev/ab_compare.sh run (carry/ab_base from 'dev/ab_compare.sh prepare <commit>'):
 #         gelu/swiglu/omni trainers and the layer benchmarks against that commit, same bits or not
+#     llmc: dev/bench_llmc.sh, our dense d12 step against llm.c with and without cuDNN, same
+#           flags, alternating (carry/llm.c from 'dev/bench_llmc.sh prepare <llm.c clone>')
 #     bench: only dev/bench_all.sh (every performance benchmark, its own builds and summary)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -58,9 +60,13 @@ if [[ "$mode" == *ab* ]]; then  # bitwise and timing A/B against carry/ab_base (
     OUT="$OUT/ab" FFN="gelu swiglu omni" bash dev/ab_compare.sh run > "$OUT/ab_compare.log" 2>&1
     tail -n 40 "$OUT/ab_compare.log"
 fi
+if [[ "$mode" == *llmc* ]]; then  # our dense d12 against llm.c with and without cuDNN (carry/llm.c)
+    run bench_llmc env BENCH_DIR="$OUT/bench_llmc" bash dev/bench_llmc.sh
+fi
 echo "================ summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
 grep -h -E "^test_(omnimoe(_fp32)?|experts_shard): [0-9]+ passed" "$OUT"/test_*.log 2>/dev/null
 grep -h "^FAIL" "$OUT"/test_*.log 2>/dev/null | head -20
 for s in "${summary[@]}"; do echo "$s"; done
+if [ -f "$OUT/bench_llmc.log" ]; then sed -n '/^| trainer |/,$p' "$OUT/bench_llmc.log"; fi
 # the device returns at most 8 files: every log in one archive
 (cd "$OUT" && tar czf /tmp/gpu_check_logs.tgz . && find . -mindepth 1 -delete && mv /tmp/gpu_check_logs.tgz .)
