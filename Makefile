@@ -73,7 +73,7 @@ endif
 HOST_HEADERS = $(wildcard llmc/*.h)
 CUDA_HEADERS = $(wildcard llmc/*.cuh)
 CPU_TESTS = test_omnimoe_cpu test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_fixtures test_integrity \
-            test_mc_eval test_loop_ranks test_mc_loop
+            test_mc_eval test_loop_ranks test_mc_loop test_expert_shard
 
 .PHONY: all cpu test test_cpu test_gpu kernel_tests kernel_benches test_kernels clean
 
@@ -85,6 +85,10 @@ train_omnimoe_cpu: train_omnimoe.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 test_omnimoe_cpu: test_omnimoe_cpu.c train_omnimoe.c $(HOST_HEADERS)
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+# the column-sharded expert tables with simulated ranks (llmc/expert_shard.h, docs/sharding.md §3.1)
+test_expert_shard: test_expert_shard.c train_omnimoe.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 test_fixtures: test_fixtures.c train_omnimoe.c $(HOST_HEADERS)
@@ -122,9 +126,9 @@ test_omnimoe_fp32: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADE
 
 # --- kernel tests and benchmarks of dev/cuda, with the flags above -------------------------
 # Each test is built twice: bf16 (dev/cuda/test_x_bin) and floatX = float (test_x_fp32_bin,
-# tight tolerances); test_omni has no fp32 build.
-KERNEL_TESTS ?= matmul layernorm encoder activations classifier adamw global_norm attention omni
-KERNEL_TEST_BINS = $(foreach t,$(KERNEL_TESTS),dev/cuda/test_$(t)_bin $(if $(filter omni,$(t)),,dev/cuda/test_$(t)_fp32_bin))
+# tight tolerances); test_omni and test_experts_shard (bitwise in bf16 only) have no fp32 build.
+KERNEL_TESTS ?= matmul layernorm encoder activations classifier adamw global_norm attention omni experts_shard
+KERNEL_TEST_BINS = $(foreach t,$(KERNEL_TESTS),dev/cuda/test_$(t)_bin $(if $(filter omni experts_shard,$(t)),,dev/cuda/test_$(t)_fp32_bin))
 KERNEL_BENCH_BINS = dev/cuda/bench_omni_bin dev/cuda/bench_layer_bin
 KERNEL_LOGS = dev/cuda/build_logs
 
@@ -173,6 +177,7 @@ test_cpu: $(CPU_TESTS) train_omnimoe_cpu
 	./test_loop_ranks
 	./test_mc_loop
 	./test_omnimoe_cpu
+	./test_expert_shard
 	./test_fixtures
 	bash scripts/test_resume_cpu.sh
 	bash scripts/test_launcher_cpu.sh

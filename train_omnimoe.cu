@@ -911,6 +911,11 @@ int main(int argc, char** argv) {
         train_config_check_file_model(&cfg, &config);
     }
     train_config_validate(&cfg, &config);
+    if (cfg.shard_experts) {  // the pieces exist (llmc/expert_shard.h, llmc/experts_shard.cuh), the step does not use them yet
+        fprintf(stderr, "Error: flag --shard-experts 1: the column-sharded expert tables are not wired into the CUDA "
+                "trainer's step yet (docs/sharding.md §3.1, status); run without it\n");
+        exit(EXIT_FAILURE);
+    }
     if (cfg.sample_every > 0 && cfg.gen_tokens > cfg.T) {
         // samples run on the (B, T) activations of training
         fprintf(stderr, "Error: bad value \"%d\" for flag -g (--gen-tokens): the GPU trainer samples at most -t %d "

@@ -2,7 +2,8 @@
 # One device call: build the CUDA trainer and its test (bf16 and fp32), run the GPU tests, run a
 # short training of the default model, and print a summary last. Logs go to $OUT when set.
 #   bash dev/gpu_check.sh [MODE]     MODE: words joined by '+', default full
-#     always: build, the GPU tests (bf16, fp32), the CUDA trainer's bitwise resume test
+#     always: build, the GPU tests (bf16, fp32), the column-sharded experts against the unsharded
+#             ones (dev/cuda/test_experts_shard.cu), the CUDA trainer's bitwise resume test
 #     kernels: every kernel test and benchmark of dev/cuda (built by make with the Makefile's flags)
 #     hostile: the hostile-input sweep on the CUDA trainer (scripts/test_hostile.sh)
 #     full: hostile, the no-argument default run and, when carry/mixed was carried, a rerun of the
@@ -29,11 +30,12 @@ run() {  # name, command...
     tail -n 12 "$OUT/$name.log"
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
-targets=(train_omnimoe test_omnimoe test_omnimoe_fp32 train_omnimoe_cpu)
+targets=(train_omnimoe test_omnimoe test_omnimoe_fp32 train_omnimoe_cpu dev/cuda/test_experts_shard_bin)
 if [[ "$mode" == *kernels* ]]; then targets+=(kernel_tests kernel_benches); fi
 run build make -j$(nproc) "${targets[@]}"
 run test_bf16 ./test_omnimoe
 run test_fp32 ./test_omnimoe_fp32
+run test_experts_shard ./dev/cuda/test_experts_shard_bin
 run resume_cuda env TRAINER=./train_omnimoe RESUME_MODEL=small bash scripts/test_resume_cpu.sh
 if [[ "$mode" == *full* || "$mode" == *hostile* ]]; then run hostile_cuda env TRAINER=./train_omnimoe bash scripts/test_hostile.sh; fi
 if [[ "$mode" == *kernels* ]]; then
@@ -79,7 +81,7 @@ if [[ "$mode" == *llmc* ]]; then  # our dense d12 against llm.c with and without
         bash dev/bench_llmc.sh
 fi
 echo "================ summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
-grep -h -E "^test_omnimoe(_fp32)?: [0-9]+ passed" "$OUT"/test_*.log 2>/dev/null
+grep -h -E "^test_(omnimoe(_fp32)?|experts_shard): [0-9]+ passed" "$OUT"/test_*.log 2>/dev/null
 grep -h "^FAIL" "$OUT"/test_*.log 2>/dev/null | head -20
 for s in "${summary[@]}"; do echo "$s"; done
 if [ -f "$OUT/bench_llmc.log" ]; then sed -n '/^| trainer |/,$p' "$OUT/bench_llmc.log"; fi

@@ -36,6 +36,7 @@
 #include <sys/stat.h>
 #include "config.h"
 #include "run_identity.h"
+#include "expert_shard.h"
 
 // learning-rate schedules (lr_schedule.h computes them)
 enum { LR_SCHEDULE_COSINE = 0, LR_SCHEDULE_WSD = 1, LR_SCHEDULE_CONSTANT = 2 };
@@ -67,6 +68,7 @@ typedef struct {
     int launch_rank;                          // -pr  this process's rank, in [0, -pn)
     char launch_id_file[TRAIN_PATH_MAX];      // -pf  file (shared by all hosts) where the ranks meet
     int overlap_comm;                         // --overlap-comm  1 = the gradient all-reduce runs under the backward
+    int shard_experts;                        // --shard-experts  1 = U, V split by columns over the processes (docs/sharding.md §3.1)
     // optimisation
     int num_steps;                            // -x  optimiser steps
     float learning_rate;                      // -l  peak learning rate
@@ -163,6 +165,7 @@ static const TrainFlag train_flags[] = {
     {"-pr", "--process-rank", TRAIN_ARG_INT, offsetof(TrainConfig, launch_rank), 0, 65535, 0, NULL, "launch without mpirun: this process's rank in [0, -pn)"},
     {"-pf", "--nccl-id-file", TRAIN_ARG_STRING, offsetof(TrainConfig, launch_id_file), 0, 0, 0, NULL, "launch without mpirun: a new file path (on a file system all hosts share) where rank 0 leaves the NCCL id"},
     {NULL, "--overlap-comm", TRAIN_ARG_INT, offsetof(TrainConfig, overlap_comm), 0, 1, 0, NULL, "several GPUs: 1 (default) = average each layer's gradients while the backward goes on, 0 = after it (same bits)"},
+    {NULL, "--shard-experts", TRAIN_ARG_INT, offsetof(TrainConfig, shard_experts), 0, 1, 0, NULL, "several GPUs, omni: 1 = split the expert tables U, V by columns over the processes (needs C/8 divisible by them), 0 (default) = every GPU holds them whole"},
 };
 #define TRAIN_NUM_FLAGS ((int)(sizeof(train_flags) / sizeof(train_flags[0])))
 
@@ -662,6 +665,21 @@ static inline RunIdentity train_config_run_identity(const TrainConfig* cfg, uint
     return r;
 }
 
+// --shard-experts 1 splits the columns of U and V over the processes (llmc/expert_shard.h):
+// refused where that cannot apply
+static inline void train_config_validate_shard_experts(const TrainConfig* cfg, const ModelConfig* model) {
+    if (!cfg->shard_experts) return;
+    const char* why = NULL;
+    if (model->ffn_kind != FFN_OMNI) why = "an omni model (it splits the expert tables U and V)";
+    else if (cfg->num_processes < 2) why = "several processes (one process holds the whole tables)";
+    else why = expert_shard_unfit(model->channels, cfg->num_processes);
+    if (why != NULL) {
+        fprintf(stderr, "Error: flag --shard-experts 1 needs %s; here: %s model, C=%d, %d process(es)\n", why,
+                ffn_kind_name(model->ffn_kind), model->channels, cfg->num_processes);
+        exit(EXIT_FAILURE);
+    }
+}
+
 // The checks that need the model (and num_processes/process_rank, set by the trainer by now).
 static inline void train_config_validate(const TrainConfig* cfg, const ModelConfig* model) {
     if (!model_config_validate(model)) exit(EXIT_FAILURE);
@@ -695,6 +713,7 @@ static inline void train_config_validate(const TrainConfig* cfg, const ModelConf
         fprintf(stderr, "Error: flag -y 1 resumes from the checkpoints in the output directory, but -o is not set\n");
         exit(EXIT_FAILURE);
     }
+    train_config_validate_shard_experts(cfg, model);
 }
 
 // the steps --mc-eval runs at, besides the last: every this many (0 = none)
