@@ -1875,6 +1875,11 @@ int main(int argc, char** argv) {
                 "(one per GPU) are the CUDA trainer's (./train_omnimoe)\n", cfg.launch_processes);
         exit(EXIT_FAILURE);
     }
+    if (cfg.attention != ATTENTION_OURS) {
+        fprintf(stderr, "Error: flag --attention cudnn: cuDNN's attention is the CUDA trainer's (./train_omnimoe); "
+                "the CPU reference has one attention\n");
+        exit(EXIT_FAILURE);
+    }
 
     // the model: a preset (+ flags) or a model file
     CpuTrainer tr;

@@ -36,6 +36,7 @@
 #include <sys/stat.h>
 #include "config.h"
 #include "run_identity.h"
+#include "expert_shard.h"
 
 // learning-rate schedules (lr_schedule.h computes them)
 enum { LR_SCHEDULE_COSINE = 0, LR_SCHEDULE_WSD = 1, LR_SCHEDULE_CONSTANT = 2 };
@@ -44,6 +45,8 @@ static inline const char* lr_schedule_name(int s) {
     return s == LR_SCHEDULE_WSD ? "wsd" : (s == LR_SCHEDULE_CONSTANT ? "constant" : "cosine");
 }
 static inline const char* expert_exec_name(int e) { return e == EXPERT_EXEC_TOKEN ? "token" : "expert"; }
+// attention kernels of the CUDA trainer: ours (llmc/attention.cuh) or cuDNN's SDPA (llmc/attention_cudnn.h)
+enum { ATTENTION_OURS = 0, ATTENTION_CUDNN = 1 };
 
 #define TRAIN_PATH_MAX 1024
 
@@ -65,6 +68,7 @@ typedef struct {
     int launch_rank;                          // -pr  this process's rank, in [0, -pn)
     char launch_id_file[TRAIN_PATH_MAX];      // -pf  file (shared by all hosts) where the ranks meet
     int overlap_comm;                         // --overlap-comm  1 = the gradient all-reduce runs under the backward
+    int shard_experts;                        // --shard-experts  1 = U, V split by columns over the processes (docs/sharding.md §3.1)
     // optimisation
     int num_steps;                            // -x  optimiser steps
     float learning_rate;                      // -l  peak learning rate
@@ -95,6 +99,7 @@ typedef struct {
     int router_norm;                          // --router-norm  ROUTER_NORM_*; -1 = preset (bn)
     int gate;                                 // --gate  GATE_*; -1 = preset (softmax)
     int expert_exec;                          // --expert-exec  EXPERT_EXEC_* (run-time choice, not saved in the model)
+    int attention;                            // --attention  ATTENTION_* (CUDA trainer; run-time choice, in checkpoints)
     // moe knobs (docs/design.md §10.7); model fields: -1 = the preset's (or --moepp's) value
     int moe_experts, moe_topk, moe_shared;    // --moe-experts --moe-topk --moe-shared  E, k, S
     int moe_zero, moe_copy, moe_const;        // --moe-zero --moe-copy --moe-const  MoE++ expert counts
@@ -163,6 +168,7 @@ static const TrainFlag train_flags[] = {
     {NULL, "--router-norm", TRAIN_ARG_CHOICE, offsetof(TrainConfig, router_norm), 0, 0, 0, "none|bn", "omni: router normalisation (unset = bn)"},
     {NULL, "--gate", TRAIN_ARG_CHOICE, offsetof(TrainConfig, gate), 0, 0, 0, "softmax|prob", "omni: gate over the k selected scores (unset = softmax)"},
     {NULL, "--expert-exec", TRAIN_ARG_CHOICE, offsetof(TrainConfig, expert_exec), 0, 0, 0, "token|expert", "omni: expert-branch execution, token-centric (default) or expert-centric (same bits)"},
+    {NULL, "--attention", TRAIN_ARG_CHOICE, offsetof(TrainConfig, attention), 0, 0, 0, "ours|cudnn", "CUDA trainer: attention kernels, ours (default) or cuDNN's SDPA (a `make USE_CUDNN=1` build; other bits)"},
     {NULL, "--moe-experts", TRAIN_ARG_INT, offsetof(TrainConfig, moe_experts), 0, 65536, 1, NULL, "moe: routed SwiGLU experts E (-1 = the preset's)"},
     {NULL, "--moe-topk", TRAIN_ARG_INT, offsetof(TrainConfig, moe_topk), 1, 65536, 1, NULL, "moe: experts per token k, among all routed experts (-1 = the preset's)"},
     {NULL, "--moe-shared", TRAIN_ARG_INT, offsetof(TrainConfig, moe_shared), 0, 65536, 1, NULL, "moe: shared experts S, each of width I_e (-1 = the preset's)"},
@@ -182,6 +188,7 @@ static const TrainFlag train_flags[] = {
     {"-pr", "--process-rank", TRAIN_ARG_INT, offsetof(TrainConfig, launch_rank), 0, 65535, 0, NULL, "launch without mpirun: this process's rank in [0, -pn)"},
     {"-pf", "--nccl-id-file", TRAIN_ARG_STRING, offsetof(TrainConfig, launch_id_file), 0, 0, 0, NULL, "launch without mpirun: a new file path (on a file system all hosts share) where rank 0 leaves the NCCL id"},
     {NULL, "--overlap-comm", TRAIN_ARG_INT, offsetof(TrainConfig, overlap_comm), 0, 1, 0, NULL, "several GPUs: 1 (default) = average each layer's gradients while the backward goes on, 0 = after it (same bits)"},
+    {NULL, "--shard-experts", TRAIN_ARG_INT, offsetof(TrainConfig, shard_experts), 0, 1, 0, NULL, "several GPUs, omni: 1 = split the expert tables U, V by columns over the processes (needs C/8 divisible by them), 0 (default) = every GPU holds them whole"},
 };
 #define TRAIN_NUM_FLAGS ((int)(sizeof(train_flags) / sizeof(train_flags[0])))
 
@@ -758,6 +765,7 @@ static inline RunIdentity train_config_run_identity(const TrainConfig* cfg, uint
     r.warmup_steps = cfg->warmup_steps;
     r.lr_schedule = cfg->lr_schedule;
     r.expert_exec = cfg->expert_exec;
+    r.attention = cfg->attention;
     r.learning_rate = cfg->learning_rate;
     r.final_lr_frac = cfg->final_lr_frac;
     r.decay_frac = cfg->decay_frac;
@@ -767,6 +775,21 @@ static inline RunIdentity train_config_run_identity(const TrainConfig* cfg, uint
     r.beta2 = cfg->beta2;
     r.eps = cfg->eps;
     return r;
+}
+
+// --shard-experts 1 splits the columns of U and V over the processes (llmc/expert_shard.h):
+// refused where that cannot apply
+static inline void train_config_validate_shard_experts(const TrainConfig* cfg, const ModelConfig* model) {
+    if (!cfg->shard_experts) return;
+    const char* why = NULL;
+    if (model->ffn_kind != FFN_OMNI) why = "an omni model (it splits the expert tables U and V)";
+    else if (cfg->num_processes < 2) why = "several processes (one process holds the whole tables)";
+    else why = expert_shard_unfit(model->channels, cfg->num_processes);
+    if (why != NULL) {
+        fprintf(stderr, "Error: flag --shard-experts 1 needs %s; here: %s model, C=%d, %d process(es)\n", why,
+                ffn_kind_name(model->ffn_kind), model->channels, cfg->num_processes);
+        exit(EXIT_FAILURE);
+    }
 }
 
 // The checks that need the model (and num_processes/process_rank, set by the trainer by now).
@@ -802,6 +825,7 @@ static inline void train_config_validate(const TrainConfig* cfg, const ModelConf
         fprintf(stderr, "Error: flag -y 1 resumes from the checkpoints in the output directory, but -o is not set\n");
         exit(EXIT_FAILURE);
     }
+    train_config_validate_shard_experts(cfg, model);
 }
 
 // the steps --mc-eval runs at, besides the last: every this many (0 = none)
