@@ -5,8 +5,8 @@
  *                  kind (gelu, swiglu, omni with BN on/off, both gates, k < n and k > n, BN in
  *                  eval mode; moe with and without the MoE++ experts, the balance loss included),
  *                  with random weights in every tensor and random tokens
- *   moe_*          the moe layer: balance loss at uniform routing, the bias update and its effect
- *                  on selection, determinism across thread counts
+ *   moe_*          the moe layer: its forward against float64, balance loss at uniform routing,
+ *                  loss_scale, the bias update and its effect on selection, determinism
  *   topk_*         omni_topk against a brute-force sort of all N pairs (exact sums, ties, fp32)
  *   bn_*           router BatchNorm: running-statistics update and eval-mode forward
  *   padded_vocab   padded logit columns carry no probability mass and no gradient
@@ -846,6 +846,123 @@ static void test_moe_aux_uniform(void) {
     gpt_free(&model);
 }
 
+// The moe layer's forward against a direct float64 computation written from docs/design.md §10.2
+// (router with the gating residual, softmax, top-k of p + b, gates, every expert kind, the shared
+// SwiGLU, k x): the FFN output of every token of both layers, for DeepSeekMoE's and MoE++'s choices.
+static double silu_d(double v) { return v / (1.0 + exp(-v)); }
+
+static double moe_forward_max_error(const ModelConfig* config, uint64_t seed) {
+    GPT model;
+    gpt_build(&model, config);
+    randomize_model(&model, seed, 0.3f);
+    for (size_t i = 0; i < model.param_sizes[PARAM_MOE_BIAS]; i++) model.param_tensors[PARAM_MOE_BIAS][i] *= 0.1f;
+    int B = 2, T = 8, BT = B * T, inputs[16];
+    random_tokens(inputs, BT, config->vocab_size, seed + 1);
+    gpt_forward(&model, inputs, NULL, B, T, 0);
+    const ModelConfig* c = config;
+    int C = c->channels, Et = model_config_moe_routed(c), k = c->moe_topk, Ie = c->ffn_hidden, E = c->moe_experts;
+    int H = c->moe_shared * Ie, RH = 8 * Et;
+    double* z = (double*)calloc_check((size_t)BT * Et, sizeof(double));       // this layer's logits
+    double* z_prev = (double*)calloc_check((size_t)BT * Et, sizeof(double));  // the layer below's
+    double worst = 0.0;
+    for (int l = 0; l < c->num_layers; l++) {
+        float** p = model.param_tensors;
+        const float* Wr = p[PARAM_MOE_ROUTERW] + (size_t)l * (c->moe_router ? RH : Et) * C;
+        const float* bias = p[PARAM_MOE_BIAS] + (size_t)l * Et;
+        for (int r = 0; r < BT; r++) {
+            const float* x = model.acts.ln2 + ((size_t)l * BT + r) * C;
+            double* zr = z + (size_t)r * Et;
+            for (int i = 0; i < Et; i++) {
+                double acc = 0.0;
+                if (c->moe_router == MOE_ROUTER_TANH) {
+                    const float* W2r = p[PARAM_MOE_ROUTER2] + ((size_t)l * Et + i) * RH;
+                    for (int j = 0; j < RH; j++) {
+                        double u = 0.0;
+                        for (int q = 0; q < C; q++) u += (double)Wr[(size_t)j * C + q] * x[q];
+                        acc += W2r[j] * tanh(u);
+                    }
+                } else {
+                    for (int q = 0; q < C; q++) acc += (double)Wr[(size_t)i * C + q] * x[q];
+                }
+                if (c->moe_gate_res && l > 0) {
+                    const float* G = p[PARAM_MOE_GATEMAP] + ((size_t)l * Et + i) * Et;
+                    for (int j = 0; j < Et; j++) acc += G[j] * z_prev[(size_t)r * Et + j];
+                }
+                zr[i] = acc;
+            }
+            double mx = zr[0], sum = 0.0, prob[64], score[64];
+            for (int i = 1; i < Et; i++) mx = fmax(mx, zr[i]);
+            for (int i = 0; i < Et; i++) sum += exp(zr[i] - mx);
+            for (int i = 0; i < Et; i++) { prob[i] = exp(zr[i] - mx) / sum; score[i] = prob[i] + bias[i]; }
+            int chosen[64], used[64] = {0};
+            for (int m = 0; m < k; m++) {  // the best unused score, ties to the smaller id
+                int best = -1;
+                for (int i = 0; i < Et; i++) if (!used[i] && (best < 0 || score[i] > score[best])) best = i;
+                used[best] = 1;
+                chosen[m] = best;
+            }
+            double D = 0.0, out[64] = {0};
+            for (int m = 0; m < k; m++) if (chosen[m] < E + c->moe_const + c->moe_copy) D += prob[chosen[m]];
+            double s = c->moe_input_scale ? k : 1.0;
+            for (int m = 0; m < k; m++) {
+                int e = chosen[m];
+                int zero = e >= E + c->moe_const + c->moe_copy;
+                double g = !c->moe_norm_topk ? prob[e] : (zero ? 0.0 : prob[e] / D);
+                double y[64];
+                if (e < E) {  // SwiGLU expert
+                    const float* W1 = p[PARAM_MOE_W1] + ((size_t)l * E + e) * 2 * Ie * C;
+                    const float* W2 = p[PARAM_MOE_W2] + ((size_t)l * E + e) * C * Ie;
+                    double h[64];
+                    for (int j = 0; j < Ie; j++) {
+                        double a = 0.0, b = 0.0;
+                        for (int q = 0; q < C; q++) { a += W1[(size_t)j * C + q] * s * x[q]; b += W1[(size_t)(Ie + j) * C + q] * s * x[q]; }
+                        h[j] = silu_d(a) * b;
+                    }
+                    for (int q = 0; q < C; q++) { y[q] = 0.0; for (int j = 0; j < Ie; j++) y[q] += W2[(size_t)q * Ie + j] * h[j]; }
+                } else if (e < E + c->moe_const) {  // constant expert
+                    const float* A = p[PARAM_MOE_CONSTMIX] + ((size_t)l * c->moe_const + (e - E)) * 2 * C;
+                    const float* cv = p[PARAM_MOE_CONST] + ((size_t)l * c->moe_const + (e - E)) * C;
+                    double a0 = 0.0, a1 = 0.0;
+                    for (int q = 0; q < C; q++) { a0 += A[q] * s * x[q]; a1 += A[C + q] * s * x[q]; }
+                    double w0 = 1.0 / (1.0 + exp(a1 - a0)), w1 = 1.0 - w0;
+                    for (int q = 0; q < C; q++) y[q] = w0 * s * x[q] + w1 * cv[q];
+                } else {  // copy or zero
+                    for (int q = 0; q < C; q++) y[q] = zero ? 0.0 : s * x[q];
+                }
+                for (int q = 0; q < C; q++) out[q] += g * y[q];
+            }
+            const float* fcw = p[PARAM_FCW] + (size_t)l * 2 * H * C;
+            const float* fcp = p[PARAM_FCPROJW] + (size_t)l * C * H;
+            for (int j = 0; j < H; j++) {
+                double a = 0.0, b = 0.0;
+                for (int q = 0; q < C; q++) { a += fcw[(size_t)j * C + q] * x[q]; b += fcw[(size_t)(H + j) * C + q] * x[q]; }
+                for (int q = 0; q < C; q++) out[q] += fcp[(size_t)q * H + j] * silu_d(a) * b;
+            }
+            const float* got = model.acts.ffn_out + ((size_t)l * BT + r) * C;
+            for (int q = 0; q < C; q++) worst = fmax(worst, fabs(got[q] - out[q]) / (1e-3 + fabs(out[q])));
+        }
+        double* t = z_prev; z_prev = z; z = t;
+    }
+    free(z);
+    free(z_prev);
+    gpt_free(&model);
+    return worst;
+}
+
+static void test_moe_forward(void) {
+    ModelConfig plain = moe_test_config(TEST_DIMS_TINY, 4, 2, 1, 0, 0, 0, 0, 0);
+    ModelConfig release = moe_test_config(TEST_DIMS_TINY, 3, 3, 1, 1, 1, 2, 1, 1);
+    release.moe_router = MOE_ROUTER_TANH;
+    release.moe_input_scale = 1;
+    ModelConfig mixed = moe_test_config(TEST_DIMS_TINY, 2, 4, 0, 2, 1, 1, 1, 0);
+    double e1 = moe_forward_max_error(&plain, 91), e2 = moe_forward_max_error(&release, 92);
+    double e3 = moe_forward_max_error(&mixed, 93);
+    double worst = fmax(e1, fmax(e2, e3));
+    test_checkf(worst <= 1e-4, "moe_forward_float64", "FFN output of both layers vs a float64 computation of design "
+                "§10.2: worst |err| / (1e-3 + |y|) %.1e (DeepSeekMoE), %.1e (MoE++ release: tanh router, k x, "
+                "renormalised, gating residual), %.1e (2 zero experts, no shared, norm 0) (tol 1e-4)", e1, e2, e3);
+}
+
 // gpt_backward(loss_scale) scales every gradient, the balance loss's too: loss_scale 0.5 gives
 // exactly half the gradients of 1 (a power of two: bitwise)
 static void test_moe_loss_scale(void) {
@@ -1025,6 +1142,7 @@ int main(int argc, char** argv) {
     test_overfit(FFN_OMNI);
 
     test_determinism();
+    test_moe_forward();
     test_moe_aux_uniform();
     test_moe_loss_scale();
     test_moe_bias();
