@@ -734,6 +734,28 @@ static void test_compare_run(void) {
     int ok = notes == 3 && strstr(out, "resuming with -l 0.0001") && strstr(out, "resuming with -x 2000 (") &&
              strstr(out, "resuming with -d (tokens per step) 512 (");
     test_check_why(ok, "compare_run: changed -l, -x and -d give one note each", out);
+    {  // moe run settings: kept in header slots 70-72, a change gives a note
+        TrainConfig m = cfg;
+        m.moe_aux = 0.03f;
+        m.moe_zc_weight = 0.5f;
+        m.moe_bias_rate = 1e-3f;
+        RunIdentity moe_run = train_config_run_identity(&m, 0x1234abcd5678ef90ull, 338025, 1);
+        CheckpointInfo info, back;
+        checkpoint_info_from_run(&info, &moe_run, 10, 10, 2560);
+        int32_t h[OMNI_HEADER_INTS];
+        ModelConfig mc = micro_config(FFN_SWIGLU), mc_back;
+        checkpoint_header_from_(&mc, &info, h);
+        checkpoint_header_to_(h, &mc_back, &back);
+        int round_trip = back.run.moe_aux == 0.03f && back.run.moe_zc_weight == 0.5f && back.run.moe_bias_rate == 1e-3f;
+        CompareRunArgs b;
+        b.saved = back;
+        b.now = moe_run;
+        b.now.moe_aux = 0.01f;
+        int moe_notes = test_run_child(child_compare_run, &b, out, sizeof(out));
+        test_check_why(round_trip && moe_notes == 1 && strstr(out, "resuming with --moe-aux 0.01 (the checkpoint was "
+                       "written with 0.03)"), "compare_run: the moe run settings survive the header, a changed "
+                       "--moe-aux gives a note", out);
+    }
     struct { const char* name; unsigned long long seed; int shuffle, B, T; uint64_t fp; long long tokens; int shards;
              const char* expected; } refused[] = {
         {"--seed", 43, 1, 4, 64, 0x1234abcd5678ef90ull, 338025, 1, "was written with --seed 42, this run has --seed 43"},

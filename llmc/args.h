@@ -774,6 +774,9 @@ static inline RunIdentity train_config_run_identity(const TrainConfig* cfg, uint
     r.beta1 = cfg->beta1;
     r.beta2 = cfg->beta2;
     r.eps = cfg->eps;
+    r.moe_aux = cfg->moe_aux;
+    r.moe_zc_weight = cfg->moe_zc_weight;
+    r.moe_bias_rate = cfg->moe_bias_rate;
     return r;
 }
 

@@ -31,6 +31,8 @@
  *     [44..45] data_tokens (int64)   [46] data_shards   [47] attention (0 ours, 1 cuDNN's SDPA)
  *     [48..49] num_params P        [50..51] num_bn_stats NB (floats of one BN set)
  *     [52..53] loader_bytes LB     [54..55] rng_bytes RB      [56..57] file_bytes (whole file)
+ *     [60..69] the moe model fields (above)   [70] moe_aux [71] moe_zc_weight [72] moe_bias_rate
+ *     (fp32; moe models only, else 0: docs/design.md §10.7)
  *     (an int64 in slots [a..a+1] is the 8 little-endian bytes at byte offset 4a)
  *     all other slots 0.
  *   sections, packed in this order right after the header:
@@ -714,6 +716,9 @@ static inline void checkpoint_header_from_(const ModelConfig* config, const Chec
     ckpt_put_i64_(h, 44, r->data_tokens);
     h[46] = r->data_shards;
     h[47] = r->attention;
+    ckpt_put_f32_(h, 70, r->moe_aux);
+    ckpt_put_f32_(h, 71, r->moe_zc_weight);
+    ckpt_put_f32_(h, 72, r->moe_bias_rate);
     ckpt_put_i64_(h, 48, info->num_params);
     ckpt_put_i64_(h, 50, info->num_bn_stats);
     ckpt_put_i64_(h, 52, info->loader_bytes);
@@ -751,6 +756,9 @@ static inline void checkpoint_header_to_(const int32_t* h, ModelConfig* config, 
     r->data_fingerprint = (uint64_t)ckpt_get_i64_(h, 42);
     r->data_tokens = ckpt_get_i64_(h, 44);
     r->data_shards = h[46];
+    r->moe_aux = ckpt_get_f32_(h, 70);
+    r->moe_zc_weight = ckpt_get_f32_(h, 71);
+    r->moe_bias_rate = ckpt_get_f32_(h, 72);
     info->num_params = ckpt_get_i64_(h, 48);
     info->num_bn_stats = ckpt_get_i64_(h, 50);
     info->loader_bytes = ckpt_get_i64_(h, 52);
@@ -1253,6 +1261,9 @@ static inline int checkpoint_compare_run(const char* path, const CheckpointInfo*
     CKPT_CMP_FLOAT_("--beta1", was->beta1, now->beta1)
     CKPT_CMP_FLOAT_("--beta2", was->beta2, now->beta2)
     CKPT_CMP_FLOAT_("--eps", was->eps, now->eps)
+    CKPT_CMP_FLOAT_("--moe-aux", was->moe_aux, now->moe_aux)
+    CKPT_CMP_FLOAT_("--moe-zc-weight", was->moe_zc_weight, now->moe_zc_weight)
+    CKPT_CMP_FLOAT_("--moe-bias-rate", was->moe_bias_rate, now->moe_bias_rate)
 #undef CKPT_CMP_INT_
 #undef CKPT_CMP_FLOAT_
     return diffs;

@@ -368,8 +368,11 @@ static inline int train_loop_run_(const TrainLoop* tl, const MCEval* mc_eval) {
     snprintf(model_path, sizeof(model_path), "%.*s/model.bin", TRAIN_PATH_MAX - 1, cfg->output_dir);
 
     // what identifies this run in its checkpoints (llmc/run_identity.h)
-    const RunIdentity run = train_config_run_identity(cfg, tl->train_loader->fingerprint,
-                                                      tl->train_loader->total_tokens, tl->train_loader->num_shards);
+    RunIdentity run = train_config_run_identity(cfg, tl->train_loader->fingerprint, tl->train_loader->total_tokens,
+                                                tl->train_loader->num_shards);
+    if (be->model_config == NULL || be->model_config->ffn_kind != FFN_MOE) {  // moe settings: moe models only
+        run.moe_aux = run.moe_zc_weight = run.moe_bias_rate = 0.0f;
+    }
     // where the run starts: the output directory decides (rank 0), every rank follows
     char resume_path[CHECKPOINT_PATH_MAX] = "";
     int found_step = -1, refused = 0;
