@@ -14,7 +14,7 @@ CFLAGS = -O2 -Wall -Wextra -std=c11 -fopenmp -I.
 LDLIBS = -lm
 CUDA_ARCH ?= -gencode=arch=compute_90a,code=sm_90a
 NVCC_FLAGS = -O3 -std=c++17 $(CUDA_ARCH) -I. --expt-relaxed-constexpr -Xcompiler -Wall
-NVCC_LDLIBS = -lcublasLt -lcublas
+NVCC_LDLIBS = -lcublasLt -lcublas -lpthread
 # xxHash, used header-only (XXH_INLINE_ALL): Debian's libxxhash-dev puts it in /usr/include; a
 # machine without it can get the header in carry/include/xxhash.h (carry/ is not tracked)
 ifneq ($(wildcard carry/include/xxhash.h),)
@@ -47,7 +47,7 @@ endif
 HOST_HEADERS = $(wildcard llmc/*.h)
 CUDA_HEADERS = $(wildcard llmc/*.cuh)
 CPU_TESTS = test_omnimoe_cpu test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_fixtures test_integrity \
-            test_mc_eval test_loop_ranks test_mc_loop
+            test_mc_eval test_loop_ranks test_mc_loop test_param_init
 
 .PHONY: all cpu test test_cpu test_gpu kernel_tests kernel_benches test_kernels clean
 
@@ -70,6 +70,10 @@ test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_mc_e
 
 # the shared loop with 3 ranks as threads (llmc/train_loop.h)
 test_loop_ranks: test_loop_ranks.c $(HOST_HEADERS)
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS) -lpthread
+
+# the jump-ahead of rand.h and the threaded initialisation (llmc/param_init.h) against the sequential one
+test_param_init: test_param_init.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS) -lpthread
 
 test_integrity: test_integrity.c train_omnimoe.c $(HOST_HEADERS)
@@ -140,6 +144,7 @@ test_cpu: $(CPU_TESTS) train_omnimoe_cpu
 	./test_mc_eval
 	./test_integrity
 	./test_loop_ranks
+	./test_param_init
 	./test_mc_loop
 	./test_omnimoe_cpu
 	./test_fixtures

@@ -33,6 +33,7 @@
 #endif
 #include "llmc/config.h"
 #include "llmc/rand.h"
+#include "llmc/param_init.h"
 #include "llmc/tokenizer.h"
 #include "llmc/sampler.h"
 
@@ -852,10 +853,10 @@ void gpt_build(GPT* model, const ModelConfig* config) {
 }
 
 // docs/design.md §1.3 initialisation from a seed, the same draws as the CUDA trainer (config.h:
-// model_init_params: one Rng, tensors in layout order, LayerNorm weights 1 and biases 0); the
-// BN running statistics are reset to mean 0, var 1
+// model_init_params: one Rng, tensors in layout order, LayerNorm weights 1 and biases 0), drawn
+// on every core with the same bits (param_init.h); the BN running statistics are reset to mean 0, var 1
 void gpt_init_random(GPT* model, uint64_t seed) {
-    model_init_params(&model->config, model->params, seed);
+    model_init_params_parallel(&model->config, model->params, seed);
     model_init_bn_stats(&model->config, model->bn_stats);
 }
 

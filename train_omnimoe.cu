@@ -45,6 +45,7 @@ every rank's BN set.
 #include <time.h>
 #include "llmc/config.h"
 #include "llmc/rand.h"
+#include "llmc/param_init.h"
 #include "llmc/args.h"
 #include "llmc/lr_schedule.h"
 #include "llmc/logger.h"
@@ -321,7 +322,7 @@ static void model_get_params(const Model* m, float* host_params, float* host_bn_
 static void model_init_random(Model* m, uint64_t seed) {
     float* params = (float*)malloc_check(m->num_params * sizeof(float));
     float* bn = (float*)malloc_check(max_sz(model_config_num_bn_stats(&m->config), 1) * sizeof(float));
-    model_init_params(&m->config, params, seed);
+    model_init_params_parallel(&m->config, params, seed);  // every host core, the bits of model_init_params
     model_init_bn_stats(&m->config, bn);
     model_set_params(m, params, bn);
     free(params);
