@@ -151,6 +151,7 @@ test_cpu: $(CPU_TESTS) train_omnimoe_cpu
 	bash scripts/test_resume_cpu.sh
 	bash scripts/test_launcher_cpu.sh
 	bash scripts/test_export_cpu.sh
+	python3 scripts/test_plan.py
 	bash scripts/test_hostile.sh
 
 test_gpu:

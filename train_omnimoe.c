@@ -1299,6 +1299,7 @@ void sample_and_print(GPT* model, const Tokenizer* tokenizer, Rng* rng, int gen_
 #include "llmc/checkpoint.h"
 #include "llmc/dataloader.h"
 #include "llmc/train_loop.h"
+#include "llmc/memory_plan.h"
 
 typedef struct {
     const TrainConfig* cfg;
@@ -1422,6 +1423,7 @@ int main(int argc, char** argv) {
     cfg.sample_every = 0;
     cfg.gen_tokens = 32;
     train_config_parse(&cfg, argc, argv);
+    if (cfg.plan_gpus > 0) return train_config_plan_main(&cfg, 2);  // the CUDA trainer's memory, bf16 build
     if (cfg.launch_processes != 1) {
         fprintf(stderr, "Error: flag -pn %d: the CPU reference trainer runs as one process; several processes "
                 "(one per GPU) are the CUDA trainer's (./train_omnimoe)\n", cfg.launch_processes);

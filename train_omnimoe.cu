@@ -46,6 +46,7 @@ every rank's BN set.
 #include "llmc/config.h"
 #include "llmc/rand.h"
 #include "llmc/param_init.h"
+#include "llmc/memory_plan.h"
 #include "llmc/args.h"
 #include "llmc/lr_schedule.h"
 #include "llmc/logger.h"
@@ -123,6 +124,7 @@ typedef struct {
     int adam_t;           // AdamW steps taken
     cudaStream_t stream;
     float* norm_squared;  // (1) device
+    MemoryPlan plan;      // every device buffer above and its bytes (llmc/memory_plan.h)
 } Model;
 
 static inline floatX* param_ptr(const Model* m, int tensor) { return m->params + m->param_offsets[tensor]; }
@@ -156,22 +158,62 @@ static void model_check_shapes(const ModelConfig* c) {
     }
 }
 
-// Allocates parameters, optimizer state and activations for micro-batches up to (B, T).
-// Refuses, before any large allocation, a model whose buffers cannot fit in the GPU's free
-// memory (less a margin for cuBLAS workspaces, NCCL and the CUDA context's own growth).
-#define DEVICE_MEMORY_MARGIN_BYTES ((size_t)1 << 30)
-static void device_memory_check(size_t state_bytes, size_t work_bytes, size_t num_params, int B, int T) {
+// Allocates parameters, optimizer state and activations for micro-batches up to (B, T), buffer by
+// buffer from the memory plan (llmc/memory_plan.h, docs/design.md §4.5), which is what --plan
+// prints. Refuses, before any large allocation, a model whose plan (with its margin for cuBLAS
+// workspaces, NCCL and the CUDA context's own growth) cannot fit in the GPU's free memory.
+static_assert(MATMUL_DBIAS_ROWS_PER_BLOCK == PLAN_MATMUL_DBIAS_ROWS_PER_BLOCK, "memory_plan.h mirrors matmul.cuh");
+static_assert(LAYERNORM_BWD_ROWS_PER_BLOCK == PLAN_LAYERNORM_BWD_ROWS_PER_BLOCK, "memory_plan.h mirrors layernorm.cuh");
+static_assert(ATTN_T_PAD == PLAN_ATTN_T_PAD, "memory_plan.h mirrors attention.cuh");
+static_assert(GLOBAL_NORM_MAX_BLOCKS == PLAN_GLOBAL_NORM_MAX_BLOCKS, "memory_plan.h mirrors global_norm.cuh");
+static_assert(ROUTER_BN_CHUNK == PLAN_ROUTER_BN_CHUNK, "memory_plan.h mirrors router.cuh");
+static_assert(EXPERTS_SEG_CHUNK == PLAN_EXPERTS_SEG_CHUNK, "memory_plan.h mirrors experts.cuh");
+
+static void device_memory_check(const MemoryPlan* plan) {
     size_t free_bytes, total_bytes;
     cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
-    size_t need = state_bytes + work_bytes + DEVICE_MEMORY_MARGIN_BYTES;
-    if (need <= free_bytes) return;
+    if (plan->total <= free_bytes) return;
     const double GiB = 1073741824.0;
+    const size_t* k = plan->kind_bytes;
+    size_t state_bytes = k[MEM_WEIGHTS] + k[MEM_GRADS] + k[MEM_MASTER] + k[MEM_ADAM_M] + k[MEM_ADAM_V] + k[MEM_OTHER_STATE];
+    memory_plan_print(plan, stderr);
     fprintf(stderr, "Error: the model needs %.2f GiB of GPU memory: %.2f GiB for the %zu parameters' weights, "
             "gradients, fp32 master weights and AdamW state, %.2f GiB for the activations and scratch of a "
             "micro-batch of -b %d -t %d, and a %.1f GiB margin; the GPU has %.2f GiB free of %.2f GiB. Lower -b "
-            "or -t, or choose a smaller model (-e, --experts)\n", need / GiB, state_bytes / GiB, num_params,
-            work_bytes / GiB, B, T, DEVICE_MEMORY_MARGIN_BYTES / GiB, free_bytes / GiB, total_bytes / GiB);
+            "or -t, or choose a smaller model (-e, --experts)\n", plan->total / GiB, state_bytes / GiB,
+            model_config_num_params(&plan->config), (k[MEM_ACTIVATIONS] + k[MEM_WORKSPACE]) / GiB, plan->B, plan->T,
+            plan->margin / GiB, free_bytes / GiB, total_bytes / GiB);
     exit(EXIT_FAILURE);
+}
+
+// the kernels' sizes as the GPU headers compute them (CUB asked for its sort storage), checked
+// against memory_plan.h's mirror of their formulas: the plan cannot drift from the kernels
+static PlanKernelSizes model_kernel_sizes(const ModelConfig* c, int B, int T) {
+    size_t C = c->channels, BT = (size_t)B * T, Vp = c->padded_vocab_size, FI = ffn_in_width(c), H = c->ffn_hidden;
+    OmniDims omni_dims = {(int)BT, (int)C, (int)H, c->router_n, c->num_experts, c->top_k};
+    int omni = c->ffn_kind == FFN_OMNI;
+    PlanKernelSizes k = {0, 0, 0};
+    size_t s = 0;
+    s = max_sz(s, matmul_backward_scratch_bytes((int)BT, (int)max_sz(max_sz(3 * C, FI), max_sz(C, Vp))));
+    s = max_sz(s, layernorm_backward_scratch_bytes((int)BT, (int)C));
+    s = max_sz(s, attention_backward_scratch_bytes(B, T, (int)C, c->num_heads));
+    s = max_sz(s, global_norm_scratch_bytes());
+    if (omni) s = max_sz(s, omni_layer_scratch_bytes(omni_dims));
+    k.scratch = s;
+    if (omni) {
+        k.omni_saved = omni_layer_saved_bytes(omni_dims);
+        k.omni_workspace = omni_workspace_bytes(omni_dims);
+    }
+    size_t pairs = omni ? BT * c->top_k : 0;
+    PlanKernelSizes mirror = plan_kernel_sizes(c, B, T, (int)sizeof(floatX), pairs, C,
+                                               omni ? scheduler_cub_bytes((int)pairs, c->num_experts) : 0);
+    if (mirror.scratch != k.scratch || mirror.omni_saved != k.omni_saved || mirror.omni_workspace != k.omni_workspace) {
+        fprintf(stderr, "Error: llmc/memory_plan.h's kernel sizes differ from the kernels' (scratch %zu vs %zu, saved "
+                "%zu vs %zu, workspace %zu vs %zu bytes): update plan_kernel_sizes with the kernel change\n",
+                mirror.scratch, k.scratch, mirror.omni_saved, k.omni_saved, mirror.omni_workspace, k.omni_workspace);
+        exit(EXIT_FAILURE);
+    }
+    return k;
 }
 
 static void model_build(Model* m, const ModelConfig* config, int B, int T, int expert_exec) {
@@ -191,66 +233,52 @@ static void model_build(Model* m, const ModelConfig* config, int B, int T, int e
     m->num_params = offset;
     size_t P = m->num_params;
     const ModelConfig* c = config;
-    size_t L = c->num_layers, C = c->channels, BT = (size_t)B * T, Vp = c->padded_vocab_size;
+    size_t L = c->num_layers, C = c->channels, BT = (size_t)B * T;
     size_t FI = ffn_in_width(c), H = c->ffn_hidden;
-    size_t num_bn = model_config_num_bn_stats(config);
     Activations* a = &m->acts;
     OmniDims omni_dims = {(int)BT, (int)C, (int)H, c->router_n, c->num_experts, c->top_k};
-    int omni = c->ffn_kind == FFN_OMNI;
-    size_t s = 0;
-    s = max_sz(s, matmul_backward_scratch_bytes((int)BT, (int)max_sz(max_sz(3 * C, FI), max_sz(C, Vp))));
-    s = max_sz(s, layernorm_backward_scratch_bytes((int)BT, (int)C));
-    s = max_sz(s, attention_backward_scratch_bytes(B, T, (int)C, c->num_heads));
-    s = max_sz(s, global_norm_scratch_bytes());
-    if (omni) s = max_sz(s, omni_layer_scratch_bytes(omni_dims));
-    a->scratch_bytes = s;
-    // every large buffer of the model, first summed against the free memory, then allocated
-    struct { void** ptr; size_t bytes; const char* what; int is_state; } buffers[] = {
-        {(void**)&m->params, P * sizeof(floatX), "parameters", 1},
-        {(void**)&m->grads, P * sizeof(floatX), "gradients", 1},
-        {(void**)&m->master, P * sizeof(float), "fp32 master weights", 1},
-        {(void**)&m->adam_m, P * sizeof(float), "AdamW m", 1},
-        {(void**)&m->adam_v, P * sizeof(float), "AdamW v", 1},
-        {(void**)&m->bn_stats, max_sz(num_bn, 1) * sizeof(float), "router BN running statistics", 1},
-        {(void**)&m->norm_squared, sizeof(float), "gradient norm", 1},
-        {(void**)&a->encoded, BT * C * sizeof(floatX), "activations: encoded", 0},
-        {(void**)&a->ln1, L * BT * C * sizeof(floatX), "activations: ln1", 0},
-        {(void**)&a->ln1_mean, L * BT * sizeof(float), "activations: ln1 mean", 0},
-        {(void**)&a->ln1_rstd, L * BT * sizeof(float), "activations: ln1 rstd", 0},
-        {(void**)&a->qkv, L * BT * 3 * C * sizeof(floatX), "activations: qkv", 0},
-        {(void**)&a->atty, L * BT * C * sizeof(floatX), "activations: attention output", 0},
-        {(void**)&a->att_lse, L * BT * c->num_heads * sizeof(float), "activations: attention lse", 0},
-        {(void**)&a->residual2, L * BT * C * sizeof(floatX), "activations: residual2", 0},
-        {(void**)&a->ln2, L * BT * C * sizeof(floatX), "activations: ln2", 0},
-        {(void**)&a->ln2_mean, L * BT * sizeof(float), "activations: ln2 mean", 0},
-        {(void**)&a->ln2_rstd, L * BT * sizeof(float), "activations: ln2 rstd", 0},
-        {(void**)&a->fch, L * BT * FI * sizeof(floatX), "activations: FFN pre-activation", 0},
-        {(void**)&a->fch_act, L * BT * H * sizeof(floatX), "activations: FFN activation", 0},
-        {(void**)&a->residual3, L * BT * C * sizeof(floatX), "activations: residual3", 0},
-        {(void**)&a->lnf, BT * C * sizeof(floatX), "activations: lnf", 0},
-        {(void**)&a->lnf_mean, BT * sizeof(float), "activations: lnf mean", 0},
-        {(void**)&a->lnf_rstd, BT * sizeof(float), "activations: lnf rstd", 0},
-        {(void**)&a->logits, BT * Vp * sizeof(floatX), "activations: logits", 0},
-        {(void**)&a->losses, BT * sizeof(float), "activations: losses", 0},
-        {(void**)&a->loss_sum, sizeof(float), "mean loss", 0},
-        {(void**)&a->sublayer_out, BT * C * sizeof(floatX), "activations: sublayer output", 0},
-        {(void**)&a->inputs, BT * sizeof(int), "inputs", 0},
-        {(void**)&a->targets, BT * sizeof(int), "targets", 0},
-        {(void**)&a->dresidual, BT * C * sizeof(floatX), "gradients: residual", 0},
-        {(void**)&a->dsub, BT * C * sizeof(floatX), "gradients: sublayer", 0},
-        {(void**)&a->dwide, BT * max_sz(3 * C, FI) * sizeof(floatX), "gradients: wide", 0},
-        {(void**)&a->dhidden, BT * max_sz(H, C) * sizeof(floatX), "gradients: hidden", 0},
-        {(void**)&a->scratch, s, "kernel scratch", 0},
-    };
-    const size_t num_buffers = sizeof(buffers) / sizeof(buffers[0]);
-    size_t state_bytes = 0, work_bytes = 0;
-    for (size_t i = 0; i < num_buffers; i++) *(buffers[i].is_state ? &state_bytes : &work_bytes) += buffers[i].bytes;
-    if (omni) {  // the layers' saved router/schedule buffers, their workspace, the expert counts
-        work_bytes += L * omni_layer_saved_bytes(omni_dims) + omni_workspace_bytes(omni_dims);
-        work_bytes += L * c->num_experts * sizeof(int) + 2 * L * sizeof(float);
-    }
-    device_memory_check(state_bytes, work_bytes, P, B, T);
-    for (size_t i = 0; i < num_buffers; i++) *buffers[i].ptr = cuda_malloc_or_die(buffers[i].bytes, buffers[i].what);
+    // every buffer of the model from the plan (one GPU's, replicated), summed against the free memory, then allocated
+    PlanKernelSizes kernel_sizes = model_kernel_sizes(c, B, T);
+    if (!memory_plan_build(&m->plan, c, B, T, (int)sizeof(floatX), 1, PLAN_MODE_REPLICATED, &kernel_sizes)) exit(EXIT_FAILURE);
+    a->scratch_bytes = m->plan.buf[MEMBUF_SCRATCH].bytes;
+    void** ptrs[MEMBUF_NUM_MODEL];
+    ptrs[MEMBUF_PARAMS] = (void**)&m->params;
+    ptrs[MEMBUF_GRADS] = (void**)&m->grads;
+    ptrs[MEMBUF_MASTER] = (void**)&m->master;
+    ptrs[MEMBUF_ADAM_M] = (void**)&m->adam_m;
+    ptrs[MEMBUF_ADAM_V] = (void**)&m->adam_v;
+    ptrs[MEMBUF_BN_STATS] = (void**)&m->bn_stats;
+    ptrs[MEMBUF_NORM] = (void**)&m->norm_squared;
+    ptrs[MEMBUF_ENCODED] = (void**)&a->encoded;
+    ptrs[MEMBUF_LN1] = (void**)&a->ln1;
+    ptrs[MEMBUF_LN1_MEAN] = (void**)&a->ln1_mean;
+    ptrs[MEMBUF_LN1_RSTD] = (void**)&a->ln1_rstd;
+    ptrs[MEMBUF_QKV] = (void**)&a->qkv;
+    ptrs[MEMBUF_ATTY] = (void**)&a->atty;
+    ptrs[MEMBUF_ATT_LSE] = (void**)&a->att_lse;
+    ptrs[MEMBUF_RESIDUAL2] = (void**)&a->residual2;
+    ptrs[MEMBUF_LN2] = (void**)&a->ln2;
+    ptrs[MEMBUF_LN2_MEAN] = (void**)&a->ln2_mean;
+    ptrs[MEMBUF_LN2_RSTD] = (void**)&a->ln2_rstd;
+    ptrs[MEMBUF_FCH] = (void**)&a->fch;
+    ptrs[MEMBUF_FCH_ACT] = (void**)&a->fch_act;
+    ptrs[MEMBUF_RESIDUAL3] = (void**)&a->residual3;
+    ptrs[MEMBUF_LNF] = (void**)&a->lnf;
+    ptrs[MEMBUF_LNF_MEAN] = (void**)&a->lnf_mean;
+    ptrs[MEMBUF_LNF_RSTD] = (void**)&a->lnf_rstd;
+    ptrs[MEMBUF_LOGITS] = (void**)&a->logits;
+    ptrs[MEMBUF_LOSSES] = (void**)&a->losses;
+    ptrs[MEMBUF_LOSS_SUM] = (void**)&a->loss_sum;
+    ptrs[MEMBUF_SUBLAYER_OUT] = (void**)&a->sublayer_out;
+    ptrs[MEMBUF_INPUTS] = (void**)&a->inputs;
+    ptrs[MEMBUF_TARGETS] = (void**)&a->targets;
+    ptrs[MEMBUF_DRESIDUAL] = (void**)&a->dresidual;
+    ptrs[MEMBUF_DSUB] = (void**)&a->dsub;
+    ptrs[MEMBUF_DWIDE] = (void**)&a->dwide;
+    ptrs[MEMBUF_DHIDDEN] = (void**)&a->dhidden;
+    ptrs[MEMBUF_SCRATCH] = (void**)&a->scratch;
+    device_memory_check(&m->plan);
+    for (int i = 0; i < MEMBUF_NUM_MODEL; i++) *ptrs[i] = cuda_malloc_or_die(m->plan.buf[i].bytes, m->plan.buf[i].what);
     cudaCheck(cudaMemset(m->grads, 0, P * sizeof(floatX)));
     cudaCheck(cudaMemset(m->adam_m, 0, P * sizeof(float)));
     cudaCheck(cudaMemset(m->adam_v, 0, P * sizeof(float)));
@@ -258,9 +286,11 @@ static void model_build(Model* m, const ModelConfig* config, int B, int T, int e
         // the layers: views of the parameters, gradients, BN statistics, counts and activations here
         OmniOptions opt = {c->router_norm, c->gate, expert_exec};
         omni_workspace_create(&m->omni_ws, omni_dims, a->scratch, a->scratch_bytes, a->dhidden, a->dwide);
-        m->expert_counts = (int*)cuda_malloc_or_die(L * c->num_experts * sizeof(int), "expert counts");
-        cudaCheck(cudaMemset(m->expert_counts, 0, L * c->num_experts * sizeof(int)));
-        m->expert_stats = (float*)cuda_malloc_or_die(2 * L * sizeof(float), "expert statistics");
+        const MemBuffer* counts = &m->plan.buf[MEMBUF_EXPERT_COUNTS];  // (L, N) int
+        const MemBuffer* stats = &m->plan.buf[MEMBUF_EXPERT_STATS];    // (2L) float
+        m->expert_counts = (int*)cuda_malloc_or_die(counts->bytes, counts->what);
+        cudaCheck(cudaMemset(m->expert_counts, 0, counts->bytes));
+        m->expert_stats = (float*)cuda_malloc_or_die(stats->bytes, stats->what);
         m->omni = (OmniLayer*)malloc_check(L * sizeof(OmniLayer));
         for (int l = 0; l < (int)L; l++) {
             OmniWeights w = {layer_param(m, PARAM_FCW, l), layer_param(m, PARAM_FCPROJW, l),
@@ -827,6 +857,7 @@ int main(int argc, char** argv) {
     cfg.val_max_batches = -1;
     cfg.sample_every = 100;
     train_config_parse(&cfg, argc, argv);
+    if (cfg.plan_gpus > 0) return train_config_plan_main(&cfg, (int)sizeof(floatX));  // no GPU, no MPI
 
     // one process per GPU: MPI, a shared id file (-pn/-pr/-pf) or a single process; sets the GPU
     MultiGpu mg;
@@ -870,6 +901,7 @@ int main(int argc, char** argv) {
 
     Model* model = &tr.model;
     model_build(model, &config, cfg.B, cfg.T, cfg.expert_exec);
+    if (master_process) memory_plan_print(&model->plan, stdout);  // this GPU's buffers, CUB's own storage
     // several GPUs: the gradient buckets and their stream; one GPU: none, and no NCCL call at all
     GradReducer reducer_storage;
     if (G > 1) {

@@ -10,6 +10,8 @@
 #     ab: dev/ab_compare.sh run (carry/ab_base from 'dev/ab_compare.sh prepare <commit>'):
 #         gelu/swiglu/omni trainers and the layer benchmarks against that commit, same bits or not
 #     bench: only dev/bench_all.sh (every performance benchmark, its own builds and summary)
+#     startup: dev/startup_check.sh: the threaded host initialisation against one thread (bitwise),
+#         launch-to-step-1 seconds and --plan against the measured GPU memory, d12 N=16k/64k/256k
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/omnimoe_out}
@@ -52,6 +54,7 @@ if [[ "$mode" == *full* ]] && [ -d carry/mixed ]; then
             "$OUT/rerun_$kind.jsonl" --exact
     done
 fi
+if [[ "$mode" == *startup* ]]; then run startup bash dev/startup_check.sh; fi
 if [[ "$mode" == *ab* ]]; then  # bitwise and timing A/B against carry/ab_base (dev/ab_compare.sh prepare)
     OUT="$OUT/ab" FFN="gelu swiglu omni" bash dev/ab_compare.sh run > "$OUT/ab_compare.log" 2>&1
     tail -n 40 "$OUT/ab_compare.log"

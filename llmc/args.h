@@ -95,6 +95,9 @@ typedef struct {
     int router_norm;                          // --router-norm  ROUTER_NORM_*; -1 = preset (bn)
     int gate;                                 // --gate  GATE_*; -1 = preset (softmax)
     int expert_exec;                          // --expert-exec  EXPERT_EXEC_* (run-time choice, not saved in the model)
+    // the memory plan (llmc/memory_plan.h)
+    int plan_gpus;                            // --plan  print the per-GPU memory plan of a run on this many GPUs, exit (0 = train)
+    int plan_mode;                            // --plan-mode  PLAN_MODE_* of memory_plan.h
 } TrainConfig;
 
 // ----------------------------------------------------------------------------
@@ -159,6 +162,8 @@ static const TrainFlag train_flags[] = {
     {"-pr", "--process-rank", TRAIN_ARG_INT, offsetof(TrainConfig, launch_rank), 0, 65535, 0, NULL, "launch without mpirun: this process's rank in [0, -pn)"},
     {"-pf", "--nccl-id-file", TRAIN_ARG_STRING, offsetof(TrainConfig, launch_id_file), 0, 0, 0, NULL, "launch without mpirun: a new file path (on a file system all hosts share) where rank 0 leaves the NCCL id"},
     {NULL, "--overlap-comm", TRAIN_ARG_INT, offsetof(TrainConfig, overlap_comm), 0, 1, 0, NULL, "several GPUs: 1 (default) = average each layer's gradients while the backward goes on, 0 = after it (same bits)"},
+    {NULL, "--plan", TRAIN_ARG_INT, offsetof(TrainConfig, plan_gpus), 0, 65536, 0, NULL, "print the memory plan per GPU of this run on this many GPUs and exit, no GPU needed (0 = train)"},
+    {NULL, "--plan-mode", TRAIN_ARG_CHOICE, offsetof(TrainConfig, plan_mode), 0, 0, 0, "replicated|zero1|tables|zero1+tables", "--plan: state replicated (today), ZeRO-1, column-sharded expert tables, or both (docs/sharding.md)"},
 };
 #define TRAIN_NUM_FLAGS ((int)(sizeof(train_flags) / sizeof(train_flags[0])))
 
@@ -206,6 +211,8 @@ static inline void train_config_defaults(TrainConfig* cfg) {
     cfg->router_norm = -1;
     cfg->gate = -1;
     cfg->expert_exec = EXPERT_EXEC_TOKEN;  // measured faster in the trainer (docs/performance.md)
+    cfg->plan_gpus = 0;
+    cfg->plan_mode = 0;  // PLAN_MODE_REPLICATED
 }
 
 // ----------------------------------------------------------------------------
