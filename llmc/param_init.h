@@ -1,11 +1,10 @@
 /*
  * param_init.h - the initial weights of docs/design.md §1.3 drawn on all host cores, bit for bit
  * the values of the sequential model_init_params (llmc/config.h) for any thread count.
- * Plain C with POSIX threads: compiles with gcc -std=c11 and nvcc.
+ * Plain C with POSIX threads (host_threads.h): compiles with gcc -std=c11 and nvcc.
  *
  *   model_init_params_parallel(c, params, seed)          on every online core (host_num_cores)
  *   model_init_params_threads(c, params, seed, threads)  on a given number of threads (the tests)
- *   host_num_cores()
  *
  * Output: params (all model_config_num_params floats, layout order) is overwritten.
  *
@@ -24,46 +23,36 @@
 
 #include <stdint.h>
 #include <stddef.h>
-#include <pthread.h>
-#include <unistd.h>
 #include "config.h"
 #include "rand.h"
-
-#define PARAM_INIT_MAX_THREADS 256
+#include "host_threads.h"
 
 typedef struct {
     const ModelConfig* config;
     float* params;
     uint64_t seed;
     const RngJump* jump;
-    int thread, num_threads;
-} ParamInitTask;
-
-static inline int host_num_cores(void) {
-    long n = sysconf(_SC_NPROCESSORS_ONLN);
-    if (n < 1) return 1;
-    return n > PARAM_INIT_MAX_THREADS ? PARAM_INIT_MAX_THREADS : (int)n;
-}
+} ParamInit;
 
 // thread t's share of every tensor: pairs [t*np/T, (t+1)*np/T) of its np = ceil(size/2) pairs
-static void* param_init_worker(void* arg) {
-    const ParamInitTask* task = (const ParamInitTask*)arg;
-    const ModelConfig* c = task->config;
+static void param_init_part(void* ctx, int thread, int num_threads) {
+    const ParamInit* init = (const ParamInit*)ctx;
+    const ModelConfig* c = init->config;
     size_t sizes[NUM_PARAMETER_TENSORS];
     model_config_param_sizes(c, sizes);
-    const uint64_t T = (uint64_t)task->num_threads, t = (uint64_t)task->thread;
-    float* p = task->params;
+    float* p = init->params;
     uint64_t first_draw = 0;  // the stream position of the tensor's first draw
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
         const uint64_t size = sizes[i], pairs = (size + 1) / 2;
-        const uint64_t lo = 2 * (t * pairs / T), hi_pair = (t + 1) * pairs / T;
-        const uint64_t hi = 2 * hi_pair < size ? 2 * hi_pair : size;
+        size_t lo_pair, hi_pair;
+        host_range_part((size_t)pairs, thread, num_threads, &lo_pair, &hi_pair);
+        const uint64_t lo = 2 * (uint64_t)lo_pair, hi = 2 * (uint64_t)hi_pair < size ? 2 * (uint64_t)hi_pair : size;
         float std = param_init_std(c, i);
         if (std > 0.0f) {
             if (hi > lo) {
                 Rng rng;
-                rng_init(&rng, task->seed);
-                rng_jump(&rng, task->jump, first_draw + lo);
+                rng_init(&rng, init->seed);
+                rng_jump(&rng, init->jump, first_draw + lo);
                 rng_normal(&rng, p + lo, (size_t)(hi - lo), 0.0f, std);
             }
             first_draw += 2 * pairs;
@@ -73,32 +62,17 @@ static void* param_init_worker(void* arg) {
         }
         p += size;
     }
-    return NULL;
 }
 
 static inline void model_init_params_threads(const ModelConfig* c, float* params, uint64_t seed, int num_threads) {
-    if (num_threads < 1) num_threads = 1;
-    if (num_threads > PARAM_INIT_MAX_THREADS) num_threads = PARAM_INIT_MAX_THREADS;
     RngJump* jump = (RngJump*)malloc(sizeof(RngJump));
     if (jump == NULL) {
         fprintf(stderr, "Error: model_init_params_threads: out of host memory (%zu bytes)\n", sizeof(RngJump));
         exit(EXIT_FAILURE);
     }
     rng_jump_init(jump);
-    ParamInitTask tasks[PARAM_INIT_MAX_THREADS];
-    pthread_t ids[PARAM_INIT_MAX_THREADS];
-    int started[PARAM_INIT_MAX_THREADS];
-    for (int t = 0; t < num_threads; t++) {
-        ParamInitTask task = {c, params, seed, jump, t, num_threads};
-        tasks[t] = task;
-    }
-    // threads 1.. on their own; a thread that cannot start runs its share here (same bits)
-    for (int t = 1; t < num_threads; t++) started[t] = pthread_create(&ids[t], NULL, param_init_worker, &tasks[t]) == 0;
-    param_init_worker(&tasks[0]);
-    for (int t = 1; t < num_threads; t++) {
-        if (started[t]) pthread_join(ids[t], NULL);
-        else param_init_worker(&tasks[t]);
-    }
+    ParamInit init = {c, params, seed, jump};
+    host_threads_run(param_init_part, &init, num_threads);
     free(jump);
 }
 
