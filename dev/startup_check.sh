@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Startup and memory plan on one GPU (issue 18, deliverables 4 and 5), one device call:
+#   0. dev/cuda/check_memory_plan.cu: memory_plan.h's kernel sizes against the GPU headers (bf16, fp32)
 #   1. the host initialisation alone on every core against one thread (dev/bench_param_init.c,
 #      bitwise compared) for d12 N=16,384, then the threaded one for N=262,144
 #   2. for d12, B=16, T=1024, N = 16,384 / 65,536 / 262,144: seconds from launch to the step-1 line
@@ -10,6 +11,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 Ns=("$@")
 [ ${#Ns[@]} -gt 0 ] || Ns=(16384 65536 262144)
+for prec in "" -DENABLE_FP32; do  # the plan's mirror of the kernel sizes (no GPU needed)
+    nvcc -O1 -std=c++17 -arch=sm_90a -I. $prec dev/cuda/check_memory_plan.cu -o dev/cuda/check_memory_plan_bin -lcublasLt -lcublas \
+        && ./dev/cuda/check_memory_plan_bin || exit 1
+done
 gcc -O2 -std=c11 -I. dev/bench_param_init.c -o dev/bench_param_init_bin -lm -lpthread || exit 1
 echo "== host initialisation, $(nproc) cores"
 ./dev/bench_param_init_bin d12 16384 0 1 || exit 1
