@@ -214,7 +214,7 @@ static inline int memory_plan_build(MemoryPlan* p, const ModelConfig* c, int B, 
     memory_plan_set(p, MEMBUF_ADAM_M, "AdamW m", O * F, p->opt_tables_local * F, MEM_ADAM_M);
     memory_plan_set(p, MEMBUF_ADAM_V, "AdamW v", O * F, p->opt_tables_local * F, MEM_ADAM_V);
     size_t num_bn = model_config_num_bn_stats(c);
-    memory_plan_set(p, MEMBUF_BN_STATS, "router BN running statistics", (num_bn > 1 ? num_bn : 1) * F, 0, MEM_OTHER_STATE);
+    memory_plan_set(p, MEMBUF_BN_STATS, "router BN running statistics", (num_bn > 0 ? num_bn : 1) * F, 0, MEM_OTHER_STATE);
     memory_plan_set(p, MEMBUF_NORM, "gradient norm", F, 0, MEM_OTHER_STATE);
     const MemKind A = MEM_ACTIVATIONS, K = MEM_WORKSPACE;
     memory_plan_set(p, MEMBUF_ENCODED, "activations: encoded", BT * C * X, 0, A);
