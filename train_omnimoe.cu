@@ -901,6 +901,7 @@ int main(int argc, char** argv) {
 
     Model* model = &tr.model;
     model_build(model, &config, cfg.B, cfg.T, cfg.expert_exec);
+    model->plan.num_gpus = G;  // replicated: every GPU holds these buffers
     if (master_process) memory_plan_print(&model->plan, stdout);  // this GPU's buffers, CUB's own storage
     // several GPUs: the gradient buckets and their stream; one GPU: none, and no NCCL call at all
     GradReducer reducer_storage;
