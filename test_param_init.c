@@ -7,6 +7,9 @@
  *   init_*      model_init_params_threads with 1..8 threads (and 13) gives the bits of the
  *               sequential model_init_params (llmc/config.h), on configurations whose tensors
  *               have odd sizes (so thread runs and tensors end mid-pair), every FFN kind, seeds
+ *   init_random_ranges   model_init_params_range writes exactly [lo, hi) with the sequential
+ *               values: 300 random ranges (odd starts and ends inside pairs), 1..5 threads
+ *   init_pipelined_*     every chunk reaches the consumer once, in order, already final
  *   tiny_tensors  more threads than pairs in a tensor (threads with nothing to draw)
  *
  *   make test_param_init && ./test_param_init
@@ -113,6 +116,77 @@ static void test_init(void) {
     test_checkf(ok, "init_preset_small_omni", "%zu parameters", model_config_num_params(&c));
 }
 
+// model_init_params_range writes exactly [lo, hi), with the sequential values, for random ranges
+// (odd starts and ends inside pairs and tensors) and thread counts
+static void test_ranges(void) {
+    TestDims odd = {7, 27, 29, 3, 1, 13, 52, 11};
+    ModelConfig c = test_config(odd, FFN_OMNI, 3, 2, ROUTER_NORM_BN, GATE_SOFTMAX);
+    size_t P = model_config_num_params(&c);
+    float* ref = (float*)malloc_check(P * sizeof(float));
+    float* got = (float*)malloc_check(P * sizeof(float));
+    model_init_params(&c, ref, 31);
+    Rng pick = rng_seeded(32);
+    int bad = 0, cases = 0, odd_starts = 0;
+    for (int r = 0; r < 300; r++) {
+        size_t lo = rng_u32(&pick) % P, hi = lo + 1 + rng_u32(&pick) % (P - lo);
+        int threads = 1 + rng_int(&pick, 5);
+        memset(got, 0xFF, P * sizeof(float));  // NaN: what must stay untouched stays NaN
+        model_init_params_range(&c, got, 31, lo, hi, threads);
+        int ok = memcmp(got + lo, ref + lo, (hi - lo) * sizeof(float)) == 0;
+        for (size_t i = 0; i < P && ok; i++) ok = (i >= lo && i < hi) || got[i] != got[i];
+        bad += !ok;
+        odd_starts += lo & 1;
+        cases++;
+    }
+    test_checkf(bad == 0, "init_random_ranges", "%d of %d ranges differ (%d odd starts)", bad, cases, odd_starts);
+    free(ref);
+    free(got);
+}
+
+// the pipeline: every chunk reaches the consumer once, in order, already final
+typedef struct { const float* ref; const float* params; float* copy; size_t next; int out_of_order, not_final; } Consumer;
+
+static void consume_chunk(void* ctx, size_t lo, size_t n) {
+    Consumer* k = (Consumer*)ctx;
+    k->out_of_order += lo != k->next;
+    k->next = lo + n;
+    memcpy(k->copy + lo, k->params + lo, n * sizeof(float));  // what a GPU copy would take now
+    k->not_final += memcmp(k->copy + lo, k->ref + lo, n * sizeof(float)) != 0;
+}
+
+static void test_pipeline(void) {
+    TestDims odd = {7, 27, 29, 3, 1, 13, 52, 11};
+    ModelConfig c = test_config(odd, FFN_OMNI, 3, 2, ROUTER_NORM_BN, GATE_SOFTMAX);
+    size_t P = model_config_num_params(&c);
+    float* ref = (float*)malloc_check(P * sizeof(float));
+    float* params = (float*)malloc_check(P * sizeof(float));
+    float* copy = (float*)malloc_check(P * sizeof(float));
+    model_init_params(&c, ref, 77);
+    size_t chunks[] = {7, 64, 1001, P, P + 5};
+    int bad = 0;
+    char detail[160] = "";
+    for (size_t i = 0; i < sizeof(chunks) / sizeof(chunks[0]); i++) {
+        for (int threads = 1; threads <= 3; threads += 2) {
+            memset(params, 0xFF, P * sizeof(float));
+            memset(copy, 0xFF, P * sizeof(float));
+            Consumer k = {ref, params, copy, 0, 0, 0};
+            model_init_params_pipelined(&c, params, 77, chunks[i], threads, consume_chunk, &k);
+            int ok = k.out_of_order == 0 && k.not_final == 0 && k.next == P &&
+                     memcmp(params, ref, P * sizeof(float)) == 0 && memcmp(copy, ref, P * sizeof(float)) == 0;
+            if (!ok && !bad) {
+                snprintf(detail, sizeof(detail), "chunk %zu, %d threads: %d out of order, %d not final, %zu consumed",
+                         chunks[i], threads, k.out_of_order, k.not_final, k.next);
+            }
+            bad += !ok;
+        }
+    }
+    test_checkf(bad == 0, "init_pipelined_chunks_in_order_and_final", bad ? "%s" : "chunks 7..P+5, 1 and 3 threads (%s)",
+                bad ? detail : "all equal");
+    free(ref);
+    free(params);
+    free(copy);
+}
+
 // more threads than pairs in many tensors: those threads draw nothing, the others still match
 static void test_tiny_tensors(void) {
     TestDims d = {1, 3, 3, 1, 1, 3, 4, 3};  // C = 3: LayerNorm tensors of 3 values, wpe 3
@@ -130,6 +204,8 @@ int main(void) {
     test_jump(jump);
     free(jump);
     test_init();
+    test_ranges();
+    test_pipeline();
     test_tiny_tensors();
     return test_end();
 }

@@ -141,6 +141,7 @@ static inline floatX* layer_grad(const Model* m, int tensor, int l) {
 static int ffn_in_width(const ModelConfig* c) { return c->ffn_kind == FFN_GELU ? c->ffn_hidden : 2 * c->ffn_hidden; }
 
 static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
+static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
 
 // checks the shapes the kernels need (16-byte vectors: multiples of 8 elements)
 static void model_check_shapes(const ModelConfig* c) {
@@ -349,12 +350,31 @@ static void model_get_params(const Model* m, float* host_params, float* host_bn_
     }
 }
 
+// One chunk of the drawn weights to the GPU, as model_set_params does it (fp32 masters, then their
+// floatX rounding), on the consumer thread of model_init_params_pipelined: the copies of chunk i
+// run while chunk i + 1 is drawn on every core.
+#define INIT_UPLOAD_CHUNK ((size_t)1 << 26)  // values per chunk: 256 MiB of fp32
+typedef struct { Model* m; const float* params; floatX* staging; int device; } InitUpload;
+
+static void init_upload_chunk(void* ctx, size_t lo, size_t n) {
+    InitUpload* u = (InitUpload*)ctx;
+    cudaCheck(cudaSetDevice(u->device));  // the current device belongs to the host thread
+    cudaCheck(cudaMemcpy(u->m->master + lo, u->params + lo, n * sizeof(float), cudaMemcpyHostToDevice));
+    host_float_to_floatX(u->staging, u->params + lo, n);
+    cudaCheck(cudaMemcpy(u->m->params + lo, u->staging, n * sizeof(floatX), cudaMemcpyHostToDevice));
+}
+
 static void model_init_random(Model* m, uint64_t seed) {
     float* params = (float*)malloc_check(m->num_params * sizeof(float));
     float* bn = (float*)malloc_check(max_sz(model_config_num_bn_stats(&m->config), 1) * sizeof(float));
-    model_init_params_parallel(&m->config, params, seed);  // every host core, the bits of model_init_params
+    InitUpload u = {m, params, (floatX*)malloc_check(min_sz(m->num_params, INIT_UPLOAD_CHUNK) * sizeof(floatX)), 0};
+    cudaCheck(cudaGetDevice(&u.device));
+    // every host core draws, with the bits of model_init_params (llmc/param_init.h)
+    model_init_params_pipelined(&m->config, params, seed, INIT_UPLOAD_CHUNK, host_num_cores(), init_upload_chunk, &u);
     model_init_bn_stats(&m->config, bn);
-    model_set_params(m, params, bn);
+    size_t num_bn = model_config_num_bn_stats(&m->config);
+    if (num_bn > 0) cudaCheck(cudaMemcpy(m->bn_stats, bn, num_bn * sizeof(float), cudaMemcpyHostToDevice));
+    free(u.staging);
     free(params);
     free(bn);
 }
