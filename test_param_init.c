@@ -19,6 +19,10 @@
 #include "llmc/test_harness.h"
 #include "llmc/param_init.h"
 
+// odd sizes: C = 13, maxT = 7, Vp = 29 (wte, wpe and most per-layer tensors are odd), n = 3
+static const TestDims ODD_DIMS = {7, 27, 29, 3, 1, 13, 52, 11};
+static ModelConfig odd_omni(void) { return test_config(ODD_DIMS, FFN_OMNI, 3, 2, ROUTER_NORM_BN, GATE_SOFTMAX); }
+
 static void test_jump(const RngJump* jump) {
     // every j in [0, 2000): the generator stepped j times against a fresh one jumped by j
     int bad = -1;
@@ -84,12 +88,10 @@ static int init_equal(const ModelConfig* c, uint64_t seed, int threads, size_t* 
 }
 
 static void test_init(void) {
-    // odd sizes: C = 13, maxT = 7, Vp = 29 (wte, wpe and most per-layer tensors are odd), n = 3
-    TestDims odd = {7, 27, 29, 3, 1, 13, 52, 11};
     struct { const char* name; ModelConfig c; } configs[] = {
-        {"odd_omni", test_config(odd, FFN_OMNI, 3, 2, ROUTER_NORM_BN, GATE_SOFTMAX)},
-        {"odd_swiglu", test_config(odd, FFN_SWIGLU, 0, 0, ROUTER_NORM_BN, GATE_SOFTMAX)},
-        {"odd_gelu", test_config(odd, FFN_GELU, 0, 0, ROUTER_NORM_BN, GATE_SOFTMAX)},
+        {"odd_omni", odd_omni()},
+        {"odd_swiglu", test_config(ODD_DIMS, FFN_SWIGLU, 0, 0, ROUTER_NORM_BN, GATE_SOFTMAX)},
+        {"odd_gelu", test_config(ODD_DIMS, FFN_GELU, 0, 0, ROUTER_NORM_BN, GATE_SOFTMAX)},
         {"tiny_omni", test_config(TEST_DIMS_TINY, FFN_OMNI, 4, 3, ROUTER_NORM_BN, GATE_SOFTMAX)},
         {"small_omni", test_config(TEST_DIMS_SMALL, FFN_OMNI, 16, 8, ROUTER_NORM_BN, GATE_PROB)},
     };
@@ -119,8 +121,7 @@ static void test_init(void) {
 // model_init_params_range writes exactly [lo, hi), with the sequential values, for random ranges
 // (odd starts and ends inside pairs and tensors) and thread counts
 static void test_ranges(void) {
-    TestDims odd = {7, 27, 29, 3, 1, 13, 52, 11};
-    ModelConfig c = test_config(odd, FFN_OMNI, 3, 2, ROUTER_NORM_BN, GATE_SOFTMAX);
+    ModelConfig c = odd_omni();
     size_t P = model_config_num_params(&c);
     float* ref = (float*)malloc_check(P * sizeof(float));
     float* got = (float*)malloc_check(P * sizeof(float));
@@ -155,8 +156,7 @@ static void consume_chunk(void* ctx, size_t lo, size_t n) {
 }
 
 static void test_pipeline(void) {
-    TestDims odd = {7, 27, 29, 3, 1, 13, 52, 11};
-    ModelConfig c = test_config(odd, FFN_OMNI, 3, 2, ROUTER_NORM_BN, GATE_SOFTMAX);
+    ModelConfig c = odd_omni();
     size_t P = model_config_num_params(&c);
     float* ref = (float*)malloc_check(P * sizeof(float));
     float* params = (float*)malloc_check(P * sizeof(float));
