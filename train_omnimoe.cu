@@ -63,6 +63,7 @@ every rank's BN set.
 #include "llmc/omnimoe_layer.cuh"
 #include "llmc/expert_stats.cuh"
 #include "llmc/multi_gpu.cuh"
+#include "llmc/grad_slices.h"
 
 // ----------------------------------------------------------------------------
 // the model
@@ -415,7 +416,7 @@ static float model_mean_loss(const Model* m) {
 // ----------------------------------------------------------------------------
 // backward
 
-// the gradient bucket of layer l: the backward finishes layer L-1 first (see model_grad_reducer_init)
+// the gradient bucket of layer l: the backward finishes layer L-1 first (llmc/grad_slices.h)
 static int model_layer_bucket(const Model* m, int l) { return m->config.num_layers - 1 - l; }
 
 static void model_zero_grad(Model* m) {
@@ -498,53 +499,22 @@ static void model_backward(Model* m, const int* inputs, float loss_scale, GradRe
 }
 
 // ----------------------------------------------------------------------------
-// the gradient buckets of several GPUs (GradReducer, llmc/multi_gpu.cuh)
-//
-// Bucket b < L holds layer l = L-1-b's slice of every per-layer tensor (the backward finishes the
-// layers top down, so the buckets launch in index order); bucket L holds the tensors that are not
-// per layer: wte (written by the LM head first and by the encoder last), wpe, lnfw, lnfb. A new
-// tensor must go into the bucket of the last backward step that writes it: model_grad_reducer_init
-// checks that the slices cover the gradient buffer exactly once, not when they are written.
-
-static int param_is_per_layer(int tensor) {
-    return tensor != PARAM_WTE && tensor != PARAM_WPE && tensor != PARAM_LNFW && tensor != PARAM_LNFB;
-}
-
-static int compare_size_t_pairs(const void* a, const void* b) {
-    size_t x = ((const size_t*)a)[0], y = ((const size_t*)b)[0];
-    return x < y ? -1 : (x > y ? 1 : 0);
-}
-
-// one bucket per layer plus one; the slices are checked to tile the gradient buffer
+// the gradient buckets of several GPUs (GradReducer, llmc/multi_gpu.cuh): one bucket per layer
+// plus one, from the host slice list of llmc/grad_slices.h (which says what goes where); the
+// slices are checked to tile the gradient buffer exactly once
 static void model_grad_reducer_init(Model* m, GradReducer* r, const MultiGpu* mg) {
-    const int L = m->config.num_layers;
-    grad_reducer_init(r, mg, L + 1);
-    size_t* tiles = (size_t*)malloc_check(((size_t)L + 1) * NUM_PARAMETER_TENSORS * 2 * sizeof(size_t));
-    int num_tiles = 0;
-    for (int l = L - 1; l >= -1; l--) {  // l = -1: the bucket after the layers
-        for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
-            if (m->param_sizes[i] == 0 || param_is_per_layer(i) != (l >= 0)) continue;
-            floatX* slice = l >= 0 ? layer_grad(m, i, l) : grad_ptr(m, i);
-            size_t count = l >= 0 ? m->param_sizes[i] / L : m->param_sizes[i];
-            grad_reducer_add(r, l >= 0 ? model_layer_bucket(m, l) : L, slice, count);
-            tiles[2 * num_tiles] = (size_t)(slice - m->grads);
-            tiles[2 * num_tiles + 1] = count;
-            num_tiles++;
-        }
-    }
-    qsort(tiles, num_tiles, 2 * sizeof(size_t), compare_size_t_pairs);
-    size_t end = 0;  // the tiles, in order, must each start where the last ended and end at num_params
-    int t = 0;
-    while (t < num_tiles && tiles[2 * t] == end) {
-        end += tiles[2 * t + 1];
-        t++;
-    }
-    free(tiles);
-    if (t != num_tiles || end != m->num_params) {
-        fprintf(stderr, "model_grad_reducer_init: the gradient buckets do not tile the %zu gradients exactly once "
-                "(a gap or an overlap at element %zu)\n", m->num_params, end);
+    GradSlice* slices = (GradSlice*)malloc_check(grad_slices_max(&m->config) * sizeof(GradSlice));
+    int num_slices = grad_slices_build(&m->config, slices);
+    if (!grad_slices_check_tiling(slices, num_slices, m->num_params)) {
+        fprintf(stderr, "model_grad_reducer_init: the gradient buckets do not tile the %zu gradients exactly once\n",
+                m->num_params);
         exit(EXIT_FAILURE);
     }
+    grad_reducer_init(r, mg, grad_slices_num_buckets(&m->config));
+    for (int i = 0; i < num_slices; i++) {
+        grad_reducer_add(r, slices[i].bucket, m->grads + slices[i].offset, slices[i].count);
+    }
+    free(slices);
 }
 
 // ----------------------------------------------------------------------------
