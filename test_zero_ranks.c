@@ -213,8 +213,7 @@ static void compare(const ModelConfig* c, const char* label, int P, float grad_c
     char name[160];
     // the shard holds 1/P of the state (plus the tails)
     snprintf(name, sizeof(name), "%s P=%d: shard size", label, P);
-    size_t tails = 0;
-    for (int i = zero.maps[0].num_chunk_ranges; i < zero.maps[0].num_ranges; i++) tails += zero.maps[0].ranges[i].count;
+    size_t tails = zero_shard_tail_elems(&zero.maps[0]);
     test_checkf(zero.maps[0].shard_elems * P == n + (size_t)(P - 1) * tails, name, "%zu of %zu elements, tails %zu",
                 zero.maps[0].shard_elems, n, tails);
     // every ZeRO rank ends with the same weights, and took the same norm

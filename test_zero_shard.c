@@ -116,8 +116,7 @@ static int check_maps(const ModelConfig* c, int P, const char* label) {
 static size_t total_tail_elems(const ModelConfig* c, int P) {
     ZeroShardMap m;
     zero_shard_map(&m, c, P, 0);
-    size_t t = 0;
-    for (int i = m.num_chunk_ranges; i < m.num_ranges; i++) t += m.ranges[i].count;
+    size_t t = zero_shard_tail_elems(&m);
     zero_shard_map_free(&m);
     return t;
 }

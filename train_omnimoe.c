@@ -1431,6 +1431,11 @@ int main(int argc, char** argv) {
                 "(one per GPU) are the CUDA trainer's (./train_omnimoe)\n", cfg.launch_processes);
         exit(EXIT_FAILURE);
     }
+    if (cfg.zero) {
+        fprintf(stderr, "Error: flag --zero 1: the CPU reference trainer runs as one process and keeps the whole "
+                "optimizer state; ZeRO-1 shards it over the CUDA trainer's processes (test_zero_ranks simulates it)\n");
+        exit(EXIT_FAILURE);
+    }
 
     // the model: a preset (+ flags) or a model file
     CpuTrainer tr;

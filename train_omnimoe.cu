@@ -64,6 +64,7 @@ every rank's BN set.
 #include "llmc/expert_stats.cuh"
 #include "llmc/multi_gpu.cuh"
 #include "llmc/grad_slices.h"
+#include "llmc/zero.cuh"
 
 // ----------------------------------------------------------------------------
 // the model
@@ -108,9 +109,11 @@ typedef struct {
     size_t num_params;
     floatX* params;       // the weights the kernels read
     floatX* grads;        // accumulated by backward
-    float* master;        // fp32 master weights
+    float* master;        // fp32 master weights: all num_params, or the ZeRO-1 shard (opt_elems)
     float* adam_m;
     float* adam_v;
+    size_t opt_elems;     // elements of master, adam_m, adam_v: num_params, or the shard's
+    ZeroOptimizer* zero;  // ZeRO-1 (--zero 1, several GPUs): this rank's shard; NULL: replicated
     float* bn_stats;      // router BN running statistics (layout of the model file)
     int* expert_counts;   // (L, N) pairs routed to each expert since the last reset (omni)
     float* expert_stats;  // (2L) usage, then KL of each layer (expert_stats' output)
@@ -174,7 +177,9 @@ static void device_memory_check(size_t state_bytes, size_t work_bytes, size_t nu
     exit(EXIT_FAILURE);
 }
 
-static void model_build(Model* m, const ModelConfig* config, int B, int T, int expert_exec) {
+// zero: ZeRO-1 (llmc/zero.cuh, built by the caller): master, m and v hold its shard only; NULL: all
+static void model_build_sharded(Model* m, const ModelConfig* config, int B, int T, int expert_exec,
+                                ZeroOptimizer* zero) {
     memset(m, 0, sizeof(*m));
     if (!model_config_validate(config)) exit(EXIT_FAILURE);
     model_check_shapes(config);
@@ -190,6 +195,9 @@ static void model_build(Model* m, const ModelConfig* config, int B, int T, int e
     }
     m->num_params = offset;
     size_t P = m->num_params;
+    m->zero = zero;
+    m->opt_elems = zero ? zero->map.shard_elems : P;
+    size_t S = m->opt_elems;
     const ModelConfig* c = config;
     size_t L = c->num_layers, C = c->channels, BT = (size_t)B * T, Vp = c->padded_vocab_size;
     size_t FI = ffn_in_width(c), H = c->ffn_hidden;
@@ -208,9 +216,9 @@ static void model_build(Model* m, const ModelConfig* config, int B, int T, int e
     struct { void** ptr; size_t bytes; const char* what; int is_state; } buffers[] = {
         {(void**)&m->params, P * sizeof(floatX), "parameters", 1},
         {(void**)&m->grads, P * sizeof(floatX), "gradients", 1},
-        {(void**)&m->master, P * sizeof(float), "fp32 master weights", 1},
-        {(void**)&m->adam_m, P * sizeof(float), "AdamW m", 1},
-        {(void**)&m->adam_v, P * sizeof(float), "AdamW v", 1},
+        {(void**)&m->master, max_sz(S, 1) * sizeof(float), "fp32 master weights", 1},
+        {(void**)&m->adam_m, max_sz(S, 1) * sizeof(float), "AdamW m", 1},
+        {(void**)&m->adam_v, max_sz(S, 1) * sizeof(float), "AdamW v", 1},
         {(void**)&m->bn_stats, max_sz(num_bn, 1) * sizeof(float), "router BN running statistics", 1},
         {(void**)&m->norm_squared, sizeof(float), "gradient norm", 1},
         {(void**)&a->encoded, BT * C * sizeof(floatX), "activations: encoded", 0},
@@ -252,8 +260,8 @@ static void model_build(Model* m, const ModelConfig* config, int B, int T, int e
     device_memory_check(state_bytes, work_bytes, P, B, T);
     for (size_t i = 0; i < num_buffers; i++) *buffers[i].ptr = cuda_malloc_or_die(buffers[i].bytes, buffers[i].what);
     cudaCheck(cudaMemset(m->grads, 0, P * sizeof(floatX)));
-    cudaCheck(cudaMemset(m->adam_m, 0, P * sizeof(float)));
-    cudaCheck(cudaMemset(m->adam_v, 0, P * sizeof(float)));
+    cudaCheck(cudaMemset(m->adam_m, 0, S * sizeof(float)));
+    cudaCheck(cudaMemset(m->adam_v, 0, S * sizeof(float)));
     if (c->ffn_kind == FFN_OMNI) {
         // the layers: views of the parameters, gradients, BN statistics, counts and activations here
         OmniOptions opt = {c->router_norm, c->gate, expert_exec};
@@ -280,6 +288,10 @@ static void model_build(Model* m, const ModelConfig* config, int B, int T, int e
     matmul_init();
 }
 
+static void model_build(Model* m, const ModelConfig* config, int B, int T, int expert_exec) {
+    model_build_sharded(m, config, B, T, expert_exec, NULL);
+}
+
 static void model_free(Model* m) {
     Activations* a = &m->acts;
     void* ptrs[] = {m->params, m->grads, m->master, m->adam_m, m->adam_v, m->bn_stats, m->norm_squared,
@@ -301,9 +313,11 @@ static void model_free(Model* m) {
 
 // Master weights from host fp32 (layout order); floatX weights rounded from them (the same
 // round-to-nearest-even as the AdamW update, so masters alone restore the weights bitwise).
+// ZeRO-1: the master keeps this rank's shard of host_params, the floatX weights all of them.
 static void model_set_params(Model* m, const float* host_params, const float* host_bn_stats) {
     size_t P = m->num_params;
-    cudaCheck(cudaMemcpy(m->master, host_params, P * sizeof(float), cudaMemcpyHostToDevice));
+    if (m->zero) zero_upload_packed(m->zero, host_params, m->master);
+    else cudaCheck(cudaMemcpy(m->master, host_params, P * sizeof(float), cudaMemcpyHostToDevice));
     upload_floatX(m->params, host_params, P);
     size_t num_bn = model_config_num_bn_stats(&m->config);
     if (num_bn > 0) {
@@ -311,8 +325,11 @@ static void model_set_params(Model* m, const float* host_params, const float* ho
     }
 }
 
+// ZeRO-1: collective (every rank calls it, the shards are gathered); host_params may be NULL on
+// the ranks that do not need the weights
 static void model_get_params(const Model* m, float* host_params, float* host_bn_stats) {
-    cudaCheck(cudaMemcpy(host_params, m->master, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
+    if (m->zero) zero_gather_to_host(m->zero, m->master, host_params, m->stream);
+    else cudaCheck(cudaMemcpy(host_params, m->master, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
     size_t num_bn = model_config_num_bn_stats(&m->config);
     if (num_bn > 0 && host_bn_stats) {
         cudaCheck(cudaMemcpy(host_bn_stats, m->bn_stats, num_bn * sizeof(float), cudaMemcpyDeviceToHost));
@@ -512,7 +529,8 @@ static void model_grad_reducer_init(Model* m, GradReducer* r, const MultiGpu* mg
     }
     grad_reducer_init(r, mg, grad_slices_num_buckets(&m->config));
     for (int i = 0; i < num_slices; i++) {
-        grad_reducer_add(r, slices[i].bucket, m->grads + slices[i].offset, slices[i].count);
+        size_t chunk = m->zero ? m->zero->map.chunk[i] : 0;  // ZeRO-1: reduce-scatter (same slice list)
+        grad_reducer_add(r, slices[i].bucket, m->grads + slices[i].offset, slices[i].count, chunk);
     }
     free(slices);
 }
@@ -524,6 +542,15 @@ static void model_grad_reducer_init(Model* m, GradReducer* r, const MultiGpu* mg
 // every tensor. Returns the norm (before clipping).
 static float model_update(Model* m, float lr, float beta1, float beta2, float eps, float weight_decay, float grad_clip) {
     cudaStream_t st = m->stream;
+    if (m->zero) {  // ZeRO-1 (docs/sharding.md §2): norm from the shards, AdamW on the shard, gather
+        float norm = (float)sqrt(zero_grad_norm_squared(m->zero, m->grads, st));
+        float grad_scale = (grad_clip > 0.0f && norm > grad_clip) ? grad_clip / norm : 1.0f;
+        m->adam_t += 1;
+        zero_adamw(m->zero, m->params, m->master, m->grads, m->adam_m, m->adam_v, lr, beta1, beta2, eps, weight_decay,
+                   grad_scale, m->adam_t, st);
+        zero_allgather_params(m->zero, m->params, st);
+        return norm;
+    }
     global_norm_squared(m->norm_squared, m->grads, m->num_params, m->acts.scratch, st);
     float norm_squared;
     cudaCheck(cudaMemcpyAsync(&norm_squared, m->norm_squared, sizeof(float), cudaMemcpyDeviceToHost, st));
@@ -681,13 +708,20 @@ static void gpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const Dat
         cudaCheck(cudaStreamSynchronize(m->stream));
         cudaCheck(cudaFree(gathered));
     }
-    if (!master_process) return;
-    float* params = (float*)malloc_check(P * sizeof(float));
-    float* adam_m = (float*)malloc_check(P * sizeof(float));
-    float* adam_v = (float*)malloc_check(P * sizeof(float));
+    // ZeRO-1: the shards are gathered into rank 0's host copy (the same logical file as replicated)
+    if (!master_process && !m->zero) return;
+    float* params = master_process ? (float*)malloc_check(P * sizeof(float)) : NULL;
+    float* adam_m = master_process ? (float*)malloc_check(P * sizeof(float)) : NULL;
+    float* adam_v = master_process ? (float*)malloc_check(P * sizeof(float)) : NULL;
     model_get_params(m, params, NULL);
-    cudaCheck(cudaMemcpy(adam_m, m->adam_m, P * sizeof(float), cudaMemcpyDeviceToHost));
-    cudaCheck(cudaMemcpy(adam_v, m->adam_v, P * sizeof(float), cudaMemcpyDeviceToHost));
+    if (m->zero) {
+        zero_gather_to_host(m->zero, m->adam_m, adam_m, m->stream);
+        zero_gather_to_host(m->zero, m->adam_v, adam_v, m->stream);
+        if (!master_process) return;
+    } else {
+        cudaCheck(cudaMemcpy(adam_m, m->adam_m, P * sizeof(float), cudaMemcpyDeviceToHost));
+        cudaCheck(cudaMemcpy(adam_v, m->adam_v, P * sizeof(float), cudaMemcpyDeviceToHost));
+    }
     checkpoint_make_dir(tr->cfg->output_dir);
     checkpoint_write(tr->cfg->output_dir, &m->config, info, params, adam_m, adam_v, bn_all, G, loader,
                      sizeof(*loader), sample_rng, sizeof(*sample_rng), out_path);
@@ -706,7 +740,7 @@ typedef struct {
 
 // Every rank calls it. Rank 0 reads and verifies the checkpoint at path (the file may exist on
 // rank 0's host alone) and the weights, optimizer state, BN sets and run state reach the other
-// ranks by broadcast.
+// ranks by broadcast (ZeRO-1: each rank keeps its shard of the master weights, m and v).
 static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
                                 uint64_t* sample_rng) {
     GpuTrainer* tr = (GpuTrainer*)ctx;
@@ -717,12 +751,13 @@ static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* inf
     ResumePoint rp;
     memset(&rp, 0, sizeof(rp));
     float* bn_all = NULL;  // (num_bn_sets, NB) host
+    float *params = NULL, *adam_m = NULL, *adam_v = NULL;  // rank 0, host
     if (mg->process_rank == 0) {
         ModelConfig file_config;
         checkpoint_read_info(path, &file_config, &rp.info);  // the header: how many BN sets to expect
-        float* params = (float*)malloc_check(P * sizeof(float));
-        float* adam_m = (float*)malloc_check(P * sizeof(float));
-        float* adam_v = (float*)malloc_check(P * sizeof(float));
+        params = (float*)malloc_check(P * sizeof(float));
+        adam_m = (float*)malloc_check(P * sizeof(float));
+        adam_v = (float*)malloc_check(P * sizeof(float));
         int sets = rp.info.num_bn_sets > 0 ? rp.info.num_bn_sets : 1;
         bn_all = (float*)malloc_check(max_sz((size_t)sets * NB, 1) * sizeof(float));
         checkpoint_read(path, &m->config, &rp.info, params, adam_m, adam_v, NB > 0 ? bn_all : NULL,
@@ -730,18 +765,26 @@ static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* inf
                         sizeof(rp.sample_rng_state));
         rp.info.num_bn_sets = sets;
         model_set_params(m, params, bn_all);
-        cudaCheck(cudaMemcpy(m->adam_m, adam_m, P * sizeof(float), cudaMemcpyHostToDevice));
-        cudaCheck(cudaMemcpy(m->adam_v, adam_v, P * sizeof(float), cudaMemcpyHostToDevice));
-        free(params);
-        free(adam_m);
-        free(adam_v);
+        if (!m->zero) {
+            cudaCheck(cudaMemcpy(m->adam_m, adam_m, P * sizeof(float), cudaMemcpyHostToDevice));
+            cudaCheck(cudaMemcpy(m->adam_v, adam_v, P * sizeof(float), cudaMemcpyHostToDevice));
+        }
     }
     multi_gpu_broadcast_host(mg, &rp, sizeof(rp), st);
     // rank 0's weights (floatX and master) and optimizer state, bit for bit
     multi_gpu_broadcast(mg, m->params, P * sizeof(floatX), st);
-    multi_gpu_broadcast(mg, m->master, P * sizeof(float), st);
-    multi_gpu_broadcast(mg, m->adam_m, P * sizeof(float), st);
-    multi_gpu_broadcast(mg, m->adam_v, P * sizeof(float), st);
+    if (m->zero) {  // each rank keeps its shard of rank 0's host copies
+        zero_scatter_from_host(m->zero, params, m->master, st);
+        zero_scatter_from_host(m->zero, adam_m, m->adam_m, st);
+        zero_scatter_from_host(m->zero, adam_v, m->adam_v, st);
+    } else {
+        multi_gpu_broadcast(mg, m->master, P * sizeof(float), st);
+        multi_gpu_broadcast(mg, m->adam_m, P * sizeof(float), st);
+        multi_gpu_broadcast(mg, m->adam_v, P * sizeof(float), st);
+    }
+    free(params);
+    free(adam_m);
+    free(adam_v);
     if (NB > 0) {
         size_t bn_bytes = (size_t)rp.info.num_bn_sets * NB * sizeof(float);
         if (bn_all == NULL) bn_all = (float*)malloc_check(bn_bytes);
@@ -761,14 +804,17 @@ static void gpu_expert_stats(void* ctx, float* usage, float* kl) {
     model_expert_stats(&((GpuTrainer*)ctx)->model, usage, kl);
 }
 
-// rank 0's weights and BN statistics
+// rank 0's weights and BN statistics. Every rank calls it (ZeRO-1 gathers the master weights).
 static void gpu_write_model(void* ctx, const char* path) {
-    const Model* m = &((GpuTrainer*)ctx)->model;
+    GpuTrainer* tr = (GpuTrainer*)ctx;
+    const Model* m = &tr->model;
+    int master_process = tr->mg->process_rank == 0;
+    if (!master_process && !m->zero) return;
     size_t NB = model_config_num_bn_stats(&m->config);
-    float* params = (float*)malloc_check(m->num_params * sizeof(float));
+    float* params = master_process ? (float*)malloc_check(m->num_params * sizeof(float)) : NULL;
     float* bn = (float*)malloc_check(max_sz(NB, 1) * sizeof(float));
     model_get_params(m, params, bn);
-    model_file_write(path, &m->config, params, bn);
+    if (master_process) model_file_write(path, &m->config, params, bn);
     free(params);
     free(bn);
 }
@@ -838,15 +884,30 @@ int main(int argc, char** argv) {
     }
 
     Model* model = &tr.model;
-    model_build(model, &config, cfg.B, cfg.T, cfg.expert_exec);
+    // --zero 1 on several GPUs: this rank's shard of the optimizer state (llmc/zero.cuh); on one
+    // process there is nothing to shard and the replicated path runs unchanged
+    ZeroOptimizer zero_storage;
+    ZeroOptimizer* zero = NULL;
+    if (cfg.zero && G > 1) {
+        zero_init(&zero_storage, &config, &mg);
+        zero = &zero_storage;
+    } else if (cfg.zero && master_process) {
+        printf("| --zero 1 on one process: nothing to shard, the optimizer state stays whole\n");
+    }
+    if (zero) model_build_sharded(model, &config, cfg.B, cfg.T, cfg.expert_exec, zero);
+    else model_build(model, &config, cfg.B, cfg.T, cfg.expert_exec);
+    if (zero && master_process) {
+        printf("| ZeRO-1: fp32 master, m and v of %zu of %zu parameters per process (%zu in replicated tails)\n",
+               zero->map.shard_elems, model->num_params, zero_shard_tail_elems(&zero->map));
+    }
     // several GPUs: the gradient buckets and their stream; one GPU: none, and no NCCL call at all
     GradReducer reducer_storage;
     if (G > 1) {
         model_grad_reducer_init(model, &reducer_storage, &mg);
         tr.reducer = &reducer_storage;
         if (master_process) {
-            printf("| gradient mean: %d NCCL buckets per step (one per layer, then the embeddings), %s\n",
-                   tr.reducer->num_buckets, cfg.overlap_comm ? "overlapped with the backward (--overlap-comm 1)"
+            printf("| gradient mean: %d NCCL buckets per step (one per layer, then the embeddings), %s%s\n",
+                   tr.reducer->num_buckets, zero ? "reduce-scattered (ZeRO-1), " : "", cfg.overlap_comm ? "overlapped with the backward (--overlap-comm 1)"
                                                              : "after the backward (--overlap-comm 0)");
         }
     }
@@ -911,6 +972,7 @@ int main(int argc, char** argv) {
     if (have_val) dataloader_free(&tr.val_loader);
     if (tr.reducer) grad_reducer_free(tr.reducer);
     model_free(model);
+    if (zero) zero_free(zero);
     matmul_free();
     multi_gpu_finalize(&mg);
     return rc;

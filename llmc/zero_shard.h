@@ -10,6 +10,7 @@ Defines:
 - zero_shard_map()     builds rank r's map from the bucket slices (llmc/grad_slices.h)
 - zero_shard_map_free()
 - zero_shard_norm_ranges()  how many leading ranges count in rank r's gradient-norm partial
+- zero_shard_tail_elems()   elements in the replicated tails (the same on every rank)
 - zero_shard_pack()    full (flat layout) -> packed, rank r's ranges (overwrites packed)
 - zero_shard_unpack()  packed -> full, rank r's ranges only (other elements untouched)
 
@@ -111,6 +112,12 @@ static inline void zero_shard_map_free(ZeroShardMap* map) {
 // and on rank 0 the tails too (they are replicated, so exactly one rank counts them).
 static inline int zero_shard_norm_ranges(const ZeroShardMap* map) {
     return map->rank == 0 ? map->num_ranges : map->num_chunk_ranges;
+}
+
+static inline size_t zero_shard_tail_elems(const ZeroShardMap* map) {
+    size_t t = 0;
+    for (int i = map->num_chunk_ranges; i < map->num_ranges; i++) t += map->ranges[i].count;
+    return t;
 }
 
 // packed[shard_offset + j] = full[offset + j] over rank r's ranges
