@@ -8,6 +8,7 @@ with its chunk).
 Defines:
 - ZeroOptimizer                 the rank's map, its norm-range table on the device, scratch
 - zero_init() / zero_free()     needs P >= 2 ranks; refuses slices that are not 8-aligned
+- zero_norm_partial()           this rank's partial (device double), no communication
 - zero_grad_norm_squared()      the global sum of squares of the mean gradients, in double:
                                 rank partials over their norm ranges (chunks; tails on rank 0
                                 only), all-gathered, added in rank order 0..P-1 on every rank
@@ -28,8 +29,9 @@ same bits whatever NCCL's algorithm. It is not bitwise equal to the replicated p
 AdamW per element is adamw_update's, so a shard gets the bits the replicated update would give the
 same element from the same reduced gradient and norm. The gathers copy bytes.
 
-Untested on a GPU so far (written without one): the CPU simulation test_zero_ranks.c checks
-the bookkeeping (same map, same order of operations), not this file's kernels and NCCL calls.
+Tests: test_zero_ranks.c simulates the whole step with P ranks on the CPU model; test_omnimoe.cu
+(test_zero_update) runs this file's norm partials and shard AdamW for P simulated ranks on one
+GPU against the replicated update. The NCCL calls (reduce-scatter, all-gathers) need several GPUs.
 */
 #ifndef OMNIMOE_ZERO_CUH
 #define OMNIMOE_ZERO_CUH
@@ -144,16 +146,22 @@ __global__ void zero_norm_final_kernel(double* out, const double* partials, int 
     out[0] = sum;
 }
 
-// Returns the sum of squares over all ranks (every rank gets the same bits). Waits for the GPU.
-static inline double zero_grad_norm_squared(ZeroOptimizer* z, const floatX* grads, cudaStream_t stream) {
-    const int P = z->mg->num_processes;
+// This rank's partial sum of squares over its norm ranges; returns the device pointer of the double.
+static inline double* zero_norm_partial(ZeroOptimizer* z, const floatX* grads, cudaStream_t stream) {
     double* rank_partial = z->partials + ZERO_NORM_BLOCKS;
-    double* gathered = rank_partial + 1;
     zero_norm_partial_kernel<<<ZERO_NORM_BLOCKS, ZERO_NORM_THREADS, 0, stream>>>(z->partials, grads, z->norm_offsets,
                                                                                z->norm_counts, z->num_norm);
     cudaCheckLast();
     zero_norm_final_kernel<<<1, 32, 0, stream>>>(rank_partial, z->partials, ZERO_NORM_BLOCKS);
     cudaCheckLast();
+    return rank_partial;
+}
+
+// Returns the sum of squares over all ranks (every rank gets the same bits). Waits for the GPU.
+static inline double zero_grad_norm_squared(ZeroOptimizer* z, const floatX* grads, cudaStream_t stream) {
+    const int P = z->mg->num_processes;
+    double* rank_partial = zero_norm_partial(z, grads, stream);
+    double* gathered = rank_partial + 1;
 #ifdef MULTI_GPU
     ncclCheck(ncclAllGather(rank_partial, gathered, 1, ncclFloat64, z->mg->comm, stream));
 #else
