@@ -34,7 +34,9 @@ has finished that layer, so the transfer runs under the backward of the layers b
 the same buckets run after the backward (same bits, only later). The step's loss, the expert
 counts and the stop request (SIGINT/SIGTERM) are summed too, so every rank takes the same
 decisions. Rank 0 alone prints, logs and writes files; checkpoints hold
-every rank's BN set.
+every rank's BN set. --zero 1 (ZeRO-1, llmc/zero.cuh): each rank keeps 1/P of the fp32 master
+weights and AdamW state, the gradients are reduce-scattered in the same buckets, and checkpoints
+are sharded (one part per rank, written in parallel, and a manifest: llmc/checkpoint_parts.h).
 */
 #include "llmc/utils.h"   // first: it selects POSIX declarations
 #include <stdio.h>
@@ -688,6 +690,9 @@ static void gpu_sample_logits(void* ctx, const int* tokens, int T, int t, float*
 // Resume on a different process count G: rank r takes BN set r mod G_saved, and the loader
 // rounds its position up to a whole round of G (dataloader.h).
 // Every rank calls it (the BN statistics are gathered from all ranks); rank 0 writes the file.
+// ZeRO-1: a sharded checkpoint instead (gpu_save_checkpoint_parts).
+static void gpu_save_checkpoint_parts(GpuTrainer* tr, const CheckpointInfo* info, const DataLoaderState* loader,
+                                      const uint64_t* sample_rng, const float* bn_all, char* out_path);
 static void gpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const DataLoaderState* loader,
                                 const uint64_t* sample_rng, char* out_path) {
     GpuTrainer* tr = (GpuTrainer*)ctx;
@@ -708,20 +713,18 @@ static void gpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const Dat
         cudaCheck(cudaStreamSynchronize(m->stream));
         cudaCheck(cudaFree(gathered));
     }
-    // ZeRO-1: the shards are gathered into rank 0's host copy (the same logical file as replicated)
-    if (!master_process && !m->zero) return;
-    float* params = master_process ? (float*)malloc_check(P * sizeof(float)) : NULL;
-    float* adam_m = master_process ? (float*)malloc_check(P * sizeof(float)) : NULL;
-    float* adam_v = master_process ? (float*)malloc_check(P * sizeof(float)) : NULL;
-    model_get_params(m, params, NULL);
     if (m->zero) {
-        zero_gather_to_host(m->zero, m->adam_m, adam_m, m->stream);
-        zero_gather_to_host(m->zero, m->adam_v, adam_v, m->stream);
-        if (!master_process) return;
-    } else {
-        cudaCheck(cudaMemcpy(adam_m, m->adam_m, P * sizeof(float), cudaMemcpyDeviceToHost));
-        cudaCheck(cudaMemcpy(adam_v, m->adam_v, P * sizeof(float), cudaMemcpyDeviceToHost));
+        gpu_save_checkpoint_parts(tr, info, loader, sample_rng, bn_all, out_path);
+        free(bn_all);
+        return;
     }
+    if (!master_process) return;
+    float* params = (float*)malloc_check(P * sizeof(float));
+    float* adam_m = (float*)malloc_check(P * sizeof(float));
+    float* adam_v = (float*)malloc_check(P * sizeof(float));
+    model_get_params(m, params, NULL);
+    cudaCheck(cudaMemcpy(adam_m, m->adam_m, P * sizeof(float), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(adam_v, m->adam_v, P * sizeof(float), cudaMemcpyDeviceToHost));
     checkpoint_make_dir(tr->cfg->output_dir);
     checkpoint_write(tr->cfg->output_dir, &m->config, info, params, adam_m, adam_v, bn_all, G, loader,
                      sizeof(*loader), sample_rng, sizeof(*sample_rng), out_path);
@@ -729,6 +732,95 @@ static void gpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const Dat
     free(adam_m);
     free(adam_v);
     free(bn_all);
+}
+
+// ZeRO-1 (docs/sharding.md §4): every rank writes its shard as a part file at the same time,
+// then rank 0 writes the manifest with the parts' sizes and hashes. Either all ranks write or none
+// (the shards' finiteness is agreed first). The output directory must be one all ranks see.
+static void gpu_save_checkpoint_parts(GpuTrainer* tr, const CheckpointInfo* info, const DataLoaderState* loader,
+                                      const uint64_t* sample_rng, const float* bn_all, char* out_path) {
+    const Model* m = &tr->model;
+    const MultiGpu* mg = tr->mg;
+    const int G = mg->num_processes, rank = mg->process_rank;
+    const size_t E = m->zero->map.shard_elems;
+    const char* dir = tr->cfg->output_dir;
+    const float* device[3] = {m->master, m->adam_m, m->adam_v};
+    float* host[3];
+    char why[256] = "";
+    int finite = 1;
+    for (int k = 0; k < 3; k++) {
+        host[k] = (float*)malloc_check(max_sz(E, 1) * sizeof(float));
+        cudaCheck(cudaMemcpy(host[k], device[k], E * sizeof(float), cudaMemcpyDeviceToHost));
+        finite &= ckpt_floats_finite_(host[k], E, k == 0 ? "the master weights" : "the AdamW state", why, sizeof(why));
+    }
+    double bad = finite ? 0.0 : 1.0;
+    multi_gpu_sum_doubles(mg, &bad, 1, m->stream);
+    if (bad > 0.0) {
+        if (!finite) fprintf(stderr, "Error: rank %d: %s\n", rank, why);
+        if (rank == 0) {
+            fprintf(stderr, "Error: refusing to write checkpoint step %d: %d rank(s) hold non-finite optimizer state; "
+                    "nothing is saved (the checkpoints already in %s are untouched)\n", info->step, (int)bad, dir);
+        }
+        exit(EXIT_FAILURE);
+    }
+    if (rank == 0) checkpoint_make_dir(dir);
+    multi_gpu_barrier(mg);  // the directory exists before any part is written
+    double start = train_loop_now_ms();
+    CheckpointPartEntry entry = checkpoint_part_write(dir, info->step, &m->config, rank, G, SHARD_MODE_ZERO, host[0],
+                                                      host[1], host[2], E);
+    float seconds = (float)((train_loop_now_ms() - start) / 1e3);
+    for (int k = 0; k < 3; k++) free(host[k]);
+    // every rank's table entry and write time to rank 0 (an all-gather copies bits, no arithmetic)
+    const int W = 6;  // floats per rank: the 16-byte entry, the seconds, padding
+    float send[6] = {0};
+    memcpy(send, &entry, sizeof(entry));
+    send[4] = seconds;
+    float* d_buf = (float*)cuda_malloc_or_die((size_t)(G + 1) * W * sizeof(float), "checkpoint part table");
+    float* all = (float*)malloc_check((size_t)G * W * sizeof(float));
+    cudaCheck(cudaMemcpy(d_buf, send, W * sizeof(float), cudaMemcpyHostToDevice));
+    multi_gpu_allgather_floats(mg, d_buf, d_buf + W, W, m->stream);
+    cudaCheck(cudaMemcpyAsync(all, d_buf + W, (size_t)G * W * sizeof(float), cudaMemcpyDeviceToHost, m->stream));
+    cudaCheck(cudaStreamSynchronize(m->stream));
+    cudaCheck(cudaFree(d_buf));
+    if (rank == 0) {
+        CheckpointPartEntry* table = (CheckpointPartEntry*)malloc_check((size_t)G * sizeof(CheckpointPartEntry));
+        double slowest = 0.0, bytes = 0.0;
+        for (int r = 0; r < G; r++) {
+            memcpy(&table[r], all + (size_t)r * W, sizeof(CheckpointPartEntry));
+            slowest = fmax(slowest, (double)all[(size_t)r * W + 4]);
+            bytes += (double)table[r].bytes;
+        }
+        checkpoint_manifest_write(dir, &m->config, info, bn_all, G, loader, sizeof(*loader), sample_rng,
+                                  sizeof(*sample_rng), G, SHARD_MODE_ZERO, table, out_path);
+        printf("checkpoint parts: %d x %.2f GB written in %.2f s (%.2f GB/s per rank, %.2f GB/s in all)\n", G,
+               bytes / G / 1e9, slowest, bytes / G / 1e9 / fmax(slowest, 1e-9), bytes / 1e9 / fmax(slowest, 1e-9));
+        free(table);
+    }
+    free(all);
+}
+
+// ZeRO-1 resume from a sharded checkpoint: every rank reads its own shard from the parts (any
+// P at write time: the ranges are re-sharded by llmc/checkpoint_parts.h), rounds its ranges to the
+// floatX weights and all-gathers them
+static void gpu_load_shard_from_parts(Model* m, const char* path) {
+    ModelConfig config;
+    CheckpointInfo info;
+    CheckpointPartEntry* table = checkpoint_manifest_read_table(path, &m->config, &config, &info);
+    const ZeroShardMap* map = &m->zero->map;
+    float* host[3];
+    for (int k = 0; k < 3; k++) host[k] = (float*)malloc_check(max_sz(map->shard_elems, 1) * sizeof(float));
+    checkpoint_parts_read_shard(path, &config, &info, table, map, host[0], host[1], host[2]);
+    float* device[3] = {m->master, m->adam_m, m->adam_v};
+    for (int k = 0; k < 3; k++) {
+        cudaCheck(cudaMemcpy(device[k], host[k], map->shard_elems * sizeof(float), cudaMemcpyHostToDevice));
+    }
+    for (int i = 0; i < map->num_ranges; i++) {  // the same rounding as AdamW's, so the weights come back bitwise
+        const ZeroRange* rg = &map->ranges[i];
+        upload_floatX(m->params + rg->offset, host[0] + rg->shard_offset, rg->count);
+    }
+    zero_allgather_params(m->zero, m->params, m->stream);
+    for (int k = 0; k < 3; k++) free(host[k]);
+    free(table);
 }
 
 // what rank 0 read from a checkpoint besides the big sections, sent to every rank
@@ -740,7 +832,10 @@ typedef struct {
 
 // Every rank calls it. Rank 0 reads and verifies the checkpoint at path (the file may exist on
 // rank 0's host alone) and the weights, optimizer state, BN sets and run state reach the other
-// ranks by broadcast (ZeRO-1: each rank keeps its shard of the master weights, m and v).
+// ranks by broadcast (ZeRO-1: each rank keeps its shard of the master weights, m and v). A
+// sharded checkpoint (version 3) read by a ZeRO-1 run: every rank reads its shard from the parts
+// itself (gpu_load_shard_from_parts; the parts must be visible to every rank); read by a
+// replicated run, rank 0 assembles the whole state from the parts (checkpoint_read).
 static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
                                 uint64_t* sample_rng) {
     GpuTrainer* tr = (GpuTrainer*)ctx;
@@ -755,16 +850,19 @@ static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* inf
     if (mg->process_rank == 0) {
         ModelConfig file_config;
         checkpoint_read_info(path, &file_config, &rp.info);  // the header: how many BN sets to expect
-        params = (float*)malloc_check(P * sizeof(float));
-        adam_m = (float*)malloc_check(P * sizeof(float));
-        adam_v = (float*)malloc_check(P * sizeof(float));
+        int from_parts = m->zero && rp.info.num_parts > 0;  // then rank 0 reads the manifest's sections only
+        if (!from_parts) {
+            params = (float*)malloc_check(P * sizeof(float));
+            adam_m = (float*)malloc_check(P * sizeof(float));
+            adam_v = (float*)malloc_check(P * sizeof(float));
+        }
         int sets = rp.info.num_bn_sets > 0 ? rp.info.num_bn_sets : 1;
         bn_all = (float*)malloc_check(max_sz((size_t)sets * NB, 1) * sizeof(float));
         checkpoint_read(path, &m->config, &rp.info, params, adam_m, adam_v, NB > 0 ? bn_all : NULL,
                         rp.info.num_bn_sets, &rp.loader, sizeof(rp.loader), &rp.sample_rng_state,
                         sizeof(rp.sample_rng_state));
         rp.info.num_bn_sets = sets;
-        model_set_params(m, params, bn_all);
+        if (!from_parts) model_set_params(m, params, bn_all);
         if (!m->zero) {
             cudaCheck(cudaMemcpy(m->adam_m, adam_m, P * sizeof(float), cudaMemcpyHostToDevice));
             cudaCheck(cudaMemcpy(m->adam_v, adam_v, P * sizeof(float), cudaMemcpyHostToDevice));
@@ -772,12 +870,15 @@ static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* inf
     }
     multi_gpu_broadcast_host(mg, &rp, sizeof(rp), st);
     // rank 0's weights (floatX and master) and optimizer state, bit for bit
-    multi_gpu_broadcast(mg, m->params, P * sizeof(floatX), st);
-    if (m->zero) {  // each rank keeps its shard of rank 0's host copies
+    if (m->zero && rp.info.num_parts > 0) {
+        gpu_load_shard_from_parts(m, path);
+    } else if (m->zero) {  // a single file: each rank keeps its shard of rank 0's host copies
+        multi_gpu_broadcast(mg, m->params, P * sizeof(floatX), st);
         zero_scatter_from_host(m->zero, params, m->master, st);
         zero_scatter_from_host(m->zero, adam_m, m->adam_m, st);
         zero_scatter_from_host(m->zero, adam_v, m->adam_v, st);
     } else {
+        multi_gpu_broadcast(mg, m->params, P * sizeof(floatX), st);
         multi_gpu_broadcast(mg, m->master, P * sizeof(float), st);
         multi_gpu_broadcast(mg, m->adam_m, P * sizeof(float), st);
         multi_gpu_broadcast(mg, m->adam_v, P * sizeof(float), st);

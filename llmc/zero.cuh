@@ -230,6 +230,10 @@ static inline void zero_upload_packed(const ZeroOptimizer* z, const float* host_
 // where it is not NULL. Each chunk travels in pieces of at most ZERO_STAGING_ELEMS per rank.
 static inline void zero_gather_to_host(const ZeroOptimizer* z, const float* packed_device, float* host_full,
                                        cudaStream_t stream) {
+#ifndef MULTI_GPU
+    (void)z; (void)packed_device; (void)host_full; (void)stream;
+    multi_gpu_fail_("%s", "ZeRO-1: this build has no NCCL");  // unreachable: one process has no shards
+#else
     const ZeroShardMap* map = &z->map;
     const int P = map->num_ranks;
     float* staging = (float*)cuda_malloc_or_die((size_t)P * ZERO_STAGING_ELEMS * sizeof(float), "ZeRO gather staging");
@@ -242,16 +246,10 @@ static inline void zero_gather_to_host(const ZeroOptimizer* z, const float* pack
                                       tail->count * sizeof(float), cudaMemcpyDeviceToHost, stream));
         }
         if (q == 0) continue;
-        const ZeroRange* own = &map->ranges[z->slice_chunk_range[s]];
+        size_t own = map->ranges[z->slice_chunk_range[s]].shard_offset;  // this rank's chunk, packed
         for (size_t start = 0; start < q; start += ZERO_STAGING_ELEMS) {
             size_t len = q - start < ZERO_STAGING_ELEMS ? q - start : ZERO_STAGING_ELEMS;
-#ifdef MULTI_GPU
-            ncclCheck(ncclAllGather(packed_device + own->shard_offset + start, staging, len, ncclFloat, z->mg->comm,
-                                    stream));
-#else
-            (void)own;
-            multi_gpu_fail_("%s", "ZeRO-1: this build has no NCCL");
-#endif
+            ncclCheck(ncclAllGather(packed_device + own + start, staging, len, ncclFloat, z->mg->comm, stream));
             if (host_full == NULL) continue;
             for (int r = 0; r < P; r++) {  // rank r's piece lies at r*len in the staging buffer
                 cudaCheck(cudaMemcpyAsync(host_full + sl->offset + (size_t)r * q + start, staging + (size_t)r * len,
@@ -261,6 +259,7 @@ static inline void zero_gather_to_host(const ZeroOptimizer* z, const float* pack
     }
     cudaCheck(cudaStreamSynchronize(stream));
     cudaCheck(cudaFree(staging));
+#endif
 }
 
 // Collective: rank 0's host_full (num_params floats; ignored elsewhere) reaches every rank in
