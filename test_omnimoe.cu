@@ -100,7 +100,7 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
     char what[160];
     for (int mode = 0; mode < modes; mode++) {
         Model m;
-        model_build(&m, c, B, T, mode == 0 ? EXPERT_EXEC_EXPERT : EXPERT_EXEC_TOKEN);
+        model_build(&m, c, B, T, mode == 0 ? EXPERT_EXEC_EXPERT : EXPERT_EXEC_TOKEN, ATTENTION_OURS);
         model_set_params(&m, params, bn);
         model_forward(&m, inputs, targets, B, T, 1);
         loss[mode] = model_mean_loss(&m);
@@ -166,7 +166,7 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
 static void gpu_train(const ModelConfig* c, const float* params, const float* bn, int B, int T, int steps,
                       const int* tokens, float* out_losses, float* out_params) {
     Model m;
-    model_build(&m, c, B, T, EXPERT_EXEC_EXPERT);
+    model_build(&m, c, B, T, EXPERT_EXEC_EXPERT, ATTENTION_OURS);
     model_set_params(&m, params, bn);
     int BT = B * T;
     for (int s = 0; s < steps; s++) {
@@ -253,7 +253,7 @@ static void test_eval_sampling_accumulation(const char* name, const ModelConfig*
     memcpy(ref.params, params, P * sizeof(float));
     if (NB) memcpy(ref.bn_stats, bn, NB * sizeof(float));
     Model m;
-    model_build(&m, c, B, T, EXPERT_EXEC_EXPERT);
+    model_build(&m, c, B, T, EXPERT_EXEC_EXPERT, ATTENTION_OURS);
     model_set_params(&m, params, bn);
     float* logits = (float*)malloc_check((size_t)BT * Vp * sizeof(float));
 

@@ -1436,6 +1436,11 @@ int main(int argc, char** argv) {
                 "optimizer state; ZeRO-1 shards it over the CUDA trainer's processes (test_zero_ranks simulates it)\n");
         exit(EXIT_FAILURE);
     }
+    if (cfg.attention != ATTENTION_OURS) {
+        fprintf(stderr, "Error: flag --attention cudnn: cuDNN's attention is the CUDA trainer's (./train_omnimoe); "
+                "the CPU reference has one attention\n");
+        exit(EXIT_FAILURE);
+    }
 
     // the model: a preset (+ flags) or a model file
     CpuTrainer tr;

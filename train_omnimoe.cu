@@ -59,6 +59,9 @@ are sharded (one part per rank, written in parallel, and a manifest: llmc/checkp
 #include "llmc/encoder.cuh"
 #include "llmc/activations.cuh"
 #include "llmc/attention.cuh"
+#ifdef HAVE_CUDNN_ATTENTION
+#include "llmc/attention_cudnn.h"
+#endif
 #include "llmc/classifier.cuh"
 #include "llmc/adamw.cuh"
 #include "llmc/global_norm.cuh"
@@ -102,6 +105,8 @@ typedef struct {
     floatX* dhidden;     // (BT, H)
     float* scratch;      // the largest scratch any backward/forward kernel asks for
     size_t scratch_bytes;
+    void* attention_ws;  // cuDNN's SDPA workspace (--attention cudnn; else none)
+    size_t attention_ws_bytes;
 } Activations;
 
 typedef struct {
@@ -126,6 +131,7 @@ typedef struct {
     int B, T;             // the shape activations were allocated for (the maximum)
     int cur_B, cur_T;     // the shape of the last forward
     int adam_t;           // AdamW steps taken
+    int attention;        // ATTENTION_* (--attention): whose attention kernels run
     cudaStream_t stream;
     float* norm_squared;  // (1) device
 } Model;
@@ -179,8 +185,20 @@ static void device_memory_check(size_t state_bytes, size_t work_bytes, size_t nu
     exit(EXIT_FAILURE);
 }
 
+// cuDNN's SDPA workspace at (B, T), or an error in a build without it (the flag is parsed everywhere)
+static size_t attention_cudnn_scratch_or_die(int B, int T, int C, int NH) {
+#ifdef HAVE_CUDNN_ATTENTION
+    return attention_cudnn_scratch_bytes(B, T, C, NH);
+#else
+    (void)B; (void)T; (void)C; (void)NH;
+    fprintf(stderr, "Error: --attention cudnn: this train_omnimoe was built without cuDNN (build it with "
+                    "`make -B USE_CUDNN=1`; bf16 only)\n");
+    exit(EXIT_FAILURE);
+#endif
+}
+
 // zero: ZeRO-1 (llmc/zero.cuh, built by the caller): master, m and v hold its shard only; NULL: all
-static void model_build_sharded(Model* m, const ModelConfig* config, int B, int T, int expert_exec,
+static void model_build_sharded(Model* m, const ModelConfig* config, int B, int T, int expert_exec, int attention,
                                 ZeroOptimizer* zero) {
     memset(m, 0, sizeof(*m));
     if (!model_config_validate(config)) exit(EXIT_FAILURE);
@@ -211,6 +229,9 @@ static void model_build_sharded(Model* m, const ModelConfig* config, int B, int 
     s = max_sz(s, matmul_backward_scratch_bytes((int)BT, (int)max_sz(max_sz(3 * C, FI), max_sz(C, Vp))));
     s = max_sz(s, layernorm_backward_scratch_bytes((int)BT, (int)C));
     s = max_sz(s, attention_backward_scratch_bytes(B, T, (int)C, c->num_heads));
+    m->attention = attention;
+    // cuDNN's SDPA gets its own workspace: the forward's scratch may still be the OmniMoE layer's
+    a->attention_ws_bytes = attention == ATTENTION_CUDNN ? attention_cudnn_scratch_or_die(B, T, (int)C, c->num_heads) : 0;
     s = max_sz(s, global_norm_scratch_bytes());
     if (omni) s = max_sz(s, omni_layer_scratch_bytes(omni_dims));
     a->scratch_bytes = s;
@@ -251,6 +272,7 @@ static void model_build_sharded(Model* m, const ModelConfig* config, int B, int 
         {(void**)&a->dwide, BT * max_sz(3 * C, FI) * sizeof(floatX), "gradients: wide", 0},
         {(void**)&a->dhidden, BT * max_sz(H, C) * sizeof(floatX), "gradients: hidden", 0},
         {(void**)&a->scratch, s, "kernel scratch", 0},
+        {(void**)&a->attention_ws, a->attention_ws_bytes, "cuDNN attention workspace", 0},
     };
     const size_t num_buffers = sizeof(buffers) / sizeof(buffers[0]);
     size_t state_bytes = 0, work_bytes = 0;
@@ -290,8 +312,8 @@ static void model_build_sharded(Model* m, const ModelConfig* config, int B, int 
     matmul_init();
 }
 
-static void model_build(Model* m, const ModelConfig* config, int B, int T, int expert_exec) {
-    model_build_sharded(m, config, B, T, expert_exec, NULL);
+static void model_build(Model* m, const ModelConfig* config, int B, int T, int expert_exec, int attention) {
+    model_build_sharded(m, config, B, T, expert_exec, attention, NULL);
 }
 
 static void model_free(Model* m) {
@@ -300,8 +322,11 @@ static void model_free(Model* m) {
                     a->encoded, a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->att_lse, a->residual2, a->ln2,
                     a->ln2_mean, a->ln2_rstd, a->fch, a->fch_act, a->residual3, a->lnf, a->lnf_mean, a->lnf_rstd,
                     a->logits, a->losses, a->loss_sum, a->sublayer_out, a->inputs, a->targets, a->dresidual, a->dsub,
-                    a->dwide, a->dhidden, a->scratch};
+                    a->dwide, a->dhidden, a->scratch, a->attention_ws};
     for (size_t i = 0; i < sizeof(ptrs) / sizeof(ptrs[0]); i++) cudaCheck(cudaFree(ptrs[i]));
+#ifdef HAVE_CUDNN_ATTENTION
+    if (m->attention == ATTENTION_CUDNN) attention_cudnn_free();
+#endif
     if (m->omni) {
         for (int l = 0; l < m->config.num_layers; l++) omni_layer_free(&m->omni[l]);
         free(m->omni);
@@ -354,6 +379,44 @@ static void model_init_random(Model* m, uint64_t seed) {
 // Runs the model on (B, T) tokens (host arrays). With targets, the per-token losses and their
 // mean (acts.loss_sum, device) are computed; the logits stay in acts.logits either way.
 // training = 1: router BN uses batch statistics and updates its running statistics.
+// attention by the kernels --attention chose; cuDNN's run in their own workspace, sized at build
+// for (B, T) and checked for any other shape (a sample or an eval batch builds its own graphs)
+#ifdef HAVE_CUDNN_ATTENTION
+static void* model_attention_workspace(Model* m, int B, int T) {
+    const ModelConfig* c = &m->config;
+    size_t need = attention_cudnn_scratch_or_die(B, T, c->channels, c->num_heads);
+    if (need > m->acts.attention_ws_bytes) {
+        fprintf(stderr, "Error: --attention cudnn: B=%d T=%d needs a %zu-byte workspace, more than the %zu bytes "
+                        "sized for -b %d -t %d\n", B, T, need, m->acts.attention_ws_bytes, m->B, m->T);
+        exit(EXIT_FAILURE);
+    }
+    return m->acts.attention_ws;
+}
+#endif
+
+static void model_attention_forward(Model* m, floatX* out, float* lse, const floatX* qkv, int B, int T, cudaStream_t st) {
+    const int C = m->config.channels, NH = m->config.num_heads;
+#ifdef HAVE_CUDNN_ATTENTION
+    if (m->attention == ATTENTION_CUDNN) {
+        attention_cudnn_forward(out, lse, qkv, B, T, C, NH, model_attention_workspace(m, B, T), st);
+        return;
+    }
+#endif
+    attention_forward(out, lse, qkv, B, T, C, NH, st);
+}
+
+static void model_attention_backward(Model* m, floatX* dqkv, const floatX* dout, const floatX* qkv, const floatX* out,
+                                     const float* lse, int B, int T, float* scratch, cudaStream_t st) {
+    const int C = m->config.channels, NH = m->config.num_heads;
+#ifdef HAVE_CUDNN_ATTENTION
+    if (m->attention == ATTENTION_CUDNN) {
+        attention_cudnn_backward(dqkv, dout, qkv, out, lse, B, T, C, NH, model_attention_workspace(m, B, T), st);
+        return;
+    }
+#endif
+    attention_backward(dqkv, dout, qkv, out, lse, B, T, C, NH, scratch, st);
+}
+
 static void model_forward(Model* m, const int* inputs, const int* targets, int B, int T, int training) {
     const ModelConfig* c = &m->config;
     if (B > m->B || T > m->T || B < 1 || T < 1) {
@@ -386,7 +449,7 @@ static void model_forward(Model* m, const int* inputs, const int* targets, int B
         floatX* residual3 = a->residual3 + btc;
 
         matmul_forward(qkv, ln1, layer_param(m, PARAM_QKVW, l), layer_param(m, PARAM_QKVB, l), BT, C, 3 * C, st);
-        attention_forward(atty, a->att_lse + (size_t)l * BT * NH, qkv, B, T, C, NH, st);
+        model_attention_forward(m, atty, a->att_lse + (size_t)l * BT * NH, qkv, B, T, st);
         matmul_forward(a->sublayer_out, atty, layer_param(m, PARAM_ATTPROJW, l), layer_param(m, PARAM_ATTPROJB, l),
                        BT, C, C, st);
         fused_residual_layernorm_forward(residual2, ln2, a->ln2_mean + (size_t)l * BT, a->ln2_rstd + (size_t)l * BT,
@@ -504,7 +567,7 @@ static void model_backward(Model* m, const int* inputs, float loss_scale, GradRe
         // attention: dresidual is d(attention projection output)
         matmul_backward(a->dsub, layer_grad(m, PARAM_ATTPROJW, l), layer_grad(m, PARAM_ATTPROJB, l), a->dresidual,
                         atty, layer_param(m, PARAM_ATTPROJW, l), BT, C, C, 0, st, scratch);
-        attention_backward(a->dwide, a->dsub, qkv, atty, a->att_lse + (size_t)l * BT * NH, B, T, C, NH, scratch, st);
+        model_attention_backward(m, a->dwide, a->dsub, qkv, atty, a->att_lse + (size_t)l * BT * NH, B, T, scratch, st);
         matmul_backward(a->dsub, layer_grad(m, PARAM_QKVW, l), layer_grad(m, PARAM_QKVB, l), a->dwide, ln1,
                         layer_param(m, PARAM_QKVW, l), BT, C, 3 * C, 0, st, scratch);
         layernorm_backward(a->dresidual, layer_grad(m, PARAM_LN1W, l), layer_grad(m, PARAM_LN1B, l), a->dsub, residual,
@@ -995,8 +1058,8 @@ int main(int argc, char** argv) {
     } else if (cfg.zero && master_process) {
         printf("| --zero 1 on one process: nothing to shard, the optimizer state stays whole\n");
     }
-    if (zero) model_build_sharded(model, &config, cfg.B, cfg.T, cfg.expert_exec, zero);
-    else model_build(model, &config, cfg.B, cfg.T, cfg.expert_exec);
+    if (zero) model_build_sharded(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention, zero);
+    else model_build(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention);
     if (zero && master_process) {
         printf("| ZeRO-1: fp32 master, m and v of %zu of %zu parameters per process (%zu in replicated tails)\n",
                zero->map.shard_elems, model->num_params, zero_shard_tail_elems(&zero->map));

@@ -9,6 +9,10 @@
 #           dense-vs-OmniMoE recipe's start compared with the committed logs
 #     ab: dev/ab_compare.sh run (carry/ab_base from 'dev/ab_compare.sh prepare <commit>'):
 #         gelu/swiglu/omni trainers and the layer benchmarks against that commit, same bits or not
+#     cudnn: rebuild with `make USE_CUDNN=1` (headers in carry/cudnn-frontend), test_attention with
+#           cuDNN's SDPA beside ours, --attention cudnn reruns bitwise and its loss beside ours
+#     llmc: dev/bench_llmc.sh, our dense d12 step against llm.c with and without cuDNN, same
+#           flags, alternating (carry/llm.c from 'dev/bench_llmc.sh prepare <llm.c clone>')
 #     bench: only dev/bench_all.sh (every performance benchmark, its own builds and summary)
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -56,9 +60,28 @@ if [[ "$mode" == *ab* ]]; then  # bitwise and timing A/B against carry/ab_base (
     OUT="$OUT/ab" FFN="gelu swiglu omni" bash dev/ab_compare.sh run > "$OUT/ab_compare.log" 2>&1
     tail -n 40 "$OUT/ab_compare.log"
 fi
+# cuDNN's SDPA (--attention cudnn): rebuild with USE_CUDNN=1 (last: it replaces ./train_omnimoe),
+# its kernel checks and benchmark beside ours, two identical runs bitwise, and the loss beside ours
+if [[ "$mode" == *cudnn* ]]; then
+    run cudnn_build make -j$(nproc) -B USE_CUDNN=1 train_omnimoe dev/cuda/test_attention_bin
+    run cudnn_kernels ./dev/cuda/test_attention_bin
+    short=(-e d12 -f gelu -b 8 -t 1024 -x 20 -u 5 -v 0 -s 0 --seed 7)
+    for name in cudnn_a cudnn_b; do
+        ./train_omnimoe "${short[@]}" --attention cudnn --log-file "$OUT/$name.jsonl" > "$OUT/$name.out" 2>&1
+    done
+    ./train_omnimoe "${short[@]}" --log-file "$OUT/ours_attn.jsonl" > "$OUT/ours_attn.out" 2>&1
+    run cudnn_rerun_bitwise python3 scripts/compare_logs.py "$OUT/cudnn_a.jsonl" "$OUT/cudnn_b.jsonl" --exact
+    run cudnn_vs_ours_loss python3 scripts/compare_logs.py "$OUT/ours_attn.jsonl" "$OUT/cudnn_a.jsonl" \
+        --loss-tol 0.02 --norm-rtol 0.05
+fi
+if [[ "$mode" == *llmc* ]]; then  # our dense d12 against llm.c with and without cuDNN (carry/llm.c)
+    run bench_llmc env BENCH_DIR="$OUT/bench_llmc" OURS_CUDNN=$([[ "$mode" == *cudnn* ]] && echo 1 || echo 0) \
+        bash dev/bench_llmc.sh
+fi
 echo "================ summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
 grep -h -E "^test_omnimoe(_fp32)?: [0-9]+ passed" "$OUT"/test_*.log 2>/dev/null
 grep -h "^FAIL" "$OUT"/test_*.log 2>/dev/null | head -20
 for s in "${summary[@]}"; do echo "$s"; done
+if [ -f "$OUT/bench_llmc.log" ]; then sed -n '/^| trainer |/,$p' "$OUT/bench_llmc.log"; fi
 # the device returns at most 8 files: every log in one archive
 (cd "$OUT" && tar czf /tmp/gpu_check_logs.tgz . && find . -mindepth 1 -delete && mv /tmp/gpu_check_logs.tgz .)

@@ -44,6 +44,8 @@ static inline const char* lr_schedule_name(int s) {
     return s == LR_SCHEDULE_WSD ? "wsd" : (s == LR_SCHEDULE_CONSTANT ? "constant" : "cosine");
 }
 static inline const char* expert_exec_name(int e) { return e == EXPERT_EXEC_TOKEN ? "token" : "expert"; }
+// attention kernels of the CUDA trainer: ours (llmc/attention.cuh) or cuDNN's SDPA (llmc/attention_cudnn.h)
+enum { ATTENTION_OURS = 0, ATTENTION_CUDNN = 1 };
 
 #define TRAIN_PATH_MAX 1024
 
@@ -96,6 +98,7 @@ typedef struct {
     int router_norm;                          // --router-norm  ROUTER_NORM_*; -1 = preset (bn)
     int gate;                                 // --gate  GATE_*; -1 = preset (softmax)
     int expert_exec;                          // --expert-exec  EXPERT_EXEC_* (run-time choice, not saved in the model)
+    int attention;                            // --attention  ATTENTION_* (CUDA trainer; run-time choice, in checkpoints)
 } TrainConfig;
 
 // ----------------------------------------------------------------------------
@@ -155,6 +158,7 @@ static const TrainFlag train_flags[] = {
     {NULL, "--router-norm", TRAIN_ARG_CHOICE, offsetof(TrainConfig, router_norm), 0, 0, 0, "none|bn", "omni: router normalisation (unset = bn)"},
     {NULL, "--gate", TRAIN_ARG_CHOICE, offsetof(TrainConfig, gate), 0, 0, 0, "softmax|prob", "omni: gate over the k selected scores (unset = softmax)"},
     {NULL, "--expert-exec", TRAIN_ARG_CHOICE, offsetof(TrainConfig, expert_exec), 0, 0, 0, "token|expert", "omni: expert-branch execution, token-centric (default) or expert-centric (same bits)"},
+    {NULL, "--attention", TRAIN_ARG_CHOICE, offsetof(TrainConfig, attention), 0, 0, 0, "ours|cudnn", "CUDA trainer: attention kernels, ours (default) or cuDNN's SDPA (a `make USE_CUDNN=1` build; other bits)"},
     {NULL, "--log-file", TRAIN_ARG_STRING, offsetof(TrainConfig, log_file), 0, 0, 0, NULL, "JSONL log path (\"\" = <output dir>/log.jsonl when -o is set)"},
     {"-pn", "--num-processes", TRAIN_ARG_INT, offsetof(TrainConfig, launch_processes), 1, 65536, 0, NULL, "launch without mpirun: number of processes (one per GPU; needs -pf; ignored under mpirun)"},
     {"-pr", "--process-rank", TRAIN_ARG_INT, offsetof(TrainConfig, launch_rank), 0, 65535, 0, NULL, "launch without mpirun: this process's rank in [0, -pn)"},
@@ -649,6 +653,7 @@ static inline RunIdentity train_config_run_identity(const TrainConfig* cfg, uint
     r.warmup_steps = cfg->warmup_steps;
     r.lr_schedule = cfg->lr_schedule;
     r.expert_exec = cfg->expert_exec;
+    r.attention = cfg->attention;
     r.learning_rate = cfg->learning_rate;
     r.final_lr_frac = cfg->final_lr_frac;
     r.decay_frac = cfg->decay_frac;

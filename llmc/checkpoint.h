@@ -26,7 +26,7 @@
  *     [34] learning_rate [35] final_lr_frac [36] decay_frac [37] weight_decay [38] grad_clip
  *     [39] beta1 [40] beta2 [41] eps                                             (fp32 bit patterns)
  *     [42..43] data_fingerprint (uint64, XXH64 of the training shards, dataloader.h)
- *     [44..45] data_tokens (int64)   [46] data_shards
+ *     [44..45] data_tokens (int64)   [46] data_shards   [47] attention (0 ours, 1 cuDNN's SDPA)
  *     [48..49] num_params P        [50..51] num_bn_stats NB (floats of one BN set)
  *     [52..53] loader_bytes LB     [54..55] rng_bytes RB      [56..57] file_bytes (whole file)
  *     (an int64 in slots [a..a+1] is the 8 little-endian bytes at byte offset 4a)
@@ -698,6 +698,7 @@ static inline void checkpoint_header_from_(const ModelConfig* config, const Chec
     ckpt_put_i64_(h, 42, (int64_t)r->data_fingerprint);
     ckpt_put_i64_(h, 44, r->data_tokens);
     h[46] = r->data_shards;
+    h[47] = r->attention;
     ckpt_put_i64_(h, 48, info->num_params);
     ckpt_put_i64_(h, 50, info->num_bn_stats);
     ckpt_put_i64_(h, 52, info->loader_bytes);
@@ -1267,6 +1268,7 @@ static inline int checkpoint_compare_run(const char* path, const CheckpointInfo*
     CKPT_CMP_INT_("-u", was->warmup_steps, now->warmup_steps)
     CKPT_CMP_INT_("--schedule", was->lr_schedule, now->lr_schedule)
     CKPT_CMP_INT_("--expert-exec", was->expert_exec, now->expert_exec)
+    CKPT_CMP_INT_("--attention (0 ours, 1 cudnn)", was->attention, now->attention)
     CKPT_CMP_FLOAT_("-l", was->learning_rate, now->learning_rate)
     CKPT_CMP_FLOAT_("-q", was->final_lr_frac, now->final_lr_frac)
     CKPT_CMP_FLOAT_("--decay-frac", was->decay_frac, now->decay_frac)
