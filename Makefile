@@ -73,7 +73,7 @@ endif
 HOST_HEADERS = $(wildcard llmc/*.h)
 CUDA_HEADERS = $(wildcard llmc/*.cuh)
 CPU_TESTS = test_omnimoe_cpu test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_fixtures test_integrity \
-            test_mc_eval test_loop_ranks test_mc_loop test_expert_shard
+            test_mc_eval test_loop_ranks test_mc_loop test_expert_shard test_zero_shard test_zero_ranks test_checkpoint_parts
 
 .PHONY: all cpu test test_cpu test_gpu kernel_tests kernel_benches test_kernels clean
 
@@ -95,12 +95,16 @@ test_fixtures: test_fixtures.c train_omnimoe.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 # the tests of one host header each (test_checkpoint: checkpoint.h, test_args: args.h, ...)
-test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_mc_eval: %: %.c $(HOST_HEADERS)
+test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_mc_eval test_zero_shard test_checkpoint_parts: %: %.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 # the shared loop with 3 ranks as threads (llmc/train_loop.h)
 test_loop_ranks: test_loop_ranks.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS) -lpthread
+
+# ZeRO-1 with simulated ranks on the CPU reference model against the replicated path
+test_zero_ranks: test_zero_ranks.c train_omnimoe.c $(HOST_HEADERS)
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 test_integrity: test_integrity.c train_omnimoe.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
@@ -169,10 +173,13 @@ test: test_cpu test_gpu
 test_cpu: $(CPU_TESTS) train_omnimoe_cpu
 	./test_dataloader
 	./test_checkpoint
+	./test_checkpoint_parts
 	./test_args
 	./test_lr_schedule
 	./test_logger
 	./test_mc_eval
+	./test_zero_shard
+	./test_zero_ranks
 	./test_integrity
 	./test_loop_ranks
 	./test_mc_loop

@@ -69,6 +69,7 @@ typedef struct {
     char launch_id_file[TRAIN_PATH_MAX];      // -pf  file (shared by all hosts) where the ranks meet
     int overlap_comm;                         // --overlap-comm  1 = the gradient all-reduce runs under the backward
     int shard_experts;                        // --shard-experts  1 = U, V split by columns over the processes (docs/sharding.md §3.1)
+    int zero;                                 // --zero  1 = ZeRO-1: optimizer state sharded over the processes (docs/sharding.md §2)
     // optimisation
     int num_steps;                            // -x  optimiser steps
     float learning_rate;                      // -l  peak learning rate
@@ -166,6 +167,7 @@ static const TrainFlag train_flags[] = {
     {"-pf", "--nccl-id-file", TRAIN_ARG_STRING, offsetof(TrainConfig, launch_id_file), 0, 0, 0, NULL, "launch without mpirun: a new file path (on a file system all hosts share) where rank 0 leaves the NCCL id"},
     {NULL, "--overlap-comm", TRAIN_ARG_INT, offsetof(TrainConfig, overlap_comm), 0, 1, 0, NULL, "several GPUs: 1 (default) = average each layer's gradients while the backward goes on, 0 = after it (same bits)"},
     {NULL, "--shard-experts", TRAIN_ARG_INT, offsetof(TrainConfig, shard_experts), 0, 1, 0, NULL, "several GPUs, omni: 1 = split the expert tables U, V by columns over the processes (needs C/8 divisible by them), 0 (default) = every GPU holds them whole"},
+    {NULL, "--zero", TRAIN_ARG_INT, offsetof(TrainConfig, zero), 0, 1, 0, NULL, "several GPUs: 1 = ZeRO-1, each process keeps 1/P of the fp32 master weights and AdamW state (0 = every process all of it)"},
 };
 #define TRAIN_NUM_FLAGS ((int)(sizeof(train_flags) / sizeof(train_flags[0])))
 
@@ -185,6 +187,7 @@ static inline void train_config_defaults(TrainConfig* cfg) {
     cfg->launch_rank = 0;
     cfg->launch_id_file[0] = '\0';
     cfg->overlap_comm = 1;
+    cfg->zero = 0;  // ZeRO-1 off until it has been measured (docs/sharding.md §2)
     cfg->num_steps = 1000;
     cfg->learning_rate = 6e-4f;
     cfg->warmup_steps = 100;
