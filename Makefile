@@ -44,10 +44,36 @@ ifeq ($(NCCL_OK)$(MPI_OK), 11)
   NVCC_LDLIBS += $(MPI_LIBS)
 endif
 
+# --- optional cuDNN attention (--attention cudnn): make USE_CUDNN=1 -------------------------
+# Needs the cudnn-frontend headers (PyPI's nvidia-cudnn-frontend wheel, its include/; the path
+# below is where 'bash dev/bench_llmc.sh prepare' puts them) and libcudnn (the CUDA toolkit's, or
+# PyPI's nvidia-cudnn-cu13 found through python3). Switching USE_CUDNN needs a rebuild (make -B).
+USE_CUDNN ?= 0
+CUDNN_FRONTEND_PATH ?= carry/cudnn-frontend/include
+CUDNN_OBJ =
+ifeq ($(USE_CUDNN), 1)
+  CUDNN_PIP_DIR := $(shell python3 -c "import nvidia.cudnn, os; print(os.path.dirname(nvidia.cudnn.__file__ or nvidia.cudnn.__path__[0]))" 2>/dev/null)
+  CUDNN_FLAGS = -I$(CUDNN_FRONTEND_PATH)
+  ifeq ($(shell printf '$(HASH)include <cudnn.h>\nint main(){return 0;}\n' | $(NVCC) -x cu - -o /dev/null -lcudnn >/dev/null 2>&1 && echo 1),1)
+    NVCC_LDLIBS += -lcudnn
+  else ifneq ($(CUDNN_PIP_DIR),)
+    CUDNN_FLAGS += -I$(CUDNN_PIP_DIR)/include
+    NVCC_LDLIBS += -L$(CUDNN_PIP_DIR)/lib -l:libcudnn.so.9 -Xlinker -rpath=$(CUDNN_PIP_DIR)/lib
+  else
+    $(error USE_CUDNN=1: libcudnn not found (neither with the CUDA toolkit nor as python3's nvidia.cudnn))
+  endif
+  ifeq ($(wildcard $(CUDNN_FRONTEND_PATH)/cudnn_frontend.h),)
+    $(error USE_CUDNN=1: $(CUDNN_FRONTEND_PATH)/cudnn_frontend.h not found (set CUDNN_FRONTEND_PATH; see dev/bench_llmc.sh prepare))
+  endif
+  NVCC_FLAGS += -DENABLE_CUDNN
+  NVCC_LDLIBS += -lnvrtc -lcuda
+  CUDNN_OBJ = build/attention_cudnn.o
+endif
+
 HOST_HEADERS = $(wildcard llmc/*.h)
 CUDA_HEADERS = $(wildcard llmc/*.cuh)
 CPU_TESTS = test_omnimoe_cpu test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_fixtures test_integrity \
-            test_mc_eval test_loop_ranks test_mc_loop test_param_init
+            test_mc_eval test_loop_ranks test_mc_loop test_expert_shard test_zero_shard test_zero_ranks test_checkpoint_parts test_param_init
 
 .PHONY: all cpu test test_cpu test_gpu kernel_tests kernel_benches test_kernels clean
 
@@ -61,11 +87,15 @@ train_omnimoe_cpu: train_omnimoe.c $(HOST_HEADERS)
 test_omnimoe_cpu: test_omnimoe_cpu.c train_omnimoe.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
+# the column-sharded expert tables with simulated ranks (llmc/expert_shard.h, docs/sharding.md §3.1)
+test_expert_shard: test_expert_shard.c train_omnimoe.c $(HOST_HEADERS)
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
+
 test_fixtures: test_fixtures.c train_omnimoe.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 # the tests of one host header each (test_checkpoint: checkpoint.h, test_args: args.h, ...)
-test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_mc_eval: %: %.c $(HOST_HEADERS)
+test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_mc_eval test_zero_shard test_checkpoint_parts: %: %.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 # the shared loop with 3 ranks as threads (llmc/train_loop.h)
@@ -76,6 +106,10 @@ test_loop_ranks: test_loop_ranks.c $(HOST_HEADERS)
 test_param_init: test_param_init.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS) -lpthread
 
+# ZeRO-1 with simulated ranks on the CPU reference model against the replicated path
+test_zero_ranks: test_zero_ranks.c train_omnimoe.c $(HOST_HEADERS)
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
+
 test_integrity: test_integrity.c train_omnimoe.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
@@ -83,11 +117,16 @@ test_integrity: test_integrity.c train_omnimoe.c $(HOST_HEADERS)
 test_mc_loop: test_mc_loop.c train_omnimoe.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
-train_omnimoe: train_omnimoe.cu $(HOST_HEADERS) $(CUDA_HEADERS)
-	$(NVCC) $(NVCC_FLAGS) $< -o $@ $(NVCC_LDLIBS)
+train_omnimoe: train_omnimoe.cu $(HOST_HEADERS) $(CUDA_HEADERS) $(CUDNN_OBJ)
+	$(NVCC) $(NVCC_FLAGS) $< $(CUDNN_OBJ) -o $@ $(NVCC_LDLIBS)
 
-test_omnimoe: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADERS) $(CUDA_HEADERS)
-	$(NVCC) $(NVCC_FLAGS) -Xcompiler -fopenmp $< -o $@ $(NVCC_LDLIBS) -lgomp
+# cuDNN's SDPA in its own object: the cudnn-frontend headers take about a minute to compile
+build/attention_cudnn.o: llmc/attention_cudnn.cu llmc/attention_cudnn.h
+	@mkdir -p build
+	$(NVCC) $(NVCC_FLAGS) $(CUDNN_FLAGS) -diag-suppress 128,2810 -Xcompiler -Wno-deprecated-declarations -c $< -o $@
+
+test_omnimoe: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADERS) $(CUDA_HEADERS) $(CUDNN_OBJ)
+	$(NVCC) $(NVCC_FLAGS) -Xcompiler -fopenmp $< $(CUDNN_OBJ) -o $@ $(NVCC_LDLIBS) -lgomp
 
 # the same test with floatX = float: tight tolerances
 test_omnimoe_fp32: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADERS) $(CUDA_HEADERS)
@@ -95,9 +134,9 @@ test_omnimoe_fp32: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADE
 
 # --- kernel tests and benchmarks of dev/cuda, with the flags above -------------------------
 # Each test is built twice: bf16 (dev/cuda/test_x_bin) and floatX = float (test_x_fp32_bin,
-# tight tolerances); test_omni has no fp32 build.
-KERNEL_TESTS ?= matmul layernorm encoder activations classifier adamw global_norm attention omni
-KERNEL_TEST_BINS = $(foreach t,$(KERNEL_TESTS),dev/cuda/test_$(t)_bin $(if $(filter omni,$(t)),,dev/cuda/test_$(t)_fp32_bin))
+# tight tolerances); test_omni and test_experts_shard (bitwise in bf16 only) have no fp32 build.
+KERNEL_TESTS ?= matmul layernorm encoder activations classifier adamw global_norm attention omni experts_shard
+KERNEL_TEST_BINS = $(foreach t,$(KERNEL_TESTS),dev/cuda/test_$(t)_bin $(if $(filter omni experts_shard,$(t)),,dev/cuda/test_$(t)_fp32_bin))
 KERNEL_BENCH_BINS = dev/cuda/bench_omni_bin dev/cuda/bench_layer_bin
 KERNEL_LOGS = dev/cuda/build_logs
 
@@ -108,8 +147,8 @@ kernel_benches: $(KERNEL_BENCH_BINS)
 dev/cuda/%_fp32_bin: dev/cuda/%.cu $(HOST_HEADERS) $(CUDA_HEADERS)
 	$(NVCC) $(NVCC_FLAGS) -DENABLE_FP32 $< -o $@ $(NVCC_LDLIBS)
 
-dev/cuda/%_bin: dev/cuda/%.cu $(HOST_HEADERS) $(CUDA_HEADERS)
-	$(NVCC) $(NVCC_FLAGS) $< -o $@ $(NVCC_LDLIBS)
+dev/cuda/%_bin: dev/cuda/%.cu $(HOST_HEADERS) $(CUDA_HEADERS) $(CUDNN_OBJ)
+	$(NVCC) $(NVCC_FLAGS) $< $(CUDNN_OBJ) -o $@ $(NVCC_LDLIBS)
 
 # runs every kernel test (fp32 attention: its --quick checks), logs in dev/cuda/build_logs/, then
 # prints each program's closing "N passed, N failed" line; fails when any test fails or crashes
@@ -138,15 +177,19 @@ test: test_cpu test_gpu
 test_cpu: $(CPU_TESTS) train_omnimoe_cpu
 	./test_dataloader
 	./test_checkpoint
+	./test_checkpoint_parts
 	./test_args
 	./test_lr_schedule
 	./test_logger
 	./test_mc_eval
+	./test_zero_shard
+	./test_zero_ranks
 	./test_integrity
 	./test_loop_ranks
 	./test_param_init
 	./test_mc_loop
 	./test_omnimoe_cpu
+	./test_expert_shard
 	./test_fixtures
 	bash scripts/test_resume_cpu.sh
 	bash scripts/test_launcher_cpu.sh
@@ -163,4 +206,4 @@ test_gpu:
 
 clean:
 	rm -f train_omnimoe train_omnimoe_cpu test_omnimoe test_omnimoe_fp32 $(CPU_TESTS)
-	rm -f $(KERNEL_TEST_BINS) $(KERNEL_BENCH_BINS)
+	rm -f $(KERNEL_TEST_BINS) $(KERNEL_BENCH_BINS) build/attention_cudnn.o

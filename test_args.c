@@ -58,7 +58,7 @@ static void test_args(void) {
                     (char*)"--shuffle", (char*)"0", (char*)"-f", (char*)"omni", (char*)"--hidden", (char*)"128",
                     (char*)"--experts", (char*)"64", (char*)"--topk", (char*)"8", (char*)"--router-norm", (char*)"none",
                     (char*)"--gate", (char*)"prob", (char*)"--expert-exec", (char*)"token", (char*)"--log-file", (char*)"l.jsonl",
-                    (char*)"--overlap-comm", (char*)"1"};
+                    (char*)"--overlap-comm", (char*)"1", (char*)"--shard-experts", (char*)"1"};
     int argc = (int)(sizeof(good) / sizeof(good[0]));
     cfg = def;
     train_config_parse(&cfg, argc, good);
@@ -72,7 +72,7 @@ static void test_args(void) {
              cfg.seed == 18446744073709551615ull && cfg.shuffle == 0 && cfg.ffn_kind == FFN_OMNI &&
              cfg.ffn_hidden == 128 && cfg.num_experts == 64 && cfg.top_k == 8 && cfg.router_norm == ROUTER_NORM_NONE &&
              cfg.gate == GATE_PROB && cfg.expert_exec == EXPERT_EXEC_TOKEN && strcmp(cfg.log_file, "l.jsonl") == 0 &&
-             cfg.overlap_comm == 1;
+             cfg.overlap_comm == 1 && cfg.shard_experts == 1;
     test_check_why(ok, "args: every flag (short, long, --flag=value) sets its field", "");
 
     // the model from the flags
@@ -122,6 +122,7 @@ static void test_args(void) {
         {"-d 0", {"-d", "0"}, "flag -d", "-1 or an integer >= 1", 0, 1},
         {"-m 0", {"-m", "0"}, "flag -m", "-1 or an integer >= 1", 0, 1},
         {"-y 2", {"-y", "2"}, "flag -y", "0 or 1", 0, 1},
+        {"--zero 2", {"--zero", "2"}, "--zero", "0 or 1", 0, 1},
         {"negative seed", {"--seed", "-1"}, "--seed", "negative", 0, 1},
         {"unknown schedule", {"--schedule", "linear"}, "\"linear\" for flag --schedule", "cosine|wsd|constant", 0, 1},
         {"unknown ffn", {"-f", "relu"}, "flag -f", "gelu|swiglu|omni", 0, 1},
@@ -141,6 +142,10 @@ static void test_args(void) {
         {"omni knob on gelu", {"-e", "tiny", "-t", "64", "-f", "gelu", "--experts", "16"}, "--experts", "gelu", 1, 1},
         {"negative process rank", {"-pr", "-1"}, "\"-1\" for flag -pr", NULL, 0, 1},
         {"process rank >= processes", {"-pn", "2", "-pr", "2", "-pf", "id"}, "\"2\" for flag -pr", "-pn 2", 0, 1},
+        {"--shard-experts 2", {"--shard-experts", "2"}, "\"2\" for flag --shard-experts", "0 or 1", 0, 1},
+        {"--shard-experts with one process", {"-e", "tiny", "-t", "64", "--shard-experts", "1"}, "--shard-experts 1", "several processes", 1, 1},
+        {"--shard-experts on gelu", {"-e", "tiny", "-t", "64", "-f", "gelu", "--shard-experts", "1"}, "--shard-experts 1", "an omni model", 1, 2},
+        {"--shard-experts, C/8 not divisible", {"-e", "tiny", "-t", "64", "--shard-experts", "1"}, "--shard-experts 1", "C=64, 3 process", 1, 3},
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         char* argv[10];
@@ -151,6 +156,14 @@ static void test_args(void) {
         char name[256];
         snprintf(name, sizeof(name), "args: %s exits 1 naming the flag", bad[i].name);
         test_expect_exit_failure(name, child_parse, &pa, bad[i].needle1, bad[i].needle2);
+    }
+
+    {   // --shard-experts 1 with 4 processes and C = 64 (8 vectors): accepted
+        char* argv[] = {(char*)"prog", (char*)"-e", (char*)"tiny", (char*)"-t", (char*)"64", (char*)"--shard-experts", (char*)"1"};
+        ParseArgs pa = {7, argv, 4, 1};
+        char out[4096];
+        int code = test_run_child(child_parse, &pa, out, sizeof(out));
+        test_check_why(code == 999, "args: --shard-experts 1 with 4 processes and C/8 = 8 is accepted", out);
     }
 
     // -e <model file>: returns 0; the overrides must agree with the file

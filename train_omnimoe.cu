@@ -34,7 +34,9 @@ has finished that layer, so the transfer runs under the backward of the layers b
 the same buckets run after the backward (same bits, only later). The step's loss, the expert
 counts and the stop request (SIGINT/SIGTERM) are summed too, so every rank takes the same
 decisions. Rank 0 alone prints, logs and writes files; checkpoints hold
-every rank's BN set.
+every rank's BN set. --zero 1 (ZeRO-1, llmc/zero.cuh): each rank keeps 1/P of the fp32 master
+weights and AdamW state, the gradients are reduce-scattered in the same buckets, and checkpoints
+are sharded (one part per rank, written in parallel, and a manifest: llmc/checkpoint_parts.h).
 */
 #include "llmc/utils.h"   // first: it selects POSIX declarations
 #include <stdio.h>
@@ -59,12 +61,17 @@ every rank's BN set.
 #include "llmc/encoder.cuh"
 #include "llmc/activations.cuh"
 #include "llmc/attention.cuh"
+#ifdef HAVE_CUDNN_ATTENTION
+#include "llmc/attention_cudnn.h"
+#endif
 #include "llmc/classifier.cuh"
 #include "llmc/adamw.cuh"
 #include "llmc/global_norm.cuh"
 #include "llmc/omnimoe_layer.cuh"
 #include "llmc/expert_stats.cuh"
 #include "llmc/multi_gpu.cuh"
+#include "llmc/grad_slices.h"
+#include "llmc/zero.cuh"
 
 // ----------------------------------------------------------------------------
 // the model
@@ -100,6 +107,8 @@ typedef struct {
     floatX* dhidden;     // (BT, H)
     float* scratch;      // the largest scratch any backward/forward kernel asks for
     size_t scratch_bytes;
+    void* attention_ws;  // cuDNN's SDPA workspace (--attention cudnn; else none)
+    size_t attention_ws_bytes;
 } Activations;
 
 typedef struct {
@@ -109,9 +118,11 @@ typedef struct {
     size_t num_params;
     floatX* params;       // the weights the kernels read
     floatX* grads;        // accumulated by backward
-    float* master;        // fp32 master weights
+    float* master;        // fp32 master weights: all num_params, or the ZeRO-1 shard (opt_elems)
     float* adam_m;
     float* adam_v;
+    size_t opt_elems;     // elements of master, adam_m, adam_v: num_params, or the shard's
+    ZeroOptimizer* zero;  // ZeRO-1 (--zero 1, several GPUs): this rank's shard; NULL: replicated
     float* bn_stats;      // router BN running statistics (layout of the model file)
     int* expert_counts;   // (L, N) pairs routed to each expert since the last reset (omni)
     float* expert_stats;  // (2L) usage, then KL of each layer (expert_stats' output)
@@ -122,6 +133,7 @@ typedef struct {
     int B, T;             // the shape activations were allocated for (the maximum)
     int cur_B, cur_T;     // the shape of the last forward
     int adam_t;           // AdamW steps taken
+    int attention;        // ATTENTION_* (--attention): whose attention kernels run
     cudaStream_t stream;
     float* norm_squared;  // (1) device
     MemoryPlan plan;      // every device buffer above and its bytes (llmc/memory_plan.h)
@@ -193,7 +205,7 @@ static PlanKernelSizes model_kernel_sizes(const ModelConfig* c, int B, int T) {
     size_t C = c->channels, BT = (size_t)B * T, Vp = c->padded_vocab_size, FI = ffn_in_width(c), H = c->ffn_hidden;
     OmniDims omni_dims = {(int)BT, (int)C, (int)H, c->router_n, c->num_experts, c->top_k};
     int omni = c->ffn_kind == FFN_OMNI;
-    PlanKernelSizes k = {0, 0, 0};
+    PlanKernelSizes k = {0, 0, 0, 0};
     size_t s = 0;
     s = max_sz(s, matmul_backward_scratch_bytes((int)BT, (int)max_sz(max_sz(3 * C, FI), max_sz(C, Vp))));
     s = max_sz(s, layernorm_backward_scratch_bytes((int)BT, (int)C));
@@ -217,7 +229,21 @@ static PlanKernelSizes model_kernel_sizes(const ModelConfig* c, int B, int T) {
     return k;
 }
 
-static void model_build(Model* m, const ModelConfig* config, int B, int T, int expert_exec) {
+// cuDNN's SDPA workspace at (B, T), or an error in a build without it (the flag is parsed everywhere)
+static size_t attention_cudnn_scratch_or_die(int B, int T, int C, int NH) {
+#ifdef HAVE_CUDNN_ATTENTION
+    return attention_cudnn_scratch_bytes(B, T, C, NH);
+#else
+    (void)B; (void)T; (void)C; (void)NH;
+    fprintf(stderr, "Error: --attention cudnn: this train_omnimoe was built without cuDNN (build it with "
+                    "`make -B USE_CUDNN=1`; bf16 only)\n");
+    exit(EXIT_FAILURE);
+#endif
+}
+
+// zero: ZeRO-1 (llmc/zero.cuh, built by the caller): master, m and v hold its shard only; NULL: all
+static void model_build_sharded(Model* m, const ModelConfig* config, int B, int T, int expert_exec, int attention,
+                                ZeroOptimizer* zero) {
     memset(m, 0, sizeof(*m));
     if (!model_config_validate(config)) exit(EXIT_FAILURE);
     model_check_shapes(config);
@@ -233,15 +259,28 @@ static void model_build(Model* m, const ModelConfig* config, int B, int T, int e
     }
     m->num_params = offset;
     size_t P = m->num_params;
+    m->zero = zero;
+    m->opt_elems = zero ? zero->map.shard_elems : P;
+    size_t S = m->opt_elems;
     const ModelConfig* c = config;
     size_t L = c->num_layers, C = c->channels, BT = (size_t)B * T;
     size_t FI = ffn_in_width(c), H = c->ffn_hidden;
     Activations* a = &m->acts;
     OmniDims omni_dims = {(int)BT, (int)C, (int)H, c->router_n, c->num_experts, c->top_k};
-    // every buffer of the model from the plan (one GPU's, replicated), summed against the free memory, then allocated
+    m->attention = attention;
+    // every buffer of the model from the plan (this GPU's), summed against the free memory, then allocated
     PlanKernelSizes kernel_sizes = model_kernel_sizes(c, B, T);
-    if (!memory_plan_build(&m->plan, c, B, T, (int)sizeof(floatX), 1, PLAN_MODE_REPLICATED, &kernel_sizes)) exit(EXIT_FAILURE);
+    // cuDNN's SDPA gets its own workspace: the forward's scratch may still be the OmniMoE layer's
+    kernel_sizes.attention_ws = attention == ATTENTION_CUDNN ? attention_cudnn_scratch_or_die(B, T, (int)C, c->num_heads) : 0;
+    int num_gpus = zero ? zero->map.num_ranks : 1, mode = zero ? PLAN_MODE_ZERO1 : PLAN_MODE_REPLICATED;
+    if (!memory_plan_build(&m->plan, c, B, T, (int)sizeof(floatX), num_gpus, mode, &kernel_sizes)) exit(EXIT_FAILURE);
+    if (m->plan.opt_local != S) {
+        fprintf(stderr, "Error: the memory plan counts %zu fp32 state elements per process, the ZeRO-1 map %zu\n",
+                m->plan.opt_local, S);
+        exit(EXIT_FAILURE);
+    }
     a->scratch_bytes = m->plan.buf[MEMBUF_SCRATCH].bytes;
+    a->attention_ws_bytes = m->plan.buf[MEMBUF_ATTENTION_WS].bytes;
     void** ptrs[MEMBUF_NUM_MODEL];
     ptrs[MEMBUF_PARAMS] = (void**)&m->params;
     ptrs[MEMBUF_GRADS] = (void**)&m->grads;
@@ -278,11 +317,12 @@ static void model_build(Model* m, const ModelConfig* config, int B, int T, int e
     ptrs[MEMBUF_DWIDE] = (void**)&a->dwide;
     ptrs[MEMBUF_DHIDDEN] = (void**)&a->dhidden;
     ptrs[MEMBUF_SCRATCH] = (void**)&a->scratch;
+    ptrs[MEMBUF_ATTENTION_WS] = (void**)&a->attention_ws;
     device_memory_check(&m->plan);
     for (int i = 0; i < MEMBUF_NUM_MODEL; i++) *ptrs[i] = cuda_malloc_or_die(m->plan.buf[i].bytes, m->plan.buf[i].what);
     cudaCheck(cudaMemset(m->grads, 0, P * sizeof(floatX)));
-    cudaCheck(cudaMemset(m->adam_m, 0, P * sizeof(float)));
-    cudaCheck(cudaMemset(m->adam_v, 0, P * sizeof(float)));
+    cudaCheck(cudaMemset(m->adam_m, 0, S * sizeof(float)));
+    cudaCheck(cudaMemset(m->adam_v, 0, S * sizeof(float)));
     if (c->ffn_kind == FFN_OMNI) {
         // the layers: views of the parameters, gradients, BN statistics, counts and activations here
         OmniOptions opt = {c->router_norm, c->gate, expert_exec};
@@ -311,14 +351,21 @@ static void model_build(Model* m, const ModelConfig* config, int B, int T, int e
     matmul_init();
 }
 
+static void model_build(Model* m, const ModelConfig* config, int B, int T, int expert_exec, int attention) {
+    model_build_sharded(m, config, B, T, expert_exec, attention, NULL);
+}
+
 static void model_free(Model* m) {
     Activations* a = &m->acts;
     void* ptrs[] = {m->params, m->grads, m->master, m->adam_m, m->adam_v, m->bn_stats, m->norm_squared,
                     a->encoded, a->ln1, a->ln1_mean, a->ln1_rstd, a->qkv, a->atty, a->att_lse, a->residual2, a->ln2,
                     a->ln2_mean, a->ln2_rstd, a->fch, a->fch_act, a->residual3, a->lnf, a->lnf_mean, a->lnf_rstd,
                     a->logits, a->losses, a->loss_sum, a->sublayer_out, a->inputs, a->targets, a->dresidual, a->dsub,
-                    a->dwide, a->dhidden, a->scratch};
+                    a->dwide, a->dhidden, a->scratch, a->attention_ws};
     for (size_t i = 0; i < sizeof(ptrs) / sizeof(ptrs[0]); i++) cudaCheck(cudaFree(ptrs[i]));
+#ifdef HAVE_CUDNN_ATTENTION
+    if (m->attention == ATTENTION_CUDNN) attention_cudnn_free();
+#endif
     if (m->omni) {
         for (int l = 0; l < m->config.num_layers; l++) omni_layer_free(&m->omni[l]);
         free(m->omni);
@@ -332,9 +379,11 @@ static void model_free(Model* m) {
 
 // Master weights from host fp32 (layout order); floatX weights rounded from them (the same
 // round-to-nearest-even as the AdamW update, so masters alone restore the weights bitwise).
+// ZeRO-1: the master keeps this rank's shard of host_params, the floatX weights all of them.
 static void model_set_params(Model* m, const float* host_params, const float* host_bn_stats) {
     size_t P = m->num_params;
-    cudaCheck(cudaMemcpy(m->master, host_params, P * sizeof(float), cudaMemcpyHostToDevice));
+    if (m->zero) zero_upload_packed(m->zero, host_params, m->master);
+    else cudaCheck(cudaMemcpy(m->master, host_params, P * sizeof(float), cudaMemcpyHostToDevice));
     upload_floatX(m->params, host_params, P);
     size_t num_bn = model_config_num_bn_stats(&m->config);
     if (num_bn > 0) {
@@ -342,8 +391,11 @@ static void model_set_params(Model* m, const float* host_params, const float* ho
     }
 }
 
+// ZeRO-1: collective (every rank calls it, the shards are gathered); host_params may be NULL on
+// the ranks that do not need the weights
 static void model_get_params(const Model* m, float* host_params, float* host_bn_stats) {
-    cudaCheck(cudaMemcpy(host_params, m->master, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
+    if (m->zero) zero_gather_to_host(m->zero, m->master, host_params, m->stream);
+    else cudaCheck(cudaMemcpy(host_params, m->master, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
     size_t num_bn = model_config_num_bn_stats(&m->config);
     if (num_bn > 0 && host_bn_stats) {
         cudaCheck(cudaMemcpy(host_bn_stats, m->bn_stats, num_bn * sizeof(float), cudaMemcpyDeviceToHost));
@@ -364,17 +416,23 @@ static void init_upload_chunk(void* ctx, size_t lo, size_t n) {
     cudaCheck(cudaMemcpy(u->m->params + lo, u->staging, n * sizeof(floatX), cudaMemcpyHostToDevice));
 }
 
+// every host core draws, with the bits of model_init_params (llmc/param_init.h); ZeRO-1 packs its
+// shard of the whole draw (model_set_params), the replicated masters take it chunk by chunk
 static void model_init_random(Model* m, uint64_t seed) {
     float* params = (float*)malloc_check(m->num_params * sizeof(float));
     float* bn = (float*)malloc_check(max_sz(model_config_num_bn_stats(&m->config), 1) * sizeof(float));
-    InitUpload u = {m, params, (floatX*)malloc_check(min_sz(m->num_params, INIT_UPLOAD_CHUNK) * sizeof(floatX)), 0};
-    cudaCheck(cudaGetDevice(&u.device));
-    // every host core draws, with the bits of model_init_params (llmc/param_init.h)
-    model_init_params_pipelined(&m->config, params, seed, INIT_UPLOAD_CHUNK, host_num_cores(), init_upload_chunk, &u);
     model_init_bn_stats(&m->config, bn);
-    size_t num_bn = model_config_num_bn_stats(&m->config);
-    if (num_bn > 0) cudaCheck(cudaMemcpy(m->bn_stats, bn, num_bn * sizeof(float), cudaMemcpyHostToDevice));
-    free(u.staging);
+    if (m->zero) {
+        model_init_params_parallel(&m->config, params, seed);
+        model_set_params(m, params, bn);
+    } else {
+        InitUpload u = {m, params, (floatX*)malloc_check(min_sz(m->num_params, INIT_UPLOAD_CHUNK) * sizeof(floatX)), 0};
+        cudaCheck(cudaGetDevice(&u.device));
+        model_init_params_pipelined(&m->config, params, seed, INIT_UPLOAD_CHUNK, host_num_cores(), init_upload_chunk, &u);
+        size_t num_bn = model_config_num_bn_stats(&m->config);
+        if (num_bn > 0) cudaCheck(cudaMemcpy(m->bn_stats, bn, num_bn * sizeof(float), cudaMemcpyHostToDevice));
+        free(u.staging);
+    }
     free(params);
     free(bn);
 }
@@ -385,6 +443,44 @@ static void model_init_random(Model* m, uint64_t seed) {
 // Runs the model on (B, T) tokens (host arrays). With targets, the per-token losses and their
 // mean (acts.loss_sum, device) are computed; the logits stay in acts.logits either way.
 // training = 1: router BN uses batch statistics and updates its running statistics.
+// attention by the kernels --attention chose; cuDNN's run in their own workspace, sized at build
+// for (B, T) and checked for any other shape (a sample or an eval batch builds its own graphs)
+#ifdef HAVE_CUDNN_ATTENTION
+static void* model_attention_workspace(Model* m, int B, int T) {
+    const ModelConfig* c = &m->config;
+    size_t need = attention_cudnn_scratch_or_die(B, T, c->channels, c->num_heads);
+    if (need > m->acts.attention_ws_bytes) {
+        fprintf(stderr, "Error: --attention cudnn: B=%d T=%d needs a %zu-byte workspace, more than the %zu bytes "
+                        "sized for -b %d -t %d\n", B, T, need, m->acts.attention_ws_bytes, m->B, m->T);
+        exit(EXIT_FAILURE);
+    }
+    return m->acts.attention_ws;
+}
+#endif
+
+static void model_attention_forward(Model* m, floatX* out, float* lse, const floatX* qkv, int B, int T, cudaStream_t st) {
+    const int C = m->config.channels, NH = m->config.num_heads;
+#ifdef HAVE_CUDNN_ATTENTION
+    if (m->attention == ATTENTION_CUDNN) {
+        attention_cudnn_forward(out, lse, qkv, B, T, C, NH, model_attention_workspace(m, B, T), st);
+        return;
+    }
+#endif
+    attention_forward(out, lse, qkv, B, T, C, NH, st);
+}
+
+static void model_attention_backward(Model* m, floatX* dqkv, const floatX* dout, const floatX* qkv, const floatX* out,
+                                     const float* lse, int B, int T, float* scratch, cudaStream_t st) {
+    const int C = m->config.channels, NH = m->config.num_heads;
+#ifdef HAVE_CUDNN_ATTENTION
+    if (m->attention == ATTENTION_CUDNN) {
+        attention_cudnn_backward(dqkv, dout, qkv, out, lse, B, T, C, NH, model_attention_workspace(m, B, T), st);
+        return;
+    }
+#endif
+    attention_backward(dqkv, dout, qkv, out, lse, B, T, C, NH, scratch, st);
+}
+
 static void model_forward(Model* m, const int* inputs, const int* targets, int B, int T, int training) {
     const ModelConfig* c = &m->config;
     if (B > m->B || T > m->T || B < 1 || T < 1) {
@@ -417,7 +513,7 @@ static void model_forward(Model* m, const int* inputs, const int* targets, int B
         floatX* residual3 = a->residual3 + btc;
 
         matmul_forward(qkv, ln1, layer_param(m, PARAM_QKVW, l), layer_param(m, PARAM_QKVB, l), BT, C, 3 * C, st);
-        attention_forward(atty, a->att_lse + (size_t)l * BT * NH, qkv, B, T, C, NH, st);
+        model_attention_forward(m, atty, a->att_lse + (size_t)l * BT * NH, qkv, B, T, st);
         matmul_forward(a->sublayer_out, atty, layer_param(m, PARAM_ATTPROJW, l), layer_param(m, PARAM_ATTPROJB, l),
                        BT, C, C, st);
         fused_residual_layernorm_forward(residual2, ln2, a->ln2_mean + (size_t)l * BT, a->ln2_rstd + (size_t)l * BT,
@@ -466,7 +562,7 @@ static float model_mean_loss(const Model* m) {
 // ----------------------------------------------------------------------------
 // backward
 
-// the gradient bucket of layer l: the backward finishes layer L-1 first (see model_grad_reducer_init)
+// the gradient bucket of layer l: the backward finishes layer L-1 first (llmc/grad_slices.h)
 static int model_layer_bucket(const Model* m, int l) { return m->config.num_layers - 1 - l; }
 
 static void model_zero_grad(Model* m) {
@@ -535,7 +631,7 @@ static void model_backward(Model* m, const int* inputs, float loss_scale, GradRe
         // attention: dresidual is d(attention projection output)
         matmul_backward(a->dsub, layer_grad(m, PARAM_ATTPROJW, l), layer_grad(m, PARAM_ATTPROJB, l), a->dresidual,
                         atty, layer_param(m, PARAM_ATTPROJW, l), BT, C, C, 0, st, scratch);
-        attention_backward(a->dwide, a->dsub, qkv, atty, a->att_lse + (size_t)l * BT * NH, B, T, C, NH, scratch, st);
+        model_attention_backward(m, a->dwide, a->dsub, qkv, atty, a->att_lse + (size_t)l * BT * NH, B, T, scratch, st);
         matmul_backward(a->dsub, layer_grad(m, PARAM_QKVW, l), layer_grad(m, PARAM_QKVB, l), a->dwide, ln1,
                         layer_param(m, PARAM_QKVW, l), BT, C, 3 * C, 0, st, scratch);
         layernorm_backward(a->dresidual, layer_grad(m, PARAM_LN1W, l), layer_grad(m, PARAM_LN1B, l), a->dsub, residual,
@@ -549,53 +645,23 @@ static void model_backward(Model* m, const int* inputs, float loss_scale, GradRe
 }
 
 // ----------------------------------------------------------------------------
-// the gradient buckets of several GPUs (GradReducer, llmc/multi_gpu.cuh)
-//
-// Bucket b < L holds layer l = L-1-b's slice of every per-layer tensor (the backward finishes the
-// layers top down, so the buckets launch in index order); bucket L holds the tensors that are not
-// per layer: wte (written by the LM head first and by the encoder last), wpe, lnfw, lnfb. A new
-// tensor must go into the bucket of the last backward step that writes it: model_grad_reducer_init
-// checks that the slices cover the gradient buffer exactly once, not when they are written.
-
-static int param_is_per_layer(int tensor) {
-    return tensor != PARAM_WTE && tensor != PARAM_WPE && tensor != PARAM_LNFW && tensor != PARAM_LNFB;
-}
-
-static int compare_size_t_pairs(const void* a, const void* b) {
-    size_t x = ((const size_t*)a)[0], y = ((const size_t*)b)[0];
-    return x < y ? -1 : (x > y ? 1 : 0);
-}
-
-// one bucket per layer plus one; the slices are checked to tile the gradient buffer
+// the gradient buckets of several GPUs (GradReducer, llmc/multi_gpu.cuh): one bucket per layer
+// plus one, from the host slice list of llmc/grad_slices.h (which says what goes where); the
+// slices are checked to tile the gradient buffer exactly once
 static void model_grad_reducer_init(Model* m, GradReducer* r, const MultiGpu* mg) {
-    const int L = m->config.num_layers;
-    grad_reducer_init(r, mg, L + 1);
-    size_t* tiles = (size_t*)malloc_check(((size_t)L + 1) * NUM_PARAMETER_TENSORS * 2 * sizeof(size_t));
-    int num_tiles = 0;
-    for (int l = L - 1; l >= -1; l--) {  // l = -1: the bucket after the layers
-        for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
-            if (m->param_sizes[i] == 0 || param_is_per_layer(i) != (l >= 0)) continue;
-            floatX* slice = l >= 0 ? layer_grad(m, i, l) : grad_ptr(m, i);
-            size_t count = l >= 0 ? m->param_sizes[i] / L : m->param_sizes[i];
-            grad_reducer_add(r, l >= 0 ? model_layer_bucket(m, l) : L, slice, count);
-            tiles[2 * num_tiles] = (size_t)(slice - m->grads);
-            tiles[2 * num_tiles + 1] = count;
-            num_tiles++;
-        }
-    }
-    qsort(tiles, num_tiles, 2 * sizeof(size_t), compare_size_t_pairs);
-    size_t end = 0;  // the tiles, in order, must each start where the last ended and end at num_params
-    int t = 0;
-    while (t < num_tiles && tiles[2 * t] == end) {
-        end += tiles[2 * t + 1];
-        t++;
-    }
-    free(tiles);
-    if (t != num_tiles || end != m->num_params) {
-        fprintf(stderr, "model_grad_reducer_init: the gradient buckets do not tile the %zu gradients exactly once "
-                "(a gap or an overlap at element %zu)\n", m->num_params, end);
+    GradSlice* slices = (GradSlice*)malloc_check(grad_slices_max(&m->config) * sizeof(GradSlice));
+    int num_slices = grad_slices_build(&m->config, slices);
+    if (!grad_slices_check_tiling(slices, num_slices, m->num_params)) {
+        fprintf(stderr, "model_grad_reducer_init: the gradient buckets do not tile the %zu gradients exactly once\n",
+                m->num_params);
         exit(EXIT_FAILURE);
     }
+    grad_reducer_init(r, mg, grad_slices_num_buckets(&m->config));
+    for (int i = 0; i < num_slices; i++) {
+        size_t chunk = m->zero ? m->zero->map.chunk[i] : 0;  // ZeRO-1: reduce-scatter (same slice list)
+        grad_reducer_add(r, slices[i].bucket, m->grads + slices[i].offset, slices[i].count, chunk);
+    }
+    free(slices);
 }
 
 // ----------------------------------------------------------------------------
@@ -605,6 +671,15 @@ static void model_grad_reducer_init(Model* m, GradReducer* r, const MultiGpu* mg
 // every tensor. Returns the norm (before clipping).
 static float model_update(Model* m, float lr, float beta1, float beta2, float eps, float weight_decay, float grad_clip) {
     cudaStream_t st = m->stream;
+    if (m->zero) {  // ZeRO-1 (docs/sharding.md §2): norm from the shards, AdamW on the shard, gather
+        float norm = (float)sqrt(zero_grad_norm_squared(m->zero, m->grads, st));
+        float grad_scale = (grad_clip > 0.0f && norm > grad_clip) ? grad_clip / norm : 1.0f;
+        m->adam_t += 1;
+        zero_adamw(m->zero, m->params, m->master, m->grads, m->adam_m, m->adam_v, lr, beta1, beta2, eps, weight_decay,
+                   grad_scale, m->adam_t, st);
+        zero_allgather_params(m->zero, m->params, st);
+        return norm;
+    }
     global_norm_squared(m->norm_squared, m->grads, m->num_params, m->acts.scratch, st);
     float norm_squared;
     cudaCheck(cudaMemcpyAsync(&norm_squared, m->norm_squared, sizeof(float), cudaMemcpyDeviceToHost, st));
@@ -742,6 +817,9 @@ static void gpu_sample_logits(void* ctx, const int* tokens, int T, int t, float*
 // Resume on a different process count G: rank r takes BN set r mod G_saved, and the loader
 // rounds its position up to a whole round of G (dataloader.h).
 // Every rank calls it (the BN statistics are gathered from all ranks); rank 0 writes the file.
+// ZeRO-1: a sharded checkpoint instead (gpu_save_checkpoint_parts).
+static void gpu_save_checkpoint_parts(GpuTrainer* tr, const CheckpointInfo* info, const DataLoaderState* loader,
+                                      const uint64_t* sample_rng, const float* bn_all, char* out_path);
 static void gpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const DataLoaderState* loader,
                                 const uint64_t* sample_rng, char* out_path) {
     GpuTrainer* tr = (GpuTrainer*)ctx;
@@ -762,6 +840,11 @@ static void gpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const Dat
         cudaCheck(cudaStreamSynchronize(m->stream));
         cudaCheck(cudaFree(gathered));
     }
+    if (m->zero) {
+        gpu_save_checkpoint_parts(tr, info, loader, sample_rng, bn_all, out_path);
+        free(bn_all);
+        return;
+    }
     if (!master_process) return;
     float* params = (float*)malloc_check(P * sizeof(float));
     float* adam_m = (float*)malloc_check(P * sizeof(float));
@@ -778,6 +861,95 @@ static void gpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const Dat
     free(bn_all);
 }
 
+// ZeRO-1 (docs/sharding.md §4): every rank writes its shard as a part file at the same time,
+// then rank 0 writes the manifest with the parts' sizes and hashes. Either all ranks write or none
+// (the shards' finiteness is agreed first). The output directory must be one all ranks see.
+static void gpu_save_checkpoint_parts(GpuTrainer* tr, const CheckpointInfo* info, const DataLoaderState* loader,
+                                      const uint64_t* sample_rng, const float* bn_all, char* out_path) {
+    const Model* m = &tr->model;
+    const MultiGpu* mg = tr->mg;
+    const int G = mg->num_processes, rank = mg->process_rank;
+    const size_t E = m->zero->map.shard_elems;
+    const char* dir = tr->cfg->output_dir;
+    const float* device[3] = {m->master, m->adam_m, m->adam_v};
+    float* host[3];
+    char why[256] = "";
+    int finite = 1;
+    for (int k = 0; k < 3; k++) {
+        host[k] = (float*)malloc_check(max_sz(E, 1) * sizeof(float));
+        cudaCheck(cudaMemcpy(host[k], device[k], E * sizeof(float), cudaMemcpyDeviceToHost));
+        finite &= ckpt_floats_finite_(host[k], E, k == 0 ? "the master weights" : "the AdamW state", why, sizeof(why));
+    }
+    double bad = finite ? 0.0 : 1.0;
+    multi_gpu_sum_doubles(mg, &bad, 1, m->stream);
+    if (bad > 0.0) {
+        if (!finite) fprintf(stderr, "Error: rank %d: %s\n", rank, why);
+        if (rank == 0) {
+            fprintf(stderr, "Error: refusing to write checkpoint step %d: %d rank(s) hold non-finite optimizer state; "
+                    "nothing is saved (the checkpoints already in %s are untouched)\n", info->step, (int)bad, dir);
+        }
+        exit(EXIT_FAILURE);
+    }
+    if (rank == 0) checkpoint_make_dir(dir);
+    multi_gpu_barrier(mg);  // the directory exists before any part is written
+    double start = train_loop_now_ms();
+    CheckpointPartEntry entry = checkpoint_part_write(dir, info->step, &m->config, rank, G, SHARD_MODE_ZERO, host[0],
+                                                      host[1], host[2], E);
+    float seconds = (float)((train_loop_now_ms() - start) / 1e3);
+    for (int k = 0; k < 3; k++) free(host[k]);
+    // every rank's table entry and write time to rank 0 (an all-gather copies bits, no arithmetic)
+    const int W = 6;  // floats per rank: the 16-byte entry, the seconds, padding
+    float send[6] = {0};
+    memcpy(send, &entry, sizeof(entry));
+    send[4] = seconds;
+    float* d_buf = (float*)cuda_malloc_or_die((size_t)(G + 1) * W * sizeof(float), "checkpoint part table");
+    float* all = (float*)malloc_check((size_t)G * W * sizeof(float));
+    cudaCheck(cudaMemcpy(d_buf, send, W * sizeof(float), cudaMemcpyHostToDevice));
+    multi_gpu_allgather_floats(mg, d_buf, d_buf + W, W, m->stream);
+    cudaCheck(cudaMemcpyAsync(all, d_buf + W, (size_t)G * W * sizeof(float), cudaMemcpyDeviceToHost, m->stream));
+    cudaCheck(cudaStreamSynchronize(m->stream));
+    cudaCheck(cudaFree(d_buf));
+    if (rank == 0) {
+        CheckpointPartEntry* table = (CheckpointPartEntry*)malloc_check((size_t)G * sizeof(CheckpointPartEntry));
+        double slowest = 0.0, bytes = 0.0;
+        for (int r = 0; r < G; r++) {
+            memcpy(&table[r], all + (size_t)r * W, sizeof(CheckpointPartEntry));
+            slowest = fmax(slowest, (double)all[(size_t)r * W + 4]);
+            bytes += (double)table[r].bytes;
+        }
+        checkpoint_manifest_write(dir, &m->config, info, bn_all, G, loader, sizeof(*loader), sample_rng,
+                                  sizeof(*sample_rng), G, SHARD_MODE_ZERO, table, out_path);
+        printf("checkpoint parts: %d x %.2f GB written in %.2f s (%.2f GB/s per rank, %.2f GB/s in all)\n", G,
+               bytes / G / 1e9, slowest, bytes / G / 1e9 / fmax(slowest, 1e-9), bytes / 1e9 / fmax(slowest, 1e-9));
+        free(table);
+    }
+    free(all);
+}
+
+// ZeRO-1 resume from a sharded checkpoint: every rank reads its own shard from the parts (any
+// P at write time: the ranges are re-sharded by llmc/checkpoint_parts.h), rounds its ranges to the
+// floatX weights and all-gathers them
+static void gpu_load_shard_from_parts(Model* m, const char* path) {
+    ModelConfig config;
+    CheckpointInfo info;
+    CheckpointPartEntry* table = checkpoint_manifest_read_table(path, &m->config, &config, &info);
+    const ZeroShardMap* map = &m->zero->map;
+    float* host[3];
+    for (int k = 0; k < 3; k++) host[k] = (float*)malloc_check(max_sz(map->shard_elems, 1) * sizeof(float));
+    checkpoint_parts_read_shard(path, &config, &info, table, map, host[0], host[1], host[2]);
+    float* device[3] = {m->master, m->adam_m, m->adam_v};
+    for (int k = 0; k < 3; k++) {
+        cudaCheck(cudaMemcpy(device[k], host[k], map->shard_elems * sizeof(float), cudaMemcpyHostToDevice));
+    }
+    for (int i = 0; i < map->num_ranges; i++) {  // the same rounding as AdamW's, so the weights come back bitwise
+        const ZeroRange* rg = &map->ranges[i];
+        upload_floatX(m->params + rg->offset, host[0] + rg->shard_offset, rg->count);
+    }
+    zero_allgather_params(m->zero, m->params, m->stream);
+    for (int k = 0; k < 3; k++) free(host[k]);
+    free(table);
+}
+
 // what rank 0 read from a checkpoint besides the big sections, sent to every rank
 typedef struct {
     CheckpointInfo info;
@@ -787,7 +959,10 @@ typedef struct {
 
 // Every rank calls it. Rank 0 reads and verifies the checkpoint at path (the file may exist on
 // rank 0's host alone) and the weights, optimizer state, BN sets and run state reach the other
-// ranks by broadcast.
+// ranks by broadcast (ZeRO-1: each rank keeps its shard of the master weights, m and v). A
+// sharded checkpoint (version 3) read by a ZeRO-1 run: every rank reads its shard from the parts
+// itself (gpu_load_shard_from_parts; the parts must be visible to every rank); read by a
+// replicated run, rank 0 assembles the whole state from the parts (checkpoint_read).
 static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
                                 uint64_t* sample_rng) {
     GpuTrainer* tr = (GpuTrainer*)ctx;
@@ -798,31 +973,46 @@ static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* inf
     ResumePoint rp;
     memset(&rp, 0, sizeof(rp));
     float* bn_all = NULL;  // (num_bn_sets, NB) host
+    float *params = NULL, *adam_m = NULL, *adam_v = NULL;  // rank 0, host
     if (mg->process_rank == 0) {
         ModelConfig file_config;
         checkpoint_read_info(path, &file_config, &rp.info);  // the header: how many BN sets to expect
-        float* params = (float*)malloc_check(P * sizeof(float));
-        float* adam_m = (float*)malloc_check(P * sizeof(float));
-        float* adam_v = (float*)malloc_check(P * sizeof(float));
+        int from_parts = m->zero && rp.info.num_parts > 0;  // then rank 0 reads the manifest's sections only
+        if (!from_parts) {
+            params = (float*)malloc_check(P * sizeof(float));
+            adam_m = (float*)malloc_check(P * sizeof(float));
+            adam_v = (float*)malloc_check(P * sizeof(float));
+        }
         int sets = rp.info.num_bn_sets > 0 ? rp.info.num_bn_sets : 1;
         bn_all = (float*)malloc_check(max_sz((size_t)sets * NB, 1) * sizeof(float));
         checkpoint_read(path, &m->config, &rp.info, params, adam_m, adam_v, NB > 0 ? bn_all : NULL,
                         rp.info.num_bn_sets, &rp.loader, sizeof(rp.loader), &rp.sample_rng_state,
                         sizeof(rp.sample_rng_state));
         rp.info.num_bn_sets = sets;
-        model_set_params(m, params, bn_all);
-        cudaCheck(cudaMemcpy(m->adam_m, adam_m, P * sizeof(float), cudaMemcpyHostToDevice));
-        cudaCheck(cudaMemcpy(m->adam_v, adam_v, P * sizeof(float), cudaMemcpyHostToDevice));
-        free(params);
-        free(adam_m);
-        free(adam_v);
+        if (!from_parts) model_set_params(m, params, bn_all);
+        if (!m->zero) {
+            cudaCheck(cudaMemcpy(m->adam_m, adam_m, P * sizeof(float), cudaMemcpyHostToDevice));
+            cudaCheck(cudaMemcpy(m->adam_v, adam_v, P * sizeof(float), cudaMemcpyHostToDevice));
+        }
     }
     multi_gpu_broadcast_host(mg, &rp, sizeof(rp), st);
     // rank 0's weights (floatX and master) and optimizer state, bit for bit
-    multi_gpu_broadcast(mg, m->params, P * sizeof(floatX), st);
-    multi_gpu_broadcast(mg, m->master, P * sizeof(float), st);
-    multi_gpu_broadcast(mg, m->adam_m, P * sizeof(float), st);
-    multi_gpu_broadcast(mg, m->adam_v, P * sizeof(float), st);
+    if (m->zero && rp.info.num_parts > 0) {
+        gpu_load_shard_from_parts(m, path);
+    } else if (m->zero) {  // a single file: each rank keeps its shard of rank 0's host copies
+        multi_gpu_broadcast(mg, m->params, P * sizeof(floatX), st);
+        zero_scatter_from_host(m->zero, params, m->master, st);
+        zero_scatter_from_host(m->zero, adam_m, m->adam_m, st);
+        zero_scatter_from_host(m->zero, adam_v, m->adam_v, st);
+    } else {
+        multi_gpu_broadcast(mg, m->params, P * sizeof(floatX), st);
+        multi_gpu_broadcast(mg, m->master, P * sizeof(float), st);
+        multi_gpu_broadcast(mg, m->adam_m, P * sizeof(float), st);
+        multi_gpu_broadcast(mg, m->adam_v, P * sizeof(float), st);
+    }
+    free(params);
+    free(adam_m);
+    free(adam_v);
     if (NB > 0) {
         size_t bn_bytes = (size_t)rp.info.num_bn_sets * NB * sizeof(float);
         if (bn_all == NULL) bn_all = (float*)malloc_check(bn_bytes);
@@ -842,14 +1032,17 @@ static void gpu_expert_stats(void* ctx, float* usage, float* kl) {
     model_expert_stats(&((GpuTrainer*)ctx)->model, usage, kl);
 }
 
-// rank 0's weights and BN statistics
+// rank 0's weights and BN statistics. Every rank calls it (ZeRO-1 gathers the master weights).
 static void gpu_write_model(void* ctx, const char* path) {
-    const Model* m = &((GpuTrainer*)ctx)->model;
+    GpuTrainer* tr = (GpuTrainer*)ctx;
+    const Model* m = &tr->model;
+    int master_process = tr->mg->process_rank == 0;
+    if (!master_process && !m->zero) return;
     size_t NB = model_config_num_bn_stats(&m->config);
-    float* params = (float*)malloc_check(m->num_params * sizeof(float));
+    float* params = master_process ? (float*)malloc_check(m->num_params * sizeof(float)) : NULL;
     float* bn = (float*)malloc_check(max_sz(NB, 1) * sizeof(float));
     model_get_params(m, params, bn);
-    model_file_write(path, &m->config, params, bn);
+    if (master_process) model_file_write(path, &m->config, params, bn);
     free(params);
     free(bn);
 }
@@ -900,6 +1093,11 @@ int main(int argc, char** argv) {
         train_config_check_file_model(&cfg, &config);
     }
     train_config_validate(&cfg, &config);
+    if (cfg.shard_experts) {  // the pieces exist (llmc/expert_shard.h, llmc/experts_shard.cuh), the step does not use them yet
+        fprintf(stderr, "Error: flag --shard-experts 1: the column-sharded expert tables are not wired into the CUDA "
+                "trainer's step yet (docs/sharding.md §3.1, status); run without it\n");
+        exit(EXIT_FAILURE);
+    }
     if (cfg.sample_every > 0 && cfg.gen_tokens > cfg.T) {
         // samples run on the (B, T) activations of training
         fprintf(stderr, "Error: bad value \"%d\" for flag -g (--gen-tokens): the GPU trainer samples at most -t %d "
@@ -920,8 +1118,23 @@ int main(int argc, char** argv) {
     }
 
     Model* model = &tr.model;
-    model_build(model, &config, cfg.B, cfg.T, cfg.expert_exec);
-    model->plan.num_gpus = G;  // replicated: every GPU holds these buffers
+    // --zero 1 on several GPUs: this rank's shard of the optimizer state (llmc/zero.cuh); on one
+    // process there is nothing to shard and the replicated path runs unchanged
+    ZeroOptimizer zero_storage;
+    ZeroOptimizer* zero = NULL;
+    if (cfg.zero && G > 1) {
+        zero_init(&zero_storage, &config, &mg);
+        zero = &zero_storage;
+    } else if (cfg.zero && master_process) {
+        printf("| --zero 1 on one process: nothing to shard, the optimizer state stays whole\n");
+    }
+    if (zero) model_build_sharded(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention, zero);
+    else model_build(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention);
+    if (zero && master_process) {
+        printf("| ZeRO-1: fp32 master, m and v of %zu of %zu parameters per process (%zu in replicated tails)\n",
+               zero->map.shard_elems, model->num_params, zero_shard_tail_elems(&zero->map));
+    }
+    model->plan.num_gpus = G;  // the buffers of every GPU of the run
     if (master_process) memory_plan_print(&model->plan, stdout);  // this GPU's buffers, CUB's own storage
     // several GPUs: the gradient buckets and their stream; one GPU: none, and no NCCL call at all
     GradReducer reducer_storage;
@@ -929,8 +1142,8 @@ int main(int argc, char** argv) {
         model_grad_reducer_init(model, &reducer_storage, &mg);
         tr.reducer = &reducer_storage;
         if (master_process) {
-            printf("| gradient mean: %d NCCL buckets per step (one per layer, then the embeddings), %s\n",
-                   tr.reducer->num_buckets, cfg.overlap_comm ? "overlapped with the backward (--overlap-comm 1)"
+            printf("| gradient mean: %d NCCL buckets per step (one per layer, then the embeddings), %s%s\n",
+                   tr.reducer->num_buckets, zero ? "reduce-scattered (ZeRO-1), " : "", cfg.overlap_comm ? "overlapped with the backward (--overlap-comm 1)"
                                                              : "after the backward (--overlap-comm 0)");
         }
     }
@@ -995,6 +1208,7 @@ int main(int argc, char** argv) {
     if (have_val) dataloader_free(&tr.val_loader);
     if (tr.reducer) grad_reducer_free(tr.reducer);
     model_free(model);
+    if (zero) zero_free(zero);
     matmul_free();
     multi_gpu_finalize(&mg);
     return rc;

@@ -2,13 +2,18 @@
 # One device call: build the CUDA trainer and its test (bf16 and fp32), run the GPU tests, run a
 # short training of the default model, and print a summary last. Logs go to $OUT when set.
 #   bash dev/gpu_check.sh [MODE]     MODE: words joined by '+', default full
-#     always: build, the GPU tests (bf16, fp32), the CUDA trainer's bitwise resume test
+#     always: build, the GPU tests (bf16, fp32), the column-sharded experts against the unsharded
+#             ones (dev/cuda/test_experts_shard.cu), the CUDA trainer's bitwise resume test
 #     kernels: every kernel test and benchmark of dev/cuda (built by make with the Makefile's flags)
 #     hostile: the hostile-input sweep on the CUDA trainer (scripts/test_hostile.sh)
 #     full: hostile, the no-argument default run and, when carry/mixed was carried, a rerun of the
 #           dense-vs-OmniMoE recipe's start compared with the committed logs
 #     ab: dev/ab_compare.sh run (carry/ab_base from 'dev/ab_compare.sh prepare <commit>'):
 #         gelu/swiglu/omni trainers and the layer benchmarks against that commit, same bits or not
+#     cudnn: rebuild with `make USE_CUDNN=1` (headers in carry/cudnn-frontend), test_attention with
+#           cuDNN's SDPA beside ours, --attention cudnn reruns bitwise and its loss beside ours
+#     llmc: dev/bench_llmc.sh, our dense d12 step against llm.c with and without cuDNN, same
+#           flags, alternating (carry/llm.c from 'dev/bench_llmc.sh prepare <llm.c clone>')
 #     bench: only dev/bench_all.sh (every performance benchmark, its own builds and summary)
 #     startup: dev/startup_check.sh: the threaded host initialisation against one thread (bitwise),
 #         launch-to-step-1 seconds and --plan against the measured GPU memory, d12 N=16k/64k/256k
@@ -27,11 +32,12 @@ run() {  # name, command...
     tail -n 12 "$OUT/$name.log"
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
-targets=(train_omnimoe test_omnimoe test_omnimoe_fp32 train_omnimoe_cpu)
+targets=(train_omnimoe test_omnimoe test_omnimoe_fp32 train_omnimoe_cpu dev/cuda/test_experts_shard_bin)
 if [[ "$mode" == *kernels* ]]; then targets+=(kernel_tests kernel_benches); fi
 run build make -j$(nproc) "${targets[@]}"
 run test_bf16 ./test_omnimoe
 run test_fp32 ./test_omnimoe_fp32
+run test_experts_shard ./dev/cuda/test_experts_shard_bin
 run resume_cuda env TRAINER=./train_omnimoe RESUME_MODEL=small bash scripts/test_resume_cpu.sh
 if [[ "$mode" == *full* || "$mode" == *hostile* ]]; then run hostile_cuda env TRAINER=./train_omnimoe bash scripts/test_hostile.sh; fi
 if [[ "$mode" == *kernels* ]]; then
@@ -59,9 +65,28 @@ if [[ "$mode" == *ab* ]]; then  # bitwise and timing A/B against carry/ab_base (
     OUT="$OUT/ab" FFN="gelu swiglu omni" bash dev/ab_compare.sh run > "$OUT/ab_compare.log" 2>&1
     tail -n 40 "$OUT/ab_compare.log"
 fi
+# cuDNN's SDPA (--attention cudnn): rebuild with USE_CUDNN=1 (last: it replaces ./train_omnimoe),
+# its kernel checks and benchmark beside ours, two identical runs bitwise, and the loss beside ours
+if [[ "$mode" == *cudnn* ]]; then
+    run cudnn_build make -j$(nproc) -B USE_CUDNN=1 train_omnimoe dev/cuda/test_attention_bin
+    run cudnn_kernels ./dev/cuda/test_attention_bin
+    short=(-e d12 -f gelu -b 8 -t 1024 -x 20 -u 5 -v 0 -s 0 --seed 7)
+    for name in cudnn_a cudnn_b; do
+        ./train_omnimoe "${short[@]}" --attention cudnn --log-file "$OUT/$name.jsonl" > "$OUT/$name.out" 2>&1
+    done
+    ./train_omnimoe "${short[@]}" --log-file "$OUT/ours_attn.jsonl" > "$OUT/ours_attn.out" 2>&1
+    run cudnn_rerun_bitwise python3 scripts/compare_logs.py "$OUT/cudnn_a.jsonl" "$OUT/cudnn_b.jsonl" --exact
+    run cudnn_vs_ours_loss python3 scripts/compare_logs.py "$OUT/ours_attn.jsonl" "$OUT/cudnn_a.jsonl" \
+        --loss-tol 0.02 --norm-rtol 0.05
+fi
+if [[ "$mode" == *llmc* ]]; then  # our dense d12 against llm.c with and without cuDNN (carry/llm.c)
+    run bench_llmc env BENCH_DIR="$OUT/bench_llmc" OURS_CUDNN=$([[ "$mode" == *cudnn* ]] && echo 1 || echo 0) \
+        bash dev/bench_llmc.sh
+fi
 echo "================ summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
-grep -h -E "^test_omnimoe(_fp32)?: [0-9]+ passed" "$OUT"/test_*.log 2>/dev/null
+grep -h -E "^test_(omnimoe(_fp32)?|experts_shard): [0-9]+ passed" "$OUT"/test_*.log 2>/dev/null
 grep -h "^FAIL" "$OUT"/test_*.log 2>/dev/null | head -20
 for s in "${summary[@]}"; do echo "$s"; done
+if [ -f "$OUT/bench_llmc.log" ]; then sed -n '/^| trainer |/,$p' "$OUT/bench_llmc.log"; fi
 # the device returns at most 8 files: every log in one archive
 (cd "$OUT" && tar czf /tmp/gpu_check_logs.tgz . && find . -mindepth 1 -delete && mv /tmp/gpu_check_logs.tgz .)

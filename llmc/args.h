@@ -36,6 +36,7 @@
 #include <sys/stat.h>
 #include "config.h"
 #include "run_identity.h"
+#include "expert_shard.h"
 
 // learning-rate schedules (lr_schedule.h computes them)
 enum { LR_SCHEDULE_COSINE = 0, LR_SCHEDULE_WSD = 1, LR_SCHEDULE_CONSTANT = 2 };
@@ -44,6 +45,8 @@ static inline const char* lr_schedule_name(int s) {
     return s == LR_SCHEDULE_WSD ? "wsd" : (s == LR_SCHEDULE_CONSTANT ? "constant" : "cosine");
 }
 static inline const char* expert_exec_name(int e) { return e == EXPERT_EXEC_TOKEN ? "token" : "expert"; }
+// attention kernels of the CUDA trainer: ours (llmc/attention.cuh) or cuDNN's SDPA (llmc/attention_cudnn.h)
+enum { ATTENTION_OURS = 0, ATTENTION_CUDNN = 1 };
 
 #define TRAIN_PATH_MAX 1024
 
@@ -65,6 +68,8 @@ typedef struct {
     int launch_rank;                          // -pr  this process's rank, in [0, -pn)
     char launch_id_file[TRAIN_PATH_MAX];      // -pf  file (shared by all hosts) where the ranks meet
     int overlap_comm;                         // --overlap-comm  1 = the gradient all-reduce runs under the backward
+    int shard_experts;                        // --shard-experts  1 = U, V split by columns over the processes (docs/sharding.md §3.1)
+    int zero;                                 // --zero  1 = ZeRO-1: optimizer state sharded over the processes (docs/sharding.md §2)
     // optimisation
     int num_steps;                            // -x  optimiser steps
     float learning_rate;                      // -l  peak learning rate
@@ -95,9 +100,9 @@ typedef struct {
     int router_norm;                          // --router-norm  ROUTER_NORM_*; -1 = preset (bn)
     int gate;                                 // --gate  GATE_*; -1 = preset (softmax)
     int expert_exec;                          // --expert-exec  EXPERT_EXEC_* (run-time choice, not saved in the model)
+    int attention;                            // --attention  ATTENTION_* (CUDA trainer; run-time choice, in checkpoints)
     // the memory plan (llmc/memory_plan.h)
     int plan_gpus;                            // --plan  print the per-GPU memory plan of a run on this many GPUs, exit (0 = train)
-    int plan_mode;                            // --plan-mode  PLAN_MODE_* of memory_plan.h
 } TrainConfig;
 
 // ----------------------------------------------------------------------------
@@ -157,13 +162,15 @@ static const TrainFlag train_flags[] = {
     {NULL, "--router-norm", TRAIN_ARG_CHOICE, offsetof(TrainConfig, router_norm), 0, 0, 0, "none|bn", "omni: router normalisation (unset = bn)"},
     {NULL, "--gate", TRAIN_ARG_CHOICE, offsetof(TrainConfig, gate), 0, 0, 0, "softmax|prob", "omni: gate over the k selected scores (unset = softmax)"},
     {NULL, "--expert-exec", TRAIN_ARG_CHOICE, offsetof(TrainConfig, expert_exec), 0, 0, 0, "token|expert", "omni: expert-branch execution, token-centric (default) or expert-centric (same bits)"},
+    {NULL, "--attention", TRAIN_ARG_CHOICE, offsetof(TrainConfig, attention), 0, 0, 0, "ours|cudnn", "CUDA trainer: attention kernels, ours (default) or cuDNN's SDPA (a `make USE_CUDNN=1` build; other bits)"},
     {NULL, "--log-file", TRAIN_ARG_STRING, offsetof(TrainConfig, log_file), 0, 0, 0, NULL, "JSONL log path (\"\" = <output dir>/log.jsonl when -o is set)"},
     {"-pn", "--num-processes", TRAIN_ARG_INT, offsetof(TrainConfig, launch_processes), 1, 65536, 0, NULL, "launch without mpirun: number of processes (one per GPU; needs -pf; ignored under mpirun)"},
     {"-pr", "--process-rank", TRAIN_ARG_INT, offsetof(TrainConfig, launch_rank), 0, 65535, 0, NULL, "launch without mpirun: this process's rank in [0, -pn)"},
     {"-pf", "--nccl-id-file", TRAIN_ARG_STRING, offsetof(TrainConfig, launch_id_file), 0, 0, 0, NULL, "launch without mpirun: a new file path (on a file system all hosts share) where rank 0 leaves the NCCL id"},
     {NULL, "--overlap-comm", TRAIN_ARG_INT, offsetof(TrainConfig, overlap_comm), 0, 1, 0, NULL, "several GPUs: 1 (default) = average each layer's gradients while the backward goes on, 0 = after it (same bits)"},
-    {NULL, "--plan", TRAIN_ARG_INT, offsetof(TrainConfig, plan_gpus), 0, 65536, 0, NULL, "print the memory plan per GPU of this run on this many GPUs and exit, no GPU needed (0 = train)"},
-    {NULL, "--plan-mode", TRAIN_ARG_CHOICE, offsetof(TrainConfig, plan_mode), 0, 0, 0, "replicated|zero1|tables|zero1+tables", "--plan: state replicated (today), ZeRO-1, column-sharded expert tables, or both (docs/sharding.md)"},
+    {NULL, "--shard-experts", TRAIN_ARG_INT, offsetof(TrainConfig, shard_experts), 0, 1, 0, NULL, "several GPUs, omni: 1 = split the expert tables U, V by columns over the processes (needs C/8 divisible by them), 0 (default) = every GPU holds them whole"},
+    {NULL, "--zero", TRAIN_ARG_INT, offsetof(TrainConfig, zero), 0, 1, 0, NULL, "several GPUs: 1 = ZeRO-1, each process keeps 1/P of the fp32 master weights and AdamW state (0 = every process all of it)"},
+    {NULL, "--plan", TRAIN_ARG_INT, offsetof(TrainConfig, plan_gpus), 0, 65536, 0, NULL, "print the memory plan per GPU of this run on this many GPUs (with --zero, --shard-experts) and exit, no GPU needed (0 = train)"},
 };
 #define TRAIN_NUM_FLAGS ((int)(sizeof(train_flags) / sizeof(train_flags[0])))
 
@@ -183,6 +190,7 @@ static inline void train_config_defaults(TrainConfig* cfg) {
     cfg->launch_rank = 0;
     cfg->launch_id_file[0] = '\0';
     cfg->overlap_comm = 1;
+    cfg->zero = 0;  // ZeRO-1 off until it has been measured (docs/sharding.md §2)
     cfg->num_steps = 1000;
     cfg->learning_rate = 6e-4f;
     cfg->warmup_steps = 100;
@@ -212,7 +220,6 @@ static inline void train_config_defaults(TrainConfig* cfg) {
     cfg->gate = -1;
     cfg->expert_exec = EXPERT_EXEC_TOKEN;  // measured faster in the trainer (docs/performance.md)
     cfg->plan_gpus = 0;
-    cfg->plan_mode = 0;  // PLAN_MODE_REPLICATED
 }
 
 // ----------------------------------------------------------------------------
@@ -653,6 +660,7 @@ static inline RunIdentity train_config_run_identity(const TrainConfig* cfg, uint
     r.warmup_steps = cfg->warmup_steps;
     r.lr_schedule = cfg->lr_schedule;
     r.expert_exec = cfg->expert_exec;
+    r.attention = cfg->attention;
     r.learning_rate = cfg->learning_rate;
     r.final_lr_frac = cfg->final_lr_frac;
     r.decay_frac = cfg->decay_frac;
@@ -662,6 +670,21 @@ static inline RunIdentity train_config_run_identity(const TrainConfig* cfg, uint
     r.beta2 = cfg->beta2;
     r.eps = cfg->eps;
     return r;
+}
+
+// --shard-experts 1 splits the columns of U and V over the processes (llmc/expert_shard.h):
+// refused where that cannot apply
+static inline void train_config_validate_shard_experts(const TrainConfig* cfg, const ModelConfig* model) {
+    if (!cfg->shard_experts) return;
+    const char* why = NULL;
+    if (model->ffn_kind != FFN_OMNI) why = "an omni model (it splits the expert tables U and V)";
+    else if (cfg->num_processes < 2) why = "several processes (one process holds the whole tables)";
+    else why = expert_shard_unfit(model->channels, cfg->num_processes);
+    if (why != NULL) {
+        fprintf(stderr, "Error: flag --shard-experts 1 needs %s; here: %s model, C=%d, %d process(es)\n", why,
+                ffn_kind_name(model->ffn_kind), model->channels, cfg->num_processes);
+        exit(EXIT_FAILURE);
+    }
 }
 
 // The checks that need the model (and num_processes/process_rank, set by the trainer by now).
@@ -697,6 +720,7 @@ static inline void train_config_validate(const TrainConfig* cfg, const ModelConf
         fprintf(stderr, "Error: flag -y 1 resumes from the checkpoints in the output directory, but -o is not set\n");
         exit(EXIT_FAILURE);
     }
+    train_config_validate_shard_experts(cfg, model);
 }
 
 // the steps --mc-eval runs at, besides the last: every this many (0 = none)

@@ -36,6 +36,11 @@ Conventions (shared by all omnimoe CUDA headers):
 #include <cublasLt.h>
 #include "host_threads.h"
 
+// cuDNN's SDPA (--attention cudnn, llmc/attention_cudnn.h) exists in `make USE_CUDNN=1` bf16 builds
+#if defined(ENABLE_CUDNN) && !defined(ENABLE_FP32)
+#define HAVE_CUDNN_ATTENTION 1
+#endif
+
 // ----------------------------------------------------------------------------
 // error checking
 

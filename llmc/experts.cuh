@@ -538,6 +538,29 @@ static void experts_launch_group_dot(float* out_pair, const floatX* expert_rows,
     cudaCheckLast();
 }
 
+// dU, dV += the segment sums over the P expert-sorted pairs of sched (the two kernels above):
+// ds_p X_t and gate_p SiLU(s_p) dY_t. partials: 4 * align256(chunks * C floats) of scratch.
+// (The column-sharded experts, llmc/experts_shard.cuh, call it on a rank's slices.)
+static void experts_launch_segment_grads(floatX* dU, floatX* dV, const float* ds, const float* gate, const float* s,
+                                         const floatX* X, const floatX* dY, ExpertSchedule sched, int P, int k, int C,
+                                         char* partials, cudaStream_t stream) {
+    const int num_chunks = experts_num_seg_chunks(P);
+    const size_t part_bytes = align256((size_t)num_chunks * C * sizeof(float));
+    float* head_u = (float*)partials;
+    float* head_v = (float*)(partials + part_bytes);
+    float* tail_u = (float*)(partials + 2 * part_bytes);
+    float* tail_v = (float*)(partials + 3 * part_bytes);
+    // a thread owns one 16-byte column vector per pass: no more threads than C has vectors
+    // (C = 768: 96, not 128 with a quarter idle); the sums per column are the same either way
+    const int seg_threads = min(EXPERTS_SEG_THREADS, ceil_div(C / EXPERTS_VEC, 32) * 32);
+    experts_segment_grad_kernel<<<num_chunks, seg_threads, 0, stream>>>(dU, dV, head_u, head_v, tail_u, tail_v,
+                                                                        ds, gate, s, X, dY, sched, P, k, C);
+    cudaCheckLast();
+    experts_segment_fixup_kernel<<<num_chunks, seg_threads, 0, stream>>>(dU, dV, head_u, head_v, tail_u, tail_v,
+                                                                         sched, P, C);
+    cudaCheckLast();
+}
+
 // Forward. Y, s: outputs (see the conventions above). sched: the schedule of idx
 // (scheduler_build), used only by the expert-centric execution (the token-centric one ignores it).
 static void experts_forward(floatX* Y, float* s, const floatX* X, const floatX* U, const floatX* V,
@@ -568,17 +591,11 @@ static void experts_backward(floatX* dX, floatX* dU, floatX* dV, float* dgate,
         exit(EXIT_FAILURE);
     }
     const int P = BT * k;
-    const int num_chunks = experts_num_seg_chunks(P);
-    const size_t part_bytes = align256((size_t)num_chunks * C * sizeof(float));
     char* base = (char*)scratch;
     float* ds = (float*)base;
     base += align256((size_t)P * sizeof(float));
     float* h = (float*)base;
     base += align256((size_t)P * sizeof(float));
-    float* head_u = (float*)base;
-    float* head_v = (float*)(base + part_bytes);
-    float* tail_u = (float*)(base + 2 * part_bytes);
-    float* tail_v = (float*)(base + 3 * part_bytes);
 
     if (opt.exec == EXPERT_EXEC_TOKEN) {
         experts_launch_token_backward<true>(dX, dgate, ds, NULL, dY, U, V, idx, gate, s, BT, C, k, opt.accumulate, stream);
@@ -586,15 +603,7 @@ static void experts_backward(floatX* dX, floatX* dU, floatX* dV, float* dgate,
         experts_launch_group_dot(h, V, dY, sched, BT, C, k, N, stream);
         experts_launch_token_backward<false>(dX, dgate, ds, h, dY, U, V, idx, gate, s, BT, C, k, opt.accumulate, stream);
     }
-    // a thread owns one 16-byte column vector per pass: no more threads than C has vectors
-    // (C = 768: 96, not 128 with a quarter idle); the sums per column are the same either way
-    const int seg_threads = min(EXPERTS_SEG_THREADS, ceil_div(C / EXPERTS_VEC, 32) * 32);
-    experts_segment_grad_kernel<<<num_chunks, seg_threads, 0, stream>>>(dU, dV, head_u, head_v, tail_u, tail_v,
-                                                                        ds, gate, s, X, dY, sched, P, k, C);
-    cudaCheckLast();
-    experts_segment_fixup_kernel<<<num_chunks, seg_threads, 0, stream>>>(dU, dV, head_u, head_v, tail_u, tail_v,
-                                                                         sched, P, C);
-    cudaCheckLast();
+    experts_launch_segment_grads(dU, dV, ds, gate, s, X, dY, sched, P, k, C, base, stream);
 }
 
 #endif  // OMNIMOE_EXPERTS_CUH

@@ -17,12 +17,13 @@
  *   train_config_plan_main() --plan of either trainer: the model of -e (preset or file header),
  *                            the flags' checks for P GPUs, then memory_plan_main
  *
- * Modes (docs/sharding.md §1.3): replicated (today: 16 bytes per parameter on every GPU), zero1
- * (fp32 master, m, v cut into 1/P chunks of every slice, docs/sharding.md §2), tables (U and V and
- * everything of them cut by columns: C/P channels of every expert on each GPU, docs/sharding.md
- * §3.1; a GPU then schedules the pairs of all P GPUs and keeps their x columns), and both. With
- * P = 1 every mode is the replicated one. The sharded modes' extra buffers follow
- * docs/sharding.md §1.3 until their implementations land; the replicated list is model_build's.
+ * Modes (docs/sharding.md §1.3; --zero, --shard-experts): replicated (16 bytes per parameter on
+ * every GPU), zero1 (fp32 master, m, v of this rank's shard, counted by zero_shard_map of
+ * llmc/zero_shard.h, docs/sharding.md §2), tables (U and V and everything of them cut by columns:
+ * C/P channels of every expert on each GPU, docs/sharding.md §3.1; a GPU then schedules the pairs
+ * of all P GPUs and keeps their x columns), and both. With P = 1 every mode is the replicated one.
+ * The tables' extra buffers follow docs/sharding.md §1.3 until the tables are wired into the CUDA
+ * step; the replicated and ZeRO-1 lists are model_build's.
  *
  * The kernel formulas here mirror the scratch-size functions of the GPU headers (llmc/, .cuh: a
  * host program cannot include those); model_build compares them with the headers' own numbers at
@@ -39,11 +40,11 @@
 #include "config.h"
 #include "args.h"
 #include "checkpoint.h"
+#include "zero_shard.h"
 
 #define MEMORY_PLAN_MARGIN_BYTES ((size_t)1 << 30)  // CUDA context growth, cuBLAS workspaces, NCCL
 
 enum { PLAN_MODE_REPLICATED = 0, PLAN_MODE_ZERO1 = 1, PLAN_MODE_TABLES = 2, PLAN_MODE_ZERO1_TABLES = 3 };
-#define PLAN_MODE_NAMES "replicated|zero1|tables|zero1+tables"  // the --plan-mode words, by value
 
 typedef enum {
     MEM_WEIGHTS, MEM_GRADS, MEM_MASTER, MEM_ADAM_M, MEM_ADAM_V, MEM_OTHER_STATE, MEM_ACTIVATIONS, MEM_WORKSPACE,
@@ -57,7 +58,7 @@ typedef enum {
     MEMBUF_RESIDUAL2, MEMBUF_LN2, MEMBUF_LN2_MEAN, MEMBUF_LN2_RSTD, MEMBUF_FCH, MEMBUF_FCH_ACT, MEMBUF_RESIDUAL3,
     MEMBUF_LNF, MEMBUF_LNF_MEAN, MEMBUF_LNF_RSTD, MEMBUF_LOGITS, MEMBUF_LOSSES, MEMBUF_LOSS_SUM,
     MEMBUF_SUBLAYER_OUT, MEMBUF_INPUTS, MEMBUF_TARGETS, MEMBUF_DRESIDUAL, MEMBUF_DSUB, MEMBUF_DWIDE,
-    MEMBUF_DHIDDEN, MEMBUF_SCRATCH,
+    MEMBUF_DHIDDEN, MEMBUF_SCRATCH, MEMBUF_ATTENTION_WS,
     MEMBUF_NUM_MODEL,  // the buffers above are model_build's loop; the ones below are allocated elsewhere
     // omni: the layers' saved router/schedule blocks (omni_layer_create), their workspace
     // (omni_workspace_create), the expert counts and statistics (model_build)
@@ -78,6 +79,7 @@ typedef struct {
     size_t scratch;         // the largest scratch of any kernel (one buffer, reused)
     size_t omni_saved;      // one OmniMoE layer's saved router and schedule state (omni_layer_saved_bytes)
     size_t omni_workspace;  // what omni_workspace_create allocates (omni_workspace_bytes)
+    size_t attention_ws;    // cuDNN's SDPA workspace (--attention cudnn; 0 for our kernels)
 } PlanKernelSizes;
 
 typedef struct {
@@ -132,7 +134,7 @@ static inline PlanKernelSizes plan_kernel_sizes(const ModelConfig* c, int B, int
     s = plan_max(s, plan_ceil_div(BT, PLAN_LAYERNORM_BWD_ROWS_PER_BLOCK) * 2 * C * F);  // layernorm_backward_scratch_bytes
     s = plan_max(s, 2 * (size_t)B * NH * (plan_ceil_div(T, PLAN_ATTN_T_PAD) * PLAN_ATTN_T_PAD) * F);  // attention_backward_scratch_bytes
     s = plan_max(s, PLAN_GLOBAL_NORM_MAX_BLOCKS * F);  // global_norm_scratch_bytes
-    PlanKernelSizes k = {0, 0, 0};
+    PlanKernelSizes k = {0, 0, 0, 0};
     if (c->ffn_kind == FFN_OMNI) {  // omni_layer_scratch_bytes: router, scheduler, experts
         const size_t R = 2 * (size_t)c->router_n, chunks = plan_ceil_div(BT, PLAN_ROUTER_BN_CHUNK);
         s = plan_max(s, 2 * plan_align256(chunks * R * F));  // router_forward_scratch_bytes
@@ -153,19 +155,19 @@ static inline PlanKernelSizes plan_kernel_sizes(const ModelConfig* c, int B, int
 // ----------------------------------------------------------------------------
 // the shards
 
-// ZeRO-1 (docs/sharding.md §2): every slice (a per-layer tensor's layer, or a whole non-layer
-// tensor) of c elements gives each rank q = floor(c / 8P) * 8 elements plus the c - P*q tail,
-// which every rank keeps. Returns the fp32 elements one rank holds of the tensors chosen.
+// ZeRO-1 (docs/sharding.md §2): the fp32 elements one rank holds, from the trainer's own partition
+// (zero_shard_map: every slice's chunk of floor(c / 8P) * 8 elements plus its replicated tail, the
+// same count on every rank); skip_tables leaves out the slices of U and V (sharded by columns)
 static inline size_t plan_zero1_elements(const ModelConfig* c, int P, int skip_tables) {
-    size_t sizes[NUM_PARAMETER_TENSORS], total = 0;
-    model_config_param_sizes(c, sizes);
-    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
-        if (sizes[i] == 0 || (skip_tables && (i == PARAM_EXPERTU || i == PARAM_EXPERTV))) continue;
-        int whole = i == PARAM_WTE || i == PARAM_WPE || i == PARAM_LNFW || i == PARAM_LNFB;
-        size_t slices = whole ? 1 : (size_t)c->num_layers, count = sizes[i] / slices;
-        size_t q = count / (8 * (size_t)P) * 8;
-        total += slices * (q + (count - (size_t)P * q));
+    ZeroShardMap map;
+    zero_shard_map(&map, c, P, 0);
+    size_t total = 0;
+    for (int i = 0; i < map.num_slices; i++) {
+        int t = map.slices[i].tensor;
+        if (skip_tables && (t == PARAM_EXPERTU || t == PARAM_EXPERTV)) continue;
+        total += map.chunk[i] + (map.slices[i].count - (size_t)P * map.chunk[i]);
     }
+    zero_shard_map_free(&map);
     return total;
 }
 
@@ -193,8 +195,8 @@ static inline int memory_plan_build(MemoryPlan* p, const ModelConfig* c, int B, 
     const int zero1 = (mode & PLAN_MODE_ZERO1) && P > 1;
     const int tables = (mode & PLAN_MODE_TABLES) && P > 1 && omni;
     if (tables && c->channels % (8 * P) != 0) {
-        fprintf(stderr, "Error: --plan-mode %s: the expert tables are cut into 16-byte column groups, so C = %d must "
-                "be a multiple of 8 x %d GPUs\n", memory_plan_mode_name(mode), c->channels, P);
+        fprintf(stderr, "Error: --shard-experts 1 (%s): the expert tables are cut into 16-byte column groups, so C = %d "
+                "must be a multiple of 8 x %d GPUs\n", memory_plan_mode_name(mode), c->channels, P);
         return 0;
     }
     size_t sizes[NUM_PARAMETER_TENSORS];
@@ -210,9 +212,10 @@ static inline int memory_plan_build(MemoryPlan* p, const ModelConfig* c, int B, 
     const size_t W = p->params_local, O = p->opt_local;
     memory_plan_set(p, MEMBUF_PARAMS, "parameters", W * X, table_local * X, MEM_WEIGHTS);
     memory_plan_set(p, MEMBUF_GRADS, "gradients", W * X, table_local * X, MEM_GRADS);
-    memory_plan_set(p, MEMBUF_MASTER, "fp32 master weights", O * F, p->opt_tables_local * F, MEM_MASTER);
-    memory_plan_set(p, MEMBUF_ADAM_M, "AdamW m", O * F, p->opt_tables_local * F, MEM_ADAM_M);
-    memory_plan_set(p, MEMBUF_ADAM_V, "AdamW v", O * F, p->opt_tables_local * F, MEM_ADAM_V);
+    const size_t O1 = O > 0 ? O : 1;  // cudaMalloc gets at least one element
+    memory_plan_set(p, MEMBUF_MASTER, "fp32 master weights", O1 * F, p->opt_tables_local * F, MEM_MASTER);
+    memory_plan_set(p, MEMBUF_ADAM_M, "AdamW m", O1 * F, p->opt_tables_local * F, MEM_ADAM_M);
+    memory_plan_set(p, MEMBUF_ADAM_V, "AdamW v", O1 * F, p->opt_tables_local * F, MEM_ADAM_V);
     size_t num_bn = model_config_num_bn_stats(c);
     memory_plan_set(p, MEMBUF_BN_STATS, "router BN running statistics", (num_bn > 0 ? num_bn : 1) * F, 0, MEM_OTHER_STATE);
     memory_plan_set(p, MEMBUF_NORM, "gradient norm", F, 0, MEM_OTHER_STATE);
@@ -245,6 +248,7 @@ static inline int memory_plan_build(MemoryPlan* p, const ModelConfig* c, int B, 
     memory_plan_set(p, MEMBUF_DWIDE, "gradients: wide", BT * plan_max(3 * C, FI) * X, 0, K);
     memory_plan_set(p, MEMBUF_DHIDDEN, "gradients: hidden", BT * plan_max(H, C) * X, 0, K);
     memory_plan_set(p, MEMBUF_SCRATCH, "kernel scratch", ks->scratch, 0, K);
+    memory_plan_set(p, MEMBUF_ATTENTION_WS, "cuDNN attention workspace", ks->attention_ws, 0, K);
     memory_plan_set(p, MEMBUF_OMNI_SAVED, "OmniMoE layers: saved router and schedule", omni ? L * ks->omni_saved : 0, 0, A);
     memory_plan_set(p, MEMBUF_OMNI_WORKSPACE, "OmniMoE workspace", omni ? ks->omni_workspace : 0, 0, K);
     memory_plan_set(p, MEMBUF_EXPERT_COUNTS, "expert counts", omni ? L * c->num_experts * sizeof(int) : 0, 0, K);
@@ -327,7 +331,9 @@ static inline int train_config_plan_main(TrainConfig* cfg, int floatx_bytes) {
     }
     cfg->num_processes = cfg->plan_gpus;
     train_config_validate(cfg, &c);
-    return memory_plan_main(&c, cfg->B, cfg->T, floatx_bytes, cfg->plan_gpus, cfg->plan_mode);
+    int mode = (cfg->zero ? PLAN_MODE_ZERO1 : 0) | (cfg->shard_experts ? PLAN_MODE_TABLES : 0);
+    if (cfg->attention != 0) printf("(--attention cudnn: cuDNN's workspace is not counted; only cuDNN knows it)\n");
+    return memory_plan_main(&c, cfg->B, cfg->T, floatx_bytes, cfg->plan_gpus, mode);
 }
 
 #endif // OMNIMOE_MEMORY_PLAN_H

@@ -22,7 +22,7 @@ typedef struct {
     // settings a resume may change (a note is printed for each change)
     int grad_accum_steps, num_processes;
     long long total_batch_size;    // tokens per optimiser step (resolved, never -1)
-    int num_steps, warmup_steps, lr_schedule, expert_exec;
+    int num_steps, warmup_steps, lr_schedule, expert_exec, attention;
     float learning_rate, final_lr_frac, decay_frac, weight_decay, grad_clip, beta1, beta2, eps;
 } RunIdentity;
 

@@ -4,7 +4,7 @@ test_plan.py - the trainer's --plan (llmc/memory_plan.h: the buffer list the CUD
 allocates from) against the independent formulas of dev/sharding_numbers.py (docs/sharding.md
 §1), byte for byte: d12, N = 16,384 .. 1,048,576, P = 1, 2, 4, 8 GPUs, every mode, B = 16 and 32,
 k = 16 and 32. Then the parts that sharding_numbers.py does not model: a dense model has nothing
-to shard as tables, and --plan-mode tables refuses a C that 8P does not divide.
+to shard as tables, and --shard-experts 1 refuses a C that 8P does not divide.
 
     python3 scripts/test_plan.py [TRAINER]      # default ./train_omnimoe_cpu (make test runs it)
 
@@ -16,7 +16,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..'
 import sharding_numbers as sn  # noqa: E402
 
 TRAINER = sys.argv[1] if len(sys.argv) > 1 else './train_omnimoe_cpu'
-MODES = {'replicated': 'replicated', 'zero1': 'zero1', 'tables': 'tables', 'zero1+tables': 'zero1+tables'}
+# the sharding modes of docs/sharding.md §1.3 as the trainers' flags
+MODES = {'replicated': [], 'zero1': ['--zero', 1], 'tables': ['--shard-experts', 1],
+         'zero1+tables': ['--zero', 1, '--shard-experts', 1]}
 passed = failed = 0
 
 
@@ -42,9 +44,11 @@ for N in (16384, 65536, 262144, 1048576):
         worst = None
         cells = 0
         for P in (1, 2, 4, 8):
+            if P == 1 and 'tables' in scheme:
+                continue  # --shard-experts 1 needs several processes (train_config_validate)
             for B in (16, 32):
                 for k in (16, 32):
-                    got, r = plan(P, '--plan-mode', MODES[scheme], '-e', 'd12', '--experts', N, '--topk', k,
+                    got, r = plan(P, *MODES[scheme], '-e', 'd12', '--experts', N, '--topk', k,
                                   '-b', B, '-t', 1024)
                     cells += 1
                     if got is None:
@@ -83,25 +87,24 @@ for P in (3, 5, 6, 7):
         tables = scheme == 'zero1+tables'
         if tables and 768 % (8 * P):
             continue
-        got, r = plan(P, '--plan-mode', scheme, '-e', 'd12', '--experts', 65536, '-b', 2, '-t', 1024)
+        got, r = plan(P, *MODES[scheme], '-e', 'd12', '--experts', 65536, '-b', 2, '-t', 1024)
         want = 4 * (zero1_elements(65536, P, tables) + (2 * sn.L * 65536 * sn.C // P if tables else 0))
         check(got is not None and got['master'] == want and got['adam_m'] == want and got['adam_v'] == want,
               f"plan_zero1_tails_P{P}_{scheme}", f"master {got and got['master']} B, expected {want}")
 
-# a dense model has no tables: 'tables' is the replicated plan; ZeRO-1 cuts the fp32 state to 1/P
+# a dense model: ZeRO-1 cuts the fp32 state to 1/P and leaves the bf16 weights whole
 rep, _ = plan(4, '-e', 'd12', '-f', 'swiglu', '-b', 8, '-t', 1024)
-tab, _ = plan(4, '--plan-mode', 'tables', '-e', 'd12', '-f', 'swiglu', '-b', 8, '-t', 1024)
-z1, _ = plan(4, '--plan-mode', 'zero1', '-e', 'd12', '-f', 'swiglu', '-b', 8, '-t', 1024)
-check(rep is not None and rep == tab, "plan_dense_tables_is_replicated", f"{rep and rep['total']} B")
+z1, _ = plan(4, *MODES['zero1'], '-e', 'd12', '-f', 'swiglu', '-b', 8, '-t', 1024)
 check(rep is not None and z1 is not None and z1['master'] * 4 == rep['master'] and z1['weights'] == rep['weights'],
       "plan_dense_zero1_quarter_state", f"master {z1 and z1['master']} of {rep and rep['master']} B")
 
 # refusals: tables need C (768) a multiple of 8P; a bad mode word names the flag
-_, r = plan(5, '--plan-mode', 'tables', '-e', 'd12', '-b', 8, '-t', 1024)
-check(r.returncode != 0 and 'multiple of 8 x 5 GPUs' in r.stderr and 'plan_bytes' not in r.stdout,
+_, r = plan(5, *MODES['tables'], '-e', 'd12', '-b', 8, '-t', 1024)
+check(r.returncode != 0 and '--shard-experts' in r.stderr and 'divisible' in r.stderr and 'plan_bytes' not in r.stdout,
       "plan_refuses_tables_C_not_multiple_of_8P", r.stderr.strip()[:160])
-_, r = plan(2, '--plan-mode', 'zero2', '-e', 'd12')
-check(r.returncode != 0 and '--plan-mode' in r.stderr, "plan_refuses_bad_mode", r.stderr.strip()[:160])
+_, r = plan(2, '--zero', 2, '-e', 'd12')
+check(r.returncode != 0 and '--zero' in r.stderr and 'plan_bytes' not in r.stdout, "plan_refuses_bad_zero_flag",
+      r.stderr.strip()[:160])
 
 print(f"test_plan: {passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

@@ -30,6 +30,9 @@ benchmark lines start with SUMMARY.
 */
 #include "../../llmc/test_harness.h"
 #include "../../llmc/attention.cuh"
+#ifdef HAVE_CUDNN_ATTENTION
+#include "../../llmc/attention_cudnn.h"
+#endif
 
 // ------------------------------------------------------------------------------------------------
 // host helpers
@@ -158,6 +161,19 @@ static const BwdVariant BWD_VARIANTS[] = {
 };
 #endif
 
+#ifdef HAVE_CUDNN_ATTENTION
+// cuDNN's SDPA (llmc/attention_cudnn.h) wrapped to the signatures above; its forward also needs
+// the scratch, which the forward signature lacks: Problem::run points this at its scratch
+static void* g_cudnn_scratch = nullptr;
+static void fwd_cudnn(floatX* out, float* lse, const floatX* qkv, int B, int T, int C, int NH, cudaStream_t s) {
+    attention_cudnn_forward(out, lse, qkv, B, T, C, NH, g_cudnn_scratch, s);
+}
+static void bwd_cudnn(floatX* dqkv, const floatX* dout, const floatX* qkv, const floatX* out, const float* lse,
+                      int B, int T, int C, int NH, float* scratch, cudaStream_t s) {
+    attention_cudnn_backward(dqkv, dout, qkv, out, lse, B, T, C, NH, scratch, s);
+}
+#endif
+
 // ------------------------------------------------------------------------------------------------
 // one problem: inputs on host and device, outputs, run + check
 
@@ -182,6 +198,9 @@ struct Problem {
         }
         for (size_t i = 0; i < n_out; i++) { h_dout[i] = to_x(f_dout[i]); f_dout[i] = from_x(h_dout[i]); }
         scratch_bytes = attention_backward_scratch_bytes(B, T, C, NH);
+#ifdef HAVE_CUDNN_ATTENTION
+        scratch_bytes = std::max(scratch_bytes, attention_cudnn_scratch_bytes(B, T, C, NH));
+#endif
         cudaCheck(cudaMalloc(&d_qkv, n_qkv * sizeof(floatX)));
         cudaCheck(cudaMalloc(&d_dout, n_out * sizeof(floatX)));
         cudaCheck(cudaMalloc(&d_out, n_out * sizeof(floatX)));
@@ -203,6 +222,9 @@ struct Problem {
         cudaCheck(cudaMemset(d_scratch, 0xFF, scratch_bytes));
     }
     void run(FwdFn fwd, BwdFn bwd) {
+#ifdef HAVE_CUDNN_ATTENTION
+        g_cudnn_scratch = d_scratch;
+#endif
         fwd(d_out, d_lse, d_qkv, B, T, C, NH, 0);
         bwd(d_dqkv, d_dout, d_qkv, d_out, d_lse, B, T, C, NH, d_scratch, 0);
         cudaCheck(cudaDeviceSynchronize());
@@ -395,6 +417,20 @@ int main(int argc, char** argv) {
         Problem q(2, 333, 256, 4, 1.0f, 14); check(bv.name, q, F, bv.fn, {});
     }
 #endif
+#ifdef HAVE_CUDNN_ATTENTION
+    // cuDNN's SDPA against the same reference and tolerances, alone and mixed with our kernels
+    // (the mixed runs check that its lse means what ours means)
+    {
+        Problem p(2, 256, 256, 4, 1.0f, 31);   check("cudnn hs64 T=256", p, fwd_cudnn, bwd_cudnn, {});
+        Problem q(3, 77, 256, 4, 1.0f, 32);    check("cudnn hs64 tail T=77", q, fwd_cudnn, bwd_cudnn, {});
+        Problem r(2, 256, 256, 4, 3.0f, 33);   check("cudnn hs64 peaky (q,k std 3)", r, fwd_cudnn, bwd_cudnn, {});
+        Problem s32(2, 131, 256, 8, 1.0f, 34); check("cudnn hs32 tail T=131", s32, fwd_cudnn, bwd_cudnn, {});
+        Problem s128(2, 130, 256, 2, 1.0f, 35); check("cudnn hs128 tail T=130", s128, fwd_cudnn, bwd_cudnn, {});
+        Problem m(2, 200, 256, 4, 1.0f, 36);
+        check("cudnn fwd + our bwd", m, fwd_cudnn, Bw, {});
+        check("our fwd + cudnn bwd", m, F, bwd_cudnn, {});
+    }
+#endif
     if (quick) {
         return test_end();
     }
@@ -443,6 +479,17 @@ int main(int argc, char** argv) {
         float bw = bench_median_ms([&] { attention_backward(p128.d_dqkv, p128.d_dout, p128.d_qkv, p128.d_out, p128.d_lse, B, T, C, 6, p128.d_scratch, 0); }, WARM, ITERS);
         bench_line("hs128 (NH=6) fwd", fwd_flops(B, T, 6, 128), f);
         bench_line("hs128 (NH=6) bwd", 2.5 * fwd_flops(B, T, 6, 128), bw);
+    }
+#endif
+#ifdef HAVE_CUDNN_ATTENTION
+    {   // cuDNN's SDPA (deterministic backward) at the same shape, beside ours
+        check("cudnn GPT-2 shape (3 sampled heads)", big, fwd_cudnn, bwd_cudnn, {{0, 0}, {17, 5}, {31, 11}});
+        g_cudnn_scratch = big.d_scratch;
+        float f = bench_median_ms([&] { fwd_cudnn(big.d_out, big.d_lse, big.d_qkv, B, T, C, NH, 0); }, WARM, ITERS);
+        float bw = bench_median_ms([&] { bwd_cudnn(big.d_dqkv, big.d_dout, big.d_qkv, big.d_out, big.d_lse, B, T, C, NH, big.d_scratch, 0); }, WARM, ITERS);
+        bench_line("cudnn sdpa forward (GPT-2 124M shape)", ff, f);
+        bench_line("cudnn sdpa backward, deterministic (GPT-2 124M shape)", fb, bw);
+        bench_line("cudnn sdpa fwd+bwd (GPT-2 124M shape)", ff + fb, f + bw);
     }
 #endif
     bench_line("attention_forward (GPT-2 124M shape)", ff, ms_fwd);

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# bench_llmc.sh - our dense GPT-2 124M step against llm.c, built with cuDNN flash attention (its
+# best configuration on Hopper) and without, in one call on one GPU, so the ratio cannot drift.
+#
+#   bash dev/bench_llmc.sh prepare LLMC_DIR   here, once: copies an llm.c checkout (git clone
+#       https://github.com/karpathy/llm.c) into carry/llm.c with the two fixes it needs to build
+#       with CUDA 13, and the cudnn-frontend headers (PyPI wheel nvidia-cudnn-frontend, include/)
+#       into carry/cudnn-frontend/include; carry/ is git-ignored and travels with carry ["carry"]
+#   bash dev/bench_llmc.sh                     on the GPU machine: builds both llm.c variants and
+#       ./train_omnimoe, runs them alternating (REPEATS rounds), prints a table and the ratios last
+#
+# Same flags for every trainer: d12 (GPT-2 124M, random init), B=32, T=1024, lr 6e-4, 10 warm-up
+# steps, cosine to 0.1 of the peak, weight decay 0.1, STEPS=40 steps, no validation or sampling
+# inside the timed steps; llm.c with -r 0 (no recomputation, as we do). tok/s is each trainer's own
+# per-step figure; the median over steps SKIP+1..STEPS of each run is reported.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LLMC=carry/llm.c
+CFE=carry/cudnn-frontend/include   # shared with our `make USE_CUDNN=1` (Makefile)
+
+if [ "${1:-}" = prepare ]; then
+    src=${2:?usage: bash dev/bench_llmc.sh prepare LLMC_DIR}
+    rm -rf "$LLMC" && mkdir -p "$LLMC"
+    if git -C "$src" cat-file -e HEAD:train_gpt2.cu 2>/dev/null; then   # a clone, bare or not
+        git -C "$src" archive HEAD | tar -x -C "$LLMC"
+        git -C "$src" rev-parse HEAD > "$LLMC/COMMIT"
+    elif [ -f "$src/train_gpt2.cu" ]; then
+        cp -r "$src"/. "$LLMC"/
+    else
+        echo "bench_llmc: $src has no train_gpt2.cu (expected an llm.c checkout)"; exit 1
+    fi
+    # fix 1: CUDA 13's cudaMemAdvise takes a cudaMemLocation, not a device id
+    python3 - "$LLMC/llmc/cuda_utils.cuh" <<'EOF' || exit 1
+import sys
+p = sys.argv[1]
+s = open(p).read()
+old = "cudaMemAdvise(*out, bytes, cudaMemAdviseSetPreferredLocation, cudaCpuDeviceId)"
+new = "cudaMemAdvise(*out, bytes, cudaMemAdviseSetPreferredLocation, cudaMemLocation{cudaMemLocationTypeHost, 0})"
+if old not in s:
+    sys.exit("bench_llmc: %s: the cudaMemAdvise call to fix was not found (another llm.c version?)" % p)
+open(p, "w").write(s.replace(old, new))
+EOF
+    # fix 2 (at build time below): the cuDNN build links -lnvrtc -lcuda, which cudnn-frontend needs
+    if [ ! -d "$CFE/cudnn_frontend" ]; then
+        tmp=$(mktemp -d)
+        python3 -m pip download --no-deps nvidia-cudnn-frontend -d "$tmp" >/dev/null \
+            || { echo "bench_llmc: pip download nvidia-cudnn-frontend failed"; exit 1; }
+        python3 -m zipfile -e "$tmp"/nvidia_cudnn_frontend-*.whl "$tmp/x"
+        mkdir -p "$(dirname "$CFE")" && cp -r "$tmp/x/include" "$CFE"
+        rm -rf "$tmp"
+    fi
+    echo "bench_llmc: prepared $LLMC ($(cat "$LLMC/COMMIT" 2>/dev/null || echo 'no git commit')) and $CFE"
+    exit 0
+fi
+
+STEPS=${STEPS:-40}
+SKIP=${SKIP:-10}
+REPEATS=${REPEATS:-2}
+OURS_CUDNN=${OURS_CUDNN:-0}   # 1: ./train_omnimoe was built with USE_CUDNN=1; also run it with --attention cudnn
+B=${B:-32}
+RUN_TIMEOUT=${RUN_TIMEOUT:-180}
+TRAIN=data/tinyshakespeare/tiny_shakespeare_train.bin
+VAL=data/tinyshakespeare/tiny_shakespeare_val.bin
+D=${BENCH_DIR:-${OUT:-/tmp}/bench_llmc}
+mkdir -p "$D"
+[ -f "$LLMC/train_gpt2.cu" ] || { echo "bench_llmc: $LLMC missing: run 'bash dev/bench_llmc.sh prepare LLMC_DIR' and carry carry/"; exit 1; }
+[ -d "$CFE/cudnn_frontend" ] || { echo "bench_llmc: $CFE missing: run the prepare step"; exit 1; }
+arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+echo "bench_llmc: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), llm.c $(cat "$LLMC/COMMIT" 2>/dev/null)"
+
+build() {  # build <name> <make args...>: llm.c's train_gpt2cu copied to $D/<name>
+    local name=$1; shift
+    ln -sfn ../cudnn-frontend "$LLMC/cudnn-frontend"   # llm.c's Makefile looks in ./cudnn-frontend/include
+    (cd "$LLMC" && make clean >/dev/null 2>&1; make -j"$(nproc)" train_gpt2cu GPU_COMPUTE_CAPABILITY="$arch" "$@") \
+        > "$D/build_$name.log" 2>&1 && cp "$LLMC/train_gpt2cu" "$D/$name" \
+        || { tail -n 20 "$D/build_$name.log"; echo "bench_llmc: FAIL: build $name"; exit 1; }
+}
+build llmc_cudnn USE_CUDNN=1 NVCC_LDLIBS="-lnvrtc -lcuda"
+build llmc_plain USE_CUDNN=0
+if [ "$OURS_CUDNN" = 1 ]; then make USE_CUDNN=1 train_omnimoe > "$D/build_ours.log" 2>&1; else make train_omnimoe > "$D/build_ours.log" 2>&1; fi \
+    || { tail -n 20 "$D/build_ours.log"; echo "bench_llmc: FAIL: build ours"; exit 1; }
+
+run_llmc() {  # run_llmc <binary> <log>
+    timeout -k 5 "$RUN_TIMEOUT" "$D/$1" -e d12 -i "$TRAIN" -j "$VAL" -b "$B" -t 1024 -x "$STEPS" -l 6e-4 \
+        -u 10 -q 0.1 -c 0.1 -r 0 -v 100000 -m 1 -s 100000 -h 0 > "$2" 2>&1
+}
+run_ours() {  # run_ours <log> [more flags]: the JSONL log is <log>.jsonl
+    local log=$1; shift
+    timeout -k 5 "$RUN_TIMEOUT" ./train_omnimoe -e d12 -f gelu -i "$TRAIN" --val-data= -b "$B" -t 1024 -x "$STEPS" \
+        -l 6e-4 -u 10 -q 0.1 --schedule cosine -c 0.1 -v 0 -s 0 --log-file "$log.jsonl" "$@" > "$log" 2>&1
+}
+for round in $(seq 1 "$REPEATS"); do   # alternate, so drift in clocks or heat hits every trainer alike
+    run_llmc llmc_cudnn "$D/llmc_cudnn_$round.out" || echo "llmc_cudnn round $round: exit $?"
+    run_ours "$D/ours_$round.out" || echo "ours round $round: exit $?"
+    if [ "$OURS_CUDNN" = 1 ]; then run_ours "$D/ours_cudnn_$round.out" --attention cudnn || echo "ours_cudnn round $round: exit $?"; fi
+    run_llmc llmc_plain "$D/llmc_plain_$round.out" || echo "llmc_plain round $round: exit $?"
+done
+
+python3 - "$D" "$SKIP" "$REPEATS" "$OURS_CUDNN" <<'EOF'
+import json, os, re, sys
+d, skip, repeats, ours_cudnn = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+step_re = re.compile(r"^step\s+(\d+)/\d+ \|.*\| ([0-9.]+) ms \| (-?[0-9.]+)% bf16 MFU \| ([0-9.]+) tok/s")
+
+def median(v):
+    v = sorted(v)
+    return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
+
+def llmc_tok_s(path):
+    vals = [float(m.group(4)) for m in map(step_re.match, open(path, errors="replace")) if m and int(m.group(1)) > skip]
+    return median(vals) if vals else None
+
+def ours_tok_s(path):
+    vals = []
+    for line in open(path + ".jsonl"):
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if r.get("type") == "train" and r.get("step", 0) > skip and r.get("tok_s"):
+            vals.append(r["tok_s"])
+    return median(vals) if vals else None
+
+res = {}
+for name in ("llmc_cudnn", "ours", "llmc_plain") + (("ours_cudnn",) if ours_cudnn else ()):
+    res[name] = []
+    for r in range(1, repeats + 1):
+        p = os.path.join(d, "%s_%d.out" % (name, r))
+        try:
+            res[name].append(ours_tok_s(p) if name.startswith("ours") else llmc_tok_s(p))
+        except OSError:
+            res[name].append(None)
+label = {"llmc_cudnn": "llm.c, cuDNN flash attention", "ours": "ours (-f gelu)", "llmc_plain": "llm.c without cuDNN",
+         "ours_cudnn": "ours (-f gelu --attention cudnn)"}
+print("\n| trainer | median tok/s per run |\n|---|---:|")
+for name, v in res.items():
+    print("| %s | %s |" % (label[name], " / ".join("%.1fk" % (x / 1e3) if x else "failed" for x in v)))
+best = {n: max([x for x in v if x] or [0]) for n, v in res.items()}
+json.dump({"runs": res, "skip": skip}, open(os.path.join(d, "bench_llmc.json"), "w"), indent=1)
+if best["ours"] and best["llmc_cudnn"] and best["llmc_plain"]:
+    print("ours / llm.c with cuDNN: %.3f   ours / llm.c without cuDNN: %.3f   (best run of each)"
+          % (best["ours"] / best["llmc_cudnn"], best["ours"] / best["llmc_plain"]))
+else:
+    sys.exit("bench_llmc: a trainer produced no step lines (see %s)" % d)
+if best.get("ours_cudnn") and best["llmc_cudnn"]:
+    print("ours with --attention cudnn / llm.c with cuDNN: %.3f" % (best["ours_cudnn"] / best["llmc_cudnn"]))
+EOF
