@@ -14,7 +14,7 @@ CFLAGS = -O2 -Wall -Wextra -std=c11 -fopenmp -I.
 LDLIBS = -lm
 CUDA_ARCH ?= -gencode=arch=compute_90a,code=sm_90a
 NVCC_FLAGS = -O3 -std=c++17 $(CUDA_ARCH) -I. --expt-relaxed-constexpr -Xcompiler -Wall
-NVCC_LDLIBS = -lcublasLt -lcublas
+NVCC_LDLIBS = -lcublasLt -lcublas -lpthread
 # xxHash, used header-only (XXH_INLINE_ALL): Debian's libxxhash-dev puts it in /usr/include; a
 # machine without it can get the header in carry/include/xxhash.h (carry/ is not tracked)
 ifneq ($(wildcard carry/include/xxhash.h),)
@@ -73,7 +73,7 @@ endif
 HOST_HEADERS = $(wildcard llmc/*.h)
 CUDA_HEADERS = $(wildcard llmc/*.cuh)
 CPU_TESTS = test_omnimoe_cpu test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_fixtures test_integrity \
-            test_mc_eval test_loop_ranks test_mc_loop test_expert_shard
+            test_mc_eval test_loop_ranks test_mc_loop test_expert_shard test_zero_shard test_zero_ranks test_checkpoint_parts test_param_init
 
 .PHONY: all cpu test test_cpu test_gpu kernel_tests kernel_benches test_kernels clean
 
@@ -95,12 +95,20 @@ test_fixtures: test_fixtures.c train_omnimoe.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 # the tests of one host header each (test_checkpoint: checkpoint.h, test_args: args.h, ...)
-test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_mc_eval: %: %.c $(HOST_HEADERS)
+test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_mc_eval test_zero_shard test_checkpoint_parts: %: %.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 # the shared loop with 3 ranks as threads (llmc/train_loop.h)
 test_loop_ranks: test_loop_ranks.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS) -lpthread
+
+# the jump-ahead of rand.h and the threaded initialisation (llmc/param_init.h) against the sequential one
+test_param_init: test_param_init.c $(HOST_HEADERS)
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS) -lpthread
+
+# ZeRO-1 with simulated ranks on the CPU reference model against the replicated path
+test_zero_ranks: test_zero_ranks.c train_omnimoe.c $(HOST_HEADERS)
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 test_integrity: test_integrity.c train_omnimoe.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
@@ -169,12 +177,16 @@ test: test_cpu test_gpu
 test_cpu: $(CPU_TESTS) train_omnimoe_cpu
 	./test_dataloader
 	./test_checkpoint
+	./test_checkpoint_parts
 	./test_args
 	./test_lr_schedule
 	./test_logger
 	./test_mc_eval
+	./test_zero_shard
+	./test_zero_ranks
 	./test_integrity
 	./test_loop_ranks
+	./test_param_init
 	./test_mc_loop
 	./test_omnimoe_cpu
 	./test_expert_shard
@@ -183,6 +195,7 @@ test_cpu: $(CPU_TESTS) train_omnimoe_cpu
 	RESUME_FFN="moe --moepp 1 --moe-bias-rate 0.001" bash scripts/test_resume_cpu.sh
 	bash scripts/test_launcher_cpu.sh
 	bash scripts/test_export_cpu.sh
+	python3 scripts/test_plan.py
 	bash scripts/test_hostile.sh
 
 test_gpu:

@@ -122,6 +122,7 @@ static void test_args(void) {
         {"-d 0", {"-d", "0"}, "flag -d", "-1 or an integer >= 1", 0, 1},
         {"-m 0", {"-m", "0"}, "flag -m", "-1 or an integer >= 1", 0, 1},
         {"-y 2", {"-y", "2"}, "flag -y", "0 or 1", 0, 1},
+        {"--zero 2", {"--zero", "2"}, "--zero", "0 or 1", 0, 1},
         {"negative seed", {"--seed", "-1"}, "--seed", "negative", 0, 1},
         {"unknown schedule", {"--schedule", "linear"}, "\"linear\" for flag --schedule", "cosine|wsd|constant", 0, 1},
         {"unknown ffn", {"-f", "relu"}, "flag -f", "gelu|swiglu|omni", 0, 1},

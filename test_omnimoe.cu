@@ -9,7 +9,10 @@ weights everywhere (biases and LayerNorms included) and random tokens:
   3. two runs of three training steps are bitwise identical (losses and weights);
   4. ten AdamW training steps follow the reference's losses;
   5. evaluation mode (BN on running statistics), the fixed-shape forward that sampling uses, and
-     gradient accumulation over two micro-batches, against the CPU.
+     gradient accumulation over two micro-batches, against the CPU;
+  6. ZeRO-1 (llmc/zero.cuh) with P simulated ranks on this one GPU: each rank's gradient-norm
+     partial and its shard AdamW on packed master, m, v (gradients outside its shard poisoned)
+     against the replicated update: weights, master, m, v bitwise, the norm within 1e-12.
 The weights given to both sides are rounded to floatX first, so the comparison measures the
 GPU's arithmetic (bf16 activations, fp32 accumulation), not the rounding of the weights.
 
@@ -338,6 +341,123 @@ static void test_expert_stats(void) {
     free(counts);
 }
 
+// 6. ZeRO-1 kernels, P simulated ranks one after another on this GPU (the NCCL calls need several)
+static void test_zero_update(const char* name, const ModelConfig* c) {
+    size_t n = model_config_num_params(c), sizes[NUM_PARAMETER_TENSORS];
+    model_config_param_sizes(c, sizes);
+    Rng rng = rng_seeded(4242);
+    float* h_grads = host_alloc(n);
+    float* h_master = host_alloc(n);
+    float* h_m = host_alloc(n);
+    float* h_v = host_alloc(n);
+    fill_normal(h_grads, n, 0.0f, 0.01f, &rng);
+    fill_normal(h_master, n, 0.0f, 0.05f, &rng);
+    fill_normal(h_m, n, 0.0f, 1e-3f, &rng);
+    fill_uniform(h_v, n, 1e-7f, 1e-5f, &rng);
+    floatX* d_grads = device_alloc<floatX>(n, "grads");
+    upload_rounded(d_grads, h_grads, n);  // h_grads now holds the floatX values
+    const float lr = 1e-3f, beta1 = 0.9f, beta2 = 0.95f, eps = 1e-8f, wd = 0.1f, grad_scale = 0.37f;
+    const int t = 3;
+    // the replicated update: whole buffers, one adamw_update per tensor (model_update)
+    floatX* ref_params = device_alloc<floatX>(n, "ref params");
+    float* ref_state[3];  // master, m, v
+    const float* h_state[3] = {h_master, h_m, h_v};
+    for (int k = 0; k < 3; k++) {
+        ref_state[k] = device_alloc<float>(n, "ref state");
+        cudaCheck(cudaMemcpy(ref_state[k], h_state[k], n * sizeof(float), cudaMemcpyHostToDevice));
+    }
+    upload_floatX(ref_params, h_master, n);
+    size_t off = 0;
+    for (int i = 0; i < NUM_PARAMETER_TENSORS; off += sizes[i], i++) {
+        adamw_update(ref_params + off, ref_state[0] + off, d_grads + off, ref_state[1] + off, ref_state[2] + off,
+                     sizes[i], lr, beta1, beta2, eps, param_is_decayed(i) ? wd : 0.0f, grad_scale, t, 0);
+    }
+    floatX* want_params = (floatX*)malloc_check(n * sizeof(floatX));
+    cudaCheck(cudaMemcpy(want_params, ref_params, n * sizeof(floatX), cudaMemcpyDeviceToHost));
+    float* want_state[3];
+    for (int k = 0; k < 3; k++) want_state[k] = download_floats(ref_state[k], n);
+    double want_sq = 0.0;
+    for (size_t i = 0; i < n; i++) want_sq += (double)h_grads[i] * h_grads[i];
+
+    const int Ps[] = {2, 3, 4, 8};
+    for (int pi = 0; pi < 4; pi++) {
+        const int P = Ps[pi];
+        floatX* got_params = (floatX*)malloc_check(n * sizeof(floatX));
+        memset((void*)got_params, 0xFF, n * sizeof(floatX));
+        float* got_state[3];
+        for (int k = 0; k < 3; k++) {
+            got_state[k] = host_alloc(n);
+            for (size_t i = 0; i < n; i++) got_state[k][i] = NAN;
+        }
+        double partial[8];
+        for (int r = 0; r < P; r++) {
+            MultiGpu mg;
+            memset(&mg, 0, sizeof(mg));
+            mg.num_processes = P;
+            mg.process_rank = r;
+            ZeroOptimizer z;
+            zero_init(&z, c, &mg);
+            const ZeroShardMap* map = &z.map;
+            // rank r's reduced gradients exist on its ranges only: NaN elsewhere
+            floatX* g = device_alloc<floatX>(n, "rank grads");
+            floatX* params = device_alloc<floatX>(n, "rank params");
+            poison(g, n * sizeof(floatX));
+            poison(params, n * sizeof(floatX));
+            for (int i = 0; i < map->num_ranges; i++) {
+                const ZeroRange* rg = &map->ranges[i];
+                cudaCheck(cudaMemcpy(g + rg->offset, d_grads + rg->offset, rg->count * sizeof(floatX),
+                                     cudaMemcpyDeviceToDevice));
+            }
+            double* d_partial = zero_norm_partial(&z, g, 0);
+            cudaCheck(cudaMemcpy(&partial[r], d_partial, sizeof(double), cudaMemcpyDeviceToHost));
+            float* packed[3];
+            for (int k = 0; k < 3; k++) {
+                packed[k] = device_alloc<float>(map->shard_elems, "packed state");
+                zero_upload_packed(&z, h_state[k], packed[k]);
+            }
+            zero_adamw(&z, params, packed[0], g, packed[1], packed[2], lr, beta1, beta2, eps, wd, grad_scale, t, 0);
+            for (int k = 0; k < 3; k++) {
+                float* h = download_floats(packed[k], map->shard_elems);
+                zero_shard_unpack(map, h, got_state[k]);
+                free(h);
+                cudaCheck(cudaFree(packed[k]));
+            }
+            // the all-gather: rank r's ranges of its weights reach everyone
+            for (int i = 0; i < map->num_ranges; i++) {
+                const ZeroRange* rg = &map->ranges[i];
+                cudaCheck(cudaMemcpy(got_params + rg->offset, params + rg->offset, rg->count * sizeof(floatX),
+                                     cudaMemcpyDeviceToHost));
+            }
+            cudaCheck(cudaFree(g));
+            cudaCheck(cudaFree(params));
+            zero_free(&z);
+        }
+        double got_sq = 0.0;
+        for (int r = 0; r < P; r++) got_sq += partial[r];
+        char what[160];
+        snprintf(what, sizeof(what), "zero %s P=%d: norm^2 from rank partials", name, P);
+        test_checkf(fabs(got_sq - want_sq) <= 1e-12 * want_sq, what, "%.17g vs %.17g (tol 1e-12 relative)", got_sq,
+                    want_sq);
+        int same = memcmp(got_params, want_params, n * sizeof(floatX)) == 0;
+        for (int k = 0; k < 3; k++) same &= memcmp(got_state[k], want_state[k], n * sizeof(float)) == 0;
+        snprintf(what, sizeof(what), "zero %s P=%d: shard AdamW == replicated (weights, master, m, v bitwise)", name, P);
+        test_check(same, what);
+        free(got_params);
+        for (int k = 0; k < 3; k++) free(got_state[k]);
+    }
+    for (int k = 0; k < 3; k++) {
+        cudaCheck(cudaFree(ref_state[k]));
+        free(want_state[k]);
+    }
+    cudaCheck(cudaFree(ref_params));
+    cudaCheck(cudaFree(d_grads));
+    free(want_params);
+    free(h_grads);
+    free(h_master);
+    free(h_m);
+    free(h_v);
+}
+
 int main(void) {
     int device_count = 0;
     if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) {
@@ -362,6 +482,8 @@ int main(void) {
     for (int i = 0; i < num_cases; i++) test_training(cases[i].name, &cases[i].c, 4, 64);
     for (int i = 0; i < num_cases; i++) test_eval_sampling_accumulation(cases[i].name, &cases[i].c, 4, 64);
     test_expert_stats();
+    test_zero_update(cases[2].name, &cases[2].c);
+    test_zero_update(cases[0].name, &cases[0].c);
     matmul_free();
     return test_end();
 }

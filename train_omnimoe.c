@@ -34,6 +34,7 @@
 #endif
 #include "llmc/config.h"
 #include "llmc/rand.h"
+#include "llmc/param_init.h"
 #include "llmc/tokenizer.h"
 #include "llmc/sampler.h"
 
@@ -883,10 +884,10 @@ void gpt_build(GPT* model, const ModelConfig* config) {
 }
 
 // docs/design.md §1.3 initialisation from a seed, the same draws as the CUDA trainer (config.h:
-// model_init_params: one Rng, tensors in layout order, LayerNorm weights 1 and biases 0); the
-// BN running statistics are reset to mean 0, var 1
+// model_init_params: one Rng, tensors in layout order, LayerNorm weights 1 and biases 0), drawn
+// on every core with the same bits (param_init.h); the BN running statistics are reset to mean 0, var 1
 void gpt_init_random(GPT* model, uint64_t seed) {
-    model_init_params(&model->config, model->params, seed);
+    model_init_params_parallel(&model->config, model->params, seed);
     model_init_bn_stats(&model->config, model->bn_stats);
 }
 
@@ -1640,6 +1641,24 @@ static float gpt_grad_norm(const GPT* model) {
     return (float)sqrt(sum);
 }
 
+// One AdamW step on one contiguous range of one tensor, in place: g = grad * grad_scale enters m
+// and v, then param -= lr * (m_hat / (sqrt(v_hat) + eps) + weight_decay * param). gpt_update runs
+// it per tensor; the ZeRO-1 test (test_zero_ranks.c) runs it per shard range of packed state.
+void adamw_range(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1, float beta2,
+                 float eps, float weight_decay, float grad_scale, int t) {
+    float beta1_correction = 1.0f - powf(beta1, (float)t);
+    float beta2_correction = 1.0f - powf(beta2, (float)t);
+    #pragma omp parallel for
+    for (size_t j = 0; j < n; j++) {
+        float gj = grad[j] * grad_scale;
+        m[j] = beta1 * m[j] + (1.0f - beta1) * gj;
+        v[j] = beta2 * v[j] + (1.0f - beta2) * gj * gj;
+        float m_hat = m[j] / beta1_correction;
+        float v_hat = v[j] / beta2_correction;
+        param[j] -= lr * (m_hat / (sqrtf(v_hat) + eps) + weight_decay * param[j]);
+    }
+}
+
 // AdamW with bias correction (t = 1, 2, ... counts updates), decoupled weight decay on the
 // tensors param_is_decayed() names, and global gradient-norm clipping: when grad_clip > 0 and
 // the norm exceeds it, the gradients enter the moments scaled by grad_clip / norm. The stored
@@ -1656,25 +1675,12 @@ float gpt_update(GPT* model, float lr, float beta1, float beta2, float eps, floa
     }
     float norm = gpt_grad_norm(model);
     float grad_scale = (grad_clip > 0.0f && norm > grad_clip) ? grad_clip / norm : 1.0f;
-    float beta1_correction = 1.0f - powf(beta1, (float)t);
-    float beta2_correction = 1.0f - powf(beta2, (float)t);
     size_t offset = 0;
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
         size_t size = model->param_sizes[i];
         float wd = param_is_decayed(i) ? weight_decay : 0.0f;
-        float* param = model->params + offset;
-        const float* grad = model->grads + offset;
-        float* m = model->m + offset;
-        float* v = model->v + offset;
-        #pragma omp parallel for
-        for (size_t j = 0; j < size; j++) {
-            float gj = grad[j] * grad_scale;
-            m[j] = beta1 * m[j] + (1.0f - beta1) * gj;
-            v[j] = beta2 * v[j] + (1.0f - beta2) * gj * gj;
-            float m_hat = m[j] / beta1_correction;
-            float v_hat = v[j] / beta2_correction;
-            param[j] -= lr * (m_hat / (sqrtf(v_hat) + eps) + wd * param[j]);
-        }
+        adamw_range(model->params + offset, model->grads + offset, model->m + offset, model->v + offset, size, lr,
+                    beta1, beta2, eps, wd, grad_scale, t);
         offset += size;
     }
     return norm;
@@ -1725,6 +1731,7 @@ void sample_and_print(GPT* model, const Tokenizer* tokenizer, Rng* rng, int gen_
 #include "llmc/checkpoint.h"
 #include "llmc/dataloader.h"
 #include "llmc/train_loop.h"
+#include "llmc/memory_plan.h"
 
 typedef struct {
     const TrainConfig* cfg;
@@ -1870,9 +1877,15 @@ int main(int argc, char** argv) {
     cfg.sample_every = 0;
     cfg.gen_tokens = 32;
     train_config_parse(&cfg, argc, argv);
+    if (cfg.plan_gpus > 0) return train_config_plan_main(&cfg, 2);  // the CUDA trainer's memory, bf16 build
     if (cfg.launch_processes != 1) {
         fprintf(stderr, "Error: flag -pn %d: the CPU reference trainer runs as one process; several processes "
                 "(one per GPU) are the CUDA trainer's (./train_omnimoe)\n", cfg.launch_processes);
+        exit(EXIT_FAILURE);
+    }
+    if (cfg.zero) {
+        fprintf(stderr, "Error: flag --zero 1: the CPU reference trainer runs as one process and keeps the whole "
+                "optimizer state; ZeRO-1 shards it over the CUDA trainer's processes (test_zero_ranks simulates it)\n");
         exit(EXIT_FAILURE);
     }
     if (cfg.attention != ATTENTION_OURS) {

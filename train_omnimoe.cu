@@ -34,7 +34,9 @@ has finished that layer, so the transfer runs under the backward of the layers b
 the same buckets run after the backward (same bits, only later). The step's loss, the expert
 counts and the stop request (SIGINT/SIGTERM) are summed too, so every rank takes the same
 decisions. Rank 0 alone prints, logs and writes files; checkpoints hold
-every rank's BN set.
+every rank's BN set. --zero 1 (ZeRO-1, llmc/zero.cuh): each rank keeps 1/P of the fp32 master
+weights and AdamW state, the gradients are reduce-scattered in the same buckets, and checkpoints
+are sharded (one part per rank, written in parallel, and a manifest: llmc/checkpoint_parts.h).
 */
 #include "llmc/utils.h"   // first: it selects POSIX declarations
 #include <stdio.h>
@@ -45,6 +47,8 @@ every rank's BN set.
 #include <time.h>
 #include "llmc/config.h"
 #include "llmc/rand.h"
+#include "llmc/param_init.h"
+#include "llmc/memory_plan.h"
 #include "llmc/args.h"
 #include "llmc/lr_schedule.h"
 #include "llmc/logger.h"
@@ -66,6 +70,8 @@ every rank's BN set.
 #include "llmc/omnimoe_layer.cuh"
 #include "llmc/expert_stats.cuh"
 #include "llmc/multi_gpu.cuh"
+#include "llmc/grad_slices.h"
+#include "llmc/zero.cuh"
 
 // ----------------------------------------------------------------------------
 // the model
@@ -112,9 +118,11 @@ typedef struct {
     size_t num_params;
     floatX* params;       // the weights the kernels read
     floatX* grads;        // accumulated by backward
-    float* master;        // fp32 master weights
+    float* master;        // fp32 master weights: all num_params, or the ZeRO-1 shard (opt_elems)
     float* adam_m;
     float* adam_v;
+    size_t opt_elems;     // elements of master, adam_m, adam_v: num_params, or the shard's
+    ZeroOptimizer* zero;  // ZeRO-1 (--zero 1, several GPUs): this rank's shard; NULL: replicated
     float* bn_stats;      // router BN running statistics (layout of the model file)
     int* expert_counts;   // (L, N) pairs routed to each expert since the last reset (omni)
     float* expert_stats;  // (2L) usage, then KL of each layer (expert_stats' output)
@@ -128,6 +136,7 @@ typedef struct {
     int attention;        // ATTENTION_* (--attention): whose attention kernels run
     cudaStream_t stream;
     float* norm_squared;  // (1) device
+    MemoryPlan plan;      // every device buffer above and its bytes (llmc/memory_plan.h)
 } Model;
 
 static inline floatX* param_ptr(const Model* m, int tensor) { return m->params + m->param_offsets[tensor]; }
@@ -144,6 +153,7 @@ static inline floatX* layer_grad(const Model* m, int tensor, int l) {
 static int ffn_in_width(const ModelConfig* c) { return c->ffn_kind == FFN_GELU ? c->ffn_hidden : 2 * c->ffn_hidden; }
 
 static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
+static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
 
 // checks the shapes the kernels need (16-byte vectors: multiples of 8 elements)
 static void model_check_shapes(const ModelConfig* c) {
@@ -161,22 +171,62 @@ static void model_check_shapes(const ModelConfig* c) {
     }
 }
 
-// Allocates parameters, optimizer state and activations for micro-batches up to (B, T).
-// Refuses, before any large allocation, a model whose buffers cannot fit in the GPU's free
-// memory (less a margin for cuBLAS workspaces, NCCL and the CUDA context's own growth).
-#define DEVICE_MEMORY_MARGIN_BYTES ((size_t)1 << 30)
-static void device_memory_check(size_t state_bytes, size_t work_bytes, size_t num_params, int B, int T) {
+// Allocates parameters, optimizer state and activations for micro-batches up to (B, T), buffer by
+// buffer from the memory plan (llmc/memory_plan.h, docs/design.md §4.5), which is what --plan
+// prints. Refuses, before any large allocation, a model whose plan (with its margin for cuBLAS
+// workspaces, NCCL and the CUDA context's own growth) cannot fit in the GPU's free memory.
+static_assert(MATMUL_DBIAS_ROWS_PER_BLOCK == PLAN_MATMUL_DBIAS_ROWS_PER_BLOCK, "memory_plan.h mirrors matmul.cuh");
+static_assert(LAYERNORM_BWD_ROWS_PER_BLOCK == PLAN_LAYERNORM_BWD_ROWS_PER_BLOCK, "memory_plan.h mirrors layernorm.cuh");
+static_assert(ATTN_T_PAD == PLAN_ATTN_T_PAD, "memory_plan.h mirrors attention.cuh");
+static_assert(GLOBAL_NORM_MAX_BLOCKS == PLAN_GLOBAL_NORM_MAX_BLOCKS, "memory_plan.h mirrors global_norm.cuh");
+static_assert(ROUTER_BN_CHUNK == PLAN_ROUTER_BN_CHUNK, "memory_plan.h mirrors router.cuh");
+static_assert(EXPERTS_SEG_CHUNK == PLAN_EXPERTS_SEG_CHUNK, "memory_plan.h mirrors experts.cuh");
+
+static void device_memory_check(const MemoryPlan* plan) {
     size_t free_bytes, total_bytes;
     cudaCheck(cudaMemGetInfo(&free_bytes, &total_bytes));
-    size_t need = state_bytes + work_bytes + DEVICE_MEMORY_MARGIN_BYTES;
-    if (need <= free_bytes) return;
+    if (plan->total <= free_bytes) return;
     const double GiB = 1073741824.0;
+    const size_t* k = plan->kind_bytes;
+    size_t state_bytes = k[MEM_WEIGHTS] + k[MEM_GRADS] + k[MEM_MASTER] + k[MEM_ADAM_M] + k[MEM_ADAM_V] + k[MEM_OTHER_STATE];
+    memory_plan_print(plan, stderr);
     fprintf(stderr, "Error: the model needs %.2f GiB of GPU memory: %.2f GiB for the %zu parameters' weights, "
             "gradients, fp32 master weights and AdamW state, %.2f GiB for the activations and scratch of a "
             "micro-batch of -b %d -t %d, and a %.1f GiB margin; the GPU has %.2f GiB free of %.2f GiB. Lower -b "
-            "or -t, or choose a smaller model (-e, --experts)\n", need / GiB, state_bytes / GiB, num_params,
-            work_bytes / GiB, B, T, DEVICE_MEMORY_MARGIN_BYTES / GiB, free_bytes / GiB, total_bytes / GiB);
+            "or -t, or choose a smaller model (-e, --experts)\n", plan->total / GiB, state_bytes / GiB,
+            model_config_num_params(&plan->config), (k[MEM_ACTIVATIONS] + k[MEM_WORKSPACE]) / GiB, plan->B, plan->T,
+            plan->margin / GiB, free_bytes / GiB, total_bytes / GiB);
     exit(EXIT_FAILURE);
+}
+
+// the kernels' sizes as the GPU headers compute them (CUB asked for its sort storage), checked
+// against memory_plan.h's mirror of their formulas: the plan cannot drift from the kernels
+static PlanKernelSizes model_kernel_sizes(const ModelConfig* c, int B, int T) {
+    size_t C = c->channels, BT = (size_t)B * T, Vp = c->padded_vocab_size, FI = ffn_in_width(c), H = c->ffn_hidden;
+    OmniDims omni_dims = {(int)BT, (int)C, (int)H, c->router_n, c->num_experts, c->top_k};
+    int omni = c->ffn_kind == FFN_OMNI;
+    PlanKernelSizes k = {0, 0, 0, 0};
+    size_t s = 0;
+    s = max_sz(s, matmul_backward_scratch_bytes((int)BT, (int)max_sz(max_sz(3 * C, FI), max_sz(C, Vp))));
+    s = max_sz(s, layernorm_backward_scratch_bytes((int)BT, (int)C));
+    s = max_sz(s, attention_backward_scratch_bytes(B, T, (int)C, c->num_heads));
+    s = max_sz(s, global_norm_scratch_bytes());
+    if (omni) s = max_sz(s, omni_layer_scratch_bytes(omni_dims));
+    k.scratch = s;
+    if (omni) {
+        k.omni_saved = omni_layer_saved_bytes(omni_dims);
+        k.omni_workspace = omni_workspace_bytes(omni_dims);
+    }
+    size_t pairs = omni ? BT * c->top_k : 0;
+    PlanKernelSizes mirror = plan_kernel_sizes(c, B, T, (int)sizeof(floatX), pairs, C,
+                                               omni ? scheduler_cub_bytes((int)pairs, c->num_experts) : 0);
+    if (mirror.scratch != k.scratch || mirror.omni_saved != k.omni_saved || mirror.omni_workspace != k.omni_workspace) {
+        fprintf(stderr, "Error: llmc/memory_plan.h's kernel sizes differ from the kernels' (scratch %zu vs %zu, saved "
+                "%zu vs %zu, workspace %zu vs %zu bytes): update plan_kernel_sizes with the kernel change\n",
+                mirror.scratch, k.scratch, mirror.omni_saved, k.omni_saved, mirror.omni_workspace, k.omni_workspace);
+        exit(EXIT_FAILURE);
+    }
+    return k;
 }
 
 // cuDNN's SDPA workspace at (B, T), or an error in a build without it (the flag is parsed everywhere)
@@ -191,7 +241,9 @@ static size_t attention_cudnn_scratch_or_die(int B, int T, int C, int NH) {
 #endif
 }
 
-static void model_build(Model* m, const ModelConfig* config, int B, int T, int expert_exec, int attention) {
+// zero: ZeRO-1 (llmc/zero.cuh, built by the caller): master, m and v hold its shard only; NULL: all
+static void model_build_sharded(Model* m, const ModelConfig* config, int B, int T, int expert_exec, int attention,
+                                ZeroOptimizer* zero) {
     memset(m, 0, sizeof(*m));
     if (!model_config_validate(config)) exit(EXIT_FAILURE);
     model_check_shapes(config);
@@ -207,81 +259,79 @@ static void model_build(Model* m, const ModelConfig* config, int B, int T, int e
     }
     m->num_params = offset;
     size_t P = m->num_params;
+    m->zero = zero;
+    m->opt_elems = zero ? zero->map.shard_elems : P;
+    size_t S = m->opt_elems;
     const ModelConfig* c = config;
-    size_t L = c->num_layers, C = c->channels, BT = (size_t)B * T, Vp = c->padded_vocab_size;
+    size_t L = c->num_layers, C = c->channels, BT = (size_t)B * T;
     size_t FI = ffn_in_width(c), H = c->ffn_hidden;
-    size_t num_bn = model_config_num_bn_stats(config);
     Activations* a = &m->acts;
     OmniDims omni_dims = {(int)BT, (int)C, (int)H, c->router_n, c->num_experts, c->top_k};
-    int omni = c->ffn_kind == FFN_OMNI;
-    size_t s = 0;
-    s = max_sz(s, matmul_backward_scratch_bytes((int)BT, (int)max_sz(max_sz(3 * C, FI), max_sz(C, Vp))));
-    s = max_sz(s, layernorm_backward_scratch_bytes((int)BT, (int)C));
-    s = max_sz(s, attention_backward_scratch_bytes(B, T, (int)C, c->num_heads));
     m->attention = attention;
+    // every buffer of the model from the plan (this GPU's), summed against the free memory, then allocated
+    PlanKernelSizes kernel_sizes = model_kernel_sizes(c, B, T);
     // cuDNN's SDPA gets its own workspace: the forward's scratch may still be the OmniMoE layer's
-    a->attention_ws_bytes = attention == ATTENTION_CUDNN ? attention_cudnn_scratch_or_die(B, T, (int)C, c->num_heads) : 0;
-    s = max_sz(s, global_norm_scratch_bytes());
-    if (omni) s = max_sz(s, omni_layer_scratch_bytes(omni_dims));
-    a->scratch_bytes = s;
-    // every large buffer of the model, first summed against the free memory, then allocated
-    struct { void** ptr; size_t bytes; const char* what; int is_state; } buffers[] = {
-        {(void**)&m->params, P * sizeof(floatX), "parameters", 1},
-        {(void**)&m->grads, P * sizeof(floatX), "gradients", 1},
-        {(void**)&m->master, P * sizeof(float), "fp32 master weights", 1},
-        {(void**)&m->adam_m, P * sizeof(float), "AdamW m", 1},
-        {(void**)&m->adam_v, P * sizeof(float), "AdamW v", 1},
-        {(void**)&m->bn_stats, max_sz(num_bn, 1) * sizeof(float), "router BN running statistics", 1},
-        {(void**)&m->norm_squared, sizeof(float), "gradient norm", 1},
-        {(void**)&a->encoded, BT * C * sizeof(floatX), "activations: encoded", 0},
-        {(void**)&a->ln1, L * BT * C * sizeof(floatX), "activations: ln1", 0},
-        {(void**)&a->ln1_mean, L * BT * sizeof(float), "activations: ln1 mean", 0},
-        {(void**)&a->ln1_rstd, L * BT * sizeof(float), "activations: ln1 rstd", 0},
-        {(void**)&a->qkv, L * BT * 3 * C * sizeof(floatX), "activations: qkv", 0},
-        {(void**)&a->atty, L * BT * C * sizeof(floatX), "activations: attention output", 0},
-        {(void**)&a->att_lse, L * BT * c->num_heads * sizeof(float), "activations: attention lse", 0},
-        {(void**)&a->residual2, L * BT * C * sizeof(floatX), "activations: residual2", 0},
-        {(void**)&a->ln2, L * BT * C * sizeof(floatX), "activations: ln2", 0},
-        {(void**)&a->ln2_mean, L * BT * sizeof(float), "activations: ln2 mean", 0},
-        {(void**)&a->ln2_rstd, L * BT * sizeof(float), "activations: ln2 rstd", 0},
-        {(void**)&a->fch, L * BT * FI * sizeof(floatX), "activations: FFN pre-activation", 0},
-        {(void**)&a->fch_act, L * BT * H * sizeof(floatX), "activations: FFN activation", 0},
-        {(void**)&a->residual3, L * BT * C * sizeof(floatX), "activations: residual3", 0},
-        {(void**)&a->lnf, BT * C * sizeof(floatX), "activations: lnf", 0},
-        {(void**)&a->lnf_mean, BT * sizeof(float), "activations: lnf mean", 0},
-        {(void**)&a->lnf_rstd, BT * sizeof(float), "activations: lnf rstd", 0},
-        {(void**)&a->logits, BT * Vp * sizeof(floatX), "activations: logits", 0},
-        {(void**)&a->losses, BT * sizeof(float), "activations: losses", 0},
-        {(void**)&a->loss_sum, sizeof(float), "mean loss", 0},
-        {(void**)&a->sublayer_out, BT * C * sizeof(floatX), "activations: sublayer output", 0},
-        {(void**)&a->inputs, BT * sizeof(int), "inputs", 0},
-        {(void**)&a->targets, BT * sizeof(int), "targets", 0},
-        {(void**)&a->dresidual, BT * C * sizeof(floatX), "gradients: residual", 0},
-        {(void**)&a->dsub, BT * C * sizeof(floatX), "gradients: sublayer", 0},
-        {(void**)&a->dwide, BT * max_sz(3 * C, FI) * sizeof(floatX), "gradients: wide", 0},
-        {(void**)&a->dhidden, BT * max_sz(H, C) * sizeof(floatX), "gradients: hidden", 0},
-        {(void**)&a->scratch, s, "kernel scratch", 0},
-        {(void**)&a->attention_ws, a->attention_ws_bytes, "cuDNN attention workspace", 0},
-    };
-    const size_t num_buffers = sizeof(buffers) / sizeof(buffers[0]);
-    size_t state_bytes = 0, work_bytes = 0;
-    for (size_t i = 0; i < num_buffers; i++) *(buffers[i].is_state ? &state_bytes : &work_bytes) += buffers[i].bytes;
-    if (omni) {  // the layers' saved router/schedule buffers, their workspace, the expert counts
-        work_bytes += L * omni_layer_saved_bytes(omni_dims) + omni_workspace_bytes(omni_dims);
-        work_bytes += L * c->num_experts * sizeof(int) + 2 * L * sizeof(float);
+    kernel_sizes.attention_ws = attention == ATTENTION_CUDNN ? attention_cudnn_scratch_or_die(B, T, (int)C, c->num_heads) : 0;
+    int num_gpus = zero ? zero->map.num_ranks : 1, mode = zero ? PLAN_MODE_ZERO1 : PLAN_MODE_REPLICATED;
+    if (!memory_plan_build(&m->plan, c, B, T, (int)sizeof(floatX), num_gpus, mode, &kernel_sizes)) exit(EXIT_FAILURE);
+    if (m->plan.opt_local != S) {
+        fprintf(stderr, "Error: the memory plan counts %zu fp32 state elements per process, the ZeRO-1 map %zu\n",
+                m->plan.opt_local, S);
+        exit(EXIT_FAILURE);
     }
-    device_memory_check(state_bytes, work_bytes, P, B, T);
-    for (size_t i = 0; i < num_buffers; i++) *buffers[i].ptr = cuda_malloc_or_die(buffers[i].bytes, buffers[i].what);
+    a->scratch_bytes = m->plan.buf[MEMBUF_SCRATCH].bytes;
+    a->attention_ws_bytes = m->plan.buf[MEMBUF_ATTENTION_WS].bytes;
+    void** ptrs[MEMBUF_NUM_MODEL];
+    ptrs[MEMBUF_PARAMS] = (void**)&m->params;
+    ptrs[MEMBUF_GRADS] = (void**)&m->grads;
+    ptrs[MEMBUF_MASTER] = (void**)&m->master;
+    ptrs[MEMBUF_ADAM_M] = (void**)&m->adam_m;
+    ptrs[MEMBUF_ADAM_V] = (void**)&m->adam_v;
+    ptrs[MEMBUF_BN_STATS] = (void**)&m->bn_stats;
+    ptrs[MEMBUF_NORM] = (void**)&m->norm_squared;
+    ptrs[MEMBUF_ENCODED] = (void**)&a->encoded;
+    ptrs[MEMBUF_LN1] = (void**)&a->ln1;
+    ptrs[MEMBUF_LN1_MEAN] = (void**)&a->ln1_mean;
+    ptrs[MEMBUF_LN1_RSTD] = (void**)&a->ln1_rstd;
+    ptrs[MEMBUF_QKV] = (void**)&a->qkv;
+    ptrs[MEMBUF_ATTY] = (void**)&a->atty;
+    ptrs[MEMBUF_ATT_LSE] = (void**)&a->att_lse;
+    ptrs[MEMBUF_RESIDUAL2] = (void**)&a->residual2;
+    ptrs[MEMBUF_LN2] = (void**)&a->ln2;
+    ptrs[MEMBUF_LN2_MEAN] = (void**)&a->ln2_mean;
+    ptrs[MEMBUF_LN2_RSTD] = (void**)&a->ln2_rstd;
+    ptrs[MEMBUF_FCH] = (void**)&a->fch;
+    ptrs[MEMBUF_FCH_ACT] = (void**)&a->fch_act;
+    ptrs[MEMBUF_RESIDUAL3] = (void**)&a->residual3;
+    ptrs[MEMBUF_LNF] = (void**)&a->lnf;
+    ptrs[MEMBUF_LNF_MEAN] = (void**)&a->lnf_mean;
+    ptrs[MEMBUF_LNF_RSTD] = (void**)&a->lnf_rstd;
+    ptrs[MEMBUF_LOGITS] = (void**)&a->logits;
+    ptrs[MEMBUF_LOSSES] = (void**)&a->losses;
+    ptrs[MEMBUF_LOSS_SUM] = (void**)&a->loss_sum;
+    ptrs[MEMBUF_SUBLAYER_OUT] = (void**)&a->sublayer_out;
+    ptrs[MEMBUF_INPUTS] = (void**)&a->inputs;
+    ptrs[MEMBUF_TARGETS] = (void**)&a->targets;
+    ptrs[MEMBUF_DRESIDUAL] = (void**)&a->dresidual;
+    ptrs[MEMBUF_DSUB] = (void**)&a->dsub;
+    ptrs[MEMBUF_DWIDE] = (void**)&a->dwide;
+    ptrs[MEMBUF_DHIDDEN] = (void**)&a->dhidden;
+    ptrs[MEMBUF_SCRATCH] = (void**)&a->scratch;
+    ptrs[MEMBUF_ATTENTION_WS] = (void**)&a->attention_ws;
+    device_memory_check(&m->plan);
+    for (int i = 0; i < MEMBUF_NUM_MODEL; i++) *ptrs[i] = cuda_malloc_or_die(m->plan.buf[i].bytes, m->plan.buf[i].what);
     cudaCheck(cudaMemset(m->grads, 0, P * sizeof(floatX)));
-    cudaCheck(cudaMemset(m->adam_m, 0, P * sizeof(float)));
-    cudaCheck(cudaMemset(m->adam_v, 0, P * sizeof(float)));
+    cudaCheck(cudaMemset(m->adam_m, 0, S * sizeof(float)));
+    cudaCheck(cudaMemset(m->adam_v, 0, S * sizeof(float)));
     if (c->ffn_kind == FFN_OMNI) {
         // the layers: views of the parameters, gradients, BN statistics, counts and activations here
         OmniOptions opt = {c->router_norm, c->gate, expert_exec};
         omni_workspace_create(&m->omni_ws, omni_dims, a->scratch, a->scratch_bytes, a->dhidden, a->dwide);
-        m->expert_counts = (int*)cuda_malloc_or_die(L * c->num_experts * sizeof(int), "expert counts");
-        cudaCheck(cudaMemset(m->expert_counts, 0, L * c->num_experts * sizeof(int)));
-        m->expert_stats = (float*)cuda_malloc_or_die(2 * L * sizeof(float), "expert statistics");
+        const MemBuffer* counts = &m->plan.buf[MEMBUF_EXPERT_COUNTS];  // (L, N) int
+        const MemBuffer* stats = &m->plan.buf[MEMBUF_EXPERT_STATS];    // (2L) float
+        m->expert_counts = (int*)cuda_malloc_or_die(counts->bytes, counts->what);
+        cudaCheck(cudaMemset(m->expert_counts, 0, counts->bytes));
+        m->expert_stats = (float*)cuda_malloc_or_die(stats->bytes, stats->what);
         m->omni = (OmniLayer*)malloc_check(L * sizeof(OmniLayer));
         for (int l = 0; l < (int)L; l++) {
             OmniWeights w = {layer_param(m, PARAM_FCW, l), layer_param(m, PARAM_FCPROJW, l),
@@ -299,6 +349,10 @@ static void model_build(Model* m, const ModelConfig* config, int B, int T, int e
     }
     encoder_backward_plan_init(&m->encoder_plan, (int)BT, c->vocab_size, (int)C);
     matmul_init();
+}
+
+static void model_build(Model* m, const ModelConfig* config, int B, int T, int expert_exec, int attention) {
+    model_build_sharded(m, config, B, T, expert_exec, attention, NULL);
 }
 
 static void model_free(Model* m) {
@@ -325,9 +379,11 @@ static void model_free(Model* m) {
 
 // Master weights from host fp32 (layout order); floatX weights rounded from them (the same
 // round-to-nearest-even as the AdamW update, so masters alone restore the weights bitwise).
+// ZeRO-1: the master keeps this rank's shard of host_params, the floatX weights all of them.
 static void model_set_params(Model* m, const float* host_params, const float* host_bn_stats) {
     size_t P = m->num_params;
-    cudaCheck(cudaMemcpy(m->master, host_params, P * sizeof(float), cudaMemcpyHostToDevice));
+    if (m->zero) zero_upload_packed(m->zero, host_params, m->master);
+    else cudaCheck(cudaMemcpy(m->master, host_params, P * sizeof(float), cudaMemcpyHostToDevice));
     upload_floatX(m->params, host_params, P);
     size_t num_bn = model_config_num_bn_stats(&m->config);
     if (num_bn > 0) {
@@ -335,20 +391,48 @@ static void model_set_params(Model* m, const float* host_params, const float* ho
     }
 }
 
+// ZeRO-1: collective (every rank calls it, the shards are gathered); host_params may be NULL on
+// the ranks that do not need the weights
 static void model_get_params(const Model* m, float* host_params, float* host_bn_stats) {
-    cudaCheck(cudaMemcpy(host_params, m->master, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
+    if (m->zero) zero_gather_to_host(m->zero, m->master, host_params, m->stream);
+    else cudaCheck(cudaMemcpy(host_params, m->master, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
     size_t num_bn = model_config_num_bn_stats(&m->config);
     if (num_bn > 0 && host_bn_stats) {
         cudaCheck(cudaMemcpy(host_bn_stats, m->bn_stats, num_bn * sizeof(float), cudaMemcpyDeviceToHost));
     }
 }
 
+// One chunk of the drawn weights to the GPU, as model_set_params does it (fp32 masters, then their
+// floatX rounding), on the consumer thread of model_init_params_pipelined: the copies of chunk i
+// run while chunk i + 1 is drawn on every core.
+#define INIT_UPLOAD_CHUNK ((size_t)1 << 26)  // values per chunk: 256 MiB of fp32
+typedef struct { Model* m; const float* params; floatX* staging; int device; } InitUpload;
+
+static void init_upload_chunk(void* ctx, size_t lo, size_t n) {
+    InitUpload* u = (InitUpload*)ctx;
+    cudaCheck(cudaSetDevice(u->device));  // the current device belongs to the host thread
+    cudaCheck(cudaMemcpy(u->m->master + lo, u->params + lo, n * sizeof(float), cudaMemcpyHostToDevice));
+    host_float_to_floatX(u->staging, u->params + lo, n);
+    cudaCheck(cudaMemcpy(u->m->params + lo, u->staging, n * sizeof(floatX), cudaMemcpyHostToDevice));
+}
+
+// every host core draws, with the bits of model_init_params (llmc/param_init.h); ZeRO-1 packs its
+// shard of the whole draw (model_set_params), the replicated masters take it chunk by chunk
 static void model_init_random(Model* m, uint64_t seed) {
     float* params = (float*)malloc_check(m->num_params * sizeof(float));
     float* bn = (float*)malloc_check(max_sz(model_config_num_bn_stats(&m->config), 1) * sizeof(float));
-    model_init_params(&m->config, params, seed);
     model_init_bn_stats(&m->config, bn);
-    model_set_params(m, params, bn);
+    if (m->zero) {
+        model_init_params_parallel(&m->config, params, seed);
+        model_set_params(m, params, bn);
+    } else {
+        InitUpload u = {m, params, (floatX*)malloc_check(min_sz(m->num_params, INIT_UPLOAD_CHUNK) * sizeof(floatX)), 0};
+        cudaCheck(cudaGetDevice(&u.device));
+        model_init_params_pipelined(&m->config, params, seed, INIT_UPLOAD_CHUNK, host_num_cores(), init_upload_chunk, &u);
+        size_t num_bn = model_config_num_bn_stats(&m->config);
+        if (num_bn > 0) cudaCheck(cudaMemcpy(m->bn_stats, bn, num_bn * sizeof(float), cudaMemcpyHostToDevice));
+        free(u.staging);
+    }
     free(params);
     free(bn);
 }
@@ -478,7 +562,7 @@ static float model_mean_loss(const Model* m) {
 // ----------------------------------------------------------------------------
 // backward
 
-// the gradient bucket of layer l: the backward finishes layer L-1 first (see model_grad_reducer_init)
+// the gradient bucket of layer l: the backward finishes layer L-1 first (llmc/grad_slices.h)
 static int model_layer_bucket(const Model* m, int l) { return m->config.num_layers - 1 - l; }
 
 static void model_zero_grad(Model* m) {
@@ -561,53 +645,23 @@ static void model_backward(Model* m, const int* inputs, float loss_scale, GradRe
 }
 
 // ----------------------------------------------------------------------------
-// the gradient buckets of several GPUs (GradReducer, llmc/multi_gpu.cuh)
-//
-// Bucket b < L holds layer l = L-1-b's slice of every per-layer tensor (the backward finishes the
-// layers top down, so the buckets launch in index order); bucket L holds the tensors that are not
-// per layer: wte (written by the LM head first and by the encoder last), wpe, lnfw, lnfb. A new
-// tensor must go into the bucket of the last backward step that writes it: model_grad_reducer_init
-// checks that the slices cover the gradient buffer exactly once, not when they are written.
-
-static int param_is_per_layer(int tensor) {
-    return tensor != PARAM_WTE && tensor != PARAM_WPE && tensor != PARAM_LNFW && tensor != PARAM_LNFB;
-}
-
-static int compare_size_t_pairs(const void* a, const void* b) {
-    size_t x = ((const size_t*)a)[0], y = ((const size_t*)b)[0];
-    return x < y ? -1 : (x > y ? 1 : 0);
-}
-
-// one bucket per layer plus one; the slices are checked to tile the gradient buffer
+// the gradient buckets of several GPUs (GradReducer, llmc/multi_gpu.cuh): one bucket per layer
+// plus one, from the host slice list of llmc/grad_slices.h (which says what goes where); the
+// slices are checked to tile the gradient buffer exactly once
 static void model_grad_reducer_init(Model* m, GradReducer* r, const MultiGpu* mg) {
-    const int L = m->config.num_layers;
-    grad_reducer_init(r, mg, L + 1);
-    size_t* tiles = (size_t*)malloc_check(((size_t)L + 1) * NUM_PARAMETER_TENSORS * 2 * sizeof(size_t));
-    int num_tiles = 0;
-    for (int l = L - 1; l >= -1; l--) {  // l = -1: the bucket after the layers
-        for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
-            if (m->param_sizes[i] == 0 || param_is_per_layer(i) != (l >= 0)) continue;
-            floatX* slice = l >= 0 ? layer_grad(m, i, l) : grad_ptr(m, i);
-            size_t count = l >= 0 ? m->param_sizes[i] / L : m->param_sizes[i];
-            grad_reducer_add(r, l >= 0 ? model_layer_bucket(m, l) : L, slice, count);
-            tiles[2 * num_tiles] = (size_t)(slice - m->grads);
-            tiles[2 * num_tiles + 1] = count;
-            num_tiles++;
-        }
-    }
-    qsort(tiles, num_tiles, 2 * sizeof(size_t), compare_size_t_pairs);
-    size_t end = 0;  // the tiles, in order, must each start where the last ended and end at num_params
-    int t = 0;
-    while (t < num_tiles && tiles[2 * t] == end) {
-        end += tiles[2 * t + 1];
-        t++;
-    }
-    free(tiles);
-    if (t != num_tiles || end != m->num_params) {
-        fprintf(stderr, "model_grad_reducer_init: the gradient buckets do not tile the %zu gradients exactly once "
-                "(a gap or an overlap at element %zu)\n", m->num_params, end);
+    GradSlice* slices = (GradSlice*)malloc_check(grad_slices_max(&m->config) * sizeof(GradSlice));
+    int num_slices = grad_slices_build(&m->config, slices);
+    if (!grad_slices_check_tiling(slices, num_slices, m->num_params)) {
+        fprintf(stderr, "model_grad_reducer_init: the gradient buckets do not tile the %zu gradients exactly once\n",
+                m->num_params);
         exit(EXIT_FAILURE);
     }
+    grad_reducer_init(r, mg, grad_slices_num_buckets(&m->config));
+    for (int i = 0; i < num_slices; i++) {
+        size_t chunk = m->zero ? m->zero->map.chunk[i] : 0;  // ZeRO-1: reduce-scatter (same slice list)
+        grad_reducer_add(r, slices[i].bucket, m->grads + slices[i].offset, slices[i].count, chunk);
+    }
+    free(slices);
 }
 
 // ----------------------------------------------------------------------------
@@ -617,6 +671,15 @@ static void model_grad_reducer_init(Model* m, GradReducer* r, const MultiGpu* mg
 // every tensor. Returns the norm (before clipping).
 static float model_update(Model* m, float lr, float beta1, float beta2, float eps, float weight_decay, float grad_clip) {
     cudaStream_t st = m->stream;
+    if (m->zero) {  // ZeRO-1 (docs/sharding.md §2): norm from the shards, AdamW on the shard, gather
+        float norm = (float)sqrt(zero_grad_norm_squared(m->zero, m->grads, st));
+        float grad_scale = (grad_clip > 0.0f && norm > grad_clip) ? grad_clip / norm : 1.0f;
+        m->adam_t += 1;
+        zero_adamw(m->zero, m->params, m->master, m->grads, m->adam_m, m->adam_v, lr, beta1, beta2, eps, weight_decay,
+                   grad_scale, m->adam_t, st);
+        zero_allgather_params(m->zero, m->params, st);
+        return norm;
+    }
     global_norm_squared(m->norm_squared, m->grads, m->num_params, m->acts.scratch, st);
     float norm_squared;
     cudaCheck(cudaMemcpyAsync(&norm_squared, m->norm_squared, sizeof(float), cudaMemcpyDeviceToHost, st));
@@ -754,6 +817,9 @@ static void gpu_sample_logits(void* ctx, const int* tokens, int T, int t, float*
 // Resume on a different process count G: rank r takes BN set r mod G_saved, and the loader
 // rounds its position up to a whole round of G (dataloader.h).
 // Every rank calls it (the BN statistics are gathered from all ranks); rank 0 writes the file.
+// ZeRO-1: a sharded checkpoint instead (gpu_save_checkpoint_parts).
+static void gpu_save_checkpoint_parts(GpuTrainer* tr, const CheckpointInfo* info, const DataLoaderState* loader,
+                                      const uint64_t* sample_rng, const float* bn_all, char* out_path);
 static void gpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const DataLoaderState* loader,
                                 const uint64_t* sample_rng, char* out_path) {
     GpuTrainer* tr = (GpuTrainer*)ctx;
@@ -774,6 +840,11 @@ static void gpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const Dat
         cudaCheck(cudaStreamSynchronize(m->stream));
         cudaCheck(cudaFree(gathered));
     }
+    if (m->zero) {
+        gpu_save_checkpoint_parts(tr, info, loader, sample_rng, bn_all, out_path);
+        free(bn_all);
+        return;
+    }
     if (!master_process) return;
     float* params = (float*)malloc_check(P * sizeof(float));
     float* adam_m = (float*)malloc_check(P * sizeof(float));
@@ -790,6 +861,95 @@ static void gpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const Dat
     free(bn_all);
 }
 
+// ZeRO-1 (docs/sharding.md §4): every rank writes its shard as a part file at the same time,
+// then rank 0 writes the manifest with the parts' sizes and hashes. Either all ranks write or none
+// (the shards' finiteness is agreed first). The output directory must be one all ranks see.
+static void gpu_save_checkpoint_parts(GpuTrainer* tr, const CheckpointInfo* info, const DataLoaderState* loader,
+                                      const uint64_t* sample_rng, const float* bn_all, char* out_path) {
+    const Model* m = &tr->model;
+    const MultiGpu* mg = tr->mg;
+    const int G = mg->num_processes, rank = mg->process_rank;
+    const size_t E = m->zero->map.shard_elems;
+    const char* dir = tr->cfg->output_dir;
+    const float* device[3] = {m->master, m->adam_m, m->adam_v};
+    float* host[3];
+    char why[256] = "";
+    int finite = 1;
+    for (int k = 0; k < 3; k++) {
+        host[k] = (float*)malloc_check(max_sz(E, 1) * sizeof(float));
+        cudaCheck(cudaMemcpy(host[k], device[k], E * sizeof(float), cudaMemcpyDeviceToHost));
+        finite &= ckpt_floats_finite_(host[k], E, k == 0 ? "the master weights" : "the AdamW state", why, sizeof(why));
+    }
+    double bad = finite ? 0.0 : 1.0;
+    multi_gpu_sum_doubles(mg, &bad, 1, m->stream);
+    if (bad > 0.0) {
+        if (!finite) fprintf(stderr, "Error: rank %d: %s\n", rank, why);
+        if (rank == 0) {
+            fprintf(stderr, "Error: refusing to write checkpoint step %d: %d rank(s) hold non-finite optimizer state; "
+                    "nothing is saved (the checkpoints already in %s are untouched)\n", info->step, (int)bad, dir);
+        }
+        exit(EXIT_FAILURE);
+    }
+    if (rank == 0) checkpoint_make_dir(dir);
+    multi_gpu_barrier(mg);  // the directory exists before any part is written
+    double start = train_loop_now_ms();
+    CheckpointPartEntry entry = checkpoint_part_write(dir, info->step, &m->config, rank, G, SHARD_MODE_ZERO, host[0],
+                                                      host[1], host[2], E);
+    float seconds = (float)((train_loop_now_ms() - start) / 1e3);
+    for (int k = 0; k < 3; k++) free(host[k]);
+    // every rank's table entry and write time to rank 0 (an all-gather copies bits, no arithmetic)
+    const int W = 6;  // floats per rank: the 16-byte entry, the seconds, padding
+    float send[6] = {0};
+    memcpy(send, &entry, sizeof(entry));
+    send[4] = seconds;
+    float* d_buf = (float*)cuda_malloc_or_die((size_t)(G + 1) * W * sizeof(float), "checkpoint part table");
+    float* all = (float*)malloc_check((size_t)G * W * sizeof(float));
+    cudaCheck(cudaMemcpy(d_buf, send, W * sizeof(float), cudaMemcpyHostToDevice));
+    multi_gpu_allgather_floats(mg, d_buf, d_buf + W, W, m->stream);
+    cudaCheck(cudaMemcpyAsync(all, d_buf + W, (size_t)G * W * sizeof(float), cudaMemcpyDeviceToHost, m->stream));
+    cudaCheck(cudaStreamSynchronize(m->stream));
+    cudaCheck(cudaFree(d_buf));
+    if (rank == 0) {
+        CheckpointPartEntry* table = (CheckpointPartEntry*)malloc_check((size_t)G * sizeof(CheckpointPartEntry));
+        double slowest = 0.0, bytes = 0.0;
+        for (int r = 0; r < G; r++) {
+            memcpy(&table[r], all + (size_t)r * W, sizeof(CheckpointPartEntry));
+            slowest = fmax(slowest, (double)all[(size_t)r * W + 4]);
+            bytes += (double)table[r].bytes;
+        }
+        checkpoint_manifest_write(dir, &m->config, info, bn_all, G, loader, sizeof(*loader), sample_rng,
+                                  sizeof(*sample_rng), G, SHARD_MODE_ZERO, table, out_path);
+        printf("checkpoint parts: %d x %.2f GB written in %.2f s (%.2f GB/s per rank, %.2f GB/s in all)\n", G,
+               bytes / G / 1e9, slowest, bytes / G / 1e9 / fmax(slowest, 1e-9), bytes / 1e9 / fmax(slowest, 1e-9));
+        free(table);
+    }
+    free(all);
+}
+
+// ZeRO-1 resume from a sharded checkpoint: every rank reads its own shard from the parts (any
+// P at write time: the ranges are re-sharded by llmc/checkpoint_parts.h), rounds its ranges to the
+// floatX weights and all-gathers them
+static void gpu_load_shard_from_parts(Model* m, const char* path) {
+    ModelConfig config;
+    CheckpointInfo info;
+    CheckpointPartEntry* table = checkpoint_manifest_read_table(path, &m->config, &config, &info);
+    const ZeroShardMap* map = &m->zero->map;
+    float* host[3];
+    for (int k = 0; k < 3; k++) host[k] = (float*)malloc_check(max_sz(map->shard_elems, 1) * sizeof(float));
+    checkpoint_parts_read_shard(path, &config, &info, table, map, host[0], host[1], host[2]);
+    float* device[3] = {m->master, m->adam_m, m->adam_v};
+    for (int k = 0; k < 3; k++) {
+        cudaCheck(cudaMemcpy(device[k], host[k], map->shard_elems * sizeof(float), cudaMemcpyHostToDevice));
+    }
+    for (int i = 0; i < map->num_ranges; i++) {  // the same rounding as AdamW's, so the weights come back bitwise
+        const ZeroRange* rg = &map->ranges[i];
+        upload_floatX(m->params + rg->offset, host[0] + rg->shard_offset, rg->count);
+    }
+    zero_allgather_params(m->zero, m->params, m->stream);
+    for (int k = 0; k < 3; k++) free(host[k]);
+    free(table);
+}
+
 // what rank 0 read from a checkpoint besides the big sections, sent to every rank
 typedef struct {
     CheckpointInfo info;
@@ -799,7 +959,10 @@ typedef struct {
 
 // Every rank calls it. Rank 0 reads and verifies the checkpoint at path (the file may exist on
 // rank 0's host alone) and the weights, optimizer state, BN sets and run state reach the other
-// ranks by broadcast.
+// ranks by broadcast (ZeRO-1: each rank keeps its shard of the master weights, m and v). A
+// sharded checkpoint (version 3) read by a ZeRO-1 run: every rank reads its shard from the parts
+// itself (gpu_load_shard_from_parts; the parts must be visible to every rank); read by a
+// replicated run, rank 0 assembles the whole state from the parts (checkpoint_read).
 static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
                                 uint64_t* sample_rng) {
     GpuTrainer* tr = (GpuTrainer*)ctx;
@@ -810,31 +973,46 @@ static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* inf
     ResumePoint rp;
     memset(&rp, 0, sizeof(rp));
     float* bn_all = NULL;  // (num_bn_sets, NB) host
+    float *params = NULL, *adam_m = NULL, *adam_v = NULL;  // rank 0, host
     if (mg->process_rank == 0) {
         ModelConfig file_config;
         checkpoint_read_info(path, &file_config, &rp.info);  // the header: how many BN sets to expect
-        float* params = (float*)malloc_check(P * sizeof(float));
-        float* adam_m = (float*)malloc_check(P * sizeof(float));
-        float* adam_v = (float*)malloc_check(P * sizeof(float));
+        int from_parts = m->zero && rp.info.num_parts > 0;  // then rank 0 reads the manifest's sections only
+        if (!from_parts) {
+            params = (float*)malloc_check(P * sizeof(float));
+            adam_m = (float*)malloc_check(P * sizeof(float));
+            adam_v = (float*)malloc_check(P * sizeof(float));
+        }
         int sets = rp.info.num_bn_sets > 0 ? rp.info.num_bn_sets : 1;
         bn_all = (float*)malloc_check(max_sz((size_t)sets * NB, 1) * sizeof(float));
         checkpoint_read(path, &m->config, &rp.info, params, adam_m, adam_v, NB > 0 ? bn_all : NULL,
                         rp.info.num_bn_sets, &rp.loader, sizeof(rp.loader), &rp.sample_rng_state,
                         sizeof(rp.sample_rng_state));
         rp.info.num_bn_sets = sets;
-        model_set_params(m, params, bn_all);
-        cudaCheck(cudaMemcpy(m->adam_m, adam_m, P * sizeof(float), cudaMemcpyHostToDevice));
-        cudaCheck(cudaMemcpy(m->adam_v, adam_v, P * sizeof(float), cudaMemcpyHostToDevice));
-        free(params);
-        free(adam_m);
-        free(adam_v);
+        if (!from_parts) model_set_params(m, params, bn_all);
+        if (!m->zero) {
+            cudaCheck(cudaMemcpy(m->adam_m, adam_m, P * sizeof(float), cudaMemcpyHostToDevice));
+            cudaCheck(cudaMemcpy(m->adam_v, adam_v, P * sizeof(float), cudaMemcpyHostToDevice));
+        }
     }
     multi_gpu_broadcast_host(mg, &rp, sizeof(rp), st);
     // rank 0's weights (floatX and master) and optimizer state, bit for bit
-    multi_gpu_broadcast(mg, m->params, P * sizeof(floatX), st);
-    multi_gpu_broadcast(mg, m->master, P * sizeof(float), st);
-    multi_gpu_broadcast(mg, m->adam_m, P * sizeof(float), st);
-    multi_gpu_broadcast(mg, m->adam_v, P * sizeof(float), st);
+    if (m->zero && rp.info.num_parts > 0) {
+        gpu_load_shard_from_parts(m, path);
+    } else if (m->zero) {  // a single file: each rank keeps its shard of rank 0's host copies
+        multi_gpu_broadcast(mg, m->params, P * sizeof(floatX), st);
+        zero_scatter_from_host(m->zero, params, m->master, st);
+        zero_scatter_from_host(m->zero, adam_m, m->adam_m, st);
+        zero_scatter_from_host(m->zero, adam_v, m->adam_v, st);
+    } else {
+        multi_gpu_broadcast(mg, m->params, P * sizeof(floatX), st);
+        multi_gpu_broadcast(mg, m->master, P * sizeof(float), st);
+        multi_gpu_broadcast(mg, m->adam_m, P * sizeof(float), st);
+        multi_gpu_broadcast(mg, m->adam_v, P * sizeof(float), st);
+    }
+    free(params);
+    free(adam_m);
+    free(adam_v);
     if (NB > 0) {
         size_t bn_bytes = (size_t)rp.info.num_bn_sets * NB * sizeof(float);
         if (bn_all == NULL) bn_all = (float*)malloc_check(bn_bytes);
@@ -854,14 +1032,17 @@ static void gpu_expert_stats(void* ctx, float* usage, float* kl) {
     model_expert_stats(&((GpuTrainer*)ctx)->model, usage, kl);
 }
 
-// rank 0's weights and BN statistics
+// rank 0's weights and BN statistics. Every rank calls it (ZeRO-1 gathers the master weights).
 static void gpu_write_model(void* ctx, const char* path) {
-    const Model* m = &((GpuTrainer*)ctx)->model;
+    GpuTrainer* tr = (GpuTrainer*)ctx;
+    const Model* m = &tr->model;
+    int master_process = tr->mg->process_rank == 0;
+    if (!master_process && !m->zero) return;
     size_t NB = model_config_num_bn_stats(&m->config);
-    float* params = (float*)malloc_check(m->num_params * sizeof(float));
+    float* params = master_process ? (float*)malloc_check(m->num_params * sizeof(float)) : NULL;
     float* bn = (float*)malloc_check(max_sz(NB, 1) * sizeof(float));
     model_get_params(m, params, bn);
-    model_file_write(path, &m->config, params, bn);
+    if (master_process) model_file_write(path, &m->config, params, bn);
     free(params);
     free(bn);
 }
@@ -889,6 +1070,7 @@ int main(int argc, char** argv) {
     cfg.val_max_batches = -1;
     cfg.sample_every = 100;
     train_config_parse(&cfg, argc, argv);
+    if (cfg.plan_gpus > 0) return train_config_plan_main(&cfg, (int)sizeof(floatX));  // no GPU, no MPI
 
     // one process per GPU: MPI, a shared id file (-pn/-pr/-pf) or a single process; sets the GPU
     MultiGpu mg;
@@ -941,15 +1123,32 @@ int main(int argc, char** argv) {
     }
 
     Model* model = &tr.model;
-    model_build(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention);
+    // --zero 1 on several GPUs: this rank's shard of the optimizer state (llmc/zero.cuh); on one
+    // process there is nothing to shard and the replicated path runs unchanged
+    ZeroOptimizer zero_storage;
+    ZeroOptimizer* zero = NULL;
+    if (cfg.zero && G > 1) {
+        zero_init(&zero_storage, &config, &mg);
+        zero = &zero_storage;
+    } else if (cfg.zero && master_process) {
+        printf("| --zero 1 on one process: nothing to shard, the optimizer state stays whole\n");
+    }
+    if (zero) model_build_sharded(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention, zero);
+    else model_build(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention);
+    if (zero && master_process) {
+        printf("| ZeRO-1: fp32 master, m and v of %zu of %zu parameters per process (%zu in replicated tails)\n",
+               zero->map.shard_elems, model->num_params, zero_shard_tail_elems(&zero->map));
+    }
+    model->plan.num_gpus = G;  // the buffers of every GPU of the run
+    if (master_process) memory_plan_print(&model->plan, stdout);  // this GPU's buffers, CUB's own storage
     // several GPUs: the gradient buckets and their stream; one GPU: none, and no NCCL call at all
     GradReducer reducer_storage;
     if (G > 1) {
         model_grad_reducer_init(model, &reducer_storage, &mg);
         tr.reducer = &reducer_storage;
         if (master_process) {
-            printf("| gradient mean: %d NCCL buckets per step (one per layer, then the embeddings), %s\n",
-                   tr.reducer->num_buckets, cfg.overlap_comm ? "overlapped with the backward (--overlap-comm 1)"
+            printf("| gradient mean: %d NCCL buckets per step (one per layer, then the embeddings), %s%s\n",
+                   tr.reducer->num_buckets, zero ? "reduce-scattered (ZeRO-1), " : "", cfg.overlap_comm ? "overlapped with the backward (--overlap-comm 1)"
                                                              : "after the backward (--overlap-comm 0)");
         }
     }
@@ -1014,6 +1213,7 @@ int main(int argc, char** argv) {
     if (have_val) dataloader_free(&tr.val_loader);
     if (tr.reducer) grad_reducer_free(tr.reducer);
     model_free(model);
+    if (zero) zero_free(zero);
     matmul_free();
     multi_gpu_finalize(&mg);
     return rc;

@@ -15,6 +15,10 @@
 #     llmc: dev/bench_llmc.sh, our dense d12 step against llm.c with and without cuDNN, same
 #           flags, alternating (carry/llm.c from 'dev/bench_llmc.sh prepare <llm.c clone>')
 #     bench: only dev/bench_all.sh (every performance benchmark, its own builds and summary)
+#     mceval: a d12 omni run with --mc-eval on the committed example file (accuracy on the step line and
+#         in the log), then dev/test_export_hf.py (exports loaded in transformers, logits vs ours)
+#     startup: dev/startup_check.sh: the threaded host initialisation against one thread (bitwise),
+#         launch-to-step-1 seconds and --plan against the measured GPU memory, d12 N=16k/64k/256k
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/omnimoe_out}
@@ -57,6 +61,15 @@ if [[ "$mode" == *full* ]] && [ -d carry/mixed ]; then
         run "rerun_${kind}_bitwise_info" python3 scripts/compare_logs.py docs/runs/dense_vs_omni/$kind.jsonl \
             "$OUT/rerun_$kind.jsonl" --exact
     done
+fi
+if [[ "$mode" == *startup* ]]; then run startup bash dev/startup_check.sh; fi
+# the multiple-choice eval in a GPU training run (data/mc_examples_val.bin, made by
+# dev/data/hellaswag.py from dev/data/mc_examples.jsonl) and the Hugging Face export against our logits
+if [[ "$mode" == *mceval* ]]; then
+    run mc_eval_run ./train_omnimoe -e d12 -f omni -b 8 -t 1024 -x 40 -v 20 -s 0 \
+        --mc-eval data/mc_examples_val.bin --mc-every 20 --log-file "$OUT/mc_eval.jsonl"
+    run mc_eval_in_log grep -q '"type":"mc_eval"' "$OUT/mc_eval.jsonl"
+    run export_hf python3 dev/test_export_hf.py
 fi
 if [[ "$mode" == *ab* ]]; then  # bitwise and timing A/B against carry/ab_base (dev/ab_compare.sh prepare)
     OUT="$OUT/ab" FFN="gelu swiglu omni" bash dev/ab_compare.sh run > "$OUT/ab_compare.log" 2>&1

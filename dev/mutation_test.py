@@ -214,8 +214,9 @@ def clean_env():
     return env
 
 
-# tests that are shell scripts (scripts/<test>.sh) driving a binary: the binary they need
-SCRIPT_TESTS = {"test_resume_cpu": "train_omnimoe_cpu", "test_launcher_cpu": "train_omnimoe_cpu"}
+# tests that are scripts (scripts/<test>.sh, or .py) driving a binary: the binary they need
+SCRIPT_TESTS = {"test_resume_cpu": "train_omnimoe_cpu", "test_launcher_cpu": "train_omnimoe_cpu",
+                "test_plan": "train_omnimoe_cpu"}
 # test binaries that also run another binary of the copy (built, mutated, with them)
 ALSO_BUILD = {"test_mc_loop": ["train_omnimoe_cpu"]}
 
@@ -238,7 +239,10 @@ def build(workdir, test):
 
 def run_test(workdir, test, timeout):
     """Returns (exit status or None on timeout, stdout + stderr)."""
-    command = ["bash", f"scripts/{test}.sh"] if test in SCRIPT_TESTS else [os.path.join(".", test)]
+    command = [os.path.join(".", test)]
+    if test in SCRIPT_TESTS:
+        py = os.path.exists(os.path.join(workdir, "scripts", f"{test}.py"))
+        command = ["python3", f"scripts/{test}.py"] if py else ["bash", f"scripts/{test}.sh"]
     try:
         r = subprocess.run(command, cwd=workdir, env=clean_env(),
                            capture_output=True, timeout=timeout)

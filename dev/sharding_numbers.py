@@ -8,7 +8,9 @@ trainer's buffer list (train_omnimoe.cu model_build). Plain Python, no packages.
 
 Memory: 16 bytes per parameter (bf16 weights and gradients, fp32 master, m, v), plus activations
 and scratch as model_build sizes them (the CUB sort's temporary storage is estimated: 8 bytes per
-pair + 1 MiB), plus the trainer's 1 GiB margin (DEVICE_MEMORY_MARGIN_BYTES).
+pair + 1 MiB), plus the trainer's 1 GiB margin (MEMORY_PLAN_MARGIN_BYTES, llmc/memory_plan.h).
+`--plan` of the trainers prints the same numbers from the trainer's own buffer list
+(scripts/test_plan.py checks that they agree).
 Bytes on the wire: per GPU and step, bytes each GPU sends (NVLink is full duplex: it receives the
 same amount at the same time), for ring collectives and grouped send/recv all-to-all.
 """

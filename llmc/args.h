@@ -69,6 +69,7 @@ typedef struct {
     char launch_id_file[TRAIN_PATH_MAX];      // -pf  file (shared by all hosts) where the ranks meet
     int overlap_comm;                         // --overlap-comm  1 = the gradient all-reduce runs under the backward
     int shard_experts;                        // --shard-experts  1 = U, V split by columns over the processes (docs/sharding.md §3.1)
+    int zero;                                 // --zero  1 = ZeRO-1: optimizer state sharded over the processes (docs/sharding.md §2)
     // optimisation
     int num_steps;                            // -x  optimiser steps
     float learning_rate;                      // -l  peak learning rate
@@ -100,6 +101,8 @@ typedef struct {
     int gate;                                 // --gate  GATE_*; -1 = preset (softmax)
     int expert_exec;                          // --expert-exec  EXPERT_EXEC_* (run-time choice, not saved in the model)
     int attention;                            // --attention  ATTENTION_* (CUDA trainer; run-time choice, in checkpoints)
+    // the memory plan (llmc/memory_plan.h)
+    int plan_gpus;                            // --plan  print the per-GPU memory plan of a run on this many GPUs, exit (0 = train)
     // moe knobs (docs/design.md §10.7); model fields: -1 = the preset's (or --moepp's) value
     int moe_experts, moe_topk, moe_shared;    // --moe-experts --moe-topk --moe-shared  E, k, S
     int moe_zero, moe_copy, moe_const;        // --moe-zero --moe-copy --moe-const  MoE++ expert counts
@@ -189,6 +192,8 @@ static const TrainFlag train_flags[] = {
     {"-pf", "--nccl-id-file", TRAIN_ARG_STRING, offsetof(TrainConfig, launch_id_file), 0, 0, 0, NULL, "launch without mpirun: a new file path (on a file system all hosts share) where rank 0 leaves the NCCL id"},
     {NULL, "--overlap-comm", TRAIN_ARG_INT, offsetof(TrainConfig, overlap_comm), 0, 1, 0, NULL, "several GPUs: 1 (default) = average each layer's gradients while the backward goes on, 0 = after it (same bits)"},
     {NULL, "--shard-experts", TRAIN_ARG_INT, offsetof(TrainConfig, shard_experts), 0, 1, 0, NULL, "several GPUs, omni: 1 = split the expert tables U, V by columns over the processes (needs C/8 divisible by them), 0 (default) = every GPU holds them whole"},
+    {NULL, "--zero", TRAIN_ARG_INT, offsetof(TrainConfig, zero), 0, 1, 0, NULL, "several GPUs: 1 = ZeRO-1, each process keeps 1/P of the fp32 master weights and AdamW state (0 = every process all of it)"},
+    {NULL, "--plan", TRAIN_ARG_INT, offsetof(TrainConfig, plan_gpus), 0, 65536, 0, NULL, "print the memory plan per GPU of this run on this many GPUs (with --zero, --shard-experts) and exit, no GPU needed (0 = train)"},
 };
 #define TRAIN_NUM_FLAGS ((int)(sizeof(train_flags) / sizeof(train_flags[0])))
 
@@ -208,6 +213,7 @@ static inline void train_config_defaults(TrainConfig* cfg) {
     cfg->launch_rank = 0;
     cfg->launch_id_file[0] = '\0';
     cfg->overlap_comm = 1;
+    cfg->zero = 0;  // ZeRO-1 off until it has been measured (docs/sharding.md §2)
     cfg->num_steps = 1000;
     cfg->learning_rate = 6e-4f;
     cfg->warmup_steps = 100;
@@ -236,6 +242,7 @@ static inline void train_config_defaults(TrainConfig* cfg) {
     cfg->router_norm = -1;
     cfg->gate = -1;
     cfg->expert_exec = EXPERT_EXEC_TOKEN;  // measured faster in the trainer (docs/performance.md)
+    cfg->plan_gpus = 0;
     cfg->moe_experts = cfg->moe_topk = cfg->moe_shared = -1;
     cfg->moe_zero = cfg->moe_copy = cfg->moe_const = -1;
     cfg->moe_gate_res = cfg->moe_norm_topk = -1;

@@ -54,6 +54,18 @@
  *   corruption passes with probability 2^-64. Nothing non-finite is ever written: the writers
  *   refuse NaN/Inf weights, optimiser state or BN statistics.
  *
+ * Sharded checkpoint (a ZeRO-1 run, docs/sharding.md §4): version 3. ckpt_<step>.bin is the
+ * manifest: the same header with [58] num_parts (P at write time) and [59] shard_mode (bit 0
+ * ZeRO-1), and the sections without params, m and v:
+ *     fp32 bn_stats, u8 loader[LB], u8 rng[RB]   as above
+ *     part table, num_parts entries of 16 bytes: int64 bytes, uint64 XXH64 of part r's file
+ *   then the trailer. file_bytes = 1024 + 4*num_bn_sets*NB + LB + RB + 16*num_parts + 16.
+ *   The master weights, m and v are in the part files ckpt_<step>.part<r>of<P>.bin, one per
+ *   rank (layout and reading, with re-sharding to any P: llmc/checkpoint_parts.h, included at
+ *   the end of this file). checkpoint_verify also checks that every part exists with the size
+ *   the table gives (its hash is checked when it is read); checkpoint_read assembles the logical
+ *   params, m and v from the parts, so every reader of a version-2 file reads version 3 too.
+ *
  * Writing is crash-safe: the file is written to ckpt_<step>.bin.tmp, flushed, fsync'ed, renamed
  * to ckpt_<step>.bin and the directory fsync'ed; an older checkpoint is never touched. Resume
  * looks only at complete names and verifies size, end magic and checksum before use.
@@ -101,6 +113,8 @@
 #define MODEL_FILE_VERSION_UNHASHED 1  // no trailer: still read, with a warning
 #define CHECKPOINT_MAGIC 20261102
 #define CHECKPOINT_VERSION 2
+#define CHECKPOINT_VERSION_SHARDED 3   // manifest + part files (llmc/checkpoint_parts.h)
+#define CHECKPOINT_PART_ENTRY_BYTES 16  // int64 bytes, uint64 hash
 #define FIXTURE_FILE_MAGIC 20261103
 #define CHECKPOINT_TRAILER_BYTES 16
 #define CHECKPOINT_END_MAGIC "OMNI-END"
@@ -661,6 +675,9 @@ typedef struct {
     int num_bn_sets;             // sets stored
     long long loader_bytes;      // data-loader blob
     long long rng_bytes;         // RNG blob
+    // sharded checkpoints (version 3): 0, 0 for a single file (version 2)
+    int num_parts;               // part files (the process count that wrote them)
+    int shard_mode;              // bit 0: ZeRO-1 (llmc/checkpoint_parts.h)
 } CheckpointInfo;
 
 // the run record of a checkpoint (sizes are left 0 for the writers)
@@ -679,14 +696,16 @@ static inline void checkpoint_path(char* out, size_t size, const char* dir, int 
 }
 
 static inline int64_t checkpoint_file_bytes_(const CheckpointInfo* info) {
-    return OMNI_HEADER_BYTES + 3 * 4 * (int64_t)info->num_params + 4 * (int64_t)info->num_bn_sets * info->num_bn_stats +
-           info->loader_bytes + info->rng_bytes + CHECKPOINT_TRAILER_BYTES;
+    int64_t state = info->num_parts > 0 ? CHECKPOINT_PART_ENTRY_BYTES * (int64_t)info->num_parts  // the part table
+                                        : 3 * 4 * (int64_t)info->num_params;                     // params, m, v
+    return OMNI_HEADER_BYTES + state + 4 * (int64_t)info->num_bn_sets * info->num_bn_stats + info->loader_bytes +
+           info->rng_bytes + CHECKPOINT_TRAILER_BYTES;
 }
 
 static inline void checkpoint_header_from_(const ModelConfig* config, const CheckpointInfo* info, int32_t* h) {
     memset(h, 0, OMNI_HEADER_BYTES);
     h[0] = CHECKPOINT_MAGIC;
-    h[1] = CHECKPOINT_VERSION;
+    h[1] = info->num_parts > 0 ? CHECKPOINT_VERSION_SHARDED : CHECKPOINT_VERSION;
     model_config_to_header(config, h);
     const RunIdentity* r = &info->run;
     h[16] = r->B;
@@ -724,6 +743,8 @@ static inline void checkpoint_header_from_(const ModelConfig* config, const Chec
     ckpt_put_i64_(h, 52, info->loader_bytes);
     ckpt_put_i64_(h, 54, info->rng_bytes);
     ckpt_put_i64_(h, 56, checkpoint_file_bytes_(info));
+    h[58] = info->num_parts;
+    h[59] = info->shard_mode;
 }
 
 static inline void checkpoint_header_to_(const int32_t* h, ModelConfig* config, CheckpointInfo* info) {
@@ -763,6 +784,8 @@ static inline void checkpoint_header_to_(const int32_t* h, ModelConfig* config, 
     info->num_bn_stats = ckpt_get_i64_(h, 50);
     info->loader_bytes = ckpt_get_i64_(h, 52);
     info->rng_bytes = ckpt_get_i64_(h, 54);
+    info->num_parts = h[58];
+    info->shard_mode = h[59];
 }
 
 // Checks of a checkpoint header, without printing; each returns 1 when sound, else 0 with the
@@ -774,8 +797,9 @@ static inline int checkpoint_check_header_basic_(const int32_t* h, int64_t file_
         snprintf(why, why_size, "bad magic number %d, expected %d%s", h[0], CHECKPOINT_MAGIC, ckpt_magic_hint_(h[0]));
         return 0;
     }
-    if (h[1] != CHECKPOINT_VERSION) {
-        snprintf(why, why_size, "version %d, this program reads version %d%s", h[1], CHECKPOINT_VERSION,
+    if (h[1] != CHECKPOINT_VERSION && h[1] != CHECKPOINT_VERSION_SHARDED) {
+        snprintf(why, why_size, "version %d, this program reads version %d (one file) and %d (sharded)%s", h[1],
+                 CHECKPOINT_VERSION, CHECKPOINT_VERSION_SHARDED,
                  h[1] == 1 ? " (version 1 was written before checkpoints recorded the training data and got a "
                  "64-bit hash: start a new run in another -o directory, e.g. from a model file with -e)" : "");
         return 0;
@@ -797,6 +821,8 @@ static inline int checkpoint_check_header_sizes_(const int32_t* h, ModelConfig* 
     if (info->num_params < 0 || info->num_params > limit || info->num_bn_stats < 0 || info->num_bn_stats > limit ||
         info->num_bn_sets < 0 || info->num_bn_sets > (1 << 16) || info->loader_bytes < 0 ||
         info->loader_bytes > limit || info->rng_bytes < 0 || info->rng_bytes > limit ||
+        (h[1] == CHECKPOINT_VERSION_SHARDED) != (info->num_parts > 0) || info->num_parts < 0 ||
+        info->num_parts > (1 << 16) || (info->num_parts > 0) != (info->shard_mode > 0) ||
         checkpoint_file_bytes_(info) != stated ||
         (uint64_t)info->num_params != (uint64_t)model_config_num_params(config) ||
         (uint64_t)info->num_bn_stats != (uint64_t)model_config_num_bn_stats(config)) {
@@ -872,6 +898,8 @@ static inline void checkpoint_write(const char* dir, const ModelConfig* config, 
                                     int num_bn_sets, const void* loader_state, size_t loader_bytes,
                                     const void* rng_state, size_t rng_bytes, char* out_path) {
     CheckpointInfo full = *info;
+    full.num_parts = 0;  // one file, version 2
+    full.shard_mode = 0;
     full.num_params = (long long)model_config_num_params(config);
     full.num_bn_stats = (long long)model_config_num_bn_stats(config);
     full.num_bn_sets = num_bn_sets;
@@ -906,6 +934,20 @@ static inline void checkpoint_write(const char* dir, const ModelConfig* config, 
     checkpoint_writer_put(&w, rng_state, rng_bytes);
     checkpoint_writer_close(&w, out_path);
 }
+
+// ----------------------------------------------------------------------------
+// the sharded format's hooks (defined in llmc/checkpoint_parts.h, included at the end)
+
+typedef struct {
+    int64_t bytes;   // the part file's size
+    uint64_t hash;   // XXH64 of the part file before its trailer (= the hash in its trailer)
+} CheckpointPartEntry;
+
+static inline int checkpoint_parts_check_files(const char* manifest_path, const CheckpointInfo* info, char* why,
+                                               size_t why_size);
+static inline void checkpoint_parts_read_logical(const char* manifest_path, const ModelConfig* config,
+                                                 const CheckpointInfo* info, const CheckpointPartEntry* table,
+                                                 float* params, float* m, float* v);
 
 // ----------------------------------------------------------------------------
 // checking a checkpoint without trusting it
@@ -969,7 +1011,8 @@ static inline int checkpoint_verify(const char* path, char* why, size_t why_size
     }
     ModelConfig config;
     CheckpointInfo info;
-    return checkpoint_check_header_sizes_(header, &config, &info, why, why_size);
+    if (!checkpoint_check_header_sizes_(header, &config, &info, why, why_size)) return 0;
+    return info.num_parts > 0 ? checkpoint_parts_check_files(path, &info, why, why_size) : 1;
 }
 
 // step of a name "ckpt_<digits>.bin", else -1; *is_tmp = 1 for "ckpt_<digits>.bin.tmp"
@@ -1177,7 +1220,8 @@ static inline void checkpoint_read(const char* path, const ModelConfig* expected
                                    void* loader_state, size_t loader_bytes, void* rng_state, size_t rng_bytes) {
     CheckpointReader r;
     CheckpointInfo info;
-    checkpoint_reader_open(&r, path, expected_config, NULL, &info);
+    ModelConfig config;
+    checkpoint_reader_open(&r, path, expected_config, &config, &info);
     if (info.num_bn_sets != num_bn_sets && info.num_bn_stats > 0) {
         checkpoint_fail_(r.fp, path, "it holds %d sets of BN statistics, the caller expects %d", info.num_bn_sets,
                          num_bn_sets);
@@ -1190,6 +1234,20 @@ static inline void checkpoint_read(const char* path, const ModelConfig* expected
         checkpoint_fail_(r.fp, path, "its RNG state has %lld bytes, %zu expected", info.rng_bytes, rng_bytes);
     }
     size_t P = (size_t)info.num_params;
+    if (info.num_parts > 0) {  // version 3: the manifest's sections, then params, m, v from the parts
+        CheckpointPartEntry* table = (CheckpointPartEntry*)malloc_check((size_t)info.num_parts * sizeof(CheckpointPartEntry));
+        checkpoint_reader_get(&r, bn_stats, (size_t)info.num_bn_stats * (size_t)info.num_bn_sets * sizeof(float));
+        checkpoint_reader_get(&r, loader_state, loader_bytes);
+        checkpoint_reader_get(&r, rng_state, rng_bytes);
+        checkpoint_reader_get(&r, table, (size_t)info.num_parts * sizeof(CheckpointPartEntry));
+        checkpoint_reader_close(&r);
+        if (params != NULL || m != NULL || v != NULL) {
+            checkpoint_parts_read_logical(path, &config, &info, table, params, m, v);
+        }
+        free(table);
+        if (out_info != NULL) *out_info = info;
+        return;
+    }
     checkpoint_reader_get(&r, params, P * sizeof(float));
     checkpoint_reader_get(&r, m, P * sizeof(float));
     checkpoint_reader_get(&r, v, P * sizeof(float));
@@ -1268,5 +1326,7 @@ static inline int checkpoint_compare_run(const char* path, const CheckpointInfo*
 #undef CKPT_CMP_FLOAT_
     return diffs;
 }
+
+#include "checkpoint_parts.h"  // the sharded format (version 3): part files and re-sharding
 
 #endif // OMNIMOE_CHECKPOINT_H

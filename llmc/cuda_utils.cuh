@@ -10,7 +10,7 @@ Defines:
 - column_sum_partials(): fixed-order second stage of per-block column sums (parameter grads)
 - ceil_div, align256, cuda_num_sms(), cuda_peak_bf16_flops(device name) for MFU
 - host-side bf16 <-> float conversion (round-to-nearest-even) and floatX upload/download
-  helpers for tests and for the trainer's host code
+  helpers for tests and for the trainer's host code (upload_floatX converts on every core)
 - cuda_malloc_or_die(): device allocation that names what it was for and how much is free
   when it fails, then exits
 
@@ -34,6 +34,7 @@ Conventions (shared by all omnimoe CUDA headers):
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
 #include <cublasLt.h>
+#include "host_threads.h"
 
 // cuDNN's SDPA (--attention cudnn, llmc/attention_cudnn.h) exists in `make USE_CUDNN=1` bf16 builds
 #if defined(ENABLE_CUDNN) && !defined(ENABLE_FP32)
@@ -297,11 +298,22 @@ static inline void host_floatX_to_float(float* dst, const floatX* src, size_t n)
 #endif
 }
 
-// upload n floats to a device floatX buffer (rounded to nearest even). Synchronous.
+typedef struct { floatX* dst; const float* src; size_t n; } HostToFloatX;
+
+static void host_float_to_floatX_part(void* ctx, int thread, int num_threads) {
+    const HostToFloatX* job = (const HostToFloatX*)ctx;
+    size_t lo, hi;
+    host_range_part(job->n, thread, num_threads, &lo, &hi);
+    host_float_to_floatX(job->dst + lo, job->src + lo, hi - lo);
+}
+
+// upload n floats to a device floatX buffer (rounded to nearest even, on every host core when n is
+// large: each element alone, so the same bits). Synchronous.
 static inline void upload_floatX(floatX* device_dst, const float* host_src, size_t n) {
     floatX* staging = (floatX*)malloc(n * sizeof(floatX));
     if (staging == NULL) { fprintf(stderr, "upload_floatX: out of host memory (%zu elements)\n", n); exit(EXIT_FAILURE); }
-    host_float_to_floatX(staging, host_src, n);
+    HostToFloatX job = {staging, host_src, n};
+    host_threads_run(host_float_to_floatX_part, &job, n >= ((size_t)1 << 24) ? host_num_cores() : 1);
     cudaCheck(cudaMemcpy(device_dst, staging, n * sizeof(floatX), cudaMemcpyHostToDevice));
     free(staging);
 }

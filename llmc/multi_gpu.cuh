@@ -9,7 +9,10 @@ Defines:
 - multi_gpu_allreduce_avg()      floatX buffer -> its mean over all ranks, in place (one call)
 - GradReducer, grad_reducer_*()  the gradient mean of training: in buckets (one NCCL group each) on a
                                  communication stream of its own, launched while the backward runs
-                                 (--overlap-comm 1) or after it (0); the same calls either way
+                                 (--overlap-comm 1) or after it (0); the same calls either way. A
+                                 slice added with a chunk q > 0 (ZeRO-1, llmc/zero.cuh) is
+                                 reduce-scattered instead: rank r gets the mean of [r*q, (r+1)*q),
+                                 and the tail [P*q, count) is all-reduced
 - multi_gpu_allreduce_sum_int()  int32 buffer -> its sum over all ranks, in place (exact)
 - multi_gpu_sum_doubles()        a few host doubles -> their sums over all ranks (loss, flags)
 - multi_gpu_allgather_floats()   every rank's n floats -> (num_processes * n) floats, rank order
@@ -333,6 +336,7 @@ typedef struct {
     int num_slices;
     floatX* ptr[GRAD_REDUCER_MAX_SLICES];    // in the gradient buffer, device
     size_t count[GRAD_REDUCER_MAX_SLICES];   // elements
+    size_t chunk[GRAD_REDUCER_MAX_SLICES];   // 0: all-reduce; q > 0: reduce-scatter of P chunks of q + tail
 } GradBucket;
 
 typedef struct {
@@ -366,17 +370,25 @@ static inline void grad_reducer_init(GradReducer* r, const MultiGpu* mg, int num
     cudaCheck(cudaEventCreateWithFlags(&r->done, cudaEventDisableTiming));
 }
 
-// appends the slice ptr[0, count) to bucket b (count 0: nothing)
-static inline void grad_reducer_add(GradReducer* r, int b, floatX* ptr, size_t count) {
+// appends the slice ptr[0, count) to bucket b (count 0: nothing). chunk 0: all-reduced (every rank
+// gets the mean of every element); chunk q > 0 (ZeRO-1; P*q <= count): one in-place
+// ncclReduceScatter gives rank r the mean of ptr[r*q, (r+1)*q), then ptr[P*q, count) is all-reduced
+static inline void grad_reducer_add(GradReducer* r, int b, floatX* ptr, size_t count, size_t chunk) {
     if (count == 0) return;
     if (b < 0 || b >= r->num_buckets || r->buckets[b].num_slices == GRAD_REDUCER_MAX_SLICES) {
         fprintf(stderr, "grad_reducer_add: bucket %d of %d is out of range or full (%d slices)\n", b, r->num_buckets,
                 GRAD_REDUCER_MAX_SLICES);
         exit(EXIT_FAILURE);
     }
+    if (chunk * (size_t)r->mg->num_processes > count) {
+        fprintf(stderr, "grad_reducer_add: %d chunks of %zu exceed the slice's %zu elements\n", r->mg->num_processes,
+                chunk, count);
+        exit(EXIT_FAILURE);
+    }
     GradBucket* bucket = &r->buckets[b];
     bucket->ptr[bucket->num_slices] = ptr;
     bucket->count[bucket->num_slices] = count;
+    bucket->chunk[bucket->num_slices] = chunk;
     bucket->num_slices++;
 }
 
@@ -396,9 +408,17 @@ static inline void grad_reducer_launch(GradReducer* r, int b, cudaStream_t compu
     if (bucket->num_slices == 0) return;
 #ifdef MULTI_GPU
     ncclCheck(ncclGroupStart());
+    const size_t P = (size_t)r->mg->num_processes, rank = (size_t)r->mg->process_rank;
     for (int i = 0; i < bucket->num_slices; i++) {
-        ncclCheck(ncclAllReduce(bucket->ptr[i], bucket->ptr[i], bucket->count[i], NCCL_FLOATX, ncclAvg, r->mg->comm,
-                                r->stream));
+        floatX* ptr = bucket->ptr[i];
+        size_t q = bucket->chunk[i], owned = P * q;
+        if (q > 0) {  // in place: rank r's chunk receives its mean
+            ncclCheck(ncclReduceScatter(ptr, ptr + rank * q, q, NCCL_FLOATX, ncclAvg, r->mg->comm, r->stream));
+        }
+        if (owned < bucket->count[i]) {  // the rest (the whole slice when q = 0): all-reduced
+            ncclCheck(ncclAllReduce(ptr + owned, ptr + owned, bucket->count[i] - owned, NCCL_FLOATX, ncclAvg,
+                                    r->mg->comm, r->stream));
+        }
     }
     ncclCheck(ncclGroupEnd());
 #else

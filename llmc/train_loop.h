@@ -114,7 +114,7 @@ typedef struct {
     // rank 0, of the last step; NULL unless moe: 4 per layer, the share of (token, slot) pairs
     // sent to FFN, zero, copy and constant experts (docs/design.md §10)
     void (*expert_kind_shares)(void* ctx, float* shares);
-    void (*write_model)(void* ctx, const char* path);           // rank 0
+    void (*write_model)(void* ctx, const char* path);           // every rank calls it; rank 0 writes
     void (*sum_ranks)(void* ctx, double* values, int n);        // values = their sums over all ranks
 } TrainBackend;
 
@@ -535,9 +535,9 @@ static inline int train_loop_run_(const TrainLoop* tl, const MCEval* mc_eval) {
                          logger_mfu(be->flops_per_token_fwd, tok_s, be->peak_flops), L, usage, kl, kind_shares);
     }
     // 8. the final weights, after a complete run only
-    if (rc == 0 && have_dir && master) {
+    if (rc == 0 && have_dir) {  // every rank: a sharded backend gathers the weights first
         be->write_model(ctx, model_path);
-        printf("wrote model %s\n", model_path);
+        if (master) printf("wrote model %s\n", model_path);
     }
     if (master && rc == 0) {
         if (tl->have_val) printf("final val loss %.6f\n", val_loss);

@@ -34,6 +34,12 @@
 #   (f)  grad accumulation with --overlap-comm 1 (only the last micro-step may start the
 #        reductions): g2a2ov vs g1a4 within the tolerances of (a) (and g1, half that batch, must
 #        not agree with g1a4: the negative control), and g2a2ov vs g2a2 bitwise
+#   (g)  ZeRO-1 (--zero 1, docs/sharding.md §2): with --grad-clip 0 on 2 GPUs the losses and evals
+#        bitwise equal to the replicated run's (two addends commute, so the reduce-scatter gives the
+#        all-reduce's means) and the norm (double, from the shards) within 1e-6; with clipping within
+#        the tolerances of (a); its checkpoints are sharded (a manifest and one part per rank);
+#        bitwise resume; its checkpoint resumed replicated on 1 GPU (rank 0 assembles the parts);
+#        --zero 1 on 1 GPU bitwise equal to g1
 set -u
 export NCCL_NVLS_ENABLE=0   # never NVLink multicast (house rule)
 cd "$(dirname "$0")/.."
@@ -257,6 +263,38 @@ else
 fi
 check "(d) the refused run left the good checkpoint untouched and wrote none" \
     bash -c "[ \$(ls '$W/mismatch' | grep -c ckpt_) = 1 ] && cmp -s '$W/mismatch/ckpt_00000010.bin' '$W/g2/ckpt_00000010.bin'"
+
+# --- (g) ZeRO-1 ----------------------------------------------------------------------------------
+run2 "$MPI_LAUNCH" g2c0 "${COMMON[@]}" -x 20 -o "$W/g2c0" --grad-clip 0 --overlap-comm 0
+check_rc $? 0 "run g2c0 (2 GPUs, replicated, --grad-clip 0)" g2c0
+run2 "$MPI_LAUNCH" g2z "${COMMON[@]}" -x 20 -n 10 -o "$W/g2z" --grad-clip 0 --zero 1 --overlap-comm 1
+check_rc $? 0 "run g2z (2 GPUs, --zero 1, --grad-clip 0)" g2z
+check "(g) g2z says it shards the optimizer state" grep -q "ZeRO-1: fp32 master, m and v of" "$W/g2z.out"
+compare "(g) 2 GPUs, --grad-clip 0: --zero 1 vs replicated, losses bitwise, norm within 1e-6" "$W/g2c0/log.jsonl" \
+    "$W/g2z/log.jsonl" --steps 1-20 --loss-tol 0 --norm-rtol 1e-6
+run2 "$MPI_LAUNCH" g2zc "${COMMON[@]}" -x 20 -o "$W/g2zc" --zero 1 --overlap-comm 0
+check_rc $? 0 "run g2zc (2 GPUs, --zero 1, clipping on)" g2zc
+compare "(g) 2 GPUs, clipping on: --zero 1 vs g2 within the tolerances of (a)" "$W/g2/log.jsonl" "$W/g2zc/log.jsonl" \
+    --steps 1-20 --loss-tol "$LOSS_TOL" --norm-rtol "$NORM_RTOL"
+check "(g) g2z wrote a manifest and 2 parts for step 10" \
+    bash -c "ls '$W/g2z/ckpt_00000010.part0of2.bin' '$W/g2z/ckpt_00000010.part1of2.bin' >/dev/null && grep -q 'checkpoint parts: 2 x' '$W/g2z.out'"
+fresh_resume_dir "$W/g2zr" "$W/g2z/ckpt_00000010.bin"
+cp "$W"/g2z/ckpt_00000010.part*of2.bin "$W/g2zr/"
+run2 file g2zr "${COMMON[@]}" -x 20 -n 10 -o "$W/g2zr" --grad-clip 0 --zero 1 -y 1
+check_rc $? 0 "run g2zr (2 GPUs, --zero 1 resume)" g2zr
+compare "(g) 2 GPUs --zero 1: 20 straight vs 10 + resume + 10" "$W/g2z/log.jsonl" "$W/g2zr/log.jsonl" --steps 11-20 --exact
+check "(g) the step-20 checkpoints of both are byte-identical (manifest and parts)" \
+    bash -c "for f in ckpt_00000020.bin ckpt_00000020.part0of2.bin ckpt_00000020.part1of2.bin; do cmp -s '$W/g2z/'\$f '$W/g2zr/'\$f || exit 1; done"
+fresh_resume_dir "$W/g2zto1" "$W/g2z/ckpt_00000010.bin"
+cp "$W"/g2z/ckpt_00000010.part*of2.bin "$W/g2zto1/"
+run1 g2zto1 "${COMMON[@]}" -x 20 -o "$W/g2zto1" --grad-clip 0 -y 1
+check_rc $? 0 "run g2zto1 (the --zero 1 checkpoint resumed replicated on 1 GPU)" g2zto1
+compare "(g) --zero 1 checkpoint resumed on 1 GPU vs g2z, steps 11-20" "$W/g2z/log.jsonl" "$W/g2zto1/log.jsonl" \
+    --steps 11-20 --loss-tol "$LOSS_TOL" --norm-rtol "$NORM_RTOL"
+run1 g1z "${COMMON[@]}" -x 20 -o "$W/g1z" --zero 1
+check_rc $? 0 "run g1z (1 GPU, --zero 1)" g1z
+check "(g) --zero 1 on 1 GPU says it changes nothing" grep -q "zero 1 on one process: nothing to shard" "$W/g1z.out"
+compare "(g) --zero 1 on 1 GPU = g1 bitwise" "$W/g1/log.jsonl" "$W/g1z/log.jsonl" --steps 1-20 --exact
 
 echo
 echo "================ test_multi_gpu summary ($(( $(date +%s) - t0 )) s) ================"

@@ -1,0 +1,55 @@
+/*
+check_memory_plan.cu - llmc/memory_plan.h's mirror of the kernels' sizes (plan_kernel_sizes)
+against the GPU headers' own functions, for 1650 configurations (presets tiny..d48, every FFN kind,
+B, T, N, k), without a GPU: CUB's sort storage, the one number that needs a device, is left out
+on both sides (model_build compares the full numbers, CUB included, at every start).
+
+    nvcc -O1 -std=c++17 -arch=sm_90a -I. [-DENABLE_FP32] dev/cuda/check_memory_plan.cu -o dev/cuda/check_memory_plan_bin -lcublasLt -lcublas
+    ./dev/cuda/check_memory_plan_bin      # "N configurations, 0 differ", exit 0
+*/
+#include "llmc/utils.h"
+#include "llmc/config.h"
+#include "llmc/memory_plan.h"
+#include "llmc/cuda_utils.cuh"
+#include "llmc/matmul.cuh"
+#include "llmc/layernorm.cuh"
+#include "llmc/attention.cuh"
+#include "llmc/global_norm.cuh"
+#include "llmc/omnimoe_layer.cuh"
+static size_t mx(size_t a, size_t b) { return a > b ? a : b; }
+int main() {
+    const char* presets[] = {"tiny", "small", "d6", "d12", "d24", "d48"};
+    int kinds[] = {FFN_GELU, FFN_SWIGLU, FFN_OMNI};
+    int Bs[] = {1, 3, 8, 16, 32}; int Ts[] = {64, 100, 1024};
+    int Ns[] = {0, 4096, 65536, 262144, 1048576}; int ks[] = {0, 8, 16, 32};
+    long checked = 0, bad = 0;
+    for (auto pr : presets) for (int kind : kinds) for (int B : Bs) for (int T : Ts) for (int N : Ns) for (int k : ks) {
+        if (kind != FFN_OMNI && (N || k)) continue;
+        ModelConfig c; if (!model_config_preset(&c, pr, kind)) continue;
+        if (T > c.max_seq_len) continue;
+        if (kind == FFN_OMNI) { if (N) { int n = 1; while (n * n < N) n++; c.router_n = n; c.num_experts = N; } if (k) c.top_k = k; }
+        size_t C = c.channels, BT = (size_t)B * T, Vp = c.padded_vocab_size, H = c.ffn_hidden, FI = kind == FFN_GELU ? H : 2 * H;
+        size_t s = 0;
+        s = mx(s, matmul_backward_scratch_bytes((int)BT, (int)mx(mx(3 * C, FI), mx(C, Vp))));
+        s = mx(s, layernorm_backward_scratch_bytes((int)BT, (int)C));
+        s = mx(s, attention_backward_scratch_bytes(B, T, (int)C, c.num_heads));
+        s = mx(s, global_norm_scratch_bytes());
+        size_t saved = 0, ws = 0, pairs = 0;
+        if (kind == FFN_OMNI) {
+            OmniDims d = {(int)BT, (int)C, (int)H, c.router_n, c.num_experts, c.top_k};
+            pairs = BT * c.top_k;
+            s = mx(s, router_forward_scratch_bytes(d.BT, d.n));
+            s = mx(s, router_backward_scratch_bytes(d.BT, d.n));
+            s = mx(s, align256(0) + 2 * align256(pairs * sizeof(int)));   // scheduler_scratch_bytes with CUB = 0
+            s = mx(s, experts_backward_scratch_bytes(d.BT, d.C, d.k));
+            saved = omni_layer_saved_bytes(d); ws = omni_workspace_bytes(d);
+        }
+        PlanKernelSizes p = plan_kernel_sizes(&c, B, T, (int)sizeof(floatX), pairs, C, 0);
+        checked++;
+        if (p.scratch != s || p.omni_saved != saved || p.omni_workspace != ws) {
+            bad++; if (bad < 5) printf("DIFF %s kind %d B %d T %d N %d k %d: %zu/%zu %zu/%zu %zu/%zu\n", pr, kind, B, T, c.num_experts, c.top_k, p.scratch, s, p.omni_saved, saved, p.omni_workspace, ws);
+        }
+    }
+    printf("%ld configurations, %ld differ\n", checked, bad);
+    return bad != 0;
+}
