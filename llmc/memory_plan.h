@@ -331,6 +331,11 @@ static inline int train_config_plan_main(TrainConfig* cfg, int floatx_bytes) {
     }
     cfg->num_processes = cfg->plan_gpus;
     train_config_validate(cfg, &c);
+    if (c.ffn_kind == FFN_MOE) {  // docs/design.md §10: no GPU kernels yet, so no GPU buffers to plan
+        fprintf(stderr, "Error: flag --plan: the moe FFN has no GPU kernels yet, so there is no GPU memory plan for "
+                "it (-f moe trains with ./train_omnimoe_cpu)\n");
+        exit(EXIT_FAILURE);
+    }
     int mode = (cfg->zero ? PLAN_MODE_ZERO1 : 0) | (cfg->shard_experts ? PLAN_MODE_TABLES : 0);
     if (cfg->attention != 0) printf("(--attention cudnn: cuDNN's workspace is not counted; only cuDNN knows it)\n");
     return memory_plan_main(&c, cfg->B, cfg->T, floatx_bytes, cfg->plan_gpus, mode);
