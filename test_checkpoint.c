@@ -116,6 +116,7 @@ static void ckpt_data_make(CkptData* d, uint64_t seed, int step) {
     r->lr_schedule = LR_SCHEDULE_WSD;
     r->shuffle = 1;
     r->expert_exec = EXPERT_EXEC_TOKEN;
+    r->attention = ATTENTION_CUDNN;  // slot 47: must come back
     r->learning_rate = 6.1e-4f;
     r->final_lr_frac = 0.13f;
     r->decay_frac = 0.21f;

@@ -777,6 +777,7 @@ static inline void checkpoint_header_to_(const int32_t* h, ModelConfig* config, 
     r->data_fingerprint = (uint64_t)ckpt_get_i64_(h, 42);
     r->data_tokens = ckpt_get_i64_(h, 44);
     r->data_shards = h[46];
+    r->attention = h[47];
     r->moe_aux = ckpt_get_f32_(h, 70);
     r->moe_zc_weight = ckpt_get_f32_(h, 71);
     r->moe_bias_rate = ckpt_get_f32_(h, 72);
