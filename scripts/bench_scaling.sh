@@ -4,6 +4,7 @@
 #   scripts/bench_scaling.sh                    # builds ./train_omnimoe first (SKIP_BUILD=1 to skip)
 #   GPUS="1 2" MODELS="swiglu" B=8 STEPS=40 scripts/bench_scaling.sh
 #   OVERLAP="0 1" scripts/bench_scaling.sh     # both gradient all-reduce modes on 2 and 4 GPUs
+#   EXTRA="--zero 1" scripts/bench_scaling.sh  # more trainer flags for every run (e.g. ZeRO-1)
 #
 # Each run: d12 with the given FFN (swiglu = dense baseline, omni = OmniMoE), B x T = 8 x 1024
 # tokens per GPU and step (fixed per GPU: the global batch grows with G, no grad accumulation),
@@ -24,6 +25,7 @@ T=${T:-1024}
 STEPS=${STEPS:-40}
 SKIP=${SKIP:-10}
 OVERLAP=${OVERLAP:-0}
+EXTRA=${EXTRA:-}
 D=${BENCH_DIR:-/tmp/omnimoe_bench_scaling}
 rm -rf "$D"
 mkdir -p "$D"
@@ -32,7 +34,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 ngpu=$(nvidia-smi -L 2>/dev/null | wc -l)
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
-echo "card: $card x $ngpu; B=$B T=$T per GPU; $STEPS steps, median of steps $((SKIP + 1))-$STEPS; overlap-comm: $OVERLAP"
+echo "card: $card x $ngpu; B=$B T=$T per GPU; $STEPS steps, median of steps $((SKIP + 1))-$STEPS; overlap-comm: $OVERLAP; extra flags: ${EXTRA:-none}"
 
 median_tok_s() {  # median_tok_s <log.jsonl>
     python3 - "$1" "$SKIP" <<'EOF'
@@ -56,7 +58,7 @@ for model in $MODELS; do
             if [ "$ov" != "-" ]; then name="${name}_ov${ov}"; flags=(--overlap-comm "$ov"); fi
             start=$(date +%s)
             timeout 300 scripts/run_multi_gpu.sh "$g" -e d12 -f "$model" -b "$B" -t "$T" -x "$STEPS" -u 10 --val-data= \
-                -v 0 -s 0 "${flags[@]}" --log-file "$D/$name.jsonl" >"$D/$name.out" 2>&1
+                -v 0 -s 0 "${flags[@]}" $EXTRA --log-file "$D/$name.jsonl" >"$D/$name.out" 2>&1
             rc=$?
             if [ "$rc" -ne 0 ] || [ ! -s "$D/$name.jsonl" ]; then
                 echo "FAIL: $name exited $rc"
