@@ -40,7 +40,7 @@
 #        the tolerances of (a); its checkpoints are sharded (a manifest and one part per rank);
 #        bitwise resume; its checkpoint resumed replicated on 1 GPU (rank 0 assembles the parts);
 #        --zero 1 on 1 GPU bitwise equal to g1
-#   (h)  a failure on one rank alone stops both (docs/design.md §9.7), launched with -pn/-pr/-pf
+#   (h)  a failure on one rank alone stops both (docs/design.md §9.6), launched with -pn/-pr/-pf
 #        and no launcher (nothing would kill a waiting rank): the checkpoint write failing on rank 0
 #        (its .tmp a link to /dev/full), a --zero 1 part failing on rank 1, the final model write
 #        failing on rank 0 (--zero 1: both gather first), a malformed tokenizer file read by rank
