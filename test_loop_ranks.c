@@ -212,6 +212,15 @@ static int scenario(const char* out_dir, const Case* k) {
             ok = 0;
         }
     }
+    if (k->save_fail_rank >= 0) {  // the ranks stop at the failed save: no update after it
+        int updates = 0;
+        for (int c = 0; c < ranks[0].nlog; c++) updates += ranks[0].log[c] / 100 == 1;
+        if (updates != k->save_fail_step) {
+            fprintf(stderr, "SIM: %d updates, expected the run to stop at the save of step %d\n", updates,
+                    k->save_fail_step);
+            ok = 0;
+        }
+    }
     fprintf(stderr, "SIM: %d collectives per rank\n", ranks[0].nlog);
     return ok ? 0 : 1;
 }
