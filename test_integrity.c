@@ -2,7 +2,8 @@
  * test_integrity.c - CPU tests of what keeps files and runs honest (issue 13):
  *   hash       random 2-8 bit corruptions anywhere in a small checkpoint or model file are all
  *              caught (XXH64), including the two-high-bit flip a word-wise checksum missed
- *   finite     checkpoint_write and model_file_write refuse NaN/Inf and leave no file;
+ *   finite     checkpoint_write, model_file_write and checkpoint_manifest_write refuse NaN/Inf
+ *              (returning -1) and leave no file;
  *              model_file_read refuses a (correctly hashed) file holding a NaN weight
  *   files      a directory or FIFO given as a model file or checkpoint is named as such (no hang)
  *   tmp        checkpoint_make_dir removes the .bin.tmp of interrupted writes, nothing else
@@ -283,6 +284,28 @@ static void child_write_nonfinite_model(void* arg) {
     if (model_file_write(path, &c, params, NULL) != 0) exit(EXIT_FAILURE);
 }
 
+// the manifest of a sharded checkpoint whose BN statistics hold a NaN (rank 0's refusal in a
+// ZeRO-1 save: the loop then stops every rank)
+static void child_write_nonfinite_manifest(void* arg) {
+    const NonFiniteArgs* a = (const NonFiniteArgs*)arg;
+    Rng rng;
+    rng_init(&rng, 1307);
+    ModelConfig c = small_config();
+    size_t NB = model_config_num_bn_stats(&c);
+    float* bn = random_floats(&rng, 2 * NB);
+    bn[NB + 3] = NAN;  // rank 1's set
+    TrainConfig cfg;
+    train_config_defaults(&cfg);
+    RunIdentity run = train_config_run_identity(&cfg, 1, 2, 3);
+    CheckpointInfo info;
+    checkpoint_info_from_run(&info, &run, 9, 9, 0);
+    unsigned char blob[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    CheckpointPartEntry table[2] = {{1, 2}, {3, 4}};
+    if (checkpoint_manifest_write(a->dir, &c, &info, bn, 2, blob, 8, blob, 8, 2, SHARD_MODE_ZERO, table, NULL) != 0) {
+        exit(EXIT_FAILURE);
+    }
+}
+
 static void test_nonfinite(void) {
     NonFiniteArgs a;
     make_dir(a.dir, sizeof(a.dir), "nonfinite");
@@ -306,6 +329,9 @@ static void test_nonfinite(void) {
     expect_refusal("finite: model_file_write refuses a NaN weight", child_write_nonfinite_model, model_path,
                    "refusing to write model file", "weight tensor wte holds NaN/Inf");
     test_check(!file_exists(model_path) && !file_exists(model_tmp), "finite: the refused model file left no file");
+    expect_refusal("finite: checkpoint_manifest_write refuses a NaN BN statistic", child_write_nonfinite_manifest, &a,
+                   "refusing to write the manifest of checkpoint step 9", "BN running statistics hold NaN/Inf");
+    test_check(!file_exists(path) && !file_exists(tmp), "finite: the refused manifest left no file (nor .tmp)");
 
     // a model file holding a NaN with a correct hash (written by hand): refused on read
     Rng rng;
