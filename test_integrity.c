@@ -247,6 +247,16 @@ typedef struct {
     int poison;  // 0: params, 1: m, 2: v, 3: bn
 } NonFiniteArgs;
 
+// the run record of the refused checkpoints below (step 9)
+static CheckpointInfo nonfinite_info(void) {
+    TrainConfig cfg;
+    train_config_defaults(&cfg);
+    RunIdentity run = train_config_run_identity(&cfg, 1, 2, 3);
+    CheckpointInfo info;
+    checkpoint_info_from_run(&info, &run, 9, 9, 0);
+    return info;
+}
+
 static void child_write_nonfinite_checkpoint(void* arg) {
     NonFiniteArgs* a = (NonFiniteArgs*)arg;
     Rng rng;
@@ -264,11 +274,7 @@ static void child_write_nonfinite_checkpoint(void* arg) {
     if (a->poison == 1) m[P - 1] = INFINITY;
     if (a->poison == 2) v[3] = -INFINITY;
     if (a->poison == 3) bn[NB / 2] = NAN;
-    TrainConfig cfg;
-    train_config_defaults(&cfg);
-    RunIdentity run = train_config_run_identity(&cfg, 1, 2, 3);
-    CheckpointInfo info;
-    checkpoint_info_from_run(&info, &run, 9, 9, 0);
+    CheckpointInfo info = nonfinite_info();
     unsigned char blob[8] = {1, 2, 3, 4, 5, 6, 7, 8};
     // a refusal returns -1 (the trainer's loop then stops every rank): the child's exit status says it
     if (checkpoint_write(a->dir, &c, &info, params, m, v, bn, 1, blob, 8, blob, 8, NULL) != 0) exit(EXIT_FAILURE);
@@ -294,11 +300,7 @@ static void child_write_nonfinite_manifest(void* arg) {
     size_t NB = model_config_num_bn_stats(&c);
     float* bn = random_floats(&rng, 2 * NB);
     bn[NB + 3] = NAN;  // rank 1's set
-    TrainConfig cfg;
-    train_config_defaults(&cfg);
-    RunIdentity run = train_config_run_identity(&cfg, 1, 2, 3);
-    CheckpointInfo info;
-    checkpoint_info_from_run(&info, &run, 9, 9, 0);
+    CheckpointInfo info = nonfinite_info();
     unsigned char blob[8] = {1, 2, 3, 4, 5, 6, 7, 8};
     CheckpointPartEntry table[2] = {{1, 2}, {3, 4}};
     if (checkpoint_manifest_write(a->dir, &c, &info, bn, 2, blob, 8, blob, 8, 2, SHARD_MODE_ZERO, table, NULL) != 0) {

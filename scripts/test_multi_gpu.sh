@@ -326,21 +326,23 @@ both_fail() {  # both_fail <label> <name> <rank whose output names the file> <re
         tail -n 3 "$W/${2}0.out" "$W/${2}1.out" | sed 's/^/    | /'
     fi
 }
+zero_resume_dir() {  # zero_resume_dir <new dir>: only g2z's step-10 manifest and parts in it
+    fresh_resume_dir "$1" "$W/g2z/ckpt_00000010.bin"
+    cp "$W"/g2z/ckpt_00000010.part*of2.bin "$1/"
+}
 fresh_resume_dir "$W/hckpt" "$W/g2/ckpt_00000010.bin"
 ln -s /dev/full "$W/hckpt/ckpt_00000020.bin.tmp"
 run2_raw hckpt . "${COMMON[@]}" -x 20 -n 10 -o "$W/hckpt" -y 1
 both_fail "(h) checkpoint write failing on rank 0" hckpt 0 "ckpt_00000020\.bin\.tmp.*No space left on device"
 check "(h) ... the step-10 checkpoint intact, nothing of step 20, no .tmp" \
     bash -c "cmp -s '$W/hckpt/ckpt_00000010.bin' '$W/g2/ckpt_00000010.bin' && [ -z \"\$(ls -A '$W/hckpt' | grep -E 'ckpt_00000020|\.tmp')\" ]"
-fresh_resume_dir "$W/hpart" "$W/g2z/ckpt_00000010.bin"
-cp "$W"/g2z/ckpt_00000010.part*of2.bin "$W/hpart/"
+zero_resume_dir "$W/hpart"
 ln -s /dev/full "$W/hpart/ckpt_00000020.part1of2.bin.tmp"
 run2_raw hpart . "${COMMON[@]}" -x 20 -n 10 -o "$W/hpart" --grad-clip 0 --zero 1 -y 1
 both_fail "(h) --zero 1: rank 1's part failing" hpart 1 "ckpt_00000020\.part1of2\.bin\.tmp.*No space left on device"
 check "(h) ... the step-10 manifest and parts intact; no part, manifest or .tmp of step 20 left" \
     bash -c "for f in ckpt_00000010.bin ckpt_00000010.part0of2.bin ckpt_00000010.part1of2.bin; do cmp -s '$W/hpart/'\$f '$W/g2z/'\$f || exit 1; done; [ -z \"\$(ls -A '$W/hpart' | grep -E 'ckpt_00000020|\.tmp')\" ]"
-fresh_resume_dir "$W/hmodel" "$W/g2z/ckpt_00000010.bin"
-cp "$W"/g2z/ckpt_00000010.part*of2.bin "$W/hmodel/"
+zero_resume_dir "$W/hmodel"
 ln -s /dev/full "$W/hmodel/model.bin.tmp"
 run2_raw hmodel . "${COMMON[@]}" -x 20 -n 10 -o "$W/hmodel" --grad-clip 0 --zero 1 -y 1
 both_fail "(h) --zero 1: the final model write failing on rank 0" hmodel 0 "model\.bin\.tmp.*No space left on device"
