@@ -181,7 +181,7 @@ static void test_args(void) {
     size_t fc_params = model_config_num_params(&fc);
     float* fp = (float*)malloc_check(fc_params * sizeof(float));
     fill_normal(fp, fc_params, 0.0f, 1.0f, &rng);
-    model_file_write(mpath, &fc, fp, NULL);
+    if (model_file_write(mpath, &fc, fp, NULL) != 0) exit(EXIT_FAILURE);
     free(fp);
     TrainConfig fcfg = def;
     strcpy(fcfg.model, mpath);

@@ -141,8 +141,10 @@ static void ckpt_data_free(CkptData* d) {
 }
 
 static void ckpt_data_write(const CkptData* d, const char* dir, char* out_path) {
-    checkpoint_write(dir, &d->config, &d->info, d->params, d->m, d->v, d->bn, d->bn_sets, d->loader, d->loader_bytes,
-                     d->rng_blob, d->rng_bytes, out_path);
+    if (checkpoint_write(dir, &d->config, &d->info, d->params, d->m, d->v, d->bn, d->bn_sets, d->loader,
+                         d->loader_bytes, d->rng_blob, d->rng_bytes, out_path) != 0) {
+        exit(EXIT_FAILURE);  // the writer said why
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -196,7 +198,7 @@ static void test_model_files(void) {
     float* params = random_floats(&rng, P);
     float* bn = random_floats(&rng, NB);
     snprintf(path, sizeof(path), "%s/omni.bin", dir);
-    model_file_write(path, &c, params, bn);
+    test_check_why(model_file_write(path, &c, params, bn) == 0, "model_file_write returns 0", "");
     ModelConfig c2;
     float *p2 = NULL, *bn2 = NULL;
     model_file_read(path, &c2, &p2, &bn2);
@@ -230,7 +232,7 @@ static void test_model_files(void) {
     // bn_stats NULL writes the initial statistics: mean 0, var 1 per layer
     char path_init[600];
     snprintf(path_init, sizeof(path_init), "%s/omni_init.bin", dir);
-    model_file_write(path_init, &c, params, NULL);
+    if (model_file_write(path_init, &c, params, NULL) != 0) exit(EXIT_FAILURE);
     model_file_read(path_init, &c2, &p2, &bn2);
     int n2 = 2 * c.router_n;
     ok = 1;
@@ -250,7 +252,7 @@ static void test_model_files(void) {
     float* pg = random_floats(&rng, Pg);
     char path_gelu[600];
     snprintf(path_gelu, sizeof(path_gelu), "%s/gelu.bin", dir);
-    model_file_write(path_gelu, &g, pg, NULL);
+    if (model_file_write(path_gelu, &g, pg, NULL) != 0) exit(EXIT_FAILURE);
     model_file_read(path_gelu, &c2, &p2, &bn2);
     ok = model_config_first_difference(&g, &c2) < 0 && bits_equal(pg, p2, Pg * 4) && bn2 == NULL &&
          ckpt_file_size_(path_gelu) == 1024 + 4 * (int64_t)Pg + 16;
@@ -477,8 +479,8 @@ static void test_checkpoint_roundtrip(void) {
                   "mid-write only <name>.tmp exists and find_latest finds nothing", "");
         }
     }
-    checkpoint_writer_close(&w, path2);
-    test_check_why(strcmp(path2, final2) == 0 && test_file_exists(final2) && !test_file_exists(tmp2),
+    int closed = checkpoint_writer_close(&w, path2);
+    test_check_why(closed == 0 && strcmp(path2, final2) == 0 && test_file_exists(final2) && !test_file_exists(tmp2),
           "after close the final name exists and the .tmp is gone", path2);
     size_t n1, n2;
     unsigned char* f1 = test_read_file(path, &n1);
@@ -506,7 +508,10 @@ static void test_checkpoint_roundtrip(void) {
     // m, v NULL -> zeros
     char dir3[512], path3[CHECKPOINT_PATH_MAX];
     test_tmp_subdir(dir3, sizeof(dir3), "ckpt_nomv");
-    checkpoint_write(dir3, &d.config, &d.info, d.params, NULL, NULL, d.bn, d.bn_sets, d.loader, 37, d.rng_blob, 19, path3);
+    if (checkpoint_write(dir3, &d.config, &d.info, d.params, NULL, NULL, d.bn, d.bn_sets, d.loader, 37, d.rng_blob, 19,
+                         path3) != 0) {
+        exit(EXIT_FAILURE);
+    }
     checkpoint_read(path3, &d.config, NULL, p, m, v, bn, d.bn_sets, loader, 37, rng_blob, 19);
     ok = 1;
     for (size_t i = 0; i < d.P; i++) ok &= m[i] == 0.0f && v[i] == 0.0f;

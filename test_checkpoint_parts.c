@@ -67,7 +67,10 @@ static void save_sharded(const State* s, const char* dir, int step, int P, char*
             packed[k] = (float*)malloc_check((e > 0 ? e : 1) * sizeof(float));
             zero_shard_pack(&map, full[k], packed[k]);
         }
-        table[r] = checkpoint_part_write(dir, step, &s->config, r, P, SHARD_MODE_ZERO, packed[0], packed[1], packed[2], e);
+        if (checkpoint_part_write(dir, step, &s->config, r, P, SHARD_MODE_ZERO, packed[0], packed[1], packed[2], e,
+                                  &table[r]) != 0) {
+            exit(EXIT_FAILURE);  // the writer said why
+        }
         for (int k = 0; k < 3; k++) free(packed[k]);
         zero_shard_map_free(&map);
     }
@@ -77,8 +80,10 @@ static void save_sharded(const State* s, const char* dir, int step, int P, char*
     info.adam_t = step;
     info.tokens_seen = 1000LL * step;
     info.run.num_processes = P;
-    checkpoint_manifest_write(dir, &s->config, &info, s->bn, s->sets, s->loader, sizeof(s->loader), s->rng,
-                              sizeof(s->rng), P, SHARD_MODE_ZERO, table, out_path);
+    if (checkpoint_manifest_write(dir, &s->config, &info, s->bn, s->sets, s->loader, sizeof(s->loader), s->rng,
+                                  sizeof(s->rng), P, SHARD_MODE_ZERO, table, out_path) != 0) {
+        exit(EXIT_FAILURE);
+    }
 }
 
 // every rank of P' reads its shard from the parts; the shards unpacked into NaN buffers must give

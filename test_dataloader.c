@@ -515,7 +515,7 @@ static void child_bad_case(void* arg) {
     const BadCase* c = (const BadCase*)arg;
     if (c->tokenizer_path) {
         Tokenizer tok;
-        tokenizer_init(&tok, c->tokenizer_path);
+        if (tokenizer_init(&tok, c->tokenizer_path) != 0) exit(EXIT_FAILURE);  // the message is printed
         tokenizer_free(&tok);
         return;
     }

@@ -2,10 +2,13 @@
  * test_integrity.c - CPU tests of what keeps files and runs honest (issue 13):
  *   hash       random 2-8 bit corruptions anywhere in a small checkpoint or model file are all
  *              caught (XXH64), including the two-high-bit flip a word-wise checksum missed
- *   finite     checkpoint_write and model_file_write refuse NaN/Inf and leave no file;
+ *   finite     checkpoint_write, model_file_write and checkpoint_manifest_write refuse NaN/Inf
+ *              (returning -1) and leave no file;
  *              model_file_read refuses a (correctly hashed) file holding a NaN weight
  *   files      a directory or FIFO given as a model file or checkpoint is named as such (no hang)
  *   tmp        checkpoint_make_dir removes the .bin.tmp of interrupted writes, nothing else
+ *   write errors  a checkpoint, model file, part or manifest write that fails (/dev/full) returns
+ *              -1 naming the file and the cause, leaves no .tmp, keeps every file saved before
  *   sizes      batch flags in 64 bits: overflowing -b/-t/-d/-x combinations are refused naming
  *              the flags; -d keeps all 64 bits
  *   memory     gpt_build refuses a model that cannot fit in MemAvailable, with the numbers
@@ -89,7 +92,10 @@ static void write_random_checkpoint(const char* dir, char* path, Rng* rng) {
     RunIdentity run = train_config_run_identity(&cfg, ((uint64_t)rng_u32(rng) << 32) | rng_u32(rng), 12345, 2);
     CheckpointInfo info;
     checkpoint_info_from_run(&info, &run, 7, 7, 7 * 16);
-    checkpoint_write(dir, &c, &info, params, m, v, bn, 2, loader, sizeof(loader), rng_blob, sizeof(rng_blob), path);
+    if (checkpoint_write(dir, &c, &info, params, m, v, bn, 2, loader, sizeof(loader), rng_blob, sizeof(rng_blob),
+                         path) != 0) {
+        exit(EXIT_FAILURE);  // the writer said why
+    }
     free(params);
     free(m);
     free(v);
@@ -162,7 +168,7 @@ static void test_hash_catches_corruption(void) {
     float* bn = random_floats(&rng, NB);
     char model_path[600];
     snprintf(model_path, sizeof(model_path), "%s/model.bin", dir);
-    model_file_write(model_path, &c, params, bn);
+    if (model_file_write(model_path, &c, params, bn) != 0) exit(EXIT_FAILURE);
     good = read_all(model_path, &n);
     copy = (unsigned char*)malloc_check(n);
     snprintf(bad, sizeof(bad), "%s/bad_model.bin", dir);
@@ -206,7 +212,7 @@ static void test_model_file_v1(void) {
     size_t P = model_config_num_params(&c), NB = model_config_num_bn_stats(&c);
     float* params = random_floats(&rng, P);
     snprintf(v2, sizeof(v2), "%s/v2.bin", dir);
-    model_file_write(v2, &c, params, NULL);
+    if (model_file_write(v2, &c, params, NULL) != 0) exit(EXIT_FAILURE);
     size_t n;
     unsigned char* data = read_all(v2, &n);
     int32_t version = 1;
@@ -241,6 +247,16 @@ typedef struct {
     int poison;  // 0: params, 1: m, 2: v, 3: bn
 } NonFiniteArgs;
 
+// the run record of the refused checkpoints below (step 9)
+static CheckpointInfo nonfinite_info(void) {
+    TrainConfig cfg;
+    train_config_defaults(&cfg);
+    RunIdentity run = train_config_run_identity(&cfg, 1, 2, 3);
+    CheckpointInfo info;
+    checkpoint_info_from_run(&info, &run, 9, 9, 0);
+    return info;
+}
+
 static void child_write_nonfinite_checkpoint(void* arg) {
     NonFiniteArgs* a = (NonFiniteArgs*)arg;
     Rng rng;
@@ -258,13 +274,10 @@ static void child_write_nonfinite_checkpoint(void* arg) {
     if (a->poison == 1) m[P - 1] = INFINITY;
     if (a->poison == 2) v[3] = -INFINITY;
     if (a->poison == 3) bn[NB / 2] = NAN;
-    TrainConfig cfg;
-    train_config_defaults(&cfg);
-    RunIdentity run = train_config_run_identity(&cfg, 1, 2, 3);
-    CheckpointInfo info;
-    checkpoint_info_from_run(&info, &run, 9, 9, 0);
+    CheckpointInfo info = nonfinite_info();
     unsigned char blob[8] = {1, 2, 3, 4, 5, 6, 7, 8};
-    checkpoint_write(a->dir, &c, &info, params, m, v, bn, 1, blob, 8, blob, 8, NULL);
+    // a refusal returns -1 (the trainer's loop then stops every rank): the child's exit status says it
+    if (checkpoint_write(a->dir, &c, &info, params, m, v, bn, 1, blob, 8, blob, 8, NULL) != 0) exit(EXIT_FAILURE);
 }
 
 static void child_write_nonfinite_model(void* arg) {
@@ -274,7 +287,25 @@ static void child_write_nonfinite_model(void* arg) {
     ModelConfig c = small_config();
     float* params = random_floats(&rng, model_config_num_params(&c));
     params[0] = NAN;  // wte
-    model_file_write(path, &c, params, NULL);
+    if (model_file_write(path, &c, params, NULL) != 0) exit(EXIT_FAILURE);
+}
+
+// the manifest of a sharded checkpoint whose BN statistics hold a NaN (rank 0's refusal in a
+// ZeRO-1 save: the loop then stops every rank)
+static void child_write_nonfinite_manifest(void* arg) {
+    const NonFiniteArgs* a = (const NonFiniteArgs*)arg;
+    Rng rng;
+    rng_init(&rng, 1307);
+    ModelConfig c = small_config();
+    size_t NB = model_config_num_bn_stats(&c);
+    float* bn = random_floats(&rng, 2 * NB);
+    bn[NB + 3] = NAN;  // rank 1's set
+    CheckpointInfo info = nonfinite_info();
+    unsigned char blob[8] = {1, 2, 3, 4, 5, 6, 7, 8};
+    CheckpointPartEntry table[2] = {{1, 2}, {3, 4}};
+    if (checkpoint_manifest_write(a->dir, &c, &info, bn, 2, blob, 8, blob, 8, 2, SHARD_MODE_ZERO, table, NULL) != 0) {
+        exit(EXIT_FAILURE);
+    }
 }
 
 static void test_nonfinite(void) {
@@ -300,6 +331,9 @@ static void test_nonfinite(void) {
     expect_refusal("finite: model_file_write refuses a NaN weight", child_write_nonfinite_model, model_path,
                    "refusing to write model file", "weight tensor wte holds NaN/Inf");
     test_check(!file_exists(model_path) && !file_exists(model_tmp), "finite: the refused model file left no file");
+    expect_refusal("finite: checkpoint_manifest_write refuses a NaN BN statistic", child_write_nonfinite_manifest, &a,
+                   "refusing to write the manifest of checkpoint step 9", "BN running statistics hold NaN/Inf");
+    test_check(!file_exists(path) && !file_exists(tmp), "finite: the refused manifest left no file (nor .tmp)");
 
     // a model file holding a NaN with a correct hash (written by hand): refused on read
     Rng rng;
@@ -393,6 +427,139 @@ static void test_stale_tmp(void) {
     test_check(ok, "tmp: the complete checkpoint and other files are untouched");
     free(before);
     free(after);
+}
+
+// ----------------------------------------------------------------------------
+// write errors: a write that fails (its .tmp is a link to /dev/full: "No space left on device",
+// as on a full disk) returns -1 after one message naming the file and the cause; it leaves no
+// .tmp and no final name, every file saved before is intact, and the parts of a sharded save that
+// failed are removed (checkpoint_parts_remove). The trainers' loop then stops every rank together.
+
+enum { WF_CHECKPOINT, WF_MODEL, WF_PART, WF_MANIFEST, WF_CASES };
+typedef struct {
+    const char* dir;
+    int what;
+} WriteFailArgs;
+
+// the write of step 8 (WF_PART: part 2 of 3 fails; WF_MANIFEST: the parts are written, the
+// manifest fails); exit 3 when the failing writer returned -1, 0 when everything was written
+static void child_write_failing(void* arg) {
+    const WriteFailArgs* a = (const WriteFailArgs*)arg;
+    Rng rng;
+    rng_init(&rng, 1310 + a->what);
+    ModelConfig c = small_config();
+    size_t P = model_config_num_params(&c), NB = model_config_num_bn_stats(&c);
+    float* state[3] = {random_floats(&rng, P), random_floats(&rng, P), random_floats(&rng, P)};
+    float* bn = random_floats(&rng, NB);
+    unsigned char blob[8] = {8, 7, 6, 5, 4, 3, 2, 1};
+    TrainConfig cfg;
+    train_config_defaults(&cfg);
+    RunIdentity run = train_config_run_identity(&cfg, 1, 2, 3);
+    CheckpointInfo info;
+    checkpoint_info_from_run(&info, &run, 8, 8, 0);
+    int rc = 0;
+    if (a->what == WF_CHECKPOINT) {
+        rc = checkpoint_write(a->dir, &c, &info, state[0], state[1], state[2], bn, 1, blob, 8, blob, 8, NULL);
+    } else if (a->what == WF_MODEL) {
+        char path[600];
+        snprintf(path, sizeof(path), "%s/model.bin", a->dir);
+        rc = model_file_write(path, &c, state[0], bn);
+    } else {  // three ranks, one after the other, as gpu_save_checkpoint_parts does at once
+        CheckpointPartEntry table[3];
+        int failed = 0;
+        for (int r = 0; r < 3; r++) {
+            ZeroShardMap map;
+            zero_shard_map(&map, &c, 3, r);
+            float* packed[3];
+            for (int k = 0; k < 3; k++) {
+                packed[k] = (float*)malloc_check((map.shard_elems > 0 ? map.shard_elems : 1) * sizeof(float));
+                zero_shard_pack(&map, state[k], packed[k]);
+            }
+            int part_rc = checkpoint_part_write(a->dir, 8, &c, r, 3, SHARD_MODE_ZERO, packed[0], packed[1], packed[2],
+                                                map.shard_elems, &table[r]);
+            if (part_rc != 0) rc = part_rc;
+            failed += part_rc != 0;
+            for (int k = 0; k < 3; k++) free(packed[k]);
+            zero_shard_map_free(&map);
+        }
+        if (failed == 0) {
+            rc = checkpoint_manifest_write(a->dir, &c, &info, bn, 1, blob, 8, blob, 8, 3, SHARD_MODE_ZERO, table, NULL);
+        }
+        if (rc != 0) printf("removed %d part(s)\n", checkpoint_parts_remove(a->dir, 8, 3));
+    }
+    exit(rc == -1 ? 3 : rc == 0 ? 0 : 4);
+}
+
+// "name size hash" of every entry of dir, sorted by name (a directory's listing and contents)
+static void dir_snapshot(const char* dir, char* out, size_t size) {
+    struct dirent** names;
+    int n = scandir(dir, &names, NULL, alphasort);
+    out[0] = '\0';
+    for (int i = 0; i < n; i++) {
+        char path[700], line[400];
+        snprintf(path, sizeof(path), "%s/%s", dir, names[i]->d_name);
+        struct stat st;
+        uint64_t h = 0;
+        if (lstat(path, &st) == 0 && S_ISREG(st.st_mode)) {
+            size_t bytes;
+            unsigned char* data = read_all(path, &bytes);
+            h = (uint64_t)XXH64(data, bytes, 0);
+            free(data);
+        }
+        snprintf(line, sizeof(line), "%s %lld %016llx\n", names[i]->d_name, (long long)st.st_size, (unsigned long long)h);
+        if (strlen(out) + strlen(line) < size) strcat(out, line);
+        free(names[i]);
+    }
+    free(names);
+}
+
+static void test_write_errors(void) {
+    struct stat st;
+    if (stat("/dev/full", &st) != 0 || !S_ISCHR(st.st_mode)) {
+        test_check(0, "write errors: /dev/full exists (the full disk these tests write to)");
+        return;
+    }
+    const char* tmp_names[WF_CASES] = {"ckpt_00000008.bin.tmp", "model.bin.tmp", "ckpt_00000008.part2of3.bin.tmp",
+                                       "ckpt_00000008.bin.tmp"};
+    const char* names[WF_CASES] = {"write errors: a checkpoint write to a full disk returns -1 naming the .tmp and the cause",
+                                   "write errors: a model file write to a full disk returns -1 naming the .tmp and the cause",
+                                   "write errors: part 2 of 3 failing returns -1 naming the part and the cause",
+                                   "write errors: the manifest failing after the parts returns -1 naming it and the cause"};
+    for (int what = 0; what < WF_CASES; what++) {
+        Rng rng;
+        rng_init(&rng, 1320 + what);
+        char dir[512], sub[32], previous[CHECKPOINT_PATH_MAX], link[700];
+        snprintf(sub, sizeof(sub), "write_error%d", what);
+        make_dir(dir, sizeof(dir), sub);
+        // what a run saved before: a checkpoint (step 7) and a model file
+        write_random_checkpoint(dir, previous, &rng);
+        ModelConfig c = small_config();
+        float* params = random_floats(&rng, model_config_num_params(&c));
+        snprintf(link, sizeof(link), "%s/model.bin", dir);
+        if (model_file_write(link, &c, params, NULL) != 0) exit(EXIT_FAILURE);
+        free(params);
+        static char before[8192], after[8192];
+        dir_snapshot(dir, before, sizeof(before));
+        snprintf(link, sizeof(link), "%s/%s", dir, tmp_names[what]);
+        if (symlink("/dev/full", link) != 0) {
+            test_checkf(0, names[what], "symlink %s: %s", link, strerror(errno));
+            continue;
+        }
+        WriteFailArgs a = {dir, what};
+        char out[4096];
+        int status = test_run_child(child_write_failing, &a, out, sizeof(out));
+        int ok = status == 3 && strstr(out, tmp_names[what]) != NULL && strstr(out, "No space left on device") != NULL &&
+                 strstr(out, "Error: ") != NULL;
+        test_checkf(ok, names[what], "exit %d (3 = returned -1): %.400s", status, out);
+        dir_snapshot(dir, after, sizeof(after));
+        ok = strcmp(before, after) == 0 && lstat(link, &st) != 0;
+        test_checkf(ok, "write errors: ... no .tmp, no new file, the checkpoint and model saved before intact",
+                    "%s%s%s%s", ok ? "" : "before:\n", ok ? "" : before, ok ? "" : "after:\n", ok ? "" : after);
+        if (what >= WF_PART) {
+            test_checkf(strstr(out, what == WF_PART ? "removed 2 part(s)" : "removed 3 part(s)") != NULL,
+                        "write errors: ... the parts written by the other ranks are removed", "%.300s", out);
+        }
+    }
 }
 
 // ----------------------------------------------------------------------------
@@ -503,6 +670,7 @@ int main(void) {
     test_nonfinite();
     test_not_a_file();
     test_stale_tmp();
+    test_write_errors();
     test_sizes();
     test_memory();
     test_remove_tree(tmp_root);

@@ -5,8 +5,12 @@
  * waits forever, that every rank issues the same sequence of collectives, and that every rank
  * returns the expected exit status: a plain run, a log write error on rank 0 (/dev/full), a stop
  * request on rank 2 alone, a NaN loss on rank 1 alone, a log file rank 0 cannot open, --mc-eval
- * (16 examples: 6, 5, 5 per rank, every rank the same batches). The model is
- * fake (no weights); resume is not simulated.
+ * (16 examples: 6, 5, 5 per rank, every rank the same batches), a checkpoint save failing on
+ * rank 0 alone (its file or the manifest) or on rank 2 alone (its part of a sharded save), the
+ * final model write failing on rank 0 and a malformed tokenizer file read by rank 0 alone (the
+ * real tokenizer_init on a file with a bad magic number): every failure stops all ranks together
+ * with exit 1. The model is fake (no weights; the save follows the collectives of the CUDA
+ * trainer's sharded save, its write statuses are injected); resume is not simulated.
  *   make test_loop_ranks && ./test_loop_ranks
  * (from the repository root: it reads data/tinyshakespeare).
  */
@@ -31,6 +35,8 @@ typedef struct {
     int log[MAXLOG];     // kind*100 + n
     int stop_at_step;    // this rank's local stop request before this train step (-1 never)
     int nan_at_step;     // local loss NaN at this train step (-1 never)
+    int save_fail_step;  // this rank's write fails in the checkpoint save of this step (-1 never)
+    int model_fail;      // this rank's write of the final model fails
     DataLoader train, val;
 } Rank;
 
@@ -85,12 +91,19 @@ static void f_logits(void* ctx, const int* tokens, int T, int t, float* out) {
     (void)ctx; (void)tokens; (void)T; (void)t;
     for (int v = 0; v < 50; v++) out[v] = (float)v / 50;
 }
-static void f_save(void* ctx, const CheckpointInfo* info, const DataLoaderState* loader, const uint64_t* rng, char* path) {
+// as gpu_save_checkpoint_parts: the BN allgather, every rank writes its part, the parts' table
+// and statuses reach rank 0 (an allgather), rank 0 writes the manifest when every part is written
+static int f_save(void* ctx, const CheckpointInfo* info, const DataLoaderState* loader, const uint64_t* rng, char* path) {
     (void)loader; (void)rng;
     Rank* r = (Rank*)ctx;
     double v[1] = {1};
     collective(r, 2, v, 1);  // the BN allgather
-    snprintf(path, CHECKPOINT_PATH_MAX, "ckpt_%08d(fake)", info->step);
+    int failed = r->save_fail_step == info->step;  // this rank's part (rank 0: or the manifest)
+    if (failed) fprintf(stderr, "SIM: rank %d: the write of checkpoint step %d fails\n", r->rank, info->step);
+    double parts[1] = {failed ? 1.0 : 0.0};
+    collective(r, 5, parts, 1);  // the table with each part's status
+    if (r->rank == 0 && parts[0] == 0.0) snprintf(path, CHECKPOINT_PATH_MAX, "ckpt_%08d(fake)", info->step);
+    return failed;
 }
 static void f_load(void* ctx, const char* p, CheckpointInfo* i, DataLoaderState* l, uint64_t* rng) {
     (void)ctx; (void)p; (void)i; (void)l; (void)rng;
@@ -98,12 +111,20 @@ static void f_load(void* ctx, const char* p, CheckpointInfo* i, DataLoaderState*
     exit(2);
 }
 static void f_stats(void* ctx, float* u, float* k) { (void)ctx; (void)u; (void)k; }
-static void f_model(void* ctx, const char* path) { (void)ctx; (void)path; }
+// as gpu_write_model with ZeRO-1: every rank takes part in the gather, rank 0 writes
+static int f_model(void* ctx, const char* path) {
+    (void)path;
+    Rank* r = (Rank*)ctx;
+    double v[1] = {1};
+    collective(r, 6, v, 1);  // the gather of the master weights
+    return r->model_fail;
+}
 static void f_sum(void* ctx, double* v, int n) { collective((Rank*)ctx, 3, v, n); }
 
 static TrainConfig cfg;
 static Rank ranks[G];
 static int rcs[G];
+static char tokenizer_path[600];  // "" = none: the real tokenizer_init reads it on rank 0
 
 static void* run_rank(void* arg) {
     Rank* r = (Rank*)arg;
@@ -126,20 +147,44 @@ static void* run_rank(void* arg) {
     be.sum_ranks = f_sum;
     Tokenizer tok;
     memset(&tok, 0, sizeof(tok));
-    TrainLoop tl = {&cfg, &be, &r->train, &r->val, 1, &tok, 1};
+    int tokenizer_failed = r->rank == 0 && tokenizer_path[0] && tokenizer_init(&tok, tokenizer_path) != 0;
+    TrainLoop tl = {&cfg, &be, &r->train, &r->val, 1, &tok, 1, tokenizer_failed};
     rcs[r->rank] = train_loop_run(&tl);
+    tokenizer_free(&tok);
     return NULL;
 }
 
-// one scenario in this process; returns 0 when the ranks agree and all return expect_rc
-static int scenario(const char* out_dir, const char* log_file, int stop_rank, int stop_step, int nan_rank,
-                    int nan_step, int num_steps, int expect_rc, const char* mc_eval) {
+typedef struct {
+    const char* name;
+    const char* log;
+    int stop_rank, stop_step, nan_rank, nan_step, steps, rc;
+    const char* mc;
+    int save_fail_rank, save_fail_step;  // a checkpoint save failing on one rank (-1: none)
+    int model_fail_rank;                 // the final model write failing on one rank (-1: none)
+    int bad_tokenizer;                   // rank 0 reads a malformed tokenizer file
+} Case;
+
+// one scenario in this process; returns 0 when the ranks agree and all return the expected status
+static int scenario(const char* out_dir, const Case* k) {
+    const char* log_file = k->log;
+    const char* mc_eval = k->mc;
+    int expect_rc = k->rc;
+    if (k->bad_tokenizer) {  // a header whose magic number is wrong (the real reader refuses it)
+        snprintf(tokenizer_path, sizeof(tokenizer_path), "%s/bad_tokenizer.bin", out_dir);
+        int32_t header[TOKENIZER_HEADER_INTS];
+        Rng rng;
+        rng_init(&rng, 13);
+        for (int i = 0; i < TOKENIZER_HEADER_INTS; i++) header[i] = (int32_t)rng_u32(&rng);
+        FILE* fp = fopen_check(tokenizer_path, "wb");
+        fwrite_check(header, sizeof(header), 1, fp, tokenizer_path);
+        fclose_check(fp, tokenizer_path);
+    }
     train_config_defaults(&cfg);
     int B = mc_eval[0] ? 4 : 2;
     snprintf(cfg.mc_eval_path, sizeof(cfg.mc_eval_path), "%s", mc_eval);
     snprintf(cfg.output_dir, sizeof(cfg.output_dir), "%s", out_dir);
     snprintf(cfg.log_file, sizeof(cfg.log_file), "%s", log_file);
-    cfg.num_steps = num_steps;
+    cfg.num_steps = k->steps;
     cfg.B = B; cfg.T = 32; cfg.val_every = 2; cfg.sample_every = 3; cfg.checkpoint_every = 2;
     cfg.total_batch_size = G * B * 32;
     if (mc_eval[0]) cfg.sample_every = 0;
@@ -147,8 +192,10 @@ static int scenario(const char* out_dir, const char* log_file, int stop_rank, in
     pthread_t th[G];
     for (int i = 0; i < G; i++) {
         ranks[i].rank = i;
-        ranks[i].stop_at_step = i == stop_rank ? stop_step : -1;
-        ranks[i].nan_at_step = i == nan_rank ? nan_step : -1;
+        ranks[i].stop_at_step = i == k->stop_rank ? k->stop_step : -1;
+        ranks[i].nan_at_step = i == k->nan_rank ? k->nan_step : -1;
+        ranks[i].save_fail_step = i == k->save_fail_rank ? k->save_fail_step : -1;
+        ranks[i].model_fail = i == k->model_fail_rank;
         dataloader_init(&ranks[i].train, "data/tinyshakespeare/tiny_shakespeare_train.bin", B, 32, i, G, 0, 0, 50257);
         dataloader_init(&ranks[i].val, "data/tinyshakespeare/tiny_shakespeare_val.bin", B, 32, i, G, 0, 0, 50257);
     }
@@ -165,6 +212,15 @@ static int scenario(const char* out_dir, const char* log_file, int stop_rank, in
             ok = 0;
         }
     }
+    if (k->save_fail_rank >= 0) {  // the ranks stop at the failed save: no update after it
+        int updates = 0;
+        for (int c = 0; c < ranks[0].nlog; c++) updates += ranks[0].log[c] / 100 == 1;
+        if (updates != k->save_fail_step) {
+            fprintf(stderr, "SIM: %d updates, expected the run to stop at the save of step %d\n", updates,
+                    k->save_fail_step);
+            ok = 0;
+        }
+    }
     fprintf(stderr, "SIM: %d collectives per rank\n", ranks[0].nlog);
     return ok ? 0 : 1;
 }
@@ -172,13 +228,20 @@ static int scenario(const char* out_dir, const char* log_file, int stop_rank, in
 int main(void) {
     test_begin("test_loop_ranks");
     test_tmp_begin("test_loop_ranks");
-    struct { const char* name; const char* log; int stop_rank, stop_step, nan_rank, nan_step, steps, rc; const char* mc; } cases[] = {
-        {"plain run", "", -1, -1, -1, -1, 6, 0, ""},
-        {"log write error on rank 0", "/dev/full", -1, -1, -1, -1, 6, 1, ""},
-        {"stop request on rank 2 alone", "", 2, 3, -1, -1, 8, 130, ""},
-        {"NaN loss on rank 1 alone", "", -1, -1, 1, 4, 8, 1, ""},
-        {"log file rank 0 cannot open", "/nonexistent_dir/log.jsonl", -1, -1, -1, -1, 6, 1, ""},
-        {"--mc-eval, 16 examples over 3 ranks", "", -1, -1, -1, -1, 4, 0, "data/mc_examples_val.bin"},
+    Case cases[] = {
+        {"plain run", "", -1, -1, -1, -1, 6, 0, "", -1, -1, -1, 0},
+        {"log write error on rank 0", "/dev/full", -1, -1, -1, -1, 6, 1, "", -1, -1, -1, 0},
+        {"stop request on rank 2 alone", "", 2, 3, -1, -1, 8, 130, "", -1, -1, -1, 0},
+        {"NaN loss on rank 1 alone", "", -1, -1, 1, 4, 8, 1, "", -1, -1, -1, 0},
+        {"log file rank 0 cannot open", "/nonexistent_dir/log.jsonl", -1, -1, -1, -1, 6, 1, "", -1, -1, -1, 0},
+        {"--mc-eval, 16 examples over 3 ranks", "", -1, -1, -1, -1, 4, 0, "data/mc_examples_val.bin", -1, -1, -1, 0},
+        {"checkpoint save failing on rank 0 alone (step 4)", "", -1, -1, -1, -1, 8, 1, "", 0, 4, -1, 0},
+        {"checkpoint save failing on rank 2 alone (its part, step 2)", "", -1, -1, -1, -1, 8, 1, "", 2, 2, -1, 0},
+        {"checkpoint save failing on rank 1 alone at the last step", "", -1, -1, -1, -1, 6, 1, "", 1, 6, -1, 0},
+        {"final model write failing on rank 0", "", -1, -1, -1, -1, 6, 1, "", -1, -1, 0, 0},
+        {"malformed tokenizer file on rank 0", "", -1, -1, -1, -1, 6, 1, "", -1, -1, -1, 1},
+        {"checkpoint save failing after a stop request (rank 2 asks, rank 0 fails)", "", 2, 3, -1, -1, 8, 1, "", 0,
+         4, -1, 0},
     };
     for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
         char out[512];
@@ -190,8 +253,7 @@ int main(void) {
         if (pid == 0) {
             int quiet = open("/dev/null", O_WRONLY);
             dup2(quiet, 1);  // the ranks' console lines
-            _exit(scenario(out, cases[c].log, cases[c].stop_rank, cases[c].stop_step, cases[c].nan_rank,
-                           cases[c].nan_step, cases[c].steps, cases[c].rc, cases[c].mc));
+            _exit(scenario(out, &cases[c]));
         }
         int status = 0;
         waitpid(pid, &status, 0);

@@ -1802,12 +1802,12 @@ static void cpu_sample_logits(void* ctx, const int* tokens, int T, int t, float*
     gpt_sample_logits(&((CpuTrainer*)ctx)->model, tokens, T, t, out);
 }
 
-static void cpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const DataLoaderState* loader,
-                                const uint64_t* sample_rng, char* out_path) {
+static int cpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const DataLoaderState* loader,
+                               const uint64_t* sample_rng, char* out_path) {
     CpuTrainer* tr = (CpuTrainer*)ctx;
     GPT* model = &tr->model;
-    checkpoint_write(tr->cfg->output_dir, &model->config, info, model->params, model->m, model->v, model->bn_stats, 1,
-                     loader, sizeof(*loader), sample_rng, sizeof(*sample_rng), out_path);
+    return checkpoint_write(tr->cfg->output_dir, &model->config, info, model->params, model->m, model->v,
+                            model->bn_stats, 1, loader, sizeof(*loader), sample_rng, sizeof(*sample_rng), out_path);
 }
 
 static void cpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
@@ -1850,9 +1850,9 @@ static void cpu_expert_kind_shares(void* ctx, float* shares) {
     }
 }
 
-static void cpu_write_model(void* ctx, const char* path) {
+static int cpu_write_model(void* ctx, const char* path) {
     GPT* model = &((CpuTrainer*)ctx)->model;
-    model_file_write(path, &model->config, model->params, model->bn_stats);
+    return model_file_write(path, &model->config, model->params, model->bn_stats);
 }
 
 // one process: the sums over ranks are the values themselves
@@ -1925,7 +1925,7 @@ int main(int argc, char** argv) {
                          (long long)dataloader_num_batches(&tr.val_loader), cfg.val_max_batches);
     Tokenizer tokenizer;
     memset(&tokenizer, 0, sizeof(tokenizer));
-    if (cfg.sample_every > 0) tokenizer_init(&tokenizer, "data/gpt2_tokenizer.bin");
+    int tokenizer_failed = cfg.sample_every > 0 && tokenizer_init(&tokenizer, "data/gpt2_tokenizer.bin") != 0;
     int moe = model_config.ffn_kind == FFN_MOE;
     tr.omni_layers = model_config.ffn_kind == FFN_OMNI || moe ? model_config.num_layers : 0;
     tr.count_experts = moe ? model_config_moe_routed(&model_config) : model_config.num_experts;
@@ -1953,7 +1953,8 @@ int main(int argc, char** argv) {
     if (moe) be.expert_kind_shares = cpu_expert_kind_shares;
     be.write_model = cpu_write_model;
     be.sum_ranks = cpu_sum_ranks;
-    TrainLoop loop = {&cfg, &be, &tr.train_loader, &tr.val_loader, cfg.val_max_batches, &tokenizer, have_val};
+    TrainLoop loop = {&cfg, &be, &tr.train_loader, &tr.val_loader, cfg.val_max_batches, &tokenizer, have_val,
+                      tokenizer_failed};
     int rc = train_loop_run(&loop);
 
     free(tr.file_params);

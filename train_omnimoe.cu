@@ -817,11 +817,12 @@ static void gpu_sample_logits(void* ctx, const int* tokens, int T, int t, float*
 // Resume on a different process count G: rank r takes BN set r mod G_saved, and the loader
 // rounds its position up to a whole round of G (dataloader.h).
 // Every rank calls it (the BN statistics are gathered from all ranks); rank 0 writes the file.
-// ZeRO-1: a sharded checkpoint instead (gpu_save_checkpoint_parts).
-static void gpu_save_checkpoint_parts(GpuTrainer* tr, const CheckpointInfo* info, const DataLoaderState* loader,
-                                      const uint64_t* sample_rng, const float* bn_all, char* out_path);
-static void gpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const DataLoaderState* loader,
-                                const uint64_t* sample_rng, char* out_path) {
+// ZeRO-1: a sharded checkpoint instead (gpu_save_checkpoint_parts). Returns this rank's status
+// (non-zero: its write failed, after its message); llmc/train_loop.h agrees on it.
+static int gpu_save_checkpoint_parts(GpuTrainer* tr, const CheckpointInfo* info, const DataLoaderState* loader,
+                                     const uint64_t* sample_rng, const float* bn_all, char* out_path);
+static int gpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const DataLoaderState* loader,
+                               const uint64_t* sample_rng, char* out_path) {
     GpuTrainer* tr = (GpuTrainer*)ctx;
     const Model* m = &tr->model;
     const MultiGpu* mg = tr->mg;
@@ -841,31 +842,35 @@ static void gpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const Dat
         cudaCheck(cudaFree(gathered));
     }
     if (m->zero) {
-        gpu_save_checkpoint_parts(tr, info, loader, sample_rng, bn_all, out_path);
+        int failed = gpu_save_checkpoint_parts(tr, info, loader, sample_rng, bn_all, out_path);
         free(bn_all);
-        return;
+        return failed;
     }
-    if (!master_process) return;
+    if (!master_process) return 0;
     float* params = (float*)malloc_check(P * sizeof(float));
     float* adam_m = (float*)malloc_check(P * sizeof(float));
     float* adam_v = (float*)malloc_check(P * sizeof(float));
     model_get_params(m, params, NULL);
     cudaCheck(cudaMemcpy(adam_m, m->adam_m, P * sizeof(float), cudaMemcpyDeviceToHost));
     cudaCheck(cudaMemcpy(adam_v, m->adam_v, P * sizeof(float), cudaMemcpyDeviceToHost));
-    checkpoint_make_dir(tr->cfg->output_dir);
-    checkpoint_write(tr->cfg->output_dir, &m->config, info, params, adam_m, adam_v, bn_all, G, loader,
-                     sizeof(*loader), sample_rng, sizeof(*sample_rng), out_path);
+    int failed = checkpoint_try_make_dir(tr->cfg->output_dir) != 0 ||
+                 checkpoint_write(tr->cfg->output_dir, &m->config, info, params, adam_m, adam_v, bn_all, G, loader,
+                                  sizeof(*loader), sample_rng, sizeof(*sample_rng), out_path) != 0;
     free(params);
     free(adam_m);
     free(adam_v);
     free(bn_all);
+    return failed;
 }
 
 // ZeRO-1 (docs/sharding.md §4): every rank writes its shard as a part file at the same time,
 // then rank 0 writes the manifest with the parts' sizes and hashes. Either all ranks write or none
-// (the shards' finiteness is agreed first). The output directory must be one all ranks see.
-static void gpu_save_checkpoint_parts(GpuTrainer* tr, const CheckpointInfo* info, const DataLoaderState* loader,
-                                      const uint64_t* sample_rng, const float* bn_all, char* out_path) {
+// (the shards' finiteness and the directory are agreed first). A part or the manifest that
+// cannot be written: rank 0 removes the parts of the step that were written (every rank's status
+// reaches it with the table), so nothing of the step is left; the failing rank returns non-zero.
+// The output directory must be one all ranks see.
+static int gpu_save_checkpoint_parts(GpuTrainer* tr, const CheckpointInfo* info, const DataLoaderState* loader,
+                                     const uint64_t* sample_rng, const float* bn_all, char* out_path) {
     const Model* m = &tr->model;
     const MultiGpu* mg = tr->mg;
     const int G = mg->num_processes, rank = mg->process_rank;
@@ -880,28 +885,30 @@ static void gpu_save_checkpoint_parts(GpuTrainer* tr, const CheckpointInfo* info
         cudaCheck(cudaMemcpy(host[k], device[k], E * sizeof(float), cudaMemcpyDeviceToHost));
         finite &= ckpt_floats_finite_(host[k], E, k == 0 ? "the master weights" : "the AdamW state", why, sizeof(why));
     }
-    double bad = finite ? 0.0 : 1.0;
-    multi_gpu_sum_doubles(mg, &bad, 1, m->stream);
-    if (bad > 0.0) {
+    int dir_failed = rank == 0 && checkpoint_try_make_dir(dir) != 0;
+    double bad[2] = {finite ? 0.0 : 1.0, dir_failed ? 1.0 : 0.0};
+    multi_gpu_sum_doubles(mg, bad, 2, m->stream);  // also: the directory exists before any part is written
+    if (bad[0] > 0.0 || bad[1] > 0.0) {
         if (!finite) fprintf(stderr, "Error: rank %d: %s\n", rank, why);
-        if (rank == 0) {
+        if (rank == 0 && bad[0] > 0.0) {
             fprintf(stderr, "Error: refusing to write checkpoint step %d: %d rank(s) hold non-finite optimizer state; "
-                    "nothing is saved (the checkpoints already in %s are untouched)\n", info->step, (int)bad, dir);
+                    "nothing is saved (the checkpoints already in %s are untouched)\n", info->step, (int)bad[0], dir);
         }
-        exit(EXIT_FAILURE);
+        for (int k = 0; k < 3; k++) free(host[k]);
+        return !finite || dir_failed;
     }
-    if (rank == 0) checkpoint_make_dir(dir);
-    multi_gpu_barrier(mg);  // the directory exists before any part is written
     double start = train_loop_now_ms();
-    CheckpointPartEntry entry = checkpoint_part_write(dir, info->step, &m->config, rank, G, SHARD_MODE_ZERO, host[0],
-                                                      host[1], host[2], E);
+    CheckpointPartEntry entry = {0, 0};
+    int part_failed = checkpoint_part_write(dir, info->step, &m->config, rank, G, SHARD_MODE_ZERO, host[0], host[1],
+                                            host[2], E, &entry) != 0;
     float seconds = (float)((train_loop_now_ms() - start) / 1e3);
     for (int k = 0; k < 3; k++) free(host[k]);
     // every rank's table entry and write time to rank 0 (an all-gather copies bits, no arithmetic)
-    const int W = 6;  // floats per rank: the 16-byte entry, the seconds, padding
+    const int W = 6;  // floats per rank: the 16-byte entry, the seconds, the part's status
     float send[6] = {0};
     memcpy(send, &entry, sizeof(entry));
     send[4] = seconds;
+    send[5] = part_failed ? 1.0f : 0.0f;
     float* d_buf = (float*)cuda_malloc_or_die((size_t)(G + 1) * W * sizeof(float), "checkpoint part table");
     float* all = (float*)malloc_check((size_t)G * W * sizeof(float));
     cudaCheck(cudaMemcpy(d_buf, send, W * sizeof(float), cudaMemcpyHostToDevice));
@@ -909,21 +916,32 @@ static void gpu_save_checkpoint_parts(GpuTrainer* tr, const CheckpointInfo* info
     cudaCheck(cudaMemcpyAsync(all, d_buf + W, (size_t)G * W * sizeof(float), cudaMemcpyDeviceToHost, m->stream));
     cudaCheck(cudaStreamSynchronize(m->stream));
     cudaCheck(cudaFree(d_buf));
+    int failed = part_failed;
     if (rank == 0) {
         CheckpointPartEntry* table = (CheckpointPartEntry*)malloc_check((size_t)G * sizeof(CheckpointPartEntry));
         double slowest = 0.0, bytes = 0.0;
+        int parts_failed = 0;
         for (int r = 0; r < G; r++) {
             memcpy(&table[r], all + (size_t)r * W, sizeof(CheckpointPartEntry));
             slowest = fmax(slowest, (double)all[(size_t)r * W + 4]);
             bytes += (double)table[r].bytes;
+            parts_failed += all[(size_t)r * W + 5] != 0.0f;
         }
-        checkpoint_manifest_write(dir, &m->config, info, bn_all, G, loader, sizeof(*loader), sample_rng,
-                                  sizeof(*sample_rng), G, SHARD_MODE_ZERO, table, out_path);
-        printf("checkpoint parts: %d x %.2f GB written in %.2f s (%.2f GB/s per rank, %.2f GB/s in all)\n", G,
-               bytes / G / 1e9, slowest, bytes / G / 1e9 / fmax(slowest, 1e-9), bytes / 1e9 / fmax(slowest, 1e-9));
+        int manifest_failed = parts_failed == 0 &&
+                              checkpoint_manifest_write(dir, &m->config, info, bn_all, G, loader, sizeof(*loader),
+                                                        sample_rng, sizeof(*sample_rng), G, SHARD_MODE_ZERO, table,
+                                                        out_path) != 0;
+        if (parts_failed > 0 || manifest_failed) {
+            checkpoint_parts_remove(dir, info->step, G);  // parts without a manifest are no checkpoint
+            failed |= manifest_failed;
+        } else {
+            printf("checkpoint parts: %d x %.2f GB written in %.2f s (%.2f GB/s per rank, %.2f GB/s in all)\n", G,
+                   bytes / G / 1e9, slowest, bytes / G / 1e9 / fmax(slowest, 1e-9), bytes / 1e9 / fmax(slowest, 1e-9));
+        }
         free(table);
     }
     free(all);
+    return failed;
 }
 
 // ZeRO-1 resume from a sharded checkpoint: every rank reads its own shard from the parts (any
@@ -1033,18 +1051,20 @@ static void gpu_expert_stats(void* ctx, float* usage, float* kl) {
 }
 
 // rank 0's weights and BN statistics. Every rank calls it (ZeRO-1 gathers the master weights).
-static void gpu_write_model(void* ctx, const char* path) {
+// Returns rank 0's write status (0 on the others); llmc/train_loop.h agrees on it.
+static int gpu_write_model(void* ctx, const char* path) {
     GpuTrainer* tr = (GpuTrainer*)ctx;
     const Model* m = &tr->model;
     int master_process = tr->mg->process_rank == 0;
-    if (!master_process && !m->zero) return;
+    if (!master_process && !m->zero) return 0;
     size_t NB = model_config_num_bn_stats(&m->config);
     float* params = master_process ? (float*)malloc_check(m->num_params * sizeof(float)) : NULL;
     float* bn = (float*)malloc_check(max_sz(NB, 1) * sizeof(float));
     model_get_params(m, params, bn);
-    if (master_process) model_file_write(path, &m->config, params, bn);
+    int failed = master_process && model_file_write(path, &m->config, params, bn) != 0;
     free(params);
     free(bn);
+    return failed;
 }
 
 static void gpu_sum_ranks(void* ctx, double* values, int n) {
@@ -1178,7 +1198,8 @@ int main(int argc, char** argv) {
     }
     Tokenizer tokenizer;
     memset(&tokenizer, 0, sizeof(tokenizer));
-    if (master_process) tokenizer_init(&tokenizer, "data/gpt2_tokenizer.bin");
+    // rank 0 reads it (the others may not see the file); train_loop_run stops every rank when it is malformed
+    int tokenizer_failed = master_process && tokenizer_init(&tokenizer, "data/gpt2_tokenizer.bin") != 0;
     tr.logits_row = (floatX*)malloc_check((size_t)config.padded_vocab_size * sizeof(floatX));
 
     TrainBackend be;
@@ -1202,7 +1223,8 @@ int main(int argc, char** argv) {
     be.expert_stats = gpu_expert_stats;
     be.write_model = gpu_write_model;
     be.sum_ranks = gpu_sum_ranks;
-    TrainLoop loop = {&cfg, &be, &tr.train_loader, &tr.val_loader, tr.val_batches, &tokenizer, have_val};
+    TrainLoop loop = {&cfg, &be, &tr.train_loader, &tr.val_loader, tr.val_batches, &tokenizer, have_val,
+                      tokenizer_failed};
     int rc = train_loop_run(&loop);
 
     free(tr.init_params);

@@ -71,8 +71,10 @@
  * looks only at complete names and verifies size, end magic and checksum before use.
  * ---------------------------------------------------------------------------------------------
  *
- * API (every function that reads or writes exits with one clear message on error, except the
- * checkers checkpoint_verify / checkpoint_find_latest, which return a status):
+ * API (every reader exits with one clear message on error; the writers print one message naming
+ * the file and the cause and return -1, leaving no .tmp and touching no older file, so that a
+ * trainer of several processes can stop all of them together (llmc/train_loop.h); the checkers
+ * checkpoint_verify / checkpoint_find_latest return a status):
  *   model_file_write / model_file_read / model_file_read_config
  *   CheckpointInfo, checkpoint_info_from_config, checkpoint_path, checkpoint_make_dir
  *   checkpoint_write                     one call, host buffers
@@ -120,6 +122,12 @@
 #define CHECKPOINT_END_MAGIC "OMNI-END"
 #define CHECKPOINT_DIR_MAX 1024  // as TRAIN_PATH_MAX of args.h
 #define CHECKPOINT_PATH_MAX (CHECKPOINT_DIR_MAX + 64)
+// the writers return a status that must not be dropped (a failed write is never silent)
+#if defined(__GNUC__) || defined(__clang__)
+#define CKPT_MUST_CHECK __attribute__((warn_unused_result))
+#else
+#define CKPT_MUST_CHECK
+#endif
 
 // ----------------------------------------------------------------------------
 // small shared pieces
@@ -330,77 +338,92 @@ static inline uint64_t checkpoint_hash_final(const CheckpointHash* s) { return (
 // ----------------------------------------------------------------------------
 // crash-safe writing: <path>.tmp, fsync, rename, fsync of the directory
 
+// Every function here returns 0, or -1 once the write has failed: the first failure prints one
+// message naming the file and the cause, closes and removes the .tmp and marks the file failed;
+// later calls then do nothing and return -1, so a writer can check once, at the commit. The final
+// name appears only through the rename of a complete, flushed and fsync'ed file.
 typedef struct {
     FILE* fp;
     char path[CHECKPOINT_PATH_MAX];
     char tmp_path[CHECKPOINT_PATH_MAX + 8];
     CheckpointHash hash;
     int64_t bytes_written;
+    int failed;
 } CkptSafeFile;
 
-static inline void ckpt_safe_fail_(CkptSafeFile* f, const char* what) {
-    int err = errno;
-    fprintf(stderr, "Error: %s \"%s\" failed: %s\n", what, f->tmp_path, strerror(err));
+// the failure after a message already printed: closes, removes the .tmp, marks the file failed
+static inline int ckpt_safe_abandon_(CkptSafeFile* f) {
     if (f->fp != NULL) fclose(f->fp);
     f->fp = NULL;
-    remove(f->tmp_path);  // never leave a partial file behind
-    exit(EXIT_FAILURE);
+    if (f->tmp_path[0] != '\0') remove(f->tmp_path);  // never leave a partial file behind
+    f->failed = 1;
+    return -1;
 }
 
-static inline void ckpt_safe_open_(CkptSafeFile* f, const char* path) {
+static inline int ckpt_safe_fail_(CkptSafeFile* f, const char* what) {
+    int err = errno;
+    fprintf(stderr, "Error: %s \"%s\" failed: %s\n", what, f->tmp_path, strerror(err));
+    return ckpt_safe_abandon_(f);
+}
+
+static inline int ckpt_safe_open_(CkptSafeFile* f, const char* path) {
     ckpt_require_little_endian_();
     memset(f, 0, sizeof(*f));
     if (strlen(path) >= sizeof(f->path)) {
         fprintf(stderr, "Error: output path \"%s\" is too long\n", path);
-        exit(EXIT_FAILURE);
+        f->failed = 1;
+        return -1;
     }
     strcpy(f->path, path);
     snprintf(f->tmp_path, sizeof(f->tmp_path), "%s.tmp", path);
     f->fp = fopen(f->tmp_path, "wb");
-    if (f->fp == NULL) ckpt_safe_fail_(f, "creating");
+    if (f->fp == NULL) return ckpt_safe_fail_(f, "creating");
     checkpoint_hash_init(&f->hash);
+    return 0;
 }
 
-static inline void ckpt_safe_write_(CkptSafeFile* f, const void* data, size_t bytes) {
-    if (bytes == 0) return;
+static inline int ckpt_safe_write_(CkptSafeFile* f, const void* data, size_t bytes) {
+    if (f->failed) return -1;
+    if (bytes == 0) return 0;
     checkpoint_hash_update(&f->hash, data, bytes);
-    if (fwrite(data, 1, bytes, f->fp) != bytes) ckpt_safe_fail_(f, "writing");
+    if (fwrite(data, 1, bytes, f->fp) != bytes) return ckpt_safe_fail_(f, "writing");
     f->bytes_written += (int64_t)bytes;
+    return 0;
 }
 
 // writes `count` zero floats (an optimiser state that does not exist yet)
-static inline void ckpt_safe_write_zeros_(CkptSafeFile* f, size_t count) {
+static inline int ckpt_safe_write_zeros_(CkptSafeFile* f, size_t count) {
     float zeros[1024];
     memset(zeros, 0, sizeof(zeros));
     while (count > 0) {
         size_t n = count < 1024 ? count : 1024;
-        ckpt_safe_write_(f, zeros, n * sizeof(float));
+        if (ckpt_safe_write_(f, zeros, n * sizeof(float)) != 0) return -1;
         count -= n;
     }
+    return 0;
 }
 
-static inline void ckpt_fsync_path_(const char* path, int must_succeed) {
+// fsync of a file or directory; -1 after a message when it fails (a directory that cannot be
+// fsync'ed is not an error: some file systems refuse it)
+static inline int ckpt_fsync_path_(const char* path, int must_succeed) {
     int fd = open(path, O_RDONLY);
-    if (fd < 0 || fsync(fd) != 0) {
-        if (must_succeed) {
-            fprintf(stderr, "Error: fsync of \"%s\" failed: %s\n", path, strerror(errno));
-            if (fd >= 0) close(fd);
-            remove(path);
-            exit(EXIT_FAILURE);
-        }
-    }
+    int failed = fd < 0 || fsync(fd) != 0;
+    if (failed && must_succeed) fprintf(stderr, "Error: fsync of \"%s\" failed: %s\n", path, strerror(errno));
     if (fd >= 0) close(fd);
+    return failed && must_succeed ? -1 : 0;
 }
 
-static inline void ckpt_safe_commit_(CkptSafeFile* f) {
-    if (fflush(f->fp) != 0) ckpt_safe_fail_(f, "flushing");
+static inline int ckpt_safe_commit_(CkptSafeFile* f) {
+    if (f->failed) return -1;
+    if (fflush(f->fp) != 0) return ckpt_safe_fail_(f, "flushing");
     if (fclose(f->fp) != 0) {
         f->fp = NULL;
-        ckpt_safe_fail_(f, "closing");
+        return ckpt_safe_fail_(f, "closing");
     }
     f->fp = NULL;
-    ckpt_fsync_path_(f->tmp_path, 1);  // the data is on disk before the name appears
-    if (rename(f->tmp_path, f->path) != 0) ckpt_safe_fail_(f, "renaming to the final name");
+    // the data is on disk before the name appears
+    if (ckpt_fsync_path_(f->tmp_path, 1) != 0) return ckpt_safe_abandon_(f);
+    if (rename(f->tmp_path, f->path) != 0) return ckpt_safe_fail_(f, "renaming to the final name");
     // make the rename itself durable (some file systems refuse to fsync a directory: ignored)
     char dir[CHECKPOINT_PATH_MAX];
     strcpy(dir, f->path);
@@ -409,15 +432,18 @@ static inline void ckpt_safe_commit_(CkptSafeFile* f) {
     else if (slash == dir) dir[1] = '\0';
     else *slash = '\0';
     ckpt_fsync_path_(dir, 0);
+    return 0;
 }
 
 // the 16-byte trailer: XXH64 of everything written so far, then the end magic
-static inline void ckpt_safe_write_trailer_(CkptSafeFile* f) {
+static inline int ckpt_safe_write_trailer_(CkptSafeFile* f) {
+    if (f->failed) return -1;
     uint64_t hash = checkpoint_hash_final(&f->hash);
     unsigned char trailer[CHECKPOINT_TRAILER_BYTES];
     memcpy(trailer, &hash, 8);
     memcpy(trailer + 8, CHECKPOINT_END_MAGIC, 8);
-    if (fwrite(trailer, 1, sizeof(trailer), f->fp) != sizeof(trailer)) ckpt_safe_fail_(f, "writing");
+    if (fwrite(trailer, 1, sizeof(trailer), f->fp) != sizeof(trailer)) return ckpt_safe_fail_(f, "writing");
+    return 0;
 }
 
 // 1 for the temporary name of a write of this file (checkpoint or model file: "<name>.bin.tmp")
@@ -495,12 +521,14 @@ static inline float* ckpt_initial_bn_stats_(const ModelConfig* config) {
 }
 
 // Writes a model file (version 2, with its hash) crash-safely. bn_stats NULL = the initial
-// statistics. Exits without writing anything when a weight or statistic is NaN/Inf.
-static inline void model_file_write(const char* path, const ModelConfig* config, const float* params,
-                                    const float* bn_stats) {
+// statistics. Returns 0, or -1 after one message naming the file and the cause: a weight or
+// statistic is NaN/Inf (nothing is written), or the write failed (the .tmp is removed and an
+// older file of that name is untouched).
+CKPT_MUST_CHECK static inline int model_file_write(const char* path, const ModelConfig* config, const float* params,
+                                                   const float* bn_stats) {
     if (!model_config_validate(config)) {
         fprintf(stderr, "  (refusing to write model file \"%s\")\n", path);
-        exit(EXIT_FAILURE);
+        return -1;
     }
     size_t num_params = model_config_num_params(config);
     size_t num_bn = model_config_num_bn_stats(config);
@@ -509,7 +537,7 @@ static inline void model_file_write(const char* path, const ModelConfig* config,
         !ckpt_floats_finite_(num_bn > 0 ? bn_stats : NULL, num_bn, "the BN running statistics", why, sizeof(why))) {
         fprintf(stderr, "Error: refusing to write model file \"%s\": %s; nothing non-finite is saved (the "
                 "training diverged)\n", path, why);
-        exit(EXIT_FAILURE);
+        return -1;
     }
     int32_t header[OMNI_HEADER_INTS];
     memset(header, 0, sizeof(header));
@@ -518,13 +546,14 @@ static inline void model_file_write(const char* path, const ModelConfig* config,
     model_config_to_header(config, header);
     float* init = num_bn > 0 && bn_stats == NULL ? ckpt_initial_bn_stats_(config) : NULL;
     CkptSafeFile f;
-    ckpt_safe_open_(&f, path);
+    ckpt_safe_open_(&f, path);  // each step does nothing once one has failed
     ckpt_safe_write_(&f, header, sizeof(header));
     ckpt_safe_write_(&f, params, num_params * sizeof(float));
     ckpt_safe_write_(&f, init != NULL ? init : bn_stats, num_bn * sizeof(float));
     ckpt_safe_write_trailer_(&f);
-    ckpt_safe_commit_(&f);
+    int rc = ckpt_safe_commit_(&f);
     free(init);
+    return rc;
 }
 
 // one message "Error: <kind> "<path>": <what>", then exit (closing fp first when not NULL)
@@ -843,10 +872,14 @@ typedef struct {
 
 // Starts <dir>/ckpt_<info->step>.bin(.tmp) and writes the header. The section sizes in *info
 // (num_params, num_bn_stats, num_bn_sets, loader_bytes, rng_bytes) must be set; num_params and
-// num_bn_stats must equal the model's. Then put() the sections in order, then close().
-static inline void checkpoint_writer_open(CheckpointWriter* w, const char* dir, const ModelConfig* config,
-                                          const CheckpointInfo* info) {
-    if (!model_config_validate(config)) exit(EXIT_FAILURE);
+// num_bn_stats must equal the model's. Then put() the sections in order, then close(). Each
+// returns 0, or -1 once the write has failed (one message; the .tmp is removed; later calls do
+// nothing and return -1, so checking close() is enough).
+static inline int checkpoint_writer_open(CheckpointWriter* w, const char* dir, const ModelConfig* config,
+                                         const CheckpointInfo* info) {
+    memset(w, 0, sizeof(*w));
+    w->file.failed = 1;  // until the file is open
+    if (!model_config_validate(config)) return -1;
     if ((uint64_t)info->num_params != (uint64_t)model_config_num_params(config) ||
         (uint64_t)info->num_bn_stats != (uint64_t)model_config_num_bn_stats(config) || info->num_bn_sets < 1 ||
         info->loader_bytes < 0 || info->rng_bytes < 0 || info->step < 0) {
@@ -854,7 +887,7 @@ static inline void checkpoint_writer_open(CheckpointWriter* w, const char* dir, 
                 "%zu; loader %lld; rng %lld; step %d)\n", info->num_params, model_config_num_params(config),
                 info->num_bn_stats, info->num_bn_sets, model_config_num_bn_stats(config), info->loader_bytes,
                 info->rng_bytes, info->step);
-        exit(EXIT_FAILURE);
+        return -1;
     }
     char path[CHECKPOINT_PATH_MAX];
     checkpoint_path(path, sizeof(path), dir, info->step);
@@ -862,42 +895,47 @@ static inline void checkpoint_writer_open(CheckpointWriter* w, const char* dir, 
     checkpoint_header_from_(config, info, header);
     w->payload_bytes = checkpoint_file_bytes_(info) - CHECKPOINT_TRAILER_BYTES;
     ckpt_safe_open_(&w->file, path);
-    ckpt_safe_write_(&w->file, header, sizeof(header));
+    return ckpt_safe_write_(&w->file, header, sizeof(header));
 }
 
 // the next `bytes` of the sections (any split: a section may come in many pieces)
-static inline void checkpoint_writer_put(CheckpointWriter* w, const void* data, size_t bytes) {
+static inline int checkpoint_writer_put(CheckpointWriter* w, const void* data, size_t bytes) {
+    if (w->file.failed) return -1;
     if (w->file.bytes_written + (int64_t)bytes > w->payload_bytes) {
         fprintf(stderr, "Error: checkpoint \"%s\": more section bytes than the header announced (%lld)\n",
                 w->file.path, (long long)w->payload_bytes);
-        remove(w->file.tmp_path);
-        exit(EXIT_FAILURE);
+        return ckpt_safe_abandon_(&w->file);
     }
-    ckpt_safe_write_(&w->file, data, bytes);
+    return ckpt_safe_write_(&w->file, data, bytes);
 }
 
 // Writes the trailer and makes the file visible under its final name. out_path (may be NULL,
-// else CHECKPOINT_PATH_MAX chars) receives the name.
-static inline void checkpoint_writer_close(CheckpointWriter* w, char* out_path) {
+// else CHECKPOINT_PATH_MAX chars) receives the name. 0, or -1 when the write failed at any step
+// (then nothing of it is left and out_path is untouched).
+CKPT_MUST_CHECK static inline int checkpoint_writer_close(CheckpointWriter* w, char* out_path) {
+    if (w->file.failed) return -1;
     if (w->file.bytes_written != w->payload_bytes) {
         fprintf(stderr, "Error: checkpoint \"%s\": %lld section bytes written, the header announced %lld\n",
                 w->file.path, (long long)w->file.bytes_written, (long long)w->payload_bytes);
-        fclose(w->file.fp);
-        remove(w->file.tmp_path);
-        exit(EXIT_FAILURE);
+        return ckpt_safe_abandon_(&w->file);
     }
     ckpt_safe_write_trailer_(&w->file);
-    ckpt_safe_commit_(&w->file);
+    if (ckpt_safe_commit_(&w->file) != 0) return -1;
     if (out_path != NULL) strcpy(out_path, w->file.path);
+    return 0;
 }
 
 // One call: writes <dir>/ckpt_<info->step>.bin from host buffers. The section sizes of *info are
 // ignored and taken from the model and the arguments. m, v NULL = zeros (optimiser not started).
 // bn_stats: num_bn_sets * model_config_num_bn_stats floats (NULL allowed when that is 0).
-static inline void checkpoint_write(const char* dir, const ModelConfig* config, const CheckpointInfo* info,
-                                    const float* params, const float* m, const float* v, const float* bn_stats,
-                                    int num_bn_sets, const void* loader_state, size_t loader_bytes,
-                                    const void* rng_state, size_t rng_bytes, char* out_path) {
+// Returns 0, or -1 after one message naming the file and the cause: a NaN/Inf in any section
+// (nothing is written) or a failed write (the .tmp is removed; the checkpoints already in dir are
+// untouched). It does not exit: with several ranks the loop agrees on the outcome first.
+CKPT_MUST_CHECK static inline int checkpoint_write(const char* dir, const ModelConfig* config, const CheckpointInfo* info,
+                                                   const float* params, const float* m, const float* v,
+                                                   const float* bn_stats, int num_bn_sets, const void* loader_state,
+                                                   size_t loader_bytes, const void* rng_state, size_t rng_bytes,
+                                                   char* out_path) {
     CheckpointInfo full = *info;
     full.num_parts = 0;  // one file, version 2
     full.shard_mode = 0;
@@ -910,7 +948,7 @@ static inline void checkpoint_write(const char* dir, const ModelConfig* config, 
     if (params == NULL || (bn_floats > 0 && bn_stats == NULL) || (loader_bytes > 0 && loader_state == NULL) ||
         (rng_bytes > 0 && rng_state == NULL)) {
         fprintf(stderr, "Error: checkpoint_write: a NULL buffer for a non-empty section\n");
-        exit(EXIT_FAILURE);
+        return -1;
     }
     char why[256];
     if (!ckpt_params_finite_(config, params, "weight", why, sizeof(why)) ||
@@ -921,9 +959,9 @@ static inline void checkpoint_write(const char* dir, const ModelConfig* config, 
         checkpoint_path(path, sizeof(path), dir, info->step);
         fprintf(stderr, "Error: refusing to write checkpoint \"%s\": %s; nothing non-finite is saved (the training "
                 "diverged; the checkpoints already in %s are untouched)\n", path, why, dir);
-        exit(EXIT_FAILURE);
+        return -1;
     }
-    CheckpointWriter w;
+    CheckpointWriter w;  // each call does nothing once one has failed: close() reports it
     checkpoint_writer_open(&w, dir, config, &full);
     checkpoint_writer_put(&w, params, P * sizeof(float));
     if (m != NULL) checkpoint_writer_put(&w, m, P * sizeof(float));
@@ -933,7 +971,7 @@ static inline void checkpoint_write(const char* dir, const ModelConfig* config, 
     checkpoint_writer_put(&w, bn_stats, bn_floats * sizeof(float));
     checkpoint_writer_put(&w, loader_state, loader_bytes);
     checkpoint_writer_put(&w, rng_state, rng_bytes);
-    checkpoint_writer_close(&w, out_path);
+    return checkpoint_writer_close(&w, out_path);
 }
 
 // ----------------------------------------------------------------------------

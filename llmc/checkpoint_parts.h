@@ -19,12 +19,14 @@
  * (docs/sharding.md §3): their per-layer (N, C/P) slices of U and V would follow the ZeRO-1 ranges
  * of each part; checkpoint_parts_map is the one place to add them, and refuses the bit until then.
  *
- * API (every reader and writer exits with one message naming the file on any problem):
+ * API (every reader exits with one message naming the file on any problem; the writers print that
+ * message and return -1, as llmc/checkpoint.h's):
  *   checkpoint_part_path()          the name of part r of P
  *   checkpoint_parts_map()          part r's ranges of the flat layout, packed order
- *   checkpoint_part_write()         rank r's part, crash-safe (.tmp, fsync, rename); returns its
+ *   checkpoint_part_write()         rank r's part, crash-safe (.tmp, fsync, rename); gives its
  *                                   table entry. Refuses non-finite state.
  *   checkpoint_manifest_write()     rank 0, after every part is written: the manifest
+ *   checkpoint_parts_remove()       a failed save: the parts of that step that were written
  *   checkpoint_manifest_read_table() the verified manifest's part table (malloc'ed)
  *   checkpoint_parts_read_shard()   the ranges of a new map (any P) from the parts, verified
  *   checkpoint_parts_read_logical() the whole flat params / m / v (what checkpoint_read uses)
@@ -81,17 +83,19 @@ static inline int checkpoint_parts_map(ZeroShardMap* map, const ModelConfig* c, 
 // writing
 
 // Rank `rank` writes its part: master, m, v of `elems` floats each (its packed shard). Crash-safe.
-// Exits, writing nothing, when any value is not finite. Returns the manifest's entry for it.
-static inline CheckpointPartEntry checkpoint_part_write(const char* dir, int step, const ModelConfig* c, int rank,
+// Returns 0 with the manifest's entry for it in *out_entry, or -1 after one message naming the
+// part and the cause: a non-finite value (nothing written) or a failed write (no .tmp left).
+CKPT_MUST_CHECK static inline int checkpoint_part_write(const char* dir, int step, const ModelConfig* c, int rank,
                                                         int num_parts, int shard_mode, const float* master,
-                                                        const float* m, const float* v, size_t elems) {
+                                                        const float* m, const float* v, size_t elems,
+                                                        CheckpointPartEntry* out_entry) {
     char path[CHECKPOINT_PATH_MAX + 64], why[256];
     checkpoint_part_path(path, sizeof(path), dir, step, rank, num_parts);
     if (!ckpt_floats_finite_(master, elems, "the master weights", why, sizeof(why)) ||
         !ckpt_floats_finite_(m, elems, "the AdamW first moments (m)", why, sizeof(why)) ||
         !ckpt_floats_finite_(v, elems, "the AdamW second moments (v)", why, sizeof(why))) {
         fprintf(stderr, "Error: refusing to write checkpoint part \"%s\": %s; nothing non-finite is saved\n", path, why);
-        exit(EXIT_FAILURE);
+        return -1;
     }
     int32_t h[OMNI_HEADER_INTS];
     memset(h, 0, sizeof(h));
@@ -112,13 +116,28 @@ static inline CheckpointPartEntry checkpoint_part_write(const char* dir, int ste
     ckpt_safe_write_(&f, v, elems * sizeof(float));
     CheckpointPartEntry entry = {f.bytes_written + CHECKPOINT_TRAILER_BYTES, checkpoint_hash_final(&f.hash)};
     ckpt_safe_write_trailer_(&f);
-    ckpt_safe_commit_(&f);
-    return entry;
+    if (ckpt_safe_commit_(&f) != 0) return -1;
+    *out_entry = entry;
+    return 0;
+}
+
+// After a failed save of a step (a part or the manifest could not be written): removes the part
+// files of that step written by the ranks that succeeded, so that nothing of it is left (without
+// a manifest they are no checkpoint). Returns how many were removed.
+static inline int checkpoint_parts_remove(const char* dir, int step, int num_parts) {
+    int removed = 0;
+    for (int r = 0; r < num_parts; r++) {
+        char path[CHECKPOINT_PATH_MAX + 64];
+        checkpoint_part_path(path, sizeof(path), dir, step, r, num_parts);
+        if (unlink(path) == 0) removed++;
+    }
+    return removed;
 }
 
 // Rank 0, once every part of the step is on disk: the manifest <dir>/ckpt_<info->step>.bin with
-// the manifest sections (as checkpoint_write) and the parts' table. The checkpoint exists from here on.
-static inline void checkpoint_manifest_write(const char* dir, const ModelConfig* config, const CheckpointInfo* info,
+// the manifest sections (as checkpoint_write) and the parts' table. The checkpoint exists from here
+// on. Returns 0, or -1 after one message (as checkpoint_write).
+CKPT_MUST_CHECK static inline int checkpoint_manifest_write(const char* dir, const ModelConfig* config, const CheckpointInfo* info,
                                              const float* bn_stats, int num_bn_sets, const void* loader_state,
                                              size_t loader_bytes, const void* rng_state, size_t rng_bytes,
                                              int num_parts, int shard_mode, const CheckpointPartEntry* table,
@@ -137,7 +156,7 @@ static inline void checkpoint_manifest_write(const char* dir, const ModelConfig*
         !ckpt_floats_finite_(bn_stats, bn_floats, "the BN running statistics", why, sizeof(why))) {
         fprintf(stderr, "Error: refusing to write the manifest of checkpoint step %d in %s: %s\n", info->step, dir,
                 num_parts < 1 || shard_mode < 1 || table == NULL ? "no parts" : why);
-        exit(EXIT_FAILURE);
+        return -1;
     }
     CheckpointWriter w;
     checkpoint_writer_open(&w, dir, config, &full);
@@ -145,7 +164,7 @@ static inline void checkpoint_manifest_write(const char* dir, const ModelConfig*
     checkpoint_writer_put(&w, loader_state, loader_bytes);
     checkpoint_writer_put(&w, rng_state, rng_bytes);
     checkpoint_writer_put(&w, table, (size_t)num_parts * sizeof(CheckpointPartEntry));
-    checkpoint_writer_close(&w, out_path);
+    return checkpoint_writer_close(&w, out_path);
 }
 
 // ----------------------------------------------------------------------------

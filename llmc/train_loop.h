@@ -12,14 +12,18 @@
  *   2. sample       when -s divides step (step > 0), and at the last step; rank 0; not at the
  *                   start step of a resumed run (the interrupted run printed that one)
  *   3. checkpoint   with -o: when -n divides step, at the last step, and after a stop request
- *                   or a log write error (whatever -n is); never at the start step
+ *                   or a log write error (whatever -n is); never at the start step. A save that
+ *                   fails on any rank (disk full, I/O error, a non-finite value) stops every
+ *                   rank here with exit 1: the backend returns each rank's status, the ranks
+ *                   agree on it (train_loop_any_); the older checkpoints are intact
  *   4. stop         at the last step (done), after a stop request (exit 130) or a log write
  *                   error (exit 1)
  *   5. train step   one optimiser update (gradient accumulation inside the backend); the ranks
  *                   agree on the loss, the gradient norm and any stop request
  *   6. checks       a non-finite loss or gradient norm stops the run before anything is written
  *   7. log line     console + JSONL (rank 0); expert statistics of OmniMoE layers
- * and after the last step: 8. the final weights to <-o>/model.bin (rank 0).
+ * and after the last step: 8. the final weights to <-o>/model.bin (rank 0; every rank calls the
+ * backend and agrees on its status: a failed write is exit 1 on every rank).
  *
  * Why resume is bitwise: the checkpoint of step S is taken after S's evaluation and sample, so it
  * holds the sampling RNG as the next sample will find it, and before S's update, with the data
@@ -33,7 +37,10 @@
  * other run settings that differ are noted (checkpoint_compare_run).
  *
  * Run safety (every check runs on rank 0, which owns the files; the others learn the outcome
- * through train_loop_agree_):
+ * through train_loop_agree_ or train_loop_any_; nothing that can fail on one rank alone may exit
+ * there: it returns a status the ranks agree on, so all stop together with the same exit status
+ * and one message from the rank that failed):
+ *   - a malformed tokenizer file (read by rank 0 only) stops every rank before anything else;
  *   - a fresh run (no -y 1) into an output directory that holds another run's checkpoints, model
  *     or log is refused, unless --overwrite 1 (then those files are removed first);
  *   - -y 1 without a usable checkpoint (none, or every one corrupt) is an error; nothing is written;
@@ -104,9 +111,11 @@ typedef struct {
     // evaluation mode, as forward_loss: the per-token losses (B*T floats, on the host) of one batch
     void (*forward_losses)(void* ctx, float* losses, const int* inputs, const int* targets, int B, int T);
     SamplerLogitsFn sample_logits;       // rank 0 (sampler.h)
-    // rank 0 writes the file (out_path); info, loader state and RNG come from the loop
-    void (*save_checkpoint)(void* ctx, const CheckpointInfo* info, const DataLoaderState* loader,
-                            const uint64_t* sample_rng, char* out_path);
+    // rank 0 writes the file (out_path; a sharded backend: every rank its part); info, loader
+    // state and RNG come from the loop. Returns 0, or non-zero when this rank's part of the save
+    // failed (after its message; nothing partial left): the loop agrees on it (train_loop_any_)
+    int (*save_checkpoint)(void* ctx, const CheckpointInfo* info, const DataLoaderState* loader,
+                           const uint64_t* sample_rng, char* out_path);
     // path valid on rank 0; every rank receives info, loader state and RNG of the file
     void (*load_checkpoint)(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
                             uint64_t* sample_rng);
@@ -114,7 +123,8 @@ typedef struct {
     // rank 0, of the last step; NULL unless moe: 4 per layer, the share of (token, slot) pairs
     // sent to FFN, zero, copy and constant experts (docs/design.md §10)
     void (*expert_kind_shares)(void* ctx, float* shares);
-    void (*write_model)(void* ctx, const char* path);           // every rank calls it; rank 0 writes
+    // every rank calls it; rank 0 writes; returns as save_checkpoint
+    int (*write_model)(void* ctx, const char* path);
     void (*sum_ranks)(void* ctx, double* values, int n);        // values = their sums over all ranks
 } TrainBackend;
 
@@ -126,6 +136,7 @@ typedef struct {
     int val_batches;               // batches per evaluation on this rank (-1 = all)
     const Tokenizer* tokenizer;    // rank 0, for samples (may be unloaded: ids are printed)
     int have_val;                  // -j set and -v > 0
+    int tokenizer_failed;          // non-zero: this rank's tokenizer_init refused a malformed file
 } TrainLoop;
 
 // ----------------------------------------------------------------------------
@@ -146,6 +157,15 @@ static inline double train_loop_now_ms(void) {
 // rank 0's value, on every rank (the others add 0: exact in double for any int)
 static inline int train_loop_agree_(TrainBackend* be, int value) {
     double v = be->rank == 0 ? (double)value : 0.0;
+    be->sum_ranks(be->ctx, &v, 1);
+    return (int)v;
+}
+
+// how many ranks report a failure (failed != 0): the same count on every rank, so that all stop
+// together when one rank alone could not write (an exit there would leave the others waiting in
+// their next collective)
+static inline int train_loop_any_(TrainBackend* be, int failed) {
+    double v = failed != 0 ? 1.0 : 0.0;
     be->sum_ranks(be->ctx, &v, 1);
     return (int)v;
 }
@@ -472,7 +492,11 @@ static inline int train_loop_run_(const TrainLoop* tl, const MCEval* mc_eval) {
             checkpoint_info_from_run(&info, &run, step, adam_t, tokens_seen);
             DataLoaderState loader_state = dataloader_get_state(tl->train_loader);
             char path[CHECKPOINT_PATH_MAX] = "";
-            be->save_checkpoint(ctx, &info, &loader_state, &sample_rng.state, path);
+            int failed = be->save_checkpoint(ctx, &info, &loader_state, &sample_rng.state, path);
+            if (train_loop_any_(be, failed)) {  // the rank that failed said why; older checkpoints are intact
+                rc = EXIT_FAILURE;
+                break;
+            }
             if (master) printf("wrote checkpoint %s\n", path);
             train_loop_note_checkpoint_(&last_ckpt, &good_ckpt, step, path, 1);
         }
@@ -536,8 +560,9 @@ static inline int train_loop_run_(const TrainLoop* tl, const MCEval* mc_eval) {
     }
     // 8. the final weights, after a complete run only
     if (rc == 0 && have_dir) {  // every rank: a sharded backend gathers the weights first
-        be->write_model(ctx, model_path);
-        if (master) printf("wrote model %s\n", model_path);
+        int failed = be->write_model(ctx, model_path);
+        if (train_loop_any_(be, failed)) rc = EXIT_FAILURE;  // rank 0 said why; the checkpoints are intact
+        else if (master) printf("wrote model %s\n", model_path);
     }
     if (master && rc == 0) {
         if (tl->have_val) printf("final val loss %.6f\n", val_loss);
@@ -554,13 +579,15 @@ static inline int train_loop_run_(const TrainLoop* tl, const MCEval* mc_eval) {
 }
 
 // Runs the whole training (see the top of the file). Returns the exit status: 0, 1 (an error,
-// already reported) or 130 (stopped by a signal after a checkpoint). A --mc-eval file is opened
+// already reported) or 130 (stopped by a signal after a checkpoint). A malformed tokenizer file
+// (tl->tokenizer_failed) stops every rank first. A --mc-eval file is opened
 // and checked first, for the run's T and the model's vocabulary: a bad one ends the program with
 // its message (llmc/mc_eval.h) on every rank (each reads it), before a checkpoint, log or output
 // directory is looked at or written.
 static inline int train_loop_run(const TrainLoop* tl) {
     const TrainConfig* cfg = tl->cfg;
     TrainBackend* be = tl->be;
+    if (train_loop_any_(be, tl->tokenizer_failed)) return EXIT_FAILURE;  // rank 0 read it and said why
     if (cfg->mc_eval_path[0] == '\0') return train_loop_run_(tl, NULL);
     char path[TRAIN_PATH_MAX];  // a bounded copy: the compiler then knows it fits MCEval's path
     snprintf(path, sizeof(path), "%.*s", TRAIN_PATH_MAX - 1, cfg->mc_eval_path);

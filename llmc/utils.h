@@ -1,7 +1,9 @@
 /*
  * llmc/utils.h: small checked wrappers around stdio and malloc.
- * Each wrapper prints the call site (file:line), the path or size involved and the reason,
- * then exits with EXIT_FAILURE, so callers need no error handling of their own.
+ * Each *_check wrapper prints the call site (file:line), the path or size involved and the reason,
+ * then exits with EXIT_FAILURE, so callers need no error handling of their own. The file ones
+ * have a *_try form that prints the same and returns -1 instead (a rank of several processes must
+ * not exit alone: the others would wait in their next collective).
  * Plain C (gcc -std=c11 and nvcc). File offsets are 64-bit (fseeko/ftello; see LLMC_FSEEK).
  * Also host_memory_available(): MemAvailable, for refusing an allocation that cannot fit.
  */
@@ -46,17 +48,28 @@ static inline FILE* fopen_check_(const char* path, const char* mode, const char*
 }
 #define fopen_check(path, mode) fopen_check_(path, mode, __FILE__, __LINE__)
 
-// reads exactly count items or exits; `what` names the file for the message
-static inline void fread_check_(void* ptr, size_t size, size_t count, FILE* fp, const char* what,
-                                const char* file, int line) {
+// The *_try_ forms print the same message and return -1 (0 on success) instead of exiting, for
+// callers that must not end the process alone (a rank of several: llmc/train_loop.h agrees on
+// the outcome first); the *_check forms exit after that message.
+
+// reads exactly count items; `what` names the file for the message
+static inline int fread_try_(void* ptr, size_t size, size_t count, FILE* fp, const char* what, const char* file,
+                             int line) {
     size_t got = fread(ptr, size, count, fp);
     if (got != count) {
         fprintf(stderr, "Error: short read from '%s': wanted %zu items of %zu bytes, got %zu (%s)\n",
                 what, count, size, got,
                 feof(fp) ? "unexpected end of file" : (ferror(fp) ? strerror(errno) : "unknown"));
         fprintf(stderr, "  at %s:%d\n", file, line);
-        exit(EXIT_FAILURE);
+        return -1;
     }
+    return 0;
+}
+#define fread_try(ptr, size, count, fp, what) fread_try_(ptr, size, count, fp, what, __FILE__, __LINE__)
+
+static inline void fread_check_(void* ptr, size_t size, size_t count, FILE* fp, const char* what,
+                                const char* file, int line) {
+    if (fread_try_(ptr, size, count, fp, what, file, line) != 0) exit(EXIT_FAILURE);
 }
 #define fread_check(ptr, size, count, fp, what) fread_check_(ptr, size, count, fp, what, __FILE__, __LINE__)
 
@@ -73,42 +86,64 @@ static inline void fwrite_check_(const void* ptr, size_t size, size_t count, FIL
 #define fwrite_check(ptr, size, count, fp, what) fwrite_check_(ptr, size, count, fp, what, __FILE__, __LINE__)
 
 // 64-bit seek (offsets beyond 2 GiB work on every platform with a 64-bit off_t)
-static inline void fseek_check_(FILE* fp, int64_t offset, int whence, const char* what,
-                                const char* file, int line) {
+static inline int fseek_try_(FILE* fp, int64_t offset, int whence, const char* what, const char* file, int line) {
     if (LLMC_FSEEK(fp, offset, whence) != 0) {
         fprintf(stderr, "Error: seek to offset %lld (whence %d) failed in '%s': %s\n",
                 (long long)offset, whence, what, strerror(errno));
         fprintf(stderr, "  at %s:%d\n", file, line);
-        exit(EXIT_FAILURE);
+        return -1;
     }
+    return 0;
+}
+static inline void fseek_check_(FILE* fp, int64_t offset, int whence, const char* what,
+                                const char* file, int line) {
+    if (fseek_try_(fp, offset, whence, what, file, line) != 0) exit(EXIT_FAILURE);
 }
 #define fseek_check(fp, offset, whence, what) fseek_check_(fp, offset, whence, what, __FILE__, __LINE__)
 
-static inline int64_t ftell_check_(FILE* fp, const char* what, const char* file, int line) {
+// the position, or -1 after the message
+static inline int64_t ftell_try_(FILE* fp, const char* what, const char* file, int line) {
     int64_t pos = LLMC_FTELL(fp);
     if (pos < 0) {
         fprintf(stderr, "Error: ftello failed on '%s': %s\n", what, strerror(errno));
         fprintf(stderr, "  at %s:%d\n", file, line);
-        exit(EXIT_FAILURE);
+        return -1;
     }
+    return pos;
+}
+#define ftell_try(fp, what) ftell_try_(fp, what, __FILE__, __LINE__)
+static inline int64_t ftell_check_(FILE* fp, const char* what, const char* file, int line) {
+    int64_t pos = ftell_try_(fp, what, file, line);
+    if (pos < 0) exit(EXIT_FAILURE);
     return pos;
 }
 #define ftell_check(fp, what) ftell_check_(fp, what, __FILE__, __LINE__)
 
-static inline void fclose_check_(FILE* fp, const char* what, const char* file, int line) {
+static inline int fclose_try_(FILE* fp, const char* what, const char* file, int line) {
     if (fclose(fp) != 0) {
         fprintf(stderr, "Error: closing '%s' failed: %s\n", what, strerror(errno));
         fprintf(stderr, "  at %s:%d\n", file, line);
-        exit(EXIT_FAILURE);
+        return -1;
     }
+    return 0;
+}
+#define fclose_try(fp, what) fclose_try_(fp, what, __FILE__, __LINE__)
+static inline void fclose_check_(FILE* fp, const char* what, const char* file, int line) {
+    if (fclose_try_(fp, what, file, line) != 0) exit(EXIT_FAILURE);
 }
 #define fclose_check(fp, what) fclose_check_(fp, what, __FILE__, __LINE__)
 
-// size in bytes of an open file; leaves the position at the start of the file
+// size in bytes of an open file, or -1 after the message; leaves the position at the start
+static inline int64_t file_size_try_(FILE* fp, const char* what, const char* file, int line) {
+    if (fseek_try_(fp, 0, SEEK_END, what, file, line) != 0) return -1;
+    int64_t size = ftell_try_(fp, what, file, line);
+    if (size < 0 || fseek_try_(fp, 0, SEEK_SET, what, file, line) != 0) return -1;
+    return size;
+}
+#define file_size_try(fp, what) file_size_try_(fp, what, __FILE__, __LINE__)
 static inline int64_t file_size_check_(FILE* fp, const char* what, const char* file, int line) {
-    fseek_check_(fp, 0, SEEK_END, what, file, line);
-    int64_t size = ftell_check_(fp, what, file, line);
-    fseek_check_(fp, 0, SEEK_SET, what, file, line);
+    int64_t size = file_size_try_(fp, what, file, line);
+    if (size < 0) exit(EXIT_FAILURE);
     return size;
 }
 #define file_size_check(fp, what) file_size_check_(fp, what, __FILE__, __LINE__)

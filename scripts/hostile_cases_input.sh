@@ -241,6 +241,25 @@ PY
     else
         hostile_skip "full disk" "cannot mount a tmpfs here (needs root)"
     fi
+    # the same for any user: the next write's .tmp is a link to /dev/full ("No space left on
+    # device"); a run of several processes stops every rank this way (test_loop_ranks)
+    local dfull=$W/dev_full
+    expect_ok "/dev/full: (setup) one step, its checkpoint and model file" "" -- \
+        "$TRAINER" "${flags[@]}" "${data[@]}" -x 1 -n 1 -o "$dfull"
+    snapshot "$dfull" ckpt_00000001.bin model.bin
+    ln -s /dev/full "$dfull/ckpt_00000002.bin.tmp"
+    expect_rc "/dev/full: a checkpoint write fails with exit 1 naming the file and the cause" 1 \
+        "Error.*ckpt_00000002\.bin\.tmp.*No space left on device" -- \
+        "$TRAINER" "${flags[@]}" "${data[@]}" -x 2 -n 1 -o "$dfull" -y 1
+    expect_intact "/dev/full: the checkpoint and model file before intact" "$dfull"
+    check "/dev/full: no checkpoint 2 and no .tmp left" test -z "$(ls -A "$dfull" | grep -E 'ckpt_00000002|\.tmp')"
+    ln -s /dev/full "$dfull/model.bin.tmp"
+    expect_rc "/dev/full: a model file write fails with exit 1 naming the file and the cause" 1 \
+        "Error.*model\.bin\.tmp.*No space left on device" -- \
+        "$TRAINER" "${flags[@]}" "${data[@]}" -x 2 -n 1 -o "$dfull" -y 1
+    expect_intact "/dev/full: ... the model file before is intact (no rename)" "$dfull"
+    check "/dev/full: ... the checkpoint of step 2 is written, no .tmp left" \
+        bash -c "[ -f '$dfull/ckpt_00000002.bin' ] && ! ls -A '$dfull' | grep -q '\.tmp'"
     # the log on a device that is always full
     expect_fail "output: --log-file /dev/full, the write error ends the run" "Error.*(/dev/full)" -- \
         "$TRAINER" "${flags[@]}" "${data[@]}" -x 2 --log-file /dev/full

@@ -40,6 +40,12 @@
 #        the tolerances of (a); its checkpoints are sharded (a manifest and one part per rank);
 #        bitwise resume; its checkpoint resumed replicated on 1 GPU (rank 0 assembles the parts);
 #        --zero 1 on 1 GPU bitwise equal to g1
+#   (h)  a failure on one rank alone stops both (docs/design.md §9.6), launched with -pn/-pr/-pf
+#        and no launcher (nothing would kill a waiting rank): the checkpoint write failing on rank 0
+#        (its .tmp a link to /dev/full), a --zero 1 part failing on rank 1, the final model write
+#        failing on rank 0 (--zero 1: both gather first), a malformed tokenizer file read by rank
+#        0: both ranks exit 1 within the timeout, the message names the file, the checkpoints
+#        saved before are intact and nothing of the failed write is left
 set -u
 export NCCL_NVLS_ENABLE=0   # never NVLink multicast (house rule)
 cd "$(dirname "$0")/.."
@@ -295,6 +301,59 @@ run1 g1z "${COMMON[@]}" -x 20 -o "$W/g1z" --zero 1
 check_rc $? 0 "run g1z (1 GPU, --zero 1)" g1z
 check "(g) --zero 1 on 1 GPU says it changes nothing" grep -q "zero 1 on one process: nothing to shard" "$W/g1z.out"
 compare "(g) --zero 1 on 1 GPU = g1 bitwise" "$W/g1/log.jsonl" "$W/g1z/log.jsonl" --steps 1-20 --exact
+
+# --- (h) a failure on one rank alone -------------------------------------------------------------
+run2_raw() {  # run2_raw <name> <dir to run in> <flags...>: both ranks by hand; sets rc0, rc1, took
+    local name=$1 cwd=$2
+    shift 2
+    local idf="$W/$name.id" bin
+    bin=$(realpath "$BIN")
+    rm -f "$idf"
+    local start=$(date +%s)
+    (cd "$cwd" && LOCAL_RANK=0 timeout 120 "$bin" "$@" -pn 2 -pr 0 -pf "$idf" >"$W/${name}0.out" 2>&1) &
+    local q0=$!
+    (cd "$cwd" && LOCAL_RANK=1 timeout 120 "$bin" "$@" -pn 2 -pr 1 -pf "$idf" >"$W/${name}1.out" 2>&1) &
+    local q1=$!
+    wait "$q0"; rc0=$?
+    wait "$q1"; rc1=$?
+    took=$(( $(date +%s) - start ))
+}
+both_fail() {  # both_fail <label> <name> <rank whose output names the file> <regex>
+    if [ "$rc0" = 1 ] && [ "$rc1" = 1 ] && grep -Eq -- "$4" "$W/$2$3.out"; then
+        record 0 "PASS: $1: both ranks exit 1 after ${took}s, rank $3 names the file"
+    else
+        record 1 "FAIL: $1: exit status $rc0 / $rc1 (1 / 1 expected, 124 = a rank waited), or no /$4/ from rank $3"
+        tail -n 3 "$W/${2}0.out" "$W/${2}1.out" | sed 's/^/    | /'
+    fi
+}
+zero_resume_dir() {  # zero_resume_dir <new dir>: only g2z's step-10 manifest and parts in it
+    fresh_resume_dir "$1" "$W/g2z/ckpt_00000010.bin"
+    cp "$W"/g2z/ckpt_00000010.part*of2.bin "$1/"
+}
+fresh_resume_dir "$W/hckpt" "$W/g2/ckpt_00000010.bin"
+ln -s /dev/full "$W/hckpt/ckpt_00000020.bin.tmp"
+run2_raw hckpt . "${COMMON[@]}" -x 20 -n 10 -o "$W/hckpt" -y 1
+both_fail "(h) checkpoint write failing on rank 0" hckpt 0 "ckpt_00000020\.bin\.tmp.*No space left on device"
+check "(h) ... the step-10 checkpoint intact, nothing of step 20, no .tmp" \
+    bash -c "cmp -s '$W/hckpt/ckpt_00000010.bin' '$W/g2/ckpt_00000010.bin' && [ -z \"\$(ls -A '$W/hckpt' | grep -E 'ckpt_00000020|\.tmp')\" ]"
+zero_resume_dir "$W/hpart"
+ln -s /dev/full "$W/hpart/ckpt_00000020.part1of2.bin.tmp"
+run2_raw hpart . "${COMMON[@]}" -x 20 -n 10 -o "$W/hpart" --grad-clip 0 --zero 1 -y 1
+both_fail "(h) --zero 1: rank 1's part failing" hpart 1 "ckpt_00000020\.part1of2\.bin\.tmp.*No space left on device"
+check "(h) ... the step-10 manifest and parts intact; no part, manifest or .tmp of step 20 left" \
+    bash -c "for f in ckpt_00000010.bin ckpt_00000010.part0of2.bin ckpt_00000010.part1of2.bin; do cmp -s '$W/hpart/'\$f '$W/g2z/'\$f || exit 1; done; [ -z \"\$(ls -A '$W/hpart' | grep -E 'ckpt_00000020|\.tmp')\" ]"
+zero_resume_dir "$W/hmodel"
+ln -s /dev/full "$W/hmodel/model.bin.tmp"
+run2_raw hmodel . "${COMMON[@]}" -x 20 -n 10 -o "$W/hmodel" --grad-clip 0 --zero 1 -y 1
+both_fail "(h) --zero 1: the final model write failing on rank 0" hmodel 0 "model\.bin\.tmp.*No space left on device"
+check "(h) ... the step-20 checkpoint written, no model.bin, no .tmp" \
+    bash -c "[ -f '$W/hmodel/ckpt_00000020.bin' ] && [ -z \"\$(ls -A '$W/hmodel' | grep -E 'model\.bin|\.tmp')\" ]"
+mkdir -p "$W/htok/data"
+ln -s "$(realpath data/tinyshakespeare)" "$W/htok/data/tinyshakespeare"
+head -c 5000 data/gpt2_tokenizer.bin > "$W/htok/data/gpt2_tokenizer.bin"
+run2_raw htok "$W/htok" "${COMMON[@]}" -x 20 -o "$W/htok/out"
+both_fail "(h) a malformed tokenizer file read by rank 0" htok 0 "short read from 'data/gpt2_tokenizer\.bin'"
+check "(h) ... stopped before the run started (no step line)" bash -c "! grep -q '^step ' '$W/htok0.out'"
 
 echo
 echo "================ test_multi_gpu summary ($(( $(date +%s) - t0 )) s) ================"
