@@ -244,7 +244,7 @@ static void test_args(void) {
         size_t moe_params = model_config_num_params(&moe_f);
         float* mp = (float*)malloc_check(moe_params * sizeof(float));
         fill_normal(mp, moe_params, 0.0f, 1.0f, &rng);
-        model_file_write(moe_path, &moe_f, mp, NULL);
+        if (model_file_write(moe_path, &moe_f, mp, NULL) != 0) exit(EXIT_FAILURE);
         free(mp);
         char* argv[] = {(char*)"prog", (char*)"-e", moe_path, (char*)"-t", (char*)"8", (char*)"--moepp", (char*)"1"};
         ParseArgs pa = {7, argv, 1, 1};

@@ -270,7 +270,7 @@ static void test_model_files(void) {
     float* pm = random_floats(&rng, Pm);
     char path_moe[600];
     snprintf(path_moe, sizeof(path_moe), "%s/moe.bin", dir);
-    model_file_write(path_moe, &mc, pm, NULL);
+    if (model_file_write(path_moe, &mc, pm, NULL) != 0) exit(EXIT_FAILURE);
     model_file_read(path_moe, &c2, &p2, &bn2);
     ok = model_config_first_difference(&mc, &c2) < 0 && bits_equal(pm, p2, Pm * 4) && bn2 == NULL;
     {
