@@ -8,8 +8,12 @@
  * compare, with one PASS/FAIL line per group ("<fixture> <group>"):
  *   logits (all Vp columns), the mean loss, the gradient of every parameter tensor (by name),
  *   the BN running statistics after the step,
- *   unused rows: rows of wte / wpe / expert_u / expert_v whose reference gradient is all zero
- *     (padded vocab rows, positions >= T, experts no token selected) must be exactly 0 in C
+ *   the moe balance loss L_aux alone (moe fixtures: header slot 73; their loss is cross-entropy
+ *     + L_aux, as mean_loss, with alpha and tau from slots 70-71 set on the model),
+ *   unused rows: rows of wte / wpe / expert_u / expert_v and the per-expert blocks of the moe
+ *     tensors (moe_w1, moe_w2, moe_const, moe_const_mix; moe_gate_map per layer, moe_bias whole)
+ *     whose reference gradient is all zero (padded vocab rows, positions >= T, experts no token
+ *     selected, layer 0's gate map, the bias) must be exactly 0 in C
  *     (elementwise zeros elsewhere are not structural: e.g. the key bias has a mathematically
  *     zero gradient that fp64 rounding sometimes leaves at exactly 0 and sometimes not),
  *   determinism: a second identical step gives bitwise-identical logits, loss, grads and stats.
@@ -33,6 +37,11 @@
 
 #define FIXTURE_MAGIC 20261103
 #define FIXTURE_VERSION 1
+// moe fixtures: fp32 bits of alpha (--moe-aux), tau (--moe-zc-weight) (the checkpoint's slots)
+// and the reference's balance loss L_aux (dev/omnimoe_torch.py write_fixture)
+#define FIXTURE_SLOT_MOE_AUX 70
+#define FIXTURE_SLOT_MOE_TAU 71
+#define FIXTURE_SLOT_MOE_AUX_LOSS 73
 
 // measured (train_omnimoe.c, gcc -O2, any thread count): logits <= 2.9e-7, loss <= 1e-7,
 // grads <= 7.9e-7 (routerw), bn stats <= 7.5e-8; the limits leave 17-25x room
@@ -40,6 +49,7 @@
 #define TOL_LOSS 5e-6   // relative
 #define TOL_GRADS 2e-5
 #define TOL_BN 2e-6
+#define TOL_AUX 5e-6  // relative, the moe balance loss alone
 
 static const char* default_fixtures[] = {
     "dev/fixtures/gelu.bin",
@@ -50,11 +60,17 @@ static const char* default_fixtures[] = {
     "dev/fixtures/omni_bn_softmax_keqn.bin",
     "dev/fixtures/omni_bn_softmax_kN.bin",
     "dev/fixtures/omni_bn_eval.bin",
+    "dev/fixtures/moe.bin",
+    "dev/fixtures/moe_pp.bin",
+    "dev/fixtures/moe_pp_linear.bin",
+    "dev/fixtures/moe_zero_only.bin",
+    "dev/fixtures/moe_pp_eval.bin",
 };
 
 typedef struct {
     ModelConfig config;
     int B, T, training;
+    float moe_aux, moe_zc_weight, aux_loss;  // moe only (0 otherwise)
     size_t num_params, num_bn;
     float* params;
     float* bn_before;
@@ -111,6 +127,11 @@ static void fixture_read(Fixture* fx, const char* path) {
         fixture_error(path, msg);
     }
     if (fx->training != 0 && fx->training != 1) fixture_error(path, "training flag (slot 18) must be 0 or 1");
+    memcpy(&fx->moe_aux, &header[FIXTURE_SLOT_MOE_AUX], sizeof(float));
+    memcpy(&fx->moe_zc_weight, &header[FIXTURE_SLOT_MOE_TAU], sizeof(float));
+    memcpy(&fx->aux_loss, &header[FIXTURE_SLOT_MOE_AUX_LOSS], sizeof(float));
+    if (!(fx->moe_aux >= 0.0f) || !(fx->moe_zc_weight >= 0.0f) || !isfinite(fx->moe_aux) || !isfinite(fx->moe_zc_weight))
+        fixture_error(path, "moe alpha and tau (slots 70-71) must be finite and >= 0");
 
     size_t P = model_config_num_params(c), NB = model_config_num_bn_stats(c);
     size_t BT = (size_t)fx->B * fx->T, Vp = (size_t)c->padded_vocab_size;
@@ -170,6 +191,21 @@ static void run_step(GPT* model, const Fixture* fx) {
     gpt_backward(model, 1.0f);
 }
 
+// the floats of one "row" of tensor t that a step uses whole or not at all (0: not checked):
+// a token / position / atomic expert row of C, a moe expert's block, a layer's gate map
+static size_t unused_row_length(const ModelConfig* c, int t) {
+    size_t C = (size_t)c->channels, Ie = (size_t)c->ffn_hidden, Et = (size_t)model_config_moe_routed(c);
+    switch (t) {
+        case PARAM_WTE: case PARAM_WPE: case PARAM_EXPERTU: case PARAM_EXPERTV: case PARAM_MOE_CONST: return C;
+        case PARAM_MOE_W1: return 2 * Ie * C;
+        case PARAM_MOE_W2: return C * Ie;
+        case PARAM_MOE_CONSTMIX: return 2 * C;
+        case PARAM_MOE_GATEMAP: return Et * Et;
+        case PARAM_MOE_BIAS: return (size_t)c->num_layers * Et;  // never has a gradient
+        default: return 0;
+    }
+}
+
 static int check_fixture(const char* path) {
     Fixture fx;
     fixture_read(&fx, path);
@@ -185,6 +221,8 @@ static int check_fixture(const char* path) {
 
     GPT model;
     gpt_build(&model, c);
+    model.moe_aux_coef = fx.moe_aux;  // run settings of the balance loss (design §10.3)
+    model.moe_zc_weight = fx.moe_zc_weight;
     if (model.num_params != fx.num_params) {
         fprintf(stderr, "Error: %s: gpt_build made %zu params, the fixture holds %zu\n", path, model.num_params, fx.num_params);
         exit(EXIT_FAILURE);
@@ -196,6 +234,14 @@ static int check_fixture(const char* path) {
     test_check_rel(check_name(name, "logits"), rel_err(model.logits, fx.logits, nlogits), TOL_LOGITS);
     double err = fabs((double)model.mean_loss - fx.loss) / fabs((double)fx.loss);
     test_checkf(err <= TOL_LOSS, check_name(name, "loss"), "rel err %.2e (tol %.0e, ref %.6f)", err, TOL_LOSS, fx.loss);
+    if (c->ffn_kind == FFN_MOE) {
+        // the loss above is cross-entropy + L_aux; L_aux (~1% of it) checked on its own. Not
+        // training or alpha = 0: the reference has none and the C trainer must add none.
+        double got = model.moe_aux_loss, ref = fx.aux_loss;
+        double aerr = ref != 0.0 ? fabs(got - ref) / fabs(ref) : fabs(got);
+        test_checkf(ref != 0.0 ? aerr <= TOL_AUX : got == 0.0, check_name(name, "balance loss"),
+                    "%.8f vs reference %.8f (rel err %.2e, tol %.0e)", got, ref, aerr, TOL_AUX);
+    }
 
     // gradients, tensor by tensor
     size_t off = 0, zero_total = 0, zero_bad = 0;
@@ -211,18 +257,16 @@ static int check_fixture(const char* path) {
         snprintf(group, sizeof(group), "grad %s", param_tensor_name(t));
         test_check_rel(check_name(name, group), e, TOL_GRADS);
         if (!(e.rel <= worst)) { worst = e.rel; worst_name = param_tensor_name(t); }
-        // rows gathered by index (token / position / expert rows of C floats): a row whose
-        // reference gradient is all zero was never used this step and must be exactly zero
-        if (t == PARAM_WTE || t == PARAM_WPE || t == PARAM_EXPERTU || t == PARAM_EXPERTV) {
-            size_t C = (size_t)c->channels;
-            for (size_t row = 0; row < size / C; row++) {
-                int unused = 1;
-                for (size_t i = 0; i < C; i++) unused &= ref[row * C + i] == 0.0f;
-                if (!unused) continue;
-                zero_total++;
-                for (size_t i = 0; i < C; i++) {
-                    if (got[row * C + i] != 0.0f) { zero_bad++; break; }
-                }
+        // rows gathered by index (token / position / expert rows): a row whose reference
+        // gradient is all zero was never used this step and must be exactly zero
+        size_t row_len = unused_row_length(c, t);
+        for (size_t row = 0; row_len > 0 && row < size / row_len; row++) {
+            int unused = 1;
+            for (size_t i = 0; i < row_len; i++) unused &= ref[row * row_len + i] == 0.0f;
+            if (!unused) continue;
+            zero_total++;
+            for (size_t i = 0; i < row_len; i++) {
+                if (got[row * row_len + i] != 0.0f) { zero_bad++; break; }
             }
         }
         off += size;
