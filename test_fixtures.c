@@ -21,10 +21,11 @@
  *
  * Metric: relative L2 error ||c - ref|| / ||ref|| per tensor. The reference is float64 rounded to
  * fp32, the C code computes in fp32: a float32 run of the PyTorch model lands at <= 7e-7 on
- * these fixtures and the C trainer at <= 8e-7, so the tolerances below leave ~20x room for
- * another summation order, yet stay far below the effect of real formula errors (planted bugs
- * - a gate without normalisation, biased running variance, SiLU for SiLU', a BN eps 10x off,
- * padded columns in the softmax - moved some tensor by far more; see the lead's report).
+ * these fixtures and the C trainer at <= 8e-7 (moe: one tensor at 2.3e-6, below), so the
+ * tolerances below leave ~20x room (8x there) for another summation order, yet stay far below
+ * the effect of real formula errors (planted bugs - a gate without normalisation, biased running
+ * variance, SiLU for SiLU', a BN eps 10x off, padded columns in the softmax, the moe bias ignored
+ * in the top-k - moved some tensor by far more; dev/mutations/test_fixtures.txt).
  *
  * Usage: ./test_fixtures [fixture.bin ...]   (default: every fixture of dev/fixtures/ listed below)
  * Exit status is non-zero when any check fails.
@@ -45,6 +46,8 @@
 
 // measured (train_omnimoe.c, gcc -O2, any thread count): logits <= 2.9e-7, loss <= 1e-7,
 // grads <= 7.9e-7 (routerw), bn stats <= 7.5e-8; the limits leave 17-25x room
+// moe fixtures: logits <= 1.9e-7, loss <= 1e-7, balance loss <= 8e-8, grads <= 7e-7 except
+// moe_zero_only's moe_gate_map at 2.3e-6 (a float32 PyTorch run: 1.5e-6 there, cancellation)
 #define TOL_LOGITS 5e-6
 #define TOL_LOSS 5e-6   // relative
 #define TOL_GRADS 2e-5
