@@ -66,6 +66,9 @@ static void random_params(const ModelConfig* c, float* params, float* bn, uint64
 }
 
 // downloads the GPU gradients (floatX) of the whole model as float
+// the attention kernels the models below are built with (main switches to cuDNN's in a USE_CUDNN=1 build)
+static int g_attention = ATTENTION_OURS;
+
 static void gpu_grads(const Model* m, float* out) { download_floatX(out, m->grads, m->num_params); }
 
 // 1 + 2: one forward/backward against the CPU; and token- vs expert-centric
@@ -100,7 +103,7 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
     char what[160];
     for (int mode = 0; mode < modes; mode++) {
         Model m;
-        model_build(&m, c, B, T, mode == 0 ? EXPERT_EXEC_EXPERT : EXPERT_EXEC_TOKEN, ATTENTION_OURS);
+        model_build(&m, c, B, T, mode == 0 ? EXPERT_EXEC_EXPERT : EXPERT_EXEC_TOKEN, g_attention);
         model_set_params(&m, params, bn);
         model_forward(&m, inputs, targets, B, T, 1);
         loss[mode] = model_mean_loss(&m);
@@ -166,7 +169,7 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
 static void gpu_train(const ModelConfig* c, const float* params, const float* bn, int B, int T, int steps,
                       const int* tokens, float* out_losses, float* out_params) {
     Model m;
-    model_build(&m, c, B, T, EXPERT_EXEC_EXPERT, ATTENTION_OURS);
+    model_build(&m, c, B, T, EXPERT_EXEC_EXPERT, g_attention);
     model_set_params(&m, params, bn);
     int BT = B * T;
     for (int s = 0; s < steps; s++) {
@@ -253,7 +256,7 @@ static void test_eval_sampling_accumulation(const char* name, const ModelConfig*
     memcpy(ref.params, params, P * sizeof(float));
     if (NB) memcpy(ref.bn_stats, bn, NB * sizeof(float));
     Model m;
-    model_build(&m, c, B, T, EXPERT_EXEC_EXPERT, ATTENTION_OURS);
+    model_build(&m, c, B, T, EXPERT_EXEC_EXPERT, g_attention);
     model_set_params(&m, params, bn);
     float* logits = (float*)malloc_check((size_t)BT * Vp * sizeof(float));
 
@@ -484,6 +487,18 @@ int main(void) {
     test_expert_stats();
     test_zero_update(cases[2].name, &cases[2].c);
     test_zero_update(cases[0].name, &cases[0].c);
+#ifdef HAVE_CUDNN_ATTENTION
+    // --attention cudnn (cuDNN's SDPA): the same checks against the CPU reference, dense and omni
+    g_attention = ATTENTION_CUDNN;
+    const int cudnn_cases[] = {0, 2};
+    for (int i : cudnn_cases) {
+        char name[96];
+        snprintf(name, sizeof(name), "cudnn attention, %s", cases[i].name);
+        test_forward_backward(name, &cases[i].c, 4, 64);
+        test_training(name, &cases[i].c, 4, 64);
+    }
+    g_attention = ATTENTION_OURS;
+#endif
     matmul_free();
     return test_end();
 }
