@@ -762,6 +762,26 @@ static void test_compare_run(void) {
                        "written with 0.03)"), "compare_run: the moe run settings survive the header, a changed "
                        "--moe-aux gives a note", out);
     }
+    {  // -r (--recompute): kept in header slot 74, a change on resume gives a note (memory only)
+        TrainConfig rc = cfg;
+        rc.recompute = 2;
+        RunIdentity rc_run = train_config_run_identity(&rc, 0x1234abcd5678ef90ull, 338025, 1);
+        CheckpointInfo info, back;
+        checkpoint_info_from_run(&info, &rc_run, 10, 10, 2560);
+        int32_t h[OMNI_HEADER_INTS];
+        ModelConfig mc = micro_config(FFN_GELU), mc_back;
+        checkpoint_header_from_(&mc, &info, h);
+        checkpoint_header_to_(h, &mc_back, &back);
+        int round_trip = h[74] == 2 && back.run.recompute == 2;
+        CompareRunArgs b;
+        b.saved = back;
+        b.now = rc_run;
+        b.now.recompute = 1;
+        int rc_notes = test_run_child(child_compare_run, &b, out, sizeof(out));
+        test_check_why(round_trip && rc_notes == 1 && strstr(out, "resuming with -r (--recompute) 1 (the checkpoint "
+                       "was written with 2)"), "compare_run: -r survives the header (slot 74), a changed -r gives a "
+                       "note", out);
+    }
     struct { const char* name; unsigned long long seed; int shuffle, B, T; uint64_t fp; long long tokens; int shards;
              const char* expected; } refused[] = {
         {"--seed", 43, 1, 4, 64, 0x1234abcd5678ef90ull, 338025, 1, "was written with --seed 42, this run has --seed 43"},

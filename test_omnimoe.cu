@@ -68,6 +68,8 @@ static void random_params(const ModelConfig* c, float* params, float* bn, uint64
 // downloads the GPU gradients (floatX) of the whole model as float
 // the attention kernels the models below are built with (main switches to cuDNN's in a USE_CUDNN=1 build)
 static int g_attention = ATTENTION_OURS;
+// -r (--recompute) the models below are built with (test_recompute switches it)
+static int g_recompute = 0;
 
 static void gpu_grads(const Model* m, float* out) { download_floatX(out, m->grads, m->num_params); }
 
@@ -103,7 +105,7 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
     char what[160];
     for (int mode = 0; mode < modes; mode++) {
         Model m;
-        model_build(&m, c, B, T, mode == 0 ? EXPERT_EXEC_EXPERT : EXPERT_EXEC_TOKEN, g_attention);
+        model_build(&m, c, B, T, mode == 0 ? EXPERT_EXEC_EXPERT : EXPERT_EXEC_TOKEN, g_attention, g_recompute);
         model_set_params(&m, params, bn);
         model_forward(&m, inputs, targets, B, T, 1);
         loss[mode] = model_mean_loss(&m);
@@ -169,7 +171,7 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
 static void gpu_train(const ModelConfig* c, const float* params, const float* bn, int B, int T, int steps,
                       const int* tokens, float* out_losses, float* out_params) {
     Model m;
-    model_build(&m, c, B, T, EXPERT_EXEC_EXPERT, g_attention);
+    model_build(&m, c, B, T, EXPERT_EXEC_EXPERT, g_attention, g_recompute);
     model_set_params(&m, params, bn);
     int BT = B * T;
     for (int s = 0; s < steps; s++) {
@@ -235,6 +237,68 @@ static void test_training(const char* name, const ModelConfig* c, int B, int T) 
     free(params); free(bn); free(tokens); free(p1); free(p2);
 }
 
+// 6. -r 1 and -r 2 (activation recomputation) against -r 0: one forward/backward (loss, every
+// gradient) and 3 training steps (losses, weights), bitwise. gelu's -r 0 side runs the unfused
+// GELU (matmul_gelu_fused = 0), which is what -r >= 1 runs; with the cuBLASLt epilogue the two
+// differ by the epilogue's rounding, checked to be small.
+static void recompute_run(const ModelConfig* c, const float* params, const float* bn, int B, int T, const int* tokens,
+                          float* loss, float* grads, float* train_losses, float* train_params) {
+    Model m;
+    model_build(&m, c, B, T, EXPERT_EXEC_EXPERT, g_attention, g_recompute);
+    model_set_params(&m, params, bn);
+    model_forward(&m, tokens, tokens + 1, B, T, 1);
+    *loss = model_mean_loss(&m);
+    model_zero_grad(&m);
+    model_backward(&m, tokens, 1.0f, NULL);
+    gpu_grads(&m, grads);
+    model_free(&m);
+    gpu_train(c, params, bn, B, T, 3, tokens, train_losses, train_params);
+}
+
+static void test_recompute(const char* name, const ModelConfig* c, int B, int T) {
+    const int BT = B * T;
+    size_t P = model_config_num_params(c), NB = model_config_num_bn_stats(c);
+    float* params = (float*)malloc_check(P * sizeof(float));
+    float* bn = (float*)calloc_check(max_sz(NB, 1), sizeof(float));
+    random_params(c, params, bn, 2468);
+    Rng rng = rng_seeded(31);
+    int* tokens = (int*)malloc_check((size_t)3 * (BT + 1) * sizeof(int));
+    fill_tokens(tokens, 3 * (BT + 1), c->vocab_size, &rng);
+    float loss[3], train_losses[3][3];
+    float* grads[3];
+    float* train_params[3];
+    const int gelu = c->ffn_kind == FFN_GELU, saved_fused = matmul_gelu_fused;
+    for (int r = 0; r < 3; r++) {
+        grads[r] = (float*)malloc_check(P * sizeof(float));
+        train_params[r] = (float*)malloc_check(P * sizeof(float));
+        g_recompute = r;
+        if (gelu && r == 0) matmul_gelu_fused = 0;
+        recompute_run(c, params, bn, B, T, tokens, &loss[r], grads[r], train_losses[r], train_params[r]);
+        matmul_gelu_fused = saved_fused;
+    }
+    g_recompute = 0;
+    char what[160];
+    for (int r = 1; r < 3; r++) {
+        int same = loss[r] == loss[0] && memcmp(grads[r], grads[0], P * sizeof(float)) == 0;
+        snprintf(what, sizeof(what), "%s -r %d == -r 0%s: loss and gradients (bitwise)", name, r,
+                 gelu ? " (unfused GELU)" : "");
+        test_check(same, what);
+        same = memcmp(train_losses[r], train_losses[0], sizeof(train_losses[0])) == 0 &&
+               memcmp(train_params[r], train_params[0], P * sizeof(float)) == 0;
+        snprintf(what, sizeof(what), "%s -r %d == -r 0%s: 3 training steps, losses and weights (bitwise)", name, r,
+                 gelu ? " (unfused GELU)" : "");
+        test_check(same, what);
+    }
+    if (gelu && saved_fused) {  // -r 1 against the default fused epilogue: only the GELU's rounding apart
+        float fused_loss, fused_losses[3];
+        recompute_run(c, params, bn, B, T, tokens, &fused_loss, grads[0], fused_losses, train_params[0]);
+        snprintf(what, sizeof(what), "%s -r 1 vs -r 0 with the cuBLASLt GELU epilogue: gradients", name);
+        test_check_rel(what, rel_err(grads[1], grads[0], P), TOL);
+    }
+    for (int r = 0; r < 3; r++) { free(grads[r]); free(train_params[r]); }
+    free(params); free(bn); free(tokens);
+}
+
 // 5. evaluation mode (router BN on running statistics) and the sampling shape: one sequence's
 // logits from a (1, T) forward padded with end-of-text after position t must equal, at t-1, the
 // CPU's logits of the (1, t) prefix (causal attention; in evaluation the router treats tokens
@@ -256,7 +320,7 @@ static void test_eval_sampling_accumulation(const char* name, const ModelConfig*
     memcpy(ref.params, params, P * sizeof(float));
     if (NB) memcpy(ref.bn_stats, bn, NB * sizeof(float));
     Model m;
-    model_build(&m, c, B, T, EXPERT_EXEC_EXPERT, g_attention);
+    model_build(&m, c, B, T, EXPERT_EXEC_EXPERT, g_attention, g_recompute);
     model_set_params(&m, params, bn);
     float* logits = (float*)malloc_check((size_t)BT * Vp * sizeof(float));
 
@@ -484,6 +548,9 @@ int main(void) {
     for (int i = 0; i < num_cases; i++) test_forward_backward(cases[i].name, &cases[i].c, 4, 64);
     for (int i = 0; i < num_cases; i++) test_training(cases[i].name, &cases[i].c, 4, 64);
     for (int i = 0; i < num_cases; i++) test_eval_sampling_accumulation(cases[i].name, &cases[i].c, 4, 64);
+    // -r 1 and 2 against -r 0 (bitwise): gelu, swiglu, omni with and without BN
+    const int recompute_cases[] = {0, 1, 2, 3};
+    for (int i : recompute_cases) test_recompute(cases[i].name, &cases[i].c, 4, 64);
     test_expert_stats();
     test_zero_update(cases[2].name, &cases[2].c);
     test_zero_update(cases[0].name, &cases[0].c);

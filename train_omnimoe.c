@@ -1893,6 +1893,11 @@ int main(int argc, char** argv) {
                 "the CPU reference has one attention\n");
         exit(EXIT_FAILURE);
     }
+    if (cfg.recompute != 0) {
+        fprintf(stderr, "Error: flag -r (--recompute) %d: activation recomputation is the CUDA trainer's "
+                "(./train_omnimoe); the CPU reference keeps every activation (use -r 0)\n", cfg.recompute);
+        exit(EXIT_FAILURE);
+    }
 
     // the model: a preset (+ flags) or a model file
     CpuTrainer tr;

@@ -134,6 +134,7 @@ typedef struct {
     int cur_B, cur_T;     // the shape of the last forward
     int adam_t;           // AdamW steps taken
     int attention;        // ATTENTION_* (--attention): whose attention kernels run
+    int recompute;        // -r: 0 keep all; 1 the FFN activation, 2 also ln1/ln2, one layer's buffer (docs/design.md §4.5)
     cudaStream_t stream;
     float* norm_squared;  // (1) device
     MemoryPlan plan;      // every device buffer above and its bytes (llmc/memory_plan.h)
@@ -243,7 +244,7 @@ static size_t attention_cudnn_scratch_or_die(int B, int T, int C, int NH) {
 
 // zero: ZeRO-1 (llmc/zero.cuh, built by the caller): master, m and v hold its shard only; NULL: all
 static void model_build_sharded(Model* m, const ModelConfig* config, int B, int T, int expert_exec, int attention,
-                                ZeroOptimizer* zero) {
+                                int recompute, ZeroOptimizer* zero) {
     memset(m, 0, sizeof(*m));
     if (!model_config_validate(config)) exit(EXIT_FAILURE);
     model_check_shapes(config);
@@ -268,12 +269,15 @@ static void model_build_sharded(Model* m, const ModelConfig* config, int B, int 
     Activations* a = &m->acts;
     OmniDims omni_dims = {(int)BT, (int)C, (int)H, c->router_n, c->num_experts, c->top_k};
     m->attention = attention;
+    m->recompute = recompute;
     // every buffer of the model from the plan (this GPU's), summed against the free memory, then allocated
     PlanKernelSizes kernel_sizes = model_kernel_sizes(c, B, T);
     // cuDNN's SDPA gets its own workspace: the forward's scratch may still be the OmniMoE layer's
     kernel_sizes.attention_ws = attention == ATTENTION_CUDNN ? attention_cudnn_scratch_or_die(B, T, (int)C, c->num_heads) : 0;
     int num_gpus = zero ? zero->map.num_ranks : 1, mode = zero ? PLAN_MODE_ZERO1 : PLAN_MODE_REPLICATED;
-    if (!memory_plan_build(&m->plan, c, B, T, (int)sizeof(floatX), num_gpus, mode, &kernel_sizes)) exit(EXIT_FAILURE);
+    if (!memory_plan_build(&m->plan, c, B, T, (int)sizeof(floatX), num_gpus, mode, recompute, &kernel_sizes)) {
+        exit(EXIT_FAILURE);
+    }
     if (m->plan.opt_local != S) {
         fprintf(stderr, "Error: the memory plan counts %zu fp32 state elements per process, the ZeRO-1 map %zu\n",
                 m->plan.opt_local, S);
@@ -342,7 +346,7 @@ static void model_build_sharded(Model* m, const ModelConfig* config, int B, int 
                               layer_grad(m, PARAM_EXPERTV, l)};
             OmniLayer* layer = &m->omni[l];
             omni_layer_create(layer, omni_dims, opt, w, dw, &m->omni_ws, a->fch + (size_t)l * BT * FI,
-                              a->fch_act + (size_t)l * BT * H);
+                              a->fch_act + (recompute >= 1 ? 0 : (size_t)l * BT * H));
             omni_layer_set_bn_stats(layer, m->bn_stats + (size_t)l * omni_layer_bn_count(omni_dims));
             layer->expert_counts = m->expert_counts + (size_t)l * c->num_experts;
         }
@@ -351,8 +355,9 @@ static void model_build_sharded(Model* m, const ModelConfig* config, int B, int 
     matmul_init();
 }
 
-static void model_build(Model* m, const ModelConfig* config, int B, int T, int expert_exec, int attention) {
-    model_build_sharded(m, config, B, T, expert_exec, attention, NULL);
+static void model_build(Model* m, const ModelConfig* config, int B, int T, int expert_exec, int attention,
+                        int recompute) {
+    model_build_sharded(m, config, B, T, expert_exec, attention, recompute, NULL);
 }
 
 static void model_free(Model* m) {
@@ -481,6 +486,42 @@ static void model_attention_backward(Model* m, floatX* dqkv, const floatX* dout,
     attention_backward(dqkv, dout, qkv, out, lse, B, T, C, NH, scratch, st);
 }
 
+// ----------------------------------------------------------------------------
+// activation recomputation (-r, docs/design.md §4.5): layer l's ln1, ln2 and FFN activation (BT
+// packed) are its slice of L layers, or the one layer's buffer that -r 2 / -r 1 keeps instead
+static floatX* model_ln1(const Model* m, int l, int BT) {
+    return m->acts.ln1 + (m->recompute >= 2 ? 0 : (size_t)l * BT * m->config.channels);
+}
+static floatX* model_ln2(const Model* m, int l, int BT) {
+    return m->acts.ln2 + (m->recompute >= 2 ? 0 : (size_t)l * BT * m->config.channels);
+}
+static floatX* model_fch_act(const Model* m, int l, int BT) {
+    return m->acts.fch_act + (m->recompute >= 1 ? 0 : (size_t)l * BT * m->config.ffn_hidden);
+}
+
+// the FFN activation of layer l again, from its saved pre-activation fch, with the kernel its
+// forward ran (gelu under -r >= 1 runs the unfused GELU, as the cuBLASLt epilogue's cannot be
+// reproduced from the rounded fch): the same bits
+static void model_recompute_ffn_act(Model* m, int l, int BT, cudaStream_t st) {
+    const ModelConfig* c = &m->config;
+    const floatX* fch = m->acts.fch + (size_t)l * BT * ffn_in_width(c);
+    if (c->ffn_hidden == 0) return;  // omni without a shared SwiGLU
+    if (c->ffn_kind == FFN_GELU) gelu_forward(model_fch_act(m, l, BT), fch, (size_t)BT * c->ffn_hidden, st);
+    else swiglu_forward(model_fch_act(m, l, BT), fch, BT, c->ffn_hidden, st);
+}
+
+// ln1 and ln2 of layer l again from their inputs on the residual stream and the saved mean/rstd
+static void model_recompute_layernorms(Model* m, int l, int BT, cudaStream_t st) {
+    const int C = m->config.channels;
+    const Activations* a = &m->acts;
+    const floatX* residual = l == 0 ? a->encoded : a->residual3 + (size_t)(l - 1) * BT * C;
+    layernorm_recompute(model_ln1(m, l, BT), residual, layer_param(m, PARAM_LN1W, l), layer_param(m, PARAM_LN1B, l),
+                        a->ln1_mean + (size_t)l * BT, a->ln1_rstd + (size_t)l * BT, BT, C, st);
+    layernorm_recompute(model_ln2(m, l, BT), a->residual2 + (size_t)l * BT * C, layer_param(m, PARAM_LN2W, l),
+                        layer_param(m, PARAM_LN2B, l), a->ln2_mean + (size_t)l * BT, a->ln2_rstd + (size_t)l * BT,
+                        BT, C, st);
+}
+
 static void model_forward(Model* m, const int* inputs, const int* targets, int B, int T, int training) {
     const ModelConfig* c = &m->config;
     if (B > m->B || T > m->T || B < 1 || T < 1) {
@@ -503,13 +544,13 @@ static void model_forward(Model* m, const int* inputs, const int* targets, int B
     for (int l = 0; l < L; l++) {
         size_t btc = (size_t)l * BT * C;
         const floatX* residual = l == 0 ? a->encoded : a->residual3 + (size_t)(l - 1) * BT * C;
-        floatX* ln1 = a->ln1 + btc;
+        floatX* ln1 = model_ln1(m, l, BT);
         floatX* qkv = a->qkv + (size_t)l * BT * 3 * C;
         floatX* atty = a->atty + btc;
         floatX* residual2 = a->residual2 + btc;
-        floatX* ln2 = a->ln2 + btc;
+        floatX* ln2 = model_ln2(m, l, BT);
         floatX* fch = a->fch + (size_t)l * BT * FI;
-        floatX* fch_act = a->fch_act + (size_t)l * BT * H;
+        floatX* fch_act = model_fch_act(m, l, BT);
         floatX* residual3 = a->residual3 + btc;
 
         matmul_forward(qkv, ln1, layer_param(m, PARAM_QKVW, l), layer_param(m, PARAM_QKVB, l), BT, C, 3 * C, st);
@@ -519,7 +560,12 @@ static void model_forward(Model* m, const int* inputs, const int* targets, int B
         fused_residual_layernorm_forward(residual2, ln2, a->ln2_mean + (size_t)l * BT, a->ln2_rstd + (size_t)l * BT,
                                          residual, a->sublayer_out, layer_param(m, PARAM_LN2W, l),
                                          layer_param(m, PARAM_LN2B, l), BT, C, st);
-        if (c->ffn_kind == FFN_GELU) {
+        if (c->ffn_kind == FFN_GELU && m->recompute >= 1) {  // the GELU the backward recomputes
+            matmul_forward(fch, ln2, layer_param(m, PARAM_FCW, l), layer_param(m, PARAM_FCB, l), BT, C, FI, st);
+            gelu_forward(fch_act, fch, (size_t)BT * FI, st);
+            matmul_forward(a->sublayer_out, fch_act, layer_param(m, PARAM_FCPROJW, l),
+                           layer_param(m, PARAM_FCPROJB, l), BT, H, C, st);
+        } else if (c->ffn_kind == FFN_GELU) {
             matmul_forward_gelu(fch_act, fch, ln2, layer_param(m, PARAM_FCW, l), layer_param(m, PARAM_FCB, l),
                                 BT, C, FI, st);
             matmul_forward(a->sublayer_out, fch_act, layer_param(m, PARAM_FCPROJW, l),
@@ -535,7 +581,7 @@ static void model_forward(Model* m, const int* inputs, const int* targets, int B
         }
         // residual3 = residual2 + FFN; then the next block's LN1 (or the final LN)
         if (l + 1 < L) {
-            fused_residual_layernorm_forward(residual3, a->ln1 + (size_t)(l + 1) * BT * C,
+            fused_residual_layernorm_forward(residual3, model_ln1(m, l + 1, BT),
                                              a->ln1_mean + (size_t)(l + 1) * BT, a->ln1_rstd + (size_t)(l + 1) * BT,
                                              residual2, a->sublayer_out, layer_param(m, PARAM_LN1W, l + 1),
                                              layer_param(m, PARAM_LN1B, l + 1), BT, C, st);
@@ -600,13 +646,16 @@ static void model_backward(Model* m, const int* inputs, float loss_scale, GradRe
     for (int l = L - 1; l >= 0; l--) {
         size_t btc = (size_t)l * BT * C;
         const floatX* residual = l == 0 ? a->encoded : a->residual3 + (size_t)(l - 1) * BT * C;
-        const floatX* ln1 = a->ln1 + btc;
+        const floatX* ln1 = model_ln1(m, l, BT);
         const floatX* qkv = a->qkv + (size_t)l * BT * 3 * C;
         const floatX* atty = a->atty + btc;
         const floatX* residual2 = a->residual2 + btc;
-        const floatX* ln2 = a->ln2 + btc;
+        const floatX* ln2 = model_ln2(m, l, BT);
         const floatX* fch = a->fch + (size_t)l * BT * FI;
-        const floatX* fch_act = a->fch_act + (size_t)l * BT * H;
+        const floatX* fch_act = model_fch_act(m, l, BT);
+        // -r: this layer's recomputed activations into the one layer's buffers, before their readers
+        if (m->recompute >= 1) model_recompute_ffn_act(m, l, BT, st);
+        if (m->recompute >= 2) model_recompute_layernorms(m, l, BT, st);
 
         // FFN: dresidual is d(residual3) = d(FFN output); dsub receives d(ln2)
         if (c->ffn_kind == FFN_GELU) {
@@ -1153,8 +1202,8 @@ int main(int argc, char** argv) {
     } else if (cfg.zero && master_process) {
         printf("| --zero 1 on one process: nothing to shard, the optimizer state stays whole\n");
     }
-    if (zero) model_build_sharded(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention, zero);
-    else model_build(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention);
+    if (zero) model_build_sharded(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention, cfg.recompute, zero);
+    else model_build(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention, cfg.recompute);
     if (zero && master_process) {
         printf("| ZeRO-1: fp32 master, m and v of %zu of %zu parameters per process (%zu in replicated tails)\n",
                zero->map.shard_elems, model->num_params, zero_shard_tail_elems(&zero->map));

@@ -101,6 +101,7 @@ typedef struct {
     int gate;                                 // --gate  GATE_*; -1 = preset (softmax)
     int expert_exec;                          // --expert-exec  EXPERT_EXEC_* (run-time choice, not saved in the model)
     int attention;                            // --attention  ATTENTION_* (CUDA trainer; run-time choice, in checkpoints)
+    int recompute;                            // -r  --recompute  0 keep, 1 recompute the FFN activation, 2 also LN1/LN2 (CUDA trainer)
     // the memory plan (llmc/memory_plan.h)
     int plan_gpus;                            // --plan  print the per-GPU memory plan of a run on this many GPUs, exit (0 = train)
     // moe knobs (docs/design.md §10.7); model fields: -1 = the preset's (or --moepp's) value
@@ -172,6 +173,7 @@ static const TrainFlag train_flags[] = {
     {NULL, "--gate", TRAIN_ARG_CHOICE, offsetof(TrainConfig, gate), 0, 0, 0, "softmax|prob", "omni: gate over the k selected scores (unset = softmax)"},
     {NULL, "--expert-exec", TRAIN_ARG_CHOICE, offsetof(TrainConfig, expert_exec), 0, 0, 0, "token|expert", "omni: expert-branch execution, token-centric (default) or expert-centric (same bits)"},
     {NULL, "--attention", TRAIN_ARG_CHOICE, offsetof(TrainConfig, attention), 0, 0, 0, "ours|cudnn", "CUDA trainer: attention kernels, ours (default) or cuDNN's SDPA (a `make USE_CUDNN=1` build; other bits)"},
+    {"-r", "--recompute", TRAIN_ARG_INT, offsetof(TrainConfig, recompute), 0, 2, 0, NULL, "CUDA trainer: activation recomputation, 0 keep all (default), 1 recompute the FFN activation in the backward, 2 also the LayerNorm outputs (less memory, same bits; gelu: the unfused GELU)"},
     {NULL, "--moe-experts", TRAIN_ARG_INT, offsetof(TrainConfig, moe_experts), 0, 65536, 1, NULL, "moe: routed SwiGLU experts E (-1 = the preset's)"},
     {NULL, "--moe-topk", TRAIN_ARG_INT, offsetof(TrainConfig, moe_topk), 1, 65536, 1, NULL, "moe: experts per token k, among all routed experts (-1 = the preset's)"},
     {NULL, "--moe-shared", TRAIN_ARG_INT, offsetof(TrainConfig, moe_shared), 0, 65536, 1, NULL, "moe: shared experts S, each of width I_e (-1 = the preset's)"},
@@ -773,6 +775,7 @@ static inline RunIdentity train_config_run_identity(const TrainConfig* cfg, uint
     r.lr_schedule = cfg->lr_schedule;
     r.expert_exec = cfg->expert_exec;
     r.attention = cfg->attention;
+    r.recompute = cfg->recompute;
     r.learning_rate = cfg->learning_rate;
     r.final_lr_frac = cfg->final_lr_frac;
     r.decay_frac = cfg->decay_frac;

@@ -32,7 +32,7 @@
  *     [48..49] num_params P        [50..51] num_bn_stats NB (floats of one BN set)
  *     [52..53] loader_bytes LB     [54..55] rng_bytes RB      [56..57] file_bytes (whole file)
  *     [60..69] the moe model fields (above)   [70] moe_aux [71] moe_zc_weight [72] moe_bias_rate
- *     (fp32; moe models only, else 0: docs/design.md §10.7)
+ *     (fp32; moe models only, else 0: docs/design.md §10.7)   [74] recompute (-r: 0, 1, 2)
  *     (an int64 in slots [a..a+1] is the 8 little-endian bytes at byte offset 4a)
  *     all other slots 0.
  *   sections, packed in this order right after the header:
@@ -767,6 +767,7 @@ static inline void checkpoint_header_from_(const ModelConfig* config, const Chec
     ckpt_put_f32_(h, 70, r->moe_aux);
     ckpt_put_f32_(h, 71, r->moe_zc_weight);
     ckpt_put_f32_(h, 72, r->moe_bias_rate);
+    h[74] = r->recompute;
     ckpt_put_i64_(h, 48, info->num_params);
     ckpt_put_i64_(h, 50, info->num_bn_stats);
     ckpt_put_i64_(h, 52, info->loader_bytes);
@@ -810,6 +811,7 @@ static inline void checkpoint_header_to_(const int32_t* h, ModelConfig* config, 
     r->moe_aux = ckpt_get_f32_(h, 70);
     r->moe_zc_weight = ckpt_get_f32_(h, 71);
     r->moe_bias_rate = ckpt_get_f32_(h, 72);
+    r->recompute = h[74];
     info->num_params = ckpt_get_i64_(h, 48);
     info->num_bn_stats = ckpt_get_i64_(h, 50);
     info->loader_bytes = ckpt_get_i64_(h, 52);
@@ -1350,6 +1352,7 @@ static inline int checkpoint_compare_run(const char* path, const CheckpointInfo*
     CKPT_CMP_INT_("--schedule", was->lr_schedule, now->lr_schedule)
     CKPT_CMP_INT_("--expert-exec", was->expert_exec, now->expert_exec)
     CKPT_CMP_INT_("--attention (0 ours, 1 cudnn)", was->attention, now->attention)
+    CKPT_CMP_INT_("-r (--recompute)", was->recompute, now->recompute)
     CKPT_CMP_FLOAT_("-l", was->learning_rate, now->learning_rate)
     CKPT_CMP_FLOAT_("-q", was->final_lr_frac, now->final_lr_frac)
     CKPT_CMP_FLOAT_("--decay-frac", was->decay_frac, now->decay_frac)

@@ -8,6 +8,9 @@ Defines:
 - fused_residual_layernorm_forward(residual_out, normed_out, mean, rstd, inp1, inp2,
                                    weight, bias, BT, C, stream)
       residual_out = inp1 + inp2 (rounded to floatX), then normed_out = LN(residual_out)
+- layernorm_recompute(out, inp, weight, bias, mean, rstd, BT, C, stream)
+      out = LN(inp) again from the saved mean/rstd (--recompute 2): the forward's element
+      expression (layernorm_apply), so the same bits as the forward's normed output
 - layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, BT, C, scratch, stream)
       dinp += dx, dweight += sum_rows dout * xhat, dbias += sum_rows dout
 - layernorm_backward_scratch_bytes(BT, C)
@@ -30,6 +33,12 @@ fixed order.
 #define LAYERNORM_BWD_WARPS 4
 #define LAYERNORM_BWD_ROWS_PER_BLOCK 32
 
+// one element of a normalised row: the forward kernels and layernorm_recompute share it, so the
+// recomputed output has the forward's bits (same expression, same contraction)
+__device__ inline floatX layernorm_apply(float x, float mean, float rstd, float w, float b) {
+    return (floatX)((x - mean) * rstd * w + b);
+}
+
 // shared by both forward kernels: normalise a row that is already in `row_in` (floatX)
 __device__ inline void layernorm_row_normalize(floatX* row_out, float* mean, float* rstd, const floatX* row_in,
                                                const floatX* weight, const floatX* bias, int row, int C, float sum,
@@ -51,7 +60,7 @@ __device__ inline void layernorm_row_normalize(floatX* row_out, float* mean, flo
         x128 b = load128(bias + c);
         x128 result;
         for (int k = 0; k < x128::size; k++) {
-            result[k] = (floatX)(((float)x[k] - row_mean) * row_rstd * (float)w[k] + (float)b[k]);
+            result[k] = layernorm_apply((float)x[k], row_mean, row_rstd, (float)w[k], (float)b[k]);
         }
         store128(row_out + c, result);
     }
@@ -97,6 +106,26 @@ __global__ void fused_residual_layernorm_forward_kernel(floatX* residual_out, fl
     sum = warp_reduce_sum(sum);
     // each lane re-reads only the columns it wrote itself, so no barrier is needed
     layernorm_row_normalize(normed_out + offset, mean, rstd, residual_out + offset, weight, bias, row, C, sum, lane);
+}
+
+// out = LN(inp) from the saved per-row statistics: one warp per row, as the forward
+__global__ void layernorm_recompute_kernel(floatX* out, const floatX* inp, const floatX* weight, const floatX* bias,
+                                           const float* mean, const float* rstd, int BT, int C) {
+    const int lane = threadIdx.x % 32;
+    const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+    if (row >= BT) { return; }
+    const size_t offset = (size_t)row * C;
+    const float row_mean = mean[row], row_rstd = rstd[row];
+    for (int c = lane * x128::size; c < C; c += 32 * x128::size) {
+        x128 x = load128cs(inp + offset + c);
+        x128 w = load128(weight + c);
+        x128 b = load128(bias + c);
+        x128 result;
+        for (int k = 0; k < x128::size; k++) {
+            result[k] = layernorm_apply((float)x[k], row_mean, row_rstd, (float)w[k], (float)b[k]);
+        }
+        store128(out + offset + c, result);
+    }
 }
 
 // Shared-memory column sums use a bank-conflict-free order: the columns of one 32-lane x
@@ -196,6 +225,16 @@ static inline void layernorm_forward(floatX* out, float* mean, float* rstd, cons
     const int block_size = 32 * LAYERNORM_FWD_WARPS;
     layernorm_forward_kernel<<<ceil_div(BT, LAYERNORM_FWD_WARPS), block_size, 0, stream>>>(out, mean, rstd, inp, weight,
                                                                                            bias, BT, C);
+    cudaCheckLast();
+}
+
+static inline void layernorm_recompute(floatX* out, const floatX* inp, const floatX* weight, const floatX* bias,
+                                       const float* mean, const float* rstd, int BT, int C, cudaStream_t stream) {
+    layernorm_check_args("layernorm_recompute", C, out, inp, weight, bias);
+    if (BT == 0) { return; }
+    const int block_size = 32 * LAYERNORM_FWD_WARPS;
+    layernorm_recompute_kernel<<<ceil_div(BT, LAYERNORM_FWD_WARPS), block_size, 0, stream>>>(out, inp, weight, bias,
+                                                                                             mean, rstd, BT, C);
     cudaCheckLast();
 }
 

@@ -11,7 +11,7 @@
  *   PlanKernelSizes          the kernels' scratch and the OmniMoE layer's saved state / workspace
  *   plan_kernel_sizes()      those sizes from the kernels' formulas, for a given CUB sort storage
  *   plan_cub_estimate()      CUB's radix-sort storage without a GPU: 8 bytes per pair + 1 MiB
- *   memory_plan_build()      the list for (model, B, T, floatX bytes, GPUs P, mode, kernel sizes)
+ *   memory_plan_build()      the list for (model, B, T, floatX bytes, GPUs P, mode, recompute, kernel sizes)
  *   memory_plan_print()      the table per GPU, then one machine-readable "plan_bytes" line
  *   memory_plan_main()       --plan: build and print with the estimate, no GPU; the exit status
  *   train_config_plan_main() --plan of either trainer: the model of -e (preset or file header),
@@ -24,6 +24,10 @@
  * of all P GPUs and keeps their x columns), and both. With P = 1 every mode is the replicated one.
  * The tables' extra buffers follow docs/sharding.md §1.3 until the tables are wired into the CUDA
  * step; the replicated and ZeRO-1 lists are model_build's.
+ *
+ * Recomputation (-r, docs/design.md §4.5): with 1 the FFN activation (fch_act), with 2 also ln1 and
+ * ln2, are one layer's buffer instead of L layers': the backward recomputes each layer's from what
+ * stays saved (fch; the residual stream and mean/rstd) into that one buffer.
  *
  * The kernel formulas here mirror the scratch-size functions of the GPU headers (llmc/, .cuh: a
  * host program cannot include those); model_build compares them with the headers' own numbers at
@@ -85,6 +89,7 @@ typedef struct {
 typedef struct {
     ModelConfig config;
     int B, T, floatx_bytes, num_gpus, mode;
+    int recompute;          // -r: 0 keep all, 1 one layer of fch_act, 2 also of ln1 and ln2
     size_t params_local;    // parameters whose weights and gradients this GPU holds
     size_t opt_local;       // parameters whose fp32 master, m and v this GPU holds
     size_t tables_local;    // of params_local: U and V elements
@@ -183,7 +188,7 @@ static inline void memory_plan_set(MemoryPlan* p, int id, const char* what, size
 // Returns 0 with a message on stderr when the mode cannot cut this model (tables: C a multiple of
 // 8P, docs/sharding.md §3.1).
 static inline int memory_plan_build(MemoryPlan* p, const ModelConfig* c, int B, int T, int floatx_bytes,
-                                    int num_gpus, int mode, const PlanKernelSizes* ks) {
+                                    int num_gpus, int mode, int recompute, const PlanKernelSizes* ks) {
     memset(p, 0, sizeof(*p));
     p->config = *c;
     p->B = B;
@@ -191,6 +196,7 @@ static inline int memory_plan_build(MemoryPlan* p, const ModelConfig* c, int B, 
     p->floatx_bytes = floatx_bytes;
     p->num_gpus = num_gpus;
     p->mode = mode;
+    p->recompute = recompute;
     const int P = num_gpus, omni = c->ffn_kind == FFN_OMNI;
     const int zero1 = (mode & PLAN_MODE_ZERO1) && P > 1;
     const int tables = (mode & PLAN_MODE_TABLES) && P > 1 && omni;
@@ -210,6 +216,7 @@ static inline int memory_plan_build(MemoryPlan* p, const ModelConfig* c, int B, 
     const size_t L = c->num_layers, C = c->channels, BT = (size_t)B * T, Vp = c->padded_vocab_size;
     const size_t H = c->ffn_hidden, FI = c->ffn_kind == FFN_GELU ? H : 2 * H, X = floatx_bytes, F = sizeof(float);
     const size_t W = p->params_local, O = p->opt_local;
+    const size_t L_act = recompute >= 1 ? 1 : L, L_ln = recompute >= 2 ? 1 : L;  // layers kept (-r)
     memory_plan_set(p, MEMBUF_PARAMS, "parameters", W * X, table_local * X, MEM_WEIGHTS);
     memory_plan_set(p, MEMBUF_GRADS, "gradients", W * X, table_local * X, MEM_GRADS);
     const size_t O1 = O > 0 ? O : 1;  // cudaMalloc gets at least one element
@@ -221,18 +228,18 @@ static inline int memory_plan_build(MemoryPlan* p, const ModelConfig* c, int B, 
     memory_plan_set(p, MEMBUF_NORM, "gradient norm", F, 0, MEM_OTHER_STATE);
     const MemKind A = MEM_ACTIVATIONS, K = MEM_WORKSPACE;
     memory_plan_set(p, MEMBUF_ENCODED, "activations: encoded", BT * C * X, 0, A);
-    memory_plan_set(p, MEMBUF_LN1, "activations: ln1", L * BT * C * X, 0, A);
+    memory_plan_set(p, MEMBUF_LN1, "activations: ln1", L_ln * BT * C * X, 0, A);
     memory_plan_set(p, MEMBUF_LN1_MEAN, "activations: ln1 mean", L * BT * F, 0, A);
     memory_plan_set(p, MEMBUF_LN1_RSTD, "activations: ln1 rstd", L * BT * F, 0, A);
     memory_plan_set(p, MEMBUF_QKV, "activations: qkv", L * BT * 3 * C * X, 0, A);
     memory_plan_set(p, MEMBUF_ATTY, "activations: attention output", L * BT * C * X, 0, A);
     memory_plan_set(p, MEMBUF_ATT_LSE, "activations: attention lse", L * BT * c->num_heads * F, 0, A);
     memory_plan_set(p, MEMBUF_RESIDUAL2, "activations: residual2", L * BT * C * X, 0, A);
-    memory_plan_set(p, MEMBUF_LN2, "activations: ln2", L * BT * C * X, 0, A);
+    memory_plan_set(p, MEMBUF_LN2, "activations: ln2", L_ln * BT * C * X, 0, A);
     memory_plan_set(p, MEMBUF_LN2_MEAN, "activations: ln2 mean", L * BT * F, 0, A);
     memory_plan_set(p, MEMBUF_LN2_RSTD, "activations: ln2 rstd", L * BT * F, 0, A);
     memory_plan_set(p, MEMBUF_FCH, "activations: FFN pre-activation", L * BT * FI * X, 0, A);
-    memory_plan_set(p, MEMBUF_FCH_ACT, "activations: FFN activation", L * BT * H * X, 0, A);
+    memory_plan_set(p, MEMBUF_FCH_ACT, "activations: FFN activation", L_act * BT * H * X, 0, A);
     memory_plan_set(p, MEMBUF_RESIDUAL3, "activations: residual3", L * BT * C * X, 0, A);
     memory_plan_set(p, MEMBUF_LNF, "activations: lnf", BT * C * X, 0, A);
     memory_plan_set(p, MEMBUF_LNF_MEAN, "activations: lnf mean", BT * F, 0, A);
@@ -267,12 +274,12 @@ static inline int memory_plan_build(MemoryPlan* p, const ModelConfig* c, int B, 
 
 // The kernel sizes of a mode without a GPU (CUB estimated), then the list.
 static inline int memory_plan_build_estimated(MemoryPlan* p, const ModelConfig* c, int B, int T, int floatx_bytes,
-                                              int num_gpus, int mode) {
+                                              int num_gpus, int mode, int recompute) {
     const int tables = (mode & PLAN_MODE_TABLES) && num_gpus > 1 && c->ffn_kind == FFN_OMNI;
     const size_t pairs = (size_t)B * T * c->top_k * (tables ? num_gpus : 1);
     const size_t cols = tables ? c->channels / num_gpus : c->channels;
     PlanKernelSizes ks = plan_kernel_sizes(c, B, T, floatx_bytes, pairs, cols, plan_cub_estimate(pairs));
-    if (!memory_plan_build(p, c, B, T, floatx_bytes, num_gpus, mode, &ks)) return 0;
+    if (!memory_plan_build(p, c, B, T, floatx_bytes, num_gpus, mode, recompute, &ks)) return 0;
     p->cub_estimated = 1;
     return 1;
 }
@@ -290,8 +297,12 @@ static inline void memory_plan_print(const MemoryPlan* p, FILE* out) {
             c->channels);
     if (c->ffn_kind == FFN_OMNI) fprintf(out, " omni N=%d k=%d I=%d", c->num_experts, c->top_k, c->ffn_hidden);
     else fprintf(out, " %s hidden=%d", ffn_kind_name(c->ffn_kind), c->ffn_hidden);
-    fprintf(out, "), B=%d T=%d, %d GPU%s, %s, floatX %d bytes\n", p->B, p->T, p->num_gpus, p->num_gpus > 1 ? "s" : "",
+    fprintf(out, "), B=%d T=%d, %d GPU%s, %s, floatX %d bytes", p->B, p->T, p->num_gpus, p->num_gpus > 1 ? "s" : "",
             memory_plan_mode_name(p->mode), p->floatx_bytes);
+    if (p->recompute > 0) {
+        fprintf(out, ", -r %d (recomputed: FFN activation%s)", p->recompute, p->recompute >= 2 ? ", ln1, ln2" : "");
+    }
+    fprintf(out, "\n");
     fprintf(out, "  %-30s %12s %16s\n", "", "GiB", "of it U and V");
     for (int k = 0; k < MEM_NUM_KINDS; k++) {
         fprintf(out, "  %-30s %12.3f", kind_names[k], p->kind_bytes[k] / GiB);
@@ -310,9 +321,10 @@ static inline void memory_plan_print(const MemoryPlan* p, FILE* out) {
 }
 
 // --plan P: the plan of a run on P GPUs in `mode`, no GPU needed; 0 when it was printed
-static inline int memory_plan_main(const ModelConfig* c, int B, int T, int floatx_bytes, int num_gpus, int mode) {
+static inline int memory_plan_main(const ModelConfig* c, int B, int T, int floatx_bytes, int num_gpus, int mode,
+                                   int recompute) {
     MemoryPlan p;
-    if (!memory_plan_build_estimated(&p, c, B, T, floatx_bytes, num_gpus, mode)) return 1;
+    if (!memory_plan_build_estimated(&p, c, B, T, floatx_bytes, num_gpus, mode, recompute)) return 1;
     memory_plan_print(&p, stdout);
     const double GiB = 1073741824.0;
     // what a fresh process finds free, about: H100 80GB 79.1 GiB, H200 139.8 GiB (less its context)
@@ -338,7 +350,7 @@ static inline int train_config_plan_main(TrainConfig* cfg, int floatx_bytes) {
     }
     int mode = (cfg->zero ? PLAN_MODE_ZERO1 : 0) | (cfg->shard_experts ? PLAN_MODE_TABLES : 0);
     if (cfg->attention != 0) printf("(--attention cudnn: cuDNN's workspace is not counted; only cuDNN knows it)\n");
-    return memory_plan_main(&c, cfg->B, cfg->T, floatx_bytes, cfg->plan_gpus, mode);
+    return memory_plan_main(&c, cfg->B, cfg->T, floatx_bytes, cfg->plan_gpus, mode, cfg->recompute);
 }
 
 #endif // OMNIMOE_MEMORY_PLAN_H

@@ -4,7 +4,8 @@ test_plan.py - the trainer's --plan (llmc/memory_plan.h: the buffer list the CUD
 allocates from) against the independent formulas of dev/sharding_numbers.py (docs/sharding.md
 §1), byte for byte: d12, N = 16,384 .. 1,048,576, P = 1, 2, 4, 8 GPUs, every mode, B = 16 and 32,
 k = 16 and 32. Then the parts that sharding_numbers.py does not model: a dense model has nothing
-to shard as tables, and --shard-experts 1 refuses a C that 8P does not divide.
+to shard as tables, -r 1 / -r 2 keep one layer of the recomputed activations, and --shard-experts 1
+refuses a C that 8P does not divide.
 
     python3 scripts/test_plan.py [TRAINER]      # default ./train_omnimoe_cpu (make test runs it)
 
@@ -97,6 +98,32 @@ rep, _ = plan(4, '-e', 'd12', '-f', 'swiglu', '-b', 8, '-t', 1024)
 z1, _ = plan(4, *MODES['zero1'], '-e', 'd12', '-f', 'swiglu', '-b', 8, '-t', 1024)
 check(rep is not None and z1 is not None and z1['master'] * 4 == rep['master'] and z1['weights'] == rep['weights'],
       "plan_dense_zero1_quarter_state", f"master {z1 and z1['master']} of {rep and rep['master']} B")
+
+# -r (--recompute, llmc/memory_plan.h): 1 keeps one layer of the FFN activation (BT x H), 2 also one
+# layer of ln1 and ln2 (BT x C each) instead of L; nothing else changes. Each FFN kind, 1 and 4 GPUs.
+for kind, H in (('gelu', 4 * 768), ('swiglu', 2048), ('omni', 1920)):
+    for P in (1, 4):
+        B, T, L, C, X = 8, 512, 12, 768, 2
+        flags = (P, '-e', 'd12', '-f', kind, '--hidden', H, '-b', B, '-t', T) + (('--zero', 1) if P > 1 else ())
+        r0, _ = plan(*flags)
+        r1, _ = plan(*flags, '-r', 1)
+        r2, r = plan(*flags, '-r', 2)
+        ok = r0 is not None and r1 is not None and r2 is not None
+        act = (L - 1) * B * T * H * X
+        ln = 2 * (L - 1) * B * T * C * X
+        ok = ok and r0['activations'] - r1['activations'] == act and r1['activations'] - r2['activations'] == ln
+        ok = ok and all(r0[x] == r1[x] == r2[x] for x in r0 if x not in ('activations', 'total'))
+        ok = ok and r0['total'] - r2['total'] == act + ln and '-r 2 (recomputed' in r.stdout
+        check(ok, f"plan_recompute_{kind}_P{P}", f"activations -r 0/1/2: {r0 and r0['activations']}, "
+              f"{r1 and r1['activations']}, {r2 and r2['activations']} B; expected savings {act}, then {ln}")
+_, r = plan(1, '-e', 'd12', '-r', 3)
+check(r.returncode != 0 and '--recompute' in r.stderr and 'plan_bytes' not in r.stdout, "plan_refuses_bad_recompute",
+      r.stderr.strip()[:160])
+
+if TRAINER.endswith('_cpu'):  # the CPU reference keeps every activation: it refuses -r with a clear message
+    r = subprocess.run([TRAINER, '-e', 'tiny', '-x', '1', '-r', '1'], capture_output=True, text=True)
+    check(r.returncode != 0 and '-r (--recompute) 1' in r.stderr and 'CUDA trainer' in r.stderr and 'step' not in r.stdout,
+          "cpu_trainer_refuses_recompute", r.stderr.strip()[:160])
 
 # refusals: tables need C (768) a multiple of 8P; a bad mode word names the flag
 _, r = plan(5, *MODES['tables'], '-e', 'd12', '-b', 8, '-t', 1024)
