@@ -23,7 +23,7 @@ typedef struct {
     int grad_accum_steps, num_processes;
     long long total_batch_size;    // tokens per optimiser step (resolved, never -1)
     int num_steps, warmup_steps, lr_schedule, expert_exec, attention;
-    int recompute;                 // -r (0, 1, 2): memory only; the bits do not depend on it (gelu: see args.h)
+    int recompute;                 // -r (0, 1, 2): memory; same bits (gelu: unfused GELU, docs/design.md §4.5)
     float learning_rate, final_lr_frac, decay_frac, weight_decay, grad_clip, beta1, beta2, eps;
     float moe_aux, moe_zc_weight, moe_bias_rate;  // moe models only (docs/design.md §10.7), else 0
 } RunIdentity;
