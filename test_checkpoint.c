@@ -718,6 +718,18 @@ static void child_compare_run(void* arg) {
     _exit(notes);
 }
 
+// the run settings of cfg (the data of test_compare_run) through a checkpoint header of a micro
+// model of `ffn_kind`: the identity written, the header h, and what reading h gives back
+static void run_header_round_trip(const TrainConfig* cfg, int ffn_kind, RunIdentity* run, int32_t* h,
+                                  CheckpointInfo* back) {
+    *run = train_config_run_identity(cfg, 0x1234abcd5678ef90ull, 338025, 1);
+    CheckpointInfo info;
+    checkpoint_info_from_run(&info, run, 10, 10, 2560);
+    ModelConfig mc = micro_config(ffn_kind), mc_back;
+    checkpoint_header_from_(&mc, &info, h);
+    checkpoint_header_to_(h, &mc_back, back);
+}
+
 // resuming with changed hyperparameters prints one note per change, none when nothing changed;
 // other data, order, seed or window shape end the program naming the difference
 static void test_compare_run(void) {
@@ -745,13 +757,10 @@ static void test_compare_run(void) {
         m.moe_aux = 0.03f;
         m.moe_zc_weight = 0.5f;
         m.moe_bias_rate = 1e-3f;
-        RunIdentity moe_run = train_config_run_identity(&m, 0x1234abcd5678ef90ull, 338025, 1);
-        CheckpointInfo info, back;
-        checkpoint_info_from_run(&info, &moe_run, 10, 10, 2560);
+        RunIdentity moe_run;
+        CheckpointInfo back;
         int32_t h[OMNI_HEADER_INTS];
-        ModelConfig mc = micro_config(FFN_SWIGLU), mc_back;
-        checkpoint_header_from_(&mc, &info, h);
-        checkpoint_header_to_(h, &mc_back, &back);
+        run_header_round_trip(&m, FFN_SWIGLU, &moe_run, h, &back);
         int round_trip = back.run.moe_aux == 0.03f && back.run.moe_zc_weight == 0.5f && back.run.moe_bias_rate == 1e-3f;
         CompareRunArgs b;
         b.saved = back;
@@ -765,13 +774,10 @@ static void test_compare_run(void) {
     {  // -r (--recompute): kept in header slot 74, a change on resume gives a note (memory only)
         TrainConfig rc = cfg;
         rc.recompute = 2;
-        RunIdentity rc_run = train_config_run_identity(&rc, 0x1234abcd5678ef90ull, 338025, 1);
-        CheckpointInfo info, back;
-        checkpoint_info_from_run(&info, &rc_run, 10, 10, 2560);
+        RunIdentity rc_run;
+        CheckpointInfo back;
         int32_t h[OMNI_HEADER_INTS];
-        ModelConfig mc = micro_config(FFN_GELU), mc_back;
-        checkpoint_header_from_(&mc, &info, h);
-        checkpoint_header_to_(h, &mc_back, &back);
+        run_header_round_trip(&rc, FFN_GELU, &rc_run, h, &back);
         int round_trip = h[74] == 2 && back.run.recompute == 2;
         CompareRunArgs b;
         b.saved = back;

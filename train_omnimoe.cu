@@ -560,14 +560,14 @@ static void model_forward(Model* m, const int* inputs, const int* targets, int B
         fused_residual_layernorm_forward(residual2, ln2, a->ln2_mean + (size_t)l * BT, a->ln2_rstd + (size_t)l * BT,
                                          residual, a->sublayer_out, layer_param(m, PARAM_LN2W, l),
                                          layer_param(m, PARAM_LN2B, l), BT, C, st);
-        if (c->ffn_kind == FFN_GELU && m->recompute >= 1) {  // the GELU the backward recomputes
-            matmul_forward(fch, ln2, layer_param(m, PARAM_FCW, l), layer_param(m, PARAM_FCB, l), BT, C, FI, st);
-            gelu_forward(fch_act, fch, (size_t)BT * FI, st);
-            matmul_forward(a->sublayer_out, fch_act, layer_param(m, PARAM_FCPROJW, l),
-                           layer_param(m, PARAM_FCPROJB, l), BT, H, C, st);
-        } else if (c->ffn_kind == FFN_GELU) {
-            matmul_forward_gelu(fch_act, fch, ln2, layer_param(m, PARAM_FCW, l), layer_param(m, PARAM_FCB, l),
-                                BT, C, FI, st);
+        if (c->ffn_kind == FFN_GELU) {
+            if (m->recompute >= 1) {  // the unfused GELU, which the backward recomputes bitwise
+                matmul_forward(fch, ln2, layer_param(m, PARAM_FCW, l), layer_param(m, PARAM_FCB, l), BT, C, FI, st);
+                gelu_forward(fch_act, fch, (size_t)BT * FI, st);
+            } else {
+                matmul_forward_gelu(fch_act, fch, ln2, layer_param(m, PARAM_FCW, l), layer_param(m, PARAM_FCB, l),
+                                    BT, C, FI, st);
+            }
             matmul_forward(a->sublayer_out, fch_act, layer_param(m, PARAM_FCPROJW, l),
                            layer_param(m, PARAM_FCPROJB, l), BT, H, C, st);
         } else if (c->ffn_kind == FFN_SWIGLU) {
