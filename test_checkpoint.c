@@ -718,16 +718,21 @@ static void child_compare_run(void* arg) {
     _exit(notes);
 }
 
-// the run settings of cfg (the data of test_compare_run) through a checkpoint header of a micro
-// model of `ffn_kind`: the identity written, the header h, and what reading h gives back
-static void run_header_round_trip(const TrainConfig* cfg, int ffn_kind, RunIdentity* run, int32_t* h,
-                                  CheckpointInfo* back) {
-    *run = train_config_run_identity(cfg, 0x1234abcd5678ef90ull, 338025, 1);
+// the run settings of `written` (the data of test_compare_run) through a checkpoint header h of a
+// micro model of `ffn_kind`, read back into `back`; then a resume with `resumed`'s settings: its
+// notes (out) and their count
+static int run_header_resume_notes(const TrainConfig* written, const TrainConfig* resumed, int ffn_kind, int32_t* h,
+                                   CheckpointInfo* back, char* out, size_t out_size) {
+    RunIdentity run = train_config_run_identity(written, 0x1234abcd5678ef90ull, 338025, 1);
     CheckpointInfo info;
-    checkpoint_info_from_run(&info, run, 10, 10, 2560);
+    checkpoint_info_from_run(&info, &run, 10, 10, 2560);
     ModelConfig mc = micro_config(ffn_kind), mc_back;
     checkpoint_header_from_(&mc, &info, h);
     checkpoint_header_to_(h, &mc_back, back);
+    CompareRunArgs b;
+    b.saved = *back;
+    b.now = train_config_run_identity(resumed, 0x1234abcd5678ef90ull, 338025, 1);
+    return test_run_child(child_compare_run, &b, out, out_size);
 }
 
 // resuming with changed hyperparameters prints one note per change, none when nothing changed;
@@ -757,16 +762,12 @@ static void test_compare_run(void) {
         m.moe_aux = 0.03f;
         m.moe_zc_weight = 0.5f;
         m.moe_bias_rate = 1e-3f;
-        RunIdentity moe_run;
+        TrainConfig resumed = m;
+        resumed.moe_aux = 0.01f;
         CheckpointInfo back;
         int32_t h[OMNI_HEADER_INTS];
-        run_header_round_trip(&m, FFN_SWIGLU, &moe_run, h, &back);
+        int moe_notes = run_header_resume_notes(&m, &resumed, FFN_SWIGLU, h, &back, out, sizeof(out));
         int round_trip = back.run.moe_aux == 0.03f && back.run.moe_zc_weight == 0.5f && back.run.moe_bias_rate == 1e-3f;
-        CompareRunArgs b;
-        b.saved = back;
-        b.now = moe_run;
-        b.now.moe_aux = 0.01f;
-        int moe_notes = test_run_child(child_compare_run, &b, out, sizeof(out));
         test_check_why(round_trip && moe_notes == 1 && strstr(out, "resuming with --moe-aux 0.01 (the checkpoint was "
                        "written with 0.03)"), "compare_run: the moe run settings survive the header, a changed "
                        "--moe-aux gives a note", out);
@@ -774,16 +775,12 @@ static void test_compare_run(void) {
     {  // -r (--recompute): kept in header slot 74, a change on resume gives a note (memory only)
         TrainConfig rc = cfg;
         rc.recompute = 2;
-        RunIdentity rc_run;
+        TrainConfig resumed = rc;
+        resumed.recompute = 1;
         CheckpointInfo back;
         int32_t h[OMNI_HEADER_INTS];
-        run_header_round_trip(&rc, FFN_GELU, &rc_run, h, &back);
+        int rc_notes = run_header_resume_notes(&rc, &resumed, FFN_GELU, h, &back, out, sizeof(out));
         int round_trip = h[74] == 2 && back.run.recompute == 2;
-        CompareRunArgs b;
-        b.saved = back;
-        b.now = rc_run;
-        b.now.recompute = 1;
-        int rc_notes = test_run_child(child_compare_run, &b, out, sizeof(out));
         test_check_why(round_trip && rc_notes == 1 && strstr(out, "resuming with -r (--recompute) 1 (the checkpoint "
                        "was written with 2)"), "compare_run: -r survives the header (slot 74), a changed -r gives a "
                        "note", out);
