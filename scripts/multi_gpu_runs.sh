@@ -36,7 +36,7 @@ step scaling_replicated env SKIP_BUILD=1 GPUS="$gpus" OVERLAP=1 BENCH_DIR="$OUT/
     bash scripts/bench_scaling.sh
 step scaling_zero1 env SKIP_BUILD=1 GPUS="$gpus" OVERLAP=1 EXTRA="--zero 1" BENCH_DIR="$OUT/scaling_zero1" \
     bash scripts/bench_scaling.sh
-for p in 1 $gpus; do
+for p in $gpus; do  # gpus starts at 1
     for mode in "" "--zero 1"; do
         ./train_omnimoe --plan "$p" -e d12 -f omni --experts 1048576 -b 16 -t 1024 $mode >> "$OUT/plan.log" 2>&1
     done
