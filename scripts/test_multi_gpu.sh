@@ -310,12 +310,13 @@ run2_raw() {  # run2_raw <name> <dir to run in> <flags...>: both ranks by hand; 
     bin=$(realpath "$BIN")
     rm -f "$idf"
     local start=$(date +%s)
-    (cd "$cwd" && LOCAL_RANK=0 timeout 120 "$bin" "$@" -pn 2 -pr 0 -pf "$idf" >"$W/${name}0.out" 2>&1) &
-    local q0=$!
-    (cd "$cwd" && LOCAL_RANK=1 timeout 120 "$bin" "$@" -pn 2 -pr 1 -pf "$idf" >"$W/${name}1.out" 2>&1) &
-    local q1=$!
-    wait "$q0"; rc0=$?
-    wait "$q1"; rc1=$?
+    local q=() r
+    for r in 0 1; do
+        (cd "$cwd" && LOCAL_RANK=$r timeout 120 "$bin" "$@" -pn 2 -pr $r -pf "$idf" >"$W/${name}$r.out" 2>&1) &
+        q[r]=$!
+    done
+    wait "${q[0]}"; rc0=$?
+    wait "${q[1]}"; rc1=$?
     took=$(( $(date +%s) - start ))
 }
 both_fail() {  # both_fail <label> <name> <rank whose output names the file> <regex>
