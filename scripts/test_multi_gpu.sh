@@ -331,21 +331,24 @@ zero_resume_dir() {  # zero_resume_dir <new dir>: only g2z's step-10 manifest an
     fresh_resume_dir "$1" "$W/g2z/ckpt_00000010.bin"
     cp "$W"/g2z/ckpt_00000010.part*of2.bin "$1/"
 }
+run2_full() {  # run2_full <name> <file> <flags...>: both ranks resume $W/<name> from step 10 to 20, <file>.tmp on /dev/full
+    local name=$1
+    ln -s /dev/full "$W/$name/$2.tmp"
+    shift 2
+    run2_raw "$name" . "${COMMON[@]}" -x 20 -n 10 -o "$W/$name" "$@" -y 1
+}
 fresh_resume_dir "$W/hckpt" "$W/g2/ckpt_00000010.bin"
-ln -s /dev/full "$W/hckpt/ckpt_00000020.bin.tmp"
-run2_raw hckpt . "${COMMON[@]}" -x 20 -n 10 -o "$W/hckpt" -y 1
+run2_full hckpt ckpt_00000020.bin
 both_fail "(h) checkpoint write failing on rank 0" hckpt 0 "ckpt_00000020\.bin\.tmp.*No space left on device"
 check "(h) ... the step-10 checkpoint intact, nothing of step 20, no .tmp" \
     bash -c "cmp -s '$W/hckpt/ckpt_00000010.bin' '$W/g2/ckpt_00000010.bin' && [ -z \"\$(ls -A '$W/hckpt' | grep -E 'ckpt_00000020|\.tmp')\" ]"
 zero_resume_dir "$W/hpart"
-ln -s /dev/full "$W/hpart/ckpt_00000020.part1of2.bin.tmp"
-run2_raw hpart . "${COMMON[@]}" -x 20 -n 10 -o "$W/hpart" --grad-clip 0 --zero 1 -y 1
+run2_full hpart ckpt_00000020.part1of2.bin --grad-clip 0 --zero 1
 both_fail "(h) --zero 1: rank 1's part failing" hpart 1 "ckpt_00000020\.part1of2\.bin\.tmp.*No space left on device"
 check "(h) ... the step-10 manifest and parts intact; no part, manifest or .tmp of step 20 left" \
     bash -c "for f in ckpt_00000010.bin ckpt_00000010.part0of2.bin ckpt_00000010.part1of2.bin; do cmp -s '$W/hpart/'\$f '$W/g2z/'\$f || exit 1; done; [ -z \"\$(ls -A '$W/hpart' | grep -E 'ckpt_00000020|\.tmp')\" ]"
 zero_resume_dir "$W/hmodel"
-ln -s /dev/full "$W/hmodel/model.bin.tmp"
-run2_raw hmodel . "${COMMON[@]}" -x 20 -n 10 -o "$W/hmodel" --grad-clip 0 --zero 1 -y 1
+run2_full hmodel model.bin --grad-clip 0 --zero 1
 both_fail "(h) --zero 1: the final model write failing on rank 0" hmodel 0 "model\.bin\.tmp.*No space left on device"
 check "(h) ... the step-20 checkpoint written, no model.bin, no .tmp" \
     bash -c "[ -f '$W/hmodel/ckpt_00000020.bin' ] && [ -z \"\$(ls -A '$W/hmodel' | grep -E 'model\.bin|\.tmp')\" ]"
