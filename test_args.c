@@ -178,8 +178,7 @@ static void test_args(void) {
     test_tmp_subdir(mdir, sizeof(mdir), "args_model");
     snprintf(mpath, sizeof(mpath), "%s/init.bin", mdir);
     ModelConfig fc = test_config(TEST_DIMS_MICRO, FFN_OMNI, 4, 3, ROUTER_NORM_BN, GATE_SOFTMAX);
-    Rng rng;
-    rng_init(&rng, 5);
+    Rng rng = rng_seeded(5);
     size_t fc_params = model_config_num_params(&fc);
     float* fp = (float*)malloc_check(fc_params * sizeof(float));
     fill_normal(fp, fc_params, 0.0f, 1.0f, &rng);

@@ -86,8 +86,7 @@ typedef struct {
 } CkptData;
 
 static void ckpt_data_make(CkptData* d, uint64_t seed, int step) {
-    Rng rng;
-    rng_init(&rng, seed);
+    Rng rng = rng_seeded(seed);
     memset(d, 0, sizeof(*d));
     d->config = micro_config(FFN_OMNI);
     d->P = model_config_num_params(&d->config);
@@ -189,8 +188,7 @@ static void child_find_latest(void* arg) {
 static void test_model_files(void) {
     char dir[512], path[600], detail[256];
     test_tmp_subdir(dir, sizeof(dir), "model");
-    Rng rng;
-    rng_init(&rng, 7);
+    Rng rng = rng_seeded(7);
 
     // omni round trip, bitwise
     ModelConfig c = micro_config(FFN_OMNI);

@@ -128,8 +128,7 @@ static void flip_random_bits(unsigned char* data, size_t n, int bits, Rng* rng) 
 }
 
 static void test_hash_catches_corruption(void) {
-    Rng rng;
-    rng_init(&rng, 1301);
+    Rng rng = rng_seeded(1301);
     char dir[512], path[CHECKPOINT_PATH_MAX], bad[600];
     make_dir(dir, sizeof(dir), "hash");
     write_random_checkpoint(dir, path, &rng);
@@ -204,8 +203,7 @@ static void test_hash_catches_corruption(void) {
 
 // version 1 model files (no hash) are still read, with a warning
 static void test_model_file_v1(void) {
-    Rng rng;
-    rng_init(&rng, 1302);
+    Rng rng = rng_seeded(1302);
     char dir[512], v2[600], v1[600];
     make_dir(dir, sizeof(dir), "v1");
     ModelConfig c = small_config();
@@ -259,8 +257,7 @@ static CheckpointInfo nonfinite_info(void) {
 
 static void child_write_nonfinite_checkpoint(void* arg) {
     NonFiniteArgs* a = (NonFiniteArgs*)arg;
-    Rng rng;
-    rng_init(&rng, 1303);
+    Rng rng = rng_seeded(1303);
     ModelConfig c = small_config();
     size_t P = model_config_num_params(&c), NB = model_config_num_bn_stats(&c);
     float* params = random_floats(&rng, P);
@@ -282,8 +279,7 @@ static void child_write_nonfinite_checkpoint(void* arg) {
 
 static void child_write_nonfinite_model(void* arg) {
     const char* path = (const char*)arg;
-    Rng rng;
-    rng_init(&rng, 1304);
+    Rng rng = rng_seeded(1304);
     ModelConfig c = small_config();
     float* params = random_floats(&rng, model_config_num_params(&c));
     params[0] = NAN;  // wte
@@ -294,8 +290,7 @@ static void child_write_nonfinite_model(void* arg) {
 // ZeRO-1 save: the loop then stops every rank)
 static void child_write_nonfinite_manifest(void* arg) {
     const NonFiniteArgs* a = (const NonFiniteArgs*)arg;
-    Rng rng;
-    rng_init(&rng, 1307);
+    Rng rng = rng_seeded(1307);
     ModelConfig c = small_config();
     size_t NB = model_config_num_bn_stats(&c);
     float* bn = random_floats(&rng, 2 * NB);
@@ -336,8 +331,7 @@ static void test_nonfinite(void) {
     test_check(!file_exists(path) && !file_exists(tmp), "finite: the refused manifest left no file (nor .tmp)");
 
     // a model file holding a NaN with a correct hash (written by hand): refused on read
-    Rng rng;
-    rng_init(&rng, 1305);
+    Rng rng = rng_seeded(1305);
     ModelConfig c = small_config();
     size_t P = model_config_num_params(&c), NB = model_config_num_bn_stats(&c);
     float* params = random_floats(&rng, P);
@@ -403,8 +397,7 @@ static void test_not_a_file(void) {
 static void child_make_dir(void* arg) { checkpoint_make_dir((const char*)arg); }
 
 static void test_stale_tmp(void) {
-    Rng rng;
-    rng_init(&rng, 1306);
+    Rng rng = rng_seeded(1306);
     char dir[512], complete[CHECKPOINT_PATH_MAX], names[4][700];
     make_dir(dir, sizeof(dir), "stale");
     write_random_checkpoint(dir, complete, &rng);
@@ -445,8 +438,7 @@ typedef struct {
 // manifest fails); exit 3 when the failing writer returned -1, 0 when everything was written
 static void child_write_failing(void* arg) {
     const WriteFailArgs* a = (const WriteFailArgs*)arg;
-    Rng rng;
-    rng_init(&rng, 1310 + a->what);
+    Rng rng = rng_seeded(1310 + a->what);
     ModelConfig c = small_config();
     size_t P = model_config_num_params(&c), NB = model_config_num_bn_stats(&c);
     float* state[3] = {random_floats(&rng, P), random_floats(&rng, P), random_floats(&rng, P)};
@@ -526,8 +518,7 @@ static void test_write_errors(void) {
                                    "write errors: part 2 of 3 failing returns -1 naming the part and the cause",
                                    "write errors: the manifest failing after the parts returns -1 naming it and the cause"};
     for (int what = 0; what < WF_CASES; what++) {
-        Rng rng;
-        rng_init(&rng, 1320 + what);
+        Rng rng = rng_seeded(1320 + what);
         char dir[512], sub[32], previous[CHECKPOINT_PATH_MAX], link[700];
         snprintf(sub, sizeof(sub), "write_error%d", what);
         make_dir(dir, sizeof(dir), sub);

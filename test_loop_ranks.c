@@ -172,8 +172,7 @@ static int scenario(const char* out_dir, const Case* k) {
     if (k->bad_tokenizer) {  // a header whose magic number is wrong (the real reader refuses it)
         snprintf(tokenizer_path, sizeof(tokenizer_path), "%s/bad_tokenizer.bin", out_dir);
         int32_t header[TOKENIZER_HEADER_INTS];
-        Rng rng;
-        rng_init(&rng, 13);
+        Rng rng = rng_seeded(13);
         for (int i = 0; i < TOKENIZER_HEADER_INTS; i++) header[i] = (int32_t)rng_u32(&rng);
         FILE* fp = fopen_check(tokenizer_path, "wb");
         fwrite_check(header, sizeof(header), 1, fp, tokenizer_path);
