@@ -6,7 +6,7 @@
 #   TRAINER=./train_omnimoe bash scripts/test_hostile.sh      the CUDA trainer (dev/gpu_check.sh)
 # Cases live in scripts/hostile_cases_*.sh (input: data, flags, files; run: signals, output
 # directories, resume), sourced in that order; helpers in scripts/hostile_lib.sh. The cases use
-# the tiny preset on the CPU trainer (about 20-60 s on 2 cores) and small on the CUDA trainer
+# the tiny preset on the CPU trainer (20-90 s on 2 cores) and small on the CUDA trainer
 # (its attention needs a head size of 32, 64 or 128). Case list and outcomes: docs/hostile_sweep.md.
 # Ends with "hostile: N passed, N failed"; exits 1 when a case failed.
 set -u
