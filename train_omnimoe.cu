@@ -151,8 +151,6 @@ static inline floatX* layer_grad(const Model* m, int tensor, int l) {
     return grad_ptr(m, tensor) + (size_t)l * (m->param_sizes[tensor] / m->config.num_layers);
 }
 
-static int ffn_in_width(const ModelConfig* c) { return c->ffn_kind == FFN_GELU ? c->ffn_hidden : 2 * c->ffn_hidden; }
-
 static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
 static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
 
@@ -203,7 +201,7 @@ static void device_memory_check(const MemoryPlan* plan) {
 // the kernels' sizes as the GPU headers compute them (CUB asked for its sort storage), checked
 // against memory_plan.h's mirror of their formulas: the plan cannot drift from the kernels
 static PlanKernelSizes model_kernel_sizes(const ModelConfig* c, int B, int T) {
-    size_t C = c->channels, BT = (size_t)B * T, Vp = c->padded_vocab_size, FI = ffn_in_width(c), H = c->ffn_hidden;
+    size_t C = c->channels, BT = (size_t)B * T, Vp = c->padded_vocab_size, FI = model_config_ffn_in_width(c), H = c->ffn_hidden;
     OmniDims omni_dims = {(int)BT, (int)C, (int)H, c->router_n, c->num_experts, c->top_k};
     int omni = c->ffn_kind == FFN_OMNI;
     PlanKernelSizes k = {0, 0, 0, 0};
@@ -265,7 +263,7 @@ static void model_build_sharded(Model* m, const ModelConfig* config, int B, int 
     size_t S = m->opt_elems;
     const ModelConfig* c = config;
     size_t L = c->num_layers, C = c->channels, BT = (size_t)B * T;
-    size_t FI = ffn_in_width(c), H = c->ffn_hidden;
+    size_t FI = model_config_ffn_in_width(c), H = c->ffn_hidden;
     Activations* a = &m->acts;
     OmniDims omni_dims = {(int)BT, (int)C, (int)H, c->router_n, c->num_experts, c->top_k};
     m->attention = attention;
@@ -504,7 +502,7 @@ static floatX* model_fch_act(const Model* m, int l, int BT) {
 // reproduced from the rounded fch): the same bits
 static void model_recompute_ffn_act(Model* m, int l, int BT, cudaStream_t st) {
     const ModelConfig* c = &m->config;
-    const floatX* fch = m->acts.fch + (size_t)l * BT * ffn_in_width(c);
+    const floatX* fch = m->acts.fch + (size_t)l * BT * model_config_ffn_in_width(c);
     if (c->ffn_hidden == 0) return;  // omni without a shared SwiGLU
     if (c->ffn_kind == FFN_GELU) gelu_forward(model_fch_act(m, l, BT), fch, (size_t)BT * c->ffn_hidden, st);
     else swiglu_forward(model_fch_act(m, l, BT), fch, BT, c->ffn_hidden, st);
@@ -531,7 +529,7 @@ static void model_forward(Model* m, const int* inputs, const int* targets, int B
     m->cur_B = B;
     m->cur_T = T;
     const int L = c->num_layers, C = c->channels, NH = c->num_heads, BT = B * T;
-    const int Vp = c->padded_vocab_size, V = c->vocab_size, FI = ffn_in_width(c), H = c->ffn_hidden;
+    const int Vp = c->padded_vocab_size, V = c->vocab_size, FI = model_config_ffn_in_width(c), H = c->ffn_hidden;
     cudaStream_t st = m->stream;
     Activations* a = &m->acts;
     cudaCheck(cudaMemcpyAsync(a->inputs, inputs, BT * sizeof(int), cudaMemcpyHostToDevice, st));
@@ -625,7 +623,7 @@ static void model_backward(Model* m, const int* inputs, float loss_scale, GradRe
     const ModelConfig* c = &m->config;
     const int B = m->cur_B, T = m->cur_T;
     const int L = c->num_layers, C = c->channels, NH = c->num_heads, BT = B * T;
-    const int Vp = c->padded_vocab_size, V = c->vocab_size, FI = ffn_in_width(c), H = c->ffn_hidden;
+    const int Vp = c->padded_vocab_size, V = c->vocab_size, FI = model_config_ffn_in_width(c), H = c->ffn_hidden;
     cudaStream_t st = m->stream;
     Activations* a = &m->acts;
     float* scratch = a->scratch;
