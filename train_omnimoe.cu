@@ -240,6 +240,18 @@ static size_t attention_cudnn_scratch_or_die(int B, int T, int C, int NH) {
 #endif
 }
 
+// layer l's ln1, ln2 and FFN activation (BT packed): its slice of L layers, or the one layer's
+// buffer that -r 2 / -r 1 keeps instead (activation recomputation, docs/design.md §4.5)
+static floatX* model_ln1(const Model* m, int l, int BT) {
+    return m->acts.ln1 + (m->recompute >= 2 ? 0 : (size_t)l * BT * m->config.channels);
+}
+static floatX* model_ln2(const Model* m, int l, int BT) {
+    return m->acts.ln2 + (m->recompute >= 2 ? 0 : (size_t)l * BT * m->config.channels);
+}
+static floatX* model_fch_act(const Model* m, int l, int BT) {
+    return m->acts.fch_act + (m->recompute >= 1 ? 0 : (size_t)l * BT * m->config.ffn_hidden);
+}
+
 // zero: ZeRO-1 (llmc/zero.cuh, built by the caller): master, m and v hold its shard only; NULL: all
 static void model_build_sharded(Model* m, const ModelConfig* config, int B, int T, int expert_exec, int attention,
                                 int recompute, ZeroOptimizer* zero) {
@@ -344,7 +356,7 @@ static void model_build_sharded(Model* m, const ModelConfig* config, int B, int 
                               layer_grad(m, PARAM_EXPERTV, l)};
             OmniLayer* layer = &m->omni[l];
             omni_layer_create(layer, omni_dims, opt, w, dw, &m->omni_ws, a->fch + (size_t)l * BT * FI,
-                              a->fch_act + (recompute >= 1 ? 0 : (size_t)l * BT * H));
+                              model_fch_act(m, l, (int)BT));
             omni_layer_set_bn_stats(layer, m->bn_stats + (size_t)l * omni_layer_bn_count(omni_dims));
             layer->expert_counts = m->expert_counts + (size_t)l * c->num_experts;
         }
@@ -485,18 +497,7 @@ static void model_attention_backward(Model* m, floatX* dqkv, const floatX* dout,
 }
 
 // ----------------------------------------------------------------------------
-// activation recomputation (-r, docs/design.md §4.5): layer l's ln1, ln2 and FFN activation (BT
-// packed) are its slice of L layers, or the one layer's buffer that -r 2 / -r 1 keeps instead
-static floatX* model_ln1(const Model* m, int l, int BT) {
-    return m->acts.ln1 + (m->recompute >= 2 ? 0 : (size_t)l * BT * m->config.channels);
-}
-static floatX* model_ln2(const Model* m, int l, int BT) {
-    return m->acts.ln2 + (m->recompute >= 2 ? 0 : (size_t)l * BT * m->config.channels);
-}
-static floatX* model_fch_act(const Model* m, int l, int BT) {
-    return m->acts.fch_act + (m->recompute >= 1 ? 0 : (size_t)l * BT * m->config.ffn_hidden);
-}
-
+// activation recomputation (-r, docs/design.md §4.5); model_ln1, model_ln2, model_fch_act above
 // the FFN activation of layer l again, from its saved pre-activation fch, with the kernel its
 // forward ran (gelu under -r >= 1 runs the unfused GELU, as the cuBLASLt epilogue's cannot be
 // reproduced from the rounded fch): the same bits
