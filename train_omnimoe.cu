@@ -151,8 +151,6 @@ static inline floatX* layer_grad(const Model* m, int tensor, int l) {
     return grad_ptr(m, tensor) + (size_t)l * (m->param_sizes[tensor] / m->config.num_layers);
 }
 
-static int ffn_in_width(const ModelConfig* c) { return c->ffn_kind == FFN_GELU ? c->ffn_hidden : 2 * c->ffn_hidden; }
-
 static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
 static size_t min_sz(size_t a, size_t b) { return a < b ? a : b; }
 
@@ -203,7 +201,7 @@ static void device_memory_check(const MemoryPlan* plan) {
 // the kernels' sizes as the GPU headers compute them (CUB asked for its sort storage), checked
 // against memory_plan.h's mirror of their formulas: the plan cannot drift from the kernels
 static PlanKernelSizes model_kernel_sizes(const ModelConfig* c, int B, int T) {
-    size_t C = c->channels, BT = (size_t)B * T, Vp = c->padded_vocab_size, FI = ffn_in_width(c), H = c->ffn_hidden;
+    size_t C = c->channels, BT = (size_t)B * T, Vp = c->padded_vocab_size, FI = model_config_ffn_in_width(c), H = c->ffn_hidden;
     OmniDims omni_dims = {(int)BT, (int)C, (int)H, c->router_n, c->num_experts, c->top_k};
     int omni = c->ffn_kind == FFN_OMNI;
     PlanKernelSizes k = {0, 0, 0, 0};
@@ -242,6 +240,18 @@ static size_t attention_cudnn_scratch_or_die(int B, int T, int C, int NH) {
 #endif
 }
 
+// layer l's ln1, ln2 and FFN activation (BT packed): its slice of L layers, or the one layer's
+// buffer that -r 2 / -r 1 keeps instead (activation recomputation, docs/design.md §4.5)
+static floatX* model_ln1(const Model* m, int l, int BT) {
+    return m->acts.ln1 + (m->recompute >= 2 ? 0 : (size_t)l * BT * m->config.channels);
+}
+static floatX* model_ln2(const Model* m, int l, int BT) {
+    return m->acts.ln2 + (m->recompute >= 2 ? 0 : (size_t)l * BT * m->config.channels);
+}
+static floatX* model_fch_act(const Model* m, int l, int BT) {
+    return m->acts.fch_act + (m->recompute >= 1 ? 0 : (size_t)l * BT * m->config.ffn_hidden);
+}
+
 // zero: ZeRO-1 (llmc/zero.cuh, built by the caller): master, m and v hold its shard only; NULL: all
 static void model_build_sharded(Model* m, const ModelConfig* config, int B, int T, int expert_exec, int attention,
                                 int recompute, ZeroOptimizer* zero) {
@@ -265,7 +275,7 @@ static void model_build_sharded(Model* m, const ModelConfig* config, int B, int 
     size_t S = m->opt_elems;
     const ModelConfig* c = config;
     size_t L = c->num_layers, C = c->channels, BT = (size_t)B * T;
-    size_t FI = ffn_in_width(c), H = c->ffn_hidden;
+    size_t FI = model_config_ffn_in_width(c), H = c->ffn_hidden;
     Activations* a = &m->acts;
     OmniDims omni_dims = {(int)BT, (int)C, (int)H, c->router_n, c->num_experts, c->top_k};
     m->attention = attention;
@@ -346,7 +356,7 @@ static void model_build_sharded(Model* m, const ModelConfig* config, int B, int 
                               layer_grad(m, PARAM_EXPERTV, l)};
             OmniLayer* layer = &m->omni[l];
             omni_layer_create(layer, omni_dims, opt, w, dw, &m->omni_ws, a->fch + (size_t)l * BT * FI,
-                              a->fch_act + (recompute >= 1 ? 0 : (size_t)l * BT * H));
+                              model_fch_act(m, l, (int)BT));
             omni_layer_set_bn_stats(layer, m->bn_stats + (size_t)l * omni_layer_bn_count(omni_dims));
             layer->expert_counts = m->expert_counts + (size_t)l * c->num_experts;
         }
@@ -487,24 +497,13 @@ static void model_attention_backward(Model* m, floatX* dqkv, const floatX* dout,
 }
 
 // ----------------------------------------------------------------------------
-// activation recomputation (-r, docs/design.md §4.5): layer l's ln1, ln2 and FFN activation (BT
-// packed) are its slice of L layers, or the one layer's buffer that -r 2 / -r 1 keeps instead
-static floatX* model_ln1(const Model* m, int l, int BT) {
-    return m->acts.ln1 + (m->recompute >= 2 ? 0 : (size_t)l * BT * m->config.channels);
-}
-static floatX* model_ln2(const Model* m, int l, int BT) {
-    return m->acts.ln2 + (m->recompute >= 2 ? 0 : (size_t)l * BT * m->config.channels);
-}
-static floatX* model_fch_act(const Model* m, int l, int BT) {
-    return m->acts.fch_act + (m->recompute >= 1 ? 0 : (size_t)l * BT * m->config.ffn_hidden);
-}
-
+// activation recomputation (-r, docs/design.md §4.5); model_ln1, model_ln2, model_fch_act above
 // the FFN activation of layer l again, from its saved pre-activation fch, with the kernel its
 // forward ran (gelu under -r >= 1 runs the unfused GELU, as the cuBLASLt epilogue's cannot be
 // reproduced from the rounded fch): the same bits
 static void model_recompute_ffn_act(Model* m, int l, int BT, cudaStream_t st) {
     const ModelConfig* c = &m->config;
-    const floatX* fch = m->acts.fch + (size_t)l * BT * ffn_in_width(c);
+    const floatX* fch = m->acts.fch + (size_t)l * BT * model_config_ffn_in_width(c);
     if (c->ffn_hidden == 0) return;  // omni without a shared SwiGLU
     if (c->ffn_kind == FFN_GELU) gelu_forward(model_fch_act(m, l, BT), fch, (size_t)BT * c->ffn_hidden, st);
     else swiglu_forward(model_fch_act(m, l, BT), fch, BT, c->ffn_hidden, st);
@@ -531,7 +530,7 @@ static void model_forward(Model* m, const int* inputs, const int* targets, int B
     m->cur_B = B;
     m->cur_T = T;
     const int L = c->num_layers, C = c->channels, NH = c->num_heads, BT = B * T;
-    const int Vp = c->padded_vocab_size, V = c->vocab_size, FI = ffn_in_width(c), H = c->ffn_hidden;
+    const int Vp = c->padded_vocab_size, V = c->vocab_size, FI = model_config_ffn_in_width(c), H = c->ffn_hidden;
     cudaStream_t st = m->stream;
     Activations* a = &m->acts;
     cudaCheck(cudaMemcpyAsync(a->inputs, inputs, BT * sizeof(int), cudaMemcpyHostToDevice, st));
@@ -625,7 +624,7 @@ static void model_backward(Model* m, const int* inputs, float loss_scale, GradRe
     const ModelConfig* c = &m->config;
     const int B = m->cur_B, T = m->cur_T;
     const int L = c->num_layers, C = c->channels, NH = c->num_heads, BT = B * T;
-    const int Vp = c->padded_vocab_size, V = c->vocab_size, FI = ffn_in_width(c), H = c->ffn_hidden;
+    const int Vp = c->padded_vocab_size, V = c->vocab_size, FI = model_config_ffn_in_width(c), H = c->ffn_hidden;
     cudaStream_t st = m->stream;
     Activations* a = &m->acts;
     float* scratch = a->scratch;

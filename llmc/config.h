@@ -161,6 +161,10 @@ static inline int model_config_moe_routed(const ModelConfig* c) {
 static inline size_t model_config_dense_width(const ModelConfig* c) {
     return c->ffn_kind == FFN_MOE ? (size_t)c->moe_shared * c->ffn_hidden : (size_t)c->ffn_hidden;
 }
+// the output width of the first FFN matmul (fch): the dense width, twice it for SwiGLU's gate and up
+static inline size_t model_config_ffn_in_width(const ModelConfig* c) {
+    return c->ffn_kind == FFN_GELU ? model_config_dense_width(c) : 2 * model_config_dense_width(c);
+}
 
 // element count of each parameter tensor
 static inline void model_config_param_sizes(const ModelConfig* c, size_t sizes[NUM_PARAMETER_TENSORS]) {

@@ -9,8 +9,8 @@ Defines:
                                    weight, bias, BT, C, stream)
       residual_out = inp1 + inp2 (rounded to floatX), then normed_out = LN(residual_out)
 - layernorm_recompute(out, inp, weight, bias, mean, rstd, BT, C, stream)
-      out = LN(inp) again from the saved mean/rstd (--recompute 2): the forward's element
-      expression (layernorm_apply), so the same bits as the forward's normed output
+      out = LN(inp) again from the saved mean/rstd (--recompute 2): the forward's
+      row loop (layernorm_row_apply), so the same bits as the forward's normed output
 - layernorm_backward(dinp, dweight, dbias, dout, inp, weight, mean, rstd, BT, C, scratch, stream)
       dinp += dx, dweight += sum_rows dout * xhat, dbias += sum_rows dout
 - layernorm_backward_scratch_bytes(BT, C)
@@ -33,10 +33,21 @@ fixed order.
 #define LAYERNORM_BWD_WARPS 4
 #define LAYERNORM_BWD_ROWS_PER_BLOCK 32
 
-// one element of a normalised row: the forward kernels and layernorm_recompute share it, so the
-// recomputed output has the forward's bits (same expression, same contraction)
-__device__ inline floatX layernorm_apply(float x, float mean, float rstd, float w, float b) {
-    return (floatX)((x - mean) * rstd * w + b);
+// writes row_out = LN(row_in) of one row from its statistics, one warp per row: the forward
+// kernels and layernorm_recompute share it, so the recomputed output has the forward's bits
+// (same loads, same expression, same contraction)
+__device__ inline void layernorm_row_apply(floatX* row_out, const floatX* row_in, const floatX* weight,
+                                           const floatX* bias, float row_mean, float row_rstd, int C, int lane) {
+    for (int c = lane * x128::size; c < C; c += 32 * x128::size) {
+        x128 x = load128cs(row_in + c);
+        x128 w = load128(weight + c);
+        x128 b = load128(bias + c);
+        x128 result;
+        for (int k = 0; k < x128::size; k++) {
+            result[k] = (floatX)(((float)x[k] - row_mean) * row_rstd * (float)w[k] + (float)b[k]);
+        }
+        store128(row_out + c, result);
+    }
 }
 
 // shared by both forward kernels: normalise a row that is already in `row_in` (floatX)
@@ -54,16 +65,7 @@ __device__ inline void layernorm_row_normalize(floatX* row_out, float* mean, flo
     }
     sq_sum = warp_reduce_sum(sq_sum);
     const float row_rstd = rsqrtf(sq_sum / (float)C + LAYERNORM_EPS);
-    for (int c = lane * x128::size; c < C; c += 32 * x128::size) {
-        x128 x = load128cs(row_in + c);
-        x128 w = load128(weight + c);
-        x128 b = load128(bias + c);
-        x128 result;
-        for (int k = 0; k < x128::size; k++) {
-            result[k] = layernorm_apply((float)x[k], row_mean, row_rstd, (float)w[k], (float)b[k]);
-        }
-        store128(row_out + c, result);
-    }
+    layernorm_row_apply(row_out, row_in, weight, bias, row_mean, row_rstd, C, lane);
     if (lane == 0) {
         if (mean != NULL) { mean[row] = row_mean; }
         if (rstd != NULL) { rstd[row] = row_rstd; }
@@ -115,17 +117,7 @@ __global__ void layernorm_recompute_kernel(floatX* out, const floatX* inp, const
     const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
     if (row >= BT) { return; }
     const size_t offset = (size_t)row * C;
-    const float row_mean = mean[row], row_rstd = rstd[row];
-    for (int c = lane * x128::size; c < C; c += 32 * x128::size) {
-        x128 x = load128cs(inp + offset + c);
-        x128 w = load128(weight + c);
-        x128 b = load128(bias + c);
-        x128 result;
-        for (int k = 0; k < x128::size; k++) {
-            result[k] = layernorm_apply((float)x[k], row_mean, row_rstd, (float)w[k], (float)b[k]);
-        }
-        store128(out + offset + c, result);
-    }
+    layernorm_row_apply(out + offset, inp + offset, weight, bias, mean[row], rstd[row], C, lane);
 }
 
 // Shared-memory column sums use a bank-conflict-free order: the columns of one 32-lane x

@@ -132,8 +132,8 @@ static inline size_t plan_cub_estimate(size_t pairs) { return 8 * pairs + ((size
 // storage for that many pairs (scheduler_cub_bytes on a GPU, plan_cub_estimate without)
 static inline PlanKernelSizes plan_kernel_sizes(const ModelConfig* c, int B, int T, int floatx_bytes, size_t pairs,
                                                 size_t expert_cols, size_t cub_bytes) {
-    const size_t BT = (size_t)B * T, C = c->channels, Vp = c->padded_vocab_size, H = c->ffn_hidden;
-    const size_t FI = c->ffn_kind == FFN_GELU ? H : 2 * H, NH = c->num_heads, F = sizeof(float), X = floatx_bytes;
+    const size_t BT = (size_t)B * T, C = c->channels, Vp = c->padded_vocab_size;
+    const size_t FI = model_config_ffn_in_width(c), NH = c->num_heads, F = sizeof(float), X = floatx_bytes;
     size_t s = 0;
     s = plan_max(s, plan_ceil_div(BT, PLAN_MATMUL_DBIAS_ROWS_PER_BLOCK) * plan_max(plan_max(3 * C, FI), plan_max(C, Vp)) * F);  // matmul_backward_scratch_bytes
     s = plan_max(s, plan_ceil_div(BT, PLAN_LAYERNORM_BWD_ROWS_PER_BLOCK) * 2 * C * F);  // layernorm_backward_scratch_bytes
@@ -214,7 +214,7 @@ static inline int memory_plan_build(MemoryPlan* p, const ModelConfig* c, int B, 
     p->opt_tables_local = zero1 && !tables ? plan_zero1_elements(c, P, 0) - plan_zero1_elements(c, P, 1) : table_local;
     p->opt_local = (zero1 ? plan_zero1_elements(c, P, 1) : all - table) + p->opt_tables_local;
     const size_t L = c->num_layers, C = c->channels, BT = (size_t)B * T, Vp = c->padded_vocab_size;
-    const size_t H = c->ffn_hidden, FI = c->ffn_kind == FFN_GELU ? H : 2 * H, X = floatx_bytes, F = sizeof(float);
+    const size_t H = c->ffn_hidden, FI = model_config_ffn_in_width(c), X = floatx_bytes, F = sizeof(float);
     const size_t W = p->params_local, O = p->opt_local;
     const size_t L_act = recompute >= 1 ? 1 : L, L_ln = recompute >= 2 ? 1 : L;  // layers kept (-r)
     memory_plan_set(p, MEMBUF_PARAMS, "parameters", W * X, table_local * X, MEM_WEIGHTS);
