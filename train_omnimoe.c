@@ -1246,48 +1246,45 @@ static void moe_layer_backward(GPT* model, int l, float* dx, const float* dout, 
 
     // 1. per token, m in order: dg_m = <dy, y_m>, dx through each expert, and the per-pair
     //    [dg | du] and dA x of the weight gradients
-    #pragma omp parallel
-    {
-        float* dh = alloc_floats((size_t)Ie);
-        #pragma omp for
-        for (int r = 0; r < BT; r++) {
-            const float* dy = dout + (size_t)r * C;
-            const float* xr = xe + (size_t)r * C;
-            float* dxr = dxe + (size_t)r * C;
-            for (int m = 0; m < k; m++) {
-                size_t q = (size_t)r * k + m;
-                int e = idx[q], kind = moe_expert_kind(c, e);
-                float gq = gate[q];
-                dgate[q] = dot_product(dy, y + q * C, C);
-                if (kind == MOE_KIND_FFN) {
-                    const float* w1 = W1 + (size_t)e * 2 * Ie * C;
-                    const float* w2 = W2 + (size_t)e * C * Ie;
-                    const float* f = fch + q * 2 * Ie;
-                    float* df = dfch + q * 2 * Ie;
-                    for (int i = 0; i < Ie; i++) dh[i] = 0.0f;
-                    for (int i = 0; i < C; i++) axpy(dh, gq * dy[i], w2 + (size_t)i * Ie, Ie);
-                    for (int i = 0; i < Ie; i++) {
-                        df[i] = dh[i] * f[Ie + i] * silu_gradf(f[i]);
-                        df[Ie + i] = dh[i] * siluf(f[i]);
-                    }
-                    for (int j = 0; j < 2 * Ie; j++) axpy(dxr, df[j], w1 + (size_t)j * C, C);
-                } else if (kind == MOE_KIND_CONST) {
-                    const float* A = cmix + (size_t)(e - E) * 2 * C;
-                    const float* cv = cvec + (size_t)(e - E) * C;
-                    float w0 = mix[2 * q], w1 = mix[2 * q + 1];
-                    float dw0 = gq * dot_product(dy, xr, C), dw1 = gq * dot_product(dy, cv, C);
-                    float wdw = w0 * dw0 + w1 * dw1;
-                    dmix[2 * q] = w0 * (dw0 - wdw);
-                    dmix[2 * q + 1] = w1 * (dw1 - wdw);
-                    axpy(dxr, gq * w0, dy, C);
-                    axpy(dxr, dmix[2 * q], A, C);
-                    axpy(dxr, dmix[2 * q + 1], A + C, C);
-                } else if (kind == MOE_KIND_COPY) {
-                    axpy(dxr, gq, dy, C);
+    #pragma omp parallel for
+    for (int r = 0; r < BT; r++) {
+        const float* dy = dout + (size_t)r * C;
+        const float* xr = xe + (size_t)r * C;
+        float* dxr = dxe + (size_t)r * C;
+        for (int m = 0; m < k; m++) {
+            size_t q = (size_t)r * k + m;
+            int e = idx[q], kind = moe_expert_kind(c, e);
+            float gq = gate[q];
+            dgate[q] = dot_product(dy, y + q * C, C);
+            if (kind == MOE_KIND_FFN) {
+                const float* w1 = W1 + (size_t)e * 2 * Ie * C;
+                const float* w2 = W2 + (size_t)e * C * Ie;
+                const float* f = fch + q * 2 * Ie;
+                float* df = dfch + q * 2 * Ie;
+                float* dh = df + Ie;  // dh accumulates in the [du] half, which each i reads before writing
+                for (int i = 0; i < Ie; i++) dh[i] = 0.0f;
+                for (int i = 0; i < C; i++) axpy(dh, gq * dy[i], w2 + (size_t)i * Ie, Ie);
+                for (int i = 0; i < Ie; i++) {
+                    float dhi = dh[i];
+                    df[i] = dhi * f[Ie + i] * silu_gradf(f[i]);
+                    df[Ie + i] = dhi * siluf(f[i]);
                 }
+                for (int j = 0; j < 2 * Ie; j++) axpy(dxr, df[j], w1 + (size_t)j * C, C);
+            } else if (kind == MOE_KIND_CONST) {
+                const float* A = cmix + (size_t)(e - E) * 2 * C;
+                const float* cv = cvec + (size_t)(e - E) * C;
+                float w0 = mix[2 * q], w1 = mix[2 * q + 1];
+                float dw0 = gq * dot_product(dy, xr, C), dw1 = gq * dot_product(dy, cv, C);
+                float wdw = w0 * dw0 + w1 * dw1;
+                dmix[2 * q] = w0 * (dw0 - wdw);
+                dmix[2 * q + 1] = w1 * (dw1 - wdw);
+                axpy(dxr, gq * w0, dy, C);
+                axpy(dxr, dmix[2 * q], A, C);
+                axpy(dxr, dmix[2 * q + 1], A + C, C);
+            } else if (kind == MOE_KIND_COPY) {
+                axpy(dxr, gq, dy, C);
             }
         }
-        free(dh);
     }
 
     // 2. weight gradients: pairs grouped by expert (stable counting sort), token order in each
