@@ -805,6 +805,7 @@ typedef struct {
     float* moe_dp;       // (BT, E_t) d loss / d p (the forward borrows it for G z_prev)
     float* moe_dz;       // (BT, E_t) d loss / d z
     float* moe_carry;    // (BT, E_t) d loss / d z of the layer below, through its gating residual
+    float* moe_aux_grad; // (E_t) d L_aux / d p_{t,i}, the same for every token (0 without the balance loss)
     float* moe_drh;      // (BT, 8 E_t) tanh router: d loss / d its hidden layer
     float* moe_dxs;      // (BT, C) --moe-input-scale 1: d loss / d (k x)
     int moe_carry_valid; // moe_carry holds a value for the layer being processed
@@ -906,7 +907,7 @@ static void free_activations(GPT* model) {
     GPTBackwardScratch* s = &model->scratch;
     float* fs[] = {s->dresidual, s->dln, s->dqkv, s->datt_row, s->datty, s->dfch, s->dfch_act,
                    s->dlogits, s->drouter_a, s->drouter_b, s->dgate, s->dscore, s->ds, s->moe_dgate, s->moe_dfch,
-                   s->moe_dmix, s->moe_dp, s->moe_dz, s->moe_carry, s->moe_drh, s->moe_dxs};
+                   s->moe_dmix, s->moe_dp, s->moe_dz, s->moe_carry, s->moe_drh, s->moe_dxs, s->moe_aux_grad};
     for (size_t i = 0; i < sizeof(fs) / sizeof(fs[0]); i++) free(fs[i]);
     free(s->pair_offsets);
     free(s->pair_list);
@@ -1015,6 +1016,7 @@ static void layout_activations(GPT* model, int B, int T, double* bytes) {
     s->moe_dp = layout_floats(BT * Et, bytes);
     s->moe_dz = layout_floats(BT * Et, bytes);
     s->moe_carry = layout_floats(BT * Et, bytes);
+    s->moe_aux_grad = layout_floats(Et, bytes);
     s->moe_drh = layout_floats(BT * RH, bytes);
     s->moe_dxs = layout_floats(BT * XS, bytes);
     s->moe_pair_offsets = layout_ints(Et + 1, bytes);
@@ -1323,12 +1325,11 @@ static void moe_layer_backward(GPT* model, int l, float* dx, const float* dout, 
     }
 
     // 3. gates and balance loss -> dp -> dz (softmax), plus the carry of the layer above
-    float* aux_grad = alloc_floats((size_t)Et);  // d L_aux / d p_{t,i}, the same for every token
-    if (model->moe_aux_active) {
-        for (int i = 0; i < Et; i++) {
-            double fi = (double)Et * counts[i] / ((double)k * BT);
-            aux_grad[i] = (float)((double)loss_scale * model->moe_aux_coef * moe_balance_weight(model, i) * fi / BT);
-        }
+    float* aux_grad = s->moe_aux_grad;  // d L_aux / d p_{t,i}, the same for every token
+    for (int i = 0; i < Et; i++) {
+        double fi = (double)Et * counts[i] / ((double)k * BT);
+        if (!model->moe_aux_active) aux_grad[i] = 0.0f;
+        else aux_grad[i] = (float)((double)loss_scale * model->moe_aux_coef * moe_balance_weight(model, i) * fi / BT);
     }
     float* dz = s->moe_dz;
     int carry = s->moe_carry_valid;
@@ -1357,7 +1358,6 @@ static void moe_layer_backward(GPT* model, int l, float* dx, const float* dout, 
             if (carry) dzr[i] += s->moe_carry[(size_t)r * Et + i];
         }
     }
-    free(aux_grad);
 
     // 4. router: dW_r, dx; gating residual: dG_l and the carry into layer l-1's logits
     if (c->moe_input_scale) {  // d(k x) = k dxe, added once per element after the experts' sums
