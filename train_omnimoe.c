@@ -1770,11 +1770,15 @@ static void cpu_train_step(void* ctx, int step, float lr, int t, const volatile 
         gpt_forward(model, tr->train_loader.inputs, tr->train_loader.targets, cfg->B, cfg->T, 1);
         gpt_backward(model, 1.0f / tr->grad_accum_steps);
         loss_sum += model->mean_loss;
-        int moe = c->ffn_kind == FFN_MOE;
-        size_t per_layer = (size_t)cfg->B * cfg->T * (moe ? c->moe_topk : c->top_k);
-        for (int l = 0; l < tr->omni_layers; l++) {
-            const int* idx = (moe ? model->acts.moe_idx : model->acts.topk_idx) + (size_t)l * per_layer;
-            for (size_t p = 0; p < per_layer; p++) tr->expert_counts[(size_t)l * tr->count_experts + idx[p]]++;
+        if (c->ffn_kind == FFN_MOE) {  // the forward already counted each layer's pairs (acts.moe_counts)
+            size_t n = (size_t)tr->omni_layers * tr->count_experts;
+            for (size_t i = 0; i < n; i++) tr->expert_counts[i] += model->acts.moe_counts[i];
+        } else {
+            size_t per_layer = (size_t)cfg->B * cfg->T * c->top_k;
+            for (int l = 0; l < tr->omni_layers; l++) {
+                const int* idx = model->acts.topk_idx + (size_t)l * per_layer;
+                for (size_t p = 0; p < per_layer; p++) tr->expert_counts[(size_t)l * tr->count_experts + idx[p]]++;
+            }
         }
     }
     out->norm = gpt_update(model, lr, cfg->beta1, cfg->beta2, cfg->eps, cfg->weight_decay, cfg->grad_clip, t);
