@@ -805,6 +805,7 @@ typedef struct {
     float* moe_dp;       // (BT, E_t) d loss / d p (the forward borrows it for G z_prev)
     float* moe_dz;       // (BT, E_t) d loss / d z
     float* moe_carry;    // (BT, E_t) d loss / d z of the layer below, through its gating residual
+    float* moe_aux_grad; // (E_t) d L_aux / d p_{t,i}, the same for every token (0 without the balance loss)
     float* moe_drh;      // (BT, 8 E_t) tanh router: d loss / d its hidden layer
     float* moe_dxs;      // (BT, C) --moe-input-scale 1: d loss / d (k x)
     int moe_carry_valid; // moe_carry holds a value for the layer being processed
@@ -906,7 +907,7 @@ static void free_activations(GPT* model) {
     GPTBackwardScratch* s = &model->scratch;
     float* fs[] = {s->dresidual, s->dln, s->dqkv, s->datt_row, s->datty, s->dfch, s->dfch_act,
                    s->dlogits, s->drouter_a, s->drouter_b, s->dgate, s->dscore, s->ds, s->moe_dgate, s->moe_dfch,
-                   s->moe_dmix, s->moe_dp, s->moe_dz, s->moe_carry, s->moe_drh, s->moe_dxs};
+                   s->moe_dmix, s->moe_dp, s->moe_dz, s->moe_carry, s->moe_drh, s->moe_dxs, s->moe_aux_grad};
     for (size_t i = 0; i < sizeof(fs) / sizeof(fs[0]); i++) free(fs[i]);
     free(s->pair_offsets);
     free(s->pair_list);
@@ -1015,6 +1016,7 @@ static void layout_activations(GPT* model, int B, int T, double* bytes) {
     s->moe_dp = layout_floats(BT * Et, bytes);
     s->moe_dz = layout_floats(BT * Et, bytes);
     s->moe_carry = layout_floats(BT * Et, bytes);
+    s->moe_aux_grad = layout_floats(Et, bytes);
     s->moe_drh = layout_floats(BT * RH, bytes);
     s->moe_dxs = layout_floats(BT * XS, bytes);
     s->moe_pair_offsets = layout_ints(Et + 1, bytes);
@@ -1246,48 +1248,45 @@ static void moe_layer_backward(GPT* model, int l, float* dx, const float* dout, 
 
     // 1. per token, m in order: dg_m = <dy, y_m>, dx through each expert, and the per-pair
     //    [dg | du] and dA x of the weight gradients
-    #pragma omp parallel
-    {
-        float* dh = alloc_floats((size_t)Ie);
-        #pragma omp for
-        for (int r = 0; r < BT; r++) {
-            const float* dy = dout + (size_t)r * C;
-            const float* xr = xe + (size_t)r * C;
-            float* dxr = dxe + (size_t)r * C;
-            for (int m = 0; m < k; m++) {
-                size_t q = (size_t)r * k + m;
-                int e = idx[q], kind = moe_expert_kind(c, e);
-                float gq = gate[q];
-                dgate[q] = dot_product(dy, y + q * C, C);
-                if (kind == MOE_KIND_FFN) {
-                    const float* w1 = W1 + (size_t)e * 2 * Ie * C;
-                    const float* w2 = W2 + (size_t)e * C * Ie;
-                    const float* f = fch + q * 2 * Ie;
-                    float* df = dfch + q * 2 * Ie;
-                    for (int i = 0; i < Ie; i++) dh[i] = 0.0f;
-                    for (int i = 0; i < C; i++) axpy(dh, gq * dy[i], w2 + (size_t)i * Ie, Ie);
-                    for (int i = 0; i < Ie; i++) {
-                        df[i] = dh[i] * f[Ie + i] * silu_gradf(f[i]);
-                        df[Ie + i] = dh[i] * siluf(f[i]);
-                    }
-                    for (int j = 0; j < 2 * Ie; j++) axpy(dxr, df[j], w1 + (size_t)j * C, C);
-                } else if (kind == MOE_KIND_CONST) {
-                    const float* A = cmix + (size_t)(e - E) * 2 * C;
-                    const float* cv = cvec + (size_t)(e - E) * C;
-                    float w0 = mix[2 * q], w1 = mix[2 * q + 1];
-                    float dw0 = gq * dot_product(dy, xr, C), dw1 = gq * dot_product(dy, cv, C);
-                    float wdw = w0 * dw0 + w1 * dw1;
-                    dmix[2 * q] = w0 * (dw0 - wdw);
-                    dmix[2 * q + 1] = w1 * (dw1 - wdw);
-                    axpy(dxr, gq * w0, dy, C);
-                    axpy(dxr, dmix[2 * q], A, C);
-                    axpy(dxr, dmix[2 * q + 1], A + C, C);
-                } else if (kind == MOE_KIND_COPY) {
-                    axpy(dxr, gq, dy, C);
+    #pragma omp parallel for
+    for (int r = 0; r < BT; r++) {
+        const float* dy = dout + (size_t)r * C;
+        const float* xr = xe + (size_t)r * C;
+        float* dxr = dxe + (size_t)r * C;
+        for (int m = 0; m < k; m++) {
+            size_t q = (size_t)r * k + m;
+            int e = idx[q], kind = moe_expert_kind(c, e);
+            float gq = gate[q];
+            dgate[q] = dot_product(dy, y + q * C, C);
+            if (kind == MOE_KIND_FFN) {
+                const float* w1 = W1 + (size_t)e * 2 * Ie * C;
+                const float* w2 = W2 + (size_t)e * C * Ie;
+                const float* f = fch + q * 2 * Ie;
+                float* df = dfch + q * 2 * Ie;
+                float* dh = df + Ie;  // dh accumulates in the [du] half, which each i reads before writing
+                for (int i = 0; i < Ie; i++) dh[i] = 0.0f;
+                for (int i = 0; i < C; i++) axpy(dh, gq * dy[i], w2 + (size_t)i * Ie, Ie);
+                for (int i = 0; i < Ie; i++) {
+                    float dhi = dh[i];
+                    df[i] = dhi * f[Ie + i] * silu_gradf(f[i]);
+                    df[Ie + i] = dhi * siluf(f[i]);
                 }
+                for (int j = 0; j < 2 * Ie; j++) axpy(dxr, df[j], w1 + (size_t)j * C, C);
+            } else if (kind == MOE_KIND_CONST) {
+                const float* A = cmix + (size_t)(e - E) * 2 * C;
+                const float* cv = cvec + (size_t)(e - E) * C;
+                float w0 = mix[2 * q], w1 = mix[2 * q + 1];
+                float dw0 = gq * dot_product(dy, xr, C), dw1 = gq * dot_product(dy, cv, C);
+                float wdw = w0 * dw0 + w1 * dw1;
+                dmix[2 * q] = w0 * (dw0 - wdw);
+                dmix[2 * q + 1] = w1 * (dw1 - wdw);
+                axpy(dxr, gq * w0, dy, C);
+                axpy(dxr, dmix[2 * q], A, C);
+                axpy(dxr, dmix[2 * q + 1], A + C, C);
+            } else if (kind == MOE_KIND_COPY) {
+                axpy(dxr, gq, dy, C);
             }
         }
-        free(dh);
     }
 
     // 2. weight gradients: pairs grouped by expert (stable counting sort), token order in each
@@ -1326,12 +1325,11 @@ static void moe_layer_backward(GPT* model, int l, float* dx, const float* dout, 
     }
 
     // 3. gates and balance loss -> dp -> dz (softmax), plus the carry of the layer above
-    float* aux_grad = alloc_floats((size_t)Et);  // d L_aux / d p_{t,i}, the same for every token
-    if (model->moe_aux_active) {
-        for (int i = 0; i < Et; i++) {
-            double fi = (double)Et * counts[i] / ((double)k * BT);
-            aux_grad[i] = (float)((double)loss_scale * model->moe_aux_coef * moe_balance_weight(model, i) * fi / BT);
-        }
+    float* aux_grad = s->moe_aux_grad;  // d L_aux / d p_{t,i}, the same for every token
+    for (int i = 0; i < Et; i++) {
+        double fi = (double)Et * counts[i] / ((double)k * BT);
+        if (!model->moe_aux_active) aux_grad[i] = 0.0f;
+        else aux_grad[i] = (float)((double)loss_scale * model->moe_aux_coef * moe_balance_weight(model, i) * fi / BT);
     }
     float* dz = s->moe_dz;
     int carry = s->moe_carry_valid;
@@ -1360,7 +1358,6 @@ static void moe_layer_backward(GPT* model, int l, float* dx, const float* dout, 
             if (carry) dzr[i] += s->moe_carry[(size_t)r * Et + i];
         }
     }
-    free(aux_grad);
 
     // 4. router: dW_r, dx; gating residual: dG_l and the carry into layer l-1's logits
     if (c->moe_input_scale) {  // d(k x) = k dxe, added once per element after the experts' sums
@@ -1773,11 +1770,15 @@ static void cpu_train_step(void* ctx, int step, float lr, int t, const volatile 
         gpt_forward(model, tr->train_loader.inputs, tr->train_loader.targets, cfg->B, cfg->T, 1);
         gpt_backward(model, 1.0f / tr->grad_accum_steps);
         loss_sum += model->mean_loss;
-        int moe = c->ffn_kind == FFN_MOE;
-        size_t per_layer = (size_t)cfg->B * cfg->T * (moe ? c->moe_topk : c->top_k);
-        for (int l = 0; l < tr->omni_layers; l++) {
-            const int* idx = (moe ? model->acts.moe_idx : model->acts.topk_idx) + (size_t)l * per_layer;
-            for (size_t p = 0; p < per_layer; p++) tr->expert_counts[(size_t)l * tr->count_experts + idx[p]]++;
+        if (c->ffn_kind == FFN_MOE) {  // the forward already counted each layer's pairs (acts.moe_counts)
+            size_t n = (size_t)tr->omni_layers * tr->count_experts;
+            for (size_t i = 0; i < n; i++) tr->expert_counts[i] += model->acts.moe_counts[i];
+        } else {
+            size_t per_layer = (size_t)cfg->B * cfg->T * c->top_k;
+            for (int l = 0; l < tr->omni_layers; l++) {
+                const int* idx = model->acts.topk_idx + (size_t)l * per_layer;
+                for (size_t p = 0; p < per_layer; p++) tr->expert_counts[(size_t)l * tr->count_experts + idx[p]]++;
+            }
         }
     }
     out->norm = gpt_update(model, lr, cfg->beta1, cfg->beta2, cfg->eps, cfg->weight_decay, cfg->grad_clip, t);
