@@ -70,6 +70,11 @@ No host synchronisation anywhere (graph-capturable); grids are sized by upper bo
 
 __device__ inline float experts_sigmoid(float s) { return 1.0f / (1.0f + expf(-s)); }
 __device__ inline float experts_silu(float s) { return s / (1.0f + expf(-s)); }
+// SiLU'(s) = sigmoid(s) (1 + s (1 - sigmoid(s))); the sharded owner's kernel (experts_shard.cuh) uses it too
+__device__ inline float experts_dsilu(float s) {
+    const float sg = experts_sigmoid(s);
+    return sg * (1.0f + s * (1.0f - sg));
+}
 
 // group size G: about EXPERTS_GROUP_TARGET_PAIRS pairs per group (from the mean number of pairs
 // per expert, P / min(N, P)), so that busy experts still give many blocks; at most
@@ -243,8 +248,7 @@ experts_token_backward_kernel(floatX* dX, float* dgate, float* ds_buf, const flo
             if (e[j] < 0) { continue; }
             const size_t p = pair0 + m0 + j;
             const float s = s_buf[p], g = gate[p];
-            const float sg = experts_sigmoid(s);
-            const float dsilu = sg * (1.0f + s * (1.0f - sg));
+            const float dsilu = experts_dsilu(s);
             const float ds = h[j] * g * dsilu;
             if (lane == j) {
                 dgate[p] = h[j] * experts_silu(s);

@@ -154,8 +154,7 @@ __global__ void experts_shard_pair_grads_kernel(float* dgate, float* ds, const f
     const int p = blockIdx.x * blockDim.x + threadIdx.x;
     if (p >= pairs) { return; }
     const float h = h_buf[p], s = s_buf[p], g = gate[p];
-    const float sg = experts_sigmoid(s);
-    const float dsilu = sg * (1.0f + s * (1.0f - sg));
+    const float dsilu = experts_dsilu(s);
     ds[p] = h * g * dsilu;
     dgate[p] = h * experts_silu(s);
 }

@@ -55,6 +55,7 @@ typedef struct {
     size_t* norm_counts;       // (num_norm) device
     int num_norm;
     double* partials;          // (ZERO_NORM_BLOCKS + 1 + P) device: block partials, rank partial, gathered
+    double* host_partials;     // (P) host: the gathered rank partials, read back each step
     int* slice_chunk_range;    // (num_slices) host: the index in map.ranges of the slice's chunk, -1: none
     int* slice_tail_range;     // (num_slices) host: ... of its tail, -1: none
 } ZeroOptimizer;
@@ -92,6 +93,7 @@ static inline void zero_init(ZeroOptimizer* z, const ModelConfig* c, const Multi
     free(counts);
     z->partials = (double*)cuda_malloc_or_die((ZERO_NORM_BLOCKS + 1 + mg->num_processes) * sizeof(double),
                                               "ZeRO norm partials");
+    z->host_partials = (double*)malloc_check(mg->num_processes * sizeof(double));
     z->slice_chunk_range = (int*)malloc_check(m->num_slices * sizeof(int));
     z->slice_tail_range = (int*)malloc_check(m->num_slices * sizeof(int));
     for (int s = 0; s < m->num_slices; s++) z->slice_chunk_range[s] = z->slice_tail_range[s] = -1;
@@ -105,6 +107,7 @@ static inline void zero_free(ZeroOptimizer* z) {
     cudaCheck(cudaFree(z->norm_offsets));
     cudaCheck(cudaFree(z->norm_counts));
     cudaCheck(cudaFree(z->partials));
+    free(z->host_partials);
     free(z->slice_chunk_range);
     free(z->slice_tail_range);
     zero_shard_map_free(&z->map);
@@ -167,13 +170,11 @@ static inline double zero_grad_norm_squared(ZeroOptimizer* z, const floatX* grad
 #else
     multi_gpu_fail_("%s", "ZeRO-1: this build has no NCCL");
 #endif
-    double host[64];
-    double* values = P <= 64 ? host : (double*)malloc_check(P * sizeof(double));
+    double* values = z->host_partials;  // allocated once (zero_init): no host allocation in the step
     cudaCheck(cudaMemcpyAsync(values, gathered, P * sizeof(double), cudaMemcpyDeviceToHost, stream));
     cudaCheck(cudaStreamSynchronize(stream));
     double sum = 0.0;
     for (int r = 0; r < P; r++) sum += values[r];  // rank order, on every rank
-    if (values != host) free(values);
     return sum;
 }
 
