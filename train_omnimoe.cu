@@ -68,6 +68,7 @@ are sharded (one part per rank, written in parallel, and a manifest: llmc/checkp
 #include "llmc/adamw.cuh"
 #include "llmc/global_norm.cuh"
 #include "llmc/omnimoe_layer.cuh"
+#include "llmc/moe_layer.cuh"
 #include "llmc/expert_stats.cuh"
 #include "llmc/multi_gpu.cuh"
 #include "llmc/grad_slices.h"
@@ -124,10 +125,15 @@ typedef struct {
     size_t opt_elems;     // elements of master, adam_m, adam_v: num_params, or the shard's
     ZeroOptimizer* zero;  // ZeRO-1 (--zero 1, several GPUs): this rank's shard; NULL: replicated
     float* bn_stats;      // router BN running statistics (layout of the model file)
-    int* expert_counts;   // (L, N) pairs routed to each expert since the last reset (omni)
+    int* expert_counts;   // (L, N) pairs routed to each expert since the last reset (omni; moe: (L, E_t))
     float* expert_stats;  // (2L) usage, then KL of each layer (expert_stats' output)
     OmniLayer* omni;      // (L) the OmniMoE layers (omni only): views of the buffers here
     OmniWorkspace omni_ws;// what they share: scratch, side stream, gate gradient (omni only)
+    MoeLayer* moe;        // (L) the moe layers (moe only, llmc/moe_layer.cuh)
+    MoeWorkspace moe_ws;  // what they share
+    float* moe_aux;       // (L) device: each moe layer's balance loss of the last training forward
+    float moe_aux_coef;   // moe run settings (docs/design.md §10.3): alpha (0 = off), set by the caller
+    float moe_zc_weight;  // tau
     Activations acts;
     EncoderBackwardPlan encoder_plan;
     int B, T;             // the shape activations were allocated for (the maximum)
@@ -198,12 +204,23 @@ static void device_memory_check(const MemoryPlan* plan) {
     exit(EXIT_FAILURE);
 }
 
+// the moe layer's dimensions and options from the model config (docs/design.md §10)
+static MoeDims model_moe_dims(const ModelConfig* c, int BT) {
+    MoeDims d = {BT, c->channels, (int)model_config_dense_width(c), c->ffn_hidden, c->moe_experts, c->moe_const,
+                 c->moe_copy, c->moe_zero, c->moe_topk};
+    return d;
+}
+static MoeOptions model_moe_options(const ModelConfig* c) {
+    MoeOptions o = {c->moe_gate_res, c->moe_norm_topk, c->moe_router, c->moe_input_scale};
+    return o;
+}
+
 // the kernels' sizes as the GPU headers compute them (CUB asked for its sort storage), checked
 // against memory_plan.h's mirror of their formulas: the plan cannot drift from the kernels
 static PlanKernelSizes model_kernel_sizes(const ModelConfig* c, int B, int T) {
     size_t C = c->channels, BT = (size_t)B * T, Vp = c->padded_vocab_size, FI = model_config_ffn_in_width(c), H = c->ffn_hidden;
     OmniDims omni_dims = {(int)BT, (int)C, (int)H, c->router_n, c->num_experts, c->top_k};
-    int omni = c->ffn_kind == FFN_OMNI;
+    int omni = c->ffn_kind == FFN_OMNI, moe = c->ffn_kind == FFN_MOE;
     PlanKernelSizes k = {0, 0, 0, 0};
     size_t s = 0;
     s = max_sz(s, matmul_backward_scratch_bytes((int)BT, (int)max_sz(max_sz(3 * C, FI), max_sz(C, Vp))));
@@ -211,14 +228,20 @@ static PlanKernelSizes model_kernel_sizes(const ModelConfig* c, int B, int T) {
     s = max_sz(s, attention_backward_scratch_bytes(B, T, (int)C, c->num_heads));
     s = max_sz(s, global_norm_scratch_bytes());
     if (omni) s = max_sz(s, omni_layer_scratch_bytes(omni_dims));
+    if (moe) s = max_sz(s, moe_layer_scratch_bytes(model_moe_dims(c, (int)BT), model_moe_options(c)));
     k.scratch = s;
     if (omni) {
         k.omni_saved = omni_layer_saved_bytes(omni_dims);
         k.omni_workspace = omni_workspace_bytes(omni_dims);
     }
-    size_t pairs = omni ? BT * c->top_k : 0;
-    PlanKernelSizes mirror = plan_kernel_sizes(c, B, T, (int)sizeof(floatX), pairs, C,
-                                               omni ? scheduler_cub_bytes((int)pairs, c->num_experts) : 0);
+    if (moe) {  // the moe layers' saved state and workspace take the same two plan entries
+        k.omni_saved = moe_layer_saved_bytes(model_moe_dims(c, (int)BT), model_moe_options(c));
+        k.omni_workspace = moe_workspace_bytes(model_moe_dims(c, (int)BT), model_moe_options(c));
+    }
+    size_t pairs = omni ? BT * c->top_k : (moe ? BT * c->moe_topk : 0);
+    size_t cub = omni ? scheduler_cub_bytes((int)pairs, c->num_experts)
+                      : (moe ? scheduler_cub_bytes((int)pairs, model_config_moe_routed(c)) : 0);
+    PlanKernelSizes mirror = plan_kernel_sizes(c, B, T, (int)sizeof(floatX), pairs, C, cub);
     if (mirror.scratch != k.scratch || mirror.omni_saved != k.omni_saved || mirror.omni_workspace != k.omni_workspace) {
         fprintf(stderr, "Error: llmc/memory_plan.h's kernel sizes differ from the kernels' (scratch %zu vs %zu, saved "
                 "%zu vs %zu, workspace %zu vs %zu bytes): update plan_kernel_sizes with the kernel change\n",
@@ -249,7 +272,42 @@ static floatX* model_ln2(const Model* m, int l, int BT) {
     return m->acts.ln2 + (m->recompute >= 2 ? 0 : (size_t)l * BT * m->config.channels);
 }
 static floatX* model_fch_act(const Model* m, int l, int BT) {
-    return m->acts.fch_act + (m->recompute >= 1 ? 0 : (size_t)l * BT * m->config.ffn_hidden);
+    return m->acts.fch_act + (m->recompute >= 1 ? 0 : (size_t)l * BT * model_config_dense_width(&m->config));
+}
+
+// the moe layers (docs/design.md §10): views of the parameters, gradients, expert counts and
+// activations here; each layer with gating residuals reads the previous layer's saved logits
+static void model_build_moe(Model* m, int BT) {
+    const ModelConfig* c = &m->config;
+    const int L = c->num_layers, Et = model_config_moe_routed(c);
+    const size_t FI = model_config_ffn_in_width(c);
+    Activations* a = &m->acts;
+    const MoeDims d = model_moe_dims(c, BT);
+    const MoeOptions o = model_moe_options(c);
+    moe_workspace_create(&m->moe_ws, d, o, a->scratch, a->scratch_bytes, a->dhidden, a->dwide);
+    const MemBuffer* counts = &m->plan.buf[MEMBUF_EXPERT_COUNTS];  // (L, E_t) int
+    m->expert_counts = (int*)cuda_malloc_or_die(counts->bytes, counts->what);
+    cudaCheck(cudaMemset(m->expert_counts, 0, counts->bytes));
+    m->moe_aux = (float*)cuda_malloc_or_die((size_t)L * sizeof(float), "moe balance losses");
+    cudaCheck(cudaMemset(m->moe_aux, 0, (size_t)L * sizeof(float)));
+    m->moe = (MoeLayer*)malloc_check((size_t)L * sizeof(MoeLayer));
+    const int tensors[10] = {PARAM_FCW, PARAM_FCPROJW, PARAM_MOE_ROUTERW, PARAM_MOE_ROUTER2, PARAM_MOE_GATEMAP,
+                             PARAM_MOE_W1, PARAM_MOE_W2, PARAM_MOE_CONST, PARAM_MOE_CONSTMIX, PARAM_MOE_BIAS};
+    for (int l = 0; l < L; l++) {
+        floatX* wv[10];
+        floatX* gv[10];
+        for (int i = 0; i < 10; i++) {
+            wv[i] = layer_param(m, tensors[i], l);
+            gv[i] = layer_grad(m, tensors[i], l);
+        }
+        MoeWeights w = {wv[0], wv[1], wv[2], wv[3], wv[4], wv[5], wv[6], wv[7], wv[8], wv[9]};
+        MoeWeights dw = {gv[0], gv[1], gv[2], gv[3], gv[4], gv[5], gv[6], gv[7], gv[8], gv[9]};
+        MoeLayer* layer = &m->moe[l];
+        moe_layer_create(layer, d, o, w, dw, &m->moe_ws, a->fch + (size_t)l * BT * FI, model_fch_act(m, l, BT));
+        layer->expert_counts = m->expert_counts + (size_t)l * Et;
+        layer->aux = m->moe_aux + l;
+        layer->prev_logits = c->moe_gate_res && l > 0 ? m->moe[l - 1].saved.z : NULL;
+    }
 }
 
 // zero: ZeRO-1 (llmc/zero.cuh, built by the caller): master, m and v hold its shard only; NULL: all
@@ -361,6 +419,7 @@ static void model_build_sharded(Model* m, const ModelConfig* config, int B, int 
             layer->expert_counts = m->expert_counts + (size_t)l * c->num_experts;
         }
     }
+    if (c->ffn_kind == FFN_MOE) model_build_moe(m, (int)BT);
     encoder_backward_plan_init(&m->encoder_plan, (int)BT, c->vocab_size, (int)C);
     matmul_init();
 }
@@ -387,6 +446,13 @@ static void model_free(Model* m) {
         omni_workspace_free(&m->omni_ws);
         cudaCheck(cudaFree(m->expert_counts));
         cudaCheck(cudaFree(m->expert_stats));
+    }
+    if (m->moe) {
+        for (int l = 0; l < m->config.num_layers; l++) moe_layer_free(&m->moe[l]);
+        free(m->moe);
+        moe_workspace_free(&m->moe_ws);
+        cudaCheck(cudaFree(m->expert_counts));
+        cudaCheck(cudaFree(m->moe_aux));
     }
     encoder_backward_plan_free(&m->encoder_plan);
     cudaCheck(cudaStreamDestroy(m->stream));
@@ -504,9 +570,10 @@ static void model_attention_backward(Model* m, floatX* dqkv, const floatX* dout,
 static void model_recompute_ffn_act(Model* m, int l, int BT, cudaStream_t st) {
     const ModelConfig* c = &m->config;
     const floatX* fch = m->acts.fch + (size_t)l * BT * model_config_ffn_in_width(c);
-    if (c->ffn_hidden == 0) return;  // omni without a shared SwiGLU
-    if (c->ffn_kind == FFN_GELU) gelu_forward(model_fch_act(m, l, BT), fch, (size_t)BT * c->ffn_hidden, st);
-    else swiglu_forward(model_fch_act(m, l, BT), fch, BT, c->ffn_hidden, st);
+    const int H = (int)model_config_dense_width(c);
+    if (H == 0) return;  // omni (or moe) without a shared SwiGLU
+    if (c->ffn_kind == FFN_GELU) gelu_forward(model_fch_act(m, l, BT), fch, (size_t)BT * H, st);
+    else swiglu_forward(model_fch_act(m, l, BT), fch, BT, H, st);
 }
 
 // ln1 and ln2 of layer l again from their inputs on the residual stream and the saved mean/rstd
@@ -573,10 +640,16 @@ static void model_forward(Model* m, const int* inputs, const int* targets, int B
             matmul_forward(fch, ln2, layer_param(m, PARAM_FCW, l), NULL, BT, C, FI, st);
             swiglu_forward(fch_act, fch, BT, H, st);
             matmul_forward(a->sublayer_out, fch_act, layer_param(m, PARAM_FCPROJW, l), NULL, BT, H, C, st);
-        } else {
+        } else if (c->ffn_kind == FFN_OMNI) {
             // out = SwiGLU + experts; its activations packed by this BT, like the other kinds'
             omni_layer_set_activations(&m->omni[l], fch, fch_act);
             omni_layer_forward(&m->omni[l], a->sublayer_out, ln2, BT, training, st);
+        } else {
+            MoeLayer* layer = &m->moe[l];  // shared SwiGLU + routed experts (docs/design.md §10)
+            layer->aux_coef = m->moe_aux_coef;
+            layer->zc_weight = m->moe_zc_weight;
+            moe_layer_set_activations(layer, fch, fch_act);
+            moe_layer_forward(layer, a->sublayer_out, ln2, BT, training, st);
         }
         // residual3 = residual2 + FFN; then the next block's LN1 (or the final LN)
         if (l + 1 < L) {
@@ -593,6 +666,8 @@ static void model_forward(Model* m, const int* inputs, const int* targets, int B
     if (targets) {
         fused_classifier(a->logits, a->losses, a->targets, 0.0f, BT, V, Vp, 0, st);
         mean_loss(a->loss_sum, a->losses, BT, st);
+        // moe training: the loss includes the layers' balance losses (docs/design.md §10.3)
+        if (c->ffn_kind == FFN_MOE && training && m->moe_aux_coef > 0.0f) moe_add_aux_loss(a->loss_sum, m->moe_aux, L, st);
     }
 }
 
@@ -642,6 +717,7 @@ static void model_backward(Model* m, const int* inputs, float loss_scale, GradRe
     layernorm_backward(a->dresidual, grad_ptr(m, PARAM_LNFW), grad_ptr(m, PARAM_LNFB), a->dsub, last_residual,
                        param_ptr(m, PARAM_LNFW), a->lnf_mean, a->lnf_rstd, BT, C, scratch, st);
 
+    m->moe_ws.carry_valid = 0;  // moe gating residuals: no carry into the top layer
     for (int l = L - 1; l >= 0; l--) {
         size_t btc = (size_t)l * BT * C;
         const floatX* residual = l == 0 ? a->encoded : a->residual3 + (size_t)(l - 1) * BT * C;
@@ -669,8 +745,10 @@ static void model_backward(Model* m, const int* inputs, float loss_scale, GradRe
             swiglu_backward(a->dwide, a->dhidden, fch, BT, H, st);
             matmul_backward(a->dsub, layer_grad(m, PARAM_FCW, l), NULL, a->dwide, ln2, layer_param(m, PARAM_FCW, l),
                             BT, C, FI, 0, st, scratch);
-        } else {
+        } else if (c->ffn_kind == FFN_OMNI) {
             omni_layer_backward(&m->omni[l], a->dsub, a->dresidual, ln2, BT, st);
+        } else {
+            moe_layer_backward(&m->moe[l], a->dsub, a->dresidual, ln2, BT, loss_scale, st);
         }
         // LN2: dresidual (= d residual3 = d residual2 through the skip) += LN2 backward
         layernorm_backward(a->dresidual, layer_grad(m, PARAM_LN2W, l), layer_grad(m, PARAM_LN2B, l), a->dsub, residual2,
@@ -749,13 +827,49 @@ static float model_update(Model* m, float lr, float beta1, float beta2, float ep
 // expert usage: per OmniMoE layer, the share of the N experts hit since the last reset and the
 // KL divergence of their load from uniform (from the integer counts the layers keep)
 
+// the experts counted per layer: N (omni), the E_t routed ones (moe), none for the dense kinds
+static int model_counted_experts(const Model* m) {
+    const ModelConfig* c = &m->config;
+    return c->ffn_kind == FFN_OMNI ? c->num_experts : model_config_moe_routed(c);
+}
+
 static void model_reset_expert_counts(Model* m) {
-    if (m->config.ffn_kind != FFN_OMNI) return;
-    expert_counts_reset(m->expert_counts, m->config.num_layers, m->config.num_experts, m->stream);
+    if (m->config.ffn_kind != FFN_OMNI && m->config.ffn_kind != FFN_MOE) return;
+    expert_counts_reset(m->expert_counts, m->config.num_layers, model_counted_experts(m), m->stream);
+}
+
+// moe: the (L, E_t) counts since the last reset, to the host (waits for the GPU)
+static void model_moe_counts(const Model* m, int* host) {
+    size_t n = (size_t)m->config.num_layers * model_config_moe_routed(&m->config);
+    cudaCheck(cudaMemcpyAsync(host, m->expert_counts, n * sizeof(int), cudaMemcpyDeviceToHost, m->stream));
+    cudaCheck(cudaStreamSynchronize(m->stream));
+}
+
+// moe (docs/design.md §10.5): after the optimizer step, each layer's FFN-expert bias moves by
+// rate towards the mean load of the step's counts (all micro-batches and ranks), on the fp32
+// master and its floatX copy. Replicated optimizer state only (main refuses it with ZeRO-1).
+static void model_moe_bias_update(Model* m, float rate) {
+    const ModelConfig* c = &m->config;
+    if (c->ffn_kind != FFN_MOE || rate <= 0.0f) return;
+    if (m->zero) {
+        fprintf(stderr, "model_moe_bias_update: the bias update needs the whole fp32 master (no ZeRO-1)\n");
+        exit(EXIT_FAILURE);
+    }
+    size_t off = m->param_offsets[PARAM_MOE_BIAS];
+    moe_bias_update(m->master + off, m->params + off, m->expert_counts, c->num_layers, model_config_moe_routed(c),
+                    c->moe_experts, rate, m->stream);
 }
 
 // usage[l], kl[l] of every OmniMoE layer from the counts since the last reset (a 2L-float copy)
 static void model_expert_stats(const Model* m, float* usage, float* kl) {
+    if (m->config.ffn_kind == FFN_MOE) {  // over the E FFN experts of each layer, on the host as the CPU trainer
+        const int L = m->config.num_layers, Et = model_config_moe_routed(&m->config), E = m->config.moe_experts;
+        int* counts = (int*)malloc_check((size_t)L * Et * sizeof(int));
+        model_moe_counts(m, counts);
+        for (int l = 0; l < L; l++) expert_load_stats(counts + (size_t)l * Et, E, &usage[l], &kl[l]);
+        free(counts);
+        return;
+    }
     if (m->config.ffn_kind != FFN_OMNI) return;
     int L = m->config.num_layers;
     expert_stats(m->expert_stats, m->expert_counts, L, m->config.num_experts, m->stream);
@@ -823,10 +937,11 @@ static void gpu_train_step(void* ctx, int step, float lr, int t, const volatile 
     out->stop = reduced[1] > 0.0;
     m->adam_t = t - 1;  // the loop owns the count (a checkpoint restores it); model_update adds one
     out->norm = model_update(m, lr, cfg->beta1, cfg->beta2, cfg->eps, cfg->weight_decay, cfg->grad_clip);
-    if (m->config.ffn_kind == FFN_OMNI) {
-        multi_gpu_allreduce_sum_int(tr->mg, m->expert_counts, (size_t)m->config.num_layers * m->config.num_experts,
+    if (m->config.ffn_kind == FFN_OMNI || m->config.ffn_kind == FFN_MOE) {
+        multi_gpu_allreduce_sum_int(tr->mg, m->expert_counts, (size_t)m->config.num_layers * model_counted_experts(m),
                                     m->stream);
     }
+    model_moe_bias_update(m, cfg->moe_bias_rate);  // moe with --moe-bias-rate only: the step's loads of all ranks
     cudaCheck(cudaStreamSynchronize(m->stream));
 }
 
@@ -1098,6 +1213,27 @@ static void gpu_expert_stats(void* ctx, float* usage, float* kl) {
     model_expert_stats(&((GpuTrainer*)ctx)->model, usage, kl);
 }
 
+// moe: per layer the share of the step's pairs that went to FFN, zero, copy and constant experts
+// (4 floats per layer, in that order), from the counts, as the CPU trainer computes them
+static void gpu_expert_kind_shares(void* ctx, float* shares) {
+    const Model* m = &((GpuTrainer*)ctx)->model;
+    const ModelConfig* c = &m->config;
+    const int L = c->num_layers, Et = model_config_moe_routed(c);
+    const int E = c->moe_experts, Kc = c->moe_const, Kp = c->moe_copy;
+    int* counts = (int*)malloc_check((size_t)L * Et * sizeof(int));
+    model_moe_counts(m, counts);
+    for (int l = 0; l < L; l++) {
+        long long by_kind[4] = {0, 0, 0, 0}, total = 0;  // FFN, zero, copy, constant
+        for (int e = 0; e < Et; e++) {
+            long long n = counts[(size_t)l * Et + e];
+            by_kind[e < E ? 0 : (e < E + Kc ? 3 : (e < E + Kc + Kp ? 2 : 1))] += n;
+            total += n;
+        }
+        for (int j = 0; j < 4; j++) shares[4 * l + j] = total > 0 ? (float)((double)by_kind[j] / total) : 0.0f;
+    }
+    free(counts);
+}
+
 // rank 0's weights and BN statistics. Every rank calls it (ZeRO-1 gathers the master weights).
 // Returns rank 0's write status (0 on the others); llmc/train_loop.h agrees on it.
 static int gpu_write_model(void* ctx, const char* path) {
@@ -1161,9 +1297,11 @@ int main(int argc, char** argv) {
         train_config_check_file_model(&cfg, &config);
     }
     train_config_validate(&cfg, &config);
-    if (config.ffn_kind == FFN_MOE) {  // docs/design.md §10: the CPU reference exists, the GPU kernels not yet
-        fprintf(stderr, "Error: flag -f moe (or a moe model file given with -e): the moe FFN has no GPU kernels yet; "
-                "train it with the CPU reference trainer, ./train_omnimoe_cpu -f moe\n");
+    if (config.ffn_kind == FFN_MOE && cfg.moe_bias_rate > 0.0f && cfg.zero && G > 1) {
+        // the bias update (docs/design.md §10.5) writes the fp32 master, which ZeRO-1 shards
+        fprintf(stderr, "Error: flag --moe-bias-rate %g with --zero 1 on %d processes: the loss-free balancing bias "
+                "update needs the whole fp32 master on every rank; use --zero 0 or --moe-bias-rate 0\n",
+                cfg.moe_bias_rate, G);
         exit(EXIT_FAILURE);
     }
     if (cfg.shard_experts) {  // the pieces exist (llmc/expert_shard.h, llmc/experts_shard.cuh), the step does not use them yet
@@ -1208,6 +1346,8 @@ int main(int argc, char** argv) {
                zero->map.shard_elems, model->num_params, zero_shard_tail_elems(&zero->map));
     }
     model->plan.num_gpus = G;  // the buffers of every GPU of the run
+    model->moe_aux_coef = cfg.moe_aux;  // moe run settings (docs/design.md §10.3)
+    model->moe_zc_weight = cfg.moe_zc_weight;
     if (master_process) memory_plan_print(&model->plan, stdout);  // this GPU's buffers, CUB's own storage
     // several GPUs: the gradient buckets and their stream; one GPU: none, and no NCCL call at all
     GradReducer reducer_storage;
@@ -1255,7 +1395,7 @@ int main(int argc, char** argv) {
     be.ctx = &tr;
     be.rank = mg.process_rank;
     be.num_processes = G;
-    be.num_omni_layers = config.ffn_kind == FFN_OMNI ? config.num_layers : 0;
+    be.num_omni_layers = config.ffn_kind == FFN_OMNI || config.ffn_kind == FFN_MOE ? config.num_layers : 0;
     be.flops_per_token_fwd = model_config_flops_per_token_fwd(&config, cfg.T);
     be.peak_flops = cuda_peak_bf16_flops(props.name) * G;
     be.vocab_size = config.vocab_size;
@@ -1269,6 +1409,7 @@ int main(int argc, char** argv) {
     be.save_checkpoint = gpu_save_checkpoint;
     be.load_checkpoint = gpu_load_checkpoint;
     be.expert_stats = gpu_expert_stats;
+    if (config.ffn_kind == FFN_MOE) be.expert_kind_shares = gpu_expert_kind_shares;
     be.write_model = gpu_write_model;
     be.sum_ranks = gpu_sum_ranks;
     TrainLoop loop = {&cfg, &be, &tr.train_loader, &tr.val_loader, tr.val_batches, &tokenizer, have_val,

@@ -118,6 +118,7 @@ static inline const char* memory_plan_mode_name(int mode) {
 #define PLAN_GLOBAL_NORM_MAX_BLOCKS 1024      // global_norm.cuh GLOBAL_NORM_MAX_BLOCKS
 #define PLAN_ROUTER_BN_CHUNK 128              // router.cuh ROUTER_BN_CHUNK
 #define PLAN_EXPERTS_SEG_CHUNK 64             // experts.cuh EXPERTS_SEG_CHUNK
+#define PLAN_MOE_ROUTER_CHUNK 128             // moe_router.cuh MOE_ROUTER_CHUNK
 
 static inline size_t plan_align256(size_t bytes) { return (bytes + 255) & ~(size_t)255; }
 static inline size_t plan_ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
@@ -152,6 +153,22 @@ static inline PlanKernelSizes plan_kernel_sizes(const ModelConfig* c, int B, int
                      + 3 * plan_align256(pairs * sizeof(int)) + plan_align256(A * sizeof(int))
                      + plan_align256((A + 1) * sizeof(int)) + sizeof(int);  // omni_layer_saved_bytes
         k.omni_workspace = BT * c->top_k * F + (size_t)c->num_experts * sizeof(int);  // omni_workspace_bytes
+    }
+    if (c->ffn_kind == FFN_MOE) {  // moe_layer.cuh: the same two entries hold the moe layers' state
+        const size_t Et = (size_t)model_config_moe_routed(c), P = pairs, Ie = c->ffn_hidden, I4 = sizeof(int);
+        const size_t RH = c->moe_router == MOE_ROUTER_TANH ? (size_t)MOE_TANH_WIDTH * Et : 0, PE = c->moe_experts ? P : 0;
+        const size_t A = P < Et ? P : Et;  // scheduler_max_active
+        s = plan_max(s, plan_align256(cub_bytes) + 2 * plan_align256(P * I4));  // scheduler_scratch_bytes
+        if (c->moe_gate_res) s = plan_max(s, plan_ceil_div(BT, PLAN_MOE_ROUTER_CHUNK) * Et * Et * F);  // moe_gate_residual_scratch_bytes
+        k.omni_saved = 2 * plan_align256(BT * Et * F) + plan_align256(BT * RH * X) + plan_align256(P * I4)
+                     + plan_align256(P * F) + plan_align256(BT * F) + plan_align256(P * 2 * F) + 3 * plan_align256(P * I4)
+                     + plan_align256(A * I4) + plan_align256((A + 1) * I4) + plan_align256(I4) + plan_align256(P * I4)
+                     + plan_align256(Et * I4) + plan_align256((Et + 1) * I4) + plan_align256(PE * 2 * Ie * X)
+                     + plan_align256(PE * Ie * X);  // moe_layer_saved_bytes
+        k.omni_workspace = 2 * plan_align256(PE * C * X) + plan_align256(PE * Ie * X) + plan_align256(PE * 2 * Ie * X)
+                         + 3 * plan_align256(BT * Et * F) + plan_align256(BT * Et * X) + plan_align256(BT * RH * X)
+                         + plan_align256(P * 2 * F) + plan_align256(P * F)
+                         + 3 * plan_max(c->moe_experts, 1) * sizeof(void*);  // moe_workspace_bytes
     }
     k.scratch = s;
     return k;
@@ -197,7 +214,7 @@ static inline int memory_plan_build(MemoryPlan* p, const ModelConfig* c, int B, 
     p->num_gpus = num_gpus;
     p->mode = mode;
     p->recompute = recompute;
-    const int P = num_gpus, omni = c->ffn_kind == FFN_OMNI;
+    const int P = num_gpus, omni = c->ffn_kind == FFN_OMNI, moe = c->ffn_kind == FFN_MOE;
     const int zero1 = (mode & PLAN_MODE_ZERO1) && P > 1;
     const int tables = (mode & PLAN_MODE_TABLES) && P > 1 && omni;
     if (tables && c->channels % (8 * P) != 0) {
@@ -214,7 +231,7 @@ static inline int memory_plan_build(MemoryPlan* p, const ModelConfig* c, int B, 
     p->opt_tables_local = zero1 && !tables ? plan_zero1_elements(c, P, 0) - plan_zero1_elements(c, P, 1) : table_local;
     p->opt_local = (zero1 ? plan_zero1_elements(c, P, 1) : all - table) + p->opt_tables_local;
     const size_t L = c->num_layers, C = c->channels, BT = (size_t)B * T, Vp = c->padded_vocab_size;
-    const size_t H = c->ffn_hidden, FI = model_config_ffn_in_width(c), X = floatx_bytes, F = sizeof(float);
+    const size_t H = model_config_dense_width(c), FI = model_config_ffn_in_width(c), X = floatx_bytes, F = sizeof(float);
     const size_t W = p->params_local, O = p->opt_local;
     const size_t L_act = recompute >= 1 ? 1 : L, L_ln = recompute >= 2 ? 1 : L;  // layers kept (-r)
     memory_plan_set(p, MEMBUF_PARAMS, "parameters", W * X, table_local * X, MEM_WEIGHTS);
@@ -256,9 +273,13 @@ static inline int memory_plan_build(MemoryPlan* p, const ModelConfig* c, int B, 
     memory_plan_set(p, MEMBUF_DHIDDEN, "gradients: hidden", BT * plan_max(H, C) * X, 0, K);
     memory_plan_set(p, MEMBUF_SCRATCH, "kernel scratch", ks->scratch, 0, K);
     memory_plan_set(p, MEMBUF_ATTENTION_WS, "cuDNN attention workspace", ks->attention_ws, 0, K);
-    memory_plan_set(p, MEMBUF_OMNI_SAVED, "OmniMoE layers: saved router and schedule", omni ? L * ks->omni_saved : 0, 0, A);
-    memory_plan_set(p, MEMBUF_OMNI_WORKSPACE, "OmniMoE workspace", omni ? ks->omni_workspace : 0, 0, K);
-    memory_plan_set(p, MEMBUF_EXPERT_COUNTS, "expert counts", omni ? L * c->num_experts * sizeof(int) : 0, 0, K);
+    memory_plan_set(p, MEMBUF_OMNI_SAVED, moe ? "moe layers: saved router, schedule and expert rows"
+                                              : "OmniMoE layers: saved router and schedule",
+                    omni || moe ? L * ks->omni_saved : 0, 0, A);
+    memory_plan_set(p, MEMBUF_OMNI_WORKSPACE, moe ? "moe workspace" : "OmniMoE workspace",
+                    omni || moe ? ks->omni_workspace : 0, 0, K);
+    const size_t counted = omni ? (size_t)c->num_experts : (size_t)model_config_moe_routed(c);
+    memory_plan_set(p, MEMBUF_EXPERT_COUNTS, "expert counts", counted * L * sizeof(int), 0, K);
     memory_plan_set(p, MEMBUF_EXPERT_STATS, "expert statistics", omni ? 2 * L * F : 0, 0, K);
     memory_plan_set(p, MEMBUF_TABLE_X_COLUMNS, "sharded tables: x columns of all GPUs' tokens",
                     tables ? L * plan_align256(BT * P * (C / P) * X) : 0, 0, A);
@@ -276,7 +297,8 @@ static inline int memory_plan_build(MemoryPlan* p, const ModelConfig* c, int B, 
 static inline int memory_plan_build_estimated(MemoryPlan* p, const ModelConfig* c, int B, int T, int floatx_bytes,
                                               int num_gpus, int mode, int recompute) {
     const int tables = (mode & PLAN_MODE_TABLES) && num_gpus > 1 && c->ffn_kind == FFN_OMNI;
-    const size_t pairs = (size_t)B * T * c->top_k * (tables ? num_gpus : 1);
+    const int topk = c->ffn_kind == FFN_MOE ? c->moe_topk : c->top_k;
+    const size_t pairs = (size_t)B * T * topk * (tables ? num_gpus : 1);
     const size_t cols = tables ? c->channels / num_gpus : c->channels;
     PlanKernelSizes ks = plan_kernel_sizes(c, B, T, floatx_bytes, pairs, cols, plan_cub_estimate(pairs));
     if (!memory_plan_build(p, c, B, T, floatx_bytes, num_gpus, mode, recompute, &ks)) return 0;
@@ -343,11 +365,6 @@ static inline int train_config_plan_main(TrainConfig* cfg, int floatx_bytes) {
     }
     cfg->num_processes = cfg->plan_gpus;
     train_config_validate(cfg, &c);
-    if (c.ffn_kind == FFN_MOE) {  // docs/design.md §10: no GPU kernels yet, so no GPU buffers to plan
-        fprintf(stderr, "Error: flag --plan: the moe FFN has no GPU kernels yet, so there is no GPU memory plan for "
-                "it (-f moe trains with ./train_omnimoe_cpu)\n");
-        exit(EXIT_FAILURE);
-    }
     int mode = (cfg->zero ? PLAN_MODE_ZERO1 : 0) | (cfg->shard_experts ? PLAN_MODE_TABLES : 0);
     if (cfg->attention != 0) printf("(--attention cudnn: cuDNN's workspace is not counted; only cuDNN knows it)\n");
     return memory_plan_main(&c, cfg->B, cfg->T, floatx_bytes, cfg->plan_gpus, mode, cfg->recompute);

@@ -1,0 +1,395 @@
+/*
+moe_experts.cuh - the routed experts of the moe FFN kind on the GPU (docs/design.md §10.1-10.4,
+§10.8): the FFN experts as grouped GEMMs over the pairs sorted by expert, the MoE++ constant,
+copy and zero experts, and their backward.
+
+A pair q = t*k + m is token t's m-th choice idx[q]. The pairs are sorted by expert with the
+scheduler of scheduler.cuh (stable: token order inside each expert), over the E_t routed experts;
+the FFN experts come first, so their pairs are the sorted rows [0, P_ffn). pos[q] is pair q's
+sorted row. Gathered rows live in sorted order: xg (P_ffn, C), fch (P_ffn, 2 I_e), h (P_ffn, I_e),
+and each FFN expert e with c_e > 0 pairs is one GEMM problem on its rows [off_e, off_e + c_e).
+
+Defines:
+- MoeGroupedGemm: the host arrays of one cuBLAS grouped GEMM call (capacity E problems) and the
+  device pointer arrays the problems' matrices are written into
+- moe_grouped_gemm_create(g, E) / moe_grouped_gemm_free(g)
+- moe_grouped_gemm(g, ta, tb, which, m, n, k, A, sA, lda, B, sB, ldb, beta, C, sC, ldc,
+  host_counts, sched, E, stream): one problem per non-empty FFN expert, in increasing id; each
+  of m, n, k is a fixed size or MOE_DIM_ROWS (the expert's pair count); each of A, B, C is
+  indexed by expert (base + e * stride) or by sorted row (base + off_e * stride), per `which`
+- moe_pair_positions(pos, sched, P, stream): pos[sorted_pair[j]] = j
+- moe_gather_rows(dst, src, sched, rows, C, k, scale, stream): dst[j] = scale * src[token of
+  sorted pair j] for j < rows (floatX rows of C)
+- moe_const_mix(mix, x, A, idx, BT, C, k, E, Kc, scale, stream): w = softmax(A_j (s x)) of every
+  constant-expert pair, (P, 2) fp32 (other pairs untouched)
+- moe_combine(out, yg, x, cvec, idx, gate, pos, mix, BT, C, k, E, Kc, Kp, scale, accumulate,
+  stream): out[t] = (accumulate ? out[t] : 0) + sum_m g_m y_m, m in order, in fp32, rounded once
+- moe_ffn_dgate(dgate, dh, hg, h, gate, sched, rows, Ie, stream): per FFN row, dg = <W2^T dy, h>
+  (dh holds W2^T dy on entry), then dh *= g and hg = g h
+- moe_token_backward(dx, dgate, dmix, dout, x, dxg, cvec, A, idx, gate, pos, mix, BT, C, k, E,
+  Kc, Kp, scale, accumulate, stream): the gate gradients of the constant, copy and zero pairs,
+  dmix, and dx[t] = (accumulate ? dx[t] : 0) + s * (sum_m of each pair's input gradient)
+- moe_const_grads(dcvec, dA, dmix, dout, x, gate, mix, sched, offsets, BT, C, k, E, Kc, scale,
+  stream): dA_j += sum dmix (s x), dc_j += sum g w_1 dy over expert j's pairs in token order
+- moe_expert_offsets(offsets, counts, Et, stream): offsets (Et + 1) from the per-expert counts
+
+The grouped GEMM is cuBLAS's cublasGemmGroupedBatchedEx (CUDA toolkit, no extra dependency): its
+problem sizes are host arrays, so the caller needs the per-expert counts on the host (one
+device-to-host copy per layer forward; the backward reuses them). The matrix pointers are
+written on the device from the schedule, so nothing else crosses to the host.
+
+Determinism: the GEMMs run cuBLAS in its default non-atomic mode (same shapes, same bits); every
+other sum has one order (m, then channels or rows, in order; warp butterflies); no atomics.
+*/
+#ifndef OMNIMOE_MOE_EXPERTS_CUH
+#define OMNIMOE_MOE_EXPERTS_CUH
+
+#include "cuda_utils.cuh"
+#include "matmul.cuh"
+#include "scheduler.cuh"
+#include "moe_router.cuh"  // moe_warp_sum
+
+#define MOE_DIM_ROWS (-1)        // a grouped-GEMM dimension that is the expert's pair count
+#define MOE_BY_EXPERT 0          // a matrix at base + e * stride
+#define MOE_BY_ROW 1             // a matrix at base + off_e * stride (its first sorted row)
+#define MOE_TOKEN_WARPS 4
+
+typedef struct {
+    int capacity;
+    cublasOperation_t* ta;
+    cublasOperation_t* tb;
+    int *m, *n, *k, *lda, *ldb, *ldc, *group_size;
+    float *alpha, *beta;
+    const void** d_A;   // (capacity) device pointer arrays
+    const void** d_B;
+    void** d_C;
+} MoeGroupedGemm;
+
+static void moe_grouped_gemm_create(MoeGroupedGemm* g, int E) {
+    memset(g, 0, sizeof(*g));
+    const size_t n = E > 0 ? (size_t)E : 1;
+    g->capacity = (int)n;
+    g->ta = (cublasOperation_t*)malloc_check(n * sizeof(cublasOperation_t));
+    g->tb = (cublasOperation_t*)malloc_check(n * sizeof(cublasOperation_t));
+    int** ints[7] = {&g->m, &g->n, &g->k, &g->lda, &g->ldb, &g->ldc, &g->group_size};
+    for (int i = 0; i < 7; i++) *ints[i] = (int*)malloc_check(n * sizeof(int));
+    g->alpha = (float*)malloc_check(n * sizeof(float));
+    g->beta = (float*)malloc_check(n * sizeof(float));
+    void* d = cuda_malloc_or_die(3 * n * sizeof(void*), "moe grouped GEMM pointer arrays");
+    g->d_A = (const void**)d;
+    g->d_B = (const void**)d + n;
+    g->d_C = (void**)d + 2 * n;
+}
+
+static void moe_grouped_gemm_free(MoeGroupedGemm* g) {
+    free(g->ta); free(g->tb); free(g->m); free(g->n); free(g->k); free(g->lda); free(g->ldb); free(g->ldc);
+    free(g->group_size); free(g->alpha); free(g->beta);
+    cudaCheck(cudaFree((void*)g->d_A));
+    memset(g, 0, sizeof(*g));
+}
+
+// device bytes moe_grouped_gemm_create allocates
+static inline size_t moe_grouped_gemm_bytes(int E) { return 3 * (size_t)(E > 0 ? E : 1) * sizeof(void*); }
+
+// ----------------------------------------------------------------------------
+// kernels
+
+// problem a = the a-th active expert of the schedule (the FFN experts are the first active ones)
+__global__ void moe_group_pointers_kernel(const void** dA, const void** dB, void** dC, ExpertSchedule sched,
+                                          int groups, const char* A, size_t sA, int byA, const char* B, size_t sB,
+                                          int byB, char* Cb, size_t sC, int byC) {
+    const int a = blockIdx.x * blockDim.x + threadIdx.x;
+    if (a >= groups) return;
+    const size_t e = (size_t)sched.active_expert[a], off = (size_t)sched.active_offset[a];
+    dA[a] = A + (byA == MOE_BY_EXPERT ? e : off) * sA;
+    dB[a] = B + (byB == MOE_BY_EXPERT ? e : off) * sB;
+    dC[a] = Cb + (byC == MOE_BY_EXPERT ? e : off) * sC;
+}
+
+__global__ void moe_pair_positions_kernel(int* pos, const int* sorted_pair, int P) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j < P) pos[sorted_pair[j]] = j;
+}
+
+// one thread per element: dst[j, c] = scale * src[sorted_pair[j] / k, c]
+__global__ void moe_gather_rows_kernel(floatX* dst, const floatX* src, const int* sorted_pair, int rows, int C, int k,
+                                       float scale) {
+    const size_t o = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (o >= (size_t)rows * C) return;
+    const size_t j = o / C, c = o % C;
+    const size_t t = (size_t)(sorted_pair[j] / k);
+    dst[o] = (floatX)(scale * (float)src[t * C + c]);
+}
+
+// one warp per pair: the constant experts' mixing weights w = softmax(A_j (s x))
+__global__ void moe_const_mix_kernel(float* mix, const floatX* x, const floatX* A, const int* idx, int P, int C,
+                                     int k, int E, int Kc, float scale) {
+    const int q = blockIdx.x * MOE_TOKEN_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (q >= P) return;
+    const int e = idx[q];
+    if (e < E || e >= E + Kc) return;
+    const floatX* a = A + (size_t)(e - E) * 2 * C;
+    const floatX* xr = x + (size_t)(q / k) * C;
+    float a0 = 0.0f, a1 = 0.0f;
+    for (int c = lane; c < C; c += 32) {
+        float xv = scale * (float)xr[c];
+        a0 += (float)a[c] * xv;
+        a1 += (float)a[C + c] * xv;
+    }
+    a0 = moe_warp_sum(a0);
+    a1 = moe_warp_sum(a1);
+    if (lane == 0) {
+        float mx = fmaxf(a0, a1), e0 = expf(a0 - mx), e1 = expf(a1 - mx);
+        mix[2 * (size_t)q] = e0 / (e0 + e1);
+        mix[2 * (size_t)q + 1] = e1 / (e0 + e1);
+    }
+}
+
+// one thread per (t, c): the pairs of token t in order
+__global__ void moe_combine_kernel(floatX* out, const floatX* yg, const floatX* x, const floatX* cvec, const int* idx,
+                                   const float* gate, const int* pos, const float* mix, int BT, int C, int k, int E,
+                                   int Kc, int Kp, float scale, int accumulate) {
+    const size_t o = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (o >= (size_t)BT * C) return;
+    const size_t t = o / C, c = o % C;
+    const float xe = scale * (float)x[o];
+    float acc = accumulate ? (float)out[o] : 0.0f;
+    for (int m = 0; m < k; m++) {
+        const size_t q = t * k + m;
+        const int e = idx[q];
+        const float g = gate[q];
+        if (e < E) acc += g * (float)yg[(size_t)pos[q] * C + c];
+        else if (e < E + Kc) acc += g * (mix[2 * q] * xe + mix[2 * q + 1] * (float)cvec[(size_t)(e - E) * C + c]);
+        else if (e < E + Kc + Kp) acc += g * xe;
+    }
+    out[o] = (floatX)acc;
+}
+
+// one warp per FFN row j: dgate of its pair = <W2^T dy, h>; then dh = g W2^T dy and hg = g h
+__global__ void moe_ffn_dgate_kernel(float* dgate, floatX* dh, floatX* hg, const floatX* h, const float* gate,
+                                     const int* sorted_pair, int rows, int Ie) {
+    const int j = blockIdx.x * MOE_TOKEN_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (j >= rows) return;
+    const size_t r = (size_t)j * Ie;
+    const int q = sorted_pair[j];
+    const float g = gate[q];
+    float s = 0.0f;
+    for (int i = lane; i < Ie; i += 32) s += (float)dh[r + i] * (float)h[r + i];
+    s = moe_warp_sum(s);
+    for (int i = lane; i < Ie; i += 32) {
+        dh[r + i] = (floatX)(g * (float)dh[r + i]);
+        hg[r + i] = (floatX)(g * (float)h[r + i]);
+    }
+    if (lane == 0) dgate[q] = s;
+}
+
+// one warp per token: the gate gradients of its constant/copy/zero pairs and dmix first, then
+// every channel's input gradient over the pairs in order
+__global__ void moe_token_backward_kernel(floatX* dx, float* dgate, float* dmix, const floatX* dout, const floatX* x,
+                                          const floatX* dxg, const floatX* cvec, const floatX* A, const int* idx,
+                                          const float* gate, const int* pos, const float* mix, int BT, int C, int k,
+                                          int E, int Kc, int Kp, float scale, int accumulate) {
+    const int t = blockIdx.x * MOE_TOKEN_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (t >= BT) return;
+    const size_t row = (size_t)t * C;
+    const floatX* dy = dout + row;
+    const floatX* xr = x + row;
+    for (int m = 0; m < k; m++) {
+        const size_t q = (size_t)t * k + m;
+        const int e = idx[q];
+        if (e < E) continue;  // moe_ffn_dgate wrote it
+        const float g = gate[q];
+        if (e < E + Kc) {
+            const floatX* cv = cvec + (size_t)(e - E) * C;
+            float dx0 = 0.0f, dc = 0.0f;
+            for (int c = lane; c < C; c += 32) {
+                float d = (float)dy[c];
+                dx0 += d * scale * (float)xr[c];
+                dc += d * (float)cv[c];
+            }
+            dx0 = moe_warp_sum(dx0);
+            dc = moe_warp_sum(dc);
+            const float w0 = mix[2 * q], w1 = mix[2 * q + 1];
+            const float dw0 = g * dx0, dw1 = g * dc, wdw = w0 * dw0 + w1 * dw1;
+            if (lane == 0) {
+                dgate[q] = w0 * dx0 + w1 * dc;
+                dmix[2 * q] = w0 * (dw0 - wdw);
+                dmix[2 * q + 1] = w1 * (dw1 - wdw);
+            }
+        } else if (e < E + Kc + Kp) {
+            float s = 0.0f;
+            for (int c = lane; c < C; c += 32) s += (float)dy[c] * scale * (float)xr[c];
+            s = moe_warp_sum(s);
+            if (lane == 0) dgate[q] = s;
+        } else if (lane == 0) {
+            dgate[q] = 0.0f;
+        }
+    }
+    __syncwarp();  // dmix of lane 0 is read by every lane below
+    for (int c = lane; c < C; c += 32) {
+        float acc = 0.0f;  // d loss / d (the experts' input s x)
+        for (int m = 0; m < k; m++) {
+            const size_t q = (size_t)t * k + m;
+            const int e = idx[q];
+            const float g = gate[q];
+            if (e < E) {
+                acc += (float)dxg[(size_t)pos[q] * C + c];
+            } else if (e < E + Kc) {
+                const floatX* a = A + (size_t)(e - E) * 2 * C;
+                acc += g * mix[2 * q] * (float)dy[c] + dmix[2 * q] * (float)a[c] + dmix[2 * q + 1] * (float)a[C + c];
+            } else if (e < E + Kc + Kp) {
+                acc += g * (float)dy[c];
+            }
+        }
+        dx[row + c] = (floatX)((accumulate ? (float)dx[row + c] : 0.0f) + scale * acc);
+    }
+}
+
+// one thread per (constant expert j, channel c): its pairs in token order
+__global__ void moe_const_grads_kernel(floatX* dcvec, floatX* dA, const float* dmix, const floatX* dout,
+                                       const floatX* x, const float* gate, const float* mix, const int* sorted_pair,
+                                       const int* offsets, int C, int k, int E, int Kc, float scale) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x, j = blockIdx.y;
+    if (c >= C || j >= Kc) return;
+    float da0 = 0.0f, da1 = 0.0f, dc = 0.0f;
+    for (int s = offsets[E + j]; s < offsets[E + j + 1]; s++) {
+        const size_t q = (size_t)sorted_pair[s], t = q / k;
+        const float xe = scale * (float)x[t * C + c];
+        da0 += dmix[2 * q] * xe;
+        da1 += dmix[2 * q + 1] * xe;
+        dc += gate[q] * mix[2 * q + 1] * (float)dout[t * C + c];
+    }
+    floatX* a = dA + (size_t)j * 2 * C;
+    a[c] = (floatX)((float)a[c] + da0);
+    a[C + c] = (floatX)((float)a[C + c] + da1);
+    dcvec[(size_t)j * C + c] = (floatX)((float)dcvec[(size_t)j * C + c] + dc);
+}
+
+// one thread: offsets[0] = 0, offsets[e + 1] = offsets[e] + counts[e]
+__global__ void moe_expert_offsets_kernel(int* offsets, const int* counts, int Et) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    int s = 0;
+    offsets[0] = 0;
+    for (int e = 0; e < Et; e++) {
+        s += counts[e];
+        offsets[e + 1] = s;
+    }
+}
+
+// ----------------------------------------------------------------------------
+// launchers
+
+// the number of non-empty FFN experts and their pairs, from the host counts
+static inline int moe_ffn_groups(const int* host_counts, int E, int* rows) {
+    int groups = 0, r = 0;
+    for (int e = 0; e < E; e++) {
+        if (host_counts[e] > 0) {
+            groups++;
+            r += host_counts[e];
+        }
+    }
+    if (rows) *rows = r;
+    return groups;
+}
+
+// C_e = op(A_e) op(B_e) (+ beta C_e) for every non-empty FFN expert e, column-major as cuBLAS;
+// a dimension or leading dimension given as MOE_DIM_ROWS is the expert's pair count
+static void moe_grouped_gemm(MoeGroupedGemm* g, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                             const floatX* A, size_t sA, int byA, int lda, const floatX* B, size_t sB, int byB, int ldb,
+                             float beta, floatX* Cm, size_t sC, int byC, int ldc, const int* host_counts,
+                             ExpertSchedule sched, int E, cudaStream_t stream) {
+    int groups = 0;
+    for (int e = 0; e < E; e++) {
+        const int c = host_counts[e];
+        if (c == 0) continue;
+        if (groups >= g->capacity) {
+            fprintf(stderr, "moe_grouped_gemm: more than the %d problems it was created for\n", g->capacity);
+            exit(EXIT_FAILURE);
+        }
+        g->ta[groups] = ta;
+        g->tb[groups] = tb;
+        g->m[groups] = m == MOE_DIM_ROWS ? c : m;
+        g->n[groups] = n == MOE_DIM_ROWS ? c : n;
+        g->k[groups] = k == MOE_DIM_ROWS ? c : k;
+        g->lda[groups] = lda;
+        g->ldb[groups] = ldb;
+        g->ldc[groups] = ldc;
+        g->alpha[groups] = 1.0f;
+        g->beta[groups] = beta;
+        g->group_size[groups] = 1;
+        groups++;
+    }
+    if (groups == 0) return;
+    moe_group_pointers_kernel<<<ceil_div(groups, 128), 128, 0, stream>>>(
+        g->d_A, g->d_B, g->d_C, sched, groups, (const char*)A, sA * sizeof(floatX), byA, (const char*)B,
+        sB * sizeof(floatX), byB, (char*)Cm, sC * sizeof(floatX), byC);
+    cudaCheckLast();
+    cublasCheck(cublasSetStream(matmul_cublas_handle, stream));
+    cublasCheck(cublasGemmGroupedBatchedEx(matmul_cublas_handle, g->ta, g->tb, g->m, g->n, g->k, g->alpha, g->d_A,
+                                           CUDA_R_FLOATX, g->lda, g->d_B, CUDA_R_FLOATX, g->ldb, g->beta, g->d_C,
+                                           CUDA_R_FLOATX, g->ldc, groups, g->group_size, CUBLAS_COMPUTE_32F));
+}
+
+static void moe_pair_positions(int* pos, ExpertSchedule sched, int P, cudaStream_t stream) {
+    moe_pair_positions_kernel<<<ceil_div(P, 256), 256, 0, stream>>>(pos, sched.sorted_pair, P);
+    cudaCheckLast();
+}
+
+static void moe_gather_rows(floatX* dst, const floatX* src, ExpertSchedule sched, int rows, int C, int k, float scale,
+                            cudaStream_t stream) {
+    if (rows == 0) return;
+    moe_gather_rows_kernel<<<moe_elementwise_blocks((size_t)rows * C), 256, 0, stream>>>(dst, src, sched.sorted_pair,
+                                                                                          rows, C, k, scale);
+    cudaCheckLast();
+}
+
+static void moe_const_mix(float* mix, const floatX* x, const floatX* A, const int* idx, int BT, int C, int k, int E,
+                          int Kc, float scale, cudaStream_t stream) {
+    if (Kc == 0) return;
+    const int P = BT * k;
+    moe_const_mix_kernel<<<ceil_div(P, MOE_TOKEN_WARPS), MOE_TOKEN_WARPS * 32, 0, stream>>>(mix, x, A, idx, P, C, k, E,
+                                                                                           Kc, scale);
+    cudaCheckLast();
+}
+
+static void moe_combine(floatX* out, const floatX* yg, const floatX* x, const floatX* cvec, const int* idx,
+                        const float* gate, const int* pos, const float* mix, int BT, int C, int k, int E, int Kc,
+                        int Kp, float scale, int accumulate, cudaStream_t stream) {
+    moe_combine_kernel<<<moe_elementwise_blocks((size_t)BT * C), 256, 0, stream>>>(
+        out, yg, x, cvec, idx, gate, pos, mix, BT, C, k, E, Kc, Kp, scale, accumulate);
+    cudaCheckLast();
+}
+
+static void moe_ffn_dgate(float* dgate, floatX* dh, floatX* hg, const floatX* h, const float* gate,
+                          ExpertSchedule sched, int rows, int Ie, cudaStream_t stream) {
+    if (rows == 0) return;
+    moe_ffn_dgate_kernel<<<ceil_div(rows, MOE_TOKEN_WARPS), MOE_TOKEN_WARPS * 32, 0, stream>>>(
+        dgate, dh, hg, h, gate, sched.sorted_pair, rows, Ie);
+    cudaCheckLast();
+}
+
+static void moe_token_backward(floatX* dx, float* dgate, float* dmix, const floatX* dout, const floatX* x,
+                               const floatX* dxg, const floatX* cvec, const floatX* A, const int* idx,
+                               const float* gate, const int* pos, const float* mix, int BT, int C, int k, int E,
+                               int Kc, int Kp, float scale, int accumulate, cudaStream_t stream) {
+    moe_token_backward_kernel<<<ceil_div(BT, MOE_TOKEN_WARPS), MOE_TOKEN_WARPS * 32, 0, stream>>>(
+        dx, dgate, dmix, dout, x, dxg, cvec, A, idx, gate, pos, mix, BT, C, k, E, Kc, Kp, scale, accumulate);
+    cudaCheckLast();
+}
+
+static void moe_const_grads(floatX* dcvec, floatX* dA, const float* dmix, const floatX* dout, const floatX* x,
+                            const float* gate, const float* mix, ExpertSchedule sched, const int* offsets, int C, int k,
+                            int E, int Kc, float scale, cudaStream_t stream) {
+    if (Kc == 0) return;
+    dim3 grid(ceil_div(C, 128), Kc);
+    moe_const_grads_kernel<<<grid, 128, 0, stream>>>(dcvec, dA, dmix, dout, x, gate, mix, sched.sorted_pair, offsets, C,
+                                                     k, E, Kc, scale);
+    cudaCheckLast();
+}
+
+static void moe_expert_offsets(int* offsets, const int* counts, int Et, cudaStream_t stream) {
+    moe_expert_offsets_kernel<<<1, 32, 0, stream>>>(offsets, counts, Et);
+    cudaCheckLast();
+}
+
+#endif  // OMNIMOE_MOE_EXPERTS_CUH
