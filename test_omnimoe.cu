@@ -73,6 +73,54 @@ static int g_recompute = 0;
 
 static void gpu_grads(const Model* m, float* out) { download_floatX(out, m->grads, m->num_params); }
 
+// moe run settings of both sides (docs/design.md §10.3, §10.5): balance loss alpha and tau, and the
+// loss-free bias rate of the training steps (0: off); the other kinds ignore them
+static float g_moe_aux = 0.05f, g_moe_tau = 0.75f, g_moe_bias_rate = 0.0f;
+
+static void gpu_build(Model* m, const ModelConfig* c, int B, int T, int exec) {
+    model_build(m, c, B, T, exec, g_attention, g_recompute);
+    m->moe_aux_coef = g_moe_aux;
+    m->moe_zc_weight = g_moe_tau;
+}
+
+static void cpu_build(cpu::GPT* ref, const ModelConfig* c) {
+    cpu::gpt_build(ref, c);
+    ref->moe_aux_coef = g_moe_aux;
+    ref->moe_zc_weight = g_moe_tau;
+}
+
+// the CPU trainer's bias update after a step of one micro-batch (its counts: the forward's)
+static void cpu_moe_bias_update(cpu::GPT* ref) {
+    const ModelConfig* c = &ref->config;
+    if (c->ffn_kind != FFN_MOE || g_moe_bias_rate <= 0.0f) return;
+    size_t n = (size_t)c->num_layers * model_config_moe_routed(c);
+    long long* counts = (long long*)malloc_check(n * sizeof(long long));
+    for (size_t i = 0; i < n; i++) counts[i] = ref->acts.moe_counts[i];
+    cpu::moe_bias_update(ref, counts, g_moe_bias_rate);
+    free(counts);
+}
+
+// the chosen expert ids of layer l (BT, k) of the last forward, on the host
+static int gpu_layer_topk(const Model* m, int l, int* out, size_t count) {
+    const ModelConfig* c = &m->config;
+    if (c->ffn_kind == FFN_OMNI) {
+        cudaCheck(cudaMemcpy(out, m->omni[l].saved.router.idx, count * sizeof(int), cudaMemcpyDeviceToHost));
+        return 1;
+    }
+    if (c->ffn_kind == FFN_MOE) {
+        cudaCheck(cudaMemcpy(out, m->moe[l].saved.idx, count * sizeof(int), cudaMemcpyDeviceToHost));
+        return 1;
+    }
+    return 0;
+}
+
+// the gradients a different expert choice changes (bf16 routing flips): the expert tables and the routers
+static int param_touched_by_routing(int i) {
+    return i == PARAM_EXPERTU || i == PARAM_EXPERTV || i == PARAM_ROUTERW || i == PARAM_MOE_ROUTERW ||
+           i == PARAM_MOE_ROUTER2 || i == PARAM_MOE_GATEMAP || i == PARAM_MOE_W1 || i == PARAM_MOE_W2 ||
+           i == PARAM_MOE_CONST || i == PARAM_MOE_CONSTMIX;
+}
+
 // 1 + 2: one forward/backward against the CPU; and token- vs expert-centric
 static void test_forward_backward(const char* name, const ModelConfig* c, int B, int T) {
     size_t P = model_config_num_params(c), NB = model_config_num_bn_stats(c);
@@ -88,7 +136,7 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
 
     // CPU reference
     cpu::GPT ref;
-    cpu::gpt_build(&ref, c);
+    cpu_build(&ref, c);
     memcpy(ref.params, params, P * sizeof(float));
     if (NB) memcpy(ref.bn_stats, bn, NB * sizeof(float));
     cpu::gpt_forward(&ref, inputs, targets, B, T, 1);
@@ -100,12 +148,13 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
     float* grads[2] = {NULL, NULL};
     float* logits = (float*)malloc_check((size_t)BT * c->padded_vocab_size * sizeof(float));
     float* bn_after = (float*)malloc_check(max_sz(NB, 1) * sizeof(float));
-    int* idx = (int*)malloc_check((size_t)BT * max_sz(c->top_k, 1) * sizeof(int));
+    const int moe = c->ffn_kind == FFN_MOE, topk = moe ? c->moe_topk : c->top_k;
+    int* idx = (int*)malloc_check((size_t)BT * max_sz(topk, 1) * sizeof(int));
     float loss[2] = {0, 0};
     char what[160];
     for (int mode = 0; mode < modes; mode++) {
         Model m;
-        model_build(&m, c, B, T, mode == 0 ? EXPERT_EXEC_EXPERT : EXPERT_EXEC_TOKEN, g_attention, g_recompute);
+        gpu_build(&m, c, B, T, mode == 0 ? EXPERT_EXEC_EXPERT : EXPERT_EXEC_TOKEN);
         model_set_params(&m, params, bn);
         model_forward(&m, inputs, targets, B, T, 1);
         loss[mode] = model_mean_loss(&m);
@@ -126,13 +175,13 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
         model_zero_grad(&m);
         model_backward(&m, inputs, 1.0f, NULL);
         gpu_grads(&m, grads[mode]);
-        if (mode == 0 && c->ffn_kind == FFN_OMNI) {
+        if (mode == 0 && (c->ffn_kind == FFN_OMNI || moe)) {
             // share of selected experts the GPU chose and the CPU did not (sets per token: two
             // near-equal scores swapping places inside the top-k is not a different choice)
-            size_t K = (size_t)c->top_k, Kt = (size_t)BT * K, differ = 0;
+            size_t K = (size_t)topk, Kt = (size_t)BT * K, differ = 0;
             for (int l = 0; l < c->num_layers; l++) {
-                cudaCheck(cudaMemcpy(idx, m.omni[l].saved.router.idx, Kt * sizeof(int), cudaMemcpyDeviceToHost));
-                const int* ref_idx = ref.acts.topk_idx + (size_t)l * Kt;
+                gpu_layer_topk(&m, l, idx, Kt);
+                const int* ref_idx = (moe ? ref.acts.moe_idx : ref.acts.topk_idx) + (size_t)l * Kt;
                 for (size_t t = 0; t < (size_t)BT; t++) {
                     for (size_t i = 0; i < K; i++) {
                         int found = 0;
@@ -151,8 +200,7 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
     model_config_param_sizes(c, sizes);
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
         if (sizes[i] == 0) continue;
-        int expert_part = i == PARAM_EXPERTU || i == PARAM_EXPERTV || i == PARAM_ROUTERW;
-        float tol = expert_part ? TOL_EXPERTS : TOL;
+        float tol = param_touched_by_routing(i) ? TOL_EXPERTS : TOL;
         snprintf(what, sizeof(what), "%s grad %s", name, param_tensor_name(i));
         test_check_rel(what, rel_err(grads[0] + off, ref.grads + off, sizes[i]), tol);
         off += sizes[i];
@@ -167,21 +215,28 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
     free(params); free(bn); free(inputs); free(targets); free(logits); free(bn_after); free(idx);
 }
 
+// steps s0 .. s1-1 of a training on tokens (BT + 1 per step), the loss of step s in out_losses[s]
+static void gpu_train_steps(Model* m, int B, int T, int s0, int s1, const int* tokens, float* out_losses) {
+    int BT = B * T;
+    for (int s = s0; s < s1; s++) {
+        const int* in = tokens + (size_t)s * (BT + 1);
+        model_zero_grad(m);
+        model_reset_expert_counts(m);
+        model_forward(m, in, in + 1, B, T, 1);
+        model_backward(m, in, 1.0f, NULL);
+        out_losses[s] = model_mean_loss(m);
+        model_update(m, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f);
+        model_moe_bias_update(m, g_moe_bias_rate);
+    }
+}
+
 // 3 + 4: training steps. Returns the losses of `steps` steps on the GPU in out_losses.
 static void gpu_train(const ModelConfig* c, const float* params, const float* bn, int B, int T, int steps,
                       const int* tokens, float* out_losses, float* out_params) {
     Model m;
-    model_build(&m, c, B, T, EXPERT_EXEC_EXPERT, g_attention, g_recompute);
+    gpu_build(&m, c, B, T, EXPERT_EXEC_EXPERT);
     model_set_params(&m, params, bn);
-    int BT = B * T;
-    for (int s = 0; s < steps; s++) {
-        const int* in = tokens + (size_t)s * (BT + 1);
-        model_zero_grad(&m);
-        model_forward(&m, in, in + 1, B, T, 1);
-        model_backward(&m, in, 1.0f, NULL);
-        out_losses[s] = model_mean_loss(&m);
-        model_update(&m, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f);
-    }
+    gpu_train_steps(&m, B, T, 0, steps, tokens, out_losses);
     if (out_params) model_get_params(&m, out_params, NULL);
     model_free(&m);
 }
@@ -209,9 +264,10 @@ static void test_training(const char* name, const ModelConfig* c, int B, int T) 
     snprintf(what, sizeof(what), "%s two runs of 3 steps bitwise identical", name);
     test_check(same, what);
 
-    gpu_train(c, params, bn, B, T, steps, tokens, gpu_losses[0], NULL);
+    float* p_gpu = (float*)malloc_check(P * sizeof(float));
+    gpu_train(c, params, bn, B, T, steps, tokens, gpu_losses[0], p_gpu);
     cpu::GPT ref;
-    cpu::gpt_build(&ref, c);
+    cpu_build(&ref, c);
     memcpy(ref.params, params, P * sizeof(float));
     if (NB) memcpy(ref.bn_stats, bn, NB * sizeof(float));
     for (int s = 0; s < steps; s++) {
@@ -221,6 +277,7 @@ static void test_training(const char* name, const ModelConfig* c, int B, int T) 
         cpu::gpt_backward(&ref, 1.0f);
         cpu_losses[s] = ref.mean_loss;
         cpu::gpt_update(&ref, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, s + 1);
+        cpu_moe_bias_update(&ref);
     }
     double worst = 0.0;
     printf("  %s losses (gpu / cpu):", name);
@@ -233,8 +290,68 @@ static void test_training(const char* name, const ModelConfig* c, int B, int T) 
     test_checkf(worst <= TOL_TRAIN && gpu_losses[0][steps - 1] < gpu_losses[0][0], what,
                 "worst relative loss difference %.3e (tol %.1e), loss %.4f -> %.4f", worst, TOL_TRAIN,
                 gpu_losses[0][0], gpu_losses[0][steps - 1]);
+    if (c->ffn_kind == FFN_MOE && g_moe_bias_rate > 0.0f) {
+        // the loss-free balancing bias after 10 steps: sign updates of exact integer counts, so the
+        // CPU's and the GPU's agree unless a count differs (bf16: a routing flip moves one step)
+        size_t sizes[NUM_PARAMETER_TENSORS], off = 0;
+        model_config_param_sizes(c, sizes);
+        for (int i = 0; i < PARAM_MOE_BIAS; i++) off += sizes[i];
+        size_t n = sizes[PARAM_MOE_BIAS], moved = 0, differ = 0;
+        for (size_t j = 0; j < n; j++) {
+            moved += ref.params[off + j] != params[off + j];
+            differ += fabsf(p_gpu[off + j] - ref.params[off + j]) > 2.5f * g_moe_bias_rate;
+        }
+        snprintf(what, sizeof(what), "%s bias balancing: biases moved, GPU == CPU within one step", name);
+        test_checkf(moved > 0 && differ <= (size_t)(TOL_FLIPS * n), what, "%zu of %zu moved on the CPU, %zu differ",
+                    moved, n, differ);
+    }
     cpu::gpt_free(&ref);
-    free(params); free(bn); free(tokens); free(p1); free(p2);
+    free(params); free(bn); free(tokens); free(p1); free(p2); free(p_gpu);
+}
+
+// 3b. resume: 4 steps in one go against 2 steps, the state a checkpoint keeps (fp32 master
+// weights with the moe bias, BN statistics, AdamW m and v, the step count) moved to a new model,
+// then 2 more: losses and weights bitwise
+static void test_resume(const char* name, const ModelConfig* c, int B, int T) {
+    const int steps = 4, half = 2, BT = B * T;
+    size_t P = model_config_num_params(c), NB = model_config_num_bn_stats(c);
+    float* params = (float*)malloc_check(P * sizeof(float));
+    float* bn = (float*)calloc_check(max_sz(NB, 1), sizeof(float));
+    random_params(c, params, bn, 97531);
+    Rng rng = rng_seeded(13);
+    int* tokens = (int*)malloc_check((size_t)steps * (BT + 1) * sizeof(int));
+    fill_tokens(tokens, (size_t)steps * (BT + 1), c->vocab_size, &rng);
+    float losses[2][4];
+    float* want = (float*)malloc_check(P * sizeof(float));
+    float* got = (float*)malloc_check(P * sizeof(float));
+    gpu_train(c, params, bn, B, T, steps, tokens, losses[0], want);
+    float* master = (float*)malloc_check(P * sizeof(float));
+    float* adam[2] = {(float*)malloc_check(P * sizeof(float)), (float*)malloc_check(P * sizeof(float))};
+    float* bn_saved = (float*)calloc_check(max_sz(NB, 1), sizeof(float));
+    Model m;
+    gpu_build(&m, c, B, T, EXPERT_EXEC_EXPERT);
+    model_set_params(&m, params, bn);
+    gpu_train_steps(&m, B, T, 0, half, tokens, losses[1]);
+    model_get_params(&m, master, bn_saved);
+    cudaCheck(cudaMemcpy(adam[0], m.adam_m, P * sizeof(float), cudaMemcpyDeviceToHost));
+    cudaCheck(cudaMemcpy(adam[1], m.adam_v, P * sizeof(float), cudaMemcpyDeviceToHost));
+    int t = m.adam_t;
+    model_free(&m);
+    gpu_build(&m, c, B, T, EXPERT_EXEC_EXPERT);
+    model_set_params(&m, master, bn_saved);
+    cudaCheck(cudaMemcpy(m.adam_m, adam[0], P * sizeof(float), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(m.adam_v, adam[1], P * sizeof(float), cudaMemcpyHostToDevice));
+    m.adam_t = t;
+    gpu_train_steps(&m, B, T, half, steps, tokens, losses[1]);
+    model_get_params(&m, got, NULL);
+    model_free(&m);
+    char what[256];
+    int same = memcmp(losses[0], losses[1], sizeof(losses[0])) == 0 && memcmp(want, got, P * sizeof(float)) == 0;
+    snprintf(what, sizeof(what), "%s resume after %d of %d steps == one run (losses and weights bitwise)", name, half,
+             steps);
+    test_check(same, what);
+    free(params); free(bn); free(tokens); free(want); free(got); free(master); free(adam[0]); free(adam[1]);
+    free(bn_saved);
 }
 
 // 6. -r 1 and -r 2 (activation recomputation) against -r 0: one forward/backward (loss, every
@@ -244,7 +361,7 @@ static void test_training(const char* name, const ModelConfig* c, int B, int T) 
 static void recompute_run(const ModelConfig* c, const float* params, const float* bn, int B, int T, const int* tokens,
                           float* loss, float* grads, float* train_losses, float* train_params) {
     Model m;
-    model_build(&m, c, B, T, EXPERT_EXEC_EXPERT, g_attention, g_recompute);
+    gpu_build(&m, c, B, T, EXPERT_EXEC_EXPERT);
     model_set_params(&m, params, bn);
     model_forward(&m, tokens, tokens + 1, B, T, 1);
     *loss = model_mean_loss(&m);
@@ -316,11 +433,11 @@ static void test_eval_sampling_accumulation(const char* name, const ModelConfig*
     char what[160];
 
     cpu::GPT ref;
-    cpu::gpt_build(&ref, c);
+    cpu_build(&ref, c);
     memcpy(ref.params, params, P * sizeof(float));
     if (NB) memcpy(ref.bn_stats, bn, NB * sizeof(float));
     Model m;
-    model_build(&m, c, B, T, EXPERT_EXEC_EXPERT, g_attention, g_recompute);
+    gpu_build(&m, c, B, T, EXPERT_EXEC_EXPERT);
     model_set_params(&m, params, bn);
     float* logits = (float*)malloc_check((size_t)BT * Vp * sizeof(float));
 
@@ -359,14 +476,14 @@ static void test_eval_sampling_accumulation(const char* name, const ModelConfig*
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
         if (sizes[i] == 0) continue;
         double ei = rel_err(grads + off, ref.grads + off, sizes[i]).rel;
-        if (i == PARAM_EXPERTU || i == PARAM_EXPERTV || i == PARAM_ROUTERW) worst_experts = fmax(worst_experts, ei);
+        if (param_touched_by_routing(i)) worst_experts = fmax(worst_experts, ei);
         else worst = fmax(worst, ei);
         off += sizes[i];
     }
     snprintf(what, sizeof(what), "%s 2 accumulated micro-batches, worst grad", name);
     test_check_le(what, worst, TOL);
-    if (c->ffn_kind == FFN_OMNI) {
-        snprintf(what, sizeof(what), "%s 2 accumulated micro-batches, worst U/V/router grad", name);
+    if (c->ffn_kind == FFN_OMNI || c->ffn_kind == FFN_MOE) {
+        snprintf(what, sizeof(what), "%s 2 accumulated micro-batches, worst expert/router grad", name);
         test_check_le(what, worst_experts, TOL_EXPERTS);
     }
     model_free(&m);
@@ -525,6 +642,52 @@ static void test_zero_update(const char* name, const ModelConfig* c) {
     free(h_v);
 }
 
+// moe (docs/design.md §10): DeepSeekMoE-style (linear router, shared expert, plain gates), the
+// MoE++ options (zero, copy, constant experts, gating residuals, tanh router, renormalised gates,
+// k x input), no shared expert, each with the balance loss; then loss-free bias balancing
+static ModelConfig moe_gpu_config(TestDims d, int E, int k, int S, int zero, int copy, int cnst, int moepp) {
+    ModelConfig c = test_config(d, FFN_MOE, 0, 0, 0, 0);
+    c.ffn_hidden = 64;  // I_e
+    c.moe_experts = E;
+    c.moe_topk = k;
+    c.moe_shared = S;
+    c.moe_zero = zero;
+    c.moe_copy = copy;
+    c.moe_const = cnst;
+    c.moe_gate_res = moepp;
+    c.moe_norm_topk = moepp;
+    c.moe_router = moepp ? MOE_ROUTER_TANH : MOE_ROUTER_LINEAR;
+    c.moe_input_scale = moepp;
+    return c;
+}
+
+static void test_moe(TestDims d) {
+    struct { const char* name; ModelConfig c; } cases[] = {
+        {"moe E8 k2 S1", moe_gpu_config(d, 8, 2, 1, 0, 0, 0, 0)},
+        {"moe++ E6 k2 S1 zero1 copy1 const2", moe_gpu_config(d, 6, 2, 1, 1, 1, 2, 1)},
+        {"moe E8 k3 S0 (no shared expert) zero1", moe_gpu_config(d, 8, 3, 0, 1, 0, 0, 0)},
+    };
+    const int num_cases = (int)(sizeof(cases) / sizeof(cases[0]));
+    for (int i = 0; i < num_cases; i++) {
+        if (!model_config_validate(&cases[i].c)) exit(EXIT_FAILURE);
+        test_forward_backward(cases[i].name, &cases[i].c, 4, 64);
+        test_training(cases[i].name, &cases[i].c, 4, 64);
+        test_eval_sampling_accumulation(cases[i].name, &cases[i].c, 4, 64);
+    }
+    test_recompute(cases[1].name, &cases[1].c, 4, 64);
+    g_moe_bias_rate = 0.01f;
+    for (int i = 0; i < 2; i++) {
+        char name[128];
+        snprintf(name, sizeof(name), "%s, bias rate 0.01", cases[i].name);
+        test_training(name, &cases[i].c, 4, 64);
+        test_resume(name, &cases[i].c, 4, 64);
+    }
+    g_moe_bias_rate = 0.0f;
+    g_moe_aux = 0.0f;  // no balance loss
+    test_forward_backward("moe++ E6 k2 S1 zero1 copy1 const2, no balance loss", &cases[1].c, 4, 64);
+    g_moe_aux = 0.05f;
+}
+
 int main(void) {
     int device_count = 0;
     if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) {
@@ -551,6 +714,7 @@ int main(void) {
     // -r 1 and 2 against -r 0 (bitwise): gelu, swiglu, omni with and without BN
     const int recompute_cases[] = {0, 1, 2, 3};
     for (int i : recompute_cases) test_recompute(cases[i].name, &cases[i].c, 4, 64);
+    test_moe(d);
     test_expert_stats();
     test_zero_update(cases[2].name, &cases[2].c);
     test_zero_update(cases[0].name, &cases[0].c);

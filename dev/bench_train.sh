@@ -12,6 +12,8 @@
 #   swiglu_b32  -e d12 -f swiglu -b 32   the dense model of the same active size as omni
 #   omni_b32    -e d12 -f omni   -b 32   OmniMoE d12: I=1920, N=16384 (n=128), k=32
 #   omni-token_b32  the same with --expert-exec token (OMNI_TOKEN=0 skips it)
+#   moe_b32     -e d12 -f moe    -b 32   DeepSeekMoE-style d12: E=64, S=2, k=6 (docs/design.md §10.6)
+#   moepp_b32   -e d12 -f moe --moepp 1  the MoE++ experts on top (MOE=0 skips both)
 # B=32 for omni fits: parameters + AdamW state 425.2M x 16 B = 6.8 GB; activations per layer at
 # BT=32768: ln1, atty, residual2, ln2, residual3 5 x 50 MB, qkv 151 MB, fch (2I) 252 MB, fch_act
 # 126 MB, router logits + log-probs 67 MB, ids/gates/scores/schedule 25 MB: ~0.87 GB, x 12 =
@@ -73,6 +75,13 @@ if [ "${OMNI_TOKEN:-1}" = 1 ]; then
     run_one "omni-token_b$B" omni "$B" --expert-exec token || failed=1
 fi
 
+# the moe kind (docs/design.md §10), vanilla and with the MoE++ experts, beside swiglu and omni
+if [ "${MOE:-1}" = 1 ]; then
+    runs+=("moe_b$B" "moepp_b$B")
+    run_one "moe_b$B" moe "$B" || failed=1
+    run_one "moepp_b$B" moe "$B" --moepp 1 || failed=1
+fi
+
 python3 - "$D" "$SKIP" "$T" "${runs[@]}" <<'EOF'
 import json, os, sys
 d, skip, T, names = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
@@ -118,6 +127,16 @@ for o in [n for n in rows if rows[n]["ffn"] == "omni"]:   # omni vs swiglu at th
     if s in rows:
         ratios.update(omni_run=o, swiglu_run=s, omni_vs_swiglu=rows[o]["tok_s"] / rows[s]["tok_s"])
         print("omni / swiglu d12 at B=%d: %.3f (target >= 0.85)" % (rows[o]["B"], ratios["omni_vs_swiglu"]))
+for m in [n for n in rows if rows[n]["ffn"] in ("moe", "moepp")]:   # moe / swiglu at the same B
+    s = "swiglu_b%d" % rows[m]["B"]
+    if s in rows:
+        ratios["%s_vs_swiglu" % rows[m]["ffn"]] = rows[m]["tok_s"] / rows[s]["tok_s"]
+        print("%s / swiglu d12 at B=%d: %.3f" % (rows[m]["ffn"], rows[m]["B"], ratios["%s_vs_swiglu" % rows[m]["ffn"]]))
+for m in [n for n in rows if rows[n]["ffn"] == "moepp"]:   # MoE++ against vanilla moe (whole step)
+    v = "moe_b%d" % rows[m]["B"]
+    if v in rows:
+        ratios["moepp_vs_moe"] = rows[m]["tok_s"] / rows[v]["tok_s"]
+        print("moe++ / moe d12 at B=%d: %.3f (the paper's expert forward: 1.1-2.1)" % (rows[m]["B"], ratios["moepp_vs_moe"]))
 json.dump({"skip": skip, "T": T, "runs": rows, "ratios": ratios},
           open(os.path.join(d, "bench_train.json"), "w"), indent=1)
 EOF

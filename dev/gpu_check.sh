@@ -2,8 +2,9 @@
 # One device call: build the CUDA trainer and its test (bf16 and fp32), run the GPU tests, run a
 # short training of the default model, and print a summary last. Logs go to $OUT when set.
 #   bash dev/gpu_check.sh [MODE]     MODE: words joined by '+', default full
-#     always: build, the GPU tests (bf16, fp32), the column-sharded experts against the unsharded
-#             ones (dev/cuda/test_experts_shard.cu), the CUDA trainer's bitwise resume test
+#     always: build, the GPU tests (bf16, fp32; moe cases included), the column-sharded experts
+#             against the unsharded ones (dev/cuda/test_experts_shard.cu), the CUDA trainer's bitwise
+#             resume test (omni, and moe with the MoE++ experts and bias balancing)
 #     kernels: every kernel test and benchmark of dev/cuda (built by make with the Makefile's flags)
 #     hostile: the hostile-input sweep on the CUDA trainer (scripts/test_hostile.sh)
 #     full: hostile, the no-argument default run and, when carry/mixed was carried, a rerun of the
@@ -41,6 +42,8 @@ run test_bf16 ./test_omnimoe
 run test_fp32 ./test_omnimoe_fp32
 run test_experts_shard ./dev/cuda/test_experts_shard_bin
 run resume_cuda env TRAINER=./train_omnimoe RESUME_MODEL=small bash scripts/test_resume_cpu.sh
+run resume_cuda_moe env TRAINER=./train_omnimoe RESUME_MODEL=small RESUME_FFN="moe --moepp 1 --moe-bias-rate 0.001" \
+    bash scripts/test_resume_cpu.sh
 if [[ "$mode" == *full* || "$mode" == *hostile* ]]; then run hostile_cuda env TRAINER=./train_omnimoe bash scripts/test_hostile.sh; fi
 if [[ "$mode" == *kernels* ]]; then
     for suite in std attention omni; do run "kernels_$suite" bash dev/cuda/run_$suite.sh; done

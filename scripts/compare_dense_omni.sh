@@ -7,6 +7,9 @@
 #   omni      OmniMoE, the preset's N and k                    ~ the same active parameters
 #   gelu      GPT-2's GELU MLP (4C)                            ~ the same active parameters
 #   omni_big  OmniMoE with BIG_EXPERTS experts, same k and I   ~ the same active, more total
+#   moe       DeepSeekMoE-style top-k MoE (docs/design.md §10)  ~ the same active parameters
+#   moepp     the same with the MoE++ experts (--moepp 1)      ~ the same active (an upper bound)
+# (moe and moepp are not in the default RUNS: RUNS="... moe moepp" adds them.)
 # (llmc/config.h picks the widths so active parameters per token agree within ~2%.)
 #
 # Usage (from anywhere; the trainer runs in the repository root):
@@ -72,7 +75,9 @@ model_flags() {
         gelu) echo "-f gelu" ;;
         omni) echo "-f omni" ;;
         omni_big) echo "-f omni --experts $BIG_EXPERTS" ;;
-        *) echo "Error: unknown run \"$1\" in RUNS (swiglu, omni, gelu, omni_big)" >&2; return 1 ;;
+        moe) echo "-f moe" ;;
+        moepp) echo "-f moe --moepp 1" ;;
+        *) echo "Error: unknown run \"$1\" in RUNS (swiglu, omni, gelu, omni_big, moe, moepp)" >&2; return 1 ;;
     esac
 }
 
