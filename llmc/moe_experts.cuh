@@ -44,6 +44,7 @@ other sum has one order (m, then channels or rows, in order; warp butterflies); 
 #ifndef OMNIMOE_MOE_EXPERTS_CUH
 #define OMNIMOE_MOE_EXPERTS_CUH
 
+#include "utils.h"        // malloc_check
 #include "cuda_utils.cuh"
 #include "matmul.cuh"
 #include "scheduler.cuh"

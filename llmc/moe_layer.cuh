@@ -53,6 +53,7 @@ without atomics; same inputs give the same bits.
 #include "matmul.cuh"
 #include "activations.cuh"
 #include "scheduler.cuh"
+#include "expert_stats.cuh"  // expert_counts_add
 #include "moe_router.cuh"
 #include "moe_experts.cuh"
 

@@ -1,0 +1,503 @@
+/*
+test_moe.cu - tests of the moe layer on the GPU (llmc/moe_layer.cuh: moe_router.cuh, scheduler.cuh,
+moe_experts.cuh) against a plain double-precision CPU reference written here (docs/design.md §10).
+
+  make dev/cuda/test_moe_bin && ./dev/cuda/test_moe_bin          (bf16)
+  make dev/cuda/test_moe_fp32_bin && ./dev/cuda/test_moe_fp32_bin (floatX = float, tight tolerances)
+
+What is checked (one PASS/FAIL line per check, closing "test_moe: N passed, N failed"):
+ 1. moe_route on crafted logits and biases: random, exactly tied probabilities (quantised
+    logits), biases that reorder them, k = E_t: the ids equal a brute-force sort of the GPU's own
+    fp32 scores p + b (higher first, equal scores to the smaller id: the CPU reference's order),
+    sets and order; probabilities, gates and D against double math.
+ 2. the layer without a shared branch (H = 0, so out and dx are the routed part alone), linear
+    router, E = 6 FFN experts, 2 constant, 1 copy, 1 zero, k = 4, in three routings:
+    forced (a bias of +10..13 on experts 1, 4, 7 (constant) and 9 (zero): four FFN experts and a
+    constant expert never chosen, every token in the same segments), random (router weights of
+    std 1, no bias: segments of every size) and tied (router weights 0: all probabilities
+    equal, the ids decided by the tie rule and quantised biases); with and without
+    --moe-norm-topk, --moe-input-scale and the balance loss:
+    - ids against a brute-force sort of the GPU's probabilities and bias; probabilities, gates
+      against double math;
+    - out, dx, dW_r, dW1, dW2, dc, dA and the gate gradients against the double reference fed
+      the GPU's selection (relative L2: TOL_FLOATX for bf16 outputs, dgate 3e-2 in bf16);
+    - the layer's balance loss and per-expert counts against the reference;
+    - the gradients start random and accumulate: the rows of experts nobody chose stay bitwise
+      as they were; the bias has no gradient;
+    - the whole forward+backward run twice gives bitwise identical results.
+The gating residual, the tanh router and the shared SwiGLU are checked end to end against the
+CPU trainer by test_omnimoe.cu.
+*/
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <algorithm>
+#include <vector>
+#include "llmc/cuda_utils.cuh"
+#include "llmc/moe_layer.cuh"
+#include "llmc/test_harness.h"
+
+#if defined(ENABLE_FP32)
+static const double TOL_DGATE = 1e-5;
+#else
+static const double TOL_DGATE = 3e-2;
+#endif
+
+static Rng g_rng;
+
+static std::vector<float> host_random(size_t n, float std) {
+    std::vector<float> v(n > 0 ? n : 1);
+    fill_normal(v.data(), n, 0.0f, std, &g_rng);
+    for (size_t i = 0; i < n; i++) v[i] = host_round_to_floatX(v[i]);
+    return v;
+}
+
+static floatX* upload(const std::vector<float>& v, size_t n) {
+    floatX* d = device_alloc<floatX>(n > 0 ? n : 1, "test buffer");
+    if (n > 0) upload_floatX(d, v.data(), n);
+    return d;
+}
+
+static std::vector<float> fetch(const floatX* d, size_t n) {
+    std::vector<float> v(n > 0 ? n : 1);
+    if (n > 0) download_floatX(v.data(), d, n);
+    return v;
+}
+
+template <class T>
+static std::vector<T> fetch_raw(const T* d, size_t n) {
+    std::vector<T> v(n > 0 ? n : 1);
+    if (n > 0) cudaCheck(cudaMemcpy(v.data(), d, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return v;
+}
+
+// relative L2 error of got against ref; with init (accumulated gradients), of what was added
+// to init on each side, so the starting values cannot hide a wrong increment
+static double rel_l2(const std::vector<float>& got, const std::vector<double>& ref, size_t n,
+                     const std::vector<float>* init) {
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double base = init ? (*init)[i] : 0.0, a = got[i] - base, b = ref[i] - base;
+        num += (a - b) * (a - b);
+        den += b * b;
+    }
+    return sqrt(num / (den > 0 ? den : 1e-300));
+}
+
+// brute force: the k best of score[0..n) in the CPU reference's order (higher, then smaller id)
+static std::vector<int> brute_topk(const float* score, int n, int k) {
+    std::vector<int> ids(n);
+    for (int i = 0; i < n; i++) ids[i] = i;
+    std::stable_sort(ids.begin(), ids.end(), [&](int a, int b) { return score[a] > score[b]; });
+    ids.resize(k);
+    return ids;
+}
+
+// ----------------------------------------------------------------------------
+// 1. moe_route alone
+
+static void test_route(const char* name, int BT, int Et, int k, int zero_from, int norm, int quantised) {
+    std::vector<float> z((size_t)BT * Et), bias(Et);
+    for (size_t i = 0; i < z.size(); i++) {
+        z[i] = quantised ? (float)rng_int(&g_rng, 3) : rng_uniform(&g_rng, -3.0f, 3.0f);
+    }
+    for (int i = 0; i < Et; i++) bias[i] = host_round_to_floatX(quantised ? 0.25f * rng_int(&g_rng, 2) : 0.0f);
+    float* d_z = device_alloc<float>(z.size(), "z");
+    cudaCheck(cudaMemcpy(d_z, z.data(), z.size() * sizeof(float), cudaMemcpyHostToDevice));
+    floatX* d_bias = upload(bias, Et);
+    float* d_probs = device_alloc<float>((size_t)BT * Et, "probs");
+    int* d_idx = device_alloc<int>((size_t)BT * k, "idx");
+    float* d_gate = device_alloc<float>((size_t)BT * k, "gate");
+    float* d_denom = device_alloc<float>(BT, "denom");
+    poison(d_idx, (size_t)BT * k * sizeof(int));
+    moe_route(d_probs, d_idx, d_gate, d_denom, d_z, d_bias, BT, Et, k, zero_from, norm, 0);
+    std::vector<float> probs = fetch_raw(d_probs, (size_t)BT * Et), gate = fetch_raw(d_gate, (size_t)BT * k);
+    std::vector<float> denom = fetch_raw(d_denom, BT);
+    std::vector<int> idx = fetch_raw(d_idx, (size_t)BT * k);
+    size_t wrong_ids = 0;
+    double worst_p = 0.0, worst_g = 0.0, worst_d = 0.0;
+    std::vector<float> score(Et);
+    for (int t = 0; t < BT; t++) {
+        const float* zr = &z[(size_t)t * Et];
+        double mx = -INFINITY, sum = 0.0;
+        for (int i = 0; i < Et; i++) mx = fmax(mx, zr[i]);
+        for (int i = 0; i < Et; i++) sum += exp(zr[i] - mx);
+        for (int i = 0; i < Et; i++) {
+            worst_p = fmax(worst_p, fabs(probs[(size_t)t * Et + i] - exp(zr[i] - mx) / sum));
+            score[i] = probs[(size_t)t * Et + i] + bias[i];  // the GPU's own fp32 scores
+        }
+        std::vector<int> want = brute_topk(score.data(), Et, k);
+        double D = 0.0;
+        for (int m = 0; m < k; m++) {
+            wrong_ids += idx[(size_t)t * k + m] != want[m];
+            if (want[m] < zero_from) D += exp(zr[want[m]] - mx) / sum;
+        }
+        for (int m = 0; m < k; m++) {
+            double p = exp(zr[want[m]] - mx) / sum;
+            double g = !norm ? p : (want[m] >= zero_from || D <= 0.0 ? 0.0 : p / D);
+            worst_g = fmax(worst_g, fabs(gate[(size_t)t * k + m] - g));
+        }
+        worst_d = fmax(worst_d, fabs(denom[t] - (norm ? D : 1.0)));
+    }
+    char what[200];
+    snprintf(what, sizeof(what), "%s: ids == brute-force sort of the GPU's p + b (sets and order)", name);
+    test_checkf(wrong_ids == 0, what, "%zu of %d slots differ", wrong_ids, BT * k);
+    snprintf(what, sizeof(what), "%s: probabilities, gates, D vs double", name);
+    test_check_le(what, fmax(worst_p, fmax(worst_g, worst_d)), 1e-5);
+    cudaCheck(cudaFree(d_z)); cudaCheck(cudaFree(d_bias)); cudaCheck(cudaFree(d_probs)); cudaCheck(cudaFree(d_idx));
+    cudaCheck(cudaFree(d_gate)); cudaCheck(cudaFree(d_denom));
+}
+
+// ----------------------------------------------------------------------------
+// 2. the layer (H = 0, linear router) against the double reference
+
+enum { ROUTE_FORCED = 0, ROUTE_RANDOM = 1, ROUTE_TIED = 2 };
+
+typedef struct {
+    std::vector<float> x, wr, w1, w2, cvec, cmix, bias, dy;
+    std::vector<float> g_wr, g_w1, g_w2, g_cvec, g_cmix;  // the gradients' starting values
+} LayerData;
+
+typedef struct {
+    std::vector<float> out, dx, dwr, dw1, dw2, dcvec, dcmix, dbias, probs, gate, dgate;
+    std::vector<int> idx, counts;
+    float aux;
+} LayerResult;
+
+static double silu(double v) { return v / (1.0 + exp(-v)); }
+static double silu_grad(double v) {
+    double s = 1.0 / (1.0 + exp(-v));
+    return s * (1.0 + v * (1.0 - s));
+}
+
+static LayerResult run_layer(MoeDims d, MoeOptions o, const LayerData& D, float alpha, float tau) {
+    const int BT = d.BT, C = d.C, Et = moe_routed(d), E = d.E, Ie = d.Ie, Kc = d.Kc, k = d.k;
+    MoeWeights w, dw;
+    memset(&w, 0, sizeof(w));
+    memset(&dw, 0, sizeof(dw));
+    w.router = upload(D.wr, (size_t)Et * C);
+    w.w1 = upload(D.w1, (size_t)E * 2 * Ie * C);
+    w.w2 = upload(D.w2, (size_t)E * C * Ie);
+    w.cvec = upload(D.cvec, (size_t)Kc * C);
+    w.cmix = upload(D.cmix, (size_t)Kc * 2 * C);
+    w.bias = upload(D.bias, Et);
+    dw.router = upload(D.g_wr, (size_t)Et * C);
+    dw.w1 = upload(D.g_w1, (size_t)E * 2 * Ie * C);
+    dw.w2 = upload(D.g_w2, (size_t)E * C * Ie);
+    dw.cvec = upload(D.g_cvec, (size_t)Kc * C);
+    dw.cmix = upload(D.g_cmix, (size_t)Kc * 2 * C);
+    std::vector<float> zeros(Et, 0.0f);
+    dw.bias = upload(zeros, Et);
+    floatX* x = upload(D.x, (size_t)BT * C);
+    floatX* dy = upload(D.dy, (size_t)BT * C);
+    floatX* out = device_alloc<floatX>((size_t)BT * C, "out");
+    floatX* dx = device_alloc<floatX>((size_t)BT * C, "dx");
+    poison(out, (size_t)BT * C * sizeof(floatX));
+    poison(dx, (size_t)BT * C * sizeof(floatX));
+    MoeWorkspace ws;
+    moe_workspace_create(&ws, d, o, NULL, 0, NULL, NULL);
+    MoeLayer layer;
+    moe_layer_create(&layer, d, o, w, dw, &ws, NULL, NULL);
+    int* counts = device_alloc<int>(Et, "counts");
+    cudaCheck(cudaMemset(counts, 0, Et * sizeof(int)));
+    float* aux = device_alloc<float>(1, "aux");
+    poison(aux, sizeof(float));
+    layer.expert_counts = counts;
+    layer.aux = aux;
+    layer.aux_coef = alpha;
+    layer.zc_weight = tau;
+    // workspace and saved state start as NaN: nothing may read what was not written
+    poison(ws.block, moe_workspace_bytes(d, o) - moe_grouped_gemm_bytes(d.E));
+    poison(layer.saved.block, moe_layer_saved_bytes(d, o));
+    moe_layer_forward(&layer, out, x, BT, 1, 0);
+    ws.carry_valid = 0;
+    moe_layer_backward(&layer, dx, dy, x, BT, 0.5f, 0);
+    cudaCheck(cudaDeviceSynchronize());
+    LayerResult r;
+    r.out = fetch(out, (size_t)BT * C);
+    r.dx = fetch(dx, (size_t)BT * C);
+    r.dwr = fetch(dw.router, (size_t)Et * C);
+    r.dw1 = fetch(dw.w1, (size_t)E * 2 * Ie * C);
+    r.dw2 = fetch(dw.w2, (size_t)E * C * Ie);
+    r.dcvec = fetch(dw.cvec, (size_t)Kc * C);
+    r.dcmix = fetch(dw.cmix, (size_t)Kc * 2 * C);
+    r.dbias = fetch(dw.bias, Et);
+    r.probs = fetch_raw(layer.saved.probs, (size_t)BT * Et);
+    r.gate = fetch_raw(layer.saved.gate, (size_t)BT * k);
+    r.dgate = fetch_raw(ws.dgate, (size_t)BT * k);
+    r.idx = fetch_raw(layer.saved.idx, (size_t)BT * k);
+    r.counts = fetch_raw(counts, Et);
+    r.aux = alpha > 0.0f ? fetch_raw(aux, 1)[0] : 0.0f;
+    moe_layer_free(&layer);
+    moe_workspace_free(&ws);
+    floatX* bufs[] = {w.router, w.w1, w.w2, w.cvec, w.cmix, w.bias, dw.router, dw.w1, dw.w2, dw.cvec, dw.cmix,
+                      dw.bias, x, dy, out, dx};
+    for (floatX* b : bufs) cudaCheck(cudaFree(b));
+    cudaCheck(cudaFree(counts));
+    cudaCheck(cudaFree(aux));
+    return r;
+}
+
+static void test_layer(const char* name, int route, int norm, int scale_input, float alpha) {
+    const int BT = 300, C = 64, Ie = 32, E = 6, Kc = 2, Kp = 1, Kz = 1, k = 4, Et = E + Kc + Kp + Kz;
+    const int zero_from = E + Kc + Kp;
+    MoeDims d = {BT, C, 0, Ie, E, Kc, Kp, Kz, k};
+    MoeOptions o = {0, norm, MOE_ROUTER_LINEAR, scale_input};
+    const float tau = 0.75f, loss_scale = 0.5f;
+    const double s = scale_input ? k : 1.0;
+    LayerData D;
+    D.x = host_random((size_t)BT * C, 1.0f);
+    D.wr = host_random((size_t)Et * C, route == ROUTE_RANDOM ? 1.0f : 0.02f);
+    if (route == ROUTE_TIED) std::fill(D.wr.begin(), D.wr.end(), 0.0f);
+    D.w1 = host_random((size_t)E * 2 * Ie * C, 0.15f);
+    D.w2 = host_random((size_t)E * C * Ie, 0.15f);
+    D.cvec = host_random((size_t)Kc * C, 1.0f);
+    D.cmix = host_random((size_t)Kc * 2 * C, 0.1f);
+    D.bias.assign(Et, 0.0f);
+    if (route == ROUTE_FORCED) {  // experts 1, 4 (FFN), 7 (constant), 9 (zero), in the order 9, 7, 4, 1
+        D.bias[1] = 10.0f; D.bias[4] = 11.0f; D.bias[7] = 12.0f; D.bias[9] = 13.0f;
+    } else if (route == ROUTE_TIED) {
+        for (int i = 0; i < Et; i++) D.bias[i] = 0.25f * rng_int(&g_rng, 2);
+    }
+    D.dy = host_random((size_t)BT * C, 1.0f);
+    D.g_wr = host_random((size_t)Et * C, 0.1f);
+    D.g_w1 = host_random((size_t)E * 2 * Ie * C, 0.1f);
+    D.g_w2 = host_random((size_t)E * C * Ie, 0.1f);
+    D.g_cvec = host_random((size_t)Kc * C, 0.1f);
+    D.g_cmix = host_random((size_t)Kc * 2 * C, 0.1f);
+    LayerResult r = run_layer(d, o, D, alpha, tau);
+    char what[256];
+
+    // selection against brute force on the GPU's own probabilities and bias
+    size_t wrong_ids = 0;
+    std::vector<float> score(Et);
+    for (int t = 0; t < BT; t++) {
+        for (int i = 0; i < Et; i++) score[i] = r.probs[(size_t)t * Et + i] + D.bias[i];
+        std::vector<int> want = brute_topk(score.data(), Et, k);
+        for (int m = 0; m < k; m++) wrong_ids += r.idx[(size_t)t * k + m] != want[m];
+    }
+    snprintf(what, sizeof(what), "%s: ids == brute-force sort of p + b", name);
+    test_checkf(wrong_ids == 0, what, "%zu of %d slots differ", wrong_ids, BT * k);
+
+    // the double reference, fed the GPU's ids
+    std::vector<double> p((size_t)BT * Et), g((size_t)BT * k), out((size_t)BT * C, 0.0), dx((size_t)BT * C, 0.0);
+    std::vector<double> dwr(D.g_wr.begin(), D.g_wr.end()), dw1(D.g_w1.begin(), D.g_w1.end());
+    std::vector<double> dw2(D.g_w2.begin(), D.g_w2.end()), dcvec(D.g_cvec.begin(), D.g_cvec.end());
+    std::vector<double> dcmix(D.g_cmix.begin(), D.g_cmix.end()), dgate((size_t)BT * k), denom(BT);
+    std::vector<int> counts(Et, 0);
+    for (size_t q = 0; q < (size_t)BT * k; q++) counts[r.idx[q]]++;
+    for (int t = 0; t < BT; t++) {
+        double mx = -INFINITY, sum = 0.0;
+        std::vector<double> z(Et);
+        for (int i = 0; i < Et; i++) {
+            z[i] = 0.0;
+            for (int c = 0; c < C; c++) z[i] += (double)D.wr[(size_t)i * C + c] * D.x[(size_t)t * C + c];
+            mx = fmax(mx, z[i]);
+        }
+        for (int i = 0; i < Et; i++) sum += exp(z[i] - mx);
+        for (int i = 0; i < Et; i++) p[(size_t)t * Et + i] = exp(z[i] - mx) / sum;
+        const int* id = &r.idx[(size_t)t * k];
+        double Dn = 0.0;
+        for (int m = 0; m < k; m++) if (id[m] < zero_from) Dn += p[(size_t)t * Et + id[m]];
+        denom[t] = Dn;
+        for (int m = 0; m < k; m++) {
+            double pm = p[(size_t)t * Et + id[m]];
+            g[(size_t)t * k + m] = !norm ? pm : (id[m] >= zero_from || Dn <= 0.0 ? 0.0 : pm / Dn);
+        }
+    }
+    double aux = 0.0;
+    for (int i = 0; i < Et; i++) {
+        double Pi = 0.0;
+        for (int t = 0; t < BT; t++) Pi += p[(size_t)t * Et + i];
+        aux += (i < E ? 1.0 : tau) * ((double)Et * counts[i] / ((double)k * BT)) * (Pi / BT);
+    }
+    aux *= alpha;
+    std::vector<double> xe(C), y(C), dxe(C), f(2 * Ie), h(Ie), dh(Ie), df(2 * Ie), dp(Et);
+    for (int t = 0; t < BT; t++) {
+        const float* dyt = &D.dy[(size_t)t * C];
+        for (int c = 0; c < C; c++) { xe[c] = s * D.x[(size_t)t * C + c]; dxe[c] = 0.0; }
+        for (int m = 0; m < k; m++) {
+            const size_t q = (size_t)t * k + m;
+            const int e = r.idx[q];
+            const double gq = g[q];
+            double w0 = 0.0, w1 = 0.0;
+            const float* A = NULL;
+            const float* cv = NULL;
+            if (e < E) {
+                const float* W1 = &D.w1[(size_t)e * 2 * Ie * C];
+                const float* W2 = &D.w2[(size_t)e * C * Ie];
+                for (int j = 0; j < 2 * Ie; j++) {
+                    f[j] = 0.0;
+                    for (int c = 0; c < C; c++) f[j] += (double)W1[(size_t)j * C + c] * xe[c];
+                }
+                for (int i = 0; i < Ie; i++) h[i] = silu(f[i]) * f[Ie + i];
+                for (int c = 0; c < C; c++) {
+                    y[c] = 0.0;
+                    for (int i = 0; i < Ie; i++) y[c] += (double)W2[(size_t)c * Ie + i] * h[i];
+                }
+            } else if (e < E + Kc) {
+                A = &D.cmix[(size_t)(e - E) * 2 * C];
+                cv = &D.cvec[(size_t)(e - E) * C];
+                double a0 = 0.0, a1 = 0.0;
+                for (int c = 0; c < C; c++) { a0 += A[c] * xe[c]; a1 += A[C + c] * xe[c]; }
+                double mx = fmax(a0, a1);
+                w0 = exp(a0 - mx) / (exp(a0 - mx) + exp(a1 - mx));
+                w1 = 1.0 - w0;
+                for (int c = 0; c < C; c++) y[c] = w0 * xe[c] + w1 * cv[c];
+            } else if (e < E + Kc + Kp) {
+                for (int c = 0; c < C; c++) y[c] = xe[c];
+            } else {
+                for (int c = 0; c < C; c++) y[c] = 0.0;
+            }
+            double dg = 0.0;
+            for (int c = 0; c < C; c++) {
+                out[(size_t)t * C + c] += gq * y[c];
+                dg += dyt[c] * y[c];
+            }
+            dgate[q] = dg;
+            if (e < E) {
+                const float* W1 = &D.w1[(size_t)e * 2 * Ie * C];
+                const float* W2 = &D.w2[(size_t)e * C * Ie];
+                for (int i = 0; i < Ie; i++) {
+                    dh[i] = 0.0;
+                    for (int c = 0; c < C; c++) dh[i] += (double)W2[(size_t)c * Ie + i] * gq * dyt[c];
+                    df[i] = dh[i] * f[Ie + i] * silu_grad(f[i]);
+                    df[Ie + i] = dh[i] * silu(f[i]);
+                }
+                for (int c = 0; c < C; c++) {
+                    for (int i = 0; i < Ie; i++) dw2[(size_t)e * C * Ie + (size_t)c * Ie + i] += gq * dyt[c] * h[i];
+                }
+                for (int j = 0; j < 2 * Ie; j++) {
+                    for (int c = 0; c < C; c++) {
+                        dw1[(size_t)e * 2 * Ie * C + (size_t)j * C + c] += df[j] * xe[c];
+                        dxe[c] += (double)W1[(size_t)j * C + c] * df[j];
+                    }
+                }
+            } else if (e < E + Kc) {
+                double dw0 = 0.0, dw1s = 0.0;
+                for (int c = 0; c < C; c++) { dw0 += gq * dyt[c] * xe[c]; dw1s += gq * dyt[c] * cv[c]; }
+                double wdw = w0 * dw0 + w1 * dw1s, da0 = w0 * (dw0 - wdw), da1 = w1 * (dw1s - wdw);
+                for (int c = 0; c < C; c++) {
+                    dcmix[(size_t)(e - E) * 2 * C + c] += da0 * xe[c];
+                    dcmix[(size_t)(e - E) * 2 * C + C + c] += da1 * xe[c];
+                    dcvec[(size_t)(e - E) * C + c] += w1 * gq * dyt[c];
+                    dxe[c] += w0 * gq * dyt[c] + da0 * A[c] + da1 * A[C + c];
+                }
+            } else if (e < E + Kc + Kp) {
+                for (int c = 0; c < C; c++) dxe[c] += gq * dyt[c];
+            }
+        }
+        // gates -> dp (+ balance loss) -> dz -> router
+        for (int i = 0; i < Et; i++) {
+            dp[i] = alpha > 0.0f ? (double)loss_scale * alpha * (i < E ? 1.0 : tau) *
+                                       ((double)Et * counts[i] / ((double)k * BT)) / BT : 0.0;
+        }
+        const int* id = &r.idx[(size_t)t * k];
+        if (!norm) {
+            for (int m = 0; m < k; m++) dp[id[m]] += dgate[(size_t)t * k + m];
+        } else if (denom[t] > 0.0) {
+            double gdg = 0.0;
+            for (int m = 0; m < k; m++) gdg += g[(size_t)t * k + m] * dgate[(size_t)t * k + m];
+            for (int m = 0; m < k; m++) {
+                if (id[m] < zero_from) dp[id[m]] += (dgate[(size_t)t * k + m] - gdg) / denom[t];
+            }
+        }
+        double pdp = 0.0;
+        for (int i = 0; i < Et; i++) pdp += p[(size_t)t * Et + i] * dp[i];
+        for (int c = 0; c < C; c++) dx[(size_t)t * C + c] = s * dxe[c];
+        for (int i = 0; i < Et; i++) {
+            double dz = p[(size_t)t * Et + i] * (dp[i] - pdp);
+            for (int c = 0; c < C; c++) {
+                dx[(size_t)t * C + c] += dz * D.wr[(size_t)i * C + c];
+                dwr[(size_t)i * C + c] += dz * D.x[(size_t)t * C + c];
+            }
+        }
+    }
+
+    double worst_pg = 0.0;
+    for (size_t i = 0; i < p.size(); i++) worst_pg = fmax(worst_pg, fabs(r.probs[i] - p[i]));
+    for (size_t i = 0; i < g.size(); i++) worst_pg = fmax(worst_pg, fabs(r.gate[i] - g[i]));
+    snprintf(what, sizeof(what), "%s: probabilities and gates vs double (max abs)", name);
+    test_check_le(what, worst_pg, 1e-5);
+    int same_counts = 1;
+    std::vector<int> want_counts(Et, 0);
+    for (size_t q = 0; q < (size_t)BT * k; q++) want_counts[r.idx[q]]++;
+    for (int i = 0; i < Et; i++) same_counts &= r.counts[i] == want_counts[i];
+    snprintf(what, sizeof(what), "%s: per-expert counts == the ids' histogram", name);
+    test_check(same_counts, what);
+    if (alpha > 0.0f) {
+        snprintf(what, sizeof(what), "%s: balance loss vs double (relative)", name);
+        test_check_le(what, fabs(r.aux - aux) / fmax(fabs(aux), 1e-30), 1e-5);
+    }
+    struct {
+        const char* what;
+        const std::vector<float>* got;
+        const std::vector<double>* ref;
+        const std::vector<float>* init;
+        double tol;
+    } cmp[] = {
+        {"out", &r.out, &out, NULL, TOL_FLOATX},
+        {"dx", &r.dx, &dx, NULL, TOL_FLOATX},
+        {"dW_r (added)", &r.dwr, &dwr, &D.g_wr, TOL_FLOATX},
+        {"dW1 (added)", &r.dw1, &dw1, &D.g_w1, TOL_FLOATX},
+        {"dW2 (added)", &r.dw2, &dw2, &D.g_w2, TOL_FLOATX},
+        {"dc, constant vectors (added)", &r.dcvec, &dcvec, &D.g_cvec, TOL_FLOATX},
+        {"dA, constant mixing (added)", &r.dcmix, &dcmix, &D.g_cmix, TOL_FLOATX},
+        {"dgate", &r.dgate, &dgate, NULL, TOL_DGATE},
+    };
+    for (auto& cm : cmp) {
+        snprintf(what, sizeof(what), "%s: %s vs double (relative L2)", name, cm.what);
+        test_check_le(what, rel_l2(*cm.got, *cm.ref, cm.ref->size(), cm.init), cm.tol);
+    }
+    // experts nobody chose: their gradient rows are bitwise what they were; the bias has none
+    int untouched = 1;
+    for (int e = 0; e < E; e++) {
+        if (want_counts[e] > 0) continue;
+        const size_t n1 = (size_t)2 * Ie * C, n2 = (size_t)C * Ie;
+        untouched &= memcmp(&r.dw1[e * n1], &D.g_w1[e * n1], n1 * sizeof(float)) == 0;
+        untouched &= memcmp(&r.dw2[e * n2], &D.g_w2[e * n2], n2 * sizeof(float)) == 0;
+    }
+    for (int j = 0; j < Kc; j++) {
+        if (want_counts[E + j] > 0) continue;
+        untouched &= memcmp(&r.dcvec[(size_t)j * C], &D.g_cvec[(size_t)j * C], C * sizeof(float)) == 0;
+        untouched &= memcmp(&r.dcmix[(size_t)j * 2 * C], &D.g_cmix[(size_t)j * 2 * C], 2 * C * sizeof(float)) == 0;
+    }
+    for (int i = 0; i < Et; i++) untouched &= r.dbias[i] == 0.0f;
+    snprintf(what, sizeof(what), "%s: gradients of unchosen experts and of the bias untouched (bitwise)", name);
+    test_check(untouched, what);
+    if (route == ROUTE_FORCED) {
+        int empty = 0;
+        for (int e = 0; e < E + Kc; e++) empty += want_counts[e] == 0;
+        snprintf(what, sizeof(what), "%s: the forced routing leaves 5 experts empty", name);
+        test_checkf(empty == 5, what, "%d empty", empty);
+    }
+    // the whole forward + backward again: bitwise the same
+    LayerResult r2 = run_layer(d, o, D, alpha, tau);
+    int same = r2.out == r.out && r2.dx == r.dx && r2.dwr == r.dwr && r2.dw1 == r.dw1 && r2.dw2 == r.dw2 &&
+               r2.dcvec == r.dcvec && r2.dcmix == r.dcmix && r2.idx == r.idx && r2.dgate == r.dgate &&
+               memcmp(&r2.aux, &r.aux, sizeof(float)) == 0;
+    snprintf(what, sizeof(what), "%s: forward + backward twice bitwise identical", name);
+    test_check(same, what);
+}
+
+int main(void) {
+    int device_count = 0;
+    if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) {
+        printf("SKIPPED: test_moe needs a CUDA device\n");
+        return 0;
+    }
+    test_begin("test_moe" TEST_FLOATX_SUFFIX);
+    g_rng = rng_seeded(2025);
+    matmul_init();
+    test_route("route random E_t=10 k=4 norm", 517, 10, 4, 9, 1, 0);
+    test_route("route quantised ties E_t=10 k=4", 517, 10, 4, 9, 0, 1);
+    test_route("route quantised ties E_t=70 k=6 norm (more than 32 experts a lane)", 300, 70, 6, 64, 1, 1);
+    test_route("route k = E_t = 5", 64, 5, 5, 5, 1, 1);
+    test_layer("layer forced routing, norm, k x input, balance loss", ROUTE_FORCED, 1, 1, 0.05f);
+    test_layer("layer random routing, plain gates, no balance loss", ROUTE_RANDOM, 0, 0, 0.0f);
+    test_layer("layer random routing, norm, balance loss", ROUTE_RANDOM, 1, 0, 0.1f);
+    test_layer("layer tied probabilities, plain gates, k x input", ROUTE_TIED, 0, 1, 0.05f);
+    matmul_free();
+    return test_end();
+}
