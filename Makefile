@@ -137,7 +137,7 @@ test_omnimoe_fp32: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADE
 # tight tolerances); test_omni and test_experts_shard (bitwise in bf16 only) have no fp32 build.
 KERNEL_TESTS ?= matmul layernorm encoder activations classifier adamw global_norm attention omni experts_shard moe
 KERNEL_TEST_BINS = $(foreach t,$(KERNEL_TESTS),dev/cuda/test_$(t)_bin $(if $(filter omni experts_shard,$(t)),,dev/cuda/test_$(t)_fp32_bin))
-KERNEL_BENCH_BINS = dev/cuda/bench_omni_bin dev/cuda/bench_layer_bin
+KERNEL_BENCH_BINS = dev/cuda/bench_omni_bin dev/cuda/bench_layer_bin dev/cuda/bench_moe_bin
 KERNEL_LOGS = dev/cuda/build_logs
 
 kernel_tests: $(KERNEL_TEST_BINS)

@@ -646,16 +646,7 @@ static void test_zero_update(const char* name, const ModelConfig* c) {
 // MoE++ options (zero, copy, constant experts, gating residuals, tanh router, renormalised gates,
 // k x input), no shared expert, each with the balance loss; then loss-free bias balancing
 static ModelConfig moe_gpu_config(TestDims d, int E, int k, int S, int zero, int copy, int cnst, int moepp) {
-    ModelConfig c = test_config(d, FFN_MOE, 0, 0, 0, 0);
-    c.ffn_hidden = 64;  // I_e
-    c.moe_experts = E;
-    c.moe_topk = k;
-    c.moe_shared = S;
-    c.moe_zero = zero;
-    c.moe_copy = copy;
-    c.moe_const = cnst;
-    c.moe_gate_res = moepp;
-    c.moe_norm_topk = moepp;
+    ModelConfig c = test_moe_config(d, 64, E, k, S, zero, copy, cnst, moepp, moepp);
     c.moe_router = moepp ? MOE_ROUTER_TANH : MOE_ROUTER_LINEAR;
     c.moe_input_scale = moepp;
     return c;

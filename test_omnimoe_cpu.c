@@ -796,17 +796,7 @@ static void test_init(void) {
 // and the MoE++ expert counts
 static ModelConfig moe_test_config(TestDims d, int E, int k, int S, int zero, int copy, int cnst, int gate_res,
                                    int norm_topk) {
-    ModelConfig c = test_config(d, FFN_MOE, 0, 0, ROUTER_NORM_BN, GATE_SOFTMAX);
-    c.ffn_hidden = 6;
-    c.moe_experts = E;
-    c.moe_topk = k;
-    c.moe_shared = S;
-    c.moe_zero = zero;
-    c.moe_copy = copy;
-    c.moe_const = cnst;
-    c.moe_gate_res = gate_res;
-    c.moe_norm_topk = norm_topk;
-    return c;
+    return test_moe_config(d, 6, E, k, S, zero, copy, cnst, gate_res, norm_topk);
 }
 
 // With a zero router every p_{t,i} = 1/E_t, so sum_i eta_i f_i P_i = sum_i eta_i c_i / (k BT):

@@ -4,7 +4,7 @@
 #
 #   bash dev/bench_all.sh                      build, then all parts (about 2 min on an H100)
 #   SKIP_BUILD=1 bash dev/bench_all.sh         use the binaries built beforehand (this tree, same nvcc)
-#   PARTS="layer omni" bash dev/bench_all.sh   a subset of: layer omni torch train
+#   PARTS="layer omni" bash dev/bench_all.sh   a subset of: layer omni moe torch train
 #   BUDGET_S=560 (default)                     each part's timeout is cut so that the summary is
 #                                              printed before this many seconds have passed
 # Logs and JSON go to $OUT (default /tmp/omnimoe_bench): bench_layer.{log,json},
@@ -15,6 +15,10 @@
 #          of the same active size, router+experts, router alone at 9 (n, k), copy bandwidth
 #   omni   dev/cuda/bench_omni.cu: router/schedule/experts stages; experts alone at N = 4096,
 #          65536, 1048576 (k=32)
+#   moe    dev/cuda/bench_moe.cu: the moe layer (docs/design.md §10.8) fwd+bwd against the dense
+#          SwiGLU of the same active size, its grouped GEMM against a dense GEMM of the same
+#          FLOPs, MoE++ against vanilla moe (routed experts' forward)
+#   train  also runs d12 moe and moe --moepp 1 (dev/bench_train.sh)
 #   torch  dev/bench_torch.py: the PyTorch baselines of (a), (b), (c)
 #   train  dev/bench_train.sh: trainer tok/s, d12 gelu / swiglu / omni at B=32, T=1024
 #   llmc   dev/bench_llmc.sh: our dense d12 beside llm.c with and without cuDNN, same flags (runs
@@ -27,7 +31,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/omnimoe_bench}
 mkdir -p "$OUT"
-PARTS=${PARTS-layer omni torch train$([ -d carry/llm.c ] && echo " llmc")}
+PARTS=${PARTS-layer omni moe torch train$([ -d carry/llm.c ] && echo " llmc")}
 BUDGET_S=${BUDGET_S:-560}
 T0=$(date +%s)
 status=()
@@ -62,6 +66,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv,no
 # results of an earlier run must not reach this run's summary
 has_part layer && rm -f "$OUT/bench_layer.json" "$OUT/bench_layer.log"
 has_part omni && rm -f "$OUT/bench_omni.log"
+has_part moe && rm -f "$OUT/bench_moe.json" "$OUT/bench_moe.log"
 has_part torch && rm -f "$OUT/bench_torch.json" "$OUT/bench_torch.log"
 has_part train && rm -rf "$OUT/bench_train" "$OUT/bench_train.log"
 has_part llmc && rm -rf "$OUT/bench_llmc" "$OUT/bench_llmc.log"
@@ -83,6 +88,11 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
         rm -f dev/cuda/bench_omni_bin
         make dev/cuda/bench_omni_bin >"$OUT/build_omni.log" 2>&1 &
         pids+=($!); names+=(omni)
+    fi
+    if has_part moe; then
+        rm -f dev/cuda/bench_moe_bin
+        make dev/cuda/bench_moe_bin >"$OUT/build_moe.log" 2>&1 &
+        pids+=($!); names+=(moe)
     fi
     if has_part train; then
         make train_omnimoe >"$OUT/build_train.log" 2>&1 &
@@ -109,6 +119,9 @@ if runnable layer dev/cuda/bench_layer_bin; then
 fi
 if runnable omni dev/cuda/bench_omni_bin; then
     run_part bench_omni 150 ./dev/cuda/bench_omni_bin
+fi
+if runnable moe dev/cuda/bench_moe_bin; then
+    run_part bench_moe 120 ./dev/cuda/bench_moe_bin --json "$OUT/bench_moe.json"
 fi
 if has_part torch; then
     run_part bench_torch 240 env PYTHONUNBUFFERED=1 python3 dev/bench_torch.py --json "$OUT/bench_torch.json"
@@ -141,6 +154,7 @@ def fmt(x, f="%.3f"):
     return f % x if x is not None else "n/a"
 
 layer = load_json("bench_layer.json")
+moe = load_json("bench_moe.json")
 torch = load_json("bench_torch.json")
 train = load_json("bench_train/bench_train.json")
 llmc = load_json("bench_llmc/bench_llmc.json")
@@ -266,6 +280,22 @@ r5 = ratios.get("omni_vs_swiglu")
 o, s = runs.get(ratios.get("omni_run", "omni_b32")), runs.get(ratios.get("swiglu_run", "swiglu_b32"))
 rows.append(("omni / swiglu d12 tok/s (B=%s)" % (o["B"] if o else 32), "%s / %s" % (fmt(o and o["tok_s"], "%.0f"), fmt(s and s["tok_s"], "%.0f")),
              fmt(r5), ">= 0.85", verdict(r5, 0.85, True)))
+
+m1 = moe["moe_fwdbwd_ms"] / moe["dense_fwdbwd_ms"] if moe else None
+rows.append(("moe layer fwd+bwd / dense SwiGLU of equal active size (bench_moe)",
+             "%s / %s ms" % (fmt(moe and moe["moe_fwdbwd_ms"]), fmt(moe and moe["dense_fwdbwd_ms"])), fmt(m1), "<= 1.3",
+             verdict(m1, 1.3, False)))
+m2 = moe["dense_gemm_ms"] / moe["grouped_gemm_ms"] if moe else None
+rows.append(("moe grouped GEMM rate / dense GEMM rate, same M N K", "%s / %s ms" % (
+             fmt(moe and moe["grouped_gemm_ms"]), fmt(moe and moe["dense_gemm_ms"])), fmt(m2), ">= 0.6", verdict(m2, 0.6, True)))
+m3 = moe["vanilla_expert_fwd_ms"] / moe["moepp_expert_fwd_ms"] if moe else None
+rows.append(("MoE++ / moe expert forward throughput (random init: %s of pairs to ZC experts)" % fmt(
+             moe and 100 * moe["moepp_zc_share"], "%.1f%%"), "%s / %s ms" % (fmt(moe and moe["moepp_expert_fwd_ms"]),
+             fmt(moe and moe["vanilla_expert_fwd_ms"])), fmt(m3), "paper 1.1-2.1 (trained)", "reported"))
+for kind in ("moe", "moepp"):
+    r6 = ratios.get("%s_vs_swiglu" % kind)
+    rows.append(("%s / swiglu d12 tok/s" % kind, fmt(runs.get("%s_b32" % kind, {}).get("tok_s"), "%.0f"), fmt(r6), "reported",
+                 "reported" if r6 else "n/a"))
 
 print("\n================ targets of the performance issue (card: %s) ================" % (layer["card"] if layer else "see nvidia-smi above"))
 print("| target | measured | ratio | goal | status |")

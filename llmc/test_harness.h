@@ -209,6 +209,23 @@ static inline ModelConfig test_config(TestDims d, int ffn_kind, int n, int k, in
     return c;
 }
 
+// a moe model (docs/design.md §10): E FFN experts of width Ie, k per token, S shared, the MoE++
+// expert counts, gating residuals and renormalised gates; linear router, x as the experts' input
+static inline ModelConfig test_moe_config(TestDims d, int Ie, int E, int k, int S, int zero, int copy, int cnst,
+                                          int gate_res, int norm_topk) {
+    ModelConfig c = test_config(d, FFN_MOE, 0, 0, ROUTER_NORM_BN, GATE_SOFTMAX);
+    c.ffn_hidden = Ie;
+    c.moe_experts = E;
+    c.moe_topk = k;
+    c.moe_shared = S;
+    c.moe_zero = zero;
+    c.moe_copy = copy;
+    c.moe_const = cnst;
+    c.moe_gate_res = gate_res;
+    c.moe_norm_topk = norm_topk;
+    return c;
+}
+
 // ----------------------------------------------------------------------------
 // children: a case that must end the program (exit with a message) runs in a fork
 

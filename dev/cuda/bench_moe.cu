@@ -1,0 +1,219 @@
+/*
+bench_moe.cu - the moe layer (llmc/moe_layer.cuh, docs/design.md §10.8) against a dense SwiGLU of
+the same active size, its grouped GEMMs against one dense GEMM of the same FLOPs, and MoE++
+against vanilla moe (expert forward), all in one binary so the ratios come from one run.
+
+  make dev/cuda/bench_moe_bin
+  ./dev/cuda/bench_moe_bin [--json PATH]         (dev/bench_all.sh builds and runs it)
+
+Shape (DeepSeekMoE-like fine-grained experts, bf16, training mode): BT = 8192 tokens, C = 1024,
+E = 64 routed SwiGLU experts of I_e = 512, S = 2 shared, k = 6; the dense SwiGLU of the same
+active size has I = (S + k) I_e = 4096 (the router's 64 x 1024 weights left out of it). MoE++
+adds 1 zero, 1 copy and 2 constant experts, gating residuals (the previous layer's logits: zeros
+here, the same cost), the tanh router, renormalised gates and k x as the experts' input.
+Weights are random (std 0.02): the router is near uniform, so each expert gets about
+BT k / E_t = 768 rows and MoE++ sends about 4/68 of the pairs to its cheap experts. The MoE++
+paper's 1.1-2.1x is measured on trained routers that send far more; this run shows the cost of
+the mechanism at random initialisation (a trained checkpoint would be needed for the paper's
+number).
+
+Timings: the median of 21 eager runs after 3 warm-ups (bench_median_ms, llmc/test_harness.h);
+the layer waits once per forward for the per-expert counts, so no CUDA graph. Printed:
+  moe layer fwd, fwd+bwd (with the shared experts) and the dense SwiGLU fwd, fwd+bwd;
+  the routed experts' forward alone (S = 0) for vanilla and MoE++;
+  the first grouped GEMM of the forward (fch = xg W1_e^T over all experts) and one dense GEMM of
+  the same M = P_ffn, N = 2 I_e, K = C, as TFLOP/s.
+*/
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "llmc/cuda_utils.cuh"
+#include "llmc/moe_layer.cuh"
+#include "llmc/test_harness.h"
+
+typedef struct {
+    MoeDims d;
+    MoeOptions o;
+    MoeWeights w, dw;
+    MoeWorkspace ws;
+    MoeLayer layer;
+    floatX *x, *out, *dout, *dx;
+    float* prev;
+    floatX* bufs[32];
+    int num_bufs;
+} Bench;
+
+static floatX* bench_buffer(Bench* b, size_t n, float scale, uint64_t seed) {
+    floatX* p = device_alloc<floatX>(n > 0 ? n : 1, "bench buffer");
+    if (scale > 0.0f) fill_random_device(p, n, seed, scale);
+    else cudaCheck(cudaMemset(p, 0, (n > 0 ? n : 1) * sizeof(floatX)));
+    b->bufs[b->num_bufs++] = p;
+    return p;
+}
+
+static void bench_setup(Bench* b, int BT, int C, int Ie, int E, int S, int k, int moepp) {
+    memset(b, 0, sizeof(*b));
+    MoeDims d = {BT, C, S * Ie, Ie, E, moepp ? 2 : 0, moepp ? 1 : 0, moepp ? 1 : 0, k};
+    MoeOptions o = {moepp, moepp, moepp ? MOE_ROUTER_TANH : MOE_ROUTER_LINEAR, moepp};
+    b->d = d;
+    b->o = o;
+    const size_t Et = moe_routed(d), RH = moe_router_hidden(d, o), H = d.H;
+    const size_t sizes[10] = {2 * H * C, (size_t)C * H, (RH ? RH : Et) * C, Et * RH, moepp ? Et * Et : 0,
+                              (size_t)E * 2 * Ie * C, (size_t)E * C * Ie, (size_t)d.Kc * C, (size_t)d.Kc * 2 * C, Et};
+    const float scales[10] = {0.02f, 0.02f, 0.02f, 0.02f, 0.02f, 0.02f, 0.02f, 1.0f, 0.02f, 0.0f};
+    floatX** wv[10] = {&b->w.fcw, &b->w.fcprojw, &b->w.router, &b->w.router2, &b->w.gate_map, &b->w.w1, &b->w.w2,
+                       &b->w.cvec, &b->w.cmix, &b->w.bias};
+    floatX** gv[10] = {&b->dw.fcw, &b->dw.fcprojw, &b->dw.router, &b->dw.router2, &b->dw.gate_map, &b->dw.w1,
+                       &b->dw.w2, &b->dw.cvec, &b->dw.cmix, &b->dw.bias};
+    for (int i = 0; i < 10; i++) {
+        *wv[i] = bench_buffer(b, sizes[i], scales[i], 100 + i);
+        *gv[i] = bench_buffer(b, sizes[i], 0.0f, 0);
+    }
+    b->x = bench_buffer(b, (size_t)BT * C, 1.0f, 7);
+    b->dout = bench_buffer(b, (size_t)BT * C, 1.0f, 8);
+    b->out = bench_buffer(b, (size_t)BT * C, 0.0f, 0);
+    b->dx = bench_buffer(b, (size_t)BT * C, 0.0f, 0);
+    b->prev = device_alloc<float>(Et * BT, "previous logits");
+    cudaCheck(cudaMemset(b->prev, 0, Et * BT * sizeof(float)));
+    moe_workspace_create(&b->ws, d, o, NULL, 0, NULL, NULL);
+    moe_layer_create(&b->layer, d, o, b->w, b->dw, &b->ws, NULL, NULL);
+    b->layer.prev_logits = moepp ? b->prev : NULL;
+    b->layer.aux_coef = 0.01f;
+    b->layer.zc_weight = 0.75f;
+    b->layer.aux = device_alloc<float>(1, "aux");
+}
+
+static void bench_free(Bench* b) {
+    cudaCheck(cudaFree(b->layer.aux));
+    moe_layer_free(&b->layer);
+    moe_workspace_free(&b->ws);
+    for (int i = 0; i < b->num_bufs; i++) cudaCheck(cudaFree(b->bufs[i]));
+    cudaCheck(cudaFree(b->prev));
+}
+
+static float time_forward(Bench* b) {
+    return bench_median_ms([&] { moe_layer_forward(&b->layer, b->out, b->x, b->d.BT, 1, 0); }, 3, 21);
+}
+
+static float time_forward_backward(Bench* b) {
+    return bench_median_ms([&] {
+        moe_layer_forward(&b->layer, b->out, b->x, b->d.BT, 1, 0);
+        b->ws.carry_valid = 0;
+        moe_layer_backward(&b->layer, b->dx, b->dout, b->x, b->d.BT, 1.0f, 0);
+    }, 3, 21);
+}
+
+int main(int argc, char** argv) {
+    const char* json = NULL;
+    for (int i = 1; i + 1 < argc; i++) if (strcmp(argv[i], "--json") == 0) json = argv[i + 1];
+    int device_count = 0;
+    if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) {
+        printf("SKIPPED: bench_moe needs a CUDA device\n");
+        return 0;
+    }
+    cudaDeviceProp prop;
+    cudaCheck(cudaGetDeviceProperties(&prop, 0));
+    matmul_init();
+    const int BT = 8192, C = 1024, Ie = 512, E = 64, S = 2, k = 6, Idense = (S + k) * Ie;
+    printf("bench_moe on %s: BT=%d C=%d E=%d I_e=%d S=%d k=%d; dense SwiGLU I=%d\n", prop.name, BT, C, E, Ie, S, k,
+           Idense);
+
+    // moe (vanilla) with its shared experts: the layer the trainer runs
+    Bench b;
+    bench_setup(&b, BT, C, Ie, E, S, k, 0);
+    float moe_fwd = time_forward(&b), moe_fwdbwd = time_forward_backward(&b);
+    int rows = 0;
+    int groups = moe_ffn_groups(b.layer.saved.host_counts, E, &rows);
+    int max_rows = 0, min_rows = BT * k;
+    for (int e = 0; e < E; e++) {
+        max_rows = max_rows > b.layer.saved.host_counts[e] ? max_rows : b.layer.saved.host_counts[e];
+        min_rows = min_rows < b.layer.saved.host_counts[e] ? min_rows : b.layer.saved.host_counts[e];
+    }
+    // the first grouped GEMM alone, and one dense GEMM of the same M, N, K
+    MoeLayer* L = &b.layer;
+    float grouped_ms = bench_median_ms([&] {
+        moe_grouped_gemm(&b.ws.gemm, CUBLAS_OP_T, CUBLAS_OP_N, 2 * Ie, MOE_DIM_ROWS, C, L->w.w1, (size_t)2 * Ie * C,
+                         MOE_BY_EXPERT, C, b.ws.xg, C, MOE_BY_ROW, C, 0.0f, L->saved.fch_g, (size_t)2 * Ie, MOE_BY_ROW,
+                         2 * Ie, L->saved.host_counts, L->saved.sched, E, 0);
+    }, 3, 21);
+    float dense_gemm_ms = bench_median_ms([&] {
+        matmul_forward(L->saved.fch_g, b.ws.xg, L->w.w1, NULL, rows, C, 2 * Ie, 0);
+    }, 3, 21);
+    const double gemm_flops = 2.0 * rows * C * 2.0 * Ie;
+    bench_free(&b);
+
+    // the dense SwiGLU of the same active size, with the same matmul code
+    Bench dn;
+    memset(&dn, 0, sizeof(dn));
+    floatX* x = bench_buffer(&dn, (size_t)BT * C, 1.0f, 11);
+    floatX* dout = bench_buffer(&dn, (size_t)BT * C, 1.0f, 12);
+    floatX* wgu = bench_buffer(&dn, (size_t)2 * Idense * C, 0.02f, 13);
+    floatX* wd = bench_buffer(&dn, (size_t)C * Idense, 0.02f, 14);
+    floatX* dwgu = bench_buffer(&dn, (size_t)2 * Idense * C, 0.0f, 0);
+    floatX* dwd = bench_buffer(&dn, (size_t)C * Idense, 0.0f, 0);
+    floatX* fch = bench_buffer(&dn, (size_t)BT * 2 * Idense, 0.0f, 0);
+    floatX* h = bench_buffer(&dn, (size_t)BT * Idense, 0.0f, 0);
+    floatX* out = bench_buffer(&dn, (size_t)BT * C, 0.0f, 0);
+    floatX* dh = bench_buffer(&dn, (size_t)BT * Idense, 0.0f, 0);
+    floatX* dfch = bench_buffer(&dn, (size_t)BT * 2 * Idense, 0.0f, 0);
+    floatX* dx = bench_buffer(&dn, (size_t)BT * C, 0.0f, 0);
+    float* scratch = device_alloc<float>(matmul_backward_scratch_bytes(BT, 2 * Idense) / sizeof(float) + 64, "scratch");
+    auto dense_fwd = [&] {
+        matmul_forward(fch, x, wgu, NULL, BT, C, 2 * Idense, 0);
+        swiglu_forward(h, fch, BT, Idense, 0);
+        matmul_forward(out, h, wd, NULL, BT, Idense, C, 0);
+    };
+    float dense_fwd_ms = bench_median_ms(dense_fwd, 3, 21);
+    float dense_fwdbwd_ms = bench_median_ms([&] {
+        dense_fwd();
+        matmul_backward(dh, dwd, NULL, dout, h, wd, BT, Idense, C, 0, 0, scratch);
+        swiglu_backward(dfch, dh, fch, BT, Idense, 0);
+        matmul_backward(dx, dwgu, NULL, dfch, x, wgu, BT, C, 2 * Idense, 0, 0, scratch);
+    }, 3, 21);
+    for (int i = 0; i < dn.num_bufs; i++) cudaCheck(cudaFree(dn.bufs[i]));
+    cudaCheck(cudaFree(scratch));
+
+    // the routed experts' forward alone (S = 0): vanilla against MoE++
+    Bench v, pp;
+    bench_setup(&v, BT, C, Ie, E, 0, k, 0);
+    float vanilla_fwd = time_forward(&v);
+    bench_free(&v);
+    bench_setup(&pp, BT, C, Ie, E, 0, k, 1);
+    float moepp_fwd = time_forward(&pp);
+    long long zc = 0;
+    for (int e = E; e < moe_routed(pp.d); e++) zc += pp.layer.saved.host_counts[e];
+    bench_free(&pp);
+
+    const double layer_flops_fwd = 6.0 * BT * C * (double)Idense;  // active SwiGLU FLOPs (router left out)
+    printf("  [BENCH] %-44s %8.3f ms (fwd %.3f ms)\n", "moe layer fwd+bwd (shared + routed)", moe_fwdbwd, moe_fwd);
+    printf("  [BENCH] %-44s %8.3f ms (fwd %.3f ms)\n", "dense SwiGLU I=4096 fwd+bwd", dense_fwdbwd_ms, dense_fwd_ms);
+    printf("  [BENCH] %-44s %8.3f ms  %.1f TFLOP/s\n", "grouped GEMM fch = xg W1_e^T", grouped_ms,
+           gemm_flops / (grouped_ms * 1e-3) / 1e12);
+    printf("  [BENCH] %-44s %8.3f ms  %.1f TFLOP/s\n", "dense GEMM of the same M, N, K", dense_gemm_ms,
+           gemm_flops / (dense_gemm_ms * 1e-3) / 1e12);
+    printf("  [BENCH] %-44s %8.3f ms\n", "routed experts fwd, vanilla moe (S=0)", vanilla_fwd);
+    printf("  [BENCH] %-44s %8.3f ms  (%.1f%% of pairs to zero/copy/const)\n", "routed experts fwd, MoE++ (S=0)",
+           moepp_fwd, 100.0 * zc / ((double)BT * k));
+    printf("expert groups %d, FFN rows %d (per expert %d..%d)\n", groups, rows, min_rows, max_rows);
+    printf("SUMMARY moe_fwdbwd/dense_fwdbwd %.3f (target <= 1.3)\n", moe_fwdbwd / dense_fwdbwd_ms);
+    printf("SUMMARY grouped_gemm_rate/dense_gemm_rate %.3f (target >= 0.6)\n", dense_gemm_ms / grouped_ms);
+    printf("SUMMARY moepp_expert_fwd_throughput/moe %.3f (paper 1.1-2.1, trained routers)\n", vanilla_fwd / moepp_fwd);
+    printf("moe layer fwd+bwd at %.1f TFLOP/s of active SwiGLU FLOPs\n", 3 * layer_flops_fwd / (moe_fwdbwd * 1e-3) / 1e12);
+    if (json) {
+        FILE* f = fopen(json, "w");
+        if (f == NULL) {
+            fprintf(stderr, "bench_moe: cannot write %s\n", json);
+            return 1;
+        }
+        fprintf(f, "{\"card\": \"%s\", \"BT\": %d, \"C\": %d, \"E\": %d, \"Ie\": %d, \"S\": %d, \"k\": %d, "
+                "\"moe_fwd_ms\": %.5f, \"moe_fwdbwd_ms\": %.5f, \"dense_fwd_ms\": %.5f, \"dense_fwdbwd_ms\": %.5f, "
+                "\"grouped_gemm_ms\": %.5f, \"dense_gemm_ms\": %.5f, \"gemm_flops\": %.6g, "
+                "\"vanilla_expert_fwd_ms\": %.5f, \"moepp_expert_fwd_ms\": %.5f, \"moepp_zc_share\": %.5f}\n",
+                prop.name, BT, C, E, Ie, S, k, moe_fwd, moe_fwdbwd, dense_fwd_ms, dense_fwdbwd_ms, grouped_ms,
+                dense_gemm_ms, gemm_flops, vanilla_fwd, moepp_fwd, zc / ((double)BT * k));
+        fclose(f);
+    }
+    matmul_free();
+    return 0;
+}
