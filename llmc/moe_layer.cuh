@@ -123,6 +123,7 @@ typedef struct {
     floatX* drh;           // (BT, 8 E_t) tanh router
     float* dmix;           // (BT k, 2)
     float* dgate;          // (BT k)
+    double* prob_sums;     // (E_t) the balance loss's sum_t p_{t,i}
     int carry_valid;       // carry holds the gradient for the layer whose backward runs next
     MoeGroupedGemm gemm;
     cudaEvent_t counts_ready;
@@ -176,7 +177,7 @@ static inline size_t moe_workspace_bytes(MoeDims d, MoeOptions o) {
     const size_t BT = d.BT, Et = moe_routed(d), P = BT * d.k, X = sizeof(floatX), F = sizeof(float);
     const size_t RH = moe_router_hidden(d, o), Ie = d.Ie, PE = d.E ? P : 0;
     return 2 * align256(PE * d.C * X) + align256(PE * Ie * X) + align256(PE * 2 * Ie * X) + 3 * align256(BT * Et * F)
-         + align256(BT * Et * X) + align256(BT * RH * X) + align256(P * 2 * F) + align256(P * F)
+         + align256(BT * Et * X) + align256(BT * RH * X) + align256(P * 2 * F) + align256(P * F) + align256(Et * 8)
          + moe_grouped_gemm_bytes(d.E);
 }
 
@@ -242,6 +243,7 @@ static void moe_workspace_create(MoeWorkspace* ws, MoeDims d, MoeOptions o, floa
     ws->drh = (floatX*)moe_carve(&base, BT * RH * X);
     ws->dmix = (float*)moe_carve(&base, P * 2 * F);
     ws->dgate = (float*)moe_carve(&base, P * F);
+    ws->prob_sums = (double*)moe_carve(&base, Et * sizeof(double));
     cudaCheck(cudaEventCreateWithFlags(&ws->counts_ready, cudaEventDisableTiming));
 }
 
@@ -363,7 +365,8 @@ static void moe_layer_forward(MoeLayer* layer, floatX* out, const floatX* x, int
     moe_expert_offsets(s->offsets, s->counts, Et, stream);
     if (training && layer->expert_counts != NULL) expert_counts_add(layer->expert_counts, s->counts, Et, stream);
     if (training && layer->aux_coef > 0.0f && layer->aux != NULL) {
-        moe_balance_loss(layer->aux, s->probs, s->counts, BT, Et, k, E, layer->aux_coef, layer->zc_weight, stream);
+        moe_balance_loss(layer->aux, s->probs, s->counts, BT, Et, k, E, layer->aux_coef, layer->zc_weight,
+                         ws->prob_sums, stream);
     }
     // the shared SwiGLU writes out (queued before the host waits for the counts)
     if (H > 0) {

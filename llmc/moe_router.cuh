@@ -13,8 +13,9 @@ zero experts are the ids >= zero_from):
   the smaller id (the CPU reference's select_best order); gate (BT, k); denom (BT): D of
   --moe-norm-topk 1, else 1. Overwrites all four.
 - moe_gate_residual_forward(z, zprev, G, BT, E_t, stream): z += zprev G^T (fp32, j in order)
-- moe_balance_loss(loss, probs, counts, BT, E_t, k, E, alpha, tau, stream): loss[0] =
-  alpha sum_i eta_i f_i P_i (design §10.3), i in order, t sums in a fixed tree: one block
+- moe_balance_loss(loss, probs, counts, BT, E_t, k, E, alpha, tau, sums, stream): loss[0] =
+  alpha sum_i eta_i f_i P_i (design §10.3): one block per expert sums its column in a fixed tree
+  (double), then one thread sums over i in order; sums: scratch of E_t doubles
 - moe_router_dz(dz, dzx, dp, probs, idx, gate, dgate, denom, carry_or_NULL, counts, BT, E_t, k,
   E, zero_from, norm_topk, loss_scale, alpha, tau, stream): the router's backward from the gate
   gradients to the logits: dp = balance-loss gradient + gate terms, dz = p (dp - <p, dp>) (+
@@ -126,28 +127,31 @@ __global__ void moe_gate_residual_forward_kernel(float* z, const float* zprev, c
     z[o] += s;
 }
 
-// one block: the layer's balance loss alpha sum_i eta_i f_i P_i (double, i in order)
-__global__ void moe_balance_loss_kernel(float* loss, const float* probs, const int* counts, int BT, int Et, int k,
-                                        int E, float alpha, float tau) {
+// one block per expert i: sum_t p_{t,i} (double: strided per thread, then a fixed tree)
+__global__ void moe_prob_sums_kernel(double* sums, const float* probs, int BT, int Et) {
     __shared__ double red[MOE_BALANCE_THREADS];
-    const int tid = threadIdx.x;
-    double total = 0.0;
-    for (int i = 0; i < Et; i++) {
-        double s = 0.0;
-        for (int t = tid; t < BT; t += MOE_BALANCE_THREADS) s += probs[(size_t)t * Et + i];
-        red[tid] = s;
-        __syncthreads();
-        for (int stride = MOE_BALANCE_THREADS / 2; stride > 0; stride /= 2) {
-            if (tid < stride) red[tid] += red[tid + stride];
-            __syncthreads();
-        }
-        if (tid == 0) {
-            double fi = (double)Et * counts[i] / ((double)k * BT);
-            total += (i < E ? 1.0 : (double)tau) * fi * (red[0] / BT);
-        }
+    const int tid = threadIdx.x, i = blockIdx.x;
+    double s = 0.0;
+    for (int t = tid; t < BT; t += MOE_BALANCE_THREADS) s += probs[(size_t)t * Et + i];
+    red[tid] = s;
+    __syncthreads();
+    for (int stride = MOE_BALANCE_THREADS / 2; stride > 0; stride /= 2) {
+        if (tid < stride) red[tid] += red[tid + stride];
         __syncthreads();
     }
-    if (tid == 0) loss[0] = (float)((double)alpha * total);
+    if (tid == 0) sums[i] = red[0];
+}
+
+// one thread: the layer's balance loss alpha sum_i eta_i f_i P_i (double, i in order)
+__global__ void moe_balance_loss_kernel(float* loss, const double* sums, const int* counts, int BT, int Et, int k,
+                                        int E, float alpha, float tau) {
+    if (threadIdx.x != 0 || blockIdx.x != 0) return;
+    double total = 0.0;
+    for (int i = 0; i < Et; i++) {
+        double fi = (double)Et * counts[i] / ((double)k * BT);
+        total += (i < E ? 1.0 : (double)tau) * fi * (sums[i] / BT);
+    }
+    loss[0] = (float)((double)alpha * total);
 }
 
 // one warp per token: gates -> dp (plus the balance-loss gradient) -> softmax backward -> dz
@@ -279,9 +283,12 @@ static void moe_gate_residual_forward(float* z, const float* zprev, const floatX
     cudaCheckLast();
 }
 
+// sums: scratch of E_t doubles
 static void moe_balance_loss(float* loss, const float* probs, const int* counts, int BT, int Et, int k, int E,
-                             float alpha, float tau, cudaStream_t stream) {
-    moe_balance_loss_kernel<<<1, MOE_BALANCE_THREADS, 0, stream>>>(loss, probs, counts, BT, Et, k, E, alpha, tau);
+                             float alpha, float tau, double* sums, cudaStream_t stream) {
+    moe_prob_sums_kernel<<<Et, MOE_BALANCE_THREADS, 0, stream>>>(sums, probs, BT, Et);
+    cudaCheckLast();
+    moe_balance_loss_kernel<<<1, 32, 0, stream>>>(loss, sums, counts, BT, Et, k, E, alpha, tau);
     cudaCheckLast();
 }
 
