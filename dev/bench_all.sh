@@ -19,7 +19,8 @@
 #          SwiGLU of the same active size, its grouped GEMM against a dense GEMM of the same
 #          FLOPs, MoE++ against vanilla moe (routed experts' forward)
 #   train  also runs d12 moe and moe --moepp 1 (dev/bench_train.sh)
-#   torch  dev/bench_torch.py: the PyTorch baselines of (a), (b), (c)
+#   torch  dev/bench_torch.py: the PyTorch baselines of (a), (b), (c), and a PyTorch moe layer at
+#          bench_moe's shape (a loop over experts, as users write it)
 #   train  dev/bench_train.sh: trainer tok/s, d12 gelu / swiglu / omni at B=32, T=1024
 #   llmc   dev/bench_llmc.sh: our dense d12 beside llm.c with and without cuDNN, same flags (runs
 #          when carry/llm.c was prepared and carried)
@@ -288,6 +289,11 @@ rows.append(("moe layer fwd+bwd / dense SwiGLU of equal active size (bench_moe)"
 m2 = moe["dense_gemm_ms"] / moe["grouped_gemm_ms"] if moe else None
 rows.append(("moe grouped GEMM rate / dense GEMM rate, same M N K", "%s / %s ms" % (
              fmt(moe and moe["grouped_gemm_ms"]), fmt(moe and moe["dense_gemm_ms"])), fmt(m2), ">= 0.6", verdict(m2, 0.6, True)))
+t_moe = torch_row("moe layer (torch loop)")
+m4 = t_moe["fwdbwd_ms"] / moe["moe_fwdbwd_ms"] if t_moe and moe else None
+rows.append(("moe layer fwd+bwd: PyTorch loop over experts / ours (same shape)", "%s / %s ms" % (
+             fmt(t_moe and t_moe["fwdbwd_ms"]), fmt(moe and moe["moe_fwdbwd_ms"])), fmt(m4, "%.1fx"), "reported",
+             "reported" if m4 else "n/a"))
 m3 = moe["vanilla_expert_fwd_ms"] / moe["moepp_expert_fwd_ms"] if moe else None
 rows.append(("MoE++ / moe expert forward throughput (random init: %s of pairs to ZC experts)" % fmt(
              moe and 100 * moe["moepp_zc_share"], "%.1f%%"), "%s / %s ms" % (fmt(moe and moe["moepp_expert_fwd_ms"]),

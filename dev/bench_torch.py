@@ -102,6 +102,47 @@ def omni_layer(x, p, bn_mean, bn_var, n, k, training=True, with_shared=True):
     return y
 
 
+def moe_layer(x, p, E, k):
+    """the moe kind (docs/design.md §10) as PyTorch users write it: shared SwiGLU, softmax router,
+    top-k, tokens sorted by expert, one matmul pair per expert in a Python loop, gated index_add.
+    A timing baseline for dev/cuda/bench_moe.cu (same shape), not a bitwise reference."""
+    Ie = p["w1"].shape[1] // 2
+    y = shared_swiglu(x, p["w_gate_up"], p["w_down"])
+    probs = torch.softmax(F.linear(x, p["w_moe_router"]).float(), dim=-1)
+    g, ids = torch.topk(probs, k, dim=-1)
+    order = torch.argsort(ids.reshape(-1), stable=True)
+    counts = torch.bincount(ids.reshape(-1), minlength=E).tolist()  # the host needs the sizes, as ours
+    tok = order // k
+    xs = x[tok]
+    outs, start = [], 0
+    for e, c in enumerate(counts):
+        if c == 0:
+            continue
+        h = F.linear(xs[start:start + c], p["w1"][e])
+        outs.append(F.linear(F.silu(h[:, :Ie]) * h[:, Ie:], p["w2"][e]))
+        start += c
+    ye = torch.cat(outs) * g.reshape(-1)[order].to(x.dtype)[:, None]
+    return y.index_add(0, tok, ye)
+
+
+def bench_moe(res, device):
+    """the shape of dev/cuda/bench_moe.cu: T=8192 d=1024 E=64 I_e=512 S=2 k=6"""
+    T, d, E, Ie, S, k = 8192, 1024, 64, 512, 2, 6
+    gen = torch.Generator(device=device).manual_seed(1)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=gen, device=device) * 0.02).to(torch.bfloat16).requires_grad_(True)
+
+    p = {"w_gate_up": rnd(2 * S * Ie, d), "w_down": rnd(d, S * Ie), "w_moe_router": rnd(E, d),
+         "w1": rnd(E, 2 * Ie, d), "w2": rnd(E, d, Ie)}
+    x = torch.randn(T, d, generator=gen, device=device).to(torch.bfloat16).requires_grad_(True)
+    dy = torch.randn(T, d, generator=gen, device=device).to(torch.bfloat16)
+    f, b = time_fwd_and_fwdbwd(lambda: moe_layer(x, p, E, k), [x] + list(p.values()), dy)
+    fl = 6 * d * (S + k) * Ie * T
+    res.add("moe layer (torch loop)", f"T={T} d={d} E={E} Ie={Ie} S={S} k={k}", f, b,
+            flops_fwd=fl, flops_fwdbwd=3 * fl)
+
+
 def make_layer_params(d, I, n, dtype, device, gen):
     N = n * n
     std = 0.02
@@ -374,6 +415,7 @@ def main():
 
     res = Results()
     bench_layer(res, device)
+    bench_moe(res, device)
     if not args.quick:
         bench_experts(res, device)
         bench_router(res, device)
