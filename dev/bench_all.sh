@@ -18,10 +18,9 @@
 #   moe    dev/cuda/bench_moe.cu: the moe layer (docs/design.md §10.8) fwd+bwd against the dense
 #          SwiGLU of the same active size, its grouped GEMM against a dense GEMM of the same
 #          FLOPs, MoE++ against vanilla moe (routed experts' forward)
-#   train  also runs d12 moe and moe --moepp 1 (dev/bench_train.sh)
 #   torch  dev/bench_torch.py: the PyTorch baselines of (a), (b), (c), and a PyTorch moe layer at
 #          bench_moe's shape (a loop over experts, as users write it)
-#   train  dev/bench_train.sh: trainer tok/s, d12 gelu / swiglu / omni at B=32, T=1024
+#   train  dev/bench_train.sh: trainer tok/s, d12 gelu / swiglu / omni / moe / moe++ at B=32, T=1024
 #   llmc   dev/bench_llmc.sh: our dense d12 beside llm.c with and without cuDNN, same flags (runs
 #          when carry/llm.c was prepared and carried)
 # Targets checked in the summary: layer fwd+bwd <= 1.5 x our dense SwiGLU (same run);
