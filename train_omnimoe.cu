@@ -186,6 +186,8 @@ static_assert(ATTN_T_PAD == PLAN_ATTN_T_PAD, "memory_plan.h mirrors attention.cu
 static_assert(GLOBAL_NORM_MAX_BLOCKS == PLAN_GLOBAL_NORM_MAX_BLOCKS, "memory_plan.h mirrors global_norm.cuh");
 static_assert(ROUTER_BN_CHUNK == PLAN_ROUTER_BN_CHUNK, "memory_plan.h mirrors router.cuh");
 static_assert(EXPERTS_SEG_CHUNK == PLAN_EXPERTS_SEG_CHUNK, "memory_plan.h mirrors experts.cuh");
+static_assert(MOE_ROUTER_CHUNK == PLAN_MOE_ROUTER_CHUNK, "memory_plan.h mirrors moe_router.cuh");
+static_assert(MOE_CONST_CHUNK == PLAN_MOE_CONST_CHUNK, "memory_plan.h mirrors moe_experts.cuh");
 
 static void device_memory_check(const MemoryPlan* plan) {
     size_t free_bytes, total_bytes;

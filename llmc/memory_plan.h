@@ -119,6 +119,7 @@ static inline const char* memory_plan_mode_name(int mode) {
 #define PLAN_ROUTER_BN_CHUNK 128              // router.cuh ROUTER_BN_CHUNK
 #define PLAN_EXPERTS_SEG_CHUNK 64             // experts.cuh EXPERTS_SEG_CHUNK
 #define PLAN_MOE_ROUTER_CHUNK 128             // moe_router.cuh MOE_ROUTER_CHUNK
+#define PLAN_MOE_CONST_CHUNK 256              // moe_experts.cuh MOE_CONST_CHUNK
 
 static inline size_t plan_align256(size_t bytes) { return (bytes + 255) & ~(size_t)255; }
 static inline size_t plan_ceil_div(size_t a, size_t b) { return (a + b - 1) / b; }
@@ -160,6 +161,7 @@ static inline PlanKernelSizes plan_kernel_sizes(const ModelConfig* c, int B, int
         const size_t A = P < Et ? P : Et;  // scheduler_max_active
         s = plan_max(s, plan_align256(cub_bytes) + 2 * plan_align256(P * I4));  // scheduler_scratch_bytes
         if (c->moe_gate_res) s = plan_max(s, plan_ceil_div(BT, PLAN_MOE_ROUTER_CHUNK) * Et * Et * F);  // moe_gate_residual_scratch_bytes
+        s = plan_max(s, (size_t)c->moe_const * plan_ceil_div(P, PLAN_MOE_CONST_CHUNK) * 3 * C * F);  // moe_const_grads_scratch_bytes
         k.omni_saved = 2 * plan_align256(BT * Et * F) + plan_align256(BT * RH * X) + plan_align256(P * I4)
                      + plan_align256(P * F) + plan_align256(BT * F) + plan_align256(P * 2 * F) + 3 * plan_align256(P * I4)
                      + plan_align256(A * I4) + plan_align256((A + 1) * I4) + plan_align256(I4) + plan_align256(P * I4)

@@ -29,8 +29,10 @@ Defines:
 - moe_token_backward(dx, dgate, dmix, dout, x, dxg, cvec, A, idx, gate, pos, mix, BT, C, k, E,
   Kc, Kp, scale, accumulate, stream): the gate gradients of the constant, copy and zero pairs,
   dmix, and dx[t] = (accumulate ? dx[t] : 0) + s * (sum_m of each pair's input gradient)
-- moe_const_grads(dcvec, dA, dmix, dout, x, gate, mix, sched, offsets, BT, C, k, E, Kc, scale,
-  stream): dA_j += sum dmix (s x), dc_j += sum g w_1 dy over expert j's pairs in token order
+- moe_const_grads(dcvec, dA, dmix, dout, x, gate, mix, sched, offsets, P, C, k, E, Kc, scale,
+  scratch, bytes, stream): dA_j += sum dmix (s x), dc_j += sum g w_1 dy over expert j's pairs:
+  chunks of MOE_CONST_CHUNK pairs in token order, then the chunks in order
+  (scratch: moe_const_grads_scratch_bytes)
 - moe_expert_offsets(offsets, counts, Et, stream): offsets (Et + 1) from the per-expert counts
 
 The grouped GEMM is cuBLAS's cublasGemmGroupedBatchedEx (CUDA toolkit, no extra dependency): its
@@ -54,6 +56,7 @@ other sum has one order (m, then channels or rows, in order; warp butterflies); 
 #define MOE_BY_EXPERT 0          // a matrix at base + e * stride
 #define MOE_BY_ROW 1             // a matrix at base + off_e * stride (its first sorted row)
 #define MOE_TOKEN_WARPS 4
+#define MOE_CONST_CHUNK 256      // pairs per partial sum of the constant experts' gradients
 
 typedef struct {
     int capacity;
@@ -246,19 +249,42 @@ __global__ void moe_token_backward_kernel(floatX* dx, float* dgate, float* dmix,
     }
 }
 
-// one thread per (constant expert j, channel c): its pairs in token order
-__global__ void moe_const_grads_kernel(floatX* dcvec, floatX* dA, const float* dmix, const floatX* dout,
-                                       const floatX* x, const float* gate, const float* mix, const int* sorted_pair,
-                                       const int* offsets, int C, int k, int E, int Kc, float scale) {
-    const int c = blockIdx.x * blockDim.x + threadIdx.x, j = blockIdx.y;
-    if (c >= C || j >= Kc) return;
+// one thread per (chunk ch of constant expert j's pairs, channel c): the chunk's pairs in token
+// order; partial[(j * max_chunks + ch) * 3C + {0, C, 2C} + c] = its dA_j0, dA_j1, dc_j sums
+__global__ void moe_const_grads_partial_kernel(float* partial, const float* dmix, const floatX* dout,
+                                               const floatX* x, const float* gate, const float* mix,
+                                               const int* sorted_pair, const int* offsets, int C, int k, int E,
+                                               int max_chunks, float scale) {
+    const int ch = blockIdx.x, c = blockIdx.y * blockDim.x + threadIdx.x, j = blockIdx.z;
+    const int end = offsets[E + j + 1], s0 = offsets[E + j] + ch * MOE_CONST_CHUNK;
+    if (c >= C || s0 >= end) return;  // past the expert's segment: the finish kernel stops before it
+    const int s1 = min(end, s0 + MOE_CONST_CHUNK);
     float da0 = 0.0f, da1 = 0.0f, dc = 0.0f;
-    for (int s = offsets[E + j]; s < offsets[E + j + 1]; s++) {
+    for (int s = s0; s < s1; s++) {
         const size_t q = (size_t)sorted_pair[s], t = q / k;
         const float xe = scale * (float)x[t * C + c];
         da0 += dmix[2 * q] * xe;
         da1 += dmix[2 * q + 1] * xe;
         dc += gate[q] * mix[2 * q + 1] * (float)dout[t * C + c];
+    }
+    float* p = partial + ((size_t)j * max_chunks + ch) * 3 * C;
+    p[c] = da0;
+    p[C + c] = da1;
+    p[2 * (size_t)C + c] = dc;
+}
+
+// one thread per (constant expert j, channel c): dA_j, dc_j += its chunks' partials, in chunk order
+__global__ void moe_const_grads_finish_kernel(floatX* dcvec, floatX* dA, const float* partial, const int* offsets,
+                                              int C, int E, int Kc, int max_chunks) {
+    const int c = blockIdx.x * blockDim.x + threadIdx.x, j = blockIdx.y;
+    if (c >= C || j >= Kc) return;
+    const int chunks = ceil_div(offsets[E + j + 1] - offsets[E + j], MOE_CONST_CHUNK);
+    float da0 = 0.0f, da1 = 0.0f, dc = 0.0f;
+    for (int ch = 0; ch < chunks; ch++) {
+        const float* p = partial + ((size_t)j * max_chunks + ch) * 3 * C;
+        da0 += p[c];
+        da1 += p[C + c];
+        dc += p[2 * (size_t)C + c];
     }
     floatX* a = dA + (size_t)j * 2 * C;
     a[c] = (floatX)((float)a[c] + da0);
@@ -378,13 +404,28 @@ static void moe_token_backward(floatX* dx, float* dgate, float* dmix, const floa
     cudaCheckLast();
 }
 
+// scratch bytes of moe_const_grads for P pairs (a chunk count that covers any one expert's segment)
+static inline size_t moe_const_grads_scratch_bytes(int P, int C, int Kc) {
+    return (size_t)Kc * ceil_div(P, MOE_CONST_CHUNK) * 3 * C * sizeof(float);
+}
+
 static void moe_const_grads(floatX* dcvec, floatX* dA, const float* dmix, const floatX* dout, const floatX* x,
-                            const float* gate, const float* mix, ExpertSchedule sched, const int* offsets, int C, int k,
-                            int E, int Kc, float scale, cudaStream_t stream) {
+                            const float* gate, const float* mix, ExpertSchedule sched, const int* offsets, int P, int C,
+                            int k, int E, int Kc, float scale, void* scratch, size_t scratch_bytes,
+                            cudaStream_t stream) {
     if (Kc == 0) return;
-    dim3 grid(ceil_div(C, 128), Kc);
-    moe_const_grads_kernel<<<grid, 128, 0, stream>>>(dcvec, dA, dmix, dout, x, gate, mix, sched.sorted_pair, offsets, C,
-                                                     k, E, Kc, scale);
+    if (scratch_bytes < moe_const_grads_scratch_bytes(P, C, Kc)) {
+        fprintf(stderr, "moe_const_grads: scratch of %zu bytes given, %zu needed\n", scratch_bytes,
+                moe_const_grads_scratch_bytes(P, C, Kc));
+        exit(EXIT_FAILURE);
+    }
+    const int max_chunks = ceil_div(P, MOE_CONST_CHUNK);
+    dim3 grid(max_chunks, ceil_div(C, 128), Kc);
+    moe_const_grads_partial_kernel<<<grid, 128, 0, stream>>>((float*)scratch, dmix, dout, x, gate, mix,
+                                                             sched.sorted_pair, offsets, C, k, E, max_chunks, scale);
+    cudaCheckLast();
+    moe_const_grads_finish_kernel<<<dim3(ceil_div(C, 128), Kc), 128, 0, stream>>>(dcvec, dA, (const float*)scratch,
+                                                                                 offsets, C, E, Kc, max_chunks);
     cudaCheckLast();
 }
 

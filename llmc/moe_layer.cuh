@@ -161,6 +161,8 @@ static inline size_t moe_layer_scratch_bytes(MoeDims d, MoeOptions o) {
         size_t b = moe_gate_residual_scratch_bytes(d.BT, moe_routed(d));
         if (b > s) s = b;
     }
+    size_t b = moe_const_grads_scratch_bytes(d.BT * d.k, d.C, d.Kc);
+    if (b > s) s = b;
     return s;
 }
 
@@ -187,6 +189,7 @@ static void moe_check_dims(MoeDims d) {
     if (d.BT < 1 || d.C < 1 || d.H < 0 || d.Ie < 0) why = "BT >= 1, C >= 1, H >= 0, I_e >= 0";
     else if (d.E < 0 || d.Kc < 0 || d.Kp < 0 || d.Kz < 0 || Et < 1 || Et > 65536) why = "1 to 65536 routed experts";
     else if (d.k < 1 || d.k > Et) why = "1 <= k <= E_t";
+    else if (d.Kc > 65535) why = "at most 65535 constant experts (a grid dimension)";
     else if ((long long)d.BT * d.k > INT_MAX / 2) why = "BT*k < 2^30 pairs (int32 pair ids)";
     else if (d.E > 0 && (d.Ie < 8 || d.Ie % 8 != 0)) why = "I_e a multiple of 8 (16-byte vectors)";
     else if (d.C % 8 != 0 || d.H % 8 != 0) why = "C and H multiples of 8";
@@ -441,8 +444,8 @@ static void moe_layer_backward(MoeLayer* layer, floatX* dx, const floatX* dout, 
     // per token: the other experts' gate gradients, dmix, dx (+)= s * (sum of the pairs' input gradients)
     moe_token_backward(dx, ws->dgate, ws->dmix, dout, x, ws->dyg, w->cvec, w->cmix, s->idx, s->gate, s->pos, s->mix, BT,
                        C, k, E, d.Kc, d.Kp, scale, H > 0, stream);
-    moe_const_grads(dw->cvec, dw->cmix, ws->dmix, dout, x, s->gate, s->mix, s->sched, s->offsets, C, k, E, d.Kc, scale,
-                    stream);
+    moe_const_grads(dw->cvec, dw->cmix, ws->dmix, dout, x, s->gate, s->mix, s->sched, s->offsets, BT * k, C, k, E, d.Kc,
+                    scale, ws->scratch, ws->scratch_bytes, stream);
     // gates and balance loss -> dz, plus the carry of the layer above
     const int aux = layer->training && layer->aux_coef > 0.0f;
     moe_router_dz(ws->dz, ws->dzx, ws->dp, s->probs, s->idx, s->gate, ws->dgate, s->denom,
