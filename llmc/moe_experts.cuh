@@ -13,10 +13,11 @@ Defines:
 - MoeGroupedGemm: the host arrays of one cuBLAS grouped GEMM call (capacity E problems) and the
   device pointer arrays the problems' matrices are written into
 - moe_grouped_gemm_create(g, E) / moe_grouped_gemm_free(g)
-- moe_grouped_gemm(g, ta, tb, which, m, n, k, A, sA, lda, B, sB, ldb, beta, C, sC, ldc,
+- moe_grouped_gemm(g, ta, tb, m, n, k, A, sA, byA, lda, B, sB, byB, ldb, beta, C, sC, byC, ldc,
   host_counts, sched, E, stream): one problem per non-empty FFN expert, in increasing id; each
   of m, n, k is a fixed size or MOE_DIM_ROWS (the expert's pair count); each of A, B, C is
-  indexed by expert (base + e * stride) or by sorted row (base + off_e * stride), per `which`
+  indexed by expert (base + e * stride) or by sorted row (base + off_e * stride), per by*;
+  moe_use_grouped_gemm = 0 runs the same problems as one cublasGemmEx each
 - moe_pair_positions(pos, sched, P, stream): pos[sorted_pair[j]] = j
 - moe_gather_rows(dst, src, sched, rows, C, k, scale, stream): dst[j] = scale * src[token of
   sorted pair j] for j < rows (floatX rows of C)
@@ -319,8 +320,29 @@ static inline int moe_ffn_groups(const int* host_counts, int E, int* rows) {
     return groups;
 }
 
+// 1: one cublasGemmGroupedBatchedEx call; 0: one cublasGemmEx per expert (the same problems, from
+// host pointers: bench_moe.cu times both; also taken when cuBLAS reports the grouped call
+// unsupported for these types)
+static int moe_use_grouped_gemm = 1;
+
+// the per-expert loop: problem e's matrices from the host counts (the FFN experts' rows come first)
+static void moe_gemm_loop(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const floatX* A, size_t sA,
+                          int byA, int lda, const floatX* B, size_t sB, int byB, int ldb, float beta, floatX* Cm,
+                          size_t sC, int byC, int ldc, const int* host_counts, int E, cudaStream_t stream) {
+    size_t off = 0;
+    for (int e = 0; e < E; off += (size_t)host_counts[e], e++) {
+        const int c = host_counts[e];
+        if (c == 0) continue;
+        const floatX* a = A + (byA == MOE_BY_EXPERT ? (size_t)e : off) * sA;
+        const floatX* b = B + (byB == MOE_BY_EXPERT ? (size_t)e : off) * sB;
+        floatX* d = Cm + (byC == MOE_BY_EXPERT ? (size_t)e : off) * sC;
+        moe_gemm(ta, tb, m == MOE_DIM_ROWS ? c : m, n == MOE_DIM_ROWS ? c : n, k == MOE_DIM_ROWS ? c : k, a, lda, b, ldb,
+                 beta, d, CUDA_R_FLOATX, ldc, stream);
+    }
+}
+
 // C_e = op(A_e) op(B_e) (+ beta C_e) for every non-empty FFN expert e, column-major as cuBLAS;
-// a dimension or leading dimension given as MOE_DIM_ROWS is the expert's pair count
+// a dimension given as MOE_DIM_ROWS is the expert's pair count
 static void moe_grouped_gemm(MoeGroupedGemm* g, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                              const floatX* A, size_t sA, int byA, int lda, const floatX* B, size_t sB, int byB, int ldb,
                              float beta, floatX* Cm, size_t sC, int byC, int ldc, const int* host_counts,
@@ -347,14 +369,27 @@ static void moe_grouped_gemm(MoeGroupedGemm* g, cublasOperation_t ta, cublasOper
         groups++;
     }
     if (groups == 0) return;
+    if (!moe_use_grouped_gemm) {
+        moe_gemm_loop(ta, tb, m, n, k, A, sA, byA, lda, B, sB, byB, ldb, beta, Cm, sC, byC, ldc, host_counts, E, stream);
+        return;
+    }
     moe_group_pointers_kernel<<<ceil_div(groups, 128), 128, 0, stream>>>(
         g->d_A, g->d_B, g->d_C, sched, groups, (const char*)A, sA * sizeof(floatX), byA, (const char*)B,
         sB * sizeof(floatX), byB, (char*)Cm, sC * sizeof(floatX), byC);
     cudaCheckLast();
     cublasCheck(cublasSetStream(matmul_cublas_handle, stream));
-    cublasCheck(cublasGemmGroupedBatchedEx(matmul_cublas_handle, g->ta, g->tb, g->m, g->n, g->k, g->alpha, g->d_A,
-                                           CUDA_R_FLOATX, g->lda, g->d_B, CUDA_R_FLOATX, g->ldb, g->beta, g->d_C,
-                                           CUDA_R_FLOATX, g->ldc, groups, g->group_size, CUBLAS_COMPUTE_32F));
+    cublasStatus_t status = cublasGemmGroupedBatchedEx(matmul_cublas_handle, g->ta, g->tb, g->m, g->n, g->k, g->alpha,
+                                                       g->d_A, CUDA_R_FLOATX, g->lda, g->d_B, CUDA_R_FLOATX, g->ldb,
+                                                       g->beta, g->d_C, CUDA_R_FLOATX, g->ldc, groups, g->group_size,
+                                                       CUBLAS_COMPUTE_32F);
+    if (status == CUBLAS_STATUS_NOT_SUPPORTED) {  // this cuBLAS cannot group these types: one GEMM per expert
+        fprintf(stderr, "moe_grouped_gemm: cuBLAS's grouped GEMM is not supported for %s here; one GEMM per expert "
+                "from now on\n", FLOATX_NAME);
+        moe_use_grouped_gemm = 0;
+        moe_gemm_loop(ta, tb, m, n, k, A, sA, byA, lda, B, sB, byB, ldb, beta, Cm, sC, byC, ldc, host_counts, E, stream);
+        return;
+    }
+    cublasCheck(status);
 }
 
 static void moe_pair_positions(int* pos, ExpertSchedule sched, int P, cudaStream_t stream) {

@@ -21,8 +21,9 @@ Timings: the median of 21 eager runs after 3 warm-ups (bench_median_ms, llmc/tes
 the layer waits once per forward for the per-expert counts, so no CUDA graph. Printed:
   moe layer fwd, fwd+bwd (with the shared experts) and the dense SwiGLU fwd, fwd+bwd;
   the routed experts' forward alone (S = 0) for vanilla and MoE++;
-  the first grouped GEMM of the forward (fch = xg W1_e^T over all experts) and one dense GEMM of
-  the same M = P_ffn, N = 2 I_e, K = C, as TFLOP/s.
+  the first grouped GEMM of the forward (fch = xg W1_e^T over all experts), the same problems as
+  one cublasGemmEx per expert (moe_use_grouped_gemm = 0; also the whole layer that way), and one
+  dense GEMM of the same M = P_ffn, N = 2 I_e, K = C, as TFLOP/s.
 */
 #include <math.h>
 #include <stdio.h>
@@ -137,6 +138,14 @@ int main(int argc, char** argv) {
                          MOE_BY_EXPERT, C, b.ws.xg, C, MOE_BY_ROW, C, 0.0f, L->saved.fch_g, (size_t)2 * Ie, MOE_BY_ROW,
                          2 * Ie, L->saved.host_counts, L->saved.sched, E, 0);
     }, 3, 21);
+    moe_use_grouped_gemm = 0;  // the same problems as one cublasGemmEx per expert
+    float loop_ms = bench_median_ms([&] {
+        moe_grouped_gemm(&b.ws.gemm, CUBLAS_OP_T, CUBLAS_OP_N, 2 * Ie, MOE_DIM_ROWS, C, L->w.w1, (size_t)2 * Ie * C,
+                         MOE_BY_EXPERT, C, b.ws.xg, C, MOE_BY_ROW, C, 0.0f, L->saved.fch_g, (size_t)2 * Ie, MOE_BY_ROW,
+                         2 * Ie, L->saved.host_counts, L->saved.sched, E, 0);
+    }, 3, 21);
+    float loop_fwdbwd = time_forward_backward(&b);
+    moe_use_grouped_gemm = 1;
     float dense_gemm_ms = bench_median_ms([&] {
         matmul_forward(L->saved.fch_g, b.ws.xg, L->w.w1, NULL, rows, C, 2 * Ie, 0);
     }, 3, 21);
@@ -190,8 +199,11 @@ int main(int argc, char** argv) {
     printf("  [BENCH] %-44s %8.3f ms (fwd %.3f ms)\n", "dense SwiGLU I=4096 fwd+bwd", dense_fwdbwd_ms, dense_fwd_ms);
     printf("  [BENCH] %-44s %8.3f ms  %.1f TFLOP/s\n", "grouped GEMM fch = xg W1_e^T", grouped_ms,
            gemm_flops / (grouped_ms * 1e-3) / 1e12);
+    printf("  [BENCH] %-44s %8.3f ms  %.1f TFLOP/s\n", "the same as one cublasGemmEx per expert", loop_ms,
+           gemm_flops / (loop_ms * 1e-3) / 1e12);
     printf("  [BENCH] %-44s %8.3f ms  %.1f TFLOP/s\n", "dense GEMM of the same M, N, K", dense_gemm_ms,
            gemm_flops / (dense_gemm_ms * 1e-3) / 1e12);
+    printf("  [BENCH] %-44s %8.3f ms\n", "moe layer fwd+bwd, per-expert GEMM loop", loop_fwdbwd);
     printf("  [BENCH] %-44s %8.3f ms\n", "routed experts fwd, vanilla moe (S=0)", vanilla_fwd);
     printf("  [BENCH] %-44s %8.3f ms  (%.1f%% of pairs to zero/copy/const)\n", "routed experts fwd, MoE++ (S=0)",
            moepp_fwd, 100.0 * zc / ((double)BT * k));
@@ -208,10 +220,11 @@ int main(int argc, char** argv) {
         }
         fprintf(f, "{\"card\": \"%s\", \"BT\": %d, \"C\": %d, \"E\": %d, \"Ie\": %d, \"S\": %d, \"k\": %d, "
                 "\"moe_fwd_ms\": %.5f, \"moe_fwdbwd_ms\": %.5f, \"dense_fwd_ms\": %.5f, \"dense_fwdbwd_ms\": %.5f, "
-                "\"grouped_gemm_ms\": %.5f, \"dense_gemm_ms\": %.5f, \"gemm_flops\": %.6g, "
+                "\"grouped_gemm_ms\": %.5f, \"loop_gemm_ms\": %.5f, \"loop_fwdbwd_ms\": %.5f, \"dense_gemm_ms\": %.5f, "
+                "\"gemm_flops\": %.6g, "
                 "\"vanilla_expert_fwd_ms\": %.5f, \"moepp_expert_fwd_ms\": %.5f, \"moepp_zc_share\": %.5f}\n",
-                prop.name, BT, C, E, Ie, S, k, moe_fwd, moe_fwdbwd, dense_fwd_ms, dense_fwdbwd_ms, grouped_ms,
-                dense_gemm_ms, gemm_flops, vanilla_fwd, moepp_fwd, zc / ((double)BT * k));
+                prop.name, BT, C, E, Ie, S, k, moe_fwd, moe_fwdbwd, dense_fwd_ms, dense_fwdbwd_ms, grouped_ms, loop_ms,
+                loop_fwdbwd, dense_gemm_ms, gemm_flops, vanilla_fwd, moepp_fwd, zc / ((double)BT * k));
         fclose(f);
     }
     matmul_free();

@@ -24,7 +24,8 @@ What is checked (one PASS/FAIL line per check, closing "test_moe: N passed, N fa
     - the layer's balance loss and per-expert counts against the reference;
     - the gradients start random and accumulate: the rows of experts nobody chose stay bitwise
       as they were; the bias has no gradient;
-    - the whole forward+backward run twice gives bitwise identical results.
+    - the whole forward+backward run twice gives bitwise identical results;
+    - the same with the per-expert GEMM loop instead of the grouped GEMM (moe_use_grouped_gemm = 0).
 The gating residual, the tanh router and the shared SwiGLU are checked end to end against the
 CPU trainer by test_omnimoe.cu.
 */
@@ -499,6 +500,10 @@ int main(void) {
     test_layer("layer random routing, plain gates, no balance loss", ROUTE_RANDOM, 0, 0, 0.0f);
     test_layer("layer random routing, norm, balance loss", ROUTE_RANDOM, 1, 0, 0.1f);
     test_layer("layer tied probabilities, plain gates, k x input", ROUTE_TIED, 0, 1, 0.05f);
+    moe_use_grouped_gemm = 0;  // the fallback: one cublasGemmEx per expert, the same checks
+    test_layer("layer forced routing, per-expert GEMM loop", ROUTE_FORCED, 1, 1, 0.05f);
+    test_layer("layer random routing, per-expert GEMM loop", ROUTE_RANDOM, 0, 0, 0.0f);
+    moe_use_grouped_gemm = 1;
     matmul_free();
     return test_end();
 }
