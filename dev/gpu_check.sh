@@ -3,7 +3,8 @@
 # short training of the default model, and print a summary last. Logs go to $OUT when set.
 #   bash dev/gpu_check.sh [MODE]     MODE: words joined by '+', default full
 #     always: build, the GPU tests (bf16, fp32; moe cases included), the column-sharded experts
-#             against the unsharded ones (dev/cuda/test_experts_shard.cu), the CUDA trainer's bitwise
+#             against the unsharded ones (dev/cuda/test_experts_shard.cu), the moe layer against a
+#             double reference (dev/cuda/test_moe.cu, bf16 and fp32), the CUDA trainer's bitwise
 #             resume test (omni, and moe with the MoE++ experts and bias balancing)
 #     kernels: every kernel test and benchmark of dev/cuda (built by make with the Makefile's flags)
 #     hostile: the hostile-input sweep on the CUDA trainer (scripts/test_hostile.sh)
@@ -35,12 +36,15 @@ run() {  # name, command...
     tail -n 12 "$OUT/$name.log"
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
-targets=(train_omnimoe test_omnimoe test_omnimoe_fp32 train_omnimoe_cpu dev/cuda/test_experts_shard_bin)
+targets=(train_omnimoe test_omnimoe test_omnimoe_fp32 train_omnimoe_cpu dev/cuda/test_experts_shard_bin
+         dev/cuda/test_moe_bin dev/cuda/test_moe_fp32_bin)
 if [[ "$mode" == *kernels* ]]; then targets+=(kernel_tests kernel_benches); fi
 run build make -j$(nproc) "${targets[@]}"
 run test_bf16 ./test_omnimoe
 run test_fp32 ./test_omnimoe_fp32
 run test_experts_shard ./dev/cuda/test_experts_shard_bin
+run test_moe ./dev/cuda/test_moe_bin            # the moe layer against a double reference (bf16)
+run test_moe_fp32 ./dev/cuda/test_moe_fp32_bin
 run resume_cuda env TRAINER=./train_omnimoe RESUME_MODEL=small bash scripts/test_resume_cpu.sh
 run resume_cuda_moe env TRAINER=./train_omnimoe RESUME_MODEL=small RESUME_FFN="moe --moepp 1 --moe-bias-rate 0.001" \
     bash scripts/test_resume_cpu.sh
