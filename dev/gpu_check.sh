@@ -8,7 +8,7 @@
 #             resume test (omni, and moe with the MoE++ experts and bias balancing)
 #     kernels: every kernel test and benchmark of dev/cuda (built by make with the Makefile's flags)
 #     hostile: the hostile-input sweep on the CUDA trainer (scripts/test_hostile.sh)
-#     full: hostile, the no-argument default run and, when carry/mixed was carried, a rerun of the
+#     full: hostile, the no-argument default run, a short d6 moe++ run and, when carry/mixed was carried, a rerun of the
 #           dense-vs-OmniMoE recipe's start compared with the committed logs
 #     ab: dev/ab_compare.sh run (carry/ab_base from 'dev/ab_compare.sh prepare <commit>'):
 #         gelu/swiglu/omni trainers and the layer benchmarks against that commit, same bits or not
@@ -54,6 +54,8 @@ if [[ "$mode" == *kernels* ]]; then
 fi
 if [[ "$mode" == *full* ]]; then
     run train_default ./train_omnimoe   # the no-argument default run
+    # the d6 moe with the MoE++ experts and bias balancing, 60 steps (the step line's expert shares)
+    run train_moe ./train_omnimoe -f moe --moepp 1 --moe-bias-rate 0.001 -x 60 -v 30 -s 0 --log-file "$OUT/train_moe.jsonl"
 fi
 # rerun the start of the dense-vs-OmniMoE recipe (scripts/compare_dense_omni.sh) when its data
 # was carried (carry/mixed) and compare with the committed logs of docs/runs/dense_vs_omni
