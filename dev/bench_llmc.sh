@@ -60,7 +60,9 @@ OURS_CUDNN=${OURS_CUDNN:-0}   # 1: ./train_omnimoe was built with USE_CUDNN=1; a
 B=${B:-32}
 RUN_TIMEOUT=${RUN_TIMEOUT:-180}
 TRAIN=data/tinyshakespeare/tiny_shakespeare_train.bin
-VAL=data/tinyshakespeare/tiny_shakespeare_val.bin
+# llm.c opens its validation loader even when it never evaluates, and asserts that the shard holds
+# B*T+1 tokens; tinyshakespeare's val shard (32k tokens) is smaller, so both loaders read the train shard
+VAL=$TRAIN
 D=${BENCH_DIR:-${OUT:-/tmp}/bench_llmc}
 mkdir -p "$D"
 [ -f "$LLMC/train_gpt2.cu" ] || { echo "bench_llmc: $LLMC missing: run 'bash dev/bench_llmc.sh prepare LLMC_DIR' and carry carry/"; exit 1; }
