@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # compare_dense_omni.sh - dense vs OmniMoE on the same data, token budget, schedule and seed.
 #
-# Trains four models one after the other with identical data, batch, steps, learning-rate
+# Trains six models one after the other with identical data, batch, steps, learning-rate
 # schedule, seed and evaluation flags; only the feed-forward layer differs:
 #   swiglu    dense SwiGLU (I = 8C/3)                          ~ the same active parameters
 #   omni      OmniMoE, the preset's N and k                    ~ the same active parameters
@@ -9,7 +9,8 @@
 #   omni_big  OmniMoE with BIG_EXPERTS experts, same k and I   ~ the same active, more total
 #   moe       DeepSeekMoE-style top-k MoE (docs/design.md §10)  ~ the same active parameters
 #   moepp     the same with the MoE++ experts (--moepp 1)      ~ the same active (an upper bound)
-# (moe and moepp are not in the default RUNS: RUNS="... moe moepp" adds them.)
+# (the committed rows of docs/dense_vs_omni.md are the first four; RUNS="moe moepp" runs the
+# two new ones alone, into the same OUT_DIR beside them.)
 # (llmc/config.h picks the widths so active parameters per token agree within ~2%.)
 #
 # Usage (from anywhere; the trainer runs in the repository root):
@@ -21,7 +22,7 @@
 #
 # Settings (environment variables; the defaults are the recipe of docs/dense_vs_omni.md):
 #   PRESET=d12 B=16 T=1024 STEPS=1000 LR=6e-4 WARMUP=100 FINAL_LR_FRAC=0.1 SCHEDULE=cosine
-#   VAL_EVERY=100 VAL_BATCHES=-1 SEED=42 BIG_EXPERTS=65536 RUNS="swiglu omni gelu omni_big"
+#   VAL_EVERY=100 VAL_BATCHES=-1 SEED=42 BIG_EXPERTS=65536 RUNS="swiglu omni gelu omni_big moe moepp"
 #   SAVE=0   (1 = pass -o OUT_DIR/<name>: final checkpoint + model.bin; the omni_big checkpoint
 #             alone is ~16 GB, so the default writes only the logs)
 set -euo pipefail
@@ -48,7 +49,7 @@ VAL_EVERY=${VAL_EVERY:-100}
 VAL_BATCHES=${VAL_BATCHES:--1}
 SEED=${SEED:-42}
 BIG_EXPERTS=${BIG_EXPERTS:-65536}
-RUNS=${RUNS:-swiglu omni gelu omni_big}
+RUNS=${RUNS:-swiglu omni gelu omni_big moe moepp}
 SAVE=${SAVE:-0}
 
 shopt -s nullglob
