@@ -3,13 +3,16 @@
  * train_loop_run with a fake backend whose sum_ranks and checkpoint save are real cross-thread
  * collectives (a timed barrier). Each scenario runs in a child process and checks that no rank
  * waits forever, that every rank issues the same sequence of collectives, and that every rank
- * returns the expected exit status: a plain run, a log write error on rank 0 (/dev/full), a stop
+ * returns the expected exit status: a plain run, a log write error on rank 0 (/dev/full; learnt by
+ * the others with the next step's loss reduction, so the run stops after one update), a log write
+ * error in the last step's records only (a file size limit: agreed at that ending step), a stop
  * request on rank 2 alone, a NaN loss on rank 1 alone, a log file rank 0 cannot open, --mc-eval
  * (16 examples: 6, 5, 5 per rank, every rank the same batches), a checkpoint save failing on
  * rank 0 alone (its file or the manifest) or on rank 2 alone (its part of a sharded save), the
  * final model write failing on rank 0 and a malformed tokenizer file read by rank 0 alone (the
  * real tokenizer_init on a file with a bad magic number): every failure stops all ranks together
- * with exit 1. The model is fake (no weights; the save follows the collectives of the CUDA
+ * with exit 1. In the plain run no step without an evaluation or a checkpoint issues a collective
+ * besides its loss reduction (the log status travels with the loss). The model is fake (no weights; the save follows the collectives of the CUDA
  * trainer's sharded save, its write statuses are injected); resume is not simulated.
  *   make test_loop_ranks && ./test_loop_ranks
  * (from the repository root: it reads data/tinyshakespeare).
@@ -19,6 +22,7 @@
 #include <sys/wait.h>
 #include <pthread.h>
 #include <fcntl.h>
+#include <sys/resource.h>
 
 #define G 3
 #define MAXLOG 4096
@@ -70,14 +74,18 @@ static void collective(Rank* r, int kind, double* v, int n) {
 }
 
 static void f_init(void* ctx) { (void)ctx; }
-static void f_step(void* ctx, int step, float lr, int t, const volatile sig_atomic_t* stop_local, TrainStepResult* out) {
+// as gpu_train_step: the loss, the stop requests and the log status in one reduction
+static void f_step(void* ctx, int step, float lr, int t, const volatile sig_atomic_t* stop_local, int log_failed_local,
+                   TrainStepResult* out) {
     (void)lr; (void)t; (void)stop_local;
     Rank* r = (Rank*)ctx;
     dataloader_next_batch(&r->train);
-    double v[2] = {r->nan_at_step == step ? NAN : 1.0 + 0.01 * r->rank, r->stop_at_step == step ? 1.0 : 0.0};
-    collective(r, 1, v, 2);
+    double v[3] = {r->nan_at_step == step ? NAN : 1.0 + 0.01 * r->rank, r->stop_at_step == step ? 1.0 : 0.0,
+                   log_failed_local ? 1.0 : 0.0};
+    collective(r, 1, v, 3);
     out->loss = (float)(v[0] / G);
     out->stop = v[1] > 0;
+    out->log_failed = v[2] > 0;
     out->norm = 1.0f;
 }
 static float f_fwd(void* ctx, const int* i, const int* t, int B, int T) { (void)ctx; (void)i; (void)t; (void)B; (void)T; return 2.0f; }
@@ -162,13 +170,14 @@ typedef struct {
     int save_fail_rank, save_fail_step;  // a checkpoint save failing on one rank (-1: none)
     int model_fail_rank;                 // the final model write failing on one rank (-1: none)
     int bad_tokenizer;                   // rank 0 reads a malformed tokenizer file
+    int updates;                         // > 0: the run must stop after this many updates
+    int last_records_fail;               // the log fails in the last step's records only (size limit)
+    int quiet_steps;                     // check: odd steps (no eval, no checkpoint) add no collective
 } Case;
 
-// one scenario in this process; returns 0 when the ranks agree and all return the expected status
-static int scenario(const char* out_dir, const Case* k) {
-    const char* log_file = k->log;
+// runs the G ranks of case k through the loop, logging to log_file
+static void run_ranks(const char* out_dir, const Case* k, const char* log_file) {
     const char* mc_eval = k->mc;
-    int expect_rc = k->rc;
     if (k->bad_tokenizer) {  // a header whose magic number is wrong (the real reader refuses it)
         snprintf(tokenizer_path, sizeof(tokenizer_path), "%s/bad_tokenizer.bin", out_dir);
         int32_t header[TOKENIZER_HEADER_INTS];
@@ -191,6 +200,7 @@ static int scenario(const char* out_dir, const Case* k) {
     pthread_t th[G];
     for (int i = 0; i < G; i++) {
         ranks[i].rank = i;
+        ranks[i].nlog = 0;
         ranks[i].stop_at_step = i == k->stop_rank ? k->stop_step : -1;
         ranks[i].nan_at_step = i == k->nan_rank ? k->nan_step : -1;
         ranks[i].save_fail_step = i == k->save_fail_rank ? k->save_fail_step : -1;
@@ -200,6 +210,46 @@ static int scenario(const char* out_dir, const Case* k) {
     }
     for (int i = 0; i < G; i++) pthread_create(&th[i], NULL, run_rank, &ranks[i]);
     for (int i = 0; i < G; i++) pthread_join(th[i], NULL);
+}
+
+// the size of a file and of its last line (0, 0 when it cannot be read)
+static void file_sizes(const char* path, long* size, long* last_line) {
+    *size = *last_line = 0;
+    FILE* fp = fopen(path, "rb");
+    if (fp == NULL) return;
+    long line = 0;
+    int c;
+    while ((c = fgetc(fp)) != EOF) {
+        (*size)++;
+        line++;
+        if (c == '\n') { *last_line = line; line = 0; }
+    }
+    fclose(fp);
+}
+
+// one scenario in this process; returns 0 when the ranks agree and all return the expected status
+static int scenario(const char* out_dir, const Case* k) {
+    int expect_rc = k->rc;
+    if (k->last_records_fail) {
+        // a plain run sizes the log; the real run may write all but the second half of its last
+        // record (the final evaluation), so the write fails after the last loss reduction
+        char sizing[600], log_path[600];
+        snprintf(sizing, sizeof(sizing), "%s/sizing.jsonl", out_dir);
+        snprintf(log_path, sizeof(log_path), "%s/limited.jsonl", out_dir);
+        run_ranks(out_dir, k, sizing);
+        long size = 0, last_line = 0;
+        file_sizes(sizing, &size, &last_line);
+        if (hung || last_line < 8) { fprintf(stderr, "SIM: the sizing run failed\n"); return 1; }
+        signal(SIGXFSZ, SIG_IGN);  // a write past the limit then fails with EFBIG
+        struct rlimit lim = {(rlim_t)(size - last_line / 2), (rlim_t)(size - last_line / 2)};
+        setrlimit(RLIMIT_FSIZE, &lim);
+        run_ranks(out_dir, k, log_path);
+        long limited = 0, limited_last = 0;
+        file_sizes(log_path, &limited, &limited_last);
+        if (limited >= size) { fprintf(stderr, "SIM: the limited log holds %ld bytes, all of them\n", limited); return 1; }
+    } else {
+        run_ranks(out_dir, k, k->log);
+    }
     int ok = !hung;
     for (int i = 0; i < G; i++) {
         if (ranks[i].nlog != ranks[0].nlog || memcmp(ranks[i].log, ranks[0].log, ranks[0].nlog * sizeof(int)) != 0) {
@@ -211,13 +261,27 @@ static int scenario(const char* out_dir, const Case* k) {
             ok = 0;
         }
     }
-    if (k->save_fail_rank >= 0) {  // the ranks stop at the failed save: no update after it
-        int updates = 0;
-        for (int c = 0; c < ranks[0].nlog; c++) updates += ranks[0].log[c] / 100 == 1;
-        if (updates != k->save_fail_step) {
-            fprintf(stderr, "SIM: %d updates, expected the run to stop at the save of step %d\n", updates,
-                    k->save_fail_step);
-            ok = 0;
+    int updates = 0;
+    for (int c = 0; c < ranks[0].nlog; c++) updates += ranks[0].log[c] / 100 == 1;
+    if (k->save_fail_rank >= 0 && updates != k->save_fail_step) {  // the ranks stop at the failed save
+        fprintf(stderr, "SIM: %d updates, expected the run to stop at the save of step %d\n", updates,
+                k->save_fail_step);
+        ok = 0;
+    }
+    if (k->updates > 0 && updates != k->updates) {
+        fprintf(stderr, "SIM: %d updates, expected %d\n", updates, k->updates);
+        ok = 0;
+    }
+    if (k->quiet_steps) {  // the update of an even step s leads to step s + 1: no eval, no checkpoint
+        int s = 0;
+        for (int c = 0; c + 1 < ranks[0].nlog; c++) {
+            if (ranks[0].log[c] / 100 != 1) continue;
+            if (s % 2 == 0 && s + 1 < k->steps && ranks[0].log[c + 1] / 100 != 1) {
+                fprintf(stderr, "SIM: step %d issues collective kind %d besides its loss reduction\n", s + 1,
+                        ranks[0].log[c + 1] / 100);
+                ok = 0;
+            }
+            s++;
         }
     }
     fprintf(stderr, "SIM: %d collectives per rank\n", ranks[0].nlog);
@@ -228,19 +292,22 @@ int main(void) {
     test_begin("test_loop_ranks");
     test_tmp_begin("test_loop_ranks");
     Case cases[] = {
-        {"plain run", "", -1, -1, -1, -1, 6, 0, "", -1, -1, -1, 0},
-        {"log write error on rank 0", "/dev/full", -1, -1, -1, -1, 6, 1, "", -1, -1, -1, 0},
-        {"stop request on rank 2 alone", "", 2, 3, -1, -1, 8, 130, "", -1, -1, -1, 0},
-        {"NaN loss on rank 1 alone", "", -1, -1, 1, 4, 8, 1, "", -1, -1, -1, 0},
-        {"log file rank 0 cannot open", "/nonexistent_dir/log.jsonl", -1, -1, -1, -1, 6, 1, "", -1, -1, -1, 0},
-        {"--mc-eval, 16 examples over 3 ranks", "", -1, -1, -1, -1, 4, 0, "data/mc_examples_val.bin", -1, -1, -1, 0},
-        {"checkpoint save failing on rank 0 alone (step 4)", "", -1, -1, -1, -1, 8, 1, "", 0, 4, -1, 0},
-        {"checkpoint save failing on rank 2 alone (its part, step 2)", "", -1, -1, -1, -1, 8, 1, "", 2, 2, -1, 0},
-        {"checkpoint save failing on rank 1 alone at the last step", "", -1, -1, -1, -1, 6, 1, "", 1, 6, -1, 0},
-        {"final model write failing on rank 0", "", -1, -1, -1, -1, 6, 1, "", -1, -1, 0, 0},
-        {"malformed tokenizer file on rank 0", "", -1, -1, -1, -1, 6, 1, "", -1, -1, -1, 1},
+        {"plain run", "", -1, -1, -1, -1, 6, 0, "", -1, -1, -1, 0, 0, 0, 1},
+        {"log write error on rank 0 (stops after the update that carried it)", "/dev/full", -1, -1, -1, -1, 6, 1, "",
+         -1, -1, -1, 0, 1, 0, 0},
+        {"log write error on rank 0 in the last step's records (agreed at that step)", "", -1, -1, -1, -1, 2, 1, "",
+         -1, -1, -1, 0, 2, 1, 0},
+        {"stop request on rank 2 alone", "", 2, 3, -1, -1, 8, 130, "", -1, -1, -1, 0, 0, 0, 0},
+        {"NaN loss on rank 1 alone", "", -1, -1, 1, 4, 8, 1, "", -1, -1, -1, 0, 0, 0, 0},
+        {"log file rank 0 cannot open", "/nonexistent_dir/log.jsonl", -1, -1, -1, -1, 6, 1, "", -1, -1, -1, 0, 0, 0, 0},
+        {"--mc-eval, 16 examples over 3 ranks", "", -1, -1, -1, -1, 4, 0, "data/mc_examples_val.bin", -1, -1, -1, 0, 0, 0, 0},
+        {"checkpoint save failing on rank 0 alone (step 4)", "", -1, -1, -1, -1, 8, 1, "", 0, 4, -1, 0, 0, 0, 0},
+        {"checkpoint save failing on rank 2 alone (its part, step 2)", "", -1, -1, -1, -1, 8, 1, "", 2, 2, -1, 0, 0, 0, 0},
+        {"checkpoint save failing on rank 1 alone at the last step", "", -1, -1, -1, -1, 6, 1, "", 1, 6, -1, 0, 0, 0, 0},
+        {"final model write failing on rank 0", "", -1, -1, -1, -1, 6, 1, "", -1, -1, 0, 0, 0, 0, 0},
+        {"malformed tokenizer file on rank 0", "", -1, -1, -1, -1, 6, 1, "", -1, -1, -1, 1, 0, 0, 0},
         {"checkpoint save failing after a stop request (rank 2 asks, rank 0 fails)", "", 2, 3, -1, -1, 8, 1, "", 0,
-         4, -1, 0},
+         4, -1, 0, 0, 0, 0},
     };
     for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
         char out[512];

@@ -1756,7 +1756,7 @@ static void cpu_init_weights(void* ctx) {
 
 // grad_accum_steps micro-batches, each weighted 1/grad_accum_steps, then one AdamW update
 static void cpu_train_step(void* ctx, int step, float lr, int t, const volatile sig_atomic_t* stop_local,
-                           TrainStepResult* out) {
+                           int log_failed_local, TrainStepResult* out) {
     (void)step;
     CpuTrainer* tr = (CpuTrainer*)ctx;
     const TrainConfig* cfg = tr->cfg;
@@ -1785,6 +1785,7 @@ static void cpu_train_step(void* ctx, int step, float lr, int t, const volatile 
     moe_bias_update(model, tr->expert_counts, cfg->moe_bias_rate);  // moe with --moe-bias-rate only
     out->loss = (float)(loss_sum / tr->grad_accum_steps);
     out->stop = *stop_local != 0;
+    out->log_failed = log_failed_local != 0;
 }
 
 // evaluation mode: router BN uses the running statistics, so the model is a fixed function of

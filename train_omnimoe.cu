@@ -32,8 +32,8 @@ embeddings and the final LayerNorm (GradReducer, llmc/multi_gpu.cuh), on a strea
 with --overlap-comm 1 each layer's bucket starts as soon as the backward of the last micro-step
 has finished that layer, so the transfer runs under the backward of the layers below; with 0
 the same buckets run after the backward (same bits, only later). The step's loss, the expert
-counts and the stop request (SIGINT/SIGTERM) are summed too, so every rank takes the same
-decisions. Rank 0 alone prints, logs and writes files; checkpoints hold
+counts, the stop request (SIGINT/SIGTERM) and rank 0's log status are summed too, so every rank
+takes the same decisions. Rank 0 alone prints, logs and writes files; checkpoints hold
 every rank's BN set. --zero 1 (ZeRO-1, llmc/zero.cuh): each rank keeps 1/P of the fp32 master
 weights and AdamW state, the gradients are reduce-scattered in the same buckets, and checkpoints
 are sharded (one part per rank, written in parallel, and a manifest: llmc/checkpoint_parts.h).
@@ -792,7 +792,7 @@ static void gpu_init_weights(void* ctx) {
 }
 
 static void gpu_train_step(void* ctx, int step, float lr, int t, const volatile sig_atomic_t* stop_local,
-                           TrainStepResult* out) {
+                           int log_failed_local, TrainStepResult* out) {
     (void)step;
     GpuTrainer* tr = (GpuTrainer*)ctx;
     const TrainConfig* cfg = tr->cfg;
@@ -812,15 +812,16 @@ static void gpu_train_step(void* ctx, int step, float lr, int t, const volatile 
         loss_sum += model_mean_loss(m);
     }
     // the mean gradient over all ranks (--overlap-comm 0: all buckets now, after the backward),
-    // then the step's loss and stop requests of all ranks, in one reduction
+    // then the step's loss, stop requests and log status of all ranks, in one reduction
     if (reducer) {
         if (!cfg->overlap_comm) grad_reducer_launch_all(reducer, m->stream);
         grad_reducer_wait(reducer, m->stream);  // the norm and AdamW below read the means
     }
-    double reduced[2] = {loss_sum / grad_accum, *stop_local ? 1.0 : 0.0};
-    multi_gpu_sum_doubles(tr->mg, reduced, 2, m->stream);
+    double reduced[3] = {loss_sum / grad_accum, *stop_local ? 1.0 : 0.0, log_failed_local ? 1.0 : 0.0};
+    multi_gpu_sum_doubles(tr->mg, reduced, 3, m->stream);
     out->loss = (float)(reduced[0] / tr->mg->num_processes);
     out->stop = reduced[1] > 0.0;
+    out->log_failed = reduced[2] > 0.0;
     m->adam_t = t - 1;  // the loop owns the count (a checkpoint restores it); model_update adds one
     out->norm = model_update(m, lr, cfg->beta1, cfg->beta2, cfg->eps, cfg->weight_decay, cfg->grad_clip);
     if (m->config.ffn_kind == FFN_OMNI) {
