@@ -13,7 +13,8 @@
  *               to the older checkpoint
  *   bad input   a flipped byte in a part, a missing part, a truncated part, a corrupt manifest,
  *               a part of another step and a part of another run (same step) are each refused
- *               with one message naming the file
+ *               with one message naming the file; the part readers return -1 on a bad part
+ *               instead of exiting (a multi-GPU resume lets the ranks agree on it first)
  */
 #include "llmc/test_harness.h"
 #include "llmc/checkpoint.h"
@@ -103,7 +104,9 @@ static int load_resharded(const State* s, const char* manifest, int P2, State* o
         zero_shard_map(&map, &c, P2, r);
         float* packed[3];
         for (int k = 0; k < 3; k++) packed[k] = (float*)malloc_check((map.shard_elems + 1) * sizeof(float));
-        checkpoint_parts_read_shard(manifest, &c, &info, table, &map, packed[0], packed[1], packed[2]);
+        if (checkpoint_parts_read_shard(manifest, &c, &info, table, &map, packed[0], packed[1], packed[2]) != 0) {
+            exit(EXIT_FAILURE);  // the reader named the part (child_read_shard expects this exit)
+        }
         for (int k = 0; k < 3; k++) {
             zero_shard_unpack(&map, packed[k], full[k]);
             free(packed[k]);
@@ -269,6 +272,29 @@ int main(void) {
                              "ckpt_00000020.part1of3.bin", "checksum mismatch");
     test_expect_exit_failure("a flipped byte in a part is refused by a re-sharded reader too", child_read_shard, &ra,
                              "part1of3", "corrupt");
+    {  // in a child: the readers return -1 (status 3 when both do); an exit inside them ends it with 1
+        fflush(stdout);
+        fflush(stderr);
+        pid_t pid = fork();
+        if (pid == 0) {
+            ModelConfig c;
+            CheckpointInfo info;
+            CheckpointPartEntry* table = checkpoint_manifest_read_table(manifest, &s.config, &c, &info);
+            ZeroShardMap map;
+            zero_shard_map(&map, &c, 2, 0);  // rank 0 of 2 reads parts 0 and 1
+            float* packed[3];
+            for (int k = 0; k < 3; k++) packed[k] = (float*)malloc_check((map.shard_elems + 1) * sizeof(float));
+            float* flat = (float*)malloc_check(s.n * sizeof(float));
+            int shard_rc = checkpoint_parts_read_shard(manifest, &c, &info, table, &map, packed[0], packed[1], packed[2]);
+            int logical_rc = checkpoint_parts_read_logical(manifest, &c, &info, table, flat, NULL, NULL);
+            _exit(shard_rc == -1 && logical_rc == -1 ? 3 : 4);
+        }
+        int status = 0;
+        waitpid(pid, &status, 0);
+        test_checkf(WIFEXITED(status) && WEXITSTATUS(status) == 3, "a corrupt part: the part readers return -1, no exit",
+                    "child status %d (3: both returned -1, 4: one did not, 1: a reader exited)",
+                    WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+    }
 
     test_tmp_subdir(bad, sizeof(bad), "missing");
     fresh_copy(good, bad, 10, 3);

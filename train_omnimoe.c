@@ -1812,13 +1812,15 @@ static int cpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const Data
                             model->bn_stats, 1, loader, sizeof(*loader), sample_rng, sizeof(*sample_rng), out_path);
 }
 
-static void cpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
-                                uint64_t* sample_rng) {
+// one process: checkpoint_read exits on a bad file (nobody waits), so this returns 0
+static int cpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
+                               uint64_t* sample_rng) {
     GPT* model = &((CpuTrainer*)ctx)->model;
     model->m = alloc_floats(model->num_params);
     model->v = alloc_floats(model->num_params);
     checkpoint_read(path, &model->config, info, model->params, model->m, model->v, model->bn_stats, 1, loader,
                     sizeof(*loader), sample_rng, sizeof(*sample_rng));
+    return 0;
 }
 
 // per OmniMoE layer: share of the N experts chosen at least once and KL(load || uniform);

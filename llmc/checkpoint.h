@@ -986,9 +986,9 @@ typedef struct {
 
 static inline int checkpoint_parts_check_files(const char* manifest_path, const CheckpointInfo* info, char* why,
                                                size_t why_size);
-static inline void checkpoint_parts_read_logical(const char* manifest_path, const ModelConfig* config,
-                                                 const CheckpointInfo* info, const CheckpointPartEntry* table,
-                                                 float* params, float* m, float* v);
+static inline int checkpoint_parts_read_logical(const char* manifest_path, const ModelConfig* config,
+                                                const CheckpointInfo* info, const CheckpointPartEntry* table,
+                                                float* params, float* m, float* v);
 
 // ----------------------------------------------------------------------------
 // checking a checkpoint without trusting it
@@ -1282,8 +1282,9 @@ static inline void checkpoint_read(const char* path, const ModelConfig* expected
         checkpoint_reader_get(&r, rng_state, rng_bytes);
         checkpoint_reader_get(&r, table, (size_t)info.num_parts * sizeof(CheckpointPartEntry));
         checkpoint_reader_close(&r);
-        if (params != NULL || m != NULL || v != NULL) {
-            checkpoint_parts_read_logical(path, &config, &info, table, params, m, v);
+        if ((params != NULL || m != NULL || v != NULL) &&
+            checkpoint_parts_read_logical(path, &config, &info, table, params, m, v) != 0) {
+            exit(EXIT_FAILURE);  // the part is named above
         }
         free(table);
         if (out_info != NULL) *out_info = info;

@@ -45,6 +45,8 @@
  *   - a fresh run (no -y 1) into an output directory that holds another run's checkpoints, model
  *     or log is refused, unless --overwrite 1 (then those files are removed first);
  *   - -y 1 without a usable checkpoint (none, or every one corrupt) is an error; nothing is written;
+ *   - a checkpoint that fails while it is read (a corrupt part of a sharded checkpoint: only its
+ *     existence and size are checked when it is chosen) stops every rank with exit 1;
  *   - a resumed checkpoint past -x is an error; one exactly at -x: the run is complete, exit 0,
  *     nothing written;
  *   - SIGINT, SIGTERM, SIGUSR1 (mpirun forwards SIGUSR1 to every rank without a follow-up
@@ -120,9 +122,11 @@ typedef struct {
     // failed (after its message; nothing partial left): the loop agrees on it (train_loop_any_)
     int (*save_checkpoint)(void* ctx, const CheckpointInfo* info, const DataLoaderState* loader,
                            const uint64_t* sample_rng, char* out_path);
-    // path valid on rank 0; every rank receives info, loader state and RNG of the file
-    void (*load_checkpoint)(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
-                            uint64_t* sample_rng);
+    // path valid on rank 0; every rank receives info, loader state and RNG of the file. Returns 0,
+    // or non-zero when this rank's read failed (a corrupt part of a sharded checkpoint; after its
+    // message) or it learnt that another rank's did: the loop agrees on it (train_loop_any_)
+    int (*load_checkpoint)(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
+                           uint64_t* sample_rng);
     void (*expert_stats)(void* ctx, float* usage, float* kl);   // rank 0, of the last step
     // rank 0, of the last step; NULL unless moe: 4 per layer, the share of (token, slot) pairs
     // sent to FFN, zero, copy and constant experts (docs/design.md §10)
@@ -429,7 +433,8 @@ static inline int train_loop_run_(const TrainLoop* tl, const MCEval* mc_eval) {
     } else {
         CheckpointInfo info;
         DataLoaderState loader_state;
-        be->load_checkpoint(ctx, resume_path, &info, &loader_state, &sample_rng.state);
+        int load_failed = be->load_checkpoint(ctx, resume_path, &info, &loader_state, &sample_rng.state);
+        if (train_loop_any_(be, load_failed)) return EXIT_FAILURE;  // the rank that failed said why
         // notes of the settings that changed (the data, order and seed were checked above)
         if (master) checkpoint_compare_run(resume_path, &info, &run);
         dataloader_set_state(tl->train_loader, &loader_state);
