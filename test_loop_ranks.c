@@ -337,12 +337,7 @@ static int write_sharded_checkpoint(const char* out_dir, int corrupt) {
     if (corrupt >= 0) {
         char part[CHECKPOINT_PATH_MAX + 64];
         checkpoint_part_path(part, sizeof(part), out_dir, 2, corrupt, G);
-        FILE* fp = fopen_check(part, "r+b");
-        fseek(fp, OMNI_HEADER_BYTES + 4 * 3 + 1, SEEK_SET);
-        int c = fgetc(fp);
-        fseek(fp, OMNI_HEADER_BYTES + 4 * 3 + 1, SEEK_SET);
-        fputc(c ^ 0x20, fp);
-        fclose_check(fp, part);
+        test_xor_byte(part, OMNI_HEADER_BYTES + 4 * 3 + 1, 0x20);
     }
     for (int k = 0; k < 3; k++) free(full[k]);
     return 0;

@@ -100,10 +100,7 @@ CKPT_MUST_CHECK static inline int checkpoint_part_write(const char* dir, int ste
         return -1;
     }
     int32_t h[OMNI_HEADER_INTS];
-    memset(h, 0, sizeof(h));
-    h[0] = CHECKPOINT_PART_MAGIC;
-    h[1] = CHECKPOINT_PART_VERSION;
-    model_config_to_header(c, h);
+    omni_header_init(h, CHECKPOINT_PART_MAGIC, CHECKPOINT_PART_VERSION, c);
     h[16] = rank;
     h[17] = num_parts;
     h[18] = shard_mode;
