@@ -75,8 +75,9 @@ build() {  # build <name> <make args...>: llm.c's train_gpt2cu copied to $D/<nam
         > "$D/build_$name.log" 2>&1 && cp "$LLMC/train_gpt2cu" "$D/$name" \
         || { tail -n 20 "$D/build_$name.log"; echo "bench_llmc: FAIL: build $name"; exit 1; }
 }
-build llmc_cudnn USE_CUDNN=1 NVCC_LDLIBS="-lnvrtc -lcuda"
-build llmc_plain USE_CUDNN=0
+# one GPU: NCCL and MPI off, so the NVCC_LDLIBS given here (it replaces the Makefile's) lacks nothing
+build llmc_cudnn USE_CUDNN=1 NO_MULTI_GPU=1 NO_USE_MPI=1 NVCC_LDLIBS="-lnvrtc -lcuda"
+build llmc_plain USE_CUDNN=0 NO_MULTI_GPU=1 NO_USE_MPI=1
 if [ "$OURS_CUDNN" = 1 ]; then make USE_CUDNN=1 train_omnimoe > "$D/build_ours.log" 2>&1; else make train_omnimoe > "$D/build_ours.log" 2>&1; fi \
     || { tail -n 20 "$D/build_ours.log"; echo "bench_llmc: FAIL: build ours"; exit 1; }
 

@@ -199,7 +199,9 @@ struct Problem {
         for (size_t i = 0; i < n_out; i++) { h_dout[i] = to_x(f_dout[i]); f_dout[i] = from_x(h_dout[i]); }
         scratch_bytes = attention_backward_scratch_bytes(B, T, C, NH);
 #ifdef HAVE_CUDNN_ATTENTION
-        scratch_bytes = std::max(scratch_bytes, attention_cudnn_scratch_bytes(B, T, C, NH));
+        // cuDNN's SDPA does not support a sequence of one token (s_q = s_kv = 1), and the cuDNN
+        // cases below never use T = 1; asking it for a T = 1 graph would stop the test
+        if (T >= 2) scratch_bytes = std::max(scratch_bytes, attention_cudnn_scratch_bytes(B, T, C, NH));
 #endif
         cudaCheck(cudaMalloc(&d_qkv, n_qkv * sizeof(floatX)));
         cudaCheck(cudaMalloc(&d_dout, n_out * sizeof(floatX)));
