@@ -43,8 +43,13 @@ static const float TOL = 1e-4f, TOL_EXPERTS = 1e-4f, TOL_FLIPS = 0.0f, TOL_TRAIN
 static const float TOL = 3e-2f, TOL_EXPERTS = 0.15f, TOL_FLIPS = 0.05f, TOL_TRAIN = 2e-2f;
 #endif
 
-// random weights for every tensor, rounded to floatX so both sides see the same numbers
-static void random_params(const ModelConfig* c, float* params, float* bn, uint64_t seed) {
+// random weights for every tensor, rounded to floatX so both sides see the same numbers, and BN
+// running statistics; *params (num_params) and *bn (num_bn_stats, at least 1) are allocated here
+static void random_params(const ModelConfig* c, uint64_t seed, float** params_out, float** bn_out) {
+    float* params = (float*)malloc_check(model_config_num_params(c) * sizeof(float));
+    float* bn = (float*)calloc_check(max_sz(model_config_num_bn_stats(c), 1), sizeof(float));
+    *params_out = params;
+    *bn_out = bn;
     size_t sizes[NUM_PARAMETER_TENSORS];
     model_config_param_sizes(c, sizes);
     Rng rng = rng_seeded(seed);
@@ -76,9 +81,8 @@ static void gpu_grads(const Model* m, float* out) { download_floatX(out, m->grad
 // 1 + 2: one forward/backward against the CPU; and token- vs expert-centric
 static void test_forward_backward(const char* name, const ModelConfig* c, int B, int T) {
     size_t P = model_config_num_params(c), NB = model_config_num_bn_stats(c);
-    float* params = (float*)malloc_check(P * sizeof(float));
-    float* bn = (float*)calloc_check(max_sz(NB, 1), sizeof(float));
-    random_params(c, params, bn, 1234);
+    float *params, *bn;
+    random_params(c, 1234, &params, &bn);
     Rng rng = rng_seeded(99);
     int BT = B * T;
     int* inputs = (int*)malloc_check(BT * sizeof(int));
@@ -189,9 +193,8 @@ static void gpu_train(const ModelConfig* c, const float* params, const float* bn
 static void test_training(const char* name, const ModelConfig* c, int B, int T) {
     const int steps = 10, BT = B * T;
     size_t P = model_config_num_params(c), NB = model_config_num_bn_stats(c);
-    float* params = (float*)malloc_check(P * sizeof(float));
-    float* bn = (float*)calloc_check(max_sz(NB, 1), sizeof(float));
-    random_params(c, params, bn, 777);
+    float *params, *bn;
+    random_params(c, 777, &params, &bn);
     // a few repeating "sentences" so the loss can fall in ten steps
     int* tokens = (int*)malloc_check((size_t)steps * (BT + 1) * sizeof(int));
     Rng rng = rng_seeded(5);
@@ -257,10 +260,9 @@ static void recompute_run(const ModelConfig* c, const float* params, const float
 
 static void test_recompute(const char* name, const ModelConfig* c, int B, int T) {
     const int BT = B * T;
-    size_t P = model_config_num_params(c), NB = model_config_num_bn_stats(c);
-    float* params = (float*)malloc_check(P * sizeof(float));
-    float* bn = (float*)calloc_check(max_sz(NB, 1), sizeof(float));
-    random_params(c, params, bn, 2468);
+    size_t P = model_config_num_params(c);
+    float *params, *bn;
+    random_params(c, 2468, &params, &bn);
     Rng rng = rng_seeded(31);
     int* tokens = (int*)malloc_check((size_t)3 * (BT + 1) * sizeof(int));
     fill_tokens(tokens, 3 * (BT + 1), c->vocab_size, &rng);
@@ -306,9 +308,8 @@ static void test_recompute(const char* name, const ModelConfig* c, int B, int T)
 // doing the same (the GPU accumulates the gradients in floatX).
 static void test_eval_sampling_accumulation(const char* name, const ModelConfig* c, int B, int T) {
     size_t P = model_config_num_params(c), NB = model_config_num_bn_stats(c);
-    float* params = (float*)malloc_check(P * sizeof(float));
-    float* bn = (float*)calloc_check(max_sz(NB, 1), sizeof(float));
-    random_params(c, params, bn, 4321);
+    float *params, *bn;
+    random_params(c, 4321, &params, &bn);
     Rng rng = rng_seeded(17);
     int BT = B * T, Vp = c->padded_vocab_size;
     int* tokens = (int*)malloc_check((size_t)2 * (BT + 1) * sizeof(int));

@@ -32,8 +32,8 @@ embeddings and the final LayerNorm (GradReducer, llmc/multi_gpu.cuh), on a strea
 with --overlap-comm 1 each layer's bucket starts as soon as the backward of the last micro-step
 has finished that layer, so the transfer runs under the backward of the layers below; with 0
 the same buckets run after the backward (same bits, only later). The step's loss, the expert
-counts and the stop request (SIGINT/SIGTERM) are summed too, so every rank takes the same
-decisions. Rank 0 alone prints, logs and writes files; checkpoints hold
+counts, the stop request (SIGINT/SIGTERM) and rank 0's log status are summed too, so every rank
+takes the same decisions. Rank 0 alone prints, logs and writes files; checkpoints hold
 every rank's BN set. --zero 1 (ZeRO-1, llmc/zero.cuh): each rank keeps 1/P of the fp32 master
 weights and AdamW state, the gradients are reduce-scattered in the same buckets, and checkpoints
 are sharded (one part per rank, written in parallel, and a manifest: llmc/checkpoint_parts.h).
@@ -792,7 +792,7 @@ static void gpu_init_weights(void* ctx) {
 }
 
 static void gpu_train_step(void* ctx, int step, float lr, int t, const volatile sig_atomic_t* stop_local,
-                           TrainStepResult* out) {
+                           int log_failed_local, TrainStepResult* out) {
     (void)step;
     GpuTrainer* tr = (GpuTrainer*)ctx;
     const TrainConfig* cfg = tr->cfg;
@@ -812,15 +812,16 @@ static void gpu_train_step(void* ctx, int step, float lr, int t, const volatile 
         loss_sum += model_mean_loss(m);
     }
     // the mean gradient over all ranks (--overlap-comm 0: all buckets now, after the backward),
-    // then the step's loss and stop requests of all ranks, in one reduction
+    // then the step's loss, stop requests and log status of all ranks, in one reduction
     if (reducer) {
         if (!cfg->overlap_comm) grad_reducer_launch_all(reducer, m->stream);
         grad_reducer_wait(reducer, m->stream);  // the norm and AdamW below read the means
     }
-    double reduced[2] = {loss_sum / grad_accum, *stop_local ? 1.0 : 0.0};
-    multi_gpu_sum_doubles(tr->mg, reduced, 2, m->stream);
+    double reduced[3] = {loss_sum / grad_accum, *stop_local ? 1.0 : 0.0, log_failed_local ? 1.0 : 0.0};
+    multi_gpu_sum_doubles(tr->mg, reduced, 3, m->stream);
     out->loss = (float)(reduced[0] / tr->mg->num_processes);
     out->stop = reduced[1] > 0.0;
+    out->log_failed = reduced[2] > 0.0;
     m->adam_t = t - 1;  // the loop owns the count (a checkpoint restores it); model_update adds one
     out->norm = model_update(m, lr, cfg->beta1, cfg->beta2, cfg->eps, cfg->weight_decay, cfg->grad_clip);
     if (m->config.ffn_kind == FFN_OMNI) {
@@ -994,15 +995,22 @@ static int gpu_save_checkpoint_parts(GpuTrainer* tr, const CheckpointInfo* info,
 
 // ZeRO-1 resume from a sharded checkpoint: every rank reads its own shard from the parts (any
 // P at write time: the ranges are re-sharded by llmc/checkpoint_parts.h), rounds its ranges to the
-// floatX weights and all-gathers them
-static void gpu_load_shard_from_parts(Model* m, const char* path) {
+// floatX weights and all-gathers them. A part that fails on some rank (after its message) is
+// agreed on before the gather: every rank then returns the count of ranks that failed (> 0).
+static int gpu_load_shard_from_parts(Model* m, const MultiGpu* mg, const char* path) {
     ModelConfig config;
     CheckpointInfo info;
     CheckpointPartEntry* table = checkpoint_manifest_read_table(path, &m->config, &config, &info);
     const ZeroShardMap* map = &m->zero->map;
     float* host[3];
     for (int k = 0; k < 3; k++) host[k] = (float*)malloc_check(max_sz(map->shard_elems, 1) * sizeof(float));
-    checkpoint_parts_read_shard(path, &config, &info, table, map, host[0], host[1], host[2]);
+    double failed = checkpoint_parts_read_shard(path, &config, &info, table, map, host[0], host[1], host[2]) != 0;
+    multi_gpu_sum_doubles(mg, &failed, 1, m->stream);
+    if (failed > 0.0) {
+        for (int k = 0; k < 3; k++) free(host[k]);
+        free(table);
+        return (int)failed;
+    }
     float* device[3] = {m->master, m->adam_m, m->adam_v};
     for (int k = 0; k < 3; k++) {
         cudaCheck(cudaMemcpy(device[k], host[k], map->shard_elems * sizeof(float), cudaMemcpyHostToDevice));
@@ -1014,6 +1022,19 @@ static void gpu_load_shard_from_parts(Model* m, const char* path) {
     zero_allgather_params(m->zero, m->params, m->stream);
     for (int k = 0; k < 3; k++) free(host[k]);
     free(table);
+    return 0;
+}
+
+// A replicated run resuming a sharded checkpoint: rank 0 assembles the flat params, m and v from
+// every part. Returns 0, or -1 after the message naming the part (no exit: the ranks agree).
+static int gpu_read_parts_logical(const ModelConfig* expected, const char* path, float* params, float* adam_m,
+                                  float* adam_v) {
+    ModelConfig config;
+    CheckpointInfo info;
+    CheckpointPartEntry* table = checkpoint_manifest_read_table(path, expected, &config, &info);
+    int rc = checkpoint_parts_read_logical(path, &config, &info, table, params, adam_m, adam_v);
+    free(table);
+    return rc;
 }
 
 // what rank 0 read from a checkpoint besides the big sections, sent to every rank
@@ -1021,6 +1042,7 @@ typedef struct {
     CheckpointInfo info;
     DataLoaderState loader;
     uint64_t sample_rng_state;
+    int failed;  // rank 0 could not read a part (it said why): every rank stops
 } ResumePoint;
 
 // Every rank calls it. Rank 0 reads and verifies the checkpoint at path (the file may exist on
@@ -1028,9 +1050,12 @@ typedef struct {
 // ranks by broadcast (ZeRO-1: each rank keeps its shard of the master weights, m and v). A
 // sharded checkpoint (version 3) read by a ZeRO-1 run: every rank reads its shard from the parts
 // itself (gpu_load_shard_from_parts; the parts must be visible to every rank); read by a
-// replicated run, rank 0 assembles the whole state from the parts (checkpoint_read).
-static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
-                                uint64_t* sample_rng) {
+// replicated run, rank 0 assembles the whole state from the parts (gpu_read_parts_logical). A
+// part that turns out corrupt (checkpoint_find_latest checks only the parts' sizes) stops every
+// rank: the status travels with the resume point (replicated) or is summed before the gather
+// (ZeRO-1), so all ranks skip the remaining collectives alike; returns non-zero then.
+static int gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
+                               uint64_t* sample_rng) {
     GpuTrainer* tr = (GpuTrainer*)ctx;
     Model* m = &tr->model;
     const MultiGpu* mg = tr->mg;
@@ -1043,7 +1068,8 @@ static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* inf
     if (mg->process_rank == 0) {
         ModelConfig file_config;
         checkpoint_read_info(path, &file_config, &rp.info);  // the header: how many BN sets to expect
-        int from_parts = m->zero && rp.info.num_parts > 0;  // then rank 0 reads the manifest's sections only
+        int parts = rp.info.num_parts > 0;
+        int from_parts = m->zero && parts;  // then rank 0 reads the manifest's sections only
         if (!from_parts) {
             params = (float*)malloc_check(P * sizeof(float));
             adam_m = (float*)malloc_check(P * sizeof(float));
@@ -1051,26 +1077,33 @@ static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* inf
         }
         int sets = rp.info.num_bn_sets > 0 ? rp.info.num_bn_sets : 1;
         bn_all = (float*)malloc_check(max_sz((size_t)sets * NB, 1) * sizeof(float));
-        checkpoint_read(path, &m->config, &rp.info, params, adam_m, adam_v, NB > 0 ? bn_all : NULL,
-                        rp.info.num_bn_sets, &rp.loader, sizeof(rp.loader), &rp.sample_rng_state,
-                        sizeof(rp.sample_rng_state));
+        // a sharded checkpoint: the manifest's sections here, the parts below (their reader returns)
+        checkpoint_read(path, &m->config, &rp.info, parts ? NULL : params, parts ? NULL : adam_m,
+                        parts ? NULL : adam_v, NB > 0 ? bn_all : NULL, rp.info.num_bn_sets, &rp.loader,
+                        sizeof(rp.loader), &rp.sample_rng_state, sizeof(rp.sample_rng_state));
+        if (parts && !from_parts) rp.failed = gpu_read_parts_logical(&m->config, path, params, adam_m, adam_v) != 0;
         rp.info.num_bn_sets = sets;
-        if (!from_parts) model_set_params(m, params, bn_all);
-        if (!m->zero) {
+        if (!from_parts && !rp.failed) model_set_params(m, params, bn_all);
+        if (!m->zero && !rp.failed) {
             cudaCheck(cudaMemcpy(m->adam_m, adam_m, P * sizeof(float), cudaMemcpyHostToDevice));
             cudaCheck(cudaMemcpy(m->adam_v, adam_v, P * sizeof(float), cudaMemcpyHostToDevice));
         }
     }
     multi_gpu_broadcast_host(mg, &rp, sizeof(rp), st);
+    // a failed read (the same on every rank from here): no more collectives, the loop stops all
+    int failed = rp.failed;
     // rank 0's weights (floatX and master) and optimizer state, bit for bit
-    if (m->zero && rp.info.num_parts > 0) {
-        gpu_load_shard_from_parts(m, path);
-    } else if (m->zero) {  // a single file: each rank keeps its shard of rank 0's host copies
+    if (!failed && m->zero && rp.info.num_parts > 0) {
+        // path is rank 0's alone (the loop found it there): every rank names the manifest of the step
+        char manifest[CHECKPOINT_PATH_MAX];
+        checkpoint_path(manifest, sizeof(manifest), tr->cfg->output_dir, rp.info.step);
+        failed = gpu_load_shard_from_parts(m, mg, manifest);
+    } else if (!failed && m->zero) {  // a single file: each rank keeps its shard of rank 0's host copies
         multi_gpu_broadcast(mg, m->params, P * sizeof(floatX), st);
         zero_scatter_from_host(m->zero, params, m->master, st);
         zero_scatter_from_host(m->zero, adam_m, m->adam_m, st);
         zero_scatter_from_host(m->zero, adam_v, m->adam_v, st);
-    } else {
+    } else if (!failed) {
         multi_gpu_broadcast(mg, m->params, P * sizeof(floatX), st);
         multi_gpu_broadcast(mg, m->master, P * sizeof(float), st);
         multi_gpu_broadcast(mg, m->adam_m, P * sizeof(float), st);
@@ -1079,6 +1112,10 @@ static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* inf
     free(params);
     free(adam_m);
     free(adam_v);
+    if (failed) {
+        free(bn_all);
+        return failed;
+    }
     if (NB > 0) {
         size_t bn_bytes = (size_t)rp.info.num_bn_sets * NB * sizeof(float);
         if (bn_all == NULL) bn_all = (float*)malloc_check(bn_bytes);
@@ -1092,6 +1129,7 @@ static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* inf
     *info = rp.info;
     *loader = rp.loader;
     *sample_rng = rp.sample_rng_state;
+    return 0;
 }
 
 static void gpu_expert_stats(void* ctx, float* usage, float* kl) {

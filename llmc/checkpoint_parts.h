@@ -19,8 +19,9 @@
  * (docs/sharding.md §3): their per-layer (N, C/P) slices of U and V would follow the ZeRO-1 ranges
  * of each part; checkpoint_parts_map is the one place to add them, and refuses the bit until then.
  *
- * API (every reader exits with one message naming the file on any problem; the writers print that
- * message and return -1, as llmc/checkpoint.h's):
+ * API (the manifest reader exits with one message naming the file on any problem; the part readers
+ * and the writers print that message and return -1, so that the ranks of a multi-GPU resume can
+ * agree on a part that one of them found corrupt, as on a failed save):
  *   checkpoint_part_path()          the name of part r of P
  *   checkpoint_parts_map()          part r's ranges of the flat layout, packed order
  *   checkpoint_part_write()         rank r's part, crash-safe (.tmp, fsync, rename); gives its
@@ -28,14 +29,15 @@
  *   checkpoint_manifest_write()     rank 0, after every part is written: the manifest
  *   checkpoint_parts_remove()       a failed save: the parts of that step that were written
  *   checkpoint_manifest_read_table() the verified manifest's part table (malloc'ed)
- *   checkpoint_parts_read_shard()   the ranges of a new map (any P) from the parts, verified
- *   checkpoint_parts_read_logical() the whole flat params / m / v (what checkpoint_read uses)
+ *   checkpoint_parts_read_shard()   the ranges of a new map (any P) from the parts, verified; 0 or -1
+ *   checkpoint_parts_read_logical() the whole flat params / m / v (what checkpoint_read uses); 0 or -1
  *   checkpoint_parts_check_files()  every part exists with its size (checkpoint_verify uses it)
  *
  * Verification: every part a reader takes bytes from is hashed in full (streamed) and compared
  * with its trailer and the manifest's entry, and its header with the manifest (rank, P, mode,
  * step, model, element count), before any of its bytes are used. A missing, truncated, corrupt
- * or foreign part (another step, another run) is refused with the part's name.
+ * or foreign part (another step, another run) is refused with the part's name (a return of -1:
+ * checkpoint_read exits on it, the CUDA trainer's resume lets the ranks agree first).
  */
 #ifndef OMNIMOE_CHECKPOINT_PARTS_H
 #define OMNIMOE_CHECKPOINT_PARTS_H
@@ -98,10 +100,7 @@ CKPT_MUST_CHECK static inline int checkpoint_part_write(const char* dir, int ste
         return -1;
     }
     int32_t h[OMNI_HEADER_INTS];
-    memset(h, 0, sizeof(h));
-    h[0] = CHECKPOINT_PART_MAGIC;
-    h[1] = CHECKPOINT_PART_VERSION;
-    model_config_to_header(c, h);
+    omni_header_init(h, CHECKPOINT_PART_MAGIC, CHECKPOINT_PART_VERSION, c);
     h[16] = rank;
     h[17] = num_parts;
     h[18] = shard_mode;
@@ -170,6 +169,7 @@ CKPT_MUST_CHECK static inline int checkpoint_manifest_write(const char* dir, con
 // ----------------------------------------------------------------------------
 // reading
 
+// the message naming the part; closes fp; the caller returns its failure (no exit)
 static inline void ckpt_part_fail_(FILE* fp, const char* part, const char* manifest, const char* fmt, ...) {
     va_list args;
     va_start(args, fmt);
@@ -178,7 +178,6 @@ static inline void ckpt_part_fail_(FILE* fp, const char* part, const char* manif
     fprintf(stderr, "\n");
     va_end(args);
     if (fp != NULL) fclose(fp);
-    exit(EXIT_FAILURE);
 }
 
 // pread of exactly `bytes` at `offset`, 1 on success
@@ -247,23 +246,33 @@ static inline CheckpointPartEntry* checkpoint_manifest_read_table(const char* pa
 
 // Opens part `rank` of the manifest and proves it is the one the manifest names: size, header
 // (rank, parts, mode, step, model, elements) and the XXH64 of all of it against its trailer and
-// the manifest's table. Exits with the part's name otherwise. Returns the open file.
+// the manifest's table. Returns the open file, or NULL after a message naming the part.
 static inline FILE* ckpt_part_open_verified_(const char* manifest, const ModelConfig* config,
                                              const CheckpointInfo* info, const CheckpointPartEntry* entry, int rank,
                                              size_t elems) {
     char part[CHECKPOINT_PATH_MAX + 64], why[200];
     checkpoint_part_path_of_(part, sizeof(part), manifest, rank, info->num_parts);
-    if (!ckpt_regular_file_(part, why, sizeof(why))) ckpt_part_fail_(NULL, part, manifest, "missing part: %s", why);
+    if (!ckpt_regular_file_(part, why, sizeof(why))) {
+        ckpt_part_fail_(NULL, part, manifest, "missing part: %s", why);
+        return NULL;
+    }
     int64_t size = ckpt_file_size_(part);
     if (size != entry->bytes || size != checkpoint_part_file_bytes(elems)) {
         ckpt_part_fail_(NULL, part, manifest, "%s: %lld bytes, the manifest says %lld (and %zu elements need %lld)",
                         size < entry->bytes ? "truncated" : "wrong size", (long long)size, (long long)entry->bytes,
                         elems, (long long)checkpoint_part_file_bytes(elems));
+        return NULL;
     }
     FILE* fp = fopen(part, "rb");
-    if (fp == NULL) ckpt_part_fail_(NULL, part, manifest, "cannot open: %s", strerror(errno));
+    if (fp == NULL) {
+        ckpt_part_fail_(NULL, part, manifest, "cannot open: %s", strerror(errno));
+        return NULL;
+    }
     int32_t h[OMNI_HEADER_INTS];
-    if (fread(h, sizeof(h), 1, fp) != 1) ckpt_part_fail_(fp, part, manifest, "cannot read its header");
+    if (fread(h, sizeof(h), 1, fp) != 1) {
+        ckpt_part_fail_(fp, part, manifest, "cannot read its header");
+        return NULL;
+    }
     CheckpointHash hash;
     checkpoint_hash_init(&hash);
     checkpoint_hash_update(&hash, h, sizeof(h));
@@ -275,6 +284,7 @@ static inline FILE* ckpt_part_open_verified_(const char* manifest, const ModelCo
         if (fread(chunk, 1, n, fp) != n) {
             free(chunk);
             ckpt_part_fail_(fp, part, manifest, "read error: %s", ferror(fp) ? strerror(errno) : "unexpected end");
+            return NULL;
         }
         checkpoint_hash_update(&hash, chunk, n);
         left -= (int64_t)n;
@@ -283,12 +293,14 @@ static inline FILE* ckpt_part_open_verified_(const char* manifest, const ModelCo
     unsigned char trailer[CHECKPOINT_TRAILER_BYTES];
     if (fread(trailer, 1, sizeof(trailer), fp) != sizeof(trailer) || memcmp(trailer + 8, CHECKPOINT_END_MAGIC, 8) != 0) {
         ckpt_part_fail_(fp, part, manifest, "end magic missing (incomplete or corrupt file)");
+        return NULL;
     }
     uint64_t stored, computed = checkpoint_hash_final(&hash);
     memcpy(&stored, trailer, 8);
     if (stored != computed) {
         ckpt_part_fail_(fp, part, manifest, "checksum mismatch (stored %016llx, computed %016llx): the part is corrupt",
                         (unsigned long long)stored, (unsigned long long)computed);
+        return NULL;
     }
     ModelConfig part_config;
     model_config_from_header(h, &part_config);
@@ -299,18 +311,21 @@ static inline FILE* ckpt_part_open_verified_(const char* manifest, const ModelCo
                         "elements) does not match the manifest (part %d of %d, mode %d, step %d, %zu elements, the "
                         "same model)", h[0], h[1], h[16], h[17], h[18], h[19], (long long)ckpt_get_i64_(h, 20), rank,
                         info->num_parts, info->shard_mode, info->step, elems);
+        return NULL;
     }
     if (computed != entry->hash) {
         ckpt_part_fail_(fp, part, manifest, "its hash %016llx is not the manifest's %016llx: a part of another "
                         "checkpoint or run", (unsigned long long)computed, (unsigned long long)entry->hash);
+        return NULL;
     }
     return fp;
 }
 
 // out_*[want[i].shard_offset + j] = the saved state at flat want[i].offset + j, for every wanted
 // range; out_* may be NULL to skip a section. Reads only the parts that hold wanted elements
-// (part q's chunks; the replicated tails from part 0), each verified in full first.
-static inline void checkpoint_parts_read_ranges(const char* manifest, const ModelConfig* config,
+// (part q's chunks; the replicated tails from part 0), each verified in full first. Returns 0, or
+// -1 after one message naming the part (the out_* buffers then hold a partial state: unusable).
+static inline int checkpoint_parts_read_ranges(const char* manifest, const ModelConfig* config,
                                                 const CheckpointInfo* info, const CheckpointPartEntry* table,
                                                 const ZeroRange* want, int num_want, float* out_master, float* out_m,
                                                 float* out_v) {
@@ -320,7 +335,7 @@ static inline void checkpoint_parts_read_ranges(const char* manifest, const Mode
         char why[256];
         if (!checkpoint_parts_map(&old, config, info->num_parts, q, info->shard_mode, why, sizeof(why))) {
             fprintf(stderr, "Error: checkpoint \"%s\": %s\n", manifest, why);
-            exit(EXIT_FAILURE);
+            return -1;
         }
         FILE* fp = NULL;
         for (int i = 0; i < old.num_ranges; i++) {
@@ -332,6 +347,10 @@ static inline void checkpoint_parts_read_ranges(const char* manifest, const Mode
                 size_t hi = R->offset + R->count < W->offset + W->count ? R->offset + R->count : W->offset + W->count;
                 if (lo >= hi) continue;
                 if (fp == NULL) fp = ckpt_part_open_verified_(manifest, config, info, &table[q], q, old.shard_elems);
+                if (fp == NULL) {
+                    zero_shard_map_free(&old);
+                    return -1;
+                }
                 for (int k = 0; k < 3; k++) {
                     if (out[k] == NULL) continue;
                     int64_t at = OMNI_HEADER_BYTES + 4 * ((int64_t)k * (int64_t)old.shard_elems +
@@ -340,6 +359,8 @@ static inline void checkpoint_parts_read_ranges(const char* manifest, const Mode
                         char part[CHECKPOINT_PATH_MAX + 64];
                         checkpoint_part_path_of_(part, sizeof(part), manifest, q, info->num_parts);
                         ckpt_part_fail_(fp, part, manifest, "read error: %s", strerror(errno));
+                        zero_shard_map_free(&old);
+                        return -1;
                     }
                 }
             }
@@ -347,21 +368,24 @@ static inline void checkpoint_parts_read_ranges(const char* manifest, const Mode
         if (fp != NULL) fclose(fp);
         zero_shard_map_free(&old);
     }
+    return 0;
 }
 
-// A rank's shard under a new map (any P, the same model): packed master, m, v (map->shard_elems each)
-static inline void checkpoint_parts_read_shard(const char* manifest, const ModelConfig* config,
+// A rank's shard under a new map (any P, the same model): packed master, m, v (map->shard_elems
+// each). Returns 0, or -1 after the message (checkpoint_parts_read_ranges).
+static inline int checkpoint_parts_read_shard(const char* manifest, const ModelConfig* config,
                                                const CheckpointInfo* info, const CheckpointPartEntry* table,
                                                const ZeroShardMap* map, float* master, float* m, float* v) {
-    checkpoint_parts_read_ranges(manifest, config, info, table, map->ranges, map->num_ranges, master, m, v);
+    return checkpoint_parts_read_ranges(manifest, config, info, table, map->ranges, map->num_ranges, master, m, v);
 }
 
-// the whole flat params, m, v (num_params each; any may be NULL), as a version-2 file holds them
-static inline void checkpoint_parts_read_logical(const char* manifest_path, const ModelConfig* config,
+// the whole flat params, m, v (num_params each; any may be NULL), as a version-2 file holds them.
+// Returns 0, or -1 after the message (checkpoint_parts_read_ranges).
+static inline int checkpoint_parts_read_logical(const char* manifest_path, const ModelConfig* config,
                                                  const CheckpointInfo* info, const CheckpointPartEntry* table,
                                                  float* params, float* m, float* v) {
     ZeroRange all = {0, (size_t)info->num_params, 0, 0, 0, 0};
-    checkpoint_parts_read_ranges(manifest_path, config, info, table, &all, 1, params, m, v);
+    return checkpoint_parts_read_ranges(manifest_path, config, info, table, &all, 1, params, m, v);
 }
 
 #endif  // OMNIMOE_CHECKPOINT_PARTS_H

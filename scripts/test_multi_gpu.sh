@@ -44,8 +44,10 @@
 #        and no launcher (nothing would kill a waiting rank): the checkpoint write failing on rank 0
 #        (its .tmp a link to /dev/full), a --zero 1 part failing on rank 1, the final model write
 #        failing on rank 0 (--zero 1: both gather first), a malformed tokenizer file read by rank
-#        0: both ranks exit 1 within the timeout, the message names the file, the checkpoints
-#        saved before are intact and nothing of the failed write is left
+#        0, a resume of g2z's sharded checkpoint with one flipped byte in part 1 (replicated: rank
+#        0 alone reads it; --zero 1: rank 1 alone): both ranks exit 1 within the timeout, the
+#        message names the file (once), the checkpoints saved before are intact and nothing of the
+#        failed write is left
 set -u
 export NCCL_NVLS_ENABLE=0   # never NVLink multicast (house rule)
 cd "$(dirname "$0")/.."
@@ -358,6 +360,20 @@ head -c 5000 data/gpt2_tokenizer.bin > "$W/htok/data/gpt2_tokenizer.bin"
 run2_raw htok "$W/htok" "${COMMON[@]}" -x 20 -o "$W/htok/out"
 both_fail "(h) a malformed tokenizer file read by rank 0" htok 0 "short read from 'data/gpt2_tokenizer\.bin'"
 check "(h) ... stopped before the run started (no step line)" bash -c "! grep -q '^step ' '$W/htok0.out'"
+flip_byte() {  # flip_byte <file> <offset>: one bit of one byte, the size unchanged
+    python3 -c "import sys; f = open(sys.argv[1], 'r+b'); f.seek(int(sys.argv[2])); b = f.read(1)[0]; f.seek(int(sys.argv[2])); f.write(bytes([b ^ 0x20]))" "$1" "$2"
+}
+for mode in replicated zero; do  # a corrupt part found while loading (checkpoint_find_latest checks sizes only)
+    name=hcorrupt_$mode
+    zero_resume_dir "$W/$name"
+    flip_byte "$W/$name/ckpt_00000010.part1of2.bin" 1040  # the header is 1024 bytes: part 1's master weights
+    flags=(); reader=0
+    if [ $mode = zero ]; then flags=(--grad-clip 0 --zero 1); reader=1; fi  # ZeRO-1: rank 1 reads part 1
+    run2_raw "$name" . "${COMMON[@]}" -x 20 -n 10 -o "$W/$name" ${flags[@]+"${flags[@]}"} -y 1
+    both_fail "(h) resume ($mode) of a checkpoint whose part 1 is corrupt, read by rank $reader alone" "$name" $reader \
+        "ckpt_00000010\.part1of2\.bin.*checksum mismatch"
+    check "(h) ... the part named once, nothing written" bash -c "[ \$(cat '$W/${name}0.out' '$W/${name}1.out' | grep -c 'Error: checkpoint part') = 1 ] && [ -z \"\$(ls -A '$W/$name' | grep -E 'ckpt_00000011|ckpt_00000020|log|\.tmp')\" ]"
+done
 
 echo
 echo "================ test_multi_gpu summary ($(( $(date +%s) - t0 )) s) ================"
