@@ -108,11 +108,11 @@ test_param_init: test_param_init.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS) -lpthread
 
 # ZeRO-1 with simulated ranks on the CPU reference model against the replicated path
-test_zero_ranks: test_zero_ranks.c train_omnimoe.c $(HOST_HEADERS)
+test_zero_ranks: test_zero_ranks.c train_omnimoe.c test_dp_ranks.h $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 # the column-sharded tables' trainer bookkeeping with simulated ranks (llmc/expert_shard_layout.h)
-test_shard_tables: test_shard_tables.c train_omnimoe.c $(HOST_HEADERS)
+test_shard_tables: test_shard_tables.c train_omnimoe.c test_dp_ranks.h $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 test_integrity: test_integrity.c train_omnimoe.c $(HOST_HEADERS)

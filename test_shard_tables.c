@@ -36,12 +36,11 @@
 #include "llmc/test_harness.h"
 #include "llmc/checkpoint.h"
 #include "llmc/expert_shard_layout.h"
+#include "test_dp_ranks.h"
 
 #define MAX_RANKS 4
 #define STEPS 4
 #define SAVE_AT 2
-static const int B = 2, T = 16;
-static const float LR = 1e-2f, BETA1 = 0.9f, BETA2 = 0.95f, EPS = 1e-8f, WD = 0.1f;
 
 typedef struct {
     int P, tables;  // tables: the sharded run (local buffers); 0: replicated (whole GPTs)
@@ -96,51 +95,25 @@ static void tables_assemble(const Run* run, int kind, int own, float* full) {
     expert_shard_local_unpack(full, src, sizeof(float), &run->lay[own]);
 }
 
-static inline float reduce_mean(const Run* run, size_t i) {
-    float sum = run->ranks[0].grads[i];
-    for (int r = 1; r < run->P; r++) sum += run->ranks[r].grads[i];
-    return sum / (float)run->P;
-}
-
-static float forward_backward(Run* run, const ModelConfig* c, int step) {
-    int tokens[(2 * 16) + 1];
-    double loss = 0.0;
-    for (int r = 0; r < run->P; r++) {
-        GPT* g = &run->ranks[r];
-        if (run->tables) tables_assemble(run, 0, r, g->params);  // the exchanges' view of the tables
-        Rng rng = rng_seeded(1000 + 100 * (uint64_t)step + r);
-        fill_tokens(tokens, (size_t)B * T + 1, c->vocab_size, &rng);
-        gpt_zero_grad(g);
-        gpt_forward(g, tokens, tokens + 1, B, T, 1);
-        gpt_backward(g, 1.0f);
-        loss += g->mean_loss;
-    }
-    return (float)(loss / run->P);
+// the tables run's GPT of rank r trains with U and V put together from every rank's slice (the
+// exchanges' view of the tables), the rest from its own local buffer
+static void tables_before(void* ctx, int r) {
+    Run* run = (Run*)ctx;
+    if (run->tables) tables_assemble(run, 0, r, run->ranks[r].params);
 }
 
 static void replicated_step(Run* run, const ModelConfig* c, int step, float grad_clip) {
-    run->losses[step] = forward_backward(run, c, step);
-    size_t n = run->ranks[0].num_params;
-    float* mean = alloc_floats(n);
-    for (size_t i = 0; i < n; i++) mean[i] = reduce_mean(run, i);
-    double sq = 0.0;
-    for (size_t i = 0; i < n; i++) sq += (double)mean[i] * mean[i];
-    run->norm_sq[step] = sq;
-    for (int r = 0; r < run->P; r++) {
-        memcpy(run->ranks[r].grads, mean, n * sizeof(float));
-        float norm = gpt_update(&run->ranks[r], LR, BETA1, BETA2, EPS, WD, grad_clip, step + 1);
-        if (r == 0) run->norms[step] = norm;
-        else run->norms_agree &= memcmp(&norm, &run->norms[step], sizeof(float)) == 0;
-    }
-    free(mean);
+    run->losses[step] = dp_forward_backward(run->ranks, run->P, c, step, tables_before, run);
+    dp_replicated_update(run->ranks, run->P, step, grad_clip, &run->norms[step], &run->norm_sq[step],
+                         &run->norms_agree);
 }
 
 static void tables_step(Run* run, const ModelConfig* c, int step, float grad_clip) {
-    run->losses[step] = forward_backward(run, c, step);
+    run->losses[step] = dp_forward_backward(run->ranks, run->P, c, step, tables_before, run);
     const int P = run->P;
     size_t n = run->ranks[0].num_params;
     float* mean = alloc_floats(n);
-    for (size_t i = 0; i < n; i++) mean[i] = reduce_mean(run, i);
+    for (size_t i = 0; i < n; i++) mean[i] = dp_reduce_mean(run->ranks, run->P, i);
     // each rank's local gradient: the replicated mean, its columns of the tables' mean
     float* grad[MAX_RANKS];
     double partial[MAX_RANKS], replicated[MAX_RANKS];
@@ -171,9 +144,9 @@ static void tables_step(Run* run, const ModelConfig* c, int step, float grad_cli
         const ExpertShardLayout* lay = &run->lay[r];
         for (int t = 0; t < NUM_PARAMETER_TENSORS; t++) {  // the trainer's per-tensor loop on the local layout
             size_t o = lay->offsets[t];
-            float wd = param_is_decayed(t) ? WD : 0.0f;
-            adamw_range(run->w[r] + o, grad[r] + o, run->m[r] + o, run->v[r] + o, lay->sizes[t], LR, BETA1, BETA2,
-                        EPS, wd, grad_scale, step + 1);
+            float wd = param_is_decayed(t) ? DP_WD : 0.0f;
+            adamw_range(run->w[r] + o, grad[r] + o, run->m[r] + o, run->v[r] + o, lay->sizes[t], DP_LR, DP_BETA1, DP_BETA2,
+                        DP_EPS, wd, grad_scale, step + 1);
         }
         free(grad[r]);
     }

@@ -988,8 +988,8 @@ static int gpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const Data
 }
 
 // ZeRO-1 and sharded tables (docs/sharding.md §4): every rank writes its shard as a part file at
-// the same time, then rank 0 writes the manifest with the parts' sizes and hashes. Either all ranks write or none
-// (the shards' finiteness and the directory are agreed first). A part or the manifest that
+// the same time, then rank 0 writes the manifest with the parts' sizes and hashes. Either all
+// ranks write or none (the shards' finiteness and the directory are agreed first). A part or the manifest that
 // cannot be written: rank 0 removes the parts of the step that were written (every rank's status
 // reaches it with the table), so nothing of the step is left; the failing rank returns non-zero.
 // The output directory must be one all ranks see.
