@@ -37,6 +37,12 @@ decisions. Rank 0 alone prints, logs and writes files; checkpoints hold
 every rank's BN set. --zero 1 (ZeRO-1, llmc/zero.cuh): each rank keeps 1/P of the fp32 master
 weights and AdamW state, the gradients are reduce-scattered in the same buckets, and checkpoints
 are sharded (one part per rank, written in parallel, and a manifest: llmc/checkpoint_parts.h).
+--shard-experts 1 (docs/sharding.md §3): each rank keeps a C/P column slice of the expert tables
+U and V in every flat buffer (llmc/expert_shard_layout.h), the OmniMoE layers exchange token
+columns and partial dot products with the other ranks (llmc/experts_shard.cuh), so every forward
+(training, validation, --mc-eval, samples) runs on all ranks together; U and V leave the gradient
+buckets, the norm adds the ranks' slice partials (llmc/expert_shard_state.cuh), and checkpoints
+are parts as under ZeRO-1.
 */
 #include "llmc/utils.h"   // first: it selects POSIX declarations
 #include <stdio.h>
