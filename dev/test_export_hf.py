@@ -71,7 +71,9 @@ def main():
     os.makedirs(work, exist_ok=True)
     torch.manual_seed(0)
     helper = os.path.join(work, "export_logits")
-    run(["gcc", "-O2", "-std=c11", "-fopenmp", "-I.", "dev/export_logits.c", "-o", helper, "-lm"])
+    # the Makefile's include rule: xxhash.h from the system or, where it lacks it, carry/include
+    includes = ["-I."] + (["-Icarry/include"] if os.path.exists("carry/include/xxhash.h") else [])
+    run(["gcc", "-O2", "-std=c11", "-fopenmp", *includes, "dev/export_logits.c", "-o", helper, "-lm"])
     rng = np.random.default_rng(1234)
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
     try:
