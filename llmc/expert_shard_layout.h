@@ -18,10 +18,10 @@
  *   expert_shard_local_unpack(full, local, elem, lay)        rank's local -> full: the replicated
  *                                                            tensors and rank r's columns of U, V
  *                                                            (other columns untouched)
- *   expert_shard_local_reshard(dst, old, elem, cfg, P1, lay2)  new local of (P2, r2) from the old
- *                                                            locals of P1 (old[q] NULL where not
- *                                                            needed; the replicated part from old[0])
- *   expert_shard_local_needs(q, P1, lay2)                    is old rank q's local read
+ *   expert_shard_local_needs(q, P1, lay2)                    does new rank lay2->rank of lay2->P read
+ *                                                            old rank q's local of P1 (re-sharding,
+ *                                                            llmc/checkpoint_parts.h; the replicated
+ *                                                            part comes from old rank 0)
  *   expert_shard_norm_squared(replicated, partials, P)       the global sum of squares
  *
  * The global gradient norm. The replicated part's gradients are the same bits on every rank
@@ -98,24 +98,6 @@ static inline void expert_shard_local_unpack(void* full, const void* local, size
 // 1 when new rank lay2->rank of lay2->P reads old rank q's local of P1 (part 0: the replicated part)
 static inline int expert_shard_local_needs(int q, int P1, const ExpertShardLayout* lay2) {
     return q == 0 || expert_shard_reshard_needs(q, P1, lay2->rank, lay2->P, lay2->C);
-}
-
-static inline void expert_shard_local_reshard(void* dst, const void* const* old, size_t elem, const ModelConfig* c,
-                                              int P1, const ExpertShardLayout* lay2) {
-    ExpertShardLayout lay1;
-    expert_shard_layout(&lay1, c, P1, 0);  // offsets are the same for every rank of P1
-    const void* tables[64];
-    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
-        char* d = (char*)dst + lay2->offsets[i] * elem;
-        if (!expert_shard_is_table(i)) {
-            memcpy(d, (const char*)old[0] + lay1.offsets[i] * elem, lay2->sizes[i] * elem);
-            continue;
-        }
-        for (int q = 0; q < P1 && q < 64; q++) {
-            tables[q] = old[q] != NULL ? (const char*)old[q] + lay1.offsets[i] * elem : NULL;
-        }
-        expert_shard_reshard(d, tables, elem, lay2->rows, lay2->C, P1, lay2->rank, lay2->P);
-    }
 }
 
 static inline double expert_shard_norm_squared(double replicated, const double* partials, int P) {
