@@ -15,8 +15,10 @@
  * byte: checkpoint_find_latest, which checks sizes only, still picks it): read by rank 0 alone
  * (a replicated run) or by the ranks whose shard it holds (ZeRO-1), with the real part readers;
  * every failure stops all ranks together with exit 1, the resume failure's message printed once.
- * The same resume of the sound checkpoint continues to the end (the control). In the plain run no step without an evaluation or a checkpoint issues a collective
- * besides its loss reduction (the log status travels with the loss). The model is fake (no weights; the save follows the collectives of the CUDA
+ * The same resume of the sound checkpoint continues to the end (the control). In the plain run
+ * no step without an evaluation or a checkpoint issues a collective besides its loss reduction
+ * (the log status travels with the loss). A backend whose forward is collective (column-sharded
+ * experts, sample_all_ranks) runs the samples' forwards on every rank. The model is fake (no weights; the save follows the collectives of the CUDA
  * trainer's sharded save, its write statuses are injected; its load follows gpu_load_checkpoint's
  * collectives around the real part readers).
  *   make test_loop_ranks && ./test_loop_ranks
@@ -108,8 +110,13 @@ static void f_losses(void* ctx, float* losses, const int* i, const int* t, int B
     if (r->nlog < MAXLOG) r->log[r->nlog++] = 400 + B;
     for (int p = 0; p < B * T; p++) losses[p] = (float)((i[p] * 7 + t[p]) % 13);
 }
+static int g_sample_all;  // the backend's sample_all_ranks: its forward is a collective (sharded experts)
 static void f_logits(void* ctx, const int* tokens, int T, int t, float* out) {
-    (void)ctx; (void)tokens; (void)T; (void)t;
+    (void)tokens; (void)T; (void)t;
+    if (g_sample_all) {  // as the column-sharded experts' exchanges: every rank must be in this forward
+        double v[1] = {1};
+        collective((Rank*)ctx, 5, v, 1);
+    }
     for (int v = 0; v < 50; v++) out[v] = (float)v / 50;
 }
 // as gpu_save_checkpoint_parts: the BN allgather, every rank writes its part, the parts' table
@@ -209,6 +216,7 @@ static void* run_rank(void* arg) {
     be.forward_loss = f_fwd;
     be.forward_losses = f_losses;
     be.sample_logits = f_logits;
+    be.sample_all_ranks = g_sample_all;
     be.save_checkpoint = f_save;
     be.load_checkpoint = f_load;
     be.expert_stats = f_stats;
@@ -236,6 +244,7 @@ typedef struct {
     int quiet_steps;                     // check: odd steps (no eval, no checkpoint) add no collective
     int resume;                          // -y 1 from a sharded checkpoint at step 2: 1 replicated, 2 ZeRO-1
     int corrupt_part;                    // that checkpoint's part with a flipped byte (-1: none)
+    int sample_all;                      // the samples' forwards are collectives (sample_all_ranks)
 } Case;
 
 // runs the G ranks of case k through the loop, logging to log_file
@@ -251,6 +260,7 @@ static void run_ranks(const char* out_dir, const Case* k, const char* log_file) 
         fclose_check(fp, tokenizer_path);
     }
     train_config_defaults(&cfg);
+    g_sample_all = k->sample_all;
     int B = mc_eval[0] ? 4 : 2;
     snprintf(cfg.mc_eval_path, sizeof(cfg.mc_eval_path), "%s", mc_eval);
     snprintf(cfg.output_dir, sizeof(cfg.output_dir), "%s", out_dir);
@@ -439,6 +449,14 @@ static int scenario(const char* out_dir, const Case* k) {
             s++;
         }
     }
+    if (k->sample_all) {  // the samples ran on every rank: samples of sample_T - 1 = 3 forwards
+        int forwards = 0;
+        for (int c = 0; c < ranks[2].nlog; c++) forwards += ranks[2].log[c] / 100 == 5;
+        if (forwards == 0 || forwards % 3 != 0) {  // (rank 0's count: the sequences are compared above)
+            fprintf(stderr, "SIM: rank 2 ran %d sample forwards, expected whole samples of 3\n", forwards);
+            ok = 0;
+        }
+    }
     fprintf(stderr, "SIM: %d collectives per rank\n", ranks[0].nlog);
     return ok ? 0 : 1;
 }
@@ -447,30 +465,32 @@ int main(void) {
     test_begin("test_loop_ranks");
     test_tmp_begin("test_loop_ranks");
     Case cases[] = {
-        {"plain run", "", -1, -1, -1, -1, 6, 0, "", -1, -1, -1, 0, 0, 0, 1, 0, -1},
+        {"plain run", "", -1, -1, -1, -1, 6, 0, "", -1, -1, -1, 0, 0, 0, 1, 0, -1, 0},
         {"log write error on rank 0 (stops after the update that carried it)", "/dev/full", -1, -1, -1, -1, 6, 1, "",
-         -1, -1, -1, 0, 1, 0, 0, 0, -1},
+         -1, -1, -1, 0, 1, 0, 0, 0, -1, 0},
         {"log write error on rank 0 in the last step's records (agreed at that step)", "", -1, -1, -1, -1, 2, 1, "",
-         -1, -1, -1, 0, 2, 1, 0, 0, -1},
-        {"stop request on rank 2 alone", "", 2, 3, -1, -1, 8, 130, "", -1, -1, -1, 0, 0, 0, 0, 0, -1},
-        {"NaN loss on rank 1 alone", "", -1, -1, 1, 4, 8, 1, "", -1, -1, -1, 0, 0, 0, 0, 0, -1},
-        {"log file rank 0 cannot open", "/nonexistent_dir/log.jsonl", -1, -1, -1, -1, 6, 1, "", -1, -1, -1, 0, 0, 0, 0, 0, -1},
-        {"--mc-eval, 16 examples over 3 ranks", "", -1, -1, -1, -1, 4, 0, "data/mc_examples_val.bin", -1, -1, -1, 0, 0, 0, 0, 0, -1},
-        {"checkpoint save failing on rank 0 alone (step 4)", "", -1, -1, -1, -1, 8, 1, "", 0, 4, -1, 0, 0, 0, 0, 0, -1},
-        {"checkpoint save failing on rank 2 alone (its part, step 2)", "", -1, -1, -1, -1, 8, 1, "", 2, 2, -1, 0, 0, 0, 0, 0, -1},
-        {"checkpoint save failing on rank 1 alone at the last step", "", -1, -1, -1, -1, 6, 1, "", 1, 6, -1, 0, 0, 0, 0, 0, -1},
-        {"final model write failing on rank 0", "", -1, -1, -1, -1, 6, 1, "", -1, -1, 0, 0, 0, 0, 0, 0, -1},
-        {"malformed tokenizer file on rank 0", "", -1, -1, -1, -1, 6, 1, "", -1, -1, -1, 1, 0, 0, 0, 0, -1},
+         -1, -1, -1, 0, 2, 1, 0, 0, -1, 0},
+        {"stop request on rank 2 alone", "", 2, 3, -1, -1, 8, 130, "", -1, -1, -1, 0, 0, 0, 0, 0, -1, 0},
+        {"NaN loss on rank 1 alone", "", -1, -1, 1, 4, 8, 1, "", -1, -1, -1, 0, 0, 0, 0, 0, -1, 0},
+        {"log file rank 0 cannot open", "/nonexistent_dir/log.jsonl", -1, -1, -1, -1, 6, 1, "", -1, -1, -1, 0, 0, 0, 0, 0, -1, 0},
+        {"--mc-eval, 16 examples over 3 ranks", "", -1, -1, -1, -1, 4, 0, "data/mc_examples_val.bin", -1, -1, -1, 0, 0, 0, 0, 0, -1, 0},
+        {"checkpoint save failing on rank 0 alone (step 4)", "", -1, -1, -1, -1, 8, 1, "", 0, 4, -1, 0, 0, 0, 0, 0, -1, 0},
+        {"checkpoint save failing on rank 2 alone (its part, step 2)", "", -1, -1, -1, -1, 8, 1, "", 2, 2, -1, 0, 0, 0, 0, 0, -1, 0},
+        {"checkpoint save failing on rank 1 alone at the last step", "", -1, -1, -1, -1, 6, 1, "", 1, 6, -1, 0, 0, 0, 0, 0, -1, 0},
+        {"final model write failing on rank 0", "", -1, -1, -1, -1, 6, 1, "", -1, -1, 0, 0, 0, 0, 0, 0, -1, 0},
+        {"malformed tokenizer file on rank 0", "", -1, -1, -1, -1, 6, 1, "", -1, -1, -1, 1, 0, 0, 0, 0, -1, 0},
         {"checkpoint save failing after a stop request (rank 2 asks, rank 0 fails)", "", 2, 3, -1, -1, 8, 1, "", 0,
-         4, -1, 0, 0, 0, 0, 0, -1},
+         4, -1, 0, 0, 0, 0, 0, -1, 0},
         {"resume of a sharded checkpoint: rank 0 alone reads a corrupt part (replicated run)", "", -1, -1, -1, -1, 4,
-         1, "", -1, -1, -1, 0, 0, 0, 0, 1, 1},
+         1, "", -1, -1, -1, 0, 0, 0, 0, 1, 1, 0},
         {"resume of a sharded checkpoint: rank 2 alone reads a corrupt part (ZeRO-1)", "", -1, -1, -1, -1, 4, 1, "",
-         -1, -1, -1, 0, 0, 0, 0, 2, 2},
+         -1, -1, -1, 0, 0, 0, 0, 2, 2, 0},
         {"resume of the sound sharded checkpoint (replicated) runs to the end", "", -1, -1, -1, -1, 4, 0, "", -1, -1,
-         -1, 0, 2, 0, 0, 1, -1},
+         -1, 0, 2, 0, 0, 1, -1, 0},
         {"resume of the sound sharded checkpoint (ZeRO-1) runs to the end", "", -1, -1, -1, -1, 4, 0, "", -1, -1, -1,
-         0, 2, 0, 0, 2, -1},
+         0, 2, 0, 0, 2, -1, 0},
+        {"samples whose forward is collective run on every rank (sample_all_ranks)", "", -1, -1, -1, -1, 6, 0, "", -1,
+         -1, -1, 0, 0, 0, 0, 0, -1, 1},
     };
     for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
         char out[512];

@@ -15,9 +15,11 @@
  * The logical content (the flat params, m and v of a version-2 file) is a pure function of
  * (config, P, shard_mode): checkpoint_parts_map gives part r's ranges. shard_mode bit 0 is ZeRO-1
  * (llmc/zero_shard.h: the chunks of rank r, then the replicated tails, which every part holds;
- * readers take them from part 0). Bit 1 is reserved for the column-sharded expert tables
- * (docs/sharding.md §3): their per-layer (N, C/P) slices of U and V would follow the ZeRO-1 ranges
- * of each part; checkpoint_parts_map is the one place to add them, and refuses the bit until then.
+ * readers take them from part 0). Bit 1 alone is the column-sharded expert tables (docs/sharding.md
+ * §3, --shard-experts 1): part r holds rank r's local buffers of llmc/expert_shard_layout.h (every
+ * tensor whole except U and V, which are rank r's (L*N, C/P) column slices); the whole tensors are
+ * in every part and read from part 0; checkpoint_parts_read_tables_local re-shards the columns to
+ * any P. Both bits together are refused (no trainer writes them).
  *
  * API (the manifest reader exits with one message naming the file on any problem; the part readers
  * and the writers print that message and return -1, so that the ranks of a multi-GPU resume can
@@ -30,6 +32,8 @@
  *   checkpoint_parts_remove()       a failed save: the parts of that step that were written
  *   checkpoint_manifest_read_table() the verified manifest's part table (malloc'ed)
  *   checkpoint_parts_read_shard()   the ranges of a new map (any P) from the parts, verified; 0 or -1
+ *   checkpoint_parts_tables_layout() part r's local layout under SHARD_MODE_TABLES
+ *   checkpoint_parts_read_tables_local() a tables rank's local state (any P) from tables parts; 0 or -1
  *   checkpoint_parts_read_logical() the whole flat params / m / v (what checkpoint_read uses); 0 or -1
  *   checkpoint_parts_check_files()  every part exists with its size (checkpoint_verify uses it)
  *
@@ -44,6 +48,7 @@
 
 #include "checkpoint.h"
 #include "zero_shard.h"
+#include "expert_shard_layout.h"
 
 #define CHECKPOINT_PART_MAGIC 20261104
 #define CHECKPOINT_PART_VERSION 1
@@ -65,12 +70,14 @@ static inline int64_t checkpoint_part_file_bytes(size_t elems) {
     return OMNI_HEADER_BYTES + 12 * (int64_t)elems + CHECKPOINT_TRAILER_BYTES;
 }
 
-// Part r of P's ranges in packed order. Returns 0 with the reason for a mode this build cannot lay out.
+// Part r of P's ranges in packed order (ZeRO-1). Returns 0 with the reason for a mode this build
+// cannot lay out as ranges (SHARD_MODE_TABLES alone is laid out by checkpoint_parts_tables_layout).
 static inline int checkpoint_parts_map(ZeroShardMap* map, const ModelConfig* c, int num_parts, int rank,
                                        int shard_mode, char* why, size_t why_size) {
     if (shard_mode != SHARD_MODE_ZERO) {
-        snprintf(why, why_size, "shard mode %d is not one this build lays out (bit 0 = ZeRO-1 only; bit 1, the "
-                 "column-sharded expert tables of docs/sharding.md §3, is not implemented yet)", shard_mode);
+        snprintf(why, why_size, "shard mode %d is not one this build lays out as ZeRO-1 ranges (bit 0 = ZeRO-1, "
+                 "bit 1 = the column-sharded expert tables; both together are not written by any trainer)",
+                 shard_mode);
         return 0;
     }
     if (num_parts < 1 || rank < 0 || rank >= num_parts) {
@@ -78,6 +85,21 @@ static inline int checkpoint_parts_map(ZeroShardMap* map, const ModelConfig* c, 
         return 0;
     }
     zero_shard_map(map, c, num_parts, rank);
+    return 1;
+}
+
+// Part r of P of the column-sharded tables (SHARD_MODE_TABLES): rank r's local layout
+// (llmc/expert_shard_layout.h; part r holds master, m and v in it, lay->num_local each). Returns 0
+// with the reason when this model cannot be cut so.
+static inline int checkpoint_parts_tables_layout(ExpertShardLayout* lay, const ModelConfig* c, int num_parts, int rank,
+                                                 char* why, size_t why_size) {
+    const char* unfit = c->ffn_kind != FFN_OMNI ? "an omni model" : expert_shard_unfit(c->channels, num_parts);
+    if (unfit != NULL || rank < 0 || rank >= num_parts) {
+        snprintf(why, why_size, "part %d of %d of column-sharded expert tables needs %s (C=%d)", rank, num_parts,
+                 unfit != NULL ? unfit : "0 <= part < parts", c->channels);
+        return 0;
+    }
+    expert_shard_layout(lay, c, num_parts, rank);
     return 1;
 }
 
@@ -321,6 +343,82 @@ static inline FILE* ckpt_part_open_verified_(const char* manifest, const ModelCo
     return fp;
 }
 
+// ----------------------------------------------------------------------------
+// column-sharded tables (SHARD_MODE_TABLES): re-sharding to any P on load
+
+// the message; the caller returns -1 (no exit: the ranks of a multi-GPU resume agree first)
+static inline int ckpt_tables_fail_(const char* manifest, const char* why) {
+    fprintf(stderr, "Error: checkpoint \"%s\": %s\n", manifest, why);
+    return -1;
+}
+
+// New rank lay2->rank of lay2->P: its local master, m and v (lay2->num_local each, any NULL to
+// skip) from a SHARD_MODE_TABLES checkpoint of any part count P1: the replicated tensors from part
+// 0, the columns of U and V from the old parts that hold them (expert_shard_reshard_needs), read
+// by pread in blocks of rows. Every part read is verified in full first. With lay2 of P = 1 this
+// is the whole flat state (what checkpoint_read gives a replicated or CPU run). Returns 0, or -1
+// after one message naming the checkpoint or part (the outputs then hold a partial state).
+static inline int checkpoint_parts_read_tables_local(const char* manifest, const ModelConfig* config,
+                                                      const CheckpointInfo* info, const CheckpointPartEntry* table,
+                                                      const ExpertShardLayout* lay2, float* master, float* m,
+                                                      float* v) {
+    const int P1 = info->num_parts;
+    char why[256];
+    ExpertShardLayout lay1;  // the offsets are every old part's
+    if (info->shard_mode != SHARD_MODE_TABLES) {
+        snprintf(why, sizeof(why), "shard mode %d, not the column-sharded tables' %d", info->shard_mode,
+                 SHARD_MODE_TABLES);
+        return ckpt_tables_fail_(manifest, why);
+    }
+    if (!checkpoint_parts_tables_layout(&lay1, config, P1, 0, why, sizeof(why))) return ckpt_tables_fail_(manifest, why);
+    if (lay2->num_full != lay1.num_full || lay2->C != lay1.C) return ckpt_tables_fail_(manifest, "another model's layout");
+    FILE** fps = (FILE**)calloc((size_t)P1, sizeof(FILE*));
+    const void** blocks = (const void**)calloc((size_t)P1, sizeof(void*));
+    float** bufs = (float**)calloc((size_t)P1, sizeof(float*));
+    int ok = fps != NULL && blocks != NULL && bufs != NULL;
+    if (!ok) ckpt_tables_fail_(manifest, "out of host memory");
+    const int C = lay1.C, cols1 = C / P1, cols2 = C / lay2->P;
+    const size_t block_rows = ((size_t)1 << 22) / (size_t)C > 0 ? ((size_t)1 << 22) / (size_t)C : 1;
+    for (int q = 0; q < P1 && ok; q++) {
+        if (!expert_shard_local_needs(q, P1, lay2)) continue;
+        fps[q] = ckpt_part_open_verified_(manifest, config, info, &table[q], q, lay1.num_local);
+        ok = fps[q] != NULL;  // it said why
+        if (ok) bufs[q] = (float*)malloc_check(block_rows * (size_t)cols1 * sizeof(float));
+    }
+    float* out[3] = {master, m, v};
+    for (int k = 0; k < 3 && ok; k++) {
+        if (out[k] == NULL) continue;
+        const int64_t section = OMNI_HEADER_BYTES + 4 * (int64_t)k * (int64_t)lay1.num_local;
+        for (int i = 0; i < NUM_PARAMETER_TENSORS && ok; i++) {
+            if (!expert_shard_is_table(i)) {  // replicated: part 0's
+                ok = ckpt_pread_all_(fileno(fps[0]), out[k] + lay2->offsets[i], lay2->sizes[i] * sizeof(float),
+                                     section + 4 * (int64_t)lay1.offsets[i]);
+                continue;
+            }
+            for (size_t r0 = 0; r0 < lay1.rows && ok; r0 += block_rows) {
+                const size_t nb = lay1.rows - r0 < block_rows ? lay1.rows - r0 : block_rows;
+                for (int q = 0; q < P1 && ok; q++) {
+                    blocks[q] = bufs[q];
+                    if (fps[q] == NULL) continue;
+                    ok = ckpt_pread_all_(fileno(fps[q]), bufs[q], nb * (size_t)cols1 * sizeof(float),
+                                         section + 4 * (int64_t)(lay1.offsets[i] + r0 * (size_t)cols1));
+                }
+                if (ok) expert_shard_reshard(out[k] + lay2->offsets[i] + r0 * (size_t)cols2, blocks, sizeof(float), nb,
+                                             C, P1, lay2->rank, lay2->P);
+            }
+        }
+        if (!ok) ckpt_tables_fail_(manifest, "read error in one of its parts (they were verified: changed since?)");
+    }
+    for (int q = 0; q < P1 && fps != NULL && bufs != NULL; q++) {
+        if (fps[q] != NULL) fclose(fps[q]);
+        free(bufs[q]);
+    }
+    free(fps);
+    free(blocks);
+    free(bufs);
+    return ok ? 0 : -1;
+}
+
 // out_*[want[i].shard_offset + j] = the saved state at flat want[i].offset + j, for every wanted
 // range; out_* may be NULL to skip a section. Reads only the parts that hold wanted elements
 // (part q's chunks; the replicated tails from part 0), each verified in full first. Returns 0, or
@@ -330,6 +428,23 @@ static inline int checkpoint_parts_read_ranges(const char* manifest, const Model
                                                 const ZeroRange* want, int num_want, float* out_master, float* out_m,
                                                 float* out_v) {
     float* out[3] = {out_master, out_m, out_v};
+    if (info->shard_mode == SHARD_MODE_TABLES) {  // the whole state (P = 1), then the wanted ranges
+        ExpertShardLayout whole;
+        expert_shard_layout(&whole, config, 1, 0);
+        float* full[3] = {NULL, NULL, NULL};
+        for (int k = 0; k < 3; k++) {
+            if (out[k] != NULL) full[k] = (float*)malloc_check(whole.num_full * sizeof(float));
+        }
+        int rc = checkpoint_parts_read_tables_local(manifest, config, info, table, &whole, full[0], full[1], full[2]);
+        for (int k = 0; k < 3; k++) {
+            if (full[k] == NULL) continue;
+            for (int j = 0; j < num_want && rc == 0; j++) {
+                memcpy(out[k] + want[j].shard_offset, full[k] + want[j].offset, want[j].count * sizeof(float));
+            }
+            free(full[k]);
+        }
+        return rc;
+    }
     for (int q = 0; q < info->num_parts; q++) {
         ZeroShardMap old;
         char why[256];

@@ -9,8 +9,9 @@
  *                   stops the run here, before anything of this step is written. With --mc-eval
  *                   also the multiple-choice accuracy (train_loop_mc_eval) when --mc-every
  *                   divides step, and at the last step; it changes no state either
- *   2. sample       when -s divides step (step > 0), and at the last step; rank 0; not at the
- *                   start step of a resumed run (the interrupted run printed that one)
+ *   2. sample       when -s divides step (step > 0), and at the last step; rank 0 (the other
+ *                   ranks run its forwards too when the backend says sample_all_ranks); not at
+ *                   the start step of a resumed run (the interrupted run printed that one)
  *   3. checkpoint   with -o: when -n divides step, at the last step, and after a stop request
  *                   or a log write error (whatever -n is; on several ranks the error is learnt
  *                   with a step's loss reduction, train_loop_log_failed_); never at the start step. A save that
@@ -116,7 +117,9 @@ typedef struct {
     float (*forward_loss)(void* ctx, const int* inputs, const int* targets, int B, int T);
     // evaluation mode, as forward_loss: the per-token losses (B*T floats, on the host) of one batch
     void (*forward_losses)(void* ctx, float* losses, const int* inputs, const int* targets, int B, int T);
-    SamplerLogitsFn sample_logits;       // rank 0 (sampler.h)
+    SamplerLogitsFn sample_logits;       // rank 0 (sampler.h); every rank when sample_all_ranks
+    int sample_all_ranks;                // 1: the forward is collective (sharded experts): the other
+                                         // ranks run the sample's forwards too, quietly, on a copy of the RNG
     // rank 0 writes the file (out_path; a sharded backend: every rank its part); info, loader
     // state and RNG come from the loop. Returns 0, or non-zero when this rank's part of the save
     // failed (after its message; nothing partial left): the loop agrees on it (train_loop_any_)
@@ -498,10 +501,15 @@ static inline int train_loop_run_(const TrainLoop* tl, const MCEval* mc_eval) {
             logger_log_mc_eval(&logger, step, tokens_seen, correct, count);
         }
         // 2. sample
-        if (master && cfg->sample_every > 0 && !(resumed && step == start_step) &&
+        if ((master || be->sample_all_ranks) && cfg->sample_every > 0 && !(resumed && step == start_step) &&
             (last || (step > 0 && step % cfg->sample_every == 0))) {
-            sample_and_print_with(be->sample_logits, ctx, be->vocab_size, be->sample_T, tl->tokenizer, &sample_rng,
-                                  NULL);
+            if (master) {
+                sample_and_print_with(be->sample_logits, ctx, be->vocab_size, be->sample_T, tl->tokenizer,
+                                      &sample_rng, NULL);
+            } else {  // in step with rank 0's forwards; the RNG that checkpoints keep is rank 0's
+                Rng copy = sample_rng;
+                sample_quietly_with(be->sample_logits, ctx, be->vocab_size, be->sample_T, &copy);
+            }
         }
         log_failed = train_loop_log_failed_(be, &logger, log_failed_carried, last || stop);
         // 3. checkpoint

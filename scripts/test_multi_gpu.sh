@@ -40,6 +40,14 @@
 #        the tolerances of (a); its checkpoints are sharded (a manifest and one part per rank);
 #        bitwise resume; its checkpoint resumed replicated on 1 GPU (rank 0 assembles the parts);
 #        --zero 1 on 1 GPU bitwise equal to g1
+#   (i)  column-sharded expert tables (--shard-experts 1, docs/sharding.md §3): on 2 GPUs, with
+#        validation and a sample every 10 steps (the sample's forwards run on both ranks), the
+#        losses and norms within the tolerances of (a) of the replicated g2; a rerun bitwise; its
+#        checkpoints sharded (a manifest and one part per rank); bitwise resume from its parts
+#        (and byte-identical step-20 parts); its checkpoint resumed replicated on 1 GPU and g2's
+#        single-file checkpoint resumed sharded on 2 GPUs, both within the tolerances of (a);
+#        with 4 GPUs also its 2-part checkpoint resumed on 4 (re-sharded); --shard-experts 1 with
+#        --zero 1, and on 1 GPU, refused with one message
 #   (h)  a failure on one rank alone stops both (docs/design.md §9.6), launched with -pn/-pr/-pf
 #        and no launcher (nothing would kill a waiting rank): the checkpoint write failing on rank 0
 #        (its .tmp a link to /dev/full), a --zero 1 part failing on rank 1, the final model write
@@ -303,6 +311,58 @@ run1 g1z "${COMMON[@]}" -x 20 -o "$W/g1z" --zero 1
 check_rc $? 0 "run g1z (1 GPU, --zero 1)" g1z
 check "(g) --zero 1 on 1 GPU says it changes nothing" grep -q "zero 1 on one process: nothing to shard" "$W/g1z.out"
 compare "(g) --zero 1 on 1 GPU = g1 bitwise" "$W/g1/log.jsonl" "$W/g1z/log.jsonl" --steps 1-20 --exact
+
+# --- (i) column-sharded expert tables ----------------------------------------------------------------
+SHARD=(--shard-experts 1 -s 10 -g 16)
+run2 "$MPI_LAUNCH" g2t "${COMMON[@]}" -x 20 -n 10 -o "$W/g2t" --overlap-comm 0 "${SHARD[@]}"
+check_rc $? 0 "run g2t (2 GPUs, --shard-experts 1)" g2t
+check "(i) g2t says it shards U and V, keeps them out of the gradient mean, and samples" \
+    bash -c "grep -q 'sharded expert tables: U and V of' '$W/g2t.out' && grep -q 'U and V excluded (sharded)' '$W/g2t.out' \
+             && [ \$(grep -c '^sample: ' '$W/g2t.out') -ge 2 ]"
+compare "(i) 2 GPUs: --shard-experts 1 vs replicated g2 within the tolerances of (a)" "$W/g2/log.jsonl" \
+    "$W/g2t/log.jsonl" --steps 1-20 --loss-tol "$LOSS_TOL" --norm-rtol "$NORM_RTOL"
+run2 "$MPI_LAUNCH" g2t2 "${COMMON[@]}" -x 20 -o "$W/g2t2" --overlap-comm 1 "${SHARD[@]}"
+check_rc $? 0 "run g2t2 (2 GPUs, --shard-experts 1, --overlap-comm 1)" g2t2
+compare "(i) two --shard-experts 1 runs (--overlap-comm 0 and 1) bitwise" "$W/g2t/log.jsonl" "$W/g2t2/log.jsonl" \
+    --steps 1-20 --exact
+check "(i) g2t wrote a manifest and 2 parts for step 10" \
+    bash -c "ls '$W/g2t/ckpt_00000010.part0of2.bin' '$W/g2t/ckpt_00000010.part1of2.bin' >/dev/null && grep -q 'checkpoint parts: 2 x' '$W/g2t.out'"
+tables_resume_dir() {  # tables_resume_dir <new dir>: only g2t's step-10 manifest and parts in it
+    fresh_resume_dir "$1" "$W/g2t/ckpt_00000010.bin"
+    cp "$W"/g2t/ckpt_00000010.part*of2.bin "$1/"
+}
+tables_resume_dir "$W/g2tr"
+run2 file g2tr "${COMMON[@]}" -x 20 -n 10 -o "$W/g2tr" "${SHARD[@]}" -y 1
+check_rc $? 0 "run g2tr (2 GPUs, --shard-experts 1 resume)" g2tr
+compare "(i) 2 GPUs --shard-experts 1: 20 straight vs 10 + resume + 10" "$W/g2t/log.jsonl" "$W/g2tr/log.jsonl" \
+    --steps 11-20 --exact
+check "(i) the step-20 checkpoints of both are byte-identical (manifest and parts)" \
+    bash -c "for f in ckpt_00000020.bin ckpt_00000020.part0of2.bin ckpt_00000020.part1of2.bin; do cmp -s '$W/g2t/'\$f '$W/g2tr/'\$f || exit 1; done"
+tables_resume_dir "$W/g2tto1"
+run1 g2tto1 "${COMMON[@]}" -x 20 -o "$W/g2tto1" -y 1
+check_rc $? 0 "run g2tto1 (the --shard-experts 1 checkpoint resumed replicated on 1 GPU)" g2tto1
+compare "(i) --shard-experts 1 checkpoint resumed on 1 GPU vs g2t, steps 11-20" "$W/g2t/log.jsonl" \
+    "$W/g2tto1/log.jsonl" --steps 11-20 --loss-tol "$LOSS_TOL" --norm-rtol "$NORM_RTOL"
+fresh_resume_dir "$W/g2tfrom" "$W/g2/ckpt_00000010.bin"
+run2 file g2tfrom "${COMMON[@]}" -x 20 -o "$W/g2tfrom" --overlap-comm 0 "${SHARD[@]}" -y 1
+check_rc $? 0 "run g2tfrom (g2's single-file checkpoint resumed with --shard-experts 1)" g2tfrom
+compare "(i) g2's checkpoint resumed sharded vs g2, steps 11-20" "$W/g2/log.jsonl" "$W/g2tfrom/log.jsonl" \
+    --steps 11-20 --loss-tol "$LOSS_TOL" --norm-rtol "$NORM_RTOL"
+if [ "$ngpu" -ge 4 ]; then  # re-sharded: 2 parts read by 4 ranks (C/8 = 48 column vectors per row at d6)
+    tables_resume_dir "$W/g2tto4"
+    OMNIMOE_LAUNCH=file timeout 300 scripts/run_multi_gpu.sh 4 "${COMMON[@]}" -d 4096 -x 20 -o "$W/g2tto4" \
+        "${SHARD[@]}" -y 1 >"$W/g2tto4.out" 2>&1
+    check_rc $? 0 "run g2tto4 (the 2-part checkpoint resumed on 4 GPUs, -d 4096)" g2tto4
+    check "(i) the 4-GPU resume started from step 10 and trained to step 20" \
+        bash -c "grep -q 'resumed from $W/g2tto4/ckpt_00000010.bin at step 10' '$W/g2tto4.out' && grep -Eq '^step +20/' '$W/g2tto4.out'"
+fi
+run2 file g2tz "${COMMON[@]}" -x 2 -o "$W/g2tz" --shard-experts 1 --zero 1
+check "(i) --shard-experts 1 with --zero 1 refused with one message" \
+    bash -c "grep -q 'flags --shard-experts 1 and --zero 1 together: not implemented yet' '$W/g2tz.out'"
+run1 g1t "${COMMON[@]}" -x 2 -o "$W/g1t" --shard-experts 1
+rc=$?
+check "(i) --shard-experts 1 on 1 GPU refused (exit $rc)" \
+    bash -c "[ $rc -ne 0 ] && grep -q 'flag --shard-experts 1 needs several processes' '$W/g1t.out'"
 
 # --- (h) a failure on one rank alone -------------------------------------------------------------
 run2_raw() {  # run2_raw <name> <dir to run in> <flags...>: both ranks by hand; sets rc0, rc1, took
