@@ -73,7 +73,8 @@ endif
 HOST_HEADERS = $(wildcard llmc/*.h)
 CUDA_HEADERS = $(wildcard llmc/*.cuh)
 CPU_TESTS = test_omnimoe_cpu test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_fixtures test_integrity \
-            test_mc_eval test_loop_ranks test_mc_loop test_expert_shard test_zero_shard test_zero_ranks test_checkpoint_parts test_param_init
+            test_mc_eval test_loop_ranks test_mc_loop test_expert_shard test_zero_shard test_zero_ranks test_checkpoint_parts test_param_init \
+            test_shard_tables
 
 .PHONY: all cpu test test_cpu test_gpu kernel_tests kernel_benches test_kernels clean
 
@@ -107,7 +108,11 @@ test_param_init: test_param_init.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS) -lpthread
 
 # ZeRO-1 with simulated ranks on the CPU reference model against the replicated path
-test_zero_ranks: test_zero_ranks.c train_omnimoe.c $(HOST_HEADERS)
+test_zero_ranks: test_zero_ranks.c train_omnimoe.c test_dp_ranks.h $(HOST_HEADERS)
+	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
+
+# the column-sharded tables' trainer bookkeeping with simulated ranks (llmc/expert_shard_layout.h)
+test_shard_tables: test_shard_tables.c train_omnimoe.c test_dp_ranks.h $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
 test_integrity: test_integrity.c train_omnimoe.c $(HOST_HEADERS)
@@ -184,6 +189,7 @@ test_cpu: $(CPU_TESTS) train_omnimoe_cpu
 	./test_mc_eval
 	./test_zero_shard
 	./test_zero_ranks
+	./test_shard_tables
 	./test_integrity
 	./test_loop_ranks
 	./test_param_init

@@ -15,39 +15,20 @@
 #include "llmc/args.h"
 
 // ----------------------------------------------------------------------------
-// files
+// damaged copies
 
-static void write_all(const char* path, const void* data, size_t size) {
-    FILE* fp = fopen_check(path, "wb");
-    fwrite_check(data, 1, size, fp, path);
-    fclose_check(fp, path);
+// out := dir/name, a copy of the file at from
+static void copy_as(char* out, size_t size, const char* dir, const char* name, const char* from) {
+    snprintf(out, size, "%s/%s", dir, name);
+    test_copy_file(from, out);
 }
 
-static void copy_file(const char* from, const char* to) {
-    size_t n;
-    unsigned char* buf = test_read_file(from, &n);
-    if (!buf) {
-        fprintf(stderr, "test setup: cannot read %s\n", from);
-        exit(2);
-    }
-    write_all(to, buf, n);
-    free(buf);
-}
-
-static void xor_byte_at(const char* path, long offset, unsigned char mask) {
+// the int32 at byte offset := value
+static void write_i32_at(const char* path, long offset, int32_t value) {
     FILE* fp = fopen_check(path, "r+b");
     fseek_check(fp, offset, SEEK_SET, path);
-    int c = fgetc(fp);
-    fseek_check(fp, offset, SEEK_SET, path);
-    fputc(c ^ mask, fp);
+    fwrite_check(&value, 4, 1, fp, path);
     fclose_check(fp, path);
-}
-
-static void truncate_to(const char* path, long size) {
-    if (truncate(path, (off_t)size) != 0) {
-        fprintf(stderr, "test setup: truncate %s failed\n", path);
-        exit(2);
-    }
 }
 
 // ----------------------------------------------------------------------------
@@ -303,34 +284,24 @@ static void test_model_files(void) {
     snprintf(bad, sizeof(bad), "%s/missing.bin", dir);
     test_expect_exit_failure("model file: missing file is refused", child_model_read, bad, "missing.bin", "cannot open");
 
-    snprintf(bad, sizeof(bad), "%s/badmagic.bin", dir);
-    copy_file(path, bad);
-    {
-        int32_t magic = CHECKPOINT_MAGIC;
-        FILE* fp = fopen_check(bad, "r+b");
-        fwrite_check(&magic, 4, 1, fp, bad);
-        fclose_check(fp, bad);
-    }
+    copy_as(bad, sizeof(bad), dir, "badmagic.bin", path);
+    write_i32_at(bad, 0, CHECKPOINT_MAGIC);
     test_expect_exit_failure("model file: wrong magic is refused (with a hint)", child_model_read, bad, "bad magic",
                         "training checkpoint");
 
-    snprintf(bad, sizeof(bad), "%s/badversion.bin", dir);
-    copy_file(path, bad);
-    xor_byte_at(bad, 4, 0x01);  // version 2 -> 3
+    copy_as(bad, sizeof(bad), dir, "badversion.bin", path);
+    test_xor_byte(bad, 4, 0x01);  // version 2 -> 3
     test_expect_exit_failure("model file: wrong version is refused", child_model_read, bad, "version 3", NULL);
 
-    snprintf(bad, sizeof(bad), "%s/truncated.bin", dir);
-    copy_file(path, bad);
-    truncate_to(bad, (long)(ckpt_file_size_(path) - 4));
+    copy_as(bad, sizeof(bad), dir, "truncated.bin", path);
+    test_truncate(bad, (long)(ckpt_file_size_(path) - 4));
     test_expect_exit_failure("model file: truncated by 4 bytes is refused", child_model_read, bad, "truncated", NULL);
 
-    snprintf(bad, sizeof(bad), "%s/shortheader.bin", dir);
-    copy_file(path, bad);
-    truncate_to(bad, 100);
+    copy_as(bad, sizeof(bad), dir, "shortheader.bin", path);
+    test_truncate(bad, 100);
     test_expect_exit_failure("model file: truncated header is refused", child_model_read, bad, "truncated", "100 bytes");
 
-    snprintf(bad, sizeof(bad), "%s/extra.bin", dir);
-    copy_file(path, bad);
+    copy_as(bad, sizeof(bad), dir, "extra.bin", path);
     {
         FILE* fp = fopen_check(bad, "ab");
         float extra = 1.0f;
@@ -339,21 +310,13 @@ static void test_model_files(void) {
     }
     test_expect_exit_failure("model file: trailing bytes are refused", child_model_read, bad, "extra bytes", NULL);
 
-    snprintf(bad, sizeof(bad), "%s/badconfig.bin", dir);
-    copy_file(path, bad);
-    {
-        int32_t fifteen = 15;  // num_experts slot: not n*n
-        FILE* fp = fopen_check(bad, "r+b");
-        fseek_check(fp, 11 * 4, SEEK_SET, bad);
-        fwrite_check(&fifteen, 4, 1, fp, bad);
-        fclose_check(fp, bad);
-    }
+    copy_as(bad, sizeof(bad), dir, "badconfig.bin", path);
+    write_i32_at(bad, 11 * 4, 15);  // num_experts slot: not n*n
     test_expect_exit_failure("model file: impossible config is refused", child_model_read, bad, "num_experts must equal",
                         "badconfig.bin");
 
-    snprintf(bad, sizeof(bad), "%s/badslot.bin", dir);
-    copy_file(path, bad);
-    xor_byte_at(bad, 20 * 4, 0x01);
+    copy_as(bad, sizeof(bad), dir, "badslot.bin", path);
+    test_xor_byte(bad, 20 * 4, 0x01);
     test_expect_exit_failure("model file: non-zero unused header slot is refused", child_model_read, bad, "slot 20", NULL);
 
     free(params);
@@ -543,18 +506,17 @@ static void test_checkpoint_damage(void) {
     ckpt_data_make(&d, 21, 500);
     ckpt_data_write(&d, dir, good);
     int64_t size = ckpt_file_size_(good);
-    snprintf(bad, sizeof(bad), "%s/flipped.bin", dir);
-    copy_file(good, bad);
+    copy_as(bad, sizeof(bad), dir, "flipped.bin", good);
 
     // flip every byte of the file, one at a time: verify must reject each
     long undetected = 0, first_undetected = -1;
     for (long off = 0; off < (long)size; off++) {
-        xor_byte_at(bad, off, 0xFF);
+        test_xor_byte(bad, off, 0xFF);
         if (checkpoint_verify(bad, why, sizeof(why))) {
             if (first_undetected < 0) first_undetected = off;
             undetected++;
         }
-        xor_byte_at(bad, off, 0xFF);
+        test_xor_byte(bad, off, 0xFF);
     }
     snprintf(detail, sizeof(detail), "%ld of %lld flips undetected (first at byte %ld)", undetected, (long long)size,
              first_undetected);
@@ -577,21 +539,22 @@ static void test_checkpoint_damage(void) {
         {"end magic", size - 3, "end magic"},
     };
     for (size_t i = 0; i < sizeof(flips) / sizeof(flips[0]); i++) {
-        xor_byte_at(bad, (long)flips[i].offset, 0x10);
+        test_xor_byte(bad, (long)flips[i].offset, 0x10);
         ReadArgs a = {bad, &d.config, &d, d.bn_sets, 37};
         char name[256];
         snprintf(name, sizeof(name), "checkpoint_read refuses a flipped byte in the %s", flips[i].region);
         test_expect_exit_failure(name, child_checkpoint_read, &a, flips[i].needle, "flipped.bin");
-        xor_byte_at(bad, (long)flips[i].offset, 0x10);
+        test_xor_byte(bad, (long)flips[i].offset, 0x10);
     }
 
     // truncation
     long cuts[] = {(long)size - 1, (long)size - 16, (long)size - 17, (long)size / 2, 1024, 10, 0};
     for (size_t i = 0; i < sizeof(cuts) / sizeof(cuts[0]); i++) {
         char tpath[CHECKPOINT_PATH_MAX + 32], name[256];
-        snprintf(tpath, sizeof(tpath), "%s/trunc_%zu.bin", dir, i);
-        copy_file(good, tpath);
-        truncate_to(tpath, cuts[i]);
+        char tname[32];
+        snprintf(tname, sizeof(tname), "trunc_%zu.bin", i);
+        copy_as(tpath, sizeof(tpath), dir, tname, good);
+        test_truncate(tpath, cuts[i]);
         snprintf(name, sizeof(name), "checkpoint_verify rejects a file truncated to %ld bytes", cuts[i]);
         test_check_why(checkpoint_verify(tpath, why, sizeof(why)) == 0 && strstr(why, "truncated") != NULL, name, why);
         ReadArgs a = {tpath, &d.config, &d, d.bn_sets, 37};
@@ -601,22 +564,15 @@ static void test_checkpoint_damage(void) {
 
     // wrong magic, wrong version
     char mpath[CHECKPOINT_PATH_MAX + 32];
-    snprintf(mpath, sizeof(mpath), "%s/magic.bin", dir);
-    copy_file(good, mpath);
-    {
-        int32_t magic = MODEL_FILE_MAGIC;
-        FILE* fp = fopen_check(mpath, "r+b");
-        fwrite_check(&magic, 4, 1, fp, mpath);
-        fclose_check(fp, mpath);
-    }
+    copy_as(mpath, sizeof(mpath), dir, "magic.bin", good);
+    write_i32_at(mpath, 0, MODEL_FILE_MAGIC);
     ReadArgs am = {mpath, &d.config, &d, d.bn_sets, 37};
     test_expect_exit_failure("checkpoint_read refuses a wrong magic (model file given)", child_checkpoint_read, &am,
                         "bad magic number 20261101", "model file");
     test_check_why(checkpoint_verify(mpath, why, sizeof(why)) == 0 && strstr(why, "magic"), "checkpoint_verify rejects a wrong magic", why);
     char vpath[CHECKPOINT_PATH_MAX + 32];
-    snprintf(vpath, sizeof(vpath), "%s/version.bin", dir);
-    copy_file(good, vpath);
-    xor_byte_at(vpath, 4, 0x03);  // version 1 -> 2
+    copy_as(vpath, sizeof(vpath), dir, "version.bin", good);
+    test_xor_byte(vpath, 4, 0x03);  // version 1 -> 2
     ReadArgs av = {vpath, &d.config, &d, d.bn_sets, 37};
     test_expect_exit_failure("checkpoint_read refuses version 2", child_checkpoint_read, &av, "version 2", NULL);
 
@@ -673,17 +629,17 @@ static void test_find_latest(void) {
     // step 40: corrupt payload; step 50: truncated; step 60: garbage name variants
     d.info.step = 40;
     ckpt_data_write(&d, dir, path);
-    xor_byte_at(path, 2000, 0x40);
+    test_xor_byte(path, 2000, 0x40);
     d.info.step = 50;
     ckpt_data_write(&d, dir, path);
-    truncate_to(path, 3000);
+    test_truncate(path, 3000);
     char junk[CHECKPOINT_PATH_MAX];
     snprintf(junk, sizeof(junk), "%s/ckpt_abc.bin", dir);
-    write_all(junk, "x", 1);
+    test_write_file(junk, "x", 1);
     snprintf(junk, sizeof(junk), "%s/ckpt_00000070.binx", dir);
-    write_all(junk, "x", 1);
+    test_write_file(junk, "x", 1);
     snprintf(junk, sizeof(junk), "%s/notes.txt", dir);
-    write_all(junk, "x", 1);
+    test_write_file(junk, "x", 1);
 
     int code = test_run_child(child_find_latest, dir, out, sizeof(out));
     snprintf(expect, sizeof(expect), "RESULT 20 %s/ckpt_00000020.bin", dir);
@@ -696,7 +652,7 @@ static void test_find_latest(void) {
 
     // once 20 is gone too, 10 is next (9 < 10 by number, not by listing order)
     snprintf(path, sizeof(path), "%s/ckpt_00000020.bin", dir);
-    xor_byte_at(path, 1500, 0x01);
+    test_xor_byte(path, 1500, 0x01);
     int step = checkpoint_find_latest(dir, found);
     snprintf(expect, sizeof(expect), "%s/ckpt_00000010.bin", dir);
     test_check_why(step == 10 && strcmp(found, expect) == 0, "find_latest falls back to the next complete one (10)", found);

@@ -13,7 +13,8 @@
  *               to the older checkpoint
  *   bad input   a flipped byte in a part, a missing part, a truncated part, a corrupt manifest,
  *               a part of another step and a part of another run (same step) are each refused
- *               with one message naming the file
+ *               with one message naming the file; the part readers return -1 on a bad part
+ *               instead of exiting (a multi-GPU resume lets the ranks agree on it first)
  */
 #include "llmc/test_harness.h"
 #include "llmc/checkpoint.h"
@@ -103,7 +104,9 @@ static int load_resharded(const State* s, const char* manifest, int P2, State* o
         zero_shard_map(&map, &c, P2, r);
         float* packed[3];
         for (int k = 0; k < 3; k++) packed[k] = (float*)malloc_check((map.shard_elems + 1) * sizeof(float));
-        checkpoint_parts_read_shard(manifest, &c, &info, table, &map, packed[0], packed[1], packed[2]);
+        if (checkpoint_parts_read_shard(manifest, &c, &info, table, &map, packed[0], packed[1], packed[2]) != 0) {
+            exit(EXIT_FAILURE);  // the reader named the part (child_read_shard expects this exit)
+        }
         for (int k = 0; k < 3; k++) {
             zero_shard_unpack(&map, packed[k], full[k]);
             free(packed[k]);
@@ -166,37 +169,29 @@ static void child_read_shard(void* arg) {  // rank 0 of 2 (reads part 0 and, fro
     exit(0);
 }
 
-static void copy_file(const char* from, const char* to) {
-    size_t size;
-    unsigned char* data = test_read_file(from, &size);
-    FILE* fp = fopen(to, "wb");
-    if (data == NULL || fp == NULL || fwrite(data, 1, size, fp) != size) {
-        fprintf(stderr, "test setup: copy %s -> %s failed\n", from, to);
-        exit(2);
-    }
-    fclose(fp);
-    free(data);
+// part r of P of src_dir's step src_step, copied as part r of dst_dir's step dst_step
+static void copy_part(const char* src_dir, int src_step, const char* dst_dir, int dst_step, int r, int P) {
+    char a[CHECKPOINT_PATH_MAX + 64], b[CHECKPOINT_PATH_MAX + 64];
+    checkpoint_part_path(a, sizeof(a), src_dir, src_step, r, P);
+    checkpoint_part_path(b, sizeof(b), dst_dir, dst_step, r, P);
+    test_copy_file(a, b);
 }
 
-static void xor_byte_at(const char* path, long offset, unsigned char mask) {
-    FILE* fp = fopen(path, "r+b");
-    fseek(fp, offset, SEEK_SET);
-    int c = fgetc(fp);
-    fseek(fp, offset, SEEK_SET);
-    fputc(c ^ mask, fp);
-    fclose(fp);
-}
-
+// the manifest and every part of a step
 static void fresh_copy(const char* src_dir, const char* dst_dir, int step, int P) {
     char a[CHECKPOINT_PATH_MAX + 64], b[CHECKPOINT_PATH_MAX + 64];
     checkpoint_path(a, sizeof(a), src_dir, step);
     checkpoint_path(b, sizeof(b), dst_dir, step);
-    copy_file(a, b);
-    for (int r = 0; r < P; r++) {
-        checkpoint_part_path(a, sizeof(a), src_dir, step, r, P);
-        checkpoint_part_path(b, sizeof(b), dst_dir, step, r, P);
-        copy_file(a, b);
-    }
+    test_copy_file(a, b);
+    for (int r = 0; r < P; r++) copy_part(src_dir, step, dst_dir, step, r, P);
+}
+
+// a new scratch directory `name` (its path in dir, 512 chars) holding good's step of 3 parts, to
+// be damaged; manifest (CHECKPOINT_PATH_MAX chars) := the path of its manifest
+static void damaged_copy(char* dir, const char* name, const char* good, int step, char* manifest) {
+    test_tmp_subdir(dir, 512, name);
+    fresh_copy(good, dir, step, 3);
+    checkpoint_path(manifest, CHECKPOINT_PATH_MAX, dir, step);
 }
 
 int main(void) {
@@ -260,20 +255,39 @@ int main(void) {
     save_sharded(&s, good, 20, 3, manifest);
     ReadArgs ra = {&s, manifest};
 
-    test_tmp_subdir(bad, sizeof(bad), "flip");
-    fresh_copy(good, bad, 20, 3);
-    checkpoint_path(manifest, sizeof(manifest), bad, 20);
+    damaged_copy(bad, "flip", good, 20, manifest);
     checkpoint_part_path(part, sizeof(part), bad, 20, 1, 3);
-    xor_byte_at(part, OMNI_HEADER_BYTES + 4 * 17 + 2, 0x10);  // one byte of part 1's master
+    test_xor_byte(part, OMNI_HEADER_BYTES + 4 * 17 + 2, 0x10);  // one byte of part 1's master
     test_expect_exit_failure("a flipped byte in a part is refused, naming the part", child_read_logical, &ra,
                              "ckpt_00000020.part1of3.bin", "checksum mismatch");
     test_expect_exit_failure("a flipped byte in a part is refused by a re-sharded reader too", child_read_shard, &ra,
                              "part1of3", "corrupt");
+    {  // in a child: the readers return -1 (status 3 when both do); an exit inside them ends it with 1
+        fflush(stdout);
+        fflush(stderr);
+        pid_t pid = fork();
+        if (pid == 0) {
+            ModelConfig c;
+            CheckpointInfo info;
+            CheckpointPartEntry* table = checkpoint_manifest_read_table(manifest, &s.config, &c, &info);
+            ZeroShardMap map;
+            zero_shard_map(&map, &c, 2, 0);  // rank 0 of 2 reads parts 0 and 1
+            float* packed[3];
+            for (int k = 0; k < 3; k++) packed[k] = (float*)malloc_check((map.shard_elems + 1) * sizeof(float));
+            float* flat = (float*)malloc_check(s.n * sizeof(float));
+            int shard_rc = checkpoint_parts_read_shard(manifest, &c, &info, table, &map, packed[0], packed[1], packed[2]);
+            int logical_rc = checkpoint_parts_read_logical(manifest, &c, &info, table, flat, NULL, NULL);
+            _exit(shard_rc == -1 && logical_rc == -1 ? 3 : 4);
+        }
+        int status = 0;
+        waitpid(pid, &status, 0);
+        test_checkf(WIFEXITED(status) && WEXITSTATUS(status) == 3, "a corrupt part: the part readers return -1, no exit",
+                    "child status %d (3: both returned -1, 4: one did not, 1: a reader exited)",
+                    WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+    }
 
-    test_tmp_subdir(bad, sizeof(bad), "missing");
+    damaged_copy(bad, "missing", good, 20, manifest);
     fresh_copy(good, bad, 10, 3);
-    fresh_copy(good, bad, 20, 3);
-    checkpoint_path(manifest, sizeof(manifest), bad, 20);
     checkpoint_part_path(part, sizeof(part), bad, 20, 2, 3);
     remove(part);
     test_check(!checkpoint_verify(manifest, why, sizeof(why)) && strstr(why, "part2of3") != NULL,
@@ -282,45 +296,29 @@ int main(void) {
     test_expect_exit_failure("a missing part is refused, naming it", child_read_logical, &ra, "part2of3",
                              "missing part");
 
-    test_tmp_subdir(bad, sizeof(bad), "truncated");
-    fresh_copy(good, bad, 20, 3);
-    checkpoint_path(manifest, sizeof(manifest), bad, 20);
+    damaged_copy(bad, "truncated", good, 20, manifest);
     checkpoint_part_path(part, sizeof(part), bad, 20, 0, 3);
-    if (truncate(part, (off_t)ckpt_file_size_(part) - 100) != 0) exit(2);
+    test_truncate(part, (long)ckpt_file_size_(part) - 100);
     test_check(!checkpoint_verify(manifest, why, sizeof(why)) && strstr(why, "truncated") != NULL,
                "checkpoint_verify refuses a manifest whose part is truncated");
     test_expect_exit_failure("a truncated part is refused, naming it", child_read_logical, &ra, "part0of3",
                              "truncated");
 
-    test_tmp_subdir(bad, sizeof(bad), "manifest");
-    fresh_copy(good, bad, 20, 3);
-    checkpoint_path(manifest, sizeof(manifest), bad, 20);
-    xor_byte_at(manifest, (long)ckpt_file_size_(manifest) - 20, 0x01);  // in the part table
+    damaged_copy(bad, "manifest", good, 20, manifest);
+    test_xor_byte(manifest, (long)ckpt_file_size_(manifest) - 20, 0x01);  // in the part table
     test_check(!checkpoint_verify(manifest, why, sizeof(why)) && strstr(why, "checksum mismatch") != NULL,
                "checkpoint_verify refuses a corrupt manifest");
     test_expect_exit_failure("a corrupt manifest is refused", child_read_logical, &ra, "ckpt_00000020.bin",
                              "checksum mismatch");
 
-    test_tmp_subdir(bad, sizeof(bad), "otherstep");
-    fresh_copy(good, bad, 10, 3);
-    {
-        char a[CHECKPOINT_PATH_MAX + 64], b[CHECKPOINT_PATH_MAX + 64];
-        checkpoint_part_path(a, sizeof(a), good, 20, 1, 3);  // step 20's part 1 under step 10's name
-        checkpoint_part_path(b, sizeof(b), bad, 10, 1, 3);
-        copy_file(a, b);
-    }
-    checkpoint_path(manifest, sizeof(manifest), bad, 10);
+    damaged_copy(bad, "otherstep", good, 10, manifest);
+    copy_part(good, 20, bad, 10, 1, 3);  // step 20's part 1 under step 10's name
     test_expect_exit_failure("a part of another step is refused", child_read_logical, &ra, "part1of3",
                              "does not match the manifest");
 
     test_tmp_subdir(bad, sizeof(bad), "otherrun");
     save_sharded(&other, bad, 10, 3, manifest);  // another run's state at the same step
-    {
-        char a[CHECKPOINT_PATH_MAX + 64], b[CHECKPOINT_PATH_MAX + 64];
-        checkpoint_part_path(a, sizeof(a), good, 10, 1, 3);
-        checkpoint_part_path(b, sizeof(b), bad, 10, 1, 3);
-        copy_file(a, b);
-    }
+    copy_part(good, 10, bad, 10, 1, 3);
     test_expect_exit_failure("a part of another run (same step) is refused", child_read_logical, &ra, "part1of3",
                              "not the manifest's");
 

@@ -49,17 +49,6 @@ static unsigned char* read_all(const char* path, size_t* n) {
     return data;
 }
 
-static void write_all(const char* path, const void* data, size_t n) {
-    FILE* fp = fopen_check(path, "wb");
-    fwrite_check(data, 1, n, fp, path);
-    fclose_check(fp, path);
-}
-
-static int file_exists(const char* path) {
-    struct stat st;
-    return stat(path, &st) == 0;
-}
-
 static void make_dir(char* out, size_t size, const char* name) {
     snprintf(out, size, "%s/%s", tmp_root, name);
     mkdir(out, 0755);
@@ -142,7 +131,7 @@ static void test_hash_catches_corruption(void) {
     memcpy(copy, good, n);
     copy[1024 + 8 * 3 + 7] ^= 0x80;
     copy[1024 + 8 * 10 + 7] ^= 0x80;
-    write_all(bad, copy, n);
+    test_write_file(bad, copy, n);
     int caught = !checkpoint_verify(bad, why, sizeof(why));
     test_checkf(caught && strstr(why, "checksum mismatch") != NULL, "hash: two flipped high bits in different words "
                 "of a checkpoint are caught", "%s", caught ? why : "accepted");
@@ -152,7 +141,7 @@ static void test_hash_catches_corruption(void) {
     for (int t = 0; t < trials; t++) {
         memcpy(copy, good, n);
         flip_random_bits(copy, n, 2 + rng_int(&rng, 7), &rng);
-        write_all(bad, copy, n);
+        test_write_file(bad, copy, n);
         if (checkpoint_verify(bad, why, sizeof(why))) missed++;
     }
     test_checkf(missed == 0, "hash: 1000 random 2-8 bit corruptions of a checkpoint are all caught",
@@ -177,7 +166,7 @@ static void test_hash_catches_corruption(void) {
     for (int t = 0; t < trials; t++) {
         memcpy(copy, good, n);
         flip_random_bits(copy, n, 2 + rng_int(&rng, 7), &rng);
-        write_all(bad, copy, n);
+        test_write_file(bad, copy, n);
         if (test_run_child(child_model_read, bad, out, sizeof(out)) != EXIT_FAILURE) missed++;
     }
     test_checkf(missed == 0, "hash: 300 random 2-8 bit corruptions of a model file are all refused",
@@ -185,7 +174,7 @@ static void test_hash_catches_corruption(void) {
     // one flipped weight bit: the message names the file and the hash
     memcpy(copy, good, n);
     copy[1024 + 4 * 100 + 1] ^= 0x10;
-    write_all(bad, copy, n);
+    test_write_file(bad, copy, n);
     expect_refusal("hash: a model file with one flipped weight bit is refused as corrupt", child_model_read, bad,
                    "bad_model.bin\": checksum mismatch", "corrupt");
     // and the intact file still reads bitwise
@@ -216,7 +205,7 @@ static void test_model_file_v1(void) {
     int32_t version = 1;
     memcpy(data + 4, &version, 4);
     snprintf(v1, sizeof(v1), "%s/v1.bin", dir);
-    write_all(v1, data, n - CHECKPOINT_TRAILER_BYTES);  // version 1: no trailer
+    test_write_file(v1, data, n - CHECKPOINT_TRAILER_BYTES);  // version 1: no trailer
     char out[4096];
     int status = test_run_child(child_model_read, v1, out, sizeof(out));
     test_checkf(status == 999 && strstr(out, "is version 1, which has no hash") != NULL,
@@ -318,17 +307,17 @@ static void test_nonfinite(void) {
     for (int i = 0; i < 4; i++) {
         a.poison = i;
         expect_refusal(names[i], child_write_nonfinite_checkpoint, &a, expected[i], "refusing to write checkpoint");
-        test_check(!file_exists(path) && !file_exists(tmp), "finite: the refused checkpoint left no file (nor .tmp)");
+        test_check(!test_file_exists(path) && !test_file_exists(tmp), "finite: the refused checkpoint left no file (nor .tmp)");
     }
     char model_path[600], model_tmp[620];
     snprintf(model_path, sizeof(model_path), "%s/model.bin", a.dir);
     snprintf(model_tmp, sizeof(model_tmp), "%s.tmp", model_path);
     expect_refusal("finite: model_file_write refuses a NaN weight", child_write_nonfinite_model, model_path,
                    "refusing to write model file", "weight tensor wte holds NaN/Inf");
-    test_check(!file_exists(model_path) && !file_exists(model_tmp), "finite: the refused model file left no file");
+    test_check(!test_file_exists(model_path) && !test_file_exists(model_tmp), "finite: the refused model file left no file");
     expect_refusal("finite: checkpoint_manifest_write refuses a NaN BN statistic", child_write_nonfinite_manifest, &a,
                    "refusing to write the manifest of checkpoint step 9", "BN running statistics hold NaN/Inf");
-    test_check(!file_exists(path) && !file_exists(tmp), "finite: the refused manifest left no file (nor .tmp)");
+    test_check(!test_file_exists(path) && !test_file_exists(tmp), "finite: the refused manifest left no file (nor .tmp)");
 
     // a model file holding a NaN with a correct hash (written by hand): refused on read
     Rng rng = rng_seeded(1305);
@@ -406,17 +395,17 @@ static void test_stale_tmp(void) {
     const char* files[4] = {"ckpt_00000020.bin.tmp", "model.bin.tmp", "notes.tmp", "log.jsonl"};
     for (int i = 0; i < 4; i++) {
         snprintf(names[i], sizeof(names[i]), "%s/%s", dir, files[i]);
-        write_all(names[i], "partial", 7);
+        test_write_file(names[i], "partial", 7);
     }
     char out[4096];
     int status = test_run_child(child_make_dir, dir, out, sizeof(out));
-    int ok = status == 999 && !file_exists(names[0]) && !file_exists(names[1]) && strstr(out, "ckpt_00000020.bin.tmp") &&
+    int ok = status == 999 && !test_file_exists(names[0]) && !test_file_exists(names[1]) && strstr(out, "ckpt_00000020.bin.tmp") &&
              strstr(out, "model.bin.tmp") && strstr(out, "Note: removed");
     test_checkf(ok, "tmp: checkpoint_make_dir removes the .bin.tmp of interrupted writes, with a note", "exit %d: %s",
                 status, out);
     size_t n2;
     unsigned char* after = read_all(complete, &n2);
-    ok = n2 == n && memcmp(before, after, n) == 0 && file_exists(names[2]) && file_exists(names[3]);
+    ok = n2 == n && memcmp(before, after, n) == 0 && test_file_exists(names[2]) && test_file_exists(names[3]);
     test_check(ok, "tmp: the complete checkpoint and other files are untouched");
     free(before);
     free(after);

@@ -13,6 +13,10 @@ weights everywhere (biases and LayerNorms included) and random tokens:
   6. ZeRO-1 (llmc/zero.cuh) with P simulated ranks on this one GPU: each rank's gradient-norm
      partial and its shard AdamW on packed master, m, v (gradients outside its shard poisoned)
      against the replicated update: weights, master, m, v bitwise, the norm within 1e-12.
+  7. --shard-experts 1's trainer path with one rank (its exchanges device copies): the sharded
+     layer (llmc/experts_shard.cuh), the local layout, the norm and gather of
+     llmc/expert_shard_state.cuh against the unsharded run; and the memory plan's mirror of the
+     sharded buffers (plan_table_sizes) against the kernels' own sizes at P = 2, 4, 8.
 The weights given to both sides are rounded to floatX first, so the comparison measures the
 GPU's arithmetic (bf16 activations, fp32 accumulation), not the rounding of the weights.
 
@@ -48,8 +52,13 @@ static const float TOL = 1e-4f, TOL_EXPERTS = 1e-4f, TOL_FLIPS = 0.0f, TOL_TRAIN
 static const float TOL = 3e-2f, TOL_EXPERTS = 0.15f, TOL_FLIPS = 0.05f, TOL_TRAIN = 2e-2f;
 #endif
 
-// random weights for every tensor, rounded to floatX so both sides see the same numbers
-static void random_params(const ModelConfig* c, float* params, float* bn, uint64_t seed) {
+// random weights for every tensor, rounded to floatX so both sides see the same numbers, and BN
+// running statistics; *params (num_params) and *bn (num_bn_stats, at least 1) are allocated here
+static void random_params(const ModelConfig* c, uint64_t seed, float** params_out, float** bn_out) {
+    float* params = (float*)malloc_check(model_config_num_params(c) * sizeof(float));
+    float* bn = (float*)calloc_check(max_sz(model_config_num_bn_stats(c), 1), sizeof(float));
+    *params_out = params;
+    *bn_out = bn;
     size_t sizes[NUM_PARAMETER_TENSORS];
     model_config_param_sizes(c, sizes);
     Rng rng = rng_seeded(seed);
@@ -130,9 +139,8 @@ static int param_touched_by_routing(int i) {
 // 1 + 2: one forward/backward against the CPU; and token- vs expert-centric
 static void test_forward_backward(const char* name, const ModelConfig* c, int B, int T) {
     size_t P = model_config_num_params(c), NB = model_config_num_bn_stats(c);
-    float* params = (float*)malloc_check(P * sizeof(float));
-    float* bn = (float*)calloc_check(max_sz(NB, 1), sizeof(float));
-    random_params(c, params, bn, 1234);
+    float *params, *bn;
+    random_params(c, 1234, &params, &bn);
     Rng rng = rng_seeded(99);
     int BT = B * T;
     int* inputs = (int*)malloc_check(BT * sizeof(int));
@@ -250,9 +258,8 @@ static void gpu_train(const ModelConfig* c, const float* params, const float* bn
 static void test_training(const char* name, const ModelConfig* c, int B, int T) {
     const int steps = 10, BT = B * T;
     size_t P = model_config_num_params(c), NB = model_config_num_bn_stats(c);
-    float* params = (float*)malloc_check(P * sizeof(float));
-    float* bn = (float*)calloc_check(max_sz(NB, 1), sizeof(float));
-    random_params(c, params, bn, 777);
+    float *params, *bn;
+    random_params(c, 777, &params, &bn);
     // a few repeating "sentences" so the loss can fall in ten steps
     int* tokens = (int*)malloc_check((size_t)steps * (BT + 1) * sizeof(int));
     Rng rng = rng_seeded(5);
@@ -338,9 +345,8 @@ static void test_training(const char* name, const ModelConfig* c, int B, int T) 
 static void test_resume(const char* name, const ModelConfig* c, int B, int T) {
     const int steps = 4, half = 2, BT = B * T;
     size_t P = model_config_num_params(c), NB = model_config_num_bn_stats(c);
-    float* params = (float*)malloc_check(P * sizeof(float));
-    float* bn = (float*)calloc_check(max_sz(NB, 1), sizeof(float));
-    random_params(c, params, bn, 97531);
+    float *params, *bn;
+    random_params(c, 97531, &params, &bn);
     Rng rng = rng_seeded(13);
     int* tokens = (int*)malloc_check((size_t)steps * (BT + 1) * sizeof(int));
     fill_tokens(tokens, (size_t)steps * (BT + 1), c->vocab_size, &rng);
@@ -397,10 +403,9 @@ static void recompute_run(const ModelConfig* c, const float* params, const float
 
 static void test_recompute(const char* name, const ModelConfig* c, int B, int T) {
     const int BT = B * T;
-    size_t P = model_config_num_params(c), NB = model_config_num_bn_stats(c);
-    float* params = (float*)malloc_check(P * sizeof(float));
-    float* bn = (float*)calloc_check(max_sz(NB, 1), sizeof(float));
-    random_params(c, params, bn, 2468);
+    size_t P = model_config_num_params(c);
+    float *params, *bn;
+    random_params(c, 2468, &params, &bn);
     Rng rng = rng_seeded(31);
     int* tokens = (int*)malloc_check((size_t)3 * (BT + 1) * sizeof(int));
     fill_tokens(tokens, 3 * (BT + 1), c->vocab_size, &rng);
@@ -446,9 +451,8 @@ static void test_recompute(const char* name, const ModelConfig* c, int B, int T)
 // doing the same (the GPU accumulates the gradients in floatX).
 static void test_eval_sampling_accumulation(const char* name, const ModelConfig* c, int B, int T) {
     size_t P = model_config_num_params(c), NB = model_config_num_bn_stats(c);
-    float* params = (float*)malloc_check(P * sizeof(float));
-    float* bn = (float*)calloc_check(max_sz(NB, 1), sizeof(float));
-    random_params(c, params, bn, 4321);
+    float *params, *bn;
+    random_params(c, 4321, &params, &bn);
     Rng rng = rng_seeded(17);
     int BT = B * T, Vp = c->padded_vocab_size;
     int* tokens = (int*)malloc_check((size_t)2 * (BT + 1) * sizeof(int));
@@ -702,6 +706,82 @@ static void test_moe(TestDims d) {
     g_moe_aux = 0.05f;
 }
 
+// 7. column-sharded tables, one rank: an ExpertShardComm of P = 1 whose exchanges are device
+// copies, so the trainer's whole sharded path runs on one GPU: experts_shard_forward/backward in
+// every layer, the local layout (at P = 1 the full one), AdamW on it, the double norm of
+// expert_shard_state.cuh (replicated part + the rank partials) and the gather to the host. With
+// clipping off the update does not read the norm, so losses and weights must match the unsharded
+// token-centric run: bitwise in bf16 (the rank kernels give the unsharded bits for P | 32,
+// docs/sharding.md §3.1), within 1e-5 in fp32 (4-channel vectors: deterministic, not claimed
+// bitwise). The norms (double vs the fp32 two-stage sum) within 1e-5.
+static void shard_self_all_gather(const ExpertShardComm* c, void* recv, const void* send, size_t bytes,
+                                  cudaStream_t st) {
+    (void)c;
+    cudaCheck(cudaMemcpyAsync(recv, send, bytes, cudaMemcpyDeviceToDevice, st));
+}
+static void shard_self_all_to_all(const ExpertShardComm* c, void* recv, const void* send, size_t block_bytes,
+                                  cudaStream_t st) {
+    (void)c;
+    cudaCheck(cudaMemcpyAsync(recv, send, block_bytes, cudaMemcpyDeviceToDevice, st));
+}
+
+static void shard_train(const ModelConfig* c, const float* params, const float* bn, int B, int T, int steps,
+                        const int* tokens, const ExpertShardComm* comm, float* losses, float* norms, float* out) {
+    Model m;
+    model_build_sharded(&m, c, B, T, EXPERT_EXEC_TOKEN, g_attention, g_recompute, NULL, comm);
+    model_set_params(&m, params, bn);
+    for (int s = 0; s < steps; s++) {
+        const int* in = tokens + (size_t)s * (B * T + 1);
+        model_zero_grad(&m);
+        model_forward(&m, in, in + 1, B, T, 1);
+        model_backward(&m, in, 1.0f, NULL);
+        losses[s] = model_mean_loss(&m);
+        norms[s] = model_update(&m, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.0f);
+    }
+    model_get_params(&m, out, NULL);
+    model_free(&m);
+}
+
+static void test_shard_one_rank(const char* name, const ModelConfig* c, int B, int T) {
+    const int steps = 3, BT = B * T;
+    size_t P = model_config_num_params(c);
+    float *params, *bn;
+    random_params(c, 4242, &params, &bn);
+    int* tokens = (int*)malloc_check((size_t)steps * (BT + 1) * sizeof(int));
+    Rng rng = rng_seeded(17);
+    fill_tokens(tokens, (size_t)steps * (BT + 1), c->vocab_size, &rng);
+    ExpertShardComm self = {1, 0, shard_self_all_gather, shard_self_all_to_all, NULL};
+    float losses[2][3], norms[2][3];
+    float* out[2];
+    for (int i = 0; i < 2; i++) {
+        out[i] = (float*)malloc_check(P * sizeof(float));
+        shard_train(c, params, bn, B, T, steps, tokens, i == 0 ? NULL : &self, losses[i], norms[i], out[i]);
+    }
+    char what[200];
+    double nerr = 0.0;
+    for (int s = 0; s < steps; s++) nerr = fmax(nerr, fabs((double)norms[1][s] - norms[0][s]) / norms[0][s]);
+    int bitwise = memcmp(losses[0], losses[1], sizeof(losses[0])) == 0 && memcmp(out[0], out[1], P * sizeof(float)) == 0;
+#if defined(ENABLE_FP32)
+    RelErr e = rel_err(out[1], out[0], P);
+    snprintf(what, sizeof(what), "%s --shard-experts path, 1 rank: 3 steps = unsharded within 1e-5", name);
+    test_checkf(e.rel <= 1e-5 && nerr <= 1e-5, what, "weights %.2e (%s), norms %.2e", e.rel,
+                bitwise ? "bitwise" : "not bitwise", nerr);
+#else
+    snprintf(what, sizeof(what), "%s --shard-experts path, 1 rank: 3 steps bitwise the unsharded run", name);
+    test_checkf(bitwise && nerr <= 1e-5, what, "losses %.6f %.6f %.6f vs %.6f %.6f %.6f, norms within %.2e",
+                losses[1][0], losses[1][1], losses[1][2], losses[0][0], losses[0][1], losses[0][2], nerr);
+#endif
+    // the plan's mirror of the sharded buffers against llmc/experts_shard.cuh (exits on a difference)
+    for (int p = 2; p <= 8; p *= 2) {
+        if (expert_shard_unfit(c->channels, p) != NULL) continue;
+        PlanKernelSizes k = model_kernel_sizes(c, B, T, p);
+        snprintf(what, sizeof(what), "%s memory plan of the sharded buffers at P=%d = the kernels' sizes", name, p);
+        test_checkf(k.table_saved > 0 && k.table_work > 0, what, "saved %zu, work %zu bytes", k.table_saved, k.table_work);
+    }
+    for (int i = 0; i < 2; i++) free(out[i]);
+    free(params); free(bn); free(tokens);
+}
+
 int main(void) {
     int device_count = 0;
     if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) {
@@ -732,6 +812,8 @@ int main(void) {
     test_expert_stats();
     test_zero_update(cases[2].name, &cases[2].c);
     test_zero_update(cases[0].name, &cases[0].c);
+    test_shard_one_rank(cases[2].name, &cases[2].c, 4, 64);
+    test_shard_one_rank(cases[4].name, &cases[4].c, 4, 64);  // k > n
 #ifdef HAVE_CUDNN_ATTENTION
     // --attention cudnn (cuDNN's SDPA): the same checks against the CPU reference, dense and omni
     g_attention = ATTENTION_CUDNN;

@@ -30,11 +30,10 @@
 #include "train_omnimoe.c"
 #include "llmc/test_harness.h"
 #include "llmc/zero_shard.h"
+#include "test_dp_ranks.h"
 
 #define MAX_RANKS 8
 #define STEPS 4
-static const int B = 2, T = 16;
-static const float LR = 1e-2f, BETA1 = 0.9f, BETA2 = 0.95f, EPS = 1e-8f, WD = 0.1f;
 
 typedef struct {
     int P;
@@ -78,48 +77,14 @@ static void run_free(Run* run) {
     }
 }
 
-// the mean over ranks of element i's gradient: summed in rank order, then divided by P
-static inline float reduce_mean(const Run* run, size_t i) {
-    float sum = run->ranks[0].grads[i];
-    for (int r = 1; r < run->P; r++) sum += run->ranks[r].grads[i];
-    return sum / (float)run->P;
-}
-
-// forward and backward of every rank on its own micro-batch; returns the mean loss
-static float forward_backward(Run* run, const ModelConfig* c, int step) {
-    int tokens[(2 * 16) + 1];
-    double loss = 0.0;
-    for (int r = 0; r < run->P; r++) {
-        Rng rng = rng_seeded(1000 + 100 * (uint64_t)step + r);  // rank r's data at this step
-        fill_tokens(tokens, (size_t)B * T + 1, c->vocab_size, &rng);
-        GPT* g = &run->ranks[r];
-        gpt_zero_grad(g);
-        gpt_forward(g, tokens, tokens + 1, B, T, 1);
-        gpt_backward(g, 1.0f);
-        loss += g->mean_loss;  // summed in rank order, as the trainer's loss reduction
-    }
-    return (float)(loss / run->P);
-}
-
 static void replicated_step(Run* run, const ModelConfig* c, int step, float grad_clip) {
-    run->losses[step] = forward_backward(run, c, step);
-    size_t n = run->ranks[0].num_params;
-    float* mean = alloc_floats(n);
-    for (size_t i = 0; i < n; i++) mean[i] = reduce_mean(run, i);
-    double sq = 0.0;
-    for (size_t i = 0; i < n; i++) sq += (double)mean[i] * mean[i];
-    run->norm_sq[step] = sq;
-    for (int r = 0; r < run->P; r++) {
-        memcpy(run->ranks[r].grads, mean, n * sizeof(float));
-        float norm = gpt_update(&run->ranks[r], LR, BETA1, BETA2, EPS, WD, grad_clip, step + 1);
-        if (r == 0) run->norms[step] = norm;
-        else run->norms_agree &= memcmp(&norm, &run->norms[step], sizeof(float)) == 0;
-    }
-    free(mean);
+    run->losses[step] = dp_forward_backward(run->ranks, run->P, c, step, NULL, NULL);
+    dp_replicated_update(run->ranks, run->P, step, grad_clip, &run->norms[step], &run->norm_sq[step],
+                         &run->norms_agree);
 }
 
 static void zero_step(Run* run, const ModelConfig* c, int step, float grad_clip) {
-    run->losses[step] = forward_backward(run, c, step);
+    run->losses[step] = dp_forward_backward(run->ranks, run->P, c, step, NULL, NULL);
     const int P = run->P;
     size_t n = run->ranks[0].num_params;
     // reduce-scatter (and the tails' all-reduce) on the slices: rank r receives the mean on its
@@ -129,7 +94,7 @@ static void zero_step(Run* run, const ModelConfig* c, int step, float grad_clip)
         const ZeroShardMap* map = &run->maps[r];
         for (int i = 0; i < map->num_ranges; i++) {
             const ZeroRange* rg = &map->ranges[i];
-            for (size_t j = rg->offset; j < rg->offset + rg->count; j++) mean[j] = reduce_mean(run, j);
+            for (size_t j = rg->offset; j < rg->offset + rg->count; j++) mean[j] = dp_reduce_mean(run->ranks, P, j);
         }
     }
     for (int r = 0; r < P; r++) {
@@ -170,10 +135,10 @@ static void zero_step(Run* run, const ModelConfig* c, int step, float grad_clip)
         const ZeroShardMap* map = &run->maps[r];
         for (int i = 0; i < map->num_ranges; i++) {
             const ZeroRange* rg = &map->ranges[i];
-            float wd = param_is_decayed(rg->tensor) ? WD : 0.0f;
+            float wd = param_is_decayed(rg->tensor) ? DP_WD : 0.0f;
             size_t so = rg->shard_offset;
             adamw_range(run->master[r] + so, run->ranks[r].grads + rg->offset, run->m[r] + so, run->v[r] + so,
-                        rg->count, LR, BETA1, BETA2, EPS, wd, grad_scale, step + 1);
+                        rg->count, DP_LR, DP_BETA1, DP_BETA2, DP_EPS, wd, grad_scale, step + 1);
         }
         // the update writes the rank's weights on its own ranges (chunks and tails)
         zero_shard_unpack(map, run->master[r], run->ranks[r].params);

@@ -15,6 +15,10 @@
  *              multiple of 8 elements (16 bytes in bf16)
  *   d12 tails  empty exactly for P in {1, 2, 3, 4, 6, 8} (768 = 2^8 * 3)
  *   roundtrip  pack -> unpack over all ranks restores random full buffers bitwise
+ *   update     the one-launch AdamW's table (zero_shard_update_table) for several block sizes:
+ *              one row per range in map order (offset, packed offset, count), the weight decay
+ *              of the range's tensor, first blocks from 0 with ceil(count / block) blocks each,
+ *              so the blocks cover every element of every range exactly once
  */
 #include "llmc/test_harness.h"
 #include "llmc/zero_shard.h"
@@ -113,6 +117,49 @@ static int check_maps(const ModelConfig* c, int P, const char* label) {
     return bad;
 }
 
+// the update table of every rank against its map; returns the number of problems, printing the first
+static int check_update_table(const ModelConfig* c, int P, size_t block_elems, const char* label) {
+    int bad = 0;
+    char why[256] = "";
+#define PROBLEM(...) do { if (!bad++) snprintf(why, sizeof(why), __VA_ARGS__); } while (0)
+    for (int r = 0; r < P; r++) {
+        ZeroShardMap m;
+        zero_shard_map(&m, c, P, r);
+        ZeroUpdateRange* table = (ZeroUpdateRange*)malloc_check((m.num_ranges + 1) * sizeof(ZeroUpdateRange));
+        int blocks = zero_shard_update_table(&m, block_elems, table);
+        size_t next_block = 0, covered = 0;
+        for (int i = 0; i < m.num_ranges; i++) {
+            const ZeroRange* rg = &m.ranges[i];
+            const ZeroUpdateRange* row = &table[i];
+            if (row->offset != rg->offset || row->shard_offset != rg->shard_offset || row->count != rg->count) {
+                PROBLEM("rank %d row %d: [%zu +%zu] packed %zu, range [%zu +%zu] packed %zu", r, i, row->offset,
+                        row->count, row->shard_offset, rg->offset, rg->count, rg->shard_offset);
+            }
+            if (row->decay != param_is_decayed(rg->tensor)) {
+                PROBLEM("rank %d row %d (%s): decay %d", r, i, param_tensor_name(rg->tensor), row->decay);
+            }
+            if ((size_t)row->first_block != next_block) {
+                PROBLEM("rank %d row %d: first block %d, expected %zu", r, i, row->first_block, next_block);
+            }
+            size_t n = i + 1 < m.num_ranges ? (size_t)table[i + 1].first_block - row->first_block
+                                            : (size_t)blocks - row->first_block;
+            // the row's blocks hold every element once: n blocks, the last one not empty
+            if (n * block_elems < row->count || (n - 1) * block_elems >= row->count) {
+                PROBLEM("rank %d row %d: %zu blocks of %zu for %zu elements", r, i, n, block_elems, row->count);
+            }
+            next_block += (rg->count + block_elems - 1) / block_elems;
+            covered += row->count;
+        }
+        if ((size_t)blocks != next_block) PROBLEM("rank %d: %d blocks, rows need %zu", r, blocks, next_block);
+        if (covered != m.shard_elems) PROBLEM("rank %d: rows cover %zu of %zu elements", r, covered, m.shard_elems);
+        free(table);
+        zero_shard_map_free(&m);
+    }
+#undef PROBLEM
+    if (bad) printf("  %s P=%d block %zu: %d problem(s), first: %s\n", label, P, block_elems, bad, why);
+    return bad;
+}
+
 static size_t total_tail_elems(const ModelConfig* c, int P) {
     ZeroShardMap m;
     zero_shard_map(&m, c, P, 0);
@@ -201,6 +248,22 @@ int main(void) {
     }
     test_checkf(problems == 0, "maps: tiling, chunks, packing, tails, alignment", "%d of %d (config, P) cases wrong",
                 problems, cases);
+
+    // the one-launch AdamW table: the kernel's block (2048), a small one (many blocks per range), an odd one
+    const size_t block_sizes[] = {2048, 8, 24, 1000};
+    int table_problems = 0, table_cases = 0;
+    for (int i = 0; i < nc; i++) {
+        for (int P = 1; P <= 8; P++) {
+            for (int b = 0; b < 4; b++) {
+                // d12 at N = 1,048,576 (19.5B parameters) needs more than a grid of blocks of 8
+                if (block_sizes[b] < 24 && model_config_num_params(&configs[i]) > ((size_t)1 << 30)) continue;
+                table_cases++;
+                table_problems += check_update_table(&configs[i], P, block_sizes[b], labels[i]) != 0;
+            }
+        }
+    }
+    test_checkf(table_problems == 0, "update table: rows, decay, blocks cover every range once", "%d of %d cases wrong",
+                table_problems, table_cases);
 
     // the tails at d12 (C = 768 = 2^8 * 3): empty when 8P divides every slice
     for (int P = 1; P <= 8; P++) {

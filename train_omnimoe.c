@@ -1756,7 +1756,7 @@ static void cpu_init_weights(void* ctx) {
 
 // grad_accum_steps micro-batches, each weighted 1/grad_accum_steps, then one AdamW update
 static void cpu_train_step(void* ctx, int step, float lr, int t, const volatile sig_atomic_t* stop_local,
-                           TrainStepResult* out) {
+                           int log_failed_local, TrainStepResult* out) {
     (void)step;
     CpuTrainer* tr = (CpuTrainer*)ctx;
     const TrainConfig* cfg = tr->cfg;
@@ -1785,6 +1785,7 @@ static void cpu_train_step(void* ctx, int step, float lr, int t, const volatile 
     moe_bias_update(model, tr->expert_counts, cfg->moe_bias_rate);  // moe with --moe-bias-rate only
     out->loss = (float)(loss_sum / tr->grad_accum_steps);
     out->stop = *stop_local != 0;
+    out->log_failed = log_failed_local != 0;
 }
 
 // evaluation mode: router BN uses the running statistics, so the model is a fixed function of
@@ -1811,13 +1812,15 @@ static int cpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const Data
                             model->bn_stats, 1, loader, sizeof(*loader), sample_rng, sizeof(*sample_rng), out_path);
 }
 
-static void cpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
-                                uint64_t* sample_rng) {
+// one process: checkpoint_read exits on a bad file (nobody waits), so this returns 0
+static int cpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
+                               uint64_t* sample_rng) {
     GPT* model = &((CpuTrainer*)ctx)->model;
     model->m = alloc_floats(model->num_params);
     model->v = alloc_floats(model->num_params);
     checkpoint_read(path, &model->config, info, model->params, model->m, model->v, model->bn_stats, 1, loader,
                     sizeof(*loader), sample_rng, sizeof(*sample_rng));
+    return 0;
 }
 
 // per OmniMoE layer: share of the N experts chosen at least once and KL(load || uniform);

@@ -32,11 +32,17 @@ embeddings and the final LayerNorm (GradReducer, llmc/multi_gpu.cuh), on a strea
 with --overlap-comm 1 each layer's bucket starts as soon as the backward of the last micro-step
 has finished that layer, so the transfer runs under the backward of the layers below; with 0
 the same buckets run after the backward (same bits, only later). The step's loss, the expert
-counts and the stop request (SIGINT/SIGTERM) are summed too, so every rank takes the same
-decisions. Rank 0 alone prints, logs and writes files; checkpoints hold
+counts, the stop request (SIGINT/SIGTERM) and rank 0's log status are summed too, so every rank
+takes the same decisions. Rank 0 alone prints, logs and writes files; checkpoints hold
 every rank's BN set. --zero 1 (ZeRO-1, llmc/zero.cuh): each rank keeps 1/P of the fp32 master
 weights and AdamW state, the gradients are reduce-scattered in the same buckets, and checkpoints
 are sharded (one part per rank, written in parallel, and a manifest: llmc/checkpoint_parts.h).
+--shard-experts 1 (docs/sharding.md §3): each rank keeps a C/P column slice of the expert tables
+U and V in every flat buffer (llmc/expert_shard_layout.h), the OmniMoE layers exchange token
+columns and partial dot products with the other ranks (llmc/experts_shard.cuh), so every forward
+(training, validation, --mc-eval, samples) runs on all ranks together; U and V leave the gradient
+buckets, the norm adds the ranks' slice partials (llmc/expert_shard_state.cuh), and checkpoints
+are parts as under ZeRO-1.
 */
 #include "llmc/utils.h"   // first: it selects POSIX declarations
 #include <stdio.h>
@@ -73,6 +79,8 @@ are sharded (one part per rank, written in parallel, and a manifest: llmc/checkp
 #include "llmc/multi_gpu.cuh"
 #include "llmc/grad_slices.h"
 #include "llmc/zero.cuh"
+#include "llmc/expert_shard_layout.h"
+#include "llmc/expert_shard_state.cuh"
 
 // ----------------------------------------------------------------------------
 // the model
@@ -124,6 +132,14 @@ typedef struct {
     float* adam_v;
     size_t opt_elems;     // elements of master, adam_m, adam_v: num_params, or the shard's
     ZeroOptimizer* zero;  // ZeRO-1 (--zero 1, several GPUs): this rank's shard; NULL: replicated
+    // --shard-experts 1 (several GPUs, docs/sharding.md §3): U and V are this rank's (L*N, C/P)
+    // column slices in every flat buffer (llmc/expert_shard_layout.h; param_sizes/offsets and
+    // num_params are the local layout's); NULL: the whole tables
+    const ExpertShardComm* shard;
+    ExpertShardLayout shard_layout;
+    ExpertShardState shard_state;  // the norm's ranges, the gather of the slices (expert_shard_state.cuh)
+    void* shard_saved;    // (L) the layers' experts_shard_saved_bytes blocks
+    void* shard_work;     // the layers' one experts_shard_work_bytes buffer
     float* bn_stats;      // router BN running statistics (layout of the model file)
     int* expert_counts;   // (L, N) pairs routed to each expert since the last reset (omni; moe: (L, E_t))
     float* expert_stats;  // (2L) usage, then KL of each layer (expert_stats' output)
@@ -219,11 +235,11 @@ static MoeOptions model_moe_options(const ModelConfig* c) {
 
 // the kernels' sizes as the GPU headers compute them (CUB asked for its sort storage), checked
 // against memory_plan.h's mirror of their formulas: the plan cannot drift from the kernels
-static PlanKernelSizes model_kernel_sizes(const ModelConfig* c, int B, int T) {
+static PlanKernelSizes model_kernel_sizes(const ModelConfig* c, int B, int T, int shard_P) {
     size_t C = c->channels, BT = (size_t)B * T, Vp = c->padded_vocab_size, FI = model_config_ffn_in_width(c), H = c->ffn_hidden;
     OmniDims omni_dims = {(int)BT, (int)C, (int)H, c->router_n, c->num_experts, c->top_k};
     int omni = c->ffn_kind == FFN_OMNI, moe = c->ffn_kind == FFN_MOE;
-    PlanKernelSizes k = {0, 0, 0, 0};
+    PlanKernelSizes k = {0, 0, 0, 0, 0, 0};
     size_t s = 0;
     s = max_sz(s, matmul_backward_scratch_bytes((int)BT, (int)max_sz(max_sz(3 * C, FI), max_sz(C, Vp))));
     s = max_sz(s, layernorm_backward_scratch_bytes((int)BT, (int)C));
@@ -249,6 +265,19 @@ static PlanKernelSizes model_kernel_sizes(const ModelConfig* c, int B, int T) {
                 "%zu vs %zu, workspace %zu vs %zu bytes): update plan_kernel_sizes with the kernel change\n",
                 mirror.scratch, k.scratch, mirror.omni_saved, k.omni_saved, mirror.omni_workspace, k.omni_workspace);
         exit(EXIT_FAILURE);
+    }
+    if (omni && shard_P > 1) {  // column-sharded tables: the exchanges' buffers (llmc/experts_shard.cuh)
+        const int K = c->top_k, N = c->num_experts;
+        k.table_saved = experts_shard_saved_bytes((int)BT, (int)C, K, shard_P);
+        k.table_work = experts_shard_work_bytes((int)BT, (int)C, K, N, shard_P);
+        plan_table_sizes(&mirror, c, B, T, (int)sizeof(floatX), shard_P,
+                         scheduler_cub_bytes(shard_P * (int)BT * K, N));
+        if (mirror.table_saved != k.table_saved || mirror.table_work != k.table_work) {
+            fprintf(stderr, "Error: llmc/memory_plan.h's sharded-table sizes differ from llmc/experts_shard.cuh's (saved "
+                    "%zu vs %zu, work %zu vs %zu bytes): update plan_table_sizes\n", mirror.table_saved, k.table_saved,
+                    mirror.table_work, k.table_work);
+            exit(EXIT_FAILURE);
+        }
     }
     return k;
 }
@@ -312,9 +341,27 @@ static void model_build_moe(Model* m, int BT) {
     }
 }
 
-// zero: ZeRO-1 (llmc/zero.cuh, built by the caller): master, m and v hold its shard only; NULL: all
+// column-sharded tables: the layers' saved exchange state and their work buffer (what the plan
+// counts as MEMBUF_TABLE_SAVED and MEMBUF_TABLE_WORK: model_kernel_sizes checked them equal for
+// P > 1; one rank, test_omnimoe's, is no plan mode), and the norm's ranges
+static void model_build_shard_buffers(Model* m) {
+    const ModelConfig* c = &m->config;
+    const int L = c->num_layers, BT = m->B * m->T, P = m->shard->P;
+    const size_t saved = experts_shard_saved_bytes(BT, c->channels, c->top_k, P);
+    const size_t work = experts_shard_work_bytes(BT, c->channels, c->top_k, c->num_experts, P);
+    m->shard_saved = cuda_malloc_or_die((size_t)L * saved, "sharded tables: all GPUs' pairs and x columns");
+    m->shard_work = cuda_malloc_or_die(work, "sharded tables: exchanges and schedule");
+    for (int l = 0; l < L; l++) {
+        omni_layer_set_shard(&m->omni[l], m->shard, (char*)m->shard_saved + (size_t)l * saved, m->shard_work, work);
+    }
+    expert_shard_state_init(&m->shard_state, &m->shard_layout, m->shard);
+}
+
+// zero: ZeRO-1 (llmc/zero.cuh, built by the caller): master, m and v hold its shard only; NULL: all.
+// shard: column-sharded expert tables (docs/sharding.md §3; the caller's exchanges): every flat
+// buffer holds this rank's (L*N, C/P) slices of U and V; NULL: whole. Not both (main refuses it).
 static void model_build_sharded(Model* m, const ModelConfig* config, int B, int T, int expert_exec, int attention,
-                                int recompute, ZeroOptimizer* zero) {
+                                int recompute, ZeroOptimizer* zero, const ExpertShardComm* shard) {
     memset(m, 0, sizeof(*m));
     if (!model_config_validate(config)) exit(EXIT_FAILURE);
     model_check_shapes(config);
@@ -323,6 +370,11 @@ static void model_build_sharded(Model* m, const ModelConfig* config, int B, int 
     m->T = T;
     cudaCheck(cudaStreamCreate(&m->stream));
     model_config_param_sizes(config, m->param_sizes);
+    if (shard) {  // U and V cut to this rank's columns; the offsets below follow
+        expert_shard_layout(&m->shard_layout, config, shard->P, shard->rank);
+        memcpy(m->param_sizes, m->shard_layout.sizes, sizeof(m->param_sizes));
+    }
+    m->shard = shard;
     size_t offset = 0;
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
         m->param_offsets[i] = offset;
@@ -341,16 +393,17 @@ static void model_build_sharded(Model* m, const ModelConfig* config, int B, int 
     m->attention = attention;
     m->recompute = recompute;
     // every buffer of the model from the plan (this GPU's), summed against the free memory, then allocated
-    PlanKernelSizes kernel_sizes = model_kernel_sizes(c, B, T);
+    PlanKernelSizes kernel_sizes = model_kernel_sizes(c, B, T, shard ? shard->P : 1);
     // cuDNN's SDPA gets its own workspace: the forward's scratch may still be the OmniMoE layer's
     kernel_sizes.attention_ws = attention == ATTENTION_CUDNN ? attention_cudnn_scratch_or_die(B, T, (int)C, c->num_heads) : 0;
-    int num_gpus = zero ? zero->map.num_ranks : 1, mode = zero ? PLAN_MODE_ZERO1 : PLAN_MODE_REPLICATED;
+    int num_gpus = zero ? zero->map.num_ranks : shard ? shard->P : 1;
+    int mode = zero ? PLAN_MODE_ZERO1 : shard ? PLAN_MODE_TABLES : PLAN_MODE_REPLICATED;
     if (!memory_plan_build(&m->plan, c, B, T, (int)sizeof(floatX), num_gpus, mode, recompute, &kernel_sizes)) {
         exit(EXIT_FAILURE);
     }
-    if (m->plan.opt_local != S) {
-        fprintf(stderr, "Error: the memory plan counts %zu fp32 state elements per process, the ZeRO-1 map %zu\n",
-                m->plan.opt_local, S);
+    if (m->plan.opt_local != S || m->plan.params_local != P) {
+        fprintf(stderr, "Error: the memory plan counts %zu fp32 state elements and %zu weights per process, the "
+                "model's layout %zu and %zu\n", m->plan.opt_local, m->plan.params_local, S, P);
         exit(EXIT_FAILURE);
     }
     a->scratch_bytes = m->plan.buf[MEMBUF_SCRATCH].bytes;
@@ -420,6 +473,7 @@ static void model_build_sharded(Model* m, const ModelConfig* config, int B, int 
             omni_layer_set_bn_stats(layer, m->bn_stats + (size_t)l * omni_layer_bn_count(omni_dims));
             layer->expert_counts = m->expert_counts + (size_t)l * c->num_experts;
         }
+        if (shard) model_build_shard_buffers(m);
     }
     if (c->ffn_kind == FFN_MOE) model_build_moe(m, (int)BT);
     encoder_backward_plan_init(&m->encoder_plan, (int)BT, c->vocab_size, (int)C);
@@ -428,7 +482,7 @@ static void model_build_sharded(Model* m, const ModelConfig* config, int B, int 
 
 static void model_build(Model* m, const ModelConfig* config, int B, int T, int expert_exec, int attention,
                         int recompute) {
-    model_build_sharded(m, config, B, T, expert_exec, attention, recompute, NULL);
+    model_build_sharded(m, config, B, T, expert_exec, attention, recompute, NULL, NULL);
 }
 
 static void model_free(Model* m) {
@@ -456,6 +510,11 @@ static void model_free(Model* m) {
         cudaCheck(cudaFree(m->expert_counts));
         cudaCheck(cudaFree(m->moe_aux));
     }
+    if (m->shard) {
+        cudaCheck(cudaFree(m->shard_saved));
+        cudaCheck(cudaFree(m->shard_work));
+        expert_shard_state_free(&m->shard_state);
+    }
     encoder_backward_plan_free(&m->encoder_plan);
     cudaCheck(cudaStreamDestroy(m->stream));
 }
@@ -463,21 +522,31 @@ static void model_free(Model* m) {
 // Master weights from host fp32 (layout order); floatX weights rounded from them (the same
 // round-to-nearest-even as the AdamW update, so masters alone restore the weights bitwise).
 // ZeRO-1: the master keeps this rank's shard of host_params, the floatX weights all of them.
+// Sharded tables: host_params is the whole model; this rank keeps its columns of U and V (its
+// expert_shard_local_pack), in the weights and the master.
 static void model_set_params(Model* m, const float* host_params, const float* host_bn_stats) {
     size_t P = m->num_params;
+    float* local = NULL;
+    if (m->shard) {
+        local = (float*)malloc_check(P * sizeof(float));
+        expert_shard_local_pack(local, host_params, sizeof(float), &m->shard_layout);
+        host_params = local;
+    }
     if (m->zero) zero_upload_packed(m->zero, host_params, m->master);
     else cudaCheck(cudaMemcpy(m->master, host_params, P * sizeof(float), cudaMemcpyHostToDevice));
     upload_floatX(m->params, host_params, P);
+    free(local);
     size_t num_bn = model_config_num_bn_stats(&m->config);
     if (num_bn > 0) {
         cudaCheck(cudaMemcpy(m->bn_stats, host_bn_stats, num_bn * sizeof(float), cudaMemcpyHostToDevice));
     }
 }
 
-// ZeRO-1: collective (every rank calls it, the shards are gathered); host_params may be NULL on
-// the ranks that do not need the weights
+// ZeRO-1 and sharded tables: collective (every rank calls it, the shards are gathered); host_params
+// (the whole model) may be NULL on the ranks that do not need the weights
 static void model_get_params(const Model* m, float* host_params, float* host_bn_stats) {
     if (m->zero) zero_gather_to_host(m->zero, m->master, host_params, m->stream);
+    else if (m->shard) expert_shard_gather_to_host(&m->shard_state, m->master, host_params, m->stream);
     else cudaCheck(cudaMemcpy(host_params, m->master, m->num_params * sizeof(float), cudaMemcpyDeviceToHost));
     size_t num_bn = model_config_num_bn_stats(&m->config);
     if (num_bn > 0 && host_bn_stats) {
@@ -499,13 +568,14 @@ static void init_upload_chunk(void* ctx, size_t lo, size_t n) {
     cudaCheck(cudaMemcpy(u->m->params + lo, u->staging, n * sizeof(floatX), cudaMemcpyHostToDevice));
 }
 
-// every host core draws, with the bits of model_init_params (llmc/param_init.h); ZeRO-1 packs its
-// shard of the whole draw (model_set_params), the replicated masters take it chunk by chunk
+// every host core draws, with the bits of model_init_params (llmc/param_init.h); ZeRO-1 and the
+// sharded tables pack their shard of the whole draw (model_set_params: the same model as the
+// unsharded run), the replicated masters take it chunk by chunk
 static void model_init_random(Model* m, uint64_t seed) {
-    float* params = (float*)malloc_check(m->num_params * sizeof(float));
+    float* params = (float*)malloc_check(model_config_num_params(&m->config) * sizeof(float));  // the whole draw
     float* bn = (float*)malloc_check(max_sz(model_config_num_bn_stats(&m->config), 1) * sizeof(float));
     model_init_bn_stats(&m->config, bn);
-    if (m->zero) {
+    if (m->zero || m->shard) {
         model_init_params_parallel(&m->config, params, seed);
         model_set_params(m, params, bn);
     } else {
@@ -779,15 +849,22 @@ static void model_backward(Model* m, const int* inputs, float loss_scale, GradRe
 static void model_grad_reducer_init(Model* m, GradReducer* r, const MultiGpu* mg) {
     GradSlice* slices = (GradSlice*)malloc_check(grad_slices_max(&m->config) * sizeof(GradSlice));
     int num_slices = grad_slices_build(&m->config, slices);
-    if (!grad_slices_check_tiling(slices, num_slices, m->num_params)) {
+    if (!grad_slices_check_tiling(slices, num_slices, model_config_num_params(&m->config))) {
         fprintf(stderr, "model_grad_reducer_init: the gradient buckets do not tile the %zu gradients exactly once\n",
-                m->num_params);
+                model_config_num_params(&m->config));
         exit(EXIT_FAILURE);
     }
     grad_reducer_init(r, mg, grad_slices_num_buckets(&m->config));
     for (int i = 0; i < num_slices; i++) {
         size_t chunk = m->zero ? m->zero->map.chunk[i] : 0;  // ZeRO-1: reduce-scatter (same slice list)
-        grad_reducer_add(r, slices[i].bucket, m->grads + slices[i].offset, slices[i].count, chunk);
+        size_t offset = slices[i].offset;
+        if (m->shard) {  // sharded tables: U and V are complete on their owner (the mean over ranks
+                         // came with the exchanges); the other slices move to the local layout
+            const int t = slices[i].tensor;
+            if (expert_shard_is_table(t)) continue;
+            offset = offset - m->shard_layout.full_offsets[t] + m->shard_layout.offsets[t];
+        }
+        grad_reducer_add(r, slices[i].bucket, m->grads + offset, slices[i].count, chunk);
     }
     free(slices);
 }
@@ -808,11 +885,16 @@ static float model_update(Model* m, float lr, float beta1, float beta2, float ep
         zero_allgather_params(m->zero, m->params, st);
         return norm;
     }
-    global_norm_squared(m->norm_squared, m->grads, m->num_params, m->acts.scratch, st);
-    float norm_squared;
-    cudaCheck(cudaMemcpyAsync(&norm_squared, m->norm_squared, sizeof(float), cudaMemcpyDeviceToHost, st));
-    cudaCheck(cudaStreamSynchronize(st));
-    float norm = sqrtf(norm_squared);
+    float norm;
+    if (m->shard) {  // sharded tables: the replicated part here plus every rank's slice partial, in double
+        norm = (float)sqrt(expert_shard_grad_norm_squared(&m->shard_state, m->grads, st));
+    } else {
+        global_norm_squared(m->norm_squared, m->grads, m->num_params, m->acts.scratch, st);
+        float norm_squared;
+        cudaCheck(cudaMemcpyAsync(&norm_squared, m->norm_squared, sizeof(float), cudaMemcpyDeviceToHost, st));
+        cudaCheck(cudaStreamSynchronize(st));
+        norm = sqrtf(norm_squared);
+    }
     float grad_scale = (grad_clip > 0.0f && norm > grad_clip) ? grad_clip / norm : 1.0f;
     m->adam_t += 1;
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
@@ -908,7 +990,7 @@ static void gpu_init_weights(void* ctx) {
 }
 
 static void gpu_train_step(void* ctx, int step, float lr, int t, const volatile sig_atomic_t* stop_local,
-                           TrainStepResult* out) {
+                           int log_failed_local, TrainStepResult* out) {
     (void)step;
     GpuTrainer* tr = (GpuTrainer*)ctx;
     const TrainConfig* cfg = tr->cfg;
@@ -928,15 +1010,16 @@ static void gpu_train_step(void* ctx, int step, float lr, int t, const volatile 
         loss_sum += model_mean_loss(m);
     }
     // the mean gradient over all ranks (--overlap-comm 0: all buckets now, after the backward),
-    // then the step's loss and stop requests of all ranks, in one reduction
+    // then the step's loss, stop requests and log status of all ranks, in one reduction
     if (reducer) {
         if (!cfg->overlap_comm) grad_reducer_launch_all(reducer, m->stream);
         grad_reducer_wait(reducer, m->stream);  // the norm and AdamW below read the means
     }
-    double reduced[2] = {loss_sum / grad_accum, *stop_local ? 1.0 : 0.0};
-    multi_gpu_sum_doubles(tr->mg, reduced, 2, m->stream);
+    double reduced[3] = {loss_sum / grad_accum, *stop_local ? 1.0 : 0.0, log_failed_local ? 1.0 : 0.0};
+    multi_gpu_sum_doubles(tr->mg, reduced, 3, m->stream);
     out->loss = (float)(reduced[0] / tr->mg->num_processes);
     out->stop = reduced[1] > 0.0;
+    out->log_failed = reduced[2] > 0.0;
     m->adam_t = t - 1;  // the loop owns the count (a checkpoint restores it); model_update adds one
     out->norm = model_update(m, lr, cfg->beta1, cfg->beta2, cfg->eps, cfg->weight_decay, cfg->grad_clip);
     if (m->config.ffn_kind == FFN_OMNI || m->config.ffn_kind == FFN_MOE) {
@@ -1006,7 +1089,7 @@ static int gpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const Data
         cudaCheck(cudaStreamSynchronize(m->stream));
         cudaCheck(cudaFree(gathered));
     }
-    if (m->zero) {
+    if (m->zero || m->shard) {
         int failed = gpu_save_checkpoint_parts(tr, info, loader, sample_rng, bn_all, out_path);
         free(bn_all);
         return failed;
@@ -1028,9 +1111,9 @@ static int gpu_save_checkpoint(void* ctx, const CheckpointInfo* info, const Data
     return failed;
 }
 
-// ZeRO-1 (docs/sharding.md §4): every rank writes its shard as a part file at the same time,
-// then rank 0 writes the manifest with the parts' sizes and hashes. Either all ranks write or none
-// (the shards' finiteness and the directory are agreed first). A part or the manifest that
+// ZeRO-1 and sharded tables (docs/sharding.md §4): every rank writes its shard as a part file at
+// the same time, then rank 0 writes the manifest with the parts' sizes and hashes. Either all
+// ranks write or none (the shards' finiteness and the directory are agreed first). A part or the manifest that
 // cannot be written: rank 0 removes the parts of the step that were written (every rank's status
 // reaches it with the table), so nothing of the step is left; the failing rank returns non-zero.
 // The output directory must be one all ranks see.
@@ -1039,7 +1122,8 @@ static int gpu_save_checkpoint_parts(GpuTrainer* tr, const CheckpointInfo* info,
     const Model* m = &tr->model;
     const MultiGpu* mg = tr->mg;
     const int G = mg->num_processes, rank = mg->process_rank;
-    const size_t E = m->zero->map.shard_elems;
+    const size_t E = m->opt_elems;  // ZeRO-1: the packed shard; sharded tables: the local layout
+    const int mode = m->zero ? SHARD_MODE_ZERO : SHARD_MODE_TABLES;
     const char* dir = tr->cfg->output_dir;
     const float* device[3] = {m->master, m->adam_m, m->adam_v};
     float* host[3];
@@ -1064,7 +1148,7 @@ static int gpu_save_checkpoint_parts(GpuTrainer* tr, const CheckpointInfo* info,
     }
     double start = train_loop_now_ms();
     CheckpointPartEntry entry = {0, 0};
-    int part_failed = checkpoint_part_write(dir, info->step, &m->config, rank, G, SHARD_MODE_ZERO, host[0], host[1],
+    int part_failed = checkpoint_part_write(dir, info->step, &m->config, rank, G, mode, host[0], host[1],
                                             host[2], E, &entry) != 0;
     float seconds = (float)((train_loop_now_ms() - start) / 1e3);
     for (int k = 0; k < 3; k++) free(host[k]);
@@ -1094,7 +1178,7 @@ static int gpu_save_checkpoint_parts(GpuTrainer* tr, const CheckpointInfo* info,
         }
         int manifest_failed = parts_failed == 0 &&
                               checkpoint_manifest_write(dir, &m->config, info, bn_all, G, loader, sizeof(*loader),
-                                                        sample_rng, sizeof(*sample_rng), G, SHARD_MODE_ZERO, table,
+                                                        sample_rng, sizeof(*sample_rng), G, mode, table,
                                                         out_path) != 0;
         if (parts_failed > 0 || manifest_failed) {
             checkpoint_parts_remove(dir, info->step, G);  // parts without a manifest are no checkpoint
@@ -1111,15 +1195,22 @@ static int gpu_save_checkpoint_parts(GpuTrainer* tr, const CheckpointInfo* info,
 
 // ZeRO-1 resume from a sharded checkpoint: every rank reads its own shard from the parts (any
 // P at write time: the ranges are re-sharded by llmc/checkpoint_parts.h), rounds its ranges to the
-// floatX weights and all-gathers them
-static void gpu_load_shard_from_parts(Model* m, const char* path) {
+// floatX weights and all-gathers them. A part that fails on some rank (after its message) is
+// agreed on before the gather: every rank then returns the count of ranks that failed (> 0).
+static int gpu_load_shard_from_parts(Model* m, const MultiGpu* mg, const char* path) {
     ModelConfig config;
     CheckpointInfo info;
     CheckpointPartEntry* table = checkpoint_manifest_read_table(path, &m->config, &config, &info);
     const ZeroShardMap* map = &m->zero->map;
     float* host[3];
     for (int k = 0; k < 3; k++) host[k] = (float*)malloc_check(max_sz(map->shard_elems, 1) * sizeof(float));
-    checkpoint_parts_read_shard(path, &config, &info, table, map, host[0], host[1], host[2]);
+    double failed = checkpoint_parts_read_shard(path, &config, &info, table, map, host[0], host[1], host[2]) != 0;
+    multi_gpu_sum_doubles(mg, &failed, 1, m->stream);
+    if (failed > 0.0) {
+        for (int k = 0; k < 3; k++) free(host[k]);
+        free(table);
+        return (int)failed;
+    }
     float* device[3] = {m->master, m->adam_m, m->adam_v};
     for (int k = 0; k < 3; k++) {
         cudaCheck(cudaMemcpy(device[k], host[k], map->shard_elems * sizeof(float), cudaMemcpyHostToDevice));
@@ -1131,6 +1222,68 @@ static void gpu_load_shard_from_parts(Model* m, const char* path) {
     zero_allgather_params(m->zero, m->params, m->stream);
     for (int k = 0; k < 3; k++) free(host[k]);
     free(table);
+    return 0;
+}
+
+// A replicated run resuming a sharded checkpoint: rank 0 assembles the flat params, m and v from
+// every part. Returns 0, or -1 after the message naming the part (no exit: the ranks agree).
+static int gpu_read_parts_logical(const ModelConfig* expected, const char* path, float* params, float* adam_m,
+                                  float* adam_v) {
+    ModelConfig config;
+    CheckpointInfo info;
+    CheckpointPartEntry* table = checkpoint_manifest_read_table(path, expected, &config, &info);
+    int rc = checkpoint_parts_read_logical(path, &config, &info, table, params, adam_m, adam_v);
+    free(table);
+    return rc;
+}
+
+// Sharded tables: every rank reads its local master, m and v itself (the files must be visible to
+// every rank): from the parts of a sharded-tables checkpoint, re-sharded from any P
+// (checkpoint_parts_read_tables_local, only the parts holding its columns); from any other
+// checkpoint (a single file, ZeRO-1 parts) the whole state, of which it keeps its pack. The
+// floatX weights are rounded from the master, as AdamW rounds them: bitwise on a resume. A read
+// that fails on some rank (after its message) is agreed on before any upload: every rank returns
+// the count of ranks that failed (> 0), as gpu_load_shard_from_parts does.
+static int gpu_load_tables_state(Model* m, const MultiGpu* mg, const char* path, const CheckpointInfo* info) {
+    const ExpertShardLayout* lay = &m->shard_layout;
+    const size_t n = m->num_params;
+    float* local[3];
+    for (int k = 0; k < 3; k++) local[k] = (float*)malloc_check(n * sizeof(float));
+    ModelConfig config;
+    CheckpointInfo full_info;
+    CheckpointPartEntry* table = NULL;
+    if (info->num_parts > 0) table = checkpoint_manifest_read_table(path, &m->config, &config, &full_info);
+    double failed = 0.0;  // this rank's read; summed over the ranks below, before any upload
+    if (info->num_parts > 0 && full_info.shard_mode == SHARD_MODE_TABLES) {
+        failed = checkpoint_parts_read_tables_local(path, &config, &full_info, table, lay, local[0], local[1],
+                                                    local[2]) != 0;
+    } else {
+        float* full = (float*)malloc_check(lay->num_full * sizeof(float));
+        for (int k = 0; k < 3 && failed == 0.0; k++) {  // one section at a time: one whole copy on the host
+            if (table != NULL) {
+                failed = checkpoint_parts_read_logical(path, &config, &full_info, table, k == 0 ? full : NULL,
+                                                       k == 1 ? full : NULL, k == 2 ? full : NULL) != 0;
+                if (failed != 0.0) break;
+            } else {
+                CheckpointInfo v2;  // a single file: its one section k (NULL skips the others)
+                checkpoint_read_info(path, &config, &v2);
+                checkpoint_read(path, &m->config, NULL, k == 0 ? full : NULL, k == 1 ? full : NULL,
+                                k == 2 ? full : NULL, NULL, v2.num_bn_sets, NULL, (size_t)v2.loader_bytes, NULL,
+                                (size_t)v2.rng_bytes);
+            }
+            expert_shard_local_pack(local[k], full, sizeof(float), lay);
+        }
+        free(full);
+    }
+    free(table);
+    multi_gpu_sum_doubles(mg, &failed, 1, m->stream);
+    if (failed == 0.0) {
+        float* device[3] = {m->master, m->adam_m, m->adam_v};
+        for (int k = 0; k < 3; k++) cudaCheck(cudaMemcpy(device[k], local[k], n * sizeof(float), cudaMemcpyHostToDevice));
+        upload_floatX(m->params, local[0], n);
+    }
+    for (int k = 0; k < 3; k++) free(local[k]);
+    return (int)failed;
 }
 
 // what rank 0 read from a checkpoint besides the big sections, sent to every rank
@@ -1138,6 +1291,7 @@ typedef struct {
     CheckpointInfo info;
     DataLoaderState loader;
     uint64_t sample_rng_state;
+    int failed;  // rank 0 could not read a part (it said why): every rank stops
 } ResumePoint;
 
 // Every rank calls it. Rank 0 reads and verifies the checkpoint at path (the file may exist on
@@ -1145,9 +1299,12 @@ typedef struct {
 // ranks by broadcast (ZeRO-1: each rank keeps its shard of the master weights, m and v). A
 // sharded checkpoint (version 3) read by a ZeRO-1 run: every rank reads its shard from the parts
 // itself (gpu_load_shard_from_parts; the parts must be visible to every rank); read by a
-// replicated run, rank 0 assembles the whole state from the parts (checkpoint_read).
-static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
-                                uint64_t* sample_rng) {
+// replicated run, rank 0 assembles the whole state from the parts (gpu_read_parts_logical). A
+// part that turns out corrupt (checkpoint_find_latest checks only the parts' sizes) stops every
+// rank: the status travels with the resume point (replicated) or is summed before the gather
+// (ZeRO-1), so all ranks skip the remaining collectives alike; returns non-zero then.
+static int gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
+                               uint64_t* sample_rng) {
     GpuTrainer* tr = (GpuTrainer*)ctx;
     Model* m = &tr->model;
     const MultiGpu* mg = tr->mg;
@@ -1160,7 +1317,9 @@ static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* inf
     if (mg->process_rank == 0) {
         ModelConfig file_config;
         checkpoint_read_info(path, &file_config, &rp.info);  // the header: how many BN sets to expect
-        int from_parts = m->zero && rp.info.num_parts > 0;  // then rank 0 reads the manifest's sections only
+        int parts = rp.info.num_parts > 0;
+        // ZeRO-1 from parts and sharded tables: rank 0 reads the manifest's (or file's) small sections only
+        int from_parts = (m->zero && parts) || m->shard;
         if (!from_parts) {
             params = (float*)malloc_check(P * sizeof(float));
             adam_m = (float*)malloc_check(P * sizeof(float));
@@ -1168,26 +1327,35 @@ static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* inf
         }
         int sets = rp.info.num_bn_sets > 0 ? rp.info.num_bn_sets : 1;
         bn_all = (float*)malloc_check(max_sz((size_t)sets * NB, 1) * sizeof(float));
-        checkpoint_read(path, &m->config, &rp.info, params, adam_m, adam_v, NB > 0 ? bn_all : NULL,
-                        rp.info.num_bn_sets, &rp.loader, sizeof(rp.loader), &rp.sample_rng_state,
-                        sizeof(rp.sample_rng_state));
+        // a sharded checkpoint: the manifest's sections here, the parts below (their reader returns)
+        checkpoint_read(path, &m->config, &rp.info, parts ? NULL : params, parts ? NULL : adam_m,
+                        parts ? NULL : adam_v, NB > 0 ? bn_all : NULL, rp.info.num_bn_sets, &rp.loader,
+                        sizeof(rp.loader), &rp.sample_rng_state, sizeof(rp.sample_rng_state));
+        if (parts && !from_parts) rp.failed = gpu_read_parts_logical(&m->config, path, params, adam_m, adam_v) != 0;
         rp.info.num_bn_sets = sets;
-        if (!from_parts) model_set_params(m, params, bn_all);
-        if (!m->zero) {
+        if (!from_parts && !rp.failed) model_set_params(m, params, bn_all);
+        if (!m->zero && !m->shard && !rp.failed) {
             cudaCheck(cudaMemcpy(m->adam_m, adam_m, P * sizeof(float), cudaMemcpyHostToDevice));
             cudaCheck(cudaMemcpy(m->adam_v, adam_v, P * sizeof(float), cudaMemcpyHostToDevice));
         }
     }
     multi_gpu_broadcast_host(mg, &rp, sizeof(rp), st);
+    // a failed read (the same on every rank from here): no more collectives, the loop stops all
+    int failed = rp.failed;
     // rank 0's weights (floatX and master) and optimizer state, bit for bit
-    if (m->zero && rp.info.num_parts > 0) {
-        gpu_load_shard_from_parts(m, path);
-    } else if (m->zero) {  // a single file: each rank keeps its shard of rank 0's host copies
+    // path is rank 0's alone (the loop found it there): every rank that reads names the step's file
+    char own_path[CHECKPOINT_PATH_MAX];
+    checkpoint_path(own_path, sizeof(own_path), tr->cfg->output_dir, rp.info.step);
+    if (!failed && m->shard) {
+        failed = gpu_load_tables_state(m, mg, own_path, &rp.info);
+    } else if (!failed && m->zero && rp.info.num_parts > 0) {
+        failed = gpu_load_shard_from_parts(m, mg, own_path);
+    } else if (!failed && m->zero) {  // a single file: each rank keeps its shard of rank 0's host copies
         multi_gpu_broadcast(mg, m->params, P * sizeof(floatX), st);
         zero_scatter_from_host(m->zero, params, m->master, st);
         zero_scatter_from_host(m->zero, adam_m, m->adam_m, st);
         zero_scatter_from_host(m->zero, adam_v, m->adam_v, st);
-    } else {
+    } else if (!failed) {
         multi_gpu_broadcast(mg, m->params, P * sizeof(floatX), st);
         multi_gpu_broadcast(mg, m->master, P * sizeof(float), st);
         multi_gpu_broadcast(mg, m->adam_m, P * sizeof(float), st);
@@ -1196,6 +1364,10 @@ static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* inf
     free(params);
     free(adam_m);
     free(adam_v);
+    if (failed) {
+        free(bn_all);
+        return failed;
+    }
     if (NB > 0) {
         size_t bn_bytes = (size_t)rp.info.num_bn_sets * NB * sizeof(float);
         if (bn_all == NULL) bn_all = (float*)malloc_check(bn_bytes);
@@ -1209,6 +1381,7 @@ static void gpu_load_checkpoint(void* ctx, const char* path, CheckpointInfo* inf
     *info = rp.info;
     *loader = rp.loader;
     *sample_rng = rp.sample_rng_state;
+    return 0;
 }
 
 static void gpu_expert_stats(void* ctx, float* usage, float* kl) {
@@ -1242,9 +1415,9 @@ static int gpu_write_model(void* ctx, const char* path) {
     GpuTrainer* tr = (GpuTrainer*)ctx;
     const Model* m = &tr->model;
     int master_process = tr->mg->process_rank == 0;
-    if (!master_process && !m->zero) return 0;
+    if (!master_process && !m->zero && !m->shard) return 0;
     size_t NB = model_config_num_bn_stats(&m->config);
-    float* params = master_process ? (float*)malloc_check(m->num_params * sizeof(float)) : NULL;
+    float* params = master_process ? (float*)malloc_check(model_config_num_params(&m->config) * sizeof(float)) : NULL;
     float* bn = (float*)malloc_check(max_sz(NB, 1) * sizeof(float));
     model_get_params(m, params, bn);
     int failed = master_process && model_file_write(path, &m->config, params, bn) != 0;
@@ -1306,9 +1479,10 @@ int main(int argc, char** argv) {
                 cfg.moe_bias_rate, G);
         exit(EXIT_FAILURE);
     }
-    if (cfg.shard_experts) {  // the pieces exist (llmc/expert_shard.h, llmc/experts_shard.cuh), the step does not use them yet
-        fprintf(stderr, "Error: flag --shard-experts 1: the column-sharded expert tables are not wired into the CUDA "
-                "trainer's step yet (docs/sharding.md §3.1, status); run without it\n");
+    if (cfg.shard_experts && cfg.zero) {  // docs/sharding.md §3.4: the ZeRO-1 map would have to skip U and V
+        fprintf(stderr, "Error: flags --shard-experts 1 and --zero 1 together: not implemented yet (the ZeRO-1 shard "
+                "map still covers U and V); use one of them (--shard-experts 1 alone already cuts U and V, most of "
+                "the state, to 1/%d per GPU)\n", G);
         exit(EXIT_FAILURE);
     }
     if (cfg.sample_every > 0 && cfg.gen_tokens > cfg.T) {
@@ -1341,8 +1515,23 @@ int main(int argc, char** argv) {
     } else if (cfg.zero && master_process) {
         printf("| --zero 1 on one process: nothing to shard, the optimizer state stays whole\n");
     }
-    if (zero) model_build_sharded(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention, cfg.recompute, zero);
-    else model_build(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention, cfg.recompute);
+    // --shard-experts 1 (several GPUs; train_config_validate refused it elsewhere): the exchanges
+    // of the column-sharded expert tables over the job's NCCL communicator
+    ExpertShardComm shard_comm;
+    const ExpertShardComm* shard = NULL;
+    if (cfg.shard_experts) {
+        shard_comm = expert_shard_comm_nccl(&mg);
+        shard = &shard_comm;
+    }
+    if (zero || shard) {
+        model_build_sharded(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention, cfg.recompute, zero, shard);
+    } else {
+        model_build(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention, cfg.recompute);
+    }
+    if (shard && master_process) {
+        printf("| sharded expert tables: U and V of (L*N, C/%d) per process, %zu of %zu parameters here\n", G,
+               model->num_params, model_config_num_params(&config));
+    }
     if (zero && master_process) {
         printf("| ZeRO-1: fp32 master, m and v of %zu of %zu parameters per process (%zu in replicated tails)\n",
                zero->map.shard_elems, model->num_params, zero_shard_tail_elems(&zero->map));
@@ -1357,8 +1546,9 @@ int main(int argc, char** argv) {
         model_grad_reducer_init(model, &reducer_storage, &mg);
         tr.reducer = &reducer_storage;
         if (master_process) {
-            printf("| gradient mean: %d NCCL buckets per step (one per layer, then the embeddings), %s%s\n",
-                   tr.reducer->num_buckets, zero ? "reduce-scattered (ZeRO-1), " : "", cfg.overlap_comm ? "overlapped with the backward (--overlap-comm 1)"
+            printf("| gradient mean: %d NCCL buckets per step (one per layer, then the embeddings), %s%s%s\n",
+                   tr.reducer->num_buckets, zero ? "reduce-scattered (ZeRO-1), " : "",
+                   shard ? "U and V excluded (sharded), " : "", cfg.overlap_comm ? "overlapped with the backward (--overlap-comm 1)"
                                                              : "after the backward (--overlap-comm 0)");
         }
     }
@@ -1403,6 +1593,7 @@ int main(int argc, char** argv) {
     be.vocab_size = config.vocab_size;
     be.model_config = &model->config;
     be.sample_T = cfg.gen_tokens < cfg.T ? cfg.gen_tokens : cfg.T;
+    be.sample_all_ranks = shard != NULL;  // the experts' exchanges need every rank in every forward
     be.init_weights = gpu_init_weights;
     be.train_step = gpu_train_step;
     be.forward_loss = gpu_forward_loss;

@@ -62,8 +62,8 @@ def activation_bytes(N, B, T, k, P=1, column_sharded=False):
     w += BT * VP * X + BT * F + F                     # logits, losses, loss_sum
     w += BT * C * X + 2 * BT * 4                      # sublayer_out, inputs, targets
     w += 2 * BT * C * X + BT * max(3 * C, FI) * X + BT * max(H, C) * X   # dresidual, dsub, dwide, dhidden
-    Pp = BT * k * (P if column_sharded else 1)        # pairs a rank schedules
-    Cw = C // P if column_sharded else C
+    Pp = BT * k                                       # the pairs of a rank's own tokens
+    Cw = C
     nchunk = ceil_div(BT, 128)
     scratch = max(ceil_div(BT, 64) * max(3 * C, FI, C, VP) * F,            # matmul backward
                   ceil_div(BT, 32) * 2 * C * F,                           # layernorm backward
@@ -75,9 +75,16 @@ def activation_bytes(N, B, T, k, P=1, column_sharded=False):
     R = 2 * n; A = min(Pp, N)
     saved = (2 * align256(BT * R * F) + 2 * align256(R * F) + 3 * align256(Pp * 4)
              + 3 * align256(Pp * 4) + align256(A * 4) + align256((A + 1) * 4) + 4)
-    if column_sharded:
-        saved += align256(BT * P * Cw * X)            # the gathered x columns, kept for dU
     w += L * saved + (BT * k * F + N * 4)             # layers' saved state, workspace
+    if column_sharded:                                # llmc/experts_shard.cuh: all ranks' pairs
+        Aa = P * BT * k; Ta = P * BT; cols = C // P   # over this rank's C/P columns
+        w += L * (align256(Aa * 4) + 2 * align256(Aa * F) + align256(Ta * cols * X))   # idx, gate, s, x columns
+        f = max(Aa, Ta * cols); amax = min(Aa, N)
+        sched = align256(8 * Aa + (1 << 20)) + 2 * align256(Aa * 4)                  # schedule of the Aa pairs
+        grads = 2 * align256(Aa * F) + 4 * align256(ceil_div(Aa, 64) * cols * F)     # dU/dV segment sums
+        w += (align256(BT * C * X) + align256(Ta * cols * X) + 2 * align256(f * F) + 2 * align256(BT * k * F)
+              + align256(Aa * F) + 3 * align256(Aa * 4) + 2 * align256((amax + 1) * 4) + align256(4)
+              + align256(max(sched, grads)))        # the one work buffer of the exchanges
     w += L * N * 4 + 2 * L * F                        # expert counts, statistics
     return w
 

@@ -9,13 +9,14 @@
 #   bash dev/startup_check.sh [N ...]        (dev/gpu_check.sh startup runs it; needs ./train_omnimoe)
 set -uo pipefail
 cd "$(dirname "$0")/.."
+XXH_INC=$([ -f carry/include/xxhash.h ] && echo -Icarry/include)   # the Makefile's rule for xxhash.h
 Ns=("$@")
 [ ${#Ns[@]} -gt 0 ] || Ns=(16384 65536 262144)
 for prec in "" -DENABLE_FP32; do  # the plan's mirror of the kernel sizes (no GPU needed)
-    nvcc -O1 -std=c++17 -arch=sm_90a -I. $prec dev/cuda/check_memory_plan.cu -o dev/cuda/check_memory_plan_bin -lcublasLt -lcublas \
+    nvcc -O1 -std=c++17 -arch=sm_90a -I. $XXH_INC $prec dev/cuda/check_memory_plan.cu -o dev/cuda/check_memory_plan_bin -lcublasLt -lcublas \
         && ./dev/cuda/check_memory_plan_bin || exit 1
 done
-gcc -O2 -std=c11 -I. dev/bench_param_init.c -o dev/bench_param_init_bin -lm -lpthread || exit 1
+gcc -O2 -std=c11 -I. $XXH_INC dev/bench_param_init.c -o dev/bench_param_init_bin -lm -lpthread || exit 1
 echo "== host initialisation, $(nproc) cores"
 ./dev/bench_param_init_bin d12 16384 0 1 || exit 1
 ./dev/bench_param_init_bin d12 262144 0 0 || exit 1
@@ -33,15 +34,15 @@ for N in "${Ns[@]}"; do
     while kill -0 $pid 2>/dev/null; do
         used=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1)
         [ "$used" -gt "$peak" ] && peak=$used
-        if [ -z "$t1" ] && grep -q "^step *1/" "$log"; then t1=$(echo "$(date +%s.%N) - $start" | bc); fi
+        if [ -z "$t1" ] && grep -q "^step *1/" "$log"; then t1=$(awk -v a="$(date +%s.%N)" -v b="$start" 'BEGIN{print a-b}'); fi
         sleep 0.2
     done
     wait $pid || { echo "N=$N: the run failed:"; tail -5 "$log"; status=1; }
-    [ -n "$t1" ] || t1=$(echo "$(date +%s.%N) - $start" | bc)
+    [ -n "$t1" ] || t1=$(awk -v a="$(date +%s.%N)" -v b="$start" 'BEGIN{print a-b}')
     measured=$(( (peak - base) * 1048576 ))   # MiB -> bytes
-    ratio=$(echo "scale=4; $plan / $measured" | bc)
-    printf '%-9s %13.1fs %12.2f %14.2f %8s\n' "$N" "$t1" "$(echo "$plan / 1073741824" | bc -l)" \
-        "$(echo "$measured / 1073741824" | bc -l)" "$ratio"
+    # awk, not bc: the GPU machine has no bc
+    awk -v n="$N" -v t="$t1" -v p="$plan" -v m="$measured" \
+        'BEGIN{printf "%-9s %13.1fs %12.2f %14.2f %8.4f\n", n, t, p/1073741824, m/1073741824, (m>0 ? p/m : 0)}'
     grep -E "^step *1/|GPU memory in use|^  total" "$log"
     rm -f "$log"
 done

@@ -16,6 +16,8 @@ Defines:
   Elementwise, so trivially deterministic. A vectorised kernel (4 elements per thread) runs
   when num_params is a multiple of 4 and every pointer is 16-byte aligned (8-byte for the
   bf16 arrays); otherwise a scalar kernel with the identical per-element math runs.
+- adamw_quad()             the vectorised kernel's body for one quad (llmc/zero.cuh reuses it)
+- adamw_bias_correction()  1 - beta^t as adamw_update computes it
 */
 #ifndef OMNIMOE_ADAMW_CUH
 #define OMNIMOE_ADAMW_CUH
@@ -54,12 +56,11 @@ __global__ void adamw_scalar_kernel(floatX* params, float* master, const floatX*
     params[i] = (floatX)new_master;  // float -> bf16 conversion rounds to nearest even
 }
 
-__global__ void adamw_vec4_kernel(floatX* params, float* master, const floatX* grads, float* m, float* v,
-                                  size_t num_quads, float lr, float beta1, float beta2, float eps,
-                                  float weight_decay, float grad_scale, float bias_correction1,
-                                  float bias_correction2) {
-    size_t q = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (q >= num_quads) { return; }
+// quad q of one contiguous range (4 elements, 16-byte aligned fp32, 4*sizeof(floatX)-aligned
+// floatX): the body of adamw_vec4_kernel, shared with zero.cuh's one-launch shard update
+__device__ inline void adamw_quad(floatX* params, float* master, const floatX* grads, float* m, float* v, size_t q,
+                                  float lr, float beta1, float beta2, float eps, float weight_decay, float grad_scale,
+                                  float bias_correction1, float bias_correction2) {
     floatX4 g4 = reinterpret_cast<const floatX4*>(grads)[q];
     float4 m4 = __ldcs(reinterpret_cast<const float4*>(m) + q);
     float4 v4 = __ldcs(reinterpret_cast<const float4*>(v) + q);
@@ -79,16 +80,31 @@ __global__ void adamw_vec4_kernel(floatX* params, float* master, const floatX* g
     reinterpret_cast<floatX4*>(params)[q] = p4;
 }
 
-static inline void adamw_update(floatX* params, float* master, const floatX* grads, float* m, float* v,
-                                size_t num_params, float lr, float beta1, float beta2, float eps, float weight_decay,
-                                float grad_scale, int t, cudaStream_t stream) {
+__global__ void adamw_vec4_kernel(floatX* params, float* master, const floatX* grads, float* m, float* v,
+                                  size_t num_quads, float lr, float beta1, float beta2, float eps,
+                                  float weight_decay, float grad_scale, float bias_correction1,
+                                  float bias_correction2) {
+    size_t q = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (q >= num_quads) { return; }
+    adamw_quad(params, master, grads, m, v, q, lr, beta1, beta2, eps, weight_decay, grad_scale, bias_correction1,
+               bias_correction2);
+}
+
+// 1 - beta^t in fp32 from a double power (t >= 1: the step number; exits otherwise)
+static inline float adamw_bias_correction(float beta, int t) {
     if (t < 1) {
         fprintf(stderr, "adamw_update: step t must be >= 1 (got %d)\n", t);
         exit(EXIT_FAILURE);
     }
+    return (float)(1.0 - pow((double)beta, (double)t));
+}
+
+static inline void adamw_update(floatX* params, float* master, const floatX* grads, float* m, float* v,
+                                size_t num_params, float lr, float beta1, float beta2, float eps, float weight_decay,
+                                float grad_scale, int t, cudaStream_t stream) {
+    const float bias_correction1 = adamw_bias_correction(beta1, t);
+    const float bias_correction2 = adamw_bias_correction(beta2, t);
     if (num_params == 0) { return; }
-    const float bias_correction1 = (float)(1.0 - pow((double)beta1, (double)t));
-    const float bias_correction2 = (float)(1.0 - pow((double)beta2, (double)t));
     const int block_size = 512;
     const size_t floatX4_align = 4 * sizeof(floatX);
     int vectorised = (num_params % 4 == 0) && is_aligned16(master) && is_aligned16(m) && is_aligned16(v) &&

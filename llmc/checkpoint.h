@@ -248,6 +248,14 @@ static inline void model_config_to_header(const ModelConfig* c, int32_t* header)
     header[MOE_HEADER_SLOT + 9] = c->moe_input_scale;
 }
 
+// a new header of OMNI_HEADER_INTS slots: magic, version and the config; every other slot 0
+static inline void omni_header_init(int32_t* h, int32_t magic, int32_t version, const ModelConfig* c) {
+    memset(h, 0, OMNI_HEADER_BYTES);
+    h[0] = magic;
+    h[1] = version;
+    model_config_to_header(c, h);
+}
+
 static inline void model_config_from_header(const int32_t* header, ModelConfig* c) {
     memset(c, 0, sizeof(*c));
     c->max_seq_len = header[2];
@@ -540,10 +548,7 @@ CKPT_MUST_CHECK static inline int model_file_write(const char* path, const Model
         return -1;
     }
     int32_t header[OMNI_HEADER_INTS];
-    memset(header, 0, sizeof(header));
-    header[0] = MODEL_FILE_MAGIC;
-    header[1] = MODEL_FILE_VERSION;
-    model_config_to_header(config, header);
+    omni_header_init(header, MODEL_FILE_MAGIC, MODEL_FILE_VERSION, config);
     float* init = num_bn > 0 && bn_stats == NULL ? ckpt_initial_bn_stats_(config) : NULL;
     CkptSafeFile f;
     ckpt_safe_open_(&f, path);  // each step does nothing once one has failed
@@ -630,10 +635,7 @@ static inline void model_file_read_config(const char* path, ModelConfig* out_con
 // config, other slots 0), the params and the BN statistics (bn_stats NULL when there are none).
 static inline uint64_t model_file_hash(const ModelConfig* config, const float* params, const float* bn_stats) {
     int32_t header[OMNI_HEADER_INTS];
-    memset(header, 0, sizeof(header));
-    header[0] = MODEL_FILE_MAGIC;
-    header[1] = MODEL_FILE_VERSION;
-    model_config_to_header(config, header);
+    omni_header_init(header, MODEL_FILE_MAGIC, MODEL_FILE_VERSION, config);
     CheckpointHash hash;
     checkpoint_hash_init(&hash);
     checkpoint_hash_update(&hash, header, sizeof(header));
@@ -732,10 +734,8 @@ static inline int64_t checkpoint_file_bytes_(const CheckpointInfo* info) {
 }
 
 static inline void checkpoint_header_from_(const ModelConfig* config, const CheckpointInfo* info, int32_t* h) {
-    memset(h, 0, OMNI_HEADER_BYTES);
-    h[0] = CHECKPOINT_MAGIC;
-    h[1] = info->num_parts > 0 ? CHECKPOINT_VERSION_SHARDED : CHECKPOINT_VERSION;
-    model_config_to_header(config, h);
+    int version = info->num_parts > 0 ? CHECKPOINT_VERSION_SHARDED : CHECKPOINT_VERSION;
+    omni_header_init(h, CHECKPOINT_MAGIC, version, config);
     const RunIdentity* r = &info->run;
     h[16] = r->B;
     h[17] = r->T;
@@ -986,9 +986,9 @@ typedef struct {
 
 static inline int checkpoint_parts_check_files(const char* manifest_path, const CheckpointInfo* info, char* why,
                                                size_t why_size);
-static inline void checkpoint_parts_read_logical(const char* manifest_path, const ModelConfig* config,
-                                                 const CheckpointInfo* info, const CheckpointPartEntry* table,
-                                                 float* params, float* m, float* v);
+static inline int checkpoint_parts_read_logical(const char* manifest_path, const ModelConfig* config,
+                                                const CheckpointInfo* info, const CheckpointPartEntry* table,
+                                                float* params, float* m, float* v);
 
 // ----------------------------------------------------------------------------
 // checking a checkpoint without trusting it
@@ -1282,8 +1282,9 @@ static inline void checkpoint_read(const char* path, const ModelConfig* expected
         checkpoint_reader_get(&r, rng_state, rng_bytes);
         checkpoint_reader_get(&r, table, (size_t)info.num_parts * sizeof(CheckpointPartEntry));
         checkpoint_reader_close(&r);
-        if (params != NULL || m != NULL || v != NULL) {
-            checkpoint_parts_read_logical(path, &config, &info, table, params, m, v);
+        if ((params != NULL || m != NULL || v != NULL) &&
+            checkpoint_parts_read_logical(path, &config, &info, table, params, m, v) != 0) {
+            exit(EXIT_FAILURE);  // the part is named above
         }
         free(table);
         if (out_info != NULL) *out_info = info;

@@ -15,12 +15,15 @@
  * The logical content (the flat params, m and v of a version-2 file) is a pure function of
  * (config, P, shard_mode): checkpoint_parts_map gives part r's ranges. shard_mode bit 0 is ZeRO-1
  * (llmc/zero_shard.h: the chunks of rank r, then the replicated tails, which every part holds;
- * readers take them from part 0). Bit 1 is reserved for the column-sharded expert tables
- * (docs/sharding.md §3): their per-layer (N, C/P) slices of U and V would follow the ZeRO-1 ranges
- * of each part; checkpoint_parts_map is the one place to add them, and refuses the bit until then.
+ * readers take them from part 0). Bit 1 alone is the column-sharded expert tables (docs/sharding.md
+ * §3, --shard-experts 1): part r holds rank r's local buffers of llmc/expert_shard_layout.h (every
+ * tensor whole except U and V, which are rank r's (L*N, C/P) column slices); the whole tensors are
+ * in every part and read from part 0; checkpoint_parts_read_tables_local re-shards the columns to
+ * any P. Both bits together are refused (no trainer writes them).
  *
- * API (every reader exits with one message naming the file on any problem; the writers print that
- * message and return -1, as llmc/checkpoint.h's):
+ * API (the manifest reader exits with one message naming the file on any problem; the part readers
+ * and the writers print that message and return -1, so that the ranks of a multi-GPU resume can
+ * agree on a part that one of them found corrupt, as on a failed save):
  *   checkpoint_part_path()          the name of part r of P
  *   checkpoint_parts_map()          part r's ranges of the flat layout, packed order
  *   checkpoint_part_write()         rank r's part, crash-safe (.tmp, fsync, rename); gives its
@@ -28,20 +31,24 @@
  *   checkpoint_manifest_write()     rank 0, after every part is written: the manifest
  *   checkpoint_parts_remove()       a failed save: the parts of that step that were written
  *   checkpoint_manifest_read_table() the verified manifest's part table (malloc'ed)
- *   checkpoint_parts_read_shard()   the ranges of a new map (any P) from the parts, verified
- *   checkpoint_parts_read_logical() the whole flat params / m / v (what checkpoint_read uses)
+ *   checkpoint_parts_read_shard()   the ranges of a new map (any P) from the parts, verified; 0 or -1
+ *   checkpoint_parts_tables_layout() part r's local layout under SHARD_MODE_TABLES
+ *   checkpoint_parts_read_tables_local() a tables rank's local state (any P) from tables parts; 0 or -1
+ *   checkpoint_parts_read_logical() the whole flat params / m / v (what checkpoint_read uses); 0 or -1
  *   checkpoint_parts_check_files()  every part exists with its size (checkpoint_verify uses it)
  *
  * Verification: every part a reader takes bytes from is hashed in full (streamed) and compared
  * with its trailer and the manifest's entry, and its header with the manifest (rank, P, mode,
  * step, model, element count), before any of its bytes are used. A missing, truncated, corrupt
- * or foreign part (another step, another run) is refused with the part's name.
+ * or foreign part (another step, another run) is refused with the part's name (a return of -1:
+ * checkpoint_read exits on it, the CUDA trainer's resume lets the ranks agree first).
  */
 #ifndef OMNIMOE_CHECKPOINT_PARTS_H
 #define OMNIMOE_CHECKPOINT_PARTS_H
 
 #include "checkpoint.h"
 #include "zero_shard.h"
+#include "expert_shard_layout.h"
 
 #define CHECKPOINT_PART_MAGIC 20261104
 #define CHECKPOINT_PART_VERSION 1
@@ -63,12 +70,14 @@ static inline int64_t checkpoint_part_file_bytes(size_t elems) {
     return OMNI_HEADER_BYTES + 12 * (int64_t)elems + CHECKPOINT_TRAILER_BYTES;
 }
 
-// Part r of P's ranges in packed order. Returns 0 with the reason for a mode this build cannot lay out.
+// Part r of P's ranges in packed order (ZeRO-1). Returns 0 with the reason for a mode this build
+// cannot lay out as ranges (SHARD_MODE_TABLES alone is laid out by checkpoint_parts_tables_layout).
 static inline int checkpoint_parts_map(ZeroShardMap* map, const ModelConfig* c, int num_parts, int rank,
                                        int shard_mode, char* why, size_t why_size) {
     if (shard_mode != SHARD_MODE_ZERO) {
-        snprintf(why, why_size, "shard mode %d is not one this build lays out (bit 0 = ZeRO-1 only; bit 1, the "
-                 "column-sharded expert tables of docs/sharding.md §3, is not implemented yet)", shard_mode);
+        snprintf(why, why_size, "shard mode %d is not one this build lays out as ZeRO-1 ranges (bit 0 = ZeRO-1, "
+                 "bit 1 = the column-sharded expert tables; both together are not written by any trainer)",
+                 shard_mode);
         return 0;
     }
     if (num_parts < 1 || rank < 0 || rank >= num_parts) {
@@ -76,6 +85,21 @@ static inline int checkpoint_parts_map(ZeroShardMap* map, const ModelConfig* c, 
         return 0;
     }
     zero_shard_map(map, c, num_parts, rank);
+    return 1;
+}
+
+// Part r of P of the column-sharded tables (SHARD_MODE_TABLES): rank r's local layout
+// (llmc/expert_shard_layout.h; part r holds master, m and v in it, lay->num_local each). Returns 0
+// with the reason when this model cannot be cut so.
+static inline int checkpoint_parts_tables_layout(ExpertShardLayout* lay, const ModelConfig* c, int num_parts, int rank,
+                                                 char* why, size_t why_size) {
+    const char* unfit = c->ffn_kind != FFN_OMNI ? "an omni model" : expert_shard_unfit(c->channels, num_parts);
+    if (unfit != NULL || rank < 0 || rank >= num_parts) {
+        snprintf(why, why_size, "part %d of %d of column-sharded expert tables needs %s (C=%d)", rank, num_parts,
+                 unfit != NULL ? unfit : "0 <= part < parts", c->channels);
+        return 0;
+    }
+    expert_shard_layout(lay, c, num_parts, rank);
     return 1;
 }
 
@@ -98,10 +122,7 @@ CKPT_MUST_CHECK static inline int checkpoint_part_write(const char* dir, int ste
         return -1;
     }
     int32_t h[OMNI_HEADER_INTS];
-    memset(h, 0, sizeof(h));
-    h[0] = CHECKPOINT_PART_MAGIC;
-    h[1] = CHECKPOINT_PART_VERSION;
-    model_config_to_header(c, h);
+    omni_header_init(h, CHECKPOINT_PART_MAGIC, CHECKPOINT_PART_VERSION, c);
     h[16] = rank;
     h[17] = num_parts;
     h[18] = shard_mode;
@@ -170,6 +191,7 @@ CKPT_MUST_CHECK static inline int checkpoint_manifest_write(const char* dir, con
 // ----------------------------------------------------------------------------
 // reading
 
+// the message naming the part; closes fp; the caller returns its failure (no exit)
 static inline void ckpt_part_fail_(FILE* fp, const char* part, const char* manifest, const char* fmt, ...) {
     va_list args;
     va_start(args, fmt);
@@ -178,7 +200,6 @@ static inline void ckpt_part_fail_(FILE* fp, const char* part, const char* manif
     fprintf(stderr, "\n");
     va_end(args);
     if (fp != NULL) fclose(fp);
-    exit(EXIT_FAILURE);
 }
 
 // pread of exactly `bytes` at `offset`, 1 on success
@@ -247,23 +268,33 @@ static inline CheckpointPartEntry* checkpoint_manifest_read_table(const char* pa
 
 // Opens part `rank` of the manifest and proves it is the one the manifest names: size, header
 // (rank, parts, mode, step, model, elements) and the XXH64 of all of it against its trailer and
-// the manifest's table. Exits with the part's name otherwise. Returns the open file.
+// the manifest's table. Returns the open file, or NULL after a message naming the part.
 static inline FILE* ckpt_part_open_verified_(const char* manifest, const ModelConfig* config,
                                              const CheckpointInfo* info, const CheckpointPartEntry* entry, int rank,
                                              size_t elems) {
     char part[CHECKPOINT_PATH_MAX + 64], why[200];
     checkpoint_part_path_of_(part, sizeof(part), manifest, rank, info->num_parts);
-    if (!ckpt_regular_file_(part, why, sizeof(why))) ckpt_part_fail_(NULL, part, manifest, "missing part: %s", why);
+    if (!ckpt_regular_file_(part, why, sizeof(why))) {
+        ckpt_part_fail_(NULL, part, manifest, "missing part: %s", why);
+        return NULL;
+    }
     int64_t size = ckpt_file_size_(part);
     if (size != entry->bytes || size != checkpoint_part_file_bytes(elems)) {
         ckpt_part_fail_(NULL, part, manifest, "%s: %lld bytes, the manifest says %lld (and %zu elements need %lld)",
                         size < entry->bytes ? "truncated" : "wrong size", (long long)size, (long long)entry->bytes,
                         elems, (long long)checkpoint_part_file_bytes(elems));
+        return NULL;
     }
     FILE* fp = fopen(part, "rb");
-    if (fp == NULL) ckpt_part_fail_(NULL, part, manifest, "cannot open: %s", strerror(errno));
+    if (fp == NULL) {
+        ckpt_part_fail_(NULL, part, manifest, "cannot open: %s", strerror(errno));
+        return NULL;
+    }
     int32_t h[OMNI_HEADER_INTS];
-    if (fread(h, sizeof(h), 1, fp) != 1) ckpt_part_fail_(fp, part, manifest, "cannot read its header");
+    if (fread(h, sizeof(h), 1, fp) != 1) {
+        ckpt_part_fail_(fp, part, manifest, "cannot read its header");
+        return NULL;
+    }
     CheckpointHash hash;
     checkpoint_hash_init(&hash);
     checkpoint_hash_update(&hash, h, sizeof(h));
@@ -275,6 +306,7 @@ static inline FILE* ckpt_part_open_verified_(const char* manifest, const ModelCo
         if (fread(chunk, 1, n, fp) != n) {
             free(chunk);
             ckpt_part_fail_(fp, part, manifest, "read error: %s", ferror(fp) ? strerror(errno) : "unexpected end");
+            return NULL;
         }
         checkpoint_hash_update(&hash, chunk, n);
         left -= (int64_t)n;
@@ -283,12 +315,14 @@ static inline FILE* ckpt_part_open_verified_(const char* manifest, const ModelCo
     unsigned char trailer[CHECKPOINT_TRAILER_BYTES];
     if (fread(trailer, 1, sizeof(trailer), fp) != sizeof(trailer) || memcmp(trailer + 8, CHECKPOINT_END_MAGIC, 8) != 0) {
         ckpt_part_fail_(fp, part, manifest, "end magic missing (incomplete or corrupt file)");
+        return NULL;
     }
     uint64_t stored, computed = checkpoint_hash_final(&hash);
     memcpy(&stored, trailer, 8);
     if (stored != computed) {
         ckpt_part_fail_(fp, part, manifest, "checksum mismatch (stored %016llx, computed %016llx): the part is corrupt",
                         (unsigned long long)stored, (unsigned long long)computed);
+        return NULL;
     }
     ModelConfig part_config;
     model_config_from_header(h, &part_config);
@@ -299,28 +333,124 @@ static inline FILE* ckpt_part_open_verified_(const char* manifest, const ModelCo
                         "elements) does not match the manifest (part %d of %d, mode %d, step %d, %zu elements, the "
                         "same model)", h[0], h[1], h[16], h[17], h[18], h[19], (long long)ckpt_get_i64_(h, 20), rank,
                         info->num_parts, info->shard_mode, info->step, elems);
+        return NULL;
     }
     if (computed != entry->hash) {
         ckpt_part_fail_(fp, part, manifest, "its hash %016llx is not the manifest's %016llx: a part of another "
                         "checkpoint or run", (unsigned long long)computed, (unsigned long long)entry->hash);
+        return NULL;
     }
     return fp;
 }
 
+// ----------------------------------------------------------------------------
+// column-sharded tables (SHARD_MODE_TABLES): re-sharding to any P on load
+
+// the message; the caller returns -1 (no exit: the ranks of a multi-GPU resume agree first)
+static inline int ckpt_tables_fail_(const char* manifest, const char* why) {
+    fprintf(stderr, "Error: checkpoint \"%s\": %s\n", manifest, why);
+    return -1;
+}
+
+// New rank lay2->rank of lay2->P: its local master, m and v (lay2->num_local each, any NULL to
+// skip) from a SHARD_MODE_TABLES checkpoint of any part count P1: the replicated tensors from part
+// 0, the columns of U and V from the old parts that hold them (expert_shard_reshard_needs), read
+// by pread in blocks of rows. Every part read is verified in full first. With lay2 of P = 1 this
+// is the whole flat state (what checkpoint_read gives a replicated or CPU run). Returns 0, or -1
+// after one message naming the checkpoint or part (the outputs then hold a partial state).
+static inline int checkpoint_parts_read_tables_local(const char* manifest, const ModelConfig* config,
+                                                      const CheckpointInfo* info, const CheckpointPartEntry* table,
+                                                      const ExpertShardLayout* lay2, float* master, float* m,
+                                                      float* v) {
+    const int P1 = info->num_parts;
+    char why[256];
+    ExpertShardLayout lay1;  // the offsets are every old part's
+    if (info->shard_mode != SHARD_MODE_TABLES) {
+        snprintf(why, sizeof(why), "shard mode %d, not the column-sharded tables' %d", info->shard_mode,
+                 SHARD_MODE_TABLES);
+        return ckpt_tables_fail_(manifest, why);
+    }
+    if (!checkpoint_parts_tables_layout(&lay1, config, P1, 0, why, sizeof(why))) return ckpt_tables_fail_(manifest, why);
+    if (lay2->num_full != lay1.num_full || lay2->C != lay1.C) return ckpt_tables_fail_(manifest, "another model's layout");
+    FILE** fps = (FILE**)calloc((size_t)P1, sizeof(FILE*));
+    const void** blocks = (const void**)calloc((size_t)P1, sizeof(void*));
+    float** bufs = (float**)calloc((size_t)P1, sizeof(float*));
+    int ok = fps != NULL && blocks != NULL && bufs != NULL;
+    if (!ok) ckpt_tables_fail_(manifest, "out of host memory");
+    const int C = lay1.C, cols1 = C / P1, cols2 = C / lay2->P;
+    const size_t block_rows = ((size_t)1 << 22) / (size_t)C > 0 ? ((size_t)1 << 22) / (size_t)C : 1;
+    for (int q = 0; q < P1 && ok; q++) {
+        if (!expert_shard_local_needs(q, P1, lay2)) continue;
+        fps[q] = ckpt_part_open_verified_(manifest, config, info, &table[q], q, lay1.num_local);
+        ok = fps[q] != NULL;  // it said why
+        if (ok) bufs[q] = (float*)malloc_check(block_rows * (size_t)cols1 * sizeof(float));
+    }
+    float* out[3] = {master, m, v};
+    for (int k = 0; k < 3 && ok; k++) {
+        if (out[k] == NULL) continue;
+        const int64_t section = OMNI_HEADER_BYTES + 4 * (int64_t)k * (int64_t)lay1.num_local;
+        for (int i = 0; i < NUM_PARAMETER_TENSORS && ok; i++) {
+            if (!expert_shard_is_table(i)) {  // replicated: part 0's
+                ok = ckpt_pread_all_(fileno(fps[0]), out[k] + lay2->offsets[i], lay2->sizes[i] * sizeof(float),
+                                     section + 4 * (int64_t)lay1.offsets[i]);
+                continue;
+            }
+            for (size_t r0 = 0; r0 < lay1.rows && ok; r0 += block_rows) {
+                const size_t nb = lay1.rows - r0 < block_rows ? lay1.rows - r0 : block_rows;
+                for (int q = 0; q < P1 && ok; q++) {
+                    blocks[q] = bufs[q];
+                    if (fps[q] == NULL) continue;
+                    ok = ckpt_pread_all_(fileno(fps[q]), bufs[q], nb * (size_t)cols1 * sizeof(float),
+                                         section + 4 * (int64_t)(lay1.offsets[i] + r0 * (size_t)cols1));
+                }
+                if (ok) expert_shard_reshard(out[k] + lay2->offsets[i] + r0 * (size_t)cols2, blocks, sizeof(float), nb,
+                                             C, P1, lay2->rank, lay2->P);
+            }
+        }
+        if (!ok) ckpt_tables_fail_(manifest, "read error in one of its parts (they were verified: changed since?)");
+    }
+    for (int q = 0; q < P1 && fps != NULL && bufs != NULL; q++) {
+        if (fps[q] != NULL) fclose(fps[q]);
+        free(bufs[q]);
+    }
+    free(fps);
+    free(blocks);
+    free(bufs);
+    return ok ? 0 : -1;
+}
+
 // out_*[want[i].shard_offset + j] = the saved state at flat want[i].offset + j, for every wanted
 // range; out_* may be NULL to skip a section. Reads only the parts that hold wanted elements
-// (part q's chunks; the replicated tails from part 0), each verified in full first.
-static inline void checkpoint_parts_read_ranges(const char* manifest, const ModelConfig* config,
+// (part q's chunks; the replicated tails from part 0), each verified in full first. Returns 0, or
+// -1 after one message naming the part (the out_* buffers then hold a partial state: unusable).
+static inline int checkpoint_parts_read_ranges(const char* manifest, const ModelConfig* config,
                                                 const CheckpointInfo* info, const CheckpointPartEntry* table,
                                                 const ZeroRange* want, int num_want, float* out_master, float* out_m,
                                                 float* out_v) {
     float* out[3] = {out_master, out_m, out_v};
+    if (info->shard_mode == SHARD_MODE_TABLES) {  // the whole state (P = 1), then the wanted ranges
+        ExpertShardLayout whole;
+        expert_shard_layout(&whole, config, 1, 0);
+        float* full[3] = {NULL, NULL, NULL};
+        for (int k = 0; k < 3; k++) {
+            if (out[k] != NULL) full[k] = (float*)malloc_check(whole.num_full * sizeof(float));
+        }
+        int rc = checkpoint_parts_read_tables_local(manifest, config, info, table, &whole, full[0], full[1], full[2]);
+        for (int k = 0; k < 3; k++) {
+            if (full[k] == NULL) continue;
+            for (int j = 0; j < num_want && rc == 0; j++) {
+                memcpy(out[k] + want[j].shard_offset, full[k] + want[j].offset, want[j].count * sizeof(float));
+            }
+            free(full[k]);
+        }
+        return rc;
+    }
     for (int q = 0; q < info->num_parts; q++) {
         ZeroShardMap old;
         char why[256];
         if (!checkpoint_parts_map(&old, config, info->num_parts, q, info->shard_mode, why, sizeof(why))) {
             fprintf(stderr, "Error: checkpoint \"%s\": %s\n", manifest, why);
-            exit(EXIT_FAILURE);
+            return -1;
         }
         FILE* fp = NULL;
         for (int i = 0; i < old.num_ranges; i++) {
@@ -332,6 +462,10 @@ static inline void checkpoint_parts_read_ranges(const char* manifest, const Mode
                 size_t hi = R->offset + R->count < W->offset + W->count ? R->offset + R->count : W->offset + W->count;
                 if (lo >= hi) continue;
                 if (fp == NULL) fp = ckpt_part_open_verified_(manifest, config, info, &table[q], q, old.shard_elems);
+                if (fp == NULL) {
+                    zero_shard_map_free(&old);
+                    return -1;
+                }
                 for (int k = 0; k < 3; k++) {
                     if (out[k] == NULL) continue;
                     int64_t at = OMNI_HEADER_BYTES + 4 * ((int64_t)k * (int64_t)old.shard_elems +
@@ -340,6 +474,8 @@ static inline void checkpoint_parts_read_ranges(const char* manifest, const Mode
                         char part[CHECKPOINT_PATH_MAX + 64];
                         checkpoint_part_path_of_(part, sizeof(part), manifest, q, info->num_parts);
                         ckpt_part_fail_(fp, part, manifest, "read error: %s", strerror(errno));
+                        zero_shard_map_free(&old);
+                        return -1;
                     }
                 }
             }
@@ -347,21 +483,24 @@ static inline void checkpoint_parts_read_ranges(const char* manifest, const Mode
         if (fp != NULL) fclose(fp);
         zero_shard_map_free(&old);
     }
+    return 0;
 }
 
-// A rank's shard under a new map (any P, the same model): packed master, m, v (map->shard_elems each)
-static inline void checkpoint_parts_read_shard(const char* manifest, const ModelConfig* config,
+// A rank's shard under a new map (any P, the same model): packed master, m, v (map->shard_elems
+// each). Returns 0, or -1 after the message (checkpoint_parts_read_ranges).
+static inline int checkpoint_parts_read_shard(const char* manifest, const ModelConfig* config,
                                                const CheckpointInfo* info, const CheckpointPartEntry* table,
                                                const ZeroShardMap* map, float* master, float* m, float* v) {
-    checkpoint_parts_read_ranges(manifest, config, info, table, map->ranges, map->num_ranges, master, m, v);
+    return checkpoint_parts_read_ranges(manifest, config, info, table, map->ranges, map->num_ranges, master, m, v);
 }
 
-// the whole flat params, m, v (num_params each; any may be NULL), as a version-2 file holds them
-static inline void checkpoint_parts_read_logical(const char* manifest_path, const ModelConfig* config,
+// the whole flat params, m, v (num_params each; any may be NULL), as a version-2 file holds them.
+// Returns 0, or -1 after the message (checkpoint_parts_read_ranges).
+static inline int checkpoint_parts_read_logical(const char* manifest_path, const ModelConfig* config,
                                                  const CheckpointInfo* info, const CheckpointPartEntry* table,
                                                  float* params, float* m, float* v) {
     ZeroRange all = {0, (size_t)info->num_params, 0, 0, 0, 0};
-    checkpoint_parts_read_ranges(manifest_path, config, info, table, &all, 1, params, m, v);
+    return checkpoint_parts_read_ranges(manifest_path, config, info, table, &all, 1, params, m, v);
 }
 
 #endif  // OMNIMOE_CHECKPOINT_PARTS_H

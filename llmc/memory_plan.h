@@ -10,6 +10,7 @@
  *                            activations, workspace: what the plan sums and prints
  *   PlanKernelSizes          the kernels' scratch and the OmniMoE layer's saved state / workspace
  *   plan_kernel_sizes()      those sizes from the kernels' formulas, for a given CUB sort storage
+ *   plan_table_sizes()       the column-sharded tables' saved state per layer and work buffer
  *   plan_cub_estimate()      CUB's radix-sort storage without a GPU: 8 bytes per pair + 1 MiB
  *   memory_plan_build()      the list for (model, B, T, floatX bytes, GPUs P, mode, recompute, kernel sizes)
  *   memory_plan_print()      the table per GPU, then one machine-readable "plan_bytes" line
@@ -21,9 +22,9 @@
  * every GPU), zero1 (fp32 master, m, v of this rank's shard, counted by zero_shard_map of
  * llmc/zero_shard.h, docs/sharding.md §2), tables (U and V and everything of them cut by columns:
  * C/P channels of every expert on each GPU, docs/sharding.md §3.1; a GPU then schedules the pairs
- * of all P GPUs and keeps their x columns), and both. With P = 1 every mode is the replicated one.
- * The tables' extra buffers follow docs/sharding.md §1.3 until the tables are wired into the CUDA
- * step; the replicated and ZeRO-1 lists are model_build's.
+ * of all P GPUs and keeps their x columns: plan_table_sizes), and both. With P = 1 every mode is
+ * the replicated one. The replicated, ZeRO-1 and tables lists are model_build's (ZeRO-1 + tables
+ * is a plan only: the trainer refuses the combination for now).
  *
  * Recomputation (-r, docs/design.md §4.5): with 1 the FFN activation (fch_act), with 2 also ln1 and
  * ln2, are one layer's buffer instead of L layers': the backward recomputes each layer's from what
@@ -67,8 +68,8 @@ typedef enum {
     // omni: the layers' saved router/schedule blocks (omni_layer_create), their workspace
     // (omni_workspace_create), the expert counts and statistics (model_build)
     MEMBUF_OMNI_SAVED = MEMBUF_NUM_MODEL, MEMBUF_OMNI_WORKSPACE, MEMBUF_EXPERT_COUNTS, MEMBUF_EXPERT_STATS,
-    // column-sharded tables: the x columns of all ranks' tokens, kept for dU (docs/sharding.md §1.3)
-    MEMBUF_TABLE_X_COLUMNS,
+    // column-sharded tables (plan_table_sizes): the layers' saved exchange state, the one work buffer
+    MEMBUF_TABLE_SAVED, MEMBUF_TABLE_WORK,
     MEMBUF_COUNT
 } MemBufferId;
 
@@ -84,6 +85,8 @@ typedef struct {
     size_t omni_saved;      // one OmniMoE layer's saved router and schedule state (omni_layer_saved_bytes)
     size_t omni_workspace;  // what omni_workspace_create allocates (omni_workspace_bytes)
     size_t attention_ws;    // cuDNN's SDPA workspace (--attention cudnn; 0 for our kernels)
+    size_t table_saved;     // column-sharded tables: one layer's experts_shard_saved_bytes
+    size_t table_work;      // ... and the layers' one experts_shard_work_bytes
 } PlanKernelSizes;
 
 typedef struct {
@@ -129,8 +132,8 @@ static inline size_t plan_max(size_t a, size_t b) { return a > b ? a : b; }
 // alternate key and value buffers (4 + 4 bytes per pair) and 1 MiB for histograms and look-back
 static inline size_t plan_cub_estimate(size_t pairs) { return 8 * pairs + ((size_t)1 << 20); }
 
-// pairs: the (token, expert) pairs one layer schedules (BT*k; P*BT*k with column-sharded tables);
-// expert_cols: the channels of U and V this GPU computes with (C; C/P sharded); cub_bytes: CUB's
+// pairs: the (token, expert) pairs of one layer's own tokens (BT*k); expert_cols: the channels of
+// U and V its unsharded experts compute with (C); cub_bytes: CUB's
 // storage for that many pairs (scheduler_cub_bytes on a GPU, plan_cub_estimate without)
 static inline PlanKernelSizes plan_kernel_sizes(const ModelConfig* c, int B, int T, int floatx_bytes, size_t pairs,
                                                 size_t expert_cols, size_t cub_bytes) {
@@ -141,7 +144,7 @@ static inline PlanKernelSizes plan_kernel_sizes(const ModelConfig* c, int B, int
     s = plan_max(s, plan_ceil_div(BT, PLAN_LAYERNORM_BWD_ROWS_PER_BLOCK) * 2 * C * F);  // layernorm_backward_scratch_bytes
     s = plan_max(s, 2 * (size_t)B * NH * (plan_ceil_div(T, PLAN_ATTN_T_PAD) * PLAN_ATTN_T_PAD) * F);  // attention_backward_scratch_bytes
     s = plan_max(s, PLAN_GLOBAL_NORM_MAX_BLOCKS * F);  // global_norm_scratch_bytes
-    PlanKernelSizes k = {0, 0, 0, 0};
+    PlanKernelSizes k = {0, 0, 0, 0, 0, 0};
     if (c->ffn_kind == FFN_OMNI) {  // omni_layer_scratch_bytes: router, scheduler, experts
         const size_t R = 2 * (size_t)c->router_n, chunks = plan_ceil_div(BT, PLAN_ROUTER_BN_CHUNK);
         s = plan_max(s, 2 * plan_align256(chunks * R * F));  // router_forward_scratch_bytes
@@ -174,6 +177,25 @@ static inline PlanKernelSizes plan_kernel_sizes(const ModelConfig* c, int B, int
     }
     k.scratch = s;
     return k;
+}
+
+// The column-sharded tables' buffers on one of P GPUs (docs/sharding.md §3.1; mirrors of
+// llmc/experts_shard.cuh): per layer the idx, gate and s of all A = P*BT*k pairs and the x columns
+// of all P*BT tokens (experts_shard_saved_bytes), and one work buffer (experts_shard_work_bytes)
+// whose scratch serves the schedule of the A pairs (cub_bytes: CUB's storage for A pairs) and the
+// dU/dV segment sums. The layer's own router and schedule state stays plan_kernel_sizes' (BT*k).
+static inline void plan_table_sizes(PlanKernelSizes* k, const ModelConfig* c, int B, int T, int floatx_bytes, int P,
+                                    size_t cub_bytes) {
+    const size_t BT = (size_t)B * T, K = c->top_k, A = (size_t)P * BT * K, Tall = (size_t)P * BT;
+    const size_t cols = (size_t)c->channels / P, X = floatx_bytes, F = sizeof(float), I4 = sizeof(int);
+    const size_t f = A > Tall * cols ? A : Tall * cols;
+    const size_t amax = A < (size_t)c->num_experts ? A : (size_t)c->num_experts;  // scheduler_max_active
+    const size_t sched = plan_align256(cub_bytes) + 2 * plan_align256(A * I4);     // scheduler_scratch_bytes
+    const size_t grads = 2 * plan_align256(A * F) + 4 * plan_align256(plan_ceil_div(A, PLAN_EXPERTS_SEG_CHUNK) * cols * F);
+    k->table_saved = plan_align256(A * I4) + 2 * plan_align256(A * F) + plan_align256(Tall * cols * X);
+    k->table_work = plan_align256(BT * c->channels * X) + plan_align256(Tall * cols * X) + 2 * plan_align256(f * F) +
+                    2 * plan_align256(BT * K * F) + plan_align256(A * F) + 3 * plan_align256(A * I4) +
+                    2 * plan_align256((amax + 1) * I4) + plan_align256(I4) + plan_align256(plan_max(sched, grads));
 }
 
 // ----------------------------------------------------------------------------
@@ -283,8 +305,9 @@ static inline int memory_plan_build(MemoryPlan* p, const ModelConfig* c, int B, 
     const size_t counted = omni ? (size_t)c->num_experts : (size_t)model_config_moe_routed(c);
     memory_plan_set(p, MEMBUF_EXPERT_COUNTS, "expert counts", counted * L * sizeof(int), 0, K);
     memory_plan_set(p, MEMBUF_EXPERT_STATS, "expert statistics", omni ? 2 * L * F : 0, 0, K);
-    memory_plan_set(p, MEMBUF_TABLE_X_COLUMNS, "sharded tables: x columns of all GPUs' tokens",
-                    tables ? L * plan_align256(BT * P * (C / P) * X) : 0, 0, A);
+    memory_plan_set(p, MEMBUF_TABLE_SAVED, "sharded tables: all GPUs' pairs and x columns",
+                    tables ? L * ks->table_saved : 0, 0, A);
+    memory_plan_set(p, MEMBUF_TABLE_WORK, "sharded tables: exchanges and schedule", tables ? ks->table_work : 0, 0, K);
     for (int i = 0; i < MEMBUF_COUNT; i++) {
         p->kind_bytes[p->buf[i].kind] += p->buf[i].bytes;
         p->kind_table_bytes[p->buf[i].kind] += p->buf[i].table_bytes;
@@ -300,9 +323,11 @@ static inline int memory_plan_build_estimated(MemoryPlan* p, const ModelConfig* 
                                               int num_gpus, int mode, int recompute) {
     const int tables = (mode & PLAN_MODE_TABLES) && num_gpus > 1 && c->ffn_kind == FFN_OMNI;
     const int topk = c->ffn_kind == FFN_MOE ? c->moe_topk : c->top_k;
-    const size_t pairs = (size_t)B * T * topk * (tables ? num_gpus : 1);
-    const size_t cols = tables ? c->channels / num_gpus : c->channels;
-    PlanKernelSizes ks = plan_kernel_sizes(c, B, T, floatx_bytes, pairs, cols, plan_cub_estimate(pairs));
+    const size_t pairs = (size_t)B * T * topk;
+    PlanKernelSizes ks = plan_kernel_sizes(c, B, T, floatx_bytes, pairs, c->channels, plan_cub_estimate(pairs));
+    if (tables && c->channels % (8 * num_gpus) == 0) {  // (memory_plan_build refuses the other C)
+        plan_table_sizes(&ks, c, B, T, floatx_bytes, num_gpus, plan_cub_estimate(pairs * num_gpus));
+    }
     if (!memory_plan_build(p, c, B, T, floatx_bytes, num_gpus, mode, recompute, &ks)) return 0;
     p->cub_estimated = 1;
     return 1;

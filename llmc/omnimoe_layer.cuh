@@ -24,6 +24,8 @@ Defines:
 - omni_layer_bn_count(dims) / omni_layer_set_bn_stats(layer, bn): the 4n running statistics
   (mean (R), then var (R)) of one layer, in the model file's layout
 - omni_layer_set_activations(layer, fch, fch_act): re-points the saved SwiGLU activations
+- omni_layer_set_shard(layer, comm, saved_block, work, work_bytes): column-sharded expert tables
+  (docs/sharding.md §3.1, llmc/experts_shard.cuh): U, V views are this rank's (N, C/P) slices
 - omni_layer_forward(layer, out, x, BT, training, stream)
 - omni_layer_backward(layer, dx, dout, x, BT, stream)
 The expert counts and their statistics are in expert_stats.cuh.
@@ -72,6 +74,7 @@ output rules (forward overwrites out, backward overwrites dx and accumulates the
 #include "scheduler.cuh"
 #include "experts.cuh"
 #include "expert_stats.cuh"
+#include "experts_shard.cuh"
 
 typedef struct {
     int BT;  // the most tokens of one forward
@@ -116,6 +119,8 @@ typedef struct {
     cudaStream_t side;    // router + scheduler beside the shared SwiGLU
     cudaEvent_t fork, join;
     int owns_scratch, owns_grads;  // scratch / dhidden+dwide allocated by omni_workspace_create
+    void* shard_work;     // column-sharded tables: experts_shard_work_bytes (the caller's; omni_layer_set_shard)
+    size_t shard_work_bytes;
 } OmniWorkspace;
 
 typedef struct {
@@ -129,6 +134,10 @@ typedef struct {
     OmniSaved saved;
     OmniWorkspace* ws;
     int training;          // the last forward's mode (the backward's BN needs it)
+    // column-sharded tables (docs/sharding.md §3.1; NULL: the whole tables): w/dw.expert_u, expert_v
+    // are then this rank's (N, C/P) slices, and every rank of comm runs every forward and backward
+    const ExpertShardComm* shard;
+    ExpertShardSaved shard_saved;  // idx, gate, s of all ranks' pairs and the x columns (caller's block)
 } OmniLayer;
 
 static inline RouterOptions omni_router_options(const OmniLayer* layer, int training) {
@@ -277,6 +286,20 @@ static void omni_layer_free(OmniLayer* layer) {
     memset(layer, 0, sizeof(*layer));
 }
 
+// Column-sharded tables: from here on the layer's experts run experts_shard_forward/_backward
+// over comm (every rank in step), with saved_block (experts_shard_saved_bytes(dims.BT, C, k, P))
+// as its saved exchange state and ws->shard_work (experts_shard_work_bytes, shared by the layers:
+// one runs at a time) as their temporaries. The caller owns both buffers and comm.
+static void omni_layer_set_shard(OmniLayer* layer, const ExpertShardComm* comm, void* saved_block, void* work,
+                                 size_t work_bytes) {
+    const OmniDims d = layer->dims;
+    experts_shard_check("omni_layer_set_shard", d.C, comm->P);
+    layer->shard = comm;
+    layer->shard_saved = experts_shard_saved_carve(saved_block, d.BT, d.C, d.k, comm->P);
+    layer->ws->shard_work = work;
+    layer->ws->shard_work_bytes = work_bytes;
+}
+
 // re-points the saved SwiGLU activations (caller's views, (BT, 2I) and (BT, I)), e.g. to where
 // the caller packs layer l's activations for the forward's BT
 static inline void omni_layer_set_activations(OmniLayer* layer, floatX* fch, floatX* fch_act) {
@@ -333,6 +356,12 @@ static void omni_layer_forward(OmniLayer* layer, floatX* out, const floatX* x, i
         matmul_forward(out, o->fch_act, layer->w.fcprojw, NULL, BT, I, C, stream);
     }
     cudaCheck(cudaStreamWaitEvent(stream, ws->join, 0));
+    if (layer->shard) {  // the exchanges run on stream, in the same order on every rank
+        experts_shard_forward(out, o->s, x, layer->w.expert_u, layer->w.expert_v, o->router.idx, o->router.gate,
+                              layer->shard_saved, BT, C, k, N, I > 0, layer->shard, ws->shard_work,
+                              ws->shard_work_bytes, stream);
+        return;
+    }
     experts_forward(out, o->s, x, layer->w.expert_u, layer->w.expert_v, o->router.idx, o->router.gate, o->sched,
                     BT, C, omni_experts_options(layer), stream);
 }
@@ -354,10 +383,19 @@ static void omni_layer_backward(OmniLayer* layer, floatX* dx, const floatX* dout
         swiglu_backward(ws->dwide, ws->dhidden, o->fch, BT, I, stream);
         matmul_backward(dx, dw->fcw, NULL, ws->dwide, x, w->fcw, BT, C, 2 * I, 0, stream, ws->scratch);
     }
-    // experts: dx (+)= sum_m ds u; dU, dV += ...; the gate gradient feeds the router
-    experts_backward(dx, dw->expert_u, dw->expert_v, ws->dgate, dout, x, w->expert_u, w->expert_v, o->router.idx,
-                     o->router.gate, o->s, o->sched, BT, C, omni_experts_options(layer), ws->scratch,
-                     ws->scratch_bytes, stream);
+    // experts: dx (+)= sum_m ds u; dU, dV += ...; the gate gradient feeds the router. Sharded:
+    // this rank's columns of dU, dV over the pairs of all ranks, times 1/P (the mean over ranks
+    // that the data-parallel reduction gives the other gradients)
+    if (layer->shard) {
+        experts_shard_backward(dx, dw->expert_u, dw->expert_v, ws->dgate, dout, w->expert_u, w->expert_v,
+                               o->router.gate, o->s, layer->shard_saved, BT, C, d.k, d.N,
+                               1.0f / (float)layer->shard->P, I > 0, layer->shard, ws->shard_work,
+                               ws->shard_work_bytes, stream);
+    } else {
+        experts_backward(dx, dw->expert_u, dw->expert_v, ws->dgate, dout, x, w->expert_u, w->expert_v,
+                         o->router.idx, o->router.gate, o->s, o->sched, BT, C, omni_experts_options(layer),
+                         ws->scratch, ws->scratch_bytes, stream);
+    }
     router_backward(dx, dw->routerw, ws->dgate, o->router, x, w->routerw, BT, C,
                     omni_router_options(layer, layer->training), ws->scratch, ws->scratch_bytes, stream);
 }

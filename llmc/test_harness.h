@@ -25,8 +25,10 @@
  * Rng rng = rng_seeded(seed)), never zeros. test_config builds the small models of the tests from
  * one of the TEST_DIMS_* sizes. CPU tests of code that must end the program (bad input) run it in
  * a forked child and check its exit status and message (test_expect_exit_failure), with files in
- * a scratch directory (test_tmp_*). Under nvcc, the last part adds device helpers (floatX upload,
- * NaN poisoning, bitwise comparison of device buffers, median-of-N timing).
+ * a scratch directory (test_tmp_*), damaged by the file helpers (test_write_file, test_copy_file,
+ * test_xor_byte, test_truncate; a setup failure exits 2). Under nvcc, the last part adds device
+ * helpers (floatX upload, NaN poisoning, bitwise comparison of device buffers, a kernel's two runs
+ * against a reference and each other, median-of-N timing).
  */
 #ifndef OMNIMOE_TEST_HARNESS_H
 #define OMNIMOE_TEST_HARNESS_H
@@ -369,6 +371,41 @@ static inline int test_file_exists(const char* path) {
     return stat(path, &st) == 0;
 }
 
+// the whole file at path := data[0, size)
+static inline void test_write_file(const char* path, const void* data, size_t size) {
+    FILE* fp = fopen_check(path, "wb");
+    fwrite_check(data, 1, size, fp, path);
+    fclose_check(fp, path);
+}
+
+static inline void test_copy_file(const char* from, const char* to) {
+    size_t n;
+    unsigned char* buf = test_read_file(from, &n);
+    if (!buf) {
+        fprintf(stderr, "test setup: cannot read %s\n", from);
+        exit(2);
+    }
+    test_write_file(to, buf, n);
+    free(buf);
+}
+
+// the byte at offset ^= mask (the file's size unchanged)
+static inline void test_xor_byte(const char* path, long offset, unsigned char mask) {
+    FILE* fp = fopen_check(path, "r+b");
+    fseek_check(fp, offset, SEEK_SET, path);
+    int c = fgetc(fp);
+    fseek_check(fp, offset, SEEK_SET, path);
+    fputc(c ^ mask, fp);
+    fclose_check(fp, path);
+}
+
+static inline void test_truncate(const char* path, long size) {
+    if (truncate(path, (off_t)size) != 0) {
+        fprintf(stderr, "test setup: truncate %s failed\n", path);
+        exit(2);
+    }
+}
+
 // ----------------------------------------------------------------------------
 // device helpers (nvcc only)
 #if defined(__CUDACC__)
@@ -433,6 +470,23 @@ static inline int test_check_bitwise(const char* what, const void* a, const void
     snprintf(name, sizeof(name), "run twice bitwise identical: %s", what);
     return test_check(device_bitwise_equal(a, b, bytes), name);
 }
+
+// The two runs of a kernel test: run 0's output against a float64 reference (relative L2 error
+// <= tol, check `name`) and run 1 bitwise equal to run 0; floatX or fp32 outputs of n elements
+static inline void test_check_runs(const char* name, floatX* const runs[2], const double* ref, size_t n, double tol) {
+    float* got = download_floatX_alloc(runs[0], n);
+    test_check_rel(name, rel_err_f64(got, ref, n), tol);
+    test_check_bitwise(name, runs[0], runs[1], n * sizeof(floatX));
+    free(got);
+}
+#if !defined(ENABLE_FP32)  // with floatX = float the overload above is this one
+static inline void test_check_runs(const char* name, float* const runs[2], const double* ref, size_t n, double tol) {
+    float* got = download_floats(runs[0], n);
+    test_check_rel(name, rel_err_f64(got, ref, n), tol);
+    test_check_bitwise(name, runs[0], runs[1], n * sizeof(float));
+    free(got);
+}
+#endif
 
 // random floatX data generated on the device (large benchmark buffers): a hash of the index,
 // uniform in [-scale, scale)

@@ -9,17 +9,19 @@
  *                   stops the run here, before anything of this step is written. With --mc-eval
  *                   also the multiple-choice accuracy (train_loop_mc_eval) when --mc-every
  *                   divides step, and at the last step; it changes no state either
- *   2. sample       when -s divides step (step > 0), and at the last step; rank 0; not at the
- *                   start step of a resumed run (the interrupted run printed that one)
+ *   2. sample       when -s divides step (step > 0), and at the last step; rank 0 (the other
+ *                   ranks run its forwards too when the backend says sample_all_ranks); not at
+ *                   the start step of a resumed run (the interrupted run printed that one)
  *   3. checkpoint   with -o: when -n divides step, at the last step, and after a stop request
- *                   or a log write error (whatever -n is); never at the start step. A save that
+ *                   or a log write error (whatever -n is; on several ranks the error is learnt
+ *                   with a step's loss reduction, train_loop_log_failed_); never at the start step. A save that
  *                   fails on any rank (disk full, I/O error, a non-finite value) stops every
  *                   rank here with exit 1: the backend returns each rank's status, the ranks
  *                   agree on it (train_loop_any_); the older checkpoints are intact
  *   4. stop         at the last step (done), after a stop request (exit 130) or a log write
  *                   error (exit 1)
  *   5. train step   one optimiser update (gradient accumulation inside the backend); the ranks
- *                   agree on the loss, the gradient norm and any stop request
+ *                   agree on the loss, the gradient norm, any stop request and rank 0's log status
  *   6. checks       a non-finite loss or gradient norm stops the run before anything is written
  *   7. log line     console + JSONL (rank 0); expert statistics of OmniMoE layers
  * and after the last step: 8. the final weights to <-o>/model.bin (rank 0; every rank calls the
@@ -44,6 +46,8 @@
  *   - a fresh run (no -y 1) into an output directory that holds another run's checkpoints, model
  *     or log is refused, unless --overwrite 1 (then those files are removed first);
  *   - -y 1 without a usable checkpoint (none, or every one corrupt) is an error; nothing is written;
+ *   - a checkpoint that fails while it is read (a corrupt part of a sharded checkpoint: only its
+ *     existence and size are checked when it is chosen) stops every rank with exit 1;
  *   - a resumed checkpoint past -x is an error; one exactly at -x: the run is complete, exit 0,
  *     nothing written;
  *   - SIGINT, SIGTERM, SIGUSR1 (mpirun forwards SIGUSR1 to every rank without a follow-up
@@ -57,7 +61,7 @@
  * What differs between the trainers lives in their backends only: the CPU trainer is one process
  * (sum_ranks does nothing, the stop request is its own), has no MFU (peak_flops 0) and
  * loads the tokenizer only when it samples; the CUDA trainer folds the stop request into the
- * reduction of the step's loss and gathers every rank's BN statistics into its checkpoints, and
+ * reduction of the step's loss (with the log status) and gathers every rank's BN statistics into its checkpoints, and
  * samples on the (B, T) activations of training (so -g is at most -t there; the CPU trainer
  * allows up to the model's maximum sequence length).
  */
@@ -90,6 +94,7 @@ typedef struct {
     float loss;   // mean training loss of the step (over micro-batches and ranks)
     float norm;   // global gradient norm, before clipping
     int stop;     // 1 when any rank asked to stop (its stop_local was 1)
+    int log_failed;  // 1 when any rank's log_failed_local was 1 (rank 0's log could not be written)
 } TrainStepResult;
 
 // One trainer's model. Every function is called on every rank unless it says rank 0.
@@ -103,22 +108,28 @@ typedef struct {
     const ModelConfig* model_config;     // a checkpoint to resume from must hold this model
     void (*init_weights)(void* ctx);     // a fresh run: from the model file or random (seed)
     // one update: t = AdamW update count after it (1, 2, ...); *stop_local = this rank's stop
-    // request, read once the step's gradients are in (a signal during the step counts)
+    // request, read once the step's gradients are in (a signal during the step counts);
+    // log_failed_local = this rank's log status. Both are summed with the loss (no collective of
+    // their own)
     void (*train_step)(void* ctx, int step, float lr, int t, const volatile sig_atomic_t* stop_local,
-                       TrainStepResult* out);
+                       int log_failed_local, TrainStepResult* out);
     // evaluation mode (BN running statistics, no state changes): mean loss of one batch
     float (*forward_loss)(void* ctx, const int* inputs, const int* targets, int B, int T);
     // evaluation mode, as forward_loss: the per-token losses (B*T floats, on the host) of one batch
     void (*forward_losses)(void* ctx, float* losses, const int* inputs, const int* targets, int B, int T);
-    SamplerLogitsFn sample_logits;       // rank 0 (sampler.h)
+    SamplerLogitsFn sample_logits;       // rank 0 (sampler.h); every rank when sample_all_ranks
+    int sample_all_ranks;                // 1: the forward is collective (sharded experts): the other
+                                         // ranks run the sample's forwards too, quietly, on a copy of the RNG
     // rank 0 writes the file (out_path; a sharded backend: every rank its part); info, loader
     // state and RNG come from the loop. Returns 0, or non-zero when this rank's part of the save
     // failed (after its message; nothing partial left): the loop agrees on it (train_loop_any_)
     int (*save_checkpoint)(void* ctx, const CheckpointInfo* info, const DataLoaderState* loader,
                            const uint64_t* sample_rng, char* out_path);
-    // path valid on rank 0; every rank receives info, loader state and RNG of the file
-    void (*load_checkpoint)(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
-                            uint64_t* sample_rng);
+    // path valid on rank 0; every rank receives info, loader state and RNG of the file. Returns 0,
+    // or non-zero when this rank's read failed (a corrupt part of a sharded checkpoint; after its
+    // message) or it learnt that another rank's did: the loop agrees on it (train_loop_any_)
+    int (*load_checkpoint)(void* ctx, const char* path, CheckpointInfo* info, DataLoaderState* loader,
+                           uint64_t* sample_rng);
     void (*expert_stats)(void* ctx, float* usage, float* kl);   // rank 0, of the last step
     // rank 0, of the last step; NULL unless moe: 4 per layer, the share of (token, slot) pairs
     // sent to FFN, zero, copy and constant experts (docs/design.md §10)
@@ -168,6 +179,16 @@ static inline int train_loop_any_(TrainBackend* be, int failed) {
     double v = failed != 0 ? 1.0 : 0.0;
     be->sum_ranks(be->ctx, &v, 1);
     return (int)v;
+}
+
+// Whether the log failed (rank 0's logger), the same on every rank, for step 3 of the loop. One
+// process: the logger's flag now (agreeing costs nothing there). Several: the flag the last train
+// step summed with its loss (carried), so a failure after that reduction is acted on one step
+// later and needs no collective of its own; a step that ends the run anyway (the last, or after a
+// stop request) has no later reduction, so it agrees on the flag directly (once per run).
+static inline int train_loop_log_failed_(TrainBackend* be, const Logger* logger, int carried, int ending) {
+    if (be->num_processes == 1 || ending) return train_loop_agree_(be, logger->failed);
+    return carried;
 }
 
 // Mean loss over the first val_batches batches of each rank's slice (all when < 0), averaged
@@ -415,7 +436,8 @@ static inline int train_loop_run_(const TrainLoop* tl, const MCEval* mc_eval) {
     } else {
         CheckpointInfo info;
         DataLoaderState loader_state;
-        be->load_checkpoint(ctx, resume_path, &info, &loader_state, &sample_rng.state);
+        int load_failed = be->load_checkpoint(ctx, resume_path, &info, &loader_state, &sample_rng.state);
+        if (train_loop_any_(be, load_failed)) return EXIT_FAILURE;  // the rank that failed said why
         // notes of the settings that changed (the data, order and seed were checked above)
         if (master) checkpoint_compare_run(resume_path, &info, &run);
         dataloader_set_state(tl->train_loader, &loader_state);
@@ -454,7 +476,7 @@ static inline int train_loop_run_(const TrainLoop* tl, const MCEval* mc_eval) {
     float* kl = (float*)calloc_check(L > 0 ? L : 1, sizeof(float));
     float* kind_shares = be->expert_kind_shares != NULL ? (float*)calloc_check(4 * (L > 0 ? L : 1), sizeof(float)) : NULL;
     float val_loss = NAN;
-    int stop = 0, log_failed = 0, rc = 0, timed_steps = 0;
+    int stop = 0, log_failed = 0, log_failed_carried = 0, rc = 0, timed_steps = 0;
     double total_ms = 0.0;
     for (;; step++) {
         int last = step == cfg->num_steps;
@@ -479,12 +501,17 @@ static inline int train_loop_run_(const TrainLoop* tl, const MCEval* mc_eval) {
             logger_log_mc_eval(&logger, step, tokens_seen, correct, count);
         }
         // 2. sample
-        if (master && cfg->sample_every > 0 && !(resumed && step == start_step) &&
+        if ((master || be->sample_all_ranks) && cfg->sample_every > 0 && !(resumed && step == start_step) &&
             (last || (step > 0 && step % cfg->sample_every == 0))) {
-            sample_and_print_with(be->sample_logits, ctx, be->vocab_size, be->sample_T, tl->tokenizer, &sample_rng,
-                                  NULL);
+            if (master) {
+                sample_and_print_with(be->sample_logits, ctx, be->vocab_size, be->sample_T, tl->tokenizer,
+                                      &sample_rng, NULL);
+            } else {  // in step with rank 0's forwards; the RNG that checkpoints keep is rank 0's
+                Rng copy = sample_rng;
+                sample_quietly_with(be->sample_logits, ctx, be->vocab_size, be->sample_T, &copy);
+            }
         }
-        log_failed = train_loop_agree_(be, logger.failed);
+        log_failed = train_loop_log_failed_(be, &logger, log_failed_carried, last || stop);
         // 3. checkpoint
         if (have_dir && step > start_step &&
             (last || stop || log_failed || (cfg->checkpoint_every > 0 && step % cfg->checkpoint_every == 0))) {
@@ -522,7 +549,7 @@ static inline int train_loop_run_(const TrainLoop* tl, const MCEval* mc_eval) {
         double start = train_loop_now_ms();
         float lr = learning_rate_at(cfg, step);
         TrainStepResult res;
-        be->train_step(ctx, step, lr, adam_t + 1, &train_loop_stop_requested, &res);
+        be->train_step(ctx, step, lr, adam_t + 1, &train_loop_stop_requested, logger.failed, &res);
         // 6. checks: loss and norm are the same on every rank, so all stop together
         if (!isfinite(res.loss) || !isfinite(res.norm)) {
             if (master) {
@@ -546,6 +573,7 @@ static inline int train_loop_run_(const TrainLoop* tl, const MCEval* mc_eval) {
         adam_t++;
         tokens_seen += tokens_per_step;
         stop = res.stop;
+        log_failed_carried = res.log_failed;
         // 7. log line
         if (master && L > 0) be->expert_stats(ctx, usage, kl);
         if (master && L > 0 && kind_shares != NULL) be->expert_kind_shares(ctx, kind_shares);

@@ -6,13 +6,14 @@ floatX weights. The reduce-scatter itself is GradReducer's (llmc/multi_gpu.cuh, 
 with its chunk).
 
 Defines:
-- ZeroOptimizer                 the rank's map, its norm-range table on the device, scratch
+- ZeroOptimizer                 the rank's map, its norm-range and update tables on the device, scratch
 - zero_init() / zero_free()     needs P >= 2 ranks; refuses slices that are not 8-aligned
 - zero_norm_partial()           this rank's partial (device double), no communication
 - zero_grad_norm_squared()      the global sum of squares of the mean gradients, in double:
                                 rank partials over their norm ranges (chunks; tails on rank 0
                                 only), all-gathered, added in rank order 0..P-1 on every rank
-- zero_adamw()                  adamw_update on every range of the shard (weight decay per tensor)
+- zero_adamw()                  AdamW on every range of the shard (weight decay per tensor): one
+                                launch over the update table (llmc/zero_shard.h)
 - zero_allgather_params()       every rank's updated chunks of the floatX weights to every rank,
                                 one NCCL group per bucket, buckets in forward order
 - zero_upload_packed()          host full fp32 (flat layout) -> the rank's packed device buffer
@@ -26,8 +27,9 @@ block; the block partials added in order by one thread); the P partials are exch
 all-gather (no reduction inside NCCL) and summed in rank order on the host, so every rank gets the
 same bits whatever NCCL's algorithm. It is not bitwise equal to the replicated path's fp32 norm
 (global_norm.cuh); test_zero_ranks.c shows the double sums agree within 1e-12 on the CPU.
-AdamW per element is adamw_update's, so a shard gets the bits the replicated update would give the
-same element from the same reduced gradient and norm. The gathers copy bytes.
+AdamW per element is adamw_update's (adamw_quad, the same bias corrections), so a shard gets the
+bits the replicated update would give the same element from the same reduced gradient and norm.
+The gathers copy bytes.
 
 Tests: test_zero_ranks.c simulates the whole step with P ranks on the CPU model; test_omnimoe.cu
 (test_zero_update) runs this file's norm partials and shard AdamW for P simulated ranks on one
@@ -46,6 +48,8 @@ GPU against the replicated update. The NCCL calls (reduce-scatter, all-gathers) 
 
 #define ZERO_NORM_BLOCKS 256
 #define ZERO_NORM_THREADS 512
+#define ZERO_ADAMW_THREADS 512                            // one quad (4 elements) per thread
+#define ZERO_ADAMW_BLOCK_ELEMS (4 * ZERO_ADAMW_THREADS)   // elements per block of the update
 #define ZERO_STAGING_ELEMS ((size_t)1 << 24)   // per rank and piece in the gathers (64 MiB fp32)
 
 typedef struct {
@@ -58,6 +62,8 @@ typedef struct {
     double* host_partials;     // (P) host: the gathered rank partials, read back each step
     int* slice_chunk_range;    // (num_slices) host: the index in map.ranges of the slice's chunk, -1: none
     int* slice_tail_range;     // (num_slices) host: ... of its tail, -1: none
+    ZeroUpdateRange* update_table;  // (map.num_ranges) device: the AdamW launch's ranges
+    int update_blocks;              // blocks of that launch
 } ZeroOptimizer;
 
 static inline void zero_init(ZeroOptimizer* z, const ModelConfig* c, const MultiGpu* mg) {
@@ -101,12 +107,19 @@ static inline void zero_init(ZeroOptimizer* z, const ModelConfig* c, const Multi
         if (m->ranges[i].is_tail) z->slice_tail_range[m->ranges[i].slice] = i;
         else z->slice_chunk_range[m->ranges[i].slice] = i;
     }
+    ZeroUpdateRange* table = (ZeroUpdateRange*)malloc_check((m->num_ranges + 1) * sizeof(ZeroUpdateRange));
+    z->update_blocks = zero_shard_update_table(m, ZERO_ADAMW_BLOCK_ELEMS, table);
+    z->update_table = (ZeroUpdateRange*)cuda_malloc_or_die((m->num_ranges + 1) * sizeof(ZeroUpdateRange),
+                                                           "ZeRO update table");
+    cudaCheck(cudaMemcpy(z->update_table, table, m->num_ranges * sizeof(ZeroUpdateRange), cudaMemcpyHostToDevice));
+    free(table);
 }
 
 static inline void zero_free(ZeroOptimizer* z) {
     cudaCheck(cudaFree(z->norm_offsets));
     cudaCheck(cudaFree(z->norm_counts));
     cudaCheck(cudaFree(z->partials));
+    cudaCheck(cudaFree(z->update_table));
     free(z->host_partials);
     free(z->slice_chunk_range);
     free(z->slice_tail_range);
@@ -181,18 +194,40 @@ static inline double zero_grad_norm_squared(ZeroOptimizer* z, const floatX* grad
 // ----------------------------------------------------------------------------
 // the update and the weight all-gather
 
-// master, m, v: the rank's packed buffers; params, grads: full floatX buffers (flat layout)
+// One block per ZERO_ADAMW_BLOCK_ELEMS elements of one range (the update table, zero_init): the
+// block finds its row by binary search on first_block (the same row for every thread), then each
+// thread updates one quad of the range with adamw_quad, the replicated vectorised kernel's body.
+// Every range is 8-aligned (zero_init), so quads never straddle a range and the loads are aligned.
+__global__ void zero_adamw_kernel(floatX* params, float* master, const floatX* grads, float* m, float* v,
+                                  const ZeroUpdateRange* table, int num_ranges, float lr, float beta1, float beta2,
+                                  float eps, float weight_decay, float grad_scale, float bias_correction1,
+                                  float bias_correction2) {
+    int lo = 0, hi = num_ranges - 1;
+    while (lo < hi) {  // the last row whose first block is <= this block
+        int mid = lo + (hi - lo + 1) / 2;
+        if (table[mid].first_block <= (int)blockIdx.x) lo = mid;
+        else hi = mid - 1;
+    }
+    const ZeroUpdateRange row = table[lo];
+    size_t q = (size_t)((int)blockIdx.x - row.first_block) * blockDim.x + threadIdx.x;
+    if (q >= row.count / 4) { return; }
+    float wd = row.decay ? weight_decay : 0.0f;
+    adamw_quad(params + row.offset, master + row.shard_offset, grads + row.offset, m + row.shard_offset,
+               v + row.shard_offset, q, lr, beta1, beta2, eps, wd, grad_scale, bias_correction1, bias_correction2);
+}
+
+// master, m, v: the rank's packed buffers; params, grads: full floatX buffers (flat layout).
+// One launch for the whole shard.
 static inline void zero_adamw(const ZeroOptimizer* z, floatX* params, float* master, const floatX* grads, float* m,
                               float* v, float lr, float beta1, float beta2, float eps, float weight_decay,
                               float grad_scale, int t, cudaStream_t stream) {
-    const ZeroShardMap* map = &z->map;
-    for (int i = 0; i < map->num_ranges; i++) {
-        const ZeroRange* rg = &map->ranges[i];
-        float wd = param_is_decayed(rg->tensor) ? weight_decay : 0.0f;
-        size_t so = rg->shard_offset;
-        adamw_update(params + rg->offset, master + so, grads + rg->offset, m + so, v + so, rg->count, lr, beta1,
-                     beta2, eps, wd, grad_scale, t, stream);
-    }
+    const float bias_correction1 = adamw_bias_correction(beta1, t);
+    const float bias_correction2 = adamw_bias_correction(beta2, t);
+    if (z->update_blocks == 0) { return; }
+    zero_adamw_kernel<<<z->update_blocks, ZERO_ADAMW_THREADS, 0, stream>>>(
+        params, master, grads, m, v, z->update_table, z->map.num_ranges, lr, beta1, beta2, eps, weight_decay,
+        grad_scale, bias_correction1, bias_correction2);
+    cudaCheckLast();
 }
 
 // In place: slice [r*q, (r+1)*q) of rank r -> every rank. The tails are equal on every rank already.

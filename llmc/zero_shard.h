@@ -13,6 +13,8 @@ Defines:
 - zero_shard_tail_elems()   elements in the replicated tails (the same on every rank)
 - zero_shard_pack()    full (flat layout) -> packed, rank r's ranges (overwrites packed)
 - zero_shard_unpack()  packed -> full, rank r's ranges only (other elements untouched)
+- ZeroUpdateRange      one row of the update table: a range, its weight decay and its first block
+- zero_shard_update_table()  the table of rank r's ranges for llmc/zero.cuh's one-launch AdamW
 
 The partition: the unit is a slice of grad_slices_build (one tensor's part in one gradient
 bucket), so the reduce-scatter of a bucket is one call per slice and the partition never crosses
@@ -134,6 +136,40 @@ static inline void zero_shard_unpack(const ZeroShardMap* map, const float* packe
         const ZeroRange* rg = &map->ranges[i];
         memcpy(full + rg->offset, packed + rg->shard_offset, rg->count * sizeof(float));
     }
+}
+
+// The update table: the shard's AdamW is one launch whose blocks each cover block_elems elements
+// of one range (llmc/zero.cuh). Row i is ranges[i] of the map, in map order, with the blocks
+// [first_block, first_block + ceil(count / block_elems)): the rows' first blocks increase strictly,
+// so a block finds its row by binary search. decay is param_is_decayed(tensor) of the range.
+typedef struct {
+    size_t offset;        // flat element offset (ZeroRange.offset)
+    size_t shard_offset;  // packed offset (ZeroRange.shard_offset)
+    size_t count;         // elements (> 0)
+    int first_block;      // the launch's first block on this range
+    int decay;            // 1: the range gets weight decay
+} ZeroUpdateRange;
+
+// Fills table[0, map->num_ranges); returns the launch's number of blocks. Exits with a message
+// when block_elems is 0 or the blocks would not fit a grid (2^31 - 1).
+static inline int zero_shard_update_table(const ZeroShardMap* map, size_t block_elems, ZeroUpdateRange* table) {
+    if (block_elems == 0) {
+        fprintf(stderr, "zero_shard_update_table: 0 elements per block\n");
+        exit(EXIT_FAILURE);
+    }
+    size_t blocks = 0;
+    for (int i = 0; i < map->num_ranges; i++) {
+        const ZeroRange* rg = &map->ranges[i];
+        ZeroUpdateRange row = {rg->offset, rg->shard_offset, rg->count, (int)blocks, param_is_decayed(rg->tensor)};
+        table[i] = row;
+        blocks += (rg->count + block_elems - 1) / block_elems;
+        if (blocks > 2147483647u) {
+            fprintf(stderr, "zero_shard_update_table: %zu elements need more than 2^31 - 1 blocks of %zu\n",
+                    map->shard_elems, block_elems);
+            exit(EXIT_FAILURE);
+        }
+    }
+    return (int)blocks;
 }
 
 #endif  // OMNIMOE_ZERO_SHARD_H

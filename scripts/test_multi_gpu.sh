@@ -40,12 +40,22 @@
 #        the tolerances of (a); its checkpoints are sharded (a manifest and one part per rank);
 #        bitwise resume; its checkpoint resumed replicated on 1 GPU (rank 0 assembles the parts);
 #        --zero 1 on 1 GPU bitwise equal to g1
+#   (i)  column-sharded expert tables (--shard-experts 1, docs/sharding.md §3): on 2 GPUs, with
+#        validation and a sample every 10 steps (the sample's forwards run on both ranks), the
+#        losses and norms within the tolerances of (a) of the replicated g2; a rerun bitwise; its
+#        checkpoints sharded (a manifest and one part per rank); bitwise resume from its parts
+#        (and byte-identical step-20 parts); its checkpoint resumed replicated on 1 GPU and g2's
+#        single-file checkpoint resumed sharded on 2 GPUs, both within the tolerances of (a);
+#        with 4 GPUs also its 2-part checkpoint resumed on 4 (re-sharded); --shard-experts 1 with
+#        --zero 1, and on 1 GPU, refused with one message
 #   (h)  a failure on one rank alone stops both (docs/design.md §9.6), launched with -pn/-pr/-pf
 #        and no launcher (nothing would kill a waiting rank): the checkpoint write failing on rank 0
 #        (its .tmp a link to /dev/full), a --zero 1 part failing on rank 1, the final model write
 #        failing on rank 0 (--zero 1: both gather first), a malformed tokenizer file read by rank
-#        0: both ranks exit 1 within the timeout, the message names the file, the checkpoints
-#        saved before are intact and nothing of the failed write is left
+#        0, a resume of g2z's sharded checkpoint with one flipped byte in part 1 (replicated: rank
+#        0 alone reads it; --zero 1: rank 1 alone): both ranks exit 1 within the timeout, the
+#        message names the file (once), the checkpoints saved before are intact and nothing of the
+#        failed write is left
 set -u
 export NCCL_NVLS_ENABLE=0   # never NVLink multicast (house rule)
 cd "$(dirname "$0")/.."
@@ -302,6 +312,58 @@ check_rc $? 0 "run g1z (1 GPU, --zero 1)" g1z
 check "(g) --zero 1 on 1 GPU says it changes nothing" grep -q "zero 1 on one process: nothing to shard" "$W/g1z.out"
 compare "(g) --zero 1 on 1 GPU = g1 bitwise" "$W/g1/log.jsonl" "$W/g1z/log.jsonl" --steps 1-20 --exact
 
+# --- (i) column-sharded expert tables ----------------------------------------------------------------
+SHARD=(--shard-experts 1 -s 10 -g 16)
+run2 "$MPI_LAUNCH" g2t "${COMMON[@]}" -x 20 -n 10 -o "$W/g2t" --overlap-comm 0 "${SHARD[@]}"
+check_rc $? 0 "run g2t (2 GPUs, --shard-experts 1)" g2t
+check "(i) g2t says it shards U and V, keeps them out of the gradient mean, and samples" \
+    bash -c "grep -q 'sharded expert tables: U and V of' '$W/g2t.out' && grep -q 'U and V excluded (sharded)' '$W/g2t.out' \
+             && [ \$(grep -c '^sample: ' '$W/g2t.out') -ge 2 ]"
+compare "(i) 2 GPUs: --shard-experts 1 vs replicated g2 within the tolerances of (a)" "$W/g2/log.jsonl" \
+    "$W/g2t/log.jsonl" --steps 1-20 --loss-tol "$LOSS_TOL" --norm-rtol "$NORM_RTOL"
+run2 "$MPI_LAUNCH" g2t2 "${COMMON[@]}" -x 20 -o "$W/g2t2" --overlap-comm 1 "${SHARD[@]}"
+check_rc $? 0 "run g2t2 (2 GPUs, --shard-experts 1, --overlap-comm 1)" g2t2
+compare "(i) two --shard-experts 1 runs (--overlap-comm 0 and 1) bitwise" "$W/g2t/log.jsonl" "$W/g2t2/log.jsonl" \
+    --steps 1-20 --exact
+check "(i) g2t wrote a manifest and 2 parts for step 10" \
+    bash -c "ls '$W/g2t/ckpt_00000010.part0of2.bin' '$W/g2t/ckpt_00000010.part1of2.bin' >/dev/null && grep -q 'checkpoint parts: 2 x' '$W/g2t.out'"
+tables_resume_dir() {  # tables_resume_dir <new dir>: only g2t's step-10 manifest and parts in it
+    fresh_resume_dir "$1" "$W/g2t/ckpt_00000010.bin"
+    cp "$W"/g2t/ckpt_00000010.part*of2.bin "$1/"
+}
+tables_resume_dir "$W/g2tr"
+run2 file g2tr "${COMMON[@]}" -x 20 -n 10 -o "$W/g2tr" "${SHARD[@]}" -y 1
+check_rc $? 0 "run g2tr (2 GPUs, --shard-experts 1 resume)" g2tr
+compare "(i) 2 GPUs --shard-experts 1: 20 straight vs 10 + resume + 10" "$W/g2t/log.jsonl" "$W/g2tr/log.jsonl" \
+    --steps 11-20 --exact
+check "(i) the step-20 checkpoints of both are byte-identical (manifest and parts)" \
+    bash -c "for f in ckpt_00000020.bin ckpt_00000020.part0of2.bin ckpt_00000020.part1of2.bin; do cmp -s '$W/g2t/'\$f '$W/g2tr/'\$f || exit 1; done"
+tables_resume_dir "$W/g2tto1"
+run1 g2tto1 "${COMMON[@]}" -x 20 -o "$W/g2tto1" -y 1
+check_rc $? 0 "run g2tto1 (the --shard-experts 1 checkpoint resumed replicated on 1 GPU)" g2tto1
+compare "(i) --shard-experts 1 checkpoint resumed on 1 GPU vs g2t, steps 11-20" "$W/g2t/log.jsonl" \
+    "$W/g2tto1/log.jsonl" --steps 11-20 --loss-tol "$LOSS_TOL" --norm-rtol "$NORM_RTOL"
+fresh_resume_dir "$W/g2tfrom" "$W/g2/ckpt_00000010.bin"
+run2 file g2tfrom "${COMMON[@]}" -x 20 -o "$W/g2tfrom" --overlap-comm 0 "${SHARD[@]}" -y 1
+check_rc $? 0 "run g2tfrom (g2's single-file checkpoint resumed with --shard-experts 1)" g2tfrom
+compare "(i) g2's checkpoint resumed sharded vs g2, steps 11-20" "$W/g2/log.jsonl" "$W/g2tfrom/log.jsonl" \
+    --steps 11-20 --loss-tol "$LOSS_TOL" --norm-rtol "$NORM_RTOL"
+if [ "$ngpu" -ge 4 ]; then  # re-sharded: 2 parts read by 4 ranks (C/8 = 48 column vectors per row at d6)
+    tables_resume_dir "$W/g2tto4"
+    OMNIMOE_LAUNCH=file timeout 300 scripts/run_multi_gpu.sh 4 "${COMMON[@]}" -d 4096 -x 20 -o "$W/g2tto4" \
+        "${SHARD[@]}" -y 1 >"$W/g2tto4.out" 2>&1
+    check_rc $? 0 "run g2tto4 (the 2-part checkpoint resumed on 4 GPUs, -d 4096)" g2tto4
+    check "(i) the 4-GPU resume started from step 10 and trained to step 20" \
+        bash -c "grep -q 'resumed from $W/g2tto4/ckpt_00000010.bin at step 10' '$W/g2tto4.out' && grep -Eq '^step +20/' '$W/g2tto4.out'"
+fi
+run2 file g2tz "${COMMON[@]}" -x 2 -o "$W/g2tz" --shard-experts 1 --zero 1
+check "(i) --shard-experts 1 with --zero 1 refused with one message" \
+    bash -c "grep -q 'flags --shard-experts 1 and --zero 1 together: not implemented yet' '$W/g2tz.out'"
+run1 g1t "${COMMON[@]}" -x 2 -o "$W/g1t" --shard-experts 1
+rc=$?
+check "(i) --shard-experts 1 on 1 GPU refused (exit $rc)" \
+    bash -c "[ $rc -ne 0 ] && grep -q 'flag --shard-experts 1 needs several processes' '$W/g1t.out'"
+
 # --- (h) a failure on one rank alone -------------------------------------------------------------
 run2_raw() {  # run2_raw <name> <dir to run in> <flags...>: both ranks by hand; sets rc0, rc1, took
     local name=$1 cwd=$2
@@ -358,6 +420,20 @@ head -c 5000 data/gpt2_tokenizer.bin > "$W/htok/data/gpt2_tokenizer.bin"
 run2_raw htok "$W/htok" "${COMMON[@]}" -x 20 -o "$W/htok/out"
 both_fail "(h) a malformed tokenizer file read by rank 0" htok 0 "short read from 'data/gpt2_tokenizer\.bin'"
 check "(h) ... stopped before the run started (no step line)" bash -c "! grep -q '^step ' '$W/htok0.out'"
+flip_byte() {  # flip_byte <file> <offset>: one bit of one byte, the size unchanged
+    python3 -c "import sys; f = open(sys.argv[1], 'r+b'); f.seek(int(sys.argv[2])); b = f.read(1)[0]; f.seek(int(sys.argv[2])); f.write(bytes([b ^ 0x20]))" "$1" "$2"
+}
+for mode in replicated zero; do  # a corrupt part found while loading (checkpoint_find_latest checks sizes only)
+    name=hcorrupt_$mode
+    zero_resume_dir "$W/$name"
+    flip_byte "$W/$name/ckpt_00000010.part1of2.bin" 1040  # the header is 1024 bytes: part 1's master weights
+    flags=(); reader=0
+    if [ $mode = zero ]; then flags=(--grad-clip 0 --zero 1); reader=1; fi  # ZeRO-1: rank 1 reads part 1
+    run2_raw "$name" . "${COMMON[@]}" -x 20 -n 10 -o "$W/$name" ${flags[@]+"${flags[@]}"} -y 1
+    both_fail "(h) resume ($mode) of a checkpoint whose part 1 is corrupt, read by rank $reader alone" "$name" $reader \
+        "ckpt_00000010\.part1of2\.bin.*checksum mismatch"
+    check "(h) ... the part named once, nothing written" bash -c "[ \$(cat '$W/${name}0.out' '$W/${name}1.out' | grep -c 'Error: checkpoint part') = 1 ] && [ -z \"\$(ls -A '$W/$name' | grep -E 'ckpt_00000011|ckpt_00000020|log|\.tmp')\" ]"
+done
 
 echo
 echo "================ test_multi_gpu summary ($(( $(date +%s) - t0 )) s) ================"

@@ -18,45 +18,64 @@ static double cpu_gelu_grad(double x) {
 }
 static double cpu_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
 
+// One activation's device buffers: its input x (n_x) and output gradient dy (n_y), and the outputs
+// y (n_y) and dx (n_x) of two runs (run 1 for the bitwise check)
+struct ActRuns {
+    floatX *x, *dy, *y[2], *dx[2];
+};
+
+// x (host, n_x) uniform in [-5, 5] and dy (n_y) in [-1, 1], rounded to floatX and uploaded; then
+// run(y, dx, x, dy) (forward and backward) twice into NaN-poisoned outputs
+template <class Run>
+static ActRuns act_run_twice(float* x, size_t n_x, float* dy, size_t n_y, Rng* rng, Run run) {
+    fill_uniform(x, n_x, -5.0f, 5.0f, rng);
+    fill_uniform(dy, n_y, -1.0f, 1.0f, rng);
+    ActRuns r;
+    r.x = device_alloc<floatX>(n_x, "x");
+    r.dy = device_alloc<floatX>(n_y, "dy");
+    for (int k = 0; k < 2; k++) {
+        r.y[k] = device_alloc<floatX>(n_y, "y");
+        r.dx[k] = device_alloc<floatX>(n_x, "dx");
+    }
+    upload_rounded(r.x, x, n_x);
+    upload_rounded(r.dy, dy, n_y);
+    for (int k = 0; k < 2; k++) {
+        poison(r.y[k], n_y * sizeof(floatX));
+        poison(r.dx[k], n_x * sizeof(floatX));
+        run(r.y[k], r.dx[k], r.x, r.dy);
+        cudaCheck(cudaDeviceSynchronize());
+    }
+    return r;
+}
+
+static void act_runs_free(ActRuns* r) {
+    void* bufs[] = {r->x, r->dy, r->y[0], r->y[1], r->dx[0], r->dx[1]};
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) { cudaCheck(cudaFree(bufs[i])); }
+}
+
 static void test_gelu(int BT, int C4, Rng* rng) {
     size_t n = (size_t)BT * C4;
     printf("gelu N=%zu\n", n);
     float* x = host_alloc(n);
     float* dy = host_alloc(n);
-    fill_uniform(x, n, -5.0f, 5.0f, rng);
-    fill_uniform(dy, n, -1.0f, 1.0f, rng);
-    floatX* d_x = device_alloc<floatX>(n, "x");
-    floatX* d_dy = device_alloc<floatX>(n, "dy");
-    floatX* d_y[2] = {device_alloc<floatX>(n, "y"), device_alloc<floatX>(n, "y2")};
-    floatX* d_dx[2] = {device_alloc<floatX>(n, "dx"), device_alloc<floatX>(n, "dx2")};
-    upload_rounded(d_x, x, n);
-    upload_rounded(d_dy, dy, n);
-    for (int run = 0; run < 2; run++) {
-        poison(d_y[run], n * sizeof(floatX));
-        poison(d_dx[run], n * sizeof(floatX));
-        gelu_forward(d_y[run], d_x, n, 0);
-        gelu_backward(d_dx[run], d_x, d_dy, n, 0);
-        cudaCheck(cudaDeviceSynchronize());
-    }
+    ActRuns r = act_run_twice(x, n, dy, n, rng, [&](floatX* y, floatX* dx, const floatX* xd, const floatX* dyd) {
+        gelu_forward(y, xd, n, 0);
+        gelu_backward(dx, xd, dyd, n, 0);
+    });
     double* ref_y = ref_alloc(n);
     double* ref_dx = ref_alloc(n);
     for (size_t i = 0; i < n; i++) {
         ref_y[i] = cpu_gelu(x[i]);
         ref_dx[i] = dy[i] * cpu_gelu_grad(x[i]);
     }
-    float* got = download_floatX_alloc(d_y[0], n);
-    test_check_rel("gelu_forward", rel_err_f64(got, ref_y, n), TOL_FLOATX);
-    download_floatX(got, d_dx[0], n);
-    test_check_rel("gelu_backward", rel_err_f64(got, ref_dx, n), TOL_FLOATX);
-    test_check_bitwise("gelu_forward", d_y[0], d_y[1], n * sizeof(floatX));
-    test_check_bitwise("gelu_backward", d_dx[0], d_dx[1], n * sizeof(floatX));
+    test_check_runs("gelu_forward", r.y, ref_y, n, TOL_FLOATX);
+    test_check_runs("gelu_backward", r.dx, ref_dx, n, TOL_FLOATX);
     // in place: the gradient buffer is overwritten with dinp
-    gelu_backward(d_dy, d_x, d_dy, n, 0);
+    gelu_backward(r.dy, r.x, r.dy, n, 0);
     cudaCheck(cudaDeviceSynchronize());
-    test_check(device_bitwise_equal(d_dy, d_dx[0], n * sizeof(floatX)), "gelu_backward in place == out of place (bitwise)");
-    free(x); free(dy); free(ref_y); free(ref_dx); free(got);
-    void* bufs[] = {d_x, d_dy, d_y[0], d_y[1], d_dx[0], d_dx[1]};
-    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) { cudaCheck(cudaFree(bufs[i])); }
+    test_check(device_bitwise_equal(r.dy, r.dx[0], n * sizeof(floatX)), "gelu_backward in place == out of place (bitwise)");
+    free(x); free(dy); free(ref_y); free(ref_dx);
+    act_runs_free(&r);
 }
 
 static void test_swiglu(int BT, int I, Rng* rng) {
@@ -64,21 +83,11 @@ static void test_swiglu(int BT, int I, Rng* rng) {
     size_t n_h = (size_t)BT * I, n_gu = 2 * n_h;
     float* gu = host_alloc(n_gu);
     float* dh = host_alloc(n_h);
-    fill_uniform(gu, n_gu, -5.0f, 5.0f, rng);
-    fill_uniform(dh, n_h, -1.0f, 1.0f, rng);
-    floatX* d_gu = device_alloc<floatX>(n_gu, "gu");
-    floatX* d_dh = device_alloc<floatX>(n_h, "dh");
-    floatX* d_h[2] = {device_alloc<floatX>(n_h, "h"), device_alloc<floatX>(n_h, "h2")};
-    floatX* d_dgu[2] = {device_alloc<floatX>(n_gu, "dgu"), device_alloc<floatX>(n_gu, "dgu2")};
-    upload_rounded(d_gu, gu, n_gu);
-    upload_rounded(d_dh, dh, n_h);
-    for (int run = 0; run < 2; run++) {
-        poison(d_h[run], n_h * sizeof(floatX));
-        poison(d_dgu[run], n_gu * sizeof(floatX));
-        swiglu_forward(d_h[run], d_gu, BT, I, 0);
-        swiglu_backward(d_dgu[run], d_dh, d_gu, BT, I, 0);
-        cudaCheck(cudaDeviceSynchronize());
-    }
+    // x = gu (BT, 2I), dy = dh (BT, I), y = h, dx = dgu
+    ActRuns r = act_run_twice(gu, n_gu, dh, n_h, rng, [&](floatX* h, floatX* dgu, const floatX* gud, const floatX* dhd) {
+        swiglu_forward(h, gud, BT, I, 0);
+        swiglu_backward(dgu, dhd, gud, BT, I, 0);
+    });
     double* ref_h = ref_alloc(n_h);
     double* ref_dgu = ref_alloc(n_gu);
     for (int t = 0; t < BT; t++) {
@@ -92,10 +101,9 @@ static void test_swiglu(int BT, int I, Rng* rng) {
             ref_dgu[(size_t)t * 2 * I + I + i] = d * g * s;
         }
     }
-    float* got_h = download_floatX_alloc(d_h[0], n_h);
-    float* got_dgu = download_floatX_alloc(d_dgu[0], n_gu);
-    test_check_rel("swiglu_forward", rel_err_f64(got_h, ref_h, n_h), TOL_FLOATX);
-    test_check_rel("swiglu_backward (dgate and dup)", rel_err_f64(got_dgu, ref_dgu, n_gu), TOL_FLOATX);
+    test_check_runs("swiglu_forward", r.y, ref_h, n_h, TOL_FLOATX);
+    test_check_runs("swiglu_backward (dgate and dup)", r.dx, ref_dgu, n_gu, TOL_FLOATX);
+    float* got_dgu = download_floatX_alloc(r.dx[0], n_gu);
     // the gate half alone, so an error confined to it cannot hide behind the up half
     std::vector<float> got_gate;
     std::vector<double> ref_gate;
@@ -106,11 +114,8 @@ static void test_swiglu(int BT, int I, Rng* rng) {
         }
     }
     test_check_rel("swiglu_backward (dgate half)", rel_err_f64(got_gate.data(), ref_gate.data(), got_gate.size()), TOL_FLOATX);
-    test_check_bitwise("swiglu_forward", d_h[0], d_h[1], n_h * sizeof(floatX));
-    test_check_bitwise("swiglu_backward", d_dgu[0], d_dgu[1], n_gu * sizeof(floatX));
-    free(gu); free(dh); free(ref_h); free(ref_dgu); free(got_h); free(got_dgu);
-    void* bufs[] = {d_gu, d_dh, d_h[0], d_h[1], d_dgu[0], d_dgu[1]};
-    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) { cudaCheck(cudaFree(bufs[i])); }
+    free(gu); free(dh); free(ref_h); free(ref_dgu); free(got_dgu);
+    act_runs_free(&r);
 }
 
 int main(void) {

@@ -108,18 +108,9 @@ static void run_case(int BT, int C, Rng* rng) {
         cudaCheck(cudaDeviceSynchronize());
     }
     cpu_layernorm_forward(ref_out, ref_mean, ref_rstd, inp1, w, b, BT, C);
-    {
-        float* got = download_floatX_alloc(d_out[0], n);
-        float* got_mean = download_floats(d_mean[0], BT);
-        float* got_rstd = download_floats(d_rstd[0], BT);
-        test_check_rel("layernorm_forward out", rel_err_f64(got, ref_out, n), TOL_FLOATX);
-        test_check_rel("layernorm_forward mean (fp32)", rel_err_f64(got_mean, ref_mean, BT), 1e-5);
-        test_check_rel("layernorm_forward rstd (fp32)", rel_err_f64(got_rstd, ref_rstd, BT), 1e-5);
-        test_check_bitwise("layernorm_forward out", d_out[0], d_out[1], n * sizeof(floatX));
-        test_check_bitwise("layernorm_forward mean", d_mean[0], d_mean[1], BT * sizeof(float));
-        test_check_bitwise("layernorm_forward rstd", d_rstd[0], d_rstd[1], BT * sizeof(float));
-        free(got); free(got_mean); free(got_rstd);
-    }
+    test_check_runs("layernorm_forward out", d_out, ref_out, n, TOL_FLOATX);
+    test_check_runs("layernorm_forward mean (fp32)", d_mean, ref_mean, BT, 1e-5);
+    test_check_runs("layernorm_forward rstd (fp32)", d_rstd, ref_rstd, BT, 1e-5);
 
     // ---- fused residual forward
     float* residual = host_alloc(n);
@@ -138,18 +129,12 @@ static void run_case(int BT, int C, Rng* rng) {
         double* ref_res = ref_alloc(n);
         for (size_t i = 0; i < n; i++) { ref_res[i] = (double)inp1[i] + inp2[i]; }
         float* got_res = download_floatX_alloc(d_res[0], n);
-        float* got = download_floatX_alloc(d_out[0], n);
-        float* got_mean = download_floats(d_mean[0], BT);
-        float* got_rstd = download_floats(d_rstd[0], BT);
-        test_check_rel("fused residual: residual", rel_err_f64(got_res, ref_res, n), TOL_FLOATX);
         test_check(memcmp(got_res, residual, n * sizeof(float)) == 0, "fused residual: residual == floatX(inp1 + inp2) exactly");
-        test_check_rel("fused residual: normed out", rel_err_f64(got, ref_out, n), TOL_FLOATX);
-        test_check_rel("fused residual: mean (fp32)", rel_err_f64(got_mean, ref_mean, BT), 1e-5);
-        test_check_rel("fused residual: rstd (fp32)", rel_err_f64(got_rstd, ref_rstd, BT), 1e-5);
-        test_check_bitwise("fused residual out", d_out[0], d_out[1], n * sizeof(floatX));
-        test_check_bitwise("fused residual residual", d_res[0], d_res[1], n * sizeof(floatX));
-        test_check_bitwise("fused residual rstd", d_rstd[0], d_rstd[1], BT * sizeof(float));
-        free(ref_res); free(got_res); free(got); free(got_mean); free(got_rstd);
+        test_check_runs("fused residual: residual", d_res, ref_res, n, TOL_FLOATX);
+        test_check_runs("fused residual: normed out", d_out, ref_out, n, TOL_FLOATX);
+        test_check_runs("fused residual: mean (fp32)", d_mean, ref_mean, BT, 1e-5);
+        test_check_runs("fused residual: rstd (fp32)", d_rstd, ref_rstd, BT, 1e-5);
+        free(ref_res); free(got_res);
     }
 
     // ---- backward (input = the residual stream, statistics from the GPU forward above)
@@ -173,18 +158,9 @@ static void run_case(int BT, int C, Rng* rng) {
     }
     for (size_t i = 0; i < n; i++) { ref_dx[i] += old_dinp[i]; }
     for (int c = 0; c < C; c++) { ref_dw[c] += old_dw[c]; ref_db[c] += old_db[c]; }
-    {
-        float* got = download_floatX_alloc(d_dinp[0], n);
-        float* got_dw = download_floatX_alloc(d_dw[0], C);
-        float* got_db = download_floatX_alloc(d_db[0], C);
-        test_check_rel("layernorm_backward dinp (+=)", rel_err_f64(got, ref_dx, n), TOL_FLOATX);
-        test_check_rel("layernorm_backward dweight (+=)", rel_err_f64(got_dw, ref_dw, C), TOL_FLOATX);
-        test_check_rel("layernorm_backward dbias (+=)", rel_err_f64(got_db, ref_db, C), TOL_FLOATX);
-        test_check_bitwise("layernorm_backward dinp", d_dinp[0], d_dinp[1], n * sizeof(floatX));
-        test_check_bitwise("layernorm_backward dweight", d_dw[0], d_dw[1], C * sizeof(floatX));
-        test_check_bitwise("layernorm_backward dbias", d_db[0], d_db[1], C * sizeof(floatX));
-        free(got); free(got_dw); free(got_db);
-    }
+    test_check_runs("layernorm_backward dinp (+=)", d_dinp, ref_dx, n, TOL_FLOATX);
+    test_check_runs("layernorm_backward dweight (+=)", d_dw, ref_dw, C, TOL_FLOATX);
+    test_check_runs("layernorm_backward dbias (+=)", d_db, ref_db, C, TOL_FLOATX);
 
     free(inp1); free(inp2); free(w); free(b); free(dout); free(residual);
     free(old_dinp); free(old_dw); free(old_db);
