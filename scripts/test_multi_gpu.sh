@@ -53,7 +53,8 @@
 #        (its .tmp a link to /dev/full), a --zero 1 part failing on rank 1, the final model write
 #        failing on rank 0 (--zero 1: both gather first), a malformed tokenizer file read by rank
 #        0, a resume of g2z's sharded checkpoint with one flipped byte in part 1 (replicated: rank
-#        0 alone reads it; --zero 1: rank 1 alone): both ranks exit 1 within the timeout, the
+#        0 alone reads it; --zero 1: rank 1 alone), the same with g2t's --shard-experts 1 parts
+#        (rank 1 alone reads part 1): both ranks exit 1 within the timeout, the
 #        message names the file (once), the checkpoints saved before are intact and nothing of the
 #        failed write is left
 set -u
@@ -423,12 +424,14 @@ check "(h) ... stopped before the run started (no step line)" bash -c "! grep -q
 flip_byte() {  # flip_byte <file> <offset>: one bit of one byte, the size unchanged
     python3 -c "import sys; f = open(sys.argv[1], 'r+b'); f.seek(int(sys.argv[2])); b = f.read(1)[0]; f.seek(int(sys.argv[2])); f.write(bytes([b ^ 0x20]))" "$1" "$2"
 }
-for mode in replicated zero; do  # a corrupt part found while loading (checkpoint_find_latest checks sizes only)
+for mode in replicated zero tables; do  # a corrupt part found while loading (checkpoint_find_latest checks sizes only)
     name=hcorrupt_$mode
-    zero_resume_dir "$W/$name"
+    if [ $mode = tables ]; then tables_resume_dir "$W/$name"; else zero_resume_dir "$W/$name"; fi
     flip_byte "$W/$name/ckpt_00000010.part1of2.bin" 1040  # the header is 1024 bytes: part 1's master weights
     flags=(); reader=0
     if [ $mode = zero ]; then flags=(--grad-clip 0 --zero 1); reader=1; fi  # ZeRO-1: rank 1 reads part 1
+    # sharded tables: every rank reads part 0 (the replicated tensors) and the parts of its columns
+    if [ $mode = tables ]; then flags=(--shard-experts 1); reader=1; fi
     run2_raw "$name" . "${COMMON[@]}" -x 20 -n 10 -o "$W/$name" ${flags[@]+"${flags[@]}"} -y 1
     both_fail "(h) resume ($mode) of a checkpoint whose part 1 is corrupt, read by rank $reader alone" "$name" $reader \
         "ckpt_00000010\.part1of2\.bin.*checksum mismatch"
