@@ -21,6 +21,8 @@
 #         in the log), then dev/test_export_hf.py (exports loaded in transformers, logits vs ours)
 #     startup: dev/startup_check.sh: the threaded host initialisation against one thread (bitwise),
 #         launch-to-step-1 seconds and --plan against the measured GPU memory, d12 N=16k/64k/256k
+#     largest: dev/largest_n.sh: the largest N that --plan fits at d12 B=16 with -r 0 and -r 2, then
+#         3 trained steps there (issue 18)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/omnimoe_out}
@@ -72,6 +74,7 @@ if [[ "$mode" == *full* ]] && [ -d carry/mixed ]; then
     done
 fi
 if [[ "$mode" == *startup* ]]; then run startup bash dev/startup_check.sh; fi
+if [[ "$mode" == *largest* ]]; then run largest_n bash dev/largest_n.sh; fi
 # the multiple-choice eval in a GPU training run (data/mc_examples_val.bin, made by
 # dev/data/hellaswag.py from dev/data/mc_examples.jsonl) and the Hugging Face export against our logits
 if [[ "$mode" == *mceval* ]]; then

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The largest OmniMoE model that trains on one GPU (issue 18: d12, B=16, T=1024, with and without
+# activation recomputation). For each -r, --plan (no GPU needed) finds the largest grid side n whose
+# plan fits the card's free memory; on a GPU machine the trainer then runs 3 steps at N = n*n (and,
+# if that fails, at smaller n down to 3 tries), so the result is measured, not planned.
+#   bash dev/largest_n.sh [plan]      plan: only the --plan search (runs anywhere)
+# (dev/gpu_check.sh largest runs it; needs ./train_omnimoe)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+only_plan=${1:-}
+flags=(-e d12 -f omni -b 16 -t 1024)
+fits() {  # fits <n> <r>: 0 when --plan says the model fits an H200
+    ./train_omnimoe --plan 1 "${flags[@]}" -r "$2" --experts $(( $1 * $1 )) 2>/dev/null \
+        | grep -q "an H200 (139 GiB free): yes"
+}
+largest_planned() {  # largest_planned <r>: binary search over n in [2, 2048]
+    local lo=2 hi=2048 mid
+    while [ $lo -lt $hi ]; do
+        mid=$(( (lo + hi + 1) / 2 ))
+        if fits $mid "$1"; then lo=$mid; else hi=$(( mid - 1 )); fi
+    done
+    echo $lo
+}
+printf '%-4s %10s %14s %14s %s\n' -r planned_n planned_N trained_N params
+for r in 0 2; do
+    n=$(largest_planned $r)
+    trained="-"; params="-"
+    if [ "$only_plan" != plan ]; then
+        for try in 0 1 2; do
+            m=$(( n - 8 * try ))
+            log=$(mktemp)
+            if ./train_omnimoe "${flags[@]}" -r $r --experts $(( m * m )) -x 3 -v 0 -s 0 > "$log" 2>&1 \
+                && grep -q "^step *3/3" "$log"; then
+                trained=$(( m * m ))
+                params=$(sed -n 's/^| parameters: total \([0-9]*\).*/\1/p' "$log" | head -1)
+                grep -E "^step *3/3|GPU memory in use" "$log" | sed 's/^/    /'
+                rm -f "$log"
+                break
+            fi
+            echo "    -r $r N=$(( m * m )): did not train 3 steps:"; tail -n 3 "$log" | sed 's/^/      /'
+            rm -f "$log"
+        done
+    fi
+    printf '%-4s %10s %14s %14s %s\n' $r $n $(( n * n )) "$trained" "$params"
+done
