@@ -19,6 +19,10 @@
  *              one row per range in map order (offset, packed offset, count), the weight decay
  *              of the range's tensor, first blocks from 0 with ceil(count / block) blocks each,
  *              so the blocks cover every element of every range exactly once
+ *   launch     the one-launch AdamW as llmc/zero.cuh's kernel runs it, on the host: every block
+ *              finds its row (zero_update_row_of), each of its block_elems/4 threads takes one quad;
+ *              every packed element of every rank's shard is updated exactly once, no block idles
+ *              (the 8-aligned shards that zero_init accepts, up to 2^24 elements)
  */
 #include "llmc/test_harness.h"
 #include "llmc/zero_shard.h"
@@ -160,6 +164,64 @@ static int check_update_table(const ModelConfig* c, int P, size_t block_elems, c
     return bad;
 }
 
+// zero_adamw_kernel's blocks and threads over every rank's update table, simulated; returns the
+// number of problems, printing the first. 8-aligned shards of up to 2^24 elements (else 0, skipped).
+static int check_update_launch(const ModelConfig* c, int P, size_t block_elems, const char* label, int* simulated) {
+    int bad = 0;
+    char why[256] = "";
+#define PROBLEM(...) do { if (!bad++) snprintf(why, sizeof(why), __VA_ARGS__); } while (0)
+    const size_t threads = block_elems / 4;  // one quad per thread
+    for (int r = 0; r < P; r++) {
+        ZeroShardMap m;
+        zero_shard_map(&m, c, P, r);
+        int aligned = block_elems % 4 == 0 && m.num_ranges > 0;
+        for (int i = 0; i < m.num_ranges; i++) {
+            aligned &= m.ranges[i].offset % 8 == 0 && m.ranges[i].count % 8 == 0 && m.ranges[i].shard_offset % 8 == 0;
+        }
+        if (!aligned || m.shard_elems > ((size_t)1 << 24)) {
+            zero_shard_map_free(&m);
+            continue;
+        }
+        (*simulated)++;
+        ZeroUpdateRange* table = (ZeroUpdateRange*)malloc_check((m.num_ranges + 1) * sizeof(ZeroUpdateRange));
+        int blocks = zero_shard_update_table(&m, block_elems, table);
+        unsigned char* hits = (unsigned char*)calloc(m.shard_elems, 1);
+        for (int b = 0; b < blocks; b++) {
+            int i = zero_update_row_of(table, m.num_ranges, b);
+            if (i < 0 || i >= m.num_ranges || table[i].first_block > b ||
+                (i + 1 < m.num_ranges && table[i + 1].first_block <= b)) {
+                PROBLEM("rank %d block %d: row %d", r, b, i);
+                continue;
+            }
+            const ZeroUpdateRange* row = &table[i];
+            int active = 0;
+            for (size_t t = 0; t < threads; t++) {
+                size_t q = (size_t)(b - row->first_block) * threads + t;
+                if (q >= row->count / 4) continue;  // the kernel's bound
+                active = 1;
+                for (int e = 0; e < 4; e++) {
+                    size_t j = row->shard_offset + 4 * q + (size_t)e;
+                    if (j < m.shard_elems && hits[j] < 255) hits[j]++;
+                    else if (j >= m.shard_elems) PROBLEM("rank %d block %d: packed element %zu past the shard", r, b, j);
+                }
+            }
+            if (!active) PROBLEM("rank %d block %d (row %d): no thread has a quad", r, b, i);
+        }
+        for (size_t j = 0; j < m.shard_elems; j++) {
+            if (hits[j] != 1) {
+                PROBLEM("rank %d: packed element %zu updated %d times", r, j, hits[j]);
+                break;
+            }
+        }
+        free(hits);
+        free(table);
+        zero_shard_map_free(&m);
+    }
+#undef PROBLEM
+    if (bad) printf("  %s P=%d block %zu: %d problem(s), first: %s\n", label, P, block_elems, bad, why);
+    return bad;
+}
+
 static size_t total_tail_elems(const ModelConfig* c, int P) {
     ZeroShardMap m;
     zero_shard_map(&m, c, P, 0);
@@ -264,6 +326,17 @@ int main(void) {
     }
     test_checkf(table_problems == 0, "update table: rows, decay, blocks cover every range once", "%d of %d cases wrong",
                 table_problems, table_cases);
+    int launch_problems = 0, launch_cases = 0, simulated = 0;
+    for (int i = 0; i < nc; i++) {
+        for (int P = 1; P <= 8; P++) {
+            for (int b = 0; b < 4; b++) {
+                launch_cases++;
+                launch_problems += check_update_launch(&configs[i], P, block_sizes[b], labels[i], &simulated) != 0;
+            }
+        }
+    }
+    test_checkf(launch_problems == 0 && simulated > 100, "update launch: each block finds its row, every element once",
+                "%d of %d cases wrong, %d rank shards simulated", launch_problems, launch_cases, simulated);
 
     // the tails at d12 (C = 768 = 2^8 * 3): empty when 8P divides every slice
     for (int P = 1; P <= 8; P++) {

@@ -195,20 +195,15 @@ static inline double zero_grad_norm_squared(ZeroOptimizer* z, const floatX* grad
 // the update and the weight all-gather
 
 // One block per ZERO_ADAMW_BLOCK_ELEMS elements of one range (the update table, zero_init): the
-// block finds its row by binary search on first_block (the same row for every thread), then each
-// thread updates one quad of the range with adamw_quad, the replicated vectorised kernel's body.
+// block finds its row by binary search on first_block (zero_update_row_of, the same row for every
+// thread; test_zero_shard.c runs it for every block of the launch), then each thread updates one
+// quad of the range with adamw_quad, the replicated vectorised kernel's body.
 // Every range is 8-aligned (zero_init), so quads never straddle a range and the loads are aligned.
 __global__ void zero_adamw_kernel(floatX* params, float* master, const floatX* grads, float* m, float* v,
                                   const ZeroUpdateRange* table, int num_ranges, float lr, float beta1, float beta2,
                                   float eps, float weight_decay, float grad_scale, float bias_correction1,
                                   float bias_correction2) {
-    int lo = 0, hi = num_ranges - 1;
-    while (lo < hi) {  // the last row whose first block is <= this block
-        int mid = lo + (hi - lo + 1) / 2;
-        if (table[mid].first_block <= (int)blockIdx.x) lo = mid;
-        else hi = mid - 1;
-    }
-    const ZeroUpdateRange row = table[lo];
+    const ZeroUpdateRange row = table[zero_update_row_of(table, num_ranges, (int)blockIdx.x)];
     size_t q = (size_t)((int)blockIdx.x - row.first_block) * blockDim.x + threadIdx.x;
     if (q >= row.count / 4) { return; }
     float wd = row.decay ? weight_decay : 0.0f;

@@ -15,6 +15,7 @@ Defines:
 - zero_shard_unpack()  packed -> full, rank r's ranges only (other elements untouched)
 - ZeroUpdateRange      one row of the update table: a range, its weight decay and its first block
 - zero_shard_update_table()  the table of rank r's ranges for llmc/zero.cuh's one-launch AdamW
+- zero_update_row_of()  the row of that table a block of the launch updates (host and device)
 
 The partition: the unit is a slice of grad_slices_build (one tensor's part in one gradient
 bucket), so the reduce-scatter of a bucket is one call per slice and the partition never crosses
@@ -38,6 +39,13 @@ r): every rank, the checkpoint re-sharding and the tests compute the same map.
 #include <string.h>
 #include "config.h"
 #include "grad_slices.h"
+
+// zero_update_row_of runs in llmc/zero.cuh's kernel and in test_zero_shard.c
+#ifdef __CUDACC__
+#define ZERO_SHARD_HD __host__ __device__
+#else
+#define ZERO_SHARD_HD
+#endif
 
 typedef struct {
     size_t offset;        // flat element offset in the parameter layout (config.h)
@@ -170,6 +178,19 @@ static inline int zero_shard_update_table(const ZeroShardMap* map, size_t block_
         }
     }
     return (int)blocks;
+}
+
+// The row of the table (num_ranges >= 1 rows of zero_shard_update_table) that block `block` of the
+// launch updates: the last row whose first block is <= block (binary search; the first blocks
+// increase strictly). The block's thread t then takes quad (block - first_block) * threads + t.
+ZERO_SHARD_HD static inline int zero_update_row_of(const ZeroUpdateRange* table, int num_ranges, int block) {
+    int lo = 0, hi = num_ranges - 1;
+    while (lo < hi) {
+        int mid = lo + (hi - lo + 1) / 2;
+        if (table[mid].first_block <= block) lo = mid;
+        else hi = mid - 1;
+    }
+    return lo;
 }
 
 #endif  // OMNIMOE_ZERO_SHARD_H
