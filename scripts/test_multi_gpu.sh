@@ -358,8 +358,10 @@ if [ "$ngpu" -ge 4 ]; then  # re-sharded: 2 parts read by 4 ranks (C/8 = 48 colu
         bash -c "grep -q 'resumed from $W/g2tto4/ckpt_00000010.bin at step 10' '$W/g2tto4.out' && grep -Eq '^step +20/' '$W/g2tto4.out'"
 fi
 run2 file g2tz "${COMMON[@]}" -x 2 -o "$W/g2tz" --shard-experts 1 --zero 1
-check "(i) --shard-experts 1 with --zero 1 refused with one message" \
-    bash -c "grep -q 'flags --shard-experts 1 and --zero 1 together: not implemented yet' '$W/g2tz.out'"
+rc=$?
+check "(i) --shard-experts 1 with --zero 1 refused with one message (exit $rc), nothing trained" \
+    bash -c "[ $rc -ne 0 ] && grep -q 'flags --shard-experts 1 and --zero 1 together: not implemented yet' '$W/g2tz.out' \
+             && ! grep -q '^step ' '$W/g2tz.out'"
 run1 g1t "${COMMON[@]}" -x 2 -o "$W/g1t" --shard-experts 1
 rc=$?
 check "(i) --shard-experts 1 on 1 GPU refused (exit $rc)" \
