@@ -17,7 +17,7 @@
 #ifndef OMNIMOE_TEST_DP_RANKS_H
 #define OMNIMOE_TEST_DP_RANKS_H
 
-static const int DP_B = 2, DP_T = 16;  // a micro-batch of every rank
+enum { DP_B = 2, DP_T = 16 };  // a micro-batch of every rank (constants: they size the token array)
 static const float DP_LR = 1e-2f, DP_BETA1 = 0.9f, DP_BETA2 = 0.95f, DP_EPS = 1e-8f, DP_WD = 0.1f;
 
 static inline float dp_reduce_mean(const GPT* ranks, int P, size_t i) {
@@ -28,7 +28,7 @@ static inline float dp_reduce_mean(const GPT* ranks, int P, size_t i) {
 
 static float dp_forward_backward(GPT* ranks, int P, const ModelConfig* c, int step, void (*before)(void*, int),
                                  void* ctx) {
-    int tokens[(2 * 16) + 1];
+    int tokens[DP_B * DP_T + 1];
     double loss = 0.0;
     for (int r = 0; r < P; r++) {
         if (before != NULL) before(ctx, r);
