@@ -11,7 +11,10 @@ Defines:
                                     the replicated tensors' on this rank (the same bits on every
                                     rank: their gradients are the data-parallel mean) plus the P
                                     ranks' U/V slice partials, all-gathered and added in rank order
-                                    (expert_shard_norm_squared)
+                                    (expert_shard_norm_squared). The replicated sums travel in the
+                                    same all-gather and must be bitwise equal: ranks whose
+                                    replicated gradients differ would drift apart, so every rank
+                                    exits with one message (rank 0's) instead, all alike
 - expert_shard_gather_to_host()     every rank's local fp32 buffer -> the whole flat model in one
                                     host copy (collective; host_full may be NULL where not needed)
 
@@ -36,8 +39,9 @@ typedef struct {
     size_t* offsets;    // (num_replicated + num_table) device: the replicated tensors, then U and V
     size_t* counts;
     int num_replicated, num_table;
-    double* partials;   // (ZERO_NORM_BLOCKS + 2 + P) device: block partials, replicated, own slices, gathered
-    double* host;       // (2 + P) host
+    double* partials;   // (ZERO_NORM_BLOCKS + 2 + 2P) device: block partials, replicated, own slices,
+                        // gathered (replicated, slices) of every rank
+    double* host;       // (2 + 2P) host copy, then (P) the slice partials in rank order
 } ExpertShardState;
 
 static inline void expert_shard_state_init(ExpertShardState* s, const ExpertShardLayout* lay,
@@ -66,9 +70,9 @@ static inline void expert_shard_state_init(ExpertShardState* s, const ExpertShar
     s->counts = (size_t*)cuda_malloc_or_die(n * sizeof(size_t), "sharded tables: norm ranges");
     cudaCheck(cudaMemcpy(s->offsets, offsets, n * sizeof(size_t), cudaMemcpyHostToDevice));
     cudaCheck(cudaMemcpy(s->counts, counts, n * sizeof(size_t), cudaMemcpyHostToDevice));
-    s->partials = (double*)cuda_malloc_or_die((ZERO_NORM_BLOCKS + 2 + comm->P) * sizeof(double),
+    s->partials = (double*)cuda_malloc_or_die((ZERO_NORM_BLOCKS + 2 + 2 * comm->P) * sizeof(double),
                                               "sharded tables: norm partials");
-    s->host = (double*)malloc_check((2 + comm->P) * sizeof(double));
+    s->host = (double*)malloc_check((2 + 3 * comm->P) * sizeof(double));
 }
 
 static inline void expert_shard_state_free(ExpertShardState* s) {
@@ -81,7 +85,7 @@ static inline void expert_shard_state_free(ExpertShardState* s) {
 
 static inline double expert_shard_grad_norm_squared(ExpertShardState* s, const floatX* grads, cudaStream_t stream) {
     const int P = s->comm->P;
-    double* out = s->partials + ZERO_NORM_BLOCKS;  // [0] replicated, [1] own slices, [2..] gathered
+    double* out = s->partials + ZERO_NORM_BLOCKS;  // [0] replicated, [1] own slices, [2..] gathered pairs
     const int first[2] = {0, s->num_replicated}, count[2] = {s->num_replicated, s->num_table};
     for (int part = 0; part < 2; part++) {
         zero_norm_partial_kernel<<<ZERO_NORM_BLOCKS, ZERO_NORM_THREADS, 0, stream>>>(
@@ -90,10 +94,25 @@ static inline double expert_shard_grad_norm_squared(ExpertShardState* s, const f
         zero_norm_final_kernel<<<1, 32, 0, stream>>>(out + part, s->partials, ZERO_NORM_BLOCKS);
         cudaCheckLast();
     }
-    s->comm->all_gather(s->comm, out + 2, out + 1, sizeof(double), stream);
-    cudaCheck(cudaMemcpyAsync(s->host, out, (2 + P) * sizeof(double), cudaMemcpyDeviceToHost, stream));
+    s->comm->all_gather(s->comm, out + 2, out, 2 * sizeof(double), stream);
+    cudaCheck(cudaMemcpyAsync(s->host, out, (2 + 2 * P) * sizeof(double), cudaMemcpyDeviceToHost, stream));
     cudaCheck(cudaStreamSynchronize(stream));
-    return expert_shard_norm_squared(s->host[0], s->host + 2, P);
+    const double* gathered = s->host + 2;  // rank q: [2q] replicated, [2q + 1] its slices
+    double* slices = s->host + 2 + 2 * P;
+    for (int q = 0; q < P; q++) {
+        // every rank sees the same gathered bits, so all of them stop here alike (no rank alone)
+        if (memcmp(&gathered[2 * q], &gathered[0], sizeof(double)) != 0) {
+            if (s->comm->rank == 0) {
+                fprintf(stderr, "Error: --shard-experts 1: the replicated gradients differ between ranks (their sum "
+                        "of squares is %.17g on rank %d, %.17g on rank 0): the data-parallel mean did not give every "
+                        "rank the same bits, so the replicas would drift apart; stopping\n", gathered[2 * q], q,
+                        gathered[0]);
+            }
+            exit(EXIT_FAILURE);
+        }
+        slices[q] = gathered[2 * q + 1];
+    }
+    return expert_shard_norm_squared(s->host[0], slices, P);
 }
 
 // host_full (the whole flat model, fp32) = the replicated tensors of this rank's local buffer and
