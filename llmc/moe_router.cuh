@@ -20,8 +20,8 @@ zero experts are the ids >= zero_from):
   E, zero_from, norm_topk, loss_scale, alpha, tau, stream): the router's backward from the gate
   gradients to the logits: dp = balance-loss gradient + gate terms, dz = p (dp - <p, dp>) (+
   carry); dz fp32 and rounded (dzx) for the GEMMs; dp is scratch (BT, E_t). Overwrites.
-- moe_gate_residual_backward(carry, dG, dz, zprev, G, BT, E_t, scratch, stream): carry = dz G
-  (the gradient of the previous layer's logits, overwritten), dG += dz^T zprev (fixed chunks of
+- moe_gate_residual_backward(carry, dG, dz, zprev, G, BT, E_t, scratch, scratch_bytes, stream): carry =
+  dz G (the gradient of the previous layer's logits, overwritten), dG += dz^T zprev (fixed chunks of
   MOE_ROUTER_CHUNK tokens, then the chunks in order); scratch: moe_gate_residual_scratch_bytes
 - moe_tanh_forward(x, n, stream) / moe_tanh_backward(d, y, n, stream): x = tanh x; d *= 1 - y^2
 - moe_bias_update(master, params, counts, L, E_t, E, rate, stream): b_i += rate sign(sum_j c_j -

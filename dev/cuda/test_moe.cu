@@ -21,7 +21,10 @@ What is checked (one PASS/FAIL line per check, closing "test_moe: N passed, N fa
       against double math;
     - out, dx, dW_r, dW1, dW2, dc, dA and the gate gradients against the double reference fed
       the GPU's selection (relative L2: TOL_FLOATX for bf16 outputs, dgate 3e-2 in bf16);
-    - the layer's balance loss and per-expert counts against the reference;
+    - the layer's balance loss and per-expert counts against the reference; one case with a
+      strong balance loss (alpha 2000), so that its gradient weighs in dx and dW_r as much as
+      the gates' (at alpha 0.05 or 0.1 a sign error in it moves them by about 1e-5 relative at
+      most: fp32's tolerance, a thousandth of bf16's);
     - the gradients start random and accumulate: the rows of experts nobody chose stay bitwise
       as they were; the bias has no gradient;
     - the whole forward+backward run twice gives bitwise identical results;
@@ -499,6 +502,10 @@ int main(void) {
     test_layer("layer forced routing, norm, k x input, balance loss", ROUTE_FORCED, 1, 1, 0.05f);
     test_layer("layer random routing, plain gates, no balance loss", ROUTE_RANDOM, 0, 0, 0.0f);
     test_layer("layer random routing, norm, balance loss", ROUTE_RANDOM, 1, 0, 0.1f);
+    // at alpha 0.05 or 0.1 the balance-loss gradient is tiny beside the gates' (a sign error in it
+    // moves dx and dW_r by about 1e-5 relative at most, not above the tolerances); at 2000 the same error
+    // moves them by 0.15 and 0.2 (the double reference against itself with the sign flipped)
+    test_layer("layer random routing, norm, strong balance loss", ROUTE_RANDOM, 1, 0, 2000.0f);
     test_layer("layer tied probabilities, plain gates, k x input", ROUTE_TIED, 0, 1, 0.05f);
     moe_use_grouped_gemm = 0;  // the fallback: one cublasGemmEx per expert, the same checks
     test_layer("layer forced routing, per-expert GEMM loop", ROUTE_FORCED, 1, 1, 0.05f);
