@@ -77,22 +77,25 @@ static inline void expert_shard_layout(ExpertShardLayout* lay, const ModelConfig
     lay->num_local = local;
 }
 
-static inline void expert_shard_local_pack(void* local, const void* full, size_t elem, const ExpertShardLayout* lay) {
+// to_local = 1: local <- full (the rank's pack); 0: full <- local (its columns and the replicated tensors)
+static inline void expert_shard_local_copy_(void* local, void* full, size_t elem, const ExpertShardLayout* lay,
+                                            int to_local) {
     for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
-        char* dst = (char*)local + lay->offsets[i] * elem;
-        const char* src = (const char*)full + lay->full_offsets[i] * elem;
-        if (expert_shard_is_table(i)) expert_shard_pack(dst, src, elem, lay->rows, lay->C, lay->P, lay->rank);
-        else memcpy(dst, src, lay->sizes[i] * elem);
+        char* l = (char*)local + lay->offsets[i] * elem;
+        char* f = (char*)full + lay->full_offsets[i] * elem;
+        if (expert_shard_is_table(i) && to_local) expert_shard_pack(l, f, elem, lay->rows, lay->C, lay->P, lay->rank);
+        else if (expert_shard_is_table(i)) expert_shard_unpack(f, l, elem, lay->rows, lay->C, lay->P, lay->rank);
+        else if (to_local) memcpy(l, f, lay->sizes[i] * elem);
+        else memcpy(f, l, lay->sizes[i] * elem);
     }
 }
 
+static inline void expert_shard_local_pack(void* local, const void* full, size_t elem, const ExpertShardLayout* lay) {
+    expert_shard_local_copy_(local, (void*)full, elem, lay, 1);
+}
+
 static inline void expert_shard_local_unpack(void* full, const void* local, size_t elem, const ExpertShardLayout* lay) {
-    for (int i = 0; i < NUM_PARAMETER_TENSORS; i++) {
-        char* dst = (char*)full + lay->full_offsets[i] * elem;
-        const char* src = (const char*)local + lay->offsets[i] * elem;
-        if (expert_shard_is_table(i)) expert_shard_unpack(dst, src, elem, lay->rows, lay->C, lay->P, lay->rank);
-        else memcpy(dst, src, lay->sizes[i] * elem);
-    }
+    expert_shard_local_copy_((void*)local, full, elem, lay, 0);
 }
 
 // 1 when new rank lay2->rank of lay2->P reads old rank q's local of P1 (part 0: the replicated part)
