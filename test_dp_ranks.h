@@ -60,4 +60,17 @@ static void dp_replicated_update(GPT* ranks, int P, int step, float grad_clip, f
     free(mean);
 }
 
+// a sharded step's rank r: its norm from the combined sum of squares sq, recorded for rank 0 and
+// compared bitwise with rank 0's for the others; returns the clipping scale AdamW applies
+static float dp_rank_norm_scale(int r, double sq, float grad_clip, float* norm0, double* norm_sq, int* norms_agree) {
+    float norm = (float)sqrt(sq);
+    if (r == 0) {
+        *norm0 = norm;
+        *norm_sq = sq;
+    } else {
+        *norms_agree &= memcmp(&norm, norm0, sizeof(float)) == 0;
+    }
+    return (grad_clip > 0.0f && norm > grad_clip) ? grad_clip / norm : 1.0f;
+}
+
 #endif  // OMNIMOE_TEST_DP_RANKS_H

@@ -133,14 +133,8 @@ static void tables_step(Run* run, const ModelConfig* c, int step, float grad_cli
     free(mean);
     for (int r = 0; r < P; r++) {
         double sq = expert_shard_norm_squared(replicated[r], partial, P);
-        float norm = (float)sqrt(sq);
-        if (r == 0) {
-            run->norms[step] = norm;
-            run->norm_sq[step] = sq;
-        } else {
-            run->norms_agree &= memcmp(&norm, &run->norms[step], sizeof(float)) == 0;
-        }
-        float grad_scale = (grad_clip > 0.0f && norm > grad_clip) ? grad_clip / norm : 1.0f;
+        float grad_scale = dp_rank_norm_scale(r, sq, grad_clip, &run->norms[step], &run->norm_sq[step],
+                                              &run->norms_agree);
         const ExpertShardLayout* lay = &run->lay[r];
         for (int t = 0; t < NUM_PARAMETER_TENSORS; t++) {  // the trainer's per-tensor loop on the local layout
             size_t o = lay->offsets[t];

@@ -123,15 +123,9 @@ static void zero_step(Run* run, const ModelConfig* c, int step, float grad_clip)
     for (int r = 0; r < P; r++) {
         double sq = 0.0;
         for (int q = 0; q < P; q++) sq += partial[q];
-        float norm = (float)sqrt(sq);
-        if (r == 0) {
-            run->norms[step] = norm;
-            run->norm_sq[step] = sq;
-        } else {
-            run->norms_agree &= memcmp(&norm, &run->norms[step], sizeof(float)) == 0;
-        }
         // AdamW on the shard: packed master, m, v; gradient read at the flat offset
-        float grad_scale = (grad_clip > 0.0f && norm > grad_clip) ? grad_clip / norm : 1.0f;
+        float grad_scale = dp_rank_norm_scale(r, sq, grad_clip, &run->norms[step], &run->norm_sq[step],
+                                              &run->norms_agree);
         const ZeroShardMap* map = &run->maps[r];
         for (int i = 0; i < map->num_ranges; i++) {
             const ZeroRange* rg = &map->ranges[i];
