@@ -11,6 +11,12 @@
  *               values: 300 random ranges (odd starts and ends inside pairs), 1..5 threads
  *   init_pipelined_*     every chunk reaches the consumer once, in order, already final
  *   tiny_tensors  more threads than pairs in a tensor (threads with nothing to draw)
+ *   init_range_into      model_init_params_range_into fills a separate buffer of hi - lo values with
+ *               the sequential values of [lo, hi) and writes nothing around it
+ *   init_shard_*  model_init_params_shard (the streamed start of --shard-experts 1) gives every rank
+ *               of P = 1, 2, 3, 4, 8 (where expert_shard_unfit allows) expert_shard_local_pack of the
+ *               sequential draw bitwise, 1 and 3 threads, blocks of one row, of 7 rows (not dividing
+ *               the rows) and the default; presets tiny/small and odd sizes
  *
  *   make test_param_init && ./test_param_init
  *
@@ -207,6 +213,94 @@ static void test_tiny_tensors(void) {
                 ok ? model_config_num_params(&c) : diff);
 }
 
+// model_init_params_range_into: out[0, hi - lo) holds [lo, hi), the guards around it stay NaN
+static void test_range_into(void) {
+    ModelConfig c = odd_omni();
+    size_t P = model_config_num_params(&c);
+    const size_t guard = 4;
+    float* ref = (float*)malloc_check(P * sizeof(float));
+    float* out = (float*)malloc_check((P + 2 * guard) * sizeof(float));
+    model_init_params(&c, ref, 41);
+    Rng pick = rng_seeded(42);
+    int bad = 0, cases = 0;
+    for (int r = 0; r < 200; r++) {
+        size_t lo = rng_u32(&pick) % P, hi = lo + 1 + rng_u32(&pick) % (P - lo);
+        int threads = 1 + rng_int(&pick, 4);
+        memset(out, 0xFF, (P + 2 * guard) * sizeof(float));
+        model_init_params_range_into(&c, out + guard, 41, lo, hi, threads);
+        int ok = memcmp(out + guard, ref + lo, (hi - lo) * sizeof(float)) == 0;
+        for (size_t i = 0; i < P + 2 * guard && ok; i++) ok = (i >= guard && i < guard + hi - lo) || out[i] != out[i];
+        bad += !ok;
+        cases++;
+    }
+    test_checkf(bad == 0, "init_range_into", "%d of %d ranges differ or write outside", bad, cases);
+    free(ref);
+    free(out);
+}
+
+// every rank's streamed local buffer against expert_shard_local_pack of the sequential draw; all
+// (block, threads) pairs for every rank, or (sweep = 0, the big presets) one pair per rank in turn
+static void test_shard(const char* name, const ModelConfig* c, uint64_t seed, int sweep) {
+    size_t num = model_config_num_params(c);
+    float* ref = (float*)malloc_check(num * sizeof(float));
+    float* want = (float*)malloc_check(num * sizeof(float));
+    float* got = (float*)malloc_check(num * sizeof(float));
+    model_init_params(c, ref, seed);
+    const size_t C = (size_t)c->channels;
+    size_t blocks[] = {C - 1, 7 * C + 3, PARAM_INIT_SHARD_BLOCK};  // 1 row, 7 rows, all rows
+    int Ps[] = {1, 2, 3, 4, 8};
+    int cases = 0, bad = 0;
+    char detail[160] = "", ranks[32] = "";
+    for (size_t p = 0; p < sizeof(Ps) / sizeof(Ps[0]); p++) {
+        if (expert_shard_unfit(c->channels, Ps[p]) != NULL) continue;
+        snprintf(ranks + strlen(ranks), sizeof(ranks) - strlen(ranks), "%s%d", ranks[0] ? "," : "", Ps[p]);
+        for (int r = 0; r < Ps[p]; r++) {
+            ExpertShardLayout lay;
+            expert_shard_layout(&lay, c, Ps[p], r);
+            expert_shard_local_pack(want, ref, sizeof(float), &lay);
+            for (size_t b = 0; b < sizeof(blocks) / sizeof(blocks[0]); b++) {
+                for (int threads = 1; threads <= 3; threads += 2) {
+                    if (!sweep && (size_t)((r + p) % 6) != b * 2 + (threads == 3)) continue;
+                    memset(got, 0xFF, num * sizeof(float));  // NaN: an unwritten value cannot pass
+                    model_init_params_shard(c, got, seed, &lay, blocks[b], threads);
+                    int ok = memcmp(got, want, lay.num_local * sizeof(float)) == 0;
+                    if (!ok && !bad) {
+                        size_t i = 0;
+                        while (i < lay.num_local && memcmp(&got[i], &want[i], sizeof(float)) == 0) i++;
+                        snprintf(detail, sizeof(detail), "P %d rank %d block %zu, %d threads: first difference at local %zu",
+                                 Ps[p], r, blocks[b], threads, i);
+                    }
+                    bad += !ok;
+                    cases++;
+                }
+            }
+        }
+    }
+    char check[96];
+    snprintf(check, sizeof(check), "init_shard_%s", name);
+    if (bad) test_checkf(0, check, "%d of %d cases differ (%s)", bad, cases, detail);
+    else test_checkf(cases > 0, check, "%d cases bitwise equal (P = %s, %zu parameters)", cases, ranks, num);
+    free(ref);
+    free(want);
+    free(got);
+}
+
+static void test_shards(void) {
+    ModelConfig c;
+    model_config_preset(&c, "tiny", FFN_OMNI);
+    test_shard("preset_tiny", &c, 51, 0);
+    model_config_preset(&c, "small", FFN_OMNI);
+    test_shard("preset_small", &c, 52, 0);
+    c = test_config(TEST_DIMS_SMALL, FFN_OMNI, 16, 8, ROUTER_NORM_BN, GATE_PROB);
+    test_shard("small_dims", &c, 53, 1);
+    // odd sizes with C/8 = 3 and 6 (P = 3 fits, rows L*N = 27 and 75 odd), maxT, Vp and hidden odd
+    TestDims d24 = {7, 27, 29, 3, 1, 24, 52, 11}, d48 = {5, 27, 31, 3, 3, 48, 52, 13};
+    c = test_config(d24, FFN_OMNI, 3, 2, ROUTER_NORM_BN, GATE_SOFTMAX);
+    test_shard("odd_C24", &c, 54, 1);
+    c = test_config(d48, FFN_OMNI, 5, 3, ROUTER_NORM_BN, GATE_SOFTMAX);
+    test_shard("odd_C48", &c, 55, 1);
+}
+
 int main(void) {
     test_begin("test_param_init");
     RngJump* jump = (RngJump*)malloc_check(sizeof(RngJump));
@@ -217,5 +311,7 @@ int main(void) {
     test_ranges();
     test_pipeline();
     test_tiny_tensors();
+    test_range_into();
+    test_shards();
     return test_end();
 }
