@@ -16,7 +16,8 @@ weights everywhere (biases and LayerNorms included) and random tokens:
   7. --shard-experts 1's trainer path with one rank (its exchanges device copies): the sharded
      layer (llmc/experts_shard.cuh), the local layout, the norm and gather of
      llmc/expert_shard_state.cuh against the unsharded run; and the memory plan's mirror of the
-     sharded buffers (plan_table_sizes) against the kernels' own sizes at P = 2, 4, 8.
+     sharded buffers (plan_table_sizes) against the kernels' own sizes at P = 2, 4, 8; the
+     sharded start (model_init_random's streamed draw) against model_init_params, bitwise.
 The weights given to both sides are rounded to floatX first, so the comparison measures the
 GPU's arithmetic (bf16 activations, fp32 accumulation), not the rounding of the weights.
 
@@ -771,6 +772,28 @@ static void test_shard_one_rank(const char* name, const ModelConfig* c, int B, i
     test_checkf(bitwise && nerr <= 1e-5, what, "losses %.6f %.6f %.6f vs %.6f %.6f %.6f, norms within %.2e",
                 losses[1][0], losses[1][1], losses[1][2], losses[0][0], losses[0][1], losses[0][2], nerr);
 #endif
+    // the streamed start of a sharded rank (model_init_random -> model_init_params_shard, then
+    // model_upload_params): at P = 1 its masters are the sequential draw and its weights their rounding
+    {
+        Model m;
+        model_build_sharded(&m, c, B, T, EXPERT_EXEC_TOKEN, g_attention, g_recompute, NULL, &self);
+        model_init_random(&m, 4243);
+        float* ref = (float*)malloc_check(P * sizeof(float));
+        floatX* rounded = (floatX*)malloc_check(P * sizeof(floatX));
+        model_init_params(c, ref, 4243);
+        model_get_params(&m, out[0], NULL);
+        download_floatX(out[1], m.params, P);
+        int master_ok = memcmp(out[0], ref, P * sizeof(float)) == 0;
+        host_float_to_floatX(rounded, ref, P);
+        host_floatX_to_float(ref, rounded, P);
+        int weights_ok = memcmp(out[1], ref, P * sizeof(float)) == 0;
+        snprintf(what, sizeof(what), "%s --shard-experts start, 1 rank: streamed init = model_init_params bitwise", name);
+        test_checkf(master_ok && weights_ok, what, "masters %s, weights %s", master_ok ? "equal" : "differ",
+                    weights_ok ? "equal" : "differ");
+        free(ref);
+        free(rounded);
+        model_free(&m);
+    }
     // the plan's mirror of the sharded buffers against llmc/experts_shard.cuh (exits on a difference)
     for (int p = 2; p <= 8; p *= 2) {
         if (expert_shard_unfit(c->channels, p) != NULL) continue;

@@ -519,27 +519,33 @@ static void model_free(Model* m) {
     cudaCheck(cudaStreamDestroy(m->stream));
 }
 
-// Master weights from host fp32 (layout order); floatX weights rounded from them (the same
-// round-to-nearest-even as the AdamW update, so masters alone restore the weights bitwise).
-// ZeRO-1: the master keeps this rank's shard of host_params, the floatX weights all of them.
-// Sharded tables: host_params is the whole model; this rank keeps its columns of U and V (its
-// expert_shard_local_pack), in the weights and the master.
-static void model_set_params(Model* m, const float* host_params, const float* host_bn_stats) {
+// Master weights from host fp32 in this rank's layout (m->num_params values; sharded tables: its
+// local layout); floatX weights rounded from them (the same round-to-nearest-even as the AdamW
+// update, so masters alone restore the weights bitwise). ZeRO-1: the master keeps this rank's
+// shard of them, the floatX weights all of them. The one upload path of model_set_params and of
+// the sharded model_init_random.
+static void model_upload_params(Model* m, const float* local_params, const float* host_bn_stats) {
     size_t P = m->num_params;
-    float* local = NULL;
-    if (m->shard) {
-        local = (float*)malloc_check(P * sizeof(float));
-        expert_shard_local_pack(local, host_params, sizeof(float), &m->shard_layout);
-        host_params = local;
-    }
-    if (m->zero) zero_upload_packed(m->zero, host_params, m->master);
-    else cudaCheck(cudaMemcpy(m->master, host_params, P * sizeof(float), cudaMemcpyHostToDevice));
-    upload_floatX(m->params, host_params, P);
-    free(local);
+    if (m->zero) zero_upload_packed(m->zero, local_params, m->master);
+    else cudaCheck(cudaMemcpy(m->master, local_params, P * sizeof(float), cudaMemcpyHostToDevice));
+    upload_floatX(m->params, local_params, P);
     size_t num_bn = model_config_num_bn_stats(&m->config);
     if (num_bn > 0) {
         cudaCheck(cudaMemcpy(m->bn_stats, host_bn_stats, num_bn * sizeof(float), cudaMemcpyHostToDevice));
     }
+}
+
+// host_params: the whole model (layout order). Sharded tables: this rank keeps its columns of U and
+// V (its expert_shard_local_pack), in the weights and the master.
+static void model_set_params(Model* m, const float* host_params, const float* host_bn_stats) {
+    float* local = NULL;
+    if (m->shard) {
+        local = (float*)malloc_check(m->num_params * sizeof(float));
+        expert_shard_local_pack(local, host_params, sizeof(float), &m->shard_layout);
+        host_params = local;
+    }
+    model_upload_params(m, host_params, host_bn_stats);
+    free(local);
 }
 
 // ZeRO-1 and sharded tables: collective (every rank calls it, the shards are gathered); host_params
@@ -568,14 +574,24 @@ static void init_upload_chunk(void* ctx, size_t lo, size_t n) {
     cudaCheck(cudaMemcpy(u->m->params + lo, u->staging, n * sizeof(floatX), cudaMemcpyHostToDevice));
 }
 
-// every host core draws, with the bits of model_init_params (llmc/param_init.h); ZeRO-1 and the
-// sharded tables pack their shard of the whole draw (model_set_params: the same model as the
-// unsharded run), the replicated masters take it chunk by chunk
+// every host core draws, with the bits of model_init_params (llmc/param_init.h). Sharded tables:
+// the rank draws only its local layout, the table rows block by block (model_init_params_shard:
+// the bits of packing the whole draw, so the same model as the unsharded run, in the local buffer
+// and one block of host memory, docs/sharding.md §3.4). ZeRO-1 packs its shard of the whole draw
+// (model_set_params); the replicated masters take it chunk by chunk.
 static void model_init_random(Model* m, uint64_t seed) {
-    float* params = (float*)malloc_check(model_config_num_params(&m->config) * sizeof(float));  // the whole draw
     float* bn = (float*)malloc_check(max_sz(model_config_num_bn_stats(&m->config), 1) * sizeof(float));
     model_init_bn_stats(&m->config, bn);
-    if (m->zero || m->shard) {
+    if (m->shard) {
+        float* local = (float*)malloc_check(m->num_params * sizeof(float));
+        model_init_params_shard(&m->config, local, seed, &m->shard_layout, PARAM_INIT_SHARD_BLOCK, host_num_cores());
+        model_upload_params(m, local, bn);
+        free(local);
+        free(bn);
+        return;
+    }
+    float* params = (float*)malloc_check(model_config_num_params(&m->config) * sizeof(float));  // the whole draw
+    if (m->zero) {
         model_init_params_parallel(&m->config, params, seed);
         model_set_params(m, params, bn);
     } else {

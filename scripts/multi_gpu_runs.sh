@@ -59,8 +59,8 @@ if want 3; then
     step zero1_memory scripts/run_multi_gpu.sh 2 -e d12 -f omni -b 8 -t 1024 -x 20 --val-data= -v 0 -s 0 --zero 1
     kill "$smi" 2>/dev/null
 fi
-# 4. a million experts on 4 GPUs (every rank draws the whole 19.5B-parameter model on the host at
-# init, 78 GB of fp32 each: 4 ranks, not 8, on one host)
+# 4. a million experts on 4 GPUs (19.5B parameters; each rank draws only its local layout on the
+# host at init, 30 GB each: docs/sharding.md §3.4)
 if want 4 && [ "$ngpu" -ge 4 ]; then
     MILLION=(-e d12 -f omni --experts 1048576 -b 16 -t 1024 -d 65536 --shard-experts 1)
     ./train_omnimoe --plan 4 "${MILLION[@]}" > "$OUT/million_plan.log" 2>&1
