@@ -103,6 +103,14 @@ static inline int is_aligned16(const void* p) { return ((uintptr_t)p & 15) == 0;
 // bytes rounded up to a multiple of 256: how scratch buffers are cut into aligned pieces
 static inline size_t align256(size_t bytes) { return (bytes + 255) & ~(size_t)255; }
 
+// an FFN layer's (omni, moe) guard on its token count: 1..capacity, the BT it was created for
+static inline void layer_check_tokens(const char* who, int BT, int capacity) {
+    if (BT < 1 || BT > capacity) {
+        fprintf(stderr, "%s: %d tokens, expected 1 to the %d the layer was created for\n", who, BT, capacity);
+        exit(EXIT_FAILURE);
+    }
+}
+
 // Dense bf16 tensor-core peak (FLOP/s, no sparsity) of a card, from its device name, for MFU;
 // 0 when the card is not in the table (MFU is then reported as unknown). The one table: the
 // trainer and the benchmarks all use it.

@@ -330,16 +330,9 @@ static inline void moe_layer_set_activations(MoeLayer* layer, floatX* fch, float
 // ----------------------------------------------------------------------------
 // forward and backward
 
-static void moe_layer_check_tokens(const char* who, const MoeLayer* layer, int BT) {
-    if (BT < 1 || BT > layer->dims.BT) {
-        fprintf(stderr, "%s: %d tokens, expected 1 to the %d the layer was created for\n", who, BT, layer->dims.BT);
-        exit(EXIT_FAILURE);
-    }
-}
-
 static void moe_layer_forward(MoeLayer* layer, floatX* out, const floatX* x, int BT, int training,
                               cudaStream_t stream) {
-    moe_layer_check_tokens("moe_layer_forward", layer, BT);
+    layer_check_tokens("moe_layer_forward", BT, layer->dims.BT);
     const MoeDims d = layer->dims;
     const MoeOptions o = layer->opt;
     const int C = d.C, H = d.H, Ie = d.Ie, E = d.E, k = d.k, Et = moe_routed(d), P = BT * k;
@@ -398,7 +391,7 @@ static void moe_layer_forward(MoeLayer* layer, floatX* out, const floatX* x, int
 
 static void moe_layer_backward(MoeLayer* layer, floatX* dx, const floatX* dout, const floatX* x, int BT,
                                float loss_scale, cudaStream_t stream) {
-    moe_layer_check_tokens("moe_layer_backward", layer, BT);
+    layer_check_tokens("moe_layer_backward", BT, layer->dims.BT);
     if (BT != layer->last_BT) {
         fprintf(stderr, "moe_layer_backward: %d tokens, the last forward had %d\n", BT, layer->last_BT);
         exit(EXIT_FAILURE);

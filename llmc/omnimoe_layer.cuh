@@ -320,18 +320,11 @@ static inline void omni_layer_set_bn_stats(OmniLayer* layer, float* bn) {
 // ----------------------------------------------------------------------------
 // forward and backward
 
-static void omni_layer_check_tokens(const char* who, const OmniLayer* layer, int BT) {
-    if (BT < 1 || BT > layer->dims.BT) {
-        fprintf(stderr, "%s: %d tokens, expected 1 to the %d the layer was created for\n", who, BT, layer->dims.BT);
-        exit(EXIT_FAILURE);
-    }
-}
-
 // out (BT, C) = SwiGLU(x) + experts(x), overwritten. training = 1: BN batch statistics (and
 // running-statistics update), expert counts; 0: BN running statistics.
 static void omni_layer_forward(OmniLayer* layer, floatX* out, const floatX* x, int BT, int training,
                                cudaStream_t stream) {
-    omni_layer_check_tokens("omni_layer_forward", layer, BT);
+    layer_check_tokens("omni_layer_forward", BT, layer->dims.BT);
     const OmniDims d = layer->dims;
     const int C = d.C, I = d.I, k = d.k, N = d.N;
     OmniWorkspace* ws = layer->ws;
@@ -370,7 +363,7 @@ static void omni_layer_forward(OmniLayer* layer, floatX* out, const floatX* x, i
 // accumulate. x and BT: those of the last forward, whose saved state is used.
 static void omni_layer_backward(OmniLayer* layer, floatX* dx, const floatX* dout, const floatX* x, int BT,
                                 cudaStream_t stream) {
-    omni_layer_check_tokens("omni_layer_backward", layer, BT);
+    layer_check_tokens("omni_layer_backward", BT, layer->dims.BT);
     const OmniDims d = layer->dims;
     const int C = d.C, I = d.I;
     OmniWorkspace* ws = layer->ws;
