@@ -21,6 +21,8 @@
 #         in the log), then dev/test_export_hf.py (exports loaded in transformers, logits vs ours)
 #     startup: dev/startup_check.sh: the threaded host initialisation against one thread (bitwise),
 #         launch-to-step-1 seconds and --plan against the measured GPU memory, d12 N=16k/64k/256k
+#     sanitize: compute-sanitizer (memcheck, racecheck, initcheck) over dev/cuda/test_moe.cu and
+#         test_experts_shard.cu, the kernels that have not run on a GPU before
 #     largest: dev/largest_n.sh: the largest N that --plan fits at d12 B=16 with -r 0 and -r 2, then
 #         3 trained steps there (issue 18)
 set -uo pipefail
@@ -53,6 +55,15 @@ run resume_cuda_moe env TRAINER=./train_omnimoe RESUME_MODEL=small RESUME_FFN="m
 if [[ "$mode" == *full* || "$mode" == *hostile* ]]; then run hostile_cuda env TRAINER=./train_omnimoe bash scripts/test_hostile.sh; fi
 if [[ "$mode" == *kernels* ]]; then
     for suite in std attention omni; do run "kernels_$suite" bash dev/cuda/run_$suite.sh; done
+fi
+# the new GPU code under compute-sanitizer: out-of-bounds and uninitialised reads, shared-memory
+# races (the moe layer's kernels and the column-sharded rank kernels; small shapes, a few minutes)
+if [[ "$mode" == *sanitize* ]]; then
+    for bin in dev/cuda/test_moe_bin dev/cuda/test_experts_shard_bin; do
+        for tool in memcheck racecheck initcheck; do
+            run "sanitize_${tool}_$(basename $bin)" compute-sanitizer --tool $tool --error-exitcode 1 ./$bin
+        done
+    done
 fi
 if [[ "$mode" == *full* ]]; then
     run train_default ./train_omnimoe   # the no-argument default run
