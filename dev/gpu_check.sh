@@ -21,8 +21,8 @@
 #         in the log), then dev/test_export_hf.py (exports loaded in transformers, logits vs ours)
 #     startup: dev/startup_check.sh: the threaded host initialisation against one thread (bitwise),
 #         launch-to-step-1 seconds and --plan against the measured GPU memory, d12 N=16k/64k/256k
-#     sanitize: compute-sanitizer (memcheck, racecheck, initcheck) over dev/cuda/test_moe.cu and
-#         test_experts_shard.cu, the kernels that have not run on a GPU before
+#     sanitize: compute-sanitizer (memcheck, racecheck, initcheck) over dev/cuda/test_moe.cu (the moe
+#         kernels, not yet run on a GPU) and test_experts_shard.cu (passed on the H200, never sanitized)
 #     largest: dev/largest_n.sh: the largest N that --plan fits at d12 B=16 with -r 0 and -r 2, then
 #         3 trained steps there (issue 18)
 set -uo pipefail
