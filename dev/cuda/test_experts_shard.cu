@@ -19,7 +19,7 @@ concatenated batch:
 Build and run from the repository root: make dev/cuda/test_experts_shard_bin &&
 ./dev/cuda/test_experts_shard_bin (bf16 only: in fp32 builds a 16-byte vector holds 4 channels,
 not the 8 of the column map, so the bitwise claim does not hold there).
-NOT YET RUN: written without a GPU; dev/gpu_check.sh runs it.
+Ran on one H200 on 2026-12-05 (dev/gpu_check.sh, trees 2dfe8d1 and 732073b): 138 passed, 0 failed.
 */
 #include <pthread.h>
 #include <vector>
