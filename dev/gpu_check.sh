@@ -2,6 +2,7 @@
 # One device call: build the CUDA trainer and its test (bf16 and fp32), run the GPU tests, run a
 # short training of the default model, and print a summary last. Logs go to $OUT when set.
 #   bash dev/gpu_check.sh [MODE]     MODE: words joined by '+', default full
+#     notests: skip the always-run tests below (a call that only benchmarks or trains)
 #     always: build, the GPU tests (bf16, fp32; moe cases included), the column-sharded experts
 #             against the unsharded ones (dev/cuda/test_experts_shard.cu), the moe layer against a
 #             double reference (dev/cuda/test_moe.cu, bf16 and fp32), the CUDA trainer's bitwise
@@ -25,6 +26,11 @@
 #         kernels, not yet run on a GPU) and test_experts_shard.cu (passed on the H200, never sanitized)
 #     largest: dev/largest_n.sh: the largest N that --plan fits at d12 B=16 with -r 0 and -r 2, then
 #         3 trained steps there (issue 18)
+#     study: the whole dense-vs-OmniMoE recipe (scripts/compare_dense_omni.sh on carry/mixed, six runs
+#         of 1000 steps: swiglu omni gelu omni_big moe moepp, or STUDY_RUNS), the committed rows
+#         compared bit for bit with docs/runs/dense_vs_omni
+#     profile: dev/profile_step.sh over the d12 gelu and omni steps at B=32 (with cuDNN's attention
+#         when the mode also has cudnn: put it after that rebuild)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/omnimoe_out}
@@ -42,16 +48,19 @@ run() {  # name, command...
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 targets=(train_omnimoe test_omnimoe test_omnimoe_fp32 train_omnimoe_cpu dev/cuda/test_experts_shard_bin
          dev/cuda/test_moe_bin dev/cuda/test_moe_fp32_bin)
+if [[ "$mode" == *notests* ]]; then targets=(train_omnimoe); fi
 if [[ "$mode" == *kernels* ]]; then targets+=(kernel_tests kernel_benches); fi
 run build make -j$(nproc) "${targets[@]}"
-run test_bf16 ./test_omnimoe
-run test_fp32 ./test_omnimoe_fp32
-run test_experts_shard ./dev/cuda/test_experts_shard_bin
-run test_moe ./dev/cuda/test_moe_bin            # the moe layer against a double reference (bf16)
-run test_moe_fp32 ./dev/cuda/test_moe_fp32_bin
-run resume_cuda env TRAINER=./train_omnimoe RESUME_MODEL=small bash scripts/test_resume_cpu.sh
-run resume_cuda_moe env TRAINER=./train_omnimoe RESUME_MODEL=small RESUME_FFN="moe --moepp 1 --moe-bias-rate 0.001" \
-    bash scripts/test_resume_cpu.sh
+if [[ "$mode" != *notests* ]]; then
+    run test_bf16 ./test_omnimoe
+    run test_fp32 ./test_omnimoe_fp32
+    run test_experts_shard ./dev/cuda/test_experts_shard_bin
+    run test_moe ./dev/cuda/test_moe_bin            # the moe layer against a double reference (bf16)
+    run test_moe_fp32 ./dev/cuda/test_moe_fp32_bin
+    run resume_cuda env TRAINER=./train_omnimoe RESUME_MODEL=small bash scripts/test_resume_cpu.sh
+    run resume_cuda_moe env TRAINER=./train_omnimoe RESUME_MODEL=small RESUME_FFN="moe --moepp 1 --moe-bias-rate 0.001" \
+        bash scripts/test_resume_cpu.sh
+fi
 if [[ "$mode" == *full* || "$mode" == *hostile* ]]; then run hostile_cuda env TRAINER=./train_omnimoe bash scripts/test_hostile.sh; fi
 if [[ "$mode" == *kernels* ]]; then
     for suite in std attention omni; do run "kernels_$suite" bash dev/cuda/run_$suite.sh; done
@@ -82,6 +91,16 @@ if [[ "$mode" == *full* ]] && [ -d carry/mixed ]; then
             "$OUT/rerun_$kind.jsonl" --loss-tol 0.02 --norm-rtol 0.05
         run "rerun_${kind}_bitwise_info" python3 scripts/compare_logs.py docs/runs/dense_vs_omni/$kind.jsonl \
             "$OUT/rerun_$kind.jsonl" --exact
+    done
+fi
+if [[ "$mode" == *study* ]] && [ -d carry/mixed ]; then
+    run study env RUNS="${STUDY_RUNS:-swiglu omni gelu omni_big moe moepp}" \
+        bash scripts/compare_dense_omni.sh carry/mixed "$OUT/study"
+    for kind in swiglu omni gelu omni_big; do
+        if [ -f "$OUT/study/$kind/log.jsonl" ]; then
+            run "study_${kind}_bitwise" python3 scripts/compare_logs.py docs/runs/dense_vs_omni/$kind.jsonl \
+                "$OUT/study/$kind/log.jsonl" --exact
+        fi
     done
 fi
 if [[ "$mode" == *startup* ]]; then run startup bash dev/startup_check.sh; fi
@@ -118,6 +137,11 @@ if [[ "$mode" == *cudnn* ]]; then
     run cudnn_vs_ours_norm10 python3 scripts/compare_logs.py "$OUT/ours_attn.jsonl" "$OUT/cudnn_a.jsonl" \
         --steps 1-10 --loss-tol 0.02 --norm-rtol 0.02
 fi
+if [[ "$mode" == *profile* ]]; then  # after the cudnn rebuild, so that --attention cudnn exists
+    attn=$([[ "$mode" == *cudnn* ]] && echo "--attention cudnn")
+    run profile env SKIP_BUILD=$([[ "$mode" == *cudnn* ]] && echo 1 || echo 0) \
+        bash dev/profile_step.sh "-e d12 -f gelu -b 32 -t 1024 $attn" "-e d12 -f omni -b 32 -t 1024 $attn"
+fi
 if [[ "$mode" == *llmc* ]]; then  # our dense d12 against llm.c with and without cuDNN (carry/llm.c)
     run bench_llmc env BENCH_DIR="$OUT/bench_llmc" OURS_CUDNN=$([[ "$mode" == *cudnn* ]] && echo 1 || echo 0) \
         bash dev/bench_llmc.sh
@@ -126,6 +150,7 @@ echo "================ summary ($(nvidia-smi --query-gpu=name --format=csv,nohea
 grep -h -E "^test_(omnimoe(_fp32)?|experts_shard): [0-9]+ passed" "$OUT"/test_*.log 2>/dev/null
 grep -h "^FAIL" "$OUT"/test_*.log 2>/dev/null | head -20
 for s in "${summary[@]}"; do echo "$s"; done
+if [ -f "$OUT/study/summary.txt" ]; then cat "$OUT/study/summary.txt"; fi
 if [ -f "$OUT/bench_llmc.log" ]; then sed -n '/^| trainer |/,$p' "$OUT/bench_llmc.log"; fi
 # the device returns at most 8 files: every log in one archive
 (cd "$OUT" && tar czf /tmp/gpu_check_logs.tgz . && find . -mindepth 1 -delete && mv /tmp/gpu_check_logs.tgz .)
