@@ -38,6 +38,7 @@ algorithm on the same GPU gives bitwise identical results (checked by dev/cuda/t
 #define MATMUL_CUBLAS_WORKSPACE_BYTES (8u * 1024u * 1024u)
 #define MATMUL_ALGO_CACHE_CAPACITY 256
 #define MATMUL_DBIAS_ROWS_PER_BLOCK 64
+#define MATMUL_HEURISTIC_MAX_RANK 16
 
 static cublasLtHandle_t matmul_cublaslt_handle = NULL;
 static cublasHandle_t matmul_cublas_handle = NULL;
@@ -61,6 +62,15 @@ typedef struct {
 static MatmulAlgoCacheEntry matmul_algo_cache[MATMUL_ALGO_CACHE_CAPACITY];
 static int matmul_algo_cache_count = 0;
 static int matmul_algo_cache_evict_next = 0;  // the slot a new problem takes once the cache is full
+// which of the heuristic's candidates a new problem takes: 0, its first, everywhere but in the
+// GEMM benchmark of dev/cuda/test_matmul.cu, which times the others (it clears the cache between
+// ranks: a cached problem keeps its algorithm)
+static int matmul_heuristic_rank = 0;
+
+static inline void matmul_algo_cache_clear(void) {
+    matmul_algo_cache_count = 0;
+    matmul_algo_cache_evict_next = 0;
+}
 
 static inline void matmul_init(void) {
     if (matmul_cublaslt_handle != NULL) { return; }
@@ -71,8 +81,7 @@ static inline void matmul_init(void) {
     cublasCheck(cublasSetWorkspace(matmul_cublas_handle, (char*)matmul_workspace + MATMUL_WORKSPACE_BYTES,
                                    MATMUL_CUBLAS_WORKSPACE_BYTES));
     cublasCheck(cublasSetAtomicsMode(matmul_cublas_handle, CUBLAS_ATOMICS_NOT_ALLOWED));
-    matmul_algo_cache_count = 0;
-    matmul_algo_cache_evict_next = 0;
+    matmul_algo_cache_clear();
 }
 
 static inline void matmul_free(void) {
@@ -83,8 +92,7 @@ static inline void matmul_free(void) {
     matmul_workspace = NULL;
     matmul_cublas_handle = NULL;
     matmul_cublaslt_handle = NULL;
-    matmul_algo_cache_count = 0;
-    matmul_algo_cache_evict_next = 0;
+    matmul_algo_cache_clear();
 }
 
 // largest power of two (<= 256) dividing the address; NULL pointers don't constrain it
@@ -178,15 +186,18 @@ static int matmul_cublaslt_run(floatX* d, const floatX* a, const floatX* b, cons
         cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &align_u32, sizeof(align_u32)));
         cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &align_u32, sizeof(align_u32)));
         cublasCheck(cublasLtMatmulPreferenceSetAttribute(preference, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &align_u32, sizeof(align_u32)));
-        cublasLtMatmulHeuristicResult_t heuristic;
-        memset(&heuristic, 0, sizeof(heuristic));
+        cublasLtMatmulHeuristicResult_t heuristics[MATMUL_HEURISTIC_MAX_RANK];
+        memset(heuristics, 0, sizeof(heuristics));
+        int rank = matmul_heuristic_rank < 0 ? 0 : matmul_heuristic_rank;
+        if (rank >= MATMUL_HEURISTIC_MAX_RANK) { rank = MATMUL_HEURISTIC_MAX_RANK - 1; }
         int returned = 0;
         cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(matmul_cublaslt_handle, op_desc, layout_a, layout_b,
-                                                               layout_d, layout_d, preference, 1, &heuristic, &returned);
+                                                               layout_d, layout_d, preference, rank + 1, heuristics,
+                                                               &returned);
         cublasCheck(cublasLtMatmulPreferenceDestroy(preference));
-        if (status == CUBLAS_STATUS_SUCCESS && returned > 0 && heuristic.state == CUBLAS_STATUS_SUCCESS) {
+        if (status == CUBLAS_STATUS_SUCCESS && returned > rank && heuristics[rank].state == CUBLAS_STATUS_SUCCESS) {
             entry->found = 1;
-            entry->algo = heuristic.algo;
+            entry->algo = heuristics[rank].algo;
         } else {
             entry->found = 0;
         }
