@@ -56,6 +56,7 @@ typedef struct {
     int epilogue;
     int alignment;  // smallest alignment (bytes, power of two <= 256) among all pointers
     int found;      // 1: algo holds a usable algorithm; 0: the heuristic found none
+    float waves;    // the heuristic's estimate of the algorithm's waves over the SMs (benchmark output)
     cublasLtMatmulAlgo_t algo;
 } MatmulAlgoCacheEntry;
 
@@ -198,6 +199,7 @@ static int matmul_cublaslt_run(floatX* d, const floatX* a, const floatX* b, cons
         if (status == CUBLAS_STATUS_SUCCESS && returned > rank && heuristics[rank].state == CUBLAS_STATUS_SUCCESS) {
             entry->found = 1;
             entry->algo = heuristics[rank].algo;
+            entry->waves = heuristics[rank].wavesCount;
         } else {
             entry->found = 0;
         }

@@ -373,6 +373,7 @@ int main(void) {
             double flops = 2.0 * p->m * p->n * p->k;
             float ms0 = 0.0f, ms_best = 1e30f, ms_best_same = 1e30f;
             int rank_best = 0, rank_best_same = 0, tried = 0;
+            char candidates[512] = "";  // per candidate: ms, the heuristic's waves, same bits or not
             for (int rank = 0; rank < ranks; rank++) {
                 matmul_algo_cache_clear();
                 matmul_heuristic_rank = rank;
@@ -394,6 +395,9 @@ int main(void) {
                                         p->ldd, p->accumulate, p->epilogue, 0);
                 }, 5, 20);
                 if (rank == 0) ms0 = ms;
+                size_t used = strlen(candidates);
+                snprintf(candidates + used, sizeof(candidates) - used, " #%d %.3f/%.2fw%s", rank, ms,
+                         matmul_algo_cache[0].waves, same ? "" : "/diff");
                 if (ms < ms_best) { ms_best = ms; rank_best = rank; }
                 if (same && ms < ms_best_same) { ms_best_same = ms; rank_best_same = rank; }
             }
@@ -402,6 +406,7 @@ int main(void) {
             report_flops(p->name, ms0, flops);
             printf("      x%-2d  best of %d candidates: #%d %.3f ms (%.3fx); best with the same bits: #%d %.3f ms\n",
                    p->per_step, tried, rank_best, ms_best, ms0 / ms_best, rank_best_same, ms_best_same);
+            printf("      candidates (ms/waves, /diff = other bits):%s\n", candidates);
             step_ms += p->per_step * ms0;
             best_ms += p->per_step * ms_best;
             best_same_bits_ms += p->per_step * ms_best_same;
