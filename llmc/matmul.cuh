@@ -15,6 +15,13 @@ Defines:
       dinp  = dout @ weight           (overwrite, or += when accumulate_dinp; skipped if NULL)
       dweight += dout^T @ inp         (always accumulates: gradient accumulation)
       dbias   += column sums of dout  (deterministic two-kernel reduction, fp32)
+- matmul_backward_gelu(dpre, dweight, dbias_or_NULL, dout, inp, weight, pre_gelu, BT, C_in, C_out,
+                       stream, scratch)
+      the same for a layer whose input was inp = GELU_tanh(pre_gelu) (GPT-2's fcproj), with the
+      GELU backward folded in: dpre (BT, C_in) = (dout @ weight) * GELU_tanh'(pre_gelu) (overwrite)
+      through cuBLASLt's DGELU epilogue when matmul_dgelu_fused = 1, else the GEMM then
+      gelu_backward in place (0, the default: the trainer keeps its own two calls until the
+      epilogue is measured, docs/performance.md target 5)
 - matmul_backward_scratch_bytes(BT, C_out): scratch bytes for the dbias partial sums
 
 Row-major to cuBLAS column-major: a row-major (R, C) matrix is a column-major (C, R) one, so
@@ -48,6 +55,10 @@ static void* matmul_workspace = NULL;  // cuBLASLt's MATMUL_WORKSPACE_BYTES, the
 static int matmul_gelu_fused = 1;
 // set by every matmul_forward_gelu(): 1 if the cuBLASLt epilogue did the GELU, 0 if the fallback ran
 static int matmul_gelu_last_was_fused = 0;
+// 1: matmul_backward_gelu's GELU backward in the cuBLASLt DGELU epilogue; 0: GEMM + gelu_backward
+static int matmul_dgelu_fused = 0;
+// set by every matmul_backward_gelu(): 1 if the DGELU epilogue ran, 0 if the fallback did
+static int matmul_dgelu_last_was_fused = 0;
 
 typedef struct {
     int transa, transb;
@@ -290,9 +301,11 @@ static inline size_t matmul_backward_scratch_bytes(int BT, int C_out) {
 // dweight (C_out, C_in) += dout^T @ inp
 // dbias (C_out) += sum over rows of dout (skipped when dbias is NULL; needs scratch of
 //   matmul_backward_scratch_bytes(BT, C_out) bytes, C_out a multiple of 8 (bf16) / 4 (fp32))
-static inline void matmul_backward(floatX* dinp, floatX* dweight, floatX* dbias, const floatX* dout,
-                                   const floatX* inp, const floatX* weight, int BT, int C_in, int C_out,
-                                   int accumulate_dinp, cudaStream_t stream, float* scratch) {
+// pre_gelu != NULL (matmul_backward_gelu): dinp becomes d(pre_gelu), accumulate_dinp must be 0
+static inline void matmul_backward_impl(floatX* dinp, floatX* dweight, floatX* dbias, const floatX* dout,
+                                        const floatX* inp, const floatX* weight, const floatX* pre_gelu, int BT,
+                                        int C_in, int C_out, int accumulate_dinp, cudaStream_t stream,
+                                        float* scratch) {
     if (dbias != NULL) {
         if (C_out % x128::size != 0 || !is_aligned16(dout)) {
             fprintf(stderr, "matmul_backward: bias gradient needs C_out (%d) a multiple of %d and dout 16-byte aligned\n",
@@ -312,16 +325,38 @@ static inline void matmul_backward(floatX* dinp, floatX* dweight, floatX* dbias,
     }
     if (dinp != NULL) {
         // dinp^T (C_in x BT) = weight_cm (C_in x C_out) * dout_cm (C_out x BT): "NN"
-        if (!matmul_cublaslt_run(dinp, weight, dout, NULL, NULL, C_in, BT, C_out, 0, 0, C_in, C_out, C_in,
-                                 accumulate_dinp, CUBLASLT_EPILOGUE_DEFAULT, stream)) {
+        int fused = 0;
+        if (pre_gelu != NULL && matmul_dgelu_fused && C_in % 8 == 0) {  // aux leading dimension: a multiple of 8
+            fused = matmul_cublaslt_run(dinp, weight, dout, NULL, (floatX*)pre_gelu, C_in, BT, C_out, 0, 0, C_in, C_out,
+                                        C_in, 0, CUBLASLT_EPILOGUE_DGELU, stream);
+        }
+        if (!fused && !matmul_cublaslt_run(dinp, weight, dout, NULL, NULL, C_in, BT, C_out, 0, 0, C_in, C_out, C_in,
+                                           accumulate_dinp, CUBLASLT_EPILOGUE_DEFAULT, stream)) {
             matmul_no_algorithm("matmul_backward (dinp)", C_in, BT, C_out);
         }
+        if (pre_gelu != NULL && !fused) { gelu_backward(dinp, pre_gelu, dinp, (size_t)BT * C_in, stream); }
+        if (pre_gelu != NULL) { matmul_dgelu_last_was_fused = fused; }
     }
     // dweight_cm (C_in x C_out) += inp_cm (C_in x BT) * dout_cm^T (BT x C_out): "NT"
     if (!matmul_cublaslt_run(dweight, inp, dout, NULL, NULL, C_in, C_out, BT, 0, 1, C_in, C_out, C_in,
                              1, CUBLASLT_EPILOGUE_DEFAULT, stream)) {
         matmul_no_algorithm("matmul_backward (dweight)", C_in, C_out, BT);
     }
+}
+
+static inline void matmul_backward(floatX* dinp, floatX* dweight, floatX* dbias, const floatX* dout,
+                                   const floatX* inp, const floatX* weight, int BT, int C_in, int C_out,
+                                   int accumulate_dinp, cudaStream_t stream, float* scratch) {
+    matmul_backward_impl(dinp, dweight, dbias, dout, inp, weight, NULL, BT, C_in, C_out, accumulate_dinp, stream,
+                         scratch);
+}
+
+// dpre (BT, C_in) = (dout @ weight) * GELU_tanh'(pre_gelu); dweight += dout^T @ inp; dbias += sums
+// of dout (inp = GELU_tanh(pre_gelu), both (BT, C_in))
+static inline void matmul_backward_gelu(floatX* dpre, floatX* dweight, floatX* dbias, const floatX* dout,
+                                        const floatX* inp, const floatX* weight, const floatX* pre_gelu, int BT,
+                                        int C_in, int C_out, cudaStream_t stream, float* scratch) {
+    matmul_backward_impl(dpre, dweight, dbias, dout, inp, weight, pre_gelu, BT, C_in, C_out, 0, stream, scratch);
 }
 
 #endif  // OMNIMOE_MATMUL_CUH

@@ -131,6 +131,14 @@ static inline double rms(const double* x, size_t n) {
 }
 
 // PASS when e.rel <= tol; the detail gives the error, the tolerance and the largest difference
+// the tanh GELU of GPT-2 and its derivative in double: the references of the GELU kernels
+static inline double cpu_gelu(double x) { return 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))); }
+static inline double cpu_gelu_grad(double x) {
+    double u = 0.7978845608028654 * (x + 0.044715 * x * x * x);
+    double th = tanh(u);
+    return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x);
+}
+
 static inline int test_check_rel(const char* name, RelErr e, double tol) {
     if (e.nonfinite > 0) return test_checkf(0, name, "%zu non-finite values (unwritten or NaN)", e.nonfinite);
     return test_checkf(e.rel <= tol, name, "rel L2 %.2e (tol %.1e), max abs %.2e", e.rel, tol, e.max_abs);

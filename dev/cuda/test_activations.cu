@@ -10,12 +10,6 @@ NaN-poisoned before every run):
 #include "../../llmc/test_harness.h"
 #include "../../llmc/activations.cuh"
 
-static double cpu_gelu(double x) { return 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x))); }
-static double cpu_gelu_grad(double x) {
-    double u = 0.7978845608028654 * (x + 0.044715 * x * x * x);
-    double th = tanh(u);
-    return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * x * x);
-}
 static double cpu_sigmoid(double x) { return 1.0 / (1.0 + exp(-x)); }
 
 // One activation's device buffers: its input x (n_x) and output gradient dy (n_y), and the outputs

@@ -10,14 +10,13 @@ Checks, per case (random data, outputs NaN-poisoned before every run):
 - every output computed twice from identical state is bitwise identical
 - more distinct problems than the algorithm cache holds: no exit, and a problem evicted and
   chosen again gives the same bits as its first run
-Benchmark (bf16 builds only): GPT-2 124M shapes at B*T = 8192.
+- matmul_backward_gelu (the DGELU epilogue and its fallback) against dpre = (dout @ W) GELU'(pre)
+Benchmark (bf16 builds only): GPT-2 124M shapes at B*T = 8192; the 15 GEMMs of the d12 B=32
+step at B*T = 32768 with the heuristic's other candidates; fcproj's backward with and without
+the DGELU epilogue.
 */
 #include "../../llmc/test_harness.h"
 #include "../../llmc/matmul.cuh"
-
-static double cpu_gelu(double x) {
-    return 0.5 * x * (1.0 + tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)));
-}
 
 // out (BT, OC) = inp (BT, C) W^T (+ bias)
 static void cpu_matmul_forward(double* out, const float* inp, const float* w, const float* bias, int BT, int C, int OC) {
@@ -240,6 +239,73 @@ static void run_case(int BT, int C, int OC, int use_bias, int use_gelu, Rng* rng
     cudaCheck(cudaFree(d_scratch));
 }
 
+// matmul_backward_gelu: the input gradient of a layer whose input was GELU(pre) (GPT-2's fcproj),
+// with the GELU backward in cuBLASLt's DGELU epilogue and in the fallback (GEMM + gelu_backward),
+// each against dpre = (dout @ W) * GELU'(pre) in double; bitwise across two runs
+static void run_dgelu_case(int BT, int C, int OC, Rng* rng) {
+    printf("dgelu case BT=%d C_in=%d C_out=%d\n", BT, C, OC);
+    size_t n_in = (size_t)BT * C, n_w = (size_t)OC * C, n_out = (size_t)BT * OC;
+    float* pre = host_alloc(n_in);
+    float* inp = host_alloc(n_in);
+    float* w = host_alloc(n_w);
+    float* dout = host_alloc(n_out);
+    fill_uniform(pre, n_in, -3.0f, 3.0f, rng);  // GELU's curved region
+    fill_uniform(w, n_w, -1.0f / sqrtf((float)C), 1.0f / sqrtf((float)C), rng);
+    fill_uniform(dout, n_out, -1.0f, 1.0f, rng);
+    floatX* d_pre = device_alloc<floatX>(n_in, "pre_gelu");
+    floatX* d_inp = device_alloc<floatX>(n_in, "inp");
+    floatX* d_w = device_alloc<floatX>(n_w, "weight");
+    floatX* d_dout = device_alloc<floatX>(n_out, "dout");
+    floatX* d_dpre = device_alloc<floatX>(n_in, "dpre");
+    floatX* d_dpre2 = device_alloc<floatX>(n_in, "dpre (second run)");
+    floatX* d_dw = device_alloc<floatX>(n_w, "dweight");
+    floatX* d_db = device_alloc<floatX>(OC, "dbias");
+    float* d_scratch = (float*)cuda_malloc_or_die(matmul_backward_scratch_bytes(BT, OC), "dbias scratch");
+    upload_rounded(d_pre, pre, n_in);       // pre now holds the rounded values
+    for (size_t i = 0; i < n_in; i++) { inp[i] = (float)cpu_gelu(pre[i]); }
+    upload_rounded(d_inp, inp, n_in);
+    upload_rounded(d_w, w, n_w);
+    upload_rounded(d_dout, dout, n_out);
+    double* ref = ref_alloc(n_in);
+    for (int t = 0; t < BT; t++) {
+        for (int c = 0; c < C; c++) {
+            double acc = 0.0;
+            for (int o = 0; o < OC; o++) { acc += (double)dout[(size_t)t * OC + o] * w[(size_t)o * C + c]; }
+            ref[(size_t)t * C + c] = acc * cpu_gelu_grad(pre[(size_t)t * C + c]);
+        }
+    }
+    const int saved = matmul_dgelu_fused;
+    for (int fused = 1; fused >= 0; fused--) {
+        matmul_dgelu_fused = fused;
+        matmul_algo_cache_clear();
+        for (int run = 0; run < 2; run++) {
+            floatX* dpre = run == 0 ? d_dpre : d_dpre2;
+            poison(dpre, n_in * sizeof(floatX));
+            cudaCheck(cudaMemset(d_dw, 0, n_w * sizeof(floatX)));
+            cudaCheck(cudaMemset(d_db, 0, OC * sizeof(floatX)));
+            matmul_backward_gelu(dpre, d_dw, d_db, d_dout, d_inp, d_w, d_pre, BT, C, OC, 0, d_scratch);
+            cudaCheck(cudaDeviceSynchronize());
+        }
+        const char* path = matmul_dgelu_last_was_fused ? "DGELU epilogue" : "GEMM + gelu_backward";
+        printf("  path: %s%s\n", path, fused && !matmul_dgelu_last_was_fused ? " (cuBLASLt has no DGELU algorithm here)" : "");
+        float* got = download_floatX_alloc(d_dpre, n_in);
+        char name[128];
+        // like the forward epilogue, DGELU may use an approximate tanh: 1e-3 in fp32 builds
+        double tol = (matmul_dgelu_last_was_fused && TOL_FLOATX < 1e-3) ? 1e-3 : TOL_FLOATX;
+        snprintf(name, sizeof(name), "dpre vs CPU (%s)", path);
+        test_check_rel(name, rel_err_f64(got, ref, n_in), tol);
+        snprintf(name, sizeof(name), "dpre (%s)", path);
+        test_check_bitwise(name, d_dpre, d_dpre2, n_in * sizeof(floatX));
+        free(got);
+    }
+    matmul_dgelu_fused = saved;
+    matmul_algo_cache_clear();
+    free(pre); free(inp); free(w); free(dout); free(ref);
+    floatX* to_free[] = {d_pre, d_inp, d_w, d_dout, d_dpre, d_dpre2, d_dw, d_db};
+    for (size_t i = 0; i < sizeof(to_free) / sizeof(to_free[0]); i++) { cudaCheck(cudaFree(to_free[i])); }
+    cudaCheck(cudaFree(d_scratch));
+}
+
 int main(void) {
     cudaCheck(cudaSetDevice(0));
     test_begin("test_matmul" TEST_FLOATX_SUFFIX);
@@ -253,6 +319,8 @@ int main(void) {
     matmul_gelu_fused = 0;                  // the GEMM + gelu_forward fallback path
     run_case(128, 512, 1024, 1, 1, &rng);
     matmul_gelu_fused = 1;
+    run_dgelu_case(256, 3072, 768, &rng);   // fcproj: its input was GELU(fc's output)
+    run_dgelu_case(200, 264, 136, &rng);    // odd sizes
 
     // more problems than MATMUL_ALGO_CACHE_CAPACITY: slots are reused, the results must not change
     {
@@ -337,6 +405,7 @@ int main(void) {
         fill_random_device(bias, 4 * C, 23, 0.1f);
         fill_random_device(init, max_out, 24, 1e-3f);
         fill_random_device(dout, max_out, 25, 1e-3f);
+        fill_random_device(aux, (size_t)BT * 4 * C, 26, 1.0f);  // pre-GELU values for the DGELU timing
         // forward Y = X W^T: (m, n, k) = (OC, BT, IC), "TN"; dinp = dY W: (IC, BT, OC), "NN";
         // dweight += X^T dY: (IC, OC, BT), "NT", accumulating. per_step: calls in one step
         struct StepGemm { const char* name; int m, n, k, transa, transb, lda, ldb, ldd, accumulate, per_step;
@@ -415,6 +484,28 @@ int main(void) {
         printf("step GEMMs: %.2f ms per step at %.1f TFLOP/s (heuristic's first); best candidates %.2f ms, "
                "best with the same bits %.2f ms\n", step_ms, step_flops / (step_ms * 1e-3) / 1e12, best_ms,
                best_same_bits_ms);
+        // fcproj's backward with the GELU backward of fc's output, as the trainer runs it (dbias,
+        // dinp GEMM, dweight GEMM, then gelu_backward) and with the DGELU epilogue instead
+        {
+            float* scratch = (float*)cuda_malloc_or_die(matmul_backward_scratch_bytes(BT, C), "step scratch");
+            floatX* dbias = bias;  // C values of the 4C buffer, overwritten
+            float ms_fused_path[2];
+            int ran_fused = 0;
+            for (int fused = 0; fused <= 1; fused++) {
+                matmul_dgelu_fused = fused;
+                matmul_algo_cache_clear();
+                ms_fused_path[fused] = bench_median_ms([&] {
+                    matmul_backward_gelu(y, dw, dbias, dout, x, w, aux, BT, 4 * C, C, 0, scratch);
+                }, 5, 20);
+                if (fused) ran_fused = matmul_dgelu_last_was_fused;
+            }
+            matmul_dgelu_fused = 0;
+            matmul_algo_cache_clear();
+            printf("fcproj backward + GELU backward: GEMMs then gelu_backward %.3f ms, %s %.3f ms (%.3fx); "
+                   "x12 per step: %.2f ms less\n", ms_fused_path[0], ran_fused ? "DGELU epilogue" : "(no DGELU algorithm)",
+                   ms_fused_path[1], ms_fused_path[0] / ms_fused_path[1], 12 * (ms_fused_path[0] - ms_fused_path[1]));
+            cudaCheck(cudaFree(scratch));
+        }
         floatX* bufs[] = {x, w, bias, y, dout, dw, aux, init, first};
         for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) { cudaCheck(cudaFree(bufs[i])); }
     }
