@@ -249,6 +249,7 @@ static void run_dgelu_case(int BT, int C, int OC, Rng* rng) {
     float* inp = host_alloc(n_in);
     float* w = host_alloc(n_w);
     float* dout = host_alloc(n_out);
+    double *ref = ref_alloc(n_in), *ref_dw = ref_alloc(n_w), *ref_db = ref_alloc(OC);  // dpre, and unused
     fill_uniform(pre, n_in, -3.0f, 3.0f, rng);  // GELU's curved region
     fill_uniform(w, n_w, -1.0f / sqrtf((float)C), 1.0f / sqrtf((float)C), rng);
     fill_uniform(dout, n_out, -1.0f, 1.0f, rng);
@@ -261,9 +262,6 @@ static void run_dgelu_case(int BT, int C, int OC, Rng* rng) {
     upload_rounded(d_inp, inp, n_in);
     upload_rounded(d_w, w, n_w);
     upload_rounded(d_dout, dout, n_out);
-    double* ref = ref_alloc(n_in);
-    double* ref_dw = ref_alloc(n_w);
-    double* ref_db = ref_alloc(OC);
     cpu_matmul_backward(ref, ref_dw, ref_db, dout, inp, w, BT, C, OC);
     for (size_t i = 0; i < n_in; i++) { ref[i] *= cpu_gelu_grad(pre[i]); }
     const int saved = matmul_dgelu_fused;
