@@ -297,6 +297,10 @@ m3 = moe["vanilla_expert_fwd_ms"] / moe["moepp_expert_fwd_ms"] if moe else None
 rows.append(("MoE++ / moe expert forward throughput (random init: %s of pairs to ZC experts)" % fmt(
              moe and 100 * moe["moepp_zc_share"], "%.1f%%"), "%s / %s ms" % (fmt(moe and moe["moepp_expert_fwd_ms"]),
              fmt(moe and moe["vanilla_expert_fwd_ms"])), fmt(m3), "paper 1.1-2.1 (trained)", "reported"))
+for zb in (moe or {}).get("moepp_zc_biased", []):  # a selection bias on the ZC experts: a trained router's shares
+    rows.append(("MoE++ / moe expert forward throughput, ZC-biased router (%.1f%% of pairs to ZC experts)" % (
+                 100 * zb["zc_share"]), "%s / %s ms" % (fmt(zb["expert_fwd_ms"]), fmt(moe["vanilla_expert_fwd_ms"])),
+                 fmt(moe["vanilla_expert_fwd_ms"] / zb["expert_fwd_ms"]), "paper 1.1-2.1 (trained)", "reported"))
 for kind in ("moe", "moepp"):
     r6 = ratios.get("%s_vs_swiglu" % kind)
     rows.append(("%s / swiglu d12 tok/s" % kind, fmt(runs.get("%s_b32" % kind, {}).get("tok_s"), "%.0f"), fmt(r6), "reported",
