@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: build the CUDA trainer and its test (bf16 and fp32), run the GPU tests, run a
-# short training of the default model, and print a summary last. Logs go to $OUT when set.
+# short training of the default model, and print a summary last. Logs: one archive in $OUT.
 #   bash dev/gpu_check.sh [MODE]     MODE: words joined by '+', default full
 #     notests: skip the always-run tests below (a call that only benchmarks or trains)
 #     always: build, the GPU tests (bf16, fp32; moe cases included), the column-sharded experts
@@ -33,17 +33,27 @@
 #         when the mode also has cudnn: put it after that rebuild)
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-/tmp/omnimoe_out}
-mkdir -p "$OUT"
+# every log goes to LOG (the scripts below write theirs to $OUT: it points there too); the
+# device's $OUT gets one archive of them, rewritten after each step, so that a call stopped at
+# its time limit still brings back what ran (the device returns at most 8 files)
+RESULT_DIR=${OUT:-/tmp/omnimoe_out}
+LOG=${GPU_CHECK_LOGS:-/tmp/gpu_check_logs}
+rm -rf "$LOG" && mkdir -p "$LOG" "$RESULT_DIR"
+export OUT="$LOG"
+archive() {
+    tar czf "$RESULT_DIR/logs_partial.tgz" -C "$LOG" . 2>/dev/null \
+        && mv "$RESULT_DIR/logs_partial.tgz" "$RESULT_DIR/gpu_check_logs.tgz"
+}
 mode=${1:-full}
-if [ "$mode" = bench ]; then exec bash dev/bench_all.sh; fi
+if [ "$mode" = bench ]; then bash dev/bench_all.sh; rc=$?; archive; exit $rc; fi
 summary=()
 run() {  # name, command...
     local name=$1; shift
     local t0=$(date +%s)
-    if "$@" > "$OUT/$name.log" 2>&1; then status=PASS; else status="FAIL(rc=$?)"; fi
+    if "$@" > "$LOG/$name.log" 2>&1; then status=PASS; else status="FAIL(rc=$?)"; fi
     summary+=("$(printf '%-28s %-10s %4ss' "$name" "$status" $(( $(date +%s) - t0 )))")
-    tail -n 12 "$OUT/$name.log"
+    tail -n 12 "$LOG/$name.log"
+    archive
 }
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 targets=(train_omnimoe test_omnimoe test_omnimoe_fp32 train_omnimoe_cpu dev/cuda/test_experts_shard_bin
@@ -77,7 +87,7 @@ fi
 if [[ "$mode" == *full* ]]; then
     run train_default ./train_omnimoe   # the no-argument default run
     # the d6 moe with the MoE++ experts and bias balancing, 60 steps (the step line's expert shares)
-    run train_moe ./train_omnimoe -f moe --moepp 1 --moe-bias-rate 0.001 -x 60 -v 30 -s 0 --log-file "$OUT/train_moe.jsonl"
+    run train_moe ./train_omnimoe -f moe --moepp 1 --moe-bias-rate 0.001 -x 60 -v 30 -s 0 --log-file "$LOG/train_moe.jsonl"
 fi
 # rerun the start of the dense-vs-OmniMoE recipe (scripts/compare_dense_omni.sh) when its data
 # was carried (carry/mixed) and compare with the committed logs of docs/runs/dense_vs_omni
@@ -85,21 +95,21 @@ if [[ "$mode" == *full* ]] && [ -d carry/mixed ]; then
     recipe=(-e d12 -i "carry/mixed/*_train_*.bin" -j "carry/mixed/*_val_*.bin" -b 16 -t 1024 -d 16384
             -x 1000 -l 6e-4 -u 100 -q 0.1 --schedule cosine --seed 42 --shuffle 1 -v 100 -m -1 -s 0)
     for kind in swiglu omni; do
-        timeout -s INT 30 ./train_omnimoe "${recipe[@]}" -f $kind --log-file "$OUT/rerun_$kind.jsonl" \
-            > "$OUT/rerun_$kind.log" 2>&1
+        timeout -s INT 30 ./train_omnimoe "${recipe[@]}" -f $kind --log-file "$LOG/rerun_$kind.jsonl" \
+            > "$LOG/rerun_$kind.log" 2>&1
         run "rerun_${kind}_vs_log" python3 scripts/compare_logs.py docs/runs/dense_vs_omni/$kind.jsonl \
-            "$OUT/rerun_$kind.jsonl" --loss-tol 0.02 --norm-rtol 0.05
+            "$LOG/rerun_$kind.jsonl" --loss-tol 0.02 --norm-rtol 0.05
         run "rerun_${kind}_bitwise_info" python3 scripts/compare_logs.py docs/runs/dense_vs_omni/$kind.jsonl \
-            "$OUT/rerun_$kind.jsonl" --exact
+            "$LOG/rerun_$kind.jsonl" --exact
     done
 fi
 if [[ "$mode" == *study* ]] && [ -d carry/mixed ]; then
     run study env RUNS="${STUDY_RUNS:-swiglu omni gelu omni_big moe moepp}" \
-        bash scripts/compare_dense_omni.sh carry/mixed "$OUT/study"
+        bash scripts/compare_dense_omni.sh carry/mixed "$LOG/study"
     for kind in swiglu omni gelu omni_big; do
-        if [ -f "$OUT/study/$kind/log.jsonl" ]; then
+        if [ -f "$LOG/study/$kind/log.jsonl" ]; then
             run "study_${kind}_bitwise" python3 scripts/compare_logs.py docs/runs/dense_vs_omni/$kind.jsonl \
-                "$OUT/study/$kind/log.jsonl" --exact
+                "$LOG/study/$kind/log.jsonl" --exact
         fi
     done
 fi
@@ -109,13 +119,13 @@ if [[ "$mode" == *largest* ]]; then run largest_n bash dev/largest_n.sh; fi
 # dev/data/hellaswag.py from dev/data/mc_examples.jsonl) and the Hugging Face export against our logits
 if [[ "$mode" == *mceval* ]]; then
     run mc_eval_run ./train_omnimoe -e d12 -f omni -b 8 -t 1024 -x 40 -v 20 -s 0 \
-        --mc-eval data/mc_examples_val.bin --mc-every 20 --log-file "$OUT/mc_eval.jsonl"
-    run mc_eval_in_log grep -q '"type":"mc_eval"' "$OUT/mc_eval.jsonl"
+        --mc-eval data/mc_examples_val.bin --mc-every 20 --log-file "$LOG/mc_eval.jsonl"
+    run mc_eval_in_log grep -q '"type":"mc_eval"' "$LOG/mc_eval.jsonl"
     run export_hf python3 dev/test_export_hf.py
 fi
 if [[ "$mode" == *ab* ]]; then  # bitwise and timing A/B against carry/ab_base (dev/ab_compare.sh prepare)
-    OUT="$OUT/ab" FFN="gelu swiglu omni" bash dev/ab_compare.sh run > "$OUT/ab_compare.log" 2>&1
-    tail -n 40 "$OUT/ab_compare.log"
+    OUT="$LOG/ab" FFN="gelu swiglu omni" bash dev/ab_compare.sh run > "$LOG/ab_compare.log" 2>&1
+    tail -n 40 "$LOG/ab_compare.log"
 fi
 # cuDNN's SDPA (--attention cudnn): rebuild with USE_CUDNN=1 (last: it replaces ./train_omnimoe),
 # its kernel checks and benchmark beside ours, two identical runs bitwise, and the loss beside ours
@@ -125,16 +135,16 @@ if [[ "$mode" == *cudnn* ]]; then
     run cudnn_test_omnimoe ./test_omnimoe
     short=(-e d12 -f gelu -b 8 -t 1024 -x 20 -u 5 -v 0 -s 0 --seed 7)
     for name in cudnn_a cudnn_b; do
-        ./train_omnimoe "${short[@]}" --attention cudnn --log-file "$OUT/$name.jsonl" > "$OUT/$name.out" 2>&1
+        ./train_omnimoe "${short[@]}" --attention cudnn --log-file "$LOG/$name.jsonl" > "$LOG/$name.out" 2>&1
     done
-    ./train_omnimoe "${short[@]}" --log-file "$OUT/ours_attn.jsonl" > "$OUT/ours_attn.out" 2>&1
-    run cudnn_rerun_bitwise python3 scripts/compare_logs.py "$OUT/cudnn_a.jsonl" "$OUT/cudnn_b.jsonl" --exact
+    ./train_omnimoe "${short[@]}" --log-file "$LOG/ours_attn.jsonl" > "$LOG/ours_attn.out" 2>&1
+    run cudnn_rerun_bitwise python3 scripts/compare_logs.py "$LOG/cudnn_a.jsonl" "$LOG/cudnn_b.jsonl" --exact
     # two attention kernels round differently: the norms agree within 0.5% for the first 10 steps
     # and then part where b=8 norm spikes begin (H200, 2026-12-05: 13% at step 15), the losses stay
     # within 0.005 for all 20; a wrong gradient shows from step 1
-    run cudnn_vs_ours_loss python3 scripts/compare_logs.py "$OUT/ours_attn.jsonl" "$OUT/cudnn_a.jsonl" \
+    run cudnn_vs_ours_loss python3 scripts/compare_logs.py "$LOG/ours_attn.jsonl" "$LOG/cudnn_a.jsonl" \
         --loss-tol 0.02 --norm-rtol 1e9
-    run cudnn_vs_ours_norm10 python3 scripts/compare_logs.py "$OUT/ours_attn.jsonl" "$OUT/cudnn_a.jsonl" \
+    run cudnn_vs_ours_norm10 python3 scripts/compare_logs.py "$LOG/ours_attn.jsonl" "$LOG/cudnn_a.jsonl" \
         --steps 1-10 --loss-tol 0.02 --norm-rtol 0.02
 fi
 if [[ "$mode" == *profile* ]]; then  # after the cudnn rebuild, so that --attention cudnn exists
@@ -143,14 +153,13 @@ if [[ "$mode" == *profile* ]]; then  # after the cudnn rebuild, so that --attent
         bash dev/profile_step.sh "-e d12 -f gelu -b 32 -t 1024 $attn" "-e d12 -f omni -b 32 -t 1024 $attn"
 fi
 if [[ "$mode" == *llmc* ]]; then  # our dense d12 against llm.c with and without cuDNN (carry/llm.c)
-    run bench_llmc env BENCH_DIR="$OUT/bench_llmc" OURS_CUDNN=$([[ "$mode" == *cudnn* ]] && echo 1 || echo 0) \
+    run bench_llmc env BENCH_DIR="$LOG/bench_llmc" OURS_CUDNN=$([[ "$mode" == *cudnn* ]] && echo 1 || echo 0) \
         bash dev/bench_llmc.sh
 fi
 echo "================ summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
-grep -h -E "^test_(omnimoe(_fp32)?|experts_shard): [0-9]+ passed" "$OUT"/test_*.log 2>/dev/null
-grep -h "^FAIL" "$OUT"/test_*.log 2>/dev/null | head -20
+grep -h -E "^test_(omnimoe(_fp32)?|experts_shard): [0-9]+ passed" "$LOG"/test_*.log 2>/dev/null
+grep -h "^FAIL" "$LOG"/test_*.log 2>/dev/null | head -20
 for s in "${summary[@]}"; do echo "$s"; done
-if [ -f "$OUT/study/summary.txt" ]; then cat "$OUT/study/summary.txt"; fi
-if [ -f "$OUT/bench_llmc.log" ]; then sed -n '/^| trainer |/,$p' "$OUT/bench_llmc.log"; fi
-# the device returns at most 8 files: every log in one archive
-(cd "$OUT" && tar czf /tmp/gpu_check_logs.tgz . && find . -mindepth 1 -delete && mv /tmp/gpu_check_logs.tgz .)
+if [ -f "$LOG/study/summary.txt" ]; then cat "$LOG/study/summary.txt"; fi
+if [ -f "$LOG/bench_llmc.log" ]; then sed -n '/^| trainer |/,$p' "$LOG/bench_llmc.log"; fi
+archive
