@@ -24,7 +24,9 @@ GPU's arithmetic (bf16 activations, fp32 accumulation), not the rounding of the 
 moe (docs/design.md §10): the same checks 1, 3, 4, 5 for plain moe, moe with the MoE++ options
 and moe without shared experts (balance loss on both sides; its choices compared as omni's), -r
 for MoE++, and with loss-free bias balancing: 10 steps against the CPU (the biases moved, equal
-within one update step) and a resume after 2 of 4 steps bitwise equal to one run.
+within one update step) and a resume after 2 of 4 steps bitwise equal to one run. Every moe
+value check runs the CPU on the GPU's expert choices (cpu::GPT.moe_route_ids): a flipped moe
+choice moves everything downstream beyond the tolerances (gpu_moe_route_ids says by how much).
 
 Tolerances. fp32 build (make test_omnimoe_fp32) is the exact check: every bound is 1e-4 and no
 expert choice may differ (measured: 1e-6 and none). bf16 build: activations are rounded to bf16
@@ -137,6 +139,23 @@ static int param_touched_by_routing(int i) {
            i == PARAM_MOE_CONST || i == PARAM_MOE_CONSTMIX;
 }
 
+// moe: the GPU's expert ids of its last forward, the first BT tokens of each layer, as (L, BT, k)
+// for the CPU reference to replay (cpu::GPT.moe_route_ids); NULL for the other kinds. A moe
+// choice that bf16 flips swaps a whole expert's output. The CPU reference against itself with
+// its weights perturbed by relative noise: in test_moe's first case one flipped choice (of 1024,
+// noise 2e-4) moved the logits by 9e-3 and the gradients by 2e-2 (relative L2); in its MoE++
+// case (k x input, renormalised gates) two flips (noise 1e-3) moved them by 6e-2 and up to 0.13,
+// and 5e-3 and 1e-2 with the routing replayed. So the value checks compare the same routing; the
+// choices themselves are compared once, in test_forward_backward, against the CPU's own top-k.
+static int* gpu_moe_route_ids(const Model* m, int BT) {
+    const ModelConfig* c = &m->config;
+    if (c->ffn_kind != FFN_MOE) return NULL;
+    const size_t Kt = (size_t)BT * c->moe_topk;
+    int* ids = (int*)malloc_check((size_t)c->num_layers * Kt * sizeof(int));
+    for (int l = 0; l < c->num_layers; l++) gpu_layer_topk(m, l, ids + (size_t)l * Kt, Kt);
+    return ids;
+}
+
 // 1 + 2: one forward/backward against the CPU; and token- vs expert-centric
 static void test_forward_backward(const char* name, const ModelConfig* c, int B, int T) {
     size_t P = model_config_num_params(c), NB = model_config_num_bn_stats(c);
@@ -165,6 +184,15 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
     float* bn_after = (float*)malloc_check(max_sz(NB, 1) * sizeof(float));
     const int moe = c->ffn_kind == FFN_MOE, topk = moe ? c->moe_topk : c->top_k;
     int* idx = (int*)malloc_check((size_t)BT * max_sz(topk, 1) * sizeof(int));
+    // moe: the CPU's own choices, kept for the comparison of the choices; the CPU then runs again
+    // on the GPU's (gpu_moe_route_ids) for the value checks
+    int* cpu_ids = NULL;
+    int* gpu_ids = NULL;
+    if (moe) {
+        size_t n = (size_t)c->num_layers * BT * topk * sizeof(int);
+        cpu_ids = (int*)malloc_check(n);
+        memcpy(cpu_ids, ref.acts.moe_idx, n);
+    }
     float loss[2] = {0, 0};
     char what[160];
     for (int mode = 0; mode < modes; mode++) {
@@ -173,6 +201,14 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
         model_set_params(&m, params, bn);
         model_forward(&m, inputs, targets, B, T, 1);
         loss[mode] = model_mean_loss(&m);
+        if (mode == 0 && moe) {
+            gpu_ids = gpu_moe_route_ids(&m, BT);
+            ref.moe_route_ids = gpu_ids;
+            cpu::gpt_forward(&ref, inputs, targets, B, T, 1);
+            cpu::gpt_zero_grad(&ref);
+            cpu::gpt_backward(&ref, 1.0f);
+            ref.moe_route_ids = NULL;
+        }
         if (mode == 0) {
             download_floatX(logits, m.acts.logits, (size_t)BT * c->padded_vocab_size);
             model_get_params(&m, params, bn_after);  // params unchanged; BN stats after one forward
@@ -196,7 +232,7 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
             size_t K = (size_t)topk, Kt = (size_t)BT * K, differ = 0;
             for (int l = 0; l < c->num_layers; l++) {
                 gpu_layer_topk(&m, l, idx, Kt);
-                const int* ref_idx = (moe ? ref.acts.moe_idx : ref.acts.topk_idx) + (size_t)l * Kt;
+                const int* ref_idx = (moe ? cpu_ids : ref.acts.topk_idx) + (size_t)l * Kt;
                 for (size_t t = 0; t < (size_t)BT; t++) {
                     for (size_t i = 0; i < K; i++) {
                         int found = 0;
@@ -228,6 +264,7 @@ static void test_forward_backward(const char* name, const ModelConfig* c, int B,
     cpu::gpt_free(&ref);
     for (int i = 0; i < modes; i++) free(grads[i]);
     free(params); free(bn); free(inputs); free(targets); free(logits); free(bn_after); free(idx);
+    free(cpu_ids); free(gpu_ids);
 }
 
 // steps s0 .. s1-1 of a training on tokens (BT + 1 per step), the loss of step s in out_losses[s]
@@ -278,21 +315,31 @@ static void test_training(const char* name, const ModelConfig* c, int B, int T) 
     snprintf(what, sizeof(what), "%s two runs of 3 steps bitwise identical", name);
     test_check(same, what);
 
+    // the ten steps on both sides in lockstep: moe's CPU step replays the GPU step's routing
     float* p_gpu = (float*)malloc_check(P * sizeof(float));
-    gpu_train(c, params, bn, B, T, steps, tokens, gpu_losses[0], p_gpu);
+    Model m;
+    gpu_build(&m, c, B, T, EXPERT_EXEC_EXPERT);
+    model_set_params(&m, params, bn);
     cpu::GPT ref;
     cpu_build(&ref, c);
     memcpy(ref.params, params, P * sizeof(float));
     if (NB) memcpy(ref.bn_stats, bn, NB * sizeof(float));
     for (int s = 0; s < steps; s++) {
         const int* in = tokens + (size_t)s * (BT + 1);
+        gpu_train_steps(&m, B, T, s, s + 1, tokens, gpu_losses[0]);
+        int* ids = gpu_moe_route_ids(&m, BT);
+        ref.moe_route_ids = ids;
         cpu::gpt_forward(&ref, in, in + 1, B, T, 1);
+        ref.moe_route_ids = NULL;
+        free(ids);
         cpu::gpt_zero_grad(&ref);
         cpu::gpt_backward(&ref, 1.0f);
         cpu_losses[s] = ref.mean_loss;
         cpu::gpt_update(&ref, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f, s + 1);
         cpu_moe_bias_update(&ref);
     }
+    model_get_params(&m, p_gpu, NULL);
+    model_free(&m);
     double worst = 0.0;
     printf("  %s losses (gpu / cpu):", name);
     for (int s = 0; s < steps; s++) {
@@ -306,8 +353,8 @@ static void test_training(const char* name, const ModelConfig* c, int B, int T) 
                 gpu_losses[0][0], gpu_losses[0][steps - 1]);
     if (c->ffn_kind == FFN_MOE && g_moe_bias_rate > 0.0f) {
         // the loss-free balancing bias after 10 steps (docs/design.md §10.5): sign updates of exact
-        // integer counts, so the CPU's and the GPU's FFN-expert biases agree unless a count
-        // differed (bf16: routing flips, and the bias is read in bf16); the zero-computation
+        // integer counts, and the CPU replayed the GPU's routing, so the CPU's and the GPU's
+        // FFN-expert biases agree (the tolerance is older than the replay); the zero-computation
         // experts' biases never move. A wrong sign or a missing update differs on most biases.
         size_t sizes[NUM_PARAMETER_TENSORS], off = 0;
         model_config_param_sizes(c, sizes);
@@ -469,9 +516,13 @@ static void test_eval_sampling_accumulation(const char* name, const ModelConfig*
     model_set_params(&m, params, bn);
     float* logits = (float*)malloc_check((size_t)BT * Vp * sizeof(float));
 
-    // evaluation-mode forward of a whole batch
-    cpu::gpt_forward(&ref, tokens, tokens + 1, B, T, 0);
+    // evaluation-mode forward of a whole batch (moe: the CPU replays the GPU's routing)
     model_forward(&m, tokens, tokens + 1, B, T, 0);
+    int* ids = gpu_moe_route_ids(&m, BT);
+    ref.moe_route_ids = ids;
+    cpu::gpt_forward(&ref, tokens, tokens + 1, B, T, 0);
+    ref.moe_route_ids = NULL;
+    free(ids);
     download_floatX(logits, m.acts.logits, (size_t)BT * Vp);
     snprintf(what, sizeof(what), "%s eval-mode logits", name);
     test_check_rel(what, rel_err(logits, ref.logits, (size_t)BT * Vp), TOL);
@@ -480,8 +531,12 @@ static void test_eval_sampling_accumulation(const char* name, const ModelConfig*
     const int t = T / 2 + 3, eot = c->vocab_size - 1;
     int* padded = (int*)malloc_check((size_t)T * sizeof(int));
     for (int i = 0; i < T; i++) padded[i] = i < t ? tokens[i] : eot;
-    cpu::gpt_forward(&ref, tokens, NULL, 1, t, 0);
     model_forward(&m, padded, NULL, 1, T, 0);
+    ids = gpu_moe_route_ids(&m, t);
+    ref.moe_route_ids = ids;
+    cpu::gpt_forward(&ref, tokens, NULL, 1, t, 0);
+    ref.moe_route_ids = NULL;
+    free(ids);
     download_floatX(logits, m.acts.logits + (size_t)(t - 1) * Vp, Vp);
     snprintf(what, sizeof(what), "%s padded (1,T) forward at t-1 == (1,t) prefix", name);
     test_check_rel(what, rel_err(logits, ref.logits + (size_t)(t - 1) * Vp, Vp), TOL);
@@ -491,9 +546,13 @@ static void test_eval_sampling_accumulation(const char* name, const ModelConfig*
     model_zero_grad(&m);
     for (int micro = 0; micro < 2; micro++) {
         const int* in = tokens + (size_t)micro * (BT + 1);
-        cpu::gpt_forward(&ref, in, in + 1, B, T, 1);
-        cpu::gpt_backward(&ref, 0.5f);
         model_forward(&m, in, in + 1, B, T, 1);
+        ids = gpu_moe_route_ids(&m, BT);
+        ref.moe_route_ids = ids;
+        cpu::gpt_forward(&ref, in, in + 1, B, T, 1);
+        ref.moe_route_ids = NULL;
+        free(ids);
+        cpu::gpt_backward(&ref, 0.5f);
         model_backward(&m, in, 0.5f, NULL);
     }
     float* grads = (float*)malloc_check(P * sizeof(float));

@@ -841,6 +841,9 @@ typedef struct {
     float moe_zc_weight;   // tau: the weight of zero, copy and constant experts
     double moe_aux_loss;   // sum over layers of the last training forward's balance loss
     int moe_aux_active;    // the last forward added it (training, alpha > 0): backward follows it
+    // tests only (test_omnimoe.cu): (L, BT, k) expert ids the moe forward uses instead of its own
+    // top-k, so that the GPU's choices can be replayed here; NULL (the default): its own top-k
+    const int* moe_route_ids;
 } GPT;
 
 static float* alloc_floats(size_t count) { return (float*)calloc_check(count > 0 ? count : 1, sizeof(float)); }
@@ -1075,9 +1078,10 @@ static inline float moe_balance_weight(const GPT* model, int e) {
 }
 
 // per token: p = softmax(z) over all E_t experts, the k experts with the largest p + b (ties to
-// the smaller id), and the gates (--moe-norm-topk 0: g = p; 1: p / D over the non-zero experts)
+// the smaller id), and the gates (--moe-norm-topk 0: g = p; 1: p / D over the non-zero experts);
+// route_ids (BT, k) non-NULL: those ids instead of the top-k (GPT.moe_route_ids)
 static void moe_route_forward(float* probs, int* idx, float* gate, float* denom, const float* z, const float* bias,
-                              const ModelConfig* c, int BT) {
+                              const int* route_ids, const ModelConfig* c, int BT) {
     int Et = model_config_moe_routed(c), k = c->moe_topk;
     #pragma omp parallel
     {
@@ -1094,8 +1098,12 @@ static void moe_route_forward(float* probs, int* idx, float* gate, float* denom,
             }
             for (int i = 0; i < Et; i++) pr[i] /= sum;
             for (int i = 0; i < Et; i++) { cand[i].score = pr[i] + bias[i]; cand[i].id = i; }
-            if (k < Et) select_best(cand, Et, k);
-            sort_best_first(cand, k);
+            if (route_ids != NULL) {
+                for (int m = 0; m < k; m++) cand[m].id = route_ids[(size_t)r * k + m];
+            } else {
+                if (k < Et) select_best(cand, Et, k);
+                sort_best_first(cand, k);
+            }
             int* id = idx + (size_t)r * k;
             float* g = gate + (size_t)r * k;
             float D = 0.0f;
@@ -1179,7 +1187,8 @@ static double moe_layer_forward(GPT* model, int l, float* out, const float* x, i
         matmul_forward(gz, z - (size_t)BT * Et, p[PARAM_MOE_GATEMAP] + (size_t)l * Et * Et, NULL, BT, Et, Et);
         for (size_t i = 0; i < (size_t)BT * Et; i++) z[i] += gz[i];
     }
-    moe_route_forward(probs, idx, gate, a->moe_denom + (size_t)l * BT, z, p[PARAM_MOE_BIAS] + (size_t)l * Et, c, BT);
+    moe_route_forward(probs, idx, gate, a->moe_denom + (size_t)l * BT, z, p[PARAM_MOE_BIAS] + (size_t)l * Et,
+                      model->moe_route_ids ? model->moe_route_ids + (size_t)l * P : NULL, c, BT);
     memset(counts, 0, (size_t)Et * sizeof(int));
     for (size_t q = 0; q < P; q++) counts[idx[q]]++;
     const float* xe = x;  // the routed experts' input: x, or k x as the MoE++ release

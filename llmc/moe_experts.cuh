@@ -369,7 +369,12 @@ static void moe_grouped_gemm(MoeGroupedGemm* g, cublasOperation_t ta, cublasOper
         groups++;
     }
     if (groups == 0) return;
-    if (!moe_use_grouped_gemm) {
+    // the grouped call reads the matrix pointers from device memory, so cuBLAS cannot pick a kernel
+    // for their alignment as cublasGemmEx does: a base off 16 bytes takes the loop (the flat
+    // parameter layout puts W1 and W2 there when the gate map's L E_t^2 is not a multiple of 8;
+    // every stride here is a multiple of 8 elements, moe_check_dims)
+    const int aligned = is_aligned16(A) && is_aligned16(B) && is_aligned16(Cm);
+    if (!moe_use_grouped_gemm || !aligned) {
         moe_gemm_loop(ta, tb, m, n, k, A, sA, byA, lda, B, sB, byB, ldb, beta, Cm, sC, byC, ldc, host_counts, E, stream);
         return;
     }

@@ -28,7 +28,8 @@ What is checked (one PASS/FAIL line per check, closing "test_moe: N passed, N fa
     - the gradients start random and accumulate: the rows of experts nobody chose stay bitwise
       as they were; the bias has no gradient;
     - the whole forward+backward run twice gives bitwise identical results;
-    - the same with the per-expert GEMM loop instead of the grouped GEMM (moe_use_grouped_gemm = 0).
+    - the same with the per-expert GEMM loop instead of the grouped GEMM (moe_use_grouped_gemm = 0),
+      and with W1, W2 and their gradients one element past 16-byte alignment (the loop again).
 The gating residual, the tanh router and the shared SwiGLU are checked end to end against the
 CPU trainer by test_omnimoe.cu.
 */
@@ -59,6 +60,18 @@ static std::vector<float> host_random(size_t n, float std) {
 
 static floatX* upload(const std::vector<float>& v, size_t n) {
     floatX* d = device_alloc<floatX>(n > 0 ? n : 1, "test buffer");
+    if (n > 0) upload_floatX(d, v.data(), n);
+    return d;
+}
+
+// elements that W1, W2 and their gradients sit past a 256-byte aligned allocation: 1 puts them off 16
+// bytes, where the trainer's flat parameter layout can put them (moe_grouped_gemm then loops)
+static size_t g_expert_shift = 0;
+
+static floatX* upload_shifted(const std::vector<float>& v, size_t n) {
+    floatX* base = device_alloc<floatX>(n + 8, "test buffer");
+    cudaCheck(cudaMemset(base, 0, (n + 8) * sizeof(floatX)));  // the margins too (compute-sanitizer initcheck)
+    floatX* d = base + g_expert_shift;
     if (n > 0) upload_floatX(d, v.data(), n);
     return d;
 }
@@ -181,14 +194,14 @@ static LayerResult run_layer(MoeDims d, MoeOptions o, const LayerData& D, float 
     memset(&w, 0, sizeof(w));
     memset(&dw, 0, sizeof(dw));
     w.router = upload(D.wr, (size_t)Et * C);
-    w.w1 = upload(D.w1, (size_t)E * 2 * Ie * C);
-    w.w2 = upload(D.w2, (size_t)E * C * Ie);
+    w.w1 = upload_shifted(D.w1, (size_t)E * 2 * Ie * C);
+    w.w2 = upload_shifted(D.w2, (size_t)E * C * Ie);
     w.cvec = upload(D.cvec, (size_t)Kc * C);
     w.cmix = upload(D.cmix, (size_t)Kc * 2 * C);
     w.bias = upload(D.bias, Et);
     dw.router = upload(D.g_wr, (size_t)Et * C);
-    dw.w1 = upload(D.g_w1, (size_t)E * 2 * Ie * C);
-    dw.w2 = upload(D.g_w2, (size_t)E * C * Ie);
+    dw.w1 = upload_shifted(D.g_w1, (size_t)E * 2 * Ie * C);
+    dw.w2 = upload_shifted(D.g_w2, (size_t)E * C * Ie);
     dw.cvec = upload(D.g_cvec, (size_t)Kc * C);
     dw.cmix = upload(D.g_cmix, (size_t)Kc * 2 * C);
     std::vector<float> zeros(Et, 0.0f);
@@ -235,9 +248,10 @@ static LayerResult run_layer(MoeDims d, MoeOptions o, const LayerData& D, float 
     r.aux = alpha > 0.0f ? fetch_raw(aux, 1)[0] : 0.0f;
     moe_layer_free(&layer);
     moe_workspace_free(&ws);
-    floatX* bufs[] = {w.router, w.w1, w.w2, w.cvec, w.cmix, w.bias, dw.router, dw.w1, dw.w2, dw.cvec, dw.cmix,
-                      dw.bias, x, dy, out, dx};
+    floatX* bufs[] = {w.router, w.cvec, w.cmix, w.bias, dw.router, dw.cvec, dw.cmix, dw.bias, x, dy, out, dx};
     for (floatX* b : bufs) cudaCheck(cudaFree(b));
+    floatX* shifted[] = {w.w1, w.w2, dw.w1, dw.w2};
+    for (floatX* b : shifted) cudaCheck(cudaFree(b - g_expert_shift));
     cudaCheck(cudaFree(counts));
     cudaCheck(cudaFree(aux));
     return r;
@@ -511,6 +525,9 @@ int main(void) {
     test_layer("layer forced routing, per-expert GEMM loop", ROUTE_FORCED, 1, 1, 0.05f);
     test_layer("layer random routing, per-expert GEMM loop", ROUTE_RANDOM, 0, 0, 0.0f);
     moe_use_grouped_gemm = 1;
+    g_expert_shift = 1;  // W1, W2 off 16 bytes: moe_grouped_gemm takes its per-expert loop
+    test_layer("layer random routing, norm, W1 and W2 off 16 bytes", ROUTE_RANDOM, 1, 0, 0.1f);
+    g_expert_shift = 0;
     matmul_free();
     return test_end();
 }
