@@ -890,6 +890,11 @@ int main(void) {
     // -r 1 and 2 against -r 0 (bitwise): gelu, swiglu, omni with and without BN
     const int recompute_cases[] = {0, 1, 2, 3};
     for (int i : recompute_cases) test_recompute(cases[i].name, &cases[i].c, 4, 64);
+    // --gelu-fusion 2: fcproj's input gradient through the DGELU epilogue, against the CPU reference
+    matmul_dgelu_fused = 1;
+    test_forward_backward("gelu, DGELU epilogue", &cases[0].c, 4, 64);
+    test_training("gelu, DGELU epilogue", &cases[0].c, 4, 64);
+    matmul_dgelu_fused = 0;
     test_moe(d);
     test_expert_stats();
     test_zero_update(cases[2].name, &cases[2].c);

@@ -1911,6 +1911,11 @@ int main(int argc, char** argv) {
                 "(./train_omnimoe); the CPU reference keeps every activation (use -r 0)\n", cfg.recompute);
         exit(EXIT_FAILURE);
     }
+    if (cfg.gelu_fusion != 1) {
+        fprintf(stderr, "Error: flag --gelu-fusion %d: fusing the GELU into GEMM epilogues is the CUDA trainer's "
+                "(./train_omnimoe); the CPU reference computes it on its own (use --gelu-fusion 1)\n", cfg.gelu_fusion);
+        exit(EXIT_FAILURE);
+    }
 
     // the model: a preset (+ flags) or a model file
     CpuTrainer tr;

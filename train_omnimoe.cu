@@ -821,7 +821,12 @@ static void model_backward(Model* m, const int* inputs, float loss_scale, GradRe
         if (m->recompute >= 2) model_recompute_layernorms(m, l, BT, st);
 
         // FFN: dresidual is d(residual3) = d(FFN output); dsub receives d(ln2)
-        if (c->ffn_kind == FFN_GELU) {
+        if (c->ffn_kind == FFN_GELU && matmul_dgelu_fused) {  // --gelu-fusion 2: d(fch) from the DGELU epilogue
+            matmul_backward_gelu(a->dwide, layer_grad(m, PARAM_FCPROJW, l), layer_grad(m, PARAM_FCPROJB, l),
+                                 a->dresidual, fch_act, layer_param(m, PARAM_FCPROJW, l), fch, BT, H, C, st, scratch);
+            matmul_backward(a->dsub, layer_grad(m, PARAM_FCW, l), layer_grad(m, PARAM_FCB, l), a->dwide, ln2,
+                            layer_param(m, PARAM_FCW, l), BT, C, FI, 0, st, scratch);
+        } else if (c->ffn_kind == FFN_GELU) {
             matmul_backward(a->dhidden, layer_grad(m, PARAM_FCPROJW, l), layer_grad(m, PARAM_FCPROJB, l), a->dresidual,
                             fch_act, layer_param(m, PARAM_FCPROJW, l), BT, H, C, 0, st, scratch);
             gelu_backward(a->dwide, fch, a->dhidden, (size_t)BT * FI, st);
@@ -1539,6 +1544,8 @@ int main(int argc, char** argv) {
         shard_comm = expert_shard_comm_nccl(&mg);
         shard = &shard_comm;
     }
+    matmul_gelu_fused = cfg.gelu_fusion >= 1;  // --gelu-fusion: the GELU in cuBLASLt epilogues (llmc/matmul.cuh)
+    matmul_dgelu_fused = cfg.gelu_fusion >= 2;
     if (zero || shard) {
         model_build_sharded(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention, cfg.recompute, zero, shard);
     } else {

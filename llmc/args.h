@@ -102,6 +102,7 @@ typedef struct {
     int expert_exec;                          // --expert-exec  EXPERT_EXEC_* (run-time choice, not saved in the model)
     int attention;                            // --attention  ATTENTION_* (CUDA trainer; run-time choice, in checkpoints)
     int recompute;                            // -r  --recompute  0 keep, 1 recompute the FFN activation, 2 also LN1/LN2 (CUDA trainer)
+    int gelu_fusion;                          // --gelu-fusion  gelu's GELU in cuBLASLt epilogues: 0 none, 1 forward, 2 also backward (CUDA trainer)
     // the memory plan (llmc/memory_plan.h)
     int plan_gpus;                            // --plan  print the per-GPU memory plan of a run on this many GPUs, exit (0 = train)
     // moe knobs (docs/design.md §10.7); model fields: -1 = the preset's (or --moepp's) value
@@ -173,6 +174,7 @@ static const TrainFlag train_flags[] = {
     {NULL, "--gate", TRAIN_ARG_CHOICE, offsetof(TrainConfig, gate), 0, 0, 0, "softmax|prob", "omni: gate over the k selected scores (unset = softmax)"},
     {NULL, "--expert-exec", TRAIN_ARG_CHOICE, offsetof(TrainConfig, expert_exec), 0, 0, 0, "token|expert", "omni: expert-branch execution, token-centric (default) or expert-centric (same bits)"},
     {NULL, "--attention", TRAIN_ARG_CHOICE, offsetof(TrainConfig, attention), 0, 0, 0, "ours|cudnn", "CUDA trainer: attention kernels, ours (default) or cuDNN's SDPA (a `make USE_CUDNN=1` build; other bits)"},
+    {NULL, "--gelu-fusion", TRAIN_ARG_INT, offsetof(TrainConfig, gelu_fusion), 0, 2, 0, NULL, "CUDA trainer, -f gelu: the GELU in cuBLASLt's GEMM epilogues, 0 none, 1 the forward (default), 2 also the backward (the DGELU epilogue; other bits)"},
     {"-r", "--recompute", TRAIN_ARG_INT, offsetof(TrainConfig, recompute), 0, 2, 0, NULL, "CUDA trainer: activation recomputation, 0 keep all (default), 1 recompute the FFN activation in the backward, 2 also the LayerNorm outputs (less memory, same bits; gelu: the unfused GELU)"},
     {NULL, "--moe-experts", TRAIN_ARG_INT, offsetof(TrainConfig, moe_experts), 0, 65536, 1, NULL, "moe: routed SwiGLU experts E (-1 = the preset's)"},
     {NULL, "--moe-topk", TRAIN_ARG_INT, offsetof(TrainConfig, moe_topk), 1, 65536, 1, NULL, "moe: experts per token k, among all routed experts (-1 = the preset's)"},
@@ -216,6 +218,7 @@ static inline void train_config_defaults(TrainConfig* cfg) {
     cfg->launch_id_file[0] = '\0';
     cfg->overlap_comm = 1;
     cfg->zero = 0;  // ZeRO-1 off until it has been measured (docs/sharding.md §2)
+    cfg->gelu_fusion = 1;  // the DGELU epilogue (2) is chosen once measured (docs/performance.md target 5)
     cfg->num_steps = 1000;
     cfg->learning_rate = 6e-4f;
     cfg->warmup_steps = 100;
