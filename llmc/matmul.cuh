@@ -19,9 +19,8 @@ Defines:
                        stream, scratch)
       the same for a layer whose input was inp = GELU_tanh(pre_gelu) (GPT-2's fcproj), with the
       GELU backward folded in: dpre (BT, C_in) = (dout @ weight) * GELU_tanh'(pre_gelu) (overwrite)
-      through cuBLASLt's DGELU epilogue when matmul_dgelu_fused = 1, else the GEMM then
-      gelu_backward in place (0, the default: the trainer keeps its own two calls until the
-      epilogue is measured, docs/performance.md target 5)
+      through cuBLASLt's DGELU epilogue when matmul_dgelu_fused = 1 (the trainer's
+      --gelu-fusion 2), else the GEMM then gelu_backward in place
 - matmul_backward_scratch_bytes(BT, C_out): scratch bytes for the dbias partial sums
 
 Row-major to cuBLAS column-major: a row-major (R, C) matrix is a column-major (C, R) one, so
