@@ -16,7 +16,8 @@
 #     cudnn: rebuild with `make USE_CUDNN=1` (headers in carry/cudnn-frontend), test_attention with
 #           cuDNN's SDPA beside ours, --attention cudnn reruns bitwise and its loss beside ours
 #     llmc: dev/bench_llmc.sh, our dense d12 step against llm.c with and without cuDNN, same
-#           flags, alternating (carry/llm.c from 'dev/bench_llmc.sh prepare <llm.c clone>')
+#           flags, alternating (carry/llm.c from 'dev/bench_llmc.sh prepare <llm.c clone>'); ours
+#           also with LLMC_OURS_EXTRA (default: --gelu-fusion 2, with --attention cudnn under cudnn)
 #     bench: only dev/bench_all.sh (every performance benchmark, its own builds and summary)
 #     mceval: a d12 omni run with --mc-eval on the committed example file (accuracy on the step line and
 #         in the log), then dev/test_export_hf.py (exports loaded in transformers, logits vs ours)
@@ -154,6 +155,7 @@ if [[ "$mode" == *profile* ]]; then  # after the cudnn rebuild, so that --attent
 fi
 if [[ "$mode" == *llmc* ]]; then  # our dense d12 against llm.c with and without cuDNN (carry/llm.c)
     run bench_llmc env BENCH_DIR="$LOG/bench_llmc" OURS_CUDNN=$([[ "$mode" == *cudnn* ]] && echo 1 || echo 0) \
+        OURS_EXTRA="${LLMC_OURS_EXTRA-$([[ "$mode" == *cudnn* ]] && echo "--attention cudnn ")--gelu-fusion 2}" \
         bash dev/bench_llmc.sh
 fi
 echo "================ summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
