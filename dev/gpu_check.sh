@@ -60,6 +60,7 @@ nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv,noheader
 targets=(train_omnimoe test_omnimoe test_omnimoe_fp32 train_omnimoe_cpu dev/cuda/test_experts_shard_bin
          dev/cuda/test_moe_bin dev/cuda/test_moe_fp32_bin)
 if [[ "$mode" == *notests* ]]; then targets=(train_omnimoe); fi
+if [[ "$mode" == *sanitize* ]]; then targets+=(dev/cuda/test_moe_bin dev/cuda/test_experts_shard_bin); fi
 if [[ "$mode" == *kernels* ]]; then targets+=(kernel_tests kernel_benches); fi
 run build make -j$(nproc) "${targets[@]}"
 if [[ "$mode" != *notests* ]]; then
