@@ -354,10 +354,6 @@ static inline int moe_ffn_groups(const int* host_counts, int E, int* rows) {
 static int moe_gemm_backend = MOE_GEMM_CUBLAS;
 static int moe_gemm_fallbacks = 0;  // grouped calls the CUTLASS backend handed to the loop (test_moe.cu counts them)
 
-static inline const char* moe_gemm_backend_name(int b) {
-    return b == MOE_GEMM_LOOP ? "loop" : b == MOE_GEMM_CUBLAS ? "cublas_grouped" : b == MOE_GEMM_CUTLASS ? "cutlass_grouped" : "?";
-}
-
 // the per-expert loop: problem e's matrices from the host counts (the FFN experts' rows come first)
 static void moe_gemm_loop(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const floatX* A, size_t sA,
                           int byA, int lda, const floatX* B, size_t sB, int byB, int ldb, float beta, floatX* Cm,
@@ -376,8 +372,8 @@ static void moe_gemm_loop(cublasOperation_t ta, cublasOperation_t tb, int m, int
 
 // the CUTLASS grouped GEMM of the `groups` problems whose pointers g->d_* hold and whose sizes
 // g->m, g->n, g->k hold (their rows on the host: the MOE_DIM_ROWS dimension); 0 when it ran, 1
-// when the caller must run the problems another way (not built in, not bf16, a leading
-// dimension off 8 elements, a layout the layer does not use, CUTLASS refuses the problems)
+// when the caller must run the problems another way (a leading dimension off 8 elements, a
+// layout the layer does not use, CUTLASS refuses the problems); exits in a build without it
 static int moe_cutlass_gemm(MoeGroupedGemm* g, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                             int lda, int ldb, float beta, int ldc, ExpertSchedule sched, int groups,
                             cudaStream_t stream) {
