@@ -16,7 +16,8 @@
 #     cutlass: rebuild test_moe and bench_moe (bf16) with `make USE_CUTLASS=1` (headers in
 #           carry/cutlass, 'dev/prepare_carry.sh cutlass'; carry ["carry/include", "carry/cutlass"],
 #           not carry/mixed: 64 MiB), then test_moe (its cases on CUTLASS's grouped GEMM too) and
-#           bench_moe (CUTLASS's grouped GEMM beside cuBLAS's and the loop; bench_moe_cutlass.json)
+#           bench_moe (CUTLASS's grouped GEMM beside cuBLAS's and the loop; bench_moe_cutlass.json);
+#           with sanitize also in the mode, test_moe under compute-sanitizer memcheck once more
 #     cudnn: rebuild with `make USE_CUDNN=1` (headers in carry/cudnn-frontend), test_attention with
 #           cuDNN's SDPA beside ours, --attention cudnn reruns bitwise and its loss beside ours
 #     llmc: dev/bench_llmc.sh, our dense d12 step against llm.c with and without cuDNN, same
@@ -137,6 +138,9 @@ fi
 if [[ "$mode" == *cutlass* ]]; then
     run cutlass_build make -j$(nproc) -B USE_CUTLASS=1 dev/cuda/test_moe_bin dev/cuda/bench_moe_bin
     run cutlass_test_moe ./dev/cuda/test_moe_bin
+    if [[ "$mode" == *sanitize* ]]; then  # the CUTLASS kernels' reads and writes too
+        run cutlass_sanitize_memcheck compute-sanitizer --tool memcheck --error-exitcode 1 ./dev/cuda/test_moe_bin
+    fi
     run cutlass_bench_moe ./dev/cuda/bench_moe_bin --json "$LOG/bench_moe_cutlass.json"
 fi
 # cuDNN's SDPA (--attention cudnn): rebuild with USE_CUDNN=1 (last: it replaces ./train_omnimoe),
