@@ -24,9 +24,14 @@
 // ragged (a few hundred rows each): a 128x128 tile keeps the tile count high enough to fill the
 // SMs and wastes at most one partial tile per problem edge; a cluster of 2 would round each
 // problem's tile count up to the cluster (the group scheduler's rule) for a multicast that saves
-// little at these sizes. `make USE_CUTLASS=1 MOE_CUTLASS_TILE_N=256` builds the wider tile.
+// little at these sizes. `make USE_CUTLASS=1 MOE_CUTLASS_TILE_N=256` builds the wider tile,
+// MOE_CUTLASS_PINGPONG=1 the ping-pong schedule instead (each consumer warpgroup a whole tile, one
+// tile's epilogue under the other's MMAs), for the benchmark to compare.
 #ifndef MOE_CUTLASS_TILE_N
 #define MOE_CUTLASS_TILE_N 128
+#endif
+#ifndef MOE_CUTLASS_PINGPONG
+#define MOE_CUTLASS_PINGPONG 0
 #endif
 
 using namespace cute;
@@ -38,12 +43,19 @@ constexpr int kMoeAlign = 8;  // elements: 16-byte TMA alignment of the leading 
 using MoeTileShape = Shape<_128, Int<MOE_CUTLASS_TILE_N>, _64>;
 using MoeClusterShape = Shape<_1, _1, _1>;
 using MoeLayoutC = cutlass::layout::ColumnMajor;  // as cuBLAS: C (m, n) with ldc between columns
+#if MOE_CUTLASS_PINGPONG
+using MoeKernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+using MoeEpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+#else
+using MoeKernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+using MoeEpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+#endif
 
 // the epilogue, the same for the three kernels: D = alpha acc + beta C in fp32, rounded to bf16
 using MoeEpilogue = cutlass::epilogue::collective::CollectiveBuilder<
     cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, MoeTileShape, MoeClusterShape,
     cutlass::epilogue::collective::EpilogueTileAuto, float, float, MoeElement, MoeLayoutC*, kMoeAlign, MoeElement,
-    MoeLayoutC*, kMoeAlign, cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative,
+    MoeLayoutC*, kMoeAlign, MoeEpilogueSchedule,
     cutlass::epilogue::fusion::LinearCombination<MoeElement, float, MoeElement, float>>::CollectiveOp;
 constexpr int kMoeEpilogueSmem = static_cast<int>(sizeof(MoeEpilogue::SharedStorage));
 
@@ -52,7 +64,7 @@ struct MoeCutlassKernel {
     using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
         cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, MoeElement, LayoutA*, kMoeAlign, MoeElement, LayoutB*,
         kMoeAlign, float, MoeTileShape, MoeClusterShape, cutlass::gemm::collective::StageCountAutoCarveout<kMoeEpilogueSmem>,
-        cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative>::CollectiveOp;
+        MoeKernelSchedule>::CollectiveOp;
     using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, MoeEpilogue>;  // default: persistent group scheduler
     using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
     using StrideA = typename Kernel::InternalStrideA;
@@ -177,9 +189,12 @@ void moe_cutlass_free(MoeCutlassGemm* g) {
 
 size_t moe_cutlass_device_bytes(const MoeCutlassGemm* g) { return g->bytes; }
 
+#define MOE_CUTLASS_STR2(x) #x
+#define MOE_CUTLASS_STR(x) MOE_CUTLASS_STR2(x)
 const char* moe_cutlass_config(void) {
-    return MOE_CUTLASS_TILE_N == 128 ? "CUTLASS sm90 ptr-array cooperative, tile 128x128x64, cluster 1x1x1"
-                                     : "CUTLASS sm90 ptr-array cooperative, tile 128x256x64, cluster 1x1x1";
+    return MOE_CUTLASS_PINGPONG
+               ? "CUTLASS sm90 ptr-array pingpong, tile 128x" MOE_CUTLASS_STR(MOE_CUTLASS_TILE_N) "x64, cluster 1x1x1"
+               : "CUTLASS sm90 ptr-array cooperative, tile 128x" MOE_CUTLASS_STR(MOE_CUTLASS_TILE_N) "x64, cluster 1x1x1";
 }
 
 template <class K>
