@@ -70,6 +70,26 @@ ifeq ($(USE_CUDNN), 1)
   CUDNN_OBJ = build/attention_cudnn.o
 endif
 
+# --- optional CUTLASS grouped GEMM of the moe experts: make USE_CUTLASS=1 ------------------
+# Needs the CUTLASS 4.x headers (PyPI's nvidia-cutlass wheel, cutlass_library/source/include; the
+# path below is where 'bash dev/prepare_carry.sh cutlass' puts them); header-only, no library.
+# Compiles llmc/moe_gemm_cutlass.cu alone (minutes: CUTLASS templates) and selects nothing by
+# itself: moe_gemm_backend in llmc/moe_experts.cuh picks it at run time (bf16 builds only).
+# MOE_CUTLASS_TILE_N = 128 or 256 is the tile's N, MOE_CUTLASS_PINGPONG = 1 the ping-pong schedule
+# (default cooperative). Switching USE_CUTLASS or these needs a rebuild (make -B).
+USE_CUTLASS ?= 0
+CUTLASS_INCLUDE ?= carry/cutlass/include
+MOE_CUTLASS_TILE_N ?= 128
+MOE_CUTLASS_PINGPONG ?= 0
+CUTLASS_OBJ =
+ifeq ($(USE_CUTLASS), 1)
+  ifeq ($(wildcard $(CUTLASS_INCLUDE)/cutlass/gemm/collective/collective_builder.hpp),)
+    $(error USE_CUTLASS=1: $(CUTLASS_INCLUDE)/cutlass/gemm/collective/collective_builder.hpp not found (set CUTLASS_INCLUDE; see dev/prepare_carry.sh))
+  endif
+  NVCC_FLAGS += -DENABLE_CUTLASS
+  CUTLASS_OBJ = build/moe_gemm_cutlass.o
+endif
+
 HOST_HEADERS = $(wildcard llmc/*.h)
 CUDA_HEADERS = $(wildcard llmc/*.cuh)
 CPU_TESTS = test_omnimoe_cpu test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_fixtures test_integrity \
@@ -122,16 +142,22 @@ test_integrity: test_integrity.c train_omnimoe.c $(HOST_HEADERS)
 test_mc_loop: test_mc_loop.c train_omnimoe.c $(HOST_HEADERS)
 	$(CC) $(CFLAGS) $< -o $@ $(LDLIBS)
 
-train_omnimoe: train_omnimoe.cu $(HOST_HEADERS) $(CUDA_HEADERS) $(CUDNN_OBJ)
-	$(NVCC) $(NVCC_FLAGS) $< $(CUDNN_OBJ) -o $@ $(NVCC_LDLIBS)
+train_omnimoe: train_omnimoe.cu $(HOST_HEADERS) $(CUDA_HEADERS) $(CUDNN_OBJ) $(CUTLASS_OBJ)
+	$(NVCC) $(NVCC_FLAGS) $< $(CUDNN_OBJ) $(CUTLASS_OBJ) -o $@ $(NVCC_LDLIBS)
 
 # cuDNN's SDPA in its own object: the cudnn-frontend headers take about a minute to compile
 build/attention_cudnn.o: llmc/attention_cudnn.cu llmc/attention_cudnn.h
 	@mkdir -p build
 	$(NVCC) $(NVCC_FLAGS) $(CUDNN_FLAGS) -diag-suppress 128,2810 -Xcompiler -Wno-deprecated-declarations -c $< -o $@
 
-test_omnimoe: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADERS) $(CUDA_HEADERS) $(CUDNN_OBJ)
-	$(NVCC) $(NVCC_FLAGS) -Xcompiler -fopenmp $< $(CUDNN_OBJ) -o $@ $(NVCC_LDLIBS) -lgomp
+# the CUTLASS grouped GEMM in its own object (llmc/moe_gemm_cutlass.h): CUTLASS's templates take
+# minutes to compile, and its headers stay out of every other translation unit
+build/moe_gemm_cutlass.o: llmc/moe_gemm_cutlass.cu llmc/moe_gemm_cutlass.h
+	@mkdir -p build
+	$(NVCC) $(NVCC_FLAGS) -I$(CUTLASS_INCLUDE) -DNDEBUG -DMOE_CUTLASS_TILE_N=$(MOE_CUTLASS_TILE_N) -DMOE_CUTLASS_PINGPONG=$(MOE_CUTLASS_PINGPONG) -c $< -o $@
+
+test_omnimoe: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADERS) $(CUDA_HEADERS) $(CUDNN_OBJ) $(CUTLASS_OBJ)
+	$(NVCC) $(NVCC_FLAGS) -Xcompiler -fopenmp $< $(CUDNN_OBJ) $(CUTLASS_OBJ) -o $@ $(NVCC_LDLIBS) -lgomp
 
 # the same test with floatX = float: tight tolerances
 test_omnimoe_fp32: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADERS) $(CUDA_HEADERS)
@@ -152,8 +178,8 @@ kernel_benches: $(KERNEL_BENCH_BINS)
 dev/cuda/%_fp32_bin: dev/cuda/%.cu $(HOST_HEADERS) $(CUDA_HEADERS)
 	$(NVCC) $(NVCC_FLAGS) -DENABLE_FP32 $< -o $@ $(NVCC_LDLIBS)
 
-dev/cuda/%_bin: dev/cuda/%.cu $(HOST_HEADERS) $(CUDA_HEADERS) $(CUDNN_OBJ)
-	$(NVCC) $(NVCC_FLAGS) $< $(CUDNN_OBJ) -o $@ $(NVCC_LDLIBS)
+dev/cuda/%_bin: dev/cuda/%.cu $(HOST_HEADERS) $(CUDA_HEADERS) $(CUDNN_OBJ) $(CUTLASS_OBJ)
+	$(NVCC) $(NVCC_FLAGS) $< $(CUDNN_OBJ) $(CUTLASS_OBJ) -o $@ $(NVCC_LDLIBS)
 
 # runs every kernel test (fp32 attention: its --quick checks), logs in dev/cuda/build_logs/, then
 # prints each program's closing "N passed, N failed" line; fails when any test fails or crashes
@@ -213,4 +239,4 @@ test_gpu:
 
 clean:
 	rm -f train_omnimoe train_omnimoe_cpu test_omnimoe test_omnimoe_fp32 $(CPU_TESTS)
-	rm -f $(KERNEL_TEST_BINS) $(KERNEL_BENCH_BINS) build/attention_cudnn.o
+	rm -f $(KERNEL_TEST_BINS) $(KERNEL_BENCH_BINS) build/attention_cudnn.o build/moe_gemm_cutlass.o

@@ -17,7 +17,8 @@
 #          65536, 1048576 (k=32)
 #   moe    dev/cuda/bench_moe.cu: the moe layer (docs/design.md §10.8) fwd+bwd against the dense
 #          SwiGLU of the same active size, its grouped GEMM against a dense GEMM of the same
-#          FLOPs, MoE++ against vanilla moe (routed experts' forward)
+#          FLOPs, MoE++ against vanilla moe (routed experts' forward); with CUTLASS's grouped GEMM
+#          beside cuBLAS's when carry/cutlass/include was carried (dev/prepare_carry.sh cutlass)
 #   torch  dev/bench_torch.py: the PyTorch baselines of (a), (b), (c), and a PyTorch moe layer at
 #          bench_moe's shape (a loop over experts, as users write it)
 #   train  dev/bench_train.sh: trainer tok/s, d12 gelu / swiglu / omni / moe / moe++ at B=32, T=1024
@@ -91,7 +92,13 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
     fi
     if has_part moe; then
         rm -f dev/cuda/bench_moe_bin
-        make dev/cuda/bench_moe_bin >"$OUT/build_moe.log" 2>&1 &
+        # with the CUTLASS headers carried (dev/prepare_carry.sh cutlass) the CUTLASS grouped GEMM
+        # too (its cutlass_* numbers); without them, or when that build fails, cuBLAS's alone
+        ( if [ -f carry/cutlass/include/cutlass/gemm/collective/collective_builder.hpp ]; then
+              make USE_CUTLASS=1 dev/cuda/bench_moe_bin || { rm -f dev/cuda/bench_moe_bin; make dev/cuda/bench_moe_bin; }
+          else
+              make dev/cuda/bench_moe_bin
+          fi ) >"$OUT/build_moe.log" 2>&1 &
         pids+=($!); names+=(moe)
     fi
     if has_part train; then
@@ -288,6 +295,16 @@ rows.append(("moe layer fwd+bwd / dense SwiGLU of equal active size (bench_moe)"
 m2 = moe["dense_gemm_ms"] / moe["grouped_gemm_ms"] if moe else None
 rows.append(("moe grouped GEMM rate / dense GEMM rate, same M N K", "%s / %s ms" % (
              fmt(moe and moe["grouped_gemm_ms"]), fmt(moe and moe["dense_gemm_ms"])), fmt(m2), ">= 0.6", verdict(m2, 0.6, True)))
+if moe and "cutlass_gemm_ms" in moe:  # a USE_CUTLASS=1 build: the same two targets with CUTLASS's grouped GEMM
+    c1 = moe["cutlass_fwdbwd_ms"] / moe["dense_fwdbwd_ms"]
+    rows.append(("moe layer fwd+bwd / dense SwiGLU, CUTLASS grouped GEMMs (%s)" % moe["cutlass_config"],
+                 "%s / %s ms" % (fmt(moe["cutlass_fwdbwd_ms"]), fmt(moe["dense_fwdbwd_ms"])), fmt(c1), "<= 1.3",
+                 verdict(c1, 1.3, False)))
+    c2 = moe["dense_gemm_ms"] / moe["cutlass_gemm_ms"]
+    rows.append(("moe grouped GEMM rate / dense GEMM rate, CUTLASS (fch vs cuBLAS: rel L2 %.1e, %d calls to the loop)" % (
+                 moe["cutlass_vs_cublas_rel_l2"], moe["cutlass_fallbacks"]),
+                 "%s / %s ms" % (fmt(moe["cutlass_gemm_ms"]), fmt(moe["dense_gemm_ms"])), fmt(c2), ">= 0.6",
+                 verdict(c2, 0.6, True)))
 t_moe = torch_row("moe layer (torch loop)")
 m4 = t_moe["fwdbwd_ms"] / moe["moe_fwdbwd_ms"] if t_moe and moe else None
 rows.append(("moe layer fwd+bwd: PyTorch loop over experts / ours (same shape)", "%s / %s ms" % (

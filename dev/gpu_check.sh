@@ -13,6 +13,12 @@
 #           dense-vs-OmniMoE recipe's start compared with the committed logs
 #     ab: dev/ab_compare.sh run (carry/ab_base from 'dev/ab_compare.sh prepare <commit>'):
 #         gelu/swiglu/omni trainers and the layer benchmarks against that commit, same bits or not
+#     cutlass: rebuild test_moe and bench_moe (bf16) with `make USE_CUTLASS=1` (headers in
+#           carry/cutlass, 'dev/prepare_carry.sh cutlass'; carry ["carry/include", "carry/cutlass"],
+#           not carry/mixed: 64 MiB), then test_moe (its cases on CUTLASS's grouped GEMM too) and
+#           bench_moe (CUTLASS's grouped GEMM beside cuBLAS's and the loop; bench_moe_cutlass.json);
+#           with sanitize also in the mode, test_moe under compute-sanitizer memcheck once more;
+#           CUTLASS_VARIANTS (environment) adds other tiles/schedules to the benchmark
 #     cudnn: rebuild with `make USE_CUDNN=1` (headers in carry/cudnn-frontend), test_attention with
 #           cuDNN's SDPA beside ours, --attention cudnn reruns bitwise and its loss beside ours
 #     llmc: dev/bench_llmc.sh, our dense d12 step against llm.c with and without cuDNN, same
@@ -128,6 +134,22 @@ fi
 if [[ "$mode" == *ab* ]]; then  # bitwise and timing A/B against carry/ab_base (dev/ab_compare.sh prepare)
     OUT="$LOG/ab" FFN="gelu swiglu omni" bash dev/ab_compare.sh run > "$LOG/ab_compare.log" 2>&1
     tail -n 40 "$LOG/ab_compare.log"
+fi
+# the CUTLASS grouped GEMM of the moe experts (llmc/moe_gemm_cutlass.cu): rebuild the moe test and
+# benchmark with it (-B: the flags changed), test, then time it beside cuBLAS's
+if [[ "$mode" == *cutlass* ]]; then
+    run cutlass_build make -j$(nproc) -B USE_CUTLASS=1 dev/cuda/test_moe_bin dev/cuda/bench_moe_bin
+    run cutlass_test_moe ./dev/cuda/test_moe_bin
+    if [[ "$mode" == *sanitize* ]]; then  # the CUTLASS kernels' reads and writes too
+        run cutlass_sanitize_memcheck compute-sanitizer --tool memcheck --error-exitcode 1 ./dev/cuda/test_moe_bin
+    fi
+    run cutlass_bench_moe ./dev/cuda/bench_moe_bin --json "$LOG/bench_moe_cutlass.json"
+    # other kernels for the same benchmark, one make variable a word, e.g.
+    # CUTLASS_VARIANTS="MOE_CUTLASS_TILE_N=256 MOE_CUTLASS_PINGPONG=1" (about 2 minutes each)
+    for v in ${CUTLASS_VARIANTS:-}; do
+        run "cutlass_build_$v" make -j$(nproc) -B USE_CUTLASS=1 "$v" dev/cuda/bench_moe_bin
+        run "cutlass_bench_moe_$v" ./dev/cuda/bench_moe_bin --json "$LOG/bench_moe_cutlass_$v.json"
+    done
 fi
 # cuDNN's SDPA (--attention cudnn): rebuild with USE_CUDNN=1 (last: it replaces ./train_omnimoe),
 # its kernel checks and benchmark beside ours, two identical runs bitwise, and the loss beside ours

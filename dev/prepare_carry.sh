@@ -6,8 +6,14 @@
 #   carry/mixed/              the dense-vs-OmniMoE recipe's shards (docs/dense_vs_omni.md, step 1)
 #   carry/llm.c, carry/cudnn-frontend/include   llm.c with its CUDA 13 fix and the cudnn-frontend
 #                             headers (dev/bench_llmc.sh prepare), when an llm.c clone is given
+#   carry/cutlass/include     the CUTLASS 4.2 headers (cutlass/, cute/; PyPI's nvidia-cutlass
+#                             wheel, its cutlass_library/source/include) for `make USE_CUTLASS=1`
+#                             (llmc/moe_gemm_cutlass.cu; gpu_check.sh cutlass), with the word cutlass.
+#                             About 27 MiB: with carry/mixed (35 MiB) it passes the device call's
+#                             64 MiB limit, so a call that builds CUTLASS carries
+#                             ["carry/include", "carry/cutlass"] and not carry/mixed
 #
-#   bash dev/prepare_carry.sh [LLMC_DIR]     LLMC_DIR: an llm.c clone (bare or not); optional
+#   bash dev/prepare_carry.sh [cutlass] [LLMC_DIR]     LLMC_DIR: an llm.c clone (bare or not); optional
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p carry
@@ -24,6 +30,31 @@ fi
 if [ ! -f carry/mixed/mixed_val_000000.bin ]; then   # tiktoken reads the BPE files offline
     python3 dev/data/prepro.py files --name mixed --out-dir carry/mixed --shard-size 5000000 \
         ../shared/data/tinyshakespeare/input.txt ../shared/data/corpus/*.txt
+fi
+
+if [ "${1:-}" = cutlass ]; then
+    shift
+    if [ ! -f carry/cutlass/include/cutlass/gemm/collective/collective_builder.hpp ]; then
+        tmp=$(mktemp -d)
+        python3 -m pip download --no-deps --only-binary :all: -d "$tmp" "nvidia-cutlass==4.2.*" >/dev/null \
+            || { echo "prepare_carry: pip download nvidia-cutlass failed"; rm -rf "$tmp"; exit 1; }
+        rm -rf carry/cutlass && mkdir -p carry/cutlass
+        python3 - "$tmp" carry/cutlass <<'EOF'
+import glob, os, sys, zipfile
+whl = glob.glob(os.path.join(sys.argv[1], "nvidia_cutlass-*.whl"))[0]
+prefix = "cutlass_library/source/include/"
+with zipfile.ZipFile(whl) as z:
+    for name in z.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            dst = os.path.join(sys.argv[2], "include", name[len(prefix):])
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            with open(dst, "wb") as f:
+                f.write(z.read(name))
+EOF
+        rm -rf "$tmp"
+        [ -f carry/cutlass/include/cutlass/gemm/collective/collective_builder.hpp ] \
+            || { echo "prepare_carry: no CUTLASS headers in the wheel"; exit 1; }
+    fi
 fi
 
 if [ $# -ge 1 ]; then bash dev/bench_llmc.sh prepare "$1"; fi

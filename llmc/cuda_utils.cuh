@@ -40,6 +40,10 @@ Conventions (shared by all omnimoe CUDA headers):
 #if defined(ENABLE_CUDNN) && !defined(ENABLE_FP32)
 #define HAVE_CUDNN_ATTENTION 1
 #endif
+// the CUTLASS grouped GEMM of the moe experts (llmc/moe_gemm_cutlass.h) exists in `make USE_CUTLASS=1` bf16 builds
+#if defined(ENABLE_CUTLASS) && !defined(ENABLE_FP32)
+#define HAVE_CUTLASS_GROUPED_GEMM 1
+#endif
 
 // ----------------------------------------------------------------------------
 // error checking

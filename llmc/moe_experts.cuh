@@ -10,14 +10,15 @@ sorted row. Gathered rows live in sorted order: xg (P_ffn, C), fch (P_ffn, 2 I_e
 and each FFN expert e with c_e > 0 pairs is one GEMM problem on its rows [off_e, off_e + c_e).
 
 Defines:
-- MoeGroupedGemm: the host arrays of one cuBLAS grouped GEMM call (capacity E problems) and the
-  device pointer arrays the problems' matrices are written into
+- MoeGroupedGemm: the host arrays of one cuBLAS grouped GEMM call (capacity E problems), the
+  device pointer arrays the problems' matrices are written into, and (CUTLASS builds) the
+  CUTLASS grouped GEMM's own device arguments
 - moe_grouped_gemm_create(g, E) / moe_grouped_gemm_free(g)
 - moe_grouped_gemm(g, ta, tb, m, n, k, A, sA, byA, lda, B, sB, byB, ldb, beta, C, sC, byC, ldc,
   host_counts, sched, E, stream): one problem per non-empty FFN expert, in increasing id; each
   of m, n, k is a fixed size or MOE_DIM_ROWS (the expert's pair count); each of A, B, C is
   indexed by expert (base + e * stride) or by sorted row (base + off_e * stride), per by*;
-  moe_use_grouped_gemm = 0 runs the same problems as one cublasGemmEx each
+  run by the backend moe_gemm_backend names (below)
 - moe_pair_positions(pos, sched, P, stream): pos[sorted_pair[j]] = j
 - moe_gather_rows(dst, src, sched, rows, C, k, scale, stream): dst[j] = scale * src[token of
   sorted pair j] for j < rows (floatX rows of C)
@@ -36,13 +37,20 @@ Defines:
   (scratch: moe_const_grads_scratch_bytes)
 - moe_expert_offsets(offsets, counts, Et, stream): offsets (Et + 1) from the per-expert counts
 
-The grouped GEMM is cuBLAS's cublasGemmGroupedBatchedEx (CUDA toolkit, no extra dependency): its
-problem sizes are host arrays, so the caller needs the per-expert counts on the host (one
-device-to-host copy per layer forward; the backward reuses them). The matrix pointers are
-written on the device from the schedule, so nothing else crosses to the host.
+The grouped GEMM has three backends, chosen at run time with moe_gemm_backend:
+- MOE_GEMM_CUBLAS (the default): cuBLAS's cublasGemmGroupedBatchedEx (CUDA toolkit, no extra
+  dependency); its problem sizes are host arrays, so the caller needs the per-expert counts on
+  the host (one device-to-host copy per layer forward; the backward reuses them);
+- MOE_GEMM_LOOP: the same problems as one cublasGemmEx each (host pointers);
+- MOE_GEMM_CUTLASS (`make USE_CUTLASS=1` bf16 builds, HAVE_CUTLASS_GROUPED_GEMM): a CUTLASS
+  Hopper grouped GEMM (TMA, wgmma, persistent warp-specialized; llmc/moe_gemm_cutlass.h), its
+  problem shapes and strides written on the device from the schedule.
+The matrix pointers are written on the device from the schedule, so nothing else crosses to the
+host. Bases off 16 bytes take the loop whatever the backend (the grouped calls cannot see them).
 
-Determinism: the GEMMs run cuBLAS in its default non-atomic mode (same shapes, same bits); every
-other sum has one order (m, then channels or rows, in order; warp butterflies); no atomics.
+Determinism: the GEMMs run cuBLAS in its default non-atomic mode (same shapes, same bits), or
+CUTLASS's persistent scheduler without split-K (one CTA per output tile); every other sum has
+one order (m, then channels or rows, in order; warp butterflies); no atomics.
 */
 #ifndef OMNIMOE_MOE_EXPERTS_CUH
 #define OMNIMOE_MOE_EXPERTS_CUH
@@ -52,6 +60,9 @@ other sum has one order (m, then channels or rows, in order; warp butterflies); 
 #include "matmul.cuh"
 #include "scheduler.cuh"
 #include "moe_router.cuh"  // moe_warp_sum
+#ifdef HAVE_CUTLASS_GROUPED_GEMM
+#include "moe_gemm_cutlass.h"
+#endif
 
 #define MOE_DIM_ROWS (-1)        // a grouped-GEMM dimension that is the expert's pair count
 #define MOE_BY_EXPERT 0          // a matrix at base + e * stride
@@ -68,6 +79,9 @@ typedef struct {
     const void** d_A;   // (capacity) device pointer arrays
     const void** d_B;
     void** d_C;
+#ifdef HAVE_CUTLASS_GROUPED_GEMM
+    MoeCutlassGemm* cutlass;  // the CUTLASS kernels' shapes, strides and workspace (capacity problems)
+#endif
 } MoeGroupedGemm;
 
 static void moe_grouped_gemm_create(MoeGroupedGemm* g, int E) {
@@ -84,16 +98,24 @@ static void moe_grouped_gemm_create(MoeGroupedGemm* g, int E) {
     g->d_A = (const void**)d;
     g->d_B = (const void**)d + n;
     g->d_C = (void**)d + 2 * n;
+#ifdef HAVE_CUTLASS_GROUPED_GEMM
+    g->cutlass = moe_cutlass_create((int)n);
+#endif
 }
 
 static void moe_grouped_gemm_free(MoeGroupedGemm* g) {
     free(g->ta); free(g->tb); free(g->m); free(g->n); free(g->k); free(g->lda); free(g->ldb); free(g->ldc);
     free(g->group_size); free(g->alpha); free(g->beta);
     cudaCheck(cudaFree((void*)g->d_A));
+#ifdef HAVE_CUTLASS_GROUPED_GEMM
+    moe_cutlass_free(g->cutlass);
+#endif
     memset(g, 0, sizeof(*g));
 }
 
-// device bytes moe_grouped_gemm_create allocates
+// device bytes moe_grouped_gemm_create allocates (the memory plan's count, llmc/memory_plan.h;
+// a CUTLASS build allocates moe_cutlass_device_bytes more: E * 60 bytes and 512 bytes of TMA
+// descriptors per SM, under 0.1 MiB for E <= 256)
 static inline size_t moe_grouped_gemm_bytes(int E) { return 3 * (size_t)(E > 0 ? E : 1) * sizeof(void*); }
 
 // ----------------------------------------------------------------------------
@@ -320,10 +342,17 @@ static inline int moe_ffn_groups(const int* host_counts, int E, int* rows) {
     return groups;
 }
 
-// 1: one cublasGemmGroupedBatchedEx call; 0: one cublasGemmEx per expert (the same problems, from
-// host pointers: bench_moe.cu times both; also taken when cuBLAS reports the grouped call
-// unsupported for these types)
-static int moe_use_grouped_gemm = 1;
+// the grouped GEMM's backend (bench_moe.cu times each; test_moe.cu checks each):
+// MOE_GEMM_CUBLAS: one cublasGemmGroupedBatchedEx call (the default);
+// MOE_GEMM_LOOP: one cublasGemmEx per expert, the same problems from host pointers (also taken
+//   from then on when cuBLAS reports the grouped call unsupported for these types);
+// MOE_GEMM_CUTLASS: one CUTLASS grouped GEMM (HAVE_CUTLASS_GROUPED_GEMM builds only; falls back
+//   to the loop where CUTLASS cannot run the problems)
+#define MOE_GEMM_LOOP 0
+#define MOE_GEMM_CUBLAS 1
+#define MOE_GEMM_CUTLASS 2
+static int moe_gemm_backend = MOE_GEMM_CUBLAS;
+static int moe_gemm_fallbacks = 0;  // grouped calls the CUTLASS backend handed to the loop (test_moe.cu counts them)
 
 // the per-expert loop: problem e's matrices from the host counts (the FFN experts' rows come first)
 static void moe_gemm_loop(cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k, const floatX* A, size_t sA,
@@ -339,6 +368,40 @@ static void moe_gemm_loop(cublasOperation_t ta, cublasOperation_t tb, int m, int
         moe_gemm(ta, tb, m == MOE_DIM_ROWS ? c : m, n == MOE_DIM_ROWS ? c : n, k == MOE_DIM_ROWS ? c : k, a, lda, b, ldb,
                  beta, d, CUDA_R_FLOATX, ldc, stream);
     }
+}
+
+// the CUTLASS grouped GEMM of the `groups` problems whose pointers g->d_* hold and whose sizes
+// g->m, g->n, g->k hold (their rows on the host: the MOE_DIM_ROWS dimension); 0 when it ran, 1
+// when the caller must run the problems another way (a leading dimension off 8 elements, a
+// layout the layer does not use, CUTLASS refuses the problems); exits in a build without it
+static int moe_cutlass_gemm(MoeGroupedGemm* g, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                            int lda, int ldb, float beta, int ldc, ExpertSchedule sched, int groups,
+                            cudaStream_t stream) {
+#if defined(HAVE_CUTLASS_GROUPED_GEMM)
+    const int layout = ta == CUBLAS_OP_T && tb == CUBLAS_OP_N ? MOE_CUTLASS_TN
+                     : ta == CUBLAS_OP_N && tb == CUBLAS_OP_N ? MOE_CUTLASS_NN
+                     : ta == CUBLAS_OP_N && tb == CUBLAS_OP_T ? MOE_CUTLASS_NT : -1;
+    const int* rows = m == MOE_DIM_ROWS ? g->m : n == MOE_DIM_ROWS ? g->n : g->k;
+    static int warned = 0;
+    if (layout >= 0 && lda % 8 == 0 && ldb % 8 == 0 && ldc % 8 == 0 &&
+        moe_cutlass_grouped_gemm(g->cutlass, layout, groups, m, n, k, rows, sched.active_offset,
+                                 (const void* const*)g->d_A, lda, (const void* const*)g->d_B, ldb, beta,
+                                 (void* const*)g->d_C, ldc, stream) == 0) {
+        return 0;
+    }
+    moe_gemm_fallbacks++;
+    if (!warned) {
+        fprintf(stderr, "moe_grouped_gemm: CUTLASS cannot run a grouped GEMM (ta %d tb %d m %d n %d k %d lda %d ldb %d "
+                "ldc %d); one GEMM per expert for it\n", (int)ta, (int)tb, m, n, k, lda, ldb, ldc);
+        warned = 1;
+    }
+    return 1;
+#else
+    (void)g; (void)ta; (void)tb; (void)m; (void)n; (void)k; (void)lda; (void)ldb; (void)beta; (void)ldc;
+    (void)sched; (void)groups; (void)stream;
+    fprintf(stderr, "moe_grouped_gemm: the CUTLASS backend is not in this build (make USE_CUTLASS=1, bf16)\n");
+    exit(EXIT_FAILURE);
+#endif
 }
 
 // C_e = op(A_e) op(B_e) (+ beta C_e) for every non-empty FFN expert e, column-major as cuBLAS;
@@ -374,7 +437,7 @@ static void moe_grouped_gemm(MoeGroupedGemm* g, cublasOperation_t ta, cublasOper
     // parameter layout puts W1 and W2 there when the gate map's L E_t^2 is not a multiple of 8;
     // every stride here is a multiple of 8 elements, moe_check_dims)
     const int aligned = is_aligned16(A) && is_aligned16(B) && is_aligned16(Cm);
-    if (!moe_use_grouped_gemm || !aligned) {
+    if (moe_gemm_backend == MOE_GEMM_LOOP || !aligned) {
         moe_gemm_loop(ta, tb, m, n, k, A, sA, byA, lda, B, sB, byB, ldb, beta, Cm, sC, byC, ldc, host_counts, E, stream);
         return;
     }
@@ -382,6 +445,13 @@ static void moe_grouped_gemm(MoeGroupedGemm* g, cublasOperation_t ta, cublasOper
         g->d_A, g->d_B, g->d_C, sched, groups, (const char*)A, sA * sizeof(floatX), byA, (const char*)B,
         sB * sizeof(floatX), byB, (char*)Cm, sC * sizeof(floatX), byC);
     cudaCheckLast();
+    if (moe_gemm_backend == MOE_GEMM_CUTLASS) {
+        if (moe_cutlass_gemm(g, ta, tb, m, n, k, lda, ldb, beta, ldc, sched, groups, stream) != 0) {
+            moe_gemm_loop(ta, tb, m, n, k, A, sA, byA, lda, B, sB, byB, ldb, beta, Cm, sC, byC, ldc, host_counts, E,
+                          stream);
+        }
+        return;
+    }
     cublasCheck(cublasSetStream(matmul_cublas_handle, stream));
     cublasStatus_t status = cublasGemmGroupedBatchedEx(matmul_cublas_handle, g->ta, g->tb, g->m, g->n, g->k, g->alpha,
                                                        g->d_A, CUDA_R_FLOATX, g->lda, g->d_B, CUDA_R_FLOATX, g->ldb,
@@ -390,7 +460,7 @@ static void moe_grouped_gemm(MoeGroupedGemm* g, cublasOperation_t ta, cublasOper
     if (status == CUBLAS_STATUS_NOT_SUPPORTED) {  // this cuBLAS cannot group these types: one GEMM per expert
         fprintf(stderr, "moe_grouped_gemm: cuBLAS's grouped GEMM is not supported for %s here; one GEMM per expert "
                 "from now on\n", FLOATX_NAME);
-        moe_use_grouped_gemm = 0;
+        moe_gemm_backend = MOE_GEMM_LOOP;
         moe_gemm_loop(ta, tb, m, n, k, A, sA, byA, lda, B, sB, byB, ldb, beta, Cm, sC, byC, ldc, host_counts, E, stream);
         return;
     }

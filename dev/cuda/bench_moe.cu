@@ -23,8 +23,11 @@ the layer waits once per forward for the per-expert counts, so no CUDA graph. Pr
   the routed experts' forward alone (S = 0) for vanilla and MoE++, and MoE++ again with a
   selection bias on its zero/copy/constant experts (shares a trained router would reach);
   the first grouped GEMM of the forward (fch = xg W1_e^T over all experts), the same problems as
-  one cublasGemmEx per expert (moe_use_grouped_gemm = 0; also the whole layer that way), and one
-  dense GEMM of the same M = P_ffn, N = 2 I_e, K = C, as TFLOP/s.
+  one cublasGemmEx per expert (moe_gemm_backend = MOE_GEMM_LOOP; also the whole layer that way),
+  and one dense GEMM of the same M = P_ffn, N = 2 I_e, K = C, as TFLOP/s;
+  in `make USE_CUTLASS=1` bf16 builds also the CUTLASS grouped GEMM (MOE_GEMM_CUTLASS): the first
+  grouped GEMM, the whole layer, the relative L2 difference of its fch to cuBLAS's, and how many
+  of its calls went to the loop instead (0 expected). JSON keys cutlass_* (absent otherwise).
 */
 #include <math.h>
 #include <stdio.h>
@@ -141,19 +144,41 @@ int main(int argc, char** argv) {
     }
     // the first grouped GEMM alone, and one dense GEMM of the same M, N, K
     MoeLayer* L = &b.layer;
-    float grouped_ms = bench_median_ms([&] {
+    auto first_gemm = [&] {
         moe_grouped_gemm(&b.ws.gemm, CUBLAS_OP_T, CUBLAS_OP_N, 2 * Ie, MOE_DIM_ROWS, C, L->w.w1, (size_t)2 * Ie * C,
                          MOE_BY_EXPERT, C, b.ws.xg, C, MOE_BY_ROW, C, 0.0f, L->saved.fch_g, (size_t)2 * Ie, MOE_BY_ROW,
                          2 * Ie, L->saved.host_counts, L->saved.sched, E, 0);
-    }, 3, 21);
-    moe_use_grouped_gemm = 0;  // the same problems as one cublasGemmEx per expert
-    float loop_ms = bench_median_ms([&] {
-        moe_grouped_gemm(&b.ws.gemm, CUBLAS_OP_T, CUBLAS_OP_N, 2 * Ie, MOE_DIM_ROWS, C, L->w.w1, (size_t)2 * Ie * C,
-                         MOE_BY_EXPERT, C, b.ws.xg, C, MOE_BY_ROW, C, 0.0f, L->saved.fch_g, (size_t)2 * Ie, MOE_BY_ROW,
-                         2 * Ie, L->saved.host_counts, L->saved.sched, E, 0);
-    }, 3, 21);
+    };
+    float grouped_ms = bench_median_ms(first_gemm, 3, 21);
+#ifdef HAVE_CUTLASS_GROUPED_GEMM
+    // the CUTLASS backend: its fch against cuBLAS's (just written), then the same timings
+    const size_t fch_n = (size_t)rows * 2 * Ie;
+    float* fch_cublas = (float*)malloc_check(fch_n * sizeof(float));
+    float* fch_cutlass = (float*)malloc_check(fch_n * sizeof(float));
+    first_gemm();
+    download_floatX(fch_cublas, L->saved.fch_g, fch_n);
+    moe_gemm_backend = MOE_GEMM_CUTLASS;
+    moe_gemm_fallbacks = 0;
+    first_gemm();
+    download_floatX(fch_cutlass, L->saved.fch_g, fch_n);
+    double diff2 = 0.0, ref2 = 0.0;
+    for (size_t i = 0; i < fch_n; i++) {
+        const double dd = (double)fch_cutlass[i] - fch_cublas[i];
+        diff2 += dd * dd;
+        ref2 += (double)fch_cublas[i] * fch_cublas[i];
+    }
+    const double cutlass_rel_l2 = sqrt(diff2 / (ref2 > 0.0 ? ref2 : 1.0));
+    free(fch_cublas);
+    free(fch_cutlass);
+    float cutlass_ms = bench_median_ms(first_gemm, 3, 21);
+    float cutlass_fwdbwd = time_forward_backward(&b);
+    const int cutlass_fallbacks = moe_gemm_fallbacks;
+    moe_gemm_backend = MOE_GEMM_CUBLAS;
+#endif
+    moe_gemm_backend = MOE_GEMM_LOOP;  // the same problems as one cublasGemmEx per expert
+    float loop_ms = bench_median_ms(first_gemm, 3, 21);
     float loop_fwdbwd = time_forward_backward(&b);
-    moe_use_grouped_gemm = 1;
+    moe_gemm_backend = MOE_GEMM_CUBLAS;
     float dense_gemm_ms = bench_median_ms([&] {
         matmul_forward(L->saved.fch_g, b.ws.xg, L->w.w1, NULL, rows, C, 2 * Ie, 0);
     }, 3, 21);
@@ -228,6 +253,13 @@ int main(int argc, char** argv) {
     printf("  [BENCH] %-44s %8.3f ms  %.1f TFLOP/s\n", "dense GEMM of the same M, N, K", dense_gemm_ms,
            gemm_flops / (dense_gemm_ms * 1e-3) / 1e12);
     printf("  [BENCH] %-44s %8.3f ms\n", "moe layer fwd+bwd, per-expert GEMM loop", loop_fwdbwd);
+#ifdef HAVE_CUTLASS_GROUPED_GEMM
+    printf("  [BENCH] %-44s %8.3f ms  %.1f TFLOP/s (%s)\n", "the same as a CUTLASS grouped GEMM", cutlass_ms,
+           gemm_flops / (cutlass_ms * 1e-3) / 1e12, moe_cutlass_config());
+    printf("  [BENCH] %-44s %8.3f ms\n", "moe layer fwd+bwd, CUTLASS grouped GEMMs", cutlass_fwdbwd);
+    printf("CUTLASS fch vs cuBLAS's: relative L2 %.3e; calls handed to the loop: %d\n", cutlass_rel_l2,
+           cutlass_fallbacks);
+#endif
     printf("  [BENCH] %-44s %8.3f ms\n", "routed experts fwd, vanilla moe (S=0)", vanilla_fwd);
     printf("  [BENCH] %-44s %8.3f ms  (%.1f%% of pairs to zero/copy/const)\n", "routed experts fwd, MoE++ (S=0)",
            moepp_fwd, 100.0 * zc / ((double)BT * k));
@@ -238,6 +270,10 @@ int main(int argc, char** argv) {
     printf("expert groups %d, FFN rows %d (per expert %d..%d)\n", groups, rows, min_rows, max_rows);
     printf("SUMMARY moe_fwdbwd/dense_fwdbwd %.3f (target <= 1.3)\n", moe_fwdbwd / dense_fwdbwd_ms);
     printf("SUMMARY grouped_gemm_rate/dense_gemm_rate %.3f (target >= 0.6)\n", dense_gemm_ms / grouped_ms);
+#ifdef HAVE_CUTLASS_GROUPED_GEMM
+    printf("SUMMARY cutlass moe_fwdbwd/dense_fwdbwd %.3f (target <= 1.3)\n", cutlass_fwdbwd / dense_fwdbwd_ms);
+    printf("SUMMARY cutlass grouped_gemm_rate/dense_gemm_rate %.3f (target >= 0.6)\n", dense_gemm_ms / cutlass_ms);
+#endif
     printf("SUMMARY moepp_expert_fwd_throughput/moe %.3f (paper 1.1-2.1, trained routers)\n", vanilla_fwd / moepp_fwd);
     printf("moe layer fwd+bwd at %.1f TFLOP/s of active SwiGLU FLOPs\n", 3 * layer_flops_fwd / (moe_fwdbwd * 1e-3) / 1e12);
     if (json) {
@@ -257,7 +293,13 @@ int main(int argc, char** argv) {
         for (int i = 0; i < num_zc_bias; i++) {
             fprintf(f, "%s{\"zc_share\": %.5f, \"expert_fwd_ms\": %.5f}", i ? ", " : "", zc_share[i], zc_fwd[i]);
         }
-        fprintf(f, "]}\n");
+        fprintf(f, "]");
+#ifdef HAVE_CUTLASS_GROUPED_GEMM
+        fprintf(f, ", \"cutlass_config\": \"%s\", \"cutlass_gemm_ms\": %.5f, \"cutlass_fwdbwd_ms\": %.5f, "
+                "\"cutlass_vs_cublas_rel_l2\": %.4e, \"cutlass_fallbacks\": %d",
+                moe_cutlass_config(), cutlass_ms, cutlass_fwdbwd, cutlass_rel_l2, cutlass_fallbacks);
+#endif
+        fprintf(f, "}\n");
         fclose(f);
     }
     matmul_free();

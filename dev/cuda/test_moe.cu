@@ -28,8 +28,13 @@ What is checked (one PASS/FAIL line per check, closing "test_moe: N passed, N fa
     - the gradients start random and accumulate: the rows of experts nobody chose stay bitwise
       as they were; the bias has no gradient;
     - the whole forward+backward run twice gives bitwise identical results;
-    - the same with the per-expert GEMM loop instead of the grouped GEMM (moe_use_grouped_gemm = 0),
-      and with W1, W2 and their gradients one element past 16-byte alignment (the loop again).
+    - the same with the per-expert GEMM loop instead of the grouped GEMM (moe_gemm_backend =
+      MOE_GEMM_LOOP), and with W1, W2 and their gradients one element past 16-byte alignment (the
+      loop again); once more with C = 392, I_e = 200 (problems of several tiles in M, N and K,
+      each with a partial edge tile);
+    - in `make USE_CUTLASS=1` bf16 builds (HAVE_CUTLASS_GROUPED_GEMM): the same cases with the
+      CUTLASS grouped GEMM (moe_gemm_backend = MOE_GEMM_CUTLASS), same tolerances, twice bitwise,
+      and not one of its calls handed to the loop (moe_gemm_fallbacks stays 0).
 The gating residual, the tanh router and the shared SwiGLU are checked end to end against the
 CPU trainer by test_omnimoe.cu.
 */
@@ -257,8 +262,12 @@ static LayerResult run_layer(MoeDims d, MoeOptions o, const LayerData& D, float 
     return r;
 }
 
+// the layer's width C and expert width I_e in test_layer: small by default (every GEMM problem one
+// partial tile), larger for the cases whose problems span several tiles
+static int g_layer_C = 64, g_layer_Ie = 32;
+
 static void test_layer(const char* name, int route, int norm, int scale_input, float alpha) {
-    const int BT = 300, C = 64, Ie = 32, E = 6, Kc = 2, Kp = 1, Kz = 1, k = 4, Et = E + Kc + Kp + Kz;
+    const int BT = 300, C = g_layer_C, Ie = g_layer_Ie, E = 6, Kc = 2, Kp = 1, Kz = 1, k = 4, Et = E + Kc + Kp + Kz;
     const int zero_from = E + Kc + Kp;
     MoeDims d = {BT, C, 0, Ie, E, Kc, Kp, Kz, k};
     MoeOptions o = {0, norm, MOE_ROUTER_LINEAR, scale_input};
@@ -521,13 +530,33 @@ int main(void) {
     // moves them by 0.15 and 0.2 (the double reference against itself with the sign flipped)
     test_layer("layer random routing, norm, strong balance loss", ROUTE_RANDOM, 1, 0, 2000.0f);
     test_layer("layer tied probabilities, plain gates, k x input", ROUTE_TIED, 0, 1, 0.05f);
-    moe_use_grouped_gemm = 0;  // the fallback: one cublasGemmEx per expert, the same checks
+    moe_gemm_backend = MOE_GEMM_LOOP;  // the fallback: one cublasGemmEx per expert, the same checks
     test_layer("layer forced routing, per-expert GEMM loop", ROUTE_FORCED, 1, 1, 0.05f);
     test_layer("layer random routing, per-expert GEMM loop", ROUTE_RANDOM, 0, 0, 0.0f);
-    moe_use_grouped_gemm = 1;
+    moe_gemm_backend = MOE_GEMM_CUBLAS;
     g_expert_shift = 1;  // W1, W2 off 16 bytes: moe_grouped_gemm takes its per-expert loop
     test_layer("layer random routing, norm, W1 and W2 off 16 bytes", ROUTE_RANDOM, 1, 0, 0.1f);
     g_expert_shift = 0;
+    g_layer_C = 392, g_layer_Ie = 200;
+    test_layer("layer random routing, norm, C=392 I_e=200", ROUTE_RANDOM, 1, 0, 0.1f);
+    g_layer_C = 64, g_layer_Ie = 32;
+#ifdef HAVE_CUTLASS_GROUPED_GEMM
+    moe_gemm_backend = MOE_GEMM_CUTLASS;
+    moe_gemm_fallbacks = 0;
+    test_layer("cutlass: layer forced routing, norm, k x input, balance loss", ROUTE_FORCED, 1, 1, 0.05f);
+    test_layer("cutlass: layer random routing, plain gates, no balance loss", ROUTE_RANDOM, 0, 0, 0.0f);
+    test_layer("cutlass: layer random routing, norm, strong balance loss", ROUTE_RANDOM, 1, 0, 2000.0f);
+    test_layer("cutlass: layer tied probabilities, plain gates, k x input", ROUTE_TIED, 0, 1, 0.05f);
+    g_layer_C = 392, g_layer_Ie = 200;
+    test_layer("cutlass: layer random routing, norm, C=392 I_e=200", ROUTE_RANDOM, 1, 0, 0.1f);
+    g_layer_C = 64, g_layer_Ie = 32;
+    test_checkf(moe_gemm_fallbacks == 0, "cutlass: every grouped GEMM ran on CUTLASS (none handed to the loop)",
+                "%d handed to the loop", moe_gemm_fallbacks);
+    g_expert_shift = 1;  // off 16 bytes: the loop, whatever the backend
+    test_layer("cutlass: layer random routing, norm, W1 and W2 off 16 bytes", ROUTE_RANDOM, 1, 0, 0.1f);
+    g_expert_shift = 0;
+    moe_gemm_backend = MOE_GEMM_CUBLAS;
+#endif
     matmul_free();
     return test_end();
 }

@@ -1,0 +1,250 @@
+// moe_gemm_cutlass.cu - the CUTLASS grouped GEMM of llmc/moe_gemm_cutlass.h (its header says what
+// and why; docs/design.md §10.8). Compiled alone, with `make USE_CUTLASS=1`.
+#include <stdio.h>
+#include <stdlib.h>
+#include <vector>
+
+#include "cutlass/cutlass.h"
+#include "cute/tensor.hpp"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/group_array_problem_shape.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+
+#include "moe_gemm_cutlass.h"
+
+#if !defined(CUTLASS_ARCH_MMA_MODIFIABLE_TMA_SM90_SUPPORTED)
+#error "moe_gemm_cutlass.cu needs CUDA 12.3+ built for sm_90a (the grouped GEMM rewrites TMA descriptors on the device)"
+#endif
+
+// The tile: 128 x MOE_CUTLASS_TILE_N x 64, cooperative (two consumer warpgroups split the 128 rows,
+// a producer warp issues the TMA loads), cluster 1x1x1. The experts' problems are small and
+// ragged (a few hundred rows each): a 128x128 tile keeps the tile count high enough to fill the
+// SMs and wastes at most one partial tile per problem edge; a cluster of 2 would round each
+// problem's tile count up to the cluster (the group scheduler's rule) for a multicast that saves
+// little at these sizes. `make USE_CUTLASS=1 MOE_CUTLASS_TILE_N=256` builds the wider tile,
+// MOE_CUTLASS_PINGPONG=1 the ping-pong schedule instead (each consumer warpgroup a whole tile, one
+// tile's epilogue under the other's MMAs), for the benchmark to compare.
+#ifndef MOE_CUTLASS_TILE_N
+#define MOE_CUTLASS_TILE_N 128
+#endif
+#ifndef MOE_CUTLASS_PINGPONG
+#define MOE_CUTLASS_PINGPONG 0
+#endif
+
+using namespace cute;
+
+using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  // (M, N, K) per problem
+using MoeShape3 = ProblemShape::UnderlyingProblemShape;
+using MoeElement = cutlass::bfloat16_t;
+constexpr int kMoeAlign = 8;  // elements: 16-byte TMA alignment of the leading dimensions
+using MoeTileShape = Shape<_128, Int<MOE_CUTLASS_TILE_N>, _64>;
+using MoeClusterShape = Shape<_1, _1, _1>;
+using MoeLayoutC = cutlass::layout::ColumnMajor;  // as cuBLAS: C (m, n) with ldc between columns
+#if MOE_CUTLASS_PINGPONG
+using MoeKernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+using MoeEpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+#else
+using MoeKernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+using MoeEpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+#endif
+
+// the epilogue, the same for the three kernels: D = alpha acc + beta C in fp32, rounded to bf16
+using MoeEpilogue = cutlass::epilogue::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, MoeTileShape, MoeClusterShape,
+    cutlass::epilogue::collective::EpilogueTileAuto, float, float, MoeElement, MoeLayoutC*, kMoeAlign, MoeElement,
+    MoeLayoutC*, kMoeAlign, MoeEpilogueSchedule,
+    cutlass::epilogue::fusion::LinearCombination<MoeElement, float, MoeElement, float>>::CollectiveOp;
+constexpr int kMoeEpilogueSmem = static_cast<int>(sizeof(MoeEpilogue::SharedStorage));
+
+template <class LayoutA, class LayoutB>
+struct MoeCutlassKernel {
+    using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+        cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, MoeElement, LayoutA*, kMoeAlign, MoeElement, LayoutB*,
+        kMoeAlign, float, MoeTileShape, MoeClusterShape, cutlass::gemm::collective::StageCountAutoCarveout<kMoeEpilogueSmem>,
+        MoeKernelSchedule>::CollectiveOp;
+    using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, MoeEpilogue>;  // default: persistent group scheduler
+    using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+    using StrideA = typename Kernel::InternalStrideA;
+    using StrideB = typename Kernel::InternalStrideB;
+    using StrideC = typename Kernel::InternalStrideC;
+};
+
+// cuBLAS's op(A) = A^T over a column-major A (k, m) is CUTLASS's row-major A (m, k); op(B) = B^T
+// over a column-major B (n, k) is a row-major B (k, n); C stays column-major
+using KernelTN = MoeCutlassKernel<cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;
+using KernelNN = MoeCutlassKernel<cutlass::layout::ColumnMajor, cutlass::layout::ColumnMajor>;
+using KernelNT = MoeCutlassKernel<cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+
+constexpr size_t kStrideBytes = 16;  // room for one stride of any of the three kernels
+
+// a stride (one int64 mode between columns or rows, the other mode 1, the batch mode 0) with ld
+template <class S>
+__device__ S moe_cutlass_ld_stride(int ld) {
+    S s{};
+    if constexpr (cute::is_same_v<cute::remove_cvref_t<decltype(cute::get<0>(s))>, int64_t>) cute::get<0>(s) = ld;
+    else cute::get<1>(s) = ld;
+    return s;
+}
+
+// one thread per problem a: its shape (a -1 dimension is its row count) and its strides
+template <class SA, class SB, class SC>
+__global__ void moe_cutlass_args_kernel(MoeShape3* shapes, SA* sA, SB* sB, SC* sC, const int* active_offset, int groups,
+                                        int m, int n, int k, int lda, int ldb, int ldc) {
+    const int a = blockIdx.x * blockDim.x + threadIdx.x;
+    if (a >= groups) return;
+    const int rows = active_offset[a + 1] - active_offset[a];
+    shapes[a] = MoeShape3{m < 0 ? rows : m, n < 0 ? rows : n, k < 0 ? rows : k};
+    sA[a] = moe_cutlass_ld_stride<SA>(lda);
+    sB[a] = moe_cutlass_ld_stride<SB>(ldb);
+    sC[a] = moe_cutlass_ld_stride<SC>(ldc);
+}
+
+struct MoeCutlassGemm {
+    int capacity;
+    cutlass::KernelHardwareInfo hw;
+    std::vector<MoeShape3> host_shapes;
+    char* block;  // one allocation: shapes, strides A, B, C, workspace
+    MoeShape3* shapes;
+    void *strideA, *strideB, *strideC;
+    void* workspace;
+    size_t workspace_bytes, bytes;
+};
+
+static void moe_cutlass_cuda_check(cudaError_t e, const char* what) {
+    if (e != cudaSuccess) {
+        fprintf(stderr, "moe_gemm_cutlass: %s: %s\n", what, cudaGetErrorString(e));
+        exit(EXIT_FAILURE);
+    }
+}
+
+// the arguments of kernel K for `groups` problems (the shapes on the device, and on the host
+// when host_shapes is given)
+template <class K>
+static typename K::Gemm::Arguments moe_cutlass_arguments(MoeCutlassGemm* g, int groups, const MoeShape3* host_shapes,
+                                                         const void* const* dA, const void* const* dB, float beta,
+                                                         void* const* dC) {
+    typename K::Gemm::Arguments args;
+    args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
+    args.problem_shape = ProblemShape{groups, g->shapes, host_shapes};
+    args.mainloop = {(const MoeElement**)dA, (typename K::StrideA*)g->strideA, (const MoeElement**)dB,
+                     (typename K::StrideB*)g->strideB};
+    auto& fusion = args.epilogue.thread;
+    fusion.alpha = 1.0f;
+    fusion.beta = beta;
+    fusion.alpha_ptr = nullptr;
+    fusion.beta_ptr = nullptr;
+    fusion.alpha_ptr_array = nullptr;
+    fusion.beta_ptr_array = nullptr;
+    fusion.dAlpha = {_0{}, _0{}, 0};
+    fusion.dBeta = {_0{}, _0{}, 0};
+    // C and D are the same matrices (beta 1 accumulates in place: each tile reads its C before it
+    // writes its D, and tiles do not overlap); with beta 0 the epilogue does not read C
+    args.epilogue.ptr_C = (const MoeElement**)dC;
+    args.epilogue.dC = (typename K::StrideC*)g->strideC;
+    args.epilogue.ptr_D = (MoeElement**)dC;
+    args.epilogue.dD = (typename K::StrideC*)g->strideC;
+    args.hw_info = g->hw;
+    return args;
+}
+
+template <class K>
+static size_t moe_cutlass_workspace(MoeCutlassGemm* g) {
+    static_assert(sizeof(typename K::StrideA) <= kStrideBytes && sizeof(typename K::StrideB) <= kStrideBytes &&
+                  sizeof(typename K::StrideC) <= kStrideBytes, "moe_gemm_cutlass: a stride larger than its slot");
+    auto args = moe_cutlass_arguments<K>(g, g->capacity, nullptr, nullptr, nullptr, 0.0f, nullptr);
+    return K::Gemm::get_workspace_size(args);
+}
+
+static size_t moe_cutlass_round(size_t b) { return (b + 255) / 256 * 256; }
+
+MoeCutlassGemm* moe_cutlass_create(int capacity) {
+    MoeCutlassGemm* g = new MoeCutlassGemm();
+    g->capacity = capacity > 0 ? capacity : 1;
+    moe_cutlass_cuda_check(cudaGetDevice(&g->hw.device_id), "cudaGetDevice");
+    g->hw.sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(g->hw.device_id);
+    g->host_shapes.resize(g->capacity);
+    const size_t cap = (size_t)g->capacity;
+    g->workspace_bytes = moe_cutlass_workspace<KernelTN>(g);
+    g->workspace_bytes = std::max(g->workspace_bytes, moe_cutlass_workspace<KernelNN>(g));
+    g->workspace_bytes = std::max(g->workspace_bytes, moe_cutlass_workspace<KernelNT>(g));
+    const size_t shapes = moe_cutlass_round(cap * sizeof(MoeShape3)), strides = moe_cutlass_round(cap * kStrideBytes);
+    g->bytes = shapes + 3 * strides + moe_cutlass_round(g->workspace_bytes);
+    moe_cutlass_cuda_check(cudaMalloc((void**)&g->block, g->bytes), "cudaMalloc of the grouped GEMM's arguments");
+    g->shapes = (MoeShape3*)g->block;
+    g->strideA = g->block + shapes;
+    g->strideB = g->block + shapes + strides;
+    g->strideC = g->block + shapes + 2 * strides;
+    g->workspace = g->block + shapes + 3 * strides;
+    return g;
+}
+
+void moe_cutlass_free(MoeCutlassGemm* g) {
+    if (g == nullptr) return;
+    moe_cutlass_cuda_check(cudaFree(g->block), "cudaFree");
+    delete g;
+}
+
+size_t moe_cutlass_device_bytes(const MoeCutlassGemm* g) { return g->bytes; }
+
+#define MOE_CUTLASS_STR2(x) #x
+#define MOE_CUTLASS_STR(x) MOE_CUTLASS_STR2(x)
+const char* moe_cutlass_config(void) {
+    return MOE_CUTLASS_PINGPONG
+               ? "CUTLASS sm90 ptr-array pingpong, tile 128x" MOE_CUTLASS_STR(MOE_CUTLASS_TILE_N) "x64, cluster 1x1x1"
+               : "CUTLASS sm90 ptr-array cooperative, tile 128x" MOE_CUTLASS_STR(MOE_CUTLASS_TILE_N) "x64, cluster 1x1x1";
+}
+
+template <class K>
+static int moe_cutlass_run(MoeCutlassGemm* g, int groups, int m, int n, int k, const int* host_rows,
+                           const int* active_offset, const void* const* dA, int lda, const void* const* dB, int ldb,
+                           float beta, void* const* dC, int ldc, cudaStream_t stream) {
+    for (int a = 0; a < groups; a++) {
+        const int r = host_rows[a];
+        g->host_shapes[a] = MoeShape3{m < 0 ? r : m, n < 0 ? r : n, k < 0 ? r : k};
+    }
+    auto args = moe_cutlass_arguments<K>(g, groups, g->host_shapes.data(), dA, dB, beta, dC);
+    typename K::Gemm gemm;
+    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 1;
+    if (K::Gemm::get_workspace_size(args) > g->workspace_bytes) {
+        fprintf(stderr, "moe_gemm_cutlass: the workspace of %zu bytes is too small (%zu)\n", g->workspace_bytes,
+                K::Gemm::get_workspace_size(args));
+        exit(EXIT_FAILURE);
+    }
+    moe_cutlass_args_kernel<<<(groups + 127) / 128, 128, 0, stream>>>(
+        g->shapes, (typename K::StrideA*)g->strideA, (typename K::StrideB*)g->strideB, (typename K::StrideC*)g->strideC,
+        active_offset, groups, m, n, k, lda, ldb, ldc);
+    moe_cutlass_cuda_check(cudaGetLastError(), "the arguments kernel");
+    cutlass::Status st = gemm.initialize(args, g->workspace, stream);
+    if (st == cutlass::Status::kSuccess) st = gemm.run(stream);
+    if (st != cutlass::Status::kSuccess) {
+        fprintf(stderr, "moe_gemm_cutlass: %s (%d problems, layout m=%d n=%d k=%d)\n", cutlassGetStatusString(st),
+                groups, m, n, k);
+        exit(EXIT_FAILURE);
+    }
+    moe_cutlass_cuda_check(cudaGetLastError(), "the grouped GEMM launch");
+    return 0;
+}
+
+int moe_cutlass_grouped_gemm(MoeCutlassGemm* g, int layout, int groups, int m, int n, int k, const int* host_rows,
+                             const int* active_offset, const void* const* dA, int lda, const void* const* dB, int ldb,
+                             float beta, void* const* dC, int ldc, cudaStream_t stream) {
+    if (groups <= 0) return 0;
+    if (groups > g->capacity) {
+        fprintf(stderr, "moe_gemm_cutlass: %d problems, created for %d\n", groups, g->capacity);
+        exit(EXIT_FAILURE);
+    }
+    switch (layout) {
+    case MOE_CUTLASS_TN:
+        return moe_cutlass_run<KernelTN>(g, groups, m, n, k, host_rows, active_offset, dA, lda, dB, ldb, beta, dC, ldc, stream);
+    case MOE_CUTLASS_NN:
+        return moe_cutlass_run<KernelNN>(g, groups, m, n, k, host_rows, active_offset, dA, lda, dB, ldb, beta, dC, ldc, stream);
+    case MOE_CUTLASS_NT:
+        return moe_cutlass_run<KernelNT>(g, groups, m, n, k, host_rows, active_offset, dA, lda, dB, ldb, beta, dC, ldc, stream);
+    default:
+        fprintf(stderr, "moe_gemm_cutlass: unknown layout %d\n", layout);
+        exit(EXIT_FAILURE);
+    }
+}

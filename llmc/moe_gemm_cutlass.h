@@ -1,0 +1,50 @@
+/*
+moe_gemm_cutlass.h - the moe layer's grouped GEMMs through a CUTLASS 3.x Hopper grouped GEMM
+(sm90a: TMA loads, wgmma, warp-specialized persistent kernel), the alternative to cuBLAS's
+grouped GEMM in llmc/moe_experts.cuh (moe_gemm_backend = MOE_GEMM_CUTLASS). Built only with
+`make USE_CUTLASS=1` (ENABLE_CUTLASS), which compiles llmc/moe_gemm_cutlass.cu against the
+CUTLASS headers (CUTLASS_INCLUDE, dev/prepare_carry.sh fetches them); bf16 only. No CUTLASS type
+appears here.
+
+The problems are those of moe_grouped_gemm, column-major as cuBLAS: one per non-empty FFN expert
+(problem a = the a-th active expert of the schedule), C_a = op(A_a) op(B_a) (+ beta C_a), bf16
+in and out, fp32 accumulation, in one of three layouts (the ones the layer uses):
+  MOE_CUTLASS_TN  op(A) = A^T, op(B) = B    (the forward: W^T x)
+  MOE_CUTLASS_NN  op(A) = A,   op(B) = B    (the input gradients)
+  MOE_CUTLASS_NT  op(A) = A,   op(B) = B^T  (the weight gradients, beta 1: they accumulate)
+The matrix pointers are device arrays (moe_group_pointers_kernel writes them); a dimension given
+as -1 (MOE_DIM_ROWS) is the problem's row count, active_offset[a + 1] - active_offset[a] on the
+device and host_rows[a] on the host (the same numbers: the host copy sizes the grid).
+
+moe_cutlass_create(capacity) allocates, once, the device arrays of the problem shapes and strides
+(capacity problems) and the kernels' workspace (their TMA descriptors, one set per SM of the
+current device), about capacity * 60 + 128 * 4 * SMs bytes; moe_cutlass_grouped_gemm never
+allocates. It returns 0 when it launched, 1 when CUTLASS cannot run these problems (the caller
+then takes another path); it exits on a CUDA error.
+
+Determinism: a persistent tile scheduler without split-K or stream-K: each output tile is one
+CTA's full-K sum in a fixed order, so the same inputs give the same bits whatever the grid. The
+bits differ from cuBLAS's (another summation order).
+*/
+#ifndef OMNIMOE_MOE_GEMM_CUTLASS_H
+#define OMNIMOE_MOE_GEMM_CUTLASS_H
+
+#include <stddef.h>
+#include <cuda_runtime.h>
+
+#define MOE_CUTLASS_TN 0
+#define MOE_CUTLASS_NN 1
+#define MOE_CUTLASS_NT 2
+
+typedef struct MoeCutlassGemm MoeCutlassGemm;
+
+MoeCutlassGemm* moe_cutlass_create(int capacity);
+void moe_cutlass_free(MoeCutlassGemm* g);
+size_t moe_cutlass_device_bytes(const MoeCutlassGemm* g);
+// a short description of the kernels (tile, cluster, schedule) for logs and benchmarks
+const char* moe_cutlass_config(void);
+int moe_cutlass_grouped_gemm(MoeCutlassGemm* g, int layout, int groups, int m, int n, int k, const int* host_rows,
+                             const int* active_offset, const void* const* dA, int lda, const void* const* dB, int ldb,
+                             float beta, void* const* dC, int ldc, cudaStream_t stream);
+
+#endif // OMNIMOE_MOE_GEMM_CUTLASS_H
