@@ -18,7 +18,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p carry
 
-if [ ! -f carry/include/xxhash.h ] && [ ! -f /usr/include/xxhash.h ]; then
+# the GPU machine has no xxhash.h of its own: carry it even where this machine has one
+if [ ! -f carry/include/xxhash.h ] && [ -f /usr/include/xxhash.h ]; then
+    mkdir -p carry/include && cp /usr/include/xxhash.h carry/include/
+elif [ ! -f carry/include/xxhash.h ]; then
     tmp=$(mktemp -d)
     (cd "$tmp" && apt-get download libxxhash-dev >/dev/null) \
         || { echo "prepare_carry: apt-get download libxxhash-dev failed"; exit 1; }
