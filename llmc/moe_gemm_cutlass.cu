@@ -131,15 +131,9 @@ static typename K::Gemm::Arguments moe_cutlass_arguments(MoeCutlassGemm* g, int 
     args.problem_shape = ProblemShape{groups, g->shapes, host_shapes};
     args.mainloop = {(const MoeElement**)dA, (typename K::StrideA*)g->strideA, (const MoeElement**)dB,
                      (typename K::StrideB*)g->strideB};
-    auto& fusion = args.epilogue.thread;
-    fusion.alpha = 1.0f;
-    fusion.beta = beta;
-    fusion.alpha_ptr = nullptr;
-    fusion.beta_ptr = nullptr;
-    fusion.alpha_ptr_array = nullptr;
-    fusion.beta_ptr_array = nullptr;
-    fusion.dAlpha = {_0{}, _0{}, 0};
-    fusion.dBeta = {_0{}, _0{}, 0};
+    // scalar alpha and beta; the fusion's pointer and stride members keep their defaults (none)
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = beta;
     // C and D are the same matrices (beta 1 accumulates in place: each tile reads its C before it
     // writes its D, and tiles do not overlap); with beta 0 the epilogue does not read C
     args.epilogue.ptr_C = (const MoeElement**)dC;
