@@ -59,7 +59,7 @@ static void test_args(void) {
                     (char*)"--experts", (char*)"64", (char*)"--topk", (char*)"8", (char*)"--router-norm", (char*)"none",
                     (char*)"--gate", (char*)"prob", (char*)"--expert-exec", (char*)"token", (char*)"--log-file", (char*)"l.jsonl",
                     (char*)"--overlap-comm", (char*)"1", (char*)"--shard-experts", (char*)"1", (char*)"-r", (char*)"2",
-                    (char*)"--gelu-fusion", (char*)"2"};
+                    (char*)"--gelu-fusion", (char*)"2", (char*)"--moe-gemm", (char*)"cutlass"};
     int argc = (int)(sizeof(good) / sizeof(good[0]));
     cfg = def;
     train_config_parse(&cfg, argc, good);
@@ -73,7 +73,8 @@ static void test_args(void) {
              cfg.seed == 18446744073709551615ull && cfg.shuffle == 0 && cfg.ffn_kind == FFN_OMNI &&
              cfg.ffn_hidden == 128 && cfg.num_experts == 64 && cfg.top_k == 8 && cfg.router_norm == ROUTER_NORM_NONE &&
              cfg.gate == GATE_PROB && cfg.expert_exec == EXPERT_EXEC_TOKEN && strcmp(cfg.log_file, "l.jsonl") == 0 &&
-             cfg.overlap_comm == 1 && cfg.shard_experts == 1 && cfg.recompute == 2 && cfg.gelu_fusion == 2;
+             cfg.overlap_comm == 1 && cfg.shard_experts == 1 && cfg.recompute == 2 && cfg.gelu_fusion == 2 &&
+             cfg.moe_gemm == 2;
     test_check_why(ok, "args: every flag (short, long, --flag=value) sets its field", "");
 
     // the model from the flags
@@ -127,6 +128,7 @@ static void test_args(void) {
         {"-r 3", {"-r", "3"}, "-r/--recompute", "[0, 2]", 0, 1},
         {"--recompute -1", {"--recompute", "-1"}, "--recompute", "negative", 0, 1},
         {"--gelu-fusion 3", {"--gelu-fusion", "3"}, "--gelu-fusion", "[0, 2]", 0, 1},
+        {"unknown moe gemm", {"--moe-gemm", "cutless"}, "--moe-gemm", "loop|cublas|cutlass", 0, 1},
         {"negative seed", {"--seed", "-1"}, "--seed", "negative", 0, 1},
         {"unknown schedule", {"--schedule", "linear"}, "\"linear\" for flag --schedule", "cosine|wsd|constant", 0, 1},
         {"unknown ffn", {"-f", "relu"}, "flag -f", "gelu|swiglu|omni", 0, 1},

@@ -1911,6 +1911,11 @@ int main(int argc, char** argv) {
                 "(./train_omnimoe); the CPU reference keeps every activation (use -r 0)\n", cfg.recompute);
         exit(EXIT_FAILURE);
     }
+    if (cfg.moe_gemm != 1) {
+        fprintf(stderr, "Error: flag --moe-gemm: the grouped GEMM backends are the CUDA trainer's (./train_omnimoe); "
+                "the CPU reference loops over the experts (leave --moe-gemm unset)\n");
+        exit(EXIT_FAILURE);
+    }
     if (cfg.gelu_fusion != 1) {
         fprintf(stderr, "Error: flag --gelu-fusion %d: fusing the GELU into GEMM epilogues is the CUDA trainer's "
                 "(./train_omnimoe); the CPU reference computes it on its own (use --gelu-fusion 1)\n", cfg.gelu_fusion);

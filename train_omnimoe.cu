@@ -1545,6 +1545,15 @@ int main(int argc, char** argv) {
         shard = &shard_comm;
     }
     matmul_gelu_fused = cfg.gelu_fusion >= 1;  // --gelu-fusion: the GELU in cuBLASLt epilogues (llmc/matmul.cuh)
+    static_assert(MOE_GEMM_LOOP == 0 && MOE_GEMM_CUBLAS == 1 && MOE_GEMM_CUTLASS == 2, "--moe-gemm's word order");
+    moe_gemm_backend = cfg.moe_gemm;            // --moe-gemm loop|cublas|cutlass (llmc/moe_experts.cuh)
+#if !defined(HAVE_CUTLASS_GROUPED_GEMM)
+    if (cfg.moe_gemm == MOE_GEMM_CUTLASS) {
+        fprintf(stderr, "Error: --moe-gemm cutlass: this train_omnimoe was built without CUTLASS (build it with "
+                        "`make -B USE_CUTLASS=1` after `bash dev/prepare_carry.sh cutlass`; bf16 only)\n");
+        exit(EXIT_FAILURE);
+    }
+#endif
     matmul_dgelu_fused = cfg.gelu_fusion >= 2;
     if (zero || shard) {
         model_build_sharded(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention, cfg.recompute, zero, shard);
