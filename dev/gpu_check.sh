@@ -86,7 +86,14 @@ if [[ "$mode" != *notests* ]]; then
 fi
 if [[ "$mode" == *full* || "$mode" == *hostile* ]]; then run hostile_cuda env TRAINER=./train_omnimoe bash scripts/test_hostile.sh; fi
 if [[ "$mode" == *kernels* ]]; then
-    for suite in std attention omni; do run "kernels_$suite" bash dev/cuda/run_$suite.sh; done
+    for suite in std attention omni; do
+        run "kernels_$suite" bash dev/cuda/run_$suite.sh
+        # make test_kernels (run_std.sh) keeps each program's whole output (the [BENCH] lines,
+        # test_matmul's step GEMM table) in dev/cuda/build_logs, outside $LOG: into the archive too
+        if compgen -G "dev/cuda/build_logs/*.log" > /dev/null; then
+            mkdir -p "$LOG/kernel_logs" && cp dev/cuda/build_logs/*.log "$LOG/kernel_logs/" && archive
+        fi
+    done
 fi
 # the new GPU code under compute-sanitizer: out-of-bounds and uninitialised reads, shared-memory
 # races (the moe layer's kernels and the column-sharded rank kernels; small shapes, a few minutes)
