@@ -124,12 +124,12 @@ if [[ "$mode" == *full* ]] && [ -d carry/mixed ]; then
     done
 fi
 if [[ "$mode" == *study* ]] && [ -d carry/mixed ]; then
-    run study env RUNS="${STUDY_RUNS:-swiglu omni gelu omni_big moe moepp}" \
-        bash scripts/compare_dense_omni.sh carry/mixed "$LOG/study"
-    for kind in swiglu omni gelu omni_big; do
-        if [ -f "$LOG/study/$kind/log.jsonl" ]; then
+    # one row a step (each archived when done: a call stopped at its limit keeps the finished rows)
+    for kind in ${STUDY_RUNS:-swiglu omni gelu omni_big moe moepp}; do
+        run "study_$kind" env RUNS="$kind" bash scripts/compare_dense_omni.sh carry/mixed "$LOG/study_$kind"
+        if [ -f "docs/runs/dense_vs_omni/$kind.jsonl" ]; then
             run "study_${kind}_bitwise" python3 scripts/compare_logs.py docs/runs/dense_vs_omni/$kind.jsonl \
-                "$LOG/study/$kind/log.jsonl" --exact
+                "$LOG/study_$kind/$kind/log.jsonl" --exact
         fi
     done
 fi
@@ -185,20 +185,20 @@ if [[ "$mode" == *cudnn* ]]; then
     run cudnn_vs_ours_norm10 python3 scripts/compare_logs.py "$LOG/ours_attn.jsonl" "$LOG/cudnn_a.jsonl" \
         --steps 1-10 --loss-tol 0.02 --norm-rtol 0.02
 fi
-if [[ "$mode" == *profile* ]]; then  # after the cudnn rebuild, so that --attention cudnn exists
-    attn=$([[ "$mode" == *cudnn* ]] && echo "--attention cudnn")
-    run profile env SKIP_BUILD=$([[ "$mode" == *cudnn* ]] && echo 1 || echo 0) \
-        bash dev/profile_step.sh "-e d12 -f gelu -b 32 -t 1024 $attn" "-e d12 -f omni -b 32 -t 1024 $attn"
-fi
 if [[ "$mode" == *llmc* ]]; then  # our dense d12 against llm.c with and without cuDNN (carry/llm.c)
     run bench_llmc env BENCH_DIR="$LOG/bench_llmc" OURS_CUDNN=$([[ "$mode" == *cudnn* ]] && echo 1 || echo 0) \
         OURS_EXTRA="${LLMC_OURS_EXTRA-$([[ "$mode" == *cudnn* ]] && echo "--attention cudnn ")--gelu-fusion 2}" \
         bash dev/bench_llmc.sh
 fi
+if [[ "$mode" == *profile* ]]; then  # after the cudnn rebuild, so that --attention cudnn exists
+    attn=$([[ "$mode" == *cudnn* ]] && echo "--attention cudnn")
+    run profile env SKIP_BUILD=$([[ "$mode" == *cudnn* ]] && echo 1 || echo 0) \
+        bash dev/profile_step.sh "-e d12 -f gelu -b 32 -t 1024 $attn" "-e d12 -f omni -b 32 -t 1024 $attn"
+fi
 echo "================ summary ($(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
 grep -h -E "^test_(omnimoe(_fp32)?|experts_shard): [0-9]+ passed" "$LOG"/test_*.log 2>/dev/null
 grep -h "^FAIL" "$LOG"/test_*.log 2>/dev/null | head -20
 for s in "${summary[@]}"; do echo "$s"; done
-if [ -f "$LOG/study/summary.txt" ]; then cat "$LOG/study/summary.txt"; fi
+for f in "$LOG"/study_*/summary.txt; do [ -f "$f" ] && tail -n 1 "$f"; done
 if [ -f "$LOG/bench_llmc.log" ]; then sed -n '/^| trainer |/,$p' "$LOG/bench_llmc.log"; fi
 archive
