@@ -13,6 +13,9 @@ Defines:
   helpers for tests and for the trainer's host code (upload_floatX converts on every core)
 - cuda_malloc_or_die(): device allocation that names what it was for and how much is free
   when it fails, then exits
+- the FFN layers' (omni, moe) shared pieces: layer_check_tokens; layer_scratch_take,
+  layer_grads_take, layer_buffers_free (a workspace's scratch and dense-branch gradient buffers,
+  the caller's or its own)
 
 Conventions (shared by all omnimoe CUDA headers):
 - names: B sequences of T tokens, BT = B*T tokens of a micro-batch, C channels, NH heads, I the
@@ -358,5 +361,41 @@ static inline void* cuda_malloc_or_die_impl(size_t bytes, const char* what, cons
     return ptr;
 }
 #define cuda_malloc_or_die(bytes, what) cuda_malloc_or_die_impl((bytes), (what), __FILE__, __LINE__)
+
+// an FFN layer workspace's (omni, moe) scratch: the caller's, checked against need, or, given NULL,
+// its own of need bytes (*owned = 1: the workspace frees it, layer_buffers_free)
+static inline float* layer_scratch_take(const char* who, float* given, size_t given_bytes, size_t need,
+                                        size_t* bytes, int* owned) {
+    *owned = 0;
+    *bytes = given_bytes;
+    if (given == NULL) {
+        *owned = 1;
+        *bytes = need;
+        return (float*)cuda_malloc_or_die(need, "FFN layer scratch");
+    }
+    if (given_bytes < need) {
+        fprintf(stderr, "%s: scratch of %zu bytes given, %zu needed\n", who, given_bytes, need);
+        exit(EXIT_FAILURE);
+    }
+    return given;
+}
+
+// the dense branch's gradient buffers, dhidden (BT, H) and dwide (BT, 2H): the caller's or, given
+// NULL and H > 0, allocated here; returns 1 when they were (the workspace frees them)
+static inline int layer_grads_take(size_t BT, size_t H, floatX** dhidden, floatX** dwide) {
+    if (*dhidden != NULL || H == 0) return 0;
+    *dhidden = (floatX*)cuda_malloc_or_die(BT * H * sizeof(floatX), "FFN layer: d hidden");
+    *dwide = (floatX*)cuda_malloc_or_die(BT * 2 * H * sizeof(floatX), "FFN layer: d pre-activation");
+    return 1;
+}
+
+static inline void layer_buffers_free(float* scratch, int owns_scratch, floatX* dhidden, floatX* dwide,
+                                      int owns_grads) {
+    if (owns_scratch) cudaCheck(cudaFree(scratch));
+    if (owns_grads) {
+        cudaCheck(cudaFree(dhidden));
+        cudaCheck(cudaFree(dwide));
+    }
+}
 
 #endif  // OMNIMOE_CUDA_UTILS_CUH

@@ -213,22 +213,9 @@ static void moe_workspace_create(MoeWorkspace* ws, MoeDims d, MoeOptions o, floa
     memset(ws, 0, sizeof(*ws));
     const size_t BT = d.BT, Et = moe_routed(d), P = BT * d.k, X = sizeof(floatX), F = sizeof(float);
     const size_t RH = moe_router_hidden(d, o), Ie = d.Ie, PE = d.E ? P : 0;
-    if (scratch == NULL) {
-        scratch_bytes = moe_layer_scratch_bytes(d, o);
-        scratch = (float*)cuda_malloc_or_die(scratch_bytes, "moe layer scratch");
-        ws->owns_scratch = 1;
-    } else if (scratch_bytes < moe_layer_scratch_bytes(d, o)) {
-        fprintf(stderr, "moe_workspace_create: scratch of %zu bytes given, %zu needed\n", scratch_bytes,
-                moe_layer_scratch_bytes(d, o));
-        exit(EXIT_FAILURE);
-    }
-    ws->scratch = scratch;
-    ws->scratch_bytes = scratch_bytes;
-    if (dhidden == NULL && d.H > 0) {
-        dhidden = (floatX*)cuda_malloc_or_die(BT * d.H * X, "moe layer: d hidden");
-        dwide = (floatX*)cuda_malloc_or_die(BT * 2 * d.H * X, "moe layer: d pre-activation");
-        ws->owns_grads = 1;
-    }
+    ws->scratch = layer_scratch_take("moe_workspace_create", scratch, scratch_bytes, moe_layer_scratch_bytes(d, o),
+                                     &ws->scratch_bytes, &ws->owns_scratch);
+    ws->owns_grads = layer_grads_take(BT, d.H, &dhidden, &dwide);
     ws->dhidden = dhidden;
     ws->dwide = dwide;
     moe_grouped_gemm_create(&ws->gemm, d.E);
@@ -251,11 +238,7 @@ static void moe_workspace_create(MoeWorkspace* ws, MoeDims d, MoeOptions o, floa
 }
 
 static void moe_workspace_free(MoeWorkspace* ws) {
-    if (ws->owns_scratch) cudaCheck(cudaFree(ws->scratch));
-    if (ws->owns_grads) {
-        cudaCheck(cudaFree(ws->dhidden));
-        cudaCheck(cudaFree(ws->dwide));
-    }
+    layer_buffers_free(ws->scratch, ws->owns_scratch, ws->dhidden, ws->dwide, ws->owns_grads);
     cudaCheck(cudaFree(ws->block));
     moe_grouped_gemm_free(&ws->gemm);
     cudaCheck(cudaEventDestroy(ws->counts_ready));

@@ -197,22 +197,9 @@ static void omni_workspace_create(OmniWorkspace* ws, OmniDims d, float* scratch,
                                   floatX* dhidden, floatX* dwide) {
     memset(ws, 0, sizeof(*ws));
     const size_t BT = d.BT;
-    if (scratch == NULL) {
-        scratch_bytes = omni_layer_scratch_bytes(d);
-        scratch = (float*)cuda_malloc_or_die(scratch_bytes, "OmniMoE layer scratch");
-        ws->owns_scratch = 1;
-    } else if (scratch_bytes < omni_layer_scratch_bytes(d)) {
-        fprintf(stderr, "omni_workspace_create: scratch of %zu bytes given, %zu needed\n", scratch_bytes,
-                omni_layer_scratch_bytes(d));
-        exit(EXIT_FAILURE);
-    }
-    ws->scratch = scratch;
-    ws->scratch_bytes = scratch_bytes;
-    if (dhidden == NULL && d.I > 0) {
-        dhidden = (floatX*)cuda_malloc_or_die(BT * d.I * sizeof(floatX), "OmniMoE layer: d hidden");
-        dwide = (floatX*)cuda_malloc_or_die(BT * 2 * d.I * sizeof(floatX), "OmniMoE layer: d pre-activation");
-        ws->owns_grads = 1;
-    }
+    ws->scratch = layer_scratch_take("omni_workspace_create", scratch, scratch_bytes, omni_layer_scratch_bytes(d),
+                                     &ws->scratch_bytes, &ws->owns_scratch);
+    ws->owns_grads = layer_grads_take(BT, d.I, &dhidden, &dwide);
     ws->dhidden = dhidden;
     ws->dwide = dwide;
     ws->dgate = (float*)cuda_malloc_or_die(BT * d.k * sizeof(float), "gradients: gates");
@@ -223,11 +210,7 @@ static void omni_workspace_create(OmniWorkspace* ws, OmniDims d, float* scratch,
 }
 
 static void omni_workspace_free(OmniWorkspace* ws) {
-    if (ws->owns_scratch) cudaCheck(cudaFree(ws->scratch));
-    if (ws->owns_grads) {
-        cudaCheck(cudaFree(ws->dhidden));
-        cudaCheck(cudaFree(ws->dwide));
-    }
+    layer_buffers_free(ws->scratch, ws->owns_scratch, ws->dhidden, ws->dwide, ws->owns_grads);
     cudaCheck(cudaFree(ws->dgate));
     cudaCheck(cudaFree(ws->step_counts));
     cudaCheck(cudaEventDestroy(ws->fork));
