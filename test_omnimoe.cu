@@ -865,11 +865,7 @@ static void test_shard_one_rank(const char* name, const ModelConfig* c, int B, i
 }
 
 int main(void) {
-    int device_count = 0;
-    if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) {
-        printf("SKIPPED: test_omnimoe needs a CUDA device\n");
-        return 0;
-    }
+    if (!test_cuda_device_or_skip("test_omnimoe")) return 0;
     cudaDeviceProp props;
     cudaCheck(cudaGetDeviceProperties(&props, 0));
     test_begin("test_omnimoe" TEST_FLOATX_SUFFIX);

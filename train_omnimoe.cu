@@ -148,6 +148,7 @@ typedef struct {
     MoeLayer* moe;        // (L) the moe layers (moe only, llmc/moe_layer.cuh)
     MoeWorkspace moe_ws;  // what they share
     float* moe_aux;       // (L) device: each moe layer's balance loss of the last training forward
+    int* moe_counts_host; // (L, E_t) host copy of expert_counts for the step line's statistics (moe)
     float moe_aux_coef;   // moe run settings (docs/design.md §10.3): alpha (0 = off), set by the caller
     float moe_zc_weight;  // tau
     Activations acts;
@@ -319,6 +320,7 @@ static void model_build_moe(Model* m, int BT) {
     const MemBuffer* counts = &m->plan.buf[MEMBUF_EXPERT_COUNTS];  // (L, E_t) int
     m->expert_counts = (int*)cuda_malloc_or_die(counts->bytes, counts->what);
     cudaCheck(cudaMemset(m->expert_counts, 0, counts->bytes));
+    m->moe_counts_host = (int*)malloc_check(counts->bytes);
     m->moe_aux = (float*)cuda_malloc_or_die((size_t)L * sizeof(float), "moe balance losses");
     cudaCheck(cudaMemset(m->moe_aux, 0, (size_t)L * sizeof(float)));
     m->moe = (MoeLayer*)malloc_check((size_t)L * sizeof(MoeLayer));
@@ -500,16 +502,16 @@ static void model_free(Model* m) {
         for (int l = 0; l < m->config.num_layers; l++) omni_layer_free(&m->omni[l]);
         free(m->omni);
         omni_workspace_free(&m->omni_ws);
-        cudaCheck(cudaFree(m->expert_counts));
         cudaCheck(cudaFree(m->expert_stats));
     }
     if (m->moe) {
         for (int l = 0; l < m->config.num_layers; l++) moe_layer_free(&m->moe[l]);
         free(m->moe);
         moe_workspace_free(&m->moe_ws);
-        cudaCheck(cudaFree(m->expert_counts));
         cudaCheck(cudaFree(m->moe_aux));
+        free(m->moe_counts_host);
     }
+    cudaCheck(cudaFree(m->expert_counts));  // omni and moe (NULL for the dense kinds)
     if (m->shard) {
         cudaCheck(cudaFree(m->shard_saved));
         cudaCheck(cudaFree(m->shard_work));
@@ -943,11 +945,13 @@ static void model_reset_expert_counts(Model* m) {
     expert_counts_reset(m->expert_counts, m->config.num_layers, model_counted_experts(m), m->stream);
 }
 
-// moe: the (L, E_t) counts since the last reset, to the host (waits for the GPU)
-static void model_moe_counts(const Model* m, int* host) {
+// moe: the (L, E_t) counts since the last reset, into m->moe_counts_host (waits for the GPU)
+static const int* model_moe_counts(const Model* m) {
     size_t n = (size_t)m->config.num_layers * model_config_moe_routed(&m->config);
-    cudaCheck(cudaMemcpyAsync(host, m->expert_counts, n * sizeof(int), cudaMemcpyDeviceToHost, m->stream));
+    cudaCheck(cudaMemcpyAsync(m->moe_counts_host, m->expert_counts, n * sizeof(int), cudaMemcpyDeviceToHost,
+                              m->stream));
     cudaCheck(cudaStreamSynchronize(m->stream));
+    return m->moe_counts_host;
 }
 
 // moe (docs/design.md §10.5): after the optimizer step, each layer's FFN-expert bias moves by
@@ -969,10 +973,8 @@ static void model_moe_bias_update(Model* m, float rate) {
 static void model_expert_stats(const Model* m, float* usage, float* kl) {
     if (m->config.ffn_kind == FFN_MOE) {  // over the E FFN experts of each layer, on the host as the CPU trainer
         const int L = m->config.num_layers, Et = model_config_moe_routed(&m->config), E = m->config.moe_experts;
-        int* counts = (int*)malloc_check((size_t)L * Et * sizeof(int));
-        model_moe_counts(m, counts);
+        const int* counts = model_moe_counts(m);
         for (int l = 0; l < L; l++) expert_load_stats(counts + (size_t)l * Et, E, &usage[l], &kl[l]);
-        free(counts);
         return;
     }
     if (m->config.ffn_kind != FFN_OMNI) return;
@@ -1416,8 +1418,7 @@ static void gpu_expert_kind_shares(void* ctx, float* shares) {
     const ModelConfig* c = &m->config;
     const int L = c->num_layers, Et = model_config_moe_routed(c);
     const int E = c->moe_experts, Kc = c->moe_const, Kp = c->moe_copy;
-    int* counts = (int*)malloc_check((size_t)L * Et * sizeof(int));
-    model_moe_counts(m, counts);
+    const int* counts = model_moe_counts(m);
     for (int l = 0; l < L; l++) {
         long long by_kind[4] = {0, 0, 0, 0}, total = 0;  // FFN, zero, copy, constant
         for (int e = 0; e < Et; e++) {
@@ -1427,7 +1428,6 @@ static void gpu_expert_kind_shares(void* ctx, float* shares) {
         }
         for (int j = 0; j < 4; j++) shares[4 * l + j] = total > 0 ? (float)((double)by_kind[j] / total) : 0.0f;
     }
-    free(counts);
 }
 
 // rank 0's weights and BN statistics. Every rank calls it (ZeRO-1 gathers the master weights).

@@ -417,9 +417,19 @@ static inline void test_truncate(const char* path, long size) {
 // ----------------------------------------------------------------------------
 // device helpers (nvcc only)
 #if defined(__CUDACC__)
+
 #include <vector>
 #include <algorithm>
 #include "cuda_utils.cuh"
+
+// 1 when a CUDA device is present; else prints "SKIPPED: <program> needs a CUDA device" and
+// returns 0 (the GPU programs then exit 0: CI machines have no GPU)
+static inline int test_cuda_device_or_skip(const char* program) {
+    int device_count = 0;
+    if (cudaGetDeviceCount(&device_count) == cudaSuccess && device_count > 0) return 1;
+    printf("SKIPPED: %s needs a CUDA device\n", program);
+    return 0;
+}
 
 // tolerance of floatX outputs against a double reference: bf16 outputs carry a relative
 // rounding error of up to 2^-8 per element, about 0.2% in norm; 1e-2 leaves room for fp32

@@ -119,11 +119,7 @@ static float time_forward_backward(Bench* b) {
 int main(int argc, char** argv) {
     const char* json = NULL;
     for (int i = 1; i + 1 < argc; i++) if (strcmp(argv[i], "--json") == 0) json = argv[i + 1];
-    int device_count = 0;
-    if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) {
-        printf("SKIPPED: bench_moe needs a CUDA device\n");
-        return 0;
-    }
+    if (!test_cuda_device_or_skip("bench_moe")) return 0;
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, 0));
     matmul_init();

@@ -510,11 +510,7 @@ static void test_layer(const char* name, int route, int norm, int scale_input, f
 }
 
 int main(void) {
-    int device_count = 0;
-    if (cudaGetDeviceCount(&device_count) != cudaSuccess || device_count == 0) {
-        printf("SKIPPED: test_moe needs a CUDA device\n");
-        return 0;
-    }
+    if (!test_cuda_device_or_skip("test_moe")) return 0;
     test_begin("test_moe" TEST_FLOATX_SUFFIX);
     g_rng = rng_seeded(2025);
     matmul_init();
