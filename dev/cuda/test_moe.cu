@@ -193,24 +193,27 @@ static double silu_grad(double v) {
     return s * (1.0 + v * (1.0 - s));
 }
 
+// the tested tensors on the device (the weights, or their gradient accumulators); W1, W2 shifted
+static MoeWeights upload_tensors(MoeDims d, const std::vector<float>& router, const std::vector<float>& w1,
+                                 const std::vector<float>& w2, const std::vector<float>& cvec,
+                                 const std::vector<float>& cmix, const std::vector<float>& bias) {
+    const size_t C = d.C, Et = moe_routed(d), E = d.E, Ie = d.Ie, Kc = d.Kc;
+    MoeWeights w;
+    memset(&w, 0, sizeof(w));
+    w.router = upload(router, Et * C);
+    w.w1 = upload_shifted(w1, E * 2 * Ie * C);
+    w.w2 = upload_shifted(w2, E * C * Ie);
+    w.cvec = upload(cvec, Kc * C);
+    w.cmix = upload(cmix, Kc * 2 * C);
+    w.bias = upload(bias, Et);
+    return w;
+}
+
 static LayerResult run_layer(MoeDims d, MoeOptions o, const LayerData& D, float alpha, float tau) {
     const int BT = d.BT, C = d.C, Et = moe_routed(d), E = d.E, Ie = d.Ie, Kc = d.Kc, k = d.k;
-    MoeWeights w, dw;
-    memset(&w, 0, sizeof(w));
-    memset(&dw, 0, sizeof(dw));
-    w.router = upload(D.wr, (size_t)Et * C);
-    w.w1 = upload_shifted(D.w1, (size_t)E * 2 * Ie * C);
-    w.w2 = upload_shifted(D.w2, (size_t)E * C * Ie);
-    w.cvec = upload(D.cvec, (size_t)Kc * C);
-    w.cmix = upload(D.cmix, (size_t)Kc * 2 * C);
-    w.bias = upload(D.bias, Et);
-    dw.router = upload(D.g_wr, (size_t)Et * C);
-    dw.w1 = upload_shifted(D.g_w1, (size_t)E * 2 * Ie * C);
-    dw.w2 = upload_shifted(D.g_w2, (size_t)E * C * Ie);
-    dw.cvec = upload(D.g_cvec, (size_t)Kc * C);
-    dw.cmix = upload(D.g_cmix, (size_t)Kc * 2 * C);
-    std::vector<float> zeros(Et, 0.0f);
-    dw.bias = upload(zeros, Et);
+    MoeWeights w = upload_tensors(d, D.wr, D.w1, D.w2, D.cvec, D.cmix, D.bias);
+    std::vector<float> zeros(Et, 0.0f);  // the bias has no gradient
+    MoeWeights dw = upload_tensors(d, D.g_wr, D.g_w1, D.g_w2, D.g_cvec, D.g_cmix, zeros);
     floatX* x = upload(D.x, (size_t)BT * C);
     floatX* dy = upload(D.dy, (size_t)BT * C);
     floatX* out = device_alloc<floatX>((size_t)BT * C, "out");
