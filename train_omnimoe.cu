@@ -727,9 +727,8 @@ static void model_forward(Model* m, const int* inputs, const int* targets, int B
             matmul_forward(a->sublayer_out, fch_act, layer_param(m, PARAM_FCPROJW, l),
                            layer_param(m, PARAM_FCPROJB, l), BT, H, C, st);
         } else if (c->ffn_kind == FFN_SWIGLU) {
-            matmul_forward(fch, ln2, layer_param(m, PARAM_FCW, l), NULL, BT, C, FI, st);
-            swiglu_forward(fch_act, fch, BT, H, st);
-            matmul_forward(a->sublayer_out, fch_act, layer_param(m, PARAM_FCPROJW, l), NULL, BT, H, C, st);
+            swiglu_mlp_forward(a->sublayer_out, fch, fch_act, ln2, layer_param(m, PARAM_FCW, l),
+                               layer_param(m, PARAM_FCPROJW, l), BT, C, H, st);
         } else if (c->ffn_kind == FFN_OMNI) {
             // out = SwiGLU + experts; its activations packed by this BT, like the other kinds'
             omni_layer_set_activations(&m->omni[l], fch, fch_act);
@@ -835,11 +834,9 @@ static void model_backward(Model* m, const int* inputs, float loss_scale, GradRe
             matmul_backward(a->dsub, layer_grad(m, PARAM_FCW, l), layer_grad(m, PARAM_FCB, l), a->dwide, ln2,
                             layer_param(m, PARAM_FCW, l), BT, C, FI, 0, st, scratch);
         } else if (c->ffn_kind == FFN_SWIGLU) {
-            matmul_backward(a->dhidden, layer_grad(m, PARAM_FCPROJW, l), NULL, a->dresidual, fch_act,
-                            layer_param(m, PARAM_FCPROJW, l), BT, H, C, 0, st, scratch);
-            swiglu_backward(a->dwide, a->dhidden, fch, BT, H, st);
-            matmul_backward(a->dsub, layer_grad(m, PARAM_FCW, l), NULL, a->dwide, ln2, layer_param(m, PARAM_FCW, l),
-                            BT, C, FI, 0, st, scratch);
+            swiglu_mlp_backward(a->dsub, layer_grad(m, PARAM_FCW, l), layer_grad(m, PARAM_FCPROJW, l), a->dhidden,
+                                a->dwide, a->dresidual, ln2, fch, fch_act, layer_param(m, PARAM_FCW, l),
+                                layer_param(m, PARAM_FCPROJW, l), BT, C, H, st, scratch);
         } else if (c->ffn_kind == FFN_OMNI) {
             omni_layer_backward(&m->omni[l], a->dsub, a->dresidual, ln2, BT, st);
         } else {

@@ -21,6 +21,11 @@ Defines:
       GELU backward folded in: dpre (BT, C_in) = (dout @ weight) * GELU_tanh'(pre_gelu) (overwrite)
       through cuBLASLt's DGELU epilogue when matmul_dgelu_fused = 1 (the trainer's
       --gelu-fusion 2), else the GEMM then gelu_backward in place
+- swiglu_mlp_forward(out, fch, h, x, fcw, fcprojw, BT, C, H, stream) / swiglu_mlp_backward(dx, dfcw,
+  dfcprojw, dh, dfch, dout, x, fch, h, fcw, fcprojw, BT, C, H, stream, scratch): the bias-free
+  SwiGLU MLP of swiglu models and of the omni and moe layers' shared branch: fch (BT, 2H) = x fcw^T,
+  h = SwiGLU(fch) (BT, H), out (BT, C) = h fcprojw^T (overwrite); backward: dx overwritten, dfcw
+  and dfcprojw accumulate, dh (BT, H) and dfch (BT, 2H) are its buffers
 - matmul_backward_scratch_bytes(BT, C_out): scratch bytes for the dbias partial sums
 
 Row-major to cuBLAS column-major: a row-major (R, C) matrix is a column-major (C, R) one, so
@@ -356,6 +361,22 @@ static inline void matmul_backward_gelu(floatX* dpre, floatX* dweight, floatX* d
                                         const floatX* inp, const floatX* weight, const floatX* pre_gelu, int BT,
                                         int C_in, int C_out, cudaStream_t stream, float* scratch) {
     matmul_backward_impl(dpre, dweight, dbias, dout, inp, weight, pre_gelu, BT, C_in, C_out, 0, stream, scratch);
+}
+
+static inline void swiglu_mlp_forward(floatX* out, floatX* fch, floatX* h, const floatX* x, const floatX* fcw,
+                                      const floatX* fcprojw, int BT, int C, int H, cudaStream_t stream) {
+    matmul_forward(fch, x, fcw, NULL, BT, C, 2 * H, stream);
+    swiglu_forward(h, fch, BT, H, stream);
+    matmul_forward(out, h, fcprojw, NULL, BT, H, C, stream);
+}
+
+static inline void swiglu_mlp_backward(floatX* dx, floatX* dfcw, floatX* dfcprojw, floatX* dh, floatX* dfch,
+                                       const floatX* dout, const floatX* x, const floatX* fch, const floatX* h,
+                                       const floatX* fcw, const floatX* fcprojw, int BT, int C, int H,
+                                       cudaStream_t stream, float* scratch) {
+    matmul_backward(dh, dfcprojw, NULL, dout, h, fcprojw, BT, H, C, 0, stream, scratch);
+    swiglu_backward(dfch, dh, fch, BT, H, stream);
+    matmul_backward(dx, dfcw, NULL, dfch, x, fcw, BT, C, 2 * H, 0, stream, scratch);
 }
 
 #endif  // OMNIMOE_MATMUL_CUH

@@ -349,9 +349,7 @@ static void moe_layer_forward(MoeLayer* layer, floatX* out, const floatX* x, int
     }
     // the shared SwiGLU writes out (queued before the host waits for the counts)
     if (H > 0) {
-        matmul_forward(s->fch, x, w->fcw, NULL, BT, C, 2 * H, stream);
-        swiglu_forward(s->fch_act, s->fch, BT, H, stream);
-        matmul_forward(out, s->fch_act, w->fcprojw, NULL, BT, H, C, stream);
+        swiglu_mlp_forward(out, s->fch, s->fch_act, x, w->fcw, w->fcprojw, BT, C, H, stream);
     }
     moe_const_mix(s->mix, x, w->cmix, s->idx, BT, C, k, E, d.Kc, scale, stream);
     cudaCheck(cudaEventSynchronize(ws->counts_ready));
@@ -390,9 +388,8 @@ static void moe_layer_backward(MoeLayer* layer, floatX* dx, const floatX* dout, 
     const MoeWeights* dw = &layer->dw;
     // shared SwiGLU: dx = its input gradient
     if (H > 0) {
-        matmul_backward(ws->dhidden, dw->fcprojw, NULL, dout, s->fch_act, w->fcprojw, BT, H, C, 0, stream, ws->scratch);
-        swiglu_backward(ws->dwide, ws->dhidden, s->fch, BT, H, stream);
-        matmul_backward(dx, dw->fcw, NULL, ws->dwide, x, w->fcw, BT, C, 2 * H, 0, stream, ws->scratch);
+        swiglu_mlp_backward(dx, dw->fcw, dw->fcprojw, ws->dhidden, ws->dwide, dout, x, s->fch, s->fch_act, w->fcw,
+                            w->fcprojw, BT, C, H, stream, ws->scratch);
     }
     // FFN experts (design §10.4), on the forward's sorted rows
     int rows = 0;

@@ -327,9 +327,7 @@ static void omni_layer_forward(OmniLayer* layer, floatX* out, const floatX* x, i
     cudaCheck(cudaEventRecord(ws->join, side));
     // the shared SwiGLU branch writes out; the experts add onto it
     if (I > 0) {
-        matmul_forward(o->fch, x, layer->w.fcw, NULL, BT, C, 2 * I, stream);
-        swiglu_forward(o->fch_act, o->fch, BT, I, stream);
-        matmul_forward(out, o->fch_act, layer->w.fcprojw, NULL, BT, I, C, stream);
+        swiglu_mlp_forward(out, o->fch, o->fch_act, x, layer->w.fcw, layer->w.fcprojw, BT, C, I, stream);
     }
     cudaCheck(cudaStreamWaitEvent(stream, ws->join, 0));
     if (layer->shard) {  // the exchanges run on stream, in the same order on every rank
@@ -355,9 +353,8 @@ static void omni_layer_backward(OmniLayer* layer, floatX* dx, const floatX* dout
     const OmniWeights* dw = &layer->dw;
     // shared SwiGLU: dx = its input gradient
     if (I > 0) {
-        matmul_backward(ws->dhidden, dw->fcprojw, NULL, dout, o->fch_act, w->fcprojw, BT, I, C, 0, stream, ws->scratch);
-        swiglu_backward(ws->dwide, ws->dhidden, o->fch, BT, I, stream);
-        matmul_backward(dx, dw->fcw, NULL, ws->dwide, x, w->fcw, BT, C, 2 * I, 0, stream, ws->scratch);
+        swiglu_mlp_backward(dx, dw->fcw, dw->fcprojw, ws->dhidden, ws->dwide, dout, x, o->fch, o->fch_act, w->fcw,
+                            w->fcprojw, BT, C, I, stream, ws->scratch);
     }
     // experts: dx (+)= sum_m ds u; dU, dV += ...; the gate gradient feeds the router. Sharded:
     // this rank's columns of dU, dV over the pairs of all ranks, times 1/P (the mean over ranks

@@ -351,14 +351,10 @@ static void bench_layer(cudaStream_t st) {
 
     // the dense SwiGLU of the same active size (and the layer's shared branch alone)
     auto swiglu_fwd = [&](const floatX* wgu, const floatX* wd, int width) {
-        matmul_forward(fch, X, wgu, NULL, T, d, 2 * width, st);
-        swiglu_forward(h, fch, T, width, st);
-        matmul_forward(Y, h, wd, NULL, T, width, d, st);
+        swiglu_mlp_forward(Y, fch, h, X, wgu, wd, T, d, width, st);
     };
     auto swiglu_bwd = [&](const floatX* wgu, const floatX* wd, int width) {
-        matmul_backward(dh, dWd, NULL, dY, h, wd, T, width, d, 0, st, NULL);
-        swiglu_backward(dfch, dh, fch, T, width, st);
-        matmul_backward(dX, dWgu, NULL, dfch, X, wgu, T, d, 2 * width, 0, st, NULL);
+        swiglu_mlp_backward(dX, dWgu, dWd, dh, dfch, dY, X, fch, h, wgu, wd, T, d, width, st, NULL);
     };
     auto layer_fwd = [&](OmniLayer* layer) { omni_layer_forward(layer, Y, X, T, 1, st); };
     auto layer_bwd = [&](OmniLayer* layer) { omni_layer_backward(layer, dX, dY, X, T, st); };

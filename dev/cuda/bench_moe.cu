@@ -197,17 +197,11 @@ int main(int argc, char** argv) {
     floatX* dfch = bench_buffer(&dn, (size_t)BT * 2 * Idense, 0.0f, 0);
     floatX* dx = bench_buffer(&dn, (size_t)BT * C, 0.0f, 0);
     float* scratch = device_alloc<float>(matmul_backward_scratch_bytes(BT, 2 * Idense) / sizeof(float) + 64, "scratch");
-    auto dense_fwd = [&] {
-        matmul_forward(fch, x, wgu, NULL, BT, C, 2 * Idense, 0);
-        swiglu_forward(h, fch, BT, Idense, 0);
-        matmul_forward(out, h, wd, NULL, BT, Idense, C, 0);
-    };
+    auto dense_fwd = [&] { swiglu_mlp_forward(out, fch, h, x, wgu, wd, BT, C, Idense, 0); };
     float dense_fwd_ms = bench_median_ms(dense_fwd, 3, 21);
     float dense_fwdbwd_ms = bench_median_ms([&] {
         dense_fwd();
-        matmul_backward(dh, dwd, NULL, dout, h, wd, BT, Idense, C, 0, 0, scratch);
-        swiglu_backward(dfch, dh, fch, BT, Idense, 0);
-        matmul_backward(dx, dwgu, NULL, dfch, x, wgu, BT, C, 2 * Idense, 0, 0, scratch);
+        swiglu_mlp_backward(dx, dwgu, dwd, dh, dfch, dout, x, fch, h, wgu, wd, BT, C, Idense, 0, scratch);
     }, 3, 21);
     for (int i = 0; i < dn.num_bufs; i++) cudaCheck(cudaFree(dn.bufs[i]));
     cudaCheck(cudaFree(scratch));
