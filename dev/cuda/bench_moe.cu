@@ -219,9 +219,9 @@ int main(int argc, char** argv) {
     // emulates that, so the expert forward can be read at the shares a trained model reaches
     // (the study's moepp log has them per layer)
     const float zc_bias[] = {0.004f, 0.008f, 0.016f, 1.0f};
-    const int num_zc_bias = (int)(sizeof(zc_bias) / sizeof(zc_bias[0]));
-    float zc_fwd[4];
-    double zc_share[4];
+    constexpr int num_zc_bias = (int)(sizeof(zc_bias) / sizeof(zc_bias[0]));
+    float zc_fwd[num_zc_bias];
+    double zc_share[num_zc_bias];
     const int Et = moe_routed(pp.d);
     float* host_bias = (float*)malloc_check(Et * sizeof(float));
     for (int i = 0; i < num_zc_bias; i++) {
