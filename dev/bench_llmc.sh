@@ -68,8 +68,13 @@ D=${BENCH_DIR:-${OUT:-/tmp}/bench_llmc}
 mkdir -p "$D"
 [ -f "$LLMC/train_gpt2.cu" ] || { echo "bench_llmc: $LLMC missing: run 'bash dev/bench_llmc.sh prepare LLMC_DIR' and carry carry/"; exit 1; }
 [ -d "$CFE/cudnn_frontend" ] || { echo "bench_llmc: $CFE missing: run the prepare step"; exit 1; }
-arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
-echo "bench_llmc: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), llm.c $(cat "$LLMC/COMMIT" 2>/dev/null)"
+# BENCH_BUILD_ONLY=DIR (dev/prebuild.sh llmc, on a machine without a GPU): build llm.c's two
+# variants for Hopper into DIR and stop
+if [ -n "${BENCH_BUILD_ONLY:-}" ]; then D=$BENCH_BUILD_ONLY; arch=90
+else
+    arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+    echo "bench_llmc: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), llm.c $(cat "$LLMC/COMMIT" 2>/dev/null)"
+fi
 
 build() {  # build <name> <make args...>: llm.c's train_gpt2cu copied to $D/<name>
     local name=$1; shift
@@ -79,8 +84,15 @@ build() {  # build <name> <make args...>: llm.c's train_gpt2cu copied to $D/<nam
         || { tail -n 20 "$D/build_$name.log"; echo "bench_llmc: FAIL: build $name"; exit 1; }
 }
 # one GPU: NCCL and MPI off, so the NVCC_LDLIBS given here (it replaces the Makefile's) lacks nothing
-build llmc_cudnn USE_CUDNN=1 NO_MULTI_GPU=1 NO_USE_MPI=1 NVCC_LDLIBS="-lnvrtc -lcuda"
-build llmc_plain USE_CUDNN=0 NO_MULTI_GPU=1 NO_USE_MPI=1
+# the two llm.c programs: unpacked by 'dev/prebuild.sh --unpack llmc' into $LLMC/bin, else built here
+if [ -z "${BENCH_BUILD_ONLY:-}" ] && [ -x "$LLMC/bin/llmc_cudnn" ] && [ -x "$LLMC/bin/llmc_plain" ]; then
+    cp "$LLMC/bin/llmc_cudnn" "$LLMC/bin/llmc_plain" "$D/"
+    echo "bench_llmc: llm.c programs from $LLMC/bin (dev/prebuild.sh)"
+else
+    build llmc_cudnn USE_CUDNN=1 NO_MULTI_GPU=1 NO_USE_MPI=1 NVCC_LDLIBS="-lnvrtc -lcuda"
+    build llmc_plain USE_CUDNN=0 NO_MULTI_GPU=1 NO_USE_MPI=1
+fi
+if [ -n "${BENCH_BUILD_ONLY:-}" ]; then exit 0; fi
 if [ "$OURS_CUDNN" = 1 ]; then make USE_CUDNN=1 train_omnimoe > "$D/build_ours.log" 2>&1; else make train_omnimoe > "$D/build_ours.log" 2>&1; fi \
     || { tail -n 20 "$D/build_ours.log"; echo "bench_llmc: FAIL: build ours"; exit 1; }
 

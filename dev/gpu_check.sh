@@ -38,6 +38,8 @@
 #         compared bit for bit with docs/runs/dense_vs_omni
 #     profile: dev/profile_step.sh over the d12 gelu and omni steps at B=32 (with cuDNN's attention
 #         when the mode also has cudnn: put it after that rebuild)
+# Builds: programs packed beforehand by dev/prebuild.sh (carry "carry/prebuilt") are unpacked when
+# their stamp matches this tree, and make then has nothing to do; without them everything builds here.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # every log goes to LOG (the scripts below write theirs to $OUT: it points there too); the
@@ -51,9 +53,19 @@ archive() {
     tar czf "$RESULT_DIR/logs_partial.tgz" -C "$LOG" . 2>/dev/null \
         && mv "$RESULT_DIR/logs_partial.tgz" "$RESULT_DIR/gpu_check_logs.tgz"
 }
+# the programs built beforehand on a machine without a GPU (dev/prebuild.sh; carry "carry/prebuilt"):
+# a pack is used only when its stamp matches this tree, else make builds here as before
+prebuilt() {  # prebuilt FLAVOUR: 0 when carry/prebuilt/FLAVOUR.tgz was unpacked
+    [ -f "carry/prebuilt/$1.tgz" ] || return 1
+    if bash dev/prebuild.sh --unpack "$1"; then summary+=("$(printf '%-28s %-10s' "prebuilt_$1" used)"); return 0; fi
+    summary+=("$(printf '%-28s %-10s' "prebuilt_$1" "stale")"); return 1
+}
 mode=${1:-full}
-if [ "$mode" = bench ]; then bash dev/bench_all.sh; rc=$?; archive; exit $rc; fi
 summary=()
+if [ "$mode" = bench ]; then
+    skip=0; prebuilt default && prebuilt cutlass && skip=1
+    SKIP_BUILD=$skip bash dev/bench_all.sh; rc=$?; archive; exit $rc
+fi
 run() {  # name, command...
     local name=$1; shift
     local t0=$(date +%s)
@@ -73,6 +85,7 @@ if [[ "$mode" == *notests* && "$mode" == *cudnn* ]] && ! [[ "$mode" =~ full|host
 fi
 if [[ "$mode" == *sanitize* ]]; then targets+=(dev/cuda/test_moe_bin dev/cuda/test_experts_shard_bin); fi
 if [[ "$mode" == *kernels* ]]; then targets+=(kernel_tests kernel_benches); fi
+prebuilt default
 if [ ${#targets[@]} -gt 0 ]; then run build make -j$(nproc) "${targets[@]}"; fi
 if [[ "$mode" != *notests* ]]; then
     run test_bf16 ./test_omnimoe
@@ -150,7 +163,7 @@ fi
 # the CUTLASS grouped GEMM of the moe experts (llmc/moe_gemm_cutlass.cu): rebuild the moe test and
 # benchmark with it (-B: the flags changed), test, then time it beside cuBLAS's
 if [[ "$mode" == *cutlass* ]]; then
-    run cutlass_build make -j$(nproc) -B USE_CUTLASS=1 dev/cuda/test_moe_bin dev/cuda/bench_moe_bin
+    prebuilt cutlass || run cutlass_build make -j$(nproc) -B USE_CUTLASS=1 dev/cuda/test_moe_bin dev/cuda/bench_moe_bin
     run cutlass_test_moe ./dev/cuda/test_moe_bin
     if [[ "$mode" == *sanitize* ]]; then  # the CUTLASS kernels' reads and writes too
         run cutlass_sanitize_memcheck compute-sanitizer --tool memcheck --error-exitcode 1 ./dev/cuda/test_moe_bin
@@ -159,8 +172,11 @@ if [[ "$mode" == *cutlass* ]]; then
     # other kernels for the same benchmark, one make variable a word, e.g.
     # CUTLASS_VARIANTS="MOE_CUTLASS_TILE_N=256 MOE_CUTLASS_PINGPONG=1" (about 2 minutes each)
     for v in ${CUTLASS_VARIANTS:-}; do
-        run "cutlass_build_$v" make -j$(nproc) -B USE_CUTLASS=1 "$v" dev/cuda/bench_moe_bin
-        run "cutlass_bench_moe_$v" ./dev/cuda/bench_moe_bin --json "$LOG/bench_moe_cutlass_$v.json"
+        bin=dev/cuda/bench_moe_bin.$v   # from the cutlass pack, else built here
+        if [ ! -x "$bin" ]; then
+            run "cutlass_build_$v" make -j$(nproc) -B USE_CUTLASS=1 "$v" dev/cuda/bench_moe_bin && bin=dev/cuda/bench_moe_bin
+        fi
+        run "cutlass_bench_moe_$v" ./$bin --json "$LOG/bench_moe_cutlass_$v.json"
     done
 fi
 # cuDNN's SDPA (--attention cudnn): rebuild with USE_CUDNN=1 (last: it replaces ./train_omnimoe),
@@ -168,7 +184,7 @@ fi
 if [[ "$mode" == *cudnn* ]]; then
     cudnn_targets=(train_omnimoe dev/cuda/test_attention_bin)
     if [[ "$mode" != *notests* ]]; then cudnn_targets+=(test_omnimoe); fi
-    run cudnn_build make -j$(nproc) -B USE_CUDNN=1 "${cudnn_targets[@]}"
+    prebuilt cudnn || run cudnn_build make -j$(nproc) -B USE_CUDNN=1 "${cudnn_targets[@]}"
     run cudnn_kernels ./dev/cuda/test_attention_bin
     if [[ "$mode" != *notests* ]]; then run cudnn_test_omnimoe ./test_omnimoe; fi
     short=(-e d12 -f gelu -b 8 -t 1024 -x 20 -u 5 -v 0 -s 0 --seed 7)
@@ -186,6 +202,7 @@ if [[ "$mode" == *cudnn* ]]; then
         --steps 1-10 --loss-tol 0.02 --norm-rtol 0.02
 fi
 if [[ "$mode" == *llmc* ]]; then  # our dense d12 against llm.c with and without cuDNN (carry/llm.c)
+    prebuilt llmc
     run bench_llmc env BENCH_DIR="$LOG/bench_llmc" OURS_CUDNN=$([[ "$mode" == *cudnn* ]] && echo 1 || echo 0) \
         OURS_EXTRA="${LLMC_OURS_EXTRA-$([[ "$mode" == *cudnn* ]] && echo "--attention cudnn ")--gelu-fusion 2}" \
         bash dev/bench_llmc.sh
