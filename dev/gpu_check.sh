@@ -116,6 +116,11 @@ if [[ "$mode" == *sanitize* ]]; then
             run "sanitize_${tool}_$(basename $bin)" compute-sanitizer --tool $tool --error-exitcode 1 ./$bin
         done
     done
+    # some container runtimes refuse the sanitizer ("Device not supported", then error 999): that
+    # FAIL says nothing about the kernels, so say so beside it
+    if grep -l "Device not supported" "$LOG"/sanitize_*.log > /dev/null 2>&1; then
+        summary+=("sanitize: compute-sanitizer refused this device (its runtime), no kernel was checked")
+    fi
 fi
 if [[ "$mode" == *full* ]]; then
     run train_default ./train_omnimoe   # the no-argument default run
