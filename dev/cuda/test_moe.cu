@@ -31,14 +31,17 @@ What is checked (one PASS/FAIL line per check, closing "test_moe: N passed, N fa
     - once more with E = 40 FFN experts and a bias of -10 on experts 3, 11, 19, 27, 35 (never
       chosen): 35 grouped-GEMM problems (more than the 32 that one warp of CUTLASS's group
       scheduler looks ahead at; the moe kind's default is 64 experts) with empty experts between
-      them; and not one grouped call handed to the loop by a cuBLAS that reports
+      them; with E = 40, plain gates and a bias of +10 on both constant experts and the copy
+      expert (every token takes them and one FFN or zero expert: about 7 rows a problem, from 1
+      to about 20, the weight gradients' K and the other GEMMs' N under a tile and the 16-byte
+      granule); and not one grouped call handed to the loop by a cuBLAS that reports
       cublasGemmGroupedBatchedEx unsupported (moe_gemm_backend stays MOE_GEMM_CUBLAS);
     - the same with the per-expert GEMM loop instead of the grouped GEMM (moe_gemm_backend =
       MOE_GEMM_LOOP), and with W1, W2 and their gradients one element past 16-byte alignment (the
       loop again); once more with C = 392, I_e = 200 (problems of several tiles in M, N and K,
       each with a partial edge tile);
     - in `make USE_CUTLASS=1` bf16 builds (HAVE_CUTLASS_GROUPED_GEMM): the same cases with the
-      CUTLASS grouped GEMM (moe_gemm_backend = MOE_GEMM_CUTLASS; the E = 40 case too), same
+      CUTLASS grouped GEMM (moe_gemm_backend = MOE_GEMM_CUTLASS; the E = 40 cases too), same
       tolerances, twice bitwise, and not one of its calls handed to the loop (moe_gemm_fallbacks
       stays 0).
 The gating residual, the tanh router and the shared SwiGLU are checked end to end against the
@@ -180,7 +183,7 @@ static void test_route(const char* name, int BT, int Et, int k, int zero_from, i
 // ----------------------------------------------------------------------------
 // 2. the layer (H = 0, linear router) against the double reference
 
-enum { ROUTE_FORCED = 0, ROUTE_RANDOM = 1, ROUTE_TIED = 2, ROUTE_GAPS = 3 };
+enum { ROUTE_FORCED = 0, ROUTE_RANDOM = 1, ROUTE_TIED = 2, ROUTE_GAPS = 3, ROUTE_FEW = 4 };
 
 typedef struct {
     std::vector<float> x, wr, w1, w2, cvec, cmix, bias, dy;
@@ -292,7 +295,8 @@ static void test_layer(const char* name, int route, int norm, int scale_input, f
     const double s = scale_input ? k : 1.0;
     LayerData D;
     D.x = host_random((size_t)BT * C, 1.0f);
-    D.wr = host_random((size_t)Et * C, route == ROUTE_RANDOM || route == ROUTE_GAPS ? 1.0f : 0.02f);
+    const int random_router = route == ROUTE_RANDOM || route == ROUTE_GAPS || route == ROUTE_FEW;
+    D.wr = host_random((size_t)Et * C, random_router ? 1.0f : 0.02f);
     if (route == ROUTE_TIED) std::fill(D.wr.begin(), D.wr.end(), 0.0f);
     D.w1 = host_random((size_t)E * 2 * Ie * C, 0.15f);
     D.w2 = host_random((size_t)E * C * Ie, 0.15f);
@@ -303,6 +307,8 @@ static void test_layer(const char* name, int route, int norm, int scale_input, f
         D.bias[1] = 10.0f; D.bias[4] = 11.0f; D.bias[7] = 12.0f; D.bias[9] = 13.0f;
     } else if (route == ROUTE_GAPS) {  // FFN experts 3, 11, 19, ... never chosen: empty problems among the others
         for (int e = 3; e < E; e += 8) D.bias[e] = -10.0f;
+    } else if (route == ROUTE_FEW) {  // both constant experts and the copy expert in every token's k = 4: one
+        D.bias[E] = D.bias[E + 1] = D.bias[E + 2] = 10.0f;  // FFN (or zero) pair a token, BT / E rows a problem
     } else if (route == ROUTE_TIED) {
         for (int i = 0; i < Et; i++) D.bias[i] = 0.25f * rng_int(&g_rng, 2);
     }
@@ -527,6 +533,10 @@ static void test_layer(const char* name, int route, int norm, int scale_input, f
         snprintf(what, sizeof(what), "%s: exactly the biased FFN experts empty, over 32 problems", name);
         test_checkf(gaps_ok && problems > 32, what, "%d problems, biased experts %s", problems,
                     gaps_ok ? "exactly the empty ones" : "not exactly the empty ones");
+    } else if (route == ROUTE_FEW) {  // the case is what it claims: the three biased experts in every token
+        snprintf(what, sizeof(what), "%s: both constant experts and the copy expert in every token", name);
+        test_checkf(want_counts[E] == BT && want_counts[E + 1] == BT && want_counts[E + 2] == BT, what,
+                    "pairs %d %d %d of %d tokens", want_counts[E], want_counts[E + 1], want_counts[E + 2], BT);
     }
     // the whole forward + backward again: bitwise the same
     LayerResult r2 = run_layer(d, o, D, alpha, tau);
@@ -556,6 +566,9 @@ int main(void) {
     test_layer("layer tied probabilities, plain gates, k x input", ROUTE_TIED, 0, 1, 0.05f);
     g_layer_E = 40;
     test_layer("layer random routing with empty experts, norm, E=40 (35 problems)", ROUTE_GAPS, 1, 0, 0.1f);
+    // plain gates: renormalised over the chosen experts they could divide by a sum of tiny probabilities
+    test_layer("layer random routing of one FFN pair a token, plain gates, E=40 (problems of a few rows)", ROUTE_FEW, 0,
+               0, 0.1f);
     g_layer_E = 6;
     // moe_grouped_gemm hands every later call to the loop when cuBLAS reports its grouped GEMM
     // unsupported for these types: the cases above then checked the loop, not the grouped call
@@ -583,6 +596,8 @@ int main(void) {
     g_layer_C = 64, g_layer_Ie = 32;
     g_layer_E = 40;
     test_layer("cutlass: layer random routing with empty experts, norm, E=40 (35 problems)", ROUTE_GAPS, 1, 0, 0.1f);
+    test_layer("cutlass: layer random routing of one FFN pair a token, plain gates, E=40 (problems of a few rows)",
+               ROUTE_FEW, 0, 0, 0.1f);
     g_layer_E = 6;
     test_checkf(moe_gemm_fallbacks == 0, "cutlass: every grouped GEMM ran on CUTLASS (none handed to the loop)",
                 "%d handed to the loop", moe_gemm_fallbacks);
