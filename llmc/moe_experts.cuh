@@ -114,8 +114,8 @@ static void moe_grouped_gemm_free(MoeGroupedGemm* g) {
 }
 
 // device bytes moe_grouped_gemm_create allocates (the memory plan's count, llmc/memory_plan.h;
-// a CUTLASS build allocates moe_cutlass_device_bytes more: E * 60 bytes and 512 bytes of TMA
-// descriptors per SM, under 0.1 MiB for E <= 256)
+// a CUTLASS build allocates moe_cutlass_device_bytes more: E * 60 bytes and 640 bytes of TMA
+// descriptors per SM, under 0.1 MiB for E <= 256 on 132 SMs)
 static inline size_t moe_grouped_gemm_bytes(int E) { return 3 * (size_t)(E > 0 ? E : 1) * sizeof(void*); }
 
 // ----------------------------------------------------------------------------

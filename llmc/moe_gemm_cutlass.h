@@ -18,9 +18,9 @@ device and host_rows[a] on the host (the same numbers: the host copy sizes the g
 
 moe_cutlass_create(capacity) allocates, once, the device arrays of the problem shapes and strides
 (capacity problems) and the kernels' workspace (their TMA descriptors, one set per SM of the
-current device), about capacity * 60 + 128 * 4 * SMs bytes; moe_cutlass_grouped_gemm never
-allocates. It returns 0 when it launched, 1 when CUTLASS cannot run these problems (the caller
-then takes another path); it exits on a CUDA error.
+current device: A, B, C and a D per epilogue warpgroup, 5 of 128 bytes), about capacity * 60 +
+640 * SMs bytes; moe_cutlass_grouped_gemm never allocates. It returns 0 when it launched, 1 when
+CUTLASS cannot run these problems (the caller then takes another path); it exits on a CUDA error.
 
 Determinism: a persistent tile scheduler without split-K or stream-K: each output tile is one
 CTA's full-K sum in a fixed order, so the same inputs give the same bits whatever the grid. The

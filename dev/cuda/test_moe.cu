@@ -28,13 +28,22 @@ What is checked (one PASS/FAIL line per check, closing "test_moe: N passed, N fa
     - the gradients start random and accumulate: the rows of experts nobody chose stay bitwise
       as they were; the bias has no gradient;
     - the whole forward+backward run twice gives bitwise identical results;
+    - once more with E = 40 FFN experts and a bias of -10 on experts 3, 11, 19, 27, 35 (never
+      chosen): 35 grouped-GEMM problems (more than the 32 that one warp of CUTLASS's group
+      scheduler looks ahead at; the moe kind's default is 64 experts) with empty experts between
+      them; with E = 40, plain gates and a bias of +10 on both constant experts and the copy
+      expert (every token takes them and one FFN or zero expert: about 7 rows a problem, from 1
+      to about 20, the weight gradients' K and the other GEMMs' N under a tile and the 16-byte
+      granule); and not one grouped call handed to the loop by a cuBLAS that reports
+      cublasGemmGroupedBatchedEx unsupported (moe_gemm_backend stays MOE_GEMM_CUBLAS);
     - the same with the per-expert GEMM loop instead of the grouped GEMM (moe_gemm_backend =
       MOE_GEMM_LOOP), and with W1, W2 and their gradients one element past 16-byte alignment (the
       loop again); once more with C = 392, I_e = 200 (problems of several tiles in M, N and K,
       each with a partial edge tile);
     - in `make USE_CUTLASS=1` bf16 builds (HAVE_CUTLASS_GROUPED_GEMM): the same cases with the
-      CUTLASS grouped GEMM (moe_gemm_backend = MOE_GEMM_CUTLASS), same tolerances, twice bitwise,
-      and not one of its calls handed to the loop (moe_gemm_fallbacks stays 0).
+      CUTLASS grouped GEMM (moe_gemm_backend = MOE_GEMM_CUTLASS; the E = 40 cases too), same
+      tolerances, twice bitwise, and not one of its calls handed to the loop (moe_gemm_fallbacks
+      stays 0).
 The gating residual, the tanh router and the shared SwiGLU are checked end to end against the
 CPU trainer by test_omnimoe.cu.
 */
@@ -174,7 +183,7 @@ static void test_route(const char* name, int BT, int Et, int k, int zero_from, i
 // ----------------------------------------------------------------------------
 // 2. the layer (H = 0, linear router) against the double reference
 
-enum { ROUTE_FORCED = 0, ROUTE_RANDOM = 1, ROUTE_TIED = 2 };
+enum { ROUTE_FORCED = 0, ROUTE_RANDOM = 1, ROUTE_TIED = 2, ROUTE_GAPS = 3, ROUTE_FEW = 4 };
 
 typedef struct {
     std::vector<float> x, wr, w1, w2, cvec, cmix, bias, dy;
@@ -266,11 +275,19 @@ static LayerResult run_layer(MoeDims d, MoeOptions o, const LayerData& D, float 
 }
 
 // the layer's width C and expert width I_e in test_layer: small by default (every GEMM problem one
-// partial tile), larger for the cases whose problems span several tiles
-static int g_layer_C = 64, g_layer_Ie = 32;
+// partial tile), larger for the cases whose problems span several tiles; its FFN expert count E: 6 by
+// default (the forced routing's biases name experts 1, 4, 7 and 9), more than 32 for the cases of
+// more grouped-GEMM problems than one warp of CUTLASS's group scheduler looks ahead at (the moe
+// kind's default is 64 experts)
+static int g_layer_C = 64, g_layer_Ie = 32, g_layer_E = 6;
 
 static void test_layer(const char* name, int route, int norm, int scale_input, float alpha) {
-    const int BT = 300, C = g_layer_C, Ie = g_layer_Ie, E = 6, Kc = 2, Kp = 1, Kz = 1, k = 4, Et = E + Kc + Kp + Kz;
+    const int BT = 300, C = g_layer_C, Ie = g_layer_Ie, E = g_layer_E, Kc = 2, Kp = 1, Kz = 1, k = 4;
+    const int Et = E + Kc + Kp + Kz;
+    if (route == ROUTE_FORCED && E != 6) {
+        fprintf(stderr, "test_layer: the forced routing needs E = 6 (got %d)\n", E);
+        exit(EXIT_FAILURE);
+    }
     const int zero_from = E + Kc + Kp;
     MoeDims d = {BT, C, 0, Ie, E, Kc, Kp, Kz, k};
     MoeOptions o = {0, norm, MOE_ROUTER_LINEAR, scale_input};
@@ -278,7 +295,8 @@ static void test_layer(const char* name, int route, int norm, int scale_input, f
     const double s = scale_input ? k : 1.0;
     LayerData D;
     D.x = host_random((size_t)BT * C, 1.0f);
-    D.wr = host_random((size_t)Et * C, route == ROUTE_RANDOM ? 1.0f : 0.02f);
+    const int random_router = route == ROUTE_RANDOM || route == ROUTE_GAPS || route == ROUTE_FEW;
+    D.wr = host_random((size_t)Et * C, random_router ? 1.0f : 0.02f);
     if (route == ROUTE_TIED) std::fill(D.wr.begin(), D.wr.end(), 0.0f);
     D.w1 = host_random((size_t)E * 2 * Ie * C, 0.15f);
     D.w2 = host_random((size_t)E * C * Ie, 0.15f);
@@ -287,6 +305,10 @@ static void test_layer(const char* name, int route, int norm, int scale_input, f
     D.bias.assign(Et, 0.0f);
     if (route == ROUTE_FORCED) {  // experts 1, 4 (FFN), 7 (constant), 9 (zero), in the order 9, 7, 4, 1
         D.bias[1] = 10.0f; D.bias[4] = 11.0f; D.bias[7] = 12.0f; D.bias[9] = 13.0f;
+    } else if (route == ROUTE_GAPS) {  // FFN experts 3, 11, 19, ... never chosen: empty problems among the others
+        for (int e = 3; e < E; e += 8) D.bias[e] = -10.0f;
+    } else if (route == ROUTE_FEW) {  // both constant experts and the copy expert in every token's k = 4: one
+        D.bias[E] = D.bias[E + 1] = D.bias[E + 2] = 10.0f;  // FFN (or zero) pair a token, BT / E rows a problem
     } else if (route == ROUTE_TIED) {
         for (int i = 0; i < Et; i++) D.bias[i] = 0.25f * rng_int(&g_rng, 2);
     }
@@ -502,6 +524,19 @@ static void test_layer(const char* name, int route, int norm, int scale_input, f
         for (int e = 0; e < E + Kc; e++) empty += want_counts[e] == 0;
         snprintf(what, sizeof(what), "%s: the forced routing leaves 5 experts empty", name);
         test_checkf(empty == 5, what, "%d empty", empty);
+    } else if (route == ROUTE_GAPS) {  // the case is what it claims: its biased experts empty, over 32 problems
+        int problems = 0, gaps_ok = 1;
+        for (int e = 0; e < E; e++) {
+            problems += want_counts[e] > 0;
+            gaps_ok &= (want_counts[e] == 0) == (D.bias[e] < 0.0f);
+        }
+        snprintf(what, sizeof(what), "%s: exactly the biased FFN experts empty, over 32 problems", name);
+        test_checkf(gaps_ok && problems > 32, what, "%d problems, biased experts %s", problems,
+                    gaps_ok ? "exactly the empty ones" : "not exactly the empty ones");
+    } else if (route == ROUTE_FEW) {  // the case is what it claims: the three biased experts in every token
+        snprintf(what, sizeof(what), "%s: both constant experts and the copy expert in every token", name);
+        test_checkf(want_counts[E] == BT && want_counts[E + 1] == BT && want_counts[E + 2] == BT, what,
+                    "pairs %d %d %d of %d tokens", want_counts[E], want_counts[E + 1], want_counts[E + 2], BT);
     }
     // the whole forward + backward again: bitwise the same
     LayerResult r2 = run_layer(d, o, D, alpha, tau);
@@ -529,6 +564,16 @@ int main(void) {
     // moves them by 0.15 and 0.2 (the double reference against itself with the sign flipped)
     test_layer("layer random routing, norm, strong balance loss", ROUTE_RANDOM, 1, 0, 2000.0f);
     test_layer("layer tied probabilities, plain gates, k x input", ROUTE_TIED, 0, 1, 0.05f);
+    g_layer_E = 40;
+    test_layer("layer random routing with empty experts, norm, E=40 (35 problems)", ROUTE_GAPS, 1, 0, 0.1f);
+    // plain gates: renormalised over the chosen experts they could divide by a sum of tiny probabilities
+    test_layer("layer random routing of one FFN pair a token, plain gates, E=40 (problems of a few rows)", ROUTE_FEW, 0,
+               0, 0.1f);
+    g_layer_E = 6;
+    // moe_grouped_gemm hands every later call to the loop when cuBLAS reports its grouped GEMM
+    // unsupported for these types: the cases above then checked the loop, not the grouped call
+    test_checkf(moe_gemm_backend == MOE_GEMM_CUBLAS, "cublas: every grouped GEMM ran as cublasGemmGroupedBatchedEx",
+                "cuBLAS reported it unsupported for %s (moe_gemm_backend %d)", FLOATX_NAME, moe_gemm_backend);
     moe_gemm_backend = MOE_GEMM_LOOP;  // the fallback: one cublasGemmEx per expert, the same checks
     test_layer("layer forced routing, per-expert GEMM loop", ROUTE_FORCED, 1, 1, 0.05f);
     test_layer("layer random routing, per-expert GEMM loop", ROUTE_RANDOM, 0, 0, 0.0f);
@@ -549,6 +594,11 @@ int main(void) {
     g_layer_C = 392, g_layer_Ie = 200;
     test_layer("cutlass: layer random routing, norm, C=392 I_e=200", ROUTE_RANDOM, 1, 0, 0.1f);
     g_layer_C = 64, g_layer_Ie = 32;
+    g_layer_E = 40;
+    test_layer("cutlass: layer random routing with empty experts, norm, E=40 (35 problems)", ROUTE_GAPS, 1, 0, 0.1f);
+    test_layer("cutlass: layer random routing of one FFN pair a token, plain gates, E=40 (problems of a few rows)",
+               ROUTE_FEW, 0, 0, 0.1f);
+    g_layer_E = 6;
     test_checkf(moe_gemm_fallbacks == 0, "cutlass: every grouped GEMM ran on CUTLASS (none handed to the loop)",
                 "%d handed to the loop", moe_gemm_fallbacks);
     g_expert_shift = 1;  // off 16 bytes: the loop, whatever the backend
