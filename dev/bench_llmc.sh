@@ -69,8 +69,11 @@ mkdir -p "$D"
 [ -f "$LLMC/train_gpt2.cu" ] || { echo "bench_llmc: $LLMC missing: run 'bash dev/bench_llmc.sh prepare LLMC_DIR' and carry carry/"; exit 1; }
 [ -d "$CFE/cudnn_frontend" ] || { echo "bench_llmc: $CFE missing: run the prepare step"; exit 1; }
 # BENCH_BUILD_ONLY=DIR (dev/prebuild.sh llmc, on a machine without a GPU): build llm.c's two
-# variants for Hopper into DIR and stop
-if [ -n "${BENCH_BUILD_ONLY:-}" ]; then D=$BENCH_BUILD_ONLY; arch=90
+# variants for Hopper into DIR and stop. Such a machine has no driver, so no libnvidia-ml to link:
+# the link flags below leave it out (llm.c calls NVML only for -lg, its GPU-status lines, which
+# these runs don't ask for; without nvml.h it builds them out)
+LLMC_LINK=()
+if [ -n "${BENCH_BUILD_ONLY:-}" ]; then D=$BENCH_BUILD_ONLY; arch=90; LLMC_LINK=(NVCC_LDFLAGS="-lcublas -lcublasLt")
 else
     arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
     echo "bench_llmc: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), llm.c $(cat "$LLMC/COMMIT" 2>/dev/null)"
@@ -89,8 +92,9 @@ if [ -z "${BENCH_BUILD_ONLY:-}" ] && [ -x "$LLMC/bin/llmc_cudnn" ] && [ -x "$LLM
     cp "$LLMC/bin/llmc_cudnn" "$LLMC/bin/llmc_plain" "$D/"
     echo "bench_llmc: llm.c programs from $LLMC/bin (dev/prebuild.sh)"
 else
-    build llmc_cudnn USE_CUDNN=1 NO_MULTI_GPU=1 NO_USE_MPI=1 NVCC_LDLIBS="-lnvrtc -lcuda"
-    build llmc_plain USE_CUDNN=0 NO_MULTI_GPU=1 NO_USE_MPI=1
+    if [ ${#LLMC_LINK[@]} -gt 0 ]; then cudnn_link=(NVCC_LDFLAGS="-lcublas -lcublasLt -lcudnn"); else cudnn_link=(); fi
+    build llmc_cudnn USE_CUDNN=1 NO_MULTI_GPU=1 NO_USE_MPI=1 NVCC_LDLIBS="-lnvrtc -lcuda" "${cudnn_link[@]}"
+    build llmc_plain USE_CUDNN=0 NO_MULTI_GPU=1 NO_USE_MPI=1 "${LLMC_LINK[@]}"
 fi
 if [ -n "${BENCH_BUILD_ONLY:-}" ]; then exit 0; fi
 if [ "$OURS_CUDNN" = 1 ]; then make USE_CUDNN=1 train_omnimoe > "$D/build_ours.log" 2>&1; else make train_omnimoe > "$D/build_ours.log" 2>&1; fi \

@@ -16,10 +16,10 @@
 #            as dev/cuda/bench_moe_bin.VARIANT (needs carry/cutlass)
 #   cudnn    train_omnimoe, test_omnimoe and test_attention with USE_CUDNN=1 (needs carry/cudnn-frontend)
 #   llmc     llm.c's train_gpt2cu with and without cuDNN for dev/bench_llmc.sh (needs carry/llm.c)
-# The stamp covers every C/CUDA source and Makefile of the tree by content (carry/llm.c's for
-# llmc), the flavour's make variables, the nvcc release (programs from another compiler would not
-# give the bits that the committed logs were made with) and whether mpicc works (the Makefile
-# builds the mpirun launch in where it does).
+# The stamp covers every C/CUDA source and Makefile of the tree by content (for llmc: carry/llm.c's
+# and dev/bench_llmc.sh, which holds its build flags), the flavour's make variables, the nvcc
+# release (programs from another compiler would not give the bits that the committed logs were
+# made with) and whether mpicc works (the Makefile builds the mpirun launch in where it does).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PACKS=carry/prebuilt
@@ -32,9 +32,9 @@ stamp() {  # stamp FLAVOUR: 16 hex digits
     [ "$flavour" = llmc ] && root=carry/llm.c
     {   echo "$flavour"; [ "$flavour" = cutlass ] && echo "$CUTLASS_VARIANTS"
         nvcc --version | grep -i release
-        # the Makefile builds the MPI launch in where mpicc works (the device has OpenMPI; here:
-        # apt-get install libopenmpi-dev), so a pack from a machine without it is stale there
+        # the device has OpenMPI; here: apt-get install libopenmpi-dev
         mpicc --showme:compile > /dev/null 2>&1 && echo "with MPI" || echo "without MPI"
+        [ "$flavour" = llmc ] && sha256sum dev/bench_llmc.sh   # its build flags
         find "$root" \( -path ./carry -o -path ./build -o -path ./.git -o -path ./dev/cuda/build_logs -o -path "$root/bin" \) -prune \
             -o -type f \( -name '*.c' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh' -o -name '*.hpp' -o -name Makefile \) -print \
             | LC_ALL=C sort | xargs -d '\n' sha256sum
