@@ -55,6 +55,12 @@ archive() {
 }
 # the programs built beforehand on a machine without a GPU (dev/prebuild.sh; carry "carry/prebuilt"):
 # a pack is used only when its stamp matches this tree, else make builds here as before
+# packs built against the toolkit's libcudnn: where this machine has it only in python's
+# nvidia-cudnn wheel (the Makefile then links that one), the loader must look there too
+if ! ldconfig -p 2>/dev/null | grep -q "libcudnn.so.9 "; then
+    cudnn_dir=$(python3 -c "import nvidia.cudnn, os; print(os.path.dirname(nvidia.cudnn.__file__ or nvidia.cudnn.__path__[0]))" 2>/dev/null)
+    [ -n "$cudnn_dir" ] && export LD_LIBRARY_PATH="$cudnn_dir/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+fi
 prebuilt() {  # prebuilt FLAVOUR: 0 when carry/prebuilt/FLAVOUR.tgz was unpacked
     [ -f "carry/prebuilt/$1.tgz" ] || return 1
     if bash dev/prebuild.sh --unpack "$1"; then summary+=("$(printf '%-28s %-10s' "prebuilt_$1" used)"); return 0; fi
