@@ -49,8 +49,10 @@ if [ "${1:-}" = --unpack ]; then
     have=$(stamp "$flavour")
     if [ "$want" != "$have" ]; then echo "prebuild: $pack is stale (stamp $want, tree $have): building"; exit 1; fi
     dest=.; [ "$flavour" = llmc ] && dest=carry/llm.c/bin && mkdir -p "$dest"
-    # -m: the unpacked files take the time of now, newer than every source, so make leaves them
+    # -m: the unpacked files take the time of now, newer than every source, so make leaves them;
+    # then one time for all of them, so that no program is older than an object it links
     files=$(tar xzmvf "$pack" -C "$dest" --exclude PREBUILT_STAMP) || exit 1
+    (cd "$dest" && touch -d "@$(date +%s.%N)" $files) || exit 1
     missing=$(cd "$dest" && for f in $files; do [ -f "$f" ] && [ -x "$f" ] && ldd "$f" 2>/dev/null | grep "not found"; done | sort -u)
     if [ -n "$missing" ]; then
         echo "prebuild: $pack's programs lack libraries here ($missing): building"
