@@ -214,7 +214,7 @@ static inline float ckpt_get_f32_(const int32_t* header, int slot) {
     return v;
 }
 
-// the config slots [2..14] and [60..67] of docs/design.md §5.1
+// the config slots [2..14] and [60..69] of docs/design.md §5.1
 #define MOE_HEADER_SLOT 60
 #define MOE_HEADER_SLOTS 10
 #define MODEL_CONFIG_NUM_FIELDS (13 + MOE_HEADER_SLOTS)
