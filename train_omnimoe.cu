@@ -1,6 +1,7 @@
 /*
 train_omnimoe.cu - the CUDA trainer of omnimoe: a GPT-2 style decoder whose feed-forward layers
-are OmniMoE layers (or the dense swiglu / gelu baselines), trained in bf16 with fp32 master
+are OmniMoE layers (or the dense swiglu / gelu baselines, or the moe kind: DeepSeekMoE-style
+experts with the MoE++ options), trained in bf16 with fp32 master
 weights and AdamW state, on one GPU or data parallel on several (one process per GPU).
 
     make && ./train_omnimoe              # the default OmniMoE model on tinyshakespeare
@@ -8,21 +9,22 @@ weights and AdamW state, on one GPU or data parallel on several (one process per
     mpirun -np 4 ./train_omnimoe ...     # 4 GPUs (llmc/multi_gpu.cuh; scripts/run_multi_gpu.sh
                                          # launches without MPI)
 
-The math is docs/design.md §1-2, the same as the CPU reference train_omnimoe.c, which test_omnimoe.cu
-checks this file against. The kernels live in the llmc/ headers, one concern each (the OmniMoE
-feed-forward layer is llmc/omnimoe_layer.cuh: this file gives it views of its weights, gradients,
-BN statistics, expert counts and activations); this file holds the model (parameters,
-activations, forward, backward, update) and the training loop (data, evaluation, sampling,
-logging, checkpoints).
+The math is docs/design.md §1-2 (moe: §10), the same as the CPU reference train_omnimoe.c, which
+test_omnimoe.cu checks this file against. The kernels live in the llmc/ headers, one concern each
+(the OmniMoE feed-forward layer is llmc/omnimoe_layer.cuh, the moe one llmc/moe_layer.cuh: this
+file gives them views of their weights, gradients, expert counts, activations and, omni only,
+BN statistics); this file holds the model (parameters, activations, forward, backward, update)
+and the training loop (data, evaluation, sampling, logging, checkpoints).
 
 Memory: parameters, gradients (floatX) and master weights, AdamW m and v (fp32) are flat
 buffers in the layout of llmc/config.h, so one pointer arithmetic serves every tensor. The
-forward keeps every activation the backward needs, per layer; the backward walks the layers
-down with one set of gradient buffers.
+forward keeps every activation the backward needs, per layer (with -r 1 / -r 2 the FFN
+activation and ln1/ln2 are one layer's buffer, recomputed in the backward: docs/design.md §4.5);
+the backward walks the layers down with one set of gradient buffers.
 
 Determinism: every kernel sums in a fixed order (no float atomics), the scheduler's sort is
-stable, cuBLASLt runs the same algorithm for the same shape. Same seed and data give the same
-bits.
+stable, cuBLASLt (and the moe experts' cuBLAS or CUTLASS grouped GEMMs, llmc/moe_experts.cuh)
+runs the same algorithm for the same shape. Same seed and data give the same bits.
 
 Several GPUs: every rank holds the whole model and optimizer state (replicas stay bitwise equal:
 same initialisation, same averaged gradients, same update), reads its own slice of the data and

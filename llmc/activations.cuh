@@ -15,6 +15,9 @@ SwiGLU input layout (conventions): one fused (BT, 2I) GEMM output with the gate 
 SiLU'(g) = sig(g) (1 + g (1 - sig(g))).
 All math in fp32; results rounded once to floatX. N (and I) must be multiples of 8 (bf16) /
 4 (fp32) and the pointers 16-byte aligned: the launchers check and exit with a message.
+Shapes: gelu inp, out, dout, dinp (N); swiglu gu, dgu (BT, 2I), h, dh (BT, I), all floatX.
+Every output is overwritten, never accumulated. Elementwise, no sums across elements: the same
+inputs give the same bits.
 */
 #ifndef OMNIMOE_ACTIVATIONS_CUH
 #define OMNIMOE_ACTIVATIONS_CUH

@@ -427,7 +427,7 @@ static inline const TrainFlag* train_flag_find_(const char* name) {
 // the flag table with the values of `defaults` (what the trainer set before parsing)
 static inline void train_config_print_help_with(const char* prog, const TrainConfig* defaults) {
     printf("Usage: %s [flags]   (each flag takes one value: -b 4, --batch-size 4 or --batch-size=4)\n", prog);
-    printf("Trains a GPT-2-style model with gelu, SwiGLU or OmniMoE feed-forward layers.\n\n");
+    printf("Trains a GPT-2-style model with gelu, SwiGLU, OmniMoE or moe (DeepSeekMoE, MoE++) feed-forward layers.\n\n");
     for (int i = 0; i < TRAIN_NUM_FLAGS; i++) {
         const TrainFlag* f = &train_flags[i];
         char names[64], def[TRAIN_PATH_MAX + 8], expected[128];

@@ -54,9 +54,10 @@
  *   corruption passes with probability 2^-64. Nothing non-finite is ever written: the writers
  *   refuse NaN/Inf weights, optimiser state or BN statistics.
  *
- * Sharded checkpoint (a ZeRO-1 run, docs/sharding.md §4): version 3. ckpt_<step>.bin is the
- * manifest: the same header with [58] num_parts (P at write time) and [59] shard_mode (bit 0
- * ZeRO-1), and the sections without params, m and v:
+ * Sharded checkpoint (a --zero 1 or --shard-experts 1 run, docs/sharding.md §4): version 3.
+ * ckpt_<step>.bin is the manifest: the same header with [58] num_parts (P at write time) and
+ * [59] shard_mode (bit 0 ZeRO-1, bit 1 the column-sharded expert tables), and the sections
+ * without params, m and v:
  *     fp32 bn_stats, u8 loader[LB], u8 rng[RB]   as above
  *     part table, num_parts entries of 16 bytes: int64 bytes, uint64 XXH64 of part r's file
  *   then the trailer. file_bytes = 1024 + 4*num_bn_sets*NB + LB + RB + 16*num_parts + 16.
@@ -213,7 +214,7 @@ static inline float ckpt_get_f32_(const int32_t* header, int slot) {
     return v;
 }
 
-// the config slots [2..14] and [60..67] of docs/design.md §5.1
+// the config slots [2..14] and [60..69] of docs/design.md §5.1
 #define MOE_HEADER_SLOT 60
 #define MOE_HEADER_SLOTS 10
 #define MODEL_CONFIG_NUM_FIELDS (13 + MOE_HEADER_SLOTS)

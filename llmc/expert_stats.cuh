@@ -1,6 +1,7 @@
 /*
 expert_stats.cuh - expert load counts and their statistics on the GPU, for any routed layer
-(OmniMoE today).
+(OmniMoE; moe layers add their counts here too, but the trainer takes their statistics on the
+host, over each layer's FFN experts: model_expert_stats in train_omnimoe.cu).
 
 Defines:
 - expert_counts_reset(counts, L, N, stream): counts (L, N) int32 = 0

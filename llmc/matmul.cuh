@@ -4,7 +4,8 @@ matmul.cuh - linear layers on cuBLASLt (floatX in/out, fp32 compute and accumula
 Defines:
 - matmul_init() / matmul_free(): the BLAS handles of the program and their one workspace
   allocation: the cuBLASLt handle of the matmuls below and the cuBLAS handle of the router's
-  fp32-output GEMMs (router.cuh). Call once, outside any graph capture.
+  fp32-output GEMMs (router.cuh) and the moe layer's GEMMs (moe_router.cuh, moe_experts.cuh).
+  Call once, outside any graph capture.
 - matmul_forward(out, inp, weight, bias_or_NULL, BT, C_in, C_out, stream)
       out (BT, C_out) = inp (BT, C_in) @ weight^T + bias,  weight is (C_out, C_in) row-major
 - matmul_forward_gelu(out_gelu, pre_gelu, inp, weight, bias_or_NULL, BT, C_in, C_out, stream)

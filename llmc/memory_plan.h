@@ -8,7 +8,7 @@
  *   MemBufferId              every device buffer, in model_build's allocation order
  *   MemKind                  weights, gradients, fp32 master, AdamW m, v, other state,
  *                            activations, workspace: what the plan sums and prints
- *   PlanKernelSizes          the kernels' scratch and the OmniMoE layer's saved state / workspace
+ *   PlanKernelSizes          the kernels' scratch and the OmniMoE (or moe) layer's saved state / workspace
  *   plan_kernel_sizes()      those sizes from the kernels' formulas, for a given CUB sort storage
  *   plan_table_sizes()       the column-sharded tables' saved state per layer and work buffer
  *   plan_cub_estimate()      CUB's radix-sort storage without a GPU: 8 bytes per pair + 1 MiB
@@ -82,8 +82,8 @@ typedef struct {
 
 typedef struct {
     size_t scratch;         // the largest scratch of any kernel (one buffer, reused)
-    size_t omni_saved;      // one OmniMoE layer's saved router and schedule state (omni_layer_saved_bytes)
-    size_t omni_workspace;  // what omni_workspace_create allocates (omni_workspace_bytes)
+    size_t omni_saved;      // one OmniMoE layer's saved router and schedule state (omni_layer_saved_bytes; moe: moe_layer_saved_bytes)
+    size_t omni_workspace;  // what omni_workspace_create allocates (omni_workspace_bytes; moe: moe_workspace_bytes)
     size_t attention_ws;    // cuDNN's SDPA workspace (--attention cudnn; 0 for our kernels)
     size_t table_saved;     // column-sharded tables: one layer's experts_shard_saved_bytes
     size_t table_work;      // ... and the layers' one experts_shard_work_bytes

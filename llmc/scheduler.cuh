@@ -23,7 +23,9 @@ Buffers of an ExpertSchedule (the caller allocates them; A_max = min(N, P)):
   active_expert (A_max)     int32  expert id of active expert a (increasing in a)
   active_offset (A_max + 1) int32  pairs of active expert a are sorted_pair[off[a] .. off[a+1])
   num_active    (1)         int32  number of active experts
-Entries past num_active (and past off[num_active]) are left unwritten.
+Entries past num_active (and past off[num_active]) are left unwritten; the others are
+overwritten by every build. expert_counts, when given, is (N) int32, overwritten with each
+expert's number of pairs (0 for the inactive ones).
 */
 #ifndef OMNIMOE_SCHEDULER_CUH
 #define OMNIMOE_SCHEDULER_CUH
