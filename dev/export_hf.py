@@ -38,6 +38,7 @@ HEADER_BYTES = 1024
 TRAILER_BYTES = 16
 END_MAGIC = b"OMNI-END"
 FFN_NAMES = ["gelu", "swiglu", "omni"]
+FFN_KIND_MOE = 3  # header slot 8 of a moe model (llmc/config.h); its tensors have no Hugging Face layout here
 HERE = os.path.dirname(os.path.abspath(__file__))
 MODELING_DIR = os.path.join(HERE, "hf_omnimoe")
 PURE_HASH_BPS = 25e6  # bytes/s of the pure-Python XXH64 (measured: 25-30 MB/s)
@@ -153,6 +154,8 @@ def read_input(path):
         h = struct.unpack("<256i", r.read(HEADER_BYTES, "the header"))
         c = dict(zip(CONFIG_FIELDS, h[2:15]))
         magic, version = h[0], h[1]
+        if magic in (MODEL_MAGIC, CKPT_MAGIC) and c["ffn_kind"] == FFN_KIND_MOE:
+            raise ExportError(f"{path}: a moe model (-f moe): this exporter writes gelu, swiglu and omni models only")
         if magic == MODEL_MAGIC:
             if version not in (1, 2):
                 raise ExportError(f"{path}: model file version {version}, this exporter reads versions 1 and 2")

@@ -53,6 +53,10 @@ cp "$work/omni/ckpt_00000002.bin" "$work/flipped_ckpt.bin"
 xor_byte "$work/flipped_ckpt.bin" $(( $(stat -c %s "$work/flipped_ckpt.bin") / 2 )) 16
 expect_fail "checkpoint with one flipped bit refused" "flipped_ckpt.bin: checksum mismatch \(XXH64" -- \
     python3 dev/export_hf.py "$work/flipped_ckpt.bin" "$work/out_flipped_ckpt"
+expect_ok "moe: 2 steps write model.bin" "wrote model" -- \
+    "$TRAINER" -e tiny -f moe -b 2 -t 32 -x 2 -v 0 -s 0 --seed 3 -o "$work/moe"
+expect_fail "moe model refused by name" "model.bin: a moe model \(-f moe\): this exporter writes gelu, swiglu and omni models only" -- \
+    python3 dev/export_hf.py "$work/moe/model.bin" "$work/out_moe"
 check "refused inputs wrote nothing" bash -c "! ls -d '$work'/out_* 2>/dev/null"
 expect_fail "an existing export is not overwritten" "hf_gelu: exists and is not an empty directory" -- \
     python3 dev/export_hf.py "$work/swiglu/model.bin" "$work/hf_gelu"
