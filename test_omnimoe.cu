@@ -88,6 +88,8 @@ static void random_params(const ModelConfig* c, uint64_t seed, float** params_ou
 static int g_attention = ATTENTION_OURS;
 // -r (--recompute) the models below are built with (test_recompute switches it)
 static int g_recompute = 0;
+// --overlap-dweight the models below are built with (test_overlap_dweight switches it)
+static int g_overlap_dweight = 0;
 
 static void gpu_grads(const Model* m, float* out) { download_floatX(out, m->grads, m->num_params); }
 
@@ -97,6 +99,7 @@ static float g_moe_aux = 0.05f, g_moe_tau = 0.75f, g_moe_bias_rate = 0.0f;
 
 static void gpu_build(Model* m, const ModelConfig* c, int B, int T, int exec) {
     model_build(m, c, B, T, exec, g_attention, g_recompute);
+    model_set_overlap_dweight(m, g_overlap_dweight);
     m->moe_aux_coef = g_moe_aux;
     m->moe_zc_weight = g_moe_tau;
 }
@@ -435,7 +438,8 @@ static void test_resume(const char* name, const ModelConfig* c, int B, int T) {
 // gradient) and 3 training steps (losses, weights), bitwise. gelu's -r 0 side runs the unfused
 // GELU (matmul_gelu_fused = 0), which is what -r >= 1 runs; with the cuBLASLt epilogue the two
 // differ by the epilogue's rounding, checked to be small.
-static void recompute_run(const ModelConfig* c, const float* params, const float* bn, int B, int T, const int* tokens,
+// variant_run: that forward/backward and those 3 steps of a model built with the globals' settings
+static void variant_run(const ModelConfig* c, const float* params, const float* bn, int B, int T, const int* tokens,
                           float* loss, float* grads, float* train_losses, float* train_params) {
     Model m;
     gpu_build(&m, c, B, T, EXPERT_EXEC_EXPERT);
@@ -466,7 +470,7 @@ static void test_recompute(const char* name, const ModelConfig* c, int B, int T)
         train_params[r] = (float*)malloc_check(P * sizeof(float));
         g_recompute = r;
         if (gelu && r == 0) matmul_gelu_fused = 0;
-        recompute_run(c, params, bn, B, T, tokens, &loss[r], grads[r], train_losses[r], train_params[r]);
+        variant_run(c, params, bn, B, T, tokens, &loss[r], grads[r], train_losses[r], train_params[r]);
         matmul_gelu_fused = saved_fused;
     }
     g_recompute = 0;
@@ -484,11 +488,44 @@ static void test_recompute(const char* name, const ModelConfig* c, int B, int T)
     }
     if (gelu && saved_fused) {  // -r 1 against the default fused epilogue: only the GELU's rounding apart
         float fused_loss, fused_losses[3];
-        recompute_run(c, params, bn, B, T, tokens, &fused_loss, grads[0], fused_losses, train_params[0]);
+        variant_run(c, params, bn, B, T, tokens, &fused_loss, grads[0], fused_losses, train_params[0]);
         snprintf(what, sizeof(what), "%s -r 1 vs -r 0 with the cuBLASLt GELU epilogue: gradients", name);
         test_check_rel(what, rel_err(grads[1], grads[0], P), TOL);
     }
     for (int r = 0; r < 3; r++) { free(grads[r]); free(train_params[r]); }
+    free(params); free(bn); free(tokens);
+}
+
+// --overlap-dweight 1 against 0: the weight-gradient GEMMs on their own stream, the same
+// kernels on the same inputs, so the same bits; a missing wait lets a GEMM read a buffer the main
+// stream has overwritten (a wider batch than the CPU checks use, so that the streams overlap more)
+static void test_overlap_dweight(const char* name, const ModelConfig* c, int B, int T) {
+    const int BT = B * T;
+    size_t P = model_config_num_params(c);
+    float *params, *bn;
+    random_params(c, 1357, &params, &bn);
+    Rng rng = rng_seeded(97);
+    int* tokens = (int*)malloc_check((size_t)3 * (BT + 1) * sizeof(int));
+    fill_tokens(tokens, 3 * (BT + 1), c->vocab_size, &rng);
+    float loss[2], train_losses[2][3];
+    float* grads[2];
+    float* train_params[2];
+    for (int o = 0; o < 2; o++) {
+        grads[o] = (float*)malloc_check(P * sizeof(float));
+        train_params[o] = (float*)malloc_check(P * sizeof(float));
+        g_overlap_dweight = o;
+        variant_run(c, params, bn, B, T, tokens, &loss[o], grads[o], train_losses[o], train_params[o]);
+    }
+    g_overlap_dweight = 0;
+    char what[160];
+    int same = loss[1] == loss[0] && memcmp(grads[1], grads[0], P * sizeof(float)) == 0;
+    snprintf(what, sizeof(what), "%s --overlap-dweight 1 == 0: loss and gradients (bitwise)", name);
+    test_check(same, what);
+    same = memcmp(train_losses[1], train_losses[0], sizeof(train_losses[0])) == 0 &&
+           memcmp(train_params[1], train_params[0], P * sizeof(float)) == 0;
+    snprintf(what, sizeof(what), "%s --overlap-dweight 1 == 0: 3 training steps, losses and weights (bitwise)", name);
+    test_check(same, what);
+    for (int o = 0; o < 2; o++) { free(grads[o]); free(train_params[o]); }
     free(params); free(bn); free(tokens);
 }
 
@@ -890,7 +927,10 @@ int main(void) {
     matmul_dgelu_fused = 1;
     test_forward_backward("gelu, DGELU epilogue", &cases[0].c, 4, 64);
     test_training("gelu, DGELU epilogue", &cases[0].c, 4, 64);
+    test_overlap_dweight("gelu, DGELU epilogue", &cases[0].c, 32, 64);
     matmul_dgelu_fused = 0;
+    const int overlap_cases[] = {0, 1, 2};  // gelu, swiglu, omni (moe's backward waits as omni's does)
+    for (int i : overlap_cases) test_overlap_dweight(cases[i].name, &cases[i].c, 32, 64);
     test_moe(d);
     test_expert_stats();
     test_zero_update(cases[2].name, &cases[2].c);

@@ -1916,6 +1916,11 @@ int main(int argc, char** argv) {
                 "the CPU reference loops over the experts (leave --moe-gemm unset)\n");
         exit(EXIT_FAILURE);
     }
+    if (cfg.overlap_dweight != 0) {
+        fprintf(stderr, "Error: flag --overlap-dweight %d: a second GPU stream is the CUDA trainer's (./train_omnimoe); "
+                "the CPU reference has none (use --overlap-dweight 0)\n", cfg.overlap_dweight);
+        exit(EXIT_FAILURE);
+    }
     if (cfg.gelu_fusion != 1) {
         fprintf(stderr, "Error: flag --gelu-fusion %d: fusing the GELU into GEMM epilogues is the CUDA trainer's "
                 "(./train_omnimoe); the CPU reference computes it on its own (use --gelu-fusion 1)\n", cfg.gelu_fusion);

@@ -161,6 +161,11 @@ typedef struct {
     int attention;        // ATTENTION_* (--attention): whose attention kernels run
     int recompute;        // -r: 0 keep all; 1 the FFN activation, 2 also ln1/ln2, one layer's buffer (docs/design.md §4.5)
     cudaStream_t stream;
+    // --overlap-dweight 1 (model_set_overlap_dweight): the backward's weight-gradient GEMMs on
+    // matmul_dweight_stream; dout_ready tells that stream a dout is written, dweight_done[slot]
+    // tells the main stream that slot's GEMM has read its inputs
+    int overlap_dweight;
+    cudaEvent_t dout_ready, dweight_done[4];
     float* norm_squared;  // (1) device
     MemoryPlan plan;      // every device buffer above and its bytes (llmc/memory_plan.h)
 } Model;
@@ -514,6 +519,10 @@ static void model_free(Model* m) {
         free(m->moe_counts_host);
     }
     cudaCheck(cudaFree(m->expert_counts));  // omni and moe (NULL for the dense kinds)
+    if (m->overlap_dweight) {
+        cudaCheck(cudaEventDestroy(m->dout_ready));
+        for (int i = 0; i < 4; i++) cudaCheck(cudaEventDestroy(m->dweight_done[i]));
+    }
     if (m->shard) {
         cudaCheck(cudaFree(m->shard_saved));
         cudaCheck(cudaFree(m->shard_work));
@@ -776,6 +785,49 @@ static float model_mean_loss(const Model* m) {
 // the gradient bucket of layer l: the backward finishes layer L-1 first (llmc/grad_slices.h)
 static int model_layer_bucket(const Model* m, int l) { return m->config.num_layers - 1 - l; }
 
+// --overlap-dweight 1: each layer's four weight-gradient GEMMs (qkv, attproj, and gelu's fc and
+// fcproj) run on a second stream beside the rest of the backward, whose small kernels leave SMs
+// idle and whose weight-gradient GEMMs have few output tiles. The same kernels on the same inputs,
+// so the same bits (test_omnimoe checks). Not with -r: the recomputed activations share one
+// layer's buffers, which the next layer would overwrite while the GEMMs still read them.
+enum { DWEIGHT_FCPROJ, DWEIGHT_FC, DWEIGHT_ATTPROJ, DWEIGHT_QKV };
+static void model_set_overlap_dweight(Model* m, int on) {
+    if (!on || m->overlap_dweight) return;
+    if (m->recompute) {
+        fprintf(stderr, "Error: --overlap-dweight 1 with -r %d: the recomputed activations share one layer's buffers; "
+                "use -r 0\n", m->recompute);
+        exit(EXIT_FAILURE);
+    }
+    matmul_dweight_stream_init();
+    cudaCheck(cudaEventCreateWithFlags(&m->dout_ready, cudaEventDisableTiming));
+    for (int i = 0; i < 4; i++) cudaCheck(cudaEventCreateWithFlags(&m->dweight_done[i], cudaEventDisableTiming));
+    m->overlap_dweight = 1;
+}
+
+// a linear layer's backward (llmc/matmul.cuh: dbias, dinp, dweight). With --overlap-dweight 1 the
+// dweight GEMM goes to matmul_dweight_stream once dout is written and dweight_done[slot] marks
+// its end; dbias and dinp stay on st, which first waits for the GEMM of wait_slot (-1: none)
+// when dinp overwrites what that GEMM reads.
+static void model_linear_backward(Model* m, int slot, int wait_slot, floatX* dinp, floatX* dweight, floatX* dbias,
+                                  const floatX* dout, const floatX* inp, const floatX* weight, const floatX* pre_gelu,
+                                  int BT, int C_in, int C_out, cudaStream_t st, float* scratch) {
+    if (!m->overlap_dweight) {
+        matmul_backward_impl(dinp, dweight, dbias, dout, inp, weight, pre_gelu, BT, C_in, C_out, 0, st, scratch);
+        return;
+    }
+    cudaCheck(cudaEventRecord(m->dout_ready, st));
+    cudaCheck(cudaStreamWaitEvent(matmul_dweight_stream, m->dout_ready, 0));
+    matmul_backward_impl(NULL, dweight, NULL, dout, inp, weight, NULL, BT, C_in, C_out, 0, matmul_dweight_stream, NULL);
+    cudaCheck(cudaEventRecord(m->dweight_done[slot], matmul_dweight_stream));
+    if (wait_slot >= 0) cudaCheck(cudaStreamWaitEvent(st, m->dweight_done[wait_slot], 0));
+    matmul_backward_impl(dinp, NULL, dbias, dout, inp, weight, pre_gelu, BT, C_in, C_out, 0, st, scratch);
+}
+
+// st waits until the weight-gradient GEMM of slot has read its inputs (before st overwrites them)
+static void model_dweight_wait(const Model* m, int slot, cudaStream_t st) {
+    if (m->overlap_dweight) cudaCheck(cudaStreamWaitEvent(st, m->dweight_done[slot], 0));
+}
+
 static void model_zero_grad(Model* m) {
     cudaCheck(cudaMemsetAsync(m->grads, 0, m->num_params * sizeof(floatX), m->stream));
 }
@@ -823,43 +875,58 @@ static void model_backward(Model* m, const int* inputs, float loss_scale, GradRe
         if (m->recompute >= 1) model_recompute_ffn_act(m, l, BT, st);
         if (m->recompute >= 2) model_recompute_layernorms(m, l, BT, st);
 
-        // FFN: dresidual is d(residual3) = d(FFN output); dsub receives d(ln2)
+        // FFN: dresidual is d(residual3) = d(FFN output); dsub receives d(ln2). Each branch first
+        // lets the layer above's qkv weight-gradient GEMM finish reading dwide (--overlap-dweight)
         if (c->ffn_kind == FFN_GELU && matmul_dgelu_fused) {  // --gelu-fusion 2: d(fch) from the DGELU epilogue
-            matmul_backward_gelu(a->dwide, layer_grad(m, PARAM_FCPROJW, l), layer_grad(m, PARAM_FCPROJB, l),
-                                 a->dresidual, fch_act, layer_param(m, PARAM_FCPROJW, l), fch, BT, H, C, st, scratch);
-            matmul_backward(a->dsub, layer_grad(m, PARAM_FCW, l), layer_grad(m, PARAM_FCB, l), a->dwide, ln2,
-                            layer_param(m, PARAM_FCW, l), BT, C, FI, 0, st, scratch);
+            model_linear_backward(m, DWEIGHT_FCPROJ, DWEIGHT_QKV, a->dwide, layer_grad(m, PARAM_FCPROJW, l),
+                                  layer_grad(m, PARAM_FCPROJB, l), a->dresidual, fch_act,
+                                  layer_param(m, PARAM_FCPROJW, l), fch, BT, H, C, st, scratch);
+            model_linear_backward(m, DWEIGHT_FC, -1, a->dsub, layer_grad(m, PARAM_FCW, l), layer_grad(m, PARAM_FCB, l),
+                                  a->dwide, ln2, layer_param(m, PARAM_FCW, l), NULL, BT, C, FI, st, scratch);
         } else if (c->ffn_kind == FFN_GELU) {
-            matmul_backward(a->dhidden, layer_grad(m, PARAM_FCPROJW, l), layer_grad(m, PARAM_FCPROJB, l), a->dresidual,
-                            fch_act, layer_param(m, PARAM_FCPROJW, l), BT, H, C, 0, st, scratch);
+            model_linear_backward(m, DWEIGHT_FCPROJ, -1, a->dhidden, layer_grad(m, PARAM_FCPROJW, l),
+                                  layer_grad(m, PARAM_FCPROJB, l), a->dresidual, fch_act,
+                                  layer_param(m, PARAM_FCPROJW, l), NULL, BT, H, C, st, scratch);
+            model_dweight_wait(m, DWEIGHT_QKV, st);
             gelu_backward(a->dwide, fch, a->dhidden, (size_t)BT * FI, st);
-            matmul_backward(a->dsub, layer_grad(m, PARAM_FCW, l), layer_grad(m, PARAM_FCB, l), a->dwide, ln2,
-                            layer_param(m, PARAM_FCW, l), BT, C, FI, 0, st, scratch);
+            model_linear_backward(m, DWEIGHT_FC, -1, a->dsub, layer_grad(m, PARAM_FCW, l), layer_grad(m, PARAM_FCB, l),
+                                  a->dwide, ln2, layer_param(m, PARAM_FCW, l), NULL, BT, C, FI, st, scratch);
         } else if (c->ffn_kind == FFN_SWIGLU) {
+            model_dweight_wait(m, DWEIGHT_QKV, st);
             swiglu_mlp_backward(a->dsub, layer_grad(m, PARAM_FCW, l), layer_grad(m, PARAM_FCPROJW, l), a->dhidden,
                                 a->dwide, a->dresidual, ln2, fch, fch_act, layer_param(m, PARAM_FCW, l),
                                 layer_param(m, PARAM_FCPROJW, l), BT, C, H, st, scratch);
-        } else if (c->ffn_kind == FFN_OMNI) {
+        } else if (c->ffn_kind == FFN_OMNI) {  // (its workspace borrows dwide)
+            model_dweight_wait(m, DWEIGHT_QKV, st);
             omni_layer_backward(&m->omni[l], a->dsub, a->dresidual, ln2, BT, st);
         } else {
+            model_dweight_wait(m, DWEIGHT_QKV, st);
             moe_layer_backward(&m->moe[l], a->dsub, a->dresidual, ln2, BT, loss_scale, st);
         }
         // LN2: dresidual (= d residual3 = d residual2 through the skip) += LN2 backward
+        if (c->ffn_kind == FFN_GELU) model_dweight_wait(m, DWEIGHT_FCPROJ, st);  // it reads dresidual
         layernorm_backward(a->dresidual, layer_grad(m, PARAM_LN2W, l), layer_grad(m, PARAM_LN2B, l), a->dsub, residual2,
                            layer_param(m, PARAM_LN2W, l), a->ln2_mean + (size_t)l * BT, a->ln2_rstd + (size_t)l * BT,
                            BT, C, scratch, st);
         // attention: dresidual is d(attention projection output)
-        matmul_backward(a->dsub, layer_grad(m, PARAM_ATTPROJW, l), layer_grad(m, PARAM_ATTPROJB, l), a->dresidual,
-                        atty, layer_param(m, PARAM_ATTPROJW, l), BT, C, C, 0, st, scratch);
+        model_linear_backward(m, DWEIGHT_ATTPROJ, -1, a->dsub, layer_grad(m, PARAM_ATTPROJW, l),
+                              layer_grad(m, PARAM_ATTPROJB, l), a->dresidual, atty, layer_param(m, PARAM_ATTPROJW, l),
+                              NULL, BT, C, C, st, scratch);
+        if (c->ffn_kind == FFN_GELU) model_dweight_wait(m, DWEIGHT_FC, st);  // fc's reads dwide
         model_attention_backward(m, a->dwide, a->dsub, qkv, atty, a->att_lse + (size_t)l * BT * NH, B, T, scratch, st);
-        matmul_backward(a->dsub, layer_grad(m, PARAM_QKVW, l), layer_grad(m, PARAM_QKVB, l), a->dwide, ln1,
-                        layer_param(m, PARAM_QKVW, l), BT, C, 3 * C, 0, st, scratch);
+        model_linear_backward(m, DWEIGHT_QKV, -1, a->dsub, layer_grad(m, PARAM_QKVW, l), layer_grad(m, PARAM_QKVB, l),
+                              a->dwide, ln1, layer_param(m, PARAM_QKVW, l), NULL, BT, C, 3 * C, st, scratch);
+        model_dweight_wait(m, DWEIGHT_ATTPROJ, st);  // its GEMM reads dresidual
         layernorm_backward(a->dresidual, layer_grad(m, PARAM_LN1W, l), layer_grad(m, PARAM_LN1B, l), a->dsub, residual,
                            layer_param(m, PARAM_LN1W, l), a->ln1_mean + (size_t)l * BT, a->ln1_rstd + (size_t)l * BT,
                            BT, C, scratch, st);
         // layer l's weight gradients are complete (the layers below write only their own)
-        if (reducer) grad_reducer_launch(reducer, model_layer_bucket(m, l), st);
+        if (reducer) {
+            model_dweight_wait(m, DWEIGHT_QKV, st);  // its last weight-gradient GEMM
+            grad_reducer_launch(reducer, model_layer_bucket(m, l), st);
+        }
     }
+    model_dweight_wait(m, DWEIGHT_QKV, st);  // every weight gradient written before st goes on
     encoder_backward(grad_ptr(m, PARAM_WTE), grad_ptr(m, PARAM_WPE), a->dresidual, &m->encoder_plan, B, T, C, st);
     if (reducer) grad_reducer_launch(reducer, m->config.num_layers, st);  // wte, wpe, lnfw, lnfb
 }
@@ -1559,6 +1626,7 @@ int main(int argc, char** argv) {
     } else {
         model_build(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention, cfg.recompute);
     }
+    model_set_overlap_dweight(model, cfg.overlap_dweight);  // --overlap-dweight (validated against -r above)
     if (shard && master_process) {
         printf("| sharded expert tables: U and V of (L*N, C/%d) per process, %zu of %zu parameters here\n", G,
                model->num_params, model_config_num_params(&config));

@@ -57,7 +57,7 @@ STEPS=${STEPS:-40}
 SKIP=${SKIP:-10}
 REPEATS=${REPEATS:-2}
 OURS_CUDNN=${OURS_CUDNN:-0}   # 1: ./train_omnimoe was built with USE_CUDNN=1; also run it with --attention cudnn
-OURS_EXTRA=${OURS_EXTRA:-}    # more flags: also run ours with them, e.g. "--attention cudnn --gelu-fusion 2"
+OURS_EXTRA=${OURS_EXTRA:-}    # more runs of ours, flag sets separated by ';', e.g. "--gelu-fusion 2;--overlap-dweight 1"
 B=${B:-32}
 RUN_TIMEOUT=${RUN_TIMEOUT:-180}
 TRAIN=data/tinyshakespeare/tiny_shakespeare_train.bin
@@ -113,14 +113,18 @@ for round in $(seq 1 "$REPEATS"); do   # alternate, so drift in clocks or heat h
     run_llmc llmc_cudnn "$D/llmc_cudnn_$round.out" || echo "llmc_cudnn round $round: exit $?"
     run_ours "$D/ours_$round.out" || echo "ours round $round: exit $?"
     if [ "$OURS_CUDNN" = 1 ]; then run_ours "$D/ours_cudnn_$round.out" --attention cudnn || echo "ours_cudnn round $round: exit $?"; fi
-    # shellcheck disable=SC2086  # OURS_EXTRA is a list of flags
-    if [ -n "$OURS_EXTRA" ]; then run_ours "$D/ours_extra_$round.out" $OURS_EXTRA || echo "ours_extra round $round: exit $?"; fi
+    IFS=';' read -ra extras <<< "$OURS_EXTRA"
+    for i in "${!extras[@]}"; do
+        # shellcheck disable=SC2086  # each entry is a list of flags
+        run_ours "$D/ours_extra${i}_$round.out" ${extras[$i]} || echo "ours_extra$i round $round: exit $?"
+    done
     run_llmc llmc_plain "$D/llmc_plain_$round.out" || echo "llmc_plain round $round: exit $?"
 done
 
 python3 - "$D" "$SKIP" "$REPEATS" "$OURS_CUDNN" "$OURS_EXTRA" <<'EOF'
 import json, os, re, sys
-d, skip, repeats, ours_cudnn, ours_extra = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1", sys.argv[5]
+d, skip, repeats, ours_cudnn = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+extras = [e.strip() for e in sys.argv[5].split(";") if e.strip()]
 step_re = re.compile(r"^step\s+(\d+)/\d+ \|.*\| ([0-9.]+) ms \| (-?[0-9.]+)% bf16 MFU \| ([0-9.]+) tok/s")
 
 def median(v):
@@ -143,7 +147,8 @@ def ours_tok_s(path):
     return median(vals) if vals else None
 
 res = {}
-for name in ("llmc_cudnn", "ours", "llmc_plain") + (("ours_cudnn",) if ours_cudnn else ()) + (("ours_extra",) if ours_extra else ()):
+extra_names = tuple("ours_extra%d" % i for i in range(len(extras)))
+for name in ("llmc_cudnn", "ours", "llmc_plain") + (("ours_cudnn",) if ours_cudnn else ()) + extra_names:
     res[name] = []
     for r in range(1, repeats + 1):
         p = os.path.join(d, "%s_%d.out" % (name, r))
@@ -152,7 +157,8 @@ for name in ("llmc_cudnn", "ours", "llmc_plain") + (("ours_cudnn",) if ours_cudn
         except OSError:
             res[name].append(None)
 label = {"llmc_cudnn": "llm.c, cuDNN flash attention", "ours": "ours (-f gelu)", "llmc_plain": "llm.c without cuDNN",
-         "ours_cudnn": "ours (-f gelu --attention cudnn)", "ours_extra": "ours (-f gelu %s)" % ours_extra}
+         "ours_cudnn": "ours (-f gelu --attention cudnn)"}
+label.update({n: "ours (-f gelu %s)" % e for n, e in zip(extra_names, extras)})
 print("\n| trainer | median tok/s per run |\n|---|---:|")
 for name, v in res.items():
     print("| %s | %s |" % (label[name], " / ".join("%.1fk" % (x / 1e3) if x else "failed" for x in v)))
@@ -165,6 +171,7 @@ else:
     sys.exit("bench_llmc: a trainer produced no step lines (see %s)" % d)
 if best.get("ours_cudnn") and best["llmc_cudnn"]:
     print("ours with --attention cudnn / llm.c with cuDNN: %.3f" % (best["ours_cudnn"] / best["llmc_cudnn"]))
-if best.get("ours_extra") and best["llmc_cudnn"]:
-    print("ours with %s / llm.c with cuDNN: %.3f" % (ours_extra, best["ours_extra"] / best["llmc_cudnn"]))
+for n, e in zip(extra_names, extras):
+    if best.get(n) and best["llmc_cudnn"]:
+        print("ours with %s / llm.c with cuDNN: %.3f" % (e, best[n] / best["llmc_cudnn"]))
 EOF

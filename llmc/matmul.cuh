@@ -14,8 +14,11 @@ Defines:
 - matmul_backward(dinp, dweight, dbias_or_NULL, dout, inp, weight, BT, C_in, C_out,
                   accumulate_dinp, stream, scratch)
       dinp  = dout @ weight           (overwrite, or += when accumulate_dinp; skipped if NULL)
-      dweight += dout^T @ inp         (always accumulates: gradient accumulation)
+      dweight += dout^T @ inp         (always accumulates: gradient accumulation; skipped if NULL)
       dbias   += column sums of dout  (deterministic two-kernel reduction, fp32)
+      Run in that order: dbias, dinp, dweight. The same call with dweight NULL, and another with
+      only dweight, give the same bits as one call (the trainer's --overlap-dweight 1 puts the
+      second on matmul_dweight_stream)
 - matmul_backward_gelu(dpre, dweight, dbias_or_NULL, dout, inp, weight, pre_gelu, BT, C_in, C_out,
                        stream, scratch)
       the same for a layer whose input was inp = GELU_tanh(pre_gelu) (GPT-2's fcproj), with the
@@ -28,6 +31,9 @@ Defines:
   h = SwiGLU(fch) (BT, H), out (BT, C) = h fcprojw^T (overwrite); backward: dx overwritten, dfcw
   and dfcprojw accumulate, dh (BT, H) and dfch (BT, 2H) are its buffers
 - matmul_backward_scratch_bytes(BT, C_out): scratch bytes for the dbias partial sums
+- matmul_dweight_stream_init(): a second stream for weight-gradient GEMMs, with its own cuBLASLt
+  workspace of the same size (so the heuristic picks the same algorithms, and GEMMs running at
+  once on the two streams never share workspace bytes); freed by matmul_free()
 
 Row-major to cuBLAS column-major: a row-major (R, C) matrix is a column-major (C, R) one, so
 out^T (C_out x BT) = weight_cm^T (C_out x C_in) * inp_cm (C_in x BT): "TN" with A = weight.
@@ -55,6 +61,9 @@ algorithm on the same GPU gives bitwise identical results (checked by dev/cuda/t
 static cublasLtHandle_t matmul_cublaslt_handle = NULL;
 static cublasHandle_t matmul_cublas_handle = NULL;
 static void* matmul_workspace = NULL;  // cuBLASLt's MATMUL_WORKSPACE_BYTES, then the cuBLAS handle's
+// matmul_dweight_stream_init(): the weight-gradient stream (NULL: none) and its cuBLASLt workspace
+static cudaStream_t matmul_dweight_stream = NULL;
+static void* matmul_dweight_workspace = NULL;
 // 1: GELU through the cuBLASLt epilogue (one pass); 0: plain GEMM then gelu_forward.
 // dev/cuda/test_matmul.cu checks that the epilogue matches the tanh GELU of activations.cuh.
 static int matmul_gelu_fused = 1;
@@ -101,7 +110,19 @@ static inline void matmul_init(void) {
     matmul_algo_cache_clear();
 }
 
+static inline void matmul_dweight_stream_init(void) {
+    if (matmul_dweight_stream != NULL) { return; }
+    cudaCheck(cudaStreamCreateWithFlags(&matmul_dweight_stream, cudaStreamNonBlocking));
+    matmul_dweight_workspace = cuda_malloc_or_die(MATMUL_WORKSPACE_BYTES, "cuBLASLt workspace of the dweight stream");
+}
+
 static inline void matmul_free(void) {
+    if (matmul_dweight_stream != NULL) {
+        cudaCheck(cudaStreamDestroy(matmul_dweight_stream));
+        cudaCheck(cudaFree(matmul_dweight_workspace));
+        matmul_dweight_stream = NULL;
+        matmul_dweight_workspace = NULL;
+    }
     if (matmul_cublaslt_handle == NULL) { return; }
     cublasCheck(cublasDestroy(matmul_cublas_handle));
     cudaCheck(cudaFree(matmul_workspace));
@@ -225,9 +246,9 @@ static int matmul_cublaslt_run(floatX* d, const floatX* a, const floatX* b, cons
     if (entry->found) {
         const float alpha = 1.0f;
         const float beta = accumulate ? 1.0f : 0.0f;
+        void* workspace = stream == matmul_dweight_stream && stream != NULL ? matmul_dweight_workspace : matmul_workspace;
         cublasCheck(cublasLtMatmul(matmul_cublaslt_handle, op_desc, &alpha, a, layout_a, b, layout_b, &beta,
-                                   d, layout_d, d, layout_d, &entry->algo, matmul_workspace,
-                                   MATMUL_WORKSPACE_BYTES, stream));
+                                   d, layout_d, d, layout_d, &entry->algo, workspace, MATMUL_WORKSPACE_BYTES, stream));
         ran = 1;
     }
     cublasCheck(cublasLtMatrixLayoutDestroy(layout_a));
@@ -303,7 +324,7 @@ static inline size_t matmul_backward_scratch_bytes(int BT, int C_out) {
 }
 
 // dinp (BT, C_in) = dout @ weight (or += when accumulate_dinp; skipped when dinp is NULL)
-// dweight (C_out, C_in) += dout^T @ inp
+// dweight (C_out, C_in) += dout^T @ inp (skipped when dweight is NULL)
 // dbias (C_out) += sum over rows of dout (skipped when dbias is NULL; needs scratch of
 //   matmul_backward_scratch_bytes(BT, C_out) bytes, C_out a multiple of 8 (bf16) / 4 (fp32))
 // pre_gelu != NULL (matmul_backward_gelu): dinp becomes d(pre_gelu), accumulate_dinp must be 0
@@ -343,8 +364,8 @@ static inline void matmul_backward_impl(floatX* dinp, floatX* dweight, floatX* d
         if (pre_gelu != NULL) { matmul_dgelu_last_was_fused = fused; }
     }
     // dweight_cm (C_in x C_out) += inp_cm (C_in x BT) * dout_cm^T (BT x C_out): "NT"
-    if (!matmul_cublaslt_run(dweight, inp, dout, NULL, NULL, C_in, C_out, BT, 0, 1, C_in, C_out, C_in,
-                             1, CUBLASLT_EPILOGUE_DEFAULT, stream)) {
+    if (dweight != NULL && !matmul_cublaslt_run(dweight, inp, dout, NULL, NULL, C_in, C_out, BT, 0, 1, C_in, C_out,
+                                                C_in, 1, CUBLASLT_EPILOGUE_DEFAULT, stream)) {
         matmul_no_algorithm("matmul_backward (dweight)", C_in, C_out, BT);
     }
 }
