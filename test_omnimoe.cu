@@ -497,8 +497,11 @@ static void test_recompute(const char* name, const ModelConfig* c, int B, int T)
 }
 
 // --overlap-dweight 1 against 0: the weight-gradient GEMMs on their own stream, the same
-// kernels on the same inputs, so the same bits; a missing wait lets a GEMM read a buffer the main
-// stream has overwritten (a wider batch than the CPU checks use, so that the streams overlap more)
+// kernels on the same inputs, so the same bits. Left to chance, a missing wait would rarely show at
+// this size (the streams barely overlap), so it also runs with one stream late by a few ms per
+// GEMM (g_overlap_lag in train_omnimoe.cu): the second one (a missing wait of the main stream lets
+// it overwrite a GEMM's input first, or read a gradient still unwritten) and the main one (a
+// missing wait for dout lets the GEMM read it before it is written). Each reaches the same bits.
 static void test_overlap_dweight(const char* name, const ModelConfig* c, int B, int T) {
     const int BT = B * T;
     size_t P = model_config_num_params(c);
@@ -507,25 +510,32 @@ static void test_overlap_dweight(const char* name, const ModelConfig* c, int B, 
     Rng rng = rng_seeded(97);
     int* tokens = (int*)malloc_check((size_t)3 * (BT + 1) * sizeof(int));
     fill_tokens(tokens, 3 * (BT + 1), c->vocab_size, &rng);
-    float loss[2], train_losses[2][3];
-    float* grads[2];
-    float* train_params[2];
-    for (int o = 0; o < 2; o++) {
+    // 0: in line, then --overlap-dweight 1 with g_overlap_lag 0, 1, 2
+    const char* variants[4] = {NULL, "", ", second stream late", ", main stream late"};
+    float loss[4], train_losses[4][3];
+    float* grads[4];
+    float* train_params[4];
+    for (int o = 0; o < 4; o++) {
         grads[o] = (float*)malloc_check(P * sizeof(float));
         train_params[o] = (float*)malloc_check(P * sizeof(float));
-        g_overlap_dweight = o;
+        g_overlap_dweight = o > 0;
+        g_overlap_lag = o > 0 ? o - 1 : 0;
         variant_run(c, params, bn, B, T, tokens, &loss[o], grads[o], train_losses[o], train_params[o]);
     }
     g_overlap_dweight = 0;
-    char what[160];
-    int same = loss[1] == loss[0] && memcmp(grads[1], grads[0], P * sizeof(float)) == 0;
-    snprintf(what, sizeof(what), "%s --overlap-dweight 1 == 0: loss and gradients (bitwise)", name);
-    test_check(same, what);
-    same = memcmp(train_losses[1], train_losses[0], sizeof(train_losses[0])) == 0 &&
-           memcmp(train_params[1], train_params[0], P * sizeof(float)) == 0;
-    snprintf(what, sizeof(what), "%s --overlap-dweight 1 == 0: 3 training steps, losses and weights (bitwise)", name);
-    test_check(same, what);
-    for (int o = 0; o < 2; o++) { free(grads[o]); free(train_params[o]); }
+    g_overlap_lag = 0;
+    char what[192];
+    for (int o = 1; o < 4; o++) {
+        int same = loss[o] == loss[0] && memcmp(grads[o], grads[0], P * sizeof(float)) == 0;
+        snprintf(what, sizeof(what), "%s --overlap-dweight 1%s == 0: loss and gradients (bitwise)", name, variants[o]);
+        test_check(same, what);
+        same = memcmp(train_losses[o], train_losses[0], sizeof(train_losses[0])) == 0 &&
+               memcmp(train_params[o], train_params[0], P * sizeof(float)) == 0;
+        snprintf(what, sizeof(what), "%s --overlap-dweight 1%s == 0: 3 training steps, losses and weights (bitwise)",
+                 name, variants[o]);
+        test_check(same, what);
+    }
+    for (int o = 0; o < 4; o++) { free(grads[o]); free(train_params[o]); }
     free(params); free(bn); free(tokens);
 }
 

@@ -804,6 +804,18 @@ static void model_set_overlap_dweight(Model* m, int on) {
     m->overlap_dweight = 1;
 }
 
+#ifdef TESTING
+// test_omnimoe checks the waits below with one stream late by OVERLAP_LAG_CYCLES (a few ms) per
+// GEMM: 1 the second stream before each weight-gradient GEMM (a missing wait of st lets it
+// overwrite what the GEMM still has to read, or read a gradient not yet written), 2 st before
+// each dout_ready (a missing wait on that lets the GEMM read dout before st writes it); 0 none
+#define OVERLAP_LAG_CYCLES 10000000LL
+static int g_overlap_lag = 0;
+__global__ void overlap_lag_kernel(long long cycles) {
+    for (long long start = clock64(); clock64() - start < cycles;) {}
+}
+#endif
+
 // a linear layer's backward (llmc/matmul.cuh: dbias, dinp, dweight). With --overlap-dweight 1 the
 // dweight GEMM goes to matmul_dweight_stream once dout is written and dweight_done[slot] marks
 // its end; dbias and dinp stay on st, which first waits for the GEMM of wait_slot (-1: none)
@@ -815,8 +827,20 @@ static void model_linear_backward(Model* m, int slot, int wait_slot, floatX* din
         matmul_backward_impl(dinp, dweight, dbias, dout, inp, weight, pre_gelu, BT, C_in, C_out, 0, st, scratch);
         return;
     }
+#ifdef TESTING
+    if (g_overlap_lag == 2) {
+        overlap_lag_kernel<<<1, 1, 0, st>>>(OVERLAP_LAG_CYCLES);
+        cudaCheckLast();
+    }
+#endif
     cudaCheck(cudaEventRecord(m->dout_ready, st));
     cudaCheck(cudaStreamWaitEvent(matmul_dweight_stream, m->dout_ready, 0));
+#ifdef TESTING
+    if (g_overlap_lag == 1) {
+        overlap_lag_kernel<<<1, 1, 0, matmul_dweight_stream>>>(OVERLAP_LAG_CYCLES);
+        cudaCheckLast();
+    }
+#endif
     matmul_backward_impl(NULL, dweight, NULL, dout, inp, weight, NULL, BT, C_in, C_out, 0, matmul_dweight_stream, NULL);
     cudaCheck(cudaEventRecord(m->dweight_done[slot], matmul_dweight_stream));
     if (wait_slot >= 0) cudaCheck(cudaStreamWaitEvent(st, m->dweight_done[wait_slot], 0));
