@@ -109,11 +109,14 @@ run_ours() {  # run_ours <log> [more flags]: the JSONL log is <log>.jsonl
     timeout -k 5 "$RUN_TIMEOUT" ./train_omnimoe -e d12 -f gelu -i "$TRAIN" --val-data= -b "$B" -t 1024 -x "$STEPS" \
         -l 6e-4 -u 10 -q 0.1 --schedule cosine -c 0.1 -v 0 -s 0 --log-file "$log.jsonl" "$@" > "$log" 2>&1
 }
+# OURS_EXTRA's flag sets, blank ones dropped (as the summary below drops them, so that ours_extra<i> names the same set)
+extras=()
+IFS=';' read -ra extra_sets <<< "$OURS_EXTRA"
+for e in "${extra_sets[@]}"; do [[ "$e" =~ [^[:space:]] ]] && extras+=("$e"); done
 for round in $(seq 1 "$REPEATS"); do   # alternate, so drift in clocks or heat hits every trainer alike
     run_llmc llmc_cudnn "$D/llmc_cudnn_$round.out" || echo "llmc_cudnn round $round: exit $?"
     run_ours "$D/ours_$round.out" || echo "ours round $round: exit $?"
     if [ "$OURS_CUDNN" = 1 ]; then run_ours "$D/ours_cudnn_$round.out" --attention cudnn || echo "ours_cudnn round $round: exit $?"; fi
-    IFS=';' read -ra extras <<< "$OURS_EXTRA"
     for i in "${!extras[@]}"; do
         # shellcheck disable=SC2086  # each entry is a list of flags
         run_ours "$D/ours_extra${i}_$round.out" ${extras[$i]} || echo "ours_extra$i round $round: exit $?"
