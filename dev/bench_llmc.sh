@@ -7,7 +7,8 @@
 #       with CUDA 13, and the cudnn-frontend headers (PyPI wheel nvidia-cudnn-frontend, include/)
 #       into carry/cudnn-frontend/include; carry/ is git-ignored and travels with carry ["carry"]
 #   bash dev/bench_llmc.sh                     on the GPU machine: builds both llm.c variants and
-#       ./train_omnimoe, runs them alternating (REPEATS rounds), prints a table and the ratios last
+#       ./train_omnimoe, runs them alternating (REPEATS rounds), prints a table and the ratios last,
+#       then for each OURS_EXTRA set whether its losses and norms equal ours' bitwise (same seed)
 #
 # Same flags for every trainer: d12 (GPT-2 124M, random init), B=32, T=1024, lr 6e-4, 10 warm-up
 # steps, cosine to 0.1 of the peak, weight decay 0.1, STEPS=40 steps, no validation or sampling
@@ -177,4 +178,27 @@ if best.get("ours_cudnn") and best["llmc_cudnn"]:
 for n, e in zip(extra_names, extras):
     if best.get(n) and best["llmc_cudnn"]:
         print("ours with %s / llm.c with cuDNN: %.3f" % (e, best[n] / best["llmc_cudnn"]))
+
+def ours_curve(path):  # (step, loss, norm) of each train record (%.9g: equal floats print equal)
+    out = []
+    for line in open(path + ".jsonl"):
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if r.get("type") == "train":
+            out.append((r.get("step"), r.get("loss"), r.get("norm")))
+    return out
+
+# the same seed and data: a flag set that keeps the bits (--overlap-dweight 1) gives ours' losses
+# and norms exactly (round 1, against ours with the same --attention)
+for n, e in zip(extra_names, extras):
+    base = "ours_cudnn" if ours_cudnn and "--attention cudnn" in e else "ours"
+    try:
+        a, b = ours_curve(os.path.join(d, base + "_1.out")), ours_curve(os.path.join(d, n + "_1.out"))
+    except OSError:
+        continue
+    k = min(len(a), len(b))
+    if k:
+        print("ours with %s: losses and norms of %d steps %s %s (bitwise)" % (e, k, "equal to" if a[:k] == b[:k] else "DIFFER from", base))
 EOF
