@@ -227,6 +227,7 @@ test_cpu: $(CPU_TESTS) train_omnimoe_cpu
 	RESUME_FFN="moe --moepp 1 --moe-bias-rate 0.001" bash scripts/test_resume_cpu.sh
 	bash scripts/test_launcher_cpu.sh
 	bash scripts/test_export_cpu.sh
+	bash scripts/test_study_cpu.sh
 	python3 scripts/test_plan.py
 	bash scripts/test_hostile.sh
 

@@ -35,7 +35,7 @@ DATA_DIR=$(cd "$1" 2>/dev/null && pwd) || { echo "Error: data directory \"$1\" d
 mkdir -p "$2"
 OUT_DIR=$(cd "$2" && pwd)
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-TRAINER="$REPO/train_omnimoe"
+TRAINER=${TRAINER:-$REPO/train_omnimoe}  # TRAINER=.../train_omnimoe_cpu: the CPU reference (a smoke run at a tiny preset)
 
 PRESET=${PRESET:-d12}
 B=${B:-16}
