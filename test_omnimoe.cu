@@ -453,14 +453,21 @@ static void variant_run(const ModelConfig* c, const float* params, const float* 
     gpu_train(c, params, bn, B, T, 3, tokens, train_losses, train_params);
 }
 
+// the inputs of variant_run: random weights (seed param_seed) and its 3 micro-batches of tokens
+static int* variant_inputs(const ModelConfig* c, int B, int T, uint64_t param_seed, uint64_t token_seed,
+                           float** params, float** bn) {
+    random_params(c, param_seed, params, bn);
+    Rng rng = rng_seeded(token_seed);
+    const int n = 3 * (B * T + 1);
+    int* tokens = (int*)malloc_check((size_t)n * sizeof(int));
+    fill_tokens(tokens, n, c->vocab_size, &rng);
+    return tokens;
+}
+
 static void test_recompute(const char* name, const ModelConfig* c, int B, int T) {
-    const int BT = B * T;
     size_t P = model_config_num_params(c);
     float *params, *bn;
-    random_params(c, 2468, &params, &bn);
-    Rng rng = rng_seeded(31);
-    int* tokens = (int*)malloc_check((size_t)3 * (BT + 1) * sizeof(int));
-    fill_tokens(tokens, 3 * (BT + 1), c->vocab_size, &rng);
+    int* tokens = variant_inputs(c, B, T, 2468, 31, &params, &bn);
     float loss[3], train_losses[3][3];
     float* grads[3];
     float* train_params[3];
@@ -503,13 +510,9 @@ static void test_recompute(const char* name, const ModelConfig* c, int B, int T)
 // it overwrite a GEMM's input first, or read a gradient still unwritten) and the main one (a
 // missing wait for dout lets the GEMM read it before it is written). Each reaches the same bits.
 static void test_overlap_dweight(const char* name, const ModelConfig* c, int B, int T) {
-    const int BT = B * T;
     size_t P = model_config_num_params(c);
     float *params, *bn;
-    random_params(c, 1357, &params, &bn);
-    Rng rng = rng_seeded(97);
-    int* tokens = (int*)malloc_check((size_t)3 * (BT + 1) * sizeof(int));
-    fill_tokens(tokens, 3 * (BT + 1), c->vocab_size, &rng);
+    int* tokens = variant_inputs(c, B, T, 1357, 97, &params, &bn);
     // 0: in line, then --overlap-dweight 1 with g_overlap_lag 0, 1, 2
     const char* variants[4] = {NULL, "", ", second stream late", ", main stream late"};
     float loss[4], train_losses[4][3];

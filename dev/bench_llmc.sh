@@ -139,15 +139,17 @@ def llmc_tok_s(path):
     vals = [float(m.group(4)) for m in map(step_re.match, open(path, errors="replace")) if m and int(m.group(1)) > skip]
     return median(vals) if vals else None
 
-def ours_tok_s(path):
-    vals = []
+def ours_train_records(path):  # the train records of ours' JSONL log (path + ".jsonl")
     for line in open(path + ".jsonl"):
         try:
             r = json.loads(line)
         except ValueError:
             continue
-        if r.get("type") == "train" and r.get("step", 0) > skip and r.get("tok_s"):
-            vals.append(r["tok_s"])
+        if r.get("type") == "train":
+            yield r
+
+def ours_tok_s(path):
+    vals = [r["tok_s"] for r in ours_train_records(path) if r.get("step", 0) > skip and r.get("tok_s")]
     return median(vals) if vals else None
 
 res = {}
@@ -180,15 +182,7 @@ for n, e in zip(extra_names, extras):
         print("ours with %s / llm.c with cuDNN: %.3f" % (e, best[n] / best["llmc_cudnn"]))
 
 def ours_curve(path):  # (step, loss, norm) of each train record (%.9g: equal floats print equal)
-    out = []
-    for line in open(path + ".jsonl"):
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue
-        if r.get("type") == "train":
-            out.append((r.get("step"), r.get("loss"), r.get("norm")))
-    return out
+    return [(r.get("step"), r.get("loss"), r.get("norm")) for r in ours_train_records(path)]
 
 # the same seed and data: a flag set that keeps the bits (--overlap-dweight 1) gives ours' losses
 # and norms exactly (round 1, against ours with the same --attention)
