@@ -122,6 +122,9 @@ typedef struct {
     size_t attention_ws_bytes;
 } Activations;
 
+// the weight-gradient GEMMs that --overlap-dweight 1 moves to a second stream (model_linear_backward)
+enum { DWEIGHT_FCPROJ, DWEIGHT_FC, DWEIGHT_ATTPROJ, DWEIGHT_QKV, DWEIGHT_COUNT };
+
 typedef struct {
     ModelConfig config;
     size_t param_sizes[NUM_PARAMETER_TENSORS];
@@ -165,7 +168,7 @@ typedef struct {
     // matmul_dweight_stream; dout_ready tells that stream a dout is written, dweight_done[slot]
     // tells the main stream that slot's GEMM has read its inputs
     int overlap_dweight;
-    cudaEvent_t dout_ready, dweight_done[4];
+    cudaEvent_t dout_ready, dweight_done[DWEIGHT_COUNT];
     float* norm_squared;  // (1) device
     MemoryPlan plan;      // every device buffer above and its bytes (llmc/memory_plan.h)
 } Model;
@@ -521,7 +524,7 @@ static void model_free(Model* m) {
     cudaCheck(cudaFree(m->expert_counts));  // omni and moe (NULL for the dense kinds)
     if (m->overlap_dweight) {
         cudaCheck(cudaEventDestroy(m->dout_ready));
-        for (int i = 0; i < 4; i++) cudaCheck(cudaEventDestroy(m->dweight_done[i]));
+        for (int i = 0; i < DWEIGHT_COUNT; i++) cudaCheck(cudaEventDestroy(m->dweight_done[i]));
     }
     if (m->shard) {
         cudaCheck(cudaFree(m->shard_saved));
@@ -790,7 +793,6 @@ static int model_layer_bucket(const Model* m, int l) { return m->config.num_laye
 // idle and whose weight-gradient GEMMs have few output tiles. The same kernels on the same inputs,
 // so the same bits (test_omnimoe checks). Not with -r: the recomputed activations share one
 // layer's buffers, which the next layer would overwrite while the GEMMs still read them.
-enum { DWEIGHT_FCPROJ, DWEIGHT_FC, DWEIGHT_ATTPROJ, DWEIGHT_QKV };
 static void model_set_overlap_dweight(Model* m, int on) {
     if (!on || m->overlap_dweight) return;
     if (m->recompute) {
@@ -800,7 +802,7 @@ static void model_set_overlap_dweight(Model* m, int on) {
     }
     matmul_dweight_stream_init();
     cudaCheck(cudaEventCreateWithFlags(&m->dout_ready, cudaEventDisableTiming));
-    for (int i = 0; i < 4; i++) cudaCheck(cudaEventCreateWithFlags(&m->dweight_done[i], cudaEventDisableTiming));
+    for (int i = 0; i < DWEIGHT_COUNT; i++) cudaCheck(cudaEventCreateWithFlags(&m->dweight_done[i], cudaEventDisableTiming));
     m->overlap_dweight = 1;
 }
 
