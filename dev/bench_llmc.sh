@@ -73,8 +73,10 @@ mkdir -p "$D"
 # variants for Hopper into DIR and stop. Such a machine has no driver, so no libnvidia-ml to link:
 # the link flags below leave it out (llm.c calls NVML only for -lg, its GPU-status lines, which
 # these runs don't ask for; without nvml.h it builds them out)
-LLMC_LINK=()
-if [ -n "${BENCH_BUILD_ONLY:-}" ]; then D=$BENCH_BUILD_ONLY; arch=90; LLMC_LINK=(NVCC_LDFLAGS="-lcublas -lcublasLt")
+plain_link=() cudnn_link=()
+if [ -n "${BENCH_BUILD_ONLY:-}" ]; then
+    D=$BENCH_BUILD_ONLY; arch=90
+    plain_link=(NVCC_LDFLAGS="-lcublas -lcublasLt") cudnn_link=(NVCC_LDFLAGS="-lcublas -lcublasLt -lcudnn")
 else
     arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
     echo "bench_llmc: $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), llm.c $(cat "$LLMC/COMMIT" 2>/dev/null)"
@@ -93,9 +95,8 @@ if [ -z "${BENCH_BUILD_ONLY:-}" ] && [ -x "$LLMC/bin/llmc_cudnn" ] && [ -x "$LLM
     cp "$LLMC/bin/llmc_cudnn" "$LLMC/bin/llmc_plain" "$D/"
     echo "bench_llmc: llm.c programs from $LLMC/bin (dev/prebuild.sh)"
 else
-    if [ ${#LLMC_LINK[@]} -gt 0 ]; then cudnn_link=(NVCC_LDFLAGS="-lcublas -lcublasLt -lcudnn"); else cudnn_link=(); fi
     build llmc_cudnn USE_CUDNN=1 NO_MULTI_GPU=1 NO_USE_MPI=1 NVCC_LDLIBS="-lnvrtc -lcuda" "${cudnn_link[@]}"
-    build llmc_plain USE_CUDNN=0 NO_MULTI_GPU=1 NO_USE_MPI=1 "${LLMC_LINK[@]}"
+    build llmc_plain USE_CUDNN=0 NO_MULTI_GPU=1 NO_USE_MPI=1 "${plain_link[@]}"
 fi
 if [ -n "${BENCH_BUILD_ONLY:-}" ]; then exit 0; fi
 if [ "$OURS_CUDNN" = 1 ]; then make USE_CUDNN=1 train_omnimoe > "$D/build_ours.log" 2>&1; else make train_omnimoe > "$D/build_ours.log" 2>&1; fi \
