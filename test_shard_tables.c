@@ -30,6 +30,8 @@
  *     locals, the manifest's BN sets) the last 2 steps are bitwise the uninterrupted run; resumed
  *     at P' != P they are bitwise a replicated run of P' ranks resumed from the same checkpoint
  *   - a flipped byte in a part is refused naming the part
+ *   - the gradient buckets of every rank (expert_shard_grad_slices, what the CUDA trainer's
+ *     reducer averages): without U and V, at local offsets, they tile the other tensors once
  */
 #define TESTING
 #include "train_omnimoe.c"
@@ -406,12 +408,50 @@ static void checkpoints(const ModelConfig* c, int P) {
     run_free(&first);
 }
 
+// ----------------------------------------------------------------------------
+// the gradient buckets of a rank (the CUDA trainer's model_grad_reducer_init): the slices of
+// llmc/grad_slices.h without U and V, at their local offsets, must tile the rank's local buffer
+// minus its table slices exactly once, in bucket order, each inside its own tensor
+
+static void grad_buckets(const ModelConfig* c, int P) {
+    for (int r = 0; r < P; r++) {
+        ExpertShardLayout lay;
+        expert_shard_layout(&lay, c, P, r);
+        GradSlice* slices = (GradSlice*)malloc(grad_slices_max(c) * sizeof(GradSlice));
+        unsigned char* hits = (unsigned char*)calloc(lay.num_local, 1);
+        if (slices == NULL || hits == NULL) exit(2);
+        const int n = grad_slices_build(c, slices);
+        int tables = 0;
+        for (int i = 0; i < n; i++) tables += expert_shard_is_table(slices[i].tensor);
+        const int kept = expert_shard_grad_slices(&lay, slices, n);
+        int bad = kept != n - tables || tables != 2 * c->num_layers;
+        for (int i = 0; i < kept && !bad; i++) {
+            const GradSlice* s = &slices[i];
+            const size_t lo = lay.offsets[s->tensor], hi = lo + lay.sizes[s->tensor];
+            bad |= expert_shard_is_table(s->tensor) || s->offset < lo || s->offset + s->count > hi ||
+                   (i > 0 && s->bucket < slices[i - 1].bucket);
+            for (size_t j = 0; j < s->count && !bad; j++) hits[s->offset + j]++;
+        }
+        for (int t = 0; t < NUM_PARAMETER_TENSORS && !bad; t++) {
+            const unsigned char want = expert_shard_is_table(t) ? 0 : 1;
+            for (size_t j = 0; j < lay.sizes[t]; j++) bad |= hits[lay.offsets[t] + j] != want;
+        }
+        char name[160];
+        snprintf(name, sizeof(name), "P=%d rank %d: the gradient buckets without U, V tile the local buffer's "
+                 "other tensors once", P, r);
+        test_checkf(!bad, name, "%d slices of %d kept, %d of U and V", kept, n, tables);
+        free(slices);
+        free(hits);
+    }
+}
+
 int main(void) {
     test_begin("test_shard_tables");
     test_tmp_begin("test_shard_tables");
     // C = 96: 12 column vectors, so P = 1, 2, 3, 4 all cut them; P = 3 is not a power of two
     TestDims dims = {16, 61, 64, 2, 2, 96, 128, 48};
     ModelConfig omni = test_config(dims, FFN_OMNI, 4, 3, ROUTER_NORM_BN, GATE_SOFTMAX);
+    for (int P = 1; P <= MAX_RANKS; P++) grad_buckets(&omni, P);
     for (int P = 1; P <= MAX_RANKS; P++) {
         compare(&omni, P, 0.0f);
         compare(&omni, P, 0.05f);  // below the norm: clipping acts on every step

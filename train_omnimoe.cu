@@ -970,16 +970,12 @@ static void model_grad_reducer_init(Model* m, GradReducer* r, const MultiGpu* mg
         exit(EXIT_FAILURE);
     }
     grad_reducer_init(r, mg, grad_slices_num_buckets(&m->config));
+    // sharded tables: U and V are complete on their owner (the mean over ranks came with the
+    // exchanges); the other slices move to the local layout (not with ZeRO-1: main refuses both)
+    if (m->shard) num_slices = expert_shard_grad_slices(&m->shard_layout, slices, num_slices);
     for (int i = 0; i < num_slices; i++) {
         size_t chunk = m->zero ? m->zero->map.chunk[i] : 0;  // ZeRO-1: reduce-scatter (same slice list)
-        size_t offset = slices[i].offset;
-        if (m->shard) {  // sharded tables: U and V are complete on their owner (the mean over ranks
-                         // came with the exchanges); the other slices move to the local layout
-            const int t = slices[i].tensor;
-            if (expert_shard_is_table(t)) continue;
-            offset = offset - m->shard_layout.full_offsets[t] + m->shard_layout.offsets[t];
-        }
-        grad_reducer_add(r, slices[i].bucket, m->grads + offset, slices[i].count, chunk);
+        grad_reducer_add(r, slices[i].bucket, m->grads + slices[i].offset, slices[i].count, chunk);
     }
     free(slices);
 }

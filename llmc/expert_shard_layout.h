@@ -23,6 +23,9 @@
  *                                                            llmc/checkpoint_parts.h; the replicated
  *                                                            part comes from old rank 0)
  *   expert_shard_norm_squared(replicated, partials, P)       the global sum of squares
+ *   expert_shard_grad_slices(lay, slices, n)                 the data-parallel gradient buckets of
+ *                                                            the rank (llmc/grad_slices.h's slices):
+ *                                                            U, V dropped, the rest at local offsets
  *
  * The global gradient norm. The replicated part's gradients are the same bits on every rank
  * (after the data-parallel mean), so every rank computes their sum of squares itself; the table
@@ -42,6 +45,7 @@
 #include <string.h>
 #include "config.h"
 #include "expert_shard.h"
+#include "grad_slices.h"
 
 typedef struct {
     int P, rank, C;
@@ -107,6 +111,21 @@ static inline double expert_shard_norm_squared(double replicated, const double* 
     double sum = replicated;
     for (int r = 0; r < P; r++) sum += partials[r];
     return sum;
+}
+
+// The slices of llmc/grad_slices.h (whole layout, grad_slices_build) that the rank's gradient
+// reducer averages over the ranks: the U and V slices dropped (their gradients are complete on
+// their owner: the exchanges gave it every rank's pairs, times 1/P, docs/sharding.md §3.1), every
+// other slice moved to its local offset. In place, the order kept; returns how many remain.
+static inline int expert_shard_grad_slices(const ExpertShardLayout* lay, GradSlice* slices, int n) {
+    int kept = 0;
+    for (int i = 0; i < n; i++) {
+        GradSlice s = slices[i];
+        if (expert_shard_is_table(s.tensor)) continue;
+        s.offset = s.offset - lay->full_offsets[s.tensor] + lay->offsets[s.tensor];
+        slices[kept++] = s;
+    }
+    return kept;
 }
 
 #endif  // OMNIMOE_EXPERT_SHARD_LAYOUT_H
