@@ -18,6 +18,9 @@ weights everywhere (biases and LayerNorms included) and random tokens:
      llmc/expert_shard_state.cuh against the unsharded run; and the memory plan's mirror of the
      sharded buffers (plan_table_sizes) against the kernels' own sizes at P = 2, 4, 8; the
      sharded start (model_init_random's streamed draw) against model_init_params, bitwise.
+     7b. the same path with P = 2 and 4 ranks (host threads with a Model each, the exchanges of
+     llmc/expert_shard_threads.cuh) against the replicated run of P ranks: the gather, step 1's
+     losses and gradients (U, V from the ranks' columns), the norms, the ranks' replicas alike.
 The weights given to both sides are rounded to floatX first, so the comparison measures the
 GPU's arithmetic (bf16 activations, fp32 accumulation), not the rounding of the weights.
 
@@ -42,6 +45,7 @@ Build and run: make test_omnimoe && ./test_omnimoe   (a GPU is needed)
 #define TESTING
 #include "train_omnimoe.cu"
 #include "llmc/test_harness.h"
+#include "llmc/expert_shard_threads.cuh"  // the ranks of section 7b: host threads on one GPU
 #ifdef _OPENMP
 #include <omp.h>  // outside the namespace: the CPU reference includes it too
 #endif
@@ -914,6 +918,286 @@ static void test_shard_one_rank(const char* name, const ModelConfig* c, int B, i
     free(params); free(bn); free(tokens);
 }
 
+// 7b. column-sharded tables with P = 2 and 4 ranks on this one GPU: each rank a host thread with
+// its own Model, its exchanges those of llmc/expert_shard_threads.cuh (the ranks take turns on the
+// GPU), against the replicated data-parallel run of the same P ranks (P unsharded Models, each on
+// its own tokens, one after another). The gradient mean over the ranks is the test's, one
+// expression for both runs: the slices of each rank's model_grad_reducer_init (the sharded run's
+// without U and V, at local offsets), summed in rank order, times 1/P, rounded to floatX, written
+// to every rank. What one rank (section 7) cannot show, this checks: the interleaved columns in the
+// local layout, the pack and the gather, dU and dV times 1/P, the reducer's slices, the norm's P
+// slice partials. Clipping off. bf16 builds (P | 32: the sharded forward gives the unsharded bits,
+// docs/sharding.md §3.1):
+//   - the start gathered back (model_get_params, collective) = the params, bitwise;
+//   - step 1: every rank's loss bitwise the replicated run's; after the mean, the gradients of
+//     every tensor but U and V bitwise the replicated run's; U and V put together from the ranks'
+//     columns within 2e-2 of the replicated mean (the same sums rounded once instead of per rank;
+//     1/P missing or a column on the wrong rank gives about 1); the norm within 1e-3 of the
+//     replicated run's;
+//   - every step: the norm the same bits on every rank and within 1e-6 of the host's double sum of
+//     squares of the ranks' gradients (rank 0's replicated tensors and every rank's slices);
+//   - steps 2 and 3: losses within TOL_TRAIN of the replicated run (the weights of U and V differ in
+//     rounding, so routing may flip); at the end every rank's tensors but U and V bitwise alike,
+//     and the gathered model within TOL of the replicated run's.
+// fp32 builds (4-channel vectors: deterministic, not the unsharded bits): the bitwise checks
+// within 1e-5, the 2e-2 and 1e-3 within 1e-5.
+#define SHARD_RANKS_MAX 4
+#define SHARD_RANK_STEPS 3
+
+enum { SHARD_PHASE_STEP, SHARD_PHASE_UPDATE, SHARD_PHASE_GATHER };
+
+struct ShardRank {
+    Model m;
+    MultiGpu mg;            // the rank and the count only (no communicator): model_grad_reducer_init's slices
+    GradReducer reducer;    // its slices; the test averages them (shard_ranks_mean), nothing is launched
+    ExpertShardComm comm;   // the sharded run's exchanges
+    pthread_mutex_t* gpu;   // the sharded run's turn on the GPU (llmc/expert_shard_threads.cuh)
+    const int* tokens;      // (steps, B*T + 1): this rank's
+    int B, T, phase, step;
+    float loss[SHARD_RANK_STEPS], norm[SHARD_RANK_STEPS];
+    float* gathered;        // rank 0 of the sharded run: the whole model of the last gather (others NULL)
+};
+
+// one rank's part of a phase; its stream drained before it lets go of the GPU
+static void shard_rank_phase(ShardRank* q) {
+    Model* m = &q->m;
+    if (q->phase == SHARD_PHASE_STEP) {
+        const int* in = q->tokens + (size_t)q->step * (q->B * q->T + 1);
+        model_zero_grad(m);
+        model_forward(m, in, in + 1, q->B, q->T, 1);
+        model_backward(m, in, 1.0f, NULL);
+        q->loss[q->step] = model_mean_loss(m);
+    } else if (q->phase == SHARD_PHASE_UPDATE) {
+        q->norm[q->step] = model_update(m, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.0f);
+    } else {
+        model_get_params(m, q->gathered, NULL);
+    }
+    cudaCheck(cudaStreamSynchronize(m->stream));
+}
+
+static void* shard_rank_main(void* arg) {
+    ShardRank* q = (ShardRank*)arg;
+    cudaCheck(cudaSetDevice(0));
+    pthread_mutex_lock(q->gpu);
+    shard_rank_phase(q);
+    pthread_mutex_unlock(q->gpu);
+    return NULL;
+}
+
+// every rank through one phase: the sharded ranks as threads (their exchanges meet), the
+// replicated ones one after another on this thread
+static void shard_ranks_phase(ShardRank* R, int P, int sharded, int phase, int step) {
+    for (int r = 0; r < P; r++) {
+        R[r].phase = phase;
+        R[r].step = step;
+    }
+    if (!sharded) {
+        for (int r = 0; r < P; r++) shard_rank_phase(&R[r]);
+        return;
+    }
+    pthread_t threads[SHARD_RANKS_MAX];
+    for (int r = 0; r < P; r++) pthread_create(&threads[r], NULL, shard_rank_main, &R[r]);
+    for (int r = 0; r < P; r++) pthread_join(threads[r], NULL);
+}
+
+// the data-parallel mean (what the GradReducer's ncclAvg gives the trainer) of every slice of the
+// ranks' reducers: the sum in rank order times 1/P, rounded to floatX, written to every rank
+static void shard_ranks_mean(ShardRank* R, int P) {
+    const GradReducer* r0 = &R[0].reducer;
+    for (int b = 0; b < r0->num_buckets; b++) {
+        for (int i = 0; i < r0->buckets[b].num_slices; i++) {
+            const size_t n = r0->buckets[b].count[i];
+            float* sum = (float*)calloc_check(n, sizeof(float));
+            float* part = (float*)malloc_check(n * sizeof(float));
+            for (int r = 0; r < P; r++) {
+                download_floatX(part, R[r].reducer.buckets[b].ptr[i], n);
+                for (size_t j = 0; j < n; j++) sum[j] += part[j];
+            }
+            for (size_t j = 0; j < n; j++) sum[j] *= 1.0f / (float)P;
+            for (int r = 0; r < P; r++) upload_floatX(R[r].reducer.buckets[b].ptr[i], sum, n);
+            free(sum);
+            free(part);
+        }
+    }
+}
+
+// a run's gradients as one whole-layout buffer of floats: rank 0's (sharded: its replicated
+// tensors, and every rank's columns of U and V)
+static void shard_ranks_grads(const ShardRank* R, int P, int sharded, float* out) {
+    if (!sharded) {
+        download_floatX(out, R[0].m.grads, R[0].m.num_params);
+        return;
+    }
+    for (int r = P - 1; r >= 0; r--) {  // rank 0 last: its replicated tensors are the ones that stay
+        const ExpertShardLayout* lay = &R[r].m.shard_layout;
+        float* local = (float*)malloc_check(lay->num_local * sizeof(float));
+        download_floatX(local, R[r].m.grads, lay->num_local);
+        expert_shard_local_unpack(out, local, sizeof(float), lay);
+        free(local);
+    }
+}
+
+// the sharded run's sum of squares of the gradients on the host, in double: rank 0's replicated
+// tensors and every rank's slices of U and V
+static double shard_ranks_norm_squared(const ShardRank* R, int P) {
+    double sum = 0.0;
+    for (int r = 0; r < P; r++) {
+        const ExpertShardLayout* lay = &R[r].m.shard_layout;
+        float* local = (float*)malloc_check(lay->num_local * sizeof(float));
+        download_floatX(local, R[r].m.grads, lay->num_local);
+        for (int t = 0; t < NUM_PARAMETER_TENSORS; t++) {
+            if (r > 0 && !expert_shard_is_table(t)) continue;
+            for (size_t j = 0; j < lay->sizes[t]; j++) sum += (double)local[lay->offsets[t] + j] * local[lay->offsets[t] + j];
+        }
+        free(local);
+    }
+    return sum;
+}
+
+// the first tensor (not U or V) whose values differ between a and b (whole layout), -1: none
+static int shard_first_replicated_difference(const ModelConfig* c, const float* a, const float* b, double tol) {
+    size_t sizes[NUM_PARAMETER_TENSORS], off = 0;
+    model_config_param_sizes(c, sizes);
+    for (int t = 0; t < NUM_PARAMETER_TENSORS; off += sizes[t], t++) {
+        if (sizes[t] == 0 || expert_shard_is_table(t)) continue;
+        int differs = tol > 0.0 ? rel_err(a + off, b + off, sizes[t]).rel > tol
+                                : memcmp(a + off, b + off, sizes[t] * sizeof(float)) != 0;
+        if (differs) return t;
+    }
+    return -1;
+}
+
+static void test_shard_ranks(const char* name, const ModelConfig* c, int P, int B, int T) {
+    const int steps = SHARD_RANK_STEPS, BT = B * T;
+    const size_t n = model_config_num_params(c);
+#if defined(ENABLE_FP32)
+    const double exact_tol = 1e-5, table_tol = 1e-5, norm_tol = 1e-5;  // 0: bitwise
+#else
+    const double exact_tol = 0.0, table_tol = 2e-2, norm_tol = 1e-3;
+#endif
+    float *params, *bn;
+    random_params(c, 5151, &params, &bn);
+    int* tokens = (int*)malloc_check((size_t)P * steps * (BT + 1) * sizeof(int));
+    Rng rng = rng_seeded(23);
+    fill_tokens(tokens, (size_t)P * steps * (BT + 1), c->vocab_size, &rng);
+    pthread_mutex_t gpu = PTHREAD_MUTEX_INITIALIZER;
+    ShardThreads threads;
+    shard_threads_init(&threads, P, &gpu);
+    ShardRank* runs[2];  // [0] replicated, [1] sharded
+    for (int s = 0; s < 2; s++) {
+        runs[s] = (ShardRank*)calloc_check(P, sizeof(ShardRank));
+        for (int r = 0; r < P; r++) {
+            ShardRank* q = &runs[s][r];
+            q->mg.process_rank = r;
+            q->mg.num_processes = P;
+            q->comm = shard_threads_comm(&threads, r);
+            q->gpu = &gpu;
+            q->tokens = tokens + (size_t)r * steps * (BT + 1);
+            q->B = B;
+            q->T = T;
+            model_build_sharded(&q->m, c, B, T, EXPERT_EXEC_TOKEN, g_attention, g_recompute, NULL, s ? &q->comm : NULL);
+            model_set_params(&q->m, params, bn);
+            model_grad_reducer_init(&q->m, &q->reducer, &q->mg);
+        }
+    }
+    char what[256];
+    float* got = (float*)malloc_check(n * sizeof(float));
+    float* ref = (float*)malloc_check(n * sizeof(float));
+    runs[1][0].gathered = got;
+    shard_ranks_phase(runs[1], P, 1, SHARD_PHASE_GATHER, 0);
+    snprintf(what, sizeof(what), "%s P=%d --shard-experts ranks: the start gathered back = the params", name, P);
+    test_check(memcmp(got, params, n * sizeof(float)) == 0, what);
+
+    size_t sizes[NUM_PARAMETER_TENSORS], off_u = 0;
+    model_config_param_sizes(c, sizes);
+    for (int t = 0; t < PARAM_EXPERTU; t++) off_u += sizes[t];
+    const size_t off_v = off_u + sizes[PARAM_EXPERTU];
+    double host_sq[SHARD_RANK_STEPS];
+    for (int step = 0; step < steps; step++) {
+        for (int s = 0; s < 2; s++) {
+            shard_ranks_phase(runs[s], P, s, SHARD_PHASE_STEP, step);
+            shard_ranks_mean(runs[s], P);
+        }
+        if (step == 0) {  // the gradients of the first step, after the mean
+            shard_ranks_grads(runs[0], P, 0, ref);
+            shard_ranks_grads(runs[1], P, 1, got);
+            int t = shard_first_replicated_difference(c, got, ref, exact_tol);
+            snprintf(what, sizeof(what), "%s P=%d --shard-experts ranks: step 1 gradients of every tensor but U, V = "
+                     "the replicated run's (mean over the ranks)", name, P);
+            test_checkf(t < 0, what, "first tensor that differs: %s", t < 0 ? "none" : param_tensor_name(t));
+            snprintf(what, sizeof(what), "%s P=%d --shard-experts ranks: step 1 dU from the ranks' columns = the replicated "
+                     "mean", name, P);
+            test_check_rel(what, rel_err(got + off_u, ref + off_u, sizes[PARAM_EXPERTU]), table_tol);
+            snprintf(what, sizeof(what), "%s P=%d --shard-experts ranks: step 1 dV from the ranks' columns = the replicated "
+                     "mean", name, P);
+            test_check_rel(what, rel_err(got + off_v, ref + off_v, sizes[PARAM_EXPERTV]), table_tol);
+        }
+        host_sq[step] = shard_ranks_norm_squared(runs[1], P);
+        for (int s = 0; s < 2; s++) shard_ranks_phase(runs[s], P, s, SHARD_PHASE_UPDATE, step);
+    }
+
+    int loss0_ok = 1, norms_alike = 1, losses_ok = 1;
+    double norm_err = 0.0, loss_err = 0.0;
+    for (int r = 0; r < P; r++) {
+        const ShardRank *a = &runs[1][r], *b = &runs[0][r];
+        double e0 = fabs((double)a->loss[0] - b->loss[0]) / fabs((double)b->loss[0]);
+        loss0_ok &= exact_tol > 0.0 ? e0 <= exact_tol : memcmp(&a->loss[0], &b->loss[0], sizeof(float)) == 0;
+        for (int s = 0; s < steps; s++) {
+            norms_alike &= memcmp(&a->norm[s], &runs[1][0].norm[s], sizeof(float)) == 0;
+            norm_err = fmax(norm_err, fabs((double)a->norm[s] - sqrt(host_sq[s])) / sqrt(host_sq[s]));
+            if (s > 0) loss_err = fmax(loss_err, fabs((double)a->loss[s] - b->loss[s]) / fabs((double)b->loss[s]));
+        }
+    }
+    losses_ok = loss_err <= TOL_TRAIN;
+    snprintf(what, sizeof(what), "%s P=%d --shard-experts ranks: step 1 losses = the replicated run's", name, P);
+    test_checkf(loss0_ok, what, "rank 0: %.8f vs %.8f", runs[1][0].loss[0], runs[0][0].loss[0]);
+    snprintf(what, sizeof(what), "%s P=%d --shard-experts ranks: steps 2-3 losses within TOL_TRAIN of the replicated run",
+             name, P);
+    test_checkf(losses_ok, what, "largest relative difference %.2e", loss_err);
+    snprintf(what, sizeof(what), "%s P=%d --shard-experts ranks: every step's norm the same bits on every rank and = the "
+             "host's sum over the ranks' gradients", name, P);
+    test_checkf(norms_alike && norm_err <= 1e-6, what, "%s, relative difference %.2e",
+                norms_alike ? "alike" : "NOT alike", norm_err);
+    double e_norm = fabs((double)runs[1][0].norm[0] - runs[0][0].norm[0]) / runs[0][0].norm[0];
+    snprintf(what, sizeof(what), "%s P=%d --shard-experts ranks: step 1 norm = the replicated run's", name, P);
+    test_checkf(e_norm <= norm_tol, what, "%.6f vs %.6f, relative %.2e", runs[1][0].norm[0], runs[0][0].norm[0], e_norm);
+
+    // the end: the ranks' replicated tensors alike, the gathered model against the replicated run's
+    int alike = 1;
+    const ExpertShardLayout* lay0 = &runs[1][0].m.shard_layout;
+    float* master0 = download_floats(runs[1][0].m.master, lay0->num_local);
+    for (int r = 1; r < P; r++) {
+        float* master = download_floats(runs[1][r].m.master, lay0->num_local);
+        for (int t = 0; t < NUM_PARAMETER_TENSORS; t++) {
+            if (expert_shard_is_table(t)) continue;
+            alike &= memcmp(master + lay0->offsets[t], master0 + lay0->offsets[t], lay0->sizes[t] * sizeof(float)) == 0;
+        }
+        free(master);
+    }
+    free(master0);
+    snprintf(what, sizeof(what), "%s P=%d --shard-experts ranks: after %d steps every rank's tensors but U, V alike",
+             name, P, steps);
+    test_check(alike, what);
+    shard_ranks_phase(runs[1], P, 1, SHARD_PHASE_GATHER, 0);
+    model_get_params(&runs[0][0].m, ref, NULL);
+    snprintf(what, sizeof(what), "%s P=%d --shard-experts ranks: after %d steps the gathered model = the replicated "
+             "run's", name, P, steps);
+    test_check_rel(what, rel_err(got, ref, n), TOL);
+    snprintf(what, sizeof(what), "%s P=%d --shard-experts ranks: after %d steps the gathered U = the replicated run's",
+             name, P, steps);
+    test_check_rel(what, rel_err(got + off_u, ref + off_u, sizes[PARAM_EXPERTU]), TOL);
+
+    for (int s = 0; s < 2; s++) {
+        for (int r = 0; r < P; r++) {
+            grad_reducer_free(&runs[s][r].reducer);
+            model_free(&runs[s][r].m);
+        }
+        free(runs[s]);
+    }
+    shard_threads_destroy(&threads);
+    free(got); free(ref); free(params); free(bn); free(tokens);
+}
+
 int main(void) {
     if (!test_cuda_device_or_skip("test_omnimoe")) return 0;
     cudaDeviceProp props;
@@ -950,6 +1234,8 @@ int main(void) {
     test_zero_update(cases[0].name, &cases[0].c);
     test_shard_one_rank(cases[2].name, &cases[2].c, 4, 64);
     test_shard_one_rank(cases[4].name, &cases[4].c, 4, 64);  // k > n
+    test_shard_ranks(cases[2].name, &cases[2].c, 2, 4, 64);
+    test_shard_ranks(cases[4].name, &cases[4].c, 4, 4, 64);  // k > n, C/P = 48: 6 column vectors per rank
 #ifdef HAVE_CUDNN_ATTENTION
     // --attention cudnn (cuDNN's SDPA): the same checks against the CPU reference, dense and omni
     g_attention = ATTENTION_CUDNN;

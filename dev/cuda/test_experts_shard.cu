@@ -3,9 +3,9 @@ test_experts_shard.cu - the column-sharded experts on one GPU (llmc/experts_shar
 docs/sharding.md §3.1 and §5.2): P ranks are P host threads on the same device, each running
 experts_shard_forward and experts_shard_backward (the trainer's calls) on its own BT tokens and
 only its packed (N, C/P) slices of U, V, dU and dV. The exchanges are device copies between the
-threads' buffers at barriers: byte for byte what the NCCL collectives deliver (all-gather,
-all-to-all). Against the unsharded experts_forward / experts_backward (llmc/experts.cuh) on the
-concatenated batch:
+threads' buffers at barriers (llmc/expert_shard_threads.cuh): byte for byte what the NCCL
+collectives deliver (all-gather, all-to-all). Against the unsharded experts_forward /
+experts_backward (llmc/experts.cuh) on the concatenated batch:
 
   - P | 32 (bf16 build): s, Y, dX, dgate, dU and dV BITWISE equal (dU, dV against the unsharded
     backward of dY scaled by 1/P, exact for P a power of two), token- and expert-centric, at
@@ -25,6 +25,7 @@ Ran on one H200 on 2026-12-05 (dev/gpu_check.sh, trees 2dfe8d1 and 732073b): 138
 #include <vector>
 #include "../../llmc/test_harness.h"
 #include "../../llmc/experts_shard.cuh"
+#include "../../llmc/expert_shard_threads.cuh"  // the exchanges of P rank threads
 
 #define MAX_P 8
 
@@ -33,39 +34,6 @@ static T* dalloc(size_t n) { return device_alloc<T>(n > 0 ? n : 1, "test_experts
 
 static void d2d(void* dst, const void* src, size_t bytes) {
     cudaCheck(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice));
-}
-
-// The collectives of P ranks that are P host threads on one device: a rank's stream is drained,
-// all ranks meet at a barrier, each copies what it receives from the others' send buffers, and a
-// second barrier keeps every send buffer intact until all have read it. Byte for byte what the
-// NCCL collectives deliver (expert_shard_comm_nccl).
-struct ThreadShared {
-    int P;
-    pthread_barrier_t barrier;
-    const void* slots[MAX_P];
-};
-
-// recv block r = rank r's send buffer from byte src_offset on (bytes long)
-static void thread_exchange(const ExpertShardComm* c, void* recv, const void* send, size_t bytes, size_t src_offset,
-                            cudaStream_t stream) {
-    ThreadShared* sh = (ThreadShared*)c->ctx;
-    cudaCheck(cudaStreamSynchronize(stream));
-    sh->slots[c->rank] = send;
-    pthread_barrier_wait(&sh->barrier);
-    for (int r = 0; r < c->P; r++) {
-        cudaCheck(cudaMemcpyAsync((char*)recv + (size_t)r * bytes, (const char*)sh->slots[r] + src_offset, bytes,
-                                  cudaMemcpyDeviceToDevice, stream));
-    }
-    cudaCheck(cudaStreamSynchronize(stream));
-    pthread_barrier_wait(&sh->barrier);
-}
-
-static void thread_all_gather(const ExpertShardComm* c, void* recv, const void* send, size_t bytes, cudaStream_t stream) {
-    thread_exchange(c, recv, send, bytes, 0, stream);
-}
-
-static void thread_all_to_all(const ExpertShardComm* c, void* recv, const void* send, size_t block_bytes, cudaStream_t stream) {
-    thread_exchange(c, recv, send, block_bytes, (size_t)c->rank * block_bytes, stream);
 }
 
 static std::vector<unsigned char> download_bytes(const void* device, size_t bytes) {
@@ -203,9 +171,8 @@ static void run_case(int P, int BT, int C, int k, int N, int exec, Rng* rng) {
     std::vector<unsigned char> hdU = download_bytes(dU0, NC * sizeof(floatX)), hdV = download_bytes(dV0, NC * sizeof(floatX));
     std::vector<unsigned char> slice((size_t)N * cols * sizeof(floatX));
     const size_t saved_bytes = experts_shard_saved_bytes(BT, C, k, P), work_bytes = experts_shard_work_bytes(BT, C, k, N, P);
-    ThreadShared shared;
-    shared.P = P;
-    pthread_barrier_init(&shared.barrier, NULL, (unsigned)P);
+    ShardThreads shared;
+    shard_threads_init(&shared, P, NULL);  // the ranks run concurrently: the shard kernels share no state
     Rank R[MAX_P];
     for (int r = 0; r < P; r++) {
         Rank* q = &R[r];
@@ -229,14 +196,13 @@ static void run_case(int P, int BT, int C, int k, int N, int exec, Rng* rng) {
         q->work_bytes = work_bytes;
         poison(q->s, (size_t)pairs * sizeof(float)); poison(q->dgate, (size_t)pairs * sizeof(float));
         poison(q->saved_buf, saved_bytes); poison(q->work, work_bytes);
-        q->comm.P = P; q->comm.rank = r; q->comm.ctx = &shared;
-        q->comm.all_gather = thread_all_gather; q->comm.all_to_all = thread_all_to_all;
+        q->comm = shard_threads_comm(&shared, r);
     }
     cudaCheck(cudaDeviceSynchronize());
     pthread_t threads[MAX_P];
     for (int r = 0; r < P; r++) pthread_create(&threads[r], NULL, rank_main, &R[r]);
     for (int r = 0; r < P; r++) pthread_join(threads[r], NULL);
-    pthread_barrier_destroy(&shared.barrier);
+    shard_threads_destroy(&shared);
     cudaCheck(cudaDeviceSynchronize());
 
     // assemble the ranks' outputs and compare
