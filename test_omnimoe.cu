@@ -17,7 +17,8 @@ weights everywhere (biases and LayerNorms included) and random tokens:
      layer (llmc/experts_shard.cuh), the local layout, the norm and gather of
      llmc/expert_shard_state.cuh against the unsharded run; and the memory plan's mirror of the
      sharded buffers (plan_table_sizes) against the kernels' own sizes at P = 2, 4, 8; the
-     sharded start (model_init_random's streamed draw) against model_init_params, bitwise.
+     sharded start (model_init_random's streamed draw) against model_init_params, bitwise; with
+     NCCL, the same run over expert_shard_comm_nccl of a one-GPU communicator, bitwise.
      7b. the same path with P = 2 and 4 ranks (host threads with a Model each, the exchanges of
      llmc/expert_shard_threads.cuh) against the replicated run of P ranks: the gather, step 1's
      losses and gradients (U, V from the ranks' columns), the norms, the ranks' replicas alike.
@@ -884,6 +885,29 @@ static void test_shard_one_rank(const char* name, const ModelConfig* c, int B, i
     snprintf(what, sizeof(what), "%s --shard-experts path, 1 rank: 3 steps bitwise the unsharded run", name);
     test_checkf(bitwise && nerr <= 1e-5, what, "losses %.6f %.6f %.6f vs %.6f %.6f %.6f, norms within %.2e",
                 losses[1][0], losses[1][1], losses[1][2], losses[0][0], losses[0][1], losses[0][2], nerr);
+#endif
+#ifdef MULTI_GPU
+    // the NCCL exchanges themselves, at P = 1 (a communicator of this one GPU): expert_shard_comm_nccl's
+    // ncclAllGather and its all-to-all (the own block by a copy, an empty group of sends) move the
+    // same bytes as the device copies above, so the run is bitwise that one
+    {
+        MultiGpu mg;
+        memset(&mg, 0, sizeof(mg));
+        mg.num_processes = 1;
+        int device = 0;
+        ncclCheck(ncclCommInitAll(&mg.comm, 1, &device));
+        ExpertShardComm nccl = expert_shard_comm_nccl(&mg);
+        float nccl_losses[3], nccl_norms[3];
+        float* nccl_out = (float*)malloc_check(P * sizeof(float));
+        shard_train(c, params, bn, B, T, steps, tokens, &nccl, nccl_losses, nccl_norms, nccl_out);
+        int same = memcmp(nccl_losses, losses[1], sizeof(nccl_losses)) == 0 &&
+                   memcmp(nccl_norms, norms[1], sizeof(nccl_norms)) == 0 && memcmp(nccl_out, out[1], P * sizeof(float)) == 0;
+        snprintf(what, sizeof(what), "%s --shard-experts path, 1 rank: NCCL's exchanges = the device copies bitwise", name);
+        test_checkf(same, what, "losses %.6f %.6f %.6f vs %.6f %.6f %.6f", nccl_losses[0], nccl_losses[1], nccl_losses[2],
+                    losses[1][0], losses[1][1], losses[1][2]);
+        free(nccl_out);
+        ncclCheck(ncclCommDestroy(mg.comm));
+    }
 #endif
     // the streamed start of a sharded rank (model_init_random -> model_init_params_shard, then
     // model_upload_params): at P = 1 its masters are the sequential draw and its weights their rounding
