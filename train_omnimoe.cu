@@ -1304,6 +1304,26 @@ static int gpu_save_checkpoint_parts(GpuTrainer* tr, const CheckpointInfo* info,
     return failed;
 }
 
+// Before a rank other than 0 reads a checkpoint file itself: every such rank says whether it can
+// open the file, and the ranks agree. The readers of llmc/checkpoint.h exit on a file they cannot
+// open, and one rank alone must not stop while the others wait in a collective (docs/design.md
+// §9.6): a single file that rank 0 wrote on its own host (a replicated run's, -o not shared) is
+// the usual case. Returns how many ranks cannot (0: all can), after each one's message.
+static int gpu_ranks_can_open(const MultiGpu* mg, const char* path, cudaStream_t st) {
+    char why[200] = "";
+    int ok = ckpt_regular_file_(path, why, sizeof(why));
+    FILE* fp = ok ? fopen(path, "rb") : NULL;
+    if (ok && fp == NULL) snprintf(why, sizeof(why), "cannot open: %s", strerror(errno));
+    if (fp != NULL) fclose(fp);
+    if (fp == NULL) {
+        fprintf(stderr, "Error: rank %d cannot read the checkpoint \"%s\" (%s): every rank reads it itself, so the "
+                "output directory (-o) must be one all ranks see\n", mg->process_rank, path, why);
+    }
+    double missing = fp == NULL ? 1.0 : 0.0;
+    multi_gpu_sum_doubles(mg, &missing, 1, st);
+    return (int)missing;
+}
+
 // ZeRO-1 resume from a sharded checkpoint: every rank reads its own shard from the parts (any
 // P at write time: the ranges are re-sharded by llmc/checkpoint_parts.h), rounds its ranges to the
 // floatX weights and all-gathers them. A part that fails on some rank (after its message) is
@@ -1356,6 +1376,8 @@ static int gpu_read_parts_logical(const ModelConfig* expected, const char* path,
 // that fails on some rank (after its message) is agreed on before any upload: every rank returns
 // the count of ranks that failed (> 0), as gpu_load_shard_from_parts does.
 static int gpu_load_tables_state(Model* m, const MultiGpu* mg, const char* path, const CheckpointInfo* info) {
+    const int unreadable = gpu_ranks_can_open(mg, path, m->stream);
+    if (unreadable > 0) return unreadable;
     const ExpertShardLayout* lay = &m->shard_layout;
     const size_t n = m->num_params;
     float* local[3];

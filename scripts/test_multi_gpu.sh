@@ -54,9 +54,10 @@
 #        failing on rank 0 (--zero 1: both gather first), a malformed tokenizer file read by rank
 #        0, a resume of g2z's sharded checkpoint with one flipped byte in part 1 (replicated: rank
 #        0 alone reads it; --zero 1: rank 1 alone), the same with g2t's --shard-experts 1 parts
-#        (rank 1 alone reads part 1): both ranks exit 1 within the timeout, the
-#        message names the file (once), the checkpoints saved before are intact and nothing of the
-#        failed write is left
+#        (rank 1 alone reads part 1), g2's single-file checkpoint resumed with --shard-experts 1
+#        where only rank 0's -o holds it (every rank reads it: rank 1 cannot): both ranks exit 1
+#        within the timeout, the message names the file (once), the checkpoints saved before are
+#        intact and nothing of the failed write is left
 set -u
 export NCCL_NVLS_ENABLE=0   # never NVLink multicast (house rule)
 cd "$(dirname "$0")/.."
@@ -369,7 +370,7 @@ check "(i) --shard-experts 1 on 1 GPU refused (exit $rc)" \
 
 # --- (h) a failure on one rank alone -------------------------------------------------------------
 run2_raw() {  # run2_raw <name> <dir to run in> <flags...>: both ranks by hand; sets rc0, rc1, took
-    local name=$1 cwd=$2
+    local name=$1 cwd=$2  # RANK1_DIR, when set: rank 1 runs there instead
     shift 2
     local idf="$W/$name.id" bin
     bin=$(realpath "$BIN")
@@ -377,7 +378,9 @@ run2_raw() {  # run2_raw <name> <dir to run in> <flags...>: both ranks by hand; 
     local start=$(date +%s)
     local q=() r
     for r in 0 1; do
-        (cd "$cwd" && LOCAL_RANK=$r timeout 120 "$bin" "$@" -pn 2 -pr $r -pf "$idf" >"$W/${name}$r.out" 2>&1) &
+        local dir=$cwd
+        if [ "$r" = 1 ] && [ -n "${RANK1_DIR:-}" ]; then dir=$RANK1_DIR; fi
+        (cd "$dir" && LOCAL_RANK=$r timeout 120 "$bin" "$@" -pn 2 -pr $r -pf "$idf" >"$W/${name}$r.out" 2>&1) &
         q[r]=$!
     done
     wait "${q[0]}"; rc0=$?
@@ -423,6 +426,19 @@ head -c 5000 data/gpt2_tokenizer.bin > "$W/htok/data/gpt2_tokenizer.bin"
 run2_raw htok "$W/htok" "${COMMON[@]}" -x 20 -o "$W/htok/out"
 both_fail "(h) a malformed tokenizer file read by rank 0" htok 0 "short read from 'data/gpt2_tokenizer\.bin'"
 check "(h) ... stopped before the run started (no step line)" bash -c "! grep -q '^step ' '$W/htok0.out'"
+# g2's single-file checkpoint in rank 0's output directory only (-o relative, the ranks in two
+# directories: -o on each host's own disk), resumed with --shard-experts 1: every rank reads it itself
+for r in 0 1; do
+    mkdir -p "$W/hsplit$r/data"
+    ln -s "$(realpath data/tinyshakespeare)" "$W/hsplit$r/data/tinyshakespeare"
+    ln -s "$(realpath data/gpt2_tokenizer.bin)" "$W/hsplit$r/data/gpt2_tokenizer.bin"
+done
+fresh_resume_dir "$W/hsplit0/out" "$W/g2/ckpt_00000010.bin"
+RANK1_DIR="$W/hsplit1" run2_raw hsplit "$W/hsplit0" "${COMMON[@]}" -x 20 -o out --shard-experts 1 -y 1
+both_fail "(h) a single-file checkpoint only rank 0 sees, resumed with --shard-experts 1" hsplit 1 \
+    "rank 1 cannot read the checkpoint \"out/ckpt_00000010\.bin\""
+check "(h) ... no step trained, nothing written" \
+    bash -c "! grep -q '^step ' '$W/hsplit0.out' && [ -z \"\$(ls -A '$W/hsplit0/out' | grep -v '^ckpt_00000010\.bin\$')\" ]"
 flip_byte() {  # flip_byte <file> <offset>: one bit of one byte, the size unchanged
     python3 -c "import sys; f = open(sys.argv[1], 'r+b'); f.seek(int(sys.argv[2])); b = f.read(1)[0]; f.seek(int(sys.argv[2])); f.write(bytes([b ^ 0x20]))" "$1" "$2"
 }
