@@ -1329,6 +1329,8 @@ static int gpu_ranks_can_open(const MultiGpu* mg, const char* path, cudaStream_t
 // floatX weights and all-gathers them. A part that fails on some rank (after its message) is
 // agreed on before the gather: every rank then returns the count of ranks that failed (> 0).
 static int gpu_load_shard_from_parts(Model* m, const MultiGpu* mg, const char* path) {
+    const int unreadable = gpu_ranks_can_open(mg, path, m->stream);  // the manifest's reader exits on a missing file
+    if (unreadable > 0) return unreadable;
     ModelConfig config;
     CheckpointInfo info;
     CheckpointPartEntry* table = checkpoint_manifest_read_table(path, &m->config, &config, &info);
