@@ -20,8 +20,9 @@ weights everywhere (biases and LayerNorms included) and random tokens:
      sharded start (model_init_random's streamed draw) against model_init_params, bitwise; with
      NCCL, the same run over expert_shard_comm_nccl of a one-GPU communicator, bitwise.
      7b. the same path with P = 2 and 4 ranks (host threads with a Model each, the exchanges of
-     llmc/expert_shard_threads.cuh) against the replicated run of P ranks: the gather, step 1's
-     losses and gradients (U, V from the ranks' columns), the norms, the ranks' replicas alike.
+     llmc/expert_shard_threads.cuh) against the replicated run of P ranks: the gather, a
+     sampling-shaped forward, step 1's losses and gradients (U, V from the ranks' columns), the
+     norms, the ranks' replicas alike.
 The weights given to both sides are rounded to floatX first, so the comparison measures the
 GPU's arithmetic (bf16 activations, fp32 accumulation), not the rounding of the weights.
 
@@ -953,6 +954,8 @@ static void test_shard_one_rank(const char* name, const ModelConfig* c, int B, i
 // slice partials. Clipping off. bf16 builds (P | 32: the sharded forward gives the unsharded bits,
 // docs/sharding.md §3.1):
 //   - the start gathered back (model_get_params, collective) = the params, bitwise;
+//   - a sampling-shaped forward ((1, T/2), evaluation mode: fewer tokens than the layers' buffers)
+//     on every rank: the logits bitwise the replicated run's;
 //   - step 1: every rank's loss bitwise the replicated run's; after the mean, the gradients of
 //     every tensor but U and V bitwise the replicated run's; U and V put together from the ranks'
 //     columns within 2e-2 of the replicated mean (the same sums rounded once instead of per rank;
@@ -968,7 +971,7 @@ static void test_shard_one_rank(const char* name, const ModelConfig* c, int B, i
 #define SHARD_RANKS_MAX 4
 #define SHARD_RANK_STEPS 3
 
-enum { SHARD_PHASE_STEP, SHARD_PHASE_UPDATE, SHARD_PHASE_GATHER };
+enum { SHARD_PHASE_STEP, SHARD_PHASE_UPDATE, SHARD_PHASE_GATHER, SHARD_PHASE_SAMPLE };
 
 struct ShardRank {
     Model m;
@@ -980,6 +983,7 @@ struct ShardRank {
     int B, T, phase, step;
     float loss[SHARD_RANK_STEPS], norm[SHARD_RANK_STEPS];
     float* gathered;        // rank 0 of the sharded run: the whole model of the last gather (others NULL)
+    float* logits;          // (T/2, Vp): the logits of the sampling-shaped forward
 };
 
 // one rank's part of a phase; its stream drained before it lets go of the GPU
@@ -993,6 +997,9 @@ static void shard_rank_phase(ShardRank* q) {
         q->loss[q->step] = model_mean_loss(m);
     } else if (q->phase == SHARD_PHASE_UPDATE) {
         q->norm[q->step] = model_update(m, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 0.0f);
+    } else if (q->phase == SHARD_PHASE_SAMPLE) {  // evaluation mode on (1, T/2): fewer tokens than the buffers'
+        model_forward(m, q->tokens, NULL, 1, q->T / 2, 0);
+        download_floatX(q->logits, m->acts.logits, (size_t)(q->T / 2) * m->config.padded_vocab_size);
     } else {
         model_get_params(m, q->gathered, NULL);
     }
@@ -1122,6 +1129,7 @@ static void test_shard_ranks(const char* name, const ModelConfig* c, int P, int 
             model_build_sharded(&q->m, c, B, T, EXPERT_EXEC_TOKEN, g_attention, g_recompute, NULL, s ? &q->comm : NULL);
             model_set_params(&q->m, params, bn);
             model_grad_reducer_init(&q->m, &q->reducer, &q->mg);
+            q->logits = (float*)malloc_check((size_t)(T / 2) * c->padded_vocab_size * sizeof(float));
         }
     }
     char what[256];
@@ -1131,6 +1139,19 @@ static void test_shard_ranks(const char* name, const ModelConfig* c, int P, int 
     shard_ranks_phase(runs[1], P, 1, SHARD_PHASE_GATHER, 0);
     snprintf(what, sizeof(what), "%s P=%d --shard-experts ranks: the start gathered back = the params", name, P);
     test_check(memcmp(got, params, n * sizeof(float)) == 0, what);
+    // a sampling-shaped forward (1, T/2) in evaluation mode on every rank, each on its own tokens
+    for (int s = 0; s < 2; s++) shard_ranks_phase(runs[s], P, s, SHARD_PHASE_SAMPLE, 0);
+    double sample_err = 0.0;
+    int sample_same = 1;
+    const size_t nl = (size_t)(T / 2) * c->padded_vocab_size;
+    for (int r = 0; r < P; r++) {
+        sample_same &= memcmp(runs[1][r].logits, runs[0][r].logits, nl * sizeof(float)) == 0;
+        sample_err = fmax(sample_err, rel_err(runs[1][r].logits, runs[0][r].logits, nl).rel);
+    }
+    snprintf(what, sizeof(what), "%s P=%d --shard-experts ranks: a (1, T/2) evaluation forward's logits = the "
+             "replicated run's", name, P);
+    test_checkf(exact_tol > 0.0 ? sample_err <= exact_tol : sample_same, what, "%s, relative %.2e",
+                sample_same ? "bitwise" : "not bitwise", sample_err);
 
     size_t sizes[NUM_PARAMETER_TENSORS], off_u = 0;
     model_config_param_sizes(c, sizes);
@@ -1215,6 +1236,7 @@ static void test_shard_ranks(const char* name, const ModelConfig* c, int P, int 
         for (int r = 0; r < P; r++) {
             grad_reducer_free(&runs[s][r].reducer);
             model_free(&runs[s][r].m);
+            free(runs[s][r].logits);
         }
         free(runs[s]);
     }
