@@ -68,6 +68,14 @@ prebuilt() {  # prebuilt FLAVOUR: 0 when carry/prebuilt/FLAVOUR.tgz was unpacked
     summary+=("$(printf '%-28s %-10s' "prebuilt_$1" "stale")"); return 1
 }
 mode=${1:-full}
+# every word must be one of the above: the checks below match words inside the mode, so a
+# misspelt one would otherwise run only the always part and spend the device call on it
+for word in ${mode//+/ }; do
+    case "$word" in
+        notests|always|kernels|hostile|full|ab|cutlass|cudnn|llmc|bench|mceval|startup|sanitize|largest|study|profile) ;;
+        *) echo "gpu_check: unknown mode word '$word' in '$mode' (see the top of dev/gpu_check.sh)"; exit 2 ;;
+    esac
+done
 summary=()
 if [ "$mode" = bench ]; then
     skip=0; prebuilt default && prebuilt cutlass && skip=1

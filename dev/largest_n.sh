@@ -4,13 +4,17 @@
 # plan fits the card's free memory; on a GPU machine the trainer then runs 3 steps at N = n*n (and,
 # if that fails, at smaller n down to 3 tries), so the result is measured, not planned.
 #   bash dev/largest_n.sh [plan]      plan: only the --plan search (runs anywhere)
-# (dev/gpu_check.sh largest runs it; needs ./train_omnimoe)
+# (dev/gpu_check.sh largest runs it; the training needs ./train_omnimoe, the search takes
+# ./train_omnimoe_cpu where that is missing: both print the same bf16 plan)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 only_plan=${1:-}
 flags=(-e d12 -f omni -b 16 -t 1024)
+planner=./train_omnimoe
+if [ ! -x "$planner" ]; then planner=./train_omnimoe_cpu; fi
+[ -x "$planner" ] || { echo "largest_n: build ./train_omnimoe or ./train_omnimoe_cpu first (make)"; exit 1; }
 fits() {  # fits <n> <r>: 0 when --plan says the model fits an H200
-    ./train_omnimoe --plan 1 "${flags[@]}" -r "$2" --experts $(( $1 * $1 )) 2>/dev/null \
+    "$planner" --plan 1 "${flags[@]}" -r "$2" --experts $(( $1 * $1 )) 2>/dev/null \
         | grep -q "an H200 (139 GiB free): yes"
 }
 largest_planned() {  # largest_planned <r>: binary search over n in [2, 2048]

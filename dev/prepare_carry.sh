@@ -14,6 +14,7 @@
 #                             ["carry/include", "carry/cutlass"] and not carry/mixed
 #
 #   bash dev/prepare_carry.sh [cutlass] [LLMC_DIR]     LLMC_DIR: an llm.c clone (bare or not); optional
+#   SHARED_DATA=DIR (default ../shared/data): the folder of the study's texts and tiktoken's files
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mkdir -p carry
@@ -30,9 +31,16 @@ elif [ ! -f carry/include/xxhash.h ]; then
     rm -rf "$tmp"
 fi
 
-if [ ! -f carry/mixed/mixed_val_000000.bin ]; then   # tiktoken reads the BPE files offline
-    python3 dev/data/prepro.py files --name mixed --out-dir carry/mixed --shard-size 5000000 \
-        ../shared/data/tinyshakespeare/input.txt ../shared/data/corpus/*.txt
+# the study's texts and tiktoken's BPE files: the project's shared data folder beside the
+# repository, or SHARED_DATA=DIR for a checkout elsewhere
+SHARED_DATA=${SHARED_DATA:-../shared/data}
+if [ ! -f carry/mixed/mixed_val_000000.bin ]; then
+    [ -f "$SHARED_DATA/tinyshakespeare/input.txt" ] && [ -d "$SHARED_DATA/corpus" ] \
+        || { echo "prepare_carry: no $SHARED_DATA/tinyshakespeare/input.txt or $SHARED_DATA/corpus (set SHARED_DATA)"; exit 1; }
+    tiktoken=()
+    if [ -d "$SHARED_DATA/tiktoken" ]; then tiktoken=(--tiktoken-dir "$SHARED_DATA/tiktoken"); fi
+    python3 dev/data/prepro.py files --name mixed --out-dir carry/mixed --shard-size 5000000 "${tiktoken[@]}" \
+        "$SHARED_DATA/tinyshakespeare/input.txt" "$SHARED_DATA"/corpus/*.txt
 fi
 
 if [ "${1:-}" = cutlass ]; then

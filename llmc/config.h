@@ -13,7 +13,7 @@
  *   ParamTensor ids          the fixed order of the parameter tensors in one flat buffer
  *   model_config_param_sizes()   element count of each tensor (0 where a kind has none)
  *   model_config_validate()      one clear message for an impossible configuration
- *   model_config_*_count()       total / active parameter counts (docs/design.md §4)
+ *   model_config_num_params(), model_config_active_params()   total / active parameter counts (docs/design.md §4)
  *   model_config_preset()        named model sizes (-e d12 and friends)
  *   param_is_decayed()           which tensors get AdamW weight decay (matrices only)
  *   param_init_std()             the initialisation of docs/design.md §1.3 (one rule for CPU and GPU)

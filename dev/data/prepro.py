@@ -58,7 +58,8 @@ def get_encoding(tiktoken_dir):
     try:
         enc = tiktoken.get_encoding("gpt2")
     except Exception as e:  # no network and no cached files
-        die(f"could not load the GPT-2 BPE (TIKTOKEN_CACHE_DIR={os.environ.get('TIKTOKEN_CACHE_DIR')}): {e}")
+        die(f"could not load the GPT-2 BPE (TIKTOKEN_CACHE_DIR={os.environ.get('TIKTOKEN_CACHE_DIR')}): {e}\n"
+            "  offline: --tiktoken-dir DIR, a folder with tiktoken's cached gpt2 files (dev/data/README.md)")
     assert enc.eot_token == EOT and enc.n_vocab == EOT + 1, "unexpected gpt2 encoding"
     assert enc.encode_ordinary("hello world") == [31373, 995], "gpt2 encoding gives unexpected tokens"
     return enc
@@ -236,7 +237,8 @@ def read_text(path):
         with open(path, "r", encoding="utf-8") as f:
             return f.read()
     except FileNotFoundError:
-        die(f"input file '{path}' not found")
+        hint = " (pass the tinyshakespeare text with --input FILE)" if path == DEFAULT_SHAKESPEARE else ""
+        die(f"input file '{path}' not found{hint}")
     except UnicodeDecodeError as e:
         die(f"input file '{path}' is not valid UTF-8: {e}")
 
