@@ -43,27 +43,39 @@ HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/
 def read_jsonl(path):
     """The examples of a JSONL file as (context, endings, label), each checked."""
     examples = []
-    with open(path, "r", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_no}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                die(f"{where}: not JSON: {e}")
-            context = item.get("context", item.get("ctx"))
-            endings, label = item.get("endings"), item.get("label")
-            if not isinstance(context, str) or not context:
-                die(f"{where}: expected a non-empty string 'context' (or 'ctx')")
-            if not isinstance(endings, list) or len(endings) != NUM_COMPLETIONS or \
-                    not all(isinstance(e, str) and e for e in endings):
-                die(f"{where}: expected 'endings', a list of {NUM_COMPLETIONS} non-empty strings")
-            if isinstance(label, str) and label.isdigit():  # HellaSwag's own files store it as a string in places
-                label = int(label)
-            if not isinstance(label, int) or not 0 <= label < NUM_COMPLETIONS:
-                die(f"{where}: expected 'label', an integer 0 to {NUM_COMPLETIONS - 1}")
-            examples.append((context, endings, label))
+    if not os.path.isfile(path):  # (a FIFO would block the open)
+        die(f"{path}: {'is not a regular file' if os.path.exists(path) else 'no such file'}, expected a JSONL file")
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as e:
+        die(f"{path}: cannot read: {e.strerror or e}")
+    except UnicodeDecodeError as e:
+        die(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {line_no}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            die(f"{where}: not JSON: {e}")
+        if not isinstance(item, dict):
+            die(f"{where}: expected a JSON object {{\"context\": ..., \"endings\": [...], \"label\": ...}}, "
+                f"got {type(item).__name__}")
+        context = item.get("context", item.get("ctx"))
+        endings, label = item.get("endings"), item.get("label")
+        if not isinstance(context, str) or not context:
+            die(f"{where}: expected a non-empty string 'context' (or 'ctx')")
+        if not isinstance(endings, list) or len(endings) != NUM_COMPLETIONS or \
+                not all(isinstance(e, str) and e for e in endings):
+            die(f"{where}: expected 'endings', a list of {NUM_COMPLETIONS} non-empty strings")
+        if isinstance(label, str) and label.isascii() and label.isdigit():  # HellaSwag's files store it as a string in places
+            label = int(label)
+        # (a JSON true/false is a Python bool, an int subclass: not a label)
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < NUM_COMPLETIONS:
+            die(f"{where}: expected 'label', an integer 0 to {NUM_COMPLETIONS - 1}")
+        examples.append((context, endings, label))
     if not examples:
         die(f"{path}: no examples")
     return examples
