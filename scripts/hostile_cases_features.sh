@@ -36,6 +36,24 @@ hostile_cases_features() {
     expect_fail "hellaswag.py: label \"²\" (a digit to str.isdigit, not to int)" "^Error: .*hs_sup\.jsonl line 1: expected 'label'" -- \
         "${hs[@]}" "$W/hs_sup.jsonl" -o "$W/hs.bin"
     check "hellaswag.py: the refused inputs wrote nothing" test ! -e "$W/hs.bin"
+    # the output: refused naming -o, no half-written file (.tmp) left
+    echo "$good" > "$W/hs_good.jsonl"
+    mkdir -p "$W/hs_out_dir"
+    expect_fail "hellaswag.py: -o names a directory, refused naming -o" "^Error: -o .*hs_out_dir: is a directory" -- \
+        "${hs[@]}" "$W/hs_good.jsonl" -o "$W/hs_out_dir"
+    check "hellaswag.py: ... and nothing was written beside it" test ! -e "$W/hs_out_dir.tmp"
+    if [ -d "$tiktoken" ]; then
+        expect_ok "hellaswag.py: (setup) a good file converts" "^wrote 1 examples" -- \
+            "${hs[@]}" "$W/hs_good.jsonl" -o "$W/hs_good.bin" --tiktoken-dir "$tiktoken"
+        ln -s /dev/full "$W/hs_full.bin.tmp"
+        expect_fail "hellaswag.py: a write error (/dev/full) is one message naming -o and the cause" \
+            "^Error: -o .*hs_full\.bin: cannot write the eval file: No space left on device" -- \
+            "${hs[@]}" "$W/hs_good.jsonl" -o "$W/hs_full.bin" --tiktoken-dir "$tiktoken"
+        expect_no_match "hellaswag.py: ... without a traceback" "Traceback"
+        check "hellaswag.py: ... and no eval file or .tmp is left" test ! -e "$W/hs_full.bin" -a ! -e "$W/hs_full.bin.tmp"
+    else
+        hostile_skip "hellaswag.py: write errors" "no GPT-2 BPE files in $tiktoken (set TIKTOKEN_DIR)"
+    fi
 }
 
 hostile_cases_features

@@ -109,12 +109,19 @@ def write_eval_file(path, enc, examples, max_len=None):
     header[0], header[1], header[2] = EVAL_MAGIC, EVAL_VERSION, len(streams)
     header[3] = max(s[1] for s in streams)
     body = np.array([v for s in streams for v in s], dtype="<u2")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(body.tobytes())
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(body.tobytes())
+        os.replace(tmp, path)
+    except OSError as e:  # an unwritable folder, a full disk: no half-written file is left
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        die(f"-o {path}: cannot write the eval file: {e.strerror or e}")
     print(f"wrote {len(streams)} examples to {path} ({HEADER_INTS * 4 + body.nbytes:,} bytes, "
           f"longest example {header[3]} bytes)")
     first = streams[0]
@@ -151,6 +158,8 @@ def main():
     parser.add_argument("--max-len", type=int, default=None, help="refuse examples longer than this (the model's T)")
     parser.add_argument("--tiktoken-dir", default=None, help="folder of the GPT-2 BPE files (offline)")
     args = parser.parse_args()
+    if os.path.isdir(args.out):
+        die(f"-o {args.out}: is a directory, expected the path of the eval file to write")
     if args.source == "jsonl":
         if args.jsonl is None:
             die("source jsonl needs the input file: hellaswag.py jsonl FILE.jsonl -o OUT.bin")
