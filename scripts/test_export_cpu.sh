@@ -37,6 +37,20 @@ cp -r "$work/hf_gelu" "$work/hf_tampered"
 xor_byte "$work/hf_tampered/model.safetensors" $(( $(stat -c %s "$work/hf_tampered/model.safetensors") - 1 )) 1
 expect_fail "one flipped bit in an export is caught" "transformer.ln_f.bias differs" -- \
     python3 scripts/check_export_hf.py "$work/gelu/model.bin" "$work/hf_tampered"
+# the checker on bad inputs: one line naming the file, exit 1, no traceback
+expect_fail "checker: a missing export folder, named" "^check_export_hf: .*hf_none/model.safetensors: cannot read" -- \
+    python3 scripts/check_export_hf.py "$work/gelu/model.bin" "$work/hf_none"
+head -c 500 "$work/gelu/model.bin" > "$work/short_model.bin"
+expect_fail "checker: a model file shorter than its header, named" "^check_export_hf: .*short_model.bin: 500 bytes" -- \
+    python3 scripts/check_export_hf.py "$work/short_model.bin" "$work/hf_gelu"
+cp -r "$work/hf_gelu" "$work/hf_badjson"
+printf '{"vocab_size": ' > "$work/hf_badjson/config.json"
+expect_fail "checker: a truncated config.json, named" "^check_export_hf: .*hf_badjson/config.json: not JSON" -- \
+    python3 scripts/check_export_hf.py "$work/gelu/model.bin" "$work/hf_badjson"
+xor_byte "$work/hf_badjson/model.safetensors" 8 $(( 0x7b ^ 0x5b ))  # the header's opening { becomes [
+expect_fail "checker: a safetensors header that is not JSON, named" "^check_export_hf: .*hf_badjson/model.safetensors: not JSON" -- \
+    python3 scripts/check_export_hf.py "$work/gelu/model.bin" "$work/hf_badjson"
+expect_no_match "checker: ... without a traceback" "Traceback"
 # bad inputs: a message naming the file, no output folder
 head -c 5000 "$work/swiglu/model.bin" > "$work/truncated.bin"
 expect_fail "truncated model file refused" "truncated.bin: truncated: 5000 bytes, expected" -- \
