@@ -54,6 +54,28 @@ hostile_cases_features() {
     else
         hostile_skip "hellaswag.py: write errors" "no GPT-2 BPE files in $tiktoken (set TIKTOKEN_DIR)"
     fi
+
+    # ---- --plan (no GPU, no data): sizes whose byte counts would overflow 64 bits are refused
+    # naming -b and -t (the plan printed wrapped-around numbers: activations 2.2e14 bytes for
+    # 2^65); a plan that is merely too big for any GPU is still printed, with its true numbers
+    expect_fail "plan: swiglu --hidden 2^31-1 at B*T = 2^31-64, refused naming -b and -t" \
+        "$(flag_re '-b').* -t 64: one micro-batch .* more than 2\^60" -- \
+        "$TRAINER" --plan 1 -e tiny -f swiglu --hidden 2147483647 -b 33554431 -t 64
+    expect_no_match "plan: ... and no plan is printed" "^plan_bytes"
+    expect_fail "plan: moe with 65536 constant experts, all chosen, refused the same way" \
+        "$(flag_re '-b').*one micro-batch .* more than 2\^60" -- \
+        "$TRAINER" --plan 1 -e tiny -f moe --moe-experts 0 --moe-const 65536 --moe-topk 65536 -b 33554431 -t 64
+    expect_ok "plan: d48 at B*T = 2^31-1024 is printed (it fits no GPU)" \
+        "^fits an H100 80GB \(79 GiB free\): no; an H200 \(139 GiB free\): no" -- \
+        "$TRAINER" --plan 1 -e d48 -b 2097151 -t 1024
+    check "plan: ... with its true activation bytes (5.75e15, not wrapped)" \
+        grep -q "activations=5750623466184900 " "$hostile_case_log"
+    # the same bound for a run: refused before any allocation (the CPU trainer's products wrap too)
+    make_shard "$W/train_000.bin" 70000
+    expect_fail "plan: a run of a moe model whose expert buffers pass 2^64 bytes, refused naming -b and -t" \
+        "$(flag_re '-b').*one micro-batch .* more than 2\^60" -- \
+        "$TRAINER" -e tiny -f moe --moe-experts 0 --moe-shared 0 --moe-zero 65536 --moe-topk 65536 \
+        --hidden 2147483647 -b 1024 -t 64 -x 1 -v 0 -s 0 -j "" -i "$W/train_000.bin"
 }
 
 hostile_cases_features
