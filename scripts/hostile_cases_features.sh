@@ -55,6 +55,26 @@ hostile_cases_features() {
         hostile_skip "hellaswag.py: write errors" "no GPT-2 BPE files in $tiktoken (set TIKTOKEN_DIR)"
     fi
 
+    # ---- moe: -y 1 with other moe flags is refused naming the changed flag (the expert width
+    # follows the counts, so it was named instead: "ffn_hidden (--hidden) is 48 ... but 64"),
+    # and the run's checkpoints and log stay as they were
+    local mflags=(-e "$HOSTILE_MODEL" -b 2 -t 32 -v 0 -s 0 -j "" -i "$W/moe_train.bin")
+    make_shard "$W/moe_train.bin" 3000
+    expect_ok "moe: (setup) a --moepp 1 run, checkpoints at steps 1 and 2" "" -- \
+        "$TRAINER" "${mflags[@]}" -f moe --moepp 1 -x 2 -n 1 -o "$W/moe_run"
+    snapshot "$W/moe_run"
+    expect_fail "moe: -y 1 without --moepp names --moe-zero (1 in the checkpoint, 0 now)" \
+        "Error: checkpoint .*ckpt_00000002\.bin.*moe_zero \(--moe-zero\) is 1 in the checkpoint but 0" -- \
+        "$TRAINER" "${mflags[@]}" -f moe -x 3 -n 1 -o "$W/moe_run" -y 1
+    expect_no_match "moe: ... not --hidden, which the user did not give" "--hidden"
+    expect_fail "moe: -y 1 with --moe-experts 4 names --moe-experts" \
+        "Error: checkpoint .*moe_experts \(--moe-experts\) is [0-9]+ in the checkpoint but 4" -- \
+        "$TRAINER" "${mflags[@]}" -f moe --moepp 1 --moe-experts 4 -x 3 -n 1 -o "$W/moe_run" -y 1
+    expect_fail "moe: -y 1 with --moe-router linear names it in words" \
+        "Error: checkpoint .*moe_router \(--moe-router\) is tanh in the checkpoint but linear" -- \
+        "$TRAINER" "${mflags[@]}" -f moe --moepp 1 --moe-router linear -x 3 -n 1 -o "$W/moe_run" -y 1
+    expect_intact "moe: the refused resumes left the checkpoints and log intact" "$W/moe_run"
+
     # ---- --plan (no GPU, no data): sizes whose byte counts would overflow 64 bits are refused
     # naming -b and -t (the plan printed wrapped-around numbers: activations 2.2e14 bytes for
     # 2^65); a plan that is merely too big for any GPU is still printed, with its true numbers
