@@ -522,6 +522,11 @@ static inline void train_config_parse(TrainConfig* cfg, int argc, char** argv) {
                 "processes -pn %d\n", cfg->launch_rank, cfg->launch_processes);
         exit(EXIT_FAILURE);
     }
+    if (cfg->mc_every != -1 && cfg->mc_eval_path[0] == '\0') {
+        fprintf(stderr, "Error: flag --mc-every %d sets the interval of the multiple-choice eval, but --mc-eval (its "
+                "file) is not given\n", cfg->mc_every);
+        exit(EXIT_FAILURE);
+    }
     if (cfg->mc_eval_path[0] != '\0' && cfg->B < 4) {
         fprintf(stderr, "Error: bad value \"%d\" for flag -b (--batch-size): --mc-eval needs B >= 4 (the 4 "
                 "completions of an example fill 4 rows of a batch)\n", cfg->B);

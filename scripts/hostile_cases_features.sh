@@ -55,6 +55,22 @@ hostile_cases_features() {
         hostile_skip "hellaswag.py: write errors" "no GPT-2 BPE files in $tiktoken (set TIKTOKEN_DIR)"
     fi
 
+    # ---- --mc-eval in the trainer (the file's format: test_mc_eval; the basic cases: hostile_cases_input.sh)
+    make_shard "$W/mc_train.bin" 3000
+    local mcflags=(-e "$HOSTILE_MODEL" -b 4 -t 32 -v 0 -s 0 -j "" -i "$W/mc_train.bin")
+    expect_fail "mc eval: --mc-every without --mc-eval is refused naming both (it was ignored)" \
+        "$(flag_re '--mc-every').*--mc-eval.*not given" -- "$TRAINER" "${mcflags[@]}" -x 1 --mc-every 5
+    # (these passed already) a directory; a bad file on -y 1 is refused before any step, the run intact
+    expect_fail "mc eval: a directory, named" "Error: .*'$W': is a directory" -- \
+        "$TRAINER" "${mcflags[@]}" -x 1 --mc-eval "$W"
+    expect_ok "mc eval: (setup) a run with --mc-eval, checkpoints at steps 1 and 2" "^mc acc" -- \
+        "$TRAINER" "${mcflags[@]}" -x 2 -n 1 --mc-eval data/mc_examples_val.bin -o "$W/mc_run"
+    snapshot "$W/mc_run"
+    expect_fail "mc eval: -y 1 with a token shard as the eval file, named" "Error: .*mc_train\.bin.*magic" -- \
+        "$TRAINER" "${mcflags[@]}" -x 3 -n 1 --mc-eval "$W/mc_train.bin" -o "$W/mc_run" -y 1
+    expect_no_match "mc eval: ... before any step" "^step +[0-9]|^mc acc"
+    expect_intact "mc eval: ... the run's checkpoints and log intact" "$W/mc_run"
+
     # ---- moe: -y 1 with other moe flags is refused naming the changed flag (the expert width
     # follows the counts, so it was named instead: "ffn_hidden (--hidden) is 48 ... but 64"),
     # and the run's checkpoints and log stay as they were
