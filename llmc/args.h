@@ -566,8 +566,15 @@ static inline void train_config_moe_only_(const ModelConfig* c, const char* flag
     }
 }
 
-// the moe flags that were given (model fields only), checked against the model's kind
+// the moe flags that were given, checked against the model's kind: the model fields, and the
+// run settings of the moe layer when they differ from their defaults (else they would be ignored)
 static inline void train_config_moe_flags_only_(const TrainConfig* cfg, const ModelConfig* c) {
+    TrainConfig d;
+    train_config_defaults(&d);
+    train_config_moe_only_(c, "--moe-aux", cfg->moe_aux != d.moe_aux);
+    train_config_moe_only_(c, "--moe-zc-weight", cfg->moe_zc_weight != d.moe_zc_weight);
+    train_config_moe_only_(c, "--moe-bias-rate", cfg->moe_bias_rate != d.moe_bias_rate);
+    train_config_moe_only_(c, "--moe-gemm", cfg->moe_gemm != d.moe_gemm);
     train_config_moe_only_(c, "--moe-experts", cfg->moe_experts >= 0);
     train_config_moe_only_(c, "--moe-topk", cfg->moe_topk >= 0);
     train_config_moe_only_(c, "--moe-shared", cfg->moe_shared >= 0);
