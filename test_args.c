@@ -122,6 +122,8 @@ static void test_args(void) {
         {"beta1 = 1", {"--beta1", "1"}, "--beta1", "[0, 1)", 0, 1},
         {"eps = 0", {"--eps", "0"}, "--eps", "> 0", 0, 1},
         {"inf lr", {"-l", "inf"}, "flag -l", "finite", 0, 1},
+        {"a clip that rounds to 0 (= off) as a float", {"--grad-clip", "1e-50"}, "\"1e-50\" for flag --grad-clip",
+         "too small for a float", 0, 1},
         {"-d 0", {"-d", "0"}, "flag -d", "-1 or an integer >= 1", 0, 1},
         {"-m 0", {"-m", "0"}, "flag -m", "-1 or an integer >= 1", 0, 1},
         {"-y 2", {"-y", "2"}, "flag -y", "0 or 1", 0, 1},

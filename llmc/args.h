@@ -397,6 +397,7 @@ static inline void train_flag_set_(TrainConfig* cfg, const TrainFlag* f, const c
         if (*end != '\0' || end == value) train_flag_fail_(f, value, "not a number");
         if (!isfinite(x) || errno == ERANGE) train_flag_fail_(f, value, "not a finite number in float range");
         if (fabs(x) > FLT_MAX) train_flag_fail_(f, value, "too large for a float");
+        if (x != 0.0 && (float)x == 0.0f) train_flag_fail_(f, value, "too small for a float (it would be 0)");
     } else {
         long long v = strtoll(value, &end, 10);
         if (*end != '\0' || end == value) train_flag_fail_(f, value, "not an integer");
