@@ -148,7 +148,11 @@ def read_input(path):
     if not os.path.isfile(path):
         raise ExportError(f"{path}: not a regular file (expected a model file or a checkpoint)")
     size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:  # no read permission
+        raise ExportError(f"{path}: cannot open: {e.strerror or e}")
+    with f:
         r = HashingReader(f, path)
         if size < HEADER_BYTES:
             raise ExportError(f"{path}: truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte header")

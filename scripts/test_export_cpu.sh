@@ -76,6 +76,18 @@ check "refused inputs wrote nothing" bash -c "! ls -d '$work'/out_* 2>/dev/null"
 expect_fail "an existing export is not overwritten" "hf_gelu: exists and is not an empty directory" -- \
     python3 dev/export_hf.py "$work/swiglu/model.bin" "$work/hf_gelu"
 expect_ok "... and is left intact" "^OK" -- python3 scripts/check_export_hf.py "$work/gelu/model.bin" "$work/hf_gelu"
+# a model file the user may not read (root reads anything: run as nobody where root can)
+if [ "$(id -u)" = 0 ] && command -v setpriv >/dev/null && [ -x /usr/bin/python3 ]; then
+    mkdir -p "$work/unreadable" && chmod 755 "$work" "$work/unreadable"
+    cp "$work/swiglu/model.bin" "$work/unreadable/model.bin" && chmod 000 "$work/unreadable/model.bin"
+    expect_fail "a model file without read permission is one message naming it" \
+        "Error: .*unreadable/model.bin: cannot open: Permission denied" -- \
+        setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3 dev/export_hf.py \
+        "$work/unreadable/model.bin" "$work/unreadable/hf"
+    expect_no_match "... without a traceback" "Traceback"
+else
+    hostile_skip "unreadable model file" "needs root and setpriv (to run as nobody)"
+fi
 # write errors: one message naming the output folder, and no half-written export left behind
 # (a later export into it would be refused as "not empty")
 expect_fail "an output folder below a regular file is one message" "Error: .*model.bin/hf: writing the export failed" -- \
