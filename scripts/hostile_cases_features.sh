@@ -42,6 +42,12 @@ hostile_cases_features() {
     expect_fail "hellaswag.py: -o names a directory, refused naming -o" "^Error: -o .*hs_out_dir: is a directory" -- \
         "${hs[@]}" "$W/hs_good.jsonl" -o "$W/hs_out_dir"
     check "hellaswag.py: ... and nothing was written beside it" test ! -e "$W/hs_out_dir.tmp"
+    cp "$W/hs_good.jsonl" "$W/hs_same.jsonl"
+    snapshot "$W" hs_same.jsonl
+    expect_fail "hellaswag.py: -o the input file (or any file but an eval file) is refused naming -o" \
+        "^Error: -o .*hs_same\.jsonl: exists and is not an eval file" -- \
+        "${hs[@]}" "$W/hs_same.jsonl" -o "$W/hs_same.jsonl" --tiktoken-dir "$tiktoken"
+    expect_intact "hellaswag.py: ... and the input is intact (it was replaced by the eval file)" "$W"
     if [ -d "$tiktoken" ]; then
         expect_ok "hellaswag.py: (setup) a good file converts" "^wrote 1 examples" -- \
             "${hs[@]}" "$W/hs_good.jsonl" -o "$W/hs_good.bin" --tiktoken-dir "$tiktoken"

@@ -134,6 +134,24 @@ def write_eval_file(path, enc, examples, max_len=None):
         p += 1 + n
 
 
+def check_output(path):
+    """-o may be new or an eval file (replaced): never a directory or another file, such as the input."""
+    if os.path.isdir(path):
+        die(f"-o {path}: is a directory, expected the path of the eval file to write")
+    if not os.path.lexists(path):
+        return
+    magic = None
+    if os.path.isfile(path):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+            magic = int.from_bytes(head, "little") if len(head) == 4 else None
+        except OSError as e:
+            die(f"-o {path}: cannot read what is there: {e.strerror or e}")
+    if magic != EVAL_MAGIC:
+        die(f"-o {path}: exists and is not an eval file, which would be overwritten: remove it or choose another -o")
+
+
 def download(split, cache_dir):
     """The HellaSwag split's JSONL in cache_dir (downloaded once). Untested here: no network."""
     os.makedirs(cache_dir, exist_ok=True)
@@ -158,8 +176,7 @@ def main():
     parser.add_argument("--max-len", type=int, default=None, help="refuse examples longer than this (the model's T)")
     parser.add_argument("--tiktoken-dir", default=None, help="folder of the GPT-2 BPE files (offline)")
     args = parser.parse_args()
-    if os.path.isdir(args.out):
-        die(f"-o {args.out}: is a directory, expected the path of the eval file to write")
+    check_output(args.out)
     if args.source == "jsonl":
         if args.jsonl is None:
             die("source jsonl needs the input file: hellaswag.py jsonl FILE.jsonl -o OUT.bin")
