@@ -2,16 +2,14 @@
 # (dev/data/hellaswag.py's offline JSONL mode), --mc-eval and --mc-every in the trainer, the moe
 # flags, --plan and the number flags. Sourced by scripts/test_hostile.sh (after
 # scripts/hostile_lib.sh); uses TRAINER and HOSTILE_WORK. Everything lives in $HOSTILE_WORK/features.
-# hellaswag.py's cases that tokenize need the GPT-2 BPE files: TIKTOKEN_DIR (default
-# ../shared/data/tiktoken next to the repository), else they are skipped.
+# hellaswag.py's cases need numpy (else skipped); those that tokenize need the GPT-2 BPE files:
+# TIKTOKEN_DIR (default ../shared/data/tiktoken next to the repository), else they are skipped.
 
-hostile_cases_features() {
-    local W=$HOSTILE_WORK/features
-    mkdir -p "$W"
+# ---- dev/data/hellaswag.py jsonl: every bad input is one message naming the file and line; in $1
+hostile_cases_hellaswag() {
+    local W=$1
     local tiktoken=${TIKTOKEN_DIR:-../shared/data/tiktoken}
     local good='{"context": "The cat sat on the", "endings": ["mat.", "moon.", "sky.", "sea."], "label": 0}'
-
-    # ---- dev/data/hellaswag.py jsonl: every bad input is one message naming the file and line
     local hs=(python3 dev/data/hellaswag.py jsonl)
     echo '["The cat sat on the", ["mat."]]' > "$W/hs_list.jsonl"
     expect_fail "hellaswag.py: a line that is JSON but not an object, named" \
@@ -59,6 +57,16 @@ hostile_cases_features() {
         check "hellaswag.py: ... and no eval file or .tmp is left" test ! -e "$W/hs_full.bin" -a ! -e "$W/hs_full.bin.tmp"
     else
         hostile_skip "hellaswag.py: write errors" "no GPT-2 BPE files in $tiktoken (set TIKTOKEN_DIR)"
+    fi
+}
+
+hostile_cases_features() {
+    local W=$HOSTILE_WORK/features
+    mkdir -p "$W"
+    if python3 -c "import numpy" 2>/dev/null; then
+        hostile_cases_hellaswag "$W"
+    else
+        hostile_skip "hellaswag.py" "python3 has no numpy"
     fi
 
     # ---- --mc-eval in the trainer (the file's format: test_mc_eval; the basic cases: hostile_cases_input.sh)
