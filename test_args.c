@@ -76,6 +76,7 @@ static void test_args(void) {
              cfg.overlap_comm == 1 && cfg.shard_experts == 1 && cfg.recompute == 2 && cfg.gelu_fusion == 2 &&
              cfg.moe_gemm == 2;
     test_check_why(ok, "args: every flag (short, long, --flag=value) sets its field", "");
+    cfg.moe_gemm = def.moe_gemm;  // a moe run setting: refused with this omni model ("moe run setting on omni")
 
     // the model from the flags
     ModelConfig mc;
@@ -121,6 +122,8 @@ static void test_args(void) {
         {"beta1 = 1", {"--beta1", "1"}, "--beta1", "[0, 1)", 0, 1},
         {"eps = 0", {"--eps", "0"}, "--eps", "> 0", 0, 1},
         {"inf lr", {"-l", "inf"}, "flag -l", "finite", 0, 1},
+        {"a clip that rounds to 0 (= off) as a float", {"--grad-clip", "1e-50"}, "\"1e-50\" for flag --grad-clip",
+         "too small for a float", 0, 1},
         {"-d 0", {"-d", "0"}, "flag -d", "-1 or an integer >= 1", 0, 1},
         {"-m 0", {"-m", "0"}, "flag -m", "-1 or an integer >= 1", 0, 1},
         {"-y 2", {"-y", "2"}, "flag -y", "0 or 1", 0, 1},
@@ -153,6 +156,9 @@ static void test_args(void) {
         {"moe topk > routed experts", {"-e", "tiny", "-t", "64", "-f", "moe", "--moe-topk", "9"}, "\"9\" for flag --moe-topk",
          "= 8 of model tiny", 1, 1},
         {"unknown moe router", {"--moe-router", "mlp"}, "--moe-router", "linear|tanh", 0, 1},
+        {"moe run setting on omni", {"-e", "tiny", "-t", "64", "--moe-aux", "0.5"}, "--moe-aux", "omni", 1, 1},
+        {"moe run setting on gelu", {"-e", "tiny", "-t", "64", "-f", "gelu", "--moe-bias-rate", "0.001"}, "--moe-bias-rate",
+         "gelu", 1, 1},
         {"negative process rank", {"-pr", "-1"}, "\"-1\" for flag -pr", NULL, 0, 1},
         {"process rank >= processes", {"-pn", "2", "-pr", "2", "-pf", "id"}, "\"2\" for flag -pr", "-pn 2", 0, 1},
         {"--shard-experts 2", {"--shard-experts", "2"}, "\"2\" for flag --shard-experts", "0 or 1", 0, 1},

@@ -14,6 +14,8 @@
  *   overfit_*      a tiny model memorises one batch
  *   grad_accum_*   two micro-batches (loss_scale 0.5) give the bits of one batch of both
  *   determinism    two training runs, and runs with different thread counts, are bitwise equal
+ *   bytes_bound    train_config_micro_batch_bytes_bound (llmc/args.h) above the CPU layout's and
+ *                  the memory plan's bytes of a micro-batch, random configurations
  *
  * Prints one PASS/FAIL line per test with the measured error and the tolerance, and the closing
  * "test_omnimoe_cpu: N passed, N failed" (llmc/test_harness.h); exits non-zero when any test fails.
@@ -21,6 +23,7 @@
  */
 #define TESTING
 #include "train_omnimoe.c"
+#include "llmc/memory_plan.h"
 #include "llmc/test_harness.h"
 
 static int verbose = 0;
@@ -1071,6 +1074,76 @@ static void test_moe_determinism(void) {
 
 // ----------------------------------------------------------------------------
 
+// train_config_micro_batch_bytes_bound (llmc/args.h), which keeps the size_t byte counts from
+// wrapping, is above what the CPU layout (layout_activations) and the memory plan of every mode
+// (llmc/memory_plan.h) count for a micro-batch, on random configurations of every FFN kind: a
+// buffer added to either without the bound growing fails here
+static int below_(Rng* rng, int n) { return (int)(rng_u32(rng) % (uint32_t)n); }
+static void test_bytes_bound(void) {
+    Rng rng;
+    rng_init(&rng, 2026);
+    int checked = 0, over = 0;
+    double worst = 0.0;
+    for (int it = 0; it < 20000; it++) {
+        ModelConfig c;
+        memset(&c, 0, sizeof(c));
+        c.num_heads = 1 + below_(&rng, 8);
+        c.channels = c.num_heads * 8 * (1 + below_(&rng, 16));
+        c.num_layers = 1 + below_(&rng, 6);
+        c.max_seq_len = 1 + below_(&rng, 1024);
+        c.vocab_size = 1 + below_(&rng, 3000);
+        c.padded_vocab_size = c.vocab_size + below_(&rng, 128);
+        c.ffn_kind = below_(&rng, 4);
+        c.ffn_hidden = 1 + below_(&rng, 3000);
+        if (c.ffn_kind == FFN_OMNI) {
+            c.router_n = 1 + below_(&rng, 40);
+            c.num_experts = c.router_n * c.router_n;
+            c.top_k = 1 + below_(&rng, c.num_experts);
+            c.router_norm = below_(&rng, 2);
+            c.gate = below_(&rng, 2);
+        }
+        if (c.ffn_kind == FFN_MOE) {
+            c.moe_experts = 1 + below_(&rng, 200);
+            c.moe_const = below_(&rng, 40);
+            c.moe_copy = below_(&rng, 4);
+            c.moe_zero = below_(&rng, 4);
+            c.moe_topk = 1 + below_(&rng, model_config_moe_routed(&c));
+            c.moe_shared = below_(&rng, 3);
+            c.moe_gate_res = below_(&rng, 2);
+            c.moe_norm_topk = below_(&rng, 2);
+            c.moe_router = below_(&rng, 2);
+            c.moe_input_scale = below_(&rng, 2);
+        }
+        TrainConfig cfg;
+        train_config_defaults(&cfg);
+        cfg.B = 1 + below_(&rng, 32);
+        cfg.T = 1 + below_(&rng, c.max_seq_len);
+        cfg.num_processes = 1 + below_(&rng, 16);
+        cfg.shard_experts = c.ffn_kind == FFN_OMNI && cfg.num_processes > 1 && c.channels % (8 * cfg.num_processes) == 0;
+        double bound = train_config_micro_batch_bytes_bound(&cfg, &c), cpu = 0.0;
+        GPT counted;
+        memset(&counted, 0, sizeof(counted));
+        counted.config = c;
+        layout_activations(&counted, cfg.B, cfg.T, &cpu);
+        double most = cpu;
+        for (int mode = 0; mode < 4; mode++) {
+            MemoryPlan plan;
+            if ((mode & PLAN_MODE_TABLES) && !cfg.shard_experts) continue;
+            memory_plan_build_estimated(&plan, &c, cfg.B, cfg.T, 4, cfg.num_processes, mode, below_(&rng, 3));
+            double bytes = 0.0;
+            for (int i = 0; i < MEMBUF_COUNT; i++) {
+                if (plan.buf[i].kind == MEM_ACTIVATIONS || plan.buf[i].kind == MEM_WORKSPACE) bytes += (double)plan.buf[i].bytes;
+            }
+            if (bytes > most) most = bytes;
+        }
+        checked++;
+        if (most > bound) over++;
+        if (most / bound > worst) worst = most / bound;
+    }
+    test_checkf(over == 0, "bytes_bound_above_cpu_and_plan", "%d of %d configurations over the bound, largest "
+                "counted/bound %.3f", over, checked, worst);
+}
+
 int main(int argc, char** argv) {
     for (int i = 1; i < argc; i++) if (strcmp(argv[i], "-v") == 0) verbose = 1;
     struct timespec start, end;
@@ -1137,6 +1210,7 @@ int main(int argc, char** argv) {
     test_moe_loss_scale();
     test_moe_bias();
     test_moe_determinism();
+    test_bytes_bound();
 
     clock_gettime(CLOCK_MONOTONIC, &end);
     double seconds = (end.tv_sec - start.tv_sec) + 1e-9 * (end.tv_nsec - start.tv_nsec);

@@ -20,7 +20,8 @@ the logits have V columns. All tensors are float32, bit for bit the floats of th
 
 Input checks: magic, version, the exact size the header implies, the end marker, the XXH64 hash
 (the python xxhash module when installed, else dev/xxh64.py's pure-Python one: ~25 MB/s), and no
-NaN/Inf weight. Any failure: one message naming the file, exit status 1, nothing written.
+NaN/Inf weight. Any failure: one message naming the file, exit status 1, nothing written; a
+write error (a full disk) removes what the export had written.
 """
 
 import json
@@ -147,7 +148,11 @@ def read_input(path):
     if not os.path.isfile(path):
         raise ExportError(f"{path}: not a regular file (expected a model file or a checkpoint)")
     size = os.path.getsize(path)
-    with open(path, "rb") as f:
+    try:
+        f = open(path, "rb")
+    except OSError as e:  # no read permission
+        raise ExportError(f"{path}: cannot open: {e.strerror or e}")
+    with f:
         r = HashingReader(f, path)
         if size < HEADER_BYTES:
             raise ExportError(f"{path}: truncated: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
@@ -298,14 +303,23 @@ def export(src, out_dir):
                           f"(an earlier export is never overwritten)")
     source = {"file": os.path.basename(src), "input": description, "padded_vocab_size": c["padded_vocab_size"],
               "header": {k: c[k] for k in CONFIG_FIELDS}}
-    os.makedirs(out_dir, exist_ok=True)
-    write_safetensors(os.path.join(out_dir, "model.safetensors"), hf_tensors(c, tensors, bn), {"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(hf_config(c, source), f, indent=2)
-        f.write("\n")
-    if c["ffn_kind"] != 0:
-        for name in MODELING_FILES:
-            shutil.copyfile(os.path.join(MODELING_DIR, name), os.path.join(out_dir, name))
+    made = not os.path.exists(out_dir)
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        write_safetensors(os.path.join(out_dir, "model.safetensors"), hf_tensors(c, tensors, bn), {"format": "pt"})
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(hf_config(c, source), f, indent=2)
+            f.write("\n")
+        if c["ffn_kind"] != 0:
+            for name in MODELING_FILES:
+                shutil.copyfile(os.path.join(MODELING_DIR, name), os.path.join(out_dir, name))
+    except OSError as e:  # a full disk, an unwritable folder: a half-written export must not look like one
+        if os.path.isdir(out_dir):  # it was empty or new: everything in it is ours
+            for name in os.listdir(out_dir):
+                os.remove(os.path.join(out_dir, name))
+            if made:
+                os.rmdir(out_dir)
+        raise ExportError(f"{out_dir}: writing the export failed ({e.strerror or e}); nothing was left there")
     return c, description
 
 

@@ -10,7 +10,8 @@
  *   train_config_print()           the settings of this run, one per line
  *   train_config_model()           -e preset + overrides -> ModelConfig (0 when -e is a file)
  *   train_config_check_file_model() overrides given with -e <file> must agree with the file
- *   train_config_validate()        checks that need the model (T <= max_seq_len, batch division)
+ *   train_config_validate()        checks that need the model (T <= max_seq_len, batch division,
+ *                                  a micro-batch's bytes below 2^60: train_config_micro_batch_bytes_bound)
  *   train_config_total_batch_tokens(), train_config_grad_accum_steps()
  *
  * Flags come in pairs, llm.c style: a short form (-b 4) and/or a long one (--batch-size 4 or
@@ -396,6 +397,7 @@ static inline void train_flag_set_(TrainConfig* cfg, const TrainFlag* f, const c
         if (*end != '\0' || end == value) train_flag_fail_(f, value, "not a number");
         if (!isfinite(x) || errno == ERANGE) train_flag_fail_(f, value, "not a finite number in float range");
         if (fabs(x) > FLT_MAX) train_flag_fail_(f, value, "too large for a float");
+        if (x != 0.0 && (float)x == 0.0f) train_flag_fail_(f, value, "too small for a float (it would be 0)");
     } else {
         long long v = strtoll(value, &end, 10);
         if (*end != '\0' || end == value) train_flag_fail_(f, value, "not an integer");
@@ -521,6 +523,11 @@ static inline void train_config_parse(TrainConfig* cfg, int argc, char** argv) {
                 "processes -pn %d\n", cfg->launch_rank, cfg->launch_processes);
         exit(EXIT_FAILURE);
     }
+    if (cfg->mc_every != -1 && cfg->mc_eval_path[0] == '\0') {
+        fprintf(stderr, "Error: flag --mc-every %d sets the interval of the multiple-choice eval, but --mc-eval (its "
+                "file) is not given\n", cfg->mc_every);
+        exit(EXIT_FAILURE);
+    }
     if (cfg->mc_eval_path[0] != '\0' && cfg->B < 4) {
         fprintf(stderr, "Error: bad value \"%d\" for flag -b (--batch-size): --mc-eval needs B >= 4 (the 4 "
                 "completions of an example fill 4 rows of a batch)\n", cfg->B);
@@ -560,8 +567,15 @@ static inline void train_config_moe_only_(const ModelConfig* c, const char* flag
     }
 }
 
-// the moe flags that were given (model fields only), checked against the model's kind
+// the moe flags that were given, checked against the model's kind: the model fields, and the
+// run settings of the moe layer when they differ from their defaults (else they would be ignored)
 static inline void train_config_moe_flags_only_(const TrainConfig* cfg, const ModelConfig* c) {
+    TrainConfig d;
+    train_config_defaults(&d);
+    train_config_moe_only_(c, "--moe-aux", cfg->moe_aux != d.moe_aux);
+    train_config_moe_only_(c, "--moe-zc-weight", cfg->moe_zc_weight != d.moe_zc_weight);
+    train_config_moe_only_(c, "--moe-bias-rate", cfg->moe_bias_rate != d.moe_bias_rate);
+    train_config_moe_only_(c, "--moe-gemm", cfg->moe_gemm != d.moe_gemm);
     train_config_moe_only_(c, "--moe-experts", cfg->moe_experts >= 0);
     train_config_moe_only_(c, "--moe-topk", cfg->moe_topk >= 0);
     train_config_moe_only_(c, "--moe-shared", cfg->moe_shared >= 0);
@@ -798,6 +812,25 @@ static inline RunIdentity train_config_run_identity(const TrainConfig* cfg, uint
     return r;
 }
 
+// An upper bound, in double (no overflow), of one process's bytes of activations, scratch and
+// workspace for one micro-batch: every such buffer of the CPU trainer (layout_activations) and of
+// the memory plan (llmc/memory_plan.h, which the CUDA trainer allocates from) is B*T times at
+// most these per-token widths (8 bytes an element), plus per-expert counts, 256-byte alignment
+// and CUB's 1 MiB, so below TRAIN_MAX_MICRO_BATCH_BYTES their size_t products and sums cannot
+// wrap around to a small, wrong size.
+#define TRAIN_MAX_MICRO_BATCH_BYTES 1152921504606846976.0  // 2^60 bytes: more than any machine holds
+static inline double train_config_micro_batch_bytes_bound(const TrainConfig* cfg, const ModelConfig* c) {
+    const double C = c->channels, L = c->num_layers, NH = c->num_heads, Vp = c->padded_vocab_size, T = cfg->T;
+    const double H = (double)model_config_dense_width(c), FI = (double)model_config_ffn_in_width(c);
+    const int omni = c->ffn_kind == FFN_OMNI, moe = c->ffn_kind == FFN_MOE;
+    const double R = omni ? 2.0 * c->router_n : 0, K = omni ? c->top_k : 0, N = omni ? c->num_experts : 0;
+    const double Et = model_config_moe_routed(c), MK = moe ? c->moe_topk : 0, Ie = moe ? c->ffn_hidden : 0;
+    const double P = cfg->shard_experts ? cfg->num_processes : 1;  // tables: the pairs of all P processes
+    const double per_layer = 16 * C + 2 * FI + 2 * H + 2 * NH * (T + 64) + 4 * R + 8 * K + K * C + 16 * P * K +
+                             16 * Et + 8 * MK + MK * (3 * Ie + C) + Et * Et + (moe ? c->moe_const : 0) * MK * C;
+    return 8.0 * cfg->B * T * ((L + 2) * per_layer + 4 * Vp) + 8 * (L + 2) * (N + Et + 1024) + 4194304.0;
+}
+
 // --shard-experts 1 splits the columns of U and V over the processes (llmc/expert_shard.h):
 // refused where that cannot apply
 static inline void train_config_validate_shard_experts(const TrainConfig* cfg, const ModelConfig* model) {
@@ -835,6 +868,13 @@ static inline void train_config_validate(const TrainConfig* cfg, const ModelConf
     if (!train_mul_ok_(train_config_total_batch_tokens(cfg), (long long)cfg->num_steps + 1, &run_tokens)) {
         fprintf(stderr, "Error: flags -x %d and -d %lld: the run's token count (steps * tokens per step) overflows a "
                 "64-bit counter\n", cfg->num_steps, train_config_total_batch_tokens(cfg));
+        exit(EXIT_FAILURE);
+    }
+    double micro_bytes = train_config_micro_batch_bytes_bound(cfg, model);
+    if (micro_bytes > TRAIN_MAX_MICRO_BATCH_BYTES) {
+        fprintf(stderr, "Error: flags -b %d -t %d: one micro-batch of this model needs up to %.3g bytes of activations "
+                "and scratch per process, more than 2^60 (no machine holds that, and the byte counts would overflow): "
+                "lower -b or -t, or the model's widths\n", cfg->B, cfg->T, micro_bytes);
         exit(EXIT_FAILURE);
     }
     if (cfg->checkpoint_every > 0 && cfg->output_dir[0] == '\0') {

@@ -285,15 +285,18 @@ static inline void model_config_from_header(const int32_t* header, ModelConfig* 
 }
 
 // index (0..MODEL_CONFIG_NUM_FIELDS-1) of the first config field where a and b differ, -1 when
-// equal; the names of the fields are model_config_field_name(i) in header-slot order
+// equal; the names of the fields are model_config_field_name(i) in header-slot order, except
+// that ffn_hidden comes last: a moe model's width follows its expert counts (--hidden unset, it
+// is refitted to the preset's active size), so a changed count is named, not the width it moved
 static inline int model_config_first_difference(const ModelConfig* a, const ModelConfig* b) {
+    const int hidden = 7;  // "ffn_hidden (--hidden)"
     int32_t ha[OMNI_HEADER_INTS], hb[OMNI_HEADER_INTS];
     model_config_to_header(a, ha);
     model_config_to_header(b, hb);
     for (int i = 0; i < MODEL_CONFIG_NUM_FIELDS; i++) {
-        if (ha[model_config_field_slot(i)] != hb[model_config_field_slot(i)]) return i;
+        if (i != hidden && ha[model_config_field_slot(i)] != hb[model_config_field_slot(i)]) return i;
     }
-    return -1;
+    return ha[model_config_field_slot(hidden)] != hb[model_config_field_slot(hidden)] ? hidden : -1;
 }
 static inline const char* model_config_field_name(int i) {
     static const char* names[MODEL_CONFIG_NUM_FIELDS] = {
@@ -311,12 +314,13 @@ static inline int model_config_field_value(const ModelConfig* c, int i) {
     model_config_to_header(c, h);
     return (i >= 0 && i < MODEL_CONFIG_NUM_FIELDS) ? h[model_config_field_slot(i)] : 0;
 }
-// the value of field i as text: a number, or the option's word for ffn_kind, router_norm, gate
+// the value of field i as text: a number, or the option's word for ffn_kind, router_norm, gate, moe_router
 static inline void model_config_field_text(const ModelConfig* c, int i, char* out, size_t size) {
     int v = model_config_field_value(c, i);
     if (i == 6) snprintf(out, size, "%s", ffn_kind_name(v));
     else if (i == 11) snprintf(out, size, "%s", v == ROUTER_NORM_BN ? "bn" : (v == ROUTER_NORM_NONE ? "none" : "?"));
     else if (i == 12) snprintf(out, size, "%s", v == GATE_SOFTMAX ? "softmax" : (v == GATE_PROB ? "prob" : "?"));
+    else if (i == 21) snprintf(out, size, "%s", v == MOE_ROUTER_TANH ? "tanh" : (v == MOE_ROUTER_LINEAR ? "linear" : "?"));
     else snprintf(out, size, "%d", v);
 }
 

@@ -158,6 +158,15 @@ static void train_loop_on_signal(int sig) {
     (void)sig;
     train_loop_stop_requested = 1;
 }
+// sigaction, not signal(): under -std=c11 glibc's signal() has System V semantics, the handler is
+// reset after one delivery, so a second SIGTERM killed the run before its checkpoint was written
+static inline void train_loop_catch_signal_(int sig) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = train_loop_on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(sig, &sa, NULL);
+}
 
 static inline double train_loop_now_ms(void) {
     struct timespec ts;
@@ -465,9 +474,9 @@ static inline int train_loop_run_(const TrainLoop* tl, const MCEval* mc_eval) {
     Logger logger;
     if (!setup_failed) setup_failed = logger_init(&logger, log_path, be->rank, resumed ? start_step : -1) != 0;
     if (train_loop_agree_(be, setup_failed)) return EXIT_FAILURE;
-    signal(SIGINT, train_loop_on_signal);
-    signal(SIGTERM, train_loop_on_signal);
-    signal(SIGUSR1, train_loop_on_signal);
+    train_loop_catch_signal_(SIGINT);
+    train_loop_catch_signal_(SIGTERM);
+    train_loop_catch_signal_(SIGUSR1);
 
     const long long tokens_per_step = train_config_total_batch_tokens(cfg);
     const int mc_every = train_config_mc_interval(cfg);

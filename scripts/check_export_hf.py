@@ -27,11 +27,30 @@ def fail(msg):
     sys.exit(1)
 
 
+def read_bytes(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        fail(f"{path}: cannot read: {e.strerror or e}")
+
+
+def read_json(path, data):
+    try:
+        return json.loads(data)
+    except ValueError as e:  # not UTF-8 or not JSON
+        fail(f"{path}: not JSON: {e}")
+
+
 def read_model(path):
     """The model file as (header config, {our tensor name: uint32 array}) with its own layout walk."""
-    data = open(path, "rb").read()
+    data = read_bytes(path)
+    if len(data) < 1024:
+        fail(f"{path}: {len(data)} bytes, shorter than the 1024-byte header")
     h = struct.unpack_from("<256i", data)
     c = dict(zip(FIELDS, h[2:15]))
+    if c["ffn_kind"] not in (0, 1, 2):
+        fail(f"{path}: ffn kind {c['ffn_kind']} in its header; the export holds gelu (0), swiglu (1) or omni (2)")
     L, C, H, T, Vp = c["num_layers"], c["channels"], c["ffn_hidden"], c["max_seq_len"], c["padded_vocab_size"]
     kind, n, N = c["ffn_kind"], c["router_n"], c["num_experts"]
     fc_rows = H if kind == 0 else 2 * H
@@ -95,22 +114,28 @@ def expected_tensors(c, t):
 
 
 def check_safetensors(path, expected):
-    data = open(path, "rb").read()
+    data = read_bytes(path)
     if len(data) < 8:
         fail(f"{path}: {len(data)} bytes, shorter than the 8-byte header length")
     (hlen,) = struct.unpack_from("<Q", data)
     if 8 + hlen > len(data) or (8 + hlen) % 8:
         fail(f"{path}: header length {hlen} does not fit the {len(data)}-byte file or is not 8-aligned")
-    header = json.loads(data[8:8 + hlen].decode("utf-8"))
+    header = read_json(path, data[8:8 + hlen])
+    if not isinstance(header, dict):
+        fail(f"{path}: the JSON header is not an object")
     header.pop("__metadata__", None)
     if set(header) != set(expected):
         fail(f"{path}: tensors differ: missing {sorted(set(expected) - set(header))[:5]}, "
              f"extra {sorted(set(header) - set(expected))[:5]}")
     body, end = data[8 + hlen:], 0
+    for name, info in header.items():
+        if not (isinstance(info, dict) and isinstance(info.get("data_offsets"), list) and len(info["data_offsets"]) == 2
+                and all(isinstance(x, int) for x in info["data_offsets"]) and isinstance(info.get("shape"), list)):
+            fail(f"{path}: {name}: expected dtype, shape and data_offsets [begin, end], found {info!r}"[:300])
     for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
         shape, values = expected[name]
         b, e = info["data_offsets"]
-        if info["dtype"] != "F32" or tuple(info["shape"]) != shape:
+        if info.get("dtype") != "F32" or tuple(info["shape"]) != shape:
             fail(f"{path}: {name} is {info['dtype']} {info['shape']}, expected F32 {list(shape)}")
         if b != end or e - b != 4 * len(values):
             fail(f"{path}: {name} occupies [{b}, {e}), expected [{end}, {end + 4 * len(values)})")
@@ -123,7 +148,9 @@ def check_safetensors(path, expected):
 
 
 def check_config(path, c, export_dir):
-    j = json.load(open(path))
+    j = read_json(path, read_bytes(path))
+    if not isinstance(j, dict):
+        fail(f"{path}: not a JSON object")
     want = {"vocab_size": c["vocab_size"], "n_positions": c["max_seq_len"], "n_embd": c["channels"],
             "n_layer": c["num_layers"], "n_head": c["num_heads"], "tie_word_embeddings": True}
     if c["ffn_kind"] == 0:

@@ -12,9 +12,14 @@ hostile_run_dir() {
     "$TRAINER" "${RUN_TINY[@]}" -x 4 -n 2 -v 2 -m 1 -o "$1" > "$1.out" 2>&1
 }
 
-# --- SIGTERM / SIGINT with -n 0: the step finishes, a checkpoint is written, exit 130, resumable
+# --- SIGTERM / SIGINT with -n 0: the step finishes, a checkpoint is written, exit 130, resumable;
+# with a second argument 2 the signal comes twice, 0.2 s apart (an impatient user, a scheduler and
+# a launcher both forwarding it): the same outcome (the handler was reset after one delivery, and
+# the second SIGTERM killed the run without its checkpoint)
 hostile_signal_case() {
-    local sig=$1 d="$HOSTILE_WORK/sig_$1" out="$HOSTILE_WORK/sig_$1.out"
+    local sig=$1 times=${2:-1}
+    local d="$HOSTILE_WORK/sig_${sig}_$times" out="$HOSTILE_WORK/sig_${sig}_$times.out"
+    local what="SIG$sig$([ "$times" -gt 1 ] && echo " sent $times times")"
     rm -rf "$d"
     "$TRAINER" "${RUN_TINY[@]}" -v 0 -x 100000 -n 0 -o "$d" > "$out" 2>&1 &
     local pid=$! i rc step
@@ -24,6 +29,7 @@ hostile_signal_case() {
         sleep 0.1
     done
     kill -"$sig" "$pid" 2>/dev/null
+    for ((i = 1; i < times; i++)); do sleep 0.2; kill -"$sig" "$pid" 2>/dev/null; done
     # the step finishes, then the checkpoint: it has HOSTILE_TIMEOUT seconds (a trainer that
     # ignores the signal is killed then)
     for ((i = 0; i < HOSTILE_TIMEOUT * 10; i++)); do
@@ -36,15 +42,16 @@ hostile_signal_case() {
     step=$(sed -n 's/^stopped by a signal at step \([0-9]*\)$/\1/p' "$out")
     hostile_last_log=$out
     if [ "$rc" = 130 ] && [ -n "$step" ] && [ -f "$d/ckpt_$(printf %08d "$step").bin" ]; then
-        hostile_pass "run: SIG$sig with -n 0 ends with exit 130 and a checkpoint of step $step"
-        expect_ok "run: the checkpoint left by SIG$sig resumes" "resumed from .*ckpt_$(printf %08d "$step").bin" -- \
+        hostile_pass "run: $what with -n 0 ends with exit 130 and a checkpoint of step $step"
+        expect_ok "run: the checkpoint left by $what resumes" "resumed from .*ckpt_$(printf %08d "$step").bin" -- \
             "$TRAINER" "${RUN_TINY[@]}" -v 0 -x $((step + 1)) -o "$d" -y 1
     else
-        hostile_fail "run: SIG$sig with -n 0" "exit status $rc (130 expected), stop step '$step', files: $(ls "$d" 2>/dev/null | tr '\n' ' ')"
+        hostile_fail "run: $what with -n 0" "exit status $rc (130 expected), stop step '$step', files: $(ls "$d" 2>/dev/null | tr '\n' ' ')"
     fi
 }
 hostile_signal_case TERM
 hostile_signal_case INT
+hostile_signal_case TERM 2
 
 # --- a fresh run into another run's directory is refused; --overwrite 1 replaces it
 D="$HOSTILE_WORK/used"

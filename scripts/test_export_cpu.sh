@@ -5,13 +5,14 @@
 # values bit for bit, config.json against the model header). The omni checkpoint must export to
 # the same safetensors bytes as model.bin; a one-bit change to an export must be caught; bad
 # inputs (one flipped bit under an intact end marker included) are refused with a message naming
-# the file, and nothing is written. Runs without the python xxhash module (dev/xxh64.py).
+# the file, and nothing is written; a write error (a full disk) leaves no half-written export.
+# Runs without the python xxhash module (dev/xxh64.py).
 # The logits of the exports against ours need torch and transformers: dev/test_export_hf.py.
 # One PASS/FAIL line per check (the helpers of scripts/hostile_lib.sh), then
 # "test_export_cpu: N passed, N failed"; exit 1 on any FAIL. Run from the repository root.
 set -uo pipefail
 HOSTILE_WORK=$(mktemp -d /tmp/test_export_cpu.XXXXXX)
-trap 'rm -rf "$HOSTILE_WORK"' EXIT
+trap 'umount "$HOSTILE_WORK/full" 2>/dev/null; rm -rf "$HOSTILE_WORK"' EXIT
 source scripts/hostile_lib.sh
 work=$HOSTILE_WORK
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
@@ -36,6 +37,20 @@ cp -r "$work/hf_gelu" "$work/hf_tampered"
 xor_byte "$work/hf_tampered/model.safetensors" $(( $(stat -c %s "$work/hf_tampered/model.safetensors") - 1 )) 1
 expect_fail "one flipped bit in an export is caught" "transformer.ln_f.bias differs" -- \
     python3 scripts/check_export_hf.py "$work/gelu/model.bin" "$work/hf_tampered"
+# the checker on bad inputs: one line naming the file, exit 1, no traceback
+expect_fail "checker: a missing export folder, named" "^check_export_hf: .*hf_none/model.safetensors: cannot read" -- \
+    python3 scripts/check_export_hf.py "$work/gelu/model.bin" "$work/hf_none"
+head -c 500 "$work/gelu/model.bin" > "$work/short_model.bin"
+expect_fail "checker: a model file shorter than its header, named" "^check_export_hf: .*short_model.bin: 500 bytes" -- \
+    python3 scripts/check_export_hf.py "$work/short_model.bin" "$work/hf_gelu"
+cp -r "$work/hf_gelu" "$work/hf_badjson"
+printf '{"vocab_size": ' > "$work/hf_badjson/config.json"
+expect_fail "checker: a truncated config.json, named" "^check_export_hf: .*hf_badjson/config.json: not JSON" -- \
+    python3 scripts/check_export_hf.py "$work/gelu/model.bin" "$work/hf_badjson"
+xor_byte "$work/hf_badjson/model.safetensors" 8 $(( 0x7b ^ 0x5b ))  # the header's opening { becomes [
+expect_fail "checker: a safetensors header that is not JSON, named" "^check_export_hf: .*hf_badjson/model.safetensors: not JSON" -- \
+    python3 scripts/check_export_hf.py "$work/gelu/model.bin" "$work/hf_badjson"
+expect_no_match "checker: ... without a traceback" "Traceback"
 # bad inputs: a message naming the file, no output folder
 head -c 5000 "$work/swiglu/model.bin" > "$work/truncated.bin"
 expect_fail "truncated model file refused" "truncated.bin: truncated: 5000 bytes, expected" -- \
@@ -61,4 +76,34 @@ check "refused inputs wrote nothing" bash -c "! ls -d '$work'/out_* 2>/dev/null"
 expect_fail "an existing export is not overwritten" "hf_gelu: exists and is not an empty directory" -- \
     python3 dev/export_hf.py "$work/swiglu/model.bin" "$work/hf_gelu"
 expect_ok "... and is left intact" "^OK" -- python3 scripts/check_export_hf.py "$work/gelu/model.bin" "$work/hf_gelu"
+# a model file the user may not read (root reads anything: run as nobody where root can)
+if [ "$(id -u)" = 0 ] && command -v setpriv >/dev/null && [ -x /usr/bin/python3 ]; then
+    mkdir -p "$work/unreadable" && chmod 755 "$work" "$work/unreadable"
+    cp "$work/swiglu/model.bin" "$work/unreadable/model.bin" && chmod 000 "$work/unreadable/model.bin"
+    expect_fail "a model file without read permission is one message naming it" \
+        "Error: .*unreadable/model.bin: cannot open: Permission denied" -- \
+        setpriv --reuid=65534 --regid=65534 --clear-groups /usr/bin/python3 dev/export_hf.py \
+        "$work/unreadable/model.bin" "$work/unreadable/hf"
+    expect_no_match "... without a traceback" "Traceback"
+else
+    hostile_skip "unreadable model file" "needs root and setpriv (to run as nobody)"
+fi
+# write errors: one message naming the output folder, and no half-written export left behind
+# (a later export into it would be refused as "not empty")
+expect_fail "an output folder below a regular file is one message" "Error: .*model.bin/hf: writing the export failed" -- \
+    python3 dev/export_hf.py "$work/swiglu/model.bin" "$work/gelu/model.bin/hf"
+expect_no_match "... without a traceback" "Traceback"
+mkdir -p "$work/full"
+if mount -t tmpfs -o size=2m tmpfs "$work/full" 2>/dev/null; then  # less than the 13 MB export
+    expect_fail "a full disk is one message naming the folder and the cause" \
+        "Error: .*full/hf: writing the export failed \(No space left on device\)" -- \
+        python3 dev/export_hf.py "$work/swiglu/model.bin" "$work/full/hf"
+    check "... and the half-written export is removed" test ! -e "$work/full/hf"
+    mkdir "$work/full/empty"
+    expect_fail "a full disk, an existing empty folder: one message" "Error: .*full/empty: writing the export failed" -- \
+        python3 dev/export_hf.py "$work/swiglu/model.bin" "$work/full/empty"
+    check "... the folder is left as it was, empty" bash -c "[ -d '$work/full/empty' ] && [ -z \"\$(ls -A '$work/full/empty')\" ]"
+else
+    hostile_skip "full disk" "cannot mount a tmpfs here (needs root)"
+fi
 hostile_summary test_export_cpu

@@ -5,9 +5,10 @@
 #   bash scripts/test_hostile.sh                              the CPU trainer (make test_cpu runs it)
 #   TRAINER=./train_omnimoe bash scripts/test_hostile.sh      the CUDA trainer (dev/gpu_check.sh)
 # Cases live in scripts/hostile_cases_*.sh (input: data, flags, files; run: signals, output
-# directories, resume), sourced in that order; helpers in scripts/hostile_lib.sh. The cases use
-# the tiny preset on the CPU trainer (20-90 s on 2 cores) and small on the CUDA trainer
-# (its attention needs a head size of 32, 64 or 128). Case list and outcomes: docs/hostile_sweep.md.
+# directories, resume; features: what came later, --mc-eval and its tools, moe, --plan), sourced
+# in that order (HOSTILE_CASES="scripts/hostile_cases_features.sh" runs some of them); helpers in
+# scripts/hostile_lib.sh. The cases use the tiny preset on the CPU trainer (20-90 s on 2 cores)
+# and small on the CUDA trainer (its attention needs a head size of 32, 64 or 128). Case list and outcomes: docs/hostile_sweep.md.
 # Ends with "hostile: N passed, N failed"; exits 1 when a case failed.
 set -u
 cd "$(dirname "$0")/.."
@@ -27,7 +28,7 @@ hostile_cleanup() {
 trap hostile_cleanup EXIT
 echo "hostile: trainer $TRAINER, scratch $HOSTILE_WORK"
 t0=$(date +%s)
-for cases in scripts/hostile_cases_input.sh scripts/hostile_cases_run.sh; do
+for cases in ${HOSTILE_CASES:-scripts/hostile_cases_input.sh scripts/hostile_cases_run.sh scripts/hostile_cases_features.sh}; do
     if [ -f "$cases" ]; then
         echo "---- $cases"
         source "$cases"

@@ -43,27 +43,39 @@ HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/
 def read_jsonl(path):
     """The examples of a JSONL file as (context, endings, label), each checked."""
     examples = []
-    with open(path, "r", encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {line_no}"
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as e:
-                die(f"{where}: not JSON: {e}")
-            context = item.get("context", item.get("ctx"))
-            endings, label = item.get("endings"), item.get("label")
-            if not isinstance(context, str) or not context:
-                die(f"{where}: expected a non-empty string 'context' (or 'ctx')")
-            if not isinstance(endings, list) or len(endings) != NUM_COMPLETIONS or \
-                    not all(isinstance(e, str) and e for e in endings):
-                die(f"{where}: expected 'endings', a list of {NUM_COMPLETIONS} non-empty strings")
-            if isinstance(label, str) and label.isdigit():  # HellaSwag's own files store it as a string in places
-                label = int(label)
-            if not isinstance(label, int) or not 0 <= label < NUM_COMPLETIONS:
-                die(f"{where}: expected 'label', an integer 0 to {NUM_COMPLETIONS - 1}")
-            examples.append((context, endings, label))
+    if not os.path.isfile(path):  # (a FIFO would block the open)
+        die(f"{path}: {'is not a regular file' if os.path.exists(path) else 'no such file'}, expected a JSONL file")
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode("utf-8")
+    except OSError as e:
+        die(f"{path}: cannot read: {e.strerror or e}")
+    except UnicodeDecodeError as e:
+        die(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})")
+    for line_no, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        where = f"{path} line {line_no}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            die(f"{where}: not JSON: {e}")
+        if not isinstance(item, dict):
+            die(f"{where}: expected a JSON object {{\"context\": ..., \"endings\": [...], \"label\": ...}}, "
+                f"got {type(item).__name__}")
+        context = item.get("context", item.get("ctx"))
+        endings, label = item.get("endings"), item.get("label")
+        if not isinstance(context, str) or not context:
+            die(f"{where}: expected a non-empty string 'context' (or 'ctx')")
+        if not isinstance(endings, list) or len(endings) != NUM_COMPLETIONS or \
+                not all(isinstance(e, str) and e for e in endings):
+            die(f"{where}: expected 'endings', a list of {NUM_COMPLETIONS} non-empty strings")
+        if isinstance(label, str) and label.isascii() and label.isdigit():  # HellaSwag's files store it as a string in places
+            label = int(label)
+        # (a JSON true/false is a Python bool, an int subclass: not a label)
+        if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < NUM_COMPLETIONS:
+            die(f"{where}: expected 'label', an integer 0 to {NUM_COMPLETIONS - 1}")
+        examples.append((context, endings, label))
     if not examples:
         die(f"{path}: no examples")
     return examples
@@ -97,12 +109,19 @@ def write_eval_file(path, enc, examples, max_len=None):
     header[0], header[1], header[2] = EVAL_MAGIC, EVAL_VERSION, len(streams)
     header[3] = max(s[1] for s in streams)
     body = np.array([v for s in streams for v in s], dtype="<u2")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(header.tobytes())
-        f.write(body.tobytes())
-    os.replace(tmp, path)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(body.tobytes())
+        os.replace(tmp, path)
+    except OSError as e:  # an unwritable folder, a full disk: no half-written file is left
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        die(f"-o {path}: cannot write the eval file: {e.strerror or e}")
     print(f"wrote {len(streams)} examples to {path} ({HEADER_INTS * 4 + body.nbytes:,} bytes, "
           f"longest example {header[3]} bytes)")
     first = streams[0]
@@ -113,6 +132,24 @@ def write_eval_file(path, enc, examples, max_len=None):
         n = first[p]
         print(f"example 0: completion {c} tokens {first[p + 1:p + 1 + n]}")
         p += 1 + n
+
+
+def check_output(path):
+    """-o may be new or an eval file (replaced): never a directory or another file, such as the input."""
+    if os.path.isdir(path):
+        die(f"-o {path}: is a directory, expected the path of the eval file to write")
+    if not os.path.lexists(path):
+        return
+    magic = None
+    if os.path.isfile(path):
+        try:
+            with open(path, "rb") as f:
+                head = f.read(4)
+            magic = int.from_bytes(head, "little") if len(head) == 4 else None
+        except OSError as e:
+            die(f"-o {path}: cannot read what is there: {e.strerror or e}")
+    if magic != EVAL_MAGIC:
+        die(f"-o {path}: exists and is not an eval file, which would be overwritten: remove it or choose another -o")
 
 
 def download(split, cache_dir):
@@ -139,6 +176,7 @@ def main():
     parser.add_argument("--max-len", type=int, default=None, help="refuse examples longer than this (the model's T)")
     parser.add_argument("--tiktoken-dir", default=None, help="folder of the GPT-2 BPE files (offline)")
     args = parser.parse_args()
+    check_output(args.out)
     if args.source == "jsonl":
         if args.jsonl is None:
             die("source jsonl needs the input file: hellaswag.py jsonl FILE.jsonl -o OUT.bin")
