@@ -159,11 +159,14 @@ static void train_loop_on_signal(int sig) {
     train_loop_stop_requested = 1;
 }
 // sigaction, not signal(): under -std=c11 glibc's signal() has System V semantics, the handler is
-// reset after one delivery, so a second SIGTERM killed the run before its checkpoint was written
+// reset after one delivery, so a second SIGTERM killed the run before its checkpoint was written.
+// SA_RESTART as signal() has in C++ (BSD semantics): a read or write the signal interrupts (a pipe,
+// a socket of the launcher or NCCL) resumes instead of failing with EINTR
 static inline void train_loop_catch_signal_(int sig) {
     struct sigaction sa;
     memset(&sa, 0, sizeof(sa));
     sa.sa_handler = train_loop_on_signal;
+    sa.sa_flags = SA_RESTART;
     sigemptyset(&sa.sa_mask);
     sigaction(sig, &sa, NULL);
 }

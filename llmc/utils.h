@@ -12,6 +12,7 @@
 
 #if !defined(__cplusplus) && !defined(_GNU_SOURCE) && !defined(_POSIX_C_SOURCE)
 #define _POSIX_C_SOURCE 200809L
+#define _XOPEN_SOURCE 700  // (XSI: sigaction's SA_RESTART, llmc/train_loop.h)
 #endif
 
 #include <errno.h>
