@@ -49,7 +49,9 @@ hostile_cases_input() {
     expect_fail "shard: fewer tokens than one batch (40 < B*T+1)" "Error.*(too_small\.bin)" -- \
         "$TRAINER" "${flags[@]}" -x 1 -i "$W/too_small.bin"
     mkfifo "$W/fifo.bin"
-    HOSTILE_TIMEOUT=5 expect_fail "shard: a FIFO is refused, no hang" "Error.*(fifo\.bin)" -- \
+    # a hang is forever; 30 s leaves room for the CUDA trainer, which opens the shards only after
+    # creating its CUDA context and building the model (seconds on a cold GPU)
+    HOSTILE_TIMEOUT=30 expect_fail "shard: a FIFO is refused, no hang" "Error.*(fifo\.bin)" -- \
         "$TRAINER" "${flags[@]}" -x 1 -i "$W/fifo.bin"
     mkdir -p "$W/dir.bin"
     expect_fail "shard: a directory" "Error.*(dir\.bin)" -- "$TRAINER" "${flags[@]}" -x 1 -i "$W/dir.bin"
