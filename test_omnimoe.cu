@@ -1281,7 +1281,7 @@ int main(void) {
     test_shard_one_rank(cases[2].name, &cases[2].c, 4, 64);
     test_shard_one_rank(cases[4].name, &cases[4].c, 4, 64);  // k > n
     test_shard_ranks(cases[2].name, &cases[2].c, 2, 4, 64);
-    test_shard_ranks(cases[4].name, &cases[4].c, 4, 4, 64);  // k > n, C/P = 48: 6 column vectors per rank
+    test_shard_ranks(cases[4].name, &cases[4].c, 4, 4, 64);  // k > n; C = 128, C/P = 32: 4 bf16 column vectors per rank
 #ifdef HAVE_CUDNN_ATTENTION
     // --attention cudnn (cuDNN's SDPA): the same checks against the CPU reference, dense and omni
     g_attention = ATTENTION_CUDNN;
