@@ -1032,7 +1032,12 @@ static void shard_ranks_phase(ShardRank* R, int P, int sharded, int phase, int s
         return;
     }
     pthread_t threads[SHARD_RANKS_MAX];
-    for (int r = 0; r < P; r++) pthread_create(&threads[r], NULL, shard_rank_main, &R[r]);
+    for (int r = 0; r < P; r++) {
+        if (pthread_create(&threads[r], NULL, shard_rank_main, &R[r]) != 0) {  // the others would wait forever
+            fprintf(stderr, "test_omnimoe: cannot start the thread of rank %d\n", r);
+            exit(EXIT_FAILURE);
+        }
+    }
     for (int r = 0; r < P; r++) pthread_join(threads[r], NULL);
 }
 
