@@ -822,6 +822,9 @@ static void test_moe(TestDims d) {
     g_moe_aux = 0.05f;
 }
 
+// sections 7 (NCCL) and 7b take seconds; past this limit the run is taken as hung (test_watchdog)
+#define SHARD_WATCHDOG_S 120
+
 // 7. column-sharded tables, one rank: an ExpertShardComm of P = 1 whose exchanges are device
 // copies, so the trainer's whole sharded path runs on one GPU: experts_shard_forward/backward in
 // every layer, the local layout (at P = 1 the full one), AdamW on it, the double norm of
@@ -892,6 +895,8 @@ static void test_shard_one_rank(const char* name, const ModelConfig* c, int B, i
     // ncclAllGather and its all-to-all (the own block by a copy, an empty group of sends) move the
     // same bytes as the device copies above, so the run is bitwise that one
     {
+        snprintf(what, sizeof(what), "%s --shard-experts path, 1 rank: NCCL's exchanges = the device copies bitwise", name);
+        test_watchdog(SHARD_WATCHDOG_S, what);  // this NCCL path has not run yet: a hang in its init or calls
         MultiGpu mg;
         memset(&mg, 0, sizeof(mg));
         mg.num_processes = 1;
@@ -903,11 +908,11 @@ static void test_shard_one_rank(const char* name, const ModelConfig* c, int B, i
         shard_train(c, params, bn, B, T, steps, tokens, &nccl, nccl_losses, nccl_norms, nccl_out);
         int same = memcmp(nccl_losses, losses[1], sizeof(nccl_losses)) == 0 &&
                    memcmp(nccl_norms, norms[1], sizeof(nccl_norms)) == 0 && memcmp(nccl_out, out[1], P * sizeof(float)) == 0;
-        snprintf(what, sizeof(what), "%s --shard-experts path, 1 rank: NCCL's exchanges = the device copies bitwise", name);
         test_checkf(same, what, "losses %.6f %.6f %.6f vs %.6f %.6f %.6f", nccl_losses[0], nccl_losses[1], nccl_losses[2],
                     losses[1][0], losses[1][1], losses[1][2]);
         free(nccl_out);
         ncclCheck(ncclCommDestroy(mg.comm));
+        test_watchdog(0, NULL);
     }
 #endif
     // the streamed start of a sharded rank (model_init_random -> model_init_params_shard, then
@@ -1027,7 +1032,12 @@ static void shard_ranks_phase(ShardRank* R, int P, int sharded, int phase, int s
         return;
     }
     pthread_t threads[SHARD_RANKS_MAX];
-    for (int r = 0; r < P; r++) pthread_create(&threads[r], NULL, shard_rank_main, &R[r]);
+    for (int r = 0; r < P; r++) {
+        if (pthread_create(&threads[r], NULL, shard_rank_main, &R[r]) != 0) {  // the others would wait forever
+            fprintf(stderr, "test_omnimoe: cannot start the thread of rank %d\n", r);
+            exit(EXIT_FAILURE);
+        }
+    }
     for (int r = 0; r < P; r++) pthread_join(threads[r], NULL);
 }
 
@@ -1106,6 +1116,9 @@ static void test_shard_ranks(const char* name, const ModelConfig* c, int P, int 
 #else
     const double exact_tol = 0.0, table_tol = 2e-2, norm_tol = 1e-3;
 #endif
+    char hang[200];  // the watchdog's name for this whole section (threads meeting at barriers)
+    snprintf(hang, sizeof(hang), "%s P=%d --shard-experts ranks: every phase ends (host threads taking turns)", name, P);
+    test_watchdog(SHARD_WATCHDOG_S, hang);
     float *params, *bn;
     random_params(c, 5151, &params, &bn);
     int* tokens = (int*)malloc_check((size_t)P * steps * (BT + 1) * sizeof(int));
@@ -1242,6 +1255,7 @@ static void test_shard_ranks(const char* name, const ModelConfig* c, int P, int 
     }
     shard_threads_destroy(&threads);
     free(got); free(ref); free(params); free(bn); free(tokens);
+    test_watchdog(0, NULL);
 }
 
 int main(void) {
@@ -1281,7 +1295,7 @@ int main(void) {
     test_shard_one_rank(cases[2].name, &cases[2].c, 4, 64);
     test_shard_one_rank(cases[4].name, &cases[4].c, 4, 64);  // k > n
     test_shard_ranks(cases[2].name, &cases[2].c, 2, 4, 64);
-    test_shard_ranks(cases[4].name, &cases[4].c, 4, 4, 64);  // k > n, C/P = 48: 6 column vectors per rank
+    test_shard_ranks(cases[4].name, &cases[4].c, 4, 4, 64);  // k > n; C = 128, C/P = 32: 4 bf16 column vectors per rank
 #ifdef HAVE_CUDNN_ATTENTION
     // --attention cudnn (cuDNN's SDPA): the same checks against the CPU reference, dense and omni
     g_attention = ATTENTION_CUDNN;

@@ -17,6 +17,8 @@
  *     return test_end();                         // closing line; EXIT_FAILURE when any failed
  *                                                //   (or none ran: a test that checks nothing fails)
  *     test_run_child(fn, arg, out, size)         // fn in a fork, output captured: exit status
+ *     test_watchdog(seconds, "name") ... test_watchdog(0, NULL)   // code that could hang: past the
+ *                                                //   limit, "FAIL name: ..." and exit status 2
  *     test_remove_tree(dir)                      // rm -r a temporary directory
  *
  * Relative error: ||got - ref|| / ||ref|| over n floats, in double; an all-zero reference gives
@@ -45,6 +47,7 @@
 #include <sys/wait.h>
 #include <sys/stat.h>
 #include <dirent.h>
+#include <signal.h>
 #include "config.h"
 #include "rand.h"
 
@@ -272,6 +275,31 @@ static inline int test_run_child(TestChildFn fn, void* arg, char* out, size_t ou
     fclose(capture);
     if (WIFSIGNALED(status)) return 1000 + WTERMSIG(status);
     return WEXITSTATUS(status) == 99 ? 999 : WEXITSTATUS(status);
+}
+
+// A watchdog over code that could hang (host threads meeting at barriers, a collective): still
+// running `seconds` after test_watchdog(seconds, name), the program prints "FAIL name: ..." and
+// ends with status 2, so a hang costs those seconds and not the whole run (a device call's time);
+// test_watchdog(0, NULL) disarms it. name must stay valid until then. One at a time (alarm()).
+static const char* test_watchdog_name = "";
+static void test_watchdog_fire_(int sig) {
+    (void)sig;  // only async-signal-safe calls below: write, strlen, _exit
+    static const char head[] = "FAIL ", tail[] = ": still running at the watchdog's limit (hung?)\n";
+    ssize_t n = write(1, head, sizeof(head) - 1);
+    n = write(1, test_watchdog_name, strlen(test_watchdog_name));
+    n = write(1, tail, sizeof(tail) - 1);
+    (void)n;
+    _exit(2);
+}
+static inline void test_watchdog(unsigned seconds, const char* name) {
+    fflush(stdout);  // the handler writes to the descriptor: nothing of stdout may wait in its buffer
+    test_watchdog_name = name != NULL ? name : "";
+    struct sigaction sa;
+    memset(&sa, 0, sizeof(sa));
+    sa.sa_handler = seconds > 0 ? test_watchdog_fire_ : SIG_DFL;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGALRM, &sa, NULL);
+    alarm(seconds);
 }
 
 // rm -r path (a test's temporary directory); symbolic links are removed, not followed
