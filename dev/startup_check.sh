@@ -37,11 +37,12 @@ for N in "${Ns[@]}"; do
         if [ -z "$t1" ] && grep -q "^step *1/" "$log"; then t1=$(awk -v a="$(date +%s.%N)" -v b="$start" 'BEGIN{print a-b}'); fi
         sleep 0.2
     done
-    # a run that failed (e.g. refused by the memory check: its message is the Error line) has no
-    # step 1 and no measurement: no row of numbers for it
+    # a run that failed (e.g. refused by the memory check) has no step 1 and no measurement: its
+    # Error line (or its last lines), no row of numbers
     if ! wait $pid; then
         echo "N=$N: the run failed (plan $(awk -v p="$plan" 'BEGIN{printf "%.2f", p/1073741824}') GiB):"
-        grep -m3 -E "^Error|refus|does not fit" "$log"; tail -3 "$log"; status=1; rm -f "$log"; continue
+        grep -m1 "^Error" "$log" || tail -5 "$log"
+        status=1; rm -f "$log"; continue
     fi
     [ -n "$t1" ] || t1=$(awk -v a="$(date +%s.%N)" -v b="$start" 'BEGIN{print a-b}')
     measured=$(( (peak - base) * 1048576 ))   # MiB -> bytes
