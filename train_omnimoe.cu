@@ -1667,6 +1667,7 @@ int main(int argc, char** argv) {
     }
 #endif
     matmul_dgelu_fused = cfg.gelu_fusion >= 2;
+    matmul_tune = cfg.matmul_tune;  // --matmul-tune: the fastest cuBLASLt candidate with the same bits
     if (zero || shard) {
         model_build_sharded(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention, cfg.recompute, zero, shard);
     } else {
