@@ -43,7 +43,8 @@ algorithm is chosen once by the heuristic and cached, so every later call runs t
 kernel. With matmul_tune = 1 (the trainer's --matmul-tune 1) a new problem instead takes the
 fastest of the heuristic's first MATMUL_TUNE_CANDIDATES candidates among those whose output on
 that first call's operands hashes to the same 64-bit value as the first candidate's (D, and the
-aux output of a GELU epilogue): another kernel, the same bits, whatever the timings say. cuBLASLt's split-K reduction schemes are all fixed-order (no atomics), so the same
+aux output of a GELU epilogue) and that splits the k sum as the first does (matmul_algo_same_k_split):
+another kernel, the same bits, whatever the timings say. cuBLASLt's split-K reduction schemes are all fixed-order (no atomics), so the same
 algorithm on the same GPU gives bitwise identical results (checked by dev/cuda/test_matmul.cu).
 */
 #ifndef OMNIMOE_MATMUL_CUH
@@ -190,11 +191,28 @@ static inline void matmul_fingerprint(unsigned long long* out, const floatX* x, 
     cudaCheckLast();
 }
 
+// a candidate's split of the k sum (split-K parts and how they are added): one that differs from
+// the first candidate's adds in another order, whatever its bits on one input (a small bf16 output
+// often rounds the same by chance), so --matmul-tune never takes it
+static inline int matmul_algo_same_k_split(const cublasLtMatmulAlgo_t* x, const cublasLtMatmulAlgo_t* y) {
+    int32_t split_x = 0, split_y = 0;
+    uint32_t scheme_x = 0, scheme_y = 0;
+    size_t written = 0;
+    if (cublasLtMatmulAlgoConfigGetAttribute(x, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &split_x, sizeof(split_x), &written) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulAlgoConfigGetAttribute(y, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &split_y, sizeof(split_y), &written) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulAlgoConfigGetAttribute(x, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme_x, sizeof(scheme_x), &written) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulAlgoConfigGetAttribute(y, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme_y, sizeof(scheme_y), &written) != CUBLAS_STATUS_SUCCESS) {
+        return 0;  // unknown: not the same
+    }
+    return split_x == split_y && (split_x <= 1 || scheme_x == scheme_y);
+}
+
 // --matmul-tune 1: of the heuristic's candidates (their count returned), the index of the fastest
 // whose D (and written aux) has the first candidate's bits on these operands. Runs each candidate
 // 1 + MATMUL_TUNE_REPEATS times on the caller's buffers; when beta = 1, D's contents are saved
 // first and put back before every run and at the end, so the caller's one accumulation follows.
-// Operands whose product is all zeros cannot tell summation orders apart: then 0, the first.
+// Operands whose product is all zeros (or, under beta = 1, leaves D's bits as they were) cannot
+// tell summation orders apart: then 0, the first.
 // Without the memory for the saved D, also 0. Waits for the GPU: not inside a graph capture.
 static int matmul_tune_choose(const cublasLtMatmulHeuristicResult_t* candidates, int count,
                               cublasLtMatmulDesc_t op_desc, cublasLtMatrixLayout_t layout_a,
@@ -204,15 +222,18 @@ static int matmul_tune_choose(const cublasLtMatmulHeuristicResult_t* candidates,
     const float alpha = 1.0f;
     const size_t d_bytes = ((size_t)ldd * (n - 1) + m) * sizeof(floatX);
     floatX* saved = NULL;
-    unsigned long long* prints = NULL;  // [candidate][D sum, D or, aux sum, aux or]
-    const size_t prints_bytes = 4 * MATMUL_TUNE_CANDIDATES * sizeof(unsigned long long);
+    unsigned long long* prints = NULL;  // [candidate][D sum, D or, aux sum, aux or], then D's start [sum, or]
+    const size_t prints_bytes = (4 * MATMUL_TUNE_CANDIDATES + 2) * sizeof(unsigned long long);
     if (cudaMalloc(&prints, prints_bytes) != cudaSuccess ||
         (beta != 0.0f && cudaMalloc(&saved, d_bytes) != cudaSuccess)) {
         (void)cudaGetLastError();  // out of memory: the heuristic's first, untuned
         if (prints) cudaCheck(cudaFree(prints));
         return 0;
     }
-    if (saved) cudaCheck(cudaMemcpyAsync(saved, d, d_bytes, cudaMemcpyDeviceToDevice, stream));
+    if (saved) {
+        cudaCheck(cudaMemcpyAsync(saved, d, d_bytes, cudaMemcpyDeviceToDevice, stream));
+        matmul_fingerprint(prints + 4 * MATMUL_TUNE_CANDIDATES, d, m, n, ldd, stream);
+    }
     cudaEvent_t start, stop;
     cudaCheck(cudaEventCreate(&start));
     cudaCheck(cudaEventCreate(&stop));
@@ -241,14 +262,18 @@ static int matmul_tune_choose(const cublasLtMatmulHeuristicResult_t* candidates,
             ran[c] = (r == MATMUL_TUNE_REPEATS);
         }
     }
-    unsigned long long host_prints[4 * MATMUL_TUNE_CANDIDATES];
+    unsigned long long host_prints[4 * MATMUL_TUNE_CANDIDATES + 2];
     cudaCheck(cudaMemcpyAsync(host_prints, prints, sizeof(host_prints), cudaMemcpyDeviceToHost, stream));
     if (saved) cudaCheck(cudaMemcpyAsync(d, saved, d_bytes, cudaMemcpyDeviceToDevice, stream));
     cudaCheck(cudaStreamSynchronize(stream));
+    const unsigned long long* start_print = host_prints + 4 * MATMUL_TUNE_CANDIDATES;
+    const int informative = host_prints[1] != 0 && !(saved && host_prints[0] == start_print[0] &&
+                                                     host_prints[1] == start_print[1]);
     int chosen = 0;
-    for (int c = 1; c < count && ran[0] && host_prints[1] != 0; c++) {
+    for (int c = 1; c < count && ran[0] && informative; c++) {
         int same = ran[c] && host_prints[4 * c] == host_prints[0] && host_prints[4 * c + 1] == host_prints[1] &&
-                   (aux_written == NULL || host_prints[4 * c + 2] == host_prints[2]);
+                   (aux_written == NULL || host_prints[4 * c + 2] == host_prints[2]) &&
+                   matmul_algo_same_k_split(&candidates[c].algo, &candidates[0].algo);
         if (same && best_ms[c] < best_ms[chosen]) chosen = c;
     }
     matmul_tune_count++;
@@ -351,8 +376,19 @@ static int matmul_cublaslt_run(floatX* d, const floatX* a, const floatX* b, cons
                                                                layout_d, layout_d, preference,
                                                                tune ? MATMUL_TUNE_CANDIDATES : rank + 1, heuristics,
                                                                &returned);
-        cublasCheck(cublasLtMatmulPreferenceDestroy(preference));
+        // the untuned path asks for one candidate: tune only where that one is this list's first
+        int first_agrees = 0;
         if (tune && status == CUBLAS_STATUS_SUCCESS && returned > 1 && heuristics[0].state == CUBLAS_STATUS_SUCCESS) {
+            cublasLtMatmulHeuristicResult_t first;
+            int returned_first = 0;
+            memset(&first, 0, sizeof(first));
+            first_agrees = cublasLtMatmulAlgoGetHeuristic(matmul_cublaslt_handle, op_desc, layout_a, layout_b, layout_d,
+                                                          layout_d, preference, 1, &first, &returned_first) ==
+                               CUBLAS_STATUS_SUCCESS &&
+                           returned_first == 1 && memcmp(&first.algo, &heuristics[0].algo, sizeof(first.algo)) == 0;
+        }
+        cublasCheck(cublasLtMatmulPreferenceDestroy(preference));
+        if (first_agrees) {
             // the GELU forward epilogues write aux (pre_gelu) beside D: its bits are compared too
             int aux_is_output = epilogue == CUBLASLT_EPILOGUE_GELU_AUX || epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
             rank = matmul_tune_choose(heuristics, returned, op_desc, layout_a, layout_b, layout_d, d, a, b,
