@@ -932,7 +932,7 @@ static void test_shard_one_rank(const char* name, const ModelConfig* c, int B, i
     // same bytes as the device copies above, so the run is bitwise that one
     {
         snprintf(what, sizeof(what), "%s --shard-experts path, 1 rank: NCCL's exchanges = the device copies bitwise", name);
-        test_watchdog(SHARD_WATCHDOG_S, what);  // this NCCL path has not run yet: a hang in its init or calls
+        test_watchdog(SHARD_WATCHDOG_S, what);  // a hang in NCCL's init or calls ends the test, not the call
         MultiGpu mg;
         memset(&mg, 0, sizeof(mg));
         mg.num_processes = 1;

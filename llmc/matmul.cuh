@@ -114,7 +114,8 @@ static inline void matmul_init(void) {
     cublasCheck(cublasLtCreate(&matmul_cublaslt_handle));
     matmul_workspace = cuda_malloc_or_die(MATMUL_WORKSPACE_BYTES + MATMUL_CUBLAS_WORKSPACE_BYTES, "cuBLAS workspace");
     cublasCheck(cublasCreate(&matmul_cublas_handle));
-    // a fixed user workspace: cuBLAS then never allocates, which graph capture requires
+    // a user workspace for the handle's first stream; cublasSetStream (router.cuh, moe_*.cuh) puts the
+    // handle back on cuBLAS's default workspace pool (cuBLAS docs), so later calls use that pool
     cublasCheck(cublasSetWorkspace(matmul_cublas_handle, (char*)matmul_workspace + MATMUL_WORKSPACE_BYTES,
                                    MATMUL_CUBLAS_WORKSPACE_BYTES));
     cublasCheck(cublasSetAtomicsMode(matmul_cublas_handle, CUBLAS_ATOMICS_NOT_ALLOWED));
