@@ -59,7 +59,8 @@ static void test_args(void) {
                     (char*)"--experts", (char*)"64", (char*)"--topk", (char*)"8", (char*)"--router-norm", (char*)"none",
                     (char*)"--gate", (char*)"prob", (char*)"--expert-exec", (char*)"token", (char*)"--log-file", (char*)"l.jsonl",
                     (char*)"--overlap-comm", (char*)"1", (char*)"--shard-experts", (char*)"1", (char*)"-r", (char*)"2",
-                    (char*)"--gelu-fusion", (char*)"2", (char*)"--moe-gemm", (char*)"cutlass"};
+                    (char*)"--gelu-fusion", (char*)"2", (char*)"--moe-gemm", (char*)"cutlass", (char*)"--matmul-tune",
+                    (char*)"1"};
     int argc = (int)(sizeof(good) / sizeof(good[0]));
     cfg = def;
     train_config_parse(&cfg, argc, good);
@@ -74,7 +75,7 @@ static void test_args(void) {
              cfg.ffn_hidden == 128 && cfg.num_experts == 64 && cfg.top_k == 8 && cfg.router_norm == ROUTER_NORM_NONE &&
              cfg.gate == GATE_PROB && cfg.expert_exec == EXPERT_EXEC_TOKEN && strcmp(cfg.log_file, "l.jsonl") == 0 &&
              cfg.overlap_comm == 1 && cfg.shard_experts == 1 && cfg.recompute == 2 && cfg.gelu_fusion == 2 &&
-             cfg.moe_gemm == 2;
+             cfg.moe_gemm == 2 && cfg.matmul_tune == 1;
     test_check_why(ok, "args: every flag (short, long, --flag=value) sets its field", "");
     cfg.moe_gemm = def.moe_gemm;  // a moe run setting: refused with this omni model ("moe run setting on omni")
 
@@ -149,6 +150,7 @@ static void test_args(void) {
         {"-y 1 without -o", {"-e", "tiny", "-t", "64", "-y", "1"}, "flag -y", "-o", 1, 1},
         {"--overlap-dweight 1 with -r", {"-e", "tiny", "-t", "64", "--overlap-dweight", "1", "-r", "2"}, "flag --overlap-dweight 1", "-r 2", 1, 1},
         {"--overlap-dweight 2", {"--overlap-dweight", "2"}, "--overlap-dweight", "0 or 1", 0, 1},
+        {"--matmul-tune 2", {"--matmul-tune", "2"}, "--matmul-tune", "0 or 1", 0, 1},
         {"unknown model", {"-e", "d13"}, "\"d13\" for flag -e", "not a preset", 1, 1},
         {"omni knob on gelu", {"-e", "tiny", "-t", "64", "-f", "gelu", "--experts", "16"}, "--experts", "gelu", 1, 1},
         {"moe knob on swiglu", {"-e", "tiny", "-t", "64", "-f", "swiglu", "--moe-zero", "1"}, "--moe-zero", "swiglu", 1, 1},

@@ -283,7 +283,7 @@ static void gpu_train_steps(Model* m, int B, int T, int s0, int s1, const int* t
         const int* in = tokens + (size_t)s * (BT + 1);
         model_zero_grad(m);
         model_reset_expert_counts(m);
-        model_forward(m, in, in + 1, B, T, 1);
+        model_forward_for_backward(m, in, in + 1, B, T, 1.0f);  // as the trainer's step
         model_backward(m, in, 1.0f, NULL);
         out_losses[s] = model_mean_loss(m);
         model_update(m, 1e-3f, 0.9f, 0.95f, 1e-8f, 0.1f, 1.0f);
@@ -545,6 +545,42 @@ static void test_overlap_dweight(const char* name, const ModelConfig* c, int B, 
         test_check(same, what);
     }
     for (int o = 0; o < 4; o++) { free(grads[o]); free(train_params[o]); }
+    free(params); free(bn); free(tokens);
+}
+
+// model_forward_for_backward (the trainer's step: the classifier writes the logits' gradient in the
+// forward's pass) against model_forward + model_backward's own classifier pass: the same kernel on
+// the same logits, so the loss and every gradient bitwise, for loss_scale 1 and 1/2
+static void test_dlogits_in_forward(const char* name, const ModelConfig* c, int B, int T) {
+    size_t P = model_config_num_params(c);
+    float *params, *bn;
+    int* tokens = variant_inputs(c, B, T, 8642, 53, &params, &bn);
+    float* grads[2] = {(float*)malloc_check(P * sizeof(float)), (float*)malloc_check(P * sizeof(float))};
+    const float scales[2] = {1.0f, 0.5f};
+    char what[192];
+    for (int si = 0; si < 2; si++) {
+        float loss[2];
+        for (int in_forward = 0; in_forward < 2; in_forward++) {
+            Model m;
+            gpu_build(&m, c, B, T, EXPERT_EXEC_EXPERT);
+            model_set_params(&m, params, bn);
+            if (in_forward) {
+                model_forward_for_backward(&m, tokens, tokens + 1, B, T, scales[si]);
+            } else {
+                model_forward(&m, tokens, tokens + 1, B, T, 1);
+            }
+            loss[in_forward] = model_mean_loss(&m);
+            model_zero_grad(&m);
+            model_backward(&m, tokens, scales[si], NULL);
+            gpu_grads(&m, grads[in_forward]);
+            model_free(&m);
+        }
+        int same = loss[0] == loss[1] && memcmp(grads[0], grads[1], P * sizeof(float)) == 0;
+        snprintf(what, sizeof(what), "%s: logits' gradient in the forward == in the backward, loss_scale %g: loss "
+                 "and gradients (bitwise)", name, scales[si]);
+        test_check(same, what);
+    }
+    free(grads[0]); free(grads[1]);
     free(params); free(bn); free(tokens);
 }
 
@@ -1288,6 +1324,7 @@ int main(void) {
     matmul_dgelu_fused = 0;
     const int overlap_cases[] = {0, 1, 2};  // gelu, swiglu, omni (moe's backward waits as omni's does)
     for (int i : overlap_cases) test_overlap_dweight(cases[i].name, &cases[i].c, 32, 64);
+    for (int i : overlap_cases) test_dlogits_in_forward(cases[i].name, &cases[i].c, 4, 64);
     test_moe(d);
     test_expert_stats();
     test_zero_update(cases[2].name, &cases[2].c);

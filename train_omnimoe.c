@@ -1916,6 +1916,11 @@ int main(int argc, char** argv) {
                 "the CPU reference loops over the experts (leave --moe-gemm unset)\n");
         exit(EXIT_FAILURE);
     }
+    if (cfg.matmul_tune != 0) {
+        fprintf(stderr, "Error: flag --matmul-tune %d: choosing among cuBLASLt's GEMM kernels is the CUDA trainer's "
+                "(./train_omnimoe); the CPU reference has none (use --matmul-tune 0)\n", cfg.matmul_tune);
+        exit(EXIT_FAILURE);
+    }
     if (cfg.overlap_dweight != 0) {
         fprintf(stderr, "Error: flag --overlap-dweight %d: a second GPU stream is the CUDA trainer's (./train_omnimoe); "
                 "the CPU reference has none (use --overlap-dweight 0)\n", cfg.overlap_dweight);

@@ -169,6 +169,9 @@ typedef struct {
     // tells the main stream that slot's GEMM has read its inputs
     int overlap_dweight;
     cudaEvent_t dout_ready, dweight_done[DWEIGHT_COUNT];
+    // model_forward_for_backward: the logits already hold their gradient, for this loss_scale
+    int dlogits_written;
+    float dlogits_scale;
     float* norm_squared;  // (1) device
     MemoryPlan plan;      // every device buffer above and its bytes (llmc/memory_plan.h)
 } Model;
@@ -692,7 +695,10 @@ static void model_recompute_layernorms(Model* m, int l, int BT, cudaStream_t st)
                         BT, C, st);
 }
 
-static void model_forward(Model* m, const int* inputs, const int* targets, int B, int T, int training) {
+// dlogits_scale >= 0 (model_forward_for_backward, with targets and training): the classifier's one
+// pass also writes the logits' gradient for that loss_scale, in place; < 0: the logits stay
+static void model_forward_impl(Model* m, const int* inputs, const int* targets, int B, int T, int training,
+                               float dlogits_scale) {
     const ModelConfig* c = &m->config;
     if (B > m->B || T > m->T || B < 1 || T < 1) {
         fprintf(stderr, "model_forward: micro-batch %dx%d exceeds the allocated %dx%d\n", B, T, m->B, m->T);
@@ -766,12 +772,30 @@ static void model_forward(Model* m, const int* inputs, const int* targets, int B
         }
     }
     matmul_forward(a->logits, a->lnf, param_ptr(m, PARAM_WTE), NULL, BT, C, Vp, st);
+    m->dlogits_written = targets != NULL && training && dlogits_scale >= 0.0f;
+    m->dlogits_scale = dlogits_scale;
     if (targets) {
-        fused_classifier(a->logits, a->losses, a->targets, 0.0f, BT, V, Vp, 0, st);
+        // the same kernel and arguments as model_backward's call: the same losses and gradient bits
+        fused_classifier(a->logits, a->losses, a->targets, m->dlogits_written ? dlogits_scale / (float)BT : 0.0f, BT,
+                         V, Vp, m->dlogits_written, st);
         mean_loss(a->loss_sum, a->losses, BT, st);
         // moe training: the loss includes the layers' balance losses (docs/design.md §10.3)
         if (c->ffn_kind == FFN_MOE && training && m->moe_aux_coef > 0.0f) moe_add_aux_loss(a->loss_sum, m->moe_aux, L, st);
     }
+}
+
+// B x T tokens through the model; with targets, the per-token losses and their mean (loss_sum);
+// training: BN batch statistics (and their running update), moe's balance losses
+static void model_forward(Model* m, const int* inputs, const int* targets, int B, int T, int training) {
+    model_forward_impl(m, inputs, targets, B, T, training, -1.0f);
+}
+
+// the training forward of a step whose model_backward(loss_scale) follows at once: the classifier
+// writes the logits' gradient in the same pass that computes the losses (one read of the logits
+// fewer per step; llm.c does the same); the logits themselves are then gone
+static void model_forward_for_backward(Model* m, const int* inputs, const int* targets, int B, int T,
+                                       float loss_scale) {
+    model_forward_impl(m, inputs, targets, B, T, 1, loss_scale);
 }
 
 // the mean loss of the last forward with targets (waits for the GPU)
@@ -877,8 +901,15 @@ static void model_backward(Model* m, const int* inputs, float loss_scale, GradRe
     encoder_backward_plan_build(&m->encoder_plan, inputs, B, T);
     encoder_backward_plan_upload(&m->encoder_plan, st);
 
-    // dlogits (in place) -> LM head -> final LayerNorm
-    fused_classifier(a->logits, a->losses, a->targets, loss_scale / (float)BT, BT, V, Vp, 1, st);
+    // dlogits (in place; model_forward_for_backward wrote them already) -> LM head -> final LayerNorm
+    if (!m->dlogits_written) {
+        fused_classifier(a->logits, a->losses, a->targets, loss_scale / (float)BT, BT, V, Vp, 1, st);
+    } else if (m->dlogits_scale != loss_scale) {
+        fprintf(stderr, "model_backward: loss_scale %g, but the forward wrote the logits' gradient for %g\n",
+                loss_scale, m->dlogits_scale);
+        exit(EXIT_FAILURE);
+    }
+    m->dlogits_written = 0;  // used up: the LM head backward below reads them
     matmul_backward(a->dsub, grad_ptr(m, PARAM_WTE), NULL, a->logits, a->lnf, param_ptr(m, PARAM_WTE), BT, C, Vp, 0,
                     st, scratch);
     cudaCheck(cudaMemsetAsync(a->dresidual, 0, (size_t)BT * C * sizeof(floatX), st));
@@ -1113,7 +1144,8 @@ static void gpu_train_step(void* ctx, int step, float lr, int t, const volatile 
     double loss_sum = 0.0;
     for (int micro = 0; micro < grad_accum; micro++) {
         dataloader_next_batch(&tr->train_loader);
-        model_forward(m, tr->train_loader.inputs, tr->train_loader.targets, cfg->B, cfg->T, 1);
+        model_forward_for_backward(m, tr->train_loader.inputs, tr->train_loader.targets, cfg->B, cfg->T,
+                                   1.0f / grad_accum);
         // --overlap-comm 1: the last micro-step starts each bucket's all-reduce during its backward
         // (the earlier ones only accumulate)
         GradReducer* overlap = cfg->overlap_comm && micro == grad_accum - 1 ? reducer : NULL;
@@ -1667,6 +1699,7 @@ int main(int argc, char** argv) {
     }
 #endif
     matmul_dgelu_fused = cfg.gelu_fusion >= 2;
+    matmul_tune = cfg.matmul_tune;  // --matmul-tune: the fastest cuBLASLt candidate with the same bits
     if (zero || shard) {
         model_build_sharded(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention, cfg.recompute, zero, shard);
     } else {

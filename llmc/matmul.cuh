@@ -40,7 +40,11 @@ out^T (C_out x BT) = weight_cm^T (C_out x C_in) * inp_cm (C_in x BT): "TN" with 
 
 Determinism: for each distinct problem (transposes, sizes, epilogue, pointer alignment) the
 algorithm is chosen once by the heuristic and cached, so every later call runs the same
-kernel. cuBLASLt's split-K reduction schemes are all fixed-order (no atomics), so the same
+kernel. With matmul_tune = 1 (the trainer's --matmul-tune 1) a new problem instead takes the
+fastest of the heuristic's first MATMUL_TUNE_CANDIDATES candidates among those whose output on
+that first call's operands hashes to the same 64-bit value as the first candidate's (D, and the
+aux output of a GELU epilogue) and that splits the k sum as the first does (matmul_algo_same_k_split):
+another kernel, the same bits, whatever the timings say. cuBLASLt's split-K reduction schemes are all fixed-order (no atomics), so the same
 algorithm on the same GPU gives bitwise identical results (checked by dev/cuda/test_matmul.cu).
 */
 #ifndef OMNIMOE_MATMUL_CUH
@@ -79,6 +83,7 @@ typedef struct {
     int m, n, k;
     int lda, ldb, ldd;
     int epilogue;
+    int accumulate;  // beta 1 or 0: --matmul-tune compares a candidate's bits under the beta it timed
     int alignment;  // smallest alignment (bytes, power of two <= 256) among all pointers
     int found;      // 1: algo holds a usable algorithm; 0: the heuristic found none
     float waves;    // the heuristic's estimate of the algorithm's waves over the SMs (benchmark output)
@@ -92,6 +97,12 @@ static int matmul_algo_cache_evict_next = 0;  // the slot a new problem takes on
 // GEMM benchmark of dev/cuda/test_matmul.cu, which times the others (it clears the cache between
 // ranks: a cached problem keeps its algorithm)
 static int matmul_heuristic_rank = 0;
+// 1: a new problem takes the fastest candidate with the first candidate's bits (matmul_tune_choose)
+static int matmul_tune = 0;
+static int matmul_tune_count = 0;  // problems timed so far (tests read these)
+static int matmul_tune_moved = 0;  // of them, those that took another candidate than the first
+#define MATMUL_TUNE_CANDIDATES 8
+#define MATMUL_TUNE_REPEATS 3
 
 static inline void matmul_algo_cache_clear(void) {
     matmul_algo_cache_count = 0;
@@ -147,6 +158,134 @@ static inline void matmul_set_layout(cublasLtMatrixLayout_t* layout, int rows, i
     cublasCheck(cublasLtMatrixLayoutCreate(layout, CUDA_R_FLOATX, (uint64_t)rows, (uint64_t)cols, (int64_t)ld));
 }
 
+// the cuBLASLt workspace of a stream: the weight-gradient stream has its own
+static inline void* matmul_workspace_for(cudaStream_t stream) {
+    return stream == matmul_dweight_stream && stream != NULL ? matmul_dweight_workspace : matmul_workspace;
+}
+
+// order-free 64-bit fingerprint of a column-major (m x n, ld) floatX matrix: the sum mod 2^64 of a
+// mix of each element's bits with its index. Integer additions commute, so the atomic sum is the
+// same in any order; any changed element changes it except with probability ~2^-64. out[1] gets
+// the OR of all elements' bits (0: the matrix is all zeros, which every summation order gives).
+__global__ void matmul_fingerprint_kernel(unsigned long long* out, const floatX* x, int m, int n, int ld) {
+    const size_t total = (size_t)m * n;
+    unsigned long long acc = 0, any = 0;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        size_t col = i / (size_t)m, row = i - col * (size_t)m;
+        floatX v = x[col * (size_t)ld + row];
+        unsigned long long z = 0;
+        memcpy(&z, &v, sizeof(v));
+        any |= z;
+        z ^= (unsigned long long)i * 0x9E3779B97F4A7C15ull;  // splitmix64's finaliser of (bits, index)
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+        acc += z ^ (z >> 31);
+    }
+    atomicAdd(out, acc);  // integer: the same total in any order
+    if (any) atomicOr(out + 1, any);
+}
+
+static inline void matmul_fingerprint(unsigned long long* out, const floatX* x, int m, int n, int ld,
+                                      cudaStream_t stream) {  // out: 2 words
+    cudaCheck(cudaMemsetAsync(out, 0, 2 * sizeof(*out), stream));
+    matmul_fingerprint_kernel<<<264, 256, 0, stream>>>(out, x, m, n, ld);
+    cudaCheckLast();
+}
+
+// a candidate's split of the k sum (split-K parts and how they are added): one that differs from
+// the first candidate's adds in another order, whatever its bits on one input (a small bf16 output
+// often rounds the same by chance), so --matmul-tune never takes it
+static inline int matmul_algo_same_k_split(const cublasLtMatmulAlgo_t* x, const cublasLtMatmulAlgo_t* y) {
+    int32_t split_x = 0, split_y = 0;
+    uint32_t scheme_x = 0, scheme_y = 0;
+    size_t written = 0;
+    if (cublasLtMatmulAlgoConfigGetAttribute(x, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &split_x, sizeof(split_x), &written) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulAlgoConfigGetAttribute(y, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &split_y, sizeof(split_y), &written) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulAlgoConfigGetAttribute(x, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme_x, sizeof(scheme_x), &written) != CUBLAS_STATUS_SUCCESS ||
+        cublasLtMatmulAlgoConfigGetAttribute(y, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &scheme_y, sizeof(scheme_y), &written) != CUBLAS_STATUS_SUCCESS) {
+        return 0;  // unknown: not the same
+    }
+    return split_x == split_y && (split_x <= 1 || scheme_x == scheme_y);
+}
+
+// --matmul-tune 1: of the heuristic's candidates (their count returned), the index of the fastest
+// whose D (and written aux) has the first candidate's bits on these operands. Runs each candidate
+// 1 + MATMUL_TUNE_REPEATS times on the caller's buffers; when beta = 1, D's contents are saved
+// first and put back before every run and at the end, so the caller's one accumulation follows.
+// Operands whose product is all zeros (or, under beta = 1, leaves D's bits as they were) cannot
+// tell summation orders apart: then 0, the first.
+// Without the memory for the saved D, also 0. Waits for the GPU: not inside a graph capture.
+static int matmul_tune_choose(const cublasLtMatmulHeuristicResult_t* candidates, int count,
+                              cublasLtMatmulDesc_t op_desc, cublasLtMatrixLayout_t layout_a,
+                              cublasLtMatrixLayout_t layout_b, cublasLtMatrixLayout_t layout_d, floatX* d,
+                              const floatX* a, const floatX* b, floatX* aux_written, int m, int n, int ldd,
+                              float beta, void* workspace, cudaStream_t stream) {
+    const float alpha = 1.0f;
+    const size_t d_bytes = ((size_t)ldd * (n - 1) + m) * sizeof(floatX);
+    floatX* saved = NULL;
+    unsigned long long* prints = NULL;  // [candidate][D sum, D or, aux sum, aux or], then D's start [sum, or]
+    const size_t prints_bytes = (4 * MATMUL_TUNE_CANDIDATES + 2) * sizeof(unsigned long long);
+    if (cudaMalloc(&prints, prints_bytes) != cudaSuccess ||
+        (beta != 0.0f && cudaMalloc(&saved, d_bytes) != cudaSuccess)) {
+        (void)cudaGetLastError();  // out of memory: the heuristic's first, untuned
+        if (prints) cudaCheck(cudaFree(prints));
+        return 0;
+    }
+    if (saved) {
+        cudaCheck(cudaMemcpyAsync(saved, d, d_bytes, cudaMemcpyDeviceToDevice, stream));
+        matmul_fingerprint(prints + 4 * MATMUL_TUNE_CANDIDATES, d, m, n, ldd, stream);
+    }
+    cudaEvent_t start, stop;
+    cudaCheck(cudaEventCreate(&start));
+    cudaCheck(cudaEventCreate(&stop));
+    float best_ms[MATMUL_TUNE_CANDIDATES];
+    int ran[MATMUL_TUNE_CANDIDATES];
+    for (int c = 0; c < count; c++) {
+        best_ms[c] = 0.0f;
+        ran[c] = 0;
+        for (int r = 0; r <= MATMUL_TUNE_REPEATS; r++) {
+            if (saved) cudaCheck(cudaMemcpyAsync(d, saved, d_bytes, cudaMemcpyDeviceToDevice, stream));
+            cudaCheck(cudaEventRecord(start, stream));
+            cublasStatus_t status = cublasLtMatmul(matmul_cublaslt_handle, op_desc, &alpha, a, layout_a, b, layout_b,
+                                                   &beta, d, layout_d, d, layout_d, &candidates[c].algo, workspace,
+                                                   MATMUL_WORKSPACE_BYTES, stream);
+            cudaCheck(cudaEventRecord(stop, stream));
+            if (status != CUBLAS_STATUS_SUCCESS) { break; }  // a candidate that cannot run is skipped
+            if (r == 0) {  // the first run's result, before the timed ones overwrite it
+                matmul_fingerprint(prints + 4 * c, d, m, n, ldd, stream);
+                if (aux_written) matmul_fingerprint(prints + 4 * c + 2, aux_written, m, n, ldd, stream);
+                continue;
+            }
+            cudaCheck(cudaEventSynchronize(stop));
+            float ms = 0.0f;
+            cudaCheck(cudaEventElapsedTime(&ms, start, stop));
+            if (r == 1 || ms < best_ms[c]) best_ms[c] = ms;
+            ran[c] = (r == MATMUL_TUNE_REPEATS);
+        }
+    }
+    unsigned long long host_prints[4 * MATMUL_TUNE_CANDIDATES + 2];
+    cudaCheck(cudaMemcpyAsync(host_prints, prints, sizeof(host_prints), cudaMemcpyDeviceToHost, stream));
+    if (saved) cudaCheck(cudaMemcpyAsync(d, saved, d_bytes, cudaMemcpyDeviceToDevice, stream));
+    cudaCheck(cudaStreamSynchronize(stream));
+    const unsigned long long* start_print = host_prints + 4 * MATMUL_TUNE_CANDIDATES;
+    const int informative = host_prints[1] != 0 && !(saved && host_prints[0] == start_print[0] &&
+                                                     host_prints[1] == start_print[1]);
+    int chosen = 0;
+    for (int c = 1; c < count && ran[0] && informative; c++) {
+        int same = ran[c] && host_prints[4 * c] == host_prints[0] && host_prints[4 * c + 1] == host_prints[1] &&
+                   (aux_written == NULL || host_prints[4 * c + 2] == host_prints[2]) &&
+                   matmul_algo_same_k_split(&candidates[c].algo, &candidates[0].algo);
+        if (same && best_ms[c] < best_ms[chosen]) chosen = c;
+    }
+    matmul_tune_count++;
+    matmul_tune_moved += chosen != 0;
+    cudaCheck(cudaEventDestroy(start));
+    cudaCheck(cudaEventDestroy(stop));
+    cudaCheck(cudaFree(prints));
+    if (saved) cudaCheck(cudaFree(saved));
+    return chosen;
+}
+
 // D (m x n, col-major, ld ldd) = op(A) (m x k) * op(B) (k x n) [+ D if accumulate] with epilogue.
 // Returns 0 when no algorithm exists for this epilogue (caller may fall back), 1 on success.
 static int matmul_cublaslt_run(floatX* d, const floatX* a, const floatX* b, const floatX* bias, floatX* aux,
@@ -194,7 +333,7 @@ static int matmul_cublaslt_run(floatX* d, const floatX* a, const floatX* b, cons
         MatmulAlgoCacheEntry* e = &matmul_algo_cache[i];
         if (e->transa == transa && e->transb == transb && e->m == m && e->n == n && e->k == k &&
             e->lda == lda && e->ldb == ldb && e->ldd == ldd && e->epilogue == (int)epilogue &&
-            e->alignment == alignment) {
+            e->accumulate == accumulate && e->alignment == alignment) {
             entry = e;
             break;
         }
@@ -213,6 +352,7 @@ static int matmul_cublaslt_run(floatX* d, const floatX* a, const floatX* b, cons
         entry->m = m; entry->n = n; entry->k = k;
         entry->lda = lda; entry->ldb = ldb; entry->ldd = ldd;
         entry->epilogue = (int)epilogue;
+        entry->accumulate = accumulate;
         entry->alignment = alignment;
 
         cublasLtMatmulPreference_t preference;
@@ -229,11 +369,33 @@ static int matmul_cublaslt_run(floatX* d, const floatX* a, const floatX* b, cons
         memset(heuristics, 0, sizeof(heuristics));
         int rank = matmul_heuristic_rank < 0 ? 0 : matmul_heuristic_rank;
         if (rank >= MATMUL_HEURISTIC_MAX_RANK) { rank = MATMUL_HEURISTIC_MAX_RANK - 1; }
+        cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+        if (matmul_tune && rank == 0) cudaCheck(cudaStreamIsCapturing(stream, &capturing));
+        const int tune = matmul_tune && rank == 0 && capturing == cudaStreamCaptureStatusNone;
         int returned = 0;
         cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(matmul_cublaslt_handle, op_desc, layout_a, layout_b,
-                                                               layout_d, layout_d, preference, rank + 1, heuristics,
+                                                               layout_d, layout_d, preference,
+                                                               tune ? MATMUL_TUNE_CANDIDATES : rank + 1, heuristics,
                                                                &returned);
+        // the untuned path asks for one candidate: tune only where that one is this list's first
+        int first_agrees = 0;
+        if (tune && status == CUBLAS_STATUS_SUCCESS && returned > 1 && heuristics[0].state == CUBLAS_STATUS_SUCCESS) {
+            cublasLtMatmulHeuristicResult_t first;
+            int returned_first = 0;
+            memset(&first, 0, sizeof(first));
+            first_agrees = cublasLtMatmulAlgoGetHeuristic(matmul_cublaslt_handle, op_desc, layout_a, layout_b, layout_d,
+                                                          layout_d, preference, 1, &first, &returned_first) ==
+                               CUBLAS_STATUS_SUCCESS &&
+                           returned_first == 1 && memcmp(&first.algo, &heuristics[0].algo, sizeof(first.algo)) == 0;
+        }
         cublasCheck(cublasLtMatmulPreferenceDestroy(preference));
+        if (first_agrees) {
+            // the GELU forward epilogues write aux (pre_gelu) beside D: its bits are compared too
+            int aux_is_output = epilogue == CUBLASLT_EPILOGUE_GELU_AUX || epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
+            rank = matmul_tune_choose(heuristics, returned, op_desc, layout_a, layout_b, layout_d, d, a, b,
+                                      aux_is_output ? aux : NULL, m, n, ldd, accumulate ? 1.0f : 0.0f,
+                                      matmul_workspace_for(stream), stream);
+        }
         if (status == CUBLAS_STATUS_SUCCESS && returned > rank && heuristics[rank].state == CUBLAS_STATUS_SUCCESS) {
             entry->found = 1;
             entry->algo = heuristics[rank].algo;
@@ -247,7 +409,7 @@ static int matmul_cublaslt_run(floatX* d, const floatX* a, const floatX* b, cons
     if (entry->found) {
         const float alpha = 1.0f;
         const float beta = accumulate ? 1.0f : 0.0f;
-        void* workspace = stream == matmul_dweight_stream && stream != NULL ? matmul_dweight_workspace : matmul_workspace;
+        void* workspace = matmul_workspace_for(stream);
         cublasCheck(cublasLtMatmul(matmul_cublaslt_handle, op_desc, &alpha, a, layout_a, b, layout_b, &beta,
                                    d, layout_d, d, layout_d, &entry->algo, workspace, MATMUL_WORKSPACE_BYTES, stream));
         ran = 1;

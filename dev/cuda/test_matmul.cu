@@ -305,6 +305,87 @@ static void run_dgelu_case(int BT, int C, int OC, Rng* rng) {
     cudaCheck(cudaFree(d_pre));
 }
 
+// the launchers run_tune_case compares: outs = out, pre, dinp, dw, db, dinp (+=), dpre (DGELU)
+static void run_tune_launchers(floatX* const* outs, const floatX* in, const floatX* w, const floatX* bias,
+                               const floatX* dout, int BT, int C, int OC, float* scratch) {
+    matmul_forward_gelu(outs[0], outs[1], in, w, bias, BT, C, OC, 0);
+    matmul_backward(outs[2], outs[3], outs[4], dout, in, w, BT, C, OC, 0, 0, scratch);
+    matmul_backward(outs[5], NULL, NULL, dout, in, w, BT, C, OC, 1, 0, NULL);
+    matmul_dgelu_fused = 1;
+    matmul_backward_gelu(outs[6], NULL, NULL, dout, in, w, in, BT, C, OC, 0, NULL);
+    matmul_dgelu_fused = 0;
+    cudaCheck(cudaDeviceSynchronize());
+}
+
+// --matmul-tune 1 (matmul_tune): every launcher's results bitwise those of the heuristic's first
+// candidate - forward with the GELU epilogue (D and aux), backward with dweight/dbias +=, dinp +=,
+// the DGELU backward - from the same accumulator start values; one accumulation, not one per
+// timed candidate. Then the tuned choices (cached) on other operands, as the trainer's later steps
+// run them: a candidate that only matched on the operands it was timed on shows there. A product
+// of zeros is not tuned (all orders give zeros).
+static void run_tune_case(int BT, int C, int OC) {
+    const size_t n_inp = (size_t)BT * C, n_w = (size_t)OC * C, n_out = (size_t)BT * OC;
+    floatX* in = device_alloc<floatX>(n_inp, "tune inp");
+    floatX* w = device_alloc<floatX>(n_w, "tune w");
+    floatX* bias = device_alloc<floatX>(OC, "tune bias");
+    floatX* dout = device_alloc<floatX>(n_out, "tune dout");
+    float* scratch = device_alloc<float>(matmul_backward_scratch_bytes(BT, OC) / sizeof(float) + 1, "tune scratch");
+    floatX* outs[2][7];  // per run: out, pre, dinp, dw, db, dinp (+=), dpre (DGELU)
+    const size_t sizes[7] = {n_out, n_out, n_inp, n_w, (size_t)OC, n_inp, n_inp};
+    const char* names[7] = {"forward output", "forward pre-activation (aux)", "dinp", "dweight (+=)", "dbias (+=)",
+                            "dinp (+=)", "dpre (DGELU epilogue)"};
+    for (int run = 0; run < 2; run++) for (int i = 0; i < 7; i++) outs[run][i] = device_alloc<floatX>(sizes[i], "tune out");
+    char name[160];
+    const int count_before = matmul_tune_count;
+    // phase 0: the operands the problems are timed on (untuned run, then tuned); phase 1: new
+    // operands, tuned from the cache (nothing timed), then untuned from a cleared cache
+    for (int phase = 0; phase < 2; phase++) {
+        fill_random_device(in, n_inp, 31 + 10 * phase, 1.0f);
+        fill_random_device(w, n_w, 32 + 10 * phase, 0.05f);
+        fill_random_device(bias, OC, 33 + 10 * phase, 0.1f);
+        fill_random_device(dout, n_out, 34 + 10 * phase, 0.01f);
+        const int order[2][2] = {{0, 1}, {1, 0}};  // the matmul_tune of each run, in turn
+        for (int j = 0; j < 2; j++) {
+            const int run = order[phase][j];
+            if (phase == 0 || run == 0) matmul_algo_cache_clear();
+            matmul_tune = run;
+            for (int i = 0; i < 7; i++) fill_random_device(outs[run][i], sizes[i], 40 + i + 10 * phase, 0.5f);
+            const int count_at = matmul_tune_count;
+            run_tune_launchers(outs[run], in, w, bias, dout, BT, C, OC, scratch);
+            if (phase == 1 && run == 1) {
+                snprintf(name, sizeof(name), "--matmul-tune 1, BT=%d: cached choices, nothing timed again", BT);
+                test_check(matmul_tune_count == count_at, name);
+            }
+        }
+        for (int i = 0; i < 7; i++) {
+            snprintf(name, sizeof(name), "--matmul-tune 1 == 0 (bitwise), BT=%d C=%d OC=%d, %s operands: %s", BT, C, OC,
+                     phase == 0 ? "timing" : "later", names[i]);
+            test_check(device_bitwise_equal(outs[0][i], outs[1][i], sizes[i] * sizeof(floatX)), name);
+        }
+    }
+    // 5 problems (the forward, dinp under beta 0 and 1, dweight, DGELU); one whose heuristic offers
+    // a single candidate is not timed, but the 3 plain ones offer several at these sizes
+    printf("  tuned problems in this case: %d, %d so far on another candidate than the first\n",
+           matmul_tune_count - count_before, matmul_tune_moved);
+    snprintf(name, sizeof(name), "--matmul-tune 1 timed this case's problems (BT=%d)", BT);
+    test_check(matmul_tune_count - count_before >= 3 && matmul_tune_count - count_before <= 5, name);
+    // zeros in, zeros out: every candidate agrees, so the first is kept (not counted as moved)
+    int moved_before = matmul_tune_moved, count_zero = matmul_tune_count;
+    cudaCheck(cudaMemset(in, 0, n_inp * sizeof(floatX)));
+    matmul_algo_cache_clear();
+    matmul_tune = 1;
+    matmul_forward(outs[1][0], in, w, NULL, BT, C, OC, 0);
+    cudaCheck(cudaDeviceSynchronize());
+    test_check(matmul_tune_count == count_zero + 1 && matmul_tune_moved == moved_before,
+               "--matmul-tune 1: a product of zeros keeps the first candidate");
+    matmul_tune = 0;
+    matmul_algo_cache_clear();
+    for (int run = 0; run < 2; run++) for (int i = 0; i < 7; i++) cudaCheck(cudaFree(outs[run][i]));
+    floatX* bufs[] = {in, w, bias, dout};
+    for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) { cudaCheck(cudaFree(bufs[i])); }
+    cudaCheck(cudaFree(scratch));
+}
+
 int main(void) {
     cudaCheck(cudaSetDevice(0));
     test_begin("test_matmul" TEST_FLOATX_SUFFIX);
@@ -320,6 +401,8 @@ int main(void) {
     matmul_gelu_fused = 1;
     run_dgelu_case(256, 3072, 768, &rng);   // fcproj: its input was GELU(fc's output)
     run_dgelu_case(200, 264, 136, &rng);    // odd sizes
+    run_tune_case(4096, 768, 3072);          // --matmul-tune 1 at step-like shapes
+    run_tune_case(200, 264, 136);
 
     // more problems than MATMUL_ALGO_CACHE_CAPACITY: slots are reused, the results must not change
     {
