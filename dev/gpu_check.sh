@@ -18,6 +18,8 @@
 #           not carry/mixed: 64 MiB), then test_moe (its cases on CUTLASS's grouped GEMM too) and
 #           bench_moe (CUTLASS's grouped GEMM beside cuBLAS's and the loop; bench_moe_cutlass.json);
 #           with sanitize also in the mode, test_moe under compute-sanitizer memcheck once more;
+#           the d12 moe trainer step with --moe-gemm cublas and cutlass (train_omnimoe_cutlass of
+#           the pack, alternating, median ms);
 #           CUTLASS_VARIANTS (environment) adds other tiles/schedules to the benchmark
 #     cudnn: rebuild with `make USE_CUDNN=1` (headers in carry/cudnn-frontend), test_attention with
 #           cuDNN's SDPA beside ours, --attention cudnn reruns bitwise and its loss beside ours
@@ -198,6 +200,25 @@ if [[ "$mode" == *cutlass* ]]; then
         fi
         run "cutlass_bench_moe_$v" ./$bin --json "$LOG/bench_moe_cutlass_$v.json"
     done
+    # the d12 moe step in the trainer with each grouped GEMM, alternating, one binary (the CUTLASS
+    # build's trainer, train_omnimoe_cutlass in the pack): median ms of steps 11-30
+    if [ -x ./train_omnimoe_cutlass ]; then
+        for i in 1 2; do
+            for b in cublas cutlass; do
+                ./train_omnimoe_cutlass -e d12 -f moe -b 16 -t 1024 -x 30 -v 0 -s 0 --moe-gemm $b \
+                    --log-file "$LOG/moe_step_${b}_$i.jsonl" > "$LOG/moe_step_${b}_$i.out" 2>&1
+            done
+        done
+        run cutlass_train_step python3 -c '
+import json, statistics, sys
+for b in ("cublas", "cutlass"):
+    ms = []
+    for i in (1, 2):
+        steps = [json.loads(l) for l in open(sys.argv[1] + "/moe_step_%s_%d.jsonl" % (b, i)) if "\"train\"" in l]
+        ms.append(statistics.median(s["ms"] for s in steps if 11 <= s["step"] <= 30))
+    print("d12 moe B=16 T=1024 --moe-gemm %-8s median ms/step (steps 11-30): %s" % (b, " / ".join("%.2f" % m for m in ms)))
+' "$LOG"
+    fi
 fi
 # cuDNN's SDPA (--attention cudnn): rebuild with USE_CUDNN=1 (last: it replaces ./train_omnimoe),
 # its kernel checks and benchmark beside ours, two identical runs bitwise, and the loss beside ours

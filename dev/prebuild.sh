@@ -83,8 +83,9 @@ build_flavour() {
                 mv "$tmp/dev/cuda/bench_moe_bin" "$tmp/dev/cuda/bench_moe_bin.$v"
                 files+=("dev/cuda/bench_moe_bin.$v")
             done
-            (cd "$tmp" && make -B -j"$JOBS" USE_CUTLASS=1 dev/cuda/test_moe_bin dev/cuda/bench_moe_bin) >> "$log" 2>&1 || return 1
-            files+=(dev/cuda/test_moe_bin dev/cuda/bench_moe_bin build/moe_gemm_cutlass.o);;
+            (cd "$tmp" && make -B -j"$JOBS" USE_CUTLASS=1 dev/cuda/test_moe_bin dev/cuda/bench_moe_bin train_omnimoe) >> "$log" 2>&1 || return 1
+            mv "$tmp/train_omnimoe" "$tmp/train_omnimoe_cutlass"   # beside the default build's trainer, not over it
+            files+=(dev/cuda/test_moe_bin dev/cuda/bench_moe_bin build/moe_gemm_cutlass.o train_omnimoe_cutlass);;
         cudnn)
             (cd "$tmp" && make -j"$JOBS" USE_CUDNN=1 train_omnimoe test_omnimoe dev/cuda/test_attention_bin) > "$log" 2>&1 || return 1
             files=(train_omnimoe test_omnimoe dev/cuda/test_attention_bin build/attention_cudnn.o);;

@@ -138,14 +138,45 @@ __global__ void moe_pair_positions_kernel(int* pos, const int* sorted_pair, int 
     if (j < P) pos[sorted_pair[j]] = j;
 }
 
-// one thread per element: dst[j, c] = scale * src[sorted_pair[j] / k, c]
+// The row kernels below (gather, combine, the token backward's input gradient) move whole rows of
+// C channels: one warp per row, each lane V consecutive channels at a time - one 16-byte vector
+// (x128::size) where every row they touch starts 16-byte aligned, else V = 1 (moe_row_vec picks).
+// Each element's arithmetic is the same for either V (same bits).
+template <int V>
+__device__ inline void moe_load_row(float* v, const floatX* p) {
+    if constexpr (V == x128::size) {
+        const x128 a = load128(p);
+        for (int i = 0; i < V; i++) v[i] = (float)a[i];
+    } else {
+        for (int i = 0; i < V; i++) v[i] = (float)p[i];
+    }
+}
+
+template <int V>
+__device__ inline void moe_store_row(floatX* p, const float* v) {
+    if constexpr (V == x128::size) {
+        x128 a;
+        for (int i = 0; i < V; i++) a[i] = (floatX)v[i];
+        store128(p, a);
+    } else {
+        for (int i = 0; i < V; i++) p[i] = (floatX)v[i];
+    }
+}
+
+// one warp per sorted row j: dst[j, :] = scale * src[sorted_pair[j] / k, :]
+template <int V>
 __global__ void moe_gather_rows_kernel(floatX* dst, const floatX* src, const int* sorted_pair, int rows, int C, int k,
                                        float scale) {
-    const size_t o = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (o >= (size_t)rows * C) return;
-    const size_t j = o / C, c = o % C;
-    const size_t t = (size_t)(sorted_pair[j] / k);
-    dst[o] = (floatX)(scale * (float)src[t * C + c]);
+    const int j = blockIdx.x * MOE_TOKEN_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (j >= rows) return;
+    const floatX* s = src + (size_t)(sorted_pair[j] / k) * C;
+    floatX* d = dst + (size_t)j * C;
+    for (int c = lane * V; c < C; c += 32 * V) {
+        float v[V];
+        moe_load_row<V>(v, s + c);
+        for (int i = 0; i < V; i++) v[i] = scale * v[i];
+        moe_store_row<V>(d + c, v);
+    }
 }
 
 // one warp per pair: the constant experts' mixing weights w = softmax(A_j (s x))
@@ -172,24 +203,37 @@ __global__ void moe_const_mix_kernel(float* mix, const floatX* x, const floatX* 
     }
 }
 
-// one thread per (t, c): the pairs of token t in order
+// one warp per token t: each channel's sum over t's pairs in order
+template <int V>
 __global__ void moe_combine_kernel(floatX* out, const floatX* yg, const floatX* x, const floatX* cvec, const int* idx,
                                    const float* gate, const int* pos, const float* mix, int BT, int C, int k, int E,
                                    int Kc, int Kp, float scale, int accumulate) {
-    const size_t o = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (o >= (size_t)BT * C) return;
-    const size_t t = o / C, c = o % C;
-    const float xe = scale * (float)x[o];
-    float acc = accumulate ? (float)out[o] : 0.0f;
-    for (int m = 0; m < k; m++) {
-        const size_t q = t * k + m;
-        const int e = idx[q];
-        const float g = gate[q];
-        if (e < E) acc += g * (float)yg[(size_t)pos[q] * C + c];
-        else if (e < E + Kc) acc += g * (mix[2 * q] * xe + mix[2 * q + 1] * (float)cvec[(size_t)(e - E) * C + c]);
-        else if (e < E + Kc + Kp) acc += g * xe;
+    const int t = blockIdx.x * MOE_TOKEN_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (t >= BT) return;
+    const size_t row = (size_t)t * C;
+    for (int c = lane * V; c < C; c += 32 * V) {
+        float xe[V], acc[V];
+        moe_load_row<V>(xe, x + row + c);
+        for (int i = 0; i < V; i++) xe[i] = scale * xe[i];
+        if (accumulate) moe_load_row<V>(acc, out + row + c);
+        else for (int i = 0; i < V; i++) acc[i] = 0.0f;
+        for (int m = 0; m < k; m++) {
+            const size_t q = (size_t)t * k + m;
+            const int e = idx[q];
+            const float g = gate[q];
+            if (e < E) {
+                float y[V];
+                moe_load_row<V>(y, yg + (size_t)pos[q] * C + c);
+                for (int i = 0; i < V; i++) acc[i] += g * y[i];
+            } else if (e < E + Kc) {
+                const floatX* cv = cvec + (size_t)(e - E) * C + c;  // a parameter: any alignment, read per element
+                for (int i = 0; i < V; i++) acc[i] += g * (mix[2 * q] * xe[i] + mix[2 * q + 1] * (float)cv[i]);
+            } else if (e < E + Kc + Kp) {
+                for (int i = 0; i < V; i++) acc[i] += g * xe[i];
+            }
+        }
+        moe_store_row<V>(out + row + c, acc);
     }
-    out[o] = (floatX)acc;
 }
 
 // one warp per FFN row j: dgate of its pair = <W2^T dy, h>; then dh = g W2^T dy and hg = g h
@@ -212,6 +256,7 @@ __global__ void moe_ffn_dgate_kernel(float* dgate, floatX* dh, floatX* hg, const
 
 // one warp per token: the gate gradients of its constant/copy/zero pairs and dmix first, then
 // every channel's input gradient over the pairs in order
+template <int V>
 __global__ void moe_token_backward_kernel(floatX* dx, float* dgate, float* dmix, const floatX* dout, const floatX* x,
                                           const floatX* dxg, const floatX* cvec, const floatX* A, const int* idx,
                                           const float* gate, const int* pos, const float* mix, int BT, int C, int k,
@@ -253,22 +298,32 @@ __global__ void moe_token_backward_kernel(floatX* dx, float* dgate, float* dmix,
         }
     }
     __syncwarp();  // dmix of lane 0 is read by every lane below
-    for (int c = lane; c < C; c += 32) {
-        float acc = 0.0f;  // d loss / d (the experts' input s x)
+    for (int c = lane * V; c < C; c += 32 * V) {
+        float acc[V], d[V];  // acc: d loss / d (the experts' input s x)
+        for (int i = 0; i < V; i++) acc[i] = 0.0f;
+        moe_load_row<V>(d, dy + c);
         for (int m = 0; m < k; m++) {
             const size_t q = (size_t)t * k + m;
             const int e = idx[q];
             const float g = gate[q];
             if (e < E) {
-                acc += (float)dxg[(size_t)pos[q] * C + c];
+                float v[V];
+                moe_load_row<V>(v, dxg + (size_t)pos[q] * C + c);
+                for (int i = 0; i < V; i++) acc[i] += v[i];
             } else if (e < E + Kc) {
-                const floatX* a = A + (size_t)(e - E) * 2 * C;
-                acc += g * mix[2 * q] * (float)dy[c] + dmix[2 * q] * (float)a[c] + dmix[2 * q + 1] * (float)a[C + c];
+                const floatX* a = A + (size_t)(e - E) * 2 * C + c;  // a parameter: any alignment, read per element
+                for (int i = 0; i < V; i++) {
+                    acc[i] += g * mix[2 * q] * d[i] + dmix[2 * q] * (float)a[i] + dmix[2 * q + 1] * (float)a[C + i];
+                }
             } else if (e < E + Kc + Kp) {
-                acc += g * (float)dy[c];
+                for (int i = 0; i < V; i++) acc[i] += g * d[i];
             }
         }
-        dx[row + c] = (floatX)((accumulate ? (float)dx[row + c] : 0.0f) + scale * acc);
+        float old[V];
+        if (accumulate) moe_load_row<V>(old, dx + row + c);
+        else for (int i = 0; i < V; i++) old[i] = 0.0f;
+        for (int i = 0; i < V; i++) acc[i] = old[i] + scale * acc[i];
+        moe_store_row<V>(dx + row + c, acc);
     }
 }
 
@@ -472,11 +527,21 @@ static void moe_pair_positions(int* pos, ExpertSchedule sched, int P, cudaStream
     cudaCheckLast();
 }
 
+// the row kernels' vectors: 16 bytes when every row base is 16-byte aligned (rows of C % 8 == 0
+// channels, moe_check_dims, keep the bases' alignment), else one element
+static inline int moe_row_vec(const void* a, const void* b, const void* c) {
+    return is_aligned16(a) && is_aligned16(b) && is_aligned16(c);
+}
+
 static void moe_gather_rows(floatX* dst, const floatX* src, ExpertSchedule sched, int rows, int C, int k, float scale,
                             cudaStream_t stream) {
     if (rows == 0) return;
-    moe_gather_rows_kernel<<<moe_elementwise_blocks((size_t)rows * C), 256, 0, stream>>>(dst, src, sched.sorted_pair,
-                                                                                          rows, C, k, scale);
+    const int blocks = ceil_div(rows, MOE_TOKEN_WARPS), threads = MOE_TOKEN_WARPS * 32;
+    if (moe_row_vec(dst, src, src)) {
+        moe_gather_rows_kernel<x128::size><<<blocks, threads, 0, stream>>>(dst, src, sched.sorted_pair, rows, C, k, scale);
+    } else {
+        moe_gather_rows_kernel<1><<<blocks, threads, 0, stream>>>(dst, src, sched.sorted_pair, rows, C, k, scale);
+    }
     cudaCheckLast();
 }
 
@@ -492,8 +557,14 @@ static void moe_const_mix(float* mix, const floatX* x, const floatX* A, const in
 static void moe_combine(floatX* out, const floatX* yg, const floatX* x, const floatX* cvec, const int* idx,
                         const float* gate, const int* pos, const float* mix, int BT, int C, int k, int E, int Kc,
                         int Kp, float scale, int accumulate, cudaStream_t stream) {
-    moe_combine_kernel<<<moe_elementwise_blocks((size_t)BT * C), 256, 0, stream>>>(
-        out, yg, x, cvec, idx, gate, pos, mix, BT, C, k, E, Kc, Kp, scale, accumulate);
+    const int blocks = ceil_div(BT, MOE_TOKEN_WARPS), threads = MOE_TOKEN_WARPS * 32;
+    if (moe_row_vec(out, yg, x)) {
+        moe_combine_kernel<x128::size><<<blocks, threads, 0, stream>>>(out, yg, x, cvec, idx, gate, pos, mix, BT, C, k,
+                                                                      E, Kc, Kp, scale, accumulate);
+    } else {
+        moe_combine_kernel<1><<<blocks, threads, 0, stream>>>(out, yg, x, cvec, idx, gate, pos, mix, BT, C, k, E, Kc, Kp,
+                                                             scale, accumulate);
+    }
     cudaCheckLast();
 }
 
@@ -509,8 +580,14 @@ static void moe_token_backward(floatX* dx, float* dgate, float* dmix, const floa
                                const floatX* dxg, const floatX* cvec, const floatX* A, const int* idx,
                                const float* gate, const int* pos, const float* mix, int BT, int C, int k, int E,
                                int Kc, int Kp, float scale, int accumulate, cudaStream_t stream) {
-    moe_token_backward_kernel<<<ceil_div(BT, MOE_TOKEN_WARPS), MOE_TOKEN_WARPS * 32, 0, stream>>>(
-        dx, dgate, dmix, dout, x, dxg, cvec, A, idx, gate, pos, mix, BT, C, k, E, Kc, Kp, scale, accumulate);
+    const int blocks = ceil_div(BT, MOE_TOKEN_WARPS), threads = MOE_TOKEN_WARPS * 32;
+    if (moe_row_vec(dx, dout, dxg)) {
+        moe_token_backward_kernel<x128::size><<<blocks, threads, 0, stream>>>(
+            dx, dgate, dmix, dout, x, dxg, cvec, A, idx, gate, pos, mix, BT, C, k, E, Kc, Kp, scale, accumulate);
+    } else {
+        moe_token_backward_kernel<1><<<blocks, threads, 0, stream>>>(
+            dx, dgate, dmix, dout, x, dxg, cvec, A, idx, gate, pos, mix, BT, C, k, E, Kc, Kp, scale, accumulate);
+    }
     cudaCheckLast();
 }
 

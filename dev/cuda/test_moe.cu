@@ -38,7 +38,8 @@ What is checked (one PASS/FAIL line per check, closing "test_moe: N passed, N fa
       cublasGemmGroupedBatchedEx unsupported (moe_gemm_backend stays MOE_GEMM_CUBLAS);
     - the same with the per-expert GEMM loop instead of the grouped GEMM (moe_gemm_backend =
       MOE_GEMM_LOOP), and with W1, W2 and their gradients one element past 16-byte alignment (the
-      loop again); once more with C = 392, I_e = 200 (problems of several tiles in M, N and K,
+      loop again), and with x, dy, out and dx one element past it (the gather, combine and token
+      backward kernels' one-element path instead of their 16-byte vectors); once more with C = 392, I_e = 200 (problems of several tiles in M, N and K,
       each with a partial edge tile);
     - in `make USE_CUTLASS=1` bf16 builds (HAVE_CUTLASS_GROUPED_GEMM): the same cases with the
       CUTLASS grouped GEMM (moe_gemm_backend = MOE_GEMM_CUTLASS; the E = 40 cases too), same
@@ -81,11 +82,14 @@ static floatX* upload(const std::vector<float>& v, size_t n) {
 // elements that W1, W2 and their gradients sit past a 256-byte aligned allocation: 1 puts them off 16
 // bytes, where the trainer's flat parameter layout can put them (moe_grouped_gemm then loops)
 static size_t g_expert_shift = 0;
+// the same for the layer's input, output and their gradients: 1 puts them off 16 bytes, where the
+// row kernels (gather, combine, token backward) take one element a lane instead of 16-byte vectors
+static size_t g_act_shift = 0;
 
-static floatX* upload_shifted(const std::vector<float>& v, size_t n) {
+static floatX* upload_shifted(const std::vector<float>& v, size_t n, size_t shift) {
     floatX* base = device_alloc<floatX>(n + 8, "test buffer");
     cudaCheck(cudaMemset(base, 0, (n + 8) * sizeof(floatX)));  // the margins too (compute-sanitizer initcheck)
-    floatX* d = base + g_expert_shift;
+    floatX* d = base + shift;
     if (n > 0) upload_floatX(d, v.data(), n);
     return d;
 }
@@ -210,8 +214,8 @@ static MoeWeights upload_tensors(MoeDims d, const std::vector<float>& router, co
     MoeWeights w;
     memset(&w, 0, sizeof(w));
     w.router = upload(router, Et * C);
-    w.w1 = upload_shifted(w1, E * 2 * Ie * C);
-    w.w2 = upload_shifted(w2, E * C * Ie);
+    w.w1 = upload_shifted(w1, E * 2 * Ie * C, g_expert_shift);
+    w.w2 = upload_shifted(w2, E * C * Ie, g_expert_shift);
     w.cvec = upload(cvec, Kc * C);
     w.cmix = upload(cmix, Kc * 2 * C);
     w.bias = upload(bias, Et);
@@ -223,10 +227,10 @@ static LayerResult run_layer(MoeDims d, MoeOptions o, const LayerData& D, float 
     MoeWeights w = upload_tensors(d, D.wr, D.w1, D.w2, D.cvec, D.cmix, D.bias);
     std::vector<float> zeros(Et, 0.0f);  // the bias has no gradient
     MoeWeights dw = upload_tensors(d, D.g_wr, D.g_w1, D.g_w2, D.g_cvec, D.g_cmix, zeros);
-    floatX* x = upload(D.x, (size_t)BT * C);
-    floatX* dy = upload(D.dy, (size_t)BT * C);
-    floatX* out = device_alloc<floatX>((size_t)BT * C, "out");
-    floatX* dx = device_alloc<floatX>((size_t)BT * C, "dx");
+    floatX* x = upload_shifted(D.x, (size_t)BT * C, g_act_shift);
+    floatX* dy = upload_shifted(D.dy, (size_t)BT * C, g_act_shift);
+    floatX* out = upload_shifted(D.x, (size_t)BT * C, g_act_shift);
+    floatX* dx = upload_shifted(D.x, (size_t)BT * C, g_act_shift);
     poison(out, (size_t)BT * C * sizeof(floatX));
     poison(dx, (size_t)BT * C * sizeof(floatX));
     MoeWorkspace ws;
@@ -265,10 +269,12 @@ static LayerResult run_layer(MoeDims d, MoeOptions o, const LayerData& D, float 
     r.aux = alpha > 0.0f ? fetch_raw(aux, 1)[0] : 0.0f;
     moe_layer_free(&layer);
     moe_workspace_free(&ws);
-    floatX* bufs[] = {w.router, w.cvec, w.cmix, w.bias, dw.router, dw.cvec, dw.cmix, dw.bias, x, dy, out, dx};
+    floatX* bufs[] = {w.router, w.cvec, w.cmix, w.bias, dw.router, dw.cvec, dw.cmix, dw.bias};
     for (floatX* b : bufs) cudaCheck(cudaFree(b));
     floatX* shifted[] = {w.w1, w.w2, dw.w1, dw.w2};
     for (floatX* b : shifted) cudaCheck(cudaFree(b - g_expert_shift));
+    floatX* acts[] = {x, dy, out, dx};
+    for (floatX* b : acts) cudaCheck(cudaFree(b - g_act_shift));
     cudaCheck(cudaFree(counts));
     cudaCheck(cudaFree(aux));
     return r;
@@ -581,6 +587,9 @@ int main(void) {
     g_expert_shift = 1;  // W1, W2 off 16 bytes: moe_grouped_gemm takes its per-expert loop
     test_layer("layer random routing, norm, W1 and W2 off 16 bytes", ROUTE_RANDOM, 1, 0, 0.1f);
     g_expert_shift = 0;
+    g_act_shift = 1;  // the row kernels' one-element path
+    test_layer("layer random routing, norm, k x input, input and gradients off 16 bytes", ROUTE_RANDOM, 1, 1, 0.1f);
+    g_act_shift = 0;
     g_layer_C = 392, g_layer_Ie = 200;
     test_layer("layer random routing, norm, C=392 I_e=200", ROUTE_RANDOM, 1, 0, 0.1f);
     g_layer_C = 64, g_layer_Ie = 32;
