@@ -25,6 +25,15 @@ largest_planned() {  # largest_planned <r>: binary search over n in [2, 2048]
     done
     echo $lo
 }
+# the search plans for an H200; on a smaller card the training would only show that it does not fit
+if [ "$only_plan" != plan ]; then
+    mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+    if [ -z "$mib" ] || [ "$mib" -lt 130000 ]; then
+        echo "largest_n: the training needs an H200 (141 GB); here: ${mib:+a GPU of $mib MiB}${mib:-no GPU}; plan only"
+        only_plan=plan
+    fi
+fi
+failed=0
 printf '%-4s %10s %14s %14s %s\n' -r planned_n planned_N trained_N params
 for r in 0 2; do
     n=$(largest_planned $r)
@@ -41,9 +50,13 @@ for r in 0 2; do
                 rm -f "$log"
                 break
             fi
-            echo "    -r $r N=$(( m * m )): did not train 3 steps:"; tail -n 3 "$log" | sed 's/^/      /'
+            # the trainer's Error line (stderr, unbuffered, lands before the buffered table), else its last lines
+            echo "    -r $r N=$(( m * m )): did not train 3 steps:"
+            { grep -m 2 "Error" "$log" || tail -n 3 "$log"; } | sed 's/^/      /'
             rm -f "$log"
         done
     fi
     printf '%-4s %10s %14s %14s %s\n' $r $n $(( n * n )) "$trained" "$params"
+    if [ "$only_plan" != plan ] && [ "$trained" = "-" ]; then failed=1; fi
 done
+exit $failed   # 1 when a search's N (or the two below it) did not train
