@@ -28,9 +28,11 @@ largest_planned() {  # largest_planned <r>: binary search over n in [2, 2048]
 # the search plans for an H200; on a smaller card the training would only show that it does not fit
 if [ "$only_plan" != plan ]; then
     mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
-    if [ -z "$mib" ] || [ "$mib" -lt 130000 ]; then
-        echo "largest_n: the training needs an H200 (141 GB); here: ${mib:+a GPU of $mib MiB}${mib:-no GPU}; plan only"
+    if ! [[ "$mib" =~ ^[0-9]+$ ]] || [ "$mib" -lt 130000 ]; then
+        if [[ "$mib" =~ ^[0-9]+$ ]]; then here="a GPU of $mib MiB"; else here="no GPU memory size (nvidia-smi: '${mib}')"; fi
+        echo "largest_n: SKIPPED the training: it needs an H200 (141 GB); here: $here; the plan only"
         only_plan=plan
+        skipped=1
     fi
 fi
 failed=0
@@ -52,11 +54,13 @@ for r in 0 2; do
             fi
             # the trainer's Error line (stderr, unbuffered, lands before the buffered table), else its last lines
             echo "    -r $r N=$(( m * m )): did not train 3 steps:"
-            { grep -m 2 "Error" "$log" || tail -n 3 "$log"; } | sed 's/^/      /'
+            { grep -m 2 -iE "error|out of GPU memory" "$log" || tail -n 3 "$log"; } | sed 's/^/      /'
             rm -f "$log"
         done
     fi
     printf '%-4s %10s %14s %14s %s\n' $r $n $(( n * n )) "$trained" "$params"
     if [ "$only_plan" != plan ] && [ "$trained" = "-" ]; then failed=1; fi
 done
-exit $failed   # 1 when a search's N (or the two below it) did not train
+# 1 when a search's N (or the two below it) did not train; 2 when the training was skipped (no H200)
+if [ "${skipped:-0}" = 1 ]; then exit 2; fi
+exit $failed
