@@ -239,5 +239,5 @@ test_gpu:
 	fi
 
 clean:
-	rm -f train_omnimoe train_omnimoe_cpu test_omnimoe test_omnimoe_fp32 $(CPU_TESTS)
+	rm -f train_omnimoe train_omnimoe_cpu train_omnimoe_cutlass test_omnimoe test_omnimoe_fp32 $(CPU_TESTS)
 	rm -f $(KERNEL_TEST_BINS) $(KERNEL_BENCH_BINS) build/attention_cudnn.o build/moe_gemm_cutlass.o

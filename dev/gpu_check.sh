@@ -185,7 +185,9 @@ fi
 # the CUTLASS grouped GEMM of the moe experts (llmc/moe_gemm_cutlass.cu): rebuild the moe test and
 # benchmark with it (-B: the flags changed), test, then time it beside cuBLAS's
 if [[ "$mode" == *cutlass* ]]; then
-    prebuilt cutlass || run cutlass_build make -j$(nproc) -B USE_CUTLASS=1 dev/cuda/test_moe_bin dev/cuda/bench_moe_bin
+    cutlass_packed=0   # the pack of this call brings train_omnimoe_cutlass (the build below does not)
+    if prebuilt cutlass; then cutlass_packed=1
+    else run cutlass_build make -j$(nproc) -B USE_CUTLASS=1 dev/cuda/test_moe_bin dev/cuda/bench_moe_bin; fi
     run cutlass_test_moe ./dev/cuda/test_moe_bin
     if [[ "$mode" == *sanitize* ]]; then  # the CUTLASS kernels' reads and writes too
         run cutlass_sanitize_memcheck compute-sanitizer --tool memcheck --error-exitcode 1 ./dev/cuda/test_moe_bin
@@ -201,23 +203,29 @@ if [[ "$mode" == *cutlass* ]]; then
         run "cutlass_bench_moe_$v" ./$bin --json "$LOG/bench_moe_cutlass_$v.json"
     done
     # the d12 moe step in the trainer with each grouped GEMM, alternating, one binary (the CUTLASS
-    # build's trainer, train_omnimoe_cutlass in the pack): median ms of steps 11-30
-    if [ -x ./train_omnimoe_cutlass ]; then
+    # build's trainer, train_omnimoe_cutlass of this call's pack): median ms of steps 11-30, and the
+    # two backends' losses side by side (compare_logs.py's tolerances: the same math, maybe other bits)
+    if [ "$cutlass_packed" = 1 ] && [ -x ./train_omnimoe_cutlass ]; then
+        step_rc=0
         for i in 1 2; do
             for b in cublas cutlass; do
                 ./train_omnimoe_cutlass -e d12 -f moe -b 16 -t 1024 -x 30 -v 0 -s 0 --moe-gemm $b \
-                    --log-file "$LOG/moe_step_${b}_$i.jsonl" > "$LOG/moe_step_${b}_$i.out" 2>&1
+                    --log-file "$LOG/moe_step_${b}_$i.jsonl" > "$LOG/moe_step_${b}_$i.out" 2>&1 || step_rc=1
             done
         done
-        run cutlass_train_step python3 -c '
+        run cutlass_train_step bash -c '[ "$1" = 0 ] || { echo "a trainer run failed (moe_step_*.out)"; exit 1; }
+python3 - "$2" <<PY || exit 1
 import json, statistics, sys
 for b in ("cublas", "cutlass"):
     ms = []
     for i in (1, 2):
-        steps = [json.loads(l) for l in open(sys.argv[1] + "/moe_step_%s_%d.jsonl" % (b, i)) if "\"train\"" in l]
-        ms.append(statistics.median(s["ms"] for s in steps if 11 <= s["step"] <= 30))
+        steps = [json.loads(l) for l in open(sys.argv[1] + "/moe_step_%s_%d.jsonl" % (b, i))]
+        ms.append(statistics.median(s["ms"] for s in steps if s.get("type") == "train" and 11 <= s["step"] <= 30))
     print("d12 moe B=16 T=1024 --moe-gemm %-8s median ms/step (steps 11-30): %s" % (b, " / ".join("%.2f" % m for m in ms)))
-' "$LOG"
+PY
+python3 scripts/compare_logs.py "$2/moe_step_cublas_1.jsonl" "$2/moe_step_cutlass_1.jsonl" --loss-tol 0.02 --norm-rtol 0.05' _ "$step_rc" "$LOG"
+    else
+        summary+=("$(printf '%-28s %-10s' cutlass_train_step "SKIPPED (no train_omnimoe_cutlass from this call's cutlass pack)")")
     fi
 fi
 # cuDNN's SDPA (--attention cudnn): rebuild with USE_CUDNN=1 (last: it replaces ./train_omnimoe),

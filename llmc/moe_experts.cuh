@@ -38,9 +38,10 @@ Defines:
 - moe_expert_offsets(offsets, counts, Et, stream): offsets (Et + 1) from the per-expert counts
 
 The grouped GEMM has three backends, chosen at run time with moe_gemm_backend:
-- MOE_GEMM_CUBLAS (the default): cuBLAS's cublasGemmGroupedBatchedEx (CUDA toolkit, no extra
-  dependency); its problem sizes are host arrays, so the caller needs the per-expert counts on
-  the host (one device-to-host copy per layer forward; the backward reuses them);
+- MOE_GEMM_CUBLAS (the initial value; the trainer's default without CUTLASS): cuBLAS's
+  cublasGemmGroupedBatchedEx (CUDA toolkit, no extra dependency); its problem sizes are host
+  arrays, so the caller needs the per-expert counts on the host (one device-to-host copy per
+  layer forward; the backward reuses them);
 - MOE_GEMM_LOOP: the same problems as one cublasGemmEx each (host pointers);
 - MOE_GEMM_CUTLASS (`make USE_CUTLASS=1` bf16 builds, HAVE_CUTLASS_GROUPED_GEMM): a CUTLASS
   Hopper grouped GEMM (TMA, wgmma, persistent warp-specialized; llmc/moe_gemm_cutlass.h), its
@@ -398,11 +399,12 @@ static inline int moe_ffn_groups(const int* host_counts, int E, int* rows) {
 }
 
 // the grouped GEMM's backend (bench_moe.cu times each; test_moe.cu checks each):
-// MOE_GEMM_CUBLAS: one cublasGemmGroupedBatchedEx call (the default);
+// MOE_GEMM_CUBLAS: one cublasGemmGroupedBatchedEx call (the initial value here; the trainer sets
+//   the backend from --moe-gemm, whose default is MOE_GEMM_CUTLASS in builds that have it);
 // MOE_GEMM_LOOP: one cublasGemmEx per expert, the same problems from host pointers (also taken
 //   from then on when cuBLAS reports the grouped call unsupported for these types);
 // MOE_GEMM_CUTLASS: one CUTLASS grouped GEMM (HAVE_CUTLASS_GROUPED_GEMM builds only; falls back
-//   to the loop where CUTLASS cannot run the problems)
+//   to the loop where CUTLASS cannot run the problems; the trainer's default where it exists)
 #define MOE_GEMM_LOOP 0
 #define MOE_GEMM_CUBLAS 1
 #define MOE_GEMM_CUTLASS 2
