@@ -10,6 +10,11 @@ What is checked (one PASS/FAIL line per check, closing "test_moe: N passed, N fa
     logits), biases that reorder them, k = E_t: the ids equal a brute-force sort of the GPU's own
     fp32 scores p + b (higher first, equal scores to the smaller id: the CPU reference's order),
     sets and order; probabilities, gates and D against double math.
+ 1b. the row kernels (moe_gather_rows, moe_combine, moe_token_backward) with 16-byte vectors
+    against their one-element path on the same numbers one element off 16 bytes: bitwise equal
+    outputs (gathered rows, out, dx, dgate, dmix), with accumulate off and on (the layer cases
+    below have no shared branch, so only here is accumulate on), and the zeroed margins after
+    each written buffer still zero (a vector write one past the end).
  2. the layer without a shared branch (H = 0, so out and dx are the routed part alone), linear
     router, E = 6 FFN experts, 2 constant, 1 copy, 1 zero, k = 4, in three routings:
     forced (a bias of +10..13 on experts 1, 4, 7 (constant) and 9 (zero): four FFN experts and a
@@ -553,6 +558,114 @@ static void test_layer(const char* name, int route, int norm, int scale_input, f
     test_check(same, what);
 }
 
+// the row kernels (gather, combine, the token backward) with 16-byte vectors against their
+// one-element path on the same numbers one element off 16 bytes: the outputs bitwise the same
+// (each element's arithmetic does not depend on the vector width), with accumulate off and on,
+// FFN, constant, copy and zero pairs mixed; and nothing written past a buffer's end (the zeroed
+// margins upload_shifted leaves stay zero: a vector one element too far would land there)
+static void test_row_kernels_vectors(void) {
+    const int BT = 97, C = 72, k = 4, E = 5, Kc = 2, Kp = 1, Kz = 1, Et = E + Kc + Kp + Kz, P = BT * k;
+    const float scale = (float)k;
+    std::vector<int> idx(P), pos(P, -1), sorted_pair;
+    std::vector<float> gate(P), mix(2 * (size_t)P);
+    for (int q = 0; q < P; q++) {
+        idx[q] = rng_int(&g_rng, Et);
+        gate[q] = rng_uniform(&g_rng, 0.05f, 1.0f);
+        const float w0 = rng_uniform(&g_rng, 0.0f, 1.0f);
+        mix[2 * (size_t)q] = w0;
+        mix[2 * (size_t)q + 1] = 1.0f - w0;
+        if (idx[q] < E) sorted_pair.push_back(q);
+    }
+    const int R = (int)sorted_pair.size();  // FFN rows; shuffled, so that rows and tokens do not line up
+    for (int j = R - 1; j > 0; j--) std::swap(sorted_pair[j], sorted_pair[rng_int(&g_rng, j + 1)]);
+    for (int j = 0; j < R; j++) pos[sorted_pair[j]] = j;
+    const std::vector<float> x = host_random((size_t)BT * C, 1.0f), dout = host_random((size_t)BT * C, 1.0f);
+    const std::vector<float> yg = host_random((size_t)R * C, 1.0f), dxg = host_random((size_t)R * C, 1.0f);
+    const std::vector<float> init = host_random((size_t)BT * C, 1.0f);
+    const std::vector<float> cvec = host_random((size_t)Kc * C, 1.0f), A = host_random((size_t)Kc * 2 * C, 0.1f);
+    int* d_idx = device_alloc<int>(P, "idx");
+    int* d_pos = device_alloc<int>(P, "pos");
+    int* d_sorted = device_alloc<int>(R, "sorted_pair");
+    float* d_gate = device_alloc<float>(P, "gate");
+    float* d_mix = device_alloc<float>(2 * (size_t)P, "mix");
+    cudaCheck(cudaMemcpy(d_idx, idx.data(), P * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(d_pos, pos.data(), P * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(d_sorted, sorted_pair.data(), R * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(d_gate, gate.data(), P * sizeof(float), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(d_mix, mix.data(), 2 * (size_t)P * sizeof(float), cudaMemcpyHostToDevice));
+    floatX* d_cvec = upload(cvec, (size_t)Kc * C);
+    floatX* d_A = upload(A, (size_t)Kc * 2 * C);
+    ExpertSchedule sched;
+    memset(&sched, 0, sizeof(sched));
+    sched.sorted_pair = d_sorted;
+    const size_t nT = (size_t)BT * C, nR = (size_t)R * C;
+    for (int accumulate = 0; accumulate <= 1; accumulate++) {
+        std::vector<floatX> gathered[2], out[2], dx[2];
+        std::vector<float> dgate[2], dmix[2];
+        int vectors[2] = {0, 0}, margins_zero = 1;
+        for (int shift = 0; shift <= 1; shift++) {
+            floatX* d_x = upload_shifted(x, nT, shift);
+            floatX* d_dout = upload_shifted(dout, nT, shift);
+            floatX* d_yg = upload_shifted(yg, nR, shift);
+            floatX* d_dxg = upload_shifted(dxg, nR, shift);
+            floatX* d_dst = upload_shifted(yg, nR, shift);  // overwritten
+            floatX* d_out = upload_shifted(init, nT, shift);
+            floatX* d_dx = upload_shifted(init, nT, shift);
+            float* d_dgate = device_alloc<float>(P, "dgate");
+            float* d_dmix = device_alloc<float>(2 * (size_t)P, "dmix");
+            poison(d_dgate, P * sizeof(float));
+            poison(d_dmix, 2 * (size_t)P * sizeof(float));
+            vectors[shift] = moe_row_vec(d_dst, d_x, d_x) + moe_row_vec(d_out, d_yg, d_x) + moe_row_vec(d_dx, d_dout, d_dxg);
+            moe_gather_rows(d_dst, d_x, sched, R, C, k, scale, 0);
+            moe_combine(d_out, d_yg, d_x, d_cvec, d_idx, d_gate, d_pos, d_mix, BT, C, k, E, Kc, Kp, scale, accumulate, 0);
+            moe_token_backward(d_dx, d_dgate, d_dmix, d_dout, d_x, d_dxg, d_cvec, d_A, d_idx, d_gate, d_pos, d_mix, BT, C,
+                               k, E, Kc, Kp, scale, accumulate, 0);
+            cudaCheck(cudaDeviceSynchronize());
+            gathered[shift] = fetch_raw(d_dst, nR);
+            out[shift] = fetch_raw(d_out, nT);
+            dx[shift] = fetch_raw(d_dx, nT);
+            dgate[shift] = fetch_raw(d_dgate, P);
+            dmix[shift] = fetch_raw(d_dmix, 2 * (size_t)P);
+            // the 8 - shift elements after each written buffer (upload_shifted zeroed them)
+            const floatX* written[3] = {d_dst, d_out, d_dx};
+            const size_t lens[3] = {nR, nT, nT};
+            for (int b = 0; b < 3; b++) {
+                const std::vector<floatX> margin = fetch_raw(written[b] + lens[b], 8 - shift);
+                const std::vector<unsigned char> zeros((8 - shift) * sizeof(floatX), 0);
+                margins_zero &= memcmp(margin.data(), zeros.data(), zeros.size()) == 0;
+            }
+            floatX* shifted[] = {d_x, d_dout, d_yg, d_dxg, d_dst, d_out, d_dx};
+            for (floatX* b : shifted) cudaCheck(cudaFree(b - shift));
+            cudaCheck(cudaFree(d_dgate));
+            cudaCheck(cudaFree(d_dmix));
+        }
+        char what[256];
+        snprintf(what, sizeof(what), "row kernels, accumulate %d: 16-byte vectors when aligned (3 launches), one "
+                 "element when not (0)", accumulate);
+        test_checkf(vectors[0] == 3 && vectors[1] == 0, what, "aligned %d, shifted %d", vectors[0], vectors[1]);
+        const struct { const char* name; const void* a; const void* b; size_t bytes; } same[] = {
+            {"gather", gathered[0].data(), gathered[1].data(), nR * sizeof(floatX)},
+            {"combine", out[0].data(), out[1].data(), nT * sizeof(floatX)},
+            {"token backward dx", dx[0].data(), dx[1].data(), nT * sizeof(floatX)},
+            {"token backward dgate", dgate[0].data(), dgate[1].data(), P * sizeof(float)},
+            {"token backward dmix", dmix[0].data(), dmix[1].data(), 2 * (size_t)P * sizeof(float)},
+        };
+        for (const auto& c : same) {
+            snprintf(what, sizeof(what), "row kernels, accumulate %d: %s with vectors == one element a lane (bitwise)",
+                     accumulate, c.name);
+            test_check(memcmp(c.a, c.b, c.bytes) == 0, what);
+        }
+        snprintf(what, sizeof(what), "row kernels, accumulate %d: nothing written past the buffers' ends", accumulate);
+        test_check(margins_zero, what);
+    }
+    int* ints[] = {d_idx, d_pos, d_sorted};
+    for (int* b : ints) cudaCheck(cudaFree(b));
+    cudaCheck(cudaFree(d_gate));
+    cudaCheck(cudaFree(d_mix));
+    cudaCheck(cudaFree(d_cvec));
+    cudaCheck(cudaFree(d_A));
+}
+
 int main(void) {
     if (!test_cuda_device_or_skip("test_moe")) return 0;
     test_begin("test_moe" TEST_FLOATX_SUFFIX);
@@ -562,6 +675,7 @@ int main(void) {
     test_route("route quantised ties E_t=10 k=4", 517, 10, 4, 9, 0, 1);
     test_route("route quantised ties E_t=70 k=6 norm (more than 32 experts a lane)", 300, 70, 6, 64, 1, 1);
     test_route("route k = E_t = 5", 64, 5, 5, 5, 1, 1);
+    test_row_kernels_vectors();
     test_layer("layer forced routing, norm, k x input, balance loss", ROUTE_FORCED, 1, 1, 0.05f);
     test_layer("layer random routing, plain gates, no balance loss", ROUTE_RANDOM, 0, 0, 0.0f);
     test_layer("layer random routing, norm, balance loss", ROUTE_RANDOM, 1, 0, 0.1f);
