@@ -10,11 +10,6 @@ What is checked (one PASS/FAIL line per check, closing "test_moe: N passed, N fa
     logits), biases that reorder them, k = E_t: the ids equal a brute-force sort of the GPU's own
     fp32 scores p + b (higher first, equal scores to the smaller id: the CPU reference's order),
     sets and order; probabilities, gates and D against double math.
- 1b. the row kernels (moe_gather_rows, moe_combine, moe_token_backward) with 16-byte vectors
-    against their one-element path on the same numbers one element off 16 bytes: bitwise equal
-    outputs (gathered rows, out, dx, dgate, dmix), with accumulate off and on (the layer cases
-    below have no shared branch, so only here is accumulate on), and the zeroed margins after
-    each written buffer still zero (a vector write one past the end).
  2. the layer without a shared branch (H = 0, so out and dx are the routed part alone), linear
     router, E = 6 FFN experts, 2 constant, 1 copy, 1 zero, k = 4, in three routings:
     forced (a bias of +10..13 on experts 1, 4, 7 (constant) and 9 (zero): four FFN experts and a
@@ -50,6 +45,11 @@ What is checked (one PASS/FAIL line per check, closing "test_moe: N passed, N fa
       CUTLASS grouped GEMM (moe_gemm_backend = MOE_GEMM_CUTLASS; the E = 40 cases too), same
       tolerances, twice bitwise, and not one of its calls handed to the loop (moe_gemm_fallbacks
       stays 0).
+ 3. (run last) the row kernels (moe_gather_rows, moe_combine, moe_token_backward) with 16-byte vectors
+    against their one-element path on the same numbers one element off 16 bytes: bitwise equal
+    outputs (gathered rows, out, dx, dgate, dmix), with accumulate off and on (the layer cases
+    below have no shared branch, so only here is accumulate on), and the zeroed margins after
+    each written buffer still zero (a vector write one past the end).
 The gating residual, the tanh router and the shared SwiGLU are checked end to end against the
 CPU trainer by test_omnimoe.cu.
 */
@@ -675,7 +675,6 @@ int main(void) {
     test_route("route quantised ties E_t=10 k=4", 517, 10, 4, 9, 0, 1);
     test_route("route quantised ties E_t=70 k=6 norm (more than 32 experts a lane)", 300, 70, 6, 64, 1, 1);
     test_route("route k = E_t = 5", 64, 5, 5, 5, 1, 1);
-    test_row_kernels_vectors();
     test_layer("layer forced routing, norm, k x input, balance loss", ROUTE_FORCED, 1, 1, 0.05f);
     test_layer("layer random routing, plain gates, no balance loss", ROUTE_RANDOM, 0, 0, 0.0f);
     test_layer("layer random routing, norm, balance loss", ROUTE_RANDOM, 1, 0, 0.1f);
@@ -729,6 +728,7 @@ int main(void) {
     g_expert_shift = 0;
     moe_gemm_backend = MOE_GEMM_CUBLAS;
 #endif
+    test_row_kernels_vectors();  // last: its draws from g_rng leave the cases above their data
     matmul_free();
     return test_end();
 }
