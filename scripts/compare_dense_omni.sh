@@ -73,7 +73,7 @@ COMMON=(-e "$PRESET" -i "$DATA_DIR/*_train_*.bin" -j "$DATA_DIR/*_val_*.bin"
 model_flags() {
     case "$1" in
         swiglu) echo "-f swiglu" ;;
-        gelu) echo "-f gelu" ;;
+        gelu) echo "-f gelu --gelu-fusion 1" ;;  # the committed row's setting (the default became 2 after it ran)
         omni) echo "-f omni" ;;
         omni_big) echo "-f omni --experts $BIG_EXPERTS" ;;
         moe) echo "-f moe" ;;
