@@ -1320,6 +1320,7 @@ int main(void) {
     matmul_dgelu_fused = 1;
     test_forward_backward("gelu, DGELU epilogue", &cases[0].c, 4, 64);
     test_training("gelu, DGELU epilogue", &cases[0].c, 4, 64);
+    test_recompute("gelu, DGELU epilogue", &cases[0].c, 4, 64);  // -r 1, 2 with the CUDA trainer's default --gelu-fusion 2
     test_overlap_dweight("gelu, DGELU epilogue", &cases[0].c, 32, 64);
     matmul_dgelu_fused = 0;
     const int overlap_cases[] = {0, 1, 2};  // gelu, swiglu, omni (moe's backward waits as omni's does)
