@@ -38,14 +38,16 @@ Defines:
 Row-major to cuBLAS column-major: a row-major (R, C) matrix is a column-major (C, R) one, so
 out^T (C_out x BT) = weight_cm^T (C_out x C_in) * inp_cm (C_in x BT): "TN" with A = weight.
 
-Determinism: for each distinct problem (transposes, sizes, epilogue, pointer alignment) the
-algorithm is chosen once by the heuristic and cached, so every later call runs the same
+Determinism: for each distinct problem (transposes, sizes, epilogue, beta, pointer alignment)
+the algorithm is chosen once by the heuristic and cached, so every later call runs the same
 kernel. With matmul_tune = 1 (the trainer's --matmul-tune 1) a new problem instead takes the
 fastest of the heuristic's first MATMUL_TUNE_CANDIDATES candidates among those whose output on
 that first call's operands hashes to the same 64-bit value as the first candidate's (D, and the
-aux output of a GELU epilogue) and that splits the k sum as the first does (matmul_algo_same_k_split):
-another kernel, the same bits, whatever the timings say. cuBLASLt's split-K reduction schemes are all fixed-order (no atomics), so the same
-algorithm on the same GPU gives bitwise identical results (checked by dev/cuda/test_matmul.cu).
+aux output of a GELU epilogue) and that split the k sum as the first does
+(matmul_algo_same_k_split): another kernel, the same bits, whatever the timings say. Tuning
+allocates and waits for the GPU once per problem, at its first call. cuBLASLt's split-K
+reduction schemes are all fixed-order (no atomics), so the same algorithm on the same GPU gives
+bitwise identical results (checked by dev/cuda/test_matmul.cu).
 */
 #ifndef OMNIMOE_MATMUL_CUH
 #define OMNIMOE_MATMUL_CUH
