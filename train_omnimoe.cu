@@ -1705,7 +1705,7 @@ int main(int argc, char** argv) {
     } else {
         model_build(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention, cfg.recompute);
     }
-    model_set_overlap_dweight(model, cfg.overlap_dweight);  // --overlap-dweight (validated against -r above)
+    model_set_overlap_dweight(model, train_config_overlap_dweight(&cfg));  // --overlap-dweight (validated against -r above)
     if (shard && master_process) {
         printf("| sharded expert tables: U and V of (L*N, C/%d) per process, %zu of %zu parameters here\n", G,
                model->num_params, model_config_num_params(&config));

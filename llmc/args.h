@@ -179,8 +179,8 @@ static const TrainFlag train_flags[] = {
     {NULL, "--expert-exec", TRAIN_ARG_CHOICE, offsetof(TrainConfig, expert_exec), 0, 0, 0, "token|expert", "omni: expert-branch execution, token-centric (default) or expert-centric (same bits)"},
     {NULL, "--attention", TRAIN_ARG_CHOICE, offsetof(TrainConfig, attention), 0, 0, 0, "ours|cudnn", "CUDA trainer: attention kernels, ours (default) or cuDNN's SDPA (a `make USE_CUDNN=1` build; other bits)"},
     {NULL, "--gelu-fusion", TRAIN_ARG_INT, offsetof(TrainConfig, gelu_fusion), 0, 2, 0, NULL, "CUDA trainer, -f gelu: the GELU in cuBLASLt's GEMM epilogues, 0 none, 1 the forward, 2 also the backward (the DGELU epilogue; the CUDA trainer's default); each rounds differently (the CPU reference: 1 only)"},
-    {NULL, "--matmul-tune", TRAIN_ARG_INT, offsetof(TrainConfig, matmul_tune), 0, 1, 0, NULL, "CUDA trainer: 1 = each GEMM shape runs the fastest of cuBLASLt's first 8 candidates whose output has the bits of its first (timed once, at the shape's first call); 0 (default) = the first (same bits either way)"},
-    {NULL, "--overlap-dweight", TRAIN_ARG_INT, offsetof(TrainConfig, overlap_dweight), 0, 1, 0, NULL, "CUDA trainer: 1 = the backward's weight-gradient GEMMs (qkv, attproj, gelu's fc and fcproj) on a second stream beside the rest, 0 (default) = in line (same bits; not with -r)"},
+    {NULL, "--matmul-tune", TRAIN_ARG_INT, offsetof(TrainConfig, matmul_tune), 0, 1, 0, NULL, "CUDA trainer: 1 = each GEMM shape runs the fastest of cuBLASLt's first 8 candidates whose output has the bits of its first (timed once, at the shape's first call); 0 = the first (same bits either way); the CUDA trainer's default 1"},
+    {NULL, "--overlap-dweight", TRAIN_ARG_INT, offsetof(TrainConfig, overlap_dweight), -1, 1, 0, NULL, "CUDA trainer: 1 = the backward's weight-gradient GEMMs (qkv, attproj, gelu's fc and fcproj) on a second stream beside the rest, 0 = in line (same bits; 1 not with -r), -1 (the CUDA trainer's default) = 1 with -r 0, else 0"},
     {"-r", "--recompute", TRAIN_ARG_INT, offsetof(TrainConfig, recompute), 0, 2, 0, NULL, "CUDA trainer: activation recomputation, 0 keep all (default), 1 recompute the FFN activation in the backward, 2 also the LayerNorm outputs (less memory, same bits; gelu: the unfused GELU)"},
     {NULL, "--moe-experts", TRAIN_ARG_INT, offsetof(TrainConfig, moe_experts), 0, 65536, 1, NULL, "moe: routed SwiGLU experts E (-1 = the preset's)"},
     {NULL, "--moe-topk", TRAIN_ARG_INT, offsetof(TrainConfig, moe_topk), 1, 65536, 1, NULL, "moe: experts per token k, among all routed experts (-1 = the preset's)"},
@@ -226,9 +226,16 @@ static inline void train_config_defaults(TrainConfig* cfg) {
     cfg->overlap_comm = 1;
     cfg->zero = 0;  // ZeRO-1 off until it has been measured (docs/sharding.md §2)
 #if defined(__CUDACC__)
-    cfg->gelu_fusion = 2;  // the CUDA trainer: the GELU backward in the DGELU epilogue too (1.7 ms of a d12 step, docs/performance.md target 5)
+    // the CUDA trainer's step options (docs/performance.md target 5): the GELU backward in the DGELU
+    // epilogue too (1.7 ms of a d12 step; other bits than 1); the fastest same-bits cuBLASLt
+    // candidates; the weight-gradient GEMMs on a second stream where -r allows (-1: on with -r 0)
+    cfg->gelu_fusion = 2;
+    cfg->matmul_tune = 1;
+    cfg->overlap_dweight = -1;
 #else
     cfg->gelu_fusion = 1;  // the CPU reference computes the GELU itself and accepts only this value
+    cfg->matmul_tune = 0;
+    cfg->overlap_dweight = 0;
 #endif
     cfg->num_steps = 1000;
     cfg->learning_rate = 6e-4f;
@@ -896,13 +903,18 @@ static inline void train_config_validate(const TrainConfig* cfg, const ModelConf
         fprintf(stderr, "Error: flag -y 1 resumes from the checkpoints in the output directory, but -o is not set\n");
         exit(EXIT_FAILURE);
     }
-    if (cfg->overlap_dweight && cfg->recompute) {
+    if (cfg->overlap_dweight > 0 && cfg->recompute) {
         fprintf(stderr, "Error: flag --overlap-dweight 1 with -r %d: the recomputed activations share one layer's "
                 "buffers, which the next layer overwrites while the second stream still reads them (use -r 0)\n",
                 cfg->recompute);
         exit(EXIT_FAILURE);
     }
     train_config_validate_shard_experts(cfg, model);
+}
+
+// --overlap-dweight as the CUDA trainer runs it: -1 (its default) is on unless -r recomputes
+static inline int train_config_overlap_dweight(const TrainConfig* cfg) {
+    return cfg->overlap_dweight < 0 ? cfg->recompute == 0 : cfg->overlap_dweight;
 }
 
 // the steps --mc-eval runs at, besides the last: every this many (0 = none)
