@@ -149,7 +149,7 @@ static void test_args(void) {
         {"-n without -o", {"-e", "tiny", "-t", "64", "-n", "10"}, "flag -n", "-o", 1, 1},
         {"-y 1 without -o", {"-e", "tiny", "-t", "64", "-y", "1"}, "flag -y", "-o", 1, 1},
         {"--overlap-dweight 1 with -r", {"-e", "tiny", "-t", "64", "--overlap-dweight", "1", "-r", "2"}, "flag --overlap-dweight 1", "-r 2", 1, 1},
-        {"--overlap-dweight 2", {"--overlap-dweight", "2"}, "--overlap-dweight", "0 or 1", 0, 1},
+        {"--overlap-dweight 2", {"--overlap-dweight", "2"}, "--overlap-dweight", "[-1, 1]", 0, 1},
         {"--matmul-tune 2", {"--matmul-tune", "2"}, "--matmul-tune", "0 or 1", 0, 1},
         {"unknown model", {"-e", "d13"}, "\"d13\" for flag -e", "not a preset", 1, 1},
         {"omni knob on gelu", {"-e", "tiny", "-t", "64", "-f", "gelu", "--experts", "16"}, "--experts", "gelu", 1, 1},
