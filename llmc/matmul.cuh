@@ -63,9 +63,9 @@ bitwise identical results (checked by dev/cuda/test_matmul.cu).
 #define MATMUL_CUBLAS_WORKSPACE_BYTES (8u * 1024u * 1024u)
 #define MATMUL_ALGO_CACHE_CAPACITY 256
 #define MATMUL_DBIAS_ROWS_PER_BLOCK 64
-// --dbias-fusion 1: each stream's bias-gradient output of the BGRADB epilogue (C_out at most this)
+// --dbias-fusion 1: each stream's fp32 bias-gradient output of the BGRADB epilogue (C_out at most this)
 #define MATMUL_DBIAS_FUSED_MAX_COLS 65536
-#define MATMUL_DBIAS_FUSED_BYTES (MATMUL_DBIAS_FUSED_MAX_COLS * sizeof(floatX))
+#define MATMUL_DBIAS_FUSED_BYTES (MATMUL_DBIAS_FUSED_MAX_COLS * sizeof(float))
 #define MATMUL_HEURISTIC_MAX_RANK 16
 
 static cublasLtHandle_t matmul_cublaslt_handle = NULL;
@@ -84,9 +84,8 @@ static int matmul_dgelu_fused = 0;
 // set by every matmul_backward_gelu(): 1 if the DGELU epilogue ran, 0 if the fallback did
 static int matmul_dgelu_last_was_fused = 0;
 // 1: a bias gradient that comes with its weight gradient is summed in that GEMM's epilogue
-// (cuBLASLt BGRADB into the stream's buffer, in floatX: bf16 builds have no BGRADB algorithm with
-// an fp32 bias on an H100; then added to dbias), not by the two kernels below: one read of dout
-// fewer (the trainer's --dbias-fusion 1). Other bits than 0.
+// (cuBLASLt BGRADB, fp32, into the stream's buffer, then added to dbias), not by the two kernels
+// below: one read of dout fewer (the trainer's --dbias-fusion 1). Other bits than 0.
 static int matmul_dbias_fused = 0;
 // set by every matmul_backward with dbias: 1 if the epilogue summed it, 0 if the kernels did
 static int matmul_dbias_last_was_fused = 0;
@@ -178,12 +177,12 @@ static inline void* matmul_workspace_for(cudaStream_t stream) {
     return stream == matmul_dweight_stream && stream != NULL ? matmul_dweight_workspace : matmul_workspace;
 }
 
-// the output of a stream's BGRADB epilogue (--dbias-fusion 1), after the bytes cuBLAS uses
-static inline floatX* matmul_dbias_buffer_for(cudaStream_t stream) {
+// the fp32 output of a stream's BGRADB epilogue (--dbias-fusion 1), after the bytes cuBLAS uses
+static inline float* matmul_dbias_buffer_for(cudaStream_t stream) {
     if (stream == matmul_dweight_stream && stream != NULL) {
-        return (floatX*)((char*)matmul_dweight_workspace + MATMUL_WORKSPACE_BYTES);
+        return (float*)((char*)matmul_dweight_workspace + MATMUL_WORKSPACE_BYTES);
     }
-    return (floatX*)((char*)matmul_workspace + MATMUL_WORKSPACE_BYTES + MATMUL_CUBLAS_WORKSPACE_BYTES);
+    return (float*)((char*)matmul_workspace + MATMUL_WORKSPACE_BYTES + MATMUL_CUBLAS_WORKSPACE_BYTES);
 }
 
 // order-free 64-bit fingerprint of a column-major (m x n, ld) floatX matrix: the sum mod 2^64 of a
@@ -329,6 +328,11 @@ static int matmul_cublaslt_run(floatX* d, const floatX* a, const floatX* b, cons
     cublasCheck(cublasLtMatmulDescSetAttribute(op_desc, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue, sizeof(epilogue)));
     if (bias != NULL) {
         cublasCheck(cublasLtMatmulDescSetAttribute(op_desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
+    }
+    if (epilogue == CUBLASLT_EPILOGUE_BGRADB) {  // the bias gradient out in fp32 (bias points to floats)
+        cudaDataType_t bias_type = CUDA_R_32F;
+        cublasCheck(cublasLtMatmulDescSetAttribute(op_desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
+                                                   sizeof(bias_type)));
     }
     if (aux != NULL) {
         int64_t aux_ld = ldd;
@@ -512,12 +516,6 @@ static inline size_t matmul_backward_scratch_bytes(int BT, int C_out) {
     return (size_t)ceil_div(BT, MATMUL_DBIAS_ROWS_PER_BLOCK) * C_out * sizeof(float);
 }
 
-// dbias += sums (C_out each): the BGRADB epilogue's output added to the gradient
-__global__ void matmul_dbias_add_kernel(floatX* dbias, const floatX* sums, int n) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) dbias[i] = (floatX)((float)dbias[i] + (float)sums[i]);
-}
-
 // dbias (C_out) += sum over the BT rows of dout: per-block partial sums into scratch (of
 // matmul_backward_scratch_bytes(BT, C_out) bytes), then their fixed-order column sums
 static inline void matmul_dbias_kernels(floatX* dbias, const floatX* dout, int BT, int C_out, cudaStream_t stream,
@@ -570,14 +568,12 @@ static inline void matmul_backward_impl(floatX* dinp, floatX* dweight, floatX* d
     }
     if (dweight == NULL) { return; }
     // dweight_cm (C_in x C_out) += inp_cm (C_in x BT) * dout_cm^T (BT x C_out): "NT"; BGRADB sums
-    // op(B) = dout over k = BT (fp32 accumulation), one value per column of D (C_out), rounded
-    // into the stream's buffer: with dbias nonzero (gradient accumulation) two roundings, not one
+    // op(B) = dout over k = BT, one fp32 value per column of D (C_out), into the stream's buffer
     if (dbias_in_gemm) {
-        floatX* sums = matmul_dbias_buffer_for(stream);
-        if (matmul_cublaslt_run(dweight, inp, dout, sums, NULL, C_in, C_out, BT, 0, 1, C_in, C_out, C_in, 1,
-                                CUBLASLT_EPILOGUE_BGRADB, stream)) {
-            matmul_dbias_add_kernel<<<ceil_div(C_out, 256), 256, 0, stream>>>(dbias, sums, C_out);
-            cudaCheckLast();
+        float* sums = matmul_dbias_buffer_for(stream);
+        if (matmul_cublaslt_run(dweight, inp, dout, (const floatX*)sums, NULL, C_in, C_out, BT, 0, 1, C_in, C_out,
+                                C_in, 1, CUBLASLT_EPILOGUE_BGRADB, stream)) {
+            column_sum_partials(dbias, NULL, C_out, sums, 1, C_out, (size_t)C_out, stream);  // dbias += sums
             matmul_dbias_last_was_fused = 1;
             return;
         }

@@ -179,7 +179,7 @@ static void run_case(int BT, int C, int OC, int use_bias, int use_gelu, Rng* rng
         } else {  // split as the trainer's --overlap-dweight 1 does: the same bits as one call
             floatX* db_with_dw = use_bias && matmul_dbias_fused ? db : NULL;
             floatX* db_with_dinp = use_bias && !matmul_dbias_fused ? db : NULL;
-            matmul_backward(NULL, dw, db_with_dw, d_dout, d_inp, d_w, BT, C, OC, 0, 0, d_scratch);
+            matmul_backward(NULL, dw, db_with_dw, d_dout, d_inp, d_w, BT, C, OC, 0, 0, NULL);
             matmul_backward(dinp, NULL, db_with_dinp, d_dout, d_inp, d_w, BT, C, OC, 0, 0, d_scratch);
         }
         cudaCheck(cudaDeviceSynchronize());
