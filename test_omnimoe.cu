@@ -1323,17 +1323,6 @@ int main(void) {
     test_recompute("gelu, DGELU epilogue", &cases[0].c, 4, 64);  // -r 1, 2 with the CUDA trainer's default --gelu-fusion 2
     test_overlap_dweight("gelu, DGELU epilogue", &cases[0].c, 32, 64);
     matmul_dgelu_fused = 0;
-    // --dbias-fusion 1: the bias gradients from the weight-gradient GEMMs' epilogue (with the DGELU
-    // one, as the CUDA trainer's defaults run gelu), against the CPU reference, and its waits
-    matmul_dgelu_fused = 1;
-    matmul_dbias_fused = 1;
-    test_forward_backward("gelu, dbias epilogue", &cases[0].c, 4, 64);
-    test_training("gelu, dbias epilogue", &cases[0].c, 4, 64);
-    test_overlap_dweight("gelu, dbias epilogue", &cases[0].c, 32, 64);
-    matmul_dgelu_fused = 0;
-    test_forward_backward("omni, dbias epilogue", &cases[2].c, 4, 64);
-    test_overlap_dweight("omni, dbias epilogue", &cases[2].c, 32, 64);
-    matmul_dbias_fused = 0;
     const int overlap_cases[] = {0, 1, 2};  // gelu, swiglu, omni (moe's backward waits as omni's does)
     for (int i : overlap_cases) test_overlap_dweight(cases[i].name, &cases[i].c, 32, 64);
     for (int i : overlap_cases) test_dlogits_in_forward(cases[i].name, &cases[i].c, 4, 64);

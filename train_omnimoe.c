@@ -1921,11 +1921,6 @@ int main(int argc, char** argv) {
                 "(./train_omnimoe); the CPU reference has none (use --matmul-tune 0)\n", cfg.matmul_tune);
         exit(EXIT_FAILURE);
     }
-    if (cfg.dbias_fusion != 0) {
-        fprintf(stderr, "Error: flag --dbias-fusion %d: the bias gradient in a cuBLASLt epilogue is the CUDA trainer's "
-                "(./train_omnimoe); the CPU reference sums it itself (use --dbias-fusion 0)\n", cfg.dbias_fusion);
-        exit(EXIT_FAILURE);
-    }
     if (cfg.overlap_dweight != 0) {
         fprintf(stderr, "Error: flag --overlap-dweight %d: a second GPU stream is the CUDA trainer's (./train_omnimoe); "
                 "the CPU reference has none (use --overlap-dweight 0)\n", cfg.overlap_dweight);

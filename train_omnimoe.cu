@@ -867,14 +867,10 @@ static void model_linear_backward(Model* m, int slot, int wait_slot, floatX* din
         cudaCheckLast();
     }
 #endif
-    // --dbias-fusion 1: dbias rides in the weight-gradient GEMM's epilogue, on its stream
-    floatX* dbias_side = matmul_dbias_fused ? dbias : NULL;
-    matmul_backward_impl(NULL, dweight, dbias_side, dout, inp, weight, NULL, BT, C_in, C_out, 0, matmul_dweight_stream,
-                         NULL);
+    matmul_backward_impl(NULL, dweight, NULL, dout, inp, weight, NULL, BT, C_in, C_out, 0, matmul_dweight_stream, NULL);
     cudaCheck(cudaEventRecord(m->dweight_done[slot], matmul_dweight_stream));
     if (wait_slot >= 0) cudaCheck(cudaStreamWaitEvent(st, m->dweight_done[wait_slot], 0));
-    matmul_backward_impl(dinp, NULL, dbias_side ? NULL : dbias, dout, inp, weight, pre_gelu, BT, C_in, C_out, 0, st,
-                         scratch);
+    matmul_backward_impl(dinp, NULL, dbias, dout, inp, weight, pre_gelu, BT, C_in, C_out, 0, st, scratch);
 }
 
 // st waits until the weight-gradient GEMM of slot has read its inputs (before st overwrites them)
@@ -1704,7 +1700,6 @@ int main(int argc, char** argv) {
 #endif
     matmul_dgelu_fused = cfg.gelu_fusion >= 2;
     matmul_tune = cfg.matmul_tune;  // --matmul-tune: the fastest cuBLASLt candidate with the same bits
-    matmul_dbias_fused = cfg.dbias_fusion;  // --dbias-fusion: bias gradients in the dweight GEMMs' epilogue
     if (zero || shard) {
         model_build_sharded(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention, cfg.recompute, zero, shard);
     } else {

@@ -26,8 +26,8 @@
 #     llmc: dev/bench_llmc.sh, our dense d12 step against llm.c with and without cuDNN, same
 #           flags, alternating (carry/llm.c from 'dev/bench_llmc.sh prepare <llm.c clone>'); ours
 #           also with each flag set of LLMC_OURS_EXTRA (';' between sets; default: the CUDA trainer's
-#           step options turned off, --matmul-tune 0 --overlap-dweight 0, and also --gelu-fusion 1; and
-#           --dbias-fusion 1; each with --attention cudnn under cudnn)
+#           step options turned off, --matmul-tune 0 --overlap-dweight 0, and also --gelu-fusion 1, each
+#           with --attention cudnn under cudnn)
 #     bench: only dev/bench_all.sh (every performance benchmark, its own builds and summary)
 #     mceval: a d12 omni run with --mc-eval on the committed example file (accuracy on the step line and
 #         in the log), then dev/test_export_hf.py (exports loaded in transformers, logits vs ours)
@@ -254,7 +254,7 @@ fi
 if [[ "$mode" == *llmc* ]]; then  # our dense d12 against llm.c with and without cuDNN (carry/llm.c)
     prebuilt llmc
     run bench_llmc env BENCH_DIR="$LOG/bench_llmc" OURS_CUDNN=$([[ "$mode" == *cudnn* ]] && echo 1 || echo 0) \
-        OURS_EXTRA="${LLMC_OURS_EXTRA-$(a=$([[ "$mode" == *cudnn* ]] && echo "--attention cudnn "); echo "${a}--dbias-fusion 1;${a}--matmul-tune 0 --overlap-dweight 0;${a}--gelu-fusion 1 --matmul-tune 0 --overlap-dweight 0")}" \
+        OURS_EXTRA="${LLMC_OURS_EXTRA-$(a=$([[ "$mode" == *cudnn* ]] && echo "--attention cudnn "); echo "${a}--matmul-tune 0 --overlap-dweight 0;${a}--gelu-fusion 1 --matmul-tune 0 --overlap-dweight 0")}" \
         bash dev/bench_llmc.sh
 fi
 if [[ "$mode" == *profile* ]]; then  # after the cudnn rebuild, so that --attention cudnn exists

@@ -105,7 +105,6 @@ typedef struct {
     int recompute;                            // -r  --recompute  0 keep, 1 recompute the FFN activation, 2 also LN1/LN2 (CUDA trainer)
     int gelu_fusion;                          // --gelu-fusion  gelu's GELU in cuBLASLt epilogues: 0 none, 1 forward, 2 also backward (CUDA trainer)
     int overlap_dweight;                      // --overlap-dweight  1 = the backward's weight-gradient GEMMs on a second stream (CUDA trainer)
-    int dbias_fusion;                         // --dbias-fusion  1 = bias gradients in the weight-gradient GEMMs' epilogue (CUDA trainer)
     int matmul_tune;                          // --matmul-tune  1 = each GEMM the fastest cuBLASLt candidate with the same bits (CUDA trainer)
     // the memory plan (llmc/memory_plan.h)
     int plan_gpus;                            // --plan  print the per-GPU memory plan of a run on this many GPUs, exit (0 = train)
@@ -180,7 +179,6 @@ static const TrainFlag train_flags[] = {
     {NULL, "--expert-exec", TRAIN_ARG_CHOICE, offsetof(TrainConfig, expert_exec), 0, 0, 0, "token|expert", "omni: expert-branch execution, token-centric (default) or expert-centric (same bits)"},
     {NULL, "--attention", TRAIN_ARG_CHOICE, offsetof(TrainConfig, attention), 0, 0, 0, "ours|cudnn", "CUDA trainer: attention kernels, ours (default) or cuDNN's SDPA (a `make USE_CUDNN=1` build; other bits)"},
     {NULL, "--gelu-fusion", TRAIN_ARG_INT, offsetof(TrainConfig, gelu_fusion), 0, 2, 0, NULL, "CUDA trainer, -f gelu: the GELU in cuBLASLt's GEMM epilogues, 0 none, 1 the forward, 2 also the backward (the DGELU epilogue; the CUDA trainer's default); each rounds differently (the CPU reference: 1 only)"},
-    {NULL, "--dbias-fusion", TRAIN_ARG_INT, offsetof(TrainConfig, dbias_fusion), 0, 1, 0, NULL, "CUDA trainer: 1 = each linear layer's bias gradient summed in its weight-gradient GEMM's epilogue (cuBLASLt BGRADB; one read of the output gradient fewer), 0 (default) = by its own two kernels; each rounds differently"},
     {NULL, "--matmul-tune", TRAIN_ARG_INT, offsetof(TrainConfig, matmul_tune), 0, 1, 0, NULL, "CUDA trainer: 1 = each GEMM shape runs the fastest of cuBLASLt's first 8 candidates whose output has the bits of its first (timed once, at the shape's first call); 0 = the first (same bits either way); the CUDA trainer's default 1"},
     {NULL, "--overlap-dweight", TRAIN_ARG_INT, offsetof(TrainConfig, overlap_dweight), -1, 1, 0, NULL, "CUDA trainer: 1 = the backward's weight-gradient GEMMs (qkv, attproj, gelu's fc and fcproj) on a second stream beside the rest, 0 = in line (same bits; 1 not with -r), -1 (the CUDA trainer's default) = 1 with -r 0, else 0"},
     {"-r", "--recompute", TRAIN_ARG_INT, offsetof(TrainConfig, recompute), 0, 2, 0, NULL, "CUDA trainer: activation recomputation, 0 keep all (default), 1 recompute the FFN activation in the backward, 2 also the LayerNorm outputs (less memory, same bits; gelu: the unfused GELU)"},

@@ -15,11 +15,10 @@ Defines:
                   accumulate_dinp, stream, scratch)
       dinp  = dout @ weight           (overwrite, or += when accumulate_dinp; skipped if NULL)
       dweight += dout^T @ inp         (always accumulates: gradient accumulation; skipped if NULL)
-      dbias   += column sums of dout  (deterministic two-kernel reduction, fp32; with
-                 matmul_dbias_fused = 1 and dweight given: in the dweight GEMM's epilogue instead)
+      dbias   += column sums of dout  (deterministic two-kernel reduction, fp32)
       Run in that order: dbias, dinp, dweight. The same call with dweight NULL, and another with
       only dweight, give the same bits as one call (the trainer's --overlap-dweight 1 puts the
-      second on matmul_dweight_stream; with matmul_dbias_fused = 1 dbias goes with the second)
+      second on matmul_dweight_stream)
 - matmul_backward_gelu(dpre, dweight, dbias_or_NULL, dout, inp, weight, pre_gelu, BT, C_in, C_out,
                        stream, scratch)
       the same for a layer whose input was inp = GELU_tanh(pre_gelu) (GPT-2's fcproj), with the
@@ -63,9 +62,6 @@ bitwise identical results (checked by dev/cuda/test_matmul.cu).
 #define MATMUL_CUBLAS_WORKSPACE_BYTES (8u * 1024u * 1024u)
 #define MATMUL_ALGO_CACHE_CAPACITY 256
 #define MATMUL_DBIAS_ROWS_PER_BLOCK 64
-// --dbias-fusion 1: each stream's fp32 bias-gradient output of the BGRADB epilogue (C_out at most this)
-#define MATMUL_DBIAS_FUSED_MAX_COLS 65536
-#define MATMUL_DBIAS_FUSED_BYTES (MATMUL_DBIAS_FUSED_MAX_COLS * sizeof(float))
 #define MATMUL_HEURISTIC_MAX_RANK 16
 
 static cublasLtHandle_t matmul_cublaslt_handle = NULL;
@@ -83,12 +79,6 @@ static int matmul_gelu_last_was_fused = 0;
 static int matmul_dgelu_fused = 0;
 // set by every matmul_backward_gelu(): 1 if the DGELU epilogue ran, 0 if the fallback did
 static int matmul_dgelu_last_was_fused = 0;
-// 1: a bias gradient that comes with its weight gradient is summed in that GEMM's epilogue
-// (cuBLASLt BGRADB, fp32, into the stream's buffer, then added to dbias), not by the two kernels
-// below: one read of dout fewer (the trainer's --dbias-fusion 1). Other bits than 0.
-static int matmul_dbias_fused = 0;
-// set by every matmul_backward with dbias: 1 if the epilogue summed it, 0 if the kernels did
-static int matmul_dbias_last_was_fused = 0;
 
 typedef struct {
     int transa, transb;
@@ -124,8 +114,7 @@ static inline void matmul_algo_cache_clear(void) {
 static inline void matmul_init(void) {
     if (matmul_cublaslt_handle != NULL) { return; }
     cublasCheck(cublasLtCreate(&matmul_cublaslt_handle));
-    matmul_workspace = cuda_malloc_or_die(MATMUL_WORKSPACE_BYTES + MATMUL_CUBLAS_WORKSPACE_BYTES + MATMUL_DBIAS_FUSED_BYTES,
-                                          "cuBLAS workspace");
+    matmul_workspace = cuda_malloc_or_die(MATMUL_WORKSPACE_BYTES + MATMUL_CUBLAS_WORKSPACE_BYTES, "cuBLAS workspace");
     cublasCheck(cublasCreate(&matmul_cublas_handle));
     // a user workspace for the handle's first stream; cublasSetStream (router.cuh, moe_*.cuh) puts the
     // handle back on cuBLAS's default workspace pool (cuBLAS docs), so later calls use that pool
@@ -138,8 +127,7 @@ static inline void matmul_init(void) {
 static inline void matmul_dweight_stream_init(void) {
     if (matmul_dweight_stream != NULL) { return; }
     cudaCheck(cudaStreamCreateWithFlags(&matmul_dweight_stream, cudaStreamNonBlocking));
-    matmul_dweight_workspace = cuda_malloc_or_die(MATMUL_WORKSPACE_BYTES + MATMUL_DBIAS_FUSED_BYTES,
-                                                  "cuBLASLt workspace of the dweight stream");
+    matmul_dweight_workspace = cuda_malloc_or_die(MATMUL_WORKSPACE_BYTES, "cuBLASLt workspace of the dweight stream");
 }
 
 static inline void matmul_free(void) {
@@ -175,14 +163,6 @@ static inline void matmul_set_layout(cublasLtMatrixLayout_t* layout, int rows, i
 // the cuBLASLt workspace of a stream: the weight-gradient stream has its own
 static inline void* matmul_workspace_for(cudaStream_t stream) {
     return stream == matmul_dweight_stream && stream != NULL ? matmul_dweight_workspace : matmul_workspace;
-}
-
-// the fp32 output of a stream's BGRADB epilogue (--dbias-fusion 1), after the bytes cuBLAS uses
-static inline float* matmul_dbias_buffer_for(cudaStream_t stream) {
-    if (stream == matmul_dweight_stream && stream != NULL) {
-        return (float*)((char*)matmul_dweight_workspace + MATMUL_WORKSPACE_BYTES);
-    }
-    return (float*)((char*)matmul_workspace + MATMUL_WORKSPACE_BYTES + MATMUL_CUBLAS_WORKSPACE_BYTES);
 }
 
 // order-free 64-bit fingerprint of a column-major (m x n, ld) floatX matrix: the sum mod 2^64 of a
@@ -329,11 +309,6 @@ static int matmul_cublaslt_run(floatX* d, const floatX* a, const floatX* b, cons
     if (bias != NULL) {
         cublasCheck(cublasLtMatmulDescSetAttribute(op_desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof(bias)));
     }
-    if (epilogue == CUBLASLT_EPILOGUE_BGRADB) {  // the bias gradient out in fp32 (bias points to floats)
-        cudaDataType_t bias_type = CUDA_R_32F;
-        cublasCheck(cublasLtMatmulDescSetAttribute(op_desc, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bias_type,
-                                                   sizeof(bias_type)));
-    }
     if (aux != NULL) {
         int64_t aux_ld = ldd;
         cublasCheck(cublasLtMatmulDescSetAttribute(op_desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, &aux, sizeof(aux)));
@@ -398,10 +373,7 @@ static int matmul_cublaslt_run(floatX* d, const floatX* a, const floatX* b, cons
         if (rank >= MATMUL_HEURISTIC_MAX_RANK) { rank = MATMUL_HEURISTIC_MAX_RANK - 1; }
         cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
         if (matmul_tune && rank == 0) cudaCheck(cudaStreamIsCapturing(stream, &capturing));
-        // (not BGRADB: the fingerprints cover D and aux, not the bias gradient, so a candidate
-        // could reduce it in another order unseen)
-        const int tune = matmul_tune && rank == 0 && capturing == cudaStreamCaptureStatusNone &&
-                         epilogue != CUBLASLT_EPILOGUE_BGRADB;
+        const int tune = matmul_tune && rank == 0 && capturing == cudaStreamCaptureStatusNone;
         int returned = 0;
         cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(matmul_cublaslt_handle, op_desc, layout_a, layout_b,
                                                                layout_d, layout_d, preference,
@@ -516,42 +488,32 @@ static inline size_t matmul_backward_scratch_bytes(int BT, int C_out) {
     return (size_t)ceil_div(BT, MATMUL_DBIAS_ROWS_PER_BLOCK) * C_out * sizeof(float);
 }
 
-// dbias (C_out) += sum over the BT rows of dout: per-block partial sums into scratch (of
-// matmul_backward_scratch_bytes(BT, C_out) bytes), then their fixed-order column sums
-static inline void matmul_dbias_kernels(floatX* dbias, const floatX* dout, int BT, int C_out, cudaStream_t stream,
-                                        float* scratch) {
-    if (C_out % x128::size != 0 || !is_aligned16(dout)) {
-        fprintf(stderr, "matmul_backward: bias gradient needs C_out (%d) a multiple of %d and dout 16-byte aligned\n",
-                C_out, x128::size);
-        exit(EXIT_FAILURE);
-    }
-    if (scratch == NULL) {
-        fprintf(stderr, "matmul_backward: dbias needs scratch of matmul_backward_scratch_bytes() bytes\n");
-        exit(EXIT_FAILURE);
-    }
-    int num_row_blocks = ceil_div(BT, MATMUL_DBIAS_ROWS_PER_BLOCK);
-    dim3 grid(ceil_div(C_out, 32 * x128::size), num_row_blocks);
-    dim3 block(32, 8);
-    matmul_dbias_partial_kernel<<<grid, block, 0, stream>>>(scratch, dout, BT, C_out);
-    cudaCheckLast();
-    column_sum_partials(dbias, NULL, C_out, scratch, num_row_blocks, C_out, (size_t)C_out, stream);
-    matmul_dbias_last_was_fused = 0;
-}
-
 // dinp (BT, C_in) = dout @ weight (or += when accumulate_dinp; skipped when dinp is NULL)
 // dweight (C_out, C_in) += dout^T @ inp (skipped when dweight is NULL)
 // dbias (C_out) += sum over rows of dout (skipped when dbias is NULL; needs scratch of
-//   matmul_backward_scratch_bytes(BT, C_out) bytes, C_out a multiple of 8 (bf16) / 4 (fp32); with
-//   matmul_dbias_fused and dweight given, the dweight GEMM's epilogue sums it and scratch is only
-//   the fallback's, where cuBLASLt has no BGRADB algorithm for the problem)
+//   matmul_backward_scratch_bytes(BT, C_out) bytes, C_out a multiple of 8 (bf16) / 4 (fp32))
 // pre_gelu != NULL (matmul_backward_gelu): dinp becomes d(pre_gelu), accumulate_dinp must be 0
 static inline void matmul_backward_impl(floatX* dinp, floatX* dweight, floatX* dbias, const floatX* dout,
                                         const floatX* inp, const floatX* weight, const floatX* pre_gelu, int BT,
                                         int C_in, int C_out, int accumulate_dinp, cudaStream_t stream,
                                         float* scratch) {
-    const int dbias_in_gemm = dbias != NULL && dweight != NULL && matmul_dbias_fused &&
-                              C_out <= MATMUL_DBIAS_FUSED_MAX_COLS;
-    if (dbias != NULL && !dbias_in_gemm) { matmul_dbias_kernels(dbias, dout, BT, C_out, stream, scratch); }
+    if (dbias != NULL) {
+        if (C_out % x128::size != 0 || !is_aligned16(dout)) {
+            fprintf(stderr, "matmul_backward: bias gradient needs C_out (%d) a multiple of %d and dout 16-byte aligned\n",
+                    C_out, x128::size);
+            exit(EXIT_FAILURE);
+        }
+        if (scratch == NULL) {
+            fprintf(stderr, "matmul_backward: dbias needs scratch of matmul_backward_scratch_bytes() bytes\n");
+            exit(EXIT_FAILURE);
+        }
+        int num_row_blocks = ceil_div(BT, MATMUL_DBIAS_ROWS_PER_BLOCK);
+        dim3 grid(ceil_div(C_out, 32 * x128::size), num_row_blocks);
+        dim3 block(32, 8);
+        matmul_dbias_partial_kernel<<<grid, block, 0, stream>>>(scratch, dout, BT, C_out);
+        cudaCheckLast();
+        column_sum_partials(dbias, NULL, C_out, scratch, num_row_blocks, C_out, (size_t)C_out, stream);
+    }
     if (dinp != NULL) {
         // dinp^T (C_in x BT) = weight_cm (C_in x C_out) * dout_cm (C_out x BT): "NN"
         int fused = 0;
@@ -566,26 +528,9 @@ static inline void matmul_backward_impl(floatX* dinp, floatX* dweight, floatX* d
         if (pre_gelu != NULL && !fused) { gelu_backward(dinp, pre_gelu, dinp, (size_t)BT * C_in, stream); }
         if (pre_gelu != NULL) { matmul_dgelu_last_was_fused = fused; }
     }
-    if (dweight == NULL) { return; }
-    // dweight_cm (C_in x C_out) += inp_cm (C_in x BT) * dout_cm^T (BT x C_out): "NT"; BGRADB sums
-    // op(B) = dout over k = BT, one fp32 value per column of D (C_out), into the stream's buffer
-    if (dbias_in_gemm) {
-        float* sums = matmul_dbias_buffer_for(stream);
-        if (matmul_cublaslt_run(dweight, inp, dout, (const floatX*)sums, NULL, C_in, C_out, BT, 0, 1, C_in, C_out,
-                                C_in, 1, CUBLASLT_EPILOGUE_BGRADB, stream)) {
-            column_sum_partials(dbias, NULL, C_out, sums, 1, C_out, (size_t)C_out, stream);  // dbias += sums
-            matmul_dbias_last_was_fused = 1;
-            return;
-        }
-        if (scratch == NULL) {  // the weight-gradient stream's call (--overlap-dweight) has no scratch
-            fprintf(stderr, "matmul_backward: cuBLASLt has no BGRADB algorithm for m=%d n=%d k=%d (--dbias-fusion 1); "
-                    "use --dbias-fusion 0\n", C_in, C_out, BT);
-            exit(EXIT_FAILURE);
-        }
-        matmul_dbias_kernels(dbias, dout, BT, C_out, stream, scratch);  // no BGRADB algorithm here
-    }
-    if (!matmul_cublaslt_run(dweight, inp, dout, NULL, NULL, C_in, C_out, BT, 0, 1, C_in, C_out, C_in, 1,
-                             CUBLASLT_EPILOGUE_DEFAULT, stream)) {
+    // dweight_cm (C_in x C_out) += inp_cm (C_in x BT) * dout_cm^T (BT x C_out): "NT"
+    if (dweight != NULL && !matmul_cublaslt_run(dweight, inp, dout, NULL, NULL, C_in, C_out, BT, 0, 1, C_in, C_out,
+                                                C_in, 1, CUBLASLT_EPILOGUE_DEFAULT, stream)) {
         matmul_no_algorithm("matmul_backward (dweight)", C_in, C_out, BT);
     }
 }

@@ -7,10 +7,7 @@ Checks, per case (random data, outputs NaN-poisoned before every run):
   GPU's own pre-activation, which tells whether cuBLASLt's epilogue is the tanh GELU
 - matmul_backward: dinp overwrite and += paths, dweight += and dbias += (accumulators start
   at random values scaled like the update, so both the old value and the update matter)
-- every output computed twice from identical state is bitwise identical (the backward's second
-  run split in two calls, dweight's and dinp's, as the trainer's --overlap-dweight 1 runs it)
-- matmul_dbias_fused (--dbias-fusion 1): dbias from the dweight GEMM's BGRADB epilogue, the same
-  checks, and that the epilogue (not the fallback kernels) summed it
+- every output computed twice from identical state is bitwise identical
 - more distinct problems than the algorithm cache holds: no exit, and a problem evicted and
   chosen again gives the same bits as its first run
 - matmul_backward_gelu (the DGELU epilogue and its fallback) against dpre = (dout @ W) GELU'(pre)
@@ -174,14 +171,7 @@ static void run_case(int BT, int C, int OC, int use_bias, int use_gelu, Rng* rng
         old_dw = random_accumulator(dw, n_w, rms(ref_dw, n_w), &acc_rng);
         old_db = random_accumulator(db, OC, rms(ref_db, OC), &acc_rng);
         poison(dinp, n_inp * sizeof(floatX));
-        if (run == 0) {
-            matmul_backward(dinp, dw, use_bias ? db : NULL, d_dout, d_inp, d_w, BT, C, OC, 0, 0, d_scratch);
-        } else {  // split as the trainer's --overlap-dweight 1 does: the same bits as one call
-            floatX* db_with_dw = use_bias && matmul_dbias_fused ? db : NULL;
-            floatX* db_with_dinp = use_bias && !matmul_dbias_fused ? db : NULL;
-            matmul_backward(NULL, dw, db_with_dw, d_dout, d_inp, d_w, BT, C, OC, 0, 0, NULL);
-            matmul_backward(dinp, NULL, db_with_dinp, d_dout, d_inp, d_w, BT, C, OC, 0, 0, d_scratch);
-        }
+        matmul_backward(dinp, dw, use_bias ? db : NULL, d_dout, d_inp, d_w, BT, C, OC, 0, 0, d_scratch);
         cudaCheck(cudaDeviceSynchronize());
     }
     float* got_dinp = download_floatX_alloc(d_dinp, n_inp);
@@ -196,9 +186,6 @@ static void run_case(int BT, int C, int OC, int use_bias, int use_gelu, Rng* rng
         for (int i = 0; i < OC; i++) { ref_db_total[i] = old_db[i] + ref_db[i]; }
         test_check_rel("backward dbias (+=) vs CPU", rel_err_f64(got_db, ref_db_total, OC), TOL_FLOATX);
         test_check_bitwise("dbias", d_db, d_db2, OC * sizeof(floatX));
-        if (matmul_dbias_fused) {
-            test_check(matmul_dbias_last_was_fused, "--dbias-fusion 1: cuBLASLt's BGRADB epilogue summed the bias gradient");
-        }
         free(ref_db_total);
     }
     test_check_bitwise("dinp", d_dinp, d_dinp2, n_inp * sizeof(floatX));
@@ -414,11 +401,6 @@ int main(void) {
     matmul_gelu_fused = 1;
     run_dgelu_case(256, 3072, 768, &rng);   // fcproj: its input was GELU(fc's output)
     run_dgelu_case(200, 264, 136, &rng);    // odd sizes
-    matmul_dbias_fused = 1;                 // --dbias-fusion 1: dbias in the dweight GEMM's epilogue
-    run_case(256, 768, 3072, 1, 1, &rng);
-    run_case(256, 3072, 768, 1, 0, &rng);
-    run_case(200, 264, 136, 1, 1, &rng);
-    matmul_dbias_fused = 0;
     run_tune_case(4096, 768, 3072);          // --matmul-tune 1 at step-like shapes
     run_tune_case(200, 264, 136);
 
@@ -476,12 +458,6 @@ int main(void) {
         double frac_lm = report_flops("fwd lm head 768->50304", ms, 2.0 * BT * C * Vp);
         ms = bench_median_ms([&] { matmul_backward(dinp, dw, db, dout, inp, w, BT, C, 4 * C, 0, 0, scratch); }, 10, 50);
         double frac_bwd = report_flops("bwd fc 768->3072 (dinp,dW,db)", ms, 4.0 * BT * C * 4 * C);
-        matmul_dbias_fused = 1;
-        ms = bench_median_ms([&] { matmul_backward(dinp, dw, db, dout, inp, w, BT, C, 4 * C, 0, 0, scratch); }, 10, 50);
-        report_flops(matmul_dbias_last_was_fused ? "bwd fc 768->3072 (dinp,dW,db) db in the epilogue"
-                                                 : "bwd fc 768->3072 (dinp,dW,db) db kernels (no BGRADB)",
-                     ms, 4.0 * BT * C * 4 * C);
-        matmul_dbias_fused = 0;
         ms = bench_median_ms([&] { matmul_backward(dinp, dw, NULL, dout, inp, w, BT, C, Vp, 0, 0, NULL); }, 10, 50);
         report_flops("bwd lm head 768->50304 (dinp,dW)", ms, 4.0 * BT * C * Vp);
         snprintf(perf, sizeof(perf), "fc+gelu fwd %.0f%%, lm head fwd %.0f%%, fc bwd %.0f%% of %g TFLOP/s",
