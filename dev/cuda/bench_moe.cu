@@ -4,9 +4,10 @@ the same active size, its grouped GEMMs against one dense GEMM of the same FLOPs
 against vanilla moe (expert forward), all in one binary so the ratios come from one run.
 
   make dev/cuda/bench_moe_bin
-  ./dev/cuda/bench_moe_bin [--json PATH]         (dev/bench_all.sh builds and runs it)
+  ./dev/cuda/bench_moe_bin [--json PATH] [--bt TOKENS]   (dev/bench_all.sh builds and runs it)
 
-Shape (DeepSeekMoE-like fine-grained experts, bf16, training mode): BT = 8192 tokens, C = 1024,
+Shape (DeepSeekMoE-like fine-grained experts, bf16, training mode): BT = 8192 tokens (--bt: e.g.
+32768, a d12 step's B*T at B=32, T=1024, where each expert gets 4x the rows), C = 1024,
 E = 64 routed SwiGLU experts of I_e = 512, S = 2 shared, k = 6; the dense SwiGLU of the same
 active size has I = (S + k) I_e = 4096 (the router's 64 x 1024 weights left out of it). MoE++
 adds 1 zero, 1 copy and 2 constant experts, gating residuals (the previous layer's logits: zeros
@@ -118,12 +119,24 @@ static float time_forward_backward(Bench* b) {
 
 int main(int argc, char** argv) {
     const char* json = NULL;
-    for (int i = 1; i + 1 < argc; i++) if (strcmp(argv[i], "--json") == 0) json = argv[i + 1];
+    int BT = 8192;
+    for (int i = 1; i + 1 < argc; i++) {
+        if (strcmp(argv[i], "--json") == 0) json = argv[i + 1];
+        if (strcmp(argv[i], "--bt") == 0) {
+            char* end = NULL;
+            long v = strtol(argv[i + 1], &end, 10);
+            if (end == argv[i + 1] || *end != '\0' || v < 64 || v > (1L << 20)) {
+                fprintf(stderr, "bench_moe: --bt %s: expected a token count in [64, 1048576]\n", argv[i + 1]);
+                return 1;
+            }
+            BT = (int)v;
+        }
+    }
     if (!test_cuda_device_or_skip("bench_moe")) return 0;
     cudaDeviceProp prop;
     cudaCheck(cudaGetDeviceProperties(&prop, 0));
     matmul_init();
-    const int BT = 8192, C = 1024, Ie = 512, E = 64, S = 2, k = 6, Idense = (S + k) * Ie;
+    const int C = 1024, Ie = 512, E = 64, S = 2, k = 6, Idense = (S + k) * Ie;
     printf("bench_moe on %s: BT=%d C=%d E=%d I_e=%d S=%d k=%d; dense SwiGLU I=%d\n", prop.name, BT, C, E, Ie, S, k,
            Idense);
 
