@@ -28,7 +28,8 @@
 #           flags, alternating (carry/llm.c from 'dev/bench_llmc.sh prepare <llm.c clone>'); ours
 #           also with each flag set of LLMC_OURS_EXTRA (';' between sets; default: the CUDA trainer's
 #           step options turned off, --matmul-tune 0 --overlap-dweight 0, and also --gelu-fusion 1, each
-#           with --attention cudnn under cudnn)
+#           with --attention cudnn under cudnn); then dev/step_ab.sh: the OmniMoE d12 step (B=32) with
+#           and without --matmul-tune/--overlap-dweight, alternating
 #     bench: only dev/bench_all.sh (every performance benchmark, its own builds and summary)
 #     mceval: a d12 omni run with --mc-eval on the committed example file (accuracy on the step line and
 #         in the log), then dev/test_export_hf.py (exports loaded in transformers, logits vs ours)
@@ -259,6 +260,11 @@ if [[ "$mode" == *llmc* ]]; then  # our dense d12 against llm.c with and without
     run bench_llmc env BENCH_DIR="$LOG/bench_llmc" OURS_CUDNN=$([[ "$mode" == *cudnn* ]] && echo 1 || echo 0) \
         OURS_EXTRA="${LLMC_OURS_EXTRA-$(a=$([[ "$mode" == *cudnn* ]] && echo "--attention cudnn "); echo "${a}--matmul-tune 0 --overlap-dweight 0;${a}--gelu-fusion 1 --matmul-tune 0 --overlap-dweight 0")}" \
         bash dev/bench_llmc.sh
+    # the OmniMoE d12 step with the CUDA trainer's step options and without them: the milliseconds
+    # it gains, beside the dense step's (bench_llmc's rows; issue 17)
+    attn=$([[ "$mode" == *cudnn* ]] && echo "--attention cudnn")
+    run omni_step_ab env D="$LOG/step_ab" bash dev/step_ab.sh "-e d12 -f omni -b 32 -t 1024 $attn" \
+        "-e d12 -f omni -b 32 -t 1024 $attn --matmul-tune 0 --overlap-dweight 0"
 fi
 if [[ "$mode" == *profile* ]]; then  # after the cudnn rebuild, so that --attention cudnn exists
     attn=$([[ "$mode" == *cudnn* ]] && echo "--attention cudnn")
