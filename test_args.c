@@ -186,6 +186,25 @@ static void test_args(void) {
         int code = test_run_child(child_parse, &pa, out, sizeof(out));
         test_check_why(code == 999, "args: --shard-experts 1 with 4 processes and C/8 = 8 is accepted", out);
     }
+    {   // --overlap-dweight -1 (the CUDA trainer's default) with -r 2: accepted, and resolved to off
+        char* argv[] = {(char*)"prog", (char*)"-e", (char*)"tiny", (char*)"-t", (char*)"64", (char*)"--overlap-dweight",
+                        (char*)"-1", (char*)"-r", (char*)"2"};
+        ParseArgs pa = {9, argv, 1, 1};
+        char out[4096];
+        int code = test_run_child(child_parse, &pa, out, sizeof(out));
+        test_check_why(code == 999, "args: --overlap-dweight -1 with -r 2 is accepted", out);
+    }
+    {   // train_config_overlap_dweight: -1 is on with -r 0, off with -r 1 or 2; 0 and 1 stay as given
+        const int cases[][3] = {{-1, 0, 1}, {-1, 1, 0}, {-1, 2, 0}, {0, 0, 0}, {0, 2, 0}, {1, 0, 1}};
+        int ok_all = 1;
+        for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+            TrainConfig o = def;
+            o.overlap_dweight = cases[i][0];
+            o.recompute = cases[i][1];
+            ok_all &= train_config_overlap_dweight(&o) == cases[i][2];
+        }
+        test_check_why(ok_all, "args: --overlap-dweight -1 resolves to 1 with -r 0 and to 0 with -r 1, 2", "");
+    }
 
     // -e <model file>: returns 0; the overrides must agree with the file
     char mdir[512], mpath[600];

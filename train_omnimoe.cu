@@ -1667,6 +1667,8 @@ int main(int argc, char** argv) {
         train_config_print(&cfg);
         printf("| micro-batch %dx%d per process, grad accumulation %d, tokens per step %lld\n", cfg.B, cfg.T,
                tr.grad_accum, tokens_per_step);
+        printf("| step options: GELU fusion %d, GEMM tuning %s, weight-gradient GEMMs %s\n", cfg.gelu_fusion,
+               cfg.matmul_tune ? "on" : "off", train_config_overlap_dweight(&cfg) ? "on a second stream" : "in line");
     }
 
     Model* model = &tr.model;

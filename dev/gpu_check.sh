@@ -9,7 +9,8 @@
 #             resume test (omni, and moe with the MoE++ experts and bias balancing)
 #     kernels: every kernel test and benchmark of dev/cuda (built by make with the Makefile's flags)
 #     hostile: the hostile-input sweep on the CUDA trainer (scripts/test_hostile.sh)
-#     full: hostile, the no-argument default run, a short d6 moe++ run and, when carry/mixed was carried, a rerun of the
+#     full: hostile, the no-argument default run, a short d6 moe++ run, the step options' bits with
+#           gradient accumulation (dev/step_ab.sh, gelu and omni) and, when carry/mixed was carried, a rerun of the
 #           dense-vs-OmniMoE recipe's start compared with the committed logs
 #     ab: dev/ab_compare.sh run (carry/ab_base from 'dev/ab_compare.sh prepare <commit>'):
 #         gelu/swiglu/omni trainers and the layer benchmarks against that commit, same bits or not
@@ -146,6 +147,13 @@ if [[ "$mode" == *full* ]]; then
     run train_default ./train_omnimoe   # the no-argument default run
     # the d6 moe with the MoE++ experts and bias balancing, 60 steps (the step line's expert shares)
     run train_moe ./train_omnimoe -f moe --moepp 1 --moe-bias-rate 0.001 -x 60 -v 30 -s 0 --log-file "$LOG/train_moe.jsonl"
+    # the CUDA defaults that keep bits (--matmul-tune 1, the weight-gradient GEMMs on a second stream)
+    # against both off, with gradient accumulation (2 micro-steps a step): the same bits required
+    for kind in gelu omni; do
+        acc=(-e d12 -f $kind -b 8 -t 1024 -d 16384)
+        run "accum_defaults_bitwise_$kind" env D="$LOG/accum_$kind" SAME_BITS=1 STEPS=8 SKIP=2 REPEATS=1 \
+            bash dev/step_ab.sh "${acc[*]}" "${acc[*]} --matmul-tune 0 --overlap-dweight 0"
+    done
 fi
 # rerun the start of the dense-vs-OmniMoE recipe (scripts/compare_dense_omni.sh) when its data
 # was carried (carry/mixed) and compare with the committed logs of docs/runs/dense_vs_omni

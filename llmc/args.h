@@ -104,7 +104,7 @@ typedef struct {
     int attention;                            // --attention  ATTENTION_* (CUDA trainer; run-time choice, in checkpoints)
     int recompute;                            // -r  --recompute  0 keep, 1 recompute the FFN activation, 2 also LN1/LN2 (CUDA trainer)
     int gelu_fusion;                          // --gelu-fusion  gelu's GELU in cuBLASLt epilogues: 0 none, 1 forward, 2 also backward (CUDA trainer)
-    int overlap_dweight;                      // --overlap-dweight  1 = the backward's weight-gradient GEMMs on a second stream (CUDA trainer)
+    int overlap_dweight;                      // --overlap-dweight  1 = the backward's weight-gradient GEMMs on a second stream, -1 = on unless -r (CUDA trainer)
     int matmul_tune;                          // --matmul-tune  1 = each GEMM the fastest cuBLASLt candidate with the same bits (CUDA trainer)
     // the memory plan (llmc/memory_plan.h)
     int plan_gpus;                            // --plan  print the per-GPU memory plan of a run on this many GPUs, exit (0 = train)

@@ -120,7 +120,12 @@ static float time_forward_backward(Bench* b) {
 int main(int argc, char** argv) {
     const char* json = NULL;
     int BT = 8192;
-    for (int i = 1; i + 1 < argc; i++) {
+    for (int i = 1; i < argc; i += 2) {
+        if (i + 1 >= argc || (strcmp(argv[i], "--json") != 0 && strcmp(argv[i], "--bt") != 0)) {
+            fprintf(stderr, "bench_moe: unexpected argument '%s' (usage: bench_moe_bin [--json PATH] [--bt TOKENS])\n",
+                    argv[i]);
+            return 1;
+        }
         if (strcmp(argv[i], "--json") == 0) json = argv[i + 1];
         if (strcmp(argv[i], "--bt") == 0) {
             char* end = NULL;

@@ -48,7 +48,7 @@ What is checked (one PASS/FAIL line per check, closing "test_moe: N passed, N fa
  3. (run last) the row kernels (moe_gather_rows, moe_combine, moe_token_backward) with 16-byte vectors
     against their one-element path on the same numbers one element off 16 bytes: bitwise equal
     outputs (gathered rows, out, dx, dgate, dmix), with accumulate off and on (the layer cases
-    below have no shared branch, so only here is accumulate on), and the zeroed margins after
+    above have no shared branch, so only here is accumulate on), and the zeroed margins after
     each written buffer still zero (a vector write one past the end).
 The gating residual, the tanh router and the shared SwiGLU are checked end to end against the
 CPU trainer by test_omnimoe.cu.
