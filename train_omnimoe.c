@@ -1927,8 +1927,9 @@ int main(int argc, char** argv) {
         exit(EXIT_FAILURE);
     }
     if (cfg.gelu_fusion != 1) {
-        fprintf(stderr, "Error: flag --gelu-fusion %d: where the GELU is computed (GEMM epilogues or not) is the CUDA trainer's "
-                "(./train_omnimoe); the CPU reference computes it on its own (use --gelu-fusion 1)\n", cfg.gelu_fusion);
+        fprintf(stderr, "Error: flag --gelu-fusion %d: where the GELU is computed (GEMM epilogues or not) is the "
+                "CUDA trainer's (./train_omnimoe); the CPU reference computes it on its own (use --gelu-fusion 1)\n",
+                cfg.gelu_fusion);
         exit(EXIT_FAILURE);
     }
 

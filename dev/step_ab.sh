@@ -46,6 +46,7 @@ def records(i, r):
     except OSError:
         return []
 ok, best = True, []
+base = [(x["step"], x["loss"], x["norm"]) for x in records(0, 1)]  # set 0's first run: the bits to match
 print("| flags | median ms/step (steps %d-%d) per run | best vs set 0 | losses and norms vs set 0 |" % (skip + 1, steps))
 print("|---|---:|---:|---|")
 for i, flags in enumerate(sets):
@@ -57,7 +58,6 @@ for i, flags in enumerate(sets):
     good = [m for m in runs if m is not None]
     best.append(min(good) if good else None)
     curve = [(x["step"], x["loss"], x["norm"]) for x in records(i, 1)]
-    base = [(x["step"], x["loss"], x["norm"]) for x in records(0, 1)]
     same = "(reference)" if i == 0 else ("equal (bitwise)" if curve and curve == base else "differ")
     ok &= not (same_bits and same == "differ")
     delta = "" if i == 0 or best[i] is None or best[0] is None else "%+.2f ms" % (best[i] - best[0])
