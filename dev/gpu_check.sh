@@ -18,7 +18,8 @@
 #           carry/cutlass, 'dev/prepare_carry.sh cutlass'; carry ["carry/include", "carry/cutlass"],
 #           not carry/mixed: 64 MiB), then test_moe (its cases on CUTLASS's grouped GEMM too) and
 #           bench_moe (CUTLASS's grouped GEMM beside cuBLAS's and the loop; bench_moe_cutlass.json;
-#           again at --bt 32768, bench_moe_cutlass_bt32k.json);
+#           again at --bt 32768, bench_moe_cutlass_bt32k.json); dev/profile_moe_layer.sh: the layer and
+#           the dense SwiGLU kernel by kernel under ncu at both sizes;
 #           with sanitize also in the mode, test_moe under compute-sanitizer memcheck once more;
 #           the d12 moe trainer step with --moe-gemm cublas and cutlass (train_omnimoe_cutlass of
 #           the pack, alternating, median ms);
@@ -206,6 +207,8 @@ if [[ "$mode" == *cutlass* ]]; then
     run cutlass_bench_moe ./dev/cuda/bench_moe_bin --json "$LOG/bench_moe_cutlass.json"
     # the same at a d12 step's B*T (32 x 1024): 3072 rows an expert instead of 768
     run cutlass_bench_moe_bt32k ./dev/cuda/bench_moe_bin --bt 32768 --json "$LOG/bench_moe_cutlass_bt32k.json"
+    # the layer and the dense SwiGLU kernel by kernel (ncu) at both sizes: where the ratio goes
+    run cutlass_profile_moe_layer bash dev/profile_moe_layer.sh 8192 32768
     # other kernels for the same benchmark, one make variable a word, e.g.
     # CUTLASS_VARIANTS="MOE_CUTLASS_TILE_N=256 MOE_CUTLASS_PINGPONG=1" (about 2 minutes each)
     for v in ${CUTLASS_VARIANTS:-}; do

@@ -24,23 +24,5 @@ for flags in "$@"; do
     grep "^step" "$D/profile_${n}_plain.out" | tail -n 3 | cut -c1-110
     timeout 200 ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \
         ./train_omnimoe $flags -x "$STEPS" -v 0 -s 0 -m -1 --val-data= > "$D/profile_$n.csv" 2> "$D/profile_${n}_ncu.err"
-    python3 - "$D/profile_$n.csv" "$STEPS" <<'PY'
-import csv, sys, collections
-path, steps = sys.argv[1], int(sys.argv[2])
-rows = [l for l in open(path) if l.startswith('"')]
-scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3, "nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}
-total = collections.defaultdict(float)
-count = collections.Counter()
-for r in csv.DictReader(rows):
-    if r.get("Metric Name") != "gpu__time_duration.sum":
-        continue
-    name = r["Kernel Name"].split("(")[0]
-    total[name] += float(r["Metric Value"].replace(",", "")) * scale[r["Metric Unit"]]
-    count[name] += 1
-allms = sum(total.values())
-print("   %d kernel launches, %.2f ms of kernels per step (%d steps profiled)" % (sum(count.values()), allms / steps, steps))
-print("   %-72s %6s %9s %6s" % ("kernel", "calls", "ms/step", "share"))
-for name, t in sorted(total.items(), key=lambda kv: -kv[1])[:30]:
-    print("   %-72s %6d %9.3f %5.1f%%" % (name[:72], count[name] // steps, t / steps, 100 * t / allms))
-PY
+    python3 dev/ncu_table.py "$D/profile_$n.csv" "$STEPS" step
 done

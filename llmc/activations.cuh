@@ -64,6 +64,16 @@ __global__ void gelu_backward_kernel(floatX* dinp, const floatX* inp, const floa
     store128(dinp + v * x128::size, result);
 }
 
+// one element of the SwiGLU backward: d(gate) and d(up) from dh, gate and up (every SwiGLU backward
+// calls this, so the moe experts' fused row kernel, llmc/moe_experts.cuh, has the same bits)
+__device__ inline void swiglu_backward_element(floatX* dgate, floatX* dup, float dh, float gate, float up) {
+    float sig = sigmoid_value(gate);
+    float silu = gate * sig;
+    float silu_grad = sig * (1.0f + gate * (1.0f - sig));
+    *dgate = (floatX)(dh * up * silu_grad);
+    *dup = (floatX)(dh * silu);
+}
+
 // one thread per 16-byte vector of h (and the matching vectors of g and u)
 __global__ void swiglu_forward_kernel(floatX* h, const floatX* gu, int BT, int I) {
     size_t v = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -94,14 +104,7 @@ __global__ void swiglu_backward_kernel(floatX* dgu, const floatX* dh, const floa
     x128 grad_h = load128cs(dh + row * (size_t)I + col);
     x128 grad_g, grad_u;
     for (int k = 0; k < x128::size; k++) {
-        float gate = (float)g[k];
-        float up = (float)u[k];
-        float dhk = (float)grad_h[k];
-        float sig = sigmoid_value(gate);
-        float silu = gate * sig;
-        float silu_grad = sig * (1.0f + gate * (1.0f - sig));
-        grad_g[k] = (floatX)(dhk * up * silu_grad);
-        grad_u[k] = (floatX)(dhk * silu);
+        swiglu_backward_element(&grad_g[k], &grad_u[k], (float)grad_h[k], (float)g[k], (float)u[k]);
     }
     floatX* dgate_row = dgu + row * 2 * (size_t)I;
     store128(dgate_row + col, grad_g);

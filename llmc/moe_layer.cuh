@@ -13,7 +13,7 @@ Defines:
 - MoeWeights: views of the layer's tensors in the flat parameter buffer (also the gradients)
 - MoeSaved: what the forward keeps for the backward (per layer), and the host copy of the
   per-expert counts of the last forward (the grouped GEMMs' sizes)
-- MoeWorkspace: what all moe layers of a model share (one runs at a time): the gathered rows,
+- MoeWorkspace: what all moe layers of a model share (one runs at a time): the expert outputs,
   the backward's buffers, the gating-residual carry between layers, the grouped-GEMM arrays
 - MoeLayer: dims, options, views, saved state, workspace, the expert-count and balance-loss
   views, the previous layer's logits (gating residual), the run settings alpha and tau
@@ -30,8 +30,8 @@ Shapes: x, out, dout, dx (BT, C) floatX. Weights (floatX): fcw (2H, C), fcprojw 
 (E_t, C) or the tanh router's (8 E_t, C) and router2 (E_t, 8 E_t), gate_map (E_t, E_t), w1
 (E, 2 I_e, C), w2 (E, C, I_e), cvec (Kc, C), cmix (Kc, 2, C), bias (E_t) (read only).
 Saved: z, probs (BT, E_t) fp32; rh (BT, 8 E_t) floatX (tanh); idx, gate (BT, k); denom (BT);
-mix (BT k, 2); the schedule and pos (BT k); counts (E_t) and offsets (E_t + 1); fch_g (BT k,
-2 I_e) and h_g (BT k, I_e) floatX in sorted order.
+mix (BT k, 2); the schedule and pos (BT k); counts (E_t) and offsets (E_t + 1); xg (BT k, C),
+fch_g (BT k, 2 I_e) and h_g (BT k, I_e) floatX in sorted order.
 
 Outputs: forward overwrites out (the shared SwiGLU writes it and the experts add in fp32,
 rounded once; H = 0: the experts write it); training = 1 adds the pairs of each expert to the
@@ -100,6 +100,7 @@ typedef struct {
     int* pos;          // (BT k) sorted row of each pair
     int* counts;       // (E_t) pairs per expert of the last forward
     int* offsets;      // (E_t + 1)
+    floatX* xg;        // (BT k, C) the FFN rows' inputs s x, gathered in sorted order (dW1's operand)
     floatX* fch_g;     // (BT k, 2 I_e) FFN rows, sorted
     floatX* h_g;       // (BT k, I_e)
     int* host_counts;  // (E_t) pinned host copy of counts
@@ -112,10 +113,10 @@ typedef struct {
     size_t scratch_bytes;
     floatX* dhidden;       // (BT, H) shared SwiGLU
     floatX* dwide;         // (BT, 2H)
-    floatX* xg;            // (BT k, C) gathered expert inputs; the forward's expert outputs
-    floatX* dyg;           // (BT k, C) gathered dy; then the experts' input gradients
-    floatX* dh;            // (BT k, I_e)
-    floatX* dfch;          // (BT k, 2 I_e); first holds g h for dW2
+    floatX* dyg;           // (BT k, C) the forward's expert outputs; the backward's gathered dy, then
+                           // the experts' input gradients
+    floatX* dh;            // (BT k, I_e) W2^T dy, then g h for dW2
+    floatX* dfch;          // (BT k, 2 I_e)
     float* dp;             // (BT, E_t)
     float* dz;             // (BT, E_t)
     floatX* dzx;           // (BT, E_t)
@@ -171,14 +172,14 @@ static inline size_t moe_layer_saved_bytes(MoeDims d, MoeOptions o) {
     const size_t RH = moe_router_hidden(d, o), A = scheduler_max_active((int)P, (int)Et), Ie = d.Ie, E = d.E;
     return 2 * align256(BT * Et * F) + align256(BT * RH * X) + align256(P * 4) + align256(P * F) + align256(BT * F)
          + align256(P * 2 * F) + 3 * align256(P * 4) + align256(A * 4) + align256((A + 1) * 4) + align256(4)
-         + align256(P * 4) + align256(Et * 4) + align256((Et + 1) * 4) + align256((E ? P : 0) * 2 * Ie * X)
-         + align256((E ? P : 0) * Ie * X);
+         + align256(P * 4) + align256(Et * 4) + align256((Et + 1) * 4) + align256((E ? P : 0) * d.C * X)
+         + align256((E ? P : 0) * 2 * Ie * X) + align256((E ? P : 0) * Ie * X);
 }
 
 static inline size_t moe_workspace_bytes(MoeDims d, MoeOptions o) {
     const size_t BT = d.BT, Et = moe_routed(d), P = BT * d.k, X = sizeof(floatX), F = sizeof(float);
     const size_t RH = moe_router_hidden(d, o), Ie = d.Ie, PE = d.E ? P : 0;
-    return 2 * align256(PE * d.C * X) + align256(PE * Ie * X) + align256(PE * 2 * Ie * X) + 3 * align256(BT * Et * F)
+    return align256(PE * d.C * X) + align256(PE * Ie * X) + align256(PE * 2 * Ie * X) + 3 * align256(BT * Et * F)
          + align256(BT * Et * X) + align256(BT * RH * X) + align256(P * 2 * F) + align256(P * F) + align256(Et * 8)
          + moe_grouped_gemm_bytes(d.E);
 }
@@ -222,7 +223,6 @@ static void moe_workspace_create(MoeWorkspace* ws, MoeDims d, MoeOptions o, floa
     const size_t bytes = moe_workspace_bytes(d, o) - moe_grouped_gemm_bytes(d.E);
     char* base = (char*)cuda_malloc_or_die(bytes, "moe workspace");
     ws->block = base;
-    ws->xg = (floatX*)moe_carve(&base, PE * d.C * X);
     ws->dyg = (floatX*)moe_carve(&base, PE * d.C * X);
     ws->dh = (floatX*)moe_carve(&base, PE * Ie * X);
     ws->dfch = (floatX*)moe_carve(&base, PE * 2 * Ie * X);
@@ -284,6 +284,7 @@ static void moe_layer_create(MoeLayer* layer, MoeDims d, MoeOptions o, MoeWeight
     s->pos = (int*)moe_carve(&base, P * 4);
     s->counts = (int*)moe_carve(&base, Et * 4);
     s->offsets = (int*)moe_carve(&base, (Et + 1) * 4);
+    s->xg = (floatX*)moe_carve(&base, PE * d.C * X);
     s->fch_g = (floatX*)moe_carve(&base, PE * 2 * Ie * X);
     s->h_g = (floatX*)moe_carve(&base, PE * Ie * X);
     cudaCheck(cudaMallocHost((void**)&s->host_counts, Et * sizeof(int)));
@@ -355,18 +356,19 @@ static void moe_layer_forward(MoeLayer* layer, floatX* out, const floatX* x, int
     cudaCheck(cudaEventSynchronize(ws->counts_ready));
     int rows = 0;
     moe_ffn_groups(s->host_counts, E, &rows);
-    // FFN experts on their sorted rows: fch = xg W1_e^T, h = SwiGLU, y = h W2_e^T (into xg)
+    // FFN experts on their sorted rows: xg (saved for dW1), fch = xg W1_e^T, h = SwiGLU, y = h W2_e^T
+    // (into dyg, free until the backward)
     if (rows > 0) {
-        moe_gather_rows(ws->xg, x, s->sched, rows, C, k, scale, stream);
+        moe_gather_rows(s->xg, x, s->sched, rows, C, k, scale, stream);
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_T, CUBLAS_OP_N, 2 * Ie, MOE_DIM_ROWS, C, w->w1, (size_t)2 * Ie * C,
-                         MOE_BY_EXPERT, C, ws->xg, C, MOE_BY_ROW, C, 0.0f, s->fch_g, (size_t)2 * Ie, MOE_BY_ROW, 2 * Ie,
+                         MOE_BY_EXPERT, C, s->xg, C, MOE_BY_ROW, C, 0.0f, s->fch_g, (size_t)2 * Ie, MOE_BY_ROW, 2 * Ie,
                          s->host_counts, s->sched, E, stream);
         swiglu_forward(s->h_g, s->fch_g, rows, Ie, stream);
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_T, CUBLAS_OP_N, C, MOE_DIM_ROWS, Ie, w->w2, (size_t)C * Ie, MOE_BY_EXPERT,
-                         Ie, s->h_g, Ie, MOE_BY_ROW, Ie, 0.0f, ws->xg, C, MOE_BY_ROW, C, s->host_counts, s->sched, E,
+                         Ie, s->h_g, Ie, MOE_BY_ROW, Ie, 0.0f, ws->dyg, C, MOE_BY_ROW, C, s->host_counts, s->sched, E,
                          stream);
     }
-    moe_combine(out, ws->xg, x, w->cvec, s->idx, s->gate, s->pos, s->mix, BT, C, k, E, d.Kc, d.Kp, scale, H > 0,
+    moe_combine(out, ws->dyg, x, w->cvec, s->idx, s->gate, s->pos, s->mix, BT, C, k, E, d.Kc, d.Kp, scale, H > 0,
                 stream);
 }
 
@@ -397,17 +399,15 @@ static void moe_layer_backward(MoeLayer* layer, floatX* dx, const floatX* dout, 
     if (rows > 0) {
         const int* hc = s->host_counts;
         moe_gather_rows(ws->dyg, dout, s->sched, rows, C, k, 1.0f, stream);
-        // dh = dy W2_e (ungated), then dgate = <dh, h>, dh *= g, g h into dfch's space
+        // dh = dy W2_e (ungated); then in one pass dgate = <dh, h>, dfch = SwiGLU backward of g dh, dh = g h
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_N, Ie, MOE_DIM_ROWS, C, w->w2, (size_t)C * Ie, MOE_BY_EXPERT,
                          Ie, ws->dyg, C, MOE_BY_ROW, C, 0.0f, ws->dh, Ie, MOE_BY_ROW, Ie, hc, s->sched, E, stream);
-        moe_ffn_dgate(ws->dgate, ws->dh, ws->dfch, s->h_g, s->gate, s->sched, rows, Ie, stream);
+        moe_ffn_dgate_dfch(ws->dgate, ws->dfch, ws->dh, s->h_g, s->fch_g, s->gate, s->sched, rows, Ie, stream);
         // dW2_e += dy^T (g h)
-        moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_T, Ie, C, MOE_DIM_ROWS, ws->dfch, Ie, MOE_BY_ROW, Ie, ws->dyg,
+        moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_T, Ie, C, MOE_DIM_ROWS, ws->dh, Ie, MOE_BY_ROW, Ie, ws->dyg,
                          C, MOE_BY_ROW, C, 1.0f, dw->w2, (size_t)C * Ie, MOE_BY_EXPERT, Ie, hc, s->sched, E, stream);
-        swiglu_backward(ws->dfch, ws->dh, s->fch_g, rows, Ie, stream);
-        // dW1_e += dfch^T (s x); the experts' input gradient dfch W1_e (into dyg)
-        moe_gather_rows(ws->xg, x, s->sched, rows, C, k, scale, stream);
-        moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_T, C, 2 * Ie, MOE_DIM_ROWS, ws->xg, C, MOE_BY_ROW, C,
+        // dW1_e += dfch^T (s x) (the forward's gathered rows); the experts' input gradient dfch W1_e (into dyg)
+        moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_T, C, 2 * Ie, MOE_DIM_ROWS, s->xg, C, MOE_BY_ROW, C,
                          ws->dfch, (size_t)2 * Ie, MOE_BY_ROW, 2 * Ie, 1.0f, dw->w1, (size_t)2 * Ie * C, MOE_BY_EXPERT,
                          C, hc, s->sched, E, stream);
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_N, C, MOE_DIM_ROWS, 2 * Ie, w->w1, (size_t)2 * Ie * C,

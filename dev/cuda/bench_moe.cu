@@ -5,6 +5,7 @@ against vanilla moe (expert forward), all in one binary so the ratios come from 
 
   make dev/cuda/bench_moe_bin
   ./dev/cuda/bench_moe_bin [--json PATH] [--bt TOKENS]   (dev/bench_all.sh builds and runs it)
+  ./dev/cuda/bench_moe_bin --profile moe|dense [--bt TOKENS]   (dev/profile_moe_layer.sh: under ncu)
 
 Shape (DeepSeekMoE-like fine-grained experts, bf16, training mode): BT = 8192 tokens (--bt: e.g.
 32768, a d12 step's B*T at B=32, T=1024, where each expert gets 4x the rows), C = 1024,
@@ -109,24 +110,99 @@ static float time_forward(Bench* b) {
     return bench_median_ms([&] { moe_layer_forward(&b->layer, b->out, b->x, b->d.BT, 1, 0); }, 3, 21);
 }
 
+static void forward_backward(Bench* b) {
+    moe_layer_forward(&b->layer, b->out, b->x, b->d.BT, 1, 0);
+    b->ws.carry_valid = 0;
+    moe_layer_backward(&b->layer, b->dx, b->dout, b->x, b->d.BT, 1.0f, 0);
+}
+
 static float time_forward_backward(Bench* b) {
-    return bench_median_ms([&] {
-        moe_layer_forward(&b->layer, b->out, b->x, b->d.BT, 1, 0);
-        b->ws.carry_valid = 0;
-        moe_layer_backward(&b->layer, b->dx, b->dout, b->x, b->d.BT, 1.0f, 0);
-    }, 3, 21);
+    return bench_median_ms([&] { forward_backward(b); }, 3, 21);
+}
+
+// the dense SwiGLU of the same active size, with the same matmul code
+typedef struct {
+    Bench bufs;  // only its buffer list
+    int BT, C, I;
+    floatX *x, *dout, *wgu, *wd, *dwgu, *dwd, *fch, *h, *out, *dh, *dfch, *dx;
+    float* scratch;
+} Dense;
+
+static void dense_setup(Dense* dn, int BT, int C, int I) {
+    memset(dn, 0, sizeof(*dn));
+    dn->BT = BT, dn->C = C, dn->I = I;
+    Bench* b = &dn->bufs;
+    dn->x = bench_buffer(b, (size_t)BT * C, 1.0f, 11);
+    dn->dout = bench_buffer(b, (size_t)BT * C, 1.0f, 12);
+    dn->wgu = bench_buffer(b, (size_t)2 * I * C, 0.02f, 13);
+    dn->wd = bench_buffer(b, (size_t)C * I, 0.02f, 14);
+    dn->dwgu = bench_buffer(b, (size_t)2 * I * C, 0.0f, 0);
+    dn->dwd = bench_buffer(b, (size_t)C * I, 0.0f, 0);
+    dn->fch = bench_buffer(b, (size_t)BT * 2 * I, 0.0f, 0);
+    dn->h = bench_buffer(b, (size_t)BT * I, 0.0f, 0);
+    dn->out = bench_buffer(b, (size_t)BT * C, 0.0f, 0);
+    dn->dh = bench_buffer(b, (size_t)BT * I, 0.0f, 0);
+    dn->dfch = bench_buffer(b, (size_t)BT * 2 * I, 0.0f, 0);
+    dn->dx = bench_buffer(b, (size_t)BT * C, 0.0f, 0);
+    dn->scratch = device_alloc<float>(matmul_backward_scratch_bytes(BT, 2 * I) / sizeof(float) + 64, "scratch");
+}
+
+static void dense_forward(Dense* d) { swiglu_mlp_forward(d->out, d->fch, d->h, d->x, d->wgu, d->wd, d->BT, d->C, d->I, 0); }
+
+static void dense_forward_backward(Dense* d) {
+    dense_forward(d);
+    swiglu_mlp_backward(d->dx, d->dwgu, d->dwd, d->dh, d->dfch, d->dout, d->x, d->fch, d->h, d->wgu, d->wd, d->BT, d->C,
+                        d->I, 0, d->scratch);
+}
+
+static void dense_free(Dense* dn) {
+    for (int i = 0; i < dn->bufs.num_bufs; i++) cudaCheck(cudaFree(dn->bufs.bufs[i]));
+    cudaCheck(cudaFree(dn->scratch));
+}
+
+// --profile moe|dense: PROFILE_RUNS forward+backward passes of one of the two layers and nothing
+// else, for a kernel profiler to time kernel by kernel (dev/profile_moe_layer.sh); the moe layer
+// with CUTLASS's grouped GEMM where the build has it
+enum { PROFILE_RUNS = 3 };
+
+static void profile_layer(const char* which, int BT, int C, int Ie, int E, int S, int k) {
+    if (strcmp(which, "moe") == 0) {
+#ifdef HAVE_CUTLASS_GROUPED_GEMM
+        moe_gemm_backend = MOE_GEMM_CUTLASS;
+#endif
+        Bench b;
+        bench_setup(&b, BT, C, Ie, E, S, k, 0);
+        for (int r = 0; r < PROFILE_RUNS; r++) forward_backward(&b);
+        cudaCheck(cudaDeviceSynchronize());
+        bench_free(&b);
+    } else {
+        Dense dn;
+        dense_setup(&dn, BT, C, (S + k) * Ie);
+        for (int r = 0; r < PROFILE_RUNS; r++) dense_forward_backward(&dn);
+        cudaCheck(cudaDeviceSynchronize());
+        dense_free(&dn);
+    }
 }
 
 int main(int argc, char** argv) {
     const char* json = NULL;
+    const char* profile = NULL;
     int BT = 8192;
     for (int i = 1; i < argc; i += 2) {
-        if (i + 1 >= argc || (strcmp(argv[i], "--json") != 0 && strcmp(argv[i], "--bt") != 0)) {
-            fprintf(stderr, "bench_moe: unexpected argument '%s' (usage: bench_moe_bin [--json PATH] [--bt TOKENS])\n",
-                    argv[i]);
+        if (i + 1 >= argc || (strcmp(argv[i], "--json") != 0 && strcmp(argv[i], "--bt") != 0 &&
+                              strcmp(argv[i], "--profile") != 0)) {
+            fprintf(stderr, "bench_moe: unexpected argument '%s' (usage: bench_moe_bin [--json PATH] [--bt TOKENS] "
+                    "[--profile moe|dense])\n", argv[i]);
             return 1;
         }
         if (strcmp(argv[i], "--json") == 0) json = argv[i + 1];
+        if (strcmp(argv[i], "--profile") == 0) {
+            profile = argv[i + 1];
+            if (strcmp(profile, "moe") != 0 && strcmp(profile, "dense") != 0) {
+                fprintf(stderr, "bench_moe: --profile %s: expected moe or dense\n", profile);
+                return 1;
+            }
+        }
         if (strcmp(argv[i], "--bt") == 0) {
             char* end = NULL;
             long v = strtol(argv[i + 1], &end, 10);
@@ -142,6 +218,11 @@ int main(int argc, char** argv) {
     cudaCheck(cudaGetDeviceProperties(&prop, 0));
     matmul_init();
     const int C = 1024, Ie = 512, E = 64, S = 2, k = 6, Idense = (S + k) * Ie;
+    if (profile != NULL) {
+        profile_layer(profile, BT, C, Ie, E, S, k);
+        matmul_free();
+        return 0;
+    }
     printf("bench_moe on %s: BT=%d C=%d E=%d I_e=%d S=%d k=%d; dense SwiGLU I=%d\n", prop.name, BT, C, E, Ie, S, k,
            Idense);
 
@@ -160,7 +241,7 @@ int main(int argc, char** argv) {
     MoeLayer* L = &b.layer;
     auto first_gemm = [&] {
         moe_grouped_gemm(&b.ws.gemm, CUBLAS_OP_T, CUBLAS_OP_N, 2 * Ie, MOE_DIM_ROWS, C, L->w.w1, (size_t)2 * Ie * C,
-                         MOE_BY_EXPERT, C, b.ws.xg, C, MOE_BY_ROW, C, 0.0f, L->saved.fch_g, (size_t)2 * Ie, MOE_BY_ROW,
+                         MOE_BY_EXPERT, C, L->saved.xg, C, MOE_BY_ROW, C, 0.0f, L->saved.fch_g, (size_t)2 * Ie, MOE_BY_ROW,
                          2 * Ie, L->saved.host_counts, L->saved.sched, E, 0);
     };
     float grouped_ms = bench_median_ms(first_gemm, 3, 21);
@@ -194,35 +275,16 @@ int main(int argc, char** argv) {
     float loop_fwdbwd = time_forward_backward(&b);
     moe_gemm_backend = MOE_GEMM_CUBLAS;
     float dense_gemm_ms = bench_median_ms([&] {
-        matmul_forward(L->saved.fch_g, b.ws.xg, L->w.w1, NULL, rows, C, 2 * Ie, 0);
+        matmul_forward(L->saved.fch_g, L->saved.xg, L->w.w1, NULL, rows, C, 2 * Ie, 0);
     }, 3, 21);
     const double gemm_flops = 2.0 * rows * C * 2.0 * Ie;
     bench_free(&b);
 
-    // the dense SwiGLU of the same active size, with the same matmul code
-    Bench dn;
-    memset(&dn, 0, sizeof(dn));
-    floatX* x = bench_buffer(&dn, (size_t)BT * C, 1.0f, 11);
-    floatX* dout = bench_buffer(&dn, (size_t)BT * C, 1.0f, 12);
-    floatX* wgu = bench_buffer(&dn, (size_t)2 * Idense * C, 0.02f, 13);
-    floatX* wd = bench_buffer(&dn, (size_t)C * Idense, 0.02f, 14);
-    floatX* dwgu = bench_buffer(&dn, (size_t)2 * Idense * C, 0.0f, 0);
-    floatX* dwd = bench_buffer(&dn, (size_t)C * Idense, 0.0f, 0);
-    floatX* fch = bench_buffer(&dn, (size_t)BT * 2 * Idense, 0.0f, 0);
-    floatX* h = bench_buffer(&dn, (size_t)BT * Idense, 0.0f, 0);
-    floatX* out = bench_buffer(&dn, (size_t)BT * C, 0.0f, 0);
-    floatX* dh = bench_buffer(&dn, (size_t)BT * Idense, 0.0f, 0);
-    floatX* dfch = bench_buffer(&dn, (size_t)BT * 2 * Idense, 0.0f, 0);
-    floatX* dx = bench_buffer(&dn, (size_t)BT * C, 0.0f, 0);
-    float* scratch = device_alloc<float>(matmul_backward_scratch_bytes(BT, 2 * Idense) / sizeof(float) + 64, "scratch");
-    auto dense_fwd = [&] { swiglu_mlp_forward(out, fch, h, x, wgu, wd, BT, C, Idense, 0); };
-    float dense_fwd_ms = bench_median_ms(dense_fwd, 3, 21);
-    float dense_fwdbwd_ms = bench_median_ms([&] {
-        dense_fwd();
-        swiglu_mlp_backward(dx, dwgu, dwd, dh, dfch, dout, x, fch, h, wgu, wd, BT, C, Idense, 0, scratch);
-    }, 3, 21);
-    for (int i = 0; i < dn.num_bufs; i++) cudaCheck(cudaFree(dn.bufs[i]));
-    cudaCheck(cudaFree(scratch));
+    Dense dn;
+    dense_setup(&dn, BT, C, Idense);
+    float dense_fwd_ms = bench_median_ms([&] { dense_forward(&dn); }, 3, 21);
+    float dense_fwdbwd_ms = bench_median_ms([&] { dense_forward_backward(&dn); }, 3, 21);
+    dense_free(&dn);
 
     // the routed experts' forward alone (S = 0): vanilla against MoE++
     Bench v, pp;

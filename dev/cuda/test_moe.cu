@@ -45,11 +45,14 @@ What is checked (one PASS/FAIL line per check, closing "test_moe: N passed, N fa
       CUTLASS grouped GEMM (moe_gemm_backend = MOE_GEMM_CUTLASS; the E = 40 cases too), same
       tolerances, twice bitwise, and not one of its calls handed to the loop (moe_gemm_fallbacks
       stays 0).
- 3. (run last) the row kernels (moe_gather_rows, moe_combine, moe_token_backward) with 16-byte vectors
+ 3. (near the end) the row kernels (moe_gather_rows, moe_combine, moe_token_backward) with 16-byte vectors
     against their one-element path on the same numbers one element off 16 bytes: bitwise equal
     outputs (gathered rows, out, dx, dgate, dmix), with accumulate off and on (the layer cases
     above have no shared branch, so only here is accumulate on), and the zeroed margins after
     each written buffer still zero (a vector write one past the end).
+ 4. (after 3) the backward's fused row pass (moe_ffn_dgate_dfch): dfch and g h bitwise equal to the
+    two passes it replaced (g dh rounded, then swiglu_backward; g h rounded once), dgate against a
+    double sum, vectors against the one-element path bitwise, nothing written past the ends.
 The gating residual, the tanh router and the shared SwiGLU are checked end to end against the
 CPU trainer by test_omnimoe.cu.
 */
@@ -666,6 +669,91 @@ static void test_row_kernels_vectors(void) {
     cudaCheck(cudaFree(d_A));
 }
 
+// the backward's fused row pass (moe_ffn_dgate_dfch) against what the two passes it replaced
+// computed: dfch bitwise equal to swiglu_backward of g dh rounded to floatX, g h bitwise equal to
+// the product rounded once, dgate = <dh, h> against a double sum; its 16-byte vectors against its
+// one-element path (everything one element off 16 bytes) bitwise; nothing written past the ends
+static void test_ffn_dgate_dfch(void) {
+    const int R = 83, Ie = 40, P = 3 * R;
+    std::vector<int> sorted_pair(R);
+    for (int j = 0; j < R; j++) sorted_pair[j] = (j * 7 + 5) % P;  // rows and pairs do not line up
+    std::vector<float> gate(P);
+    for (int q = 0; q < P; q++) gate[q] = rng_uniform(&g_rng, 0.05f, 1.0f);
+    const size_t nI = (size_t)R * Ie, n2 = 2 * nI;
+    const std::vector<float> dh_in = host_random(nI, 1.0f), h_in = host_random(nI, 1.0f), fch_in = host_random(n2, 2.0f);
+    int* d_sorted = device_alloc<int>(R, "sorted_pair");
+    float* d_gate = device_alloc<float>(P, "gate");
+    cudaCheck(cudaMemcpy(d_sorted, sorted_pair.data(), R * sizeof(int), cudaMemcpyHostToDevice));
+    cudaCheck(cudaMemcpy(d_gate, gate.data(), P * sizeof(float), cudaMemcpyHostToDevice));
+    ExpertSchedule sched;
+    memset(&sched, 0, sizeof(sched));
+    sched.sorted_pair = d_sorted;
+    std::vector<floatX> dfch[2], hg[2];
+    std::vector<float> dgate[2], dh, h;
+    int margins_zero = 1;
+    for (int shift = 0; shift <= 1; shift++) {
+        floatX* d_dh = upload_shifted(dh_in, nI, shift);
+        floatX* d_h = upload_shifted(h_in, nI, shift);
+        floatX* d_fch = upload_shifted(fch_in, n2, shift);
+        floatX* d_dfch = upload_shifted(fch_in, n2, shift);  // overwritten
+        float* d_dgate = device_alloc<float>(P, "dgate");
+        poison(d_dgate, P * sizeof(float));
+        if (shift == 0) { dh = fetch(d_dh, nI); h = fetch(d_h, nI); }  // the values as floatX holds them
+        moe_ffn_dgate_dfch(d_dgate, d_dfch, d_dh, d_h, d_fch, d_gate, sched, R, Ie, 0);
+        cudaCheck(cudaDeviceSynchronize());
+        dfch[shift] = fetch_raw(d_dfch, n2);
+        hg[shift] = fetch_raw(d_dh, nI);
+        dgate[shift] = fetch_raw(d_dgate, P);
+        const floatX* written[2] = {d_dh, d_dfch};
+        const size_t lens[2] = {nI, n2};
+        for (int b = 0; b < 2; b++) {
+            const std::vector<floatX> margin = fetch_raw(written[b] + lens[b], 8 - shift);
+            const std::vector<unsigned char> zeros((8 - shift) * sizeof(floatX), 0);
+            margins_zero &= memcmp(margin.data(), zeros.data(), zeros.size()) == 0;
+        }
+        if (shift == 0) {  // the two passes it replaced: g dh and g h rounded once, then swiglu_backward
+            std::vector<float> gdh(nI), ghv(nI);
+            std::vector<double> dot(R, 0.0);
+            for (int j = 0; j < R; j++) {
+                const float g = gate[sorted_pair[j]];
+                for (int i = 0; i < Ie; i++) {
+                    const size_t e = (size_t)j * Ie + i;
+                    gdh[e] = g * dh[e];
+                    ghv[e] = g * h[e];
+                    dot[j] += (double)dh[e] * h[e];
+                }
+            }
+            floatX* d_gdh = upload(gdh, nI);
+            floatX* d_ref = upload(fch_in, n2);
+            swiglu_backward(d_ref, d_gdh, d_fch, R, Ie, 0);
+            cudaCheck(cudaDeviceSynchronize());
+            const std::vector<floatX> ref = fetch_raw(d_ref, n2);
+            std::vector<floatX> ghx(nI);
+            for (size_t e = 0; e < nI; e++) ghx[e] = (floatX)ghv[e];
+            test_check(memcmp(dfch[0].data(), ref.data(), n2 * sizeof(floatX)) == 0,
+                       "ffn dgate+dfch: dfch == swiglu_backward of g dh rounded to floatX (bitwise)");
+            test_check(memcmp(hg[0].data(), ghx.data(), nI * sizeof(floatX)) == 0,
+                       "ffn dgate+dfch: g h over dh == the product rounded once (bitwise)");
+            std::vector<float> got(R);
+            for (int j = 0; j < R; j++) got[j] = dgate[0][sorted_pair[j]];
+            test_check_rel("ffn dgate+dfch: dgate == <dh, h> (double reference)", rel_err_f64(got.data(), dot.data(), R),
+                           1e-5);
+            cudaCheck(cudaFree(d_gdh));
+            cudaCheck(cudaFree(d_ref));
+        }
+        floatX* shifted[] = {d_dh, d_h, d_fch, d_dfch};
+        for (floatX* b : shifted) cudaCheck(cudaFree(b - shift));
+        cudaCheck(cudaFree(d_dgate));
+    }
+    test_check(memcmp(dfch[0].data(), dfch[1].data(), n2 * sizeof(floatX)) == 0 &&
+               memcmp(hg[0].data(), hg[1].data(), nI * sizeof(floatX)) == 0 &&
+               memcmp(dgate[0].data(), dgate[1].data(), P * sizeof(float)) == 0,
+               "ffn dgate+dfch: 16-byte vectors == one element a lane (dfch, g h, dgate bitwise)");
+    test_check(margins_zero, "ffn dgate+dfch: nothing written past the buffers' ends");
+    cudaCheck(cudaFree(d_sorted));
+    cudaCheck(cudaFree(d_gate));
+}
+
 int main(void) {
     if (!test_cuda_device_or_skip("test_moe")) return 0;
     test_begin("test_moe" TEST_FLOATX_SUFFIX);
@@ -729,6 +817,7 @@ int main(void) {
     moe_gemm_backend = MOE_GEMM_CUBLAS;
 #endif
     test_row_kernels_vectors();  // last: its draws from g_rng leave the cases above their data
+    test_ffn_dgate_dfch();
     matmul_free();
     return test_end();
 }

@@ -1,0 +1,38 @@
+#!/usr/bin/env python3
+"""ncu_table.py - one Nsight Compute CSV (--metrics gpu__time_duration.sum --csv) summed per kernel
+name and divided by the number of repeats it covered: the table dev/profile_step.sh (per training
+step) and dev/profile_moe_layer.sh (per layer forward+backward) print.
+
+    python3 dev/ncu_table.py PROFILE.csv REPEATS UNIT [TOP]
+
+UNIT names one repeat in the table ("step", "fwd+bwd"); TOP rows (30 unless given), largest first.
+"""
+import collections
+import csv
+import sys
+
+if len(sys.argv) not in (4, 5):
+    sys.exit("usage: ncu_table.py PROFILE.csv REPEATS UNIT [TOP]")
+path, repeats, unit = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+top = int(sys.argv[4]) if len(sys.argv) == 5 else 30
+try:
+    rows = [l for l in open(path) if l.startswith('"')]
+except OSError as e:
+    sys.exit("ncu_table: cannot read %s: %s" % (path, e))
+scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3, "nsecond": 1e-6, "usecond": 1e-3, "msecond": 1.0, "second": 1e3}
+total = collections.defaultdict(float)
+count = collections.Counter()
+for r in csv.DictReader(rows):
+    if r.get("Metric Name") != "gpu__time_duration.sum":
+        continue
+    name = r["Kernel Name"].split("(")[0]
+    total[name] += float(r["Metric Value"].replace(",", "")) * scale[r["Metric Unit"]]
+    count[name] += 1
+if not total:
+    sys.exit("ncu_table: no gpu__time_duration rows in %s (did ncu run? see its stderr)" % path)
+allms = sum(total.values())
+print("   %d kernel launches, %.3f ms of kernels per %s (%d profiled)" % (sum(count.values()), allms / repeats, unit,
+                                                                       repeats))
+print("   %-72s %6s %9s %6s" % ("kernel", "calls", "ms/" + unit, "share"))
+for name, t in sorted(total.items(), key=lambda kv: -kv[1])[:top]:
+    print("   %-72s %6d %9.3f %5.1f%%" % (name[:72], count[name] // repeats, t / repeats, 100 * t / allms))

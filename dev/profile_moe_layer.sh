@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# profile_moe_layer.sh - where the moe layer's forward+backward goes, kernel by kernel, beside the
+# dense SwiGLU of the same active size (dev/cuda/bench_moe.cu's shape): each kernel of
+# `bench_moe_bin --profile moe|dense` timed by Nsight Compute (one metric, gpu__time_duration, no
+# cache flush, clocks untouched; kernels run one at a time), summed per name over its 3 passes.
+#
+#   bash dev/profile_moe_layer.sh [TOKENS ...]     (default 8192 32768; needs ncu and a built
+#                                                   dev/cuda/bench_moe_bin: CUTLASS's grouped GEMM
+#                                                   in a `make USE_CUTLASS=1` build)
+# Tables to stdout; the raw CSV to $OUT/profile_moe_<which>_<tokens>.csv when OUT is set.
+set -u
+cd "$(dirname "$0")/.."
+D=${OUT:-/tmp/omnimoe_profile}
+mkdir -p "$D"
+BIN=${BENCH_MOE:-./dev/cuda/bench_moe_bin}
+[ -x "$BIN" ] || { echo "profile_moe_layer: $BIN not built (make dev/cuda/bench_moe_bin)"; exit 1; }
+command -v ncu > /dev/null || { echo "profile_moe_layer: ncu not found"; exit 1; }
+tokens=("$@")
+[ ${#tokens[@]} -gt 0 ] || tokens=(8192 32768)
+rc=0
+for bt in "${tokens[@]}"; do
+    for which in moe dense; do
+        csv="$D/profile_moe_${which}_$bt.csv"
+        echo "== $which layer fwd+bwd, BT=$bt ($BIN --profile $which --bt $bt, under ncu)"
+        timeout 300 ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \
+            "$BIN" --profile "$which" --bt "$bt" > "$csv" 2> "$D/profile_moe_${which}_$bt.err" || rc=1
+        python3 dev/ncu_table.py "$csv" 3 fwd+bwd 25 || rc=1
+    done
+done
+exit $rc
