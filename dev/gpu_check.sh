@@ -11,7 +11,7 @@
 #     hostile: the hostile-input sweep on the CUDA trainer (scripts/test_hostile.sh)
 #     full: hostile, the no-argument default run, a short d6 moe++ run, the step options' bits with
 #           gradient accumulation (dev/step_ab.sh, gelu and omni) and, when carry/mixed was carried, a rerun of the
-#           dense-vs-OmniMoE recipe's start compared with the committed logs
+#           dense-vs-OmniMoE recipe's start compared with the committed logs (swiglu, omni, moe, moepp)
 #     ab: dev/ab_compare.sh run (carry/ab_base from 'dev/ab_compare.sh prepare <commit>'):
 #         gelu/swiglu/omni trainers and the layer benchmarks against that commit, same bits or not
 #     cutlass: rebuild test_moe and bench_moe (bf16) with `make USE_CUTLASS=1` (headers in
@@ -161,8 +161,10 @@ fi
 if [[ "$mode" == *full* ]] && [ -d carry/mixed ]; then
     recipe=(-e d12 -i "carry/mixed/*_train_*.bin" -j "carry/mixed/*_val_*.bin" -b 16 -t 1024 -d 16384
             -x 1000 -l 6e-4 -u 100 -q 0.1 --schedule cosine --seed 42 --shuffle 1 -v 100 -m -1 -s 0)
-    for kind in swiglu omni; do
-        timeout -s INT 30 ./train_omnimoe "${recipe[@]}" -f $kind --log-file "$LOG/rerun_$kind.jsonl" \
+    for kind in swiglu omni moe moepp; do
+        kind_flags=(-f $kind)
+        [ $kind = moepp ] && kind_flags=(-f moe --moepp 1)   # as scripts/compare_dense_omni.sh runs it
+        timeout -s INT 30 ./train_omnimoe "${recipe[@]}" "${kind_flags[@]}" --log-file "$LOG/rerun_$kind.jsonl" \
             > "$LOG/rerun_$kind.log" 2>&1
         run "rerun_${kind}_vs_log" python3 scripts/compare_logs.py docs/runs/dense_vs_omni/$kind.jsonl \
             "$LOG/rerun_$kind.jsonl" --loss-tol 0.02 --norm-rtol 0.05
