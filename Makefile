@@ -75,11 +75,11 @@ endif
 # path below is where 'bash dev/prepare_carry.sh cutlass' puts them); header-only, no library.
 # Compiles llmc/moe_gemm_cutlass.cu alone (minutes: CUTLASS templates) and selects nothing by
 # itself: moe_gemm_backend in llmc/moe_experts.cuh picks it at run time (bf16 builds only).
-# MOE_CUTLASS_TILE_N = 128 or 256 is the tile's N, MOE_CUTLASS_PINGPONG = 1 the ping-pong schedule
+# MOE_CUTLASS_TILE_N = 256 (default) or 128 is the tile's N, MOE_CUTLASS_PINGPONG = 1 the ping-pong schedule
 # (default cooperative). Switching USE_CUTLASS or these needs a rebuild (make -B).
 USE_CUTLASS ?= 0
 CUTLASS_INCLUDE ?= carry/cutlass/include
-MOE_CUTLASS_TILE_N ?= 128
+MOE_CUTLASS_TILE_N ?= 256
 MOE_CUTLASS_PINGPONG ?= 0
 CUTLASS_OBJ =
 ifeq ($(USE_CUTLASS), 1)

@@ -212,13 +212,14 @@ if [[ "$mode" == *cutlass* ]]; then
     # the layer and the dense SwiGLU kernel by kernel (ncu) at both sizes: where the ratio goes
     run cutlass_profile_moe_layer bash dev/profile_moe_layer.sh 8192 32768
     # other kernels for the same benchmark, one make variable a word, e.g.
-    # CUTLASS_VARIANTS="MOE_CUTLASS_TILE_N=256 MOE_CUTLASS_PINGPONG=1" (about 2 minutes each)
+    # CUTLASS_VARIANTS="MOE_CUTLASS_TILE_N=128 MOE_CUTLASS_PINGPONG=1" (about 2 minutes each), at both sizes
     for v in ${CUTLASS_VARIANTS:-}; do
         bin=dev/cuda/bench_moe_bin.$v   # from the cutlass pack, else built here
         if [ ! -x "$bin" ]; then
             run "cutlass_build_$v" make -j$(nproc) -B USE_CUTLASS=1 "$v" dev/cuda/bench_moe_bin && bin=dev/cuda/bench_moe_bin
         fi
         run "cutlass_bench_moe_$v" ./$bin --json "$LOG/bench_moe_cutlass_$v.json"
+        run "cutlass_bench_moe_bt32k_$v" ./$bin --bt 32768 --json "$LOG/bench_moe_cutlass_bt32k_$v.json"
     done
     # the d12 moe step in the trainer with each grouped GEMM, alternating, one binary (the CUTLASS
     # build's trainer, train_omnimoe_cutlass of this call's pack): median ms of steps 11-30, and the

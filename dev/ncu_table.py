@@ -3,18 +3,23 @@
 name and divided by the number of repeats it covered: the table dev/profile_step.sh (per training
 step) and dev/profile_moe_layer.sh (per layer forward+backward) print.
 
-    python3 dev/ncu_table.py PROFILE.csv REPEATS UNIT [TOP]
+    python3 dev/ncu_table.py [--skip NAME ...] PROFILE.csv REPEATS UNIT [TOP]
 
-UNIT names one repeat in the table ("step", "fwd+bwd"); TOP rows (30 unless given), largest first.
+UNIT names one repeat in the table ("step", "fwd+bwd"); TOP rows (30 unless given), largest first;
+--skip leaves out kernels of that name (a benchmark's set-up, which ran once, not per repeat).
 """
 import collections
 import csv
 import sys
 
-if len(sys.argv) not in (4, 5):
-    sys.exit("usage: ncu_table.py PROFILE.csv REPEATS UNIT [TOP]")
-path, repeats, unit = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-top = int(sys.argv[4]) if len(sys.argv) == 5 else 30
+args, skip = sys.argv[1:], set()
+while len(args) >= 2 and args[0] == "--skip":
+    skip.add(args[1])
+    args = args[2:]
+if len(args) not in (3, 4):
+    sys.exit("usage: ncu_table.py [--skip NAME ...] PROFILE.csv REPEATS UNIT [TOP]")
+path, repeats, unit = args[0], int(args[1]), args[2]
+top = int(args[3]) if len(args) == 4 else 30
 try:
     rows = [l for l in open(path) if l.startswith('"')]
 except OSError as e:
@@ -26,6 +31,8 @@ for r in csv.DictReader(rows):
     if r.get("Metric Name") != "gpu__time_duration.sum":
         continue
     name = r["Kernel Name"].split("(")[0]
+    if name in skip:
+        continue
     total[name] += float(r["Metric Value"].replace(",", "")) * scale[r["Metric Unit"]]
     count[name] += 1
 if not total:

@@ -24,7 +24,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PACKS=carry/prebuilt
 JOBS=${JOBS:-$(nproc)}
-CUTLASS_VARIANTS=${CUTLASS_VARIANTS:-MOE_CUTLASS_TILE_N=256 MOE_CUTLASS_PINGPONG=1}
+CUTLASS_VARIANTS=${CUTLASS_VARIANTS:-MOE_CUTLASS_TILE_N=128 MOE_CUTLASS_PINGPONG=1}
 DEFAULT_TARGETS=(train_omnimoe train_omnimoe_cpu test_omnimoe test_omnimoe_fp32 kernel_tests kernel_benches)
 
 stamp() {  # stamp FLAVOUR: 16 hex digits

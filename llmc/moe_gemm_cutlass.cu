@@ -21,14 +21,16 @@
 
 // The tile: 128 x MOE_CUTLASS_TILE_N x 64, cooperative (two consumer warpgroups split the 128 rows,
 // a producer warp issues the TMA loads), cluster 1x1x1. The experts' problems are small and
-// ragged (a few hundred rows each): a 128x128 tile keeps the tile count high enough to fill the
-// SMs and wastes at most one partial tile per problem edge; a cluster of 2 would round each
-// problem's tile count up to the cluster (the group scheduler's rule) for a multicast that saves
-// little at these sizes. `make USE_CUTLASS=1 MOE_CUTLASS_TILE_N=256` builds the wider tile,
-// MOE_CUTLASS_PINGPONG=1 the ping-pong schedule instead (each consumer warpgroup a whole tile, one
-// tile's epilogue under the other's MMAs), for the benchmark to compare.
+// ragged (a few hundred to a few thousand rows each); the 128x256 tile (the Makefile's default)
+// halves the A reloads of a 128x128 tile and measured faster at the benchmark's shapes
+// (docs/performance.md, target 8); a cluster of 2 would round each problem's tile count up to the
+// cluster (the group scheduler's rule) for a multicast that saves little at these sizes.
+// `make USE_CUTLASS=1 MOE_CUTLASS_TILE_N=128` builds the narrower tile, MOE_CUTLASS_PINGPONG=1 the
+// ping-pong schedule instead (each consumer warpgroup a whole tile, one tile's epilogue under the
+// other's MMAs), for the benchmark to compare. The tile does not change the bits: each output is
+// one CTA's sum over K in the same order.
 #ifndef MOE_CUTLASS_TILE_N
-#define MOE_CUTLASS_TILE_N 128
+#define MOE_CUTLASS_TILE_N 256
 #endif
 #ifndef MOE_CUTLASS_PINGPONG
 #define MOE_CUTLASS_PINGPONG 0
