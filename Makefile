@@ -205,7 +205,11 @@ test_kernels:
 # The CPU tests are what CI runs; the GPU test runs only where a CUDA device answers.
 test: test_cpu test_gpu
 
-test_cpu: $(CPU_TESTS) train_omnimoe_cpu
+# check_memory_plan: llmc/memory_plan.h's mirror of the CUDA layers' buffer sizes against the
+# layers' own functions (nvcc builds it; it runs without a GPU), bf16 and fp32
+PLAN_CHECK_BINS = dev/cuda/check_memory_plan_bin dev/cuda/check_memory_plan_fp32_bin
+
+test_cpu: $(CPU_TESTS) train_omnimoe_cpu $(PLAN_CHECK_BINS)
 	./test_dataloader
 	./test_checkpoint
 	./test_checkpoint_parts
@@ -229,6 +233,8 @@ test_cpu: $(CPU_TESTS) train_omnimoe_cpu
 	bash scripts/test_export_cpu.sh
 	bash scripts/test_study_cpu.sh
 	python3 scripts/test_plan.py
+	./dev/cuda/check_memory_plan_bin
+	./dev/cuda/check_memory_plan_fp32_bin
 	bash scripts/test_hostile.sh
 
 test_gpu:
@@ -240,4 +246,4 @@ test_gpu:
 
 clean:
 	rm -f train_omnimoe train_omnimoe_cpu train_omnimoe_cutlass test_omnimoe test_omnimoe_fp32 $(CPU_TESTS)
-	rm -f $(KERNEL_TEST_BINS) $(KERNEL_BENCH_BINS) build/attention_cudnn.o build/moe_gemm_cutlass.o
+	rm -f $(KERNEL_TEST_BINS) $(KERNEL_BENCH_BINS) $(PLAN_CHECK_BINS) build/attention_cudnn.o build/moe_gemm_cutlass.o

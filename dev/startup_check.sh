@@ -12,10 +12,9 @@ cd "$(dirname "$0")/.."
 XXH_INC=$([ -f carry/include/xxhash.h ] && echo -Icarry/include)   # the Makefile's rule for xxhash.h
 Ns=("$@")
 [ ${#Ns[@]} -gt 0 ] || Ns=(16384 65536 262144)
-for prec in "" -DENABLE_FP32; do  # the plan's mirror of the kernel sizes (no GPU needed)
-    nvcc -O1 -std=c++17 -arch=sm_90a -I. $XXH_INC $prec dev/cuda/check_memory_plan.cu -o dev/cuda/check_memory_plan_bin -lcublasLt -lcublas \
-        && ./dev/cuda/check_memory_plan_bin || exit 1
-done
+# the plan's mirror of the kernel sizes, bf16 and fp32 (no GPU needed; also in make test)
+make dev/cuda/check_memory_plan_bin dev/cuda/check_memory_plan_fp32_bin > /dev/null || exit 1
+./dev/cuda/check_memory_plan_bin && ./dev/cuda/check_memory_plan_fp32_bin || exit 1
 gcc -O2 -std=c11 -I. $XXH_INC dev/bench_param_init.c -o dev/bench_param_init_bin -lm -lpthread || exit 1
 echo "== host initialisation, $(nproc) cores"
 ./dev/bench_param_init_bin d12 16384 0 1 || exit 1
