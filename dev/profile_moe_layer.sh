@@ -2,7 +2,8 @@
 # profile_moe_layer.sh - where the moe layer's forward+backward goes, kernel by kernel, beside the
 # dense SwiGLU of the same active size (dev/cuda/bench_moe.cu's shape): each kernel of
 # `bench_moe_bin --profile moe|dense` timed by Nsight Compute (one metric, gpu__time_duration, no
-# cache flush, clocks untouched; kernels run one at a time), summed per name over its 3 passes.
+# cache flush, clocks untouched; kernels run one at a time), summed per name over its passes (the
+# count the benchmark prints).
 #
 #   bash dev/profile_moe_layer.sh [TOKENS ...]     (default 8192 32768; needs ncu and a built
 #                                                   dev/cuda/bench_moe_bin: CUTLASS's grouped GEMM
@@ -24,7 +25,9 @@ for bt in "${tokens[@]}"; do
         echo "== $which layer fwd+bwd, BT=$bt ($BIN --profile $which --bt $bt, under ncu)"
         timeout 300 ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \
             "$BIN" --profile "$which" --bt "$bt" > "$csv" 2> "$D/profile_moe_${which}_$bt.err" || rc=1
-        python3 dev/ncu_table.py --skip fill_random_device_kernel "$csv" 3 fwd+bwd 25 || rc=1  # not the set-up
+        runs=$(sed -n 's/^bench_moe --profile: \([0-9]*\) runs$/\1/p' "$csv" | head -1)
+        [ -n "$runs" ] || { echo "   no run count in $csv (see ${csv%.csv}.err)"; rc=1; continue; }
+        python3 dev/ncu_table.py --skip fill_random_device_kernel "$csv" "$runs" fwd+bwd 25 || rc=1  # not the set-up
     done
 done
 exit $rc

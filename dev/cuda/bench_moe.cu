@@ -172,12 +172,14 @@ static void profile_layer(const char* which, int BT, int C, int Ie, int E, int S
 #endif
         Bench b;
         bench_setup(&b, BT, C, Ie, E, S, k, 0);
+        printf("bench_moe --profile: %d runs\n", PROFILE_RUNS);  // dev/profile_moe_layer.sh divides by it
         for (int r = 0; r < PROFILE_RUNS; r++) forward_backward(&b);
         cudaCheck(cudaDeviceSynchronize());
         bench_free(&b);
     } else {
         Dense dn;
         dense_setup(&dn, BT, C, (S + k) * Ie);
+        printf("bench_moe --profile: %d runs\n", PROFILE_RUNS);
         for (int r = 0; r < PROFILE_RUNS; r++) dense_forward_backward(&dn);
         cudaCheck(cudaDeviceSynchronize());
         dense_free(&dn);
@@ -212,6 +214,10 @@ int main(int argc, char** argv) {
             }
             BT = (int)v;
         }
+    }
+    if (profile != NULL && json != NULL) {
+        fprintf(stderr, "bench_moe: --profile writes no JSON (drop --json)\n");
+        return 1;
     }
     if (!test_cuda_device_or_skip("bench_moe")) return 0;
     cudaDeviceProp prop;

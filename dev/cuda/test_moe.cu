@@ -51,8 +51,9 @@ What is checked (one PASS/FAIL line per check, closing "test_moe: N passed, N fa
     above have no shared branch, so only here is accumulate on), and the zeroed margins after
     each written buffer still zero (a vector write one past the end).
  4. (after 3) the backward's fused row pass (moe_ffn_dgate_dfch): dfch and g h bitwise equal to the
-    two passes it replaced (g dh rounded, then swiglu_backward; g h rounded once), dgate against a
-    double sum, vectors against the one-element path bitwise, nothing written past the ends.
+    two passes it replaced (g dh rounded, then swiglu_backward; g h rounded once), dfch also against
+    the SwiGLU derivative in double, dgate against a double sum, the one-element path (any one
+    buffer off 16 bytes, or all) bitwise equal to the vectors, nothing written past the ends.
 The gating residual, the tanh router and the shared SwiGLU are checked end to end against the
 CPU trainer by test_omnimoe.cu.
 */
@@ -671,10 +672,12 @@ static void test_row_kernels_vectors(void) {
 
 // the backward's fused row pass (moe_ffn_dgate_dfch) against what the two passes it replaced
 // computed: dfch bitwise equal to swiglu_backward of g dh rounded to floatX, g h bitwise equal to
-// the product rounded once, dgate = <dh, h> against a double sum; its 16-byte vectors against its
-// one-element path (everything one element off 16 bytes) bitwise; nothing written past the ends
+// the product rounded once; dfch also against a double evaluation of the SwiGLU derivative (not
+// through the shared element function) and dgate = <dh, h> against a double sum. Then the
+// one-element path (any one buffer, or all, one element off 16 bytes) bitwise equal to the
+// vectors, and nothing written past the ends. I_e = 296: each lane's vector loop runs twice.
 static void test_ffn_dgate_dfch(void) {
-    const int R = 83, Ie = 40, P = 3 * R;
+    const int R = 83, Ie = 296, P = 3 * R;
     std::vector<int> sorted_pair(R);
     for (int j = 0; j < R; j++) sorted_pair[j] = (j * 7 + 5) % P;  // rows and pairs do not line up
     std::vector<float> gate(P);
@@ -688,32 +691,38 @@ static void test_ffn_dgate_dfch(void) {
     ExpertSchedule sched;
     memset(&sched, 0, sizeof(sched));
     sched.sorted_pair = d_sorted;
-    std::vector<floatX> dfch[2], hg[2];
-    std::vector<float> dgate[2], dh, h;
-    int margins_zero = 1;
-    for (int shift = 0; shift <= 1; shift++) {
-        floatX* d_dh = upload_shifted(dh_in, nI, shift);
-        floatX* d_h = upload_shifted(h_in, nI, shift);
-        floatX* d_fch = upload_shifted(fch_in, n2, shift);
-        floatX* d_dfch = upload_shifted(fch_in, n2, shift);  // overwritten
+    // layout l: 0 every buffer 16-byte aligned (vectors); 1..4 only dfch, dh, h or fch one element
+    // off; 5 all of them off (the one-element path in each of 1..5)
+    const int layouts = 6;
+    std::vector<floatX> dfch[layouts], hg[layouts];
+    std::vector<float> dgate[layouts], dh, h, fch;
+    int margins_zero = 1, vectors_ok = 1;
+    for (int l = 0; l < layouts; l++) {
+        const size_t sh[4] = {(size_t)(l == 1 || l == 5), (size_t)(l == 2 || l == 5), (size_t)(l == 3 || l == 5),
+                              (size_t)(l == 4 || l == 5)};  // dfch, dh, h, fch
+        floatX* d_dfch = upload_shifted(fch_in, n2, sh[0]);  // overwritten
+        floatX* d_dh = upload_shifted(dh_in, nI, sh[1]);
+        floatX* d_h = upload_shifted(h_in, nI, sh[2]);
+        floatX* d_fch = upload_shifted(fch_in, n2, sh[3]);
         float* d_dgate = device_alloc<float>(P, "dgate");
         poison(d_dgate, P * sizeof(float));
-        if (shift == 0) { dh = fetch(d_dh, nI); h = fetch(d_h, nI); }  // the values as floatX holds them
+        if (l == 0) { dh = fetch(d_dh, nI); h = fetch(d_h, nI); fch = fetch(d_fch, n2); }  // the values floatX holds
+        vectors_ok &= (moe_row_vec(d_dfch, d_dh, d_h) && is_aligned16(d_fch)) == (l == 0);
         moe_ffn_dgate_dfch(d_dgate, d_dfch, d_dh, d_h, d_fch, d_gate, sched, R, Ie, 0);
         cudaCheck(cudaDeviceSynchronize());
-        dfch[shift] = fetch_raw(d_dfch, n2);
-        hg[shift] = fetch_raw(d_dh, nI);
-        dgate[shift] = fetch_raw(d_dgate, P);
+        dfch[l] = fetch_raw(d_dfch, n2);
+        hg[l] = fetch_raw(d_dh, nI);
+        dgate[l] = fetch_raw(d_dgate, P);
         const floatX* written[2] = {d_dh, d_dfch};
-        const size_t lens[2] = {nI, n2};
+        const size_t lens[2] = {nI, n2}, shifts[2] = {sh[1], sh[0]};
         for (int b = 0; b < 2; b++) {
-            const std::vector<floatX> margin = fetch_raw(written[b] + lens[b], 8 - shift);
-            const std::vector<unsigned char> zeros((8 - shift) * sizeof(floatX), 0);
+            const std::vector<floatX> margin = fetch_raw(written[b] + lens[b], 8 - shifts[b]);
+            const std::vector<unsigned char> zeros((8 - shifts[b]) * sizeof(floatX), 0);
             margins_zero &= memcmp(margin.data(), zeros.data(), zeros.size()) == 0;
         }
-        if (shift == 0) {  // the two passes it replaced: g dh and g h rounded once, then swiglu_backward
+        if (l == 0) {  // the references
             std::vector<float> gdh(nI), ghv(nI);
-            std::vector<double> dot(R, 0.0);
+            std::vector<double> dot(R, 0.0), dfch64(n2);
             for (int j = 0; j < R; j++) {
                 const float g = gate[sorted_pair[j]];
                 for (int i = 0; i < Ie; i++) {
@@ -723,7 +732,16 @@ static void test_ffn_dgate_dfch(void) {
                     dot[j] += (double)dh[e] * h[e];
                 }
             }
-            floatX* d_gdh = upload(gdh, nI);
+            floatX* d_gdh = upload(gdh, nI);  // g dh rounded to floatX, as the fused pass does
+            const std::vector<float> gdh_x = fetch(d_gdh, nI);
+            for (int j = 0; j < R; j++) {
+                for (int i = 0; i < Ie; i++) {
+                    const double gv = fch[(size_t)j * 2 * Ie + i], uv = fch[(size_t)j * 2 * Ie + Ie + i];
+                    const double d = gdh_x[(size_t)j * Ie + i], sig = 1.0 / (1.0 + exp(-gv));
+                    dfch64[(size_t)j * 2 * Ie + i] = d * uv * sig * (1.0 + gv * (1.0 - sig));
+                    dfch64[(size_t)j * 2 * Ie + Ie + i] = d * gv * sig;
+                }
+            }
             floatX* d_ref = upload(fch_in, n2);
             swiglu_backward(d_ref, d_gdh, d_fch, R, Ie, 0);
             cudaCheck(cudaDeviceSynchronize());
@@ -732,6 +750,9 @@ static void test_ffn_dgate_dfch(void) {
             for (size_t e = 0; e < nI; e++) ghx[e] = (floatX)ghv[e];
             test_check(memcmp(dfch[0].data(), ref.data(), n2 * sizeof(floatX)) == 0,
                        "ffn dgate+dfch: dfch == swiglu_backward of g dh rounded to floatX (bitwise)");
+            const std::vector<float> got_dfch = fetch(d_dfch, n2);
+            test_check_rel("ffn dgate+dfch: dfch == the SwiGLU derivative in double", rel_err_f64(got_dfch.data(),
+                           dfch64.data(), n2), TOL_FLOATX);
             test_check(memcmp(hg[0].data(), ghx.data(), nI * sizeof(floatX)) == 0,
                        "ffn dgate+dfch: g h over dh == the product rounded once (bitwise)");
             std::vector<float> got(R);
@@ -741,14 +762,19 @@ static void test_ffn_dgate_dfch(void) {
             cudaCheck(cudaFree(d_gdh));
             cudaCheck(cudaFree(d_ref));
         }
-        floatX* shifted[] = {d_dh, d_h, d_fch, d_dfch};
-        for (floatX* b : shifted) cudaCheck(cudaFree(b - shift));
+        floatX* bufs[4] = {d_dfch, d_dh, d_h, d_fch};
+        for (int b = 0; b < 4; b++) cudaCheck(cudaFree(bufs[b] - sh[b]));
         cudaCheck(cudaFree(d_dgate));
     }
-    test_check(memcmp(dfch[0].data(), dfch[1].data(), n2 * sizeof(floatX)) == 0 &&
-               memcmp(hg[0].data(), hg[1].data(), nI * sizeof(floatX)) == 0 &&
-               memcmp(dgate[0].data(), dgate[1].data(), P * sizeof(float)) == 0,
-               "ffn dgate+dfch: 16-byte vectors == one element a lane (dfch, g h, dgate bitwise)");
+    test_check(vectors_ok, "ffn dgate+dfch: 16-byte vectors only when all four buffers are aligned");
+    int same = 1;
+    for (int l = 1; l < layouts; l++) {
+        same &= memcmp(dfch[0].data(), dfch[l].data(), n2 * sizeof(floatX)) == 0 &&
+                memcmp(hg[0].data(), hg[l].data(), nI * sizeof(floatX)) == 0 &&
+                memcmp(dgate[0].data(), dgate[l].data(), P * sizeof(float)) == 0;
+    }
+    test_check(same, "ffn dgate+dfch: one element a lane (any one buffer, or all, off 16 bytes) == the 16-byte vectors "
+               "(dfch, g h, dgate bitwise)");
     test_check(margins_zero, "ffn dgate+dfch: nothing written past the buffers' ends");
     cudaCheck(cudaFree(d_sorted));
     cudaCheck(cudaFree(d_gate));
@@ -816,7 +842,8 @@ int main(void) {
     g_expert_shift = 0;
     moe_gemm_backend = MOE_GEMM_CUBLAS;
 #endif
-    test_row_kernels_vectors();  // last: its draws from g_rng leave the cases above their data
+    // last: their draws from g_rng leave the cases above their data
+    test_row_kernels_vectors();
     test_ffn_dgate_dfch();
     matmul_free();
     return test_end();
