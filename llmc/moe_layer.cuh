@@ -42,11 +42,6 @@ Host synchronisation: one per forward, for the per-expert counts the grouped GEM
 (the shared SwiGLU is queued before the wait, so the GPU keeps working); the backward reuses
 them. Not capturable in a CUDA graph for that reason.
 
-Streams: the shared SwiGLU (forward and backward) runs on the workspace's side stream, forked
-from the caller's stream at the start and joined before the combine (forward) and the token
-backward (backward), so its GEMMs overlap the routed experts' memory-bound row kernels; every
-call returns with all of its work ordered on the caller's stream.
-
 Determinism: every kernel sums in a fixed order, the scheduler's sort is stable, cuBLAS runs
 without atomics; same inputs give the same bits.
 */
@@ -133,8 +128,6 @@ typedef struct {
     int carry_valid;       // carry holds the gradient for the layer whose backward runs next
     MoeGroupedGemm gemm;
     cudaEvent_t counts_ready;
-    cudaStream_t side;     // the shared SwiGLU, beside the router and the routed experts
-    cudaEvent_t fork, join;
     int owns_scratch, owns_grads;
     void* block;
 } MoeWorkspace;
@@ -242,9 +235,6 @@ static void moe_workspace_create(MoeWorkspace* ws, MoeDims d, MoeOptions o, floa
     ws->dgate = (float*)moe_carve(&base, P * F);
     ws->prob_sums = (double*)moe_carve(&base, Et * sizeof(double));
     cudaCheck(cudaEventCreateWithFlags(&ws->counts_ready, cudaEventDisableTiming));
-    cudaCheck(cudaStreamCreateWithFlags(&ws->side, cudaStreamNonBlocking));
-    cudaCheck(cudaEventCreateWithFlags(&ws->fork, cudaEventDisableTiming));
-    cudaCheck(cudaEventCreateWithFlags(&ws->join, cudaEventDisableTiming));
 }
 
 static void moe_workspace_free(MoeWorkspace* ws) {
@@ -252,9 +242,6 @@ static void moe_workspace_free(MoeWorkspace* ws) {
     cudaCheck(cudaFree(ws->block));
     moe_grouped_gemm_free(&ws->gemm);
     cudaCheck(cudaEventDestroy(ws->counts_ready));
-    cudaCheck(cudaEventDestroy(ws->fork));
-    cudaCheck(cudaEventDestroy(ws->join));
-    cudaCheck(cudaStreamDestroy(ws->side));
     memset(ws, 0, sizeof(*ws));
 }
 
@@ -327,14 +314,6 @@ static inline void moe_layer_set_activations(MoeLayer* layer, floatX* fch, float
 // ----------------------------------------------------------------------------
 // forward and backward
 
-// the side stream starts after everything queued on stream so far. The shared SwiGLU's cuBLASLt
-// GEMMs run there with the main stream's cuBLASLt workspace (matmul.cuh): between the fork and the
-// join the main stream queues only cuBLAS (router) and grouped GEMMs, which have their own
-static void moe_side_fork(MoeWorkspace* ws, cudaStream_t stream) {
-    cudaCheck(cudaEventRecord(ws->fork, stream));
-    cudaCheck(cudaStreamWaitEvent(ws->side, ws->fork, 0));
-}
-
 static void moe_layer_forward(MoeLayer* layer, floatX* out, const floatX* x, int BT, int training,
                               cudaStream_t stream) {
     layer_check_tokens("moe_layer_forward", BT, layer->dims.BT);
@@ -348,13 +327,6 @@ static void moe_layer_forward(MoeLayer* layer, floatX* out, const floatX* x, int
     const MoeWeights* w = &layer->w;
     layer->training = training;
     layer->last_BT = BT;
-    // the shared SwiGLU writes out on the side stream, beside everything up to the combine (which
-    // adds to out after the join): memory-bound row kernels there, its GEMMs here
-    if (H > 0) {
-        moe_side_fork(ws, stream);
-        swiglu_mlp_forward(out, s->fch, s->fch_act, x, w->fcw, w->fcprojw, BT, C, H, ws->side);
-        cudaCheck(cudaEventRecord(ws->join, ws->side));
-    }
     // router logits z (fp32), the gating residual, softmax / top-k / gates (design §10.2)
     if (o.router == MOE_ROUTER_TANH) {
         moe_gemm(CUBLAS_OP_T, CUBLAS_OP_N, RH, BT, C, w->router, C, x, C, 0.0f, s->rh, CUDA_R_FLOATX, RH, stream);
@@ -376,6 +348,10 @@ static void moe_layer_forward(MoeLayer* layer, floatX* out, const floatX* x, int
         moe_balance_loss(layer->aux, s->probs, s->counts, BT, Et, k, E, layer->aux_coef, layer->zc_weight,
                          ws->prob_sums, stream);
     }
+    // the shared SwiGLU writes out (queued before the host waits for the counts)
+    if (H > 0) {
+        swiglu_mlp_forward(out, s->fch, s->fch_act, x, w->fcw, w->fcprojw, BT, C, H, stream);
+    }
     moe_const_mix(s->mix, x, w->cmix, s->idx, BT, C, k, E, d.Kc, scale, stream);
     cudaCheck(cudaEventSynchronize(ws->counts_ready));
     int rows = 0;
@@ -392,7 +368,6 @@ static void moe_layer_forward(MoeLayer* layer, floatX* out, const floatX* x, int
                          Ie, s->h_g, Ie, MOE_BY_ROW, Ie, 0.0f, ws->dyg, C, MOE_BY_ROW, C, s->host_counts, s->sched, E,
                          stream);
     }
-    if (H > 0) cudaCheck(cudaStreamWaitEvent(stream, ws->join, 0));  // out holds the shared SwiGLU's output
     moe_combine(out, ws->dyg, x, w->cvec, s->idx, s->gate, s->pos, s->mix, BT, C, k, E, d.Kc, d.Kp, scale, H > 0,
                 stream);
 }
@@ -413,13 +388,10 @@ static void moe_layer_backward(MoeLayer* layer, floatX* dx, const floatX* dout, 
     MoeSaved* s = &layer->saved;
     const MoeWeights* w = &layer->w;
     const MoeWeights* dw = &layer->dw;
-    // shared SwiGLU on the side stream: dx = its input gradient (the token backward adds to it after
-    // the join); it touches no buffer the routed experts' backward below writes
+    // shared SwiGLU: dx = its input gradient
     if (H > 0) {
-        moe_side_fork(ws, stream);
         swiglu_mlp_backward(dx, dw->fcw, dw->fcprojw, ws->dhidden, ws->dwide, dout, x, s->fch, s->fch_act, w->fcw,
-                            w->fcprojw, BT, C, H, ws->side, ws->scratch);
-        cudaCheck(cudaEventRecord(ws->join, ws->side));
+                            w->fcprojw, BT, C, H, stream, ws->scratch);
     }
     // FFN experts (design §10.4), on the forward's sorted rows
     int rows = 0;
@@ -443,7 +415,6 @@ static void moe_layer_backward(MoeLayer* layer, floatX* dx, const floatX* dout, 
                          C, hc, s->sched, E, stream);
     }
     // per token: the other experts' gate gradients, dmix, dx (+)= s * (sum of the pairs' input gradients)
-    if (H > 0) cudaCheck(cudaStreamWaitEvent(stream, ws->join, 0));  // dx holds the shared SwiGLU's
     moe_token_backward(dx, ws->dgate, ws->dmix, dout, x, ws->dyg, w->cvec, w->cmix, s->idx, s->gate, s->pos, s->mix, BT,
                        C, k, E, d.Kc, d.Kp, scale, H > 0, stream);
     moe_const_grads(dw->cvec, dw->cmix, ws->dmix, dout, x, s->gate, s->mix, s->sched, s->offsets, BT * k, C, k, E, d.Kc,
