@@ -39,6 +39,29 @@ the layer waits once per forward for the per-expert counts, so no CUDA graph. Pr
 #include "llmc/moe_layer.cuh"
 #include "llmc/test_harness.h"
 
+// the device buffers a benchmark allocated, freed together
+typedef struct {
+    floatX* bufs[32];
+    int num_bufs;
+} Buffers;
+
+static floatX* bench_buffer(Buffers* b, size_t n, float scale, uint64_t seed) {
+    if (b->num_bufs == (int)(sizeof(b->bufs) / sizeof(b->bufs[0]))) {
+        fprintf(stderr, "bench_moe: more buffers than Buffers holds\n");
+        exit(EXIT_FAILURE);
+    }
+    floatX* p = device_alloc<floatX>(n > 0 ? n : 1, "bench buffer");
+    if (scale > 0.0f) fill_random_device(p, n, seed, scale);
+    else cudaCheck(cudaMemset(p, 0, (n > 0 ? n : 1) * sizeof(floatX)));
+    b->bufs[b->num_bufs++] = p;
+    return p;
+}
+
+static void buffers_free(Buffers* b) {
+    for (int i = 0; i < b->num_bufs; i++) cudaCheck(cudaFree(b->bufs[i]));
+    b->num_bufs = 0;
+}
+
 typedef struct {
     MoeDims d;
     MoeOptions o;
@@ -47,17 +70,8 @@ typedef struct {
     MoeLayer layer;
     floatX *x, *out, *dout, *dx;
     float* prev;
-    floatX* bufs[32];
-    int num_bufs;
+    Buffers mem;
 } Bench;
-
-static floatX* bench_buffer(Bench* b, size_t n, float scale, uint64_t seed) {
-    floatX* p = device_alloc<floatX>(n > 0 ? n : 1, "bench buffer");
-    if (scale > 0.0f) fill_random_device(p, n, seed, scale);
-    else cudaCheck(cudaMemset(p, 0, (n > 0 ? n : 1) * sizeof(floatX)));
-    b->bufs[b->num_bufs++] = p;
-    return p;
-}
 
 static void bench_setup(Bench* b, int BT, int C, int Ie, int E, int S, int k, int moepp) {
     memset(b, 0, sizeof(*b));
@@ -74,13 +88,13 @@ static void bench_setup(Bench* b, int BT, int C, int Ie, int E, int S, int k, in
     floatX** gv[10] = {&b->dw.fcw, &b->dw.fcprojw, &b->dw.router, &b->dw.router2, &b->dw.gate_map, &b->dw.w1,
                        &b->dw.w2, &b->dw.cvec, &b->dw.cmix, &b->dw.bias};
     for (int i = 0; i < 10; i++) {
-        *wv[i] = bench_buffer(b, sizes[i], scales[i], 100 + i);
-        *gv[i] = bench_buffer(b, sizes[i], 0.0f, 0);
+        *wv[i] = bench_buffer(&b->mem, sizes[i], scales[i], 100 + i);
+        *gv[i] = bench_buffer(&b->mem, sizes[i], 0.0f, 0);
     }
-    b->x = bench_buffer(b, (size_t)BT * C, 1.0f, 7);
-    b->dout = bench_buffer(b, (size_t)BT * C, 1.0f, 8);
-    b->out = bench_buffer(b, (size_t)BT * C, 0.0f, 0);
-    b->dx = bench_buffer(b, (size_t)BT * C, 0.0f, 0);
+    b->x = bench_buffer(&b->mem, (size_t)BT * C, 1.0f, 7);
+    b->dout = bench_buffer(&b->mem, (size_t)BT * C, 1.0f, 8);
+    b->out = bench_buffer(&b->mem, (size_t)BT * C, 0.0f, 0);
+    b->dx = bench_buffer(&b->mem, (size_t)BT * C, 0.0f, 0);
     b->prev = device_alloc<float>(Et * BT, "previous logits");
     cudaCheck(cudaMemset(b->prev, 0, Et * BT * sizeof(float)));
     moe_workspace_create(&b->ws, d, o, NULL, 0, NULL, NULL);
@@ -95,7 +109,7 @@ static void bench_free(Bench* b) {
     cudaCheck(cudaFree(b->layer.aux));
     moe_layer_free(&b->layer);
     moe_workspace_free(&b->ws);
-    for (int i = 0; i < b->num_bufs; i++) cudaCheck(cudaFree(b->bufs[i]));
+    buffers_free(&b->mem);
     cudaCheck(cudaFree(b->prev));
 }
 
@@ -122,7 +136,7 @@ static float time_forward_backward(Bench* b) {
 
 // the dense SwiGLU of the same active size, with the same matmul code
 typedef struct {
-    Bench bufs;  // only its buffer list
+    Buffers mem;
     int BT, C, I;
     floatX *x, *dout, *wgu, *wd, *dwgu, *dwd, *fch, *h, *out, *dh, *dfch, *dx;
     float* scratch;
@@ -131,7 +145,7 @@ typedef struct {
 static void dense_setup(Dense* dn, int BT, int C, int I) {
     memset(dn, 0, sizeof(*dn));
     dn->BT = BT, dn->C = C, dn->I = I;
-    Bench* b = &dn->bufs;
+    Buffers* b = &dn->mem;
     dn->x = bench_buffer(b, (size_t)BT * C, 1.0f, 11);
     dn->dout = bench_buffer(b, (size_t)BT * C, 1.0f, 12);
     dn->wgu = bench_buffer(b, (size_t)2 * I * C, 0.02f, 13);
@@ -156,7 +170,7 @@ static void dense_forward_backward(Dense* d) {
 }
 
 static void dense_free(Dense* dn) {
-    for (int i = 0; i < dn->bufs.num_bufs; i++) cudaCheck(cudaFree(dn->bufs.bufs[i]));
+    buffers_free(&dn->mem);
     cudaCheck(cudaFree(dn->scratch));
 }
 
@@ -166,20 +180,19 @@ static void dense_free(Dense* dn) {
 enum { PROFILE_RUNS = 3 };
 
 static void profile_layer(const char* which, int BT, int C, int Ie, int E, int S, int k) {
+    printf("bench_moe --profile: %d runs\n", PROFILE_RUNS);  // dev/profile_moe_layer.sh divides by it
     if (strcmp(which, "moe") == 0) {
 #ifdef HAVE_CUTLASS_GROUPED_GEMM
         moe_gemm_backend = MOE_GEMM_CUTLASS;
 #endif
         Bench b;
         bench_setup(&b, BT, C, Ie, E, S, k, 0);
-        printf("bench_moe --profile: %d runs\n", PROFILE_RUNS);  // dev/profile_moe_layer.sh divides by it
         for (int r = 0; r < PROFILE_RUNS; r++) forward_backward(&b);
         cudaCheck(cudaDeviceSynchronize());
         bench_free(&b);
     } else {
         Dense dn;
         dense_setup(&dn, BT, C, (S + k) * Ie);
-        printf("bench_moe --profile: %d runs\n", PROFILE_RUNS);
         for (int r = 0; r < PROFILE_RUNS; r++) dense_forward_backward(&dn);
         cudaCheck(cudaDeviceSynchronize());
         dense_free(&dn);
