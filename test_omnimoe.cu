@@ -976,7 +976,7 @@ static void test_shard_one_rank(const char* name, const ModelConfig* c, int B, i
     // the plan's mirror of the sharded buffers against llmc/experts_shard.cuh (exits on a difference)
     for (int p = 2; p <= 8; p *= 2) {
         if (expert_shard_unfit(c->channels, p) != NULL) continue;
-        PlanKernelSizes k = model_kernel_sizes(c, B, T, p);
+        PlanKernelSizes k = model_kernel_sizes(c, B, T, p, g_recompute);
         snprintf(what, sizeof(what), "%s memory plan of the sharded buffers at P=%d = the kernels' sizes", name, p);
         test_checkf(k.table_saved > 0 && k.table_work > 0, what, "saved %zu, work %zu bytes", k.table_saved, k.table_work);
     }

@@ -237,9 +237,10 @@ static void device_memory_check(const MemoryPlan* plan) {
 }
 
 // the moe layer's dimensions and options from the model config (docs/design.md §10)
-static MoeDims model_moe_dims(const ModelConfig* c, int BT) {
+// (recompute: -r; from 1 the layers gather their experts' inputs again in the backward)
+static MoeDims model_moe_dims(const ModelConfig* c, int BT, int recompute) {
     MoeDims d = {BT, c->channels, (int)model_config_dense_width(c), c->ffn_hidden, c->moe_experts, c->moe_const,
-                 c->moe_copy, c->moe_zero, c->moe_topk};
+                 c->moe_copy, c->moe_zero, c->moe_topk, recompute >= 1};
     return d;
 }
 static MoeOptions model_moe_options(const ModelConfig* c) {
@@ -249,7 +250,7 @@ static MoeOptions model_moe_options(const ModelConfig* c) {
 
 // the kernels' sizes as the GPU headers compute them (CUB asked for its sort storage), checked
 // against memory_plan.h's mirror of their formulas: the plan cannot drift from the kernels
-static PlanKernelSizes model_kernel_sizes(const ModelConfig* c, int B, int T, int shard_P) {
+static PlanKernelSizes model_kernel_sizes(const ModelConfig* c, int B, int T, int shard_P, int recompute) {
     size_t C = c->channels, BT = (size_t)B * T, Vp = c->padded_vocab_size, FI = model_config_ffn_in_width(c), H = c->ffn_hidden;
     OmniDims omni_dims = {(int)BT, (int)C, (int)H, c->router_n, c->num_experts, c->top_k};
     int omni = c->ffn_kind == FFN_OMNI, moe = c->ffn_kind == FFN_MOE;
@@ -260,20 +261,21 @@ static PlanKernelSizes model_kernel_sizes(const ModelConfig* c, int B, int T, in
     s = max_sz(s, attention_backward_scratch_bytes(B, T, (int)C, c->num_heads));
     s = max_sz(s, global_norm_scratch_bytes());
     if (omni) s = max_sz(s, omni_layer_scratch_bytes(omni_dims));
-    if (moe) s = max_sz(s, moe_layer_scratch_bytes(model_moe_dims(c, (int)BT), model_moe_options(c)));
+    const MoeDims moe_dims = model_moe_dims(c, (int)BT, recompute);
+    if (moe) s = max_sz(s, moe_layer_scratch_bytes(moe_dims, model_moe_options(c)));
     k.scratch = s;
     if (omni) {
         k.omni_saved = omni_layer_saved_bytes(omni_dims);
         k.omni_workspace = omni_workspace_bytes(omni_dims);
     }
     if (moe) {  // the moe layers' saved state and workspace take the same two plan entries
-        k.omni_saved = moe_layer_saved_bytes(model_moe_dims(c, (int)BT), model_moe_options(c));
-        k.omni_workspace = moe_workspace_bytes(model_moe_dims(c, (int)BT), model_moe_options(c));
+        k.omni_saved = moe_layer_saved_bytes(moe_dims, model_moe_options(c));
+        k.omni_workspace = moe_workspace_bytes(moe_dims, model_moe_options(c));
     }
     size_t pairs = omni ? BT * c->top_k : (moe ? BT * c->moe_topk : 0);
     size_t cub = omni ? scheduler_cub_bytes((int)pairs, c->num_experts)
                       : (moe ? scheduler_cub_bytes((int)pairs, model_config_moe_routed(c)) : 0);
-    PlanKernelSizes mirror = plan_kernel_sizes(c, B, T, (int)sizeof(floatX), pairs, C, cub);
+    PlanKernelSizes mirror = plan_kernel_sizes(c, B, T, (int)sizeof(floatX), pairs, C, cub, recompute);
     if (mirror.scratch != k.scratch || mirror.omni_saved != k.omni_saved || mirror.omni_workspace != k.omni_workspace) {
         fprintf(stderr, "Error: llmc/memory_plan.h's kernel sizes differ from the kernels' (scratch %zu vs %zu, saved "
                 "%zu vs %zu, workspace %zu vs %zu bytes): update plan_kernel_sizes with the kernel change\n",
@@ -327,7 +329,7 @@ static void model_build_moe(Model* m, int BT) {
     const int L = c->num_layers, Et = model_config_moe_routed(c);
     const size_t FI = model_config_ffn_in_width(c);
     Activations* a = &m->acts;
-    const MoeDims d = model_moe_dims(c, BT);
+    const MoeDims d = model_moe_dims(c, BT, m->recompute);
     const MoeOptions o = model_moe_options(c);
     moe_workspace_create(&m->moe_ws, d, o, a->scratch, a->scratch_bytes, a->dhidden, a->dwide);
     const MemBuffer* counts = &m->plan.buf[MEMBUF_EXPERT_COUNTS];  // (L, E_t) int
@@ -408,7 +410,7 @@ static void model_build_sharded(Model* m, const ModelConfig* config, int B, int 
     m->attention = attention;
     m->recompute = recompute;
     // every buffer of the model from the plan (this GPU's), summed against the free memory, then allocated
-    PlanKernelSizes kernel_sizes = model_kernel_sizes(c, B, T, shard ? shard->P : 1);
+    PlanKernelSizes kernel_sizes = model_kernel_sizes(c, B, T, shard ? shard->P : 1, recompute);
     // cuDNN's SDPA gets its own workspace: the forward's scratch may still be the OmniMoE layer's
     kernel_sizes.attention_ws = attention == ATTENTION_CUDNN ? attention_cudnn_scratch_or_die(B, T, (int)C, c->num_heads) : 0;
     int num_gpus = zero ? zero->map.num_ranks : shard ? shard->P : 1;

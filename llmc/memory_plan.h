@@ -134,9 +134,10 @@ static inline size_t plan_cub_estimate(size_t pairs) { return 8 * pairs + ((size
 
 // pairs: the (token, expert) pairs of one layer's own tokens (BT*k); expert_cols: the channels of
 // U and V its unsharded experts compute with (C); cub_bytes: CUB's
-// storage for that many pairs (scheduler_cub_bytes on a GPU, plan_cub_estimate without)
+// storage for that many pairs (scheduler_cub_bytes on a GPU, plan_cub_estimate without);
+// recompute: -r (moe: from 1 the gathered expert inputs are one workspace buffer, not one a layer)
 static inline PlanKernelSizes plan_kernel_sizes(const ModelConfig* c, int B, int T, int floatx_bytes, size_t pairs,
-                                                size_t expert_cols, size_t cub_bytes) {
+                                                size_t expert_cols, size_t cub_bytes, int recompute) {
     const size_t BT = (size_t)B * T, C = c->channels, Vp = c->padded_vocab_size;
     const size_t FI = model_config_ffn_in_width(c), NH = c->num_heads, F = sizeof(float), X = floatx_bytes;
     size_t s = 0;
@@ -168,9 +169,9 @@ static inline PlanKernelSizes plan_kernel_sizes(const ModelConfig* c, int B, int
         k.omni_saved = 2 * plan_align256(BT * Et * F) + plan_align256(BT * RH * X) + plan_align256(P * I4)
                      + plan_align256(P * F) + plan_align256(BT * F) + plan_align256(P * 2 * F) + 3 * plan_align256(P * I4)
                      + plan_align256(A * I4) + plan_align256((A + 1) * I4) + plan_align256(I4) + plan_align256(P * I4)
-                     + plan_align256(Et * I4) + plan_align256((Et + 1) * I4) + plan_align256(PE * C * X)
+                     + plan_align256(Et * I4) + plan_align256((Et + 1) * I4) + plan_align256(recompute ? 0 : PE * C * X)
                      + plan_align256(PE * 2 * Ie * X) + plan_align256(PE * Ie * X);  // moe_layer_saved_bytes
-        k.omni_workspace = plan_align256(PE * C * X) + plan_align256(PE * Ie * X) + plan_align256(PE * 2 * Ie * X)
+        k.omni_workspace = plan_align256(PE * C * X) + plan_align256(recompute ? PE * C * X : 0) + plan_align256(PE * Ie * X) + plan_align256(PE * 2 * Ie * X)
                          + 3 * plan_align256(BT * Et * F) + plan_align256(BT * Et * X) + plan_align256(BT * RH * X)
                          + plan_align256(P * 2 * F) + plan_align256(P * F) + plan_align256(Et * sizeof(double))
                          + 3 * plan_max(c->moe_experts, 1) * sizeof(void*);  // moe_workspace_bytes
@@ -324,7 +325,7 @@ static inline int memory_plan_build_estimated(MemoryPlan* p, const ModelConfig* 
     const int tables = (mode & PLAN_MODE_TABLES) && num_gpus > 1 && c->ffn_kind == FFN_OMNI;
     const int topk = c->ffn_kind == FFN_MOE ? c->moe_topk : c->top_k;
     const size_t pairs = (size_t)B * T * topk;
-    PlanKernelSizes ks = plan_kernel_sizes(c, B, T, floatx_bytes, pairs, c->channels, plan_cub_estimate(pairs));
+    PlanKernelSizes ks = plan_kernel_sizes(c, B, T, floatx_bytes, pairs, c->channels, plan_cub_estimate(pairs), recompute);
     if (tables && c->channels % (8 * num_gpus) == 0) {  // (memory_plan_build refuses the other C)
         plan_table_sizes(&ks, c, B, T, floatx_bytes, num_gpus, plan_cub_estimate(pairs * num_gpus));
     }

@@ -6,9 +6,11 @@ scheduler.cuh, moe_experts.cuh and the shared SwiGLU (matmul.cuh, activations.cu
 pattern of omnimoe_layer.cuh.
 
 Defines:
-- MoeDims {BT, C, H, Ie, E, Kc, Kp, Kz, k}: BT = the most tokens of one forward, C channels,
-  H = S*I_e the shared SwiGLU width (0: none), I_e one expert's width, E FFN experts, Kc
-  constant, Kp copy, Kz zero experts (E_t = E + Kc + Kp + Kz routed ids in that order), k top-k
+- MoeDims {BT, C, H, Ie, E, Kc, Kp, Kz, k, recompute_xg}: BT = the most tokens of one forward, C
+  channels, H = S*I_e the shared SwiGLU width (0: none), I_e one expert's width, E FFN experts,
+  Kc constant, Kp copy, Kz zero experts (E_t = E + Kc + Kp + Kz routed ids in that order), k
+  top-k; recompute_xg 1 (the trainer's -r >= 1): the backward gathers the experts' inputs again
+  instead of each layer keeping them (P C floatX a layer less, one gather more)
 - MoeOptions {gate_res, norm_topk, router, input_scale}: the model fields of design §10.7
 - MoeWeights: views of the layer's tensors in the flat parameter buffer (also the gradients)
 - MoeSaved: what the forward keeps for the backward (per layer), and the host copy of the
@@ -30,8 +32,8 @@ Shapes: x, out, dout, dx (BT, C) floatX. Weights (floatX): fcw (2H, C), fcprojw 
 (E_t, C) or the tanh router's (8 E_t, C) and router2 (E_t, 8 E_t), gate_map (E_t, E_t), w1
 (E, 2 I_e, C), w2 (E, C, I_e), cvec (Kc, C), cmix (Kc, 2, C), bias (E_t) (read only).
 Saved: z, probs (BT, E_t) fp32; rh (BT, 8 E_t) floatX (tanh); idx, gate (BT, k); denom (BT);
-mix (BT k, 2); the schedule and pos (BT k); counts (E_t) and offsets (E_t + 1); xg (BT k, C),
-fch_g (BT k, 2 I_e) and h_g (BT k, I_e) floatX in sorted order.
+mix (BT k, 2); the schedule and pos (BT k); counts (E_t) and offsets (E_t + 1); xg (BT k, C)
+unless recompute_xg, fch_g (BT k, 2 I_e) and h_g (BT k, I_e) floatX in sorted order.
 
 Outputs: forward overwrites out (the shared SwiGLU writes it and the experts add in fp32,
 rounded once; H = 0: the experts write it); training = 1 adds the pairs of each expert to the
@@ -64,6 +66,7 @@ typedef struct {
     int Ie;  // one expert's width
     int E, Kc, Kp, Kz;  // FFN, constant, copy, zero experts
     int k;   // experts per token
+    int recompute_xg;  // 1: the backward gathers x again (-r >= 1); 0: each layer keeps its gathered xg
 } MoeDims;
 
 typedef struct {
@@ -100,7 +103,8 @@ typedef struct {
     int* pos;          // (BT k) sorted row of each pair
     int* counts;       // (E_t) pairs per expert of the last forward
     int* offsets;      // (E_t + 1)
-    floatX* xg;        // (BT k, C) the FFN rows' inputs s x, gathered in sorted order (dW1's operand)
+    floatX* xg;        // (BT k, C) the FFN rows' inputs s x, gathered in sorted order (dW1's operand);
+                       // recompute_xg: the workspace's instead
     floatX* fch_g;     // (BT k, 2 I_e) FFN rows, sorted
     floatX* h_g;       // (BT k, I_e)
     int* host_counts;  // (E_t) pinned host copy of counts
@@ -115,6 +119,7 @@ typedef struct {
     floatX* dwide;         // (BT, 2H)
     floatX* dyg;           // (BT k, C) the forward's expert outputs; the backward's gathered dy, then
                            // the experts' input gradients
+    floatX* xg;            // (BT k, C) recompute_xg only: the gathered inputs, forward and backward
     floatX* dh;            // (BT k, I_e) W2^T dy, then g h for dW2
     floatX* dfch;          // (BT k, 2 I_e)
     float* dp;             // (BT, E_t)
@@ -172,14 +177,15 @@ static inline size_t moe_layer_saved_bytes(MoeDims d, MoeOptions o) {
     const size_t RH = moe_router_hidden(d, o), A = scheduler_max_active((int)P, (int)Et), Ie = d.Ie, E = d.E;
     return 2 * align256(BT * Et * F) + align256(BT * RH * X) + align256(P * 4) + align256(P * F) + align256(BT * F)
          + align256(P * 2 * F) + 3 * align256(P * 4) + align256(A * 4) + align256((A + 1) * 4) + align256(4)
-         + align256(P * 4) + align256(Et * 4) + align256((Et + 1) * 4) + align256((E ? P : 0) * d.C * X)
-         + align256((E ? P : 0) * 2 * Ie * X) + align256((E ? P : 0) * Ie * X);
+         + align256(P * 4) + align256(Et * 4) + align256((Et + 1) * 4)
+         + align256((E && !d.recompute_xg ? P : 0) * d.C * X) + align256((E ? P : 0) * 2 * Ie * X)
+         + align256((E ? P : 0) * Ie * X);
 }
 
 static inline size_t moe_workspace_bytes(MoeDims d, MoeOptions o) {
     const size_t BT = d.BT, Et = moe_routed(d), P = BT * d.k, X = sizeof(floatX), F = sizeof(float);
     const size_t RH = moe_router_hidden(d, o), Ie = d.Ie, PE = d.E ? P : 0;
-    return align256(PE * d.C * X) + align256(PE * Ie * X) + align256(PE * 2 * Ie * X) + 3 * align256(BT * Et * F)
+    return align256(PE * d.C * X) + align256((d.recompute_xg ? PE : 0) * d.C * X) + align256(PE * Ie * X) + align256(PE * 2 * Ie * X) + 3 * align256(BT * Et * F)
          + align256(BT * Et * X) + align256(BT * RH * X) + align256(P * 2 * F) + align256(P * F) + align256(Et * 8)
          + moe_grouped_gemm_bytes(d.E);
 }
@@ -224,6 +230,7 @@ static void moe_workspace_create(MoeWorkspace* ws, MoeDims d, MoeOptions o, floa
     char* base = (char*)cuda_malloc_or_die(bytes, "moe workspace");
     ws->block = base;
     ws->dyg = (floatX*)moe_carve(&base, PE * d.C * X);
+    ws->xg = d.recompute_xg ? (floatX*)moe_carve(&base, PE * d.C * X) : NULL;
     ws->dh = (floatX*)moe_carve(&base, PE * Ie * X);
     ws->dfch = (floatX*)moe_carve(&base, PE * 2 * Ie * X);
     ws->dp = (float*)moe_carve(&base, BT * Et * F);
@@ -284,7 +291,11 @@ static void moe_layer_create(MoeLayer* layer, MoeDims d, MoeOptions o, MoeWeight
     s->pos = (int*)moe_carve(&base, P * 4);
     s->counts = (int*)moe_carve(&base, Et * 4);
     s->offsets = (int*)moe_carve(&base, (Et + 1) * 4);
-    s->xg = (floatX*)moe_carve(&base, PE * d.C * X);
+    if (d.recompute_xg && PE > 0 && ws->xg == NULL) {
+        fprintf(stderr, "moe_layer_create: recompute_xg needs a workspace created with it (its xg buffer)\n");
+        exit(EXIT_FAILURE);
+    }
+    s->xg = d.recompute_xg ? ws->xg : (floatX*)moe_carve(&base, PE * d.C * X);
     s->fch_g = (floatX*)moe_carve(&base, PE * 2 * Ie * X);
     s->h_g = (floatX*)moe_carve(&base, PE * Ie * X);
     cudaCheck(cudaMallocHost((void**)&s->host_counts, Et * sizeof(int)));
@@ -356,8 +367,8 @@ static void moe_layer_forward(MoeLayer* layer, floatX* out, const floatX* x, int
     cudaCheck(cudaEventSynchronize(ws->counts_ready));
     int rows = 0;
     moe_ffn_groups(s->host_counts, E, &rows);
-    // FFN experts on their sorted rows: xg (saved for dW1), fch = xg W1_e^T, h = SwiGLU, y = h W2_e^T
-    // (into dyg, free until the backward)
+    // FFN experts on their sorted rows: xg (kept for dW1 unless recompute_xg), fch = xg W1_e^T,
+    // h = SwiGLU, y = h W2_e^T (into dyg, free until the backward)
     if (rows > 0) {
         moe_gather_rows(s->xg, x, s->sched, rows, C, k, scale, stream);
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_T, CUBLAS_OP_N, 2 * Ie, MOE_DIM_ROWS, C, w->w1, (size_t)2 * Ie * C,
@@ -406,7 +417,9 @@ static void moe_layer_backward(MoeLayer* layer, floatX* dx, const floatX* dout, 
         // dW2_e += dy^T (g h)
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_T, Ie, C, MOE_DIM_ROWS, ws->dh, Ie, MOE_BY_ROW, Ie, ws->dyg,
                          C, MOE_BY_ROW, C, 1.0f, dw->w2, (size_t)C * Ie, MOE_BY_EXPERT, Ie, hc, s->sched, E, stream);
-        // dW1_e += dfch^T (s x) (the forward's gathered rows); the experts' input gradient dfch W1_e (into dyg)
+        // dW1_e += dfch^T (s x) (the forward's gathered rows, or gathered again); the experts' input
+        // gradient dfch W1_e (into dyg)
+        if (d.recompute_xg) moe_gather_rows(s->xg, x, s->sched, rows, C, k, scale, stream);
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_T, C, 2 * Ie, MOE_DIM_ROWS, s->xg, C, MOE_BY_ROW, C,
                          ws->dfch, (size_t)2 * Ie, MOE_BY_ROW, 2 * Ie, 1.0f, dw->w1, (size_t)2 * Ie * C, MOE_BY_EXPERT,
                          C, hc, s->sched, E, stream);

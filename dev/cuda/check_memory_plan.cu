@@ -24,7 +24,10 @@ int main() {
     int Bs[] = {1, 3, 8, 16, 32}; int Ts[] = {64, 100, 1024};
     int Ns[] = {0, 4096, 65536, 262144, 1048576}; int ks[] = {0, 8, 16, 32};
     long checked = 0, bad = 0;
-    for (auto pr : presets) for (int kind : kinds) for (int B : Bs) for (int T : Ts) for (int N : Ns) for (int k : ks) {
+    int rs[] = {0, 1, 2};  // -r: the moe layer keeps its gathered inputs only at 0
+    for (auto pr : presets) for (int kind : kinds) for (int B : Bs) for (int T : Ts) for (int N : Ns) for (int k : ks)
+    for (int r : rs) {
+        if (kind != FFN_MOE && r) continue;
         if (kind != FFN_OMNI && kind != FFN_MOE && (N || k)) continue;
         if (kind == FFN_MOE && (N > 4096 || k > 16)) continue;  // moe: N = 0 plain, 4096 the MoE++ options; k = 0, 8, 16
         ModelConfig c; if (!model_config_preset(&c, pr, kind)) continue;
@@ -53,7 +56,8 @@ int main() {
             saved = omni_layer_saved_bytes(d); ws = omni_workspace_bytes(d);
         }
         if (kind == FFN_MOE) {  // moe_layer_scratch_bytes with CUB = 0
-            MoeDims d = {(int)BT, (int)C, (int)H, c.ffn_hidden, c.moe_experts, c.moe_const, c.moe_copy, c.moe_zero, c.moe_topk};
+            MoeDims d = {(int)BT, (int)C, (int)H, c.ffn_hidden, c.moe_experts, c.moe_const, c.moe_copy, c.moe_zero, c.moe_topk,
+                         r >= 1};
             MoeOptions o = {c.moe_gate_res, c.moe_norm_topk, c.moe_router, c.moe_input_scale};
             pairs = BT * c.moe_topk;
             s = mx(s, align256(0) + 2 * align256(pairs * sizeof(int)));
@@ -61,10 +65,10 @@ int main() {
             s = mx(s, moe_const_grads_scratch_bytes(d.BT * d.k, d.C, d.Kc));
             saved = moe_layer_saved_bytes(d, o); ws = moe_workspace_bytes(d, o);
         }
-        PlanKernelSizes p = plan_kernel_sizes(&c, B, T, (int)sizeof(floatX), pairs, C, 0);
+        PlanKernelSizes p = plan_kernel_sizes(&c, B, T, (int)sizeof(floatX), pairs, C, 0, r);
         checked++;
         if (p.scratch != s || p.omni_saved != saved || p.omni_workspace != ws) {
-            bad++; if (bad < 5) printf("DIFF %s kind %d B %d T %d N %d k %d: %zu/%zu %zu/%zu %zu/%zu\n", pr, kind, B, T, c.num_experts, c.top_k, p.scratch, s, p.omni_saved, saved, p.omni_workspace, ws);
+            bad++; if (bad < 5) printf("DIFF %s kind %d B %d T %d N %d k %d r %d: %zu/%zu %zu/%zu %zu/%zu\n", pr, kind, B, T, c.num_experts, c.top_k, r, p.scratch, s, p.omni_saved, saved, p.omni_workspace, ws);
         }
     }
     printf("%ld configurations, %ld differ\n", checked, bad);

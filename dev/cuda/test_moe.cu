@@ -39,8 +39,9 @@ What is checked (one PASS/FAIL line per check, closing "test_moe: N passed, N fa
     - the same with the per-expert GEMM loop instead of the grouped GEMM (moe_gemm_backend =
       MOE_GEMM_LOOP), and with W1, W2 and their gradients one element past 16-byte alignment (the
       loop again), and with x, dy, out and dx one element past it (the gather, combine and token
-      backward kernels' one-element path instead of their 16-byte vectors); once more with C = 392, I_e = 200 (problems of several tiles in M, N and K,
-      each with a partial edge tile);
+      backward kernels' one-element path instead of their 16-byte vectors); with the experts' inputs
+      gathered again in the backward (recompute_xg, the trainer's -r >= 1); once more with C = 392,
+      I_e = 200 (problems of several tiles in M, N and K, each with a partial edge tile);
     - in `make USE_CUTLASS=1` bf16 builds (HAVE_CUTLASS_GROUPED_GEMM): the same cases with the
       CUTLASS grouped GEMM (moe_gemm_backend = MOE_GEMM_CUTLASS; the E = 40 cases too), same
       tolerances, twice bitwise, and not one of its calls handed to the loop (moe_gemm_fallbacks
@@ -94,6 +95,8 @@ static size_t g_expert_shift = 0;
 // the same for the layer's input, output and their gradients: 1 puts them off 16 bytes, where the
 // row kernels (gather, combine, token backward) take one element a lane instead of 16-byte vectors
 static size_t g_act_shift = 0;
+// 1: the layer gathers its experts' inputs again in the backward (the trainer's -r >= 1)
+static int g_recompute_xg = 0;
 
 static floatX* upload_shifted(const std::vector<float>& v, size_t n, size_t shift) {
     floatX* base = device_alloc<floatX>(n + 8, "test buffer");
@@ -304,7 +307,7 @@ static void test_layer(const char* name, int route, int norm, int scale_input, f
         exit(EXIT_FAILURE);
     }
     const int zero_from = E + Kc + Kp;
-    MoeDims d = {BT, C, 0, Ie, E, Kc, Kp, Kz, k};
+    MoeDims d = {BT, C, 0, Ie, E, Kc, Kp, Kz, k, g_recompute_xg};
     MoeOptions o = {0, norm, MOE_ROUTER_LINEAR, scale_input};
     const float tau = 0.75f, loss_scale = 0.5f;
     const double s = scale_input ? k : 1.0;
@@ -817,6 +820,9 @@ int main(void) {
     g_act_shift = 1;  // the row kernels' one-element path
     test_layer("layer random routing, norm, k x input, input and gradients off 16 bytes", ROUTE_RANDOM, 1, 1, 0.1f);
     g_act_shift = 0;
+    g_recompute_xg = 1;
+    test_layer("layer random routing, norm, k x input, inputs gathered again in the backward", ROUTE_RANDOM, 1, 1, 0.1f);
+    g_recompute_xg = 0;
     g_layer_C = 392, g_layer_Ie = 200;
     test_layer("layer random routing, norm, C=392 I_e=200", ROUTE_RANDOM, 1, 0, 0.1f);
     g_layer_C = 64, g_layer_Ie = 32;
