@@ -76,11 +76,13 @@ endif
 # Compiles llmc/moe_gemm_cutlass.cu alone (minutes: CUTLASS templates) and selects nothing by
 # itself: moe_gemm_backend in llmc/moe_experts.cuh picks it at run time (bf16 builds only).
 # MOE_CUTLASS_TILE_N = 256 (default) or 128 is the tile's N, MOE_CUTLASS_PINGPONG = 1 the ping-pong schedule
-# (default cooperative). Switching USE_CUTLASS or these needs a rebuild (make -B).
+# (default cooperative), MOE_CUTLASS_CLUSTER_M = 2 a cluster of two CTAs along M (default 1).
+# Switching USE_CUTLASS or these needs a rebuild (make -B).
 USE_CUTLASS ?= 0
 CUTLASS_INCLUDE ?= carry/cutlass/include
 MOE_CUTLASS_TILE_N ?= 256
 MOE_CUTLASS_PINGPONG ?= 0
+MOE_CUTLASS_CLUSTER_M ?= 1
 CUTLASS_OBJ =
 ifeq ($(USE_CUTLASS), 1)
   ifeq ($(wildcard $(CUTLASS_INCLUDE)/cutlass/gemm/collective/collective_builder.hpp),)
@@ -154,7 +156,8 @@ build/attention_cudnn.o: llmc/attention_cudnn.cu llmc/attention_cudnn.h
 # minutes to compile, and its headers stay out of every other translation unit
 build/moe_gemm_cutlass.o: llmc/moe_gemm_cutlass.cu llmc/moe_gemm_cutlass.h
 	@mkdir -p build
-	$(NVCC) $(NVCC_FLAGS) -I$(CUTLASS_INCLUDE) -DNDEBUG -DMOE_CUTLASS_TILE_N=$(MOE_CUTLASS_TILE_N) -DMOE_CUTLASS_PINGPONG=$(MOE_CUTLASS_PINGPONG) -c $< -o $@
+	$(NVCC) $(NVCC_FLAGS) -I$(CUTLASS_INCLUDE) -DNDEBUG -DMOE_CUTLASS_TILE_N=$(MOE_CUTLASS_TILE_N) -DMOE_CUTLASS_PINGPONG=$(MOE_CUTLASS_PINGPONG) \
+		-DMOE_CUTLASS_CLUSTER_M=$(MOE_CUTLASS_CLUSTER_M) -c $< -o $@
 
 test_omnimoe: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADERS) $(CUDA_HEADERS) $(CUDNN_OBJ) $(CUTLASS_OBJ)
 	$(NVCC) $(NVCC_FLAGS) -Xcompiler -fopenmp $< $(CUDNN_OBJ) $(CUTLASS_OBJ) -o $@ $(NVCC_LDLIBS) -lgomp

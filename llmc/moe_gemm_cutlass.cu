@@ -23,17 +23,21 @@
 // a producer warp issues the TMA loads), cluster 1x1x1. The experts' problems are small and
 // ragged (a few hundred to a few thousand rows each); the 128x256 tile (the Makefile's default)
 // halves the A reloads of a 128x128 tile and measured faster at the benchmark's shapes
-// (docs/performance.md, target 8); a cluster of 2 would round each problem's tile count up to the
-// cluster (the group scheduler's rule) for a multicast that saves little at these sizes.
-// `make USE_CUTLASS=1 MOE_CUTLASS_TILE_N=128` builds the narrower tile, MOE_CUTLASS_PINGPONG=1 the
-// ping-pong schedule instead (each consumer warpgroup a whole tile, one tile's epilogue under the
-// other's MMAs), for the benchmark to compare. The tile does not change the bits: each output is
-// one CTA's sum over K in the same order.
+// (docs/performance.md, target 8). A cluster of 2 along N would round each problem's row tiles up
+// to the cluster (the group scheduler's rule); along M (MOE_CUTLASS_CLUSTER_M=2) it rounds nothing,
+// as every problem's M is a multiple of 256, and the two CTAs share one TMA multicast of their B
+// tile. `make USE_CUTLASS=1 MOE_CUTLASS_TILE_N=128` builds the narrower tile,
+// MOE_CUTLASS_PINGPONG=1 the ping-pong schedule instead (each consumer warpgroup a whole tile, one
+// tile's epilogue under the other's MMAs), for the benchmark to compare. Neither the tile nor the
+// cluster changes the bits: each output is one CTA's sum over K in the same order.
 #ifndef MOE_CUTLASS_TILE_N
 #define MOE_CUTLASS_TILE_N 256
 #endif
 #ifndef MOE_CUTLASS_PINGPONG
 #define MOE_CUTLASS_PINGPONG 0
+#endif
+#ifndef MOE_CUTLASS_CLUSTER_M
+#define MOE_CUTLASS_CLUSTER_M 1
 #endif
 
 using namespace cute;
@@ -43,7 +47,7 @@ using MoeShape3 = ProblemShape::UnderlyingProblemShape;
 using MoeElement = cutlass::bfloat16_t;
 constexpr int kMoeAlign = 8;  // elements: 16-byte TMA alignment of the leading dimensions
 using MoeTileShape = Shape<_128, Int<MOE_CUTLASS_TILE_N>, _64>;
-using MoeClusterShape = Shape<_1, _1, _1>;
+using MoeClusterShape = Shape<Int<MOE_CUTLASS_CLUSTER_M>, _1, _1>;
 using MoeLayoutC = cutlass::layout::ColumnMajor;  // as cuBLAS: C (m, n) with ldc between columns
 #if MOE_CUTLASS_PINGPONG
 using MoeKernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
@@ -189,8 +193,8 @@ size_t moe_cutlass_device_bytes(const MoeCutlassGemm* g) { return g->bytes; }
 #define MOE_CUTLASS_STR(x) MOE_CUTLASS_STR2(x)
 const char* moe_cutlass_config(void) {
     return MOE_CUTLASS_PINGPONG
-               ? "CUTLASS sm90 ptr-array pingpong, tile 128x" MOE_CUTLASS_STR(MOE_CUTLASS_TILE_N) "x64, cluster 1x1x1"
-               : "CUTLASS sm90 ptr-array cooperative, tile 128x" MOE_CUTLASS_STR(MOE_CUTLASS_TILE_N) "x64, cluster 1x1x1";
+               ? "CUTLASS sm90 ptr-array pingpong, tile 128x" MOE_CUTLASS_STR(MOE_CUTLASS_TILE_N) "x64, cluster " MOE_CUTLASS_STR(MOE_CUTLASS_CLUSTER_M) "x1x1"
+               : "CUTLASS sm90 ptr-array cooperative, tile 128x" MOE_CUTLASS_STR(MOE_CUTLASS_TILE_N) "x64, cluster " MOE_CUTLASS_STR(MOE_CUTLASS_CLUSTER_M) "x1x1";
 }
 
 template <class K>
