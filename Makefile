@@ -154,7 +154,7 @@ build/attention_cudnn.o: llmc/attention_cudnn.cu llmc/attention_cudnn.h
 
 # the CUTLASS grouped GEMM in its own object (llmc/moe_gemm_cutlass.h): CUTLASS's templates take
 # minutes to compile, and its headers stay out of every other translation unit
-build/moe_gemm_cutlass.o: llmc/moe_gemm_cutlass.cu llmc/moe_gemm_cutlass.h
+build/moe_gemm_cutlass.o: llmc/moe_gemm_cutlass.cu llmc/moe_gemm_cutlass.h llmc/moe_gemm_gather_sm90.hpp
 	@mkdir -p build
 	$(NVCC) $(NVCC_FLAGS) -I$(CUTLASS_INCLUDE) -DNDEBUG -DMOE_CUTLASS_TILE_N=$(MOE_CUTLASS_TILE_N) -DMOE_CUTLASS_PINGPONG=$(MOE_CUTLASS_PINGPONG) \
 		-DMOE_CUTLASS_CLUSTER_M=$(MOE_CUTLASS_CLUSTER_M) -c $< -o $@

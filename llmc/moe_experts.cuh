@@ -15,10 +15,15 @@ Defines:
   CUTLASS grouped GEMM's own device arguments
 - moe_grouped_gemm_create(g, E) / moe_grouped_gemm_free(g)
 - moe_grouped_gemm(g, ta, tb, m, n, k, A, sA, byA, lda, B, sB, byB, ldb, beta, C, sC, byC, ldc,
-  host_counts, sched, E, stream): one problem per non-empty FFN expert, in increasing id; each
-  of m, n, k is a fixed size or MOE_DIM_ROWS (the expert's pair count); each of A, B, C is
-  indexed by expert (base + e * stride) or by sorted row (base + off_e * stride), per by*;
-  run by the backend moe_gemm_backend names (below)
+  host_counts, sched, E, pairs_per_token, stream): one problem per non-empty FFN expert, in
+  increasing id; each of m, n, k is a fixed size or MOE_DIM_ROWS (the expert's pair count); each
+  of A, B, C is indexed by expert (base + e * stride) or by sorted row (base + off_e * stride),
+  per by*; or (A or B, only where moe_gemm_reads_tokens says so) MOE_BY_TOKEN: its sorted row j
+  of expert e is row sorted_pair[off_e + j] / pairs_per_token of the row-major token matrix at
+  base (stride: that matrix's row count), read inside the GEMM with no gathered copy (CUTLASS,
+  llmc/moe_gemm_gather_sm90.hpp); run by the backend moe_gemm_backend names (below)
+- moe_gemm_reads_tokens(src, tokens, ld, others...): 1 when MOE_BY_TOKEN operands over src can
+  run (the CUTLASS backend, moe_gemm_token_reads on, 16-byte bases, offsets within an int)
 - moe_pair_positions(pos, sched, P, stream): pos[sorted_pair[j]] = j
 - moe_gather_rows(dst, src, sched, rows, C, k, scale, stream): dst[j] = scale * src[token of
   sorted pair j] for j < rows (floatX rows of C)
@@ -69,6 +74,7 @@ one order (m, then channels or rows, in order; warp butterflies); no atomics.
 #define MOE_DIM_ROWS (-1)        // a grouped-GEMM dimension that is the expert's pair count
 #define MOE_BY_EXPERT 0          // a matrix at base + e * stride
 #define MOE_BY_ROW 1             // a matrix at base + off_e * stride (its first sorted row)
+#define MOE_BY_TOKEN 2           // rows read through the schedule from a token matrix at base
 #define MOE_TOKEN_WARPS 4
 #define MOE_CONST_CHUNK 256      // pairs per partial sum of the constant experts' gradients
 
@@ -452,13 +458,35 @@ static void moe_gemm_loop(cublasOperation_t ta, cublasOperation_t tb, int m, int
     }
 }
 
+// 1 (default): the CUTLASS backend reads the experts' token operands (x, dy) through the schedule
+// inside its grouped GEMMs (MOE_BY_TOKEN); 0: the layer gathers them into sorted copies first.
+// The same bits either way (test_moe); a switch for tests and benchmarks.
+static int moe_gemm_token_reads = 1;
+static int moe_gemm_token_read_calls = 0;  // grouped GEMMs run with token reads (for tests)
+
+// whether moe_grouped_gemm can take MOE_BY_TOKEN operands over the (tokens, ld) row-major src for
+// problems whose other matrices start at a, b, c, d (every base must be 16-byte aligned: one off
+// would send a problem to the per-expert loop, which has no token reads)
+static int moe_gemm_reads_tokens(const void* src, int tokens, int ld, const void* a, const void* b, const void* c,
+                                 const void* d) {
+#if defined(HAVE_CUTLASS_GROUPED_GEMM)
+    return moe_gemm_backend == MOE_GEMM_CUTLASS && moe_gemm_token_reads && is_aligned16(src) && ld % 8 == 0 &&
+           (long long)tokens * ld < (1ll << 31) && is_aligned16(a) && is_aligned16(b) && is_aligned16(c) &&
+           is_aligned16(d);
+#else
+    (void)src; (void)tokens; (void)ld; (void)a; (void)b; (void)c; (void)d;
+    return 0;
+#endif
+}
+
 // the CUTLASS grouped GEMM of the `groups` problems whose pointers g->d_* hold and whose sizes
-// g->m, g->n, g->k hold (their rows on the host: the MOE_DIM_ROWS dimension); 0 when it ran, 1
+// g->m, g->n, g->k hold (their rows on the host: the MOE_DIM_ROWS dimension), gather (a
+// MoeCutlassGather, or NULL) its token reads; 0 when it ran, 1
 // when the caller must run the problems another way (a leading dimension off 8 elements, a
 // layout the layer does not use, CUTLASS refuses the problems); exits in a build without it
 static int moe_cutlass_gemm(MoeGroupedGemm* g, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                             int lda, int ldb, float beta, int ldc, ExpertSchedule sched, int groups,
-                            cudaStream_t stream) {
+                            const void* gather, cudaStream_t stream) {
 #if defined(HAVE_CUTLASS_GROUPED_GEMM)
     const int layout = ta == CUBLAS_OP_T && tb == CUBLAS_OP_N ? MOE_CUTLASS_TN
                      : ta == CUBLAS_OP_N && tb == CUBLAS_OP_N ? MOE_CUTLASS_NN
@@ -468,8 +496,13 @@ static int moe_cutlass_gemm(MoeGroupedGemm* g, cublasOperation_t ta, cublasOpera
     if (layout >= 0 && lda % 8 == 0 && ldb % 8 == 0 && ldc % 8 == 0 &&
         moe_cutlass_grouped_gemm(g->cutlass, layout, groups, m, n, k, rows, sched.active_offset,
                                  (const void* const*)g->d_A, lda, (const void* const*)g->d_B, ldb, beta,
-                                 (void* const*)g->d_C, ldc, stream) == 0) {
+                                 (void* const*)g->d_C, ldc, (const MoeCutlassGather*)gather, stream) == 0) {
         return 0;
+    }
+    if (gather != NULL) {  // moe_gemm_reads_tokens promised this call: a bug, not a fallback
+        fprintf(stderr, "moe_grouped_gemm: CUTLASS refused a grouped GEMM with token reads (ta %d tb %d m %d n %d k %d "
+                "lda %d ldb %d ldc %d)\n", (int)ta, (int)tb, m, n, k, lda, ldb, ldc);
+        exit(EXIT_FAILURE);
     }
     moe_gemm_fallbacks++;
     if (!warned) {
@@ -480,7 +513,7 @@ static int moe_cutlass_gemm(MoeGroupedGemm* g, cublasOperation_t ta, cublasOpera
     return 1;
 #else
     (void)g; (void)ta; (void)tb; (void)m; (void)n; (void)k; (void)lda; (void)ldb; (void)beta; (void)ldc;
-    (void)sched; (void)groups; (void)stream;
+    (void)sched; (void)groups; (void)gather; (void)stream;
     fprintf(stderr, "moe_grouped_gemm: the CUTLASS backend is not in this build (make USE_CUTLASS=1, bf16)\n");
     exit(EXIT_FAILURE);
 #endif
@@ -491,7 +524,39 @@ static int moe_cutlass_gemm(MoeGroupedGemm* g, cublasOperation_t ta, cublasOpera
 static void moe_grouped_gemm(MoeGroupedGemm* g, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                              const floatX* A, size_t sA, int byA, int lda, const floatX* B, size_t sB, int byB, int ldb,
                              float beta, floatX* Cm, size_t sC, int byC, int ldc, const int* host_counts,
-                             ExpertSchedule sched, int E, cudaStream_t stream) {
+                             ExpertSchedule sched, int E, int pairs_per_token, cudaStream_t stream) {
+    // token reads (MOE_BY_TOKEN): the operand's rows are the expert's pairs, so it is B with the
+    // rows as N (K-major, ld between rows) or either operand with the rows as K
+#if defined(HAVE_CUTLASS_GROUPED_GEMM)
+    MoeCutlassGather gather = {MOE_GATHER_NONE, NULL, 0, 0, sched.sorted_pair, pairs_per_token};
+    if (byA == MOE_BY_TOKEN || byB == MOE_BY_TOKEN) {
+        const int on_a = byA == MOE_BY_TOKEN;
+        const int ok = (on_a != (byB == MOE_BY_TOKEN)) && byC != MOE_BY_TOKEN &&
+                       (on_a ? (ta == CUBLAS_OP_N && k == MOE_DIM_ROWS)
+                             : ((tb == CUBLAS_OP_N && n == MOE_DIM_ROWS) || (tb == CUBLAS_OP_T && k == MOE_DIM_ROWS)));
+        const void* src = on_a ? (const void*)A : (const void*)B;
+        const size_t tokens = on_a ? sA : sB;
+        if (!ok || tokens > INT_MAX ||
+            !moe_gemm_reads_tokens(src, (int)tokens, on_a ? lda : ldb, on_a ? B : A, Cm, Cm, Cm)) {
+            fprintf(stderr, "moe_grouped_gemm: token reads not possible here (check moe_gemm_reads_tokens first)\n");
+            exit(EXIT_FAILURE);
+        }
+        gather.operand = on_a ? MOE_GATHER_A_K : (k == MOE_DIM_ROWS ? MOE_GATHER_B_K : MOE_GATHER_B_ROWS);
+        gather.src = src;
+        gather.src_rows = (int)tokens;
+        gather.ld = on_a ? lda : ldb;
+        if (on_a) { sA = 0; byA = MOE_BY_EXPERT; } else { sB = 0; byB = MOE_BY_EXPERT; }  // every pointer = src
+    }
+    const void* gather_arg = gather.operand != MOE_GATHER_NONE ? &gather : NULL;
+    moe_gemm_token_read_calls += gather_arg != NULL;
+#else
+    (void)pairs_per_token;
+    if (byA == MOE_BY_TOKEN || byB == MOE_BY_TOKEN) {
+        fprintf(stderr, "moe_grouped_gemm: token reads need the CUTLASS backend (make USE_CUTLASS=1)\n");
+        exit(EXIT_FAILURE);
+    }
+    const void* gather_arg = NULL;
+#endif
     int groups = 0;
     for (int e = 0; e < E; e++) {
         const int c = host_counts[e];
@@ -528,7 +593,7 @@ static void moe_grouped_gemm(MoeGroupedGemm* g, cublasOperation_t ta, cublasOper
         sB * sizeof(floatX), byB, (char*)Cm, sC * sizeof(floatX), byC);
     cudaCheckLast();
     if (moe_gemm_backend == MOE_GEMM_CUTLASS) {
-        if (moe_cutlass_gemm(g, ta, tb, m, n, k, lda, ldb, beta, ldc, sched, groups, stream) != 0) {
+        if (moe_cutlass_gemm(g, ta, tb, m, n, k, lda, ldb, beta, ldc, sched, groups, gather_arg, stream) != 0) {
             moe_gemm_loop(ta, tb, m, n, k, A, sA, byA, lda, B, sB, byB, ldb, beta, Cm, sC, byC, ldc, host_counts, E,
                           stream);
         }

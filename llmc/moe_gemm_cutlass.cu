@@ -14,6 +14,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 
 #include "moe_gemm_cutlass.h"
+#include "moe_gemm_gather_sm90.hpp"
 
 #if !defined(CUTLASS_ARCH_MMA_MODIFIABLE_TMA_SM90_SUPPORTED)
 #error "moe_gemm_cutlass.cu needs CUDA 12.3+ built for sm_90a (the grouped GEMM rewrites TMA descriptors on the device)"
@@ -73,6 +74,7 @@ struct MoeCutlassKernel {
         MoeKernelSchedule>::CollectiveOp;
     using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, MoeEpilogue>;  // default: persistent group scheduler
     using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+    static constexpr int kGather = MOE_GATHER_NONE;
     using StrideA = typename Kernel::InternalStrideA;
     using StrideB = typename Kernel::InternalStrideB;
     using StrideC = typename Kernel::InternalStrideC;
@@ -83,6 +85,25 @@ struct MoeCutlassKernel {
 using KernelTN = MoeCutlassKernel<cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;
 using KernelNN = MoeCutlassKernel<cutlass::layout::ColumnMajor, cutlass::layout::ColumnMajor>;
 using KernelNT = MoeCutlassKernel<cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+
+// the same kernels with one operand read through the schedule (llmc/moe_gemm_gather_sm90.hpp):
+// the builder's mainloop, its smem layouts and wgmma sequence, with the gathered loads
+template <class K, int Gather>
+struct MoeCutlassGatherKernel {
+    using Mainloop = MoeGatherMainloop<typename K::Mainloop, Gather>;
+    using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, MoeEpilogue>;
+    using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+    static constexpr int kGather = Gather;
+    using StrideA = typename K::StrideA;
+    using StrideB = typename K::StrideB;
+    using StrideC = typename K::StrideC;
+    static_assert(cute::is_same_v<typename Kernel::InternalStrideA, StrideA> &&
+                  cute::is_same_v<typename Kernel::InternalStrideB, StrideB>, "the gathered kernel's strides");
+};
+using KernelTNGatherB = MoeCutlassGatherKernel<KernelTN, MOE_GATHER_B_ROWS>;  // fch = W1 x
+using KernelNNGatherB = MoeCutlassGatherKernel<KernelNN, MOE_GATHER_B_ROWS>;  // dh = W2^T dy
+using KernelNTGatherB = MoeCutlassGatherKernel<KernelNT, MOE_GATHER_B_K>;     // dW2 += (g h) dy^T
+using KernelNTGatherA = MoeCutlassGatherKernel<KernelNT, MOE_GATHER_A_K>;     // dW1 += x dfch^T
 
 constexpr size_t kStrideBytes = 16;  // room for one stride of any of the three kernels
 
@@ -131,12 +152,22 @@ static void moe_cutlass_cuda_check(cudaError_t e, const char* what) {
 template <class K>
 static typename K::Gemm::Arguments moe_cutlass_arguments(MoeCutlassGemm* g, int groups, const MoeShape3* host_shapes,
                                                          const void* const* dA, const void* const* dB, float beta,
-                                                         void* const* dC) {
+                                                         void* const* dC, const MoeCutlassGather* gather,
+                                                         const int* active_offset) {
     typename K::Gemm::Arguments args;
     args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
     args.problem_shape = ProblemShape{groups, g->shapes, host_shapes};
-    args.mainloop = {(const MoeElement**)dA, (typename K::StrideA*)g->strideA, (const MoeElement**)dB,
-                     (typename K::StrideB*)g->strideB};
+    args.mainloop.ptr_A = (const MoeElement**)dA;
+    args.mainloop.dA = (typename K::StrideA*)g->strideA;
+    args.mainloop.ptr_B = (const MoeElement**)dB;
+    args.mainloop.dB = (typename K::StrideB*)g->strideB;
+    if constexpr (K::kGather != MOE_GATHER_NONE) {  // (null when only the workspace is sized)
+        args.mainloop.gather_src = gather ? (const MoeElement*)gather->src : nullptr;
+        args.mainloop.gather_ld = gather ? gather->ld : 0;
+        args.mainloop.sorted_pair = gather ? gather->sorted_pair : nullptr;
+        args.mainloop.active_offset = active_offset;
+        args.mainloop.pairs_per_token = gather ? gather->k : 1;
+    }
     // scalar alpha and beta; the fusion's pointer and stride members keep their defaults (none)
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = beta;
@@ -154,7 +185,7 @@ template <class K>
 static size_t moe_cutlass_workspace(MoeCutlassGemm* g) {
     static_assert(sizeof(typename K::StrideA) <= kStrideBytes && sizeof(typename K::StrideB) <= kStrideBytes &&
                   sizeof(typename K::StrideC) <= kStrideBytes, "moe_gemm_cutlass: a stride larger than its slot");
-    auto args = moe_cutlass_arguments<K>(g, g->capacity, nullptr, nullptr, nullptr, 0.0f, nullptr);
+    auto args = moe_cutlass_arguments<K>(g, g->capacity, nullptr, nullptr, nullptr, 0.0f, nullptr, nullptr, nullptr);
     return K::Gemm::get_workspace_size(args);
 }
 
@@ -170,6 +201,10 @@ MoeCutlassGemm* moe_cutlass_create(int capacity) {
     g->workspace_bytes = moe_cutlass_workspace<KernelTN>(g);
     g->workspace_bytes = std::max(g->workspace_bytes, moe_cutlass_workspace<KernelNN>(g));
     g->workspace_bytes = std::max(g->workspace_bytes, moe_cutlass_workspace<KernelNT>(g));
+    g->workspace_bytes = std::max(g->workspace_bytes, moe_cutlass_workspace<KernelTNGatherB>(g));
+    g->workspace_bytes = std::max(g->workspace_bytes, moe_cutlass_workspace<KernelNNGatherB>(g));
+    g->workspace_bytes = std::max(g->workspace_bytes, moe_cutlass_workspace<KernelNTGatherB>(g));
+    g->workspace_bytes = std::max(g->workspace_bytes, moe_cutlass_workspace<KernelNTGatherA>(g));
     const size_t shapes = moe_cutlass_round(cap * sizeof(MoeShape3)), strides = moe_cutlass_round(cap * kStrideBytes);
     g->bytes = shapes + 3 * strides + moe_cutlass_round(g->workspace_bytes);
     moe_cutlass_cuda_check(cudaMalloc((void**)&g->block, g->bytes), "cudaMalloc of the grouped GEMM's arguments");
@@ -200,12 +235,12 @@ const char* moe_cutlass_config(void) {
 template <class K>
 static int moe_cutlass_run(MoeCutlassGemm* g, int groups, int m, int n, int k, const int* host_rows,
                            const int* active_offset, const void* const* dA, int lda, const void* const* dB, int ldb,
-                           float beta, void* const* dC, int ldc, cudaStream_t stream) {
+                           float beta, void* const* dC, int ldc, const MoeCutlassGather* gather, cudaStream_t stream) {
     for (int a = 0; a < groups; a++) {
         const int r = host_rows[a];
         g->host_shapes[a] = MoeShape3{m < 0 ? r : m, n < 0 ? r : n, k < 0 ? r : k};
     }
-    auto args = moe_cutlass_arguments<K>(g, groups, g->host_shapes.data(), dA, dB, beta, dC);
+    auto args = moe_cutlass_arguments<K>(g, groups, g->host_shapes.data(), dA, dB, beta, dC, gather, active_offset);
     typename K::Gemm gemm;
     if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 1;
     if (K::Gemm::get_workspace_size(args) > g->workspace_bytes) {
@@ -230,21 +265,28 @@ static int moe_cutlass_run(MoeCutlassGemm* g, int groups, int m, int n, int k, c
 
 int moe_cutlass_grouped_gemm(MoeCutlassGemm* g, int layout, int groups, int m, int n, int k, const int* host_rows,
                              const int* active_offset, const void* const* dA, int lda, const void* const* dB, int ldb,
-                             float beta, void* const* dC, int ldc, cudaStream_t stream) {
+                             float beta, void* const* dC, int ldc, const MoeCutlassGather* gather, cudaStream_t stream) {
     if (groups <= 0) return 0;
     if (groups > g->capacity) {
         fprintf(stderr, "moe_gemm_cutlass: %d problems, created for %d\n", groups, g->capacity);
         exit(EXIT_FAILURE);
     }
-    switch (layout) {
-    case MOE_CUTLASS_TN:
-        return moe_cutlass_run<KernelTN>(g, groups, m, n, k, host_rows, active_offset, dA, lda, dB, ldb, beta, dC, ldc, stream);
-    case MOE_CUTLASS_NN:
-        return moe_cutlass_run<KernelNN>(g, groups, m, n, k, host_rows, active_offset, dA, lda, dB, ldb, beta, dC, ldc, stream);
-    case MOE_CUTLASS_NT:
-        return moe_cutlass_run<KernelNT>(g, groups, m, n, k, host_rows, active_offset, dA, lda, dB, ldb, beta, dC, ldc, stream);
-    default:
-        fprintf(stderr, "moe_gemm_cutlass: unknown layout %d\n", layout);
-        exit(EXIT_FAILURE);
+    const int gk = gather ? gather->operand : MOE_GATHER_NONE;
+    // the gathered loads' offsets (row * ld) are ints, and src's rows are 16-byte aligned
+    if (gk != MOE_GATHER_NONE &&
+        (gather->src_rows <= 0 || (long long)gather->src_rows * gather->ld >= (1ll << 31) || gather->ld % 8 != 0 ||
+         ((size_t)gather->src % 16) != 0 || gather->k <= 0)) {
+        return 1;
     }
+#define MOE_CUTLASS_RUN(K) moe_cutlass_run<K>(g, groups, m, n, k, host_rows, active_offset, dA, lda, dB, ldb, beta, dC, ldc, gather, stream)
+    if (layout == MOE_CUTLASS_TN && gk == MOE_GATHER_NONE) return MOE_CUTLASS_RUN(KernelTN);
+    if (layout == MOE_CUTLASS_NN && gk == MOE_GATHER_NONE) return MOE_CUTLASS_RUN(KernelNN);
+    if (layout == MOE_CUTLASS_NT && gk == MOE_GATHER_NONE) return MOE_CUTLASS_RUN(KernelNT);
+    // the gathered operand's rows are the problem's MOE_DIM_ROWS dimension: N for B_ROWS, K otherwise
+    if (layout == MOE_CUTLASS_TN && gk == MOE_GATHER_B_ROWS && n < 0) return MOE_CUTLASS_RUN(KernelTNGatherB);
+    if (layout == MOE_CUTLASS_NN && gk == MOE_GATHER_B_ROWS && n < 0) return MOE_CUTLASS_RUN(KernelNNGatherB);
+    if (layout == MOE_CUTLASS_NT && gk == MOE_GATHER_B_K && k < 0) return MOE_CUTLASS_RUN(KernelNTGatherB);
+    if (layout == MOE_CUTLASS_NT && gk == MOE_GATHER_A_K && k < 0) return MOE_CUTLASS_RUN(KernelNTGatherA);
+#undef MOE_CUTLASS_RUN
+    return 1;  // a layout and gather these kernels do not have
 }

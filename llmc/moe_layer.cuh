@@ -151,6 +151,7 @@ typedef struct {
     float zc_weight;          // tau
     int training;
     int last_BT;
+    int x_token_reads;  // the last forward read x's rows inside the GEMMs (no xg): so does dW1
 } MoeLayer;
 
 static inline int moe_routed(MoeDims d) { return d.E + d.Kc + d.Kp + d.Kz; }
@@ -367,17 +368,22 @@ static void moe_layer_forward(MoeLayer* layer, floatX* out, const floatX* x, int
     cudaCheck(cudaEventSynchronize(ws->counts_ready));
     int rows = 0;
     moe_ffn_groups(s->host_counts, E, &rows);
-    // FFN experts on their sorted rows: xg (kept for dW1 unless recompute_xg), fch = xg W1_e^T,
-    // h = SwiGLU, y = h W2_e^T (into dyg, free until the backward)
+    // FFN experts on their sorted rows: fch = xg W1_e^T, h = SwiGLU, y = h W2_e^T (into dyg, free
+    // until the backward). xg, the rows' inputs s x: read from x through the schedule inside the
+    // GEMM where the backend can (s = 1, moe_gemm_reads_tokens), else gathered into a copy (kept
+    // for dW1 unless recompute_xg); the backward takes the same choice for dW1
     if (rows > 0) {
-        moe_gather_rows(s->xg, x, s->sched, rows, C, k, scale, stream);
+        layer->x_token_reads = scale == 1.0f && moe_gemm_reads_tokens(x, BT, C, w->w1, s->fch_g, layer->dw.w1,
+                                                                        ws->dfch);
+        if (!layer->x_token_reads) moe_gather_rows(s->xg, x, s->sched, rows, C, k, scale, stream);
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_T, CUBLAS_OP_N, 2 * Ie, MOE_DIM_ROWS, C, w->w1, (size_t)2 * Ie * C,
-                         MOE_BY_EXPERT, C, s->xg, C, MOE_BY_ROW, C, 0.0f, s->fch_g, (size_t)2 * Ie, MOE_BY_ROW, 2 * Ie,
-                         s->host_counts, s->sched, E, stream);
+                         MOE_BY_EXPERT, C, layer->x_token_reads ? x : s->xg, layer->x_token_reads ? (size_t)BT : C,
+                         layer->x_token_reads ? MOE_BY_TOKEN : MOE_BY_ROW, C, 0.0f, s->fch_g, (size_t)2 * Ie,
+                         MOE_BY_ROW, 2 * Ie, s->host_counts, s->sched, E, k, stream);
         swiglu_forward(s->h_g, s->fch_g, rows, Ie, stream);
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_T, CUBLAS_OP_N, C, MOE_DIM_ROWS, Ie, w->w2, (size_t)C * Ie, MOE_BY_EXPERT,
                          Ie, s->h_g, Ie, MOE_BY_ROW, Ie, 0.0f, ws->dyg, C, MOE_BY_ROW, C, s->host_counts, s->sched, E,
-                         stream);
+                         k, stream);
     }
     moe_combine(out, ws->dyg, x, w->cvec, s->idx, s->gate, s->pos, s->mix, BT, C, k, E, d.Kc, d.Kp, scale, H > 0,
                 stream);
@@ -409,23 +415,30 @@ static void moe_layer_backward(MoeLayer* layer, floatX* dx, const floatX* dout, 
     moe_ffn_groups(s->host_counts, E, &rows);
     if (rows > 0) {
         const int* hc = s->host_counts;
-        moe_gather_rows(ws->dyg, dout, s->sched, rows, C, k, 1.0f, stream);
+        // dy's rows: read through the schedule inside the GEMMs, or gathered into dyg
+        const int dy_reads = moe_gemm_reads_tokens(dout, BT, C, w->w2, ws->dh, dw->w2, ws->dh);
+        if (!dy_reads) moe_gather_rows(ws->dyg, dout, s->sched, rows, C, k, 1.0f, stream);
+        const floatX* dyr = dy_reads ? dout : ws->dyg;
+        const size_t dys = dy_reads ? (size_t)BT : (size_t)C;
+        const int dyby = dy_reads ? MOE_BY_TOKEN : MOE_BY_ROW;
         // dh = dy W2_e (ungated); then in one pass dgate = <dh, h>, dfch = SwiGLU backward of g dh, dh = g h
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_N, Ie, MOE_DIM_ROWS, C, w->w2, (size_t)C * Ie, MOE_BY_EXPERT,
-                         Ie, ws->dyg, C, MOE_BY_ROW, C, 0.0f, ws->dh, Ie, MOE_BY_ROW, Ie, hc, s->sched, E, stream);
+                         Ie, dyr, dys, dyby, C, 0.0f, ws->dh, Ie, MOE_BY_ROW, Ie, hc, s->sched, E, k, stream);
         moe_ffn_dgate_dfch(ws->dgate, ws->dfch, ws->dh, s->h_g, s->fch_g, s->gate, s->sched, rows, Ie, stream);
         // dW2_e += dy^T (g h)
-        moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_T, Ie, C, MOE_DIM_ROWS, ws->dh, Ie, MOE_BY_ROW, Ie, ws->dyg,
-                         C, MOE_BY_ROW, C, 1.0f, dw->w2, (size_t)C * Ie, MOE_BY_EXPERT, Ie, hc, s->sched, E, stream);
-        // dW1_e += dfch^T (s x) (the forward's gathered rows, or gathered again); the experts' input
-        // gradient dfch W1_e (into dyg)
-        if (d.recompute_xg) moe_gather_rows(s->xg, x, s->sched, rows, C, k, scale, stream);
-        moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_T, C, 2 * Ie, MOE_DIM_ROWS, s->xg, C, MOE_BY_ROW, C,
-                         ws->dfch, (size_t)2 * Ie, MOE_BY_ROW, 2 * Ie, 1.0f, dw->w1, (size_t)2 * Ie * C, MOE_BY_EXPERT,
-                         C, hc, s->sched, E, stream);
+        moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_T, Ie, C, MOE_DIM_ROWS, ws->dh, Ie, MOE_BY_ROW, Ie, dyr, dys,
+                         dyby, C, 1.0f, dw->w2, (size_t)C * Ie, MOE_BY_EXPERT, Ie, hc, s->sched, E, k, stream);
+        // dW1_e += dfch^T (s x) (x through the schedule, the forward's gathered rows, or gathered
+        // again); the experts' input gradient dfch W1_e (into dyg)
+        const int xr = layer->x_token_reads;
+        if (!xr && d.recompute_xg) moe_gather_rows(s->xg, x, s->sched, rows, C, k, scale, stream);
+        moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_T, C, 2 * Ie, MOE_DIM_ROWS, xr ? x : s->xg,
+                         xr ? (size_t)BT : (size_t)C, xr ? MOE_BY_TOKEN : MOE_BY_ROW, C, ws->dfch, (size_t)2 * Ie,
+                         MOE_BY_ROW, 2 * Ie, 1.0f, dw->w1, (size_t)2 * Ie * C, MOE_BY_EXPERT, C, hc, s->sched, E, k,
+                         stream);
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_N, C, MOE_DIM_ROWS, 2 * Ie, w->w1, (size_t)2 * Ie * C,
                          MOE_BY_EXPERT, C, ws->dfch, (size_t)2 * Ie, MOE_BY_ROW, 2 * Ie, 0.0f, ws->dyg, C, MOE_BY_ROW,
-                         C, hc, s->sched, E, stream);
+                         C, hc, s->sched, E, k, stream);
     }
     // per token: the other experts' gate gradients, dmix, dx (+)= s * (sum of the pairs' input gradients)
     moe_token_backward(dx, ws->dgate, ws->dmix, dout, x, ws->dyg, w->cvec, w->cmix, s->idx, s->gate, s->pos, s->mix, BT,

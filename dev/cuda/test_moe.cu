@@ -234,6 +234,8 @@ static MoeWeights upload_tensors(MoeDims d, const std::vector<float>& router, co
     return w;
 }
 
+static int g_token_reads_last = 0;  // grouped GEMMs with token reads in the last run_layer
+
 static LayerResult run_layer(MoeDims d, MoeOptions o, const LayerData& D, float alpha, float tau) {
     const int BT = d.BT, C = d.C, Et = moe_routed(d), E = d.E, Ie = d.Ie, Kc = d.Kc, k = d.k;
     MoeWeights w = upload_tensors(d, D.wr, D.w1, D.w2, D.cvec, D.cmix, D.bias);
@@ -260,9 +262,11 @@ static LayerResult run_layer(MoeDims d, MoeOptions o, const LayerData& D, float 
     // workspace and saved state start as NaN: nothing may read what was not written
     poison(ws.block, moe_workspace_bytes(d, o) - moe_grouped_gemm_bytes(d.E));
     poison(layer.saved.block, moe_layer_saved_bytes(d, o));
+    const int reads_before = moe_gemm_token_read_calls;
     moe_layer_forward(&layer, out, x, BT, 1, 0);
     ws.carry_valid = 0;
     moe_layer_backward(&layer, dx, dy, x, BT, 0.5f, 0);
+    g_token_reads_last = moe_gemm_token_read_calls - reads_before;
     cudaCheck(cudaDeviceSynchronize());
     LayerResult r;
     r.out = fetch(out, (size_t)BT * C);
@@ -563,6 +567,27 @@ static void test_layer(const char* name, int route, int norm, int scale_input, f
                memcmp(&r2.aux, &r.aux, sizeof(float)) == 0;
     snprintf(what, sizeof(what), "%s: forward + backward twice bitwise identical", name);
     test_check(same, what);
+#ifdef HAVE_CUTLASS_GROUPED_GEMM
+    // CUTLASS reads x's and dy's rows through the schedule inside its GEMMs (where it can): the
+    // same bits as the GEMMs over gathered copies
+    if (moe_gemm_backend == MOE_GEMM_CUTLASS) {
+        // x through the schedule where s = 1 (fch, dW1), dy always (dh, dW2); none off 16 bytes
+        const int reads_on = g_token_reads_last, reads_want = g_expert_shift || g_act_shift ? 0 : (scale_input ? 2 : 4);
+        snprintf(what, sizeof(what), "%s: %d grouped GEMMs read tokens through the schedule", name, reads_want);
+        test_checkf(reads_on == reads_want, what, "%d did", reads_on);
+        const int reads_before = moe_gemm_token_read_calls;
+        moe_gemm_token_reads = 0;
+        LayerResult r3 = run_layer(d, o, D, alpha, tau);
+        moe_gemm_token_reads = 1;
+        const int reads_off = moe_gemm_token_read_calls - reads_before;
+        same = r3.out == r.out && r3.dx == r.dx && r3.dwr == r.dwr && r3.dw1 == r.dw1 && r3.dw2 == r.dw2 &&
+               r3.dcvec == r.dcvec && r3.dcmix == r.dcmix && r3.idx == r.idx && r3.dgate == r.dgate &&
+               memcmp(&r3.aux, &r.aux, sizeof(float)) == 0;
+        snprintf(what, sizeof(what), "%s: token reads inside the GEMMs bitwise equal to gathered copies", name);
+        test_checkf(same && reads_off == 0, what, "%s; %d token reads with them off", same ? "same bits" : "other bits",
+                    reads_off);
+    }
+#endif
 }
 
 // the row kernels (gather, combine, the token backward) with 16-byte vectors against their
@@ -843,9 +868,16 @@ int main(void) {
     g_layer_E = 6;
     test_checkf(moe_gemm_fallbacks == 0, "cutlass: every grouped GEMM ran on CUTLASS (none handed to the loop)",
                 "%d handed to the loop", moe_gemm_fallbacks);
-    g_expert_shift = 1;  // off 16 bytes: the loop, whatever the backend
+    // the token reads: the cases above with s = 1 read x and dy inside the GEMMs (four grouped GEMMs
+    // a layer), those with the k x input dy only (two); the rest of their GEMMs read gathered copies
+    test_checkf(moe_gemm_token_read_calls > 0, "cutlass: the grouped GEMMs read tokens through the schedule",
+                "%d grouped GEMMs with token reads", moe_gemm_token_read_calls);
+    g_expert_shift = 1;  // off 16 bytes: the loop, whatever the backend (and no token reads)
     test_layer("cutlass: layer random routing, norm, W1 and W2 off 16 bytes", ROUTE_RANDOM, 1, 0, 0.1f);
     g_expert_shift = 0;
+    g_act_shift = 1;  // x and dy off 16 bytes: CUTLASS's GEMMs over gathered copies
+    test_layer("cutlass: layer random routing, norm, input and gradients off 16 bytes", ROUTE_RANDOM, 1, 0, 0.1f);
+    g_act_shift = 0;
     moe_gemm_backend = MOE_GEMM_CUBLAS;
 #endif
     // last: their draws from g_rng leave the cases above their data

@@ -1,0 +1,246 @@
+// moe_gemm_gather_sm90.hpp - the mainloop of llmc/moe_gemm_cutlass.cu's grouped GEMMs that read
+// one operand's rows through the expert schedule instead of from a gathered copy (C++, CUTLASS 4.x,
+// sm_90a; included by moe_gemm_cutlass.cu only; docs/design.md §10.8).
+//
+// Contract. The gathered operand G (A or B) of problem a is a view of a row-major matrix src
+// (ld elements between rows): its pair row j (0 <= j < rows_a, the problem's MOE_DIM_ROWS
+// dimension) is src row sorted_pair[active_offset[a] + j] / k. Three kinds:
+//   MOE_GATHER_B_ROWS  B is K-major and its rows are G's N mode (the forward's fch = W1_e x_e,
+//                      the backward's dh = W2_e^T dy_e): B(n, kk) = src[tok(n) ld + kk]
+//   MOE_GATHER_B_K     B is N-major and G's rows are the K mode (dW2_e += (g h)^T dy_e):
+//                      B(n, kk) = src[tok(kk) ld + n]
+//   MOE_GATHER_A_K     A is M-major and G's rows are the K mode (dW1_e += x_e^T dfch_e):
+//                      A(m, kk) = src[tok(kk) ld + m]
+// Rows past the problem's rows and columns past its extent are loaded as zeros, as the TMA loads
+// of the ungathered kernel fill them, and the k-tiles run in the same order from 0: every output
+// is the same fixed-order fp32 sum of the same products, so the bits equal those of the gathered
+// copy's GEMM (dev/cuda/test_moe.cu compares them with memcmp).
+//
+// How. The persistent ptr-array kernel of CUTLASS runs, beside its TMA producer warp, an auxiliary
+// load warp when the mainloop's dispatch policy declares one (HasAuxiliaryLoad). This mainloop is
+// CUTLASS's own ptr-array TMA mainloop (the builder's, unchanged smem layouts and wgmma sequence)
+// with two changes: the TMA warp loads only the other operand (its transaction bytes only), and the
+// auxiliary warp fills G's stage with 16-byte cp.async copies (zero-filled outside the problem),
+// then arrives on the stage's full barrier with cp.async.mbarrier.arrive.noinc: the barrier waits
+// for 1 + 32 arrivals (NumProducerThreadEvents) and the TMA bytes. The lanes of the warp copy
+// whole 128-byte runs of a row together (coalesced), and the rows' source offsets travel between
+// lanes by shuffles, so the warp keeps within the producer's 40 registers.
+#pragma once
+
+#include "cutlass/cutlass.h"
+#include "cutlass/arch/barrier.h"
+#include "cute/tensor.hpp"
+#include "cutlass/gemm/dispatch_policy.hpp"
+
+#include "moe_gemm_cutlass.h"  // MOE_GATHER_*
+
+// a distinct dispatch policy (the kernel picks its schedule from BasePolicy::Schedule) that turns
+// on the kernel's auxiliary load warp
+template <class BasePolicy, int Gather>
+struct MoeGatherPolicy : BasePolicy {};
+
+namespace cutlass::gemm::kernel::detail {
+template <class BasePolicy, int Gather>
+struct HasAuxiliaryLoad<MoeGatherPolicy<BasePolicy, Gather>> : cute::true_type {};
+}  // namespace cutlass::gemm::kernel::detail
+
+// one 16-byte copy global -> shared; bytes 0 fills the 16 bytes with zeros and reads nothing
+__device__ __forceinline__ void moe_cp_async16(uint32_t smem_addr, const void* gmem, int bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(bytes));
+}
+
+template <class Base, int Gather>
+struct MoeGatherMainloop : Base {
+    static_assert(Gather == MOE_GATHER_B_ROWS || Gather == MOE_GATHER_B_K || Gather == MOE_GATHER_A_K,
+                  "MoeGatherMainloop: an unknown gather kind");
+    using DispatchPolicy = MoeGatherPolicy<typename Base::DispatchPolicy, Gather>;
+    using typename Base::TileShape;
+    using typename Base::ElementA;
+    using typename Base::ElementB;
+    using typename Base::SmemLayoutA;
+    using typename Base::SmemLayoutB;
+    using typename Base::MainloopPipeline;
+    using typename Base::PipelineState;
+    using typename Base::TensorStorage;
+    static_assert(cute::size(typename DispatchPolicy::ClusterShape{}) == 1,
+                  "MoeGatherMainloop: a cluster of one CTA (no TMA multicast of the gathered operand)");
+    static constexpr bool kGatherA = Gather == MOE_GATHER_A_K;
+    using ElementG = cute::conditional_t<kGatherA, ElementA, ElementB>;
+    static_assert(sizeof(ElementG) == 2, "MoeGatherMainloop: 16-bit elements (8 to a 16-byte copy)");
+    static constexpr int kVec = 8;                          // elements per 16-byte copy
+    static constexpr int kBM = cute::size<0>(TileShape{});  // tile M, N, K
+    static constexpr int kBN = cute::size<1>(TileShape{});
+    static constexpr int kBK = cute::size<2>(TileShape{});
+
+    // the kernel's pipeline counts one TMA arrival and one cp.async arrival per auxiliary lane
+    static constexpr int NumProducerThreadEvents = 33;
+    static constexpr uint32_t TmaTransactionBytes =
+        kGatherA ? cutlass::bits_to_bytes(cute::size<0>(SmemLayoutB{}) * cute::size<1>(SmemLayoutB{}) *
+                                          static_cast<uint32_t>(cute::sizeof_bits<ElementB>::value))
+                 : cutlass::bits_to_bytes(cute::size<0>(SmemLayoutA{}) * cute::size<1>(SmemLayoutA{}) *
+                                          static_cast<uint32_t>(cute::sizeof_bits<ElementA>::value));
+
+    // Base's arguments (its pointers of G's operand point at src: it builds a TMA descriptor for
+    // each operand that this mainloop never loads through) and the gather's
+    struct Arguments : Base::Arguments {
+        ElementG const* gather_src;
+        int gather_ld;
+        int const* sorted_pair;
+        int const* active_offset;
+        int pairs_per_token;  // k: sorted_pair / k is the token, src's row
+    };
+    struct Params : Base::Params {
+        ElementG const* gather_src;
+        int gather_ld;
+        int const* sorted_pair;
+        int const* active_offset;
+        int pairs_per_token;
+    };
+
+    template <class ProblemShape>
+    static Params to_underlying_arguments(ProblemShape problem_shapes, Arguments const& args, void* workspace) {
+        Params p;
+        static_cast<typename Base::Params&>(p) = Base::to_underlying_arguments(problem_shapes, args, workspace);
+        p.tma_transaction_bytes = TmaTransactionBytes;
+        p.gather_src = args.gather_src;
+        p.gather_ld = args.gather_ld;
+        p.sorted_pair = args.sorted_pair;
+        p.active_offset = args.active_offset;
+        p.pairs_per_token = args.pairs_per_token;
+        return p;
+    }
+
+    // Base's tiled TMA tensors plus the current problem: its index, its rows and G's column
+    // extent (the other mode of G: K for B_ROWS, N for B_K, M for A_K)
+    template <class ProblemShape_MNKL>
+    CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& problem_shape_MNKL, Params const& params) const {
+        auto base = Base::load_init(problem_shape_MNKL, params);
+        return cute::make_tuple(cute::get<0>(base), cute::get<1>(base), 0, 0, 0);
+    }
+
+    template <class InputTensors, class ProblemShape_MNKL>
+    CUTLASS_DEVICE InputTensors tensors_perform_update(InputTensors const& in, Params const&,
+                                                       ProblemShape_MNKL problem_shape_mnkl, int32_t next_batch) {
+        const int M = cute::get<0>(problem_shape_mnkl), N = cute::get<1>(problem_shape_mnkl),
+                  K = cute::get<2>(problem_shape_mnkl);
+        const int rows = Gather == MOE_GATHER_B_ROWS ? N : K;
+        const int extent = Gather == MOE_GATHER_B_ROWS ? K : Gather == MOE_GATHER_B_K ? N : M;
+        return cute::make_tuple(cute::get<0>(in), cute::get<1>(in), int(next_batch), rows, extent);
+    }
+
+    // the TMA warp: the ungathered operand's tile of each k-tile, as Base loads it
+    template <class LoadInputs, class TensorMapA, class TensorMapB, class KTileIterator, class BlockCoord>
+    CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
+                             LoadInputs const& load_inputs, cute::tuple<TensorMapA, TensorMapB> const& input_tensormaps,
+                             BlockCoord const& blk_coord, KTileIterator k_tile_iter, int k_tile_count, int thread_idx,
+                             uint32_t block_rank_in_cluster, TensorStorage& shared_tensors) {
+        using namespace cute;
+        if (!cute::elect_one_sync()) return;
+        auto [m_coord, n_coord, k_coord, l_coord] = blk_coord;
+        if constexpr (kGatherA) {
+            Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});
+            Tensor gB = get<1>(load_inputs)(_, _, n_coord, _, l_coord);
+            auto block_tma = params.tma_load_b.get_slice(0);
+            Tensor tBgB = block_tma.partition_S(gB);
+            Tensor tBsB = block_tma.partition_D(sB);
+            for (; k_tile_count > 0; --k_tile_count) {
+                pipeline.producer_acquire(smem_pipe_write);
+                auto* bar = pipeline.producer_get_barrier(smem_pipe_write);
+                copy(params.tma_load_b.with(get<1>(input_tensormaps), *bar, uint16_t(0)), tBgB(_, _, _, *k_tile_iter),
+                     tBsB(_, _, _, smem_pipe_write.index()));
+                ++k_tile_iter;
+                ++smem_pipe_write;
+            }
+        } else {
+            Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});
+            Tensor gA = get<0>(load_inputs)(_, _, m_coord, _, l_coord);
+            auto block_tma = params.tma_load_a.get_slice(0);
+            Tensor tAgA = block_tma.partition_S(gA);
+            Tensor tAsA = block_tma.partition_D(sA);
+            for (; k_tile_count > 0; --k_tile_count) {
+                pipeline.producer_acquire(smem_pipe_write);
+                auto* bar = pipeline.producer_get_barrier(smem_pipe_write);
+                copy(params.tma_load_a.with(get<0>(input_tensormaps), *bar, uint16_t(0)), tAgA(_, _, _, *k_tile_iter),
+                     tAsA(_, _, _, smem_pipe_write.index()));
+                ++k_tile_iter;
+                ++smem_pipe_write;
+            }
+        }
+    }
+
+    // the auxiliary warp (thread_idx = its lane): G's tile of each k-tile by cp.async
+    template <class LoadInputs, class KTileIterator, class BlockCoord>
+    CUTLASS_DEVICE void load_auxiliary(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
+                                       LoadInputs const& load_inputs, BlockCoord const& blk_coord, KTileIterator,
+                                       int k_tile_count, int lane, uint32_t, TensorStorage& shared_tensors) {
+        using namespace cute;
+        auto [m_coord, n_coord, k_coord, l_coord] = blk_coord;
+        const int group = get<2>(load_inputs), rows = get<3>(load_inputs), extent = get<4>(load_inputs);
+        const int* pairs = params.sorted_pair + params.active_offset[group];
+        const int kk = params.pairs_per_token, ld = params.gather_ld;
+        const ElementG* src = params.gather_src;
+        Tensor sG = make_tensor(make_smem_ptr(kGatherA ? (ElementG*)shared_tensors.smem_A.data()
+                                                       : (ElementG*)shared_tensors.smem_B.data()),
+                                conditional_t<kGatherA, SmemLayoutA, SmemLayoutB>{});  // (BLK_MN, BLK_K, PIPE)
+        if constexpr (Gather == MOE_GATHER_B_ROWS) {
+            // 8 lanes copy one row's 64 elements of the k-tile (128 bytes), 4 rows a pass; lane l
+            // holds the source offset of the tile's rows l + 32 r (-1: past the problem's rows)
+            constexpr int kChunks = kBK / kVec, kRowsPerPass = 32 / kChunks, kPasses = kBN / kRowsPerPass;
+            constexpr int kRowRegs = kBN / 32;
+            static_assert(kChunks * kRowsPerPass == 32 && kBN % 32 == 0 && 32 % kRowsPerPass == 0,
+                          "MoeGatherMainloop: tile shape");
+            int row_off[kRowRegs];
+            CUTLASS_PRAGMA_UNROLL
+            for (int r = 0; r < kRowRegs; r++) {
+                const int n = n_coord * kBN + lane + 32 * r;
+                row_off[r] = n < rows ? (pairs[n] / kk) * ld : -1;
+            }
+            const int chunk = lane % kChunks, sub = lane / kChunks;
+            for (int kt = 0; k_tile_count > 0; --k_tile_count, ++kt) {
+                const int col = kt * kBK + chunk * kVec;
+                const bool col_ok = col < extent;
+                pipeline.producer_acquire(smem_pipe_write);
+                const int stage = smem_pipe_write.index();
+                CUTLASS_PRAGMA_UNROLL
+                for (int i = 0; i < kPasses; i++) {
+                    const int row = i * kRowsPerPass + sub;  // row / 32 == i / (32 / kRowsPerPass)
+                    const int off = __shfl_sync(0xffffffffu, row_off[i / (32 / kRowsPerPass)], row % 32);
+                    const bool ok = col_ok && off >= 0;
+                    moe_cp_async16(cast_smem_ptr_to_uint(&sG(row, chunk * kVec, stage)), ok ? src + off + col : src,
+                                   ok ? 16 : 0);
+                }
+                pipeline.producer_commit(smem_pipe_write, cutlass::arch::cpasync_barrier_arrive_noinc);
+                ++smem_pipe_write;
+            }
+        } else {
+            // G is MN-major: a k-row of the tile is kBMN contiguous elements of one source row;
+            // lanes copy 16 bytes each along it, 32 / (kBMN / 8) k-rows a pass; lane l holds the
+            // source offsets of the k-tile's rows l and l + 32
+            constexpr int kBMN = kGatherA ? kBM : kBN;
+            constexpr int kChunks = kBMN / kVec;
+            static_assert(kBK == 64 && (kChunks == 16 || kChunks == 32), "MoeGatherMainloop: tile shape");
+            constexpr int kRowsPerPass = 32 / kChunks, kPasses = kBK / kRowsPerPass;
+            const int mn_base = (kGatherA ? m_coord : n_coord) * kBMN;
+            const int chunk = lane % kChunks, sub = lane / kChunks;
+            const int col = mn_base + chunk * kVec;
+            const bool col_ok = col < extent;
+            for (int kt = 0; k_tile_count > 0; --k_tile_count, ++kt) {
+                const int r0 = kt * kBK + lane, r1 = r0 + 32;
+                const int off0 = r0 < rows ? (pairs[r0] / kk) * ld : -1;
+                const int off1 = r1 < rows ? (pairs[r1] / kk) * ld : -1;
+                pipeline.producer_acquire(smem_pipe_write);
+                const int stage = smem_pipe_write.index();
+                CUTLASS_PRAGMA_UNROLL
+                for (int i = 0; i < kPasses; i++) {
+                    const int j = i * kRowsPerPass + sub;  // the k-row in the tile; j / 32 == i / (32 / kRowsPerPass)
+                    const int off = __shfl_sync(0xffffffffu, i / (32 / kRowsPerPass) == 0 ? off0 : off1, j % 32);
+                    const bool ok = col_ok && off >= 0;
+                    moe_cp_async16(cast_smem_ptr_to_uint(&sG(chunk * kVec, j, stage)), ok ? src + off + col : src,
+                                   ok ? 16 : 0);
+                }
+                pipeline.producer_commit(smem_pipe_write, cutlass::arch::cpasync_barrier_arrive_noinc);
+                ++smem_pipe_write;
+            }
+        }
+    }
+};
