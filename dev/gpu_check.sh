@@ -202,15 +202,16 @@ if [[ "$mode" == *cutlass* ]]; then
     cutlass_packed=0   # the pack of this call brings train_omnimoe_cutlass (the build below does not)
     if prebuilt cutlass; then cutlass_packed=1
     else run cutlass_build make -j$(nproc) -B USE_CUTLASS=1 dev/cuda/test_moe_bin dev/cuda/bench_moe_bin; fi
-    run cutlass_test_moe ./dev/cuda/test_moe_bin
+    # (timeouts: a hung pipeline in a CUTLASS kernel must not take the rest of the call)
+    run cutlass_test_moe timeout 300 ./dev/cuda/test_moe_bin
     if [[ "$mode" == *sanitize* ]]; then  # the CUTLASS kernels' reads and writes too
         run cutlass_sanitize_memcheck compute-sanitizer --tool memcheck --error-exitcode 1 ./dev/cuda/test_moe_bin
     fi
-    run cutlass_bench_moe ./dev/cuda/bench_moe_bin --json "$LOG/bench_moe_cutlass.json"
+    run cutlass_bench_moe timeout 300 ./dev/cuda/bench_moe_bin --json "$LOG/bench_moe_cutlass.json"
     # the same at a d12 step's B*T (32 x 1024): 3072 rows an expert instead of 768
-    run cutlass_bench_moe_bt32k ./dev/cuda/bench_moe_bin --bt 32768 --json "$LOG/bench_moe_cutlass_bt32k.json"
+    run cutlass_bench_moe_bt32k timeout 300 ./dev/cuda/bench_moe_bin --bt 32768 --json "$LOG/bench_moe_cutlass_bt32k.json"
     # the layer and the dense SwiGLU kernel by kernel (ncu) at both sizes: where the ratio goes
-    if command -v ncu > /dev/null; then run cutlass_profile_moe_layer bash dev/profile_moe_layer.sh 8192 32768
+    if command -v ncu > /dev/null; then run cutlass_profile_moe_layer timeout 300 bash dev/profile_moe_layer.sh 8192 32768
     else summary+=("$(printf '%-28s %-10s' cutlass_profile_moe_layer "SKIPPED (no ncu on this machine)")"); fi
     # other kernels for the same benchmark, one make variable a word, e.g.
     # CUTLASS_VARIANTS="MOE_CUTLASS_TILE_N=128 MOE_CUTLASS_PINGPONG=1" (about 2 minutes each), at both sizes
@@ -219,8 +220,8 @@ if [[ "$mode" == *cutlass* ]]; then
         if [ ! -x "$bin" ]; then
             run "cutlass_build_$v" make -j$(nproc) -B USE_CUTLASS=1 "$v" dev/cuda/bench_moe_bin && bin=dev/cuda/bench_moe_bin
         fi
-        run "cutlass_bench_moe_$v" ./$bin --json "$LOG/bench_moe_cutlass_$v.json"
-        run "cutlass_bench_moe_bt32k_$v" ./$bin --bt 32768 --json "$LOG/bench_moe_cutlass_bt32k_$v.json"
+        run "cutlass_bench_moe_$v" timeout 300 ./$bin --json "$LOG/bench_moe_cutlass_$v.json"
+        run "cutlass_bench_moe_bt32k_$v" timeout 300 ./$bin --bt 32768 --json "$LOG/bench_moe_cutlass_bt32k_$v.json"
     done
     # the d12 moe step in the trainer with each grouped GEMM, alternating, one binary (the CUTLASS
     # build's trainer, train_omnimoe_cutlass of this call's pack): median ms of steps 11-30, and the
@@ -229,7 +230,7 @@ if [[ "$mode" == *cutlass* ]]; then
         step_rc=0
         for i in 1 2; do
             for b in cublas cutlass; do
-                ./train_omnimoe_cutlass -e d12 -f moe -b 16 -t 1024 -x 30 -v 0 -s 0 --moe-gemm $b \
+                timeout 300 ./train_omnimoe_cutlass -e d12 -f moe -b 16 -t 1024 -x 30 -v 0 -s 0 --moe-gemm $b \
                     --log-file "$LOG/moe_step_${b}_$i.jsonl" > "$LOG/moe_step_${b}_$i.out" 2>&1 || step_rc=1
             done
         done
