@@ -58,21 +58,23 @@ using MoeKernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCoopera
 using MoeEpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
 #endif
 
-// the epilogue, the same for the three kernels: D = alpha acc + beta C in fp32, rounded to bf16
-using MoeEpilogue = cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, MoeTileShape, MoeClusterShape,
+// the epilogue, the same for every kernel: D = alpha acc + beta C in fp32, rounded to bf16
+template <class Cluster>
+using MoeEpilogueT = typename cutlass::epilogue::collective::CollectiveBuilder<
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, MoeTileShape, Cluster,
     cutlass::epilogue::collective::EpilogueTileAuto, float, float, MoeElement, MoeLayoutC*, kMoeAlign, MoeElement,
     MoeLayoutC*, kMoeAlign, MoeEpilogueSchedule,
     cutlass::epilogue::fusion::LinearCombination<MoeElement, float, MoeElement, float>>::CollectiveOp;
-constexpr int kMoeEpilogueSmem = static_cast<int>(sizeof(MoeEpilogue::SharedStorage));
 
-template <class LayoutA, class LayoutB>
+template <class LayoutA, class LayoutB, class Cluster = MoeClusterShape>
 struct MoeCutlassKernel {
+    using Epilogue = MoeEpilogueT<Cluster>;
     using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
         cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, MoeElement, LayoutA*, kMoeAlign, MoeElement, LayoutB*,
-        kMoeAlign, float, MoeTileShape, MoeClusterShape, cutlass::gemm::collective::StageCountAutoCarveout<kMoeEpilogueSmem>,
+        kMoeAlign, float, MoeTileShape, Cluster,
+        cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
         MoeKernelSchedule>::CollectiveOp;
-    using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, MoeEpilogue>;  // default: persistent group scheduler
+    using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;  // default: persistent group scheduler
     using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
     static constexpr int kGather = MOE_GATHER_NONE;
     using StrideA = typename Kernel::InternalStrideA;
@@ -87,11 +89,13 @@ using KernelNN = MoeCutlassKernel<cutlass::layout::ColumnMajor, cutlass::layout:
 using KernelNT = MoeCutlassKernel<cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
 
 // the same kernels with one operand read through the schedule (llmc/moe_gemm_gather_sm90.hpp):
-// the builder's mainloop, its smem layouts and wgmma sequence, with the gathered loads
-template <class K, int Gather>
+// the builder's mainloop, its smem layouts and wgmma sequence, with the gathered loads; a cluster
+// of one CTA whatever MOE_CUTLASS_CLUSTER_M (the gathered operand has no TMA multicast)
+template <class LayoutA, class LayoutB, int Gather>
 struct MoeCutlassGatherKernel {
+    using K = MoeCutlassKernel<LayoutA, LayoutB, Shape<_1, _1, _1>>;
     using Mainloop = MoeGatherMainloop<typename K::Mainloop, Gather>;
-    using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, MoeEpilogue>;
+    using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, typename K::Epilogue>;
     using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
     static constexpr int kGather = Gather;
     using StrideA = typename K::StrideA;
@@ -100,10 +104,12 @@ struct MoeCutlassGatherKernel {
     static_assert(cute::is_same_v<typename Kernel::InternalStrideA, StrideA> &&
                   cute::is_same_v<typename Kernel::InternalStrideB, StrideB>, "the gathered kernel's strides");
 };
-using KernelTNGatherB = MoeCutlassGatherKernel<KernelTN, MOE_GATHER_B_ROWS>;  // fch = W1 x
-using KernelNNGatherB = MoeCutlassGatherKernel<KernelNN, MOE_GATHER_B_ROWS>;  // dh = W2^T dy
-using KernelNTGatherB = MoeCutlassGatherKernel<KernelNT, MOE_GATHER_B_K>;     // dW2 += (g h) dy^T
-using KernelNTGatherA = MoeCutlassGatherKernel<KernelNT, MOE_GATHER_A_K>;     // dW1 += x dfch^T
+using cutlass::layout::RowMajor;
+using cutlass::layout::ColumnMajor;
+using KernelTNGatherB = MoeCutlassGatherKernel<RowMajor, ColumnMajor, MOE_GATHER_B_ROWS>;     // fch = W1 x
+using KernelNNGatherB = MoeCutlassGatherKernel<ColumnMajor, ColumnMajor, MOE_GATHER_B_ROWS>;  // dh = W2^T dy
+using KernelNTGatherB = MoeCutlassGatherKernel<ColumnMajor, RowMajor, MOE_GATHER_B_K>;        // dW2 += (g h) dy^T
+using KernelNTGatherA = MoeCutlassGatherKernel<ColumnMajor, RowMajor, MOE_GATHER_A_K>;        // dW1 += x dfch^T
 
 constexpr size_t kStrideBytes = 16;  // room for one stride of any of the three kernels
 
