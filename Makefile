@@ -154,7 +154,7 @@ build/attention_cudnn.o: llmc/attention_cudnn.cu llmc/attention_cudnn.h
 
 # the CUTLASS grouped GEMM in its own object (llmc/moe_gemm_cutlass.h): CUTLASS's templates take
 # minutes to compile, and its headers stay out of every other translation unit
-build/moe_gemm_cutlass.o: llmc/moe_gemm_cutlass.cu llmc/moe_gemm_cutlass.h llmc/moe_gemm_gather_sm90.hpp
+build/moe_gemm_cutlass.o: llmc/moe_gemm_cutlass.cu llmc/moe_gemm_cutlass.h llmc/moe_gemm_cutlass_kernels.hpp llmc/moe_gemm_gather_sm90.hpp
 	@mkdir -p build
 	$(NVCC) $(NVCC_FLAGS) -I$(CUTLASS_INCLUDE) -DNDEBUG -DMOE_CUTLASS_TILE_N=$(MOE_CUTLASS_TILE_N) -DMOE_CUTLASS_PINGPONG=$(MOE_CUTLASS_PINGPONG) \
 		-DMOE_CUTLASS_CLUSTER_M=$(MOE_CUTLASS_CLUSTER_M) -c $< -o $@
@@ -177,6 +177,12 @@ KERNEL_LOGS = dev/cuda/build_logs
 kernel_tests: $(KERNEL_TEST_BINS)
 
 kernel_benches: $(KERNEL_BENCH_BINS)
+
+# check_gather_copies: the CUTLASS token reads' copies replayed on the host (no GPU, no CUTLASS
+# object; the CUTLASS headers only)
+dev/cuda/check_gather_copies_bin: dev/cuda/check_gather_copies.cu llmc/moe_gemm_cutlass_kernels.hpp llmc/moe_gemm_gather_sm90.hpp llmc/moe_gemm_cutlass.h
+	$(NVCC) $(NVCC_FLAGS) -I$(CUTLASS_INCLUDE) -DNDEBUG -DMOE_CUTLASS_TILE_N=$(MOE_CUTLASS_TILE_N) -DMOE_CUTLASS_PINGPONG=$(MOE_CUTLASS_PINGPONG) \
+		-DMOE_CUTLASS_CLUSTER_M=$(MOE_CUTLASS_CLUSTER_M) $< -o $@
 
 dev/cuda/%_fp32_bin: dev/cuda/%.cu $(HOST_HEADERS) $(CUDA_HEADERS)
 	$(NVCC) $(NVCC_FLAGS) -DENABLE_FP32 $< -o $@ $(NVCC_LDLIBS)
@@ -241,6 +247,11 @@ test_cpu: $(CPU_TESTS) train_omnimoe_cpu
 		$(MAKE) $(PLAN_CHECK_BINS) && ./dev/cuda/check_memory_plan_bin && ./dev/cuda/check_memory_plan_fp32_bin; \
 	else \
 		echo "SKIPPED: check_memory_plan (the plan's copy of the CUDA sizes): no $(NVCC) on this machine"; \
+	fi
+	@if command -v $(NVCC) >/dev/null 2>&1 && [ -f $(CUTLASS_INCLUDE)/cutlass/gemm/collective/collective_builder.hpp ]; then \
+		$(MAKE) dev/cuda/check_gather_copies_bin && ./dev/cuda/check_gather_copies_bin; \
+	else \
+		echo "SKIPPED: check_gather_copies (the CUTLASS token reads' copies on the host): no $(NVCC) or no CUTLASS headers in $(CUTLASS_INCLUDE) (bash dev/prepare_carry.sh cutlass)"; \
 	fi
 	bash scripts/test_hostile.sh
 

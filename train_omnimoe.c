@@ -1916,6 +1916,12 @@ int main(int argc, char** argv) {
                 "the CPU reference loops over the experts (leave --moe-gemm unset)\n");
         exit(EXIT_FAILURE);
     }
+    if (cfg.moe_token_reads != 1) {
+        fprintf(stderr, "Error: flag --moe-token-reads %d: the grouped GEMMs' token reads are the CUDA trainer's "
+                "(./train_omnimoe, --moe-gemm cutlass); the CPU reference has no gathered copies to skip (leave it unset)\n",
+                cfg.moe_token_reads);
+        exit(EXIT_FAILURE);
+    }
     if (cfg.matmul_tune != 0) {
         fprintf(stderr, "Error: flag --matmul-tune %d: choosing among cuBLASLt's GEMM kernels is the CUDA trainer's "
                 "(./train_omnimoe); the CPU reference has none (use --matmul-tune 0)\n", cfg.matmul_tune);

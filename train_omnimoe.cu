@@ -236,11 +236,14 @@ static void device_memory_check(const MemoryPlan* plan) {
     exit(EXIT_FAILURE);
 }
 
-// the moe layer's dimensions and options from the model config (docs/design.md §10)
-// (recompute: -r; from 1 the layers gather their experts' inputs again in the backward)
+// the moe layer's dimensions and options from the model config (docs/design.md §10). No layer
+// keeps its experts' gathered inputs (recompute_xg) with -r >= 1, nor where the grouped GEMMs read
+// x's rows through the schedule themselves (the CUTLASS backend, inputs not scaled by k); where a
+// GEMM cannot after all (a base off 16 bytes), the layer gathers them again in the backward
 static MoeDims model_moe_dims(const ModelConfig* c, int BT, int recompute) {
+    const int gemms_read_x = moe_gemm_backend == MOE_GEMM_CUTLASS && moe_gemm_token_reads && !c->moe_input_scale;
     MoeDims d = {BT, c->channels, (int)model_config_dense_width(c), c->ffn_hidden, c->moe_experts, c->moe_const,
-                 c->moe_copy, c->moe_zero, c->moe_topk, recompute >= 1};
+                 c->moe_copy, c->moe_zero, c->moe_topk, recompute >= 1 || gemms_read_x};
     return d;
 }
 static MoeOptions model_moe_options(const ModelConfig* c) {
@@ -275,7 +278,7 @@ static PlanKernelSizes model_kernel_sizes(const ModelConfig* c, int B, int T, in
     size_t pairs = omni ? BT * c->top_k : (moe ? BT * c->moe_topk : 0);
     size_t cub = omni ? scheduler_cub_bytes((int)pairs, c->num_experts)
                       : (moe ? scheduler_cub_bytes((int)pairs, model_config_moe_routed(c)) : 0);
-    PlanKernelSizes mirror = plan_kernel_sizes(c, B, T, (int)sizeof(floatX), pairs, C, cub, recompute);
+    PlanKernelSizes mirror = plan_kernel_sizes(c, B, T, (int)sizeof(floatX), pairs, C, cub, moe_dims.recompute_xg);
     if (mirror.scratch != k.scratch || mirror.omni_saved != k.omni_saved || mirror.omni_workspace != k.omni_workspace) {
         fprintf(stderr, "Error: llmc/memory_plan.h's kernel sizes differ from the kernels' (scratch %zu vs %zu, saved "
                 "%zu vs %zu, workspace %zu vs %zu bytes): update plan_kernel_sizes with the kernel change\n",
@@ -1695,6 +1698,7 @@ int main(int argc, char** argv) {
     matmul_gelu_fused = cfg.gelu_fusion >= 1;  // --gelu-fusion: the GELU in cuBLASLt epilogues (llmc/matmul.cuh)
     static_assert(MOE_GEMM_LOOP == 0 && MOE_GEMM_CUBLAS == 1 && MOE_GEMM_CUTLASS == 2, "--moe-gemm's word order");
     moe_gemm_backend = cfg.moe_gemm;            // --moe-gemm loop|cublas|cutlass (llmc/moe_experts.cuh)
+    moe_gemm_token_reads = cfg.moe_token_reads;  // --moe-token-reads: CUTLASS's GEMMs read x and dy through the schedule
 #if !defined(HAVE_CUTLASS_GROUPED_GEMM)
     if (cfg.moe_gemm == MOE_GEMM_CUTLASS) {
         fprintf(stderr, "Error: --moe-gemm cutlass: this train_omnimoe was built without CUTLASS (build it with "

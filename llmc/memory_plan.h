@@ -135,9 +135,11 @@ static inline size_t plan_cub_estimate(size_t pairs) { return 8 * pairs + ((size
 // pairs: the (token, expert) pairs of one layer's own tokens (BT*k); expert_cols: the channels of
 // U and V its unsharded experts compute with (C); cub_bytes: CUB's
 // storage for that many pairs (scheduler_cub_bytes on a GPU, plan_cub_estimate without);
-// recompute: -r (moe: from 1 the gathered expert inputs are one workspace buffer, not one a layer)
+// moe_xg_recomputed: the moe layers keep no gathered expert inputs (MoeDims.recompute_xg: -r >= 1,
+// or the CUDA build's grouped GEMMs read x's rows through the schedule; the estimate without a
+// GPU passes -r alone, an upper bound for CUTLASS builds)
 static inline PlanKernelSizes plan_kernel_sizes(const ModelConfig* c, int B, int T, int floatx_bytes, size_t pairs,
-                                                size_t expert_cols, size_t cub_bytes, int recompute) {
+                                                size_t expert_cols, size_t cub_bytes, int moe_xg_recomputed) {
     const size_t BT = (size_t)B * T, C = c->channels, Vp = c->padded_vocab_size;
     const size_t FI = model_config_ffn_in_width(c), NH = c->num_heads, F = sizeof(float), X = floatx_bytes;
     size_t s = 0;
@@ -169,9 +171,9 @@ static inline PlanKernelSizes plan_kernel_sizes(const ModelConfig* c, int B, int
         k.omni_saved = 2 * plan_align256(BT * Et * F) + plan_align256(BT * RH * X) + plan_align256(P * I4)
                      + plan_align256(P * F) + plan_align256(BT * F) + plan_align256(P * 2 * F) + 3 * plan_align256(P * I4)
                      + plan_align256(A * I4) + plan_align256((A + 1) * I4) + plan_align256(I4) + plan_align256(P * I4)
-                     + plan_align256(Et * I4) + plan_align256((Et + 1) * I4) + plan_align256(recompute ? 0 : PE * C * X)
+                     + plan_align256(Et * I4) + plan_align256((Et + 1) * I4) + plan_align256(moe_xg_recomputed ? 0 : PE * C * X)
                      + plan_align256(PE * 2 * Ie * X) + plan_align256(PE * Ie * X);  // moe_layer_saved_bytes
-        k.omni_workspace = plan_align256(PE * C * X) + plan_align256(recompute ? PE * C * X : 0) + plan_align256(PE * Ie * X) + plan_align256(PE * 2 * Ie * X)
+        k.omni_workspace = plan_align256(PE * C * X) + plan_align256(PE * Ie * X) + plan_align256(PE * 2 * Ie * X)
                          + 3 * plan_align256(BT * Et * F) + plan_align256(BT * Et * X) + plan_align256(BT * RH * X)
                          + plan_align256(P * 2 * F) + plan_align256(P * F) + plan_align256(Et * sizeof(double))
                          + 3 * plan_max(c->moe_experts, 1) * sizeof(void*);  // moe_workspace_bytes

@@ -24,7 +24,9 @@
 // then arrives on the stage's full barrier with cp.async.mbarrier.arrive.noinc: the barrier waits
 // for 1 + 32 arrivals (NumProducerThreadEvents) and the TMA bytes. The lanes of the warp copy
 // whole 128-byte runs of a row together (coalesced), and the rows' source offsets travel between
-// lanes by shuffles, so the warp keeps within the producer's 40 registers.
+// lanes by shuffles, so the warp keeps within the producer's 40 registers. The copies' index
+// arithmetic is one host-device function (copy_k_tile) that dev/cuda/check_gather_copies.cu
+// replays on the host against the smem layout, without a GPU.
 #pragma once
 
 #include "cutlass/cutlass.h"
@@ -64,6 +66,7 @@ struct MoeGatherMainloop : Base {
     using typename Base::TensorStorage;
     static_assert(cute::size(typename DispatchPolicy::ClusterShape{}) == 1,
                   "MoeGatherMainloop: a cluster of one CTA (no TMA multicast of the gathered operand)");
+    static constexpr int kGather = Gather;
     static constexpr bool kGatherA = Gather == MOE_GATHER_A_K;
     using ElementG = cute::conditional_t<kGatherA, ElementA, ElementB>;
     static_assert(sizeof(ElementG) == 2, "MoeGatherMainloop: 16-bit elements (8 to a 16-byte copy)");
@@ -168,6 +171,52 @@ struct MoeGatherMainloop : Base {
         }
     }
 
+    // ---- the auxiliary warp's copies, written once for the device (load_auxiliary) and the host
+    // (dev/cuda/check_gather_copies.cu replays them without a GPU and checks every smem element)
+    //
+    // G's pair rows j (0..rows-1 of the problem) are the tile's N rows (B_ROWS: lane l holds the
+    // source offsets of the work tile's rows l + 32 r, r < kOffsetRegs, for all its k-tiles) or its
+    // K rows (B_K, A_K: lane l holds those of the k-tile's rows l and l + 32). A pass copies
+    // kLinesPerPass tile lines (rows of the K-major B, k-rows of the MN-major G) of kChunks 16-byte
+    // chunks, one chunk a lane; the line's source offset comes from the lane that holds it.
+    static constexpr int kLineElems = Gather == MOE_GATHER_B_ROWS ? kBK : (kGatherA ? kBM : kBN);
+    static constexpr int kChunks = kLineElems / kVec;
+    static constexpr int kLinesPerPass = 32 / kChunks;
+    static constexpr int kLines = Gather == MOE_GATHER_B_ROWS ? kBN : kBK;
+    static constexpr int kPasses = kLines / kLinesPerPass;
+    static constexpr int kOffsetRegs = kLines / 32;
+    static_assert(kChunks * kLinesPerPass == 32 && kLines % 32 == 0 && kLineElems % kVec == 0,
+                  "MoeGatherMainloop: a tile line of whole 16-byte chunks, 32 chunks a pass, 32 lines per offset register");
+
+    // src's element offset of pair row j (-1: past the problem's rows)
+    CUTLASS_HOST_DEVICE static int source_offset(const int* pairs, int rows, int k, int ld, int j) {
+        return j < rows ? (pairs[j] / k) * ld : -1;
+    }
+    // the first pair row of lane 0's offset register 0: the work tile's first row (B_ROWS) or the
+    // k-tile's (K modes)
+    CUTLASS_HOST_DEVICE static int first_offset_row(int mn_tile, int kt) {
+        return Gather == MOE_GATHER_B_ROWS ? mn_tile * kBN : kt * kBK;
+    }
+    // one k-tile of G into stage `stage` of sG by lane `lane`: offset(r, from_lane) is lane
+    // from_lane's offset register r; copy(dst, src_offset) copies 16 bytes from src + src_offset
+    // (-1: zeros) to dst. mn_tile: the work tile's M (A_K) or N (B modes) index; extent: G's
+    // column extent (K for B_ROWS, N or M for the K modes)
+    template <class SmemTensor, class Offset, class Copy>
+    CUTLASS_HOST_DEVICE static void copy_k_tile(SmemTensor&& sG, int stage, int lane, int kt, int mn_tile, int extent,
+                                                Offset&& offset, Copy&& copy) {
+        const int chunk = lane % kChunks, sub = lane / kChunks;
+        const int col = (Gather == MOE_GATHER_B_ROWS ? kt * kBK : mn_tile * kLineElems) + chunk * kVec;
+        const bool col_ok = col < extent;
+        CUTLASS_PRAGMA_UNROLL
+        for (int i = 0; i < kPasses; i++) {
+            const int line = i * kLinesPerPass + sub;  // line / 32 == i / (32 / kLinesPerPass)
+            const int off = offset(i / (32 / kLinesPerPass), line % 32);
+            const int src_off = col_ok && off >= 0 ? off + col : -1;
+            if constexpr (Gather == MOE_GATHER_B_ROWS) copy(&sG(line, chunk * kVec, stage), src_off);
+            else copy(&sG(chunk * kVec, line, stage), src_off);
+        }
+    }
+
     // the auxiliary warp (thread_idx = its lane): G's tile of each k-tile by cp.async
     template <class LoadInputs, class KTileIterator, class BlockCoord>
     CUTLASS_DEVICE void load_auxiliary(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
@@ -175,72 +224,36 @@ struct MoeGatherMainloop : Base {
                                        int k_tile_count, int lane, uint32_t, TensorStorage& shared_tensors) {
         using namespace cute;
         auto [m_coord, n_coord, k_coord, l_coord] = blk_coord;
+        const int mn_tile = kGatherA ? int(m_coord) : int(n_coord);
         const int group = get<2>(load_inputs), rows = get<3>(load_inputs), extent = get<4>(load_inputs);
         const int* pairs = params.sorted_pair + params.active_offset[group];
-        const int kk = params.pairs_per_token, ld = params.gather_ld;
+        const int k = params.pairs_per_token, ld = params.gather_ld;
         const ElementG* src = params.gather_src;
         Tensor sG = make_tensor(make_smem_ptr(kGatherA ? (ElementG*)shared_tensors.smem_A.data()
                                                        : (ElementG*)shared_tensors.smem_B.data()),
                                 conditional_t<kGatherA, SmemLayoutA, SmemLayoutB>{});  // (BLK_MN, BLK_K, PIPE)
-        if constexpr (Gather == MOE_GATHER_B_ROWS) {
-            // 8 lanes copy one row's 64 elements of the k-tile (128 bytes), 4 rows a pass; lane l
-            // holds the source offset of the tile's rows l + 32 r (-1: past the problem's rows)
-            constexpr int kChunks = kBK / kVec, kRowsPerPass = 32 / kChunks, kPasses = kBN / kRowsPerPass;
-            constexpr int kRowRegs = kBN / 32;
-            static_assert(kChunks * kRowsPerPass == 32 && kBN % 32 == 0 && 32 % kRowsPerPass == 0,
-                          "MoeGatherMainloop: tile shape");
-            int row_off[kRowRegs];
+        auto copy = [&](ElementG* dst, int src_off) {
+            moe_cp_async16(cast_smem_ptr_to_uint(dst), src_off >= 0 ? src + src_off : src, src_off >= 0 ? 16 : 0);
+        };
+        int regs[kOffsetRegs];
+        if constexpr (Gather == MOE_GATHER_B_ROWS) {  // the work tile's rows, for all its k-tiles
             CUTLASS_PRAGMA_UNROLL
-            for (int r = 0; r < kRowRegs; r++) {
-                const int n = n_coord * kBN + lane + 32 * r;
-                row_off[r] = n < rows ? (pairs[n] / kk) * ld : -1;
+            for (int r = 0; r < kOffsetRegs; r++) {
+                regs[r] = source_offset(pairs, rows, k, ld, first_offset_row(mn_tile, 0) + lane + 32 * r);
             }
-            const int chunk = lane % kChunks, sub = lane / kChunks;
-            for (int kt = 0; k_tile_count > 0; --k_tile_count, ++kt) {
-                const int col = kt * kBK + chunk * kVec;
-                const bool col_ok = col < extent;
-                pipeline.producer_acquire(smem_pipe_write);
-                const int stage = smem_pipe_write.index();
+        }
+        for (int kt = 0; k_tile_count > 0; --k_tile_count, ++kt) {
+            if constexpr (Gather != MOE_GATHER_B_ROWS) {  // the k-tile's rows (read before the wait)
                 CUTLASS_PRAGMA_UNROLL
-                for (int i = 0; i < kPasses; i++) {
-                    const int row = i * kRowsPerPass + sub;  // row / 32 == i / (32 / kRowsPerPass)
-                    const int off = __shfl_sync(0xffffffffu, row_off[i / (32 / kRowsPerPass)], row % 32);
-                    const bool ok = col_ok && off >= 0;
-                    moe_cp_async16(cast_smem_ptr_to_uint(&sG(row, chunk * kVec, stage)), ok ? src + off + col : src,
-                                   ok ? 16 : 0);
+                for (int r = 0; r < kOffsetRegs; r++) {
+                    regs[r] = source_offset(pairs, rows, k, ld, first_offset_row(mn_tile, kt) + lane + 32 * r);
                 }
-                pipeline.producer_commit(smem_pipe_write, cutlass::arch::cpasync_barrier_arrive_noinc);
-                ++smem_pipe_write;
             }
-        } else {
-            // G is MN-major: a k-row of the tile is kBMN contiguous elements of one source row;
-            // lanes copy 16 bytes each along it, 32 / (kBMN / 8) k-rows a pass; lane l holds the
-            // source offsets of the k-tile's rows l and l + 32
-            constexpr int kBMN = kGatherA ? kBM : kBN;
-            constexpr int kChunks = kBMN / kVec;
-            static_assert(kBK == 64 && (kChunks == 16 || kChunks == 32), "MoeGatherMainloop: tile shape");
-            constexpr int kRowsPerPass = 32 / kChunks, kPasses = kBK / kRowsPerPass;
-            const int mn_base = (kGatherA ? m_coord : n_coord) * kBMN;
-            const int chunk = lane % kChunks, sub = lane / kChunks;
-            const int col = mn_base + chunk * kVec;
-            const bool col_ok = col < extent;
-            for (int kt = 0; k_tile_count > 0; --k_tile_count, ++kt) {
-                const int r0 = kt * kBK + lane, r1 = r0 + 32;
-                const int off0 = r0 < rows ? (pairs[r0] / kk) * ld : -1;
-                const int off1 = r1 < rows ? (pairs[r1] / kk) * ld : -1;
-                pipeline.producer_acquire(smem_pipe_write);
-                const int stage = smem_pipe_write.index();
-                CUTLASS_PRAGMA_UNROLL
-                for (int i = 0; i < kPasses; i++) {
-                    const int j = i * kRowsPerPass + sub;  // the k-row in the tile; j / 32 == i / (32 / kRowsPerPass)
-                    const int off = __shfl_sync(0xffffffffu, i / (32 / kRowsPerPass) == 0 ? off0 : off1, j % 32);
-                    const bool ok = col_ok && off >= 0;
-                    moe_cp_async16(cast_smem_ptr_to_uint(&sG(chunk * kVec, j, stage)), ok ? src + off + col : src,
-                                   ok ? 16 : 0);
-                }
-                pipeline.producer_commit(smem_pipe_write, cutlass::arch::cpasync_barrier_arrive_noinc);
-                ++smem_pipe_write;
-            }
+            pipeline.producer_acquire(smem_pipe_write);
+            copy_k_tile(sG, smem_pipe_write.index(), lane, kt, mn_tile, extent,
+                        [&](int r, int from) { return __shfl_sync(0xffffffffu, regs[r], from); }, copy);
+            pipeline.producer_commit(smem_pipe_write, cutlass::arch::cpasync_barrier_arrive_noinc);
+            ++smem_pipe_write;
         }
     }
 };

@@ -9,8 +9,10 @@ Defines:
 - MoeDims {BT, C, H, Ie, E, Kc, Kp, Kz, k, recompute_xg}: BT = the most tokens of one forward, C
   channels, H = S*I_e the shared SwiGLU width (0: none), I_e one expert's width, E FFN experts,
   Kc constant, Kp copy, Kz zero experts (E_t = E + Kc + Kp + Kz routed ids in that order), k
-  top-k; recompute_xg 1 (the trainer's -r >= 1): the backward gathers the experts' inputs again
-  instead of each layer keeping them (P C floatX a layer less, one gather more)
+  top-k; recompute_xg 1 (the trainer's -r >= 1, or GEMMs that read x's rows themselves): no layer
+  keeps its experts' gathered inputs (P C floatX a layer less); where a GEMM cannot read them
+  through the schedule they are gathered into the workspace's dyg buffer, in the forward and
+  again in the backward
 - MoeOptions {gate_res, norm_topk, router, input_scale}: the model fields of design §10.7
 - MoeWeights: views of the layer's tensors in the flat parameter buffer (also the gradients)
 - MoeSaved: what the forward keeps for the backward (per layer), and the host copy of the
@@ -33,7 +35,8 @@ Shapes: x, out, dout, dx (BT, C) floatX. Weights (floatX): fcw (2H, C), fcprojw 
 (E, 2 I_e, C), w2 (E, C, I_e), cvec (Kc, C), cmix (Kc, 2, C), bias (E_t) (read only).
 Saved: z, probs (BT, E_t) fp32; rh (BT, 8 E_t) floatX (tanh); idx, gate (BT, k); denom (BT);
 mix (BT k, 2); the schedule and pos (BT k); counts (E_t) and offsets (E_t + 1); xg (BT k, C)
-unless recompute_xg, fch_g (BT k, 2 I_e) and h_g (BT k, I_e) floatX in sorted order.
+unless recompute_xg (dW1's operand where the GEMMs do not read x through the schedule), fch_g
+(BT k, 2 I_e) and h_g (BT k, I_e) floatX in sorted order.
 
 Outputs: forward overwrites out (the shared SwiGLU writes it and the experts add in fp32,
 rounded once; H = 0: the experts write it); training = 1 adds the pairs of each expert to the
@@ -104,7 +107,7 @@ typedef struct {
     int* counts;       // (E_t) pairs per expert of the last forward
     int* offsets;      // (E_t + 1)
     floatX* xg;        // (BT k, C) the FFN rows' inputs s x, gathered in sorted order (dW1's operand);
-                       // recompute_xg: the workspace's instead
+                       // recompute_xg: the workspace's dyg instead
     floatX* fch_g;     // (BT k, 2 I_e) FFN rows, sorted
     floatX* h_g;       // (BT k, I_e)
     int* host_counts;  // (E_t) pinned host copy of counts
@@ -118,8 +121,8 @@ typedef struct {
     floatX* dhidden;       // (BT, H) shared SwiGLU
     floatX* dwide;         // (BT, 2H)
     floatX* dyg;           // (BT k, C) the forward's expert outputs; the backward's gathered dy, then
-                           // the experts' input gradients
-    floatX* xg;            // (BT k, C) recompute_xg only: the gathered inputs, forward and backward
+                           // the experts' input gradients; with recompute_xg also the gathered inputs
+                           // before the GEMM that reads them (fch in the forward, dW1 in the backward)
     floatX* dh;            // (BT k, I_e) W2^T dy, then g h for dW2
     floatX* dfch;          // (BT k, 2 I_e)
     float* dp;             // (BT, E_t)
@@ -186,7 +189,7 @@ static inline size_t moe_layer_saved_bytes(MoeDims d, MoeOptions o) {
 static inline size_t moe_workspace_bytes(MoeDims d, MoeOptions o) {
     const size_t BT = d.BT, Et = moe_routed(d), P = BT * d.k, X = sizeof(floatX), F = sizeof(float);
     const size_t RH = moe_router_hidden(d, o), Ie = d.Ie, PE = d.E ? P : 0;
-    return align256(PE * d.C * X) + align256((d.recompute_xg ? PE : 0) * d.C * X) + align256(PE * Ie * X) + align256(PE * 2 * Ie * X) + 3 * align256(BT * Et * F)
+    return align256(PE * d.C * X) + align256(PE * Ie * X) + align256(PE * 2 * Ie * X) + 3 * align256(BT * Et * F)
          + align256(BT * Et * X) + align256(BT * RH * X) + align256(P * 2 * F) + align256(P * F) + align256(Et * 8)
          + moe_grouped_gemm_bytes(d.E);
 }
@@ -231,7 +234,6 @@ static void moe_workspace_create(MoeWorkspace* ws, MoeDims d, MoeOptions o, floa
     char* base = (char*)cuda_malloc_or_die(bytes, "moe workspace");
     ws->block = base;
     ws->dyg = (floatX*)moe_carve(&base, PE * d.C * X);
-    ws->xg = d.recompute_xg ? (floatX*)moe_carve(&base, PE * d.C * X) : NULL;
     ws->dh = (floatX*)moe_carve(&base, PE * Ie * X);
     ws->dfch = (floatX*)moe_carve(&base, PE * 2 * Ie * X);
     ws->dp = (float*)moe_carve(&base, BT * Et * F);
@@ -292,11 +294,7 @@ static void moe_layer_create(MoeLayer* layer, MoeDims d, MoeOptions o, MoeWeight
     s->pos = (int*)moe_carve(&base, P * 4);
     s->counts = (int*)moe_carve(&base, Et * 4);
     s->offsets = (int*)moe_carve(&base, (Et + 1) * 4);
-    if (d.recompute_xg && PE > 0 && ws->xg == NULL) {
-        fprintf(stderr, "moe_layer_create: recompute_xg needs a workspace created with it (its xg buffer)\n");
-        exit(EXIT_FAILURE);
-    }
-    s->xg = d.recompute_xg ? ws->xg : (floatX*)moe_carve(&base, PE * d.C * X);
+    s->xg = d.recompute_xg ? ws->dyg : (floatX*)moe_carve(&base, PE * d.C * X);
     s->fch_g = (floatX*)moe_carve(&base, PE * 2 * Ie * X);
     s->h_g = (floatX*)moe_carve(&base, PE * Ie * X);
     cudaCheck(cudaMallocHost((void**)&s->host_counts, Et * sizeof(int)));
@@ -371,7 +369,8 @@ static void moe_layer_forward(MoeLayer* layer, floatX* out, const floatX* x, int
     // FFN experts on their sorted rows: fch = xg W1_e^T, h = SwiGLU, y = h W2_e^T (into dyg, free
     // until the backward). xg, the rows' inputs s x: read from x through the schedule inside the
     // GEMM where the backend can (s = 1, moe_gemm_reads_tokens), else gathered into a copy (kept
-    // for dW1 unless recompute_xg); the backward takes the same choice for dW1
+    // for dW1; with recompute_xg in dyg, before y overwrites it); the backward takes the same
+    // choice for dW1
     if (rows > 0) {
         layer->x_token_reads = scale == 1.0f && moe_gemm_reads_tokens(x, BT, C, w->w1, s->fch_g, layer->dw.w1,
                                                                         ws->dfch);
@@ -429,7 +428,8 @@ static void moe_layer_backward(MoeLayer* layer, floatX* dx, const floatX* dout, 
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_T, Ie, C, MOE_DIM_ROWS, ws->dh, Ie, MOE_BY_ROW, Ie, dyr, dys,
                          dyby, C, 1.0f, dw->w2, (size_t)C * Ie, MOE_BY_EXPERT, Ie, hc, s->sched, E, k, stream);
         // dW1_e += dfch^T (s x) (x through the schedule, the forward's gathered rows, or gathered
-        // again); the experts' input gradient dfch W1_e (into dyg)
+        // again into dyg, whose dy rows dh and dW2 have read); the experts' input gradient dfch W1_e
+        // (into dyg)
         const int xr = layer->x_token_reads;
         if (!xr && d.recompute_xg) moe_gather_rows(s->xg, x, s->sched, rows, C, k, scale, stream);
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_T, C, 2 * Ie, MOE_DIM_ROWS, xr ? x : s->xg,

@@ -45,7 +45,10 @@ What is checked (one PASS/FAIL line per check, closing "test_moe: N passed, N fa
     - in `make USE_CUTLASS=1` bf16 builds (HAVE_CUTLASS_GROUPED_GEMM): the same cases with the
       CUTLASS grouped GEMM (moe_gemm_backend = MOE_GEMM_CUTLASS; the E = 40 cases too), same
       tolerances, twice bitwise, and not one of its calls handed to the loop (moe_gemm_fallbacks
-      stays 0).
+      stays 0); its GEMMs read x's and dy's rows through the schedule (token reads,
+      llmc/moe_gemm_gather_sm90.hpp: four GEMMs a layer, two with the k x input), and each case
+      runs once more over gathered copies (moe_gemm_token_reads = 0): bitwise the same out, dx and
+      gradients; with W1/W2 or x/dy off 16 bytes no GEMM reads tokens (the loop, or copies).
  3. (near the end) the row kernels (moe_gather_rows, moe_combine, moe_token_backward) with 16-byte vectors
     against their one-element path on the same numbers one element off 16 bytes: bitwise equal
     outputs (gathered rows, out, dx, dgate, dmix), with accumulate off and on (the layer cases
