@@ -140,34 +140,24 @@ struct MoeGatherMainloop : Base {
         using namespace cute;
         if (!cute::elect_one_sync()) return;
         auto [m_coord, n_coord, k_coord, l_coord] = blk_coord;
+        auto tma_k_tiles = [&](auto const& tma, auto const& tensormap, auto const& g, auto const& s) {
+            auto block_tma = tma.get_slice(0);
+            Tensor tg = block_tma.partition_S(g);  // (TMA, TMA_MN, TMA_K, k)
+            Tensor ts = block_tma.partition_D(s);  // (TMA, TMA_MN, TMA_K, PIPE)
+            for (; k_tile_count > 0; --k_tile_count) {
+                pipeline.producer_acquire(smem_pipe_write);
+                auto* bar = pipeline.producer_get_barrier(smem_pipe_write);
+                copy(tma.with(tensormap, *bar, uint16_t(0)), tg(_, _, _, *k_tile_iter), ts(_, _, _, smem_pipe_write.index()));
+                ++k_tile_iter;
+                ++smem_pipe_write;
+            }
+        };
         if constexpr (kGatherA) {
-            Tensor sB = make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{});
-            Tensor gB = get<1>(load_inputs)(_, _, n_coord, _, l_coord);
-            auto block_tma = params.tma_load_b.get_slice(0);
-            Tensor tBgB = block_tma.partition_S(gB);
-            Tensor tBsB = block_tma.partition_D(sB);
-            for (; k_tile_count > 0; --k_tile_count) {
-                pipeline.producer_acquire(smem_pipe_write);
-                auto* bar = pipeline.producer_get_barrier(smem_pipe_write);
-                copy(params.tma_load_b.with(get<1>(input_tensormaps), *bar, uint16_t(0)), tBgB(_, _, _, *k_tile_iter),
-                     tBsB(_, _, _, smem_pipe_write.index()));
-                ++k_tile_iter;
-                ++smem_pipe_write;
-            }
+            tma_k_tiles(params.tma_load_b, get<1>(input_tensormaps), get<1>(load_inputs)(_, _, n_coord, _, l_coord),
+                        make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{}));
         } else {
-            Tensor sA = make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{});
-            Tensor gA = get<0>(load_inputs)(_, _, m_coord, _, l_coord);
-            auto block_tma = params.tma_load_a.get_slice(0);
-            Tensor tAgA = block_tma.partition_S(gA);
-            Tensor tAsA = block_tma.partition_D(sA);
-            for (; k_tile_count > 0; --k_tile_count) {
-                pipeline.producer_acquire(smem_pipe_write);
-                auto* bar = pipeline.producer_get_barrier(smem_pipe_write);
-                copy(params.tma_load_a.with(get<0>(input_tensormaps), *bar, uint16_t(0)), tAgA(_, _, _, *k_tile_iter),
-                     tAsA(_, _, _, smem_pipe_write.index()));
-                ++k_tile_iter;
-                ++smem_pipe_write;
-            }
+            tma_k_tiles(params.tma_load_a, get<0>(input_tensormaps), get<0>(load_inputs)(_, _, m_coord, _, l_coord),
+                        make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{}));
         }
     }
 
