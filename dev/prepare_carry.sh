@@ -45,27 +45,7 @@ fi
 
 if [ "${1:-}" = cutlass ]; then
     shift
-    if [ ! -f carry/cutlass/include/cutlass/gemm/collective/collective_builder.hpp ]; then
-        tmp=$(mktemp -d)
-        python3 -m pip download --no-deps --only-binary :all: -d "$tmp" "nvidia-cutlass==4.2.*" >/dev/null \
-            || { echo "prepare_carry: pip download nvidia-cutlass failed"; rm -rf "$tmp"; exit 1; }
-        rm -rf carry/cutlass && mkdir -p carry/cutlass
-        python3 - "$tmp" carry/cutlass <<'EOF'
-import glob, os, sys, zipfile
-whl = glob.glob(os.path.join(sys.argv[1], "nvidia_cutlass-*.whl"))[0]
-prefix = "cutlass_library/source/include/"
-with zipfile.ZipFile(whl) as z:
-    for name in z.namelist():
-        if name.startswith(prefix) and not name.endswith("/"):
-            dst = os.path.join(sys.argv[2], "include", name[len(prefix):])
-            os.makedirs(os.path.dirname(dst), exist_ok=True)
-            with open(dst, "wb") as f:
-                f.write(z.read(name))
-EOF
-        rm -rf "$tmp"
-        [ -f carry/cutlass/include/cutlass/gemm/collective/collective_builder.hpp ] \
-            || { echo "prepare_carry: no CUTLASS headers in the wheel"; exit 1; }
-    fi
+    bash dev/fetch_cutlass.sh
 fi
 
 if [ $# -ge 1 ]; then bash dev/bench_llmc.sh prepare "$1"; fi

@@ -78,6 +78,12 @@ one order (m, then channels or rows, in order; warp butterflies); no atomics.
 #define MOE_TOKEN_WARPS 4
 #define MOE_CONST_CHUNK 256      // pairs per partial sum of the constant experts' gradients
 
+#ifdef HAVE_CUTLASS_GROUPED_GEMM
+// tests: the CUTLASS kernels of grouped GEMMs created from now on run on at most this many CTAs
+// (0: every SM), so that each CTA walks many work tiles and problems
+static int moe_cutlass_sm_limit = 0;
+#endif
+
 typedef struct {
     int capacity;
     cublasOperation_t* ta;
@@ -108,6 +114,7 @@ static void moe_grouped_gemm_create(MoeGroupedGemm* g, int E) {
     g->d_C = (void**)d + 2 * n;
 #ifdef HAVE_CUTLASS_GROUPED_GEMM
     g->cutlass = moe_cutlass_create((int)n);
+    if (moe_cutlass_sm_limit > 0) moe_cutlass_limit_sms(g->cutlass, moe_cutlass_sm_limit);
 #endif
 }
 

@@ -125,6 +125,11 @@ void moe_cutlass_free(MoeCutlassGemm* g) {
 
 size_t moe_cutlass_device_bytes(const MoeCutlassGemm* g) { return g->bytes; }
 
+void moe_cutlass_limit_sms(MoeCutlassGemm* g, int sms) {
+    const int all = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(g->hw.device_id);
+    g->hw.sm_count = sms > 0 && sms < all ? sms : all;
+}
+
 #define MOE_CUTLASS_STR2(x) #x
 #define MOE_CUTLASS_STR(x) MOE_CUTLASS_STR2(x)
 const char* moe_cutlass_config(void) {
@@ -173,10 +178,12 @@ int moe_cutlass_grouped_gemm(MoeCutlassGemm* g, int layout, int groups, int m, i
         exit(EXIT_FAILURE);
     }
     const int gk = gather ? gather->operand : MOE_GATHER_NONE;
-    // the gathered loads' offsets (row * ld) are ints, and src's rows are 16-byte aligned
+    // the gathered loads' offsets (row * ld) are ints, src's rows are 16-byte aligned, and the
+    // operand's columns (K for B_ROWS, N for B_K, M for A_K) fit in a row of src
+    const int extent = gk == MOE_GATHER_B_ROWS ? k : gk == MOE_GATHER_B_K ? n : m;
     if (gk != MOE_GATHER_NONE &&
         (gather->src_rows <= 0 || (long long)gather->src_rows * gather->ld >= (1ll << 31) || gather->ld % 8 != 0 ||
-         ((size_t)gather->src % 16) != 0 || gather->k <= 0)) {
+         ((size_t)gather->src % 16) != 0 || gather->k <= 0 || extent <= 0 || extent > gather->ld)) {
         return 1;
     }
 #define MOE_CUTLASS_RUN(K) moe_cutlass_run<K>(g, groups, m, n, k, host_rows, active_offset, dA, lda, dB, ldb, beta, dC, ldc, gather, stream)

@@ -61,6 +61,9 @@ typedef struct {
 MoeCutlassGemm* moe_cutlass_create(int capacity);
 void moe_cutlass_free(MoeCutlassGemm* g);
 size_t moe_cutlass_device_bytes(const MoeCutlassGemm* g);
+// tests: run the persistent kernels on at most `sms` CTAs (0: every SM), so that each CTA walks
+// many work tiles and problems
+void moe_cutlass_limit_sms(MoeCutlassGemm* g, int sms);
 // a short description of the kernels (tile, cluster, schedule) for logs and benchmarks
 const char* moe_cutlass_config(void);
 int moe_cutlass_grouped_gemm(MoeCutlassGemm* g, int layout, int groups, int m, int n, int k, const int* host_rows,

@@ -48,7 +48,7 @@ struct HasAuxiliaryLoad<MoeGatherPolicy<BasePolicy, Gather>> : cute::true_type {
 
 // one 16-byte copy global -> shared; bytes 0 fills the 16 bytes with zeros and reads nothing
 __device__ __forceinline__ void moe_cp_async16(uint32_t smem_addr, const void* gmem, int bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(bytes));
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr), "l"(gmem), "r"(bytes) : "memory");
 }
 
 template <class Base, int Gather>
@@ -113,8 +113,9 @@ struct MoeGatherMainloop : Base {
         return p;
     }
 
-    // Base's tiled TMA tensors plus the current problem: its index, its rows and G's column
-    // extent (the other mode of G: K for B_ROWS, N for B_K, M for A_K)
+    // Base's tiled TMA tensors plus the current problem: its first sorted row (active_offset of
+    // its index), its rows and G's column extent (the other mode of G: K for B_ROWS, N for B_K, M
+    // for A_K)
     template <class ProblemShape_MNKL>
     CUTLASS_DEVICE auto load_init(ProblemShape_MNKL const& problem_shape_MNKL, Params const& params) const {
         auto base = Base::load_init(problem_shape_MNKL, params);
@@ -122,13 +123,13 @@ struct MoeGatherMainloop : Base {
     }
 
     template <class InputTensors, class ProblemShape_MNKL>
-    CUTLASS_DEVICE InputTensors tensors_perform_update(InputTensors const& in, Params const&,
+    CUTLASS_DEVICE InputTensors tensors_perform_update(InputTensors const& in, Params const& params,
                                                        ProblemShape_MNKL problem_shape_mnkl, int32_t next_batch) {
         const int M = cute::get<0>(problem_shape_mnkl), N = cute::get<1>(problem_shape_mnkl),
                   K = cute::get<2>(problem_shape_mnkl);
         const int rows = Gather == MOE_GATHER_B_ROWS ? N : K;
         const int extent = Gather == MOE_GATHER_B_ROWS ? K : Gather == MOE_GATHER_B_K ? N : M;
-        return cute::make_tuple(cute::get<0>(in), cute::get<1>(in), int(next_batch), rows, extent);
+        return cute::make_tuple(cute::get<0>(in), cute::get<1>(in), params.active_offset[next_batch], rows, extent);
     }
 
     // the TMA warp: the ungathered operand's tile of each k-tile, as Base loads it
@@ -144,6 +145,7 @@ struct MoeGatherMainloop : Base {
             auto block_tma = tma.get_slice(0);
             Tensor tg = block_tma.partition_S(g);  // (TMA, TMA_MN, TMA_K, k)
             Tensor ts = block_tma.partition_D(s);  // (TMA, TMA_MN, TMA_K, PIPE)
+            CUTLASS_PRAGMA_NO_UNROLL
             for (; k_tile_count > 0; --k_tile_count) {
                 pipeline.producer_acquire(smem_pipe_write);
                 auto* bar = pipeline.producer_get_barrier(smem_pipe_write);
@@ -210,13 +212,14 @@ struct MoeGatherMainloop : Base {
     // the auxiliary warp (thread_idx = its lane): G's tile of each k-tile by cp.async
     template <class LoadInputs, class KTileIterator, class BlockCoord>
     CUTLASS_DEVICE void load_auxiliary(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
-                                       LoadInputs const& load_inputs, BlockCoord const& blk_coord, KTileIterator,
-                                       int k_tile_count, int lane, uint32_t, TensorStorage& shared_tensors) {
+                                       LoadInputs const& load_inputs, BlockCoord const& blk_coord,
+                                       KTileIterator k_tile_iter, int k_tile_count, int lane, uint32_t,
+                                       TensorStorage& shared_tensors) {
         using namespace cute;
         auto [m_coord, n_coord, k_coord, l_coord] = blk_coord;
         const int mn_tile = kGatherA ? int(m_coord) : int(n_coord);
-        const int group = get<2>(load_inputs), rows = get<3>(load_inputs), extent = get<4>(load_inputs);
-        const int* pairs = params.sorted_pair + params.active_offset[group];
+        const int first = get<2>(load_inputs), rows = get<3>(load_inputs), extent = get<4>(load_inputs);
+        const int* pairs = params.sorted_pair + first;
         const int k = params.pairs_per_token, ld = params.gather_ld;
         const ElementG* src = params.gather_src;
         Tensor sG = make_tensor(make_smem_ptr(kGatherA ? (ElementG*)shared_tensors.smem_A.data()
@@ -232,7 +235,8 @@ struct MoeGatherMainloop : Base {
                 regs[r] = source_offset(pairs, rows, k, ld, first_offset_row(mn_tile, 0) + lane + 32 * r);
             }
         }
-        for (int kt = 0; k_tile_count > 0; --k_tile_count, ++kt) {
+        CUTLASS_PRAGMA_NO_UNROLL
+        for (int kt = static_cast<int>(*k_tile_iter); k_tile_count > 0; --k_tile_count, ++kt) {
             if constexpr (Gather != MOE_GATHER_B_ROWS) {  // the k-tile's rows (read before the wait)
                 CUTLASS_PRAGMA_UNROLL
                 for (int r = 0; r < kOffsetRegs; r++) {

@@ -430,8 +430,11 @@ static void moe_layer_backward(MoeLayer* layer, floatX* dx, const floatX* dout, 
         // dW1_e += dfch^T (s x) (x through the schedule, the forward's gathered rows, or gathered
         // again into dyg, whose dy rows dh and dW2 have read); the experts' input gradient dfch W1_e
         // (into dyg)
-        const int xr = layer->x_token_reads;
-        if (!xr && d.recompute_xg) moe_gather_rows(s->xg, x, s->sched, rows, C, k, scale, stream);
+        // (the forward's choice, checked again for this x: a copy where it no longer holds)
+        const int xr = layer->x_token_reads && moe_gemm_reads_tokens(x, BT, C, w->w1, ws->dfch, dw->w1, ws->dfch);
+        if (!xr && (d.recompute_xg || layer->x_token_reads)) {
+            moe_gather_rows(s->xg, x, s->sched, rows, C, k, scale, stream);
+        }
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_T, C, 2 * Ie, MOE_DIM_ROWS, xr ? x : s->xg,
                          xr ? (size_t)BT : (size_t)C, xr ? MOE_BY_TOKEN : MOE_BY_ROW, C, ws->dfch, (size_t)2 * Ie,
                          MOE_BY_ROW, 2 * Ie, 1.0f, dw->w1, (size_t)2 * Ie * C, MOE_BY_EXPERT, C, hc, s->sched, E, k,

@@ -35,6 +35,7 @@ the layer waits once per forward for the per-expert counts, so no CUDA graph. Pr
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <vector>
 #include "llmc/cuda_utils.cuh"
 #include "llmc/moe_layer.cuh"
 #include "llmc/test_harness.h"
@@ -298,6 +299,17 @@ int main(int argc, char** argv) {
     }, 3, 21);
     float gather_ms = bench_median_ms([&] { moe_gather_rows(L->saved.xg, b.x, L->saved.sched, rows, C, k, 1.0f, 0); },
                                       3, 21);
+    // the token reads' fch against the copies' (the gathered xg): the same bits, at this size
+    // (many tiles and problems a CTA, which test_moe's small cases do not reach)
+    moe_gather_rows(L->saved.xg, b.x, L->saved.sched, rows, C, k, 1.0f, 0);
+    std::vector<float> fch_copies(fch_n), fch_tokens(fch_n);
+    first_gemm();
+    download_floatX(fch_copies.data(), L->saved.fch_g, fch_n);
+    moe_grouped_gemm(&b.ws.gemm, CUBLAS_OP_T, CUBLAS_OP_N, 2 * Ie, MOE_DIM_ROWS, C, L->w.w1, (size_t)2 * Ie * C,
+                     MOE_BY_EXPERT, C, b.x, (size_t)BT, MOE_BY_TOKEN, C, 0.0f, L->saved.fch_g, (size_t)2 * Ie,
+                     MOE_BY_ROW, 2 * Ie, L->saved.host_counts, L->saved.sched, E, k, 0);
+    download_floatX(fch_tokens.data(), L->saved.fch_g, fch_n);
+    const int token_reads_same = memcmp(fch_copies.data(), fch_tokens.data(), fch_n * sizeof(float)) == 0;
     const int cutlass_fallbacks = moe_gemm_fallbacks;
     moe_gemm_backend = MOE_GEMM_CUBLAS;
 #endif
@@ -365,6 +377,7 @@ int main(int argc, char** argv) {
            2.0 * rows * C * sizeof(floatX) / (gather_ms * 1e-3) / 1e12);
     printf("CUTLASS fch vs cuBLAS's: relative L2 %.3e; calls handed to the loop: %d\n", cutlass_rel_l2,
            cutlass_fallbacks);
+    printf("CUTLASS fch with token reads vs over the gathered copy: %s\n", token_reads_same ? "same bits" : "OTHER BITS");
 #endif
     printf("  [BENCH] %-44s %8.3f ms\n", "routed experts fwd, vanilla moe (S=0)", vanilla_fwd);
     printf("  [BENCH] %-44s %8.3f ms  (%.1f%% of pairs to zero/copy/const)\n", "routed experts fwd, MoE++ (S=0)",
@@ -408,10 +421,17 @@ int main(int argc, char** argv) {
                 "\"cutlass_token_gemm_ms\": %.5f, \"gather_ms\": %.5f",
                 moe_cutlass_config(), cutlass_ms, cutlass_fwdbwd, cutlass_rel_l2, cutlass_fallbacks,
                 cutlass_copies_fwdbwd, cutlass_token_ms, gather_ms);
+        fprintf(f, ", \"token_reads_same_bits\": %d", token_reads_same);
 #endif
         fprintf(f, "}\n");
         fclose(f);
     }
     matmul_free();
+#ifdef HAVE_CUTLASS_GROUPED_GEMM
+    if (!token_reads_same) {
+        fprintf(stderr, "bench_moe: the token reads' fch differs from the copies' (a bug: they must match bit for bit)\n");
+        return 1;
+    }
+#endif
     return 0;
 }

@@ -48,7 +48,8 @@ What is checked (one PASS/FAIL line per check, closing "test_moe: N passed, N fa
       stays 0); its GEMMs read x's and dy's rows through the schedule (token reads,
       llmc/moe_gemm_gather_sm90.hpp: four GEMMs a layer, two with the k x input), and each case
       runs once more over gathered copies (moe_gemm_token_reads = 0): bitwise the same out, dx and
-      gradients; with W1/W2 or x/dy off 16 bytes no GEMM reads tokens (the loop, or copies).
+      gradients; with W1/W2 or x/dy off 16 bytes no GEMM reads tokens (the loop, or copies); two
+      cases again on two CTAs (moe_cutlass_sm_limit), each CTA then running many tiles and problems.
  3. (near the end) the row kernels (moe_gather_rows, moe_combine, moe_token_backward) with 16-byte vectors
     against their one-element path on the same numbers one element off 16 bytes: bitwise equal
     outputs (gathered rows, out, dx, dgate, dmix), with accumulate off and on (the layer cases
@@ -869,6 +870,17 @@ int main(void) {
     test_layer("cutlass: layer random routing of one FFN pair a token, plain gates, E=40 (problems of a few rows)",
                ROUTE_FEW, 0, 0, 0.1f);
     g_layer_E = 6;
+    // the persistent kernels on two CTAs: each walks many work tiles and problems, so the state
+    // the producers carry from tile to tile and problem to problem (token reads included) runs
+    moe_cutlass_sm_limit = 2;
+    g_layer_E = 40;
+    test_layer("cutlass, 2 CTAs: layer random routing with empty experts, norm, E=40 (35 problems)", ROUTE_GAPS, 1, 0,
+               0.1f);
+    g_layer_E = 6;
+    g_layer_C = 392, g_layer_Ie = 200;
+    test_layer("cutlass, 2 CTAs: layer random routing, norm, k x input, C=392 I_e=200", ROUTE_RANDOM, 1, 1, 0.1f);
+    g_layer_C = 64, g_layer_Ie = 32;
+    moe_cutlass_sm_limit = 0;
     test_checkf(moe_gemm_fallbacks == 0, "cutlass: every grouped GEMM ran on CUTLASS (none handed to the loop)",
                 "%d handed to the loop", moe_gemm_fallbacks);
     // the token reads: the cases above with s = 1 read x and dy inside the GEMMs (four grouped GEMMs
