@@ -24,7 +24,8 @@
 // then arrives on the stage's full barrier with cp.async.mbarrier.arrive.noinc: the barrier waits
 // for 1 + 32 arrivals (NumProducerThreadEvents) and the TMA bytes. The lanes of the warp copy
 // whole 128-byte runs of a row together (coalesced), and the rows' source offsets travel between
-// lanes by shuffles, so the warp keeps within the producer's 40 registers. The copies' index
+// lanes by shuffles rather than each lane holding all of its rows' (the producer warps run with 40
+// registers; ptxas spills 16 bytes in one of the four kernels, none in the others). The copies' index
 // arithmetic is one host-device function (copy_k_tile) that dev/cuda/check_gather_copies.cu
 // replays on the host against the smem layout, without a GPU.
 #pragma once
