@@ -69,7 +69,7 @@ typedef struct {
     int Ie;  // one expert's width
     int E, Kc, Kp, Kz;  // FFN, constant, copy, zero experts
     int k;   // experts per token
-    int recompute_xg;  // 1: the backward gathers x again (-r >= 1); 0: each layer keeps its gathered xg
+    int recompute_xg;  // 1: no layer keeps its gathered xg (-r >= 1, or GEMMs that read x); 0: each layer does
 } MoeDims;
 
 typedef struct {
@@ -427,10 +427,9 @@ static void moe_layer_backward(MoeLayer* layer, floatX* dx, const floatX* dout, 
         // dW2_e += dy^T (g h)
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_T, Ie, C, MOE_DIM_ROWS, ws->dh, Ie, MOE_BY_ROW, Ie, dyr, dys,
                          dyby, C, 1.0f, dw->w2, (size_t)C * Ie, MOE_BY_EXPERT, Ie, hc, s->sched, E, k, stream);
-        // dW1_e += dfch^T (s x) (x through the schedule, the forward's gathered rows, or gathered
-        // again into dyg, whose dy rows dh and dW2 have read); the experts' input gradient dfch W1_e
-        // (into dyg)
-        // (the forward's choice, checked again for this x: a copy where it no longer holds)
+        // dW1_e += dfch^T (s x): x through the schedule (the forward's choice, checked again for this
+        // x), the forward's gathered rows, or gathered again into dyg (whose dy rows dh and dW2 have
+        // read); then the experts' input gradient dfch W1_e (into dyg)
         const int xr = layer->x_token_reads && moe_gemm_reads_tokens(x, BT, C, w->w1, ws->dfch, dw->w1, ws->dfch);
         if (!xr && (d.recompute_xg || layer->x_token_reads)) {
             moe_gather_rows(s->xg, x, s->sched, rows, C, k, scale, stream);
