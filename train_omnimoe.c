@@ -1916,7 +1916,7 @@ int main(int argc, char** argv) {
                 "the CPU reference loops over the experts (leave --moe-gemm unset)\n");
         exit(EXIT_FAILURE);
     }
-    if (cfg.moe_token_reads != 1) {
+    if (cfg.moe_token_reads != 0) {
         fprintf(stderr, "Error: flag --moe-token-reads %d: the grouped GEMMs' token reads are the CUDA trainer's "
                 "(./train_omnimoe, --moe-gemm cutlass); the CPU reference has no gathered copies to skip (leave it unset)\n",
                 cfg.moe_token_reads);

@@ -22,8 +22,8 @@
 #           the dense SwiGLU kernel by kernel under ncu at both sizes;
 #           with sanitize also in the mode, test_moe under compute-sanitizer memcheck once more;
 #           the d12 moe trainer step with --moe-gemm cublas and cutlass (train_omnimoe_cutlass of
-#           the pack, alternating, median ms), and cutlass with --moe-token-reads 0 (gathered copies:
-#           the same losses bit for bit); check_gather_copies (the token reads' copies on the host);
+#           the pack, alternating, median ms), and cutlass with --moe-token-reads 1 ("tokens": the
+#           same losses bit for bit); check_gather_copies (the token reads' copies on the host);
 #           CUTLASS_VARIANTS (environment) adds other tiles/schedules to the benchmark
 #     cudnn: rebuild with `make USE_CUDNN=1` (headers in carry/cudnn-frontend), test_attention with
 #           cuDNN's SDPA beside ours, --attention cudnn reruns bitwise and its loss beside ours
@@ -230,13 +230,13 @@ if [[ "$mode" == *cutlass* ]]; then
     # the d12 moe step in the trainer with each grouped GEMM, alternating, one binary (the CUTLASS
     # build's trainer, train_omnimoe_cutlass of this call's pack): median ms of steps 11-30, and the
     # two backends' losses side by side (compare_logs.py's tolerances: the same math, maybe other bits);
-    # CUTLASS also over gathered copies (--moe-token-reads 0, "copies"): bitwise the same losses
+    # CUTLASS also with its token reads (--moe-token-reads 1, "tokens"): bitwise the same losses
     if [ "$cutlass_packed" = 1 ] && [ -x ./train_omnimoe_cutlass ]; then
         step_rc=0
         for i in 1 2; do
-            for b in cublas cutlass copies; do
+            for b in cublas cutlass tokens; do
                 backend=(--moe-gemm $b)
-                [ $b = copies ] && backend=(--moe-gemm cutlass --moe-token-reads 0)
+                [ $b = tokens ] && backend=(--moe-gemm cutlass --moe-token-reads 1)
                 timeout 300 ./train_omnimoe_cutlass -e d12 -f moe -b 16 -t 1024 -x 30 -v 0 -s 0 "${backend[@]}" \
                     --log-file "$LOG/moe_step_${b}_$i.jsonl" > "$LOG/moe_step_${b}_$i.out" 2>&1 || step_rc=1
             done
@@ -244,7 +244,7 @@ if [[ "$mode" == *cutlass* ]]; then
         run cutlass_train_step bash -c '[ "$1" = 0 ] || { echo "a trainer run failed (moe_step_*.out)"; exit 1; }
 python3 - "$2" <<PY || exit 1
 import json, statistics, sys
-for b in ("cublas", "cutlass", "copies"):
+for b in ("cublas", "cutlass", "tokens"):
     ms = []
     for i in (1, 2):
         steps = [json.loads(l) for l in open(sys.argv[1] + "/moe_step_%s_%d.jsonl" % (b, i))]
@@ -252,7 +252,7 @@ for b in ("cublas", "cutlass", "copies"):
     print("d12 moe B=16 T=1024 --moe-gemm %-8s median ms/step (steps 11-30): %s" % (b, " / ".join("%.2f" % m for m in ms)))
 PY
 python3 scripts/compare_logs.py "$2/moe_step_cublas_1.jsonl" "$2/moe_step_cutlass_1.jsonl" --loss-tol 0.02 --norm-rtol 0.05 || exit 1
-python3 scripts/compare_logs.py "$2/moe_step_copies_1.jsonl" "$2/moe_step_cutlass_1.jsonl" --exact --label "token reads vs copies"' _ "$step_rc" "$LOG"
+python3 scripts/compare_logs.py "$2/moe_step_cutlass_1.jsonl" "$2/moe_step_tokens_1.jsonl" --exact --label "token reads vs copies"' _ "$step_rc" "$LOG"
     else
         summary+=("$(printf '%-28s %-10s' cutlass_train_step "SKIPPED (no train_omnimoe_cutlass from this call's cutlass pack)")")
     fi

@@ -582,7 +582,7 @@ static void test_layer(const char* name, int route, int norm, int scale_input, f
         const int reads_before = moe_gemm_token_read_calls;
         moe_gemm_token_reads = 0;
         LayerResult r3 = run_layer(d, o, D, alpha, tau);
-        moe_gemm_token_reads = 1;
+        moe_gemm_token_reads = 1;  // (the CUTLASS cases run with token reads on: main sets it)
         const int reads_off = moe_gemm_token_read_calls - reads_before;
         same = r3.out == r.out && r3.dx == r.dx && r3.dwr == r.dwr && r3.dw1 == r.dw1 && r3.dw2 == r.dw2 &&
                r3.dcvec == r.dcvec && r3.dcmix == r.dcmix && r3.idx == r.idx && r3.dgate == r.dgate &&
@@ -858,6 +858,7 @@ int main(void) {
 #ifdef HAVE_CUTLASS_GROUPED_GEMM
     moe_gemm_backend = MOE_GEMM_CUTLASS;
     moe_gemm_fallbacks = 0;
+    moe_gemm_token_reads = 1;  // off by default (slower); these cases run with it, then without
     test_layer("cutlass: layer forced routing, norm, k x input, balance loss", ROUTE_FORCED, 1, 1, 0.05f);
     test_layer("cutlass: layer random routing, plain gates, no balance loss", ROUTE_RANDOM, 0, 0, 0.0f);
     test_layer("cutlass: layer random routing, norm, strong balance loss", ROUTE_RANDOM, 1, 0, 2000.0f);
@@ -894,6 +895,7 @@ int main(void) {
     test_layer("cutlass: layer random routing, norm, input and gradients off 16 bytes", ROUTE_RANDOM, 1, 0, 0.1f);
     g_act_shift = 0;
     moe_gemm_backend = MOE_GEMM_CUBLAS;
+    moe_gemm_token_reads = 0;
 #endif
     // last: their draws from g_rng leave the cases above their data
     test_row_kernels_vectors();
