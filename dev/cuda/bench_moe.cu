@@ -293,22 +293,21 @@ int main(int argc, char** argv) {
     moe_gemm_token_reads = 0;  // the default
     float cutlass_fwdbwd = time_forward_backward(&b);
     moe_gemm_token_reads = 1;  // the GEMM alone with its token reads
-    float cutlass_token_ms = bench_median_ms([&] {
+    auto token_gemm = [&] {
         moe_grouped_gemm(&b.ws.gemm, CUBLAS_OP_T, CUBLAS_OP_N, 2 * Ie, MOE_DIM_ROWS, C, L->w.w1, (size_t)2 * Ie * C,
                          MOE_BY_EXPERT, C, b.x, (size_t)BT, MOE_BY_TOKEN, C, 0.0f, L->saved.fch_g, (size_t)2 * Ie,
                          MOE_BY_ROW, 2 * Ie, L->saved.host_counts, L->saved.sched, E, k, 0);
-    }, 3, 21);
+    };
+    float cutlass_token_ms = bench_median_ms(token_gemm, 3, 21);
+    // the gather the token reads replace (it leaves xg gathered for the check below)
     float gather_ms = bench_median_ms([&] { moe_gather_rows(L->saved.xg, b.x, L->saved.sched, rows, C, k, 1.0f, 0); },
                                       3, 21);
     // the token reads' fch against the copies' (the gathered xg): the same bits, at this size
     // (many tiles and problems a CTA, which test_moe's small cases do not reach)
-    moe_gather_rows(L->saved.xg, b.x, L->saved.sched, rows, C, k, 1.0f, 0);
     std::vector<float> fch_copies(fch_n), fch_tokens(fch_n);
     first_gemm();
     download_floatX(fch_copies.data(), L->saved.fch_g, fch_n);
-    moe_grouped_gemm(&b.ws.gemm, CUBLAS_OP_T, CUBLAS_OP_N, 2 * Ie, MOE_DIM_ROWS, C, L->w.w1, (size_t)2 * Ie * C,
-                     MOE_BY_EXPERT, C, b.x, (size_t)BT, MOE_BY_TOKEN, C, 0.0f, L->saved.fch_g, (size_t)2 * Ie,
-                     MOE_BY_ROW, 2 * Ie, L->saved.host_counts, L->saved.sched, E, k, 0);
+    token_gemm();
     download_floatX(fch_tokens.data(), L->saved.fch_g, fch_n);
     const int token_reads_same = memcmp(fch_copies.data(), fch_tokens.data(), fch_n * sizeof(float)) == 0;
     moe_gemm_token_reads = 0;

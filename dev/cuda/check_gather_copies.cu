@@ -110,7 +110,6 @@ static int check_problem(int rows, int extent, int k, int tokens, int ld) {
 template <class Kernel>
 static void check_kind(const char* name, int* passed, int* failed) {
     using ML = typename Kernel::Mainloop;
-    const int lines_mn = ML::kGatherA ? ML::kBM : ML::kBN;
     // row counts: under a tile, on its edges, several tiles with a ragged end; extents likewise
     // (multiples of 8: the layer's C and I_e are)
     const int row_counts[] = {1, 7, 31, 32, 33, 63, 64, 65, 255, 256, 257, 700, 1025};
@@ -135,7 +134,6 @@ static void check_kind(const char* name, int* passed, int* failed) {
     } else {
         (*failed)++;
     }
-    (void)lines_mn;
 }
 
 int main() {
