@@ -76,13 +76,17 @@ endif
 # Compiles llmc/moe_gemm_cutlass.cu alone (minutes: CUTLASS templates) and selects nothing by
 # itself: moe_gemm_backend in llmc/moe_experts.cuh picks it at run time (bf16 builds only).
 # MOE_CUTLASS_TILE_N = 256 (default) or 128 is the tile's N, MOE_CUTLASS_PINGPONG = 1 the ping-pong schedule
-# (default cooperative), MOE_CUTLASS_CLUSTER_M = 2 a cluster of two CTAs along M (default 1).
+# (default cooperative), MOE_CUTLASS_CLUSTER_M = 2 a cluster of two CTAs along M (default 1),
+# MOE_GATHER_WARPS = 1 or 2 (default) the producer warps that do the token reads' gathers.
 # Switching USE_CUTLASS or these needs a rebuild (make -B).
 USE_CUTLASS ?= 0
 CUTLASS_INCLUDE ?= carry/cutlass/include
 MOE_CUTLASS_TILE_N ?= 256
 MOE_CUTLASS_PINGPONG ?= 0
 MOE_CUTLASS_CLUSTER_M ?= 1
+MOE_GATHER_WARPS ?= 2
+CUTLASS_DEFS = -DNDEBUG -DMOE_CUTLASS_TILE_N=$(MOE_CUTLASS_TILE_N) -DMOE_CUTLASS_PINGPONG=$(MOE_CUTLASS_PINGPONG) \
+	-DMOE_CUTLASS_CLUSTER_M=$(MOE_CUTLASS_CLUSTER_M) -DMOE_GATHER_WARPS=$(MOE_GATHER_WARPS)
 CUTLASS_OBJ =
 ifeq ($(USE_CUTLASS), 1)
   ifeq ($(wildcard $(CUTLASS_INCLUDE)/cutlass/gemm/collective/collective_builder.hpp),)
@@ -156,8 +160,7 @@ build/attention_cudnn.o: llmc/attention_cudnn.cu llmc/attention_cudnn.h
 # minutes to compile, and its headers stay out of every other translation unit
 build/moe_gemm_cutlass.o: llmc/moe_gemm_cutlass.cu llmc/moe_gemm_cutlass.h llmc/moe_gemm_cutlass_kernels.hpp llmc/moe_gemm_gather_sm90.hpp
 	@mkdir -p build
-	$(NVCC) $(NVCC_FLAGS) -I$(CUTLASS_INCLUDE) -DNDEBUG -DMOE_CUTLASS_TILE_N=$(MOE_CUTLASS_TILE_N) -DMOE_CUTLASS_PINGPONG=$(MOE_CUTLASS_PINGPONG) \
-		-DMOE_CUTLASS_CLUSTER_M=$(MOE_CUTLASS_CLUSTER_M) -c $< -o $@
+	$(NVCC) $(NVCC_FLAGS) -I$(CUTLASS_INCLUDE) $(CUTLASS_DEFS) -c $< -o $@
 
 test_omnimoe: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADERS) $(CUDA_HEADERS) $(CUDNN_OBJ) $(CUTLASS_OBJ)
 	$(NVCC) $(NVCC_FLAGS) -Xcompiler -fopenmp $< $(CUDNN_OBJ) $(CUTLASS_OBJ) -o $@ $(NVCC_LDLIBS) -lgomp
@@ -181,8 +184,7 @@ kernel_benches: $(KERNEL_BENCH_BINS)
 # check_gather_copies: the CUTLASS token reads' copies replayed on the host (no GPU, no CUTLASS
 # object; the CUTLASS headers only)
 dev/cuda/check_gather_copies_bin: dev/cuda/check_gather_copies.cu llmc/moe_gemm_cutlass_kernels.hpp llmc/moe_gemm_gather_sm90.hpp llmc/moe_gemm_cutlass.h
-	$(NVCC) $(NVCC_FLAGS) -I$(CUTLASS_INCLUDE) -DNDEBUG -DMOE_CUTLASS_TILE_N=$(MOE_CUTLASS_TILE_N) -DMOE_CUTLASS_PINGPONG=$(MOE_CUTLASS_PINGPONG) \
-		-DMOE_CUTLASS_CLUSTER_M=$(MOE_CUTLASS_CLUSTER_M) $< -o $@
+	$(NVCC) $(NVCC_FLAGS) -I$(CUTLASS_INCLUDE) $(CUTLASS_DEFS) $< -o $@
 
 dev/cuda/%_fp32_bin: dev/cuda/%.cu $(HOST_HEADERS) $(CUDA_HEADERS)
 	$(NVCC) $(NVCC_FLAGS) -DENABLE_FP32 $< -o $@ $(NVCC_LDLIBS)

@@ -134,8 +134,8 @@ void moe_cutlass_limit_sms(MoeCutlassGemm* g, int sms) {
 #define MOE_CUTLASS_STR(x) MOE_CUTLASS_STR2(x)
 const char* moe_cutlass_config(void) {
     return MOE_CUTLASS_PINGPONG
-               ? "CUTLASS sm90 ptr-array pingpong, tile 128x" MOE_CUTLASS_STR(MOE_CUTLASS_TILE_N) "x64, cluster " MOE_CUTLASS_STR(MOE_CUTLASS_CLUSTER_M) "x1x1"
-               : "CUTLASS sm90 ptr-array cooperative, tile 128x" MOE_CUTLASS_STR(MOE_CUTLASS_TILE_N) "x64, cluster " MOE_CUTLASS_STR(MOE_CUTLASS_CLUSTER_M) "x1x1";
+               ? "CUTLASS sm90 ptr-array pingpong, tile 128x" MOE_CUTLASS_STR(MOE_CUTLASS_TILE_N) "x64, cluster " MOE_CUTLASS_STR(MOE_CUTLASS_CLUSTER_M) "x1x1, token reads by " MOE_CUTLASS_STR(MOE_GATHER_WARPS) " warps"
+               : "CUTLASS sm90 ptr-array cooperative, tile 128x" MOE_CUTLASS_STR(MOE_CUTLASS_TILE_N) "x64, cluster " MOE_CUTLASS_STR(MOE_CUTLASS_CLUSTER_M) "x1x1, token reads by " MOE_CUTLASS_STR(MOE_GATHER_WARPS) " warps";
 }
 
 template <class K>

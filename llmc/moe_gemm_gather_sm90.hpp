@@ -19,15 +19,19 @@
 // How. The persistent ptr-array kernel of CUTLASS runs, beside its TMA producer warp, an auxiliary
 // load warp when the mainloop's dispatch policy declares one (HasAuxiliaryLoad). This mainloop is
 // CUTLASS's own ptr-array TMA mainloop (the builder's, unchanged smem layouts and wgmma sequence)
-// with two changes: the TMA warp loads only the other operand (its transaction bytes only), and the
-// auxiliary warp fills G's stage with 16-byte cp.async copies (zero-filled outside the problem),
-// then arrives on the stage's full barrier with cp.async.mbarrier.arrive.noinc: the barrier waits
-// for 1 + 32 arrivals (NumProducerThreadEvents) and the TMA bytes. The lanes of the warp copy
-// whole 128-byte runs of a row together (coalesced), and the rows' source offsets travel between
-// lanes by shuffles rather than each lane holding all of its rows' (the producer warps run with 40
-// registers; ptxas spills 16 bytes in one of the four kernels, none in the others). The copies' index
-// arithmetic is one host-device function (copy_k_tile) that dev/cuda/check_gather_copies.cu
-// replays on the host against the smem layout, without a GPU.
+// with two changes: the TMA warp loads only the other operand (its transaction bytes only), and
+// MOE_GATHER_WARPS warps (the auxiliary warp, and by default the TMA warp's lanes too) fill G's
+// stage with 16-byte cp.async copies (zero-filled outside the problem), each warp a fixed half of
+// the k-tile, then arrive on the stage's full barrier with cp.async.mbarrier.arrive.noinc: the
+// barrier waits for 1 + 32 MOE_GATHER_WARPS arrivals (NumProducerThreadEvents) and the TMA bytes.
+// The lanes of a warp copy whole 128-byte runs of a row together (coalesced), and the rows' source
+// offsets travel between lanes by shuffles rather than each lane holding all of its rows' (the
+// producer warps run with 40 registers). A copy is about seven instructions (the shuffle, the
+// bounds test, the source address, the cp.async with an immediate smem offset): one warp alone,
+// at about 20 instructions each before, fed the wgmma about a third of what TMA does
+// (docs/performance.md, target 8). The copies' index arithmetic is one host-device function
+// (copy_k_tile) that dev/cuda/check_gather_copies.cu replays on the host against the smem layout,
+// without a GPU.
 #pragma once
 
 #include "cutlass/cutlass.h"
@@ -36,6 +40,10 @@
 #include "cutlass/gemm/dispatch_policy.hpp"
 
 #include "moe_gemm_cutlass.h"  // MOE_GATHER_*
+
+#ifndef MOE_GATHER_WARPS
+#define MOE_GATHER_WARPS 2
+#endif
 
 // a distinct dispatch policy (the kernel picks its schedule from BasePolicy::Schedule) that turns
 // on the kernel's auxiliary load warp
@@ -76,8 +84,12 @@ struct MoeGatherMainloop : Base {
     static constexpr int kBN = cute::size<1>(TileShape{});
     static constexpr int kBK = cute::size<2>(TileShape{});
 
-    // the kernel's pipeline counts one TMA arrival and one cp.async arrival per auxiliary lane
-    static constexpr int NumProducerThreadEvents = 33;
+    // the warps that gather: the auxiliary warp, and with MOE_GATHER_WARPS 2 also the TMA warp
+    // (beside its one elected lane's TMA of the other operand), each a fixed half of every k-tile's
+    // passes; the kernel's pipeline counts one TMA arrival and one cp.async arrival per gathering lane
+    static constexpr int kGatherWarps = MOE_GATHER_WARPS;
+    static_assert(kGatherWarps == 1 || kGatherWarps == 2, "MOE_GATHER_WARPS: 1 or 2");
+    static constexpr int NumProducerThreadEvents = 1 + 32 * kGatherWarps;
     static constexpr uint32_t TmaTransactionBytes =
         kGatherA ? cutlass::bits_to_bytes(cute::size<0>(SmemLayoutB{}) * cute::size<1>(SmemLayoutB{}) *
                                           static_cast<uint32_t>(cute::sizeof_bits<ElementB>::value))
@@ -133,38 +145,7 @@ struct MoeGatherMainloop : Base {
         return cute::make_tuple(cute::get<0>(in), cute::get<1>(in), params.active_offset[next_batch], rows, extent);
     }
 
-    // the TMA warp: the ungathered operand's tile of each k-tile, as Base loads it
-    template <class LoadInputs, class TensorMapA, class TensorMapB, class KTileIterator, class BlockCoord>
-    CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
-                             LoadInputs const& load_inputs, cute::tuple<TensorMapA, TensorMapB> const& input_tensormaps,
-                             BlockCoord const& blk_coord, KTileIterator k_tile_iter, int k_tile_count, int thread_idx,
-                             uint32_t block_rank_in_cluster, TensorStorage& shared_tensors) {
-        using namespace cute;
-        if (!cute::elect_one_sync()) return;
-        auto [m_coord, n_coord, k_coord, l_coord] = blk_coord;
-        auto tma_k_tiles = [&](auto const& tma, auto const& tensormap, auto const& g, auto const& s) {
-            auto block_tma = tma.get_slice(0);
-            Tensor tg = block_tma.partition_S(g);  // (TMA, TMA_MN, TMA_K, k)
-            Tensor ts = block_tma.partition_D(s);  // (TMA, TMA_MN, TMA_K, PIPE)
-            CUTLASS_PRAGMA_NO_UNROLL
-            for (; k_tile_count > 0; --k_tile_count) {
-                pipeline.producer_acquire(smem_pipe_write);
-                auto* bar = pipeline.producer_get_barrier(smem_pipe_write);
-                copy(tma.with(tensormap, *bar, uint16_t(0)), tg(_, _, _, *k_tile_iter), ts(_, _, _, smem_pipe_write.index()));
-                ++k_tile_iter;
-                ++smem_pipe_write;
-            }
-        };
-        if constexpr (kGatherA) {
-            tma_k_tiles(params.tma_load_b, get<1>(input_tensormaps), get<1>(load_inputs)(_, _, n_coord, _, l_coord),
-                        make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{}));
-        } else {
-            tma_k_tiles(params.tma_load_a, get<0>(input_tensormaps), get<0>(load_inputs)(_, _, m_coord, _, l_coord),
-                        make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{}));
-        }
-    }
-
-    // ---- the auxiliary warp's copies, written once for the device (load_auxiliary) and the host
+    // ---- the copies, written once for the device (load, load_auxiliary) and the host
     // (dev/cuda/check_gather_copies.cu replays them without a GPU and checks every smem element)
     //
     // G's pair rows j (0..rows-1 of the problem) are the tile's N rows (B_ROWS: lane l holds the
@@ -178,8 +159,20 @@ struct MoeGatherMainloop : Base {
     static constexpr int kLines = Gather == MOE_GATHER_B_ROWS ? kBN : kBK;
     static constexpr int kPasses = kLines / kLinesPerPass;
     static constexpr int kOffsetRegs = kLines / 32;
+    // a warp's share of a k-tile's passes. The smem layouts' swizzle repeats every 8 lines (1024
+    // bytes), so a lane's destinations repeat every kPhases passes, kStep8 elements further each
+    // time: the unswizzled layout's distance of 8 lines (the host replay checks where every
+    // element lands)
+    static constexpr int kSharePasses = kPasses / kGatherWarps;
+    static constexpr int kPhases = 8 / kLinesPerPass;
+    static constexpr int kStep8 = [] {
+        auto flat = cute::get_nonswizzle_portion(cute::conditional_t<kGatherA, SmemLayoutA, SmemLayoutB>{});
+        return Gather == MOE_GATHER_B_ROWS ? static_cast<int>(flat(8, 0, 0)) : static_cast<int>(flat(0, 8, 0));
+    }();
     static_assert(kChunks * kLinesPerPass == 32 && kLines % 32 == 0 && kLineElems % kVec == 0,
                   "MoeGatherMainloop: a tile line of whole 16-byte chunks, 32 chunks a pass, 32 lines per offset register");
+    static_assert(kPasses % kGatherWarps == 0 && kLinesPerPass <= 8 && kLines >= 16,
+                  "MoeGatherMainloop: whole shares of passes, whole swizzle periods of 8 lines");
 
     // src's element offset of pair row j (-1: past the problem's rows)
     CUTLASS_HOST_DEVICE static int source_offset(const int* pairs, int rows, int k, int ld, int j) {
@@ -190,45 +183,64 @@ struct MoeGatherMainloop : Base {
     CUTLASS_HOST_DEVICE static int first_offset_row(int mn_tile, int kt) {
         return Gather == MOE_GATHER_B_ROWS ? mn_tile * kBN : kt * kBK;
     }
-    // one k-tile of G into stage `stage` of sG by lane `lane`: offset(r, from_lane) is lane
-    // from_lane's offset register r; copy(dst, src_offset) copies 16 bytes from src + src_offset
-    // (-1: zeros) to dst. mn_tile: the work tile's M (A_K) or N (B modes) index; extent: G's
-    // column extent (K for B_ROWS, N or M for the K modes)
+    // share `share` of one k-tile of G into stage `stage` of sG (whose storage starts at sG_base)
+    // by lane `lane`: offset(r, from_lane) is lane from_lane's offset register r; copy(dst, src_off,
+    // ok) copies 16 bytes from src + src_off to element dst of sG's storage if ok, else writes 16
+    // zero bytes. mn_tile: the work tile's M (A_K) or N (B modes) index; extent: G's column extent
+    // (K for B_ROWS, N or M for the K modes). The destinations of the first kPhases passes are
+    // computed through the layout, the rest are those plus whole 8-line blocks
     template <class SmemTensor, class Offset, class Copy>
-    CUTLASS_HOST_DEVICE static void copy_k_tile(SmemTensor&& sG, int stage, int lane, int kt, int mn_tile, int extent,
-                                                Offset&& offset, Copy&& copy) {
+    CUTLASS_HOST_DEVICE static void copy_k_tile(SmemTensor&& sG, ElementG const* sG_base, int stage, int share, int lane,
+                                                int kt, int mn_tile, int extent, Offset&& offset, Copy&& copy) {
         const int chunk = lane % kChunks, sub = lane / kChunks;
         const int col = (Gather == MOE_GATHER_B_ROWS ? kt * kBK : mn_tile * kLineElems) + chunk * kVec;
         const bool col_ok = col < extent;
+        auto dst_of = [&](int line) {  // element of sG's storage where this lane's chunk of `line` goes
+            ElementG const* p = Gather == MOE_GATHER_B_ROWS ? &sG(line, chunk * kVec, stage) : &sG(chunk * kVec, line, stage);
+            return static_cast<int>(p - sG_base);
+        };
+        const int first = share * kSharePasses;
+        int dst[kPhases];
         CUTLASS_PRAGMA_UNROLL
-        for (int i = 0; i < kPasses; i++) {
-            const int line = i * kLinesPerPass + sub;  // line / 32 == i / (32 / kLinesPerPass)
-            const int off = offset(i / (32 / kLinesPerPass), line % 32);
-            const int src_off = col_ok && off >= 0 ? off + col : -1;
-            if constexpr (Gather == MOE_GATHER_B_ROWS) copy(&sG(line, chunk * kVec, stage), src_off);
-            else copy(&sG(chunk * kVec, line, stage), src_off);
+        for (int p = 0; p < kPhases; p++) dst[p] = dst_of((first + p) * kLinesPerPass + sub);
+        CUTLASS_PRAGMA_UNROLL
+        for (int q = 0; q < kSharePasses; q++) {
+            const int line = (first + q) * kLinesPerPass + sub;  // line / 32 == (first + q) / (32 / kLinesPerPass)
+            const int off = offset((first + q) / (32 / kLinesPerPass), line % 32);
+            copy(dst[q % kPhases] + (q / kPhases) * kStep8, off + col, col_ok && off >= 0);
         }
     }
 
-    // the auxiliary warp (thread_idx = its lane): G's tile of each k-tile by cp.async
-    template <class LoadInputs, class KTileIterator, class BlockCoord>
-    CUTLASS_DEVICE void load_auxiliary(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
+    // the gathering warps' state: the smem tensor of G's stages, its storage's shared-space address
+    // and the device copy
+    struct GatherCopier {
+        ElementG* base;
+        uint32_t smem_base;
+        ElementG const* src;
+        CUTLASS_DEVICE void operator()(int dst, int src_off, bool ok) const {
+            // (unsigned offsets: one wide multiply-add for the address)
+            moe_cp_async16(smem_base + 2u * static_cast<uint32_t>(dst), src + (ok ? static_cast<uint32_t>(src_off) : 0u),
+                           ok ? 16 : 0);
+        }
+    };
+
+    // one gathering warp's loop over the work tile's k-tiles: acquire the stage, let `tma` (the TMA
+    // warp: its elected lane's load of the other operand) go first, copy this warp's share, and
+    // arrive on the stage's full barrier when this lane's copies land
+    template <class LoadInputs, class KTileIterator, class BlockCoord, class Tma>
+    CUTLASS_DEVICE void gather_k_tiles(Params const& params, MainloopPipeline& pipeline, PipelineState smem_pipe_write,
                                        LoadInputs const& load_inputs, BlockCoord const& blk_coord,
-                                       KTileIterator k_tile_iter, int k_tile_count, int lane, uint32_t,
-                                       TensorStorage& shared_tensors) {
+                                       KTileIterator k_tile_iter, int k_tile_count, int share, int lane,
+                                       TensorStorage& shared_tensors, Tma&& tma) {
         using namespace cute;
         auto [m_coord, n_coord, k_coord, l_coord] = blk_coord;
         const int mn_tile = kGatherA ? int(m_coord) : int(n_coord);
         const int first = get<2>(load_inputs), rows = get<3>(load_inputs), extent = get<4>(load_inputs);
         const int* pairs = params.sorted_pair + first;
         const int k = params.pairs_per_token, ld = params.gather_ld;
-        const ElementG* src = params.gather_src;
-        Tensor sG = make_tensor(make_smem_ptr(kGatherA ? (ElementG*)shared_tensors.smem_A.data()
-                                                       : (ElementG*)shared_tensors.smem_B.data()),
-                                conditional_t<kGatherA, SmemLayoutA, SmemLayoutB>{});  // (BLK_MN, BLK_K, PIPE)
-        auto copy = [&](ElementG* dst, int src_off) {
-            moe_cp_async16(cast_smem_ptr_to_uint(dst), src_off >= 0 ? src + src_off : src, src_off >= 0 ? 16 : 0);
-        };
+        ElementG* base = kGatherA ? (ElementG*)shared_tensors.smem_A.data() : (ElementG*)shared_tensors.smem_B.data();
+        Tensor sG = make_tensor(make_smem_ptr(base), conditional_t<kGatherA, SmemLayoutA, SmemLayoutB>{});  // (BLK_MN, BLK_K, PIPE)
+        const GatherCopier copy{base, cast_smem_ptr_to_uint(base), params.gather_src};
         int regs[kOffsetRegs];
         if constexpr (Gather == MOE_GATHER_B_ROWS) {  // the work tile's rows, for all its k-tiles
             CUTLASS_PRAGMA_UNROLL
@@ -245,10 +257,62 @@ struct MoeGatherMainloop : Base {
                 }
             }
             pipeline.producer_acquire(smem_pipe_write);
-            copy_k_tile(sG, smem_pipe_write.index(), lane, kt, mn_tile, extent,
+            tma(kt, smem_pipe_write);
+            copy_k_tile(sG, base, smem_pipe_write.index(), share, lane, kt, mn_tile, extent,
                         [&](int r, int from) { return __shfl_sync(0xffffffffu, regs[r], from); }, copy);
             pipeline.producer_commit(smem_pipe_write, cutlass::arch::cpasync_barrier_arrive_noinc);
             ++smem_pipe_write;
         }
+    }
+
+    // the TMA warp: the ungathered operand's tile of each k-tile, as Base loads it (its elected
+    // lane), and with two gathering warps share 0 of G's copies (all its lanes)
+    template <class LoadInputs, class TensorMapA, class TensorMapB, class KTileIterator, class BlockCoord>
+    CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
+                             LoadInputs const& load_inputs, cute::tuple<TensorMapA, TensorMapB> const& input_tensormaps,
+                             BlockCoord const& blk_coord, KTileIterator k_tile_iter, int k_tile_count, int thread_idx,
+                             uint32_t block_rank_in_cluster, TensorStorage& shared_tensors) {
+        using namespace cute;
+        auto [m_coord, n_coord, k_coord, l_coord] = blk_coord;
+        const bool elected = cute::elect_one_sync();
+        auto tma_k_tiles = [&](auto const& tma, auto const& tensormap, auto const& g, auto const& s) {
+            auto block_tma = tma.get_slice(0);
+            Tensor tg = block_tma.partition_S(g);  // (TMA, TMA_MN, TMA_K, k)
+            Tensor ts = block_tma.partition_D(s);  // (TMA, TMA_MN, TMA_K, PIPE)
+            auto load_one = [&](int kt, PipelineState const& state) {
+                if (elected) {
+                    auto* bar = pipeline.producer_get_barrier(state);
+                    copy(tma.with(tensormap, *bar, uint16_t(0)), tg(_, _, _, kt), ts(_, _, _, state.index()));
+                }
+            };
+            if constexpr (kGatherWarps == 2) {
+                gather_k_tiles(params, pipeline, smem_pipe_write, load_inputs, blk_coord, k_tile_iter, k_tile_count, 0,
+                               thread_idx, shared_tensors, load_one);
+            } else if (elected) {
+                CUTLASS_PRAGMA_NO_UNROLL
+                for (int kt = static_cast<int>(*k_tile_iter); k_tile_count > 0; --k_tile_count, ++kt) {
+                    pipeline.producer_acquire(smem_pipe_write);
+                    load_one(kt, smem_pipe_write);
+                    ++smem_pipe_write;
+                }
+            }
+        };
+        if constexpr (kGatherA) {
+            tma_k_tiles(params.tma_load_b, get<1>(input_tensormaps), get<1>(load_inputs)(_, _, n_coord, _, l_coord),
+                        make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{}));
+        } else {
+            tma_k_tiles(params.tma_load_a, get<0>(input_tensormaps), get<0>(load_inputs)(_, _, m_coord, _, l_coord),
+                        make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{}));
+        }
+    }
+
+    // the auxiliary warp (thread_idx = its lane): the last share of G's copies
+    template <class LoadInputs, class KTileIterator, class BlockCoord>
+    CUTLASS_DEVICE void load_auxiliary(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
+                                       LoadInputs const& load_inputs, BlockCoord const& blk_coord,
+                                       KTileIterator k_tile_iter, int k_tile_count, int lane, uint32_t,
+                                       TensorStorage& shared_tensors) {
+        gather_k_tiles(params, pipeline, smem_pipe_write, load_inputs, blk_coord, k_tile_iter, k_tile_count,
+                       kGatherWarps - 1, lane, shared_tensors, [](int, PipelineState const&) {});
     }
 };

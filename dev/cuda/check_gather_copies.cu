@@ -3,8 +3,8 @@ check_gather_copies.cu - the token reads of the moe layer's CUTLASS grouped GEMM
 (llmc/moe_gemm_gather_sm90.hpp) replayed on the host, without a GPU: for each of the three kinds
 (B_ROWS: fch and dh; B_K: dW2; A_K: dW1), problems of random sizes (row counts and column
 extents on and off the tile edges) and random schedules, the auxiliary warp's copies of every
-k-tile of every work tile are run lane by lane through the kernel's own copy_k_tile (its shuffles
-answered from the lane that holds the offset) into a host buffer laid out as the kernel's shared
+k-tile of every work tile are run lane by lane, for each gathering warp's share, through the
+kernel's own copy_k_tile (its shuffles answered from the lane that holds the offset) into a host buffer laid out as the kernel's shared
 memory (the builder's SmemLayoutA/B, swizzle included), and then every element of the stage is
 read back through the layout and checked:
   - written exactly once (a chunk that is not 16 contiguous bytes of the layout, two lanes on one
@@ -62,19 +62,21 @@ static int check_problem(int rows, int extent, int k, int tokens, int ld) {
             const int stage = (t + kt) % kStages;
             memset(smem, 0xA5, smem_elems * 2);
             std::fill(writes.begin(), writes.end(), 0);
-            for (int lane = 0; lane < 32; lane++) {
-                auto offset = [&](int r, int from) {  // lane `from`'s register r, as the kernel fills it
-                    return ML::source_offset(pairs.data(), rows, k, ld, ML::first_offset_row(t, kt) + from + 32 * r);
-                };
-                auto copy = [&](G* dst, int src_off) {
-                    const size_t e = (size_t)((uint16_t*)dst - smem);
-                    if (e + 8 > smem_elems || (e % 8) != 0) { bad++; return; }  // 16-byte aligned chunks in the buffer
-                    for (int i = 0; i < 8; i++) {
-                        smem[e + i] = src_off >= 0 ? src[(size_t)src_off + i] : 0;
-                        writes[e + i]++;
-                    }
-                };
-                ML::copy_k_tile(sG, stage, lane, kt, t, extent, offset, copy);
+            for (int share = 0; share < ML::kGatherWarps; share++) {
+                for (int lane = 0; lane < 32; lane++) {
+                    auto offset = [&](int r, int from) {  // lane `from`'s register r, as the kernel fills it
+                        return ML::source_offset(pairs.data(), rows, k, ld, ML::first_offset_row(t, kt) + from + 32 * r);
+                    };
+                    auto copy = [&](int dst, int src_off, bool ok) {
+                        const size_t e = (size_t)dst;
+                        if (dst < 0 || e + 8 > smem_elems || (e % 8) != 0) { bad++; return; }  // 16-byte aligned chunks in the buffer
+                        for (int i = 0; i < 8; i++) {
+                            smem[e + i] = ok ? src[(size_t)src_off + i] : 0;
+                            writes[e + i]++;
+                        }
+                    };
+                    ML::copy_k_tile(sG, (G const*)smem, stage, share, lane, kt, t, extent, offset, copy);
+                }
             }
             // read the stage back through the layout
             size_t in_stage = 0, written = 0;
@@ -128,8 +130,8 @@ static void check_kind(const char* name, int* passed, int* failed) {
         }
     }
     if (bad_cases == 0) {
-        printf("PASS %s: %d problems (tile %dx%dx%d, %d lines of %d chunks, %d passes a k-tile)\n", name, cases, ML::kBM,
-               ML::kBN, ML::kBK, ML::kLines, ML::kChunks, ML::kPasses);
+        printf("PASS %s: %d problems (tile %dx%dx%d, %d lines of %d chunks, %d passes a k-tile, %d warps)\n", name, cases,
+               ML::kBM, ML::kBN, ML::kBK, ML::kLines, ML::kChunks, ML::kPasses, ML::kGatherWarps);
         (*passed)++;
     } else {
         (*failed)++;
