@@ -10,7 +10,43 @@ UNIT names one repeat in the table ("step", "fwd+bwd"); TOP rows (30 unless give
 """
 import collections
 import csv
+import re
 import sys
+
+
+def short_name(full):
+    """The kernel's name without its arguments; CUTLASS's grouped GEMMs (whose names differ only deep
+    in their templates) as cuBLAS's ops of their A and B (llmc/moe_gemm_cutlass_kernels.hpp) and,
+    for the moe token reads, the gathered operand (llmc/moe_gemm_gather_sm90.hpp)."""
+    name = full.split("(")[0]
+    if "cutlass::device_kernel<cutlass::GemmUniversal" not in name:
+        return name
+    # the A and B strides: (long, 1) is K-contiguous, which is cuBLAS's op(A) = T and op(B) = N
+    strides = re.findall(r"cutlass::bfloat16_t, cute::tuple<(.*?)> \*", name)[:2]
+    ops = ""
+    if len(strides) == 2:
+        k_major = [st.replace(" ", "").startswith("long,cute::C<1>") for st in strides]
+        ops = " " + ("T" if k_major[0] else "N") + ("N" if k_major[1] else "T")
+    tag = "cutlass grouped GEMM" + ops
+    at = name.find("MoeGatherMainloop<")
+    if at >= 0:  # its last template argument: the gather kind
+        depth, i, last = 0, at + len("MoeGatherMainloop<"), None
+        start = i
+        while i < len(name):
+            c = name[i]
+            if c == "<":
+                depth += 1
+            elif c == ">":
+                if depth == 0:
+                    last = name[start:i].strip()
+                    break
+                depth -= 1
+            elif c == "," and depth == 0:
+                start = i + 1
+            i += 1
+        kinds = {"1": "B rows", "2": "B K", "3": "A K"}
+        tag += ", token reads (%s)" % kinds.get(last, last)
+    return tag
 
 args, skip = sys.argv[1:], set()
 while len(args) >= 2 and args[0] == "--skip":
@@ -30,7 +66,7 @@ count = collections.Counter()
 for r in csv.DictReader(rows):
     if r.get("Metric Name") != "gpu__time_duration.sum":
         continue
-    name = r["Kernel Name"].split("(")[0]
+    name = short_name(r["Kernel Name"])
     if name in skip:
         continue
     total[name] += float(r["Metric Value"].replace(",", "")) * scale[r["Metric Unit"]]

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # profile_moe_layer.sh - where the moe layer's forward+backward goes, kernel by kernel, beside the
 # dense SwiGLU of the same active size (dev/cuda/bench_moe.cu's shape): each kernel of
-# `bench_moe_bin --profile moe|dense` timed by Nsight Compute (one metric, gpu__time_duration, no
+# `bench_moe_bin --profile moe|moe-tokens|dense` timed by Nsight Compute (one metric, gpu__time_duration, no
 # cache flush, clocks untouched; kernels run one at a time), summed per name over its passes (the
 # count the benchmark prints).
 #
@@ -20,7 +20,7 @@ tokens=("$@")
 [ ${#tokens[@]} -gt 0 ] || tokens=(8192 32768)
 rc=0
 for bt in "${tokens[@]}"; do
-    for which in moe dense; do
+    for which in moe ${PROFILE_TOKENS:+moe-tokens} dense; do
         csv="$D/profile_moe_${which}_$bt.csv"
         echo "== $which layer fwd+bwd, BT=$bt ($BIN --profile $which --bt $bt, under ncu)"
         timeout 300 ncu --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv \

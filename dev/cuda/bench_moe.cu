@@ -5,7 +5,7 @@ against vanilla moe (expert forward), all in one binary so the ratios come from 
 
   make dev/cuda/bench_moe_bin
   ./dev/cuda/bench_moe_bin [--json PATH] [--bt TOKENS]   (dev/bench_all.sh builds and runs it)
-  ./dev/cuda/bench_moe_bin --profile moe|dense [--bt TOKENS]   (dev/profile_moe_layer.sh: under ncu)
+  ./dev/cuda/bench_moe_bin --profile moe|moe-tokens|dense [--bt TOKENS]   (dev/profile_moe_layer.sh: under ncu)
 
 Shape (DeepSeekMoE-like fine-grained experts, bf16, training mode): BT = 8192 tokens (--bt: e.g.
 32768, a d12 step's B*T at B=32, T=1024, where each expert gets 4x the rows), C = 1024,
@@ -175,16 +175,18 @@ static void dense_free(Dense* dn) {
     cudaCheck(cudaFree(dn->scratch));
 }
 
-// --profile moe|dense: PROFILE_RUNS forward+backward passes of one of the two layers and nothing
-// else, for a kernel profiler to time kernel by kernel (dev/profile_moe_layer.sh); the moe layer
-// with CUTLASS's grouped GEMM where the build has it
+// --profile moe|moe-tokens|dense: PROFILE_RUNS forward+backward passes of one of the layers and
+// nothing else, for a kernel profiler to time kernel by kernel (dev/profile_moe_layer.sh); the moe
+// layer with CUTLASS's grouped GEMM where the build has it, moe-tokens the same with its token
+// reads (CUTLASS builds only)
 enum { PROFILE_RUNS = 3 };
 
 static void profile_layer(const char* which, int BT, int C, int Ie, int E, int S, int k) {
     printf("bench_moe --profile: %d runs\n", PROFILE_RUNS);  // dev/profile_moe_layer.sh divides by it
-    if (strcmp(which, "moe") == 0) {
+    if (strcmp(which, "dense") != 0) {
 #ifdef HAVE_CUTLASS_GROUPED_GEMM
         moe_gemm_backend = MOE_GEMM_CUTLASS;
+        moe_gemm_token_reads = strcmp(which, "moe-tokens") == 0;
 #endif
         Bench b;
         bench_setup(&b, BT, C, Ie, E, S, k, 0);
@@ -208,14 +210,19 @@ int main(int argc, char** argv) {
         if (i + 1 >= argc || (strcmp(argv[i], "--json") != 0 && strcmp(argv[i], "--bt") != 0 &&
                               strcmp(argv[i], "--profile") != 0)) {
             fprintf(stderr, "bench_moe: unexpected argument '%s' (usage: bench_moe_bin [--json PATH] [--bt TOKENS] "
-                    "[--profile moe|dense])\n", argv[i]);
+                    "[--profile moe|moe-tokens|dense])\n", argv[i]);
             return 1;
         }
         if (strcmp(argv[i], "--json") == 0) json = argv[i + 1];
         if (strcmp(argv[i], "--profile") == 0) {
             profile = argv[i + 1];
-            if (strcmp(profile, "moe") != 0 && strcmp(profile, "dense") != 0) {
-                fprintf(stderr, "bench_moe: --profile %s: expected moe or dense\n", profile);
+            int known = strcmp(profile, "moe") == 0 || strcmp(profile, "dense") == 0;
+#ifdef HAVE_CUTLASS_GROUPED_GEMM
+            known = known || strcmp(profile, "moe-tokens") == 0;
+#endif
+            if (!known) {
+                fprintf(stderr, "bench_moe: --profile %s: expected moe, dense or (in a USE_CUTLASS=1 build) moe-tokens\n",
+                        profile);
                 return 1;
             }
         }
