@@ -215,7 +215,7 @@ if [[ "$mode" == *cutlass* ]]; then
     # the same at a d12 step's B*T (32 x 1024): 3072 rows an expert instead of 768
     run cutlass_bench_moe_bt32k timeout 300 ./dev/cuda/bench_moe_bin --bt 32768 --json "$LOG/bench_moe_cutlass_bt32k.json"
     # the layer and the dense SwiGLU kernel by kernel (ncu) at both sizes: where the ratio goes
-    if command -v ncu > /dev/null; then run cutlass_profile_moe_layer timeout 300 bash dev/profile_moe_layer.sh 8192 32768
+    if command -v ncu > /dev/null; then PROFILE_TOKENS=1 run cutlass_profile_moe_layer timeout 300 bash dev/profile_moe_layer.sh 8192 32768
     else summary+=("$(printf '%-28s %-10s' cutlass_profile_moe_layer "SKIPPED (no ncu on this machine)")"); fi
     # other kernels for the same benchmark, one make variable a word, e.g.
     # CUTLASS_VARIANTS="MOE_CUTLASS_TILE_N=128 MOE_CUTLASS_PINGPONG=1" (about 2 minutes each), at both sizes

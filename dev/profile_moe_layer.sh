@@ -7,7 +7,9 @@
 #
 #   bash dev/profile_moe_layer.sh [TOKENS ...]     (default 8192 32768; needs ncu and a built
 #                                                   dev/cuda/bench_moe_bin: CUTLASS's grouped GEMM
-#                                                   in a `make USE_CUTLASS=1` build)
+#                                                   in a `make USE_CUTLASS=1` build; with
+#                                                   PROFILE_TOKENS=1 also the moe layer with its
+#                                                   token reads, moe-tokens)
 # Tables to stdout; the raw CSV to $OUT/profile_moe_<which>_<tokens>.csv when OUT is set.
 set -u
 cd "$(dirname "$0")/.."
