@@ -26,12 +26,13 @@
 // barrier waits for 1 + 32 MOE_GATHER_WARPS arrivals (NumProducerThreadEvents) and the TMA bytes.
 // The lanes of a warp copy whole 128-byte runs of a row together (coalesced), and the rows' source
 // offsets travel between lanes by shuffles rather than each lane holding all of its rows' (the
-// producer warps run with 40 registers). A copy is about seven instructions (the shuffle, the
-// bounds test, the source address, the cp.async with an immediate smem offset): one warp alone,
-// at about 20 instructions each before, fed the wgmma about a third of what TMA does
-// (docs/performance.md, target 8). The copies' index arithmetic is one host-device function
-// (copy_k_tile) that dev/cuda/check_gather_copies.cu replays on the host against the smem layout,
-// without a GPU.
+// producer warps run with 40 registers; ptxas spills one register around the dW1 kernel's
+// copies). A copy is about seven instructions (the shuffle, the bounds test, the source address,
+// the cp.async with an immediate smem offset); a lane's destinations are computed once a work
+// tile and a row's token by a multiply-high (cutlass::FastDivmod). One warp at about 20
+// instructions a copy fed the wgmma about a third of what TMA does (docs/performance.md, target
+// 8). The copies' index arithmetic is one host-device function (copy_k_tile) that
+// dev/cuda/check_gather_copies.cu replays on the host against the smem layout, without a GPU.
 #pragma once
 
 #include "cutlass/cutlass.h"
@@ -110,7 +111,7 @@ struct MoeGatherMainloop : Base {
         int gather_ld;
         int const* sorted_pair;
         int const* active_offset;
-        int pairs_per_token;
+        cutlass::FastDivmod token_of_pair;  // sorted_pair / k by a multiply-high and a shift
     };
 
     template <class ProblemShape>
@@ -122,7 +123,7 @@ struct MoeGatherMainloop : Base {
         p.gather_ld = args.gather_ld;
         p.sorted_pair = args.sorted_pair;
         p.active_offset = args.active_offset;
-        p.pairs_per_token = args.pairs_per_token;
+        p.token_of_pair = cutlass::FastDivmod(args.pairs_per_token);
         return p;
     }
 
@@ -169,14 +170,21 @@ struct MoeGatherMainloop : Base {
         auto flat = cute::get_nonswizzle_portion(cute::conditional_t<kGatherA, SmemLayoutA, SmemLayoutB>{});
         return Gather == MOE_GATHER_B_ROWS ? static_cast<int>(flat(8, 0, 0)) : static_cast<int>(flat(0, 8, 0));
     }();
+    // likewise a stage is whole swizzle periods: the destinations of stage 0 plus the stage's
+    // distance (so a lane's destinations need computing once a work tile, not once a k-tile)
+    static constexpr int kStageStride = [] {
+        auto flat = cute::get_nonswizzle_portion(cute::conditional_t<kGatherA, SmemLayoutA, SmemLayoutB>{});
+        return static_cast<int>(flat(0, 0, 1));
+    }();
     static_assert(kChunks * kLinesPerPass == 32 && kLines % 32 == 0 && kLineElems % kVec == 0,
                   "MoeGatherMainloop: a tile line of whole 16-byte chunks, 32 chunks a pass, 32 lines per offset register");
     static_assert(kPasses % kGatherWarps == 0 && kLinesPerPass <= 8 && kLines >= 16,
                   "MoeGatherMainloop: whole shares of passes, whole swizzle periods of 8 lines");
 
     // src's element offset of pair row j (-1: past the problem's rows)
-    CUTLASS_HOST_DEVICE static int source_offset(const int* pairs, int rows, int k, int ld, int j) {
-        return j < rows ? (pairs[j] / k) * ld : -1;
+    CUTLASS_HOST_DEVICE static int source_offset(const int* pairs, int rows, cutlass::FastDivmod const& token_of_pair,
+                                                 int ld, int j) {
+        return j < rows ? token_of_pair.div(pairs[j]) * ld : -1;
     }
     // the first pair row of lane 0's offset register 0: the work tile's first row (B_ROWS) or the
     // k-tile's (K modes)
@@ -195,14 +203,14 @@ struct MoeGatherMainloop : Base {
         const int chunk = lane % kChunks, sub = lane / kChunks;
         const int col = (Gather == MOE_GATHER_B_ROWS ? kt * kBK : mn_tile * kLineElems) + chunk * kVec;
         const bool col_ok = col < extent;
-        auto dst_of = [&](int line) {  // element of sG's storage where this lane's chunk of `line` goes
-            ElementG const* p = Gather == MOE_GATHER_B_ROWS ? &sG(line, chunk * kVec, stage) : &sG(chunk * kVec, line, stage);
+        auto dst_of = [&](int line) {  // element of stage 0 where this lane's chunk of `line` goes
+            ElementG const* p = Gather == MOE_GATHER_B_ROWS ? &sG(line, chunk * kVec, 0) : &sG(chunk * kVec, line, 0);
             return static_cast<int>(p - sG_base);
         };
         const int first = share * kSharePasses;
         int dst[kPhases];
         CUTLASS_PRAGMA_UNROLL
-        for (int p = 0; p < kPhases; p++) dst[p] = dst_of((first + p) * kLinesPerPass + sub);
+        for (int p = 0; p < kPhases; p++) dst[p] = dst_of((first + p) * kLinesPerPass + sub) + stage * kStageStride;
         CUTLASS_PRAGMA_UNROLL
         for (int q = 0; q < kSharePasses; q++) {
             const int line = (first + q) * kLinesPerPass + sub;  // line / 32 == (first + q) / (32 / kLinesPerPass)
@@ -237,7 +245,7 @@ struct MoeGatherMainloop : Base {
         const int mn_tile = kGatherA ? int(m_coord) : int(n_coord);
         const int first = get<2>(load_inputs), rows = get<3>(load_inputs), extent = get<4>(load_inputs);
         const int* pairs = params.sorted_pair + first;
-        const int k = params.pairs_per_token, ld = params.gather_ld;
+        const int ld = params.gather_ld;
         ElementG* base = kGatherA ? (ElementG*)shared_tensors.smem_A.data() : (ElementG*)shared_tensors.smem_B.data();
         Tensor sG = make_tensor(make_smem_ptr(base), conditional_t<kGatherA, SmemLayoutA, SmemLayoutB>{});  // (BLK_MN, BLK_K, PIPE)
         const GatherCopier copy{base, cast_smem_ptr_to_uint(base), params.gather_src};
@@ -245,7 +253,7 @@ struct MoeGatherMainloop : Base {
         if constexpr (Gather == MOE_GATHER_B_ROWS) {  // the work tile's rows, for all its k-tiles
             CUTLASS_PRAGMA_UNROLL
             for (int r = 0; r < kOffsetRegs; r++) {
-                regs[r] = source_offset(pairs, rows, k, ld, first_offset_row(mn_tile, 0) + lane + 32 * r);
+                regs[r] = source_offset(pairs, rows, params.token_of_pair, ld, first_offset_row(mn_tile, 0) + lane + 32 * r);
             }
         }
         CUTLASS_PRAGMA_NO_UNROLL
@@ -253,7 +261,7 @@ struct MoeGatherMainloop : Base {
             if constexpr (Gather != MOE_GATHER_B_ROWS) {  // the k-tile's rows (read before the wait)
                 CUTLASS_PRAGMA_UNROLL
                 for (int r = 0; r < kOffsetRegs; r++) {
-                    regs[r] = source_offset(pairs, rows, k, ld, first_offset_row(mn_tile, kt) + lane + 32 * r);
+                    regs[r] = source_offset(pairs, rows, params.token_of_pair, ld, first_offset_row(mn_tile, kt) + lane + 32 * r);
                 }
             }
             pipeline.producer_acquire(smem_pipe_write);

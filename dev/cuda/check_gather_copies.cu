@@ -52,6 +52,7 @@ static int check_problem(int rows, int extent, int k, int tokens, int ld) {
     std::vector<int> writes(smem_elems);
     Tensor sG = make_tensor(make_smem_ptr((G*)smem), SmemLayout{});
     const int lines_mn = ML::kGatherA ? ML::kBM : ML::kBN;  // the tile's extent along G's MN mode
+    const cutlass::FastDivmod token_of_pair(k);  // as the kernel's Params hold it (checked against / below)
     // work tiles: along the rows (B_ROWS) or the extent (K modes); k-tiles: the other
     const bool b_rows = ML::kGather == MOE_GATHER_B_ROWS;
     const int K = b_rows ? extent : rows, MN = b_rows ? rows : extent;
@@ -65,7 +66,7 @@ static int check_problem(int rows, int extent, int k, int tokens, int ld) {
             for (int share = 0; share < ML::kGatherWarps; share++) {
                 for (int lane = 0; lane < 32; lane++) {
                     auto offset = [&](int r, int from) {  // lane `from`'s register r, as the kernel fills it
-                        return ML::source_offset(pairs.data(), rows, k, ld, ML::first_offset_row(t, kt) + from + 32 * r);
+                        return ML::source_offset(pairs.data(), rows, token_of_pair, ld, ML::first_offset_row(t, kt) + from + 32 * r);
                     };
                     auto copy = [&](int dst, int src_off, bool ok) {
                         const size_t e = (size_t)dst;
@@ -140,6 +141,18 @@ static void check_kind(const char* name, int* passed, int* failed) {
 
 int main() {
     int passed = 0, failed = 0;
+    // the kernel's sorted_pair / k (cutlass::FastDivmod) against division, over pair indices far
+    // past the problems below (2^28: a million tokens at k = 256)
+    int div_bad = 0;
+    for (int k = 1; k <= 256; k++) {
+        const cutlass::FastDivmod token_of_pair(k);
+        for (int i = 0; i < 4000; i++) {
+            const int x = i < 1000 ? i : (int)rnd(1u << 28);
+            div_bad += token_of_pair.div(x) != x / k;
+        }
+    }
+    printf("%s token_of_pair: FastDivmod == division for k = 1..256 (%d wrong)\n", div_bad ? "FAIL" : "PASS", div_bad);
+    div_bad ? failed++ : passed++;
     check_kind<KernelTNGatherB>("B_ROWS (fch = W1 x, TN)", &passed, &failed);
     check_kind<KernelNNGatherB>("B_ROWS (dh = W2^T dy, NN)", &passed, &failed);
     check_kind<KernelNTGatherB>("B_K (dW2 += (g h) dy^T, NT)", &passed, &failed);
