@@ -467,9 +467,9 @@ static void moe_gemm_loop(cublasOperation_t ta, cublasOperation_t tb, int m, int
 
 // 1: the CUTLASS backend reads the experts' token operands (x, dy) through the schedule inside
 // its grouped GEMMs (MOE_BY_TOKEN); 0 (default): the layer gathers them into sorted copies first.
-// The same bits either way (test_moe). Off by default: measured slower (the one auxiliary warp's
-// cp.async gathers starve the MMAs: the fch GEMM 2.14 against 0.65 ms at BT = 32,768 on an H100,
-// docs/performance.md target 8).
+// The same bits either way (test_moe). Off by default: still a little slower (their dW1 GEMM runs
+// at half the speed of its copy's: the layer 1.413x against 1.385x dense at BT = 32,768 on an
+// H200, docs/performance.md target 8).
 static int moe_gemm_token_reads = 0;
 static int moe_gemm_token_read_calls = 0;  // grouped GEMMs run with token reads (for tests)
 

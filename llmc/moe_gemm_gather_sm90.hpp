@@ -26,8 +26,8 @@
 // barrier waits for 1 + 32 MOE_GATHER_WARPS arrivals (NumProducerThreadEvents) and the TMA bytes.
 // The lanes of a warp copy whole 128-byte runs of a row together (coalesced), and the rows' source
 // offsets travel between lanes by shuffles rather than each lane holding all of its rows' (the
-// producer warps run with 40 registers; ptxas spills one register around the dW1 kernel's
-// copies). A copy is about seven instructions (the shuffle, the bounds test, the source address,
+// producer warps run with 40 registers; ptxas spills a few registers in the dW1 kernel's
+// work-tile set-up, outside its copies' loop). A copy is about seven instructions (the shuffle, the bounds test, the source address,
 // the cp.async with an immediate smem offset); a lane's destinations are computed once a work
 // tile and a row's token by a multiply-high (cutlass::FastDivmod). One warp at about 20
 // instructions a copy fed the wgmma about a third of what TMA does (docs/performance.md, target
@@ -166,16 +166,14 @@ struct MoeGatherMainloop : Base {
     // element lands)
     static constexpr int kSharePasses = kPasses / kGatherWarps;
     static constexpr int kPhases = 8 / kLinesPerPass;
-    static constexpr int kStep8 = [] {
+    static constexpr int flat_offset(int line, int stage) {  // the unswizzled layout's element of (line, 0, stage)
         auto flat = cute::get_nonswizzle_portion(cute::conditional_t<kGatherA, SmemLayoutA, SmemLayoutB>{});
-        return Gather == MOE_GATHER_B_ROWS ? static_cast<int>(flat(8, 0, 0)) : static_cast<int>(flat(0, 8, 0));
-    }();
+        return Gather == MOE_GATHER_B_ROWS ? static_cast<int>(flat(line, 0, stage)) : static_cast<int>(flat(0, line, stage));
+    }
+    static constexpr int kStep8 = flat_offset(8, 0);
     // likewise a stage is whole swizzle periods: the destinations of stage 0 plus the stage's
     // distance (so a lane's destinations need computing once a work tile, not once a k-tile)
-    static constexpr int kStageStride = [] {
-        auto flat = cute::get_nonswizzle_portion(cute::conditional_t<kGatherA, SmemLayoutA, SmemLayoutB>{});
-        return static_cast<int>(flat(0, 0, 1));
-    }();
+    static constexpr int kStageStride = flat_offset(0, 1);
     static_assert(kChunks * kLinesPerPass == 32 && kLines % 32 == 0 && kLineElems % kVec == 0,
                   "MoeGatherMainloop: a tile line of whole 16-byte chunks, 32 chunks a pass, 32 lines per offset register");
     static_assert(kPasses % kGatherWarps == 0 && kLinesPerPass <= 8 && kLines >= 16,
@@ -219,10 +217,9 @@ struct MoeGatherMainloop : Base {
         }
     }
 
-    // the gathering warps' state: the smem tensor of G's stages, its storage's shared-space address
-    // and the device copy
+    // the device's copy: 16 bytes from src + src_off to element dst of G's smem storage (whose
+    // shared-space address is smem_base), or 16 zero bytes
     struct GatherCopier {
-        ElementG* base;
         uint32_t smem_base;
         ElementG const* src;
         CUTLASS_DEVICE void operator()(int dst, int src_off, bool ok) const {
@@ -248,7 +245,7 @@ struct MoeGatherMainloop : Base {
         const int ld = params.gather_ld;
         ElementG* base = kGatherA ? (ElementG*)shared_tensors.smem_A.data() : (ElementG*)shared_tensors.smem_B.data();
         Tensor sG = make_tensor(make_smem_ptr(base), conditional_t<kGatherA, SmemLayoutA, SmemLayoutB>{});  // (BLK_MN, BLK_K, PIPE)
-        const GatherCopier copy{base, cast_smem_ptr_to_uint(base), params.gather_src};
+        const GatherCopier copy{cast_smem_ptr_to_uint(base), params.gather_src};
         int regs[kOffsetRegs];
         if constexpr (Gather == MOE_GATHER_B_ROWS) {  // the work tile's rows, for all its k-tiles
             CUTLASS_PRAGMA_UNROLL

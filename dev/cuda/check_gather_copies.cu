@@ -2,11 +2,11 @@
 check_gather_copies.cu - the token reads of the moe layer's CUTLASS grouped GEMMs
 (llmc/moe_gemm_gather_sm90.hpp) replayed on the host, without a GPU: for each of the three kinds
 (B_ROWS: fch and dh; B_K: dW2; A_K: dW1), problems of random sizes (row counts and column
-extents on and off the tile edges) and random schedules, the auxiliary warp's copies of every
-k-tile of every work tile are run lane by lane, for each gathering warp's share, through the
-kernel's own copy_k_tile (its shuffles answered from the lane that holds the offset) into a host buffer laid out as the kernel's shared
-memory (the builder's SmemLayoutA/B, swizzle included), and then every element of the stage is
-read back through the layout and checked:
+extents on and off the tile edges) and random schedules, the gathering warps' copies of every
+k-tile of every work tile are run lane by lane, each warp's share, through the kernel's own
+copy_k_tile (its shuffles answered from the lane that holds the offset) into a host buffer laid
+out as the kernel's shared memory (the builder's SmemLayoutA/B, swizzle included), and then every
+element of the stage is read back through the layout and checked:
   - written exactly once (a chunk that is not 16 contiguous bytes of the layout, two lanes on one
     element, or an element no lane writes, all fail here), and nothing outside the stage written;
   - equal to the gathered matrix: G(line, e) = src[sorted_pair[j] / k][column] for a pair row j
