@@ -179,10 +179,15 @@ struct MoeGatherMainloop : Base {
     static_assert(kPasses % kGatherWarps == 0 && kLinesPerPass <= 8 && kLines >= 16,
                   "MoeGatherMainloop: whole shares of passes, whole swizzle periods of 8 lines");
 
-    // src's element offset of pair row j (-1: past the problem's rows)
+    // src's element offset of pair row j (-1: past the problem's rows), in two steps the kernel
+    // runs apart (the schedule's entry is loaded a k-tile before it is used)
+    CUTLASS_HOST_DEVICE static int schedule_entry(const int* pairs, int rows, int j) { return j < rows ? pairs[j] : -1; }
+    CUTLASS_HOST_DEVICE static int entry_offset(cutlass::FastDivmod const& token_of_pair, int ld, int pair) {
+        return pair >= 0 ? token_of_pair.div(pair) * ld : -1;
+    }
     CUTLASS_HOST_DEVICE static int source_offset(const int* pairs, int rows, cutlass::FastDivmod const& token_of_pair,
                                                  int ld, int j) {
-        return j < rows ? token_of_pair.div(pairs[j]) * ld : -1;
+        return entry_offset(token_of_pair, ld, schedule_entry(pairs, rows, j));
     }
     // the first pair row of lane 0's offset register 0: the work tile's first row (B_ROWS) or the
     // k-tile's (K modes)
@@ -246,20 +251,19 @@ struct MoeGatherMainloop : Base {
         ElementG* base = kGatherA ? (ElementG*)shared_tensors.smem_A.data() : (ElementG*)shared_tensors.smem_B.data();
         Tensor sG = make_tensor(make_smem_ptr(base), conditional_t<kGatherA, SmemLayoutA, SmemLayoutB>{});  // (BLK_MN, BLK_K, PIPE)
         const GatherCopier copy{cast_smem_ptr_to_uint(base), params.gather_src};
-        int regs[kOffsetRegs];
-        if constexpr (Gather == MOE_GATHER_B_ROWS) {  // the work tile's rows, for all its k-tiles
-            CUTLASS_PRAGMA_UNROLL
-            for (int r = 0; r < kOffsetRegs; r++) {
-                regs[r] = source_offset(pairs, rows, params.token_of_pair, ld, first_offset_row(mn_tile, 0) + lane + 32 * r);
-            }
-        }
+        // offset registers: B_ROWS the work tile's rows, for all its k-tiles; the K modes the
+        // k-tile's rows, whose schedule entries are loaded a k-tile ahead (next: the pair, or -1
+        // past the rows) and turned into offsets after the copies, so no k-tile waits on the load
+        auto pair_of = [&](int kt, int r) { return schedule_entry(pairs, rows, first_offset_row(mn_tile, kt) + lane + 32 * r); };
+        auto offset_of = [&](int pair) { return entry_offset(params.token_of_pair, ld, pair); };
+        int regs[kOffsetRegs], next[kOffsetRegs];
+        CUTLASS_PRAGMA_UNROLL
+        for (int r = 0; r < kOffsetRegs; r++) regs[r] = offset_of(pair_of(static_cast<int>(*k_tile_iter), r));
         CUTLASS_PRAGMA_NO_UNROLL
         for (int kt = static_cast<int>(*k_tile_iter); k_tile_count > 0; --k_tile_count, ++kt) {
-            if constexpr (Gather != MOE_GATHER_B_ROWS) {  // the k-tile's rows (read before the wait)
+            if constexpr (Gather != MOE_GATHER_B_ROWS) {
                 CUTLASS_PRAGMA_UNROLL
-                for (int r = 0; r < kOffsetRegs; r++) {
-                    regs[r] = source_offset(pairs, rows, params.token_of_pair, ld, first_offset_row(mn_tile, kt) + lane + 32 * r);
-                }
+                for (int r = 0; r < kOffsetRegs; r++) next[r] = pair_of(kt + 1, r);
             }
             pipeline.producer_acquire(smem_pipe_write);
             tma(kt, smem_pipe_write);
@@ -267,6 +271,10 @@ struct MoeGatherMainloop : Base {
                         [&](int r, int from) { return __shfl_sync(0xffffffffu, regs[r], from); }, copy);
             pipeline.producer_commit(smem_pipe_write, cutlass::arch::cpasync_barrier_arrive_noinc);
             ++smem_pipe_write;
+            if constexpr (Gather != MOE_GATHER_B_ROWS) {
+                CUTLASS_PRAGMA_UNROLL
+                for (int r = 0; r < kOffsetRegs; r++) regs[r] = offset_of(next[r]);
+            }
         }
     }
 
