@@ -158,7 +158,7 @@ build/attention_cudnn.o: llmc/attention_cudnn.cu llmc/attention_cudnn.h
 
 # the CUTLASS grouped GEMM in its own object (llmc/moe_gemm_cutlass.h): CUTLASS's templates take
 # minutes to compile, and its headers stay out of every other translation unit
-build/moe_gemm_cutlass.o: llmc/moe_gemm_cutlass.cu llmc/moe_gemm_cutlass.h llmc/moe_gemm_cutlass_kernels.hpp llmc/moe_gemm_gather_sm90.hpp
+build/moe_gemm_cutlass.o: llmc/moe_gemm_cutlass.cu llmc/moe_gemm_cutlass.h llmc/moe_gemm_cutlass_kernels.hpp llmc/moe_gemm_gather_sm90.hpp llmc/moe_gemm_swiglu_sm90.hpp llmc/swiglu_value.h
 	@mkdir -p build
 	$(NVCC) $(NVCC_FLAGS) -I$(CUTLASS_INCLUDE) $(CUTLASS_DEFS) -c $< -o $@
 
@@ -183,7 +183,7 @@ kernel_benches: $(KERNEL_BENCH_BINS)
 
 # check_gather_copies: the CUTLASS token reads' copies replayed on the host (no GPU, no CUTLASS
 # object; the CUTLASS headers only)
-dev/cuda/check_gather_copies_bin: dev/cuda/check_gather_copies.cu llmc/moe_gemm_cutlass_kernels.hpp llmc/moe_gemm_gather_sm90.hpp llmc/moe_gemm_cutlass.h
+dev/cuda/check_gather_copies_bin: dev/cuda/check_gather_copies.cu llmc/moe_gemm_cutlass_kernels.hpp llmc/moe_gemm_gather_sm90.hpp llmc/moe_gemm_swiglu_sm90.hpp llmc/moe_gemm_cutlass.h
 	$(NVCC) $(NVCC_FLAGS) -I$(CUTLASS_INCLUDE) $(CUTLASS_DEFS) $< -o $@
 
 dev/cuda/%_fp32_bin: dev/cuda/%.cu $(HOST_HEADERS) $(CUDA_HEADERS)
