@@ -197,7 +197,7 @@ static const TrainFlag train_flags[] = {
     {NULL, "--moe-aux", TRAIN_ARG_FLOAT, offsetof(TrainConfig, moe_aux), 0, TRAIN_NO_MAX, 0, NULL, "moe: load-balance loss coefficient alpha (0 = off)"},
     {NULL, "--moe-zc-weight", TRAIN_ARG_FLOAT, offsetof(TrainConfig, moe_zc_weight), 0, TRAIN_NO_MAX, 0, NULL, "moe: the balance loss's weight tau of zero, copy and constant experts (FFN experts: 1)"},
     {NULL, "--moe-gemm", TRAIN_ARG_CHOICE, offsetof(TrainConfig, moe_gemm), 0, 0, 0, "loop|cublas|cutlass", "CUDA trainer, moe: the routed experts' GEMMs, one per expert, cuBLAS's grouped GEMM (the default of builds without CUTLASS) or CUTLASS's (the default of a `make USE_CUTLASS=1` build: the d12 moe step 1.9x faster on an H100); the same math"},
-    {NULL, "--moe-token-reads", TRAIN_ARG_INT, offsetof(TrainConfig, moe_token_reads), 0, 1, 0, NULL, "CUDA trainer, moe with --moe-gemm cutlass: 1 = the grouped GEMMs read the experts' input and output-gradient rows through the schedule, with no gathered copies and no per-layer copy of the inputs kept (less memory, but a little slower today: the d12 moe step 45.3 against 44.3 ms on an H200); 0 = gather them first (same bits either way; default 0)"},
+    {NULL, "--moe-token-reads", TRAIN_ARG_INT, offsetof(TrainConfig, moe_token_reads), 0, 1, 0, NULL, "CUDA trainer, moe with --moe-gemm cutlass: 1 = the grouped GEMMs read the experts' input and output-gradient rows through the schedule, with no gathered copies and no per-layer copy of the inputs kept (less memory, and faster: the d12 moe step 48.0 against 48.7 ms on an H100); 0 = gather them first (same bits either way; default 1 in CUTLASS builds, else 0)"},
     {NULL, "--moe-bias-rate", TRAIN_ARG_FLOAT, offsetof(TrainConfig, moe_bias_rate), 0, TRAIN_NO_MAX, 0, NULL, "moe: loss-free balancing, bias step gamma per optimiser step (0 = off)"},
     {NULL, "--log-file", TRAIN_ARG_STRING, offsetof(TrainConfig, log_file), 0, 0, 0, NULL, "JSONL log path (\"\" = <output dir>/log.jsonl when -o is set)"},
     {"-pn", "--num-processes", TRAIN_ARG_INT, offsetof(TrainConfig, launch_processes), 1, 65536, 0, NULL, "launch without mpirun: number of processes (one per GPU; needs -pf; ignored under mpirun)"},
@@ -276,11 +276,12 @@ static inline void train_config_defaults(TrainConfig* cfg) {
     cfg->moe_aux = 0.01f;        // DeepSeekMoE's expert-level balance factor
     cfg->moe_zc_weight = 0.75f;
     cfg->moe_bias_rate = 0.0f;
-    cfg->moe_token_reads = 0;
 #if defined(ENABLE_CUTLASS) && !defined(ENABLE_FP32)
     cfg->moe_gemm = 2;  // CUTLASS's grouped GEMM where the build has it: the d12 moe step in half the time (docs/design.md §10.8)
+    cfg->moe_token_reads = 1;  // and its GEMMs read x's and dy's rows through the schedule (no gathered copies)
 #else
     cfg->moe_gemm = 1;  // cuBLAS's grouped GEMM
+    cfg->moe_token_reads = 0;
 #endif
 }
 

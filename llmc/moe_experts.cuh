@@ -22,6 +22,9 @@ Defines:
   of expert e is row sorted_pair[off_e + j] / pairs_per_token of the row-major token matrix at
   base (stride: that matrix's row count), read inside the GEMM with no gathered copy (CUTLASS,
   llmc/moe_gemm_gather_sm90.hpp); run by the backend moe_gemm_backend names (below)
+- moe_grouped_gemm_swiglu(..., swiglu_h, stream): the same for the forward's fch GEMM, with the
+  SwiGLU in the GEMM's epilogue where the backend can (h written, fch interleaved by 8: returns 1;
+  else 0 and the caller runs swiglu_forward; llmc/moe_gemm_swiglu_sm90.hpp)
 - moe_gemm_reads_tokens(src, tokens, ld, others...): 1 when MOE_BY_TOKEN operands over src can
   run (the CUTLASS backend, moe_gemm_token_reads on, 16-byte bases, offsets within an int)
 - moe_pair_positions(pos, sched, P, stream): pos[sorted_pair[j]] = j
@@ -471,19 +474,22 @@ static void moe_gemm_loop(cublasOperation_t ta, cublasOperation_t tb, int m, int
     }
 }
 
-// 1: the CUTLASS backend reads the experts' token operands (x, dy) through the schedule inside
-// its grouped GEMMs (MOE_BY_TOKEN); 0 (default): the layer gathers them into sorted copies first.
-// The same bits either way (test_moe). Off by default: still a little slower (their dW1 GEMM runs
-// at half the speed of its copy's: the layer 1.413x against 1.385x dense at BT = 32,768 on an
-// H200, docs/performance.md target 8).
-static int moe_gemm_token_reads = 0;
+// 1 (default): the CUTLASS backend reads the experts' token operands (x, dy) through the schedule
+// inside its grouped GEMMs (MOE_BY_TOKEN) where it can; 0: the layer gathers them into sorted
+// copies first. The same bits either way (test_moe); token reads save the two gathers and the
+// kept copy of x (the layer 1.382x against 1.450x dense at BT = 32,768 on an H100, the d12 moe
+// step 48.0 against 48.7 ms; docs/performance.md target 8). The trainer sets it from
+// --moe-token-reads.
+static int moe_gemm_token_reads = 1;
 static int moe_gemm_token_read_calls = 0;  // grouped GEMMs run with token reads (for tests)
 
-// 1 (default): the forward's fch GEMM runs the SwiGLU in its epilogue where it can (the CUTLASS
-// backend with token reads, I_e a multiple of 64: moe_grouped_gemm_swiglu), which saves the pass
-// that reads fch again; the same bits (test_moe). 0: the GEMM, then swiglu_forward (benchmarks
-// compare the two)
-static int moe_gemm_fuse_swiglu = 1;
+// 1: the forward's fch GEMM runs the SwiGLU in its epilogue where it can (the CUTLASS backend
+// with token reads, I_e a multiple of 64: moe_grouped_gemm_swiglu), which saves the pass that reads
+// fch again; the same bits (test_moe). 0 (default): the GEMM, then swiglu_forward. Off because it
+// is slower today: the SwiGLU's math runs in the cooperative kernel's epilogue, which nothing
+// overlaps (the fch GEMM 1.081 ms against 0.888 for GEMM + swiglu_forward at BT = 32,768 on an
+// H100; docs/performance.md target 8)
+static int moe_gemm_fuse_swiglu = 0;
 static int moe_gemm_swiglu_calls = 0;  // fch GEMMs run with the fused SwiGLU (for tests)
 
 // whether moe_grouped_gemm can take MOE_BY_TOKEN operands over the (tokens, ld) row-major src for

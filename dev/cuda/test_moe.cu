@@ -50,8 +50,9 @@ What is checked (one PASS/FAIL line per check, closing "test_moe: N passed, N fa
       runs once more over gathered copies (moe_gemm_token_reads = 0): bitwise the same out, dx and
       gradients; with W1/W2 or x/dy off 16 bytes no GEMM reads tokens (the loop, or copies); two
       cases again on two CTAs (moe_cutlass_sm_limit), each CTA then running many tiles and problems;
-      with I_e = 64 and 192 the token-read runs' fch GEMM also computes the SwiGLU in its epilogue
-      (llmc/moe_gemm_swiglu_sm90.hpp), so their comparison with the copies checks it bitwise.
+      with I_e = 64 and 192 (moe_gemm_fuse_swiglu on) the token-read runs' fch GEMM also computes
+      the SwiGLU in its epilogue (llmc/moe_gemm_swiglu_sm90.hpp), so their comparison with the
+      copies checks it bitwise.
  3. (near the end) the row kernels (moe_gather_rows, moe_combine, moe_token_backward) with 16-byte vectors
     against their one-element path on the same numbers one element off 16 bytes: bitwise equal
     outputs (gathered rows, out, dx, dgate, dmix), with accumulate off and on (the layer cases
@@ -890,7 +891,7 @@ int main(void) {
 #ifdef HAVE_CUTLASS_GROUPED_GEMM
     moe_gemm_backend = MOE_GEMM_CUTLASS;
     moe_gemm_fallbacks = 0;
-    moe_gemm_token_reads = 1;  // off by default (slower); these cases run with it, then without
+    moe_gemm_token_reads = 1;  // (the default) these cases run with it, then without
     test_layer("cutlass: layer forced routing, norm, k x input, balance loss", ROUTE_FORCED, 1, 1, 0.05f);
     test_layer("cutlass: layer random routing, plain gates, no balance loss", ROUTE_RANDOM, 0, 0, 0.0f);
     test_layer("cutlass: layer random routing, norm, strong balance loss", ROUTE_RANDOM, 1, 0, 2000.0f);
@@ -925,6 +926,7 @@ int main(void) {
     // two agree bitwise (out, dx, every gradient); one tile in M, then three on two CTAs with a
     // ragged K
     const int fused_before = moe_gemm_swiglu_calls;
+    moe_gemm_fuse_swiglu = 1;  // (off by default: slower today)
     g_layer_Ie = 64;
     test_layer("cutlass: layer random routing, norm, I_e=64 (SwiGLU in the fch epilogue)", ROUTE_RANDOM, 1, 0, 0.1f);
     g_layer_C = 392, g_layer_Ie = 192;
@@ -933,6 +935,7 @@ int main(void) {
                ROUTE_RANDOM, 0, 0, 0.1f);
     moe_cutlass_sm_limit = 0;
     g_layer_C = 64, g_layer_Ie = 32;
+    moe_gemm_fuse_swiglu = 0;
     test_checkf(moe_gemm_swiglu_calls - fused_before == 4,
                 "cutlass: the I_e=64 and 192 cases' fch GEMMs ran the SwiGLU in their epilogue (2 runs each)",
                 "%d did", moe_gemm_swiglu_calls - fused_before);
