@@ -477,9 +477,8 @@ static void moe_gemm_loop(cublasOperation_t ta, cublasOperation_t tb, int m, int
 // 1 (default): the CUTLASS backend reads the experts' token operands (x, dy) through the schedule
 // inside its grouped GEMMs (MOE_BY_TOKEN) where it can; 0: the layer gathers them into sorted
 // copies first. The same bits either way (test_moe); token reads save the two gathers and the
-// kept copy of x (the layer 1.382x against 1.450x dense at BT = 32,768 on an H100, the d12 moe
-// step 48.0 against 48.7 ms; docs/performance.md target 8). The trainer sets it from
-// --moe-token-reads.
+// kept copy of x (the layer 1.385x against 1.450x dense at BT = 32,768 on an H100;
+// docs/performance.md target 8). The trainer sets it from --moe-token-reads.
 static int moe_gemm_token_reads = 1;
 static int moe_gemm_token_read_calls = 0;  // grouped GEMMs run with token reads (for tests)
 
