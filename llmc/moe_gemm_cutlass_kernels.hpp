@@ -65,20 +65,23 @@ using MoeEpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCoopera
 using MoeLinearCombination = cutlass::epilogue::fusion::LinearCombination<MoeElement, float, MoeElement, float>;
 using MoeSwigluFusion = cutlass::epilogue::fusion::Sm90EVT<
     MoeSwigluStore, cutlass::epilogue::fusion::Sm90LinearCombinationPtrArray<MoeElement, float, MoeElement, float>>;
-template <class Cluster, class Fusion = MoeLinearCombination>
+template <class Cluster, class Fusion = MoeLinearCombination, class Tile = MoeTileShape,
+          class EpilogueSchedule = MoeEpilogueSchedule>
 using MoeEpilogueT = typename cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, MoeTileShape, Cluster,
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
     cutlass::epilogue::collective::EpilogueTileAuto, float, float, MoeElement, MoeLayoutC*, kMoeAlign, MoeElement,
-    MoeLayoutC*, kMoeAlign, MoeEpilogueSchedule, Fusion>::CollectiveOp;
+    MoeLayoutC*, kMoeAlign, EpilogueSchedule, Fusion>::CollectiveOp;
 
-template <class LayoutA, class LayoutB, class Cluster = MoeClusterShape, class Fusion = MoeLinearCombination>
+template <class LayoutA, class LayoutB, class Cluster = MoeClusterShape, class Fusion = MoeLinearCombination,
+          class Tile = MoeTileShape, class KernelSchedule = MoeKernelSchedule,
+          class EpilogueSchedule = MoeEpilogueSchedule>
 struct MoeCutlassKernel {
-    using Epilogue = MoeEpilogueT<Cluster, Fusion>;
+    using Epilogue = MoeEpilogueT<Cluster, Fusion, Tile, EpilogueSchedule>;
     using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
         cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, MoeElement, LayoutA*, kMoeAlign, MoeElement, LayoutB*,
-        kMoeAlign, float, MoeTileShape, Cluster,
+        kMoeAlign, float, Tile, Cluster,
         cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-        MoeKernelSchedule>::CollectiveOp;
+        KernelSchedule>::CollectiveOp;
     using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;  // default: persistent group scheduler
     using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
     static constexpr int kGather = MOE_GATHER_NONE;
@@ -119,9 +122,21 @@ using KernelNTGatherB = MoeCutlassGatherKernel<ColumnMajor, RowMajor, MOE_GATHER
 using KernelNTGatherA = MoeCutlassGatherKernel<ColumnMajor, RowMajor, MOE_GATHER_A_K>;        // dW1 += x dfch^T
 
 // fch = W1 x with the SwiGLU in the epilogue (llmc/moe_gemm_swiglu_sm90.hpp): the B_ROWS token
-// reads, A through the interleaved view, the h store over the linear combination
+// reads, A through the interleaved view, the h store over the linear combination. Its schedule:
+// ping-pong 128x128 (MOE_SWIGLU_PINGPONG 1, the default), each consumer warpgroup a whole tile,
+// so one warpgroup's epilogue (the SwiGLU's math) runs under the other's MMAs; 0: the other
+// kernels' cooperative 128xMOE_CUTLASS_TILE_N tile, whose epilogue nothing overlaps
+#ifndef MOE_SWIGLU_PINGPONG
+#define MOE_SWIGLU_PINGPONG 1
+#endif
 struct KernelTNSwiglu {
+#if MOE_SWIGLU_PINGPONG
+    using K = MoeCutlassKernel<RowMajor, ColumnMajor, Shape<_1, _1, _1>, MoeSwigluFusion, Shape<_128, _128, _64>,
+                               cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong,
+                               cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>;
+#else
     using K = MoeCutlassKernel<RowMajor, ColumnMajor, Shape<_1, _1, _1>, MoeSwigluFusion>;
+#endif
     using Mainloop = MoeSwigluMainloop<typename K::Mainloop>;
     using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, typename K::Epilogue>;
     using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
