@@ -78,8 +78,6 @@ endif
 # MOE_CUTLASS_TILE_N = 256 (default) or 128 is the tile's N, MOE_CUTLASS_PINGPONG = 1 the ping-pong schedule
 # (default cooperative), MOE_CUTLASS_CLUSTER_M = 2 a cluster of two CTAs along M (default 1),
 # MOE_GATHER_WARPS = 1 or 2 (default) the producer warps that do the token reads' gathers.
-# MOE_SWIGLU_PINGPONG = 1 (default) the fch GEMM with the fused SwiGLU on the ping-pong 128x128
-# schedule, 0 on the others' cooperative tile (llmc/moe_gemm_cutlass_kernels.hpp).
 # Switching USE_CUTLASS or these needs a rebuild (make -B).
 USE_CUTLASS ?= 0
 CUTLASS_INCLUDE ?= carry/cutlass/include
@@ -87,10 +85,8 @@ MOE_CUTLASS_TILE_N ?= 256
 MOE_CUTLASS_PINGPONG ?= 0
 MOE_CUTLASS_CLUSTER_M ?= 1
 MOE_GATHER_WARPS ?= 2
-MOE_SWIGLU_PINGPONG ?= 1
 CUTLASS_DEFS = -DNDEBUG -DMOE_CUTLASS_TILE_N=$(MOE_CUTLASS_TILE_N) -DMOE_CUTLASS_PINGPONG=$(MOE_CUTLASS_PINGPONG) \
-	-DMOE_CUTLASS_CLUSTER_M=$(MOE_CUTLASS_CLUSTER_M) -DMOE_GATHER_WARPS=$(MOE_GATHER_WARPS) \
-	-DMOE_SWIGLU_PINGPONG=$(MOE_SWIGLU_PINGPONG)
+	-DMOE_CUTLASS_CLUSTER_M=$(MOE_CUTLASS_CLUSTER_M) -DMOE_GATHER_WARPS=$(MOE_GATHER_WARPS)
 CUTLASS_OBJ =
 ifeq ($(USE_CUTLASS), 1)
   ifeq ($(wildcard $(CUTLASS_INCLUDE)/cutlass/gemm/collective/collective_builder.hpp),)
@@ -162,7 +158,7 @@ build/attention_cudnn.o: llmc/attention_cudnn.cu llmc/attention_cudnn.h
 
 # the CUTLASS grouped GEMM in its own object (llmc/moe_gemm_cutlass.h): CUTLASS's templates take
 # minutes to compile, and its headers stay out of every other translation unit
-build/moe_gemm_cutlass.o: llmc/moe_gemm_cutlass.cu llmc/moe_gemm_cutlass.h llmc/moe_gemm_cutlass_kernels.hpp llmc/moe_gemm_gather_sm90.hpp llmc/moe_gemm_swiglu_sm90.hpp llmc/swiglu_value.h
+build/moe_gemm_cutlass.o: llmc/moe_gemm_cutlass.cu llmc/moe_gemm_cutlass.h llmc/moe_gemm_cutlass_kernels.hpp llmc/moe_gemm_gather_sm90.hpp
 	@mkdir -p build
 	$(NVCC) $(NVCC_FLAGS) -I$(CUTLASS_INCLUDE) $(CUTLASS_DEFS) -c $< -o $@
 
@@ -187,7 +183,7 @@ kernel_benches: $(KERNEL_BENCH_BINS)
 
 # check_gather_copies: the CUTLASS token reads' copies replayed on the host (no GPU, no CUTLASS
 # object; the CUTLASS headers only)
-dev/cuda/check_gather_copies_bin: dev/cuda/check_gather_copies.cu llmc/moe_gemm_cutlass_kernels.hpp llmc/moe_gemm_gather_sm90.hpp llmc/moe_gemm_swiglu_sm90.hpp llmc/moe_gemm_cutlass.h
+dev/cuda/check_gather_copies_bin: dev/cuda/check_gather_copies.cu llmc/moe_gemm_cutlass_kernels.hpp llmc/moe_gemm_gather_sm90.hpp llmc/moe_gemm_cutlass.h
 	$(NVCC) $(NVCC_FLAGS) -I$(CUTLASS_INCLUDE) $(CUTLASS_DEFS) $< -o $@
 
 dev/cuda/%_fp32_bin: dev/cuda/%.cu $(HOST_HEADERS) $(CUDA_HEADERS)

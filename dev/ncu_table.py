@@ -17,8 +17,7 @@ import sys
 def short_name(full):
     """The kernel's name without its arguments; CUTLASS's grouped GEMMs (whose names differ only deep
     in their templates) as cuBLAS's ops of their A and B (llmc/moe_gemm_cutlass_kernels.hpp) and,
-    for the moe token reads, the gathered operand (llmc/moe_gemm_gather_sm90.hpp) and the fused
-    SwiGLU (llmc/moe_gemm_swiglu_sm90.hpp)."""
+    for the moe token reads, the gathered operand (llmc/moe_gemm_gather_sm90.hpp)."""
     name = full.split("(")[0]
     if "cutlass::device_kernel<cutlass::GemmUniversal" not in name:
         return name
@@ -47,8 +46,6 @@ def short_name(full):
             i += 1
         kinds = {"1": "B rows", "2": "B K", "3": "A K"}
         tag += ", token reads (%s)" % kinds.get(last, last)
-    elif "MoeSwigluMainloop<" in name:  # the fch GEMM with the SwiGLU epilogue (llmc/moe_gemm_swiglu_sm90.hpp)
-        tag += ", token reads (B rows), SwiGLU epilogue"
     return tag
 
 args, skip = sys.argv[1:], set()

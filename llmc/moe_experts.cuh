@@ -22,9 +22,6 @@ Defines:
   of expert e is row sorted_pair[off_e + j] / pairs_per_token of the row-major token matrix at
   base (stride: that matrix's row count), read inside the GEMM with no gathered copy (CUTLASS,
   llmc/moe_gemm_gather_sm90.hpp); run by the backend moe_gemm_backend names (below)
-- moe_grouped_gemm_swiglu(..., swiglu_h, stream): the same for the forward's fch GEMM, with the
-  SwiGLU in the GEMM's epilogue where the backend can (h written, fch interleaved by 8: returns 1;
-  else 0 and the caller runs swiglu_forward; llmc/moe_gemm_swiglu_sm90.hpp)
 - moe_gemm_reads_tokens(src, tokens, ld, others...): 1 when MOE_BY_TOKEN operands over src can
   run (the CUTLASS backend, moe_gemm_token_reads on, 16-byte bases, offsets within an int)
 - moe_pair_positions(pos, sched, P, stream): pos[sorted_pair[j]] = j
@@ -34,10 +31,9 @@ Defines:
   constant-expert pair, (P, 2) fp32 (other pairs untouched)
 - moe_combine(out, yg, x, cvec, idx, gate, pos, mix, BT, C, k, E, Kc, Kp, scale, accumulate,
   stream): out[t] = (accumulate ? out[t] : 0) + sum_m g_m y_m, m in order, in fp32, rounded once
-- moe_ffn_dgate_dfch(dgate, dfch, dh, h, fch, gate, sched, rows, Ie, interleaved, stream): per FFN
-  row, dg = <W2^T dy, h> (dh holds W2^T dy on entry), dfch = the SwiGLU backward of g W2^T dy
-  (overwritten, (rows, 2 I_e), [gate | up]), then dh = g h (overwritten: the dW2 GEMM's operand);
-  one pass over the rows; fch [gate | up], or interleaved in blocks of 8 (the fused SwiGLU's)
+- moe_ffn_dgate_dfch(dgate, dfch, dh, h, fch, gate, sched, rows, Ie, stream): per FFN row, dg =
+  <W2^T dy, h> (dh holds W2^T dy on entry), dfch = the SwiGLU backward of g W2^T dy (overwritten,
+  (rows, 2 I_e)), then dh = g h (overwritten: the dW2 GEMM's operand); one pass over the rows
 - moe_token_backward(dx, dgate, dmix, dout, x, dxg, cvec, A, idx, gate, pos, mix, BT, C, k, E,
   Kc, Kp, scale, accumulate, stream): the gate gradients of the constant, copy and zero pairs,
   dmix, and dx[t] = (accumulate ? dx[t] : 0) + s * (sum_m of each pair's input gradient)
@@ -259,14 +255,10 @@ __global__ void moe_combine_kernel(floatX* out, const floatX* yg, const floatX* 
 // lane in turn, the order of the sum kept from before the fusion); then, V channels at a time, the
 // SwiGLU backward of g W2^T dy (rounded to floatX first, as a separate pass would store it) into
 // dfch, and g h over dh (the dW2 GEMM's operand). Each lane reads its dh vector before it writes
-// g h there, and the warp's sum is done before any lane writes, so the overwrite is safe. fch's
-// row is [gate | up], or (interleaved, the fused SwiGLU's order) gate and up units in alternate
-// blocks of 8 (a vector never straddles two); dfch is written [gate | up] either way.
+// g h there, and the warp's sum is done before any lane writes, so the overwrite is safe.
 template <int V>
 __global__ void moe_ffn_dgate_dfch_kernel(float* dgate, floatX* dfch, floatX* dh, const floatX* h, const floatX* fch,
-                                          const float* gate, const int* sorted_pair, int rows, int Ie,
-                                          int interleaved) {
-    static_assert(8 % V == 0, "moe_ffn_dgate_dfch_kernel: a vector within one block of the interleave");
+                                          const float* gate, const int* sorted_pair, int rows, int Ie) {
     const int j = blockIdx.x * MOE_TOKEN_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (j >= rows) return;
     const size_t r = (size_t)j * Ie;
@@ -275,15 +267,14 @@ __global__ void moe_ffn_dgate_dfch_kernel(float* dgate, floatX* dfch, floatX* dh
     float s = 0.0f;
     for (int i = lane; i < Ie; i += 32) s += (float)dh[r + i] * (float)h[r + i];
     s = moe_warp_sum(s);
-    const floatX* fch_row = fch + 2 * r;
+    const floatX* gate_row = fch + 2 * r;
     floatX* dgate_row = dfch + 2 * r;
     for (int c = lane * V; c < Ie; c += 32 * V) {
-        const int gate_at = interleaved ? 2 * c - c % 8 : c, up_at = interleaved ? gate_at + 8 : Ie + c;
         float d[V], hv[V], gv[V], uv[V], hg[V];
         moe_load_row<V>(d, dh + r + c);
         moe_load_row<V>(hv, h + r + c);
-        moe_load_row<V>(gv, fch_row + gate_at);
-        moe_load_row<V>(uv, fch_row + up_at);
+        moe_load_row<V>(gv, gate_row + c);
+        moe_load_row<V>(uv, gate_row + Ie + c);
         floatX dg[V], du[V];
         for (int i = 0; i < V; i++) {
             swiglu_backward_element(&dg[i], &du[i], (float)(floatX)(g * d[i]), gv[i], uv[i]);
@@ -482,15 +473,6 @@ static void moe_gemm_loop(cublasOperation_t ta, cublasOperation_t tb, int m, int
 static int moe_gemm_token_reads = 1;
 static int moe_gemm_token_read_calls = 0;  // grouped GEMMs run with token reads (for tests)
 
-// 1: the forward's fch GEMM runs the SwiGLU in its epilogue where it can (the CUTLASS backend
-// with token reads, I_e a multiple of 64: moe_grouped_gemm_swiglu), which saves the pass that reads
-// fch again; the same bits (test_moe). 0 (default): the GEMM, then swiglu_forward. Off because it
-// is slower today: the SwiGLU's math runs in the cooperative kernel's epilogue, which nothing
-// overlaps (the fch GEMM 1.081 ms against 0.888 for GEMM + swiglu_forward at BT = 32,768 on an
-// H100; docs/performance.md target 8)
-static int moe_gemm_fuse_swiglu = 0;
-static int moe_gemm_swiglu_calls = 0;  // fch GEMMs run with the fused SwiGLU (for tests)
-
 // whether moe_grouped_gemm can take MOE_BY_TOKEN operands over the (tokens, ld) row-major src for
 // problems whose other matrices start at a, b, c, d (every base must be 16-byte aligned: one off
 // would send a problem to the per-expert loop, which has no token reads)
@@ -513,7 +495,7 @@ static int moe_gemm_reads_tokens(const void* src, int tokens, int ld, const void
 // layout the layer does not use, CUTLASS refuses the problems); exits in a build without it
 static int moe_cutlass_gemm(MoeGroupedGemm* g, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
                             int lda, int ldb, float beta, int ldc, ExpertSchedule sched, int groups,
-                            const void* gather, const void* swiglu, cudaStream_t stream) {
+                            const void* gather, cudaStream_t stream) {
 #if defined(HAVE_CUTLASS_GROUPED_GEMM)
     const int layout = ta == CUBLAS_OP_T && tb == CUBLAS_OP_N ? MOE_CUTLASS_TN
                      : ta == CUBLAS_OP_N && tb == CUBLAS_OP_N ? MOE_CUTLASS_NN
@@ -523,11 +505,9 @@ static int moe_cutlass_gemm(MoeGroupedGemm* g, cublasOperation_t ta, cublasOpera
     if (layout >= 0 && lda % 8 == 0 && ldb % 8 == 0 && ldc % 8 == 0 &&
         moe_cutlass_grouped_gemm(g->cutlass, layout, groups, m, n, k, rows, sched.active_offset,
                                  (const void* const*)g->d_A, lda, (const void* const*)g->d_B, ldb, beta,
-                                 (void* const*)g->d_C, ldc, (const MoeCutlassGather*)gather,
-                                 (const MoeCutlassSwiglu*)swiglu, stream) == 0) {
+                                 (void* const*)g->d_C, ldc, (const MoeCutlassGather*)gather, stream) == 0) {
         return 0;
     }
-    if (swiglu != NULL) return 1;  // the caller runs the plain GEMM and the SwiGLU
     if (gather != NULL) {  // moe_gemm_reads_tokens promised this call: a bug, not a fallback
         fprintf(stderr, "moe_grouped_gemm: CUTLASS refused a grouped GEMM with token reads (ta %d tb %d m %d n %d k %d "
                 "lda %d ldb %d ldc %d)\n", (int)ta, (int)tb, m, n, k, lda, ldb, ldc);
@@ -542,22 +522,18 @@ static int moe_cutlass_gemm(MoeGroupedGemm* g, cublasOperation_t ta, cublasOpera
     return 1;
 #else
     (void)g; (void)ta; (void)tb; (void)m; (void)n; (void)k; (void)lda; (void)ldb; (void)beta; (void)ldc;
-    (void)sched; (void)groups; (void)gather; (void)swiglu; (void)stream;
+    (void)sched; (void)groups; (void)gather; (void)stream;
     fprintf(stderr, "moe_grouped_gemm: the CUTLASS backend is not in this build (make USE_CUTLASS=1, bf16)\n");
     exit(EXIT_FAILURE);
 #endif
 }
 
 // C_e = op(A_e) op(B_e) (+ beta C_e) for every non-empty FFN expert e, column-major as cuBLAS;
-// a dimension given as MOE_DIM_ROWS is the expert's pair count. With swiglu_h (the forward's fch
-// GEMM, m = 2 I_e): where the backend can (CUTLASS, token reads of B, moe_gemm_fuse_swiglu), the
-// SwiGLU runs in the GEMM's epilogue: h written, C's columns interleaved (moe_gemm_cutlass.h);
-// returns 1 then, else 0 (C as always, h untouched: the caller runs swiglu_forward)
-static int moe_grouped_gemm_swiglu(MoeGroupedGemm* g, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
-                                   const floatX* A, size_t sA, int byA, int lda, const floatX* B, size_t sB, int byB,
-                                   int ldb, float beta, floatX* Cm, size_t sC, int byC, int ldc, const int* host_counts,
-                                   ExpertSchedule sched, int E, int pairs_per_token, floatX* swiglu_h,
-                                   cudaStream_t stream) {
+// a dimension given as MOE_DIM_ROWS is the expert's pair count
+static void moe_grouped_gemm(MoeGroupedGemm* g, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
+                             const floatX* A, size_t sA, int byA, int lda, const floatX* B, size_t sB, int byB, int ldb,
+                             float beta, floatX* Cm, size_t sC, int byC, int ldc, const int* host_counts,
+                             ExpertSchedule sched, int E, int pairs_per_token, cudaStream_t stream) {
     // token reads (MOE_BY_TOKEN): the operand's rows are the expert's pairs, so it is B with the
     // rows as N (K-major, ld between rows) or either operand with the rows as K
 #if defined(HAVE_CUTLASS_GROUPED_GEMM)
@@ -611,7 +587,7 @@ static int moe_grouped_gemm_swiglu(MoeGroupedGemm* g, cublasOperation_t ta, cubl
         g->group_size[groups] = 1;
         groups++;
     }
-    if (groups == 0) return 0;
+    if (groups == 0) return;
     // the grouped call reads the matrix pointers from device memory, so cuBLAS cannot pick a kernel
     // for their alignment as cublasGemmEx does: a base off 16 bytes takes the loop (the flat
     // parameter layout puts W1 and W2 there when the gate map's L E_t^2 is not a multiple of 8;
@@ -619,27 +595,18 @@ static int moe_grouped_gemm_swiglu(MoeGroupedGemm* g, cublasOperation_t ta, cubl
     const int aligned = is_aligned16(A) && is_aligned16(B) && is_aligned16(Cm);
     if (moe_gemm_backend == MOE_GEMM_LOOP || !aligned) {
         moe_gemm_loop(ta, tb, m, n, k, A, sA, byA, lda, B, sB, byB, ldb, beta, Cm, sC, byC, ldc, host_counts, E, stream);
-        return 0;
+        return;
     }
     moe_group_pointers_kernel<<<ceil_div(groups, 128), 128, 0, stream>>>(
         g->d_A, g->d_B, g->d_C, sched, groups, (const char*)A, sA * sizeof(floatX), byA, (const char*)B,
         sB * sizeof(floatX), byB, (char*)Cm, sC * sizeof(floatX), byC);
     cudaCheckLast();
     if (moe_gemm_backend == MOE_GEMM_CUTLASS) {
-#if defined(HAVE_CUTLASS_GROUPED_GEMM)
-        if (swiglu_h != NULL && moe_gemm_fuse_swiglu && m % 2 == 0) {
-            const MoeCutlassSwiglu fused = {swiglu_h, m / 2};
-            if (moe_cutlass_gemm(g, ta, tb, m, n, k, lda, ldb, beta, ldc, sched, groups, gather_arg, &fused, stream) == 0) {
-                moe_gemm_swiglu_calls++;
-                return 1;
-            }
-        }
-#endif
-        if (moe_cutlass_gemm(g, ta, tb, m, n, k, lda, ldb, beta, ldc, sched, groups, gather_arg, NULL, stream) != 0) {
+        if (moe_cutlass_gemm(g, ta, tb, m, n, k, lda, ldb, beta, ldc, sched, groups, gather_arg, stream) != 0) {
             moe_gemm_loop(ta, tb, m, n, k, A, sA, byA, lda, B, sB, byB, ldb, beta, Cm, sC, byC, ldc, host_counts, E,
                           stream);
         }
-        return 0;
+        return;
     }
     cublasCheck(cublasSetStream(matmul_cublas_handle, stream));
     cublasStatus_t status = cublasGemmGroupedBatchedEx(matmul_cublas_handle, g->ta, g->tb, g->m, g->n, g->k, g->alpha,
@@ -651,18 +618,9 @@ static int moe_grouped_gemm_swiglu(MoeGroupedGemm* g, cublasOperation_t ta, cubl
                 "from now on\n", FLOATX_NAME);
         moe_gemm_backend = MOE_GEMM_LOOP;
         moe_gemm_loop(ta, tb, m, n, k, A, sA, byA, lda, B, sB, byB, ldb, beta, Cm, sC, byC, ldc, host_counts, E, stream);
-        return 0;
+        return;
     }
     cublasCheck(status);
-    return 0;
-}
-
-static void moe_grouped_gemm(MoeGroupedGemm* g, cublasOperation_t ta, cublasOperation_t tb, int m, int n, int k,
-                             const floatX* A, size_t sA, int byA, int lda, const floatX* B, size_t sB, int byB, int ldb,
-                             float beta, floatX* Cm, size_t sC, int byC, int ldc, const int* host_counts,
-                             ExpertSchedule sched, int E, int pairs_per_token, cudaStream_t stream) {
-    moe_grouped_gemm_swiglu(g, ta, tb, m, n, k, A, sA, byA, lda, B, sB, byB, ldb, beta, Cm, sC, byC, ldc, host_counts,
-                            sched, E, pairs_per_token, NULL, stream);
 }
 
 static void moe_pair_positions(int* pos, ExpertSchedule sched, int P, cudaStream_t stream) {
@@ -712,16 +670,15 @@ static void moe_combine(floatX* out, const floatX* yg, const floatX* x, const fl
 }
 
 static void moe_ffn_dgate_dfch(float* dgate, floatX* dfch, floatX* dh, const floatX* h, const floatX* fch,
-                               const float* gate, ExpertSchedule sched, int rows, int Ie, int interleaved,
-                               cudaStream_t stream) {
+                               const float* gate, ExpertSchedule sched, int rows, int Ie, cudaStream_t stream) {
     if (rows == 0) return;
     const int blocks = ceil_div(rows, MOE_TOKEN_WARPS), threads = MOE_TOKEN_WARPS * 32;
     if (moe_row_vec(dfch, dh, h) && is_aligned16(fch)) {
-        moe_ffn_dgate_dfch_kernel<x128::size><<<blocks, threads, 0, stream>>>(dgate, dfch, dh, h, fch, gate, sched.sorted_pair,
-                                                                    rows, Ie, interleaved);
+        moe_ffn_dgate_dfch_kernel<x128::size><<<blocks, threads, 0, stream>>>(dgate, dfch, dh, h, fch, gate,
+                                                                             sched.sorted_pair, rows, Ie);
     } else {
         moe_ffn_dgate_dfch_kernel<1><<<blocks, threads, 0, stream>>>(dgate, dfch, dh, h, fch, gate, sched.sorted_pair,
-                                                                    rows, Ie, interleaved);
+                                                                    rows, Ie);
     }
     cudaCheckLast();
 }

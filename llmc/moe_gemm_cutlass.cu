@@ -54,7 +54,6 @@ template <class K>
 static typename K::Gemm::Arguments moe_cutlass_arguments(MoeCutlassGemm* g, int groups, const MoeShape3* host_shapes,
                                                          const void* const* dA, const void* const* dB, float beta,
                                                          void* const* dC, const MoeCutlassGather* gather,
-                                                         const MoeCutlassSwiglu* swiglu, int lda,
                                                          const int* active_offset) {
     typename K::Gemm::Arguments args;
     args.mode = cutlass::gemm::GemmUniversalMode::kGrouped;
@@ -70,24 +69,9 @@ static typename K::Gemm::Arguments moe_cutlass_arguments(MoeCutlassGemm* g, int 
         args.mainloop.active_offset = active_offset;
         args.mainloop.pairs_per_token = gather ? gather->k : 1;
     }
-    if constexpr (K::kSwiglu) {
-        args.mainloop.a_ld = lda;
-        // the linear combination's tree (beta C + alpha acc: beta, C, (alpha, acc, multiply), fma)
-        // as the builder's LinearCombination arguments make it, then the h store's
-        using Scalar = decltype(args.epilogue.thread.op_0.op_0);
-        Scalar alpha{}, beta_s{};
-        alpha.scalars[0] = 1.0f;
-        beta_s.scalars[0] = beta;
-        args.epilogue.thread.op_0.op_0 = beta_s;
-        args.epilogue.thread.op_0.op_2.op_0 = alpha;
-        args.epilogue.thread.op_1.h = swiglu ? (MoeElement*)swiglu->h : nullptr;
-        args.epilogue.thread.op_1.Ie = swiglu ? swiglu->Ie : 0;
-        args.epilogue.thread.op_1.active_offset = active_offset;
-    } else {
-        // scalar alpha and beta; the fusion's pointer and stride members keep their defaults (none)
-        args.epilogue.thread.alpha = 1.0f;
-        args.epilogue.thread.beta = beta;
-    }
+    // scalar alpha and beta; the fusion's pointer and stride members keep their defaults (none)
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = beta;
     // C and D are the same matrices (beta 1 accumulates in place: each tile reads its C before it
     // writes its D, and tiles do not overlap); with beta 0 the epilogue does not read C
     args.epilogue.ptr_C = (const MoeElement**)dC;
@@ -102,8 +86,7 @@ template <class K>
 static size_t moe_cutlass_workspace(MoeCutlassGemm* g) {
     static_assert(sizeof(typename K::StrideA) <= kStrideBytes && sizeof(typename K::StrideB) <= kStrideBytes &&
                   sizeof(typename K::StrideC) <= kStrideBytes, "moe_gemm_cutlass: a stride larger than its slot");
-    auto args = moe_cutlass_arguments<K>(g, g->capacity, nullptr, nullptr, nullptr, 0.0f, nullptr, nullptr, nullptr, 0,
-                                         nullptr);
+    auto args = moe_cutlass_arguments<K>(g, g->capacity, nullptr, nullptr, nullptr, 0.0f, nullptr, nullptr, nullptr);
     return K::Gemm::get_workspace_size(args);
 }
 
@@ -123,7 +106,6 @@ MoeCutlassGemm* moe_cutlass_create(int capacity) {
     g->workspace_bytes = std::max(g->workspace_bytes, moe_cutlass_workspace<KernelNNGatherB>(g));
     g->workspace_bytes = std::max(g->workspace_bytes, moe_cutlass_workspace<KernelNTGatherB>(g));
     g->workspace_bytes = std::max(g->workspace_bytes, moe_cutlass_workspace<KernelNTGatherA>(g));
-    g->workspace_bytes = std::max(g->workspace_bytes, moe_cutlass_workspace<KernelTNSwiglu>(g));
     const size_t shapes = moe_cutlass_round(cap * sizeof(MoeShape3)), strides = moe_cutlass_round(cap * kStrideBytes);
     g->bytes = shapes + 3 * strides + moe_cutlass_round(g->workspace_bytes);
     moe_cutlass_cuda_check(cudaMalloc((void**)&g->block, g->bytes), "cudaMalloc of the grouped GEMM's arguments");
@@ -150,14 +132,9 @@ void moe_cutlass_limit_sms(MoeCutlassGemm* g, int sms) {
 
 #define MOE_CUTLASS_STR2(x) #x
 #define MOE_CUTLASS_STR(x) MOE_CUTLASS_STR2(x)
-#if MOE_SWIGLU_PINGPONG
-#define MOE_SWIGLU_CONFIG "ping-pong 128x128"
-#else
-#define MOE_SWIGLU_CONFIG "cooperative"
-#endif
 #define MOE_CUTLASS_CONFIG_TAIL                                                                        \
     ", tile 128x" MOE_CUTLASS_STR(MOE_CUTLASS_TILE_N) "x64, cluster " MOE_CUTLASS_STR(MOE_CUTLASS_CLUSTER_M) \
-    "x1x1, token reads by " MOE_CUTLASS_STR(MOE_GATHER_WARPS) " warps, fused SwiGLU " MOE_SWIGLU_CONFIG
+    "x1x1, token reads by " MOE_CUTLASS_STR(MOE_GATHER_WARPS) " warps"
 const char* moe_cutlass_config(void) {
     return MOE_CUTLASS_PINGPONG ? "CUTLASS sm90 ptr-array pingpong" MOE_CUTLASS_CONFIG_TAIL
                                 : "CUTLASS sm90 ptr-array cooperative" MOE_CUTLASS_CONFIG_TAIL;
@@ -166,14 +143,12 @@ const char* moe_cutlass_config(void) {
 template <class K>
 static int moe_cutlass_run(MoeCutlassGemm* g, int groups, int m, int n, int k, const int* host_rows,
                            const int* active_offset, const void* const* dA, int lda, const void* const* dB, int ldb,
-                           float beta, void* const* dC, int ldc, const MoeCutlassGather* gather,
-                           const MoeCutlassSwiglu* swiglu, cudaStream_t stream) {
+                           float beta, void* const* dC, int ldc, const MoeCutlassGather* gather, cudaStream_t stream) {
     for (int a = 0; a < groups; a++) {
         const int r = host_rows[a];
         g->host_shapes[a] = MoeShape3{m < 0 ? r : m, n < 0 ? r : n, k < 0 ? r : k};
     }
-    auto args = moe_cutlass_arguments<K>(g, groups, g->host_shapes.data(), dA, dB, beta, dC, gather, swiglu, lda,
-                                         active_offset);
+    auto args = moe_cutlass_arguments<K>(g, groups, g->host_shapes.data(), dA, dB, beta, dC, gather, active_offset);
     typename K::Gemm gemm;
     if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 1;
     if (K::Gemm::get_workspace_size(args) > g->workspace_bytes) {
@@ -198,8 +173,7 @@ static int moe_cutlass_run(MoeCutlassGemm* g, int groups, int m, int n, int k, c
 
 int moe_cutlass_grouped_gemm(MoeCutlassGemm* g, int layout, int groups, int m, int n, int k, const int* host_rows,
                              const int* active_offset, const void* const* dA, int lda, const void* const* dB, int ldb,
-                             float beta, void* const* dC, int ldc, const MoeCutlassGather* gather,
-                             const MoeCutlassSwiglu* swiglu, cudaStream_t stream) {
+                             float beta, void* const* dC, int ldc, const MoeCutlassGather* gather, cudaStream_t stream) {
     if (groups <= 0) return 0;
     if (groups > g->capacity) {
         fprintf(stderr, "moe_gemm_cutlass: %d problems, created for %d\n", groups, g->capacity);
@@ -214,13 +188,7 @@ int moe_cutlass_grouped_gemm(MoeCutlassGemm* g, int layout, int groups, int m, i
          ((size_t)gather->src % 16) != 0 || gather->k <= 0 || extent <= 0 || extent > gather->ld)) {
         return 1;
     }
-#define MOE_CUTLASS_RUN(K) moe_cutlass_run<K>(g, groups, m, n, k, host_rows, active_offset, dA, lda, dB, ldb, beta, dC, ldc, gather, swiglu, stream)
-    if (swiglu != NULL) {  // the fch GEMM with the SwiGLU in its epilogue, and nothing else
-        const int ok = layout == MOE_CUTLASS_TN && gk == MOE_GATHER_B_ROWS && n < 0 && m > 0 && k > 0 && beta == 0.0f &&
-                       swiglu->h != NULL && swiglu->Ie % 64 == 0 && m == 2 * swiglu->Ie && ldc == m &&
-                       ((size_t)swiglu->h % 16) == 0;
-        return ok ? MOE_CUTLASS_RUN(KernelTNSwiglu) : 1;
-    }
+#define MOE_CUTLASS_RUN(K) moe_cutlass_run<K>(g, groups, m, n, k, host_rows, active_offset, dA, lda, dB, ldb, beta, dC, ldc, gather, stream)
     if (layout == MOE_CUTLASS_TN && gk == MOE_GATHER_NONE) return MOE_CUTLASS_RUN(KernelTN);
     if (layout == MOE_CUTLASS_NN && gk == MOE_GATHER_NONE) return MOE_CUTLASS_RUN(KernelNN);
     if (layout == MOE_CUTLASS_NT && gk == MOE_GATHER_NONE) return MOE_CUTLASS_RUN(KernelNT);

@@ -24,13 +24,6 @@ ld elements); the pointer array of that operand must still hold valid, 16-byte a
 gathered first. The kinds the layer uses: TN and NN with B_ROWS (the rows are N), NT with B_K
 and A_K (the rows are K); others return 1, as do a src whose offsets do not fit an int.
 
-The forward's fch GEMM (TN with B_ROWS, m = 2 Ie, A = W1_e with lda between its rows) may also
-run the SwiGLU in its epilogue (swiglu != NULL; llmc/moe_gemm_swiglu_sm90.hpp says the contract):
-it writes h (row j of problem a at h + (active_offset[a] + j) Ie) with the bits of swiglu_forward
-over the plain GEMM's C, and C with each column's 2 Ie values interleaved in blocks of 8 (gate
-units 8b..8b+7, then the same up units). Ie must be a multiple of 64 and every problem's m and k
-the same; otherwise it returns 1.
-
 moe_cutlass_create(capacity) allocates, once, the device arrays of the problem shapes and strides
 (capacity problems) and the kernels' workspace (their TMA descriptors, one set per SM of the
 current device: A, B, C and a D per epilogue warpgroup, 5 of 128 bytes), about capacity * 60 +
@@ -64,10 +57,6 @@ typedef struct {
     const int* sorted_pair;  // the schedule's pairs in expert order (device)
     int k;                   // pairs per token: the token of pair p is p / k
 } MoeCutlassGather;
-typedef struct {
-    void* h;                 // bf16, Ie per pair row in the schedule's order
-    int Ie;
-} MoeCutlassSwiglu;
 
 MoeCutlassGemm* moe_cutlass_create(int capacity);
 void moe_cutlass_free(MoeCutlassGemm* g);
@@ -79,7 +68,6 @@ void moe_cutlass_limit_sms(MoeCutlassGemm* g, int sms);
 const char* moe_cutlass_config(void);
 int moe_cutlass_grouped_gemm(MoeCutlassGemm* g, int layout, int groups, int m, int n, int k, const int* host_rows,
                              const int* active_offset, const void* const* dA, int lda, const void* const* dB, int ldb,
-                             float beta, void* const* dC, int ldc, const MoeCutlassGather* gather,
-                             const MoeCutlassSwiglu* swiglu, cudaStream_t stream);
+                             float beta, void* const* dC, int ldc, const MoeCutlassGather* gather, cudaStream_t stream);
 
 #endif // OMNIMOE_MOE_GEMM_CUTLASS_H

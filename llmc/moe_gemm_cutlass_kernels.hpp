@@ -15,7 +15,6 @@
 
 #include "moe_gemm_cutlass.h"
 #include "moe_gemm_gather_sm90.hpp"
-#include "moe_gemm_swiglu_sm90.hpp"
 
 #if !defined(CUTLASS_ARCH_MMA_MODIFIABLE_TMA_SM90_SUPPORTED)
 #error "moe_gemm_cutlass.cu needs CUDA 12.3+ built for sm_90a (the grouped GEMM rewrites TMA descriptors on the device)"
@@ -59,33 +58,25 @@ using MoeKernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCoopera
 using MoeEpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
 #endif
 
-// the epilogue: D = alpha acc + beta C in fp32, rounded to bf16; the fch GEMM with the fused
-// SwiGLU runs the same linear combination (the same visitor tree as the builder makes of it)
-// under its h store
-using MoeLinearCombination = cutlass::epilogue::fusion::LinearCombination<MoeElement, float, MoeElement, float>;
-using MoeSwigluFusion = cutlass::epilogue::fusion::Sm90EVT<
-    MoeSwigluStore, cutlass::epilogue::fusion::Sm90LinearCombinationPtrArray<MoeElement, float, MoeElement, float>>;
-template <class Cluster, class Fusion = MoeLinearCombination, class Tile = MoeTileShape,
-          class EpilogueSchedule = MoeEpilogueSchedule>
+// the epilogue, the same for every kernel: D = alpha acc + beta C in fp32, rounded to bf16
+template <class Cluster>
 using MoeEpilogueT = typename cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, MoeTileShape, Cluster,
     cutlass::epilogue::collective::EpilogueTileAuto, float, float, MoeElement, MoeLayoutC*, kMoeAlign, MoeElement,
-    MoeLayoutC*, kMoeAlign, EpilogueSchedule, Fusion>::CollectiveOp;
+    MoeLayoutC*, kMoeAlign, MoeEpilogueSchedule,
+    cutlass::epilogue::fusion::LinearCombination<MoeElement, float, MoeElement, float>>::CollectiveOp;
 
-template <class LayoutA, class LayoutB, class Cluster = MoeClusterShape, class Fusion = MoeLinearCombination,
-          class Tile = MoeTileShape, class KernelSchedule = MoeKernelSchedule,
-          class EpilogueSchedule = MoeEpilogueSchedule>
+template <class LayoutA, class LayoutB, class Cluster = MoeClusterShape>
 struct MoeCutlassKernel {
-    using Epilogue = MoeEpilogueT<Cluster, Fusion, Tile, EpilogueSchedule>;
+    using Epilogue = MoeEpilogueT<Cluster>;
     using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
         cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, MoeElement, LayoutA*, kMoeAlign, MoeElement, LayoutB*,
-        kMoeAlign, float, Tile, Cluster,
+        kMoeAlign, float, MoeTileShape, Cluster,
         cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-        KernelSchedule>::CollectiveOp;
+        MoeKernelSchedule>::CollectiveOp;
     using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;  // default: persistent group scheduler
     using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
     static constexpr int kGather = MOE_GATHER_NONE;
-    static constexpr bool kSwiglu = false;
     using StrideA = typename Kernel::InternalStrideA;
     using StrideB = typename Kernel::InternalStrideB;
     using StrideC = typename Kernel::InternalStrideC;
@@ -107,7 +98,6 @@ struct MoeCutlassGatherKernel {
     using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, typename K::Epilogue>;
     using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
     static constexpr int kGather = Gather;
-    static constexpr bool kSwiglu = false;
     using StrideA = typename K::StrideA;
     using StrideB = typename K::StrideB;
     using StrideC = typename K::StrideC;
@@ -120,29 +110,3 @@ using KernelTNGatherB = MoeCutlassGatherKernel<RowMajor, ColumnMajor, MOE_GATHER
 using KernelNNGatherB = MoeCutlassGatherKernel<ColumnMajor, ColumnMajor, MOE_GATHER_B_ROWS>;  // dh = W2^T dy
 using KernelNTGatherB = MoeCutlassGatherKernel<ColumnMajor, RowMajor, MOE_GATHER_B_K>;        // dW2 += (g h) dy^T
 using KernelNTGatherA = MoeCutlassGatherKernel<ColumnMajor, RowMajor, MOE_GATHER_A_K>;        // dW1 += x dfch^T
-
-// fch = W1 x with the SwiGLU in the epilogue (llmc/moe_gemm_swiglu_sm90.hpp): the B_ROWS token
-// reads, A through the interleaved view, the h store over the linear combination. Its schedule:
-// ping-pong 128x128 (MOE_SWIGLU_PINGPONG 1, the default), each consumer warpgroup a whole tile,
-// so one warpgroup's epilogue (the SwiGLU's math) runs under the other's MMAs; 0: the other
-// kernels' cooperative 128xMOE_CUTLASS_TILE_N tile, whose epilogue nothing overlaps
-#ifndef MOE_SWIGLU_PINGPONG
-#define MOE_SWIGLU_PINGPONG 1
-#endif
-struct KernelTNSwiglu {
-#if MOE_SWIGLU_PINGPONG
-    using K = MoeCutlassKernel<RowMajor, ColumnMajor, Shape<_1, _1, _1>, MoeSwigluFusion, Shape<_128, _128, _64>,
-                               cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong,
-                               cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong>;
-#else
-    using K = MoeCutlassKernel<RowMajor, ColumnMajor, Shape<_1, _1, _1>, MoeSwigluFusion>;
-#endif
-    using Mainloop = MoeSwigluMainloop<typename K::Mainloop>;
-    using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, typename K::Epilogue>;
-    using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
-    static constexpr int kGather = MOE_GATHER_B_ROWS;
-    static constexpr bool kSwiglu = true;
-    using StrideA = typename K::StrideA;
-    using StrideB = typename K::StrideB;
-    using StrideC = typename K::StrideC;
-};

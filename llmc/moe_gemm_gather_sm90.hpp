@@ -279,40 +279,7 @@ struct MoeGatherMainloop : Base {
     }
 
     // the TMA warp: the ungathered operand's tile of each k-tile, as Base loads it (its elected
-    // lane), and with two gathering warps share 0 of G's copies (all its lanes). tma, tensormap:
-    // the operand's TMA and descriptor; g: its tiled TMA tensor at the work tile (TILE_MN, TILE_K,
-    // k); s: its smem tensor (TILE_MN, TILE_K, PIPE)
-    template <class LoadInputs, class Tma, class TensorMap, class GTensor, class STensor, class KTileIterator,
-              class BlockCoord>
-    CUTLASS_DEVICE void load_operand(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
-                                     LoadInputs const& load_inputs, Tma const& tma, TensorMap tensormap,
-                                     GTensor const& g, STensor const& s, BlockCoord const& blk_coord,
-                                     KTileIterator k_tile_iter, int k_tile_count, int thread_idx,
-                                     TensorStorage& shared_tensors) {
-        using namespace cute;
-        const bool elected = cute::elect_one_sync();
-        auto block_tma = tma.get_slice(0);
-        Tensor tg = block_tma.partition_S(g);  // (TMA, TMA_MN, TMA_K, k)
-        Tensor ts = block_tma.partition_D(s);  // (TMA, TMA_MN, TMA_K, PIPE)
-        auto load_one = [&](int kt, PipelineState const& state) {
-            if (elected) {
-                auto* bar = pipeline.producer_get_barrier(state);
-                copy(tma.with(tensormap, *bar, uint16_t(0)), tg(_, _, _, kt), ts(_, _, _, state.index()));
-            }
-        };
-        if constexpr (kGatherWarps == 2) {
-            gather_k_tiles(params, pipeline, smem_pipe_write, load_inputs, blk_coord, k_tile_iter, k_tile_count, 0,
-                           thread_idx, shared_tensors, load_one);
-        } else if (elected) {
-            CUTLASS_PRAGMA_NO_UNROLL
-            for (int kt = static_cast<int>(*k_tile_iter); k_tile_count > 0; --k_tile_count, ++kt) {
-                pipeline.producer_acquire(smem_pipe_write);
-                load_one(kt, smem_pipe_write);
-                ++smem_pipe_write;
-            }
-        }
-    }
-
+    // lane), and with two gathering warps share 0 of G's copies (all its lanes)
     template <class LoadInputs, class TensorMapA, class TensorMapB, class KTileIterator, class BlockCoord>
     CUTLASS_DEVICE void load(Params const& params, MainloopPipeline pipeline, PipelineState smem_pipe_write,
                              LoadInputs const& load_inputs, cute::tuple<TensorMapA, TensorMapB> const& input_tensormaps,
@@ -320,16 +287,35 @@ struct MoeGatherMainloop : Base {
                              uint32_t block_rank_in_cluster, TensorStorage& shared_tensors) {
         using namespace cute;
         auto [m_coord, n_coord, k_coord, l_coord] = blk_coord;
+        const bool elected = cute::elect_one_sync();
+        auto tma_k_tiles = [&](auto const& tma, auto const& tensormap, auto const& g, auto const& s) {
+            auto block_tma = tma.get_slice(0);
+            Tensor tg = block_tma.partition_S(g);  // (TMA, TMA_MN, TMA_K, k)
+            Tensor ts = block_tma.partition_D(s);  // (TMA, TMA_MN, TMA_K, PIPE)
+            auto load_one = [&](int kt, PipelineState const& state) {
+                if (elected) {
+                    auto* bar = pipeline.producer_get_barrier(state);
+                    copy(tma.with(tensormap, *bar, uint16_t(0)), tg(_, _, _, kt), ts(_, _, _, state.index()));
+                }
+            };
+            if constexpr (kGatherWarps == 2) {
+                gather_k_tiles(params, pipeline, smem_pipe_write, load_inputs, blk_coord, k_tile_iter, k_tile_count, 0,
+                               thread_idx, shared_tensors, load_one);
+            } else if (elected) {
+                CUTLASS_PRAGMA_NO_UNROLL
+                for (int kt = static_cast<int>(*k_tile_iter); k_tile_count > 0; --k_tile_count, ++kt) {
+                    pipeline.producer_acquire(smem_pipe_write);
+                    load_one(kt, smem_pipe_write);
+                    ++smem_pipe_write;
+                }
+            }
+        };
         if constexpr (kGatherA) {
-            load_operand(params, pipeline, smem_pipe_write, load_inputs, params.tma_load_b, get<1>(input_tensormaps),
-                         get<1>(load_inputs)(_, _, n_coord, _, l_coord),
-                         make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{}), blk_coord,
-                         k_tile_iter, k_tile_count, thread_idx, shared_tensors);
+            tma_k_tiles(params.tma_load_b, get<1>(input_tensormaps), get<1>(load_inputs)(_, _, n_coord, _, l_coord),
+                        make_tensor(make_smem_ptr(shared_tensors.smem_B.data()), SmemLayoutB{}));
         } else {
-            load_operand(params, pipeline, smem_pipe_write, load_inputs, params.tma_load_a, get<0>(input_tensormaps),
-                         get<0>(load_inputs)(_, _, m_coord, _, l_coord),
-                         make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{}), blk_coord,
-                         k_tile_iter, k_tile_count, thread_idx, shared_tensors);
+            tma_k_tiles(params.tma_load_a, get<0>(input_tensormaps), get<0>(load_inputs)(_, _, m_coord, _, l_coord),
+                        make_tensor(make_smem_ptr(shared_tensors.smem_A.data()), SmemLayoutA{}));
         }
     }
 

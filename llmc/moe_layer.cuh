@@ -108,8 +108,7 @@ typedef struct {
     int* offsets;      // (E_t + 1)
     floatX* xg;        // (BT k, C) the FFN rows' inputs s x, gathered in sorted order (dW1's operand);
                        // recompute_xg: the workspace's dyg instead
-    floatX* fch_g;     // (BT k, 2 I_e) FFN rows, sorted: [gate | up], or interleaved by 8 (fch_interleaved)
-    int fch_interleaved;  // the last forward's fch GEMM ran the SwiGLU in its epilogue
+    floatX* fch_g;     // (BT k, 2 I_e) FFN rows, sorted
     floatX* h_g;       // (BT k, I_e)
     int* host_counts;  // (E_t) pinned host copy of counts
     int owns_fch;
@@ -376,13 +375,11 @@ static void moe_layer_forward(MoeLayer* layer, floatX* out, const floatX* x, int
         layer->x_token_reads = scale == 1.0f && moe_gemm_reads_tokens(x, BT, C, w->w1, s->fch_g, layer->dw.w1,
                                                                         ws->dfch);
         if (!layer->x_token_reads) moe_gather_rows(s->xg, x, s->sched, rows, C, k, scale, stream);
-        // fch, then h = SwiGLU(fch): in the GEMM's epilogue where the backend can (fch interleaved)
-        s->fch_interleaved = moe_grouped_gemm_swiglu(
-            &ws->gemm, CUBLAS_OP_T, CUBLAS_OP_N, 2 * Ie, MOE_DIM_ROWS, C, w->w1, (size_t)2 * Ie * C, MOE_BY_EXPERT, C,
-            layer->x_token_reads ? x : s->xg, layer->x_token_reads ? (size_t)BT : C,
-            layer->x_token_reads ? MOE_BY_TOKEN : MOE_BY_ROW, C, 0.0f, s->fch_g, (size_t)2 * Ie, MOE_BY_ROW, 2 * Ie,
-            s->host_counts, s->sched, E, k, s->h_g, stream);
-        if (!s->fch_interleaved) swiglu_forward(s->h_g, s->fch_g, rows, Ie, stream);
+        moe_grouped_gemm(&ws->gemm, CUBLAS_OP_T, CUBLAS_OP_N, 2 * Ie, MOE_DIM_ROWS, C, w->w1, (size_t)2 * Ie * C,
+                         MOE_BY_EXPERT, C, layer->x_token_reads ? x : s->xg, layer->x_token_reads ? (size_t)BT : C,
+                         layer->x_token_reads ? MOE_BY_TOKEN : MOE_BY_ROW, C, 0.0f, s->fch_g, (size_t)2 * Ie,
+                         MOE_BY_ROW, 2 * Ie, s->host_counts, s->sched, E, k, stream);
+        swiglu_forward(s->h_g, s->fch_g, rows, Ie, stream);
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_T, CUBLAS_OP_N, C, MOE_DIM_ROWS, Ie, w->w2, (size_t)C * Ie, MOE_BY_EXPERT,
                          Ie, s->h_g, Ie, MOE_BY_ROW, Ie, 0.0f, ws->dyg, C, MOE_BY_ROW, C, s->host_counts, s->sched, E,
                          k, stream);
@@ -426,8 +423,7 @@ static void moe_layer_backward(MoeLayer* layer, floatX* dx, const floatX* dout, 
         // dh = dy W2_e (ungated); then in one pass dgate = <dh, h>, dfch = SwiGLU backward of g dh, dh = g h
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_N, Ie, MOE_DIM_ROWS, C, w->w2, (size_t)C * Ie, MOE_BY_EXPERT,
                          Ie, dyr, dys, dyby, C, 0.0f, ws->dh, Ie, MOE_BY_ROW, Ie, hc, s->sched, E, k, stream);
-        moe_ffn_dgate_dfch(ws->dgate, ws->dfch, ws->dh, s->h_g, s->fch_g, s->gate, s->sched, rows, Ie,
-                           s->fch_interleaved, stream);
+        moe_ffn_dgate_dfch(ws->dgate, ws->dfch, ws->dh, s->h_g, s->fch_g, s->gate, s->sched, rows, Ie, stream);
         // dW2_e += dy^T (g h)
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_T, Ie, C, MOE_DIM_ROWS, ws->dh, Ie, MOE_BY_ROW, Ie, dyr, dys,
                          dyby, C, 1.0f, dw->w2, (size_t)C * Ie, MOE_BY_EXPERT, Ie, hc, s->sched, E, k, stream);

@@ -293,8 +293,8 @@ int main(int argc, char** argv) {
     free(fch_cublas);
     free(fch_cutlass);
     float cutlass_ms = bench_median_ms(first_gemm, 3, 21);
-    // the layer with its GEMMs reading x's and dy's rows through the schedule, then over gathered
-    // copies (the default); the fch GEMM with its token reads alone, and the gather it replaces
+    // the layer with its GEMMs reading x's and dy's rows through the schedule (the default), then
+    // over gathered copies; the fch GEMM with its token reads alone, and the gather it replaces
     moe_gemm_token_reads = 1;
     float cutlass_tokens_fwdbwd = time_forward_backward(&b);
     moe_gemm_token_reads = 0;  // over gathered copies
@@ -317,40 +317,6 @@ int main(int argc, char** argv) {
     token_gemm();
     download_floatX(fch_tokens.data(), L->saved.fch_g, fch_n);
     const int token_reads_same = memcmp(fch_copies.data(), fch_tokens.data(), fch_n * sizeof(float)) == 0;
-    // the same GEMM with the SwiGLU in its epilogue: h against swiglu_forward over the plain fch
-    // (just written) and its interleaved fch against the plain one, bitwise; its time against the
-    // GEMM and swiglu_forward; the layer with token reads and it (off by default: slower today)
-    const size_t h_n = (size_t)rows * Ie;
-    std::vector<float> h_plain(h_n), h_fused(h_n), fch_fused(fch_n);
-    swiglu_forward(L->saved.h_g, L->saved.fch_g, rows, Ie, 0);
-    download_floatX(h_plain.data(), L->saved.h_g, h_n);
-    auto fused_gemm = [&] {
-        return moe_grouped_gemm_swiglu(&b.ws.gemm, CUBLAS_OP_T, CUBLAS_OP_N, 2 * Ie, MOE_DIM_ROWS, C, L->w.w1,
-                                       (size_t)2 * Ie * C, MOE_BY_EXPERT, C, b.x, (size_t)BT, MOE_BY_TOKEN, C, 0.0f,
-                                       L->saved.fch_g, (size_t)2 * Ie, MOE_BY_ROW, 2 * Ie, L->saved.host_counts,
-                                       L->saved.sched, E, k, L->saved.h_g, 0);
-    };
-    moe_gemm_fuse_swiglu = 1;  // (off by default)
-    const int fused_ran = fused_gemm();
-    download_floatX(h_fused.data(), L->saved.h_g, h_n);
-    download_floatX(fch_fused.data(), L->saved.fch_g, fch_n);
-    int swiglu_fused_same = fused_ran && memcmp(h_plain.data(), h_fused.data(), h_n * sizeof(float)) == 0;
-    for (size_t j = 0; j < (size_t)rows && swiglu_fused_same; j++) {
-        const float* plain = &fch_tokens[j * 2 * Ie];
-        const float* il = &fch_fused[j * 2 * Ie];
-        for (int i = 0; i < Ie; i++) {
-            const int at = 16 * (i / 8) + i % 8;
-            swiglu_fused_same &= memcmp(&il[at], &plain[i], sizeof(float)) == 0 &&
-                                 memcmp(&il[at + 8], &plain[Ie + i], sizeof(float)) == 0;
-        }
-    }
-    float fused_ms = bench_median_ms([&] { fused_gemm(); }, 3, 21);
-    float unfused_ms = bench_median_ms([&] {
-        token_gemm();
-        swiglu_forward(L->saved.h_g, L->saved.fch_g, rows, Ie, 0);
-    }, 3, 21);
-    float cutlass_tokens_fused_fwdbwd = time_forward_backward(&b);
-    moe_gemm_fuse_swiglu = 0;  // the default
     moe_gemm_token_reads = 1;  // the default
     const int cutlass_fallbacks = moe_gemm_fallbacks;
     moe_gemm_backend = MOE_GEMM_CUBLAS;
@@ -419,12 +385,7 @@ int main(int argc, char** argv) {
            2.0 * rows * C * sizeof(floatX) / (gather_ms * 1e-3) / 1e12);
     printf("CUTLASS fch vs cuBLAS's: relative L2 %.3e; calls handed to the loop: %d\n", cutlass_rel_l2,
            cutlass_fallbacks);
-    printf("  [BENCH] %-44s %8.3f ms\n", "the same, then swiglu_forward", unfused_ms);
-    printf("  [BENCH] %-44s %8.3f ms\n", "the same with the SwiGLU in its epilogue", fused_ms);
-    printf("  [BENCH] %-44s %8.3f ms\n", "layer with token reads, SwiGLU fused", cutlass_tokens_fused_fwdbwd);
     printf("CUTLASS fch with token reads vs over the gathered copy: %s\n", token_reads_same ? "same bits" : "OTHER BITS");
-    printf("CUTLASS fch with the SwiGLU in its epilogue: h and fch vs the GEMM + swiglu_forward: %s\n",
-           swiglu_fused_same ? "same bits" : (fused_ran ? "OTHER BITS" : "NOT RUN"));
 #endif
     printf("  [BENCH] %-44s %8.3f ms\n", "routed experts fwd, vanilla moe (S=0)", vanilla_fwd);
     printf("  [BENCH] %-44s %8.3f ms  (%.1f%% of pairs to zero/copy/const)\n", "routed experts fwd, MoE++ (S=0)",
@@ -441,8 +402,6 @@ int main(int argc, char** argv) {
     printf("SUMMARY cutlass grouped_gemm_rate/dense_gemm_rate %.3f (target >= 0.6)\n", dense_gemm_ms / cutlass_ms);
     printf("SUMMARY cutlass token-reads moe_fwdbwd/dense_fwdbwd %.3f; token reads save %.3f ms\n",
            cutlass_tokens_fwdbwd / dense_fwdbwd_ms, cutlass_fwdbwd - cutlass_tokens_fwdbwd);
-    printf("SUMMARY cutlass swiglu-epilogue fch %.3f ms vs %.3f ms unfused; layer (token reads) %.3f vs %.3f ms\n",
-           fused_ms, unfused_ms, cutlass_tokens_fused_fwdbwd, cutlass_tokens_fwdbwd);
 #endif
     printf("SUMMARY moepp_expert_fwd_throughput/moe %.3f (paper 1.1-2.1, trained routers)\n", vanilla_fwd / moepp_fwd);
     printf("moe layer fwd+bwd at %.1f TFLOP/s of active SwiGLU FLOPs\n", 3 * layer_flops_fwd / (moe_fwdbwd * 1e-3) / 1e12);
@@ -471,9 +430,6 @@ int main(int argc, char** argv) {
                 moe_cutlass_config(), cutlass_ms, cutlass_fwdbwd, cutlass_rel_l2, cutlass_fallbacks,
                 cutlass_tokens_fwdbwd, cutlass_token_ms, gather_ms);
         fprintf(f, ", \"token_reads_same_bits\": %d", token_reads_same);
-        fprintf(f, ", \"swiglu_fused_gemm_ms\": %.5f, \"swiglu_unfused_gemm_ms\": %.5f, "
-                "\"cutlass_tokens_fused_fwdbwd_ms\": %.5f, \"swiglu_fused_same_bits\": %d",
-                fused_ms, unfused_ms, cutlass_tokens_fused_fwdbwd, swiglu_fused_same);
 #endif
         fprintf(f, "}\n");
         fclose(f);
@@ -482,10 +438,6 @@ int main(int argc, char** argv) {
 #ifdef HAVE_CUTLASS_GROUPED_GEMM
     if (!token_reads_same) {
         fprintf(stderr, "bench_moe: the token reads' fch differs from the copies' (a bug: they must match bit for bit)\n");
-        return 1;
-    }
-    if (!swiglu_fused_same) {
-        fprintf(stderr, "bench_moe: the fused SwiGLU's h or fch differs from the GEMM + swiglu_forward (a bug)\n");
         return 1;
     }
 #endif

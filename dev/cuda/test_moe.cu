@@ -49,10 +49,7 @@ What is checked (one PASS/FAIL line per check, closing "test_moe: N passed, N fa
       llmc/moe_gemm_gather_sm90.hpp: four GEMMs a layer, two with the k x input), and each case
       runs once more over gathered copies (moe_gemm_token_reads = 0): bitwise the same out, dx and
       gradients; with W1/W2 or x/dy off 16 bytes no GEMM reads tokens (the loop, or copies); two
-      cases again on two CTAs (moe_cutlass_sm_limit), each CTA then running many tiles and problems;
-      with I_e = 64 and 192 (moe_gemm_fuse_swiglu on) the token-read runs' fch GEMM also computes
-      the SwiGLU in its epilogue (llmc/moe_gemm_swiglu_sm90.hpp), so their comparison with the
-      copies checks it bitwise.
+      cases again on two CTAs (moe_cutlass_sm_limit), each CTA then running many tiles and problems.
  3. (near the end) the row kernels (moe_gather_rows, moe_combine, moe_token_backward) with 16-byte vectors
     against their one-element path on the same numbers one element off 16 bytes: bitwise equal
     outputs (gathered rows, out, dx, dgate, dmix), with accumulate off and on (the layer cases
@@ -743,7 +740,7 @@ static void test_ffn_dgate_dfch(void) {
         poison(d_dgate, P * sizeof(float));
         if (l == 0) { dh = fetch(d_dh, nI); h = fetch(d_h, nI); fch = fetch(d_fch, n2); }  // the values floatX holds
         vectors_ok &= (moe_row_vec(d_dfch, d_dh, d_h) && is_aligned16(d_fch)) == (l == 0);
-        moe_ffn_dgate_dfch(d_dgate, d_dfch, d_dh, d_h, d_fch, d_gate, sched, R, Ie, 0, 0);
+        moe_ffn_dgate_dfch(d_dgate, d_dfch, d_dh, d_h, d_fch, d_gate, sched, R, Ie, 0);
         cudaCheck(cudaDeviceSynchronize());
         dfch[l] = fetch_raw(d_dfch, n2);
         hg[l] = fetch_raw(d_dh, nI);
@@ -811,36 +808,6 @@ static void test_ffn_dgate_dfch(void) {
     test_check(same, "ffn dgate+dfch: one element a lane (any one buffer, or all, off 16 bytes) == the 16-byte vectors "
                "(dfch, g h, dgate bitwise)");
     test_check(margins_zero, "ffn dgate+dfch: nothing written past the buffers' ends");
-    // fch interleaved in blocks of 8 (the fused SwiGLU's order): the same outputs, with vectors
-    // and one element a lane (fch one element off 16 bytes)
-    std::vector<float> fch_il(n2);
-    for (int j = 0; j < R; j++) {
-        for (int i = 0; i < Ie; i++) {
-            const size_t row = (size_t)j * 2 * Ie, at = row + 16 * (i / 8) + i % 8;
-            fch_il[at] = fch_in[row + i];
-            fch_il[at + 8] = fch_in[row + Ie + i];
-        }
-    }
-    for (size_t shift = 0; shift < 2; shift++) {
-        floatX* d_dfch = upload_shifted(fch_in, n2, 0);
-        floatX* d_dh = upload_shifted(dh_in, nI, 0);
-        floatX* d_h = upload_shifted(h_in, nI, 0);
-        floatX* d_fch = upload_shifted(fch_il, n2, shift);
-        float* d_dgate = device_alloc<float>(P, "dgate");
-        poison(d_dgate, P * sizeof(float));
-        moe_ffn_dgate_dfch(d_dgate, d_dfch, d_dh, d_h, d_fch, d_gate, sched, R, Ie, 1, 0);
-        cudaCheck(cudaDeviceSynchronize());
-        const int ok = memcmp(fetch_raw(d_dfch, n2).data(), dfch[0].data(), n2 * sizeof(floatX)) == 0 &&
-                       memcmp(fetch_raw(d_dh, nI).data(), hg[0].data(), nI * sizeof(floatX)) == 0 &&
-                       memcmp(fetch_raw(d_dgate, P).data(), dgate[0].data(), P * sizeof(float)) == 0;
-        test_check(ok, shift ? "ffn dgate+dfch: fch interleaved by 8, one element a lane == [gate | up] (bitwise)"
-                             : "ffn dgate+dfch: fch interleaved by 8, vectors == [gate | up] (bitwise)");
-        cudaCheck(cudaFree(d_dfch));
-        cudaCheck(cudaFree(d_dh));
-        cudaCheck(cudaFree(d_h));
-        cudaCheck(cudaFree(d_fch - shift));
-        cudaCheck(cudaFree(d_dgate));
-    }
     cudaCheck(cudaFree(d_sorted));
     cudaCheck(cudaFree(d_gate));
 }
@@ -921,24 +888,6 @@ int main(void) {
     // a layer), those with the k x input dy only (two); the rest of their GEMMs read gathered copies
     test_checkf(moe_gemm_token_read_calls > 0, "cutlass: the grouped GEMMs read tokens through the schedule",
                 "%d grouped GEMMs with token reads", moe_gemm_token_read_calls);
-    // the fch GEMM with the SwiGLU in its epilogue (I_e a multiple of 64 and x read through the
-    // schedule, s = 1): each case's token-read runs fuse it, its run over copies does not, and the
-    // two agree bitwise (out, dx, every gradient); one tile in M, then three on two CTAs with a
-    // ragged K
-    const int fused_before = moe_gemm_swiglu_calls;
-    moe_gemm_fuse_swiglu = 1;  // (off by default: slower today)
-    g_layer_Ie = 64;
-    test_layer("cutlass: layer random routing, norm, I_e=64 (SwiGLU in the fch epilogue)", ROUTE_RANDOM, 1, 0, 0.1f);
-    g_layer_C = 392, g_layer_Ie = 192;
-    moe_cutlass_sm_limit = 2;
-    test_layer("cutlass, 2 CTAs: layer random routing, plain gates, C=392 I_e=192 (SwiGLU in the fch epilogue)",
-               ROUTE_RANDOM, 0, 0, 0.1f);
-    moe_cutlass_sm_limit = 0;
-    g_layer_C = 64, g_layer_Ie = 32;
-    moe_gemm_fuse_swiglu = 0;
-    test_checkf(moe_gemm_swiglu_calls - fused_before == 4,
-                "cutlass: the I_e=64 and 192 cases' fch GEMMs ran the SwiGLU in their epilogue (2 runs each)",
-                "%d did", moe_gemm_swiglu_calls - fused_before);
     g_expert_shift = 1;  // off 16 bytes: the loop, whatever the backend (and no token reads)
     test_layer("cutlass: layer random routing, norm, W1 and W2 off 16 bytes", ROUTE_RANDOM, 1, 0, 0.1f);
     g_expert_shift = 0;
