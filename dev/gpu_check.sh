@@ -21,9 +21,9 @@
 #           again at --bt 32768, bench_moe_cutlass_bt32k.json); dev/profile_moe_layer.sh: the layer and
 #           the dense SwiGLU kernel by kernel under ncu at both sizes;
 #           with sanitize also in the mode, test_moe under compute-sanitizer memcheck once more;
-#           the d12 moe trainer step with --moe-gemm cublas and cutlass (train_omnimoe_cutlass of
-#           the pack, alternating, median ms), and cutlass with --moe-token-reads 1 ("tokens": the
-#           same losses bit for bit); check_gather_copies (the token reads' copies on the host);
+#           the d12 moe trainer step with --moe-gemm cublas and cutlass over gathered copies
+#           (--moe-token-reads 0; train_omnimoe_cutlass of the pack, alternating, median ms), and
+#           cutlass with --moe-token-reads 1 ("tokens", the default: the same losses bit for bit); check_gather_copies (the token reads' copies on the host);
 #           CUTLASS_VARIANTS (environment) adds other tiles/schedules to the benchmark
 #     cudnn: rebuild with `make USE_CUDNN=1` (headers in carry/cudnn-frontend), test_attention with
 #           cuDNN's SDPA beside ours, --attention cudnn reruns bitwise and its loss beside ours
@@ -230,13 +230,15 @@ if [[ "$mode" == *cutlass* ]]; then
     # the d12 moe step in the trainer with each grouped GEMM, alternating, one binary (the CUTLASS
     # build's trainer, train_omnimoe_cutlass of this call's pack): median ms of steps 11-30, and the
     # two backends' losses side by side (compare_logs.py's tolerances: the same math, maybe other bits);
-    # CUTLASS also with its token reads (--moe-token-reads 1, "tokens"): bitwise the same losses
+    # CUTLASS over gathered copies ("cutlass", --moe-token-reads 0) and with its token reads (the
+    # default, "tokens"): bitwise the same losses
     if [ "$cutlass_packed" = 1 ] && [ -x ./train_omnimoe_cutlass ]; then
         step_rc=0
         for i in 1 2; do
             for b in cublas cutlass tokens; do
                 backend=(--moe-gemm $b)
-                [ $b = tokens ] && backend=(--moe-gemm cutlass --moe-token-reads 1)
+                [ $b = cutlass ] && backend=(--moe-gemm cutlass --moe-token-reads 0)  # over gathered copies
+                [ $b = tokens ] && backend=(--moe-gemm cutlass --moe-token-reads 1)   # (the CUTLASS build's default)
                 timeout 300 ./train_omnimoe_cutlass -e d12 -f moe -b 16 -t 1024 -x 30 -v 0 -s 0 "${backend[@]}" \
                     --log-file "$LOG/moe_step_${b}_$i.jsonl" > "$LOG/moe_step_${b}_$i.out" 2>&1 || step_rc=1
             done
