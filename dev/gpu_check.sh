@@ -23,7 +23,8 @@
 #           with sanitize also in the mode, test_moe under compute-sanitizer memcheck once more;
 #           the d12 moe trainer step with --moe-gemm cublas and cutlass over gathered copies
 #           (--moe-token-reads 0; train_omnimoe_cutlass of the pack, alternating, median ms), and
-#           cutlass with --moe-token-reads 1 ("tokens", the default: the same losses bit for bit); check_gather_copies (the token reads' copies on the host);
+#           cutlass with --moe-token-reads 1 ("tokens", the default: the same losses bit for bit);
+#           check_gather_copies (the token reads' copies on the host);
 #           CUTLASS_VARIANTS (environment) adds other tiles/schedules to the benchmark
 #     cudnn: rebuild with `make USE_CUDNN=1` (headers in carry/cudnn-frontend), test_attention with
 #           cuDNN's SDPA beside ours, --attention cudnn reruns bitwise and its loss beside ours
