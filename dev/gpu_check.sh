@@ -218,6 +218,16 @@ if [[ "$mode" == *cutlass* ]]; then
     # the layer and the dense SwiGLU kernel by kernel (ncu) at both sizes: where the ratio goes
     if command -v ncu > /dev/null; then PROFILE_TOKENS=1 run cutlass_profile_moe_layer timeout 300 bash dev/profile_moe_layer.sh 8192 32768
     else summary+=("$(printf '%-28s %-10s' cutlass_profile_moe_layer "SKIPPED (no ncu on this machine)")"); fi
+    # DeepSeekMoE 16B's MoE layer (C = 2048, 64 experts of 1408, 2 shared, top-6) at both sizes,
+    # and its token-read layer and dense layer kernel by kernel at 32,768
+    for bt in 8192 32768; do
+        run "cutlass_bench_moe_dsmoe_$bt" timeout 300 ./dev/cuda/bench_moe_bin --shape deepseekmoe-16b --bt $bt \
+            --json "$LOG/bench_moe_cutlass_dsmoe_$bt.json"
+    done
+    if command -v ncu > /dev/null; then
+        SHAPE=deepseekmoe-16b PROFILE_WHICH="moe-tokens dense" run cutlass_profile_moe_layer_dsmoe timeout 300 \
+            bash dev/profile_moe_layer.sh 32768
+    fi
     # other kernels for the same benchmark, one make variable a word, e.g.
     # CUTLASS_VARIANTS="MOE_CUTLASS_TILE_N=128 MOE_CUTLASS_PINGPONG=1" (about 2 minutes each), at both sizes
     for v in ${CUTLASS_VARIANTS:-}; do
@@ -227,6 +237,10 @@ if [[ "$mode" == *cutlass* ]]; then
         fi
         run "cutlass_bench_moe_$v" timeout 300 ./$bin --json "$LOG/bench_moe_cutlass_$v.json"
         run "cutlass_bench_moe_bt32k_$v" timeout 300 ./$bin --bt 32768 --json "$LOG/bench_moe_cutlass_bt32k_$v.json"
+        if command -v ncu > /dev/null; then  # the variant's token-read layer kernel by kernel at 32,768
+            BENCH_MOE=./$bin PROFILE_WHICH=moe-tokens run "cutlass_profile_moe_layer_$v" timeout 300 \
+                bash dev/profile_moe_layer.sh 32768
+        fi
     done
     # the d12 moe step in the trainer with each grouped GEMM, alternating, one binary (the CUTLASS
     # build's trainer, train_omnimoe_cutlass of this call's pack): median ms of steps 11-30, and the

@@ -74,6 +74,10 @@ __device__ inline void swiglu_backward_element(floatX* dgate, floatX* dup, float
     *dup = (floatX)(dh * silu);
 }
 
+// one element of the SwiGLU forward, h = SiLU(gate) * up rounded to floatX (every SwiGLU forward
+// calls this, and so does the moe experts' backward, which recomputes h from fch: the same bits)
+__device__ inline floatX swiglu_forward_element(float gate, float up) { return (floatX)(gate * sigmoid_value(gate) * up); }
+
 // one thread per 16-byte vector of h (and the matching vectors of g and u)
 __global__ void swiglu_forward_kernel(floatX* h, const floatX* gu, int BT, int I) {
     size_t v = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -85,10 +89,7 @@ __global__ void swiglu_forward_kernel(floatX* h, const floatX* gu, int BT, int I
     x128 g = load128cs(gate_row + col);
     x128 u = load128cs(gate_row + I + col);
     x128 result;
-    for (int k = 0; k < x128::size; k++) {
-        float gate = (float)g[k];
-        result[k] = (floatX)(gate * sigmoid_value(gate) * (float)u[k]);
-    }
+    for (int k = 0; k < x128::size; k++) result[k] = swiglu_forward_element((float)g[k], (float)u[k]);
     store128(h + row * (size_t)I + col, result);
 }
 

@@ -172,7 +172,7 @@ static inline PlanKernelSizes plan_kernel_sizes(const ModelConfig* c, int B, int
                      + plan_align256(P * F) + plan_align256(BT * F) + plan_align256(P * 2 * F) + 3 * plan_align256(P * I4)
                      + plan_align256(A * I4) + plan_align256((A + 1) * I4) + plan_align256(I4) + plan_align256(P * I4)
                      + plan_align256(Et * I4) + plan_align256((Et + 1) * I4) + plan_align256(moe_xg_recomputed ? 0 : PE * C * X)
-                     + plan_align256(PE * 2 * Ie * X) + plan_align256(PE * Ie * X);  // moe_layer_saved_bytes
+                     + plan_align256(PE * 2 * Ie * X);  // moe_layer_saved_bytes
         k.omni_workspace = plan_align256(PE * C * X) + plan_align256(PE * Ie * X) + plan_align256(PE * 2 * Ie * X)
                          + 3 * plan_align256(BT * Et * F) + plan_align256(BT * Et * X) + plan_align256(BT * RH * X)
                          + plan_align256(P * 2 * F) + plan_align256(P * F) + plan_align256(Et * sizeof(double))

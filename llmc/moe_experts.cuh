@@ -31,9 +31,10 @@ Defines:
   constant-expert pair, (P, 2) fp32 (other pairs untouched)
 - moe_combine(out, yg, x, cvec, idx, gate, pos, mix, BT, C, k, E, Kc, Kp, scale, accumulate,
   stream): out[t] = (accumulate ? out[t] : 0) + sum_m g_m y_m, m in order, in fp32, rounded once
-- moe_ffn_dgate_dfch(dgate, dfch, dh, h, fch, gate, sched, rows, Ie, stream): per FFN row, dg =
-  <W2^T dy, h> (dh holds W2^T dy on entry), dfch = the SwiGLU backward of g W2^T dy (overwritten,
-  (rows, 2 I_e)), then dh = g h (overwritten: the dW2 GEMM's operand); one pass over the rows
+- moe_ffn_dgate_dfch(dgate, dfch, dh, fch, gate, sched, rows, Ie, stream): per FFN row, dg =
+  <W2^T dy, h> (dh holds W2^T dy on entry; h = SwiGLU(fch) recomputed, the forward's bits), dfch =
+  the SwiGLU backward of g W2^T dy (overwritten, (rows, 2 I_e)), then dh = g h (overwritten: the
+  dW2 GEMM's operand); one pass over the rows
 - moe_token_backward(dx, dgate, dmix, dout, x, dxg, cvec, A, idx, gate, pos, mix, BT, C, k, E,
   Kc, Kp, scale, accumulate, stream): the gate gradients of the constant, copy and zero pairs,
   dmix, and dx[t] = (accumulate ? dx[t] : 0) + s * (sum_m of each pair's input gradient)
@@ -226,9 +227,10 @@ __global__ void moe_combine_kernel(floatX* out, const floatX* yg, const floatX* 
     const int t = blockIdx.x * MOE_TOKEN_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (t >= BT) return;
     const size_t row = (size_t)t * C;
+    const int reads_x = Kc + Kp > 0;  // only the constant and copy experts read x
     for (int c = lane * V; c < C; c += 32 * V) {
-        float xe[V], acc[V];
-        moe_load_row<V>(xe, x + row + c);
+        float xe[V] = {}, acc[V];
+        if (reads_x) moe_load_row<V>(xe, x + row + c);
         for (int i = 0; i < V; i++) xe[i] = scale * xe[i];
         if (accumulate) moe_load_row<V>(acc, out + row + c);
         else for (int i = 0; i < V; i++) acc[i] = 0.0f;
@@ -254,31 +256,34 @@ __global__ void moe_combine_kernel(floatX* out, const floatX* yg, const floatX* 
 // one warp per FFN row j: dgate of its pair = <W2^T dy, h> (dh holds W2^T dy on entry; one element a
 // lane in turn, the order of the sum kept from before the fusion); then, V channels at a time, the
 // SwiGLU backward of g W2^T dy (rounded to floatX first, as a separate pass would store it) into
-// dfch, and g h over dh (the dW2 GEMM's operand). Each lane reads its dh vector before it writes
-// g h there, and the warp's sum is done before any lane writes, so the overwrite is safe.
+// dfch, and g h over dh (the dW2 GEMM's operand). h is recomputed from fch with the forward's own
+// element function (the same bits as the forward's h), so the forward need not keep it. Each lane
+// reads its dh vector before it writes g h there, and the warp's sum is done before any lane
+// writes, so the overwrite is safe.
 template <int V>
-__global__ void moe_ffn_dgate_dfch_kernel(float* dgate, floatX* dfch, floatX* dh, const floatX* h, const floatX* fch,
-                                          const float* gate, const int* sorted_pair, int rows, int Ie) {
+__global__ void moe_ffn_dgate_dfch_kernel(float* dgate, floatX* dfch, floatX* dh, const floatX* fch, const float* gate,
+                                          const int* sorted_pair, int rows, int Ie) {
     const int j = blockIdx.x * MOE_TOKEN_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (j >= rows) return;
     const size_t r = (size_t)j * Ie;
     const int q = sorted_pair[j];
     const float g = gate[q];
-    float s = 0.0f;
-    for (int i = lane; i < Ie; i += 32) s += (float)dh[r + i] * (float)h[r + i];
-    s = moe_warp_sum(s);
     const floatX* gate_row = fch + 2 * r;
+    float s = 0.0f;
+    for (int i = lane; i < Ie; i += 32) {
+        s += (float)dh[r + i] * (float)swiglu_forward_element((float)gate_row[i], (float)gate_row[Ie + i]);
+    }
+    s = moe_warp_sum(s);
     floatX* dgate_row = dfch + 2 * r;
     for (int c = lane * V; c < Ie; c += 32 * V) {
-        float d[V], hv[V], gv[V], uv[V], hg[V];
+        float d[V], gv[V], uv[V], hg[V];
         moe_load_row<V>(d, dh + r + c);
-        moe_load_row<V>(hv, h + r + c);
         moe_load_row<V>(gv, gate_row + c);
         moe_load_row<V>(uv, gate_row + Ie + c);
         floatX dg[V], du[V];
         for (int i = 0; i < V; i++) {
             swiglu_backward_element(&dg[i], &du[i], (float)(floatX)(g * d[i]), gv[i], uv[i]);
-            hg[i] = g * hv[i];
+            hg[i] = g * (float)swiglu_forward_element(gv[i], uv[i]);
         }
         moe_store_row<V>(dh + r + c, hg);
         if constexpr (V == x128::size) {
@@ -337,10 +342,11 @@ __global__ void moe_token_backward_kernel(floatX* dx, float* dgate, float* dmix,
         }
     }
     __syncwarp();  // dmix of lane 0 is read by every lane below
+    const int reads_dy = Kc + Kp > 0;  // only the constant and copy experts' input gradients read dy
     for (int c = lane * V; c < C; c += 32 * V) {
-        float acc[V], d[V];  // acc: d loss / d (the experts' input s x)
+        float acc[V], d[V] = {};  // acc: d loss / d (the experts' input s x)
         for (int i = 0; i < V; i++) acc[i] = 0.0f;
-        moe_load_row<V>(d, dy + c);
+        if (reads_dy) moe_load_row<V>(d, dy + c);
         for (int m = 0; m < k; m++) {
             const size_t q = (size_t)t * k + m;
             const int e = idx[q];
@@ -669,15 +675,15 @@ static void moe_combine(floatX* out, const floatX* yg, const floatX* x, const fl
     cudaCheckLast();
 }
 
-static void moe_ffn_dgate_dfch(float* dgate, floatX* dfch, floatX* dh, const floatX* h, const floatX* fch,
-                               const float* gate, ExpertSchedule sched, int rows, int Ie, cudaStream_t stream) {
+static void moe_ffn_dgate_dfch(float* dgate, floatX* dfch, floatX* dh, const floatX* fch, const float* gate,
+                               ExpertSchedule sched, int rows, int Ie, cudaStream_t stream) {
     if (rows == 0) return;
     const int blocks = ceil_div(rows, MOE_TOKEN_WARPS), threads = MOE_TOKEN_WARPS * 32;
-    if (moe_row_vec(dfch, dh, h) && is_aligned16(fch)) {
-        moe_ffn_dgate_dfch_kernel<x128::size><<<blocks, threads, 0, stream>>>(dgate, dfch, dh, h, fch, gate,
+    if (moe_row_vec(dfch, dh, fch)) {
+        moe_ffn_dgate_dfch_kernel<x128::size><<<blocks, threads, 0, stream>>>(dgate, dfch, dh, fch, gate,
                                                                              sched.sorted_pair, rows, Ie);
     } else {
-        moe_ffn_dgate_dfch_kernel<1><<<blocks, threads, 0, stream>>>(dgate, dfch, dh, h, fch, gate, sched.sorted_pair,
+        moe_ffn_dgate_dfch_kernel<1><<<blocks, threads, 0, stream>>>(dgate, dfch, dh, fch, gate, sched.sorted_pair,
                                                                     rows, Ie);
     }
     cudaCheckLast();

@@ -35,8 +35,9 @@ Shapes: x, out, dout, dx (BT, C) floatX. Weights (floatX): fcw (2H, C), fcprojw 
 (E, 2 I_e, C), w2 (E, C, I_e), cvec (Kc, C), cmix (Kc, 2, C), bias (E_t) (read only).
 Saved: z, probs (BT, E_t) fp32; rh (BT, 8 E_t) floatX (tanh); idx, gate (BT, k); denom (BT);
 mix (BT k, 2); the schedule and pos (BT k); counts (E_t) and offsets (E_t + 1); xg (BT k, C)
-unless recompute_xg (dW1's operand where the GEMMs do not read x through the schedule), fch_g
-(BT k, 2 I_e) and h_g (BT k, I_e) floatX in sorted order.
+unless recompute_xg (dW1's operand where the GEMMs do not read x through the schedule) and fch_g
+(BT k, 2 I_e) floatX in sorted order (the experts' h = SwiGLU(fch_g) lives in the workspace's dh
+during the forward and is recomputed in the backward).
 
 Outputs: forward overwrites out (the shared SwiGLU writes it and the experts add in fp32,
 rounded once; H = 0: the experts write it); training = 1 adds the pairs of each expert to the
@@ -109,7 +110,6 @@ typedef struct {
     floatX* xg;        // (BT k, C) the FFN rows' inputs s x, gathered in sorted order (dW1's operand);
                        // recompute_xg: the workspace's dyg instead
     floatX* fch_g;     // (BT k, 2 I_e) FFN rows, sorted
-    floatX* h_g;       // (BT k, I_e)
     int* host_counts;  // (E_t) pinned host copy of counts
     int owns_fch;
     void* block;
@@ -123,7 +123,7 @@ typedef struct {
     floatX* dyg;           // (BT k, C) the forward's expert outputs; the backward's gathered dy, then
                            // the experts' input gradients; with recompute_xg also the gathered inputs
                            // before the GEMM that reads them (fch in the forward, dW1 in the backward)
-    floatX* dh;            // (BT k, I_e) W2^T dy, then g h for dW2
+    floatX* dh;            // (BT k, I_e) the forward's h = SwiGLU(fch_g); the backward's W2^T dy, then g h for dW2
     floatX* dfch;          // (BT k, 2 I_e)
     float* dp;             // (BT, E_t)
     float* dz;             // (BT, E_t)
@@ -182,8 +182,7 @@ static inline size_t moe_layer_saved_bytes(MoeDims d, MoeOptions o) {
     return 2 * align256(BT * Et * F) + align256(BT * RH * X) + align256(P * 4) + align256(P * F) + align256(BT * F)
          + align256(P * 2 * F) + 3 * align256(P * 4) + align256(A * 4) + align256((A + 1) * 4) + align256(4)
          + align256(P * 4) + align256(Et * 4) + align256((Et + 1) * 4)
-         + align256((E && !d.recompute_xg ? P : 0) * d.C * X) + align256((E ? P : 0) * 2 * Ie * X)
-         + align256((E ? P : 0) * Ie * X);
+         + align256((E && !d.recompute_xg ? P : 0) * d.C * X) + align256((E ? P : 0) * 2 * Ie * X);
 }
 
 static inline size_t moe_workspace_bytes(MoeDims d, MoeOptions o) {
@@ -296,7 +295,6 @@ static void moe_layer_create(MoeLayer* layer, MoeDims d, MoeOptions o, MoeWeight
     s->offsets = (int*)moe_carve(&base, (Et + 1) * 4);
     s->xg = d.recompute_xg ? ws->dyg : (floatX*)moe_carve(&base, PE * d.C * X);
     s->fch_g = (floatX*)moe_carve(&base, PE * 2 * Ie * X);
-    s->h_g = (floatX*)moe_carve(&base, PE * Ie * X);
     cudaCheck(cudaMallocHost((void**)&s->host_counts, Et * sizeof(int)));
     layer->zc_weight = 1.0f;
 }
@@ -379,9 +377,9 @@ static void moe_layer_forward(MoeLayer* layer, floatX* out, const floatX* x, int
                          MOE_BY_EXPERT, C, layer->x_token_reads ? x : s->xg, layer->x_token_reads ? (size_t)BT : C,
                          layer->x_token_reads ? MOE_BY_TOKEN : MOE_BY_ROW, C, 0.0f, s->fch_g, (size_t)2 * Ie,
                          MOE_BY_ROW, 2 * Ie, s->host_counts, s->sched, E, k, stream);
-        swiglu_forward(s->h_g, s->fch_g, rows, Ie, stream);
+        swiglu_forward(ws->dh, s->fch_g, rows, Ie, stream);  // h: the backward recomputes it
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_T, CUBLAS_OP_N, C, MOE_DIM_ROWS, Ie, w->w2, (size_t)C * Ie, MOE_BY_EXPERT,
-                         Ie, s->h_g, Ie, MOE_BY_ROW, Ie, 0.0f, ws->dyg, C, MOE_BY_ROW, C, s->host_counts, s->sched, E,
+                         Ie, ws->dh, Ie, MOE_BY_ROW, Ie, 0.0f, ws->dyg, C, MOE_BY_ROW, C, s->host_counts, s->sched, E,
                          k, stream);
     }
     moe_combine(out, ws->dyg, x, w->cvec, s->idx, s->gate, s->pos, s->mix, BT, C, k, E, d.Kc, d.Kp, scale, H > 0,
@@ -423,7 +421,7 @@ static void moe_layer_backward(MoeLayer* layer, floatX* dx, const floatX* dout, 
         // dh = dy W2_e (ungated); then in one pass dgate = <dh, h>, dfch = SwiGLU backward of g dh, dh = g h
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_N, Ie, MOE_DIM_ROWS, C, w->w2, (size_t)C * Ie, MOE_BY_EXPERT,
                          Ie, dyr, dys, dyby, C, 0.0f, ws->dh, Ie, MOE_BY_ROW, Ie, hc, s->sched, E, k, stream);
-        moe_ffn_dgate_dfch(ws->dgate, ws->dfch, ws->dh, s->h_g, s->fch_g, s->gate, s->sched, rows, Ie, stream);
+        moe_ffn_dgate_dfch(ws->dgate, ws->dfch, ws->dh, s->fch_g, s->gate, s->sched, rows, Ie, stream);
         // dW2_e += dy^T (g h)
         moe_grouped_gemm(&ws->gemm, CUBLAS_OP_N, CUBLAS_OP_T, Ie, C, MOE_DIM_ROWS, ws->dh, Ie, MOE_BY_ROW, Ie, dyr, dys,
                          dyby, C, 1.0f, dw->w2, (size_t)C * Ie, MOE_BY_EXPERT, Ie, hc, s->sched, E, k, stream);

@@ -56,9 +56,10 @@ What is checked (one PASS/FAIL line per check, closing "test_moe: N passed, N fa
     above have no shared branch, so only here is accumulate on), and the zeroed margins after
     each written buffer still zero (a vector write one past the end).
  4. (after 3) the backward's fused row pass (moe_ffn_dgate_dfch): dfch and g h bitwise equal to the
-    two passes it replaced (g dh rounded, then swiglu_backward; g h rounded once), dfch also against
-    the SwiGLU derivative in double, dgate against a double sum, the one-element path (any one
-    buffer off 16 bytes, or all) bitwise equal to the vectors, nothing written past the ends.
+    separate passes (g dh rounded, then swiglu_backward; g times swiglu_forward's h, rounded once),
+    dfch also against the SwiGLU derivative in double, dgate against a double sum, the one-element
+    path (any one buffer off 16 bytes, or all) bitwise equal to the vectors, nothing written past
+    the ends.
 The gating residual, the tanh router and the shared SwiGLU are checked end to end against the
 CPU trainer by test_omnimoe.cu.
 */
@@ -702,12 +703,13 @@ static void test_row_kernels_vectors(void) {
     cudaCheck(cudaFree(d_A));
 }
 
-// the backward's fused row pass (moe_ffn_dgate_dfch) against what the two passes it replaced
-// computed: dfch bitwise equal to swiglu_backward of g dh rounded to floatX, g h bitwise equal to
-// the product rounded once; dfch also against a double evaluation of the SwiGLU derivative (not
-// through the shared element function) and dgate = <dh, h> against a double sum. Then the
-// one-element path (any one buffer, or all, one element off 16 bytes) bitwise equal to the
-// vectors, and nothing written past the ends. I_e = 296: each lane's vector loop runs twice.
+// the backward's fused row pass (moe_ffn_dgate_dfch) against what the separate passes compute:
+// dfch bitwise equal to swiglu_backward of g dh rounded to floatX, g h bitwise equal to the
+// product rounded once, with h the forward's swiglu_forward of fch (the kernel recomputes it);
+// dfch also against a double evaluation of the SwiGLU derivative (not through the shared element
+// functions) and dgate = <dh, h> against a double sum. Then the one-element path (any one buffer,
+// or all, one element off 16 bytes) bitwise equal to the vectors, and nothing written past the
+// ends. I_e = 296: each lane's vector loop runs twice.
 static void test_ffn_dgate_dfch(void) {
     const int R = 83, Ie = 296, P = 3 * R;
     std::vector<int> sorted_pair(R);
@@ -715,7 +717,7 @@ static void test_ffn_dgate_dfch(void) {
     std::vector<float> gate(P);
     for (int q = 0; q < P; q++) gate[q] = rng_uniform(&g_rng, 0.05f, 1.0f);
     const size_t nI = (size_t)R * Ie, n2 = 2 * nI;
-    const std::vector<float> dh_in = host_random(nI, 1.0f), h_in = host_random(nI, 1.0f), fch_in = host_random(n2, 2.0f);
+    const std::vector<float> dh_in = host_random(nI, 1.0f), fch_in = host_random(n2, 2.0f);
     int* d_sorted = device_alloc<int>(R, "sorted_pair");
     float* d_gate = device_alloc<float>(P, "gate");
     cudaCheck(cudaMemcpy(d_sorted, sorted_pair.data(), R * sizeof(int), cudaMemcpyHostToDevice));
@@ -723,24 +725,31 @@ static void test_ffn_dgate_dfch(void) {
     ExpertSchedule sched;
     memset(&sched, 0, sizeof(sched));
     sched.sorted_pair = d_sorted;
-    // layout l: 0 every buffer 16-byte aligned (vectors); 1..4 only dfch, dh, h or fch one element
-    // off; 5 all of them off (the one-element path in each of 1..5)
-    const int layouts = 6;
+    // layout l: 0 every buffer 16-byte aligned (vectors); 1..3 only dfch, dh or fch one element
+    // off; 4 all of them off (the one-element path in each of 1..4)
+    const int layouts = 5;
     std::vector<floatX> dfch[layouts], hg[layouts];
     std::vector<float> dgate[layouts], dh, h, fch;
     int margins_zero = 1, vectors_ok = 1;
     for (int l = 0; l < layouts; l++) {
-        const size_t sh[4] = {(size_t)(l == 1 || l == 5), (size_t)(l == 2 || l == 5), (size_t)(l == 3 || l == 5),
-                              (size_t)(l == 4 || l == 5)};  // dfch, dh, h, fch
+        const size_t sh[3] = {(size_t)(l == 1 || l == 4), (size_t)(l == 2 || l == 4),
+                              (size_t)(l == 3 || l == 4)};  // dfch, dh, fch
         floatX* d_dfch = upload_shifted(fch_in, n2, sh[0]);  // overwritten
         floatX* d_dh = upload_shifted(dh_in, nI, sh[1]);
-        floatX* d_h = upload_shifted(h_in, nI, sh[2]);
-        floatX* d_fch = upload_shifted(fch_in, n2, sh[3]);
+        floatX* d_fch = upload_shifted(fch_in, n2, sh[2]);
         float* d_dgate = device_alloc<float>(P, "dgate");
         poison(d_dgate, P * sizeof(float));
-        if (l == 0) { dh = fetch(d_dh, nI); h = fetch(d_h, nI); fch = fetch(d_fch, n2); }  // the values floatX holds
-        vectors_ok &= (moe_row_vec(d_dfch, d_dh, d_h) && is_aligned16(d_fch)) == (l == 0);
-        moe_ffn_dgate_dfch(d_dgate, d_dfch, d_dh, d_h, d_fch, d_gate, sched, R, Ie, 0);
+        if (l == 0) {  // the values floatX holds, and the forward's h = SwiGLU(fch)
+            dh = fetch(d_dh, nI);
+            fch = fetch(d_fch, n2);
+            floatX* d_h = upload(dh_in, nI);  // overwritten
+            swiglu_forward(d_h, d_fch, R, Ie, 0);
+            cudaCheck(cudaDeviceSynchronize());
+            h = fetch(d_h, nI);
+            cudaCheck(cudaFree(d_h));
+        }
+        vectors_ok &= moe_row_vec(d_dfch, d_dh, d_fch) == (l == 0);
+        moe_ffn_dgate_dfch(d_dgate, d_dfch, d_dh, d_fch, d_gate, sched, R, Ie, 0);
         cudaCheck(cudaDeviceSynchronize());
         dfch[l] = fetch_raw(d_dfch, n2);
         hg[l] = fetch_raw(d_dh, nI);
@@ -786,7 +795,7 @@ static void test_ffn_dgate_dfch(void) {
             test_check_rel("ffn dgate+dfch: dfch == the SwiGLU derivative in double", rel_err_f64(got_dfch.data(),
                            dfch64.data(), n2), TOL_FLOATX);
             test_check(memcmp(hg[0].data(), ghx.data(), nI * sizeof(floatX)) == 0,
-                       "ffn dgate+dfch: g h over dh == the product rounded once (bitwise)");
+                       "ffn dgate+dfch: g h over dh == g times the forward's h, rounded once (bitwise)");
             std::vector<float> got(R);
             for (int j = 0; j < R; j++) got[j] = dgate[0][sorted_pair[j]];
             test_check_rel("ffn dgate+dfch: dgate == <dh, h> (double reference)", rel_err_f64(got.data(), dot.data(), R),
@@ -794,11 +803,11 @@ static void test_ffn_dgate_dfch(void) {
             cudaCheck(cudaFree(d_gdh));
             cudaCheck(cudaFree(d_ref));
         }
-        floatX* bufs[4] = {d_dfch, d_dh, d_h, d_fch};
-        for (int b = 0; b < 4; b++) cudaCheck(cudaFree(bufs[b] - sh[b]));
+        floatX* bufs[3] = {d_dfch, d_dh, d_fch};
+        for (int b = 0; b < 3; b++) cudaCheck(cudaFree(bufs[b] - sh[b]));
         cudaCheck(cudaFree(d_dgate));
     }
-    test_check(vectors_ok, "ffn dgate+dfch: 16-byte vectors only when all four buffers are aligned");
+    test_check(vectors_ok, "ffn dgate+dfch: 16-byte vectors only when all three buffers are aligned");
     int same = 1;
     for (int l = 1; l < layouts; l++) {
         same &= memcmp(dfch[0].data(), dfch[l].data(), n2 * sizeof(floatX)) == 0 &&
