@@ -77,8 +77,7 @@ endif
 # itself: moe_gemm_backend in llmc/moe_experts.cuh picks it at run time (bf16 builds only).
 # MOE_CUTLASS_TILE_N = 256 (default) or 128 is the tile's N, MOE_CUTLASS_PINGPONG = 1 the ping-pong schedule
 # (default cooperative), MOE_CUTLASS_CLUSTER_M = 2 a cluster of two CTAs along M (default 1),
-# MOE_GATHER_WARPS = 1 or 2 (default) the producer warps that do the token reads' gathers,
-# MOE_CUTLASS_PLAIN_PINGPONG = 1 ping-pong 128x128 for the kernels without token reads only.
+# MOE_GATHER_WARPS = 1 or 2 (default) the producer warps that do the token reads' gathers.
 # Switching USE_CUTLASS or these needs a rebuild (make -B).
 USE_CUTLASS ?= 0
 CUTLASS_INCLUDE ?= carry/cutlass/include
@@ -86,10 +85,8 @@ MOE_CUTLASS_TILE_N ?= 256
 MOE_CUTLASS_PINGPONG ?= 0
 MOE_CUTLASS_CLUSTER_M ?= 1
 MOE_GATHER_WARPS ?= 2
-MOE_CUTLASS_PLAIN_PINGPONG ?= 0
 CUTLASS_DEFS = -DNDEBUG -DMOE_CUTLASS_TILE_N=$(MOE_CUTLASS_TILE_N) -DMOE_CUTLASS_PINGPONG=$(MOE_CUTLASS_PINGPONG) \
-	-DMOE_CUTLASS_CLUSTER_M=$(MOE_CUTLASS_CLUSTER_M) -DMOE_GATHER_WARPS=$(MOE_GATHER_WARPS) \
-	-DMOE_CUTLASS_PLAIN_PINGPONG=$(MOE_CUTLASS_PLAIN_PINGPONG)
+	-DMOE_CUTLASS_CLUSTER_M=$(MOE_CUTLASS_CLUSTER_M) -DMOE_GATHER_WARPS=$(MOE_GATHER_WARPS)
 CUTLASS_OBJ =
 ifeq ($(USE_CUTLASS), 1)
   ifeq ($(wildcard $(CUTLASS_INCLUDE)/cutlass/gemm/collective/collective_builder.hpp),)

@@ -27,7 +27,9 @@
 # Targets checked in the summary: layer fwd+bwd <= 1.5 x our dense SwiGLU (same run);
 # router+experts fwd+bwd >= 10 x faster than PyTorch's gather; experts (schedule + fwd + bwd)
 # within 2x of the memory floor (>= 50% of the measured copy rate) at each N; dense gelu
-# >= 1.15 x llm.c with cuDNN in the same call; omni >= 85% of swiglu tok/s.
+# >= 1.15 x llm.c with cuDNN in the same call; omni >= 85% of swiglu tok/s; the moe layer
+# fwd+bwd <= 1.3 x the dense SwiGLU of equal active size and its grouped GEMMs >= 60% of the dense
+# GEMM rate, at DeepSeekMoE 16B's MoE layer with 32,768 tokens (bench_moe's small shape reported).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/omnimoe_bench}
@@ -129,6 +131,9 @@ if runnable omni dev/cuda/bench_omni_bin; then
 fi
 if runnable moe dev/cuda/bench_moe_bin; then
     run_part bench_moe 120 ./dev/cuda/bench_moe_bin --json "$OUT/bench_moe.json"
+    # the shape issue 14's targets are judged at: DeepSeekMoE 16B's MoE layer, 32,768 tokens
+    run_part bench_moe_dsmoe 120 ./dev/cuda/bench_moe_bin --shape deepseekmoe-16b --bt 32768 \
+        --json "$OUT/bench_moe_dsmoe.json"
 fi
 if has_part torch; then
     run_part bench_torch 240 env PYTHONUNBUFFERED=1 python3 dev/bench_torch.py --json "$OUT/bench_torch.json"
@@ -148,7 +153,7 @@ for s in ${status[@]+"${status[@]}"}; do echo "  $s"; done
 
 # ---- the summary (the targets table is the last thing printed)
 python3 - "$OUT" <<'EOF'
-import json, os, re, sys
+import json, os, re, statistics, sys
 out = sys.argv[1]
 
 def load_json(name):
@@ -162,6 +167,7 @@ def fmt(x, f="%.3f"):
 
 layer = load_json("bench_layer.json")
 moe = load_json("bench_moe.json")
+dsmoe = load_json("bench_moe_dsmoe.json")
 torch = load_json("bench_torch.json")
 train = load_json("bench_train/bench_train.json")
 llmc = load_json("bench_llmc/bench_llmc.json")
@@ -288,8 +294,23 @@ o, s = runs.get(ratios.get("omni_run", "omni_b32")), runs.get(ratios.get("swiglu
 rows.append(("omni / swiglu d12 tok/s (B=%s)" % (o["B"] if o else 32), "%s / %s" % (fmt(o and o["tok_s"], "%.0f"), fmt(s and s["tok_s"], "%.0f")),
              fmt(r5), ">= 0.85", verdict(r5, 0.85, True)))
 
-# the target on the build's default path: bench_moe's median ratio of alternating rounds
-# (alt_ratio_median), each round the moe layer and then the dense layer
+# issue 14's targets, judged on the build's default path at DeepSeekMoE 16B's MoE layer (C=2048,
+# 64 experts of 1408, 2 shared, top-6) with 32,768 tokens: bench_moe's median ratio of alternating
+# rounds (alt_ratio_median: each round the moe layer, then the dense layer) and, in a CUTLASS
+# build, CUTLASS's grouped GEMM rate; bench_moe's small default shape is reported beside it
+if dsmoe:
+    d1 = dsmoe["alt_ratio_median"]
+    rounds = dsmoe["alt_rounds"]
+    rows.append(("moe layer fwd+bwd / dense SwiGLU, DeepSeekMoE-16B layer, BT=%d (%s; median of %d alternating rounds)" % (
+                 dsmoe["BT"], dsmoe.get("cutlass_config", "cuBLAS grouped GEMM"), len(rounds)),
+                 "%s / %s ms" % (fmt(statistics.median(r["moe_fwdbwd_ms"] for r in rounds)),
+                                 fmt(statistics.median(r["dense_fwdbwd_ms"] for r in rounds))), fmt(d1), "<= 1.3",
+                 verdict(d1, 1.3, False)))
+    g = dsmoe.get("cutlass_gemm_ms", dsmoe["grouped_gemm_ms"])
+    d2 = dsmoe["dense_gemm_ms"] / g
+    rows.append(("moe grouped GEMM rate / dense GEMM rate, DeepSeekMoE-16B layer, same M N K", "%s / %s ms" % (
+                 fmt(g), fmt(dsmoe["dense_gemm_ms"])), fmt(d2), ">= 0.6", verdict(d2, 0.6, True)))
+# the small shape, reported: the ratio on the build's default path over alternating rounds
 cutlass_build = bool(moe) and "cutlass_gemm_ms" in moe
 m1 = moe["moe_fwdbwd_ms"] / moe["dense_fwdbwd_ms"] if moe else None
 if moe and not cutlass_build and "alt_ratio_median" in moe:
@@ -297,17 +318,16 @@ if moe and not cutlass_build and "alt_ratio_median" in moe:
 rows.append(("moe layer fwd+bwd / dense SwiGLU of equal active size (bench_moe%s)" % (
              ", cuBLAS grouped GEMM" if cutlass_build else ", median of alternating rounds" if moe and "alt_ratio_median" in moe else ""),
              "%s / %s ms" % (fmt(moe and moe["moe_fwdbwd_ms"]), fmt(moe and moe["dense_fwdbwd_ms"])), fmt(m1),
-             "reported" if cutlass_build else "<= 1.3", "reported" if cutlass_build else verdict(m1, 1.3, False)))
+             "reported", "reported"))
 m2 = moe["dense_gemm_ms"] / moe["grouped_gemm_ms"] if moe else None
 rows.append(("moe grouped GEMM rate / dense GEMM rate, same M N K%s" % (", cuBLAS" if cutlass_build else ""), "%s / %s ms" % (
-             fmt(moe and moe["grouped_gemm_ms"]), fmt(moe and moe["dense_gemm_ms"])), fmt(m2),
-             "reported" if cutlass_build else ">= 0.6", "reported" if cutlass_build else verdict(m2, 0.6, True)))
+             fmt(moe and moe["grouped_gemm_ms"]), fmt(moe and moe["dense_gemm_ms"])), fmt(m2), "reported", "reported"))
 if moe and "cutlass_gemm_ms" in moe:  # a USE_CUTLASS=1 build: the same two targets with CUTLASS's grouped GEMM
     # the target on the build's default, token reads; over gathered copies beside it
     c1 = moe.get("alt_ratio_median", moe["cutlass_tokens_fwdbwd_ms"] / moe["dense_fwdbwd_ms"])
     rows.append(("moe layer fwd+bwd / dense SwiGLU, CUTLASS grouped GEMMs with token reads, median of alternating rounds (%s)" % moe["cutlass_config"],
-                 "%s / %s ms" % (fmt(moe["cutlass_tokens_fwdbwd_ms"]), fmt(moe["dense_fwdbwd_ms"])), fmt(c1), "<= 1.3",
-                 verdict(c1, 1.3, False)))
+                 "%s / %s ms" % (fmt(moe["cutlass_tokens_fwdbwd_ms"]), fmt(moe["dense_fwdbwd_ms"])), fmt(c1), "reported",
+                 "reported"))
     c0 = moe["cutlass_fwdbwd_ms"] / moe["dense_fwdbwd_ms"]
     rows.append(("the same over gathered copies (--moe-token-reads 0)",
                  "%s / %s ms" % (fmt(moe["cutlass_fwdbwd_ms"]), fmt(moe["dense_fwdbwd_ms"])), fmt(c0), "reported",
@@ -315,8 +335,8 @@ if moe and "cutlass_gemm_ms" in moe:  # a USE_CUTLASS=1 build: the same two targ
     c2 = moe["dense_gemm_ms"] / moe["cutlass_gemm_ms"]
     rows.append(("moe grouped GEMM rate / dense GEMM rate, CUTLASS (fch vs cuBLAS: rel L2 %.1e, %d calls to the loop)" % (
                  moe["cutlass_vs_cublas_rel_l2"], moe["cutlass_fallbacks"]),
-                 "%s / %s ms" % (fmt(moe["cutlass_gemm_ms"]), fmt(moe["dense_gemm_ms"])), fmt(c2), ">= 0.6",
-                 verdict(c2, 0.6, True)))
+                 "%s / %s ms" % (fmt(moe["cutlass_gemm_ms"]), fmt(moe["dense_gemm_ms"])), fmt(c2), "reported",
+                 "reported"))
 t_moe = torch_row("moe layer (torch loop)")
 m4 = t_moe["fwdbwd_ms"] / moe["moe_fwdbwd_ms"] if t_moe and moe else None
 rows.append(("moe layer fwd+bwd: PyTorch loop over experts / ours (same shape)", "%s / %s ms" % (

@@ -253,48 +253,66 @@ __global__ void moe_combine_kernel(floatX* out, const floatX* yg, const floatX* 
     }
 }
 
-// one warp per FFN row j: dgate of its pair = <W2^T dy, h> (dh holds W2^T dy on entry; one element a
-// lane in turn, the order of the sum kept from before the fusion); then, V channels at a time, the
-// SwiGLU backward of g W2^T dy (rounded to floatX first, as a separate pass would store it) into
-// dfch, and g h over dh (the dW2 GEMM's operand). h is recomputed from fch with the forward's own
-// element function (the same bits as the forward's h), so the forward need not keep it. Each lane
-// reads its dh vector before it writes g h there, and the warp's sum is done before any lane
-// writes, so the overwrite is safe.
+// one warp per FFN row j, V channels a lane at a time: the SwiGLU backward of g W2^T dy (dh holds
+// W2^T dy on entry; g dh rounded to floatX first, as a separate pass would store it) into dfch, g h
+// over dh (the dW2 GEMM's operand), and dgate of its pair = <W2^T dy, h>. h is recomputed from fch
+// with the forward's element function (the forward's bits), so the forward need not keep it. The
+// dgate sum keeps the order it had as a separate pass (one element a lane in turn, i = lane,
+// lane + 32, ..., then the warp's butterfly): each segment of MOE_DGATE_SEGMENT channels stages its
+// W2^T dy and h in shared memory, and each lane then adds its elements of the segment in order.
+// Each lane reads its dh vector before it writes g h there.
+#define MOE_DGATE_SEGMENT 1024
 template <int V>
 __global__ void moe_ffn_dgate_dfch_kernel(float* dgate, floatX* dfch, floatX* dh, const floatX* fch, const float* gate,
                                           const int* sorted_pair, int rows, int Ie) {
-    const int j = blockIdx.x * MOE_TOKEN_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
-    if (j >= rows) return;
+    __shared__ alignas(16) floatX staged[MOE_TOKEN_WARPS][2][MOE_DGATE_SEGMENT];  // a warp's W2^T dy and h
+    const int w = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int j = blockIdx.x * MOE_TOKEN_WARPS + w;
+    if (j >= rows) return;  // (warp-uniform; only __syncwarp below)
     const size_t r = (size_t)j * Ie;
     const int q = sorted_pair[j];
     const float g = gate[q];
     const floatX* gate_row = fch + 2 * r;
+    floatX* dgate_row = dfch + 2 * r;
+    floatX* sd = staged[w][0];
+    floatX* sh = staged[w][1];
     float s = 0.0f;
-    for (int i = lane; i < Ie; i += 32) {
-        s += (float)dh[r + i] * (float)swiglu_forward_element((float)gate_row[i], (float)gate_row[Ie + i]);
+    for (int seg = 0; seg < Ie; seg += MOE_DGATE_SEGMENT) {
+        const int end = min(Ie, seg + MOE_DGATE_SEGMENT);
+        for (int c = seg + lane * V; c < end; c += 32 * V) {
+            float d[V], gv[V], uv[V], hg[V];
+            moe_load_row<V>(d, dh + r + c);
+            moe_load_row<V>(gv, gate_row + c);
+            moe_load_row<V>(uv, gate_row + Ie + c);
+            floatX dg[V], du[V], dx[V], hx[V];
+            for (int i = 0; i < V; i++) {
+                hx[i] = swiglu_forward_element(gv[i], uv[i]);
+                dx[i] = (floatX)d[i];  // (exact: d was read from floatX)
+                swiglu_backward_element(&dg[i], &du[i], (float)(floatX)(g * d[i]), gv[i], uv[i]);
+                hg[i] = g * (float)hx[i];
+            }
+            moe_store_row<V>(dh + r + c, hg);
+            if constexpr (V == x128::size) {
+                x128 a, b, sa, sb;
+                for (int i = 0; i < V; i++) { a[i] = dg[i]; b[i] = du[i]; sa[i] = dx[i]; sb[i] = hx[i]; }
+                store128(dgate_row + c, a);
+                store128(dgate_row + Ie + c, b);
+                *(x128*)(sd + c - seg) = sa;
+                *(x128*)(sh + c - seg) = sb;
+            } else {
+                for (int i = 0; i < V; i++) {
+                    dgate_row[c + i] = dg[i];
+                    dgate_row[Ie + c + i] = du[i];
+                    sd[c - seg + i] = dx[i];
+                    sh[c - seg + i] = hx[i];
+                }
+            }
+        }
+        __syncwarp();
+        for (int i = lane; i < end - seg; i += 32) s += (float)sd[i] * (float)sh[i];
+        __syncwarp();  // the segment is read before the next one is staged
     }
     s = moe_warp_sum(s);
-    floatX* dgate_row = dfch + 2 * r;
-    for (int c = lane * V; c < Ie; c += 32 * V) {
-        float d[V], gv[V], uv[V], hg[V];
-        moe_load_row<V>(d, dh + r + c);
-        moe_load_row<V>(gv, gate_row + c);
-        moe_load_row<V>(uv, gate_row + Ie + c);
-        floatX dg[V], du[V];
-        for (int i = 0; i < V; i++) {
-            swiglu_backward_element(&dg[i], &du[i], (float)(floatX)(g * d[i]), gv[i], uv[i]);
-            hg[i] = g * (float)swiglu_forward_element(gv[i], uv[i]);
-        }
-        moe_store_row<V>(dh + r + c, hg);
-        if constexpr (V == x128::size) {
-            x128 a, b;
-            for (int i = 0; i < V; i++) { a[i] = dg[i]; b[i] = du[i]; }
-            store128(dgate_row + c, a);
-            store128(dgate_row + Ie + c, b);
-        } else {
-            for (int i = 0; i < V; i++) { dgate_row[c + i] = dg[i]; dgate_row[Ie + c + i] = du[i]; }
-        }
-    }
     if (lane == 0) dgate[q] = s;
 }
 

@@ -134,13 +134,7 @@ void moe_cutlass_limit_sms(MoeCutlassGemm* g, int sms) {
 #define MOE_CUTLASS_STR(x) MOE_CUTLASS_STR2(x)
 #define MOE_CUTLASS_CONFIG_TAIL                                                                        \
     ", tile 128x" MOE_CUTLASS_STR(MOE_CUTLASS_TILE_N) "x64, cluster " MOE_CUTLASS_STR(MOE_CUTLASS_CLUSTER_M) \
-    "x1x1, token reads by " MOE_CUTLASS_STR(MOE_GATHER_WARPS) " warps"                                    \
-    MOE_CUTLASS_PLAIN_TAIL
-#if MOE_CUTLASS_PLAIN_PINGPONG
-#define MOE_CUTLASS_PLAIN_TAIL "; the kernels without token reads pingpong 128x128x64"
-#else
-#define MOE_CUTLASS_PLAIN_TAIL ""
-#endif
+    "x1x1, token reads by " MOE_CUTLASS_STR(MOE_GATHER_WARPS) " warps"
 const char* moe_cutlass_config(void) {
     return MOE_CUTLASS_PINGPONG ? "CUTLASS sm90 ptr-array pingpong" MOE_CUTLASS_CONFIG_TAIL
                                 : "CUTLASS sm90 ptr-array cooperative" MOE_CUTLASS_CONFIG_TAIL;

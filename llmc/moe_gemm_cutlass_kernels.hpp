@@ -31,12 +31,6 @@
 // MOE_CUTLASS_PINGPONG=1 the ping-pong schedule instead (each consumer warpgroup a whole tile, one
 // tile's epilogue under the other's MMAs), for the benchmark to compare. Neither the tile nor the
 // cluster changes the bits: each output is one CTA's sum over K in the same order.
-// MOE_CUTLASS_PLAIN_PINGPONG=1 puts only the kernels without token reads (the forward's y = h W2^T
-// and the backward's dxg = dfch W1 where token reads are on) on ping-pong 128x128, the others
-// staying as they are: the short-K y GEMM pays for its epilogue more than the others.
-#ifndef MOE_CUTLASS_PLAIN_PINGPONG
-#define MOE_CUTLASS_PLAIN_PINGPONG 0
-#endif
 #ifndef MOE_CUTLASS_TILE_N
 #define MOE_CUTLASS_TILE_N 256
 #endif
@@ -53,40 +47,33 @@ using ProblemShape = cutlass::gemm::GroupProblemShape<Shape<int, int, int>>;  //
 using MoeShape3 = ProblemShape::UnderlyingProblemShape;
 using MoeElement = cutlass::bfloat16_t;
 constexpr int kMoeAlign = 8;  // elements: 16-byte TMA alignment of the leading dimensions
+using MoeTileShape = Shape<_128, Int<MOE_CUTLASS_TILE_N>, _64>;
 using MoeClusterShape = Shape<Int<MOE_CUTLASS_CLUSTER_M>, _1, _1>;
 using MoeLayoutC = cutlass::layout::ColumnMajor;  // as cuBLAS: C (m, n) with ldc between columns
-
-// the kernel and epilogue schedules: cooperative (two consumer warpgroups on one tile) or ping-pong
-// (each consumer warpgroup a whole tile)
-template <bool PingPong>
-struct MoeSchedule {
-    using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
-    using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
-};
-template <>
-struct MoeSchedule<true> {
-    using Kernel = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
-    using Epilogue = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
-};
+#if MOE_CUTLASS_PINGPONG
+using MoeKernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
+using MoeEpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedPingpong;
+#else
+using MoeKernelSchedule = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
+using MoeEpilogueSchedule = cutlass::epilogue::PtrArrayTmaWarpSpecializedCooperative;
+#endif
 
 // the epilogue, the same for every kernel: D = alpha acc + beta C in fp32, rounded to bf16
-template <class Tile, class Cluster, bool PingPong>
+template <class Cluster>
 using MoeEpilogueT = typename cutlass::epilogue::collective::CollectiveBuilder<
-    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, Tile, Cluster,
+    cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, MoeTileShape, Cluster,
     cutlass::epilogue::collective::EpilogueTileAuto, float, float, MoeElement, MoeLayoutC*, kMoeAlign, MoeElement,
-    MoeLayoutC*, kMoeAlign, typename MoeSchedule<PingPong>::Epilogue,
+    MoeLayoutC*, kMoeAlign, MoeEpilogueSchedule,
     cutlass::epilogue::fusion::LinearCombination<MoeElement, float, MoeElement, float>>::CollectiveOp;
 
-template <class LayoutA, class LayoutB, class Cluster = MoeClusterShape, bool PingPong = (MOE_CUTLASS_PINGPONG != 0),
-          int TileN = MOE_CUTLASS_TILE_N>
+template <class LayoutA, class LayoutB, class Cluster = MoeClusterShape>
 struct MoeCutlassKernel {
-    using Tile = Shape<_128, Int<TileN>, _64>;
-    using Epilogue = MoeEpilogueT<Tile, Cluster, PingPong>;
+    using Epilogue = MoeEpilogueT<Cluster>;
     using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
         cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, MoeElement, LayoutA*, kMoeAlign, MoeElement, LayoutB*,
-        kMoeAlign, float, Tile, Cluster,
+        kMoeAlign, float, MoeTileShape, Cluster,
         cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
-        typename MoeSchedule<PingPong>::Kernel>::CollectiveOp;
+        MoeKernelSchedule>::CollectiveOp;
     using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, Mainloop, Epilogue>;  // default: persistent group scheduler
     using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
     static constexpr int kGather = MOE_GATHER_NONE;
@@ -97,14 +84,9 @@ struct MoeCutlassKernel {
 
 // cuBLAS's op(A) = A^T over a column-major A (k, m) is CUTLASS's row-major A (m, k); op(B) = B^T
 // over a column-major B (n, k) is a row-major B (k, n); C stays column-major
-// (the kernels without token reads; MOE_CUTLASS_PLAIN_PINGPONG: ping-pong 128x128)
-constexpr bool kMoePlainPingPong = MOE_CUTLASS_PINGPONG != 0 || MOE_CUTLASS_PLAIN_PINGPONG != 0;
-constexpr int kMoePlainTileN = MOE_CUTLASS_PLAIN_PINGPONG != 0 ? 128 : MOE_CUTLASS_TILE_N;
-template <class LayoutA, class LayoutB>
-using MoePlainKernel = MoeCutlassKernel<LayoutA, LayoutB, MoeClusterShape, kMoePlainPingPong, kMoePlainTileN>;
-using KernelTN = MoePlainKernel<cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;
-using KernelNN = MoePlainKernel<cutlass::layout::ColumnMajor, cutlass::layout::ColumnMajor>;
-using KernelNT = MoePlainKernel<cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
+using KernelTN = MoeCutlassKernel<cutlass::layout::RowMajor, cutlass::layout::ColumnMajor>;
+using KernelNN = MoeCutlassKernel<cutlass::layout::ColumnMajor, cutlass::layout::ColumnMajor>;
+using KernelNT = MoeCutlassKernel<cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
 
 // the same kernels with one operand read through the schedule (llmc/moe_gemm_gather_sm90.hpp):
 // the builder's mainloop, its smem layouts and wgmma sequence, with the gathered loads; a cluster

@@ -703,15 +703,30 @@ static void test_row_kernels_vectors(void) {
     cudaCheck(cudaFree(d_A));
 }
 
+// dgate as the separate pass before the fusion summed it (the layer's bits since): one warp per row,
+// one element a lane in turn from the global dh and h, then the warp's butterfly
+__global__ void reference_dgate_kernel(float* dgate, const floatX* dh, const floatX* h, const int* sorted_pair,
+                                       int rows, int Ie) {
+    const int j = blockIdx.x * MOE_TOKEN_WARPS + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (j >= rows) return;
+    const size_t r = (size_t)j * Ie;
+    float s = 0.0f;
+    for (int i = lane; i < Ie; i += 32) s += (float)dh[r + i] * (float)h[r + i];
+    s = moe_warp_sum(s);
+    if (lane == 0) dgate[sorted_pair[j]] = s;
+}
+
 // the backward's fused row pass (moe_ffn_dgate_dfch) against what the separate passes compute:
 // dfch bitwise equal to swiglu_backward of g dh rounded to floatX, g h bitwise equal to the
 // product rounded once, with h the forward's swiglu_forward of fch (the kernel recomputes it);
 // dfch also against a double evaluation of the SwiGLU derivative (not through the shared element
-// functions) and dgate = <dh, h> against a double sum. Then the one-element path (any one buffer,
-// or all, one element off 16 bytes) bitwise equal to the vectors, and nothing written past the
-// ends. I_e = 296: each lane's vector loop runs twice.
-static void test_ffn_dgate_dfch(void) {
-    const int R = 83, Ie = 296, P = 3 * R;
+// functions), dgate = <dh, h> against a double sum and bitwise against the separate pass's sum.
+// Then the one-element path (any one buffer, or all, one element off 16 bytes) bitwise equal to
+// the vectors, and nothing written past the ends. I_e = 296: each lane's vector loop runs twice;
+// I_e = 2200: three segments of the dgate sum's staging (MOE_DGATE_SEGMENT), the last one partial.
+static void test_ffn_dgate_dfch(int Ie) {
+    const int R = 83, P = 3 * R;
+    printf("ffn dgate+dfch at I_e = %d:\n", Ie);
     std::vector<int> sorted_pair(R);
     for (int j = 0; j < R; j++) sorted_pair[j] = (j * 7 + 5) % P;  // rows and pairs do not line up
     std::vector<float> gate(P);
@@ -729,7 +744,7 @@ static void test_ffn_dgate_dfch(void) {
     // off; 4 all of them off (the one-element path in each of 1..4)
     const int layouts = 5;
     std::vector<floatX> dfch[layouts], hg[layouts];
-    std::vector<float> dgate[layouts], dh, h, fch;
+    std::vector<float> dgate[layouts], dh, h, fch, dgate_ref;
     int margins_zero = 1, vectors_ok = 1;
     for (int l = 0; l < layouts; l++) {
         const size_t sh[3] = {(size_t)(l == 1 || l == 4), (size_t)(l == 2 || l == 4),
@@ -744,9 +759,15 @@ static void test_ffn_dgate_dfch(void) {
             fch = fetch(d_fch, n2);
             floatX* d_h = upload(dh_in, nI);  // overwritten
             swiglu_forward(d_h, d_fch, R, Ie, 0);
+            float* d_ref_dgate = device_alloc<float>(P, "reference dgate");
+            poison(d_ref_dgate, P * sizeof(float));
+            reference_dgate_kernel<<<ceil_div(R, MOE_TOKEN_WARPS), MOE_TOKEN_WARPS * 32>>>(d_ref_dgate, d_dh, d_h,
+                                                                                       d_sorted, R, Ie);
             cudaCheck(cudaDeviceSynchronize());
             h = fetch(d_h, nI);
+            dgate_ref = fetch_raw(d_ref_dgate, P);
             cudaCheck(cudaFree(d_h));
+            cudaCheck(cudaFree(d_ref_dgate));
         }
         vectors_ok &= moe_row_vec(d_dfch, d_dh, d_fch) == (l == 0);
         moe_ffn_dgate_dfch(d_dgate, d_dfch, d_dh, d_fch, d_gate, sched, R, Ie, 0);
@@ -800,6 +821,12 @@ static void test_ffn_dgate_dfch(void) {
             for (int j = 0; j < R; j++) got[j] = dgate[0][sorted_pair[j]];
             test_check_rel("ffn dgate+dfch: dgate == <dh, h> (double reference)", rel_err_f64(got.data(), dot.data(), R),
                            1e-5);
+            int dgate_same = 1;
+            for (int jj = 0; jj < R; jj++) {
+                const int qq = sorted_pair[jj];
+                dgate_same &= memcmp(&dgate[0][qq], &dgate_ref[qq], sizeof(float)) == 0;
+            }
+            test_check(dgate_same, "ffn dgate+dfch: dgate == the separate pass's lane-strided sum (bitwise)");
             cudaCheck(cudaFree(d_gdh));
             cudaCheck(cudaFree(d_ref));
         }
@@ -908,7 +935,8 @@ int main(void) {
 #endif
     // last: their draws from g_rng leave the cases above their data
     test_row_kernels_vectors();
-    test_ffn_dgate_dfch();
+    test_ffn_dgate_dfch(296);
+    test_ffn_dgate_dfch(2200);
     matmul_free();
     return test_end();
 }
