@@ -93,7 +93,7 @@ ifeq ($(USE_CUTLASS), 1)
     $(error USE_CUTLASS=1: $(CUTLASS_INCLUDE)/cutlass/gemm/collective/collective_builder.hpp not found (set CUTLASS_INCLUDE; see dev/prepare_carry.sh))
   endif
   NVCC_FLAGS += -DENABLE_CUTLASS
-  CUTLASS_OBJ = build/moe_gemm_cutlass.o
+  CUTLASS_OBJ = build/moe_gemm_cutlass.o build/matmul_gelu_cutlass.o
 endif
 
 HOST_HEADERS = $(wildcard llmc/*.h)
@@ -161,6 +161,11 @@ build/attention_cudnn.o: llmc/attention_cudnn.cu llmc/attention_cudnn.h
 build/moe_gemm_cutlass.o: llmc/moe_gemm_cutlass.cu llmc/moe_gemm_cutlass.h llmc/moe_gemm_cutlass_kernels.hpp llmc/moe_gemm_gather_sm90.hpp
 	@mkdir -p build
 	$(NVCC) $(NVCC_FLAGS) -I$(CUTLASS_INCLUDE) $(CUTLASS_DEFS) -c $< -o $@
+
+# the GELU GEMMs with CUTLASS epilogues (llmc/matmul_gelu_cutlass.h, --gelu-fusion 3), likewise alone
+build/matmul_gelu_cutlass.o: llmc/matmul_gelu_cutlass.cu llmc/matmul_gelu_cutlass.h
+	@mkdir -p build
+	$(NVCC) $(NVCC_FLAGS) -I$(CUTLASS_INCLUDE) -DNDEBUG -c $< -o $@
 
 test_omnimoe: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADERS) $(CUDA_HEADERS) $(CUDNN_OBJ) $(CUTLASS_OBJ)
 	$(NVCC) $(NVCC_FLAGS) -Xcompiler -fopenmp $< $(CUDNN_OBJ) $(CUTLASS_OBJ) -o $@ $(NVCC_LDLIBS) -lgomp

@@ -131,7 +131,7 @@ static void test_args(void) {
         {"--zero 2", {"--zero", "2"}, "--zero", "0 or 1", 0, 1},
         {"-r 3", {"-r", "3"}, "-r/--recompute", "[0, 2]", 0, 1},
         {"--recompute -1", {"--recompute", "-1"}, "--recompute", "negative", 0, 1},
-        {"--gelu-fusion 3", {"--gelu-fusion", "3"}, "--gelu-fusion", "[0, 2]", 0, 1},
+        {"--gelu-fusion 4", {"--gelu-fusion", "4"}, "--gelu-fusion", "[0, 3]", 0, 1},
         {"unknown moe gemm", {"--moe-gemm", "cutless"}, "--moe-gemm", "loop|cublas|cutlass", 0, 1},
         {"negative seed", {"--seed", "-1"}, "--seed", "negative", 0, 1},
         {"unknown schedule", {"--schedule", "linear"}, "\"linear\" for flag --schedule", "cosine|wsd|constant", 0, 1},

@@ -1707,6 +1707,15 @@ int main(int argc, char** argv) {
     }
 #endif
     matmul_dgelu_fused = cfg.gelu_fusion >= 2;
+#if defined(HAVE_CUTLASS_GELU_GEMM)
+    matmul_gelu_cutlass = cfg.gelu_fusion == 3;  // both GELU GEMMs with CUTLASS's epilogues (llmc/matmul_gelu_cutlass.h)
+#else
+    if (cfg.gelu_fusion == 3) {
+        fprintf(stderr, "Error: --gelu-fusion 3: this train_omnimoe was built without CUTLASS (build it with "
+                        "`make -B USE_CUTLASS=1` after `bash dev/prepare_carry.sh cutlass`; bf16 only)\n");
+        exit(EXIT_FAILURE);
+    }
+#endif
     matmul_tune = cfg.matmul_tune;  // --matmul-tune: the fastest cuBLASLt candidate with the same bits
     if (zero || shard) {
         model_build_sharded(model, &config, cfg.B, cfg.T, cfg.expert_exec, cfg.attention, cfg.recompute, zero, shard);

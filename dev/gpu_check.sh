@@ -242,6 +242,33 @@ if [[ "$mode" == *cutlass* ]]; then
                 bash dev/profile_moe_layer.sh 32768
         fi
     done
+    # the GELU GEMMs with CUTLASS's epilogues (--gelu-fusion 3): test_matmul of the CUTLASS build
+    # (its checks, then both GELU GEMMs at the d12 step's shape beside cuBLASLt's); then the d12
+    # gelu step (B=32) with --gelu-fusion 2 and 3, alternating, two runs each: 3 reruns bitwise, and
+    # its losses beside 2's (another rounding of the GELU)
+    if [ "$cutlass_packed" = 1 ] && [ -x ./train_omnimoe_cutlass ]; then
+        run cutlass_test_matmul timeout 300 ./dev/cuda/test_matmul_cutlass_bin
+        gelu_rc=0
+        for i in 1 2; do
+            for g in 2 3; do
+                timeout 300 ./train_omnimoe_cutlass -e d12 -f gelu -b 32 -t 1024 -x 30 -v 0 -s 0 --gelu-fusion $g \
+                    --log-file "$LOG/gelu_step_f${g}_$i.jsonl" > "$LOG/gelu_step_f${g}_$i.out" 2>&1 || gelu_rc=1
+            done
+        done
+        run cutlass_gelu_step bash -c '[ "$1" = 0 ] || { echo "a trainer run failed (gelu_step_*.out)"; exit 1; }
+python3 - "$2" <<PY || exit 1
+import json, statistics, sys
+for g in (2, 3):
+    ms = []
+    for i in (1, 2):
+        steps = [json.loads(l) for l in open(sys.argv[1] + "/gelu_step_f%d_%d.jsonl" % (g, i))]
+        ms.append(statistics.median(s["ms"] for s in steps if s.get("type") == "train" and 11 <= s["step"] <= 30))
+    print("d12 gelu B=32 T=1024 --gelu-fusion %d median ms/step (steps 11-30): %s" % (g, " / ".join("%.2f" % m for m in ms)))
+PY
+python3 scripts/compare_logs.py "$2/gelu_step_f3_1.jsonl" "$2/gelu_step_f3_2.jsonl" --exact --label "gelu-fusion 3 rerun" || exit 1
+python3 scripts/compare_logs.py "$2/gelu_step_f2_1.jsonl" "$2/gelu_step_f3_1.jsonl" --loss-tol 0.02 --norm-rtol 1e9 --label "gelu-fusion 3 vs 2, losses" || exit 1
+python3 scripts/compare_logs.py "$2/gelu_step_f2_1.jsonl" "$2/gelu_step_f3_1.jsonl" --steps 1-10 --loss-tol 0.02 --norm-rtol 0.02 --label "gelu-fusion 3 vs 2, norms of steps 1-10"' _ "$gelu_rc" "$LOG"
+    fi
     # the d12 moe step in the trainer with each grouped GEMM, alternating, one binary (the CUTLASS
     # build's trainer, train_omnimoe_cutlass of this call's pack): median ms of steps 11-30, and the
     # two backends' losses side by side (compare_logs.py's tolerances: the same math, maybe other bits);

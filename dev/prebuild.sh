@@ -12,8 +12,8 @@
 #
 # Flavours (what gpu_check.sh builds with make in each of its modes):
 #   default  the trainers, the GPU tests, every kernel test and benchmark (make's default flags)
-#   cutlass  test_moe, bench_moe, the trainer (train_omnimoe_cutlass) and check_gather_copies with
-#            USE_CUTLASS=1, and bench_moe for each of CUTLASS_VARIANTS
+#   cutlass  test_moe, bench_moe, the trainer (train_omnimoe_cutlass), check_gather_copies and
+#            test_matmul (test_matmul_cutlass_bin) with USE_CUTLASS=1, and bench_moe for each of CUTLASS_VARIANTS
 #            as dev/cuda/bench_moe_bin.VARIANT (needs carry/cutlass)
 #   cudnn    train_omnimoe, test_omnimoe and test_attention with USE_CUDNN=1 (needs carry/cudnn-frontend)
 #   llmc     llm.c's train_gpt2cu with and without cuDNN for dev/bench_llmc.sh (needs carry/llm.c)
@@ -85,10 +85,12 @@ build_flavour() {
                 files+=("dev/cuda/bench_moe_bin.$v")
             done
             (cd "$tmp" && make -B -j"$JOBS" USE_CUTLASS=1 dev/cuda/test_moe_bin dev/cuda/bench_moe_bin train_omnimoe \
-                dev/cuda/check_gather_copies_bin) >> "$log" 2>&1 || return 1
-            mv "$tmp/train_omnimoe" "$tmp/train_omnimoe_cutlass"   # beside the default build's trainer, not over it
-            files+=(dev/cuda/test_moe_bin dev/cuda/bench_moe_bin build/moe_gemm_cutlass.o train_omnimoe_cutlass
-                    dev/cuda/check_gather_copies_bin);;
+                dev/cuda/check_gather_copies_bin dev/cuda/test_matmul_bin) >> "$log" 2>&1 || return 1
+            # beside the default build's trainer and test_matmul, not over them
+            mv "$tmp/train_omnimoe" "$tmp/train_omnimoe_cutlass"
+            mv "$tmp/dev/cuda/test_matmul_bin" "$tmp/dev/cuda/test_matmul_cutlass_bin"
+            files+=(dev/cuda/test_moe_bin dev/cuda/bench_moe_bin build/moe_gemm_cutlass.o build/matmul_gelu_cutlass.o
+                    train_omnimoe_cutlass dev/cuda/check_gather_copies_bin dev/cuda/test_matmul_cutlass_bin);;
         cudnn)
             (cd "$tmp" && make -j"$JOBS" USE_CUDNN=1 train_omnimoe test_omnimoe dev/cuda/test_attention_bin) > "$log" 2>&1 || return 1
             files=(train_omnimoe test_omnimoe dev/cuda/test_attention_bin build/attention_cudnn.o);;

@@ -103,7 +103,7 @@ typedef struct {
     int expert_exec;                          // --expert-exec  EXPERT_EXEC_* (run-time choice, not saved in the model)
     int attention;                            // --attention  ATTENTION_* (CUDA trainer; run-time choice, in checkpoints)
     int recompute;                            // -r  --recompute  0 keep, 1 recompute the FFN activation, 2 also LN1/LN2 (CUDA trainer)
-    int gelu_fusion;                          // --gelu-fusion  gelu's GELU in cuBLASLt epilogues: 0 none, 1 forward, 2 also backward (CUDA trainer)
+    int gelu_fusion;                          // --gelu-fusion  gelu's GELU in GEMM epilogues: 0 none, 1 forward, 2 also backward, 3 both in CUTLASS's (CUDA trainer)
     int overlap_dweight;                      // --overlap-dweight  1 = the backward's weight-gradient GEMMs on a second stream, -1 = on unless -r (CUDA trainer)
     int matmul_tune;                          // --matmul-tune  1 = each GEMM the fastest cuBLASLt candidate with the same bits (CUDA trainer)
     // the memory plan (llmc/memory_plan.h)
@@ -179,7 +179,7 @@ static const TrainFlag train_flags[] = {
     {NULL, "--gate", TRAIN_ARG_CHOICE, offsetof(TrainConfig, gate), 0, 0, 0, "softmax|prob", "omni: gate over the k selected scores (unset = softmax)"},
     {NULL, "--expert-exec", TRAIN_ARG_CHOICE, offsetof(TrainConfig, expert_exec), 0, 0, 0, "token|expert", "omni: expert-branch execution, token-centric (default) or expert-centric (same bits)"},
     {NULL, "--attention", TRAIN_ARG_CHOICE, offsetof(TrainConfig, attention), 0, 0, 0, "ours|cudnn", "CUDA trainer: attention kernels, ours (default) or cuDNN's SDPA (a `make USE_CUDNN=1` build; other bits)"},
-    {NULL, "--gelu-fusion", TRAIN_ARG_INT, offsetof(TrainConfig, gelu_fusion), 0, 2, 0, NULL, "CUDA trainer, -f gelu: the GELU in cuBLASLt's GEMM epilogues, 0 none, 1 the forward, 2 also the backward (the DGELU epilogue; the CUDA trainer's default); each rounds differently (the CPU reference: 1 only)"},
+    {NULL, "--gelu-fusion", TRAIN_ARG_INT, offsetof(TrainConfig, gelu_fusion), 0, 3, 0, NULL, "CUDA trainer, -f gelu: the GELU in cuBLASLt's GEMM epilogues, 0 none, 1 the forward, 2 also the backward (the DGELU epilogue; the CUDA trainer's default), 3 both in CUTLASS's epilogues instead (`make USE_CUTLASS=1` builds); each rounds differently (the CPU reference: 1 only)"},
     {NULL, "--matmul-tune", TRAIN_ARG_INT, offsetof(TrainConfig, matmul_tune), 0, 1, 0, NULL, "CUDA trainer: 1 = each GEMM shape runs the fastest of cuBLASLt's first 8 candidates whose output has the bits of its first (timed once, at the shape's first call); 0 = the first (same bits either way); the CUDA trainer's default 1"},
     {NULL, "--overlap-dweight", TRAIN_ARG_INT, offsetof(TrainConfig, overlap_dweight), -1, 1, 0, NULL, "CUDA trainer: 1 = the backward's weight-gradient GEMMs (qkv, attproj, gelu's fc and fcproj) on a second stream beside the rest, 0 = in line (same bits; 1 not with -r), -1 (the CUDA trainer's default) = 1 with -r 0, else 0"},
     {"-r", "--recompute", TRAIN_ARG_INT, offsetof(TrainConfig, recompute), 0, 2, 0, NULL, "CUDA trainer: activation recomputation, 0 keep all (default), 1 recompute the FFN activation in the backward, 2 also the LayerNorm outputs (less memory, same bits; gelu: the unfused GELU)"},

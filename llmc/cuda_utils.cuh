@@ -46,6 +46,8 @@ Conventions (shared by all omnimoe CUDA headers):
 // the CUTLASS grouped GEMM of the moe experts (llmc/moe_gemm_cutlass.h) exists in `make USE_CUTLASS=1` bf16 builds
 #if defined(ENABLE_CUTLASS) && !defined(ENABLE_FP32)
 #define HAVE_CUTLASS_GROUPED_GEMM 1
+// and the GELU GEMMs with CUTLASS epilogues (llmc/matmul_gelu_cutlass.h, --gelu-fusion 3)
+#define HAVE_CUTLASS_GELU_GEMM 1
 #endif
 
 // ----------------------------------------------------------------------------

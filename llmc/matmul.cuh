@@ -25,6 +25,8 @@ Defines:
       GELU backward folded in: dpre (BT, C_in) = (dout @ weight) * GELU_tanh'(pre_gelu) (overwrite)
       through cuBLASLt's DGELU epilogue when matmul_dgelu_fused = 1 (the trainer's
       --gelu-fusion 2), else the GEMM then gelu_backward in place
+- matmul_gelu_cutlass = 1 (CUTLASS bf16 builds, HAVE_CUTLASS_GELU_GEMM; --gelu-fusion 3): both GELU
+  GEMMs through CUTLASS epilogues instead (llmc/matmul_gelu_cutlass.h), where their sizes allow
 - swiglu_mlp_forward(out, fch, h, x, fcw, fcprojw, BT, C, H, stream) / swiglu_mlp_backward(dx, dfcw,
   dfcprojw, dh, dfch, dout, x, fch, h, fcw, fcprojw, BT, C, H, stream, scratch): the bias-free
   SwiGLU MLP of swiglu models and of the omni and moe layers' shared branch: fch (BT, 2H) = x fcw^T,
@@ -55,6 +57,9 @@ bitwise identical results (checked by dev/cuda/test_matmul.cu).
 #include <cublas_v2.h>
 #include "cuda_utils.cuh"
 #include "activations.cuh"
+#ifdef HAVE_CUTLASS_GELU_GEMM
+#include "matmul_gelu_cutlass.h"
+#endif
 
 #define MATMUL_WORKSPACE_BYTES (32u * 1024u * 1024u)
 // the cuBLAS handle's part of the workspace: the router's GEMMs run on the OmniMoE side stream
@@ -79,6 +84,11 @@ static int matmul_gelu_last_was_fused = 0;
 static int matmul_dgelu_fused = 0;
 // set by every matmul_backward_gelu(): 1 if the DGELU epilogue ran, 0 if the fallback did
 static int matmul_dgelu_last_was_fused = 0;
+// 1: both GELU GEMMs through CUTLASS's epilogues (HAVE_CUTLASS_GELU_GEMM builds only; --gelu-fusion 3),
+// the cuBLASLt paths above where CUTLASS cannot take the sizes
+static int matmul_gelu_cutlass = 0;
+// set with the *_last_was_fused flags: 1 if CUTLASS's epilogue did the fused GELU or GELU backward
+static int matmul_gelu_last_was_cutlass = 0;
 
 typedef struct {
     int transa, transb;
@@ -441,6 +451,15 @@ static inline void matmul_forward(floatX* out, const floatX* inp, const floatX* 
 // pre_gelu = inp @ weight^T (+ bias); out_gelu = GELU_tanh(pre_gelu). bias may be NULL.
 static inline void matmul_forward_gelu(floatX* out_gelu, floatX* pre_gelu, const floatX* inp, const floatX* weight,
                                        const floatX* bias, int BT, int C_in, int C_out, cudaStream_t stream) {
+    matmul_gelu_last_was_cutlass = 0;
+#ifdef HAVE_CUTLASS_GELU_GEMM
+    if (matmul_gelu_cutlass &&
+        matmul_cutlass_gelu_forward(out_gelu, pre_gelu, inp, weight, bias, BT, C_in, C_out, stream) == 0) {
+        matmul_gelu_last_was_fused = 1;
+        matmul_gelu_last_was_cutlass = 1;
+        return;
+    }
+#endif
     if (matmul_gelu_fused && C_out % 8 == 0) {  // the epilogue's aux leading dimension must be a multiple of 8
         cublasLtEpilogue_t epilogue = bias != NULL ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
         if (matmul_cublaslt_run(out_gelu, weight, inp, bias, pre_gelu, C_out, BT, C_in, 1, 0, C_in, C_in, C_out, 0,
@@ -517,7 +536,15 @@ static inline void matmul_backward_impl(floatX* dinp, floatX* dweight, floatX* d
     if (dinp != NULL) {
         // dinp^T (C_in x BT) = weight_cm (C_in x C_out) * dout_cm (C_out x BT): "NN"
         int fused = 0;
-        if (pre_gelu != NULL && matmul_dgelu_fused && C_in % 8 == 0) {  // aux leading dimension: a multiple of 8
+        if (pre_gelu != NULL) matmul_gelu_last_was_cutlass = 0;
+#ifdef HAVE_CUTLASS_GELU_GEMM
+        if (pre_gelu != NULL && matmul_gelu_cutlass &&
+            matmul_cutlass_dgelu_backward(dinp, dout, weight, pre_gelu, BT, C_in, C_out, stream) == 0) {
+            fused = 1;
+            matmul_gelu_last_was_cutlass = 1;
+        }
+#endif
+        if (!fused && pre_gelu != NULL && matmul_dgelu_fused && C_in % 8 == 0) {  // aux leading dimension: a multiple of 8
             fused = matmul_cublaslt_run(dinp, weight, dout, NULL, (floatX*)pre_gelu, C_in, BT, C_out, 0, 0, C_in, C_out,
                                         C_in, 0, CUBLASLT_EPILOGUE_DGELU, stream);
         }

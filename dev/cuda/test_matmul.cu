@@ -126,7 +126,8 @@ static void run_case(int BT, int C, int OC, int use_bias, int use_gelu, Rng* rng
             ref_erf_gelu_of_gpu_pre[i] = 0.5 * got_pre[i] * (1.0 + erf(got_pre[i] / sqrt(2.0)));
         }
         int fused = matmul_gelu_last_was_fused;
-        printf("  GELU path: %s\n", fused ? "cuBLASLt GELU_AUX epilogue" : "GEMM + gelu_forward");
+        printf("  GELU path: %s\n", matmul_gelu_last_was_cutlass ? "CUTLASS epilogue (--gelu-fusion 3)"
+                                     : fused ? "cuBLASLt GELU_AUX epilogue" : "GEMM + gelu_forward");
         // the epilogue may use a hardware tanh approximation (~1e-4 relative): in fp32 builds
         // its output gets 1e-3 instead of 1e-5; bf16 builds keep the bf16 tolerance
         double gelu_tol = (fused && TOL_FLOATX < 1e-3) ? 1e-3 : TOL_FLOATX;
@@ -275,7 +276,8 @@ static void run_dgelu_case(int BT, int C, int OC, Rng* rng) {
             matmul_backward_gelu(dpre, d_dw, NULL, d_dout, d_inp, d_w, d_pre, BT, C, OC, 0, NULL);
             cudaCheck(cudaDeviceSynchronize());
         }
-        const char* path = matmul_dgelu_last_was_fused ? "DGELU epilogue" : "GEMM + gelu_backward";
+        const char* path = matmul_gelu_last_was_cutlass ? "CUTLASS dGELU epilogue"
+                           : matmul_dgelu_last_was_fused ? "DGELU epilogue" : "GEMM + gelu_backward";
         printf("  path: %s%s\n", path, fused && !matmul_dgelu_last_was_fused ? " (cuBLASLt has no DGELU algorithm here)" : "");
         float* got = download_floatX_alloc(d_dpre, n_in);
         char name[128];
@@ -386,6 +388,29 @@ static void run_tune_case(int BT, int C, int OC) {
     cudaCheck(cudaFree(scratch));
 }
 
+#ifdef HAVE_CUTLASS_GELU_GEMM
+// --gelu-fusion 3: the GELU GEMMs with CUTLASS's epilogues, each kernel, through the same checks
+// as the cuBLASLt paths (CPU reference, tanh GELU, reruns bitwise), and that CUTLASS ran them
+static void run_cutlass_gelu_cases(Rng* rng) {
+    matmul_gelu_cutlass = 1;
+    for (int kernel = 0; kernel < 2; kernel++) {
+        matmul_cutlass_gelu_kernel = kernel;
+        printf("CUTLASS GELU GEMMs: %s\n", matmul_cutlass_gelu_config(kernel));
+        const int shapes[3][3] = {{256, 768, 3072}, {200, 264, 136}, {1000, 64, 520}};  // (BT, C_in, C_out)
+        for (int i = 0; i < 3; i++) {
+            run_case(shapes[i][0], shapes[i][1], shapes[i][2], 1, 1, rng);
+            test_check(matmul_gelu_last_was_cutlass, "forward GELU GEMM ran with CUTLASS's epilogue");
+            run_dgelu_case(shapes[i][0], shapes[i][2], shapes[i][1], rng);
+            test_check(matmul_gelu_last_was_cutlass, "DGELU GEMM ran with CUTLASS's epilogue");
+        }
+        run_case(128, 512, 1024, 0, 1, rng);  // no bias
+        test_check(matmul_gelu_last_was_cutlass, "forward GELU GEMM without bias ran with CUTLASS's epilogue");
+    }
+    matmul_cutlass_gelu_kernel = 0;
+    matmul_gelu_cutlass = 0;
+}
+#endif
+
 int main(void) {
     cudaCheck(cudaSetDevice(0));
     test_begin("test_matmul" TEST_FLOATX_SUFFIX);
@@ -403,6 +428,9 @@ int main(void) {
     run_dgelu_case(200, 264, 136, &rng);    // odd sizes
     run_tune_case(4096, 768, 3072);          // --matmul-tune 1 at step-like shapes
     run_tune_case(200, 264, 136);
+#ifdef HAVE_CUTLASS_GELU_GEMM
+    run_cutlass_gelu_cases(&rng);
+#endif
 
     // more problems than MATMUL_ALGO_CACHE_CAPACITY: slots are reused, the results must not change
     {
@@ -466,6 +494,47 @@ int main(void) {
         for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) { cudaCheck(cudaFree(bufs[i])); }
         cudaCheck(cudaFree(scratch));
     }
+#ifdef HAVE_CUTLASS_GELU_GEMM
+    // --gelu-fusion 3 against 2 at the d12 B=32 T=1024 step's GELU GEMMs: fc's forward with the
+    // GELU (768 -> 3072, bias) and fcproj's input gradient with the GELU backward (3072 <- 768)
+    {
+        const int BT = 32768, C = 768, H = 3072;
+        floatX* inp = device_alloc<floatX>((size_t)BT * H, "gelu bench inp");
+        floatX* w = device_alloc<floatX>((size_t)H * C, "gelu bench weight");
+        floatX* bias = device_alloc<floatX>(H, "gelu bench bias");
+        floatX* out = device_alloc<floatX>((size_t)BT * H, "gelu bench out");
+        floatX* pre = device_alloc<floatX>((size_t)BT * H, "gelu bench pre");
+        floatX* dout = device_alloc<floatX>((size_t)BT * C, "gelu bench dout");
+        fill_random_device(inp, (size_t)BT * H, 21, 1.0f);
+        fill_random_device(w, (size_t)H * C, 22, 0.03f);
+        fill_random_device(bias, H, 23, 0.1f);
+        fill_random_device(pre, (size_t)BT * H, 24, 1.0f);
+        fill_random_device(dout, (size_t)BT * C, 25, 1.0f);
+        const double flops = 2.0 * BT * C * H;
+        printf("GELU GEMMs at B*T=%d: cuBLASLt's epilogues (--gelu-fusion 2) against CUTLASS's (3), median of 50\n", BT);
+        for (int variant = -1; variant < 2; variant++) {  // -1: cuBLASLt
+            matmul_gelu_cutlass = variant >= 0;
+            matmul_cutlass_gelu_kernel = variant >= 0 ? variant : 0;
+            matmul_dgelu_fused = 1;
+            char name[160];
+            const char* who = variant < 0 ? "cuBLASLt" : matmul_cutlass_gelu_config(variant);
+            float ms = bench_median_ms([&] { matmul_forward_gelu(out, pre, inp, w, bias, BT, C, H, 0); }, 10, 50);
+            snprintf(name, sizeof(name), "fwd fc 768->3072 +bias +GELU, %s%s", who,
+                     variant >= 0 && !matmul_gelu_last_was_cutlass ? " (NOT RUN: fell back)" : "");
+            report_flops(name, ms, flops);
+            ms = bench_median_ms([&] { matmul_backward_gelu(out, NULL, NULL, dout, inp, w, pre, BT, H, C, 0, NULL); },
+                                 10, 50);
+            snprintf(name, sizeof(name), "bwd fcproj dinp 3072<-768 +DGELU, %s%s", who,
+                     variant >= 0 && !matmul_gelu_last_was_cutlass ? " (NOT RUN: fell back)" : "");
+            report_flops(name, ms, flops);
+        }
+        matmul_gelu_cutlass = 0;
+        matmul_cutlass_gelu_kernel = 0;
+        matmul_dgelu_fused = 0;
+        floatX* bufs[] = {inp, w, bias, out, pre, dout};
+        for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) { cudaCheck(cudaFree(bufs[i])); }
+    }
+#endif
     // The GEMMs of the d12 B=32 T=1024 step one by one (issue 17: where the dense step's time
     // goes), each with the heuristic's first candidate (the trainer's choice) and its next ones:
     // time, rate, and whether a faster candidate gives the same bits (a choice that changes bits

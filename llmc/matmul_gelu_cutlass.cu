@@ -1,0 +1,190 @@
+// matmul_gelu_cutlass.cu - the GELU GEMMs of llmc/matmul_gelu_cutlass.h (its header says what and
+// why). Compiled alone, with `make USE_CUTLASS=1`.
+#include <stdio.h>
+#include <stdlib.h>
+#include <stdint.h>
+
+#include "cutlass/cutlass.h"
+#include "cute/tensor.hpp"
+#include "cutlass/gemm/dispatch_policy.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/thread/activation.h"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+
+#include "matmul_gelu_cutlass.h"
+
+using namespace cute;
+using GeluElement = cutlass::bfloat16_t;
+using ColumnMajor = cutlass::layout::ColumnMajor;
+using RowMajor = cutlass::layout::RowMajor;
+constexpr int kGeluAlign = 8;  // elements: 16-byte TMA alignment
+
+int matmul_cutlass_gelu_kernel = 0;
+
+// the two schedules the header lists: cooperative 128x256 (kernel 0), ping-pong 128x128 (kernel 1)
+template <bool PingPong>
+struct GeluSchedule {
+    using Tile = Shape<_128, _256, _64>;
+    using Kernel = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+    using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
+};
+template <>
+struct GeluSchedule<true> {
+    using Tile = Shape<_128, _128, _64>;
+    using Kernel = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+    using Epilogue = cutlass::epilogue::TmaWarpSpecialized;
+};
+
+// column-major as cuBLAS (llmc/matmul.cuh): D (M, N) = A (M, K) B (K, N), B and D column-major,
+// the epilogue given by Fusion; a persistent kernel on one CTA per cluster
+template <class LayoutA, class Fusion, bool PingPong>
+struct GeluGemm {
+    using S = GeluSchedule<PingPong>;
+    using Cluster = Shape<_1, _1, _1>;
+    using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+        cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, typename S::Tile, Cluster,
+        cutlass::epilogue::collective::EpilogueTileAuto, float, float, GeluElement, ColumnMajor, kGeluAlign,
+        GeluElement, ColumnMajor, kGeluAlign, typename S::Epilogue, Fusion>::CollectiveOp;
+    using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+        cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, GeluElement, LayoutA, kGeluAlign, GeluElement, ColumnMajor,
+        kGeluAlign, float, typename S::Tile, Cluster,
+        cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+        typename S::Kernel>::CollectiveOp;
+    using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
+    using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+};
+
+// forward: D = GELU(acc + per-row bias), aux = acc + bias (the pre-activation); backward:
+// D = acc * GELU'(aux)
+using GeluForwardFusion = cutlass::epilogue::fusion::LinCombPerRowBiasEltActAux<
+    ColumnMajor, cutlass::epilogue::thread::GELU_taylor, GeluElement, float, GeluElement, GeluElement>;
+using GeluBackwardFusion = cutlass::epilogue::fusion::LinCombDeEltAct<
+    ColumnMajor, cutlass::epilogue::thread::dGELU, GeluElement, float, GeluElement>;
+
+// forward: out^T (C_out, BT) = weight (C_out, C_in row-major: A row-major) x inp^T
+template <bool P> using GeluForward = GeluGemm<RowMajor, GeluForwardFusion, P>;
+// backward: dpre^T (C_in, BT) = weight^T (weight (C_out, C_in) row-major: A column-major) x dout^T
+template <bool P> using GeluBackward = GeluGemm<ColumnMajor, GeluBackwardFusion, P>;
+
+static void gelu_cutlass_check(cudaError_t e, const char* what) {
+    if (e != cudaSuccess) {
+        fprintf(stderr, "matmul_gelu_cutlass: %s: %s\n", what, cudaGetErrorString(e));
+        exit(EXIT_FAILURE);
+    }
+}
+
+// a packed stride: the int64 mode (between columns or rows) is ld, the unit mode 1, the batch 0
+template <class Stride>
+static Stride gelu_stride(int64_t ld) {
+    Stride s{};
+    if constexpr (cute::is_same_v<cute::remove_cvref_t<decltype(cute::get<0>(s))>, int64_t>) cute::get<0>(s) = ld;
+    else cute::get<1>(s) = ld;
+    return s;
+}
+
+static cutlass::KernelHardwareInfo gelu_hw_info(void) {
+    static cutlass::KernelHardwareInfo hw;
+    static int ready = 0;
+    if (!ready) {
+        gelu_cutlass_check(cudaGetDevice(&hw.device_id), "cudaGetDevice");
+        hw.sm_count = cutlass::KernelHardwareInfo::query_device_multiprocessor_count(hw.device_id);
+        ready = 1;
+    }
+    return hw;
+}
+
+// runs G on args (0), or returns 1 if CUTLASS cannot; one workspace per kernel type, grown once
+template <class G>
+static int gelu_cutlass_run(typename G::Gemm::Arguments& args, cudaStream_t stream) {
+    static void* workspace = nullptr;
+    static size_t workspace_bytes = 0;
+    typename G::Gemm gemm;
+    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return 1;
+    const size_t need = G::Gemm::get_workspace_size(args);
+    if (need > workspace_bytes) {
+        if (workspace) gelu_cutlass_check(cudaFree(workspace), "cudaFree");
+        gelu_cutlass_check(cudaMalloc(&workspace, need), "cudaMalloc of the GEMM workspace");
+        workspace_bytes = need;
+    }
+    cutlass::Status st = gemm.initialize(args, workspace, stream);
+    if (st == cutlass::Status::kSuccess) st = gemm.run(stream);
+    if (st != cutlass::Status::kSuccess) {
+        fprintf(stderr, "matmul_gelu_cutlass: %s\n", cutlassGetStatusString(st));
+        exit(EXIT_FAILURE);
+    }
+    gelu_cutlass_check(cudaGetLastError(), "the GEMM launch");
+    return 0;
+}
+
+static int gelu_aligned(const void* p) { return p == nullptr || ((uintptr_t)p % 16) == 0; }
+
+template <bool P>
+static int gelu_forward_run(void* out_gelu, void* pre_gelu, const void* inp, const void* weight, const void* bias,
+                            int BT, int C_in, int C_out, cudaStream_t stream) {
+    using G = GeluForward<P>;
+    using K = typename G::Kernel;
+    const int M = C_out, N = BT, Kd = C_in;
+    typename G::Gemm::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        {M, N, Kd, 1},
+        {(const GeluElement*)weight, gelu_stride<typename K::StrideA>(C_in), (const GeluElement*)inp,
+         gelu_stride<typename K::StrideB>(C_in)},
+        {{}, (const GeluElement*)out_gelu, gelu_stride<typename K::StrideC>(C_out), (GeluElement*)out_gelu,
+         gelu_stride<typename K::StrideD>(C_out)},
+        gelu_hw_info()};
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = 0.0f;  // C (given as D) is not read
+    args.epilogue.thread.bias_ptr = (const GeluElement*)bias;  // NULL: no bias
+    args.epilogue.thread.aux_ptr = (GeluElement*)pre_gelu;
+    args.epilogue.thread.dAux = gelu_stride<typename K::StrideD>(C_out);
+    return gelu_cutlass_run<G>(args, stream);
+}
+
+template <bool P>
+static int gelu_backward_run(void* dpre, const void* dout, const void* weight, const void* pre_gelu, int BT, int C_in,
+                             int C_out, cudaStream_t stream) {
+    using G = GeluBackward<P>;
+    using K = typename G::Kernel;
+    const int M = C_in, N = BT, Kd = C_out;
+    typename G::Gemm::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        {M, N, Kd, 1},
+        {(const GeluElement*)weight, gelu_stride<typename K::StrideA>(C_in), (const GeluElement*)dout,
+         gelu_stride<typename K::StrideB>(C_out)},
+        {{}, (const GeluElement*)dpre, gelu_stride<typename K::StrideC>(C_in), (GeluElement*)dpre,
+         gelu_stride<typename K::StrideD>(C_in)},
+        gelu_hw_info()};
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = 0.0f;
+    args.epilogue.thread.aux_ptr = (const GeluElement*)pre_gelu;
+    args.epilogue.thread.dAux = gelu_stride<typename K::StrideD>(C_in);
+    return gelu_cutlass_run<G>(args, stream);
+}
+
+const char* matmul_cutlass_gelu_config(int kernel) {
+    return kernel == 1 ? "CUTLASS sm90 ping-pong, tile 128x128x64, cluster 1x1x1"
+                       : "CUTLASS sm90 cooperative, tile 128x256x64, cluster 1x1x1";
+}
+
+int matmul_cutlass_gelu_forward(void* out_gelu, void* pre_gelu, const void* inp, const void* weight, const void* bias,
+                                int BT, int C_in, int C_out, cudaStream_t stream) {
+    if (BT <= 0 || C_in % kGeluAlign != 0 || C_out % kGeluAlign != 0) return 1;
+    if (!gelu_aligned(out_gelu) || !gelu_aligned(pre_gelu) || !gelu_aligned(inp) || !gelu_aligned(weight) ||
+        !gelu_aligned(bias)) {
+        return 1;
+    }
+    return matmul_cutlass_gelu_kernel == 1
+               ? gelu_forward_run<true>(out_gelu, pre_gelu, inp, weight, bias, BT, C_in, C_out, stream)
+               : gelu_forward_run<false>(out_gelu, pre_gelu, inp, weight, bias, BT, C_in, C_out, stream);
+}
+
+int matmul_cutlass_dgelu_backward(void* dpre, const void* dout, const void* weight, const void* pre_gelu, int BT,
+                                  int C_in, int C_out, cudaStream_t stream) {
+    if (BT <= 0 || C_in % kGeluAlign != 0 || C_out % kGeluAlign != 0) return 1;
+    if (!gelu_aligned(dpre) || !gelu_aligned(dout) || !gelu_aligned(weight) || !gelu_aligned(pre_gelu)) return 1;
+    return matmul_cutlass_gelu_kernel == 1
+               ? gelu_backward_run<true>(dpre, dout, weight, pre_gelu, BT, C_in, C_out, stream)
+               : gelu_backward_run<false>(dpre, dout, weight, pre_gelu, BT, C_in, C_out, stream);
+}
