@@ -21,8 +21,9 @@ tanhf form to about 1e-3 (relative), below bf16's rounding, but not bit for bit,
 --gelu-fusion 3 is a run of its own bits, as 1 and 2 are (dev/cuda/test_matmul.cu checks it
 against the separate GEMM and GELU passes).
 
-matmul_cutlass_gelu_kernel selects the kernel (tests and benchmarks; 0 by default):
-  0  cooperative, tile 128x256x64   1  ping-pong, tile 128x128x64
+matmul_cutlass_gelu_kernel selects the kernel (tests and benchmarks; 1 by default):
+  0  cooperative, tile 128x256x64   1  ping-pong, tile 128x128x64 (one warpgroup's epilogue, which
+                                       stores two outputs or loads one, under the other's MMAs)
 matmul_cutlass_gelu_config(kernel) names it. The workspace (the persistent scheduler's) is
 allocated at the first call of each kernel and never freed (a few KB).
 

@@ -406,7 +406,7 @@ static void run_cutlass_gelu_cases(Rng* rng) {
         run_case(128, 512, 1024, 0, 1, rng);  // no bias
         test_check(matmul_gelu_last_was_cutlass, "forward GELU GEMM without bias ran with CUTLASS's epilogue");
     }
-    matmul_cutlass_gelu_kernel = 0;
+    matmul_cutlass_gelu_kernel = 1;
     matmul_gelu_cutlass = 0;
 }
 #endif
@@ -514,7 +514,7 @@ int main(void) {
         printf("GELU GEMMs at B*T=%d: cuBLASLt's epilogues (--gelu-fusion 2) against CUTLASS's (3), median of 50\n", BT);
         for (int variant = -1; variant < 2; variant++) {  // -1: cuBLASLt
             matmul_gelu_cutlass = variant >= 0;
-            matmul_cutlass_gelu_kernel = variant >= 0 ? variant : 0;
+            matmul_cutlass_gelu_kernel = variant >= 0 ? variant : 1;
             matmul_dgelu_fused = 1;
             char name[160];
             const char* who = variant < 0 ? "cuBLASLt" : matmul_cutlass_gelu_config(variant);
@@ -529,7 +529,7 @@ int main(void) {
             report_flops(name, ms, flops);
         }
         matmul_gelu_cutlass = 0;
-        matmul_cutlass_gelu_kernel = 0;
+        matmul_cutlass_gelu_kernel = 1;
         matmul_dgelu_fused = 0;
         floatX* bufs[] = {inp, w, bias, out, pre, dout};
         for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) { cudaCheck(cudaFree(bufs[i])); }
