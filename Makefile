@@ -158,12 +158,13 @@ build/attention_cudnn.o: llmc/attention_cudnn.cu llmc/attention_cudnn.h
 
 # the CUTLASS grouped GEMM in its own object (llmc/moe_gemm_cutlass.h): CUTLASS's templates take
 # minutes to compile, and its headers stay out of every other translation unit
-build/moe_gemm_cutlass.o: llmc/moe_gemm_cutlass.cu llmc/moe_gemm_cutlass.h llmc/moe_gemm_cutlass_kernels.hpp llmc/moe_gemm_gather_sm90.hpp
+build/moe_gemm_cutlass.o: llmc/moe_gemm_cutlass.cu llmc/moe_gemm_cutlass.h llmc/moe_gemm_cutlass_kernels.hpp llmc/moe_gemm_gather_sm90.hpp \
+		llmc/cutlass_strides.hpp
 	@mkdir -p build
 	$(NVCC) $(NVCC_FLAGS) -I$(CUTLASS_INCLUDE) $(CUTLASS_DEFS) -c $< -o $@
 
 # the GELU GEMMs with CUTLASS epilogues (llmc/matmul_gelu_cutlass.h, --gelu-fusion 3), likewise alone
-build/matmul_gelu_cutlass.o: llmc/matmul_gelu_cutlass.cu llmc/matmul_gelu_cutlass.h
+build/matmul_gelu_cutlass.o: llmc/matmul_gelu_cutlass.cu llmc/matmul_gelu_cutlass.h llmc/cutlass_strides.hpp
 	@mkdir -p build
 	$(NVCC) $(NVCC_FLAGS) -I$(CUTLASS_INCLUDE) -DNDEBUG -c $< -o $@
 

@@ -13,6 +13,7 @@
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 
+#include "cutlass_strides.hpp"
 #include "matmul_gelu_cutlass.h"
 
 using namespace cute;
@@ -75,15 +76,6 @@ static void gelu_cutlass_check(cudaError_t e, const char* what) {
     }
 }
 
-// a packed stride: the int64 mode (between columns or rows) is ld, the unit mode 1, the batch 0
-template <class Stride>
-static Stride gelu_stride(int64_t ld) {
-    Stride s{};
-    if constexpr (cute::is_same_v<cute::remove_cvref_t<decltype(cute::get<0>(s))>, int64_t>) cute::get<0>(s) = ld;
-    else cute::get<1>(s) = ld;
-    return s;
-}
-
 static cutlass::KernelHardwareInfo gelu_hw_info(void) {
     static cutlass::KernelHardwareInfo hw;
     static int ready = 0;
@@ -129,16 +121,16 @@ static int gelu_forward_run(void* out_gelu, void* pre_gelu, const void* inp, con
     typename G::Gemm::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGemm,
         {M, N, Kd, 1},
-        {(const GeluElement*)weight, gelu_stride<typename K::StrideA>(C_in), (const GeluElement*)inp,
-         gelu_stride<typename K::StrideB>(C_in)},
-        {{}, (const GeluElement*)out_gelu, gelu_stride<typename K::StrideC>(C_out), (GeluElement*)out_gelu,
-         gelu_stride<typename K::StrideD>(C_out)},
+        {(const GeluElement*)weight, cutlass_ld_stride<typename K::StrideA>(C_in), (const GeluElement*)inp,
+         cutlass_ld_stride<typename K::StrideB>(C_in)},
+        {{}, (const GeluElement*)out_gelu, cutlass_ld_stride<typename K::StrideC>(C_out), (GeluElement*)out_gelu,
+         cutlass_ld_stride<typename K::StrideD>(C_out)},
         gelu_hw_info()};
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;  // C (given as D) is not read
     args.epilogue.thread.bias_ptr = (const GeluElement*)bias;  // NULL: no bias
     args.epilogue.thread.aux_ptr = (GeluElement*)pre_gelu;
-    args.epilogue.thread.dAux = gelu_stride<typename K::StrideD>(C_out);
+    args.epilogue.thread.dAux = cutlass_ld_stride<typename K::StrideD>(C_out);
     return gelu_cutlass_run<G>(args, stream);
 }
 
@@ -151,15 +143,15 @@ static int gelu_backward_run(void* dpre, const void* dout, const void* weight, c
     typename G::Gemm::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGemm,
         {M, N, Kd, 1},
-        {(const GeluElement*)weight, gelu_stride<typename K::StrideA>(C_in), (const GeluElement*)dout,
-         gelu_stride<typename K::StrideB>(C_out)},
-        {{}, (const GeluElement*)dpre, gelu_stride<typename K::StrideC>(C_in), (GeluElement*)dpre,
-         gelu_stride<typename K::StrideD>(C_in)},
+        {(const GeluElement*)weight, cutlass_ld_stride<typename K::StrideA>(C_in), (const GeluElement*)dout,
+         cutlass_ld_stride<typename K::StrideB>(C_out)},
+        {{}, (const GeluElement*)dpre, cutlass_ld_stride<typename K::StrideC>(C_in), (GeluElement*)dpre,
+         cutlass_ld_stride<typename K::StrideD>(C_in)},
         gelu_hw_info()};
     args.epilogue.thread.alpha = 1.0f;
     args.epilogue.thread.beta = 0.0f;
     args.epilogue.thread.aux_ptr = (const GeluElement*)pre_gelu;
-    args.epilogue.thread.dAux = gelu_stride<typename K::StrideD>(C_in);
+    args.epilogue.thread.dAux = cutlass_ld_stride<typename K::StrideD>(C_in);
     return gelu_cutlass_run<G>(args, stream);
 }
 

@@ -5,17 +5,9 @@
 #include <vector>
 
 #include "moe_gemm_cutlass_kernels.hpp"  // the kernel types
+#include "cutlass_strides.hpp"
 
 constexpr size_t kStrideBytes = 16;  // room for one stride of any of the three kernels
-
-// a stride (one int64 mode between columns or rows, the other mode 1, the batch mode 0) with ld
-template <class S>
-__device__ S moe_cutlass_ld_stride(int ld) {
-    S s{};
-    if constexpr (cute::is_same_v<cute::remove_cvref_t<decltype(cute::get<0>(s))>, int64_t>) cute::get<0>(s) = ld;
-    else cute::get<1>(s) = ld;
-    return s;
-}
 
 // one thread per problem a: its shape (a -1 dimension is its row count) and its strides
 template <class SA, class SB, class SC>
@@ -25,9 +17,9 @@ __global__ void moe_cutlass_args_kernel(MoeShape3* shapes, SA* sA, SB* sB, SC* s
     if (a >= groups) return;
     const int rows = active_offset[a + 1] - active_offset[a];
     shapes[a] = MoeShape3{m < 0 ? rows : m, n < 0 ? rows : n, k < 0 ? rows : k};
-    sA[a] = moe_cutlass_ld_stride<SA>(lda);
-    sB[a] = moe_cutlass_ld_stride<SB>(ldb);
-    sC[a] = moe_cutlass_ld_stride<SC>(ldc);
+    sA[a] = cutlass_ld_stride<SA>(lda);
+    sB[a] = cutlass_ld_stride<SB>(ldb);
+    sC[a] = cutlass_ld_stride<SC>(ldc);
 }
 
 struct MoeCutlassGemm {
