@@ -245,8 +245,9 @@ if [[ "$mode" == *cutlass* ]]; then
     # the GELU GEMMs with CUTLASS's epilogues (--gelu-fusion 3): test_matmul of the CUTLASS build
     # (its checks, then both GELU GEMMs at the d12 step's shape beside cuBLASLt's); then the d12
     # gelu step (B=32) with --gelu-fusion 2 and 3, alternating, two runs each: 3 reruns bitwise, and
-    # its first 10 steps beside 2's (another rounding of the GELU: at the 30 steps' peak learning
-    # rate the two runs drift apart, 0.07 in the loss by step 30 on an H100)
+    # its first 8 steps beside 2's (another rounding of the GELU: on an H100 the two agreed to 9e-5
+    # in the loss and 1.3e-4 in the norm over steps 1-8; the loss spike of step 9, norm 263, parts
+    # them by 0.02, and by step 30 they are 0.07 apart)
     if [ "$cutlass_packed" = 1 ] && [ -x ./train_omnimoe_cutlass ]; then
         run cutlass_test_matmul timeout 300 ./dev/cuda/test_matmul_cutlass_bin
         gelu_rc=0
@@ -267,7 +268,7 @@ for g in (2, 3):
     print("d12 gelu B=32 T=1024 --gelu-fusion %d median ms/step (steps 11-30): %s" % (g, " / ".join("%.2f" % m for m in ms)))
 PY
 python3 scripts/compare_logs.py "$2/gelu_step_f3_1.jsonl" "$2/gelu_step_f3_2.jsonl" --exact --label "gelu-fusion 3 rerun" || exit 1
-python3 scripts/compare_logs.py "$2/gelu_step_f2_1.jsonl" "$2/gelu_step_f3_1.jsonl" --steps 1-10 --loss-tol 0.002 --norm-rtol 0.01 --label "gelu-fusion 3 vs 2, steps 1-10"' _ "$gelu_rc" "$LOG"
+python3 scripts/compare_logs.py "$2/gelu_step_f2_1.jsonl" "$2/gelu_step_f3_1.jsonl" --steps 1-8 --loss-tol 0.001 --norm-rtol 0.01 --label "gelu-fusion 3 vs 2, steps 1-8"' _ "$gelu_rc" "$LOG"
     fi
     # the d12 moe step in the trainer with each grouped GEMM, alternating, one binary (the CUTLASS
     # build's trainer, train_omnimoe_cutlass of this call's pack): median ms of steps 11-30, and the
