@@ -112,46 +112,45 @@ static int gelu_cutlass_run(typename G::Gemm::Arguments& args, cudaStream_t stre
 
 static int gelu_aligned(const void* p) { return p == nullptr || ((uintptr_t)p % 16) == 0; }
 
+// the arguments of G for D (M, N) = A (M, K) B (K, N), packed with leading dimensions lda, ldb and
+// ldd; C is given as D and not read (beta 0); the caller sets the epilogue's bias and aux
+template <class G>
+static typename G::Gemm::Arguments gelu_arguments(const void* A, int lda, const void* B, int ldb, void* D, int ldd,
+                                                  int M, int N, int K) {
+    using Kn = typename G::Kernel;
+    typename G::Gemm::Arguments args{
+        cutlass::gemm::GemmUniversalMode::kGemm,
+        {M, N, K, 1},
+        {(const GeluElement*)A, cutlass_ld_stride<typename Kn::StrideA>(lda), (const GeluElement*)B,
+         cutlass_ld_stride<typename Kn::StrideB>(ldb)},
+        {{}, (const GeluElement*)D, cutlass_ld_stride<typename Kn::StrideC>(ldd), (GeluElement*)D,
+         cutlass_ld_stride<typename Kn::StrideD>(ldd)},
+        gelu_hw_info()};
+    args.epilogue.thread.alpha = 1.0f;
+    args.epilogue.thread.beta = 0.0f;
+    return args;
+}
+
+// out^T (C_out, BT) = weight (C_out, C_in) inp^T, with the bias, the GELU and pre_gelu as aux
 template <bool P>
 static int gelu_forward_run(void* out_gelu, void* pre_gelu, const void* inp, const void* weight, const void* bias,
                             int BT, int C_in, int C_out, cudaStream_t stream) {
     using G = GeluForward<P>;
-    using K = typename G::Kernel;
-    const int M = C_out, N = BT, Kd = C_in;
-    typename G::Gemm::Arguments args{
-        cutlass::gemm::GemmUniversalMode::kGemm,
-        {M, N, Kd, 1},
-        {(const GeluElement*)weight, cutlass_ld_stride<typename K::StrideA>(C_in), (const GeluElement*)inp,
-         cutlass_ld_stride<typename K::StrideB>(C_in)},
-        {{}, (const GeluElement*)out_gelu, cutlass_ld_stride<typename K::StrideC>(C_out), (GeluElement*)out_gelu,
-         cutlass_ld_stride<typename K::StrideD>(C_out)},
-        gelu_hw_info()};
-    args.epilogue.thread.alpha = 1.0f;
-    args.epilogue.thread.beta = 0.0f;  // C (given as D) is not read
+    auto args = gelu_arguments<G>(weight, C_in, inp, C_in, out_gelu, C_out, C_out, BT, C_in);
     args.epilogue.thread.bias_ptr = (const GeluElement*)bias;  // NULL: no bias
     args.epilogue.thread.aux_ptr = (GeluElement*)pre_gelu;
-    args.epilogue.thread.dAux = cutlass_ld_stride<typename K::StrideD>(C_out);
+    args.epilogue.thread.dAux = cutlass_ld_stride<typename G::Kernel::StrideD>(C_out);
     return gelu_cutlass_run<G>(args, stream);
 }
 
+// dpre^T (C_in, BT) = weight^T dout^T, times GELU'(pre_gelu) read as aux
 template <bool P>
 static int gelu_backward_run(void* dpre, const void* dout, const void* weight, const void* pre_gelu, int BT, int C_in,
                              int C_out, cudaStream_t stream) {
     using G = GeluBackward<P>;
-    using K = typename G::Kernel;
-    const int M = C_in, N = BT, Kd = C_out;
-    typename G::Gemm::Arguments args{
-        cutlass::gemm::GemmUniversalMode::kGemm,
-        {M, N, Kd, 1},
-        {(const GeluElement*)weight, cutlass_ld_stride<typename K::StrideA>(C_in), (const GeluElement*)dout,
-         cutlass_ld_stride<typename K::StrideB>(C_out)},
-        {{}, (const GeluElement*)dpre, cutlass_ld_stride<typename K::StrideC>(C_in), (GeluElement*)dpre,
-         cutlass_ld_stride<typename K::StrideD>(C_in)},
-        gelu_hw_info()};
-    args.epilogue.thread.alpha = 1.0f;
-    args.epilogue.thread.beta = 0.0f;
+    auto args = gelu_arguments<G>(weight, C_in, dout, C_out, dpre, C_in, C_in, BT, C_out);
     args.epilogue.thread.aux_ptr = (const GeluElement*)pre_gelu;
-    args.epilogue.thread.dAux = cutlass_ld_stride<typename K::StrideD>(C_in);
+    args.epilogue.thread.dAux = cutlass_ld_stride<typename G::Kernel::StrideD>(C_in);
     return gelu_cutlass_run<G>(args, stream);
 }
 

@@ -267,7 +267,9 @@ static void run_dgelu_case(int BT, int C, int OC, Rng* rng) {
     cpu_matmul_backward(ref_dinp, ref_dw, ref_db, dout, inp, w, BT, C, OC);
     for (size_t i = 0; i < n_in; i++) { ref[i] = ref_dinp[i] * cpu_gelu_grad(pre[i]); }
     const int saved = matmul_dgelu_fused;
-    for (int fused = 1; fused >= 0; fused--) {
+    // (with matmul_gelu_cutlass both settings take CUTLASS's epilogue: one pass)
+    const int last = matmul_gelu_cutlass ? 1 : 0;
+    for (int fused = 1; fused >= last; fused--) {
         matmul_dgelu_fused = fused;
         matmul_algo_cache_clear();
         for (int run = 0; run < 2; run++) {
