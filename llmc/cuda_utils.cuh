@@ -243,8 +243,17 @@ __global__ void column_sum_partials_kernel(floatX* out_a, floatX* out_b, int spl
     const int col = blockIdx.x * 32 + threadIdx.x;
     float sum = 0.0f;
     if (col < num_cols) {
-#pragma unroll 4
-        for (int r = threadIdx.y; r < num_rows; r += COLUMN_SUM_ROW_PHASES) { sum += partials[(size_t)r * row_stride + col]; }
+        // the loads of 8 rows issued before their adds (in order): a launch reads only a few MB,
+        // so its time is load latency, not bandwidth
+        int r = threadIdx.y;
+        for (; r + 7 * COLUMN_SUM_ROW_PHASES < num_rows; r += 8 * COLUMN_SUM_ROW_PHASES) {
+            float v[8];
+#pragma unroll
+            for (int j = 0; j < 8; j++) { v[j] = partials[(size_t)(r + j * COLUMN_SUM_ROW_PHASES) * row_stride + col]; }
+#pragma unroll
+            for (int j = 0; j < 8; j++) { sum += v[j]; }
+        }
+        for (; r < num_rows; r += COLUMN_SUM_ROW_PHASES) { sum += partials[(size_t)r * row_stride + col]; }
     }
     phase_sums[threadIdx.y][threadIdx.x] = sum;
     __syncthreads();

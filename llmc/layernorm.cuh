@@ -126,7 +126,40 @@ __global__ void layernorm_recompute_kernel(floatX* out, const floatX* inp, const
 // Each of the two arrays per warp is padded to a whole number of chunks.
 __host__ __device__ inline int layernorm_padded_columns(int C) { return ceil_div(C, 32 * x128::size) * 32 * x128::size; }
 
-// scratch layout: [gridDim.x][2][C] floats (dweight partials then dbias partials per block)
+// one 16-byte chunk of a row, pass 1: the row sums that the input gradient needs, and this warp's
+// column sums of the parameter gradients (shared memory, index smem_base + k * 32)
+__device__ inline void layernorm_bwd_accumulate(float& dnorm_sum, float& dnorm_xhat_sum, float* dweight_acc,
+                                                float* dbias_acc, int smem_base, x128 dy, x128 x, x128 w,
+                                                float row_mean, float row_rstd) {
+    for (int k = 0; k < x128::size; k++) {
+        float xhat = ((float)x[k] - row_mean) * row_rstd;
+        float dnorm = (float)w[k] * (float)dy[k];
+        dnorm_sum += dnorm;
+        dnorm_xhat_sum += dnorm * xhat;
+        dweight_acc[smem_base + k * 32] += (float)dy[k] * xhat;
+        dbias_acc[smem_base + k * 32] += (float)dy[k];
+    }
+}
+
+// the same chunk, pass 2: old dinp + (dnorm - mean(dnorm) - xhat * mean(dnorm * xhat)) * rstd
+__device__ inline x128 layernorm_bwd_dinp(x128 dy, x128 x, x128 w, x128 old, float row_mean, float row_rstd,
+                                          float dnorm_mean, float dnorm_xhat_mean) {
+    x128 result;
+    for (int k = 0; k < x128::size; k++) {
+        float xhat = ((float)x[k] - row_mean) * row_rstd;
+        float dnorm = (float)w[k] * (float)dy[k];
+        float dx = (dnorm - dnorm_mean - xhat * dnorm_xhat_mean) * row_rstd;
+        result[k] = (floatX)((float)old[k] + dx);
+    }
+    return result;
+}
+
+// scratch layout: [gridDim.x][2][C] floats (dweight partials then dbias partials per block).
+// CACHED_CHUNKS > 0 (rows of at most that many 32-lane chunks): a lane loads its chunks of dout,
+// inp and the old dinp at once at the start of a row and keeps them, and the weight, in registers
+// for both passes; 0: any C, pass 2 reads the row again. The same arithmetic in the same order:
+// the same bits (dev/cuda/test_layernorm.cu compares the two).
+template <int CACHED_CHUNKS>
 __global__ void layernorm_backward_kernel(floatX* dinp, float* partials, const floatX* dout, const floatX* inp,
                                           const floatX* weight, const float* mean, const float* rstd, int BT, int C) {
     extern __shared__ float warp_column_sums[];  // [num_warps][2][C_padded]
@@ -140,44 +173,66 @@ __global__ void layernorm_backward_kernel(floatX* dinp, float* partials, const f
     for (int i = lane; i < 2 * C_padded; i += 32) { dweight_acc[i] = 0.0f; }
     __syncwarp();
 
+    constexpr int SLOTS = CACHED_CHUNKS > 0 ? CACHED_CHUNKS : 1;
+    x128 w_reg[SLOTS];
+    if constexpr (CACHED_CHUNKS > 0) {
+#pragma unroll
+        for (int i = 0; i < CACHED_CHUNKS; i++) {
+            const int c = i * chunk + lane * x128::size;
+            if (c < C) { w_reg[i] = load128(weight + c); }
+        }
+    }
     const int row_start = blockIdx.x * LAYERNORM_BWD_ROWS_PER_BLOCK;
     const int row_end = min(row_start + LAYERNORM_BWD_ROWS_PER_BLOCK, BT);
     for (int row = row_start + warp; row < row_end; row += num_warps) {
         const size_t offset = (size_t)row * C;
         const float row_mean = mean[row];
         const float row_rstd = rstd[row];
-        // pass 1: the two row means the input gradient needs, and the parameter gradients
         float dnorm_sum = 0.0f, dnorm_xhat_sum = 0.0f;
-        for (int c = lane * x128::size; c < C; c += chunk) {
-            x128 dy = load128(dout + offset + c);
-            x128 x = load128(inp + offset + c);
-            x128 w = load128(weight + c);
-            const int smem_base = (c / chunk) * chunk + lane;
-            for (int k = 0; k < x128::size; k++) {
-                float xhat = ((float)x[k] - row_mean) * row_rstd;
-                float dnorm = (float)w[k] * (float)dy[k];
-                dnorm_sum += dnorm;
-                dnorm_xhat_sum += dnorm * xhat;
-                dweight_acc[smem_base + k * 32] += (float)dy[k] * xhat;
-                dbias_acc[smem_base + k * 32] += (float)dy[k];
+        x128 dy_reg[SLOTS], x_reg[SLOTS], old_reg[SLOTS];
+        if constexpr (CACHED_CHUNKS > 0) {
+#pragma unroll
+            for (int i = 0; i < CACHED_CHUNKS; i++) {
+                const int c = i * chunk + lane * x128::size;
+                if (c < C) {
+                    dy_reg[i] = load128cs(dout + offset + c);
+                    x_reg[i] = load128cs(inp + offset + c);
+                    old_reg[i] = load128cs(dinp + offset + c);
+                }
+            }
+#pragma unroll
+            for (int i = 0; i < CACHED_CHUNKS; i++) {
+                const int c = i * chunk + lane * x128::size;
+                if (c < C) {
+                    layernorm_bwd_accumulate(dnorm_sum, dnorm_xhat_sum, dweight_acc, dbias_acc, i * chunk + lane,
+                                             dy_reg[i], x_reg[i], w_reg[i], row_mean, row_rstd);
+                }
+            }
+        } else {
+            for (int c = lane * x128::size; c < C; c += chunk) {
+                layernorm_bwd_accumulate(dnorm_sum, dnorm_xhat_sum, dweight_acc, dbias_acc, (c / chunk) * chunk + lane,
+                                         load128(dout + offset + c), load128(inp + offset + c), load128(weight + c),
+                                         row_mean, row_rstd);
             }
         }
         const float dnorm_mean = warp_reduce_sum(dnorm_sum) / (float)C;
         const float dnorm_xhat_mean = warp_reduce_sum(dnorm_xhat_sum) / (float)C;
-        // pass 2: dinp += (dnorm - mean(dnorm) - xhat * mean(dnorm * xhat)) * rstd
-        for (int c = lane * x128::size; c < C; c += chunk) {
-            x128 dy = load128cs(dout + offset + c);
-            x128 x = load128cs(inp + offset + c);
-            x128 w = load128(weight + c);
-            x128 old = load128cs(dinp + offset + c);
-            x128 result;
-            for (int k = 0; k < x128::size; k++) {
-                float xhat = ((float)x[k] - row_mean) * row_rstd;
-                float dnorm = (float)w[k] * (float)dy[k];
-                float dx = (dnorm - dnorm_mean - xhat * dnorm_xhat_mean) * row_rstd;
-                result[k] = (floatX)((float)old[k] + dx);
+        if constexpr (CACHED_CHUNKS > 0) {
+#pragma unroll
+            for (int i = 0; i < CACHED_CHUNKS; i++) {
+                const int c = i * chunk + lane * x128::size;
+                if (c < C) {
+                    store128(dinp + offset + c, layernorm_bwd_dinp(dy_reg[i], x_reg[i], w_reg[i], old_reg[i], row_mean,
+                                                                   row_rstd, dnorm_mean, dnorm_xhat_mean));
+                }
             }
-            store128(dinp + offset + c, result);
+        } else {
+            for (int c = lane * x128::size; c < C; c += chunk) {
+                store128(dinp + offset + c,
+                         layernorm_bwd_dinp(load128cs(dout + offset + c), load128cs(inp + offset + c),
+                                            load128(weight + c), load128cs(dinp + offset + c), row_mean, row_rstd,
+                                            dnorm_mean, dnorm_xhat_mean));
+            }
         }
     }
     __syncthreads();
@@ -246,6 +301,25 @@ static inline size_t layernorm_backward_scratch_bytes(int BT, int C) {
     return (size_t)ceil_div(BT, LAYERNORM_BWD_ROWS_PER_BLOCK) * 2 * C * sizeof(float);
 }
 
+// 1: layernorm_backward keeps rows of up to LAYERNORM_BWD_MAX_CACHED_CHUNKS chunks in registers;
+// 0: always the kernel that reads a row twice (the same bits; for the kernel test)
+static int layernorm_backward_cached = 1;
+#define LAYERNORM_BWD_MAX_CACHED_CHUNKS 4
+
+template <int CACHED_CHUNKS>
+static void layernorm_backward_launch(floatX* dinp, float* scratch, const floatX* dout, const floatX* inp,
+                                      const floatX* weight, const float* mean, const float* rstd, int BT, int C,
+                                      size_t shared_bytes, cudaStream_t stream) {
+    if (shared_bytes > 48 * 1024) {
+        cudaCheck(cudaFuncSetAttribute(layernorm_backward_kernel<CACHED_CHUNKS>,
+                                       cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared_bytes));
+    }
+    const int num_blocks = ceil_div(BT, LAYERNORM_BWD_ROWS_PER_BLOCK);
+    layernorm_backward_kernel<CACHED_CHUNKS><<<num_blocks, 32 * LAYERNORM_BWD_WARPS, shared_bytes, stream>>>(
+        dinp, scratch, dout, inp, weight, mean, rstd, BT, C);
+    cudaCheckLast();
+}
+
 // dinp += dx; dweight += sum dout*xhat; dbias += sum dout.
 // scratch: layernorm_backward_scratch_bytes(BT, C) bytes of device memory.
 static inline void layernorm_backward(floatX* dinp, floatX* dweight, floatX* dbias, const floatX* dout,
@@ -263,14 +337,17 @@ static inline void layernorm_backward(floatX* dinp, floatX* dweight, floatX* dbi
                     shared_bytes, max_optin);
             exit(EXIT_FAILURE);
         }
-        cudaCheck(cudaFuncSetAttribute(layernorm_backward_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                       (int)shared_bytes));
     }
-    const int num_blocks = ceil_div(BT, LAYERNORM_BWD_ROWS_PER_BLOCK);
-    layernorm_backward_kernel<<<num_blocks, 32 * LAYERNORM_BWD_WARPS, shared_bytes, stream>>>(
-        dinp, scratch, dout, inp, weight, mean, rstd, BT, C);
-    cudaCheckLast();
+    const int chunks = layernorm_backward_cached ? ceil_div(C, 32 * x128::size) : 0;
+    switch (chunks <= LAYERNORM_BWD_MAX_CACHED_CHUNKS ? chunks : 0) {
+        case 1: layernorm_backward_launch<1>(dinp, scratch, dout, inp, weight, mean, rstd, BT, C, shared_bytes, stream); break;
+        case 2: layernorm_backward_launch<2>(dinp, scratch, dout, inp, weight, mean, rstd, BT, C, shared_bytes, stream); break;
+        case 3: layernorm_backward_launch<3>(dinp, scratch, dout, inp, weight, mean, rstd, BT, C, shared_bytes, stream); break;
+        case 4: layernorm_backward_launch<4>(dinp, scratch, dout, inp, weight, mean, rstd, BT, C, shared_bytes, stream); break;
+        default: layernorm_backward_launch<0>(dinp, scratch, dout, inp, weight, mean, rstd, BT, C, shared_bytes, stream);
+    }
     // partials are [num_blocks][2C]: columns [0, C) -> dweight, [C, 2C) -> dbias
+    const int num_blocks = ceil_div(BT, LAYERNORM_BWD_ROWS_PER_BLOCK);
     column_sum_partials(dweight, dbias, C, scratch, num_blocks, 2 * C, (size_t)2 * C, stream);
 }
 
