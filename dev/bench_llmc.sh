@@ -16,6 +16,9 @@
 # a round: at its default -ge 0 (its GELU unfused: "off for now" in its source) and with -ge 2 (the
 # GELU in cuBLASLt's forward and backward epilogues, as our CUDA default --gelu-fusion 2). tok/s is
 # each trainer's own per-step figure; the median over steps SKIP+1..STEPS of each run is reported.
+# Beside it, from nvidia-smi samples every POWER_MS (100) ms of each run taken while it draws at
+# least 40% of the power limit: the median SM clock, the mean power, the share of samples with the
+# software power cap active, and energy per token (mean power / tok/s, in mJ).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LLMC=carry/llm.c
@@ -104,16 +107,31 @@ if [ -n "${BENCH_BUILD_ONLY:-}" ]; then exit 0; fi
 if [ "$OURS_CUDNN" = 1 ]; then make USE_CUDNN=1 train_omnimoe > "$D/build_ours.log" 2>&1; else make train_omnimoe > "$D/build_ours.log" 2>&1; fi \
     || { tail -n 20 "$D/build_ours.log"; echo "bench_llmc: FAIL: build ours"; exit 1; }
 
+# the GPU's SM clock, power draw and power-cap state every POWER_MS ms of each run, into <log>.power:
+# at B=32 both trainers draw the board's power limit and the driver lowers the clock, so a kernel's
+# time at full clock (the kernel benchmarks) is not what it costs in the step; energy per token is
+power_fields=clocks.sm,power.draw,clocks_event_reasons.sw_power_cap
+nvidia-smi --query-gpu=$power_fields --format=csv,noheader,nounits > /dev/null 2>&1 \
+    || power_fields=clocks.sm,power.draw,clocks_throttle_reasons.sw_power_cap   # older drivers' name
+POWER_LIMIT_W=$(nvidia-smi --query-gpu=power.limit --format=csv,noheader,nounits | head -1)
+sampled() {  # sampled <log> <command...>: the command, with the sampler beside it
+    local log=$1 sampler rc; shift
+    nvidia-smi --query-gpu=$power_fields --format=csv,noheader,nounits -lms "${POWER_MS:-100}" > "$log.power" 2>&1 &
+    sampler=$!
+    "$@"; rc=$?
+    kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
+    return $rc
+}
 run_llmc() {  # run_llmc <binary> <log> [more flags]
     local bin=$1 log=$2; shift 2
-    timeout -k 5 "$RUN_TIMEOUT" "$D/$bin" -e d12 -i "$TRAIN" -j "$VAL" -b "$B" -t 1024 -x "$STEPS" -l 6e-4 \
-        -u 10 -q 0.1 -c 0.1 -r 0 -v 100000 -m 1 -s 100000 -h 0 "$@" > "$log" 2>&1
+    sampled "$log" timeout -k 5 "$RUN_TIMEOUT" "$D/$bin" -e d12 -i "$TRAIN" -j "$VAL" -b "$B" -t 1024 -x "$STEPS" \
+        -l 6e-4 -u 10 -q 0.1 -c 0.1 -r 0 -v 100000 -m 1 -s 100000 -h 0 "$@" > "$log" 2>&1
 }
 run_ours() {  # run_ours <log> [more flags]: the JSONL log is <log>.jsonl
     local log=$1; shift
     rm -f "$log.jsonl"   # the trainer refuses to start a fresh run over another run's log
-    timeout -k 5 "$RUN_TIMEOUT" ./train_omnimoe -e d12 -f gelu -i "$TRAIN" --val-data= -b "$B" -t 1024 -x "$STEPS" \
-        -l 6e-4 -u 10 -q 0.1 --schedule cosine -c 0.1 -v 0 -s 0 --log-file "$log.jsonl" "$@" > "$log" 2>&1
+    sampled "$log" timeout -k 5 "$RUN_TIMEOUT" ./train_omnimoe -e d12 -f gelu -i "$TRAIN" --val-data= -b "$B" -t 1024 \
+        -x "$STEPS" -l 6e-4 -u 10 -q 0.1 --schedule cosine -c 0.1 -v 0 -s 0 --log-file "$log.jsonl" "$@" > "$log" 2>&1
 }
 # OURS_EXTRA's flag sets, blank ones dropped (as the summary below drops them, so that ours_extra<i> names the same set)
 extras=()
@@ -131,10 +149,14 @@ for round in $(seq 1 "$REPEATS"); do   # alternate, so drift in clocks or heat h
     run_llmc llmc_plain "$D/llmc_plain_$round.out" || echo "llmc_plain round $round: exit $?"
 done
 
-python3 - "$D" "$SKIP" "$REPEATS" "$OURS_CUDNN" "$OURS_EXTRA" <<'EOF'
+python3 - "$D" "$SKIP" "$REPEATS" "$OURS_CUDNN" "$OURS_EXTRA" "$POWER_LIMIT_W" <<'EOF'
 import json, os, re, sys
 d, skip, repeats, ours_cudnn = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 extras = [e.strip() for e in sys.argv[5].split(";") if e.strip()]
+try:
+    power_limit = float(sys.argv[6])
+except ValueError:
+    power_limit = None
 step_re = re.compile(r"^step\s+(\d+)/\d+ \|.*\| ([0-9.]+) ms \| (-?[0-9.]+)% bf16 MFU \| ([0-9.]+) tok/s")
 
 def median(v):
@@ -158,6 +180,18 @@ def ours_tok_s(path):
     vals = [r["tok_s"] for r in ours_train_records(path) if r.get("step", 0) > skip and r.get("tok_s")]
     return median(vals) if vals else None
 
+def power_under_load(path):  # (median SM MHz, mean W, share of samples power-capped) of samples above 40% of the limit
+    rows = []
+    for line in open(path, errors="replace"):
+        f = [x.strip() for x in line.split(",")]
+        try:
+            rows.append((float(f[0]), float(f[1]), f[2] == "Active"))
+        except (ValueError, IndexError):
+            continue
+    load = [r for r in rows if power_limit and r[1] >= 0.4 * power_limit]
+    if not load:
+        return None
+    return (median([r[0] for r in load]), sum(r[1] for r in load) / len(load), sum(r[2] for r in load) / len(load))
 res = {}
 extra_names = tuple("ours_extra%d" % i for i in range(len(extras)))
 for name in ("llmc_cudnn", "llmc_cudnn_ge2", "ours", "llmc_plain") + (("ours_cudnn",) if ours_cudnn else ()) + extra_names:
@@ -172,11 +206,28 @@ label = {"llmc_cudnn": "llm.c, cuDNN flash attention", "llmc_cudnn_ge2": "llm.c,
          "ours": "ours (-f gelu)", "llmc_plain": "llm.c without cuDNN",
          "ours_cudnn": "ours (-f gelu --attention cudnn)"}
 label.update({n: "ours (-f gelu %s)" % e for n, e in zip(extra_names, extras)})
-print("\n| trainer | median tok/s per run |\n|---|---:|")
+power = {}
+for name in res:
+    power[name] = []
+    for r in range(1, repeats + 1):
+        try:
+            power[name].append(power_under_load(os.path.join(d, "%s_%d.out.power" % (name, r))))
+        except OSError:
+            power[name].append(None)
+# energy per token: the mean power under load over the run's median tok/s (mJ)
+def mj_per_token(p, tok_s):
+    return "%.3f" % (1e3 * p[1] / tok_s) if p and tok_s else "-"
+print("\nSM clock, power and energy per token: samples every %s ms above 40%% of the %s W limit" % (os.environ.get("POWER_MS", "100"), power_limit))
+print("\n| trainer | median tok/s per run | SM clock MHz | power W | power-capped | mJ/token |\n|---|---:|---:|---:|---:|---:|")
 for name, v in res.items():
-    print("| %s | %s |" % (label[name], " / ".join("%.1fk" % (x / 1e3) if x else "failed" for x in v)))
+    pw = power[name]
+    print("| %s | %s | %s | %s | %s | %s |" % (label[name], " / ".join("%.1fk" % (x / 1e3) if x else "failed" for x in v),
+          " / ".join("%.0f" % p[0] if p else "-" for p in pw), " / ".join("%.0f" % p[1] if p else "-" for p in pw),
+          " / ".join("%.0f%%" % (100 * p[2]) if p else "-" for p in pw),
+          " / ".join(mj_per_token(p, x) for p, x in zip(pw, v))))
 best = {n: max([x for x in v if x] or [0]) for n, v in res.items()}
-json.dump({"runs": res, "skip": skip}, open(os.path.join(d, "bench_llmc.json"), "w"), indent=1)
+json.dump({"runs": res, "skip": skip, "power": power, "power_limit_w": power_limit},
+          open(os.path.join(d, "bench_llmc.json"), "w"), indent=1)
 if best["ours"] and best["llmc_cudnn"] and best["llmc_plain"]:
     print("ours / llm.c with cuDNN: %.3f   ours / llm.c without cuDNN: %.3f   (best run of each)"
           % (best["ours"] / best["llmc_cudnn"], best["ours"] / best["llmc_plain"]))
