@@ -16,9 +16,10 @@
 # a round: at its default -ge 0 (its GELU unfused: "off for now" in its source) and with -ge 2 (the
 # GELU in cuBLASLt's forward and backward epilogues, as our CUDA default --gelu-fusion 2). tok/s is
 # each trainer's own per-step figure; the median over steps SKIP+1..STEPS of each run is reported.
-# Beside it, from nvidia-smi samples every POWER_MS (100) ms of each run taken while it draws at
-# least 40% of the power limit: the median SM clock, the mean power, the share of samples with the
-# software power cap active, and energy per token (mean power / tok/s, in mJ).
+# Beside it, from nvidia-smi samples every POWER_MS (100) ms of each run, the later half of those
+# taken while it draws at least 40% of the power limit (the timed steps): the median SM clock, the
+# mean power, the share of samples with the software power cap active, and energy per token (mean
+# power / tok/s, in mJ).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LLMC=carry/llm.c
@@ -110,12 +111,16 @@ if [ "$OURS_CUDNN" = 1 ]; then make USE_CUDNN=1 train_omnimoe > "$D/build_ours.l
 # the GPU's SM clock, power draw and power-cap state every POWER_MS ms of each run, into <log>.power:
 # at B=32 both trainers draw the board's power limit and the driver lowers the clock, so a kernel's
 # time at full clock (the kernel benchmarks) is not what it costs in the step; energy per token is
-power_fields=clocks.sm,power.draw,clocks_event_reasons.sw_power_cap
-nvidia-smi --query-gpu=$power_fields --format=csv,noheader,nounits > /dev/null 2>&1 \
-    || power_fields=clocks.sm,power.draw,clocks_throttle_reasons.sw_power_cap   # older drivers' name
+# (power.draw.instant: power.draw is a one-second average on these drivers, which lags each run)
+power_fields=
+for f in clocks.sm,power.draw.instant,clocks_event_reasons.sw_power_cap clocks.sm,power.draw,clocks_event_reasons.sw_power_cap \
+         clocks.sm,power.draw,clocks_throttle_reasons.sw_power_cap; do
+    nvidia-smi --query-gpu=$f --format=csv,noheader,nounits > /dev/null 2>&1 && { power_fields=$f; break; }
+done
 POWER_LIMIT_W=$(nvidia-smi --query-gpu=power.limit --format=csv,noheader,nounits | head -1)
 sampled() {  # sampled <log> <command...>: the command, with the sampler beside it
     local log=$1 sampler rc; shift
+    [ -n "$power_fields" ] || { "$@"; return; }
     nvidia-smi --query-gpu=$power_fields --format=csv,noheader,nounits -lms "${POWER_MS:-100}" > "$log.power" 2>&1 &
     sampler=$!
     "$@"; rc=$?
@@ -180,7 +185,7 @@ def ours_tok_s(path):
     vals = [r["tok_s"] for r in ours_train_records(path) if r.get("step", 0) > skip and r.get("tok_s")]
     return median(vals) if vals else None
 
-def power_under_load(path):  # (median SM MHz, mean W, share of samples power-capped) of samples above 40% of the limit
+def power_under_load(path):  # (median SM MHz, mean W, share power-capped) of the steady samples
     rows = []
     for line in open(path, errors="replace"):
         f = [x.strip() for x in line.split(",")]
@@ -188,7 +193,10 @@ def power_under_load(path):  # (median SM MHz, mean W, share of samples power-ca
             rows.append((float(f[0]), float(f[1]), f[2] == "Active"))
         except (ValueError, IndexError):
             continue
+    # under load: above 40% of the limit; steady: the later half of those (start-up, the first
+    # steps and the ramp of the power reading come first; the timed steps are the last 3/4)
     load = [r for r in rows if power_limit and r[1] >= 0.4 * power_limit]
+    load = load[len(load) // 2:]
     if not load:
         return None
     return (median([r[0] for r in load]), sum(r[1] for r in load) / len(load), sum(r[2] for r in load) / len(load))
@@ -217,7 +225,7 @@ for name in res:
 # energy per token: the mean power under load over the run's median tok/s (mJ)
 def mj_per_token(p, tok_s):
     return "%.3f" % (1e3 * p[1] / tok_s) if p and tok_s else "-"
-print("\nSM clock, power and energy per token: samples every %s ms above 40%% of the %s W limit" % (os.environ.get("POWER_MS", "100"), power_limit))
+print("\nSM clock, power and energy per token: the later half of the samples (every %s ms) above 40%% of the %s W limit" % (os.environ.get("POWER_MS", "100"), power_limit))
 print("\n| trainer | median tok/s per run | SM clock MHz | power W | power-capped | mJ/token |\n|---|---:|---:|---:|---:|---:|")
 for name, v in res.items():
     pw = power[name]
