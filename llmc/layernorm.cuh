@@ -17,6 +17,9 @@ Defines:
 
 Layout: one warp per row, 16-byte vectors: C must be a multiple of 8 (bf16) / 4 (fp32) and the
 buffers 16-byte aligned (checked); the lanes of a warp stride over the row.
+The backward keeps a row in registers between its two passes when C is at most
+LAYERNORM_BWD_MAX_CACHED_CHUNKS chunks of 32 lanes x 16 bytes (1,024 columns in bf16), else it
+reads the row twice (layernorm_backward_cached = 0 forces that kernel); both give the same bits.
 Determinism of the weight/bias gradients: each block owns a fixed range of
 LAYERNORM_BWD_ROWS_PER_BLOCK rows; its warps accumulate per-column sums in their own shared
 memory rows (each lane owns fixed columns; C up to ~7000 fits the opt-in shared memory), the block sums its warps in fixed order into a
