@@ -29,7 +29,8 @@
 #     cudnn: rebuild with `make USE_CUDNN=1` (headers in carry/cudnn-frontend), test_attention with
 #           cuDNN's SDPA beside ours, --attention cudnn reruns bitwise and its loss beside ours
 #     llmc: dev/bench_llmc.sh, our dense d12 step against llm.c with and without cuDNN, same
-#           flags, alternating (carry/llm.c from 'dev/bench_llmc.sh prepare <llm.c clone>'); ours
+#           flags, alternating, each run's SM clock, power and mJ/token beside its tok/s
+#           (carry/llm.c from 'dev/bench_llmc.sh prepare <llm.c clone>'); ours
 #           also with each flag set of LLMC_OURS_EXTRA (';' between sets; default: the CUDA trainer's
 #           step options turned off, --matmul-tune 0 --overlap-dweight 0, and also --gelu-fusion 1, each
 #           with --attention cudnn under cudnn); then dev/step_ab.sh: the OmniMoE d12 step (B=32) with
