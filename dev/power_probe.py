@@ -149,10 +149,9 @@ def step_budget(idle_w):
     except Exception:
         import contextlib
         ctx = contextlib.nullcontext
-    with ctx():
-        attn_flop = 4.0 * B * NH * T * T * (C // NH) / 2 * 3.5  # causal forward (1) + backward (2.5)
-        rate, w, mhz = measured(lambda: (F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(dout), attn_flop)[1])
-    sec = attn_flop / rate
+    with ctx():  # counted in calls (fwd+bwd of one layer)
+        rate, w, mhz = measured(lambda: (F.scaled_dot_product_attention(q, k, v, is_causal=True).backward(dout), 1)[1])
+    sec = 1.0 / rate
     print("attention fwd+bwd (torch SDPA, %s): %.3f ms a layer, %.0f W, %.0f MHz: %.2f J per step (%.2f above idle)"
           % (backend, sec * 1e3, w, mhz, L * sec * w, L * sec * (w - idle_w)))
     print("POWER_PROBE_STEP gemm_ms=%.2f gemm_j=%.2f attention_ms=%.2f attention_j=%.2f" % (
