@@ -98,6 +98,7 @@ endif
 
 HOST_HEADERS = $(wildcard llmc/*.h)
 CUDA_HEADERS = $(wildcard llmc/*.cuh)
+DEV_CUDA_HEADERS = $(wildcard dev/cuda/*.h)
 CPU_TESTS = test_omnimoe_cpu test_dataloader test_checkpoint test_args test_lr_schedule test_logger test_fixtures test_integrity \
             test_mc_eval test_loop_ranks test_mc_loop test_expert_shard test_zero_shard test_zero_ranks test_checkpoint_parts test_param_init \
             test_shard_tables
@@ -180,7 +181,7 @@ test_omnimoe_fp32: test_omnimoe.cu train_omnimoe.cu train_omnimoe.c $(HOST_HEADE
 # tight tolerances); test_omni and test_experts_shard (bitwise in bf16 only) have no fp32 build.
 KERNEL_TESTS ?= matmul layernorm encoder activations classifier adamw global_norm attention omni experts_shard moe
 KERNEL_TEST_BINS = $(foreach t,$(KERNEL_TESTS),dev/cuda/test_$(t)_bin $(if $(filter omni experts_shard,$(t)),,dev/cuda/test_$(t)_fp32_bin))
-KERNEL_BENCH_BINS = dev/cuda/bench_omni_bin dev/cuda/bench_layer_bin dev/cuda/bench_moe_bin
+KERNEL_BENCH_BINS = dev/cuda/bench_omni_bin dev/cuda/bench_layer_bin dev/cuda/bench_moe_bin dev/cuda/bench_gemm_energy_bin
 KERNEL_LOGS = dev/cuda/build_logs
 
 kernel_tests: $(KERNEL_TEST_BINS)
@@ -192,10 +193,10 @@ kernel_benches: $(KERNEL_BENCH_BINS)
 dev/cuda/check_gather_copies_bin: dev/cuda/check_gather_copies.cu llmc/moe_gemm_cutlass_kernels.hpp llmc/moe_gemm_gather_sm90.hpp llmc/moe_gemm_cutlass.h
 	$(NVCC) $(NVCC_FLAGS) -I$(CUTLASS_INCLUDE) $(CUTLASS_DEFS) $< -o $@
 
-dev/cuda/%_fp32_bin: dev/cuda/%.cu $(HOST_HEADERS) $(CUDA_HEADERS)
+dev/cuda/%_fp32_bin: dev/cuda/%.cu $(HOST_HEADERS) $(CUDA_HEADERS) $(DEV_CUDA_HEADERS)
 	$(NVCC) $(NVCC_FLAGS) -DENABLE_FP32 $< -o $@ $(NVCC_LDLIBS)
 
-dev/cuda/%_bin: dev/cuda/%.cu $(HOST_HEADERS) $(CUDA_HEADERS) $(CUDNN_OBJ) $(CUTLASS_OBJ)
+dev/cuda/%_bin: dev/cuda/%.cu $(HOST_HEADERS) $(CUDA_HEADERS) $(DEV_CUDA_HEADERS) $(CUDNN_OBJ) $(CUTLASS_OBJ)
 	$(NVCC) $(NVCC_FLAGS) $< $(CUDNN_OBJ) $(CUTLASS_OBJ) -o $@ $(NVCC_LDLIBS)
 
 # runs every kernel test (fp32 attention: its --quick checks), logs in dev/cuda/build_logs/, then

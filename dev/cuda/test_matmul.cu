@@ -17,6 +17,7 @@ the DGELU epilogue.
 */
 #include "../../llmc/test_harness.h"
 #include "../../llmc/matmul.cuh"
+#include "step_gemms.h"
 
 // out (BT, OC) = inp (BT, C) W^T (+ bias)
 static void cpu_matmul_forward(double* out, const float* inp, const float* w, const float* bias, int BT, int C, int OC) {
@@ -542,57 +543,21 @@ int main(void) {
     // time, rate, and whether a faster candidate gives the same bits (a choice that changes bits
     // would change every committed loss curve).
     {
-        const int BT = 32 * 1024, C = 768, Vp = 50304, ranks = 8;
-        const size_t max_in = (size_t)BT * 4 * C, max_w = (size_t)Vp * C, max_out = (size_t)BT * Vp;
-        floatX* x = device_alloc<floatX>(max_in, "step x");
-        floatX* w = device_alloc<floatX>(max_w, "step w");
-        floatX* bias = device_alloc<floatX>(4 * C, "step bias");
-        floatX* y = device_alloc<floatX>(max_out, "step y");
-        floatX* dout = device_alloc<floatX>(max_out, "step dout");
-        floatX* dw = device_alloc<floatX>(max_w, "step dweight");
-        floatX* aux = device_alloc<floatX>((size_t)BT * 4 * C, "step aux");
+        const int BT = STEP_GEMM_BT, C = STEP_GEMM_C, ranks = 8;
+        StepGemmBuffers bufs = step_gemm_buffers_alloc();
+        floatX *x = bufs.x, *w = bufs.w, *bias = bufs.bias, *y = bufs.y, *dout = bufs.dout, *dw = bufs.dw,
+               *aux = bufs.aux;
+        const size_t max_out = (size_t)BT * STEP_GEMM_VP;
         floatX* init = device_alloc<floatX>(max_out, "step init");
         floatX* first = device_alloc<floatX>(max_out, "step first");
-        fill_random_device(x, max_in, 21, 1.0f);
-        fill_random_device(w, max_w, 22, 0.03f);
-        fill_random_device(bias, 4 * C, 23, 0.1f);
         fill_random_device(init, max_out, 24, 1e-3f);
-        fill_random_device(dout, max_out, 25, 1e-3f);
-        fill_random_device(aux, (size_t)BT * 4 * C, 26, 1.0f);  // pre-GELU values for the DGELU timing
-        // forward Y = X W^T: (m, n, k) = (OC, BT, IC), "TN"; dinp = dY W: (IC, BT, OC), "NN";
-        // dweight += X^T dY: (IC, OC, BT), "NT", accumulating. per_step: calls in one step
-        struct StepGemm { const char* name; int m, n, k, transa, transb, lda, ldb, ldd, accumulate, per_step;
-                          cublasLtEpilogue_t epilogue; };
-        const StepGemm gemms[] = {
-            {"fwd qkv 768->2304 +bias", 3 * C, BT, C, 1, 0, C, C, 3 * C, 0, 12, CUBLASLT_EPILOGUE_BIAS},
-            {"fwd attproj 768->768 +bias", C, BT, C, 1, 0, C, C, C, 0, 12, CUBLASLT_EPILOGUE_BIAS},
-            {"fwd fc 768->3072 +bias +GELU", 4 * C, BT, C, 1, 0, C, C, 4 * C, 0, 12, CUBLASLT_EPILOGUE_GELU_AUX_BIAS},
-            {"fwd fcproj 3072->768 +bias", C, BT, 4 * C, 1, 0, 4 * C, 4 * C, C, 0, 12, CUBLASLT_EPILOGUE_BIAS},
-            {"fwd lm head 768->50304", Vp, BT, C, 1, 0, C, C, Vp, 0, 1, CUBLASLT_EPILOGUE_DEFAULT},
-            {"bwd qkv dinp", C, BT, 3 * C, 0, 0, C, 3 * C, C, 0, 12, CUBLASLT_EPILOGUE_DEFAULT},
-            {"bwd qkv dweight", C, 3 * C, BT, 0, 1, C, 3 * C, C, 1, 12, CUBLASLT_EPILOGUE_DEFAULT},
-            {"bwd attproj dinp", C, BT, C, 0, 0, C, C, C, 0, 12, CUBLASLT_EPILOGUE_DEFAULT},
-            {"bwd attproj dweight", C, C, BT, 0, 1, C, C, C, 1, 12, CUBLASLT_EPILOGUE_DEFAULT},
-            {"bwd fc dinp", C, BT, 4 * C, 0, 0, C, 4 * C, C, 0, 12, CUBLASLT_EPILOGUE_DEFAULT},
-            {"bwd fc dweight", C, 4 * C, BT, 0, 1, C, 4 * C, C, 1, 12, CUBLASLT_EPILOGUE_DEFAULT},
-            {"bwd fcproj dinp", 4 * C, BT, C, 0, 0, 4 * C, C, 4 * C, 0, 12, CUBLASLT_EPILOGUE_DEFAULT},
-            {"bwd fcproj dweight", 4 * C, C, BT, 0, 1, 4 * C, C, 4 * C, 1, 12, CUBLASLT_EPILOGUE_DEFAULT},
-            {"bwd lm head dinp", C, BT, Vp, 0, 0, C, Vp, C, 0, 1, CUBLASLT_EPILOGUE_DEFAULT},
-            {"bwd lm head dweight", C, Vp, BT, 0, 1, C, Vp, C, 1, 1, CUBLASLT_EPILOGUE_DEFAULT},
-        };
         printf("step GEMMs, B*T=%d (median of 20 after 5 warm-up; heuristic candidates 0..%d)\n", BT, ranks - 1);
         double step_ms = 0.0, best_ms = 0.0, best_same_bits_ms = 0.0, step_flops = 0.0;
-        for (size_t g = 0; g < sizeof(gemms) / sizeof(gemms[0]); g++) {
-            const StepGemm* p = &gemms[g];
-            // forward: A = weight, B = input; dinp: A = weight, B = dout; dweight: A = input, B = dout
-            const int forward = p->transa, dweight = p->transb;
-            const floatX* a = dweight ? x : w;
-            const floatX* b = forward ? x : dout;
-            floatX* d = dweight ? dw : y;
-            const floatX* bias_p = (p->epilogue == CUBLASLT_EPILOGUE_BIAS || p->epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS) ? bias : NULL;
-            floatX* aux_p = p->epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS ? aux : NULL;
-            const size_t d_count = (size_t)p->m * p->n;
-            double flops = 2.0 * p->m * p->n * p->k;
+        for (int g = 0; g < STEP_GEMM_COUNT; g++) {
+            const StepGemm* p = &step_gemms[g];
+            floatX* d = step_gemm_output(p, &bufs);
+            const size_t d_count = step_gemm_output_count(p);
+            const double flops = step_gemm_flops(p);
             float ms0 = 0.0f, ms_best = 1e30f, ms_best_same = 1e30f;
             int rank_best = 0, rank_best_same = 0, tried = 0;
             char candidates[512] = "";  // per candidate: ms, the heuristic's waves, same bits or not
@@ -601,9 +566,7 @@ int main(void) {
                 matmul_heuristic_rank = rank;
                 // one call from the same starting D (the dweight GEMMs accumulate) for the bits
                 cudaCheck(cudaMemcpy(d, init, d_count * sizeof(floatX), cudaMemcpyDeviceToDevice));
-                int ran = matmul_cublaslt_run(d, a, b, bias_p, aux_p, p->m, p->n, p->k, p->transa, p->transb, p->lda,
-                                              p->ldb, p->ldd, p->accumulate, p->epilogue, 0);
-                if (!ran) break;  // fewer candidates than ranks
+                if (!step_gemm_run(p, &bufs)) break;  // fewer candidates than ranks
                 tried++;
                 cudaCheck(cudaDeviceSynchronize());
                 int same = 1;
@@ -612,10 +575,7 @@ int main(void) {
                 } else {
                     same = device_bitwise_equal(d, first, d_count * sizeof(floatX));
                 }
-                float ms = bench_median_ms([&] {
-                    matmul_cublaslt_run(d, a, b, bias_p, aux_p, p->m, p->n, p->k, p->transa, p->transb, p->lda, p->ldb,
-                                        p->ldd, p->accumulate, p->epilogue, 0);
-                }, 5, 20);
+                float ms = bench_median_ms([&] { step_gemm_run(p, &bufs); }, 5, 20);
                 if (rank == 0) ms0 = ms;
                 size_t used = strlen(candidates);
                 snprintf(candidates + used, sizeof(candidates) - used, " #%d %.3f/%.2fw%s", rank, ms,
@@ -659,8 +619,9 @@ int main(void) {
                    ms_fused_path[1], ms_fused_path[0] / ms_fused_path[1], 12 * (ms_fused_path[0] - ms_fused_path[1]));
             cudaCheck(cudaFree(scratch));
         }
-        floatX* bufs[] = {x, w, bias, y, dout, dw, aux, init, first};
-        for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++) { cudaCheck(cudaFree(bufs[i])); }
+        step_gemm_buffers_free(&bufs);
+        cudaCheck(cudaFree(init));
+        cudaCheck(cudaFree(first));
     }
 #endif
     matmul_free();
