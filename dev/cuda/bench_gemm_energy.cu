@@ -7,7 +7,7 @@ power-bound"), so what a GEMM costs the step is its energy: a candidate that is 
 burst at full clock (what --matmul-tune times) may draw more power and lower the clock of
 everything else. For each GEMM of dev/cuda/step_gemms.h and each of the heuristic's first
 CANDIDATES candidates: its output bits against the first candidate's, then back-to-back calls for
-WARM seconds (the power controller settles) and for SECONDS seconds measured: ms per call from
+WARM seconds (the power controller settles) and for SECONDS seconds measured, twice (the second pass in reverse order): ms per call from
 CUDA events, J per call from NVML's total-energy counter (mJ, read before and after), the median
 SM clock and the share of samples with the software power cap active (NVML, every batch).
 
@@ -15,10 +15,11 @@ NVML is opened at run time (dlopen of the driver's libnvidia-ml.so.1), so the bu
 header or stub; the few calls used are declared here from NVML's documented C API.
 
 Usage: dev/cuda/bench_gemm_energy_bin [SECONDS [WARM]]   (defaults 1.0 and 0.5)
-Prints per candidate "ms burst, ms sustained, mJ, MHz, capped%, bits", then the step's totals
-(per_step calls of each GEMM) for: the heuristic's first candidates (the untuned trainer), the
-fastest-in-a-burst candidates with the first's bits (--matmul-tune 1), and the least energy and
-the fastest sustained with the first's bits.
+Prints per candidate "ms burst, ms sustained, mJ, MHz, capped%, bits" (each sustained value for
+both passes), then the step's totals (per_step calls of each GEMM, the passes' means) for: the
+heuristic's first candidates (the untuned trainer), the fastest-in-a-burst candidates with the
+first's bits (--matmul-tune 1), and the least energy and the fastest sustained with the first's
+bits.
 */
 #include <dlfcn.h>
 #include <algorithm>
@@ -162,12 +163,12 @@ int main(int argc, char** argv) {
            seconds);
     // the step's totals (per_step x per call) for each choice rule
     double first_ms = 0, first_mj = 0, tune_ms = 0, tune_mj = 0, energy_ms = 0, energy_mj = 0, fast_ms = 0, fast_mj = 0;
-    double any_mj = 0;
+    double any_mj = 0, first_mj_pass[2] = {0, 0};
     for (int g = 0; g < STEP_GEMM_COUNT; g++) {
         const StepGemm* p = &step_gemms[g];
         floatX* d = step_gemm_output(p, &bufs);
         const size_t d_count = step_gemm_output_count(p);
-        Sustained s[CANDIDATES];
+        Sustained s[CANDIDATES][2];
         float burst[CANDIDATES];
         int same[CANDIDATES], count = 0;
         printf("%s (x%d per step, %.1f GFLOP)\n", p->name, p->per_step, step_gemm_flops(p) / 1e9);
@@ -180,35 +181,57 @@ int main(int argc, char** argv) {
             if (rank == 0) cudaCheck(cudaMemcpy(first, d, d_count * sizeof(floatX), cudaMemcpyDeviceToDevice));
             same[rank] = rank == 0 || device_bitwise_equal(d, first, d_count * sizeof(floatX));
             burst[rank] = bench_median_ms([&] { step_gemm_run(p, &bufs); }, 5, 20);
-            s[rank] = run_sustained(p, &bufs, warm, seconds, burst[rank]);
             count++;
-            printf("  #%d burst %.3f ms  sustained %.3f ms %6.1f TFLOP/s  %7.2f mJ  %4.0f MHz  capped %3.0f%%%s\n", rank,
-                   burst[rank], s[rank].ms, step_gemm_flops(p) / (s[rank].ms * 1e-3) / 1e12, s[rank].mj, s[rank].mhz,
-                   100.0 * s[rank].capped, same[rank] ? "" : "  other bits");
+        }
+        // two passes, the second in reverse order, so a drift of the card's state shows as a
+        // difference between a candidate's two readings rather than as a ranking
+        for (int pass = 0; pass < 2; pass++) {
+            for (int i = 0; i < count; i++) {
+                const int rank = pass == 0 ? i : count - 1 - i;
+                matmul_algo_cache_clear();
+                matmul_heuristic_rank = rank;
+                s[rank][pass] = run_sustained(p, &bufs, warm, seconds, burst[rank]);
+            }
+        }
+        for (int rank = 0; rank < count; rank++) {
+            const Sustained* r = s[rank];
+            const double ms = 0.5 * (r[0].ms + r[1].ms);
+            printf("  #%d burst %.3f ms  sustained %.3f/%.3f ms %6.1f TFLOP/s  %7.2f/%7.2f mJ  %4.0f/%4.0f MHz  "
+                   "capped %3.0f/%3.0f%%%s\n", rank, burst[rank], r[0].ms, r[1].ms, step_gemm_flops(p) / (ms * 1e-3) / 1e12,
+                   r[0].mj, r[1].mj, r[0].mhz, r[1].mhz, 100.0 * r[0].capped, 100.0 * r[1].capped,
+                   same[rank] ? "" : "  other bits");
         }
         matmul_heuristic_rank = 0;
         matmul_algo_cache_clear();
         if (count == 0) { printf("  no candidate\n"); continue; }
+        double ms[CANDIDATES], mj[CANDIDATES];  // the two passes' means
+        for (int c = 0; c < count; c++) {
+            ms[c] = 0.5 * (s[c][0].ms + s[c][1].ms);
+            mj[c] = 0.5 * (s[c][0].mj + s[c][1].mj);
+        }
         int tune = 0, least = 0, fast = 0, any = 0;
         for (int c = 1; c < count; c++) {
             if (same[c] && burst[c] < burst[tune]) tune = c;
-            if (same[c] && s[c].mj < s[least].mj) least = c;
-            if (same[c] && s[c].ms < s[fast].ms) fast = c;
-            if (s[c].mj < s[any].mj) any = c;
+            if (same[c] && mj[c] < mj[least]) least = c;
+            if (same[c] && ms[c] < ms[fast]) fast = c;
+            if (mj[c] < mj[any]) any = c;
         }
         printf("  first #0; --matmul-tune #%d; least energy #%d (%.1f%% less than #0); fastest sustained #%d; "
-               "least energy, any bits #%d\n", tune, least, 100.0 * (1.0 - s[least].mj / s[0].mj), fast, any);
+               "least energy, any bits #%d\n", tune, least, 100.0 * (1.0 - mj[least] / mj[0]), fast, any);
         const int n = p->per_step;
-        first_ms += n * s[0].ms; first_mj += n * s[0].mj;
-        tune_ms += n * s[tune].ms; tune_mj += n * s[tune].mj;
-        energy_ms += n * s[least].ms; energy_mj += n * s[least].mj;
-        fast_ms += n * s[fast].ms; fast_mj += n * s[fast].mj;
-        any_mj += n * s[any].mj;
+        first_ms += n * ms[0]; first_mj += n * mj[0];
+        first_mj_pass[0] += n * s[0][0].mj; first_mj_pass[1] += n * s[0][1].mj;
+        tune_ms += n * ms[tune]; tune_mj += n * mj[tune];
+        energy_ms += n * ms[least]; energy_mj += n * mj[least];
+        fast_ms += n * ms[fast]; fast_mj += n * mj[fast];
+        any_mj += n * mj[any];
     }
     printf("step GEMMs, sustained (ms and J per step): first %.2f ms %.2f J; --matmul-tune %.2f ms %.2f J; "
            "least energy %.2f ms %.2f J; fastest sustained %.2f ms %.2f J; least energy with any bits %.2f J\n",
            first_ms, first_mj / 1e3, tune_ms, tune_mj / 1e3, energy_ms, energy_mj / 1e3, fast_ms, fast_mj / 1e3,
            any_mj / 1e3);
+    printf("the first candidates' J per step in the two passes: %.2f / %.2f (the measurement's spread)\n",
+           first_mj_pass[0] / 1e3, first_mj_pass[1] / 1e3);
     step_gemm_buffers_free(&bufs);
     cudaCheck(cudaFree(init));
     cudaCheck(cudaFree(first));

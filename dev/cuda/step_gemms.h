@@ -6,6 +6,8 @@ step table, bench_gemm_energy.cu).
 Row-major to cuBLASLt as llmc/matmul.cuh does it: forward Y = X W^T is (m, n, k) = (OC, BT, IC),
 "TN", A = weight, B = input; dinp = dY W is (IC, BT, OC), "NN", A = weight, B = dout; dweight +=
 X^T dY is (IC, OC, BT), "NT", A = input, B = dout, accumulating. per_step: calls in one step.
+The epilogues are the CUDA trainer's defaults (--gelu-fusion 2: GELU into fc's forward, the GELU
+backward into fcproj's input gradient).
 Include after llmc/test_harness.h and llmc/matmul.cuh: step_gemm_run() calls matmul_cublaslt_run()
 with whatever candidate matmul_heuristic_rank names (the algorithm cache keeps it for the problem).
 */
@@ -40,7 +42,7 @@ static const StepGemm step_gemms[STEP_GEMM_COUNT] = {
     {"bwd attproj dweight", C_, C_, BT_, 0, 1, C_, C_, C_, 1, 12, CUBLASLT_EPILOGUE_DEFAULT},
     {"bwd fc dinp", C_, BT_, 4 * C_, 0, 0, C_, 4 * C_, C_, 0, 12, CUBLASLT_EPILOGUE_DEFAULT},
     {"bwd fc dweight", C_, 4 * C_, BT_, 0, 1, C_, 4 * C_, C_, 1, 12, CUBLASLT_EPILOGUE_DEFAULT},
-    {"bwd fcproj dinp", 4 * C_, BT_, C_, 0, 0, 4 * C_, C_, 4 * C_, 0, 12, CUBLASLT_EPILOGUE_DEFAULT},
+    {"bwd fcproj dinp +DGELU", 4 * C_, BT_, C_, 0, 0, 4 * C_, C_, 4 * C_, 0, 12, CUBLASLT_EPILOGUE_DGELU},
     {"bwd fcproj dweight", 4 * C_, C_, BT_, 0, 1, 4 * C_, C_, 4 * C_, 1, 12, CUBLASLT_EPILOGUE_DEFAULT},
     {"bwd lm head dinp", C_, BT_, VP_, 0, 0, C_, VP_, C_, 0, 1, CUBLASLT_EPILOGUE_DEFAULT},
     {"bwd lm head dweight", C_, VP_, BT_, 0, 1, C_, VP_, C_, 1, 1, CUBLASLT_EPILOGUE_DEFAULT},
@@ -89,7 +91,8 @@ static inline int step_gemm_run(const StepGemm* p, const StepGemmBuffers* b) {
     const floatX* a = dweight ? b->x : b->w;
     const floatX* bb = forward ? b->x : b->dout;
     const int biased = p->epilogue == CUBLASLT_EPILOGUE_BIAS || p->epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
-    floatX* aux = p->epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS ? b->aux : NULL;
+    // GELU_AUX_BIAS writes the pre-activation to aux; DGELU reads it from there
+    floatX* aux = p->epilogue == CUBLASLT_EPILOGUE_GELU_AUX_BIAS || p->epilogue == CUBLASLT_EPILOGUE_DGELU ? b->aux : NULL;
     return matmul_cublaslt_run(step_gemm_output(p, b), a, bb, biased ? b->bias : NULL, aux, p->m, p->n, p->k,
                                p->transa, p->transb, p->lda, p->ldb, p->ldd, p->accumulate, p->epilogue, 0);
 }
