@@ -11,7 +11,8 @@ Defines:
 - router_backward(dX, dWrc, dgate, saved, X, Wrc, BT, C, opt, scratch, bytes, stream):
   gates -> S -> (pr, pc) -> log-softmax -> BN -> GEMM backward
 - router_forward_scratch_bytes(BT, n), router_backward_scratch_bytes(BT, n): scratch sizes
-- router_topk_warp(...): the per-token exact top-k (a __device__ function, also used by tests)
+- router_topk_warp<KEYS>(...): the per-token exact top-k (a __device__ function, also used by tests;
+  KEYS = router_topk_keys_per_lane(n))
 The GEMMs run on matmul.cuh's cuBLAS handle (matmul_init() first).
 
 Shapes (BT tokens, C channels, n = sqrt(N), k experts per token, R = 2n logits per token):
@@ -38,9 +39,11 @@ order, sorted. Method (docs/design.md §2 product-key argument, O(n + k^2) work)
      Selection (rows and columns in step 1 when n > 64, and these candidates when more than
      64): router_select_topk finds the k-th largest score key by a 32-step bitwise search of
      warp counts, takes what lies above it plus the smallest ids equal to it, and sorts those
-     by rank; with at most 64 elements every one is ranked at once by counting who beats it;
-     rows and columns with n > 256 and k' < 32 take k' rounds of "best after the previous one"
-     (two redux.sync each), cheaper there than 32 search steps over many keys;
+     by rank; with at most 64 elements every one is ranked at once by counting who beats it.
+     The search keeps up to 8 keys a lane in registers (256 candidates), 32 (1024) when
+     n > 256; for rows and columns with 256 < n <= 1024 the two searches run interleaved, so
+     that each step's two warp counts overlap. Rows and columns with n > 256 and k' < 32 take k' rounds of "best after
+     the previous one" (two redux.sync each) instead: no slower there (measured at n = 1024);
   4. when step 2 found near-ties, the staircase is still exact in score values but a tie at the
      k-th value may belong to a smaller id outside it: router_fix_ties refills the slots of the
      k-th value with the smallest ids scoring exactly that value, found by a scan of the rows
@@ -249,22 +252,56 @@ __device__ inline unsigned router_kth_key(const float* vals, int count, int kk, 
     return K;
 }
 
+// the kk-th largest order keys of va[0..count) and of vb[0..count) (two searches interleaved, so
+// each step's two warp counts overlap), keys held in registers: count <= 32 PER_LANE
+template <int PER_LANE>
+__device__ inline void router_kth_key_pair(const float* va, const float* vb, int count, int kk, unsigned& Ka,
+                                           unsigned& Kb, int lane) {
+    unsigned key_a[PER_LANE], key_b[PER_LANE];
+#pragma unroll
+    for (int r = 0; r < PER_LANE; r++) {
+        key_a[r] = router_select_key(va, lane + 32 * r, count);
+        key_b[r] = router_select_key(vb, lane + 32 * r, count);
+    }
+    unsigned A = 0, B = 0;
+    for (int bit = 31; bit >= 0; bit--) {
+        const unsigned trial_a = A | (1u << bit), trial_b = B | (1u << bit);
+        int at_least_a = 0, at_least_b = 0;
+#pragma unroll
+        for (int r = 0; r < PER_LANE; r++) {
+            at_least_a += key_a[r] >= trial_a;
+            at_least_b += key_b[r] >= trial_b;
+        }
+        if ((int)__reduce_add_sync(0xffffffffu, (unsigned)at_least_a) >= kk) { A = trial_a; }
+        if ((int)__reduce_add_sync(0xffffffffu, (unsigned)at_least_b) >= kk) { B = trial_b; }
+    }
+    Ka = A;
+    Kb = B;
+}
+
+// the kk-th largest order key of vals[0..count), keys in registers where count <= 32 KEYS
+// (KEYS = 8 or 32: a kernel's register budget, router_topk_keys_per_lane), else from shared memory
+template <int KEYS>
+__device__ inline unsigned router_kth_key_any(const float* vals, int count, int kk, int lane) {
+    if (count <= 128) return router_kth_key<4>(vals, count, kk, lane);
+    if (count <= 256) return router_kth_key<8>(vals, count, kk, lane);
+    if constexpr (KEYS >= 32) {
+        if (count <= 512) return router_kth_key<16>(vals, count, kk, lane);
+        if (count <= 1024) return router_kth_key<32>(vals, count, kk, lane);
+    }
+    return router_kth_key<0>(vals, count, kk, lane);
+}
+
 // The kk best of count candidates in router_beats order, sorted, one warp: out_id[0..kk),
-// out_val[0..kk) (shared memory, not overlapping the inputs). Candidate q has value vals[q]
-// (no NaN) and id ids[q] (ids == NULL: id = q); ids are distinct; kk <= count, kk <= ROUTER_MAX_K.
-// Instead of kk rounds of "best after the previous one" (two warp reductions each):
-//   1. the kk-th largest order key K by a bitwise search, MSB first: 32 warp counts of
-//      "key >= trial" (keys held in registers when count <= 256);
-//   2. every candidate with key > K (fewer than kk), then the kk - above smallest ids with key == K
+// out_val[0..kk) (shared memory, not overlapping the inputs), given K, the kk-th largest order
+// key among them (router_kth_key*). Candidate q has value vals[q] (no NaN) and id ids[q]
+// (ids == NULL: id = q); ids are distinct; kk <= count, kk <= ROUTER_MAX_K.
+//   1. every candidate with key > K (fewer than kk), then the kk - above smallest ids with key == K
 //      (one ballot pass when all of them fit, else repeated min-id extraction: exact ties only);
-//   3. each selected one goes to out[rank], rank = how many selected beat it (a strict order).
-__device__ inline void router_select_topk(const float* vals, const int* ids, int count, int kk,
-                                          int* out_id, float* out_val, int lane) {
-    // 1. K = the kk-th largest key
-    const unsigned K = count <= 128 ? router_kth_key<4>(vals, count, kk, lane)
-                     : count <= 256 ? router_kth_key<8>(vals, count, kk, lane)
-                                    : router_kth_key<0>(vals, count, kk, lane);
-    // 2. compact: key > K in storage order, then the ties at K
+//   2. each selected one goes to out[rank], rank = how many selected beat it (a strict order).
+__device__ inline void router_select_topk_at(const float* vals, const int* ids, int count, int kk, unsigned K,
+                                             int* out_id, float* out_val, int lane) {
+    // 1. compact: key > K in storage order, then the ties at K
     int above = 0, at_k = 0;
     for (int q = lane; q < count; q += 32) {
         const unsigned kq = router_order_key(vals[q]);
@@ -302,11 +339,20 @@ __device__ inline void router_select_topk(const float* vals, const int* ids, int
         }
     }
     __syncwarp();
-    // 3. rank sort in place (PER_LANE items per lane)
+    // 2. rank sort in place (PER_LANE items per lane)
     if (kk <= 32) { router_rank_sort<1>(out_id, out_val, kk, lane); }
     else if (kk <= 64) { router_rank_sort<2>(out_id, out_val, kk, lane); }
     else if (kk <= 128) { router_rank_sort<4>(out_id, out_val, kk, lane); }
     else { router_rank_sort<ROUTER_MAX_K / 32>(out_id, out_val, kk, lane); }
+}
+
+// router_select_topk_at with K found first: instead of kk rounds of "best after the previous
+// one" (two warp reductions each), the kk-th largest order key by a bitwise search, MSB first:
+// 32 warp counts of "key >= trial" (keys held in registers when count <= 32 KEYS)
+template <int KEYS>
+__device__ inline void router_select_topk(const float* vals, const int* ids, int count, int kk,
+                                          int* out_id, float* out_val, int lane) {
+    router_select_topk_at(vals, ids, count, kk, router_kth_key_any<KEYS>(vals, count, kk, lane), out_id, out_val, lane);
 }
 
 // Appends to sel[0..kk) every index i outside it for which some selected i2 > i has
@@ -403,7 +449,9 @@ __device__ inline void router_fix_ties(const float* pr, const float* pc, int n, 
 // pr, pc: n values each in shared memory, NaN already replaced by -inf.
 // rows, cols: n ints each; cand_s, cand_id: router_staircase_count(n,k) each; sel_s: k floats
 // (all per-warp shared memory). Writes out_idx[0..k) (any memory) and sel_s[0..k) (the scores).
-// allow_fast = 0 runs the tie fix-up on every token (tests).
+// allow_fast = 0 runs the tie fix-up on every token (tests). KEYS: keys a lane may hold in
+// registers, router_topk_keys_per_lane(n) (any value gives the same result).
+template <int KEYS>
 __device__ inline void router_topk_warp(const float* pr, const float* pc, int n, int k,
                                         int* rows, int* cols, float* cand_s, int* cand_id, float* sel_s,
                                         int* sel_id, int* out_idx, int allow_fast, int lane) {
@@ -424,8 +472,21 @@ __device__ inline void router_topk_warp(const float* pr, const float* pc, int n,
     } else if (n > 256 && kp < 32) {  // fewer rounds than search steps, over many keys: rounds
         router_select_sorted2(pr, pc, n, kp, rows, cols, lane);
     } else {  // sel_s is free until the final selection: scratch for the values
-        router_select_topk(pr, NULL, n, kp, rows, sel_s, lane);
-        router_select_topk(pc, NULL, n, kp, cols, sel_s, lane);
+        bool paired = false;
+        if constexpr (KEYS >= 32) {
+            if (n > 256 && n <= 1024) {  // both searches at once (their warp counts overlap)
+                unsigned K_r, K_c;
+                if (n <= 512) router_kth_key_pair<16>(pr, pc, n, kp, K_r, K_c, lane);
+                else router_kth_key_pair<32>(pr, pc, n, kp, K_r, K_c, lane);
+                router_select_topk_at(pr, NULL, n, kp, K_r, rows, sel_s, lane);
+                router_select_topk_at(pc, NULL, n, kp, K_c, cols, sel_s, lane);
+                paired = true;
+            }
+        }
+        if (!paired) {
+            router_select_topk<KEYS>(pr, NULL, n, kp, rows, sel_s, lane);
+            router_select_topk<KEYS>(pc, NULL, n, kp, cols, sel_s, lane);
+        }
     }
     const int nr = router_extend_near_ties(pr, n, kp, rows, tol, lane);
     const int nc = router_extend_near_ties(pc, n, kp, cols, tol, lane);
@@ -460,7 +521,7 @@ __device__ inline void router_topk_warp(const float* pr, const float* pc, int n,
         }
         __syncwarp();
     } else {
-        router_select_topk(cand_s, cand_id, num_cand, k, sel_id, sel_s, lane);
+        router_select_topk<KEYS>(cand_s, cand_id, num_cand, k, sel_id, sel_s, lane);
     }
     for (int m = lane; m < k; m += 32) { out_idx[m] = sel_id[m]; }
     __syncwarp();
@@ -486,6 +547,11 @@ __device__ inline RouterTokenSmem router_token_smem(float* warp_base, int n, int
     s.sel_id = s.cand_id + cap;
     return s;
 }
+
+// keys a lane of the top-k may hold in registers (router_topk_warp's KEYS): 32 only where rows
+// and columns outnumber 256, since the wider search's registers lower the occupancy that the
+// smaller n keep (measured: 64 against 89 registers a thread, n = 256 up to 1.3x slower with 32)
+static inline int router_topk_keys_per_lane(int n) { return n > 256 ? 32 : 8; }
 
 // warps per block for the per-token kernels, from the shared-memory budget
 static inline int router_token_warps_per_block(int n, int k) {
@@ -588,6 +654,7 @@ __global__ void router_bn_finalize_kernel(float* bn_mean, float* bn_rstd, float*
 // ----------------------------------------------------------------------------
 // per-token forward: normalise, log-softmax both halves, top-k, gates
 
+template <int KEYS>
 __global__ void router_token_forward_kernel(float* logp, int* idx, float* gate, const float* logits,
                                             const float* bn_mean, const float* bn_rstd,
                                             int BT, int n, int k, int use_bn, int gate_prob, int smem_words, int cap) {
@@ -622,7 +689,7 @@ __global__ void router_token_forward_kernel(float* logp, int* idx, float* gate, 
     }
     __syncwarp();
     int* idx_t = idx + (size_t)t * k;
-    router_topk_warp(sm.pr, sm.pc, n, k, sm.rows, sm.cols, sm.cand_s, sm.cand_id, sm.sel_s, sm.sel_id, idx_t, 1, lane);
+    router_topk_warp<KEYS>(sm.pr, sm.pc, n, k, sm.rows, sm.cols, sm.cand_s, sm.cand_id, sm.sel_s, sm.sel_id, idx_t, 1, lane);
     float* gate_t = gate + (size_t)t * k;
     if (gate_prob) {
         for (int m = lane; m < k; m += 32) { gate_t[m] = expf(sm.sel_s[m]); }
@@ -828,11 +895,11 @@ static void router_forward(RouterSaved out, float* running_mean, float* running_
     }
     const int warps = router_token_warps_per_block(n, k);
     const size_t smem = (size_t)warps * router_token_smem_words(n, k) * 4;
-    router_token_forward_kernel<<<ceil_div(BT, warps), warps * 32, smem, stream>>>(out.logp, out.idx, out.gate,
-                                                                                  out.logits, out.bn_mean, out.bn_rstd,
-                                                                                  BT, n, k, use_bn, gate_prob,
-                                                                                  router_token_smem_words(n, k),
-                                                                                  router_staircase_count(n, k));
+    auto* token_kernel = router_topk_keys_per_lane(n) == 32 ? router_token_forward_kernel<32> : router_token_forward_kernel<8>;
+    token_kernel<<<ceil_div(BT, warps), warps * 32, smem, stream>>>(out.logp, out.idx, out.gate, out.logits, out.bn_mean,
+                                                                    out.bn_rstd, BT, n, k, use_bn, gate_prob,
+                                                                    router_token_smem_words(n, k),
+                                                                    router_staircase_count(n, k));
     cudaCheckLast();
 }
 

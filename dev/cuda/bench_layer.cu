@@ -5,7 +5,8 @@ the same matmul code, the router alone at 9 (n, k), a measured device copy bandw
 measured bf16 GEMM rate: everything in one binary, so the ratios come from one run on one card.
 
   make dev/cuda/bench_layer_bin
-  ./dev/cuda/bench_layer_bin [--json PATH]        (dev/bench_all.sh builds and runs it)
+  ./dev/cuda/bench_layer_bin [--json PATH] [--router-only]   (dev/bench_all.sh builds and runs it)
+  --router-only: the ceilings and part 2 only
 
 What runs (bf16, training mode: batch-norm router with batch statistics, softmax gate):
   0. device-to-device copy of 1 GiB (cudaMemcpyAsync): the bandwidth every "% of copy" below is
@@ -48,7 +49,8 @@ Checks before any timing (a failure prints "CHECK FAILED", the timings still run
     gates) within 2% of max|Y| (max error) and 1% (relative L2). To make the expert branch a
     large part of Y in this check, V is drawn with std 1 (U 0.05, other weights 0.02).
   - TC and EC give bitwise identical Y, dX, dWgu, dWd, dWr, dU, dV (experts.cuh promises it).
-  - router alone: ids in range and distinct, gates sum to 1, dX and dW finite, at each (n, k).
+  - router alone: ids in range and distinct, gates sum to 1, dX and dW finite, at each (n, k);
+    a hash of the ids is printed, so that two builds' routings can be compared bit for bit.
 The results are in docs/performance.md (dev/bench_all.sh runs this).
 */
 #include <math.h>
@@ -535,6 +537,9 @@ static void bench_router(cudaStream_t st) {
             std::vector<int> hidx = download_raw(idx, (size_t)T * k);
             std::vector<float> hgate = download_raw(gate, (size_t)T * k);
             check_routing(what, hidx.data(), hgate.data(), T, k, N);
+            unsigned long long ids_hash = 1469598103934665603ull;  // FNV-1a over the ids, in order
+            for (int id : hidx) { ids_hash = (ids_hash ^ (unsigned)id) * 1099511628211ull; }
+            printf("%s: ids hash %016llx\n", what, ids_hash);
             std::vector<float> hdX = download(dX, Td), hdW = download(dW, (size_t)2 * n * d);
             check(count_non_finite(hdX) == 0 && count_non_finite(hdW) == 0, "%s: %.0f non-finite values in dX, dW",
                   what, (double)(count_non_finite(hdX) + count_non_finite(hdW)));
@@ -581,11 +586,14 @@ static void write_json(const char* path, const char* card) {
 
 int main(int argc, char** argv) {
     const char* json_path = NULL;
+    int router_only = 0;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--json") == 0 && i + 1 < argc) {
             json_path = argv[++i];
+        } else if (strcmp(argv[i], "--router-only") == 0) {
+            router_only = 1;
         } else {
-            fprintf(stderr, "usage: %s [--json PATH]   (unknown argument: %s)\n", argv[0], argv[i]);
+            fprintf(stderr, "usage: %s [--json PATH] [--router-only]   (unknown argument: %s)\n", argv[0], argv[i]);
             return EXIT_FAILURE;
         }
     }
@@ -602,7 +610,7 @@ int main(int argc, char** argv) {
 
     printf("\n== 0. ceilings of this card ==\n");
     measure_ceilings(st);
-    bench_layer(st);
+    if (!router_only) bench_layer(st);
     bench_router(st);
 
     printf("\n== summary: median ms of %d graph replays (L2 flushed), %% of the measured copy rate %.3f TB/s "

@@ -348,6 +348,7 @@ static void test_cpu_reference_fd(void) {
 // ----------------------------------------------------------------------------
 // 1. top-k unit test
 
+template <int KEYS>
 __global__ void test_topk_kernel(int* idx_out, const float* pr_all, const float* pc_all, int T, int n, int k, int allow_fast) {
     extern __shared__ float smem[];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
@@ -359,7 +360,7 @@ __global__ void test_topk_kernel(int* idx_out, const float* pr_all, const float*
         sm.pc[i] = router_nan_to_neg_inf(pc_all[(size_t)t * n + i]);
     }
     __syncwarp();
-    router_topk_warp(sm.pr, sm.pc, n, k, sm.rows, sm.cols, sm.cand_s, sm.cand_id, sm.sel_s, sm.sel_id, idx_out + (size_t)t * k, allow_fast, lane);
+    router_topk_warp<KEYS>(sm.pr, sm.pc, n, k, sm.rows, sm.cols, sm.cand_s, sm.cand_id, sm.sel_s, sm.sel_id, idx_out + (size_t)t * k, allow_fast, lane);
 }
 
 static bool beats_f(float va, int ia, float vb, int ib) { return va > vb || (va == vb && ia < ib); }
@@ -398,7 +399,7 @@ static float ulps_below(float x, int u) { for (int i = 0; i < u; i++) x = nextaf
 
 static void test_topk_unit(void) {
     printf("\n== 1. exact top-k: crafted ties and near-ties vs brute force over all N ==\n");
-    struct { int n, k; } shapes[] = {{8, 1}, {8, 2}, {8, 4}, {8, 16}, {8, 64}, {16, 16}, {64, 16}, {64, 64}, {5, 7}, {100, 16}, {128, 32}, {128, 64}, {256, 32}, {512, 16}, {1024, 64}};
+    struct { int n, k; } shapes[] = {{8, 1}, {8, 2}, {8, 4}, {8, 16}, {8, 64}, {16, 16}, {64, 16}, {64, 64}, {5, 7}, {100, 16}, {128, 32}, {128, 64}, {256, 32}, {384, 64}, {512, 16}, {1024, 16}, {1024, 32}, {1024, 64}};
     int total_naive_wrong = 0;
     for (auto& sh : shapes) {
         const int n = sh.n, k = sh.k, T = n >= 512 ? 64 : 512;  // brute force is O(n^2) per token
@@ -434,27 +435,32 @@ static void test_topk_unit(void) {
         cudaCheck(cudaMemcpy(d_pc, pc.data(), pc.size() * 4, cudaMemcpyHostToDevice));
         const int warps = router_token_warps_per_block(n, k);
         const size_t smem = (size_t)warps * router_token_smem_words(n, k) * 4;
-        int bad[2] = {0, 0}, naive_wrong = 0;
+        // both register budgets (router_topk_keys_per_lane picks one by n; either must be exact)
+        int bad[2][2] = {{0, 0}, {0, 0}}, naive_wrong = 0;
         std::vector<int> want(k), naive(k);
-        for (int allow_fast = 1; allow_fast >= 0; allow_fast--) {
-            poison(d_idx, (size_t)T * k * sizeof(int));
-            test_topk_kernel<<<ceil_div(T, warps), warps * 32, smem>>>(d_idx, d_pr, d_pc, T, n, k, allow_fast);
-            cudaCheckLast();
-            std::vector<int> got = download(d_idx, (size_t)T * k);
-            for (int t = 0; t < T; t++) {
-                brute_topk(&pr[(size_t)t * n], &pc[(size_t)t * n], n, k, want.data());
-                if (memcmp(want.data(), &got[(size_t)t * k], k * sizeof(int)) != 0) bad[allow_fast]++;
-                if (allow_fast) {
-                    naive_grid_topk(&pr[(size_t)t * n], &pc[(size_t)t * n], n, k, naive.data());
-                    if (memcmp(want.data(), naive.data(), k * sizeof(int)) != 0) naive_wrong++;
+        for (int wide = 0; wide <= 1; wide++) {
+            for (int allow_fast = 1; allow_fast >= 0; allow_fast--) {
+                poison(d_idx, (size_t)T * k * sizeof(int));
+                auto* kernel = wide ? test_topk_kernel<32> : test_topk_kernel<8>;
+                kernel<<<ceil_div(T, warps), warps * 32, smem>>>(d_idx, d_pr, d_pc, T, n, k, allow_fast);
+                cudaCheckLast();
+                std::vector<int> got = download(d_idx, (size_t)T * k);
+                for (int t = 0; t < T; t++) {
+                    brute_topk(&pr[(size_t)t * n], &pc[(size_t)t * n], n, k, want.data());
+                    if (memcmp(want.data(), &got[(size_t)t * k], k * sizeof(int)) != 0) bad[wide][allow_fast]++;
+                    if (allow_fast && !wide) {
+                        naive_grid_topk(&pr[(size_t)t * n], &pc[(size_t)t * n], n, k, naive.data());
+                        if (memcmp(want.data(), naive.data(), k * sizeof(int)) != 0) naive_wrong++;
+                    }
                 }
             }
         }
         total_naive_wrong += naive_wrong;
         char name[64];
         snprintf(name, sizeof(name), "top-k n=%d k=%d == brute force", n, k);
-        record(bad[0] == 0 && bad[1] == 0, name, "%d tokens: mismatches fast %d, tie fix-up on all %d (naive grid: %d wrong)",
-               T, bad[1], bad[0], naive_wrong);
+        record(bad[0][0] == 0 && bad[0][1] == 0 && bad[1][0] == 0 && bad[1][1] == 0, name,
+               "%d tokens: mismatches fast %d/%d, tie fix-up on all %d/%d (8/32 keys a lane; naive grid: %d wrong)", T,
+               bad[0][1], bad[1][1], bad[0][0], bad[1][0], naive_wrong);
         cudaCheck(cudaFree(d_pr));
         cudaCheck(cudaFree(d_pc));
         cudaCheck(cudaFree(d_idx));
