@@ -44,6 +44,9 @@
 #         kernels, not yet run on a GPU) and test_experts_shard.cu (passed on the H200, never sanitized)
 #     largest: dev/largest_n.sh: the largest N that --plan fits at d12 B=16 with -r 0 and -r 2, then
 #         3 trained steps there (issue 18)
+#     energy: dev/cuda/bench_gemm_energy.cu, each cuBLASLt candidate of the d12 step's GEMMs under
+#         sustained load, ms and NVML energy per call (about 4 minutes)
+#     router: the router alone at its 9 (n, k) shapes (dev/cuda/bench_layer.cu --router-only)
 #     study: the whole dense-vs-OmniMoE recipe (scripts/compare_dense_omni.sh on carry/mixed, six runs
 #         of 1000 steps: swiglu omni gelu omni_big moe moepp, or STUDY_RUNS), the committed rows
 #         compared bit for bit with docs/runs/dense_vs_omni
@@ -187,6 +190,12 @@ if [[ "$mode" == *study* ]] && [ -d carry/mixed ]; then
 fi
 if [[ "$mode" == *startup* ]]; then run startup bash dev/startup_check.sh; fi
 if [[ "$mode" == *largest* ]]; then run largest_n bash dev/largest_n.sh; fi
+if [[ "$mode" == *energy* ]]; then
+    run gemm_energy bash -c 'make dev/cuda/bench_gemm_energy_bin && ./dev/cuda/bench_gemm_energy_bin 0.6 0.4'
+fi
+if [[ "$mode" == *router* ]]; then
+    run router_alone bash -c 'make dev/cuda/bench_layer_bin && ./dev/cuda/bench_layer_bin --router-only'
+fi
 # the multiple-choice eval in a GPU training run (data/mc_examples_val.bin, made by
 # dev/data/hellaswag.py from dev/data/mc_examples.jsonl) and the Hugging Face export against our logits
 if [[ "$mode" == *mceval* ]]; then
