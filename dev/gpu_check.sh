@@ -85,7 +85,7 @@ mode=${1:-full}
 # misspelt one would otherwise run only the always part and spend the device call on it
 for word in ${mode//+/ }; do
     case "$word" in
-        notests|always|kernels|hostile|full|ab|cutlass|cudnn|llmc|bench|mceval|startup|sanitize|largest|study|profile) ;;
+        notests|always|kernels|hostile|full|ab|cutlass|cudnn|llmc|bench|mceval|startup|sanitize|largest|energy|router|study|profile) ;;
         *) echo "gpu_check: unknown mode word '$word' in '$mode' (see the top of dev/gpu_check.sh)"; exit 2 ;;
     esac
 done
