@@ -42,8 +42,9 @@ order, sorted. Method (docs/design.md §2 product-key argument, O(n + k^2) work)
      by rank; with at most 64 elements every one is ranked at once by counting who beats it.
      The search keeps up to 8 keys a lane in registers (256 candidates), 32 (1024) when
      n > 256; for rows and columns with 256 < n <= 1024 the two searches run interleaved, so
-     that each step's two warp counts overlap. Rows and columns with n > 256 and k' < 32 take k' rounds of "best after
-     the previous one" (two redux.sync each) instead: no slower there (measured at n = 1024);
+     that each step's two warp counts overlap. Rows and columns with n > 256 and k' < 32
+     take k' rounds of "best after the previous one" (two redux.sync each) instead: no slower
+     there (measured at n = 1024);
   4. when step 2 found near-ties, the staircase is still exact in score values but a tie at the
      k-th value may belong to a smaller id outside it: router_fix_ties refills the slots of the
      k-th value with the smallest ids scoring exactly that value, found by a scan of the rows
