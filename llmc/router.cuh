@@ -446,6 +446,26 @@ __device__ inline void router_fix_ties(const float* pr, const float* pc, int n, 
     __syncwarp();
 }
 
+// rows[0..kp) and cols[0..kp): the kp best of pr and of pc, sorted, by the k-th key search; for
+// 256 < n <= 1024 with 32 keys a lane the two searches run interleaved (their warp counts
+// overlap). scratch: kp floats.
+template <int KEYS>
+__device__ inline void router_select_rows_cols(const float* pr, const float* pc, int n, int kp, int* rows, int* cols,
+                                               float* scratch, int lane) {
+    if constexpr (KEYS >= 32) {  // compiled only into the kernel that has the registers for it
+        if (n > 256 && n <= 1024) {
+            unsigned K_r, K_c;
+            if (n <= 512) router_kth_key_pair<16>(pr, pc, n, kp, K_r, K_c, lane);
+            else router_kth_key_pair<32>(pr, pc, n, kp, K_r, K_c, lane);
+            router_select_topk_at(pr, NULL, n, kp, K_r, rows, scratch, lane);
+            router_select_topk_at(pc, NULL, n, kp, K_c, cols, scratch, lane);
+            return;
+        }
+    }
+    router_select_topk<KEYS>(pr, NULL, n, kp, rows, scratch, lane);
+    router_select_topk<KEYS>(pc, NULL, n, kp, cols, scratch, lane);
+}
+
 // Exact top-k of S(i,j) = pr[i] + pc[j] (fp32 sum) over all n*n pairs, one warp.
 // pr, pc: n values each in shared memory, NaN already replaced by -inf.
 // rows, cols: n ints each; cand_s, cand_id: router_staircase_count(n,k) each; sel_s: k floats
@@ -473,21 +493,7 @@ __device__ inline void router_topk_warp(const float* pr, const float* pc, int n,
     } else if (n > 256 && kp < 32) {  // fewer rounds than search steps, over many keys: rounds
         router_select_sorted2(pr, pc, n, kp, rows, cols, lane);
     } else {  // sel_s is free until the final selection: scratch for the values
-        bool paired = false;
-        if constexpr (KEYS >= 32) {
-            if (n > 256 && n <= 1024) {  // both searches at once (their warp counts overlap)
-                unsigned K_r, K_c;
-                if (n <= 512) router_kth_key_pair<16>(pr, pc, n, kp, K_r, K_c, lane);
-                else router_kth_key_pair<32>(pr, pc, n, kp, K_r, K_c, lane);
-                router_select_topk_at(pr, NULL, n, kp, K_r, rows, sel_s, lane);
-                router_select_topk_at(pc, NULL, n, kp, K_c, cols, sel_s, lane);
-                paired = true;
-            }
-        }
-        if (!paired) {
-            router_select_topk<KEYS>(pr, NULL, n, kp, rows, sel_s, lane);
-            router_select_topk<KEYS>(pc, NULL, n, kp, cols, sel_s, lane);
-        }
+        router_select_rows_cols<KEYS>(pr, pc, n, kp, rows, cols, sel_s, lane);
     }
     const int nr = router_extend_near_ties(pr, n, kp, rows, tol, lane);
     const int nc = router_extend_near_ties(pc, n, kp, cols, tol, lane);
