@@ -37,9 +37,11 @@ order, sorted. Method (docs/design.md §2 product-key argument, O(n + k^2) work)
   3. the candidate at sorted position (a, b) is beaten by all (a', b') with a' <= a, b' <= b,
      so only (a+1)(b+1) <= k can be in the top-k: about k (1 + ln k) staircase candidates.
      Selection (rows and columns in step 1 when n > 64, and these candidates when more than
-     64): router_select_topk finds the k-th largest score key by a 32-step bitwise search of
-     warp counts, takes what lies above it plus the smallest ids equal to it, and sorts those
-     by rank; with at most 64 elements every one is ranked at once by counting who beats it.
+     64): router_select_topk finds the k-th largest score key by a bitwise search of warp
+     counts (from the keys' common prefix, stopping once exactly k keys lie at or above the
+     bits found: about 10 steps of 32 on normal scores), takes what lies above it plus the
+     smallest ids equal to it, and sorts those by rank; with at most 64 elements every one is
+     ranked at once by counting who beats it.
      The search keeps up to 8 keys a lane in registers (256 candidates), 32 (1024) when
      n > 256; for rows and columns with 256 < n <= 1024 the two searches run interleaved, so
      that each step's two warp counts overlap. Rows and columns with n > 256 and k' < 32
@@ -230,16 +232,44 @@ __device__ inline void router_rank_sort(int* id, float* val, int kk, int lane) {
 __device__ inline unsigned router_select_key(const float* vals, int q, int count) {
     return q < count ? router_order_key(vals[q]) : 0u;  // 0: below every real key (-inf is 0x007fffff)
 }
-// the kk-th largest order key of vals[0..count): the largest K with at least kk keys >= K, found
-// MSB first by 32 warp counts. PER_LANE > 0: the count <= 32 PER_LANE keys are held in
-// registers; PER_LANE = 0: they are recomputed from shared memory every step.
+
+// Where the k-th key search starts. Every key lies between the smallest and the largest, so all
+// share the bits above the highest bit where those two differ, and so does the answer: the
+// search starts from that prefix at that bit (-1: every key is equal). lo_key, hi_key: this
+// lane's smallest and largest real key (0xffffffff and 0 when it holds none).
+__device__ inline unsigned router_key_prefix(unsigned lo_key, unsigned hi_key, int& first_bit) {
+    const unsigned lo = __reduce_min_sync(0xffffffffu, lo_key), hi = __reduce_max_sync(0xffffffffu, hi_key);
+    first_bit = 31 - __clz(lo ^ hi);  // __clz(0) = 32: -1
+    return first_bit < 0 ? hi : hi & ~((2u << first_bit) - 1u);
+}
+
+// A threshold K that selects the kk best keys of vals[0..count): the kk-th largest order key, or
+// a K with exactly kk keys >= K (the same kk: no key outside them ties with one inside). Found
+// MSB first by warp counts of "key >= trial", from the keys' common prefix, stopping as soon as
+// exactly kk keys are >= K (about 10 of the 32 steps for normal scores, by a simulation of
+// log-softmax rows and staircase sums at n = 256..1024). PER_LANE > 0: the count <= 32
+// PER_LANE keys are held in registers; PER_LANE = 0: they are recomputed from shared memory.
 template <int PER_LANE>
 __device__ inline unsigned router_kth_key(const float* vals, int count, int kk, int lane) {
     unsigned key[PER_LANE > 0 ? PER_LANE : 1];
+    unsigned lo_key = 0xffffffffu, hi_key = 0u;
+    if (PER_LANE > 0) {
 #pragma unroll
-    for (int r = 0; r < PER_LANE; r++) { key[r] = router_select_key(vals, lane + 32 * r, count); }
-    unsigned K = 0;
-    for (int bit = 31; bit >= 0; bit--) {
+        for (int r = 0; r < PER_LANE; r++) {
+            key[r] = router_select_key(vals, lane + 32 * r, count);
+            if (lane + 32 * r < count) { lo_key = min(lo_key, key[r]); hi_key = max(hi_key, key[r]); }
+        }
+    } else {
+        for (int q = lane; q < count; q += 32) {
+            const unsigned kq = router_order_key(vals[q]);
+            lo_key = min(lo_key, kq);
+            hi_key = max(hi_key, kq);
+        }
+    }
+    int bit;
+    unsigned K = router_key_prefix(lo_key, hi_key, bit);
+    if (count == kk) { return K; }  // every key is taken
+    for (; bit >= 0; bit--) {
         const unsigned trial = K | (1u << bit);
         int at_least = 0;
         if (PER_LANE > 0) {
@@ -248,24 +278,35 @@ __device__ inline unsigned router_kth_key(const float* vals, int count, int kk, 
         } else {
             for (int q = lane; q < count; q += 32) { at_least += router_order_key(vals[q]) >= trial; }
         }
-        if ((int)__reduce_add_sync(0xffffffffu, (unsigned)at_least) >= kk) { K = trial; }
+        const int total = (int)__reduce_add_sync(0xffffffffu, (unsigned)at_least);
+        if (total >= kk) {
+            K = trial;
+            if (total == kk) { break; }
+        }
     }
     return K;
 }
 
-// the kk-th largest order keys of va[0..count) and of vb[0..count) (two searches interleaved, so
-// each step's two warp counts overlap), keys held in registers: count <= 32 PER_LANE
+// router_kth_key of va[0..count) and of vb[0..count), the two searches interleaved (so each
+// step's two warp counts overlap), keys held in registers: count <= 32 PER_LANE
 template <int PER_LANE>
 __device__ inline void router_kth_key_pair(const float* va, const float* vb, int count, int kk, unsigned& Ka,
                                            unsigned& Kb, int lane) {
     unsigned key_a[PER_LANE], key_b[PER_LANE];
+    unsigned lo_a = 0xffffffffu, hi_a = 0u, lo_b = 0xffffffffu, hi_b = 0u;
 #pragma unroll
     for (int r = 0; r < PER_LANE; r++) {
         key_a[r] = router_select_key(va, lane + 32 * r, count);
         key_b[r] = router_select_key(vb, lane + 32 * r, count);
+        if (lane + 32 * r < count) {
+            lo_a = min(lo_a, key_a[r]); hi_a = max(hi_a, key_a[r]);
+            lo_b = min(lo_b, key_b[r]); hi_b = max(hi_b, key_b[r]);
+        }
     }
-    unsigned A = 0, B = 0;
-    for (int bit = 31; bit >= 0; bit--) {
+    int bit_a, bit_b;
+    unsigned A = router_key_prefix(lo_a, hi_a, bit_a), B = router_key_prefix(lo_b, hi_b, bit_b);
+    bool done_a = count == kk, done_b = count == kk;
+    for (int bit = max(bit_a, bit_b); bit >= 0 && !(done_a && done_b); bit--) {
         const unsigned trial_a = A | (1u << bit), trial_b = B | (1u << bit);
         int at_least_a = 0, at_least_b = 0;
 #pragma unroll
@@ -273,8 +314,11 @@ __device__ inline void router_kth_key_pair(const float* va, const float* vb, int
             at_least_a += key_a[r] >= trial_a;
             at_least_b += key_b[r] >= trial_b;
         }
-        if ((int)__reduce_add_sync(0xffffffffu, (unsigned)at_least_a) >= kk) { A = trial_a; }
-        if ((int)__reduce_add_sync(0xffffffffu, (unsigned)at_least_b) >= kk) { B = trial_b; }
+        const int total_a = (int)__reduce_add_sync(0xffffffffu, (unsigned)at_least_a);
+        const int total_b = (int)__reduce_add_sync(0xffffffffu, (unsigned)at_least_b);
+        // a search whose prefix still covers this bit, or that has finished, leaves its K alone
+        if (!done_a && bit <= bit_a && total_a >= kk) { A = trial_a; done_a = total_a == kk; }
+        if (!done_b && bit <= bit_b && total_b >= kk) { B = trial_b; done_b = total_b == kk; }
     }
     Ka = A;
     Kb = B;
@@ -294,10 +338,10 @@ __device__ inline unsigned router_kth_key_any(const float* vals, int count, int 
 }
 
 // The kk best of count candidates in router_beats order, sorted, one warp: out_id[0..kk),
-// out_val[0..kk) (shared memory, not overlapping the inputs), given K, the kk-th largest order
-// key among them (router_kth_key*). Candidate q has value vals[q] (no NaN) and id ids[q]
-// (ids == NULL: id = q); ids are distinct; kk <= count, kk <= ROUTER_MAX_K.
-//   1. every candidate with key > K (fewer than kk), then the kk - above smallest ids with key == K
+// out_val[0..kk) (shared memory, not overlapping the inputs), given router_kth_key*'s threshold K
+// (the kk-th largest order key, or one with exactly kk keys >= it). Candidate q has value vals[q]
+// (no NaN) and id ids[q] (ids == NULL: id = q); ids are distinct; kk <= count, kk <= ROUTER_MAX_K.
+//   1. every candidate with key > K (at most kk), then the kk - above smallest ids with key == K
 //      (one ballot pass when all of them fit, else repeated min-id extraction: exact ties only);
 //   2. each selected one goes to out[rank], rank = how many selected beat it (a strict order).
 __device__ inline void router_select_topk_at(const float* vals, const int* ids, int count, int kk, unsigned K,
@@ -311,7 +355,7 @@ __device__ inline void router_select_topk_at(const float* vals, const int* ids, 
     }
     above = (int)__reduce_add_sync(0xffffffffu, (unsigned)above);
     at_k = (int)__reduce_add_sync(0xffffffffu, (unsigned)at_k);
-    const int need = kk - above;  // >= 1
+    const int need = kk - above;  // >= 0
     const unsigned below_lane = (1u << lane) - 1u;
     int pos = 0;
     for (int base = 0; base < count; base += 32) {
@@ -348,8 +392,8 @@ __device__ inline void router_select_topk_at(const float* vals, const int* ids, 
 }
 
 // router_select_topk_at with K found first: instead of kk rounds of "best after the previous
-// one" (two warp reductions each), the kk-th largest order key by a bitwise search, MSB first:
-// 32 warp counts of "key >= trial" (keys held in registers when count <= 32 KEYS)
+// one" (two warp reductions each), a threshold by a bitwise search, MSB first: warp counts of
+// "key >= trial" (router_kth_key; keys held in registers when count <= 32 KEYS)
 template <int KEYS>
 __device__ inline void router_select_topk(const float* vals, const int* ids, int count, int kk,
                                           int* out_id, float* out_val, int lane) {

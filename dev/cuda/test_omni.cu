@@ -399,7 +399,8 @@ static float ulps_below(float x, int u) { for (int i = 0; i < u; i++) x = nextaf
 
 static void test_topk_unit(void) {
     printf("\n== 1. exact top-k: crafted ties and near-ties vs brute force over all N ==\n");
-    struct { int n, k; } shapes[] = {{8, 1}, {8, 2}, {8, 4}, {8, 16}, {8, 64}, {16, 16}, {64, 16}, {64, 64}, {5, 7}, {100, 16}, {128, 32}, {128, 64}, {256, 32}, {384, 64}, {512, 16}, {1024, 16}, {1024, 32}, {1024, 64}};
+    struct { int n, k; } shapes[] = {{8, 1}, {8, 2}, {8, 4}, {8, 16}, {8, 64}, {16, 16}, {64, 16}, {64, 64}, {5, 7}, {100, 16}, {128, 32}, {128, 64}, {256, 32}, {384, 64}, {512, 16}, {1024, 16}, {1024, 32}, {1024, 64},
+                  {10, 100}, {16, 256}};  // the last two: exactly k staircase candidates (the search's count == k exit)
     int total_naive_wrong = 0;
     for (auto& sh : shapes) {
         const int n = sh.n, k = sh.k, T = n >= 512 ? 64 : 512;  // brute force is O(n^2) per token
@@ -407,8 +408,10 @@ static void test_topk_unit(void) {
         for (int t = 0; t < T; t++) {
             float* r = &pr[(size_t)t * n];
             float* c = &pc[(size_t)t * n];
-            int kind = t % 4;
-            if (kind == 0) {  // continuous random
+            int kind = t % 5;
+            if (kind == 4) {  // continuous random of both signs (keys differ from their first bit)
+                for (int i = 0; i < n; i++) { r[i] = (float)(2.0 * draw_normal()); c[i] = (float)(2.0 * draw_normal()); }
+            } else if (kind == 0) {  // continuous random
                 for (int i = 0; i < n; i++) { r[i] = (float)(-4.0 + draw_normal()); c[i] = (float)(-4.0 + draw_normal()); }
             } else if (kind == 1) {  // exact ties: a few distinct values
                 for (int i = 0; i < n; i++) { r[i] = -1.0f - 0.5f * (draw_u32() % 3); c[i] = -2.0f - 0.25f * (draw_u32() % 3); }
