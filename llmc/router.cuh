@@ -400,29 +400,35 @@ __device__ inline void router_select_topk(const float* vals, const int* ids, int
     router_select_topk_at(vals, ids, count, kk, router_kth_key_any<KEYS>(vals, count, kk, lane), out_id, out_val, lane);
 }
 
+// Is i outside sel[0..kk) (whose last is (v_last, i_last)) with some selected i2 > i and
+// 0 < v[i2] - v[i] <= tol? Only values within 2 tol below v_last can be.
+__device__ inline bool router_near_tie_outside(const float* v, int i, const int* sel, int kk, float v_last, int i_last,
+                                               float tol) {
+    const float x = v[i];
+    if (i == i_last || router_beats(x, i, v_last, i_last) || x < v_last - 2.0f * tol) { return false; }
+    for (int a = 0; a < kk; a++) {
+        const int i2 = sel[a];
+        const float gap = v[i2] - x;
+        if (i2 > i && gap > 0.0f && gap <= tol) { return true; }
+    }
+    return false;
+}
+
 // Appends to sel[0..kk) every index i outside it for which some selected i2 > i has
 // 0 < v[i2] - v[i] <= tol (only those can win an fp32 tie against a selected one by id).
-// Appended in increasing index order. Returns the new count.
+// Appended in increasing index order. Returns the new count. A first pass only looks (its loads
+// overlap; most tokens have none), a second appends in order.
 __device__ inline int router_extend_near_ties(const float* v, int n, int kk, int* sel, float tol, int lane) {
     const float v_last = v[sel[kk - 1]];
     const int i_last = sel[kk - 1];
-    const float lowest = v_last - 2.0f * tol;
+    bool any = false;
+    for (int i = lane; i < n; i += 32) { any |= router_near_tie_outside(v, i, sel, kk, v_last, i_last, tol); }
+    if (!__any_sync(0xffffffffu, any)) { return kk; }
     int count = kk;
     for (int base = 0; base < n; base += 32) {
-        int i = base + lane;
-        bool needed = false;
-        if (i < n) {
-            float x = v[i];
-            bool inside = (i == i_last) || router_beats(x, i, v_last, i_last);
-            if (!inside && x >= lowest) {
-                for (int a = 0; a < kk; a++) {
-                    int i2 = sel[a];
-                    float gap = v[i2] - x;
-                    if (i2 > i && gap > 0.0f && gap <= tol) { needed = true; break; }
-                }
-            }
-        }
-        unsigned mask = __ballot_sync(0xffffffff, needed);
+        const int i = base + lane;
+        const bool needed = i < n && router_near_tie_outside(v, i, sel, kk, v_last, i_last, tol);
+        const unsigned mask = __ballot_sync(0xffffffffu, needed);
         if (needed) { sel[count + __popc(mask & ((1u << lane) - 1u))] = i; }
         count += __popc(mask);
     }
@@ -510,6 +516,45 @@ __device__ inline void router_select_rows_cols(const float* pr, const float* pc,
     router_select_topk<KEYS>(pc, NULL, n, kp, cols, scratch, lane);
 }
 
+// The staircase candidates, row by row: sorted row a (a < kp) pairs with the
+// bmax(a) = min(k / (a+1), kp) best columns, at cand[off(a) + b], off(a) = the bmax of the rows
+// before it. Lanes take 32 rows at a time (each its row's bmax, score and id, then a warp scan of
+// the offsets) and the columns' scores and ids for b < 64 stay in registers, so the loop over
+// rows only shuffles and stores. Returns the count (router_staircase_count(n, k)).
+__device__ inline int router_staircase(const float* pr, const float* pc, const int* rows, const int* cols, int n, int k,
+                                       int kp, float* cand_s, int* cand_id, int lane) {
+    const int col_id0 = lane < kp ? cols[lane] : 0, col_id1 = lane + 32 < kp ? cols[lane + 32] : 0;
+    const float col_s0 = pc[col_id0], col_s1 = pc[col_id1];
+    int num_cand = 0;
+    for (int a0 = 0; a0 < kp; a0 += 32) {
+        const int a = a0 + lane;
+        const int bmax = a < kp ? min(k / (a + 1), kp) : 0;
+        const float row_s = a < kp ? pr[rows[a]] : 0.0f;
+        const int row_id = a < kp ? rows[a] * n : 0;
+        int end = bmax;  // inclusive scan: where this lane's row ends
+        for (int o = 1; o < 32; o <<= 1) {
+            const int v = __shfl_up_sync(0xffffffffu, end, o);
+            if (lane >= o) { end += v; }
+        }
+        const int last = min(32, kp - a0);
+        for (int r = 0; r < last; r++) {
+            const int bm = __shfl_sync(0xffffffffu, bmax, r);
+            const int off = num_cand + __shfl_sync(0xffffffffu, end, r) - bm;
+            const float rs = __shfl_sync(0xffffffffu, row_s, r);
+            const int rid = __shfl_sync(0xffffffffu, row_id, r);
+            for (int b = lane; b < bm; b += 32) {
+                const int c = b < 32 ? col_id0 : b < 64 ? col_id1 : cols[b];
+                const float cs = b < 32 ? col_s0 : b < 64 ? col_s1 : pc[c];
+                cand_s[off + b] = router_nan_to_neg_inf(rs + cs);
+                cand_id[off + b] = rid + c;
+            }
+        }
+        num_cand += __shfl_sync(0xffffffffu, end, 31);
+    }
+    __syncwarp();
+    return num_cand;
+}
+
 // Exact top-k of S(i,j) = pr[i] + pc[j] (fp32 sum) over all n*n pairs, one warp.
 // pr, pc: n values each in shared memory, NaN already replaced by -inf.
 // rows, cols: n ints each; cand_s, cand_id: router_staircase_count(n,k) each; sel_s: k floats
@@ -548,20 +593,7 @@ __device__ inline void router_topk_warp(const float* pr, const float* pc, int n,
         fast = !near_r && !near_c;
     }
 
-    // staircase candidates, row by row
-    int num_cand = 0;
-    for (int a = 0; a < kp; a++) {
-        int bmax = k / (a + 1);
-        if (bmax > kp) { bmax = kp; }
-        const float row_score = pr[rows[a]];
-        const int row_id = rows[a] * n;
-        for (int b = lane; b < bmax; b += 32) {
-            cand_s[num_cand + b] = router_nan_to_neg_inf(row_score + pc[cols[b]]);
-            cand_id[num_cand + b] = row_id + cols[b];
-        }
-        num_cand += bmax;
-    }
-    __syncwarp();
+    const int num_cand = router_staircase(pr, pc, rows, cols, n, k, kp, cand_s, cand_id, lane);
     if (num_cand <= 64) {  // rank every candidate at once (the top-k is among them: num_cand >= k)
         for (int q = lane; q < num_cand; q += 32) {
             const float s = cand_s[q];
@@ -577,6 +609,12 @@ __device__ inline void router_topk_warp(const float* pr, const float* pc, int n,
     for (int m = lane; m < k; m += 32) { out_idx[m] = sel_id[m]; }
     __syncwarp();
     if (!fast) { router_fix_ties(pr, pc, n, k, rows, cols, sel_s, out_idx, lane); }
+}
+
+// 4-byte asynchronous global -> shared copy (cp.async.ca; any 4-byte aligned addresses)
+__device__ inline void router_cp_async_4(float* smem_dst, const float* gmem_src) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n"
+                 :: "r"((unsigned)__cvta_generic_to_shared(smem_dst)), "l"(gmem_src) : "memory");
 }
 
 // carve the per-warp shared memory of router_topk_warp
@@ -717,12 +755,17 @@ __global__ void router_token_forward_kernel(float* logp, int* idx, float* gate, 
     const int R = 2 * n;
     const float* lrow = logits + (size_t)t * R;
     float* prow = logp + (size_t)t * R;
+    // the token's 2n logits into pr, pc (adjacent) all at once: one memory latency, not one
+    // per unrolled batch of the loop below
+    for (int c = lane; c < R; c += 32) { router_cp_async_4(sm.pr + c, lrow + c); }
+    asm volatile("cp.async.wait_all;\n" ::: "memory");
+    __syncwarp();
     for (int half = 0; half < 2; half++) {
         float* buf = half == 0 ? sm.pr : sm.pc;
         float mx = -INFINITY;
         for (int i = lane; i < n; i += 32) {
             int c = half * n + i;
-            float x = lrow[c];
+            float x = buf[i];
             if (use_bn) { x = (x - bn_mean[c]) * bn_rstd[c]; }
             buf[i] = x;
             mx = fmaxf(mx, x);
