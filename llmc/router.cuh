@@ -112,8 +112,8 @@ static inline __host__ __device__ int router_token_smem_words(int n, int k) {
     return 4 * n + 2 * k + 2 * router_staircase_count(n, k);
 }
 
-// the backward's per-token words: dpr, dpc (n each) and the k gates' gradients and ids
-static inline __host__ __device__ int router_backward_smem_words(int n, int k) { return 2 * n + 2 * k; }
+// the backward's per-token words: dpr, dpc (n each)
+static inline __host__ __device__ int router_backward_smem_words(int n) { return 2 * n; }
 
 static inline size_t router_forward_scratch_bytes(int BT, int n) {
     return 2 * align256((size_t)router_bn_num_chunks(BT) * 2 * n * sizeof(float));
@@ -414,26 +414,15 @@ __device__ inline bool router_near_tie_outside(const float* v, int i, const int*
     return false;
 }
 
-// Appends to sel[0..kk) every index i outside it for which some selected i2 > i has
-// 0 < v[i2] - v[i] <= tol (only those can win an fp32 tie against a selected one by id).
-// Appended in increasing index order. Returns the new count. A first pass only looks (its loads
-// overlap; most tokens have none), a second appends in order.
-__device__ inline int router_extend_near_ties(const float* v, int n, int kk, int* sel, float tol, int lane) {
+// Does some index outside sel[0..kk) lie within tol below a selected one of larger index
+// (0 < v[i2] - v[i] <= tol)? Only such an index can win an fp32 tie against a selected one by
+// id; a token that has one takes router_fix_ties.
+__device__ inline bool router_has_outside_near_ties(const float* v, int n, int kk, const int* sel, float tol, int lane) {
     const float v_last = v[sel[kk - 1]];
     const int i_last = sel[kk - 1];
     bool any = false;
     for (int i = lane; i < n; i += 32) { any |= router_near_tie_outside(v, i, sel, kk, v_last, i_last, tol); }
-    if (!__any_sync(0xffffffffu, any)) { return kk; }
-    int count = kk;
-    for (int base = 0; base < n; base += 32) {
-        const int i = base + lane;
-        const bool needed = i < n && router_near_tie_outside(v, i, sel, kk, v_last, i_last, tol);
-        const unsigned mask = __ballot_sync(0xffffffffu, needed);
-        if (needed) { sel[count + __popc(mask & ((1u << lane) - 1u))] = i; }
-        count += __popc(mask);
-    }
-    __syncwarp();
-    return count;
+    return __any_sync(0xffffffffu, any) != 0;
 }
 
 // any two consecutive selected values closer than tol but not equal?
@@ -495,6 +484,7 @@ __device__ inline void router_fix_ties(const float* pr, const float* pc, int n, 
     }
     __syncwarp();
 }
+
 
 // rows[0..kp) and cols[0..kp): the kp best of pr and of pc, sorted, by the k-th key search; for
 // 256 < n <= 1024 with 32 keys a lane the two searches run interleaved (their warp counts
@@ -584,9 +574,8 @@ __device__ inline void router_topk_warp(const float* pr, const float* pc, int n,
     } else {  // sel_s is free until the final selection: scratch for the values
         router_select_rows_cols<KEYS>(pr, pc, n, kp, rows, cols, sel_s, lane);
     }
-    const int nr = router_extend_near_ties(pr, n, kp, rows, tol, lane);
-    const int nc = router_extend_near_ties(pc, n, kp, cols, tol, lane);
-    bool fast = allow_fast && nr == kp && nc == kp;
+    bool fast = allow_fast && !router_has_outside_near_ties(pr, n, kp, rows, tol, lane) &&
+                !router_has_outside_near_ties(pc, n, kp, cols, tol, lane);
     if (fast) {
         bool near_r = router_has_near_ties(pr, rows, kp, tol, lane);
         bool near_c = router_has_near_ties(pc, cols, kp, tol, lane);
@@ -800,37 +789,45 @@ __global__ void router_token_forward_kernel(float* logp, int* idx, float* gate, 
 // per-token backward: dgate -> dS -> (dpr, dpc) -> d(normalised logits)
 
 // writes dlhat (fp32, when use_bn) or dlogits (floatX, when not). Per-warp shared memory:
-// dpr, dpc (n each), dS (k), ids (k).
-__global__ void router_token_backward_kernel(float* dlhat, floatX* dlogits, const float* dgate, const float* gate,
-                                             const int* idx, const float* logp, int BT, int n, int k,
-                                             int use_bn, int gate_prob) {
+// dpr, dpc (n each). dpr[i] is the sum of the dS of the selected experts in row i, added in
+// selection order m = 0..k-1 (so the result does not depend on the launch): lane i % 32 owns
+// row i and adds the dS that the other lanes broadcast, one m at a time; columns alike.
+__global__ void router_token_backward_kernel(float* __restrict__ dlhat, floatX* __restrict__ dlogits,
+                                             const float* __restrict__ dgate, const float* __restrict__ gate,
+                                             const int* __restrict__ idx, const float* __restrict__ logp, int BT, int n,
+                                             int k, int use_bn, int gate_prob) {
     extern __shared__ float router_smem[];
     const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     const int t = blockIdx.x * (blockDim.x / 32) + warp;
     if (t >= BT) { return; }
-    float* dpr = router_smem + (size_t)warp * router_backward_smem_words(n, k);
+    float* dpr = router_smem + (size_t)warp * router_backward_smem_words(n);
     float* dpc = dpr + n;
-    float* dS = dpc + n;
-    int* ids = (int*)(dS + k);
     const float* g_t = gate + (size_t)t * k;
     const float* dg_t = dgate + (size_t)t * k;
+    const int* idx_t = idx + (size_t)t * k;
     float dot = 0.0f;  // sum_l g_l dg_l (softmax gate)
     if (!gate_prob) {
         for (int m = lane; m < k; m += 32) { dot = fmaf(g_t[m], dg_t[m], dot); }
         dot = warp_reduce_sum(dot);
     }
-    for (int m = lane; m < k; m += 32) {
-        float g = g_t[m], dg = dg_t[m];
-        dS[m] = gate_prob ? g * dg : g * (dg - dot);
-        ids[m] = idx[(size_t)t * k + m];
-    }
     for (int i = lane; i < n; i += 32) { dpr[i] = 0.0f; dpc[i] = 0.0f; }
     __syncwarp();
-    if (lane == 0) {  // the scatter in fixed order m = 0..k-1, one thread: no races, no atomics
-        for (int m = 0; m < k; m++) {
-            int e = ids[m];
-            dpr[e / n] += dS[m];
-            dpc[e % n] += dS[m];
+    for (int m0 = 0; m0 < k; m0 += 32) {
+        const int m = m0 + lane;
+        float dS = 0.0f;
+        int row = 0, col = 0;
+        if (m < k) {
+            const float g = g_t[m], dg = dg_t[m];
+            dS = gate_prob ? g * dg : g * (dg - dot);
+            row = idx_t[m] / n;
+            col = idx_t[m] - row * n;
+        }
+        const int count = min(32, k - m0);
+        for (int src = 0; src < count; src++) {
+            const float v = __shfl_sync(0xffffffffu, dS, src);
+            const int r = __shfl_sync(0xffffffffu, row, src), c = __shfl_sync(0xffffffffu, col, src);
+            if ((r & 31) == lane) { dpr[r] += v; }
+            if ((c & 31) == lane) { dpc[c] += v; }
         }
     }
     __syncwarp();
@@ -881,7 +878,8 @@ __global__ void router_bn_backward_partial_kernel(float* part_dy, float* part_dy
 // BN backward, pass 2: dlogits = rstd * (dy - mean(dy) - xhat * mean(dy * xhat)) with batch
 // statistics; rstd * dy with running statistics. Every block sums the chunk partials of its
 // channels in the same fixed order, so all blocks agree bitwise. block (32, 8)
-__global__ void router_bn_backward_apply_kernel(floatX* dlogits, const float* dlhat, const float* logits,
+__global__ void router_bn_backward_apply_kernel(floatX* __restrict__ dlogits, const float* __restrict__ dlhat,
+                                                const float* __restrict__ logits,
                                                 const float* bn_mean, const float* bn_rstd,
                                                 const float* part_dy, const float* part_dyx,
                                                 int BT, int R, int batch_stats) {
@@ -940,7 +938,7 @@ static inline void router_check_args(const char* who, int BT, int C, RouterOptio
     else if (n < 1) why = "n >= 1 (N = n*n experts)";
     else if (k < 1 || (long long)k > (long long)n * n) why = "1 <= k <= N = n*n";
     else if (k > ROUTER_MAX_K) why = "k <= ROUTER_MAX_K (256)";
-    else if (router_token_warps_per_block(n, k) < 1 || (size_t)router_backward_smem_words(n, k) * 4 > ROUTER_TOKEN_SMEM_BUDGET)
+    else if (router_token_warps_per_block(n, k) < 1 || (size_t)router_backward_smem_words(n) * 4 > ROUTER_TOKEN_SMEM_BUDGET)
         why = "n, k small enough for one warp's shared memory (48 KiB) in the forward and the backward";
     else if (opt.norm != ROUTER_NORM_BN && opt.norm != ROUTER_NORM_NONE) why = "norm bn or none";
     else if (opt.gate != GATE_SOFTMAX && opt.gate != GATE_PROB) why = "gate softmax or prob";
@@ -1021,11 +1019,11 @@ static void router_backward(floatX* dX, floatX* dWrc, const float* dgate, Router
     base += align256((size_t)num_chunks * R * sizeof(float));
     float* part_dyx = (float*)base;
 
-    // one warp per token with 2n + 2k floats of shared memory each: 4 warps a block, fewer when
-    // n + k is large (up to 1536 four fit in the default 48 KiB; router_check_args ensures one does)
+    // one warp per token with 2n floats of shared memory each: 4 warps a block, fewer when n is
+    // large (four fit in the default 48 KiB up to n = 1536; router_check_args ensures one does)
     int warps = 4;
-    while (warps > 1 && (size_t)warps * router_backward_smem_words(n, k) * 4 > ROUTER_TOKEN_SMEM_BUDGET) warps--;
-    const size_t smem = (size_t)warps * router_backward_smem_words(n, k) * 4;
+    while (warps > 1 && (size_t)warps * router_backward_smem_words(n) * 4 > ROUTER_TOKEN_SMEM_BUDGET) warps--;
+    const size_t smem = (size_t)warps * router_backward_smem_words(n) * 4;
     router_token_backward_kernel<<<ceil_div(BT, warps), warps * 32, smem, stream>>>(dlhat, dlogits, dgate, saved.gate,
                                                                                    saved.idx, saved.logp, BT, n, k,
                                                                                    use_bn, gate_prob);
